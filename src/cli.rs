@@ -1,0 +1,115 @@
+//! Command line: `ringgate [serve]`, `ringgate token`, `ringgate config --print`.
+//! Every config key is a flag (and an env var) on every subcommand that reads config.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth;
+use crate::config::{Config, ConfigError, ConfigLayer};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ringgate",
+    version,
+    about = "io_uring, thread-per-core WebSocket gateway",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+    /// With no subcommand: `serve` with these options.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// TOML config file (keys as in `ringgate config --print`)
+    #[arg(long, env = "RINGGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub layer: ConfigLayer,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the gateway (the default)
+    Serve(Common),
+    /// Print a client JWT signed with the configured jwt_secret
+    Token {
+        /// User id (`sub` claim)
+        #[arg(long)]
+        user: String,
+        /// Rooms the user may join (`*` = any), comma separated
+        #[arg(long, value_delimiter = ',')]
+        rooms: Option<Vec<String>>,
+        /// Lifetime: seconds, or with a unit (90s, 30m, 1h, 7d)
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show the effective configuration (secrets redacted)
+    Config {
+        /// Print the effective config as TOML (the default action)
+        #[arg(long)]
+        print: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+impl Common {
+    /// Flags and env over the file over defaults, validated.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => ConfigLayer::from_file(path)?,
+            None => ConfigLayer::default(),
+        };
+        self.layer.over(file).resolve()
+    }
+}
+
+/// Run the parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let result = match cli.cmd {
+        None => serve(cli.common),
+        Some(Cmd::Serve(common)) => serve(common),
+        Some(Cmd::Token {
+            user,
+            rooms,
+            ttl,
+            common,
+        }) => token(common, &user, rooms, &ttl),
+        Some(Cmd::Config { print: _, common }) => common
+            .resolve()
+            .map(|cfg| print!("{}", cfg.to_toml_redacted()))
+            .map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("ringgate: {message}");
+            2
+        }
+    }
+}
+
+fn serve(common: Common) -> Result<(), String> {
+    let cfg = common.resolve().map_err(|e| e.to_string())?;
+    crate::server::serve(cfg).map_err(|e| e.to_string())
+}
+
+fn token(common: Common, user: &str, rooms: Option<Vec<String>>, ttl: &str) -> Result<(), String> {
+    let cfg = common.resolve().map_err(|e| e.to_string())?;
+    let secret = cfg.jwt_secret.as_deref().ok_or(
+        "token: no jwt_secret configured (use --jwt-secret, RINGGATE_JWT_SECRET or jwt_secret in the config file)",
+    )?;
+    auth::valid_id(user).map_err(|_| {
+        "token: --user must be 1 to 128 characters without control characters".to_string()
+    })?;
+    let ttl_s = auth::parse_ttl(ttl).map_err(|e| format!("token: --ttl: {e}"))?;
+    println!("{}", auth::mint(secret, user, rooms, ttl_s));
+    Ok(())
+}

@@ -1,0 +1,438 @@
+//! Configuration: TOML file -> CLI flags / `RINGGATE_*` env vars on top -> validated [`Config`].
+//!
+//! Precedence, highest first: command-line flag, environment variable, config file, built-in
+//! default. Every key is named the same way everywhere (`heartbeat_ms` in TOML,
+//! `--heartbeat-ms` on the command line, `RINGGATE_HEARTBEAT_MS` in the environment), and an
+//! invalid value is refused at start with a message that names the key.
+//! This module owns nothing at run time: it produces an immutable `Config` that shards share.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// Host-wide cap on open WebSocket connections. Large on purpose: the host's own limits
+/// (file descriptors, memory) are the real bound; this one exists so an operator can set a
+/// lower one and get clean 503s instead of accept errors.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
+pub const DEFAULT_MAX_FRAME: usize = 65_536;
+pub const DEFAULT_HEARTBEAT_MS: u64 = 30_000;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_WINDOW: u32 = 256;
+pub const DEFAULT_DRAIN_MS: u64 = 10_000;
+/// Granularity of every shard deadline. 10 ms keeps ack timeouts precise while a tick on an
+/// idle shard costs one slot visit.
+pub const DEFAULT_TICK_MS: u64 = 10;
+/// 4096 slots x 10 ms = 40.96 s per wheel round: heartbeat deadlines (<= 3 x 30 s) need at
+/// most a few rounds, so slot lists stay short.
+pub const DEFAULT_WHEEL_SLOTS: usize = 4096;
+/// Bad frames (bad_request / unknown_op) tolerated per connection before close 1008.
+pub const DEFAULT_ABUSE_LIMIT: u32 = 20;
+/// Outbound bytes a connection may have queued before the gateway stops reading from it.
+pub const DEFAULT_MAX_OUTBOUND: usize = 1 << 20;
+pub const DEFAULT_RETRY_AFTER_S: u64 = 5;
+
+/// The effective, validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub shards: usize,
+    pub jwt_secret: Option<String>,
+    pub api_key: Option<String>,
+    pub allowed_origins: Vec<String>,
+    pub max_connections: usize,
+    pub max_frame: usize,
+    pub heartbeat_ms: u64,
+    pub handshake_timeout_ms: u64,
+    pub ack_timeout_ms: u64,
+    pub window: u32,
+    pub drain_ms: u64,
+    pub echo_route: bool,
+    pub redis_url: Option<String>,
+    pub node_id: String,
+    pub tick_ms: u64,
+    pub wheel_slots: usize,
+    pub abuse_limit: u32,
+    pub max_outbound: usize,
+    pub retry_after_s: u64,
+}
+
+/// Every key as optional: what one source (file, or flags+env) says.
+/// clap fills it from flags and env; serde fills it from TOML.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigLayer {
+    /// Public WebSocket listener address [default: 127.0.0.1:8080]
+    #[arg(long, env = "RINGGATE_LISTEN")]
+    pub listen: Option<String>,
+    /// Admin HTTP listener (metrics, health, API) [default: 127.0.0.1:9090]
+    #[arg(long, env = "RINGGATE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Number of shards (one pinned thread per shard) [default: number of CPUs]
+    #[arg(long, env = "RINGGATE_SHARDS")]
+    pub shards: Option<usize>,
+    /// HS256 secret for client JWTs; unset = dev mode (loopback only)
+    #[arg(long, env = "RINGGATE_JWT_SECRET")]
+    pub jwt_secret: Option<String>,
+    /// Bearer key for the admin /api endpoints
+    #[arg(long, env = "RINGGATE_API_KEY")]
+    pub api_key: Option<String>,
+    /// Allowed Origin values (comma separated on the command line); empty = any
+    #[arg(long, env = "RINGGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Host-wide cap on open WebSocket connections [default: 1000000]
+    #[arg(long, env = "RINGGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Largest accepted message in bytes; larger closes with 1009 [default: 65536]
+    #[arg(long, env = "RINGGATE_MAX_FRAME")]
+    pub max_frame: Option<usize>,
+    /// Silence before the server pings; 3x closes with 1001 [default: 30000]
+    #[arg(long, env = "RINGGATE_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Time a client has to complete the HTTP upgrade [default: 10000]
+    #[arg(long, env = "RINGGATE_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Ack timeout for direct messages [default: 5000]
+    #[arg(long, env = "RINGGATE_ACK_TIMEOUT_MS")]
+    pub ack_timeout_ms: Option<u64>,
+    /// Unacknowledged direct messages per connection [default: 256]
+    #[arg(long, env = "RINGGATE_WINDOW")]
+    pub window: Option<u32>,
+    /// Graceful shutdown budget on SIGTERM [default: 10000]
+    #[arg(long, env = "RINGGATE_DRAIN_MS")]
+    pub drain_ms: Option<u64>,
+    /// Enable the unauthenticated /echo diagnostics route [default: false]
+    #[arg(long, env = "RINGGATE_ECHO_ROUTE")]
+    pub echo_route: Option<bool>,
+    /// Redis URL for the durable store; unset = embedded store
+    #[arg(long, env = "RINGGATE_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Node id in a cluster [default: hostname-pid]
+    #[arg(long, env = "RINGGATE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Timing wheel tick in ms [default: 10]
+    #[arg(long, env = "RINGGATE_TICK_MS")]
+    pub tick_ms: Option<u64>,
+    /// Timing wheel slots, a power of two [default: 4096]
+    #[arg(long, env = "RINGGATE_WHEEL_SLOTS")]
+    pub wheel_slots: Option<usize>,
+    /// Bad frames tolerated per connection before close 1008 [default: 20]
+    #[arg(long, env = "RINGGATE_ABUSE_LIMIT")]
+    pub abuse_limit: Option<u32>,
+    /// Outbound bytes queued per connection before reads pause [default: 1048576]
+    #[arg(long, env = "RINGGATE_MAX_OUTBOUND")]
+    pub max_outbound: Option<usize>,
+    /// Retry-After seconds on 503 refusals [default: 5]
+    #[arg(long, env = "RINGGATE_RETRY_AFTER_S")]
+    pub retry_after_s: Option<u64>,
+}
+
+/// A refused configuration: always names the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+impl ConfigLayer {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// `self` wins over `lower` key by key.
+    pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
+        macro_rules! pick {
+            ($($f:ident),*) => { ConfigLayer { $($f: self.$f.or(lower.$f)),* } };
+        }
+        pick!(
+            listen,
+            admin_listen,
+            shards,
+            jwt_secret,
+            api_key,
+            allowed_origins,
+            max_connections,
+            max_frame,
+            heartbeat_ms,
+            handshake_timeout_ms,
+            ack_timeout_ms,
+            window,
+            drain_ms,
+            echo_route,
+            redis_url,
+            node_id,
+            tick_ms,
+            wheel_slots,
+            abuse_limit,
+            max_outbound,
+            retry_after_s
+        )
+    }
+
+    /// Fill defaults and validate.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let addr = |key: &'static str, v: Option<String>, default: &str| {
+            let text = v.unwrap_or_else(|| default.to_string());
+            text.parse::<SocketAddr>()
+                .map_err(|e| invalid(key, format!("`{text}` is not an address (ip:port): {e}")))
+        };
+        let listen = addr("listen", self.listen, DEFAULT_LISTEN)?;
+        let admin_listen = addr("admin_listen", self.admin_listen, DEFAULT_ADMIN_LISTEN)?;
+        let shards = self.shards.unwrap_or_else(default_shards);
+        if shards == 0 || shards > 1024 {
+            return Err(invalid("shards", "must be between 1 and 1024"));
+        }
+        let jwt_secret = self.jwt_secret.filter(|s| !s.is_empty());
+        if let Some(s) = &jwt_secret {
+            if s.len() < 16 {
+                return Err(invalid(
+                    "jwt_secret",
+                    "must be at least 16 bytes (HS256 with a short secret is guessable)",
+                ));
+            }
+        }
+        if jwt_secret.is_none() && !(listen.ip().is_loopback() && admin_listen.ip().is_loopback()) {
+            return Err(invalid(
+                "jwt_secret",
+                "required when a listener is not on loopback (dev mode is loopback-only)",
+            ));
+        }
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        let max_frame = self.max_frame.unwrap_or(DEFAULT_MAX_FRAME);
+        if !(125..=(64 << 20)).contains(&max_frame) {
+            return Err(invalid(
+                "max_frame",
+                "must be between 125 and 67108864 bytes",
+            ));
+        }
+        let heartbeat_ms = self.heartbeat_ms.unwrap_or(DEFAULT_HEARTBEAT_MS);
+        if heartbeat_ms < 100 {
+            return Err(invalid("heartbeat_ms", "must be at least 100"));
+        }
+        let handshake_timeout_ms = self
+            .handshake_timeout_ms
+            .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS);
+        if handshake_timeout_ms < 10 {
+            return Err(invalid("handshake_timeout_ms", "must be at least 10"));
+        }
+        let ack_timeout_ms = self.ack_timeout_ms.unwrap_or(DEFAULT_ACK_TIMEOUT_MS);
+        if ack_timeout_ms < 10 {
+            return Err(invalid("ack_timeout_ms", "must be at least 10"));
+        }
+        let window = self.window.unwrap_or(DEFAULT_WINDOW);
+        if window == 0 || window > 65_536 {
+            return Err(invalid("window", "must be between 1 and 65536"));
+        }
+        let tick_ms = self.tick_ms.unwrap_or(DEFAULT_TICK_MS);
+        if tick_ms == 0 || tick_ms > 1000 {
+            return Err(invalid("tick_ms", "must be between 1 and 1000"));
+        }
+        let wheel_slots = self.wheel_slots.unwrap_or(DEFAULT_WHEEL_SLOTS);
+        if !wheel_slots.is_power_of_two() || wheel_slots < 16 {
+            return Err(invalid("wheel_slots", "must be a power of two >= 16"));
+        }
+        let max_outbound = self.max_outbound.unwrap_or(DEFAULT_MAX_OUTBOUND);
+        if max_outbound < max_frame {
+            return Err(invalid("max_outbound", "must be at least max_frame"));
+        }
+        let node_id = self.node_id.unwrap_or_else(default_node_id);
+        if node_id.is_empty() || node_id.len() > 64 {
+            return Err(invalid("node_id", "must be 1 to 64 characters"));
+        }
+        let allowed_origins = self
+            .allowed_origins
+            .unwrap_or_default()
+            .into_iter()
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty())
+            .collect();
+        Ok(Config {
+            listen,
+            admin_listen,
+            shards,
+            jwt_secret,
+            api_key: self.api_key.filter(|s| !s.is_empty()),
+            allowed_origins,
+            max_connections,
+            max_frame,
+            heartbeat_ms,
+            handshake_timeout_ms,
+            ack_timeout_ms,
+            window,
+            drain_ms: self.drain_ms.unwrap_or(DEFAULT_DRAIN_MS),
+            echo_route: self.echo_route.unwrap_or(false),
+            redis_url: self.redis_url.filter(|s| !s.is_empty()),
+            node_id,
+            tick_ms,
+            wheel_slots,
+            abuse_limit: self.abuse_limit.unwrap_or(DEFAULT_ABUSE_LIMIT),
+            max_outbound,
+            retry_after_s: self.retry_after_s.unwrap_or(DEFAULT_RETRY_AFTER_S),
+        })
+    }
+}
+
+fn default_shards() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".into());
+    format!("{host}-{}", std::process::id())
+}
+
+impl Config {
+    /// Dev mode: no secret, so `?user=` is trusted. Only ever true on loopback (see resolve).
+    pub fn dev_mode(&self) -> bool {
+        self.jwt_secret.is_none()
+    }
+
+    /// TOML of the effective config, secrets redacted.
+    pub fn to_toml_redacted(&self) -> String {
+        let mut shown = self.clone();
+        let redact = |s: &mut Option<String>| {
+            if s.is_some() {
+                *s = Some("<redacted>".into());
+            }
+        };
+        redact(&mut shown.jwt_secret);
+        redact(&mut shown.api_key);
+        toml::to_string(&shown).expect("config serialises")
+    }
+
+    /// Per-shard share of the host wheel deadlines etc. are shard-local; this is a helper for
+    /// converting ms to wheel ticks, rounding up so a deadline never fires early.
+    pub fn ms_to_ticks(&self, ms: u64) -> u64 {
+        ms.div_ceil(self.tick_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve_in_dev_mode_on_loopback() {
+        let c = ConfigLayer::default().resolve().unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert!(c.dev_mode());
+        assert!(!c.echo_route);
+    }
+
+    #[test]
+    fn non_loopback_without_secret_is_refused_naming_the_key() {
+        let layer = ConfigLayer {
+            listen: Some("0.0.0.0:8080".into()),
+            ..Default::default()
+        };
+        let err = layer.resolve().unwrap_err().to_string();
+        assert!(err.contains("jwt_secret"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: Vec<(ConfigLayer, &str)> = vec![
+            (
+                ConfigLayer {
+                    listen: Some("nope".into()),
+                    ..Default::default()
+                },
+                "`listen`",
+            ),
+            (
+                ConfigLayer {
+                    shards: Some(0),
+                    ..Default::default()
+                },
+                "`shards`",
+            ),
+            (
+                ConfigLayer {
+                    wheel_slots: Some(1000),
+                    ..Default::default()
+                },
+                "`wheel_slots`",
+            ),
+            (
+                ConfigLayer {
+                    jwt_secret: Some("short".into()),
+                    ..Default::default()
+                },
+                "`jwt_secret`",
+            ),
+            (
+                ConfigLayer {
+                    max_frame: Some(10),
+                    ..Default::default()
+                },
+                "`max_frame`",
+            ),
+        ];
+        for (layer, key) in cases {
+            let err = layer.resolve().unwrap_err().to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn toml_unknown_key_is_refused_and_flags_win_over_file() {
+        assert!(ConfigLayer::from_toml("lisen = \"x\"").is_err());
+        let file = ConfigLayer::from_toml("heartbeat_ms = 1000\nmax_frame = 4096").unwrap();
+        let flags = ConfigLayer {
+            heartbeat_ms: Some(2000),
+            ..Default::default()
+        };
+        let c = flags.over(file).resolve().unwrap();
+        assert_eq!(c.heartbeat_ms, 2000);
+        assert_eq!(c.max_frame, 4096);
+    }
+
+    #[test]
+    fn redacted_print_hides_secrets() {
+        let c = ConfigLayer {
+            jwt_secret: Some("0123456789abcdef-secret".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let text = c.to_toml_redacted();
+        assert!(!text.contains("0123456789abcdef-secret"));
+        assert!(text.contains("jwt_secret = \"<redacted>\""));
+    }
+}

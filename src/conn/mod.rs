@@ -1,0 +1,472 @@
+//! The connection state machine, sans IO (see `LIFECYCLE.md` beside this file).
+//!
+//! A [`Connection`] never touches a socket or a clock. The shard's I/O glue feeds it received
+//! bytes ([`Connection::on_bytes`]) and timer expiries ([`Connection::on_timer`]), each with `now`
+//! in milliseconds; the connection answers by appending bytes to `out`, by moving to another
+//! [`Phase`], and through [`Connection::deadline`], the one instant at which it next wants
+//! `on_timer`. The glue writes `out`, keeps one wheel entry at `deadline`, and closes the
+//! socket once the phase is `Done` and `out` is flushed.
+//!
+//! Memory: an idle open connection holds no buffer at all. `partial` exists only while a frame
+//! or an HTTP head is split across reads, and `out` is released once flushed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::auth::{Authenticator, Identity};
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::proto::{self, ClientFrame, ErrorCode, FrameError};
+use crate::ws::frame::{self, Kind, Violation};
+use crate::ws::upgrade::{self, Decision, Policy, Refusal, Route};
+
+/// How long a closing connection waits for the peer's close frame (or for its output to
+/// drain) before the socket is dropped.
+pub const CLOSE_LINGER_MS: u64 = 3_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the HTTP upgrade request; times out at `handshake_timeout_ms`.
+    Handshaking,
+    /// Upgraded; frames flow; heartbeats apply.
+    Open,
+    /// We sent a close frame and wait for the peer's, until `until_ms`.
+    Closing { until_ms: u64 },
+    /// Nothing more to say: flush `out` and close the socket (at the latest at `until_ms`).
+    Done { until_ms: u64 },
+}
+
+/// Everything a connection reads from its shard while handling an event.
+pub struct Ctx<'a> {
+    pub cfg: &'a Config,
+    pub auth: &'a Authenticator,
+    pub metrics: &'a ShardMetrics,
+    /// Host-wide count of open WebSocket connections (touched only at upgrade and close).
+    pub host_open: &'a AtomicUsize,
+    pub draining: bool,
+    pub shard: usize,
+}
+
+/// Who is on the other end, once upgraded on `/ws`.
+#[derive(Debug)]
+pub struct Peer {
+    pub identity: Identity,
+    pub device: Option<Box<str>>,
+}
+
+/// Bytes kept between reads: an unfinished HTTP head or frame, and a fragmented message.
+#[derive(Debug, Default)]
+struct Partial {
+    buf: Vec<u8>,
+    message: Option<(Kind, Vec<u8>)>,
+}
+
+#[derive(Debug)]
+pub struct Connection {
+    phase: Phase,
+    /// Set once upgraded; the connection then counts in `host_open`.
+    route: Option<Route>,
+    peer: Option<Box<Peer>>,
+    partial: Option<Box<Partial>>,
+    /// Bytes to send. Released (capacity 0) once flushed so idle connections hold nothing.
+    pub out: Vec<u8>,
+    /// Accept time while handshaking; afterwards the last time any byte arrived.
+    last_rx_ms: u64,
+    last_ping_ms: u64,
+    bad_frames: u32,
+    /// Per-shard serial, for the `conn` id in `welcome`.
+    serial: u64,
+}
+
+impl Connection {
+    pub fn new(now_ms: u64, serial: u64) -> Self {
+        Connection {
+            phase: Phase::Handshaking,
+            route: None,
+            peer: None,
+            partial: None,
+            out: Vec::new(),
+            last_rx_ms: now_ms,
+            last_ping_ms: 0,
+            bad_frames: 0,
+            serial,
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn route(&self) -> Option<Route> {
+        self.route
+    }
+
+    pub fn peer(&self) -> Option<&Peer> {
+        self.peer.as_deref()
+    }
+
+    /// The socket can be closed: nothing left to say and everything said.
+    pub fn finished(&self) -> bool {
+        matches!(self.phase, Phase::Done { .. }) && self.out.is_empty()
+    }
+
+    /// Bytes buffered for a partial frame or message (reported by memory tests).
+    pub fn buffered_in(&self) -> usize {
+        self.partial
+            .as_ref()
+            .map(|p| p.buf.capacity() + p.message.as_ref().map_or(0, |m| m.1.capacity()))
+            .unwrap_or(0)
+    }
+
+    /// When the connection next needs `on_timer`.
+    pub fn deadline(&self, cfg: &Config) -> u64 {
+        match self.phase {
+            Phase::Handshaking => self.last_rx_ms + cfg.handshake_timeout_ms,
+            Phase::Open => {
+                let hb = cfg.heartbeat_ms;
+                (self.last_rx_ms.max(self.last_ping_ms) + hb).min(self.last_rx_ms + 3 * hb)
+            }
+            Phase::Closing { until_ms } | Phase::Done { until_ms } => until_ms,
+        }
+    }
+
+    /// Called by the glue when the socket is gone (EOF, error, or after `finished`): releases
+    /// the host connection slot. Idempotent.
+    pub fn on_closed(&mut self, ctx: &Ctx) {
+        if self.route.take().is_some() {
+            ctx.host_open.fetch_sub(1, Ordering::Relaxed);
+            ctx.metrics.connections_open.dec();
+        } else if self.phase == Phase::Handshaking {
+            ctx.metrics.handshakes_pending.dec();
+        }
+        self.phase = Phase::Done { until_ms: 0 };
+        self.out = Vec::new();
+        self.partial = None;
+    }
+
+    /// The shard is shutting down: tell the client to reconnect elsewhere (1012).
+    pub fn on_shutdown(&mut self, now: u64, ctx: &Ctx) {
+        if self.phase == Phase::Open {
+            self.close(now, 1012, "server restarting, reconnect", ctx);
+        }
+    }
+
+    /// A deadline passed (the wheel may fire early after a lazy reschedule: re-check).
+    pub fn on_timer(&mut self, now: u64, ctx: &Ctx) {
+        if now < self.deadline(ctx.cfg) {
+            return;
+        }
+        match self.phase {
+            Phase::Handshaking => {
+                ctx.metrics.handshake_timeouts.inc();
+                ctx.metrics.handshakes_pending.dec();
+                self.out
+                    .extend_from_slice(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                self.phase = Phase::Done {
+                    until_ms: now + CLOSE_LINGER_MS,
+                };
+            }
+            Phase::Open => {
+                let hb = ctx.cfg.heartbeat_ms;
+                if now >= self.last_rx_ms + 3 * hb {
+                    ctx.metrics.heartbeat_closes.inc();
+                    self.close(now, frame::CLOSE_GOING_AWAY, "heartbeat timeout", ctx);
+                } else {
+                    ctx.metrics.pings_sent.inc();
+                    self.last_ping_ms = now;
+                    self.push_frame(Kind::Ping, b"", ctx);
+                }
+            }
+            Phase::Closing { .. } | Phase::Done { .. } => {
+                // The peer never answered or never read: give up on the socket.
+                self.out = Vec::new();
+                self.phase = Phase::Done { until_ms: now };
+            }
+        }
+    }
+
+    /// Bytes arrived. `data` may be modified (frames are unmasked in place).
+    pub fn on_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
+        match self.phase {
+            Phase::Handshaking => self.on_handshake_bytes(now, data, ctx),
+            Phase::Open | Phase::Closing { .. } => {
+                self.last_rx_ms = now;
+                self.on_frame_bytes(now, data, ctx)
+            }
+            Phase::Done { .. } => {}
+        }
+    }
+
+    fn on_handshake_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
+        let mut partial = self.partial.take().unwrap_or_default();
+        partial.buf.extend_from_slice(data);
+        let policy = Policy {
+            auth: ctx.auth,
+            allowed_origins: &ctx.cfg.allowed_origins,
+            echo_route: ctx.cfg.echo_route,
+            draining: ctx.draining,
+            at_capacity: ctx.host_open.load(Ordering::Relaxed) >= ctx.cfg.max_connections,
+            retry_after_s: ctx.cfg.retry_after_s,
+        };
+        match upgrade::decide(&partial.buf, &policy) {
+            Decision::Incomplete => self.partial = Some(partial),
+            Decision::Refuse(reason, response) => self.refuse(now, reason, response, ctx),
+            Decision::Upgrade(accepted) => {
+                // Reserve the host slot exactly (the policy check above is only a fast path).
+                if ctx.host_open.fetch_add(1, Ordering::Relaxed) >= ctx.cfg.max_connections {
+                    ctx.host_open.fetch_sub(1, Ordering::Relaxed);
+                    let r = Refusal::Overloaded;
+                    self.refuse(
+                        now,
+                        r,
+                        r.response("connection limit reached", ctx.cfg.retry_after_s),
+                        ctx,
+                    );
+                    return;
+                }
+                ctx.metrics.handshakes_pending.dec();
+                ctx.metrics.connections_accepted.inc();
+                ctx.metrics.connections_open.inc();
+                self.route = Some(accepted.route);
+                self.phase = Phase::Open;
+                self.last_rx_ms = now;
+                self.out.extend_from_slice(&accepted.response);
+                if let Some(identity) = accepted.identity {
+                    let mut body = Vec::with_capacity(160);
+                    let conn_id = format!("{}-{}-{}", ctx.cfg.node_id, ctx.shard, self.serial);
+                    proto::write_welcome(
+                        &mut body,
+                        &identity.user,
+                        &conn_id,
+                        ctx.cfg.heartbeat_ms,
+                        ctx.cfg.max_frame,
+                    );
+                    self.push_frame(Kind::Text, &body, ctx);
+                    body.clear();
+                    // No offline inbox yet in this build: nothing to replay.
+                    proto::write_synced(&mut body, 0);
+                    self.push_frame(Kind::Text, &body, ctx);
+                    self.peer = Some(Box::new(Peer {
+                        identity,
+                        device: accepted.device,
+                    }));
+                }
+                // A client may send frames right behind its request head.
+                let mut rest = partial.buf.split_off(accepted.head_len);
+                if !rest.is_empty() {
+                    self.on_frame_bytes(now, &mut rest, ctx);
+                }
+            }
+        }
+    }
+
+    fn refuse(&mut self, now: u64, reason: Refusal, response: Vec<u8>, ctx: &Ctx) {
+        ctx.metrics.handshakes_pending.dec();
+        ctx.metrics.refused[reason.index()].inc();
+        self.out = response;
+        self.phase = Phase::Done {
+            until_ms: now + CLOSE_LINGER_MS,
+        };
+    }
+
+    fn on_frame_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
+        let mut partial = self.partial.take();
+        let leftover_from_data;
+        match partial.as_mut().filter(|p| !p.buf.is_empty()) {
+            Some(p) => {
+                p.buf.extend_from_slice(data);
+                let mut buf = std::mem::take(&mut p.buf);
+                let used = self.decode_frames(now, &mut buf, &mut partial, ctx);
+                buf.drain(..used);
+                leftover_from_data = None;
+                if let Some(p) = partial.as_mut() {
+                    p.buf = buf;
+                }
+            }
+            None => {
+                let used = self.decode_frames(now, data, &mut partial, ctx);
+                leftover_from_data = Some(&data[used..]);
+            }
+        }
+        if let Some(rest) = leftover_from_data.filter(|r| !r.is_empty()) {
+            if !matches!(self.phase, Phase::Done { .. }) {
+                partial
+                    .get_or_insert_with(Default::default)
+                    .buf
+                    .extend_from_slice(rest);
+            }
+        }
+        // Keep `partial` only while it holds something.
+        self.partial = partial.filter(|p| !p.buf.is_empty() || p.message.is_some());
+    }
+
+    /// Decode and handle whole frames at the front of `buf`; returns the bytes consumed.
+    fn decode_frames(
+        &mut self,
+        now: u64,
+        buf: &mut [u8],
+        partial: &mut Option<Box<Partial>>,
+        ctx: &Ctx,
+    ) -> usize {
+        let mut pos = 0;
+        while pos < buf.len() && !matches!(self.phase, Phase::Done { .. }) {
+            match frame::decode(&mut buf[pos..], ctx.cfg.max_frame) {
+                Ok(None) => break,
+                Ok(Some((f, used))) => {
+                    pos += used;
+                    ctx.metrics.frames_in.inc();
+                    if let Err(v) = self.on_frame(now, f, partial, ctx) {
+                        self.violation(now, v, partial, ctx);
+                    }
+                }
+                Err(v) => {
+                    self.violation(now, v, partial, ctx);
+                    // The rest of the stream cannot be trusted: drop it.
+                    return buf.len();
+                }
+            }
+        }
+        pos
+    }
+
+    fn violation(&mut self, now: u64, v: Violation, partial: &mut Option<Box<Partial>>, ctx: &Ctx) {
+        *partial = None;
+        if self.phase != Phase::Open {
+            self.phase = Phase::Done {
+                until_ms: now + CLOSE_LINGER_MS,
+            };
+            return;
+        }
+        if v.code == frame::CLOSE_TOO_BIG {
+            ctx.metrics.oversize_closes.inc();
+        } else {
+            ctx.metrics.protocol_closes.inc();
+        }
+        self.close(now, v.code, v.reason, ctx);
+    }
+
+    fn on_frame(
+        &mut self,
+        now: u64,
+        f: frame::Frame<'_>,
+        partial: &mut Option<Box<Partial>>,
+        ctx: &Ctx,
+    ) -> Result<(), Violation> {
+        let closing = matches!(self.phase, Phase::Closing { .. });
+        match f.kind {
+            Kind::Ping if !closing => self.push_frame(Kind::Pong, f.payload, ctx),
+            Kind::Ping | Kind::Pong => {}
+            Kind::Close => {
+                let code = frame::check_close_payload(f.payload)?;
+                if !closing {
+                    // Echo the peer's code (RFC 6455 5.5.1).
+                    let mut out = std::mem::take(&mut self.out);
+                    frame::encode_close(code, "", &mut out);
+                    self.out = out;
+                    ctx.metrics.frames_out.inc();
+                }
+                self.phase = Phase::Done {
+                    until_ms: now + CLOSE_LINGER_MS,
+                };
+            }
+            _ if closing => {}
+            Kind::Text | Kind::Binary => {
+                if partial.as_ref().is_some_and(|p| p.message.is_some()) {
+                    return Err(Violation {
+                        code: frame::CLOSE_PROTOCOL_ERROR,
+                        reason: "new message before the fragmented one ended",
+                    });
+                }
+                if f.fin {
+                    self.on_message(now, f.kind, f.payload, ctx)?;
+                } else {
+                    partial.get_or_insert_with(Default::default).message =
+                        Some((f.kind, f.payload.to_vec()));
+                }
+            }
+            Kind::Continuation => {
+                let Some((kind, mut body)) = partial.as_mut().and_then(|p| p.message.take()) else {
+                    return Err(Violation {
+                        code: frame::CLOSE_PROTOCOL_ERROR,
+                        reason: "continuation without a message",
+                    });
+                };
+                if body.len() + f.payload.len() > ctx.cfg.max_frame {
+                    return Err(Violation {
+                        code: frame::CLOSE_TOO_BIG,
+                        reason: "message exceeds max_frame",
+                    });
+                }
+                body.extend_from_slice(f.payload);
+                if f.fin {
+                    self.on_message(now, kind, &body, ctx)?;
+                } else if let Some(p) = partial.as_mut() {
+                    p.message = Some((kind, body));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A whole data message.
+    fn on_message(
+        &mut self,
+        now: u64,
+        kind: Kind,
+        payload: &[u8],
+        ctx: &Ctx,
+    ) -> Result<(), Violation> {
+        if kind == Kind::Text && std::str::from_utf8(payload).is_err() {
+            return Err(Violation {
+                code: frame::CLOSE_INVALID_PAYLOAD,
+                reason: "text message is not UTF-8",
+            });
+        }
+        match self.route {
+            Some(Route::Echo) => self.push_frame(kind, payload, ctx),
+            Some(Route::App) if kind == Kind::Binary => self.bad_frame(
+                now,
+                FrameError {
+                    code: ErrorCode::BadRequest,
+                    message: "binary frames are not part of protocol v1".into(),
+                    cid: None,
+                },
+                ctx,
+            ),
+            Some(Route::App) => match proto::parse(payload) {
+                Ok(ClientFrame::Ping) => self.push_frame(Kind::Text, proto::PONG, ctx),
+                Err(e) => self.bad_frame(now, e, ctx),
+            },
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn bad_frame(&mut self, now: u64, err: FrameError, ctx: &Ctx) {
+        ctx.metrics.bad_frames.inc();
+        let mut body = Vec::with_capacity(96);
+        proto::write_error(&mut body, &err);
+        self.push_frame(Kind::Text, &body, ctx);
+        self.bad_frames += 1;
+        if self.bad_frames > ctx.cfg.abuse_limit {
+            ctx.metrics.abuse_closes.inc();
+            self.close(now, frame::CLOSE_POLICY, "too many bad frames", ctx);
+        }
+    }
+
+    fn push_frame(&mut self, kind: Kind, payload: &[u8], ctx: &Ctx) {
+        frame::encode(kind, payload, &mut self.out);
+        ctx.metrics.frames_out.inc();
+    }
+
+    /// Start the closing handshake with `code`.
+    fn close(&mut self, now: u64, code: u16, reason: &str, ctx: &Ctx) {
+        frame::encode_close(code, reason, &mut self.out);
+        ctx.metrics.frames_out.inc();
+        self.phase = Phase::Closing {
+            until_ms: now + CLOSE_LINGER_MS,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,23 @@
+//! ringgate: an io_uring, thread-per-core WebSocket edge gateway.
+//!
+//! Layout (one module per concern; each says what it owns in its header):
+//! - [`config`]: file -> flags/env -> validated `Config`.
+//! - [`server`]: process start, shards, signals; [`admin`]: the admin HTTP listener.
+//! - [`shard`]: one per core, owns its connections, wheel, scratch buffer and metrics.
+//! - [`conn`]: the sans-IO connection state machine.
+//! - [`ws`]: HTTP upgrade and RFC 6455 frames; [`proto`]: the JSON application protocol.
+//! - [`wheel`]: the hashed timing wheel; [`clock`]: injected time.
+//! - [`auth`]: JWT and dev mode; [`metrics`]: per-shard counters and Prometheus text.
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod conn;
+pub mod metrics;
+pub mod proto;
+pub mod server;
+pub mod shard;
+pub mod wheel;
+pub mod ws;

@@ -1,0 +1,245 @@
+//! Per-shard metrics and their Prometheus text rendering.
+//!
+//! Each shard owns one [`ShardMetrics`] and is its only writer, so counters are plain
+//! relaxed load+store (no locked read-modify-write, no cache line shared between shards: the
+//! struct is 128-byte aligned). The admin thread only reads them when `/metrics` is scraped.
+//! Every series name is a constant below and every series carries a `shard` label.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::ws::upgrade::Refusal;
+
+/// A monotonically increasing count written by one thread.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1)
+    }
+    #[inline]
+    pub fn add(&self, n: u64) {
+        // Single writer: load+store is enough and avoids a locked instruction per message.
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down, written by one thread.
+#[derive(Default, Debug)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed)
+    }
+    #[inline]
+    pub fn inc(&self) {
+        self.set(self.get() + 1)
+    }
+    #[inline]
+    pub fn dec(&self) {
+        self.set(self.get().saturating_sub(1))
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+pub const CONNECTIONS_OPEN: &str = "ringgate_connections_open";
+pub const HANDSHAKES_PENDING: &str = "ringgate_handshakes_pending";
+pub const CONNECTIONS_ACCEPTED: &str = "ringgate_connections_accepted_total";
+pub const CONNECTIONS_REFUSED: &str = "ringgate_connections_refused_total";
+pub const FRAMES_IN: &str = "ringgate_frames_in_total";
+pub const FRAMES_OUT: &str = "ringgate_frames_out_total";
+pub const BYTES_IN: &str = "ringgate_bytes_in_total";
+pub const BYTES_OUT: &str = "ringgate_bytes_out_total";
+pub const PINGS_SENT: &str = "ringgate_heartbeat_pings_total";
+pub const HEARTBEAT_CLOSES: &str = "ringgate_heartbeat_closes_total";
+pub const HANDSHAKE_TIMEOUTS: &str = "ringgate_handshake_timeouts_total";
+pub const BAD_FRAMES: &str = "ringgate_bad_frames_total";
+pub const PROTOCOL_CLOSES: &str = "ringgate_protocol_closes_total";
+pub const OVERSIZE_CLOSES: &str = "ringgate_oversize_closes_total";
+pub const ABUSE_CLOSES: &str = "ringgate_abuse_closes_total";
+pub const WHEEL_ENTRIES: &str = "ringgate_wheel_entries";
+
+#[derive(Default, Debug)]
+#[repr(align(128))]
+pub struct ShardMetrics {
+    pub connections_open: Gauge,
+    pub handshakes_pending: Gauge,
+    pub connections_accepted: Counter,
+    pub refused: [Counter; Refusal::ALL.len()],
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub pings_sent: Counter,
+    pub heartbeat_closes: Counter,
+    pub handshake_timeouts: Counter,
+    pub bad_frames: Counter,
+    pub protocol_closes: Counter,
+    pub oversize_closes: Counter,
+    pub abuse_closes: Counter,
+    pub wheel_entries: Gauge,
+}
+
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+type Read = fn(&ShardMetrics) -> u64;
+
+/// (name, help, kind, reader) for every unlabelled series.
+const SERIES: &[(&str, &str, Kind, Read)] = &[
+    (
+        CONNECTIONS_OPEN,
+        "Open WebSocket connections.",
+        Kind::Gauge,
+        |m| m.connections_open.get(),
+    ),
+    (
+        HANDSHAKES_PENDING,
+        "Sockets accepted but not yet upgraded.",
+        Kind::Gauge,
+        |m| m.handshakes_pending.get(),
+    ),
+    (
+        CONNECTIONS_ACCEPTED,
+        "WebSocket upgrades completed.",
+        Kind::Counter,
+        |m| m.connections_accepted.get(),
+    ),
+    (
+        FRAMES_IN,
+        "WebSocket frames received.",
+        Kind::Counter,
+        |m| m.frames_in.get(),
+    ),
+    (FRAMES_OUT, "WebSocket frames sent.", Kind::Counter, |m| {
+        m.frames_out.get()
+    }),
+    (
+        BYTES_IN,
+        "Bytes received on WebSocket connections.",
+        Kind::Counter,
+        |m| m.bytes_in.get(),
+    ),
+    (
+        BYTES_OUT,
+        "Bytes sent on WebSocket connections.",
+        Kind::Counter,
+        |m| m.bytes_out.get(),
+    ),
+    (
+        PINGS_SENT,
+        "Heartbeat pings sent to silent connections.",
+        Kind::Counter,
+        |m| m.pings_sent.get(),
+    ),
+    (
+        HEARTBEAT_CLOSES,
+        "Connections closed (1001) after 3 x heartbeat_ms of silence.",
+        Kind::Counter,
+        |m| m.heartbeat_closes.get(),
+    ),
+    (
+        HANDSHAKE_TIMEOUTS,
+        "Sockets closed for not completing the upgrade in time.",
+        Kind::Counter,
+        |m| m.handshake_timeouts.get(),
+    ),
+    (
+        BAD_FRAMES,
+        "Client frames answered with an error (bad_request, unknown_op, ...).",
+        Kind::Counter,
+        |m| m.bad_frames.get(),
+    ),
+    (
+        PROTOCOL_CLOSES,
+        "Connections closed for RFC 6455 violations (1002/1007).",
+        Kind::Counter,
+        |m| m.protocol_closes.get(),
+    ),
+    (
+        OVERSIZE_CLOSES,
+        "Connections closed (1009) for a frame over max_frame.",
+        Kind::Counter,
+        |m| m.oversize_closes.get(),
+    ),
+    (
+        ABUSE_CLOSES,
+        "Connections closed (1008) after too many bad frames.",
+        Kind::Counter,
+        |m| m.abuse_closes.get(),
+    ),
+    (
+        WHEEL_ENTRIES,
+        "Deadlines pending in the shard's timing wheel.",
+        Kind::Gauge,
+        |m| m.wheel_entries.get(),
+    ),
+];
+
+/// Prometheus text exposition of all shards.
+pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
+    let mut out = String::with_capacity(4096 * shards.len().max(1));
+    for (name, help, kind, read) in SERIES {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (i, m) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", read(m));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {CONNECTIONS_REFUSED} Upgrades refused before the handshake, by reason.\n# TYPE {CONNECTIONS_REFUSED} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        for r in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "{CONNECTIONS_REFUSED}{{shard=\"{i}\",reason=\"{}\",status=\"{}\"}} {}",
+                r.label(),
+                r.status().0,
+                m.refused[r.index()].get()
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn every_series_line_has_a_shard_label() {
+        let shards: Vec<_> = (0..2).map(|_| Arc::new(ShardMetrics::default())).collect();
+        shards[1].frames_in.add(7);
+        shards[0].refused[Refusal::Unauthorized.index()].inc();
+        let text = render(&shards);
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.contains("shard=\""), "{line}");
+        }
+        assert!(text.contains("ringgate_frames_in_total{shard=\"1\"} 7"));
+        assert!(text.contains(
+            "ringgate_connections_refused_total{shard=\"0\",reason=\"unauthorized\",status=\"401\"} 1"
+        ));
+    }
+
+    #[test]
+    fn shard_metrics_do_not_share_cache_lines() {
+        assert_eq!(std::mem::align_of::<ShardMetrics>(), 128);
+    }
+}

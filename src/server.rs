@@ -1,0 +1,149 @@
+//! Process start and stop: binds the public port once per shard (SO_REUSEPORT), starts one
+//! pinned glommio executor per shard and the admin thread, and turns SIGTERM/SIGINT into a
+//! graceful drain. Owns nothing after start except the join handles.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::admin::{self, Admin};
+use crate::clock::MonotonicClock;
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::shard::{io, Shard, Shared};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start admin listener on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {shard}: {message}")]
+    Shard { shard: usize, message: String },
+}
+
+/// Run the gateway until SIGTERM/SIGINT and the drain complete.
+pub fn serve(cfg: Config) -> Result<(), StartError> {
+    let started = Instant::now();
+    if cfg.dev_mode() {
+        tracing::warn!("DEV MODE: no jwt_secret configured; clients are trusted as ?user=<id> (allowed only because every listener is on loopback)");
+        eprintln!("ringgate: WARNING dev mode: no jwt_secret, clients connect with ?user=<id>; never expose this");
+    }
+    eprintln!("ringgate: offline store: embedded (in-process, bounded; lost on restart)");
+    // Bind every shard's listener before starting, so a busy port fails start-up cleanly and
+    // port 0 resolves to one port shared by all shards.
+    let first = io::reuseport_listener(cfg.listen).map_err(|source| StartError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let public = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(cfg.listen);
+    let mut listeners = vec![first];
+    for _ in 1..cfg.shards {
+        listeners.push(
+            io::reuseport_listener(public).map_err(|source| StartError::Listen {
+                addr: public,
+                source,
+            })?,
+        );
+    }
+    let shared = Shared::new(cfg.clone());
+    let metrics: Vec<Arc<ShardMetrics>> = (0..cfg.shards)
+        .map(|_| Arc::new(ShardMetrics::default()))
+        .collect();
+    let admin_addr = admin::start(
+        cfg.admin_listen,
+        Admin {
+            shared: shared.clone(),
+            metrics: metrics.clone(),
+        },
+    )
+    .map_err(|source| StartError::Admin {
+        addr: cfg.admin_listen,
+        source,
+    })?;
+    let cpus = allowed_cpus();
+    let mut handles = Vec::new();
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let m = metrics[id].clone();
+        let cpu = cpus[id % cpus.len()];
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{id}"))
+            .spawn(move || async move {
+                let shard = Shard::new(id, shared, m, Box::new(MonotonicClock::new()));
+                io::run(shard, listener).await;
+            })
+            .map_err(|e| StartError::Shard {
+                shard: id,
+                message: e.to_string(),
+            })?;
+        handles.push(handle);
+    }
+    watch_signals(shared.clone());
+    println!(
+        "ringgate listening on ws://{public} admin http://{admin_addr} shards {} node {} (ready in {} ms)",
+        cfg.shards,
+        cfg.node_id,
+        started.elapsed().as_millis()
+    );
+    for h in handles {
+        let _ = h.join();
+    }
+    eprintln!(
+        "ringgate: drained, {} connections still open at exit",
+        shared.host_open.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT starts the drain; a second one exits at once.
+fn watch_signals(shared: Arc<Shared>) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).expect("signal handler");
+    std::thread::Builder::new()
+        .name("ringgate-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if shared.draining.swap(true, Ordering::Relaxed) {
+                    eprintln!("ringgate: second signal {sig}, exiting now");
+                    std::process::exit(1);
+                }
+                eprintln!(
+                    "ringgate: signal {sig}: draining (close 1012), up to {} ms",
+                    shared.cfg.drain_ms
+                );
+            }
+        })
+        .expect("signal thread");
+}
+
+/// CPUs this process may run on (respects taskset/cgroup cpusets).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: plain libc call filling a zeroed cpu_set_t we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect();
+            if !cpus.is_empty() {
+                return cpus;
+            }
+        }
+    }
+    vec![0]
+}

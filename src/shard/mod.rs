@@ -1,0 +1,335 @@
+//! One shard = one core: owns its connections (a `slab`), all their deadlines (one timing
+//! wheel), its scratch read buffer, its metrics and its clock. Nothing here is shared with
+//! other shards; other threads only read the metrics and set the shutdown flag.
+//!
+//! The glommio glue is in [`io`]: one accept task, one small task per socket that calls
+//! [`Shard::poll_conn`], and one tick task that calls [`Shard::on_tick`].
+
+pub mod io;
+
+use std::io::ErrorKind;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use slab::Slab;
+
+use crate::auth::Authenticator;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::conn::{Connection, Ctx, Phase};
+use crate::metrics::ShardMetrics;
+use crate::wheel::{TimerKey, TimingWheel};
+use crate::ws::upgrade::Refusal;
+
+/// Shard-wide read buffer: every socket reads into it, so idle sockets own no read buffer.
+pub const SCRATCH_BYTES: usize = 64 * 1024;
+/// Reads served per socket per poll before yielding to other sockets (fairness).
+const READS_PER_POLL: usize = 16;
+/// Sockets accepted but not upgraded, per shard, beyond which new sockets are closed at once
+/// (bounds the memory and descriptors a slowloris flood can hold).
+pub const MAX_PENDING_HANDSHAKES: u64 = 16_384;
+
+/// State every shard shares with the process: read-mostly, never on the per-message path.
+pub struct Shared {
+    pub cfg: Config,
+    pub auth: Authenticator,
+    /// Host-wide open WebSocket connections (changed at upgrade and close only).
+    pub host_open: AtomicUsize,
+    /// Set by the signal handler; each shard notices on its next tick.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(cfg: Config) -> Arc<Self> {
+        let auth = Authenticator::new(cfg.jwt_secret.as_deref());
+        Arc::new(Shared {
+            cfg,
+            auth,
+            host_open: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        })
+    }
+}
+
+/// What the wheel stores per connection: the slab index and the connection's serial, so an
+/// entry for a connection that has gone (and whose slot was reused) is ignored.
+#[derive(Clone, Copy, Debug)]
+struct ConnRef {
+    index: u32,
+    serial: u32,
+}
+
+struct Entry {
+    conn: Connection,
+    serial: u32,
+    timer: Option<TimerKey>,
+    /// The socket task's waker, to write what a timer produced.
+    waker: Option<Waker>,
+}
+
+pub struct Shard {
+    pub id: usize,
+    shared: Arc<Shared>,
+    metrics: Arc<ShardMetrics>,
+    clock: Box<dyn Clock>,
+    conns: Slab<Entry>,
+    wheel: TimingWheel<ConnRef>,
+    scratch: Box<[u8]>,
+    fired: Vec<ConnRef>,
+    next_serial: u64,
+    /// When this shard began draining (ms), once it has.
+    drain_started: Option<u64>,
+}
+
+/// What the socket task should do after a poll.
+pub enum ConnPoll {
+    Pending,
+    /// Drop the socket: the connection is finished or the peer went away.
+    Close,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        metrics: Arc<ShardMetrics>,
+        clock: Box<dyn Clock>,
+    ) -> Self {
+        let start_tick = clock.now_ms() / shared.cfg.tick_ms;
+        let wheel = TimingWheel::new(shared.cfg.wheel_slots, start_tick);
+        Shard {
+            id,
+            shared,
+            metrics,
+            clock,
+            conns: Slab::new(),
+            wheel,
+            scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
+            fired: Vec::new(),
+            next_serial: 0,
+            drain_started: None,
+        }
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn draining(&self) -> bool {
+        self.drain_started.is_some()
+    }
+
+    /// A socket was accepted: returns its slab index, or None to close it at once.
+    pub fn admit(&mut self) -> Option<usize> {
+        if self.metrics.handshakes_pending.get() >= MAX_PENDING_HANDSHAKES {
+            self.metrics.refused[Refusal::Overloaded.index()].inc();
+            return None;
+        }
+        let now = self.clock.now_ms();
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        let index = self.conns.insert(Entry {
+            conn: Connection::new(now, serial),
+            serial: serial as u32,
+            timer: None,
+            waker: None,
+        });
+        self.metrics.handshakes_pending.inc();
+        self.sync_timer(index);
+        Some(index)
+    }
+
+    /// Drive one socket: read what is there, let the connection react, write what it says.
+    pub fn poll_conn<S>(&mut self, index: usize, stream: &mut S, cx: &mut Context<'_>) -> ConnPoll
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let now = self.clock.now_ms();
+        let Shard {
+            shared,
+            metrics,
+            conns,
+            scratch,
+            id,
+            drain_started,
+            ..
+        } = self;
+        let ctx = make_ctx(shared, metrics, drain_started.is_some(), *id);
+        let Some(entry) = conns.get_mut(index) else {
+            return ConnPoll::Close;
+        };
+        let conn = &mut entry.conn;
+        let mut reads = 0;
+        let mut peer_gone = false;
+        // Read while there is room to answer (outbound bytes bound what a client can make us buffer).
+        while !matches!(conn.phase(), Phase::Done { .. }) && conn.out.len() < ctx.cfg.max_outbound {
+            match Pin::new(&mut *stream).poll_read(cx, scratch) {
+                Poll::Ready(Ok(0)) => {
+                    peer_gone = true;
+                    break;
+                }
+                Poll::Ready(Ok(n)) => {
+                    metrics.bytes_in.add(n as u64);
+                    conn.on_bytes(now, &mut scratch[..n], &ctx);
+                    reads += 1;
+                    if reads == READS_PER_POLL {
+                        cx.waker().wake_by_ref();
+                        break;
+                    }
+                }
+                Poll::Ready(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
+                Poll::Ready(Err(_)) => {
+                    peer_gone = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        while !peer_gone && !conn.out.is_empty() {
+            match Pin::new(&mut *stream).poll_write(cx, &conn.out) {
+                Poll::Ready(Ok(n)) => {
+                    metrics.bytes_out.add(n as u64);
+                    conn.out.drain(..n);
+                }
+                Poll::Ready(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
+                Poll::Ready(Err(_)) => peer_gone = true,
+                Poll::Pending => break,
+            }
+        }
+        if conn.out.is_empty() && conn.out.capacity() > 0 {
+            conn.out = Vec::new();
+        }
+        if peer_gone || conn.finished() {
+            self.remove(index);
+            return ConnPoll::Close;
+        }
+        if !entry
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            entry.waker = Some(cx.waker().clone());
+        }
+        self.sync_timer(index);
+        ConnPoll::Pending
+    }
+
+    /// Keep the connection's single wheel entry at or before its deadline. Lazy: when the
+    /// deadline moves later (activity), the old entry stays and fires early, and `on_timer`
+    /// re-checks; so reading a frame never touches the wheel.
+    fn sync_timer(&mut self, index: usize) {
+        let tick_ms = self.shared.cfg.tick_ms;
+        let entry = &mut self.conns[index];
+        let want = entry.conn.deadline(&self.shared.cfg).div_ceil(tick_ms);
+        if let Some(key) = entry.timer {
+            match self.wheel.deadline(key) {
+                Some(at) if at <= want => return,
+                Some(_) => {
+                    self.wheel.cancel(key);
+                }
+                None => {}
+            }
+        }
+        entry.timer = Some(self.wheel.insert(
+            want,
+            ConnRef {
+                index: index as u32,
+                serial: entry.serial,
+            },
+        ));
+    }
+
+    fn remove(&mut self, index: usize) {
+        let mut entry = self.conns.remove(index);
+        if let Some(key) = entry.timer.take() {
+            self.wheel.cancel(key);
+        }
+        let ctx = make_ctx(
+            &self.shared,
+            &self.metrics,
+            self.drain_started.is_some(),
+            self.id,
+        );
+        entry.conn.on_closed(&ctx);
+    }
+
+    /// Periodic: fire due deadlines, notice shutdown. Returns true when the shard is done.
+    pub fn on_tick(&mut self) -> bool {
+        let now = self.clock.now_ms();
+        if self.drain_started.is_none() && self.shared.draining.load(Ordering::Relaxed) {
+            self.begin_drain(now);
+        }
+        let mut fired = std::mem::take(&mut self.fired);
+        self.wheel
+            .advance(now / self.shared.cfg.tick_ms, |_, r| fired.push(r));
+        for r in fired.drain(..) {
+            let index = r.index as usize;
+            let ctx = make_ctx(
+                &self.shared,
+                &self.metrics,
+                self.drain_started.is_some(),
+                self.id,
+            );
+            let Some(entry) = self.conns.get_mut(index).filter(|e| e.serial == r.serial) else {
+                continue;
+            };
+            entry.timer = None;
+            entry.conn.on_timer(now, &ctx);
+            let wake = !entry.conn.out.is_empty() || entry.conn.finished();
+            if wake {
+                if let Some(w) = &entry.waker {
+                    w.wake_by_ref();
+                }
+            }
+            self.sync_timer(index);
+        }
+        self.fired = fired;
+        self.metrics.wheel_entries.set(self.wheel.len() as u64);
+        match self.drain_started {
+            Some(started) => self.conns.is_empty() || now >= started + self.shared.cfg.drain_ms,
+            None => false,
+        }
+    }
+
+    /// Stop: tell every open connection to reconnect (1012); handshakes now get 503.
+    fn begin_drain(&mut self, now: u64) {
+        self.drain_started = Some(now);
+        let indices: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        for index in indices {
+            let ctx = make_ctx(&self.shared, &self.metrics, true, self.id);
+            let entry = &mut self.conns[index];
+            entry.conn.on_shutdown(now, &ctx);
+            if let Some(w) = &entry.waker {
+                w.wake_by_ref();
+            }
+            self.sync_timer(index);
+        }
+    }
+}
+
+fn make_ctx<'a>(
+    shared: &'a Shared,
+    metrics: &'a ShardMetrics,
+    draining: bool,
+    shard: usize,
+) -> Ctx<'a> {
+    Ctx {
+        cfg: &shared.cfg,
+        auth: &shared.auth,
+        metrics,
+        host_open: &shared.host_open,
+        draining,
+        shard,
+    }
+}

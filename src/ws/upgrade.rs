@@ -1,0 +1,411 @@
+//! The HTTP/1.1 upgrade: parse the request head, decide (route, limits, origin, auth), and write
+//! either the `101 Switching Protocols` response or a plain-HTTP refusal (SPEC section 2).
+//!
+//! Pure: the caller passes the bytes received so far and a [`Policy`] snapshot; nothing here
+//! touches sockets, clocks or shard state.
+
+use crate::auth::{valid_id, AuthError, Authenticator, Identity};
+
+/// Request heads larger than this are refused with 431 (also bounds per-handshake memory).
+pub const MAX_HEAD: usize = 8192;
+const MAX_HEADERS: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/ws`: the authenticated application protocol.
+    App,
+    /// `/echo`: unauthenticated diagnostics, echoes data frames.
+    Echo,
+}
+
+/// Everything the decision needs besides the request itself.
+pub struct Policy<'a> {
+    pub auth: &'a Authenticator,
+    pub allowed_origins: &'a [String],
+    pub echo_route: bool,
+    /// Shutdown in progress: refuse with 503.
+    pub draining: bool,
+    /// The host connection limit is reached: refuse with 503.
+    pub at_capacity: bool,
+    pub retry_after_s: u64,
+}
+
+#[derive(Debug)]
+pub struct Accepted {
+    pub route: Route,
+    /// `None` on `/echo`.
+    pub identity: Option<Identity>,
+    pub device: Option<Box<str>>,
+    pub response: Vec<u8>,
+    /// Bytes of the request head; anything after it is already WebSocket frames.
+    pub head_len: usize,
+}
+
+/// Why an upgrade was refused; each maps to one status and one metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadRequest,
+    HeadTooLarge,
+    NotFound,
+    MethodNotAllowed,
+    UpgradeRequired,
+    Forbidden,
+    Unauthorized,
+    Overloaded,
+    Draining,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 9] = [
+        Refusal::BadRequest,
+        Refusal::HeadTooLarge,
+        Refusal::NotFound,
+        Refusal::MethodNotAllowed,
+        Refusal::UpgradeRequired,
+        Refusal::Forbidden,
+        Refusal::Unauthorized,
+        Refusal::Overloaded,
+        Refusal::Draining,
+    ];
+
+    pub fn status(self) -> (u16, &'static str) {
+        match self {
+            Refusal::BadRequest => (400, "Bad Request"),
+            Refusal::HeadTooLarge => (431, "Request Header Fields Too Large"),
+            Refusal::NotFound => (404, "Not Found"),
+            Refusal::MethodNotAllowed => (405, "Method Not Allowed"),
+            Refusal::UpgradeRequired => (426, "Upgrade Required"),
+            Refusal::Forbidden => (403, "Forbidden"),
+            Refusal::Unauthorized => (401, "Unauthorized"),
+            Refusal::Overloaded | Refusal::Draining => (503, "Service Unavailable"),
+        }
+    }
+
+    /// Metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::BadRequest => "bad_request",
+            Refusal::HeadTooLarge => "head_too_large",
+            Refusal::NotFound => "not_found",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::UpgradeRequired => "upgrade_required",
+            Refusal::Forbidden => "forbidden",
+            Refusal::Unauthorized => "unauthorized",
+            Refusal::Overloaded => "overloaded",
+            Refusal::Draining => "draining",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Refusal::ALL.iter().position(|r| *r == self).unwrap()
+    }
+
+    /// The complete HTTP response; the connection is closed after it.
+    pub fn response(self, detail: &str, retry_after_s: u64) -> Vec<u8> {
+        let (code, text) = self.status();
+        let mut extra = String::new();
+        match self {
+            Refusal::Overloaded | Refusal::Draining => {
+                extra = format!("retry-after: {retry_after_s}\r\n");
+            }
+            Refusal::UpgradeRequired => {
+                extra = "upgrade: websocket\r\nsec-websocket-version: 13\r\n".into();
+            }
+            Refusal::MethodNotAllowed => extra = "allow: GET\r\n".into(),
+            _ => {}
+        }
+        let body = format!("{detail}\n");
+        format!(
+            "HTTP/1.1 {code} {text}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+#[derive(Debug)]
+pub enum Decision {
+    /// The head is not complete yet: wait for more bytes.
+    Incomplete,
+    Upgrade(Accepted),
+    Refuse(Refusal, Vec<u8>),
+}
+
+fn refuse(r: Refusal, detail: &str, policy: &Policy) -> Decision {
+    Decision::Refuse(r, r.response(detail, policy.retry_after_s))
+}
+
+/// Decide on the bytes received so far.
+pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Partial) => {
+            if buf.len() >= MAX_HEAD {
+                return refuse(Refusal::HeadTooLarge, "request head too large", policy);
+            }
+            return Decision::Incomplete;
+        }
+        Ok(httparse::Status::Complete(n)) => n,
+        Err(httparse::Error::TooManyHeaders) => {
+            return refuse(Refusal::HeadTooLarge, "too many headers", policy)
+        }
+        Err(e) => {
+            return refuse(
+                Refusal::BadRequest,
+                &format!("malformed request: {e}"),
+                policy,
+            )
+        }
+    };
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let route = match path {
+        "/ws" => Route::App,
+        "/echo" if policy.echo_route => Route::Echo,
+        _ => return refuse(Refusal::NotFound, "not found", policy),
+    };
+    if req.method != Some("GET") {
+        return refuse(Refusal::MethodNotAllowed, "use GET to upgrade", policy);
+    }
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+            .map(str::trim)
+    };
+    let has_token = |name: &str, token: &str| {
+        header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return refuse(
+            Refusal::UpgradeRequired,
+            "this endpoint only speaks WebSocket",
+            policy,
+        );
+    }
+    if header("sec-websocket-version") != Some("13") {
+        return refuse(
+            Refusal::UpgradeRequired,
+            "unsupported Sec-WebSocket-Version (13 required)",
+            policy,
+        );
+    }
+    let Some(key) = header("sec-websocket-key").filter(|k| !k.is_empty()) else {
+        return refuse(Refusal::BadRequest, "missing Sec-WebSocket-Key", policy);
+    };
+    if policy.draining {
+        return refuse(Refusal::Draining, "shutting down, reconnect later", policy);
+    }
+    if policy.at_capacity {
+        return refuse(Refusal::Overloaded, "connection limit reached", policy);
+    }
+    if !policy.allowed_origins.is_empty() {
+        let origin = header("origin").unwrap_or("");
+        if !policy.allowed_origins.iter().any(|o| o == origin) {
+            return refuse(Refusal::Forbidden, "origin not allowed", policy);
+        }
+    }
+    let mut token = header("authorization")
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_string());
+    let mut dev_user = None;
+    let mut device = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(v) = percent_decode(v) else {
+            return refuse(Refusal::BadRequest, "bad percent-encoding in query", policy);
+        };
+        match k {
+            "token" if token.is_none() => token = Some(v),
+            "user" => dev_user = Some(v),
+            "device" => device = Some(v),
+            _ => {}
+        }
+    }
+    if let Some(d) = &device {
+        if valid_id(d).is_err() {
+            return refuse(Refusal::BadRequest, "invalid device id", policy);
+        }
+    }
+    let identity = match route {
+        Route::Echo => None,
+        Route::App => match policy
+            .auth
+            .authenticate(token.as_deref(), dev_user.as_deref())
+        {
+            Ok(id) => Some(id),
+            Err(e) => {
+                let detail = match e {
+                    AuthError::Missing if policy.auth.dev_mode() => {
+                        "dev mode: pass ?user=<id>".to_string()
+                    }
+                    e => e.to_string(),
+                };
+                return refuse(Refusal::Unauthorized, &detail, policy);
+            }
+        },
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    )
+    .into_bytes();
+    Decision::Upgrade(Accepted {
+        route,
+        identity,
+        device: device.map(Into::into),
+        response,
+        head_len,
+    })
+}
+
+/// Decode `%XX` and `+` in a query value; None on malformed escapes or non-UTF-8 results.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(auth: &Authenticator) -> Policy<'_> {
+        Policy {
+            auth,
+            allowed_origins: &[],
+            echo_route: false,
+            draining: false,
+            at_capacity: false,
+            retry_after_s: 5,
+        }
+    }
+
+    fn req(target: &str, extra: &str) -> Vec<u8> {
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n").into_bytes()
+    }
+
+    fn refusal(d: Decision) -> Refusal {
+        match d {
+            Decision::Refuse(r, _) => r,
+            other => panic!("expected refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dev_mode_upgrade_has_rfc_accept_key() {
+        let auth = Authenticator::new(None);
+        match decide(&req("/ws?user=alice&device=phone", ""), &policy(&auth)) {
+            Decision::Upgrade(a) => {
+                assert_eq!(&*a.identity.unwrap().user, "alice");
+                assert_eq!(a.device.as_deref(), Some("phone"));
+                let text = String::from_utf8(a.response).unwrap();
+                // RFC 6455 section 1.3 example.
+                assert!(text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn partial_head_waits_and_huge_head_is_refused() {
+        let auth = Authenticator::new(None);
+        let full = req("/ws?user=a", "");
+        assert!(matches!(
+            decide(&full[..20], &policy(&auth)),
+            Decision::Incomplete
+        ));
+        let mut huge = b"GET /ws HTTP/1.1\r\nX: ".to_vec();
+        huge.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(
+            refusal(decide(&huge, &policy(&auth))),
+            Refusal::HeadTooLarge
+        );
+    }
+
+    #[test]
+    fn each_refusal_has_its_status() {
+        let auth = Authenticator::new(Some("a-secret-of-16-bytes+"));
+        let p = policy(&auth);
+        assert_eq!(refusal(decide(&req("/nope", ""), &p)), Refusal::NotFound);
+        assert_eq!(refusal(decide(&req("/echo", ""), &p)), Refusal::NotFound);
+        assert_eq!(refusal(decide(&req("/ws", ""), &p)), Refusal::Unauthorized);
+        assert_eq!(
+            refusal(decide(&req("/ws?token=abc", ""), &p)),
+            Refusal::Unauthorized
+        );
+        let plain = b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(refusal(decide(plain, &p)), Refusal::UpgradeRequired);
+        assert_eq!(refusal(decide(b"garbage\r\n\r\n", &p)), Refusal::BadRequest);
+        let draining = Policy {
+            draining: true,
+            ..policy(&auth)
+        };
+        let d = decide(&req("/ws", ""), &draining);
+        match d {
+            Decision::Refuse(Refusal::Draining, bytes) => {
+                let text = String::from_utf8(bytes).unwrap();
+                assert!(text.starts_with("HTTP/1.1 503"));
+                assert!(text.contains("retry-after: 5"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let origins = vec!["https://app.example".to_string()];
+        let strict = Policy {
+            allowed_origins: &origins,
+            ..policy(&auth)
+        };
+        assert_eq!(
+            refusal(decide(
+                &req("/ws", "Origin: https://evil.example\r\n"),
+                &strict
+            )),
+            Refusal::Forbidden
+        );
+    }
+
+    #[test]
+    fn bearer_header_and_query_token_both_work() {
+        let secret = "a-secret-of-16-bytes+";
+        let auth = Authenticator::new(Some(secret));
+        let t = crate::auth::mint(secret, "bob", None, 60);
+        let p = policy(&auth);
+        for r in [
+            req(&format!("/ws?token={t}"), ""),
+            req("/ws", &format!("Authorization: Bearer {t}\r\n")),
+        ] {
+            assert!(matches!(decide(&r, &p), Decision::Upgrade(_)));
+        }
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b+c").unwrap(), "a b c");
+        assert!(percent_decode("%zz").is_none());
+        assert!(percent_decode("%f").is_none());
+    }
+}
