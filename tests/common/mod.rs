@@ -1,0 +1,374 @@
+//! Test harness: starts a real `ringgate` process on free loopback ports and talks to it over
+//! real sockets, with tungstenite as the WebSocket client and a raw client for frames a
+//! well-behaved library will not send.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "integration-test-secret-0123";
+
+pub struct Gateway {
+    pub child: Child,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub stderr: mpsc::Receiver<String>,
+}
+
+impl Gateway {
+    /// Start with `--listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --shards 2` plus `args`.
+    pub fn start(args: &[&str]) -> Gateway {
+        let mut full = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+        ];
+        full.extend_from_slice(args);
+        Self::start_raw(&full, &[])
+    }
+
+    pub fn start_raw(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringgate"));
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn ringgate");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = err_tx.send(line);
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                let errs: Vec<String> = err_rx.try_iter().collect();
+                panic!("ringgate did not report its ports; stderr: {errs:#?}")
+            });
+        let field = |prefix: &str| -> SocketAddr {
+            let start = line.find(prefix).unwrap_or_else(|| panic!("no {prefix} in {line}"))
+                + prefix.len();
+            line[start..].split_whitespace().next().unwrap().parse().unwrap()
+        };
+        Gateway {
+            public: field("ws://"),
+            admin: field("admin http://"),
+            child,
+            stderr: err_rx,
+        }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.public, path_and_query)
+    }
+
+    /// GET on the admin listener; returns (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path, &[])
+    }
+
+    /// Value of one series line, e.g. `ringgate_connections_open{shard="0"}`.
+    pub fn metric(&self, series: &str) -> u64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("series {series} not in /metrics:\n{body}"))
+    }
+
+    /// Sum of a metric over all shards.
+    pub fn metric_sum(&self, name: &str) -> u64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    pub fn sigterm(&self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    /// Wait for exit (bounded); returns the exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `f` until it returns true or `within` passes (behaviour, not timing, is asserted).
+pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Minimal HTTP/1.1 request; returns (status, body).
+pub fn http_request(addr: SocketAddr, head: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    (status, body)
+}
+
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    http_request(addr, &head)
+}
+
+/// Full response head + body of a WebSocket upgrade attempt that is expected to be refused.
+pub fn upgrade_status(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+    let mut all = vec![
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ];
+    all.extend_from_slice(headers);
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for h in all {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    (status, text)
+}
+
+pub type Ws = tungstenite::WebSocket<TcpStream>;
+
+/// A tungstenite client, connected and upgraded; panics on refusal.
+pub fn connect(gw: &Gateway, path_and_query: &str) -> Ws {
+    connect_with(gw, path_and_query, &[]).expect("upgrade")
+}
+
+pub fn connect_with(
+    gw: &Gateway,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let mut req = gw.url(path_and_query).into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let stream = TcpStream::connect(gw.public).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    match tungstenite::client(req, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("interrupted handshake"),
+    }
+}
+
+/// Next text frame as JSON (pings are answered by tungstenite itself).
+pub fn recv_json(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        match ws.read().expect("read") {
+            tungstenite::Message::Text(t) => return serde_json::from_str(&t).expect("json"),
+            tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+pub fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(tungstenite::Message::text(text)).expect("send");
+}
+
+/// Read until the server's close frame; returns its code.
+pub fn recv_close_code(ws: &mut Ws) -> u16 {
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Close(Some(f))) => return u16::from(f.code),
+            Ok(tungstenite::Message::Close(None)) => return 1005,
+            Ok(_) => continue,
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+}
+
+/// Upgraded, then welcome + synced consumed; returns the welcome.
+pub fn connect_app(gw: &Gateway, user: &str) -> (Ws, serde_json::Value) {
+    let mut ws = connect(gw, &format!("/ws?user={user}"));
+    let welcome = recv_json(&mut ws);
+    assert_eq!(welcome["op"], "welcome");
+    let synced = recv_json(&mut ws);
+    assert_eq!(synced["op"], "synced");
+    (ws, welcome)
+}
+
+/// A raw WebSocket client over a socket: sends exactly the frames it is told to (masked),
+/// never answers pings on its own.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+impl RawWs {
+    /// Upgrade and return the client with anything after the 101 head kept buffered.
+    pub fn connect(addr: SocketAddr, path: &str) -> RawWs {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed during upgrade: {:?}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buf.drain(..end);
+        RawWs { stream, buf }
+    }
+
+    pub fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len <= 0xffff {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        self.stream.write_all(&out).unwrap();
+    }
+
+    /// Next frame, or None on EOF/reset.
+    pub fn recv(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some((f, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(f);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Next text frame as JSON, skipping control frames.
+    pub fn recv_json(&mut self) -> serde_json::Value {
+        loop {
+            let f = self.recv().expect("frame");
+            if f.opcode == 1 {
+                return serde_json::from_slice(&f.payload).unwrap();
+            }
+        }
+    }
+}
+
+fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let fin = buf[0] & 0x80 != 0;
+    let opcode = buf[0] & 0x0f;
+    let (len, mut pos) = match buf[1] & 0x7f {
+        126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize, 10),
+        n => (n as usize, 2),
+    };
+    assert_eq!(buf[1] & 0x80, 0, "server frames must not be masked");
+    if buf.len() < pos + len {
+        return None;
+    }
+    let payload = buf[pos..pos + len].to_vec();
+    pos += len;
+    Some((RawFrame { fin, opcode, payload }, pos))
+}

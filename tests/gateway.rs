@@ -1,0 +1,435 @@
+//! End-to-end behaviour of the gateway process over real loopback sockets (SPEC sections 2, 3,
+//! 6, 7): upgrade and every refusal, welcome, ping/pong, bad frames, limits, heartbeats,
+//! handshake timeout, /metrics, /echo, SIGTERM drain, and the command line.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use tungstenite::Message;
+
+fn token(user: &str, ttl: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args(["token", "--user", user, "--ttl", ttl, "--jwt-secret", SECRET])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn valid_token_upgrades_and_welcome_comes_first() {
+    let gw = Gateway::start(&["--jwt-secret", SECRET, "--heartbeat-ms", "15000"]);
+    let t = token("alice", "1h");
+    // Token in the query string.
+    let mut ws = connect(&gw, &format!("/ws?token={t}"));
+    let welcome = recv_json(&mut ws);
+    assert_eq!(welcome["op"], "welcome");
+    assert_eq!(welcome["v"], 1);
+    assert_eq!(welcome["user"], "alice");
+    assert_eq!(welcome["heartbeat_ms"], 15000);
+    assert_eq!(welcome["max_frame"], 65536);
+    assert!(welcome["conn"].as_str().is_some_and(|c| !c.is_empty()));
+    assert_eq!(recv_json(&mut ws), serde_json::json!({"op":"synced","count":0}));
+    // Token in the Authorization header.
+    let mut ws2 = connect_with(&gw, "/ws", &[("authorization", &format!("Bearer {t}"))]).unwrap();
+    let w2 = recv_json(&mut ws2);
+    assert_eq!(w2["user"], "alice");
+    assert_ne!(w2["conn"], welcome["conn"], "each connection has its own id");
+}
+
+#[test]
+fn refusals_are_plain_http_before_the_upgrade() {
+    let gw = Gateway::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--allowed-origins",
+        "https://app.example,https://admin.example",
+    ]);
+    let ok_origin = "Origin: https://app.example";
+    let good = token("bob", "1h");
+    // 401: missing, garbage, wrong secret, expired.
+    assert_eq!(upgrade_status(gw.public, "/ws", &[ok_origin]).0, 401);
+    assert_eq!(upgrade_status(gw.public, "/ws?token=garbage", &[ok_origin]).0, 401);
+    let other = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args(["token", "--user", "bob", "--jwt-secret", "a-completely-different-secret"])
+        .output()
+        .unwrap();
+    let other = String::from_utf8(other.stdout).unwrap();
+    assert_eq!(
+        upgrade_status(gw.public, &format!("/ws?token={}", other.trim()), &[ok_origin]).0,
+        401
+    );
+    let expired = expired_token("bob");
+    let (code, text) = upgrade_status(gw.public, &format!("/ws?token={expired}"), &[ok_origin]);
+    assert_eq!(code, 401);
+    assert!(text.contains("expired"), "{text}");
+    // 403: origin not allowed (and missing origin).
+    assert_eq!(
+        upgrade_status(gw.public, &format!("/ws?token={good}"), &["Origin: https://evil.example"]).0,
+        403
+    );
+    assert_eq!(upgrade_status(gw.public, &format!("/ws?token={good}"), &[]).0, 403);
+    // The allowed origin passes.
+    let mut ws = connect_with(&gw, &format!("/ws?token={good}"), &[("origin", "https://admin.example")])
+        .expect("allowed origin upgrades");
+    assert_eq!(recv_json(&mut ws)["op"], "welcome");
+    // 404 unknown path, 426 plain GET on /ws, 405 wrong method.
+    assert_eq!(upgrade_status(gw.public, "/nope", &[]).0, 404);
+    let (code, body) = http_get(gw.public, "/ws", &[]);
+    assert_eq!(code, 426, "{body}");
+    let (code, _) = http_request(
+        gw.public,
+        "POST /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(code, 405);
+    // Counted per reason.
+    assert!(gw.metric_sum("ringgate_connections_refused_total") >= 9);
+}
+
+fn expired_token(user: &str) -> String {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let claims = serde_json::json!({"sub": user, "exp": ringgate::auth::now_unix() - 3600});
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+}
+
+#[test]
+fn dev_mode_only_on_loopback() {
+    // Loopback without a secret: dev mode, said loudly, ?user= accepted.
+    let gw = Gateway::start(&[]);
+    let (_ws, welcome) = connect_app(&gw, "carol");
+    assert_eq!(welcome["user"], "carol");
+    let said: Vec<String> = gw.stderr.try_iter().collect();
+    assert!(said.iter().any(|l| l.contains("dev mode")), "{said:?}");
+    assert_eq!(upgrade_status(gw.public, "/ws", &[]).0, 401, "dev mode still needs ?user=");
+    // A secret disables dev mode: ?user= alone is refused.
+    let secured = Gateway::start(&["--jwt-secret", SECRET]);
+    assert_eq!(upgrade_status(secured.public, "/ws?user=carol", &[]).0, 401);
+    // Non-loopback without a secret refuses to start, naming the key.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("jwt_secret"));
+}
+
+#[test]
+fn app_ping_and_websocket_ping_are_answered() {
+    let gw = Gateway::start(&[]);
+    let (mut ws, _) = connect_app(&gw, "dave");
+    send_text(&mut ws, r#"{"op":"ping"}"#);
+    assert_eq!(recv_json(&mut ws), serde_json::json!({"op":"pong"}));
+    ws.send(Message::Ping(b"hb-1".to_vec().into())).unwrap();
+    loop {
+        match ws.read().unwrap() {
+            Message::Pong(p) => {
+                assert_eq!(&p[..], b"hb-1");
+                break;
+            }
+            Message::Ping(_) => continue,
+            other => panic!("expected pong, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bad_frames_get_errors_and_the_connection_stays_open() {
+    let gw = Gateway::start(&[]);
+    let (mut ws, _) = connect_app(&gw, "erin");
+    send_text(&mut ws, "this is not json");
+    let e = recv_json(&mut ws);
+    assert_eq!(e["op"], "error");
+    assert_eq!(e["code"], "bad_request");
+    send_text(&mut ws, r#"{"op":"teleport","cid":"c-9"}"#);
+    let e = recv_json(&mut ws);
+    assert_eq!(e["code"], "unknown_op");
+    assert_eq!(e["cid"], "c-9");
+    send_text(&mut ws, r#"{"op":7}"#);
+    assert_eq!(recv_json(&mut ws)["code"], "bad_request");
+    ws.send(Message::Binary(vec![1, 2, 3].into())).unwrap();
+    assert_eq!(recv_json(&mut ws)["code"], "bad_request");
+    // Still open and serving.
+    send_text(&mut ws, r#"{"op":"ping"}"#);
+    assert_eq!(recv_json(&mut ws)["op"], "pong");
+    assert_eq!(gw.metric_sum("ringgate_bad_frames_total"), 4);
+}
+
+#[test]
+fn repeated_abuse_closes_with_1008() {
+    let gw = Gateway::start(&["--abuse-limit", "3"]);
+    let (mut ws, _) = connect_app(&gw, "frank");
+    for _ in 0..4 {
+        send_text(&mut ws, "{");
+    }
+    for _ in 0..4 {
+        assert_eq!(recv_json(&mut ws)["code"], "bad_request");
+    }
+    assert_eq!(recv_close_code(&mut ws), 1008);
+    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_abuse_closes_total") == 1));
+}
+
+#[test]
+fn oversized_frame_closes_with_1009() {
+    let gw = Gateway::start(&["--max-frame", "1024"]);
+    let mut raw = RawWs::connect(gw.public, "/ws?user=gina");
+    assert_eq!(raw.recv_json()["op"], "welcome");
+    raw.send_frame(true, 1, &vec![b'x'; 4000]);
+    let close = loop {
+        let f = raw.recv().expect("close frame before EOF");
+        if f.opcode == 8 {
+            break f;
+        }
+    };
+    assert_eq!(close.close_code(), Some(1009));
+    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_oversize_closes_total") == 1));
+    // A message over the limit built from small fragments is refused the same way.
+    let mut raw = RawWs::connect(gw.public, "/ws?user=gina");
+    assert_eq!(raw.recv_json()["op"], "welcome");
+    raw.send_frame(false, 1, &[b' '; 600]);
+    raw.send_frame(true, 0, &[b' '; 600]);
+    let close = loop {
+        let f = raw.recv().expect("close frame");
+        if f.opcode == 8 {
+            break f;
+        }
+    };
+    assert_eq!(close.close_code(), Some(1009));
+}
+
+#[test]
+fn fragmented_messages_reassemble() {
+    let gw = Gateway::start(&["--echo-route", "true"]);
+    let mut raw = RawWs::connect(gw.public, "/ws?user=hank");
+    assert_eq!(raw.recv_json()["op"], "welcome");
+    raw.send_frame(false, 1, br#"{"op""#);
+    raw.send_frame(true, 9, b"mid"); // a control frame between fragments is legal
+    raw.send_frame(false, 0, br#":"pi"#);
+    raw.send_frame(true, 0, br#"ng"}"#);
+    let mut got_pong_frame = false;
+    loop {
+        let f = raw.recv().expect("frame");
+        match f.opcode {
+            10 => {
+                assert_eq!(f.payload, b"mid");
+                got_pong_frame = true;
+            }
+            1 => {
+                let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+                if v["op"] == "pong" {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(got_pong_frame);
+    // On /echo the whole message comes back as one.
+    let mut echo = RawWs::connect(gw.public, "/echo");
+    echo.send_frame(false, 2, &[1, 2, 3]);
+    echo.send_frame(false, 0, &[4, 5]);
+    echo.send_frame(true, 0, &[6]);
+    let f = echo.recv().unwrap();
+    assert_eq!((f.opcode, f.fin, f.payload), (2, true, vec![1, 2, 3, 4, 5, 6]));
+}
+
+#[test]
+fn silent_connection_is_pinged_then_closed_1001() {
+    let gw = Gateway::start(&["--heartbeat-ms", "200"]);
+    // The raw client never answers pings and sends nothing.
+    let mut raw = RawWs::connect(gw.public, "/ws?user=ivy");
+    assert_eq!(raw.recv_json()["op"], "welcome");
+    let mut pings = 0;
+    let close = loop {
+        let f = raw.recv().expect("frames until close");
+        match f.opcode {
+            9 => pings += 1,
+            8 => break f,
+            _ => {}
+        }
+    };
+    assert_eq!(close.close_code(), Some(1001));
+    assert!(pings >= 1, "pinged before being closed");
+    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_heartbeat_closes_total") == 1));
+    assert!(gw.metric_sum("ringgate_heartbeat_pings_total") >= 1);
+}
+
+#[test]
+fn answering_pings_keeps_a_connection_alive() {
+    let gw = Gateway::start(&["--heartbeat-ms", "150"]);
+    // tungstenite answers pings by itself: the connection must outlive 3 x heartbeat.
+    let (mut ws, _) = connect_app(&gw, "jack");
+    ws.get_ref().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let until = std::time::Instant::now() + Duration::from_millis(1200);
+    while std::time::Instant::now() < until {
+        match ws.read() {
+            Ok(Message::Close(c)) => panic!("closed while answering pings: {c:?}"),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        let _ = ws.flush();
+    }
+    assert_eq!(gw.metric_sum("ringgate_heartbeat_closes_total"), 0);
+    assert!(gw.metric_sum("ringgate_heartbeat_pings_total") >= 2);
+}
+
+#[test]
+fn slowloris_handshake_is_closed_at_the_timeout() {
+    let gw = Gateway::start(&["--handshake-timeout-ms", "300"]);
+    let mut s = TcpStream::connect(gw.public).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /ws?user=kim HTTP/1.1\r\nHost: x\r\nUpgr").unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest); // returns when the server closes
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_handshake_timeouts_total") == 1));
+    assert_eq!(gw.metric_sum("ringgate_handshakes_pending"), 0);
+}
+
+#[test]
+fn connection_limit_answers_503_with_retry_after() {
+    let gw = Gateway::start(&["--max-connections", "2", "--retry-after-s", "7"]);
+    let (_a, _) = connect_app(&gw, "u1");
+    let (_b, _) = connect_app(&gw, "u2");
+    let (code, text) = upgrade_status(gw.public, "/ws?user=u3", &[]);
+    assert_eq!(code, 503);
+    assert!(text.to_lowercase().contains("retry-after: 7"), "{text}");
+    drop(_a);
+    // Once one leaves, there is room again.
+    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_connections_open") == 1));
+    let (_c, _) = connect_app(&gw, "u3");
+}
+
+#[test]
+fn metrics_are_per_shard_and_count_connections() {
+    let gw = Gateway::start(&[]);
+    let conns: Vec<_> = (0..8).map(|i| connect_app(&gw, &format!("m{i}")).0).collect();
+    let (code, body) = gw.admin_get("/metrics");
+    assert_eq!(code, 200);
+    for series in [
+        "ringgate_connections_open",
+        "ringgate_connections_accepted_total",
+        "ringgate_frames_in_total",
+        "ringgate_frames_out_total",
+        "ringgate_bytes_in_total",
+        "ringgate_bytes_out_total",
+        "ringgate_heartbeat_closes_total",
+        "ringgate_handshake_timeouts_total",
+        "ringgate_wheel_entries",
+    ] {
+        for shard in ["0", "1"] {
+            let line = format!("{series}{{shard=\"{shard}\"}}");
+            assert!(body.contains(&line), "missing {line}");
+        }
+    }
+    assert!(body.contains("ringgate_connections_refused_total{shard=\"1\",reason=\"unauthorized\",status=\"401\"}"));
+    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        assert!(line.contains("shard=\""), "unlabelled series: {line}");
+    }
+    assert_eq!(gw.metric_sum("ringgate_connections_open"), 8);
+    assert_eq!(gw.metric_sum("ringgate_connections_accepted_total"), 8);
+    // welcome + synced per connection.
+    assert_eq!(gw.metric_sum("ringgate_frames_out_total"), 16);
+    assert!(eventually(Duration::from_secs(2), || gw.metric_sum("ringgate_wheel_entries") == 8));
+    assert_eq!(gw.admin_get("/healthz").0, 200);
+    assert_eq!(gw.admin_get("/readyz").0, 200);
+    assert_eq!(gw.admin_get("/nope").0, 404);
+    drop(conns);
+    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_connections_open") == 0));
+}
+
+#[test]
+fn sigterm_closes_every_connection_1012_and_exits_0() {
+    let mut gw = Gateway::start(&["--drain-ms", "5000"]);
+    let mut clients: Vec<_> = (0..6).map(|i| connect_app(&gw, &format!("s{i}")).0).collect();
+    gw.sigterm();
+    for ws in clients.iter_mut() {
+        assert_eq!(recv_close_code(ws), 1012);
+    }
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn echo_route_is_off_by_default_and_echoes_when_on() {
+    let off = Gateway::start(&[]);
+    assert_eq!(upgrade_status(off.public, "/echo", &[]).0, 404);
+    let gw = Gateway::start(&["--echo-route", "true"]);
+    let mut ws = connect(&gw, "/echo");
+    send_text(&mut ws, "héllo");
+    assert_eq!(ws.read().unwrap(), Message::text("héllo"));
+    let big: Vec<u8> = (0..65536u32).map(|i| i as u8).collect();
+    ws.send(Message::Binary(big.clone().into())).unwrap();
+    assert_eq!(ws.read().unwrap(), Message::Binary(big.into()));
+    // Over max_frame closes 1009 on /echo too.
+    ws.send(Message::Binary(vec![0u8; 65537].into())).unwrap();
+    assert_eq!(recv_close_code(&mut ws), 1009);
+}
+
+#[test]
+fn invalid_utf8_text_closes_1007() {
+    let gw = Gateway::start(&["--echo-route", "true"]);
+    let mut raw = RawWs::connect(gw.public, "/echo");
+    raw.send_frame(true, 1, &[0xce, 0xba, 0xff, 0xfe]);
+    let f = raw.recv().unwrap();
+    assert_eq!(f.close_code(), Some(1007));
+}
+
+#[test]
+fn config_print_token_and_env_overrides() {
+    let bin = env!("CARGO_BIN_EXE_ringgate");
+    let dir = std::env::temp_dir().join(format!("ringgate-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ringgate.toml");
+    std::fs::write(&file, "heartbeat_ms = 1234\nmax_frame = 4096\nshards = 3\n").unwrap();
+    // File < env < flag.
+    let out = std::process::Command::new(bin)
+        .args(["config", "--print", "--config", file.to_str().unwrap(), "--max-frame", "2048"])
+        .env("RINGGATE_SHARDS", "5")
+        .env("RINGGATE_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let printed: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(printed["heartbeat_ms"].as_integer(), Some(1234));
+    assert_eq!(printed["max_frame"].as_integer(), Some(2048));
+    assert_eq!(printed["shards"].as_integer(), Some(5));
+    assert_eq!(printed["jwt_secret"].as_str(), Some("<redacted>"));
+    // Invalid values are refused naming the key (file and flag).
+    std::fs::write(&file, "wheel_slots = 1000\n").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["config", "--print", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wheel_slots"));
+    std::fs::write(&file, "no_such_key = 1\n").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["config", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_key"));
+    // token needs a secret.
+    let out = std::process::Command::new(bin).args(["token", "--user", "x"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("jwt_secret"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn both_shards_accept_connections() {
+    let gw = Gateway::start(&[]);
+    let conns: Vec<_> = (0..64).map(|i| connect_app(&gw, &format!("spread{i}")).0).collect();
+    let per_shard: Vec<u64> = (0..2)
+        .map(|s| gw.metric(&format!("ringgate_connections_open{{shard=\"{s}\"}}")))
+        .collect();
+    assert_eq!(per_shard.iter().sum::<u64>(), 64);
+    assert!(per_shard.iter().all(|&n| n > 0), "SO_REUSEPORT spreads over shards: {per_shard:?}");
+    drop(conns);
+}
