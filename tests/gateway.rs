@@ -13,10 +13,22 @@ use tungstenite::Message;
 
 fn token(user: &str, ttl: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
-        .args(["token", "--user", user, "--ttl", ttl, "--jwt-secret", SECRET])
+        .args([
+            "token",
+            "--user",
+            user,
+            "--ttl",
+            ttl,
+            "--jwt-secret",
+            SECRET,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -33,12 +45,18 @@ fn valid_token_upgrades_and_welcome_comes_first() {
     assert_eq!(welcome["heartbeat_ms"], 15000);
     assert_eq!(welcome["max_frame"], 65536);
     assert!(welcome["conn"].as_str().is_some_and(|c| !c.is_empty()));
-    assert_eq!(recv_json(&mut ws), serde_json::json!({"op":"synced","count":0}));
+    assert_eq!(
+        recv_json(&mut ws),
+        serde_json::json!({"op":"synced","count":0})
+    );
     // Token in the Authorization header.
     let mut ws2 = connect_with(&gw, "/ws", &[("authorization", &format!("Bearer {t}"))]).unwrap();
     let w2 = recv_json(&mut ws2);
     assert_eq!(w2["user"], "alice");
-    assert_ne!(w2["conn"], welcome["conn"], "each connection has its own id");
+    assert_ne!(
+        w2["conn"], welcome["conn"],
+        "each connection has its own id"
+    );
 }
 
 #[test]
@@ -53,14 +71,28 @@ fn refusals_are_plain_http_before_the_upgrade() {
     let good = token("bob", "1h");
     // 401: missing, garbage, wrong secret, expired.
     assert_eq!(upgrade_status(gw.public, "/ws", &[ok_origin]).0, 401);
-    assert_eq!(upgrade_status(gw.public, "/ws?token=garbage", &[ok_origin]).0, 401);
+    assert_eq!(
+        upgrade_status(gw.public, "/ws?token=garbage", &[ok_origin]).0,
+        401
+    );
     let other = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
-        .args(["token", "--user", "bob", "--jwt-secret", "a-completely-different-secret"])
+        .args([
+            "token",
+            "--user",
+            "bob",
+            "--jwt-secret",
+            "a-completely-different-secret",
+        ])
         .output()
         .unwrap();
     let other = String::from_utf8(other.stdout).unwrap();
     assert_eq!(
-        upgrade_status(gw.public, &format!("/ws?token={}", other.trim()), &[ok_origin]).0,
+        upgrade_status(
+            gw.public,
+            &format!("/ws?token={}", other.trim()),
+            &[ok_origin]
+        )
+        .0,
         401
     );
     let expired = expired_token("bob");
@@ -69,13 +101,25 @@ fn refusals_are_plain_http_before_the_upgrade() {
     assert!(text.contains("expired"), "{text}");
     // 403: origin not allowed (and missing origin).
     assert_eq!(
-        upgrade_status(gw.public, &format!("/ws?token={good}"), &["Origin: https://evil.example"]).0,
+        upgrade_status(
+            gw.public,
+            &format!("/ws?token={good}"),
+            &["Origin: https://evil.example"]
+        )
+        .0,
         403
     );
-    assert_eq!(upgrade_status(gw.public, &format!("/ws?token={good}"), &[]).0, 403);
+    assert_eq!(
+        upgrade_status(gw.public, &format!("/ws?token={good}"), &[]).0,
+        403
+    );
     // The allowed origin passes.
-    let mut ws = connect_with(&gw, &format!("/ws?token={good}"), &[("origin", "https://admin.example")])
-        .expect("allowed origin upgrades");
+    let mut ws = connect_with(
+        &gw,
+        &format!("/ws?token={good}"),
+        &[("origin", "https://admin.example")],
+    )
+    .expect("allowed origin upgrades");
     assert_eq!(recv_json(&mut ws)["op"], "welcome");
     // 404 unknown path, 426 plain GET on /ws, 405 wrong method.
     assert_eq!(upgrade_status(gw.public, "/nope", &[]).0, 404);
@@ -93,7 +137,12 @@ fn refusals_are_plain_http_before_the_upgrade() {
 fn expired_token(user: &str) -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let claims = serde_json::json!({"sub": user, "exp": ringgate::auth::now_unix() - 3600});
-    encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap()
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -104,13 +153,23 @@ fn dev_mode_only_on_loopback() {
     assert_eq!(welcome["user"], "carol");
     let said: Vec<String> = gw.stderr.try_iter().collect();
     assert!(said.iter().any(|l| l.contains("dev mode")), "{said:?}");
-    assert_eq!(upgrade_status(gw.public, "/ws", &[]).0, 401, "dev mode still needs ?user=");
+    assert_eq!(
+        upgrade_status(gw.public, "/ws", &[]).0,
+        401,
+        "dev mode still needs ?user="
+    );
     // A secret disables dev mode: ?user= alone is refused.
     let secured = Gateway::start(&["--jwt-secret", SECRET]);
     assert_eq!(upgrade_status(secured.public, "/ws?user=carol", &[]).0, 401);
     // Non-loopback without a secret refuses to start, naming the key.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
-        .args(["serve", "--listen", "0.0.0.0:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -169,7 +228,9 @@ fn repeated_abuse_closes_with_1008() {
         assert_eq!(recv_json(&mut ws)["code"], "bad_request");
     }
     assert_eq!(recv_close_code(&mut ws), 1008);
-    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_abuse_closes_total") == 1));
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_abuse_closes_total")
+        == 1));
 }
 
 #[test]
@@ -185,7 +246,9 @@ fn oversized_frame_closes_with_1009() {
         }
     };
     assert_eq!(close.close_code(), Some(1009));
-    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_oversize_closes_total") == 1));
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_oversize_closes_total")
+        == 1));
     // A message over the limit built from small fragments is refused the same way.
     let mut raw = RawWs::connect(gw.public, "/ws?user=gina");
     assert_eq!(raw.recv_json()["op"], "welcome");
@@ -233,7 +296,10 @@ fn fragmented_messages_reassemble() {
     echo.send_frame(false, 0, &[4, 5]);
     echo.send_frame(true, 0, &[6]);
     let f = echo.recv().unwrap();
-    assert_eq!((f.opcode, f.fin, f.payload), (2, true, vec![1, 2, 3, 4, 5, 6]));
+    assert_eq!(
+        (f.opcode, f.fin, f.payload),
+        (2, true, vec![1, 2, 3, 4, 5, 6])
+    );
 }
 
 #[test]
@@ -253,7 +319,9 @@ fn silent_connection_is_pinged_then_closed_1001() {
     };
     assert_eq!(close.close_code(), Some(1001));
     assert!(pings >= 1, "pinged before being closed");
-    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_heartbeat_closes_total") == 1));
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_heartbeat_closes_total")
+        == 1));
     assert!(gw.metric_sum("ringgate_heartbeat_pings_total") >= 1);
 }
 
@@ -262,7 +330,9 @@ fn answering_pings_keeps_a_connection_alive() {
     let gw = Gateway::start(&["--heartbeat-ms", "150"]);
     // tungstenite answers pings by itself: the connection must outlive 3 x heartbeat.
     let (mut ws, _) = connect_app(&gw, "jack");
-    ws.get_ref().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let until = std::time::Instant::now() + Duration::from_millis(1200);
     while std::time::Instant::now() < until {
         match ws.read() {
@@ -282,12 +352,15 @@ fn slowloris_handshake_is_closed_at_the_timeout() {
     let gw = Gateway::start(&["--handshake-timeout-ms", "300"]);
     let mut s = TcpStream::connect(gw.public).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /ws?user=kim HTTP/1.1\r\nHost: x\r\nUpgr").unwrap();
+    s.write_all(b"GET /ws?user=kim HTTP/1.1\r\nHost: x\r\nUpgr")
+        .unwrap();
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest); // returns when the server closes
     let text = String::from_utf8_lossy(&rest);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_handshake_timeouts_total") == 1));
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_handshake_timeouts_total")
+        == 1));
     assert_eq!(gw.metric_sum("ringgate_handshakes_pending"), 0);
 }
 
@@ -301,14 +374,18 @@ fn connection_limit_answers_503_with_retry_after() {
     assert!(text.to_lowercase().contains("retry-after: 7"), "{text}");
     drop(_a);
     // Once one leaves, there is room again.
-    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_connections_open") == 1));
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_connections_open")
+        == 1));
     let (_c, _) = connect_app(&gw, "u3");
 }
 
 #[test]
 fn metrics_are_per_shard_and_count_connections() {
     let gw = Gateway::start(&[]);
-    let conns: Vec<_> = (0..8).map(|i| connect_app(&gw, &format!("m{i}")).0).collect();
+    let conns: Vec<_> = (0..8)
+        .map(|i| connect_app(&gw, &format!("m{i}")).0)
+        .collect();
     let (code, body) = gw.admin_get("/metrics");
     assert_eq!(code, 200);
     for series in [
@@ -327,26 +404,37 @@ fn metrics_are_per_shard_and_count_connections() {
             assert!(body.contains(&line), "missing {line}");
         }
     }
-    assert!(body.contains("ringgate_connections_refused_total{shard=\"1\",reason=\"unauthorized\",status=\"401\"}"));
-    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    assert!(body.contains(
+        "ringgate_connections_refused_total{shard=\"1\",reason=\"unauthorized\",status=\"401\"}"
+    ));
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         assert!(line.contains("shard=\""), "unlabelled series: {line}");
     }
     assert_eq!(gw.metric_sum("ringgate_connections_open"), 8);
     assert_eq!(gw.metric_sum("ringgate_connections_accepted_total"), 8);
     // welcome + synced per connection.
     assert_eq!(gw.metric_sum("ringgate_frames_out_total"), 16);
-    assert!(eventually(Duration::from_secs(2), || gw.metric_sum("ringgate_wheel_entries") == 8));
+    assert!(eventually(Duration::from_secs(2), || gw
+        .metric_sum("ringgate_wheel_entries")
+        == 8));
     assert_eq!(gw.admin_get("/healthz").0, 200);
     assert_eq!(gw.admin_get("/readyz").0, 200);
     assert_eq!(gw.admin_get("/nope").0, 404);
     drop(conns);
-    assert!(eventually(Duration::from_secs(5), || gw.metric_sum("ringgate_connections_open") == 0));
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_connections_open")
+        == 0));
 }
 
 #[test]
 fn sigterm_closes_every_connection_1012_and_exits_0() {
     let mut gw = Gateway::start(&["--drain-ms", "5000"]);
-    let mut clients: Vec<_> = (0..6).map(|i| connect_app(&gw, &format!("s{i}")).0).collect();
+    let mut clients: Vec<_> = (0..6)
+        .map(|i| connect_app(&gw, &format!("s{i}")).0)
+        .collect();
     gw.sigterm();
     for ws in clients.iter_mut() {
         assert_eq!(recv_close_code(ws), 1012);
@@ -388,12 +476,23 @@ fn config_print_token_and_env_overrides() {
     std::fs::write(&file, "heartbeat_ms = 1234\nmax_frame = 4096\nshards = 3\n").unwrap();
     // File < env < flag.
     let out = std::process::Command::new(bin)
-        .args(["config", "--print", "--config", file.to_str().unwrap(), "--max-frame", "2048"])
+        .args([
+            "config",
+            "--print",
+            "--config",
+            file.to_str().unwrap(),
+            "--max-frame",
+            "2048",
+        ])
         .env("RINGGATE_SHARDS", "5")
         .env("RINGGATE_JWT_SECRET", SECRET)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let printed: toml::Value = toml::from_str(&text).unwrap();
     assert_eq!(printed["heartbeat_ms"].as_integer(), Some(1234));
@@ -416,7 +515,10 @@ fn config_print_token_and_env_overrides() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_key"));
     // token needs a secret.
-    let out = std::process::Command::new(bin).args(["token", "--user", "x"]).output().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["token", "--user", "x"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("jwt_secret"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -425,11 +527,16 @@ fn config_print_token_and_env_overrides() {
 #[test]
 fn both_shards_accept_connections() {
     let gw = Gateway::start(&[]);
-    let conns: Vec<_> = (0..64).map(|i| connect_app(&gw, &format!("spread{i}")).0).collect();
+    let conns: Vec<_> = (0..64)
+        .map(|i| connect_app(&gw, &format!("spread{i}")).0)
+        .collect();
     let per_shard: Vec<u64> = (0..2)
         .map(|s| gw.metric(&format!("ringgate_connections_open{{shard=\"{s}\"}}")))
         .collect();
     assert_eq!(per_shard.iter().sum::<u64>(), 64);
-    assert!(per_shard.iter().all(|&n| n > 0), "SO_REUSEPORT spreads over shards: {per_shard:?}");
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "SO_REUSEPORT spreads over shards: {per_shard:?}"
+    );
     drop(conns);
 }

@@ -65,9 +65,16 @@ impl Gateway {
                 panic!("ringgate did not report its ports; stderr: {errs:#?}")
             });
         let field = |prefix: &str| -> SocketAddr {
-            let start = line.find(prefix).unwrap_or_else(|| panic!("no {prefix} in {line}"))
+            let start = line
+                .find(prefix)
+                .unwrap_or_else(|| panic!("no {prefix} in {line}"))
                 + prefix.len();
-            line[start..].split_whitespace().next().unwrap().parse().unwrap()
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
         };
         Gateway {
             public: field("ws://"),
@@ -156,7 +163,11 @@ pub fn http_request(addr: SocketAddr, head: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
     (status, body)
 }
 
@@ -220,7 +231,9 @@ pub fn connect_with(
         );
     }
     let stream = TcpStream::connect(gw.public).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     match tungstenite::client(req, stream) {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
@@ -290,14 +303,20 @@ impl RawWs {
     /// Upgrade and return the client with anything after the 101 head kept buffered.
     pub fn connect(addr: SocketAddr, path: &str) -> RawWs {
         let mut stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
         stream.write_all(head.as_bytes()).unwrap();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         let end = loop {
             let n = stream.read(&mut chunk).unwrap();
-            assert!(n > 0, "closed during upgrade: {:?}", String::from_utf8_lossy(&buf));
+            assert!(
+                n > 0,
+                "closed during upgrade: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
             buf.extend_from_slice(&chunk[..n]);
             if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break p + 4;
@@ -361,7 +380,10 @@ fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
     let opcode = buf[0] & 0x0f;
     let (len, mut pos) = match buf[1] & 0x7f {
         126 => (u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]) as usize, 4),
-        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize, 10),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
         n => (n as usize, 2),
     };
     assert_eq!(buf[1] & 0x80, 0, "server frames must not be masked");
@@ -370,5 +392,12 @@ fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
     }
     let payload = buf[pos..pos + len].to_vec();
     pos += len;
-    Some((RawFrame { fin, opcode, payload }, pos))
+    Some((
+        RawFrame {
+            fin,
+            opcode,
+            payload,
+        },
+        pos,
+    ))
 }
