@@ -39,6 +39,9 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         eprintln!("ringgate: WARNING dev mode: no jwt_secret, clients connect with ?user=<id>; never expose this");
     }
     eprintln!("ringgate: offline store: embedded (in-process, bounded; lost on restart)");
+    if cfg.redis_url.is_some() {
+        eprintln!("ringgate: WARNING redis_url is set but this build has no Redis store yet; it is ignored");
+    }
     // Bind every shard's listener before starting, so a busy port fails start-up cleanly and
     // port 0 resolves to one port shared by all shards.
     let first = io::reuseport_listener(cfg.listen).map_err(|source| StartError::Listen {

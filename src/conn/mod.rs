@@ -329,7 +329,11 @@ impl Connection {
     }
 
     fn violation(&mut self, now: u64, v: Violation, partial: &mut Option<Box<Partial>>, ctx: &Ctx) {
-        *partial = None;
+        // Drop the message being reassembled, but keep the framing buffer: the bytes after
+        // the bad frame (often the peer's close) are still well-framed.
+        if let Some(p) = partial.as_mut() {
+            p.message = None;
+        }
         if self.phase != Phase::Open {
             self.phase = Phase::Done {
                 until_ms: now + CLOSE_LINGER_MS,

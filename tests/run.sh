@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The one test command (README, CI): installs what is missing, then runs everything.
+# Usage: tests/run.sh            (from anywhere)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+need_apt() {
+  # Install Debian packages when a command is missing; loud failure with the fix otherwise.
+  local cmd=$1 pkg=$2
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing $pkg (for $cmd)"
+    (apt-get update -qq || true) >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
+  fi
+  command -v "$cmd" >/dev/null 2>&1 || {
+    echo "FATAL: '$cmd' is required; install the '$pkg' package (e.g. sudo apt-get install $pkg)" >&2
+    exit 1
+  }
+}
+
+command -v cargo >/dev/null 2>&1 || {
+  echo "FATAL: cargo not found; install Rust with rustup (https://rustup.rs)" >&2
+  exit 1
+}
+need_apt curl curl
+
+say "format check"
+cargo fmt --all -- --check
+
+say "build (workspace, all targets)"
+cargo build --workspace --all-targets --quiet
+
+say "unit and integration tests"
+cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+
+say "load generator smoke run against a real gateway (bounded)"
+bash tests/bench_smoke.sh
+
+say "all tests passed"
