@@ -102,8 +102,17 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         cfg.node_id,
         started.elapsed().as_millis()
     );
+    let mut panicked = 0;
     for h in handles {
-        let _ = h.join();
+        if h.join().is_err() {
+            panicked += 1;
+        }
+    }
+    if panicked > 0 {
+        return Err(StartError::Shard {
+            shard: panicked,
+            message: "shard thread(s) panicked; see the log above".into(),
+        });
     }
     eprintln!(
         "ringgate: drained, {} connections still open at exit",

@@ -540,3 +540,40 @@ fn both_shards_accept_connections() {
     );
     drop(conns);
 }
+
+/// Backpressure must not lose the read wakeup: a client that pipelines faster than it reads
+/// pushes the server's outbound bytes past `max_outbound`; once the client reads again every
+/// echo must come back. (With the lost wakeup, the server would only read again at the next
+/// heartbeat, here 10 minutes away, and the client's 10 s read timeout fails the test.)
+#[test]
+fn backpressure_resumes_reading_without_waiting_for_a_timer() {
+    let gw = Gateway::start(&[
+        "--echo-route",
+        "true",
+        "--max-frame",
+        "65536",
+        "--max-outbound",
+        "65536",
+        "--heartbeat-ms",
+        "600000",
+    ]);
+    let mut raw = RawWs::connect(gw.public, "/echo");
+    let mut writer = RawWs::from_stream(raw.stream.try_clone().unwrap());
+    const N: usize = 60;
+    let sender = std::thread::spawn(move || {
+        for i in 0..N {
+            writer.send_frame(true, 2, &vec![i as u8; 60_000]);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..N {
+        let f = loop {
+            let f = raw.recv().expect("echo arrives (read wakeup not lost)");
+            if f.opcode == 2 {
+                break f;
+            }
+        };
+        assert_eq!((f.payload.len(), f.payload[0]), (60_000, i as u8));
+    }
+    sender.join().unwrap();
+}

@@ -4,7 +4,6 @@
 //! connection state lives in the shard's slab. It performs what [`Shard::poll_conn`] decides.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
@@ -71,14 +70,74 @@ async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener) {
     }
 }
 
-/// The socket task: polls the shard for this socket until it is closed.
-async fn drive(shard: Rc<RefCell<Shard>>, index: usize, mut stream: TcpStream) {
-    poll_fn(
-        |cx| match shard.borrow_mut().poll_conn(index, &mut stream, cx) {
+/// The socket task: polls the shard for this socket until it is closed. A hand-written future
+/// (not an `async fn`) so the task holds the stream once: it is most of an idle connection.
+struct Drive {
+    shard: Rc<RefCell<Shard>>,
+    index: usize,
+    stream: TcpStream,
+}
+
+impl std::future::Future for Drive {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match this
+            .shard
+            .borrow_mut()
+            .poll_conn(this.index, &mut this.stream, cx)
+        {
             ConnPoll::Pending => Poll::Pending,
+            // Dropping the task drops the stream, which closes the socket.
             ConnPoll::Close => Poll::Ready(()),
-        },
-    )
-    .await;
-    // Dropping the stream closes the socket.
+        }
+    }
+}
+
+fn drive(shard: Rc<RefCell<Shard>>, index: usize, stream: TcpStream) -> Drive {
+    Drive {
+        shard,
+        index,
+        stream,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::ConfigLayer;
+    use crate::metrics::ShardMetrics;
+    use crate::shard::Shared;
+    use std::sync::Arc;
+
+    /// Per-connection footprint of the socket task's pieces (printed; the budget is checked
+    /// by the idle benchmark, which sees everything including glommio's allocations).
+    #[test]
+    fn socket_task_pieces_are_small() {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(|| async {
+                let cfg = ConfigLayer::default().resolve().unwrap();
+                let shard = Shard::new(
+                    0,
+                    Shared::new(cfg),
+                    Arc::new(ShardMetrics::default()),
+                    Box::new(ManualClock::new(0)),
+                );
+                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                let client = TcpStream::connect(addr).await.unwrap();
+                let fut = drive(Rc::new(RefCell::new(shard)), 0, client);
+                let stream = std::mem::size_of::<TcpStream>();
+                let future = std::mem::size_of_val(&fut);
+                let entry = std::mem::size_of::<super::super::Entry>();
+                eprintln!("TcpStream {stream} B, drive future {future} B, slab entry {entry} B");
+                assert!(future <= 512, "socket task future grew to {future} B");
+                assert!(entry <= 200, "slab entry grew to {entry} B");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 }

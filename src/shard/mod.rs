@@ -172,6 +172,7 @@ impl Shard {
         let conn = &mut entry.conn;
         let mut reads = 0;
         let mut peer_gone = false;
+        let mut read_armed = false;
         // Read while there is room to answer (outbound bytes bound what a client can make us buffer).
         while !matches!(conn.phase(), Phase::Done { .. }) && conn.out.len() < ctx.cfg.max_outbound {
             match Pin::new(&mut *stream).poll_read(cx, scratch) {
@@ -193,7 +194,10 @@ impl Shard {
                     peer_gone = true;
                     break;
                 }
-                Poll::Pending => break,
+                Poll::Pending => {
+                    read_armed = true;
+                    break;
+                }
             }
         }
         while !peer_gone && !conn.out.is_empty() {
@@ -206,6 +210,15 @@ impl Shard {
                 Poll::Ready(Err(_)) => peer_gone = true,
                 Poll::Pending => break,
             }
+        }
+        // The read loop stopped on the outbound cap, not on a Pending read, so nothing will
+        // wake us for input: if the writes made room, come back and read.
+        if !read_armed
+            && !peer_gone
+            && !matches!(conn.phase(), Phase::Done { .. })
+            && conn.out.len() < ctx.cfg.max_outbound
+        {
+            cx.waker().wake_by_ref();
         }
         if conn.out.is_empty() && conn.out.capacity() > 0 {
             conn.out = Vec::new();

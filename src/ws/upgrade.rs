@@ -146,6 +146,9 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
             }
             return Decision::Incomplete;
         }
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => {
+            return refuse(Refusal::HeadTooLarge, "request head too large", policy)
+        }
         Ok(httparse::Status::Complete(n)) => n,
         Err(httparse::Error::TooManyHeaders) => {
             return refuse(Refusal::HeadTooLarge, "too many headers", policy)

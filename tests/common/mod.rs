@@ -328,6 +328,14 @@ impl RawWs {
         RawWs { stream, buf }
     }
 
+    /// Wrap a second handle of an upgraded stream (e.g. a writer thread's clone).
+    pub fn from_stream(stream: TcpStream) -> RawWs {
+        RawWs {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
         let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
         let len = payload.len();

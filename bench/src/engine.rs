@@ -1,0 +1,1363 @@
+//! One event loop (one thread): a mio poll over many nonblocking client
+//! sockets kept in a slab of small structs. There is one scratch read buffer
+//! per loop; a connection owns heap memory only while it holds a partial
+//! frame, unsent bytes or a fragmented message (`Ext`), or, in echo mode, its
+//! fixed ring of send timestamps.
+
+use crate::net;
+use crate::ring::LatRing;
+use crate::ws;
+use hdrhistogram::Histogram;
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use serde::Deserialize;
+use slab::Slab;
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Largest server frame or reassembled message accepted.
+pub const MAX_SERVER_MESSAGE: u64 = 16 << 20;
+/// Scratch read buffer per loop.
+const SCRATCH: usize = 64 * 1024;
+const NO_PENDING: u32 = u32::MAX;
+const MS: u64 = 1_000_000;
+/// How far behind schedule the connect pacing may catch up, ns.
+const PACING_SLACK: u64 = 10 * MS;
+
+/// Set by SIGINT: loops stop early and results are still printed.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Route {
+    /// `/ws`: authenticated, established at the welcome frame.
+    Ws,
+    /// `/echo`: no auth, established at the 101.
+    Echo,
+}
+
+impl Route {
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Ws => "/ws",
+            Route::Echo => "/echo",
+        }
+    }
+}
+
+pub enum Auth {
+    /// `?user=<id>` (gateway without a secret).
+    Dev,
+    /// `?token=<HS256 JWT>`.
+    Jwt {
+        key: jsonwebtoken::EncodingKey,
+        ttl_secs: u64,
+    },
+}
+
+pub enum Mode {
+    Idle,
+    Echo {
+        /// Payload of every request frame (unmasked).
+        payload: Vec<u8>,
+        opcode: u8,
+        inflight: usize,
+        /// /ws route: replies are `{"op":"pong"}`; /echo: replies equal `payload`.
+        expect_pong: bool,
+    },
+}
+
+/// Settings shared by all loops of a run.
+pub struct Config {
+    pub target: SocketAddr,
+    pub host: String,
+    pub sources: Vec<Ipv4Addr>,
+    pub route: Route,
+    pub auth: Auth,
+    pub user_prefix: String,
+    pub user_offset: u64,
+    pub device: Option<String>,
+    pub handshake_timeout: Duration,
+    pub nodelay: bool,
+    pub mode: Mode,
+    /// Common time origin of all loops (timestamps are ns since this).
+    pub base: Instant,
+}
+
+impl Config {
+    pub fn user_id(&self, global_idx: u64) -> String {
+        format!("{}{}", self.user_prefix, self.user_offset + global_idx)
+    }
+
+    /// Request target (path and query) for connection `global_idx`.
+    pub fn request_target(&self, global_idx: u64) -> String {
+        if self.route == Route::Echo {
+            return "/echo".to_string();
+        }
+        let user = self.user_id(global_idx);
+        let mut p = String::with_capacity(320);
+        match &self.auth {
+            Auth::Dev => {
+                p.push_str("/ws?user=");
+                ws::pct_encode(&user, &mut p);
+            }
+            Auth::Jwt { key, ttl_secs } => {
+                #[derive(serde::Serialize)]
+                struct Claims<'a> {
+                    sub: &'a str,
+                    exp: u64,
+                }
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let claims = Claims {
+                    sub: &user,
+                    exp: now + ttl_secs,
+                };
+                let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, key)
+                    .expect("HS256 signing cannot fail");
+                p.push_str("/ws?token=");
+                p.push_str(&token);
+            }
+        }
+        if let Some(d) = &self.device {
+            p.push_str("&device=");
+            ws::pct_encode(d, &mut p);
+        }
+        p
+    }
+}
+
+/// Counters the main thread reads while loops run.
+#[derive(Default)]
+pub struct Shared {
+    pub established: AtomicU64,
+    pub failed: AtomicU64,
+    pub lost: AtomicU64,
+    pub pings: AtomicU64,
+    pub ramp_done: AtomicUsize,
+    pub stop: AtomicBool,
+    /// Echo: instant (ns since base) at which all loops start sending.
+    pub t0_ns: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct WelcomeInfo {
+    pub heartbeat_ms: Option<u64>,
+    pub max_frame: Option<u64>,
+}
+
+pub struct Stats {
+    pub started: u64,
+    pub established: u64,
+    pub failed: u64,
+    pub lost: u64,
+    pub not_started: u64,
+    pub closed_by_us: u64,
+    pub failures: BTreeMap<String, u64>,
+    pub lost_reasons: BTreeMap<String, u64>,
+    pub closes: BTreeMap<u16, u64>,
+    pub pings_received: u64,
+    pub pongs_sent: u64,
+    pub pongs_received: u64,
+    pub messages: u64,
+    pub messages_by_op: BTreeMap<String, u64>,
+    pub messages_before_welcome: u64,
+    pub fragmented_messages: u64,
+    pub welcome: Option<WelcomeInfo>,
+    pub welcome_user_mismatch: u64,
+    /// Connect start to established (welcome on /ws, 101 on /echo), µs.
+    pub handshake_us: Histogram<u64>,
+    pub ramp_end_ns: u64,
+    // Echo only.
+    pub latency_ns: Option<Histogram<u64>>,
+    pub replies_in_window: u64,
+    pub replies_total: u64,
+    pub sent: u64,
+    pub bad_replies: u64,
+    pub unexpected_replies: u64,
+    pub other_messages: u64,
+}
+
+impl Stats {
+    fn new(echo: bool) -> Stats {
+        Stats {
+            started: 0,
+            established: 0,
+            failed: 0,
+            lost: 0,
+            not_started: 0,
+            closed_by_us: 0,
+            failures: BTreeMap::new(),
+            lost_reasons: BTreeMap::new(),
+            closes: BTreeMap::new(),
+            pings_received: 0,
+            pongs_sent: 0,
+            pongs_received: 0,
+            messages: 0,
+            messages_by_op: BTreeMap::new(),
+            messages_before_welcome: 0,
+            fragmented_messages: 0,
+            welcome: None,
+            welcome_user_mismatch: 0,
+            handshake_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap(),
+            ramp_end_ns: 0,
+            latency_ns: echo.then(|| Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()),
+            replies_in_window: 0,
+            replies_total: 0,
+            sent: 0,
+            bad_replies: 0,
+            unexpected_replies: 0,
+            other_messages: 0,
+        }
+    }
+
+    pub fn merge(&mut self, o: &Stats) {
+        fn add<K: Ord + Clone>(a: &mut BTreeMap<K, u64>, b: &BTreeMap<K, u64>) {
+            for (k, v) in b {
+                *a.entry(k.clone()).or_default() += v;
+            }
+        }
+        self.started += o.started;
+        self.established += o.established;
+        self.failed += o.failed;
+        self.lost += o.lost;
+        self.not_started += o.not_started;
+        self.closed_by_us += o.closed_by_us;
+        add(&mut self.failures, &o.failures);
+        add(&mut self.lost_reasons, &o.lost_reasons);
+        add(&mut self.closes, &o.closes);
+        self.pings_received += o.pings_received;
+        self.pongs_sent += o.pongs_sent;
+        self.pongs_received += o.pongs_received;
+        self.messages += o.messages;
+        add(&mut self.messages_by_op, &o.messages_by_op);
+        self.messages_before_welcome += o.messages_before_welcome;
+        self.fragmented_messages += o.fragmented_messages;
+        if self.welcome.is_none() {
+            self.welcome = o.welcome;
+        }
+        self.welcome_user_mismatch += o.welcome_user_mismatch;
+        self.handshake_us.add(&o.handshake_us).unwrap();
+        self.ramp_end_ns = self.ramp_end_ns.max(o.ramp_end_ns);
+        if let (Some(a), Some(b)) = (self.latency_ns.as_mut(), o.latency_ns.as_ref()) {
+            a.add(b).unwrap();
+        }
+        self.replies_in_window += o.replies_in_window;
+        self.replies_total += o.replies_total;
+        self.sent += o.sent;
+        self.bad_replies += o.bad_replies;
+        self.unexpected_replies += o.unexpected_replies;
+        self.other_messages += o.other_messages;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Connecting,
+    Handshake,
+    AwaitWelcome,
+    Open,
+}
+
+/// Heap state a connection needs only now and then.
+#[derive(Default)]
+struct Ext {
+    /// Received bytes not yet forming a complete response head or frame.
+    rbuf: Vec<u8>,
+    /// Bytes the socket did not accept yet (`wbuf[wpos..]`).
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Fragmented message being reassembled.
+    frag: Vec<u8>,
+}
+
+impl Ext {
+    fn is_idle(&self) -> bool {
+        self.rbuf.is_empty() && self.wpos >= self.wbuf.len() && self.frag.is_empty()
+    }
+}
+
+/// Per-connection state: 40 bytes plus the slab's tag.
+struct Conn {
+    sock: TcpStream,
+    phase: Phase,
+    /// Opcode of the fragmented message in progress, 0 = none.
+    frag_op: u8,
+    /// Index in `Loop::pending` while not established.
+    pidx: u32,
+    /// Index within this loop's share of connections.
+    idx: u32,
+    /// Connect start, ns since base.
+    t_start: u64,
+    ext: Option<Box<Ext>>,
+    echo: Option<Box<LatRing>>,
+}
+
+impl Conn {
+    fn ext_mut(&mut self) -> &mut Ext {
+        self.ext.get_or_insert_with(Default::default)
+    }
+
+    fn has_unsent(&self) -> bool {
+        self.ext.as_ref().is_some_and(|e| e.wpos < e.wbuf.len())
+    }
+
+    /// Idle connections give their buffers back as soon as they are empty.
+    fn gc(&mut self) {
+        if self.echo.is_none() && self.ext.as_ref().is_some_and(|e| e.is_idle()) {
+            self.ext = None;
+        }
+    }
+}
+
+enum Fail {
+    Io(&'static str, io::Error),
+    Eof,
+    Http(u16),
+    BadResponse(&'static str),
+    BadUpgrade(&'static str),
+    Protocol(&'static str),
+    PeerClose(u16),
+    Timeout,
+    Deadline,
+    Interrupted,
+}
+
+fn reason(f: &Fail, phase: Phase) -> String {
+    use Phase::*;
+    match (f, phase) {
+        (Fail::Io(step, e), Connecting) => format!("{step}:{}", net::errno_name(e)),
+        (Fail::Timeout, Connecting) => "timeout:connect".into(),
+        (Fail::Timeout, Handshake) => "timeout:handshake".into(),
+        (Fail::Timeout, AwaitWelcome) => "timeout:welcome".into(),
+        (Fail::Timeout, Open) => "timeout".into(),
+        (Fail::Deadline, _) => "timeout:run_deadline".into(),
+        (Fail::Interrupted, _) => "interrupted".into(),
+        (Fail::Http(code), _) => format!("http:{code}"),
+        (Fail::BadResponse(w), _) => format!("bad_response:{w}"),
+        (Fail::BadUpgrade(w), _) => format!("bad_upgrade:{w}"),
+        (Fail::Protocol(w), _) => format!("protocol:{w}"),
+        (Fail::Eof, Handshake | Connecting) => "eof_before_response".into(),
+        (Fail::Io(_, e), Handshake) => format!("io_before_response:{}", net::errno_name(e)),
+        (Fail::Eof, AwaitWelcome) => "closed_before_welcome".into(),
+        (Fail::PeerClose(c), AwaitWelcome) => format!("closed_before_welcome:close_{c}"),
+        (Fail::Io(_, e), AwaitWelcome) => {
+            format!("closed_before_welcome:{}", net::errno_name(e))
+        }
+        (Fail::Eof, Open) => "eof".into(),
+        (Fail::PeerClose(c), _) => format!("close_{c}"),
+        (Fail::Io(_, e), Open) => format!("io:{}", net::errno_name(e)),
+    }
+}
+
+#[derive(Deserialize)]
+struct Msg {
+    op: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    heartbeat_ms: Option<u64>,
+    #[serde(default)]
+    max_frame: Option<u64>,
+}
+
+/// Borrowed pieces of the loop handed to the frame processor.
+struct Ctx<'a> {
+    out: &'a mut Vec<u8>,
+    stats: &'a mut Stats,
+    cfg: &'a Config,
+    shared: &'a Shared,
+    rng: &'a mut u64,
+    now: u64,
+    window: (u64, u64),
+    send_until: u64,
+    key_seed: u64,
+    first: u64,
+    opened: bool,
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    let mut x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *s = x;
+    x
+}
+
+impl Ctx<'_> {
+    fn mask(&mut self) -> [u8; 4] {
+        (xorshift(self.rng) as u32).to_ne_bytes()
+    }
+}
+
+/// Parse what `buf` holds for `conn`; returns how many bytes were consumed.
+fn process(conn: &mut Conn, buf: &[u8], cx: &mut Ctx) -> Result<usize, Fail> {
+    let mut pos = 0;
+    if conn.phase == Phase::Handshake {
+        match ws::parse_response(buf) {
+            ws::ResponseParse::Incomplete => return Ok(0),
+            ws::ResponseParse::Invalid(w) => return Err(Fail::BadResponse(w)),
+            ws::ResponseParse::Done(resp) => {
+                if resp.status != 101 {
+                    return Err(Fail::Http(resp.status));
+                }
+                let key = ws::key_from_nonce(cx.key_seed.wrapping_add(cx.first + conn.idx as u64));
+                ws::check_upgrade(&resp, &key).map_err(Fail::BadUpgrade)?;
+                pos = resp.head_len;
+                if cx.cfg.route == Route::Ws {
+                    conn.phase = Phase::AwaitWelcome;
+                } else {
+                    conn.phase = Phase::Open;
+                    cx.opened = true;
+                }
+            }
+        }
+    }
+    while pos < buf.len() {
+        let Some(h) = ws::parse_frame_head(&buf[pos..]) else {
+            break;
+        };
+        ws::validate_server_frame(&h, MAX_SERVER_MESSAGE).map_err(Fail::Protocol)?;
+        let total = h.head_len + h.payload_len as usize;
+        if buf.len() - pos < total {
+            break;
+        }
+        let payload = &buf[pos + h.head_len..pos + total];
+        pos += total;
+        on_frame(conn, &h, payload, cx)?;
+    }
+    Ok(pos)
+}
+
+fn on_frame(conn: &mut Conn, h: &ws::FrameHead, payload: &[u8], cx: &mut Ctx) -> Result<(), Fail> {
+    match h.opcode {
+        ws::OP_PING => {
+            cx.stats.pings_received += 1;
+            cx.shared.pings.fetch_add(1, Relaxed);
+            let m = cx.mask();
+            ws::encode_frame(cx.out, true, ws::OP_PONG, payload, m);
+            cx.stats.pongs_sent += 1;
+        }
+        ws::OP_PONG => cx.stats.pongs_received += 1,
+        ws::OP_CLOSE => {
+            let code = ws::close_code(payload);
+            *cx.stats.closes.entry(code).or_default() += 1;
+            let m = cx.mask();
+            ws::encode_close(cx.out, (payload.len() >= 2).then_some(code), m);
+            return Err(Fail::PeerClose(code));
+        }
+        ws::OP_TEXT | ws::OP_BINARY => {
+            if conn.frag_op != 0 {
+                return Err(Fail::Protocol("expected_continuation"));
+            }
+            if h.fin {
+                deliver(conn, h.opcode, payload, cx)?;
+            } else {
+                conn.frag_op = h.opcode;
+                let e = conn.ext_mut();
+                e.frag.clear();
+                e.frag.extend_from_slice(payload);
+            }
+        }
+        ws::OP_CONT => {
+            if conn.frag_op == 0 {
+                return Err(Fail::Protocol("unexpected_continuation"));
+            }
+            let e = conn.ext_mut();
+            e.frag.extend_from_slice(payload);
+            if e.frag.len() as u64 > MAX_SERVER_MESSAGE {
+                return Err(Fail::Protocol("message_too_large"));
+            }
+            if h.fin {
+                let msg = std::mem::take(&mut e.frag);
+                let op = conn.frag_op;
+                conn.frag_op = 0;
+                cx.stats.fragmented_messages += 1;
+                deliver(conn, op, &msg, cx)?;
+            }
+        }
+        _ => return Err(Fail::Protocol("reserved_opcode")),
+    }
+    Ok(())
+}
+
+/// A complete data message arrived.
+fn deliver(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<(), Fail> {
+    match conn.phase {
+        Phase::AwaitWelcome => {
+            if op == ws::OP_TEXT {
+                if let Ok(m) = serde_json::from_slice::<Msg>(msg) {
+                    if m.op == "welcome" {
+                        if cx.stats.welcome.is_none() {
+                            cx.stats.welcome = Some(WelcomeInfo {
+                                heartbeat_ms: m.heartbeat_ms,
+                                max_frame: m.max_frame,
+                            });
+                        }
+                        if let Some(u) = m.user {
+                            if u != cx.cfg.user_id(cx.first + conn.idx as u64) {
+                                cx.stats.welcome_user_mismatch += 1;
+                            }
+                        }
+                        conn.phase = Phase::Open;
+                        cx.opened = true;
+                        return Ok(());
+                    }
+                }
+            }
+            cx.stats.messages_before_welcome += 1;
+            Ok(())
+        }
+        Phase::Open => match &cx.cfg.mode {
+            Mode::Idle => {
+                cx.stats.messages += 1;
+                let op_name = if op == ws::OP_TEXT {
+                    serde_json::from_slice::<Msg>(msg)
+                        .map(|m| m.op)
+                        .unwrap_or_else(|_| "text".into())
+                } else {
+                    "binary".into()
+                };
+                *cx.stats.messages_by_op.entry(op_name).or_default() += 1;
+                Ok(())
+            }
+            Mode::Echo {
+                payload,
+                opcode,
+                expect_pong,
+                ..
+            } => {
+                if *expect_pong {
+                    let is_pong = op == ws::OP_TEXT
+                        && (msg == b"{\"op\":\"pong\"}"
+                            || serde_json::from_slice::<Msg>(msg).is_ok_and(|m| m.op == "pong"));
+                    if !is_pong {
+                        cx.stats.other_messages += 1;
+                        return Ok(());
+                    }
+                } else if op != *opcode || msg != payload.as_slice() {
+                    cx.stats.bad_replies += 1;
+                }
+                let now = cx.now;
+                let Some(ring) = conn.echo.as_mut() else {
+                    cx.stats.unexpected_replies += 1;
+                    return Ok(());
+                };
+                let Some(sent_at) = ring.pop() else {
+                    cx.stats.unexpected_replies += 1;
+                    return Ok(());
+                };
+                cx.stats.replies_total += 1;
+                if now >= cx.window.0 && now < cx.window.1 {
+                    cx.stats.replies_in_window += 1;
+                    if let Some(h) = cx.stats.latency_ns.as_mut() {
+                        h.saturating_record(now.saturating_sub(sent_at).max(1));
+                    }
+                }
+                if now < cx.send_until && ring.push(now) {
+                    let m = cx.mask();
+                    ws::encode_frame(cx.out, true, *opcode, payload, m);
+                    cx.stats.sent += 1;
+                }
+                Ok(())
+            }
+        },
+        Phase::Connecting | Phase::Handshake => Ok(()),
+    }
+}
+
+/// Write `data`, keeping whatever the socket does not take.
+fn write_or_buffer(conn: &mut Conn, data: &[u8]) -> Result<(), Fail> {
+    if conn.has_unsent() {
+        conn.ext_mut().wbuf.extend_from_slice(data);
+        return Ok(());
+    }
+    let mut off = 0;
+    while off < data.len() {
+        match (&conn.sock).write(&data[off..]) {
+            Ok(0) => return Err(Fail::Io("write", io::ErrorKind::WriteZero.into())),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let e = conn.ext_mut();
+                e.wbuf.clear();
+                e.wpos = 0;
+                e.wbuf.extend_from_slice(&data[off..]);
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Fail::Io("write", e)),
+        }
+    }
+    Ok(())
+}
+
+fn flush_unsent(conn: &mut Conn) -> Result<(), Fail> {
+    let Some(e) = conn.ext.as_mut() else {
+        return Ok(());
+    };
+    while e.wpos < e.wbuf.len() {
+        match (&conn.sock).write(&e.wbuf[e.wpos..]) {
+            Ok(0) => return Err(Fail::Io("write", io::ErrorKind::WriteZero.into())),
+            Ok(n) => e.wpos += n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(Fail::Io("write", err)),
+        }
+    }
+    e.wbuf.clear();
+    e.wpos = 0;
+    conn.gc();
+    Ok(())
+}
+
+pub struct Loop {
+    cfg: std::sync::Arc<Config>,
+    shared: std::sync::Arc<Shared>,
+    /// Global index of this loop's first connection.
+    first: u64,
+    count: usize,
+    concurrency: usize,
+    /// New connections per second for this loop, 0 = unpaced.
+    rate: f64,
+    poll: Poll,
+    events: Option<Events>,
+    conns: Slab<Conn>,
+    /// Tokens of connections not yet established (bounded by concurrency).
+    pending: Vec<u32>,
+    next: usize,
+    scratch: Box<[u8]>,
+    out: Vec<u8>,
+    rng: u64,
+    key_seed: u64,
+    now: u64,
+    last_scan: u64,
+    window: (u64, u64),
+    send_until: u64,
+    pub stats: Stats,
+}
+
+impl Loop {
+    pub fn new(
+        cfg: std::sync::Arc<Config>,
+        shared: std::sync::Arc<Shared>,
+        first: u64,
+        count: usize,
+        concurrency: usize,
+        rate: f64,
+    ) -> io::Result<Loop> {
+        let echo = matches!(cfg.mode, Mode::Echo { .. });
+        let seed = ws::splitmix64(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                ^ first.rotate_left(32),
+        ) | 1;
+        Ok(Loop {
+            poll: Poll::new()?,
+            events: Some(Events::with_capacity(1024)),
+            conns: Slab::with_capacity(count),
+            pending: Vec::with_capacity(concurrency.min(count)),
+            next: 0,
+            scratch: vec![0u8; SCRATCH].into_boxed_slice(),
+            out: Vec::with_capacity(SCRATCH),
+            rng: seed,
+            key_seed: ws::splitmix64(seed),
+            now: 0,
+            last_scan: 0,
+            window: (0, 0),
+            send_until: 0,
+            stats: Stats::new(echo),
+            cfg,
+            shared,
+            first,
+            count,
+            concurrency: concurrency.max(1),
+            rate,
+        })
+    }
+
+    /// Touch the loop's fixed buffers and warm this thread's allocator on
+    /// the allocation sizes a handshake uses, so that a memory baseline taken
+    /// afterwards leaves only per-connection memory in the RSS delta.
+    pub fn prefault(&mut self) {
+        self.scratch.fill(0);
+        self.out.resize(self.out.capacity(), 0);
+        self.out.clear();
+        self.stats.handshake_us.reset();
+        if let Some(h) = self.stats.latency_ns.as_mut() {
+            h.reset();
+        }
+        for i in 0..64u64 {
+            let t = self.cfg.request_target(self.first + i);
+            let key = ws::key_from_nonce(i);
+            ws::write_request(&mut self.out, &self.cfg.host, &t, &key);
+            let _ = serde_json::from_slice::<Msg>(
+                br#"{"op":"welcome","v":1,"user":"u1","conn":"c1","heartbeat_ms":1,"max_frame":1}"#,
+            );
+            let _ = ws::accept_for_key(&key);
+            let _ = Box::new(Ext::default());
+            self.out.clear();
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.cfg.base.elapsed().as_nanos() as u64
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.shared.stop.load(Relaxed) || INTERRUPTED.load(Relaxed)
+    }
+
+    fn start_conn(&mut self) {
+        let idx = self.next;
+        self.next += 1;
+        self.stats.started += 1;
+        let gidx = self.first + idx as u64;
+        let src = (!self.cfg.sources.is_empty())
+            .then(|| self.cfg.sources[(gidx % self.cfg.sources.len() as u64) as usize]);
+        self.now = self.now_ns();
+        let mut sock = match net::connect_nonblocking(self.cfg.target, src, self.cfg.nodelay) {
+            Ok(s) => s,
+            Err((step, e)) => {
+                self.count_failure(format!("{step}:{}", net::errno_name(&e)));
+                return;
+            }
+        };
+        let entry = self.conns.vacant_entry();
+        let tok = entry.key();
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            Token(tok),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.count_failure(format!("register:{}", net::errno_name(&e)));
+            return;
+        }
+        entry.insert(Conn {
+            sock,
+            phase: Phase::Connecting,
+            frag_op: 0,
+            pidx: self.pending.len() as u32,
+            idx: idx as u32,
+            t_start: self.now,
+            ext: None,
+            echo: None,
+        });
+        self.pending.push(tok as u32);
+    }
+
+    fn count_failure(&mut self, why: String) {
+        self.stats.failed += 1;
+        self.shared.failed.fetch_add(1, Relaxed);
+        *self.stats.failures.entry(why).or_default() += 1;
+    }
+
+    fn remove_pending(&mut self, pidx: u32) {
+        if pidx == NO_PENDING {
+            return;
+        }
+        let i = pidx as usize;
+        self.pending.swap_remove(i);
+        if let Some(&moved) = self.pending.get(i) {
+            self.conns[moved as usize].pidx = i as u32;
+        }
+    }
+
+    fn drop_conn(&mut self, tok: usize, f: Fail) {
+        let conn = self.conns.remove(tok);
+        let why = reason(&f, conn.phase);
+        self.remove_pending(conn.pidx);
+        if conn.phase == Phase::Open {
+            self.stats.lost += 1;
+            self.shared.lost.fetch_add(1, Relaxed);
+            *self.stats.lost_reasons.entry(why).or_default() += 1;
+        } else {
+            self.count_failure(why);
+        }
+        // Dropping the stream closes the fd, which also removes it from epoll.
+    }
+
+    fn on_opened(&mut self, tok: usize) {
+        let now = self.now;
+        let conn = &mut self.conns[tok];
+        let pidx = std::mem::replace(&mut conn.pidx, NO_PENDING);
+        let took_us = now.saturating_sub(conn.t_start) / 1000;
+        if let Mode::Echo { inflight, .. } = self.cfg.mode {
+            conn.echo = Some(Box::new(LatRing::new(inflight)));
+        }
+        conn.gc();
+        self.remove_pending(pidx);
+        self.stats.established += 1;
+        self.shared.established.fetch_add(1, Relaxed);
+        self.stats.handshake_us.saturating_record(took_us.max(1));
+    }
+
+    fn flush_out(&mut self, tok: usize) -> Result<(), Fail> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = write_or_buffer(&mut self.conns[tok], &self.out);
+        self.out.clear();
+        r
+    }
+
+    /// Feed `scratch[..n]` (after any buffered bytes) to the connection.
+    fn ingest(&mut self, tok: usize, n: usize) -> Result<(), Fail> {
+        let conn = &mut self.conns[tok];
+        let mut cx = Ctx {
+            out: &mut self.out,
+            stats: &mut self.stats,
+            cfg: &self.cfg,
+            shared: &self.shared,
+            rng: &mut self.rng,
+            now: self.now,
+            window: self.window,
+            send_until: self.send_until,
+            key_seed: self.key_seed,
+            first: self.first,
+            opened: false,
+        };
+        let buffered = conn.ext.as_ref().is_some_and(|e| !e.rbuf.is_empty());
+        let res = if !buffered {
+            let data = &self.scratch[..n];
+            process(conn, data, &mut cx).map(|used| {
+                if used < n {
+                    conn.ext_mut().rbuf.extend_from_slice(&data[used..]);
+                }
+            })
+        } else {
+            let mut rb = std::mem::take(&mut conn.ext_mut().rbuf);
+            rb.extend_from_slice(&self.scratch[..n]);
+            process(conn, &rb, &mut cx).map(|used| {
+                rb.drain(..used);
+                conn.ext_mut().rbuf = rb;
+            })
+        };
+        // Even when a later frame in the same read failed (e.g. a close right
+        // after the welcome), the connection did get established first.
+        let opened = cx.opened;
+        conn.gc();
+        if opened {
+            self.on_opened(tok);
+        }
+        res
+    }
+
+    fn read_all(&mut self, tok: usize, ev_closed: bool) -> Result<(), Fail> {
+        loop {
+            let conn = &mut self.conns[tok];
+            let n = match (&conn.sock).read(&mut self.scratch) {
+                Ok(0) => return Err(Fail::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fail::Io("read", e)),
+            };
+            self.now = self.now_ns();
+            self.ingest(tok, n)?;
+            self.flush_out(tok)?;
+            // A short read drained the socket: later data raises a new edge,
+            // so skip the extra read() that would only return EAGAIN. Not when
+            // the peer half-closed, since the FIN raises no further edge.
+            if n < self.scratch.len() && !ev_closed {
+                return Ok(());
+            }
+        }
+    }
+
+    fn connect_result(sock: &TcpStream) -> Result<bool, io::Error> {
+        match sock.take_error() {
+            Ok(Some(e)) | Err(e) => return Err(e),
+            Ok(None) => {}
+        }
+        match sock.peer_addr() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn on_event(&mut self, ev: &Event) {
+        let tok = ev.token().0;
+        let Some(conn) = self.conns.get_mut(tok) else {
+            return;
+        };
+        let closed = ev.is_read_closed() || ev.is_error();
+        if conn.phase == Phase::Connecting {
+            match Self::connect_result(&conn.sock) {
+                Ok(false) => return,
+                Err(e) => return self.drop_conn(tok, Fail::Io("connect", e)),
+                Ok(true) => {}
+            }
+            conn.phase = Phase::Handshake;
+            let gidx = self.first + conn.idx as u64;
+            let key = ws::key_from_nonce(self.key_seed.wrapping_add(gidx));
+            let target = self.cfg.request_target(gidx);
+            ws::write_request(&mut self.out, &self.cfg.host, &target, &key);
+            if let Err(f) = self.flush_out(tok) {
+                return self.drop_conn(tok, f);
+            }
+        } else if ev.is_writable() {
+            if let Err(f) = flush_unsent(&mut self.conns[tok]) {
+                return self.drop_conn(tok, f);
+            }
+        }
+        if ev.is_readable() || closed {
+            if let Err(f) = self.read_all(tok, closed) {
+                // Best effort: deliver a queued close reply before closing.
+                if !self.out.is_empty() {
+                    let _ = write_or_buffer(&mut self.conns[tok], &self.out);
+                    self.out.clear();
+                }
+                self.drop_conn(tok, f);
+            }
+        }
+    }
+
+    fn poll_once(&mut self, timeout: Duration) {
+        let mut events = self.events.take().expect("events");
+        if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                panic!("epoll_wait failed: {e}");
+            }
+        }
+        self.now = self.now_ns();
+        for ev in events.iter() {
+            self.on_event(ev);
+        }
+        self.events = Some(events);
+    }
+
+    fn scan_timeouts(&mut self) {
+        let limit = self.cfg.handshake_timeout.as_nanos() as u64;
+        let mut i = 0;
+        while i < self.pending.len() {
+            let tok = self.pending[i] as usize;
+            if self.now.saturating_sub(self.conns[tok].t_start) >= limit {
+                self.drop_conn(tok, Fail::Timeout); // swap_remove refills slot i
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Open this loop's connections (paced by rate and concurrency) until all
+    /// are established or failed, or `deadline` (ns since base) passes.
+    pub fn ramp(&mut self, deadline: u64) {
+        let start = self.now_ns();
+        self.now = start;
+        self.last_scan = start;
+        // Pacing: one start per interval; a late wake-up may catch up on at
+        // most PACING_SLACK worth of starts, so no second sees a big burst.
+        let interval = if self.rate > 0.0 {
+            1e9 / self.rate
+        } else {
+            0.0
+        };
+        let mut next_due = start as f64;
+        loop {
+            if self.now < deadline && !self.stop_requested() {
+                while self.next < self.count && self.pending.len() < self.concurrency {
+                    if self.rate > 0.0 {
+                        if (self.now as f64) < next_due {
+                            break;
+                        }
+                        next_due =
+                            (next_due + interval).max(self.now.saturating_sub(PACING_SLACK) as f64);
+                    }
+                    self.start_conn();
+                }
+            }
+            if self.next >= self.count && self.pending.is_empty() {
+                break;
+            }
+            if self.now >= deadline || self.stop_requested() {
+                while let Some(&tok) = self.pending.last() {
+                    let f = if INTERRUPTED.load(Relaxed) {
+                        Fail::Interrupted
+                    } else {
+                        Fail::Deadline
+                    };
+                    self.drop_conn(tok as usize, f);
+                }
+                self.stats.not_started += (self.count - self.next) as u64;
+                self.next = self.count;
+                break;
+            }
+            let mut wait = 50 * MS;
+            if self.rate > 0.0 && self.next < self.count && self.pending.len() < self.concurrency {
+                wait = wait.min((next_due as u64).saturating_sub(self.now));
+            }
+            wait = wait.min(deadline.saturating_sub(self.now));
+            self.poll_once(Duration::from_nanos(wait));
+            if self.now.saturating_sub(self.last_scan) >= 100 * MS {
+                self.last_scan = self.now;
+                self.scan_timeouts();
+            }
+        }
+        self.stats.ramp_end_ns = self.now_ns();
+    }
+
+    /// Keep answering pings until the main thread says stop or `deadline`.
+    pub fn serve(&mut self, deadline: u64) {
+        loop {
+            self.now = self.now_ns();
+            if self.stop_requested() || self.now >= deadline {
+                break;
+            }
+            self.poll_once(Duration::from_nanos((100 * MS).min(deadline - self.now)));
+        }
+    }
+
+    /// Echo: send `inflight` messages on every open connection at `t0`, then
+    /// keep the pipe full until `window_end`; only replies received inside
+    /// [window_start, window_end) are counted.
+    pub fn run_echo(&mut self, t0: u64, window_start: u64, window_end: u64) {
+        self.window = (window_start, window_end);
+        self.send_until = window_end;
+        let now = self.now_ns();
+        if t0 > now {
+            std::thread::sleep(Duration::from_nanos(t0 - now));
+        }
+        let cfg = self.cfg.clone();
+        let Mode::Echo {
+            ref payload,
+            opcode,
+            inflight,
+            ..
+        } = cfg.mode
+        else {
+            return;
+        };
+        let toks: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
+        self.now = self.now_ns();
+        for tok in toks {
+            let conn = &mut self.conns[tok];
+            let Some(ring) = conn.echo.as_mut() else {
+                continue;
+            };
+            for _ in 0..inflight {
+                if !ring.push(self.now) {
+                    break;
+                }
+                let m = (xorshift(&mut self.rng) as u32).to_ne_bytes();
+                ws::encode_frame(&mut self.out, true, opcode, payload, m);
+                self.stats.sent += 1;
+            }
+            if let Err(f) = self.flush_out(tok) {
+                self.drop_conn(tok, f);
+            }
+        }
+        loop {
+            self.now = self.now_ns();
+            if self.now >= window_end || INTERRUPTED.load(Relaxed) {
+                break;
+            }
+            self.poll_once(Duration::from_nanos((100 * MS).min(window_end - self.now)));
+        }
+    }
+
+    /// Send a close (1000) on every open connection and close them all.
+    pub fn close_all(&mut self) {
+        let mut closed = 0;
+        for (_, conn) in self.conns.iter_mut() {
+            if conn.phase == Phase::Open && !conn.has_unsent() {
+                let m = (xorshift(&mut self.rng) as u32).to_ne_bytes();
+                self.out.clear();
+                ws::encode_close(&mut self.out, Some(1000), m);
+                let _ = (&conn.sock).write(&self.out);
+                closed += 1;
+            }
+        }
+        self.out.clear();
+        self.stats.closed_by_us += closed;
+        self.conns.clear();
+        self.pending.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The event loop against tiny scripted servers on 127.0.0.1 (no gateway needed).
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream as StdStream};
+    use std::sync::Arc;
+
+    fn read_head(s: &mut StdStream) -> String {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.read(&mut b).unwrap(),
+                1,
+                "client closed before request end"
+            );
+            buf.push(b[0]);
+        }
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn accept_header(req: &str) -> String {
+        let key = req
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .expect("key header");
+        ws::accept_for_key(key.trim().as_bytes())
+    }
+
+    /// Read one client frame; returns (opcode, unmasked payload) and checks
+    /// masking; None when the client went away first.
+    fn try_read_client_frame(s: &mut StdStream) -> Option<(u8, Vec<u8>)> {
+        let mut buf = Vec::new();
+        let mut b = [0u8; 1];
+        loop {
+            if let Some(h) = ws::parse_frame_head(&buf) {
+                let total = h.head_len + h.payload_len as usize;
+                while buf.len() < total {
+                    if s.read(&mut b).ok()? != 1 {
+                        return None;
+                    }
+                    buf.push(b[0]);
+                }
+                let mut p = buf[h.head_len..].to_vec();
+                ws::apply_mask(&mut p, h.mask.expect("client frame must be masked"));
+                return Some((h.opcode, p));
+            }
+            if s.read(&mut b).ok()? != 1 {
+                return None;
+            }
+            buf.push(b[0]);
+        }
+    }
+
+    fn read_client_frame(s: &mut StdStream) -> (u8, Vec<u8>) {
+        try_read_client_frame(s).expect("client frame")
+    }
+
+    fn server_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mut v = vec![((fin as u8) << 7) | op, payload.len() as u8];
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn config(addr: SocketAddr, route: Route, mode: Mode) -> Arc<Config> {
+        Arc::new(Config {
+            target: addr,
+            host: net::host_header(&addr),
+            sources: Vec::new(),
+            route,
+            auth: Auth::Dev,
+            user_prefix: "t".into(),
+            user_offset: 7,
+            device: Some("d 1".into()),
+            handshake_timeout: Duration::from_secs(5),
+            nodelay: true,
+            mode,
+            base: Instant::now(),
+        })
+    }
+
+    fn deadline(lp: &Loop, secs: u64) -> u64 {
+        lp.now_ns() + secs * 1_000_000_000
+    }
+
+    #[test]
+    fn ws_handshake_fragmented_welcome_ping_and_close() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let req = read_head(&mut s);
+            assert!(
+                req.starts_with("GET /ws?user=t7&device=d%201 HTTP/1.1\r\n"),
+                "{req}"
+            );
+            assert!(req.contains("\r\nSec-WebSocket-Version: 13\r\n"));
+            let welcome =
+                br#"{"op":"welcome","v":1,"user":"t7","conn":"c1","heartbeat_ms":1234,"max_frame":65536}"#;
+            let mut out = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                accept_header(&req)
+            )
+            .into_bytes();
+            out.extend(server_frame(false, ws::OP_TEXT, &welcome[..20]));
+            out.extend(server_frame(true, ws::OP_PING, b"abc"));
+            let split = out.len() - 3;
+            s.write_all(&out[..split]).unwrap(); // the head and a partial frame
+            s.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+            s.write_all(&out[split..]).unwrap();
+            let mut rest = server_frame(true, ws::OP_CONT, &welcome[20..]);
+            rest.extend(server_frame(
+                true,
+                ws::OP_TEXT,
+                br#"{"op":"synced","count":0}"#,
+            ));
+            s.write_all(&rest).unwrap();
+            assert_eq!(read_client_frame(&mut s), (ws::OP_PONG, b"abc".to_vec()));
+            s.write_all(&server_frame(true, ws::OP_CLOSE, &1001u16.to_be_bytes()))
+                .unwrap();
+            let (op, p) = read_client_frame(&mut s);
+            assert_eq!((op, ws::close_code(&p)), (ws::OP_CLOSE, 1001));
+        });
+        let shared = Arc::new(Shared::default());
+        let cfg = config(addr, Route::Ws, Mode::Idle);
+        let mut lp = Loop::new(cfg, shared.clone(), 0, 1, 10, 0.0).unwrap();
+        let dl = deadline(&lp, 5);
+        lp.ramp(dl);
+        while lp.stats.lost == 0 && lp.now_ns() < dl {
+            let d = lp.now_ns() + 20_000_000;
+            lp.serve(d);
+        }
+        srv.join().unwrap();
+        let st = &lp.stats;
+        assert_eq!((st.established, st.failed, st.lost), (1, 0, 1));
+        assert_eq!(shared.established.load(Relaxed), 1);
+        assert_eq!((st.pings_received, st.pongs_sent), (1, 1));
+        assert_eq!(st.fragmented_messages, 1);
+        assert_eq!(st.welcome.unwrap().heartbeat_ms, Some(1234));
+        assert_eq!(st.welcome_user_mismatch, 0);
+        assert_eq!(st.messages_by_op.get("synced"), Some(&1));
+        assert_eq!(st.closes.get(&1001), Some(&1));
+        assert_eq!(st.lost_reasons.get("close_1001"), Some(&1));
+        assert!(lp.pending.is_empty() && lp.conns.is_empty());
+    }
+
+    #[test]
+    fn connection_state_stays_small() {
+        // What an idle connection costs in user space besides the slab tag.
+        // mio's TcpStream is the bare fd in release builds; debug builds add
+        // a selector id to it.
+        let limit = if cfg!(debug_assertions) { 56 } else { 40 };
+        let size = std::mem::size_of::<Conn>();
+        assert!(size <= limit, "Conn is {size} bytes");
+    }
+
+    #[test]
+    fn rate_pacing_is_respected() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        // Nobody accepts: connects complete in the backlog and wait for a
+        // response that never comes; only the start times matter here.
+        let shared = Arc::new(Shared::default());
+        let cfg = Arc::new(Config {
+            handshake_timeout: Duration::from_millis(300),
+            ..Arc::try_unwrap(config(addr, Route::Ws, Mode::Idle))
+                .ok()
+                .unwrap()
+        });
+        let mut lp = Loop::new(cfg, shared, 0, 40, 1000, 100.0).unwrap();
+        let t = Instant::now();
+        let dl = deadline(&lp, 5);
+        lp.ramp(dl);
+        let took = t.elapsed().as_secs_f64();
+        // 40 starts at 100/s take ~0.39 s, plus the 0.3 s handshake timeout.
+        assert!(took > 0.6 && took < 2.0, "{took}");
+        assert_eq!(lp.stats.failures.get("timeout:handshake"), Some(&40));
+        drop(l);
+    }
+
+    #[test]
+    fn http_status_and_bad_accept_are_failures() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = std::thread::spawn(move || {
+            for i in 0..2 {
+                let (mut s, _) = l.accept().unwrap();
+                read_head(&mut s);
+                let resp: &[u8] = if i == 0 {
+                    b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n"
+                };
+                s.write_all(resp).unwrap();
+                // Keep the socket open until the client hangs up.
+                let _ = s.read(&mut [0u8; 64]);
+            }
+        });
+        let shared = Arc::new(Shared::default());
+        let cfg = config(addr, Route::Ws, Mode::Idle);
+        // concurrency 1: the server handles the two connections in order.
+        let mut lp = Loop::new(cfg, shared, 0, 2, 1, 0.0).unwrap();
+        let dl = deadline(&lp, 5);
+        lp.ramp(dl);
+        srv.join().unwrap();
+        assert_eq!((lp.stats.established, lp.stats.failed), (0, 2));
+        assert_eq!(lp.stats.failures.get("http:401"), Some(&1));
+        assert_eq!(lp.stats.failures.get("bad_upgrade:bad_accept"), Some(&1));
+    }
+
+    #[test]
+    fn echo_pipelined_latency_ring() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let srv = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let req = read_head(&mut s);
+            assert!(req.starts_with("GET /echo HTTP/1.1\r\n"));
+            s.write_all(
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    accept_header(&req)
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            let mut echoed = 0u64;
+            loop {
+                let Some((op, p)) = try_read_client_frame(&mut s) else {
+                    return echoed;
+                };
+                if op == ws::OP_CLOSE {
+                    return echoed;
+                }
+                // The client closes right after its close frame: a late
+                // echo may hit a closed socket.
+                if s.write_all(&server_frame(true, op, &p)).is_err() {
+                    return echoed;
+                }
+                echoed += 1;
+            }
+        });
+        let mode = Mode::Echo {
+            payload: b"0123456789abcdef0123".to_vec(),
+            opcode: ws::OP_TEXT,
+            inflight: 3,
+            expect_pong: false,
+        };
+        let shared = Arc::new(Shared::default());
+        let cfg = config(addr, Route::Echo, mode);
+        let mut lp = Loop::new(cfg, shared, 0, 1, 10, 0.0).unwrap();
+        let dl = deadline(&lp, 5);
+        lp.ramp(dl);
+        assert_eq!(lp.stats.established, 1);
+        let t0 = lp.now_ns();
+        lp.run_echo(t0, t0 + 50_000_000, t0 + 250_000_000);
+        lp.close_all();
+        let echoed = srv.join().unwrap();
+        let st = &lp.stats;
+        assert_eq!((st.bad_replies, st.unexpected_replies, st.lost), (0, 0, 0));
+        assert!(st.replies_in_window > 10, "{}", st.replies_in_window);
+        assert!(
+            st.replies_total > st.replies_in_window,
+            "warmup replies excluded"
+        );
+        assert_eq!(st.latency_ns.as_ref().unwrap().len(), st.replies_in_window);
+        // At most `inflight` messages were outstanding when the window closed.
+        assert!(st.sent >= st.replies_total && st.sent - st.replies_total <= 3);
+        assert!(echoed >= st.replies_total);
+        assert_eq!(st.closed_by_us, 1);
+    }
+}

@@ -1,0 +1,175 @@
+//! /proc readers: RSS of a process, kernel slab and TCP socket memory, CPU time.
+
+use serde::Serialize;
+use std::io;
+
+fn read(path: &str) -> io::Result<String> {
+    std::fs::read_to_string(path)
+}
+
+/// Value of a `Key:   123 kB` line, in kB.
+pub fn parse_kb_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// VmRSS of a process in bytes (`None` = self).
+pub fn vm_rss_bytes(pid: Option<u32>) -> io::Result<u64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let text = read(&path)?;
+    parse_kb_field(&text, "VmRSS")
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| io::Error::other(format!("no VmRSS in {path}")))
+}
+
+/// Sum of VmRSS over several pids, in bytes.
+pub fn sum_rss(pids: &[u32]) -> io::Result<u64> {
+    pids.iter().map(|&p| vm_rss_bytes(Some(p))).sum()
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct KernelMem {
+    pub slab_kb: u64,
+    pub sunreclaim_kb: u64,
+    pub tcp_inuse: u64,
+    pub tcp_orphan: u64,
+    pub tcp_tw: u64,
+    pub tcp_alloc: u64,
+    /// Pages charged to TCP socket buffers (sockstat "mem").
+    pub tcp_mem_pages: u64,
+}
+
+/// Parse the `TCP:` line of /proc/net/sockstat into `k`.
+pub fn parse_sockstat(text: &str, k: &mut KernelMem) {
+    let Some(line) = text.lines().find(|l| l.starts_with("TCP:")) else {
+        return;
+    };
+    let mut it = line["TCP:".len()..].split_whitespace();
+    while let (Some(name), Some(val)) = (it.next(), it.next()) {
+        let v = val.parse().unwrap_or(0);
+        match name {
+            "inuse" => k.tcp_inuse = v,
+            "orphan" => k.tcp_orphan = v,
+            "tw" => k.tcp_tw = v,
+            "alloc" => k.tcp_alloc = v,
+            "mem" => k.tcp_mem_pages = v,
+            _ => {}
+        }
+    }
+}
+
+pub fn kernel_mem() -> KernelMem {
+    let mut k = KernelMem::default();
+    if let Ok(m) = read("/proc/meminfo") {
+        k.slab_kb = parse_kb_field(&m, "Slab").unwrap_or(0);
+        k.sunreclaim_kb = parse_kb_field(&m, "SUnreclaim").unwrap_or(0);
+    }
+    if let Ok(s) = read("/proc/net/sockstat") {
+        parse_sockstat(&s, &mut k);
+    }
+    k
+}
+
+/// utime + stime (clock ticks) from the text of /proc/PID/stat.
+pub fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
+    // The command name (field 2) may contain spaces and parentheses: fields
+    // after the last ')' start at field 3 (state); utime/stime are 14 and 15.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// CPU seconds (user + system, all threads) consumed so far by the given pids.
+pub fn pids_cpu_secs(pids: &[u32]) -> io::Result<f64> {
+    let hz = clock_ticks_per_sec() as f64;
+    let mut ticks = 0u64;
+    for p in pids {
+        let path = format!("/proc/{p}/stat");
+        let text = read(&path)?;
+        ticks += parse_stat_cpu_ticks(&text)
+            .ok_or_else(|| io::Error::other(format!("cannot parse {path}")))?;
+    }
+    Ok(ticks as f64 / hz)
+}
+
+/// CPU seconds (user + system, all threads) of this process, µs resolution.
+pub fn self_cpu_secs() -> f64 {
+    // SAFETY: zeroed rusage is a valid out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Fail early with a clear message when a --gateway-pid cannot be read.
+pub fn check_pids(pids: &[u32]) -> Result<(), String> {
+    for &p in pids {
+        vm_rss_bytes(Some(p))
+            .map_err(|e| format!("--gateway-pid {p}: cannot read /proc/{p}/status: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_meminfo_fields() {
+        let status =
+            "Name:\tringgate\nVmPeak:\t  9999 kB\nVmRSS:\t   12345 kB\nRssAnon:\t 100 kB\n";
+        assert_eq!(parse_kb_field(status, "VmRSS"), Some(12345));
+        assert_eq!(parse_kb_field(status, "VmSwap"), None);
+        let meminfo = "MemTotal:       24684000 kB\nSlab:             212340 kB\nSReclaimable:     99000 kB\nSUnreclaim:       113340 kB\n";
+        assert_eq!(parse_kb_field(meminfo, "Slab"), Some(212340));
+        assert_eq!(parse_kb_field(meminfo, "SUnreclaim"), Some(113340));
+    }
+
+    #[test]
+    fn sockstat() {
+        let s = "sockets: used 339\nTCP: inuse 5 orphan 1 tw 2 alloc 7 mem 3\nUDP: inuse 0 mem 0\n";
+        let mut k = KernelMem::default();
+        parse_sockstat(s, &mut k);
+        assert_eq!(
+            (
+                k.tcp_inuse,
+                k.tcp_orphan,
+                k.tcp_tw,
+                k.tcp_alloc,
+                k.tcp_mem_pages
+            ),
+            (5, 1, 2, 7, 3)
+        );
+    }
+
+    #[test]
+    fn stat_cpu() {
+        let s = "4242 (ring gate) (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 17 0 0 20 0 3 0 100 1000 50 18446744073709551615";
+        assert_eq!(parse_stat_cpu_ticks(s), Some(267));
+        assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+        // Our own stat parses.
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_stat_cpu_ticks(&me).is_some());
+        assert!(vm_rss_bytes(None).unwrap() > 0);
+    }
+}
