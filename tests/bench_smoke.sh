@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Bounded smoke run of the load generator against a real gateway: proves bench/ works end to
+# end (idle with JWTs, echo on /echo and on /ws). It checks counts via the tools' exit codes
+# (any failed connection or missing reply fails); it asserts no timing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=${PROFILE:-debug}
+GW=target/$PROFILE/ringgate
+BENCH=target/$PROFILE/ringgate-bench
+[ -x "$GW" ] && [ -x "$BENCH" ] || cargo build --workspace --quiet $([ "$PROFILE" = release ] && echo --release)
+SECRET=smoke-secret-0123456789abcdef
+LOG=$(mktemp)
+"$GW" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --shards 2 --jwt-secret "$SECRET" \
+  --echo-route true >"$LOG" 2>&1 &
+PID=$!
+trap 'kill $PID 2>/dev/null || true; rm -f "$LOG"' EXIT
+for _ in $(seq 100); do grep -q 'listening on' "$LOG" && break; sleep 0.1; done
+TARGET=$(grep -o 'ws://[0-9.:]*' "$LOG" | head -1 | sed 's#ws://##')
+ADMIN=$(grep -o 'admin http://[0-9.:]*' "$LOG" | head -1 | sed 's#admin http://##')
+[ -n "$TARGET" ] || { echo "gateway did not start:"; cat "$LOG"; exit 1; }
+echo "gateway pid $PID on $TARGET (admin $ADMIN)"
+
+"$BENCH" idle -n 500 --target "$TARGET" --secret "$SECRET" --source-ips 4 --hold 2 --timeout 60 \
+  --gateway-pid "$PID" -q
+"$BENCH" echo -c 20 -s 64 --inflight 4 --duration 2 --warmup 1 --target "$TARGET" --route echo -q
+"$BENCH" echo -c 10 --duration 1 --warmup 1 --target "$TARGET" --route ws --secret "$SECRET" -q
+# The gateway counted what the tools did.
+accepted=$(curl -s "http://$ADMIN/metrics" | awk '/^ringgate_connections_accepted_total/ {s+=$2} END {print s}')
+echo "gateway accepted $accepted upgrades"
+[ "$accepted" -ge 530 ] || { echo "expected >= 530 accepted upgrades, got $accepted"; exit 1; }
+kill -TERM $PID
+wait $PID
+echo "bench smoke: ok (gateway exited 0 after SIGTERM)"
