@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Many idle connections across several gateway and load-generator processes on one host.
+#
+# Every process here may be capped in open files (this project's CI VMs: 20,000 per process),
+# so the total is spread: G gateway processes share one public port (SO_REUSEPORT across
+# processes, each with its own admin port, each pinned to one CPU), and L load generators
+# open N connections each from their own loopback source addresses.
+#
+#   bench/scale.sh -g 64 -l 53 -n 19000 --hold 60      # toward 1,000,000 connections
+#   bench/scale.sh -g 2 -l 2 -n 5000 --hold 5           # a quick look
+#
+# Prints per-phase totals: established, failed, connections open on the gateways (from their
+# /metrics), gateway RSS per connection (sum over gateways), kernel memory per connection
+# (/proc/meminfo Slab; on loopback both ends' sockets count), and what stopped it if it fell short.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+G=4 L=4 N=5000 HOLD=10 PORT=38080 ADMIN_BASE=39100 HB=30000 RATE=0 CONC=500
+while [ $# -gt 0 ]; do
+  case $1 in
+    -g) G=$2; shift 2 ;;
+    -l) L=$2; shift 2 ;;
+    -n) N=$2; shift 2 ;;
+    --hold) HOLD=$2; shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
+    --heartbeat-ms) HB=$2; shift 2 ;;
+    --rate) RATE=$2; shift 2 ;;
+    --concurrency) CONC=$2; shift 2 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ "$L" -le 250 ] || { echo "at most 250 load generators (one 127.1.X.0/24 source block each)" >&2; exit 2; }
+
+GW=target/release/ringgate
+BENCH=target/release/ringgate-bench
+[ -x "$GW" ] && [ -x "$BENCH" ] || cargo build --release --workspace --quiet
+SECRET=scale-secret-0123456789abcdef
+OUT=$(mktemp -d /tmp/ringgate-scale.XXXX)
+NCPU=$(nproc)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+meminfo() { awk -v k="$1:" '$1==k {print $2}' /proc/meminfo; }
+open_total() {
+  local s=0 i v
+  for ((i = 0; i < G; i++)); do
+    v=$(curl -s "http://127.0.0.1:$((ADMIN_BASE + i))/metrics" | awk '/^ringgate_connections_open/ {s+=$2} END {print s+0}')
+    s=$((s + v))
+  done
+  echo $s
+}
+rss_total() {
+  local s=0 p
+  for p in "${gw_pids[@]}"; do s=$((s + $(awk '/^VmRSS/ {print $2}' /proc/$p/status))); done
+  echo $s
+}
+
+slab0=$(meminfo Slab); avail0=$(meminfo MemAvailable)
+gw_pids=()
+for ((i = 0; i < G; i++)); do
+  taskset -c $((i % NCPU)) "$GW" serve --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$((ADMIN_BASE + i)) \
+    --shards 1 --jwt-secret "$SECRET" --heartbeat-ms "$HB" --node-id "gw$i" >"$OUT/gw$i.log" 2>&1 &
+  pids+=($!); gw_pids+=($!)
+done
+for ((i = 0; i < G; i++)); do
+  for _ in $(seq 100); do grep -q 'listening on' "$OUT/gw$i.log" && break; sleep 0.1; done
+  grep -q 'listening on' "$OUT/gw$i.log" || { echo "gateway $i did not start:"; cat "$OUT/gw$i.log"; exit 1; }
+done
+sleep 1
+rss0=$(rss_total)
+echo "started $G gateways (rss $((rss0 / 1024)) MiB total), $L load generators x $N connections"
+t0=$(date +%s.%N)
+for ((i = 0; i < L; i++)); do
+  taskset -c $((i % NCPU)) "$BENCH" idle -n "$N" --target 127.0.0.1:$PORT --secret "$SECRET" \
+    --sources "127.1.$i.2-127.1.$i.9" --user-offset $((i * N)) --rate "$RATE" --concurrency "$CONC" \
+    --hold "$HOLD" --timeout $((HOLD + 900)) --handshake-timeout 60 --allow-failures --json -q \
+    >"$OUT/lg$i.json" 2>"$OUT/lg$i.err" &
+  pids+=($!)
+done
+# Sample while the load generators ramp and hold.
+peak=0
+while true; do
+  running=0
+  for ((i = 0; i < L; i++)); do kill -0 "${pids[$((G + i))]}" 2>/dev/null && running=$((running + 1)); done
+  open=$(open_total)
+  if [ "$open" -gt "$peak" ]; then
+    peak=$open; peak_rss=$(rss_total); peak_slab=$(meminfo Slab); peak_avail=$(meminfo MemAvailable)
+    peak_t=$(date +%s.%N)
+  fi
+  [ "$running" -eq 0 ] && break
+  sleep 2
+done
+python3 - "$OUT" "$L" <<'PY'
+import json, sys, glob
+out, L = sys.argv[1], int(sys.argv[2])
+est = failed = 0; fails = {}; rates = []; pings = 0
+for i in range(L):
+    lines = [l for l in open(f"{out}/lg{i}.json") if l.startswith("{")]
+    if not lines:
+        print(f"load generator {i} printed no result:", open(f"{out}/lg{i}.err").read()[-500:]); continue
+    r = json.loads(lines[-1])
+    est += r["established"]; failed += r["failed"]; pings += r.get("pings_answered", 0)
+    rates.append(r["connect_rate_avg"])
+    for k, v in r["failures"].items(): fails[k] = fails.get(k, 0) + v
+print(f"load generators: established {est}, failed {failed} {fails}, pings answered {pings}")
+rates.sort()
+print(f"connect rate per generator (avg over its ramp): median {rates[len(rates)//2]:.0f}/s" if rates else "")
+PY
+echo "peak connections open on the gateways: $peak (after $(python3 -c "print(round($peak_t-$t0,1))") s)"
+if [ "$peak" -gt 0 ]; then
+  echo "gateway RSS: $((rss0 / 1024)) -> $((peak_rss / 1024)) MiB total, $(((peak_rss - rss0) * 1024 / peak)) B per connection"
+  echo "kernel Slab: $((slab0 / 1024)) -> $((peak_slab / 1024)) MiB, $(((peak_slab - slab0) * 1024 / peak)) B per connection (both loopback ends)"
+  echo "MemAvailable: $((avail0 / 1024)) -> $((peak_avail / 1024)) MiB"
+fi
+grep -h "accept failed" "$OUT"/gw*.log | sort | uniq -c | head -5 || true
+echo "logs and per-process JSON in $OUT"
