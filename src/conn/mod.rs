@@ -58,6 +58,9 @@ pub struct Peer {
 struct Partial {
     buf: Vec<u8>,
     message: Option<(Kind, Vec<u8>)>,
+    /// Bytes of a fragmented text message already checked as UTF-8, so that each fragment is
+    /// validated once when it arrives (fail fast, and no quadratic re-scan).
+    utf8_checked: usize,
 }
 
 #[derive(Debug)]
@@ -145,8 +148,20 @@ impl Connection {
 
     /// The shard is shutting down: tell the client to reconnect elsewhere (1012).
     pub fn on_shutdown(&mut self, now: u64, ctx: &Ctx) {
-        if self.phase == Phase::Open {
-            self.close(now, 1012, "server restarting, reconnect", ctx);
+        match self.phase {
+            Phase::Open => self.close(now, 1012, "server restarting, reconnect", ctx),
+            // A handshake in flight gets its 503 now rather than waiting for its last bytes.
+            Phase::Handshaking => {
+                let r = Refusal::Draining;
+                self.partial = None;
+                self.refuse(
+                    now,
+                    r,
+                    r.response("shutting down, reconnect later", ctx.cfg.retry_after_s),
+                    ctx,
+                );
+            }
+            _ => {}
         }
     }
 
@@ -383,8 +398,13 @@ impl Connection {
                 if f.fin {
                     self.on_message(now, f.kind, f.payload, ctx)?;
                 } else {
-                    partial.get_or_insert_with(Default::default).message =
-                        Some((f.kind, f.payload.to_vec()));
+                    let checked = match f.kind {
+                        Kind::Text => check_utf8_prefix(f.payload, 0, false)?,
+                        _ => 0,
+                    };
+                    let p = partial.get_or_insert_with(Default::default);
+                    p.message = Some((f.kind, f.payload.to_vec()));
+                    p.utf8_checked = checked;
                 }
             }
             Kind::Continuation => {
@@ -401,6 +421,13 @@ impl Connection {
                     });
                 }
                 body.extend_from_slice(f.payload);
+                if kind == Kind::Text {
+                    let checked = partial.as_ref().map_or(0, |p| p.utf8_checked);
+                    let checked = check_utf8_prefix(&body, checked, f.fin)?;
+                    if let Some(p) = partial.as_mut() {
+                        p.utf8_checked = checked;
+                    }
+                }
                 if f.fin {
                     self.on_message(now, kind, &body, ctx)?;
                 } else if let Some(p) = partial.as_mut() {
@@ -469,6 +496,20 @@ impl Connection {
         self.phase = Phase::Closing {
             until_ms: now + CLOSE_LINGER_MS,
         };
+    }
+}
+
+/// Validate the text bytes after `checked` and return the new checked length. A character cut
+/// at the end of a non-final fragment may complete in the next one; anything else invalid is
+/// a 1007 at once.
+fn check_utf8_prefix(body: &[u8], checked: usize, fin: bool) -> Result<usize, Violation> {
+    match std::str::from_utf8(&body[checked..]) {
+        Ok(_) => Ok(body.len()),
+        Err(e) if e.error_len().is_none() && !fin => Ok(checked + e.valid_up_to()),
+        Err(_) => Err(Violation {
+            code: frame::CLOSE_INVALID_PAYLOAD,
+            reason: "text message is not UTF-8",
+        }),
     }
 }
 

@@ -920,6 +920,15 @@ fn invalid_utf8_across_fragments_closes_1007() {
 }
 
 #[test]
+fn invalid_utf8_in_a_first_fragment_fails_before_the_message_ends() {
+    // Fail fast (Autobahn 6.4.x): the message never finishes, yet the close is 1007 now.
+    expect_violation(&cf(false, OP_TEXT, &[b'o', b'k', 0xff]), 1007);
+    let mut bytes = cf(false, OP_TEXT, b"fine so far ");
+    bytes.extend(cf(false, OP_CONT, &[0xed, 0xa0, 0x80])); // a UTF-16 surrogate: never valid
+    expect_violation(&bytes, 1007);
+}
+
+#[test]
 fn reserved_opcode_closes_1002() {
     expect_violation(&cf(true, 0x3, b"x"), 1002);
     expect_violation(&cf(true, 0xB, b"x"), 1002);
@@ -1273,12 +1282,23 @@ fn shutdown_sends_1012_to_open_connections() {
 }
 
 #[test]
-fn shutdown_leaves_handshakes_alone() {
+fn shutdown_refuses_handshakes_in_flight_with_503() {
     let env = Env::new();
     let mut conn = env.accept(T0);
+    conn.on_bytes(
+        T0,
+        &mut b"GET /ws?user=a HTTP/1.1\r\nHost: x\r\n".to_vec(),
+        &env.ctx(),
+    );
+    let pending = env.metrics.handshakes_pending.get();
     conn.on_shutdown(T0 + 1, &env.ctx());
-    assert!(conn.out.is_empty());
-    assert_eq!(conn.phase(), Phase::Handshaking);
+    let text = String::from_utf8_lossy(&conn.out).to_string();
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("retry-after: "), "{text}");
+    assert!(matches!(conn.phase(), Phase::Done { .. }));
+    assert_eq!(env.metrics.handshakes_pending.get(), pending - 1);
+    assert_eq!(env.metrics.refused[Refusal::Draining.index()].get(), 1);
+    assert_eq!(conn.buffered_in(), 0, "the half-read head is released");
 }
 
 #[test]

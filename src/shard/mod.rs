@@ -26,6 +26,8 @@ use crate::ws::upgrade::Refusal;
 
 /// Shard-wide read buffer: every socket reads into it, so idle sockets own no read buffer.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
+/// Capacity of the lent output buffer; a larger one (after a burst) is freed, not kept.
+const SPARE_OUT_BYTES: usize = 16 * 1024;
 /// Reads served per socket per poll before yielding to other sockets (fairness).
 const READS_PER_POLL: usize = 16;
 /// Sockets accepted but not upgraded, per shard, beyond which new sockets are closed at once
@@ -78,6 +80,9 @@ pub struct Shard {
     conns: Slab<Entry>,
     wheel: TimingWheel<ConnRef>,
     scratch: Box<[u8]>,
+    /// An empty output buffer lent to the socket being polled and taken back once flushed,
+    /// so the per-message path does not allocate and idle sockets keep no write buffer.
+    spare_out: Vec<u8>,
     fired: Vec<ConnRef>,
     next_serial: u64,
     /// When this shard began draining (ms), once it has.
@@ -108,6 +113,7 @@ impl Shard {
             conns: Slab::new(),
             wheel,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
+            spare_out: Vec::with_capacity(SPARE_OUT_BYTES),
             fired: Vec::new(),
             next_serial: 0,
             drain_started: None,
@@ -161,6 +167,7 @@ impl Shard {
             metrics,
             conns,
             scratch,
+            spare_out,
             id,
             drain_started,
             ..
@@ -170,6 +177,9 @@ impl Shard {
             return ConnPoll::Close;
         };
         let conn = &mut entry.conn;
+        if conn.out.capacity() == 0 {
+            conn.out = std::mem::take(spare_out);
+        }
         let mut reads = 0;
         let mut peer_gone = false;
         let mut read_armed = false;
@@ -220,8 +230,12 @@ impl Shard {
         {
             cx.waker().wake_by_ref();
         }
-        if conn.out.is_empty() && conn.out.capacity() > 0 {
-            conn.out = Vec::new();
+        if conn.out.is_empty() {
+            let mut out = std::mem::take(&mut conn.out);
+            if out.capacity() <= 4 * SPARE_OUT_BYTES && out.capacity() > spare_out.capacity() {
+                out.clear();
+                *spare_out = out;
+            }
         }
         if peer_gone || conn.finished() {
             self.remove(index);
