@@ -34,6 +34,8 @@ pub const DEFAULT_ABUSE_LIMIT: u32 = 20;
 /// Outbound bytes a connection may have queued before the gateway stops reading from it.
 pub const DEFAULT_MAX_OUTBOUND: usize = 1 << 20;
 pub const DEFAULT_RETRY_AFTER_S: u64 = 5;
+/// Input silence after which a connection leaves its glommio task and parks (0 = never).
+pub const DEFAULT_PARK_IDLE_MS: u64 = 1_000;
 
 /// The effective, validated configuration.
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +61,7 @@ pub struct Config {
     pub abuse_limit: u32,
     pub max_outbound: usize,
     pub retry_after_s: u64,
+    pub park_idle_ms: u64,
 }
 
 /// Every key as optional: what one source (file, or flags+env) says.
@@ -129,6 +132,9 @@ pub struct ConfigLayer {
     /// Retry-After seconds on 503 refusals [default: 5]
     #[arg(long, env = "RINGGATE_RETRY_AFTER_S")]
     pub retry_after_s: Option<u64>,
+    /// Input silence before an idle connection parks outside glommio; 0 = never [default: 1000]
+    #[arg(long, env = "RINGGATE_PARK_IDLE_MS")]
+    pub park_idle_ms: Option<u64>,
 }
 
 /// A refused configuration: always names the key and what is wrong with it.
@@ -194,7 +200,8 @@ impl ConfigLayer {
             wheel_slots,
             abuse_limit,
             max_outbound,
-            retry_after_s
+            retry_after_s,
+            park_idle_ms
         )
     }
 
@@ -300,6 +307,7 @@ impl ConfigLayer {
             abuse_limit: self.abuse_limit.unwrap_or(DEFAULT_ABUSE_LIMIT),
             max_outbound,
             retry_after_s: self.retry_after_s.unwrap_or(DEFAULT_RETRY_AFTER_S),
+            park_idle_ms: self.park_idle_ms.unwrap_or(DEFAULT_PARK_IDLE_MS),
         })
     }
 }

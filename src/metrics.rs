@@ -67,6 +67,9 @@ pub const PROTOCOL_CLOSES: &str = "ringgate_protocol_closes_total";
 pub const OVERSIZE_CLOSES: &str = "ringgate_oversize_closes_total";
 pub const ABUSE_CLOSES: &str = "ringgate_abuse_closes_total";
 pub const WHEEL_ENTRIES: &str = "ringgate_wheel_entries";
+pub const CONNECTIONS_PARKED: &str = "ringgate_connections_parked";
+pub const PARKS: &str = "ringgate_parks_total";
+pub const UNPARKS: &str = "ringgate_unparks_total";
 
 #[derive(Default, Debug)]
 #[repr(align(128))]
@@ -87,6 +90,9 @@ pub struct ShardMetrics {
     pub oversize_closes: Counter,
     pub abuse_closes: Counter,
     pub wheel_entries: Gauge,
+    pub connections_parked: Gauge,
+    pub parks: Counter,
+    pub unparks: Counter,
 }
 
 enum Kind {
@@ -178,6 +184,24 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Connections closed (1008) after too many bad frames.",
         Kind::Counter,
         |m| m.abuse_closes.get(),
+    ),
+    (
+        CONNECTIONS_PARKED,
+        "Idle connections parked outside glommio (no task, no buffer).",
+        Kind::Gauge,
+        |m| m.connections_parked.get(),
+    ),
+    (
+        PARKS,
+        "Connections parked after park_idle_ms without input.",
+        Kind::Counter,
+        |m| m.parks.get(),
+    ),
+    (
+        UNPARKS,
+        "Parked connections handed back to a socket task.",
+        Kind::Counter,
+        |m| m.unparks.get(),
     ),
     (
         WHEEL_ENTRIES,

@@ -107,6 +107,19 @@ impl Connection {
         self.peer.as_deref()
     }
 
+    /// Last time input arrived (accept time while handshaking).
+    pub fn last_rx_ms(&self) -> u64 {
+        self.last_rx_ms
+    }
+
+    /// Open, nothing buffered either way, and silent for `idle_ms`: it may leave its task.
+    pub fn parkable(&self, now: u64, idle_ms: u64) -> bool {
+        self.phase == Phase::Open
+            && self.out.is_empty()
+            && self.partial.is_none()
+            && now >= self.last_rx_ms + idle_ms
+    }
+
     /// The socket can be closed: nothing left to say and everything said.
     pub fn finished(&self) -> bool {
         matches!(self.phase, Phase::Done { .. }) && self.out.is_empty()

@@ -5,13 +5,15 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::task::Poll;
 use std::time::Duration;
 
-use glommio::net::{TcpListener, TcpStream};
+use futures_lite::AsyncReadExt;
+use glommio::net::{TcpListener, TcpStream, UnixStream};
 
+use super::park::ParkSet;
 use super::{ConnPoll, Shard};
 
 /// Listen backlog requested; the kernel caps it at net.core.somaxconn (see tuning/).
@@ -31,15 +33,34 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<socket2::Socket> 
 }
 
 /// Run the shard until it has drained. Call inside the shard's glommio executor.
-pub async fn run(shard: Shard, listener: socket2::Socket) {
+pub async fn run(mut shard: Shard, listener: socket2::Socket) {
     let tick = Duration::from_millis(shard.cfg().tick_ms);
+    let doorbell = if shard.cfg().park_idle_ms > 0 {
+        match ParkSet::new(shard.id) {
+            Ok((set, bell)) => {
+                shard.enable_parking(set);
+                // SAFETY: the fd comes from a connected Unix socket we own and hand over whole.
+                Some(unsafe { UnixStream::from_raw_fd(bell.into_raw_fd()) })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, shard = shard.id, "parking disabled: cannot create the park set");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let shard = Rc::new(RefCell::new(shard));
+    if let Some(bell) = doorbell {
+        glommio::spawn_local(park_loop(shard.clone(), bell)).detach();
+    }
     // SAFETY: the fd comes from a listening socket we own and hand over whole.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
     let mut acceptor = Some(glommio::spawn_local(accept_loop(shard.clone(), listener)));
     loop {
         glommio::timer::sleep(tick).await;
         let done = shard.borrow_mut().on_tick();
+        spawn_unparked(&shard);
         if acceptor.is_some() && shard.borrow().draining() {
             // Dropping the task closes the listener: the kernel sends new connections to
             // the other processes sharing the port, or refuses them.
@@ -70,6 +91,33 @@ async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener) {
     }
 }
 
+/// Wait for the park set's doorbell, serve the parked sockets that have input, repeat.
+async fn park_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        shard.borrow().arm_parking();
+        match bell.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        shard.borrow_mut().on_parked_ready();
+        spawn_unparked(&shard);
+    }
+}
+
+/// Give each socket that left the park set a socket task again.
+fn spawn_unparked(shard: &Rc<RefCell<Shard>>) {
+    let unparked = shard.borrow_mut().take_unparked();
+    for (index, socket) in unparked {
+        glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket))).detach();
+    }
+}
+
+fn owned_stream(socket: OwnedFd) -> TcpStream {
+    // SAFETY: the fd is a connected TCP socket we own and hand over whole.
+    unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) }
+}
+
 /// The socket task: polls the shard for this socket until it is closed. A hand-written future
 /// (not an `async fn`) so the task holds the stream once: it is most of an idle connection.
 struct Drive {
@@ -83,12 +131,16 @@ impl std::future::Future for Drive {
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        match this
-            .shard
-            .borrow_mut()
-            .poll_conn(this.index, &mut this.stream, cx)
-        {
-            ConnPoll::Pending => Poll::Pending,
+        let mut shard = this.shard.borrow_mut();
+        // Parking ends the task; the shard keeps a duplicate of the socket.
+        if shard.park_requested(this.index) && shard.park(this.index, this.stream.as_raw_fd()) {
+            return Poll::Ready(());
+        }
+        match shard.poll_conn(this.index, &mut this.stream, cx) {
+            ConnPoll::Pending { .. } => {
+                shard.set_waker(this.index, cx.waker());
+                Poll::Pending
+            }
             // Dropping the task drops the stream, which closes the socket.
             ConnPoll::Close => Poll::Ready(()),
         }

@@ -6,8 +6,10 @@
 //! [`Shard::poll_conn`], and one tick task that calls [`Shard::on_tick`].
 
 pub mod io;
+pub mod park;
 
 use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use crate::conn::{Connection, Ctx, Phase};
 use crate::metrics::ShardMetrics;
 use crate::wheel::{TimerKey, TimingWheel};
 use crate::ws::upgrade::Refusal;
+use park::{ParkSet, RawSocket};
 
 /// Shard-wide read buffer: every socket reads into it, so idle sockets own no read buffer.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
@@ -68,8 +71,18 @@ struct Entry {
     conn: Connection,
     serial: u32,
     timer: Option<TimerKey>,
-    /// The socket task's waker, to write what a timer produced.
+    /// The socket task's waker, to write what a timer produced (None while parked).
     waker: Option<Waker>,
+    /// The socket while parked (see `park`): owned here, no glommio task exists.
+    parked: Option<OwnedFd>,
+    /// The tick found the connection idle: its task parks it on its next poll.
+    park_requested: bool,
+}
+
+impl Entry {
+    fn token(&self, index: usize) -> u64 {
+        ((self.serial as u64) << 32) | index as u64
+    }
 }
 
 pub struct Shard {
@@ -87,11 +100,21 @@ pub struct Shard {
     next_serial: u64,
     /// When this shard began draining (ms), once it has.
     drain_started: Option<u64>,
+    /// Where idle connections wait (None when `park_idle_ms = 0`).
+    park: Option<ParkSet>,
+    ready_tokens: Vec<u64>,
+    /// Parked sockets that became busy: the glue hands each to a new socket task.
+    unparked: Vec<(usize, OwnedFd)>,
 }
 
 /// What the socket task should do after a poll.
 pub enum ConnPoll {
-    Pending,
+    /// Wait. `read_blocked`: the last read would block (a wake-up is registered for input).
+    /// `write_blocked`: output is left that the socket would not take.
+    Pending {
+        read_blocked: bool,
+        write_blocked: bool,
+    },
     /// Drop the socket: the connection is finished or the peer went away.
     Close,
 }
@@ -117,7 +140,15 @@ impl Shard {
             fired: Vec::new(),
             next_serial: 0,
             drain_started: None,
+            park: None,
+            ready_tokens: Vec::new(),
+            unparked: Vec::new(),
         }
+    }
+
+    /// Let idle connections park in `set` (the glue reads the doorbell).
+    pub fn enable_parking(&mut self, set: ParkSet) {
+        self.park = Some(set);
     }
 
     pub fn cfg(&self) -> &Config {
@@ -150,6 +181,8 @@ impl Shard {
             serial: serial as u32,
             timer: None,
             waker: None,
+            parked: None,
+            park_requested: false,
         });
         self.metrics.handshakes_pending.inc();
         self.sync_timer(index);
@@ -241,15 +274,137 @@ impl Shard {
             self.remove(index);
             return ConnPoll::Close;
         }
-        if !entry
-            .waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            entry.waker = Some(cx.waker().clone());
-        }
+        let write_blocked = !conn.out.is_empty();
         self.sync_timer(index);
-        ConnPoll::Pending
+        ConnPoll::Pending {
+            read_blocked: read_armed,
+            write_blocked,
+        }
+    }
+
+    /// Remember the socket task's waker (for timer output and park requests).
+    pub fn set_waker(&mut self, index: usize, waker: &Waker) {
+        if let Some(entry) = self.conns.get_mut(index) {
+            if !entry.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                entry.waker = Some(waker.clone());
+            }
+        }
+    }
+
+    /// Called by the socket task before polling: should it park instead?
+    pub fn park_requested(&self, index: usize) -> bool {
+        self.conns.get(index).is_some_and(|e| e.park_requested)
+    }
+
+    /// Park the connection whose task holds socket `fd`: on success the task ends (dropping
+    /// its glommio stream) and a duplicate of the socket waits in the park set.
+    pub fn park(&mut self, index: usize, fd: RawFd) -> bool {
+        let Some(set) = &self.park else {
+            return false;
+        };
+        let entry = &mut self.conns[index];
+        entry.park_requested = false;
+        if !entry.conn.parkable(self.clock.now_ms(), 0) || self.drain_started.is_some() {
+            return false;
+        }
+        let Ok(copy) = park::dup(fd) else {
+            return false; // out of descriptors: stay on glommio
+        };
+        if set
+            .watch(copy.as_raw_fd(), entry.token(index), false)
+            .is_err()
+        {
+            return false;
+        }
+        entry.parked = Some(copy);
+        entry.waker = None;
+        self.metrics.connections_parked.inc();
+        self.metrics.parks.inc();
+        true
+    }
+
+    /// Ask the poller to ring once a parked socket has input.
+    pub fn arm_parking(&self) {
+        if let Some(set) = &self.park {
+            set.arm();
+        }
+    }
+
+    /// The doorbell rang: serve parked sockets with input.
+    pub fn on_parked_ready(&mut self) {
+        let Some(set) = self.park.as_mut() else {
+            return;
+        };
+        let mut tokens = std::mem::take(&mut self.ready_tokens);
+        set.take_ready(&mut tokens);
+        for token in tokens.drain(..) {
+            let (index, serial) = ((token & 0xffff_ffff) as usize, (token >> 32) as u32);
+            if self
+                .conns
+                .get(index)
+                .is_some_and(|e| e.serial == serial && e.parked.is_some())
+            {
+                self.poll_parked(index);
+            }
+        }
+        self.ready_tokens = tokens;
+    }
+
+    /// Serve a parked socket inline with non-blocking syscalls. It stays parked if it only
+    /// exchanged a little (a heartbeat) after a long silence; otherwise it goes back to glommio.
+    fn poll_parked(&mut self, index: usize) {
+        let now = self.clock.now_ms();
+        let park_idle = self.shared.cfg.park_idle_ms;
+        let entry = &self.conns[index];
+        let fd = entry.parked.as_ref().expect("parked").as_raw_fd();
+        // Quiet = no input for park_idle_ms before this event (output from a timer, such as a
+        // heartbeat ping, does not count).
+        let was_quiet = now >= entry.conn.last_rx_ms() + park_idle;
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        match self.poll_conn(index, &mut RawSocket(fd), &mut cx) {
+            ConnPoll::Close => self.metrics.connections_parked.dec(),
+            ConnPoll::Pending {
+                read_blocked,
+                write_blocked,
+            } => {
+                let entry = &mut self.conns[index];
+                let stay = read_blocked
+                    && !write_blocked
+                    && was_quiet
+                    && self.drain_started.is_none()
+                    && entry.conn.phase() == Phase::Open;
+                let token = entry.token(index);
+                let set = self.park.as_ref().expect("parking enabled");
+                if stay && set.watch(fd, token, true).is_ok() {
+                    return;
+                }
+                set.unwatch(fd);
+                let socket = entry.parked.take().expect("parked");
+                self.metrics.connections_parked.dec();
+                self.metrics.unparks.inc();
+                self.unparked.push((index, socket));
+            }
+        }
+    }
+
+    /// Parked sockets that need a socket task again.
+    pub fn take_unparked(&mut self) -> Vec<(usize, OwnedFd)> {
+        std::mem::take(&mut self.unparked)
+    }
+
+    /// After a timer or shutdown wrote to a connection: get the bytes moving.
+    fn kick(&mut self, index: usize) {
+        let entry = &self.conns[index];
+        if entry.parked.is_some() {
+            if !entry.conn.out.is_empty() || entry.conn.finished() {
+                self.poll_parked(index);
+            }
+        } else if !entry.conn.out.is_empty() || entry.conn.finished() || entry.park_requested {
+            if let Some(w) = &entry.waker {
+                w.wake_by_ref();
+            }
+        }
     }
 
     /// Keep the connection's single wheel entry at or before its deadline. Lazy: when the
@@ -258,7 +413,11 @@ impl Shard {
     fn sync_timer(&mut self, index: usize) {
         let tick_ms = self.shared.cfg.tick_ms;
         let entry = &mut self.conns[index];
-        let want = entry.conn.deadline(&self.shared.cfg).div_ceil(tick_ms);
+        let mut want_ms = entry.conn.deadline(&self.shared.cfg);
+        if self.park.is_some() && entry.parked.is_none() && entry.conn.phase() == Phase::Open {
+            want_ms = want_ms.min(entry.conn.last_rx_ms() + self.shared.cfg.park_idle_ms);
+        }
+        let want = want_ms.div_ceil(tick_ms);
         if let Some(key) = entry.timer {
             match self.wheel.deadline(key) {
                 Some(at) if at <= want => return,
@@ -313,13 +472,18 @@ impl Shard {
             };
             entry.timer = None;
             entry.conn.on_timer(now, &ctx);
-            let wake = !entry.conn.out.is_empty() || entry.conn.finished();
-            if wake {
-                if let Some(w) = &entry.waker {
-                    w.wake_by_ref();
-                }
+            let park_idle = self.shared.cfg.park_idle_ms;
+            if self.park.is_some()
+                && self.drain_started.is_none()
+                && entry.parked.is_none()
+                && entry.conn.parkable(now, park_idle)
+            {
+                entry.park_requested = true;
             }
-            self.sync_timer(index);
+            self.kick(index);
+            if self.conns.get(index).is_some_and(|e| e.serial == r.serial) {
+                self.sync_timer(index);
+            }
         }
         self.fired = fired;
         self.metrics.wheel_entries.set(self.wheel.len() as u64);
@@ -337,10 +501,12 @@ impl Shard {
             let ctx = make_ctx(&self.shared, &self.metrics, true, self.id);
             let entry = &mut self.conns[index];
             entry.conn.on_shutdown(now, &ctx);
-            if let Some(w) = &entry.waker {
-                w.wake_by_ref();
+            entry.park_requested = false;
+            let serial = entry.serial;
+            self.kick(index);
+            if self.conns.get(index).is_some_and(|e| e.serial == serial) {
+                self.sync_timer(index);
             }
-            self.sync_timer(index);
         }
     }
 }

@@ -1,0 +1,254 @@
+//! Parking: idle connections leave glommio and wait in one per-shard epoll set.
+//!
+//! Why: a socket served by glommio costs a task plus an io_uring poll `Source` (measured
+//! ~1.6 KiB RSS per idle socket for a bare glommio task holding a `TcpStream`), more than the
+//! whole per-connection budget. Most connections of a messaging gateway are idle most of the
+//! time, so after `park_idle_ms` without input a connection's task ends and its socket is
+//! registered here (EPOLLONESHOT) with the slab index and serial as the token. A parked
+//! connection owns its fd, its slab entry and its wheel entry, nothing else.
+//!
+//! glommio cannot wait on an arbitrary fd, so one small poller thread per shard blocks in
+//! `poll(epfd)` when the shard asks it to (`arm`) and rings a doorbell socket that the shard
+//! reads through glommio. The shard then takes the events itself with `epoll_wait(0)`. The
+//! busy path never touches this: active sockets stay on glommio/io_uring.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+
+/// Events taken per `epoll_wait`.
+const EVENTS_PER_WAIT: usize = 256;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub struct ParkSet {
+    epfd: OwnedFd,
+    /// Shard -> poller: one byte = "wait for readiness now". Closing it stops the poller.
+    arm_w: Option<OwnedFd>,
+    poller: Option<std::thread::JoinHandle<()>>,
+    events: Vec<libc::epoll_event>,
+}
+
+impl ParkSet {
+    /// The set, and the doorbell end the shard reads (through glommio) to learn of events.
+    pub fn new(shard: usize) -> io::Result<(ParkSet, std::os::unix::net::UnixStream)> {
+        // SAFETY: plain syscalls; every fd returned is wrapped into an owner at once.
+        let epfd = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
+        let (arm_r, arm_w) = pipe()?;
+        let (bell_shard, bell_poller) = std::os::unix::net::UnixStream::pair()?;
+        let ep = epfd.as_raw_fd();
+        let poller = std::thread::Builder::new()
+            .name(format!("shard-{shard}-park"))
+            .stack_size(64 * 1024)
+            .spawn(move || poller_loop(ep, arm_r, bell_poller))?;
+        Ok((
+            ParkSet {
+                epfd,
+                arm_w: Some(arm_w),
+                poller: Some(poller),
+                events: Vec::with_capacity(EVENTS_PER_WAIT),
+            },
+            bell_shard,
+        ))
+    }
+
+    /// Watch `fd` for input, one shot: `rearm` = false adds it, true re-arms it after an event.
+    pub fn watch(&self, fd: RawFd, token: u64, rearm: bool) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+            u64: token,
+        };
+        let op = if rearm {
+            libc::EPOLL_CTL_MOD
+        } else {
+            libc::EPOLL_CTL_ADD
+        };
+        // SAFETY: valid epoll fd and event struct.
+        cvt(unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), op, fd, &mut ev) })?;
+        Ok(())
+    }
+
+    /// Stop watching `fd` (before it goes back to glommio). Epoll keys an entry by fd number
+    /// and open file: a stale entry would outlive this fd number once the socket is parked
+    /// again under a new duplicate, so it is removed explicitly.
+    pub fn unwatch(&self, fd: RawFd) {
+        // SAFETY: valid epoll fd; a null event is allowed for EPOLL_CTL_DEL.
+        unsafe {
+            libc::epoll_ctl(
+                self.epfd.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    /// Ask the poller to ring the doorbell once something is ready.
+    pub fn arm(&self) {
+        if let Some(w) = &self.arm_w {
+            // SAFETY: writing one byte from a valid buffer to a pipe we own.
+            unsafe { libc::write(w.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        }
+    }
+
+    /// Tokens of parked sockets with input, without blocking.
+    pub fn take_ready(&mut self, out: &mut Vec<u64>) {
+        loop {
+            self.events.clear();
+            // SAFETY: the buffer has capacity for EVENTS_PER_WAIT events.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epfd.as_raw_fd(),
+                    self.events.as_mut_ptr(),
+                    EVENTS_PER_WAIT as i32,
+                    0,
+                )
+            };
+            if n <= 0 {
+                return;
+            }
+            // SAFETY: the kernel initialised n entries.
+            unsafe { self.events.set_len(n as usize) };
+            out.extend(self.events.iter().map(|e| e.u64));
+            if (n as usize) < EVENTS_PER_WAIT {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for ParkSet {
+    fn drop(&mut self) {
+        self.arm_w.take(); // EOF tells the poller to stop
+        if let Some(p) = self.poller.take() {
+            let _ = p.join();
+        }
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds that we wrap at once.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Wait for an arm byte, then for readiness of the set, then ring; until the arm pipe closes.
+fn poller_loop(epfd: RawFd, arm_r: OwnedFd, bell: std::os::unix::net::UnixStream) {
+    use std::io::Write;
+    let mut bell = bell;
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: reading into a valid one-byte buffer from a pipe we own.
+        let n = unsafe { libc::read(arm_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        if n == 0 {
+            return;
+        }
+        if n < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: epfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: arm_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: two valid pollfd entries.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if r > 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                break;
+            }
+        }
+        if fds[1].revents != 0 {
+            return; // the shard closed the arm pipe
+        }
+        if bell.write_all(&[1]).is_err() {
+            return;
+        }
+    }
+}
+
+/// A parked socket served inline with non-blocking syscalls: `Pending` means EAGAIN, and no
+/// waker is kept (the epoll set is the wake-up).
+pub struct RawSocket(pub RawFd);
+
+impl AsyncRead for RawSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        // SAFETY: recv into a valid mutable buffer.
+        let n = unsafe {
+            libc::recv(
+                self.0,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        would_block(n)
+    }
+}
+
+impl AsyncWrite for RawSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // SAFETY: send from a valid buffer; MSG_NOSIGNAL so a reset peer is an error, not SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                self.0,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        would_block(n)
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn would_block(n: isize) -> Poll<io::Result<usize>> {
+    if n >= 0 {
+        return Poll::Ready(Ok(n as usize));
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Poll::Pending
+    } else {
+        Poll::Ready(Err(e))
+    }
+}
+
+/// Duplicate a socket fd (the parked copy outlives the glommio stream that owned the original).
+pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: dup of a valid fd, wrapped at once.
+    Ok(unsafe { OwnedFd::from_raw_fd(cvt(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0))?) })
+}

@@ -1,0 +1,145 @@
+//! Idle connections park outside glommio (one epoll set per shard) and must behave exactly
+//! like active ones: heartbeats, messages, closes and the SIGTERM drain, over real sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tungstenite::Message;
+
+fn parked(gw: &Gateway) -> u64 {
+    gw.metric_sum("ringgate_connections_parked")
+}
+
+#[test]
+fn idle_connections_park_and_keep_heartbeats_and_messages() {
+    let gw = Gateway::start(&["--park-idle-ms", "50", "--heartbeat-ms", "300"]);
+    let (mut a, _) = connect_app(&gw, "pa");
+    let (mut b, _) = connect_app(&gw, "pb");
+    assert!(
+        eventually(Duration::from_secs(5), || parked(&gw) == 2),
+        "both park"
+    );
+    // A message to a parked connection is answered (inline or after unparking).
+    send_text(&mut a, r#"{"op":"ping"}"#);
+    assert_eq!(recv_json(&mut a)["op"], "pong");
+    send_text(&mut b, "not json");
+    assert_eq!(recv_json(&mut b)["code"], "bad_request");
+    // Both park again, and answering pings while parked keeps them alive past 3 x heartbeat.
+    assert!(eventually(Duration::from_secs(5), || parked(&gw) == 2));
+    for ws in [&mut a, &mut b] {
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+    }
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < until {
+        for ws in [&mut a, &mut b] {
+            match ws.read() {
+                Ok(Message::Close(c)) => panic!("closed while answering pings: {c:?}"),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            let _ = ws.flush(); // send the queued pong
+        }
+    }
+    assert_eq!(gw.metric_sum("ringgate_heartbeat_closes_total"), 0);
+    assert!(gw.metric_sum("ringgate_heartbeat_pings_total") >= 4);
+    assert_eq!(gw.metric_sum("ringgate_connections_open"), 2);
+    // Heartbeats and a single message after a silence are served inline: still parked, and
+    // never handed back to a socket task. (Checked at once: the clients stop answering now.)
+    assert_eq!(parked(&gw), 2);
+    assert_eq!(gw.metric_sum("ringgate_unparks_total"), 0);
+}
+
+#[test]
+fn parked_silent_connection_is_pinged_then_closed_1001() {
+    let gw = Gateway::start(&["--park-idle-ms", "20", "--heartbeat-ms", "300"]);
+    let mut raw = RawWs::connect(gw.public, "/ws?user=quiet");
+    assert_eq!(raw.recv_json()["op"], "welcome");
+    let mut pings = 0;
+    let close = loop {
+        let f = raw.recv().expect("frames until close");
+        match f.opcode {
+            9 => pings += 1,
+            8 => break f,
+            _ => {}
+        }
+    };
+    assert_eq!(close.close_code(), Some(1001));
+    assert!(pings >= 1);
+    assert!(
+        gw.metric_sum("ringgate_parks_total") >= 1,
+        "it was parked when pinged"
+    );
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_connections_open")
+        == 0));
+    assert_eq!(parked(&gw), 0);
+}
+
+#[test]
+fn a_parked_client_that_leaves_is_cleaned_up() {
+    let gw = Gateway::start(&["--park-idle-ms", "20"]);
+    let conns: Vec<_> = (0..10)
+        .map(|i| connect_app(&gw, &format!("gone{i}")).0)
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || parked(&gw) == 10));
+    drop(conns); // FIN on every socket while parked
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_connections_open")
+        == 0));
+    assert_eq!(parked(&gw), 0);
+    // The gauge is refreshed on the next wheel tick.
+    assert!(eventually(Duration::from_secs(2), || gw
+        .metric_sum("ringgate_wheel_entries")
+        == 0));
+}
+
+#[test]
+fn a_burst_to_a_parked_connection_unparks_it_and_loses_nothing() {
+    let gw = Gateway::start(&["--park-idle-ms", "30", "--echo-route", "true"]);
+    let mut ws = connect(&gw, "/echo");
+    // /echo connections park too.
+    assert!(eventually(Duration::from_secs(5), || parked(&gw) == 1));
+    for i in 0..200u32 {
+        ws.send(Message::Binary(i.to_be_bytes().to_vec().into()))
+            .unwrap();
+    }
+    for i in 0..200u32 {
+        assert_eq!(
+            ws.read().unwrap(),
+            Message::Binary(i.to_be_bytes().to_vec().into())
+        );
+    }
+    assert!(gw.metric_sum("ringgate_unparks_total") >= 1);
+    // Quiet again: it parks again (under a new descriptor) and still echoes.
+    let parks_before = gw.metric_sum("ringgate_parks_total");
+    assert!(eventually(Duration::from_secs(5), || parked(&gw) == 1));
+    assert!(gw.metric_sum("ringgate_parks_total") > parks_before);
+    for round in 0..3u8 {
+        for i in 0..50u8 {
+            ws.send(Message::Binary(vec![round, i].into())).unwrap();
+        }
+        for i in 0..50u8 {
+            assert_eq!(ws.read().unwrap(), Message::Binary(vec![round, i].into()));
+        }
+        assert!(eventually(Duration::from_secs(5), || parked(&gw) == 1));
+    }
+}
+
+#[test]
+fn sigterm_reaches_parked_connections_with_1012() {
+    let mut gw = Gateway::start(&["--park-idle-ms", "20", "--drain-ms", "5000"]);
+    let mut clients: Vec<_> = (0..6)
+        .map(|i| connect_app(&gw, &format!("pz{i}")).0)
+        .collect();
+    assert!(eventually(Duration::from_secs(5), || parked(&gw) == 6));
+    gw.sigterm();
+    for ws in clients.iter_mut() {
+        assert_eq!(recv_close_code(ws), 1012);
+    }
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+}
