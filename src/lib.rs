@@ -10,6 +10,7 @@
 //! - [`auth`]: JWT and dev mode; [`metrics`]: per-shard counters and Prometheus text.
 
 pub mod admin;
+pub mod alloc;
 pub mod auth;
 pub mod cli;
 pub mod clock;

@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::auth::{Authenticator, Identity};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::proto::{self, ClientFrame, ErrorCode, FrameError};
@@ -46,11 +46,11 @@ pub struct Ctx<'a> {
     pub shard: usize,
 }
 
-/// Who is on the other end, once upgraded on `/ws`.
+/// What a `/ws` connection carries besides its user id, boxed because it is rare.
 #[derive(Debug)]
-pub struct Peer {
-    pub identity: Identity,
-    pub device: Option<Box<str>>,
+struct PeerExtra {
+    rooms: Option<Vec<Box<str>>>,
+    device: Option<Box<str>>,
 }
 
 /// Bytes kept between reads: an unfinished HTTP head or frame, and a fragmented message.
@@ -68,7 +68,10 @@ pub struct Connection {
     phase: Phase,
     /// Set once upgraded; the connection then counts in `host_open`.
     route: Option<Route>,
-    peer: Option<Box<Peer>>,
+    /// The authenticated user on `/ws` (empty on `/echo` and before the upgrade). Inline:
+    /// long-lived small allocations per connection fragment the heap (see shard/park.rs).
+    user: compact_str::CompactString,
+    extra: Option<Box<PeerExtra>>,
     partial: Option<Box<Partial>>,
     /// Bytes to send. Released (capacity 0) once flushed so idle connections hold nothing.
     pub out: Vec<u8>,
@@ -85,7 +88,8 @@ impl Connection {
         Connection {
             phase: Phase::Handshaking,
             route: None,
-            peer: None,
+            user: compact_str::CompactString::const_new(""),
+            extra: None,
             partial: None,
             out: Vec::new(),
             last_rx_ms: now_ms,
@@ -103,8 +107,18 @@ impl Connection {
         self.route
     }
 
-    pub fn peer(&self) -> Option<&Peer> {
-        self.peer.as_deref()
+    /// The authenticated user, on `/ws`.
+    pub fn user(&self) -> Option<&str> {
+        (!self.user.is_empty()).then_some(self.user.as_str())
+    }
+
+    pub fn device(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|e| e.device.as_deref())
+    }
+
+    /// Rooms the token allows; `None` = any.
+    pub fn rooms(&self) -> Option<&[Box<str>]> {
+        self.extra.as_ref().and_then(|e| e.rooms.as_deref())
     }
 
     /// Last time input arrived (accept time while handshaking).
@@ -273,10 +287,13 @@ impl Connection {
                     // No offline inbox yet in this build: nothing to replay.
                     proto::write_synced(&mut body, 0);
                     self.push_frame(Kind::Text, &body, ctx);
-                    self.peer = Some(Box::new(Peer {
-                        identity,
-                        device: accepted.device,
-                    }));
+                    if identity.rooms.is_some() || accepted.device.is_some() {
+                        self.extra = Some(Box::new(PeerExtra {
+                            rooms: identity.rooms,
+                            device: accepted.device,
+                        }));
+                    }
+                    self.user = identity.user;
                 }
                 // A client may send frames right behind its request head.
                 let mut rest = partial.buf.split_off(accepted.head_len);

@@ -345,9 +345,8 @@ fn dev_mode_upgrade_sends_101_welcome_and_synced() {
 
     assert_eq!(conn.phase(), Phase::Open);
     assert_eq!(conn.route(), Some(Route::App));
-    let peer = conn.peer().expect("peer on /ws");
-    assert_eq!(&*peer.identity.user, "alice");
-    assert_eq!(peer.device.as_deref(), Some("phone"));
+    assert_eq!(conn.user(), Some("alice"));
+    assert_eq!(conn.device(), Some("phone"));
     assert_eq!(env.host(), 1);
     assert_eq!(env.metrics.connections_open.get(), 1);
     assert_eq!(env.metrics.connections_accepted.get(), 1);
@@ -371,7 +370,7 @@ fn echo_route_upgrades_without_welcome() {
     assert_eq!(resp.status, 101);
     assert!(rest.is_empty(), "no app frames on /echo: {rest:?}");
     assert_eq!(conn.route(), Some(Route::Echo));
-    assert!(conn.peer().is_none());
+    assert_eq!(conn.user(), None);
     assert_eq!(env.host(), 1);
 }
 
@@ -1418,7 +1417,7 @@ fn valid_token_upgrades_as_its_subject() {
     let (resp, rest) = split_http(&out);
     assert_eq!(resp.status, 101);
     assert_eq!(parse_frames(rest)[0].json()["user"], "carol");
-    assert_eq!(&*conn.peer().unwrap().identity.user, "carol");
+    assert_eq!(conn.user(), Some("carol"));
     assert_eq!(env.host(), 1);
 }
 

@@ -105,6 +105,9 @@ pub struct Shard {
     ready_tokens: Vec<u64>,
     /// Parked sockets that became busy: the glue hands each to a new socket task.
     unparked: Vec<(usize, OwnedFd)>,
+    /// Connections parked or closed since memory was last given back (see `alloc`).
+    released_since_collect: u64,
+    last_collect_ms: u64,
 }
 
 /// What the socket task should do after a poll.
@@ -143,6 +146,8 @@ impl Shard {
             park: None,
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
+            released_since_collect: 0,
+            last_collect_ms: 0,
         }
     }
 
@@ -320,6 +325,7 @@ impl Shard {
         entry.waker = None;
         self.metrics.connections_parked.inc();
         self.metrics.parks.inc();
+        self.released_since_collect += 1;
         true
     }
 
@@ -437,6 +443,7 @@ impl Shard {
     }
 
     fn remove(&mut self, index: usize) {
+        self.released_since_collect += 1;
         let mut entry = self.conns.remove(index);
         if let Some(key) = entry.timer.take() {
             self.wheel.cancel(key);
@@ -487,6 +494,13 @@ impl Shard {
         }
         self.fired = fired;
         self.metrics.wheel_entries.set(self.wheel.len() as u64);
+        if self.released_since_collect > 0
+            && now >= self.last_collect_ms + crate::alloc::RELEASE_EVERY_MS
+        {
+            crate::alloc::release_free_memory();
+            self.released_since_collect = 0;
+            self.last_collect_ms = now;
+        }
         match self.drain_started {
             Some(started) => self.conns.is_empty() || now >= started + self.shared.cfg.drain_ms,
             None => false,
