@@ -15,7 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-G=4 L=4 N=5000 HOLD=10 PORT=38080 ADMIN_BASE=39100 HB=30000 RATE=0 CONC=500
+# Ports stay below the ephemeral range (32768-60999 by default) so no outgoing socket holds them.
+G=4 L=4 N=5000 HOLD=10 PORT=17080 ADMIN_BASE=17100 HB=30000 RATE=0 CONC=500
 while [ $# -gt 0 ]; do
   case $1 in
     -g) G=$2; shift 2 ;;
