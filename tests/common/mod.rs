@@ -150,52 +150,8 @@ pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Minimal HTTP/1.1 request; returns (status, body).
-pub fn http_request(addr: SocketAddr, head: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(head.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
-}
-
-pub fn http_get(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
-    let mut head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for h in headers {
-        head.push_str(h);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    http_request(addr, &head)
-}
-
-/// Full response head + body of a WebSocket upgrade attempt that is expected to be refused.
-pub fn upgrade_status(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
-    let mut all = vec![
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        "Sec-WebSocket-Version: 13",
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-    ];
-    all.extend_from_slice(headers);
-    let mut head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n");
-    for h in all {
-        head.push_str(h);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
+/// Send a raw request head, read until the server closes; returns (status, whole response).
+fn exchange(addr: SocketAddr, head: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(head.as_bytes()).unwrap();
@@ -208,6 +164,47 @@ pub fn upgrade_status(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, S
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status in {text:?}"));
     (status, text)
+}
+
+/// Minimal HTTP/1.1 request; returns (status, body).
+pub fn http_request(addr: SocketAddr, head: &str) -> (u16, String) {
+    let (status, text) = exchange(addr, head);
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, body.to_string())
+}
+
+fn head_with(first_line: &str, addr: SocketAddr, headers: &[&str]) -> String {
+    let mut head = format!("{first_line}\r\nHost: {addr}\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    head
+}
+
+pub fn http_get(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+    let mut all = vec!["Connection: close"];
+    all.extend_from_slice(headers);
+    http_request(
+        addr,
+        &head_with(&format!("GET {path} HTTP/1.1"), addr, &all),
+    )
+}
+
+/// Status and whole response of a WebSocket upgrade attempt that is expected to be refused.
+pub fn upgrade_status(addr: SocketAddr, path: &str, headers: &[&str]) -> (u16, String) {
+    let mut all = vec![
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ];
+    all.extend_from_slice(headers);
+    exchange(
+        addr,
+        &head_with(&format!("GET {path} HTTP/1.1"), addr, &all),
+    )
 }
 
 pub type Ws = tungstenite::WebSocket<TcpStream>;
