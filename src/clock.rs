@@ -16,9 +16,13 @@ pub struct MonotonicClock {
 
 impl MonotonicClock {
     pub fn new() -> Self {
-        MonotonicClock {
-            origin: Instant::now(),
-        }
+        Self::with_origin(Instant::now())
+    }
+
+    /// Shards of one process share an origin, so a connection handed from one shard to
+    /// another keeps meaningful timestamps.
+    pub fn with_origin(origin: Instant) -> Self {
+        MonotonicClock { origin }
     }
 }
 

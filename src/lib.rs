@@ -16,6 +16,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod mesh;
 pub mod metrics;
 pub mod proto;
 pub mod server;

@@ -68,6 +68,9 @@ pub const OVERSIZE_CLOSES: &str = "ringgate_oversize_closes_total";
 pub const ABUSE_CLOSES: &str = "ringgate_abuse_closes_total";
 pub const WHEEL_ENTRIES: &str = "ringgate_wheel_entries";
 pub const CONNECTIONS_PARKED: &str = "ringgate_connections_parked";
+pub const HANDOFFS_OUT: &str = "ringgate_handoffs_out_total";
+pub const HANDOFFS_IN: &str = "ringgate_handoffs_in_total";
+pub const MESH_FULL: &str = "ringgate_mesh_full_total";
 pub const PARKS: &str = "ringgate_parks_total";
 pub const UNPARKS: &str = "ringgate_unparks_total";
 
@@ -91,6 +94,9 @@ pub struct ShardMetrics {
     pub abuse_closes: Counter,
     pub wheel_entries: Gauge,
     pub connections_parked: Gauge,
+    pub handoffs_out: Counter,
+    pub handoffs_in: Counter,
+    pub mesh_full: Counter,
     pub parks: Counter,
     pub unparks: Counter,
 }
@@ -184,6 +190,24 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Connections closed (1008) after too many bad frames.",
         Kind::Counter,
         |m| m.abuse_closes.get(),
+    ),
+    (
+        HANDOFFS_OUT,
+        "Upgraded sockets handed to their user's home shard.",
+        Kind::Counter,
+        |m| m.handoffs_out.get(),
+    ),
+    (
+        HANDOFFS_IN,
+        "Upgraded sockets adopted from another shard (this is the user's home).",
+        Kind::Counter,
+        |m| m.handoffs_in.get(),
+    ),
+    (
+        MESH_FULL,
+        "Messages another shard's full mesh channel handed back.",
+        Kind::Counter,
+        |m| m.mesh_full.get(),
     ),
     (
         CONNECTIONS_PARKED,

@@ -78,16 +78,23 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         source,
     })?;
     let cpus = allowed_cpus();
+    let origin = Instant::now();
+    let mut meshes = crate::mesh::build(cfg.shards).map_err(|e| StartError::Shard {
+        shard: 0,
+        message: format!("cannot build the mesh: {e}"),
+    })?;
     let mut handles = Vec::new();
     for (id, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         let m = metrics[id].clone();
+        let mesh = meshes.remove(0);
         let cpu = cpus[id % cpus.len()];
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
-                let shard = Shard::new(id, shared, m, Box::new(MonotonicClock::new()));
-                io::run(shard, listener).await;
+                let clock = Box::new(MonotonicClock::with_origin(origin));
+                let shard = Shard::new(id, shared, m, clock);
+                io::run(shard, listener, Some(mesh)).await;
             })
             .map_err(|e| StartError::Shard {
                 shard: id,

@@ -79,6 +79,8 @@ pub struct Connection {
     last_rx_ms: u64,
     last_ping_ms: u64,
     bad_frames: u32,
+    /// Upgraded on `/ws`; the user's home shard has not started the session yet.
+    awaiting_session: bool,
     /// Per-shard serial, for the `conn` id in `welcome`.
     serial: u64,
 }
@@ -95,6 +97,7 @@ impl Connection {
             last_rx_ms: now_ms,
             last_ping_ms: 0,
             bad_frames: 0,
+            awaiting_session: false,
             serial,
         }
     }
@@ -119,6 +122,51 @@ impl Connection {
     /// Rooms the token allows; `None` = any.
     pub fn rooms(&self) -> Option<&[Box<str>]> {
         self.extra.as_ref().and_then(|e| e.rooms.as_deref())
+    }
+
+    /// Upgraded on `/ws` and waiting for the user's home shard to call [`Self::start_session`].
+    pub fn awaiting_session(&self) -> bool {
+        self.awaiting_session
+    }
+
+    /// The home shard gives a connection it adopted its own serial (for the `conn` id).
+    pub fn set_serial(&mut self, serial: u64) {
+        self.serial = serial;
+    }
+
+    /// On the user's home shard: `welcome`, then `synced`, then whatever frames arrived behind
+    /// the request head (so nothing is answered before `welcome`).
+    pub fn start_session(&mut self, now: u64, ctx: &Ctx) {
+        if !std::mem::take(&mut self.awaiting_session) {
+            return;
+        }
+        let mut body = Vec::with_capacity(160);
+        let conn_id = format!("{}-{}-{}", ctx.cfg.node_id, ctx.shard, self.serial);
+        proto::write_welcome(
+            &mut body,
+            &self.user,
+            &conn_id,
+            ctx.cfg.heartbeat_ms,
+            ctx.cfg.max_frame,
+        );
+        self.push_frame(Kind::Text, &body, ctx);
+        body.clear();
+        // No offline inbox yet in this build: nothing to replay.
+        proto::write_synced(&mut body, 0);
+        self.push_frame(Kind::Text, &body, ctx);
+        if let Some(mut buf) = self.partial.take().map(|mut p| std::mem::take(&mut p.buf)) {
+            if !buf.is_empty() {
+                self.on_frame_bytes(now, &mut buf, ctx);
+            }
+        }
+    }
+
+    /// The home shard cannot take the connection (its mesh channel is full): tell the client
+    /// to come back (1013) instead of serving it on the wrong shard.
+    pub fn reject_session(&mut self, now: u64, ctx: &Ctx) {
+        self.awaiting_session = false;
+        self.partial = None;
+        self.close(now, frame::CLOSE_TRY_AGAIN, "overloaded, reconnect", ctx);
     }
 
     /// Last time input arrived (accept time while handshaking).
@@ -230,6 +278,14 @@ impl Connection {
     pub fn on_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
         match self.phase {
             Phase::Handshaking => self.on_handshake_bytes(now, data, ctx),
+            Phase::Open if self.awaiting_session => {
+                // Kept until the session starts on the home shard.
+                self.last_rx_ms = now;
+                self.partial
+                    .get_or_insert_with(Default::default)
+                    .buf
+                    .extend_from_slice(data);
+            }
             Phase::Open | Phase::Closing { .. } => {
                 self.last_rx_ms = now;
                 self.on_frame_bytes(now, data, ctx)
@@ -272,33 +328,27 @@ impl Connection {
                 self.phase = Phase::Open;
                 self.last_rx_ms = now;
                 self.out.extend_from_slice(&accepted.response);
-                if let Some(identity) = accepted.identity {
-                    let mut body = Vec::with_capacity(160);
-                    let conn_id = format!("{}-{}-{}", ctx.cfg.node_id, ctx.shard, self.serial);
-                    proto::write_welcome(
-                        &mut body,
-                        &identity.user,
-                        &conn_id,
-                        ctx.cfg.heartbeat_ms,
-                        ctx.cfg.max_frame,
-                    );
-                    self.push_frame(Kind::Text, &body, ctx);
-                    body.clear();
-                    // No offline inbox yet in this build: nothing to replay.
-                    proto::write_synced(&mut body, 0);
-                    self.push_frame(Kind::Text, &body, ctx);
-                    if identity.rooms.is_some() || accepted.device.is_some() {
-                        self.extra = Some(Box::new(PeerExtra {
-                            rooms: identity.rooms,
-                            device: accepted.device,
-                        }));
-                    }
-                    self.user = identity.user;
-                }
                 // A client may send frames right behind its request head.
                 let mut rest = partial.buf.split_off(accepted.head_len);
-                if !rest.is_empty() {
-                    self.on_frame_bytes(now, &mut rest, ctx);
+                match accepted.identity {
+                    Some(identity) => {
+                        if identity.rooms.is_some() || accepted.device.is_some() {
+                            self.extra = Some(Box::new(PeerExtra {
+                                rooms: identity.rooms,
+                                device: accepted.device,
+                            }));
+                        }
+                        self.user = identity.user;
+                        // The user's home shard starts the session; frames wait until then.
+                        self.awaiting_session = true;
+                        if !rest.is_empty() {
+                            partial.buf = rest;
+                            partial.message = None;
+                            self.partial = Some(partial);
+                        }
+                    }
+                    None if !rest.is_empty() => self.on_frame_bytes(now, &mut rest, ctx),
+                    None => {}
                 }
             }
         }

@@ -130,9 +130,14 @@ fn close_frame(code: u16, reason: &str) -> Vec<u8> {
 }
 
 /// The glue hands the connection its scratch buffer, which the connection may unmask in place.
+/// Feed bytes as the glue does; a session waiting for its home shard starts here (this shard
+/// is the home shard in these tests).
 fn feed(conn: &mut Connection, env: &Env, now: u64, bytes: &[u8]) {
     let mut scratch = bytes.to_vec();
     conn.on_bytes(now, &mut scratch, &env.ctx());
+    if conn.awaiting_session() {
+        conn.start_session(now, &env.ctx());
+    }
 }
 
 /// What the glue does once `out` is written: take the bytes and release the buffer.

@@ -13,8 +13,9 @@ use std::time::Duration;
 use futures_lite::AsyncReadExt;
 use glommio::net::{TcpListener, TcpStream, UnixStream};
 
-use super::park::ParkSet;
+use super::park::{self, ParkSet};
 use super::{ConnPoll, Shard};
+use crate::mesh::{Mesh, MeshMsg, DRAIN_BATCH};
 
 /// Listen backlog requested; the kernel caps it at net.core.somaxconn (see tuning/).
 const LISTEN_BACKLOG: i32 = 65_535;
@@ -33,7 +34,11 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<socket2::Socket> 
 }
 
 /// Run the shard until it has drained. Call inside the shard's glommio executor.
-pub async fn run(mut shard: Shard, listener: socket2::Socket) {
+pub async fn run(
+    mut shard: Shard,
+    listener: socket2::Socket,
+    mesh: Option<(Mesh, std::os::unix::net::UnixStream)>,
+) {
     let tick = Duration::from_millis(shard.cfg().tick_ms);
     let doorbell = if shard.cfg().park_idle_ms > 0 {
         match ParkSet::new(shard.id) {
@@ -50,7 +55,15 @@ pub async fn run(mut shard: Shard, listener: socket2::Socket) {
     } else {
         None
     };
+    let mesh_bell = mesh.map(|(m, bell)| {
+        shard.enable_mesh(m);
+        // SAFETY: the fd comes from a connected Unix socket we own and hand over whole.
+        unsafe { UnixStream::from_raw_fd(bell.into_raw_fd()) }
+    });
     let shard = Rc::new(RefCell::new(shard));
+    if let Some(bell) = mesh_bell {
+        glommio::spawn_local(mesh_loop(shard.clone(), bell)).detach();
+    }
     if let Some(bell) = doorbell {
         glommio::spawn_local(park_loop(shard.clone(), bell)).detach();
     }
@@ -87,6 +100,36 @@ async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener) {
                 tracing::warn!(error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }
+        }
+    }
+}
+
+/// Wait for the mesh doorbell, then take what other shards sent, in bounded batches.
+async fn mesh_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        match bell.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        // Clear before draining: anything pushed from now on rings again.
+        shard.borrow().clear_mesh_bell();
+        loop {
+            let mut batch = shard.borrow_mut().take_mesh_batch();
+            let full = batch.len() == DRAIN_BATCH;
+            for msg in batch.drain(..) {
+                match msg {
+                    MeshMsg::Handoff { socket, conn } => {
+                        let index = shard.borrow_mut().adopt(conn);
+                        glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket)))
+                            .detach();
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+            glommio::yield_if_needed().await;
         }
     }
 }
@@ -143,6 +186,17 @@ impl std::future::Future for Drive {
             }
             // Dropping the task drops the stream, which closes the socket.
             ConnPoll::Close => Poll::Ready(()),
+            ConnPoll::Handoff { to } => {
+                let moved = park::dup(this.stream.as_raw_fd())
+                    .map(|socket| shard.handoff(this.index, to, socket))
+                    .unwrap_or(false);
+                if moved {
+                    return Poll::Ready(()); // the home shard owns the socket now
+                }
+                // It stays here to be told to reconnect (or the dup failed): keep polling.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
         }
     }
 }

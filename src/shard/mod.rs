@@ -22,6 +22,7 @@ use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::conn::{Connection, Ctx, Phase};
+use crate::mesh::{self, Mesh, MeshMsg};
 use crate::metrics::ShardMetrics;
 use crate::wheel::{TimerKey, TimingWheel};
 use crate::ws::upgrade::Refusal;
@@ -105,6 +106,9 @@ pub struct Shard {
     ready_tokens: Vec<u64>,
     /// Parked sockets that became busy: the glue hands each to a new socket task.
     unparked: Vec<(usize, OwnedFd)>,
+    /// This shard's end of the mesh (None in tests that build a lone shard).
+    mesh: Option<Mesh>,
+    mesh_batch: Vec<MeshMsg>,
     /// Connections parked or closed since memory was last given back (see `alloc`).
     released_since_collect: u64,
     last_collect_ms: u64,
@@ -120,6 +124,8 @@ pub enum ConnPoll {
     },
     /// Drop the socket: the connection is finished or the peer went away.
     Close,
+    /// The connection belongs on its user's home shard `to`: hand the socket over.
+    Handoff { to: usize },
 }
 
 impl Shard {
@@ -146,9 +152,15 @@ impl Shard {
             park: None,
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
+            mesh: None,
+            mesh_batch: Vec::new(),
             released_since_collect: 0,
             last_collect_ms: 0,
         }
+    }
+
+    pub fn enable_mesh(&mut self, mesh: Mesh) {
+        self.mesh = Some(mesh);
     }
 
     /// Let idle connections park in `set` (the glue reads the doorbell).
@@ -232,6 +244,9 @@ impl Shard {
                     metrics.bytes_in.add(n as u64);
                     conn.on_bytes(now, &mut scratch[..n], &ctx);
                     reads += 1;
+                    if conn.awaiting_session() {
+                        break; // its home shard decides what happens next
+                    }
                     if reads == READS_PER_POLL {
                         cx.waker().wake_by_ref();
                         break;
@@ -247,6 +262,16 @@ impl Shard {
                     break;
                 }
             }
+        }
+        if !peer_gone && conn.awaiting_session() {
+            let home = match &self.mesh {
+                Some(m) => mesh::home_shard(conn.user().unwrap_or(""), m.shards()),
+                None => *id,
+            };
+            if home != *id {
+                return ConnPoll::Handoff { to: home };
+            }
+            conn.start_session(now, &ctx);
         }
         while !peer_gone && !conn.out.is_empty() {
             match Pin::new(&mut *stream).poll_write(cx, &conn.out) {
@@ -284,6 +309,90 @@ impl Shard {
         ConnPoll::Pending {
             read_blocked: read_armed,
             write_blocked,
+        }
+    }
+
+    /// Send the connection at `index` (upgraded, session not started) with `socket` (a
+    /// duplicate of its fd) to its home shard. On success the slot is freed and the caller drops
+    /// its stream; when the home shard's channel is full the connection stays here and is
+    /// told to reconnect (1013), and false is returned.
+    pub fn handoff(&mut self, index: usize, to: usize, socket: OwnedFd) -> bool {
+        let now = self.clock.now_ms();
+        let mesh = self.mesh.as_ref().expect("handoff needs the mesh");
+        let entry = &mut self.conns[index];
+        let conn = std::mem::replace(&mut entry.conn, Connection::new(now, 0));
+        match mesh.send(
+            to,
+            MeshMsg::Handoff {
+                socket,
+                conn: Box::new(conn),
+            },
+        ) {
+            Ok(()) => {
+                // The connection moved: no `on_closed` here, its new shard owns the slot count.
+                let entry = self.conns.remove(index);
+                if let Some(key) = entry.timer {
+                    self.wheel.cancel(key);
+                }
+                self.metrics.connections_open.dec();
+                self.metrics.handoffs_out.inc();
+                true
+            }
+            Err(MeshMsg::Handoff { conn, .. }) => {
+                self.metrics.mesh_full.inc();
+                let ctx = make_ctx(
+                    &self.shared,
+                    &self.metrics,
+                    self.drain_started.is_some(),
+                    self.id,
+                );
+                let entry = &mut self.conns[index];
+                entry.conn = *conn;
+                entry.conn.reject_session(now, &ctx);
+                false
+            }
+        }
+    }
+
+    /// A connection handed over by another shard (this is its user's home): start its session.
+    pub fn adopt(&mut self, mut conn: Box<Connection>) -> usize {
+        let now = self.clock.now_ms();
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        conn.set_serial(serial);
+        let index = self.conns.insert(Entry {
+            conn: *conn,
+            serial: serial as u32,
+            timer: None,
+            waker: None,
+            parked: None,
+            park_requested: false,
+        });
+        self.metrics.connections_open.inc();
+        self.metrics.handoffs_in.inc();
+        let draining = self.drain_started.is_some();
+        let ctx = make_ctx(&self.shared, &self.metrics, draining, self.id);
+        let conn = &mut self.conns[index].conn;
+        conn.start_session(now, &ctx);
+        if draining {
+            conn.on_shutdown(now, &ctx);
+        }
+        self.sync_timer(index);
+        index
+    }
+
+    /// The mesh doorbell was read: clear it, then take a bounded batch.
+    pub fn take_mesh_batch(&mut self) -> Vec<MeshMsg> {
+        let mut batch = std::mem::take(&mut self.mesh_batch);
+        if let Some(m) = &self.mesh {
+            m.take_batch(&mut batch);
+        }
+        batch
+    }
+
+    pub fn clear_mesh_bell(&self) {
+        if let Some(m) = &self.mesh {
+            m.clear_bell();
         }
     }
 
@@ -368,30 +477,33 @@ impl Shard {
         let was_quiet = now >= entry.conn.last_rx_ms() + park_idle;
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
-        match self.poll_conn(index, &mut RawSocket(fd), &mut cx) {
-            ConnPoll::Close => self.metrics.connections_parked.dec(),
+        let quiet_io = match self.poll_conn(index, &mut RawSocket(fd), &mut cx) {
+            ConnPoll::Close => {
+                self.metrics.connections_parked.dec();
+                return;
+            }
             ConnPoll::Pending {
                 read_blocked,
                 write_blocked,
-            } => {
-                let entry = &mut self.conns[index];
-                let stay = read_blocked
-                    && !write_blocked
-                    && was_quiet
-                    && self.drain_started.is_none()
-                    && entry.conn.phase() == Phase::Open;
-                let token = entry.token(index);
-                let set = self.park.as_ref().expect("parking enabled");
-                if stay && set.watch(fd, token, true).is_ok() {
-                    return;
-                }
-                set.unwatch(fd);
-                let socket = entry.parked.take().expect("parked");
-                self.metrics.connections_parked.dec();
-                self.metrics.unparks.inc();
-                self.unparked.push((index, socket));
-            }
+            } => read_blocked && !write_blocked,
+            // Parked connections have started their session; a socket task decides anyway.
+            ConnPoll::Handoff { .. } => false,
+        };
+        let entry = &mut self.conns[index];
+        let stay = quiet_io
+            && was_quiet
+            && self.drain_started.is_none()
+            && entry.conn.phase() == Phase::Open;
+        let token = entry.token(index);
+        let set = self.park.as_ref().expect("parking enabled");
+        if stay && set.watch(fd, token, true).is_ok() {
+            return;
         }
+        set.unwatch(fd);
+        let socket = entry.parked.take().expect("parked");
+        self.metrics.connections_parked.dec();
+        self.metrics.unparks.inc();
+        self.unparked.push((index, socket));
     }
 
     /// Parked sockets that need a socket task again.

@@ -305,6 +305,11 @@ impl RawWs {
             .unwrap();
         let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
         stream.write_all(head.as_bytes()).unwrap();
+        Self::after_upgrade(stream)
+    }
+
+    /// The upgrade request was already written on `stream`: read the 101 head, keep the rest.
+    pub fn after_upgrade(mut stream: TcpStream) -> RawWs {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         let end = loop {
