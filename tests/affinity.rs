@@ -10,7 +10,7 @@ use common::*;
 fn shard_of(welcome: &serde_json::Value) -> String {
     // conn = "<node>-<shard>-<serial>"
     let conn = welcome["conn"].as_str().unwrap();
-    conn.rsplitn(3, '-').nth(1).unwrap().to_string()
+    conn.rsplit('-').nth(1).unwrap().to_string()
 }
 
 #[test]

@@ -120,7 +120,7 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
             for msg in batch.drain(..) {
                 match msg {
                     MeshMsg::Handoff { socket, conn } => {
-                        let index = shard.borrow_mut().adopt(conn);
+                        let index = shard.borrow_mut().adopt(*conn);
                         glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket)))
                             .detach();
                     }

@@ -355,13 +355,13 @@ impl Shard {
     }
 
     /// A connection handed over by another shard (this is its user's home): start its session.
-    pub fn adopt(&mut self, mut conn: Box<Connection>) -> usize {
+    pub fn adopt(&mut self, mut conn: Connection) -> usize {
         let now = self.clock.now_ms();
         self.next_serial += 1;
         let serial = self.next_serial;
         conn.set_serial(serial);
         let index = self.conns.insert(Entry {
-            conn: *conn,
+            conn,
             serial: serial as u32,
             timer: None,
             waker: None,
