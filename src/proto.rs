@@ -47,11 +47,24 @@ pub struct FrameError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
     Ping,
+    /// 1:1 message. `cid` and `body` are kept as the client's raw JSON text.
+    Send {
+        to: compact_str::CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+    },
+    /// Cumulative ack of `msg` frames on this connection.
+    Ack {
+        seq: u64,
+    },
 }
+
+/// Longest `cid` accepted (raw JSON text): it is stored in the dedup window per sender.
+pub const MAX_CID_LEN: usize = 128;
 
 /// Ops the SPEC defines but this build does not serve yet (answered `unavailable`, not
 /// `unknown_op`, so a client can tell "wrong op" from "not here yet").
-const SPEC_OPS_NOT_YET_SERVED: &[&str] = &["send", "ack", "join", "leave", "publish", "presence"];
+const SPEC_OPS_NOT_YET_SERVED: &[&str] = &["join", "leave", "publish", "presence"];
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -59,6 +72,56 @@ struct Envelope<'a> {
     op: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     cid: Option<&'a RawValue>,
+    #[serde(borrow)]
+    to: Option<&'a RawValue>,
+    /// `null` is a valid body: kept as present (a plain Option would read it as missing).
+    #[serde(borrow, default, deserialize_with = "present")]
+    body: Option<&'a RawValue>,
+    #[serde(borrow)]
+    seq: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn bad(message: impl Into<String>, cid: &Option<Box<str>>) -> FrameError {
+    FrameError {
+        code: ErrorCode::BadRequest,
+        message: message.into(),
+        cid: cid.clone(),
+    }
+}
+
+fn parse_send(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
+    let to: String = env
+        .to
+        .ok_or_else(|| bad("missing field `to`", cid))
+        .and_then(|t| {
+            serde_json::from_str(t.get()).map_err(|_| bad("`to` must be a string", cid))
+        })?;
+    if crate::auth::valid_id(&to).is_err() {
+        return Err(bad("`to` is not a valid user id", cid));
+    }
+    let Some(raw_cid) = cid else {
+        return Err(bad("missing field `cid`", cid));
+    };
+    let cid_ok = match raw_cid.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(raw_cid).is_ok_and(|c| !c.is_empty()),
+        _ => serde_json::from_str::<u64>(raw_cid).is_ok(),
+    };
+    if !cid_ok || raw_cid.len() > MAX_CID_LEN {
+        return Err(bad(
+            format!("`cid` must be a non-empty string or an unsigned integer, at most {MAX_CID_LEN} bytes of JSON"),
+            cid,
+        ));
+    }
+    let body = env.body.ok_or_else(|| bad("missing field `body`", cid))?;
+    Ok(ClientFrame::Send {
+        to: to.into(),
+        cid: raw_cid.clone(),
+        body: body.get().into(),
+    })
 }
 
 pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
@@ -68,15 +131,21 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
         cid: None,
     })?;
     let cid = env.cid.map(|c| Box::<str>::from(c.get()));
-    let Some(op) = env.op else {
+    let Some(op) = env.op.as_deref() else {
         return Err(FrameError {
             code: ErrorCode::BadRequest,
             message: "missing field `op`".into(),
             cid,
         });
     };
-    match &*op {
+    match op {
         "ping" => Ok(ClientFrame::Ping),
+        "send" => parse_send(&env, &cid),
+        "ack" => env
+            .seq
+            .and_then(|s| serde_json::from_str::<u64>(s.get()).ok())
+            .map(|seq| ClientFrame::Ack { seq })
+            .ok_or_else(|| bad("`ack` needs `seq`, an unsigned integer", &cid)),
         other if SPEC_OPS_NOT_YET_SERVED.contains(&other) => Err(FrameError {
             code: ErrorCode::Unavailable,
             message: format!("op `{other}` is not served by this build yet"),
@@ -122,6 +191,35 @@ pub fn write_synced(out: &mut Vec<u8>, count: u64) {
 
 pub const PONG: &[u8] = b"{\"op\":\"pong\"}";
 
+/// `{"op":"msg","seq":..,"id":"..","from":"..","cid":..,"ts":..,"body":..}`
+pub fn write_msg(out: &mut Vec<u8>, seq: u64, id: u64, from: &str, cid: &str, ts: u64, body: &str) {
+    out.extend_from_slice(
+        format!("{{\"op\":\"msg\",\"seq\":{seq},\"id\":\"{id}\",\"from\":").as_bytes(),
+    );
+    write_json_str(out, from);
+    out.extend_from_slice(b",\"cid\":");
+    out.extend_from_slice(cid.as_bytes());
+    out.extend_from_slice(format!(",\"ts\":{ts},\"body\":").as_bytes());
+    out.extend_from_slice(body.as_bytes());
+    out.push(b'}');
+}
+
+/// `{"op":"accepted","cid":..,"id":".."}`
+pub fn write_accepted(out: &mut Vec<u8>, cid: &str, id: u64) {
+    out.extend_from_slice(b"{\"op\":\"accepted\",\"cid\":");
+    out.extend_from_slice(cid.as_bytes());
+    out.extend_from_slice(format!(",\"id\":\"{id}\"}}").as_bytes());
+}
+
+/// `{"op":"delivered","cid":..,"id":"..","to":".."}`
+pub fn write_delivered(out: &mut Vec<u8>, cid: &str, id: u64, to: &str) {
+    out.extend_from_slice(b"{\"op\":\"delivered\",\"cid\":");
+    out.extend_from_slice(cid.as_bytes());
+    out.extend_from_slice(format!(",\"id\":\"{id}\",\"to\":").as_bytes());
+    write_json_str(out, to);
+    out.push(b'}');
+}
+
 pub fn write_error(out: &mut Vec<u8>, err: &FrameError) {
     out.extend_from_slice(b"{\"op\":\"error\",\"code\":\"");
     out.extend_from_slice(err.code.as_str().as_bytes());
@@ -161,7 +259,85 @@ mod tests {
         let e = err(r#"{"op":"dance","cid":"c-1"}"#);
         assert_eq!(e.code, ErrorCode::UnknownOp);
         assert_eq!(e.cid.as_deref(), Some("\"c-1\""));
-        assert_eq!(err(r#"{"op":"send","cid":7}"#).code, ErrorCode::Unavailable);
+        assert_eq!(
+            err(r#"{"op":"join","room":"r"}"#).code,
+            ErrorCode::Unavailable
+        );
+        // send: every missing or mistyped field is a bad_request that keeps the cid.
+        let e = err(r#"{"op":"send","cid":7,"body":1}"#);
+        assert_eq!(
+            (e.code, e.cid.as_deref()),
+            (ErrorCode::BadRequest, Some("7"))
+        );
+        assert_eq!(
+            err(r#"{"op":"send","to":5,"cid":"a","body":1}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"send","to":"bob","body":1}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"send","to":"bob","cid":"a"}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"send","to":"bob","cid":{"x":1},"body":1}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"send","to":"bob","cid":"","body":1}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"send","to":"","cid":"a","body":1}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(err(r#"{"op":"ack"}"#).code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"op":"ack","seq":-1}"#).code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn send_and_ack_parse_keeping_raw_json() {
+        assert_eq!(
+            parse(br#"{"op":"send","to":"bob","cid":"c-1","body":{"text":"hi","n":[1,2]}}"#)
+                .unwrap(),
+            ClientFrame::Send {
+                to: "bob".into(),
+                cid: "\"c-1\"".into(),
+                body: r#"{"text":"hi","n":[1,2]}"#.into(),
+            }
+        );
+        assert!(matches!(
+            parse(br#"{"op":"send","to":"bob","cid":42,"body":null}"#).unwrap(),
+            ClientFrame::Send { .. }
+        ));
+        assert_eq!(
+            parse(br#"{"op":"ack","seq":17}"#).unwrap(),
+            ClientFrame::Ack { seq: 17 }
+        );
+    }
+
+    #[test]
+    fn delivery_frames_are_valid_json() {
+        let mut out = Vec::new();
+        write_msg(&mut out, 3, 99, "al\"ice", "\"c-1\"", 1700, r#"{"t":"x"}"#);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"msg","seq":3,"id":"99","from":"al\"ice","cid":"c-1","ts":1700,"body":{"t":"x"}})
+        );
+        out.clear();
+        write_accepted(&mut out, "7", 99);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, serde_json::json!({"op":"accepted","cid":7,"id":"99"}));
+        out.clear();
+        write_delivered(&mut out, "\"c\"", 5, "bob");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"delivered","cid":"c","id":"5","to":"bob"})
+        );
     }
 
     #[test]

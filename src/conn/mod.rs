@@ -545,6 +545,25 @@ impl Connection {
             ),
             Some(Route::App) => match proto::parse(payload) {
                 Ok(ClientFrame::Ping) => self.push_frame(Kind::Text, proto::PONG, ctx),
+                // Parsed and validated; delivery is wired in the next step of issue 4.
+                Ok(ClientFrame::Send { cid, .. }) => self.bad_frame(
+                    now,
+                    FrameError {
+                        code: ErrorCode::Unavailable,
+                        message: "op `send` is not served by this build yet".into(),
+                        cid: Some(cid),
+                    },
+                    ctx,
+                ),
+                Ok(ClientFrame::Ack { .. }) => self.bad_frame(
+                    now,
+                    FrameError {
+                        code: ErrorCode::Unavailable,
+                        message: "op `ack` is not served by this build yet".into(),
+                        cid: None,
+                    },
+                    ctx,
+                ),
                 Err(e) => self.bad_frame(now, e, ctx),
             },
             None => {}

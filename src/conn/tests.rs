@@ -626,7 +626,7 @@ fn spec_op_not_served_yet_is_unavailable() {
         &mut conn,
         &env,
         T0 + 1,
-        &cf(true, OP_TEXT, br#"{"op":"send","cid":7}"#),
+        &cf(true, OP_TEXT, br#"{"op":"join","room":"r","cid":7}"#),
     );
     let v = frames(&mut conn)[0].json();
     assert_eq!(v["code"], "unavailable");
