@@ -1,6 +1,7 @@
 //! The admin HTTP listener (separate port, default 127.0.0.1:9090): `/metrics`, `/healthz`,
-//! `/readyz`. Runs on its own thread with a small tokio runtime (hyper), so scrapes never take
-//! time from a shard; it only reads the shards' metrics and the shared drain flag.
+//! `/readyz`, and the backend API (`/api/*`, bearer `api_key`). Runs on its own thread with a
+//! small tokio runtime (hyper), so scrapes never take time from a shard; it reads the shards'
+//! metrics and the drain flag, and asks shards questions only through the mesh.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,12 +12,19 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 
+use crate::mesh::{home_shard, MeshClient, MeshMsg};
 use crate::metrics::{self, ShardMetrics};
 use crate::shard::Shared;
+
+/// Most users one presence request may ask about (SPEC section 3).
+pub const MAX_PRESENCE_USERS: usize = 100;
+/// How long the API waits for a shard's answer before giving up with 503.
+const SHARD_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct Admin {
     pub shared: Arc<Shared>,
     pub metrics: Vec<Arc<ShardMetrics>>,
+    pub mesh: MeshClient,
 }
 
 /// Bind now (so a bad address fails start-up), serve on a new thread.
@@ -49,7 +57,7 @@ async fn serve(std_listener: std::net::TcpListener, admin: Arc<Admin>) {
             let io = hyper_util::rt::TokioIo::new(stream);
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, req)) }
+                async move { Ok::<_, Infallible>(route(&admin, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)
@@ -66,7 +74,121 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         .expect("static response")
 }
 
-fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .expect("static response")
+}
+
+fn api_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json(status, serde_json::json!({ "error": message }).to_string())
+}
+
+/// `Authorization: Bearer <api_key>`; None when allowed, else the refusal.
+fn check_api_key(admin: &Admin, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let Some(key) = admin.shared.cfg.api_key.as_deref() else {
+        return Some(api_error(
+            StatusCode::FORBIDDEN,
+            "the API is disabled: set api_key to enable it",
+        ));
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => None,
+        _ => Some(api_error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API key",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /api/presence?user=a&user=b`: `{"online":{"a":true,"b":false}}`, asked of each
+/// user's home shard through the mesh.
+async fn presence(admin: &Admin, query: &str) -> Response<Full<Bytes>> {
+    let mut users: Vec<compact_str::CompactString> = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "user" {
+            continue;
+        }
+        match crate::ws::upgrade::percent_decode(v) {
+            Some(u) if crate::auth::valid_id(&u).is_ok() => users.push(u.into()),
+            _ => return api_error(StatusCode::BAD_REQUEST, "invalid user id"),
+        }
+    }
+    if users.is_empty() || users.len() > MAX_PRESENCE_USERS {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            &format!("give 1 to {MAX_PRESENCE_USERS} `user` parameters"),
+        );
+    }
+    let shards = admin.mesh.shards();
+    let mut by_shard: Vec<Vec<compact_str::CompactString>> = vec![Vec::new(); shards];
+    for u in users {
+        by_shard[home_shard(&u, shards)].push(u);
+    }
+    let mut online = serde_json::Map::new();
+    for (shard, users) in by_shard
+        .into_iter()
+        .enumerate()
+        .filter(|(_, u)| !u.is_empty())
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if admin
+            .mesh
+            .send(
+                shard,
+                MeshMsg::Presence {
+                    users: users.clone(),
+                    reply: tx,
+                },
+            )
+            .is_err()
+        {
+            return api_error(StatusCode::SERVICE_UNAVAILABLE, "shard busy, retry");
+        }
+        match tokio::time::timeout(SHARD_ANSWER_TIMEOUT, rx).await {
+            Ok(Ok(answers)) => {
+                for (u, on) in users.into_iter().zip(answers) {
+                    online.insert(u.to_string(), on.into());
+                }
+            }
+            _ => {
+                return api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shard did not answer, retry",
+                )
+            }
+        }
+    }
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "online": online }).to_string(),
+    )
+}
+
+async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path().starts_with("/api/") {
+        if let Some(refusal) = check_api_key(admin, &req) {
+            return refusal;
+        }
+        return match (req.method(), req.uri().path()) {
+            (&Method::GET, "/api/presence") => {
+                presence(admin, req.uri().query().unwrap_or("")).await
+            }
+            _ => api_error(StatusCode::NOT_FOUND, "no such API endpoint"),
+        };
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => Response::builder()
             .header("content-type", "text/plain; version=0.0.4")

@@ -29,6 +29,39 @@ pub enum MeshMsg {
         socket: OwnedFd,
         conn: Box<Connection>,
     },
+    /// Which of `users` (all homed on the receiving shard) are online; answered on `reply`.
+    Presence {
+        users: Vec<compact_str::CompactString>,
+        reply: tokio::sync::oneshot::Sender<Vec<bool>>,
+    },
+}
+
+/// A sending-only handle for threads that are not shards (the admin API).
+#[derive(Clone)]
+pub struct MeshClient {
+    peers: Vec<(Sender<MeshMsg>, Arc<Doorbell>)>,
+}
+
+impl MeshClient {
+    pub fn shards(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Same contract as [`Mesh::send`].
+    pub fn send(&self, to: usize, msg: MeshMsg) -> Result<(), MeshMsg> {
+        send_to(&self.peers[to], msg)
+    }
+}
+
+fn send_to(peer: &(Sender<MeshMsg>, Arc<Doorbell>), msg: MeshMsg) -> Result<(), MeshMsg> {
+    let (tx, bell) = peer;
+    match tx.try_send(msg) {
+        Ok(()) => {
+            bell.ring();
+            Ok(())
+        }
+        Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
+    }
 }
 
 /// Wakes one shard. Shared by every sender to that shard.
@@ -62,8 +95,11 @@ pub struct Mesh {
     bell: Arc<Doorbell>,
 }
 
-/// Build the mesh for `shards` shards: each shard's end, and the doorbell socket it reads.
-pub fn build(shards: usize) -> std::io::Result<Vec<(Mesh, std::os::unix::net::UnixStream)>> {
+/// One shard's end of the mesh and the doorbell socket it reads.
+pub type ShardEnd = (Mesh, std::os::unix::net::UnixStream);
+
+/// Build the mesh for `shards` shards: each shard's end, and a client for other threads.
+pub fn build(shards: usize) -> std::io::Result<(Vec<ShardEnd>, MeshClient)> {
     let mut channels = Vec::with_capacity(shards);
     let mut bells = Vec::with_capacity(shards);
     let mut readers = Vec::with_capacity(shards);
@@ -82,7 +118,10 @@ pub fn build(shards: usize) -> std::io::Result<Vec<(Mesh, std::os::unix::net::Un
         .zip(&bells)
         .map(|((tx, _), bell)| (tx.clone(), bell.clone()))
         .collect();
-    Ok(channels
+    let client = MeshClient {
+        peers: peers.clone(),
+    };
+    let ends = channels
         .into_iter()
         .zip(bells)
         .zip(readers)
@@ -98,7 +137,8 @@ pub fn build(shards: usize) -> std::io::Result<Vec<(Mesh, std::os::unix::net::Un
                 reader,
             )
         })
-        .collect())
+        .collect();
+    Ok((ends, client))
 }
 
 impl Mesh {
@@ -108,14 +148,7 @@ impl Mesh {
 
     /// Queue `msg` for shard `to` and wake it; the message comes back when the channel is full.
     pub fn send(&self, to: usize, msg: MeshMsg) -> Result<(), MeshMsg> {
-        let (tx, bell) = &self.peers[to];
-        match tx.try_send(msg) {
-            Ok(()) => {
-                bell.ring();
-                Ok(())
-            }
-            Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Err(m),
-        }
+        send_to(&self.peers[to], msg)
     }
 
     /// The doorbell was read: clear it before draining so a later push rings again.
@@ -159,7 +192,7 @@ mod tests {
 
     #[test]
     fn one_ring_per_wakeup_and_full_channels_hand_messages_back() {
-        let mut ends = build(2).unwrap();
+        let (mut ends, _) = build(2).unwrap();
         let (b, mut b_bell) = ends.pop().unwrap();
         let (a, _) = ends.pop().unwrap();
         let fake = || MeshMsg::Handoff {

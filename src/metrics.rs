@@ -68,6 +68,7 @@ pub const OVERSIZE_CLOSES: &str = "ringgate_oversize_closes_total";
 pub const ABUSE_CLOSES: &str = "ringgate_abuse_closes_total";
 pub const WHEEL_ENTRIES: &str = "ringgate_wheel_entries";
 pub const CONNECTIONS_PARKED: &str = "ringgate_connections_parked";
+pub const USERS: &str = "ringgate_users_online";
 pub const HANDOFFS_OUT: &str = "ringgate_handoffs_out_total";
 pub const HANDOFFS_IN: &str = "ringgate_handoffs_in_total";
 pub const MESH_FULL: &str = "ringgate_mesh_full_total";
@@ -94,6 +95,7 @@ pub struct ShardMetrics {
     pub abuse_closes: Counter,
     pub wheel_entries: Gauge,
     pub connections_parked: Gauge,
+    pub users: Gauge,
     pub handoffs_out: Counter,
     pub handoffs_in: Counter,
     pub mesh_full: Counter,
@@ -190,6 +192,12 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Connections closed (1008) after too many bad frames.",
         Kind::Counter,
         |m| m.abuse_closes.get(),
+    ),
+    (
+        USERS,
+        "Users with at least one connection, counted on their home shard.",
+        Kind::Gauge,
+        |m| m.users.get(),
     ),
     (
         HANDOFFS_OUT,

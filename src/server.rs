@@ -66,11 +66,17 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     let metrics: Vec<Arc<ShardMetrics>> = (0..cfg.shards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
+    let (mut meshes, mesh_client) =
+        crate::mesh::build(cfg.shards).map_err(|e| StartError::Shard {
+            shard: 0,
+            message: format!("cannot build the mesh: {e}"),
+        })?;
     let admin_addr = admin::start(
         cfg.admin_listen,
         Admin {
             shared: shared.clone(),
             metrics: metrics.clone(),
+            mesh: mesh_client,
         },
     )
     .map_err(|source| StartError::Admin {
@@ -79,10 +85,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     })?;
     let cpus = allowed_cpus();
     let origin = Instant::now();
-    let mut meshes = crate::mesh::build(cfg.shards).map_err(|e| StartError::Shard {
-        shard: 0,
-        message: format!("cannot build the mesh: {e}"),
-    })?;
+
     let mut handles = Vec::new();
     for (id, listener) in listeners.into_iter().enumerate() {
         let shared = shared.clone();

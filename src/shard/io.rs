@@ -124,6 +124,10 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
                         glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket)))
                             .detach();
                     }
+                    MeshMsg::Presence { users, reply } => {
+                        // The asker may have given up (timeout): nothing to do then.
+                        let _ = reply.send(shard.borrow().presence(&users));
+                    }
                 }
             }
             if !full {

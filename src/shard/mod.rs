@@ -7,6 +7,7 @@
 
 pub mod io;
 pub mod park;
+pub mod users;
 
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -27,6 +28,7 @@ use crate::metrics::ShardMetrics;
 use crate::wheel::{TimerKey, TimingWheel};
 use crate::ws::upgrade::Refusal;
 use park::{ParkSet, RawSocket};
+use users::Users;
 
 /// Shard-wide read buffer: every socket reads into it, so idle sockets own no read buffer.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
@@ -106,6 +108,8 @@ pub struct Shard {
     ready_tokens: Vec<u64>,
     /// Parked sockets that became busy: the glue hands each to a new socket task.
     unparked: Vec<(usize, OwnedFd)>,
+    /// Users whose home is this shard, with their connections here.
+    users: Users,
     /// This shard's end of the mesh (None in tests that build a lone shard).
     mesh: Option<Mesh>,
     mesh_batch: Vec<MeshMsg>,
@@ -152,6 +156,7 @@ impl Shard {
             park: None,
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
+            users: Users::default(),
             mesh: None,
             mesh_batch: Vec::new(),
             released_since_collect: 0,
@@ -220,6 +225,7 @@ impl Shard {
             spare_out,
             id,
             drain_started,
+            users,
             ..
         } = self;
         let ctx = make_ctx(shared, metrics, drain_started.is_some(), *id);
@@ -272,6 +278,10 @@ impl Shard {
                 return ConnPoll::Handoff { to: home };
             }
             conn.start_session(now, &ctx);
+            if let Some(user) = conn.user() {
+                users.add(user, index);
+                metrics.users.set(users.len() as u64);
+            }
         }
         while !peer_gone && !conn.out.is_empty() {
             match Pin::new(&mut *stream).poll_write(cx, &conn.out) {
@@ -338,7 +348,10 @@ impl Shard {
                 self.metrics.handoffs_out.inc();
                 true
             }
-            Err(MeshMsg::Handoff { conn, .. }) => {
+            Err(returned) => {
+                let MeshMsg::Handoff { conn, .. } = returned else {
+                    unreachable!("a refused send returns the message it was given");
+                };
                 self.metrics.mesh_full.inc();
                 let ctx = make_ctx(
                     &self.shared,
@@ -374,11 +387,20 @@ impl Shard {
         let ctx = make_ctx(&self.shared, &self.metrics, draining, self.id);
         let conn = &mut self.conns[index].conn;
         conn.start_session(now, &ctx);
+        if let Some(user) = conn.user() {
+            self.users.add(user, index);
+            self.metrics.users.set(self.users.len() as u64);
+        }
         if draining {
             conn.on_shutdown(now, &ctx);
         }
         self.sync_timer(index);
         index
+    }
+
+    /// Which of `users` (all homed here) have a connection.
+    pub fn presence(&self, users: &[compact_str::CompactString]) -> Vec<bool> {
+        users.iter().map(|u| self.users.online(u)).collect()
     }
 
     /// The mesh doorbell was read: clear it, then take a bounded batch.
@@ -559,6 +581,12 @@ impl Shard {
         let mut entry = self.conns.remove(index);
         if let Some(key) = entry.timer.take() {
             self.wheel.cancel(key);
+        }
+        if let Some(user) = entry.conn.user() {
+            if !entry.conn.awaiting_session() {
+                self.users.remove(user, index);
+                self.metrics.users.set(self.users.len() as u64);
+            }
         }
         let ctx = make_ctx(
             &self.shared,

@@ -268,7 +268,7 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
 }
 
 /// Decode `%XX` and `+` in a query value; None on malformed escapes or non-UTF-8 results.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
