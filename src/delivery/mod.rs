@@ -1,0 +1,32 @@
+//! Direct-message delivery state (SPEC sections 3 and 4), as pure logic: no sockets, no
+//! threads, no clock (time is injected as `u64` milliseconds), no locks.
+//!
+//! # What it owns
+//! * [`window::Window`]: one connection's window of unacknowledged `msg` frames: seq
+//!   assignment (1, 2, 3… without gaps), cumulative acks, the retransmit/backoff schedule and
+//!   the decision that the connection is dead.
+//! * [`dedup::Dedup`]: one sender's `(from, cid)` dedup state, so a resent `cid` never
+//!   becomes a second message (while pending, and for >= 24 h / >= 10,000 cids once accepted).
+//!
+//! The offline inbox lives in [`crate::store`]. Everything here belongs to the user's home
+//! shard and is passed by `&mut`; a message is an immutable handle `M: Clone` (the shard uses
+//! `Rc<Message>`) shared by the inbox and several windows.
+//!
+//! # How a `send` flows through these pieces (the shard glues them)
+//! 1. `Dedup::check(cid)`: `Accepted { id }` -> answer `accepted` again with that id, deliver
+//!    nothing; `Pending { id }` -> deliver nothing (the first copy is on its way; `accepted`
+//!    follows when it is safe); `New` -> `Dedup::begin(cid, id, now)`.
+//! 2. For every device connection of the recipient: `Window::push`; `Err(msg)` (window full) or
+//!    no connection at all -> the offline inbox.
+//! 3. When a device acks it (`Window::ack` returns it) or the inbox append succeeded:
+//!    `Dedup::accept(cid)` and `accepted` to the sender. When the inbox refuses
+//!    (`StoreError`) and no device holds it: `Dedup::forget_pending(cid)` and `error`
+//!    `unavailable`; the client resends with the same cid later.
+//! 4. `Window::poll` at `Window::next_deadline` retransmits; `WindowState::Expired` -> close the
+//!    connection and move `Window::drain` to the inbox.
+
+pub mod dedup;
+pub mod window;
+
+pub use dedup::{Dedup, DedupConfig, Seen};
+pub use window::{AckError, Window, WindowConfig, WindowState};

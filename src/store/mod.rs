@@ -1,0 +1,108 @@
+//! The offline inbox (SPEC section 4) behind one small trait, [`Inbox`], and its embedded
+//! implementation, [`MemoryInbox`].
+//!
+//! # What it owns
+//! An [`Inbox`] owns the direct messages waiting for a user's devices: those sent while the
+//! user had no connection, those refused by a full window, and those spilled from a dead
+//! connection. Per user the inbox is ordered and capped (default 10,000 messages, 72 h); it is
+//! replayed in order on connect, and an entry is removed only once a device acked it.
+//!
+//! # Rules every implementation keeps
+//! * [`Inbox::append`] refuses with [`StoreError::Full`] when the user's inbox holds
+//!   `max_messages`: the sender gets `error`/`unavailable`; nothing is ever dropped to make
+//!   room. [`StoreError::Unavailable`] is for a store that cannot answer (Redis down).
+//! * Entries are numbered by [`InboxSeq`], increasing per user and never reused, so a
+//!   reader resumes with "after seq N" and a removal can never hit a newer entry.
+//! * An entry older than `max_age_ms` is expired: [`Inbox::read`] skips it at once, and
+//!   [`Inbox::expire`] drops it and reports how many it dropped, so expiry is counted, never
+//!   a silent loss.
+//!
+//! Time is injected as milliseconds; nothing here reads a clock, spawns or locks. The trait
+//! is synchronous: it fits the embedded store, which answers at once, and is the seam where
+//! another implementation plugs in.
+
+pub mod memory;
+
+pub use memory::MemoryInbox;
+
+/// Messages kept per user at most (SPEC default 10,000).
+pub const DEFAULT_INBOX_MAX_MESSAGES: usize = 10_000;
+/// Age after which an inbox entry expires (SPEC default 72 h).
+pub const DEFAULT_INBOX_MAX_AGE_MS: u64 = 72 * 60 * 60 * 1000;
+
+/// What the inbox keeps of a direct message: enough to rebuild its `msg` frame (the `seq` is
+/// the connection's, assigned at send time).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Server message id.
+    pub id: u64,
+    /// Sender's user id.
+    pub from: compact_str::CompactString,
+    /// The sender's `cid`, raw JSON text.
+    pub cid: Box<str>,
+    /// Accept time, ms since the Unix epoch.
+    pub ts: u64,
+    /// The message body, raw JSON text.
+    pub body: Box<str>,
+}
+
+/// Position of an entry in one user's inbox: increasing per user, never reused. 0 is never
+/// assigned, so `read(user, 0, ..)` reads from the start.
+pub type InboxSeq = u64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The user's inbox is at its cap; the sender gets `unavailable` and resends later.
+    #[error("inbox of {user} is full ({count} messages)")]
+    Full { user: String, count: usize },
+    /// The store cannot answer now.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Per-user bounds of an inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxLimits {
+    /// Entries per user; `append` refuses beyond it.
+    pub max_messages: usize,
+    /// Entries older than this (from their append) are expired.
+    pub max_age_ms: u64,
+}
+
+impl Default for InboxLimits {
+    fn default() -> Self {
+        InboxLimits {
+            max_messages: DEFAULT_INBOX_MAX_MESSAGES,
+            max_age_ms: DEFAULT_INBOX_MAX_AGE_MS,
+        }
+    }
+}
+
+/// One offline inbox per user; see the module documentation.
+pub trait Inbox {
+    /// Add `msg` at the end of `user`'s inbox at `now` and return its seq.
+    /// `Err(StoreError::Full)` when the inbox already holds `max_messages` (not counting
+    /// expired entries): nothing is dropped to make room.
+    fn append(&mut self, user: &str, msg: StoredMessage, now: u64) -> Result<InboxSeq, StoreError>;
+
+    /// Up to `limit` entries with seq > `after`, in order, skipping entries expired at `now`
+    /// (even before [`Inbox::expire`] dropped them).
+    fn read(
+        &self,
+        user: &str,
+        after: InboxSeq,
+        limit: usize,
+        now: u64,
+    ) -> Vec<(InboxSeq, StoredMessage)>;
+
+    /// Remove one entry (acked). Removing an unknown or already removed entry is a no-op.
+    fn remove(&mut self, user: &str, seq: InboxSeq);
+
+    /// Entries held for `user`. May include entries already expired but not yet dropped.
+    fn len(&self, user: &str) -> usize;
+
+    /// Drop every expired entry (age > `max_age_ms` at `now`) of every user. Returns how many
+    /// were dropped, including any an implementation dropped on the way since the previous
+    /// call: the caller counts them as expired (they are not lost silently).
+    fn expire(&mut self, now: u64) -> usize;
+}
