@@ -62,6 +62,8 @@ pub struct Config {
     pub max_outbound: usize,
     pub retry_after_s: u64,
     pub park_idle_ms: u64,
+    pub inbox_max_messages: usize,
+    pub inbox_max_age_ms: u64,
 }
 
 /// Every key as optional: what one source (file, or flags+env) says.
@@ -135,6 +137,12 @@ pub struct ConfigLayer {
     /// Input silence before an idle connection parks outside glommio; 0 = never [default: 1000]
     #[arg(long, env = "RINGGATE_PARK_IDLE_MS")]
     pub park_idle_ms: Option<u64>,
+    /// Offline inbox cap per user; a send beyond it gets `unavailable` [default: 10000]
+    #[arg(long, env = "RINGGATE_INBOX_MAX_MESSAGES")]
+    pub inbox_max_messages: Option<usize>,
+    /// Offline inbox entries older than this expire [default: 259200000 = 72 h]
+    #[arg(long, env = "RINGGATE_INBOX_MAX_AGE_MS")]
+    pub inbox_max_age_ms: Option<u64>,
 }
 
 /// A refused configuration: always names the key and what is wrong with it.
@@ -201,7 +209,9 @@ impl ConfigLayer {
             abuse_limit,
             max_outbound,
             retry_after_s,
-            park_idle_ms
+            park_idle_ms,
+            inbox_max_messages,
+            inbox_max_age_ms
         )
     }
 
@@ -308,6 +318,13 @@ impl ConfigLayer {
             max_outbound,
             retry_after_s: self.retry_after_s.unwrap_or(DEFAULT_RETRY_AFTER_S),
             park_idle_ms: self.park_idle_ms.unwrap_or(DEFAULT_PARK_IDLE_MS),
+            inbox_max_messages: match self.inbox_max_messages {
+                Some(0) => return Err(invalid("inbox_max_messages", "must be at least 1")),
+                v => v.unwrap_or(crate::store::DEFAULT_INBOX_MAX_MESSAGES),
+            },
+            inbox_max_age_ms: self
+                .inbox_max_age_ms
+                .unwrap_or(crate::store::DEFAULT_INBOX_MAX_AGE_MS),
         })
     }
 }

@@ -29,6 +29,10 @@ pub enum MeshMsg {
         socket: OwnedFd,
         conn: Box<Connection>,
     },
+    /// An accepted message for a user homed on the receiving shard.
+    Deliver(Box<crate::delivery::message::Message>),
+    /// What became of a message, for the sender's home shard.
+    Report(Box<crate::delivery::message::Report>),
     /// Which of `users` (all homed on the receiving shard) are online; answered on `reply`.
     Presence {
         users: Vec<compact_str::CompactString>,

@@ -69,6 +69,17 @@ pub const ABUSE_CLOSES: &str = "ringgate_abuse_closes_total";
 pub const WHEEL_ENTRIES: &str = "ringgate_wheel_entries";
 pub const CONNECTIONS_PARKED: &str = "ringgate_connections_parked";
 pub const USERS: &str = "ringgate_users_online";
+pub const SENDS: &str = "ringgate_sends_total";
+pub const DEDUP_HITS: &str = "ringgate_dedup_hits_total";
+pub const STORED: &str = "ringgate_stored_total";
+pub const STORE_REFUSED: &str = "ringgate_store_refused_total";
+pub const DELIVERED: &str = "ringgate_delivered_total";
+pub const ACKS: &str = "ringgate_acks_total";
+pub const RETRANSMITS: &str = "ringgate_retransmits_total";
+pub const ACK_TIMEOUTS: &str = "ringgate_ack_timeouts_total";
+pub const REPLAYED: &str = "ringgate_replayed_total";
+pub const CROSS_SHARD: &str = "ringgate_cross_shard_total";
+pub const WINDOW_FULL: &str = "ringgate_window_full_total";
 pub const HANDOFFS_OUT: &str = "ringgate_handoffs_out_total";
 pub const HANDOFFS_IN: &str = "ringgate_handoffs_in_total";
 pub const MESH_FULL: &str = "ringgate_mesh_full_total";
@@ -96,6 +107,17 @@ pub struct ShardMetrics {
     pub wheel_entries: Gauge,
     pub connections_parked: Gauge,
     pub users: Gauge,
+    pub sends: Counter,
+    pub dedup_hits: Counter,
+    pub stored: Counter,
+    pub store_refused: Counter,
+    pub delivered: Counter,
+    pub acks: Counter,
+    pub retransmits: Counter,
+    pub ack_timeouts: Counter,
+    pub replayed: Counter,
+    pub cross_shard: Counter,
+    pub window_full: Counter,
     pub handoffs_out: Counter,
     pub handoffs_in: Counter,
     pub mesh_full: Counter,
@@ -192,6 +214,69 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Connections closed (1008) after too many bad frames.",
         Kind::Counter,
         |m| m.abuse_closes.get(),
+    ),
+    (
+        SENDS,
+        "`send` frames received (including resends).",
+        Kind::Counter,
+        |m| m.sends.get(),
+    ),
+    (
+        DEDUP_HITS,
+        "Resent cids answered without a second message.",
+        Kind::Counter,
+        |m| m.dedup_hits.get(),
+    ),
+    (
+        STORED,
+        "Messages appended to an offline inbox (made safe).",
+        Kind::Counter,
+        |m| m.stored.get(),
+    ),
+    (
+        STORE_REFUSED,
+        "Messages the inbox refused (full): the sender got `unavailable`.",
+        Kind::Counter,
+        |m| m.store_refused.get(),
+    ),
+    (
+        DELIVERED,
+        "`delivered` answers: a device of the recipient acked.",
+        Kind::Counter,
+        |m| m.delivered.get(),
+    ),
+    (ACKS, "`ack` frames received.", Kind::Counter, |m| {
+        m.acks.get()
+    }),
+    (
+        RETRANSMITS,
+        "`msg` frames sent again after the ack timeout.",
+        Kind::Counter,
+        |m| m.retransmits.get(),
+    ),
+    (
+        ACK_TIMEOUTS,
+        "Connections closed after the last retransmit went unacked.",
+        Kind::Counter,
+        |m| m.ack_timeouts.get(),
+    ),
+    (
+        REPLAYED,
+        "Inbox entries replayed to a connection before `synced`.",
+        Kind::Counter,
+        |m| m.replayed.get(),
+    ),
+    (
+        CROSS_SHARD,
+        "Messages sent to another shard (the recipient's home).",
+        Kind::Counter,
+        |m| m.cross_shard.get(),
+    ),
+    (
+        WINDOW_FULL,
+        "Times a connection's window filled while its inbox had more.",
+        Kind::Counter,
+        |m| m.window_full.get(),
     ),
     (
         USERS,

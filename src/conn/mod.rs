@@ -44,6 +44,21 @@ pub struct Ctx<'a> {
     pub host_open: &'a AtomicUsize,
     pub draining: bool,
     pub shard: usize,
+    /// Requests for the shard (sends, acks), taken by the shard after each event.
+    pub events: &'a std::cell::RefCell<Vec<AppEvent>>,
+}
+
+/// What a connection asks of its shard: the shard owns users, inboxes and the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppEvent {
+    Send {
+        to: compact_str::CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+    },
+    Ack {
+        seq: u64,
+    },
 }
 
 /// What a `/ws` connection carries besides its user id, boxed because it is rare.
@@ -134,8 +149,8 @@ impl Connection {
         self.serial = serial;
     }
 
-    /// On the user's home shard: `welcome`, then `synced`, then whatever frames arrived behind
-    /// the request head (so nothing is answered before `welcome`).
+    /// On the user's home shard: `welcome` (the shard then replays the inbox, sends `synced`
+    /// and calls [`Self::resume_input`], so nothing is answered before `welcome`).
     pub fn start_session(&mut self, now: u64, ctx: &Ctx) {
         if !std::mem::take(&mut self.awaiting_session) {
             return;
@@ -150,14 +165,33 @@ impl Connection {
             ctx.cfg.max_frame,
         );
         self.push_frame(Kind::Text, &body, ctx);
-        body.clear();
-        // No offline inbox yet in this build: nothing to replay.
-        proto::write_synced(&mut body, 0);
-        self.push_frame(Kind::Text, &body, ctx);
+        // The shard replays the inbox and sends `synced` next, then calls `resume_input`.
+        let _ = now;
+    }
+
+    /// After the session's first frames: handle what the client sent behind its request head.
+    pub fn resume_input(&mut self, now: u64, ctx: &Ctx) {
         if let Some(mut buf) = self.partial.take().map(|mut p| std::mem::take(&mut p.buf)) {
             if !buf.is_empty() {
                 self.on_frame_bytes(now, &mut buf, ctx);
             }
+        }
+    }
+
+    /// A text frame from the shard (delivery frames, `synced`, answers to events).
+    pub fn push_text(&mut self, body: &[u8], ctx: &Ctx) {
+        self.push_frame(Kind::Text, body, ctx);
+    }
+
+    /// Answer a request the shard refused (e.g. an ack beyond the last seq).
+    pub fn reply_error(&mut self, now: u64, err: FrameError, ctx: &Ctx) {
+        self.bad_frame(now, err, ctx);
+    }
+
+    /// Unacknowledged messages ran out of retransmits: the client is considered dead.
+    pub fn close_unresponsive(&mut self, now: u64, ctx: &Ctx) {
+        if self.phase == Phase::Open {
+            self.close(now, frame::CLOSE_INTERNAL, "ack timeout", ctx);
         }
     }
 
@@ -545,25 +579,11 @@ impl Connection {
             ),
             Some(Route::App) => match proto::parse(payload) {
                 Ok(ClientFrame::Ping) => self.push_frame(Kind::Text, proto::PONG, ctx),
-                // Parsed and validated; delivery is wired in the next step of issue 4.
-                Ok(ClientFrame::Send { cid, .. }) => self.bad_frame(
-                    now,
-                    FrameError {
-                        code: ErrorCode::Unavailable,
-                        message: "op `send` is not served by this build yet".into(),
-                        cid: Some(cid),
-                    },
-                    ctx,
-                ),
-                Ok(ClientFrame::Ack { .. }) => self.bad_frame(
-                    now,
-                    FrameError {
-                        code: ErrorCode::Unavailable,
-                        message: "op `ack` is not served by this build yet".into(),
-                        cid: None,
-                    },
-                    ctx,
-                ),
+                Ok(ClientFrame::Send { to, cid, body }) => ctx
+                    .events
+                    .borrow_mut()
+                    .push(AppEvent::Send { to, cid, body }),
+                Ok(ClientFrame::Ack { seq }) => ctx.events.borrow_mut().push(AppEvent::Ack { seq }),
                 Err(e) => self.bad_frame(now, e, ctx),
             },
             None => {}

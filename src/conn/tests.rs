@@ -58,6 +58,7 @@ struct Env {
     metrics: ShardMetrics,
     host_open: AtomicUsize,
     draining: bool,
+    events: std::cell::RefCell<Vec<AppEvent>>,
 }
 
 impl Env {
@@ -73,6 +74,7 @@ impl Env {
             metrics: ShardMetrics::default(),
             host_open: AtomicUsize::new(0),
             draining: false,
+            events: Default::default(),
         }
     }
 
@@ -84,6 +86,7 @@ impl Env {
             host_open: &self.host_open,
             draining: self.draining,
             shard: SHARD,
+            events: &self.events,
         }
     }
 
@@ -136,7 +139,10 @@ fn feed(conn: &mut Connection, env: &Env, now: u64, bytes: &[u8]) {
     let mut scratch = bytes.to_vec();
     conn.on_bytes(now, &mut scratch, &env.ctx());
     if conn.awaiting_session() {
+        // As the shard does with an empty inbox: welcome, then synced.
         conn.start_session(now, &env.ctx());
+        conn.push_text(br#"{"op":"synced","count":0}"#, &env.ctx());
+        conn.resume_input(now, &env.ctx());
     }
 }
 

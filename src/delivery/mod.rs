@@ -12,7 +12,14 @@
 //! shard and is passed by `&mut`; a message is an immutable handle `M: Clone` (the shard uses
 //! `Rc<Message>`) shared by the inbox and several windows.
 //!
-//! # How a `send` flows through these pieces (the shard glues them)
+//! # How the shard uses them today: store-first (see `shard/deliver.rs`)
+//! With the embedded store every accepted message is appended to the recipient's inbox first
+//! ("safe" = in the store, so `accepted` follows at once), and each device connection replays
+//! the inbox through its own `Window`; the first device ack removes the entry and sends
+//! `delivered`. The steps below describe the in-memory fast path (deliver before storing,
+//! `accepted` on ack) that becomes worth its complexity once the store is Redis.
+//!
+//! # How a `send` flows through these pieces on the fast path
 //! 1. `Dedup::check(cid)`: `Accepted { id }` -> answer `accepted` again with that id, deliver
 //!    nothing; `Pending { id }` -> deliver nothing (the first copy is on its way; `accepted`
 //!    follows when it is safe); `New` -> `Dedup::begin(cid, id, now)`.
@@ -26,6 +33,7 @@
 //!    connection and move `Window::drain` to the inbox.
 
 pub mod dedup;
+pub mod message;
 pub mod window;
 
 pub use dedup::{Dedup, DedupConfig, Seen};

@@ -124,6 +124,12 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
                         glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket)))
                             .detach();
                     }
+                    MeshMsg::Deliver(msg) => {
+                        let mut s = shard.borrow_mut();
+                        let now = s.now_ms();
+                        s.deliver(*msg, now, None);
+                    }
+                    MeshMsg::Report(r) => shard.borrow_mut().on_report(*r),
                     MeshMsg::Presence { users, reply } => {
                         // The asker may have given up (timeout): nothing to do then.
                         let _ = reply.send(shard.borrow().presence(&users));

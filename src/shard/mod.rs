@@ -5,6 +5,7 @@
 //! The glommio glue is in [`io`]: one accept task, one small task per socket that calls
 //! [`Shard::poll_conn`], and one tick task that calls [`Shard::on_tick`].
 
+mod deliver;
 pub mod io;
 pub mod park;
 pub mod users;
@@ -22,12 +23,13 @@ use slab::Slab;
 use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::conn::{Connection, Ctx, Phase};
+use crate::conn::{AppEvent, Connection, Ctx, Phase};
 use crate::mesh::{self, Mesh, MeshMsg};
 use crate::metrics::ShardMetrics;
 use crate::wheel::{TimerKey, TimingWheel};
 use crate::ws::upgrade::Refusal;
 use park::{ParkSet, RawSocket};
+use std::cell::RefCell;
 use users::Users;
 
 /// Shard-wide read buffer: every socket reads into it, so idle sockets own no read buffer.
@@ -80,6 +82,8 @@ struct Entry {
     parked: Option<OwnedFd>,
     /// The tick found the connection idle: its task parks it on its next poll.
     park_requested: bool,
+    /// Delivery state of a started `/ws` session (window, inbox replay cursor).
+    session: Option<Box<deliver::Session>>,
 }
 
 impl Entry {
@@ -103,6 +107,17 @@ pub struct Shard {
     next_serial: u64,
     /// When this shard began draining (ms), once it has.
     drain_started: Option<u64>,
+    /// The connection whose poll is in progress (see `poll_conn`).
+    polling: Option<usize>,
+    /// Requests connections made while handling input (sends, acks), served right after.
+    events: RefCell<Vec<AppEvent>>,
+    /// Offline inboxes of the users whose home is this shard.
+    inbox: crate::store::MemoryInbox,
+    /// Dedup windows of the senders whose home is this shard.
+    senders: std::collections::HashMap<compact_str::CompactString, crate::delivery::Dedup>,
+    next_msg_id: u64,
+    /// Reports another shard's full channel refused: retried on every tick (never dropped).
+    unsent_reports: Vec<(usize, Box<crate::delivery::message::Report>)>,
     /// Where idle connections wait (None when `park_idle_ms = 0`).
     park: Option<ParkSet>,
     ready_tokens: Vec<u64>,
@@ -141,6 +156,10 @@ impl Shard {
     ) -> Self {
         let start_tick = clock.now_ms() / shared.cfg.tick_ms;
         let wheel = TimingWheel::new(shared.cfg.wheel_slots, start_tick);
+        let limits = crate::store::InboxLimits {
+            max_messages: shared.cfg.inbox_max_messages,
+            max_age_ms: shared.cfg.inbox_max_age_ms,
+        };
         Shard {
             id,
             shared,
@@ -153,6 +172,12 @@ impl Shard {
             fired: Vec::new(),
             next_serial: 0,
             drain_started: None,
+            polling: None,
+            events: RefCell::new(Vec::new()),
+            inbox: crate::store::MemoryInbox::new(limits),
+            senders: Default::default(),
+            next_msg_id: 0,
+            unsent_reports: Vec::new(),
             park: None,
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
@@ -171,6 +196,10 @@ impl Shard {
     /// Let idle connections park in `set` (the glue reads the doorbell).
     pub fn enable_parking(&mut self, set: ParkSet) {
         self.park = Some(set);
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     pub fn cfg(&self) -> &Config {
@@ -205,84 +234,56 @@ impl Shard {
             waker: None,
             parked: None,
             park_requested: false,
+            session: None,
         });
         self.metrics.handshakes_pending.inc();
         self.sync_timer(index);
         Some(index)
     }
 
-    /// Drive one socket: read what is there, let the connection react, write what it says.
+    /// Drive one socket: read what is there, let the connection react, serve what it asked
+    /// of the shard, write what it says.
     pub fn poll_conn<S>(&mut self, index: usize, stream: &mut S, cx: &mut Context<'_>) -> ConnPoll
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        // Serving one connection can produce output for others (and kick them); the one being
+        // polled writes its own output below and must not be re-entered.
+        let outer = self.polling.replace(index);
+        let result = self.poll_conn_once(index, stream, cx);
+        self.polling = outer;
+        result
+    }
+
+    fn poll_conn_once<S>(&mut self, index: usize, stream: &mut S, cx: &mut Context<'_>) -> ConnPoll
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let now = self.clock.now_ms();
-        let Shard {
-            shared,
-            metrics,
-            conns,
-            scratch,
-            spare_out,
-            id,
-            drain_started,
-            users,
-            ..
-        } = self;
-        let ctx = make_ctx(shared, metrics, drain_started.is_some(), *id);
-        let Some(entry) = conns.get_mut(index) else {
+        let Some((mut peer_gone, read_armed)) = self.read_phase(index, stream, cx, now) else {
             return ConnPoll::Close;
         };
-        let conn = &mut entry.conn;
-        if conn.out.capacity() == 0 {
-            conn.out = std::mem::take(spare_out);
-        }
-        let mut reads = 0;
-        let mut peer_gone = false;
-        let mut read_armed = false;
-        // Read while there is room to answer (outbound bytes bound what a client can make us buffer).
-        while !matches!(conn.phase(), Phase::Done { .. }) && conn.out.len() < ctx.cfg.max_outbound {
-            match Pin::new(&mut *stream).poll_read(cx, scratch) {
-                Poll::Ready(Ok(0)) => {
-                    peer_gone = true;
-                    break;
-                }
-                Poll::Ready(Ok(n)) => {
-                    metrics.bytes_in.add(n as u64);
-                    conn.on_bytes(now, &mut scratch[..n], &ctx);
-                    reads += 1;
-                    if conn.awaiting_session() {
-                        break; // its home shard decides what happens next
-                    }
-                    if reads == READS_PER_POLL {
-                        cx.waker().wake_by_ref();
-                        break;
-                    }
-                }
-                Poll::Ready(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
-                Poll::Ready(Err(_)) => {
-                    peer_gone = true;
-                    break;
-                }
-                Poll::Pending => {
-                    read_armed = true;
-                    break;
-                }
-            }
-        }
-        if !peer_gone && conn.awaiting_session() {
+        if !peer_gone && self.conns[index].conn.awaiting_session() {
             let home = match &self.mesh {
-                Some(m) => mesh::home_shard(conn.user().unwrap_or(""), m.shards()),
-                None => *id,
+                Some(m) => {
+                    mesh::home_shard(self.conns[index].conn.user().unwrap_or(""), m.shards())
+                }
+                None => self.id,
             };
-            if home != *id {
+            if home != self.id {
                 return ConnPoll::Handoff { to: home };
             }
-            conn.start_session(now, &ctx);
-            if let Some(user) = conn.user() {
-                users.add(user, index);
-                metrics.users.set(users.len() as u64);
-            }
+            self.start_session(index, now);
         }
+        self.serve_events(index, now);
+        let Shard {
+            metrics,
+            conns,
+            spare_out,
+            shared,
+            ..
+        } = self;
+        let conn = &mut conns[index].conn;
         while !peer_gone && !conn.out.is_empty() {
             match Pin::new(&mut *stream).poll_write(cx, &conn.out) {
                 Poll::Ready(Ok(n)) => {
@@ -299,7 +300,7 @@ impl Shard {
         if !read_armed
             && !peer_gone
             && !matches!(conn.phase(), Phase::Done { .. })
-            && conn.out.len() < ctx.cfg.max_outbound
+            && conn.out.len() < shared.cfg.max_outbound
         {
             cx.waker().wake_by_ref();
         }
@@ -320,6 +321,58 @@ impl Shard {
             read_blocked: read_armed,
             write_blocked,
         }
+    }
+
+    /// Read while there is room to answer (outbound bytes bound what a client can make us
+    /// buffer). Returns (peer gone, read would block), or None for an unknown slot.
+    fn read_phase<S>(
+        &mut self,
+        index: usize,
+        stream: &mut S,
+        cx: &mut Context<'_>,
+        now: u64,
+    ) -> Option<(bool, bool)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Shard {
+            shared,
+            metrics,
+            conns,
+            scratch,
+            spare_out,
+            id,
+            drain_started,
+            events,
+            ..
+        } = self;
+        let ctx = make_ctx(shared, metrics, events, drain_started.is_some(), *id);
+        let conn = &mut conns.get_mut(index)?.conn;
+        if conn.out.capacity() == 0 {
+            conn.out = std::mem::take(spare_out);
+        }
+        let mut reads = 0;
+        while !matches!(conn.phase(), Phase::Done { .. }) && conn.out.len() < ctx.cfg.max_outbound {
+            match Pin::new(&mut *stream).poll_read(cx, scratch) {
+                Poll::Ready(Ok(0)) => return Some((true, false)),
+                Poll::Ready(Ok(n)) => {
+                    metrics.bytes_in.add(n as u64);
+                    conn.on_bytes(now, &mut scratch[..n], &ctx);
+                    reads += 1;
+                    if conn.awaiting_session() {
+                        break; // its home shard decides what happens next
+                    }
+                    if reads == READS_PER_POLL {
+                        cx.waker().wake_by_ref();
+                        break;
+                    }
+                }
+                Poll::Ready(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
+                Poll::Ready(Err(_)) => return Some((true, false)),
+                Poll::Pending => return Some((false, true)),
+            }
+        }
+        Some((false, false))
     }
 
     /// Send the connection at `index` (upgraded, session not started) with `socket` (a
@@ -356,6 +409,7 @@ impl Shard {
                 let ctx = make_ctx(
                     &self.shared,
                     &self.metrics,
+                    &self.events,
                     self.drain_started.is_some(),
                     self.id,
                 );
@@ -380,19 +434,15 @@ impl Shard {
             waker: None,
             parked: None,
             park_requested: false,
+            session: None,
         });
         self.metrics.connections_open.inc();
         self.metrics.handoffs_in.inc();
-        let draining = self.drain_started.is_some();
-        let ctx = make_ctx(&self.shared, &self.metrics, draining, self.id);
-        let conn = &mut self.conns[index].conn;
-        conn.start_session(now, &ctx);
-        if let Some(user) = conn.user() {
-            self.users.add(user, index);
-            self.metrics.users.set(self.users.len() as u64);
-        }
-        if draining {
-            conn.on_shutdown(now, &ctx);
+        self.start_session(index, now);
+        self.serve_events(index, now);
+        if self.drain_started.is_some() {
+            let ctx = make_ctx(&self.shared, &self.metrics, &self.events, true, self.id);
+            self.conns[index].conn.on_shutdown(now, &ctx);
         }
         self.sync_timer(index);
         index
@@ -535,7 +585,12 @@ impl Shard {
 
     /// After a timer or shutdown wrote to a connection: get the bytes moving.
     fn kick(&mut self, index: usize) {
-        let entry = &self.conns[index];
+        if self.polling == Some(index) {
+            return; // its ongoing poll writes the output
+        }
+        let Some(entry) = self.conns.get(index) else {
+            return;
+        };
         if entry.parked.is_some() {
             if !entry.conn.out.is_empty() || entry.conn.finished() {
                 self.poll_parked(index);
@@ -554,6 +609,9 @@ impl Shard {
         let tick_ms = self.shared.cfg.tick_ms;
         let entry = &mut self.conns[index];
         let mut want_ms = entry.conn.deadline(&self.shared.cfg);
+        if let Some(d) = entry.session.as_ref().and_then(|s| s.next_deadline()) {
+            want_ms = want_ms.min(d);
+        }
         if self.park.is_some() && entry.parked.is_none() && entry.conn.phase() == Phase::Open {
             want_ms = want_ms.min(entry.conn.last_rx_ms() + self.shared.cfg.park_idle_ms);
         }
@@ -591,6 +649,7 @@ impl Shard {
         let ctx = make_ctx(
             &self.shared,
             &self.metrics,
+            &self.events,
             self.drain_started.is_some(),
             self.id,
         );
@@ -611,6 +670,7 @@ impl Shard {
             let ctx = make_ctx(
                 &self.shared,
                 &self.metrics,
+                &self.events,
                 self.drain_started.is_some(),
                 self.id,
             );
@@ -619,6 +679,8 @@ impl Shard {
             };
             entry.timer = None;
             entry.conn.on_timer(now, &ctx);
+            self.poll_window(index, now);
+            let entry = &mut self.conns[index];
             let park_idle = self.shared.cfg.park_idle_ms;
             if self.park.is_some()
                 && self.drain_started.is_none()
@@ -633,6 +695,7 @@ impl Shard {
             }
         }
         self.fired = fired;
+        self.retry_reports();
         self.metrics.wheel_entries.set(self.wheel.len() as u64);
         if self.released_since_collect > 0
             && now >= self.last_collect_ms + crate::alloc::RELEASE_EVERY_MS
@@ -652,7 +715,7 @@ impl Shard {
         self.drain_started = Some(now);
         let indices: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
         for index in indices {
-            let ctx = make_ctx(&self.shared, &self.metrics, true, self.id);
+            let ctx = make_ctx(&self.shared, &self.metrics, &self.events, true, self.id);
             let entry = &mut self.conns[index];
             entry.conn.on_shutdown(now, &ctx);
             entry.park_requested = false;
@@ -668,6 +731,7 @@ impl Shard {
 fn make_ctx<'a>(
     shared: &'a Shared,
     metrics: &'a ShardMetrics,
+    events: &'a RefCell<Vec<AppEvent>>,
     draining: bool,
     shard: usize,
 ) -> Ctx<'a> {
@@ -678,5 +742,6 @@ fn make_ctx<'a>(
         host_open: &shared.host_open,
         draining,
         shard,
+        events,
     }
 }

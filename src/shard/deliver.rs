@@ -1,0 +1,452 @@
+//! Direct messages on a shard: `send` -> `accepted`/`delivered`, inbox replay -> `msg` ->
+//! `ack` (SPEC sections 3 and 4). Store-first: a message is appended to the recipient's inbox
+//! on the recipient's home shard before anything else, so `accepted` means "in the store"
+//! (embedded store: in memory, lost on restart, as the README says). Each device connection
+//! replays the inbox through its own window (own seq, cumulative acks, retransmit with backoff,
+//! dead after the last retransmit); the first ack by any device removes the entry and tells the
+//! sender `delivered`. Per-sender order holds because one ordered inbox per user feeds every
+//! device, across reconnects and retransmits alike.
+//!
+//! Who owns what: the sender's home shard owns the sender's dedup window and answers the
+//! sender; the recipient's home shard owns the inbox and the device windows. Between them a
+//! message crosses the mesh once (`Deliver`) and reports come back (`Report`).
+
+use std::rc::Rc;
+
+use compact_str::CompactString;
+
+use super::{make_ctx, Shard};
+use crate::conn::AppEvent;
+use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
+use crate::delivery::{AckError, Dedup, DedupConfig, Seen, Window, WindowConfig, WindowState};
+use crate::mesh::{self, MeshMsg};
+use crate::proto::{self, ErrorCode, FrameError};
+use crate::store::{Inbox, InboxSeq, StoredMessage};
+
+/// A started `/ws` session's delivery state.
+pub struct Session {
+    /// In-flight `msg` frames: inbox position and content (for retransmits).
+    window: Window<(InboxSeq, Rc<StoredMessage>)>,
+    /// Last inbox entry pushed into the window.
+    cursor: InboxSeq,
+    /// Entries replayed before `synced` (the count `synced` reports).
+    replayed: u64,
+    synced: bool,
+}
+
+impl Session {
+    fn new(cfg: WindowConfig) -> Self {
+        Session {
+            window: Window::new(cfg),
+            cursor: 0,
+            replayed: 0,
+            synced: false,
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.window.next_deadline()
+    }
+}
+
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Shard {
+    fn window_config(&self) -> WindowConfig {
+        WindowConfig {
+            capacity: self.shared.cfg.window,
+            ack_timeout_ms: self.shared.cfg.ack_timeout_ms,
+            ..WindowConfig::default()
+        }
+    }
+
+    /// On the user's home shard: welcome, inbox replay, synced, then the client's early frames.
+    pub(super) fn start_session(&mut self, index: usize, now: u64) {
+        let window = self.window_config();
+        let ctx = make_ctx(
+            &self.shared,
+            &self.metrics,
+            &self.events,
+            self.drain_started.is_some(),
+            self.id,
+        );
+        let entry = &mut self.conns[index];
+        entry.conn.start_session(now, &ctx);
+        if let Some(user) = entry.conn.user() {
+            self.users.add(user, index);
+            self.metrics.users.set(self.users.len() as u64);
+            entry.session = Some(Box::new(Session::new(window)));
+            self.pump(index, now);
+        }
+        let ctx = make_ctx(
+            &self.shared,
+            &self.metrics,
+            &self.events,
+            self.drain_started.is_some(),
+            self.id,
+        );
+        self.conns[index].conn.resume_input(now, &ctx);
+    }
+
+    /// Serve what the connection at `index` asked for while its input was handled.
+    pub(super) fn serve_events(&mut self, index: usize, now: u64) {
+        loop {
+            let events = std::mem::take(&mut *self.events.borrow_mut());
+            if events.is_empty() {
+                return;
+            }
+            for event in events {
+                match event {
+                    AppEvent::Send { to, cid, body } => self.on_send(index, to, cid, body, now),
+                    AppEvent::Ack { seq } => self.on_ack(index, seq, now),
+                }
+            }
+        }
+    }
+
+    fn on_send(
+        &mut self,
+        index: usize,
+        to: CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        now: u64,
+    ) {
+        let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
+            return;
+        };
+        self.metrics.sends.inc();
+        let dedup = self
+            .senders
+            .entry(from.clone())
+            .or_insert_with(|| Dedup::new(DedupConfig::default()));
+        match dedup.check(&cid) {
+            Seen::Accepted { id } => {
+                self.metrics.dedup_hits.inc();
+                let mut out = Vec::with_capacity(64);
+                proto::write_accepted(&mut out, &cid, id);
+                self.write_text(index, &out);
+            }
+            // The first copy is on its way; its `accepted` goes to this user's connections.
+            Seen::Pending { .. } => self.metrics.dedup_hits.inc(),
+            Seen::New => {
+                self.next_msg_id += 1;
+                // Unique per node: shard in the top bits.
+                let id = ((self.id as u64) << 48) | self.next_msg_id;
+                dedup.begin(&cid, id, now);
+                let msg = Message {
+                    id,
+                    from,
+                    to,
+                    cid,
+                    ts: wall_clock_ms(),
+                    body,
+                    reply: ReplyTo {
+                        shard: self.id as u32,
+                        conn: index as u32,
+                        serial: self.conns[index].serial,
+                    },
+                };
+                let home = self.home_of(&msg.to);
+                if home == self.id {
+                    self.deliver(msg, now, Some(index));
+                } else {
+                    self.metrics.cross_shard.inc();
+                    let mesh = self.mesh.as_ref().expect("several shards have a mesh");
+                    if let Err(MeshMsg::Deliver(msg)) =
+                        mesh.send(home, MeshMsg::Deliver(Box::new(msg)))
+                    {
+                        self.metrics.mesh_full.inc();
+                        self.on_report(Report {
+                            id: msg.id,
+                            from: msg.from,
+                            to: msg.to,
+                            cid: msg.cid,
+                            reply: msg.reply,
+                            outcome: Outcome::Refused(
+                                "the recipient's shard is busy, resend later".into(),
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn home_of(&self, user: &str) -> usize {
+        match &self.mesh {
+            Some(m) => mesh::home_shard(user, m.shards()),
+            None => self.id,
+        }
+    }
+
+    /// On the recipient's home shard: make the message safe, tell the sender, feed the devices.
+    /// `current`: the connection being polled right now (it writes its own output).
+    pub(super) fn deliver(&mut self, msg: Message, now: u64, current: Option<usize>) {
+        let outcome = match self.inbox.append(&msg.to, msg.stored(), now) {
+            Ok(_) => {
+                self.metrics.stored.inc();
+                Outcome::Stored
+            }
+            Err(e) => {
+                self.metrics.store_refused.inc();
+                Outcome::Refused(e.to_string())
+            }
+        };
+        let stored = outcome == Outcome::Stored;
+        let to = msg.to.clone();
+        self.report(Report {
+            id: msg.id,
+            from: msg.from,
+            to: msg.to,
+            cid: msg.cid,
+            reply: msg.reply,
+            outcome,
+        });
+        if stored {
+            for device in self.users.devices(&to) {
+                self.pump(device, now);
+                if Some(device) != current {
+                    self.kick(device);
+                }
+            }
+        }
+    }
+
+    /// Send a report to the sender's home shard (or handle it here).
+    fn report(&mut self, report: Report) {
+        let to = report.reply.shard as usize;
+        if to == self.id {
+            return self.on_report(report);
+        }
+        let mesh = self.mesh.as_ref().expect("several shards have a mesh");
+        if let Err(MeshMsg::Report(r)) = mesh.send(to, MeshMsg::Report(Box::new(report))) {
+            self.metrics.mesh_full.inc();
+            self.unsent_reports.push((to, r));
+        }
+    }
+
+    /// Retry reports a full channel refused (called on every tick).
+    pub(super) fn retry_reports(&mut self) {
+        if self.unsent_reports.is_empty() {
+            return;
+        }
+        let Some(mesh) = self.mesh.as_ref() else {
+            return;
+        };
+        let pending = std::mem::take(&mut self.unsent_reports);
+        for (to, r) in pending {
+            if let Err(MeshMsg::Report(r)) = mesh.send(to, MeshMsg::Report(r)) {
+                self.unsent_reports.push((to, r));
+            }
+        }
+    }
+
+    /// On the sender's home shard: answer the sender.
+    pub(super) fn on_report(&mut self, r: Report) {
+        let mut out = Vec::with_capacity(96);
+        match &r.outcome {
+            Outcome::Stored => {
+                if let Some(d) = self.senders.get_mut(&r.from) {
+                    d.accept(&r.cid);
+                }
+                proto::write_accepted(&mut out, &r.cid, r.id);
+            }
+            Outcome::Delivered => {
+                self.metrics.delivered.inc();
+                proto::write_delivered(&mut out, &r.cid, r.id, &r.to);
+            }
+            Outcome::Refused(why) => {
+                if let Some(d) = self.senders.get_mut(&r.from) {
+                    d.forget_pending(&r.cid);
+                }
+                let err = FrameError {
+                    code: ErrorCode::Unavailable,
+                    message: format!("not accepted: {why}"),
+                    cid: Some(r.cid.clone()),
+                };
+                proto::write_error(&mut out, &err);
+            }
+        }
+        // The sending connection if it is still there, else every connection of the sender
+        // (a client that reconnected and resent the cid is waiting for this answer).
+        let origin = r.reply.conn as usize;
+        let origin_alive = r.reply.conn != u32::MAX
+            && self
+                .conns
+                .get(origin)
+                .is_some_and(|e| e.serial == r.reply.serial);
+        let targets = if origin_alive {
+            vec![origin]
+        } else {
+            self.users.devices(&r.from)
+        };
+        for t in targets {
+            self.write_text(t, &out);
+            self.kick(t);
+        }
+    }
+
+    fn on_ack(&mut self, index: usize, seq: u64, now: u64) {
+        self.metrics.acks.inc();
+        let Some(user) = self.conns[index].conn.user().map(CompactString::from) else {
+            return;
+        };
+        let Some(session) = self.conns[index].session.as_mut() else {
+            return;
+        };
+        let mut acked = Vec::new();
+        if let Err(AckError::Ahead { upto, last }) =
+            session.window.ack_with(seq, |_, item| acked.push(item))
+        {
+            let err = FrameError {
+                code: ErrorCode::BadRequest,
+                message: format!(
+                    "ack {upto} is beyond the last seq sent on this connection ({last})"
+                ),
+                cid: None,
+            };
+            let ctx = make_ctx(
+                &self.shared,
+                &self.metrics,
+                &self.events,
+                self.drain_started.is_some(),
+                self.id,
+            );
+            self.conns[index].conn.reply_error(now, err, &ctx);
+            return;
+        }
+        for (inbox_seq, msg) in acked {
+            let before = self.inbox.len(&user);
+            self.inbox.remove(&user, inbox_seq);
+            // Only the first device's ack removes the entry: one `delivered` per message.
+            if self.inbox.len(&user) < before {
+                let home = self.home_of(&msg.from);
+                self.report(Report {
+                    id: msg.id,
+                    from: msg.from.clone(),
+                    to: user.clone(),
+                    cid: msg.cid.clone(),
+                    reply: ReplyTo::all_devices(home),
+                    outcome: Outcome::Delivered,
+                });
+            }
+        }
+        self.pump(index, now);
+    }
+
+    /// Fill the connection's window from the inbox; `synced` once the replay has caught up.
+    pub(super) fn pump(&mut self, index: usize, now: u64) {
+        let Some(entry) = self.conns.get_mut(index) else {
+            return;
+        };
+        let Some(user) = entry.conn.user().map(CompactString::from) else {
+            return;
+        };
+        let Some(session) = entry.session.as_mut() else {
+            return;
+        };
+        let ctx = make_ctx(
+            &self.shared,
+            &self.metrics,
+            &self.events,
+            self.drain_started.is_some(),
+            self.id,
+        );
+        let mut frame = Vec::with_capacity(256);
+        let mut caught_up = false;
+        while !session.window.is_full() {
+            let room = (session.window.config().capacity as usize) - session.window.len();
+            let batch = self.inbox.read(&user, session.cursor, room, now);
+            caught_up = batch.len() < room;
+            for (inbox_seq, msg) in batch {
+                let msg = Rc::new(msg);
+                let seq = match session.window.push((inbox_seq, msg.clone()), now) {
+                    Ok(seq) => seq,
+                    Err(_) => unreachable!("room was checked"),
+                };
+                session.cursor = inbox_seq;
+                if !session.synced {
+                    session.replayed += 1;
+                    self.metrics.replayed.inc();
+                }
+                frame.clear();
+                proto::write_msg(
+                    &mut frame, seq, msg.id, &msg.from, &msg.cid, msg.ts, &msg.body,
+                );
+                entry.conn.push_text(&frame, &ctx);
+            }
+            if caught_up {
+                break;
+            }
+        }
+        if session.window.is_full() && !caught_up {
+            self.metrics.window_full.inc();
+        }
+        if caught_up && !session.synced {
+            session.synced = true;
+            frame.clear();
+            proto::write_synced(&mut frame, session.replayed);
+            entry.conn.push_text(&frame, &ctx);
+        }
+    }
+
+    /// The connection's wheel entry fired: retransmit what is due, or give up on the client.
+    pub(super) fn poll_window(&mut self, index: usize, now: u64) {
+        let Some(entry) = self.conns.get_mut(index) else {
+            return;
+        };
+        let Some(session) = entry.session.as_mut() else {
+            return;
+        };
+        if session.next_deadline().is_none_or(|d| d > now) {
+            return;
+        }
+        let ctx = make_ctx(
+            &self.shared,
+            &self.metrics,
+            &self.events,
+            self.drain_started.is_some(),
+            self.id,
+        );
+        let mut frame = Vec::with_capacity(256);
+        let conn = &mut entry.conn;
+        let state = session.window.poll(now, |seq, (_, msg)| {
+            ctx.metrics.retransmits.inc();
+            frame.clear();
+            proto::write_msg(
+                &mut frame, seq, msg.id, &msg.from, &msg.cid, msg.ts, &msg.body,
+            );
+            conn.push_text(&frame, &ctx);
+        });
+        if state == WindowState::Expired {
+            // Its messages stay in the inbox: the next connection of the user replays them.
+            self.metrics.ack_timeouts.inc();
+            session.window.drain();
+            conn.close_unresponsive(now, &ctx);
+        }
+    }
+
+    /// Append a text frame to a connection's output.
+    fn write_text(&mut self, index: usize, body: &[u8]) {
+        let ctx = make_ctx(
+            &self.shared,
+            &self.metrics,
+            &self.events,
+            self.drain_started.is_some(),
+            self.id,
+        );
+        if let Some(entry) = self.conns.get_mut(index) {
+            entry.conn.push_text(body, &ctx);
+        }
+    }
+}
+
+/// What a full mesh channel hands back must be the message given; anything else is a bug.
+#[allow(dead_code)]
+fn _assert_send(_: &FrameError) {}

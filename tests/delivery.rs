@@ -1,0 +1,338 @@
+//! Reliable 1:1 delivery over real sockets (SPEC sections 3 and 4): send -> accepted (safe in
+//! the store) -> msg on every device -> ack -> delivered; offline inbox replay; dedup by cid;
+//! retransmits then close; window; inbox cap. The gateway runs 2 shards and users are chosen so
+//! that sender and recipient share a home shard or not, as each test needs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+const SHARDS: usize = 2;
+
+fn gateway(extra: &[&str]) -> Gateway {
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--shards",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    Gateway::start_raw(&args, &[])
+}
+
+/// A user name starting with `prefix` whose home shard is `shard`.
+fn user_on(prefix: &str, shard: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| ringgate::mesh::home_shard(u, SHARDS) == shard)
+        .unwrap()
+}
+
+fn send(ws: &mut Ws, to: &str, cid: &str, body: Value) {
+    send_text(
+        ws,
+        &json!({"op":"send","to":to,"cid":cid,"body":body}).to_string(),
+    );
+}
+
+fn ack(ws: &mut Ws, seq: u64) {
+    send_text(ws, &json!({"op":"ack","seq":seq}).to_string());
+}
+
+/// The next frame, which must have this op.
+fn next_op(ws: &mut Ws, op: &str) -> Value {
+    let v = recv_json(ws);
+    assert_eq!(v["op"], op, "expected {op}, got {v}");
+    v
+}
+
+/// Connect and read welcome, the replayed msgs, and synced; returns (ws, replayed msgs).
+fn connect_replay(gw: &Gateway, path: &str) -> (Ws, Vec<Value>) {
+    let mut ws = connect(gw, path);
+    assert_eq!(recv_json(&mut ws)["op"], "welcome");
+    let mut msgs = Vec::new();
+    loop {
+        let v = recv_json(&mut ws);
+        match v["op"].as_str() {
+            Some("msg") => msgs.push(v),
+            Some("synced") => {
+                assert_eq!(v["count"], msgs.len() as u64);
+                return (ws, msgs);
+            }
+            _ => panic!("unexpected before synced: {v}"),
+        }
+    }
+}
+
+fn online_pair(shard_a: usize, shard_b: usize) {
+    let gw = gateway(&[]);
+    let alice = user_on("alice", shard_a);
+    let bob = user_on("bob", shard_b);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    let (mut b, _) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    send(&mut a, &bob, "c-1", json!({"text":"hi"}));
+    let accepted = next_op(&mut a, "accepted");
+    assert_eq!(accepted["cid"], "c-1");
+    let id = accepted["id"].clone();
+    let msg = next_op(&mut b, "msg");
+    assert_eq!(msg["seq"], 1);
+    assert_eq!(msg["id"], id);
+    assert_eq!(msg["from"], alice.as_str());
+    assert_eq!(msg["cid"], "c-1");
+    assert_eq!(msg["body"], json!({"text":"hi"}));
+    assert!(msg["ts"].as_u64().unwrap() > 1_600_000_000_000);
+    ack(&mut b, 1);
+    let delivered = next_op(&mut a, "delivered");
+    assert_eq!(
+        delivered,
+        json!({"op":"delivered","cid":"c-1","id":id,"to":bob})
+    );
+}
+
+#[test]
+fn online_delivery_on_the_same_shard() {
+    online_pair(0, 0);
+}
+
+#[test]
+fn online_delivery_across_shards() {
+    online_pair(0, 1);
+    online_pair(1, 0);
+}
+
+#[test]
+fn offline_recipient_gets_the_inbox_on_connect_in_order() {
+    let gw = gateway(&[]);
+    let alice = user_on("alice", 0);
+    let carol = user_on("carol", 1);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    for i in 0..5 {
+        send(&mut a, &carol, &format!("c{i}"), json!(i));
+        assert_eq!(next_op(&mut a, "accepted")["cid"], format!("c{i}"));
+    }
+    let (mut c, msgs) = connect_replay(&gw, &format!("/ws?user={carol}"));
+    let bodies: Vec<i64> = msgs.iter().map(|m| m["body"].as_i64().unwrap()).collect();
+    assert_eq!(bodies, [0, 1, 2, 3, 4]);
+    let seqs: Vec<u64> = msgs.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    ack(&mut c, 5); // cumulative
+    for i in 0..5 {
+        assert_eq!(next_op(&mut a, "delivered")["cid"], format!("c{i}"));
+    }
+    // Acked entries are gone: a new connection replays nothing.
+    drop(c);
+    let (_c2, again) = connect_replay(&gw, &format!("/ws?user={carol}"));
+    assert!(again.is_empty());
+}
+
+#[test]
+fn unacked_messages_are_replayed_after_a_reconnect_without_gaps() {
+    let gw = gateway(&[]);
+    let alice = user_on("alice", 1);
+    let bob = user_on("bob", 0);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    let (mut b, _) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    for i in 0..10 {
+        send(&mut a, &bob, &format!("m{i}"), json!(i));
+    }
+    let first: Vec<Value> = (0..10).map(|_| next_op(&mut b, "msg")).collect();
+    ack(&mut b, 4); // the first four are done
+    std::thread::sleep(Duration::from_millis(100));
+    drop(b); // six unacked
+    let (_b2, replay) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    let bodies: Vec<i64> = replay.iter().map(|m| m["body"].as_i64().unwrap()).collect();
+    assert_eq!(
+        bodies,
+        [4, 5, 6, 7, 8, 9],
+        "the unacked, in order, once each"
+    );
+    // Same ids as the first time: the client can drop what it already showed.
+    assert_eq!(replay[0]["id"], first[4]["id"]);
+}
+
+#[test]
+fn a_resent_cid_is_accepted_again_with_the_same_id_and_delivered_once() {
+    let gw = gateway(&[]);
+    let alice = user_on("alice", 0);
+    let bob = user_on("bob", 1);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    send(&mut a, &bob, "dup", json!("once"));
+    let id = next_op(&mut a, "accepted")["id"].clone();
+    // The sender reconnects and resends the same cid.
+    drop(a);
+    let (mut a2, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    send(&mut a2, &bob, "dup", json!("once"));
+    assert_eq!(next_op(&mut a2, "accepted")["id"], id);
+    let (_b, msgs) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    assert_eq!(msgs.len(), 1, "one message, not two: {msgs:?}");
+    assert!(gw.metric_sum("ringgate_dedup_hits_total") >= 1);
+}
+
+#[test]
+fn delivered_waits_for_the_recipients_ack() {
+    let gw = gateway(&[]);
+    let alice = user_on("alice", 0);
+    let bob = user_on("bob", 0);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    let (mut b, _) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    send(&mut a, &bob, "hold", json!(1));
+    next_op(&mut a, "accepted");
+    next_op(&mut b, "msg");
+    // Bob holds his ack: alice must not hear `delivered`.
+    a.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    match a.read() {
+        Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("nothing may arrive before the ack, got {other:?}"),
+    }
+    a.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    ack(&mut b, 1);
+    assert_eq!(next_op(&mut a, "delivered")["cid"], "hold");
+}
+
+#[test]
+fn every_device_gets_the_message_and_one_ack_makes_it_delivered() {
+    let gw = gateway(&[]);
+    let alice = user_on("alice", 1);
+    let bob = user_on("bob", 0);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    let (mut phone, _) = connect_replay(&gw, &format!("/ws?user={bob}&device=phone"));
+    let (mut laptop, _) = connect_replay(&gw, &format!("/ws?user={bob}&device=laptop"));
+    send(&mut a, &bob, "md", json!("both"));
+    next_op(&mut a, "accepted");
+    let m1 = next_op(&mut phone, "msg");
+    let m2 = next_op(&mut laptop, "msg");
+    assert_eq!(m1["id"], m2["id"]);
+    ack(&mut phone, 1);
+    ack(&mut laptop, 1);
+    assert_eq!(next_op(&mut a, "delivered")["cid"], "md");
+    // Exactly one delivered.
+    a.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        matches!(a.read(), Err(tungstenite::Error::Io(_))),
+        "one delivered only"
+    );
+    assert_eq!(gw.metric_sum("ringgate_delivered_total"), 1);
+}
+
+#[test]
+fn a_recipient_that_never_acks_gets_three_retransmits_then_is_closed_and_keeps_its_inbox() {
+    let gw = gateway(&["--ack-timeout-ms", "100"]);
+    let alice = user_on("alice", 0);
+    let bob = user_on("bob", 1);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    let mut b = RawWs::connect(gw.public, &format!("/ws?user={bob}"));
+    assert_eq!(b.recv_json()["op"], "welcome");
+    assert_eq!(b.recv_json()["op"], "synced");
+    send(&mut a, &bob, "lost", json!("again"));
+    next_op(&mut a, "accepted");
+    let mut copies = 0;
+    let close = loop {
+        let f = b.recv().expect("frames until close");
+        match f.opcode {
+            1 => {
+                let v: Value = serde_json::from_slice(&f.payload).unwrap();
+                assert_eq!(
+                    (v["op"].as_str(), v["seq"].as_u64()),
+                    (Some("msg"), Some(1))
+                );
+                copies += 1;
+            }
+            8 => break f,
+            _ => {}
+        }
+    };
+    assert_eq!(copies, 4, "the first send and 3 retransmits, same seq");
+    assert_eq!(close.close_code(), Some(1011));
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_ack_timeouts_total")
+        == 1));
+    assert_eq!(gw.metric_sum("ringgate_retransmits_total"), 3);
+    let (_b2, replay) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    assert_eq!(replay.len(), 1, "still in the inbox");
+}
+
+#[test]
+fn a_full_window_waits_for_acks_and_keeps_order() {
+    let gw = gateway(&["--window", "2"]);
+    let alice = user_on("alice", 0);
+    let bob = user_on("bob", 1);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    let (mut b, _) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    for i in 0..5 {
+        send(&mut a, &bob, &format!("w{i}"), json!(i));
+        next_op(&mut a, "accepted");
+    }
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let m1 = next_op(&mut b, "msg");
+        got.push(m1["body"].as_i64().unwrap());
+        // Never more than the window in flight: ack after every second message.
+        if got.len() % 2 == 0 || got.len() == 5 {
+            ack(&mut b, m1["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(got, [0, 1, 2, 3, 4]);
+    assert!(gw.metric_sum("ringgate_window_full_total") >= 1);
+}
+
+#[test]
+fn a_full_inbox_refuses_with_unavailable_and_loses_nothing_accepted() {
+    let gw = gateway(&["--inbox-max-messages", "3"]);
+    let alice = user_on("alice", 0);
+    let dave = user_on("dave", 1);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    for i in 0..3 {
+        send(&mut a, &dave, &format!("f{i}"), json!(i));
+        next_op(&mut a, "accepted");
+    }
+    send(&mut a, &dave, "f3", json!(3));
+    let err = next_op(&mut a, "error");
+    assert_eq!(
+        (err["code"].as_str(), err["cid"].as_str()),
+        (Some("unavailable"), Some("f3"))
+    );
+    let (mut d, msgs) = connect_replay(&gw, &format!("/ws?user={dave}"));
+    assert_eq!(msgs.len(), 3);
+    ack(&mut d, 3);
+    // Room again: the same cid is now accepted (it was never taken).
+    std::thread::sleep(Duration::from_millis(100));
+    send(&mut a, &dave, "f3", json!(3));
+    let got = loop {
+        let v = recv_json(&mut a);
+        if v["op"] == "accepted" {
+            break v;
+        }
+    };
+    assert_eq!(got["cid"], "f3");
+}
+
+#[test]
+fn bad_sends_and_acks_get_errors_and_nothing_is_accepted() {
+    let gw = gateway(&[]);
+    let (mut a, _) = connect_replay(&gw, "/ws?user=erin");
+    send_text(&mut a, r#"{"op":"send","to":"x","body":1}"#);
+    assert_eq!(next_op(&mut a, "error")["code"], "bad_request");
+    send_text(&mut a, r#"{"op":"send","to":7,"cid":"k","body":1}"#);
+    let e = next_op(&mut a, "error");
+    assert_eq!(
+        (e["code"].as_str(), e["cid"].as_str()),
+        (Some("bad_request"), Some("k"))
+    );
+    send_text(&mut a, r#"{"op":"ack","seq":5}"#);
+    assert_eq!(next_op(&mut a, "error")["code"], "bad_request");
+    assert_eq!(gw.metric_sum("ringgate_stored_total"), 0);
+    send_text(&mut a, r#"{"op":"ping"}"#);
+    assert_eq!(next_op(&mut a, "pong")["op"], "pong");
+}
