@@ -69,6 +69,7 @@ pub const ABUSE_CLOSES: &str = "ringgate_abuse_closes_total";
 pub const WHEEL_ENTRIES: &str = "ringgate_wheel_entries";
 pub const CONNECTIONS_PARKED: &str = "ringgate_connections_parked";
 pub const USERS: &str = "ringgate_users_online";
+pub const INBOX_EXPIRED: &str = "ringgate_inbox_expired_total";
 pub const SENDS: &str = "ringgate_sends_total";
 pub const DEDUP_HITS: &str = "ringgate_dedup_hits_total";
 pub const STORED: &str = "ringgate_stored_total";
@@ -107,6 +108,7 @@ pub struct ShardMetrics {
     pub wheel_entries: Gauge,
     pub connections_parked: Gauge,
     pub users: Gauge,
+    pub inbox_expired: Counter,
     pub sends: Counter,
     pub dedup_hits: Counter,
     pub stored: Counter,
@@ -277,6 +279,12 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Times a connection's window filled while its inbox had more.",
         Kind::Counter,
         |m| m.window_full.get(),
+    ),
+    (
+        INBOX_EXPIRED,
+        "Offline inbox entries dropped for age (inbox_max_age_ms).",
+        Kind::Counter,
+        |m| m.inbox_expired.get(),
     ),
     (
         USERS,

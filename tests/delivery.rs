@@ -336,3 +336,18 @@ fn bad_sends_and_acks_get_errors_and_nothing_is_accepted() {
     send_text(&mut a, r#"{"op":"ping"}"#);
     assert_eq!(next_op(&mut a, "pong")["op"], "pong");
 }
+
+#[test]
+fn inbox_entries_expire_by_age_and_are_counted() {
+    let gw = gateway(&["--inbox-max-age-ms", "200"]);
+    let alice = user_on("alice", 0);
+    let bob = user_on("bob", 1);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    send(&mut a, &bob, "old", json!(1));
+    next_op(&mut a, "accepted");
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_inbox_expired_total")
+        == 1));
+    let (_b, msgs) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    assert!(msgs.is_empty());
+}

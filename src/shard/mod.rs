@@ -34,6 +34,8 @@ use users::Users;
 
 /// Shard-wide read buffer: every socket reads into it, so idle sockets own no read buffer.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
+/// How often a shard sweeps its inboxes for entries past `inbox_max_age_ms`.
+const INBOX_SWEEP_MS: u64 = 1_000;
 /// Capacity of the lent output buffer; a larger one (after a burst) is freed, not kept.
 const SPARE_OUT_BYTES: usize = 16 * 1024;
 /// Reads served per socket per poll before yielding to other sockets (fairness).
@@ -116,6 +118,7 @@ pub struct Shard {
     /// Dedup windows of the senders whose home is this shard.
     senders: std::collections::HashMap<compact_str::CompactString, crate::delivery::Dedup>,
     next_msg_id: u64,
+    last_expire_ms: u64,
     /// Reports another shard's full channel refused: retried on every tick (never dropped).
     unsent_reports: Vec<(usize, Box<crate::delivery::message::Report>)>,
     /// Where idle connections wait (None when `park_idle_ms = 0`).
@@ -177,6 +180,7 @@ impl Shard {
             inbox: crate::store::MemoryInbox::new(limits),
             senders: Default::default(),
             next_msg_id: 0,
+            last_expire_ms: 0,
             unsent_reports: Vec::new(),
             park: None,
             ready_tokens: Vec::new(),
@@ -696,6 +700,19 @@ impl Shard {
         }
         self.fired = fired;
         self.retry_reports();
+        if now >= self.last_expire_ms + INBOX_SWEEP_MS {
+            self.last_expire_ms = now;
+            let expired = crate::store::Inbox::expire(&mut self.inbox, now);
+            if expired > 0 {
+                // Counted and logged, never silent (SPEC: 72 h age cap).
+                self.metrics.inbox_expired.add(expired as u64);
+                tracing::info!(
+                    shard = self.id,
+                    expired,
+                    "offline inbox entries expired (age cap)"
+                );
+            }
+        }
         self.metrics.wheel_entries.set(self.wheel.len() as u64);
         if self.released_since_collect > 0
             && now >= self.last_collect_ms + crate::alloc::RELEASE_EVERY_MS
