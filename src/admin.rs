@@ -112,6 +112,101 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Counter making generated cids unique within this process.
+static API_CIDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// How long `POST /api/send` waits for the message to become safe.
+const API_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(serde::Deserialize)]
+struct ApiSendBody<'a> {
+    #[serde(borrow)]
+    to: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    cid: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    body: Option<&'a serde_json::value::RawValue>,
+}
+
+/// `POST /api/send {"to","body","cid"?}`: the same semantics as a client `send` from the
+/// sender `@backend` (dedup by cid, answer once safe). A missing cid gets a generated one.
+async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let limit = admin.shared.cfg.max_frame;
+    let bytes = match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body over max_frame or unreadable",
+            )
+        }
+    };
+    let Ok(parsed) = serde_json::from_slice::<ApiSendBody>(&bytes) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "body must be a JSON object {\"to\",\"body\",\"cid\"?}",
+        );
+    };
+    let to: Option<String> = parsed.to.and_then(|t| serde_json::from_str(t.get()).ok());
+    let Some(to) = to.filter(|t| crate::auth::valid_id(t).is_ok()) else {
+        return api_error(StatusCode::BAD_REQUEST, "`to` must be a valid user id");
+    };
+    let Some(body) = parsed.body else {
+        return api_error(StatusCode::BAD_REQUEST, "missing field `body`");
+    };
+    let cid: Box<str> = match parsed.cid {
+        Some(c) => {
+            let ok = match c.get().as_bytes().first() {
+                Some(b'"') => serde_json::from_str::<String>(c.get()).is_ok_and(|s| !s.is_empty()),
+                _ => serde_json::from_str::<u64>(c.get()).is_ok(),
+            };
+            if !ok || c.get().len() > crate::proto::MAX_CID_LEN {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "`cid` must be a non-empty string or an unsigned integer",
+                );
+            }
+            c.get().into()
+        }
+        None => {
+            let n = API_CIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("\"api-{}-{n}\"", crate::auth::now_unix()).into()
+        }
+    };
+    let shard = home_shard(crate::shard::deliver::BACKEND_SENDER, admin.mesh.shards());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let msg = MeshMsg::ApiSend {
+        to: to.into(),
+        cid: cid.clone(),
+        body: body.get().into(),
+        reply: tx,
+    };
+    if admin.mesh.send(shard, msg).is_err() {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shard busy, retry with the same cid",
+        );
+    }
+    let cid_json: serde_json::Value = serde_json::from_str(&cid).unwrap_or(serde_json::Value::Null);
+    match tokio::time::timeout(API_SEND_TIMEOUT, rx).await {
+        Ok(Ok(crate::shard::deliver::ApiOutcome::Accepted { id })) => json(
+            StatusCode::OK,
+            serde_json::json!({"op": "accepted", "cid": cid_json, "id": id.to_string()}).to_string(),
+        ),
+        Ok(Ok(crate::shard::deliver::ApiOutcome::Refused(why))) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "unavailable", "message": why, "cid": cid_json}).to_string(),
+        ),
+        _ => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "unavailable", "message": "not confirmed in time, retry with the same cid", "cid": cid_json}).to_string(),
+        ),
+    }
+}
+
 /// `GET /api/presence?user=a&user=b`: `{"online":{"a":true,"b":false}}`, asked of each
 /// user's home shard through the mesh.
 async fn presence(admin: &Admin, query: &str) -> Response<Full<Bytes>> {
@@ -186,6 +281,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             (&Method::GET, "/api/presence") => {
                 presence(admin, req.uri().query().unwrap_or("")).await
             }
+            (&Method::POST, "/api/send") => api_send(admin, req).await,
             _ => api_error(StatusCode::NOT_FOUND, "no such API endpoint"),
         };
     }

@@ -33,6 +33,13 @@ pub enum MeshMsg {
     Deliver(Box<crate::delivery::message::Message>),
     /// What became of a message, for the sender's home shard.
     Report(Box<crate::delivery::message::Report>),
+    /// `POST /api/send`, for the home shard of the backend sender; answered on `reply`.
+    ApiSend {
+        to: compact_str::CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        reply: tokio::sync::oneshot::Sender<crate::shard::deliver::ApiOutcome>,
+    },
     /// Which of `users` (all homed on the receiving shard) are online; answered on `reply`.
     Presence {
         users: Vec<compact_str::CompactString>,

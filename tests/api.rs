@@ -89,3 +89,78 @@ fn bad_presence_requests_are_400() {
     assert_eq!(status, 200);
     assert_eq!(v["online"].as_object().unwrap().len(), 100);
 }
+
+fn post_send(gw: &Gateway, body: &str, key: &str) -> (u16, serde_json::Value) {
+    let head = format!(
+        "POST /api/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, text) = http_request(gw.admin, &head);
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+    )
+}
+
+#[test]
+fn backend_send_is_accepted_once_safe_deduped_and_delivered() {
+    let gw = Gateway::start(&["--api-key", KEY]);
+    // Offline recipient: accepted = stored in the inbox.
+    let (status, v) = post_send(
+        &gw,
+        r#"{"to":"zoe","body":{"alert":"hi"},"cid":"b-1"}"#,
+        KEY,
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["op"], "accepted");
+    assert_eq!(v["cid"], "b-1");
+    let id = v["id"].clone();
+    // The same cid again: the same id, no second message.
+    let (status, again) = post_send(
+        &gw,
+        r#"{"to":"zoe","body":{"alert":"hi"},"cid":"b-1"}"#,
+        KEY,
+    );
+    assert_eq!((status, &again["id"]), (200, &id));
+    // Without a cid one is generated.
+    let (status, gen) = post_send(&gw, r#"{"to":"zoe","body":2}"#, KEY);
+    assert_eq!(status, 200);
+    assert!(gen["cid"].as_str().unwrap().starts_with("api-"));
+    let mut ws = connect(&gw, "/ws?user=zoe");
+    assert_eq!(recv_json(&mut ws)["op"], "welcome");
+    let m1 = recv_json(&mut ws);
+    assert_eq!(
+        (m1["op"].as_str(), m1["from"].as_str()),
+        (Some("msg"), Some("@backend"))
+    );
+    assert_eq!(m1["body"], serde_json::json!({"alert":"hi"}));
+    assert_eq!(m1["id"], id);
+    assert_eq!(recv_json(&mut ws)["body"], 2);
+    assert_eq!(
+        recv_json(&mut ws),
+        serde_json::json!({"op":"synced","count":2})
+    );
+}
+
+#[test]
+fn backend_send_refuses_bad_input_and_a_full_inbox() {
+    let gw = Gateway::start(&["--api-key", KEY, "--inbox-max-messages", "1"]);
+    assert_eq!(post_send(&gw, "not json", KEY).0, 400);
+    assert_eq!(post_send(&gw, r#"{"body":1}"#, KEY).0, 400);
+    assert_eq!(post_send(&gw, r#"{"to":"x"}"#, KEY).0, 400);
+    assert_eq!(
+        post_send(&gw, r#"{"to":"x","body":1,"cid":""}"#, KEY).0,
+        400
+    );
+    assert_eq!(post_send(&gw, r#"{"to":"x","body":1}"#, "wrong").0, 401);
+    assert_eq!(
+        post_send(&gw, r#"{"to":"x","body":1,"cid":"one"}"#, KEY).0,
+        200
+    );
+    let (status, v) = post_send(&gw, r#"{"to":"x","body":1,"cid":"two"}"#, KEY);
+    assert_eq!(status, 503);
+    assert_eq!(
+        (v["error"].as_str(), v["cid"].as_str()),
+        (Some("unavailable"), Some("two"))
+    );
+}

@@ -23,6 +23,24 @@ use crate::mesh::{self, MeshMsg};
 use crate::proto::{self, ErrorCode, FrameError};
 use crate::store::{Inbox, InboxSeq, StoredMessage};
 
+/// The sender id of messages posted through `POST /api/send`.
+pub const BACKEND_SENDER: &str = "@backend";
+/// `ReplyTo::conn` of an API send: the answer goes to a waiting HTTP request.
+const API_CONN: u32 = u32::MAX - 1;
+
+/// What an API send came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiOutcome {
+    Accepted { id: u64 },
+    Refused(String),
+}
+
+enum Submitted {
+    New,
+    InFlight,
+    AlreadyAccepted(u64),
+}
+
 /// A started `/ws` session's delivery state.
 pub struct Session {
     /// In-flight `msg` frames: inbox position and content (for retransmits).
@@ -120,6 +138,65 @@ impl Shard {
         let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
             return;
         };
+        let reply = ReplyTo {
+            shard: self.id as u32,
+            conn: index as u32,
+            serial: self.conns[index].serial,
+        };
+        if let Submitted::AlreadyAccepted(id) =
+            self.submit(from, to, cid.clone(), body, reply, now, Some(index))
+        {
+            let mut out = Vec::with_capacity(64);
+            proto::write_accepted(&mut out, &cid, id);
+            self.write_text(index, &out);
+        }
+    }
+
+    /// `POST /api/send`, on the home shard of [`BACKEND_SENDER`]: answered on `reply` once the
+    /// message is safe (or refused), exactly like a client's `send`.
+    pub(super) fn on_api_send(
+        &mut self,
+        to: CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        reply: tokio::sync::oneshot::Sender<ApiOutcome>,
+        now: u64,
+    ) {
+        let target = ReplyTo {
+            shard: self.id as u32,
+            conn: API_CONN,
+            serial: 0,
+        };
+        // Registered first: a local delivery reports before `submit` returns. A newer waiter
+        // for the same cid replaces an older one (that caller has timed out).
+        self.api_waiters.insert(cid.clone(), reply);
+        if let Submitted::AlreadyAccepted(id) = self.submit(
+            BACKEND_SENDER.into(),
+            to,
+            cid.clone(),
+            body,
+            target,
+            now,
+            None,
+        ) {
+            if let Some(waiter) = self.api_waiters.remove(&cid) {
+                let _ = waiter.send(ApiOutcome::Accepted { id });
+            }
+        }
+    }
+
+    /// Dedup, then route to the recipient's home shard.
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        from: CompactString,
+        to: CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        reply: ReplyTo,
+        now: u64,
+        current: Option<usize>,
+    ) -> Submitted {
         self.metrics.sends.inc();
         let dedup = self
             .senders
@@ -128,54 +205,47 @@ impl Shard {
         match dedup.check(&cid) {
             Seen::Accepted { id } => {
                 self.metrics.dedup_hits.inc();
-                let mut out = Vec::with_capacity(64);
-                proto::write_accepted(&mut out, &cid, id);
-                self.write_text(index, &out);
+                return Submitted::AlreadyAccepted(id);
             }
-            // The first copy is on its way; its `accepted` goes to this user's connections.
-            Seen::Pending { .. } => self.metrics.dedup_hits.inc(),
-            Seen::New => {
-                self.next_msg_id += 1;
-                // Unique per node: shard in the top bits.
-                let id = ((self.id as u64) << 48) | self.next_msg_id;
-                dedup.begin(&cid, id, now);
-                let msg = Message {
-                    id,
-                    from,
-                    to,
-                    cid,
-                    ts: wall_clock_ms(),
-                    body,
-                    reply: ReplyTo {
-                        shard: self.id as u32,
-                        conn: index as u32,
-                        serial: self.conns[index].serial,
-                    },
-                };
-                let home = self.home_of(&msg.to);
-                if home == self.id {
-                    self.deliver(msg, now, Some(index));
-                } else {
-                    self.metrics.cross_shard.inc();
-                    let mesh = self.mesh.as_ref().expect("several shards have a mesh");
-                    if let Err(MeshMsg::Deliver(msg)) =
-                        mesh.send(home, MeshMsg::Deliver(Box::new(msg)))
-                    {
-                        self.metrics.mesh_full.inc();
-                        self.on_report(Report {
-                            id: msg.id,
-                            from: msg.from,
-                            to: msg.to,
-                            cid: msg.cid,
-                            reply: msg.reply,
-                            outcome: Outcome::Refused(
-                                "the recipient's shard is busy, resend later".into(),
-                            ),
-                        });
-                    }
-                }
+            // The first copy is on its way; its answer goes to this user's connections.
+            Seen::Pending { .. } => {
+                self.metrics.dedup_hits.inc();
+                return Submitted::InFlight;
             }
+            Seen::New => {}
         }
+        self.next_msg_id += 1;
+        // Unique per node: shard in the top bits.
+        let id = ((self.id as u64) << 48) | self.next_msg_id;
+        dedup.begin(&cid, id, now);
+        let msg = Message {
+            id,
+            from,
+            to,
+            cid,
+            ts: wall_clock_ms(),
+            body,
+            reply,
+        };
+        let home = self.home_of(&msg.to);
+        if home == self.id {
+            self.deliver(msg, now, current);
+            return Submitted::New;
+        }
+        self.metrics.cross_shard.inc();
+        let mesh = self.mesh.as_ref().expect("several shards have a mesh");
+        if let Err(MeshMsg::Deliver(msg)) = mesh.send(home, MeshMsg::Deliver(Box::new(msg))) {
+            self.metrics.mesh_full.inc();
+            self.on_report(Report {
+                id: msg.id,
+                from: msg.from,
+                to: msg.to,
+                cid: msg.cid,
+                reply: msg.reply,
+                outcome: Outcome::Refused("the recipient's shard is busy, resend later".into()),
+            });
+        }
+        Submitted::New
     }
 
     fn home_of(&self, user: &str) -> usize {
@@ -249,6 +319,9 @@ impl Shard {
 
     /// On the sender's home shard: answer the sender.
     pub(super) fn on_report(&mut self, r: Report) {
+        if r.reply.conn == API_CONN {
+            return self.on_api_report(r);
+        }
         let mut out = Vec::with_capacity(96);
         match &r.outcome {
             Outcome::Stored => {
@@ -289,6 +362,27 @@ impl Shard {
         for t in targets {
             self.write_text(t, &out);
             self.kick(t);
+        }
+    }
+
+    fn on_api_report(&mut self, r: Report) {
+        let outcome = match r.outcome {
+            Outcome::Stored => {
+                if let Some(d) = self.senders.get_mut(&r.from) {
+                    d.accept(&r.cid);
+                }
+                ApiOutcome::Accepted { id: r.id }
+            }
+            Outcome::Refused(why) => {
+                if let Some(d) = self.senders.get_mut(&r.from) {
+                    d.forget_pending(&r.cid);
+                }
+                ApiOutcome::Refused(why)
+            }
+            Outcome::Delivered => return,
+        };
+        if let Some(waiter) = self.api_waiters.remove(&r.cid) {
+            let _ = waiter.send(outcome);
         }
     }
 

@@ -130,6 +130,16 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
                         s.deliver(*msg, now, None);
                     }
                     MeshMsg::Report(r) => shard.borrow_mut().on_report(*r),
+                    MeshMsg::ApiSend {
+                        to,
+                        cid,
+                        body,
+                        reply,
+                    } => {
+                        let mut s = shard.borrow_mut();
+                        let now = s.now_ms();
+                        s.on_api_send(to, cid, body, reply, now);
+                    }
                     MeshMsg::Presence { users, reply } => {
                         // The asker may have given up (timeout): nothing to do then.
                         let _ = reply.send(shard.borrow().presence(&users));

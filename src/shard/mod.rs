@@ -5,7 +5,7 @@
 //! The glommio glue is in [`io`]: one accept task, one small task per socket that calls
 //! [`Shard::poll_conn`], and one tick task that calls [`Shard::on_tick`].
 
-mod deliver;
+pub mod deliver;
 pub mod io;
 pub mod park;
 pub mod users;
@@ -119,6 +119,9 @@ pub struct Shard {
     senders: std::collections::HashMap<compact_str::CompactString, crate::delivery::Dedup>,
     next_msg_id: u64,
     last_expire_ms: u64,
+    /// `POST /api/send` requests waiting for their message to be safe, by cid.
+    api_waiters:
+        std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<deliver::ApiOutcome>>,
     /// Reports another shard's full channel refused: retried on every tick (never dropped).
     unsent_reports: Vec<(usize, Box<crate::delivery::message::Report>)>,
     /// Where idle connections wait (None when `park_idle_ms = 0`).
@@ -181,6 +184,7 @@ impl Shard {
             senders: Default::default(),
             next_msg_id: 0,
             last_expire_ms: 0,
+            api_waiters: Default::default(),
             unsent_reports: Vec::new(),
             park: None,
             ready_tokens: Vec::new(),
