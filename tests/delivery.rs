@@ -351,3 +351,49 @@ fn inbox_entries_expire_by_age_and_are_counted() {
     let (_b, msgs) = connect_replay(&gw, &format!("/ws?user={bob}"));
     assert!(msgs.is_empty());
 }
+
+#[test]
+fn a_replay_longer_than_the_window_counts_every_message_in_synced() {
+    let gw = gateway(&["--window", "3"]);
+    let alice = user_on("alice", 0);
+    let bob = user_on("bob", 1);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    for i in 0..7 {
+        send(&mut a, &bob, &format!("r{i}"), json!(i));
+        next_op(&mut a, "accepted");
+    }
+    let mut b = connect(&gw, &format!("/ws?user={bob}"));
+    assert_eq!(recv_json(&mut b)["op"], "welcome");
+    let mut bodies = Vec::new();
+    let synced = loop {
+        let v = recv_json(&mut b);
+        match v["op"].as_str().unwrap() {
+            "msg" => {
+                bodies.push(v["body"].as_i64().unwrap());
+                let seq = v["seq"].as_u64().unwrap();
+                if seq.is_multiple_of(3) {
+                    ack(&mut b, seq); // the window refills only after acks
+                }
+            }
+            "synced" => break v,
+            other => panic!("{other}"),
+        }
+    };
+    assert_eq!(bodies, [0, 1, 2, 3, 4, 5, 6]);
+    assert_eq!(synced["count"], 7);
+    // Later messages continue the same seq numbering on this connection.
+    ack(&mut b, 7);
+    send(&mut a, &bob, "later", json!(7));
+    // Alice hears `delivered` for the seven first (bob acked them), then `accepted`.
+    let mut delivered = 0;
+    loop {
+        let v = recv_json(&mut a);
+        match v["op"].as_str().unwrap() {
+            "delivered" => delivered += 1,
+            "accepted" => break,
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(delivered, 7);
+    assert_eq!(next_op(&mut b, "msg")["seq"], 8);
+}

@@ -131,6 +131,15 @@ impl<M> Window<M> {
         }
     }
 
+    /// An empty window that continues a connection's numbering after `last_seq` (the shard
+    /// drops idle windows and resumes them, so seq never restarts on a connection).
+    pub fn resume(cfg: WindowConfig, last_seq: u64) -> Self {
+        Window {
+            last_seq,
+            ..Self::new(cfg)
+        }
+    }
+
     pub fn config(&self) -> &WindowConfig {
         &self.cfg
     }

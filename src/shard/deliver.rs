@@ -41,7 +41,9 @@ enum Submitted {
     AlreadyAccepted(u64),
 }
 
-/// A started `/ws` session's delivery state.
+/// A connection's delivery state while `msg` frames are in flight. Dropped once all are
+/// acked: everything this connection was given has then left the inbox (the first ack removes
+/// an entry), so reading the inbox from the start again yields exactly what it has not seen.
 pub struct Session {
     /// In-flight `msg` frames: inbox position and content (for retransmits).
     window: Window<(InboxSeq, Rc<StoredMessage>)>,
@@ -49,16 +51,14 @@ pub struct Session {
     cursor: InboxSeq,
     /// Entries replayed before `synced` (the count `synced` reports).
     replayed: u64,
-    synced: bool,
 }
 
 impl Session {
-    fn new(cfg: WindowConfig) -> Self {
+    fn resume(cfg: WindowConfig, last_seq: u64) -> Self {
         Session {
-            window: Window::new(cfg),
+            window: Window::resume(cfg, last_seq),
             cursor: 0,
             replayed: 0,
-            synced: false,
         }
     }
 
@@ -95,10 +95,10 @@ impl Shard {
         );
         let entry = &mut self.conns[index];
         entry.conn.start_session(now, &ctx);
+        let _ = window;
         if let Some(user) = entry.conn.user() {
             self.users.add(user, index);
             self.metrics.users.set(self.users.len() as u64);
-            entry.session = Some(Box::new(Session::new(window)));
             self.pump(index, now);
         }
         let ctx = make_ctx(
@@ -391,13 +391,21 @@ impl Shard {
         let Some(user) = self.conns[index].conn.user().map(CompactString::from) else {
             return;
         };
-        let Some(session) = self.conns[index].session.as_mut() else {
-            return;
-        };
+        let entry = &mut self.conns[index];
         let mut acked = Vec::new();
-        if let Err(AckError::Ahead { upto, last }) =
-            session.window.ack_with(seq, |_, item| acked.push(item))
-        {
+        let result = match entry.session.as_mut() {
+            Some(session) => session.window.ack_with(seq, |_, item| acked.push(item)),
+            None if seq <= entry.last_seq => Ok(0),
+            None => Err(AckError::Ahead {
+                upto: seq,
+                last: entry.last_seq,
+            }),
+        };
+        // Everything acked and the first replay done: release the session (see `Session`).
+        if entry.synced && entry.session.as_ref().is_some_and(|s| s.window.is_empty()) {
+            entry.last_seq = entry.session.take().map_or(0, |s| s.window.last_seq());
+        }
+        if let Err(AckError::Ahead { upto, last }) = result {
             let err = FrameError {
                 code: ErrorCode::BadRequest,
                 message: format!(
@@ -436,13 +444,11 @@ impl Shard {
 
     /// Fill the connection's window from the inbox; `synced` once the replay has caught up.
     pub(super) fn pump(&mut self, index: usize, now: u64) {
+        let window_cfg = self.window_config();
         let Some(entry) = self.conns.get_mut(index) else {
             return;
         };
         let Some(user) = entry.conn.user().map(CompactString::from) else {
-            return;
-        };
-        let Some(session) = entry.session.as_mut() else {
             return;
         };
         let ctx = make_ctx(
@@ -454,38 +460,50 @@ impl Shard {
         );
         let mut frame = Vec::with_capacity(256);
         let mut caught_up = false;
-        while !session.window.is_full() {
-            let room = (session.window.config().capacity as usize) - session.window.len();
-            let batch = self.inbox.read(&user, session.cursor, room, now);
+        loop {
+            let (cursor, room) = match &entry.session {
+                Some(s) => (s.cursor, window_cfg.capacity as usize - s.window.len()),
+                None => (0, window_cfg.capacity as usize),
+            };
+            if room == 0 {
+                break;
+            }
+            let batch = self.inbox.read(&user, cursor, room, now);
             caught_up = batch.len() < room;
-            for (inbox_seq, msg) in batch {
-                let msg = Rc::new(msg);
-                let seq = match session.window.push((inbox_seq, msg.clone()), now) {
-                    Ok(seq) => seq,
-                    Err(_) => unreachable!("room was checked"),
-                };
-                session.cursor = inbox_seq;
-                if !session.synced {
-                    session.replayed += 1;
-                    self.metrics.replayed.inc();
+            if !batch.is_empty() {
+                let last_seq = entry.last_seq;
+                let session = entry
+                    .session
+                    .get_or_insert_with(|| Box::new(Session::resume(window_cfg, last_seq)));
+                for (inbox_seq, msg) in batch {
+                    let msg = Rc::new(msg);
+                    let Ok(seq) = session.window.push((inbox_seq, msg.clone()), now) else {
+                        unreachable!("room was checked");
+                    };
+                    session.cursor = inbox_seq;
+                    if !entry.synced {
+                        session.replayed += 1;
+                        self.metrics.replayed.inc();
+                    }
+                    frame.clear();
+                    proto::write_msg(
+                        &mut frame, seq, msg.id, &msg.from, &msg.cid, msg.ts, &msg.body,
+                    );
+                    entry.conn.push_text(&frame, &ctx);
                 }
-                frame.clear();
-                proto::write_msg(
-                    &mut frame, seq, msg.id, &msg.from, &msg.cid, msg.ts, &msg.body,
-                );
-                entry.conn.push_text(&frame, &ctx);
             }
             if caught_up {
                 break;
             }
         }
-        if session.window.is_full() && !caught_up {
+        if !caught_up {
             self.metrics.window_full.inc();
         }
-        if caught_up && !session.synced {
-            session.synced = true;
+        if caught_up && !entry.synced {
+            entry.synced = true;
+            let replayed = entry.session.as_ref().map_or(0, |s| s.replayed);
             frame.clear();
-            proto::write_synced(&mut frame, session.replayed);
+            proto::write_synced(&mut frame, replayed);
             entry.conn.push_text(&frame, &ctx);
         }
     }

@@ -84,8 +84,13 @@ struct Entry {
     parked: Option<OwnedFd>,
     /// The tick found the connection idle: its task parks it on its next poll.
     park_requested: bool,
-    /// Delivery state of a started `/ws` session (window, inbox replay cursor).
+    /// Delivery state while `msg` frames are in flight (window, inbox cursor); dropped when
+    /// everything is acked, so an idle connection holds none.
     session: Option<Box<deliver::Session>>,
+    /// Last `msg` seq sent on this connection (seq never restarts, even without a session).
+    last_seq: u64,
+    /// The inbox replay reached its end once and `synced` was sent.
+    synced: bool,
 }
 
 impl Entry {
@@ -243,6 +248,8 @@ impl Shard {
             parked: None,
             park_requested: false,
             session: None,
+            last_seq: 0,
+            synced: false,
         });
         self.metrics.handshakes_pending.inc();
         self.sync_timer(index);
@@ -443,6 +450,8 @@ impl Shard {
             parked: None,
             park_requested: false,
             session: None,
+            last_seq: 0,
+            synced: false,
         });
         self.metrics.connections_open.inc();
         self.metrics.handoffs_in.inc();
