@@ -13,6 +13,7 @@ pub mod admin;
 pub mod alloc;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod conn;

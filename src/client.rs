@@ -1,0 +1,351 @@
+//! A Rust client for ringgate's protocol (blocking, over tungstenite), written the way the
+//! SPEC asks clients to behave, so tests, tools and applications get exactly-once display:
+//! - every `msg` is acked (cumulative `ack`) and displayed at most once, deduplicated by
+//!   `(from, cid)` (bounded memory: the last [`SEEN_CAPACITY`] pairs);
+//! - every `send` is kept until its `accepted` arrives and is resent with the same `cid` after a
+//!   reconnect (the server deduplicates), in send order;
+//! - a lost connection is re-established with exponential backoff and jitter.
+//!
+//! ```no_run
+//! use ringgate::client::{Client, ClientConfig, Event};
+//! let mut alice = Client::connect(ClientConfig::dev("ws://127.0.0.1:8080/ws", "alice")).unwrap();
+//! let cid = alice.send("bob", serde_json::json!({"text": "hi"})).unwrap();
+//! while let Some(event) = alice.poll(std::time::Duration::from_secs(1)).unwrap() {
+//!     if let Event::Accepted { cid: c, .. } = &event { if *c == cid { break; } }
+//! }
+//! ```
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::{client::IntoClientRequest, Message, WebSocket};
+
+/// `(from, cid)` pairs remembered for display dedup.
+pub const SEEN_CAPACITY: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `ws://host:port/ws`
+    pub url: String,
+    /// A JWT (`?token=`); None in dev mode.
+    pub token: Option<String>,
+    /// Dev-mode user (`?user=`), used when there is no token.
+    pub user: Option<String>,
+    pub device: Option<String>,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Give up reconnecting after this long without success.
+    pub reconnect_for: Duration,
+}
+
+impl ClientConfig {
+    /// Dev mode (gateway without `jwt_secret`, on loopback): connect as `user`.
+    pub fn dev(url: &str, user: &str) -> Self {
+        ClientConfig {
+            url: url.into(),
+            token: None,
+            user: Some(user.into()),
+            device: None,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+            reconnect_for: Duration::from_secs(30),
+        }
+    }
+
+    pub fn with_token(url: &str, token: &str) -> Self {
+        ClientConfig {
+            token: Some(token.into()),
+            user: None,
+            ..Self::dev(url, "")
+        }
+    }
+
+    fn request_url(&self) -> String {
+        let mut params = Vec::new();
+        if let Some(t) = &self.token {
+            params.push(format!("token={t}"));
+        } else if let Some(u) = &self.user {
+            params.push(format!("user={u}"));
+        }
+        if let Some(d) = &self.device {
+            params.push(format!("device={d}"));
+        }
+        if params.is_empty() {
+            self.url.clone()
+        } else {
+            format!("{}?{}", self.url, params.join("&"))
+        }
+    }
+}
+
+/// What the application sees.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Welcome {
+        user: String,
+        conn: String,
+    },
+    /// A message to display (already acked; never the same `(from, cid)` twice).
+    Message {
+        from: String,
+        cid: Value,
+        id: String,
+        ts: u64,
+        body: Value,
+    },
+    Synced {
+        count: u64,
+    },
+    Accepted {
+        cid: String,
+        id: String,
+    },
+    Delivered {
+        cid: String,
+        id: String,
+        to: String,
+    },
+    Error {
+        code: String,
+        message: String,
+        cid: Option<Value>,
+    },
+    /// The connection was lost and re-established; unaccepted sends were resent.
+    Reconnected {
+        resent: usize,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("gave up reconnecting after {0:?}")]
+    GaveUp(Duration),
+}
+
+struct Pending {
+    to: String,
+    body: Value,
+}
+
+pub struct Client {
+    cfg: ClientConfig,
+    ws: Option<WebSocket<TcpStream>>,
+    cid_prefix: String,
+    next_cid: u64,
+    /// Sent, not yet accepted; resent in cid order after a reconnect.
+    unaccepted: BTreeMap<u64, Pending>,
+    seen: HashSet<(String, String)>,
+    seen_order: VecDeque<(String, String)>,
+    rng: u64,
+}
+
+impl Client {
+    pub fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        let mut client = Client {
+            cfg,
+            ws: None,
+            // cids must be unique per sender across restarts of this program too.
+            cid_prefix: format!("{:x}", seed),
+            next_cid: 0,
+            unaccepted: BTreeMap::new(),
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+            rng: seed,
+        };
+        client.open().map_err(ClientError::Connect)?;
+        Ok(client)
+    }
+
+    fn open(&mut self) -> Result<(), String> {
+        let req = self
+            .cfg
+            .request_url()
+            .into_client_request()
+            .map_err(|e| e.to_string())?;
+        let host = req.uri().host().unwrap_or("127.0.0.1").to_string();
+        let port = req.uri().port_u16().unwrap_or(80);
+        let stream = TcpStream::connect((host.as_str(), port)).map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).ok();
+        let (ws, _) = tungstenite::client(req, stream).map_err(|e| e.to_string())?;
+        self.ws = Some(ws);
+        Ok(())
+    }
+
+    /// Send a message; returns its cid. Kept until accepted, resent after reconnects.
+    pub fn send(&mut self, to: &str, body: Value) -> Result<String, ClientError> {
+        self.next_cid += 1;
+        let n = self.next_cid;
+        self.unaccepted.insert(
+            n,
+            Pending {
+                to: to.into(),
+                body,
+            },
+        );
+        self.transmit(n);
+        Ok(self.cid(n))
+    }
+
+    fn cid(&self, n: u64) -> String {
+        format!("{}-{n}", self.cid_prefix)
+    }
+
+    fn transmit(&mut self, n: u64) {
+        let cid = self.cid(n);
+        let Some(p) = self.unaccepted.get(&n) else {
+            return;
+        };
+        let frame = json!({"op":"send","to":p.to,"cid":cid,"body":p.body}).to_string();
+        if let Some(ws) = self.ws.as_mut() {
+            if ws.send(Message::text(frame)).is_err() {
+                self.ws = None; // resent after the reconnect
+            }
+        }
+    }
+
+    /// Sends still waiting for `accepted`.
+    pub fn pending(&self) -> usize {
+        self.unaccepted.len()
+    }
+
+    /// Simulate a network failure (tests): drop the socket without a close frame.
+    pub fn drop_connection(&mut self) {
+        self.ws = None;
+    }
+
+    /// Wait up to `timeout` for the next event. Acks messages, drops duplicates, reconnects
+    /// (with backoff and jitter) and resends unaccepted messages when the connection is lost.
+    pub fn poll(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.ws.is_none() {
+                let resent = self.reconnect()?;
+                return Ok(Some(Event::Reconnected { resent }));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let ws = self.ws.as_mut().expect("connected");
+            ws.get_ref()
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .ok();
+            match ws.read() {
+                Ok(Message::Text(text)) => {
+                    if let Some(event) = self.on_text(&text) {
+                        return Ok(Some(event));
+                    }
+                }
+                Ok(Message::Close(_)) => self.ws = None,
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let _ = self.ws.as_mut().map(|ws| ws.flush());
+                }
+                Err(_) => self.ws = None,
+            }
+        }
+    }
+
+    fn on_text(&mut self, text: &str) -> Option<Event> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        match v["op"].as_str()? {
+            "welcome" => Some(Event::Welcome {
+                user: s("user"),
+                conn: s("conn"),
+            }),
+            "synced" => Some(Event::Synced {
+                count: v["count"].as_u64().unwrap_or(0),
+            }),
+            "msg" => {
+                let seq = v["seq"].as_u64().unwrap_or(0);
+                if let Some(ws) = self.ws.as_mut() {
+                    let _ = ws.send(Message::text(json!({"op":"ack","seq":seq}).to_string()));
+                }
+                let key = (s("from"), v["cid"].to_string());
+                if !self.seen.insert(key.clone()) {
+                    return None; // already displayed: a retransmit or a replay
+                }
+                self.seen_order.push_back(key);
+                if self.seen_order.len() > SEEN_CAPACITY {
+                    if let Some(old) = self.seen_order.pop_front() {
+                        self.seen.remove(&old);
+                    }
+                }
+                Some(Event::Message {
+                    from: s("from"),
+                    cid: v["cid"].clone(),
+                    id: s("id"),
+                    ts: v["ts"].as_u64().unwrap_or(0),
+                    body: v["body"].clone(),
+                })
+            }
+            "accepted" => {
+                let cid = s("cid");
+                if let Some(n) = self.own_cid(&cid) {
+                    self.unaccepted.remove(&n);
+                }
+                Some(Event::Accepted { cid, id: s("id") })
+            }
+            "delivered" => Some(Event::Delivered {
+                cid: s("cid"),
+                id: s("id"),
+                to: s("to"),
+            }),
+            "error" => {
+                let cid = v.get("cid").cloned();
+                Some(Event::Error {
+                    code: s("code"),
+                    message: s("message"),
+                    cid,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn own_cid(&self, cid: &str) -> Option<u64> {
+        cid.strip_prefix(&self.cid_prefix)?
+            .strip_prefix('-')?
+            .parse()
+            .ok()
+    }
+
+    /// Reconnect with exponential backoff and +-50% jitter, then resend what was not accepted.
+    fn reconnect(&mut self) -> Result<usize, ClientError> {
+        let started = Instant::now();
+        let mut backoff = self.cfg.backoff_min;
+        loop {
+            if self.open().is_ok() {
+                let pending: Vec<u64> = self.unaccepted.keys().copied().collect();
+                for n in &pending {
+                    self.transmit(*n);
+                }
+                return Ok(pending.len());
+            }
+            if started.elapsed() > self.cfg.reconnect_for {
+                return Err(ClientError::GaveUp(self.cfg.reconnect_for));
+            }
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let jitter = 0.5 + (self.rng % 1000) as f64 / 1000.0;
+            std::thread::sleep(backoff.mul_f64(jitter));
+            backoff = (backoff * 2).min(self.cfg.backoff_max);
+        }
+    }
+}
