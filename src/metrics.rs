@@ -87,9 +87,41 @@ pub const MESH_FULL: &str = "ringgate_mesh_full_total";
 pub const PARKS: &str = "ringgate_parks_total";
 pub const UNPARKS: &str = "ringgate_unparks_total";
 
+/// Upper bounds (microseconds) of the latency histogram buckets.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// A latency histogram written by one thread (fixed buckets, Prometheus layout).
+#[derive(Default, Debug)]
+pub struct Histogram {
+    buckets: [Counter; LATENCY_BUCKETS_US.len()],
+    count: Counter,
+    sum_us: Counter,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let us = d.as_micros() as u64;
+        if let Some(i) = LATENCY_BUCKETS_US.iter().position(|b| us <= *b) {
+            self.buckets[i].inc();
+        }
+        self.count.inc();
+        self.sum_us.add(us);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.get()
+    }
+}
+
+pub const SEND_ACCEPTED: &str = "ringgate_send_accepted_seconds";
+
 #[derive(Default, Debug)]
 #[repr(align(128))]
 pub struct ShardMetrics {
+    /// `send` received -> `accepted` decided (on the sender's home shard).
+    pub send_accepted: Histogram,
     pub connections_open: Gauge,
     pub handshakes_pending: Gauge,
     pub connections_accepted: Counter,
@@ -351,6 +383,37 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP {SEND_ACCEPTED} Time from a `send` reaching the sender's home shard to its `accepted`.\n# TYPE {SEND_ACCEPTED} histogram"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        let h = &m.send_accepted;
+        let mut cumulative = 0;
+        for (b, bound) in h.buckets.iter().zip(LATENCY_BUCKETS_US) {
+            cumulative += b.get();
+            let le = bound as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "{SEND_ACCEPTED}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{SEND_ACCEPTED}_bucket{{shard=\"{i}\",le=\"+Inf\"}} {}",
+            h.count.get()
+        );
+        let _ = writeln!(
+            out,
+            "{SEND_ACCEPTED}_sum{{shard=\"{i}\"}} {}",
+            h.sum_us.get() as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "{SEND_ACCEPTED}_count{{shard=\"{i}\"}} {}",
+            h.count.get()
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP {CONNECTIONS_REFUSED} Upgrades refused before the handshake, by reason.\n# TYPE {CONNECTIONS_REFUSED} counter"
     );
     for (i, m) in shards.iter().enumerate() {
@@ -385,6 +448,25 @@ mod tests {
         assert!(text.contains(
             "ringgate_connections_refused_total{shard=\"0\",reason=\"unauthorized\",status=\"401\"} 1"
         ));
+    }
+
+    #[test]
+    fn latency_histogram_is_cumulative_with_sum_and_count() {
+        let shards = vec![Arc::new(ShardMetrics::default())];
+        let h = &shards[0].send_accepted;
+        h.observe(std::time::Duration::from_micros(80));
+        h.observe(std::time::Duration::from_micros(900));
+        h.observe(std::time::Duration::from_secs(3)); // beyond the last bound: only +Inf
+        let text = render(&shards);
+        assert!(
+            text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"0.0001\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"0.001\"} 2"));
+        assert!(text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"1\"} 2"));
+        assert!(text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"+Inf\"} 3"));
+        assert!(text.contains("ringgate_send_accepted_seconds_count{shard=\"0\"} 3"));
+        assert!(text.contains("ringgate_send_accepted_seconds_sum{shard=\"0\"} 3.00098"));
     }
 
     #[test]

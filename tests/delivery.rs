@@ -125,6 +125,8 @@ fn offline_recipient_gets_the_inbox_on_connect_in_order() {
     for i in 0..5 {
         assert_eq!(next_op(&mut a, "delivered")["cid"], format!("c{i}"));
     }
+    // Every accepted went through the latency histogram.
+    assert_eq!(gw.metric_sum("ringgate_send_accepted_seconds_count"), 5);
     // Acked entries are gone: a new connection replays nothing.
     drop(c);
     let (_c2, again) = connect_replay(&gw, &format!("/ws?user={carol}"));

@@ -4,6 +4,7 @@
 //! frame, unsent bytes or a fragmented message (`Ext`), or, in echo mode, its
 //! fixed ring of send timestamps.
 
+use crate::chat::{self, ChatConn, CtrSet};
 use crate::net;
 use crate::ring::LatRing;
 use crate::ws;
@@ -67,6 +68,15 @@ pub enum Mode {
         inflight: usize,
         /// /ws route: replies are `{"op":"pong"}`; /echo: replies equal `payload`.
         expect_pong: bool,
+    },
+    /// 1:1 messages between paired users (2k <-> 2k+1) on /ws.
+    Send {
+        /// Most sends per connection without `accepted`.
+        inflight: usize,
+        /// High bits of this run's cids (see `chat`).
+        nonce: u64,
+        /// `"` + JSON-escaped user prefix (for `to`).
+        to_prefix_json: Vec<u8>,
     },
 }
 
@@ -143,6 +153,13 @@ pub struct Shared {
     pub stop: AtomicBool,
     /// Echo: instant (ns since base) at which all loops start sending.
     pub t0_ns: AtomicU64,
+    /// Send mode: accepted sends, this run's msgs received (unique), and
+    /// sends not accepted yet; the main thread ends the grace period early
+    /// once nothing is outstanding and everything accepted was received.
+    pub chat_accepted: AtomicU64,
+    pub chat_received: AtomicU64,
+    pub chat_outstanding: AtomicU64,
+    pub chat_sent: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -181,10 +198,34 @@ pub struct Stats {
     pub bad_replies: u64,
     pub unexpected_replies: u64,
     pub other_messages: u64,
+    // Send mode (`latency_ns` holds send -> accepted).
+    pub msg_latency_ns: Option<Histogram<u64>>,
+    pub accepted_in_window: u64,
+    pub accepted_total: u64,
+    pub msgs_in_window: u64,
+    pub msgs_total: u64,
+    pub delivered_in_window: u64,
+    pub delivered_total: u64,
+    pub sent_in_window: u64,
+    pub resent: u64,
+    pub abandoned: u64,
+    pub errors_by_code: BTreeMap<String, u64>,
+    pub duplicates: u64,
+    pub foreign_msgs: u64,
+    pub unexpected_accepted: u64,
+    pub unexpected_delivered: u64,
+    pub unparsed: u64,
+    pub acks_sent: u64,
+    pub msgs_without_t: u64,
+    /// Per connection at its end: (global index, accepted counters,
+    /// counters received from the partner, sends still pending).
+    pub chat_sets: Vec<(u64, CtrSet, CtrSet, u64)>,
 }
 
 impl Stats {
-    fn new(echo: bool) -> Stats {
+    fn new(mode: &Mode) -> Stats {
+        let echo = !matches!(mode, Mode::Idle);
+        let send = matches!(mode, Mode::Send { .. });
         Stats {
             started: 0,
             established: 0,
@@ -213,6 +254,25 @@ impl Stats {
             bad_replies: 0,
             unexpected_replies: 0,
             other_messages: 0,
+            msg_latency_ns: send.then(|| Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()),
+            accepted_in_window: 0,
+            accepted_total: 0,
+            msgs_in_window: 0,
+            msgs_total: 0,
+            delivered_in_window: 0,
+            delivered_total: 0,
+            sent_in_window: 0,
+            resent: 0,
+            abandoned: 0,
+            errors_by_code: BTreeMap::new(),
+            duplicates: 0,
+            foreign_msgs: 0,
+            unexpected_accepted: 0,
+            unexpected_delivered: 0,
+            unparsed: 0,
+            acks_sent: 0,
+            msgs_without_t: 0,
+            chat_sets: Vec::new(),
         }
     }
 
@@ -253,6 +313,27 @@ impl Stats {
         self.bad_replies += o.bad_replies;
         self.unexpected_replies += o.unexpected_replies;
         self.other_messages += o.other_messages;
+        if let (Some(a), Some(b)) = (self.msg_latency_ns.as_mut(), o.msg_latency_ns.as_ref()) {
+            a.add(b).unwrap();
+        }
+        self.accepted_in_window += o.accepted_in_window;
+        self.accepted_total += o.accepted_total;
+        self.msgs_in_window += o.msgs_in_window;
+        self.msgs_total += o.msgs_total;
+        self.delivered_in_window += o.delivered_in_window;
+        self.delivered_total += o.delivered_total;
+        self.sent_in_window += o.sent_in_window;
+        self.resent += o.resent;
+        self.abandoned += o.abandoned;
+        add(&mut self.errors_by_code, &o.errors_by_code);
+        self.duplicates += o.duplicates;
+        self.foreign_msgs += o.foreign_msgs;
+        self.unexpected_accepted += o.unexpected_accepted;
+        self.unexpected_delivered += o.unexpected_delivered;
+        self.unparsed += o.unparsed;
+        self.acks_sent += o.acks_sent;
+        self.msgs_without_t += o.msgs_without_t;
+        self.chat_sets.extend(o.chat_sets.iter().cloned());
     }
 }
 
@@ -295,7 +376,13 @@ struct Conn {
     /// Connect start, ns since base.
     t_start: u64,
     ext: Option<Box<Ext>>,
-    echo: Option<Box<LatRing>>,
+    /// Echo ring or send-mode state, once established.
+    traffic: Option<Box<Traffic>>,
+}
+
+enum Traffic {
+    Echo(LatRing),
+    Chat(ChatConn),
 }
 
 impl Conn {
@@ -309,7 +396,7 @@ impl Conn {
 
     /// Idle connections give their buffers back as soon as they are empty.
     fn gc(&mut self) {
-        if self.echo.is_none() && self.ext.as_ref().is_some_and(|e| e.is_idle()) {
+        if self.traffic.is_none() && self.ext.as_ref().is_some_and(|e| e.is_idle()) {
             self.ext = None;
         }
     }
@@ -379,6 +466,11 @@ struct Ctx<'a> {
     key_seed: u64,
     first: u64,
     opened: bool,
+    /// Send mode: budget of new sends (infinite when unpaced), scratch for
+    /// JSON payloads, and whether some resend is scheduled.
+    tokens: &'a mut f64,
+    tmp: &'a mut Vec<u8>,
+    retry_scheduled: &'a mut bool,
 }
 
 fn xorshift(s: &mut u64) -> u64 {
@@ -431,6 +523,16 @@ fn process(conn: &mut Conn, buf: &[u8], cx: &mut Ctx) -> Result<usize, Fail> {
         let payload = &buf[pos + h.head_len..pos + total];
         pos += total;
         on_frame(conn, &h, payload, cx)?;
+    }
+    // Send mode: one cumulative ack per read for the msgs it held.
+    if let Some(Traffic::Chat(ch)) = conn.traffic.as_deref_mut() {
+        if let Some(seq) = ch.ack_due() {
+            cx.tmp.clear();
+            chat::write_ack(cx.tmp, seq);
+            let m = cx.mask();
+            ws::encode_frame(cx.out, true, ws::OP_TEXT, cx.tmp, m);
+            cx.stats.acks_sent += 1;
+        }
     }
     Ok(pos)
 }
@@ -507,6 +609,9 @@ fn deliver(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<(), Fail
                         }
                         conn.phase = Phase::Open;
                         cx.opened = true;
+                        if let Mode::Send { inflight, .. } = cx.cfg.mode {
+                            conn.traffic = Some(Box::new(Traffic::Chat(ChatConn::new(inflight))));
+                        }
                         return Ok(());
                     }
                 }
@@ -545,7 +650,7 @@ fn deliver(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<(), Fail
                     cx.stats.bad_replies += 1;
                 }
                 let now = cx.now;
-                let Some(ring) = conn.echo.as_mut() else {
+                let Some(Traffic::Echo(ring)) = conn.traffic.as_deref_mut() else {
                     cx.stats.unexpected_replies += 1;
                     return Ok(());
                 };
@@ -567,9 +672,181 @@ fn deliver(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<(), Fail
                 }
                 Ok(())
             }
+            Mode::Send { .. } => on_chat_message(conn, op, msg, cx),
         },
         Phase::Connecting | Phase::Handshake => Ok(()),
     }
+}
+
+/// Send mode: keep a connection's counter sets for the end-of-run check.
+fn save_chat(stats: &mut Stats, shared: &Shared, first: u64, conn: &mut Conn) {
+    if let Some(Traffic::Chat(ch)) = conn.traffic.as_deref_mut() {
+        let gidx = first + conn.idx as u64;
+        let pending = ch.pending.len() as u64;
+        shared.chat_outstanding.fetch_sub(pending, Relaxed);
+        stats.chat_sets.push((
+            gidx,
+            std::mem::take(&mut ch.accepted),
+            std::mem::take(&mut ch.received),
+            pending,
+        ));
+        conn.traffic = None;
+    }
+}
+
+/// Encode one `send` (new or again after `unavailable`) into `out`.
+#[allow(clippy::too_many_arguments)]
+fn encode_send(
+    out: &mut Vec<u8>,
+    tmp: &mut Vec<u8>,
+    prefix: &[u8],
+    to_num: u64,
+    nonce: u64,
+    ctr: u64,
+    sent_ns: u64,
+    mask: [u8; 4],
+) {
+    tmp.clear();
+    chat::write_send(tmp, prefix, to_num, chat::encode_cid(nonce, ctr), sent_ns / 1000);
+    ws::encode_frame(out, true, ws::OP_TEXT, tmp, mask);
+}
+
+/// Start new sends on a connection while its window, the pacing budget and
+/// the send period allow.
+fn chat_fill(ch: &mut ChatConn, gidx: u64, cx: &mut Ctx) {
+    let Mode::Send {
+        nonce,
+        ref to_prefix_json,
+        ..
+    } = cx.cfg.mode
+    else {
+        return;
+    };
+    let to_num = cx.cfg.user_offset + (gidx ^ 1);
+    while cx.now < cx.send_until && ch.has_room() && *cx.tokens >= 1.0 {
+        *cx.tokens -= 1.0;
+        let ctr = ch.start(cx.now);
+        let m = cx.mask();
+        encode_send(cx.out, cx.tmp, to_prefix_json, to_num, nonce, ctr, cx.now, m);
+        cx.stats.sent += 1;
+        if cx.now >= cx.window.0 {
+            cx.stats.sent_in_window += 1;
+        }
+        cx.shared.chat_sent.fetch_add(1, Relaxed);
+        cx.shared.chat_outstanding.fetch_add(1, Relaxed);
+    }
+}
+
+fn bump(m: &mut BTreeMap<String, u64>, k: &str) {
+    match m.get_mut(k) {
+        Some(v) => *v += 1,
+        None => {
+            m.insert(k.to_string(), 1);
+        }
+    }
+}
+
+/// A data message on an open connection in send mode.
+fn on_chat_message(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<(), Fail> {
+    let Mode::Send { nonce, .. } = cx.cfg.mode else {
+        return Ok(());
+    };
+    cx.stats.messages += 1;
+    let gidx = cx.first + conn.idx as u64;
+    let Some(Traffic::Chat(ch)) = conn.traffic.as_deref_mut() else {
+        cx.stats.other_messages += 1;
+        return Ok(());
+    };
+    let f = if op == ws::OP_TEXT {
+        chat::parse_frame(msg)
+    } else {
+        None
+    };
+    let Some(f) = f else {
+        cx.stats.unparsed += 1;
+        bump(&mut cx.stats.messages_by_op, "unparsed");
+        return Ok(());
+    };
+    let op_name = f.op.as_deref().unwrap_or("none");
+    bump(&mut cx.stats.messages_by_op, op_name);
+    let now = cx.now;
+    let in_window = now >= cx.window.0 && now < cx.window.1;
+    let ctr = f.cid.and_then(|c| chat::decode_cid(nonce, c));
+    match op_name {
+        "accepted" => match ctr.and_then(|k| ch.accept(k)) {
+            Some(sent_ns) => {
+                cx.stats.accepted_total += 1;
+                cx.shared.chat_accepted.fetch_add(1, Relaxed);
+                cx.shared.chat_outstanding.fetch_sub(1, Relaxed);
+                if in_window {
+                    cx.stats.accepted_in_window += 1;
+                    if let Some(h) = cx.stats.latency_ns.as_mut() {
+                        h.saturating_record(now.saturating_sub(sent_ns).max(1));
+                    }
+                }
+                chat_fill(ch, gidx, cx);
+            }
+            None => cx.stats.unexpected_accepted += 1,
+        },
+        "delivered" => {
+            if ctr.is_some() {
+                cx.stats.delivered_total += 1;
+                if in_window {
+                    cx.stats.delivered_in_window += 1;
+                }
+            } else {
+                cx.stats.unexpected_delivered += 1;
+            }
+        }
+        "msg" => {
+            if let Some(seq) = f.seq {
+                ch.saw_seq(seq);
+            }
+            let partner = cx.cfg.user_offset + (gidx ^ 1);
+            let ours = f
+                .from
+                .as_deref()
+                .is_some_and(|from| chat::from_matches(from, &cx.cfg.user_prefix, partner));
+            match ctr.filter(|_| ours) {
+                Some(k) if ch.received.insert(k) => {
+                    cx.stats.msgs_total += 1;
+                    cx.shared.chat_received.fetch_add(1, Relaxed);
+                    if in_window {
+                        cx.stats.msgs_in_window += 1;
+                        match f.body {
+                            Some(t_us) => {
+                                if let Some(h) = cx.stats.msg_latency_ns.as_mut() {
+                                    h.saturating_record(now.saturating_sub(t_us * 1000).max(1));
+                                }
+                            }
+                            None => cx.stats.msgs_without_t += 1,
+                        }
+                    }
+                }
+                Some(_) => cx.stats.duplicates += 1,
+                // Left over from another run (replayed at connect) or not from the partner.
+                None => cx.stats.foreign_msgs += 1,
+            }
+        }
+        "error" => {
+            let code = f.code.as_deref().unwrap_or("none");
+            bump(&mut cx.stats.errors_by_code, code);
+            if let Some(k) = ctr {
+                if code == "unavailable" {
+                    if ch.schedule_retry(k, now + chat::RETRY_DELAY_NS) {
+                        *cx.retry_scheduled = true;
+                    }
+                } else if ch.abandon(k) {
+                    // Not retryable: give the window slot back.
+                    cx.stats.abandoned += 1;
+                    cx.shared.chat_outstanding.fetch_sub(1, Relaxed);
+                    chat_fill(ch, gidx, cx);
+                }
+            }
+        }
+        _ => cx.stats.other_messages += 1,
+    }
+    Ok(())
 }
 
 /// Write `data`, keeping whatever the socket does not take.
@@ -639,6 +916,9 @@ pub struct Loop {
     last_scan: u64,
     window: (u64, u64),
     send_until: u64,
+    tokens: f64,
+    tmp: Vec<u8>,
+    retry_scheduled: bool,
     pub stats: Stats,
 }
 
@@ -651,7 +931,6 @@ impl Loop {
         concurrency: usize,
         rate: f64,
     ) -> io::Result<Loop> {
-        let echo = matches!(cfg.mode, Mode::Echo { .. });
         let seed = ws::splitmix64(
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -673,7 +952,10 @@ impl Loop {
             last_scan: 0,
             window: (0, 0),
             send_until: 0,
-            stats: Stats::new(echo),
+            tokens: f64::INFINITY,
+            tmp: Vec::with_capacity(256),
+            retry_scheduled: false,
+            stats: Stats::new(&cfg.mode),
             cfg,
             shared,
             first,
@@ -692,6 +974,9 @@ impl Loop {
         self.out.clear();
         self.stats.handshake_us.reset();
         if let Some(h) = self.stats.latency_ns.as_mut() {
+            h.reset();
+        }
+        if let Some(h) = self.stats.msg_latency_ns.as_mut() {
             h.reset();
         }
         for i in 0..64u64 {
@@ -748,7 +1033,7 @@ impl Loop {
             idx: idx as u32,
             t_start: self.now,
             ext: None,
-            echo: None,
+            traffic: None,
         });
         self.pending.push(tok as u32);
     }
@@ -771,7 +1056,8 @@ impl Loop {
     }
 
     fn drop_conn(&mut self, tok: usize, f: Fail) {
-        let conn = self.conns.remove(tok);
+        let mut conn = self.conns.remove(tok);
+        self.save_chat(&mut conn);
         let why = reason(&f, conn.phase);
         self.remove_pending(conn.pidx);
         if conn.phase == Phase::Open {
@@ -790,7 +1076,7 @@ impl Loop {
         let pidx = std::mem::replace(&mut conn.pidx, NO_PENDING);
         let took_us = now.saturating_sub(conn.t_start) / 1000;
         if let Mode::Echo { inflight, .. } = self.cfg.mode {
-            conn.echo = Some(Box::new(LatRing::new(inflight)));
+            conn.traffic = Some(Box::new(Traffic::Echo(LatRing::new(inflight))));
         }
         conn.gc();
         self.remove_pending(pidx);
@@ -823,6 +1109,9 @@ impl Loop {
             key_seed: self.key_seed,
             first: self.first,
             opened: false,
+            tokens: &mut self.tokens,
+            tmp: &mut self.tmp,
+            retry_scheduled: &mut self.retry_scheduled,
         };
         let buffered = conn.ext.as_ref().is_some_and(|e| !e.rbuf.is_empty());
         let res = if !buffered {
@@ -1041,7 +1330,7 @@ impl Loop {
         self.now = self.now_ns();
         for tok in toks {
             let conn = &mut self.conns[tok];
-            let Some(ring) = conn.echo.as_mut() else {
+            let Some(Traffic::Echo(ring)) = conn.traffic.as_deref_mut() else {
                 continue;
             };
             for _ in 0..inflight {
@@ -1065,8 +1354,145 @@ impl Loop {
         }
     }
 
+    fn save_chat(&mut self, conn: &mut Conn) {
+        save_chat(&mut self.stats, &self.shared, self.first, conn);
+    }
+
+    /// Run `f` on connection `tok`'s send state with a frame context, then
+    /// flush what it queued.
+    fn with_chat(&mut self, tok: usize, f: impl FnOnce(&mut ChatConn, u64, &mut Ctx)) {
+        let Some(conn) = self.conns.get_mut(tok) else {
+            return;
+        };
+        let gidx = self.first + conn.idx as u64;
+        let Some(Traffic::Chat(ch)) = conn.traffic.as_deref_mut() else {
+            return;
+        };
+        let mut cx = Ctx {
+            out: &mut self.out,
+            stats: &mut self.stats,
+            cfg: &self.cfg,
+            shared: &self.shared,
+            rng: &mut self.rng,
+            now: self.now,
+            window: self.window,
+            send_until: self.send_until,
+            key_seed: self.key_seed,
+            first: self.first,
+            opened: false,
+            tokens: &mut self.tokens,
+            tmp: &mut self.tmp,
+            retry_scheduled: &mut self.retry_scheduled,
+        };
+        f(ch, gidx, &mut cx);
+        if let Err(e) = self.flush_out(tok) {
+            self.drop_conn(tok, e);
+        }
+    }
+
+    /// Send due resends (same cid, after `unavailable`).
+    fn resend_due(&mut self, toks: &[usize]) {
+        let mut any_left = false;
+        let mut due = Vec::new();
+        for &tok in toks {
+            self.with_chat(tok, |ch, gidx, cx| {
+                due.clear();
+                ch.take_due(cx.now, &mut due);
+                let Mode::Send {
+                    nonce,
+                    ref to_prefix_json,
+                    ..
+                } = cx.cfg.mode
+                else {
+                    return;
+                };
+                let to_num = cx.cfg.user_offset + (gidx ^ 1);
+                for p in &due {
+                    let m = cx.mask();
+                    encode_send(cx.out, cx.tmp, to_prefix_json, to_num, nonce, p.ctr, p.sent_ns, m);
+                    cx.stats.resent += 1;
+                }
+                any_left |= ch.retries_scheduled();
+            });
+        }
+        self.retry_scheduled = any_left;
+    }
+
+    /// Send mode: from `t0`, every connection sends to its partner (at most
+    /// `inflight` without `accepted`, paced to `rate` per second for this
+    /// loop when above 0) until `window_end`; then keeps reading and acking
+    /// until the main thread sets `stop` (end of the grace period) or
+    /// `deadline`.
+    pub fn run_send(&mut self, t0: u64, window_start: u64, window_end: u64, rate: f64, deadline: u64) {
+        self.window = (window_start, window_end);
+        self.send_until = window_end;
+        let now = self.now_ns();
+        if t0 > now {
+            std::thread::sleep(Duration::from_nanos(t0 - now));
+        }
+        let toks: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
+        self.now = self.now_ns();
+        let paced = rate > 0.0;
+        // At most 10 ms worth of sends (and at least one) may be caught up.
+        let max_tokens = (rate * PACING_SLACK as f64 / 1e9).max(1.0);
+        self.tokens = if paced { 0.0 } else { f64::INFINITY };
+        if !paced {
+            for &tok in &toks {
+                self.with_chat(tok, chat_fill);
+            }
+        }
+        let mut last_tick = self.now;
+        let mut cursor = 0usize;
+        let mut last_retry_scan = self.now;
+        loop {
+            self.now = self.now_ns();
+            if self.stop_requested() || self.now >= deadline {
+                break;
+            }
+            let sending = self.now < window_end;
+            if paced && sending && !toks.is_empty() {
+                self.tokens = (self.tokens
+                    + self.now.saturating_sub(last_tick) as f64 * rate / 1e9)
+                    .min(max_tokens);
+                last_tick = self.now;
+                // Hand the budget out round-robin to connections with room.
+                let mut visited = 0;
+                while self.tokens >= 1.0 && visited < toks.len() {
+                    let tok = toks[cursor % toks.len()];
+                    cursor = cursor.wrapping_add(1);
+                    visited += 1;
+                    self.with_chat(tok, |ch, gidx, cx| {
+                        if ch.has_room() {
+                            // One per visit, so the budget is spread evenly.
+                            let saved = *cx.tokens;
+                            *cx.tokens = 1.0;
+                            chat_fill(ch, gidx, cx);
+                            *cx.tokens = saved - (1.0 - *cx.tokens);
+                        }
+                    });
+                }
+            }
+            if self.retry_scheduled && self.now.saturating_sub(last_retry_scan) >= 10 * MS {
+                last_retry_scan = self.now;
+                self.resend_due(&toks);
+            }
+            let mut wait = if paced && sending { MS } else { 100 * MS };
+            if self.retry_scheduled {
+                wait = wait.min(10 * MS);
+            }
+            if sending {
+                wait = wait.min(window_end - self.now);
+            }
+            wait = wait.min(deadline - self.now).max(1);
+            self.poll_once(Duration::from_nanos(wait));
+        }
+    }
+
     /// Send a close (1000) on every open connection and close them all.
     pub fn close_all(&mut self) {
+        for (_, conn) in self.conns.iter_mut() {
+            save_chat(&mut self.stats, &self.shared, self.first, conn);
+        }
         let mut closed = 0;
         for (_, conn) in self.conns.iter_mut() {
             if conn.phase == Phase::Open && !conn.has_unsent() {

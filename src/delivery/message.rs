@@ -35,6 +35,8 @@ pub struct Message {
     pub ts: u64,
     pub body: Box<str>,
     pub reply: ReplyTo,
+    /// When the sender's home shard took the `send` (for the send -> accepted histogram).
+    pub received: std::time::Instant,
 }
 
 impl Message {
@@ -69,4 +71,6 @@ pub struct Report {
     pub cid: Box<str>,
     pub reply: ReplyTo,
     pub outcome: Outcome,
+    /// `Message::received` of the message reported on.
+    pub received: std::time::Instant,
 }

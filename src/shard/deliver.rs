@@ -226,6 +226,7 @@ impl Shard {
             ts: wall_clock_ms(),
             body,
             reply,
+            received: std::time::Instant::now(),
         };
         let home = self.home_of(&msg.to);
         if home == self.id {
@@ -243,6 +244,7 @@ impl Shard {
                 cid: msg.cid,
                 reply: msg.reply,
                 outcome: Outcome::Refused("the recipient's shard is busy, resend later".into()),
+                received: msg.received,
             });
         }
         Submitted::New
@@ -277,6 +279,7 @@ impl Shard {
             cid: msg.cid,
             reply: msg.reply,
             outcome,
+            received: msg.received,
         });
         if stored {
             for device in self.users.devices(&to) {
@@ -319,6 +322,9 @@ impl Shard {
 
     /// On the sender's home shard: answer the sender.
     pub(super) fn on_report(&mut self, r: Report) {
+        if r.outcome == Outcome::Stored {
+            self.metrics.send_accepted.observe(r.received.elapsed());
+        }
         if r.reply.conn == API_CONN {
             return self.on_api_report(r);
         }
@@ -436,6 +442,7 @@ impl Shard {
                     cid: msg.cid.clone(),
                     reply: ReplyTo::all_devices(home),
                     outcome: Outcome::Delivered,
+                    received: std::time::Instant::now(),
                 });
             }
         }
