@@ -64,9 +64,11 @@ pub fn write_ack(out: &mut Vec<u8>, seq: u64) {
 pub fn from_matches(from: &str, prefix: &str, num: u64) -> bool {
     from.strip_prefix(prefix)
         .and_then(|d| {
-            (!d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()) && (d == "0" || !d.starts_with('0')))
-                .then(|| d.parse::<u64>().ok())
-                .flatten()
+            (!d.is_empty()
+                && d.bytes().all(|b| b.is_ascii_digit())
+                && (d == "0" || !d.starts_with('0')))
+            .then(|| d.parse::<u64>().ok())
+            .flatten()
         })
         .is_some_and(|n| n == num)
 }
@@ -219,6 +221,7 @@ impl CtrSet {
         x < self.base || self.extra.contains(&x)
     }
 
+    #[allow(dead_code)] // used by tests
     pub fn len(&self) -> u64 {
         self.base + self.extra.len() as u64
     }
@@ -374,7 +377,10 @@ mod tests {
         assert_eq!(decode_cid(n, cid), Some(12345));
         assert_eq!(decode_cid(n + 1, cid), None);
         assert_eq!(decode_cid(n, 7), None);
-        assert_eq!(decode_cid(n, encode_cid(n, (1 << 32) - 1)), Some((1 << 32) - 1));
+        assert_eq!(
+            decode_cid(n, encode_cid(n, (1 << 32) - 1)),
+            Some((1 << 32) - 1)
+        );
     }
 
     #[test]
@@ -394,7 +400,10 @@ mod tests {
     #[test]
     fn parses_server_frames() {
         let f = parse_frame(br#"{"op":"accepted","cid":4294967300,"id":"99"}"#).unwrap();
-        assert_eq!((f.op.as_deref(), f.cid), (Some("accepted"), Some(4294967300)));
+        assert_eq!(
+            (f.op.as_deref(), f.cid),
+            (Some("accepted"), Some(4294967300))
+        );
         let f = parse_frame(br#"{"op":"delivered","cid":5,"id":"9","to":"u1"}"#).unwrap();
         assert_eq!((f.op.as_deref(), f.cid), (Some("delivered"), Some(5)));
         let f = parse_frame(
@@ -405,16 +414,16 @@ mod tests {
         assert_eq!((f.seq, f.cid, f.body), (Some(3), Some(77), Some(4321)));
         assert_eq!(f.from.as_deref(), Some("u\"0"));
         // Foreign msgs: string cid, non-object body.
-        let f = parse_frame(br#"{"op":"msg","seq":1,"from":"bob","cid":"c-1","body":"hi"}"#).unwrap();
+        let f =
+            parse_frame(br#"{"op":"msg","seq":1,"from":"bob","cid":"c-1","body":"hi"}"#).unwrap();
         assert_eq!((f.seq, f.cid, f.body), (Some(1), None, None));
         let f = parse_frame(br#"{"op":"msg","seq":2,"cid":{"a":1},"body":null}"#).unwrap();
         assert_eq!((f.seq, f.cid, f.body), (Some(2), None, None));
         let f = parse_frame(br#"{"op":"msg","seq":2,"cid":-1,"body":{"t":-5}}"#).unwrap();
         assert_eq!((f.cid, f.body), (None, None));
-        let f = parse_frame(
-            br#"{"op":"error","code":"unavailable","message":"try later","cid":12}"#,
-        )
-        .unwrap();
+        let f =
+            parse_frame(br#"{"op":"error","code":"unavailable","message":"try later","cid":12}"#)
+                .unwrap();
         assert_eq!(
             (f.op.as_deref(), f.code.as_deref(), f.cid),
             (Some("error"), Some("unavailable"), Some(12))
@@ -489,7 +498,10 @@ mod tests {
         c.take_due(999, &mut due);
         assert!(due.is_empty() && c.retries_scheduled());
         c.take_due(1000, &mut due);
-        assert_eq!(due.iter().map(|p| (p.ctr, p.sent_ns)).collect::<Vec<_>>(), vec![(1, 200)]);
+        assert_eq!(
+            due.iter().map(|p| (p.ctr, p.sent_ns)).collect::<Vec<_>>(),
+            vec![(1, 200)]
+        );
         assert!(!c.retries_scheduled());
         assert_eq!(c.accept(1), Some(200));
         assert_eq!(c.accept(3), Some(400));

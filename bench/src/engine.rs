@@ -707,7 +707,13 @@ fn encode_send(
     mask: [u8; 4],
 ) {
     tmp.clear();
-    chat::write_send(tmp, prefix, to_num, chat::encode_cid(nonce, ctr), sent_ns / 1000);
+    chat::write_send(
+        tmp,
+        prefix,
+        to_num,
+        chat::encode_cid(nonce, ctr),
+        sent_ns / 1000,
+    );
     ws::encode_frame(out, true, ws::OP_TEXT, tmp, mask);
 }
 
@@ -727,7 +733,16 @@ fn chat_fill(ch: &mut ChatConn, gidx: u64, cx: &mut Ctx) {
         *cx.tokens -= 1.0;
         let ctr = ch.start(cx.now);
         let m = cx.mask();
-        encode_send(cx.out, cx.tmp, to_prefix_json, to_num, nonce, ctr, cx.now, m);
+        encode_send(
+            cx.out,
+            cx.tmp,
+            to_prefix_json,
+            to_num,
+            nonce,
+            ctr,
+            cx.now,
+            m,
+        );
         cx.stats.sent += 1;
         if cx.now >= cx.window.0 {
             cx.stats.sent_in_window += 1;
@@ -1409,7 +1424,16 @@ impl Loop {
                 let to_num = cx.cfg.user_offset + (gidx ^ 1);
                 for p in &due {
                     let m = cx.mask();
-                    encode_send(cx.out, cx.tmp, to_prefix_json, to_num, nonce, p.ctr, p.sent_ns, m);
+                    encode_send(
+                        cx.out,
+                        cx.tmp,
+                        to_prefix_json,
+                        to_num,
+                        nonce,
+                        p.ctr,
+                        p.sent_ns,
+                        m,
+                    );
                     cx.stats.resent += 1;
                 }
                 any_left |= ch.retries_scheduled();
@@ -1423,7 +1447,14 @@ impl Loop {
     /// loop when above 0) until `window_end`; then keeps reading and acking
     /// until the main thread sets `stop` (end of the grace period) or
     /// `deadline`.
-    pub fn run_send(&mut self, t0: u64, window_start: u64, window_end: u64, rate: f64, deadline: u64) {
+    pub fn run_send(
+        &mut self,
+        t0: u64,
+        window_start: u64,
+        window_end: u64,
+        rate: f64,
+        deadline: u64,
+    ) {
         self.window = (window_start, window_end);
         self.send_until = window_end;
         let now = self.now_ns();
@@ -1785,5 +1816,130 @@ mod tests {
         assert!(st.sent >= st.replies_total && st.sent - st.replies_total <= 3);
         assert!(echoed >= st.replies_total);
         assert_eq!(st.closed_by_us, 1);
+    }
+
+    #[test]
+    fn send_mode_retry_ack_duplicates_and_missing() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let nonce = 5u64;
+        let srv = std::thread::spawn(move || {
+            let mut socks: Vec<Option<StdStream>> = vec![None, None];
+            for _ in 0..2 {
+                let (mut s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let req = read_head(&mut s);
+                let (i, user) = if req.contains("user=t7") {
+                    (0, "t7")
+                } else {
+                    (1, "t8")
+                };
+                let mut out = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                    accept_header(&req)
+                )
+                .into_bytes();
+                out.extend(server_frame(
+                    true,
+                    ws::OP_TEXT,
+                    format!(r#"{{"op":"welcome","user":"{user}"}}"#).as_bytes(),
+                ));
+                s.write_all(&out).unwrap();
+                socks[i] = Some(s);
+            }
+            let (mut a, mut b) = (socks[0].take().unwrap(), socks[1].take().unwrap());
+            let json = |p: &[u8]| serde_json::from_slice::<serde_json::Value>(p).unwrap();
+            // t7's first send: unavailable; the resend (same cid) is accepted.
+            let (_, p) = read_client_frame(&mut a);
+            let v = json(&p);
+            assert_eq!(
+                (v["op"].as_str(), v["to"].as_str()),
+                (Some("send"), Some("t8"))
+            );
+            let cid = v["cid"].as_u64().unwrap();
+            let t = v["body"]["t"].as_u64().unwrap();
+            a.write_all(&server_frame(
+                true,
+                ws::OP_TEXT,
+                format!(r#"{{"op":"error","code":"unavailable","cid":{cid}}}"#).as_bytes(),
+            ))
+            .unwrap();
+            let (_, p) = read_client_frame(&mut a);
+            assert_eq!(json(&p)["cid"].as_u64(), Some(cid));
+            a.write_all(&server_frame(
+                true,
+                ws::OP_TEXT,
+                format!(r#"{{"op":"accepted","cid":{cid},"id":"1"}}"#).as_bytes(),
+            ))
+            .unwrap();
+            // To t8: the msg, a foreign one, the same msg again.
+            let m = |seq: u64| {
+                format!(
+                    r#"{{"op":"msg","seq":{seq},"id":"1","from":"t7","cid":{cid},"ts":1,"body":{{"t":{t}}}}}"#
+                )
+            };
+            let mut out = server_frame(true, ws::OP_TEXT, m(1).as_bytes());
+            out.extend(server_frame(
+                true,
+                ws::OP_TEXT,
+                br#"{"op":"msg","seq":2,"from":"x","cid":"old","body":1}"#,
+            ));
+            out.extend(server_frame(true, ws::OP_TEXT, m(3).as_bytes()));
+            b.write_all(&out).unwrap();
+            // t8 sent its own message first (never answered), then acks.
+            let mut acked = 0;
+            while acked < 3 {
+                let (op, p) = read_client_frame(&mut b);
+                assert_eq!(op, ws::OP_TEXT);
+                let v = json(&p);
+                if v["op"] == "ack" {
+                    acked = v["seq"].as_u64().unwrap();
+                }
+            }
+            a.write_all(&server_frame(
+                true,
+                ws::OP_TEXT,
+                format!(r#"{{"op":"delivered","cid":{cid},"id":"1","to":"t8"}}"#).as_bytes(),
+            ))
+            .unwrap();
+            // Keep both open until the client closes.
+            let _ = try_read_client_frame(&mut a);
+            let _ = try_read_client_frame(&mut b);
+        });
+        let mode = Mode::Send {
+            inflight: 1,
+            nonce,
+            to_prefix_json: chat::json_prefix("t"),
+        };
+        let cfg = Arc::new(Config {
+            device: None,
+            ..Arc::try_unwrap(config(addr, Route::Ws, mode)).ok().unwrap()
+        });
+        let shared = Arc::new(Shared::default());
+        let mut lp = Loop::new(cfg, shared.clone(), 0, 2, 10, 0.0).unwrap();
+        let dl = deadline(&lp, 5);
+        lp.ramp(dl);
+        assert_eq!(lp.stats.established, 2);
+        let t0 = lp.now_ns();
+        lp.run_send(t0, t0, t0 + 400_000_000, 0.0, t0 + 600_000_000);
+        lp.close_all();
+        srv.join().unwrap();
+        let st = &lp.stats;
+        assert_eq!((st.sent, st.resent, st.accepted_total), (3, 1, 1));
+        assert_eq!(st.errors_by_code.get("unavailable"), Some(&1));
+        assert_eq!((st.msgs_total, st.duplicates, st.foreign_msgs), (1, 1, 1));
+        assert_eq!(st.delivered_total, 1);
+        assert_eq!(st.msg_latency_ns.as_ref().unwrap().len(), 1);
+        assert_eq!(st.chat_sets.len(), 2);
+        for (g, acc, recv, pending) in &st.chat_sets {
+            let partner = &st.chat_sets.iter().find(|x| x.0 == g ^ 1).unwrap().2;
+            assert_eq!(chat::missing(acc, partner), 0);
+            // t7: 1 accepted and its next send pending; t8: 1 received, its own send pending.
+            assert_eq!(
+                (acc.len(), recv.len(), *pending),
+                if *g == 0 { (1, 0, 1) } else { (0, 1, 1) }
+            );
+        }
+        assert_eq!(shared.chat_outstanding.load(Relaxed), 0);
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! `idle` opens many authenticated /ws connections and holds them (answering
 //! pings) while measuring memory per connection on both sides; `echo`
-//! measures frame throughput and latency over a few pipelined connections.
+//! measures frame throughput and latency over a few pipelined connections;
+//! `send` measures 1:1 messaging (accepted / msg / delivered) between paired
+//! users and checks that nothing accepted goes missing.
 //! Loopback targets only; every phase is bounded in time.
 
 #![recursion_limit = "512"]
@@ -46,6 +48,8 @@ enum Cmd {
     Idle(IdleArgs),
     /// Measure echo throughput and latency over C pipelined connections
     Echo(EchoArgs),
+    /// 1:1 messages between paired users: accepted / delivered rates and latencies
+    Send(SendArgs),
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +161,36 @@ struct EchoArgs {
     /// Send binary frames instead of text (/echo route)
     #[arg(long)]
     binary: bool,
+    /// Max handshakes in flight while connecting
+    #[arg(long, default_value_t = 1000)]
+    concurrency: usize,
+    /// Bound on the connect phase, seconds
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    timeout: f64,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct SendArgs {
+    /// Users (one connection each), even: user 2k and 2k+1 send to each other
+    #[arg(long, default_value_t = 100, value_name = "U")]
+    users: usize,
+    /// Sends per user without `accepted`
+    #[arg(long, default_value_t = 16, value_name = "K")]
+    inflight: usize,
+    /// Total sends per second across all users (0 = as fast as the window allows)
+    #[arg(long, default_value_t = 0.0, value_name = "R")]
+    rate: f64,
+    /// Measured window, seconds
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    duration: f64,
+    /// Traffic before the measured window, seconds
+    #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+    warmup: f64,
+    /// After the window: at most this long to wait for outstanding accepteds and msgs
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    grace: f64,
     /// Max handshakes in flight while connecting
     #[arg(long, default_value_t = 1000)]
     concurrency: usize,
@@ -969,6 +1003,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Idle(a) => run_idle(a),
         Cmd::Echo(a) => run_echo(a),
+        Cmd::Send(a) => run_send(a),
     };
     match r {
         Ok(code) => std::process::exit(code),
@@ -977,4 +1012,375 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+fn lat_json(h: &Histogram<u64>) -> Value {
+    json!({
+        "p50": pct(h, 0.5, 1e3),
+        "p90": pct(h, 0.9, 1e3),
+        "p99": pct(h, 0.99, 1e3),
+        "p999": pct(h, 0.999, 1e3),
+        "max": h.max() as f64 / 1e3,
+        "mean": if h.is_empty() { 0.0 } else { h.mean() / 1e3 },
+        "count": h.len(),
+    })
+}
+
+fn lat_text(h: &Histogram<u64>) -> String {
+    format!(
+        "p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
+        pct(h, 0.5, 1e3),
+        pct(h, 0.9, 1e3),
+        pct(h, 0.99, 1e3),
+        pct(h, 0.999, 1e3),
+        h.max() as f64 / 1e3,
+        if h.is_empty() { 0.0 } else { h.mean() / 1e3 }
+    )
+}
+
+/// Accepted sends whose partner never received them, and sends still not
+/// accepted, over all connections' end-of-run sets.
+fn count_missing(sets: &[(u64, chat::CtrSet, chat::CtrSet, u64)]) -> (u64, u64) {
+    let by_idx: std::collections::HashMap<u64, &chat::CtrSet> =
+        sets.iter().map(|(g, _, r, _)| (*g, r)).collect();
+    let empty = chat::CtrSet::default();
+    let mut missing = 0;
+    let mut pending = 0;
+    for (g, acc, _, p) in sets {
+        let recv = by_idx.get(&(g ^ 1)).copied().unwrap_or(&empty);
+        missing += chat::missing(acc, recv);
+        pending += p;
+    }
+    (missing, pending)
+}
+
+fn run_send(a: SendArgs) -> Result<i32, String> {
+    let c = &a.common;
+    let duration = secs("duration", a.duration, false)?;
+    let warmup = secs("warmup", a.warmup, true)?;
+    let grace = secs("grace", a.grace, true)?;
+    let connect_timeout = secs("timeout", a.timeout, false)?;
+    if a.users < 2 || !a.users.is_multiple_of(2) {
+        return Err("--users must be even and at least 2".into());
+    }
+    if a.inflight == 0 || a.inflight > 4096 {
+        return Err("--inflight must be 1..=4096".into());
+    }
+    if !(a.rate >= 0.0 && a.rate.is_finite()) {
+        return Err("--rate must be >= 0".into());
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let nonce = chat::make_nonce(ws::splitmix64(seed ^ std::process::id() as u64));
+    let mode = Mode::Send {
+        inflight: a.inflight,
+        nonce,
+        to_prefix_json: chat::json_prefix(&c.user_prefix),
+    };
+    let cfg = Arc::new(build_config(c, Route::Ws, mode, true, a.users)?);
+    let shared = Arc::new(Shared::default());
+    let loops = make_loops(&cfg, &shared, a.users, c.threads, a.concurrency, 0.0)?;
+    let threads = loops.len();
+    let per_loop_rate = a.rate / threads as f64;
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    install_sigint();
+    let start_ns = now_ns(&cfg);
+    let connect_deadline = start_ns + ns(connect_timeout);
+    let (warm_ns, dur_ns, grace_ns) = (ns(warmup), ns(duration), ns(grace));
+    let handles: Vec<_> = loops
+        .into_iter()
+        .map(|mut lp| {
+            let (barrier, shared) = (barrier.clone(), shared.clone());
+            std::thread::spawn(move || {
+                lp.prefault();
+                barrier.wait(); // go
+                lp.ramp(connect_deadline);
+                barrier.wait(); // all connected
+                barrier.wait(); // t0 published
+                let t0 = shared.t0_ns.load(Relaxed);
+                let (ws_, we) = if shared.stop.load(Relaxed) {
+                    (t0, t0)
+                } else {
+                    (t0 + warm_ns, t0 + warm_ns + dur_ns)
+                };
+                // The main thread ends the grace period; this is a backstop.
+                let deadline = we + grace_ns + 1_000_000_000;
+                lp.run_send(t0, ws_, we, per_loop_rate, deadline);
+                lp.close_all();
+                lp.stats
+            })
+        })
+        .collect();
+
+    barrier.wait();
+    barrier.wait();
+    let connected = shared
+        .established
+        .load(Relaxed)
+        .saturating_sub(shared.lost.load(Relaxed));
+    if connected == 0 || INTERRUPTED.load(Relaxed) {
+        shared.stop.store(true, Relaxed);
+    }
+    // A moment for replays of earlier runs (before `synced`) to drain.
+    let t0 = now_ns(&cfg) + 50_000_000;
+    shared.t0_ns.store(t0, Relaxed);
+    barrier.wait();
+    let (win_start, win_end) = (t0 + warm_ns, t0 + warm_ns + dur_ns);
+    let mut cpu = None;
+    let mut grace_used = 0.0;
+    if !shared.stop.load(Relaxed) {
+        if !c.quiet {
+            eprintln!(
+                "connected {connected}/{}; warmup {:.1}s, measuring {:.1}s",
+                a.users,
+                warmup.as_secs_f64(),
+                duration.as_secs_f64()
+            );
+        }
+        let progress = |label: &str| {
+            if !c.quiet {
+                eprintln!(
+                    "[{:6.1}s] {label}  sent {}  accepted {}  received {}  outstanding {}",
+                    (now_ns(&cfg).saturating_sub(t0)) as f64 / 1e9,
+                    shared.chat_sent.load(Relaxed),
+                    shared.chat_accepted.load(Relaxed),
+                    shared.chat_received.load(Relaxed),
+                    shared.chat_outstanding.load(Relaxed),
+                );
+            }
+        };
+        let mut next_print = t0 + 1_000_000_000;
+        let mut sleep_progress = |until: u64| loop {
+            let now = now_ns(&cfg);
+            if now >= until || INTERRUPTED.load(Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_nanos(
+                (until - now).min(next_print.saturating_sub(now)).max(1),
+            ));
+            if now_ns(&cfg) >= next_print {
+                next_print += 1_000_000_000;
+                progress("run  ");
+            }
+        };
+        sleep_progress(win_start);
+        let has_pids = !c.gateway_pid.is_empty();
+        let gw0 = sys::pids_cpu_secs(&c.gateway_pid).ok().filter(|_| has_pids);
+        let me0 = sys::self_cpu_secs();
+        let t_a = now_ns(&cfg);
+        sleep_progress(win_end);
+        let gw1 = sys::pids_cpu_secs(&c.gateway_pid).ok().filter(|_| has_pids);
+        let me1 = sys::self_cpu_secs();
+        let t_b = now_ns(&cfg);
+        cpu = Some((gw0.zip(gw1).map(|(x, y)| y - x), me1 - me0, t_a, t_b));
+        // Grace: wait for outstanding accepteds and for every accepted msg
+        // to reach its recipient, at most `--grace`.
+        let grace_end = win_end + grace_ns;
+        loop {
+            let now = now_ns(&cfg);
+            let settled = shared.chat_outstanding.load(Relaxed) == 0
+                && shared.chat_received.load(Relaxed) >= shared.chat_accepted.load(Relaxed);
+            if settled || now >= grace_end || INTERRUPTED.load(Relaxed) {
+                grace_used = now.saturating_sub(win_end) as f64 / 1e9;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        progress("end  ");
+    }
+    shared.stop.store(true, Relaxed);
+    let st = join_threads(handles);
+    let elapsed = (now_ns(&cfg) - start_ns) as f64 / 1e9;
+    let interrupted = INTERRUPTED.load(Relaxed);
+
+    let window_secs = duration.as_secs_f64();
+    let (missing, unaccepted) = count_missing(&st.chat_sets);
+    let empty = Histogram::<u64>::new(3).unwrap();
+    let acc_lat = st.latency_ns.as_ref().unwrap_or(&empty);
+    let msg_lat = st.msg_latency_ns.as_ref().unwrap_or(&empty);
+    let acc = st.accepted_in_window;
+    let per_s = |n: u64| n as f64 / window_secs;
+    let error_frames: u64 = st.errors_by_code.values().sum();
+    let errors = st.failed
+        + st.lost
+        + st.not_started
+        + error_frames
+        + st.duplicates
+        + missing
+        + st.unexpected_accepted
+        + st.unparsed;
+    let (gw_cpu, gen_cpu, sample_skew_ms) = match cpu {
+        Some((g, m, a_, b_)) => (
+            g,
+            Some(m),
+            Some(
+                (a_.saturating_sub(win_start) as f64).max(b_.saturating_sub(win_end) as f64) / 1e6,
+            ),
+        ),
+        None => (None, None, None),
+    };
+    let per_msg = |cpu: Option<f64>| cpu.filter(|_| acc > 0).map(|s| s * 1e6 / acc as f64);
+    let ok = errors == 0 && acc > 0 && !interrupted;
+
+    println!(
+        "ringgate-bench send  target={} route=/ws auth={} users={}{}..{}{} pairs={} inflight={} rate={} threads={} sources={}",
+        cfg.host,
+        if c.secret.is_some() { "jwt" } else { "dev" },
+        c.user_prefix,
+        c.user_offset,
+        c.user_prefix,
+        c.user_offset + a.users as u64 - 1,
+        a.users / 2,
+        a.inflight,
+        if a.rate > 0.0 { format!("{}/s", a.rate) } else { "max".into() },
+        threads,
+        sources_text(&cfg)
+    );
+    println!(
+        "connections  requested {}  connected {}  failed {}  lost {}",
+        a.users, st.established, st.failed, st.lost
+    );
+    println!(
+        "window       warmup {:.1} s  measured {:.3} s  grace used {:.2} s",
+        warmup.as_secs_f64(),
+        window_secs,
+        grace_used
+    );
+    println!(
+        "throughput   accepted {:.0}/s  received {:.0}/s  delivered {:.0}/s  ({} accepted, {} received, {} delivered in window; {} sent in window)",
+        per_s(acc),
+        per_s(st.msgs_in_window),
+        per_s(st.delivered_in_window),
+        acc,
+        st.msgs_in_window,
+        st.delivered_in_window,
+        st.sent_in_window
+    );
+    println!(
+        "totals       sent {}  resent {}  accepted {}  received {}  delivered {}  acks_sent {}",
+        st.sent, st.resent, st.accepted_total, st.msgs_total, st.delivered_total, st.acks_sent
+    );
+    println!("accepted_us  {}  (send -> accepted)", lat_text(acc_lat));
+    println!(
+        "msg_us       {}  (send -> msg at the recipient)",
+        lat_text(msg_lat)
+    );
+    println!(
+        "errors       {errors}  (error frames [{}], duplicates {}, missing {}, unexpected_accepted {}, unparsed {}, connect failures [{}], lost [{}])",
+        map_text(&st.errors_by_code),
+        st.duplicates,
+        missing,
+        st.unexpected_accepted,
+        st.unparsed,
+        map_text(&st.failures),
+        map_text(&st.lost_reasons)
+    );
+    println!(
+        "other        unaccepted_at_end {}  abandoned {}  foreign_msgs {}  unexpected_delivered {}  messages [{}]  closes_received [{}]",
+        unaccepted,
+        st.abandoned,
+        st.foreign_msgs,
+        st.unexpected_delivered,
+        map_text(&st.messages_by_op),
+        map_text(&st.closes)
+    );
+    println!(
+        "cpu          generator {}  gateway {}",
+        gen_cpu.map_or("n/a".into(), |s| format!(
+            "{s:.2} s ({:.2} us/accepted)",
+            per_msg(Some(s)).unwrap_or(0.0)
+        )),
+        gw_cpu.map_or(
+            if c.gateway_pid.is_empty() {
+                "n/a (no --gateway-pid)".into()
+            } else {
+                "n/a".into()
+            },
+            |s| format!(
+                "{s:.2} s ({:.2} us/accepted)",
+                per_msg(Some(s)).unwrap_or(0.0)
+            )
+        )
+    );
+    println!(
+        "result       {}  ({elapsed:.1} s)",
+        if ok {
+            "OK".to_string()
+        } else if interrupted {
+            "INTERRUPTED".into()
+        } else {
+            format!("FAILED: {errors} errors, {acc} accepted in window")
+        }
+    );
+    if c.json {
+        let j = json!({
+            "mode": "send",
+            "target": cfg.host,
+            "route": "/ws",
+            "auth": if c.secret.is_some() { "jwt" } else { "dev" },
+            "users": a.users,
+            "user_prefix": c.user_prefix,
+            "user_offset": c.user_offset,
+            "connected": st.established,
+            "inflight": a.inflight,
+            "rate": a.rate,
+            "threads": threads,
+            "sources": cfg.sources.len(),
+            "warmup_secs": warmup.as_secs_f64(),
+            "duration_secs": window_secs,
+            "grace_secs": grace.as_secs_f64(),
+            "grace_used_secs": grace_used,
+            "accepted": acc,
+            "accepted_per_sec": per_s(acc),
+            "received": st.msgs_in_window,
+            "received_per_sec": per_s(st.msgs_in_window),
+            "delivered": st.delivered_in_window,
+            "delivered_per_sec": per_s(st.delivered_in_window),
+            "sent_in_window": st.sent_in_window,
+            "sent": st.sent,
+            "resent": st.resent,
+            "accepted_total": st.accepted_total,
+            "received_total": st.msgs_total,
+            "delivered_total": st.delivered_total,
+            "acks_sent": st.acks_sent,
+            "accepted_latency_us": lat_json(acc_lat),
+            "msg_latency_us": lat_json(msg_lat),
+            "errors": errors,
+            "error_frames": map_json(&st.errors_by_code),
+            "duplicates": st.duplicates,
+            "missing": missing,
+            "unaccepted_at_end": unaccepted,
+            "abandoned": st.abandoned,
+            "unexpected_accepted": st.unexpected_accepted,
+            "unexpected_delivered": st.unexpected_delivered,
+            "foreign_msgs": st.foreign_msgs,
+            "unparsed": st.unparsed,
+            "msgs_without_t": st.msgs_without_t,
+            "messages_by_op": map_json(&st.messages_by_op),
+            "failed": st.failed,
+            "lost": st.lost,
+            "failures": map_json(&st.failures),
+            "lost_reasons": map_json(&st.lost_reasons),
+            "closes_received": map_json(&st.closes),
+            "pings_answered": st.pongs_sent,
+            "generator_cpu_secs": gen_cpu,
+            "generator_cpu_us_per_msg": per_msg(gen_cpu),
+            "gateway_pids": c.gateway_pid,
+            "gateway_cpu_secs": gw_cpu,
+            "gateway_cpu_us_per_msg": per_msg(gw_cpu),
+            "cpu_sample_skew_ms": sample_skew_ms,
+            "elapsed_secs": elapsed,
+            "ok": ok,
+        });
+        println!("{j}");
+    }
+    Ok(if ok || (c.allow_failures && acc > 0 && !interrupted) {
+        0
+    } else if interrupted {
+        130
+    } else {
+        1
+    })
 }
