@@ -151,7 +151,7 @@ impl Connection {
 
     /// On the user's home shard: `welcome` (the shard then replays the inbox, sends `synced`
     /// and calls [`Self::resume_input`], so nothing is answered before `welcome`).
-    pub fn start_session(&mut self, now: u64, ctx: &Ctx) {
+    pub fn start_session(&mut self, ctx: &Ctx) {
         if !std::mem::take(&mut self.awaiting_session) {
             return;
         }
@@ -166,7 +166,6 @@ impl Connection {
         );
         self.push_frame(Kind::Text, &body, ctx);
         // The shard replays the inbox and sends `synced` next, then calls `resume_input`.
-        let _ = now;
     }
 
     /// After the session's first frames: handle what the client sent behind its request head.

@@ -140,7 +140,7 @@ fn feed(conn: &mut Connection, env: &Env, now: u64, bytes: &[u8]) {
     conn.on_bytes(now, &mut scratch, &env.ctx());
     if conn.awaiting_session() {
         // As the shard does with an empty inbox: welcome, then synced.
-        conn.start_session(now, &env.ctx());
+        conn.start_session(&env.ctx());
         conn.push_text(br#"{"op":"synced","count":0}"#, &env.ctx());
         conn.resume_input(now, &env.ctx());
     }

@@ -85,7 +85,6 @@ impl Shard {
 
     /// On the user's home shard: welcome, inbox replay, synced, then the client's early frames.
     pub(super) fn start_session(&mut self, index: usize, now: u64) {
-        let window = self.window_config();
         let ctx = make_ctx(
             &self.shared,
             &self.metrics,
@@ -94,8 +93,7 @@ impl Shard {
             self.id,
         );
         let entry = &mut self.conns[index];
-        entry.conn.start_session(now, &ctx);
-        let _ = window;
+        entry.conn.start_session(&ctx);
         if let Some(user) = entry.conn.user() {
             self.users.add(user, index);
             self.metrics.users.set(self.users.len() as u64);
@@ -565,7 +563,3 @@ impl Shard {
         }
     }
 }
-
-/// What a full mesh channel hands back must be the message given; anything else is a bug.
-#[allow(dead_code)]
-fn _assert_send(_: &FrameError) {}
