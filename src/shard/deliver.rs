@@ -16,7 +16,7 @@ use std::rc::Rc;
 use compact_str::CompactString;
 
 use super::{make_ctx, Shard};
-use crate::conn::AppEvent;
+use crate::conn::{AppEvent, Connection, Ctx};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
 use crate::delivery::{AckError, Dedup, DedupConfig, Seen, Window, WindowConfig, WindowState};
 use crate::mesh::{self, MeshMsg};
@@ -65,6 +65,13 @@ impl Session {
     pub fn next_deadline(&self) -> Option<u64> {
         self.window.next_deadline()
     }
+}
+
+/// Write one `msg` frame (first send, replay or retransmit: same bytes, same seq).
+fn push_msg(conn: &mut Connection, frame: &mut Vec<u8>, seq: u64, msg: &StoredMessage, ctx: &Ctx) {
+    frame.clear();
+    proto::write_msg(frame, seq, msg.id, &msg.from, &msg.cid, msg.ts, &msg.body);
+    conn.push_text(frame, ctx);
 }
 
 fn wall_clock_ms() -> u64 {
@@ -490,11 +497,7 @@ impl Shard {
                         session.replayed += 1;
                         self.metrics.replayed.inc();
                     }
-                    frame.clear();
-                    proto::write_msg(
-                        &mut frame, seq, msg.id, &msg.from, &msg.cid, msg.ts, &msg.body,
-                    );
-                    entry.conn.push_text(&frame, &ctx);
+                    push_msg(&mut entry.conn, &mut frame, seq, &msg, &ctx);
                 }
             }
             if caught_up {
@@ -535,11 +538,7 @@ impl Shard {
         let conn = &mut entry.conn;
         let state = session.window.poll(now, |seq, (_, msg)| {
             ctx.metrics.retransmits.inc();
-            frame.clear();
-            proto::write_msg(
-                &mut frame, seq, msg.id, &msg.from, &msg.cid, msg.ts, &msg.body,
-            );
-            conn.push_text(&frame, &ctx);
+            push_msg(conn, &mut frame, seq, msg, &ctx);
         });
         if state == WindowState::Expired {
             // Its messages stay in the inbox: the next connection of the user replays them.
