@@ -96,6 +96,11 @@ pub struct Connection {
     bad_frames: u32,
     /// Upgraded on `/ws`; the user's home shard has not started the session yet.
     awaiting_session: bool,
+    /// Framing broke (e.g. a frame over max_frame): nothing after it can be parsed, so input is
+    /// read and thrown away until the peer closes or the linger ends. Reading on (instead of
+    /// closing with unread bytes) keeps the kernel from resetting the connection before the
+    /// client has read our close frame.
+    discard_input: bool,
     /// Per-shard serial, for the `conn` id in `welcome`.
     serial: u64,
 }
@@ -113,6 +118,7 @@ impl Connection {
             last_ping_ms: 0,
             bad_frames: 0,
             awaiting_session: false,
+            discard_input: false,
             serial,
         }
     }
@@ -397,6 +403,9 @@ impl Connection {
     }
 
     fn on_frame_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
+        if self.discard_input {
+            return;
+        }
         let mut partial = self.partial.take();
         let leftover_from_data;
         match partial.as_mut().filter(|p| !p.buf.is_empty()) {
@@ -448,7 +457,9 @@ impl Connection {
                 }
                 Err(v) => {
                     self.violation(now, v, partial, ctx);
-                    // The rest of the stream cannot be trusted: drop it.
+                    // The rest of the stream cannot be trusted: drop it, now and later.
+                    self.discard_input = true;
+                    *partial = None;
                     return buf.len();
                 }
             }

@@ -1621,3 +1621,38 @@ fn randomized_app_stream_cut_anywhere() {
         run_random(seed, true);
     }
 }
+
+/// After a framing error the stream cannot be parsed: later bytes (here the rest of an
+/// oversized payload, then garbage) are read and dropped, the connection stays in Closing (so
+/// the socket is not closed with unread input, which would reset it before the client reads
+/// the 1009), and only the linger or the peer's EOF ends it.
+#[test]
+fn input_after_a_framing_error_is_discarded_until_the_linger_ends() {
+    let env = Env::new();
+    let mut conn = open(&env, T0, "/ws?user=a");
+    // Only the header of a frame far over max_frame arrives first.
+    let big = cf(true, OP_TEXT, &vec![b'x'; MAX_FRAME * 4]);
+    feed(&mut conn, &env, T0 + 1, &big[..14]);
+    let out = frames(&mut conn);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].close_code(), 1009);
+    assert!(matches!(conn.phase(), Phase::Closing { .. }));
+    // The payload keeps coming, then bytes that would parse as frames: all ignored.
+    feed(&mut conn, &env, T0 + 2, &big[14..]);
+    feed(
+        &mut conn,
+        &env,
+        T0 + 3,
+        &cf(true, OP_CLOSE, &1000u16.to_be_bytes()),
+    );
+    assert!(conn.out.is_empty(), "nothing more is said");
+    assert!(
+        matches!(conn.phase(), Phase::Closing { .. }),
+        "{:?}",
+        conn.phase()
+    );
+    assert_eq!(conn.buffered_in(), 0, "nothing is kept");
+    // The linger ends it.
+    conn.on_timer(conn.deadline(&env.cfg), &env.ctx());
+    assert!(conn.finished());
+}
