@@ -287,7 +287,7 @@ impl Shard {
             received: msg.received,
         });
         if stored {
-            for device in self.users.devices(&to) {
+            for device in self.devices_of(&to) {
                 self.pump(device, now);
                 if Some(device) != current {
                     self.kick(device);
@@ -368,7 +368,7 @@ impl Shard {
         let targets = if origin_alive {
             vec![origin]
         } else {
-            self.users.devices(&r.from)
+            self.devices_of(&r.from)
         };
         for t in targets {
             self.write_text(t, &out);

@@ -467,7 +467,22 @@ impl Shard {
 
     /// Which of `users` (all homed here) have a connection.
     pub fn presence(&self, users: &[compact_str::CompactString]) -> Vec<bool> {
-        users.iter().map(|u| self.users.online(u)).collect()
+        users
+            .iter()
+            .map(|u| !self.devices_of(u).is_empty())
+            .collect()
+    }
+
+    /// This shard's connections of `user`: registry candidates checked against the user each
+    /// connection authenticated as, so ids sharing a hash never see each other's frames.
+    pub(crate) fn devices_of(&self, user: &str) -> Vec<usize> {
+        let mut devices = self.users.candidates(user);
+        devices.retain(|i| {
+            self.conns
+                .get(*i)
+                .is_some_and(|e| e.conn.user() == Some(user))
+        });
+        devices
     }
 
     /// The mesh doorbell was read: clear it, then take a bounded batch.
