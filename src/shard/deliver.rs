@@ -92,13 +92,7 @@ impl Shard {
 
     /// On the user's home shard: welcome, inbox replay, synced, then the client's early frames.
     pub(super) fn start_session(&mut self, index: usize, now: u64) {
-        let ctx = make_ctx(
-            &self.shared,
-            &self.metrics,
-            &self.events,
-            self.drain_started.is_some(),
-            self.id,
-        );
+        let ctx = shard_ctx!(self);
         let entry = &mut self.conns[index];
         entry.conn.start_session(&ctx);
         if let Some(user) = entry.conn.user() {
@@ -106,13 +100,7 @@ impl Shard {
             self.metrics.users.set(self.users.len() as u64);
             self.pump(index, now);
         }
-        let ctx = make_ctx(
-            &self.shared,
-            &self.metrics,
-            &self.events,
-            self.drain_started.is_some(),
-            self.id,
-        );
+        let ctx = shard_ctx!(self);
         self.conns[index].conn.resume_input(now, &ctx);
     }
 
@@ -424,13 +412,7 @@ impl Shard {
                 ),
                 cid: None,
             };
-            let ctx = make_ctx(
-                &self.shared,
-                &self.metrics,
-                &self.events,
-                self.drain_started.is_some(),
-                self.id,
-            );
+            let ctx = shard_ctx!(self);
             self.conns[index].conn.reply_error(now, err, &ctx);
             return;
         }
@@ -463,13 +445,7 @@ impl Shard {
         let Some(user) = entry.conn.user().map(CompactString::from) else {
             return;
         };
-        let ctx = make_ctx(
-            &self.shared,
-            &self.metrics,
-            &self.events,
-            self.drain_started.is_some(),
-            self.id,
-        );
+        let ctx = shard_ctx!(self);
         let mut frame = Vec::with_capacity(256);
         let mut caught_up = false;
         loop {
@@ -527,13 +503,7 @@ impl Shard {
         if session.next_deadline().is_none_or(|d| d > now) {
             return;
         }
-        let ctx = make_ctx(
-            &self.shared,
-            &self.metrics,
-            &self.events,
-            self.drain_started.is_some(),
-            self.id,
-        );
+        let ctx = shard_ctx!(self);
         let mut frame = Vec::with_capacity(256);
         let conn = &mut entry.conn;
         let state = session.window.poll(now, |seq, (_, msg)| {
@@ -550,13 +520,7 @@ impl Shard {
 
     /// Append a text frame to a connection's output.
     fn write_text(&mut self, index: usize, body: &[u8]) {
-        let ctx = make_ctx(
-            &self.shared,
-            &self.metrics,
-            &self.events,
-            self.drain_started.is_some(),
-            self.id,
-        );
+        let ctx = shard_ctx!(self);
         if let Some(entry) = self.conns.get_mut(index) {
             entry.conn.push_text(body, &ctx);
         }

@@ -5,6 +5,20 @@
 //! The glommio glue is in [`io`]: one accept task, one small task per socket that calls
 //! [`Shard::poll_conn`], and one tick task that calls [`Shard::on_tick`].
 
+/// The connection context of a shard, borrowing only the fields it needs (a method would borrow
+/// the whole shard and block `&mut self.conns` next to it).
+macro_rules! shard_ctx {
+    ($shard:expr) => {
+        make_ctx(
+            &$shard.shared,
+            &$shard.metrics,
+            &$shard.events,
+            $shard.drain_started.is_some(),
+            $shard.id,
+        )
+    };
+}
+
 pub mod deliver;
 pub mod io;
 pub mod park;
@@ -421,13 +435,7 @@ impl Shard {
                     unreachable!("a refused send returns the message it was given");
                 };
                 self.metrics.mesh_full.inc();
-                let ctx = make_ctx(
-                    &self.shared,
-                    &self.metrics,
-                    &self.events,
-                    self.drain_started.is_some(),
-                    self.id,
-                );
+                let ctx = shard_ctx!(self);
                 let entry = &mut self.conns[index];
                 entry.conn = *conn;
                 entry.conn.reject_session(now, &ctx);
@@ -678,13 +686,7 @@ impl Shard {
                 self.metrics.users.set(self.users.len() as u64);
             }
         }
-        let ctx = make_ctx(
-            &self.shared,
-            &self.metrics,
-            &self.events,
-            self.drain_started.is_some(),
-            self.id,
-        );
+        let ctx = shard_ctx!(self);
         entry.conn.on_closed(&ctx);
     }
 
@@ -699,13 +701,7 @@ impl Shard {
             .advance(now / self.shared.cfg.tick_ms, |_, r| fired.push(r));
         for r in fired.drain(..) {
             let index = r.index as usize;
-            let ctx = make_ctx(
-                &self.shared,
-                &self.metrics,
-                &self.events,
-                self.drain_started.is_some(),
-                self.id,
-            );
+            let ctx = shard_ctx!(self);
             let Some(entry) = self.conns.get_mut(index).filter(|e| e.serial == r.serial) else {
                 continue;
             };
