@@ -786,3 +786,6 @@ fn make_ctx<'a>(
         events,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,170 @@
+//! Shard-level behaviour without sockets: a mock stream stands in for the socket and a real
+//! mesh connects two shards, so the full-channel paths can be forced.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+
+use super::{ConnPoll, Shard, Shared};
+use crate::clock::ManualClock;
+use crate::config::ConfigLayer;
+use crate::mesh::{self, MeshMsg, CHANNEL_CAPACITY};
+use crate::metrics::ShardMetrics;
+use crate::ws::frame::tests::client_frame;
+
+/// Bytes the client "sent" (read by the shard) and bytes the shard wrote.
+#[derive(Default)]
+struct MockStream {
+    input: VecDeque<u8>,
+    output: Vec<u8>,
+}
+
+impl AsyncRead for MockStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.input.is_empty() {
+            return Poll::Pending;
+        }
+        let n = buf.len().min(self.input.len());
+        for (i, b) in self.input.drain(..n).enumerate() {
+            buf[i] = b;
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl AsyncWrite for MockStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.output.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Shard 0 of a two-shard mesh, with shard 1's channel filled to capacity.
+fn shard_with_full_neighbour() -> Shard {
+    let cfg = ConfigLayer::default().resolve().unwrap();
+    let (mut ends, _client) = mesh::build(2).unwrap();
+    let (mesh1, _bell1) = ends.pop().unwrap();
+    let (mesh0, _bell0) = ends.pop().unwrap();
+    for _ in 0..CHANNEL_CAPACITY {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        assert!(mesh0
+            .send(
+                1,
+                MeshMsg::Presence {
+                    users: vec![],
+                    reply
+                }
+            )
+            .is_ok());
+    }
+    std::mem::forget(mesh1); // keep shard 1's receiver alive (and full) for the test's life
+    let mut shard = Shard::new(
+        0,
+        Shared::new(cfg),
+        Arc::new(ShardMetrics::default()),
+        Box::new(ManualClock::new(1_000)),
+    );
+    shard.enable_mesh(mesh0);
+    shard
+}
+
+fn user_homed_on(shard: usize) -> String {
+    (0..)
+        .map(|i| format!("u{i}"))
+        .find(|u| mesh::home_shard(u, 2) == shard)
+        .unwrap()
+}
+
+fn upgrade(user: &str) -> Vec<u8> {
+    format!("GET /ws?user={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").into_bytes()
+}
+
+fn poll(shard: &mut Shard, index: usize, stream: &mut MockStream) -> ConnPoll {
+    let mut cx = Context::from_waker(Waker::noop());
+    shard.poll_conn(index, stream, &mut cx)
+}
+
+#[test]
+fn a_full_home_channel_turns_the_handoff_into_close_1013() {
+    let mut shard = shard_with_full_neighbour();
+    let index = shard.admit().unwrap();
+    let mut stream = MockStream::default();
+    stream.input.extend(upgrade(&user_homed_on(1)));
+    let ConnPoll::Handoff { to } = poll(&mut shard, index, &mut stream) else {
+        panic!("a user homed on shard 1 is handed over");
+    };
+    assert_eq!(to, 1);
+    let socket: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+    assert!(
+        !shard.handoff(index, to, socket),
+        "the full channel hands it back"
+    );
+    assert_eq!(shard.metrics.mesh_full.get(), 1);
+    // The connection stays here and is told to come back later: 101, then close 1013.
+    poll(&mut shard, index, &mut stream);
+    let text = String::from_utf8_lossy(&stream.output).to_string();
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    // A close frame: 0x88, a one-byte length, then the code.
+    let has_1013 = stream
+        .output
+        .windows(4)
+        .any(|w| w[0] == 0x88 && w[2..4] == 1013u16.to_be_bytes());
+    assert!(has_1013, "close 1013 expected: {:?}", stream.output);
+}
+
+#[test]
+fn a_send_that_meets_a_full_channel_is_answered_unavailable_and_not_kept() {
+    let mut shard = shard_with_full_neighbour();
+    let index = shard.admit().unwrap();
+    let mut stream = MockStream::default();
+    stream.input.extend(upgrade(&user_homed_on(0)));
+    assert!(matches!(
+        poll(&mut shard, index, &mut stream),
+        ConnPoll::Pending { .. }
+    ));
+    stream.output.clear();
+    let to = user_homed_on(1);
+    let send = format!(r#"{{"op":"send","to":"{to}","cid":"c-9","body":1}}"#);
+    stream
+        .input
+        .extend(client_frame(true, 1, send.as_bytes(), [1, 2, 3, 4]));
+    poll(&mut shard, index, &mut stream);
+    // One unmasked text frame: the error.
+    let payload = &stream.output[2..];
+    let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    assert_eq!(v["op"], "error");
+    assert_eq!(v["code"], "unavailable");
+    assert_eq!(v["cid"], "c-9");
+    assert_eq!(shard.metrics.mesh_full.get(), 1);
+    // Not kept as pending: the same cid sent again is a new attempt (refused again here).
+    stream.output.clear();
+    stream
+        .input
+        .extend(client_frame(true, 1, send.as_bytes(), [5, 6, 7, 8]));
+    poll(&mut shard, index, &mut stream);
+    let v: serde_json::Value = serde_json::from_slice(&stream.output[2..]).unwrap();
+    assert_eq!(v["code"], "unavailable");
+    assert_eq!(
+        shard.metrics.dedup_hits.get(),
+        0,
+        "a refused cid is forgotten, not deduplicated"
+    );
+}
