@@ -50,6 +50,17 @@ pub enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Live per-shard table from the admin /metrics endpoint
+    Stats {
+        /// Milliseconds between refreshes (rates are over this interval)
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Tables to print, then exit (0 = until interrupted)
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Show the effective configuration (secrets redacted)
     Config {
         /// Print the effective config as TOML (the default action)
@@ -82,6 +93,17 @@ pub fn run(cli: Cli) -> i32 {
             ttl,
             common,
         }) => token(common, &user, rooms, &ttl),
+        Some(Cmd::Stats {
+            interval_ms,
+            count,
+            common,
+        }) => common.resolve().map_err(|e| e.to_string()).and_then(|cfg| {
+            crate::stats::run(
+                cfg.admin_listen,
+                std::time::Duration::from_millis(interval_ms.max(10)),
+                count,
+            )
+        }),
         Some(Cmd::Config { print: _, common }) => common
             .resolve()
             .map(|cfg| print!("{}", cfg.to_toml_redacted()))

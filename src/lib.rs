@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod shard;
+pub mod stats;
 pub mod store;
 pub mod wheel;
 pub mod ws;

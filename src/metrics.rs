@@ -44,7 +44,11 @@ impl Gauge {
     }
     #[inline]
     pub fn dec(&self) {
-        self.set(self.get().saturating_sub(1))
+        self.sub(1)
+    }
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.set(self.get().saturating_sub(n))
     }
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
@@ -69,6 +73,7 @@ pub const ABUSE_CLOSES: &str = "ringgate_abuse_closes_total";
 pub const WHEEL_ENTRIES: &str = "ringgate_wheel_entries";
 pub const CONNECTIONS_PARKED: &str = "ringgate_connections_parked";
 pub const USERS: &str = "ringgate_users_online";
+pub const ACKS_PENDING: &str = "ringgate_acks_pending";
 pub const INBOX_EXPIRED: &str = "ringgate_inbox_expired_total";
 pub const SENDS: &str = "ringgate_sends_total";
 pub const DEDUP_HITS: &str = "ringgate_dedup_hits_total";
@@ -140,6 +145,7 @@ pub struct ShardMetrics {
     pub wheel_entries: Gauge,
     pub connections_parked: Gauge,
     pub users: Gauge,
+    pub acks_pending: Gauge,
     pub inbox_expired: Counter,
     pub sends: Counter,
     pub dedup_hits: Counter,
@@ -317,6 +323,12 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Offline inbox entries dropped for age (inbox_max_age_ms).",
         Kind::Counter,
         |m| m.inbox_expired.get(),
+    ),
+    (
+        ACKS_PENDING,
+        "`msg` frames sent and not yet acknowledged (all connections of the shard).",
+        Kind::Gauge,
+        |m| m.acks_pending.get(),
     ),
     (
         USERS,

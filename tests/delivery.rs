@@ -82,6 +82,11 @@ fn online_pair(shard_a: usize, shard_b: usize) {
     let id = accepted["id"].clone();
     let msg = next_op(&mut b, "msg");
     assert_eq!(msg["seq"], 1);
+    assert_eq!(
+        gw.metric_sum("ringgate_acks_pending"),
+        1,
+        "sent, not yet acked"
+    );
     assert_eq!(msg["id"], id);
     assert_eq!(msg["from"], alice.as_str());
     assert_eq!(msg["cid"], "c-1");
@@ -93,6 +98,7 @@ fn online_pair(shard_a: usize, shard_b: usize) {
         delivered,
         json!({"op":"delivered","cid":"c-1","id":id,"to":bob})
     );
+    assert_eq!(gw.metric_sum("ringgate_acks_pending"), 0);
 }
 
 #[test]

@@ -577,3 +577,46 @@ fn backpressure_resumes_reading_without_waiting_for_a_timer() {
     }
     sender.join().unwrap();
 }
+
+#[test]
+fn stats_prints_a_live_per_shard_table() {
+    let gw = Gateway::start(&[]);
+    let _conns: Vec<_> = (0..5)
+        .map(|i| connect_app(&gw, &format!("st{i}")).0)
+        .collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args([
+            "stats",
+            "--admin-listen",
+            &gw.admin.to_string(),
+            "--count",
+            "1",
+            "--interval-ms",
+            "200",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines[0].contains("conns")
+            && lines[0].contains("acks_pending")
+            && lines[0].contains("redis_ms"),
+        "{text}"
+    );
+    assert_eq!(lines.len(), 4, "header, shard 0, shard 1, all: {text}");
+    let all: Vec<&str> = lines[3].split_whitespace().collect();
+    assert_eq!((all[0], all[1]), ("all", "5"), "{text}");
+    // Nothing listening: a clear error, not a hang.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args(["stats", "--admin-listen", "127.0.0.1:1", "--count", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin listener"));
+}

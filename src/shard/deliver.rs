@@ -65,6 +65,11 @@ impl Session {
     pub fn next_deadline(&self) -> Option<u64> {
         self.window.next_deadline()
     }
+
+    /// `msg` frames sent and not yet acked.
+    pub fn in_flight(&self) -> usize {
+        self.window.len()
+    }
 }
 
 /// Write one `msg` frame (first send, replay or retransmit: same bytes, same seq).
@@ -416,6 +421,7 @@ impl Shard {
             self.conns[index].conn.reply_error(now, err, &ctx);
             return;
         }
+        self.metrics.acks_pending.sub(acked.len() as u64);
         for (inbox_seq, msg) in acked {
             let before = self.inbox.len(&user);
             self.inbox.remove(&user, inbox_seq);
@@ -465,6 +471,7 @@ impl Shard {
                     .get_or_insert_with(|| Box::new(Session::resume(window_cfg, last_seq)));
                 for (inbox_seq, msg) in batch {
                     let msg = Rc::new(msg);
+                    self.metrics.acks_pending.inc();
                     let Ok(seq) = session.window.push((inbox_seq, msg.clone()), now) else {
                         unreachable!("room was checked");
                     };
@@ -513,7 +520,8 @@ impl Shard {
         if state == WindowState::Expired {
             // Its messages stay in the inbox: the next connection of the user replays them.
             self.metrics.ack_timeouts.inc();
-            session.window.drain();
+            let dropped = session.window.drain().len() as u64;
+            self.metrics.acks_pending.sub(dropped);
             conn.close_unresponsive(now, &ctx);
         }
     }

@@ -677,6 +677,9 @@ impl Shard {
     fn remove(&mut self, index: usize) {
         self.released_since_collect += 1;
         let mut entry = self.conns.remove(index);
+        if let Some(session) = &entry.session {
+            self.metrics.acks_pending.sub(session.in_flight() as u64);
+        }
         if let Some(key) = entry.timer.take() {
             self.wheel.cancel(key);
         }

@@ -1,0 +1,143 @@
+//! `ringgate stats`: a live per-shard table read from the admin `/metrics` endpoint (SPEC 6).
+//! Two scrapes `interval` apart give the rates; nothing here touches a running shard.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// (series name, shard) -> value, from Prometheus text.
+pub type Sample = BTreeMap<(String, usize), f64>;
+
+/// Scrape `/metrics` once.
+pub fn scrape(admin: SocketAddr) -> Result<Sample, String> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2))
+        .map_err(|e| format!("cannot reach the admin listener at {admin}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: ringgate\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+    let text = body.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Ok(parse(text))
+}
+
+/// Parse the unlabelled-by-anything-but-shard series of the exposition text.
+pub fn parse(text: &str) -> Sample {
+    let mut out = Sample::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((name, labels)) = series.split_once('{') else {
+            continue;
+        };
+        let Some(shard) = labels
+            .strip_prefix("shard=\"")
+            .and_then(|r| r.strip_suffix("\"}"))
+            .and_then(|s| s.parse().ok())
+        else {
+            continue; // series with more labels (refusals by reason, histogram buckets)
+        };
+        if let Ok(v) = value.parse() {
+            out.insert((name.to_string(), shard), v);
+        }
+    }
+    out
+}
+
+const COLUMNS: &[(&str, &str, bool)] = &[
+    // (header, series, is a rate)
+    ("conns", "ringgate_connections_open", false),
+    ("parked", "ringgate_connections_parked", false),
+    ("frames_in/s", "ringgate_frames_in_total", true),
+    ("frames_out/s", "ringgate_frames_out_total", true),
+    ("sends/s", "ringgate_sends_total", true),
+    ("acks_pending", "ringgate_acks_pending", false),
+    ("retransmits", "ringgate_retransmits_total", false),
+    ("spilled", "ringgate_stored_total", false),
+    ("replayed", "ringgate_replayed_total", false),
+    ("cross_shard", "ringgate_cross_shard_total", false),
+];
+
+/// The table for two samples `secs` apart.
+pub fn table(before: &Sample, after: &Sample, secs: f64) -> String {
+    let shards: Vec<usize> = after
+        .keys()
+        .filter(|(n, _)| n == "ringgate_connections_open")
+        .map(|(_, s)| *s)
+        .collect();
+    let mut out = format!("{:>5}", "shard");
+    for (h, _, _) in COLUMNS {
+        out.push_str(&format!(" {h:>12}"));
+    }
+    out.push_str(&format!(" {:>10}\n", "redis_ms"));
+    let mut totals = vec![0.0; COLUMNS.len()];
+    for shard in &shards {
+        out.push_str(&format!("{shard:>5}"));
+        for (i, (_, series, rate)) in COLUMNS.iter().enumerate() {
+            let now = after
+                .get(&(series.to_string(), *shard))
+                .copied()
+                .unwrap_or(0.0);
+            let v = if *rate {
+                let then = before
+                    .get(&(series.to_string(), *shard))
+                    .copied()
+                    .unwrap_or(now);
+                (now - then).max(0.0) / secs.max(1e-3)
+            } else {
+                now
+            };
+            totals[i] += v;
+            out.push_str(&format!(" {v:>12.0}"));
+        }
+        // No Redis in this build (embedded store).
+        out.push_str(&format!(" {:>10}\n", "-"));
+    }
+    out.push_str(&format!("{:>5}", "all"));
+    for v in totals {
+        out.push_str(&format!(" {v:>12.0}"));
+    }
+    out.push_str(&format!(" {:>10}\n", "-"));
+    out
+}
+
+/// Print `count` tables (0 = until interrupted), `interval` apart.
+pub fn run(admin: SocketAddr, interval: Duration, count: u64) -> Result<(), String> {
+    let mut before = scrape(admin)?;
+    let mut printed = 0;
+    loop {
+        std::thread::sleep(interval);
+        let after = scrape(admin)?;
+        print!("{}", table(&before, &after, interval.as_secs_f64()));
+        println!();
+        before = after;
+        printed += 1;
+        if count != 0 && printed >= count {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_and_totals_per_shard() {
+        let before = parse("ringgate_connections_open{shard=\"0\"} 2\nringgate_frames_in_total{shard=\"0\"} 100\nringgate_connections_open{shard=\"1\"} 1\nringgate_frames_in_total{shard=\"1\"} 0\n");
+        let after = parse("# HELP x\nringgate_connections_open{shard=\"0\"} 3\nringgate_frames_in_total{shard=\"0\"} 300\nringgate_connections_open{shard=\"1\"} 1\nringgate_frames_in_total{shard=\"1\"} 50\nringgate_connections_refused_total{shard=\"0\",reason=\"x\",status=\"401\"} 9\n");
+        let t = table(&before, &after, 2.0);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0].contains("conns")
+                && lines[0].contains("frames_in/s")
+                && lines[0].contains("acks_pending")
+        );
+        let cols = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(cols(lines[1])[..4], ["0", "3", "0", "100"]); // shard, conns, parked, in/s
+        assert_eq!(cols(lines[2])[..4], ["1", "1", "0", "25"]);
+        assert_eq!(cols(lines[3])[..4], ["all", "4", "0", "125"]);
+    }
+}
