@@ -245,17 +245,13 @@ impl Shard {
         self.drain_started.is_some()
     }
 
-    /// A socket was accepted: returns its slab index, or None to close it at once.
-    pub fn admit(&mut self) -> Option<usize> {
-        if self.metrics.handshakes_pending.get() >= MAX_PENDING_HANDSHAKES {
-            self.metrics.refused[Refusal::Overloaded.index()].inc();
-            return None;
-        }
-        let now = self.clock.now_ms();
+    /// Give `conn` this shard's next serial and a slab slot.
+    fn insert_conn(&mut self, mut conn: Connection) -> usize {
         self.next_serial += 1;
         let serial = self.next_serial;
-        let index = self.conns.insert(Entry {
-            conn: Connection::new(now, serial),
+        conn.set_serial(serial);
+        self.conns.insert(Entry {
+            conn,
             serial: serial as u32,
             timer: None,
             waker: None,
@@ -264,7 +260,17 @@ impl Shard {
             session: None,
             last_seq: 0,
             synced: false,
-        });
+        })
+    }
+
+    /// A socket was accepted: returns its slab index, or None to close it at once.
+    pub fn admit(&mut self) -> Option<usize> {
+        if self.metrics.handshakes_pending.get() >= MAX_PENDING_HANDSHAKES {
+            self.metrics.refused[Refusal::Overloaded.index()].inc();
+            return None;
+        }
+        let conn = Connection::new(self.clock.now_ms(), 0);
+        let index = self.insert_conn(conn);
         self.metrics.handshakes_pending.inc();
         self.sync_timer(index);
         Some(index)
@@ -445,22 +451,9 @@ impl Shard {
     }
 
     /// A connection handed over by another shard (this is its user's home): start its session.
-    pub fn adopt(&mut self, mut conn: Connection) -> usize {
+    pub fn adopt(&mut self, conn: Connection) -> usize {
         let now = self.clock.now_ms();
-        self.next_serial += 1;
-        let serial = self.next_serial;
-        conn.set_serial(serial);
-        let index = self.conns.insert(Entry {
-            conn,
-            serial: serial as u32,
-            timer: None,
-            waker: None,
-            parked: None,
-            park_requested: false,
-            session: None,
-            last_seq: 0,
-            synced: false,
-        });
+        let index = self.insert_conn(conn);
         self.metrics.connections_open.inc();
         self.metrics.handoffs_in.inc();
         self.start_session(index, now);
