@@ -25,5 +25,7 @@ pub mod server;
 pub mod shard;
 pub mod stats;
 pub mod store;
+#[cfg(test)]
+mod test_rng;
 pub mod wheel;
 pub mod ws;

@@ -409,20 +409,7 @@ mod tests {
         );
     }
 
-    /// xorshift64*: tiny deterministic PRNG so the test has no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// Reference model: what the SPEC allows, written without the queue. Every cid ever begun
     /// and not forgotten or evicted, with its id, begin time, state and acceptance rank.

@@ -655,20 +655,7 @@ mod tests {
         assert_eq!(w.unacked.capacity(), 0, "emptied by ack but memory kept");
     }
 
-    /// xorshift64*: tiny deterministic PRNG so the test has no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// Differential test against a naive model: a Vec of (seq, msg, deadline, retries),
     /// scanned linearly for everything.

@@ -517,20 +517,7 @@ mod tests {
         assert_eq!(store.len("bob"), 0);
     }
 
-    /// xorshift64*: tiny deterministic PRNG so the test has no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// Reference model: a VecDeque of (seq, msg, appended_at) per user, scanned linearly.
     type Model = HashMap<String, VecDeque<(InboxSeq, StoredMessage, u64)>>;
