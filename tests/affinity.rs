@@ -15,18 +15,7 @@ fn shard_of(welcome: &serde_json::Value) -> String {
 
 #[test]
 fn every_device_of_a_user_lands_on_its_home_shard() {
-    let gw = Gateway::start_raw(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--shards",
-            "4",
-        ],
-        &[],
-    );
+    let gw = Gateway::start_shards(4, &[]);
     let mut devices = Vec::new();
     let mut shards = std::collections::BTreeSet::new();
     for d in 0..16 {
@@ -62,18 +51,7 @@ fn every_device_of_a_user_lands_on_its_home_shard() {
 
 #[test]
 fn frames_sent_with_the_request_are_answered_after_welcome_even_across_shards() {
-    let gw = Gateway::start_raw(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--shards",
-            "4",
-        ],
-        &[],
-    );
+    let gw = Gateway::start_shards(4, &[]);
     for i in 0..24 {
         // Request head and a masked {"op":"ping"} text frame in one write.
         let mut s = std::net::TcpStream::connect(gw.public).unwrap();

@@ -35,20 +35,7 @@ fn api_needs_a_configured_key_and_the_right_one() {
 
 #[test]
 fn presence_follows_connections_across_shards_and_devices() {
-    let gw = Gateway::start_raw(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--shards",
-            "4",
-            "--api-key",
-            KEY,
-        ],
-        &[],
-    );
+    let gw = Gateway::start_shards(4, &["--api-key", KEY]);
     let mut alice_phone = connect_app(&gw, "alice").0;
     let alice_laptop = connect_app(&gw, "alice").0;
     let _bob = connect_app(&gw, "bob").0;

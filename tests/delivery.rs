@@ -13,17 +13,7 @@ use serde_json::{json, Value};
 const SHARDS: usize = 2;
 
 fn gateway(extra: &[&str]) -> Gateway {
-    let mut args = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--shards",
-        "2",
-    ];
-    args.extend_from_slice(extra);
-    Gateway::start_raw(&args, &[])
+    Gateway::start_shards(SHARDS, extra)
 }
 
 /// A user name starting with `prefix` whose home shard is `shard`.
@@ -245,22 +235,16 @@ fn a_recipient_that_never_acks_gets_three_retransmits_then_is_closed_and_keeps_i
     assert_eq!(b.recv_json()["op"], "synced");
     send(&mut a, &bob, "lost", json!("again"));
     next_op(&mut a, "accepted");
+    let (before, close) = b.until_close();
     let mut copies = 0;
-    let close = loop {
-        let f = b.recv().expect("frames until close");
-        match f.opcode {
-            1 => {
-                let v: Value = serde_json::from_slice(&f.payload).unwrap();
-                assert_eq!(
-                    (v["op"].as_str(), v["seq"].as_u64()),
-                    (Some("msg"), Some(1))
-                );
-                copies += 1;
-            }
-            8 => break f,
-            _ => {}
-        }
-    };
+    for f in before.iter().filter(|f| f.opcode == 1) {
+        let v: Value = serde_json::from_slice(&f.payload).unwrap();
+        assert_eq!(
+            (v["op"].as_str(), v["seq"].as_u64()),
+            (Some("msg"), Some(1))
+        );
+        copies += 1;
+    }
     assert_eq!(copies, 4, "the first send and 3 retransmits, same seq");
     assert_eq!(close.close_code(), Some(1011));
     assert!(eventually(Duration::from_secs(5), || gw

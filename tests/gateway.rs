@@ -12,8 +12,8 @@ use common::*;
 use tungstenite::Message;
 
 fn token(user: &str, ttl: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
-        .args([
+    let out = run_ringgate(
+        &[
             "token",
             "--user",
             user,
@@ -21,9 +21,9 @@ fn token(user: &str, ttl: &str) -> String {
             ttl,
             "--jwt-secret",
             SECRET,
-        ])
-        .output()
-        .unwrap();
+        ],
+        &[],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -75,16 +75,16 @@ fn refusals_are_plain_http_before_the_upgrade() {
         upgrade_status(gw.public, "/ws?token=garbage", &[ok_origin]).0,
         401
     );
-    let other = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
-        .args([
+    let other = run_ringgate(
+        &[
             "token",
             "--user",
             "bob",
             "--jwt-secret",
             "a-completely-different-secret",
-        ])
-        .output()
-        .unwrap();
+        ],
+        &[],
+    );
     let other = String::from_utf8(other.stdout).unwrap();
     assert_eq!(
         upgrade_status(
@@ -162,16 +162,16 @@ fn dev_mode_only_on_loopback() {
     let secured = Gateway::start(&["--jwt-secret", SECRET]);
     assert_eq!(upgrade_status(secured.public, "/ws?user=carol", &[]).0, 401);
     // Non-loopback without a secret refuses to start, naming the key.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
-        .args([
+    let out = run_ringgate(
+        &[
             "serve",
             "--listen",
             "0.0.0.0:0",
             "--admin-listen",
             "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("jwt_secret"));
 }
@@ -239,12 +239,7 @@ fn oversized_frame_closes_with_1009() {
     let mut raw = RawWs::connect(gw.public, "/ws?user=gina");
     assert_eq!(raw.recv_json()["op"], "welcome");
     raw.send_frame(true, 1, &vec![b'x'; 4000]);
-    let close = loop {
-        let f = raw.recv().expect("close frame before EOF");
-        if f.opcode == 8 {
-            break f;
-        }
-    };
+    let (_, close) = raw.until_close();
     assert_eq!(close.close_code(), Some(1009));
     assert!(eventually(Duration::from_secs(5), || gw
         .metric_sum("ringgate_oversize_closes_total")
@@ -254,12 +249,7 @@ fn oversized_frame_closes_with_1009() {
     assert_eq!(raw.recv_json()["op"], "welcome");
     raw.send_frame(false, 1, &[b' '; 600]);
     raw.send_frame(true, 0, &[b' '; 600]);
-    let close = loop {
-        let f = raw.recv().expect("close frame");
-        if f.opcode == 8 {
-            break f;
-        }
-    };
+    let (_, close) = raw.until_close();
     assert_eq!(close.close_code(), Some(1009));
 }
 
@@ -308,15 +298,8 @@ fn silent_connection_is_pinged_then_closed_1001() {
     // The raw client never answers pings and sends nothing.
     let mut raw = RawWs::connect(gw.public, "/ws?user=ivy");
     assert_eq!(raw.recv_json()["op"], "welcome");
-    let mut pings = 0;
-    let close = loop {
-        let f = raw.recv().expect("frames until close");
-        match f.opcode {
-            9 => pings += 1,
-            8 => break f,
-            _ => {}
-        }
-    };
+    let (before, close) = raw.until_close();
+    let pings = before.iter().filter(|f| f.opcode == 9).count();
     assert_eq!(close.close_code(), Some(1001));
     assert!(pings >= 1, "pinged before being closed");
     assert!(eventually(Duration::from_secs(5), || gw
@@ -469,25 +452,22 @@ fn invalid_utf8_text_closes_1007() {
 
 #[test]
 fn config_print_token_and_env_overrides() {
-    let bin = env!("CARGO_BIN_EXE_ringgate");
     let dir = std::env::temp_dir().join(format!("ringgate-cfg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("ringgate.toml");
     std::fs::write(&file, "heartbeat_ms = 1234\nmax_frame = 4096\nshards = 3\n").unwrap();
     // File < env < flag.
-    let out = std::process::Command::new(bin)
-        .args([
+    let out = run_ringgate(
+        &[
             "config",
             "--print",
             "--config",
             file.to_str().unwrap(),
             "--max-frame",
             "2048",
-        ])
-        .env("RINGGATE_SHARDS", "5")
-        .env("RINGGATE_JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
+        ],
+        &[("RINGGATE_SHARDS", "5"), ("RINGGATE_JWT_SECRET", SECRET)],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -501,24 +481,18 @@ fn config_print_token_and_env_overrides() {
     assert_eq!(printed["jwt_secret"].as_str(), Some("<redacted>"));
     // Invalid values are refused naming the key (file and flag).
     std::fs::write(&file, "wheel_slots = 1000\n").unwrap();
-    let out = std::process::Command::new(bin)
-        .args(["config", "--print", "--config", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = run_ringgate(
+        &["config", "--print", "--config", file.to_str().unwrap()],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("wheel_slots"));
     std::fs::write(&file, "no_such_key = 1\n").unwrap();
-    let out = std::process::Command::new(bin)
-        .args(["config", "--config", file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = run_ringgate(&["config", "--config", file.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_key"));
     // token needs a secret.
-    let out = std::process::Command::new(bin)
-        .args(["token", "--user", "x"])
-        .output()
-        .unwrap();
+    let out = run_ringgate(&["token", "--user", "x"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("jwt_secret"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -584,8 +558,8 @@ fn stats_prints_a_live_per_shard_table() {
     let _conns: Vec<_> = (0..5)
         .map(|i| connect_app(&gw, &format!("st{i}")).0)
         .collect();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
-        .args([
+    let out = run_ringgate(
+        &[
             "stats",
             "--admin-listen",
             &gw.admin.to_string(),
@@ -593,9 +567,9 @@ fn stats_prints_a_live_per_shard_table() {
             "1",
             "--interval-ms",
             "200",
-        ])
-        .output()
-        .unwrap();
+        ],
+        &[],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -613,10 +587,10 @@ fn stats_prints_a_live_per_shard_table() {
     let all: Vec<&str> = lines[3].split_whitespace().collect();
     assert_eq!((all[0], all[1]), ("all", "5"), "{text}");
     // Nothing listening: a clear error, not a hang.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringgate"))
-        .args(["stats", "--admin-listen", "127.0.0.1:1", "--count", "1"])
-        .output()
-        .unwrap();
+    let out = run_ringgate(
+        &["stats", "--admin-listen", "127.0.0.1:1", "--count", "1"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin listener"));
 }

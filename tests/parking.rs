@@ -59,15 +59,8 @@ fn parked_silent_connection_is_pinged_then_closed_1001() {
     let gw = Gateway::start(&["--park-idle-ms", "20", "--heartbeat-ms", "300"]);
     let mut raw = RawWs::connect(gw.public, "/ws?user=quiet");
     assert_eq!(raw.recv_json()["op"], "welcome");
-    let mut pings = 0;
-    let close = loop {
-        let f = raw.recv().expect("frames until close");
-        match f.opcode {
-            9 => pings += 1,
-            8 => break f,
-            _ => {}
-        }
-    };
+    let (before, close) = raw.until_close();
+    let pings = before.iter().filter(|f| f.opcode == 9).count();
     assert_eq!(close.close_code(), Some(1001));
     assert!(pings >= 1);
     assert!(

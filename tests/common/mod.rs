@@ -21,6 +21,12 @@ pub struct Gateway {
 impl Gateway {
     /// Start with `--listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --shards 2` plus `args`.
     pub fn start(args: &[&str]) -> Gateway {
+        Self::start_shards(2, args)
+    }
+
+    /// As [`Gateway::start`] with `shards` shards.
+    pub fn start_shards(shards: usize, args: &[&str]) -> Gateway {
+        let shards = shards.to_string();
         let mut full = vec![
             "serve",
             "--listen",
@@ -28,7 +34,7 @@ impl Gateway {
             "--admin-listen",
             "127.0.0.1:0",
             "--shards",
-            "2",
+            &shards,
         ];
         full.extend_from_slice(args);
         Self::start_raw(&full, &[])
@@ -134,6 +140,16 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Run the `ringgate` binary to completion (for `token`, `config`, `stats`, refused starts).
+pub fn run_ringgate(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringgate"));
+    cmd.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run ringgate")
 }
 
 /// Poll `f` until it returns true or `within` passes (behaviour, not timing, is asserted).
@@ -368,6 +384,18 @@ impl RawWs {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
             }
+        }
+    }
+
+    /// Frames until the server's close frame: (everything before it, the close frame).
+    pub fn until_close(&mut self) -> (Vec<RawFrame>, RawFrame) {
+        let mut before = Vec::new();
+        loop {
+            let f = self.recv().expect("frames until a close frame, not EOF");
+            if f.opcode == 8 {
+                return (before, f);
+            }
+            before.push(f);
         }
     }
 
