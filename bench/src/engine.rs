@@ -454,6 +454,29 @@ struct Msg {
 }
 
 /// Borrowed pieces of the loop handed to the frame processor.
+/// A frame context borrowing only the loop's fields it needs (a method would borrow the whole
+/// loop and block `&mut self.conns[tok]` next to it).
+macro_rules! frame_ctx {
+    ($lp:expr) => {
+        Ctx {
+            out: &mut $lp.out,
+            stats: &mut $lp.stats,
+            cfg: &$lp.cfg,
+            shared: &$lp.shared,
+            rng: &mut $lp.rng,
+            now: $lp.now,
+            window: $lp.window,
+            send_until: $lp.send_until,
+            key_seed: $lp.key_seed,
+            first: $lp.first,
+            opened: false,
+            tokens: &mut $lp.tokens,
+            tmp: &mut $lp.tmp,
+            retry_scheduled: &mut $lp.retry_scheduled,
+        }
+    };
+}
+
 struct Ctx<'a> {
     out: &'a mut Vec<u8>,
     stats: &'a mut Stats,
@@ -1112,22 +1135,7 @@ impl Loop {
     /// Feed `scratch[..n]` (after any buffered bytes) to the connection.
     fn ingest(&mut self, tok: usize, n: usize) -> Result<(), Fail> {
         let conn = &mut self.conns[tok];
-        let mut cx = Ctx {
-            out: &mut self.out,
-            stats: &mut self.stats,
-            cfg: &self.cfg,
-            shared: &self.shared,
-            rng: &mut self.rng,
-            now: self.now,
-            window: self.window,
-            send_until: self.send_until,
-            key_seed: self.key_seed,
-            first: self.first,
-            opened: false,
-            tokens: &mut self.tokens,
-            tmp: &mut self.tmp,
-            retry_scheduled: &mut self.retry_scheduled,
-        };
+        let mut cx = frame_ctx!(self);
         let buffered = conn.ext.as_ref().is_some_and(|e| !e.rbuf.is_empty());
         let res = if !buffered {
             let data = &self.scratch[..n];
@@ -1383,22 +1391,7 @@ impl Loop {
         let Some(Traffic::Chat(ch)) = conn.traffic.as_deref_mut() else {
             return;
         };
-        let mut cx = Ctx {
-            out: &mut self.out,
-            stats: &mut self.stats,
-            cfg: &self.cfg,
-            shared: &self.shared,
-            rng: &mut self.rng,
-            now: self.now,
-            window: self.window,
-            send_until: self.send_until,
-            key_seed: self.key_seed,
-            first: self.first,
-            opened: false,
-            tokens: &mut self.tokens,
-            tmp: &mut self.tmp,
-            retry_scheduled: &mut self.retry_scheduled,
-        };
+        let mut cx = frame_ctx!(self);
         f(ch, gidx, &mut cx);
         if let Err(e) = self.flush_out(tok) {
             self.drop_conn(tok, e);
