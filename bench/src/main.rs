@@ -740,6 +740,46 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     })
 }
 
+/// Wait until every loop has connected, then start the clock `lead_ns` from now and release
+/// the loops. Stops the run when nothing connected. Returns (connected, t0).
+fn start_clock(barrier: &Barrier, shared: &Shared, cfg: &Config, lead_ns: u64) -> (u64, u64) {
+    barrier.wait();
+    barrier.wait();
+    let connected = shared
+        .established
+        .load(Relaxed)
+        .saturating_sub(shared.lost.load(Relaxed));
+    if connected == 0 || INTERRUPTED.load(Relaxed) {
+        shared.stop.store(true, Relaxed);
+    }
+    let t0 = now_ns(cfg) + lead_ns;
+    shared.t0_ns.store(t0, Relaxed);
+    barrier.wait();
+    (connected, t0)
+}
+
+/// CPU seconds of the gateway pids (None without pids) and of this process over the measured
+/// window, with the instants the samples were really taken.
+type CpuSample = (Option<f64>, f64, u64, u64);
+
+fn cpu_over_window(
+    cfg: &Config,
+    pids: &[u32],
+    win_start: u64,
+    win_end: u64,
+    mut sleep_until_ns: impl FnMut(u64),
+) -> CpuSample {
+    sleep_until_ns(win_start);
+    let gw0 = sys::pids_cpu_secs(pids).ok().filter(|_| !pids.is_empty());
+    let me0 = sys::self_cpu_secs();
+    let t_a = now_ns(cfg);
+    sleep_until_ns(win_end);
+    let gw1 = sys::pids_cpu_secs(pids).ok().filter(|_| !pids.is_empty());
+    let me1 = sys::self_cpu_secs();
+    let t_b = now_ns(cfg);
+    (gw0.zip(gw1).map(|(x, y)| y - x), me1 - me0, t_a, t_b)
+}
+
 fn run_echo(a: EchoArgs) -> Result<i32, String> {
     let c = &a.common;
     let duration = secs("duration", a.duration, false)?;
@@ -803,18 +843,7 @@ fn run_echo(a: EchoArgs) -> Result<i32, String> {
         })
         .collect();
 
-    barrier.wait();
-    barrier.wait();
-    let connected = shared
-        .established
-        .load(Relaxed)
-        .saturating_sub(shared.lost.load(Relaxed));
-    if connected == 0 || INTERRUPTED.load(Relaxed) {
-        shared.stop.store(true, Relaxed);
-    }
-    let t0 = now_ns(&cfg) + 10_000_000;
-    shared.t0_ns.store(t0, Relaxed);
-    barrier.wait();
+    let (connected, t0) = start_clock(&barrier, &shared, &cfg, 10_000_000);
     let (win_start, win_end) = (t0 + warm_ns, t0 + warm_ns + dur_ns);
     let mut cpu = None;
     if !shared.stop.load(Relaxed) {
@@ -826,16 +855,13 @@ fn run_echo(a: EchoArgs) -> Result<i32, String> {
                 duration.as_secs_f64()
             );
         }
-        sleep_until(&cfg, win_start);
-        let has_pids = !c.gateway_pid.is_empty();
-        let gw0 = sys::pids_cpu_secs(&c.gateway_pid).ok().filter(|_| has_pids);
-        let me0 = sys::self_cpu_secs();
-        let t_a = now_ns(&cfg);
-        sleep_until(&cfg, win_end);
-        let gw1 = sys::pids_cpu_secs(&c.gateway_pid).ok().filter(|_| has_pids);
-        let me1 = sys::self_cpu_secs();
-        let t_b = now_ns(&cfg);
-        cpu = Some((gw0.zip(gw1).map(|(x, y)| y - x), me1 - me0, t_a, t_b));
+        cpu = Some(cpu_over_window(
+            &cfg,
+            &c.gateway_pid,
+            win_start,
+            win_end,
+            |t| sleep_until(&cfg, t),
+        ));
     }
     let st = join_threads(handles);
     let elapsed = (now_ns(&cfg) - start_ns) as f64 / 1e9;
@@ -1114,19 +1140,8 @@ fn run_send(a: SendArgs) -> Result<i32, String> {
         })
         .collect();
 
-    barrier.wait();
-    barrier.wait();
-    let connected = shared
-        .established
-        .load(Relaxed)
-        .saturating_sub(shared.lost.load(Relaxed));
-    if connected == 0 || INTERRUPTED.load(Relaxed) {
-        shared.stop.store(true, Relaxed);
-    }
     // A moment for replays of earlier runs (before `synced`) to drain.
-    let t0 = now_ns(&cfg) + 50_000_000;
-    shared.t0_ns.store(t0, Relaxed);
-    barrier.wait();
+    let (connected, t0) = start_clock(&barrier, &shared, &cfg, 50_000_000);
     let (win_start, win_end) = (t0 + warm_ns, t0 + warm_ns + dur_ns);
     let mut cpu = None;
     let mut grace_used = 0.0;
@@ -1165,16 +1180,13 @@ fn run_send(a: SendArgs) -> Result<i32, String> {
                 progress("run  ");
             }
         };
-        sleep_progress(win_start);
-        let has_pids = !c.gateway_pid.is_empty();
-        let gw0 = sys::pids_cpu_secs(&c.gateway_pid).ok().filter(|_| has_pids);
-        let me0 = sys::self_cpu_secs();
-        let t_a = now_ns(&cfg);
-        sleep_progress(win_end);
-        let gw1 = sys::pids_cpu_secs(&c.gateway_pid).ok().filter(|_| has_pids);
-        let me1 = sys::self_cpu_secs();
-        let t_b = now_ns(&cfg);
-        cpu = Some((gw0.zip(gw1).map(|(x, y)| y - x), me1 - me0, t_a, t_b));
+        cpu = Some(cpu_over_window(
+            &cfg,
+            &c.gateway_pid,
+            win_start,
+            win_end,
+            &mut sleep_progress,
+        ));
         // Grace: wait for outstanding accepteds and for every accepted msg
         // to reach its recipient, at most `--grace`.
         let grace_end = win_end + grace_ns;
