@@ -43,16 +43,19 @@ pub struct FrameError {
     pub cid: Option<Box<str>>,
 }
 
+/// A validated 1:1 `send`. `cid` and `body` are kept as the client's raw JSON text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendRequest {
+    pub to: compact_str::CompactString,
+    pub cid: Box<str>,
+    pub body: Box<str>,
+}
+
 /// Ops the server understands today.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
     Ping,
-    /// 1:1 message. `cid` and `body` are kept as the client's raw JSON text.
-    Send {
-        to: compact_str::CompactString,
-        cid: Box<str>,
-        body: Box<str>,
-    },
+    Send(SendRequest),
     /// Cumulative ack of `msg` frames on this connection.
     Ack {
         seq: u64,
@@ -117,11 +120,11 @@ fn parse_send(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, Fra
         ));
     }
     let body = env.body.ok_or_else(|| bad("missing field `body`", cid))?;
-    Ok(ClientFrame::Send {
+    Ok(ClientFrame::Send(SendRequest {
         to: to.into(),
         cid: raw_cid.clone(),
         body: body.get().into(),
-    })
+    }))
 }
 
 pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
@@ -302,15 +305,15 @@ mod tests {
         assert_eq!(
             parse(br#"{"op":"send","to":"bob","cid":"c-1","body":{"text":"hi","n":[1,2]}}"#)
                 .unwrap(),
-            ClientFrame::Send {
+            ClientFrame::Send(SendRequest {
                 to: "bob".into(),
                 cid: "\"c-1\"".into(),
                 body: r#"{"text":"hi","n":[1,2]}"#.into(),
-            }
+            })
         );
         assert!(matches!(
             parse(br#"{"op":"send","to":"bob","cid":42,"body":null}"#).unwrap(),
-            ClientFrame::Send { .. }
+            ClientFrame::Send(_)
         ));
         assert_eq!(
             parse(br#"{"op":"ack","seq":17}"#).unwrap(),

@@ -51,14 +51,8 @@ pub struct Ctx<'a> {
 /// What a connection asks of its shard: the shard owns users, inboxes and the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppEvent {
-    Send {
-        to: compact_str::CompactString,
-        cid: Box<str>,
-        body: Box<str>,
-    },
-    Ack {
-        seq: u64,
-    },
+    Send(proto::SendRequest),
+    Ack { seq: u64 },
 }
 
 /// What a `/ws` connection carries besides its user id, boxed because it is rare.
@@ -589,10 +583,7 @@ impl Connection {
             ),
             Some(Route::App) => match proto::parse(payload) {
                 Ok(ClientFrame::Ping) => self.push_frame(Kind::Text, proto::PONG, ctx),
-                Ok(ClientFrame::Send { to, cid, body }) => ctx
-                    .events
-                    .borrow_mut()
-                    .push(AppEvent::Send { to, cid, body }),
+                Ok(ClientFrame::Send(req)) => ctx.events.borrow_mut().push(AppEvent::Send(req)),
                 Ok(ClientFrame::Ack { seq }) => ctx.events.borrow_mut().push(AppEvent::Ack { seq }),
                 Err(e) => self.bad_frame(now, e, ctx),
             },

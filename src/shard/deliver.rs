@@ -118,7 +118,7 @@ impl Shard {
             }
             for event in events {
                 match event {
-                    AppEvent::Send { to, cid, body } => self.on_send(index, to, cid, body, now),
+                    AppEvent::Send(req) => self.on_send(index, req.to, req.cid, req.body, now),
                     AppEvent::Ack { seq } => self.on_ack(index, seq, now),
                 }
             }
