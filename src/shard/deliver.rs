@@ -423,10 +423,8 @@ impl Shard {
         }
         self.metrics.acks_pending.sub(acked.len() as u64);
         for (inbox_seq, msg) in acked {
-            let before = self.inbox.len(&user);
-            self.inbox.remove(&user, inbox_seq);
             // Only the first device's ack removes the entry: one `delivered` per message.
-            if self.inbox.len(&user) < before {
+            if self.inbox.remove(&user, inbox_seq) {
                 let home = self.home_of(&msg.from);
                 self.report(Report {
                     id: msg.id,

@@ -211,15 +211,15 @@ impl Inbox for MemoryInbox {
             .collect()
     }
 
-    fn remove(&mut self, user: &str, seq: InboxSeq) {
+    fn remove(&mut self, user: &str, seq: InboxSeq) -> bool {
         let Some(inbox) = self.users.get_mut(user) else {
-            return;
+            return false;
         };
         let Ok(i) = inbox.slots.binary_search_by_key(&seq, |s| s.seq) else {
-            return;
+            return false;
         };
         if inbox.slots[i].msg.take().is_none() {
-            return;
+            return false;
         }
         inbox.live -= 1;
         self.total -= 1;
@@ -228,6 +228,7 @@ impl Inbox for MemoryInbox {
         } else {
             inbox.tidy();
         }
+        true
     }
 
     fn len(&self, user: &str) -> usize {
@@ -414,12 +415,12 @@ mod tests {
             .map(|i| inbox.append("bob", m(i), T0).unwrap())
             .collect();
         // Ack entry 5 while 3 and 4 remain, then the rest in a scrambled order.
-        inbox.remove("bob", s[4]);
+        assert!(inbox.remove("bob", s[4]));
         assert_eq!(ids(&inbox.read("bob", 0, 10, T0)), vec![1, 2, 3, 4, 6]);
         assert_eq!(inbox.len("bob"), 5);
-        inbox.remove("bob", s[4]); // already removed: no-op
-        inbox.remove("bob", 999_999); // unknown: no-op
-        inbox.remove("nobody", s[0]); // unknown user: no-op
+        assert!(!inbox.remove("bob", s[4])); // already removed: no-op
+        assert!(!inbox.remove("bob", 999_999)); // unknown: no-op
+        assert!(!inbox.remove("nobody", s[0])); // unknown user: no-op
         assert_eq!(inbox.len("bob"), 5);
         inbox.remove("bob", s[0]);
         inbox.remove("bob", s[2]);

@@ -95,8 +95,9 @@ pub trait Inbox {
         now: u64,
     ) -> Vec<(InboxSeq, StoredMessage)>;
 
-    /// Remove one entry (acked). Removing an unknown or already removed entry is a no-op.
-    fn remove(&mut self, user: &str, seq: InboxSeq);
+    /// Remove one entry (acked). True when it was there; removing an unknown or already
+    /// removed entry is a no-op that returns false (the first device's ack wins).
+    fn remove(&mut self, user: &str, seq: InboxSeq) -> bool;
 
     /// Entries held for `user`. May include entries already expired but not yet dropped.
     fn len(&self, user: &str) -> usize;
