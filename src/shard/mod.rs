@@ -152,7 +152,6 @@ pub struct Shard {
     users: Users,
     /// This shard's end of the mesh (None in tests that build a lone shard).
     mesh: Option<Mesh>,
-    mesh_batch: Vec<MeshMsg>,
     /// Connections parked or closed since memory was last given back (see `alloc`).
     released_since_collect: u64,
     last_collect_ms: u64,
@@ -210,7 +209,6 @@ impl Shard {
             unparked: Vec::new(),
             users: Users::default(),
             mesh: None,
-            mesh_batch: Vec::new(),
             released_since_collect: 0,
             last_collect_ms: 0,
         }
@@ -486,9 +484,9 @@ impl Shard {
         devices
     }
 
-    /// The mesh doorbell was read: clear it, then take a bounded batch.
+    /// A bounded batch of what other shards sent (the caller clears the bell first).
     pub fn take_mesh_batch(&mut self) -> Vec<MeshMsg> {
-        let mut batch = std::mem::take(&mut self.mesh_batch);
+        let mut batch = Vec::new();
         if let Some(m) = &self.mesh {
             m.take_batch(&mut batch);
         }
