@@ -64,6 +64,9 @@ pub struct Config {
     pub park_idle_ms: u64,
     pub inbox_max_messages: usize,
     pub inbox_max_age_ms: u64,
+    pub redis_pool_size: usize,
+    pub redis_timeout_ms: u64,
+    pub redis_key_prefix: String,
 }
 
 /// Every key as optional: what one source (file, or flags+env) says.
@@ -143,6 +146,15 @@ pub struct ConfigLayer {
     /// Offline inbox entries older than this expire [default: 259200000 = 72 h]
     #[arg(long, env = "RINGGATE_INBOX_MAX_AGE_MS")]
     pub inbox_max_age_ms: Option<u64>,
+    /// Redis connections; 0 = one per shard [default: 0]
+    #[arg(long, env = "RINGGATE_REDIS_POOL_SIZE")]
+    pub redis_pool_size: Option<usize>,
+    /// A Redis batch not answered within this many ms fails: its sends get `unavailable` [default: 2000]
+    #[arg(long, env = "RINGGATE_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
+    /// Prefix of every Redis key ringgate writes [default: "rg:"]
+    #[arg(long, env = "RINGGATE_REDIS_KEY_PREFIX")]
+    pub redis_key_prefix: Option<String>,
 }
 
 /// A refused configuration: always names the key and what is wrong with it.
@@ -211,7 +223,10 @@ impl ConfigLayer {
             retry_after_s,
             park_idle_ms,
             inbox_max_messages,
-            inbox_max_age_ms
+            inbox_max_age_ms,
+            redis_pool_size,
+            redis_timeout_ms,
+            redis_key_prefix
         )
     }
 
@@ -288,6 +303,21 @@ impl ConfigLayer {
         if node_id.is_empty() || node_id.len() > 64 {
             return Err(invalid("node_id", "must be 1 to 64 characters"));
         }
+        let redis_url = self.redis_url.filter(|s| !s.is_empty());
+        if let Some(url) = &redis_url {
+            crate::store::redis::check_url(url).map_err(|m| invalid("redis_url", m))?;
+        }
+        let redis_timeout_ms = self.redis_timeout_ms.unwrap_or(2_000);
+        if redis_timeout_ms < 10 {
+            return Err(invalid("redis_timeout_ms", "must be at least 10"));
+        }
+        let redis_key_prefix = self.redis_key_prefix.unwrap_or_else(|| "rg:".into());
+        if redis_key_prefix.len() > 64 || redis_key_prefix.contains(char::is_whitespace) {
+            return Err(invalid(
+                "redis_key_prefix",
+                "must be at most 64 characters, without spaces",
+            ));
+        }
         let allowed_origins = self
             .allowed_origins
             .unwrap_or_default()
@@ -310,7 +340,7 @@ impl ConfigLayer {
             window,
             drain_ms: self.drain_ms.unwrap_or(DEFAULT_DRAIN_MS),
             echo_route: self.echo_route.unwrap_or(false),
-            redis_url: self.redis_url.filter(|s| !s.is_empty()),
+            redis_url,
             node_id,
             tick_ms,
             wheel_slots,
@@ -325,6 +355,9 @@ impl ConfigLayer {
             inbox_max_age_ms: self
                 .inbox_max_age_ms
                 .unwrap_or(crate::store::DEFAULT_INBOX_MAX_AGE_MS),
+            redis_pool_size: self.redis_pool_size.unwrap_or(0),
+            redis_timeout_ms,
+            redis_key_prefix,
         })
     }
 }
@@ -358,6 +391,14 @@ impl Config {
         };
         redact(&mut shown.jwt_secret);
         redact(&mut shown.api_key);
+        // A password in the Redis URL (`redis://user:pass@host`) is a secret too.
+        if let Some(url) = &mut shown.redis_url {
+            if let (Some(scheme_end), Some(at)) = (url.find("://"), url.rfind('@')) {
+                if at > scheme_end {
+                    url.replace_range(scheme_end + 3..at, "<redacted>");
+                }
+            }
+        }
         toml::to_string(&shown).expect("config serialises")
     }
 

@@ -82,7 +82,24 @@ pub struct Doorbell {
 }
 
 impl Doorbell {
-    fn ring(&self) {
+    /// A doorbell and the socket its rings arrive on (the woken side reads it).
+    pub fn pair() -> std::io::Result<(Arc<Doorbell>, std::os::unix::net::UnixStream)> {
+        let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
+        write_end.set_nonblocking(true)?;
+        let bell = Arc::new(Doorbell {
+            rung: AtomicBool::new(false),
+            write_end: write_end.into(),
+        });
+        Ok((bell, read_end))
+    }
+
+    /// The woken side read the socket: clear before draining so a later push rings again.
+    pub fn clear(&self) {
+        self.rung.store(false, Ordering::Release);
+    }
+
+    /// Wake the reader unless it has been rung since it last cleared.
+    pub fn ring(&self) {
         if !self.rung.swap(true, Ordering::AcqRel) {
             // SAFETY: one byte from a valid buffer to a socket we own; a full socket buffer
             // (EAGAIN) means a wake-up is already pending, which is all we need.
@@ -116,12 +133,8 @@ pub fn build(shards: usize) -> std::io::Result<(Vec<ShardEnd>, MeshClient)> {
     let mut readers = Vec::with_capacity(shards);
     for _ in 0..shards {
         channels.push(crossbeam_channel::bounded(CHANNEL_CAPACITY));
-        let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
-        write_end.set_nonblocking(true)?;
-        bells.push(Arc::new(Doorbell {
-            rung: AtomicBool::new(false),
-            write_end: write_end.into(),
-        }));
+        let (bell, read_end) = Doorbell::pair()?;
+        bells.push(bell);
         readers.push(read_end);
     }
     let peers: Vec<(Sender<MeshMsg>, Arc<Doorbell>)> = channels
@@ -164,7 +177,7 @@ impl Mesh {
 
     /// The doorbell was read: clear it before draining so a later push rings again.
     pub fn clear_bell(&self) {
-        self.bell.rung.store(false, Ordering::Release);
+        self.bell.clear();
     }
 
     /// Up to `DRAIN_BATCH` queued messages, without blocking.

@@ -91,6 +91,14 @@ pub const HANDOFFS_IN: &str = "ringgate_handoffs_in_total";
 pub const MESH_FULL: &str = "ringgate_mesh_full_total";
 pub const PARKS: &str = "ringgate_parks_total";
 pub const UNPARKS: &str = "ringgate_unparks_total";
+pub const REDIS_UP: &str = "ringgate_redis_up";
+pub const REDIS_BATCHES: &str = "ringgate_redis_batches_total";
+pub const REDIS_OPS: &str = "ringgate_redis_ops_total";
+pub const REDIS_ERRORS: &str = "ringgate_redis_errors_total";
+pub const REDIS_SPILLED_BYTES: &str = "ringgate_redis_spilled_bytes_total";
+pub const REDIS_LOADS: &str = "ringgate_redis_loads_total";
+pub const REDIS_REMOVES_DROPPED: &str = "ringgate_redis_removes_dropped_total";
+pub const INBOX_MIRRORED: &str = "ringgate_inbox_mirrored_entries";
 
 /// Upper bounds (microseconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
@@ -121,12 +129,15 @@ impl Histogram {
 }
 
 pub const SEND_ACCEPTED: &str = "ringgate_send_accepted_seconds";
+pub const REDIS_LATENCY: &str = "ringgate_redis_batch_seconds";
 
 #[derive(Default, Debug)]
 #[repr(align(128))]
 pub struct ShardMetrics {
     /// `send` received -> `accepted` decided (on the sender's home shard).
     pub send_accepted: Histogram,
+    /// One Redis batch (script call) from submit to answer, as the Redis thread saw it.
+    pub redis_latency: Histogram,
     pub connections_open: Gauge,
     pub handshakes_pending: Gauge,
     pub connections_accepted: Counter,
@@ -163,6 +174,14 @@ pub struct ShardMetrics {
     pub mesh_full: Counter,
     pub parks: Counter,
     pub unparks: Counter,
+    pub redis_up: Gauge,
+    pub redis_batches: Counter,
+    pub redis_ops: Counter,
+    pub redis_errors: Counter,
+    pub redis_spilled_bytes: Counter,
+    pub redis_loads: Counter,
+    pub redis_removes_dropped: Counter,
+    pub inbox_mirrored: Gauge,
 }
 
 enum Kind {
@@ -355,6 +374,54 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         |m| m.mesh_full.get(),
     ),
     (
+        REDIS_UP,
+        "1 while this shard's last Redis batch succeeded (0 also without Redis).",
+        Kind::Gauge,
+        |m| m.redis_up.get(),
+    ),
+    (
+        REDIS_BATCHES,
+        "Redis round trips (one script call carries many operations).",
+        Kind::Counter,
+        |m| m.redis_batches.get(),
+    ),
+    (
+        REDIS_OPS,
+        "Store operations sent to Redis (append, remove, load).",
+        Kind::Counter,
+        |m| m.redis_ops.get(),
+    ),
+    (
+        REDIS_ERRORS,
+        "Redis batches that failed or timed out (their sends got `unavailable`).",
+        Kind::Counter,
+        |m| m.redis_errors.get(),
+    ),
+    (
+        REDIS_SPILLED_BYTES,
+        "Message bytes (body + cid) written to Redis inboxes.",
+        Kind::Counter,
+        |m| m.redis_spilled_bytes.get(),
+    ),
+    (
+        REDIS_LOADS,
+        "Inboxes read from Redis when a user's first device connected.",
+        Kind::Counter,
+        |m| m.redis_loads.get(),
+    ),
+    (
+        REDIS_REMOVES_DROPPED,
+        "Acked entries whose removal could not be queued (redelivered later, deduped by clients).",
+        Kind::Counter,
+        |m| m.redis_removes_dropped.get(),
+    ),
+    (
+        INBOX_MIRRORED,
+        "Inbox entries held in memory (embedded store: all; Redis: online users' mirror).",
+        Kind::Gauge,
+        |m| m.inbox_mirrored.get(),
+    ),
+    (
         CONNECTIONS_PARKED,
         "Idle connections parked outside glommio (no task, no buffer).",
         Kind::Gauge,
@@ -393,37 +460,20 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", read(m));
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP {SEND_ACCEPTED} Time from a `send` reaching the sender's home shard to its `accepted`.\n# TYPE {SEND_ACCEPTED} histogram"
+    render_histogram(
+        &mut out,
+        shards,
+        SEND_ACCEPTED,
+        "Time from a `send` reaching the sender's home shard to its `accepted`.",
+        |m| &m.send_accepted,
     );
-    for (i, m) in shards.iter().enumerate() {
-        let h = &m.send_accepted;
-        let mut cumulative = 0;
-        for (b, bound) in h.buckets.iter().zip(LATENCY_BUCKETS_US) {
-            cumulative += b.get();
-            let le = bound as f64 / 1e6;
-            let _ = writeln!(
-                out,
-                "{SEND_ACCEPTED}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "{SEND_ACCEPTED}_bucket{{shard=\"{i}\",le=\"+Inf\"}} {}",
-            h.count.get()
-        );
-        let _ = writeln!(
-            out,
-            "{SEND_ACCEPTED}_sum{{shard=\"{i}\"}} {}",
-            h.sum_us.get() as f64 / 1e6
-        );
-        let _ = writeln!(
-            out,
-            "{SEND_ACCEPTED}_count{{shard=\"{i}\"}} {}",
-            h.count.get()
-        );
-    }
+    render_histogram(
+        &mut out,
+        shards,
+        REDIS_LATENCY,
+        "Round trip of one Redis batch (many store operations in one script call).",
+        |m| &m.redis_latency,
+    );
     let _ = writeln!(
         out,
         "# HELP {CONNECTIONS_REFUSED} Upgrades refused before the handshake, by reason.\n# TYPE {CONNECTIONS_REFUSED} counter"
@@ -440,6 +490,33 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         }
     }
     out
+}
+
+fn render_histogram(
+    out: &mut String,
+    shards: &[std::sync::Arc<ShardMetrics>],
+    name: &str,
+    help: &str,
+    pick: fn(&ShardMetrics) -> &Histogram,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (i, m) in shards.iter().enumerate() {
+        let h = pick(m);
+        let mut cumulative = 0;
+        for (b, bound) in h.buckets.iter().zip(LATENCY_BUCKETS_US) {
+            cumulative += b.get();
+            let le = bound as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{i}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let count = h.count.get();
+        let _ = writeln!(out, "{name}_bucket{{shard=\"{i}\",le=\"+Inf\"}} {count}");
+        let sum = h.sum_us.get() as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{shard=\"{i}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{shard=\"{i}\"}} {count}");
+    }
 }
 
 #[cfg(test)]

@@ -139,6 +139,54 @@ impl MemoryInbox {
     pub fn users(&self) -> usize {
         self.users.len()
     }
+
+    /// Mirror mode (a durable store assigns the seqs): add an entry the store already holds
+    /// at `seq`, appended at `appended_at`. No cap check: the store enforced it. Returns false
+    /// (and adds nothing) unless `seq` is beyond the user's newest entry, so a stale answer
+    /// can never reorder the mirror.
+    pub fn insert_at(
+        &mut self,
+        user: &str,
+        seq: InboxSeq,
+        msg: StoredMessage,
+        appended_at: u64,
+    ) -> bool {
+        let inbox = match self.users.get_mut(user) {
+            Some(inbox) => inbox,
+            None => self.users.entry(CompactString::from(user)).or_default(),
+        };
+        if inbox.slots.back().is_some_and(|last| last.seq >= seq) {
+            return false;
+        }
+        let appended_at = inbox
+            .slots
+            .back()
+            .map_or(appended_at, |s| s.appended_at.max(appended_at));
+        inbox.slots.push_back(Slot {
+            seq,
+            appended_at,
+            msg: Some(msg),
+        });
+        inbox.live += 1;
+        self.total += 1;
+        true
+    }
+
+    /// Mirror mode: the user's entries as the store holds them now (oldest first), replacing
+    /// whatever the mirror held.
+    pub fn replace_user(&mut self, user: &str, entries: Vec<(InboxSeq, u64, StoredMessage)>) {
+        self.drop_user(user);
+        for (seq, appended_at, msg) in entries {
+            self.insert_at(user, seq, msg, appended_at);
+        }
+    }
+
+    /// Mirror mode: forget a user's entries (the store still holds them).
+    pub fn drop_user(&mut self, user: &str) {
+        if let Some(inbox) = self.users.remove(user) {
+            self.total -= inbox.live;
+        }
+    }
 }
 
 impl Default for MemoryInbox {
@@ -297,6 +345,29 @@ mod tests {
         assert_eq!(l.max_age_ms, 72 * HOUR);
         let inbox = MemoryInbox::default();
         assert_eq!(inbox.users.capacity(), 0);
+    }
+
+    #[test]
+    fn mirror_mode_keeps_store_seqs_in_order_and_forgets_on_demand() {
+        let mut inbox = MemoryInbox::new(limits(2, HOUR));
+        assert!(inbox.insert_at("bob", 100, m(1), T0));
+        assert!(inbox.insert_at("bob", 205, m(2), T0 + 1));
+        // Beyond the cap is fine (the store enforced it); an older seq is refused.
+        assert!(inbox.insert_at("bob", 300, m(3), T0 + 2));
+        assert!(!inbox.insert_at("bob", 300, m(9), T0 + 3));
+        assert!(!inbox.insert_at("bob", 150, m(9), T0 + 3));
+        let all = inbox.read("bob", 0, 10, T0 + 5);
+        assert_eq!(seqs(&all), vec![100, 205, 300]);
+        assert_eq!(ids(&all), vec![1, 2, 3]);
+        assert!(inbox.remove("bob", 205));
+        assert_eq!(inbox.total_len(), 2);
+        inbox.replace_user("bob", vec![(300, T0, m(3)), (400, T0, m(4))]);
+        assert_eq!(ids(&inbox.read("bob", 0, 10, T0 + 5)), vec![3, 4]);
+        assert_eq!(inbox.total_len(), 2);
+        inbox.drop_user("bob");
+        assert_eq!(inbox.total_len(), 0);
+        assert_eq!(inbox.len("bob"), 0);
+        assert_eq!(inbox.users(), 0);
     }
 
     #[test]

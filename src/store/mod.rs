@@ -22,6 +22,7 @@
 //! another implementation plugs in.
 
 pub mod memory;
+pub mod redis;
 
 pub use memory::MemoryInbox;
 
@@ -50,7 +51,7 @@ pub struct StoredMessage {
 /// assigned, so `read(user, 0, ..)` reads from the start.
 pub type InboxSeq = u64;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The user's inbox is at its cap; the sender gets `unavailable` and resends later.
     #[error("inbox of {user} is full ({count} messages)")]

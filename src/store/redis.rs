@@ -1,0 +1,809 @@
+//! The durable offline inbox in Redis (SPEC section 4), through fred on its own thread.
+//!
+//! # Who owns what
+//! * One thread, `ringgate-redis`, runs a tokio runtime and a fred pool. It owns every Redis
+//!   connection; no shard ever waits on Redis.
+//! * Each shard talks to it through a [`StoreLink`]: a bounded lock-free channel of
+//!   [`StoreOp`]s in, an answer channel of [`StoreReply`]s out, and a doorbell each way (the
+//!   same wake-up as the mesh: one byte per wake-up, not per message).
+//! * Per shard, one task on the Redis thread takes the queued operations in batches and sends
+//!   each batch as **one script call** on the shard's own connection, so a batch is one round
+//!   trip, runs atomically, and batches run in submission order. That order is what the shard
+//!   relies on (a load sees every append submitted before it; see `shard/durable.rs`).
+//!
+//! # Data layout (prefix `rg:` by default)
+//! * `rg:in:<user>`: a stream per user; entry fields `i` (message id), `f` (from), `c` (cid,
+//!   raw JSON), `t` (ts, ms), `b` (body, raw JSON). `PEXPIRE` = the age cap, refreshed on every
+//!   append; each append first trims entries past the age cap (`XTRIM MINID`), then refuses
+//!   when the stream holds the count cap (`full`, never a silent drop), then `XADD ... MAXLEN ~`.
+//! * `rg:dd:<sender>` and `rg:dd:<sender>:old`: the dedup window, cid -> message id, checked
+//!   by the same script before any append, so a resend after a gateway restart is answered
+//!   with the first id and stored once. A generation is rotated into `:old` only when it is
+//!   older than the window (24 h) *and* holds more cids than the minimum (10,000): every cid
+//!   is kept at least 24 h and the newest 10,000 are always kept (SPEC: whichever is larger).
+//!
+//! Redis Cluster is not supported: a batch touches the keys of many users in one script call,
+//! which a cluster refuses across slots. Standalone and Sentinel URLs work.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use compact_str::CompactString;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use fred::prelude::*;
+use fred::types::scripts::Script;
+
+use super::{InboxSeq, StoreError, StoredMessage};
+use crate::delivery::message::Message;
+use crate::mesh::Doorbell;
+
+/// Operations a shard may have queued for Redis; beyond it, sends get `unavailable` (bounded
+/// memory while Redis is away).
+pub const OPS_PER_SHARD: usize = 16_384;
+/// Operations sent in one script call at most.
+pub const BATCH_OPS: usize = 1_024;
+/// SPEC dedup window: at least 24 h ...
+pub const DEDUP_MIN_AGE_MS: u64 = 24 * 60 * 60 * 1000;
+/// ... or at least 10,000 cids per sender, whichever is larger.
+pub const DEDUP_MIN_ENTRIES: u64 = 10_000;
+
+/// What a shard asks of the store. Answers come back in the order asked.
+pub enum StoreOp {
+    /// Make `msg` durable in its recipient's inbox (unless its cid was already stored).
+    Append(Box<Message>),
+    /// An entry was acked: delete it.
+    Remove { user: CompactString, seq: InboxSeq },
+    /// Read a user's inbox, oldest first, up to `limit` entries.
+    Load {
+        user: CompactString,
+        token: u64,
+        limit: usize,
+    },
+}
+
+/// How an append went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Written at `seq`; `expired`: entries the age cap trimmed on the way.
+    Stored { seq: InboxSeq, expired: u64 },
+    /// The sender's cid was already stored as message `id`.
+    Duplicate { id: u64 },
+}
+
+/// The store's answers.
+pub enum StoreReply {
+    Appended {
+        msg: Box<Message>,
+        result: Result<Appended, StoreError>,
+    },
+    Removed {
+        ok: bool,
+    },
+    Loaded {
+        user: CompactString,
+        token: u64,
+        result: Result<Vec<(InboxSeq, StoredMessage)>, StoreError>,
+    },
+    /// One per batch, after its answers: for the shard's metrics and its Redis-up state.
+    Batch {
+        ops: usize,
+        latency: Duration,
+        error: Option<String>,
+    },
+}
+
+/// A shard's end of the store.
+pub struct StoreLink {
+    ops: Sender<StoreOp>,
+    replies: Receiver<StoreReply>,
+    wake_store: Arc<Doorbell>,
+    own_bell: Arc<Doorbell>,
+    /// The socket the shard reads its doorbell from (taken by the glue).
+    pub bell_reader: Option<std::os::unix::net::UnixStream>,
+}
+
+impl StoreLink {
+    /// Queue `op`; it comes back when the queue is full.
+    pub fn submit(&self, op: StoreOp) -> Result<(), StoreOp> {
+        match self.ops.try_send(op) {
+            Ok(()) => {
+                self.wake_store.ring();
+                Ok(())
+            }
+            Err(TrySendError::Full(op)) | Err(TrySendError::Disconnected(op)) => Err(op),
+        }
+    }
+
+    /// The doorbell was read: clear it before draining.
+    pub fn clear_bell(&self) {
+        self.own_bell.clear();
+    }
+
+    /// Answers ready now, at most `max`.
+    pub fn take_replies(&self, out: &mut Vec<StoreReply>, max: usize) {
+        out.extend(self.replies.try_iter().take(max));
+    }
+}
+
+/// Refuse URLs this store cannot serve (checked with the config, before start).
+pub fn check_url(url: &str) -> Result<(), String> {
+    let config = Config::from_url(url).map_err(|e| format!("`{url}`: {e}"))?;
+    if config.server.is_clustered() {
+        return Err("Redis Cluster is not supported yet (a batch touches keys of many users in one script call); use a standalone or Sentinel URL".into());
+    }
+    Ok(())
+}
+
+/// Settings the Redis thread needs.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub pool_size: usize,
+    pub timeout: Duration,
+    pub key_prefix: String,
+    pub max_messages: usize,
+    pub max_age_ms: u64,
+}
+
+impl RedisSettings {
+    pub fn from_config(cfg: &crate::config::Config) -> Option<Self> {
+        Some(RedisSettings {
+            url: cfg.redis_url.clone()?,
+            pool_size: if cfg.redis_pool_size == 0 {
+                cfg.shards
+            } else {
+                cfg.redis_pool_size
+            },
+            timeout: Duration::from_millis(cfg.redis_timeout_ms),
+            key_prefix: cfg.redis_key_prefix.clone(),
+            max_messages: cfg.inbox_max_messages,
+            max_age_ms: cfg.inbox_max_age_ms,
+        })
+    }
+}
+
+/// Start the Redis thread and return one link per shard. The gateway starts even when Redis
+/// is down (sends that need it get `unavailable` until it is back; fred reconnects).
+pub fn start(settings: RedisSettings, shards: usize) -> std::io::Result<Vec<StoreLink>> {
+    let mut links = Vec::with_capacity(shards);
+    let mut pipes = Vec::with_capacity(shards);
+    for shard in 0..shards {
+        let (ops_tx, ops_rx) = crossbeam_channel::bounded(OPS_PER_SHARD);
+        // Unbounded in type, bounded in fact: at most one answer per queued op plus one per batch.
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+        let (wake_store, store_reader) = Doorbell::pair()?;
+        let (own_bell, shard_reader) = Doorbell::pair()?;
+        store_reader.set_nonblocking(true)?;
+        links.push(StoreLink {
+            ops: ops_tx,
+            replies: reply_rx,
+            wake_store: wake_store.clone(),
+            own_bell: own_bell.clone(),
+            bell_reader: Some(shard_reader),
+        });
+        pipes.push(ShardPipe {
+            shard,
+            ops: ops_rx,
+            replies: reply_tx,
+            wake_store,
+            shard_bell: own_bell,
+            reader: store_reader,
+        });
+    }
+    std::thread::Builder::new()
+        .name("ringgate-redis".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime for Redis");
+            runtime.block_on(run(settings, pipes));
+        })?;
+    Ok(links)
+}
+
+/// The Redis thread's end of one shard's link.
+struct ShardPipe {
+    shard: usize,
+    ops: Receiver<StoreOp>,
+    replies: Sender<StoreReply>,
+    wake_store: Arc<Doorbell>,
+    shard_bell: Arc<Doorbell>,
+    reader: std::os::unix::net::UnixStream,
+}
+
+async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>) {
+    let config = Config::from_url(&settings.url).expect("checked by the config");
+    let pool = match Builder::from_config(config)
+        .with_config(|c| c.fail_fast = false)
+        .with_connection_config(|c| {
+            c.connection_timeout = settings.timeout;
+            // A retried command could run after a later batch: never retry, fail instead.
+            c.max_command_attempts = 1;
+        })
+        .with_performance_config(|c| c.default_command_timeout = settings.timeout)
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+        .build_pool(settings.pool_size.max(1))
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the Redis client; every store operation will fail");
+            return fail_forever(pipes).await;
+        }
+    };
+    let _connections = pool.init().await.map_err(|e| {
+        tracing::warn!(error = %e, url = %settings.url, "Redis is not reachable yet; sends that need the store get `unavailable` until it is")
+    });
+    let script = Arc::new(Script::from_lua(BATCH_SCRIPT));
+    let settings = Arc::new(settings);
+    let mut tasks = Vec::new();
+    for pipe in pipes {
+        let client = pool.clients()[pipe.shard % pool.clients().len()].clone();
+        tasks.push(tokio::spawn(serve_shard(
+            client,
+            script.clone(),
+            settings.clone(),
+            pipe,
+        )));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// No client could be built: answer every operation with an error, forever.
+async fn fail_forever(pipes: Vec<ShardPipe>) {
+    let mut tasks = Vec::new();
+    for pipe in pipes {
+        tasks.push(tokio::spawn(async move {
+            let Ok(reader) = pipe.reader.try_clone() else {
+                return;
+            };
+            let Ok(mut bell) = tokio::net::UnixStream::from_std(reader) else {
+                return;
+            };
+            let mut buf = [0u8; 64];
+            while wait_bell(&mut bell, &mut buf).await {
+                pipe.wake_store.clear();
+                let batch: Vec<StoreOp> = pipe.ops.try_iter().collect();
+                answer_failed(&pipe, batch, "the Redis client could not be built".into());
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn wait_bell(bell: &mut tokio::net::UnixStream, buf: &mut [u8]) -> bool {
+    use tokio::io::AsyncReadExt;
+    matches!(bell.read(buf).await, Ok(n) if n > 0)
+}
+
+/// One shard's operations, batch after batch, in order.
+async fn serve_shard(
+    client: Client,
+    script: Arc<Script>,
+    settings: Arc<RedisSettings>,
+    pipe: ShardPipe,
+) {
+    let shard = pipe.shard;
+    let mut bell = match tokio::net::UnixStream::from_std(pipe.reader.try_clone().expect("dup")) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, shard, "Redis task cannot watch its doorbell");
+            return;
+        }
+    };
+    let mut buf = [0u8; 64];
+    let mut up = true;
+    while wait_bell(&mut bell, &mut buf).await {
+        pipe.wake_store.clear();
+        loop {
+            let batch: Vec<StoreOp> = pipe.ops.try_iter().take(BATCH_OPS).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let started = Instant::now();
+            let ops = batch.len();
+            let call = BatchCall::build(&settings, &batch);
+            let result = tokio::time::timeout(
+                settings.timeout,
+                script.evalsha_with_reload::<Value, _, _>(&client, call.keys, call.args),
+            )
+            .await;
+            let outcome = match result {
+                Ok(Ok(value)) => parse_batch(value, &batch),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
+                    "no answer within {} ms",
+                    settings.timeout.as_millis()
+                )),
+            };
+            let error = match outcome {
+                Ok(answers) => {
+                    if !up {
+                        tracing::info!(shard, "Redis is back: the durable store answers again");
+                        up = true;
+                    }
+                    for (op, answer) in batch.into_iter().zip(answers) {
+                        let _ = pipe.replies.send(answer.into_reply(op));
+                    }
+                    None
+                }
+                Err(why) => {
+                    if up {
+                        tracing::warn!(shard, error = %why, "Redis unavailable: sends that need the store get `unavailable`; live delivery goes on");
+                        up = false;
+                    }
+                    answer_failed(&pipe, batch, why.clone());
+                    Some(why)
+                }
+            };
+            let _ = pipe.replies.send(StoreReply::Batch {
+                ops,
+                latency: started.elapsed(),
+                error,
+            });
+            pipe.shard_bell.ring();
+        }
+    }
+}
+
+fn answer_failed(pipe: &ShardPipe, batch: Vec<StoreOp>, why: String) {
+    for op in batch {
+        let reply = match op {
+            StoreOp::Append(msg) => StoreReply::Appended {
+                msg,
+                result: Err(StoreError::Unavailable(why.clone())),
+            },
+            StoreOp::Remove { .. } => StoreReply::Removed { ok: false },
+            StoreOp::Load { user, token, .. } => StoreReply::Loaded {
+                user,
+                token,
+                result: Err(StoreError::Unavailable(why.clone())),
+            },
+        };
+        let _ = pipe.replies.send(reply);
+    }
+    pipe.shard_bell.ring();
+}
+
+/// Keys and arguments of one script call.
+struct BatchCall {
+    keys: Vec<String>,
+    args: Vec<String>,
+}
+
+impl BatchCall {
+    fn build(settings: &RedisSettings, batch: &[StoreOp]) -> BatchCall {
+        let p = &settings.key_prefix;
+        let mut keys = Vec::with_capacity(batch.len() * 3);
+        let mut args = Vec::with_capacity(4 + batch.len() * 6);
+        args.push(settings.max_age_ms.to_string());
+        args.push(settings.max_messages.to_string());
+        args.push(DEDUP_MIN_AGE_MS.to_string());
+        args.push(DEDUP_MIN_ENTRIES.to_string());
+        for op in batch {
+            match op {
+                StoreOp::Append(m) => {
+                    keys.push(format!("{p}in:{}", m.to));
+                    keys.push(format!("{p}dd:{}", m.from));
+                    keys.push(format!("{p}dd:{}:old", m.from));
+                    args.push("A".into());
+                    args.push(m.id.to_string());
+                    args.push(m.from.to_string());
+                    args.push(m.cid.to_string());
+                    args.push(m.ts.to_string());
+                    args.push(m.body.to_string());
+                }
+                StoreOp::Remove { user, seq } => {
+                    keys.push(format!("{p}in:{user}"));
+                    args.push("R".into());
+                    args.push(seq_to_stream_id(*seq));
+                }
+                StoreOp::Load { user, limit, .. } => {
+                    keys.push(format!("{p}in:{user}"));
+                    args.push("L".into());
+                    args.push(limit.to_string());
+                }
+            }
+        }
+        BatchCall { keys, args }
+    }
+}
+
+/// The script every batch runs. ARGV: max_age_ms, max_messages, dedup_ms, dedup_min, then the
+/// operations; KEYS: the keys each operation names, in order. Returns one answer per operation.
+const BATCH_SCRIPT: &str = r#"
+local maxage = tonumber(ARGV[1])
+local maxlen = tonumber(ARGV[2])
+local dedup_ms = tonumber(ARGV[3])
+local dedup_min = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local minid = string.format('%d', math.max(0, now - maxage))
+local out = {}
+local i, k = 5, 1
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'A' then
+    local s, dcur, dold = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    local id, from, cid, ts, body = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    k = k + 3
+    i = i + 6
+    local prev = redis.call('HGET', dcur, cid)
+    if not prev then prev = redis.call('HGET', dold, cid) end
+    if prev then
+      out[#out + 1] = {'dup', prev}
+    else
+      local expired = redis.call('XTRIM', s, 'MINID', minid)
+      if redis.call('XLEN', s) >= maxlen then
+        out[#out + 1] = {'full', expired, redis.call('XLEN', s)}
+      else
+        local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*',
+          'i', id, 'f', from, 'c', cid, 't', ts, 'b', body)
+        redis.call('PEXPIRE', s, ARGV[1])
+        redis.call('HSETNX', dcur, '~born', now)
+        redis.call('HSET', dcur, cid, id)
+        redis.call('PEXPIRE', dcur, string.format('%d', 2 * dedup_ms))
+        local born = tonumber(redis.call('HGET', dcur, '~born'))
+        if now - born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min then
+          redis.call('RENAME', dcur, dold)
+        end
+        out[#out + 1] = {'ok', xid, expired}
+      end
+    end
+  elseif op == 'R' then
+    out[#out + 1] = redis.call('XDEL', KEYS[k], ARGV[i + 1])
+    k = k + 1
+    i = i + 2
+  elseif op == 'L' then
+    out[#out + 1] = redis.call('XRANGE', KEYS[k], minid, '+', 'COUNT', ARGV[i + 1])
+    k = k + 1
+    i = i + 2
+  else
+    return redis.error_reply('ringgate: unknown store op ' .. tostring(op))
+  end
+end
+return out
+"#;
+
+/// One operation's answer, before it is paired with its operation again.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Appended(Result<Appended, StoreError>),
+    Removed(bool),
+    Loaded(Vec<(InboxSeq, StoredMessage)>),
+}
+
+impl Answer {
+    fn into_reply(self, op: StoreOp) -> StoreReply {
+        match (self, op) {
+            (Answer::Appended(result), StoreOp::Append(msg)) => {
+                StoreReply::Appended { msg, result }
+            }
+            (Answer::Removed(ok), StoreOp::Remove { .. }) => StoreReply::Removed { ok },
+            (Answer::Loaded(entries), StoreOp::Load { user, token, .. }) => StoreReply::Loaded {
+                user,
+                token,
+                result: Ok(entries),
+            },
+            // parse_batch checks kinds against the batch, so this cannot pair wrongly.
+            (_, op) => unreachable!("answer kind differs from its operation: {}", op_name(&op)),
+        }
+    }
+}
+
+fn op_name(op: &StoreOp) -> &'static str {
+    match op {
+        StoreOp::Append(_) => "append",
+        StoreOp::Remove { .. } => "remove",
+        StoreOp::Load { .. } => "load",
+    }
+}
+
+/// Pair the script's answers with the batch; any shape mismatch fails the whole batch.
+fn parse_batch(value: Value, batch: &[StoreOp]) -> Result<Vec<Answer>, String> {
+    let Value::Array(items) = value else {
+        return Err(format!("script answered {value:?}, not an array"));
+    };
+    if items.len() != batch.len() {
+        return Err(format!(
+            "script answered {} items for {} operations",
+            items.len(),
+            batch.len()
+        ));
+    }
+    items
+        .into_iter()
+        .zip(batch)
+        .map(|(item, op)| parse_answer(item, op))
+        .collect()
+}
+
+fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> {
+    match op {
+        StoreOp::Append(m) => {
+            let parts = array(item)?;
+            let status = parts.first().and_then(text).unwrap_or_default();
+            let result = match status.as_str() {
+                "ok" => {
+                    let xid = parts.get(1).and_then(text).ok_or("append: no id")?;
+                    Ok(Appended::Stored {
+                        seq: stream_id_to_seq(&xid).ok_or_else(|| format!("bad id {xid}"))?,
+                        expired: parts.get(2).and_then(integer).unwrap_or(0),
+                    })
+                }
+                "dup" => {
+                    let id = parts.get(1).and_then(text).ok_or("dup: no id")?;
+                    Ok(Appended::Duplicate {
+                        id: id.parse().map_err(|_| format!("bad message id {id}"))?,
+                    })
+                }
+                "full" => Err(StoreError::Full {
+                    user: m.to.to_string(),
+                    count: parts.get(2).and_then(integer).unwrap_or(0) as usize,
+                }),
+                other => return Err(format!("append: unknown status {other:?}")),
+            };
+            Ok(Answer::Appended(result))
+        }
+        StoreOp::Remove { .. } => Ok(Answer::Removed(integer(&item).unwrap_or(0) > 0)),
+        StoreOp::Load { .. } => {
+            let entries = array(item)?;
+            let mut out = Vec::with_capacity(entries.len());
+            for entry in entries {
+                out.push(parse_entry(entry)?);
+            }
+            Ok(Answer::Loaded(out))
+        }
+    }
+}
+
+/// One `XRANGE` entry: `[id, [field, value, ...]]`.
+fn parse_entry(entry: Value) -> Result<(InboxSeq, StoredMessage), String> {
+    let mut parts = array(entry)?.into_iter();
+    let xid = parts.next().as_ref().and_then(text).ok_or("entry: no id")?;
+    let seq = stream_id_to_seq(&xid).ok_or_else(|| format!("bad stream id {xid}"))?;
+    let fields = array(parts.next().ok_or("entry: no fields")?)?;
+    let (mut id, mut from, mut cid, mut ts, mut body) = (None, None, None, None, None);
+    for pair in fields.chunks(2) {
+        let (Some(k), Some(v)) = (pair.first().and_then(text), pair.get(1).and_then(text)) else {
+            continue;
+        };
+        match k.as_str() {
+            "i" => id = v.parse::<u64>().ok(),
+            "f" => from = Some(v),
+            "c" => cid = Some(v),
+            "t" => ts = v.parse::<u64>().ok(),
+            "b" => body = Some(v),
+            _ => {}
+        }
+    }
+    match (id, from, cid, ts, body) {
+        (Some(id), Some(from), Some(cid), Some(ts), Some(body)) => Ok((
+            seq,
+            StoredMessage {
+                id,
+                from: from.into(),
+                cid: cid.into(),
+                ts,
+                body: body.into(),
+            },
+        )),
+        _ => Err(format!("entry {xid} lacks a field")),
+    }
+}
+
+fn array(v: Value) -> Result<Vec<Value>, String> {
+    match v {
+        Value::Array(items) => Ok(items),
+        Value::Null => Ok(Vec::new()),
+        other => Err(format!("expected an array, got {other:?}")),
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.to_string()),
+        Value::Bytes(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+        Value::Integer(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn integer(v: &Value) -> Option<u64> {
+    match v {
+        Value::Integer(i) => u64::try_from(*i).ok(),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// Bits of an [`InboxSeq`] that hold the stream id's sequence part.
+const SEQ_BITS: u32 = 20;
+
+/// `ms-n` -> one increasing u64 (`ms << 20 | n`). Redis assigns `n` per millisecond per
+/// stream; a million entries to one user's stream within one millisecond is not a case.
+pub fn stream_id_to_seq(id: &str) -> Option<InboxSeq> {
+    let (ms, n) = id.split_once('-')?;
+    let (ms, n) = (ms.parse::<u64>().ok()?, n.parse::<u64>().ok()?);
+    (n < (1 << SEQ_BITS) && ms < (1 << (64 - SEQ_BITS))).then_some((ms << SEQ_BITS) | n)
+}
+
+/// The inverse of [`stream_id_to_seq`].
+pub fn seq_to_stream_id(seq: InboxSeq) -> String {
+    format!("{}-{}", seq >> SEQ_BITS, seq & ((1 << SEQ_BITS) - 1))
+}
+
+/// Milliseconds since the Unix epoch at which Redis appended the entry `seq`.
+pub fn seq_time_ms(seq: InboxSeq) -> u64 {
+    seq >> SEQ_BITS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::message::ReplyTo;
+
+    fn msg(to: &str) -> Box<Message> {
+        Box::new(Message {
+            id: 7,
+            from: "alice".into(),
+            to: to.into(),
+            cid: "\"c1\"".into(),
+            ts: 1,
+            body: "{\"x\":1}".into(),
+            reply: ReplyTo::all_devices(0),
+            received: Instant::now(),
+        })
+    }
+
+    fn s(v: &str) -> Value {
+        Value::String(v.into())
+    }
+
+    #[test]
+    fn stream_ids_map_to_increasing_seqs_and_back() {
+        let a = stream_id_to_seq("1700000000000-0").unwrap();
+        let b = stream_id_to_seq("1700000000000-1").unwrap();
+        let c = stream_id_to_seq("1700000000001-0").unwrap();
+        assert!(a < b && b < c);
+        assert_eq!(seq_to_stream_id(b), "1700000000000-1");
+        assert_eq!(seq_time_ms(c), 1_700_000_000_001);
+        assert_eq!(stream_id_to_seq("12"), None);
+        assert_eq!(stream_id_to_seq("1-1048576"), None, "n beyond 20 bits");
+        assert_eq!(stream_id_to_seq("x-1"), None);
+    }
+
+    #[test]
+    fn batch_keys_and_args_follow_the_operations_in_order() {
+        let settings = RedisSettings {
+            url: "redis://127.0.0.1:1".into(),
+            pool_size: 1,
+            timeout: Duration::from_millis(10),
+            key_prefix: "p:".into(),
+            max_messages: 5,
+            max_age_ms: 1000,
+        };
+        let batch = vec![
+            StoreOp::Append(msg("bob")),
+            StoreOp::Remove {
+                user: "bob".into(),
+                seq: stream_id_to_seq("5-1").unwrap(),
+            },
+            StoreOp::Load {
+                user: "carol".into(),
+                token: 1,
+                limit: 9,
+            },
+        ];
+        let call = BatchCall::build(&settings, &batch);
+        assert_eq!(
+            call.keys,
+            [
+                "p:in:bob",
+                "p:dd:alice",
+                "p:dd:alice:old",
+                "p:in:bob",
+                "p:in:carol"
+            ]
+        );
+        assert_eq!(&call.args[..4], ["1000", "5", "86400000", "10000"]);
+        assert_eq!(
+            &call.args[4..],
+            [
+                "A",
+                "7",
+                "alice",
+                "\"c1\"",
+                "1",
+                "{\"x\":1}",
+                "R",
+                "5-1",
+                "L",
+                "9"
+            ]
+        );
+    }
+
+    #[test]
+    fn script_answers_pair_with_their_operations() {
+        let batch = vec![
+            StoreOp::Append(msg("bob")),
+            StoreOp::Append(msg("bob")),
+            StoreOp::Append(msg("bob")),
+            StoreOp::Remove {
+                user: "bob".into(),
+                seq: 1,
+            },
+            StoreOp::Load {
+                user: "bob".into(),
+                token: 3,
+                limit: 10,
+            },
+        ];
+        let entry = Value::Array(vec![
+            s("9-2"),
+            Value::Array(vec![
+                s("i"),
+                s("7"),
+                s("f"),
+                s("alice"),
+                s("c"),
+                s("\"c1\""),
+                s("t"),
+                s("1"),
+                s("b"),
+                s("{}"),
+            ]),
+        ]);
+        let value = Value::Array(vec![
+            Value::Array(vec![s("ok"), s("9-2"), Value::Integer(3)]),
+            Value::Array(vec![s("dup"), s("42")]),
+            Value::Array(vec![s("full"), Value::Integer(0), Value::Integer(5)]),
+            Value::Integer(1),
+            Value::Array(vec![entry]),
+        ]);
+        let answers = parse_batch(value, &batch).unwrap();
+        assert_eq!(
+            answers[0],
+            Answer::Appended(Ok(Appended::Stored {
+                seq: stream_id_to_seq("9-2").unwrap(),
+                expired: 3
+            }))
+        );
+        assert_eq!(
+            answers[1],
+            Answer::Appended(Ok(Appended::Duplicate { id: 42 }))
+        );
+        assert!(matches!(
+            answers[2],
+            Answer::Appended(Err(StoreError::Full { count: 5, .. }))
+        ));
+        assert_eq!(answers[3], Answer::Removed(true));
+        let Answer::Loaded(entries) = &answers[4] else {
+            panic!("{:?}", answers[4]);
+        };
+        assert_eq!(entries[0].0, stream_id_to_seq("9-2").unwrap());
+        assert_eq!(entries[0].1.from, "alice");
+        assert_eq!(&*entries[0].1.body, "{}");
+    }
+
+    #[test]
+    fn a_malformed_answer_fails_the_whole_batch() {
+        let batch = vec![StoreOp::Append(msg("bob"))];
+        assert!(parse_batch(Value::Integer(1), &batch).is_err());
+        assert!(parse_batch(Value::Array(vec![]), &batch).is_err());
+        let weird = Value::Array(vec![Value::Array(vec![s("what")])]);
+        assert!(parse_batch(weird, &batch).is_err());
+    }
+
+    #[test]
+    fn cluster_urls_are_refused_with_the_reason() {
+        assert!(check_url("redis://127.0.0.1:6379").is_ok());
+        let err = check_url("redis-cluster://127.0.0.1:7000").unwrap_err();
+        assert!(err.contains("Cluster"), "{err}");
+        assert!(check_url("not a url").is_err());
+    }
+}
