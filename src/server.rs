@@ -38,10 +38,29 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         tracing::warn!("DEV MODE: no jwt_secret configured; clients are trusted as ?user=<id> (allowed only because every listener is on loopback)");
         eprintln!("ringgate: WARNING dev mode: no jwt_secret, clients connect with ?user=<id>; never expose this");
     }
-    eprintln!("ringgate: offline store: embedded (in-process, bounded; lost on restart)");
-    if cfg.redis_url.is_some() {
-        eprintln!("ringgate: WARNING redis_url is set but this build has no Redis store yet; it is ignored");
-    }
+    let mut store_links = match crate::store::redis::RedisSettings::from_config(&cfg) {
+        Some(settings) => {
+            eprintln!(
+                "ringgate: offline store: Redis ({}; `accepted` waits for Redis to confirm each write)",
+                cfg.to_toml_redacted()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("redis_url = "))
+                    .unwrap_or("?")
+            );
+            crate::store::redis::start(settings, cfg.shards)
+                .map_err(|e| StartError::Shard {
+                    shard: 0,
+                    message: format!("cannot start the Redis thread: {e}"),
+                })?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => {
+            eprintln!("ringgate: offline store: embedded (in-process, bounded; lost on restart)");
+            Vec::new()
+        }
+    };
     // Bind every shard's listener before starting, so a busy port fails start-up cleanly and
     // port 0 resolves to one port shared by all shards.
     let first = io::reuseport_listener(cfg.listen).map_err(|source| StartError::Listen {
@@ -91,12 +110,16 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         let shared = shared.clone();
         let m = metrics[id].clone();
         let mesh = meshes.remove(0);
+        let store = store_links.get_mut(id).and_then(Option::take);
         let cpu = cpus[id % cpus.len()];
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .spawn(move || async move {
                 let clock = Box::new(MonotonicClock::with_origin(origin));
-                let shard = Shard::new(id, shared, m, clock);
+                let mut shard = Shard::new(id, shared, m, clock);
+                if let Some(link) = store {
+                    shard.enable_store(link);
+                }
                 io::run(shard, listener, Some(mesh)).await;
             })
             .map_err(|e| StartError::Shard {

@@ -156,6 +156,15 @@ impl Dedup {
         }
     }
 
+    /// Like [`Dedup::accept`], but the store says the cid is message `id` (it was stored
+    /// before, e.g. by a previous run of the gateway): that id is the one remembered.
+    pub fn accept_as(&mut self, cid: &str, id: u64) {
+        if let Some(slot) = self.slots.get_mut(cid) {
+            slot.id = id;
+        }
+        self.accept(cid);
+    }
+
     /// The message of a pending `cid` could not be made safe (`unavailable`): forget it, so
     /// the client's resend is `New` and becomes a new message. A no-op on an accepted cid (an
     /// accepted cid is never forgotten early) or an unknown one.
@@ -263,8 +272,17 @@ mod tests {
         assert_eq!(d.check("1"), Seen::Pending { id: 42 });
         // Accept of an unknown cid is a no-op.
         d.accept("\"nope\"");
+        d.accept_as("\"nope\"", 9);
+        assert_eq!(d.check("\"nope\""), Seen::New, "unknown cids stay unknown");
+        d.begin("\"again\"", 5, 0);
+        d.accept_as("\"again\"", 3);
+        assert_eq!(
+            d.check("\"again\""),
+            Seen::Accepted { id: 3 },
+            "the store's id wins"
+        );
         assert_eq!(d.check("\"nope\""), Seen::New);
-        assert_eq!(d.len(), 2);
+        assert_eq!(d.len(), 3);
     }
 
     #[test]

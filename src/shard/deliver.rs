@@ -100,9 +100,10 @@ impl Shard {
         let ctx = shard_ctx!(self);
         let entry = &mut self.conns[index];
         entry.conn.start_session(&ctx);
-        if let Some(user) = entry.conn.user() {
-            self.users.add(user, index);
+        if let Some(user) = entry.conn.user().map(CompactString::from) {
+            self.users.add(&user, index);
             self.metrics.users.set(self.users.len() as u64);
+            self.ensure_mirror(&user, now);
             self.pump(index, now);
         }
         let ctx = shard_ctx!(self);
@@ -212,16 +213,15 @@ impl Shard {
             }
             Seen::New => {}
         }
-        self.next_msg_id += 1;
-        // Unique per node: shard in the top bits.
-        let id = ((self.id as u64) << 48) | self.next_msg_id;
+        let ts = wall_clock_ms();
+        let id = self.msg_ids.next(ts);
         dedup.begin(&cid, id, now);
         let msg = Message {
             id,
             from,
             to,
             cid,
-            ts: wall_clock_ms(),
+            ts,
             body,
             reply,
             received: std::time::Instant::now(),
@@ -258,6 +258,9 @@ impl Shard {
     /// On the recipient's home shard: make the message safe, tell the sender, feed the devices.
     /// `current`: the connection being polled right now (it writes its own output).
     pub(super) fn deliver(&mut self, msg: Message, now: u64, current: Option<usize>) {
+        if self.durable.is_some() {
+            return self.store_append(msg);
+        }
         let outcome = match self.inbox.append(&msg.to, msg.stored(), now) {
             Ok(_) => {
                 self.metrics.stored.inc();
@@ -290,7 +293,7 @@ impl Shard {
     }
 
     /// Send a report to the sender's home shard (or handle it here).
-    fn report(&mut self, report: Report) {
+    pub(super) fn report(&mut self, report: Report) {
         let to = report.reply.shard as usize;
         if to == self.id {
             return self.on_report(report);
@@ -330,7 +333,7 @@ impl Shard {
         match &r.outcome {
             Outcome::Stored => {
                 if let Some(d) = self.senders.get_mut(&r.from) {
-                    d.accept(&r.cid);
+                    d.accept_as(&r.cid, r.id);
                 }
                 proto::write_accepted(&mut out, &r.cid, r.id);
             }
@@ -373,7 +376,7 @@ impl Shard {
         let outcome = match r.outcome {
             Outcome::Stored => {
                 if let Some(d) = self.senders.get_mut(&r.from) {
-                    d.accept(&r.cid);
+                    d.accept_as(&r.cid, r.id);
                 }
                 ApiOutcome::Accepted { id: r.id }
             }
@@ -422,9 +425,12 @@ impl Shard {
             return;
         }
         self.metrics.acks_pending.sub(acked.len() as u64);
+        let mirror_ready = self.mirror_ready(&user);
         for (inbox_seq, msg) in acked {
             // Only the first device's ack removes the entry: one `delivered` per message.
-            if self.inbox.remove(&user, inbox_seq) {
+            // (While a Redis mirror reloads the entry may be missing from it: still report.)
+            if self.inbox.remove(&user, inbox_seq) || !mirror_ready {
+                self.store_remove(&user, inbox_seq);
                 let home = self.home_of(&msg.from);
                 self.report(Report {
                     id: msg.id,
@@ -449,6 +455,10 @@ impl Shard {
         let Some(user) = entry.conn.user().map(CompactString::from) else {
             return;
         };
+        if !self.mirror_ready(&user) {
+            return; // pumped again when the user's inbox has loaded from Redis
+        }
+        let entry = &mut self.conns[index];
         let ctx = shard_ctx!(self);
         let mut frame = Vec::with_capacity(256);
         let mut caught_up = false;

@@ -60,7 +60,14 @@ pub async fn run(
         // SAFETY: the fd comes from a connected Unix socket we own and hand over whole.
         unsafe { UnixStream::from_raw_fd(bell.into_raw_fd()) }
     });
+    let store_bell = shard.take_store_bell().map(|bell| {
+        // SAFETY: the fd comes from a connected Unix socket we own and hand over whole.
+        unsafe { UnixStream::from_raw_fd(bell.into_raw_fd()) }
+    });
     let shard = Rc::new(RefCell::new(shard));
+    if let Some(bell) = store_bell {
+        glommio::spawn_local(store_loop(shard.clone(), bell)).detach();
+    }
     if let Some(bell) = mesh_bell {
         glommio::spawn_local(mesh_loop(shard.clone(), bell)).detach();
     }
@@ -144,6 +151,33 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
                         // The asker may have given up (timeout): nothing to do then.
                         let _ = reply.send(shard.borrow().presence(&users));
                     }
+                }
+            }
+            if !full {
+                break;
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+}
+
+/// Wait for the store's doorbell, then handle what Redis answered, in bounded batches.
+async fn store_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        match bell.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        shard.borrow().clear_store_bell();
+        loop {
+            let replies = shard.borrow_mut().take_store_replies(DRAIN_BATCH);
+            let full = replies.len() == DRAIN_BATCH;
+            {
+                let mut s = shard.borrow_mut();
+                let now = s.now_ms();
+                for reply in replies {
+                    s.on_store_reply(reply, now);
                 }
             }
             if !full {

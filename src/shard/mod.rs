@@ -20,6 +20,7 @@ macro_rules! shard_ctx {
 }
 
 pub mod deliver;
+pub mod durable;
 pub mod io;
 pub mod park;
 pub mod users;
@@ -132,11 +133,14 @@ pub struct Shard {
     polling: Option<usize>,
     /// Requests connections made while handling input (sends, acks), served right after.
     events: RefCell<Vec<AppEvent>>,
-    /// Offline inboxes of the users whose home is this shard.
+    /// Offline inboxes of the users whose home is this shard (with Redis: the mirror of the
+    /// online users' inboxes, see `durable`).
     inbox: crate::store::MemoryInbox,
+    /// Redis mode (None: the embedded store).
+    durable: Option<durable::Durable>,
     /// Dedup windows of the senders whose home is this shard.
     senders: std::collections::HashMap<compact_str::CompactString, crate::delivery::Dedup>,
-    next_msg_id: u64,
+    msg_ids: crate::delivery::message::MessageIds,
     last_expire_ms: u64,
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
     api_waiters:
@@ -199,8 +203,9 @@ impl Shard {
             polling: None,
             events: RefCell::new(Vec::new()),
             inbox: crate::store::MemoryInbox::new(limits),
+            durable: None,
             senders: Default::default(),
-            next_msg_id: 0,
+            msg_ids: crate::delivery::message::MessageIds::new(id),
             last_expire_ms: 0,
             api_waiters: Default::default(),
             unsent_reports: Vec::new(),
@@ -678,6 +683,7 @@ impl Shard {
             if !entry.conn.awaiting_session() {
                 self.users.remove(user, index);
                 self.metrics.users.set(self.users.len() as u64);
+                self.release_mirror(user);
             }
         }
         let ctx = shard_ctx!(self);
@@ -718,10 +724,15 @@ impl Shard {
         }
         self.fired = fired;
         self.retry_reports();
+        self.retry_loads(now);
         if now >= self.last_expire_ms + INBOX_SWEEP_MS {
             self.last_expire_ms = now;
             let expired = crate::store::Inbox::expire(&mut self.inbox, now);
-            if expired > 0 {
+            self.metrics
+                .inbox_mirrored
+                .set(self.inbox.total_len() as u64);
+            // With Redis the mirror only forgets; Redis counts what its age cap trims.
+            if expired > 0 && self.durable.is_none() {
                 // Counted and logged, never silent (SPEC: 72 h age cap).
                 self.metrics.inbox_expired.add(expired as u64);
                 tracing::info!(

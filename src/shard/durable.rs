@@ -1,0 +1,316 @@
+//! Redis mode of the delivery path (when `redis_url` is set). The store is the authority; the
+//! shard's memory inbox becomes a *mirror* of the inboxes of the users online on this shard.
+//!
+//! * `deliver` sends every message to Redis first (one op in the shard's next batch);
+//!   `accepted` goes out only when Redis confirmed the write. A gateway SIGKILL therefore loses
+//!   nothing that was accepted: the next run reads it back from Redis.
+//! * A user's first device here triggers a *load* (XRANGE); until it answers, that user's
+//!   devices get no `msg` and no `synced`. Batches run in submission order on one connection
+//!   per shard, so the load sees exactly the appends submitted before it, and the appends
+//!   confirmed after it are added to the mirror (`insert_at`): nothing is missed, nothing
+//!   doubled.
+//! * An ack removes the entry from the mirror (first device wins, as in embedded mode) and
+//!   from Redis (XDEL, in a later batch; if that cannot be queued the entry is delivered
+//!   again later and the client drops it by `(from, cid)`).
+//! * The user's last device leaves: the mirror is dropped (Redis still holds everything).
+//! * A failed write for a user whose mirror is live may still have happened: the mirror is
+//!   reloaded, so such an entry is not missed.
+//! * Redis down: the store refuses in bounded time (`redis_timeout_ms`), senders get
+//!   `unavailable`, loads are retried every `LOAD_RETRY_MS`; fred reconnects by itself.
+
+use std::collections::HashMap;
+
+use compact_str::CompactString;
+
+use super::Shard;
+use crate::delivery::message::{Message, Outcome, Report};
+use crate::store::redis::{self as store, Appended, StoreLink, StoreOp, StoreReply};
+use crate::store::StoreError;
+
+/// How long a failed inbox load waits before it is tried again.
+const LOAD_RETRY_MS: u64 = 500;
+
+/// The state of one online user's mirror.
+enum Mirror {
+    /// A load was submitted; answers to other tokens are stale.
+    Loading { token: u64 },
+    /// The last load failed; retried on a tick at or after `retry_at`.
+    Failed { retry_at: u64 },
+    /// The mirror holds what Redis holds for this user.
+    Ready,
+}
+
+/// A shard's Redis-mode state.
+pub struct Durable {
+    link: StoreLink,
+    /// Users online on this shard (at least one device).
+    mirrors: HashMap<CompactString, Mirror>,
+    next_token: u64,
+}
+
+impl Durable {
+    pub fn new(link: StoreLink) -> Self {
+        Durable {
+            link,
+            mirrors: HashMap::new(),
+            next_token: 0,
+        }
+    }
+
+    pub fn take_bell_reader(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        self.link.bell_reader.take()
+    }
+}
+
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Shard {
+    pub fn enable_store(&mut self, link: StoreLink) {
+        self.durable = Some(Durable::new(link));
+    }
+
+    /// The doorbell socket the glue watches for store answers (taken once).
+    pub fn take_store_bell(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        self.durable.as_mut()?.take_bell_reader()
+    }
+
+    pub fn clear_store_bell(&self) {
+        if let Some(d) = &self.durable {
+            d.link.clear_bell();
+        }
+    }
+
+    pub fn take_store_replies(&mut self, max: usize) -> Vec<StoreReply> {
+        let mut out = Vec::new();
+        if let Some(d) = &self.durable {
+            d.link.take_replies(&mut out, max);
+        }
+        out
+    }
+
+    /// True unless a durable store is configured and `user`'s mirror is not loaded yet.
+    pub(super) fn mirror_ready(&self, user: &str) -> bool {
+        match &self.durable {
+            None => true,
+            Some(d) => matches!(d.mirrors.get(user), Some(Mirror::Ready)),
+        }
+    }
+
+    /// A device of `user` started its session: make sure the user's inbox gets loaded.
+    pub(super) fn ensure_mirror(&mut self, user: &str, now: u64) {
+        let Some(d) = &self.durable else {
+            return;
+        };
+        if !d.mirrors.contains_key(user) {
+            self.load_mirror(user, now);
+        }
+    }
+
+    /// A device of `user` left: drop the mirror when it was the last one here.
+    pub(super) fn release_mirror(&mut self, user: &str) {
+        if self.durable.is_none() || !self.devices_of(user).is_empty() {
+            return;
+        }
+        if let Some(d) = &mut self.durable {
+            d.mirrors.remove(user);
+        }
+        self.inbox.drop_user(user);
+    }
+
+    fn load_mirror(&mut self, user: &str, now: u64) {
+        let limit = self.shared.cfg.inbox_max_messages;
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        d.next_token += 1;
+        let token = d.next_token;
+        let op = StoreOp::Load {
+            user: user.into(),
+            token,
+            limit,
+        };
+        let state = match d.link.submit(op) {
+            Ok(()) => Mirror::Loading { token },
+            Err(_) => Mirror::Failed {
+                retry_at: now + LOAD_RETRY_MS,
+            },
+        };
+        d.mirrors.insert(user.into(), state);
+    }
+
+    /// Retry the loads that failed (called on every tick).
+    pub(super) fn retry_loads(&mut self, now: u64) {
+        let Some(d) = &self.durable else {
+            return;
+        };
+        let due: Vec<CompactString> = d
+            .mirrors
+            .iter()
+            .filter(|(_, m)| matches!(m, Mirror::Failed { retry_at } if *retry_at <= now))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for user in due {
+            self.load_mirror(&user, now);
+        }
+    }
+
+    /// Redis mode of `deliver`: the message goes to the store first.
+    pub(super) fn store_append(&mut self, msg: Message) {
+        let Some(d) = &self.durable else {
+            return;
+        };
+        if let Err(StoreOp::Append(msg)) = d.link.submit(StoreOp::Append(Box::new(msg))) {
+            self.metrics.store_refused.inc();
+            self.report(refused(
+                *msg,
+                "the offline store is busy or unreachable, resend later".into(),
+            ));
+        }
+    }
+
+    /// An entry was acked: remove it from Redis too.
+    pub(super) fn store_remove(&mut self, user: &str, seq: crate::store::InboxSeq) {
+        let Some(d) = &self.durable else {
+            return;
+        };
+        let op = StoreOp::Remove {
+            user: user.into(),
+            seq,
+        };
+        if d.link.submit(op).is_err() {
+            self.metrics.redis_removes_dropped.inc();
+        }
+    }
+
+    /// What the store answered.
+    pub fn on_store_reply(&mut self, reply: StoreReply, now: u64) {
+        match reply {
+            StoreReply::Appended { msg, result } => self.on_appended(*msg, result, now),
+            StoreReply::Removed { .. } => {}
+            StoreReply::Loaded {
+                user,
+                token,
+                result,
+            } => self.on_loaded(user, token, result, now),
+            StoreReply::Batch {
+                ops,
+                latency,
+                error,
+            } => {
+                self.metrics.redis_batches.inc();
+                self.metrics.redis_ops.add(ops as u64);
+                self.metrics.redis_latency.observe(latency);
+                if error.is_some() {
+                    self.metrics.redis_errors.inc();
+                }
+                self.metrics.redis_up.set(error.is_none() as u64);
+            }
+        }
+    }
+
+    fn on_appended(&mut self, msg: Message, result: Result<Appended, StoreError>, now: u64) {
+        match result {
+            Ok(Appended::Stored { seq, expired }) => {
+                self.metrics.stored.inc();
+                self.metrics
+                    .redis_spilled_bytes
+                    .add((msg.body.len() + msg.cid.len()) as u64);
+                self.metrics.inbox_expired.add(expired);
+                let stored = msg.stored();
+                let to = msg.to.clone();
+                let id = msg.id;
+                self.report(report(msg, id, Outcome::Stored));
+                if self.mirror_ready(&to) {
+                    let age = wall_clock_ms().saturating_sub(store::seq_time_ms(seq));
+                    self.inbox
+                        .insert_at(&to, seq, stored, now.saturating_sub(age));
+                    for device in self.devices_of(&to) {
+                        self.pump(device, now);
+                        self.kick(device);
+                    }
+                }
+            }
+            Ok(Appended::Duplicate { id }) => {
+                // Stored by an earlier run (or an earlier copy): same id, no second delivery.
+                self.metrics.dedup_hits.inc();
+                self.report(report(msg, id, Outcome::Stored));
+            }
+            Err(e) => {
+                self.metrics.store_refused.inc();
+                let to = msg.to.clone();
+                let unknown = matches!(e, StoreError::Unavailable(_));
+                self.report(refused(msg, e.to_string()));
+                // The write may have happened after all: reload a live mirror.
+                if unknown && self.mirror_ready(&to) {
+                    self.load_mirror(&to, now);
+                }
+            }
+        }
+    }
+
+    fn on_loaded(
+        &mut self,
+        user: CompactString,
+        token: u64,
+        result: Result<Vec<(crate::store::InboxSeq, crate::store::StoredMessage)>, StoreError>,
+        now: u64,
+    ) {
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        // Only the newest load of a user still online counts.
+        if !matches!(d.mirrors.get(&user), Some(Mirror::Loading { token: t }) if *t == token) {
+            return;
+        }
+        match result {
+            Ok(entries) => {
+                d.mirrors.insert(user.clone(), Mirror::Ready);
+                self.metrics.redis_loads.inc();
+                let wall = wall_clock_ms();
+                let entries = entries
+                    .into_iter()
+                    .map(|(seq, m)| {
+                        let age = wall.saturating_sub(store::seq_time_ms(seq));
+                        (seq, now.saturating_sub(age), m)
+                    })
+                    .collect();
+                self.inbox.replace_user(&user, entries);
+                for device in self.devices_of(&user) {
+                    self.pump(device, now);
+                    self.kick(device);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(shard = self.id, %user, error = %e, "inbox load failed; retrying");
+                d.mirrors.insert(
+                    user,
+                    Mirror::Failed {
+                        retry_at: now + LOAD_RETRY_MS,
+                    },
+                );
+            }
+        }
+    }
+}
+
+fn report(msg: Message, id: u64, outcome: Outcome) -> Report {
+    Report {
+        id,
+        from: msg.from,
+        to: msg.to,
+        cid: msg.cid,
+        reply: msg.reply,
+        outcome,
+        received: msg.received,
+    }
+}
+
+fn refused(msg: Message, why: String) -> Report {
+    let id = msg.id;
+    report(msg, id, Outcome::Refused(why))
+}
