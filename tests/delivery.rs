@@ -16,48 +16,8 @@ fn gateway(extra: &[&str]) -> Gateway {
     Gateway::start_shards(SHARDS, extra)
 }
 
-/// A user name starting with `prefix` whose home shard is `shard`.
 fn user_on(prefix: &str, shard: usize) -> String {
-    (0..)
-        .map(|i| format!("{prefix}{i}"))
-        .find(|u| ringgate::mesh::home_shard(u, SHARDS) == shard)
-        .unwrap()
-}
-
-fn send(ws: &mut Ws, to: &str, cid: &str, body: Value) {
-    send_text(
-        ws,
-        &json!({"op":"send","to":to,"cid":cid,"body":body}).to_string(),
-    );
-}
-
-fn ack(ws: &mut Ws, seq: u64) {
-    send_text(ws, &json!({"op":"ack","seq":seq}).to_string());
-}
-
-/// The next frame, which must have this op.
-fn next_op(ws: &mut Ws, op: &str) -> Value {
-    let v = recv_json(ws);
-    assert_eq!(v["op"], op, "expected {op}, got {v}");
-    v
-}
-
-/// Connect and read welcome, the replayed msgs, and synced; returns (ws, replayed msgs).
-fn connect_replay(gw: &Gateway, path: &str) -> (Ws, Vec<Value>) {
-    let mut ws = connect(gw, path);
-    assert_eq!(recv_json(&mut ws)["op"], "welcome");
-    let mut msgs = Vec::new();
-    loop {
-        let v = recv_json(&mut ws);
-        match v["op"].as_str() {
-            Some("msg") => msgs.push(v),
-            Some("synced") => {
-                assert_eq!(v["count"], msgs.len() as u64);
-                return (ws, msgs);
-            }
-            _ => panic!("unexpected before synced: {v}"),
-        }
-    }
+    common::user_on(prefix, shard, SHARDS)
 }
 
 fn online_pair(shard_a: usize, shard_b: usize) {

@@ -8,7 +8,7 @@ use crate::store::StoredMessage;
 /// it in Redis): 42 bits of milliseconds since 2020-01-01 UTC, 10 bits of shard, 12 bits of
 /// sequence within the millisecond. A shard issuing more than 4,096 ids in one millisecond
 /// borrows the next millisecond, so ids stay unique and increasing per shard. They are
-/// 64-bit: JavaScript clients should read them as BigInt or as opaque values.
+/// 64-bit, so the protocol sends them as decimal strings (exact in every JSON parser).
 #[derive(Debug)]
 pub struct MessageIds {
     shard: u64,

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod redis;
+
 pub const SECRET: &str = "integration-test-secret-0123";
 
 pub struct Gateway {
@@ -114,6 +116,12 @@ impl Gateway {
             .filter(|l| l.starts_with(&format!("{name}{{")))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
+    }
+
+    /// SIGKILL and reap: nothing of the gateway's memory survives.
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn sigterm(&self) {
@@ -438,4 +446,50 @@ fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
         },
         pos,
     ))
+}
+
+// Application-level helpers shared by the delivery and Redis tests.
+
+/// A user name starting with `prefix` whose home shard is `shard`.
+pub fn user_on(prefix: &str, shard: usize, shards: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| ringgate::mesh::home_shard(u, shards) == shard)
+        .unwrap()
+}
+
+pub fn send(ws: &mut Ws, to: &str, cid: &str, body: serde_json::Value) {
+    send_text(
+        ws,
+        &serde_json::json!({"op":"send","to":to,"cid":cid,"body":body}).to_string(),
+    );
+}
+
+pub fn ack(ws: &mut Ws, seq: u64) {
+    send_text(ws, &serde_json::json!({"op":"ack","seq":seq}).to_string());
+}
+
+/// The next frame, which must have this op.
+pub fn next_op(ws: &mut Ws, op: &str) -> serde_json::Value {
+    let v = recv_json(ws);
+    assert_eq!(v["op"], op, "expected {op}, got {v}");
+    v
+}
+
+/// Connect and read welcome, the replayed msgs, and synced; returns (ws, replayed msgs).
+pub fn connect_replay(gw: &Gateway, path: &str) -> (Ws, Vec<serde_json::Value>) {
+    let mut ws = connect(gw, path);
+    assert_eq!(recv_json(&mut ws)["op"], "welcome");
+    let mut msgs = Vec::new();
+    loop {
+        let v = recv_json(&mut ws);
+        match v["op"].as_str() {
+            Some("msg") => msgs.push(v),
+            Some("synced") => {
+                assert_eq!(v["count"], msgs.len() as u64);
+                return (ws, msgs);
+            }
+            _ => panic!("unexpected before synced: {v}"),
+        }
+    }
 }

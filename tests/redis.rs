@@ -1,0 +1,371 @@
+//! The durable inbox in Redis (SPEC section 4, issue 5), against a real `redis-server` each
+//! test starts on a free port: accepted messages survive a gateway SIGKILL and SIGTERM,
+//! dedup survives a restart, Redis dying mid-burst yields `unavailable` for exactly what was
+//! not made safe and loses nothing accepted, caps and expiry hold, and a gateway catches up
+//! by itself when Redis comes back.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::redis::RedisServer;
+use common::*;
+use serde_json::{json, Value};
+
+const SHARDS: usize = 2;
+
+fn gateway(redis: &RedisServer, extra: &[&str]) -> Gateway {
+    let url = redis.url();
+    let mut args = vec!["--redis-url", url.as_str(), "--redis-timeout-ms", "500"];
+    args.extend_from_slice(extra);
+    Gateway::start_shards(SHARDS, &args)
+}
+
+fn stream_len(redis: &RedisServer, user: &str) -> i64 {
+    redis.int(&["XLEN", &format!("rg:in:{user}")])
+}
+
+/// Send `n` messages with cids `{prefix}{i}` and wait for each `accepted`; returns the ids.
+fn send_accepted(ws: &mut Ws, to: &str, prefix: &str, n: usize) -> Vec<u64> {
+    (0..n)
+        .map(|i| {
+            let cid = format!("{prefix}{i}");
+            send(ws, to, &cid, json!({"n": i}));
+            let a = next_op(ws, "accepted");
+            assert_eq!(a["cid"], cid);
+            id_of(&a)
+        })
+        .collect()
+}
+
+/// Server message ids travel as decimal strings.
+fn id_of(v: &Value) -> u64 {
+    v["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {v}"))
+}
+
+fn cids(msgs: &[Value]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| m["cid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn accepted_messages_survive_a_gateway_sigkill() {
+    let redis = RedisServer::start();
+    let mut gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    let ids = send_accepted(&mut a, &bob, "k", 20);
+    assert_eq!(
+        stream_len(&redis, &bob),
+        20,
+        "accepted means written to Redis"
+    );
+    gw.sigkill();
+    drop(a);
+
+    let gw2 = gateway(&redis, &[]);
+    let (mut b, msgs) = connect_replay(&gw2, &format!("/ws?user={bob}"));
+    let expected: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    assert_eq!(cids(&msgs), expected, "everything accepted, in order, once");
+    let got_ids: Vec<u64> = msgs.iter().map(id_of).collect();
+    assert_eq!(got_ids, ids, "same ids as the first run answered");
+    assert_eq!(msgs[3]["from"], alice.as_str());
+    assert_eq!(msgs[3]["body"], json!({"n": 3}));
+    ack(&mut b, msgs.last().unwrap()["seq"].as_u64().unwrap());
+    assert!(
+        eventually(Duration::from_secs(10), || stream_len(&redis, &bob) == 0),
+        "acked entries are removed from Redis"
+    );
+    assert!(gw2.metric_sum("ringgate_redis_loads_total") >= 1);
+}
+
+#[test]
+fn unacked_messages_survive_a_sigterm_restart_and_acked_ones_stay_gone() {
+    let redis = RedisServer::start();
+    let mut gw = gateway(&redis, &["--drain-ms", "2000"]);
+    let (alice, bob) = (user_on("alice", 1, SHARDS), user_on("bob", 1, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    let (mut b, _) = connect_app(&gw, &bob);
+    send_accepted(&mut a, &bob, "t", 10);
+    let msgs: Vec<Value> = (0..10).map(|_| next_op(&mut b, "msg")).collect();
+    ack(&mut b, msgs[3]["seq"].as_u64().unwrap());
+    assert!(eventually(Duration::from_secs(10), || stream_len(
+        &redis, &bob
+    ) == 6));
+    gw.sigterm();
+    assert_eq!(recv_close_code(&mut b), 1012);
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
+
+    let gw2 = gateway(&redis, &[]);
+    let (_b, replay) = connect_replay(&gw2, &format!("/ws?user={bob}"));
+    let expected: Vec<String> = (4..10).map(|i| format!("t{i}")).collect();
+    assert_eq!(cids(&replay), expected);
+    let seqs: Vec<u64> = replay.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=6).collect::<Vec<_>>(),
+        "a new connection counts from 1"
+    );
+}
+
+#[test]
+fn a_resent_cid_after_a_gateway_restart_is_deduplicated_by_redis() {
+    let redis = RedisServer::start();
+    let mut gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 0, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    let first = send_accepted(&mut a, &bob, "same", 1)[0];
+    gw.sigkill();
+
+    let gw2 = gateway(&redis, &[]);
+    let (mut a, _) = connect_app(&gw2, &alice);
+    send(&mut a, &bob, "same0", json!({"n": 0}));
+    let again = next_op(&mut a, "accepted");
+    assert_eq!(id_of(&again), first, "same id as before the restart");
+    assert_eq!(stream_len(&redis, &bob), 1, "stored once");
+    let (_b, msgs) = connect_replay(&gw2, &format!("/ws?user={bob}"));
+    assert_eq!(cids(&msgs), vec!["same0"]);
+    assert!(gw2.metric_sum("ringgate_dedup_hits_total") >= 1);
+}
+
+#[test]
+fn online_delivery_goes_through_redis_and_the_ack_removes_the_entry() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    let (mut b, _) = connect_app(&gw, &bob);
+    let (mut b2, _) = connect_app(&gw, &bob);
+    send(&mut a, &bob, "x", json!("hi"));
+    let accepted = next_op(&mut a, "accepted");
+    let m1 = next_op(&mut b, "msg");
+    let m2 = next_op(&mut b2, "msg");
+    assert_eq!(m1["id"], accepted["id"]);
+    assert_eq!(m2["id"], accepted["id"], "every device gets it");
+    assert_eq!(stream_len(&redis, &bob), 1);
+    ack(&mut b, m1["seq"].as_u64().unwrap());
+    let d = next_op(&mut a, "delivered");
+    assert_eq!(d["cid"], "x");
+    assert!(eventually(Duration::from_secs(10), || stream_len(
+        &redis, &bob
+    ) == 0));
+    ack(&mut b2, m2["seq"].as_u64().unwrap());
+    // One delivered only: the next frame alice sees answers her next send.
+    send(&mut a, &bob, "y", json!("again"));
+    assert_eq!(next_op(&mut a, "accepted")["cid"], "y");
+    assert!(gw.metric_sum("ringgate_redis_batches_total") >= 2);
+    assert_eq!(gw.metric_sum("ringgate_redis_errors_total"), 0);
+}
+
+#[test]
+fn the_count_cap_refuses_and_the_age_cap_trims_with_a_ttl() {
+    let redis = RedisServer::start();
+    let gw = gateway(
+        &redis,
+        &["--inbox-max-messages", "3", "--inbox-max-age-ms", "1500"],
+    );
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    send_accepted(&mut a, &bob, "c", 3);
+    send(&mut a, &bob, "c3", json!(3));
+    let err = next_op(&mut a, "error");
+    assert_eq!(err["code"], "unavailable");
+    assert_eq!(err["cid"], "c3");
+    assert_eq!(stream_len(&redis, &bob), 3, "nothing dropped to make room");
+    let ttl = redis.int(&["PTTL", &format!("rg:in:{bob}")]);
+    assert!(ttl > 0 && ttl <= 1500, "stream TTL is the age cap: {ttl}");
+    // Past the age cap the old entries are trimmed (and counted) on the next append.
+    std::thread::sleep(Duration::from_millis(1700));
+    send(&mut a, &bob, "c3", json!(3));
+    assert_eq!(next_op(&mut a, "accepted")["cid"], "c3");
+    assert_eq!(stream_len(&redis, &bob), 1);
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_inbox_expired_total")
+        >= 3));
+    let (_b, msgs) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    assert_eq!(cids(&msgs), vec!["c3"]);
+}
+
+#[test]
+fn redis_killed_mid_burst_loses_nothing_accepted_and_the_gateway_catches_up() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    let total = 300;
+    let mut answers: HashMap<String, &'static str> = HashMap::new();
+    let mut accepted_ids: HashMap<String, u64> = HashMap::new();
+    for i in 0..total {
+        send(&mut a, &bob, &format!("b{i}"), json!({"n": i}));
+        if i == total / 2 {
+            redis.kill();
+        }
+    }
+    // Every send gets exactly one answer, within the store timeout.
+    while answers.len() < total {
+        let v = recv_json(&mut a);
+        let cid = v["cid"].as_str().unwrap().to_string();
+        let kind = match v["op"].as_str() {
+            Some("accepted") => {
+                accepted_ids.insert(cid.clone(), id_of(&v));
+                "accepted"
+            }
+            Some("error") => {
+                assert_eq!(v["code"], "unavailable", "{v}");
+                "unavailable"
+            }
+            _ => panic!("unexpected {v}"),
+        };
+        assert!(answers.insert(cid, kind).is_none(), "one answer per send");
+    }
+    let refused: Vec<String> = (0..total)
+        .map(|i| format!("b{i}"))
+        .filter(|c| answers[c] == "unavailable")
+        .collect();
+    println!(
+        "burst of {total}: {} accepted before Redis died, {} unavailable",
+        accepted_ids.len(),
+        refused.len()
+    );
+    assert!(!refused.is_empty(), "Redis died mid-burst");
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_redis_errors_total")
+        >= 1));
+    assert_eq!(gw.metric_sum("ringgate_redis_up"), 0);
+
+    // A device connecting while Redis is down waits for its inbox (no synced yet).
+    let mut b = connect(&gw, &format!("/ws?user={bob}"));
+    assert_eq!(recv_json(&mut b)["op"], "welcome");
+
+    redis.restart();
+    // The client resends what was refused, with the same cids, until accepted.
+    let mut pending: Vec<String> = refused.clone();
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        rounds += 1;
+        assert!(rounds <= 50, "Redis came back but sends stay refused");
+        for cid in &pending {
+            let n: usize = cid[1..].parse().unwrap();
+            send(&mut a, &bob, cid, json!({"n": n}));
+        }
+        let mut still = Vec::new();
+        for _ in 0..pending.len() {
+            let v = recv_json(&mut a);
+            let cid = v["cid"].as_str().unwrap().to_string();
+            match v["op"].as_str() {
+                Some("accepted") => {
+                    accepted_ids.insert(cid, id_of(&v));
+                }
+                Some("error") => still.push(cid),
+                Some("msg") | Some("delivered") => {}
+                _ => panic!("unexpected {v}"),
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert_eq!(accepted_ids.len(), total);
+
+    // Bob's waiting device catches up by itself: every message exactly once.
+    let mut got: Vec<Value> = Vec::new();
+    loop {
+        let v = recv_json(&mut b);
+        match v["op"].as_str() {
+            Some("msg") => got.push(v),
+            Some("synced") => {}
+            _ => panic!("unexpected {v}"),
+        }
+        if got.len() == total {
+            break;
+        }
+    }
+    let seen: HashSet<String> = cids(&got).into_iter().collect();
+    assert_eq!(seen.len(), total, "each message once");
+    for m in &got {
+        assert_eq!(
+            Some(id_of(m)),
+            accepted_ids.get(m["cid"].as_str().unwrap()).copied(),
+            "the id alice was given"
+        );
+    }
+    // What was accepted before the crash keeps its order.
+    let before: Vec<String> = cids(&got)
+        .into_iter()
+        .filter(|c| answers[c] == "accepted")
+        .collect();
+    let mut sorted = before.clone();
+    sorted.sort_by_key(|c| c[1..].parse::<usize>().unwrap());
+    assert_eq!(before, sorted);
+    assert_eq!(stream_len(&redis, &bob), total as i64);
+    assert_eq!(gw.metric_sum("ringgate_redis_up"), SHARDS as u64);
+    println!(
+        "recovered after {rounds} resend round(s); bob displayed {}",
+        got.len()
+    );
+}
+
+#[test]
+fn a_gateway_starts_without_redis_and_refuses_only_what_needs_it() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let mut a = connect(&gw, &format!("/ws?user={alice}"));
+    assert_eq!(recv_json(&mut a)["op"], "welcome");
+    send(&mut a, &bob, "z", json!(1));
+    let err = next_op(&mut a, "error");
+    assert_eq!(err["code"], "unavailable");
+    assert_eq!(err["cid"], "z");
+    send_text(&mut a, r#"{"op":"ping"}"#);
+    assert_eq!(next_op(&mut a, "pong")["op"], "pong");
+    let (status, _) = gw.admin_get("/healthz");
+    assert_eq!(status, 200);
+    redis.restart();
+    // synced arrives once the inbox could be read, then sends are accepted.
+    assert_eq!(next_op(&mut a, "synced")["count"], 0);
+    assert!(eventually(Duration::from_secs(10), || {
+        send(&mut a, &bob, "z", json!(1));
+        recv_json(&mut a)["op"] == "accepted"
+    }));
+}
+
+#[test]
+fn cluster_urls_are_refused_at_start_with_the_reason() {
+    let out = run_ringgate(
+        &[
+            "config",
+            "--print",
+            "--redis-url",
+            "redis-cluster://127.0.0.1:7000",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("redis_url") && err.contains("Cluster"),
+        "{err}"
+    );
+    let out = run_ringgate(
+        &[
+            "config",
+            "--print",
+            "--redis-url",
+            "redis://u:hunter2@127.0.0.1:6379",
+        ],
+        &[],
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        !shown.contains("hunter2"),
+        "the Redis password is redacted: {shown}"
+    );
+}
