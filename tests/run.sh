@@ -26,6 +26,9 @@ command -v cargo >/dev/null 2>&1 || {
   exit 1
 }
 need_apt curl curl
+# The Redis tests start their own redis-server processes (tests/common/redis.rs).
+need_apt redis-server redis-server
+need_apt redis-cli redis-tools
 
 say "format check"
 cargo fmt --all -- --check

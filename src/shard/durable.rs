@@ -24,7 +24,7 @@ use compact_str::CompactString;
 
 use super::Shard;
 use crate::delivery::message::{Message, Outcome, Report};
-use crate::store::redis::{self as store, Appended, StoreLink, StoreOp, StoreReply};
+use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
 use crate::store::StoreError;
 
 /// How long a failed inbox load waits before it is tried again.
@@ -257,7 +257,7 @@ impl Shard {
         &mut self,
         user: CompactString,
         token: u64,
-        result: Result<Vec<(crate::store::InboxSeq, crate::store::StoredMessage)>, StoreError>,
+        result: Result<Loaded, StoreError>,
         now: u64,
     ) {
         let Some(d) = &mut self.durable else {
@@ -268,9 +268,10 @@ impl Shard {
             return;
         }
         match result {
-            Ok(entries) => {
+            Ok(Loaded { entries, expired }) => {
                 d.mirrors.insert(user.clone(), Mirror::Ready);
                 self.metrics.redis_loads.inc();
+                self.metrics.inbox_expired.add(expired);
                 let wall = wall_clock_ms();
                 let entries = entries
                     .into_iter()

@@ -13,9 +13,12 @@
 //!
 //! # Data layout (prefix `rg:` by default)
 //! * `rg:in:<user>`: a stream per user; entry fields `i` (message id), `f` (from), `c` (cid,
-//!   raw JSON), `t` (ts, ms), `b` (body, raw JSON). `PEXPIRE` = the age cap, refreshed on every
-//!   append; each append first trims entries past the age cap (`XTRIM MINID`), then refuses
-//!   when the stream holds the count cap (`full`, never a silent drop), then `XADD ... MAXLEN ~`.
+//!   raw JSON), `t` (ts, ms), `b` (body, raw JSON). Each append and each load first trims the
+//!   entries past the age cap (`XTRIM MINID`) and reports how many (counted as expired); an
+//!   append then refuses when the stream holds the count cap (`full`, never a silent drop),
+//!   else `XADD ... MAXLEN ~` (a guard: the check keeps it from trimming). `PEXPIRE` of twice
+//!   the age cap, refreshed on every append, deletes the stream of a user who never comes back
+//!   (everything in it is past the age cap by then; those entries are not counted).
 //! * `rg:dd:<sender>` and `rg:dd:<sender>:old`: the dedup window, cid -> message id, checked
 //!   by the same script before any append, so a resend after a gateway restart is answered
 //!   with the first id and stored once. A generation is rotated into `:old` only when it is
@@ -70,6 +73,15 @@ pub enum Appended {
     Duplicate { id: u64 },
 }
 
+/// A user's inbox as read from Redis.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Loaded {
+    /// Oldest first.
+    pub entries: Vec<(InboxSeq, StoredMessage)>,
+    /// Entries the age cap trimmed just before the read.
+    pub expired: u64,
+}
+
 /// The store's answers.
 pub enum StoreReply {
     Appended {
@@ -82,7 +94,7 @@ pub enum StoreReply {
     Loaded {
         user: CompactString,
         token: u64,
-        result: Result<Vec<(InboxSeq, StoredMessage)>, StoreError>,
+        result: Result<Loaded, StoreError>,
     },
     /// One per batch, after its answers: for the shard's metrics and its Redis-up state.
     Batch {
@@ -231,9 +243,20 @@ async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>) {
             return fail_forever(pipes).await;
         }
     };
-    let _connections = pool.init().await.map_err(|e| {
-        tracing::warn!(error = %e, url = %settings.url, "Redis is not reachable yet; sends that need the store get `unavailable` until it is")
+    // Connect in the background: shards are served at once, with `unavailable` until then.
+    let connecting = pool.clone();
+    let url = settings.url.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connecting.init().await {
+            tracing::warn!(error = %e, %url, "cannot connect to Redis; sends that need the store get `unavailable`");
+        }
     });
+    // Give the first connection up to one timeout before serving: operations queue meanwhile
+    // (bounded), and a gateway started next to a healthy Redis does not refuse its first sends.
+    let deadline = Instant::now() + settings.timeout;
+    while !pool.clients().iter().all(|c| c.is_connected()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let script = Arc::new(Script::from_lua(BATCH_SCRIPT));
     let settings = Arc::new(settings);
     let mut tasks = Vec::new();
@@ -306,19 +329,25 @@ async fn serve_shard(
             }
             let started = Instant::now();
             let ops = batch.len();
-            let call = BatchCall::build(&settings, &batch);
-            let result = tokio::time::timeout(
-                settings.timeout,
-                script.evalsha_with_reload::<Value, _, _>(&client, call.keys, call.args),
-            )
-            .await;
-            let outcome = match result {
-                Ok(Ok(value)) => parse_batch(value, &batch),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!(
-                    "no answer within {} ms",
-                    settings.timeout.as_millis()
-                )),
+            // While disconnected, fail at once instead of queueing inside fred: memory stays
+            // bounded while Redis is away, and senders hear `unavailable` without waiting.
+            let outcome = if !client.is_connected() {
+                Err("not connected to Redis (reconnecting)".to_string())
+            } else {
+                let call = BatchCall::build(&settings, &batch);
+                let result = tokio::time::timeout(
+                    settings.timeout,
+                    script.evalsha_with_reload::<Value, _, _>(&client, call.keys, call.args),
+                )
+                .await;
+                match result {
+                    Ok(Ok(value)) => parse_batch(value, &batch),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "no answer within {} ms",
+                        settings.timeout.as_millis()
+                    )),
+                }
             };
             let error = match outcome {
                 Ok(answers) => {
@@ -443,7 +472,7 @@ while i <= #ARGV do
       else
         local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*',
           'i', id, 'f', from, 'c', cid, 't', ts, 'b', body)
-        redis.call('PEXPIRE', s, ARGV[1])
+        redis.call('PEXPIRE', s, string.format('%d', 2 * maxage))
         redis.call('HSETNX', dcur, '~born', now)
         redis.call('HSET', dcur, cid, id)
         redis.call('PEXPIRE', dcur, string.format('%d', 2 * dedup_ms))
@@ -459,7 +488,8 @@ while i <= #ARGV do
     k = k + 1
     i = i + 2
   elseif op == 'L' then
-    out[#out + 1] = redis.call('XRANGE', KEYS[k], minid, '+', 'COUNT', ARGV[i + 1])
+    local expired = redis.call('XTRIM', KEYS[k], 'MINID', minid)
+    out[#out + 1] = {expired, redis.call('XRANGE', KEYS[k], minid, '+', 'COUNT', ARGV[i + 1])}
     k = k + 1
     i = i + 2
   else
@@ -474,7 +504,7 @@ return out
 enum Answer {
     Appended(Result<Appended, StoreError>),
     Removed(bool),
-    Loaded(Vec<(InboxSeq, StoredMessage)>),
+    Loaded(Loaded),
 }
 
 impl Answer {
@@ -484,10 +514,10 @@ impl Answer {
                 StoreReply::Appended { msg, result }
             }
             (Answer::Removed(ok), StoreOp::Remove { .. }) => StoreReply::Removed { ok },
-            (Answer::Loaded(entries), StoreOp::Load { user, token, .. }) => StoreReply::Loaded {
+            (Answer::Loaded(loaded), StoreOp::Load { user, token, .. }) => StoreReply::Loaded {
                 user,
                 token,
-                result: Ok(entries),
+                result: Ok(loaded),
             },
             // parse_batch checks kinds against the batch, so this cannot pair wrongly.
             (_, op) => unreachable!("answer kind differs from its operation: {}", op_name(&op)),
@@ -551,12 +581,14 @@ fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> {
         }
         StoreOp::Remove { .. } => Ok(Answer::Removed(integer(&item).unwrap_or(0) > 0)),
         StoreOp::Load { .. } => {
-            let entries = array(item)?;
-            let mut out = Vec::with_capacity(entries.len());
-            for entry in entries {
-                out.push(parse_entry(entry)?);
+            let mut parts = array(item)?.into_iter();
+            let expired = parts.next().as_ref().and_then(integer).unwrap_or(0);
+            let raw = array(parts.next().ok_or("load: no entries")?)?;
+            let mut entries = Vec::with_capacity(raw.len());
+            for entry in raw {
+                entries.push(parse_entry(entry)?);
             }
-            Ok(Answer::Loaded(out))
+            Ok(Answer::Loaded(Loaded { entries, expired }))
         }
     }
 }
@@ -763,7 +795,7 @@ mod tests {
             Value::Array(vec![s("dup"), s("42")]),
             Value::Array(vec![s("full"), Value::Integer(0), Value::Integer(5)]),
             Value::Integer(1),
-            Value::Array(vec![entry]),
+            Value::Array(vec![Value::Integer(2), Value::Array(vec![entry])]),
         ]);
         let answers = parse_batch(value, &batch).unwrap();
         assert_eq!(
@@ -782,9 +814,10 @@ mod tests {
             Answer::Appended(Err(StoreError::Full { count: 5, .. }))
         ));
         assert_eq!(answers[3], Answer::Removed(true));
-        let Answer::Loaded(entries) = &answers[4] else {
+        let Answer::Loaded(Loaded { entries, expired }) = &answers[4] else {
             panic!("{:?}", answers[4]);
         };
+        assert_eq!(*expired, 2);
         assert_eq!(entries[0].0, stream_id_to_seq("9-2").unwrap());
         assert_eq!(entries[0].1.from, "alice");
         assert_eq!(&*entries[0].1.body, "{}");
