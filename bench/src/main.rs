@@ -16,6 +16,7 @@ mod chat;
 mod engine;
 mod net;
 mod ring;
+mod store;
 mod sys;
 mod ws;
 
@@ -50,6 +51,8 @@ enum Cmd {
     Echo(EchoArgs),
     /// 1:1 messages between paired users: accepted / delivered rates and latencies
     Send(SendArgs),
+    /// Spill / replay / remove throughput of ringgate's Redis store against a real Redis
+    Store(store::StoreArgs),
 }
 
 #[derive(Args, Debug)]
@@ -1030,6 +1033,7 @@ fn main() {
         Cmd::Idle(a) => run_idle(a),
         Cmd::Echo(a) => run_echo(a),
         Cmd::Send(a) => run_send(a),
+        Cmd::Store(a) => store::run(a),
     };
     match r {
         Ok(code) => std::process::exit(code),
