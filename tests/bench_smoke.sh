@@ -31,3 +31,13 @@ echo "gateway accepted $accepted upgrades"
 kill -TERM $PID
 wait $PID
 echo "bench smoke: ok (gateway exited 0 after SIGTERM)"
+
+# The store benchmark against a throwaway redis-server on a free port (bounded: 2,000 messages).
+RPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+RDIR=$(mktemp -d)
+redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly yes --appendfsync always \
+  --dir "$RDIR" --daemonize yes >/dev/null
+trap 'redis-cli -p $RPORT shutdown nosave >/dev/null 2>&1 || true; rm -rf "$RDIR"' EXIT
+for _ in $(seq 100); do [ "$(redis-cli -p "$RPORT" ping 2>/dev/null)" = PONG ] && break; sleep 0.1; done
+"$BENCH" store --redis-url "redis://127.0.0.1:$RPORT" --users 40 --messages 50
+echo "bench smoke: store ok"
