@@ -22,6 +22,7 @@ use std::collections::HashMap;
 
 use compact_str::CompactString;
 
+use super::deliver::wall_clock_ms;
 use super::Shard;
 use crate::delivery::message::{Message, Outcome, Report};
 use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
@@ -60,13 +61,6 @@ impl Durable {
     pub fn take_bell_reader(&mut self) -> Option<std::os::unix::net::UnixStream> {
         self.link.bell_reader.take()
     }
-}
-
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Shard {
