@@ -159,6 +159,50 @@ fn next_replies(link: &StoreLink, bell: &mut std::os::unix::net::UnixStream) -> 
     }
 }
 
+/// One simulated shard's end of the store: submits a phase's operations keeping at most
+/// `in_flight` queued, and hands every answer to the phase.
+struct Driver {
+    link: StoreLink,
+    bell: std::os::unix::net::UnixStream,
+    in_flight: usize,
+    batches: u64,
+}
+
+impl Driver {
+    /// Submit `ops` operations (`make(i)` builds the i-th) and pass each answer to `answer`,
+    /// until all are answered. Returns the phase's duration.
+    fn phase(
+        &mut self,
+        ops: usize,
+        mut make: impl FnMut(usize) -> StoreOp,
+        mut answer: impl FnMut(StoreReply) -> Result<(), String>,
+    ) -> Result<Duration, String> {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(600);
+        let (mut next, mut answered) = (0usize, 0usize);
+        while answered < ops {
+            while next < ops && next - answered < self.in_flight {
+                if self.link.submit(make(next)).is_err() {
+                    break; // the queue is full: wait for answers
+                }
+                next += 1;
+            }
+            for reply in next_replies(&self.link, &mut self.bell) {
+                if matches!(reply, StoreReply::Batch { .. }) {
+                    self.batches += 1;
+                } else {
+                    answered += 1;
+                    answer(reply)?;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("a phase took over 10 minutes".into());
+            }
+        }
+        Ok(started.elapsed())
+    }
+}
+
 fn run_shard(
     shard: usize,
     mut link: StoreLink,
@@ -168,149 +212,102 @@ fn run_shard(
     in_flight: usize,
     barrier: &std::sync::Barrier,
 ) -> Result<ShardRun, String> {
-    let mut bell = link.bell_reader.take().expect("bell");
+    let bell = link.bell_reader.take().expect("bell");
     bell.set_read_timeout(Some(Duration::from_millis(50)))
         .map_err(|e| e.to_string())?;
-    let mut batches = 0u64;
-    let mut queued = 0usize;
-    let count_batches = |replies: &[StoreReply]| {
-        replies
-            .iter()
-            .filter(|r| matches!(r, StoreReply::Batch { .. }))
-            .count() as u64
+    let mut driver = Driver {
+        link,
+        bell,
+        in_flight,
+        batches: 0,
     };
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let check_time = || {
-        if Instant::now() > deadline {
-            Err("a phase took over 10 minutes".to_string())
-        } else {
-            Ok(())
-        }
-    };
+    let n_users = users.len();
 
-    // Spill: message k to user u, interleaved over users like real traffic.
+    // Spill: message k to user u, interleaved over users like real traffic. The message id
+    // carries its index, so an answer finds its user.
     barrier.wait();
-    let started = Instant::now();
-    let mut next = 0usize;
-    let total = users.len() * messages;
+    let mut seqs: Vec<Vec<u64>> = vec![Vec::with_capacity(messages); n_users];
     let mut stored = 0u64;
-    let mut seqs: Vec<Vec<u64>> = vec![Vec::with_capacity(messages); users.len()];
-    while stored < total as u64 {
-        while next < total && queued < in_flight {
-            let (k, u) = (next / users.len(), next % users.len());
-            let msg = Message {
-                id: (shard as u64) << 40 | next as u64,
+    let spill = driver.phase(
+        n_users * messages,
+        |i| {
+            StoreOp::Append(Box::new(Message {
+                id: (shard as u64) << 40 | i as u64,
                 from: "bench-sender".into(),
-                to: users[u].clone(),
-                cid: format!("\"{shard}-{next}\"").into(),
-                ts: k as u64,
+                to: users[i % n_users].clone(),
+                cid: format!("\"{shard}-{i}\"").into(),
+                ts: (i / n_users) as u64,
                 body: body.clone(),
                 reply: ReplyTo::all_devices(shard),
                 received: Instant::now(),
-            };
-            if link.submit(StoreOp::Append(Box::new(msg))).is_err() {
-                break;
+            }))
+        },
+        |reply| match reply {
+            StoreReply::Appended {
+                msg,
+                result: Ok(Appended::Stored { seq, .. }),
+            } => {
+                let index = (msg.id & ((1 << 40) - 1)) as usize;
+                seqs[index % n_users].push(seq);
+                stored += 1;
+                Ok(())
             }
-            next += 1;
-            queued += 1;
-        }
-        let replies = next_replies(&link, &mut bell);
-        batches += count_batches(&replies);
-        for r in replies {
-            if let StoreReply::Appended { msg, result } = r {
-                queued -= 1;
-                match result {
-                    Ok(Appended::Stored { seq, .. }) => {
-                        stored += 1;
-                        // The id carries the message's index (see the submit loop).
-                        let index = (msg.id & ((1 << 40) - 1)) as usize;
-                        seqs[index % users.len()].push(seq);
-                    }
-                    other => return Err(format!("append of {} failed: {other:?}", msg.cid)),
-                }
+            StoreReply::Appended { msg, result } => {
+                Err(format!("append of {} failed: {result:?}", msg.cid))
             }
-        }
-        check_time()?;
-    }
-    let spill = started.elapsed();
+            _ => Err("unexpected answer during spill".into()),
+        },
+    )?;
 
     // Replay: read every inbox, as on connect (one load per user, up to `messages`).
     barrier.wait();
-    let started = Instant::now();
     let mut replayed = 0u64;
-    let mut loads_left = users.len();
-    let mut next = 0usize;
-    while loads_left > 0 {
-        while next < users.len() && queued < in_flight {
-            let op = StoreOp::Load {
-                user: users[next].clone(),
-                token: next as u64,
-                limit: messages,
+    let replay = driver.phase(
+        n_users,
+        |u| StoreOp::Load {
+            user: users[u].clone(),
+            token: u as u64,
+            limit: messages,
+        },
+        |reply| {
+            let StoreReply::Loaded { token, result, .. } = reply else {
+                return Err("unexpected answer during replay".into());
             };
-            if link.submit(op).is_err() {
-                break;
+            let loaded = result.map_err(|e| format!("load failed: {e}"))?;
+            let got: Vec<u64> = loaded.entries.iter().map(|(s, _)| *s).collect();
+            if got != seqs[token as usize] {
+                return Err(format!(
+                    "inbox {} read back differently",
+                    users[token as usize]
+                ));
             }
-            next += 1;
-            queued += 1;
-        }
-        let replies = next_replies(&link, &mut bell);
-        batches += count_batches(&replies);
-        for r in replies {
-            if let StoreReply::Loaded { token, result, .. } = r {
-                queued -= 1;
-                loads_left -= 1;
-                let loaded = result.map_err(|e| format!("load failed: {e}"))?;
-                let got: Vec<u64> = loaded.entries.iter().map(|(s, _)| *s).collect();
-                if got != seqs[token as usize] {
-                    return Err(format!(
-                        "inbox {} read back differently",
-                        users[token as usize]
-                    ));
-                }
-                replayed += got.len() as u64;
-            }
-        }
-        check_time()?;
-    }
-    let replay = started.elapsed();
+            replayed += got.len() as u64;
+            Ok(())
+        },
+    )?;
 
     // Ack: remove every entry, as the acks of the replayed messages would.
     barrier.wait();
-    let started = Instant::now();
-    let mut removed = 0u64;
     let all: Vec<(usize, u64)> = seqs
         .iter()
         .enumerate()
         .flat_map(|(u, s)| s.iter().map(move |&q| (u, q)))
         .collect();
-    let mut next = 0usize;
-    while removed < all.len() as u64 {
-        while next < all.len() && queued < in_flight {
-            let (u, seq) = all[next];
-            let op = StoreOp::Remove {
-                user: users[u].clone(),
-                seq,
-            };
-            if link.submit(op).is_err() {
-                break;
-            }
-            next += 1;
-            queued += 1;
-        }
-        let replies = next_replies(&link, &mut bell);
-        batches += count_batches(&replies);
-        for r in replies {
-            if let StoreReply::Removed { ok } = r {
-                queued -= 1;
-                if !ok {
-                    return Err("a remove failed".into());
-                }
+    let mut removed = 0u64;
+    let ack = driver.phase(
+        all.len(),
+        |i| StoreOp::Remove {
+            user: users[all[i].0].clone(),
+            seq: all[i].1,
+        },
+        |reply| match reply {
+            StoreReply::Removed { ok: true } => {
                 removed += 1;
+                Ok(())
             }
-        }
-        check_time()?;
-    }
-    let ack = started.elapsed();
+            _ => Err("a remove failed".into()),
+        },
+    )?;
     Ok(ShardRun {
         spill,
         replay,
@@ -318,6 +315,6 @@ fn run_shard(
         stored,
         replayed,
         removed,
-        batches,
+        batches: driver.batches,
     })
 }
