@@ -215,11 +215,12 @@ impl Shard {
                     .redis_spilled_bytes
                     .add((msg.body.len() + msg.cid.len()) as u64);
                 self.metrics.inbox_expired.add(expired);
-                let stored = msg.stored();
                 let to = msg.to.clone();
+                // A copy for the mirror only when the recipient is online here.
+                let stored = self.mirror_ready(&to).then(|| msg.stored());
                 let id = msg.id;
                 self.report(report(msg, id, Outcome::Stored));
-                if self.mirror_ready(&to) {
+                if let Some(stored) = stored {
                     let age = wall_clock_ms().saturating_sub(store::seq_time_ms(seq));
                     self.inbox
                         .insert_at(&to, seq, stored, now.saturating_sub(age));
