@@ -17,7 +17,7 @@ use crate::metrics::{self, ShardMetrics};
 use crate::shard::Shared;
 
 /// Most users one presence request may ask about (SPEC section 3).
-pub const MAX_PRESENCE_USERS: usize = 100;
+pub use crate::proto::MAX_PRESENCE_USERS;
 /// How long the API waits for a shard's answer before giving up with 503.
 const SHARD_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 

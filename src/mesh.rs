@@ -45,6 +45,19 @@ pub enum MeshMsg {
         users: Vec<compact_str::CompactString>,
         reply: tokio::sync::oneshot::Sender<Vec<bool>>,
     },
+    /// A `presence` frame's question about users homed on the receiving shard; answered
+    /// with `PresenceAnswer` to `from_shard`, quoting `ask`.
+    PresenceAsk {
+        users: Vec<compact_str::CompactString>,
+        from_shard: usize,
+        ask: usize,
+    },
+    /// Which of the asked users have a connection, in the order asked.
+    PresenceAnswer {
+        ask: usize,
+        users: Vec<compact_str::CompactString>,
+        online: Vec<bool>,
+    },
 }
 
 /// A sending-only handle for threads that are not shards (the admin API).

@@ -60,14 +60,21 @@ pub enum ClientFrame {
     Ack {
         seq: u64,
     },
+    /// Which of `users` have a connection (answered with `presence`).
+    Presence {
+        users: Vec<compact_str::CompactString>,
+    },
 }
+
+/// Most users one `presence` frame may ask about (SPEC section 3).
+pub const MAX_PRESENCE_USERS: usize = 100;
 
 /// Longest `cid` accepted (raw JSON text): it is stored in the dedup window per sender.
 pub const MAX_CID_LEN: usize = 128;
 
 /// Ops the SPEC defines but this build does not serve yet (answered `unavailable`, not
 /// `unknown_op`, so a client can tell "wrong op" from "not here yet").
-const SPEC_OPS_NOT_YET_SERVED: &[&str] = &["join", "leave", "publish", "presence"];
+const SPEC_OPS_NOT_YET_SERVED: &[&str] = &["join", "leave", "publish"];
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -82,6 +89,8 @@ struct Envelope<'a> {
     body: Option<&'a RawValue>,
     #[serde(borrow)]
     seq: Option<&'a RawValue>,
+    #[serde(borrow)]
+    users: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -127,6 +136,29 @@ fn parse_send(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, Fra
     }))
 }
 
+fn parse_presence(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
+    let shape = || {
+        bad(
+            format!("`presence` needs `users`, an array of at most {MAX_PRESENCE_USERS} user ids"),
+            cid,
+        )
+    };
+    let raw = env.users.ok_or_else(shape)?;
+    let users: Vec<String> = serde_json::from_str(raw.get()).map_err(|_| shape())?;
+    if users.len() > MAX_PRESENCE_USERS {
+        return Err(shape());
+    }
+    if let Some(bad_id) = users.iter().find(|u| crate::auth::valid_id(u).is_err()) {
+        return Err(bad(
+            format!("`{}` is not a valid user id", truncate(bad_id, 64)),
+            cid,
+        ));
+    }
+    Ok(ClientFrame::Presence {
+        users: users.into_iter().map(Into::into).collect(),
+    })
+}
+
 pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
     let env: Envelope = serde_json::from_slice(text).map_err(|e| FrameError {
         code: ErrorCode::BadRequest,
@@ -144,6 +176,7 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
     match op {
         "ping" => Ok(ClientFrame::Ping),
         "send" => parse_send(&env, &cid),
+        "presence" => parse_presence(&env, &cid),
         "ack" => env
             .seq
             .and_then(|s| serde_json::from_str::<u64>(s.get()).ok())
@@ -221,6 +254,23 @@ pub fn write_delivered(out: &mut Vec<u8>, cid: &str, id: u64, to: &str) {
     out.extend_from_slice(format!(",\"id\":\"{id}\",\"to\":").as_bytes());
     write_json_str(out, to);
     out.push(b'}');
+}
+
+/// `{"op":"presence","online":{"a":true,"b":false}}` (a user asked twice appears once).
+pub fn write_presence<'a>(out: &mut Vec<u8>, online: impl IntoIterator<Item = (&'a str, bool)>) {
+    out.extend_from_slice(b"{\"op\":\"presence\",\"online\":{");
+    let mut seen = std::collections::HashSet::new();
+    for (user, on) in online {
+        if !seen.insert(user) {
+            continue;
+        }
+        if seen.len() > 1 {
+            out.push(b',');
+        }
+        write_json_str(out, user);
+        out.extend_from_slice(if on { b":true" } else { b":false" });
+    }
+    out.extend_from_slice(b"}}");
 }
 
 pub fn write_error(out: &mut Vec<u8>, err: &FrameError) {
@@ -319,6 +369,55 @@ mod tests {
             parse(br#"{"op":"ack","seq":17}"#).unwrap(),
             ClientFrame::Ack { seq: 17 }
         );
+    }
+
+    #[test]
+    fn presence_parses_and_refuses_bad_shapes() {
+        assert_eq!(
+            parse(br#"{"op":"presence","users":["a","b"]}"#).unwrap(),
+            ClientFrame::Presence {
+                users: vec!["a".into(), "b".into()]
+            }
+        );
+        assert_eq!(
+            parse(br#"{"op":"presence","users":[]}"#).unwrap(),
+            ClientFrame::Presence { users: vec![] }
+        );
+        let hundred: Vec<String> = (0..MAX_PRESENCE_USERS).map(|i| format!("u{i}")).collect();
+        let frame = serde_json::json!({"op":"presence","users":hundred}).to_string();
+        assert!(
+            matches!(parse(frame.as_bytes()), Ok(ClientFrame::Presence { users }) if users.len() == 100)
+        );
+        let too_many: Vec<String> = (0..=MAX_PRESENCE_USERS).map(|i| format!("u{i}")).collect();
+        let frame = serde_json::json!({"op":"presence","users":too_many,"cid":"p"}).to_string();
+        let e = parse(frame.as_bytes()).unwrap_err();
+        assert_eq!(
+            (e.code, e.cid.as_deref()),
+            (ErrorCode::BadRequest, Some("\"p\""))
+        );
+        for bad_frame in [
+            r#"{"op":"presence"}"#,
+            r#"{"op":"presence","users":"a"}"#,
+            r#"{"op":"presence","users":[1]}"#,
+            r#"{"op":"presence","users":[""]}"#,
+            r#"{"op":"presence","users":null}"#,
+        ] {
+            assert_eq!(err(bad_frame).code, ErrorCode::BadRequest, "{bad_frame}");
+        }
+    }
+
+    #[test]
+    fn presence_answer_is_an_object_without_repeats() {
+        let mut out = Vec::new();
+        write_presence(&mut out, [("a", true), ("b\"", false), ("a", true)]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"presence","online":{"a":true,"b\"":false}})
+        );
+        out.clear();
+        write_presence(&mut out, []);
+        assert_eq!(out, br#"{"op":"presence","online":{}}"#);
     }
 
     #[test]

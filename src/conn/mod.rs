@@ -53,6 +53,7 @@ pub struct Ctx<'a> {
 pub enum AppEvent {
     Send(proto::SendRequest),
     Ack { seq: u64 },
+    Presence(Vec<compact_str::CompactString>),
 }
 
 /// What a `/ws` connection carries besides its user id, boxed because it is rare.
@@ -585,6 +586,9 @@ impl Connection {
                 Ok(ClientFrame::Ping) => self.push_frame(Kind::Text, proto::PONG, ctx),
                 Ok(ClientFrame::Send(req)) => ctx.events.borrow_mut().push(AppEvent::Send(req)),
                 Ok(ClientFrame::Ack { seq }) => ctx.events.borrow_mut().push(AppEvent::Ack { seq }),
+                Ok(ClientFrame::Presence { users }) => {
+                    ctx.events.borrow_mut().push(AppEvent::Presence(users))
+                }
                 Err(e) => self.bad_frame(now, e, ctx),
             },
             None => {}

@@ -121,6 +121,7 @@ impl Shard {
                 match event {
                     AppEvent::Send(req) => self.on_send(index, req.to, req.cid, req.body, now),
                     AppEvent::Ack { seq } => self.on_ack(index, seq, now),
+                    AppEvent::Presence(users) => self.on_presence(index, users),
                 }
             }
         }
@@ -298,25 +299,41 @@ impl Shard {
         if to == self.id {
             return self.on_report(report);
         }
+        self.send_or_hold(to, MeshMsg::Report(Box::new(report)));
+    }
+
+    /// Send an answer another shard waits for; a full channel holds it for the next tick
+    /// (never dropped). While anything is held, later messages queue behind it so that a
+    /// shard sees them in the order they were sent.
+    pub(super) fn send_or_hold(&mut self, to: usize, msg: MeshMsg) {
+        if !self.unsent.is_empty() {
+            self.unsent.push((to, msg));
+            return;
+        }
         let mesh = self.mesh.as_ref().expect("several shards have a mesh");
-        if let Err(MeshMsg::Report(r)) = mesh.send(to, MeshMsg::Report(Box::new(report))) {
+        if let Err(msg) = mesh.send(to, msg) {
             self.metrics.mesh_full.inc();
-            self.unsent_reports.push((to, r));
+            self.unsent.push((to, msg));
         }
     }
 
-    /// Retry reports a full channel refused (called on every tick).
-    pub(super) fn retry_reports(&mut self) {
-        if self.unsent_reports.is_empty() {
+    /// Retry what a full channel refused (called on every tick), in the order it was held.
+    pub(super) fn retry_unsent(&mut self) {
+        if self.unsent.is_empty() {
             return;
         }
         let Some(mesh) = self.mesh.as_ref() else {
             return;
         };
-        let pending = std::mem::take(&mut self.unsent_reports);
-        for (to, r) in pending {
-            if let Err(MeshMsg::Report(r)) = mesh.send(to, MeshMsg::Report(r)) {
-                self.unsent_reports.push((to, r));
+        let pending = std::mem::take(&mut self.unsent);
+        let mut refused = std::collections::HashSet::new();
+        for (to, msg) in pending {
+            // Once a shard refused, everything after for it waits too (order per shard).
+            if refused.contains(&to) {
+                self.unsent.push((to, msg));
+            } else if let Err(msg) = mesh.send(to, msg) {
+                refused.insert(to);
+                self.unsent.push((to, msg));
             }
         }
     }
@@ -535,7 +552,7 @@ impl Shard {
     }
 
     /// Append a text frame to a connection's output.
-    fn write_text(&mut self, index: usize, body: &[u8]) {
+    pub(super) fn write_text(&mut self, index: usize, body: &[u8]) {
         let ctx = shard_ctx!(self);
         if let Some(entry) = self.conns.get_mut(index) {
             entry.conn.push_text(body, &ctx);

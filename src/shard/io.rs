@@ -151,6 +151,14 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
                         // The asker may have given up (timeout): nothing to do then.
                         let _ = reply.send(shard.borrow().presence(&users));
                     }
+                    MeshMsg::PresenceAsk {
+                        users,
+                        from_shard,
+                        ask,
+                    } => shard.borrow_mut().on_presence_ask(users, from_shard, ask),
+                    MeshMsg::PresenceAnswer { ask, users, online } => {
+                        shard.borrow_mut().on_presence_answer(ask, users, online)
+                    }
                 }
             }
             if !full {

@@ -23,6 +23,7 @@ pub mod deliver;
 pub mod durable;
 pub mod io;
 pub mod park;
+pub mod presence;
 pub mod users;
 
 use std::io::ErrorKind;
@@ -145,8 +146,11 @@ pub struct Shard {
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
     api_waiters:
         std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<deliver::ApiOutcome>>,
-    /// Reports another shard's full channel refused: retried on every tick (never dropped).
-    unsent_reports: Vec<(usize, Box<crate::delivery::message::Report>)>,
+    /// Answers (reports, presence) another shard's full channel refused: retried on every
+    /// tick, never dropped.
+    unsent: Vec<(usize, MeshMsg)>,
+    /// `presence` frames waiting for other shards' answers.
+    presence_asks: Slab<presence::PresenceAsk>,
     /// Where idle connections wait (None when `park_idle_ms = 0`).
     park: Option<ParkSet>,
     ready_tokens: Vec<u64>,
@@ -208,7 +212,8 @@ impl Shard {
             msg_ids: crate::delivery::message::MessageIds::new(id),
             last_expire_ms: 0,
             api_waiters: Default::default(),
-            unsent_reports: Vec::new(),
+            unsent: Vec::new(),
+            presence_asks: Slab::new(),
             park: None,
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
@@ -723,7 +728,7 @@ impl Shard {
             }
         }
         self.fired = fired;
-        self.retry_reports();
+        self.retry_unsent();
         self.retry_loads(now);
         if now >= self.last_expire_ms + INBOX_SWEEP_MS {
             self.last_expire_ms = now;

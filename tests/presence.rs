@@ -1,0 +1,99 @@
+//! The `presence` WebSocket op (SPEC section 3): each user's home shard answers, across shards
+//! and devices; bad questions get `bad_request` and the connection stays usable.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const SHARDS: usize = 4;
+
+fn ask(ws: &mut Ws, users: &[&str]) -> serde_json::Value {
+    send_text(
+        ws,
+        &serde_json::json!({"op":"presence","users":users}).to_string(),
+    );
+    next_op(ws, "presence")["online"].clone()
+}
+
+#[test]
+fn presence_op_answers_from_every_home_shard() {
+    let gw = Gateway::start_shards(SHARDS, &[]);
+    let on: Vec<String> = (0..SHARDS).map(|s| user_on("on", s, SHARDS)).collect();
+    let off: Vec<String> = (0..SHARDS).map(|s| user_on("off", s, SHARDS)).collect();
+    let mut devices: Vec<Ws> = on.iter().map(|u| connect_app(&gw, u).0).collect();
+    let second_device = connect_app(&gw, &on[1]).0;
+    let (mut asker, _) = connect_app(&gw, "asker");
+
+    let mut users: Vec<&str> = on.iter().chain(off.iter()).map(|s| s.as_str()).collect();
+    users.push("asker");
+    users.push(&on[0]); // asked twice: answered once
+    let online = ask(&mut asker, &users);
+    let mut expected = serde_json::Map::new();
+    for u in &on {
+        expected.insert(u.clone(), true.into());
+    }
+    for u in &off {
+        expected.insert(u.clone(), false.into());
+    }
+    expected.insert("asker".into(), true.into());
+    assert_eq!(online, serde_json::Value::Object(expected));
+
+    // One of two devices leaves: still online. The last one leaves: offline.
+    drop(second_device);
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_connections_open")
+        == SHARDS as u64 + 1));
+    assert_eq!(ask(&mut asker, &[&on[1]])[&on[1]], true);
+    let mut leaving = devices.remove(1);
+    leaving.close(None).unwrap();
+    let _ = recv_close_code(&mut leaving);
+    assert!(eventually(Duration::from_secs(5), || {
+        ask(&mut asker, &[&on[1]])[&on[1]] == false
+    }));
+    assert_eq!(ask(&mut asker, &[]), serde_json::json!({}));
+}
+
+#[test]
+fn presence_with_many_users_spread_over_shards() {
+    let gw = Gateway::start_shards(SHARDS, &[]);
+    let (mut asker, _) = connect_app(&gw, "asker");
+    let names: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
+    let _online: Vec<Ws> = names
+        .iter()
+        .step_by(3)
+        .map(|u| connect_app(&gw, u).0)
+        .collect();
+    let users: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let online = ask(&mut asker, &users);
+    let map = online.as_object().unwrap();
+    assert_eq!(map.len(), 100);
+    for (i, u) in names.iter().enumerate() {
+        assert_eq!(map[u], i % 3 == 0, "{u}");
+    }
+}
+
+#[test]
+fn bad_presence_frames_get_bad_request_and_the_connection_stays() {
+    let gw = Gateway::start_shards(2, &[]);
+    let (mut ws, _) = connect_app(&gw, "asker");
+    let too_many: Vec<String> = (0..101).map(|i| format!("u{i}")).collect();
+    let frames = [
+        r#"{"op":"presence"}"#.to_string(),
+        r#"{"op":"presence","users":"bob"}"#.to_string(),
+        r#"{"op":"presence","users":[7]}"#.to_string(),
+        r#"{"op":"presence","users":[""]}"#.to_string(),
+        serde_json::json!({"op":"presence","users":too_many,"cid":"p1"}).to_string(),
+    ];
+    let mut last = serde_json::Value::Null;
+    for f in &frames {
+        send_text(&mut ws, f);
+        last = next_op(&mut ws, "error");
+        assert_eq!(last["code"], "bad_request", "{f}: {last}");
+    }
+    assert_eq!(last["cid"], "p1");
+    send_text(&mut ws, r#"{"op":"ping"}"#);
+    next_op(&mut ws, "pong");
+    assert_eq!(ask(&mut ws, &["asker"]), serde_json::json!({"asker": true}));
+}
