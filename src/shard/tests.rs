@@ -168,3 +168,43 @@ fn a_send_that_meets_a_full_channel_is_answered_unavailable_and_not_kept() {
         "a refused cid is forgotten, not deduplicated"
     );
 }
+
+#[test]
+fn a_presence_ask_that_meets_a_full_channel_is_answered_unavailable() {
+    let mut shard = shard_with_full_neighbour();
+    let index = shard.admit().unwrap();
+    let mut stream = MockStream::default();
+    let me = user_homed_on(0);
+    stream.input.extend(upgrade(&me));
+    poll(&mut shard, index, &mut stream);
+    stream.output.clear();
+    let other = user_homed_on(1);
+    let ask = format!(r#"{{"op":"presence","users":["{me}","{other}"]}}"#);
+    stream
+        .input
+        .extend(client_frame(true, 1, ask.as_bytes(), [1, 2, 3, 4]));
+    poll(&mut shard, index, &mut stream);
+    let v: serde_json::Value = serde_json::from_slice(&stream.output[2..]).unwrap();
+    assert_eq!(
+        (v["op"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("unavailable"))
+    );
+    assert_eq!(shard.metrics.mesh_full.get(), 1);
+    assert!(
+        shard.presence_asks.is_empty(),
+        "nothing waits for an ask never sent"
+    );
+    // Users homed here only: answered at once, no channel involved.
+    stream.output.clear();
+    let nobody = (0..)
+        .map(|i| format!("nobody{i}"))
+        .find(|u| mesh::home_shard(u, 2) == 0)
+        .unwrap();
+    let ask = format!(r#"{{"op":"presence","users":["{me}","{nobody}"]}}"#);
+    stream
+        .input
+        .extend(client_frame(true, 1, ask.as_bytes(), [1, 2, 3, 4]));
+    poll(&mut shard, index, &mut stream);
+    let v: serde_json::Value = serde_json::from_slice(&stream.output[2..]).unwrap();
+    assert_eq!(v["online"], serde_json::json!({ me: true, nobody: false }));
+}
