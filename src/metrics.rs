@@ -99,6 +99,9 @@ pub const REDIS_SPILLED_BYTES: &str = "ringgate_redis_spilled_bytes_total";
 pub const REDIS_LOADS: &str = "ringgate_redis_loads_total";
 pub const REDIS_REMOVES_DROPPED: &str = "ringgate_redis_removes_dropped_total";
 pub const INBOX_MIRRORED: &str = "ringgate_inbox_mirrored_entries";
+pub const LIVE_SENDS: &str = "ringgate_live_sends_total";
+pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
+pub const LIVE_SPILLED: &str = "ringgate_live_spilled_total";
 
 /// Upper bounds (microseconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
@@ -182,6 +185,9 @@ pub struct ShardMetrics {
     pub redis_loads: Counter,
     pub redis_removes_dropped: Counter,
     pub inbox_mirrored: Gauge,
+    pub live_sends: Counter,
+    pub live_acked: Counter,
+    pub live_spilled: Counter,
 }
 
 enum Kind {
@@ -414,6 +420,24 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Acked entries whose removal could not be queued (redelivered later, deduped by clients).",
         Kind::Counter,
         |m| m.redis_removes_dropped.get(),
+    ),
+    (
+        LIVE_SENDS,
+        "Messages sent to online recipients from memory while Redis was unavailable (accepted on their ack).",
+        Kind::Counter,
+        |m| m.live_sends.get(),
+    ),
+    (
+        LIVE_ACKED,
+        "Of those, acked by a device (accepted then).",
+        Kind::Counter,
+        |m| m.live_acked.get(),
+    ),
+    (
+        LIVE_SPILLED,
+        "Of those, unacked when the recipient's last device left: appended to Redis (or refused).",
+        Kind::Counter,
+        |m| m.live_spilled.get(),
     ),
     (
         INBOX_MIRRORED,

@@ -386,3 +386,146 @@ fn cluster_urls_are_refused_at_start_with_the_reason() {
         "the Redis password is redacted: {shown}"
     );
 }
+
+/// Send `cid` until it is accepted, resending after `unavailable` with the same cid (what
+/// the client library does). Returns the accepted id.
+fn send_until_accepted(a: &mut Ws, to: &str, cid: &str) -> u64 {
+    for _ in 0..100 {
+        send(a, to, cid, json!({"c": cid}));
+        loop {
+            let v = recv_json(a);
+            match v["op"].as_str() {
+                Some("accepted") if v["cid"] == cid => return id_of(&v),
+                Some("error") if v["cid"] == cid => {
+                    assert_eq!(v["code"], "unavailable", "{v}");
+                    break;
+                }
+                // `accepted`/`delivered` of earlier messages.
+                Some("accepted") | Some("delivered") => {}
+                _ => panic!("unexpected {v}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{cid} never accepted");
+}
+
+/// The next `n` answers to alice's sends (accepted / error), by cid; `delivered` skipped.
+fn answers(a: &mut Ws, n: usize) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    while out.len() < n {
+        let v = recv_json(a);
+        let kind = match v["op"].as_str() {
+            Some("delivered") => continue,
+            Some("accepted") => "accepted".to_string(),
+            Some("error") => v["code"].as_str().unwrap().to_string(),
+            _ => panic!("unexpected {v}"),
+        };
+        assert!(out
+            .insert(v["cid"].as_str().unwrap().to_string(), kind)
+            .is_none());
+    }
+    out
+}
+
+#[test]
+fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(&redis, &["--window", "4"]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let bob_up = format!(
+        "ringgate_redis_up{{shard=\"{}\"}}",
+        ringgate::mesh::home_shard(&bob, SHARDS)
+    );
+    let (mut a, _) = connect_app(&gw, &alice);
+    let (b, _) = connect_app(&gw, &bob);
+    redis.kill();
+
+    // A: bob online and acking (a thread of his own, like a real client): every message is
+    // accepted on his ack, in order, once, although Redis is down.
+    let acker = std::thread::spawn(move || {
+        let mut b = b;
+        let mut shown: Vec<Value> = Vec::new();
+        while shown.len() < 20 {
+            let v = next_op(&mut b, "msg");
+            ack(&mut b, v["seq"].as_u64().unwrap());
+            shown.push(v);
+        }
+        (b, shown)
+    });
+    let ids: Vec<u64> = (0..20)
+        .map(|i| send_until_accepted(&mut a, &bob, &format!("l{i}")))
+        .collect();
+    let (mut b, shown) = acker.join().unwrap();
+    let expected: Vec<String> = (0..20).map(|i| format!("l{i}")).collect();
+    assert_eq!(cids(&shown), expected, "in order, each once");
+    assert_eq!(shown.iter().map(id_of).collect::<Vec<_>>(), ids);
+    assert_eq!(gw.metric(&bob_up), 0);
+    assert_eq!(gw.metric_sum("ringgate_live_acked_total"), 20);
+    let refused_first = gw.metric_sum("ringgate_store_refused_total");
+
+    // B: bob stops acking. The live tail is bounded by the window (4): the rest is refused.
+    for i in 0..6 {
+        send(&mut a, &bob, &format!("h{i}"), json!(i));
+    }
+    let got: Vec<Value> = (0..4).map(|_| next_op(&mut b, "msg")).collect();
+    assert_eq!(cids(&got), ["h0", "h1", "h2", "h3"]);
+    let first = answers(&mut a, 2);
+    assert_eq!(first["h4"], "unavailable");
+    assert_eq!(first["h5"], "unavailable");
+
+    // C: Redis comes back; the shard notices by itself (probe). Bob acks h0..h1: accepted.
+    redis.restart();
+    assert!(eventually(Duration::from_secs(10), || gw.metric(&bob_up) == 1));
+    ack(&mut b, got[1]["seq"].as_u64().unwrap());
+    let acked = answers(&mut a, 2);
+    assert_eq!(
+        (acked["h0"].as_str(), acked["h1"].as_str()),
+        ("accepted", "accepted")
+    );
+    // h2, h3 are still live and unacked: a new message joins them (live, not in Redis), so
+    // it can never overtake them.
+    let live_before = gw.metric_sum("ringgate_live_sends_total");
+    send(&mut a, &bob, "h6", json!(6));
+    let m = next_op(&mut b, "msg");
+    assert_eq!(m["cid"], "h6");
+    assert_eq!(gw.metric_sum("ringgate_live_sends_total"), live_before + 1);
+    assert_eq!(stream_len(&redis, &bob), 0);
+
+    // D: bob leaves without acking: his live entries go to Redis in order and are accepted.
+    drop(b);
+    let spilled = answers(&mut a, 3);
+    for c in ["h2", "h3", "h6"] {
+        assert_eq!(spilled[c], "accepted", "{c}");
+    }
+    assert_eq!(gw.metric_sum("ringgate_live_spilled_total"), 3);
+    assert_eq!(stream_len(&redis, &bob), 3);
+    // Alice resends what was refused; bob reconnects and gets everything not acked, in the
+    // order it was accepted (h2, h3, h6 were shown before: his client drops them by cid).
+    for c in ["h4", "h5"] {
+        send_until_accepted(&mut a, &bob, c);
+    }
+    let mut b = connect(&gw, &format!("/ws?user={bob}"));
+    next_op(&mut b, "welcome");
+    let mut replay = Vec::new();
+    loop {
+        // More than a window (4) waits: synced comes once acks let the replay finish.
+        let v = recv_json(&mut b);
+        match v["op"].as_str() {
+            Some("msg") => {
+                ack(&mut b, v["seq"].as_u64().unwrap());
+                replay.push(v);
+            }
+            Some("synced") => break,
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    assert_eq!(cids(&replay), ["h2", "h3", "h6", "h4", "h5"]);
+    assert!(eventually(Duration::from_secs(5), || stream_len(
+        &redis, &bob
+    ) == 0));
+    println!(
+        "Redis down: 20 accepted on bob's acks ({refused_first} refused before the shard knew), \
+         window-bounded tail refused 2, 3 live entries spilled in order when bob left"
+    );
+}

@@ -260,7 +260,7 @@ impl Shard {
     /// `current`: the connection being polled right now (it writes its own output).
     pub(super) fn deliver(&mut self, msg: Message, now: u64, current: Option<usize>) {
         if self.durable.is_some() {
-            return self.store_append(msg);
+            return self.durable_deliver(msg, now, current);
         }
         let outcome = match self.inbox.append(&msg.to, msg.stored(), now) {
             Ok(_) => {
@@ -447,7 +447,7 @@ impl Shard {
             // Only the first device's ack removes the entry: one `delivered` per message.
             // (While a Redis mirror reloads the entry may be missing from it: still report.)
             if self.inbox.remove(&user, inbox_seq) || !mirror_ready {
-                self.store_remove(&user, inbox_seq);
+                self.durable_acked(&user, inbox_seq);
                 let home = self.home_of(&msg.from);
                 self.report(Report {
                     id: msg.id,

@@ -15,10 +15,23 @@
 //! * The user's last device leaves: the mirror is dropped (Redis still holds everything).
 //! * A failed write for a user whose mirror is live may still have happened: the mirror is
 //!   reloaded, so such an entry is not missed.
-//! * Redis down: the store refuses in bounded time (`redis_timeout_ms`), senders get
-//!   `unavailable`, loads are retried every `LOAD_RETRY_MS`; fred reconnects by itself.
+//! * Redis down: the store refuses in bounded time (`redis_timeout_ms`), senders to offline
+//!   users get `unavailable`, loads are retried every `LOAD_RETRY_MS`; fred reconnects by
+//!   itself, and a shard that has nothing to write probes every `PROBE_MS` to learn it is back.
+//! * Live delivery while Redis is down: a message for a user online here (mirror loaded) is
+//!   put after everything the mirror ever held (`append_live`) and sent to the devices from
+//!   memory; it is *not* accepted yet. The first device's ack makes it safe (SPEC 4: "a
+//!   recipient device acknowledged it"): the sender gets `accepted` and `delivered` together.
+//!   These *live* entries form a tail per user, bounded by `window`; while a user has one,
+//!   new messages to that user join it even if Redis is back, so per-sender order holds
+//!   (a durable entry is never placed before a live one). When the user's last device leaves
+//!   with live entries unacked, they are appended to Redis in order; if Redis still refuses,
+//!   their senders get `unavailable` and resend with the same cid.
+//! * A mirror that may have missed an entry (an uncertain write, or a confirmed write that
+//!   arrived behind a live entry) is reloaded once Redis answers and the user's tail is
+//!   empty (never while live entries are out, whose seqs a reload would not keep).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use compact_str::CompactString;
 
@@ -26,10 +39,12 @@ use super::deliver::wall_clock_ms;
 use super::Shard;
 use crate::delivery::message::{Message, Outcome, Report};
 use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
-use crate::store::StoreError;
+use crate::store::{InboxSeq, StoreError};
 
 /// How long a failed inbox load waits before it is tried again.
 const LOAD_RETRY_MS: u64 = 500;
+/// How often a shard that believes Redis is down checks whether it is back.
+const PROBE_MS: u64 = 500;
 
 /// The state of one online user's mirror.
 enum Mirror {
@@ -47,6 +62,15 @@ pub struct Durable {
     /// Users online on this shard (at least one device).
     mirrors: HashMap<CompactString, Mirror>,
     next_token: u64,
+    /// The last batch succeeded (starts true: the first write finds out).
+    up: bool,
+    last_probe_ms: u64,
+    /// Live entries per user (see the module doc), by mirror seq, with what reporting needs.
+    tails: HashMap<CompactString, BTreeMap<InboxSeq, Message>>,
+    /// Appends on their way to Redis, per recipient.
+    writing: HashMap<CompactString, u32>,
+    /// Users whose mirror is reloaded once Redis answers and their tail is empty.
+    reload_wanted: HashSet<CompactString>,
 }
 
 impl Durable {
@@ -55,6 +79,11 @@ impl Durable {
             link,
             mirrors: HashMap::new(),
             next_token: 0,
+            up: true,
+            last_probe_ms: 0,
+            tails: HashMap::new(),
+            writing: HashMap::new(),
+            reload_wanted: HashSet::new(),
         }
     }
 
@@ -110,10 +139,20 @@ impl Shard {
         if self.durable.is_none() || !self.devices_of(user).is_empty() {
             return;
         }
-        if let Some(d) = &mut self.durable {
-            d.mirrors.remove(user);
-        }
+        let tail = match &mut self.durable {
+            Some(d) => {
+                d.mirrors.remove(user);
+                d.reload_wanted.remove(user);
+                d.tails.remove(user)
+            }
+            None => None,
+        };
         self.inbox.drop_user(user);
+        // Live entries no device acked: make them durable now, in order (or refuse them).
+        for (_, msg) in tail.into_iter().flatten() {
+            self.metrics.live_spilled.inc();
+            self.store_append(msg);
+        }
     }
 
     fn load_mirror(&mut self, user: &str, now: u64) {
@@ -137,8 +176,36 @@ impl Shard {
         d.mirrors.insert(user.into(), state);
     }
 
-    /// Retry the loads that failed (called on every tick).
-    pub(super) fn retry_loads(&mut self, now: u64) {
+    /// Periodic Redis-mode work: probe while down, wanted reloads, failed loads.
+    pub(super) fn durable_tick(&mut self, now: u64) {
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        if !d.up && now >= d.last_probe_ms + PROBE_MS {
+            d.last_probe_ms = now;
+            let _ = d.link.submit(StoreOp::Probe);
+        }
+        if d.up && !d.reload_wanted.is_empty() {
+            let due: Vec<CompactString> = d
+                .reload_wanted
+                .iter()
+                .filter(|u| !d.tails.contains_key(*u))
+                .cloned()
+                .collect();
+            for user in due {
+                if let Some(d) = &mut self.durable {
+                    d.reload_wanted.remove(&user);
+                }
+                if self.mirror_ready(&user) {
+                    self.load_mirror(&user, now);
+                }
+            }
+        }
+        self.retry_loads(now);
+    }
+
+    /// Retry the loads that failed.
+    fn retry_loads(&mut self, now: u64) {
         let Some(d) = &self.durable else {
             return;
         };
@@ -153,17 +220,78 @@ impl Shard {
         }
     }
 
-    /// Redis mode of `deliver`: the message goes to the store first.
-    pub(super) fn store_append(&mut self, msg: Message) {
+    /// Redis mode of `deliver`: to the store first, or live from memory (see the module doc).
+    pub(super) fn durable_deliver(&mut self, msg: Message, now: u64, current: Option<usize>) {
         let Some(d) = &self.durable else {
             return;
         };
-        if let Err(StoreOp::Append(msg)) = d.link.submit(StoreOp::Append(Box::new(msg))) {
+        let tail_len = d.tails.get(&msg.to).map_or(0, |t| t.len());
+        // Live only when no write for this user is on its way to Redis: a write confirmed
+        // later would land behind the live entry, out of order.
+        let live = tail_len > 0
+            || (!d.up
+                && !d.writing.contains_key(&msg.to)
+                && self.mirror_ready(&msg.to)
+                && !self.devices_of(&msg.to).is_empty());
+        if !live {
+            return self.store_append(msg);
+        }
+        if tail_len >= self.shared.cfg.window as usize {
             self.metrics.store_refused.inc();
-            self.report(refused(
-                *msg,
-                "the offline store is busy or unreachable, resend later".into(),
+            return self.report(refused(
+                msg,
+                "the offline store is unavailable and the recipient has a window of unacknowledged messages already; resend later".into(),
             ));
+        }
+        self.metrics.live_sends.inc();
+        let to = msg.to.clone();
+        let seq = self.inbox.append_live(&to, msg.stored(), now);
+        if let Some(d) = &mut self.durable {
+            d.tails.entry(to.clone()).or_default().insert(seq, msg);
+        }
+        for device in self.devices_of(&to) {
+            self.pump(device, now);
+            if Some(device) != current {
+                self.kick(device);
+            }
+        }
+    }
+
+    /// A device acked entry `seq` of `user`, the first to do so. A live entry is now safe:
+    /// its sender gets `accepted` here (then `delivered`, like any acked entry). A durable
+    /// one leaves Redis too.
+    pub(super) fn durable_acked(&mut self, user: &str, seq: InboxSeq) {
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        let live = d.tails.get_mut(user).and_then(|tail| tail.remove(&seq));
+        let Some(msg) = live else {
+            return self.store_remove(user, seq);
+        };
+        if d.tails.get(user).is_some_and(|t| t.is_empty()) {
+            d.tails.remove(user);
+        }
+        self.metrics.live_acked.inc();
+        let id = msg.id;
+        self.report(report(msg, id, Outcome::Stored));
+    }
+
+    /// The store sends a message to Redis (queued for the shard's next batch).
+    pub(super) fn store_append(&mut self, msg: Message) {
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        let to = msg.to.clone();
+        match d.link.submit(StoreOp::Append(Box::new(msg))) {
+            Ok(()) => *d.writing.entry(to).or_default() += 1,
+            Err(StoreOp::Append(msg)) => {
+                self.metrics.store_refused.inc();
+                self.report(refused(
+                    *msg,
+                    "the offline store is busy or unreachable, resend later".into(),
+                ));
+            }
+            Err(_) => unreachable!("a refused submit returns its own op"),
         }
     }
 
@@ -185,7 +313,7 @@ impl Shard {
     pub fn on_store_reply(&mut self, reply: StoreReply, now: u64) {
         match reply {
             StoreReply::Appended { msg, result } => self.on_appended(*msg, result, now),
-            StoreReply::Removed { .. } => {}
+            StoreReply::Removed { .. } | StoreReply::Probed => {}
             StoreReply::Loaded {
                 user,
                 token,
@@ -203,11 +331,22 @@ impl Shard {
                     self.metrics.redis_errors.inc();
                 }
                 self.metrics.redis_up.set(error.is_none() as u64);
+                if let Some(d) = &mut self.durable {
+                    d.up = error.is_none();
+                }
             }
         }
     }
 
     fn on_appended(&mut self, msg: Message, result: Result<Appended, StoreError>, now: u64) {
+        if let Some(d) = &mut self.durable {
+            if let Some(n) = d.writing.get_mut(&msg.to) {
+                *n -= 1;
+                if *n == 0 {
+                    d.writing.remove(&msg.to);
+                }
+            }
+        }
         match result {
             Ok(Appended::Stored { seq, expired }) => {
                 self.metrics.stored.inc();
@@ -222,8 +361,14 @@ impl Shard {
                 self.report(report(msg, id, Outcome::Stored));
                 if let Some(stored) = stored {
                     let age = wall_clock_ms().saturating_sub(store::seq_time_ms(seq));
-                    self.inbox
-                        .insert_at(&to, seq, stored, now.saturating_sub(age));
+                    if !self
+                        .inbox
+                        .insert_at(&to, seq, stored, now.saturating_sub(age))
+                    {
+                        // Behind an entry the mirror holds already (a live one): Redis has
+                        // it, the mirror does not; read it back once that is safe.
+                        self.want_reload(&to);
+                    }
                     for device in self.devices_of(&to) {
                         self.pump(device, now);
                         self.kick(device);
@@ -242,9 +387,15 @@ impl Shard {
                 self.report(refused(msg, e.to_string()));
                 // The write may have happened after all: reload a live mirror.
                 if unknown && self.mirror_ready(&to) {
-                    self.load_mirror(&to, now);
+                    self.want_reload(&to);
                 }
             }
+        }
+    }
+
+    fn want_reload(&mut self, user: &str) {
+        if let Some(d) = &mut self.durable {
+            d.reload_wanted.insert(user.into());
         }
     }
 

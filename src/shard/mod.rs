@@ -729,7 +729,7 @@ impl Shard {
         }
         self.fired = fired;
         self.retry_unsent();
-        self.retry_loads(now);
+        self.durable_tick(now);
         if now >= self.last_expire_ms + INBOX_SWEEP_MS {
             self.last_expire_ms = now;
             let expired = crate::store::Inbox::expire(&mut self.inbox, now);

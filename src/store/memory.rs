@@ -162,6 +162,9 @@ impl MemoryInbox {
             .slots
             .back()
             .map_or(appended_at, |s| s.appended_at.max(appended_at));
+        // Mirror mode: `next_seq` stays above every seq ever held, so `append_live` can
+        // always place an entry after anything a connection has already been given.
+        self.next_seq = self.next_seq.max(seq + 1);
         inbox.slots.push_back(Slot {
             seq,
             appended_at,
@@ -170,6 +173,16 @@ impl MemoryInbox {
         inbox.live += 1;
         self.total += 1;
         true
+    }
+
+    /// Mirror mode, store unavailable: add an entry the store does *not* hold, after every
+    /// entry this inbox has ever held (so after anything a connection was already given).
+    /// No cap check: the caller bounds these. Returns its seq.
+    pub fn append_live(&mut self, user: &str, msg: StoredMessage, now: u64) -> InboxSeq {
+        let seq = self.next_seq;
+        let added = self.insert_at(user, seq, msg, now);
+        debug_assert!(added, "next_seq is above every seq held");
+        seq
     }
 
     /// Mirror mode: the user's entries as the store holds them now (oldest first), replacing
@@ -368,6 +381,26 @@ mod tests {
         assert_eq!(inbox.total_len(), 0);
         assert_eq!(inbox.len("bob"), 0);
         assert_eq!(inbox.users(), 0);
+    }
+
+    #[test]
+    fn live_entries_go_after_every_seq_ever_held() {
+        let mut inbox = MemoryInbox::new(limits(2, HOUR));
+        assert!(inbox.insert_at("bob", 500, m(1), T0));
+        assert!(inbox.insert_at("carol", 900, m(2), T0));
+        // bob's entry was acked and removed: a connection may still have been given seq 500,
+        // and carol's 900 is the highest ever held, so bob's live entry comes after both.
+        assert!(inbox.remove("bob", 500));
+        let live = inbox.append_live("bob", m(3), T0 + 1);
+        assert!(live > 900, "{live}");
+        let next = inbox.append_live("bob", m(4), T0 + 2);
+        assert!(next > live);
+        assert_eq!(ids(&inbox.read("bob", 0, 10, T0 + 5)), vec![3, 4]);
+        // Not capped here (the caller bounds live entries), and the store's later seqs still
+        // go after them.
+        assert_eq!(inbox.len("bob"), 2);
+        assert!(inbox.insert_at("bob", next + 10, m(5), T0 + 3));
+        assert_eq!(ids(&inbox.read("bob", 0, 10, T0 + 5)), vec![3, 4, 5]);
     }
 
     #[test]

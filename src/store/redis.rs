@@ -62,6 +62,9 @@ pub enum StoreOp {
         token: u64,
         limit: usize,
     },
+    /// Touch nothing: a shard that stopped writing while Redis was away uses it to learn
+    /// that Redis is back (the batch's own answer says so).
+    Probe,
 }
 
 /// How an append went.
@@ -96,6 +99,7 @@ pub enum StoreReply {
         token: u64,
         result: Result<Loaded, StoreError>,
     },
+    Probed,
     /// One per batch, after its answers: for the shard's metrics and its Redis-up state.
     Batch {
         ops: usize,
@@ -392,6 +396,7 @@ fn answer_failed(pipe: &ShardPipe, batch: Vec<StoreOp>, why: String) {
                 token,
                 result: Err(StoreError::Unavailable(why.clone())),
             },
+            StoreOp::Probe => StoreReply::Probed,
         };
         let _ = pipe.replies.send(reply);
     }
@@ -434,6 +439,7 @@ impl BatchCall {
                     args.push("L".into());
                     args.push(limit.to_string());
                 }
+                StoreOp::Probe => args.push("P".into()),
             }
         }
         BatchCall { keys, args }
@@ -511,6 +517,9 @@ while i <= #ARGV do
     out[#out + 1] = {expired, redis.call('XRANGE', KEYS[k], minid, '+', 'COUNT', ARGV[i + 1])}
     k = k + 1
     i = i + 2
+  elseif op == 'P' then
+    out[#out + 1] = 1
+    i = i + 1
   else
     return redis.error_reply('ringgate: unknown store op ' .. tostring(op))
   end
@@ -539,6 +548,7 @@ enum Answer {
     Appended(Result<Appended, StoreError>),
     Removed(bool),
     Loaded(Loaded),
+    Probed,
 }
 
 impl Answer {
@@ -553,6 +563,7 @@ impl Answer {
                 token,
                 result: Ok(loaded),
             },
+            (Answer::Probed, StoreOp::Probe) => StoreReply::Probed,
             // parse_batch checks kinds against the batch, so this cannot pair wrongly.
             (_, op) => unreachable!("answer kind differs from its operation: {}", op_name(&op)),
         }
@@ -564,6 +575,7 @@ fn op_name(op: &StoreOp) -> &'static str {
         StoreOp::Append(_) => "append",
         StoreOp::Remove { .. } => "remove",
         StoreOp::Load { .. } => "load",
+        StoreOp::Probe => "probe",
     }
 }
 
@@ -624,6 +636,10 @@ fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> {
             }
             Ok(Answer::Loaded(Loaded { entries, expired }))
         }
+        StoreOp::Probe => match integer(&item) {
+            Some(1) => Ok(Answer::Probed),
+            _ => Err(format!("probe: unexpected answer {item:?}")),
+        },
     }
 }
 
