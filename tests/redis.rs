@@ -490,7 +490,11 @@ fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
     let m = next_op(&mut b, "msg");
     assert_eq!(m["cid"], "h6");
     assert_eq!(gw.metric_sum("ringgate_live_sends_total"), live_before + 1);
-    assert_eq!(stream_len(&redis, &bob), 0);
+    // Nothing of phase B/C is in Redis. (The first send of the outage, refused when the
+    // connection broke, may have been written once Redis was back: an uncertain write, which
+    // bob's client drops by cid because l0 was shown to him live.)
+    let stored = redis.cli(&["XRANGE", &format!("rg:in:{bob}"), "-", "+"]);
+    assert!(!stored.contains("\"h"), "{stored}");
 
     // D: bob leaves without acking: his live entries go to Redis in order and are accepted.
     drop(b);
@@ -499,7 +503,8 @@ fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
         assert_eq!(spilled[c], "accepted", "{c}");
     }
     assert_eq!(gw.metric_sum("ringgate_live_spilled_total"), 3);
-    assert_eq!(stream_len(&redis, &bob), 3);
+    let stored = redis.cli(&["XRANGE", &format!("rg:in:{bob}"), "-", "+"]);
+    assert_eq!(stored.matches("\"h").count(), 3, "{stored}");
     // Alice resends what was refused; bob reconnects and gets everything not acked, in the
     // order it was accepted (h2, h3, h6 were shown before: his client drops them by cid).
     for c in ["h4", "h5"] {
@@ -520,7 +525,10 @@ fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
             _ => panic!("unexpected {v}"),
         }
     }
-    assert_eq!(cids(&replay), ["h2", "h3", "h6", "h4", "h5"]);
+    let (new, old): (Vec<String>, Vec<String>) =
+        cids(&replay).into_iter().partition(|c| c.starts_with('h'));
+    assert_eq!(new, ["h2", "h3", "h6", "h4", "h5"]);
+    assert!(old.iter().all(|c| expected.contains(c)), "{old:?}");
     assert!(eventually(Duration::from_secs(5), || stream_len(
         &redis, &bob
     ) == 0));

@@ -7,9 +7,15 @@
 //!   [`StoreOp`]s in, an answer channel of [`StoreReply`]s out, and a doorbell each way (the
 //!   same wake-up as the mesh: one byte per wake-up, not per message).
 //! * Per shard, one task on the Redis thread takes the queued operations in batches and sends
-//!   each batch as **one script call** on the shard's own connection, so a batch is one round
-//!   trip, runs atomically, and batches run in submission order. That order is what the shard
-//!   relies on (a load sees every append submitted before it; see `shard/durable.rs`).
+//!   each batch as **one pipeline** on the shard's own connection: runs of appends and removes
+//!   as one script call each, loads as plain `XTRIM` + `XRANGE` (see [`Segment`]). A batch is
+//!   one round trip and batches run in submission order. That order is what the shard relies
+//!   on (a load sees every append submitted before it; see `shard/durable.rs`).
+//! * A batch that failed or timed out may still have been written (uncertain): commands are
+//!   sent fail-fast and never retried by fred, but one already on its way can land once Redis
+//!   is back. The shard treats such a write as "maybe stored": the sender heard `unavailable`
+//!   and resends with the same cid (Redis dedup answers with the first id), and the
+//!   recipient's mirror is reloaded. Clients drop a second copy by `(from, cid)`.
 //!
 //! # Data layout (prefix `rg:` by default)
 //! * `rg:in:<user>`: a stream per user; one field `m` per entry, the message packed by
@@ -33,8 +39,10 @@ use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use fred::interfaces::StreamsInterface;
 use fred::prelude::*;
-use fred::types::scripts::Script;
+use fred::types::config::Options;
+use fred::types::{ClusterHash, CustomCommand};
 
 use super::{InboxSeq, StoreError, StoredMessage};
 use crate::delivery::message::Message;
@@ -261,17 +269,11 @@ async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>) {
     while !pool.clients().iter().all(|c| c.is_connected()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let script = Arc::new(Script::from_lua(BATCH_SCRIPT));
     let settings = Arc::new(settings);
     let mut tasks = Vec::new();
     for pipe in pipes {
         let client = pool.clients()[pipe.shard % pool.clients().len()].clone();
-        tasks.push(tokio::spawn(serve_shard(
-            client,
-            script.clone(),
-            settings.clone(),
-            pipe,
-        )));
+        tasks.push(tokio::spawn(serve_shard(client, settings.clone(), pipe)));
     }
     for t in tasks {
         let _ = t.await;
@@ -308,12 +310,7 @@ async fn wait_bell(bell: &mut tokio::net::UnixStream, buf: &mut [u8]) -> bool {
 }
 
 /// One shard's operations, batch after batch, in order.
-async fn serve_shard(
-    client: Client,
-    script: Arc<Script>,
-    settings: Arc<RedisSettings>,
-    pipe: ShardPipe,
-) {
+async fn serve_shard(client: Client, settings: Arc<RedisSettings>, pipe: ShardPipe) {
     let shard = pipe.shard;
     let mut bell = match tokio::net::UnixStream::from_std(pipe.reader.try_clone().expect("dup")) {
         Ok(b) => b,
@@ -338,41 +335,36 @@ async fn serve_shard(
             let outcome = if !client.is_connected() {
                 Err("not connected to Redis (reconnecting)".to_string())
             } else {
-                let call = BatchCall::build(&settings, &batch);
-                let result = tokio::time::timeout(
-                    settings.timeout,
-                    script.evalsha_with_reload::<Value, _, _>(&client, call.keys, call.args),
-                )
-                .await;
-                match result {
-                    Ok(Ok(value)) => parse_batch(value, &batch),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!(
-                        "no answer within {} ms",
-                        settings.timeout.as_millis()
-                    )),
-                }
+                run_batch(&client, &settings, &batch).await
             };
             let error = match outcome {
                 Ok(answers) => {
-                    if !up {
-                        tracing::info!(shard, "Redis is back: the durable store answers again");
-                        up = true;
-                    }
+                    let first_error = answers.iter().find_map(|a| a.as_ref().err().cloned());
                     for (op, answer) in batch.into_iter().zip(answers) {
-                        let _ = pipe.replies.send(answer.into_reply(op));
+                        let reply = match answer {
+                            Ok(answer) => answer.into_reply(op),
+                            Err(why) => failed_reply(op, why),
+                        };
+                        let _ = pipe.replies.send(reply);
                     }
-                    None
+                    first_error
                 }
                 Err(why) => {
-                    if up {
-                        tracing::warn!(shard, error = %why, "Redis unavailable: sends that need the store get `unavailable`; live delivery goes on");
-                        up = false;
-                    }
                     answer_failed(&pipe, batch, why.clone());
                     Some(why)
                 }
             };
+            match (&error, up) {
+                (None, false) => {
+                    tracing::info!(shard, "Redis is back: the durable store answers again");
+                    up = true;
+                }
+                (Some(why), true) => {
+                    tracing::warn!(shard, error = %why, "Redis unavailable: sends that need the store get `unavailable`; live delivery goes on");
+                    up = false;
+                }
+                _ => {}
+            }
             let _ = pipe.replies.send(StoreReply::Batch {
                 ops,
                 latency: started.elapsed(),
@@ -385,22 +377,158 @@ async fn serve_shard(
 
 fn answer_failed(pipe: &ShardPipe, batch: Vec<StoreOp>, why: String) {
     for op in batch {
-        let reply = match op {
-            StoreOp::Append(msg) => StoreReply::Appended {
-                msg,
-                result: Err(StoreError::Unavailable(why.clone())),
-            },
-            StoreOp::Remove { .. } => StoreReply::Removed { ok: false },
-            StoreOp::Load { user, token, .. } => StoreReply::Loaded {
-                user,
-                token,
-                result: Err(StoreError::Unavailable(why.clone())),
-            },
-            StoreOp::Probe => StoreReply::Probed,
-        };
-        let _ = pipe.replies.send(reply);
+        let _ = pipe.replies.send(failed_reply(op, why.clone()));
     }
     pipe.shard_bell.ring();
+}
+
+fn failed_reply(op: StoreOp, why: String) -> StoreReply {
+    match op {
+        StoreOp::Append(msg) => StoreReply::Appended {
+            msg,
+            result: Err(StoreError::Unavailable(why)),
+        },
+        StoreOp::Remove { .. } => StoreReply::Removed { ok: false },
+        StoreOp::Load { user, token, .. } => StoreReply::Loaded {
+            user,
+            token,
+            result: Err(StoreError::Unavailable(why)),
+        },
+        StoreOp::Probe => StoreReply::Probed,
+    }
+}
+
+/// How one batch goes to Redis, in one pipeline (one round trip), keeping the batch's order:
+/// runs of appends/removes/probes as one script call each, and each load as plain `XTRIM`
+/// and `XRANGE` (Redis answers those natively, several times faster than through Lua, which
+/// would convert every entry to a Lua table and back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Script(std::ops::Range<usize>),
+    Load(usize),
+}
+
+fn plan(batch: &[StoreOp]) -> Vec<Segment> {
+    let mut segments = Vec::new();
+    let mut run_start = None;
+    for (i, op) in batch.iter().enumerate() {
+        if matches!(op, StoreOp::Load { .. }) {
+            if let Some(start) = run_start.take() {
+                segments.push(Segment::Script(start..i));
+            }
+            segments.push(Segment::Load(i));
+        } else if run_start.is_none() {
+            run_start = Some(i);
+        }
+    }
+    if let Some(start) = run_start {
+        segments.push(Segment::Script(start..batch.len()));
+    }
+    segments
+}
+
+/// Oldest stream id a load returns: entries older are past the age cap.
+fn load_minid(settings: &RedisSettings) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    now.saturating_sub(settings.max_age_ms).to_string()
+}
+
+/// Send one batch; an answer (or the reason it failed) per operation. `Err`: nothing is
+/// known of the whole batch (no answer in time, or the pipeline could not be sent).
+async fn run_batch(
+    client: &Client,
+    settings: &RedisSettings,
+    batch: &[StoreOp],
+) -> Result<Vec<Result<Answer, String>>, String> {
+    let segments = plan(batch);
+    // Never buffered for a later connection, never retried: a batch answered `unavailable`
+    // must not be written behind the shard's back once Redis is back (it would land after
+    // messages accepted since, out of order).
+    let once = Options {
+        fail_fast: true,
+        max_attempts: Some(1),
+        timeout: Some(settings.timeout),
+        ..Options::default()
+    };
+    let pipeline = fred::clients::Pipeline::from(client.with_options(&once));
+    let minid = load_minid(settings);
+    let queued = |r: Result<(), Error>| r.map_err(|e| e.to_string());
+    for segment in &segments {
+        match segment {
+            Segment::Script(range) => {
+                let call = BatchCall::build(settings, &batch[range.clone()]);
+                // EVAL with the text (not EVALSHA): a Redis restarted meanwhile has an empty
+                // script cache, and a NOSCRIPT in the middle of a pipeline could not be retried
+                // without reordering. The text is ~2 KB per batch of up to 1,024 operations.
+                let mut args = Vec::with_capacity(2 + call.keys.len() + call.args.len());
+                args.push(BATCH_SCRIPT.to_string());
+                args.push(call.keys.len().to_string());
+                args.extend(call.keys);
+                args.extend(call.args);
+                let eval = CustomCommand::new_static("EVAL", ClusterHash::Random, false);
+                queued(pipeline.custom(eval, args).await)?;
+            }
+            Segment::Load(i) => {
+                let StoreOp::Load { user, limit, .. } = &batch[*i] else {
+                    unreachable!("plan puts only loads in Load segments");
+                };
+                let key = format!("{}in:{user}", settings.key_prefix);
+                queued(
+                    pipeline
+                        .xtrim(key.as_str(), ("MINID", "=", minid.as_str()))
+                        .await,
+                )?;
+                queued(
+                    pipeline
+                        .xrange(key.as_str(), minid.as_str(), "+", Some(*limit as u64))
+                        .await,
+                )?;
+            }
+        }
+    }
+    let results = tokio::time::timeout(settings.timeout, pipeline.try_all::<Value>())
+        .await
+        .map_err(|_| format!("no answer within {} ms", settings.timeout.as_millis()))?;
+    let mut results = results.into_iter().map(|r| r.map_err(|e| e.to_string()));
+    let mut next = || {
+        results
+            .next()
+            .unwrap_or_else(|| Err("the pipeline answered fewer replies than it sent".into()))
+    };
+    let mut answers = Vec::with_capacity(batch.len());
+    for segment in segments {
+        match segment {
+            Segment::Script(range) => {
+                match next().and_then(|v| parse_batch(v, &batch[range.clone()])) {
+                    Ok(parsed) => answers.extend(parsed.into_iter().map(Ok)),
+                    Err(why) => answers.extend(range.map(|_| Err(why.clone()))),
+                }
+            }
+            Segment::Load(_) => {
+                let (trimmed, entries) = (next(), next());
+                answers.push(parse_load(trimmed, entries));
+            }
+        }
+    }
+    Ok(answers)
+}
+
+fn parse_load(
+    trimmed: Result<Value, String>,
+    entries: Result<Value, String>,
+) -> Result<Answer, String> {
+    let expired = integer(&trimmed?).unwrap_or(0);
+    let raw = array(entries?)?;
+    let mut parsed = Vec::with_capacity(raw.len());
+    for entry in raw {
+        parsed.push(parse_entry(entry)?);
+    }
+    Ok(Answer::Loaded(Loaded {
+        entries: parsed,
+        expired,
+    }))
 }
 
 /// Keys and arguments of one script call.
@@ -434,11 +562,7 @@ impl BatchCall {
                     args.push("R".into());
                     args.push(seq_to_stream_id(*seq));
                 }
-                StoreOp::Load { user, limit, .. } => {
-                    keys.push(format!("{p}in:{user}"));
-                    args.push("L".into());
-                    args.push(limit.to_string());
-                }
+                StoreOp::Load { .. } => unreachable!("loads are not script operations (see plan)"),
                 StoreOp::Probe => args.push("P".into()),
             }
         }
@@ -509,12 +633,6 @@ while i <= #ARGV do
     local n = redis.call('XDEL', KEYS[k], ARGV[i + 1])
     if streams[KEYS[k]] then streams[KEYS[k]].len = streams[KEYS[k]].len - n end
     out[#out + 1] = n
-    k = k + 1
-    i = i + 2
-  elseif op == 'L' then
-    local expired = redis.call('XTRIM', KEYS[k], 'MINID', minid)
-    if streams[KEYS[k]] then streams[KEYS[k]].len = streams[KEYS[k]].len - expired end
-    out[#out + 1] = {expired, redis.call('XRANGE', KEYS[k], minid, '+', 'COUNT', ARGV[i + 1])}
     k = k + 1
     i = i + 2
   elseif op == 'P' then
@@ -626,16 +744,7 @@ fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> {
             Ok(Answer::Appended(result))
         }
         StoreOp::Remove { .. } => Ok(Answer::Removed(integer(&item).unwrap_or(0) > 0)),
-        StoreOp::Load { .. } => {
-            let mut parts = array(item)?.into_iter();
-            let expired = parts.next().as_ref().and_then(integer).unwrap_or(0);
-            let raw = array(parts.next().ok_or("load: no entries")?)?;
-            let mut entries = Vec::with_capacity(raw.len());
-            for entry in raw {
-                entries.push(parse_entry(entry)?);
-            }
-            Ok(Answer::Loaded(Loaded { entries, expired }))
-        }
+        StoreOp::Load { .. } => Err("a load in a script batch".into()),
         StoreOp::Probe => match integer(&item) {
             Some(1) => Ok(Answer::Probed),
             _ => Err(format!("probe: unexpected answer {item:?}")),
@@ -673,11 +782,12 @@ pub fn unpack(text: &str) -> Option<StoredMessage> {
 /// One `XRANGE` entry: `[id, ["m", packed]]`.
 fn parse_entry(entry: Value) -> Result<(InboxSeq, StoredMessage), String> {
     let mut parts = array(entry)?.into_iter();
-    let xid = parts.next().as_ref().and_then(text).ok_or("entry: no id")?;
-    let seq = stream_id_to_seq(&xid).ok_or_else(|| format!("bad stream id {xid}"))?;
+    let id_value = parts.next().ok_or("entry: no id")?;
+    let xid = text_ref(&id_value).ok_or("entry: no id")?;
+    let seq = stream_id_to_seq(xid).ok_or_else(|| format!("bad stream id {xid}"))?;
     let fields = array(parts.next().ok_or("entry: no fields")?)?;
-    let packed = fields.get(1).and_then(text).ok_or("entry: no value")?;
-    let msg = unpack(&packed).ok_or_else(|| format!("entry {xid} is not a ringgate message"))?;
+    let packed = fields.get(1).and_then(text_ref).ok_or("entry: no value")?;
+    let msg = unpack(packed).ok_or_else(|| format!("entry {xid} is not a ringgate message"))?;
     Ok((seq, msg))
 }
 
@@ -694,6 +804,15 @@ fn text(v: &Value) -> Option<String> {
         Value::String(s) => Some(s.to_string()),
         Value::Bytes(b) => std::str::from_utf8(b).ok().map(str::to_owned),
         Value::Integer(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// Like [`text`], borrowed (the replay path reads every entry through it).
+fn text_ref(v: &Value) -> Option<&str> {
+    match v {
+        Value::String(s) => Some(s),
+        Value::Bytes(b) => std::str::from_utf8(b).ok(),
         _ => None,
     }
 }
@@ -777,22 +896,12 @@ mod tests {
                 user: "bob".into(),
                 seq: stream_id_to_seq("5-1").unwrap(),
             },
-            StoreOp::Load {
-                user: "carol".into(),
-                token: 1,
-                limit: 9,
-            },
+            StoreOp::Probe,
         ];
         let call = BatchCall::build(&settings, &batch);
         assert_eq!(
             call.keys,
-            [
-                "p:in:bob",
-                "p:dd:alice",
-                "p:dd:alice:old",
-                "p:in:bob",
-                "p:in:carol"
-            ]
+            ["p:in:bob", "p:dd:alice", "p:dd:alice:old", "p:in:bob"]
         );
         assert_eq!(&call.args[..4], ["1000", "5", "86400000", "10000"]);
         assert_eq!(
@@ -804,8 +913,7 @@ mod tests {
                 "7 1 5 4 alice\"c1\"{\"x\":1}",
                 "R",
                 "5-1",
-                "L",
-                "9"
+                "P"
             ]
         );
     }
@@ -820,22 +928,14 @@ mod tests {
                 user: "bob".into(),
                 seq: 1,
             },
-            StoreOp::Load {
-                user: "bob".into(),
-                token: 3,
-                limit: 10,
-            },
+            StoreOp::Probe,
         ];
-        let entry = Value::Array(vec![
-            s("9-2"),
-            Value::Array(vec![s("m"), s("7 1 5 4 alice\"c1\"{}")]),
-        ]);
         let value = Value::Array(vec![
             Value::Array(vec![s("ok"), s("9-2"), Value::Integer(3)]),
             Value::Array(vec![s("dup"), s("42")]),
             Value::Array(vec![s("full"), Value::Integer(0), Value::Integer(5)]),
             Value::Integer(1),
-            Value::Array(vec![Value::Integer(2), Value::Array(vec![entry])]),
+            Value::Integer(1),
         ]);
         let answers = parse_batch(value, &batch).unwrap();
         assert_eq!(
@@ -854,13 +954,67 @@ mod tests {
             Answer::Appended(Err(StoreError::Full { count: 5, .. }))
         ));
         assert_eq!(answers[3], Answer::Removed(true));
-        let Answer::Loaded(Loaded { entries, expired }) = &answers[4] else {
-            panic!("{:?}", answers[4]);
+        assert_eq!(answers[4], Answer::Probed);
+    }
+
+    #[test]
+    fn loads_split_the_batch_into_ordered_segments() {
+        let load = |user: &str| StoreOp::Load {
+            user: user.into(),
+            token: 1,
+            limit: 10,
         };
-        assert_eq!(*expired, 2);
+        let remove = || StoreOp::Remove {
+            user: "bob".into(),
+            seq: 1,
+        };
+        let batch = vec![
+            StoreOp::Append(msg("bob")),
+            remove(),
+            load("bob"),
+            load("carol"),
+            StoreOp::Append(msg("carol")),
+        ];
+        assert_eq!(
+            plan(&batch),
+            [
+                Segment::Script(0..2),
+                Segment::Load(2),
+                Segment::Load(3),
+                Segment::Script(4..5)
+            ]
+        );
+        assert_eq!(plan(&[load("a")]), [Segment::Load(0)]);
+        assert_eq!(plan(&[remove(), remove()]), [Segment::Script(0..2)]);
+        assert!(plan(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_load_reads_trimmed_count_and_entries() {
+        let entry = Value::Array(vec![
+            s("9-2"),
+            Value::Array(vec![s("m"), s("7 1 5 4 alice\"c1\"{}")]),
+        ]);
+        let Answer::Loaded(Loaded { entries, expired }) =
+            parse_load(Ok(Value::Integer(2)), Ok(Value::Array(vec![entry]))).unwrap()
+        else {
+            panic!("a load answers Loaded");
+        };
+        assert_eq!(expired, 2);
         assert_eq!(entries[0].0, stream_id_to_seq("9-2").unwrap());
         assert_eq!(entries[0].1.from, "alice");
         assert_eq!(&*entries[0].1.body, "{}");
+        // An empty stream reads as no entries; an error or a foreign entry fails the load.
+        assert!(matches!(
+            parse_load(Ok(Value::Integer(0)), Ok(Value::Null)),
+            Ok(Answer::Loaded(Loaded { ref entries, .. })) if entries.is_empty()
+        ));
+        assert!(parse_load(Err("boom".into()), Ok(Value::Null)).is_err());
+        let foreign = Value::Array(vec![Value::Array(vec![
+            s("9-3"),
+            Value::Array(vec![s("m"), s("not packed")]),
+        ])]);
+        assert!(parse_load(Ok(Value::Integer(0)), Ok(foreign)).is_err());
     }
 
     #[test]
