@@ -134,6 +134,32 @@ fn a_resent_cid_after_a_gateway_restart_is_deduplicated_by_redis() {
 }
 
 #[test]
+fn a_cid_in_the_older_dedup_generation_is_still_a_duplicate() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    // As if a rotation (after 24 h and 10,000 cids) moved "old" into the older generation.
+    redis.cli(&["HSET", &format!("rg:dd:{alice}:old"), "\"old\"", "4242"]);
+    let (mut a, _) = connect_app(&gw, &alice);
+    send(&mut a, &bob, "old", json!(1));
+    assert_eq!(id_of(&next_op(&mut a, "accepted")), 4242, "the first id");
+    assert_eq!(stream_len(&redis, &bob), 0, "not stored again");
+    let current = format!("rg:dd:{alice}");
+    assert_eq!(
+        redis.cli(&["HEXISTS", &current, "\"old\""]).trim(),
+        "0",
+        "not recorded twice"
+    );
+    // A new cid is stored and recorded in the current generation.
+    let id = send_accepted(&mut a, &bob, "new", 1)[0];
+    assert_eq!(
+        redis.cli(&["HGET", &current, "\"new0\""]).trim(),
+        id.to_string()
+    );
+    assert_eq!(stream_len(&redis, &bob), 1);
+}
+
+#[test]
 fn online_delivery_goes_through_redis_and_the_ack_removes_the_entry() {
     let redis = RedisServer::start();
     let gw = gateway(&redis, &[]);

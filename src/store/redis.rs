@@ -610,24 +610,32 @@ while i <= #ARGV do
     k = k + 3
     i = i + 4
     local d = sender(dcur, dold)
-    local prev = redis.call('HGET', dcur, cid)
-    if not prev and d.has_old then prev = redis.call('HGET', dold, cid) end
+    local st = stream(s)
+    local expired = st.expired
+    local prev
+    if st.len >= maxlen then
+      prev = redis.call('HGET', dcur, cid)
+      if not prev and d.has_old then prev = redis.call('HGET', dold, cid) end
+    -- One call checks and records the cid (the common case: a new message).
+    elseif redis.call('HSETNX', dcur, cid, id) == 0 then
+      prev = redis.call('HGET', dcur, cid)
+    elseif d.has_old then
+      prev = redis.call('HGET', dold, cid)
+      -- Known to the older generation: undo the record just made.
+      if prev then redis.call('HDEL', dcur, cid) end
+    end
     if prev then
       out[#out + 1] = {'dup', prev}
-    else
-      local st = stream(s)
-      local expired = st.expired
+    elseif st.len >= maxlen then
       st.expired = 0
-      if st.len >= maxlen then
-        out[#out + 1] = {'full', expired, st.len}
-      else
-        local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
-        redis.call('HSET', dcur, cid, id)
-        st.len = st.len + 1
-        st.touched = true
-        d.touched = true
-        out[#out + 1] = {'ok', xid, expired}
-      end
+      out[#out + 1] = {'full', expired, st.len}
+    else
+      st.expired = 0
+      local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
+      st.len = st.len + 1
+      st.touched = true
+      d.touched = true
+      out[#out + 1] = {'ok', xid, expired}
     end
   elseif op == 'R' then
     local n = redis.call('XDEL', KEYS[k], ARGV[i + 1])
