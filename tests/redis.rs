@@ -138,8 +138,22 @@ fn a_cid_in_the_older_dedup_generation_is_still_a_duplicate() {
     let redis = RedisServer::start();
     let gw = gateway(&redis, &[]);
     let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
-    // As if a rotation (after 24 h and 10,000 cids) moved "old" into the older generation.
+    // As if a rotation (after 24 h and 10,000 cids) moved "old" into the older generation
+    // and started a new one that knows about it.
     redis.cli(&["HSET", &format!("rg:dd:{alice}:old"), "\"old\"", "4242"]);
+    let born = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis())
+    .to_string();
+    redis.cli(&[
+        "HSET",
+        &format!("rg:dd:{alice}"),
+        "~born",
+        &born,
+        "~old",
+        "1",
+    ]);
     let (mut a, _) = connect_app(&gw, &alice);
     send(&mut a, &bob, "old", json!(1));
     assert_eq!(id_of(&next_op(&mut a, "accepted")), 4242, "the first id");
@@ -218,6 +232,25 @@ fn the_count_cap_refuses_and_the_age_cap_trims_with_a_ttl() {
         >= 3));
     let (_b, msgs) = connect_replay(&gw, &format!("/ws?user={bob}"));
     assert_eq!(cids(&msgs), vec!["c3"]);
+}
+
+#[test]
+fn below_the_count_cap_expired_entries_are_skipped_and_trimmed_by_the_load() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &["--inbox-max-age-ms", "1000"]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    send_accepted(&mut a, &bob, "old", 2);
+    std::thread::sleep(Duration::from_millis(1200));
+    send_accepted(&mut a, &bob, "new", 1);
+    // Far below the count cap, the append does not trim; the load skips and trims (counted).
+    assert_eq!(stream_len(&redis, &bob), 3);
+    let (_b, msgs) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    assert_eq!(cids(&msgs), vec!["new0"]);
+    assert_eq!(stream_len(&redis, &bob), 1);
+    assert!(eventually(Duration::from_secs(5), || gw
+        .metric_sum("ringgate_inbox_expired_total")
+        == 2));
 }
 
 #[test]

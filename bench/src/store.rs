@@ -34,6 +34,9 @@ pub struct StoreArgs {
     /// Body bytes per message
     #[arg(long, default_value_t = 64)]
     body: usize,
+    /// Distinct senders the messages come from (each has its own dedup window in Redis)
+    #[arg(long, default_value_t = 1)]
+    senders: usize,
     /// Operations each shard keeps queued at most
     #[arg(long, default_value_t = 4096)]
     in_flight: usize,
@@ -65,8 +68,8 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
             a.redis_url
         ));
     }
-    if a.shards == 0 || a.users < a.shards || a.messages == 0 {
-        return Err("need shards >= 1, users >= shards, messages >= 1".into());
+    if a.shards == 0 || a.users < a.shards || a.messages == 0 || a.senders == 0 {
+        return Err("need shards >= 1, users >= shards, messages >= 1, senders >= 1".into());
     }
     let prefix = format!("rgbench:{}:", std::process::id());
     let settings = RedisSettings {
@@ -91,10 +94,19 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
                 .step_by(a.shards)
                 .map(|u| CompactString::from(format!("r{u}")))
                 .collect();
+            let senders: Vec<CompactString> = (0..a.senders)
+                .map(|s| CompactString::from(format!("s{s}")))
+                .collect();
             let (body, barrier, messages, in_flight) =
                 (body.clone(), barrier.clone(), a.messages, a.in_flight);
             std::thread::spawn(move || {
-                run_shard(shard, link, users, messages, body, in_flight, &barrier)
+                let load = Load {
+                    users,
+                    senders,
+                    messages,
+                    body,
+                };
+                run_shard(shard, link, load, in_flight, &barrier)
             })
         })
         .collect();
@@ -122,7 +134,7 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
     );
     let out = json!({
         "scenario": "store",
-        "shards": a.shards, "users": a.users, "messages_per_user": a.messages, "body_bytes": a.body,
+        "shards": a.shards, "users": a.users, "senders": a.senders, "messages_per_user": a.messages, "body_bytes": a.body,
         "messages": total,
         "spill_per_s": rate(total, spill).round(),
         "replay_per_s": rate(total, replay).round(),
@@ -134,8 +146,8 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
         println!("{out}");
     } else {
         println!(
-            "store: {} messages ({} users x {}), {} B bodies, {} shard(s)\n  spill  {:>10.0} msg/s  ({:.2} s)\n  replay {:>10.0} msg/s  ({:.2} s)\n  remove {:>10.0} msg/s  ({:.2} s)\n  {} Redis batches; every message stored once, read back once in order, removed once",
-            total, a.users, a.messages, a.body, a.shards,
+            "store: {} messages ({} users x {}, from {} sender(s)), {} B bodies, {} shard(s)\n  spill  {:>10.0} msg/s  ({:.2} s)\n  replay {:>10.0} msg/s  ({:.2} s)\n  remove {:>10.0} msg/s  ({:.2} s)\n  {} Redis batches; every message stored once, read back once in order, removed once",
+            total, a.users, a.messages, a.senders, a.body, a.shards,
             rate(total, spill), spill.as_secs_f64(),
             rate(total, replay), replay.as_secs_f64(),
             rate(total, ack), ack.as_secs_f64(),
@@ -203,15 +215,27 @@ impl Driver {
     }
 }
 
+/// What one simulated shard spills.
+struct Load {
+    users: Vec<CompactString>,
+    senders: Vec<CompactString>,
+    messages: usize,
+    body: Box<str>,
+}
+
 fn run_shard(
     shard: usize,
     mut link: StoreLink,
-    users: Vec<CompactString>,
-    messages: usize,
-    body: Box<str>,
+    load: Load,
     in_flight: usize,
     barrier: &std::sync::Barrier,
 ) -> Result<ShardRun, String> {
+    let Load {
+        users,
+        senders,
+        messages,
+        body,
+    } = load;
     let bell = link.bell_reader.take().expect("bell");
     bell.set_read_timeout(Some(Duration::from_millis(50)))
         .map_err(|e| e.to_string())?;
@@ -233,7 +257,7 @@ fn run_shard(
         |i| {
             StoreOp::Append(Box::new(Message {
                 id: (shard as u64) << 40 | i as u64,
-                from: "bench-sender".into(),
+                from: senders[i % senders.len()].clone(),
                 to: users[i % n_users].clone(),
                 cid: format!("\"{shard}-{i}\"").into(),
                 ts: (i / n_users) as u64,

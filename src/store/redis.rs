@@ -580,22 +580,32 @@ local dedup_min = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local minid = string.format('%d', math.max(0, now - maxage))
--- Work done once per key per batch, not once per message: trim + length of each stream,
--- whether each sender has an old dedup generation, and the TTL/rotation bookkeeping at the end.
+-- Work done once per key per batch, not once per message: the length of each stream, each
+-- sender's dedup generation (born, has an older one), and the TTL/rotation bookkeeping at the
+-- end. The age cap is enforced by loads (they read from minid and trim, counted) and by an
+-- append that finds the stream at the count cap (it trims first, so expired entries never
+-- cause a refusal); entries past the cap are never returned.
 local streams, senders = {}, {}
 local function stream(s)
   local st = streams[s]
   if not st then
-    local expired = redis.call('XTRIM', s, 'MINID', minid)
-    st = {len = redis.call('XLEN', s), expired = expired, touched = false}
+    st = {len = redis.call('XLEN', s), expired = 0, trimmed = false, touched = false}
     streams[s] = st
+  end
+  if st.len >= maxlen and not st.trimmed then
+    st.trimmed = true
+    local expired = redis.call('XTRIM', s, 'MINID', minid)
+    st.expired = st.expired + expired
+    st.len = st.len - expired
   end
   return st
 end
 local function sender(dcur, dold)
   local d = senders[dcur]
   if not d then
-    d = {old = dold, has_old = redis.call('EXISTS', dold) == 1, touched = false}
+    -- '~born': when this generation started; '~old': an older generation was kept.
+    local meta = redis.call('HMGET', dcur, '~born', '~old')
+    d = {old = dold, born = tonumber(meta[1]), has_old = meta[2] ~= false, touched = false}
     senders[dcur] = d
   end
   return d
@@ -657,12 +667,15 @@ end
 local dedup_ttl = string.format('%d', 2 * dedup_ms)
 for dcur, d in pairs(senders) do
   if d.touched then
-    redis.call('HSETNX', dcur, '~born', now)
-    redis.call('PEXPIRE', dcur, dedup_ttl)
-    local born = tonumber(redis.call('HGET', dcur, '~born'))
-    if now - born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min then
+    if not d.born then
+      redis.call('HSET', dcur, '~born', now)
+    elseif now - d.born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 2 then
+      -- Rotate: the current generation becomes the older one (its TTL still runs), and the
+      -- new one remembers that an older one exists.
       redis.call('RENAME', dcur, d.old)
+      redis.call('HSET', dcur, '~born', now, '~old', 1)
     end
+    redis.call('PEXPIRE', dcur, dedup_ttl)
   end
 end
 return out
