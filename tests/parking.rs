@@ -93,19 +93,26 @@ fn a_parked_client_that_leaves_is_cleaned_up() {
 
 #[test]
 fn a_burst_to_a_parked_connection_unparks_it_and_loses_nothing() {
-    let gw = Gateway::start(&["--park-idle-ms", "30", "--echo-route", "true"]);
+    let gw = Gateway::start(&["--park-idle-ms", "200", "--echo-route", "true"]);
     let mut ws = connect(&gw, "/echo");
     // /echo connections park too.
     assert!(eventually(Duration::from_secs(5), || parked(&gw) == 1));
-    for i in 0..200u32 {
-        ws.send(Message::Binary(i.to_be_bytes().to_vec().into()))
+    // Two bursts back to back: the first, after a long silence, may be served inline (all of
+    // it may arrive in one read); the second comes well within park_idle_ms of the first, so
+    // the connection is busy and goes back to a socket task.
+    for burst in 0..2u32 {
+        for i in 0..100u32 {
+            ws.send(Message::Binary(
+                (burst * 100 + i).to_be_bytes().to_vec().into(),
+            ))
             .unwrap();
-    }
-    for i in 0..200u32 {
-        assert_eq!(
-            ws.read().unwrap(),
-            Message::Binary(i.to_be_bytes().to_vec().into())
-        );
+        }
+        for i in 0..100u32 {
+            assert_eq!(
+                ws.read().unwrap(),
+                Message::Binary((burst * 100 + i).to_be_bytes().to_vec().into())
+            );
+        }
     }
     assert!(gw.metric_sum("ringgate_unparks_total") >= 1);
     // Quiet again: it parks again (under a new descriptor) and still echoes.

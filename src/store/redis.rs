@@ -19,15 +19,18 @@
 //!
 //! # Data layout (prefix `rg:` by default)
 //! * `rg:in:<user>`: a stream per user; one field `m` per entry, the message packed by
-//!   [`pack`] (id, ts, from, cid and body, length-prefixed). Each append and each load first trims the
-//!   entries past the age cap (`XTRIM MINID`) and reports how many (counted as expired); an
-//!   append then refuses when the stream holds the count cap (`full`, never a silent drop),
-//!   else `XADD ... MAXLEN ~` (a guard: the check keeps it from trimming). `PEXPIRE` of twice
-//!   the age cap, refreshed on every append, deletes the stream of a user who never comes back
-//!   (everything in it is past the age cap by then; those entries are not counted).
+//!   [`pack`] (id, ts, from, cid and body, length-prefixed). A load reads from the age cap on
+//!   (`XRANGE` from `now - max_age`) and trims what is past it (`XTRIM MINID`, counted as
+//!   expired); an append that finds the stream at the count cap trims the same way first, then
+//!   refuses if it is still full (`full`, never a silent drop), else `XADD ... MAXLEN ~` (a
+//!   guard: the check keeps it from trimming). `PEXPIRE` of twice the age cap, refreshed on
+//!   every append, deletes the stream of a user who never comes back (everything in it is past
+//!   the age cap by then; those entries are not counted).
 //! * `rg:dd:<sender>` and `rg:dd:<sender>:old`: the dedup window, cid -> message id, checked
 //!   by the same script before any append, so a resend after a gateway restart is answered
-//!   with the first id and stored once. A generation is rotated into `:old` only when it is
+//!   with the first id and stored once (`HSETNX`: one call checks and records a cid). Fields
+//!   `~born` (when the generation started) and `~old` (an older one was kept) are read once per
+//!   sender per batch. A generation is rotated into `:old` only when it is
 //!   older than the window (24 h) *and* holds more cids than the minimum (10,000): every cid
 //!   is kept at least 24 h and the newest 10,000 are always kept (SPEC: whichever is larger).
 //!
