@@ -143,3 +143,58 @@ fn sigterm_reaches_parked_connections_with_1012() {
     }
     assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// Parked users in pairs send to each other at the same moments: serving one parked socket
+/// inline delivers to its partner, also parked and also with input waiting, which is then
+/// served inline too and answers the first (nested). The gateway once panicked here.
+#[test]
+fn parked_pairs_sending_to_each_other_at_once_lose_nothing() {
+    const PAIRS: usize = 60;
+    const ROUNDS: usize = 15;
+    let gw = Gateway::start_shards(1, &["--park-idle-ms", "20"]);
+    let start = std::time::Instant::now() + Duration::from_millis(600);
+    let threads: Vec<_> = (0..2 * PAIRS)
+        .map(|i| {
+            let (me, partner) = (format!("np{i}"), format!("np{}", i ^ 1));
+            let (mut ws, _) = connect_app(&gw, &me);
+            std::thread::spawn(move || {
+                for round in 0..ROUNDS {
+                    // Everyone sends at the same instants, 60 ms apart: idle in between, so
+                    // the sockets park (20 ms) and wake together.
+                    let at = start + Duration::from_millis(60 * round as u64);
+                    std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+                    send(
+                        &mut ws,
+                        &partner,
+                        &format!("{me}-{round}"),
+                        serde_json::json!(round),
+                    );
+                }
+                let (mut accepted, mut got) = (0, Vec::new());
+                while accepted < ROUNDS || got.len() < ROUNDS {
+                    let v = recv_json(&mut ws);
+                    match v["op"].as_str() {
+                        Some("accepted") => accepted += 1,
+                        Some("msg") => {
+                            ack(&mut ws, v["seq"].as_u64().unwrap());
+                            got.push(v["cid"].as_str().unwrap().to_string());
+                        }
+                        Some("delivered") => {}
+                        _ => panic!("{me}: unexpected {v}"),
+                    }
+                }
+                let expected: Vec<String> = (0..ROUNDS).map(|r| format!("{partner}-{r}")).collect();
+                assert_eq!(got, expected, "{me}: every message once, in order");
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a user thread failed");
+    }
+    assert!(
+        gw.metric_sum("ringgate_unparks_total") >= 1,
+        "sockets parked and woke"
+    );
+    let (status, _) = gw.admin_get("/healthz");
+    assert_eq!(status, 200, "the gateway is alive");
+}

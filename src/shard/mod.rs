@@ -130,8 +130,9 @@ pub struct Shard {
     next_serial: u64,
     /// When this shard began draining (ms), once it has.
     drain_started: Option<u64>,
-    /// The connection whose poll is in progress (see `poll_conn`).
-    polling: Option<usize>,
+    /// The connections whose poll is in progress, innermost last: serving one connection can
+    /// serve a parked one inline (see `kick`), which can produce output for the first.
+    polling: Vec<usize>,
     /// Requests connections made while handling input (sends, acks), served right after.
     events: RefCell<Vec<AppEvent>>,
     /// Offline inboxes of the users whose home is this shard (with Redis: the mirror of the
@@ -204,7 +205,7 @@ impl Shard {
             fired: Vec::new(),
             next_serial: 0,
             drain_started: None,
-            polling: None,
+            polling: Vec::new(),
             events: RefCell::new(Vec::new()),
             inbox: crate::store::MemoryInbox::new(limits),
             durable: None,
@@ -292,9 +293,9 @@ impl Shard {
     {
         // Serving one connection can produce output for others (and kick them); the one being
         // polled writes its own output below and must not be re-entered.
-        let outer = self.polling.replace(index);
+        self.polling.push(index);
         let result = self.poll_conn_once(index, stream, cx);
-        self.polling = outer;
+        self.polling.pop();
         result
     }
 
@@ -626,7 +627,7 @@ impl Shard {
 
     /// After a timer or shutdown wrote to a connection: get the bytes moving.
     fn kick(&mut self, index: usize) {
-        if self.polling == Some(index) {
+        if self.polling.contains(&index) {
             return; // its ongoing poll writes the output
         }
         let Some(entry) = self.conns.get(index) else {
