@@ -8,6 +8,7 @@
 # a user on another node would wait in that node's inbox.
 #
 #   bench/send_multi.sh -g 6 -u 16000 --inflight 1           # ~100,000 connected users
+#   bench/send_multi.sh -g 6 -u 16000 --rate 8000             # each generator offers 8,000 sends/s
 #   bench/send_multi.sh -g 2 -u 1000 --duration 3             # a quick look
 #   bench/send_multi.sh -g 2 -u 1000 --redis-url redis://127.0.0.1:6390   # durable store
 #
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-G=2 U=1000 K=1 DUR=8 WARM=2 PORT=18080 ADMIN_BASE=18200 REDIS=""
+G=2 U=1000 K=1 DUR=8 WARM=2 PORT=18080 ADMIN_BASE=18200 REDIS="" RATE=0
 while [ $# -gt 0 ]; do
   case $1 in
     -g) G=$2; shift 2 ;;
@@ -26,6 +27,7 @@ while [ $# -gt 0 ]; do
     --warmup) WARM=$2; shift 2 ;;
     --port) PORT=$2; shift 2 ;;
     --redis-url) REDIS=$2; shift 2 ;;
+    --rate) RATE=$2; shift 2 ;;
     -h|--help) sed -n 2,15p "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -56,11 +58,11 @@ for ((i = 0; i < G; i++)); do
   for _ in $(seq 100); do grep -q 'listening on' "$OUT/gw$i.log" && break; sleep 0.1; done
   grep -q 'listening on' "$OUT/gw$i.log" || { echo "gateway $i did not start:"; cat "$OUT/gw$i.log"; exit 1; }
 done
-echo "started $G gateways; $G generators x $U users, $K in flight each, ${WARM}s warm-up, ${DUR}s window"
+echo "started $G gateways; $G generators x $U users, $K in flight each, rate $RATE/s per generator (0 = closed loop), ${WARM}s warm-up, ${DUR}s window"
 gen_pids=()
 for ((i = 0; i < G; i++)); do
   taskset -c $(((i + 1) % NCPU)) "$BENCH" send --target 127.0.0.1:$((PORT + i)) --users "$U" \
-    --inflight "$K" --duration "$DUR" --warmup "$WARM" --timeout 120 --handshake-timeout 60 \
+    --inflight "$K" --rate "$RATE" --duration "$DUR" --warmup "$WARM" --timeout 120 --handshake-timeout 60 \
     --sources "127.2.$i.2-127.2.$i.9" --user-prefix "g${i}u" --gateway-pid "${gw_pids[$i]}" \
     --json --quiet >"$OUT/gen$i.json" 2>"$OUT/gen$i.err" &
   pids+=($!); gen_pids+=($!)
