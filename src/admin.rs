@@ -118,9 +118,11 @@ static API_CIDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 const API_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(serde::Deserialize)]
-struct ApiSendBody<'a> {
+struct ApiBody<'a> {
     #[serde(borrow)]
     to: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    room: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow)]
     cid: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow)]
@@ -130,21 +132,11 @@ struct ApiSendBody<'a> {
 /// `POST /api/send {"to","body","cid"?}`: the same semantics as a client `send` from the
 /// sender `@backend` (dedup by cid, answer once safe). A missing cid gets a generated one.
 async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    use http_body_util::BodyExt;
-    let limit = admin.shared.cfg.max_frame;
-    let bytes = match http_body_util::Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return api_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body over max_frame or unreadable",
-            )
-        }
+    let bytes = match read_body(admin, req).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
-    let Ok(parsed) = serde_json::from_slice::<ApiSendBody>(&bytes) else {
+    let Ok(parsed) = serde_json::from_slice::<ApiBody>(&bytes) else {
         return api_error(
             StatusCode::BAD_REQUEST,
             "body must be a JSON object {\"to\",\"body\",\"cid\"?}",
@@ -157,24 +149,9 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
     let Some(body) = parsed.body else {
         return api_error(StatusCode::BAD_REQUEST, "missing field `body`");
     };
-    let cid: Box<str> = match parsed.cid {
-        Some(c) => {
-            let ok = match c.get().as_bytes().first() {
-                Some(b'"') => serde_json::from_str::<String>(c.get()).is_ok_and(|s| !s.is_empty()),
-                _ => serde_json::from_str::<u64>(c.get()).is_ok(),
-            };
-            if !ok || c.get().len() > crate::proto::MAX_CID_LEN {
-                return api_error(
-                    StatusCode::BAD_REQUEST,
-                    "`cid` must be a non-empty string or an unsigned integer",
-                );
-            }
-            c.get().into()
-        }
-        None => {
-            let n = API_CIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            format!("\"api-{}-{n}\"", crate::auth::now_unix()).into()
-        }
+    let cid = match api_cid(parsed.cid) {
+        Ok(c) => c,
+        Err(refused) => return refused,
     };
     let shard = home_shard(crate::shard::deliver::BACKEND_SENDER, admin.mesh.shards());
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -199,6 +176,96 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
         Ok(Ok(crate::shard::deliver::ApiOutcome::Refused(why))) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({"error": "unavailable", "message": why, "cid": cid_json}).to_string(),
+        ),
+        _ => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "unavailable", "message": "not confirmed in time, retry with the same cid", "cid": cid_json}).to_string(),
+        ),
+    }
+}
+
+/// The request body, at most `max_frame` bytes.
+async fn read_body(admin: &Admin, req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    use http_body_util::BodyExt;
+    let limit = admin.shared.cfg.max_frame;
+    match http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body over max_frame or unreadable",
+        )),
+    }
+}
+
+/// The request's `cid` checked like a client's, or a generated one.
+fn api_cid(cid: Option<&serde_json::value::RawValue>) -> Result<Box<str>, Response<Full<Bytes>>> {
+    match cid {
+        Some(c) => {
+            let ok = match c.get().as_bytes().first() {
+                Some(b'"') => serde_json::from_str::<String>(c.get()).is_ok_and(|s| !s.is_empty()),
+                _ => serde_json::from_str::<u64>(c.get()).is_ok(),
+            };
+            if !ok || c.get().len() > crate::proto::MAX_CID_LEN {
+                return Err(api_error(
+                    StatusCode::BAD_REQUEST,
+                    "`cid` must be a non-empty string or an unsigned integer",
+                ));
+            }
+            Ok(c.get().into())
+        }
+        None => {
+            let n = API_CIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(format!("\"api-{}-{n}\"", crate::auth::now_unix()).into())
+        }
+    }
+}
+
+/// `POST /api/publish {"room","body","cid"?}`: published from `@backend` on the room's home
+/// shard; answered `{"op":"accepted","cid","id","offset"}` once in the room's history.
+async fn api_publish(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let bytes = match read_body(admin, req).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
+    let Ok(parsed) = serde_json::from_slice::<ApiBody>(&bytes) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "body must be a JSON object {\"room\",\"body\",\"cid\"?}",
+        );
+    };
+    let room: Option<String> = parsed.room.and_then(|r| serde_json::from_str(r.get()).ok());
+    let Some(room) = room.filter(|r| crate::auth::valid_id(r).is_ok()) else {
+        return api_error(StatusCode::BAD_REQUEST, "`room` must be a valid room id");
+    };
+    let Some(body) = parsed.body else {
+        return api_error(StatusCode::BAD_REQUEST, "missing field `body`");
+    };
+    let cid = match api_cid(parsed.cid) {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
+    let shard = home_shard(&room, admin.mesh.shards());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let msg = MeshMsg::ApiPublish {
+        room: room.into(),
+        cid: cid.clone(),
+        body: body.get().into(),
+        reply: tx,
+    };
+    if admin.mesh.send(shard, msg).is_err() {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shard busy, retry with the same cid",
+        );
+    }
+    let cid_json: serde_json::Value = serde_json::from_str(&cid).unwrap_or(serde_json::Value::Null);
+    match tokio::time::timeout(SHARD_ANSWER_TIMEOUT, rx).await {
+        Ok(Ok((id, offset))) => json(
+            StatusCode::OK,
+            serde_json::json!({"op": "accepted", "cid": cid_json, "id": id.to_string(), "offset": offset}).to_string(),
         ),
         _ => json(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -282,6 +349,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 presence(admin, req.uri().query().unwrap_or("")).await
             }
             (&Method::POST, "/api/send") => api_send(admin, req).await,
+            (&Method::POST, "/api/publish") => api_publish(admin, req).await,
             _ => api_error(StatusCode::NOT_FOUND, "no such API endpoint"),
         };
     }

@@ -33,6 +33,10 @@ pub const DEFAULT_WHEEL_SLOTS: usize = 4096;
 pub const DEFAULT_ABUSE_LIMIT: u32 = 20;
 /// Outbound bytes a connection may have queued before the gateway stops reading from it.
 pub const DEFAULT_MAX_OUTBOUND: usize = 1 << 20;
+/// SPEC 4: room history, last 1,000 messages / 24 h.
+pub const DEFAULT_ROOM_HISTORY_MAX: usize = 1000;
+pub const DEFAULT_ROOM_HISTORY_AGE_MS: u64 = 24 * 60 * 60 * 1000;
+pub const DEFAULT_SLOW_CLOSE_MS: u64 = 10_000;
 pub const DEFAULT_RETRY_AFTER_S: u64 = 5;
 /// Input silence after which a connection leaves its glommio task and parks (0 = never).
 pub const DEFAULT_PARK_IDLE_MS: u64 = 1_000;
@@ -67,6 +71,9 @@ pub struct Config {
     pub redis_pool_size: usize,
     pub redis_timeout_ms: u64,
     pub redis_key_prefix: String,
+    pub room_history_max: usize,
+    pub room_history_age_ms: u64,
+    pub slow_close_ms: u64,
 }
 
 /// Every key as optional: what one source (file, or flags+env) says.
@@ -155,6 +162,15 @@ pub struct ConfigLayer {
     /// Prefix of every Redis key ringgate writes [default: "rg:"]
     #[arg(long, env = "RINGGATE_REDIS_KEY_PREFIX")]
     pub redis_key_prefix: Option<String>,
+    /// Messages kept per room for recovery with `join`+`since` [default: 1000]
+    #[arg(long, env = "RINGGATE_ROOM_HISTORY_MAX")]
+    pub room_history_max: Option<usize>,
+    /// Room messages older than this leave the history [default: 86400000 = 24 h]
+    #[arg(long, env = "RINGGATE_ROOM_HISTORY_AGE_MS")]
+    pub room_history_age_ms: Option<u64>,
+    /// A member whose outbound buffer stays full this long is closed with 1013 [default: 10000]
+    #[arg(long, env = "RINGGATE_SLOW_CLOSE_MS")]
+    pub slow_close_ms: Option<u64>,
 }
 
 /// A refused configuration: always names the key and what is wrong with it.
@@ -226,7 +242,10 @@ impl ConfigLayer {
             inbox_max_age_ms,
             redis_pool_size,
             redis_timeout_ms,
-            redis_key_prefix
+            redis_key_prefix,
+            room_history_max,
+            room_history_age_ms,
+            slow_close_ms
         )
     }
 
@@ -358,6 +377,11 @@ impl ConfigLayer {
             redis_pool_size: self.redis_pool_size.unwrap_or(0),
             redis_timeout_ms,
             redis_key_prefix,
+            room_history_max: self.room_history_max.unwrap_or(DEFAULT_ROOM_HISTORY_MAX),
+            room_history_age_ms: self
+                .room_history_age_ms
+                .unwrap_or(DEFAULT_ROOM_HISTORY_AGE_MS),
+            slow_close_ms: self.slow_close_ms.unwrap_or(DEFAULT_SLOW_CLOSE_MS),
         })
     }
 }

@@ -52,6 +52,54 @@ pub enum MeshMsg {
         from_shard: usize,
         ask: usize,
     },
+    /// A connection of `shard` joins `room` (homed on the receiving shard); `new_member`:
+    /// it was not a member before (the home counts members per shard).
+    RoomJoin {
+        room: compact_str::CompactString,
+        shard: usize,
+        conn: usize,
+        serial: u32,
+        since: Option<u64>,
+        new_member: bool,
+    },
+    /// The room's answer to `RoomJoin`, for the joining connection's shard.
+    RoomJoined {
+        room: compact_str::CompactString,
+        conn: usize,
+        serial: u32,
+        last: u64,
+        recovered: bool,
+        replay: Vec<std::sync::Arc<crate::delivery::room::RoomMsg>>,
+    },
+    /// One member fewer on `shard`.
+    RoomLeave {
+        room: compact_str::CompactString,
+        shard: usize,
+    },
+    /// A publish for the room's home shard.
+    RoomPublish {
+        room: compact_str::CompactString,
+        from: compact_str::CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        reply: crate::delivery::message::ReplyTo,
+    },
+    /// A publish was stored at `offset`, for the publisher's shard.
+    RoomAccepted {
+        reply: crate::delivery::message::ReplyTo,
+        cid: Box<str>,
+        id: u64,
+        offset: u64,
+    },
+    /// A room message for the members on the receiving shard: one per shard, not per member.
+    RoomFanout(std::sync::Arc<crate::delivery::room::RoomMsg>),
+    /// `POST /api/publish`, for the room's home shard; answered on `reply` (id, offset).
+    ApiPublish {
+        room: compact_str::CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        reply: tokio::sync::oneshot::Sender<(u64, u64)>,
+    },
     /// Which of the asked users have a connection, in the order asked.
     PresenceAnswer {
         ask: usize,

@@ -99,6 +99,12 @@ pub const REDIS_SPILLED_BYTES: &str = "ringgate_redis_spilled_bytes_total";
 pub const REDIS_LOADS: &str = "ringgate_redis_loads_total";
 pub const REDIS_REMOVES_DROPPED: &str = "ringgate_redis_removes_dropped_total";
 pub const INBOX_MIRRORED: &str = "ringgate_inbox_mirrored_entries";
+pub const ROOMS: &str = "ringgate_rooms";
+pub const ROOM_MEMBERS: &str = "ringgate_room_members";
+pub const ROOM_PUBLISHES: &str = "ringgate_room_publishes_total";
+pub const ROOM_DELIVERIES: &str = "ringgate_room_deliveries_total";
+pub const ROOM_GAPS: &str = "ringgate_room_gaps_total";
+pub const SLOW_CLOSES: &str = "ringgate_slow_closes_total";
 pub const LIVE_SENDS: &str = "ringgate_live_sends_total";
 pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
 pub const LIVE_SPILLED: &str = "ringgate_live_spilled_total";
@@ -188,6 +194,12 @@ pub struct ShardMetrics {
     pub live_sends: Counter,
     pub live_acked: Counter,
     pub live_spilled: Counter,
+    pub rooms: Gauge,
+    pub room_members: Gauge,
+    pub room_publishes: Counter,
+    pub room_deliveries: Counter,
+    pub room_gaps: Counter,
+    pub slow_closes: Counter,
 }
 
 enum Kind {
@@ -438,6 +450,42 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Of those, unacked when the recipient's last device left: appended to Redis (or refused).",
         Kind::Counter,
         |m| m.live_spilled.get(),
+    ),
+    (
+        ROOMS,
+        "Rooms whose home is this shard (history or members).",
+        Kind::Gauge,
+        |m| m.rooms.get(),
+    ),
+    (
+        ROOM_MEMBERS,
+        "Room memberships of this shard's connections.",
+        Kind::Gauge,
+        |m| m.room_members.get(),
+    ),
+    (
+        ROOM_PUBLISHES,
+        "Room messages published (offsets handed out) by this home shard.",
+        Kind::Counter,
+        |m| m.room_publishes.get(),
+    ),
+    (
+        ROOM_DELIVERIES,
+        "Room messages written to this shard's members (fan-out).",
+        Kind::Counter,
+        |m| m.room_deliveries.get(),
+    ),
+    (
+        ROOM_GAPS,
+        "`gap` frames: room messages skipped for a slow member.",
+        Kind::Counter,
+        |m| m.room_gaps.get(),
+    ),
+    (
+        SLOW_CLOSES,
+        "Members closed with 1013 for staying over their outbound buffer.",
+        Kind::Counter,
+        |m| m.slow_closes.get(),
     ),
     (
         INBOX_MIRRORED,

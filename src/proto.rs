@@ -64,6 +64,20 @@ pub enum ClientFrame {
     Presence {
         users: Vec<compact_str::CompactString>,
     },
+    /// Become a member of `room`; with `since`, first replay what came after that offset.
+    Join {
+        room: compact_str::CompactString,
+        since: Option<u64>,
+    },
+    Leave {
+        room: compact_str::CompactString,
+    },
+    /// `cid` and `body` kept as the client's raw JSON text.
+    Publish {
+        room: compact_str::CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+    },
 }
 
 /// Most users one `presence` frame may ask about (SPEC section 3).
@@ -71,10 +85,6 @@ pub const MAX_PRESENCE_USERS: usize = 100;
 
 /// Longest `cid` accepted (raw JSON text): it is stored in the dedup window per sender.
 pub const MAX_CID_LEN: usize = 128;
-
-/// Ops the SPEC defines but this build does not serve yet (answered `unavailable`, not
-/// `unknown_op`, so a client can tell "wrong op" from "not here yet").
-const SPEC_OPS_NOT_YET_SERVED: &[&str] = &["join", "leave", "publish"];
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -91,6 +101,10 @@ struct Envelope<'a> {
     seq: Option<&'a RawValue>,
     #[serde(borrow)]
     users: Option<&'a RawValue>,
+    #[serde(borrow)]
+    room: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -115,6 +129,33 @@ fn parse_send(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, Fra
     if crate::auth::valid_id(&to).is_err() {
         return Err(bad("`to` is not a valid user id", cid));
     }
+    let checked = checked_cid(cid)?;
+    let body = env.body.ok_or_else(|| bad("missing field `body`", cid))?;
+    Ok(ClientFrame::Send(SendRequest {
+        to: to.into(),
+        cid: checked,
+        body: body.get().into(),
+    }))
+}
+
+fn parse_room(
+    env: &Envelope,
+    cid: &Option<Box<str>>,
+) -> Result<compact_str::CompactString, FrameError> {
+    let room: String = env
+        .room
+        .ok_or_else(|| bad("missing field `room`", cid))
+        .and_then(|r| {
+            serde_json::from_str(r.get()).map_err(|_| bad("`room` must be a string", cid))
+        })?;
+    if crate::auth::valid_id(&room).is_err() {
+        return Err(bad("`room` is not a valid room id", cid));
+    }
+    Ok(room.into())
+}
+
+/// A `cid` as `send` and `publish` accept it: a non-empty string or an unsigned integer.
+fn checked_cid(cid: &Option<Box<str>>) -> Result<Box<str>, FrameError> {
     let Some(raw_cid) = cid else {
         return Err(bad("missing field `cid`", cid));
     };
@@ -128,12 +169,30 @@ fn parse_send(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, Fra
             cid,
         ));
     }
+    Ok(raw_cid.clone())
+}
+
+fn parse_join(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
+    let room = parse_room(env, cid)?;
+    let since = match env.since {
+        None => None,
+        Some(s) => Some(
+            serde_json::from_str::<u64>(s.get())
+                .map_err(|_| bad("`since` must be an unsigned integer (a room offset)", cid))?,
+        ),
+    };
+    Ok(ClientFrame::Join { room, since })
+}
+
+fn parse_publish(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
+    let room = parse_room(env, cid)?;
+    let checked = checked_cid(cid)?;
     let body = env.body.ok_or_else(|| bad("missing field `body`", cid))?;
-    Ok(ClientFrame::Send(SendRequest {
-        to: to.into(),
-        cid: raw_cid.clone(),
+    Ok(ClientFrame::Publish {
+        room,
+        cid: checked,
         body: body.get().into(),
-    }))
+    })
 }
 
 fn parse_presence(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
@@ -177,16 +236,16 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
         "ping" => Ok(ClientFrame::Ping),
         "send" => parse_send(&env, &cid),
         "presence" => parse_presence(&env, &cid),
+        "join" => parse_join(&env, &cid),
+        "leave" => Ok(ClientFrame::Leave {
+            room: parse_room(&env, &cid)?,
+        }),
+        "publish" => parse_publish(&env, &cid),
         "ack" => env
             .seq
             .and_then(|s| serde_json::from_str::<u64>(s.get()).ok())
             .map(|seq| ClientFrame::Ack { seq })
             .ok_or_else(|| bad("`ack` needs `seq`, an unsigned integer", &cid)),
-        other if SPEC_OPS_NOT_YET_SERVED.contains(&other) => Err(FrameError {
-            code: ErrorCode::Unavailable,
-            message: format!("op `{other}` is not served by this build yet"),
-            cid,
-        }),
         other => Err(FrameError {
             code: ErrorCode::UnknownOp,
             message: format!("unknown op `{}`", truncate(other, 64)),
@@ -256,6 +315,57 @@ pub fn write_delivered(out: &mut Vec<u8>, cid: &str, id: u64, to: &str) {
     out.push(b'}');
 }
 
+/// `{"op":"room","room":..,"offset":N,"id":"..","from":..,"cid":..,"ts":..,"body":..}`
+#[allow(clippy::too_many_arguments)]
+pub fn write_room(
+    out: &mut Vec<u8>,
+    room: &str,
+    offset: u64,
+    id: u64,
+    from: &str,
+    cid: &str,
+    ts: u64,
+    body: &str,
+) {
+    out.extend_from_slice(b"{\"op\":\"room\",\"room\":");
+    write_json_str(out, room);
+    out.extend_from_slice(format!(",\"offset\":{offset},\"id\":\"{id}\",\"from\":").as_bytes());
+    write_json_str(out, from);
+    out.extend_from_slice(b",\"cid\":");
+    out.extend_from_slice(cid.as_bytes());
+    out.extend_from_slice(format!(",\"ts\":{ts},\"body\":").as_bytes());
+    out.extend_from_slice(body.as_bytes());
+    out.push(b'}');
+}
+
+/// `{"op":"joined","room":..,"offset":N,"recovered":bool}`
+pub fn write_joined(out: &mut Vec<u8>, room: &str, offset: u64, recovered: bool) {
+    out.extend_from_slice(b"{\"op\":\"joined\",\"room\":");
+    write_json_str(out, room);
+    out.extend_from_slice(format!(",\"offset\":{offset},\"recovered\":{recovered}}}").as_bytes());
+}
+
+/// `{"op":"left","room":..}`
+pub fn write_left(out: &mut Vec<u8>, room: &str) {
+    out.extend_from_slice(b"{\"op\":\"left\",\"room\":");
+    write_json_str(out, room);
+    out.push(b'}');
+}
+
+/// `{"op":"gap","room":..,"from":N}`: room messages from offset N were skipped (slow consumer).
+pub fn write_gap(out: &mut Vec<u8>, room: &str, from: u64) {
+    out.extend_from_slice(b"{\"op\":\"gap\",\"room\":");
+    write_json_str(out, room);
+    out.extend_from_slice(format!(",\"from\":{from}}}").as_bytes());
+}
+
+/// `{"op":"accepted","cid":..,"id":"..","offset":N}` (a room publish).
+pub fn write_accepted_offset(out: &mut Vec<u8>, cid: &str, id: u64, offset: u64) {
+    out.extend_from_slice(b"{\"op\":\"accepted\",\"cid\":");
+    out.extend_from_slice(cid.as_bytes());
+    out.extend_from_slice(format!(",\"id\":\"{id}\",\"offset\":{offset}}}").as_bytes());
+}
+
 /// `{"op":"presence","online":{"a":true,"b":false}}` (a user asked twice appears once).
 pub fn write_presence<'a>(out: &mut Vec<u8>, online: impl IntoIterator<Item = (&'a str, bool)>) {
     out.extend_from_slice(b"{\"op\":\"presence\",\"online\":{");
@@ -312,9 +422,29 @@ mod tests {
         let e = err(r#"{"op":"dance","cid":"c-1"}"#);
         assert_eq!(e.code, ErrorCode::UnknownOp);
         assert_eq!(e.cid.as_deref(), Some("\"c-1\""));
+        assert_eq!(err(r#"{"op":"join"}"#).code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"op":"join","room":5}"#).code, ErrorCode::BadRequest);
         assert_eq!(
-            err(r#"{"op":"join","room":"r"}"#).code,
-            ErrorCode::Unavailable
+            err(r#"{"op":"join","room":""}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"join","room":"r","since":-1}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(err(r#"{"op":"leave"}"#).code, ErrorCode::BadRequest);
+        let e = err(
+            r#"{"op":"publish","room":"r","cid":"p","body":1,"x":0,"room2":1}"#
+                .replace(",\"body\":1", "")
+                .as_str(),
+        );
+        assert_eq!(
+            (e.code, e.cid.as_deref()),
+            (ErrorCode::BadRequest, Some("\"p\""))
+        );
+        assert_eq!(
+            err(r#"{"op":"publish","room":"r","body":1}"#).code,
+            ErrorCode::BadRequest
         );
         // send: every missing or mistyped field is a bad_request that keeps the cid.
         let e = err(r#"{"op":"send","cid":7,"body":1}"#);
@@ -369,6 +499,72 @@ mod tests {
             parse(br#"{"op":"ack","seq":17}"#).unwrap(),
             ClientFrame::Ack { seq: 17 }
         );
+    }
+
+    #[test]
+    fn room_ops_parse() {
+        assert_eq!(
+            parse(br#"{"op":"join","room":"lobby"}"#).unwrap(),
+            ClientFrame::Join {
+                room: "lobby".into(),
+                since: None
+            }
+        );
+        assert_eq!(
+            parse(br#"{"op":"join","room":"lobby","since":42}"#).unwrap(),
+            ClientFrame::Join {
+                room: "lobby".into(),
+                since: Some(42)
+            }
+        );
+        assert_eq!(
+            parse(br#"{"op":"leave","room":"lobby"}"#).unwrap(),
+            ClientFrame::Leave {
+                room: "lobby".into()
+            }
+        );
+        assert_eq!(
+            parse(br#"{"op":"publish","room":"lobby","cid":7,"body":{"t":"hi"}}"#).unwrap(),
+            ClientFrame::Publish {
+                room: "lobby".into(),
+                cid: "7".into(),
+                body: r#"{"t":"hi"}"#.into()
+            }
+        );
+    }
+
+    #[test]
+    fn room_frames_are_valid_json() {
+        let mut out = Vec::new();
+        write_room(&mut out, "lo\"bby", 9, 3, "al", "\"c\"", 5, r#"{"x":1}"#);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"room","room":"lo\"bby","offset":9,"id":"3","from":"al","cid":"c","ts":5,"body":{"x":1}})
+        );
+        for (frame, expected) in [
+            (
+                (|o: &mut Vec<u8>| write_joined(o, "r", 4, true)) as fn(&mut Vec<u8>),
+                serde_json::json!({"op":"joined","room":"r","offset":4,"recovered":true}),
+            ),
+            (
+                |o: &mut Vec<u8>| write_left(o, "r"),
+                serde_json::json!({"op":"left","room":"r"}),
+            ),
+            (
+                |o: &mut Vec<u8>| write_gap(o, "r", 12),
+                serde_json::json!({"op":"gap","room":"r","from":12}),
+            ),
+            (
+                |o: &mut Vec<u8>| write_accepted_offset(o, "\"c\"", 2, 8),
+                serde_json::json!({"op":"accepted","cid":"c","id":"2","offset":8}),
+            ),
+        ] {
+            let mut out = Vec::new();
+            frame(&mut out);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v, expected);
+        }
     }
 
     #[test]

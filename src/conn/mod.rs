@@ -52,8 +52,22 @@ pub struct Ctx<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppEvent {
     Send(proto::SendRequest),
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
     Presence(Vec<compact_str::CompactString>),
+    Join {
+        room: compact_str::CompactString,
+        since: Option<u64>,
+    },
+    Leave {
+        room: compact_str::CompactString,
+    },
+    Publish {
+        room: compact_str::CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+    },
 }
 
 /// What a `/ws` connection carries besides its user id, boxed because it is rare.
@@ -192,6 +206,13 @@ impl Connection {
     pub fn close_unresponsive(&mut self, now: u64, ctx: &Ctx) {
         if self.phase == Phase::Open {
             self.close(now, frame::CLOSE_INTERNAL, "ack timeout", ctx);
+        }
+    }
+
+    /// A room member whose outbound buffer stayed full (SPEC 4, slow consumers): 1013.
+    pub fn close_slow(&mut self, now: u64, ctx: &Ctx) {
+        if self.phase == Phase::Open {
+            self.close(now, frame::CLOSE_TRY_AGAIN, "slow consumer", ctx);
         }
     }
 
@@ -589,6 +610,16 @@ impl Connection {
                 Ok(ClientFrame::Presence { users }) => {
                     ctx.events.borrow_mut().push(AppEvent::Presence(users))
                 }
+                Ok(ClientFrame::Join { room, since }) => {
+                    ctx.events.borrow_mut().push(AppEvent::Join { room, since })
+                }
+                Ok(ClientFrame::Leave { room }) => {
+                    ctx.events.borrow_mut().push(AppEvent::Leave { room })
+                }
+                Ok(ClientFrame::Publish { room, cid, body }) => ctx
+                    .events
+                    .borrow_mut()
+                    .push(AppEvent::Publish { room, cid, body }),
                 Err(e) => self.bad_frame(now, e, ctx),
             },
             None => {}

@@ -625,18 +625,36 @@ fn unknown_op_is_answered_with_its_cid() {
 }
 
 #[test]
-fn spec_op_not_served_yet_is_unavailable() {
+fn room_ops_go_to_the_shard_as_events() {
     let env = Env::new();
     let mut conn = open(&env, T0, "/ws?user=a");
     feed(
         &mut conn,
         &env,
         T0 + 1,
-        &cf(true, OP_TEXT, br#"{"op":"join","room":"r","cid":7}"#),
+        &cf(true, OP_TEXT, br#"{"op":"join","room":"r","since":3}"#),
     );
-    let v = frames(&mut conn)[0].json();
-    assert_eq!(v["code"], "unavailable");
-    assert_eq!(v["cid"], 7);
+    feed(
+        &mut conn,
+        &env,
+        T0 + 2,
+        &cf(true, OP_TEXT, br#"{"op":"publish","room":"r","cid":7,"body":1}"#),
+    );
+    assert!(frames(&mut conn).is_empty(), "answered by the shard");
+    assert_eq!(
+        *env.events.borrow(),
+        vec![
+            AppEvent::Join {
+                room: "r".into(),
+                since: Some(3)
+            },
+            AppEvent::Publish {
+                room: "r".into(),
+                cid: "7".into(),
+                body: "1".into()
+            }
+        ]
+    );
     assert_eq!(conn.phase(), Phase::Open);
 }
 

@@ -7,6 +7,7 @@
 //!   the decision that the connection is dead.
 //! * [`dedup::Dedup`]: one sender's `(from, cid)` dedup state, so a resent `cid` never
 //!   becomes a second message (while pending, and for >= 24 h / >= 10,000 cids once accepted).
+//! * [`room::RoomLog`]: one room's offsets, recovery history and publish dedup.
 //!
 //! The offline inbox lives in [`crate::store`]. Everything here belongs to the user's home
 //! shard and is passed by `&mut`; a message is an immutable handle `M: Clone` (the shard uses
@@ -34,6 +35,7 @@
 
 pub mod dedup;
 pub mod message;
+pub mod room;
 pub mod window;
 
 pub use dedup::{Dedup, DedupConfig, Seen};

@@ -159,6 +159,11 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
                     MeshMsg::PresenceAnswer { ask, users, online } => {
                         shard.borrow_mut().on_presence_answer(ask, users, online)
                     }
+                    room_msg => {
+                        let mut s = shard.borrow_mut();
+                        let now = s.now_ms();
+                        s.on_room_msg(room_msg, now);
+                    }
                 }
             }
             if !full {

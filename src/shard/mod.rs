@@ -24,6 +24,7 @@ pub mod durable;
 pub mod io;
 pub mod park;
 pub mod presence;
+pub mod rooms;
 pub mod users;
 
 use std::io::ErrorKind;
@@ -94,6 +95,8 @@ struct Entry {
     conn: Connection,
     serial: u32,
     timer: Option<TimerKey>,
+    /// Rooms this connection joined (None until its first join).
+    rooms: Option<Vec<compact_str::CompactString>>,
     /// The socket task's waker, to write what a timer produced (None while parked).
     waker: Option<Waker>,
     /// The socket while parked (see `park`): owned here, no glommio task exists.
@@ -150,6 +153,10 @@ pub struct Shard {
     /// Answers (reports, presence) another shard's full channel refused: retried on every
     /// tick, never dropped.
     unsent: Vec<(usize, MeshMsg)>,
+    /// Rooms whose home is this shard.
+    rooms_home: std::collections::HashMap<compact_str::CompactString, rooms::HomedRoom>,
+    /// This shard's connections in each room.
+    room_members: rooms::RoomMembers,
     /// `presence` frames waiting for other shards' answers.
     presence_asks: Slab<presence::PresenceAsk>,
     /// Where idle connections wait (None when `park_idle_ms = 0`).
@@ -215,6 +222,8 @@ impl Shard {
             api_waiters: Default::default(),
             unsent: Vec::new(),
             presence_asks: Slab::new(),
+            rooms_home: std::collections::HashMap::new(),
+            room_members: std::collections::HashMap::new(),
             park: None,
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
@@ -263,6 +272,7 @@ impl Shard {
             conn,
             serial: serial as u32,
             timer: None,
+            rooms: None,
             waker: None,
             parked: None,
             park_requested: false,
@@ -685,6 +695,10 @@ impl Shard {
         if let Some(key) = entry.timer.take() {
             self.wheel.cancel(key);
         }
+        if let Some(rooms) = entry.rooms.take() {
+            let now = self.clock.now_ms();
+            self.leave_all_rooms(index, rooms, now);
+        }
         if let Some(user) = entry.conn.user() {
             if !entry.conn.awaiting_session() {
                 self.users.remove(user, index);
@@ -733,6 +747,7 @@ impl Shard {
         self.durable_tick(now);
         if now >= self.last_expire_ms + INBOX_SWEEP_MS {
             self.last_expire_ms = now;
+            self.sweep_rooms(now);
             let expired = crate::store::Inbox::expire(&mut self.inbox, now);
             self.metrics
                 .inbox_mirrored

@@ -1,0 +1,482 @@
+//! Rooms on a shard (SPEC sections 3-4): `join`, `leave`, `publish`, fan-out, recovery with
+//! `since`, and slow consumers.
+//!
+//! Who owns what:
+//! * A room's **home shard** (`home_shard(room)`) owns its [`RoomLog`] (offsets, history,
+//!   publish dedup) and how many members each shard has. Every publish goes there, gets its
+//!   offset, and leaves as **one `RoomFanout` per shard with members**, never one per member.
+//! * Every shard owns **its own members**: which of its connections joined which room, and
+//!   per member the last offset it was given and its slow-consumer state.
+//!
+//! Join: the member is registered here as pending, then the home answers with the current
+//! offset and, with `since`, what the history still holds after it (`recovered` says whether
+//! that is everything). The home sends the answer before any later fan-out on the same FIFO
+//! channel, so a pending member skips fan-outs up to the answer's offset and nothing is shown
+//! twice or missed.
+//!
+//! Slow consumers: a room message that would push a member's outbound buffer past
+//! `max_outbound` is skipped for that member, which is told once with `gap` (from the first
+//! skipped offset; control frames are never dropped) and recovers with `join`+`since`. A member
+//! still skipping `slow_close_ms` after its first skip is closed with 1013.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use compact_str::CompactString;
+
+use super::deliver::wall_clock_ms;
+use super::{make_ctx, Shard};
+use crate::delivery::message::ReplyTo;
+use crate::delivery::room::{HistoryLimits, RoomLog, RoomMsg};
+use crate::mesh::{self, MeshMsg};
+use crate::proto::{self, ErrorCode, FrameError};
+
+/// A room homed on this shard.
+pub struct HomedRoom {
+    log: RoomLog,
+    /// Member connections per shard (fan-out goes to shards with at least one).
+    members_by_shard: Vec<u32>,
+}
+
+/// One of this shard's connections in a room.
+pub struct Member {
+    serial: u32,
+    /// False until the home answered the join: fan-outs are skipped meanwhile.
+    joined: bool,
+    /// The newest offset this member was given (or skipped past).
+    last: u64,
+    /// First offset skipped since the member last kept up (a `gap` was sent for it).
+    gap_from: Option<u64>,
+    /// When the member started skipping (ms).
+    over_since: Option<u64>,
+}
+
+impl Shard {
+    fn history_limits(&self) -> HistoryLimits {
+        HistoryLimits {
+            max: self.shared.cfg.room_history_max,
+            max_age_ms: self.shared.cfg.room_history_age_ms,
+        }
+    }
+
+    fn shards(&self) -> usize {
+        self.mesh.as_ref().map_or(1, |m| m.shards())
+    }
+
+    /// Send to a shard, or handle here when it is this one.
+    fn to_shard(&mut self, shard: usize, msg: MeshMsg, now: u64) {
+        if shard == self.id {
+            self.on_room_msg(msg, now);
+        } else {
+            self.send_or_hold(shard, msg);
+        }
+    }
+
+    /// Room messages from the mesh (or from this shard to itself).
+    pub fn on_room_msg(&mut self, msg: MeshMsg, now: u64) {
+        match msg {
+            MeshMsg::RoomJoin {
+                room,
+                shard,
+                conn,
+                serial,
+                since,
+                new_member,
+            } => self.home_join(room, shard, conn, serial, since, new_member, now),
+            MeshMsg::RoomJoined {
+                room,
+                conn,
+                serial,
+                last,
+                recovered,
+                replay,
+            } => self.on_joined(room, conn, serial, last, recovered, replay),
+            MeshMsg::RoomLeave { room, shard } => self.home_leave(&room, shard),
+            MeshMsg::RoomPublish {
+                room,
+                from,
+                cid,
+                body,
+                reply,
+            } => {
+                let (id, offset) = self.home_publish(room, from, cid.clone(), body, now);
+                let to = reply.shard as usize;
+                self.to_shard(
+                    to,
+                    MeshMsg::RoomAccepted {
+                        reply,
+                        cid,
+                        id,
+                        offset,
+                    },
+                    now,
+                );
+            }
+            MeshMsg::RoomAccepted {
+                reply,
+                cid,
+                id,
+                offset,
+            } => {
+                let mut out = Vec::with_capacity(96);
+                proto::write_accepted_offset(&mut out, &cid, id, offset);
+                self.answer(reply.conn as usize, reply.serial, &out);
+            }
+            MeshMsg::RoomFanout(msg) => self.fan_out_here(&msg, now),
+            MeshMsg::ApiPublish {
+                room,
+                cid,
+                body,
+                reply,
+            } => {
+                let from = CompactString::from(super::deliver::BACKEND_SENDER);
+                let answer = self.home_publish(room, from, cid, body, now);
+                let _ = reply.send(answer);
+            }
+            _ => unreachable!("only room messages come here"),
+        }
+    }
+
+    /// Write `frame` to a connection if it is still the one that asked.
+    fn answer(&mut self, index: usize, serial: u32, frame: &[u8]) {
+        if self.conns.get(index).is_some_and(|e| e.serial == serial) {
+            self.write_text(index, frame);
+            self.kick(index);
+        }
+    }
+
+    fn refuse(&mut self, index: usize, code: ErrorCode, message: String, cid: Option<Box<str>>) {
+        let mut out = Vec::with_capacity(96);
+        proto::write_error(&mut out, &FrameError { code, message, cid });
+        self.write_text(index, &out);
+    }
+
+    /// The token's `rooms` claim allows `room` (no claim, or `*`: any room).
+    fn may_enter(&self, index: usize, room: &str) -> bool {
+        self.conns[index]
+            .conn
+            .rooms()
+            .is_none_or(|allowed| allowed.iter().any(|r| &**r == room))
+    }
+
+    pub(super) fn on_join(
+        &mut self,
+        index: usize,
+        room: CompactString,
+        since: Option<u64>,
+        now: u64,
+    ) {
+        if !self.may_enter(index, &room) {
+            let why = format!("room `{room}` is not in this token's rooms");
+            return self.refuse(index, ErrorCode::Forbidden, why, None);
+        }
+        let serial = self.conns[index].serial;
+        let members = self.room_members.entry(room.clone()).or_default();
+        let new_member = members
+            .insert(
+                index,
+                Member {
+                    serial,
+                    joined: false,
+                    last: 0,
+                    gap_from: None,
+                    over_since: None,
+                },
+            )
+            .is_none();
+        if new_member {
+            self.metrics.room_members.inc();
+            self.conns[index]
+                .rooms
+                .get_or_insert_with(Default::default)
+                .push(room.clone());
+        }
+        let home = mesh::home_shard(&room, self.shards());
+        let msg = MeshMsg::RoomJoin {
+            room,
+            shard: self.id,
+            conn: index,
+            serial,
+            since,
+            new_member,
+        };
+        self.to_shard(home, msg, now);
+    }
+
+    pub(super) fn on_leave(&mut self, index: usize, room: CompactString, now: u64) {
+        self.drop_member(index, &room, now);
+        let mut out = Vec::with_capacity(48);
+        proto::write_left(&mut out, &room);
+        self.write_text(index, &out);
+    }
+
+    /// A connection leaves every room it joined (it is closing).
+    pub(super) fn leave_all_rooms(&mut self, index: usize, rooms: Vec<CompactString>, now: u64) {
+        for room in rooms {
+            self.drop_member(index, &room, now);
+        }
+    }
+
+    fn drop_member(&mut self, index: usize, room: &CompactString, now: u64) {
+        let Some(members) = self.room_members.get_mut(room) else {
+            return;
+        };
+        if members.remove(&index).is_none() {
+            return;
+        }
+        if members.is_empty() {
+            self.room_members.remove(room);
+        }
+        self.metrics.room_members.dec();
+        if let Some(rooms) = self.conns.get_mut(index).and_then(|e| e.rooms.as_mut()) {
+            rooms.retain(|r| r != room);
+        }
+        let home = mesh::home_shard(room, self.shards());
+        let msg = MeshMsg::RoomLeave {
+            room: room.clone(),
+            shard: self.id,
+        };
+        self.to_shard(home, msg, now);
+    }
+
+    pub(super) fn on_publish(
+        &mut self,
+        index: usize,
+        room: CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        now: u64,
+    ) {
+        if !self.may_enter(index, &room) {
+            let why = format!("room `{room}` is not in this token's rooms");
+            return self.refuse(index, ErrorCode::Forbidden, why, Some(cid));
+        }
+        let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
+            return;
+        };
+        let reply = ReplyTo {
+            shard: self.id as u32,
+            conn: index as u32,
+            serial: self.conns[index].serial,
+        };
+        let home = mesh::home_shard(&room, self.shards());
+        let msg = MeshMsg::RoomPublish {
+            room,
+            from,
+            cid,
+            body,
+            reply,
+        };
+        self.to_shard(home, msg, now);
+    }
+
+    fn homed(&mut self, room: &CompactString) -> &mut HomedRoom {
+        let shards = self.shards();
+        if !self.rooms_home.contains_key(room) {
+            self.metrics.rooms.inc();
+        }
+        self.rooms_home
+            .entry(room.clone())
+            .or_insert_with(|| HomedRoom {
+                // Microseconds of the wall clock: a restarted gateway never reuses an offset.
+                log: RoomLog::new(wall_clock_ms() * 1000),
+                members_by_shard: vec![0; shards],
+            })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn home_join(
+        &mut self,
+        room: CompactString,
+        shard: usize,
+        conn: usize,
+        serial: u32,
+        since: Option<u64>,
+        new_member: bool,
+        now: u64,
+    ) {
+        let limits = self.history_limits();
+        let homed = self.homed(&room);
+        if new_member {
+            homed.members_by_shard[shard] += 1;
+        }
+        let last = homed.log.last();
+        let (replay, recovered) = match since {
+            Some(since) => {
+                let r = homed.log.since(since, now, limits);
+                (r.replay, r.recovered)
+            }
+            // Nothing was asked for, so nothing is claimed recovered.
+            None => (Vec::new(), false),
+        };
+        let answer = MeshMsg::RoomJoined {
+            room,
+            conn,
+            serial,
+            last,
+            recovered,
+            replay,
+        };
+        self.to_shard(shard, answer, now);
+    }
+
+    fn home_leave(&mut self, room: &CompactString, shard: usize) {
+        if let Some(homed) = self.rooms_home.get_mut(room) {
+            homed.members_by_shard[shard] = homed.members_by_shard[shard].saturating_sub(1);
+        }
+    }
+
+    /// On the room's home: store the message and fan it out; returns (id, offset). A resent
+    /// `(from, cid)` still in the history gets its first id and offset, and nothing is sent.
+    fn home_publish(
+        &mut self,
+        room: CompactString,
+        from: CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        now: u64,
+    ) -> (u64, u64) {
+        let limits = self.history_limits();
+        if let Some(first) = self
+            .rooms_home
+            .get(&room)
+            .and_then(|h| h.log.duplicate(&from, &cid))
+        {
+            self.metrics.dedup_hits.inc();
+            return (first.id, first.offset);
+        }
+        let ts = wall_clock_ms();
+        let id = self.msg_ids.next(ts);
+        let homed = self.homed(&room);
+        let msg = homed.log.append(
+            |offset| {
+                let mut frame = Vec::with_capacity(96 + room.len() + cid.len() + body.len());
+                proto::write_room(&mut frame, &room, offset, id, &from, &cid, ts, &body);
+                RoomMsg {
+                    room: room.clone(),
+                    offset,
+                    id,
+                    from: from.clone(),
+                    cid: cid.clone(),
+                    at_ms: now,
+                    frame: frame.into_boxed_slice(),
+                }
+            },
+            now,
+            limits,
+        );
+        let targets: Vec<usize> = homed
+            .members_by_shard
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, _)| s)
+            .collect();
+        self.metrics.room_publishes.inc();
+        for shard in targets {
+            self.to_shard(shard, MeshMsg::RoomFanout(msg.clone()), now);
+        }
+        (msg.id, msg.offset)
+    }
+
+    fn on_joined(
+        &mut self,
+        room: CompactString,
+        conn: usize,
+        serial: u32,
+        last: u64,
+        recovered: bool,
+        replay: Vec<Arc<RoomMsg>>,
+    ) {
+        let Some(member) = self
+            .room_members
+            .get_mut(&room)
+            .and_then(|m| m.get_mut(&conn))
+            .filter(|m| m.serial == serial)
+        else {
+            return; // left (or closed) meanwhile
+        };
+        member.joined = true;
+        member.last = last;
+        member.gap_from = None;
+        member.over_since = None;
+        for msg in &replay {
+            self.write_text(conn, &msg.frame);
+        }
+        let mut out = Vec::with_capacity(64);
+        proto::write_joined(&mut out, &room, last, recovered);
+        self.write_text(conn, &out);
+        self.kick(conn);
+    }
+
+    /// A room message for this shard's members.
+    fn fan_out_here(&mut self, msg: &Arc<RoomMsg>, now: u64) {
+        let Some(members) = self.room_members.get_mut(&msg.room) else {
+            return;
+        };
+        let limit = self.shared.cfg.max_outbound;
+        let slow_close_ms = self.shared.cfg.slow_close_ms;
+        let mut delivered = Vec::new();
+        let mut gaps = Vec::new();
+        let mut slow = Vec::new();
+        for (index, member) in members.iter_mut() {
+            if !member.joined || msg.offset <= member.last {
+                continue;
+            }
+            let Some(entry) = self.conns.get(*index) else {
+                continue;
+            };
+            member.last = msg.offset;
+            if entry.conn.out.len() + msg.frame.len() <= limit {
+                member.gap_from = None;
+                member.over_since = None;
+                delivered.push(*index);
+                continue;
+            }
+            match member.over_since {
+                None => {
+                    member.over_since = Some(now);
+                    member.gap_from = Some(msg.offset);
+                    gaps.push(*index);
+                }
+                Some(since) if now.saturating_sub(since) >= slow_close_ms => slow.push(*index),
+                Some(_) => {}
+            }
+        }
+        let ctx = shard_ctx!(self);
+        for index in &delivered {
+            self.conns[*index].conn.push_text(&msg.frame, &ctx);
+        }
+        self.metrics.room_deliveries.add(delivered.len() as u64);
+        let mut out = Vec::with_capacity(64);
+        for index in &gaps {
+            out.clear();
+            proto::write_gap(&mut out, &msg.room, msg.offset);
+            self.conns[*index].conn.push_text(&out, &ctx);
+        }
+        self.metrics.room_gaps.add(gaps.len() as u64);
+        for index in &slow {
+            self.conns[*index].conn.close_slow(now, &ctx);
+        }
+        self.metrics.slow_closes.add(slow.len() as u64);
+        for index in delivered.into_iter().chain(gaps).chain(slow) {
+            self.kick(index);
+        }
+    }
+
+    /// Periodic: age out room histories; forget rooms with no member and no history.
+    pub(super) fn sweep_rooms(&mut self, now: u64) {
+        let limits = self.history_limits();
+        let before = self.rooms_home.len();
+        self.rooms_home.retain(|_, h| {
+            let empty = h.log.trim(now, limits);
+            !(empty && h.members_by_shard.iter().all(|n| *n == 0))
+        });
+        self.metrics
+            .rooms
+            .sub((before - self.rooms_home.len()) as u64);
+    }
+}
+
+/// Connections per room on this shard, for tests and metrics.
+pub type RoomMembers = HashMap<CompactString, HashMap<usize, Member>>;
