@@ -151,7 +151,7 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
     };
     let cid = match api_cid(parsed.cid) {
         Ok(c) => c,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let shard = home_shard(crate::shard::deliver::BACKEND_SENDER, admin.mesh.shards());
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -201,7 +201,9 @@ async fn read_body(admin: &Admin, req: Request<Incoming>) -> Result<Bytes, Respo
 }
 
 /// The request's `cid` checked like a client's, or a generated one.
-fn api_cid(cid: Option<&serde_json::value::RawValue>) -> Result<Box<str>, Response<Full<Bytes>>> {
+fn api_cid(
+    cid: Option<&serde_json::value::RawValue>,
+) -> Result<Box<str>, Box<Response<Full<Bytes>>>> {
     match cid {
         Some(c) => {
             let ok = match c.get().as_bytes().first() {
@@ -209,10 +211,10 @@ fn api_cid(cid: Option<&serde_json::value::RawValue>) -> Result<Box<str>, Respon
                 _ => serde_json::from_str::<u64>(c.get()).is_ok(),
             };
             if !ok || c.get().len() > crate::proto::MAX_CID_LEN {
-                return Err(api_error(
+                return Err(Box::new(api_error(
                     StatusCode::BAD_REQUEST,
                     "`cid` must be a non-empty string or an unsigned integer",
-                ));
+                )));
             }
             Ok(c.get().into())
         }
@@ -245,7 +247,7 @@ async fn api_publish(admin: &Admin, req: Request<Incoming>) -> Response<Full<Byt
     };
     let cid = match api_cid(parsed.cid) {
         Ok(c) => c,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let shard = home_shard(&room, admin.mesh.shards());
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -78,15 +78,7 @@ fn bad_presence_requests_are_400() {
 }
 
 fn post_send(gw: &Gateway, body: &str, key: &str) -> (u16, serde_json::Value) {
-    let head = format!(
-        "POST /api/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let (status, text) = http_request(gw.admin, &head);
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
-    )
+    post_json(gw, "/api/send", body, key)
 }
 
 #[test]

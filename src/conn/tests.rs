@@ -638,7 +638,11 @@ fn room_ops_go_to_the_shard_as_events() {
         &mut conn,
         &env,
         T0 + 2,
-        &cf(true, OP_TEXT, br#"{"op":"publish","room":"r","cid":7,"body":1}"#),
+        &cf(
+            true,
+            OP_TEXT,
+            br#"{"op":"publish","room":"r","cid":7,"body":1}"#,
+        ),
     );
     assert!(frames(&mut conn).is_empty(), "answered by the shard");
     assert_eq!(

@@ -15,9 +15,11 @@
 //! twice or missed.
 //!
 //! Slow consumers: a room message that would push a member's outbound buffer past
-//! `max_outbound` is skipped for that member, which is told once with `gap` (from the first
-//! skipped offset; control frames are never dropped) and recovers with `join`+`since`. A member
-//! still skipping `slow_close_ms` after its first skip is closed with 1013.
+//! `max_outbound` is skipped for that member, which is told with `gap` (from the first skipped
+//! offset of each run of skips; control frames are never dropped) and recovers with
+//! `join`+`since`. A member that skips again `slow_close_ms` or more after its first skip,
+//! without having emptied its outbound buffer in between, is closed with 1013: it is not
+//! keeping up, whatever the kernel's socket buffers absorb meanwhile.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,7 +49,7 @@ pub struct Member {
     last: u64,
     /// First offset skipped since the member last kept up (a `gap` was sent for it).
     gap_from: Option<u64>,
-    /// When the member started skipping (ms).
+    /// When the member first skipped since its outbound buffer was last empty (ms).
     over_since: Option<u64>,
 }
 
@@ -64,7 +66,7 @@ impl Shard {
     }
 
     /// Send to a shard, or handle here when it is this one.
-    fn to_shard(&mut self, shard: usize, msg: MeshMsg, now: u64) {
+    fn send_room_msg(&mut self, shard: usize, msg: MeshMsg, now: u64) {
         if shard == self.id {
             self.on_room_msg(msg, now);
         } else {
@@ -101,7 +103,7 @@ impl Shard {
             } => {
                 let (id, offset) = self.home_publish(room, from, cid.clone(), body, now);
                 let to = reply.shard as usize;
-                self.to_shard(
+                self.send_room_msg(
                     to,
                     MeshMsg::RoomAccepted {
                         reply,
@@ -200,7 +202,7 @@ impl Shard {
             since,
             new_member,
         };
-        self.to_shard(home, msg, now);
+        self.send_room_msg(home, msg, now);
     }
 
     pub(super) fn on_leave(&mut self, index: usize, room: CompactString, now: u64) {
@@ -236,7 +238,7 @@ impl Shard {
             room: room.clone(),
             shard: self.id,
         };
-        self.to_shard(home, msg, now);
+        self.send_room_msg(home, msg, now);
     }
 
     pub(super) fn on_publish(
@@ -267,7 +269,7 @@ impl Shard {
             body,
             reply,
         };
-        self.to_shard(home, msg, now);
+        self.send_room_msg(home, msg, now);
     }
 
     fn homed(&mut self, room: &CompactString) -> &mut HomedRoom {
@@ -317,7 +319,7 @@ impl Shard {
             recovered,
             replay,
         };
-        self.to_shard(shard, answer, now);
+        self.send_room_msg(shard, answer, now);
     }
 
     fn home_leave(&mut self, room: &CompactString, shard: usize) {
@@ -374,7 +376,7 @@ impl Shard {
             .collect();
         self.metrics.room_publishes.inc();
         for shard in targets {
-            self.to_shard(shard, MeshMsg::RoomFanout(msg.clone()), now);
+            self.send_room_msg(shard, MeshMsg::RoomFanout(msg.clone()), now);
         }
         (msg.id, msg.offset)
     }
@@ -423,22 +425,31 @@ impl Shard {
             if !member.joined || msg.offset <= member.last {
                 continue;
             }
-            let Some(entry) = self.conns.get(*index) else {
+            // A closing connection gets nothing more (it may be the one closed for slowness).
+            let Some(entry) = self
+                .conns
+                .get(*index)
+                .filter(|e| e.conn.phase() == crate::conn::Phase::Open)
+            else {
                 continue;
             };
             member.last = msg.offset;
-            if entry.conn.out.len() + msg.frame.len() <= limit {
+            let buffered = entry.conn.out.len();
+            if buffered + msg.frame.len() <= limit {
+                // A later skip is a new hole (the client saw this one after the gap).
                 member.gap_from = None;
-                member.over_since = None;
+                if buffered == 0 {
+                    member.over_since = None; // caught up completely
+                }
                 delivered.push(*index);
                 continue;
             }
+            if member.gap_from.is_none() {
+                member.gap_from = Some(msg.offset);
+                gaps.push(*index);
+            }
             match member.over_since {
-                None => {
-                    member.over_since = Some(now);
-                    member.gap_from = Some(msg.offset);
-                    gaps.push(*index);
-                }
+                None => member.over_since = Some(now),
                 Some(since) if now.saturating_sub(since) >= slow_close_ms => slow.push(*index),
                 Some(_) => {}
             }

@@ -197,6 +197,19 @@ pub fn http_request(addr: SocketAddr, head: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// `POST path` with a JSON body and a bearer key on the admin listener; the answer as JSON.
+pub fn post_json(gw: &Gateway, path: &str, body: &str, key: &str) -> (u16, serde_json::Value) {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, text) = http_request(gw.admin, &head);
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}")),
+    )
+}
+
 fn head_with(first_line: &str, addr: SocketAddr, headers: &[&str]) -> String {
     let mut head = format!("{first_line}\r\nHost: {addr}\r\n");
     for h in headers {
