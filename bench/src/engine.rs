@@ -78,6 +78,12 @@ pub enum Mode {
         /// `"` + JSON-escaped user prefix (for `to`).
         to_prefix_json: Vec<u8>,
     },
+    /// Room members on /ws: join `room` after `welcome`, then time every `room` frame
+    /// (its body's `t` is the publisher's send time, ns since `Config::base`).
+    Fanout {
+        /// The `join` frame's JSON text.
+        join: Vec<u8>,
+    },
 }
 
 /// Settings shared by all loops of a run.
@@ -160,6 +166,9 @@ pub struct Shared {
     pub chat_received: AtomicU64,
     pub chat_outstanding: AtomicU64,
     pub chat_sent: AtomicU64,
+    /// Fanout mode: members that got `joined`, and `room` frames received.
+    pub room_joined: AtomicU64,
+    pub room_received: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -220,6 +229,14 @@ pub struct Stats {
     /// Per connection at its end: (global index, accepted counters,
     /// counters received from the partner, sends still pending).
     pub chat_sets: Vec<(u64, CtrSet, CtrSet, u64)>,
+    // Fanout mode (`latency_ns` holds publish -> this member, per delivery).
+    pub room_msgs: u64,
+    pub room_gaps: u64,
+    pub room_duplicates: u64,
+    /// Offsets skipped without a `gap` frame announcing them.
+    pub room_holes: u64,
+    /// Per offset: members that got it and the slowest of them (ns after the publish).
+    pub room_by_offset: std::collections::HashMap<u64, (u32, u64)>,
 }
 
 impl Stats {
@@ -273,6 +290,11 @@ impl Stats {
             acks_sent: 0,
             msgs_without_t: 0,
             chat_sets: Vec::new(),
+            room_msgs: 0,
+            room_gaps: 0,
+            room_duplicates: 0,
+            room_holes: 0,
+            room_by_offset: std::collections::HashMap::new(),
         }
     }
 
@@ -334,6 +356,15 @@ impl Stats {
         self.acks_sent += o.acks_sent;
         self.msgs_without_t += o.msgs_without_t;
         self.chat_sets.extend(o.chat_sets.iter().cloned());
+        self.room_msgs += o.room_msgs;
+        self.room_gaps += o.room_gaps;
+        self.room_duplicates += o.room_duplicates;
+        self.room_holes += o.room_holes;
+        for (offset, (n, worst)) in &o.room_by_offset {
+            let e = self.room_by_offset.entry(*offset).or_default();
+            e.0 += n;
+            e.1 = e.1.max(*worst);
+        }
     }
 }
 
@@ -383,6 +414,8 @@ struct Conn {
 enum Traffic {
     Echo(LatRing),
     Chat(ChatConn),
+    /// Fanout: the newest offset this member got (0: none yet).
+    Room { last: u64 },
 }
 
 impl Conn {
@@ -635,6 +668,11 @@ fn deliver(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<(), Fail
                         if let Mode::Send { inflight, .. } = cx.cfg.mode {
                             conn.traffic = Some(Box::new(Traffic::Chat(ChatConn::new(inflight))));
                         }
+                        if let Mode::Fanout { join } = &cx.cfg.mode {
+                            conn.traffic = Some(Box::new(Traffic::Room { last: 0 }));
+                            let m = cx.mask();
+                            ws::encode_frame(cx.out, true, ws::OP_TEXT, join, m);
+                        }
                         return Ok(());
                     }
                 }
@@ -696,6 +734,7 @@ fn deliver(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<(), Fail
                 Ok(())
             }
             Mode::Send { .. } => on_chat_message(conn, op, msg, cx),
+            Mode::Fanout { .. } => on_room_message(conn, op, msg, cx),
         },
         Phase::Connecting | Phase::Handshake => Ok(()),
     }
@@ -881,6 +920,71 @@ fn on_chat_message(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<
                     chat_fill(ch, gidx, cx);
                 }
             }
+        }
+        _ => cx.stats.other_messages += 1,
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct RoomFrame {
+    op: String,
+    #[serde(default)]
+    offset: Option<u64>,
+    #[serde(default)]
+    from: Option<serde_json::Value>,
+    #[serde(default)]
+    body: Option<RoomBody>,
+}
+
+#[derive(Deserialize)]
+struct RoomBody {
+    t: u64,
+}
+
+/// A data message on an open connection in fanout mode.
+fn on_room_message(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<(), Fail> {
+    cx.stats.messages += 1;
+    let f = (op == ws::OP_TEXT)
+        .then(|| serde_json::from_slice::<RoomFrame>(msg).ok())
+        .flatten();
+    let Some(f) = f else {
+        cx.stats.unparsed += 1;
+        return Ok(());
+    };
+    bump(&mut cx.stats.messages_by_op, &f.op);
+    let Some(Traffic::Room { last }) = conn.traffic.as_deref_mut() else {
+        return Ok(());
+    };
+    match (f.op.as_str(), f.offset, f.body) {
+        ("joined", Some(offset), _) => {
+            *last = offset;
+            cx.shared.room_joined.fetch_add(1, Relaxed);
+        }
+        ("room", Some(offset), Some(body)) => {
+            if offset <= *last {
+                cx.stats.room_duplicates += 1;
+                return Ok(());
+            }
+            if *last != 0 && offset > *last + 1 {
+                cx.stats.room_holes += offset - *last - 1;
+            }
+            *last = offset;
+            let latency = cx.now.saturating_sub(body.t).max(1);
+            cx.stats.room_msgs += 1;
+            cx.shared.room_received.fetch_add(1, Relaxed);
+            if let Some(h) = cx.stats.latency_ns.as_mut() {
+                h.saturating_record(latency);
+            }
+            let e = cx.stats.room_by_offset.entry(offset).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(latency);
+        }
+        ("gap", _, _) => {
+            cx.stats.room_gaps += 1;
+            // The skipped offsets are announced, not holes: do not count the next jump.
+            let _ = f.from;
+            *last = 0;
         }
         _ => cx.stats.other_messages += 1,
     }

@@ -14,6 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod chat;
 mod engine;
+mod fanout;
 mod net;
 mod ring;
 mod store;
@@ -53,6 +54,8 @@ enum Cmd {
     Send(SendArgs),
     /// Spill / replay / remove throughput of ringgate's Redis store against a real Redis
     Store(store::StoreArgs),
+    /// One publisher, a room of M members: publish -> every member latency, deliveries/s
+    Fanout(fanout::FanoutArgs),
 }
 
 #[derive(Args, Debug)]
@@ -1034,6 +1037,7 @@ fn main() {
         Cmd::Echo(a) => run_echo(a),
         Cmd::Send(a) => run_send(a),
         Cmd::Store(a) => store::run(a),
+        Cmd::Fanout(a) => fanout::run(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

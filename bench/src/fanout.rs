@@ -1,0 +1,298 @@
+//! `ringgate-bench fanout`: one publisher, one room of M members.
+//!
+//! The members are this process's connections (the `idle` machinery, joining the room after
+//! `welcome`); the publisher is the backend API (`POST /api/publish` on the admin listener,
+//! one keep-alive connection), so one process holds both ends and one clock: each message's
+//! body carries its send time `t` (ns since the run's base). Measured: per delivery
+//! publish -> member latency, and per publish publish -> **last** member latency (the time
+//! until every member had it), deliveries/s, plus duplicates, holes and gaps (each member
+//! checks its offsets).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use crate::engine::{Mode, Route, Shared};
+use crate::{build_config, install_sigint, join_threads, make_loops, net, now_ns, ns, secs, Common};
+
+#[derive(Args, Debug)]
+pub struct FanoutArgs {
+    /// Room members (connections)
+    #[arg(short = 'm', long, default_value_t = 1000)]
+    members: usize,
+    /// Room to use
+    #[arg(long, default_value = "bench-room")]
+    room: String,
+    /// Messages to publish
+    #[arg(long, default_value_t = 100)]
+    publishes: u64,
+    /// Publishes per second
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Body bytes beyond the timestamp (padding)
+    #[arg(long, default_value_t = 0)]
+    pad: usize,
+    /// Gateway admin listener (loopback), for POST /api/publish
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin: String,
+    /// The gateway's api_key
+    #[arg(long)]
+    api_key: String,
+    /// Max handshakes in flight while connecting
+    #[arg(long, default_value_t = 1000)]
+    concurrency: usize,
+    /// Bound on connecting and joining, seconds
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    timeout: f64,
+    /// After the last publish: at most this long for the deliveries, seconds
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    grace: f64,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// One keep-alive HTTP/1.1 connection to the admin listener.
+struct ApiClient {
+    reader: BufReader<TcpStream>,
+    key: String,
+}
+
+impl ApiClient {
+    fn connect(admin: &str, key: &str) -> Result<ApiClient, String> {
+        let addr = net::resolve_target(admin)?;
+        let stream = TcpStream::connect(addr).map_err(|e| format!("{admin}: {e}"))?;
+        stream.set_nodelay(true).ok();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        Ok(ApiClient {
+            reader: BufReader::new(stream),
+            key: key.to_string(),
+        })
+    }
+
+    /// POST /api/publish; returns the answer's offset.
+    fn publish(&mut self, body: &str) -> Result<u64, String> {
+        let req = format!(
+            "POST /api/publish HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.key,
+            body.len()
+        );
+        self.reader
+            .get_mut()
+            .write_all(req.as_bytes())
+            .map_err(|e| format!("publish: {e}"))?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| format!("publish answer: {e}"))?;
+        let status = line.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            self.reader
+                .read_line(&mut line)
+                .map_err(|e| format!("publish answer: {e}"))?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut answer = vec![0u8; length];
+        self.reader
+            .read_exact(&mut answer)
+            .map_err(|e| format!("publish answer: {e}"))?;
+        let v: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+        if status != "200" {
+            return Err(format!("publish answered {status}: {v}"));
+        }
+        v["offset"]
+            .as_u64()
+            .ok_or_else(|| format!("no offset in {v}"))
+    }
+}
+
+fn pct(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        0.0
+    } else {
+        h.value_at_quantile(q) as f64 / 1e6
+    }
+}
+
+pub fn run(a: FanoutArgs) -> Result<i32, String> {
+    let c = &a.common;
+    let timeout = secs("timeout", a.timeout, false)?;
+    let grace = secs("grace", a.grace, true)?;
+    if a.members == 0 || a.publishes == 0 || !(a.rate > 0.0 && a.rate.is_finite()) {
+        return Err("need --members >= 1, --publishes >= 1, --rate > 0".into());
+    }
+    let admin_addr = net::resolve_target(&a.admin)?;
+    let join = json!({"op":"join","room":a.room}).to_string().into_bytes();
+    let cfg = Arc::new(build_config(
+        c,
+        Route::Ws,
+        Mode::Fanout { join },
+        true,
+        a.members,
+    )?);
+    let shared = Arc::new(Shared::default());
+    let loops = make_loops(&cfg, &shared, a.members, c.threads, a.concurrency, 0.0)?;
+    let threads = loops.len();
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    install_sigint();
+    let start = now_ns(&cfg);
+    let deadline = start + ns(timeout) + ns(grace) + ns(Duration::from_secs_f64(
+        a.publishes as f64 / a.rate + 5.0,
+    ));
+    let handles: Vec<_> = loops
+        .into_iter()
+        .map(|mut lp| {
+            let (barrier, shared) = (barrier.clone(), shared.clone());
+            std::thread::spawn(move || {
+                lp.prefault();
+                barrier.wait();
+                lp.ramp(deadline);
+                shared.ramp_done.fetch_add(1, Relaxed);
+                lp.serve(deadline);
+                lp.close_all();
+                lp.stats
+            })
+        })
+        .collect();
+    barrier.wait();
+
+    // Everyone connected and joined (or the timeout).
+    let join_deadline = start + ns(timeout);
+    while shared.room_joined.load(Relaxed) < a.members as u64
+        && now_ns(&cfg) < join_deadline
+        && !crate::INTERRUPTED.load(Relaxed)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let joined = shared.room_joined.load(Relaxed);
+    if !c.quiet {
+        eprintln!("{joined}/{} members joined `{}`", a.members, a.room);
+    }
+
+    // Publish at the rate, each body stamped with its send time.
+    let mut api = ApiClient::connect(&admin_addr.to_string(), &a.api_key)?;
+    let pad = "x".repeat(a.pad);
+    let period = 1e9 / a.rate;
+    let t0 = now_ns(&cfg);
+    let mut offsets = Vec::with_capacity(a.publishes as usize);
+    let mut publish_error = None;
+    for i in 0..a.publishes {
+        let due = t0 + (i as f64 * period) as u64;
+        let now = now_ns(&cfg);
+        if due > now {
+            std::thread::sleep(Duration::from_nanos(due - now));
+        }
+        if crate::INTERRUPTED.load(Relaxed) {
+            break;
+        }
+        let body = json!({"room": a.room, "cid": format!("f{t0}-{i}"), "body": {"t": now_ns(&cfg), "pad": pad}})
+            .to_string();
+        match api.publish(&body) {
+            Ok(o) => offsets.push(o),
+            Err(e) => {
+                publish_error = Some(e);
+                break;
+            }
+        }
+    }
+    let publish_end = now_ns(&cfg);
+    let expected = offsets.len() as u64 * joined;
+    let grace_end = publish_end + ns(grace);
+    while shared.room_received.load(Relaxed) < expected
+        && now_ns(&cfg) < grace_end
+        && !crate::INTERRUPTED.load(Relaxed)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    shared.stop.store(true, Relaxed);
+    let st = join_threads(handles);
+
+    // Publish -> last member: the slowest member of each publish every member received.
+    let mut last_member = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).unwrap();
+    let mut incomplete = 0u64;
+    for o in &offsets {
+        match st.room_by_offset.get(o) {
+            Some((n, worst)) if *n as u64 >= joined => {
+                last_member.saturating_record(*worst);
+            }
+            _ => incomplete += 1,
+        }
+    }
+    let empty = Histogram::<u64>::new(3).unwrap();
+    let per_delivery = st.latency_ns.as_ref().unwrap_or(&empty);
+    let span = (publish_end.saturating_sub(t0)) as f64 / 1e9;
+    let missing = expected.saturating_sub(st.room_msgs);
+    let ok = publish_error.is_none()
+        && joined == a.members as u64
+        && missing == 0
+        && st.room_duplicates == 0
+        && st.room_holes == 0
+        && incomplete == 0;
+    println!(
+        "ringgate-bench fanout  target={} room={} members joined {joined}/{}  publishes {} at {}/s over {span:.1}s",
+        cfg.host,
+        a.room,
+        a.members,
+        offsets.len(),
+        a.rate
+    );
+    println!(
+        "deliveries   {} ({:.0}/s over the publish span)  missing {missing}  duplicates {}  holes {}  gaps {}",
+        st.room_msgs,
+        st.room_msgs as f64 / span.max(1e-9),
+        st.room_duplicates,
+        st.room_holes,
+        st.room_gaps
+    );
+    println!(
+        "per delivery  p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms",
+        pct(per_delivery, 0.5),
+        pct(per_delivery, 0.99),
+        pct(per_delivery, 0.999),
+        per_delivery.max() as f64 / 1e6
+    );
+    println!(
+        "last member   p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} publishes complete, {incomplete} incomplete)",
+        pct(&last_member, 0.5),
+        pct(&last_member, 0.99),
+        last_member.max() as f64 / 1e6,
+        last_member.len()
+    );
+    if let Some(e) = &publish_error {
+        println!("publisher stopped: {e}");
+    }
+    println!("result       {}", if ok { "OK" } else { "FAILED" });
+    if c.json {
+        println!(
+            "{}",
+            json!({
+                "mode": "fanout", "room": a.room, "members": a.members, "joined": joined,
+                "publishes": offsets.len(), "rate": a.rate, "publish_span_secs": span,
+                "deliveries": st.room_msgs, "deliveries_per_sec": st.room_msgs as f64 / span.max(1e-9),
+                "missing": missing, "duplicates": st.room_duplicates, "holes": st.room_holes,
+                "gaps": st.room_gaps, "incomplete_publishes": incomplete,
+                "per_delivery_ms": {"p50": pct(per_delivery, 0.5), "p99": pct(per_delivery, 0.99), "p999": pct(per_delivery, 0.999), "max": per_delivery.max() as f64 / 1e6},
+                "last_member_ms": {"p50": pct(&last_member, 0.5), "p99": pct(&last_member, 0.99), "max": last_member.max() as f64 / 1e6},
+                "publish_error": publish_error, "ok": ok,
+            })
+        );
+    }
+    Ok(if ok { 0 } else { 1 })
+}
