@@ -415,7 +415,9 @@ enum Traffic {
     Echo(LatRing),
     Chat(ChatConn),
     /// Fanout: the newest offset this member got (0: none yet).
-    Room { last: u64 },
+    Room {
+        last: u64,
+    },
 }
 
 impl Conn {

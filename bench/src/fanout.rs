@@ -19,7 +19,9 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 
 use crate::engine::{Mode, Route, Shared};
-use crate::{build_config, install_sigint, join_threads, make_loops, net, now_ns, ns, secs, Common};
+use crate::{
+    build_config, install_sigint, join_threads, make_loops, net, now_ns, ns, secs, Common,
+};
 
 #[derive(Args, Debug)]
 pub struct FanoutArgs {
@@ -153,9 +155,10 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
     let barrier = Arc::new(Barrier::new(threads + 1));
     install_sigint();
     let start = now_ns(&cfg);
-    let deadline = start + ns(timeout) + ns(grace) + ns(Duration::from_secs_f64(
-        a.publishes as f64 / a.rate + 5.0,
-    ));
+    let deadline = start
+        + ns(timeout)
+        + ns(grace)
+        + ns(Duration::from_secs_f64(a.publishes as f64 / a.rate + 5.0));
     let handles: Vec<_> = loops
         .into_iter()
         .map(|mut lp| {

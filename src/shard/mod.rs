@@ -97,6 +97,9 @@ struct Entry {
     timer: Option<TimerKey>,
     /// Rooms this connection joined (None until its first join).
     rooms: Option<Vec<compact_str::CompactString>>,
+    /// The socket task's descriptor (-1 while parked or before the task first waited): output
+    /// produced outside the task's poll is sent from here (see `kick`).
+    fd: RawFd,
     /// The socket task's waker, to write what a timer produced (None while parked).
     waker: Option<Waker>,
     /// The socket while parked (see `park`): owned here, no glommio task exists.
@@ -273,6 +276,7 @@ impl Shard {
             serial: serial as u32,
             timer: None,
             rooms: None,
+            fd: -1,
             waker: None,
             parked: None,
             park_requested: false,
@@ -520,9 +524,10 @@ impl Shard {
         }
     }
 
-    /// Remember the socket task's waker (for timer output and park requests).
-    pub fn set_waker(&mut self, index: usize, waker: &Waker) {
+    /// Remember the socket task's waker (for timer output and park requests) and descriptor.
+    pub fn set_waker(&mut self, index: usize, waker: &Waker, fd: RawFd) {
         if let Some(entry) = self.conns.get_mut(index) {
+            entry.fd = fd;
             if !entry.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
                 entry.waker = Some(waker.clone());
             }
@@ -556,6 +561,7 @@ impl Shard {
         }
         entry.parked = Some(copy);
         entry.waker = None;
+        entry.fd = -1; // the task's descriptor closes with the task
         self.metrics.connections_parked.inc();
         self.metrics.parks.inc();
         self.released_since_collect += 1;
@@ -643,15 +649,66 @@ impl Shard {
         let Some(entry) = self.conns.get(index) else {
             return;
         };
-        if entry.parked.is_some() {
+        if let Some(parked) = &entry.parked {
             if !entry.conn.out.is_empty() || entry.conn.finished() {
+                // Output only (a parked socket has no input pending, or epoll would have
+                // said so): send it without the full inline poll (read attempt, re-arm).
+                let fd = parked.as_raw_fd();
+                let plain_output = !entry.conn.finished() && entry.conn.phase() == Phase::Open;
+                if plain_output && self.send_now(index, fd) {
+                    return;
+                }
                 self.poll_parked(index);
             }
         } else if !entry.conn.out.is_empty() || entry.conn.finished() || entry.park_requested {
-            if let Some(w) = &entry.waker {
+            let plain_output = entry.fd >= 0
+                && !entry.park_requested
+                && !entry.conn.finished()
+                && entry.conn.phase() == Phase::Open;
+            if plain_output && self.send_now(index, entry.fd) {
+                return;
+            }
+            if let Some(w) = &self.conns[index].waker {
                 w.wake_by_ref();
             }
         }
+    }
+
+    /// Output produced outside the connection's poll (fan-out, a delivery from another
+    /// connection or shard): send it from here with one non-blocking `send`, which is what
+    /// the task's write would do first, sparing the task a wake-up, a read attempt and a poll
+    /// re-arm. Everything goes out from the head of `out`, so the order is the task's.
+    /// Returns true when the task has nothing left to do: all sent, and its reads were not
+    /// paused by a full outbound buffer (those resume only when the task runs).
+    fn send_now(&mut self, index: usize, fd: RawFd) -> bool {
+        let max_outbound = self.shared.cfg.max_outbound;
+        let entry = &mut self.conns[index];
+        let out = &entry.conn.out;
+        let reads_paused = out.len() >= max_outbound;
+        // SAFETY: a send from a valid buffer on the socket this entry owns: its live task's
+        // descriptor (reset whenever that task ends) or its parked duplicate.
+        let sent = unsafe {
+            libc::send(
+                fd,
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if sent <= 0 {
+            return false; // would block, or an error the task will meet itself
+        }
+        self.metrics.bytes_out.add(sent as u64);
+        entry.conn.out.drain(..sent as usize);
+        if !entry.conn.out.is_empty() {
+            return false;
+        }
+        let mut out = std::mem::take(&mut entry.conn.out);
+        if out.capacity() <= 4 * SPARE_OUT_BYTES && out.capacity() > self.spare_out.capacity() {
+            out.clear();
+            self.spare_out = out;
+        }
+        !reads_paused
     }
 
     /// Keep the connection's single wheel entry at or before its deadline. Lazy: when the
