@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bounded smoke run of the load generator against a real gateway: proves bench/ works end to
-# end (idle with JWTs, echo on /echo and on /ws). It checks counts via the tools' exit codes
+# end (idle with JWTs, echo on /echo and on /ws, a room fan-out through the backend API). It checks counts via the tools' exit codes
 # (any failed connection or missing reply fails); it asserts no timing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ BENCH=target/$PROFILE/ringgate-bench
 SECRET=smoke-secret-0123456789abcdef
 LOG=$(mktemp)
 "$GW" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --shards 2 --jwt-secret "$SECRET" \
-  --echo-route true >"$LOG" 2>&1 &
+  --echo-route true --api-key smoke-key >"$LOG" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -f "$LOG"' EXIT
 for _ in $(seq 100); do grep -q 'listening on' "$LOG" && break; sleep 0.1; done
@@ -24,10 +24,13 @@ echo "gateway pid $PID on $TARGET (admin $ADMIN)"
   --gateway-pid "$PID" -q
 "$BENCH" echo -c 20 -s 64 --inflight 4 --duration 2 --warmup 1 --target "$TARGET" --route echo -q
 "$BENCH" echo -c 10 --duration 1 --warmup 1 --target "$TARGET" --route ws --secret "$SECRET" -q
+# Every member gets every publish exactly once (exit 1 otherwise).
+"$BENCH" fanout --members 200 --publishes 10 --rate 20 --target "$TARGET" --admin "$ADMIN" \
+  --api-key smoke-key --secret "$SECRET" --timeout 30 --grace 10 -q
 # The gateway counted what the tools did.
 accepted=$(curl -s "http://$ADMIN/metrics" | awk '/^ringgate_connections_accepted_total/ {s+=$2} END {print s}')
 echo "gateway accepted $accepted upgrades"
-[ "$accepted" -ge 530 ] || { echo "expected >= 530 accepted upgrades, got $accepted"; exit 1; }
+[ "$accepted" -ge 730 ] || { echo "expected >= 730 accepted upgrades, got $accepted"; exit 1; }
 kill -TERM $PID
 wait $PID
 echo "bench smoke: ok (gateway exited 0 after SIGTERM)"
