@@ -248,7 +248,7 @@ impl std::future::Future for Drive {
         }
         match shard.poll_conn(this.index, &mut this.stream, cx) {
             ConnPoll::Pending { .. } => {
-                shard.set_waker(this.index, cx.waker(), this.stream.as_raw_fd());
+                shard.set_waker(this.index, cx.waker());
                 Poll::Pending
             }
             // Dropping the task drops the stream, which closes the socket.
