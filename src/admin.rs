@@ -132,25 +132,12 @@ struct ApiBody<'a> {
 /// `POST /api/send {"to","body","cid"?}`: the same semantics as a client `send` from the
 /// sender `@backend` (dedup by cid, answer once safe). A missing cid gets a generated one.
 async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let bytes = match read_body(admin, req).await {
-        Ok(b) => b,
-        Err(refused) => return refused,
-    };
-    let Ok(parsed) = serde_json::from_slice::<ApiBody>(&bytes) else {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "body must be a JSON object {\"to\",\"body\",\"cid\"?}",
-        );
-    };
-    let to: Option<String> = parsed.to.and_then(|t| serde_json::from_str(t.get()).ok());
-    let Some(to) = to.filter(|t| crate::auth::valid_id(t).is_ok()) else {
-        return api_error(StatusCode::BAD_REQUEST, "`to` must be a valid user id");
-    };
-    let Some(body) = parsed.body else {
-        return api_error(StatusCode::BAD_REQUEST, "missing field `body`");
-    };
-    let cid = match api_cid(parsed.cid) {
-        Ok(c) => c,
+    let ApiRequest {
+        target: to,
+        body,
+        cid,
+    } = match api_request(admin, req, Target::User).await {
+        Ok(r) => r,
         Err(refused) => return *refused,
     };
     let shard = home_shard(crate::shard::deliver::BACKEND_SENDER, admin.mesh.shards());
@@ -158,7 +145,7 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
     let msg = MeshMsg::ApiSend {
         to: to.into(),
         cid: cid.clone(),
-        body: body.get().into(),
+        body,
         reply: tx,
     };
     if admin.mesh.send(shard, msg).is_err() {
@@ -184,6 +171,55 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
     }
 }
 
+/// What `POST /api/send` and `POST /api/publish` carry.
+struct ApiRequest {
+    /// `to` (a user) or `room`.
+    target: String,
+    body: Box<str>,
+    cid: Box<str>,
+}
+
+enum Target {
+    User,
+    Room,
+}
+
+/// Read and check an API request body: `{"to"|"room", "body", "cid"?}`.
+async fn api_request(
+    admin: &Admin,
+    req: Request<Incoming>,
+    target: Target,
+) -> Result<ApiRequest, Box<Response<Full<Bytes>>>> {
+    let bytes = read_body(admin, req).await.map_err(Box::new)?;
+    let (field, shape) = match target {
+        Target::User => (
+            "to",
+            "body must be a JSON object {\"to\",\"body\",\"cid\"?}",
+        ),
+        Target::Room => (
+            "room",
+            "body must be a JSON object {\"room\",\"body\",\"cid\"?}",
+        ),
+    };
+    let refuse = |why: &str| Box::new(api_error(StatusCode::BAD_REQUEST, why));
+    let parsed = serde_json::from_slice::<ApiBody>(&bytes).map_err(|_| refuse(shape))?;
+    let raw = match target {
+        Target::User => parsed.to,
+        Target::Room => parsed.room,
+    };
+    let value: Option<String> = raw.and_then(|t| serde_json::from_str(t.get()).ok());
+    let Some(value) = value.filter(|t| crate::auth::valid_id(t).is_ok()) else {
+        return Err(refuse(&format!("`{field}` must be a valid id")));
+    };
+    let body = parsed.body.ok_or_else(|| refuse("missing field `body`"))?;
+    let cid = api_cid(parsed.cid)?;
+    Ok(ApiRequest {
+        target: value,
+        body: body.get().into(),
+        cid,
+    })
+}
+
 /// The request body, at most `max_frame` bytes.
 async fn read_body(admin: &Admin, req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
     use http_body_util::BodyExt;
@@ -206,11 +242,7 @@ fn api_cid(
 ) -> Result<Box<str>, Box<Response<Full<Bytes>>>> {
     match cid {
         Some(c) => {
-            let ok = match c.get().as_bytes().first() {
-                Some(b'"') => serde_json::from_str::<String>(c.get()).is_ok_and(|s| !s.is_empty()),
-                _ => serde_json::from_str::<u64>(c.get()).is_ok(),
-            };
-            if !ok || c.get().len() > crate::proto::MAX_CID_LEN {
+            if !crate::proto::valid_cid(c.get()) {
                 return Err(Box::new(api_error(
                     StatusCode::BAD_REQUEST,
                     "`cid` must be a non-empty string or an unsigned integer",
@@ -228,25 +260,12 @@ fn api_cid(
 /// `POST /api/publish {"room","body","cid"?}`: published from `@backend` on the room's home
 /// shard; answered `{"op":"accepted","cid","id","offset"}` once in the room's history.
 async fn api_publish(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let bytes = match read_body(admin, req).await {
-        Ok(b) => b,
-        Err(refused) => return refused,
-    };
-    let Ok(parsed) = serde_json::from_slice::<ApiBody>(&bytes) else {
-        return api_error(
-            StatusCode::BAD_REQUEST,
-            "body must be a JSON object {\"room\",\"body\",\"cid\"?}",
-        );
-    };
-    let room: Option<String> = parsed.room.and_then(|r| serde_json::from_str(r.get()).ok());
-    let Some(room) = room.filter(|r| crate::auth::valid_id(r).is_ok()) else {
-        return api_error(StatusCode::BAD_REQUEST, "`room` must be a valid room id");
-    };
-    let Some(body) = parsed.body else {
-        return api_error(StatusCode::BAD_REQUEST, "missing field `body`");
-    };
-    let cid = match api_cid(parsed.cid) {
-        Ok(c) => c,
+    let ApiRequest {
+        target: room,
+        body,
+        cid,
+    } = match api_request(admin, req, Target::Room).await {
+        Ok(r) => r,
         Err(refused) => return *refused,
     };
     let shard = home_shard(&room, admin.mesh.shards());
@@ -254,7 +273,7 @@ async fn api_publish(admin: &Admin, req: Request<Incoming>) -> Response<Full<Byt
     let msg = MeshMsg::ApiPublish {
         room: room.into(),
         cid: cid.clone(),
-        body: body.get().into(),
+        body,
         reply: tx,
     };
     if admin.mesh.send(shard, msg).is_err() {

@@ -120,38 +120,50 @@ fn bad(message: impl Into<String>, cid: &Option<Box<str>>) -> FrameError {
 }
 
 fn parse_send(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
-    let to: String = env
-        .to
-        .ok_or_else(|| bad("missing field `to`", cid))
-        .and_then(|t| {
-            serde_json::from_str(t.get()).map_err(|_| bad("`to` must be a string", cid))
-        })?;
-    if crate::auth::valid_id(&to).is_err() {
-        return Err(bad("`to` is not a valid user id", cid));
-    }
+    let to = parse_id(env.to, "to", "user", cid)?;
     let checked = checked_cid(cid)?;
     let body = env.body.ok_or_else(|| bad("missing field `body`", cid))?;
     Ok(ClientFrame::Send(SendRequest {
-        to: to.into(),
+        to,
         cid: checked,
         body: body.get().into(),
     }))
+}
+
+/// A string field holding a user or room id.
+fn parse_id(
+    raw: Option<&RawValue>,
+    field: &str,
+    what: &str,
+    cid: &Option<Box<str>>,
+) -> Result<compact_str::CompactString, FrameError> {
+    let id: String = raw
+        .ok_or_else(|| bad(format!("missing field `{field}`"), cid))
+        .and_then(|r| {
+            serde_json::from_str(r.get())
+                .map_err(|_| bad(format!("`{field}` must be a string"), cid))
+        })?;
+    if crate::auth::valid_id(&id).is_err() {
+        return Err(bad(format!("`{field}` is not a valid {what} id"), cid));
+    }
+    Ok(id.into())
 }
 
 fn parse_room(
     env: &Envelope,
     cid: &Option<Box<str>>,
 ) -> Result<compact_str::CompactString, FrameError> {
-    let room: String = env
-        .room
-        .ok_or_else(|| bad("missing field `room`", cid))
-        .and_then(|r| {
-            serde_json::from_str(r.get()).map_err(|_| bad("`room` must be a string", cid))
-        })?;
-    if crate::auth::valid_id(&room).is_err() {
-        return Err(bad("`room` is not a valid room id", cid));
-    }
-    Ok(room.into())
+    parse_id(env.room, "room", "room", cid)
+}
+
+/// A `cid` as the SPEC allows it (raw JSON): a non-empty string or an unsigned integer, at
+/// most [`MAX_CID_LEN`] bytes.
+pub fn valid_cid(raw: &str) -> bool {
+    let shape_ok = match raw.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(raw).is_ok_and(|c| !c.is_empty()),
+        _ => serde_json::from_str::<u64>(raw).is_ok(),
+    };
+    shape_ok && raw.len() <= MAX_CID_LEN
 }
 
 /// A `cid` as `send` and `publish` accept it: a non-empty string or an unsigned integer.
@@ -159,11 +171,7 @@ fn checked_cid(cid: &Option<Box<str>>) -> Result<Box<str>, FrameError> {
     let Some(raw_cid) = cid else {
         return Err(bad("missing field `cid`", cid));
     };
-    let cid_ok = match raw_cid.as_bytes().first() {
-        Some(b'"') => serde_json::from_str::<String>(raw_cid).is_ok_and(|c| !c.is_empty()),
-        _ => serde_json::from_str::<u64>(raw_cid).is_ok(),
-    };
-    if !cid_ok || raw_cid.len() > MAX_CID_LEN {
+    if !valid_cid(raw_cid) {
         return Err(bad(
             format!("`cid` must be a non-empty string or an unsigned integer, at most {MAX_CID_LEN} bytes of JSON"),
             cid,
