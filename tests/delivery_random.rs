@@ -11,19 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Default)]
 struct Counts {
     sent: u64,
@@ -151,10 +138,7 @@ impl Client {
 
 #[test]
 fn every_accepted_message_is_displayed_exactly_once_in_order_per_sender() {
-    let seed = std::env::var("RINGGATE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_1234_abcd_0001u64);
+    let seed = test_seed(0x5eed_1234_abcd_0001u64);
     eprintln!("randomized delivery test seed {seed} (set RINGGATE_SEED to replay)");
     let mut rng = Rng(seed);
     let gw = Gateway::start(&["--window", "8", "--ack-timeout-ms", "200"]);

@@ -506,3 +506,27 @@ pub fn connect_replay(gw: &Gateway, path: &str) -> (Ws, Vec<serde_json::Value>) 
         }
     }
 }
+
+/// A small seeded PRNG (xorshift64) for the randomized tests: a failing seed replays exactly.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `RINGGATE_SEED` when set (to replay a run), else the test's fixed seed.
+pub fn test_seed(default: u64) -> u64 {
+    std::env::var("RINGGATE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
