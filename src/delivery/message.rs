@@ -92,6 +92,26 @@ impl Message {
             body: self.body.clone(),
         }
     }
+
+    /// What became of this message, for its sender's home shard. `id`: the message's own,
+    /// or the first copy's when Redis found the cid already stored.
+    pub fn report(self, id: u64, outcome: Outcome) -> Report {
+        Report {
+            id,
+            from: self.from,
+            to: self.to,
+            cid: self.cid,
+            reply: self.reply,
+            outcome,
+            received: self.received,
+        }
+    }
+
+    /// Could not be made safe; the client resends later with the same cid.
+    pub fn refused(self, why: impl Into<String>) -> Report {
+        let id = self.id;
+        self.report(id, Outcome::Refused(why.into()))
+    }
 }
 
 /// What became of a message, sent back to the sender's home shard.

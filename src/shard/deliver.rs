@@ -241,15 +241,7 @@ impl Shard {
         let mesh = self.mesh.as_ref().expect("several shards have a mesh");
         if let Err(MeshMsg::Deliver(msg)) = mesh.send(home, MeshMsg::Deliver(Box::new(msg))) {
             self.metrics.mesh_full.inc();
-            self.on_report(Report {
-                id: msg.id,
-                from: msg.from,
-                to: msg.to,
-                cid: msg.cid,
-                reply: msg.reply,
-                outcome: Outcome::Refused("the recipient's shard is busy, resend later".into()),
-                received: msg.received,
-            });
+            self.on_report(msg.refused("the recipient's shard is busy, resend later"));
         }
         Submitted::New
     }
@@ -279,15 +271,8 @@ impl Shard {
         };
         let stored = outcome == Outcome::Stored;
         let to = msg.to.clone();
-        self.report(Report {
-            id: msg.id,
-            from: msg.from,
-            to: msg.to,
-            cid: msg.cid,
-            reply: msg.reply,
-            outcome,
-            received: msg.received,
-        });
+        let id = msg.id;
+        self.report(msg.report(id, outcome));
         if stored {
             for device in self.devices_of(&to) {
                 self.pump(device, now);

@@ -37,7 +37,7 @@ use compact_str::CompactString;
 
 use super::deliver::wall_clock_ms;
 use super::Shard;
-use crate::delivery::message::{Message, Outcome, Report};
+use crate::delivery::message::{Message, Outcome};
 use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
 use crate::store::{InboxSeq, StoreError};
 
@@ -238,9 +238,8 @@ impl Shard {
         }
         if tail_len >= self.shared.cfg.window as usize {
             self.metrics.store_refused.inc();
-            return self.report(refused(
-                msg,
-                "the offline store is unavailable and the recipient has a window of unacknowledged messages already; resend later".into(),
+            return self.report(msg.refused(
+                "the offline store is unavailable and the recipient has a window of unacknowledged messages already; resend later",
             ));
         }
         self.metrics.live_sends.inc();
@@ -273,7 +272,7 @@ impl Shard {
         }
         self.metrics.live_acked.inc();
         let id = msg.id;
-        self.report(report(msg, id, Outcome::Stored));
+        self.report(msg.report(id, Outcome::Stored));
     }
 
     /// The store sends a message to Redis (queued for the shard's next batch).
@@ -286,10 +285,7 @@ impl Shard {
             Ok(()) => *d.writing.entry(to).or_default() += 1,
             Err(StoreOp::Append(msg)) => {
                 self.metrics.store_refused.inc();
-                self.report(refused(
-                    *msg,
-                    "the offline store is busy or unreachable, resend later".into(),
-                ));
+                self.report(msg.refused("the offline store is busy or unreachable, resend later"));
             }
             Err(_) => unreachable!("a refused submit returns its own op"),
         }
@@ -358,7 +354,7 @@ impl Shard {
                 // A copy for the mirror only when the recipient is online here.
                 let stored = self.mirror_ready(&to).then(|| msg.stored());
                 let id = msg.id;
-                self.report(report(msg, id, Outcome::Stored));
+                self.report(msg.report(id, Outcome::Stored));
                 if let Some(stored) = stored {
                     let age = wall_clock_ms().saturating_sub(store::seq_time_ms(seq));
                     if !self
@@ -378,13 +374,13 @@ impl Shard {
             Ok(Appended::Duplicate { id }) => {
                 // Stored by an earlier run (or an earlier copy): same id, no second delivery.
                 self.metrics.dedup_hits.inc();
-                self.report(report(msg, id, Outcome::Stored));
+                self.report(msg.report(id, Outcome::Stored));
             }
             Err(e) => {
                 self.metrics.store_refused.inc();
                 let to = msg.to.clone();
                 let unknown = matches!(e, StoreError::Unavailable(_));
-                self.report(refused(msg, e.to_string()));
+                self.report(msg.refused(e.to_string()));
                 // The write may have happened after all: reload a live mirror.
                 if unknown && self.mirror_ready(&to) {
                     self.want_reload(&to);
@@ -443,21 +439,4 @@ impl Shard {
             }
         }
     }
-}
-
-fn report(msg: Message, id: u64, outcome: Outcome) -> Report {
-    Report {
-        id,
-        from: msg.from,
-        to: msg.to,
-        cid: msg.cid,
-        reply: msg.reply,
-        outcome,
-        received: msg.received,
-    }
-}
-
-fn refused(msg: Message, why: String) -> Report {
-    let id = msg.id;
-    report(msg, id, Outcome::Refused(why))
 }
