@@ -148,26 +148,53 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
         body,
         reply: tx,
     };
+    let cid_json = cid_value(&cid);
+    match ask_shard(admin, shard, msg, rx, API_SEND_TIMEOUT, &cid_json).await {
+        Ok(crate::shard::deliver::ApiOutcome::Accepted { id }) => json(
+            StatusCode::OK,
+            serde_json::json!({"op": "accepted", "cid": cid_json, "id": id.to_string()})
+                .to_string(),
+        ),
+        Ok(crate::shard::deliver::ApiOutcome::Refused(why)) => unavailable(&why, &cid_json),
+        Err(refused) => *refused,
+    }
+}
+
+/// The request's cid as JSON, to echo it in the answer.
+fn cid_value(cid: &str) -> serde_json::Value {
+    serde_json::from_str(cid).unwrap_or(serde_json::Value::Null)
+}
+
+/// 503 `{"error":"unavailable","message":..,"cid":..}`: retry later with the same cid.
+fn unavailable(why: &str, cid_json: &serde_json::Value) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        serde_json::json!({"error": "unavailable", "message": why, "cid": cid_json}).to_string(),
+    )
+}
+
+/// Hand `msg` to `shard` and wait up to `wait` for its answer on `rx`. A full channel or no
+/// answer in time is a 503 asking for a retry with the same cid.
+async fn ask_shard<T>(
+    admin: &Admin,
+    shard: usize,
+    msg: MeshMsg,
+    rx: tokio::sync::oneshot::Receiver<T>,
+    wait: std::time::Duration,
+    cid_json: &serde_json::Value,
+) -> Result<T, Box<Response<Full<Bytes>>>> {
     if admin.mesh.send(shard, msg).is_err() {
-        return api_error(
+        return Err(Box::new(api_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "shard busy, retry with the same cid",
-        );
+        )));
     }
-    let cid_json: serde_json::Value = serde_json::from_str(&cid).unwrap_or(serde_json::Value::Null);
-    match tokio::time::timeout(API_SEND_TIMEOUT, rx).await {
-        Ok(Ok(crate::shard::deliver::ApiOutcome::Accepted { id })) => json(
-            StatusCode::OK,
-            serde_json::json!({"op": "accepted", "cid": cid_json, "id": id.to_string()}).to_string(),
-        ),
-        Ok(Ok(crate::shard::deliver::ApiOutcome::Refused(why))) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"error": "unavailable", "message": why, "cid": cid_json}).to_string(),
-        ),
-        _ => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"error": "unavailable", "message": "not confirmed in time, retry with the same cid", "cid": cid_json}).to_string(),
-        ),
+    match tokio::time::timeout(wait, rx).await {
+        Ok(Ok(answer)) => Ok(answer),
+        _ => Err(Box::new(unavailable(
+            "not confirmed in time, retry with the same cid",
+            cid_json,
+        ))),
     }
 }
 
@@ -276,22 +303,13 @@ async fn api_publish(admin: &Admin, req: Request<Incoming>) -> Response<Full<Byt
         body,
         reply: tx,
     };
-    if admin.mesh.send(shard, msg).is_err() {
-        return api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shard busy, retry with the same cid",
-        );
-    }
-    let cid_json: serde_json::Value = serde_json::from_str(&cid).unwrap_or(serde_json::Value::Null);
-    match tokio::time::timeout(SHARD_ANSWER_TIMEOUT, rx).await {
-        Ok(Ok((id, offset))) => json(
+    let cid_json = cid_value(&cid);
+    match ask_shard(admin, shard, msg, rx, SHARD_ANSWER_TIMEOUT, &cid_json).await {
+        Ok((id, offset)) => json(
             StatusCode::OK,
             serde_json::json!({"op": "accepted", "cid": cid_json, "id": id.to_string(), "offset": offset}).to_string(),
         ),
-        _ => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"error": "unavailable", "message": "not confirmed in time, retry with the same cid", "cid": cid_json}).to_string(),
-        ),
+        Err(refused) => *refused,
     }
 }
 
