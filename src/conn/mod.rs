@@ -48,27 +48,9 @@ pub struct Ctx<'a> {
     pub events: &'a std::cell::RefCell<Vec<AppEvent>>,
 }
 
-/// What a connection asks of its shard: the shard owns users, inboxes and the mesh.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AppEvent {
-    Send(proto::SendRequest),
-    Ack {
-        seq: u64,
-    },
-    Presence(Vec<compact_str::CompactString>),
-    Join {
-        room: compact_str::CompactString,
-        since: Option<u64>,
-    },
-    Leave {
-        room: compact_str::CompactString,
-    },
-    Publish {
-        room: compact_str::CompactString,
-        cid: Box<str>,
-        body: Box<str>,
-    },
-}
+/// What a connection asks of its shard (the shard owns users, inboxes, rooms and the mesh):
+/// every parsed frame except `ping`, which the connection answers itself.
+pub type AppEvent = ClientFrame;
 
 /// What a `/ws` connection carries besides its user id, boxed because it is rare.
 #[derive(Debug)]
@@ -605,21 +587,7 @@ impl Connection {
             ),
             Some(Route::App) => match proto::parse(payload) {
                 Ok(ClientFrame::Ping) => self.push_frame(Kind::Text, proto::PONG, ctx),
-                Ok(ClientFrame::Send(req)) => ctx.events.borrow_mut().push(AppEvent::Send(req)),
-                Ok(ClientFrame::Ack { seq }) => ctx.events.borrow_mut().push(AppEvent::Ack { seq }),
-                Ok(ClientFrame::Presence { users }) => {
-                    ctx.events.borrow_mut().push(AppEvent::Presence(users))
-                }
-                Ok(ClientFrame::Join { room, since }) => {
-                    ctx.events.borrow_mut().push(AppEvent::Join { room, since })
-                }
-                Ok(ClientFrame::Leave { room }) => {
-                    ctx.events.borrow_mut().push(AppEvent::Leave { room })
-                }
-                Ok(ClientFrame::Publish { room, cid, body }) => ctx
-                    .events
-                    .borrow_mut()
-                    .push(AppEvent::Publish { room, cid, body }),
+                Ok(frame) => ctx.events.borrow_mut().push(frame),
                 Err(e) => self.bad_frame(now, e, ctx),
             },
             None => {}

@@ -121,12 +121,13 @@ impl Shard {
                 match event {
                     AppEvent::Send(req) => self.on_send(index, req.to, req.cid, req.body, now),
                     AppEvent::Ack { seq } => self.on_ack(index, seq, now),
-                    AppEvent::Presence(users) => self.on_presence(index, users),
+                    AppEvent::Presence { users } => self.on_presence(index, users),
                     AppEvent::Join { room, since } => self.on_join(index, room, since, now),
                     AppEvent::Leave { room } => self.on_leave(index, room, now),
                     AppEvent::Publish { room, cid, body } => {
                         self.on_publish(index, room, cid, body, now)
                     }
+                    AppEvent::Ping => {} // answered by the connection, never queued
                 }
             }
         }
