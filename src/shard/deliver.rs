@@ -144,17 +144,22 @@ impl Shard {
         let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
             return;
         };
-        let reply = ReplyTo {
-            shard: self.id as u32,
-            conn: index as u32,
-            serial: self.conns[index].serial,
-        };
+        let reply = self.reply_to(index);
         if let Submitted::AlreadyAccepted(id) =
             self.submit(from, to, cid.clone(), body, reply, now, Some(index))
         {
             let mut out = Vec::with_capacity(64);
             proto::write_accepted(&mut out, &cid, id);
             self.write_text(index, &out);
+        }
+    }
+
+    /// Where answers for the connection at `index` go (checked against its serial on arrival).
+    pub(super) fn reply_to(&self, index: usize) -> ReplyTo {
+        ReplyTo {
+            shard: self.id as u32,
+            conn: index as u32,
+            serial: self.conns[index].serial,
         }
     }
 

@@ -28,7 +28,6 @@ use compact_str::CompactString;
 
 use super::deliver::wall_clock_ms;
 use super::{make_ctx, Shard};
-use crate::delivery::message::ReplyTo;
 use crate::delivery::room::{HistoryLimits, RoomLog, RoomMsg};
 use crate::mesh::{self, MeshMsg};
 use crate::proto::{self, ErrorCode, FrameError};
@@ -256,11 +255,7 @@ impl Shard {
         let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
             return;
         };
-        let reply = ReplyTo {
-            shard: self.id as u32,
-            conn: index as u32,
-            serial: self.conns[index].serial,
-        };
+        let reply = self.reply_to(index);
         let home = mesh::home_shard(&room, self.shards());
         let msg = MeshMsg::RoomPublish {
             room,
