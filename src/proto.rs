@@ -299,6 +299,11 @@ pub fn write_msg(out: &mut Vec<u8>, seq: u64, id: u64, from: &str, cid: &str, ts
     out.extend_from_slice(
         format!("{{\"op\":\"msg\",\"seq\":{seq},\"id\":\"{id}\",\"from\":").as_bytes(),
     );
+    write_message_tail(out, from, cid, ts, body);
+}
+
+/// `"from":..,"cid":..,"ts":..,"body":..}`: how `msg` and `room` frames end.
+fn write_message_tail(out: &mut Vec<u8>, from: &str, cid: &str, ts: u64, body: &str) {
     write_json_str(out, from);
     out.extend_from_slice(b",\"cid\":");
     out.extend_from_slice(cid.as_bytes());
@@ -338,12 +343,7 @@ pub fn write_room(
     out.extend_from_slice(b"{\"op\":\"room\",\"room\":");
     write_json_str(out, room);
     out.extend_from_slice(format!(",\"offset\":{offset},\"id\":\"{id}\",\"from\":").as_bytes());
-    write_json_str(out, from);
-    out.extend_from_slice(b",\"cid\":");
-    out.extend_from_slice(cid.as_bytes());
-    out.extend_from_slice(format!(",\"ts\":{ts},\"body\":").as_bytes());
-    out.extend_from_slice(body.as_bytes());
-    out.push(b'}');
+    write_message_tail(out, from, cid, ts, body);
 }
 
 /// `{"op":"joined","room":..,"offset":N,"recovered":bool}`
