@@ -111,94 +111,93 @@ async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener) {
     }
 }
 
-/// Wait for the mesh doorbell, then take what other shards sent, in bounded batches.
-async fn mesh_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
+/// Wait for a doorbell, clear it before draining (anything pushed from then on rings again),
+/// then let `drain` take at most `DRAIN_BATCH` items per call, yielding between full batches
+/// so the shard's sockets are not starved. `drain` returns how many it took.
+async fn serve_bell(
+    shard: Rc<RefCell<Shard>>,
+    mut bell: UnixStream,
+    clear: fn(&Shard),
+    mut drain: impl FnMut(&Rc<RefCell<Shard>>) -> usize,
+) {
     let mut buf = [0u8; 64];
     loop {
         match bell.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        // Clear before draining: anything pushed from now on rings again.
-        shard.borrow().clear_mesh_bell();
-        loop {
-            let mut batch = shard.borrow_mut().take_mesh_batch();
-            let full = batch.len() == DRAIN_BATCH;
-            for msg in batch.drain(..) {
-                match msg {
-                    MeshMsg::Handoff { socket, conn } => {
-                        let index = shard.borrow_mut().adopt(*conn);
-                        glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket)))
-                            .detach();
-                    }
-                    MeshMsg::Deliver(msg) => {
-                        let mut s = shard.borrow_mut();
-                        let now = s.now_ms();
-                        s.deliver(*msg, now, None);
-                    }
-                    MeshMsg::Report(r) => shard.borrow_mut().on_report(*r),
-                    MeshMsg::ApiSend {
-                        to,
-                        cid,
-                        body,
-                        reply,
-                    } => {
-                        let mut s = shard.borrow_mut();
-                        let now = s.now_ms();
-                        s.on_api_send(to, cid, body, reply, now);
-                    }
-                    MeshMsg::Presence { users, reply } => {
-                        // The asker may have given up (timeout): nothing to do then.
-                        let _ = reply.send(shard.borrow().presence(&users));
-                    }
-                    MeshMsg::PresenceAsk {
-                        users,
-                        from_shard,
-                        ask,
-                    } => shard.borrow_mut().on_presence_ask(users, from_shard, ask),
-                    MeshMsg::PresenceAnswer { ask, users, online } => {
-                        shard.borrow_mut().on_presence_answer(ask, users, online)
-                    }
-                    room_msg => {
-                        let mut s = shard.borrow_mut();
-                        let now = s.now_ms();
-                        s.on_room_msg(room_msg, now);
-                    }
-                }
-            }
-            if !full {
-                break;
-            }
+        clear(&shard.borrow());
+        while drain(&shard) == DRAIN_BATCH {
             glommio::yield_if_needed().await;
         }
     }
 }
 
-/// Wait for the store's doorbell, then handle what Redis answered, in bounded batches.
-async fn store_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
-    let mut buf = [0u8; 64];
-    loop {
-        match bell.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        shard.borrow().clear_store_bell();
-        loop {
-            let replies = shard.borrow_mut().take_store_replies(DRAIN_BATCH);
-            let full = replies.len() == DRAIN_BATCH;
-            {
-                let mut s = shard.borrow_mut();
-                let now = s.now_ms();
-                for reply in replies {
-                    s.on_store_reply(reply, now);
+/// What other shards sent, in bounded batches.
+async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
+    serve_bell(shard, bell, Shard::clear_mesh_bell, |shard| {
+        let mut batch = shard.borrow_mut().take_mesh_batch();
+        let taken = batch.len();
+        for msg in batch.drain(..) {
+            match msg {
+                MeshMsg::Handoff { socket, conn } => {
+                    let index = shard.borrow_mut().adopt(*conn);
+                    glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket)))
+                        .detach();
+                }
+                MeshMsg::Deliver(msg) => {
+                    let mut s = shard.borrow_mut();
+                    let now = s.now_ms();
+                    s.deliver(*msg, now, None);
+                }
+                MeshMsg::Report(r) => shard.borrow_mut().on_report(*r),
+                MeshMsg::ApiSend {
+                    to,
+                    cid,
+                    body,
+                    reply,
+                } => {
+                    let mut s = shard.borrow_mut();
+                    let now = s.now_ms();
+                    s.on_api_send(to, cid, body, reply, now);
+                }
+                MeshMsg::Presence { users, reply } => {
+                    // The asker may have given up (timeout): nothing to do then.
+                    let _ = reply.send(shard.borrow().presence(&users));
+                }
+                MeshMsg::PresenceAsk {
+                    users,
+                    from_shard,
+                    ask,
+                } => shard.borrow_mut().on_presence_ask(users, from_shard, ask),
+                MeshMsg::PresenceAnswer { ask, users, online } => {
+                    shard.borrow_mut().on_presence_answer(ask, users, online)
+                }
+                room_msg => {
+                    let mut s = shard.borrow_mut();
+                    let now = s.now_ms();
+                    s.on_room_msg(room_msg, now);
                 }
             }
-            if !full {
-                break;
-            }
-            glommio::yield_if_needed().await;
         }
-    }
+        taken
+    })
+    .await
+}
+
+/// What Redis answered, in bounded batches.
+async fn store_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
+    serve_bell(shard, bell, Shard::clear_store_bell, |shard| {
+        let replies = shard.borrow_mut().take_store_replies(DRAIN_BATCH);
+        let taken = replies.len();
+        let mut s = shard.borrow_mut();
+        let now = s.now_ms();
+        for reply in replies {
+            s.on_store_reply(reply, now);
+        }
+        taken
+    })
+    .await
 }
 
 /// Wait for the park set's doorbell, serve the parked sockets that have input, repeat.
