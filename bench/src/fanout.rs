@@ -11,7 +11,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -20,7 +20,8 @@ use serde_json::json;
 
 use crate::engine::{Mode, Route, Shared};
 use crate::{
-    build_config, install_sigint, join_threads, make_loops, net, now_ns, ns, secs, Common,
+    build_config, install_sigint, join_threads, make_loops, net, now_ns, ns, secs, spawn_serving,
+    Common,
 };
 
 #[derive(Args, Debug)]
@@ -151,30 +152,15 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
     )?);
     let shared = Arc::new(Shared::default());
     let loops = make_loops(&cfg, &shared, a.members, c.threads, a.concurrency, 0.0)?;
-    let threads = loops.len();
-    let barrier = Arc::new(Barrier::new(threads + 1));
     install_sigint();
     let start = now_ns(&cfg);
     let deadline = start
         + ns(timeout)
         + ns(grace)
         + ns(Duration::from_secs_f64(a.publishes as f64 / a.rate + 5.0));
-    let handles: Vec<_> = loops
-        .into_iter()
-        .map(|mut lp| {
-            let (barrier, shared) = (barrier.clone(), shared.clone());
-            std::thread::spawn(move || {
-                lp.prefault();
-                barrier.wait();
-                lp.ramp(deadline);
-                shared.ramp_done.fetch_add(1, Relaxed);
-                lp.serve(deadline);
-                lp.close_all();
-                lp.stats
-            })
-        })
-        .collect();
-    barrier.wait();
+    let (handles, barrier) = spawn_serving(loops, &shared, deadline);
+    barrier.wait(); // ready
+    barrier.wait(); // go
 
     // Everyone connected and joined (or the timeout).
     let join_deadline = start + ns(timeout);

@@ -389,6 +389,34 @@ fn opt_f(v: Option<f64>, unit: &str) -> String {
     v.map_or("n/a".into(), |x| format!("{x:.0} {unit}"))
 }
 
+/// One thread per loop: connect everything, then serve until `deadline` (or stop). Each
+/// waits twice on the returned barrier (loops ready, go) so the caller can take a baseline
+/// in between.
+fn spawn_serving(
+    loops: Vec<Loop>,
+    shared: &Arc<Shared>,
+    deadline: u64,
+) -> (Vec<std::thread::JoinHandle<Stats>>, Arc<Barrier>) {
+    let barrier = Arc::new(Barrier::new(loops.len() + 1));
+    let handles = loops
+        .into_iter()
+        .map(|mut lp| {
+            let (barrier, shared) = (barrier.clone(), shared.clone());
+            std::thread::spawn(move || {
+                lp.prefault();
+                barrier.wait(); // loops ready; the caller may take a baseline
+                barrier.wait(); // go
+                lp.ramp(deadline);
+                shared.ramp_done.fetch_add(1, Relaxed);
+                lp.serve(deadline);
+                lp.close_all();
+                lp.stats
+            })
+        })
+        .collect();
+    (handles, barrier)
+}
+
 fn join_threads(handles: Vec<std::thread::JoinHandle<Stats>>) -> Stats {
     let mut total: Option<Stats> = None;
     for h in handles {
@@ -415,28 +443,12 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     let shared = Arc::new(Shared::default());
     let loops = make_loops(&cfg, &shared, a.n, c.threads, a.concurrency, a.rate)?;
     let threads = loops.len();
-    let barrier = Arc::new(Barrier::new(threads + 1));
     install_sigint();
 
     // The run deadline is fixed once the loops are released.
     let start_ns = now_ns(&cfg);
     let deadline = start_ns + ns(timeout);
-    let handles: Vec<_> = loops
-        .into_iter()
-        .map(|mut lp| {
-            let (barrier, shared) = (barrier.clone(), shared.clone());
-            std::thread::spawn(move || {
-                lp.prefault();
-                barrier.wait(); // loops ready; main takes the baseline
-                barrier.wait(); // go
-                lp.ramp(deadline);
-                shared.ramp_done.fetch_add(1, Relaxed);
-                lp.serve(deadline);
-                lp.close_all();
-                lp.stats
-            })
-        })
-        .collect();
+    let (handles, barrier) = spawn_serving(loops, &shared, deadline);
 
     barrier.wait();
     let gen_before = sys::vm_rss_bytes(None).unwrap_or(0);
