@@ -102,6 +102,22 @@ fn poll(shard: &mut Shard, index: usize, stream: &mut MockStream) -> ConnPoll {
     shard.poll_conn(index, stream, &mut cx)
 }
 
+/// Send one text frame (masked with `mask`) and read the one unmasked text frame answered.
+fn exchange(
+    shard: &mut Shard,
+    index: usize,
+    stream: &mut MockStream,
+    text: &str,
+    mask: [u8; 4],
+) -> serde_json::Value {
+    stream.output.clear();
+    stream
+        .input
+        .extend(client_frame(true, 1, text.as_bytes(), mask));
+    poll(shard, index, stream);
+    serde_json::from_slice(&stream.output[2..]).unwrap()
+}
+
 #[test]
 fn a_full_home_channel_turns_the_handoff_into_close_1013() {
     let mut shard = shard_with_full_neighbour();
@@ -140,27 +156,16 @@ fn a_send_that_meets_a_full_channel_is_answered_unavailable_and_not_kept() {
         poll(&mut shard, index, &mut stream),
         ConnPoll::Pending { .. }
     ));
-    stream.output.clear();
     let to = user_homed_on(1);
     let send = format!(r#"{{"op":"send","to":"{to}","cid":"c-9","body":1}}"#);
-    stream
-        .input
-        .extend(client_frame(true, 1, send.as_bytes(), [1, 2, 3, 4]));
-    poll(&mut shard, index, &mut stream);
     // One unmasked text frame: the error.
-    let payload = &stream.output[2..];
-    let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    let v = exchange(&mut shard, index, &mut stream, &send, [1, 2, 3, 4]);
     assert_eq!(v["op"], "error");
     assert_eq!(v["code"], "unavailable");
     assert_eq!(v["cid"], "c-9");
     assert_eq!(shard.metrics.mesh_full.get(), 1);
     // Not kept as pending: the same cid sent again is a new attempt (refused again here).
-    stream.output.clear();
-    stream
-        .input
-        .extend(client_frame(true, 1, send.as_bytes(), [5, 6, 7, 8]));
-    poll(&mut shard, index, &mut stream);
-    let v: serde_json::Value = serde_json::from_slice(&stream.output[2..]).unwrap();
+    let v = exchange(&mut shard, index, &mut stream, &send, [5, 6, 7, 8]);
     assert_eq!(v["code"], "unavailable");
     assert_eq!(
         shard.metrics.dedup_hits.get(),
@@ -177,14 +182,9 @@ fn a_presence_ask_that_meets_a_full_channel_is_answered_unavailable() {
     let me = user_homed_on(0);
     stream.input.extend(upgrade(&me));
     poll(&mut shard, index, &mut stream);
-    stream.output.clear();
     let other = user_homed_on(1);
     let ask = format!(r#"{{"op":"presence","users":["{me}","{other}"]}}"#);
-    stream
-        .input
-        .extend(client_frame(true, 1, ask.as_bytes(), [1, 2, 3, 4]));
-    poll(&mut shard, index, &mut stream);
-    let v: serde_json::Value = serde_json::from_slice(&stream.output[2..]).unwrap();
+    let v = exchange(&mut shard, index, &mut stream, &ask, [1, 2, 3, 4]);
     assert_eq!(
         (v["op"].as_str(), v["code"].as_str()),
         (Some("error"), Some("unavailable"))
@@ -195,16 +195,11 @@ fn a_presence_ask_that_meets_a_full_channel_is_answered_unavailable() {
         "nothing waits for an ask never sent"
     );
     // Users homed here only: answered at once, no channel involved.
-    stream.output.clear();
     let nobody = (0..)
         .map(|i| format!("nobody{i}"))
         .find(|u| mesh::home_shard(u, 2) == 0)
         .unwrap();
     let ask = format!(r#"{{"op":"presence","users":["{me}","{nobody}"]}}"#);
-    stream
-        .input
-        .extend(client_frame(true, 1, ask.as_bytes(), [1, 2, 3, 4]));
-    poll(&mut shard, index, &mut stream);
-    let v: serde_json::Value = serde_json::from_slice(&stream.output[2..]).unwrap();
+    let v = exchange(&mut shard, index, &mut stream, &ask, [1, 2, 3, 4]);
     assert_eq!(v["online"], serde_json::json!({ me: true, nobody: false }));
 }
