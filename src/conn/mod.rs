@@ -174,9 +174,13 @@ impl Connection {
         }
     }
 
-    /// A text frame from the shard (delivery frames, `synced`, answers to events).
+    /// A text frame from the shard (delivery frames, `synced`, answers to events). Nothing
+    /// follows our close frame (RFC 6455): once closing, frames are dropped here, for every
+    /// writer at once (what they carried is redelivered or answered again on reconnect).
     pub fn push_text(&mut self, body: &[u8], ctx: &Ctx) {
-        self.push_frame(Kind::Text, body, ctx);
+        if self.phase == Phase::Open {
+            self.push_frame(Kind::Text, body, ctx);
+        }
     }
 
     /// Answer a request the shard refused (e.g. an ack beyond the last seq).
