@@ -313,8 +313,8 @@ async fn api_publish(admin: &Admin, req: Request<Incoming>) -> Response<Full<Byt
     }
 }
 
-/// `GET /api/presence?user=a&user=b`: `{"online":{"a":true,"b":false}}`, asked of each
-/// user's home shard through the mesh.
+/// `GET /api/presence?user=a&user=b`: `{"online":{"a":true,"b":false}}`, gathered by one
+/// shard like a `presence` frame (home shards and, with Redis, the cluster directory).
 async fn presence(admin: &Admin, query: &str) -> Response<Full<Bytes>> {
     let mut users: Vec<compact_str::CompactString> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -333,43 +333,29 @@ async fn presence(admin: &Admin, query: &str) -> Response<Full<Bytes>> {
             &format!("give 1 to {MAX_PRESENCE_USERS} `user` parameters"),
         );
     }
-    let shards = admin.mesh.shards();
-    let mut by_shard: Vec<Vec<compact_str::CompactString>> = vec![Vec::new(); shards];
-    for u in users {
-        by_shard[home_shard(&u, shards)].push(u);
+    // One shard gathers the answer (its own users, the other home shards, the directory).
+    let shard = home_shard(&users[0], admin.mesh.shards());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let asked = users.clone();
+    if admin
+        .mesh
+        .send(shard, MeshMsg::Presence { users, reply: tx })
+        .is_err()
+    {
+        return api_error(StatusCode::SERVICE_UNAVAILABLE, "shard busy, retry");
     }
     let mut online = serde_json::Map::new();
-    for (shard, users) in by_shard
-        .into_iter()
-        .enumerate()
-        .filter(|(_, u)| !u.is_empty())
-    {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if admin
-            .mesh
-            .send(
-                shard,
-                MeshMsg::Presence {
-                    users: users.clone(),
-                    reply: tx,
-                },
-            )
-            .is_err()
-        {
-            return api_error(StatusCode::SERVICE_UNAVAILABLE, "shard busy, retry");
+    match tokio::time::timeout(SHARD_ANSWER_TIMEOUT, rx).await {
+        Ok(Ok(answers)) => {
+            for (u, on) in asked.into_iter().zip(answers) {
+                online.insert(u.to_string(), on.into());
+            }
         }
-        match tokio::time::timeout(SHARD_ANSWER_TIMEOUT, rx).await {
-            Ok(Ok(answers)) => {
-                for (u, on) in users.into_iter().zip(answers) {
-                    online.insert(u.to_string(), on.into());
-                }
-            }
-            _ => {
-                return api_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "shard did not answer, retry",
-                )
-            }
+        _ => {
+            return api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shards did not answer, retry",
+            )
         }
     }
     json(

@@ -71,6 +71,7 @@ pub struct Config {
     pub redis_pool_size: usize,
     pub redis_timeout_ms: u64,
     pub redis_key_prefix: String,
+    pub node_lease_ms: u64,
     pub room_history_max: usize,
     pub room_history_age_ms: u64,
     pub slow_close_ms: u64,
@@ -162,6 +163,10 @@ pub struct ConfigLayer {
     /// Prefix of every Redis key ringgate writes [default: "rg:"]
     #[arg(long, env = "RINGGATE_REDIS_KEY_PREFIX")]
     pub redis_key_prefix: Option<String>,
+    /// With Redis: a node whose lease is not refreshed for this long counts as dead (its users
+    /// read offline; refreshed every third of it) [default: 10000]
+    #[arg(long, env = "RINGGATE_NODE_LEASE_MS")]
+    pub node_lease_ms: Option<u64>,
     /// Messages kept per room for recovery with `join`+`since` [default: 1000]
     #[arg(long, env = "RINGGATE_ROOM_HISTORY_MAX")]
     pub room_history_max: Option<usize>,
@@ -243,6 +248,7 @@ impl ConfigLayer {
             redis_pool_size,
             redis_timeout_ms,
             redis_key_prefix,
+            node_lease_ms,
             room_history_max,
             room_history_age_ms,
             slow_close_ms
@@ -337,6 +343,13 @@ impl ConfigLayer {
                 "must be at most 64 characters, without spaces",
             ));
         }
+        let node_lease_ms = self.node_lease_ms.unwrap_or(10_000);
+        if node_lease_ms < 300 {
+            return Err(invalid("node_lease_ms", "must be at least 300"));
+        }
+        if node_id.contains(char::is_whitespace) {
+            return Err(invalid("node_id", "must not contain spaces"));
+        }
         let allowed_origins = self
             .allowed_origins
             .unwrap_or_default()
@@ -377,6 +390,7 @@ impl ConfigLayer {
             redis_pool_size: self.redis_pool_size.unwrap_or(0),
             redis_timeout_ms,
             redis_key_prefix,
+            node_lease_ms,
             room_history_max: self.room_history_max.unwrap_or(DEFAULT_ROOM_HISTORY_MAX),
             room_history_age_ms: self
                 .room_history_age_ms

@@ -40,7 +40,8 @@ pub enum MeshMsg {
         body: Box<str>,
         reply: tokio::sync::oneshot::Sender<crate::shard::deliver::ApiOutcome>,
     },
-    /// Which of `users` (all homed on the receiving shard) are online; answered on `reply`.
+    /// `GET /api/presence`: which of `users` are online (asked of their home shards and, with
+    /// Redis, of the cluster directory); answered on `reply` in the order asked.
     Presence {
         users: Vec<compact_str::CompactString>,
         reply: tokio::sync::oneshot::Sender<Vec<bool>>,

@@ -85,6 +85,10 @@ pub const RETRANSMITS: &str = "ringgate_retransmits_total";
 pub const ACK_TIMEOUTS: &str = "ringgate_ack_timeouts_total";
 pub const REPLAYED: &str = "ringgate_replayed_total";
 pub const CROSS_SHARD: &str = "ringgate_cross_shard_total";
+pub const CROSS_NODE_OUT: &str = "ringgate_cross_node_out_total";
+pub const CROSS_NODE_IN: &str = "ringgate_cross_node_in_total";
+pub const LEASE_REFRESHES: &str = "ringgate_node_lease_refreshes_total";
+pub const PRESENCE_LOOKUPS: &str = "ringgate_presence_directory_lookups_total";
 pub const WINDOW_FULL: &str = "ringgate_window_full_total";
 pub const HANDOFFS_OUT: &str = "ringgate_handoffs_out_total";
 pub const HANDOFFS_IN: &str = "ringgate_handoffs_in_total";
@@ -177,6 +181,10 @@ pub struct ShardMetrics {
     pub ack_timeouts: Counter,
     pub replayed: Counter,
     pub cross_shard: Counter,
+    pub cross_node_out: Counter,
+    pub cross_node_in: Counter,
+    pub lease_refreshes: Counter,
+    pub presence_lookups: Counter,
     pub window_full: Counter,
     pub handoffs_out: Counter,
     pub handoffs_in: Counter,
@@ -348,6 +356,30 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Messages sent to another shard (the recipient's home).",
         Kind::Counter,
         |m| m.cross_shard.get(),
+    ),
+    (
+        CROSS_NODE_OUT,
+        "Inbox entries pushed to other nodes holding a device of the recipient (through Redis).",
+        Kind::Counter,
+        |m| m.cross_node_out.get(),
+    ),
+    (
+        CROSS_NODE_IN,
+        "Pushes from other nodes taken by this shard (inbox entries and `delivered` reports).",
+        Kind::Counter,
+        |m| m.cross_node_in.get(),
+    ),
+    (
+        LEASE_REFRESHES,
+        "Node lease refreshes queued (shard 0; the presence directory counts a node alive while its lease lives).",
+        Kind::Counter,
+        |m| m.lease_refreshes.get(),
+    ),
+    (
+        PRESENCE_LOOKUPS,
+        "Presence questions sent to the Redis directory (users on other nodes).",
+        Kind::Counter,
+        |m| m.presence_lookups.get(),
     ),
     (
         WINDOW_FULL,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use compact_str::CompactString;
-use ringgate::delivery::message::{Message, ReplyTo};
+use ringgate::delivery::message::{Message, Outcome, ReplyTo, Report};
 use ringgate::store::redis::{self, Appended, RedisSettings, StoreLink, StoreOp, StoreReply};
 use serde_json::json;
 
@@ -80,6 +80,8 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
         max_messages: a.messages.max(10_000),
         // Whatever a run leaves behind expires within 20 minutes.
         max_age_ms: 10 * 60 * 1000,
+        node: format!("bench-{}", std::process::id()),
+        lease_ms: 10_000,
     };
     let links = redis::start(settings, a.shards).map_err(|e| e.to_string())?;
     let body: Box<str> = json!("x".repeat(a.body.saturating_sub(2)))
@@ -200,6 +202,10 @@ impl Driver {
                 next += 1;
             }
             for reply in next_replies(&self.link, &mut self.bell) {
+                // Cluster notices (this bench's node joins the directory) are not answers.
+                if matches!(reply, StoreReply::Resync | StoreReply::Pushed { .. }) {
+                    continue;
+                }
                 if matches!(reply, StoreReply::Batch { .. }) {
                     self.batches += 1;
                 } else {
@@ -320,12 +326,22 @@ fn run_shard(
     let mut removed = 0u64;
     let ack = driver.phase(
         all.len(),
+        // As a gateway removes: with the `delivered` report for the sender's other nodes.
         |i| StoreOp::Remove {
             user: users[all[i].0].clone(),
             seq: all[i].1,
+            report: Some(Box::new(Report {
+                id: i as u64,
+                from: "bench-sender".into(),
+                to: users[all[i].0].clone(),
+                cid: format!("\"{i}\"").into(),
+                reply: ReplyTo::all_devices(0),
+                outcome: Outcome::Delivered,
+                received: Instant::now(),
+            })),
         },
         |reply| match reply {
-            StoreReply::Removed { ok: true } => {
+            StoreReply::Removed { ok: true, .. } => {
                 removed += 1;
                 Ok(())
             }

@@ -443,9 +443,8 @@ impl Shard {
             // Only the first device's ack removes the entry: one `delivered` per message.
             // (While a Redis mirror reloads the entry may be missing from it: still report.)
             if self.inbox.remove(&user, inbox_seq) || !mirror_ready {
-                self.durable_acked(&user, inbox_seq);
                 let home = self.home_of(&msg.from);
-                self.report(Report {
+                let delivered = Report {
                     id: msg.id,
                     from: msg.from.clone(),
                     to: user.clone(),
@@ -453,7 +452,14 @@ impl Shard {
                     reply: ReplyTo::all_devices(home),
                     outcome: Outcome::Delivered,
                     received: std::time::Instant::now(),
-                });
+                };
+                // With Redis, `delivered` waits for the delete: only the ack that removed the
+                // entry reports it, whichever node its device is on.
+                if self.durable.is_some() {
+                    self.durable_acked(&user, inbox_seq, delivered);
+                } else {
+                    self.report(delivered);
+                }
             }
         }
         self.pump(index, now);

@@ -37,9 +37,9 @@ use compact_str::CompactString;
 
 use super::deliver::wall_clock_ms;
 use super::Shard;
-use crate::delivery::message::{Message, Outcome};
+use crate::delivery::message::{Message, Outcome, Report};
 use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
-use crate::store::{InboxSeq, StoreError};
+use crate::store::{InboxSeq, StoreError, StoredMessage};
 
 /// How long a failed inbox load waits before it is tried again.
 const LOAD_RETRY_MS: u64 = 500;
@@ -48,8 +48,13 @@ const PROBE_MS: u64 = 500;
 
 /// The state of one online user's mirror.
 enum Mirror {
-    /// A load was submitted; answers to other tokens are stale.
-    Loading { token: u64 },
+    /// A load was submitted; answers to other tokens are stale. `pushes`: entries other
+    /// nodes pushed meanwhile (the read may or may not include them; those past it are added
+    /// once it answers).
+    Loading {
+        token: u64,
+        pushes: Vec<(InboxSeq, StoredMessage)>,
+    },
     /// The last load failed; retried on a tick at or after `retry_at`.
     Failed { retry_at: u64 },
     /// The mirror holds what Redis holds for this user.
@@ -65,6 +70,8 @@ pub struct Durable {
     /// The last batch succeeded (starts true: the first write finds out).
     up: bool,
     last_probe_ms: u64,
+    /// When shard 0 last queued a lease refresh (None: not yet).
+    last_lease_ms: Option<u64>,
     /// Live entries per user (see the module doc), by mirror seq, with what reporting needs.
     tails: HashMap<CompactString, BTreeMap<InboxSeq, Message>>,
     /// Appends on their way to Redis, per recipient.
@@ -81,6 +88,7 @@ impl Durable {
             next_token: 0,
             up: true,
             last_probe_ms: 0,
+            last_lease_ms: None,
             tails: HashMap::new(),
             writing: HashMap::new(),
             reload_wanted: HashSet::new(),
@@ -148,6 +156,11 @@ impl Shard {
             None => None,
         };
         self.inbox.drop_user(user);
+        if let Some(d) = &self.durable {
+            // If it cannot be queued, the entry stays until this run's lease lapses: other
+            // nodes then only push into a channel nobody reads, and presence cleans it.
+            let _ = d.link.submit(StoreOp::Leave { user: user.into() });
+        }
         // Live entries no device acked: make them durable now, in order (or refuse them).
         for (_, msg) in tail.into_iter().flatten() {
             self.metrics.live_spilled.inc();
@@ -168,7 +181,10 @@ impl Shard {
             limit,
         };
         let state = match d.link.submit(op) {
-            Ok(()) => Mirror::Loading { token },
+            Ok(()) => Mirror::Loading {
+                token,
+                pushes: Vec::new(),
+            },
             Err(_) => Mirror::Failed {
                 retry_at: now + LOAD_RETRY_MS,
             },
@@ -181,6 +197,16 @@ impl Shard {
         let Some(d) = &mut self.durable else {
             return;
         };
+        // Shard 0 keeps this node's lease: other nodes count it alive (presence, directory).
+        let lease_due = d
+            .last_lease_ms
+            .is_none_or(|last| now >= last + self.shared.cfg.node_lease_ms / 3);
+        if self.id == 0 && lease_due {
+            d.last_lease_ms = Some(now);
+            if d.link.submit(StoreOp::Lease).is_ok() {
+                self.metrics.lease_refreshes.inc();
+            }
+        }
         if !d.up && now >= d.last_probe_ms + PROBE_MS {
             d.last_probe_ms = now;
             let _ = d.link.submit(StoreOp::Probe);
@@ -256,16 +282,16 @@ impl Shard {
         }
     }
 
-    /// A device acked entry `seq` of `user`, the first to do so. A live entry is now safe:
-    /// its sender gets `accepted` here (then `delivered`, like any acked entry). A durable
-    /// one leaves Redis too.
-    pub(super) fn durable_acked(&mut self, user: &str, seq: InboxSeq) {
+    /// A device acked entry `seq` of `user`, the first here to do so. A live entry is now
+    /// safe: its sender gets `accepted` here, then `delivered`. A durable one leaves Redis;
+    /// `delivered` goes out when Redis confirms this delete removed it.
+    pub(super) fn durable_acked(&mut self, user: &str, seq: InboxSeq, delivered: Report) {
         let Some(d) = &mut self.durable else {
             return;
         };
         let live = d.tails.get_mut(user).and_then(|tail| tail.remove(&seq));
         let Some(msg) = live else {
-            return self.store_remove(user, seq);
+            return self.store_remove(user, seq, Some(delivered));
         };
         if d.tails.get(user).is_some_and(|t| t.is_empty()) {
             d.tails.remove(user);
@@ -273,6 +299,15 @@ impl Shard {
         self.metrics.live_acked.inc();
         let id = msg.id;
         self.report(msg.report(id, Outcome::Stored));
+        self.report(delivered);
+    }
+
+    /// Queue an operation that needs no answer beyond its own reply; false when the queue is
+    /// full (or there is no store).
+    pub(super) fn submit_store(&mut self, op: StoreOp) -> bool {
+        self.durable
+            .as_ref()
+            .is_some_and(|d| d.link.submit(op).is_ok())
     }
 
     /// The store sends a message to Redis (queued for the shard's next batch).
@@ -291,14 +326,17 @@ impl Shard {
         }
     }
 
-    /// An entry was acked: remove it from Redis too.
-    pub(super) fn store_remove(&mut self, user: &str, seq: crate::store::InboxSeq) {
+    /// An entry was acked: remove it from Redis too (and then report `delivered`). If the
+    /// remove cannot be queued the entry is delivered again later and acked again; the
+    /// client drops the copy by `(from, cid)`.
+    fn store_remove(&mut self, user: &str, seq: InboxSeq, delivered: Option<Report>) {
         let Some(d) = &self.durable else {
             return;
         };
         let op = StoreOp::Remove {
             user: user.into(),
             seq,
+            report: delivered.map(Box::new),
         };
         if d.link.submit(op).is_err() {
             self.metrics.redis_removes_dropped.inc();
@@ -309,7 +347,19 @@ impl Shard {
     pub fn on_store_reply(&mut self, reply: StoreReply, now: u64) {
         match reply {
             StoreReply::Appended { msg, result } => self.on_appended(*msg, result, now),
-            StoreReply::Removed { .. } | StoreReply::Probed => {}
+            StoreReply::Removed { ok, report } => {
+                if let (true, Some(report)) = (ok, report) {
+                    self.report(*report);
+                }
+            }
+            StoreReply::Done => {}
+            StoreReply::Presence { ask, online } => self.on_presence_directory(ask, online),
+            StoreReply::Pushed { user, seq, msg } => self.on_pushed(user, seq, msg, now),
+            StoreReply::RemoteReport(report) => {
+                self.metrics.cross_node_in.inc();
+                self.on_report(*report);
+            }
+            StoreReply::Resync => self.on_resync(),
             StoreReply::Loaded {
                 user,
                 token,
@@ -344,8 +394,13 @@ impl Shard {
             }
         }
         match result {
-            Ok(Appended::Stored { seq, expired }) => {
+            Ok(Appended::Stored {
+                seq,
+                expired,
+                pushed,
+            }) => {
                 self.metrics.stored.inc();
+                self.metrics.cross_node_out.add(pushed);
                 self.metrics
                     .redis_spilled_bytes
                     .add((msg.body.len() + msg.cid.len()) as u64);
@@ -389,6 +444,57 @@ impl Shard {
         }
     }
 
+    /// Another node appended an entry to the inbox of a user homed here: put it in the
+    /// mirror like a confirmed local append. A mirror still loading may or may not see it in
+    /// its read: it is read again once loaded.
+    fn on_pushed(&mut self, user: CompactString, seq: InboxSeq, msg: StoredMessage, now: u64) {
+        self.metrics.cross_node_in.inc();
+        let window = self.shared.cfg.window as usize;
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        match d.mirrors.get_mut(&user) {
+            Some(Mirror::Ready) => {}
+            Some(Mirror::Loading { pushes, .. }) => {
+                if pushes.len() < window {
+                    pushes.push((seq, msg));
+                } else {
+                    // A long load under a stream of pushes: read again instead of holding more.
+                    d.reload_wanted.insert(user);
+                }
+                return;
+            }
+            // Not online here, or a failed load that reads everything when retried.
+            _ => return,
+        }
+        let age = wall_clock_ms().saturating_sub(store::seq_time_ms(seq));
+        // Not added: the mirror holds it already (a load read it before the push came) or
+        // was given it and it was acked; or a live entry sits above it (Redis was away here):
+        // only then can it be missing, and a reload finds it.
+        if !self
+            .inbox
+            .insert_at(&user, seq, msg, now.saturating_sub(age))
+        {
+            if d.tails.contains_key(&user) {
+                d.reload_wanted.insert(user);
+            }
+            return;
+        }
+        for device in self.devices_of(&user) {
+            self.pump(device, now);
+            self.kick(device);
+        }
+    }
+
+    /// Pushes may have been missed: read every online user's inbox again (each load also
+    /// registers the user in the directory again).
+    fn on_resync(&mut self) {
+        if let Some(d) = &mut self.durable {
+            let users: Vec<CompactString> = d.mirrors.keys().cloned().collect();
+            d.reload_wanted.extend(users);
+        }
+    }
+
     fn want_reload(&mut self, user: &str) {
         if let Some(d) = &mut self.durable {
             d.reload_wanted.insert(user.into());
@@ -406,12 +512,15 @@ impl Shard {
             return;
         };
         // Only the newest load of a user still online counts.
-        if !matches!(d.mirrors.get(&user), Some(Mirror::Loading { token: t }) if *t == token) {
+        if !matches!(d.mirrors.get(&user), Some(Mirror::Loading { token: t, .. }) if *t == token) {
             return;
         }
         match result {
             Ok(Loaded { entries, expired }) => {
-                d.mirrors.insert(user.clone(), Mirror::Ready);
+                let pushes = match d.mirrors.insert(user.clone(), Mirror::Ready) {
+                    Some(Mirror::Loading { pushes, .. }) => pushes,
+                    _ => Vec::new(),
+                };
                 self.metrics.redis_loads.inc();
                 self.metrics.inbox_expired.add(expired);
                 let wall = wall_clock_ms();
@@ -423,6 +532,12 @@ impl Shard {
                     })
                     .collect();
                 self.inbox.replace_user(&user, entries);
+                // Pushed while loading: those past the read are new (the rest it read).
+                for (seq, msg) in pushes {
+                    let age = wall.saturating_sub(store::seq_time_ms(seq));
+                    self.inbox
+                        .insert_at(&user, seq, msg, now.saturating_sub(age));
+                }
                 for device in self.devices_of(&user) {
                     self.pump(device, now);
                     self.kick(device);

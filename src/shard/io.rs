@@ -161,10 +161,9 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
                     let now = s.now_ms();
                     s.on_api_send(to, cid, body, reply, now);
                 }
-                MeshMsg::Presence { users, reply } => {
-                    // The asker may have given up (timeout): nothing to do then.
-                    let _ = reply.send(shard.borrow().presence(&users));
-                }
+                MeshMsg::Presence { users, reply } => shard
+                    .borrow_mut()
+                    .ask_presence(super::presence::Asker::Api(reply), users),
                 MeshMsg::PresenceAsk {
                     users,
                     from_shard,

@@ -488,14 +488,6 @@ impl Shard {
         index
     }
 
-    /// Which of `users` (all homed here) have a connection.
-    pub fn presence(&self, users: &[compact_str::CompactString]) -> Vec<bool> {
-        users
-            .iter()
-            .map(|u| !self.devices_of(u).is_empty())
-            .collect()
-    }
-
     /// This shard's connections of `user`: registry candidates checked against the user each
     /// connection authenticated as, so ids sharing a hash never see each other's frames.
     pub(crate) fn devices_of(&self, user: &str) -> Vec<usize> {

@@ -48,12 +48,15 @@ use fred::types::config::Options;
 use fred::types::{ClusterHash, CustomCommand};
 
 use super::{InboxSeq, StoreError, StoredMessage};
-use crate::delivery::message::Message;
+use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
 use crate::mesh::Doorbell;
 
 /// Operations a shard may have queued for Redis; beyond it, sends get `unavailable` (bounded
 /// memory while Redis is away).
 pub const OPS_PER_SHARD: usize = 16_384;
+/// Pushes from other nodes buffered between the Redis connection and the routing task; beyond
+/// it the oldest are lost and every shard resyncs (reloads from Redis).
+const PUSH_BUFFER: usize = 16_384;
 /// Operations sent in one script call at most.
 pub const BATCH_OPS: usize = 1_024;
 /// SPEC dedup window: at least 24 h ...
@@ -63,15 +66,32 @@ pub const DEDUP_MIN_ENTRIES: u64 = 10_000;
 
 /// What a shard asks of the store. Answers come back in the order asked.
 pub enum StoreOp {
-    /// Make `msg` durable in its recipient's inbox (unless its cid was already stored).
+    /// Make `msg` durable in its recipient's inbox (unless its cid was already stored), and
+    /// push it to the other nodes holding the recipient.
     Append(Box<Message>),
-    /// An entry was acked: delete it.
-    Remove { user: CompactString, seq: InboxSeq },
-    /// Read a user's inbox, oldest first, up to `limit` entries.
+    /// An entry was acked: delete it. `report`: the sender's `delivered`, sent (here and to
+    /// the sender's other nodes) only when this delete removed the entry, so a message is
+    /// reported once however many devices on however many nodes ack it.
+    Remove {
+        user: CompactString,
+        seq: InboxSeq,
+        report: Option<Box<Report>>,
+    },
+    /// Register this node in `user`'s directory entry, then read the inbox, oldest first, up
+    /// to `limit` entries (in that order: see the cluster notes in the module doc).
     Load {
         user: CompactString,
         token: u64,
         limit: usize,
+    },
+    /// `user`'s last device here left: take this node out of the user's directory entry.
+    Leave { user: CompactString },
+    /// Refresh this node's lease (shard 0, from its tick).
+    Lease,
+    /// Which of `users` have a device on a live node; answered with `ask` quoted.
+    Presence {
+        users: Vec<CompactString>,
+        ask: usize,
     },
     /// Touch nothing: a shard that stopped writing while Redis was away uses it to learn
     /// that Redis is back (the batch's own answer says so).
@@ -81,8 +101,13 @@ pub enum StoreOp {
 /// How an append went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
-    /// Written at `seq`; `expired`: entries the age cap trimmed on the way.
-    Stored { seq: InboxSeq, expired: u64 },
+    /// Written at `seq`; `expired`: entries the age cap trimmed on the way; `pushed`: other
+    /// nodes the entry was published to (they hold a device of the recipient).
+    Stored {
+        seq: InboxSeq,
+        expired: u64,
+        pushed: u64,
+    },
     /// The sender's cid was already stored as message `id`.
     Duplicate { id: u64 },
 }
@@ -104,13 +129,32 @@ pub enum StoreReply {
     },
     Removed {
         ok: bool,
+        report: Option<Box<Report>>,
     },
     Loaded {
         user: CompactString,
         token: u64,
         result: Result<Loaded, StoreError>,
     },
-    Probed,
+    /// `Leave`, `Lease` and `Probe` done (or failed: the batch's answer says so).
+    Done,
+    /// The answer to `Presence`; `None` when Redis could not answer.
+    Presence {
+        ask: usize,
+        online: Option<Vec<bool>>,
+    },
+    /// From another node: an entry appended to `user`'s inbox (the user is homed here).
+    Pushed {
+        user: CompactString,
+        seq: InboxSeq,
+        msg: StoredMessage,
+    },
+    /// From another node: a device there acked a message this shard's user sent.
+    RemoteReport(Box<Report>),
+    /// Pushes may have been missed (the node's channel was resubscribed, or its lease had
+    /// lapsed and other nodes may have dropped it from directory entries): reload every
+    /// mirror, which registers again.
+    Resync,
     /// One per batch, after its answers: for the shard's metrics and its Redis-up state.
     Batch {
         ops: usize,
@@ -170,6 +214,11 @@ pub struct RedisSettings {
     pub key_prefix: String,
     pub max_messages: usize,
     pub max_age_ms: u64,
+    /// This run of this node (`node_id` plus start time): directory entries and the node's
+    /// channel name it, so a restarted node never inherits a dead run's entries.
+    pub node: String,
+    /// Lease of `node`; refreshed by shard 0 every third of it.
+    pub lease_ms: u64,
 }
 
 impl RedisSettings {
@@ -185,6 +234,8 @@ impl RedisSettings {
             key_prefix: cfg.redis_key_prefix.clone(),
             max_messages: cfg.inbox_max_messages,
             max_age_ms: cfg.inbox_max_age_ms,
+            node: node_run_id(&cfg.node_id),
+            lease_ms: cfg.node_lease_ms,
         })
     }
 }
@@ -215,7 +266,17 @@ pub fn start(settings: RedisSettings, shards: usize) -> std::io::Result<Vec<Stor
             wake_store,
             shard_bell: own_bell,
             reader: store_reader,
+            all: AllShards(Arc::new(Vec::new())),
         });
+    }
+    let all = AllShards(Arc::new(
+        pipes
+            .iter()
+            .map(|p| (p.replies.clone(), p.shard_bell.clone()))
+            .collect(),
+    ));
+    for p in &mut pipes {
+        p.all = all.clone();
     }
     std::thread::Builder::new()
         .name("ringgate-redis".into())
@@ -229,6 +290,89 @@ pub fn start(settings: RedisSettings, shards: usize) -> std::io::Result<Vec<Stor
     Ok(links)
 }
 
+/// Every shard's answer channel and doorbell, for what is not the answer to one shard's
+/// operation (pushes from other nodes, resyncs).
+#[derive(Clone)]
+struct AllShards(Arc<Vec<(Sender<StoreReply>, Arc<Doorbell>)>>);
+
+impl AllShards {
+    fn send(&self, shard: usize, reply: StoreReply) {
+        let (tx, bell) = &self.0[shard];
+        let _ = tx.send(reply);
+        bell.ring();
+    }
+
+    fn resync(&self, why: &str) {
+        tracing::info!(
+            why,
+            "cluster: every shard reloads its online users' inboxes"
+        );
+        for shard in 0..self.0.len() {
+            self.send(shard, StoreReply::Resync);
+        }
+    }
+}
+
+/// Listen on this node's channel: pushes go to the home shard of the user they name. Every
+/// (re)connection subscribes again and makes every shard resync (pushes published while the
+/// channel was not heard are lost by pub/sub, never by the inbox, which a reload reads).
+async fn listen(config: Config, settings: Arc<RedisSettings>, shards: AllShards) {
+    let client = match Builder::from_config(config)
+        .with_performance_config(|c| c.broadcast_channel_capacity = PUSH_BUFFER)
+        .with_connection_config(|c| c.connection_timeout = settings.timeout)
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the Redis subscriber; other nodes' messages arrive only on reload");
+            return;
+        }
+    };
+    let mut messages = client.message_rx();
+    let mut reconnects = client.reconnect_rx();
+    let channel = channel_name(&settings);
+    let connecting = client.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connecting.init().await {
+            tracing::warn!(error = %e, "cluster channel: cannot connect to Redis yet; retrying");
+        }
+    });
+    let count = shards.0.len();
+    loop {
+        tokio::select! {
+            m = messages.recv() => match m {
+                Ok(m) => {
+                    let Some(push) = text_ref(&m.value).and_then(parse_push) else {
+                        tracing::warn!(channel = %m.channel, "cluster channel: ignored a message that is not a ringgate push");
+                        continue;
+                    };
+                    let home = crate::mesh::home_shard(push.user(), count);
+                    shards.send(home, push.into_reply(count));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    shards.resync(&format!("{n} pushes were not read in time"));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            r = reconnects.recv() => match r {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let subscriber = client.clone();
+                    let (channel, shards) = (channel.clone(), shards.clone());
+                    // Off the loop: the answer comes through the connection this loop reads.
+                    tokio::spawn(async move {
+                        match subscriber.subscribe(channel.as_str()).await {
+                            Ok(()) => shards.resync("subscribed to this node's channel"),
+                            Err(e) => tracing::warn!(error = %e, "cluster channel: subscribe failed; retried on reconnect"),
+                        }
+                    });
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
 /// The Redis thread's end of one shard's link.
 struct ShardPipe {
     shard: usize,
@@ -237,6 +381,7 @@ struct ShardPipe {
     wake_store: Arc<Doorbell>,
     shard_bell: Arc<Doorbell>,
     reader: std::os::unix::net::UnixStream,
+    all: AllShards,
 }
 
 async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>) {
@@ -272,8 +417,22 @@ async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>) {
     while !pool.clients().iter().all(|c| c.is_connected()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Take this run's lease before any shard registers a user: other nodes drop directory
+    // entries of runs without one (shard 0 refreshes it from then on).
+    let lease = Expiration::PX(settings.lease_ms as i64);
+    if let Err(e) = pool
+        .set::<(), _, _>(lease_key(&settings), 1, Some(lease), None, false)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot take this node's lease yet; shard 0 keeps trying");
+    }
     let settings = Arc::new(settings);
     let mut tasks = Vec::new();
+    if let Some(first) = pipes.first() {
+        let all = first.all.clone();
+        let config = Config::from_url(&settings.url).expect("checked by the config");
+        tasks.push(tokio::spawn(listen(config, settings.clone(), all)));
+    }
     for pipe in pipes {
         let client = pool.clients()[pipe.shard % pool.clients().len()].clone();
         tasks.push(tokio::spawn(serve_shard(client, settings.clone(), pipe)));
@@ -343,6 +502,13 @@ async fn serve_shard(client: Client, settings: Arc<RedisSettings>, pipe: ShardPi
             let error = match outcome {
                 Ok(answers) => {
                     let first_error = answers.iter().find_map(|a| a.as_ref().err().cloned());
+                    if answers
+                        .iter()
+                        .any(|a| matches!(a, Ok(Answer::Leased(false))))
+                    {
+                        pipe.all
+                            .resync("this node's lease had lapsed (or was just taken)");
+                    }
                     for (op, answer) in batch.into_iter().zip(answers) {
                         let reply = match answer {
                             Ok(answer) => answer.into_reply(op),
@@ -391,35 +557,44 @@ fn failed_reply(op: StoreOp, why: String) -> StoreReply {
             msg,
             result: Err(StoreError::Unavailable(why)),
         },
-        StoreOp::Remove { .. } => StoreReply::Removed { ok: false },
+        StoreOp::Remove { report, .. } => StoreReply::Removed { ok: false, report },
         StoreOp::Load { user, token, .. } => StoreReply::Loaded {
             user,
             token,
             result: Err(StoreError::Unavailable(why)),
         },
-        StoreOp::Probe => StoreReply::Probed,
+        StoreOp::Presence { ask, .. } => StoreReply::Presence { ask, online: None },
+        StoreOp::Leave { .. } | StoreOp::Lease | StoreOp::Probe => StoreReply::Done,
     }
 }
 
 /// How one batch goes to Redis, in one pipeline (one round trip), keeping the batch's order:
-/// runs of appends/removes/probes as one script call each, and each load as plain `XTRIM`
-/// and `XRANGE` (Redis answers those natively, several times faster than through Lua, which
-/// would convert every entry to a Lua table and back).
+/// runs of script operations (appends, removes, presence, probes) as one script call each, and
+/// the others as plain commands (a load is `SADD` + `XTRIM` + `XRANGE`: Redis answers those
+/// natively, several times faster than through Lua, which would convert every entry to a Lua
+/// table and back).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
     Script(std::ops::Range<usize>),
-    Load(usize),
+    Native(usize),
+}
+
+fn is_native(op: &StoreOp) -> bool {
+    matches!(
+        op,
+        StoreOp::Load { .. } | StoreOp::Leave { .. } | StoreOp::Lease
+    )
 }
 
 fn plan(batch: &[StoreOp]) -> Vec<Segment> {
     let mut segments = Vec::new();
     let mut run_start = None;
     for (i, op) in batch.iter().enumerate() {
-        if matches!(op, StoreOp::Load { .. }) {
+        if is_native(op) {
             if let Some(start) = run_start.take() {
                 segments.push(Segment::Script(start..i));
             }
-            segments.push(Segment::Load(i));
+            segments.push(Segment::Native(i));
         } else if run_start.is_none() {
             run_start = Some(i);
         }
@@ -473,22 +648,41 @@ async fn run_batch(
                 let eval = CustomCommand::new_static("EVAL", ClusterHash::Random, false);
                 queued(pipeline.custom(eval, args).await)?;
             }
-            Segment::Load(i) => {
-                let StoreOp::Load { user, limit, .. } = &batch[*i] else {
-                    unreachable!("plan puts only loads in Load segments");
-                };
-                let key = format!("{}in:{user}", settings.key_prefix);
-                queued(
-                    pipeline
-                        .xtrim(key.as_str(), ("MINID", "=", minid.as_str()))
-                        .await,
-                )?;
-                queued(
-                    pipeline
-                        .xrange(key.as_str(), minid.as_str(), "+", Some(*limit as u64))
-                        .await,
-                )?;
-            }
+            Segment::Native(i) => match &batch[*i] {
+                StoreOp::Load { user, limit, .. } => {
+                    let key = format!("{}in:{user}", settings.key_prefix);
+                    // Registered before the read: an append after the read sees this node
+                    // in the directory and pushes the entry here (see the module doc).
+                    queued(
+                        pipeline
+                            .sadd(location_key(settings, user), &settings.node)
+                            .await,
+                    )?;
+                    queued(
+                        pipeline
+                            .xtrim(key.as_str(), ("MINID", "=", minid.as_str()))
+                            .await,
+                    )?;
+                    queued(
+                        pipeline
+                            .xrange(key.as_str(), minid.as_str(), "+", Some(*limit as u64))
+                            .await,
+                    )?;
+                }
+                StoreOp::Leave { user } => {
+                    queued(
+                        pipeline
+                            .srem(location_key(settings, user), &settings.node)
+                            .await,
+                    )?;
+                }
+                StoreOp::Lease => {
+                    let lease = Expiration::PX(settings.lease_ms as i64);
+                    let key = lease_key(settings);
+                    queued(pipeline.set(key, 1, Some(lease), None, true).await)?;
+                }
+                _ => unreachable!("plan puts only native operations in Native segments"),
+            },
         }
     }
     let results = tokio::time::timeout(settings.timeout, pipeline.try_all::<Value>())
@@ -509,10 +703,15 @@ async fn run_batch(
                     Err(why) => answers.extend(range.map(|_| Err(why.clone()))),
                 }
             }
-            Segment::Load(_) => {
-                let (trimmed, entries) = (next(), next());
-                answers.push(parse_load(trimmed, entries));
-            }
+            Segment::Native(i) => answers.push(match &batch[i] {
+                StoreOp::Load { .. } => {
+                    let (registered, trimmed, entries) = (next(), next(), next());
+                    registered.and_then(|_| parse_load(trimmed, entries))
+                }
+                // SET .. GET answers the previous value: none means the lease had lapsed.
+                StoreOp::Lease => next().map(|v| Answer::Leased(!matches!(v, Value::Null))),
+                _ => next().map(|_| Answer::Done),
+            }),
         }
     }
     Ok(answers)
@@ -543,43 +742,81 @@ struct BatchCall {
 impl BatchCall {
     fn build(settings: &RedisSettings, batch: &[StoreOp]) -> BatchCall {
         let p = &settings.key_prefix;
-        let mut keys = Vec::with_capacity(batch.len() * 3);
-        let mut args = Vec::with_capacity(4 + batch.len() * 6);
+        let mut keys = Vec::with_capacity(batch.len() * 4);
+        let mut args = Vec::with_capacity(6 + batch.len() * 6);
         args.push(settings.max_age_ms.to_string());
         args.push(settings.max_messages.to_string());
         args.push(DEDUP_MIN_AGE_MS.to_string());
         args.push(DEDUP_MIN_ENTRIES.to_string());
+        args.push(settings.node.clone());
+        args.push(p.clone());
         for op in batch {
             match op {
                 StoreOp::Append(m) => {
                     keys.push(format!("{p}in:{}", m.to));
                     keys.push(format!("{p}dd:{}", m.from));
                     keys.push(format!("{p}dd:{}:old", m.from));
+                    keys.push(location_key(settings, &m.to));
                     args.push("A".into());
                     args.push(m.id.to_string());
                     args.push(m.cid.to_string());
                     args.push(pack(m.id, m.ts, &m.from, &m.cid, &m.body));
+                    args.push(m.to.to_string());
                 }
-                StoreOp::Remove { user, seq } => {
+                StoreOp::Remove { user, seq, report } => {
                     keys.push(format!("{p}in:{user}"));
-                    args.push("R".into());
-                    args.push(seq_to_stream_id(*seq));
+                    match report {
+                        Some(r) => {
+                            keys.push(location_key(settings, &r.from));
+                            args.push("D".into());
+                            args.push(seq_to_stream_id(*seq));
+                            args.push(pack_delivered(r));
+                        }
+                        None => {
+                            args.push("R".into());
+                            args.push(seq_to_stream_id(*seq));
+                        }
+                    }
                 }
-                StoreOp::Load { .. } => unreachable!("loads are not script operations (see plan)"),
+                StoreOp::Presence { users, .. } => {
+                    keys.extend(users.iter().map(|u| location_key(settings, u)));
+                    args.push("Q".into());
+                    args.push(users.len().to_string());
+                }
                 StoreOp::Probe => args.push("P".into()),
+                StoreOp::Load { .. } | StoreOp::Leave { .. } | StoreOp::Lease => {
+                    unreachable!("native operations are not script operations (see plan)")
+                }
             }
         }
         BatchCall { keys, args }
     }
 }
 
-/// The script every batch runs. ARGV: max_age_ms, max_messages, dedup_ms, dedup_min, then the
-/// operations; KEYS: the keys each operation names, in order. Returns one answer per operation.
+/// `<prefix>loc:<user>`: the runs of nodes that hold a device of `user` (a set).
+fn location_key(settings: &RedisSettings, user: &str) -> String {
+    format!("{}loc:{user}", settings.key_prefix)
+}
+
+/// `<prefix>node:<run>`: this node run's lease (exists while the node is alive).
+fn lease_key(settings: &RedisSettings) -> String {
+    format!("{}node:{}", settings.key_prefix, settings.node)
+}
+
+/// `<prefix>ch:<run>`: the pub/sub channel a node run listens on.
+pub fn channel_name(settings: &RedisSettings) -> String {
+    format!("{}ch:{}", settings.key_prefix, settings.node)
+}
+
+/// The script every batch runs. ARGV: max_age_ms, max_messages, dedup_ms, dedup_min, this
+/// node's run, the key prefix, then the operations; KEYS: the keys each operation names, in
+/// order. Returns one answer per operation.
 const BATCH_SCRIPT: &str = r#"
 local maxage = tonumber(ARGV[1])
 local maxlen = tonumber(ARGV[2])
 local dedup_ms = tonumber(ARGV[3])
 local dedup_min = tonumber(ARGV[4])
+local me, prefix = ARGV[5], ARGV[6]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local minid = string.format('%d', math.max(0, now - maxage))
@@ -613,15 +850,34 @@ local function sender(dcur, dold)
   end
   return d
 end
+-- Other nodes holding a device of a user (directory entry read once per batch), and a push
+-- to each of them over its channel. Entries of dead runs only cost a PUBLISH nobody hears;
+-- presence questions clean them up.
+local locations = {}
+local function push(loc, payload)
+  local nodes = locations[loc]
+  if not nodes then
+    nodes = redis.call('SMEMBERS', loc)
+    locations[loc] = nodes
+  end
+  local sent = 0
+  for _, n in ipairs(nodes) do
+    if n ~= me then
+      redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
+      sent = sent + 1
+    end
+  end
+  return sent
+end
 local out = {}
-local i, k = 5, 1
+local i, k = 7, 1
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'A' then
-    local s, dcur, dold = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-    local id, cid, packed = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    k = k + 3
-    i = i + 4
+    local s, dcur, dold, loc = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+    local id, cid, packed, to = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    k = k + 4
+    i = i + 5
     local d = sender(dcur, dold)
     local st = stream(s)
     local expired = st.expired
@@ -648,13 +904,44 @@ while i <= #ARGV do
       st.len = st.len + 1
       st.touched = true
       d.touched = true
-      out[#out + 1] = {'ok', xid, expired}
+      local pushed = push(loc, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed)
+      out[#out + 1] = {'ok', xid, expired, pushed}
     end
   elseif op == 'R' then
     local n = redis.call('XDEL', KEYS[k], ARGV[i + 1])
     if streams[KEYS[k]] then streams[KEYS[k]].len = streams[KEYS[k]].len - n end
     out[#out + 1] = n
     k = k + 1
+    i = i + 2
+  elseif op == 'D' then
+    -- Removed by this ack (not an earlier one): the sender's other nodes hear `delivered`.
+    local n = redis.call('XDEL', KEYS[k], ARGV[i + 1])
+    if streams[KEYS[k]] then streams[KEYS[k]].len = streams[KEYS[k]].len - n end
+    if n == 1 then push(KEYS[k + 1], ARGV[i + 2]) end
+    out[#out + 1] = n
+    k = k + 2
+    i = i + 3
+  elseif op == 'Q' then
+    -- Presence on *other* live nodes (the asking node answers for itself); entries of runs
+    -- whose lease expired are dropped on the way.
+    local n = tonumber(ARGV[i + 1])
+    local online = {}
+    for j = 1, n do
+      local loc = KEYS[k + j - 1]
+      local on = 0
+      for _, m in ipairs(redis.call('SMEMBERS', loc)) do
+        if m ~= me then
+          if redis.call('EXISTS', prefix .. 'node:' .. m) == 1 then
+            on = 1
+          else
+            redis.call('SREM', loc, m)
+          end
+        end
+      end
+      online[j] = on
+    end
+    out[#out + 1] = online
+    k = k + n
     i = i + 2
   elseif op == 'P' then
     out[#out + 1] = 1
@@ -690,7 +977,10 @@ enum Answer {
     Appended(Result<Appended, StoreError>),
     Removed(bool),
     Loaded(Loaded),
-    Probed,
+    Online(Vec<bool>),
+    /// The lease was still held (false: it had lapsed; see [`StoreReply::Resync`]).
+    Leased(bool),
+    Done,
 }
 
 impl Answer {
@@ -699,13 +989,19 @@ impl Answer {
             (Answer::Appended(result), StoreOp::Append(msg)) => {
                 StoreReply::Appended { msg, result }
             }
-            (Answer::Removed(ok), StoreOp::Remove { .. }) => StoreReply::Removed { ok },
+            (Answer::Removed(ok), StoreOp::Remove { report, .. }) => {
+                StoreReply::Removed { ok, report }
+            }
             (Answer::Loaded(loaded), StoreOp::Load { user, token, .. }) => StoreReply::Loaded {
                 user,
                 token,
                 result: Ok(loaded),
             },
-            (Answer::Probed, StoreOp::Probe) => StoreReply::Probed,
+            (Answer::Online(online), StoreOp::Presence { ask, .. }) => StoreReply::Presence {
+                ask,
+                online: Some(online),
+            },
+            (Answer::Leased(_) | Answer::Done, _) => StoreReply::Done,
             // parse_batch checks kinds against the batch, so this cannot pair wrongly.
             (_, op) => unreachable!("answer kind differs from its operation: {}", op_name(&op)),
         }
@@ -717,6 +1013,9 @@ fn op_name(op: &StoreOp) -> &'static str {
         StoreOp::Append(_) => "append",
         StoreOp::Remove { .. } => "remove",
         StoreOp::Load { .. } => "load",
+        StoreOp::Leave { .. } => "leave",
+        StoreOp::Lease => "lease",
+        StoreOp::Presence { .. } => "presence",
         StoreOp::Probe => "probe",
     }
 }
@@ -751,6 +1050,7 @@ fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> {
                     Ok(Appended::Stored {
                         seq: stream_id_to_seq(&xid).ok_or_else(|| format!("bad id {xid}"))?,
                         expired: parts.get(2).and_then(integer).unwrap_or(0),
+                        pushed: parts.get(3).and_then(integer).unwrap_or(0),
                     })
                 }
                 "dup" => {
@@ -768,11 +1068,24 @@ fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> {
             Ok(Answer::Appended(result))
         }
         StoreOp::Remove { .. } => Ok(Answer::Removed(integer(&item).unwrap_or(0) > 0)),
-        StoreOp::Load { .. } => Err("a load in a script batch".into()),
+        StoreOp::Presence { users, .. } => {
+            let online: Vec<bool> = array(item)?.iter().map(|v| integer(v) == Some(1)).collect();
+            if online.len() != users.len() {
+                return Err(format!(
+                    "presence: {} answers for {} users",
+                    online.len(),
+                    users.len()
+                ));
+            }
+            Ok(Answer::Online(online))
+        }
         StoreOp::Probe => match integer(&item) {
-            Some(1) => Ok(Answer::Probed),
+            Some(1) => Ok(Answer::Done),
             _ => Err(format!("probe: unexpected answer {item:?}")),
         },
+        StoreOp::Load { .. } | StoreOp::Leave { .. } | StoreOp::Lease => {
+            Err(format!("a {} in a script batch", op_name(op)))
+        }
     }
 }
 
@@ -801,6 +1114,109 @@ pub fn unpack(text: &str) -> Option<StoredMessage> {
         ts,
         body: body.into(),
     })
+}
+
+/// A `delivered` for the sender's other nodes: `d <id> <from bytes> <to bytes> <from><to><cid>`.
+fn pack_delivered(r: &Report) -> String {
+    format!(
+        "d {} {} {} {}{}{}",
+        r.id,
+        r.from.len(),
+        r.to.len(),
+        r.from,
+        r.to,
+        r.cid
+    )
+}
+
+/// What another node published on this node's channel.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// `m <stream id> <user bytes> <user><packed message>`: appended to `user`'s inbox.
+    Entry {
+        user: CompactString,
+        seq: InboxSeq,
+        msg: StoredMessage,
+    },
+    /// A device acked a message `from` sent (see [`pack_delivered`]).
+    Delivered {
+        id: u64,
+        from: CompactString,
+        to: CompactString,
+        cid: Box<str>,
+    },
+}
+
+impl Push {
+    /// The user whose home shard takes this push.
+    pub fn user(&self) -> &str {
+        match self {
+            Push::Entry { user, .. } => user,
+            Push::Delivered { from, .. } => from,
+        }
+    }
+
+    /// The answer for the user's home shard among `shards`.
+    pub fn into_reply(self, shards: usize) -> StoreReply {
+        match self {
+            Push::Entry { user, seq, msg } => StoreReply::Pushed { user, seq, msg },
+            Push::Delivered { id, from, to, cid } => {
+                let home = crate::mesh::home_shard(&from, shards);
+                StoreReply::RemoteReport(Box::new(Report {
+                    id,
+                    from,
+                    to,
+                    cid,
+                    reply: ReplyTo::all_devices(home),
+                    outcome: Outcome::Delivered,
+                    received: Instant::now(),
+                }))
+            }
+        }
+    }
+}
+
+/// Parse a push; None for anything else (logged by the caller, never trusted).
+pub fn parse_push(text: &str) -> Option<Push> {
+    let (kind, rest) = text.split_once(' ')?;
+    match kind {
+        "m" => {
+            let (xid, rest) = rest.split_once(' ')?;
+            let (len, rest) = rest.split_once(' ')?;
+            let len: usize = len.parse().ok()?;
+            let user = rest.get(..len)?;
+            Some(Push::Entry {
+                user: user.into(),
+                seq: stream_id_to_seq(xid)?,
+                msg: unpack(rest.get(len..)?)?,
+            })
+        }
+        "d" => {
+            let mut head = rest.splitn(4, ' ');
+            let id = head.next()?.parse().ok()?;
+            let from_len: usize = head.next()?.parse().ok()?;
+            let to_len: usize = head.next()?.parse().ok()?;
+            let tail = head.next()?;
+            Some(Push::Delivered {
+                id,
+                from: tail.get(..from_len)?.into(),
+                to: tail.get(from_len..from_len + to_len)?.into(),
+                cid: tail.get(from_len + to_len..)?.into(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// This node run's name: `node_id` and the process start in ms (decided once per process).
+pub fn node_run_id(node_id: &str) -> String {
+    static STARTED_MS: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let ms = STARTED_MS.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    });
+    format!("{node_id}.{ms}")
 }
 
 /// One `XRANGE` entry: `[id, ["m", packed]]`.
@@ -904,42 +1320,132 @@ mod tests {
         assert_eq!(stream_id_to_seq("x-1"), None);
     }
 
-    #[test]
-    fn batch_keys_and_args_follow_the_operations_in_order() {
-        let settings = RedisSettings {
+    fn settings() -> RedisSettings {
+        RedisSettings {
             url: "redis://127.0.0.1:1".into(),
             pool_size: 1,
             timeout: Duration::from_millis(10),
             key_prefix: "p:".into(),
             max_messages: 5,
             max_age_ms: 1000,
-        };
+            node: "n1.5".into(),
+            lease_ms: 900,
+        }
+    }
+
+    fn delivered(from: &str, to: &str) -> Box<Report> {
+        Box::new(Report {
+            id: 7,
+            from: from.into(),
+            to: to.into(),
+            cid: "\"c 1\"".into(),
+            reply: ReplyTo::all_devices(0),
+            outcome: Outcome::Delivered,
+            received: Instant::now(),
+        })
+    }
+
+    #[test]
+    fn batch_keys_and_args_follow_the_operations_in_order() {
         let batch = vec![
             StoreOp::Append(msg("bob")),
             StoreOp::Remove {
                 user: "bob".into(),
                 seq: stream_id_to_seq("5-1").unwrap(),
+                report: None,
+            },
+            StoreOp::Remove {
+                user: "bob".into(),
+                seq: stream_id_to_seq("5-2").unwrap(),
+                report: Some(delivered("alice", "bob")),
+            },
+            StoreOp::Presence {
+                users: vec!["x".into(), "y".into()],
+                ask: 3,
             },
             StoreOp::Probe,
         ];
-        let call = BatchCall::build(&settings, &batch);
+        let call = BatchCall::build(&settings(), &batch);
         assert_eq!(
             call.keys,
-            ["p:in:bob", "p:dd:alice", "p:dd:alice:old", "p:in:bob"]
+            [
+                "p:in:bob",
+                "p:dd:alice",
+                "p:dd:alice:old",
+                "p:loc:bob",
+                "p:in:bob",
+                "p:in:bob",
+                "p:loc:alice",
+                "p:loc:x",
+                "p:loc:y"
+            ]
         );
-        assert_eq!(&call.args[..4], ["1000", "5", "86400000", "10000"]);
         assert_eq!(
-            &call.args[4..],
+            &call.args[..6],
+            ["1000", "5", "86400000", "10000", "n1.5", "p:"]
+        );
+        assert_eq!(
+            &call.args[6..],
             [
                 "A",
                 "7",
                 "\"c1\"",
                 "7 1 5 4 alice\"c1\"{\"x\":1}",
+                "bob",
                 "R",
                 "5-1",
+                "D",
+                "5-2",
+                "d 7 5 3 alicebob\"c 1\"",
+                "Q",
+                "2",
                 "P"
             ]
         );
+    }
+
+    #[test]
+    fn pushes_from_other_nodes_parse_exactly_or_not_at_all() {
+        // An entry, as the script publishes it: stream id, user length, user, packed message.
+        let text = format!(
+            "m 9-2 5 b b c{}",
+            pack(7, 1, "al ce", "\"c\"", "{\"k\":\" \"}")
+        );
+        let Some(Push::Entry { user, seq, msg }) = parse_push(&text) else {
+            panic!("an entry push parses");
+        };
+        assert_eq!(user, "b b c");
+        assert_eq!(seq, stream_id_to_seq("9-2").unwrap());
+        assert_eq!(
+            (msg.id, &*msg.from, &*msg.body),
+            (7, "al ce", "{\"k\":\" \"}")
+        );
+        // A delivered report round-trips through pack_delivered.
+        let r = delivered("al ice", "b");
+        let Some(Push::Delivered { id, from, to, cid }) = parse_push(&pack_delivered(&r)) else {
+            panic!("a delivered push parses");
+        };
+        assert_eq!((id, &*from, &*to, &*cid), (7, "al ice", "b", "\"c 1\""));
+        // Its reply goes to every device of the sender on the sender's home shard.
+        let StoreReply::RemoteReport(report) =
+            parse_push(&pack_delivered(&r)).unwrap().into_reply(4)
+        else {
+            panic!("a delivered push is a report");
+        };
+        assert_eq!(
+            report.reply,
+            ReplyTo::all_devices(crate::mesh::home_shard("al ice", 4))
+        );
+        for bad in [
+            "",
+            "m",
+            "m 9-2 99 bob",
+            "x 1 2",
+            "d 1 9 9 ab",
+            "m bad 1 b7 1 0 0 ",
+        ] {
+            assert_eq!(parse_push(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -951,11 +1457,17 @@ mod tests {
             StoreOp::Remove {
                 user: "bob".into(),
                 seq: 1,
+                report: None,
             },
             StoreOp::Probe,
         ];
         let value = Value::Array(vec![
-            Value::Array(vec![s("ok"), s("9-2"), Value::Integer(3)]),
+            Value::Array(vec![
+                s("ok"),
+                s("9-2"),
+                Value::Integer(3),
+                Value::Integer(2),
+            ]),
             Value::Array(vec![s("dup"), s("42")]),
             Value::Array(vec![s("full"), Value::Integer(0), Value::Integer(5)]),
             Value::Integer(1),
@@ -966,7 +1478,8 @@ mod tests {
             answers[0],
             Answer::Appended(Ok(Appended::Stored {
                 seq: stream_id_to_seq("9-2").unwrap(),
-                expired: 3
+                expired: 3,
+                pushed: 2
             }))
         );
         assert_eq!(
@@ -978,7 +1491,7 @@ mod tests {
             Answer::Appended(Err(StoreError::Full { count: 5, .. }))
         ));
         assert_eq!(answers[3], Answer::Removed(true));
-        assert_eq!(answers[4], Answer::Probed);
+        assert_eq!(answers[4], Answer::Done);
     }
 
     #[test]
@@ -991,6 +1504,7 @@ mod tests {
         let remove = || StoreOp::Remove {
             user: "bob".into(),
             seq: 1,
+            report: None,
         };
         let batch = vec![
             StoreOp::Append(msg("bob")),
@@ -998,17 +1512,23 @@ mod tests {
             load("bob"),
             load("carol"),
             StoreOp::Append(msg("carol")),
+            StoreOp::Lease,
+            StoreOp::Leave { user: "bob".into() },
+            StoreOp::Probe,
         ];
         assert_eq!(
             plan(&batch),
             [
                 Segment::Script(0..2),
-                Segment::Load(2),
-                Segment::Load(3),
-                Segment::Script(4..5)
+                Segment::Native(2),
+                Segment::Native(3),
+                Segment::Script(4..5),
+                Segment::Native(5),
+                Segment::Native(6),
+                Segment::Script(7..8)
             ]
         );
-        assert_eq!(plan(&[load("a")]), [Segment::Load(0)]);
+        assert_eq!(plan(&[load("a")]), [Segment::Native(0)]);
         assert_eq!(plan(&[remove(), remove()]), [Segment::Script(0..2)]);
         assert!(plan(&[]).is_empty());
     }

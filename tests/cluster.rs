@@ -1,0 +1,298 @@
+//! Several gateway nodes sharing one Redis (SPEC section 5, issue 6): two or three `ringgate`
+//! processes on loopback ports and one test-started `redis-server`. Direct messages reach a
+//! user on another node (and `delivered` comes back once), devices of one user on two nodes
+//! each get every message, presence answers across nodes and forgets a SIGKILLed node, a
+//! SIGKILLed node's users reconnect elsewhere and get every unacked message exactly once, and
+//! the node channel comes back after a Redis restart.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::redis::RedisServer;
+use common::*;
+use serde_json::{json, Value};
+
+const LEASE_MS: &str = "900";
+const API_KEY: &str = "cluster-test-key";
+
+fn api_presence(gw: &Gateway, query: &str) -> (u16, String) {
+    let auth = format!("Authorization: Bearer {API_KEY}");
+    http_get(
+        gw.admin,
+        &format!("/api/presence?{query}"),
+        &[auth.as_str()],
+    )
+}
+
+fn node(redis: &RedisServer, id: &str) -> Gateway {
+    let url = redis.url();
+    Gateway::start_shards(
+        2,
+        &[
+            "--redis-url",
+            &url,
+            "--redis-timeout-ms",
+            "500",
+            "--node-id",
+            id,
+            "--node-lease-ms",
+            LEASE_MS,
+            "--api-key",
+            API_KEY,
+        ],
+    )
+}
+
+/// Every frame up to the `pong` answering a `ping` sent now: what else was still on its way.
+fn frames_before_pong(ws: &mut Ws) -> Vec<Value> {
+    send_text(ws, r#"{"op":"ping"}"#);
+    let mut seen = Vec::new();
+    loop {
+        let v = recv_json(ws);
+        if v["op"] == "pong" {
+            return seen;
+        }
+        seen.push(v);
+    }
+}
+
+fn seq_of(v: &Value) -> u64 {
+    v["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {v}"))
+}
+
+fn presence(ws: &mut Ws, users: &[&str]) -> Value {
+    send_text(ws, &json!({"op":"presence","users":users}).to_string());
+    next_op(ws, "presence")["online"].clone()
+}
+
+/// Until both are seen (their relative order is a race between two Redis connections).
+fn accepted_and_delivered(ws: &mut Ws, cid: &str) -> (Value, Value) {
+    let (mut accepted, mut delivered) = (None, None);
+    while accepted.is_none() || delivered.is_none() {
+        let v = recv_json(ws);
+        assert_eq!(v["cid"], cid, "{v}");
+        match v["op"].as_str() {
+            Some("accepted") => assert!(accepted.replace(v).is_none(), "accepted twice"),
+            Some("delivered") => assert!(delivered.replace(v).is_none(), "delivered twice"),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    (accepted.unwrap(), delivered.unwrap())
+}
+
+#[test]
+fn a_direct_message_reaches_a_user_on_another_node_and_delivered_comes_back() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, _) = connect_app(&a, "alice");
+    let (mut bob, _) = connect_app(&b, "bob");
+    for i in 0..5 {
+        let cid = format!("c{i}");
+        send(&mut alice, "bob", &cid, json!({"n": i}));
+        let m = next_op(&mut bob, "msg");
+        assert_eq!(
+            (m["from"].as_str(), m["cid"].as_str()),
+            (Some("alice"), Some(cid.as_str()))
+        );
+        assert_eq!(m["body"], json!({"n": i}));
+        ack(&mut bob, seq_of(&m));
+        let (accepted, delivered) = accepted_and_delivered(&mut alice, &cid);
+        assert_eq!(accepted["id"], m["id"]);
+        assert_eq!(delivered["to"], "bob");
+    }
+    // The other way round as well, and nothing more than asked for on either side.
+    send(&mut bob, "alice", "back", json!("hi"));
+    let m = next_op(&mut alice, "msg");
+    ack(&mut alice, seq_of(&m));
+    accepted_and_delivered(&mut bob, "back");
+    assert!(frames_before_pong(&mut alice).is_empty());
+    assert!(frames_before_pong(&mut bob).is_empty());
+    assert!(
+        eventually(Duration::from_secs(5), || redis.int(&["XLEN", "rg:in:bob"])
+            == 0),
+        "acked entries leave Redis"
+    );
+    assert_eq!(a.metric_sum("ringgate_cross_node_out_total"), 5);
+    assert_eq!(
+        b.metric_sum("ringgate_cross_node_in_total"),
+        5 + 1,
+        "5 msgs in, 1 delivered in"
+    );
+    assert!(a.metric_sum("ringgate_node_lease_refreshes_total") >= 1);
+}
+
+#[test]
+fn devices_of_one_user_on_two_nodes_each_get_every_message_and_it_is_delivered_once() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, _) = connect_app(&a, "alice");
+    let (mut phone, _) = connect_app(&a, "bob&device=phone");
+    let (mut laptop, _) = connect_app(&b, "bob&device=laptop");
+    let n = 6;
+    for i in 0..n {
+        send(&mut alice, "bob", &format!("m{i}"), json!(i));
+        assert_eq!(next_op(&mut alice, "accepted")["cid"], format!("m{i}"));
+    }
+    for device in [&mut laptop, &mut phone] {
+        let msgs: Vec<Value> = (0..n).map(|_| next_op(device, "msg")).collect();
+        let cids: Vec<String> = msgs
+            .iter()
+            .map(|m| m["cid"].as_str().unwrap().into())
+            .collect();
+        assert_eq!(
+            cids,
+            (0..n).map(|i| format!("m{i}")).collect::<Vec<_>>(),
+            "in order"
+        );
+        ack(device, seq_of(&msgs[n - 1]));
+        // Acked by one device first: the other's ack must not report again.
+        assert!(frames_before_pong(device).is_empty());
+    }
+    let mut delivered: Vec<Value> = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        delivered.extend(frames_before_pong(&mut alice));
+        delivered.len() >= n
+    }));
+    std::thread::sleep(Duration::from_millis(300));
+    delivered.extend(frames_before_pong(&mut alice));
+    let cids: HashSet<&str> = delivered
+        .iter()
+        .map(|d| d["cid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        delivered.len(),
+        n,
+        "one delivered per message: {delivered:?}"
+    );
+    assert_eq!(cids.len(), n);
+    assert!(delivered.iter().all(|d| d["op"] == "delivered"));
+    assert_eq!(redis.int(&["XLEN", "rg:in:bob"]), 0);
+}
+
+#[test]
+fn a_user_offline_everywhere_gets_the_inbox_on_whichever_node_it_connects_to() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, _) = connect_app(&a, "alice");
+    for i in 0..3 {
+        send(&mut alice, "dave", &format!("o{i}"), json!(i));
+        next_op(&mut alice, "accepted");
+    }
+    let (_dave, msgs) = connect_replay(&b, "/ws?user=dave");
+    let cids: Vec<&str> = msgs.iter().map(|m| m["cid"].as_str().unwrap()).collect();
+    assert_eq!(cids, ["o0", "o1", "o2"]);
+}
+
+#[test]
+fn presence_answers_across_nodes_and_forgets_a_sigkilled_node() {
+    let redis = RedisServer::start();
+    let (a, mut b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, _) = connect_app(&a, "alice");
+    let (_carol, _) = connect_app(&b, "carol");
+    let online = presence(&mut alice, &["carol", "alice", "nobody"]);
+    assert_eq!(
+        online,
+        json!({"carol": true, "alice": true, "nobody": false})
+    );
+    let (status, body) = api_presence(&a, "user=carol&user=nobody");
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["online"], json!({"carol": true, "nobody": false}));
+    assert!(a.metric_sum("ringgate_presence_directory_lookups_total") >= 2);
+
+    b.sigkill();
+    // No zombie: once b's lease (900 ms) lapses, carol is offline, and her stale directory
+    // entry is dropped by the question that found it dead.
+    assert!(eventually(Duration::from_secs(5), || {
+        presence(&mut alice, &["carol"]) == json!({"carol": false})
+    }));
+    assert_eq!(redis.int(&["SCARD", "rg:loc:carol"]), 0);
+    let (_, body) = api_presence(&a, "user=carol");
+    assert!(body.contains(r#""carol":false"#), "{body}");
+}
+
+#[test]
+fn users_of_a_sigkilled_node_reconnect_elsewhere_and_get_every_unacked_message_once() {
+    let redis = RedisServer::start();
+    let (a, mut b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, _) = connect_app(&a, "alice");
+    let (mut bob, _) = connect_app(&b, "bob");
+    let n = 20;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        send(&mut alice, "bob", &format!("k{i}"), json!(i));
+        ids.push(next_op(&mut alice, "accepted")["id"].clone());
+    }
+    let msgs: Vec<Value> = (0..n).map(|_| next_op(&mut bob, "msg")).collect();
+    // Bob shows the first 10 and acks them; their removal reaches Redis; then b dies.
+    let mut shown: HashSet<String> = HashSet::new();
+    for m in &msgs[..10] {
+        shown.insert(m["cid"].as_str().unwrap().into());
+    }
+    ack(&mut bob, seq_of(&msgs[9]));
+    assert!(eventually(Duration::from_secs(5), || {
+        redis.int(&["XLEN", "rg:in:bob"]) == 10
+    }));
+    b.sigkill();
+    drop(bob);
+
+    let (_bob, replayed) = connect_replay(&a, "/ws?user=bob");
+    let cids: Vec<String> = replayed
+        .iter()
+        .map(|m| m["cid"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(cids, (10..n).map(|i| format!("k{i}")).collect::<Vec<_>>());
+    for m in &replayed {
+        assert!(
+            shown.insert(m["cid"].as_str().unwrap().into()),
+            "shown twice: {m}"
+        );
+        let i = m["body"].as_u64().unwrap() as usize;
+        assert_eq!(m["id"], ids[i], "same message, same id");
+    }
+    assert_eq!(shown.len(), n, "every accepted message shown exactly once");
+    // A resend of an accepted cid is answered with its first id and not delivered again.
+    send(&mut alice, "bob", "k3", json!(3));
+    let again = frames_before_pong(&mut alice)
+        .into_iter()
+        .find(|v| v["op"] == "accepted")
+        .expect("accepted again");
+    assert_eq!(again["id"], ids[3]);
+}
+
+#[test]
+fn pushes_between_nodes_resume_after_redis_restarts() {
+    let mut redis = RedisServer::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, _) = connect_app(&a, "alice");
+    let (mut bob, _) = connect_app(&b, "bob");
+    redis.kill();
+    redis.restart();
+    // Both nodes reconnect by themselves (the store and the node channel); until then a send
+    // may get `unavailable`, which a client resends with the same cid.
+    let mut got = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            send(&mut alice, "bob", "after", json!("restart"));
+            let answer = loop {
+                let v = recv_json(&mut alice);
+                if v["op"] == "accepted" || v["op"] == "error" {
+                    break v;
+                }
+            };
+            if answer["op"] != "accepted" {
+                std::thread::sleep(Duration::from_millis(100));
+                return false;
+            }
+            got = Some(next_op(&mut bob, "msg"));
+            true
+        }),
+        "a send after the restart is accepted"
+    );
+    let m = got.unwrap();
+    assert_eq!(m["cid"], "after");
+    ack(&mut bob, seq_of(&m));
+    assert!(frames_before_pong(&mut bob).is_empty(), "delivered once");
+}
