@@ -85,12 +85,24 @@ pub enum MeshMsg {
         body: Box<str>,
         reply: crate::delivery::message::ReplyTo,
     },
-    /// A publish was stored at `offset`, for the publisher's shard.
+    /// A publish was stored: (id, offset), or why not; for the publisher's shard.
     RoomAccepted {
         reply: crate::delivery::message::ReplyTo,
         cid: Box<str>,
-        id: u64,
-        offset: u64,
+        result: Result<(u64, u64), String>,
+    },
+    /// The room's home could not register the join (Redis unavailable): the member is
+    /// dropped and hears `unavailable`.
+    RoomJoinRefused {
+        room: compact_str::CompactString,
+        conn: usize,
+        serial: u32,
+    },
+    /// Room messages from `from` on were not received by this node (its channel missed
+    /// them): members that had not reached `from` hear `gap`.
+    RoomGap {
+        room: compact_str::CompactString,
+        from: u64,
     },
     /// A room message for the members on the receiving shard: one per shard, not per member.
     RoomFanout(std::sync::Arc<crate::delivery::room::RoomMsg>),

@@ -46,19 +46,26 @@ const LOAD_RETRY_MS: u64 = 500;
 /// How often a shard that believes Redis is down checks whether it is back.
 const PROBE_MS: u64 = 500;
 
-/// The state of one online user's mirror.
+/// The state of one online user's mirror. `epoch`: the shard's channel epoch when the load
+/// was submitted; pushes from other nodes are taken only by mirrors of the current epoch (a
+/// mirror loaded before this node's channel was heard may lack an entry whose push was lost,
+/// and adding later pushes to it would put them before that entry).
 enum Mirror {
     /// A load was submitted; answers to other tokens are stale. `pushes`: entries other
     /// nodes pushed meanwhile (the read may or may not include them; those past it are added
     /// once it answers).
     Loading {
         token: u64,
+        epoch: u64,
         pushes: Vec<(InboxSeq, StoredMessage)>,
+        /// Entries acked meanwhile: the read may predate their delete, and must not bring
+        /// them back (they would be sent again).
+        acked: Vec<InboxSeq>,
     },
     /// The last load failed; retried on a tick at or after `retry_at`.
     Failed { retry_at: u64 },
     /// The mirror holds what Redis holds for this user.
-    Ready,
+    Ready { epoch: u64 },
 }
 
 /// A shard's Redis-mode state.
@@ -78,6 +85,9 @@ pub struct Durable {
     writing: HashMap<CompactString, u32>,
     /// Users whose mirror is reloaded once Redis answers and their tail is empty.
     reload_wanted: HashSet<CompactString>,
+    /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
+    /// 0 until the channel is first heard.
+    epoch: u64,
 }
 
 impl Durable {
@@ -92,6 +102,7 @@ impl Durable {
             tails: HashMap::new(),
             writing: HashMap::new(),
             reload_wanted: HashSet::new(),
+            epoch: 0,
         }
     }
 
@@ -128,7 +139,7 @@ impl Shard {
     pub(super) fn mirror_ready(&self, user: &str) -> bool {
         match &self.durable {
             None => true,
-            Some(d) => matches!(d.mirrors.get(user), Some(Mirror::Ready)),
+            Some(d) => matches!(d.mirrors.get(user), Some(Mirror::Ready { .. })),
         }
     }
 
@@ -183,6 +194,8 @@ impl Shard {
         let state = match d.link.submit(op) {
             Ok(()) => Mirror::Loading {
                 token,
+                epoch: d.epoch,
+                acked: Vec::new(),
                 pushes: Vec::new(),
             },
             Err(_) => Mirror::Failed {
@@ -289,6 +302,9 @@ impl Shard {
         let Some(d) = &mut self.durable else {
             return;
         };
+        if let Some(Mirror::Loading { acked, .. }) = d.mirrors.get_mut(user) {
+            acked.push(seq);
+        }
         let live = d.tails.get_mut(user).and_then(|tail| tail.remove(&seq));
         let Some(msg) = live else {
             return self.store_remove(user, seq, Some(delivered));
@@ -302,12 +318,17 @@ impl Shard {
         self.report(delivered);
     }
 
-    /// Queue an operation that needs no answer beyond its own reply; false when the queue is
-    /// full (or there is no store).
+    /// Queue an operation; false when the queue is full (or there is no store).
     pub(super) fn submit_store(&mut self, op: StoreOp) -> bool {
-        self.durable
-            .as_ref()
-            .is_some_and(|d| d.link.submit(op).is_ok())
+        self.submit_store_op(op).is_ok()
+    }
+
+    /// Queue an operation; it comes back when the queue is full (or there is no store).
+    pub(super) fn submit_store_op(&mut self, op: StoreOp) -> Result<(), StoreOp> {
+        match &self.durable {
+            Some(d) => d.link.submit(op),
+            None => Err(op),
+        }
     }
 
     /// The store sends a message to Redis (queued for the shard's next batch).
@@ -359,7 +380,24 @@ impl Shard {
                 self.metrics.cross_node_in.inc();
                 self.on_report(*report);
             }
-            StoreReply::Resync => self.on_resync(),
+            StoreReply::Resync => {
+                self.on_resync(now);
+                self.ask_pending_joins_again(now);
+            }
+            StoreReply::RoomPublished { post, result } => {
+                self.on_room_published(*post, result, now)
+            }
+            StoreReply::RoomJoinFailed(ask) => self.on_room_join_failed(*ask, now),
+            StoreReply::RoomMessage { room, offset, msg } => {
+                self.metrics.cross_node_in.inc();
+                self.on_room_pushed(room, offset, msg, now)
+            }
+            StoreReply::RoomJoinAnswer {
+                ask,
+                last,
+                recovered,
+                replay,
+            } => self.on_room_join_answer(*ask, last, recovered, replay, now),
             StoreReply::Loaded {
                 user,
                 token,
@@ -453,9 +491,10 @@ impl Shard {
         let Some(d) = &mut self.durable else {
             return;
         };
+        let current = d.epoch;
         match d.mirrors.get_mut(&user) {
-            Some(Mirror::Ready) => {}
-            Some(Mirror::Loading { pushes, .. }) => {
+            Some(Mirror::Ready { epoch }) if *epoch == current && current > 0 => {}
+            Some(Mirror::Loading { pushes, epoch, .. }) if *epoch == current && current > 0 => {
                 if pushes.len() < window {
                     pushes.push((seq, msg));
                 } else {
@@ -464,7 +503,8 @@ impl Shard {
                 }
                 return;
             }
-            // Not online here, or a failed load that reads everything when retried.
+            // Not online here, a failed load that reads everything when retried, or a mirror
+            // of an earlier epoch (being reloaded since the resync).
             _ => return,
         }
         let age = wall_clock_ms().saturating_sub(store::seq_time_ms(seq));
@@ -486,12 +526,22 @@ impl Shard {
         }
     }
 
-    /// Pushes may have been missed: read every online user's inbox again (each load also
-    /// registers the user in the directory again).
-    fn on_resync(&mut self) {
-        if let Some(d) = &mut self.durable {
-            let users: Vec<CompactString> = d.mirrors.keys().cloned().collect();
-            d.reload_wanted.extend(users);
+    /// Pushes may have been missed: a new epoch, and every online user's inbox is read again
+    /// now (each load also registers the user in the directory again). A user with live
+    /// entries out is read once they are acked or spilled (a reload would not keep them).
+    fn on_resync(&mut self, now: u64) {
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        d.epoch += 1;
+        let (now_users, later): (Vec<CompactString>, Vec<CompactString>) = d
+            .mirrors
+            .keys()
+            .cloned()
+            .partition(|u| !d.tails.contains_key(u));
+        d.reload_wanted.extend(later);
+        for user in now_users {
+            self.load_mirror(&user, now);
         }
     }
 
@@ -517,15 +567,24 @@ impl Shard {
         }
         match result {
             Ok(Loaded { entries, expired }) => {
-                let pushes = match d.mirrors.insert(user.clone(), Mirror::Ready) {
-                    Some(Mirror::Loading { pushes, .. }) => pushes,
-                    _ => Vec::new(),
+                let (pushes, acked) = match d.mirrors.remove(&user) {
+                    Some(Mirror::Loading {
+                        pushes,
+                        epoch,
+                        acked,
+                        ..
+                    }) => {
+                        d.mirrors.insert(user.clone(), Mirror::Ready { epoch });
+                        (pushes, acked)
+                    }
+                    _ => unreachable!("checked to be loading above"),
                 };
                 self.metrics.redis_loads.inc();
                 self.metrics.inbox_expired.add(expired);
                 let wall = wall_clock_ms();
                 let entries = entries
                     .into_iter()
+                    .filter(|(seq, _)| !acked.contains(seq))
                     .map(|(seq, m)| {
                         let age = wall.saturating_sub(store::seq_time_ms(seq));
                         (seq, now.saturating_sub(age), m)

@@ -31,12 +31,20 @@ use super::{make_ctx, Shard};
 use crate::delivery::room::{HistoryLimits, RoomLog, RoomMsg};
 use crate::mesh::{self, MeshMsg};
 use crate::proto::{self, ErrorCode, FrameError};
+use crate::store::redis::{RoomJoinAsk, RoomPost, RoomReply, StoreOp};
+use crate::store::{StoreError, StoredMessage};
 
 /// A room homed on this shard.
 pub struct HomedRoom {
     log: RoomLog,
     /// Member connections per shard (fan-out goes to shards with at least one).
     members_by_shard: Vec<u32>,
+    /// With Redis: the newest offset this node received (pushes come in offset order;
+    /// a jump means some were missed). 0: none yet.
+    last_pushed: u64,
+    /// With Redis: joins whose answer has not come back on the channel yet (asked again
+    /// after a resync: an answer published while the channel was not heard is lost).
+    pending_joins: Vec<RoomJoinAsk>,
 }
 
 /// One of this shard's connections in a room.
@@ -99,30 +107,32 @@ impl Shard {
                 cid,
                 body,
                 reply,
-            } => {
-                let (id, offset) = self.home_publish(room, from, cid.clone(), body, now);
-                let to = reply.shard as usize;
-                self.send_room_msg(
-                    to,
-                    MeshMsg::RoomAccepted {
-                        reply,
-                        cid,
-                        id,
-                        offset,
-                    },
-                    now,
-                );
-            }
-            MeshMsg::RoomAccepted {
-                reply,
-                cid,
-                id,
-                offset,
-            } => {
+            } => self.home_publish(room, from, cid, body, RoomReply::Conn(reply), now),
+            MeshMsg::RoomAccepted { reply, cid, result } => {
                 let mut out = Vec::with_capacity(96);
-                proto::write_accepted_offset(&mut out, &cid, id, offset);
+                match result {
+                    Ok((id, offset)) => proto::write_accepted_offset(&mut out, &cid, id, offset),
+                    Err(why) => proto::write_error(
+                        &mut out,
+                        &FrameError {
+                            code: ErrorCode::Unavailable,
+                            message: format!("not published: {why}"),
+                            cid: Some(cid),
+                        },
+                    ),
+                }
                 self.answer(reply.conn as usize, reply.serial, &out);
             }
+            MeshMsg::RoomJoinRefused { room, conn, serial } => {
+                let member = self.room_members.get(&room).and_then(|m| m.get(&conn));
+                if member.is_some_and(|m| m.serial == serial) {
+                    self.drop_member(conn, &room, now);
+                    let why = format!("room `{room}` cannot be joined now (its history is unavailable); join again");
+                    self.refuse(conn, ErrorCode::Unavailable, why, None);
+                    self.kick(conn);
+                }
+            }
+            MeshMsg::RoomGap { room, from } => self.gap_here(&room, from),
             MeshMsg::RoomFanout(msg) => self.fan_out_here(&msg, now),
             MeshMsg::ApiPublish {
                 room,
@@ -131,8 +141,7 @@ impl Shard {
                 reply,
             } => {
                 let from = CompactString::from(super::deliver::BACKEND_SENDER);
-                let answer = self.home_publish(room, from, cid, body, now);
-                let _ = reply.send(answer);
+                self.home_publish(room, from, cid, body, RoomReply::Api(reply), now);
             }
             _ => unreachable!("only room messages come here"),
         }
@@ -278,6 +287,8 @@ impl Shard {
                 // Microseconds of the wall clock: a restarted gateway never reuses an offset.
                 log: RoomLog::new(wall_clock_ms() * 1000),
                 members_by_shard: vec![0; shards],
+                last_pushed: 0,
+                pending_joins: Vec::new(),
             })
     }
 
@@ -293,9 +304,28 @@ impl Shard {
         now: u64,
     ) {
         let limits = self.history_limits();
+        let durable = self.durable.is_some();
         let homed = self.homed(&room);
         if new_member {
             homed.members_by_shard[shard] += 1;
+        }
+        if durable {
+            // Redis holds the room: the answer comes back on this node's channel, in order
+            // with the room's messages (see `on_room_join_answer`).
+            let ask = RoomJoinAsk {
+                room,
+                since,
+                shard,
+                conn,
+                serial,
+            };
+            homed.pending_joins.push(ask.clone());
+            if let Err(StoreOp::RoomJoin(ask)) =
+                self.submit_store_op(StoreOp::RoomJoin(Box::new(ask)))
+            {
+                self.on_room_join_failed(*ask, now);
+            }
+            return;
         }
         let last = homed.log.last();
         let (replay, recovered) = match since {
@@ -318,12 +348,206 @@ impl Shard {
     }
 
     fn home_leave(&mut self, room: &CompactString, shard: usize) {
-        if let Some(homed) = self.rooms_home.get_mut(room) {
-            homed.members_by_shard[shard] = homed.members_by_shard[shard].saturating_sub(1);
+        let Some(homed) = self.rooms_home.get_mut(room) else {
+            return;
+        };
+        homed.members_by_shard[shard] = homed.members_by_shard[shard].saturating_sub(1);
+        if self.durable.is_some() && homed.members_by_shard.iter().all(|n| *n == 0) {
+            // This node's last member left: other nodes stop pushing the room here. If it
+            // cannot be queued, the pushes that still come are dropped here.
+            homed.last_pushed = 0;
+            let _ = self.submit_store_op(StoreOp::RoomLeave { room: room.clone() });
         }
     }
 
-    /// On the room's home: store the message and fan it out; returns (id, offset). A resent
+    fn refuse_join(&mut self, ask: RoomJoinAsk, now: u64) {
+        let msg = MeshMsg::RoomJoinRefused {
+            room: ask.room,
+            conn: ask.conn,
+            serial: ask.serial,
+        };
+        self.send_room_msg(ask.shard, msg, now);
+    }
+
+    /// Redis could not register a join.
+    pub(super) fn on_room_join_failed(&mut self, ask: RoomJoinAsk, now: u64) {
+        if self.take_pending_join(&ask) {
+            self.refuse_join(ask, now);
+        }
+    }
+
+    /// Forget a pending join; false when it was not pending (answered already).
+    fn take_pending_join(&mut self, ask: &RoomJoinAsk) -> bool {
+        let Some(homed) = self.rooms_home.get_mut(&ask.room) else {
+            return false;
+        };
+        let same =
+            |p: &RoomJoinAsk| (p.shard, p.conn, p.serial) == (ask.shard, ask.conn, ask.serial);
+        match homed.pending_joins.iter().position(same) {
+            Some(i) => {
+                homed.pending_joins.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// After a resync: ask again for every join not answered yet (a second answer to the
+    /// same join finds it answered and is ignored).
+    pub(super) fn ask_pending_joins_again(&mut self, now: u64) {
+        let asks: Vec<RoomJoinAsk> = self
+            .rooms_home
+            .values()
+            .flat_map(|h| h.pending_joins.iter().cloned())
+            .collect();
+        for ask in asks {
+            if let Err(StoreOp::RoomJoin(ask)) =
+                self.submit_store_op(StoreOp::RoomJoin(Box::new(ask)))
+            {
+                self.on_room_join_failed(*ask, now);
+            }
+        }
+    }
+
+    /// On the room's home, from this node's channel: the answer to a join. Everything the
+    /// room published after `last` follows it on the channel; what came before was fanned
+    /// out already (or is in `replay`).
+    pub(super) fn on_room_join_answer(
+        &mut self,
+        ask: RoomJoinAsk,
+        last: u64,
+        recovered: bool,
+        replay: Vec<(u64, StoredMessage)>,
+        now: u64,
+    ) {
+        if !self.take_pending_join(&ask) {
+            return; // answered already (asked again after a resync)
+        }
+        let homed = self.homed(&ask.room);
+        let missed_from =
+            (homed.last_pushed != 0 && last > homed.last_pushed).then_some(homed.last_pushed + 1);
+        homed.last_pushed = homed.last_pushed.max(last);
+        if let Some(from) = missed_from {
+            self.announce_missed(&ask.room, from, now);
+        }
+        let replay = replay
+            .into_iter()
+            .map(|(offset, m)| Arc::new(room_msg(&ask.room, offset, m, now)))
+            .collect();
+        let answer = MeshMsg::RoomJoined {
+            room: ask.room,
+            conn: ask.conn,
+            serial: ask.serial,
+            last,
+            recovered,
+            replay,
+        };
+        self.send_room_msg(ask.shard, answer, now);
+    }
+
+    /// On the room's home, from this node's channel: a room message, in offset order.
+    pub(super) fn on_room_pushed(
+        &mut self,
+        room: CompactString,
+        offset: u64,
+        msg: StoredMessage,
+        now: u64,
+    ) {
+        let Some(homed) = self.rooms_home.get_mut(&room) else {
+            return; // no member here (any more)
+        };
+        if homed.last_pushed == 0 || offset <= homed.last_pushed {
+            return; // not joined yet (the join answer covers it), or seen already
+        }
+        let missed_from = (offset > homed.last_pushed + 1).then_some(homed.last_pushed + 1);
+        homed.last_pushed = offset;
+        if let Some(from) = missed_from {
+            self.announce_missed(&room, from, now);
+        }
+        self.fan_out(Arc::new(room_msg(&room, offset, msg, now)), now);
+    }
+
+    /// Pushes from `from` on never came (the channel was down): members hear `gap`.
+    fn announce_missed(&mut self, room: &CompactString, from: u64, now: u64) {
+        tracing::info!(shard = self.id, %room, from, "room messages missed by this node; members hear `gap`");
+        for shard in self.member_shards(room) {
+            let msg = MeshMsg::RoomGap {
+                room: room.clone(),
+                from,
+            };
+            self.send_room_msg(shard, msg, now);
+        }
+    }
+
+    fn member_shards(&self, room: &CompactString) -> Vec<usize> {
+        self.rooms_home.get(room).map_or_else(Vec::new, |h| {
+            h.members_by_shard
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(s, _)| s)
+                .collect()
+        })
+    }
+
+    /// One fan-out message per shard with members.
+    fn fan_out(&mut self, msg: Arc<RoomMsg>, now: u64) {
+        for shard in self.member_shards(&msg.room) {
+            self.send_room_msg(shard, MeshMsg::RoomFanout(msg.clone()), now);
+        }
+    }
+
+    /// Members here that had not reached `from` skipped messages: tell them once.
+    fn gap_here(&mut self, room: &CompactString, from: u64) {
+        let Some(members) = self.room_members.get_mut(room) else {
+            return;
+        };
+        let mut told = Vec::new();
+        for (index, member) in members.iter_mut() {
+            if member.joined && member.last < from && member.gap_from.is_none() {
+                member.gap_from = Some(from);
+                told.push(*index);
+            }
+        }
+        let mut out = Vec::with_capacity(64);
+        proto::write_gap(&mut out, room, from);
+        self.metrics.room_gaps.add(told.len() as u64);
+        for index in told {
+            self.write_text(index, &out);
+            self.kick(index);
+        }
+    }
+
+    /// Redis answered a publish (on the room's home shard).
+    pub(super) fn on_room_published(
+        &mut self,
+        post: RoomPost,
+        result: Result<(u64, u64), StoreError>,
+        now: u64,
+    ) {
+        match &result {
+            Ok(_) => self.metrics.room_publishes.inc(),
+            Err(_) => self.metrics.store_refused.inc(),
+        }
+        let result = result.map_err(|e| e.to_string());
+        match post.reply {
+            RoomReply::Api(reply) => {
+                if let Ok(answer) = result {
+                    let _ = reply.send(answer);
+                }
+            }
+            RoomReply::Conn(reply) => {
+                let msg = MeshMsg::RoomAccepted {
+                    reply,
+                    cid: post.cid,
+                    result,
+                };
+                self.send_room_msg(reply.shard as usize, msg, now);
+            }
+        }
+    }
+
+    /// On the room's home: store the message and fan it out, then answer `reply`. A resent
     /// `(from, cid)` still in the history gets its first id and offset, and nothing is sent.
     fn home_publish(
         &mut self,
@@ -331,6 +555,55 @@ impl Shard {
         from: CompactString,
         cid: Box<str>,
         body: Box<str>,
+        reply: RoomReply,
+        now: u64,
+    ) {
+        let ts = wall_clock_ms();
+        if self.durable.is_some() {
+            let id = self.msg_ids.next(ts);
+            let post = RoomPost {
+                room,
+                from,
+                cid,
+                body,
+                id,
+                ts,
+                reply,
+            };
+            if let Err(StoreOp::RoomPublish(post)) =
+                self.submit_store_op(StoreOp::RoomPublish(Box::new(post)))
+            {
+                let why = StoreError::Unavailable("the store is busy or unreachable".into());
+                self.on_room_published(*post, Err(why), now);
+            }
+            return;
+        }
+        let result = Ok(self.publish_here(room, from, cid.clone(), body, ts, now));
+        let post_reply = match reply {
+            RoomReply::Api(tx) => {
+                if let Ok(answer) = result {
+                    let _ = tx.send(answer);
+                }
+                return;
+            }
+            RoomReply::Conn(r) => r,
+        };
+        let msg = MeshMsg::RoomAccepted {
+            reply: post_reply,
+            cid,
+            result,
+        };
+        self.send_room_msg(post_reply.shard as usize, msg, now);
+    }
+
+    /// Embedded mode: the room's log here gives the offset and keeps the history.
+    fn publish_here(
+        &mut self,
+        room: CompactString,
+        from: CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        ts: u64,
         now: u64,
     ) -> (u64, u64) {
         let limits = self.history_limits();
@@ -342,38 +615,30 @@ impl Shard {
             self.metrics.dedup_hits.inc();
             return (first.id, first.offset);
         }
-        let ts = wall_clock_ms();
         let id = self.msg_ids.next(ts);
         let homed = self.homed(&room);
         let msg = homed.log.append(
             |offset| {
-                let mut frame = Vec::with_capacity(96 + room.len() + cid.len() + body.len());
-                proto::write_room(&mut frame, &room, offset, id, &from, &cid, ts, &body);
-                RoomMsg {
-                    room: room.clone(),
+                room_msg(
+                    &room,
                     offset,
-                    id,
-                    from: from.clone(),
-                    cid: cid.clone(),
-                    at_ms: now,
-                    frame: frame.into_boxed_slice(),
-                }
+                    StoredMessage {
+                        id,
+                        from,
+                        cid,
+                        ts,
+                        body,
+                    },
+                    now,
+                )
             },
             now,
             limits,
         );
-        let targets: Vec<usize> = homed
-            .members_by_shard
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .map(|(s, _)| s)
-            .collect();
         self.metrics.room_publishes.inc();
-        for shard in targets {
-            self.send_room_msg(shard, MeshMsg::RoomFanout(msg.clone()), now);
-        }
-        (msg.id, msg.offset)
+        let answer = (msg.id, msg.offset);
+        self.fan_out(msg, now);
+        answer
     }
 
     fn on_joined(
@@ -481,6 +746,23 @@ impl Shard {
         self.metrics
             .rooms
             .sub((before - self.rooms_home.len()) as u64);
+    }
+}
+
+/// A room message with its frame encoded once for every member.
+fn room_msg(room: &CompactString, offset: u64, m: StoredMessage, now: u64) -> RoomMsg {
+    let mut frame = Vec::with_capacity(96 + room.len() + m.cid.len() + m.body.len());
+    proto::write_room(
+        &mut frame, room, offset, m.id, &m.from, &m.cid, m.ts, &m.body,
+    );
+    RoomMsg {
+        room: room.clone(),
+        offset,
+        id: m.id,
+        from: m.from,
+        cid: m.cid,
+        at_ms: now,
+        frame: frame.into_boxed_slice(),
     }
 }
 

@@ -93,9 +93,48 @@ pub enum StoreOp {
         users: Vec<CompactString>,
         ask: usize,
     },
+    /// Give a room message the room's next offset, keep it in the room's history and push
+    /// it to every node with members (this one included: see "Rooms" in the module doc).
+    RoomPublish(Box<RoomPost>),
+    /// Register this node with `room`'s nodes and have the room's current offset (and, with
+    /// `since`, what the history holds after it) pushed back on this node's channel, in
+    /// order with the room's messages. The answer itself is only `Done`.
+    RoomJoin(Box<RoomJoinAsk>),
+    /// This node's last member of `room` left.
+    RoomLeave { room: CompactString },
     /// Touch nothing: a shard that stopped writing while Redis was away uses it to learn
     /// that Redis is back (the batch's own answer says so).
     Probe,
+}
+
+/// A publish on its way to a room's history.
+pub struct RoomPost {
+    pub room: CompactString,
+    pub from: CompactString,
+    pub cid: Box<str>,
+    pub body: Box<str>,
+    pub id: u64,
+    pub ts: u64,
+    pub reply: RoomReply,
+}
+
+/// Who hears how a publish went.
+pub enum RoomReply {
+    /// A connection: `accepted` (with the offset) or `error`.
+    Conn(ReplyTo),
+    /// `POST /api/publish`: (id, offset); dropped when refused (the API answers 503).
+    Api(tokio::sync::oneshot::Sender<(u64, u64)>),
+}
+
+/// A member joining, as the room's home shard asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomJoinAsk {
+    pub room: CompactString,
+    pub since: Option<u64>,
+    /// The joining connection: its shard, slab index and serial.
+    pub shard: usize,
+    pub conn: usize,
+    pub serial: u32,
 }
 
 /// How an append went.
@@ -155,6 +194,27 @@ pub enum StoreReply {
     /// lapsed and other nodes may have dropped it from directory entries): reload every
     /// mirror, which registers again.
     Resync,
+    /// How a `RoomPublish` went: (id, offset), the first copy's for a resent cid.
+    RoomPublished {
+        post: Box<RoomPost>,
+        result: Result<(u64, u64), StoreError>,
+    },
+    /// A `RoomJoin` could not be made: the member hears `unavailable`.
+    RoomJoinFailed(Box<RoomJoinAsk>),
+    /// Pushed on this node's channel: a room message, in the room's offset order.
+    RoomMessage {
+        room: CompactString,
+        offset: u64,
+        msg: StoredMessage,
+    },
+    /// Pushed on this node's channel: the answer to a `RoomJoin`, in order with the room's
+    /// messages (nothing after `last` was pushed before it, everything after it follows).
+    RoomJoinAnswer {
+        ask: Box<RoomJoinAsk>,
+        last: u64,
+        recovered: bool,
+        replay: Vec<(u64, StoredMessage)>,
+    },
     /// One per batch, after its answers: for the shard's metrics and its Redis-up state.
     Batch {
         ops: usize,
@@ -219,6 +279,9 @@ pub struct RedisSettings {
     pub node: String,
     /// Lease of `node`; refreshed by shard 0 every third of it.
     pub lease_ms: u64,
+    /// Room history: messages kept per room, and their age cap.
+    pub room_history_max: usize,
+    pub room_history_age_ms: u64,
 }
 
 impl RedisSettings {
@@ -236,6 +299,8 @@ impl RedisSettings {
             max_age_ms: cfg.inbox_max_age_ms,
             node: node_run_id(&cfg.node_id),
             lease_ms: cfg.node_lease_ms,
+            room_history_max: cfg.room_history_max,
+            room_history_age_ms: cfg.room_history_age_ms,
         })
     }
 }
@@ -357,15 +422,22 @@ async fn listen(config: Config, settings: Arc<RedisSettings>, shards: AllShards)
             },
             r = reconnects.recv() => match r {
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    let subscriber = client.clone();
-                    let (channel, shards) = (channel.clone(), shards.clone());
-                    // Off the loop: the answer comes through the connection this loop reads.
-                    tokio::spawn(async move {
-                        match subscriber.subscribe(channel.as_str()).await {
-                            Ok(()) => shards.resync("subscribed to this node's channel"),
-                            Err(e) => tracing::warn!(error = %e, "cluster channel: subscribe failed; retried on reconnect"),
+                    // Inline: no push of the new subscription is routed before every shard
+                    // has its resync (messages wait in the broadcast buffer meanwhile).
+                    // Until it works or the connection drops (the next reconnect retries).
+                    loop {
+                        match client.subscribe(channel.as_str()).await {
+                            Ok(()) => {
+                                shards.resync("subscribed to this node's channel");
+                                break;
+                            }
+                            Err(e) if client.is_connected() => {
+                                tracing::warn!(error = %e, "cluster channel: subscribe failed; retrying");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Err(_) => break,
                         }
-                    });
+                    }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
@@ -564,7 +636,14 @@ fn failed_reply(op: StoreOp, why: String) -> StoreReply {
             result: Err(StoreError::Unavailable(why)),
         },
         StoreOp::Presence { ask, .. } => StoreReply::Presence { ask, online: None },
-        StoreOp::Leave { .. } | StoreOp::Lease | StoreOp::Probe => StoreReply::Done,
+        StoreOp::RoomPublish(post) => StoreReply::RoomPublished {
+            post,
+            result: Err(StoreError::Unavailable(why)),
+        },
+        StoreOp::RoomJoin(ask) => StoreReply::RoomJoinFailed(ask),
+        StoreOp::Leave { .. } | StoreOp::Lease | StoreOp::Probe | StoreOp::RoomLeave { .. } => {
+            StoreReply::Done
+        }
     }
 }
 
@@ -582,7 +661,7 @@ enum Segment {
 fn is_native(op: &StoreOp) -> bool {
     matches!(
         op,
-        StoreOp::Load { .. } | StoreOp::Leave { .. } | StoreOp::Lease
+        StoreOp::Load { .. } | StoreOp::Leave { .. } | StoreOp::Lease | StoreOp::RoomLeave { .. }
     )
 }
 
@@ -681,6 +760,10 @@ async fn run_batch(
                     let key = lease_key(settings);
                     queued(pipeline.set(key, 1, Some(lease), None, true).await)?;
                 }
+                StoreOp::RoomLeave { room } => {
+                    let key = format!("{}rn:{room}", settings.key_prefix);
+                    queued(pipeline.srem(key, &settings.node).await)?;
+                }
                 _ => unreachable!("plan puts only native operations in Native segments"),
             },
         }
@@ -750,6 +833,8 @@ impl BatchCall {
         args.push(DEDUP_MIN_ENTRIES.to_string());
         args.push(settings.node.clone());
         args.push(p.clone());
+        args.push(settings.room_history_max.to_string());
+        args.push(settings.room_history_age_ms.to_string());
         for op in batch {
             match op {
                 StoreOp::Append(m) => {
@@ -783,14 +868,42 @@ impl BatchCall {
                     args.push("Q".into());
                     args.push(users.len().to_string());
                 }
+                StoreOp::RoomPublish(post) => {
+                    room_keys(&mut keys, p, &post.room);
+                    args.push("B".into());
+                    args.push(post.room.to_string());
+                    args.push(post.id.to_string());
+                    // The dedup field: sender and cid, length-prefixed (ids may hold spaces).
+                    args.push(format!("{} {}{}", post.from.len(), post.from, post.cid));
+                    args.push(pack(post.id, post.ts, &post.from, &post.cid, &post.body));
+                }
+                StoreOp::RoomJoin(ask) => {
+                    room_keys(&mut keys, p, &ask.room);
+                    args.push("J".into());
+                    args.push(ask.room.to_string());
+                    args.push(ask.since.map_or_else(|| "-".into(), |s| s.to_string()));
+                    args.push(format!("{} {} {}", ask.shard, ask.conn, ask.serial));
+                }
                 StoreOp::Probe => args.push("P".into()),
-                StoreOp::Load { .. } | StoreOp::Leave { .. } | StoreOp::Lease => {
+                StoreOp::Load { .. }
+                | StoreOp::Leave { .. }
+                | StoreOp::Lease
+                | StoreOp::RoomLeave { .. } => {
                     unreachable!("native operations are not script operations (see plan)")
                 }
             }
         }
         BatchCall { keys, args }
     }
+}
+
+/// A room's keys: `rh:` its history (a stream whose ids are `0-<offset>`), `rd:` its
+/// counter (`~last`) and publish dedup (`<from>|<cid>` -> `<id> <offset>`), `rn:` the node
+/// runs with members.
+fn room_keys(keys: &mut Vec<String>, p: &str, room: &str) {
+    keys.push(format!("{p}rh:{room}"));
+    keys.push(format!("{p}rd:{room}"));
+    keys.push(format!("{p}rn:{room}"));
 }
 
 /// `<prefix>loc:<user>`: the runs of nodes that hold a device of `user` (a set).
@@ -820,6 +933,19 @@ local me, prefix = ARGV[5], ARGV[6]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local minid = string.format('%d', math.max(0, now - maxage))
+local hmax, hage = tonumber(ARGV[7]), tonumber(ARGV[8])
+-- Offsets are near 1.8e15 (microseconds): exact in Lua's doubles, printed without exponent.
+local function fmt(n) return string.format('%.0f', n) end
+local function room_last(rd)
+  local last = redis.call('HGET', rd, '~last')
+  if last then return tonumber(last) end
+  -- A new (or long idle) room starts at the clock in microseconds, like the embedded one:
+  -- offsets a client kept from an earlier life of the room are then below its history.
+  last = now * 1000
+  redis.call('HSET', rd, '~last', fmt(last))
+  return last
+end
+local room_ttl = fmt(hage + 60000)
 -- Work done once per key per batch, not once per message: the length of each stream, each
 -- sender's dedup generation (born, has an older one), and the TTL/rotation bookkeeping at the
 -- end. The age cap is enforced by loads (they read from minid and trim, counted) and by an
@@ -870,7 +996,7 @@ local function push(loc, payload)
   return sent
 end
 local out = {}
-local i, k = 7, 1
+local i, k = 9, 1
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'A' then
@@ -943,6 +1069,65 @@ while i <= #ARGV do
     out[#out + 1] = online
     k = k + n
     i = i + 2
+  elseif op == 'B' then
+    local rh, rd, rn = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    local room, id, field, packed = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    k = k + 3
+    i = i + 5
+    local prev = redis.call('HGET', rd, field)
+    if prev then
+      out[#out + 1] = {'dup', prev}
+    else
+      local offset = fmt(room_last(rd) + 1)
+      redis.call('HSET', rd, '~last', offset, field, id .. ' ' .. offset)
+      redis.call('XADD', rh, 'MAXLEN', '=', ARGV[7], '0-' .. offset, 'm', packed)
+      -- Publish dedup reaches about as far back as the history: past four times its size
+      -- it starts over (the counter stays).
+      if redis.call('HLEN', rd) > 4 * hmax + 1 then
+        redis.call('DEL', rd)
+        redis.call('HSET', rd, '~last', offset)
+      end
+      redis.call('PEXPIRE', rh, room_ttl)
+      redis.call('PEXPIRE', rd, room_ttl)
+      -- Every node with members, this one too: each node sees a room's messages in offset
+      -- order on one connection (its channel), with the answers to its joins in between.
+      local payload = 'r ' .. offset .. ' ' .. string.len(room) .. ' ' .. room .. packed
+      for _, n in ipairs(redis.call('SMEMBERS', rn)) do
+        redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
+      end
+      out[#out + 1] = {'ok', id .. ' ' .. offset}
+    end
+  elseif op == 'J' then
+    local rh, rd, rn = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    local room, since, who = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    k = k + 3
+    i = i + 4
+    redis.call('SADD', rn, me)
+    for _, n in ipairs(redis.call('SMEMBERS', rn)) do
+      if n ~= me and redis.call('EXISTS', prefix .. 'node:' .. n) == 0 then
+        redis.call('SREM', rn, n)
+      end
+    end
+    local last = room_last(rd)
+    local recovered = 0
+    local parts = {}
+    if since ~= '-' and tonumber(since) <= last then
+      local minage = now - hage
+      local first
+      for _, e in ipairs(redis.call('XRANGE', rh, '(0-' .. since, '+')) do
+        local packed = e[2][2]
+        local ts = tonumber(string.match(packed, '^%d+ (%d+) '))
+        if ts and ts >= minage then
+          local off = string.match(e[1], '^0%-(%d+)$')
+          first = first or tonumber(off)
+          parts[#parts + 1] = off .. ' ' .. string.len(packed) .. ' ' .. packed
+        end
+      end
+      if tonumber(since) + 1 >= (first or last + 1) then recovered = 1 end
+    end
+    redis.call('PUBLISH', prefix .. 'ch:' .. me, 'j ' .. who .. ' ' .. fmt(last) .. ' ' .. recovered
+      .. ' ' .. string.len(room) .. ' ' .. room .. table.concat(parts))
+    out[#out + 1] = 1
   elseif op == 'P' then
     out[#out + 1] = 1
     i = i + 1
@@ -978,6 +1163,8 @@ enum Answer {
     Removed(bool),
     Loaded(Loaded),
     Online(Vec<bool>),
+    /// A room publish: (id, offset).
+    Published(Result<(u64, u64), StoreError>),
     /// The lease was still held (false: it had lapsed; see [`StoreReply::Resync`]).
     Leased(bool),
     Done,
@@ -1001,6 +1188,9 @@ impl Answer {
                 ask,
                 online: Some(online),
             },
+            (Answer::Published(result), StoreOp::RoomPublish(post)) => {
+                StoreReply::RoomPublished { post, result }
+            }
             (Answer::Leased(_) | Answer::Done, _) => StoreReply::Done,
             // parse_batch checks kinds against the batch, so this cannot pair wrongly.
             (_, op) => unreachable!("answer kind differs from its operation: {}", op_name(&op)),
@@ -1016,6 +1206,9 @@ fn op_name(op: &StoreOp) -> &'static str {
         StoreOp::Leave { .. } => "leave",
         StoreOp::Lease => "lease",
         StoreOp::Presence { .. } => "presence",
+        StoreOp::RoomPublish(_) => "room publish",
+        StoreOp::RoomJoin(_) => "room join",
+        StoreOp::RoomLeave { .. } => "room leave",
         StoreOp::Probe => "probe",
     }
 }
@@ -1079,13 +1272,29 @@ fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> {
             }
             Ok(Answer::Online(online))
         }
-        StoreOp::Probe => match integer(&item) {
-            Some(1) => Ok(Answer::Done),
-            _ => Err(format!("probe: unexpected answer {item:?}")),
-        },
-        StoreOp::Load { .. } | StoreOp::Leave { .. } | StoreOp::Lease => {
-            Err(format!("a {} in a script batch", op_name(op)))
+        StoreOp::RoomPublish(_) => {
+            let parts = array(item)?;
+            let status = parts.first().and_then(text).unwrap_or_default();
+            if status != "ok" && status != "dup" {
+                return Err(format!("room publish: unknown status {status:?}"));
+            }
+            // "<id> <offset>", for a new message and a resent cid alike.
+            let pair = parts.get(1).and_then(text).unwrap_or_default();
+            let parsed = pair
+                .split_once(' ')
+                .and_then(|(id, offset)| Some((id.parse().ok()?, offset.parse().ok()?)));
+            let (id, offset) =
+                parsed.ok_or_else(|| format!("room publish: bad answer {pair:?}"))?;
+            Ok(Answer::Published(Ok((id, offset))))
         }
+        StoreOp::Probe | StoreOp::RoomJoin(_) => match integer(&item) {
+            Some(1) => Ok(Answer::Done),
+            _ => Err(format!("{}: unexpected answer {item:?}", op_name(op))),
+        },
+        StoreOp::Load { .. }
+        | StoreOp::Leave { .. }
+        | StoreOp::Lease
+        | StoreOp::RoomLeave { .. } => Err(format!("a {} in a script batch", op_name(op))),
     }
 }
 
@@ -1145,6 +1354,20 @@ pub enum Push {
         to: CompactString,
         cid: Box<str>,
     },
+    /// `r <offset> <room bytes> <room><packed message>`: a room message.
+    Room {
+        room: CompactString,
+        offset: u64,
+        msg: StoredMessage,
+    },
+    /// `j <shard> <conn> <serial> <last> <recovered 0|1> <room bytes> <room>` then per
+    /// replayed message `<offset> <packed bytes> <packed>`: the answer to a room join.
+    Joined {
+        ask: RoomJoinAsk,
+        last: u64,
+        recovered: bool,
+        replay: Vec<(u64, StoredMessage)>,
+    },
 }
 
 impl Push {
@@ -1153,6 +1376,8 @@ impl Push {
         match self {
             Push::Entry { user, .. } => user,
             Push::Delivered { from, .. } => from,
+            Push::Room { room, .. } => room,
+            Push::Joined { ask, .. } => &ask.room,
         }
     }
 
@@ -1172,8 +1397,33 @@ impl Push {
                     received: Instant::now(),
                 }))
             }
+            Push::Room { room, offset, msg } => StoreReply::RoomMessage { room, offset, msg },
+            Push::Joined {
+                ask,
+                last,
+                recovered,
+                replay,
+            } => StoreReply::RoomJoinAnswer {
+                ask: Box::new(ask),
+                last,
+                recovered,
+                replay,
+            },
         }
     }
+}
+
+/// `<n> <rest>` -> (n, rest).
+fn number_then(text: &str) -> Option<(u64, &str)> {
+    let (n, rest) = text.split_once(' ')?;
+    Some((n.parse().ok()?, rest))
+}
+
+/// `<len> <text of len bytes><rest>` -> (text, rest).
+fn sized(text: &str) -> Option<(&str, &str)> {
+    let (len, rest) = number_then(text)?;
+    let len = usize::try_from(len).ok()?;
+    Some((rest.get(..len)?, rest.get(len..)?))
 }
 
 /// Parse a push; None for anything else (logged by the caller, never trusted).
@@ -1202,6 +1452,42 @@ pub fn parse_push(text: &str) -> Option<Push> {
                 from: tail.get(..from_len)?.into(),
                 to: tail.get(from_len..from_len + to_len)?.into(),
                 cid: tail.get(from_len + to_len..)?.into(),
+            })
+        }
+        "r" => {
+            let (offset, rest) = number_then(rest)?;
+            let (room, packed) = sized(rest)?;
+            Some(Push::Room {
+                room: room.into(),
+                offset,
+                msg: unpack(packed)?,
+            })
+        }
+        "j" => {
+            let (shard, rest) = number_then(rest)?;
+            let (conn, rest) = number_then(rest)?;
+            let (serial, rest) = number_then(rest)?;
+            let (last, rest) = number_then(rest)?;
+            let (recovered, rest) = number_then(rest)?;
+            let (room, mut rest) = sized(rest)?;
+            let mut replay = Vec::new();
+            while !rest.is_empty() {
+                let (offset, tail) = number_then(rest)?;
+                let (packed, tail) = sized(tail)?;
+                replay.push((offset, unpack(packed)?));
+                rest = tail;
+            }
+            Some(Push::Joined {
+                ask: RoomJoinAsk {
+                    room: room.into(),
+                    since: None,
+                    shard: usize::try_from(shard).ok()?,
+                    conn: usize::try_from(conn).ok()?,
+                    serial: u32::try_from(serial).ok()?,
+                },
+                last,
+                recovered: recovered == 1,
+                replay,
             })
         }
         _ => None,
@@ -1330,6 +1616,8 @@ mod tests {
             max_age_ms: 1000,
             node: "n1.5".into(),
             lease_ms: 900,
+            room_history_max: 3,
+            room_history_age_ms: 4000,
         }
     }
 
@@ -1381,11 +1669,11 @@ mod tests {
             ]
         );
         assert_eq!(
-            &call.args[..6],
-            ["1000", "5", "86400000", "10000", "n1.5", "p:"]
+            &call.args[..8],
+            ["1000", "5", "86400000", "10000", "n1.5", "p:", "3", "4000"]
         );
         assert_eq!(
-            &call.args[6..],
+            &call.args[8..],
             [
                 "A",
                 "7",
