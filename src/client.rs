@@ -222,6 +222,14 @@ impl Client {
         self.ws = None;
     }
 
+    /// Move to another gateway node (failover, or a load balancer's choice): the connection
+    /// is dropped and the next poll connects to `url`, resending what was not accepted and
+    /// keeping the display dedup, so nothing is lost or shown twice across the move.
+    pub fn switch_url(&mut self, url: &str) {
+        self.cfg.url = url.into();
+        self.ws = None;
+    }
+
     /// Wait up to `timeout` for the next event. Acks messages, drops duplicates, reconnects
     /// (with backoff and jitter) and resends unaccepted messages when the connection is lost.
     pub fn poll(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {

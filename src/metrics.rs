@@ -365,7 +365,7 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
     ),
     (
         CROSS_NODE_IN,
-        "Pushes from other nodes taken by this shard (inbox entries and `delivered` reports).",
+        "Messages this shard took from its node's Redis channel: inbox entries and room messages (from every node, this one included) and `delivered` reports from other nodes.",
         Kind::Counter,
         |m| m.cross_node_in.get(),
     ),

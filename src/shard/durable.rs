@@ -4,11 +4,17 @@
 //! * `deliver` sends every message to Redis first (one op in the shard's next batch);
 //!   `accepted` goes out only when Redis confirmed the write. A gateway SIGKILL therefore loses
 //!   nothing that was accepted: the next run reads it back from Redis.
-//! * A user's first device here triggers a *load* (XRANGE); until it answers, that user's
-//!   devices get no `msg` and no `synced`. Batches run in submission order on one connection
-//!   per shard, so the load sees exactly the appends submitted before it, and the appends
-//!   confirmed after it are added to the mirror (`insert_at`): nothing is missed, nothing
-//!   doubled.
+//! * A user's first device here triggers a *load*: the node registers in the user's
+//!   directory entry (`SADD`), then reads the inbox (XRANGE); until it answers, that user's
+//!   devices get no `msg` and no `synced`. Every append after the registration, by any node,
+//!   is pushed on this node's channel by the same script that writes it, so the mirror is fed
+//!   from one connection in the order Redis ran the appends (a local append's own reply only
+//!   answers the sender: two connections could deliver two entries out of order). Pushes
+//!   the read already holds are ignored; pushes during the read wait for it.
+//! * Pushes are taken only by mirrors loaded in the current *epoch*: every resync (the
+//!   channel subscribed again, or this node's lease had lapsed) starts one and reloads every
+//!   mirror, so a mirror that may have missed a push never gets later ones before it. A
+//!   reload never brings back an entry acked while it ran.
 //! * An ack removes the entry from the mirror (first device wins, as in embedded mode) and
 //!   from Redis (XDEL, in a later batch; if that cannot be queued the entry is delivered
 //!   again later and the client drops it by `(from, cid)`).
@@ -367,7 +373,7 @@ impl Shard {
     /// What the store answered.
     pub fn on_store_reply(&mut self, reply: StoreReply, now: u64) {
         match reply {
-            StoreReply::Appended { msg, result } => self.on_appended(*msg, result, now),
+            StoreReply::Appended { msg, result } => self.on_appended(*msg, result),
             StoreReply::Removed { ok, report } => {
                 if let (true, Some(report)) = (ok, report) {
                     self.report(*report);
@@ -422,7 +428,7 @@ impl Shard {
         }
     }
 
-    fn on_appended(&mut self, msg: Message, result: Result<Appended, StoreError>, now: u64) {
+    fn on_appended(&mut self, msg: Message, result: Result<Appended, StoreError>) {
         if let Some(d) = &mut self.durable {
             if let Some(n) = d.writing.get_mut(&msg.to) {
                 *n -= 1;
@@ -433,9 +439,7 @@ impl Shard {
         }
         match result {
             Ok(Appended::Stored {
-                seq,
-                expired,
-                pushed,
+                expired, pushed, ..
             }) => {
                 self.metrics.stored.inc();
                 self.metrics.cross_node_out.add(pushed);
@@ -443,26 +447,9 @@ impl Shard {
                     .redis_spilled_bytes
                     .add((msg.body.len() + msg.cid.len()) as u64);
                 self.metrics.inbox_expired.add(expired);
-                let to = msg.to.clone();
-                // A copy for the mirror only when the recipient is online here.
-                let stored = self.mirror_ready(&to).then(|| msg.stored());
+                // The mirror gets the entry from this node's channel (see the module doc).
                 let id = msg.id;
                 self.report(msg.report(id, Outcome::Stored));
-                if let Some(stored) = stored {
-                    let age = wall_clock_ms().saturating_sub(store::seq_time_ms(seq));
-                    if !self
-                        .inbox
-                        .insert_at(&to, seq, stored, now.saturating_sub(age))
-                    {
-                        // Behind an entry the mirror holds already (a live one): Redis has
-                        // it, the mirror does not; read it back once that is safe.
-                        self.want_reload(&to);
-                    }
-                    for device in self.devices_of(&to) {
-                        self.pump(device, now);
-                        self.kick(device);
-                    }
-                }
             }
             Ok(Appended::Duplicate { id }) => {
                 // Stored by an earlier run (or an earlier copy): same id, no second delivery.

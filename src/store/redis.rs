@@ -979,8 +979,11 @@ end
 -- Other nodes holding a device of a user (directory entry read once per batch), and a push
 -- to each of them over its channel. Entries of dead runs only cost a PUBLISH nobody hears;
 -- presence questions clean them up.
+-- `to_me`: this node too when it is in the entry (inbox entries: a node's mirror of a user
+-- is fed from its channel alone, in the order Redis ran the appends, whichever node made
+-- them). Returns how many *other* nodes it went to.
 local locations = {}
-local function push(loc, payload)
+local function push(loc, payload, to_me)
   local nodes = locations[loc]
   if not nodes then
     nodes = redis.call('SMEMBERS', loc)
@@ -991,6 +994,8 @@ local function push(loc, payload)
     if n ~= me then
       redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
       sent = sent + 1
+    elseif to_me then
+      redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
     end
   end
   return sent
@@ -1030,7 +1035,7 @@ while i <= #ARGV do
       st.len = st.len + 1
       st.touched = true
       d.touched = true
-      local pushed = push(loc, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed)
+      local pushed = push(loc, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed, true)
       out[#out + 1] = {'ok', xid, expired, pushed}
     end
   elseif op == 'R' then
@@ -1043,7 +1048,7 @@ while i <= #ARGV do
     -- Removed by this ack (not an earlier one): the sender's other nodes hear `delivered`.
     local n = redis.call('XDEL', KEYS[k], ARGV[i + 1])
     if streams[KEYS[k]] then streams[KEYS[k]].len = streams[KEYS[k]].len - n end
-    if n == 1 then push(KEYS[k + 1], ARGV[i + 2]) end
+    if n == 1 then push(KEYS[k + 1], ARGV[i + 2], false) end
     out[#out + 1] = n
     k = k + 2
     i = i + 3
