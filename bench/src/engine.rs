@@ -89,6 +89,8 @@ pub enum Mode {
 /// Settings shared by all loops of a run.
 pub struct Config {
     pub target: SocketAddr,
+    /// Where odd-numbered connections go instead, when set (pairs across two nodes).
+    pub odd_target: Option<SocketAddr>,
     pub host: String,
     pub sources: Vec<Ipv4Addr>,
     pub route: Route,
@@ -1152,7 +1154,11 @@ impl Loop {
         let src = (!self.cfg.sources.is_empty())
             .then(|| self.cfg.sources[(gidx % self.cfg.sources.len() as u64) as usize]);
         self.now = self.now_ns();
-        let mut sock = match net::connect_nonblocking(self.cfg.target, src, self.cfg.nodelay) {
+        let target = match self.cfg.odd_target {
+            Some(odd) if gidx % 2 == 1 => odd,
+            _ => self.cfg.target,
+        };
+        let mut sock = match net::connect_nonblocking(target, src, self.cfg.nodelay) {
             Ok(s) => s,
             Err((step, e)) => {
                 self.count_failure(format!("{step}:{}", net::errno_name(&e)));
@@ -1709,6 +1715,7 @@ mod tests {
     fn config(addr: SocketAddr, route: Route, mode: Mode) -> Arc<Config> {
         Arc::new(Config {
             target: addr,
+            odd_target: None,
             host: net::host_header(&addr),
             sources: Vec::new(),
             route,

@@ -64,6 +64,10 @@ struct Common {
     /// Gateway public address (must be loopback: 127.0.0.0/8 or ::1)
     #[arg(long, default_value = "127.0.0.1:8080")]
     target: String,
+    /// Users with an odd index connect here instead (another node of one cluster): with
+    /// `send`, every pair then spans the two gateways (loopback only, like --target)
+    #[arg(long, value_name = "ADDR")]
+    odd_target: Option<String>,
     /// HS256 secret for ?token=<JWT>; without it, dev mode (?user=<id>)
     #[arg(long)]
     secret: Option<String>,
@@ -238,6 +242,11 @@ fn build_config(
     total: usize,
 ) -> Result<Config, String> {
     let target = net::resolve_target(&c.target)?;
+    let odd_target = c
+        .odd_target
+        .as_deref()
+        .map(net::resolve_target)
+        .transpose()?;
     let sources = match (&c.sources, c.source_ips) {
         (Some(s), _) => net::parse_sources(s)?,
         (None, Some(n)) => net::sources_from_count(n)?,
@@ -272,6 +281,7 @@ fn build_config(
     Ok(Config {
         host: net::host_header(&target),
         target,
+        odd_target,
         sources,
         route,
         auth,

@@ -34,6 +34,23 @@
 //!   older than the window (24 h) *and* holds more cids than the minimum (10,000): every cid
 //!   is kept at least 24 h and the newest 10,000 are always kept (SPEC: whichever is larger).
 //!
+//! # Several nodes (one Redis)
+//! * `node:<run>`: a node run's lease (`PX lease_ms`); `<run>` = `node_id.<start ms>`.
+//! * `loc:<user>`: the runs holding a device of the user. A load adds this run just before
+//!   its read, in the same pipeline; a leave removes it. Every later append to the user's
+//!   inbox, by any node, is published by the same script (`m` push) to every run in it, this
+//!   one included, so a node's mirror is fed from one connection in Redis order. A remove
+//!   that deleted the entry publishes the sender's `delivered` (`d` push) to the sender's
+//!   other runs. Presence questions count runs with a live lease and drop the others.
+//! * `ch:<run>`: the run's pub/sub channel, heard by one connection per node ([`listen`]);
+//!   pushes go to the home shard of the user or room they name. Each (re)subscription makes
+//!   every shard resync (reload mirrors, ask pending room joins again).
+//! * Rooms: `rh:<room>` history (ids `0-<offset>`, exact `MAXLEN`), `rd:<room>` the offset
+//!   counter `~last` and the publish dedup, `rn:<room>` the runs with members. A publish is
+//!   pushed (`r`) to every run with members, this one included; a join's answer (`j`) is
+//!   published to the joining run only, by the script that registers it, so it arrives in
+//!   order with the room's messages.
+//!
 //! Redis Cluster is not supported: a batch touches the keys of many users in one script call,
 //! which a cluster refuses across slots. Standalone and Sentinel URLs work.
 
