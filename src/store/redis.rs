@@ -42,7 +42,7 @@
 //!   one included, so a node's mirror is fed from one connection in Redis order. A remove
 //!   that deleted the entry publishes the sender's `delivered` (`d` push) to the sender's
 //!   other runs. Presence questions count runs with a live lease and drop the others.
-//! * `ch:<run>`: the run's pub/sub channel, heard by one connection per node ([`listen`]);
+//! * `ch:<run>`: the run's pub/sub channel, heard by one connection per node (`listen`);
 //!   pushes go to the home shard of the user or room they name. Each (re)subscription makes
 //!   every shard resync (reload mirrors, ask pending room joins again).
 //! * Rooms: `rh:<room>` history (ids `0-<offset>`, exact `MAXLEN`), `rd:<room>` the offset
@@ -1369,7 +1369,7 @@ pub enum Push {
         seq: InboxSeq,
         msg: StoredMessage,
     },
-    /// A device acked a message `from` sent (see [`pack_delivered`]).
+    /// A device acked a message `from` sent (see `pack_delivered`).
     Delivered {
         id: u64,
         from: CompactString,
