@@ -203,3 +203,116 @@ fn a_presence_ask_that_meets_a_full_channel_is_answered_unavailable() {
     let v = exchange(&mut shard, index, &mut stream, &ask, [1, 2, 3, 4]);
     assert_eq!(v["online"], serde_json::json!({ me: true, nobody: false }));
 }
+
+/// Every unmasked text frame the shard wrote (the HTTP response skipped).
+fn text_frames(output: &[u8]) -> Vec<serde_json::Value> {
+    let start = output
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |p| p + 4);
+    let mut rest = &output[start..];
+    let mut frames = Vec::new();
+    while rest.len() >= 2 {
+        let (len, head) = match rest[1] & 0x7f {
+            126 => (u16::from_be_bytes([rest[2], rest[3]]) as usize, 4),
+            127 => panic!("no 64-bit frames here"),
+            n => (n as usize, 2),
+        };
+        if rest[0] == 0x81 {
+            frames.push(serde_json::from_slice(&rest[head..head + len]).unwrap());
+        }
+        rest = &rest[head + len..];
+    }
+    frames
+}
+
+#[test]
+fn a_node_that_missed_room_messages_tells_its_members_gap_and_ignores_late_copies() {
+    use crate::store::redis::{self, RedisSettings, RoomJoinAsk, StoreReply};
+    use crate::store::StoredMessage;
+    // Redis mode against a port nobody listens on: the room's answers are fed by hand, as the
+    // node's channel would deliver them.
+    let cfg = ConfigLayer::default().resolve().unwrap();
+    let settings = RedisSettings {
+        url: "redis://127.0.0.1:9".into(),
+        pool_size: 1,
+        timeout: std::time::Duration::from_millis(50),
+        key_prefix: "t:".into(),
+        max_messages: 10,
+        max_age_ms: 60_000,
+        node: "t.1".into(),
+        lease_ms: 1_000,
+        room_history_max: 10,
+        room_history_age_ms: 60_000,
+    };
+    let link = redis::start(settings, 1).unwrap().pop().unwrap();
+    let mut shard = Shard::new(
+        0,
+        Shared::new(cfg),
+        Arc::new(ShardMetrics::default()),
+        Box::new(ManualClock::new(1_000)),
+    );
+    shard.enable_store(link);
+    let index = shard.admit().unwrap();
+    let mut stream = MockStream::default();
+    stream.input.extend(upgrade("member"));
+    poll(&mut shard, index, &mut stream);
+    stream.input.extend(client_frame(
+        true,
+        1,
+        br#"{"op":"join","room":"r"}"#,
+        [1, 2, 3, 4],
+    ));
+    poll(&mut shard, index, &mut stream);
+    stream.output.clear();
+    let ask = RoomJoinAsk {
+        room: "r".into(),
+        since: None,
+        shard: 0,
+        conn: index,
+        serial: shard.conns[index].serial,
+    };
+    let answer = || StoreReply::RoomJoinAnswer {
+        ask: Box::new(ask.clone()),
+        last: 100,
+        recovered: false,
+        replay: Vec::new(),
+    };
+    let pushed = |offset: u64| StoreReply::RoomMessage {
+        room: "r".into(),
+        offset,
+        msg: StoredMessage {
+            id: offset,
+            from: "p".into(),
+            cid: format!("\"c{offset}\"").into(),
+            ts: 1,
+            body: offset.to_string().into(),
+        },
+    };
+    for reply in [
+        answer(),
+        pushed(101),
+        pushed(104),
+        pushed(103),
+        pushed(104),
+        answer(),
+    ] {
+        shard.on_store_reply(reply, 1_000);
+    }
+    poll(&mut shard, index, &mut stream);
+    let got: Vec<(String, u64)> = text_frames(&stream.output)
+        .iter()
+        .map(|f| {
+            let n = f["offset"].as_u64().or(f["from"].as_u64()).unwrap();
+            (f["op"].as_str().unwrap().to_string(), n)
+        })
+        .collect();
+    let want: Vec<(String, u64)> = [("joined", 100), ("room", 101), ("gap", 102), ("room", 104)]
+        .iter()
+        .map(|(op, n)| (op.to_string(), *n))
+        .collect();
+    // The second answer to the same join (asked again after a resync) and the late or repeated
+    // copies (103, 104) show nothing.
+    assert_eq!(got, want);
+    assert_eq!(shard.metrics.room_gaps.get(), 1);
+}
