@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use ringgate::client::{Client, ClientConfig, Event};
@@ -65,40 +65,8 @@ fn the_client_library_displays_every_message_once_in_order_under_random_disconne
         }
     }
     // Settle: poll everyone until nothing is pending and everything is quiet.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut quiet = 0;
-    while quiet < 40 {
-        assert!(Instant::now() < deadline, "did not settle (seed {seed})");
-        let mut events = 0;
-        for (i, c) in clients.iter_mut().enumerate() {
-            while let Some(e) = c.poll(Duration::from_millis(2)).unwrap() {
-                events += 1;
-                record(i, e);
-            }
-        }
-        let pending: usize = clients.iter().map(Client::pending).sum();
-        quiet = if events == 0 && pending == 0 {
-            quiet + 1
-        } else {
-            0
-        };
-    }
-    // Every message once, in order, per (sender, recipient).
-    let mut displayed = 0;
-    for ((from, to), bodies) in &shown {
-        let mut sorted = bodies.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(
-            bodies, &sorted,
-            "{from} -> {to}: in order, no repeats (seed {seed})"
-        );
-        displayed += bodies.len() as u64;
-    }
-    assert_eq!(
-        displayed, sent,
-        "every sent message displayed once (seed {seed})"
-    );
+    settle_clients(&mut clients, seed, &mut record);
+    let displayed = check_displayed_once_in_order(&shown, sent, seed);
     assert_eq!(
         gw.metric_sum("ringgate_stored_total"),
         sent,

@@ -307,23 +307,6 @@ fn pushes_between_nodes_resume_after_redis_restarts() {
 // Rooms across nodes: Redis gives the offsets and keeps the history; each node hears a room's
 // messages in offset order on its own channel.
 
-fn join(ws: &mut Ws, room: &str, since: Option<u64>) -> (Vec<Value>, Value) {
-    let mut frame = json!({"op":"join","room":room});
-    if let Some(s) = since {
-        frame["since"] = json!(s);
-    }
-    send_text(ws, &frame.to_string());
-    let mut replay = Vec::new();
-    loop {
-        let v = recv_json(ws);
-        match v["op"].as_str() {
-            Some("room") => replay.push(v),
-            Some("joined") => return (replay, v),
-            _ => panic!("unexpected while joining: {v}"),
-        }
-    }
-}
-
 /// Publish and wait for `accepted`; room frames read meanwhile are returned too.
 fn publish(ws: &mut Ws, room: &str, cid: &str, body: Value) -> (Value, Vec<Value>) {
     send_text(

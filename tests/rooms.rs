@@ -13,27 +13,6 @@ use serde_json::{json, Value};
 const SHARDS: usize = 4;
 const KEY: &str = "rooms-api-key";
 
-/// Join and read up to `joined`; returns (room frames replayed before it, joined).
-fn join(ws: &mut Ws, room: &str, since: Option<u64>) -> (Vec<Value>, Value) {
-    let mut frame = json!({"op":"join","room":room});
-    if let Some(s) = since {
-        frame["since"] = json!(s);
-    }
-    send_text(ws, &frame.to_string());
-    let mut replay = Vec::new();
-    loop {
-        let v = recv_json(ws);
-        match v["op"].as_str() {
-            Some("room") => replay.push(v),
-            Some("joined") => {
-                assert_eq!(v["room"], room);
-                return (replay, v);
-            }
-            _ => panic!("unexpected while joining: {v}"),
-        }
-    }
-}
-
 fn publish(ws: &mut Ws, room: &str, cid: &str, body: Value) -> Value {
     send_text(
         ws,

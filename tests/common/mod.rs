@@ -530,3 +530,81 @@ pub fn test_seed(default: u64) -> u64 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
 }
+
+/// Join `room` (with `since` when given) and read up to `joined`; returns (room frames
+/// replayed before it, joined).
+pub fn join(
+    ws: &mut Ws,
+    room: &str,
+    since: Option<u64>,
+) -> (Vec<serde_json::Value>, serde_json::Value) {
+    let mut frame = serde_json::json!({"op":"join","room":room});
+    if let Some(s) = since {
+        frame["since"] = serde_json::json!(s);
+    }
+    send_text(ws, &frame.to_string());
+    let mut replay = Vec::new();
+    loop {
+        let v = recv_json(ws);
+        match v["op"].as_str() {
+            Some("room") => replay.push(v),
+            Some("joined") => {
+                assert_eq!(v["room"], room);
+                return (replay, v);
+            }
+            _ => panic!("unexpected while joining: {v}"),
+        }
+    }
+}
+
+/// Randomized client tests: poll every client until nothing is pending and nothing arrives
+/// for 40 rounds (at most 60 s), handing each event to `on_event(client index, event)`.
+pub fn settle_clients(
+    clients: &mut [ringgate::client::Client],
+    seed: u64,
+    mut on_event: impl FnMut(usize, ringgate::client::Event),
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet = 0;
+    while quiet < 40 {
+        assert!(Instant::now() < deadline, "did not settle (seed {seed})");
+        let mut events = 0;
+        for (i, c) in clients.iter_mut().enumerate() {
+            while let Some(e) = c.poll(Duration::from_millis(2)).unwrap() {
+                events += 1;
+                on_event(i, e);
+            }
+        }
+        let pending: usize = clients.iter().map(ringgate::client::Client::pending).sum();
+        quiet = if events == 0 && pending == 0 {
+            quiet + 1
+        } else {
+            0
+        };
+    }
+}
+
+/// Randomized client tests: every (sender, recipient) list of displayed counters is in
+/// order without repeats, and `sent` messages were displayed in all. Returns that count.
+pub fn check_displayed_once_in_order(
+    shown: &std::collections::HashMap<(String, String), Vec<i64>>,
+    sent: u64,
+    seed: u64,
+) -> u64 {
+    let mut displayed = 0;
+    for ((from, to), bodies) in shown {
+        let mut sorted = bodies.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(
+            bodies, &sorted,
+            "{from} -> {to}: in order, no repeats (seed {seed})"
+        );
+        displayed += bodies.len() as u64;
+    }
+    assert_eq!(
+        displayed, sent,
+        "every sent message displayed once (seed {seed})"
+    );
+    displayed
+}
