@@ -385,8 +385,17 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             .expect("static response"),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
+            // With Redis, a node is ready once every shard heard its channel: before that,
+            // messages from other nodes reach its users only by the first resync.
+            let unheard = admin.shared.cfg.redis_url.is_some()
+                && admin.metrics.iter().any(|m| m.cluster_epoch.get() == 0);
             if admin.shared.draining.load(Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if unheard {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for this node's Redis channel\n",
+                )
             } else {
                 text(StatusCode::OK, "ready\n")
             }

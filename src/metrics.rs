@@ -89,6 +89,7 @@ pub const CROSS_NODE_OUT: &str = "ringgate_cross_node_out_total";
 pub const CROSS_NODE_IN: &str = "ringgate_cross_node_in_total";
 pub const LEASE_REFRESHES: &str = "ringgate_node_lease_refreshes_total";
 pub const PRESENCE_LOOKUPS: &str = "ringgate_presence_directory_lookups_total";
+pub const CLUSTER_EPOCH: &str = "ringgate_cluster_epoch";
 pub const WINDOW_FULL: &str = "ringgate_window_full_total";
 pub const HANDOFFS_OUT: &str = "ringgate_handoffs_out_total";
 pub const HANDOFFS_IN: &str = "ringgate_handoffs_in_total";
@@ -185,6 +186,7 @@ pub struct ShardMetrics {
     pub cross_node_in: Counter,
     pub lease_refreshes: Counter,
     pub presence_lookups: Counter,
+    pub cluster_epoch: Gauge,
     pub window_full: Counter,
     pub handoffs_out: Counter,
     pub handoffs_in: Counter,
@@ -380,6 +382,12 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Presence questions sent to the Redis directory (users on other nodes).",
         Kind::Counter,
         |m| m.presence_lookups.get(),
+    ),
+    (
+        CLUSTER_EPOCH,
+        "With Redis: resyncs with this node's channel so far (0: not heard yet, and /readyz answers 503).",
+        Kind::Gauge,
+        |m| m.cluster_epoch.get(),
     ),
     (
         WINDOW_FULL,

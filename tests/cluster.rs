@@ -127,6 +127,9 @@ fn a_direct_message_reaches_a_user_on_another_node_and_delivered_comes_back() {
     let pushed_in = b.metric_sum("ringgate_cross_node_in_total");
     assert!((1..=6).contains(&pushed_in), "{pushed_in}");
     assert!(a.metric_sum("ringgate_node_lease_refreshes_total") >= 1);
+    // Both nodes heard their channels, so both are ready.
+    assert_eq!(a.admin_get("/readyz"), (200, "ready\n".to_string()));
+    assert_eq!(b.admin_get("/readyz").0, 200);
 }
 
 #[test]

@@ -403,6 +403,11 @@ fn a_gateway_starts_without_redis_and_refuses_only_what_needs_it() {
     assert_eq!(next_op(&mut a, "pong")["op"], "pong");
     let (status, _) = gw.admin_get("/healthz");
     assert_eq!(status, 200);
+    // Alive, but not ready until its Redis channel is heard.
+    assert_eq!(
+        gw.admin_get("/readyz"),
+        (503, "waiting for this node's Redis channel\n".to_string())
+    );
     redis.restart();
     // synced arrives once the inbox could be read, then sends are accepted.
     assert_eq!(next_op(&mut a, "synced")["count"], 0);
@@ -410,6 +415,10 @@ fn a_gateway_starts_without_redis_and_refuses_only_what_needs_it() {
         send(&mut a, &bob, "z", json!(1));
         recv_json(&mut a)["op"] == "accepted"
     }));
+    assert!(eventually(Duration::from_secs(10), || gw
+        .admin_get("/readyz")
+        .0
+        == 200));
 }
 
 #[test]

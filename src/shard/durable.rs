@@ -521,6 +521,7 @@ impl Shard {
             return;
         };
         d.epoch += 1;
+        self.metrics.cluster_epoch.set(d.epoch);
         let (now_users, later): (Vec<CompactString>, Vec<CompactString>) = d
             .mirrors
             .keys()
