@@ -103,6 +103,9 @@ pub struct Config {
     pub mode: Mode,
     /// Common time origin of all loops (timestamps are ns since this).
     pub base: Instant,
+    /// CLOCK_MONOTONIC at `base`, ns: stamps that other processes on this host can compare
+    /// (the fanout publisher stamps `base_mono_ns + now`).
+    pub base_mono_ns: u64,
 }
 
 impl Config {
@@ -974,7 +977,7 @@ fn on_room_message(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<
                 cx.stats.room_holes += offset - *last - 1;
             }
             *last = offset;
-            let latency = cx.now.saturating_sub(body.t).max(1);
+            let latency = (cx.cfg.base_mono_ns + cx.now).saturating_sub(body.t).max(1);
             cx.stats.room_msgs += 1;
             cx.shared.room_received.fetch_add(1, Relaxed);
             if let Some(h) = cx.stats.latency_ns.as_mut() {
@@ -1727,6 +1730,7 @@ mod tests {
             nodelay: true,
             mode,
             base: Instant::now(),
+            base_mono_ns: 0,
         })
     }
 

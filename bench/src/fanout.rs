@@ -56,6 +56,11 @@ pub struct FanoutArgs {
     /// After the last publish: at most this long for the deliveries, seconds
     #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     grace: f64,
+    /// Members only: another process publishes (`bench/fanout_multi.sh`); wait for
+    /// --publishes room messages to reach every member here, then report them per offset
+    /// (with --json) for the script to merge
+    #[arg(long)]
+    members_only: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -175,14 +180,31 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
         eprintln!("{joined}/{} members joined `{}`", a.members, a.room);
     }
 
-    // Publish at the rate, each body stamped with its send time.
-    let mut api = ApiClient::connect(&admin_addr.to_string(), &a.api_key)?;
+    // Publish at the rate, each body stamped with its send time (host-wide monotonic ns).
     let pad = "x".repeat(a.pad);
     let period = 1e9 / a.rate;
     let t0 = now_ns(&cfg);
     let mut offsets = Vec::with_capacity(a.publishes as usize);
     let mut publish_error = None;
+    let mut api = if a.members_only {
+        None
+    } else {
+        Some(ApiClient::connect(&admin_addr.to_string(), &a.api_key)?)
+    };
+    if api.is_none() {
+        // Wait for another process's publishes: every member here got `publishes` of them.
+        let wait_end = t0 + ns(Duration::from_secs_f64(a.publishes as f64 / a.rate)) + ns(grace);
+        while shared.room_received.load(Relaxed) < a.publishes * joined
+            && now_ns(&cfg) < wait_end
+            && !crate::INTERRUPTED.load(Relaxed)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     for i in 0..a.publishes {
+        let Some(api) = api.as_mut() else {
+            break;
+        };
         let due = t0 + (i as f64 * period) as u64;
         let now = now_ns(&cfg);
         if due > now {
@@ -191,8 +213,10 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
         if crate::INTERRUPTED.load(Relaxed) {
             break;
         }
-        let body = json!({"room": a.room, "cid": format!("f{t0}-{i}"), "body": {"t": now_ns(&cfg), "pad": pad}})
-            .to_string();
+        let stamp = cfg.base_mono_ns + now_ns(&cfg);
+        let body =
+            json!({"room": a.room, "cid": format!("f{t0}-{i}"), "body": {"t": stamp, "pad": pad}})
+                .to_string();
         match api.publish(&body) {
             Ok(o) => offsets.push(o),
             Err(e) => {
@@ -202,7 +226,12 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
         }
     }
     let publish_end = now_ns(&cfg);
-    let expected = offsets.len() as u64 * joined;
+    let published = if a.members_only {
+        a.publishes
+    } else {
+        offsets.len() as u64
+    };
+    let expected = published * joined;
     let grace_end = publish_end + ns(grace);
     while shared.room_received.load(Relaxed) < expected
         && now_ns(&cfg) < grace_end
@@ -216,6 +245,13 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
     // Publish -> last member: the slowest member of each publish every member received.
     let mut last_member = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).unwrap();
     let mut incomplete = 0u64;
+    if a.members_only {
+        // The offsets are the ones seen here (the publisher's own list is in its process).
+        let mut seen: Vec<u64> = st.room_by_offset.keys().copied().collect();
+        seen.sort_unstable();
+        offsets = seen;
+        incomplete = a.publishes.saturating_sub(offsets.len() as u64);
+    }
     for o in &offsets {
         match st.room_by_offset.get(o) {
             Some((n, worst)) if *n as u64 >= joined => {
@@ -280,6 +316,12 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
                 "per_delivery_ms": {"p50": pct(per_delivery, 0.5), "p99": pct(per_delivery, 0.99), "p999": pct(per_delivery, 0.999), "max": per_delivery.max() as f64 / 1e6},
                 "last_member_ms": {"p50": pct(&last_member, 0.5), "p99": pct(&last_member, 0.99), "max": last_member.max() as f64 / 1e6},
                 "publish_error": publish_error, "ok": ok,
+                // For bench/fanout_multi.sh: per offset, members here that got it and the
+                // slowest of them (ns).
+                "by_offset": offsets.iter().map(|o| {
+                    let (n, worst) = st.room_by_offset.get(o).copied().unwrap_or((0, 0));
+                    json!([o, n, worst])
+                }).collect::<Vec<_>>(),
             })
         );
     }

@@ -292,6 +292,7 @@ fn build_config(
         nodelay,
         mode,
         base: Instant::now(),
+        base_mono_ns: monotonic_ns(),
     })
 }
 
@@ -342,6 +343,17 @@ fn sleep_until(cfg: &Config, t_ns: u64) {
     if t_ns > now {
         std::thread::sleep(Duration::from_nanos(t_ns - now));
     }
+}
+
+/// CLOCK_MONOTONIC in ns: one clock for every process on the host.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn now_ns(cfg: &Config) -> u64 {

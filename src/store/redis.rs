@@ -400,6 +400,8 @@ impl AllShards {
 /// channel was not heard are lost by pub/sub, never by the inbox, which a reload reads).
 async fn listen(config: Config, settings: Arc<RedisSettings>, shards: AllShards) {
     let client = match Builder::from_config(config)
+        // Retry the first connection too (by the policy), as after any later loss.
+        .with_config(|c| c.fail_fast = false)
         .with_performance_config(|c| c.broadcast_channel_capacity = PUSH_BUFFER)
         .with_connection_config(|c| c.connection_timeout = settings.timeout)
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
