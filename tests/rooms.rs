@@ -261,7 +261,22 @@ fn connect_small_rcvbuf(gw: &Gateway, user: &str) -> Ws {
 
 #[test]
 fn a_slow_member_gets_a_gap_then_1013_and_the_room_goes_on() {
-    let gw = Gateway::start_shards(2, &["--max-outbound", "65536", "--slow-close-ms", "300"]);
+    slow_member_case(&[]);
+}
+
+/// The same with the room's history and offsets in Redis (the cluster's path: every message
+/// reaches the node through its channel before the fan-out).
+#[test]
+fn with_redis_a_slow_member_gets_a_gap_then_1013_and_recovers_from_the_history() {
+    let redis = common::redis::RedisServer::start();
+    let url = redis.url();
+    slow_member_case(&["--redis-url", &url, "--node-id", "solo"]);
+}
+
+fn slow_member_case(store_args: &[&str]) {
+    let mut args = vec!["--max-outbound", "65536", "--slow-close-ms", "300"];
+    args.extend_from_slice(store_args);
+    let gw = Gateway::start_shards(2, &args);
     let (mut publisher, _) = connect_app(&gw, "pub");
     let mut slow = connect_small_rcvbuf(&gw, "slow");
     join(&mut slow, "big", None);
@@ -339,6 +354,23 @@ fn a_slow_member_gets_a_gap_then_1013_and_the_room_goes_on() {
     join(&mut late, "big", None);
     let a = publish(&mut publisher, "big", "after", json!(1));
     assert_eq!(offset(&next_op(&mut late, "room")), offset(&a));
+    // The slow member comes back and recovers from the last offset it got: the history's
+    // messages after it, contiguous up to now, and `recovered` exactly when nothing is missing.
+    let seen = last.expect("it got some room messages before falling behind");
+    let (mut back, _) = connect_app(&gw, "slow");
+    let (replay, joined) = join(&mut back, "big", Some(seen));
+    let offsets: Vec<u64> = replay.iter().map(offset).collect();
+    assert_eq!(offsets.last(), Some(&offset(&a)), "replayed up to now");
+    assert!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "no hole in the replay"
+    );
+    assert_eq!(joined["recovered"], offsets[0] == seen + 1);
+    println!(
+        "slow member back: {} replayed, recovered {}",
+        offsets.len(),
+        joined["recovered"]
+    );
 }
 
 #[test]
