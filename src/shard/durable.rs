@@ -70,6 +70,8 @@ enum Mirror {
     },
     /// The last load failed; retried on a tick at or after `retry_at`.
     Failed { retry_at: u64 },
+    /// This node's channel has not been heard yet (epoch 0): loaded by the first resync.
+    AwaitingChannel,
     /// The mirror holds what Redis holds for this user.
     Ready { epoch: u64 },
 }
@@ -190,6 +192,13 @@ impl Shard {
         let Some(d) = &mut self.durable else {
             return;
         };
+        if d.epoch == 0 {
+            // Not before this node's channel is heard: a mirror read earlier would miss what
+            // other nodes push meanwhile (and a device elsewhere may ack it out of Redis before
+            // a later read). The first resync loads every waiting mirror.
+            d.mirrors.insert(user.into(), Mirror::AwaitingChannel);
+            return;
+        }
         d.next_token += 1;
         let token = d.next_token;
         let op = StoreOp::Load {
