@@ -258,7 +258,10 @@ impl Client {
                 Err(tungstenite::Error::Io(e))
                     if matches!(
                         e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            // A signal during the read: the connection is fine.
+                            | std::io::ErrorKind::Interrupted
                     ) =>
                 {
                     let _ = self.ws.as_mut().map(|ws| ws.flush());

@@ -278,7 +278,15 @@ pub fn connect_with(
 /// Next text frame as JSON (pings are answered by tungstenite itself).
 pub fn recv_json(ws: &mut Ws) -> serde_json::Value {
     loop {
-        match ws.read().expect("read") {
+        let msg = match ws.read() {
+            Ok(m) => m,
+            // A signal landed in the test process during the read: nothing was lost, read on.
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+                continue
+            }
+            Err(e) => panic!("read: {e:?}"),
+        };
+        match msg {
             tungstenite::Message::Text(t) => return serde_json::from_str(&t).expect("json"),
             tungstenite::Message::Ping(_) | tungstenite::Message::Pong(_) => continue,
             other => panic!("expected text, got {other:?}"),
