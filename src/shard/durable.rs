@@ -333,11 +333,6 @@ impl Shard {
         self.report(delivered);
     }
 
-    /// Queue an operation; false when the queue is full (or there is no store).
-    pub(super) fn submit_store(&mut self, op: StoreOp) -> bool {
-        self.submit_store_op(op).is_ok()
-    }
-
     /// Queue an operation; it comes back when the queue is full (or there is no store).
     pub(super) fn submit_store_op(&mut self, op: StoreOp) -> Result<(), StoreOp> {
         match &self.durable {
@@ -390,7 +385,10 @@ impl Shard {
             }
             StoreReply::Done => {}
             StoreReply::Presence { ask, online } => self.on_presence_directory(ask, online),
-            StoreReply::Pushed { user, seq, msg } => self.on_pushed(user, seq, msg, now),
+            StoreReply::Pushed { user, seq, msg } => {
+                self.metrics.cross_node_in.inc();
+                self.on_pushed(user, seq, msg, now)
+            }
             StoreReply::RemoteReport(report) => {
                 self.metrics.cross_node_in.inc();
                 self.on_report(*report);
@@ -482,15 +480,15 @@ impl Shard {
     /// mirror like a confirmed local append. A mirror still loading may or may not see it in
     /// its read: it is read again once loaded.
     fn on_pushed(&mut self, user: CompactString, seq: InboxSeq, msg: StoredMessage, now: u64) {
-        self.metrics.cross_node_in.inc();
         let window = self.shared.cfg.window as usize;
         let Some(d) = &mut self.durable else {
             return;
         };
         let current = d.epoch;
         match d.mirrors.get_mut(&user) {
-            Some(Mirror::Ready { epoch }) if *epoch == current && current > 0 => {}
-            Some(Mirror::Loading { pushes, epoch, .. }) if *epoch == current && current > 0 => {
+            // (No mirror is read before the first epoch: see `load_mirror`.)
+            Some(Mirror::Ready { epoch }) if *epoch == current => {}
+            Some(Mirror::Loading { pushes, epoch, .. }) if *epoch == current => {
                 if pushes.len() < window {
                     pushes.push((seq, msg));
                 } else {

@@ -74,7 +74,10 @@ impl Shard {
         if asks_directory {
             let users = self.presence_asks[key].users.clone();
             self.metrics.presence_lookups.inc();
-            if !self.submit_store(StoreOp::Presence { users, ask: key }) {
+            if self
+                .submit_store_op(StoreOp::Presence { users, ask: key })
+                .is_err()
+            {
                 // The store's queue is full: this node's answer stands.
                 self.on_presence_answer(key, Vec::new(), Vec::new());
             }

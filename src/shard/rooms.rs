@@ -529,19 +529,26 @@ impl Shard {
             Ok(_) => self.metrics.room_publishes.inc(),
             Err(_) => self.metrics.store_refused.inc(),
         }
-        let result = result.map_err(|e| e.to_string());
-        match post.reply {
-            RoomReply::Api(reply) => {
+        self.answer_publish(post.reply, post.cid, result.map_err(|e| e.to_string()), now);
+    }
+
+    /// Tell the publisher how it went: a connection hears `accepted` (or `error`), the API
+    /// gets (id, offset) or, when refused, a dropped channel (it answers 503).
+    fn answer_publish(
+        &mut self,
+        reply: RoomReply,
+        cid: Box<str>,
+        result: Result<(u64, u64), String>,
+        now: u64,
+    ) {
+        match reply {
+            RoomReply::Api(tx) => {
                 if let Ok(answer) = result {
-                    let _ = reply.send(answer);
+                    let _ = tx.send(answer);
                 }
             }
             RoomReply::Conn(reply) => {
-                let msg = MeshMsg::RoomAccepted {
-                    reply,
-                    cid: post.cid,
-                    result,
-                };
+                let msg = MeshMsg::RoomAccepted { reply, cid, result };
                 self.send_room_msg(reply.shard as usize, msg, now);
             }
         }
@@ -578,22 +585,8 @@ impl Shard {
             }
             return;
         }
-        let result = Ok(self.publish_here(room, from, cid.clone(), body, ts, now));
-        let post_reply = match reply {
-            RoomReply::Api(tx) => {
-                if let Ok(answer) = result {
-                    let _ = tx.send(answer);
-                }
-                return;
-            }
-            RoomReply::Conn(r) => r,
-        };
-        let msg = MeshMsg::RoomAccepted {
-            reply: post_reply,
-            cid,
-            result,
-        };
-        self.send_room_msg(post_reply.shard as usize, msg, now);
+        let answer = self.publish_here(room, from, cid.clone(), body, ts, now);
+        self.answer_publish(reply, cid, Ok(answer), now);
     }
 
     /// Embedded mode: the room's log here gives the offset and keeps the history.

@@ -326,7 +326,7 @@ impl RedisSettings {
 /// is down (sends that need it get `unavailable` until it is back; fred reconnects).
 pub fn start(settings: RedisSettings, shards: usize) -> std::io::Result<Vec<StoreLink>> {
     let mut links = Vec::with_capacity(shards);
-    let mut pipes = Vec::with_capacity(shards);
+    let mut pipes: Vec<ShardPipe> = Vec::with_capacity(shards);
     for shard in 0..shards {
         let (ops_tx, ops_rx) = crossbeam_channel::bounded(OPS_PER_SHARD);
         // Unbounded in type, bounded in fact: at most one answer per queued op plus one per batch.
@@ -348,7 +348,6 @@ pub fn start(settings: RedisSettings, shards: usize) -> std::io::Result<Vec<Stor
             wake_store,
             shard_bell: own_bell,
             reader: store_reader,
-            all: AllShards(Arc::new(Vec::new())),
         });
     }
     let all = AllShards(Arc::new(
@@ -357,9 +356,6 @@ pub fn start(settings: RedisSettings, shards: usize) -> std::io::Result<Vec<Stor
             .map(|p| (p.replies.clone(), p.shard_bell.clone()))
             .collect(),
     ));
-    for p in &mut pipes {
-        p.all = all.clone();
-    }
     std::thread::Builder::new()
         .name("ringgate-redis".into())
         .spawn(move || {
@@ -367,7 +363,7 @@ pub fn start(settings: RedisSettings, shards: usize) -> std::io::Result<Vec<Stor
                 .enable_all()
                 .build()
                 .expect("tokio runtime for Redis");
-            runtime.block_on(run(settings, pipes));
+            runtime.block_on(run(settings, pipes, all));
         })?;
     Ok(links)
 }
@@ -472,10 +468,9 @@ struct ShardPipe {
     wake_store: Arc<Doorbell>,
     shard_bell: Arc<Doorbell>,
     reader: std::os::unix::net::UnixStream,
-    all: AllShards,
 }
 
-async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>) {
+async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>, all: AllShards) {
     let config = Config::from_url(&settings.url).expect("checked by the config");
     let pool = match Builder::from_config(config)
         .with_config(|c| c.fail_fast = false)
@@ -519,14 +514,16 @@ async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>) {
     }
     let settings = Arc::new(settings);
     let mut tasks = Vec::new();
-    if let Some(first) = pipes.first() {
-        let all = first.all.clone();
-        let config = Config::from_url(&settings.url).expect("checked by the config");
-        tasks.push(tokio::spawn(listen(config, settings.clone(), all)));
-    }
+    let config = Config::from_url(&settings.url).expect("checked by the config");
+    tasks.push(tokio::spawn(listen(config, settings.clone(), all.clone())));
     for pipe in pipes {
         let client = pool.clients()[pipe.shard % pool.clients().len()].clone();
-        tasks.push(tokio::spawn(serve_shard(client, settings.clone(), pipe)));
+        tasks.push(tokio::spawn(serve_shard(
+            client,
+            settings.clone(),
+            pipe,
+            all.clone(),
+        )));
     }
     for t in tasks {
         let _ = t.await;
@@ -563,7 +560,12 @@ async fn wait_bell(bell: &mut tokio::net::UnixStream, buf: &mut [u8]) -> bool {
 }
 
 /// One shard's operations, batch after batch, in order.
-async fn serve_shard(client: Client, settings: Arc<RedisSettings>, pipe: ShardPipe) {
+async fn serve_shard(
+    client: Client,
+    settings: Arc<RedisSettings>,
+    pipe: ShardPipe,
+    all: AllShards,
+) {
     let shard = pipe.shard;
     let mut bell = match tokio::net::UnixStream::from_std(pipe.reader.try_clone().expect("dup")) {
         Ok(b) => b,
@@ -597,8 +599,7 @@ async fn serve_shard(client: Client, settings: Arc<RedisSettings>, pipe: ShardPi
                         .iter()
                         .any(|a| matches!(a, Ok(Answer::Leased(false))))
                     {
-                        pipe.all
-                            .resync("this node's lease had lapsed (or was just taken)");
+                        all.resync("this node's lease had lapsed (or was just taken)");
                     }
                     for (op, answer) in batch.into_iter().zip(answers) {
                         let reply = match answer {
