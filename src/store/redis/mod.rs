@@ -1,0 +1,675 @@
+//! The durable offline inbox in Redis (SPEC section 4), through fred on its own thread.
+//!
+//! # Who owns what
+//! * One thread, `ringgate-redis`, runs a tokio runtime and a fred pool. It owns every Redis
+//!   connection; no shard ever waits on Redis.
+//! * Each shard talks to it through a [`StoreLink`]: a bounded lock-free channel of
+//!   [`StoreOp`]s in, an answer channel of [`StoreReply`]s out, and a doorbell each way (the
+//!   same wake-up as the mesh: one byte per wake-up, not per message).
+//! * Per shard, one task on the Redis thread takes the queued operations in batches and sends
+//!   each batch as **one pipeline** on the shard's own connection: runs of appends and removes
+//!   as one script call each, loads as plain `XTRIM` + `XRANGE` (see [`Segment`]). A batch is
+//!   one round trip and batches run in submission order. That order is what the shard relies
+//!   on (a load sees every append submitted before it; see `shard/durable.rs`).
+//! * A batch that failed or timed out may still have been written (uncertain): commands are
+//!   sent fail-fast and never retried by fred, but one already on its way can land once Redis
+//!   is back. The shard treats such a write as "maybe stored": the sender heard `unavailable`
+//!   and resends with the same cid (Redis dedup answers with the first id), and the
+//!   recipient's mirror is reloaded. Clients drop a second copy by `(from, cid)`.
+//!
+//! # Data layout (prefix `rg:` by default)
+//! * `rg:in:<user>`: a stream per user; one field `m` per entry, the message packed by
+//!   [`pack`] (id, ts, from, cid and body, length-prefixed). A load reads from the age cap on
+//!   (`XRANGE` from `now - max_age`) and trims what is past it (`XTRIM MINID`, counted as
+//!   expired); an append that finds the stream at the count cap trims the same way first, then
+//!   refuses if it is still full (`full`, never a silent drop), else `XADD ... MAXLEN ~` (a
+//!   guard: the check keeps it from trimming). `PEXPIRE` of twice the age cap, refreshed on
+//!   every append, deletes the stream of a user who never comes back (everything in it is past
+//!   the age cap by then; those entries are not counted).
+//! * `rg:dd:<sender>` and `rg:dd:<sender>:old`: the dedup window, cid -> message id, checked
+//!   by the same script before any append, so a resend after a gateway restart is answered
+//!   with the first id and stored once (`HSETNX`: one call checks and records a cid). Fields
+//!   `~born` (when the generation started) and `~old` (an older one was kept) are read once per
+//!   sender per batch. A generation is rotated into `:old` only when it is
+//!   older than the window (24 h) *and* holds more cids than the minimum (10,000): every cid
+//!   is kept at least 24 h and the newest 10,000 are always kept (SPEC: whichever is larger).
+//!
+//! # Several nodes (one Redis)
+//! * `node:<run>`: a node run's lease (`PX lease_ms`); `<run>` = `node_id.<start ms>`.
+//! * `loc:<user>`: the runs holding a device of the user. A load adds this run just before
+//!   its read, in the same pipeline; a leave removes it. Every later append to the user's
+//!   inbox, by any node, is published by the same script (`m` push) to every run in it, this
+//!   one included, so a node's mirror is fed from one connection in Redis order. A remove
+//!   that deleted the entry publishes the sender's `delivered` (`d` push) to the sender's
+//!   other runs. Presence questions count runs with a live lease and drop the others.
+//! * `ch:<run>`: the run's pub/sub channel, heard by one connection per node (`listen`);
+//!   pushes go to the home shard of the user or room they name. Each (re)subscription makes
+//!   every shard resync (reload mirrors, ask pending room joins again).
+//! * Rooms: `rh:<room>` history (ids `0-<offset>`, exact `MAXLEN`), `rd:<room>` the offset
+//!   counter `~last` and the publish dedup, `rn:<room>` the runs with members. A publish is
+//!   pushed (`r`) to every run with members, this one included; a join's answer (`j`) is
+//!   published to the joining run only, by the script that registers it, so it arrives in
+//!   order with the room's messages.
+//!
+//! Redis Cluster is not supported: a batch touches the keys of many users in one script call,
+//! which a cluster refuses across slots. Standalone and Sentinel URLs work.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use compact_str::CompactString;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use fred::prelude::*;
+
+use super::{InboxSeq, StoreError, StoredMessage};
+use crate::delivery::message::{Message, ReplyTo, Report};
+use crate::mesh::Doorbell;
+
+mod batch;
+mod keys;
+#[cfg(test)]
+mod tests;
+mod wire;
+
+use batch::{run_batch, Answer};
+use keys::*;
+pub use wire::*;
+
+/// Operations a shard may have queued for Redis; beyond it, sends get `unavailable` (bounded
+/// memory while Redis is away).
+pub const OPS_PER_SHARD: usize = 16_384;
+/// Pushes from other nodes buffered between the Redis connection and the routing task; beyond
+/// it the oldest are lost and every shard resyncs (reloads from Redis).
+const PUSH_BUFFER: usize = 16_384;
+/// Operations sent in one script call at most.
+pub const BATCH_OPS: usize = 1_024;
+/// SPEC dedup window: at least 24 h ...
+pub const DEDUP_MIN_AGE_MS: u64 = 24 * 60 * 60 * 1000;
+/// ... or at least 10,000 cids per sender, whichever is larger.
+pub const DEDUP_MIN_ENTRIES: u64 = 10_000;
+
+/// What a shard asks of the store. Answers come back in the order asked.
+pub enum StoreOp {
+    /// Make `msg` durable in its recipient's inbox (unless its cid was already stored), and
+    /// push it to the other nodes holding the recipient.
+    Append(Box<Message>),
+    /// An entry was acked: delete it. `report`: the sender's `delivered`, sent (here and to
+    /// the sender's other nodes) only when this delete removed the entry, so a message is
+    /// reported once however many devices on however many nodes ack it.
+    Remove {
+        user: CompactString,
+        seq: InboxSeq,
+        report: Option<Box<Report>>,
+    },
+    /// Register this node in `user`'s directory entry, then read the inbox, oldest first, up
+    /// to `limit` entries (in that order: see the cluster notes in the module doc).
+    Load {
+        user: CompactString,
+        token: u64,
+        limit: usize,
+    },
+    /// `user`'s last device here left: take this node out of the user's directory entry.
+    Leave { user: CompactString },
+    /// Refresh this node's lease (shard 0, from its tick).
+    Lease,
+    /// Which of `users` have a device on a live node; answered with `ask` quoted.
+    Presence {
+        users: Vec<CompactString>,
+        ask: usize,
+    },
+    /// Give a room message the room's next offset, keep it in the room's history and push
+    /// it to every node with members (this one included: see "Rooms" in the module doc).
+    RoomPublish(Box<RoomPost>),
+    /// Register this node with `room`'s nodes and have the room's current offset (and, with
+    /// `since`, what the history holds after it) pushed back on this node's channel, in
+    /// order with the room's messages. The answer itself is only `Done`.
+    RoomJoin(Box<RoomJoinAsk>),
+    /// This node's last member of `room` left.
+    RoomLeave { room: CompactString },
+    /// Touch nothing: a shard that stopped writing while Redis was away uses it to learn
+    /// that Redis is back (the batch's own answer says so).
+    Probe,
+}
+
+/// A publish on its way to a room's history.
+pub struct RoomPost {
+    pub room: CompactString,
+    pub from: CompactString,
+    pub cid: Box<str>,
+    pub body: Box<str>,
+    pub id: u64,
+    pub ts: u64,
+    pub reply: RoomReply,
+}
+
+/// Who hears how a publish went.
+pub enum RoomReply {
+    /// A connection: `accepted` (with the offset) or `error`.
+    Conn(ReplyTo),
+    /// `POST /api/publish`: (id, offset); dropped when refused (the API answers 503).
+    Api(tokio::sync::oneshot::Sender<(u64, u64)>),
+}
+
+/// A member joining, as the room's home shard asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomJoinAsk {
+    pub room: CompactString,
+    pub since: Option<u64>,
+    /// The joining connection: its shard, slab index and serial.
+    pub shard: usize,
+    pub conn: usize,
+    pub serial: u32,
+}
+
+/// How an append went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Written at `seq`; `expired`: entries the age cap trimmed on the way; `pushed`: other
+    /// nodes the entry was published to (they hold a device of the recipient).
+    Stored {
+        seq: InboxSeq,
+        expired: u64,
+        pushed: u64,
+    },
+    /// The sender's cid was already stored as message `id`.
+    Duplicate { id: u64 },
+}
+
+/// A user's inbox as read from Redis.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Loaded {
+    /// Oldest first.
+    pub entries: Vec<(InboxSeq, StoredMessage)>,
+    /// Entries the age cap trimmed just before the read.
+    pub expired: u64,
+}
+
+/// The store's answers.
+pub enum StoreReply {
+    Appended {
+        msg: Box<Message>,
+        result: Result<Appended, StoreError>,
+    },
+    Removed {
+        ok: bool,
+        report: Option<Box<Report>>,
+    },
+    Loaded {
+        user: CompactString,
+        token: u64,
+        result: Result<Loaded, StoreError>,
+    },
+    /// `Leave`, `Lease` and `Probe` done (or failed: the batch's answer says so).
+    Done,
+    /// The answer to `Presence`; `None` when Redis could not answer.
+    Presence {
+        ask: usize,
+        online: Option<Vec<bool>>,
+    },
+    /// From another node: an entry appended to `user`'s inbox (the user is homed here).
+    Pushed {
+        user: CompactString,
+        seq: InboxSeq,
+        msg: StoredMessage,
+    },
+    /// From another node: a device there acked a message this shard's user sent.
+    RemoteReport(Box<Report>),
+    /// Pushes may have been missed (the node's channel was resubscribed, or its lease had
+    /// lapsed and other nodes may have dropped it from directory entries): reload every
+    /// mirror, which registers again.
+    Resync,
+    /// How a `RoomPublish` went: (id, offset), the first copy's for a resent cid.
+    RoomPublished {
+        post: Box<RoomPost>,
+        result: Result<(u64, u64), StoreError>,
+    },
+    /// A `RoomJoin` could not be made: the member hears `unavailable`.
+    RoomJoinFailed(Box<RoomJoinAsk>),
+    /// Pushed on this node's channel: a room message, in the room's offset order.
+    RoomMessage {
+        room: CompactString,
+        offset: u64,
+        msg: StoredMessage,
+    },
+    /// Pushed on this node's channel: the answer to a `RoomJoin`, in order with the room's
+    /// messages (nothing after `last` was pushed before it, everything after it follows).
+    RoomJoinAnswer {
+        ask: Box<RoomJoinAsk>,
+        last: u64,
+        recovered: bool,
+        replay: Vec<(u64, StoredMessage)>,
+    },
+    /// One per batch, after its answers: for the shard's metrics and its Redis-up state.
+    Batch {
+        ops: usize,
+        latency: Duration,
+        error: Option<String>,
+    },
+}
+
+/// A shard's end of the store.
+pub struct StoreLink {
+    ops: Sender<StoreOp>,
+    replies: Receiver<StoreReply>,
+    wake_store: Arc<Doorbell>,
+    own_bell: Arc<Doorbell>,
+    /// The socket the shard reads its doorbell from (taken by the glue).
+    pub bell_reader: Option<std::os::unix::net::UnixStream>,
+}
+
+impl StoreLink {
+    /// Queue `op`; it comes back when the queue is full.
+    pub fn submit(&self, op: StoreOp) -> Result<(), StoreOp> {
+        match self.ops.try_send(op) {
+            Ok(()) => {
+                self.wake_store.ring();
+                Ok(())
+            }
+            Err(TrySendError::Full(op)) | Err(TrySendError::Disconnected(op)) => Err(op),
+        }
+    }
+
+    /// The doorbell was read: clear it before draining.
+    pub fn clear_bell(&self) {
+        self.own_bell.clear();
+    }
+
+    /// Answers ready now, at most `max`.
+    pub fn take_replies(&self, out: &mut Vec<StoreReply>, max: usize) {
+        out.extend(self.replies.try_iter().take(max));
+    }
+}
+
+/// Refuse URLs this store cannot serve (checked with the config, before start).
+pub fn check_url(url: &str) -> Result<(), String> {
+    let config = Config::from_url(url).map_err(|e| format!("`{url}`: {e}"))?;
+    if config.server.is_clustered() {
+        return Err("Redis Cluster is not supported yet (a batch touches keys of many users in one script call); use a standalone or Sentinel URL".into());
+    }
+    Ok(())
+}
+
+/// Settings the Redis thread needs.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub pool_size: usize,
+    pub timeout: Duration,
+    pub key_prefix: String,
+    pub max_messages: usize,
+    pub max_age_ms: u64,
+    /// This run of this node (`node_id` plus start time): directory entries and the node's
+    /// channel name it, so a restarted node never inherits a dead run's entries.
+    pub node: String,
+    /// Lease of `node`; refreshed by shard 0 every third of it.
+    pub lease_ms: u64,
+    /// Room history: messages kept per room, and their age cap.
+    pub room_history_max: usize,
+    pub room_history_age_ms: u64,
+}
+
+impl RedisSettings {
+    pub fn from_config(cfg: &crate::config::Config) -> Option<Self> {
+        Some(RedisSettings {
+            url: cfg.redis_url.clone()?,
+            pool_size: if cfg.redis_pool_size == 0 {
+                cfg.shards
+            } else {
+                cfg.redis_pool_size
+            },
+            timeout: Duration::from_millis(cfg.redis_timeout_ms),
+            key_prefix: cfg.redis_key_prefix.clone(),
+            max_messages: cfg.inbox_max_messages,
+            max_age_ms: cfg.inbox_max_age_ms,
+            node: node_run_id(&cfg.node_id),
+            lease_ms: cfg.node_lease_ms,
+            room_history_max: cfg.room_history_max,
+            room_history_age_ms: cfg.room_history_age_ms,
+        })
+    }
+}
+
+/// Start the Redis thread and return one link per shard. The gateway starts even when Redis
+/// is down (sends that need it get `unavailable` until it is back; fred reconnects).
+pub fn start(settings: RedisSettings, shards: usize) -> std::io::Result<Vec<StoreLink>> {
+    let mut links = Vec::with_capacity(shards);
+    let mut pipes: Vec<ShardPipe> = Vec::with_capacity(shards);
+    for shard in 0..shards {
+        let (ops_tx, ops_rx) = crossbeam_channel::bounded(OPS_PER_SHARD);
+        // Unbounded in type, bounded in fact: at most one answer per queued op plus one per batch.
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+        let (wake_store, store_reader) = Doorbell::pair()?;
+        let (own_bell, shard_reader) = Doorbell::pair()?;
+        store_reader.set_nonblocking(true)?;
+        links.push(StoreLink {
+            ops: ops_tx,
+            replies: reply_rx,
+            wake_store: wake_store.clone(),
+            own_bell: own_bell.clone(),
+            bell_reader: Some(shard_reader),
+        });
+        pipes.push(ShardPipe {
+            shard,
+            ops: ops_rx,
+            replies: reply_tx,
+            wake_store,
+            shard_bell: own_bell,
+            reader: store_reader,
+        });
+    }
+    let all = AllShards(Arc::new(
+        pipes
+            .iter()
+            .map(|p| (p.replies.clone(), p.shard_bell.clone()))
+            .collect(),
+    ));
+    std::thread::Builder::new()
+        .name("ringgate-redis".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime for Redis");
+            runtime.block_on(run(settings, pipes, all));
+        })?;
+    Ok(links)
+}
+
+/// Every shard's answer channel and doorbell, for what is not the answer to one shard's
+/// operation (pushes from other nodes, resyncs).
+#[derive(Clone)]
+struct AllShards(Arc<Vec<(Sender<StoreReply>, Arc<Doorbell>)>>);
+
+impl AllShards {
+    fn send(&self, shard: usize, reply: StoreReply) {
+        let (tx, bell) = &self.0[shard];
+        let _ = tx.send(reply);
+        bell.ring();
+    }
+
+    fn resync(&self, why: &str) {
+        tracing::info!(
+            why,
+            "cluster: every shard reloads its online users' inboxes"
+        );
+        for shard in 0..self.0.len() {
+            self.send(shard, StoreReply::Resync);
+        }
+    }
+}
+
+/// Listen on this node's channel: pushes go to the home shard of the user they name. Every
+/// (re)connection subscribes again and makes every shard resync (pushes published while the
+/// channel was not heard are lost by pub/sub, never by the inbox, which a reload reads).
+async fn listen(config: Config, settings: Arc<RedisSettings>, shards: AllShards) {
+    let client = match Builder::from_config(config)
+        // Retry the first connection too (by the policy), as after any later loss.
+        .with_config(|c| c.fail_fast = false)
+        .with_performance_config(|c| c.broadcast_channel_capacity = PUSH_BUFFER)
+        .with_connection_config(|c| c.connection_timeout = settings.timeout)
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the Redis subscriber; other nodes' messages arrive only on reload");
+            return;
+        }
+    };
+    let mut messages = client.message_rx();
+    let mut reconnects = client.reconnect_rx();
+    let channel = channel_name(&settings);
+    let connecting = client.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connecting.init().await {
+            tracing::warn!(error = %e, "cluster channel: cannot connect to Redis yet; retrying");
+        }
+    });
+    let count = shards.0.len();
+    loop {
+        tokio::select! {
+            m = messages.recv() => match m {
+                Ok(m) => {
+                    let Some(push) = text_ref(&m.value).and_then(parse_push) else {
+                        tracing::warn!(channel = %m.channel, "cluster channel: ignored a message that is not a ringgate push");
+                        continue;
+                    };
+                    let home = crate::mesh::home_shard(push.user(), count);
+                    shards.send(home, push.into_reply(count));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    shards.resync(&format!("{n} pushes were not read in time"));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            r = reconnects.recv() => match r {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Inline: no push of the new subscription is routed before every shard
+                    // has its resync (messages wait in the broadcast buffer meanwhile).
+                    // Until it works or the connection drops (the next reconnect retries).
+                    loop {
+                        match client.subscribe(channel.as_str()).await {
+                            Ok(()) => {
+                                shards.resync("subscribed to this node's channel");
+                                break;
+                            }
+                            Err(e) if client.is_connected() => {
+                                tracing::warn!(error = %e, "cluster channel: subscribe failed; retrying");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}
+
+/// The Redis thread's end of one shard's link.
+struct ShardPipe {
+    shard: usize,
+    ops: Receiver<StoreOp>,
+    replies: Sender<StoreReply>,
+    wake_store: Arc<Doorbell>,
+    shard_bell: Arc<Doorbell>,
+    reader: std::os::unix::net::UnixStream,
+}
+
+async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>, all: AllShards) {
+    let config = Config::from_url(&settings.url).expect("checked by the config");
+    let pool = match Builder::from_config(config)
+        .with_config(|c| c.fail_fast = false)
+        .with_connection_config(|c| {
+            c.connection_timeout = settings.timeout;
+            // A retried command could run after a later batch: never retry, fail instead.
+            c.max_command_attempts = 1;
+        })
+        .with_performance_config(|c| c.default_command_timeout = settings.timeout)
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+        .build_pool(settings.pool_size.max(1))
+    {
+        Ok(pool) => pool,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the Redis client; every store operation will fail");
+            return fail_forever(pipes).await;
+        }
+    };
+    // Connect in the background: shards are served at once, with `unavailable` until then.
+    let connecting = pool.clone();
+    let url = settings.url.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connecting.init().await {
+            tracing::warn!(error = %e, %url, "cannot connect to Redis; sends that need the store get `unavailable`");
+        }
+    });
+    // Give the first connection up to one timeout before serving: operations queue meanwhile
+    // (bounded), and a gateway started next to a healthy Redis does not refuse its first sends.
+    let deadline = Instant::now() + settings.timeout;
+    while !pool.clients().iter().all(|c| c.is_connected()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Take this run's lease before any shard registers a user: other nodes drop directory
+    // entries of runs without one (shard 0 refreshes it from then on).
+    let lease = Expiration::PX(settings.lease_ms as i64);
+    if let Err(e) = pool
+        .set::<(), _, _>(lease_key(&settings), 1, Some(lease), None, false)
+        .await
+    {
+        tracing::warn!(error = %e, "cannot take this node's lease yet; shard 0 keeps trying");
+    }
+    let settings = Arc::new(settings);
+    let mut tasks = Vec::new();
+    let config = Config::from_url(&settings.url).expect("checked by the config");
+    tasks.push(tokio::spawn(listen(config, settings.clone(), all.clone())));
+    for pipe in pipes {
+        let client = pool.clients()[pipe.shard % pool.clients().len()].clone();
+        tasks.push(tokio::spawn(serve_shard(
+            client,
+            settings.clone(),
+            pipe,
+            all.clone(),
+        )));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// No client could be built: answer every operation with an error, forever.
+async fn fail_forever(pipes: Vec<ShardPipe>) {
+    let mut tasks = Vec::new();
+    for pipe in pipes {
+        tasks.push(tokio::spawn(async move {
+            let Ok(reader) = pipe.reader.try_clone() else {
+                return;
+            };
+            let Ok(mut bell) = tokio::net::UnixStream::from_std(reader) else {
+                return;
+            };
+            let mut buf = [0u8; 64];
+            while wait_bell(&mut bell, &mut buf).await {
+                pipe.wake_store.clear();
+                let batch: Vec<StoreOp> = pipe.ops.try_iter().collect();
+                answer_failed(&pipe, batch, "the Redis client could not be built".into());
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn wait_bell(bell: &mut tokio::net::UnixStream, buf: &mut [u8]) -> bool {
+    use tokio::io::AsyncReadExt;
+    matches!(bell.read(buf).await, Ok(n) if n > 0)
+}
+
+/// One shard's operations, batch after batch, in order.
+async fn serve_shard(
+    client: Client,
+    settings: Arc<RedisSettings>,
+    pipe: ShardPipe,
+    all: AllShards,
+) {
+    let shard = pipe.shard;
+    let mut bell = match tokio::net::UnixStream::from_std(pipe.reader.try_clone().expect("dup")) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, shard, "Redis task cannot watch its doorbell");
+            return;
+        }
+    };
+    let mut buf = [0u8; 64];
+    let mut up = true;
+    while wait_bell(&mut bell, &mut buf).await {
+        pipe.wake_store.clear();
+        loop {
+            let batch: Vec<StoreOp> = pipe.ops.try_iter().take(BATCH_OPS).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let started = Instant::now();
+            let ops = batch.len();
+            // While disconnected, fail at once instead of queueing inside fred: memory stays
+            // bounded while Redis is away, and senders hear `unavailable` without waiting.
+            let outcome = if !client.is_connected() {
+                Err("not connected to Redis (reconnecting)".to_string())
+            } else {
+                run_batch(&client, &settings, &batch).await
+            };
+            let error = match outcome {
+                Ok(answers) => {
+                    let first_error = answers.iter().find_map(|a| a.as_ref().err().cloned());
+                    if answers
+                        .iter()
+                        .any(|a| matches!(a, Ok(Answer::Leased(false))))
+                    {
+                        all.resync("this node's lease had lapsed (or was just taken)");
+                    }
+                    for (op, answer) in batch.into_iter().zip(answers) {
+                        let reply = match answer {
+                            Ok(answer) => answer.into_reply(op),
+                            Err(why) => failed_reply(op, why),
+                        };
+                        let _ = pipe.replies.send(reply);
+                    }
+                    first_error
+                }
+                Err(why) => {
+                    answer_failed(&pipe, batch, why.clone());
+                    Some(why)
+                }
+            };
+            match (&error, up) {
+                (None, false) => {
+                    tracing::info!(shard, "Redis is back: the durable store answers again");
+                    up = true;
+                }
+                (Some(why), true) => {
+                    tracing::warn!(shard, error = %why, "Redis unavailable: sends that need the store get `unavailable`; live delivery goes on");
+                    up = false;
+                }
+                _ => {}
+            }
+            let _ = pipe.replies.send(StoreReply::Batch {
+                ops,
+                latency: started.elapsed(),
+                error,
+            });
+            pipe.shard_bell.ring();
+        }
+    }
+}
+
+fn answer_failed(pipe: &ShardPipe, batch: Vec<StoreOp>, why: String) {
+    for op in batch {
+        let _ = pipe.replies.send(failed_reply(op, why.clone()));
+    }
+    pipe.shard_bell.ring();
+}
+
+fn failed_reply(op: StoreOp, why: String) -> StoreReply {
+    match op {
+        StoreOp::Append(msg) => StoreReply::Appended {
+            msg,
+            result: Err(StoreError::Unavailable(why)),
+        },
+        StoreOp::Remove { report, .. } => StoreReply::Removed { ok: false, report },
+        StoreOp::Load { user, token, .. } => StoreReply::Loaded {
+            user,
+            token,
+            result: Err(StoreError::Unavailable(why)),
+        },
+        StoreOp::Presence { ask, .. } => StoreReply::Presence { ask, online: None },
+        StoreOp::RoomPublish(post) => StoreReply::RoomPublished {
+            post,
+            result: Err(StoreError::Unavailable(why)),
+        },
+        StoreOp::RoomJoin(ask) => StoreReply::RoomJoinFailed(ask),
+        StoreOp::Leave { .. } | StoreOp::Lease | StoreOp::Probe | StoreOp::RoomLeave { .. } => {
+            StoreReply::Done
+        }
+    }
+}

@@ -1,0 +1,238 @@
+-- The script every batch runs (see batch.rs). ARGV: max_age_ms, max_messages, dedup_ms,
+-- dedup_min, this node's run, the key prefix, the room history cap and age, then the
+-- operations from ARGV[9] on; KEYS: the keys each operation names, in order. Returns one
+-- answer per operation.
+local maxage = tonumber(ARGV[1])
+local maxlen = tonumber(ARGV[2])
+local dedup_ms = tonumber(ARGV[3])
+local dedup_min = tonumber(ARGV[4])
+local me, prefix = ARGV[5], ARGV[6]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local minid = string.format('%d', math.max(0, now - maxage))
+local hmax, hage = tonumber(ARGV[7]), tonumber(ARGV[8])
+-- Offsets are near 1.8e15 (microseconds): exact in Lua's doubles, printed without exponent.
+local function fmt(n) return string.format('%.0f', n) end
+local function room_last(rd)
+  local last = redis.call('HGET', rd, '~last')
+  if last then return tonumber(last) end
+  -- A new (or long idle) room starts at the clock in microseconds, like the embedded one:
+  -- offsets a client kept from an earlier life of the room are then below its history.
+  last = now * 1000
+  redis.call('HSET', rd, '~last', fmt(last))
+  return last
+end
+local room_ttl = fmt(hage + 60000)
+-- Work done once per key per batch, not once per message: the length of each stream, each
+-- sender's dedup generation (born, has an older one), and the TTL/rotation bookkeeping at the
+-- end. The age cap is enforced by loads (they read from minid and trim, counted) and by an
+-- append that finds the stream at the count cap (it trims first, so expired entries never
+-- cause a refusal); entries past the cap are never returned.
+local streams, senders = {}, {}
+local function stream(s)
+  local st = streams[s]
+  if not st then
+    st = {len = redis.call('XLEN', s), expired = 0, trimmed = false, touched = false}
+    streams[s] = st
+  end
+  if st.len >= maxlen and not st.trimmed then
+    st.trimmed = true
+    local expired = redis.call('XTRIM', s, 'MINID', minid)
+    st.expired = st.expired + expired
+    st.len = st.len - expired
+  end
+  return st
+end
+local function sender(dcur, dold)
+  local d = senders[dcur]
+  if not d then
+    -- '~born': when this generation started; '~old': an older generation was kept.
+    local meta = redis.call('HMGET', dcur, '~born', '~old')
+    d = {old = dold, born = tonumber(meta[1]), has_old = meta[2] ~= false, touched = false}
+    senders[dcur] = d
+  end
+  return d
+end
+-- Other nodes holding a device of a user (directory entry read once per batch), and a push
+-- to each of them over its channel. Entries of dead runs only cost a PUBLISH nobody hears;
+-- presence questions clean them up.
+-- `to_me`: this node too when it is in the entry (inbox entries: a node's mirror of a user
+-- is fed from its channel alone, in the order Redis ran the appends, whichever node made
+-- them). Returns how many *other* nodes it went to.
+local locations = {}
+local function push(loc, payload, to_me)
+  local nodes = locations[loc]
+  if not nodes then
+    nodes = redis.call('SMEMBERS', loc)
+    locations[loc] = nodes
+  end
+  local sent = 0
+  for _, n in ipairs(nodes) do
+    if n ~= me then
+      redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
+      sent = sent + 1
+    elseif to_me then
+      redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
+    end
+  end
+  return sent
+end
+local out = {}
+local i, k = 9, 1
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'A' then
+    local s, dcur, dold, loc = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+    local id, cid, packed, to = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    k = k + 4
+    i = i + 5
+    local d = sender(dcur, dold)
+    local st = stream(s)
+    local expired = st.expired
+    local prev
+    if st.len >= maxlen then
+      prev = redis.call('HGET', dcur, cid)
+      if not prev and d.has_old then prev = redis.call('HGET', dold, cid) end
+    -- One call checks and records the cid (the common case: a new message).
+    elseif redis.call('HSETNX', dcur, cid, id) == 0 then
+      prev = redis.call('HGET', dcur, cid)
+    elseif d.has_old then
+      prev = redis.call('HGET', dold, cid)
+      -- Known to the older generation: undo the record just made.
+      if prev then redis.call('HDEL', dcur, cid) end
+    end
+    if prev then
+      out[#out + 1] = {'dup', prev}
+    elseif st.len >= maxlen then
+      st.expired = 0
+      out[#out + 1] = {'full', expired, st.len}
+    else
+      st.expired = 0
+      local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
+      st.len = st.len + 1
+      st.touched = true
+      d.touched = true
+      local pushed = push(loc, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed, true)
+      out[#out + 1] = {'ok', xid, expired, pushed}
+    end
+  elseif op == 'R' then
+    local n = redis.call('XDEL', KEYS[k], ARGV[i + 1])
+    if streams[KEYS[k]] then streams[KEYS[k]].len = streams[KEYS[k]].len - n end
+    out[#out + 1] = n
+    k = k + 1
+    i = i + 2
+  elseif op == 'D' then
+    -- Removed by this ack (not an earlier one): the sender's other nodes hear `delivered`.
+    local n = redis.call('XDEL', KEYS[k], ARGV[i + 1])
+    if streams[KEYS[k]] then streams[KEYS[k]].len = streams[KEYS[k]].len - n end
+    if n == 1 then push(KEYS[k + 1], ARGV[i + 2], false) end
+    out[#out + 1] = n
+    k = k + 2
+    i = i + 3
+  elseif op == 'Q' then
+    -- Presence on *other* live nodes (the asking node answers for itself); entries of runs
+    -- whose lease expired are dropped on the way.
+    local n = tonumber(ARGV[i + 1])
+    local online = {}
+    for j = 1, n do
+      local loc = KEYS[k + j - 1]
+      local on = 0
+      for _, m in ipairs(redis.call('SMEMBERS', loc)) do
+        if m ~= me then
+          if redis.call('EXISTS', prefix .. 'node:' .. m) == 1 then
+            on = 1
+          else
+            redis.call('SREM', loc, m)
+          end
+        end
+      end
+      online[j] = on
+    end
+    out[#out + 1] = online
+    k = k + n
+    i = i + 2
+  elseif op == 'B' then
+    local rh, rd, rn = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    local room, id, field, packed = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    k = k + 3
+    i = i + 5
+    local prev = redis.call('HGET', rd, field)
+    if prev then
+      out[#out + 1] = {'dup', prev}
+    else
+      local offset = fmt(room_last(rd) + 1)
+      redis.call('HSET', rd, '~last', offset, field, id .. ' ' .. offset)
+      redis.call('XADD', rh, 'MAXLEN', '=', ARGV[7], '0-' .. offset, 'm', packed)
+      -- Publish dedup reaches about as far back as the history: past four times its size
+      -- it starts over (the counter stays).
+      if redis.call('HLEN', rd) > 4 * hmax + 1 then
+        redis.call('DEL', rd)
+        redis.call('HSET', rd, '~last', offset)
+      end
+      redis.call('PEXPIRE', rh, room_ttl)
+      redis.call('PEXPIRE', rd, room_ttl)
+      -- Every node with members, this one too: each node sees a room's messages in offset
+      -- order on one connection (its channel), with the answers to its joins in between.
+      local payload = 'r ' .. offset .. ' ' .. string.len(room) .. ' ' .. room .. packed
+      for _, n in ipairs(redis.call('SMEMBERS', rn)) do
+        redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
+      end
+      out[#out + 1] = {'ok', id .. ' ' .. offset}
+    end
+  elseif op == 'J' then
+    local rh, rd, rn = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    local room, since, who = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    k = k + 3
+    i = i + 4
+    redis.call('SADD', rn, me)
+    for _, n in ipairs(redis.call('SMEMBERS', rn)) do
+      if n ~= me and redis.call('EXISTS', prefix .. 'node:' .. n) == 0 then
+        redis.call('SREM', rn, n)
+      end
+    end
+    local last = room_last(rd)
+    local recovered = 0
+    local parts = {}
+    if since ~= '-' and tonumber(since) <= last then
+      local minage = now - hage
+      local first
+      for _, e in ipairs(redis.call('XRANGE', rh, '(0-' .. since, '+')) do
+        local packed = e[2][2]
+        local ts = tonumber(string.match(packed, '^%d+ (%d+) '))
+        if ts and ts >= minage then
+          local off = string.match(e[1], '^0%-(%d+)$')
+          first = first or tonumber(off)
+          parts[#parts + 1] = off .. ' ' .. string.len(packed) .. ' ' .. packed
+        end
+      end
+      if tonumber(since) + 1 >= (first or last + 1) then recovered = 1 end
+    end
+    redis.call('PUBLISH', prefix .. 'ch:' .. me, 'j ' .. who .. ' ' .. fmt(last) .. ' ' .. recovered
+      .. ' ' .. string.len(room) .. ' ' .. room .. table.concat(parts))
+    out[#out + 1] = 1
+  elseif op == 'P' then
+    out[#out + 1] = 1
+    i = i + 1
+  else
+    return redis.error_reply('ringgate: unknown store op ' .. tostring(op))
+  end
+end
+local stream_ttl = string.format('%d', 2 * maxage)
+for s, st in pairs(streams) do
+  if st.touched then redis.call('PEXPIRE', s, stream_ttl) end
+end
+local dedup_ttl = string.format('%d', 2 * dedup_ms)
+for dcur, d in pairs(senders) do
+  if d.touched then
+    if not d.born then
+      redis.call('HSET', dcur, '~born', now)
+    elseif now - d.born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 2 then
+      -- Rotate: the current generation becomes the older one (its TTL still runs), and the
+      -- new one remembers that an older one exists.
+      redis.call('RENAME', dcur, d.old)
+      redis.call('HSET', dcur, '~born', now, '~old', 1)
+    end
+    redis.call('PEXPIRE', dcur, dedup_ttl)
+  end
+end
+return out

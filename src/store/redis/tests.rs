@@ -1,0 +1,314 @@
+use super::batch::*;
+use super::*;
+use crate::delivery::message::{Outcome, ReplyTo};
+use fred::prelude::Value;
+
+fn msg(to: &str) -> Box<Message> {
+    Box::new(Message {
+        id: 7,
+        from: "alice".into(),
+        to: to.into(),
+        cid: "\"c1\"".into(),
+        ts: 1,
+        body: "{\"x\":1}".into(),
+        reply: ReplyTo::all_devices(0),
+        received: Instant::now(),
+    })
+}
+
+fn s(v: &str) -> Value {
+    Value::String(v.into())
+}
+
+#[test]
+fn stream_ids_map_to_increasing_seqs_and_back() {
+    let a = stream_id_to_seq("1700000000000-0").unwrap();
+    let b = stream_id_to_seq("1700000000000-1").unwrap();
+    let c = stream_id_to_seq("1700000000001-0").unwrap();
+    assert!(a < b && b < c);
+    assert_eq!(seq_to_stream_id(b), "1700000000000-1");
+    assert_eq!(seq_time_ms(c), 1_700_000_000_001);
+    assert_eq!(stream_id_to_seq("12"), None);
+    assert_eq!(stream_id_to_seq("1-1048576"), None, "n beyond 20 bits");
+    assert_eq!(stream_id_to_seq("x-1"), None);
+}
+
+fn settings() -> RedisSettings {
+    RedisSettings {
+        url: "redis://127.0.0.1:1".into(),
+        pool_size: 1,
+        timeout: Duration::from_millis(10),
+        key_prefix: "p:".into(),
+        max_messages: 5,
+        max_age_ms: 1000,
+        node: "n1.5".into(),
+        lease_ms: 900,
+        room_history_max: 3,
+        room_history_age_ms: 4000,
+    }
+}
+
+fn delivered(from: &str, to: &str) -> Box<Report> {
+    Box::new(Report {
+        id: 7,
+        from: from.into(),
+        to: to.into(),
+        cid: "\"c 1\"".into(),
+        reply: ReplyTo::all_devices(0),
+        outcome: Outcome::Delivered,
+        received: Instant::now(),
+    })
+}
+
+#[test]
+fn batch_keys_and_args_follow_the_operations_in_order() {
+    let batch = vec![
+        StoreOp::Append(msg("bob")),
+        StoreOp::Remove {
+            user: "bob".into(),
+            seq: stream_id_to_seq("5-1").unwrap(),
+            report: None,
+        },
+        StoreOp::Remove {
+            user: "bob".into(),
+            seq: stream_id_to_seq("5-2").unwrap(),
+            report: Some(delivered("alice", "bob")),
+        },
+        StoreOp::Presence {
+            users: vec!["x".into(), "y".into()],
+            ask: 3,
+        },
+        StoreOp::Probe,
+    ];
+    let call = BatchCall::build(&settings(), &batch);
+    assert_eq!(
+        call.keys,
+        [
+            "p:in:bob",
+            "p:dd:alice",
+            "p:dd:alice:old",
+            "p:loc:bob",
+            "p:in:bob",
+            "p:in:bob",
+            "p:loc:alice",
+            "p:loc:x",
+            "p:loc:y"
+        ]
+    );
+    assert_eq!(
+        &call.args[..8],
+        ["1000", "5", "86400000", "10000", "n1.5", "p:", "3", "4000"]
+    );
+    assert_eq!(
+        &call.args[8..],
+        [
+            "A",
+            "7",
+            "\"c1\"",
+            "7 1 5 4 alice\"c1\"{\"x\":1}",
+            "bob",
+            "R",
+            "5-1",
+            "D",
+            "5-2",
+            "d 7 5 3 alicebob\"c 1\"",
+            "Q",
+            "2",
+            "P"
+        ]
+    );
+}
+
+#[test]
+fn pushes_from_other_nodes_parse_exactly_or_not_at_all() {
+    // An entry, as the script publishes it: stream id, user length, user, packed message.
+    let text = format!(
+        "m 9-2 5 b b c{}",
+        pack(7, 1, "al ce", "\"c\"", "{\"k\":\" \"}")
+    );
+    let Some(Push::Entry { user, seq, msg }) = parse_push(&text) else {
+        panic!("an entry push parses");
+    };
+    assert_eq!(user, "b b c");
+    assert_eq!(seq, stream_id_to_seq("9-2").unwrap());
+    assert_eq!(
+        (msg.id, &*msg.from, &*msg.body),
+        (7, "al ce", "{\"k\":\" \"}")
+    );
+    // A delivered report round-trips through pack_delivered.
+    let r = delivered("al ice", "b");
+    let Some(Push::Delivered { id, from, to, cid }) = parse_push(&pack_delivered(&r)) else {
+        panic!("a delivered push parses");
+    };
+    assert_eq!((id, &*from, &*to, &*cid), (7, "al ice", "b", "\"c 1\""));
+    // Its reply goes to every device of the sender on the sender's home shard.
+    let StoreReply::RemoteReport(report) = parse_push(&pack_delivered(&r)).unwrap().into_reply(4)
+    else {
+        panic!("a delivered push is a report");
+    };
+    assert_eq!(
+        report.reply,
+        ReplyTo::all_devices(crate::mesh::home_shard("al ice", 4))
+    );
+    for bad in [
+        "",
+        "m",
+        "m 9-2 99 bob",
+        "x 1 2",
+        "d 1 9 9 ab",
+        "m bad 1 b7 1 0 0 ",
+    ] {
+        assert_eq!(parse_push(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn script_answers_pair_with_their_operations() {
+    let batch = vec![
+        StoreOp::Append(msg("bob")),
+        StoreOp::Append(msg("bob")),
+        StoreOp::Append(msg("bob")),
+        StoreOp::Remove {
+            user: "bob".into(),
+            seq: 1,
+            report: None,
+        },
+        StoreOp::Probe,
+    ];
+    let value = Value::Array(vec![
+        Value::Array(vec![
+            s("ok"),
+            s("9-2"),
+            Value::Integer(3),
+            Value::Integer(2),
+        ]),
+        Value::Array(vec![s("dup"), s("42")]),
+        Value::Array(vec![s("full"), Value::Integer(0), Value::Integer(5)]),
+        Value::Integer(1),
+        Value::Integer(1),
+    ]);
+    let answers = parse_batch(value, &batch).unwrap();
+    assert_eq!(
+        answers[0],
+        Answer::Appended(Ok(Appended::Stored {
+            seq: stream_id_to_seq("9-2").unwrap(),
+            expired: 3,
+            pushed: 2
+        }))
+    );
+    assert_eq!(
+        answers[1],
+        Answer::Appended(Ok(Appended::Duplicate { id: 42 }))
+    );
+    assert!(matches!(
+        answers[2],
+        Answer::Appended(Err(StoreError::Full { count: 5, .. }))
+    ));
+    assert_eq!(answers[3], Answer::Removed(true));
+    assert_eq!(answers[4], Answer::Done);
+}
+
+#[test]
+fn loads_split_the_batch_into_ordered_segments() {
+    let load = |user: &str| StoreOp::Load {
+        user: user.into(),
+        token: 1,
+        limit: 10,
+    };
+    let remove = || StoreOp::Remove {
+        user: "bob".into(),
+        seq: 1,
+        report: None,
+    };
+    let batch = vec![
+        StoreOp::Append(msg("bob")),
+        remove(),
+        load("bob"),
+        load("carol"),
+        StoreOp::Append(msg("carol")),
+        StoreOp::Lease,
+        StoreOp::Leave { user: "bob".into() },
+        StoreOp::Probe,
+    ];
+    assert_eq!(
+        plan(&batch),
+        [
+            Segment::Script(0..2),
+            Segment::Native(2),
+            Segment::Native(3),
+            Segment::Script(4..5),
+            Segment::Native(5),
+            Segment::Native(6),
+            Segment::Script(7..8)
+        ]
+    );
+    assert_eq!(plan(&[load("a")]), [Segment::Native(0)]);
+    assert_eq!(plan(&[remove(), remove()]), [Segment::Script(0..2)]);
+    assert!(plan(&[]).is_empty());
+}
+
+#[test]
+fn a_load_reads_trimmed_count_and_entries() {
+    let entry = Value::Array(vec![
+        s("9-2"),
+        Value::Array(vec![s("m"), s("7 1 5 4 alice\"c1\"{}")]),
+    ]);
+    let Answer::Loaded(Loaded { entries, expired }) =
+        parse_load(Ok(Value::Integer(2)), Ok(Value::Array(vec![entry]))).unwrap()
+    else {
+        panic!("a load answers Loaded");
+    };
+    assert_eq!(expired, 2);
+    assert_eq!(entries[0].0, stream_id_to_seq("9-2").unwrap());
+    assert_eq!(entries[0].1.from, "alice");
+    assert_eq!(&*entries[0].1.body, "{}");
+    // An empty stream reads as no entries; an error or a foreign entry fails the load.
+    assert!(matches!(
+        parse_load(Ok(Value::Integer(0)), Ok(Value::Null)),
+        Ok(Answer::Loaded(Loaded { ref entries, .. })) if entries.is_empty()
+    ));
+    assert!(parse_load(Err("boom".into()), Ok(Value::Null)).is_err());
+    let foreign = Value::Array(vec![Value::Array(vec![
+        s("9-3"),
+        Value::Array(vec![s("m"), s("not packed")]),
+    ])]);
+    assert!(parse_load(Ok(Value::Integer(0)), Ok(foreign)).is_err());
+}
+
+#[test]
+fn packed_messages_round_trip_whatever_they_hold() {
+    let m = StoredMessage {
+        id: u64::MAX,
+        from: "a b\tc".into(),
+        cid: "\"x y\"".into(),
+        ts: 17,
+        body: "{ \"t\" :\t[1, 2] }".into(),
+    };
+    let packed = |m: &StoredMessage| pack(m.id, m.ts, &m.from, &m.cid, &m.body);
+    assert_eq!(unpack(&packed(&m)), Some(m.clone()));
+    let empty_body = StoredMessage {
+        body: "".into(),
+        ..m
+    };
+    assert_eq!(unpack(&packed(&empty_body)), Some(empty_body));
+    assert_eq!(unpack("1 2 99 1 ab"), None, "lengths past the end");
+    assert_eq!(unpack("x 2 1 1 ab"), None);
+    assert_eq!(unpack(""), None);
+}
+
+#[test]
+fn a_malformed_answer_fails_the_whole_batch() {
+    let batch = vec![StoreOp::Append(msg("bob"))];
+    assert!(parse_batch(Value::Integer(1), &batch).is_err());
+    assert!(parse_batch(Value::Array(vec![]), &batch).is_err());
+    let weird = Value::Array(vec![Value::Array(vec![s("what")])]);
+    assert!(parse_batch(weird, &batch).is_err());
+}
+
+#[test]
+fn cluster_urls_are_refused_with_the_reason() {
+    assert!(check_url("redis://127.0.0.1:6379").is_ok());
+    let err = check_url("redis-cluster://127.0.0.1:7000").unwrap_err();
+    assert!(err.contains("Cluster"), "{err}");
+    assert!(check_url("not a url").is_err());
+}

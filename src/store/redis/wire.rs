@@ -1,0 +1,283 @@
+//! The text forms ringgate writes into Redis and reads back: packed messages, pushes on a
+//! node's channel, stream ids as inbox sequence numbers, and reply shapes.
+
+use std::time::Instant;
+
+use compact_str::CompactString;
+use fred::prelude::*;
+
+use super::{RoomJoinAsk, StoreReply};
+use crate::delivery::message::{Outcome, ReplyTo, Report};
+use crate::store::{InboxSeq, StoredMessage};
+
+/// work in Redis and here): `<id> <ts> <from bytes> <cid bytes> <from><cid><body>`. Lengths
+/// make it exact for any content (raw JSON may hold spaces or tabs).
+pub fn pack(id: u64, ts: u64, from: &str, cid: &str, body: &str) -> String {
+    format!("{id} {ts} {} {} {from}{cid}{body}", from.len(), cid.len())
+}
+
+/// The inverse of [`pack`]; None when the text is not one.
+pub fn unpack(text: &str) -> Option<StoredMessage> {
+    let mut head = text.splitn(5, ' ');
+    let id = head.next()?.parse().ok()?;
+    let ts = head.next()?.parse().ok()?;
+    let from_len: usize = head.next()?.parse().ok()?;
+    let cid_len: usize = head.next()?.parse().ok()?;
+    let rest = head.next()?;
+    let from = rest.get(..from_len)?;
+    let cid = rest.get(from_len..from_len + cid_len)?;
+    let body = rest.get(from_len + cid_len..)?;
+    Some(StoredMessage {
+        id,
+        from: from.into(),
+        cid: cid.into(),
+        ts,
+        body: body.into(),
+    })
+}
+
+/// A `delivered` for the sender's other nodes: `d <id> <from bytes> <to bytes> <from><to><cid>`.
+pub(super) fn pack_delivered(r: &Report) -> String {
+    format!(
+        "d {} {} {} {}{}{}",
+        r.id,
+        r.from.len(),
+        r.to.len(),
+        r.from,
+        r.to,
+        r.cid
+    )
+}
+
+/// What another node published on this node's channel.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    /// `m <stream id> <user bytes> <user><packed message>`: appended to `user`'s inbox.
+    Entry {
+        user: CompactString,
+        seq: InboxSeq,
+        msg: StoredMessage,
+    },
+    /// A device acked a message `from` sent (see `pack_delivered`).
+    Delivered {
+        id: u64,
+        from: CompactString,
+        to: CompactString,
+        cid: Box<str>,
+    },
+    /// `r <offset> <room bytes> <room><packed message>`: a room message.
+    Room {
+        room: CompactString,
+        offset: u64,
+        msg: StoredMessage,
+    },
+    /// `j <shard> <conn> <serial> <last> <recovered 0|1> <room bytes> <room>` then per
+    /// replayed message `<offset> <packed bytes> <packed>`: the answer to a room join.
+    Joined {
+        ask: RoomJoinAsk,
+        last: u64,
+        recovered: bool,
+        replay: Vec<(u64, StoredMessage)>,
+    },
+}
+
+impl Push {
+    /// The user whose home shard takes this push.
+    pub fn user(&self) -> &str {
+        match self {
+            Push::Entry { user, .. } => user,
+            Push::Delivered { from, .. } => from,
+            Push::Room { room, .. } => room,
+            Push::Joined { ask, .. } => &ask.room,
+        }
+    }
+
+    /// The answer for the user's home shard among `shards`.
+    pub fn into_reply(self, shards: usize) -> StoreReply {
+        match self {
+            Push::Entry { user, seq, msg } => StoreReply::Pushed { user, seq, msg },
+            Push::Delivered { id, from, to, cid } => {
+                let home = crate::mesh::home_shard(&from, shards);
+                StoreReply::RemoteReport(Box::new(Report {
+                    id,
+                    from,
+                    to,
+                    cid,
+                    reply: ReplyTo::all_devices(home),
+                    outcome: Outcome::Delivered,
+                    received: Instant::now(),
+                }))
+            }
+            Push::Room { room, offset, msg } => StoreReply::RoomMessage { room, offset, msg },
+            Push::Joined {
+                ask,
+                last,
+                recovered,
+                replay,
+            } => StoreReply::RoomJoinAnswer {
+                ask: Box::new(ask),
+                last,
+                recovered,
+                replay,
+            },
+        }
+    }
+}
+
+/// `<n> <rest>` -> (n, rest).
+pub(super) fn number_then(text: &str) -> Option<(u64, &str)> {
+    let (n, rest) = text.split_once(' ')?;
+    Some((n.parse().ok()?, rest))
+}
+
+/// `<len> <text of len bytes><rest>` -> (text, rest).
+pub(super) fn sized(text: &str) -> Option<(&str, &str)> {
+    let (len, rest) = number_then(text)?;
+    let len = usize::try_from(len).ok()?;
+    Some((rest.get(..len)?, rest.get(len..)?))
+}
+
+/// Parse a push; None for anything else (logged by the caller, never trusted).
+pub fn parse_push(text: &str) -> Option<Push> {
+    let (kind, rest) = text.split_once(' ')?;
+    match kind {
+        "m" => {
+            let (xid, rest) = rest.split_once(' ')?;
+            let (len, rest) = rest.split_once(' ')?;
+            let len: usize = len.parse().ok()?;
+            let user = rest.get(..len)?;
+            Some(Push::Entry {
+                user: user.into(),
+                seq: stream_id_to_seq(xid)?,
+                msg: unpack(rest.get(len..)?)?,
+            })
+        }
+        "d" => {
+            let mut head = rest.splitn(4, ' ');
+            let id = head.next()?.parse().ok()?;
+            let from_len: usize = head.next()?.parse().ok()?;
+            let to_len: usize = head.next()?.parse().ok()?;
+            let tail = head.next()?;
+            Some(Push::Delivered {
+                id,
+                from: tail.get(..from_len)?.into(),
+                to: tail.get(from_len..from_len + to_len)?.into(),
+                cid: tail.get(from_len + to_len..)?.into(),
+            })
+        }
+        "r" => {
+            let (offset, rest) = number_then(rest)?;
+            let (room, packed) = sized(rest)?;
+            Some(Push::Room {
+                room: room.into(),
+                offset,
+                msg: unpack(packed)?,
+            })
+        }
+        "j" => {
+            let (shard, rest) = number_then(rest)?;
+            let (conn, rest) = number_then(rest)?;
+            let (serial, rest) = number_then(rest)?;
+            let (last, rest) = number_then(rest)?;
+            let (recovered, rest) = number_then(rest)?;
+            let (room, mut rest) = sized(rest)?;
+            let mut replay = Vec::new();
+            while !rest.is_empty() {
+                let (offset, tail) = number_then(rest)?;
+                let (packed, tail) = sized(tail)?;
+                replay.push((offset, unpack(packed)?));
+                rest = tail;
+            }
+            Some(Push::Joined {
+                ask: RoomJoinAsk {
+                    room: room.into(),
+                    since: None,
+                    shard: usize::try_from(shard).ok()?,
+                    conn: usize::try_from(conn).ok()?,
+                    serial: u32::try_from(serial).ok()?,
+                },
+                last,
+                recovered: recovered == 1,
+                replay,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// This node run's name: `node_id` and the process start in ms (decided once per process).
+pub fn node_run_id(node_id: &str) -> String {
+    static STARTED_MS: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let ms = STARTED_MS.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    });
+    format!("{node_id}.{ms}")
+}
+
+/// One `XRANGE` entry: `[id, ["m", packed]]`.
+pub(super) fn parse_entry(entry: Value) -> Result<(InboxSeq, StoredMessage), String> {
+    let mut parts = array(entry)?.into_iter();
+    let id_value = parts.next().ok_or("entry: no id")?;
+    let xid = text_ref(&id_value).ok_or("entry: no id")?;
+    let seq = stream_id_to_seq(xid).ok_or_else(|| format!("bad stream id {xid}"))?;
+    let fields = array(parts.next().ok_or("entry: no fields")?)?;
+    let packed = fields.get(1).and_then(text_ref).ok_or("entry: no value")?;
+    let msg = unpack(packed).ok_or_else(|| format!("entry {xid} is not a ringgate message"))?;
+    Ok((seq, msg))
+}
+
+pub(super) fn array(v: Value) -> Result<Vec<Value>, String> {
+    match v {
+        Value::Array(items) => Ok(items),
+        Value::Null => Ok(Vec::new()),
+        other => Err(format!("expected an array, got {other:?}")),
+    }
+}
+
+pub(super) fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.to_string()),
+        Value::Bytes(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+        Value::Integer(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// Like [`text`], borrowed (the replay path reads every entry through it).
+pub(super) fn text_ref(v: &Value) -> Option<&str> {
+    match v {
+        Value::String(s) => Some(s),
+        Value::Bytes(b) => std::str::from_utf8(b).ok(),
+        _ => None,
+    }
+}
+
+pub(super) fn integer(v: &Value) -> Option<u64> {
+    match v {
+        Value::Integer(i) => u64::try_from(*i).ok(),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// Bits of an [`InboxSeq`] that hold the stream id's sequence part.
+pub(super) const SEQ_BITS: u32 = 20;
+
+/// `ms-n` -> one increasing u64 (`ms << 20 | n`). Redis assigns `n` per millisecond per
+/// stream; a million entries to one user's stream within one millisecond is not a case.
+pub fn stream_id_to_seq(id: &str) -> Option<InboxSeq> {
+    let (ms, n) = id.split_once('-')?;
+    let (ms, n) = (ms.parse::<u64>().ok()?, n.parse::<u64>().ok()?);
+    (n < (1 << SEQ_BITS) && ms < (1 << (64 - SEQ_BITS))).then_some((ms << SEQ_BITS) | n)
+}
+
+/// The inverse of [`stream_id_to_seq`].
+pub fn seq_to_stream_id(seq: InboxSeq) -> String {
+    format!("{}-{}", seq >> SEQ_BITS, seq & ((1 << SEQ_BITS) - 1))
+}
+
+/// Milliseconds since the Unix epoch at which Redis appended the entry `seq`.
+pub fn seq_time_ms(seq: InboxSeq) -> u64 {
+    seq >> SEQ_BITS
+}
