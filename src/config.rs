@@ -337,10 +337,13 @@ impl ConfigLayer {
             return Err(invalid("redis_timeout_ms", "must be at least 10"));
         }
         let redis_key_prefix = self.redis_key_prefix.unwrap_or_else(|| "rg:".into());
-        if redis_key_prefix.len() > 64 || redis_key_prefix.contains(char::is_whitespace) {
+        // Braces would start a Redis Cluster hash tag in the prefix (every key in one slot).
+        if redis_key_prefix.len() > 64
+            || redis_key_prefix.contains(|c: char| c.is_whitespace() || c == '{' || c == '}')
+        {
             return Err(invalid(
                 "redis_key_prefix",
-                "must be at most 64 characters, without spaces",
+                "must be at most 64 characters, without spaces or braces",
             ));
         }
         let node_lease_ms = self.node_lease_ms.unwrap_or(10_000);

@@ -3,7 +3,8 @@
 //! user on another node (and `delivered` comes back once), devices of one user on two nodes
 //! each get every message, presence answers across nodes and forgets a SIGKILLed node, a
 //! SIGKILLed node's users reconnect elsewhere and get every unacked message exactly once, and
-//! the node channel comes back after a Redis restart.
+//! the node channel comes back after a Redis restart. Each case runs on one `redis-server`
+//! and again on a Redis Cluster of three primaries.
 
 mod common;
 
@@ -16,6 +17,36 @@ use serde_json::{json, Value};
 
 const LEASE_MS: &str = "900";
 const API_KEY: &str = "cluster-test-key";
+
+/// Every case runs twice: on one `redis-server`, and on a Redis Cluster of three primaries
+/// (users' and rooms' keys then spread over the three, see `store/redis/keys.rs`).
+macro_rules! on_standalone_and_cluster {
+    ($($case:ident),* $(,)?) => {
+        $(mod $case {
+            #[test]
+            fn standalone() {
+                super::$case(super::RedisServer::start());
+            }
+            #[test]
+            fn redis_cluster() {
+                super::$case(super::RedisServer::start_cluster());
+            }
+        })*
+    };
+}
+
+on_standalone_and_cluster!(
+    inboxes_of_many_users_survive_a_sigkilled_node_and_resends_are_deduplicated,
+    a_direct_message_reaches_a_user_on_another_node_and_delivered_comes_back,
+    devices_of_one_user_on_two_nodes_each_get_every_message_and_it_is_delivered_once,
+    a_user_offline_everywhere_gets_the_inbox_on_whichever_node_it_connects_to,
+    presence_answers_across_nodes_and_forgets_a_sigkilled_node,
+    users_of_a_sigkilled_node_reconnect_elsewhere_and_get_every_unacked_message_once,
+    pushes_between_nodes_resume_after_redis_restarts,
+    a_room_publish_reaches_members_on_every_node_and_shard_in_order,
+    join_with_since_recovers_across_nodes_and_says_when_history_is_too_short,
+    a_node_whose_members_all_left_is_no_longer_pushed_the_room,
+);
 
 fn api_presence(gw: &Gateway, query: &str) -> (u16, String) {
     let auth = format!("Authorization: Bearer {API_KEY}");
@@ -85,9 +116,7 @@ fn accepted_and_delivered(ws: &mut Ws, cid: &str) -> (Value, Value) {
     (accepted.unwrap(), delivered.unwrap())
 }
 
-#[test]
-fn a_direct_message_reaches_a_user_on_another_node_and_delivered_comes_back() {
-    let redis = RedisServer::start();
+fn a_direct_message_reaches_a_user_on_another_node_and_delivered_comes_back(redis: RedisServer) {
     let (a, b) = (node(&redis, "a"), node(&redis, "b"));
     let (mut alice, _) = connect_app(&a, "alice");
     let (mut bob, _) = connect_app(&b, "bob");
@@ -113,7 +142,8 @@ fn a_direct_message_reaches_a_user_on_another_node_and_delivered_comes_back() {
     assert!(frames_before_pong(&mut alice).is_empty());
     assert!(frames_before_pong(&mut bob).is_empty());
     assert!(
-        eventually(Duration::from_secs(5), || redis.int(&["XLEN", "rg:in:bob"])
+        eventually(Duration::from_secs(5), || redis
+            .int(&["XLEN", "rg:in:{u:bob}"])
             == 0),
         "acked entries leave Redis"
     );
@@ -132,9 +162,9 @@ fn a_direct_message_reaches_a_user_on_another_node_and_delivered_comes_back() {
     assert_eq!(b.admin_get("/readyz").0, 200);
 }
 
-#[test]
-fn devices_of_one_user_on_two_nodes_each_get_every_message_and_it_is_delivered_once() {
-    let redis = RedisServer::start();
+fn devices_of_one_user_on_two_nodes_each_get_every_message_and_it_is_delivered_once(
+    redis: RedisServer,
+) {
     let (a, b) = (node(&redis, "a"), node(&redis, "b"));
     let (mut alice, _) = connect_app(&a, "alice");
     let (mut phone, _) = connect_app(&a, "bob&device=phone");
@@ -178,12 +208,10 @@ fn devices_of_one_user_on_two_nodes_each_get_every_message_and_it_is_delivered_o
     );
     assert_eq!(cids.len(), n);
     assert!(delivered.iter().all(|d| d["op"] == "delivered"));
-    assert_eq!(redis.int(&["XLEN", "rg:in:bob"]), 0);
+    assert_eq!(redis.int(&["XLEN", "rg:in:{u:bob}"]), 0);
 }
 
-#[test]
-fn a_user_offline_everywhere_gets_the_inbox_on_whichever_node_it_connects_to() {
-    let redis = RedisServer::start();
+fn a_user_offline_everywhere_gets_the_inbox_on_whichever_node_it_connects_to(redis: RedisServer) {
     let (a, b) = (node(&redis, "a"), node(&redis, "b"));
     let (mut alice, _) = connect_app(&a, "alice");
     for i in 0..3 {
@@ -195,9 +223,56 @@ fn a_user_offline_everywhere_gets_the_inbox_on_whichever_node_it_connects_to() {
     assert_eq!(cids, ["o0", "o1", "o2"]);
 }
 
-#[test]
-fn presence_answers_across_nodes_and_forgets_a_sigkilled_node() {
-    let redis = RedisServer::start();
+/// Many users (so, in a cluster, keys in many slots on every primary, and script calls that
+/// carry several slots): offline inboxes survive the SIGKILL of the node that stored them, a
+/// resend after it gets the first id back, and every user replays exactly its own messages.
+fn inboxes_of_many_users_survive_a_sigkilled_node_and_resends_are_deduplicated(redis: RedisServer) {
+    const USERS: usize = 30;
+    let mut a = node(&redis, "a");
+    let (mut sender, _) = connect_app(&a, "sender");
+    let mut first_ids = std::collections::HashMap::new();
+    for round in 0..3 {
+        for u in 0..USERS {
+            send(
+                &mut sender,
+                &format!("r{u}"),
+                &format!("c{u}.{round}"),
+                json!(round),
+            );
+        }
+        for _ in 0..USERS {
+            let v = next_op(&mut sender, "accepted");
+            first_ids.insert(v["cid"].as_str().unwrap().to_string(), v["id"].clone());
+        }
+    }
+    assert_eq!(first_ids.len(), 3 * USERS);
+    if redis.keys_per_server().len() > 1 {
+        let per_server = redis.keys_per_server();
+        assert!(
+            per_server.iter().all(|&n| n > 0),
+            "keys on every primary: {per_server:?}"
+        );
+    }
+    a.sigkill();
+    let b = node(&redis, "b");
+    let (mut sender, _) = connect_app(&b, "sender");
+    for u in (0..USERS).step_by(7) {
+        let cid = format!("c{u}.1");
+        send(&mut sender, &format!("r{u}"), &cid, json!("again"));
+        let v = next_op(&mut sender, "accepted");
+        assert_eq!(v["cid"], cid.as_str());
+        assert_eq!(v["id"], first_ids[&cid], "the first id for a resent cid");
+    }
+    for u in 0..USERS {
+        let (_r, msgs) = connect_replay(&b, &format!("/ws?user=r{u}"));
+        let cids: Vec<&str> = msgs.iter().map(|m| m["cid"].as_str().unwrap()).collect();
+        let want: Vec<String> = (0..3).map(|round| format!("c{u}.{round}")).collect();
+        assert_eq!(cids, want, "r{u} replays its own three, in order, once");
+        assert!(msgs.iter().all(|m| m["body"] != "again"));
+    }
+}
+
+fn presence_answers_across_nodes_and_forgets_a_sigkilled_node(redis: RedisServer) {
     let (a, mut b) = (node(&redis, "a"), node(&redis, "b"));
     let (mut alice, _) = connect_app(&a, "alice");
     let (_carol, _) = connect_app(&b, "carol");
@@ -218,14 +293,14 @@ fn presence_answers_across_nodes_and_forgets_a_sigkilled_node() {
     assert!(eventually(Duration::from_secs(5), || {
         presence(&mut alice, &["carol"]) == json!({"carol": false})
     }));
-    assert_eq!(redis.int(&["SCARD", "rg:loc:carol"]), 0);
+    assert_eq!(redis.int(&["SCARD", "rg:loc:{u:carol}"]), 0);
     let (_, body) = api_presence(&a, "user=carol");
     assert!(body.contains(r#""carol":false"#), "{body}");
 }
 
-#[test]
-fn users_of_a_sigkilled_node_reconnect_elsewhere_and_get_every_unacked_message_once() {
-    let redis = RedisServer::start();
+fn users_of_a_sigkilled_node_reconnect_elsewhere_and_get_every_unacked_message_once(
+    redis: RedisServer,
+) {
     let (a, mut b) = (node(&redis, "a"), node(&redis, "b"));
     let (mut alice, _) = connect_app(&a, "alice");
     let (mut bob, _) = connect_app(&b, "bob");
@@ -243,7 +318,7 @@ fn users_of_a_sigkilled_node_reconnect_elsewhere_and_get_every_unacked_message_o
     }
     ack(&mut bob, seq_of(&msgs[9]));
     assert!(eventually(Duration::from_secs(5), || {
-        redis.int(&["XLEN", "rg:in:bob"]) == 10
+        redis.int(&["XLEN", "rg:in:{u:bob}"]) == 10
     }));
     b.sigkill();
     drop(bob);
@@ -272,9 +347,7 @@ fn users_of_a_sigkilled_node_reconnect_elsewhere_and_get_every_unacked_message_o
     assert_eq!(again["id"], ids[3]);
 }
 
-#[test]
-fn pushes_between_nodes_resume_after_redis_restarts() {
-    let mut redis = RedisServer::start();
+fn pushes_between_nodes_resume_after_redis_restarts(mut redis: RedisServer) {
     let (a, b) = (node(&redis, "a"), node(&redis, "b"));
     let (mut alice, _) = connect_app(&a, "alice");
     let (mut bob, _) = connect_app(&b, "bob");
@@ -335,9 +408,7 @@ fn offsets(frames: &[Value]) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn a_room_publish_reaches_members_on_every_node_and_shard_in_order() {
-    let redis = RedisServer::start();
+fn a_room_publish_reaches_members_on_every_node_and_shard_in_order(redis: RedisServer) {
     let (a, b) = (node(&redis, "a"), node(&redis, "b"));
     // Members spread over both nodes and (by their names) both shards of each.
     let mut members: Vec<Ws> = Vec::new();
@@ -379,12 +450,10 @@ fn a_room_publish_reaches_members_on_every_node_and_shard_in_order() {
     let (again, _) = publish(&mut publisher, "lobby", "p1", json!(1));
     assert_eq!(again["offset"].as_u64(), Some(accepted[1]));
     assert!(frames_before_pong(&mut members[0]).is_empty());
-    assert_eq!(redis.int(&["XLEN", "rg:rh:lobby"]), 6);
+    assert_eq!(redis.int(&["XLEN", "rg:rh:{r:lobby}"]), 6);
 }
 
-#[test]
-fn join_with_since_recovers_across_nodes_and_says_when_history_is_too_short() {
-    let redis = RedisServer::start();
+fn join_with_since_recovers_across_nodes_and_says_when_history_is_too_short(redis: RedisServer) {
     let extra = ["--room-history-max", "5"];
     let (a, b) = (
         node_with(&redis, "a", &extra),
@@ -424,17 +493,15 @@ fn join_with_since_recovers_across_nodes_and_says_when_history_is_too_short() {
     assert_eq!(offsets(&live), (seen + 4..=seen + 11).collect::<Vec<_>>());
 }
 
-#[test]
-fn a_node_whose_members_all_left_is_no_longer_pushed_the_room() {
-    let redis = RedisServer::start();
+fn a_node_whose_members_all_left_is_no_longer_pushed_the_room(redis: RedisServer) {
     let (a, b) = (node(&redis, "a"), node(&redis, "b"));
     let (mut member, _) = connect_app(&b, "member");
     join(&mut member, "quiet", None);
-    assert_eq!(redis.int(&["SCARD", "rg:rn:quiet"]), 1);
+    assert_eq!(redis.int(&["SCARD", "rg:rn:{r:quiet}"]), 1);
     send_text(&mut member, r#"{"op":"leave","room":"quiet"}"#);
     assert_eq!(next_op(&mut member, "left")["room"], "quiet");
     assert!(eventually(Duration::from_secs(5), || {
-        redis.int(&["SCARD", "rg:rn:quiet"]) == 0
+        redis.int(&["SCARD", "rg:rn:{r:quiet}"]) == 0
     }));
     let (mut publisher, _) = connect_app(&a, "talker");
     publish(&mut publisher, "quiet", "q", json!("nobody hears"));

@@ -2,6 +2,7 @@
 //! library) send to each other, read, lose their connections and move between the nodes at
 //! random; in the end every message was stored once and displayed exactly once, in send order
 //! per sender and recipient, whichever nodes the two ends were on. Seeded (`RINGGATE_SEED`).
+//! Runs on one `redis-server` and on a Redis Cluster of three primaries.
 
 mod common;
 
@@ -32,10 +33,18 @@ fn node(redis: &RedisServer, id: &str) -> Gateway {
 
 #[test]
 fn clients_moving_between_nodes_see_every_message_once_in_order() {
+    clients_move_between_nodes(RedisServer::start(), "one redis-server");
+}
+
+#[test]
+fn on_a_redis_cluster_clients_moving_between_nodes_see_every_message_once_in_order() {
+    clients_move_between_nodes(RedisServer::start_cluster(), "a Redis Cluster of 3");
+}
+
+fn clients_move_between_nodes(redis: RedisServer, store: &str) {
     let seed = test_seed(0xc105_7e40_0000_0007);
-    eprintln!("cluster randomized test seed {seed} (set RINGGATE_SEED to replay)");
+    eprintln!("cluster randomized test on {store}, seed {seed} (set RINGGATE_SEED to replay)");
     let mut rng = Rng(seed);
-    let redis = RedisServer::start();
     let nodes = [node(&redis, "a"), node(&redis, "b")];
     let urls: Vec<String> = nodes.iter().map(|n| n.url("/ws")).collect();
     const USERS: usize = 6;

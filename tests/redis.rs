@@ -23,7 +23,7 @@ fn gateway(redis: &RedisServer, extra: &[&str]) -> Gateway {
 }
 
 fn stream_len(redis: &RedisServer, user: &str) -> i64 {
-    redis.int(&["XLEN", &format!("rg:in:{user}")])
+    redis.int(&["XLEN", &format!("rg:in:{{u:{user}}}")])
 }
 
 /// Send `n` messages with cids `{prefix}{i}` and wait for each `accepted`; returns the ids.
@@ -140,25 +140,20 @@ fn a_cid_in_the_older_dedup_generation_is_still_a_duplicate() {
     let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
     // As if a rotation (after 24 h and 10,000 cids) moved "old" into the older generation
     // and started a new one that knows about it.
-    redis.cli(&["HSET", &format!("rg:dd:{alice}:old"), "\"old\"", "4242"]);
+    // The window of what alice sent to bob (per pair, in bob's hash slot).
+    let current = format!("rg:dd:{}:{{u:{bob}}}:{alice}", bob.len());
+    let older = format!("rg:dd-old:{}:{{u:{bob}}}:{alice}", bob.len());
+    redis.cli(&["HSET", &older, "\"old\"", "4242"]);
     let born = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis())
     .to_string();
-    redis.cli(&[
-        "HSET",
-        &format!("rg:dd:{alice}"),
-        "~born",
-        &born,
-        "~old",
-        "1",
-    ]);
+    redis.cli(&["HSET", &current, "~born", &born, "~old", "1"]);
     let (mut a, _) = connect_app(&gw, &alice);
     send(&mut a, &bob, "old", json!(1));
     assert_eq!(id_of(&next_op(&mut a, "accepted")), 4242, "the first id");
     assert_eq!(stream_len(&redis, &bob), 0, "not stored again");
-    let current = format!("rg:dd:{alice}");
     assert_eq!(
         redis.cli(&["HEXISTS", &current, "\"old\""]).trim(),
         "0",
@@ -217,7 +212,7 @@ fn the_count_cap_refuses_and_the_age_cap_trims_with_a_ttl() {
     assert_eq!(err["code"], "unavailable");
     assert_eq!(err["cid"], "c3");
     assert_eq!(stream_len(&redis, &bob), 3, "nothing dropped to make room");
-    let ttl = redis.int(&["PTTL", &format!("rg:in:{bob}")]);
+    let ttl = redis.int(&["PTTL", &format!("rg:in:{{u:{bob}}}")]);
     assert!(
         ttl > 0 && ttl <= 3000,
         "stream TTL is twice the age cap: {ttl}"
@@ -422,20 +417,25 @@ fn a_gateway_starts_without_redis_and_refuses_only_what_needs_it() {
 }
 
 #[test]
-fn cluster_urls_are_refused_at_start_with_the_reason() {
-    let out = run_ringgate(
-        &[
-            "config",
-            "--print",
-            "--redis-url",
-            "redis-cluster://127.0.0.1:7000",
-        ],
-        &[],
-    );
+fn redis_urls_and_key_prefixes_are_checked_at_start_with_the_reason() {
+    let print = |extra: &[&str]| {
+        let mut args = vec!["config", "--print"];
+        args.extend_from_slice(extra);
+        run_ringgate(&args, &[])
+    };
+    let cluster = "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001";
+    let out = print(&["--redis-url", cluster]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(cluster));
+    let out = print(&["--redis-url", "not a url"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("redis_url"));
+    // A brace in the prefix would start a hash tag: a cluster would put every key in one slot.
+    let out = print(&["--redis-url", cluster, "--redis-key-prefix", "{rg}:"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("redis_url") && err.contains("Cluster"),
+        err.contains("redis_key_prefix") && err.contains("braces"),
         "{err}"
     );
     let out = run_ringgate(
@@ -561,7 +561,7 @@ fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
     // Nothing of phase B/C is in Redis. (The first send of the outage, refused when the
     // connection broke, may have been written once Redis was back: an uncertain write, which
     // bob's client drops by cid because l0 was shown to him live.)
-    let stored = redis.cli(&["XRANGE", &format!("rg:in:{bob}"), "-", "+"]);
+    let stored = redis.cli(&["XRANGE", &format!("rg:in:{{u:{bob}}}"), "-", "+"]);
     assert!(!stored.contains("\"h"), "{stored}");
 
     // D: bob leaves without acking: his live entries go to Redis in order and are accepted.
@@ -571,7 +571,7 @@ fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
         assert_eq!(spilled[c], "accepted", "{c}");
     }
     assert_eq!(gw.metric_sum("ringgate_live_spilled_total"), 3);
-    let stored = redis.cli(&["XRANGE", &format!("rg:in:{bob}"), "-", "+"]);
+    let stored = redis.cli(&["XRANGE", &format!("rg:in:{{u:{bob}}}"), "-", "+"]);
     assert_eq!(stored.matches("\"h").count(), 3, "{stored}");
     // Alice resends what was refused; bob reconnects and gets everything not acked, in the
     // order it was accepted (h2, h3, h6 were shown before: his client drops them by cid).

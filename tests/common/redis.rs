@@ -1,15 +1,19 @@
 //! A real `redis-server` per test, on a free loopback port, with append-only persistence
 //! (`appendfsync always`, what the README tells operators), so a test can kill it with
-//! SIGKILL and start it again on the same data.
+//! SIGKILL and start it again on the same data. [`RedisServer::start_cluster`] starts a
+//! Redis Cluster of three primaries instead (made with `redis-cli --cluster create`), which
+//! the same calls drive: `kill` and `restart` act on all three, `cli` follows redirections.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
-    child: Option<Child>,
-    pub port: u16,
+    children: Vec<Child>,
+    /// One port per server (three in a cluster).
+    ports: Vec<u16>,
     dir: PathBuf,
+    cluster: bool,
 }
 
 fn require(cmd: &str) {
@@ -25,47 +29,114 @@ fn require(cmd: &str) {
     );
 }
 
-impl RedisServer {
-    pub fn start() -> RedisServer {
-        require("redis-server");
-        require("redis-cli");
+/// A free loopback port; in a cluster its bus port (+10,000) must be free too.
+fn free_port(with_bus: bool) -> u16 {
+    loop {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let dir =
-            std::env::temp_dir().join(format!("ringgate-redis-{}-{port}", std::process::id()));
+        if !with_bus {
+            return port;
+        }
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_with(1, false)
+    }
+
+    /// Three primaries, no replicas, every slot assigned; returns once the cluster is ok.
+    pub fn start_cluster() -> RedisServer {
+        Self::start_with(3, true)
+    }
+
+    fn start_with(count: usize, cluster: bool) -> RedisServer {
+        require("redis-server");
+        require("redis-cli");
+        let ports: Vec<u16> = (0..count).map(|_| free_port(cluster)).collect();
+        let dir = std::env::temp_dir().join(format!(
+            "ringgate-redis-{}-{}",
+            std::process::id(),
+            ports[0]
+        ));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        for port in &ports {
+            std::fs::create_dir_all(dir.join(port.to_string())).unwrap();
+        }
         let mut server = RedisServer {
-            child: None,
-            port,
+            children: Vec::new(),
+            ports,
             dir,
+            cluster,
         };
         server.restart();
+        if cluster {
+            let nodes: Vec<String> = server
+                .ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{p}"))
+                .collect();
+            let out = Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&nodes)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output()
+                .expect("run redis-cli --cluster create");
+            assert!(
+                out.status.success(),
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            server.wait_cluster_ok();
+        }
         server
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if !self.cluster {
+            return format!("redis://127.0.0.1:{}", self.ports[0]);
+        }
+        let others: Vec<String> = self.ports[1..]
+            .iter()
+            .map(|p| format!("node=127.0.0.1:{p}"))
+            .collect();
+        format!(
+            "redis-cluster://127.0.0.1:{}?{}",
+            self.ports[0],
+            others.join("&")
+        )
     }
 
     /// SIGKILL: no shutdown save, only what the append-only file already holds survives.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        for mut child in self.children.drain(..) {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// Start (again) on the same port and data directory; returns once it answers PING.
+    /// Start (again) on the same ports and data; returns once every server answers PING (and,
+    /// in a cluster that was made, once the cluster is ok again).
     pub fn restart(&mut self) {
         self.kill();
-        let child = Command::new("redis-server")
-            .args([
+        let made = self.cluster
+            && self
+                .dir
+                .join(self.ports[0].to_string())
+                .join("nodes.conf")
+                .exists();
+        for port in self.ports.clone() {
+            let dir = self.dir.join(port.to_string());
+            let mut args: Vec<String> = [
                 "--port",
-                &self.port.to_string(),
+                &port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -75,37 +146,86 @@ impl RedisServer {
                 "--appendfsync",
                 "always",
                 "--dir",
-                self.dir.to_str().unwrap(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self.cli(&["PING"]) == "PONG" {
-                return;
+                dir.to_str().unwrap(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if self.cluster {
+                args.extend(
+                    ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+                        .iter()
+                        .map(|s| s.to_string()),
+                );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            let child = Command::new("redis-server")
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            self.children.push(child);
         }
-        panic!("redis-server on port {} did not answer PING", self.port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for port in self.ports.clone() {
+            while self.cli_at(port, &["PING"]) != "PONG" {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis-server on port {port} did not answer PING"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if made {
+            self.wait_cluster_ok();
+        }
     }
 
-    /// One command through redis-cli; its trimmed output ("" when Redis does not answer).
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
+    fn wait_cluster_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.ports.iter().all(|&p| {
+            self.cli_at(p, &["CLUSTER", "INFO"])
+                .contains("cluster_state:ok")
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster did not become ok"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cli_at(&self, port: u16, args: &[&str]) -> String {
+        let mut cmd = Command::new("redis-cli");
+        if self.cluster {
+            cmd.arg("-c");
+        }
+        let out = cmd
+            .args(["-p", &port.to_string()])
             .args(args)
             .output()
             .expect("run redis-cli");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// One command through redis-cli; its trimmed output ("" when Redis does not answer).
+    /// In a cluster it follows redirections to the server holding the key.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.cli_at(self.ports[0], args)
+    }
+
     pub fn int(&self, args: &[&str]) -> i64 {
         let out = self.cli(args);
         out.parse()
             .unwrap_or_else(|_| panic!("redis-cli {args:?} answered {out:?}"))
+    }
+
+    /// Keys held by each server (one entry off a cluster).
+    pub fn keys_per_server(&self) -> Vec<i64> {
+        self.ports
+            .iter()
+            .map(|&p| self.cli_at(p, &["DBSIZE"]).parse().unwrap_or(-1))
+            .collect()
     }
 }
 

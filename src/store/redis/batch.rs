@@ -1,10 +1,26 @@
 //! One batch of a shard's operations as one pipeline: planning (script runs and native
 //! commands, in order), the script call's keys and arguments, and pairing answers with
 //! operations.
+//!
+//! # Redis Cluster
+//! A script call may only touch keys its server holds. Every key of one user (or room) is in
+//! one slot (see `keys.rs`), and the cluster script is flagged `allow-cross-slot-keys`
+//! (Redis >= 7.0), so one call per *primary* carries all of that primary's operations of a
+//! run (it declares one key, for routing: declared keys must share a slot; the others come
+//! as arguments). What would cross servers is done from here instead, after the pipeline answered:
+//! a `delivered` for the sender's other nodes (the sender's directory entry may live
+//! elsewhere: `NOTIFY_SCRIPT` in the sender's slot), and the lease checks of presence
+//! questions and room joins (`node:<run>` keys live anywhere: `EXISTS` each, then drop dead
+//! runs from the sets that named them). Order still holds where it matters: a user's (or
+//! room's) operations go to one server, on one connection, in batch order.
+
+use std::collections::{HashMap, HashSet};
 
 use fred::interfaces::StreamsInterface;
 use fred::prelude::*;
+use fred::types::cluster::ClusterRouting;
 use fred::types::config::Options;
+use fred::types::config::Server;
 use fred::types::{ClusterHash, CustomCommand};
 
 use super::keys::*;
@@ -16,42 +32,111 @@ use crate::store::StoreError;
 
 /// The script every batch runs (the Lua text is its own file, to be read as Lua).
 pub(super) const BATCH_SCRIPT: &str = include_str!("script.lua");
+/// The same for Redis Cluster: one call may carry keys of several slots of one primary.
+const CLUSTER_SCRIPT: &str = concat!(
+    "#!lua flags=allow-cross-slot-keys\n",
+    include_str!("script.lua")
+);
+/// Cluster only: publish a `delivered` (ARGV[3]) to the sender's other runs (KEYS[1], the
+/// sender's directory entry; ARGV[1] this run, ARGV[2] the key prefix).
+const NOTIFY_SCRIPT: &str = "for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do \
+     if n ~= ARGV[1] then redis.call('PUBLISH', ARGV[2] .. 'ch:' .. n, ARGV[3]) end end \
+     return 1";
 
 /// How one batch goes to Redis, in one pipeline (one round trip), keeping the batch's order:
-/// runs of script operations (appends, removes, presence, probes) as one script call each, and
-/// the others as plain commands (a load is `SADD` + `XTRIM` + `XRANGE`: Redis answers those
-/// natively, several times faster than through Lua, which would convert every entry to a Lua
-/// table and back).
+/// runs of script operations (appends, removes, presence, probes) as one script call each
+/// (one per primary in a cluster), and the others as plain commands (a load is `SADD` +
+/// `XTRIM` + `XRANGE`: Redis answers those natively, several times faster than through Lua,
+/// which would convert every entry to a Lua table and back).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Segment {
-    Script(std::ops::Range<usize>),
+    /// Operations (indexes into the batch) for one script call.
+    Script(Vec<usize>),
     Native(usize),
 }
 
-pub(super) fn is_native(op: &StoreOp) -> bool {
-    matches!(
-        op,
-        StoreOp::Load { .. } | StoreOp::Leave { .. } | StoreOp::Lease | StoreOp::RoomLeave { .. }
-    )
+/// Operations sent as plain commands. In a cluster, a presence question too (one `SMEMBERS`
+/// per user: the users' entries are in many slots).
+pub(super) fn is_native(op: &StoreOp, cluster: bool) -> bool {
+    match op {
+        StoreOp::Load { .. }
+        | StoreOp::Leave { .. }
+        | StoreOp::Lease
+        | StoreOp::RoomLeave { .. } => true,
+        StoreOp::Presence { .. } => cluster,
+        _ => false,
+    }
 }
 
-pub(super) fn plan(batch: &[StoreOp]) -> Vec<Segment> {
+/// Split the batch into segments. `server[i]`: which server takes operation `i` (all 0 but
+/// in a cluster). Script operations join the open call of their server; a native operation
+/// closes every open call, so whatever follows it in the batch also follows it in Redis.
+pub(super) fn plan(batch: &[StoreOp], server: &[usize], cluster: bool) -> Vec<Segment> {
     let mut segments = Vec::new();
-    let mut run_start = None;
+    let mut open: Vec<(usize, usize)> = Vec::new();
     for (i, op) in batch.iter().enumerate() {
-        if is_native(op) {
-            if let Some(start) = run_start.take() {
-                segments.push(Segment::Script(start..i));
-            }
+        if is_native(op, cluster) {
+            open.clear();
             segments.push(Segment::Native(i));
-        } else if run_start.is_none() {
-            run_start = Some(i);
+            continue;
+        }
+        match open.iter().find(|(s, _)| *s == server[i]) {
+            Some(&(_, at)) => {
+                if let Segment::Script(ops) = &mut segments[at] {
+                    ops.push(i);
+                }
+            }
+            None => {
+                open.push((server[i], segments.len()));
+                segments.push(Segment::Script(vec![i]));
+            }
         }
     }
-    if let Some(start) = run_start {
-        segments.push(Segment::Script(start..batch.len()));
-    }
     segments
+}
+
+/// The key that decides an operation's server (None: any server will do).
+fn routing_key(settings: &RedisSettings, op: &StoreOp) -> Option<String> {
+    let p = &settings.key_prefix;
+    match op {
+        StoreOp::Append(m) => Some(inbox_key(p, &m.to)),
+        StoreOp::Remove { user, .. } | StoreOp::Load { user, .. } | StoreOp::Leave { user } => {
+            Some(inbox_key(p, user))
+        }
+        StoreOp::RoomPublish(post) => Some(room_nodes_key(p, &post.room)),
+        StoreOp::RoomJoin(ask) => Some(room_nodes_key(p, &ask.room)),
+        StoreOp::RoomLeave { room } => Some(room_nodes_key(p, room)),
+        StoreOp::Lease => Some(lease_key(p, &settings.node)),
+        StoreOp::Presence { .. } | StoreOp::Probe => None,
+    }
+}
+
+/// Each operation's server, as a small number (0 for every operation off a cluster).
+fn servers(
+    settings: &RedisSettings,
+    batch: &[StoreOp],
+    routing: Option<&ClusterRouting>,
+) -> Vec<usize> {
+    let Some(routing) = routing else {
+        return vec![0; batch.len()];
+    };
+    let mut known: Vec<&Server> = Vec::new();
+    batch
+        .iter()
+        .map(|op| {
+            let server = routing_key(settings, op).and_then(|k| routing.get_server(slot(&k)));
+            match server {
+                None => 0,
+                Some(s) => match known.iter().position(|k| *k == s) {
+                    Some(at) => at,
+                    None => {
+                        known.push(s);
+                        known.len() - 1
+                    }
+                },
+            }
+        })
+        .collect()
 }
 
 /// Oldest stream id a load returns: entries older are past the age cap.
@@ -62,6 +147,22 @@ pub(super) fn load_minid(settings: &RedisSettings) -> String {
     now.saturating_sub(settings.max_age_ms).to_string()
 }
 
+/// Never buffered for a later connection, never retried: a batch answered `unavailable`
+/// must not be written behind the shard's back once Redis is back (it would land after
+/// messages accepted since, out of order).
+fn once(
+    client: &Client,
+    settings: &RedisSettings,
+) -> fred::clients::Pipeline<fred::clients::WithOptions<Client>> {
+    let options = Options {
+        fail_fast: true,
+        max_attempts: Some(1),
+        timeout: Some(settings.timeout),
+        ..Options::default()
+    };
+    fred::clients::Pipeline::from(client.with_options(&options))
+}
+
 /// Send one batch; an answer (or the reason it failed) per operation. `Err`: nothing is
 /// known of the whole batch (no answer in time, or the pipeline could not be sent).
 pub(super) async fn run_batch(
@@ -69,44 +170,47 @@ pub(super) async fn run_batch(
     settings: &RedisSettings,
     batch: &[StoreOp],
 ) -> Result<Vec<Result<Answer, String>>, String> {
-    let segments = plan(batch);
-    // Never buffered for a later connection, never retried: a batch answered `unavailable`
-    // must not be written behind the shard's back once Redis is back (it would land after
-    // messages accepted since, out of order).
-    let once = Options {
-        fail_fast: true,
-        max_attempts: Some(1),
-        timeout: Some(settings.timeout),
-        ..Options::default()
+    let cluster = client.is_clustered();
+    let routing = if cluster {
+        client.cached_cluster_state()
+    } else {
+        None
     };
-    let pipeline = fred::clients::Pipeline::from(client.with_options(&once));
+    if cluster && routing.is_none() {
+        return Err("the cluster's slot map is not known yet".into());
+    }
+    let server = servers(settings, batch, routing.as_ref());
+    let segments = plan(batch, &server, cluster);
+    let pipeline = once(client, settings);
     let minid = load_minid(settings);
+    let p = &settings.key_prefix;
     let queued = |r: Result<(), Error>| r.map_err(|e| e.to_string());
     for segment in &segments {
         match segment {
-            Segment::Script(range) => {
-                let call = BatchCall::build(settings, &batch[range.clone()]);
+            Segment::Script(ops) => {
+                let ops: Vec<&StoreOp> = ops.iter().map(|&i| &batch[i]).collect();
+                let call = BatchCall::build(settings, &ops, cluster);
                 // EVAL with the text (not EVALSHA): a Redis restarted meanwhile has an empty
                 // script cache, and a NOSCRIPT in the middle of a pipeline could not be retried
-                // without reordering. The text is ~2 KB per batch of up to 1,024 operations.
+                // without reordering. The text is ~9 KB per call of up to 1,024 operations.
+                let (script, hash) = match call.keys.first() {
+                    Some(key) if cluster => (CLUSTER_SCRIPT, ClusterHash::Custom(slot(key))),
+                    _ => (BATCH_SCRIPT, ClusterHash::Random),
+                };
                 let mut args = Vec::with_capacity(2 + call.keys.len() + call.args.len());
-                args.push(BATCH_SCRIPT.to_string());
+                args.push(script.to_string());
                 args.push(call.keys.len().to_string());
                 args.extend(call.keys);
                 args.extend(call.args);
-                let eval = CustomCommand::new_static("EVAL", ClusterHash::Random, false);
+                let eval = CustomCommand::new_static("EVAL", hash, false);
                 queued(pipeline.custom(eval, args).await)?;
             }
             Segment::Native(i) => match &batch[*i] {
                 StoreOp::Load { user, limit, .. } => {
-                    let key = format!("{}in:{user}", settings.key_prefix);
+                    let key = inbox_key(p, user);
                     // Registered before the read: an append after the read sees this node
                     // in the directory and pushes the entry here (see the module doc).
-                    queued(
-                        pipeline
-                            .sadd(location_key(settings, user), &settings.node)
-                            .await,
-                    )?;
+                    queued(pipeline.sadd(location_key(p, user), &settings.node).await)?;
                     queued(
                         pipeline
                             .xtrim(key.as_str(), ("MINID", "=", minid.as_str()))
@@ -119,20 +223,20 @@ pub(super) async fn run_batch(
                     )?;
                 }
                 StoreOp::Leave { user } => {
-                    queued(
-                        pipeline
-                            .srem(location_key(settings, user), &settings.node)
-                            .await,
-                    )?;
+                    queued(pipeline.srem(location_key(p, user), &settings.node).await)?;
                 }
                 StoreOp::Lease => {
                     let lease = Expiration::PX(settings.lease_ms as i64);
-                    let key = lease_key(settings);
+                    let key = lease_key(p, &settings.node);
                     queued(pipeline.set(key, 1, Some(lease), None, true).await)?;
                 }
                 StoreOp::RoomLeave { room } => {
-                    let key = format!("{}rn:{room}", settings.key_prefix);
-                    queued(pipeline.srem(key, &settings.node).await)?;
+                    queued(pipeline.srem(room_nodes_key(p, room), &settings.node).await)?;
+                }
+                StoreOp::Presence { users, .. } => {
+                    for user in users {
+                        queued(pipeline.smembers(location_key(p, user)).await)?;
+                    }
                 }
                 _ => unreachable!("plan puts only native operations in Native segments"),
             },
@@ -147,27 +251,186 @@ pub(super) async fn run_batch(
             .next()
             .unwrap_or_else(|| Err("the pipeline answered fewer replies than it sent".into()))
     };
-    let mut answers = Vec::with_capacity(batch.len());
+    let mut answers: Vec<Option<Result<Answer, String>>> = (0..batch.len()).map(|_| None).collect();
     for segment in segments {
         match segment {
-            Segment::Script(range) => {
-                match next().and_then(|v| parse_batch(v, &batch[range.clone()])) {
-                    Ok(parsed) => answers.extend(parsed.into_iter().map(Ok)),
-                    Err(why) => answers.extend(range.map(|_| Err(why.clone()))),
+            Segment::Script(ops) => {
+                let in_call: Vec<&StoreOp> = ops.iter().map(|&i| &batch[i]).collect();
+                match next().and_then(|v| parse_batch(v, &in_call)) {
+                    Ok(parsed) => {
+                        for (i, answer) in ops.into_iter().zip(parsed) {
+                            answers[i] = Some(Ok(answer));
+                        }
+                    }
+                    Err(why) => {
+                        for i in ops {
+                            answers[i] = Some(Err(why.clone()));
+                        }
+                    }
                 }
             }
-            Segment::Native(i) => answers.push(match &batch[i] {
-                StoreOp::Load { .. } => {
-                    let (registered, trimmed, entries) = (next(), next(), next());
-                    registered.and_then(|_| parse_load(trimmed, entries))
-                }
-                // SET .. GET answers the previous value: none means the lease had lapsed.
-                StoreOp::Lease => next().map(|v| Answer::Leased(!matches!(v, Value::Null))),
-                _ => next().map(|_| Answer::Done),
-            }),
+            Segment::Native(i) => {
+                answers[i] = Some(match &batch[i] {
+                    StoreOp::Load { .. } => {
+                        let (registered, trimmed, entries) = (next(), next(), next());
+                        registered.and_then(|_| parse_load(trimmed, entries))
+                    }
+                    // SET .. GET answers the previous value: none means the lease had lapsed.
+                    StoreOp::Lease => next().map(|v| Answer::Leased(!matches!(v, Value::Null))),
+                    StoreOp::Presence { users, .. } => {
+                        let sets: Result<Vec<_>, _> =
+                            users.iter().map(|_| next().and_then(strings)).collect();
+                        sets.map(Answer::Located)
+                    }
+                    _ => next().map(|_| Answer::Done),
+                });
+            }
         }
     }
+    let mut answers: Vec<Result<Answer, String>> = answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err("no answer for an operation".into())))
+        .collect();
+    if cluster {
+        cross_server_steps(client, settings, batch, &mut answers).await;
+    }
     Ok(answers)
+}
+
+/// Cluster only: what a script call could not do across servers (see the module doc).
+/// Presence answers become `Online` here; a failure fails only the operations it concerns.
+async fn cross_server_steps(
+    client: &Client,
+    settings: &RedisSettings,
+    batch: &[StoreOp],
+    answers: &mut [Result<Answer, String>],
+) {
+    let p = &settings.key_prefix;
+    // Which sets name which other runs: presence entries and room node sets.
+    let mut named: Vec<(String, Vec<String>)> = Vec::new();
+    let notify = once(client, settings);
+    let mut notifying = false;
+    for (op, answer) in batch.iter().zip(answers.iter()) {
+        match (op, answer) {
+            (StoreOp::Presence { users, .. }, Ok(Answer::Located(sets))) => {
+                for (user, runs) in users.iter().zip(sets) {
+                    named.push((location_key(p, user), runs.clone()));
+                }
+            }
+            (StoreOp::RoomJoin(ask), Ok(Answer::RoomRuns(runs))) => {
+                named.push((room_nodes_key(p, &ask.room), runs.clone()));
+            }
+            (
+                StoreOp::Remove {
+                    report: Some(r), ..
+                },
+                Ok(Answer::Removed(true)),
+            ) => {
+                let loc = location_key(p, &r.from);
+                let hash = ClusterHash::Custom(slot(&loc));
+                let eval = CustomCommand::new_static("EVAL", hash, false);
+                let args = vec![
+                    NOTIFY_SCRIPT.to_string(),
+                    "1".into(),
+                    loc,
+                    settings.node.clone(),
+                    p.clone(),
+                    pack_delivered(r),
+                ];
+                notifying |= notify.custom::<(), _>(eval, args).await.is_ok();
+            }
+            _ => {}
+        }
+    }
+    if notifying {
+        // At most once, like every push: a lost one is a `delivered` the sender's other
+        // nodes do not show (the sender's own node reports from the answer).
+        if let Err(e) = notify
+            .try_all::<Value>()
+            .await
+            .into_iter()
+            .find_map(Result::err)
+            .map_or(Ok(()), Err)
+        {
+            tracing::warn!(error = %e, "cluster: a `delivered` for another node was not published");
+        }
+    }
+    let live = if named.is_empty() {
+        Ok(HashSet::new())
+    } else {
+        live_runs(client, settings, &named).await
+    };
+    for (op, answer) in batch.iter().zip(answers.iter_mut()) {
+        let located = match answer {
+            Ok(Answer::Located(sets)) => std::mem::take(sets),
+            Ok(Answer::RoomRuns(_)) => {
+                *answer = Ok(Answer::Done);
+                continue;
+            }
+            _ => continue,
+        };
+        *answer = match (&live, op) {
+            (Ok(live), StoreOp::Presence { .. }) => Ok(Answer::Online(
+                located
+                    .iter()
+                    .map(|runs| runs.iter().any(|r| *r != settings.node && live.contains(r)))
+                    .collect(),
+            )),
+            (Err(why), _) => Err(why.clone()),
+            _ => Err("presence answer for another operation".into()),
+        };
+    }
+}
+
+/// Cluster only: which of the runs other than this one named in `named` hold a lease; the
+/// others are removed from the sets that named them (they only cost pushes nobody hears).
+async fn live_runs(
+    client: &Client,
+    settings: &RedisSettings,
+    named: &[(String, Vec<String>)],
+) -> Result<HashSet<String>, String> {
+    let p = &settings.key_prefix;
+    let mut runs: Vec<&String> = named
+        .iter()
+        .flat_map(|(_, r)| r)
+        .filter(|r| **r != settings.node)
+        .collect();
+    runs.sort();
+    runs.dedup();
+    let mut live = HashSet::new();
+    if runs.is_empty() {
+        return Ok(live);
+    }
+    let exists = once(client, settings);
+    for run in &runs {
+        exists
+            .exists::<(), _>(lease_key(p, run))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let found = exists.try_all::<Value>().await;
+    let mut dead = HashSet::new();
+    for (run, found) in runs.iter().zip(found) {
+        match found.map_err(|e| e.to_string())? {
+            Value::Integer(1) => live.insert((*run).clone()),
+            _ => dead.insert((*run).clone()),
+        };
+    }
+    if !dead.is_empty() {
+        let mut drop: HashMap<&str, Vec<&String>> = HashMap::new();
+        for (set, named_runs) in named {
+            drop.entry(set)
+                .or_default()
+                .extend(named_runs.iter().filter(|r| dead.contains(*r)));
+        }
+        let cleanup = once(client, settings);
+        for (set, gone) in drop.into_iter().filter(|(_, g)| !g.is_empty()) {
+            let gone: Vec<String> = gone.into_iter().cloned().collect();
+            let _ = cleanup.srem::<(), _, _>(set, gone).await;
+        }
+        let _ = cleanup.try_all::<Value>().await;
+    }
+    Ok(live)
 }
 
 pub(super) fn parse_load(
@@ -193,10 +456,10 @@ pub(super) struct BatchCall {
 }
 
 impl BatchCall {
-    pub(super) fn build(settings: &RedisSettings, batch: &[StoreOp]) -> BatchCall {
+    pub(super) fn build(settings: &RedisSettings, batch: &[&StoreOp], cluster: bool) -> BatchCall {
         let p = &settings.key_prefix;
         let mut keys = Vec::with_capacity(batch.len() * 4);
-        let mut args = Vec::with_capacity(6 + batch.len() * 6);
+        let mut args = Vec::with_capacity(9 + batch.len() * 6);
         args.push(settings.max_age_ms.to_string());
         args.push(settings.max_messages.to_string());
         args.push(DEDUP_MIN_AGE_MS.to_string());
@@ -205,13 +468,15 @@ impl BatchCall {
         args.push(p.clone());
         args.push(settings.room_history_max.to_string());
         args.push(settings.room_history_age_ms.to_string());
+        args.push("0".into()); // keys passed in ARGV: none (see below for a cluster)
         for op in batch {
             match op {
                 StoreOp::Append(m) => {
-                    keys.push(format!("{p}in:{}", m.to));
-                    keys.push(format!("{p}dd:{}", m.from));
-                    keys.push(format!("{p}dd:{}:old", m.from));
-                    keys.push(location_key(settings, &m.to));
+                    let (current, older) = dedup_keys(p, &m.to, &m.from);
+                    keys.push(inbox_key(p, &m.to));
+                    keys.push(current);
+                    keys.push(older);
+                    keys.push(location_key(p, &m.to));
                     args.push("A".into());
                     args.push(m.id.to_string());
                     args.push(m.cid.to_string());
@@ -219,27 +484,29 @@ impl BatchCall {
                     args.push(m.to.to_string());
                 }
                 StoreOp::Remove { user, seq, report } => {
-                    keys.push(format!("{p}in:{user}"));
+                    keys.push(inbox_key(p, user));
                     match report {
-                        Some(r) => {
-                            keys.push(location_key(settings, &r.from));
+                        // In a cluster the sender's entry may live on another server: the
+                        // `delivered` is published after the answer (cross_server_steps).
+                        Some(r) if !cluster => {
+                            keys.push(location_key(p, &r.from));
                             args.push("D".into());
                             args.push(seq_to_stream_id(*seq));
                             args.push(pack_delivered(r));
                         }
-                        None => {
+                        _ => {
                             args.push("R".into());
                             args.push(seq_to_stream_id(*seq));
                         }
                     }
                 }
                 StoreOp::Presence { users, .. } => {
-                    keys.extend(users.iter().map(|u| location_key(settings, u)));
+                    keys.extend(users.iter().map(|u| location_key(p, u)));
                     args.push("Q".into());
                     args.push(users.len().to_string());
                 }
                 StoreOp::RoomPublish(post) => {
-                    room_keys(&mut keys, p, &post.room);
+                    keys.extend(room_keys(p, &post.room));
                     args.push("B".into());
                     args.push(post.room.to_string());
                     args.push(post.id.to_string());
@@ -248,7 +515,7 @@ impl BatchCall {
                     args.push(pack(post.id, post.ts, &post.from, &post.cid, &post.body));
                 }
                 StoreOp::RoomJoin(ask) => {
-                    room_keys(&mut keys, p, &ask.room);
+                    keys.extend(room_keys(p, &ask.room));
                     args.push("J".into());
                     args.push(ask.room.to_string());
                     args.push(ask.since.map_or_else(|| "-".into(), |s| s.to_string()));
@@ -262,6 +529,15 @@ impl BatchCall {
                     unreachable!("native operations are not script operations (see plan)")
                 }
             }
+        }
+        if cluster {
+            // Declared keys must share one slot (else CROSSSLOT, whatever the script's flags):
+            // declare the first (it routes the call and is checked to be served there), pass
+            // them all after the count in ARGV[9]; the script reads its keys from there.
+            args[8] = keys.len().to_string();
+            let all = std::mem::take(&mut keys);
+            keys.extend(all.first().cloned());
+            args.splice(9..9, all);
         }
         BatchCall { keys, args }
     }
@@ -278,6 +554,10 @@ pub(super) enum Answer {
     Published(Result<(u64, u64), StoreError>),
     /// The lease was still held (false: it had lapsed; see [`StoreReply::Resync`]).
     Leased(bool),
+    /// Cluster, until the leases are checked: each asked user's directory entry.
+    Located(Vec<Vec<String>>),
+    /// Cluster, until the leases are checked: a joined room's other runs.
+    RoomRuns(Vec<String>),
     Done,
 }
 
@@ -325,7 +605,7 @@ pub(super) fn op_name(op: &StoreOp) -> &'static str {
 }
 
 /// Pair the script's answers with the batch; any shape mismatch fails the whole batch.
-pub(super) fn parse_batch(value: Value, batch: &[StoreOp]) -> Result<Vec<Answer>, String> {
+pub(super) fn parse_batch(value: Value, batch: &[&StoreOp]) -> Result<Vec<Answer>, String> {
     let Value::Array(items) = value else {
         return Err(format!("script answered {value:?}, not an array"));
     };
@@ -397,6 +677,14 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
             let (id, offset) =
                 parsed.ok_or_else(|| format!("room publish: bad answer {pair:?}"))?;
             Ok(Answer::Published(Ok((id, offset))))
+        }
+        // In a cluster, a join answers the room's other runs for the lease check.
+        StoreOp::RoomJoin(_) if matches!(item, Value::Array(_)) => {
+            let mut runs = strings(item)?;
+            match runs.first().map(String::as_str) {
+                Some("1") => Ok(Answer::RoomRuns(runs.split_off(1))),
+                _ => Err(format!("room join: unexpected answer {runs:?}")),
+            }
         }
         StoreOp::Probe | StoreOp::RoomJoin(_) => match integer(&item) {
             Some(1) => Ok(Answer::Done),

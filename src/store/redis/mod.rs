@@ -282,10 +282,7 @@ impl StoreLink {
 
 /// Refuse URLs this store cannot serve (checked with the config, before start).
 pub fn check_url(url: &str) -> Result<(), String> {
-    let config = Config::from_url(url).map_err(|e| format!("`{url}`: {e}"))?;
-    if config.server.is_clustered() {
-        return Err("Redis Cluster is not supported yet (a batch touches keys of many users in one script call); use a standalone or Sentinel URL".into());
-    }
+    Config::from_url(url).map_err(|e| format!("`{url}`: {e}"))?;
     Ok(())
 }
 
@@ -514,7 +511,13 @@ async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>, all: AllShards) {
     // entries of runs without one (shard 0 refreshes it from then on).
     let lease = Expiration::PX(settings.lease_ms as i64);
     if let Err(e) = pool
-        .set::<(), _, _>(lease_key(&settings), 1, Some(lease), None, false)
+        .set::<(), _, _>(
+            lease_key(&settings.key_prefix, &settings.node),
+            1,
+            Some(lease),
+            None,
+            false,
+        )
         .await
     {
         tracing::warn!(error = %e, "cannot take this node's lease yet; shard 0 keeps trying");

@@ -1,7 +1,9 @@
 -- The script every batch runs (see batch.rs). ARGV: max_age_ms, max_messages, dedup_ms,
--- dedup_min, this node's run, the key prefix, the room history cap and age, then the
--- operations from ARGV[9] on; KEYS: the keys each operation names, in order. Returns one
--- answer per operation.
+-- dedup_min, this node's run, the key prefix, the room history cap and age, a count n of
+-- keys passed as arguments, those n keys, then the operations. The keys each operation
+-- names, in order, are KEYS (n = 0), or in a Redis Cluster the n arguments (declared keys
+-- must share one slot there; KEYS then holds only the first, which routes the call).
+-- Returns one answer per operation.
 local maxage = tonumber(ARGV[1])
 local maxlen = tonumber(ARGV[2])
 local dedup_ms = tonumber(ARGV[3])
@@ -11,6 +13,15 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local minid = string.format('%d', math.max(0, now - maxage))
 local hmax, hage = tonumber(ARGV[7]), tonumber(ARGV[8])
+-- In a cluster a script may touch only keys of its server: leases (`node:<run>`) are checked
+-- by the caller then (see batch.rs).
+local nkeys = tonumber(ARGV[9])
+local cluster = nkeys > 0
+local K = KEYS
+if cluster then
+  K = {}
+  for j = 1, nkeys do K[j] = ARGV[9 + j] end
+end
 -- Offsets are near 1.8e15 (microseconds): exact in Lua's doubles, printed without exponent.
 local function fmt(n) return string.format('%.0f', n) end
 local function room_last(rd)
@@ -78,11 +89,11 @@ local function push(loc, payload, to_me)
   return sent
 end
 local out = {}
-local i, k = 9, 1
+local i, k = 10 + nkeys, 1
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'A' then
-    local s, dcur, dold, loc = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+    local s, dcur, dold, loc = K[k], K[k + 1], K[k + 2], K[k + 3]
     local id, cid, packed, to = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
     k = k + 4
     i = i + 5
@@ -116,16 +127,16 @@ while i <= #ARGV do
       out[#out + 1] = {'ok', xid, expired, pushed}
     end
   elseif op == 'R' then
-    local n = redis.call('XDEL', KEYS[k], ARGV[i + 1])
-    if streams[KEYS[k]] then streams[KEYS[k]].len = streams[KEYS[k]].len - n end
+    local n = redis.call('XDEL', K[k], ARGV[i + 1])
+    if streams[K[k]] then streams[K[k]].len = streams[K[k]].len - n end
     out[#out + 1] = n
     k = k + 1
     i = i + 2
   elseif op == 'D' then
     -- Removed by this ack (not an earlier one): the sender's other nodes hear `delivered`.
-    local n = redis.call('XDEL', KEYS[k], ARGV[i + 1])
-    if streams[KEYS[k]] then streams[KEYS[k]].len = streams[KEYS[k]].len - n end
-    if n == 1 then push(KEYS[k + 1], ARGV[i + 2], false) end
+    local n = redis.call('XDEL', K[k], ARGV[i + 1])
+    if streams[K[k]] then streams[K[k]].len = streams[K[k]].len - n end
+    if n == 1 then push(K[k + 1], ARGV[i + 2], false) end
     out[#out + 1] = n
     k = k + 2
     i = i + 3
@@ -135,7 +146,7 @@ while i <= #ARGV do
     local n = tonumber(ARGV[i + 1])
     local online = {}
     for j = 1, n do
-      local loc = KEYS[k + j - 1]
+      local loc = K[k + j - 1]
       local on = 0
       for _, m in ipairs(redis.call('SMEMBERS', loc)) do
         if m ~= me then
@@ -152,7 +163,7 @@ while i <= #ARGV do
     k = k + n
     i = i + 2
   elseif op == 'B' then
-    local rh, rd, rn = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    local rh, rd, rn = K[k], K[k + 1], K[k + 2]
     local room, id, field, packed = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
     k = k + 3
     i = i + 5
@@ -180,14 +191,19 @@ while i <= #ARGV do
       out[#out + 1] = {'ok', id .. ' ' .. offset}
     end
   elseif op == 'J' then
-    local rh, rd, rn = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+    local rh, rd, rn = K[k], K[k + 1], K[k + 2]
     local room, since, who = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     k = k + 3
     i = i + 4
     redis.call('SADD', rn, me)
+    local others = {1}
     for _, n in ipairs(redis.call('SMEMBERS', rn)) do
-      if n ~= me and redis.call('EXISTS', prefix .. 'node:' .. n) == 0 then
-        redis.call('SREM', rn, n)
+      if n ~= me then
+        if cluster then
+          others[#others + 1] = n
+        elseif redis.call('EXISTS', prefix .. 'node:' .. n) == 0 then
+          redis.call('SREM', rn, n)
+        end
       end
     end
     local last = room_last(rd)
@@ -209,7 +225,8 @@ while i <= #ARGV do
     end
     redis.call('PUBLISH', prefix .. 'ch:' .. me, 'j ' .. who .. ' ' .. fmt(last) .. ' ' .. recovered
       .. ' ' .. string.len(room) .. ' ' .. room .. table.concat(parts))
-    out[#out + 1] = 1
+    -- In a cluster: 1 then the other runs, whose leases the caller checks.
+    if cluster then out[#out + 1] = others else out[#out + 1] = 1 end
   elseif op == 'P' then
     out[#out + 1] = 1
     i = i + 1

@@ -62,7 +62,7 @@ fn delivered(from: &str, to: &str) -> Box<Report> {
 
 #[test]
 fn batch_keys_and_args_follow_the_operations_in_order() {
-    let batch = vec![
+    let batch = [
         StoreOp::Append(msg("bob")),
         StoreOp::Remove {
             user: "bob".into(),
@@ -80,27 +80,28 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
         },
         StoreOp::Probe,
     ];
-    let call = BatchCall::build(&settings(), &batch);
+    let ops: Vec<&StoreOp> = batch.iter().collect();
+    let call = BatchCall::build(&settings(), &ops, false);
     assert_eq!(
         call.keys,
         [
-            "p:in:bob",
-            "p:dd:alice",
-            "p:dd:alice:old",
-            "p:loc:bob",
-            "p:in:bob",
-            "p:in:bob",
-            "p:loc:alice",
-            "p:loc:x",
-            "p:loc:y"
+            "p:in:{u:bob}",
+            "p:dd:3:{u:bob}:alice",
+            "p:dd-old:3:{u:bob}:alice",
+            "p:loc:{u:bob}",
+            "p:in:{u:bob}",
+            "p:in:{u:bob}",
+            "p:loc:{u:alice}",
+            "p:loc:{u:x}",
+            "p:loc:{u:y}"
         ]
     );
     assert_eq!(
-        &call.args[..8],
-        ["1000", "5", "86400000", "10000", "n1.5", "p:", "3", "4000"]
+        &call.args[..9],
+        ["1000", "5", "86400000", "10000", "n1.5", "p:", "3", "4000", "0"]
     );
     assert_eq!(
-        &call.args[8..],
+        &call.args[9..],
         [
             "A",
             "7",
@@ -117,6 +118,17 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
             "P"
         ]
     );
+    // In a cluster the `delivered` is published after the answer, from the sender's slot:
+    // the script only removes.
+    // Declared keys must share a slot: the first is declared (it routes the call), all six
+    // follow their count in the arguments.
+    let call = BatchCall::build(&settings(), &ops[..3], true);
+    assert_eq!(call.keys, ["p:in:{u:bob}"]);
+    assert_eq!(call.args[8], "6");
+    assert_eq!(call.args[9], "p:in:{u:bob}");
+    assert_eq!(call.args[14], "p:in:{u:bob}");
+    assert_eq!(call.args[15], "A");
+    assert_eq!(&call.args[20..], ["R", "5-1", "R", "5-2"]);
 }
 
 #[test]
@@ -164,7 +176,7 @@ fn pushes_from_other_nodes_parse_exactly_or_not_at_all() {
 
 #[test]
 fn script_answers_pair_with_their_operations() {
-    let batch = vec![
+    let batch = [
         StoreOp::Append(msg("bob")),
         StoreOp::Append(msg("bob")),
         StoreOp::Append(msg("bob")),
@@ -187,7 +199,8 @@ fn script_answers_pair_with_their_operations() {
         Value::Integer(1),
         Value::Integer(1),
     ]);
-    let answers = parse_batch(value, &batch).unwrap();
+    let ops: Vec<&StoreOp> = batch.iter().collect();
+    let answers = parse_batch(value, &ops).unwrap();
     assert_eq!(
         answers[0],
         Answer::Appended(Ok(Appended::Stored {
@@ -230,21 +243,47 @@ fn loads_split_the_batch_into_ordered_segments() {
         StoreOp::Leave { user: "bob".into() },
         StoreOp::Probe,
     ];
+    let single = |b: &[StoreOp]| plan(b, &vec![0; b.len()], false);
+    let seg = |ops: &[usize]| Segment::Script(ops.to_vec());
     assert_eq!(
-        plan(&batch),
+        single(&batch),
         [
-            Segment::Script(0..2),
+            seg(&[0, 1]),
             Segment::Native(2),
             Segment::Native(3),
-            Segment::Script(4..5),
+            seg(&[4]),
             Segment::Native(5),
             Segment::Native(6),
-            Segment::Script(7..8)
+            seg(&[7])
         ]
     );
-    assert_eq!(plan(&[load("a")]), [Segment::Native(0)]);
-    assert_eq!(plan(&[remove(), remove()]), [Segment::Script(0..2)]);
-    assert!(plan(&[]).is_empty());
+    assert_eq!(single(&[load("a")]), [Segment::Native(0)]);
+    assert_eq!(single(&[remove(), remove()]), [seg(&[0, 1])]);
+    assert!(single(&[]).is_empty());
+    // A cluster: one call per server within a run, in batch order; presence is native.
+    let batch = vec![
+        StoreOp::Append(msg("bob")),
+        StoreOp::Append(msg("carol")),
+        remove(),
+        load("dave"),
+        StoreOp::Append(msg("carol")),
+        StoreOp::Presence {
+            users: vec!["x".into()],
+            ask: 0,
+        },
+        StoreOp::Append(msg("bob")),
+    ];
+    assert_eq!(
+        plan(&batch, &[0, 1, 0, 2, 1, 0, 0], true),
+        [
+            seg(&[0, 2]),
+            seg(&[1]),
+            Segment::Native(3),
+            seg(&[4]),
+            Segment::Native(5),
+            seg(&[6])
+        ]
+    );
 }
 
 #[test]
@@ -298,7 +337,8 @@ fn packed_messages_round_trip_whatever_they_hold() {
 
 #[test]
 fn a_malformed_answer_fails_the_whole_batch() {
-    let batch = vec![StoreOp::Append(msg("bob"))];
+    let op = StoreOp::Append(msg("bob"));
+    let batch = [&op];
     assert!(parse_batch(Value::Integer(1), &batch).is_err());
     assert!(parse_batch(Value::Array(vec![]), &batch).is_err());
     let weird = Value::Array(vec![Value::Array(vec![s("what")])]);
@@ -306,9 +346,9 @@ fn a_malformed_answer_fails_the_whole_batch() {
 }
 
 #[test]
-fn cluster_urls_are_refused_with_the_reason() {
+fn standalone_sentinel_and_cluster_urls_are_taken_and_others_refused() {
     assert!(check_url("redis://127.0.0.1:6379").is_ok());
-    let err = check_url("redis-cluster://127.0.0.1:7000").unwrap_err();
-    assert!(err.contains("Cluster"), "{err}");
+    assert!(check_url("redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001").is_ok());
+    assert!(check_url("redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=m").is_ok());
     assert!(check_url("not a url").is_err());
 }

@@ -236,6 +236,14 @@ pub(super) fn array(v: Value) -> Result<Vec<Value>, String> {
     }
 }
 
+/// An array of texts (a set's members, say).
+pub(super) fn strings(v: Value) -> Result<Vec<String>, String> {
+    array(v)?
+        .iter()
+        .map(|m| text(m).ok_or_else(|| format!("expected a text, got {m:?}")))
+        .collect()
+}
+
 pub(super) fn text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.to_string()),
