@@ -18,6 +18,8 @@
 //!   recipient's mirror is reloaded. Clients drop a second copy by `(from, cid)`.
 //!
 //! # Data layout (prefix `rg:` by default)
+//! Keys of one user carry the hash tag `{u:<user>}`, keys of one room `{r:<room>}` (see
+//! `keys.rs`); they are written short below.
 //! * `rg:in:<user>`: a stream per user; one field `m` per entry, the message packed by
 //!   [`pack`] (id, ts, from, cid and body, length-prefixed). A load reads from the age cap on
 //!   (`XRANGE` from `now - max_age`) and trims what is past it (`XTRIM MINID`, counted as
@@ -26,13 +28,15 @@
 //!   guard: the check keeps it from trimming). `PEXPIRE` of twice the age cap, refreshed on
 //!   every append, deletes the stream of a user who never comes back (everything in it is past
 //!   the age cap by then; those entries are not counted).
-//! * `rg:dd:<sender>` and `rg:dd:<sender>:old`: the dedup window, cid -> message id, checked
-//!   by the same script before any append, so a resend after a gateway restart is answered
+//! * `rg:dd:<recipient>:<sender>` and `rg:dd-old:..`: the dedup window of one pair, cid ->
+//!   message id, in the recipient's slot, checked by the same script before any append, so a resend after a gateway restart is answered
 //!   with the first id and stored once (`HSETNX`: one call checks and records a cid). Fields
 //!   `~born` (when the generation started) and `~old` (an older one was kept) are read once per
-//!   sender per batch. A generation is rotated into `:old` only when it is
-//!   older than the window (24 h) *and* holds more cids than the minimum (10,000): every cid
-//!   is kept at least 24 h and the newest 10,000 are always kept (SPEC: whichever is larger).
+//!   pair per batch. A generation is rotated into `dd-old` only when it is older than the
+//!   window (24 h) *and* holds more cids than the minimum (10,000): every cid is kept at
+//!   least 24 h, and the newest 10,000 of the pair always, which include every one of the
+//!   sender's newest 10,000 to that recipient (SPEC: 24 h or 10,000 per sender, whichever is
+//!   larger; a cid names one message, so it has one recipient).
 //!
 //! # Several nodes (one Redis)
 //! * `node:<run>`: a node run's lease (`PX lease_ms`); `<run>` = `node_id.<start ms>`.
@@ -51,8 +55,11 @@
 //!   published to the joining run only, by the script that registers it, so it arrives in
 //!   order with the room's messages.
 //!
-//! Redis Cluster is not supported: a batch touches the keys of many users in one script call,
-//! which a cluster refuses across slots. Standalone and Sentinel URLs work.
+//! # Redis Cluster
+//! `redis-cluster://` URLs work (Redis >= 7.0: the script is flagged `allow-cross-slot-keys`);
+//! how a batch is split per primary, and what runs after its answer, is in `batch.rs`.
+//! Pub/sub is the classic kind (a `PUBLISH` reaches subscribers on every primary). Standalone
+//! and Sentinel URLs work as well.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
