@@ -8,7 +8,7 @@
 //!   same wake-up as the mesh: one byte per wake-up, not per message).
 //! * Per shard, one task on the Redis thread takes the queued operations in batches and sends
 //!   each batch as **one pipeline** on the shard's own connection: runs of appends and removes
-//!   as one script call each, loads as plain `XTRIM` + `XRANGE` (see [`Segment`]). A batch is
+//!   as one script call each, loads as plain `XTRIM` + `XRANGE` (see `batch.rs`). A batch is
 //!   one round trip and batches run in submission order. That order is what the shard relies
 //!   on (a load sees every append submitted before it; see `shard/durable.rs`).
 //! * A batch that failed or timed out may still have been written (uncertain): commands are
