@@ -169,6 +169,39 @@ fn a_cid_in_the_older_dedup_generation_is_still_a_duplicate() {
 }
 
 #[test]
+fn the_dedup_window_rotates_past_24_hours_and_10000_cids_and_keeps_the_older_generation() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let current = format!("rg:dd:{}:{{u:{bob}}}:{alice}", bob.len());
+    let older = format!("rg:dd-old:{}:{{u:{bob}}}:{alice}", bob.len());
+    // A generation born 25 h ago holding 10,004 cids (as if alice had sent them to bob).
+    let born = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        - 25 * 3600 * 1000)
+        .to_string();
+    let fill = "for j = 1, 10004 do redis.call('HSET', KEYS[1], '\"f' .. j .. '\"', j) end \
+                redis.call('HSET', KEYS[1], '~born', ARGV[1], '~fresh', ARGV[1]) return 1";
+    assert_eq!(redis.cli(&["EVAL", fill, "1", &current, &born]), "1");
+    let (mut a, _) = connect_app(&gw, &alice);
+    let id = send_accepted(&mut a, &bob, "new", 1)[0];
+    // Rotated at the end of the call that recorded the new cid: the filled generation, with
+    // it, is now the older one; the current one is new and knows an older one exists.
+    assert_eq!(redis.int(&["HLEN", &older]), 10_004 + 2 + 1);
+    assert_eq!(redis.cli(&["HGET", &older, "\"new0\""]), id.to_string());
+    assert_eq!(redis.cli(&["HGET", &current, "~old"]), "1");
+    assert_eq!(redis.int(&["HLEN", &current]), 3, "~born, ~old, ~fresh");
+    let ttl = redis.int(&["PTTL", &current]);
+    assert!(ttl > 47 * 3600 * 1000, "two windows of TTL, got {ttl} ms");
+    // A cid of the older generation is still a duplicate: its first id, nothing stored.
+    send(&mut a, &bob, "f7", json!("again"));
+    assert_eq!(id_of(&next_op(&mut a, "accepted")), 7);
+    assert_eq!(stream_len(&redis, &bob), 1);
+}
+
+#[test]
 fn online_delivery_goes_through_redis_and_the_ack_removes_the_entry() {
     let redis = RedisServer::start();
     let gw = gateway(&redis, &[]);

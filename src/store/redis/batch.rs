@@ -20,7 +20,6 @@ use fred::interfaces::StreamsInterface;
 use fred::prelude::*;
 use fred::types::cluster::ClusterRouting;
 use fred::types::config::Options;
-use fred::types::config::Server;
 use fred::types::{ClusterHash, CustomCommand};
 
 use super::keys::*;
@@ -37,11 +36,17 @@ const CLUSTER_SCRIPT: &str = concat!(
     "#!lua flags=allow-cross-slot-keys\n",
     include_str!("script.lua")
 );
-/// Cluster only: publish a `delivered` (ARGV[3]) to the sender's other runs (KEYS[1], the
-/// sender's directory entry; ARGV[1] this run, ARGV[2] the key prefix).
-const NOTIFY_SCRIPT: &str = "for _, n in ipairs(redis.call('SMEMBERS', KEYS[1])) do \
-     if n ~= ARGV[1] then redis.call('PUBLISH', ARGV[2] .. 'ch:' .. n, ARGV[3]) end end \
-     return 1";
+/// Cluster only: publish `delivered` reports to the senders' other runs. ARGV: this run, the
+/// key prefix, n, then n senders' directory entries and the n reports; KEYS[1]: the first
+/// entry (routes the call; the others are on the same primary).
+const NOTIFY_SCRIPT: &str = "#!lua flags=allow-cross-slot-keys
+local me, prefix, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for j = 1, n do
+  for _, run in ipairs(redis.call('SMEMBERS', ARGV[3 + j])) do
+    if run ~= me then redis.call('PUBLISH', prefix .. 'ch:' .. run, ARGV[3 + n + j]) end
+  end
+end
+return 1";
 
 /// How one batch goes to Redis, in one pipeline (one round trip), keeping the batch's order:
 /// runs of script operations (appends, removes, presence, probes) as one script call each
@@ -111,6 +116,24 @@ fn routing_key(settings: &RedisSettings, op: &StoreOp) -> Option<String> {
     }
 }
 
+/// Which primary serves `key`, as a small number that is the same for the same primary.
+fn server_of(routing: &ClusterRouting, key: &str) -> usize {
+    let slot = slot(key);
+    // The start of the slot range a primary serves names it well enough within one batch.
+    routing
+        .slots()
+        .iter()
+        .position(|r| r.start <= slot && slot <= r.end)
+        .map_or(0, |at| {
+            let primary = &routing.slots()[at].primary;
+            routing
+                .slots()
+                .iter()
+                .position(|r| &r.primary == primary)
+                .unwrap_or(at)
+        })
+}
+
 /// Each operation's server, as a small number (0 for every operation off a cluster).
 fn servers(
     settings: &RedisSettings,
@@ -120,22 +143,9 @@ fn servers(
     let Some(routing) = routing else {
         return vec![0; batch.len()];
     };
-    let mut known: Vec<&Server> = Vec::new();
     batch
         .iter()
-        .map(|op| {
-            let server = routing_key(settings, op).and_then(|k| routing.get_server(slot(&k)));
-            match server {
-                None => 0,
-                Some(s) => match known.iter().position(|k| *k == s) {
-                    Some(at) => at,
-                    None => {
-                        known.push(s);
-                        known.len() - 1
-                    }
-                },
-            }
-        })
+        .map(|op| routing_key(settings, op).map_or(0, |k| server_of(routing, &k)))
         .collect()
 }
 
@@ -291,8 +301,8 @@ pub(super) async fn run_batch(
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err("no answer for an operation".into())))
         .collect();
-    if cluster {
-        cross_server_steps(client, settings, batch, &mut answers).await;
+    if let Some(routing) = &routing {
+        cross_server_steps(client, settings, routing, batch, &mut answers).await;
     }
     Ok(answers)
 }
@@ -302,14 +312,15 @@ pub(super) async fn run_batch(
 async fn cross_server_steps(
     client: &Client,
     settings: &RedisSettings,
+    routing: &ClusterRouting,
     batch: &[StoreOp],
     answers: &mut [Result<Answer, String>],
 ) {
     let p = &settings.key_prefix;
     // Which sets name which other runs: presence entries and room node sets.
     let mut named: Vec<(String, Vec<String>)> = Vec::new();
-    let notify = once(client, settings);
-    let mut notifying = false;
+    // Reports to publish, per primary of the sender's directory entry.
+    let mut reports: HashMap<usize, (Vec<String>, Vec<String>)> = HashMap::new();
     for (op, answer) in batch.iter().zip(answers.iter()) {
         match (op, answer) {
             (StoreOp::Presence { users, .. }, Ok(Answer::Located(sets))) => {
@@ -327,30 +338,37 @@ async fn cross_server_steps(
                 Ok(Answer::Removed(true)),
             ) => {
                 let loc = location_key(p, &r.from);
-                let hash = ClusterHash::Custom(slot(&loc));
-                let eval = CustomCommand::new_static("EVAL", hash, false);
-                let args = vec![
-                    NOTIFY_SCRIPT.to_string(),
-                    "1".into(),
-                    loc,
-                    settings.node.clone(),
-                    p.clone(),
-                    pack_delivered(r),
-                ];
-                notifying |= notify.custom::<(), _>(eval, args).await.is_ok();
+                let (locs, packed) = reports.entry(server_of(routing, &loc)).or_default();
+                locs.push(loc);
+                packed.push(pack_delivered(r));
             }
             _ => {}
         }
     }
-    if notifying {
+    if !reports.is_empty() {
+        let notify = once(client, settings);
+        for (locs, packed) in reports.into_values() {
+            let eval =
+                CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&locs[0])), false);
+            let mut args = vec![
+                NOTIFY_SCRIPT.to_string(),
+                "1".into(),
+                locs[0].clone(),
+                settings.node.clone(),
+                p.clone(),
+                locs.len().to_string(),
+            ];
+            args.extend(locs);
+            args.extend(packed);
+            let _ = notify.custom::<(), _>(eval, args).await;
+        }
         // At most once, like every push: a lost one is a `delivered` the sender's other
         // nodes do not show (the sender's own node reports from the answer).
-        if let Err(e) = notify
+        if let Some(e) = notify
             .try_all::<Value>()
             .await
             .into_iter()
             .find_map(Result::err)
-            .map_or(Ok(()), Err)
         {
             tracing::warn!(error = %e, "cluster: a `delivered` for another node was not published");
         }

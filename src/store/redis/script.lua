@@ -57,9 +57,11 @@ end
 local function sender(dcur, dold)
   local d = senders[dcur]
   if not d then
-    -- '~born': when this generation started; '~old': an older generation was kept.
-    local meta = redis.call('HMGET', dcur, '~born', '~old')
-    d = {old = dold, born = tonumber(meta[1]), has_old = meta[2] ~= false, touched = false}
+    -- '~born': when this generation started; '~old': an older generation was kept;
+    -- '~fresh': when its TTL was last set (every half window, not every batch).
+    local meta = redis.call('HMGET', dcur, '~born', '~old', '~fresh')
+    d = {old = dold, born = tonumber(meta[1]), has_old = meta[2] ~= false,
+      fresh = tonumber(meta[3]) or 0, touched = false}
     senders[dcur] = d
   end
   return d
@@ -242,14 +244,19 @@ local dedup_ttl = string.format('%d', 2 * dedup_ms)
 for dcur, d in pairs(senders) do
   if d.touched then
     if not d.born then
-      redis.call('HSET', dcur, '~born', now)
-    elseif now - d.born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 2 then
+      redis.call('HSET', dcur, '~born', now, '~fresh', now)
+      redis.call('PEXPIRE', dcur, dedup_ttl)
+    elseif now - d.born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 3 then
       -- Rotate: the current generation becomes the older one (its TTL still runs), and the
       -- new one remembers that an older one exists.
       redis.call('RENAME', dcur, d.old)
-      redis.call('HSET', dcur, '~born', now, '~old', 1)
+      redis.call('HSET', dcur, '~born', now, '~old', 1, '~fresh', now)
+      redis.call('PEXPIRE', dcur, dedup_ttl)
+    elseif now - d.fresh >= dedup_ms / 2 then
+      -- Two windows from at most half a window ago: every cid outlives its window by half.
+      redis.call('HSET', dcur, '~fresh', now)
+      redis.call('PEXPIRE', dcur, dedup_ttl)
     end
-    redis.call('PEXPIRE', dcur, dedup_ttl)
   end
 end
 return out
