@@ -15,6 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod chat;
 mod engine;
 mod fanout;
+mod floor;
 mod net;
 mod ring;
 mod store;
@@ -56,6 +57,8 @@ enum Cmd {
     Store(store::StoreArgs),
     /// One publisher, a room of M members: publish -> every member latency, deliveries/s
     Fanout(fanout::FanoutArgs),
+    /// The kernel's floor under `fanout`: one frame to each of N loopback sockets, no gateway
+    Floor(floor::FloorArgs),
 }
 
 #[derive(Args, Debug)]
@@ -1072,6 +1075,7 @@ fn main() {
         Cmd::Send(a) => run_send(a),
         Cmd::Store(a) => store::run(a),
         Cmd::Fanout(a) => fanout::run(a),
+        Cmd::Floor(a) => floor::run(a).map(|()| 0),
     };
     match r {
         Ok(code) => std::process::exit(code),
