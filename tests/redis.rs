@@ -133,6 +133,22 @@ fn a_resent_cid_after_a_gateway_restart_is_deduplicated_by_redis() {
     assert!(gw2.metric_sum("ringgate_dedup_hits_total") >= 1);
 }
 
+/// The dedup window of what `from` sent to `to`: (current generation, older generation), as
+/// `store/redis/keys.rs` names them (per pair, in the recipient's hash slot).
+fn dedup_keys(to: &str, from: &str) -> (String, String) {
+    (
+        format!("rg:dd:{}:{{u:{to}}}:{from}", to.len()),
+        format!("rg:dd-old:{}:{{u:{to}}}:{from}", to.len()),
+    )
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
 #[test]
 fn a_cid_in_the_older_dedup_generation_is_still_a_duplicate() {
     let redis = RedisServer::start();
@@ -140,15 +156,9 @@ fn a_cid_in_the_older_dedup_generation_is_still_a_duplicate() {
     let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
     // As if a rotation (after 24 h and 10,000 cids) moved "old" into the older generation
     // and started a new one that knows about it.
-    // The window of what alice sent to bob (per pair, in bob's hash slot).
-    let current = format!("rg:dd:{}:{{u:{bob}}}:{alice}", bob.len());
-    let older = format!("rg:dd-old:{}:{{u:{bob}}}:{alice}", bob.len());
+    let (current, older) = dedup_keys(&bob, &alice);
     redis.cli(&["HSET", &older, "\"old\"", "4242"]);
-    let born = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis())
-    .to_string();
+    let born = now_ms().to_string();
     redis.cli(&["HSET", &current, "~born", &born, "~old", "1"]);
     let (mut a, _) = connect_app(&gw, &alice);
     send(&mut a, &bob, "old", json!(1));
@@ -173,15 +183,9 @@ fn the_dedup_window_rotates_past_24_hours_and_10000_cids_and_keeps_the_older_gen
     let redis = RedisServer::start();
     let gw = gateway(&redis, &[]);
     let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
-    let current = format!("rg:dd:{}:{{u:{bob}}}:{alice}", bob.len());
-    let older = format!("rg:dd-old:{}:{{u:{bob}}}:{alice}", bob.len());
+    let (current, older) = dedup_keys(&bob, &alice);
     // A generation born 25 h ago holding 10,004 cids (as if alice had sent them to bob).
-    let born = (std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        - 25 * 3600 * 1000)
-        .to_string();
+    let born = (now_ms() - 25 * 3600 * 1000).to_string();
     let fill = "for j = 1, 10004 do redis.call('HSET', KEYS[1], '\"f' .. j .. '\"', j) end \
                 redis.call('HSET', KEYS[1], '~born', ARGV[1], '~fresh', ARGV[1]) return 1";
     assert_eq!(redis.cli(&["EVAL", fill, "1", &current, &born]), "1");
