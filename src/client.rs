@@ -4,7 +4,10 @@
 //!   `(from, cid)` (bounded memory: the last [`SEEN_CAPACITY`] pairs);
 //! - every `send` is kept until its `accepted` arrives and is resent with the same `cid` after a
 //!   reconnect (the server deduplicates), in send order;
-//! - a lost connection is re-established with exponential backoff and jitter.
+//! - a lost connection is re-established with exponential backoff and jitter;
+//! - a send refused for now (`error` `unavailable` or `rate_limited` with its cid) is resent
+//!   with the same cid after a backoff with jitter (it may then land after newer sends that
+//!   were accepted meanwhile: order is the order of acceptance).
 //!
 //! ```no_run
 //! use ringgate::client::{Client, ClientConfig, Event};
@@ -138,6 +141,10 @@ pub struct Client {
     next_cid: u64,
     /// Sent, not yet accepted; resent in cid order after a reconnect.
     unaccepted: BTreeMap<u64, Pending>,
+    /// Sends refused for now, resent at `retry_at`; `retry_backoff` doubles per refusal.
+    refused: std::collections::BTreeSet<u64>,
+    retry_at: Option<Instant>,
+    retry_backoff: Duration,
     seen: HashSet<(String, String)>,
     seen_order: VecDeque<(String, String)>,
     rng: u64,
@@ -157,6 +164,9 @@ impl Client {
             cid_prefix: format!("{:x}", seed),
             next_cid: 0,
             unaccepted: BTreeMap::new(),
+            refused: Default::default(),
+            retry_at: None,
+            retry_backoff: Duration::ZERO,
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
             rng: seed,
@@ -239,9 +249,18 @@ impl Client {
                 let resent = self.reconnect()?;
                 return Ok(Some(Event::Reconnected { resent }));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            if self.retry_at.is_some_and(|at| Instant::now() >= at) {
+                self.retry_at = None;
+                for n in std::mem::take(&mut self.refused) {
+                    self.transmit(n);
+                }
+            }
+            let mut left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(None);
+            }
+            if let Some(at) = self.retry_at {
+                left = left.min(at.saturating_duration_since(Instant::now()));
             }
             let ws = self.ws.as_mut().expect("connected");
             ws.get_ref()
@@ -309,6 +328,8 @@ impl Client {
                 let cid = s("cid");
                 if let Some(n) = self.own_cid(&cid) {
                     self.unaccepted.remove(&n);
+                    self.refused.remove(&n);
+                    self.retry_backoff = Duration::ZERO;
                 }
                 Some(Event::Accepted { cid, id: s("id") })
             }
@@ -319,6 +340,13 @@ impl Client {
             }),
             "error" => {
                 let cid = v.get("cid").cloned();
+                let code = s("code");
+                let refused_now = code == "unavailable" || code == "rate_limited";
+                if let Some(n) = self.own_cid(&s("cid")).filter(|_| refused_now) {
+                    if self.unaccepted.contains_key(&n) {
+                        self.refuse(n);
+                    }
+                }
                 Some(Event::Error {
                     code: s("code"),
                     message: s("message"),
@@ -329,11 +357,32 @@ impl Client {
         }
     }
 
+    /// Resend `n` later: after a backoff that doubles per refusal (from `backoff_min` up to
+    /// `backoff_max`, +-50% jitter), reset by the next `accepted`.
+    fn refuse(&mut self, n: u64) {
+        self.refused.insert(n);
+        if self.retry_at.is_none() {
+            self.retry_backoff = (self.retry_backoff * 2)
+                .max(self.cfg.backoff_min)
+                .min(self.cfg.backoff_max);
+            let jitter = 0.5 + self.jitter_fraction();
+            self.retry_at = Some(Instant::now() + self.retry_backoff.mul_f64(jitter));
+        }
+    }
+
     fn own_cid(&self, cid: &str) -> Option<u64> {
         cid.strip_prefix(&self.cid_prefix)?
             .strip_prefix('-')?
             .parse()
             .ok()
+    }
+
+    /// In [0, 1): the jitter of a backoff.
+    fn jitter_fraction(&mut self) -> f64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % 1000) as f64 / 1000.0
     }
 
     /// Reconnect with exponential backoff and +-50% jitter, then resend what was not accepted.
@@ -342,6 +391,8 @@ impl Client {
         let mut backoff = self.cfg.backoff_min;
         loop {
             if self.open().is_ok() {
+                self.refused.clear();
+                self.retry_at = None;
                 let pending: Vec<u64> = self.unaccepted.keys().copied().collect();
                 for n in &pending {
                     self.transmit(*n);
@@ -351,10 +402,7 @@ impl Client {
             if started.elapsed() > self.cfg.reconnect_for {
                 return Err(ClientError::GaveUp(self.cfg.reconnect_for));
             }
-            self.rng ^= self.rng << 13;
-            self.rng ^= self.rng >> 7;
-            self.rng ^= self.rng << 17;
-            let jitter = 0.5 + (self.rng % 1000) as f64 / 1000.0;
+            let jitter = 0.5 + self.jitter_fraction();
             std::thread::sleep(backoff.mul_f64(jitter));
             backoff = (backoff * 2).min(self.cfg.backoff_max);
         }

@@ -220,6 +220,32 @@ impl RedisServer {
             .unwrap_or_else(|_| panic!("redis-cli {args:?} answered {out:?}"))
     }
 
+    /// Cluster only: move `slots` hash slots, with their keys, from the first primary to the
+    /// second (`redis-cli --cluster reshard`: slot by slot, MIGRATING/IMPORTING then MIGRATE).
+    /// Returns once done.
+    pub fn move_slots(&self, slots: u32) {
+        assert!(self.cluster, "move_slots needs a cluster");
+        let id = |port: u16| self.cli_at(port, &["CLUSTER", "MYID"]);
+        let (from, to) = (id(self.ports[0]), id(self.ports[1]));
+        let out = Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", self.ports[0]),
+            ])
+            .args(["--cluster-from", &from, "--cluster-to", &to])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster reshard");
+        assert!(
+            out.status.success(),
+            "reshard failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_cluster_ok();
+    }
+
     /// Keys held by each server (one entry off a cluster).
     pub fn keys_per_server(&self) -> Vec<i64> {
         self.ports
