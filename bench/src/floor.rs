@@ -172,16 +172,12 @@ fn read_rounds(
     }
     let n = streams.len();
     let mut got = vec![0usize; n];
-    let mut complete = 0usize;
     let mut events = Events::with_capacity(4096);
     let mut buf = vec![0u8; 64 * 1024];
     let target = |round: usize| (round + 1) * bytes;
     for round in 0..rounds {
-        // Data may already be buffered from events seen in the previous round.
-        complete = (0..n)
-            .filter(|&i| got[i] >= target(round))
-            .count()
-            .max(complete);
+        // Nothing of this round is sent before the previous one was reported done.
+        let mut complete = 0usize;
         while complete < n {
             poll.poll(&mut events, Some(Duration::from_secs(30)))
                 .map_err(|e| e.to_string())?;
@@ -210,7 +206,6 @@ fn read_rounds(
             }
         }
         let _ = done.send(Instant::now());
-        complete = 0;
     }
     Ok(())
 }

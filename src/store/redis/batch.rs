@@ -116,22 +116,13 @@ fn routing_key(settings: &RedisSettings, op: &StoreOp) -> Option<String> {
     }
 }
 
-/// Which primary serves `key`, as a small number that is the same for the same primary.
+/// Which primary serves `key`, as a small number: the index of the first slot range that
+/// primary serves (the same number for the same primary within one slot map).
 fn server_of(routing: &ClusterRouting, key: &str) -> usize {
-    let slot = slot(key);
-    // The start of the slot range a primary serves names it well enough within one batch.
     routing
-        .slots()
-        .iter()
-        .position(|r| r.start <= slot && slot <= r.end)
-        .map_or(0, |at| {
-            let primary = &routing.slots()[at].primary;
-            routing
-                .slots()
-                .iter()
-                .position(|r| &r.primary == primary)
-                .unwrap_or(at)
-        })
+        .get_server(slot(key))
+        .and_then(|primary| routing.slots().iter().position(|r| &r.primary == primary))
+        .unwrap_or(0)
 }
 
 /// Each operation's server, as a small number (0 for every operation off a cluster).
@@ -435,14 +426,15 @@ async fn live_runs(
         };
     }
     if !dead.is_empty() {
-        let mut drop: HashMap<&str, Vec<&String>> = HashMap::new();
+        let mut dead_in: HashMap<&str, Vec<&String>> = HashMap::new();
         for (set, named_runs) in named {
-            drop.entry(set)
+            dead_in
+                .entry(set)
                 .or_default()
                 .extend(named_runs.iter().filter(|r| dead.contains(*r)));
         }
         let cleanup = once(client, settings);
-        for (set, gone) in drop.into_iter().filter(|(_, g)| !g.is_empty()) {
+        for (set, gone) in dead_in.into_iter().filter(|(_, g)| !g.is_empty()) {
             let gone: Vec<String> = gone.into_iter().cloned().collect();
             let _ = cleanup.srem::<(), _, _>(set, gone).await;
         }

@@ -26,10 +26,10 @@ pub(super) fn location_key(prefix: &str, user: &str) -> String {
 /// exact whatever the ids hold. A cid is one message, so it has one recipient: the newest
 /// 10,000 cids of a pair include every one of the sender's newest 10,000 to that recipient.
 pub(super) fn dedup_keys(prefix: &str, to: &str, from: &str) -> (String, String) {
-    let tail = format!("{}:{{u:{to}}}:{from}", to.len());
+    let len = to.len();
     (
-        format!("{prefix}dd:{tail}"),
-        format!("{prefix}dd-old:{tail}"),
+        format!("{prefix}dd:{len}:{{u:{to}}}:{from}"),
+        format!("{prefix}dd-old:{len}:{{u:{to}}}:{from}"),
     )
 }
 
