@@ -206,6 +206,55 @@ fn the_dedup_window_rotates_past_24_hours_and_10000_cids_and_keeps_the_older_gen
 }
 
 #[test]
+fn an_inbox_ttl_is_set_when_it_starts_and_refreshed_with_its_senders_dedup_window() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let inbox = format!("rg:in:{{u:{bob}}}");
+    let (current, _) = dedup_keys(&bob, &alice);
+    let hours = |h: i64| h * 3600 * 1000;
+    let (mut a, _) = connect_app(&gw, &alice);
+    // A new inbox gets twice the age cap (72 h) with its first append.
+    send_accepted(&mut a, &bob, "a", 1);
+    let ttl = redis.int(&["PTTL", &inbox]);
+    assert!(ttl > hours(143), "twice the age cap, got {ttl} ms");
+    assert_eq!(
+        redis.cli(&["HGET", &current, "~old"]),
+        "0",
+        "no older generation"
+    );
+    // Within half a dedup window of the pair's last refresh, appends leave the TTL alone
+    // (it was set then, and the entries' age cap ends long before it).
+    redis.cli(&["PEXPIRE", &inbox, &hours(100).to_string()]);
+    send_accepted(&mut a, &bob, "b", 1);
+    let ttl = redis.int(&["PTTL", &inbox]);
+    assert!(ttl <= hours(100), "not refreshed by every append: {ttl} ms");
+    // Once the pair's TTL is due again (half a window, 12 h), both are refreshed.
+    let half_a_day_ago = (now_ms() - 13 * 3600 * 1000).to_string();
+    redis.cli(&["HSET", &current, "~fresh", &half_a_day_ago]);
+    send_accepted(&mut a, &bob, "c", 1);
+    let ttl = redis.int(&["PTTL", &inbox]);
+    assert!(
+        ttl > hours(143),
+        "refreshed with the pair's window: {ttl} ms"
+    );
+    assert!(redis.int(&["PTTL", &current]) > hours(47));
+    // An inbox that was emptied (acked) gets it with its next append too.
+    let (mut b, msgs) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    assert_eq!(cids(&msgs), vec!["a0", "b0", "c0"]);
+    for m in &msgs {
+        ack(&mut b, m["seq"].as_u64().unwrap());
+        next_op(&mut a, "delivered");
+    }
+    assert_eq!(stream_len(&redis, &bob), 0);
+    drop(b);
+    redis.cli(&["PEXPIRE", &inbox, &hours(100).to_string()]);
+    send_accepted(&mut a, &bob, "d", 1);
+    let ttl = redis.int(&["PTTL", &inbox]);
+    assert!(ttl > hours(143), "an empty inbox starts again: {ttl} ms");
+}
+
+#[test]
 fn online_delivery_goes_through_redis_and_the_ack_removes_the_entry() {
     let redis = RedisServer::start();
     let gw = gateway(&redis, &[]);

@@ -17,6 +17,7 @@ mod engine;
 mod fanout;
 mod floor;
 mod net;
+mod redis_floor;
 mod ring;
 mod store;
 mod sys;
@@ -59,6 +60,8 @@ enum Cmd {
     Fanout(fanout::FanoutArgs),
     /// The kernel's floor under `fanout`: one frame to each of N loopback sockets, no gateway
     Floor(floor::FloorArgs),
+    /// Redis' floor under `store`: one dedup record and one append per message, raw pipelined
+    RedisFloor(redis_floor::RedisFloorArgs),
 }
 
 #[derive(Args, Debug)]
@@ -1076,6 +1079,7 @@ fn main() {
         Cmd::Store(a) => store::run(a),
         Cmd::Fanout(a) => fanout::run(a),
         Cmd::Floor(a) => floor::run(a).map(|()| 0),
+        Cmd::RedisFloor(a) => redis_floor::run(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

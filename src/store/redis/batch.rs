@@ -482,10 +482,10 @@ impl BatchCall {
         for op in batch {
             match op {
                 StoreOp::Append(m) => {
-                    let (current, older) = dedup_keys(p, &m.to, &m.from);
+                    // The older dedup generation is named by the script from the current
+                    // one, and only read when one exists (rarely: after 24 h and 10,000 cids).
                     keys.push(inbox_key(p, &m.to));
-                    keys.push(current);
-                    keys.push(older);
+                    keys.push(dedup_keys(p, &m.to, &m.from).0);
                     keys.push(location_key(p, &m.to));
                     args.push("A".into());
                     args.push(m.id.to_string());
@@ -636,6 +636,14 @@ pub(super) fn parse_batch(value: Value, batch: &[&StoreOp]) -> Result<Vec<Answer
 pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> {
     match op {
         StoreOp::Append(m) => {
+            // The common answer is the bare stream id (nothing expired, no other node).
+            if let Some(xid) = text_ref(&item) {
+                return Ok(Answer::Appended(Ok(Appended::Stored {
+                    seq: stream_id_to_seq(xid).ok_or_else(|| format!("bad id {xid}"))?,
+                    expired: 0,
+                    pushed: 0,
+                })));
+            }
             let parts = array(item)?;
             let status = parts.first().and_then(text).unwrap_or_default();
             let result = match status.as_str() {

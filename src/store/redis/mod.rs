@@ -25,14 +25,20 @@
 //!   (`XRANGE` from `now - max_age`) and trims what is past it (`XTRIM MINID`, counted as
 //!   expired); an append that finds the stream at the count cap trims the same way first, then
 //!   refuses if it is still full (`full`, never a silent drop), else `XADD ... MAXLEN ~` (a
-//!   guard: the check keeps it from trimming). `PEXPIRE` of twice the age cap, refreshed on
-//!   every append, deletes the stream of a user who never comes back (everything in it is past
-//!   the age cap by then; those entries are not counted).
+//!   guard: the check keeps it from trimming). `PEXPIRE` of twice the age cap deletes the
+//!   stream of a user who never comes back (everything in it is past the age cap by then;
+//!   those entries are not counted). It is set when an append finds the stream empty and
+//!   whenever a pair appending to it refreshes its dedup window's TTL (every half window,
+//!   12 h), not on every append: each append comes through a pair refreshed at most half a
+//!   window ago, when the stream's TTL was set too, so the stream outlives every entry's age
+//!   cap while half a window is within the age cap (with a shorter age cap it is set on every
+//!   append).
 //! * `rg:dd:<recipient>:<sender>` and `rg:dd-old:..`: the dedup window of one pair, cid ->
 //!   message id, in the recipient's slot, checked by the same script before any append, so a resend after a gateway restart is answered
 //!   with the first id and stored once (`HSETNX`: one call checks and records a cid). Fields
-//!   `~born` (when the generation started) and `~old` (an older one was kept) are read once per
-//!   pair per batch. A generation is rotated into `dd-old` only when it is older than the
+//!   `~born` (when the generation started), `~old` (1: an older one was kept; 0 or absent:
+//!   none) and `~fresh` (when its TTL was last set) are read once per pair per batch; the
+//!   older generation only when `~old` says it exists. A generation is rotated into `dd-old` only when it is older than the
 //!   window (24 h) *and* holds more cids than the minimum (10,000): every cid is kept at
 //!   least 24 h, and the newest 10,000 of the pair always, which include every one of the
 //!   sender's newest 10,000 to that recipient (SPEC: 24 h or 10,000 per sender, whichever is

@@ -34,38 +34,43 @@ local function room_last(rd)
   return last
 end
 local room_ttl = fmt(hage + 60000)
--- Work done once per key per batch, not once per message: the length of each stream, each
--- sender's dedup generation (born, has an older one), and the TTL/rotation bookkeeping at the
--- end. The age cap is enforced by loads (they read from minid and trim, counted) and by an
--- append that finds the stream at the count cap (it trims first, so expired entries never
--- cause a refusal); entries past the cap are never returned.
-local streams, senders = {}, {}
-local function stream(s)
-  local st = streams[s]
-  if not st then
-    st = {len = redis.call('XLEN', s), expired = 0, trimmed = false, touched = false}
-    streams[s] = st
+-- Work done once per key per batch, not once per message, kept in flat tables (a table per
+-- key would cost more than the lookups it saves): each stream's length, each pair's dedup
+-- generation, and the TTL/rotation bookkeeping at the end. The age cap is enforced by loads
+-- (they read from minid and trim, counted) and by an append that finds the stream at the
+-- count cap (it trims first, so expired entries never cause a refusal); entries past the cap
+-- are never returned.
+local slen, sexpired, strimmed, sempty, sadded = {}, {}, {}, {}, {}
+local function stream_len(s)
+  local len = slen[s]
+  if not len then
+    len = redis.call('XLEN', s)
+    sexpired[s] = 0
+    sempty[s] = len == 0
   end
-  if st.len >= maxlen and not st.trimmed then
-    st.trimmed = true
+  if len >= maxlen and not strimmed[s] then
+    strimmed[s] = true
     local expired = redis.call('XTRIM', s, 'MINID', minid)
-    st.expired = st.expired + expired
-    st.len = st.len - expired
+    sexpired[s] = sexpired[s] + expired
+    len = len - expired
   end
-  return st
+  slen[s] = len
+  return len
 end
-local function sender(dcur, dold)
-  local d = senders[dcur]
-  if not d then
-    -- '~born': when this generation started; '~old': an older generation was kept;
-    -- '~fresh': when its TTL was last set (every half window, not every batch).
+-- A pair's dedup generation: '~born' when it started, '~old' 1 when an older one was kept
+-- (0 or absent: none), '~fresh' when its TTL was last set (every half window, not every
+-- batch). `dstream`: the inbox each pair appended to in this batch.
+local dborn, dold, dfresh, dstream = {}, {}, {}, {}
+local function pair(dcur)
+  if dborn[dcur] == nil then
     local meta = redis.call('HMGET', dcur, '~born', '~old', '~fresh')
-    d = {old = dold, born = tonumber(meta[1]), has_old = meta[2] ~= false,
-      fresh = tonumber(meta[3]) or 0, touched = false}
-    senders[dcur] = d
+    dborn[dcur] = tonumber(meta[1]) or false
+    dold[dcur] = meta[2] == '1'
+    dfresh[dcur] = tonumber(meta[3]) or 0
   end
-  return d
 end
+-- The older generation's key: `dd-old:` where the current one has `dd:` (same slot).
+local function older(dcur) return prefix .. 'dd-old:' .. string.sub(dcur, #prefix + 4) end
 -- Other nodes holding a device of a user (directory entry read once per batch), and a push
 -- to each of them over its channel. Entries of dead runs only cost a PUBLISH nobody hears;
 -- presence questions clean them up.
@@ -73,12 +78,15 @@ end
 -- is fed from its channel alone, in the order Redis ran the appends, whichever node made
 -- them). Returns how many *other* nodes it went to.
 local locations = {}
-local function push(loc, payload, to_me)
+local function nodes_of(loc)
   local nodes = locations[loc]
   if not nodes then
     nodes = redis.call('SMEMBERS', loc)
     locations[loc] = nodes
   end
+  return nodes
+end
+local function push(nodes, payload, to_me)
   local sent = 0
   for _, n in ipairs(nodes) do
     if n ~= me then
@@ -95,50 +103,60 @@ local i, k = 10 + nkeys, 1
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'A' then
-    local s, dcur, dold, loc = K[k], K[k + 1], K[k + 2], K[k + 3]
-    local id, cid, packed, to = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    k = k + 4
-    i = i + 5
-    local d = sender(dcur, dold)
-    local st = stream(s)
-    local expired = st.expired
+    local s, dcur, loc = K[k], K[k + 1], K[k + 2]
+    local id, cid = ARGV[i + 1], ARGV[i + 2]
+    k = k + 3
+    pair(dcur)
+    local len = stream_len(s)
     local prev
-    if st.len >= maxlen then
+    if len >= maxlen then
       prev = redis.call('HGET', dcur, cid)
-      if not prev and d.has_old then prev = redis.call('HGET', dold, cid) end
+      if not prev and dold[dcur] then prev = redis.call('HGET', older(dcur), cid) end
     -- One call checks and records the cid (the common case: a new message).
     elseif redis.call('HSETNX', dcur, cid, id) == 0 then
       prev = redis.call('HGET', dcur, cid)
-    elseif d.has_old then
-      prev = redis.call('HGET', dold, cid)
+    elseif dold[dcur] then
+      prev = redis.call('HGET', older(dcur), cid)
       -- Known to the older generation: undo the record just made.
       if prev then redis.call('HDEL', dcur, cid) end
     end
     if prev then
       out[#out + 1] = {'dup', prev}
-    elseif st.len >= maxlen then
-      st.expired = 0
-      out[#out + 1] = {'full', expired, st.len}
+    elseif len >= maxlen then
+      out[#out + 1] = {'full', sexpired[s], len}
+      sexpired[s] = 0
     else
-      st.expired = 0
+      local packed = ARGV[i + 3]
       local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
-      st.len = st.len + 1
-      st.touched = true
-      d.touched = true
-      local pushed = push(loc, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed, true)
-      out[#out + 1] = {'ok', xid, expired, pushed}
+      slen[s] = len + 1
+      sadded[s] = true
+      dstream[dcur] = s
+      local pushed, nodes = 0, nodes_of(loc)
+      if #nodes > 0 then
+        local to = ARGV[i + 4]
+        pushed = push(nodes, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed, true)
+      end
+      local expired = sexpired[s]
+      -- The common answer is the bare stream id (a nested reply per message costs).
+      if expired == 0 and pushed == 0 then
+        out[#out + 1] = xid
+      else
+        sexpired[s] = 0
+        out[#out + 1] = {'ok', xid, expired, pushed}
+      end
     end
+    i = i + 5
   elseif op == 'R' then
     local n = redis.call('XDEL', K[k], ARGV[i + 1])
-    if streams[K[k]] then streams[K[k]].len = streams[K[k]].len - n end
+    if slen[K[k]] then slen[K[k]] = slen[K[k]] - n end
     out[#out + 1] = n
     k = k + 1
     i = i + 2
   elseif op == 'D' then
     -- Removed by this ack (not an earlier one): the sender's other nodes hear `delivered`.
     local n = redis.call('XDEL', K[k], ARGV[i + 1])
-    if streams[K[k]] then streams[K[k]].len = streams[K[k]].len - n end
-    if n == 1 then push(K[k + 1], ARGV[i + 2], false) end
+    if slen[K[k]] then slen[K[k]] = slen[K[k]] - n end
+    if n == 1 then push(nodes_of(K[k + 1]), ARGV[i + 2], false) end
     out[#out + 1] = n
     k = k + 2
     i = i + 3
@@ -236,27 +254,38 @@ while i <= #ARGV do
     return redis.error_reply('ringgate: unknown store op ' .. tostring(op))
   end
 end
-local stream_ttl = string.format('%d', 2 * maxage)
-for s, st in pairs(streams) do
-  if st.touched then redis.call('PEXPIRE', s, stream_ttl) end
-end
+-- Dedup generations this batch appended through: create, rotate, or refresh the TTL (every
+-- half window). Each of these also refreshes the TTL of the inbox the pair appended to.
 local dedup_ttl = string.format('%d', 2 * dedup_ms)
-for dcur, d in pairs(senders) do
-  if d.touched then
-    if not d.born then
-      redis.call('HSET', dcur, '~born', now, '~fresh', now)
-      redis.call('PEXPIRE', dcur, dedup_ttl)
-    elseif now - d.born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 3 then
-      -- Rotate: the current generation becomes the older one (its TTL still runs), and the
-      -- new one remembers that an older one exists.
-      redis.call('RENAME', dcur, d.old)
-      redis.call('HSET', dcur, '~born', now, '~old', 1, '~fresh', now)
-      redis.call('PEXPIRE', dcur, dedup_ttl)
-    elseif now - d.fresh >= dedup_ms / 2 then
-      -- Two windows from at most half a window ago: every cid outlives its window by half.
-      redis.call('HSET', dcur, '~fresh', now)
-      redis.call('PEXPIRE', dcur, dedup_ttl)
-    end
+local refreshed = {}
+for dcur, s in pairs(dstream) do
+  local born = dborn[dcur]
+  if not born then
+    redis.call('HSET', dcur, '~born', now, '~old', 0, '~fresh', now)
+    redis.call('PEXPIRE', dcur, dedup_ttl)
+    refreshed[s] = true
+  elseif now - born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 3 then
+    -- Rotate: the current generation becomes the older one (its TTL still runs), and the
+    -- new one remembers that an older one exists.
+    redis.call('RENAME', dcur, older(dcur))
+    redis.call('HSET', dcur, '~born', now, '~old', 1, '~fresh', now)
+    redis.call('PEXPIRE', dcur, dedup_ttl)
+    refreshed[s] = true
+  elseif now - dfresh[dcur] >= dedup_ms / 2 then
+    -- Two windows from at most half a window ago: every cid outlives its window by half.
+    redis.call('HSET', dcur, '~fresh', now)
+    redis.call('PEXPIRE', dcur, dedup_ttl)
+    refreshed[s] = true
   end
+end
+-- An inbox's TTL (twice the age cap) is set when an append finds it empty and whenever a
+-- pair appending to it refreshes its own, not on every append: every append comes through a
+-- pair refreshed at most half a dedup window ago, when the inbox's TTL was set too, so the
+-- inbox outlives each entry's age cap as long as half a window is within the age cap (the
+-- defaults: 12 h and 72 h). With a shorter age cap it is set on every append.
+local stream_ttl = string.format('%d', 2 * maxage)
+local every_append = dedup_ms > 2 * maxage
+for s in pairs(sadded) do
+  if every_append or sempty[s] or refreshed[s] then redis.call('PEXPIRE', s, stream_ttl) end
 end
 return out

@@ -87,7 +87,6 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
         [
             "p:in:{u:bob}",
             "p:dd:3:{u:bob}:alice",
-            "p:dd-old:3:{u:bob}:alice",
             "p:loc:{u:bob}",
             "p:in:{u:bob}",
             "p:in:{u:bob}",
@@ -120,15 +119,15 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
     );
     // In a cluster the `delivered` is published after the answer, from the sender's slot:
     // the script only removes.
-    // Declared keys must share a slot: the first is declared (it routes the call), all six
+    // Declared keys must share a slot: the first is declared (it routes the call), all five
     // follow their count in the arguments.
     let call = BatchCall::build(&settings(), &ops[..3], true);
     assert_eq!(call.keys, ["p:in:{u:bob}"]);
-    assert_eq!(call.args[8], "6");
+    assert_eq!(call.args[8], "5");
     assert_eq!(call.args[9], "p:in:{u:bob}");
-    assert_eq!(call.args[14], "p:in:{u:bob}");
-    assert_eq!(call.args[15], "A");
-    assert_eq!(&call.args[20..], ["R", "5-1", "R", "5-2"]);
+    assert_eq!(call.args[13], "p:in:{u:bob}");
+    assert_eq!(call.args[14], "A");
+    assert_eq!(&call.args[19..], ["R", "5-1", "R", "5-2"]);
 }
 
 #[test]
@@ -180,6 +179,7 @@ fn script_answers_pair_with_their_operations() {
         StoreOp::Append(msg("bob")),
         StoreOp::Append(msg("bob")),
         StoreOp::Append(msg("bob")),
+        StoreOp::Append(msg("bob")),
         StoreOp::Remove {
             user: "bob".into(),
             seq: 1,
@@ -188,6 +188,8 @@ fn script_answers_pair_with_their_operations() {
         StoreOp::Probe,
     ];
     let value = Value::Array(vec![
+        // Stored, nothing expired, no other node: the bare stream id.
+        s("9-1"),
         Value::Array(vec![
             s("ok"),
             s("9-2"),
@@ -200,7 +202,15 @@ fn script_answers_pair_with_their_operations() {
         Value::Integer(1),
     ]);
     let ops: Vec<&StoreOp> = batch.iter().collect();
-    let answers = parse_batch(value, &ops).unwrap();
+    let mut answers = parse_batch(value, &ops).unwrap();
+    assert_eq!(
+        answers.remove(0),
+        Answer::Appended(Ok(Appended::Stored {
+            seq: stream_id_to_seq("9-1").unwrap(),
+            expired: 0,
+            pushed: 0
+        }))
+    );
     assert_eq!(
         answers[0],
         Answer::Appended(Ok(Appended::Stored {
@@ -343,6 +353,8 @@ fn a_malformed_answer_fails_the_whole_batch() {
     assert!(parse_batch(Value::Array(vec![]), &batch).is_err());
     let weird = Value::Array(vec![Value::Array(vec![s("what")])]);
     assert!(parse_batch(weird, &batch).is_err());
+    let not_an_id = Value::Array(vec![s("ok")]);
+    assert!(parse_batch(not_an_id, &batch).is_err());
 }
 
 #[test]
