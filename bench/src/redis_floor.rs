@@ -1,11 +1,15 @@
 //! `ringgate-bench redis-floor`: what one redis-server can take of the least work any
-//! exactly-once spill needs, with no script and no gateway: per message one dedup record
-//! (`HSETNX` of the cid into the pair's hash) and one append (`XADD` to the recipient's
-//! stream), sent as raw pipelined commands on `connections` sockets (a writer and a reader
-//! thread each). `--append-only` sends the `XADD`s alone. The same users, bodies and key
-//! shapes as `ringgate-bench store`, so the two compare in one session: the distance
-//! between them is what ringgate's script adds (length cap, directory, dedup generations).
-//! Every reply is counted and checked to be no error; the keys are deleted after the run.
+//! exactly-once spill needs, with no gateway: per message one dedup record (`HSETNX` of the
+//! cid into the pair's hash) and one append (`XADD` to the recipient's stream), on
+//! `connections` sockets (a writer and a reader thread each).
+//! * default: raw pipelined commands (not atomic: a resend could be appended twice);
+//! * `--script`: the same two as one atomic check-and-append per message, `--batch` messages
+//!   per `EVAL` (the shape of ringgate's batch script, without its length cap, directory and
+//!   dedup generations);
+//! * `--append-only`: the `XADD`s alone.
+//!
+//! The same users, bodies and key shapes as `ringgate-bench store`, so they compare in one
+//! session. Every reply is read and checked to be no error; the keys are deleted after.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -32,101 +36,86 @@ pub struct RedisFloorArgs {
     #[arg(long, default_value_t = 64)]
     body: usize,
     /// Only the appends (`XADD`), no dedup record
-    #[arg(long)]
+    #[arg(long, conflicts_with = "script")]
     append_only: bool,
+    /// Check-and-append as one script call per `--batch` messages (atomic, like ringgate)
+    #[arg(long)]
+    script: bool,
+    /// Messages per script call with `--script`
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
 }
 
-/// One command in RESP.
-fn command(out: &mut Vec<u8>, parts: &[&[u8]]) {
-    out.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
-    for p in parts {
-        out.extend_from_slice(format!("${}\r\n", p.len()).as_bytes());
-        out.extend_from_slice(p);
-        out.extend_from_slice(b"\r\n");
-    }
-}
+/// The least atomic check-and-append: KEYS are (dedup hash, inbox) per message, ARGV
+/// (cid, id, packed message) per message; a known cid answers its first id.
+const CHECK_AND_APPEND: &str = "local out = {}
+for n = 1, #KEYS / 2 do
+  local d, s = KEYS[2 * n - 1], KEYS[2 * n]
+  if redis.call('HSETNX', d, ARGV[3 * n - 2], ARGV[3 * n - 1]) == 1 then
+    out[n] = redis.call('XADD', s, 'MAXLEN', '~', '10000', '*', 'm', ARGV[3 * n])
+  else
+    out[n] = redis.call('HGET', d, ARGV[3 * n - 2])
+  end
+end
+return out";
 
-/// Read `count` replies (integers or bulk strings); fails on an error reply.
-fn read_replies(stream: TcpStream, count: usize) -> Result<(), String> {
-    let mut reader = BufReader::with_capacity(1 << 20, stream);
-    let mut line = Vec::with_capacity(64);
-    for _ in 0..count {
-        line.clear();
-        reader
-            .read_until(b'\n', &mut line)
-            .map_err(|e| e.to_string())?;
-        match line.first() {
-            Some(b':') => {}
-            Some(b'$') => {
-                let len: usize = std::str::from_utf8(&line[1..line.len() - 2])
-                    .ok()
-                    .and_then(|n| n.parse().ok())
-                    .ok_or("bad bulk length")?;
-                line.clear();
-                reader
-                    .read_until(b'\n', &mut line)
-                    .map_err(|e| e.to_string())?;
-                if line.len() != len + 2 {
-                    return Err("bulk reply of the wrong length".into());
-                }
-            }
-            _ => return Err(format!("reply: {}", String::from_utf8_lossy(&line))),
-        }
-    }
-    Ok(())
+/// One message's keys and arguments.
+struct Spill {
+    dedup: String,
+    inbox: String,
+    cid: String,
+    id: String,
+    packed: String,
 }
 
 pub fn run(a: RedisFloorArgs) -> Result<i32, String> {
     if !(a.redis.starts_with("127.") || a.redis.starts_with("localhost:")) {
         return Err(format!("{}: only loopback Redis is a load target", a.redis));
     }
-    if a.connections == 0 || a.users < a.connections || a.messages == 0 {
-        return Err("need connections >= 1, users >= connections, messages >= 1".into());
+    if a.connections == 0 || a.users < a.connections || a.messages == 0 || a.batch == 0 {
+        return Err(
+            "need connections >= 1, users >= connections, messages >= 1, batch >= 1".into(),
+        );
     }
     let prefix = format!("rgfloor:{}:", std::process::id());
     let body = json!("x".repeat(a.body.saturating_sub(2))).to_string();
-    // Each connection's commands, built before the clock starts.
-    let per_message = if a.append_only { 1 } else { 2 };
+    // Each connection's commands and how many replies they get, built before the clock.
     let loads: Vec<(Vec<u8>, usize)> = (0..a.connections)
         .map(|c| {
             let users: Vec<usize> = (c..a.users).step_by(a.connections).collect();
-            let mut out = Vec::new();
             let total = users.len() * a.messages;
-            for i in 0..total {
-                let user = format!("r{}", users[i % users.len()]);
-                let (id, cid) = ((c as u64) << 40 | i as u64, format!("\"{c}-{i}\""));
-                if !a.append_only {
-                    let dedup = format!("{prefix}dd:{}:{{u:{user}}}:s0", user.len());
-                    command(
-                        &mut out,
-                        &[
-                            b"HSETNX",
-                            dedup.as_bytes(),
-                            cid.as_bytes(),
-                            id.to_string().as_bytes(),
-                        ],
-                    );
+            let messages: Vec<Spill> = (0..total)
+                .map(|i| {
+                    let user = format!("r{}", users[i % users.len()]);
+                    let (id, cid) = ((c as u64) << 40 | i as u64, format!("\"{c}-{i}\""));
+                    Spill {
+                        dedup: format!("{prefix}dd:{}:{{u:{user}}}:s0", user.len()),
+                        inbox: format!("{prefix}in:{{u:{user}}}"),
+                        packed: format!("{id} {i} 2 {} s0{cid}{body}", cid.len()),
+                        id: id.to_string(),
+                        cid,
+                    }
+                })
+                .collect();
+            let mut out = Vec::new();
+            if a.script {
+                for chunk in messages.chunks(a.batch) {
+                    script_call(&mut out, chunk);
                 }
-                let packed = format!("{id} {i} 2 {} s0{cid}{body}", cid.len());
-                let inbox = format!("{prefix}in:{{u:{user}}}");
-                command(
-                    &mut out,
-                    &[
-                        b"XADD",
-                        inbox.as_bytes(),
-                        b"MAXLEN",
-                        b"~",
-                        b"10000",
-                        b"*",
-                        b"m",
-                        packed.as_bytes(),
-                    ],
-                );
+                (out, total.div_ceil(a.batch))
+            } else {
+                for m in &messages {
+                    if !a.append_only {
+                        let (d, cid, id) = (m.dedup.as_bytes(), m.cid.as_bytes(), m.id.as_bytes());
+                        command(&mut out, &[b"HSETNX", d, cid, id]);
+                    }
+                    append(&mut out, m);
+                }
+                (out, total * if a.append_only { 1 } else { 2 })
             }
-            (out, total * per_message)
         })
         .collect();
     let started = Instant::now();
@@ -156,7 +145,7 @@ pub fn run(a: RedisFloorArgs) -> Result<i32, String> {
     if a.json {
         println!(
             "{}",
-            json!({"messages": total, "append_only": a.append_only, "per_s": rate.round(),
+            json!({"messages": total, "shape": shape(&a), "per_s": rate.round(),
                    "seconds": elapsed.as_secs_f64(), "connections": a.connections})
         );
     } else {
@@ -164,15 +153,97 @@ pub fn run(a: RedisFloorArgs) -> Result<i32, String> {
             "redis-floor: {total} messages ({} users x {}), {}: {rate:.0} msg/s ({:.2} s)",
             a.users,
             a.messages,
-            if a.append_only {
-                "XADD only"
-            } else {
-                "HSETNX + XADD each"
-            },
+            shape(&a),
             elapsed.as_secs_f64()
         );
     }
     Ok(0)
+}
+
+fn shape(a: &RedisFloorArgs) -> String {
+    if a.script {
+        format!("HSETNX + XADD per message, one script call per {}", a.batch)
+    } else if a.append_only {
+        "XADD only, pipelined".into()
+    } else {
+        "HSETNX + XADD per message, pipelined".into()
+    }
+}
+
+/// One command in RESP.
+fn command(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+    for p in parts {
+        out.extend_from_slice(format!("${}\r\n", p.len()).as_bytes());
+        out.extend_from_slice(p);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn append(out: &mut Vec<u8>, m: &Spill) {
+    let (inbox, packed) = (m.inbox.as_bytes(), m.packed.as_bytes());
+    command(
+        out,
+        &[
+            b"XADD", inbox, b"MAXLEN", b"~", b"10000", b"*", b"m", packed,
+        ],
+    );
+}
+
+fn script_call(out: &mut Vec<u8>, chunk: &[Spill]) {
+    let keys = (chunk.len() * 2).to_string();
+    let mut parts: Vec<&[u8]> = vec![b"EVAL", CHECK_AND_APPEND.as_bytes(), keys.as_bytes()];
+    for m in chunk {
+        parts.extend([m.dedup.as_bytes(), m.inbox.as_bytes()]);
+    }
+    for m in chunk {
+        parts.extend([m.cid.as_bytes(), m.id.as_bytes(), m.packed.as_bytes()]);
+    }
+    command(out, &parts);
+}
+
+/// Read `count` replies (integers, bulk strings, arrays of them); fails on an error reply.
+fn read_replies(stream: TcpStream, count: usize) -> Result<(), String> {
+    let mut reader = BufReader::with_capacity(1 << 20, stream);
+    let mut line = Vec::with_capacity(64);
+    // Items still to read: an array's elements are added when its header is read.
+    let mut pending = count as i64;
+    while pending > 0 {
+        line.clear();
+        reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| e.to_string())?;
+        pending -= 1;
+        match line.first() {
+            Some(b':') => {}
+            Some(b'*') => pending += header_number(&line)?.max(0),
+            Some(b'$') => {
+                let len = header_number(&line)?;
+                if len >= 0 {
+                    line.clear();
+                    reader
+                        .read_until(b'\n', &mut line)
+                        .map_err(|e| e.to_string())?;
+                    if line.len() as i64 != len + 2 {
+                        return Err("bulk reply of the wrong length".into());
+                    }
+                }
+            }
+            _ => return Err(format!("reply: {}", String::from_utf8_lossy(&line))),
+        }
+    }
+    Ok(())
+}
+
+/// The number in a `*n\r\n` or `$n\r\n` header.
+fn header_number(line: &[u8]) -> Result<i64, String> {
+    let digits = line
+        .get(1..line.len().saturating_sub(2))
+        .unwrap_or_default();
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("bad reply header {}", String::from_utf8_lossy(line)))
 }
 
 /// Delete the run's keys (not timed).
