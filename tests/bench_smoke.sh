@@ -44,3 +44,10 @@ trap 'redis-cli -p $RPORT shutdown nosave >/dev/null 2>&1 || true; rm -rf "$RDIR
 for _ in $(seq 100); do [ "$(redis-cli -p "$RPORT" ping 2>/dev/null)" = PONG ] && break; sleep 0.1; done
 "$BENCH" store --redis-url "redis://127.0.0.1:$RPORT" --users 40 --messages 50
 echo "bench smoke: store ok"
+# Redis' floor in each shape (bounded: 2,000 messages each); it cleans up its keys.
+for shape in "" --script --append-only; do
+  "$BENCH" redis-floor --redis "127.0.0.1:$RPORT" --users 40 --messages 50 $shape
+done
+left=$(redis-cli -p "$RPORT" --scan --pattern 'rgfloor:*' | wc -l)
+[ "$left" -eq 0 ] || { echo "redis-floor left $left keys behind"; exit 1; }
+echo "bench smoke: redis-floor ok"
