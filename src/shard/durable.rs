@@ -420,7 +420,9 @@ impl Shard {
                 ops,
                 latency,
                 error,
+                expired,
             } => {
+                self.metrics.inbox_expired.add(expired);
                 self.metrics.redis_batches.inc();
                 self.metrics.redis_ops.add(ops as u64);
                 self.metrics.redis_latency.observe(latency);
@@ -445,15 +447,12 @@ impl Shard {
             }
         }
         match result {
-            Ok(Appended::Stored {
-                expired, pushed, ..
-            }) => {
+            Ok(Appended::Stored { pushed, .. }) => {
                 self.metrics.stored.inc();
                 self.metrics.cross_node_out.add(pushed);
                 self.metrics
                     .redis_spilled_bytes
                     .add((msg.body.len() + msg.cid.len()) as u64);
-                self.metrics.inbox_expired.add(expired);
                 // The mirror gets the entry from this node's channel (see the module doc).
                 let id = msg.id;
                 self.report(msg.report(id, Outcome::Stored));

@@ -556,7 +556,11 @@ impl BatchCall {
 /// One operation's answer, before it is paired with its operation again.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Answer {
-    Appended(Result<Appended, StoreError>),
+    /// `trimmed`: inbox entries the age cap trimmed on the way (see [`StoreReply::Batch`]).
+    Appended {
+        result: Result<Appended, StoreError>,
+        trimmed: u64,
+    },
     Removed(bool),
     Loaded(Loaded),
     Online(Vec<bool>),
@@ -572,9 +576,17 @@ pub(super) enum Answer {
 }
 
 impl Answer {
+    /// Inbox entries the age cap trimmed on the way to this answer.
+    pub(super) fn trimmed(&self) -> u64 {
+        match self {
+            Answer::Appended { trimmed, .. } => *trimmed,
+            _ => 0,
+        }
+    }
+
     pub(super) fn into_reply(self, op: StoreOp) -> StoreReply {
         match (self, op) {
-            (Answer::Appended(result), StoreOp::Append(msg)) => {
+            (Answer::Appended { result, .. }, StoreOp::Append(msg)) => {
                 StoreReply::Appended { msg, result }
             }
             (Answer::Removed(ok), StoreOp::Remove { report, .. }) => {
@@ -638,36 +650,46 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
         StoreOp::Append(m) => {
             // The common answer is the bare stream id (nothing expired, no other node).
             if let Some(xid) = text_ref(&item) {
-                return Ok(Answer::Appended(Ok(Appended::Stored {
-                    seq: stream_id_to_seq(xid).ok_or_else(|| format!("bad id {xid}"))?,
-                    expired: 0,
-                    pushed: 0,
-                })));
+                let seq = stream_id_to_seq(xid).ok_or_else(|| format!("bad id {xid}"))?;
+                return Ok(Answer::Appended {
+                    result: Ok(Appended::Stored { seq, pushed: 0 }),
+                    trimmed: 0,
+                });
             }
+            // {'ok', id, trimmed, pushed}, {'dup', first id, trimmed}, {'full', trimmed, count}
             let parts = array(item)?;
             let status = parts.first().and_then(text).unwrap_or_default();
-            let result = match status.as_str() {
+            let number = |i: usize| parts.get(i).and_then(integer).unwrap_or(0);
+            let (result, trimmed) = match status.as_str() {
                 "ok" => {
                     let xid = parts.get(1).and_then(text).ok_or("append: no id")?;
-                    Ok(Appended::Stored {
-                        seq: stream_id_to_seq(&xid).ok_or_else(|| format!("bad id {xid}"))?,
-                        expired: parts.get(2).and_then(integer).unwrap_or(0),
-                        pushed: parts.get(3).and_then(integer).unwrap_or(0),
-                    })
+                    let seq = stream_id_to_seq(&xid).ok_or_else(|| format!("bad id {xid}"))?;
+                    (
+                        Ok(Appended::Stored {
+                            seq,
+                            pushed: number(3),
+                        }),
+                        number(2),
+                    )
                 }
                 "dup" => {
                     let id = parts.get(1).and_then(text).ok_or("dup: no id")?;
-                    Ok(Appended::Duplicate {
-                        id: id.parse().map_err(|_| format!("bad message id {id}"))?,
-                    })
+                    let id = id.parse().map_err(|_| format!("bad message id {id}"))?;
+                    (Ok(Appended::Duplicate { id }), number(2))
                 }
-                "full" => Err(StoreError::Full {
-                    user: m.to.to_string(),
-                    count: parts.get(2).and_then(integer).unwrap_or(0) as usize,
-                }),
+                "full" => {
+                    let user = m.to.to_string();
+                    (
+                        Err(StoreError::Full {
+                            user,
+                            count: number(2) as usize,
+                        }),
+                        number(1),
+                    )
+                }
                 other => return Err(format!("append: unknown status {other:?}")),
             };
-            Ok(Answer::Appended(result))
+            Ok(Answer::Appended { result, trimmed })
         }
         StoreOp::Remove { .. } => Ok(Answer::Removed(integer(&item).unwrap_or(0) > 0)),
         StoreOp::Presence { users, .. } => {

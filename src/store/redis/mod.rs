@@ -28,17 +28,19 @@
 //!   guard: the check keeps it from trimming). `PEXPIRE` of twice the age cap deletes the
 //!   stream of a user who never comes back (everything in it is past the age cap by then;
 //!   those entries are not counted). It is set when an append finds the stream empty and
-//!   whenever a pair appending to it refreshes its dedup window's TTL (every half window,
-//!   12 h), not on every append: each append comes through a pair refreshed at most half a
-//!   window ago, when the stream's TTL was set too, so the stream outlives every entry's age
-//!   cap while half a window is within the age cap (with a shorter age cap it is set on every
-//!   append).
+//!   whenever a pair appending to it has its own TTL set (created, rotated, every half window
+//!   = 12 h, or when the appending node's age cap is larger than the pair's `~age`), not on
+//!   every append: each append comes through a pair whose TTL was set at most half a window
+//!   ago, the stream's with it, so the stream outlives every entry's age cap by at least half
+//!   the cap while the dedup window is within the age cap (24 h and 72 h by default; with a
+//!   shorter age cap it is set on every append). It is set right after the write that needs
+//!   it, so a script call that fails later leaves no stream without a TTL.
 //! * `rg:dd:<recipient>:<sender>` and `rg:dd-old:..`: the dedup window of one pair, cid ->
 //!   message id, in the recipient's slot, checked by the same script before any append, so a resend after a gateway restart is answered
 //!   with the first id and stored once (`HSETNX`: one call checks and records a cid). Fields
 //!   `~born` (when the generation started), `~old` (1: an older one was kept; 0 or absent:
-//!   none) and `~fresh` (when its TTL was last set) are read once per pair per batch; the
-//!   older generation only when `~old` says it exists. A generation is rotated into `dd-old` only when it is older than the
+//!   none), `~fresh` (when its TTL was last set) and `~age` (the inbox age cap then) are read
+//!   once per pair per batch; the older generation only when `~old` says it exists. A generation is rotated into `dd-old` only when it is older than the
 //!   window (24 h) *and* holds more cids than the minimum (10,000): every cid is kept at
 //!   least 24 h, and the newest 10,000 of the pair always, which include every one of the
 //!   sender's newest 10,000 to that recipient (SPEC: 24 h or 10,000 per sender, whichever is
@@ -177,13 +179,10 @@ pub struct RoomJoinAsk {
 /// How an append went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
-    /// Written at `seq`; `expired`: entries the age cap trimmed on the way; `pushed`: other
-    /// nodes the entry was published to (they hold a device of the recipient).
-    Stored {
-        seq: InboxSeq,
-        expired: u64,
-        pushed: u64,
-    },
+    /// Written at `seq`; `pushed`: other nodes the entry was published to (they hold a
+    /// device of the recipient). Entries the age cap trimmed on the way are counted in
+    /// [`StoreReply::Batch`], whatever the append's answer.
+    Stored { seq: InboxSeq, pushed: u64 },
     /// The sender's cid was already stored as message `id`.
     Duplicate { id: u64 },
 }
@@ -257,6 +256,9 @@ pub enum StoreReply {
         ops: usize,
         latency: Duration,
         error: Option<String>,
+        /// Inbox entries the age cap trimmed on the way to this batch's appends (stored,
+        /// duplicate or refused alike; loads report their own in [`Loaded`]).
+        expired: u64,
     },
 }
 
@@ -615,8 +617,10 @@ async fn serve_shard(
             } else {
                 run_batch(&client, &settings, &batch).await
             };
+            let mut expired = 0;
             let error = match outcome {
                 Ok(answers) => {
+                    expired = answers.iter().flatten().map(Answer::trimmed).sum();
                     let first_error = answers.iter().find_map(|a| a.as_ref().err().cloned());
                     if answers
                         .iter()
@@ -653,6 +657,7 @@ async fn serve_shard(
                 ops,
                 latency: started.elapsed(),
                 error,
+                expired,
             });
             pipe.shard_bell.ring();
         }

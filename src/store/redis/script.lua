@@ -40,7 +40,23 @@ local room_ttl = fmt(hage + 60000)
 -- (they read from minid and trim, counted) and by an append that finds the stream at the
 -- count cap (it trims first, so expired entries never cause a refusal); entries past the cap
 -- are never returned.
-local slen, sexpired, strimmed, sempty, sadded = {}, {}, {}, {}, {}
+local slen, sexpired, strimmed, sempty, sttl = {}, {}, {}, {}, {}
+-- An inbox's TTL is twice the age cap. It is set when an append finds the inbox empty, and
+-- whenever a pair appending to it has its own TTL set (created, rotated, every half window,
+-- or when this node's age cap is larger than the one the pair last saw), not on every
+-- append: each append comes through a pair whose TTL was set at most half a dedup window
+-- ago, and the inbox's TTL with it, so no inbox expires under an entry younger than the age
+-- cap, with half the cap to spare, as long as the dedup window is within the age cap (the
+-- defaults: 24 h and 72 h). With a shorter age cap it is set on every append. Set right
+-- after the write that needs it: a call that fails later leaves no inbox without a TTL.
+local stream_ttl = string.format('%d', 2 * maxage)
+local every_append = dedup_ms > maxage
+local function stream_ttl_once(s)
+  if not sttl[s] then
+    sttl[s] = true
+    redis.call('PEXPIRE', s, stream_ttl)
+  end
+end
 local function stream_len(s)
   local len = slen[s]
   if not len then
@@ -59,14 +75,16 @@ local function stream_len(s)
 end
 -- A pair's dedup generation: '~born' when it started, '~old' 1 when an older one was kept
 -- (0 or absent: none), '~fresh' when its TTL was last set (every half window, not every
--- batch). `dstream`: the inbox each pair appended to in this batch.
-local dborn, dold, dfresh, dstream = {}, {}, {}, {}
+-- batch), '~age' the inbox age cap its inbox's TTL was last set for.
+-- `dstream`: the inbox each pair appended to in this batch.
+local dborn, dold, dfresh, dage, dstream = {}, {}, {}, {}, {}
 local function pair(dcur)
   if dborn[dcur] == nil then
-    local meta = redis.call('HMGET', dcur, '~born', '~old', '~fresh')
+    local meta = redis.call('HMGET', dcur, '~born', '~old', '~fresh', '~age')
     dborn[dcur] = tonumber(meta[1]) or false
     dold[dcur] = meta[2] == '1'
     dfresh[dcur] = tonumber(meta[3]) or 0
+    dage[dcur] = tonumber(meta[4]) or 0
   end
 end
 -- The older generation's key: `dd-old:` where the current one has `dd:` (same slot).
@@ -120,8 +138,10 @@ while i <= #ARGV do
       -- Known to the older generation: undo the record just made.
       if prev then redis.call('HDEL', dcur, cid) end
     end
+    -- Every answer takes the entries trimmed so far for this stream (counted once).
     if prev then
-      out[#out + 1] = {'dup', prev}
+      out[#out + 1] = {'dup', prev, sexpired[s]}
+      sexpired[s] = 0
     elseif len >= maxlen then
       out[#out + 1] = {'full', sexpired[s], len}
       sexpired[s] = 0
@@ -129,7 +149,7 @@ while i <= #ARGV do
       local packed = ARGV[i + 3]
       local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
       slen[s] = len + 1
-      sadded[s] = true
+      if every_append or sempty[s] then stream_ttl_once(s) end
       dstream[dcur] = s
       local pushed, nodes = 0, nodes_of(loc)
       if #nodes > 0 then
@@ -255,37 +275,26 @@ while i <= #ARGV do
   end
 end
 -- Dedup generations this batch appended through: create, rotate, or refresh the TTL (every
--- half window). Each of these also refreshes the TTL of the inbox the pair appended to.
+-- half window, or for a larger age cap); each time the inbox's TTL first (see above).
 local dedup_ttl = string.format('%d', 2 * dedup_ms)
-local refreshed = {}
 for dcur, s in pairs(dstream) do
   local born = dborn[dcur]
   if not born then
-    redis.call('HSET', dcur, '~born', now, '~old', 0, '~fresh', now)
+    stream_ttl_once(s)
+    redis.call('HSET', dcur, '~born', now, '~old', 0, '~fresh', now, '~age', maxage)
     redis.call('PEXPIRE', dcur, dedup_ttl)
-    refreshed[s] = true
-  elseif now - born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 3 then
+  elseif now - born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 4 then
     -- Rotate: the current generation becomes the older one (its TTL still runs), and the
     -- new one remembers that an older one exists.
+    stream_ttl_once(s)
     redis.call('RENAME', dcur, older(dcur))
-    redis.call('HSET', dcur, '~born', now, '~old', 1, '~fresh', now)
+    redis.call('HSET', dcur, '~born', now, '~old', 1, '~fresh', now, '~age', maxage)
     redis.call('PEXPIRE', dcur, dedup_ttl)
-    refreshed[s] = true
-  elseif now - dfresh[dcur] >= dedup_ms / 2 then
+  elseif now - dfresh[dcur] >= dedup_ms / 2 or dage[dcur] < maxage then
     -- Two windows from at most half a window ago: every cid outlives its window by half.
-    redis.call('HSET', dcur, '~fresh', now)
+    stream_ttl_once(s)
+    redis.call('HSET', dcur, '~fresh', now, '~age', maxage)
     redis.call('PEXPIRE', dcur, dedup_ttl)
-    refreshed[s] = true
   end
-end
--- An inbox's TTL (twice the age cap) is set when an append finds it empty and whenever a
--- pair appending to it refreshes its own, not on every append: every append comes through a
--- pair refreshed at most half a dedup window ago, when the inbox's TTL was set too, so the
--- inbox outlives each entry's age cap as long as half a window is within the age cap (the
--- defaults: 12 h and 72 h). With a shorter age cap it is set on every append.
-local stream_ttl = string.format('%d', 2 * maxage)
-local every_append = dedup_ms > 2 * maxage
-for s in pairs(sadded) do
-  if every_append or sempty[s] or refreshed[s] then redis.call('PEXPIRE', s, stream_ttl) end
 end
 return out

@@ -180,6 +180,7 @@ fn script_answers_pair_with_their_operations() {
         StoreOp::Append(msg("bob")),
         StoreOp::Append(msg("bob")),
         StoreOp::Append(msg("bob")),
+        StoreOp::Append(msg("bob")),
         StoreOp::Remove {
             user: "bob".into(),
             seq: 1,
@@ -196,39 +197,53 @@ fn script_answers_pair_with_their_operations() {
             Value::Integer(3),
             Value::Integer(2),
         ]),
-        Value::Array(vec![s("dup"), s("42")]),
-        Value::Array(vec![s("full"), Value::Integer(0), Value::Integer(5)]),
+        Value::Array(vec![s("dup"), s("42"), Value::Integer(4)]),
+        // An answer of an earlier build: no trimmed count.
+        Value::Array(vec![s("dup"), s("43")]),
+        Value::Array(vec![s("full"), Value::Integer(1), Value::Integer(5)]),
         Value::Integer(1),
         Value::Integer(1),
     ]);
     let ops: Vec<&StoreOp> = batch.iter().collect();
-    let mut answers = parse_batch(value, &ops).unwrap();
+    let answers = parse_batch(value, &ops).unwrap();
+    let stored = |id: &str, pushed| {
+        Ok(Appended::Stored {
+            seq: stream_id_to_seq(id).unwrap(),
+            pushed,
+        })
+    };
     assert_eq!(
-        answers.remove(0),
-        Answer::Appended(Ok(Appended::Stored {
-            seq: stream_id_to_seq("9-1").unwrap(),
-            expired: 0,
-            pushed: 0
-        }))
-    );
-    assert_eq!(
-        answers[0],
-        Answer::Appended(Ok(Appended::Stored {
-            seq: stream_id_to_seq("9-2").unwrap(),
-            expired: 3,
-            pushed: 2
-        }))
-    );
-    assert_eq!(
-        answers[1],
-        Answer::Appended(Ok(Appended::Duplicate { id: 42 }))
+        answers[..4],
+        [
+            Answer::Appended {
+                result: stored("9-1", 0),
+                trimmed: 0
+            },
+            Answer::Appended {
+                result: stored("9-2", 2),
+                trimmed: 3
+            },
+            Answer::Appended {
+                result: Ok(Appended::Duplicate { id: 42 }),
+                trimmed: 4
+            },
+            Answer::Appended {
+                result: Ok(Appended::Duplicate { id: 43 }),
+                trimmed: 0
+            },
+        ]
     );
     assert!(matches!(
-        answers[2],
-        Answer::Appended(Err(StoreError::Full { count: 5, .. }))
+        answers[4],
+        Answer::Appended {
+            result: Err(StoreError::Full { count: 5, .. }),
+            trimmed: 1
+        }
     ));
-    assert_eq!(answers[3], Answer::Removed(true));
-    assert_eq!(answers[4], Answer::Done);
+    // What the batch reports to the shard's metrics: every trim, whatever the answer.
+    assert_eq!(answers.iter().map(Answer::trimmed).sum::<u64>(), 8);
+    assert_eq!(answers[5], Answer::Removed(true));
+    assert_eq!(answers[6], Answer::Done);
 }
 
 #[test]
