@@ -191,9 +191,14 @@ fn parked_pairs_sending_to_each_other_at_once_lose_nothing() {
     for t in threads {
         t.join().expect("a user thread failed");
     }
+    // The scenario happened: sockets parked between rounds (whether one was handed back to
+    // a socket task or served inline all along depends on timing, so it is not asserted;
+    // it failed CI once with 0 hand-backs and nothing lost).
     assert!(
-        gw.metric_sum("ringgate_unparks_total") >= 1,
-        "sockets parked and woke"
+        eventually(Duration::from_secs(10), || gw
+            .metric_sum("ringgate_parks_total")
+            >= 1),
+        "sockets parked"
     );
     let (status, _) = gw.admin_get("/healthz");
     assert_eq!(status, 200, "the gateway is alive");
