@@ -574,9 +574,16 @@ pub fn settle_clients(
 ) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut quiet = 0;
+    let mut events = 0;
     while quiet < 40 {
-        assert!(Instant::now() < deadline, "did not settle (seed {seed})");
-        let mut events = 0;
+        if Instant::now() >= deadline {
+            let pending: Vec<usize> = clients.iter().map(|c| c.pending()).collect();
+            panic!(
+                "did not settle in 60 s (seed {seed}): sends pending per client {pending:?}, \
+                 events in the last round {events}"
+            );
+        }
+        events = 0;
         for (i, c) in clients.iter_mut().enumerate() {
             while let Some(e) = c.poll(Duration::from_millis(2)).unwrap() {
                 events += 1;
