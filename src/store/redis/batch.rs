@@ -294,8 +294,34 @@ pub(super) async fn run_batch(
         .collect();
     if let Some(routing) = &routing {
         cross_server_steps(client, settings, routing, batch, &mut answers).await;
+        let moved = answers
+            .iter()
+            .any(|a| matches!(a, Err(why) if slot_map_is_stale(why)));
+        if moved {
+            refresh_slot_map(client, settings).await;
+        }
     }
     Ok(answers)
+}
+
+/// Cluster errors that say the cached slot map is out of date. A script call is routed by its
+/// first key only: when another of its keys sits in a slot that moved, Redis answers "non
+/// local key", not the MOVED that makes fred refresh its map by itself, and every later batch
+/// grouped by the old map would fail the same way until some call's first key moved.
+pub(super) fn slot_map_is_stale(why: &str) -> bool {
+    ["non local key", "MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"]
+        .iter()
+        .any(|sign| why.contains(sign))
+}
+
+/// Read the slot map again (bounded: a cluster that does not answer leaves the old one).
+async fn refresh_slot_map(client: &Client, settings: &RedisSettings) {
+    use fred::interfaces::ClusterInterface;
+    match tokio::time::timeout(settings.timeout, client.sync_cluster()).await {
+        Ok(Ok(())) => tracing::debug!("cluster slot map read again after a moved slot"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "cluster slot map not read again"),
+        Err(_) => tracing::debug!("cluster slot map not read again in time"),
+    }
 }
 
 /// Cluster only: what a script call could not do across servers (see the module doc).

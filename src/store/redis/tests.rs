@@ -379,3 +379,17 @@ fn standalone_sentinel_and_cluster_urls_are_taken_and_others_refused() {
     assert!(check_url("redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=m").is_ok());
     assert!(check_url("not a url").is_err());
 }
+
+#[test]
+fn cluster_errors_that_mean_a_moved_slot_ask_for_a_fresh_slot_map() {
+    // As Redis 7.0 answers a script call that touched a key of a slot this primary lost.
+    let non_local = "ERR Script attempted to access a non local key in a cluster node script: \
+                     2c4d5ebe2a3c666cbd00bc6f116dbf663aeca0f7, on @user_script:2.";
+    assert!(slot_map_is_stale(non_local));
+    assert!(slot_map_is_stale("MOVED 3300 127.0.0.1:7301"));
+    assert!(slot_map_is_stale(
+        "TRYAGAIN Multiple keys request during rehashing of slot"
+    ));
+    assert!(!slot_map_is_stale("no answer within 5000 ms"));
+    assert!(!slot_map_is_stale("not connected to Redis (reconnecting)"));
+}
