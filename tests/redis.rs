@@ -22,8 +22,13 @@ fn gateway(redis: &RedisServer, extra: &[&str]) -> Gateway {
     Gateway::start_shards(SHARDS, &args)
 }
 
+/// `user`'s inbox stream, as `store/redis/keys.rs` names it.
+fn inbox_key(user: &str) -> String {
+    format!("rg:in:{{u:{user}}}")
+}
+
 fn stream_len(redis: &RedisServer, user: &str) -> i64 {
-    redis.int(&["XLEN", &format!("rg:in:{{u:{user}}}")])
+    redis.int(&["XLEN", &inbox_key(user)])
 }
 
 /// Send `n` messages with cids `{prefix}{i}` and wait for each `accepted`; returns the ids.
@@ -214,7 +219,7 @@ fn an_inbox_ttl_is_set_when_it_starts_and_refreshed_with_its_senders_dedup_windo
     let redis = RedisServer::start();
     let gw = gateway(&redis, &[]);
     let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
-    let inbox = format!("rg:in:{{u:{bob}}}");
+    let inbox = inbox_key(&bob);
     let (current, _) = dedup_keys(&bob, &alice);
     let hours = |h: i64| h * 3600 * 1000;
     let (mut a, _) = connect_app(&gw, &alice);
@@ -308,7 +313,7 @@ fn the_count_cap_refuses_and_the_age_cap_trims_with_a_ttl() {
     assert_eq!(err["code"], "unavailable");
     assert_eq!(err["cid"], "c3");
     assert_eq!(stream_len(&redis, &bob), 3, "nothing dropped to make room");
-    let ttl = redis.int(&["PTTL", &format!("rg:in:{{u:{bob}}}")]);
+    let ttl = redis.int(&["PTTL", &inbox_key(&bob)]);
     assert!(
         ttl > 0 && ttl <= 3000,
         "stream TTL is twice the age cap: {ttl}"
@@ -666,7 +671,7 @@ fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
     // Nothing of phase B/C is in Redis. (The first send of the outage, refused when the
     // connection broke, may have been written once Redis was back: an uncertain write, which
     // bob's client drops by cid because l0 was shown to him live.)
-    let stored = redis.cli(&["XRANGE", &format!("rg:in:{{u:{bob}}}"), "-", "+"]);
+    let stored = redis.cli(&["XRANGE", &inbox_key(&bob), "-", "+"]);
     assert!(!stored.contains("\"h"), "{stored}");
 
     // D: bob leaves without acking: his live entries go to Redis in order and are accepted.
@@ -676,7 +681,7 @@ fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
         assert_eq!(spilled[c], "accepted", "{c}");
     }
     assert_eq!(gw.metric_sum("ringgate_live_spilled_total"), 3);
-    let stored = redis.cli(&["XRANGE", &format!("rg:in:{{u:{bob}}}"), "-", "+"]);
+    let stored = redis.cli(&["XRANGE", &inbox_key(&bob), "-", "+"]);
     assert_eq!(stored.matches("\"h").count(), 3, "{stored}");
     // Alice resends what was refused; bob reconnects and gets everything not acked, in the
     // order it was accepted (h2, h3, h6 were shown before: his client drops them by cid).

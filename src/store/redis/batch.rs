@@ -511,7 +511,7 @@ impl BatchCall {
                     // The older dedup generation is named by the script from the current
                     // one, and only read when one exists (rarely: after 24 h and 10,000 cids).
                     keys.push(inbox_key(p, &m.to));
-                    keys.push(dedup_keys(p, &m.to, &m.from).0);
+                    keys.push(dedup_key(p, &m.to, &m.from));
                     keys.push(location_key(p, &m.to));
                     args.push("A".into());
                     args.push(m.id.to_string());

@@ -20,17 +20,14 @@ pub(super) fn location_key(prefix: &str, user: &str) -> String {
     format!("{prefix}loc:{{u:{user}}}")
 }
 
-/// The dedup window of what `from` sent to `to`: the current generation and the older one
-/// (`<prefix>dd:` / `<prefix>dd-old:`, then `<len of to>:{u:<to>}:<from>`). Per pair, in the
-/// recipient's slot, so the append checks it in the same call; the length makes the name
+/// The dedup window of what `from` sent to `to`, its current generation:
+/// `<prefix>dd:<len of to>:{u:<to>}:<from>`. The older generation is the same name with
+/// `dd-old:` for `dd:`; the script names it from this one, only when it exists. Per pair, in
+/// the recipient's slot, so the append checks it in the same call; the length makes the name
 /// exact whatever the ids hold. A cid is one message, so it has one recipient: the newest
 /// 10,000 cids of a pair include every one of the sender's newest 10,000 to that recipient.
-pub(super) fn dedup_keys(prefix: &str, to: &str, from: &str) -> (String, String) {
-    let len = to.len();
-    (
-        format!("{prefix}dd:{len}:{{u:{to}}}:{from}"),
-        format!("{prefix}dd-old:{len}:{{u:{to}}}:{from}"),
-    )
+pub(super) fn dedup_key(prefix: &str, to: &str, from: &str) -> String {
+    format!("{prefix}dd:{}:{{u:{to}}}:{from}", to.len())
 }
 
 /// A room's keys: `rh:` its history (a stream whose ids are `0-<offset>`), `rd:` its
@@ -67,6 +64,13 @@ pub(super) fn slot(key: &str) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The current and the older generation, the older named as the script names it.
+    fn dedup_keys(prefix: &str, to: &str, from: &str) -> (String, String) {
+        let current = dedup_key(prefix, to, from);
+        let older = format!("{prefix}dd-old:{}", &current[prefix.len() + "dd:".len()..]);
+        (current, older)
+    }
 
     #[test]
     fn a_users_keys_share_one_slot_whatever_the_id_holds() {

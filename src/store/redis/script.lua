@@ -107,12 +107,8 @@ end
 local function push(nodes, payload, to_me)
   local sent = 0
   for _, n in ipairs(nodes) do
-    if n ~= me then
-      redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
-      sent = sent + 1
-    elseif to_me then
-      redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
-    end
+    if n ~= me or to_me then redis.call('PUBLISH', prefix .. 'ch:' .. n, payload) end
+    if n ~= me then sent = sent + 1 end
   end
   return sent
 end
@@ -139,12 +135,12 @@ while i <= #ARGV do
       if prev then redis.call('HDEL', dcur, cid) end
     end
     -- Every answer takes the entries trimmed so far for this stream (counted once).
+    local trimmed = sexpired[s]
+    sexpired[s] = 0
     if prev then
-      out[#out + 1] = {'dup', prev, sexpired[s]}
-      sexpired[s] = 0
+      out[#out + 1] = {'dup', prev, trimmed}
     elseif len >= maxlen then
-      out[#out + 1] = {'full', sexpired[s], len}
-      sexpired[s] = 0
+      out[#out + 1] = {'full', trimmed, len}
     else
       local packed = ARGV[i + 3]
       local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
@@ -156,13 +152,11 @@ while i <= #ARGV do
         local to = ARGV[i + 4]
         pushed = push(nodes, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed, true)
       end
-      local expired = sexpired[s]
       -- The common answer is the bare stream id (a nested reply per message costs).
-      if expired == 0 and pushed == 0 then
+      if trimmed == 0 and pushed == 0 then
         out[#out + 1] = xid
       else
-        sexpired[s] = 0
-        out[#out + 1] = {'ok', xid, expired, pushed}
+        out[#out + 1] = {'ok', xid, trimmed, pushed}
       end
     end
     i = i + 5
@@ -279,16 +273,13 @@ end
 local dedup_ttl = string.format('%d', 2 * dedup_ms)
 for dcur, s in pairs(dstream) do
   local born = dborn[dcur]
-  if not born then
+  -- Rotate: the current generation becomes the older one (its TTL still runs), and the new
+  -- one remembers that an older one exists.
+  local rotate = born and now - born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 4
+  if not born or rotate then
     stream_ttl_once(s)
-    redis.call('HSET', dcur, '~born', now, '~old', 0, '~fresh', now, '~age', maxage)
-    redis.call('PEXPIRE', dcur, dedup_ttl)
-  elseif now - born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 4 then
-    -- Rotate: the current generation becomes the older one (its TTL still runs), and the
-    -- new one remembers that an older one exists.
-    stream_ttl_once(s)
-    redis.call('RENAME', dcur, older(dcur))
-    redis.call('HSET', dcur, '~born', now, '~old', 1, '~fresh', now, '~age', maxage)
+    if rotate then redis.call('RENAME', dcur, older(dcur)) end
+    redis.call('HSET', dcur, '~born', now, '~old', rotate and 1 or 0, '~fresh', now, '~age', maxage)
     redis.call('PEXPIRE', dcur, dedup_ttl)
   elseif now - dfresh[dcur] >= dedup_ms / 2 or dage[dcur] < maxage then
     -- Two windows from at most half a window ago: every cid outlives its window by half.
