@@ -64,6 +64,13 @@ impl Clock for ManualClock {
     }
 }
 
+/// A shared clock: a test keeps one handle to step the time a shard reads through another.
+impl<C: Clock> Clock for std::rc::Rc<C> {
+    fn now_ms(&self) -> u64 {
+        (**self).now_ms()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,6 +96,9 @@ pub const HANDOFFS_IN: &str = "ringgate_handoffs_in_total";
 pub const MESH_FULL: &str = "ringgate_mesh_full_total";
 pub const PARKS: &str = "ringgate_parks_total";
 pub const UNPARKS: &str = "ringgate_unparks_total";
+pub const STALLS: &str = "ringgate_shard_stalls_total";
+pub const STALL_MAX: &str = "ringgate_shard_stall_max_ms";
+pub const WATCHDOG_NUDGES: &str = "ringgate_shard_watchdog_nudges_total";
 pub const REDIS_UP: &str = "ringgate_redis_up";
 pub const REDIS_BATCHES: &str = "ringgate_redis_batches_total";
 pub const REDIS_OPS: &str = "ringgate_redis_ops_total";
@@ -193,6 +196,9 @@ pub struct ShardMetrics {
     pub mesh_full: Counter,
     pub parks: Counter,
     pub unparks: Counter,
+    pub stalls: Counter,
+    pub stall_max_ms: Gauge,
+    pub watchdog_nudges: Gauge,
     pub redis_up: Gauge,
     pub redis_batches: Counter,
     pub redis_ops: Counter,
@@ -550,6 +556,24 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Parked connections handed back to a socket task.",
         Kind::Counter,
         |m| m.unparks.get(),
+    ),
+    (
+        STALLS,
+        "Times the shard's tick ran over a second late (its loop was held up: starved of CPU or by a task that did not yield).",
+        Kind::Counter,
+        |m| m.stalls.get(),
+    ),
+    (
+        WATCHDOG_NUDGES,
+        "Times the park poller woke the shard thread because it had not ticked for 250 ms (glommio slept through its timer, or the thread waited for CPU).",
+        Kind::Counter,
+        |m| m.watchdog_nudges.get(),
+    ),
+    (
+        STALL_MAX,
+        "Longest gap between two ticks of the shard since start, in ms.",
+        Kind::Gauge,
+        |m| m.stall_max_ms.get(),
     ),
     (
         WHEEL_ENTRIES,

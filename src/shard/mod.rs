@@ -53,6 +53,8 @@ use users::Users;
 pub const SCRATCH_BYTES: usize = 64 * 1024;
 /// How often a shard sweeps its inboxes for entries past `inbox_max_age_ms`.
 const INBOX_SWEEP_MS: u64 = 1_000;
+/// A tick this late after the previous one counts as a stall (`ringgate_shard_stalls_total`).
+pub const STALL_MS: u64 = 1_000;
 /// Capacity of the lent output buffer; a larger one (after a burst) is freed, not kept.
 const SPARE_OUT_BYTES: usize = 16 * 1024;
 /// Reads served per socket per poll before yielding to other sockets (fairness).
@@ -174,6 +176,8 @@ pub struct Shard {
     /// Connections parked or closed since memory was last given back (see `alloc`).
     released_since_collect: u64,
     last_collect_ms: u64,
+    /// When the last tick ran (ms), to see the loop held up (`stalls`).
+    last_tick_ms: Option<u64>,
 }
 
 /// What the socket task should do after a poll.
@@ -234,6 +238,7 @@ impl Shard {
             mesh: None,
             released_since_collect: 0,
             last_collect_ms: 0,
+            last_tick_ms: None,
         }
     }
 
@@ -532,17 +537,39 @@ impl Shard {
     /// Park the connection whose task holds socket `fd`: on success the task ends (dropping
     /// its glommio stream) and a duplicate of the socket waits in the park set.
     pub fn park(&mut self, index: usize, fd: RawFd) -> bool {
+        let entry = &mut self.conns[index];
+        entry.park_requested = false;
+        if !entry.conn.parkable(self.clock.now_ms(), 0) {
+            return false;
+        }
+        self.watch_parked(index, fd)
+    }
+
+    /// A socket just accepted (`admit`): its handshake is served from the park set, and it
+    /// stays there while it is quiet. Why: at scale a freshly accepted glommio socket was
+    /// seen to miss its read wake-up (the request waiting unread until the 408; README,
+    /// "A million connections"), and an idle connection ends up parked anyway. Serves the
+    /// request at once when it is already there. False: keep the socket on glommio.
+    pub fn park_accepted(&mut self, index: usize, fd: RawFd) -> bool {
+        if !self.watch_parked(index, fd) {
+            return false;
+        }
+        self.poll_parked(index);
+        true
+    }
+
+    /// Put a duplicate of `fd` into the park set under the entry's token.
+    fn watch_parked(&mut self, index: usize, fd: RawFd) -> bool {
         let Some(set) = &self.park else {
             return false;
         };
-        let entry = &mut self.conns[index];
-        entry.park_requested = false;
-        if !entry.conn.parkable(self.clock.now_ms(), 0) || self.drain_started.is_some() {
+        if self.drain_started.is_some() {
             return false;
         }
         let Ok(copy) = park::dup(fd) else {
             return false; // out of descriptors: stay on glommio
         };
+        let entry = &mut self.conns[index];
         if set
             .watch(copy.as_raw_fd(), entry.token(index), false)
             .is_err()
@@ -594,6 +621,8 @@ impl Shard {
         // Quiet = no input for park_idle_ms before this event (output from a timer, such as a
         // heartbeat ping, does not count).
         let was_quiet = now >= entry.conn.last_rx_ms() + park_idle;
+        // A handshake (born parked) stays parked after it while quiet, like an idle socket.
+        let was_handshaking = entry.conn.phase() == Phase::Handshaking;
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
         let quiet_io = match self.poll_conn(index, &mut RawSocket(fd), &mut cx) {
@@ -601,18 +630,20 @@ impl Shard {
                 self.metrics.connections_parked.dec();
                 return;
             }
+            // Reading stops at the end of a handshake (the session starts) before the socket
+            // would block: what may follow raises the re-armed epoll entry at once.
             ConnPoll::Pending {
                 read_blocked,
                 write_blocked,
-            } => read_blocked && !write_blocked,
-            // Parked connections have started their session; a socket task decides anyway.
+            } => (read_blocked || was_handshaking) && !write_blocked,
+            // The user's home is another shard: its socket task hands the socket over.
             ConnPoll::Handoff { .. } => false,
         };
         let entry = &mut self.conns[index];
         let stay = quiet_io
-            && was_quiet
+            && (was_quiet || was_handshaking)
             && self.drain_started.is_none()
-            && entry.conn.phase() == Phase::Open;
+            && matches!(entry.conn.phase(), Phase::Open | Phase::Handshaking);
         let token = entry.token(index);
         let set = self.park.as_ref().expect("parking enabled");
         if stay && set.watch(fd, token, true).is_ok() {
@@ -751,6 +782,11 @@ impl Shard {
     /// Periodic: fire due deadlines, notice shutdown. Returns true when the shard is done.
     pub fn on_tick(&mut self) -> bool {
         let now = self.clock.now_ms();
+        self.note_tick_gap(now);
+        if let Some(set) = &self.park {
+            set.ticked();
+            self.metrics.watchdog_nudges.set(set.nudges());
+        }
         if self.drain_started.is_none() && self.shared.draining.load(Ordering::Relaxed) {
             self.begin_drain(now);
         }
@@ -759,11 +795,24 @@ impl Shard {
             .advance(now / self.shared.cfg.tick_ms, |_, r| fired.push(r));
         for r in fired.drain(..) {
             let index = r.index as usize;
-            let ctx = shard_ctx!(self);
-            let Some(entry) = self.conns.get_mut(index).filter(|e| e.serial == r.serial) else {
+            let live = |s: &Self| s.conns.get(index).is_some_and(|e| e.serial == r.serial);
+            if !live(self) {
                 continue;
-            };
-            entry.timer = None;
+            }
+            self.conns[index].timer = None;
+            // A parked handshake is read before its deadline is judged: under load the shard
+            // can be behind on its ready sockets, and the timeout is for clients that do not
+            // send, not for a gateway that has not read yet (seen at 64 gateways: every 408
+            // had its whole request waiting in the socket).
+            let entry = &self.conns[index];
+            if entry.parked.is_some() && entry.conn.phase() == Phase::Handshaking {
+                self.poll_parked(index);
+                if !live(self) {
+                    continue;
+                }
+            }
+            let ctx = shard_ctx!(self);
+            let entry = &mut self.conns[index];
             entry.conn.on_timer(now, &ctx);
             self.poll_window(index, now);
             let entry = &mut self.conns[index];
@@ -812,6 +861,27 @@ impl Shard {
         match self.drain_started {
             Some(started) => self.conns.is_empty() || now >= started + self.shared.cfg.drain_ms,
             None => false,
+        }
+    }
+
+    /// A tick is due (one tick period since the last one ran).
+    pub fn tick_due(&self) -> bool {
+        let now = self.clock.now_ms();
+        self.last_tick_ms
+            .is_none_or(|last| now >= last + self.shared.cfg.tick_ms)
+    }
+
+    /// Count a tick that came over [`STALL_MS`] after the previous one: nothing else of the
+    /// shard (deadlines, heartbeats, handshake timeouts) ran on time meanwhile either.
+    fn note_tick_gap(&mut self, now: u64) {
+        if let Some(last) = self.last_tick_ms.replace(now) {
+            let gap = now.saturating_sub(last);
+            if gap > self.metrics.stall_max_ms.get() {
+                self.metrics.stall_max_ms.set(gap);
+            }
+            if gap >= STALL_MS {
+                self.metrics.stalls.inc();
+            }
         }
     }
 

@@ -11,16 +11,40 @@
 //! `poll(epfd)` when the shard asks it to (`arm`) and rings a doorbell socket that the shard
 //! reads through glommio. The shard then takes the events itself with `epoll_wait(0)`. The
 //! busy path never touches this: active sockets stay on glommio/io_uring.
+//!
+//! The poller is also the shard's watchdog. glommio sleeps in `io_uring_enter` and relies on
+//! a timeout in a second ring to wake it for timers; at scale here that wake-up was seen
+//! missing for minutes (a gateway that never finished its SIGTERM drain woke the moment a
+//! debugger attached; glommio issue #326 describes the same). When the shard's tick count has
+//! not moved for [`WATCHDOG_MS`], the poller sends the shard thread [`NUDGE_SIGNAL`], whose
+//! empty handler makes the sleeping `io_uring_enter` return (EINTR, which glommio retries
+//! after firing its due timers). The shard does no other blocking call, so nothing else sees it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Once};
 use std::task::{Context, Poll};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 
 /// Events taken per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
+
+/// No tick for this long wakes the shard thread (see the module header).
+pub const WATCHDOG_MS: i32 = 250;
+
+/// The signal that wakes a sleeping shard thread (an empty handler, installed once).
+const NUDGE_SIGNAL: libc::c_int = libc::SIGURG;
+
+/// What the shard and its poller share: the shard's tick count (the shard writes it) and the
+/// nudges sent (the poller writes it).
+#[derive(Default)]
+struct Watch {
+    ticks: AtomicU64,
+    nudges: AtomicU64,
+}
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -36,29 +60,48 @@ pub struct ParkSet {
     arm_w: Option<OwnedFd>,
     poller: Option<std::thread::JoinHandle<()>>,
     events: Vec<libc::epoll_event>,
+    watch: Arc<Watch>,
 }
 
 impl ParkSet {
     /// The set, and the doorbell end the shard reads (through glommio) to learn of events.
+    /// Call on the shard's thread: the watchdog wakes the thread that created the set.
     pub fn new(shard: usize) -> io::Result<(ParkSet, std::os::unix::net::UnixStream)> {
+        install_nudge_handler()?;
         // SAFETY: plain syscalls; every fd returned is wrapped into an owner at once.
         let epfd = unsafe { OwnedFd::from_raw_fd(cvt(libc::epoll_create1(libc::EPOLL_CLOEXEC))?) };
         let (arm_r, arm_w) = pipe()?;
         let (bell_shard, bell_poller) = std::os::unix::net::UnixStream::pair()?;
         let ep = epfd.as_raw_fd();
+        let watch = Arc::new(Watch::default());
+        // SAFETY: gettid has no preconditions.
+        let shard_thread = unsafe { libc::gettid() };
+        let poller_watch = watch.clone();
         let poller = std::thread::Builder::new()
             .name(format!("shard-{shard}-park"))
             .stack_size(64 * 1024)
-            .spawn(move || poller_loop(ep, arm_r, bell_poller))?;
+            .spawn(move || poller_loop(ep, arm_r, bell_poller, shard_thread, &poller_watch))?;
         Ok((
             ParkSet {
                 epfd,
                 arm_w: Some(arm_w),
                 poller: Some(poller),
                 events: Vec::with_capacity(EVENTS_PER_WAIT),
+                watch,
             },
             bell_shard,
         ))
+    }
+
+    /// The shard ticked (the watchdog's sign of life).
+    pub fn ticked(&self) {
+        let w = &self.watch.ticks;
+        w.store(w.load(Relaxed) + 1, Relaxed);
+    }
+
+    /// Times the watchdog woke the shard thread.
+    pub fn nudges(&self) -> u64 {
+        self.watch.nudges.load(Relaxed)
     }
 
     /// Watch `fd` for input, one shot: `rearm` = false adds it, true re-arms it after an event.
@@ -100,29 +143,26 @@ impl ParkSet {
         }
     }
 
-    /// Tokens of parked sockets with input, without blocking.
+    /// Tokens of parked sockets with input, without blocking: at most [`EVENTS_PER_WAIT`]
+    /// per call, so one round of serving them stays short (the rest stay ready in the set
+    /// and ring again).
     pub fn take_ready(&mut self, out: &mut Vec<u64>) {
-        loop {
-            self.events.clear();
-            // SAFETY: the buffer has capacity for EVENTS_PER_WAIT events.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epfd.as_raw_fd(),
-                    self.events.as_mut_ptr(),
-                    EVENTS_PER_WAIT as i32,
-                    0,
-                )
-            };
-            if n <= 0 {
-                return;
-            }
-            // SAFETY: the kernel initialised n entries.
-            unsafe { self.events.set_len(n as usize) };
-            out.extend(self.events.iter().map(|e| e.u64));
-            if (n as usize) < EVENTS_PER_WAIT {
-                return;
-            }
+        self.events.clear();
+        // SAFETY: the buffer has capacity for EVENTS_PER_WAIT events.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epfd.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                EVENTS_PER_WAIT as i32,
+                0,
+            )
+        };
+        if n <= 0 {
+            return;
         }
+        // SAFETY: the kernel initialised n entries.
+        unsafe { self.events.set_len(n as usize) };
+        out.extend(self.events.iter().map(|e| e.u64));
     }
 }
 
@@ -142,12 +182,70 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+fn install_nudge_handler() -> io::Result<()> {
+    extern "C" fn nudged(_: libc::c_int) {}
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        // SAFETY: an empty handler, and a zeroed sigaction with only it and an empty mask set.
+        // No SA_RESTART: the point is that the interrupted wait returns.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = nudged as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(NUDGE_SIGNAL, &action, std::ptr::null_mut()) != 0 {
+                result = Err(io::Error::last_os_error());
+            }
+        }
+    });
+    result
+}
+
 /// Wait for an arm byte, then for readiness of the set, then ring; until the arm pipe closes.
-fn poller_loop(epfd: RawFd, arm_r: OwnedFd, bell: std::os::unix::net::UnixStream) {
+/// Every wait ends after [`WATCHDOG_MS`] to look at the shard's tick count.
+fn poller_loop(
+    epfd: RawFd,
+    arm_r: OwnedFd,
+    bell: std::os::unix::net::UnixStream,
+    shard_thread: libc::pid_t,
+    watch: &Watch,
+) {
     use std::io::Write;
     let mut bell = bell;
     let mut byte = [0u8; 1];
+    let mut last_ticks = watch.ticks.load(Relaxed);
+    // Wait until one of `fds` is ready, waking the shard whenever it stopped ticking.
+    // False on a poll error.
+    let mut wait = |fds: &mut [libc::pollfd]| -> bool {
+        loop {
+            // SAFETY: valid pollfd entries.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, WATCHDOG_MS) };
+            if r > 0 {
+                return true;
+            }
+            if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return false;
+            }
+            let ticks = watch.ticks.load(Relaxed);
+            if ticks == last_ticks {
+                // SAFETY: a signal with an installed empty handler, to a thread of this process.
+                unsafe {
+                    libc::syscall(libc::SYS_tgkill, libc::getpid(), shard_thread, NUDGE_SIGNAL)
+                };
+                watch.nudges.store(watch.nudges.load(Relaxed) + 1, Relaxed);
+            }
+            last_ticks = ticks;
+        }
+    };
+    let arm = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     loop {
+        if !wait(&mut [arm(arm_r.as_raw_fd())]) {
+            return;
+        }
         // SAFETY: reading into a valid one-byte buffer from a pipe we own.
         let n = unsafe { libc::read(arm_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
         if n == 0 {
@@ -159,26 +257,8 @@ fn poller_loop(epfd: RawFd, arm_r: OwnedFd, bell: std::os::unix::net::UnixStream
             }
             return;
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: epfd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: arm_r.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        loop {
-            // SAFETY: two valid pollfd entries.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if r > 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                break;
-            }
-        }
-        if fds[1].revents != 0 {
+        let mut fds = [arm(epfd), arm(arm_r.as_raw_fd())];
+        if !wait(&mut fds) || fds[1].revents != 0 {
             return; // the shard closed the arm pipe
         }
         if bell.write_all(&[1]).is_err() {

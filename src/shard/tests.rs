@@ -316,3 +316,60 @@ fn a_node_that_missed_room_messages_tells_its_members_gap_and_ignores_late_copie
     assert_eq!(got, want);
     assert_eq!(shard.metrics.room_gaps.get(), 1);
 }
+
+/// A shard with parking on (a real epoll set and poller) and a clock the test steps.
+fn parking_shard() -> (Shard, std::rc::Rc<ManualClock>) {
+    let cfg = ConfigLayer::default().resolve().unwrap();
+    let clock = std::rc::Rc::new(ManualClock::new(1_000));
+    let mut shard = Shard::new(
+        0,
+        Shared::new(cfg),
+        Arc::new(ShardMetrics::default()),
+        Box::new(clock.clone()),
+    );
+    let (set, _bell) = super::park::ParkSet::new(0).unwrap();
+    shard.enable_parking(set);
+    (shard, clock)
+}
+
+/// What the client end has been sent so far (non-blocking).
+fn received(client: &mut std::os::unix::net::UnixStream) -> String {
+    use std::io::Read;
+    client.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 4096];
+    match client.read(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => String::new(),
+        Err(e) => panic!("read: {e}"),
+    }
+}
+
+#[test]
+fn a_parked_handshake_is_judged_on_what_the_client_sent_not_on_what_the_shard_read() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let (mut shard, clock) = parking_shard();
+    let timeout = shard.cfg().handshake_timeout_ms;
+
+    // Sent in time, but the shard never got to its ready socket (behind under load): at the
+    // deadline it is read and upgraded, not refused.
+    let (mut late_read, server) = std::os::unix::net::UnixStream::pair().unwrap();
+    let index = shard.admit().unwrap();
+    assert!(shard.park_accepted(index, server.as_raw_fd()));
+    drop(server); // the shard keeps its own duplicate
+    late_read.write_all(&upgrade("ann")).unwrap();
+    clock.advance(timeout + shard.cfg().tick_ms);
+    shard.on_tick();
+    let answer = received(&mut late_read);
+    assert!(answer.starts_with("HTTP/1.1 101"), "got {answer:?}");
+
+    // Never sent: 408 at the deadline.
+    let (mut silent, server) = std::os::unix::net::UnixStream::pair().unwrap();
+    let index = shard.admit().unwrap();
+    assert!(shard.park_accepted(index, server.as_raw_fd()));
+    drop(server);
+    clock.advance(timeout + shard.cfg().tick_ms);
+    shard.on_tick();
+    let answer = received(&mut silent);
+    assert!(answer.starts_with("HTTP/1.1 408"), "got {answer:?}");
+}
