@@ -8,7 +8,11 @@
 #
 #   bench/scale.sh -g 64 -l 53 -n 19000 --hold 60      # toward 1,000,000 connections
 #   bench/scale.sh -g 2 -l 2 -n 5000 --hold 5           # a quick look
+#   bench/scale.sh -g 4 -l 4 -n 4000 --hold 3 --check   # the CI guard (tests/bench_smoke.sh)
 #
+# --check exits 1 when a connection failed (e.g. a 408 handshake timeout), fewer than all were
+# open at once, or a gateway shard's tick ran over a second late (ringgate_shard_stalls_total);
+# it asserts no rate.
 # Prints per-phase totals: established, failed, connections open on the gateways (from their
 # /metrics), gateway RSS per connection (sum over gateways), kernel memory per connection
 # (/proc/meminfo Slab; on loopback both ends' sockets count), and what stopped it if it fell short.
@@ -16,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Ports stay below the ephemeral range (32768-60999 by default) so no outgoing socket holds them.
-G=4 L=4 N=5000 HOLD=10 PORT=17080 ADMIN_BASE=17100 HB=30000 RATE=0 CONC=500
+G=4 L=4 N=5000 HOLD=10 PORT=17080 ADMIN_BASE=17100 HB=30000 RATE=0 CONC=500 CHECK=0
 while [ $# -gt 0 ]; do
   case $1 in
     -g) G=$2; shift 2 ;;
@@ -27,14 +31,16 @@ while [ $# -gt 0 ]; do
     --heartbeat-ms) HB=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
     --concurrency) CONC=$2; shift 2 ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    --check) CHECK=1; shift ;;
+    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [ "$L" -le 250 ] || { echo "at most 250 load generators (one 127.1.X.0/24 source block each)" >&2; exit 2; }
 
-GW=target/release/ringgate
-BENCH=target/release/ringgate-bench
+# RINGGATE_BIN / BENCH_BIN run other builds (e.g. an older commit's, to compare back to back).
+GW=${RINGGATE_BIN:-target/release/ringgate}
+BENCH=${BENCH_BIN:-target/release/ringgate-bench}
 [ -x "$GW" ] && [ -x "$BENCH" ] || cargo build --release --workspace --quiet
 SECRET=scale-secret-0123456789abcdef
 OUT=$(mktemp -d /tmp/ringgate-scale.XXXX)
@@ -44,13 +50,15 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
 meminfo() { awk -v k="$1:" '$1==k {print $2}' /proc/meminfo; }
+# "open parked": connections open on all gateways, and how many of them are parked.
 open_total() {
-  local s=0 i v
+  local s=0 p=0 i v
   for ((i = 0; i < G; i++)); do
-    v=$(curl -s "http://127.0.0.1:$((ADMIN_BASE + i))/metrics" | awk '/^ringgate_connections_open/ {s+=$2} END {print s+0}')
-    s=$((s + v))
+    v=$(curl -s "http://127.0.0.1:$((ADMIN_BASE + i))/metrics" |
+      awk '/^ringgate_connections_open/ {o+=$2} /^ringgate_connections_parked/ {p+=$2} END {print o+0, p+0}')
+    s=$((s + ${v% *})); p=$((p + ${v#* }))
   done
-  echo $s
+  echo "$s $p"
 }
 rss_total() {
   local s=0 p
@@ -81,18 +89,32 @@ for ((i = 0; i < L; i++)); do
   pids+=($!)
 done
 # Sample while the load generators ramp and hold.
-peak=0
+peak=0 settled_rss=
 while true; do
   running=0
   for ((i = 0; i < L; i++)); do kill -0 "${pids[$((G + i))]}" 2>/dev/null && running=$((running + 1)); done
-  open=$(open_total)
+  read -r open parked < <(open_total)
   if [ "$open" -gt "$peak" ]; then
     peak=$open; peak_rss=$(rss_total); peak_slab=$(meminfo Slab); peak_avail=$(meminfo MemAvailable)
     peak_t=$(date +%s.%N)
   fi
+  # Settled: the peak is open and every connection parked (memory given back, see alloc.rs).
+  if [ "$open" -eq "$peak" ] && [ "$parked" -eq "$open" ] && [ "$open" -gt 0 ]; then
+    settled_rss=$(rss_total)
+  fi
   [ "$running" -eq 0 ] && break
   sleep 2
 done
+# Shard stalls (a tick over a second late) seen by the gateways, read before they stop.
+stalls=0 stall_max=0 nudges=0
+for ((i = 0; i < G; i++)); do
+  m=$(curl -s "http://127.0.0.1:$((ADMIN_BASE + i))/metrics")
+  stalls=$((stalls + $(awk '/^ringgate_shard_stalls_total/ {s+=$2} END {print s+0}' <<<"$m")))
+  nudges=$((nudges + $(awk '/^ringgate_shard_watchdog_nudges_total/ {s+=$2} END {print s+0}' <<<"$m")))
+  v=$(awk '/^ringgate_shard_stall_max_ms/ {if ($2>s) s=$2} END {print s+0}' <<<"$m")
+  [ "$v" -gt "$stall_max" ] && stall_max=$v
+done
+echo "gateway shard stalls (tick over 1 s late): $stalls, longest tick gap $stall_max ms, watchdog nudges $nudges"
 python3 - "$OUT" "$L" <<'PY'
 import json, sys, glob
 out, L = sys.argv[1], int(sys.argv[2])
@@ -106,14 +128,29 @@ for i in range(L):
     rates.append(r["connect_rate_avg"])
     for k, v in r["failures"].items(): fails[k] = fails.get(k, 0) + v
 print(f"load generators: established {est}, failed {failed} {fails}, pings answered {pings}")
+open(f"{out}/failed", "w").write(str(failed))
 rates.sort()
 print(f"connect rate per generator (avg over its ramp): median {rates[len(rates)//2]:.0f}/s" if rates else "")
 PY
 echo "peak connections open on the gateways: $peak (after $(python3 -c "print(round($peak_t-$t0,1))") s)"
 if [ "$peak" -gt 0 ]; then
   echo "gateway RSS: $((rss0 / 1024)) -> $((peak_rss / 1024)) MiB total, $(((peak_rss - rss0) * 1024 / peak)) B per connection"
+  [ -n "$settled_rss" ] && echo "gateway RSS with all $peak parked (last sample): $((settled_rss / 1024)) MiB, $(((settled_rss - rss0) * 1024 / peak)) B per connection"
   echo "kernel Slab: $((slab0 / 1024)) -> $((peak_slab / 1024)) MiB, $(((peak_slab - slab0) * 1024 / peak)) B per connection (both loopback ends)"
   echo "MemAvailable: $((avail0 / 1024)) -> $((peak_avail / 1024)) MiB"
 fi
 grep -h "accept failed" "$OUT"/gw*.log | sort | uniq -c | head -5 || true
 echo "logs and per-process JSON in $OUT"
+if [ "$CHECK" = 1 ]; then
+  failed=$(cat "$OUT/failed" 2>/dev/null || echo unknown)
+  want=$((L * N))
+  problems=()
+  [ "$failed" = 0 ] || problems+=("$failed connections failed")
+  [ "$peak" -ge "$want" ] || problems+=("only $peak of $want open at once")
+  [ "$stalls" = 0 ] || problems+=("$stalls shard stalls (longest tick gap $stall_max ms)")
+  if [ ${#problems[@]} -gt 0 ]; then
+    printf 'scale check FAILED: %s\n' "${problems[@]}"
+    exit 1
+  fi
+  echo "scale check: ok ($want connections over $G gateways, 0 failed, no shard stall)"
+fi
