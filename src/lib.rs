@@ -23,6 +23,8 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod shard;
+#[cfg(test)]
+mod sim;
 pub mod stats;
 pub mod store;
 #[cfg(test)]

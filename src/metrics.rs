@@ -116,6 +116,8 @@ pub const SLOW_CLOSES: &str = "ringgate_slow_closes_total";
 pub const LIVE_SENDS: &str = "ringgate_live_sends_total";
 pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
 pub const LIVE_SPILLED: &str = "ringgate_live_spilled_total";
+pub const STORE_WRITES_IN_DOUBT: &str = "ringgate_store_writes_in_doubt";
+pub const STORE_REVOKED: &str = "ringgate_store_revoked_total";
 
 /// Upper bounds (microseconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
@@ -210,6 +212,8 @@ pub struct ShardMetrics {
     pub live_sends: Counter,
     pub live_acked: Counter,
     pub live_spilled: Counter,
+    pub store_writes_in_doubt: Gauge,
+    pub store_revoked: Counter,
     pub rooms: Gauge,
     pub room_members: Gauge,
     pub room_publishes: Counter,
@@ -496,6 +500,18 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Of those, unacked when the recipient's last device left: appended to Redis (or refused).",
         Kind::Counter,
         |m| m.live_spilled.get(),
+    ),
+    (
+        STORE_WRITES_IN_DOUBT,
+        "Inbox writes reported as failed that may still land, not yet revoked (SPEC 4, Order).",
+        Kind::Gauge,
+        |m| m.store_writes_in_doubt.get(),
+    ),
+    (
+        STORE_REVOKED,
+        "Inbox writes reported as failed, revoked: removed if they had landed, refused if they land later.",
+        Kind::Counter,
+        |m| m.store_revoked.get(),
     ),
     (
         ROOMS,

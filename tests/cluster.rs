@@ -46,6 +46,7 @@ on_standalone_and_cluster!(
     a_room_publish_reaches_members_on_every_node_and_shard_in_order,
     join_with_since_recovers_across_nodes_and_says_when_history_is_too_short,
     a_node_whose_members_all_left_is_no_longer_pushed_the_room,
+    sends_refused_while_redis_restarts_are_replayed_in_the_order_they_were_accepted,
 );
 
 fn api_presence(gw: &Gateway, query: &str) -> (u16, String) {
@@ -507,4 +508,84 @@ fn a_node_whose_members_all_left_is_no_longer_pushed_the_room(redis: RedisServer
     publish(&mut publisher, "quiet", "q", json!("nobody hears"));
     assert!(frames_before_pong(&mut member).is_empty());
     assert_eq!(b.metric_sum("ringgate_room_deliveries_total"), 0);
+}
+
+/// SPEC 4, Order (issue 15): a burst to an offline user while Redis is SIGKILLed and
+/// restarted; every send answered `unavailable` is resent, in cid order, until accepted; the
+/// recipient is then replayed every message once, in the order its sender was told
+/// `accepted`. Before the fix, writes the gateway had reported as failed were sent by fred
+/// after the restart and landed ahead of the later accepted resends (x8..x199, then x0..x7).
+fn sends_refused_while_redis_restarts_are_replayed_in_the_order_they_were_accepted(
+    mut redis: RedisServer,
+) {
+    let gw = node_with(&redis, "n1", &["--window", "8", "--ack-timeout-ms", "500"]);
+    let (ivy, jack) = (user_on("ivy", 0, 2), user_on("jack", 1, 2));
+    let (mut a, _) = connect_app(&gw, &ivy);
+    let total = 200;
+    // Cids in the order ivy was told `accepted`, and those still to resend.
+    let mut accepted: Vec<String> = Vec::new();
+    let mut pending: Vec<usize> = Vec::new();
+    let answer = |a: &mut Ws, accepted: &mut Vec<String>, pending: &mut Vec<usize>| {
+        let v = recv_json(a);
+        let cid = v["cid"].as_str().unwrap_or_default().to_string();
+        match v["op"].as_str() {
+            Some("accepted") => accepted.push(cid),
+            Some("error") => {
+                assert_eq!(v["code"], "unavailable", "{v}");
+                pending.push(cid[1..].parse().unwrap());
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    };
+    for i in 0..total {
+        send(&mut a, &jack, &format!("x{i}"), json!({"n": i}));
+        if i == total / 2 {
+            redis.kill();
+        }
+    }
+    for _ in 0..total {
+        answer(&mut a, &mut accepted, &mut pending);
+    }
+    assert!(!pending.is_empty(), "Redis died mid-burst");
+    let before_kill = accepted.len();
+    std::thread::sleep(Duration::from_millis(1500));
+    redis.restart();
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        rounds += 1;
+        assert!(rounds <= 60, "Redis came back but {pending:?} stay refused");
+        pending.sort_unstable();
+        let round = std::mem::take(&mut pending);
+        for i in &round {
+            send(&mut a, &jack, &format!("x{i}"), json!({"n": i}));
+        }
+        for _ in &round {
+            answer(&mut a, &mut accepted, &mut pending);
+        }
+        if !pending.is_empty() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    assert_eq!(accepted.len(), total, "each cid accepted once");
+    let mut b = connect(&gw, &format!("/ws?user={jack}"));
+    assert_eq!(recv_json(&mut b)["op"], "welcome");
+    let mut shown: Vec<String> = Vec::new();
+    while shown.len() < total {
+        let v = recv_json(&mut b);
+        if v["op"] == "msg" {
+            ack(&mut b, v["seq"].as_u64().unwrap());
+            shown.push(v["cid"].as_str().unwrap().to_string());
+        }
+    }
+    let revoked = gw.metric_sum("ringgate_store_revoked_total");
+    println!("{before_kill} accepted before the kill, {rounds} resend round(s), {revoked} write(s) in doubt revoked");
+    assert_eq!(
+        shown, accepted,
+        "jack sees ivy's messages in the order she was told accepted"
+    );
+    let again: Vec<Value> = frames_before_pong(&mut b)
+        .into_iter()
+        .filter(|v| v["op"] == "msg")
+        .collect();
+    assert!(again.is_empty(), "nothing shown twice: {again:?}");
 }

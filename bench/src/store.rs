@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use compact_str::CompactString;
-use ringgate::delivery::message::{Message, Outcome, ReplyTo, Report};
+use ringgate::delivery::message::{Message, Outcome, ReplyTo, Report, StoreWrite};
 use ringgate::store::redis::{self, Appended, RedisSettings, StoreLink, StoreOp, StoreReply};
 use serde_json::json;
 
@@ -272,6 +272,11 @@ fn run_shard(
                 body: body.clone(),
                 reply: ReplyTo::all_devices(shard),
                 received: Instant::now(),
+                // Increasing per shard, as the shard numbers its writes (older ones are stale).
+                write: StoreWrite {
+                    attempt: i as u64 + 1,
+                    revoke: Vec::new(),
+                },
             }))
         },
         |reply| match reply {

@@ -80,6 +80,20 @@ pub struct Message {
     pub reply: ReplyTo,
     /// When the sender's home shard took the `send` (for the send -> accepted histogram).
     pub received: std::time::Instant,
+    /// How the recipient's shard writes it to Redis (empty until then).
+    pub write: StoreWrite,
+}
+
+/// A message's write to the Redis store, as its recipient's shard numbers it (see "Order" in
+/// `shard/durable.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct StoreWrite {
+    /// Increasing per shard and run (0: not written): Redis refuses a write of a shard older
+    /// than one of it that already landed for the same pair of users.
+    pub attempt: u64,
+    /// The pair's earlier writes that were reported as failed, as (cid, attempt): revoked by
+    /// the same script call, before this write.
+    pub revoke: Vec<(Box<str>, u64)>,
 }
 
 impl Message {

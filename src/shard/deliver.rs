@@ -79,7 +79,7 @@ fn push_msg(conn: &mut Connection, frame: &mut Vec<u8>, seq: u64, msg: &StoredMe
     conn.push_text(frame, ctx);
 }
 
-pub(super) fn wall_clock_ms() -> u64 {
+pub(crate) fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -237,6 +237,7 @@ impl Shard {
             body,
             reply,
             received: std::time::Instant::now(),
+            write: Default::default(),
         };
         let home = self.home_of(&msg.to);
         if home == self.id {

@@ -36,6 +36,18 @@
 //! * A mirror that may have missed an entry (an uncertain write, or a confirmed write that
 //!   arrived behind a live entry) is reloaded once Redis answers and the user's tail is
 //!   empty (never while live entries are out, whose seqs a reload would not keep).
+//! * A write reported as failed never lands after a later accepted one (SPEC 4, Order). A
+//!   write that timed out may still run later (fred may send it after a reconnect, Redis may
+//!   still be working through it), or may have run before its answer was lost. Each append
+//!   carries this shard's attempt number, increasing; the script keeps, per pair of users,
+//!   the highest attempt of this shard that landed, and refuses an older one (`stale`). The
+//!   shard keeps every failed attempt of a pair *in doubt* and, before the pair's next
+//!   write (and from the tick, once Redis answers), revokes them: each that landed is
+//!   removed, none can land any more. So a resent cid whose first write landed unaccepted is
+//!   appended again at the end, in the order its sender is told `accepted`.
+//! * Nor is such a write shown: an entry of this shard's own write reaches the mirror (by
+//!   push or by a load) only once the write is answered as stored; one whose write is
+//!   unanswered waits for the answer, one whose write failed is left out (it is revoked).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -43,7 +55,7 @@ use compact_str::CompactString;
 
 use super::deliver::wall_clock_ms;
 use super::Shard;
-use crate::delivery::message::{Message, Outcome, Report};
+use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
 use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
 use crate::store::{InboxSeq, StoreError, StoredMessage};
 
@@ -51,6 +63,12 @@ use crate::store::{InboxSeq, StoreError, StoredMessage};
 const LOAD_RETRY_MS: u64 = 500;
 /// How often a shard that believes Redis is down checks whether it is back.
 const PROBE_MS: u64 = 500;
+/// Failed writes kept in doubt per pair of users; beyond it, writes to the pair are refused
+/// unsent until a revoke clears them (memory stays bounded while Redis is away).
+const MAX_DOUBTS_PER_PAIR: usize = 1024;
+
+/// (recipient, sender): the pair of users whose writes keep their order.
+type Pair = (CompactString, CompactString);
 
 /// The state of one online user's mirror. `epoch`: the shard's channel epoch when the load
 /// was submitted; pushes from other nodes are taken only by mirrors of the current epoch (a
@@ -96,7 +114,19 @@ pub struct Durable {
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard.
     epoch: u64,
+    /// The attempt number of this shard's next inbox write (see the module doc).
+    next_attempt: u64,
+    /// Writes reported as failed that may still land, per pair, as (cid, attempt).
+    doubts: HashMap<Pair, Vec<(Box<str>, u64)>>,
+    /// Pairs with a revoke on its way to Redis.
+    revoking: HashSet<Pair>,
+    /// This shard's appends not answered yet, by (recipient, sender, cid), with the entry
+    /// when it was pushed (or loaded) before the answer: shown only if the answer is stored.
+    unanswered: HashMap<Written, Option<(InboxSeq, StoredMessage)>>,
 }
+
+/// (recipient, sender, cid): one message's write.
+type Written = (CompactString, CompactString, Box<str>);
 
 impl Durable {
     pub fn new(link: StoreLink) -> Self {
@@ -111,6 +141,10 @@ impl Durable {
             writing: HashMap::new(),
             reload_wanted: HashSet::new(),
             epoch: 0,
+            next_attempt: 1,
+            doubts: HashMap::new(),
+            revoking: HashSet::new(),
+            unanswered: HashMap::new(),
         }
     }
 
@@ -256,6 +290,26 @@ impl Shard {
             }
         }
         self.retry_loads(now);
+        self.revoke_doubts();
+    }
+
+    /// Failed writes are revoked even if their senders never write to the pair again.
+    fn revoke_doubts(&mut self) {
+        let Some(d) = &self.durable else {
+            return;
+        };
+        if !d.up || d.doubts.len() == d.revoking.len() {
+            return;
+        }
+        let due: Vec<Pair> = d
+            .doubts
+            .keys()
+            .filter(|p| !d.revoking.contains(*p))
+            .cloned()
+            .collect();
+        for pair in due {
+            self.revoke(&pair);
+        }
     }
 
     /// Retry the loads that failed.
@@ -341,14 +395,56 @@ impl Shard {
         }
     }
 
-    /// The store sends a message to Redis (queued for the shard's next batch).
-    pub(super) fn store_append(&mut self, msg: Message) {
+    /// Queue a revoke of the pair's writes in doubt, unless one is on its way.
+    fn revoke(&mut self, pair: &Pair) {
         let Some(d) = &mut self.durable else {
             return;
         };
+        let Some(writes) = d.doubts.get(pair) else {
+            return;
+        };
+        if d.revoking.contains(pair) {
+            return;
+        }
+        let op = StoreOp::Revoke {
+            to: pair.0.clone(),
+            from: pair.1.clone(),
+            writes: writes.clone(),
+        };
+        if d.link.submit(op).is_ok() {
+            d.revoking.insert(pair.clone());
+        }
+    }
+
+    /// The store sends a message to Redis (queued for the shard's next batch). The same
+    /// script call first revokes the pair's writes in doubt (see the module doc): were the
+    /// revoke a separate call, it could fail while the write succeeds, and a resent cid could
+    /// then be answered with the entry of a write reported as failed, which the revoke
+    /// removes later.
+    pub(super) fn store_append(&mut self, mut msg: Message) {
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        let pair: Pair = (msg.to.clone(), msg.from.clone());
+        let doubts = d.doubts.get(&pair).cloned().unwrap_or_default();
+        if doubts.len() >= MAX_DOUBTS_PER_PAIR {
+            self.metrics.store_refused.inc();
+            return self.report(
+                msg.refused("earlier writes to this recipient are still in doubt; resend later"),
+            );
+        }
+        msg.write = StoreWrite {
+            attempt: d.next_attempt,
+            revoke: doubts,
+        };
+        d.next_attempt += 1;
         let to = msg.to.clone();
+        let written = (to.clone(), msg.from.clone(), msg.cid.clone());
         match d.link.submit(StoreOp::Append(Box::new(msg))) {
-            Ok(()) => *d.writing.entry(to).or_default() += 1,
+            Ok(()) => {
+                *d.writing.entry(to).or_default() += 1;
+                d.unanswered.entry(written).or_insert(None);
+            }
             Err(StoreOp::Append(msg)) => {
                 self.metrics.store_refused.inc();
                 self.report(msg.refused("the offline store is busy or unreachable, resend later"));
@@ -377,13 +473,19 @@ impl Shard {
     /// What the store answered.
     pub fn on_store_reply(&mut self, reply: StoreReply, now: u64) {
         match reply {
-            StoreReply::Appended { msg, result } => self.on_appended(*msg, result),
+            StoreReply::Appended { msg, result } => self.on_appended(*msg, result, now),
             StoreReply::Removed { ok, report } => {
                 if let (true, Some(report)) = (ok, report) {
                     self.report(*report);
                 }
             }
             StoreReply::Done => {}
+            StoreReply::Revoked {
+                to,
+                from,
+                writes,
+                removed,
+            } => self.on_revoked((to, from), writes, removed),
             StoreReply::Presence { ask, online } => self.on_presence_directory(ask, online),
             StoreReply::Pushed { user, seq, msg } => {
                 self.metrics.cross_node_in.inc();
@@ -437,7 +539,13 @@ impl Shard {
         }
     }
 
-    fn on_appended(&mut self, msg: Message, result: Result<Appended, StoreError>) {
+    fn on_appended(&mut self, mut msg: Message, result: Result<Appended, StoreError>, now: u64) {
+        // Any answer but `unavailable` says the call ran, and with it the revokes it carried.
+        if !matches!(result, Err(StoreError::Unavailable(_))) && !msg.write.revoke.is_empty() {
+            let pair = (msg.to.clone(), msg.from.clone());
+            self.no_longer_in_doubt(pair, std::mem::take(&mut msg.write.revoke));
+        }
+        let mut held = None;
         if let Some(d) = &mut self.durable {
             if let Some(n) = d.writing.get_mut(&msg.to) {
                 *n -= 1;
@@ -445,6 +553,12 @@ impl Shard {
                     d.writing.remove(&msg.to);
                 }
             }
+            let written = (msg.to.clone(), msg.from.clone(), msg.cid.clone());
+            held = d.unanswered.remove(&written).flatten();
+        }
+        // An entry of this write that came before its answer: shown now if it is stored.
+        if let (Some((seq, entry)), Ok(_)) = (held, &result) {
+            self.add_to_mirror(msg.to.clone(), seq, entry, now, true);
         }
         match result {
             Ok(Appended::Stored { pushed, .. }) => {
@@ -466,12 +580,53 @@ impl Shard {
                 self.metrics.store_refused.inc();
                 let to = msg.to.clone();
                 let unknown = matches!(e, StoreError::Unavailable(_));
+                if unknown && msg.write.attempt > 0 {
+                    self.metrics.store_writes_in_doubt.inc();
+                    if let Some(d) = &mut self.durable {
+                        let pair = (msg.to.clone(), msg.from.clone());
+                        let attempt = (msg.cid.clone(), msg.write.attempt);
+                        d.doubts.entry(pair).or_default().push(attempt);
+                    }
+                }
                 self.report(msg.refused(e.to_string()));
                 // The write may have happened after all: reload a live mirror.
                 if unknown && self.mirror_ready(&to) {
                     self.want_reload(&to);
                 }
             }
+        }
+    }
+
+    /// A revoke was answered: the writes it named are no longer in doubt (unless it failed:
+    /// the tick revokes them again).
+    fn on_revoked(&mut self, pair: Pair, writes: Vec<(Box<str>, u64)>, removed: Option<u64>) {
+        if let Some(d) = &mut self.durable {
+            d.revoking.remove(&pair);
+        }
+        if removed.is_some() {
+            self.no_longer_in_doubt(pair, writes);
+        }
+    }
+
+    /// `writes` of `pair` were revoked: they never land from now on.
+    fn no_longer_in_doubt(&mut self, pair: Pair, writes: Vec<(Box<str>, u64)>) {
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        if let Some(doubts) = d.doubts.get_mut(&pair) {
+            let before = doubts.len();
+            let revoked: HashSet<&(Box<str>, u64)> = writes.iter().collect();
+            doubts.retain(|w| !revoked.contains(w));
+            let gone = (before - doubts.len()) as u64;
+            self.metrics.store_writes_in_doubt.sub(gone);
+            self.metrics.store_revoked.add(gone);
+            if doubts.is_empty() {
+                d.doubts.remove(&pair);
+            }
+        }
+        // The mirror may hold a removed entry, or lack one held back while in doubt.
+        if self.mirror_ready(&pair.0) {
+            self.want_reload(&pair.0);
         }
     }
 
@@ -500,6 +655,44 @@ impl Shard {
             // of an earlier epoch (being reloaded since the resync).
             _ => return,
         }
+        if self.held_back(&user, seq, &msg) {
+            return;
+        }
+        self.add_to_mirror(user, seq, msg, now, false);
+    }
+
+    /// An entry of this shard's own write that must not be shown yet (its write is not
+    /// answered: kept for the answer) or ever (its write failed and is being revoked).
+    fn held_back(&mut self, user: &CompactString, seq: InboxSeq, msg: &StoredMessage) -> bool {
+        let Some(d) = &mut self.durable else {
+            return false;
+        };
+        let written = (user.clone(), msg.from.clone(), msg.cid.clone());
+        if let Some(slot) = d.unanswered.get_mut(&written) {
+            *slot = Some((seq, msg.clone()));
+            return true;
+        }
+        d.doubts
+            .get(&(written.0, written.1))
+            .is_some_and(|ws| ws.iter().any(|(cid, _)| *cid == written.2))
+    }
+
+    /// Put a pushed (or held) entry into a ready mirror of the current epoch and send it.
+    /// `held`: kept back until its write was answered, so never in the mirror yet.
+    fn add_to_mirror(
+        &mut self,
+        user: CompactString,
+        seq: InboxSeq,
+        msg: StoredMessage,
+        now: u64,
+        held: bool,
+    ) {
+        let Some(d) = &mut self.durable else {
+            return;
+        };
+        if !matches!(d.mirrors.get(&user), Some(Mirror::Ready { epoch }) if *epoch == d.epoch) {
+            return;
+        }
         let age = wall_clock_ms().saturating_sub(store::seq_time_ms(seq));
         // Not added: the mirror holds it already (a load read it before the push came) or
         // was given it and it was acked; or a live entry sits above it (Redis was away here):
@@ -508,7 +701,8 @@ impl Shard {
             .inbox
             .insert_at(&user, seq, msg, now.saturating_sub(age))
         {
-            if d.tails.contains_key(&user) {
+            // A held entry below a later one (another sender's) is missing too.
+            if held || d.tails.contains_key(&user) {
                 d.reload_wanted.insert(user);
             }
             return;
@@ -576,17 +770,19 @@ impl Shard {
                 self.metrics.redis_loads.inc();
                 self.metrics.inbox_expired.add(expired);
                 let wall = wall_clock_ms();
-                let entries = entries
-                    .into_iter()
-                    .filter(|(seq, _)| !acked.contains(seq))
-                    .map(|(seq, m)| {
+                let mut shown = Vec::with_capacity(entries.len());
+                for (seq, m) in entries {
+                    if !acked.contains(&seq) && !self.held_back(&user, seq, &m) {
                         let age = wall.saturating_sub(store::seq_time_ms(seq));
-                        (seq, now.saturating_sub(age), m)
-                    })
-                    .collect();
-                self.inbox.replace_user(&user, entries);
+                        shown.push((seq, now.saturating_sub(age), m));
+                    }
+                }
+                self.inbox.replace_user(&user, shown);
                 // Pushed while loading: those past the read are new (the rest it read).
                 for (seq, msg) in pushes {
+                    if self.held_back(&user, seq, &msg) {
+                        continue;
+                    }
                     let age = wall.saturating_sub(store::seq_time_ms(seq));
                     self.inbox
                         .insert_at(&user, seq, msg, now.saturating_sub(age));

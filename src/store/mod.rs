@@ -56,9 +56,13 @@ pub enum StoreError {
     /// The user's inbox is at its cap; the sender gets `unavailable` and resends later.
     #[error("inbox of {user} is full ({count} messages)")]
     Full { user: String, count: usize },
-    /// The store cannot answer now.
+    /// The store cannot answer now. For a write: it may still have happened (or happen).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Not written, for sure: a later write of the same shard to the same pair of users
+    /// landed first, or the shard revoked this one (`shard/durable.rs`).
+    #[error("store refused a superseded write")]
+    Stale,
 }
 
 /// Per-user bounds of an inbox.

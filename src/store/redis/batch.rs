@@ -105,6 +105,7 @@ fn routing_key(settings: &RedisSettings, op: &StoreOp) -> Option<String> {
     let p = &settings.key_prefix;
     match op {
         StoreOp::Append(m) => Some(inbox_key(p, &m.to)),
+        StoreOp::Revoke { to, .. } => Some(inbox_key(p, to)),
         StoreOp::Remove { user, .. } | StoreOp::Load { user, .. } | StoreOp::Leave { user } => {
             Some(inbox_key(p, user))
         }
@@ -169,6 +170,7 @@ fn once(
 pub(super) async fn run_batch(
     client: &Client,
     settings: &RedisSettings,
+    shard: usize,
     batch: &[StoreOp],
 ) -> Result<Vec<Result<Answer, String>>, String> {
     let cluster = client.is_clustered();
@@ -190,7 +192,7 @@ pub(super) async fn run_batch(
         match segment {
             Segment::Script(ops) => {
                 let ops: Vec<&StoreOp> = ops.iter().map(|&i| &batch[i]).collect();
-                let call = BatchCall::build(settings, &ops, cluster);
+                let call = BatchCall::build(settings, shard, &ops, cluster);
                 // EVAL with the text (not EVALSHA): a Redis restarted meanwhile has an empty
                 // script cache, and a NOSCRIPT in the middle of a pipeline could not be retried
                 // without reordering. The text is ~9 KB per call of up to 1,024 operations.
@@ -492,7 +494,13 @@ pub(super) struct BatchCall {
 }
 
 impl BatchCall {
-    pub(super) fn build(settings: &RedisSettings, batch: &[&StoreOp], cluster: bool) -> BatchCall {
+    /// `shard`: the writer (with this run) whose attempts the appends carry.
+    pub(super) fn build(
+        settings: &RedisSettings,
+        shard: usize,
+        batch: &[&StoreOp],
+        cluster: bool,
+    ) -> BatchCall {
         let p = &settings.key_prefix;
         let mut keys = Vec::with_capacity(batch.len() * 4);
         let mut args = Vec::with_capacity(9 + batch.len() * 6);
@@ -505,6 +513,7 @@ impl BatchCall {
         args.push(settings.room_history_max.to_string());
         args.push(settings.room_history_age_ms.to_string());
         args.push("0".into()); // keys passed in ARGV: none (see below for a cluster)
+        args.push(shard.to_string());
         for op in batch {
             match op {
                 StoreOp::Append(m) => {
@@ -518,6 +527,22 @@ impl BatchCall {
                     args.push(m.cid.to_string());
                     args.push(pack(m.id, m.ts, &m.from, &m.cid, &m.body));
                     args.push(m.to.to_string());
+                    args.push(m.write.attempt.to_string());
+                    args.push(m.write.revoke.len().to_string());
+                    for (cid, attempt) in &m.write.revoke {
+                        args.push(cid.to_string());
+                        args.push(attempt.to_string());
+                    }
+                }
+                StoreOp::Revoke { to, from, writes } => {
+                    keys.push(inbox_key(p, to));
+                    keys.push(dedup_key(p, to, from));
+                    args.push("V".into());
+                    args.push(writes.len().to_string());
+                    for (cid, attempt) in writes {
+                        args.push(cid.to_string());
+                        args.push(attempt.to_string());
+                    }
                 }
                 StoreOp::Remove { user, seq, report } => {
                     keys.push(inbox_key(p, user));
@@ -569,7 +594,8 @@ impl BatchCall {
         if cluster {
             // Declared keys must share one slot (else CROSSSLOT, whatever the script's flags):
             // declare the first (it routes the call and is checked to be served there), pass
-            // them all after the count in ARGV[9]; the script reads its keys from there.
+            // them all after the count in ARGV[9]; the script reads its keys from there (the
+            // writing shard then follows them).
             args[8] = keys.len().to_string();
             let all = std::mem::take(&mut keys);
             keys.extend(all.first().cloned());
@@ -590,6 +616,8 @@ pub(super) enum Answer {
     Removed(bool),
     Loaded(Loaded),
     Online(Vec<bool>),
+    /// A revoke: entries it removed.
+    Revoked(u64),
     /// A room publish: (id, offset).
     Published(Result<(u64, u64), StoreError>),
     /// The lease was still held (false: it had lapsed; see [`StoreReply::Resync`]).
@@ -627,6 +655,12 @@ impl Answer {
                 ask,
                 online: Some(online),
             },
+            (Answer::Revoked(n), StoreOp::Revoke { to, from, writes }) => StoreReply::Revoked {
+                to,
+                from,
+                writes,
+                removed: Some(n),
+            },
             (Answer::Published(result), StoreOp::RoomPublish(post)) => {
                 StoreReply::RoomPublished { post, result }
             }
@@ -649,6 +683,7 @@ pub(super) fn op_name(op: &StoreOp) -> &'static str {
         StoreOp::RoomJoin(_) => "room join",
         StoreOp::RoomLeave { .. } => "room leave",
         StoreOp::Probe => "probe",
+        StoreOp::Revoke { .. } => "revoke",
     }
 }
 
@@ -703,6 +738,8 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
                     let id = id.parse().map_err(|_| format!("bad message id {id}"))?;
                     (Ok(Appended::Duplicate { id }), number(2))
                 }
+                // A write this shard already reported as failed: nothing was written.
+                "stale" => (Err(StoreError::Stale), 0),
                 "full" => {
                     let user = m.to.to_string();
                     (
@@ -718,6 +755,9 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
             Ok(Answer::Appended { result, trimmed })
         }
         StoreOp::Remove { .. } => Ok(Answer::Removed(integer(&item).unwrap_or(0) > 0)),
+        StoreOp::Revoke { .. } => integer(&item)
+            .map(Answer::Revoked)
+            .ok_or_else(|| format!("revoke: unexpected answer {item:?}")),
         StoreOp::Presence { users, .. } => {
             let online: Vec<bool> = array(item)?.iter().map(|v| integer(v) == Some(1)).collect();
             if online.len() != users.len() {

@@ -11,11 +11,12 @@
 //!   as one script call each, loads as plain `XTRIM` + `XRANGE` (see `batch.rs`). A batch is
 //!   one round trip and batches run in submission order. That order is what the shard relies
 //!   on (a load sees every append submitted before it; see `shard/durable.rs`).
-//! * A batch that failed or timed out may still have been written (uncertain): commands are
-//!   sent fail-fast and never retried by fred, but one already on its way can land once Redis
-//!   is back. The shard treats such a write as "maybe stored": the sender heard `unavailable`
-//!   and resends with the same cid (Redis dedup answers with the first id), and the
-//!   recipient's mirror is reloaded. Clients drop a second copy by `(from, cid)`.
+//! * A batch that failed or timed out may still have been written, or be written later
+//!   (commands are sent fail-fast and never retried, yet fred keeps what it had queued across
+//!   a reconnect). Such a write is *in doubt*: the script refuses an append older than one of
+//!   the same shard that landed for the same pair (`stale`), and the shard revokes its writes
+//!   in doubt in the pair's next append (one that landed is removed, none lands later). See
+//!   "Order" in `shard/durable.rs`.
 //!
 //! # Data layout (prefix `rg:` by default)
 //! Keys of one user carry the hash tag `{u:<user>}`, keys of one room `{r:<room>}` (see
@@ -36,7 +37,9 @@
 //!   shorter age cap it is set on every append). It is set right after the write that needs
 //!   it, so a script call that fails later leaves no stream without a TTL.
 //! * `rg:dd:<recipient>:<sender>` and `rg:dd-old:..`: the dedup window of one pair, cid ->
-//!   message id, in the recipient's slot, checked by the same script before any append, so a resend after a gateway restart is answered
+//!   `<message id> <stream id> <run>/<shard>/<attempt>` (a bare id from an older build), and
+//!   `~w:<run>/<shard>` -> the highest attempt of that shard landed or revoked, in the
+//!   recipient's slot, checked by the same script before any append, so a resend after a gateway restart is answered
 //!   with the first id and stored once (`HSETNX`: one call checks and records a cid). Fields
 //!   `~born` (when the generation started), `~old` (1: an older one was kept; 0 or absent:
 //!   none), `~fresh` (when its TTL was last set) and `~age` (the inbox age cap then) are read
@@ -144,6 +147,13 @@ pub enum StoreOp {
     /// Touch nothing: a shard that stopped writing while Redis was away uses it to learn
     /// that Redis is back (the batch's own answer says so).
     Probe,
+    /// Appends of this shard from `from` to `to` that it reported as failed, as (cid,
+    /// attempt): each that landed is removed, and none of them can land from now on.
+    Revoke {
+        to: CompactString,
+        from: CompactString,
+        writes: Vec<(Box<str>, u64)>,
+    },
 }
 
 /// A publish on its way to a room's history.
@@ -213,6 +223,13 @@ pub enum StoreReply {
     },
     /// `Leave`, `Lease` and `Probe` done (or failed: the batch's answer says so).
     Done,
+    /// How a `Revoke` went: `removed` entries that had landed, or `None` when it failed.
+    Revoked {
+        to: CompactString,
+        from: CompactString,
+        writes: Vec<(Box<str>, u64)>,
+        removed: Option<u64>,
+    },
     /// The answer to `Presence`; `None` when Redis could not answer.
     Presence {
         ask: usize,
@@ -338,6 +355,39 @@ impl RedisSettings {
             room_history_max: cfg.room_history_max,
             room_history_age_ms: cfg.room_history_age_ms,
         })
+    }
+}
+
+/// The store's end of a link that no Redis thread serves: a simulation answers the shard's
+/// operations itself (`sim.rs`).
+#[cfg(test)]
+pub struct StoreEnd {
+    pub ops: Receiver<StoreOp>,
+    pub replies: Sender<StoreReply>,
+    /// The doorbells' read ends, kept open (a ring into a closed socketpair is SIGPIPE).
+    _bells: [std::os::unix::net::UnixStream; 2],
+}
+
+#[cfg(test)]
+impl StoreLink {
+    pub fn simulated() -> (StoreLink, StoreEnd) {
+        let (ops_tx, ops_rx) = crossbeam_channel::bounded(OPS_PER_SHARD);
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+        let (wake_store, store_bell) = Doorbell::pair().expect("socketpair");
+        let (own_bell, shard_bell) = Doorbell::pair().expect("socketpair");
+        let link = StoreLink {
+            ops: ops_tx,
+            replies: reply_rx,
+            wake_store,
+            own_bell,
+            bell_reader: None,
+        };
+        let end = StoreEnd {
+            ops: ops_rx,
+            replies: reply_tx,
+            _bells: [store_bell, shard_bell],
+        };
+        (link, end)
     }
 }
 
@@ -615,7 +665,7 @@ async fn serve_shard(
             let outcome = if !client.is_connected() {
                 Err("not connected to Redis (reconnecting)".to_string())
             } else {
-                run_batch(&client, &settings, &batch).await
+                run_batch(&client, &settings, shard, &batch).await
             };
             let mut expired = 0;
             let error = match outcome {
@@ -671,7 +721,7 @@ fn answer_failed(pipe: &ShardPipe, batch: Vec<StoreOp>, why: String) {
     pipe.shard_bell.ring();
 }
 
-fn failed_reply(op: StoreOp, why: String) -> StoreReply {
+pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
     match op {
         StoreOp::Append(msg) => StoreReply::Appended {
             msg,
@@ -689,6 +739,12 @@ fn failed_reply(op: StoreOp, why: String) -> StoreReply {
             result: Err(StoreError::Unavailable(why)),
         },
         StoreOp::RoomJoin(ask) => StoreReply::RoomJoinFailed(ask),
+        StoreOp::Revoke { to, from, writes } => StoreReply::Revoked {
+            to,
+            from,
+            writes,
+            removed: None,
+        },
         StoreOp::Leave { .. } | StoreOp::Lease | StoreOp::Probe | StoreOp::RoomLeave { .. } => {
             StoreReply::Done
         }

@@ -1,6 +1,6 @@
 -- The script every batch runs (see batch.rs). ARGV: max_age_ms, max_messages, dedup_ms,
 -- dedup_min, this node's run, the key prefix, the room history cap and age, a count n of
--- keys passed as arguments, those n keys, then the operations. The keys each operation
+-- keys passed as arguments, those n keys, the writing shard, then the operations. The keys each operation
 -- names, in order, are KEYS (n = 0), or in a Redis Cluster the n arguments (declared keys
 -- must share one slot there; KEYS then holds only the first, which routes the call).
 -- Returns one answer per operation.
@@ -22,6 +22,12 @@ if cluster then
   K = {}
   for j = 1, nkeys do K[j] = ARGV[9 + j] end
 end
+-- The writer: this run's shard that sent the batch. Its appends carry increasing attempt
+-- numbers; a pair's dedup hash keeps the highest this writer landed or revoked ('~w:'
+-- field), and an append at or below it is refused as stale: a write the gateway reported as
+-- failed (fred may still send it after a reconnect) never lands after a later one.
+local writer = me .. '/' .. ARGV[10 + nkeys]
+local wfield = '~w:' .. writer
 -- Offsets are near 1.8e15 (microseconds): exact in Lua's doubles, printed without exponent.
 local function fmt(n) return string.format('%.0f', n) end
 local function room_last(rd)
@@ -77,18 +83,48 @@ end
 -- (0 or absent: none), '~fresh' when its TTL was last set (every half window, not every
 -- batch), '~age' the inbox age cap its inbox's TTL was last set for.
 -- `dstream`: the inbox each pair appended to in this batch.
-local dborn, dold, dfresh, dage, dstream = {}, {}, {}, {}, {}
+-- `dwm`: this writer's watermark per pair, `dwm_set`: pairs whose watermark rose.
+local dborn, dold, dfresh, dage, dstream, dwm, dwm_set = {}, {}, {}, {}, {}, {}, {}
 local function pair(dcur)
   if dborn[dcur] == nil then
-    local meta = redis.call('HMGET', dcur, '~born', '~old', '~fresh', '~age')
+    local meta = redis.call('HMGET', dcur, '~born', '~old', '~fresh', '~age', wfield)
     dborn[dcur] = tonumber(meta[1]) or false
     dold[dcur] = meta[2] == '1'
     dfresh[dcur] = tonumber(meta[3]) or 0
     dage[dcur] = tonumber(meta[4]) or 0
+    dwm[dcur] = tonumber(meta[5]) or 0
+  end
+end
+local function raise(dcur, attempt)
+  if attempt > dwm[dcur] then
+    dwm[dcur] = attempt
+    dwm_set[dcur] = true
   end
 end
 -- The older generation's key: `dd-old:` where the current one has `dd:` (same slot).
 local function older(dcur) return prefix .. 'dd-old:' .. string.sub(dcur, #prefix + 4) end
+-- A cid's dedup record: '<id> <stream id> <writer>/<attempt>' (a bare '<id>' was written by
+-- an older version and cannot be revoked). The answer to a resent cid is the id alone.
+local function record_id(rec) return string.match(rec, '^%S+') end
+-- Undo an append this writer reported as failed: if the cid's record is that attempt's, its
+-- entry and record go (it landed, but was never accepted); either way the watermark rises
+-- past it, so if it has not landed yet, it never will. Returns 1 when an entry was removed.
+local function revoke(s, dcur, cid, attempt)
+  raise(dcur, tonumber(attempt))
+  local key = dcur
+  local rec = redis.call('HGET', dcur, cid)
+  if not rec and dold[dcur] then
+    key = older(dcur)
+    rec = redis.call('HGET', key, cid)
+  end
+  if not rec then return 0 end
+  local xid, tag = string.match(rec, '^%S+ (%S+) (%S+)$')
+  if tag ~= writer .. '/' .. attempt then return 0 end
+  redis.call('HDEL', key, cid)
+  local n = redis.call('XDEL', s, xid)
+  if slen[s] then slen[s] = slen[s] - n end
+  return n
+end
 -- Other nodes holding a device of a user (directory entry read once per batch), and a push
 -- to each of them over its channel. Entries of dead runs only cost a PUBLISH nobody hears;
 -- presence questions clean them up.
@@ -112,54 +148,78 @@ local function push(nodes, payload, to_me)
   end
   return sent
 end
+-- Append one message (op 'A' at ARGV[i]: id, cid, packed message, recipient, attempt, a
+-- count n, then n (cid, attempt) of the pair's writes to revoke first) to stream `s` through
+-- pair hash `dcur`; `loc`: the recipient's directory entry. Returns the answer: the bare
+-- stream id (the common case), {'ok', id, trimmed, pushed}, {'dup', first id, trimmed},
+-- {'full', trimmed, count} or {'stale'}. The revokes run whatever the answer.
+local function append(s, dcur, loc, i)
+  local id, cid, attempt = ARGV[i + 1], ARGV[i + 2], ARGV[i + 5]
+  pair(dcur)
+  for j = 1, tonumber(ARGV[i + 6]) do
+    revoke(s, dcur, ARGV[i + 5 + 2 * j], ARGV[i + 6 + 2 * j])
+  end
+  if tonumber(attempt) <= dwm[dcur] then
+    -- Sent before a later write of this writer landed (or was revoked): the gateway has
+    -- reported it as failed; writing it now would put it after messages accepted since.
+    return {'stale'}
+  end
+  raise(dcur, tonumber(attempt))
+  local len = stream_len(s)
+  local prev
+  if len >= maxlen then
+    prev = redis.call('HGET', dcur, cid)
+    if not prev and dold[dcur] then prev = redis.call('HGET', older(dcur), cid) end
+  -- One call checks and records the cid (the common case: a new message).
+  elseif redis.call('HSETNX', dcur, cid, id) == 0 then
+    prev = redis.call('HGET', dcur, cid)
+  elseif dold[dcur] then
+    prev = redis.call('HGET', older(dcur), cid)
+    -- Known to the older generation: undo the record just made.
+    if prev then redis.call('HDEL', dcur, cid) end
+  end
+  -- Every answer takes the entries trimmed so far for this stream (counted once).
+  local trimmed = sexpired[s]
+  sexpired[s] = 0
+  if prev then return {'dup', record_id(prev), trimmed} end
+  if len >= maxlen then return {'full', trimmed, len} end
+  local packed = ARGV[i + 3]
+  local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
+  -- The full record (see `record_id`), so that a revoke can find the entry.
+  redis.call('HSET', dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt)
+  slen[s] = len + 1
+  if every_append or sempty[s] then stream_ttl_once(s) end
+  dstream[dcur] = s
+  local pushed, nodes = 0, nodes_of(loc)
+  if #nodes > 0 then
+    local to = ARGV[i + 4]
+    pushed = push(nodes, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed, true)
+  end
+  -- The common answer is the bare stream id (a nested reply per message costs).
+  if trimmed == 0 and pushed == 0 then return xid end
+  return {'ok', xid, trimmed, pushed}
+end
 local out = {}
-local i, k = 10 + nkeys, 1
+local i, k = 11 + nkeys, 1
 while i <= #ARGV do
   local op = ARGV[i]
-  if op == 'A' then
-    local s, dcur, loc = K[k], K[k + 1], K[k + 2]
-    local id, cid = ARGV[i + 1], ARGV[i + 2]
-    k = k + 3
+  if op == 'V' then
+    -- Revoke: n pairs of (cid, attempt) this writer reported as failed (see `revoke`), for
+    -- a pair with no write to carry them.
+    local s, dcur = K[k], K[k + 1]
+    local n = tonumber(ARGV[i + 1])
+    k = k + 2
     pair(dcur)
-    local len = stream_len(s)
-    local prev
-    if len >= maxlen then
-      prev = redis.call('HGET', dcur, cid)
-      if not prev and dold[dcur] then prev = redis.call('HGET', older(dcur), cid) end
-    -- One call checks and records the cid (the common case: a new message).
-    elseif redis.call('HSETNX', dcur, cid, id) == 0 then
-      prev = redis.call('HGET', dcur, cid)
-    elseif dold[dcur] then
-      prev = redis.call('HGET', older(dcur), cid)
-      -- Known to the older generation: undo the record just made.
-      if prev then redis.call('HDEL', dcur, cid) end
+    local removed = 0
+    for j = 1, n do
+      removed = removed + revoke(s, dcur, ARGV[i + 2 * j], ARGV[i + 2 * j + 1])
     end
-    -- Every answer takes the entries trimmed so far for this stream (counted once).
-    local trimmed = sexpired[s]
-    sexpired[s] = 0
-    if prev then
-      out[#out + 1] = {'dup', prev, trimmed}
-    elseif len >= maxlen then
-      out[#out + 1] = {'full', trimmed, len}
-    else
-      local packed = ARGV[i + 3]
-      local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
-      slen[s] = len + 1
-      if every_append or sempty[s] then stream_ttl_once(s) end
-      dstream[dcur] = s
-      local pushed, nodes = 0, nodes_of(loc)
-      if #nodes > 0 then
-        local to = ARGV[i + 4]
-        pushed = push(nodes, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed, true)
-      end
-      -- The common answer is the bare stream id (a nested reply per message costs).
-      if trimmed == 0 and pushed == 0 then
-        out[#out + 1] = xid
-      else
-        out[#out + 1] = {'ok', xid, trimmed, pushed}
-      end
-    end
-    i = i + 5
+    out[#out + 1] = removed
+    i = i + 2 + 2 * n
+  elseif op == 'A' then
+    out[#out + 1] = append(K[k], K[k + 1], K[k + 2], i)
+    k = k + 3
+    i = i + 7 + 2 * tonumber(ARGV[i + 6])
   elseif op == 'R' then
     local n = redis.call('XDEL', K[k], ARGV[i + 1])
     if slen[K[k]] then slen[K[k]] = slen[K[k]] - n end
@@ -287,5 +347,11 @@ for dcur, s in pairs(dstream) do
     redis.call('HSET', dcur, '~fresh', now, '~age', maxage)
     redis.call('PEXPIRE', dcur, dedup_ttl)
   end
+end
+-- Watermarks last (a rotation above moves the hash): a pair hash this creates gets the
+-- dedup TTL, like one an append creates.
+for dcur in pairs(dwm_set) do
+  redis.call('HSET', dcur, wfield, fmt(dwm[dcur]))
+  if not dborn[dcur] and not dstream[dcur] then redis.call('PEXPIRE', dcur, dedup_ttl) end
 end
 return out

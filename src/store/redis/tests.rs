@@ -13,6 +13,10 @@ fn msg(to: &str) -> Box<Message> {
         body: "{\"x\":1}".into(),
         reply: ReplyTo::all_devices(0),
         received: Instant::now(),
+        write: crate::delivery::message::StoreWrite {
+            attempt: 1,
+            revoke: vec![("\"c0\"".into(), 4)],
+        },
     })
 }
 
@@ -79,9 +83,14 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
             ask: 3,
         },
         StoreOp::Probe,
+        StoreOp::Revoke {
+            to: "bob".into(),
+            from: "alice".into(),
+            writes: vec![("\"c0\"".into(), 4), ("\"c1\"".into(), 5)],
+        },
     ];
     let ops: Vec<&StoreOp> = batch.iter().collect();
-    let call = BatchCall::build(&settings(), &ops, false);
+    let call = BatchCall::build(&settings(), 2, &ops, false);
     assert_eq!(
         call.keys,
         [
@@ -92,21 +101,28 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
             "p:in:{u:bob}",
             "p:loc:{u:alice}",
             "p:loc:{u:x}",
-            "p:loc:{u:y}"
+            "p:loc:{u:y}",
+            "p:in:{u:bob}",
+            "p:dd:3:{u:bob}:alice",
         ]
     );
+    // The writing shard follows the keys' count (and, in a cluster, the keys).
     assert_eq!(
-        &call.args[..9],
-        ["1000", "5", "86400000", "10000", "n1.5", "p:", "3", "4000", "0"]
+        &call.args[..10],
+        ["1000", "5", "86400000", "10000", "n1.5", "p:", "3", "4000", "0", "2"]
     );
     assert_eq!(
-        &call.args[9..],
+        &call.args[10..],
         [
             "A",
             "7",
             "\"c1\"",
             "7 1 5 4 alice\"c1\"{\"x\":1}",
             "bob",
+            "1",
+            "1",
+            "\"c0\"",
+            "4",
             "R",
             "5-1",
             "D",
@@ -114,20 +130,27 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
             "d 7 5 3 alicebob\"c 1\"",
             "Q",
             "2",
-            "P"
+            "P",
+            "V",
+            "2",
+            "\"c0\"",
+            "4",
+            "\"c1\"",
+            "5"
         ]
     );
     // In a cluster the `delivered` is published after the answer, from the sender's slot:
     // the script only removes.
     // Declared keys must share a slot: the first is declared (it routes the call), all five
     // follow their count in the arguments.
-    let call = BatchCall::build(&settings(), &ops[..3], true);
+    let call = BatchCall::build(&settings(), 2, &ops[..3], true);
     assert_eq!(call.keys, ["p:in:{u:bob}"]);
     assert_eq!(call.args[8], "5");
     assert_eq!(call.args[9], "p:in:{u:bob}");
     assert_eq!(call.args[13], "p:in:{u:bob}");
-    assert_eq!(call.args[14], "A");
-    assert_eq!(&call.args[19..], ["R", "5-1", "R", "5-2"]);
+    assert_eq!(call.args[14], "2");
+    assert_eq!(call.args[15], "A");
+    assert_eq!(&call.args[24..], ["R", "5-1", "R", "5-2"]);
 }
 
 #[test]
