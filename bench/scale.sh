@@ -9,7 +9,11 @@
 #   bench/scale.sh -g 64 -l 53 -n 19000 --hold 60      # toward 1,000,000 connections
 #   bench/scale.sh -g 2 -l 2 -n 5000 --hold 5           # a quick look
 #   bench/scale.sh -g 4 -l 4 -n 4000 --hold 3 --check   # the CI guard (tests/bench_smoke.sh)
+#   bench/scale.sh -g 64 -l 53 -n 19000 --hold 30 --hold-all   # all 1,007,000 open at once
 #
+# --hold-all: every generator holds past its own --hold until all connections are open and
+# parked (the settled memory is sampled then), or until no new one opened for 60 s (some
+# failed); without it, early generators close before the last ones finish their ramp.
 # --check exits 1 when a connection failed (e.g. a 408 handshake timeout), fewer than all were
 # open at once, or a gateway shard's tick ran over a second late (ringgate_shard_stalls_total);
 # it asserts no rate.
@@ -20,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Ports stay below the ephemeral range (32768-60999 by default) so no outgoing socket holds them.
-G=4 L=4 N=5000 HOLD=10 PORT=17080 ADMIN_BASE=17100 HB=30000 RATE=0 CONC=500 CHECK=0
+G=4 L=4 N=5000 HOLD=10 PORT=17080 ADMIN_BASE=17100 HB=30000 RATE=0 CONC=500 CHECK=0 HOLD_ALL=0
 while [ $# -gt 0 ]; do
   case $1 in
     -g) G=$2; shift 2 ;;
@@ -32,7 +36,8 @@ while [ $# -gt 0 ]; do
     --rate) RATE=$2; shift 2 ;;
     --concurrency) CONC=$2; shift 2 ;;
     --check) CHECK=1; shift ;;
-    -h|--help) sed -n 2,20p "$0"; exit 0 ;;
+    --hold-all) HOLD_ALL=1; shift ;;
+    -h|--help) sed -n 2,25p "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -80,27 +85,40 @@ done
 sleep 1
 rss0=$(rss_total)
 echo "started $G gateways (rss $((rss0 / 1024)) MiB total), $L load generators x $N connections"
+HOLDING=$OUT/holding
+hold_args=()
+if [ "$HOLD_ALL" = 1 ]; then touch "$HOLDING"; hold_args=(--hold-while "$HOLDING"); fi
 t0=$(date +%s.%N)
 for ((i = 0; i < L; i++)); do
   taskset -c $((i % NCPU)) "$BENCH" idle -n "$N" --target 127.0.0.1:$PORT --secret "$SECRET" \
     --sources "127.1.$i.2-127.1.$i.9" --user-offset $((i * N)) --rate "$RATE" --concurrency "$CONC" \
-    --hold "$HOLD" --timeout $((HOLD + 900)) --handshake-timeout 60 --allow-failures --json -q \
+    --hold "$HOLD" --timeout $((HOLD + 1800)) --handshake-timeout 60 --allow-failures --json -q "${hold_args[@]}" \
     >"$OUT/lg$i.json" 2>"$OUT/lg$i.err" &
   pids+=($!)
 done
 # Sample while the load generators ramp and hold.
-peak=0 settled_rss=
+peak=0 settled_rss= settled_since= last_rise=$(date +%s)
 while true; do
   running=0
   for ((i = 0; i < L; i++)); do kill -0 "${pids[$((G + i))]}" 2>/dev/null && running=$((running + 1)); done
   read -r open parked < <(open_total)
   if [ "$open" -gt "$peak" ]; then
     peak=$open; peak_rss=$(rss_total); peak_slab=$(meminfo Slab); peak_avail=$(meminfo MemAvailable)
-    peak_t=$(date +%s.%N)
+    peak_t=$(date +%s.%N); last_rise=$(date +%s)
   fi
   # Settled: the peak is open and every connection parked (memory given back, see alloc.rs).
   if [ "$open" -eq "$peak" ] && [ "$parked" -eq "$open" ] && [ "$open" -gt 0 ]; then
-    settled_rss=$(rss_total)
+    settled_rss=$(rss_total); settled_since=${settled_since:-$(date +%s)}
+  else
+    settled_since=
+  fi
+  # --hold-all: release the generators once all are open and parked, or the ramp has ended.
+  if [ -e "$HOLDING" ]; then
+    # (all parked for 6 s: the allocator has given back what the park waves freed, alloc.rs)
+    if { [ "$open" -eq $((L * N)) ] && [ -n "$settled_since" ] && [ $(($(date +%s) - settled_since)) -ge 6 ]; } || [ $(($(date +%s) - last_rise)) -ge 60 ]; then
+      rm -f "$HOLDING"
+      echo "released the generators after $(python3 -c "print(round($(date +%s.%N)-$t0,1))") s ($open open, $parked parked)"
+    fi
   fi
   [ "$running" -eq 0 ] && break
   sleep 2

@@ -49,6 +49,12 @@ pub struct TimerKey {
     generation: u32,
 }
 
+/// Bytes one scheduled value of type `T` takes in the wheel's arena.
+#[cfg(test)]
+pub(crate) fn entry_size<T>() -> usize {
+    std::mem::size_of::<Entry<T>>()
+}
+
 /// One arena cell. Occupied iff `value.is_some()`.
 struct Entry<T> {
     deadline: u64,

@@ -137,6 +137,11 @@ struct IdleArgs {
     /// Overall bound on the run (ramp + hold), seconds
     #[arg(long, default_value_t = 300.0, value_name = "SECS")]
     timeout: f64,
+    /// After the hold, keep holding while this file exists (still bounded by --timeout):
+    /// several generators then hold until the last one's ramp is over (bench/scale.sh
+    /// --hold-all), so all their connections are open at once
+    #[arg(long, value_name = "PATH")]
+    hold_while: Option<std::path::PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -521,10 +526,12 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     let mut next_print = ramp_seen + 1_000_000_000;
     loop {
         let now = now_ns(&cfg);
-        if now >= hold_end || INTERRUPTED.load(Relaxed) {
+        let released = a.hold_while.as_ref().is_none_or(|p| !p.exists());
+        if (now >= hold_end_wanted && released) || now >= deadline || INTERRUPTED.load(Relaxed) {
             break;
         }
-        std::thread::sleep(Duration::from_nanos((hold_end - now).min(100_000_000)));
+        let until = if now < hold_end { hold_end } else { deadline };
+        std::thread::sleep(Duration::from_nanos((until - now).min(100_000_000)));
         let now = now_ns(&cfg);
         if now >= next_print && !c.quiet {
             next_print += 1_000_000_000;

@@ -373,3 +373,22 @@ fn a_parked_handshake_is_judged_on_what_the_client_sent_not_on_what_the_shard_re
     let answer = received(&mut silent);
     assert!(answer.starts_with("HTTP/1.1 408"), "got {answer:?}");
 }
+
+/// What a parked connection costs the shard in fixed-size state (README, "memory per
+/// connection"): its slab slot, its wheel entry and its user-registry slot. Printed so a
+/// change that grows them shows in the test log, and bounded so it cannot grow unnoticed.
+#[test]
+fn a_parked_connection_fits_in_its_slab_slot_wheel_entry_and_registry_slot() {
+    // slab's own cell is `enum { Vacant(usize), Occupied(T) }`: the same shape as this Result.
+    let slot = std::mem::size_of::<Result<super::Entry, usize>>();
+    let wheel = crate::wheel::entry_size::<super::ConnRef>();
+    let registry = std::mem::size_of::<(u64, u32)>() + 1;
+    eprintln!(
+        "slab slot {slot} B (Connection {} B), wheel entry {wheel} B, registry slot {registry} B",
+        std::mem::size_of::<crate::conn::Connection>()
+    );
+    assert!(
+        slot + wheel + registry <= 240,
+        "{slot} + {wheel} + {registry}"
+    );
+}
