@@ -248,6 +248,16 @@ impl Connection {
         }
     }
 
+    /// The deadline due now would refuse (408) or close (1001) the peer for silence: the glue
+    /// reads what is waiting in the socket first, so a peer is judged on what it sent.
+    pub fn silence_would_end_it(&self, now: u64, cfg: &Config) -> bool {
+        match self.phase {
+            Phase::Handshaking => now >= self.deadline(cfg),
+            Phase::Open => now >= self.last_rx_ms + 3 * cfg.heartbeat_ms,
+            Phase::Closing { .. } | Phase::Done { .. } => false,
+        }
+    }
+
     /// Called by the glue when the socket is gone (EOF, error, or after `finished`): releases
     /// the host connection slot. Idempotent.
     pub fn on_closed(&mut self, ctx: &Ctx) {

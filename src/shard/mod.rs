@@ -800,12 +800,13 @@ impl Shard {
                 continue;
             }
             self.conns[index].timer = None;
-            // A parked handshake is read before its deadline is judged: under load the shard
-            // can be behind on its ready sockets, and the timeout is for clients that do not
-            // send, not for a gateway that has not read yet (seen at 64 gateways: every 408
-            // had its whole request waiting in the socket).
+            // A parked socket is read before a silence deadline is judged: under load the
+            // shard can be behind on its ready sockets, and the timeouts are for clients that
+            // do not send, not for a gateway that has not read yet (seen at 64 gateways: every
+            // 408 had its whole request waiting in the socket; at a million held at once,
+            // 43,594 clients that answer every ping were closed 1001 for heartbeat silence).
             let entry = &self.conns[index];
-            if entry.parked.is_some() && entry.conn.phase() == Phase::Handshaking {
+            if entry.parked.is_some() && entry.conn.silence_would_end_it(now, &self.shared.cfg) {
                 self.poll_parked(index);
                 if !live(self) {
                     continue;

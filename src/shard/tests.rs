@@ -374,6 +374,86 @@ fn a_parked_handshake_is_judged_on_what_the_client_sent_not_on_what_the_shard_re
     assert!(answer.starts_with("HTTP/1.1 408"), "got {answer:?}");
 }
 
+/// Everything the client end has been sent so far, as bytes (non-blocking).
+fn received_bytes(client: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
+    use std::io::Read;
+    client.set_nonblocking(true).unwrap();
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => return all,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return all,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_parked_connection_is_judged_on_the_pongs_it_sent_not_on_what_the_shard_read() {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    const PING: [u8; 2] = [0x89, 0x00];
+    // A close frame (any reason length under 126) with code 1001.
+    let closed_1001 = |got: &[u8]| {
+        got.windows(4)
+            .any(|w| w[0] == 0x88 && w[2..] == [0x03, 0xE9])
+    };
+    let (mut shard, clock) = parking_shard();
+    let (hb, tick) = (shard.cfg().heartbeat_ms, shard.cfg().tick_ms);
+    let open = |shard: &mut Shard, user: &str| {
+        let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+        let index = shard.admit().unwrap();
+        assert!(shard.park_accepted(index, server.as_raw_fd()));
+        drop(server); // the shard keeps its own duplicate
+        client.write_all(&upgrade(user)).unwrap();
+        shard.on_tick(); // not yet due: nothing is read
+        client
+    };
+    // Both upgrade when their handshake deadline reads them.
+    let mut answering = open(&mut shard, "ann");
+    let mut silent = open(&mut shard, "bob");
+    clock.advance(shard.cfg().handshake_timeout_ms + tick);
+    shard.on_tick();
+    for client in [&mut answering, &mut silent] {
+        let got = received_bytes(client);
+        assert!(
+            got.starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // Silent for a heartbeat: both are pinged; one answers every ping, but the shard, behind
+    // under load, never gets to its ready socket before the 3-heartbeat deadline.
+    let mut pinged = [0usize; 2];
+    for _ in 0..2 {
+        clock.advance(hb);
+        shard.on_tick();
+        for (n, client) in [&mut answering, &mut silent].into_iter().enumerate() {
+            let got = received_bytes(client);
+            assert!(!closed_1001(&got), "client {n} closed early");
+            if got.windows(2).any(|w| w == PING) {
+                pinged[n] += 1;
+                if n == 0 {
+                    let pong = crate::ws::frame::tests::client_frame(true, 0xA, b"", [1, 2, 3, 4]);
+                    client.write_all(&pong).unwrap();
+                }
+            }
+        }
+    }
+    assert_eq!(pinged, [2, 2], "a ping per silent heartbeat");
+    clock.advance(hb);
+    shard.on_tick();
+    let answered = received_bytes(&mut answering);
+    assert!(
+        !closed_1001(&answered),
+        "closed for silence with its pongs waiting unread: {answered:?}"
+    );
+    let silence = received_bytes(&mut silent);
+    assert!(closed_1001(&silence), "{silence:?}");
+}
+
 /// What a parked connection costs the shard in fixed-size state (README, "memory per
 /// connection"): its slab slot, its wheel entry and its user-registry slot. Printed so a
 /// change that grows them shows in the test log, and bounded so it cannot grow unnoticed.
