@@ -12,8 +12,9 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::mesh::{home_shard, MeshClient, MeshMsg};
+use crate::mesh::home_shard;
 use crate::metrics::{self, ShardMetrics};
+use crate::shard::msg::{self, ShardMeshClient, ShardMsg};
 use crate::shard::Shared;
 
 /// Most users one presence request may ask about (SPEC section 3).
@@ -24,7 +25,7 @@ const SHARD_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 pub struct Admin {
     pub shared: Arc<Shared>,
     pub metrics: Vec<Arc<ShardMetrics>>,
-    pub mesh: MeshClient,
+    pub mesh: ShardMeshClient,
 }
 
 /// Bind now (so a bad address fails start-up), serve on a new thread.
@@ -142,20 +143,20 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
     };
     let shard = home_shard(crate::shard::deliver::BACKEND_SENDER, admin.mesh.shards());
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let msg = MeshMsg::ApiSend {
+    let msg = ShardMsg::Direct(msg::Direct::ApiSend {
         to: to.into(),
         cid: cid.clone(),
         body,
         reply: tx,
-    };
+    });
     let cid_json = cid_value(&cid);
     match ask_shard(admin, shard, msg, rx, API_SEND_TIMEOUT, &cid_json).await {
-        Ok(crate::shard::deliver::ApiOutcome::Accepted { id }) => json(
+        Ok(msg::ApiOutcome::Accepted { id }) => json(
             StatusCode::OK,
             serde_json::json!({"op": "accepted", "cid": cid_json, "id": id.to_string()})
                 .to_string(),
         ),
-        Ok(crate::shard::deliver::ApiOutcome::Refused(why)) => unavailable(&why, &cid_json),
+        Ok(msg::ApiOutcome::Refused(why)) => unavailable(&why, &cid_json),
         Err(refused) => *refused,
     }
 }
@@ -178,7 +179,7 @@ fn unavailable(why: &str, cid_json: &serde_json::Value) -> Response<Full<Bytes>>
 async fn ask_shard<T>(
     admin: &Admin,
     shard: usize,
-    msg: MeshMsg,
+    msg: ShardMsg,
     rx: tokio::sync::oneshot::Receiver<T>,
     wait: std::time::Duration,
     cid_json: &serde_json::Value,
@@ -297,12 +298,12 @@ async fn api_publish(admin: &Admin, req: Request<Incoming>) -> Response<Full<Byt
     };
     let shard = home_shard(&room, admin.mesh.shards());
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let msg = MeshMsg::ApiPublish {
+    let msg = ShardMsg::Room(msg::Room::ApiPublish {
         room: room.into(),
         cid: cid.clone(),
         body,
         reply: tx,
-    };
+    });
     let cid_json = cid_value(&cid);
     match ask_shard(admin, shard, msg, rx, SHARD_ANSWER_TIMEOUT, &cid_json).await {
         Ok((id, offset)) => json(
@@ -339,7 +340,10 @@ async fn presence(admin: &Admin, query: &str) -> Response<Full<Bytes>> {
     let asked = users.clone();
     if admin
         .mesh
-        .send(shard, MeshMsg::Presence { users, reply: tx })
+        .send(
+            shard,
+            ShardMsg::Presence(msg::Presence::Api { users, reply: tx }),
+        )
         .is_err()
     {
         return api_error(StatusCode::SERVICE_UNAVAILABLE, "shard busy, retry");

@@ -417,6 +417,27 @@ fn default_node_id() -> String {
 }
 
 impl Config {
+    /// What the Redis thread needs, when a `redis_url` is set. (Here, not in the store: the
+    /// store does not depend on the config.)
+    pub fn redis_settings(&self) -> Option<crate::store::redis::RedisSettings> {
+        Some(crate::store::redis::RedisSettings {
+            url: self.redis_url.clone()?,
+            pool_size: if self.redis_pool_size == 0 {
+                self.shards
+            } else {
+                self.redis_pool_size
+            },
+            timeout: std::time::Duration::from_millis(self.redis_timeout_ms),
+            key_prefix: self.redis_key_prefix.clone(),
+            max_messages: self.inbox_max_messages,
+            max_age_ms: self.inbox_max_age_ms,
+            node: crate::store::redis::node_run_id(&self.node_id),
+            lease_ms: self.node_lease_ms,
+            room_history_max: self.room_history_max,
+            room_history_age_ms: self.room_history_age_ms,
+        })
+    }
+
     /// Dev mode: no secret, so `?user=` is trusted. Only ever true on loopback (see resolve).
     pub fn dev_mode(&self) -> bool {
         self.jwt_secret.is_none()

@@ -8,6 +8,9 @@
 //! starve its own sockets. A full channel hands the message back to the sender, which decides
 //! (and counts) what to do. Users have a home shard (`home_shard`): all of a user's connections
 //! live there, so a message to a user crosses shards at most once.
+//!
+//! The mesh is a plain transport, generic over what it carries: the message kinds belong to
+//! the shard (`shard::msg`), so this module depends on nothing else in the crate.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,130 +18,40 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
-use crate::conn::Connection;
-
 /// Messages queued per receiving shard before senders get `Full`.
 pub const CHANNEL_CAPACITY: usize = 4096;
 /// Messages a shard takes from its channel before yielding to its sockets.
 pub const DRAIN_BATCH: usize = 256;
 
-/// What shards send each other.
-pub enum MeshMsg {
-    /// An upgraded `/ws` socket for a user whose home is the receiving shard.
-    Handoff {
-        socket: OwnedFd,
-        conn: Box<Connection>,
-    },
-    /// An accepted message for a user homed on the receiving shard.
-    Deliver(Box<crate::delivery::message::Message>),
-    /// What became of a message, for the sender's home shard.
-    Report(Box<crate::delivery::message::Report>),
-    /// `POST /api/send`, for the home shard of the backend sender; answered on `reply`.
-    ApiSend {
-        to: compact_str::CompactString,
-        cid: Box<str>,
-        body: Box<str>,
-        reply: tokio::sync::oneshot::Sender<crate::shard::deliver::ApiOutcome>,
-    },
-    /// `GET /api/presence`: which of `users` are online (asked of their home shards and, with
-    /// Redis, of the cluster directory); answered on `reply` in the order asked.
-    Presence {
-        users: Vec<compact_str::CompactString>,
-        reply: tokio::sync::oneshot::Sender<Vec<bool>>,
-    },
-    /// A `presence` frame's question about users homed on the receiving shard; answered
-    /// with `PresenceAnswer` to `from_shard`, quoting `ask`.
-    PresenceAsk {
-        users: Vec<compact_str::CompactString>,
-        from_shard: usize,
-        ask: usize,
-    },
-    /// A connection of `shard` joins `room` (homed on the receiving shard); `new_member`:
-    /// it was not a member before (the home counts members per shard).
-    RoomJoin {
-        room: compact_str::CompactString,
-        shard: usize,
-        conn: usize,
-        serial: u32,
-        since: Option<u64>,
-        new_member: bool,
-    },
-    /// The room's answer to `RoomJoin`, for the joining connection's shard.
-    RoomJoined {
-        room: compact_str::CompactString,
-        conn: usize,
-        serial: u32,
-        last: u64,
-        recovered: bool,
-        replay: Vec<std::sync::Arc<crate::delivery::room::RoomMsg>>,
-    },
-    /// One member fewer on `shard`.
-    RoomLeave {
-        room: compact_str::CompactString,
-        shard: usize,
-    },
-    /// A publish for the room's home shard.
-    RoomPublish {
-        room: compact_str::CompactString,
-        from: compact_str::CompactString,
-        cid: Box<str>,
-        body: Box<str>,
-        reply: crate::delivery::message::ReplyTo,
-    },
-    /// A publish was stored: (id, offset), or why not; for the publisher's shard.
-    RoomAccepted {
-        reply: crate::delivery::message::ReplyTo,
-        cid: Box<str>,
-        result: Result<(u64, u64), String>,
-    },
-    /// The room's home could not register the join (Redis unavailable): the member is
-    /// dropped and hears `unavailable`.
-    RoomJoinRefused {
-        room: compact_str::CompactString,
-        conn: usize,
-        serial: u32,
-    },
-    /// Room messages from `from` on were not received by this node (its channel missed
-    /// them): members that had not reached `from` hear `gap`.
-    RoomGap {
-        room: compact_str::CompactString,
-        from: u64,
-    },
-    /// A room message for the members on the receiving shard: one per shard, not per member.
-    RoomFanout(std::sync::Arc<crate::delivery::room::RoomMsg>),
-    /// `POST /api/publish`, for the room's home shard; answered on `reply` (id, offset).
-    ApiPublish {
-        room: compact_str::CompactString,
-        cid: Box<str>,
-        body: Box<str>,
-        reply: tokio::sync::oneshot::Sender<(u64, u64)>,
-    },
-    /// Which of the asked users have a connection, in the order asked.
-    PresenceAnswer {
-        ask: usize,
-        users: Vec<compact_str::CompactString>,
-        online: Vec<bool>,
-    },
-}
-
 /// A sending-only handle for threads that are not shards (the admin API).
-#[derive(Clone)]
-pub struct MeshClient {
-    peers: Vec<(Sender<MeshMsg>, Arc<Doorbell>)>,
+pub struct MeshClient<M> {
+    peers: Vec<Peer<M>>,
 }
 
-impl MeshClient {
+// Not derived: a derive would ask `M: Clone`, and the messages need not be.
+impl<M> Clone for MeshClient<M> {
+    fn clone(&self) -> Self {
+        MeshClient {
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+/// A shard's channel and the doorbell that wakes it.
+type Peer<M> = (Sender<M>, Arc<Doorbell>);
+
+impl<M> MeshClient<M> {
     pub fn shards(&self) -> usize {
         self.peers.len()
     }
 
     /// Same contract as [`Mesh::send`].
-    pub fn send(&self, to: usize, msg: MeshMsg) -> Result<(), MeshMsg> {
+    pub fn send(&self, to: usize, msg: M) -> Result<(), M> {
         send_to(&self.peers[to], msg)
     }
 }
 
-fn send_to(peer: &(Sender<MeshMsg>, Arc<Doorbell>), msg: MeshMsg) -> Result<(), MeshMsg> {
+fn send_to<M>(peer: &Peer<M>, msg: M) -> Result<(), M> {
     let (tx, bell) = peer;
     match tx.try_send(msg) {
         Ok(()) => {
@@ -190,18 +103,19 @@ impl Doorbell {
 }
 
 /// One shard's end of the mesh.
-pub struct Mesh {
+pub struct Mesh<M> {
     pub id: usize,
-    peers: Vec<(Sender<MeshMsg>, Arc<Doorbell>)>,
-    inbox: Receiver<MeshMsg>,
+    peers: Vec<Peer<M>>,
+    inbox: Receiver<M>,
     bell: Arc<Doorbell>,
 }
 
 /// One shard's end of the mesh and the doorbell socket it reads.
-pub type ShardEnd = (Mesh, std::os::unix::net::UnixStream);
+pub type ShardEnd<M> = (Mesh<M>, std::os::unix::net::UnixStream);
 
 /// Build the mesh for `shards` shards: each shard's end, and a client for other threads.
-pub fn build(shards: usize) -> std::io::Result<(Vec<ShardEnd>, MeshClient)> {
+#[allow(clippy::type_complexity)]
+pub fn build<M>(shards: usize) -> std::io::Result<(Vec<ShardEnd<M>>, MeshClient<M>)> {
     let mut channels = Vec::with_capacity(shards);
     let mut bells = Vec::with_capacity(shards);
     let mut readers = Vec::with_capacity(shards);
@@ -211,7 +125,7 @@ pub fn build(shards: usize) -> std::io::Result<(Vec<ShardEnd>, MeshClient)> {
         bells.push(bell);
         readers.push(read_end);
     }
-    let peers: Vec<(Sender<MeshMsg>, Arc<Doorbell>)> = channels
+    let peers: Vec<Peer<M>> = channels
         .iter()
         .zip(&bells)
         .map(|((tx, _), bell)| (tx.clone(), bell.clone()))
@@ -239,13 +153,13 @@ pub fn build(shards: usize) -> std::io::Result<(Vec<ShardEnd>, MeshClient)> {
     Ok((ends, client))
 }
 
-impl Mesh {
+impl<M> Mesh<M> {
     pub fn shards(&self) -> usize {
         self.peers.len()
     }
 
     /// Queue `msg` for shard `to` and wake it; the message comes back when the channel is full.
-    pub fn send(&self, to: usize, msg: MeshMsg) -> Result<(), MeshMsg> {
+    pub fn send(&self, to: usize, msg: M) -> Result<(), M> {
         send_to(&self.peers[to], msg)
     }
 
@@ -255,7 +169,7 @@ impl Mesh {
     }
 
     /// Up to `DRAIN_BATCH` queued messages, without blocking.
-    pub fn take_batch(&self, out: &mut Vec<MeshMsg>) {
+    pub fn take_batch(&self, out: &mut Vec<M>) {
         out.extend(self.inbox.try_iter().take(DRAIN_BATCH));
     }
 }
@@ -290,13 +204,10 @@ mod tests {
 
     #[test]
     fn one_ring_per_wakeup_and_full_channels_hand_messages_back() {
-        let (mut ends, _) = build(2).unwrap();
+        let (mut ends, _) = build::<String>(2).unwrap();
         let (b, mut b_bell) = ends.pop().unwrap();
         let (a, _) = ends.pop().unwrap();
-        let fake = || MeshMsg::Handoff {
-            socket: std::fs::File::open("/dev/null").unwrap().into(),
-            conn: Box::new(Connection::new(0, 1)),
-        };
+        let fake = || String::from("a message");
         for _ in 0..3 {
             assert!(a.send(1, fake()).is_ok());
         }

@@ -38,7 +38,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         tracing::warn!("DEV MODE: no jwt_secret configured; clients are trusted as ?user=<id> (allowed only because every listener is on loopback)");
         eprintln!("ringgate: WARNING dev mode: no jwt_secret, clients connect with ?user=<id>; never expose this");
     }
-    let mut store_links = match crate::store::redis::RedisSettings::from_config(&cfg) {
+    let mut store_links = match cfg.redis_settings() {
         Some(settings) => {
             eprintln!(
                 "ringgate: offline store: Redis ({}; `accepted` waits for Redis to confirm each write)",

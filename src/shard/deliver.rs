@@ -15,11 +15,12 @@ use std::rc::Rc;
 
 use compact_str::CompactString;
 
+use super::msg::{ApiOutcome, Direct, ShardMsg};
 use super::{make_ctx, Shard};
 use crate::conn::{AppEvent, Connection, Ctx};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
 use crate::delivery::{AckError, Dedup, DedupConfig, Seen, Window, WindowConfig, WindowState};
-use crate::mesh::{self, MeshMsg};
+use crate::mesh;
 use crate::proto::{self, ErrorCode, FrameError};
 use crate::store::{Inbox, InboxSeq, StoredMessage};
 
@@ -27,13 +28,6 @@ use crate::store::{Inbox, InboxSeq, StoredMessage};
 pub const BACKEND_SENDER: &str = "@backend";
 /// `ReplyTo::conn` of an API send: the answer goes to a waiting HTTP request.
 const API_CONN: u32 = u32::MAX - 1;
-
-/// What an API send came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ApiOutcome {
-    Accepted { id: u64 },
-    Refused(String),
-}
 
 enum Submitted {
     New,
@@ -246,7 +240,8 @@ impl Shard {
         }
         self.metrics.cross_shard.inc();
         let mesh = self.mesh.as_ref().expect("several shards have a mesh");
-        if let Err(MeshMsg::Deliver(msg)) = mesh.send(home, MeshMsg::Deliver(Box::new(msg))) {
+        let deliver = ShardMsg::Direct(Direct::Deliver(Box::new(msg)));
+        if let Err(ShardMsg::Direct(Direct::Deliver(msg))) = mesh.send(home, deliver) {
             self.metrics.mesh_full.inc();
             self.on_report(msg.refused("the recipient's shard is busy, resend later"));
         }
@@ -296,13 +291,13 @@ impl Shard {
         if to == self.id {
             return self.on_report(report);
         }
-        self.send_or_hold(to, MeshMsg::Report(Box::new(report)));
+        self.send_or_hold(to, ShardMsg::Direct(Direct::Report(Box::new(report))));
     }
 
     /// Send an answer another shard waits for; a full channel holds it for the next tick
     /// (never dropped). While anything is held, later messages queue behind it so that a
     /// shard sees them in the order they were sent.
-    pub(super) fn send_or_hold(&mut self, to: usize, msg: MeshMsg) {
+    pub(super) fn send_or_hold(&mut self, to: usize, msg: ShardMsg) {
         if !self.unsent.is_empty() {
             self.unsent.push((to, msg));
             return;

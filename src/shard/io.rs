@@ -15,7 +15,9 @@ use glommio::net::{TcpListener, TcpStream, UnixStream};
 
 use super::park::{self, ParkSet};
 use super::{ConnPoll, Shard};
-use crate::mesh::{Mesh, MeshMsg, DRAIN_BATCH};
+use crate::mesh::DRAIN_BATCH;
+
+use super::msg::{self, ShardMesh, ShardMsg};
 
 /// Listen backlog requested; the kernel caps it at net.core.somaxconn (see tuning/).
 const LISTEN_BACKLOG: i32 = 65_535;
@@ -37,7 +39,7 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<socket2::Socket> 
 pub async fn run(
     mut shard: Shard,
     listener: socket2::Socket,
-    mesh: Option<(Mesh, std::os::unix::net::UnixStream)>,
+    mesh: Option<(ShardMesh, std::os::unix::net::UnixStream)>,
 ) {
     let tick = Duration::from_millis(shard.cfg().tick_ms);
     let doorbell = if shard.cfg().park_idle_ms > 0 {
@@ -153,39 +155,39 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
         let taken = batch.len();
         for msg in batch.drain(..) {
             match msg {
-                MeshMsg::Handoff { socket, conn } => {
+                ShardMsg::Handoff { socket, conn } => {
                     let index = shard.borrow_mut().adopt(*conn);
                     glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket)))
                         .detach();
                 }
-                MeshMsg::Deliver(msg) => {
+                ShardMsg::Direct(msg::Direct::Deliver(msg)) => {
                     let mut s = shard.borrow_mut();
                     let now = s.now_ms();
                     s.deliver(*msg, now, None);
                 }
-                MeshMsg::Report(r) => shard.borrow_mut().on_report(*r),
-                MeshMsg::ApiSend {
+                ShardMsg::Direct(msg::Direct::Report(r)) => shard.borrow_mut().on_report(*r),
+                ShardMsg::Direct(msg::Direct::ApiSend {
                     to,
                     cid,
                     body,
                     reply,
-                } => {
+                }) => {
                     let mut s = shard.borrow_mut();
                     let now = s.now_ms();
                     s.on_api_send(to, cid, body, reply, now);
                 }
-                MeshMsg::Presence { users, reply } => shard
+                ShardMsg::Presence(msg::Presence::Api { users, reply }) => shard
                     .borrow_mut()
                     .ask_presence(super::presence::Asker::Api(reply), users),
-                MeshMsg::PresenceAsk {
+                ShardMsg::Presence(msg::Presence::Ask {
                     users,
                     from_shard,
                     ask,
-                } => shard.borrow_mut().on_presence_ask(users, from_shard, ask),
-                MeshMsg::PresenceAnswer { ask, users, online } => {
+                }) => shard.borrow_mut().on_presence_ask(users, from_shard, ask),
+                ShardMsg::Presence(msg::Presence::Answer { ask, users, online }) => {
                     shard.borrow_mut().on_presence_answer(ask, users, online)
                 }
-                room_msg => {
+                ShardMsg::Room(room_msg) => {
                     let mut s = shard.borrow_mut();
                     let now = s.now_ms();
                     s.on_room_msg(room_msg, now);

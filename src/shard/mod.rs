@@ -22,6 +22,7 @@ macro_rules! shard_ctx {
 pub mod deliver;
 pub mod durable;
 pub mod io;
+pub mod msg;
 pub mod park;
 pub mod presence;
 pub mod rooms;
@@ -41,10 +42,11 @@ use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
-use crate::mesh::{self, Mesh, MeshMsg};
+use crate::mesh;
 use crate::metrics::ShardMetrics;
 use crate::wheel::{TimerKey, TimingWheel};
 use crate::ws::upgrade::Refusal;
+use msg::{ShardMesh, ShardMsg};
 use park::{ParkSet, RawSocket};
 use std::cell::RefCell;
 use users::Users;
@@ -153,11 +155,10 @@ pub struct Shard {
     msg_ids: crate::delivery::message::MessageIds,
     last_expire_ms: u64,
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
-    api_waiters:
-        std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<deliver::ApiOutcome>>,
+    api_waiters: std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<msg::ApiOutcome>>,
     /// Answers (reports, presence) another shard's full channel refused: retried on every
     /// tick, never dropped.
-    unsent: Vec<(usize, MeshMsg)>,
+    unsent: Vec<(usize, ShardMsg)>,
     /// Rooms whose home is this shard.
     rooms_home: std::collections::HashMap<compact_str::CompactString, rooms::HomedRoom>,
     /// This shard's connections in each room.
@@ -172,7 +173,7 @@ pub struct Shard {
     /// Users whose home is this shard, with their connections here.
     users: Users,
     /// This shard's end of the mesh (None in tests that build a lone shard).
-    mesh: Option<Mesh>,
+    mesh: Option<ShardMesh>,
     /// Connections parked or closed since memory was last given back (see `alloc`).
     released_since_collect: u64,
     last_collect_ms: u64,
@@ -242,7 +243,7 @@ impl Shard {
         }
     }
 
-    pub fn enable_mesh(&mut self, mesh: Mesh) {
+    pub fn enable_mesh(&mut self, mesh: ShardMesh) {
         self.mesh = Some(mesh);
     }
 
@@ -448,7 +449,7 @@ impl Shard {
         let conn = std::mem::replace(&mut entry.conn, Connection::new(now, 0));
         match mesh.send(
             to,
-            MeshMsg::Handoff {
+            ShardMsg::Handoff {
                 socket,
                 conn: Box::new(conn),
             },
@@ -464,7 +465,7 @@ impl Shard {
                 true
             }
             Err(returned) => {
-                let MeshMsg::Handoff { conn, .. } = returned else {
+                let ShardMsg::Handoff { conn, .. } = returned else {
                     unreachable!("a refused send returns the message it was given");
                 };
                 self.metrics.mesh_full.inc();
@@ -506,7 +507,7 @@ impl Shard {
     }
 
     /// A bounded batch of what other shards sent (the caller clears the bell first).
-    pub fn take_mesh_batch(&mut self) -> Vec<MeshMsg> {
+    pub fn take_mesh_batch(&mut self) -> Vec<ShardMsg> {
         let mut batch = Vec::new();
         if let Some(m) = &self.mesh {
             m.take_batch(&mut batch);

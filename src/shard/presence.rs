@@ -14,8 +14,9 @@ use std::collections::HashMap;
 
 use compact_str::CompactString;
 
+use super::msg::{Presence, ShardMsg};
 use super::Shard;
-use crate::mesh::{self, MeshMsg};
+use crate::mesh;
 use crate::proto::{self, ErrorCode, FrameError};
 use crate::store::redis::StoreOp;
 
@@ -89,11 +90,11 @@ impl Shard {
         let shards_waiting = by_shard.len();
         let mut sent = 0;
         for (shard, users) in by_shard {
-            let msg = MeshMsg::PresenceAsk {
+            let msg = ShardMsg::Presence(Presence::Ask {
                 users,
                 from_shard: self.id,
                 ask: key,
-            };
+            });
             if mesh.send(shard, msg).is_err() {
                 break;
             }
@@ -140,7 +141,8 @@ impl Shard {
             .iter()
             .map(|u| !self.devices_of(u).is_empty())
             .collect();
-        self.send_or_hold(from_shard, MeshMsg::PresenceAnswer { ask, users, online });
+        let answer = Presence::Answer { ask, users, online };
+        self.send_or_hold(from_shard, ShardMsg::Presence(answer));
     }
 
     /// On the asking shard: one home shard answered.

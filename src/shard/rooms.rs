@@ -27,9 +27,10 @@ use std::sync::Arc;
 use compact_str::CompactString;
 
 use super::deliver::wall_clock_ms;
+use super::msg::{Room, ShardMsg};
 use super::{make_ctx, Shard};
 use crate::delivery::room::{HistoryLimits, RoomLog, RoomMsg};
-use crate::mesh::{self, MeshMsg};
+use crate::mesh;
 use crate::proto::{self, ErrorCode, FrameError};
 use crate::store::redis::{RoomJoinAsk, RoomPost, RoomReply, StoreOp};
 use crate::store::{StoreError, StoredMessage};
@@ -73,18 +74,18 @@ impl Shard {
     }
 
     /// Send to a shard, or handle here when it is this one.
-    fn send_room_msg(&mut self, shard: usize, msg: MeshMsg, now: u64) {
+    fn send_room_msg(&mut self, shard: usize, msg: Room, now: u64) {
         if shard == self.id {
             self.on_room_msg(msg, now);
         } else {
-            self.send_or_hold(shard, msg);
+            self.send_or_hold(shard, ShardMsg::Room(msg));
         }
     }
 
     /// Room messages from the mesh (or from this shard to itself).
-    pub fn on_room_msg(&mut self, msg: MeshMsg, now: u64) {
+    pub fn on_room_msg(&mut self, msg: Room, now: u64) {
         match msg {
-            MeshMsg::RoomJoin {
+            Room::Join {
                 room,
                 shard,
                 conn,
@@ -92,7 +93,7 @@ impl Shard {
                 since,
                 new_member,
             } => self.home_join(room, shard, conn, serial, since, new_member, now),
-            MeshMsg::RoomJoined {
+            Room::Joined {
                 room,
                 conn,
                 serial,
@@ -100,15 +101,15 @@ impl Shard {
                 recovered,
                 replay,
             } => self.on_joined(room, conn, serial, last, recovered, replay),
-            MeshMsg::RoomLeave { room, shard } => self.home_leave(&room, shard),
-            MeshMsg::RoomPublish {
+            Room::Leave { room, shard } => self.home_leave(&room, shard),
+            Room::Publish {
                 room,
                 from,
                 cid,
                 body,
                 reply,
             } => self.home_publish(room, from, cid, body, RoomReply::Conn(reply), now),
-            MeshMsg::RoomAccepted { reply, cid, result } => {
+            Room::Accepted { reply, cid, result } => {
                 let mut out = Vec::with_capacity(96);
                 match result {
                     Ok((id, offset)) => proto::write_accepted_offset(&mut out, &cid, id, offset),
@@ -123,7 +124,7 @@ impl Shard {
                 }
                 self.answer(reply.conn as usize, reply.serial, &out);
             }
-            MeshMsg::RoomJoinRefused { room, conn, serial } => {
+            Room::JoinRefused { room, conn, serial } => {
                 let member = self.room_members.get(&room).and_then(|m| m.get(&conn));
                 if member.is_some_and(|m| m.serial == serial) {
                     self.drop_member(conn, &room, now);
@@ -132,9 +133,9 @@ impl Shard {
                     self.kick(conn);
                 }
             }
-            MeshMsg::RoomGap { room, from } => self.gap_here(&room, from),
-            MeshMsg::RoomFanout(msg) => self.fan_out_here(&msg, now),
-            MeshMsg::ApiPublish {
+            Room::Gap { room, from } => self.gap_here(&room, from),
+            Room::Fanout(msg) => self.fan_out_here(&msg, now),
+            Room::ApiPublish {
                 room,
                 cid,
                 body,
@@ -143,7 +144,6 @@ impl Shard {
                 let from = CompactString::from(super::deliver::BACKEND_SENDER);
                 self.home_publish(room, from, cid, body, RoomReply::Api(reply), now);
             }
-            _ => unreachable!("only room messages come here"),
         }
     }
 
@@ -202,7 +202,7 @@ impl Shard {
                 .push(room.clone());
         }
         let home = mesh::home_shard(&room, self.shards());
-        let msg = MeshMsg::RoomJoin {
+        let msg = Room::Join {
             room,
             shard: self.id,
             conn: index,
@@ -242,7 +242,7 @@ impl Shard {
             rooms.retain(|r| r != room);
         }
         let home = mesh::home_shard(room, self.shards());
-        let msg = MeshMsg::RoomLeave {
+        let msg = Room::Leave {
             room: room.clone(),
             shard: self.id,
         };
@@ -266,7 +266,7 @@ impl Shard {
         };
         let reply = self.reply_to(index);
         let home = mesh::home_shard(&room, self.shards());
-        let msg = MeshMsg::RoomPublish {
+        let msg = Room::Publish {
             room,
             from,
             cid,
@@ -336,7 +336,7 @@ impl Shard {
             // Nothing was asked for, so nothing is claimed recovered.
             None => (Vec::new(), false),
         };
-        let answer = MeshMsg::RoomJoined {
+        let answer = Room::Joined {
             room,
             conn,
             serial,
@@ -361,7 +361,7 @@ impl Shard {
     }
 
     fn refuse_join(&mut self, ask: RoomJoinAsk, now: u64) {
-        let msg = MeshMsg::RoomJoinRefused {
+        let msg = Room::JoinRefused {
             room: ask.room,
             conn: ask.conn,
             serial: ask.serial,
@@ -434,7 +434,7 @@ impl Shard {
             .into_iter()
             .map(|(offset, m)| Arc::new(room_msg(&ask.room, offset, m, now)))
             .collect();
-        let answer = MeshMsg::RoomJoined {
+        let answer = Room::Joined {
             room: ask.room,
             conn: ask.conn,
             serial: ask.serial,
@@ -471,7 +471,7 @@ impl Shard {
     fn announce_missed(&mut self, room: &CompactString, from: u64, now: u64) {
         tracing::info!(shard = self.id, %room, from, "room messages missed by this node; members hear `gap`");
         for shard in self.member_shards(room) {
-            let msg = MeshMsg::RoomGap {
+            let msg = Room::Gap {
                 room: room.clone(),
                 from,
             };
@@ -493,7 +493,7 @@ impl Shard {
     /// One fan-out message per shard with members.
     fn fan_out(&mut self, msg: Arc<RoomMsg>, now: u64) {
         for shard in self.member_shards(&msg.room) {
-            self.send_room_msg(shard, MeshMsg::RoomFanout(msg.clone()), now);
+            self.send_room_msg(shard, Room::Fanout(msg.clone()), now);
         }
     }
 
@@ -548,7 +548,7 @@ impl Shard {
                 }
             }
             RoomReply::Conn(reply) => {
-                let msg = MeshMsg::RoomAccepted { reply, cid, result };
+                let msg = Room::Accepted { reply, cid, result };
                 self.send_room_msg(reply.shard as usize, msg, now);
             }
         }

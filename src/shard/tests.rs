@@ -12,8 +12,9 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use super::{ConnPoll, Shard, Shared};
 use crate::clock::ManualClock;
 use crate::config::ConfigLayer;
-use crate::mesh::{self, MeshMsg, CHANNEL_CAPACITY};
+use crate::mesh::{self, CHANNEL_CAPACITY};
 use crate::metrics::ShardMetrics;
+use crate::shard::msg::{Presence, ShardMsg};
 use crate::ws::frame::tests::client_frame;
 
 /// Bytes the client "sent" (read by the shard) and bytes the shard wrote.
@@ -68,10 +69,10 @@ fn shard_with_full_neighbour() -> Shard {
         assert!(mesh0
             .send(
                 1,
-                MeshMsg::Presence {
+                ShardMsg::Presence(Presence::Api {
                     users: vec![],
                     reply
-                }
+                })
             )
             .is_ok());
     }

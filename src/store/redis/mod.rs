@@ -337,27 +337,6 @@ pub struct RedisSettings {
     pub room_history_age_ms: u64,
 }
 
-impl RedisSettings {
-    pub fn from_config(cfg: &crate::config::Config) -> Option<Self> {
-        Some(RedisSettings {
-            url: cfg.redis_url.clone()?,
-            pool_size: if cfg.redis_pool_size == 0 {
-                cfg.shards
-            } else {
-                cfg.redis_pool_size
-            },
-            timeout: Duration::from_millis(cfg.redis_timeout_ms),
-            key_prefix: cfg.redis_key_prefix.clone(),
-            max_messages: cfg.inbox_max_messages,
-            max_age_ms: cfg.inbox_max_age_ms,
-            node: node_run_id(&cfg.node_id),
-            lease_ms: cfg.node_lease_ms,
-            room_history_max: cfg.room_history_max,
-            room_history_age_ms: cfg.room_history_age_ms,
-        })
-    }
-}
-
 /// The store's end of a link that no Redis thread serves: a simulation answers the shard's
 /// operations itself (`sim.rs`).
 #[cfg(test)]
