@@ -57,26 +57,41 @@ trap cleanup EXIT
 meminfo() { awk -v k="$1:" '$1==k {print $2}' /proc/meminfo; }
 # "open parked": connections open on all gateways, and how many of them are parked.
 open_total() {
-  local s=0 p=0 i v
-  for ((i = 0; i < G; i++)); do
-    v=$(curl -s "http://127.0.0.1:$((ADMIN_BASE + i))/metrics" |
-      awk '/^ringgate_connections_open/ {o+=$2} /^ringgate_connections_parked/ {p+=$2} END {print o+0, p+0}')
-    s=$((s + ${v% *})); p=$((p + ${v#* }))
-  done
-  echo "$s $p"
+  # One curl for all gateways: a sampler that forks two processes per gateway every two
+  # seconds took a visible share of a 2-core host from the processes it measures.
+  curl -s "${metric_urls[@]}" |
+    awk '/^ringgate_connections_open/ {o+=$2} /^ringgate_connections_parked/ {p+=$2} END {print o+0, p+0}'
 }
 rss_total() {
-  local s=0 p
-  for p in "${gw_pids[@]}"; do s=$((s + $(awk '/^VmRSS/ {print $2}' /proc/$p/status))); done
-  echo $s
+  # One awk over all status files (not one process per gateway, see open_total).
+  awk '/^VmRSS/ {s+=$2} END {print s+0}' "${gw_status[@]}"
 }
 
+# TCP counters of the whole host (nstat -a: since boot), read before and after the run.
+tcp_counters() { nstat -az 2>/dev/null | awk '$1 ~ /^TcpExt(ListenOverflows|TCPSynRetrans|TCPTimeouts)$/ {printf "%s=%s ", substr($1, 7), $2}'; }
+# Loopback packets dropped (2nd column) and softirq runs cut short (3rd) per CPU, from
+# /proc/net/softnet_stat; and the CPU time of the ksoftirqd threads that take over when
+# softirq work outgrows its budget (they then compete with every other runnable thread).
+softnet() {
+  local i=0 _a b c _r
+  while read -r _a b c _r; do printf 'cpu%d=%d/%d ' $i $((16#$b)) $((16#$c)); i=$((i + 1)); done </proc/net/softnet_stat
+}
+ksoftirqd_secs() {
+  local p s=0
+  for p in $(pgrep -x 'ksoftirqd/[0-9]+'); do s=$((s + $(awk '{print $14 + $15}' /proc/$p/stat))); done
+  echo $((s / $(getconf CLK_TCK)))
+}
+# Busy jiffies per CPU (user+nice+system+irq+softirq+steal) from /proc/stat.
+cpu_busy() { awk '/^cpu[0-9]/ {printf "%s=%d ", $1, $2+$3+$4+$7+$8+$9}' /proc/stat; }
 slab0=$(meminfo Slab); avail0=$(meminfo MemAvailable)
-gw_pids=()
+tcp0=$(tcp_counters); busy0=$(cpu_busy); softnet0=$(softnet); ksoft0=$(ksoftirqd_secs)
+metric_urls=()
+for ((i = 0; i < G; i++)); do metric_urls+=("http://127.0.0.1:$((ADMIN_BASE + i))/metrics"); done
+gw_pids=() gw_status=()
 for ((i = 0; i < G; i++)); do
   taskset -c $((i % NCPU)) "$GW" serve --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$((ADMIN_BASE + i)) \
     --shards 1 --jwt-secret "$SECRET" --heartbeat-ms "$HB" --node-id "gw$i" >"$OUT/gw$i.log" 2>&1 &
-  pids+=($!); gw_pids+=($!)
+  pids+=($!); gw_pids+=($!); gw_status+=("/proc/$!/status")
 done
 for ((i = 0; i < G; i++)); do
   for _ in $(seq 100); do grep -q 'listening on' "$OUT/gw$i.log" && break; sleep 0.1; done
@@ -124,19 +139,37 @@ while true; do
   sleep 2
 done
 # Shard stalls (a tick over a second late) seen by the gateways, read before they stop.
-stalls=0 stall_max=0 nudges=0
+stalls=0 stall_max=0 nudges=0 timeouts=0
+declare -A cpu_stalls=() cpu_gap=() cpu_secs=() cpu_timeouts=()
+hz=$(getconf CLK_TCK)
 for ((i = 0; i < G; i++)); do
   m=$(curl -s "http://127.0.0.1:$((ADMIN_BASE + i))/metrics")
-  stalls=$((stalls + $(awk '/^ringgate_shard_stalls_total/ {s+=$2} END {print s+0}' <<<"$m")))
+  c=$((i % NCPU))
+  s=$(awk '/^ringgate_shard_stalls_total/ {s+=$2} END {print s+0}' <<<"$m")
+  t=$(awk '/^ringgate_handshake_timeouts_total/ {s+=$2} END {print s+0}' <<<"$m")
+  stalls=$((stalls + s)); timeouts=$((timeouts + t))
+  cpu_stalls[$c]=$((${cpu_stalls[$c]:-0} + s)); cpu_timeouts[$c]=$((${cpu_timeouts[$c]:-0} + t))
   nudges=$((nudges + $(awk '/^ringgate_shard_watchdog_nudges_total/ {s+=$2} END {print s+0}' <<<"$m")))
   v=$(awk '/^ringgate_shard_stall_max_ms/ {if ($2>s) s=$2} END {print s+0}' <<<"$m")
   [ "$v" -gt "$stall_max" ] && stall_max=$v
+  [ "$v" -gt "${cpu_gap[$c]:-0}" ] && cpu_gap[$c]=$v
+  cpu_secs[$c]=$((${cpu_secs[$c]:-0} + $(awk '{print $14 + $15}' /proc/${gw_pids[$i]}/stat)))
 done
-echo "gateway shard stalls (tick over 1 s late): $stalls, longest tick gap $stall_max ms, watchdog nudges $nudges"
-python3 - "$OUT" "$L" <<'PY'
+echo "gateway shard stalls (tick over 1 s late): $stalls, longest tick gap $stall_max ms, watchdog nudges $nudges, handshake timeouts (408) $timeouts"
+for ((c = 0; c < NCPU && c < G; c++)); do
+  echo "  gateways pinned to cpu$c: stalls ${cpu_stalls[$c]}, longest gap ${cpu_gap[$c]} ms, 408s ${cpu_timeouts[$c]}, cpu time $((${cpu_secs[$c]} / hz)) s"
+done
+echo "host TCP counters before: $tcp0"
+echo "host TCP counters after:  $(tcp_counters)"
+echo "loopback backlog dropped/squeezed per CPU before: $softnet0"
+echo "loopback backlog dropped/squeezed per CPU after:  $(softnet)"
+echo "ksoftirqd CPU time: $(($(ksoftirqd_secs) - ksoft0)) s"
+echo "busy jiffies per CPU before: $busy0"
+echo "busy jiffies per CPU after:  $(cpu_busy) (${hz}/s)"
+python3 - "$OUT" "$L" "$NCPU" <<'PY'
 import json, sys, glob
-out, L = sys.argv[1], int(sys.argv[2])
-est = failed = 0; fails = {}; rates = []; pings = 0
+out, L, ncpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+est = failed = 0; fails = {}; rates = []; pings = 0; by_cpu = {}
 for i in range(L):
     lines = [l for l in open(f"{out}/lg{i}.json") if l.startswith("{")]
     if not lines:
@@ -144,11 +177,16 @@ for i in range(L):
     r = json.loads(lines[-1])
     est += r["established"]; failed += r["failed"]; pings += r.get("pings_answered", 0)
     rates.append(r["connect_rate_avg"])
+    c = by_cpu.setdefault(i % ncpu, {"failed": 0, "p99": []})
+    c["failed"] += r["failed"]; c["p99"].append(r["handshake_ms"]["p99"])
     for k, v in r["failures"].items(): fails[k] = fails.get(k, 0) + v
 print(f"load generators: established {est}, failed {failed} {fails}, pings answered {pings}")
 open(f"{out}/failed", "w").write(str(failed))
 rates.sort()
 print(f"connect rate per generator (avg over its ramp): median {rates[len(rates)//2]:.0f}/s" if rates else "")
+for cpu, c in sorted(by_cpu.items()):
+    p99 = sorted(c["p99"])
+    print(f"  generators pinned to cpu{cpu}: failed {c['failed']}, handshake p99 median {p99[len(p99)//2]:.0f} ms")
 PY
 echo "peak connections open on the gateways: $peak (after $(python3 -c "print(round($peak_t-$t0,1))") s)"
 if [ "$peak" -gt 0 ]; then
