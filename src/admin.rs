@@ -12,6 +12,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 
+use crate::delivery::refusal::SendRefusal;
 use crate::mesh::home_shard;
 use crate::metrics::{self, ShardMetrics};
 use crate::shard::msg::{self, ShardMeshClient, ShardMsg};
@@ -156,7 +157,7 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
             serde_json::json!({"op": "accepted", "cid": cid_json, "id": id.to_string()})
                 .to_string(),
         ),
-        Ok(msg::ApiOutcome::Refused(why)) => unavailable(&why, &cid_json),
+        Ok(msg::ApiOutcome::Refused(why)) => refused(&why, &cid_json),
         Err(refused) => *refused,
     }
 }
@@ -164,6 +165,15 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
 /// The request's cid as JSON, to echo it in the answer.
 fn cid_value(cid: &str) -> serde_json::Value {
     serde_json::from_str(cid).unwrap_or(serde_json::Value::Null)
+}
+
+/// A send or publish the shard refused: its status and code, `{"error","message","cid"}`.
+fn refused(why: &SendRefusal, cid_json: &serde_json::Value) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::from_u16(why.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        serde_json::json!({"error": why.code().as_str(), "message": why.to_string(), "cid": cid_json})
+            .to_string(),
+    )
 }
 
 /// 503 `{"error":"unavailable","message":..,"cid":..}`: retry later with the same cid.
@@ -306,10 +316,11 @@ async fn api_publish(admin: &Admin, req: Request<Incoming>) -> Response<Full<Byt
     });
     let cid_json = cid_value(&cid);
     match ask_shard(admin, shard, msg, rx, SHARD_ANSWER_TIMEOUT, &cid_json).await {
-        Ok((id, offset)) => json(
+        Ok(Ok((id, offset))) => json(
             StatusCode::OK,
             serde_json::json!({"op": "accepted", "cid": cid_json, "id": id.to_string(), "offset": offset}).to_string(),
         ),
+        Ok(Err(why)) => refused(&why, &cid_json),
         Err(refused) => *refused,
     }
 }

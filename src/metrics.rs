@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::delivery::refusal::RefusalSource;
 use crate::ws::upgrade::Refusal;
 
 /// A monotonically increasing count written by one thread.
@@ -118,6 +119,7 @@ pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
 pub const LIVE_SPILLED: &str = "ringgate_live_spilled_total";
 pub const STORE_WRITES_IN_DOUBT: &str = "ringgate_store_writes_in_doubt";
 pub const STORE_REVOKED: &str = "ringgate_store_revoked_total";
+pub const SENDS_REFUSED: &str = "ringgate_sends_refused_total";
 
 /// Upper bounds (microseconds) of the latency histogram buckets.
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
@@ -161,6 +163,9 @@ pub struct ShardMetrics {
     pub handshakes_pending: Gauge,
     pub connections_accepted: Counter,
     pub refused: [Counter; Refusal::ALL.len()],
+    /// Sends and publishes answered `unavailable` (or 503 on the API), by where the refusal
+    /// came from (`delivery::refusal`).
+    pub refusals: [Counter; RefusalSource::ALL.len()],
     pub frames_in: Counter,
     pub frames_out: Counter,
     pub bytes_in: Counter,
@@ -626,6 +631,20 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         "Round trip of one Redis batch (many store operations in one script call).",
         |m| &m.redis_latency,
     );
+    let _ = writeln!(
+        out,
+        "# HELP {SENDS_REFUSED} Sends and publishes refused (`unavailable`), by where the refusal came from.\n# TYPE {SENDS_REFUSED} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        for s in RefusalSource::ALL {
+            let _ = writeln!(
+                out,
+                "{SENDS_REFUSED}{{shard=\"{i}\",source=\"{}\"}} {}",
+                s.as_str(),
+                m.refusals[s.index()].get()
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP {CONNECTIONS_REFUSED} Upgrades refused before the handshake, by reason.\n# TYPE {CONNECTIONS_REFUSED} counter"

@@ -86,5 +86,8 @@ fn the_checker_sees_a_forbidden_path() {
     let found = violations(std::slice::from_ref(&file), &["config", "shard"]);
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(found.len(), 1, "only the non-test path: {found:?}");
-    assert!(found[0].ends_with("names crate::config::Config"), "{found:?}");
+    assert!(
+        found[0].ends_with("names crate::config::Config"),
+        "{found:?}"
+    );
 }

@@ -255,6 +255,20 @@ fn a_full_inbox_refuses_with_unavailable_and_loses_nothing_accepted() {
         (err["code"].as_str(), err["cid"].as_str()),
         (Some("unavailable"), Some("f3"))
     );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("is full (3 messages)"),
+        "{err}"
+    );
+    // Counted once, by where the refusal came from (dave's home shard is 1, alice's is 0:
+    // the sender's shard answers and counts).
+    assert_eq!(
+        gw.metric("ringgate_sends_refused_total{shard=\"0\",source=\"store\"}"),
+        1
+    );
+    assert_eq!(gw.metric_sum("ringgate_sends_refused_total"), 1);
     let (mut d, msgs) = connect_replay(&gw, &format!("/ws?user={dave}"));
     assert_eq!(msgs.len(), 3);
     ack(&mut d, 3);

@@ -2,6 +2,7 @@
 
 use compact_str::CompactString;
 
+use crate::delivery::refusal::SendRefusal;
 use crate::store::StoredMessage;
 
 /// Server message ids, unique across shards and across restarts of the gateway (they outlive
@@ -122,9 +123,9 @@ impl Message {
     }
 
     /// Could not be made safe; the client resends later with the same cid.
-    pub fn refused(self, why: impl Into<String>) -> Report {
+    pub fn refused(self, why: SendRefusal) -> Report {
         let id = self.id;
-        self.report(id, Outcome::Refused(why.into()))
+        self.report(id, Outcome::Refused(why))
     }
 }
 
@@ -137,7 +138,7 @@ pub enum Outcome {
     Delivered,
     /// Could not be made safe (e.g. the inbox is full): answer `error`/`unavailable`; the
     /// client resends later with the same cid.
-    Refused(String),
+    Refused(SendRefusal),
 }
 
 #[derive(Debug, Clone)]

@@ -35,6 +35,7 @@
 
 pub mod dedup;
 pub mod message;
+pub mod refusal;
 pub mod room;
 pub mod window;
 

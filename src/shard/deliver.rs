@@ -19,6 +19,7 @@ use super::msg::{ApiOutcome, Direct, ShardMsg};
 use super::{make_ctx, Shard};
 use crate::conn::{AppEvent, Connection, Ctx};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
+use crate::delivery::refusal::SendRefusal;
 use crate::delivery::{AckError, Dedup, DedupConfig, Seen, Window, WindowConfig, WindowState};
 use crate::mesh;
 use crate::proto::{self, ErrorCode, FrameError};
@@ -243,7 +244,9 @@ impl Shard {
         let deliver = ShardMsg::Direct(Direct::Deliver(Box::new(msg)));
         if let Err(ShardMsg::Direct(Direct::Deliver(msg))) = mesh.send(home, deliver) {
             self.metrics.mesh_full.inc();
-            self.on_report(msg.refused("the recipient's shard is busy, resend later"));
+            self.on_report(msg.refused(SendRefusal::Busy(
+                "the recipient's shard is busy, resend later",
+            )));
         }
         Submitted::New
     }
@@ -268,7 +271,7 @@ impl Shard {
             }
             Err(e) => {
                 self.metrics.store_refused.inc();
-                Outcome::Refused(e.to_string())
+                Outcome::Refused(SendRefusal::Store(e))
             }
         };
         let stored = outcome == Outcome::Stored;
@@ -354,12 +357,8 @@ impl Shard {
                 if let Some(d) = self.senders.get_mut(&r.from) {
                     d.forget_pending(&r.cid);
                 }
-                let err = FrameError {
-                    code: ErrorCode::Unavailable,
-                    message: format!("not accepted: {why}"),
-                    cid: Some(r.cid.clone()),
-                };
-                proto::write_error(&mut out, &err);
+                self.metrics.refusals[why.source().index()].inc();
+                proto::write_error(&mut out, &why.frame("not accepted", r.cid.clone()));
             }
         }
         // The sending connection if it is still there, else every connection of the sender
@@ -393,6 +392,7 @@ impl Shard {
                 if let Some(d) = self.senders.get_mut(&r.from) {
                     d.forget_pending(&r.cid);
                 }
+                self.metrics.refusals[why.source().index()].inc();
                 ApiOutcome::Refused(why)
             }
             Outcome::Delivered => return,

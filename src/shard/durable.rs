@@ -56,6 +56,7 @@ use compact_str::CompactString;
 use super::deliver::wall_clock_ms;
 use super::Shard;
 use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
+use crate::delivery::refusal::SendRefusal;
 use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
 use crate::store::{InboxSeq, StoreError, StoredMessage};
 
@@ -346,9 +347,9 @@ impl Shard {
         }
         if tail_len >= self.shared.cfg.window as usize {
             self.metrics.store_refused.inc();
-            return self.report(msg.refused(
+            return self.report(msg.refused(SendRefusal::Busy(
                 "the offline store is unavailable and the recipient has a window of unacknowledged messages already; resend later",
-            ));
+            )));
         }
         self.metrics.live_sends.inc();
         let to = msg.to.clone();
@@ -429,9 +430,9 @@ impl Shard {
         let doubts = d.doubts.get(&pair).cloned().unwrap_or_default();
         if doubts.len() >= MAX_DOUBTS_PER_PAIR {
             self.metrics.store_refused.inc();
-            return self.report(
-                msg.refused("earlier writes to this recipient are still in doubt; resend later"),
-            );
+            return self.report(msg.refused(SendRefusal::Busy(
+                "earlier writes to this recipient are still in doubt; resend later",
+            )));
         }
         msg.write = StoreWrite {
             attempt: d.next_attempt,
@@ -447,7 +448,9 @@ impl Shard {
             }
             Err(StoreOp::Append(msg)) => {
                 self.metrics.store_refused.inc();
-                self.report(msg.refused("the offline store is busy or unreachable, resend later"));
+                self.report(msg.refused(SendRefusal::Busy(
+                    "the offline store is busy or unreachable, resend later",
+                )));
             }
             Err(_) => unreachable!("a refused submit returns its own op"),
         }
@@ -588,7 +591,7 @@ impl Shard {
                         d.doubts.entry(pair).or_default().push(attempt);
                     }
                 }
-                self.report(msg.refused(e.to_string()));
+                self.report(msg.refused(SendRefusal::Store(e)));
                 // The write may have happened after all: reload a live mirror.
                 if unknown && self.mirror_ready(&to) {
                     self.want_reload(&to);

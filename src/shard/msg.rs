@@ -11,6 +11,7 @@ use compact_str::CompactString;
 
 use crate::conn::Connection;
 use crate::delivery::message::{Message, ReplyTo, Report};
+use crate::delivery::refusal::SendRefusal;
 use crate::delivery::room::RoomMsg;
 
 /// A shard's end of the mesh, and the handle other threads (the admin API) send with.
@@ -35,7 +36,7 @@ pub enum ShardMsg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiOutcome {
     Accepted { id: u64 },
-    Refused(String),
+    Refused(SendRefusal),
 }
 
 pub enum Direct {
@@ -86,7 +87,7 @@ pub enum Room {
     Accepted {
         reply: ReplyTo,
         cid: Box<str>,
-        result: Result<(u64, u64), String>,
+        result: Result<(u64, u64), SendRefusal>,
     },
     /// The room's home could not register the join (Redis unavailable): the member is
     /// dropped and hears `unavailable`.
@@ -105,7 +106,7 @@ pub enum Room {
         room: CompactString,
         cid: Box<str>,
         body: Box<str>,
-        reply: tokio::sync::oneshot::Sender<(u64, u64)>,
+        reply: tokio::sync::oneshot::Sender<Result<(u64, u64), SendRefusal>>,
     },
 }
 

@@ -29,6 +29,7 @@ use compact_str::CompactString;
 use super::deliver::wall_clock_ms;
 use super::msg::{Room, ShardMsg};
 use super::{make_ctx, Shard};
+use crate::delivery::refusal::SendRefusal;
 use crate::delivery::room::{HistoryLimits, RoomLog, RoomMsg};
 use crate::mesh;
 use crate::proto::{self, ErrorCode, FrameError};
@@ -113,14 +114,10 @@ impl Shard {
                 let mut out = Vec::with_capacity(96);
                 match result {
                     Ok((id, offset)) => proto::write_accepted_offset(&mut out, &cid, id, offset),
-                    Err(why) => proto::write_error(
-                        &mut out,
-                        &FrameError {
-                            code: ErrorCode::Unavailable,
-                            message: format!("not published: {why}"),
-                            cid: Some(cid),
-                        },
-                    ),
+                    Err(why) => {
+                        self.metrics.refusals[why.source().index()].inc();
+                        proto::write_error(&mut out, &why.frame("not published", cid));
+                    }
                 }
                 self.answer(reply.conn as usize, reply.serial, &out);
             }
@@ -529,7 +526,12 @@ impl Shard {
             Ok(_) => self.metrics.room_publishes.inc(),
             Err(_) => self.metrics.store_refused.inc(),
         }
-        self.answer_publish(post.reply, post.cid, result.map_err(|e| e.to_string()), now);
+        self.answer_publish(
+            post.reply,
+            post.cid,
+            result.map_err(SendRefusal::Store),
+            now,
+        );
     }
 
     /// Tell the publisher how it went: a connection hears `accepted` (or `error`), the API
@@ -538,14 +540,15 @@ impl Shard {
         &mut self,
         reply: RoomReply,
         cid: Box<str>,
-        result: Result<(u64, u64), String>,
+        result: Result<(u64, u64), SendRefusal>,
         now: u64,
     ) {
         match reply {
             RoomReply::Api(tx) => {
-                if let Ok(answer) = result {
-                    let _ = tx.send(answer);
+                if let Err(why) = &result {
+                    self.metrics.refusals[why.source().index()].inc();
                 }
+                let _ = tx.send(result);
             }
             RoomReply::Conn(reply) => {
                 let msg = Room::Accepted { reply, cid, result };

@@ -171,8 +171,8 @@ pub struct RoomPost {
 pub enum RoomReply {
     /// A connection: `accepted` (with the offset) or `error`.
     Conn(ReplyTo),
-    /// `POST /api/publish`: (id, offset); dropped when refused (the API answers 503).
-    Api(tokio::sync::oneshot::Sender<(u64, u64)>),
+    /// `POST /api/publish`: (id, offset), or why it was refused.
+    Api(tokio::sync::oneshot::Sender<Result<(u64, u64), crate::delivery::refusal::SendRefusal>>),
 }
 
 /// A member joining, as the room's home shard asks for it.
