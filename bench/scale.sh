@@ -142,6 +142,7 @@ done
 stalls=0 stall_max=0 nudges=0 timeouts=0
 declare -A cpu_stalls=() cpu_gap=() cpu_secs=() cpu_timeouts=()
 hz=$(getconf CLK_TCK)
+for ((c = 0; c < NCPU; c++)); do cpu_stalls[$c]=0 cpu_gap[$c]=0 cpu_secs[$c]=0 cpu_timeouts[$c]=0; done
 for ((i = 0; i < G; i++)); do
   m=$(curl -s "http://127.0.0.1:$((ADMIN_BASE + i))/metrics")
   c=$((i % NCPU))
