@@ -599,27 +599,76 @@ pub fn settle_clients(
     }
 }
 
-/// Randomized client tests: every (sender, recipient) list of displayed counters is in
-/// order without repeats, and `sent` messages were displayed in all. Returns that count.
-pub fn check_displayed_once_in_order(
-    shown: &std::collections::HashMap<(String, String), Vec<i64>>,
+/// Randomized client tests: what was sent, accepted and displayed, to check SPEC section 4's
+/// order: each recipient sees a sender's messages in the order the sender was told `accepted`
+/// (not the order it sent them: a send refused with `unavailable` is resent later and may be
+/// accepted after newer ones).
+#[derive(Default)]
+pub struct Ledger {
+    /// (sender, cid) -> the sender's counter in the body.
+    counter_of: std::collections::HashMap<(String, String), i64>,
+    /// Sender -> counters in the order of their first `accepted`.
+    accepted: std::collections::HashMap<String, Vec<i64>>,
+    /// (sender, recipient) -> counters in the order displayed.
+    shown: std::collections::HashMap<(String, String), Vec<i64>>,
     sent: u64,
-    seed: u64,
-) -> u64 {
-    let mut displayed = 0;
-    for ((from, to), bodies) in shown {
-        let mut sorted = bodies.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(
-            bodies, &sorted,
-            "{from} -> {to}: in order, no repeats (seed {seed})"
-        );
-        displayed += bodies.len() as u64;
+}
+
+impl Ledger {
+    pub fn sent(&mut self, from: &str, cid: String, counter: i64) {
+        self.counter_of.insert((from.to_string(), cid), counter);
+        self.sent += 1;
     }
-    assert_eq!(
-        displayed, sent,
-        "every sent message displayed once (seed {seed})"
-    );
-    displayed
+
+    /// An event of the client of user `me`.
+    pub fn record(&mut self, me: &str, event: ringgate::client::Event) {
+        use ringgate::client::Event;
+        match event {
+            Event::Message { from, body, .. } => self
+                .shown
+                .entry((from, me.to_string()))
+                .or_default()
+                .push(body["n"].as_i64().expect("a counter body")),
+            Event::Accepted { cid, .. } => {
+                let n = self.counter_of[&(me.to_string(), cid)];
+                let order = self.accepted.entry(me.to_string()).or_default();
+                if !order.contains(&n) {
+                    order.push(n); // an `accepted` repeated for a resent cid keeps its place
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every sent message displayed exactly once, each (sender, recipient) in the order the
+    /// sender was told `accepted`. Returns (displayed, accepted out of send order).
+    pub fn check(&self, seed: u64) -> (u64, u64) {
+        let mut displayed = 0;
+        for ((from, to), bodies) in &self.shown {
+            let order = self.accepted.get(from).map(Vec::as_slice).unwrap_or(&[]);
+            let rank = |n: &i64| order.iter().position(|a| a == n);
+            let ranks: Vec<Option<usize>> = bodies.iter().map(rank).collect();
+            assert!(
+                ranks.iter().all(Option::is_some),
+                "{from} -> {to}: displayed a message its sender never saw accepted (seed {seed}): \
+                 shown {bodies:?}, accepted {order:?}"
+            );
+            assert!(
+                ranks.windows(2).all(|w| w[0] < w[1]),
+                "{from} -> {to}: in the order accepted, no repeats (seed {seed}): shown {bodies:?}, \
+                 the sender's accepted order {order:?}"
+            );
+            displayed += bodies.len() as u64;
+        }
+        assert_eq!(
+            displayed, self.sent,
+            "every sent message displayed once (seed {seed})"
+        );
+        let reordered = self
+            .accepted
+            .values()
+            .map(|o| o.windows(2).filter(|w| w[0] > w[1]).count() as u64)
+            .sum();
+        (displayed, reordered)
+    }
 }
