@@ -33,12 +33,13 @@ pub enum StartError {
 
 /// Run the gateway until SIGTERM/SIGINT and the drain complete.
 /// glommio's pool of io_uring registered buffers, per shard (its default is 10 MiB). ringgate
-/// does no file DMA, yet the pool's pages became resident as connections came and went: with
-/// 16,000 connections opened at 1,000/s on one shard, 624 B of RSS per connection with the
-/// default pool, 327 B with this one; at 64 one-shard gateways holding a million, ~300 B of
-/// the 657 B per connection (README, "A million connections"). A smaller pool also needs less
-/// locked memory. Buffers beyond it come from the heap, as glommio does when it is exhausted.
-const SHARD_IO_MEMORY: usize = 64 << 10;
+/// does no file DMA, yet the pool's pages became resident as connections came one at a time:
+/// at 64 one-shard gateways holding a million, 589-657 B of RSS per connection with the
+/// default pool, 414-525 B with 64 KiB, 359 B with 1 MiB (README, "All at once"). A burst of
+/// handshakes did worse with 64 KiB (one shard, 19,000 at once: 570 B; 448 B with 10 MiB,
+/// 340 B with 1 MiB), as if the pool ran out and glommio fell back to page-aligned heap
+/// buffers, as it does (not traced further).
+const SHARD_IO_MEMORY: usize = 1 << 20;
 
 pub fn serve(cfg: Config) -> Result<(), StartError> {
     let started = Instant::now();
