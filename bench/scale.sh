@@ -92,7 +92,10 @@ rss_total() {
 }
 
 # TCP counters of the whole host (nstat -a: since boot), read before and after the run.
-tcp_counters() { nstat -az 2>/dev/null | awk '$1 ~ /^TcpExt(ListenOverflows|TCPSynRetrans|TCPTimeouts)$/ {printf "%s=%s ", substr($1, 7), $2}'; }
+tcp_counters() {
+  command -v nstat >/dev/null || { echo "(nstat not installed)"; return 0; }
+  { nstat -az 2>/dev/null || true; } | awk '$1 ~ /^TcpExt(ListenOverflows|TCPSynRetrans|TCPTimeouts)$/ {printf "%s=%s ", substr($1, 7), $2}'
+}
 # Loopback packets dropped (2nd column) and softirq runs cut short (3rd) per CPU, from
 # /proc/net/softnet_stat; and the CPU time of the ksoftirqd threads that take over when
 # softirq work outgrows its budget (they then compete with every other runnable thread).

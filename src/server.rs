@@ -31,7 +31,6 @@ pub enum StartError {
     Shard { shard: usize, message: String },
 }
 
-/// Run the gateway until SIGTERM/SIGINT and the drain complete.
 /// glommio's pool of io_uring registered buffers, per shard (its default is 10 MiB). ringgate
 /// does no file DMA, yet the pool's pages became resident as connections came one at a time:
 /// at 64 one-shard gateways holding a million, 589-657 B of RSS per connection with the
@@ -41,6 +40,7 @@ pub enum StartError {
 /// buffers, as it does (not traced further).
 const SHARD_IO_MEMORY: usize = 1 << 20;
 
+/// Run the gateway until SIGTERM/SIGINT and the drain complete.
 pub fn serve(cfg: Config) -> Result<(), StartError> {
     let started = Instant::now();
     if cfg.dev_mode() {

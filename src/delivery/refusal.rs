@@ -18,7 +18,7 @@ pub enum SendRefusal {
     Store(StoreError),
 }
 
-/// Where a refusal came from (the `source` label of `ringgate_refusals_total`).
+/// Where a refusal came from (the `source` label of `ringgate_sends_refused_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalSource {
     Gateway,
