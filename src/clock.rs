@@ -7,6 +7,9 @@ use std::time::Instant;
 pub trait Clock {
     /// Monotonic milliseconds since this clock's origin.
     fn now_ms(&self) -> u64;
+    /// Milliseconds since the Unix epoch: message timestamps and ids. Read through the clock
+    /// so that a simulation replays the same ids from the same seed.
+    fn wall_ms(&self) -> u64;
 }
 
 /// The real monotonic clock, origin at construction.
@@ -36,15 +39,25 @@ impl Clock for MonotonicClock {
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
     }
+    fn wall_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
 }
 
-/// A clock that only moves when told to.
+/// A clock that only moves when told to. Its wall time is [`ManualClock::WALL_ORIGIN_MS`]
+/// plus its monotonic time, so both move together and neither depends on the host.
 #[derive(Default)]
 pub struct ManualClock {
     now: Cell<u64>,
 }
 
 impl ManualClock {
+    /// 2026-01-01T00:00:00Z: a fixed, plausible wall time at the manual clock's zero.
+    pub const WALL_ORIGIN_MS: u64 = 1_767_225_600_000;
+
     pub fn new(start_ms: u64) -> Self {
         ManualClock {
             now: Cell::new(start_ms),
@@ -62,12 +75,18 @@ impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
         self.now.get()
     }
+    fn wall_ms(&self) -> u64 {
+        Self::WALL_ORIGIN_MS + self.now.get()
+    }
 }
 
 /// A shared clock: a test keeps one handle to step the time a shard reads through another.
 impl<C: Clock> Clock for std::rc::Rc<C> {
     fn now_ms(&self) -> u64 {
         (**self).now_ms()
+    }
+    fn wall_ms(&self) -> u64 {
+        (**self).wall_ms()
     }
 }
 
@@ -83,6 +102,7 @@ mod tests {
         assert_eq!(c.now_ms(), 15);
         c.set(100);
         assert_eq!(c.now_ms(), 100);
+        assert_eq!(c.wall_ms(), ManualClock::WALL_ORIGIN_MS + 100);
     }
 
     #[test]

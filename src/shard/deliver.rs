@@ -74,13 +74,6 @@ fn push_msg(conn: &mut Connection, frame: &mut Vec<u8>, seq: u64, msg: &StoredMe
     conn.push_text(frame, ctx);
 }
 
-pub(crate) fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Shard {
     fn window_config(&self) -> WindowConfig {
         WindowConfig {
@@ -220,7 +213,7 @@ impl Shard {
             }
             Seen::New => {}
         }
-        let ts = wall_clock_ms();
+        let ts = self.clock.wall_ms();
         let id = self.msg_ids.next(ts);
         dedup.begin(&cid, id, now);
         let msg = Message {

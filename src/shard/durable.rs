@@ -53,7 +53,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use compact_str::CompactString;
 
-use super::deliver::wall_clock_ms;
 use super::Shard;
 use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
 use crate::delivery::refusal::SendRefusal;
@@ -281,7 +280,7 @@ impl Shard {
                 .filter(|u| !d.tails.contains_key(*u))
                 .cloned()
                 .collect();
-            for user in due {
+            for user in in_stable_order(due) {
                 if let Some(d) = &mut self.durable {
                     d.reload_wanted.remove(&user);
                 }
@@ -308,7 +307,7 @@ impl Shard {
             .filter(|p| !d.revoking.contains(*p))
             .cloned()
             .collect();
-        for pair in due {
+        for pair in in_stable_order(due) {
             self.revoke(&pair);
         }
     }
@@ -324,7 +323,7 @@ impl Shard {
             .filter(|(_, m)| matches!(m, Mirror::Failed { retry_at } if *retry_at <= now))
             .map(|(u, _)| u.clone())
             .collect();
-        for user in due {
+        for user in in_stable_order(due) {
             self.load_mirror(&user, now);
         }
     }
@@ -696,7 +695,7 @@ impl Shard {
         if !matches!(d.mirrors.get(&user), Some(Mirror::Ready { epoch }) if *epoch == d.epoch) {
             return;
         }
-        let age = wall_clock_ms().saturating_sub(store::seq_time_ms(seq));
+        let age = self.clock.wall_ms().saturating_sub(store::seq_time_ms(seq));
         // Not added: the mirror holds it already (a load read it before the push came) or
         // was given it and it was acked; or a live entry sits above it (Redis was away here):
         // only then can it be missing, and a reload finds it.
@@ -731,7 +730,7 @@ impl Shard {
             .cloned()
             .partition(|u| !d.tails.contains_key(u));
         d.reload_wanted.extend(later);
-        for user in now_users {
+        for user in in_stable_order(now_users) {
             self.load_mirror(&user, now);
         }
     }
@@ -772,7 +771,7 @@ impl Shard {
                 };
                 self.metrics.redis_loads.inc();
                 self.metrics.inbox_expired.add(expired);
-                let wall = wall_clock_ms();
+                let wall = self.clock.wall_ms();
                 let mut shown = Vec::with_capacity(entries.len());
                 for (seq, m) in entries {
                     if !acked.contains(&seq) && !self.held_back(&user, seq, &m) {
@@ -806,4 +805,11 @@ impl Shard {
             }
         }
     }
+}
+
+/// Work picked from a hash map goes out sorted: the store sees the same order from the same
+/// state, so a simulation seed replays exactly (hash maps iterate in a per-process order).
+fn in_stable_order<T: Ord>(mut due: Vec<T>) -> Vec<T> {
+    due.sort_unstable();
+    due
 }

@@ -26,7 +26,6 @@ use std::sync::Arc;
 
 use compact_str::CompactString;
 
-use super::deliver::wall_clock_ms;
 use super::msg::{Room, ShardMsg};
 use super::{make_ctx, Shard};
 use crate::delivery::refusal::SendRefusal;
@@ -282,7 +281,7 @@ impl Shard {
             .entry(room.clone())
             .or_insert_with(|| HomedRoom {
                 // Microseconds of the wall clock: a restarted gateway never reuses an offset.
-                log: RoomLog::new(wall_clock_ms() * 1000),
+                log: RoomLog::new(self.clock.wall_ms() * 1000),
                 members_by_shard: vec![0; shards],
                 last_pushed: 0,
                 pending_joins: Vec::new(),
@@ -568,7 +567,7 @@ impl Shard {
         reply: RoomReply,
         now: u64,
     ) {
-        let ts = wall_clock_ms();
+        let ts = self.clock.wall_ms();
         if self.durable.is_some() {
             let id = self.msg_ids.next(ts);
             let post = RoomPost {
