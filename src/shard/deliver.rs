@@ -470,6 +470,7 @@ impl Shard {
         let ctx = shard_ctx!(self);
         let mut frame = Vec::with_capacity(256);
         let mut caught_up = false;
+        let mut pushed = false;
         loop {
             let (cursor, room) = match &entry.session {
                 Some(s) => (s.cursor, window_cfg.capacity as usize - s.window.len()),
@@ -497,6 +498,7 @@ impl Shard {
                         self.metrics.replayed.inc();
                     }
                     push_msg(&mut entry.conn, &mut frame, seq, &msg, &ctx);
+                    pushed = true;
                 }
             }
             if caught_up {
@@ -512,6 +514,13 @@ impl Shard {
             frame.clear();
             proto::write_synced(&mut frame, replayed);
             entry.conn.push_text(&frame, &ctx);
+        }
+        // The window has new ack deadlines. A connection in a poll syncs its wheel entry at the
+        // end of it; a parked one is only written to (`kick`), so without this its entry kept
+        // the old, later deadline and a lost ack was not retransmitted until then (seen in CI:
+        // no retransmit within 10 s with `ack_timeout_ms` 100).
+        if pushed {
+            self.sync_timer(index);
         }
     }
 

@@ -473,3 +473,53 @@ fn a_parked_connection_fits_in_its_slab_slot_wheel_entry_and_registry_slot() {
         "{slot} + {wheel} + {registry}"
     );
 }
+
+/// A message delivered to a parked device puts the ack deadline on the wheel: the delivery
+/// only writes to a parked socket (no poll follows to sync the wheel entry), and CI once saw no
+/// retransmit for 10 s with `ack_timeout_ms` 100 because the entry kept a later deadline.
+#[test]
+fn a_message_to_a_parked_device_is_retransmitted_when_its_ack_is_late() {
+    use serde_json::json;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let (mut shard, clock) = parking_shard();
+    let (ack_timeout, tick) = (shard.cfg().ack_timeout_ms, shard.cfg().tick_ms);
+    assert!(
+        ack_timeout < shard.cfg().heartbeat_ms,
+        "the ack is due first"
+    );
+
+    let (mut device, server) = std::os::unix::net::UnixStream::pair().unwrap();
+    device.write_all(&upgrade("bob")).unwrap();
+    let bob = shard.admit().unwrap();
+    assert!(shard.park_accepted(bob, server.as_raw_fd()));
+    drop(server); // the shard keeps its own duplicate
+    let welcome = received_bytes(&mut device);
+    assert!(welcome.starts_with(b"HTTP/1.1 101"), "{welcome:?}");
+    assert_eq!(
+        shard.metrics.connections_parked.get(),
+        1,
+        "bob stays parked"
+    );
+
+    let mut alice = MockStream::default();
+    alice.input.extend(upgrade("alice"));
+    let index = shard.admit().unwrap();
+    poll(&mut shard, index, &mut alice);
+    let sent = r#"{"op":"send","to":"bob","cid":"c1","body":1}"#;
+    let answer = exchange(&mut shard, index, &mut alice, sent, [9, 8, 7, 6]);
+    assert_eq!(answer["op"], "accepted", "{answer}");
+    let first = text_frames(&received_bytes(&mut device));
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(
+        (&first[0]["op"], &first[0]["seq"]),
+        (&json!("msg"), &json!(1))
+    );
+
+    // No ack: past the timeout the same seq comes again, still parked.
+    clock.advance(ack_timeout + tick);
+    shard.on_tick();
+    let again = text_frames(&received_bytes(&mut device));
+    assert_eq!(again, first, "retransmitted at the ack deadline");
+    assert_eq!(shard.metrics.retransmits.get(), 1);
+}

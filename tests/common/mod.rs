@@ -401,7 +401,7 @@ impl RawWs {
         self.stream.write_all(&out).unwrap();
     }
 
-    /// Next frame, or None on EOF/reset.
+    /// Next frame, or None on EOF, reset or the read timeout.
     pub fn recv(&mut self) -> Option<RawFrame> {
         loop {
             if let Some((f, used)) = parse_server_frame(&self.buf) {
@@ -418,9 +418,18 @@ impl RawWs {
 
     /// Frames until the server's close frame: (everything before it, the close frame).
     pub fn until_close(&mut self) -> (Vec<RawFrame>, RawFrame) {
-        let mut before = Vec::new();
+        let mut before: Vec<RawFrame> = Vec::new();
         loop {
-            let f = self.recv().expect("frames until a close frame, not EOF");
+            let Some(f) = self.recv() else {
+                let kinds: Vec<String> = before
+                    .iter()
+                    .map(|f: &RawFrame| match f.opcode {
+                        1 => String::from_utf8_lossy(&f.payload).into_owned(),
+                        op => format!("opcode {op}"),
+                    })
+                    .collect();
+                panic!("no close frame (EOF, reset or the 10 s read timeout); frames before: {kinds:#?}");
+            };
             if f.opcode == 8 {
                 return (before, f);
             }
