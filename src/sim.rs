@@ -901,10 +901,14 @@ pub(crate) fn sweep(count: u64, steps: u64, plant: Plant) -> Result<Counts, (u64
 mod tests {
     use super::*;
 
+    /// Seeds in every test run (about 15 s). Seed 12757704642094768500, the 5,284th, found a
+    /// pushed entry of a revoked write shown during a mirror load (fixed in `on_pushed`).
+    const SEEDS: u64 = 6_000;
+
     #[test]
     fn every_message_is_shown_once_in_accepted_order_under_store_faults() {
-        match sweep(300, 3_000, Plant::None) {
-            Ok(c) => println!("simulation: {} seeds, {c:?}", seeds(300).len()),
+        match sweep(SEEDS, 3_000, Plant::None) {
+            Ok(c) => println!("simulation: {} seeds, {c:?}", seeds(SEEDS).len()),
             Err((seed, e)) => panic!(
                 "seed {seed} failed: {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::"
             ),
@@ -933,8 +937,8 @@ mod tests {
 
     /// Each planted bug is found within the seeds the normal run uses.
     fn finds(plant: Plant, what: &str) {
-        match sweep(300, 3_000, plant) {
-            Ok(c) => panic!("{plant:?} was not found in 300 seeds ({c:?})"),
+        match sweep(SEEDS, 3_000, plant) {
+            Ok(c) => panic!("{plant:?} was not found in {SEEDS} seeds ({c:?})"),
             Err((seed, e)) => {
                 println!("{plant:?} found by seed {seed}: {e}");
                 assert!(e.contains(what), "{plant:?} broke another rule: {e}");

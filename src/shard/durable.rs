@@ -636,27 +636,21 @@ impl Shard {
     /// mirror like a confirmed local append. A mirror still loading may or may not see it in
     /// its read: it is read again once loaded.
     fn on_pushed(&mut self, user: CompactString, seq: InboxSeq, msg: StoredMessage, now: u64) {
-        let window = self.shared.cfg.window as usize;
         let Some(d) = &mut self.durable else {
             return;
         };
         let current = d.epoch;
-        match d.mirrors.get_mut(&user) {
+        match d.mirrors.get(&user) {
             // (No mirror is read before the first epoch: see `load_mirror`.)
-            Some(Mirror::Ready { epoch }) if *epoch == current => {}
-            Some(Mirror::Loading { pushes, epoch, .. }) if *epoch == current => {
-                if pushes.len() < window {
-                    pushes.push((seq, msg));
-                } else {
-                    // A long load under a stream of pushes: read again instead of holding more.
-                    d.reload_wanted.insert(user);
-                }
-                return;
-            }
+            Some(Mirror::Ready { epoch } | Mirror::Loading { epoch, .. }) if *epoch == current => {}
             // Not online here, a failed load that reads everything when retried, or a mirror
             // of an earlier epoch (being reloaded since the resync).
             _ => return,
         }
+        // Judged now, also while the mirror loads: by the time the load answers, the write
+        // of this entry may have been revoked and no longer be in doubt (found by the
+        // simulation, seed 12757704642094768500: a late write's entry, pushed during a load
+        // and revoked before it answered, was shown under an id its sender was never told).
         if self.held_back(&user, seq, &msg) {
             return;
         }
@@ -679,7 +673,8 @@ impl Shard {
             .is_some_and(|ws| ws.iter().any(|(cid, _)| *cid == written.2))
     }
 
-    /// Put a pushed (or held) entry into a ready mirror of the current epoch and send it.
+    /// Put a pushed (or held) entry into a ready mirror of the current epoch and send it; a
+    /// mirror of the current epoch still loading keeps it for when the read answers.
     /// `held`: kept back until its write was answered, so never in the mirror yet.
     fn add_to_mirror(
         &mut self,
@@ -689,11 +684,23 @@ impl Shard {
         now: u64,
         held: bool,
     ) {
+        let window = self.shared.cfg.window as usize;
         let Some(d) = &mut self.durable else {
             return;
         };
-        if !matches!(d.mirrors.get(&user), Some(Mirror::Ready { epoch }) if *epoch == d.epoch) {
-            return;
+        match d.mirrors.get_mut(&user) {
+            Some(Mirror::Ready { epoch }) if *epoch == d.epoch => {}
+            // Waits for the read (which may hold it already, see `on_loaded`).
+            Some(Mirror::Loading { pushes, epoch, .. }) if *epoch == d.epoch => {
+                if pushes.len() < window {
+                    pushes.push((seq, msg));
+                } else {
+                    // A long load under a stream of pushes: read again instead of holding more.
+                    d.reload_wanted.insert(user);
+                }
+                return;
+            }
+            _ => return,
         }
         let age = self.clock.wall_ms().saturating_sub(store::seq_time_ms(seq));
         // Not added: the mirror holds it already (a load read it before the push came) or
@@ -780,11 +787,9 @@ impl Shard {
                     }
                 }
                 self.inbox.replace_user(&user, shown);
-                // Pushed while loading: those past the read are new (the rest it read).
+                // Pushed while loading (judged by `held_back` when they came): those past the
+                // read are new (the rest it read).
                 for (seq, msg) in pushes {
-                    if self.held_back(&user, seq, &msg) {
-                        continue;
-                    }
                     let age = wall.saturating_sub(store::seq_time_ms(seq));
                     self.inbox
                         .insert_at(&user, seq, msg, now.saturating_sub(age));
