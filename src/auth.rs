@@ -8,7 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// Clock skew tolerated on `exp`, in seconds. Small: an expired token must be refused.
+/// Clock skew tolerated on `exp` and `nbf`, in seconds. Small: an expired token must be
+/// refused, and so must one that is not valid yet.
 pub const EXP_LEEWAY_S: u64 = 5;
 /// Longest user or device id accepted (bytes): ids are copied into every message header.
 pub const MAX_ID_LEN: usize = 128;
@@ -38,8 +39,25 @@ pub enum AuthError {
     Invalid(String),
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
     #[error("invalid user id")]
     BadUser,
+    #[error("user ids starting with '@' are the gateway's own (e.g. @backend)")]
+    Reserved,
+}
+
+/// Ids the gateway sends as itself start with this (`@backend` for `POST /api/send`); no client
+/// may connect as one, so no client can speak for the backend.
+pub const RESERVED_PREFIX: char = '@';
+
+/// A user id a client may connect as: a valid id outside the gateway's reserved ones.
+fn client_user(user: &str) -> Result<(), AuthError> {
+    valid_id(user)?;
+    if user.starts_with(RESERVED_PREFIX) {
+        return Err(AuthError::Reserved);
+    }
+    Ok(())
 }
 
 pub struct Authenticator {
@@ -52,6 +70,7 @@ impl Authenticator {
         let key = secret.map(|s| {
             let mut v = Validation::new(Algorithm::HS256);
             v.leeway = EXP_LEEWAY_S;
+            v.validate_nbf = true;
             v.set_required_spec_claims(&["exp", "sub"]);
             (DecodingKey::from_secret(s.as_bytes()), v)
         });
@@ -73,7 +92,7 @@ impl Authenticator {
                 // Dev mode: a token is not checked (there is no secret); the user id is taken
                 // as given, from the token's unverified `sub` is NOT done on purpose.
                 let user = dev_user.ok_or(AuthError::Missing)?;
-                valid_id(user)?;
+                client_user(user)?;
                 Ok(Identity {
                     user: user.into(),
                     rooms: None,
@@ -86,9 +105,12 @@ impl Authenticator {
                         .kind()
                     {
                         jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                        jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                            AuthError::NotYetValid
+                        }
                         _ => AuthError::Invalid(e.to_string()),
                     })?;
-                valid_id(&data.claims.sub)?;
+                client_user(&data.claims.sub)?;
                 let rooms = match data.claims.rooms {
                     Some(r) if !r.iter().any(|x| x == "*") => {
                         Some(r.into_iter().map(Into::into).collect())
@@ -195,6 +217,44 @@ mod tests {
         );
         assert_eq!(a.authenticate(None, Some("alice")), Err(AuthError::Missing));
         assert!(a.authenticate(Some("garbage"), None).is_err());
+    }
+
+    /// `nbf` is honoured with the same leeway as `exp`.
+    #[test]
+    fn a_token_not_valid_yet_is_refused() {
+        let a = Authenticator::new(Some(SECRET));
+        let with_nbf = |nbf: u64| {
+            let claims = serde_json::json!({"sub": "alice", "exp": now_unix() + 7200, "nbf": nbf});
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap()
+        };
+        let hour_ahead = with_nbf(now_unix() + 3600);
+        assert_eq!(
+            a.authenticate(Some(&hour_ahead), None),
+            Err(AuthError::NotYetValid)
+        );
+        let within_leeway = with_nbf(now_unix() + EXP_LEEWAY_S / 2);
+        assert!(a.authenticate(Some(&within_leeway), None).is_ok());
+        let past = with_nbf(now_unix() - 60);
+        assert!(a.authenticate(Some(&past), None).is_ok());
+    }
+
+    /// Nobody connects as the gateway's own sender, by token or in dev mode.
+    #[test]
+    fn reserved_ids_cannot_be_taken_by_a_client() {
+        let a = Authenticator::new(Some(SECRET));
+        let t = mint(SECRET, "@backend", None, 60);
+        assert_eq!(a.authenticate(Some(&t), None), Err(AuthError::Reserved));
+        let dev = Authenticator::new(None);
+        assert_eq!(
+            dev.authenticate(None, Some("@backend")),
+            Err(AuthError::Reserved)
+        );
+        assert!(dev.authenticate(None, Some("back@end")).is_ok());
     }
 
     #[test]

@@ -134,6 +134,78 @@ fn refusals_are_plain_http_before_the_upgrade() {
     assert!(gw.metric_sum("ringgate_connections_refused_total") >= 9);
 }
 
+/// RFC 6455 section 4.2.1 and SPEC section 2, over a real socket: each malformed upgrade is a
+/// 400 that says what was wrong, a token not valid yet and the gateway's own `@backend` are a
+/// 401, and a body on the upgrade is refused instead of being read as WebSocket frames.
+#[test]
+fn an_upgrade_that_is_not_rfc_6455_exact_is_refused_before_the_upgrade() {
+    let gw = Gateway::start(&["--jwt-secret", SECRET]);
+    let good = token("bob", "1h");
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let head = |version: &str, headers: &str| {
+        format!("GET /ws?token={good} HTTP/{version}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n")
+    };
+    let with_key = |k: &str| head("1.1", &format!("Host: x\r\nSec-WebSocket-Key: {k}\r\n"));
+    // A masked ping after the head: a gateway reading the body as frames would answer it.
+    let ping_body = "Content-Length: 6\r\n";
+    let cases = [
+        (head("1.0", &format!("Host: x\r\n{key}")), "HTTP/1.1"),
+        (head("1.1", key), "Host"),
+        (
+            head("1.1", &format!("Host: x\r\n{key}{key}")),
+            "more than one",
+        ),
+        (with_key("!!!not-base64!!!"), "base64"),
+        (with_key("AAAA"), "base64"),
+        (with_key(&"A".repeat(300)), "base64"),
+        (with_key("dGhlIHNhbXBs ZSBub25jZQ=="), "base64"),
+        (with_key("="), "base64"),
+        (with_key("dGhlIHNhbXBsZSBub25jZQ"), "base64"),
+        (
+            head("1.1", &format!("Host: x\r\n{key}{ping_body}")),
+            "no body",
+        ),
+    ];
+    for (request, why) in &cases {
+        let mut request = request.clone().into_bytes();
+        if request.windows(14).any(|w| w == b"Content-Length") {
+            request.extend_from_slice(&[0x89, 0x80, 1, 2, 3, 4]);
+        }
+        let mut s = TcpStream::connect(gw.public).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&request).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{why}: {answer}");
+        assert!(answer.contains(why), "{why:?} not in {answer}");
+    }
+    let not_yet = {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let now = ringgate::auth::now_unix();
+        let claims = serde_json::json!({"sub": "bob", "exp": now + 7200, "nbf": now + 3600});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let (code, text) = upgrade_status(gw.public, &format!("/ws?token={not_yet}"), &[]);
+    assert_eq!(code, 401, "{text}");
+    assert!(text.contains("not valid yet"), "{text}");
+    let backend = token("@backend", "1h");
+    let (code, text) = upgrade_status(gw.public, &format!("/ws?token={backend}"), &[]);
+    assert_eq!(code, 401, "{text}");
+    assert!(text.contains("gateway's own"), "{text}");
+    assert!(
+        gw.metric_sum("ringgate_connections_refused_total") >= cases.len() as u64 + 2,
+        "every refusal counted"
+    );
+    // The well-formed upgrade still passes.
+    let mut ws = connect(&gw, &format!("/ws?token={good}"));
+    assert_eq!(recv_json(&mut ws)["op"], "welcome");
+}
+
 fn expired_token(user: &str) -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let claims = serde_json::json!({"sub": user, "exp": ringgate::auth::now_unix() - 3600});

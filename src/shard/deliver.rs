@@ -25,8 +25,10 @@ use crate::mesh;
 use crate::proto::{self, ErrorCode, FrameError};
 use crate::store::{Inbox, InboxSeq, StoredMessage};
 
-/// The sender id of messages posted through `POST /api/send`.
+/// The sender id of messages posted through `POST /api/send`: reserved, no client connects as
+/// it (`auth::RESERVED_PREFIX`).
 pub const BACKEND_SENDER: &str = "@backend";
+const _: () = assert!(BACKEND_SENDER.as_bytes()[0] == crate::auth::RESERVED_PREFIX as u8);
 /// `ReplyTo::conn` of an API send: the answer goes to a waiting HTTP request.
 const API_CONN: u32 = u32::MAX - 1;
 

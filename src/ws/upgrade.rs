@@ -195,8 +195,11 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
             policy,
         );
     }
-    let Some(key) = header("sec-websocket-key").filter(|k| !k.is_empty()) else {
-        return refuse(Refusal::BadRequest, "missing Sec-WebSocket-Key", policy);
+    if let Err(detail) = rfc6455_head(&req) {
+        return refuse(Refusal::BadRequest, detail, policy);
+    }
+    let Some(key) = header("sec-websocket-key") else {
+        unreachable!("rfc6455_head checked there is exactly one key");
     };
     if policy.draining {
         return refuse(Refusal::Draining, "shutting down, reconnect later", policy);
@@ -265,6 +268,45 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
         response,
         head_len,
     })
+}
+
+/// RFC 6455 section 4.2.1 beyond what `decide` checks above: HTTP/1.1 or later, exactly one
+/// `Host`, exactly one `Sec-WebSocket-Key` that is base64 of 16 bytes, and no body (bytes
+/// after the head are WebSocket frames, so a body would be read as frames).
+fn rfc6455_head(req: &httparse::Request) -> Result<(), &'static str> {
+    if req.version != Some(1) {
+        return Err("HTTP/1.1 or later required");
+    }
+    let all = |name: &'static str| {
+        req.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| std::str::from_utf8(h.value).unwrap_or("\u{fffd}").trim())
+    };
+    if all("host").count() != 1 {
+        return Err("exactly one Host header required");
+    }
+    let mut keys = all("sec-websocket-key");
+    match (keys.next(), keys.next()) {
+        (None, _) => return Err("missing Sec-WebSocket-Key"),
+        (Some(_), Some(_)) => return Err("more than one Sec-WebSocket-Key"),
+        (Some(key), None) if !is_base64_of_16_bytes(key) => {
+            return Err("Sec-WebSocket-Key must be base64 of 16 bytes")
+        }
+        _ => {}
+    }
+    if all("transfer-encoding").next().is_some() || all("content-length").any(|v| v != "0") {
+        return Err("an upgrade request has no body");
+    }
+    Ok(())
+}
+
+/// 16 bytes in base64 are 22 characters of the standard alphabet and `==`; the last
+/// character carries 2 bits, so it is one of `AQgw` (canonical encoding).
+fn is_base64_of_16_bytes(key: &str) -> bool {
+    let b = key.as_bytes();
+    let alphabet = |c: &u8| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/';
+    b.len() == 24 && b[..22].iter().all(alphabet) && b"AQgw".contains(&b[21]) && &b[22..] == b"=="
 }
 
 /// Decode `%XX` and `+` in a query value; None on malformed escapes or non-UTF-8 results.
@@ -389,6 +431,75 @@ mod tests {
             )),
             Refusal::Forbidden
         );
+    }
+
+    /// RFC 6455 section 4.2.1: each malformed head is a 400, with what was wrong.
+    #[test]
+    fn an_upgrade_that_is_not_rfc_6455_exact_is_refused_400() {
+        let auth = Authenticator::new(None);
+        let p = policy(&auth);
+        let good_key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+        let head = |version: &str, headers: &str| {
+            format!("GET /ws?user=a HTTP/{version}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n").into_bytes()
+        };
+        let with_key = |key: &str| head("1.1", &format!("Host: x\r\nSec-WebSocket-Key: {key}\r\n"));
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (head("1.0", &format!("Host: x\r\n{good_key}")), "HTTP/1.1"),
+            (head("1.1", good_key), "Host"),
+            (
+                head("1.1", &format!("Host: x\r\nHost: y\r\n{good_key}")),
+                "Host",
+            ),
+            (head("1.1", "Host: x\r\n"), "missing Sec-WebSocket-Key"),
+            (
+                head("1.1", &format!("Host: x\r\n{good_key}{good_key}")),
+                "more than one",
+            ),
+            (with_key("!!!not-base64!!!"), "base64 of 16"),
+            (with_key("AAAA"), "base64 of 16"),
+            (with_key(&"A".repeat(300)), "base64 of 16"),
+            (with_key("dGhlIHNhbXBs ZSBub25jZQ=="), "base64 of 16"),
+            (with_key("="), "base64 of 16"),
+            (with_key("dGhlIHNhbXBsZSBub25jZQ"), "base64 of 16"),
+            (with_key("dGhlIHNhbXBsZSBub25jZR=="), "base64 of 16"),
+            (with_key("dGhlIHNhbXBsZSBub25jZQ=a"), "base64 of 16"),
+            (
+                head(
+                    "1.1",
+                    &format!("Host: x\r\n{good_key}Content-Length: 6\r\n"),
+                ),
+                "no body",
+            ),
+            (
+                head(
+                    "1.1",
+                    &format!("Host: x\r\n{good_key}Transfer-Encoding: chunked\r\n"),
+                ),
+                "no body",
+            ),
+        ];
+        for (request, why) in cases {
+            match decide(&request, &p) {
+                Decision::Refuse(Refusal::BadRequest, bytes) => {
+                    let text = String::from_utf8(bytes).unwrap();
+                    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+                    assert!(text.contains(why), "{why:?} not in {text}");
+                }
+                other => panic!("{:?}: {other:?}", String::from_utf8_lossy(&request)),
+            }
+        }
+        // The same head, well formed (an empty body declared as such is no body).
+        for ok in [
+            head("1.1", &format!("Host: x\r\n{good_key}")),
+            head(
+                "1.1",
+                &format!("Host: x\r\n{good_key}Content-Length: 0\r\n"),
+            ),
+            with_key("AAAAAAAAAAAAAAAAAAAAAA=="),
+            with_key("/////////////////////w=="),
+        ] {
+            assert!(matches!(decide(&ok, &p), Decision::Upgrade(_)), "{ok:?}");
+        }
     }
 
     #[test]
