@@ -20,6 +20,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1_000_000;
 pub const DEFAULT_MAX_FRAME: usize = 65_536;
 pub const DEFAULT_HEARTBEAT_MS: u64 = 30_000;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// How long a closing connection waits for a peer that neither answers our close frame nor
+/// closes TCP, or does not read what is left to send.
+pub const DEFAULT_CLOSE_LINGER_MS: u64 = 3_000;
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_WINDOW: u32 = 256;
 pub const DEFAULT_DRAIN_MS: u64 = 10_000;
@@ -54,6 +57,7 @@ pub struct Config {
     pub max_frame: usize,
     pub heartbeat_ms: u64,
     pub handshake_timeout_ms: u64,
+    pub close_linger_ms: u64,
     pub ack_timeout_ms: u64,
     pub window: u32,
     pub drain_ms: u64,
@@ -112,6 +116,10 @@ pub struct ConfigLayer {
     /// Time a client has to complete the HTTP upgrade [default: 10000]
     #[arg(long, env = "RINGGATE_HANDSHAKE_TIMEOUT_MS")]
     pub handshake_timeout_ms: Option<u64>,
+    /// After our close frame: longest wait for a peer that neither answers it nor closes TCP
+    /// (one that does is closed at once) [default: 3000]
+    #[arg(long, env = "RINGGATE_CLOSE_LINGER_MS")]
+    pub close_linger_ms: Option<u64>,
     /// Ack timeout for direct messages [default: 5000]
     #[arg(long, env = "RINGGATE_ACK_TIMEOUT_MS")]
     pub ack_timeout_ms: Option<u64>,
@@ -231,6 +239,7 @@ impl ConfigLayer {
             max_frame,
             heartbeat_ms,
             handshake_timeout_ms,
+            close_linger_ms,
             ack_timeout_ms,
             window,
             drain_ms,
@@ -304,6 +313,7 @@ impl ConfigLayer {
         if handshake_timeout_ms < 10 {
             return Err(invalid("handshake_timeout_ms", "must be at least 10"));
         }
+        let close_linger_ms = self.close_linger_ms.unwrap_or(DEFAULT_CLOSE_LINGER_MS);
         let ack_timeout_ms = self.ack_timeout_ms.unwrap_or(DEFAULT_ACK_TIMEOUT_MS);
         if ack_timeout_ms < 10 {
             return Err(invalid("ack_timeout_ms", "must be at least 10"));
@@ -371,6 +381,7 @@ impl ConfigLayer {
             max_frame,
             heartbeat_ms,
             handshake_timeout_ms,
+            close_linger_ms,
             ack_timeout_ms,
             window,
             drain_ms: self.drain_ms.unwrap_or(DEFAULT_DRAIN_MS),

@@ -325,6 +325,82 @@ fn oversized_frame_closes_with_1009() {
     assert_eq!(close.close_code(), Some(1009));
 }
 
+/// SPEC 2 / RFC 6455 7.1.1, over real sockets: after a protocol-error or 1009 close the server
+/// closes TCP as soon as the client has answered with its close frame (or its FIN), not at the
+/// linger deadline. The linger is set to 60 s here and each read waits at most 30 s, so an EOF
+/// proves the close came from the answer, with no timing in the test.
+#[test]
+fn after_a_protocol_error_close_tcp_closes_once_the_client_answers() {
+    let gw = Gateway::start(&["--close-linger-ms", "60000", "--max-frame", "1024"]);
+    // A masked frame with `first` as its first byte (FIN, RSV, opcode) and a 7-bit length.
+    let frame = |first: u8, payload: &[u8]| {
+        let mask = [1u8, 2, 3, 4];
+        let mut f = vec![first, 0x80 | payload.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        f
+    };
+    let mut oversized = vec![0x82, 0x80 | 126, 0x07, 0xD0, 1, 2, 3, 4];
+    oversized.extend(std::iter::repeat_n(0u8, 2000));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("unmasked", vec![0x81, 0x02, b'h', b'i'], 1002),
+        ("rsv1", frame(0xC1, b"x"), 1002),
+        ("reserved opcode", frame(0x83, b"x"), 1002),
+        (
+            "control over 125",
+            {
+                let mut f = vec![0x89, 0x80 | 126, 0, 126, 1, 2, 3, 4];
+                f.extend_from_slice(&[0; 126]);
+                f
+            },
+            1002,
+        ),
+        ("fragmented control", frame(0x09, b"x"), 1002),
+        ("over max_frame", oversized, 1009),
+    ];
+    let mut client_close = frame(0x88, &1000u16.to_be_bytes());
+    for (what, bad, code) in &cases {
+        let mut raw = RawWs::connect(gw.public, "/ws?user=hank");
+        raw.stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        assert_eq!(raw.recv_json()["op"], "welcome");
+        raw.stream.write_all(bad).unwrap();
+        let (_, close) = raw.until_close();
+        assert_eq!(close.close_code(), Some(*code), "{what}");
+        raw.stream.write_all(&client_close).unwrap();
+        let mut rest = Vec::new();
+        let end = raw.stream.read_to_end(&mut rest);
+        assert!(
+            end.is_ok(),
+            "{what}: no EOF within 30 s of the client's close: {end:?}"
+        );
+        assert!(rest.is_empty(), "{what}: nothing after the close frame");
+    }
+    // Framing lost (a 64-bit length with the top bit set): the server cannot see a close frame,
+    // but it shuts its side after its close (FIN), and the client's close ends it.
+    let mut raw = RawWs::connect(gw.public, "/ws?user=hank");
+    raw.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(raw.recv_json()["op"], "welcome");
+    raw.stream
+        .write_all(&[0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 4])
+        .unwrap();
+    assert!(gw.metric_sum("ringgate_connections_open") >= 1);
+    let (_, close) = raw.until_close();
+    assert_eq!(close.close_code(), Some(1002));
+    assert!(raw.recv().is_none(), "FIN right after the close frame");
+    client_close.clear();
+    raw.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || gw
+            .metric_sum("ringgate_connections_open")
+            == 0),
+        "every connection closed long before the 60 s linger"
+    );
+}
+
 #[test]
 fn fragmented_messages_reassemble() {
     let gw = Gateway::start(&["--echo-route", "true"]);

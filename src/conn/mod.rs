@@ -19,9 +19,8 @@ use crate::proto::{self, ClientFrame, ErrorCode, FrameError};
 use crate::ws::frame::{self, Kind, Violation};
 use crate::ws::upgrade::{self, Decision, Policy, Refusal, Route};
 
-/// How long a closing connection waits for the peer's close frame (or for its output to
-/// drain) before the socket is dropped.
-pub const CLOSE_LINGER_MS: u64 = 3_000;
+/// `skip_input` value for "framing is lost: drop all input".
+const SKIP_ALL: u32 = u32::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -87,11 +86,15 @@ pub struct Connection {
     bad_frames: u32,
     /// Upgraded on `/ws`; the user's home shard has not started the session yet.
     awaiting_session: bool,
-    /// Framing broke (e.g. a frame over max_frame): nothing after it can be parsed, so input is
-    /// read and thrown away until the peer closes or the linger ends. Reading on (instead of
-    /// closing with unread bytes) keeps the kernel from resetting the connection before the
+    /// Input bytes to throw away before the next frame: the rest of a bad frame whose length
+    /// is known (then the peer's answering close frame is read, and the socket closes at once),
+    /// or [`SKIP_ALL`] when framing is lost (then the peer's FIN ends it). Reading on (instead
+    /// of closing with unread bytes) keeps the kernel from resetting the connection before the
     /// client has read our close frame.
-    discard_input: bool,
+    skip_input: u32,
+    /// Our close frame is out and the write side is shut (FIN): a peer waiting for the server
+    /// to close TCP (RFC 6455 7.1.1) sees it at once, and its own FIN ends the connection.
+    fin_sent: bool,
     /// Per-shard serial, for the `conn` id in `welcome`.
     serial: u64,
 }
@@ -109,7 +112,8 @@ impl Connection {
             last_ping_ms: 0,
             bad_frames: 0,
             awaiting_session: false,
-            discard_input: false,
+            skip_input: 0,
+            fin_sent: false,
             serial,
         }
     }
@@ -223,6 +227,16 @@ impl Connection {
             && now >= self.last_rx_ms + idle_ms
     }
 
+    /// Our close frame is flushed and the write side not shut yet: the glue shuts it (FIN)
+    /// and calls [`Connection::fin_sent`].
+    pub fn wants_fin(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. }) && self.out.is_empty() && !self.fin_sent
+    }
+
+    pub fn fin_sent(&mut self) {
+        self.fin_sent = true;
+    }
+
     /// The socket can be closed: nothing left to say and everything said.
     pub fn finished(&self) -> bool {
         matches!(self.phase, Phase::Done { .. }) && self.out.is_empty()
@@ -303,7 +317,7 @@ impl Connection {
                 self.out
                     .extend_from_slice(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
                 self.phase = Phase::Done {
-                    until_ms: now + CLOSE_LINGER_MS,
+                    until_ms: now + ctx.cfg.close_linger_ms,
                 };
             }
             Phase::Open => {
@@ -410,12 +424,18 @@ impl Connection {
         ctx.metrics.refused[reason.index()].inc();
         self.out = response;
         self.phase = Phase::Done {
-            until_ms: now + CLOSE_LINGER_MS,
+            until_ms: now + ctx.cfg.close_linger_ms,
         };
     }
 
     fn on_frame_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
-        if self.discard_input {
+        if self.skip_input == SKIP_ALL {
+            return;
+        }
+        let skipped = data.len().min(self.skip_input as usize);
+        self.skip_input -= skipped as u32;
+        let data = &mut data[skipped..];
+        if data.is_empty() {
             return;
         }
         let mut partial = self.partial.take();
@@ -467,12 +487,23 @@ impl Connection {
                         self.violation(now, v, partial, ctx);
                     }
                 }
-                Err(v) => {
-                    self.violation(now, v, partial, ctx);
-                    // The rest of the stream cannot be trusted: drop it, now and later.
-                    self.discard_input = true;
+                Err(bad) => {
+                    self.violation(now, bad.violation, partial, ctx);
                     *partial = None;
-                    return buf.len();
+                    // Step over the bad frame and keep reading frames (the peer's close);
+                    // if its length is unknown, or longer than we count, drop all input.
+                    let rest = (buf.len() - pos) as u64;
+                    match bad.frame_len {
+                        Some(n) if n <= rest => pos += n as usize,
+                        Some(n) if n - rest < SKIP_ALL as u64 => {
+                            self.skip_input = (n - rest) as u32;
+                            return buf.len();
+                        }
+                        _ => {
+                            self.skip_input = SKIP_ALL;
+                            return buf.len();
+                        }
+                    }
                 }
             }
         }
@@ -487,7 +518,7 @@ impl Connection {
         }
         if self.phase != Phase::Open {
             self.phase = Phase::Done {
-                until_ms: now + CLOSE_LINGER_MS,
+                until_ms: now + ctx.cfg.close_linger_ms,
             };
             return;
         }
@@ -520,7 +551,7 @@ impl Connection {
                     ctx.metrics.frames_out.inc();
                 }
                 self.phase = Phase::Done {
-                    until_ms: now + CLOSE_LINGER_MS,
+                    until_ms: now + ctx.cfg.close_linger_ms,
                 };
             }
             _ if closing => {}
@@ -631,7 +662,7 @@ impl Connection {
         frame::encode_close(code, reason, &mut self.out);
         ctx.metrics.frames_out.inc();
         self.phase = Phase::Closing {
-            until_ms: now + CLOSE_LINGER_MS,
+            until_ms: now + ctx.cfg.close_linger_ms,
         };
     }
 }

@@ -9,6 +9,7 @@
 use super::*;
 use crate::auth::Claims;
 use crate::config::ConfigLayer;
+use crate::config::DEFAULT_CLOSE_LINGER_MS as CLOSE_LINGER_MS;
 use crate::ws::frame::tests::client_frame;
 
 // ---------------------------------------------------------------------------------------------
@@ -1644,12 +1645,11 @@ fn randomized_app_stream_cut_anywhere() {
     }
 }
 
-/// After a framing error the stream cannot be parsed: later bytes (here the rest of an
-/// oversized payload, then garbage) are read and dropped, the connection stays in Closing (so
-/// the socket is not closed with unread input, which would reset it before the client reads
-/// the 1009), and only the linger or the peer's EOF ends it.
+/// After an oversized frame (1009) its payload is stepped over as it comes, and the peer's
+/// answering close frame ends the connection at once (no wait for the linger); nothing of the
+/// payload is kept.
 #[test]
-fn input_after_a_framing_error_is_discarded_until_the_linger_ends() {
+fn after_an_oversized_frame_the_peers_close_ends_it_at_once() {
     let env = Env::new();
     let mut conn = open(&env, T0, "/ws?user=a");
     // Only the header of a frame far over max_frame arrives first.
@@ -1659,22 +1659,94 @@ fn input_after_a_framing_error_is_discarded_until_the_linger_ends() {
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].close_code(), 1009);
     assert!(matches!(conn.phase(), Phase::Closing { .. }));
-    // The payload keeps coming, then bytes that would parse as frames: all ignored.
-    feed(&mut conn, &env, T0 + 2, &big[14..]);
+    assert!(conn.wants_fin(), "our close is out: shut the write side");
+    conn.fin_sent();
+    assert!(!conn.wants_fin());
+    // The payload keeps coming (ignored, not kept), then the peer's close.
+    feed(&mut conn, &env, T0 + 2, &big[14..big.len() / 2]);
+    assert_eq!(conn.buffered_in(), 0, "nothing is kept");
+    let mut rest = big[big.len() / 2..].to_vec();
+    rest.extend(cf(true, OP_CLOSE, &1000u16.to_be_bytes()));
+    feed(&mut conn, &env, T0 + 3, &rest);
+    assert!(conn.out.is_empty(), "nothing more is said");
+    assert!(conn.finished(), "{:?}", conn.phase());
+}
+
+/// Every protocol error whose frame header reads: the right close code, then the peer's close
+/// (in the same read or the next) ends the connection at once.
+#[test]
+fn after_a_protocol_error_the_peers_close_ends_it_at_once() {
+    let env = Env::new();
+    let unmasked = vec![0x81, 0x02, b'h', b'i'];
+    let mut rsv = cf(true, OP_TEXT, b"x");
+    rsv[0] |= 0x40;
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("unmasked", unmasked, 1002),
+        ("rsv bits", rsv, 1002),
+        ("reserved opcode", cf(true, 0x3, b"x"), 1002),
+        ("reserved control opcode", cf(true, 0xB, b"x"), 1002),
+        ("control over 125", cf(true, OP_PING, &[0; 126]), 1002),
+        ("fragmented control", cf(false, OP_PING, b"x"), 1002),
+        (
+            "over max_frame",
+            cf(true, OP_BINARY, &vec![0; MAX_FRAME + 1]),
+            1009,
+        ),
+    ];
+    let close = cf(true, OP_CLOSE, &1000u16.to_be_bytes());
+    for (what, bad, code) in cases {
+        for split in [false, true] {
+            let mut conn = open(&env, T0, "/ws?user=a");
+            if split {
+                feed(&mut conn, &env, T0 + 1, &bad);
+                feed(&mut conn, &env, T0 + 2, &close);
+            } else {
+                feed(
+                    &mut conn,
+                    &env,
+                    T0 + 1,
+                    &[bad.clone(), close.clone()].concat(),
+                );
+            }
+            let out = frames(&mut conn);
+            assert_eq!(out.len(), 1, "{what}");
+            assert_eq!(out[0].close_code(), code, "{what}");
+            assert!(
+                conn.finished(),
+                "{what} (split {split}): {:?}",
+                conn.phase()
+            );
+        }
+    }
+}
+
+/// A 64-bit length with the top bit set: framing is lost, so later bytes (even a close frame)
+/// are dropped; the write side is shut so the peer closes, and its EOF (or the linger) ends it.
+#[test]
+fn after_framing_is_lost_input_is_dropped_until_eof_or_the_linger() {
+    let env = Env::new();
+    let mut conn = open(&env, T0, "/ws?user=a");
     feed(
         &mut conn,
         &env,
-        T0 + 3,
+        T0 + 1,
+        &[0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 4],
+    );
+    let out = frames(&mut conn);
+    assert_eq!(out[0].close_code(), 1002);
+    assert!(conn.wants_fin());
+    feed(
+        &mut conn,
+        &env,
+        T0 + 2,
         &cf(true, OP_CLOSE, &1000u16.to_be_bytes()),
     );
-    assert!(conn.out.is_empty(), "nothing more is said");
     assert!(
         matches!(conn.phase(), Phase::Closing { .. }),
         "{:?}",
         conn.phase()
     );
     assert_eq!(conn.buffered_in(), 0, "nothing is kept");
-    // The linger ends it.
     conn.on_timer(conn.deadline(&env.cfg), &env.ctx());
     assert!(conn.finished());
 }

@@ -358,6 +358,16 @@ impl Shard {
                 Poll::Pending => break,
             }
         }
+        // Our close frame is out: shut the write side, so a peer that waits for the server to
+        // close TCP first (RFC 6455 7.1.1) closes its side now, not at the linger deadline.
+        if !peer_gone && conn.wants_fin() {
+            if let Poll::Ready(result) = Pin::new(&mut *stream).poll_close(cx) {
+                if result.is_err() {
+                    peer_gone = true;
+                }
+                conn.fin_sent();
+            }
+        }
         // The read loop stopped on the outbound cap, not on a Pending read, so nothing will
         // wake us for input: if the writes made room, come back and read.
         if !read_armed

@@ -310,8 +310,15 @@ impl AsyncWrite for RawSocket {
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+    /// Shut the write side (FIN), as glommio's stream does; the descriptor stays open.
     fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+        // SAFETY: shutdown on the socket this value borrows; no memory is passed.
+        let done = unsafe { libc::shutdown(self.0, libc::SHUT_WR) };
+        if done == 0 {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Ready(Err(io::Error::last_os_error()))
+        }
     }
 }
 

@@ -60,6 +60,15 @@ const fn violation(code: u16, reason: &'static str) -> Violation {
     Violation { code, reason }
 }
 
+/// A frame that cannot be taken: its violation, and its whole length (header and payload)
+/// when the header could be read, so the reader can step over it and keep framing (to see the
+/// peer's answering close frame). None: framing is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadFrame {
+    pub violation: Violation,
+    pub frame_len: Option<u64>,
+}
+
 /// One decoded client frame; `payload` is unmasked in place inside the caller's buffer.
 #[derive(Debug)]
 pub struct Frame<'a> {
@@ -71,14 +80,32 @@ pub struct Frame<'a> {
 /// Decode one client frame from the front of `buf`.
 /// Ok(None): more bytes needed (nothing consumed). Ok(Some((frame, consumed))): a whole frame.
 /// `max_payload` bounds a single frame; bigger is `1009` before any payload is buffered.
-pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, usize)>, Violation> {
+pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, usize)>, BadFrame> {
     let mut cursor = Cursor::new(&*buf);
     let (header, len) = match FrameHeader::parse(&mut cursor) {
         Ok(Some(h)) => h,
         Ok(None) => return Ok(None),
-        Err(_) => return Err(violation(CLOSE_PROTOCOL_ERROR, "malformed frame header")),
+        // tungstenite refuses reserved opcodes here; the length can still be read.
+        Err(_) => {
+            return Err(BadFrame {
+                violation: violation(CLOSE_PROTOCOL_ERROR, "malformed frame header"),
+                frame_len: declared_len(buf),
+            })
+        }
     };
+    if len >> 63 == 1 {
+        // RFC 6455 5.2: the most significant bit of a 64-bit length must be 0. Nothing after
+        // such a header can be trusted to be framed.
+        return Err(BadFrame {
+            violation: violation(CLOSE_PROTOCOL_ERROR, "frame length with the top bit set"),
+            frame_len: None,
+        });
+    }
     let header_len = cursor.position() as usize;
+    let bad = |code, reason| BadFrame {
+        violation: violation(code, reason),
+        frame_len: (header_len as u64).checked_add(len),
+    };
     let kind = match header.opcode {
         OpCode::Data(Data::Continue) => Kind::Continuation,
         OpCode::Data(Data::Text) => Kind::Text,
@@ -86,25 +113,22 @@ pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, u
         OpCode::Control(Control::Close) => Kind::Close,
         OpCode::Control(Control::Ping) => Kind::Ping,
         OpCode::Control(Control::Pong) => Kind::Pong,
-        _ => return Err(violation(CLOSE_PROTOCOL_ERROR, "reserved opcode")),
+        _ => return Err(bad(CLOSE_PROTOCOL_ERROR, "reserved opcode")),
     };
     if header.rsv1 || header.rsv2 || header.rsv3 {
-        return Err(violation(
+        return Err(bad(
             CLOSE_PROTOCOL_ERROR,
             "reserved bits set without extension",
         ));
     }
     let Some(mask) = header.mask else {
-        return Err(violation(
-            CLOSE_PROTOCOL_ERROR,
-            "client frames must be masked",
-        ));
+        return Err(bad(CLOSE_PROTOCOL_ERROR, "client frames must be masked"));
     };
     if kind.is_control() && (len as usize > MAX_CONTROL_PAYLOAD || !header.is_final) {
-        return Err(violation(CLOSE_PROTOCOL_ERROR, "bad control frame"));
+        return Err(bad(CLOSE_PROTOCOL_ERROR, "bad control frame"));
     }
     if len > max_payload as u64 {
-        return Err(violation(CLOSE_TOO_BIG, "frame exceeds max_frame"));
+        return Err(bad(CLOSE_TOO_BIG, "frame exceeds max_frame"));
     }
     let len = len as usize;
     let total = header_len + len;
@@ -121,6 +145,25 @@ pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, u
         },
         total,
     )))
+}
+
+/// Header and payload length of the frame at the front of `buf`, read from its header alone
+/// (RFC 6455 5.2); None if the header is cut short or its 64-bit length has the top bit set.
+fn declared_len(buf: &[u8]) -> Option<u64> {
+    let second = *buf.get(1)?;
+    let mask_len = if second & 0x80 != 0 { 4 } else { 0 };
+    let (len, ext_len) = match second & 0x7f {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as u64,
+            2,
+        ),
+        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 8),
+        n => (n as u64, 0),
+    };
+    if len >> 63 == 1 {
+        return None;
+    }
+    (2 + ext_len + mask_len as u64).checked_add(len)
 }
 
 /// XOR the payload with the 4-byte mask, a word at a time where possible.
@@ -237,18 +280,48 @@ pub(crate) mod tests {
     #[test]
     fn violations_carry_the_right_close_code() {
         let mut unmasked = vec![0x81, 0x02, b'h', b'i'];
-        assert_eq!(decode(&mut unmasked, 100).unwrap_err().code, 1002);
+        assert_eq!(decode(&mut unmasked, 100).unwrap_err().violation.code, 1002);
         let mut big = client_frame(true, 1, &[b'a'; 200], [1, 1, 1, 1]);
-        assert_eq!(decode(&mut big, 100).unwrap_err().code, 1009);
+        assert_eq!(decode(&mut big, 100).unwrap_err().violation.code, 1009);
         let mut rsv = client_frame(true, 1, b"x", [1, 1, 1, 1]);
         rsv[0] |= 0x40;
-        assert_eq!(decode(&mut rsv, 100).unwrap_err().code, 1002);
+        assert_eq!(decode(&mut rsv, 100).unwrap_err().violation.code, 1002);
         let mut reserved_op = client_frame(true, 3, b"x", [1, 1, 1, 1]);
-        assert_eq!(decode(&mut reserved_op, 100).unwrap_err().code, 1002);
+        assert_eq!(
+            decode(&mut reserved_op, 100).unwrap_err().violation.code,
+            1002
+        );
         let mut frag_ping = client_frame(false, 9, b"x", [1, 1, 1, 1]);
-        assert_eq!(decode(&mut frag_ping, 100).unwrap_err().code, 1002);
+        assert_eq!(
+            decode(&mut frag_ping, 100).unwrap_err().violation.code,
+            1002
+        );
         let mut long_ping = client_frame(true, 9, &[0; 126], [1, 1, 1, 1]);
-        assert_eq!(decode(&mut long_ping, 1000).unwrap_err().code, 1002);
+        assert_eq!(
+            decode(&mut long_ping, 1000).unwrap_err().violation.code,
+            1002
+        );
+    }
+
+    /// A bad frame whose header reads says how long it is (the reader steps over it); a
+    /// 64-bit length with the top bit set cannot be stepped over.
+    #[test]
+    fn a_bad_frame_says_its_length_when_its_header_reads() {
+        let mut unmasked = vec![0x81, 0x02, b'h', b'i'];
+        assert_eq!(decode(&mut unmasked, 100).unwrap_err().frame_len, Some(4));
+        let mut big = client_frame(true, 1, &[b'a'; 200], [1, 1, 1, 1]);
+        assert_eq!(
+            decode(&mut big[..10], 100).unwrap_err().frame_len,
+            Some(208)
+        );
+        let mut reserved_op = client_frame(true, 3, b"xyz", [1, 1, 1, 1]);
+        assert_eq!(
+            decode(&mut reserved_op, 100).unwrap_err().frame_len,
+            Some(9)
+        );
+        let mut top_bit = vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 4];
+        let err = decode(&mut top_bit, 100).unwrap_err();
+        assert_eq!((err.violation.code, err.frame_len), (1002, None));
     }
 
     #[test]
