@@ -250,6 +250,7 @@ async fn api_request(
         return Err(refuse(&format!("`{field}` must be a valid id")));
     };
     let body = parsed.body.ok_or_else(|| refuse("missing field `body`"))?;
+    crate::proto::check_body(body.get()).map_err(refuse)?;
     let cid = api_cid(parsed.cid)?;
     Ok(ApiRequest {
         target: value,

@@ -119,6 +119,25 @@ pub enum Event {
     Reconnected {
         resent: usize,
     },
+    /// A frame this client could not read (not JSON it can parse, e.g. a body beyond what
+    /// serde_json takes). A `msg` among them is acked all the same (`seq`), so that one bad
+    /// message never stalls the inbox (SPEC section 3); the caller decides what to show.
+    Unreadable {
+        seq: Option<u64>,
+        reason: String,
+        /// The frame's first 200 bytes, for the log.
+        start: String,
+    },
+}
+
+/// The `seq` of a `msg` frame that does not parse as a whole: the gateway writes
+/// `{"op":"msg","seq":N,...}`, so the head is readable even when the body is not.
+fn seq_of_unreadable_msg(text: &str) -> Option<u64> {
+    let rest = text.strip_prefix(r#"{"op":"msg","seq":"#)?;
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..digits].parse().ok()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,7 +310,24 @@ impl Client {
     }
 
     fn on_text(&mut self, text: &str) -> Option<Event> {
-        let v: Value = serde_json::from_str(text).ok()?;
+        let v: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                let seq = seq_of_unreadable_msg(text);
+                if let (Some(seq), Some(ws)) = (seq, self.ws.as_mut()) {
+                    let _ = ws.send(Message::text(json!({"op":"ack","seq":seq}).to_string()));
+                }
+                let cut = (0..=text.len().min(200))
+                    .rev()
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(0);
+                return Some(Event::Unreadable {
+                    seq,
+                    reason: e.to_string(),
+                    start: text[..cut].to_string(),
+                });
+            }
+        };
         let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
         match v["op"].as_str()? {
             "welcome" => Some(Event::Welcome {

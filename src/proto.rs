@@ -119,14 +119,102 @@ fn bad(message: impl Into<String>, cid: &Option<Box<str>>) -> FrameError {
     }
 }
 
+/// Deepest nesting of arrays and objects a `body` may have (SPEC section 3).
+pub const MAX_BODY_DEPTH: usize = 64;
+
+/// Is `raw` (JSON text that already parsed) I-JSON as SPEC section 3 asks of a `body` (RFC
+/// 7493): no lone surrogate escapes, no number beyond a double's range, nesting at most
+/// [`MAX_BODY_DEPTH`]? A body that breaks one of these is one a strict reader (a browser's
+/// `JSON.parse` keeps going, Rust's serde_json and others stop) cannot read, and a client
+/// that cannot read a message cannot ack it. Err says which rule broke.
+pub fn check_body(raw: &str) -> Result<(), &'static str> {
+    let b = raw.as_bytes();
+    let (mut i, mut depth) = (0, 0usize);
+    while i < b.len() {
+        match b[i] {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_BODY_DEPTH {
+                    return Err("`body` is nested deeper than 64");
+                }
+                i += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b'"' => i = check_string(b, i + 1)?,
+            b'-' | b'0'..=b'9' => {
+                let end = b[i..]
+                    .iter()
+                    .position(|c| !matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                    .map_or(b.len(), |n| i + n);
+                let finite = raw[i..end].parse::<f64>().is_ok_and(f64::is_finite);
+                if !finite {
+                    return Err("`body` has a number beyond the range of a double");
+                }
+                i = end;
+            }
+            _ => i += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Check the string starting after its opening quote at `i`; returns the index after its
+/// closing quote. Raw UTF-8 cannot hold a surrogate; only `\u` escapes can.
+fn check_string(b: &[u8], mut i: usize) -> Result<usize, &'static str> {
+    const LONE: &str = "`body` has a lone surrogate (\\uD800-\\uDFFF without its pair)";
+    let hex = |at: usize| {
+        b.get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    while i < b.len() {
+        match b[i] {
+            b'"' => return Ok(i + 1),
+            b'\\' if b.get(i + 1) == Some(&b'u') => {
+                let unit = hex(i + 2).ok_or(LONE)?;
+                i += 6;
+                match unit {
+                    0xD800..=0xDBFF => {
+                        let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u'))
+                            .then(|| hex(i + 2))
+                            .flatten();
+                        if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                            return Err(LONE);
+                        }
+                        i += 6;
+                    }
+                    0xDC00..=0xDFFF => return Err(LONE),
+                    _ => {}
+                }
+            }
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    Ok(i)
+}
+
+/// A `body`, present and I-JSON.
+fn checked_body<'a>(
+    body: Option<&'a RawValue>,
+    cid: &Option<Box<str>>,
+) -> Result<&'a str, FrameError> {
+    let body = body.ok_or_else(|| bad("missing field `body`", cid))?.get();
+    check_body(body).map_err(|why| bad(why, cid))?;
+    Ok(body)
+}
+
 fn parse_send(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
     let to = parse_id(env.to, "to", "user", cid)?;
     let checked = checked_cid(cid)?;
-    let body = env.body.ok_or_else(|| bad("missing field `body`", cid))?;
+    let body = checked_body(env.body, cid)?;
     Ok(ClientFrame::Send(SendRequest {
         to,
         cid: checked,
-        body: body.get().into(),
+        body: body.into(),
     }))
 }
 
@@ -195,11 +283,11 @@ fn parse_join(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, Fra
 fn parse_publish(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
     let room = parse_room(env, cid)?;
     let checked = checked_cid(cid)?;
-    let body = env.body.ok_or_else(|| bad("missing field `body`", cid))?;
+    let body = checked_body(env.body, cid)?;
     Ok(ClientFrame::Publish {
         room,
         cid: checked,
-        body: body.get().into(),
+        body: body.into(),
     })
 }
 
@@ -414,6 +502,47 @@ mod tests {
 
     fn err(text: &str) -> FrameError {
         parse(text.as_bytes()).unwrap_err()
+    }
+
+    /// SPEC section 3: a `body` that is not I-JSON is `bad_request` on `send` and `publish`,
+    /// with the rule it broke; everything a strict reader takes passes.
+    #[test]
+    fn a_body_that_is_not_i_json_is_refused() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let refused = [
+            (deep(65), "nested deeper"),
+            (deep(30_000), "nested deeper"),
+            (format!("{{\"a\":{}}}", deep(64)), "nested deeper"),
+            ("1e400".to_string(), "range of a double"),
+            ("[-1e309]".to_string(), "range of a double"),
+            (r#""\ud800""#.to_string(), "lone surrogate"),
+            (r#""x\udc00y""#.to_string(), "lone surrogate"),
+            (r#""\ud800\u0041""#.to_string(), "lone surrogate"),
+            (r#"{"\ud83d":1}"#.to_string(), "lone surrogate"),
+        ];
+        for (body, why) in &refused {
+            for op in [r#""op":"send","to":"bob""#, r#""op":"publish","room":"r""#] {
+                let text = format!(r#"{{{op},"cid":"c","body":{body}}}"#);
+                let e = err(&text);
+                assert_eq!(e.code, ErrorCode::BadRequest, "{body}");
+                assert!(e.message.contains(why), "{body}: {}", e.message);
+                assert_eq!(e.cid.as_deref(), Some("\"c\""), "the error names the cid");
+            }
+        }
+        let taken = [
+            deep(64),
+            "1e308".to_string(),
+            "-0.0".to_string(),
+            "123456789012345678901234567890".to_string(),
+            r#""\ud83d\ude00 and \\ud800 as text""#.to_string(),
+            r#"{"e":[true,false,null,"1e999"],"n":-12.5E-3}"#.to_string(),
+            "\"\u{1F600}\"".to_string(),
+        ];
+        for body in &taken {
+            assert!(check_body(body).is_ok(), "{body}");
+            let text = format!(r#"{{"op":"send","to":"bob","cid":"c","body":{body}}}"#);
+            assert!(parse(text.as_bytes()).is_ok(), "{body}");
+        }
     }
 
     #[test]

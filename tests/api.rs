@@ -143,3 +143,62 @@ fn backend_send_refuses_bad_input_and_a_full_inbox() {
         (Some("unavailable"), Some("two"))
     );
 }
+
+/// SPEC section 3: a `body` that is not I-JSON (nested over 64, a number beyond a double, a
+/// lone surrogate) is refused with 400 / `bad_request` on `POST /api/send`, `POST
+/// /api/publish` and a client `send` and `publish`, and nothing of it is stored or shown.
+#[test]
+fn a_body_that_is_not_i_json_is_refused_everywhere() {
+    let gw = Gateway::start(&["--api-key", KEY]);
+    let deep = format!("{}1{}", "[".repeat(30_000), "]".repeat(30_000));
+    let bodies = [
+        (deep, "nested deeper"),
+        (
+            format!("{}1{}", "[".repeat(65), "]".repeat(65)),
+            "nested deeper",
+        ),
+        ("1e400".to_string(), "range of a double"),
+        (r#""\ud800""#.to_string(), "lone surrogate"),
+    ];
+    let (mut sender, _) = connect_replay(&gw, "/ws?user=mallory");
+    for (body, why) in &bodies {
+        for (path, target) in [
+            ("/api/send", r#""to":"victim""#),
+            ("/api/publish", r#""room":"lobby""#),
+        ] {
+            let (status, v) = post_json(&gw, path, &format!(r#"{{{target},"body":{body}}}"#), KEY);
+            assert_eq!(status, 400, "{path} {why}: {v}");
+            assert!(v.to_string().contains(why), "{path}: {v}");
+        }
+        for op in [
+            r#""op":"send","to":"victim""#,
+            r#""op":"publish","room":"lobby""#,
+        ] {
+            send_text(&mut sender, &format!(r#"{{{op},"cid":"x","body":{body}}}"#));
+            let answer = recv_json(&mut sender);
+            assert_eq!(
+                (
+                    answer["op"].as_str(),
+                    answer["code"].as_str(),
+                    answer["cid"].as_str()
+                ),
+                (Some("error"), Some("bad_request"), Some("x")),
+                "{answer}"
+            );
+            assert!(
+                answer["message"].as_str().unwrap().contains(why),
+                "{answer}"
+            );
+        }
+    }
+    // The connection stays open and a good send goes through; the victim gets only that one.
+    send_text(
+        &mut sender,
+        r#"{"op":"send","to":"victim","cid":"fine","body":[1e308]}"#,
+    );
+    assert_eq!(recv_json(&mut sender)["op"], "accepted");
+    let (_victim, replay) = connect_replay(&gw, "/ws?user=victim");
+    assert_eq!(replay.len(), 1, "{replay:?}");
+    assert_eq!(replay[0]["cid"], "fine");
+    assert!(gw.metric_sum("ringgate_bad_frames_total") >= 8);
+}

@@ -89,3 +89,76 @@ fn a_lost_connection_resends_by_cid_and_nothing_shows_twice() {
     // The server stored each message once, however often it was sent.
     assert_eq!(gw.metric_sum("ringgate_stored_total"), 20);
 }
+
+/// SPEC section 3: a client that meets a frame it cannot read acks it and reports it, so one
+/// bad message never stalls an inbox. The gateway refuses such bodies now, so a small real
+/// WebSocket server (tungstenite over a real socket) plays an older or foreign gateway here.
+#[test]
+fn a_msg_the_client_cannot_read_is_acked_and_reported() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let deep = format!("{}1{}", "[".repeat(30_000), "]".repeat(30_000));
+    let bodies = [deep, "1e400".to_string(), r#""\ud800""#.to_string()];
+    let server = std::thread::spawn(move || {
+        let (socket, _) = listener.accept().unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut ws = tungstenite::accept(socket).unwrap();
+        let mut send = |text: String| ws.send(tungstenite::Message::text(text)).unwrap();
+        send(r#"{"op":"welcome","v":1,"user":"ivy","conn":"1"}"#.into());
+        for (i, body) in bodies.iter().enumerate() {
+            send(format!(
+                r#"{{"op":"msg","seq":{},"id":"{i}","from":"mallory","cid":"bad-{i}","ts":1,"body":{body}}}"#,
+                i + 1
+            ));
+        }
+        send(
+            r#"{"op":"msg","seq":4,"id":"9","from":"jo","cid":"ok","ts":1,"body":{"t":"hi"}}"#
+                .into(),
+        );
+        send(r#"{"op":"synced","count":4}"#.into());
+        let mut acked = Vec::new();
+        while acked.last() != Some(&4) {
+            match ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if v["op"] == "ack" {
+                        acked.push(v["seq"].as_u64().unwrap());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("acks so far {acked:?}: {e}"),
+            }
+        }
+        acked
+    });
+    let mut c = Client::connect(ClientConfig::dev(&url, "ivy")).unwrap();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !events.iter().any(|e| matches!(e, Event::Synced { .. })) {
+        assert!(Instant::now() < deadline, "{events:?}");
+        if let Some(e) = c.poll(Duration::from_millis(5)).unwrap() {
+            events.push(e);
+        }
+    }
+    assert_eq!(
+        server.join().unwrap(),
+        vec![1, 2, 3, 4],
+        "every msg acked, in order"
+    );
+    let unreadable: Vec<Option<u64>> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Unreadable { seq, reason, .. } => {
+                assert!(!reason.is_empty());
+                Some(*seq)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unreadable, vec![Some(1), Some(2), Some(3)], "{events:?}");
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::Message { cid, .. } if cid == "ok")));
+}
