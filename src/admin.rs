@@ -27,6 +27,41 @@ pub struct Admin {
     pub shared: Arc<Shared>,
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub mesh: ShardMeshClient,
+    pub api_cids: ApiCids,
+}
+
+/// Cids for API requests that bring none: `api-<run>-<n>`, `run` random per process. The
+/// backend's cids are deduplicated across every node and, in Redis, across restarts, so they
+/// must be unique there too (a per-process counter with the time in seconds was not: two nodes,
+/// or a restart, within one second gave the same cid, and the second message was dropped as a
+/// duplicate of the first).
+pub struct ApiCids {
+    run: u64,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl ApiCids {
+    pub fn new() -> ApiCids {
+        use std::hash::BuildHasher;
+        // 64 random bits from the OS, through std's per-process hash keys.
+        let run = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+        ApiCids {
+            run,
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The next cid, as raw JSON (a string).
+    fn next(&self) -> Box<str> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("\"api-{:016x}-{n}\"", self.run).into()
+    }
+}
+
+impl Default for ApiCids {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// Bind now (so a bad address fails start-up), serve on a new thread.
@@ -114,8 +149,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Counter making generated cids unique within this process.
-static API_CIDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// How long `POST /api/send` waits for the message to become safe.
 const API_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -251,7 +284,7 @@ async fn api_request(
     };
     let body = parsed.body.ok_or_else(|| refuse("missing field `body`"))?;
     crate::proto::check_body(body.get()).map_err(refuse)?;
-    let cid = api_cid(parsed.cid)?;
+    let cid = api_cid(parsed.cid, &admin.api_cids)?;
     Ok(ApiRequest {
         target: value,
         body: body.get().into(),
@@ -278,6 +311,7 @@ async fn read_body(admin: &Admin, req: Request<Incoming>) -> Result<Bytes, Respo
 /// The request's `cid` checked like a client's, or a generated one.
 fn api_cid(
     cid: Option<&serde_json::value::RawValue>,
+    generated: &ApiCids,
 ) -> Result<Box<str>, Box<Response<Full<Bytes>>>> {
     match cid {
         Some(c) => {
@@ -289,10 +323,7 @@ fn api_cid(
             }
             Ok(c.get().into())
         }
-        None => {
-            let n = API_CIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(format!("\"api-{}-{n}\"", crate::auth::now_unix()).into())
-        }
+        None => Ok(generated.next()),
     }
 }
 
@@ -417,5 +448,25 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ApiCids;
+
+    /// Generated cids differ between two runs (two nodes, or a restart within the same
+    /// second) and within one.
+    #[test]
+    fn generated_cids_are_unique_across_runs_and_within_one() {
+        let (node_a, node_b) = (ApiCids::new(), ApiCids::new());
+        let a: Vec<Box<str>> = (0..3).map(|_| node_a.next()).collect();
+        let b: Vec<Box<str>> = (0..3).map(|_| node_b.next()).collect();
+        assert!(a.iter().all(|c| !b.contains(c)), "{a:?} {b:?}");
+        assert_ne!(a[0], a[1]);
+        for c in &a {
+            let cid: String = serde_json::from_str(c).unwrap();
+            assert!(cid.starts_with("api-") && crate::proto::valid_cid(c), "{c}");
+        }
     }
 }

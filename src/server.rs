@@ -105,6 +105,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             shared: shared.clone(),
             metrics: metrics.clone(),
             mesh: mesh_client,
+            api_cids: admin::ApiCids::new(),
         },
     )
     .map_err(|source| StartError::Admin {
