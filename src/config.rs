@@ -494,6 +494,29 @@ mod tests {
         assert!(!c.echo_route);
     }
 
+    /// A URL ringgate cannot honour is refused at start: TLS schemes (no TLS to Redis in this
+    /// build) would otherwise connect in clear.
+    #[test]
+    fn a_tls_redis_url_is_refused_at_start() {
+        for url in [
+            "rediss://:secret@127.0.0.1:6380",
+            "rediss-cluster://127.0.0.1:7000",
+            "rediss-sentinel://127.0.0.1:26379/0?sentinelServiceName=m",
+        ] {
+            let layer = ConfigLayer {
+                redis_url: Some(url.into()),
+                ..Default::default()
+            };
+            let err = layer.resolve().unwrap_err().to_string();
+            assert!(err.contains("redis_url") && err.contains("TLS"), "{err}");
+        }
+        let plain = ConfigLayer {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            ..Default::default()
+        };
+        assert!(plain.resolve().is_ok());
+    }
+
     #[test]
     fn non_loopback_without_secret_is_refused_naming_the_key() {
         let layer = ConfigLayer {
