@@ -164,7 +164,7 @@ fn run(target: &str, check: impl Fn(&[u8]) -> &'static str, must_see: &[&str]) {
 fn fuzz_the_http_upgrade() {
     let dev = Authenticator::new(None);
     let jwt = Authenticator::new(Some("fuzz-secret-0123456789"));
-    let origins = vec!["https://app.example".to_string()];
+    let origins = ["https://app.example".to_string()];
     run(
         "upgrade",
         |input| {
