@@ -101,6 +101,7 @@ pub const STALLS: &str = "ringgate_shard_stalls_total";
 pub const STALL_MAX: &str = "ringgate_shard_stall_max_ms";
 pub const WATCHDOG_NUDGES: &str = "ringgate_shard_watchdog_nudges_total";
 pub const REDIS_UP: &str = "ringgate_redis_up";
+pub const REDIS_BREAKER_OPEN: &str = "ringgate_redis_breaker_open";
 pub const REDIS_BATCHES: &str = "ringgate_redis_batches_total";
 pub const REDIS_OPS: &str = "ringgate_redis_ops_total";
 pub const REDIS_ERRORS: &str = "ringgate_redis_errors_total";
@@ -207,6 +208,7 @@ pub struct ShardMetrics {
     pub stall_max_ms: Gauge,
     pub watchdog_nudges: Gauge,
     pub redis_up: Gauge,
+    pub redis_breaker_open: Gauge,
     pub redis_batches: Counter,
     pub redis_ops: Counter,
     pub redis_errors: Counter,
@@ -451,6 +453,12 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "1 while this shard's last Redis batch succeeded (0 also without Redis).",
         Kind::Gauge,
         |m| m.redis_up.get(),
+    ),
+    (
+        REDIS_BREAKER_OPEN,
+        "1 while this shard's Redis circuit breaker is open: Redis left 3 batches in a row unanswered in time, and store operations fail at once until a probe answers.",
+        Kind::Gauge,
+        |m| m.redis_breaker_open.get(),
     ),
     (
         REDIS_BATCHES,

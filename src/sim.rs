@@ -591,6 +591,7 @@ impl Sim {
                 latency: std::time::Duration::ZERO,
                 error: error.map(str::to_string),
                 expired: 0,
+                breaker_open: false,
             });
         }
     }

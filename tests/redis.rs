@@ -724,3 +724,67 @@ fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
          window-bounded tail refused 2, 3 live entries spilled in order when bob left"
     );
 }
+
+/// Issue 16 item 2: a Redis that stops answering (SIGSTOP: connected, silent) opens each
+/// shard's circuit breaker after 3 batches in a row time out; sends that need the store are
+/// then answered `unavailable` at once, saying so, and `ringgate_redis_breaker_open` shows it.
+/// Once Redis answers again a probe closes it, sends are accepted again, and the recipient gets
+/// exactly the accepted messages, in order (writes that timed out and ran later are revoked).
+#[test]
+fn a_silent_redis_opens_the_breaker_and_a_probe_closes_it() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &[]);
+    let (mut alice, _) = connect_replay(&gw, "/ws?user=alice");
+    let mut accepted = send_accepted(&mut alice, "bob", "before", 1);
+    assert_eq!(gw.metric_sum("ringgate_redis_breaker_open"), 0);
+    redis.signal(libc::SIGSTOP);
+    let mut refusals = Vec::new();
+    for i in 0..20 {
+        let cid = format!("stopped{i}");
+        send(&mut alice, "bob", &cid, json!(i));
+        let answer = next_op(&mut alice, "error");
+        assert_eq!(
+            (answer["code"].as_str(), answer["cid"].as_str()),
+            (Some("unavailable"), Some(cid.as_str()))
+        );
+        refusals.push(answer["message"].as_str().unwrap_or_default().to_string());
+        if refusals.last().unwrap().contains("circuit breaker open") {
+            break;
+        }
+    }
+    assert!(
+        refusals.last().unwrap().contains("circuit breaker open"),
+        "{refusals:#?}"
+    );
+    assert!(
+        refusals.len() >= 3,
+        "the breaker opens after timeouts: {refusals:#?}"
+    );
+    assert!(gw.metric_sum("ringgate_redis_breaker_open") >= 1);
+    redis.signal(libc::SIGCONT);
+    // A probe closes it: resend one cid until it is accepted (bounded).
+    let mut resent = 0;
+    let back = eventually(Duration::from_secs(30), || {
+        resent += 1;
+        send(&mut alice, "bob", "after", json!("after"));
+        loop {
+            let v = recv_json(&mut alice);
+            match v["op"].as_str() {
+                Some("accepted") => return true,
+                Some("error") => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    return false;
+                }
+                _ => {}
+            }
+        }
+    });
+    assert!(back, "never accepted again after {resent} tries");
+    accepted.push(0);
+    assert!(eventually(Duration::from_secs(10), || gw
+        .metric_sum("ringgate_redis_breaker_open")
+        == 0));
+    // Bob gets what was accepted, in order: nothing refused shows up.
+    let (_bob, replay) = connect_replay(&gw, "/ws?user=bob");
+    assert_eq!(cids(&replay), vec!["before0", "after"], "{replay:#?}");
+}

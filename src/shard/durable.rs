@@ -525,7 +525,9 @@ impl Shard {
                 latency,
                 error,
                 expired,
+                breaker_open,
             } => {
+                self.metrics.redis_breaker_open.set(breaker_open as u64);
                 self.metrics.inbox_expired.add(expired);
                 self.metrics.redis_batches.inc();
                 self.metrics.redis_ops.add(ops as u64);

@@ -114,6 +114,15 @@ impl RedisServer {
         )
     }
 
+    /// Send `signal` to every server (SIGSTOP: a Redis that is connected and never answers,
+    /// the slow failure a circuit breaker is for; SIGCONT ends it).
+    pub fn signal(&self, signal: i32) {
+        for child in &self.children {
+            // SAFETY: a signal to a child process this value owns.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     /// SIGKILL: no shutdown save, only what the append-only file already holds survives.
     pub fn kill(&mut self) {
         for mut child in self.children.drain(..) {

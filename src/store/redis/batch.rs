@@ -165,6 +165,9 @@ fn once(
     fred::clients::Pipeline::from(client.with_options(&options))
 }
 
+/// How a batch that got no answer in time is reported (the breaker counts these).
+pub(super) const TIMED_OUT: &str = "no answer within";
+
 /// Send one batch; an answer (or the reason it failed) per operation. `Err`: nothing is
 /// known of the whole batch (no answer in time, or the pipeline could not be sent).
 pub(super) async fn run_batch(
@@ -247,8 +250,15 @@ pub(super) async fn run_batch(
     }
     let results = tokio::time::timeout(settings.timeout, pipeline.try_all::<Value>())
         .await
-        .map_err(|_| format!("no answer within {} ms", settings.timeout.as_millis()))?;
-    let mut results = results.into_iter().map(|r| r.map_err(|e| e.to_string()));
+        .map_err(|_| format!("{TIMED_OUT} {} ms", settings.timeout.as_millis()))?;
+    // fred's own request timeout (the same `timeout`) usually fires first, per command.
+    let timeout_ms = settings.timeout.as_millis();
+    let mut results = results.into_iter().map(|r| {
+        r.map_err(|e| match e.kind() {
+            fred::error::ErrorKind::Timeout => format!("{TIMED_OUT} {timeout_ms} ms"),
+            _ => e.to_string(),
+        })
+    });
     let mut next = || {
         results
             .next()

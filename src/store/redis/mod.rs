@@ -84,12 +84,13 @@ use crate::delivery::message::{Message, ReplyTo, Report};
 use crate::mesh::Doorbell;
 
 mod batch;
+pub mod breaker;
 mod keys;
 #[cfg(test)]
 mod tests;
 mod wire;
 
-use batch::{run_batch, Answer};
+use batch::{run_batch, Answer, TIMED_OUT};
 use keys::*;
 pub use wire::*;
 
@@ -276,6 +277,8 @@ pub enum StoreReply {
         /// Inbox entries the age cap trimmed on the way to this batch's appends (stored,
         /// duplicate or refused alike; loads report their own in [`Loaded`]).
         expired: u64,
+        /// The shard's Redis circuit breaker is open after this batch ([`breaker`]).
+        breaker_open: bool,
     },
 }
 
@@ -638,6 +641,7 @@ async fn serve_shard(
     };
     let mut buf = [0u8; 64];
     let mut up = true;
+    let mut breaker = breaker::Breaker::default();
     while wait_bell(&mut bell, &mut buf).await {
         pipe.wake_store.clear();
         loop {
@@ -647,12 +651,49 @@ async fn serve_shard(
             }
             let started = Instant::now();
             let ops = batch.len();
-            // While disconnected, fail at once instead of queueing inside fred: memory stays
-            // bounded while Redis is away, and senders hear `unavailable` without waiting.
-            let outcome = if !client.is_connected() {
+            let gate = match breaker.gate(started) {
+                breaker::Gate::Probe => {
+                    let ping = tokio::time::timeout(settings.timeout, client.ping::<Value>(None));
+                    let answered = matches!(ping.await, Ok(Ok(_)));
+                    if breaker.probed(answered, Instant::now()) {
+                        tracing::info!(shard, "Redis answered the probe: circuit breaker closed");
+                    }
+                    if answered {
+                        breaker::Gate::Send
+                    } else {
+                        breaker::Gate::Refuse
+                    }
+                }
+                gate => gate,
+            };
+            // While disconnected, or while the breaker is open, fail at once instead of
+            // queueing inside fred or waiting out a timeout: memory stays bounded while Redis
+            // is away or slow, and senders hear `unavailable` without waiting.
+            let outcome = if gate == breaker::Gate::Refuse {
+                Err(format!(
+                    "Redis circuit breaker open ({} batches in a row got no answer in time; probing every {} ms)",
+                    breaker::OPEN_AFTER,
+                    breaker::OPEN_FOR.as_millis()
+                ))
+            } else if !client.is_connected() {
                 Err("not connected to Redis (reconnecting)".to_string())
             } else {
-                run_batch(&client, &settings, shard, &batch).await
+                let outcome = run_batch(&client, &settings, shard, &batch).await;
+                let timed_out = match &outcome {
+                    Err(why) => why.starts_with(TIMED_OUT),
+                    Ok(answers) => answers
+                        .iter()
+                        .any(|a| matches!(a, Err(why) if why.starts_with(TIMED_OUT))),
+                };
+                if breaker.sent(timed_out, Instant::now()) {
+                    tracing::warn!(
+                        shard,
+                        "Redis circuit breaker open: {} batches in a row got no answer within {} ms; sends that need the store get `unavailable` at once until a probe answers",
+                        breaker::OPEN_AFTER,
+                        settings.timeout.as_millis()
+                    );
+                }
+                outcome
             };
             let mut expired = 0;
             let error = match outcome {
@@ -695,6 +736,7 @@ async fn serve_shard(
                 latency: started.elapsed(),
                 error,
                 expired,
+                breaker_open: breaker.is_open(),
             });
             pipe.shard_bell.ring();
         }
