@@ -582,8 +582,12 @@ impl Shard {
             if let Err(StoreOp::RoomPublish(post)) =
                 self.submit_store_op(StoreOp::RoomPublish(Box::new(post)))
             {
-                let why = StoreError::Unavailable("the store is busy or unreachable".into());
-                self.on_room_published(*post, Err(why), now);
+                // Not sent: the shard's store queue is full, as for a direct send (`Busy`,
+                // counted as the gateway's refusal, not the store's answer).
+                self.metrics.store_refused.inc();
+                let why =
+                    SendRefusal::Busy("the offline store is busy or unreachable, resend later");
+                self.answer_publish(post.reply, post.cid, Err(why), now);
             }
             return;
         }
