@@ -26,12 +26,45 @@ fn crate_paths(path: &Path) -> Vec<String> {
     let mut rest = code;
     while let Some(i) = rest.find("crate::") {
         rest = &rest[i + "crate::".len()..];
-        let end = rest
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-            .unwrap_or(rest.len());
-        paths.push(rest[..end].trim_end_matches(':').to_string());
+        if rest.starts_with('{') {
+            // `use crate::{a::B, c};`: every item of the group, nested groups by their head.
+            let mut depth = 0;
+            let end = rest
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += (c == '{') as i32 - (c == '}') as i32;
+                    depth == 0
+                })
+                .map_or(rest.len(), |(i, _)| i);
+            let mut item_start = 1;
+            depth = 0;
+            for (i, c) in rest[..end].char_indices().skip(1) {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        paths.push(leading_path(&rest[item_start..i]));
+                        item_start = i + 1;
+                    }
+                    _ => {}
+                }
+            }
+            paths.push(leading_path(&rest[item_start..end]));
+            paths.retain(|p| !p.is_empty());
+            continue;
+        }
+        paths.push(leading_path(rest));
     }
     paths
+}
+
+/// `a::b::C` from the start of `text` (after spaces), without a trailing `::`.
+fn leading_path(text: &str) -> String {
+    let text = text.trim_start();
+    let end = text
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .unwrap_or(text.len());
+    text[..end].trim_end_matches(':').to_string()
 }
 
 /// Every `crate::` path named by `files` that starts with one of `forbidden`.
@@ -80,14 +113,22 @@ fn the_checker_sees_a_forbidden_path() {
     let file = dir.join("planted.rs");
     std::fs::write(
         &file,
-        "use crate::store::Inbox;\nfn f(c: &crate::config::Config) {}\n#[cfg(test)]\nmod tests { use crate::shard::Shard; }\n",
+        "use crate::store::Inbox;\nuse crate::{mesh, conn::{Ctx, self}, shard::Shard};\nfn f(c: &crate::config::Config) {}\n#[cfg(test)]\nmod tests { use crate::shard::Shard; }\n",
     )
     .unwrap();
-    let found = violations(std::slice::from_ref(&file), &["config", "shard"]);
+    let found = violations(std::slice::from_ref(&file), &["config", "shard", "conn"]);
     std::fs::remove_dir_all(&dir).unwrap();
-    assert_eq!(found.len(), 1, "only the non-test path: {found:?}");
-    assert!(
-        found[0].ends_with("names crate::config::Config"),
-        "{found:?}"
+    let named: Vec<&str> = found
+        .iter()
+        .map(|f| f.rsplit(" names ").next().unwrap())
+        .collect();
+    assert_eq!(
+        named,
+        [
+            "crate::conn",
+            "crate::shard::Shard",
+            "crate::config::Config"
+        ],
+        "the non-test paths, also inside a `use crate::{{..}}` group: {found:?}"
     );
 }
