@@ -314,6 +314,12 @@ impl ConfigLayer {
             return Err(invalid("handshake_timeout_ms", "must be at least 10"));
         }
         let close_linger_ms = self.close_linger_ms.unwrap_or(DEFAULT_CLOSE_LINGER_MS);
+        if close_linger_ms < 10 {
+            return Err(invalid(
+                "close_linger_ms",
+                "must be at least 10 (time to flush a close frame)",
+            ));
+        }
         let ack_timeout_ms = self.ack_timeout_ms.unwrap_or(DEFAULT_ACK_TIMEOUT_MS);
         if ack_timeout_ms < 10 {
             return Err(invalid("ack_timeout_ms", "must be at least 10"));
@@ -502,6 +508,9 @@ mod tests {
             "rediss://:secret@127.0.0.1:6380",
             "rediss-cluster://127.0.0.1:7000",
             "rediss-sentinel://127.0.0.1:26379/0?sentinelServiceName=m",
+            "REDISS://:pw@127.0.0.1:6380",
+            "valkeys://:pw@127.0.0.1:6380",
+            "valkeys-cluster://127.0.0.1:7000",
         ] {
             let layer = ConfigLayer {
                 redis_url: Some(url.into()),

@@ -737,6 +737,13 @@ fn a_silent_redis_opens_the_breaker_and_a_probe_closes_it() {
     let (mut alice, _) = connect_replay(&gw, "/ws?user=alice");
     let mut accepted = send_accepted(&mut alice, "bob", "before", 1);
     assert_eq!(gw.metric_sum("ringgate_redis_breaker_open"), 0);
+    // carol is online (in the directory) and leaves while the breaker is open: her `Leave` is
+    // held back and sent once it closes, not lost.
+    let carol_dir = "rg:loc:{u:carol}";
+    let (carol, _) = connect_replay(&gw, "/ws?user=carol");
+    assert!(eventually(Duration::from_secs(5), || redis
+        .int(&["SCARD", carol_dir])
+        == 1));
     redis.signal(libc::SIGSTOP);
     let mut refusals = Vec::new();
     for i in 0..20 {
@@ -761,6 +768,8 @@ fn a_silent_redis_opens_the_breaker_and_a_probe_closes_it() {
         "the breaker opens after timeouts: {refusals:#?}"
     );
     assert!(gw.metric_sum("ringgate_redis_breaker_open") >= 1);
+    drop(carol);
+    std::thread::sleep(Duration::from_millis(300)); // her Leave meets the open breaker
     redis.signal(libc::SIGCONT);
     // A probe closes it: resend one cid until it is accepted (bounded).
     let mut resent = 0;
@@ -784,6 +793,11 @@ fn a_silent_redis_opens_the_breaker_and_a_probe_closes_it() {
     assert!(eventually(Duration::from_secs(10), || gw
         .metric_sum("ringgate_redis_breaker_open")
         == 0));
+    assert!(
+        eventually(Duration::from_secs(10), || redis.int(&["SCARD", carol_dir])
+            == 0),
+        "carol's Leave was sent once the breaker closed"
+    );
     // Bob gets what was accepted, in order: nothing refused shows up.
     let (_bob, replay) = connect_replay(&gw, "/ws?user=bob");
     assert_eq!(cids(&replay), vec!["before0", "after"], "{replay:#?}");

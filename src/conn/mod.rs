@@ -488,8 +488,9 @@ impl Connection {
                     }
                 }
                 Err(bad) => {
+                    // (`violation` drops the message being reassembled; `partial` keeps the
+                    // framing buffer, whose rest after the bad frame may be the peer's close.)
                     self.violation(now, bad.violation, partial, ctx);
-                    *partial = None;
                     // Step over the bad frame and keep reading frames (the peer's close);
                     // if its length is unknown, or longer than we count, drop all input.
                     let rest = (buf.len() - pos) as u64;

@@ -1720,6 +1720,32 @@ fn after_a_protocol_error_the_peers_close_ends_it_at_once() {
     }
 }
 
+/// The bad frame and the peer's close cut anywhere across reads (a bad frame that began in an
+/// earlier read; a close frame cut in two): the close is still read and ends it at once.
+#[test]
+fn a_bad_frame_and_the_close_after_it_cut_across_reads_still_end_it_at_once() {
+    let env = Env::new();
+    let bad = [0x81u8, 0x02, b'h', b'i'];
+    let close = cf(true, OP_CLOSE, &1000u16.to_be_bytes());
+    let all = [&bad[..], &close[..]].concat();
+    for first in 1..all.len() {
+        for second in first..all.len() {
+            let mut conn = open(&env, T0, "/ws?user=a");
+            feed(&mut conn, &env, T0 + 1, &all[..first]);
+            feed(&mut conn, &env, T0 + 2, &all[first..second]);
+            feed(&mut conn, &env, T0 + 3, &all[second..]);
+            let out = frames(&mut conn);
+            assert_eq!(out.len(), 1, "cut at {first}, {second}");
+            assert_eq!(out[0].close_code(), 1002);
+            assert!(
+                conn.finished(),
+                "cut at {first}, {second}: {:?}",
+                conn.phase()
+            );
+        }
+    }
+}
+
 /// A 64-bit length with the top bit set: framing is lost, so later bytes (even a close frame)
 /// are dropped; the write side is shut so the peer closes, and its EOF (or the linger) ends it.
 #[test]

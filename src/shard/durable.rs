@@ -277,7 +277,12 @@ impl Shard {
             let due: Vec<CompactString> = d
                 .reload_wanted
                 .iter()
-                .filter(|u| !d.tails.contains_key(*u))
+                // A mirror still loading is read again once it has loaded (its read may
+                // have missed what was wanted): kept in `reload_wanted` until then.
+                .filter(|u| {
+                    !d.tails.contains_key(*u)
+                        && !matches!(d.mirrors.get(*u), Some(Mirror::Loading { .. }))
+                })
                 .cloned()
                 .collect();
             for user in in_stable_order(due) {

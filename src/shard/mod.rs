@@ -136,7 +136,7 @@ pub struct Shard {
     /// An empty output buffer lent to the socket being polled and taken back once flushed,
     /// so the per-message path does not allocate and idle sockets keep no write buffer.
     spare_out: Vec<u8>,
-    fired: Vec<ConnRef>,
+    fired: Vec<(TimerKey, ConnRef)>,
     next_serial: u64,
     /// When this shard began draining (ms), once it has.
     drain_started: Option<u64>,
@@ -803,14 +803,18 @@ impl Shard {
         }
         let mut fired = std::mem::take(&mut self.fired);
         self.wheel
-            .advance(now / self.shared.cfg.tick_ms, |_, r| fired.push(r));
-        for r in fired.drain(..) {
+            .advance(now / self.shared.cfg.tick_ms, |key, r| fired.push((key, r)));
+        for (key, r) in fired.drain(..) {
             let index = r.index as usize;
             let live = |s: &Self| s.conns.get(index).is_some_and(|e| e.serial == r.serial);
             if !live(self) {
                 continue;
             }
-            self.conns[index].timer = None;
+            // Only the entry that fired is gone: handling an earlier one (a parked socket's
+            // input delivering here) may have armed a new entry, which stays.
+            if self.conns[index].timer == Some(key) {
+                self.conns[index].timer = None;
+            }
             // A parked socket is read before a silence deadline is judged: under load the
             // shard can be behind on its ready sockets, and the timeouts are for clients that
             // do not send, not for a gateway that has not read yet (seen at 64 gateways: every

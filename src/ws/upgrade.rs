@@ -283,7 +283,8 @@ fn rfc6455_head(req: &httparse::Request) -> Result<(), &'static str> {
             .filter(move |h| h.name.eq_ignore_ascii_case(name))
             .map(|h| std::str::from_utf8(h.value).unwrap_or("\u{fffd}").trim())
     };
-    if all("host").count() != 1 {
+    let mut hosts = all("host");
+    if !matches!((hosts.next(), hosts.next()), (Some(host), None) if !host.is_empty()) {
         return Err("exactly one Host header required");
     }
     let mut keys = all("sec-websocket-key");
@@ -446,6 +447,7 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (head("1.0", &format!("Host: x\r\n{good_key}")), "HTTP/1.1"),
             (head("1.1", good_key), "Host"),
+            (head("1.1", &format!("Host: \r\n{good_key}")), "Host"),
             (
                 head("1.1", &format!("Host: x\r\nHost: y\r\n{good_key}")),
                 "Host",

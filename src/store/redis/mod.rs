@@ -102,6 +102,8 @@ pub const OPS_PER_SHARD: usize = 16_384;
 const PUSH_BUFFER: usize = 16_384;
 /// Operations sent in one script call at most.
 pub const BATCH_OPS: usize = 1_024;
+/// Upkeep operations (`Leave`, `RoomLeave`, `Lease`) kept per shard while the breaker is open.
+const MAX_HELD_BACK: usize = 16_384;
 /// SPEC dedup window: at least 24 h ...
 pub const DEDUP_MIN_AGE_MS: u64 = 24 * 60 * 60 * 1000;
 /// ... or at least 10,000 cids per sender, whichever is larger.
@@ -319,8 +321,10 @@ impl StoreLink {
 pub fn check_url(url: &str) -> Result<(), String> {
     // fred parses the TLS schemes, but is built here without a TLS feature: such a URL
     // connected in clear, password included. Refused until TLS is built in.
-    let scheme = url.split_once("://").map_or("", |(s, _)| s);
-    if matches!(scheme, "rediss" | "rediss-cluster" | "rediss-sentinel") {
+    let scheme = url
+        .split_once("://")
+        .map_or(String::new(), |(s, _)| s.to_ascii_lowercase());
+    if scheme.starts_with("rediss") || scheme.starts_with("valkeys") {
         return Err(format!(
             "`{scheme}://` (TLS) is not supported by this build: it would connect without TLS and send the password in clear; use redis:// on a trusted network, or a TLS tunnel (stunnel, spiped) to a redis:// address"
         ));
@@ -642,16 +646,23 @@ async fn serve_shard(
     let mut buf = [0u8; 64];
     let mut up = true;
     let mut breaker = breaker::Breaker::default();
+    // Directory and lease upkeep the open breaker held back: sent first once it closes (a lost
+    // `Leave` would keep this node in a user's directory entry, online for presence).
+    let mut held_back: Vec<StoreOp> = Vec::new();
     while wait_bell(&mut bell, &mut buf).await {
         pipe.wake_store.clear();
         loop {
-            let batch: Vec<StoreOp> = pipe.ops.try_iter().take(BATCH_OPS).collect();
+            let from_held = held_back.len().min(BATCH_OPS);
+            let mut batch: Vec<StoreOp> = held_back.drain(..from_held).collect();
+            batch.extend(pipe.ops.try_iter().take(BATCH_OPS - from_held));
             if batch.is_empty() {
                 break;
             }
+            let only_held = batch.len() == from_held;
             let started = Instant::now();
-            let ops = batch.len();
             let gate = match breaker.gate(started) {
+                // Disconnected: nothing to probe (fred reconnects; the batch fails at once).
+                breaker::Gate::Probe if !client.is_connected() => breaker::Gate::Refuse,
                 breaker::Gate::Probe => {
                     let ping = tokio::time::timeout(settings.timeout, client.ping::<Value>(None));
                     let answered = matches!(ping.await, Ok(Ok(_)));
@@ -669,6 +680,31 @@ async fn serve_shard(
             // While disconnected, or while the breaker is open, fail at once instead of
             // queueing inside fred or waiting out a timeout: memory stays bounded while Redis
             // is away or slow, and senders hear `unavailable` without waiting.
+            if gate == breaker::Gate::Refuse {
+                let (upkeep, rest): (Vec<StoreOp>, Vec<StoreOp>) =
+                    batch.into_iter().partition(|op| {
+                        matches!(
+                            op,
+                            StoreOp::Leave { .. } | StoreOp::RoomLeave { .. } | StoreOp::Lease
+                        )
+                    });
+                held_back.extend(upkeep);
+                if held_back.len() > MAX_HELD_BACK {
+                    let over = held_back.len() - MAX_HELD_BACK;
+                    held_back.drain(..over);
+                    tracing::warn!(shard, dropped = over, "Redis circuit breaker open: directory upkeep over its bound dropped (presence may show users online until their entries expire)");
+                }
+                batch = rest;
+                if only_held {
+                    // Nothing new: wait for the next operation (the shard probes every 500 ms
+                    // while Redis is away, which rings the bell).
+                    break;
+                }
+                if batch.is_empty() {
+                    continue; // only upkeep came: the queue may hold more
+                }
+            }
+            let ops = batch.len();
             let outcome = if gate == breaker::Gate::Refuse {
                 Err(format!(
                     "Redis circuit breaker open ({} batches in a row got no answer in time; probing every {} ms)",
