@@ -962,3 +962,88 @@ mod tests {
         finds(Plant::WrongId, "its sender was told");
     }
 }
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+
+    /// A reload wanted while the user's mirror is still loading (its push list full) waits for
+    /// the load to end; a tick meanwhile used to drop it, and the entries past the full push
+    /// list never reached the online user's mirror (review finding, 7e7f976).
+    #[test]
+    fn a_reload_wanted_during_a_load_happens_after_it() {
+        let mut sim = Sim::new(1, Plant::None);
+        let now = sim.now();
+        let resync = sim.to_shard.pop_front().expect("the first resync");
+        sim.shard.on_store_reply(resync, now);
+        let up = StoreReply::Batch {
+            ops: 1,
+            latency: std::time::Duration::ZERO,
+            error: None,
+            expired: 0,
+            breaker_open: false,
+        };
+        sim.shard.on_store_reply(up, now);
+        let index = sim.shard.admit().unwrap();
+        sim.devices.push(Device {
+            user: 0,
+            index,
+            pipe: Pipe::connect("r0"),
+        });
+        sim.poll_all();
+        let loads = |sim: &mut Sim| {
+            let mut tokens = Vec::new();
+            while let Ok(op) = sim.store.ops.try_recv() {
+                // (The simulation's two senders load their own inboxes too.)
+                match op {
+                    StoreOp::Load { user, token, .. } if user == "r0" => tokens.push(token),
+                    _ => {}
+                }
+            }
+            tokens
+        };
+        let first = loads(&mut sim);
+        assert_eq!(first.len(), 1, "the device's first load");
+        // More pushes than the window while it loads: the last one asks for a reload.
+        let window = sim.shard.cfg().window as u64;
+        for n in 0..=window {
+            let seq = stream_id_to_seq(&format!("{}-{n}", ManualClock::WALL_ORIGIN_MS)).unwrap();
+            let msg = StoredMessage {
+                id: 100 + n,
+                from: "s9".into(),
+                cid: format!("\"p{n}\"").into(),
+                ts: 1,
+                body: "1".into(),
+            };
+            sim.shard.on_store_reply(
+                StoreReply::Pushed {
+                    user: "r0".into(),
+                    seq,
+                    msg,
+                },
+                now,
+            );
+        }
+        // Ticks while the load is still out.
+        for _ in 0..3 {
+            sim.clock.advance(20);
+            sim.shard.on_tick();
+        }
+        assert!(
+            loads(&mut sim).is_empty(),
+            "no second load while the first is out"
+        );
+        let loaded = StoreReply::Loaded {
+            user: "r0".into(),
+            token: first[0],
+            result: Ok(Loaded {
+                entries: Vec::new(),
+                expired: 0,
+            }),
+        };
+        sim.shard.on_store_reply(loaded, sim.now());
+        sim.clock.advance(20);
+        sim.shard.on_tick();
+        assert_eq!(loads(&mut sim).len(), 1, "the wanted reload, once loaded");
+    }
+}
