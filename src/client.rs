@@ -309,13 +309,20 @@ impl Client {
         }
     }
 
+    /// Ack every `msg` up to `seq` (acks are cumulative).
+    fn ack(&mut self, seq: u64) {
+        if let Some(ws) = self.ws.as_mut() {
+            let _ = ws.send(Message::text(json!({"op":"ack","seq":seq}).to_string()));
+        }
+    }
+
     fn on_text(&mut self, text: &str) -> Option<Event> {
         let v: Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
                 let seq = seq_of_unreadable_msg(text);
-                if let (Some(seq), Some(ws)) = (seq, self.ws.as_mut()) {
-                    let _ = ws.send(Message::text(json!({"op":"ack","seq":seq}).to_string()));
+                if let Some(seq) = seq {
+                    self.ack(seq);
                 }
                 let cut = (0..=text.len().min(200))
                     .rev()
@@ -338,10 +345,7 @@ impl Client {
                 count: v["count"].as_u64().unwrap_or(0),
             }),
             "msg" => {
-                let seq = v["seq"].as_u64().unwrap_or(0);
-                if let Some(ws) = self.ws.as_mut() {
-                    let _ = ws.send(Message::text(json!({"op":"ack","seq":seq}).to_string()));
-                }
+                self.ack(v["seq"].as_u64().unwrap_or(0));
                 let key = (s("from"), v["cid"].to_string());
                 if !self.seen.insert(key.clone()) {
                     return None; // already displayed: a retransmit or a replay

@@ -660,34 +660,13 @@ async fn serve_shard(
             }
             let only_held = batch.len() == from_held;
             let started = Instant::now();
-            let gate = match breaker.gate(started) {
-                // Disconnected: nothing to probe (fred reconnects; the batch fails at once).
-                breaker::Gate::Probe if !client.is_connected() => breaker::Gate::Refuse,
-                breaker::Gate::Probe => {
-                    let ping = tokio::time::timeout(settings.timeout, client.ping::<Value>(None));
-                    let answered = matches!(ping.await, Ok(Ok(_)));
-                    if breaker.probed(answered, Instant::now()) {
-                        tracing::info!(shard, "Redis answered the probe: circuit breaker closed");
-                    }
-                    if answered {
-                        breaker::Gate::Send
-                    } else {
-                        breaker::Gate::Refuse
-                    }
-                }
-                gate => gate,
-            };
+            let gate = pass_breaker(&mut breaker, &client, &settings, shard, started).await;
             // While disconnected, or while the breaker is open, fail at once instead of
             // queueing inside fred or waiting out a timeout: memory stays bounded while Redis
             // is away or slow, and senders hear `unavailable` without waiting.
             if gate == breaker::Gate::Refuse {
                 let (upkeep, rest): (Vec<StoreOp>, Vec<StoreOp>) =
-                    batch.into_iter().partition(|op| {
-                        matches!(
-                            op,
-                            StoreOp::Leave { .. } | StoreOp::RoomLeave { .. } | StoreOp::Lease
-                        )
-                    });
+                    batch.into_iter().partition(is_upkeep);
                 held_back.extend(upkeep);
                 if held_back.len() > MAX_HELD_BACK {
                     let over = held_back.len() - MAX_HELD_BACK;
@@ -715,13 +694,7 @@ async fn serve_shard(
                 Err("not connected to Redis (reconnecting)".to_string())
             } else {
                 let outcome = run_batch(&client, &settings, shard, &batch).await;
-                let timed_out = match &outcome {
-                    Err(why) => why.starts_with(TIMED_OUT),
-                    Ok(answers) => answers
-                        .iter()
-                        .any(|a| matches!(a, Err(why) if why.starts_with(TIMED_OUT))),
-                };
-                if breaker.sent(timed_out, Instant::now()) {
+                if breaker.sent(timed_out(&outcome), Instant::now()) {
                     tracing::warn!(
                         shard,
                         "Redis circuit breaker open: {} batches in a row got no answer within {} ms; sends that need the store get `unavailable` at once until a probe answers",
@@ -776,6 +749,51 @@ async fn serve_shard(
             });
             pipe.shard_bell.ring();
         }
+    }
+}
+
+/// The breaker's word on the next batch, probing with a `PING` when it is due.
+async fn pass_breaker(
+    breaker: &mut breaker::Breaker,
+    client: &Client,
+    settings: &RedisSettings,
+    shard: usize,
+    now: Instant,
+) -> breaker::Gate {
+    match breaker.gate(now) {
+        // Disconnected: nothing to probe (fred reconnects; the batch fails at once).
+        breaker::Gate::Probe if !client.is_connected() => breaker::Gate::Refuse,
+        breaker::Gate::Probe => {
+            let ping = tokio::time::timeout(settings.timeout, client.ping::<Value>(None));
+            let answered = matches!(ping.await, Ok(Ok(_)));
+            if breaker.probed(answered, Instant::now()) {
+                tracing::info!(shard, "Redis answered the probe: circuit breaker closed");
+            }
+            if answered {
+                breaker::Gate::Send
+            } else {
+                breaker::Gate::Refuse
+            }
+        }
+        gate => gate,
+    }
+}
+
+/// Directory and lease upkeep: held back (not refused) while the breaker is open.
+fn is_upkeep(op: &StoreOp) -> bool {
+    matches!(
+        op,
+        StoreOp::Leave { .. } | StoreOp::RoomLeave { .. } | StoreOp::Lease
+    )
+}
+
+/// The batch, or one of its operations, got no answer in time (what the breaker counts).
+fn timed_out(outcome: &Result<Vec<Result<Answer, String>>, String>) -> bool {
+    match outcome {
+        Err(why) => why.starts_with(TIMED_OUT),
+        Ok(answers) => answers
+            .iter()
+            .any(|a| matches!(a, Err(why) if why.starts_with(TIMED_OUT))),
     }
 }
 
