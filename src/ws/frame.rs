@@ -104,7 +104,7 @@ pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, u
     let header_len = cursor.position() as usize;
     let bad = |code, reason| BadFrame {
         violation: violation(code, reason),
-        frame_len: (header_len as u64).checked_add(len),
+        frame_len: declared_len(buf),
     };
     let kind = match header.opcode {
         OpCode::Data(Data::Continue) => Kind::Continuation,
