@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::limit::ip::IpLimits;
+use crate::limit::Rate;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Host-wide cap on open WebSocket connections. Large on purpose: the host's own limits
@@ -43,6 +46,25 @@ pub const DEFAULT_SLOW_CLOSE_MS: u64 = 10_000;
 pub const DEFAULT_RETRY_AFTER_S: u64 = 5;
 /// Input silence after which a connection leaves its glommio task and parks (0 = never).
 pub const DEFAULT_PARK_IDLE_MS: u64 = 1_000;
+
+// Rate limits (SPEC 4). What a normal chat client never meets and a flood always does; the
+// reasons are in README ("Limits"). A rate of 0 turns that limit off.
+/// New connections per second per source address, and the burst allowed at once: a NAT'd
+/// office reconnecting after a restart gets 200 at once, then 50 a second (clients back off).
+pub const DEFAULT_IP_CONNECT_RATE: u32 = 50;
+pub const DEFAULT_IP_CONNECT_BURST: u32 = 200;
+/// Open WebSocket connections per source address.
+pub const DEFAULT_IP_MAX_OPEN: u32 = 1_000;
+/// Frames per connection per second (acks that acknowledge something are free: the server
+/// paces those itself), and the burst: a reconnect that resends an outbox fits in it.
+pub const DEFAULT_CONN_FRAME_RATE: u32 = 100;
+pub const DEFAULT_CONN_FRAME_BURST: u32 = 1_000;
+/// `send` + `publish` per user per second across the user's devices, and the burst.
+pub const DEFAULT_USER_SEND_RATE: u32 = 20;
+pub const DEFAULT_USER_SEND_BURST: u32 = 200;
+/// Frames a connection may send past its frame limit (each refused frame still costs one)
+/// before it is closed with 1008.
+pub const DEFAULT_RATE_LIMIT_STRIKES: u32 = 100;
 
 /// The effective, validated configuration.
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +101,14 @@ pub struct Config {
     pub room_history_max: usize,
     pub room_history_age_ms: u64,
     pub slow_close_ms: u64,
+    pub ip_connect_rate: u32,
+    pub ip_connect_burst: u32,
+    pub ip_max_open: u32,
+    pub conn_frame_rate: u32,
+    pub conn_frame_burst: u32,
+    pub user_send_rate: u32,
+    pub user_send_burst: u32,
+    pub rate_limit_strikes: u32,
 }
 
 /// Every key as optional: what one source (file, or flags+env) says.
@@ -184,6 +214,33 @@ pub struct ConfigLayer {
     /// A member whose outbound buffer stays full this long is closed with 1013 [default: 10000]
     #[arg(long, env = "RINGGATE_SLOW_CLOSE_MS")]
     pub slow_close_ms: Option<u64>,
+    /// New connections per second per source address (IPv6: per /64); over it the upgrade
+    /// gets 429; 0 = no limit [default: 50]
+    #[arg(long, env = "RINGGATE_IP_CONNECT_RATE")]
+    pub ip_connect_rate: Option<u32>,
+    /// New connections a source address may open at once before its rate applies [default: 200]
+    #[arg(long, env = "RINGGATE_IP_CONNECT_BURST")]
+    pub ip_connect_burst: Option<u32>,
+    /// Open WebSocket connections per source address; over it the upgrade gets 429; 0 = no
+    /// limit [default: 1000]
+    #[arg(long, env = "RINGGATE_IP_MAX_OPEN")]
+    pub ip_max_open: Option<u32>,
+    /// Frames per connection per second; over it a frame gets `rate_limited`; 0 = no limit
+    /// [default: 100]
+    #[arg(long, env = "RINGGATE_CONN_FRAME_RATE")]
+    pub conn_frame_rate: Option<u32>,
+    /// Frames a connection may send at once before its rate applies [default: 1000]
+    #[arg(long, env = "RINGGATE_CONN_FRAME_BURST")]
+    pub conn_frame_burst: Option<u32>,
+    /// `send` + `publish` per user per second, all devices together; 0 = no limit [default: 20]
+    #[arg(long, env = "RINGGATE_USER_SEND_RATE")]
+    pub user_send_rate: Option<u32>,
+    /// Sends a user may make at once before the rate applies [default: 200]
+    #[arg(long, env = "RINGGATE_USER_SEND_BURST")]
+    pub user_send_burst: Option<u32>,
+    /// Frames sent past the frame limit before the connection is closed with 1008 [default: 100]
+    #[arg(long, env = "RINGGATE_RATE_LIMIT_STRIKES")]
+    pub rate_limit_strikes: Option<u32>,
 }
 
 /// A refused configuration: always names the key and what is wrong with it.
@@ -260,7 +317,15 @@ impl ConfigLayer {
             node_lease_ms,
             room_history_max,
             room_history_age_ms,
-            slow_close_ms
+            slow_close_ms,
+            ip_connect_rate,
+            ip_connect_burst,
+            ip_max_open,
+            conn_frame_rate,
+            conn_frame_burst,
+            user_send_rate,
+            user_send_burst,
+            rate_limit_strikes
         )
     }
 
@@ -369,6 +434,20 @@ impl ConfigLayer {
         if node_id.contains(char::is_whitespace) {
             return Err(invalid("node_id", "must not contain spaces"));
         }
+        let conn_frame_rate = self.conn_frame_rate.unwrap_or(DEFAULT_CONN_FRAME_RATE);
+        let conn_frame_burst = self.conn_frame_burst.unwrap_or(DEFAULT_CONN_FRAME_BURST);
+        let rate_limit_strikes = self
+            .rate_limit_strikes
+            .unwrap_or(DEFAULT_RATE_LIMIT_STRIKES);
+        // A connection keeps its frame debt in microseconds in a u32 (memory per connection).
+        if u64::from(conn_frame_burst) + u64::from(rate_limit_strikes)
+            > 3600 * u64::from(conn_frame_rate.max(1))
+        {
+            return Err(invalid(
+                "conn_frame_burst",
+                "conn_frame_burst + rate_limit_strikes must be at most an hour of conn_frame_rate",
+            ));
+        }
         let allowed_origins = self
             .allowed_origins
             .unwrap_or_default()
@@ -416,6 +495,14 @@ impl ConfigLayer {
                 .room_history_age_ms
                 .unwrap_or(DEFAULT_ROOM_HISTORY_AGE_MS),
             slow_close_ms: self.slow_close_ms.unwrap_or(DEFAULT_SLOW_CLOSE_MS),
+            ip_connect_rate: self.ip_connect_rate.unwrap_or(DEFAULT_IP_CONNECT_RATE),
+            ip_connect_burst: self.ip_connect_burst.unwrap_or(DEFAULT_IP_CONNECT_BURST),
+            ip_max_open: self.ip_max_open.unwrap_or(DEFAULT_IP_MAX_OPEN),
+            conn_frame_rate,
+            conn_frame_burst,
+            user_send_rate: self.user_send_rate.unwrap_or(DEFAULT_USER_SEND_RATE),
+            user_send_burst: self.user_send_burst.unwrap_or(DEFAULT_USER_SEND_BURST),
+            rate_limit_strikes,
         })
     }
 }
@@ -453,6 +540,24 @@ impl Config {
             room_history_max: self.room_history_max,
             room_history_age_ms: self.room_history_age_ms,
         })
+    }
+
+    /// Frames per connection (`None` = no limit).
+    pub fn frame_rate(&self) -> Option<Rate> {
+        Rate::new(self.conn_frame_rate, self.conn_frame_burst)
+    }
+
+    /// `send` + `publish` per user (`None` = no limit).
+    pub fn send_rate(&self) -> Option<Rate> {
+        Rate::new(self.user_send_rate, self.user_send_burst)
+    }
+
+    /// The per-address limits the shards share.
+    pub fn ip_limits(&self) -> IpLimits {
+        IpLimits::new(
+            Rate::new(self.ip_connect_rate, self.ip_connect_burst),
+            self.ip_max_open,
+        )
     }
 
     /// Dev mode: no secret, so `?user=` is trusted. Only ever true on loopback (see resolve).

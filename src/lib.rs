@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod delivery;
+pub mod limit;
 pub mod mesh;
 pub mod metrics;
 pub mod proto;

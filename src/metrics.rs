@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::delivery::refusal::RefusalSource;
+use crate::limit::Limited;
 use crate::ws::upgrade::Refusal;
 
 /// A monotonically increasing count written by one thread.
@@ -71,6 +72,9 @@ pub const BAD_FRAMES: &str = "ringgate_bad_frames_total";
 pub const PROTOCOL_CLOSES: &str = "ringgate_protocol_closes_total";
 pub const OVERSIZE_CLOSES: &str = "ringgate_oversize_closes_total";
 pub const ABUSE_CLOSES: &str = "ringgate_abuse_closes_total";
+pub const RATE_LIMITED: &str = "ringgate_rate_limited_total";
+pub const RATE_LIMIT_CLOSES: &str = "ringgate_rate_limit_closes_total";
+pub const IP_ENTRIES_FORGOTTEN: &str = "ringgate_ip_limit_entries_forgotten_total";
 pub const WHEEL_ENTRIES: &str = "ringgate_wheel_entries";
 pub const CONNECTIONS_PARKED: &str = "ringgate_connections_parked";
 pub const USERS: &str = "ringgate_users_online";
@@ -178,6 +182,10 @@ pub struct ShardMetrics {
     pub protocol_closes: Counter,
     pub oversize_closes: Counter,
     pub abuse_closes: Counter,
+    /// Frames answered `rate_limited` (or, on /echo and for pings, dropped), by limit.
+    pub rate_limited: [Counter; Limited::ALL.len()],
+    pub rate_limit_closes: Counter,
+    pub ip_entries_forgotten: Counter,
     pub wheel_entries: Gauge,
     pub connections_parked: Gauge,
     pub users: Gauge,
@@ -318,6 +326,18 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Connections closed (1008) after too many bad frames.",
         Kind::Counter,
         |m| m.abuse_closes.get(),
+    ),
+    (
+        RATE_LIMIT_CLOSES,
+        "Connections closed (1008) for flooding past their frame limit (rate_limit_strikes).",
+        Kind::Counter,
+        |m| m.rate_limit_closes.get(),
+    ),
+    (
+        IP_ENTRIES_FORGOTTEN,
+        "Per-address limit entries forgotten to keep the table bounded (their next connect starts a full bucket).",
+        Kind::Counter,
+        |m| m.ip_entries_forgotten.get(),
     ),
     (
         SENDS,
@@ -650,6 +670,20 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
                 "{SENDS_REFUSED}{{shard=\"{i}\",source=\"{}\"}} {}",
                 s.as_str(),
                 m.refusals[s.index()].get()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {RATE_LIMITED} Frames over a rate limit: answered `rate_limited` (dropped on /echo, and for pings and acks), by limit.\n# TYPE {RATE_LIMITED} counter"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        for l in Limited::ALL {
+            let _ = writeln!(
+                out,
+                "{RATE_LIMITED}{{shard=\"{i}\",limit=\"{}\"}} {}",
+                l.label(),
+                m.rate_limited[l.index()].get()
             );
         }
     }

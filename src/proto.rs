@@ -80,6 +80,17 @@ pub enum ClientFrame {
     },
 }
 
+impl ClientFrame {
+    /// The frame's `cid` (raw JSON), for the ops that carry one.
+    pub fn cid(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Send(req) => Some(&req.cid),
+            ClientFrame::Publish { cid, .. } => Some(cid),
+            _ => None,
+        }
+    }
+}
+
 /// Most users one `presence` frame may ask about (SPEC section 3).
 pub const MAX_PRESENCE_USERS: usize = 100;
 
@@ -488,6 +499,23 @@ pub fn write_error(out: &mut Vec<u8>, err: &FrameError) {
         out.extend_from_slice(b",\"cid\":");
         out.extend_from_slice(cid.as_bytes());
     }
+    out.push(b'}');
+}
+
+/// `rate_limited` (SPEC section 3): `what` was over a limit; nothing of the frame was taken,
+/// and it may be sent again after `retry_ms`.
+pub fn write_rate_limited(out: &mut Vec<u8>, what: &str, cid: Option<&str>, retry_ms: u64) {
+    write_error(
+        out,
+        &FrameError {
+            code: ErrorCode::RateLimited,
+            message: format!("{what}: retry in {retry_ms} ms"),
+            cid: cid.map(Into::into),
+        },
+    );
+    out.pop(); // the closing brace
+    out.extend_from_slice(b",\"retry_ms\":");
+    out.extend_from_slice(retry_ms.to_string().as_bytes());
     out.push(b'}');
 }
 

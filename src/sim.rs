@@ -432,7 +432,7 @@ impl Sim {
         };
         for s in 0..SENDERS {
             let name = format!("s{s}");
-            let index = sim.shard.admit().unwrap();
+            let index = sim.shard.admit(0).unwrap();
             let pipe = Pipe::connect(&name);
             sim.senders.push((name, index, pipe));
             for r in 0..RECIPIENTS {
@@ -518,7 +518,7 @@ impl Sim {
             }
             Some(_) => {}
             None => {
-                if let Some(index) = self.shard.admit() {
+                if let Some(index) = self.shard.admit(0) {
                     let pipe = Pipe::connect(&self.recipients[user]);
                     self.devices.push(Device { user, index, pipe });
                 }
@@ -984,7 +984,7 @@ mod reload_tests {
             breaker_open: false,
         };
         sim.shard.on_store_reply(up, now);
-        let index = sim.shard.admit().unwrap();
+        let index = sim.shard.admit(0).unwrap();
         sim.devices.push(Device {
             user: 0,
             index,

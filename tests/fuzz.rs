@@ -176,6 +176,7 @@ fn fuzz_the_http_upgrade() {
                     draining: false,
                     at_capacity: false,
                     retry_after_s: 1,
+                    too_fast_retry_s: 0,
                 };
                 last = match upgrade::decide(input, &policy) {
                     upgrade::Decision::Incomplete => "incomplete",

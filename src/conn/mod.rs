@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::limit::ip::{IpKey, IpLimits};
+use crate::limit::Limited;
 use crate::metrics::ShardMetrics;
 use crate::proto::{self, ClientFrame, ErrorCode, FrameError};
 use crate::ws::frame::{self, Kind, Violation};
@@ -41,6 +43,8 @@ pub struct Ctx<'a> {
     pub metrics: &'a ShardMetrics,
     /// Host-wide count of open WebSocket connections (touched only at upgrade and close).
     pub host_open: &'a AtomicUsize,
+    /// Host-wide limits per source address (touched only at accept, upgrade and close).
+    pub ips: &'a IpLimits,
     pub draining: bool,
     pub shard: usize,
     /// Requests for the shard (sends, acks), taken by the shard after each event.
@@ -95,12 +99,17 @@ pub struct Connection {
     /// Our close frame is out and the write side is shut (FIN): a peer waiting for the server
     /// to close TCP (RFC 6455 7.1.1) sees it at once, and its own FIN ends the connection.
     fin_sent: bool,
-    /// Per-shard serial, for the `conn` id in `welcome`.
-    serial: u64,
+    /// The peer's address as the per-address limits key it (0 = not limited by address).
+    ip: IpKey,
+    /// The address opened connections too fast: the upgrade gets 429 (Retry-After from the
+    /// address's bucket when the request head is complete).
+    too_fast: bool,
+    /// Frame bucket debt (see `limit`), in µs, as of `last_rx_ms`.
+    frame_debt_us: u32,
 }
 
 impl Connection {
-    pub fn new(now_ms: u64, serial: u64) -> Self {
+    pub fn new(now_ms: u64) -> Self {
         Connection {
             phase: Phase::Handshaking,
             route: None,
@@ -114,8 +123,17 @@ impl Connection {
             awaiting_session: false,
             skip_input: 0,
             fin_sent: false,
-            serial,
+            ip: 0,
+            too_fast: false,
+            frame_debt_us: 0,
         }
+    }
+
+    /// The socket came from the address `ip`; `too_fast`: the per-address limits refused it
+    /// when it connected (the upgrade then gets 429).
+    pub fn set_source(&mut self, ip: IpKey, too_fast: bool) {
+        self.ip = ip;
+        self.too_fast = too_fast;
     }
 
     pub fn phase(&self) -> Phase {
@@ -145,19 +163,15 @@ impl Connection {
         self.awaiting_session
     }
 
-    /// The home shard gives a connection it adopted its own serial (for the `conn` id).
-    pub fn set_serial(&mut self, serial: u64) {
-        self.serial = serial;
-    }
-
     /// On the user's home shard: `welcome` (the shard then replays the inbox, sends `synced`
     /// and calls [`Self::resume_input`], so nothing is answered before `welcome`).
-    pub fn start_session(&mut self, ctx: &Ctx) {
+    /// `serial`: the home shard's serial for the connection, for the `conn` id in `welcome`.
+    pub fn start_session(&mut self, serial: u32, ctx: &Ctx) {
         if !std::mem::take(&mut self.awaiting_session) {
             return;
         }
         let mut body = Vec::with_capacity(160);
-        let conn_id = format!("{}-{}-{}", ctx.cfg.node_id, ctx.shard, self.serial);
+        let conn_id = format!("{}-{}-{}", ctx.cfg.node_id, ctx.shard, serial);
         proto::write_welcome(
             &mut body,
             &self.user,
@@ -277,6 +291,7 @@ impl Connection {
     pub fn on_closed(&mut self, ctx: &Ctx) {
         if self.route.take().is_some() {
             ctx.host_open.fetch_sub(1, Ordering::Relaxed);
+            ctx.ips.close(self.ip);
             ctx.metrics.connections_open.dec();
         } else if self.phase == Phase::Handshaking {
             ctx.metrics.handshakes_pending.dec();
@@ -352,6 +367,7 @@ impl Connection {
                     .extend_from_slice(data);
             }
             Phase::Open | Phase::Closing { .. } => {
+                self.pay_frame_debt(now);
                 self.last_rx_ms = now;
                 self.on_frame_bytes(now, data, ctx)
             }
@@ -369,6 +385,10 @@ impl Connection {
             draining: ctx.draining,
             at_capacity: ctx.host_open.load(Ordering::Relaxed) >= ctx.cfg.max_connections,
             retry_after_s: ctx.cfg.retry_after_s,
+            too_fast_retry_s: match self.too_fast {
+                true => ctx.ips.connect_retry_ms(self.ip, now).div_ceil(1000).max(1),
+                false => 0,
+            },
         };
         match upgrade::decide(&partial.buf, &policy) {
             Decision::Incomplete => self.partial = Some(partial),
@@ -384,6 +404,13 @@ impl Connection {
                         r.response("connection limit reached", ctx.cfg.retry_after_s),
                         ctx,
                     );
+                    return;
+                }
+                if !ctx.ips.open(self.ip) {
+                    ctx.host_open.fetch_sub(1, Ordering::Relaxed);
+                    let r = Refusal::IpOpen;
+                    let detail = "too many open connections from your address";
+                    self.refuse(now, r, r.response(detail, ctx.cfg.retry_after_s), ctx);
                     return;
                 }
                 ctx.metrics.handshakes_pending.dec();
@@ -483,6 +510,18 @@ impl Connection {
                 Ok(Some((f, used))) => {
                     pos += used;
                     ctx.metrics.frames_in.inc();
+                    // Frames that end a message are charged once their op is known (a useful
+                    // ack is free); a close never is. A fragment over the limit still goes
+                    // on (nothing is taken from it until its message ends) but deepens the
+                    // debt that closes a flood.
+                    let ends_message =
+                        f.fin && matches!(f.kind, Kind::Text | Kind::Binary | Kind::Continuation);
+                    if !ends_message && f.kind != Kind::Close {
+                        let over = self.charge_frame(now, ctx).is_err();
+                        if over && f.kind == Kind::Ping {
+                            continue; // not answered
+                        }
+                    }
                     if let Err(v) = self.on_frame(now, f, partial, ctx) {
                         self.violation(now, v, partial, ctx);
                     }
@@ -621,7 +660,11 @@ impl Connection {
             });
         }
         match self.route {
-            Some(Route::Echo) => self.push_frame(kind, payload, ctx),
+            Some(Route::Echo) => {
+                if self.charge_frame(now, ctx).is_ok() {
+                    self.push_frame(kind, payload, ctx)
+                }
+            }
             Some(Route::App) if kind == Kind::Binary => self.bad_frame(
                 now,
                 FrameError {
@@ -631,14 +674,80 @@ impl Connection {
                 },
                 ctx,
             ),
-            Some(Route::App) => match proto::parse(payload) {
-                Ok(ClientFrame::Ping) => self.push_frame(Kind::Text, proto::PONG, ctx),
-                Ok(frame) => ctx.events.borrow_mut().push(frame),
-                Err(e) => self.bad_frame(now, e, ctx),
-            },
+            Some(Route::App) => {
+                let parsed = proto::parse(payload);
+                // An ack is charged by the shard, and only when it acknowledges nothing.
+                if !matches!(parsed, Ok(ClientFrame::Ack { .. })) {
+                    if let Err(retry_ms) = self.charge_frame(now, ctx) {
+                        let cid = match &parsed {
+                            Ok(frame) => frame.cid(),
+                            Err(e) => e.cid.as_deref(),
+                        };
+                        self.answer_rate_limited("too many frames", cid, retry_ms, ctx);
+                        return Ok(());
+                    }
+                }
+                match parsed {
+                    Ok(ClientFrame::Ping) => self.push_frame(Kind::Text, proto::PONG, ctx),
+                    Ok(frame) => ctx.events.borrow_mut().push(frame),
+                    Err(e) => self.bad_frame(now, e, ctx),
+                }
+            }
             None => {}
         }
         Ok(())
+    }
+
+    /// Bring the frame debt to `now`: it is paid off at the rate of real time.
+    fn pay_frame_debt(&mut self, now: u64) {
+        let paid_us = now.saturating_sub(self.last_rx_ms).saturating_mul(1000);
+        self.frame_debt_us = u64::from(self.frame_debt_us).saturating_sub(paid_us) as u32;
+    }
+
+    /// Take one frame from the connection's frame bucket (`conn_frame_rate`), or say in how
+    /// many ms one will be there. A refused frame still adds its cost to the debt, so a
+    /// connection that keeps sending past its limit runs past `rate_limit_strikes` frames'
+    /// worth and is closed with 1008; one that waits as told is not.
+    pub fn charge_frame(&mut self, now: u64, ctx: &Ctx) -> Result<(), u64> {
+        let Some(rate) = ctx.cfg.frame_rate() else {
+            return Ok(());
+        };
+        let debt = u64::from(self.frame_debt_us);
+        let refused = match rate.take(debt) {
+            Ok(after) => {
+                self.frame_debt_us = after as u32; // below the burst (config bounds it)
+                return Ok(());
+            }
+            Err(retry_ms) => retry_ms,
+        };
+        ctx.metrics.rate_limited[Limited::Frames.index()].inc();
+        self.strike(now, ctx);
+        Err(refused)
+    }
+
+    /// Something this connection sent was refused by a rate limit: it costs one frame more,
+    /// and a connection deep enough in debt is closed with 1008.
+    pub fn strike(&mut self, now: u64, ctx: &Ctx) {
+        let Some(rate) = ctx.cfg.frame_rate() else {
+            return;
+        };
+        let debt = u64::from(self.frame_debt_us) + rate.interval_us();
+        self.frame_debt_us = debt.min(u64::from(u32::MAX)) as u32;
+        let strikes = u64::from(ctx.cfg.rate_limit_strikes) * rate.interval_us();
+        if debt > rate.burst_us() + strikes && self.phase == Phase::Open {
+            ctx.metrics.rate_limit_closes.inc();
+            self.close(now, frame::CLOSE_POLICY, "rate limit exceeded", ctx);
+        }
+    }
+
+    /// `rate_limited` for a frame (with its `cid` when it had one).
+    pub fn answer_rate_limited(&mut self, what: &str, cid: Option<&str>, retry_ms: u64, ctx: &Ctx) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        let mut body = Vec::with_capacity(128);
+        proto::write_rate_limited(&mut body, what, cid, retry_ms);
+        self.push_frame(Kind::Text, &body, ctx);
     }
 
     fn bad_frame(&mut self, now: u64, err: FrameError, ctx: &Ctx) {

@@ -24,7 +24,7 @@ const SECRET: &str = "conn-tests-secret-0123456789";
 /// Accept time of most connections: far from 0 so a deadline computed from 0 would show.
 const T0: u64 = 50_000;
 const SHARD: usize = 3;
-const SERIAL: u64 = 7;
+const SERIAL: u32 = 7;
 
 /// RFC 6455 section 1.3 example key and its accept value.
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -58,6 +58,7 @@ struct Env {
     auth: Authenticator,
     metrics: ShardMetrics,
     host_open: AtomicUsize,
+    ips: IpLimits,
     draining: bool,
     events: std::cell::RefCell<Vec<AppEvent>>,
 }
@@ -69,8 +70,10 @@ impl Env {
     }
 
     fn with(layer: ConfigLayer, secret: Option<&str>) -> Self {
+        let cfg = layer.resolve().unwrap();
         Env {
-            cfg: layer.resolve().unwrap(),
+            ips: cfg.ip_limits(),
+            cfg,
             auth: Authenticator::new(secret),
             metrics: ShardMetrics::default(),
             host_open: AtomicUsize::new(0),
@@ -85,6 +88,7 @@ impl Env {
             auth: &self.auth,
             metrics: &self.metrics,
             host_open: &self.host_open,
+            ips: &self.ips,
             draining: self.draining,
             shard: SHARD,
             events: &self.events,
@@ -93,7 +97,7 @@ impl Env {
 
     /// A socket was accepted: the glue creates the connection and counts the handshake.
     fn accept(&self, now: u64) -> Connection {
-        let conn = Connection::new(now, SERIAL);
+        let conn = Connection::new(now);
         self.metrics.handshakes_pending.inc();
         conn
     }
@@ -141,7 +145,7 @@ fn feed(conn: &mut Connection, env: &Env, now: u64, bytes: &[u8]) {
     conn.on_bytes(now, &mut scratch, &env.ctx());
     if conn.awaiting_session() {
         // As the shard does with an empty inbox: welcome, then synced.
-        conn.start_session(&env.ctx());
+        conn.start_session(SERIAL, &env.ctx());
         conn.push_text(br#"{"op":"synced","count":0}"#, &env.ctx());
         conn.resume_input(now, &env.ctx());
     }

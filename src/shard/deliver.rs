@@ -21,6 +21,7 @@ use crate::conn::{AppEvent, Connection, Ctx};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
 use crate::delivery::refusal::SendRefusal;
 use crate::delivery::{AckError, Dedup, DedupConfig, Seen, Window, WindowConfig, WindowState};
+use crate::limit::Limited;
 use crate::mesh;
 use crate::proto::{self, ErrorCode, FrameError};
 use crate::store::{Inbox, InboxSeq, StoredMessage};
@@ -89,7 +90,7 @@ impl Shard {
     pub(super) fn start_session(&mut self, index: usize, now: u64) {
         let ctx = shard_ctx!(self);
         let entry = &mut self.conns[index];
-        entry.conn.start_session(&ctx);
+        entry.conn.start_session(entry.serial, &ctx);
         if let Some(user) = entry.conn.user().map(CompactString::from) {
             self.users.add(&user, index);
             self.metrics.users.set(self.users.len() as u64);
@@ -109,18 +110,45 @@ impl Shard {
             }
             for event in events {
                 match event {
-                    AppEvent::Send(req) => self.on_send(index, req.to, req.cid, req.body, now),
+                    AppEvent::Send(req) => {
+                        if self.within_send_rate(index, &req.cid, now) {
+                            self.on_send(index, req.to, req.cid, req.body, now)
+                        }
+                    }
                     AppEvent::Ack { seq } => self.on_ack(index, seq, now),
                     AppEvent::Presence { users } => self.on_presence(index, users),
                     AppEvent::Join { room, since } => self.on_join(index, room, since, now),
                     AppEvent::Leave { room } => self.on_leave(index, room, now),
                     AppEvent::Publish { room, cid, body } => {
-                        self.on_publish(index, room, cid, body, now)
+                        if self.within_send_rate(index, &cid, now) {
+                            self.on_publish(index, room, cid, body, now)
+                        }
                     }
                     AppEvent::Ping => {} // answered by the connection, never queued
                 }
             }
         }
+    }
+
+    /// `send` + `publish` per user (`user_send_rate`): exact, because every device of a user
+    /// lives on this shard, its home. Over the limit the frame gets `rate_limited` with its
+    /// cid, nothing of it is taken, and the connection gets a strike (see `Connection::strike`).
+    fn within_send_rate(&mut self, index: usize, cid: &str, now: u64) -> bool {
+        let Some(rate) = self.shared.cfg.send_rate() else {
+            return true;
+        };
+        let Some(user) = self.conns[index].conn.user() else {
+            return true;
+        };
+        let Err(retry_ms) = self.send_buckets.take(user, now, rate) else {
+            return true;
+        };
+        self.metrics.rate_limited[Limited::Sends.index()].inc();
+        let ctx = shard_ctx!(self);
+        let conn = &mut self.conns[index].conn;
+        conn.answer_rate_limited("too many sends", Some(cid), retry_ms, &ctx);
+        conn.strike(now, &ctx);
+        false
     }
 
     fn on_send(
@@ -427,6 +455,12 @@ impl Shard {
             let ctx = shard_ctx!(self);
             self.conns[index].conn.reply_error(now, err, &ctx);
             return;
+        }
+        if acked.is_empty() {
+            // An ack that acknowledges nothing costs a frame like any other; useful acks are
+            // free because the server itself paces them (one per message it sent).
+            let ctx = shard_ctx!(self);
+            let _ = self.conns[index].conn.charge_frame(now, &ctx);
         }
         self.metrics.acks_pending.sub(acked.len() as u64);
         let mirror_ready = self.mirror_ready(&user);

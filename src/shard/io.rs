@@ -15,6 +15,7 @@ use glommio::net::{TcpListener, TcpStream, UnixStream};
 
 use super::park::{self, ParkSet};
 use super::{ConnPoll, Shard};
+use crate::limit::ip::{ip_key, IpKey};
 use crate::mesh::DRAIN_BATCH;
 
 use super::msg::{self, ShardMesh, ShardMsg};
@@ -113,7 +114,8 @@ async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener) {
 /// cannot be parked).
 fn serve_accepted(shard: &Rc<RefCell<Shard>>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let Some(index) = shard.borrow_mut().admit() else {
+    let ip = source_key(shard, &stream);
+    let Some(index) = shard.borrow_mut().admit(ip) else {
         return;
     };
     // Parked: the shard keeps a duplicate and this stream is closed on drop.
@@ -122,6 +124,15 @@ fn serve_accepted(shard: &Rc<RefCell<Shard>>, stream: TcpStream) {
         return;
     }
     glommio::spawn_local(drive(shard.clone(), index, stream)).detach();
+}
+
+/// The peer's address as the per-address limits key it; 0 (unlimited) when no such limit is
+/// configured, which saves the `getpeername` call.
+fn source_key(shard: &Rc<RefCell<Shard>>, stream: &TcpStream) -> IpKey {
+    if !shard.borrow().limits_addresses() {
+        return 0;
+    }
+    stream.peer_addr().map_or(0, |a| ip_key(a.ip()))
 }
 
 /// Wait for a doorbell, clear it before draining (anything pushed from then on rings again),

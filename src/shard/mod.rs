@@ -42,6 +42,8 @@ use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
+use crate::limit::ip::{IpKey, IpLimits};
+use crate::limit::UserBuckets;
 use crate::mesh;
 use crate::metrics::ShardMetrics;
 use crate::wheel::{TimerKey, TimingWheel};
@@ -73,12 +75,15 @@ pub struct Shared {
     pub host_open: AtomicUsize,
     /// Set by the signal handler; each shard notices on its next tick.
     pub draining: AtomicBool,
+    /// Per source address limits (the kernel spreads an address over every shard).
+    pub ips: IpLimits,
 }
 
 impl Shared {
     pub fn new(cfg: Config) -> Arc<Self> {
         let auth = Authenticator::new(cfg.jwt_secret.as_deref());
         Arc::new(Shared {
+            ips: cfg.ip_limits(),
             cfg,
             auth,
             host_open: AtomicUsize::new(0),
@@ -172,6 +177,8 @@ pub struct Shard {
     unparked: Vec<(usize, OwnedFd)>,
     /// Users whose home is this shard, with their connections here.
     users: Users,
+    /// `send`/`publish` buckets of those users (only of the ones that sent lately).
+    send_buckets: UserBuckets,
     /// This shard's end of the mesh (None in tests that build a lone shard).
     mesh: Option<ShardMesh>,
     /// Connections parked or closed since memory was last given back (see `alloc`).
@@ -236,6 +243,7 @@ impl Shard {
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
             users: Users::default(),
+            send_buckets: UserBuckets::default(),
             mesh: None,
             released_since_collect: 0,
             last_collect_ms: 0,
@@ -273,10 +281,9 @@ impl Shard {
     }
 
     /// Give `conn` this shard's next serial and a slab slot.
-    fn insert_conn(&mut self, mut conn: Connection) -> usize {
+    fn insert_conn(&mut self, conn: Connection) -> usize {
         self.next_serial += 1;
         let serial = self.next_serial;
-        conn.set_serial(serial);
         self.conns.insert(Entry {
             conn,
             serial: serial as u32,
@@ -291,13 +298,24 @@ impl Shard {
         })
     }
 
-    /// A socket was accepted: returns its slab index, or None to close it at once.
-    pub fn admit(&mut self) -> Option<usize> {
+    /// Some limit applies per source address (else accept need not look the address up).
+    pub fn limits_addresses(&self) -> bool {
+        let cfg = &self.shared.cfg;
+        cfg.ip_connect_rate > 0 || cfg.ip_max_open > 0
+    }
+
+    /// A socket from `ip` (0 = not known) was accepted: returns its slab index, or None to
+    /// close it at once.
+    pub fn admit(&mut self, ip: IpKey) -> Option<usize> {
         if self.metrics.handshakes_pending.get() >= MAX_PENDING_HANDSHAKES {
             self.metrics.refused[Refusal::Overloaded.index()].inc();
             return None;
         }
-        let conn = Connection::new(self.clock.now_ms(), 0);
+        let now = self.clock.now_ms();
+        let told = self.shared.ips.on_connect(ip, now);
+        self.metrics.ip_entries_forgotten.add(told.forgotten as u64);
+        let mut conn = Connection::new(now);
+        conn.set_source(ip, told.refused_for_ms.is_some());
         let index = self.insert_conn(conn);
         self.metrics.handshakes_pending.inc();
         self.sync_timer(index);
@@ -456,7 +474,7 @@ impl Shard {
         let now = self.clock.now_ms();
         let mesh = self.mesh.as_ref().expect("handoff needs the mesh");
         let entry = &mut self.conns[index];
-        let conn = std::mem::replace(&mut entry.conn, Connection::new(now, 0));
+        let conn = std::mem::replace(&mut entry.conn, Connection::new(now));
         match mesh.send(
             to,
             ShardMsg::Handoff {
@@ -851,6 +869,7 @@ impl Shard {
         if now >= self.last_expire_ms + INBOX_SWEEP_MS {
             self.last_expire_ms = now;
             self.sweep_rooms(now);
+            self.send_buckets.sweep(now);
             let expired = crate::store::Inbox::expire(&mut self.inbox, now);
             self.metrics
                 .inbox_mirrored
@@ -931,6 +950,7 @@ fn make_ctx<'a>(
         auth: &shared.auth,
         metrics,
         host_open: &shared.host_open,
+        ips: &shared.ips,
         draining,
         shard,
         events,

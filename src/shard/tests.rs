@@ -122,7 +122,7 @@ fn exchange(
 #[test]
 fn a_full_home_channel_turns_the_handoff_into_close_1013() {
     let mut shard = shard_with_full_neighbour();
-    let index = shard.admit().unwrap();
+    let index = shard.admit(0).unwrap();
     let mut stream = MockStream::default();
     stream.input.extend(upgrade(&user_homed_on(1)));
     let ConnPoll::Handoff { to } = poll(&mut shard, index, &mut stream) else {
@@ -150,7 +150,7 @@ fn a_full_home_channel_turns_the_handoff_into_close_1013() {
 #[test]
 fn a_send_that_meets_a_full_channel_is_answered_unavailable_and_not_kept() {
     let mut shard = shard_with_full_neighbour();
-    let index = shard.admit().unwrap();
+    let index = shard.admit(0).unwrap();
     let mut stream = MockStream::default();
     stream.input.extend(upgrade(&user_homed_on(0)));
     assert!(matches!(
@@ -178,7 +178,7 @@ fn a_send_that_meets_a_full_channel_is_answered_unavailable_and_not_kept() {
 #[test]
 fn a_presence_ask_that_meets_a_full_channel_is_answered_unavailable() {
     let mut shard = shard_with_full_neighbour();
-    let index = shard.admit().unwrap();
+    let index = shard.admit(0).unwrap();
     let mut stream = MockStream::default();
     let me = user_homed_on(0);
     stream.input.extend(upgrade(&me));
@@ -254,7 +254,7 @@ fn a_node_that_missed_room_messages_tells_its_members_gap_and_ignores_late_copie
         Box::new(ManualClock::new(1_000)),
     );
     shard.enable_store(link);
-    let index = shard.admit().unwrap();
+    let index = shard.admit(0).unwrap();
     let mut stream = MockStream::default();
     stream.input.extend(upgrade("member"));
     poll(&mut shard, index, &mut stream);
@@ -355,7 +355,7 @@ fn a_parked_handshake_is_judged_on_what_the_client_sent_not_on_what_the_shard_re
     // Sent in time, but the shard never got to its ready socket (behind under load): at the
     // deadline it is read and upgraded, not refused.
     let (mut late_read, server) = std::os::unix::net::UnixStream::pair().unwrap();
-    let index = shard.admit().unwrap();
+    let index = shard.admit(0).unwrap();
     assert!(shard.park_accepted(index, server.as_raw_fd()));
     drop(server); // the shard keeps its own duplicate
     late_read.write_all(&upgrade("ann")).unwrap();
@@ -366,7 +366,7 @@ fn a_parked_handshake_is_judged_on_what_the_client_sent_not_on_what_the_shard_re
 
     // Never sent: 408 at the deadline.
     let (mut silent, server) = std::os::unix::net::UnixStream::pair().unwrap();
-    let index = shard.admit().unwrap();
+    let index = shard.admit(0).unwrap();
     assert!(shard.park_accepted(index, server.as_raw_fd()));
     drop(server);
     clock.advance(timeout + shard.cfg().tick_ms);
@@ -405,7 +405,7 @@ fn a_parked_connection_is_judged_on_the_pongs_it_sent_not_on_what_the_shard_read
     let (hb, tick) = (shard.cfg().heartbeat_ms, shard.cfg().tick_ms);
     let open = |shard: &mut Shard, user: &str| {
         let (mut client, server) = std::os::unix::net::UnixStream::pair().unwrap();
-        let index = shard.admit().unwrap();
+        let index = shard.admit(0).unwrap();
         assert!(shard.park_accepted(index, server.as_raw_fd()));
         drop(server); // the shard keeps its own duplicate
         client.write_all(&upgrade(user)).unwrap();
@@ -491,7 +491,7 @@ fn a_message_to_a_parked_device_is_retransmitted_when_its_ack_is_late() {
 
     let (mut device, server) = std::os::unix::net::UnixStream::pair().unwrap();
     device.write_all(&upgrade("bob")).unwrap();
-    let bob = shard.admit().unwrap();
+    let bob = shard.admit(0).unwrap();
     assert!(shard.park_accepted(bob, server.as_raw_fd()));
     drop(server); // the shard keeps its own duplicate
     let welcome = received_bytes(&mut device);
@@ -504,7 +504,7 @@ fn a_message_to_a_parked_device_is_retransmitted_when_its_ack_is_late() {
 
     let mut alice = MockStream::default();
     alice.input.extend(upgrade("alice"));
-    let index = shard.admit().unwrap();
+    let index = shard.admit(0).unwrap();
     poll(&mut shard, index, &mut alice);
     let sent = r#"{"op":"send","to":"bob","cid":"c1","body":1}"#;
     let answer = exchange(&mut shard, index, &mut alice, sent, [9, 8, 7, 6]);

@@ -28,6 +28,9 @@ pub struct Policy<'a> {
     /// The host connection limit is reached: refuse with 503.
     pub at_capacity: bool,
     pub retry_after_s: u64,
+    /// Non-zero: the peer's address opened connections too fast; refuse with 429 and this
+    /// Retry-After (decided before authentication, so a flood costs no token checks).
+    pub too_fast_retry_s: u64,
 }
 
 #[derive(Debug)]
@@ -53,10 +56,14 @@ pub enum Refusal {
     Unauthorized,
     Overloaded,
     Draining,
+    /// New connections from one address came faster than `ip_connect_rate`.
+    IpRate,
+    /// The address already has `ip_max_open` open connections.
+    IpOpen,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 11] = [
         Refusal::BadRequest,
         Refusal::HeadTooLarge,
         Refusal::NotFound,
@@ -66,6 +73,8 @@ impl Refusal {
         Refusal::Unauthorized,
         Refusal::Overloaded,
         Refusal::Draining,
+        Refusal::IpRate,
+        Refusal::IpOpen,
     ];
 
     pub fn status(self) -> (u16, &'static str) {
@@ -78,6 +87,7 @@ impl Refusal {
             Refusal::Forbidden => (403, "Forbidden"),
             Refusal::Unauthorized => (401, "Unauthorized"),
             Refusal::Overloaded | Refusal::Draining => (503, "Service Unavailable"),
+            Refusal::IpRate | Refusal::IpOpen => (429, "Too Many Requests"),
         }
     }
 
@@ -93,6 +103,8 @@ impl Refusal {
             Refusal::Unauthorized => "unauthorized",
             Refusal::Overloaded => "overloaded",
             Refusal::Draining => "draining",
+            Refusal::IpRate => "ip_rate",
+            Refusal::IpOpen => "ip_open",
         }
     }
 
@@ -105,7 +117,7 @@ impl Refusal {
         let (code, text) = self.status();
         let mut extra = String::new();
         match self {
-            Refusal::Overloaded | Refusal::Draining => {
+            Refusal::Overloaded | Refusal::Draining | Refusal::IpRate | Refusal::IpOpen => {
                 extra = format!("retry-after: {retry_after_s}\r\n");
             }
             Refusal::UpgradeRequired => {
@@ -206,6 +218,11 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
     }
     if policy.at_capacity {
         return refuse(Refusal::Overloaded, "connection limit reached", policy);
+    }
+    if policy.too_fast_retry_s > 0 {
+        let r = Refusal::IpRate;
+        let detail = "too many new connections from your address";
+        return Decision::Refuse(r, r.response(detail, policy.too_fast_retry_s));
     }
     if !policy.allowed_origins.is_empty() {
         let origin = header("origin").unwrap_or("");
@@ -348,6 +365,7 @@ mod tests {
             draining: false,
             at_capacity: false,
             retry_after_s: 5,
+            too_fast_retry_s: 0,
         }
     }
 
@@ -420,6 +438,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // An address connecting too fast gets 429 with its own Retry-After, before any token
+        // check (this policy's authenticator wants a JWT and the request has none).
+        let jwt = Authenticator::new(Some("upgrade-tests-secret-0123"));
+        let too_fast = Policy {
+            too_fast_retry_s: 2,
+            ..policy(&jwt)
+        };
+        match decide(&req("/ws", ""), &too_fast) {
+            Decision::Refuse(Refusal::IpRate, bytes) => {
+                let text = String::from_utf8(bytes).unwrap();
+                assert!(
+                    text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+                    "{text}"
+                );
+                assert!(text.contains("retry-after: 2\r\n"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            refusal(decide(&req("/ws", ""), &policy(&jwt))),
+            Refusal::Unauthorized
+        );
         let origins = vec!["https://app.example".to_string()];
         let strict = Policy {
             allowed_origins: &origins,
