@@ -10,6 +10,7 @@
 #
 # Loopback only. Each process stays under this VM's 20,000 open files (M <= ~19,000).
 set -euo pipefail
+source "$(dirname "$0")/no_limits.sh"
 cd "$(dirname "$0")/.."
 
 REDIS="" G=2 M=1000 P=20 RATE=1 PORT=18780 ADMIN=18880

@@ -8,6 +8,7 @@
 # Ports PORT..PORT+N-1 and their bus ports (+10000) must be free. Needs redis-server and
 # redis-cli >= 7.0.
 set -euo pipefail
+source "$(dirname "$0")/no_limits.sh"
 
 CMD=${1:-}; shift || true
 N=3 PORT=7100 FSYNC=always

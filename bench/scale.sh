@@ -26,6 +26,7 @@
 # /metrics), gateway RSS per connection (sum over gateways), kernel memory per connection
 # (/proc/meminfo Slab; on loopback both ends' sockets count), and what stopped it if it fell short.
 set -euo pipefail
+source "$(dirname "$0")/no_limits.sh"
 cd "$(dirname "$0")/.."
 
 # Ports stay below the ephemeral range (32768-60999 by default) so no outgoing socket holds them.

@@ -15,6 +15,7 @@
 # Prints each generator's line and the totals: connected users, accepted/s (sum), the median
 # and the worst of the generators' send->accepted and send->msg p50/p99, missing, duplicates.
 set -euo pipefail
+source "$(dirname "$0")/no_limits.sh"
 cd "$(dirname "$0")/.."
 
 G=2 U=1000 K=1 DUR=8 WARM=2 PORT=18080 ADMIN_BASE=18200 REDIS="" RATE=0

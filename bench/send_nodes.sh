@@ -10,6 +10,7 @@
 # Prints the generator's report (accepted/s, send->accepted and send->msg percentiles, missing,
 # duplicates). Loopback only; every run uses its own key prefix.
 set -euo pipefail
+source "$(dirname "$0")/no_limits.sh"
 cd "$(dirname "$0")/.."
 
 REDIS="" U=100 K=16 SHARDS=1 DUR=8 WARM=2 SAME=0 PORT=18480 ADMIN=18490

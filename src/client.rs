@@ -384,7 +384,8 @@ impl Client {
                 let refused_now = code == "unavailable" || code == "rate_limited";
                 if let Some(n) = self.own_cid(&s("cid")).filter(|_| refused_now) {
                     if self.unaccepted.contains_key(&n) {
-                        self.refuse(n);
+                        let told = Duration::from_millis(v["retry_ms"].as_u64().unwrap_or(0));
+                        self.refuse(n, told);
                     }
                 }
                 Some(Event::Error {
@@ -398,16 +399,22 @@ impl Client {
     }
 
     /// Resend `n` later: after a backoff that doubles per refusal (from `backoff_min` up to
-    /// `backoff_max`, +-50% jitter), reset by the next `accepted`.
-    fn refuse(&mut self, n: u64) {
+    /// `backoff_max`, +-50% jitter), reset by the next `accepted`, and never before the
+    /// `retry_ms` the gateway asked for (`told`, with `rate_limited`).
+    fn refuse(&mut self, n: u64, told: Duration) {
         self.refused.insert(n);
-        if self.retry_at.is_none() {
-            self.retry_backoff = (self.retry_backoff * 2)
-                .max(self.cfg.backoff_min)
-                .min(self.cfg.backoff_max);
-            let jitter = 0.5 + self.jitter_fraction();
-            self.retry_at = Some(Instant::now() + self.retry_backoff.mul_f64(jitter));
-        }
+        let earliest = Instant::now() + told;
+        let at = match self.retry_at {
+            Some(at) => at,
+            None => {
+                self.retry_backoff = (self.retry_backoff * 2)
+                    .max(self.cfg.backoff_min)
+                    .min(self.cfg.backoff_max);
+                let jitter = 0.5 + self.jitter_fraction();
+                Instant::now() + self.retry_backoff.mul_f64(jitter)
+            }
+        };
+        self.retry_at = Some(at.max(earliest));
     }
 
     fn own_cid(&self, cid: &str) -> Option<u64> {

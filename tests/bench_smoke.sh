@@ -3,6 +3,7 @@
 # end (idle with JWTs, echo on /echo and on /ws, a room fan-out through the backend API). It checks counts via the tools' exit codes
 # (any failed connection or missing reply fails); it asserts no timing.
 set -euo pipefail
+source "$(dirname "$0")/../bench/no_limits.sh"
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-debug}
 GW=target/$PROFILE/ringgate

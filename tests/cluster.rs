@@ -518,7 +518,19 @@ fn a_node_whose_members_all_left_is_no_longer_pushed_the_room(redis: RedisServer
 fn sends_refused_while_redis_restarts_are_replayed_in_the_order_they_were_accepted(
     mut redis: RedisServer,
 ) {
-    let gw = node_with(&redis, "n1", &["--window", "8", "--ack-timeout-ms", "500"]);
+    // No send limit: this burst is about the store's order (tests/limits.rs has the limits).
+    let gw = node_with(
+        &redis,
+        "n1",
+        &[
+            "--window",
+            "8",
+            "--ack-timeout-ms",
+            "500",
+            "--user-send-rate",
+            "0",
+        ],
+    );
     let (ivy, jack) = (user_on("ivy", 0, 2), user_on("jack", 1, 2));
     let (mut a, _) = connect_app(&gw, &ivy);
     let total = 200;

@@ -370,7 +370,8 @@ fn below_the_count_cap_expired_entries_are_skipped_and_trimmed_by_the_load() {
 #[test]
 fn redis_killed_mid_burst_loses_nothing_accepted_and_the_gateway_catches_up() {
     let mut redis = RedisServer::start();
-    let gw = gateway(&redis, &[]);
+    // A burst past the user send limit on purpose: this is about the store (tests/limits.rs).
+    let gw = gateway(&redis, &["--user-send-rate", "0"]);
     let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
     let (mut a, _) = connect_app(&gw, &alice);
     let total = 300;

@@ -274,7 +274,18 @@ fn with_redis_a_slow_member_gets_a_gap_then_1013_and_recovers_from_the_history()
 }
 
 fn slow_member_case(store_args: &[&str]) {
-    let mut args = vec!["--max-outbound", "65536", "--slow-close-ms", "300"];
+    // The publisher bursts past the frame and send limits on purpose (tests/limits.rs has
+    // those).
+    let mut args = vec![
+        "--max-outbound",
+        "65536",
+        "--slow-close-ms",
+        "300",
+        "--user-send-rate",
+        "0",
+        "--conn-frame-rate",
+        "0",
+    ];
     args.extend_from_slice(store_args);
     let gw = Gateway::start_shards(2, &args);
     let (mut publisher, _) = connect_app(&gw, "pub");

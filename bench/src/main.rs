@@ -15,6 +15,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod chat;
 mod engine;
 mod fanout;
+mod flood;
 mod floor;
 mod net;
 mod redis_floor;
@@ -60,6 +61,8 @@ enum Cmd {
     Fanout(fanout::FanoutArgs),
     /// The kernel's floor under `fanout`: one frame to each of N loopback sockets, no gateway
     Floor(floor::FloorArgs),
+    /// A polite client beside flooding ones: its send -> accepted with and without the flood
+    Flood(flood::FloodArgs),
     /// Redis' floor under `store`: one dedup record and one append per message, raw pipelined
     RedisFloor(redis_floor::RedisFloorArgs),
 }
@@ -1085,6 +1088,7 @@ fn main() {
         Cmd::Send(a) => run_send(a),
         Cmd::Store(a) => store::run(a),
         Cmd::Fanout(a) => fanout::run(a),
+        Cmd::Flood(a) => flood::run(a),
         Cmd::Floor(a) => floor::run(a).map(|()| 0),
         Cmd::RedisFloor(a) => redis_floor::run(a),
     };

@@ -659,12 +659,11 @@ impl Connection {
                 reason: "text message is not UTF-8",
             });
         }
-        match self.route {
-            Some(Route::Echo) => {
-                if self.charge_frame(now, ctx).is_ok() {
-                    self.push_frame(kind, payload, ctx)
-                }
-            }
+        let route = self.route;
+        match route {
+            // Over the limit an echo frame is dropped (counted): /echo has no error frames.
+            Some(Route::Echo) if self.charge_frame(now, ctx).is_err() => {}
+            Some(Route::Echo) => self.push_frame(kind, payload, ctx),
             Some(Route::App) if kind == Kind::Binary => self.bad_frame(
                 now,
                 FrameError {
@@ -712,17 +711,14 @@ impl Connection {
         let Some(rate) = ctx.cfg.frame_rate() else {
             return Ok(());
         };
-        let debt = u64::from(self.frame_debt_us);
-        let refused = match rate.take(debt) {
-            Ok(after) => {
-                self.frame_debt_us = after as u32; // below the burst (config bounds it)
-                return Ok(());
-            }
-            Err(retry_ms) => retry_ms,
-        };
+        if let Ok(after) = rate.take(u64::from(self.frame_debt_us)) {
+            self.frame_debt_us = after as u32; // at most the burst (config bounds it)
+            return Ok(());
+        }
         ctx.metrics.rate_limited[Limited::Frames.index()].inc();
         self.strike(now, ctx);
-        Err(refused)
+        // After the strike: a client that waits this long gets its next frame through.
+        Err(rate.take(u64::from(self.frame_debt_us)).err().unwrap_or(1))
     }
 
     /// Something this connection sent was refused by a rate limit: it costs one frame more,
@@ -737,6 +733,9 @@ impl Connection {
         if debt > rate.burst_us() + strikes && self.phase == Phase::Open {
             ctx.metrics.rate_limit_closes.inc();
             self.close(now, frame::CLOSE_POLICY, "rate limit exceeded", ctx);
+            // The frames of this read that the shard has not served yet go with the
+            // connection: none is taken, so none needed an answer the close would drop.
+            ctx.events.borrow_mut().clear();
         }
     }
 

@@ -10,6 +10,7 @@ use super::*;
 use crate::auth::Claims;
 use crate::config::ConfigLayer;
 use crate::config::DEFAULT_CLOSE_LINGER_MS as CLOSE_LINGER_MS;
+use crate::limit::Limited;
 use crate::ws::frame::tests::client_frame;
 
 // ---------------------------------------------------------------------------------------------
@@ -1779,4 +1780,198 @@ fn after_framing_is_lost_input_is_dropped_until_eof_or_the_linger() {
     assert_eq!(conn.buffered_in(), 0, "nothing is kept");
     conn.on_timer(conn.deadline(&env.cfg), &env.ctx());
     assert!(conn.finished());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 17. Rate limits (SPEC section 4, "Limits")
+// ---------------------------------------------------------------------------------------------
+
+const FRAME_RATE: u32 = 10;
+const FRAME_BURST: u32 = 5;
+const STRIKES: u32 = 4;
+
+fn limited_env() -> Env {
+    Env::with(
+        ConfigLayer {
+            conn_frame_rate: Some(FRAME_RATE),
+            conn_frame_burst: Some(FRAME_BURST),
+            rate_limit_strikes: Some(STRIKES),
+            ip_connect_rate: Some(1),
+            ip_connect_burst: Some(1),
+            ip_max_open: Some(1),
+            ..layer()
+        },
+        None,
+    )
+}
+
+fn app_frames(n: usize, text: &[u8]) -> Vec<u8> {
+    (0..n).flat_map(|_| cf(true, OP_TEXT, text)).collect()
+}
+
+/// Over the burst, each frame gets `rate_limited` with its cid and `retry_ms`, and nothing of
+/// it reaches the shard; a client that waits as told gets through again.
+#[test]
+fn frames_over_the_limit_get_rate_limited_with_their_cid_and_retry_ms() {
+    let env = limited_env();
+    let mut conn = open(&env, T0, "/ws?user=a");
+    frames(&mut conn); // welcome, synced
+    let send = br#"{"op":"send","to":"b","cid":"c9","body":1}"#;
+    feed(
+        &mut conn,
+        &env,
+        T0,
+        &app_frames(FRAME_BURST as usize + 1, send),
+    );
+    assert_eq!(
+        env.events.borrow_mut().drain(..).count(),
+        FRAME_BURST as usize
+    );
+    let out = frames(&mut conn);
+    assert_eq!(out.len(), 1, "{out:?}");
+    let v = out[0].json();
+    assert_eq!(v["op"], "error");
+    assert_eq!(v["code"], "rate_limited");
+    assert_eq!(v["cid"], "c9");
+    assert_eq!(
+        v["retry_ms"], 200,
+        "100 ms refill + the refused frame's own cost"
+    );
+    assert_eq!(env.metrics.rate_limited[Limited::Frames.index()].get(), 1);
+    // Waiting as told: the next frame passes.
+    feed(&mut conn, &env, T0 + 200, &cf(true, OP_TEXT, APP_PING));
+    assert_eq!(frames(&mut conn), vec![Out::new(OP_TEXT, APP_PONG)]);
+    assert_eq!(conn.phase(), Phase::Open);
+}
+
+/// A connection that keeps sending past its limit is closed with 1008 once its refused frames
+/// pass `rate_limit_strikes`; the close is counted.
+#[test]
+fn a_connection_that_keeps_flooding_is_closed_with_1008() {
+    let env = limited_env();
+    let mut conn = open(&env, T0, "/ws?user=a");
+    frames(&mut conn);
+    let flood = app_frames(FRAME_BURST as usize + STRIKES as usize + 1, APP_PING);
+    feed(&mut conn, &env, T0, &flood);
+    let out = frames(&mut conn);
+    let pongs = out
+        .iter()
+        .filter(|f| f.op == OP_TEXT && f.payload == APP_PONG)
+        .count();
+    let limited = out
+        .iter()
+        .filter(|f| f.op == OP_TEXT && f.json()["code"] == "rate_limited")
+        .count();
+    assert_eq!(pongs, FRAME_BURST as usize);
+    assert_eq!(limited, STRIKES as usize, "{out:?}");
+    assert_eq!(out.last().unwrap().close_code(), 1008);
+    assert!(matches!(conn.phase(), Phase::Closing { .. }));
+    assert_eq!(env.metrics.rate_limit_closes.get(), 1);
+    assert_eq!(
+        env.metrics.rate_limited[Limited::Frames.index()].get(),
+        u64::from(STRIKES) + 1
+    );
+}
+
+/// Acks are not charged by the connection (the shard charges those that acknowledge nothing),
+/// so a client acking every message of a big replay is never limited for it.
+#[test]
+fn acks_pass_the_connection_limit_to_the_shard() {
+    let env = limited_env();
+    let mut conn = open(&env, T0, "/ws?user=a");
+    frames(&mut conn);
+    let acks: Vec<u8> = (1..=100)
+        .flat_map(|seq| {
+            cf(
+                true,
+                OP_TEXT,
+                format!(r#"{{"op":"ack","seq":{seq}}}"#).as_bytes(),
+            )
+        })
+        .collect();
+    feed(&mut conn, &env, T0, &acks);
+    assert_eq!(env.events.borrow_mut().drain(..).count(), 100);
+    assert!(frames(&mut conn).is_empty());
+    assert_eq!(env.metrics.rate_limited[Limited::Frames.index()].get(), 0);
+}
+
+/// On /echo a frame over the limit is not echoed, a WebSocket ping over it is not answered,
+/// and fragments count too: a flood of empty continuation frames is closed with 1008.
+#[test]
+fn echo_pings_and_fragments_are_limited_too() {
+    let env = limited_env();
+    let mut conn = open(&env, T0, "/echo");
+    feed(
+        &mut conn,
+        &env,
+        T0,
+        &app_frames(FRAME_BURST as usize + 1, b"x"),
+    );
+    assert_eq!(
+        frames(&mut conn).len(),
+        FRAME_BURST as usize,
+        "the last one dropped"
+    );
+    feed(&mut conn, &env, T0 + 1_000, &cf(true, OP_PING, b"p"));
+    assert_eq!(frames(&mut conn), vec![Out::new(OP_PONG, b"p")]);
+    let pings: Vec<u8> = (0..FRAME_BURST)
+        .flat_map(|_| cf(true, OP_PING, b"p"))
+        .collect();
+    feed(&mut conn, &env, T0 + 1_000, &pings);
+    assert_eq!(
+        frames(&mut conn).len(),
+        FRAME_BURST as usize - 1,
+        "the last not answered"
+    );
+
+    let mut frag = open(&env, T0, "/echo");
+    let mut flood = cf(false, OP_TEXT, b"a");
+    for _ in 0..(FRAME_BURST + STRIKES + 1) {
+        flood.extend(cf(false, OP_CONT, b""));
+    }
+    feed(&mut frag, &env, T0, &flood);
+    assert_eq!(frames(&mut frag).last().unwrap().close_code(), 1008);
+}
+
+/// Per address: a connection accepted over the connect rate gets 429 with the bucket's
+/// Retry-After (before authentication), and one over the open limit gets 429 until another
+/// connection from the address closes.
+#[test]
+fn an_address_over_its_limits_gets_429_with_retry_after() {
+    let env = limited_env();
+    let ip = 0xffff_ffff_0a00_0001;
+    let accept = |now| {
+        let mut conn = env.accept(now);
+        let told = env.ips.on_connect(ip, now);
+        conn.set_source(ip, told.refused_for_ms.is_some());
+        conn
+    };
+    let mut first = accept(T0);
+    feed(&mut first, &env, T0, &request("/ws?user=a"));
+    assert_eq!(split_http(&flush(&mut first)).0.status, 101);
+
+    let mut too_fast = accept(T0 + 300);
+    feed(&mut too_fast, &env, T0 + 300, &request("/ws?user=a"));
+    let (resp, _) = split_http(&flush(&mut too_fast));
+    assert_eq!(resp.status, 429);
+    assert_eq!(resp.header("retry-after"), Some("1"), "{}", resp.head);
+    assert_eq!(env.metrics.refused[Refusal::IpRate.index()].get(), 1);
+
+    // A second later the rate allows it, but the address has its one open connection.
+    let mut too_many = accept(T0 + 1_300);
+    feed(&mut too_many, &env, T0 + 1_300, &request("/ws?user=a"));
+    let (resp, _) = split_http(&flush(&mut too_many));
+    assert_eq!(resp.status, 429);
+    assert_eq!(
+        resp.header("retry-after"),
+        Some(&*env.cfg.retry_after_s.to_string())
+    );
+    assert_eq!(env.metrics.refused[Refusal::IpOpen.index()].get(), 1);
+    assert_eq!(env.host(), 1, "the refused upgrade holds no host slot");
+
+    first.on_closed(&env.ctx());
+    assert_eq!(env.ips.open_count(ip), 0);
+    let mut after_close = accept(T0 + 2_300);
+    feed(&mut after_close, &env, T0 + 2_300, &request("/ws?user=a"));
+    assert_eq!(split_http(&flush(&mut after_close)).0.status, 101);
 }

@@ -17,7 +17,7 @@ use compact_str::CompactString;
 
 use super::msg::{ApiOutcome, Direct, ShardMsg};
 use super::{make_ctx, Shard};
-use crate::conn::{AppEvent, Connection, Ctx};
+use crate::conn::{AppEvent, Connection, Ctx, Phase};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
 use crate::delivery::refusal::SendRefusal;
 use crate::delivery::{AckError, Dedup, DedupConfig, Seen, Window, WindowConfig, WindowState};
@@ -108,7 +108,13 @@ impl Shard {
             if events.is_empty() {
                 return;
             }
+            let open_before = self.conns[index].conn.phase() == Phase::Open;
             for event in events {
+                if open_before && self.conns[index].conn.phase() != Phase::Open {
+                    // Closed while serving (flooding past its send limit): what is left of
+                    // this read goes unanswered and untaken, as on a dropped connection.
+                    return;
+                }
                 match event {
                     AppEvent::Send(req) => {
                         if self.within_send_rate(index, &req.cid, now) {

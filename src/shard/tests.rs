@@ -12,6 +12,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use super::{ConnPoll, Shard, Shared};
 use crate::clock::ManualClock;
 use crate::config::ConfigLayer;
+use crate::limit::Limited;
 use crate::mesh::{self, CHANNEL_CAPACITY};
 use crate::metrics::ShardMetrics;
 use crate::shard::msg::{Presence, ShardMsg};
@@ -522,4 +523,70 @@ fn a_message_to_a_parked_device_is_retransmitted_when_its_ack_is_late() {
     let again = text_frames(&received_bytes(&mut device));
     assert_eq!(again, first, "retransmitted at the ack deadline");
     assert_eq!(shard.metrics.retransmits.get(), 1);
+}
+
+/// `send` + `publish` per user (SPEC 4): one bucket for all of a user's devices, exact because
+/// they all live on the user's home shard; a refused send gets `rate_limited` with its cid and
+/// `retry_ms`, nothing of it is taken (no `accepted` later, no message stored), and after the
+/// wait the same cid goes through. An ack that acknowledges nothing costs a frame.
+#[test]
+fn sends_are_limited_per_user_across_devices_and_useless_acks_cost_a_frame() {
+    use serde_json::json;
+    let cfg = ConfigLayer {
+        user_send_rate: Some(10),
+        user_send_burst: Some(2),
+        conn_frame_rate: Some(1),
+        conn_frame_burst: Some(10),
+        rate_limit_strikes: Some(1000),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let clock = std::rc::Rc::new(ManualClock::new(1_000));
+    let mut shard = Shard::new(
+        0,
+        Shared::new(cfg),
+        Arc::new(ShardMetrics::default()),
+        Box::new(clock.clone()),
+    );
+    let mut devices = [MockStream::default(), MockStream::default()];
+    let mut index = [0; 2];
+    for (d, stream) in devices.iter_mut().enumerate() {
+        stream.input.extend(upgrade("ann"));
+        index[d] = shard.admit(0).unwrap();
+        poll(&mut shard, index[d], stream);
+    }
+    let send = |cid: &str| format!(r#"{{"op":"send","to":"bob","cid":"{cid}","body":1}}"#);
+    let [a, b] = &mut devices;
+    let answer = exchange(&mut shard, index[0], a, &send("c1"), [1, 2, 3, 4]);
+    assert_eq!(answer["op"], "accepted", "{answer}");
+    let answer = exchange(&mut shard, index[1], b, &send("c2"), [1, 2, 3, 4]);
+    assert_eq!(answer["op"], "accepted", "{answer}");
+    let answer = exchange(&mut shard, index[0], a, &send("c3"), [1, 2, 3, 4]);
+    assert_eq!(
+        (&answer["code"], &answer["cid"], &answer["retry_ms"]),
+        (&json!("rate_limited"), &json!("c3"), &json!(100)),
+        "{answer}"
+    );
+    assert_eq!(shard.metrics.rate_limited[Limited::Sends.index()].get(), 1);
+    assert_eq!(shard.metrics.stored.get(), 2, "nothing of c3 was taken");
+    clock.advance(100);
+    let answer = exchange(&mut shard, index[1], b, &send("c3"), [1, 2, 3, 4]);
+    assert_eq!(answer["op"], "accepted", "{answer}");
+
+    // Acks: nothing was delivered to ann, so every ack acknowledges nothing and costs a frame.
+    let frames_before = shard.metrics.rate_limited[Limited::Frames.index()].get();
+    for _ in 0..10 {
+        a.input.extend(client_frame(
+            true,
+            1,
+            br#"{"op":"ack","seq":0}"#,
+            [5, 6, 7, 8],
+        ));
+    }
+    poll(&mut shard, index[0], a);
+    assert!(
+        shard.metrics.rate_limited[Limited::Frames.index()].get() > frames_before,
+        "the frame bucket (10 at once) ran dry on acks that acknowledge nothing"
+    );
 }

@@ -118,6 +118,15 @@ impl Gateway {
             .sum()
     }
 
+    /// Sum of a metric over the series whose labels contain `label` (e.g. `reason="ip_open"`).
+    pub fn metric_sum_where(&self, name: &str, label: &str) -> u64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
     /// SIGKILL and reap: nothing of the gateway's memory survives.
     pub fn sigkill(&mut self) {
         let _ = self.child.kill();
