@@ -28,6 +28,14 @@ fn node(redis: &RedisServer, id: &str) -> Gateway {
             "900",
             "--ack-timeout-ms",
             "300",
+            // Bursts of thousands of sends and reconnects on purpose: these runs are about the
+            // store and the nodes, so the rate limits are off (tests/limits.rs has those).
+            "--user-send-rate",
+            "0",
+            "--conn-frame-rate",
+            "0",
+            "--ip-connect-rate",
+            "0",
         ],
     )
 }
