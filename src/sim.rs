@@ -1047,3 +1047,143 @@ mod reload_tests {
         assert_eq!(loads(&mut sim).len(), 1, "the wanted reload, once loaded");
     }
 }
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+    use crate::delivery::message::Message;
+
+    /// The shard with a resync and a good batch behind it, and recipient r0 online with its
+    /// (empty) inbox loaded.
+    fn with_r0_online() -> (Sim, u64) {
+        let mut sim = Sim::new(1, Plant::None);
+        let now = sim.now();
+        let resync = sim.to_shard.pop_front().expect("the first resync");
+        sim.shard.on_store_reply(resync, now);
+        let up = StoreReply::Batch {
+            ops: 1,
+            latency: std::time::Duration::ZERO,
+            error: None,
+            expired: 0,
+            breaker_open: false,
+        };
+        sim.shard.on_store_reply(up, now);
+        let index = sim.shard.admit(0).unwrap();
+        sim.devices.push(Device {
+            user: 0,
+            index,
+            pipe: Pipe::connect("r0"),
+        });
+        sim.poll_all();
+        let mut load = None;
+        while let Ok(op) = sim.store.ops.try_recv() {
+            if let StoreOp::Load { user, token, .. } = op {
+                if user == "r0" {
+                    load = Some(token);
+                }
+            }
+        }
+        let loaded = StoreReply::Loaded {
+            user: "r0".into(),
+            token: load.expect("r0's load"),
+            result: Ok(Loaded {
+                entries: Vec::new(),
+                expired: 0,
+            }),
+        };
+        sim.shard.on_store_reply(loaded, now);
+        sim.poll_all();
+        (sim, now)
+    }
+
+    /// s0 sends `cid` to r0; returns the append the shard queued.
+    fn send(sim: &mut Sim, cid: &str) -> Box<Message> {
+        let text = format!(r#"{{"op":"send","to":"r0","cid":"{cid}","body":"{cid}"}}"#);
+        sim.senders[0].2.send(&text);
+        sim.poll_all();
+        loop {
+            match sim.store.ops.try_recv().expect("the send's append") {
+                StoreOp::Append(msg) => return msg,
+                _ => continue,
+            }
+        }
+    }
+
+    fn seq(n: u64) -> InboxSeq {
+        stream_id_to_seq(&format!("{}-{n}", ManualClock::WALL_ORIGIN_MS)).unwrap()
+    }
+
+    fn push(sim: &mut Sim, now: u64, n: u64, msg: StoredMessage) {
+        let reply = StoreReply::Pushed {
+            user: "r0".into(),
+            seq: seq(n),
+            msg,
+        };
+        sim.shard.on_store_reply(reply, now);
+    }
+
+    fn stored(msg: &Message) -> StoredMessage {
+        StoredMessage {
+            id: msg.id,
+            from: msg.from.clone(),
+            cid: msg.cid.clone(),
+            ts: msg.ts,
+            body: msg.body.clone(),
+        }
+    }
+
+    fn answer(sim: &mut Sim, now: u64, msg: Box<Message>, n: u64) {
+        let reply = StoreReply::Appended {
+            msg,
+            result: Ok(Appended::Stored {
+                seq: seq(n),
+                pushed: 0,
+            }),
+        };
+        sim.shard.on_store_reply(reply, now);
+    }
+
+    fn shown(sim: &mut Sim) -> Vec<String> {
+        sim.poll_all();
+        sim.devices[0]
+            .pipe
+            .frames()
+            .into_iter()
+            .filter(|v| v["op"] == "msg")
+            .map(|v| format!("{}:{}", v["from"].as_str().unwrap(), v["cid"]))
+            .collect()
+    }
+
+    /// Pushes of this shard's own writes came before their answers (so they wait), and another
+    /// node's entry came after them: it waits behind them, and the sender's next message comes
+    /// after both. Before the fix the other node's entry went in at once, the two waiting ones
+    /// no longer fitted below it, and s0's third message reached r0 before its first two (seen
+    /// in tests/cluster_random.rs).
+    #[test]
+    fn an_entry_pushed_behind_waiting_ones_goes_in_after_them() {
+        let (mut sim, now) = with_r0_online();
+        let first = send(&mut sim, "a");
+        let second = send(&mut sim, "b");
+        push(&mut sim, now, 1, stored(&first));
+        push(&mut sim, now, 2, stored(&second));
+        let other = StoredMessage {
+            id: 7,
+            from: "s9".into(),
+            cid: "\"x\"".into(),
+            ts: 1,
+            body: "1".into(),
+        };
+        push(&mut sim, now, 3, other);
+        assert!(shown(&mut sim).is_empty(), "nothing before the answers");
+        answer(&mut sim, now, first, 1);
+        answer(&mut sim, now, second, 2);
+        let third = send(&mut sim, "c");
+        push(&mut sim, now, 4, stored(&third));
+        answer(&mut sim, now, third, 4);
+        assert_eq!(
+            shown(&mut sim),
+            ["s0:\"a\"", "s0:\"b\"", "s9:\"x\"", "s0:\"c\""],
+            "in the order Redis holds them"
+        );
+    }
+}

@@ -48,6 +48,13 @@
 //! * Nor is such a write shown: an entry of this shard's own write reaches the mirror (by
 //!   push or by a load) only once the write is answered as stored; one whose write is
 //!   unanswered waits for the answer, one whose write failed is left out (it is revoked).
+//! * A user's entries reach the mirror in the order Redis holds them: while one waits for
+//!   its write's answer, every later entry of that user (any sender) waits behind it
+//!   (`waiting`). The mirror only grows at its end and a connection is only sent what lies
+//!   past what it was sent, so an entry let in after a later one would reach the recipient
+//!   after its sender's next message (seen in tests/cluster_random.rs: three pushes of one
+//!   sender held for their answers while another sender's entry went in; the first two then
+//!   no longer fitted and came after the third).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -120,9 +127,26 @@ pub struct Durable {
     doubts: HashMap<Pair, Vec<(Box<str>, u64)>>,
     /// Pairs with a revoke on its way to Redis.
     revoking: HashSet<Pair>,
-    /// This shard's appends not answered yet, by (recipient, sender, cid), with the entry
-    /// when it was pushed (or loaded) before the answer: shown only if the answer is stored.
-    unanswered: HashMap<Written, Option<(InboxSeq, StoredMessage)>>,
+    /// This shard's appends not answered yet, by (recipient, sender, cid), with the id of the
+    /// message written: an entry of an earlier, failed attempt of the same cid (being
+    /// revoked) has another id. An entry of such a write pushed (or loaded) before the answer
+    /// waits in `waiting`, and is shown only if the answer is stored.
+    unanswered: HashMap<Written, u64>,
+    /// Per user, entries that must wait to enter the mirror, by seq: `Some(id)` waits for the
+    /// answer to the write of message `id`, `None` only for the entries before it (see the
+    /// module doc).
+    waiting: HashMap<CompactString, BTreeMap<InboxSeq, (StoredMessage, Option<u64>)>>,
+}
+
+/// What becomes of an entry pushed or read for a mirror.
+enum Admit {
+    /// Into the mirror now.
+    Now,
+    /// Into `waiting`, for the answer to this message's write (`Some(id)`) or behind an
+    /// entry that waits.
+    Wait(Option<u64>),
+    /// Never shown: its write failed and is being revoked.
+    Never,
 }
 
 /// (recipient, sender, cid): one message's write.
@@ -145,6 +169,7 @@ impl Durable {
             doubts: HashMap::new(),
             revoking: HashSet::new(),
             unanswered: HashMap::new(),
+            waiting: HashMap::new(),
         }
     }
 
@@ -204,6 +229,7 @@ impl Shard {
             Some(d) => {
                 d.mirrors.remove(user);
                 d.reload_wanted.remove(user);
+                d.waiting.remove(user);
                 d.tails.remove(user)
             }
             None => None,
@@ -445,10 +471,11 @@ impl Shard {
         d.next_attempt += 1;
         let to = msg.to.clone();
         let written = (to.clone(), msg.from.clone(), msg.cid.clone());
+        let id = msg.id;
         match d.link.submit(StoreOp::Append(Box::new(msg))) {
             Ok(()) => {
                 *d.writing.entry(to).or_default() += 1;
-                d.unanswered.entry(written).or_insert(None);
+                d.unanswered.insert(written, id);
             }
             Err(StoreOp::Append(msg)) => {
                 self.metrics.store_refused.inc();
@@ -554,7 +581,6 @@ impl Shard {
             let pair = (msg.to.clone(), msg.from.clone());
             self.no_longer_in_doubt(pair, std::mem::take(&mut msg.write.revoke));
         }
-        let mut held = None;
         if let Some(d) = &mut self.durable {
             if let Some(n) = d.writing.get_mut(&msg.to) {
                 *n -= 1;
@@ -563,11 +589,21 @@ impl Shard {
                 }
             }
             let written = (msg.to.clone(), msg.from.clone(), msg.cid.clone());
-            held = d.unanswered.remove(&written).flatten();
-        }
-        // An entry of this write that came before its answer: shown now if it is stored.
-        if let (Some((seq, entry)), Ok(_)) = (held, &result) {
-            self.add_to_mirror(msg.to.clone(), seq, entry, now, true);
+            // An entry of this write that came before its answer: shown (in its turn) if it
+            // is stored, never if not.
+            if d.unanswered.get(&written) == Some(&msg.id) {
+                d.unanswered.remove(&written);
+            }
+            if let Some(queue) = d.waiting.get_mut(&msg.to) {
+                match result {
+                    Ok(_) => queue
+                        .values_mut()
+                        .filter(|(_, awaited)| *awaited == Some(msg.id))
+                        .for_each(|(_, awaited)| *awaited = None),
+                    Err(_) => queue.retain(|_, (_, awaited)| *awaited != Some(msg.id)),
+                }
+                self.release_waiting(msg.to.clone(), now);
+            }
         }
         match result {
             Ok(Appended::Stored { pushed, .. }) => {
@@ -658,26 +694,72 @@ impl Shard {
         // of this entry may have been revoked and no longer be in doubt (found by the
         // simulation, seed 12757704642094768500: a late write's entry, pushed during a load
         // and revoked before it answered, was shown under an id its sender was never told).
-        if self.held_back(&user, seq, &msg) {
-            return;
+        match self.admit_entry(&user, &msg) {
+            Admit::Now => self.add_to_mirror(user, seq, msg, now, false),
+            Admit::Wait(awaited) => self.wait(user, seq, msg, awaited),
+            Admit::Never => {}
         }
-        self.add_to_mirror(user, seq, msg, now, false);
     }
 
-    /// An entry of this shard's own write that must not be shown yet (its write is not
-    /// answered: kept for the answer) or ever (its write failed and is being revoked).
-    fn held_back(&mut self, user: &CompactString, seq: InboxSeq, msg: &StoredMessage) -> bool {
+    /// Whether an entry pushed or read for `user`'s mirror may go in now: not one of this
+    /// shard's writes still unanswered (it waits for the answer), nor one that failed (it is
+    /// being revoked), nor one behind an entry that waits.
+    fn admit_entry(&mut self, user: &CompactString, msg: &StoredMessage) -> Admit {
         let Some(d) = &mut self.durable else {
-            return false;
+            return Admit::Now;
         };
         let written = (user.clone(), msg.from.clone(), msg.cid.clone());
-        if let Some(slot) = d.unanswered.get_mut(&written) {
-            *slot = Some((seq, msg.clone()));
-            return true;
+        if d.unanswered.get(&written) == Some(&msg.id) {
+            return Admit::Wait(Some(msg.id));
         }
-        d.doubts
-            .get(&(written.0, written.1))
+        let pair = (written.0, written.1);
+        if d.doubts
+            .get(&pair)
             .is_some_and(|ws| ws.iter().any(|(cid, _)| *cid == written.2))
+        {
+            return Admit::Never;
+        }
+        if d.waiting.get(user).is_some_and(|q| !q.is_empty()) {
+            return Admit::Wait(None);
+        }
+        Admit::Now
+    }
+
+    fn wait(
+        &mut self,
+        user: CompactString,
+        seq: InboxSeq,
+        msg: StoredMessage,
+        awaited: Option<u64>,
+    ) {
+        if let Some(d) = &mut self.durable {
+            d.waiting
+                .entry(user)
+                .or_default()
+                .insert(seq, (msg, awaited));
+        }
+    }
+
+    /// Let into the mirror, in order, the waiting entries of `user` that wait for nothing
+    /// before them.
+    fn release_waiting(&mut self, user: CompactString, now: u64) {
+        loop {
+            let Some(d) = &mut self.durable else {
+                return;
+            };
+            let Some(queue) = d.waiting.get_mut(&user) else {
+                return;
+            };
+            let Some(entry) = queue.first_entry() else {
+                d.waiting.remove(&user);
+                return;
+            };
+            if entry.get().1.is_some() {
+                return; // the first still waits for its answer
+            }
+            let (seq, (msg, _)) = entry.remove_entry();
+            self.add_to_mirror(user.clone(), seq, msg, now, true);
+        }
     }
 
     /// Put a pushed (or held) entry into a ready mirror of the current epoch and send it; a
@@ -786,21 +868,49 @@ impl Shard {
                 self.metrics.redis_loads.inc();
                 self.metrics.inbox_expired.add(expired);
                 let wall = self.clock.wall_ms();
+                // What waited before this read: the read holds what came before its end, and
+                // judges it again; what came after waits on as it was.
+                let read_end = entries.last().map(|(seq, _)| *seq);
+                let before = d.waiting.remove(&user).unwrap_or_default();
                 let mut shown = Vec::with_capacity(entries.len());
                 for (seq, m) in entries {
-                    if !acked.contains(&seq) && !self.held_back(&user, seq, &m) {
-                        let age = wall.saturating_sub(store::seq_time_ms(seq));
-                        shown.push((seq, now.saturating_sub(age), m));
+                    if acked.contains(&seq) {
+                        continue;
+                    }
+                    match self.admit_entry(&user, &m) {
+                        Admit::Now => {
+                            let age = wall.saturating_sub(store::seq_time_ms(seq));
+                            shown.push((seq, now.saturating_sub(age), m));
+                        }
+                        Admit::Wait(awaited) => self.wait(user.clone(), seq, m, awaited),
+                        Admit::Never => {}
                     }
                 }
                 self.inbox.replace_user(&user, shown);
-                // Pushed while loading (judged by `held_back` when they came): those past the
-                // read are new (the rest it read).
-                for (seq, msg) in pushes {
-                    let age = wall.saturating_sub(store::seq_time_ms(seq));
-                    self.inbox
-                        .insert_at(&user, seq, msg, now.saturating_sub(age));
+                for (seq, (m, awaited)) in before {
+                    if read_end.is_none_or(|end| seq > end) {
+                        self.wait(user.clone(), seq, m, awaited);
+                    }
                 }
+                // Pushed while loading (judged when they came): those past the read are new
+                // (the rest it read); behind a waiting entry they wait too.
+                for (seq, msg) in pushes {
+                    if read_end.is_some_and(|end| seq <= end) {
+                        continue;
+                    }
+                    let behind = self
+                        .durable
+                        .as_ref()
+                        .is_some_and(|d| d.waiting.get(&user).is_some_and(|q| !q.is_empty()));
+                    if behind {
+                        self.wait(user.clone(), seq, msg, None);
+                    } else {
+                        let age = wall.saturating_sub(store::seq_time_ms(seq));
+                        self.inbox
+                            .insert_at(&user, seq, msg, now.saturating_sub(age));
+                    }
+                }
+                self.release_waiting(user.clone(), now);
                 for device in self.devices_of(&user) {
                     self.pump(device, now);
                     self.kick(device);
