@@ -85,6 +85,7 @@ pub struct Config {
     pub drain_ms: u64,
     pub echo_route: bool,
     pub redis_url: Option<String>,
+    pub redis_tls_ca: Option<PathBuf>,
     pub node_id: String,
     pub tick_ms: u64,
     pub wheel_slots: usize,
@@ -165,6 +166,9 @@ pub struct ConfigLayer {
     /// Redis URL for the durable store; unset = embedded store
     #[arg(long, env = "RINGGATE_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// PEM file of the CA certificates to trust for a rediss:// URL [default: the system's]
+    #[arg(long, env = "RINGGATE_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<String>,
     /// Node id in a cluster [default: hostname-pid]
     #[arg(long, env = "RINGGATE_NODE_ID")]
     pub node_id: Option<String>,
@@ -302,6 +306,7 @@ impl ConfigLayer {
             drain_ms,
             echo_route,
             redis_url,
+            redis_tls_ca,
             node_id,
             tick_ms,
             wheel_slots,
@@ -410,8 +415,19 @@ impl ConfigLayer {
             return Err(invalid("node_id", "must be 1 to 64 characters"));
         }
         let redis_url = self.redis_url.filter(|s| !s.is_empty());
+        let redis_tls_ca = self
+            .redis_tls_ca
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
         if let Some(url) = &redis_url {
-            crate::store::redis::check_url(url).map_err(|m| invalid("redis_url", m))?;
+            crate::store::redis::check_url(url, redis_tls_ca.as_deref())
+                .map_err(|m| invalid("redis_url", m))?;
+        }
+        if let Some(path) = &redis_tls_ca {
+            if redis_url.is_none() {
+                return Err(invalid("redis_tls_ca", "set without a redis_url"));
+            }
+            crate::store::redis::tls_connector(path).map_err(|m| invalid("redis_tls_ca", m))?;
         }
         let redis_timeout_ms = self.redis_timeout_ms.unwrap_or(2_000);
         if redis_timeout_ms < 10 {
@@ -472,6 +488,7 @@ impl ConfigLayer {
             drain_ms: self.drain_ms.unwrap_or(DEFAULT_DRAIN_MS),
             echo_route: self.echo_route.unwrap_or(false),
             redis_url,
+            redis_tls_ca,
             node_id,
             tick_ms,
             wheel_slots,
@@ -539,6 +556,7 @@ impl Config {
             lease_ms: self.node_lease_ms,
             room_history_max: self.room_history_max,
             room_history_age_ms: self.room_history_age_ms,
+            tls_ca: self.redis_tls_ca.clone(),
         })
     }
 
@@ -605,30 +623,41 @@ mod tests {
         assert!(!c.echo_route);
     }
 
-    /// A URL ringgate cannot honour is refused at start: TLS schemes (no TLS to Redis in this
-    /// build) would otherwise connect in clear.
+    /// TLS URLs are taken (rustls); a CA file must be readable PEM, and only goes with a TLS
+    /// URL: each mistake is refused at start naming its key.
     #[test]
-    fn a_tls_redis_url_is_refused_at_start() {
+    fn tls_redis_urls_are_taken_and_a_bad_ca_file_is_refused_at_start() {
         for url in [
             "rediss://:secret@127.0.0.1:6380",
             "rediss-cluster://127.0.0.1:7000",
-            "rediss-sentinel://127.0.0.1:26379/0?sentinelServiceName=m",
             "REDISS://:pw@127.0.0.1:6380",
             "valkeys://:pw@127.0.0.1:6380",
-            "valkeys-cluster://127.0.0.1:7000",
         ] {
             let layer = ConfigLayer {
                 redis_url: Some(url.into()),
                 ..Default::default()
             };
-            let err = layer.resolve().unwrap_err().to_string();
-            assert!(err.contains("redis_url") && err.contains("TLS"), "{err}");
+            assert!(layer.resolve().is_ok(), "{url}");
         }
-        let plain = ConfigLayer {
-            redis_url: Some("redis://127.0.0.1:6379".into()),
-            ..Default::default()
+        let with_ca = |url: &str, ca: &str| {
+            ConfigLayer {
+                redis_url: Some(url.into()),
+                redis_tls_ca: Some(ca.into()),
+                ..Default::default()
+            }
+            .resolve()
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         };
-        assert!(plain.resolve().is_ok());
+        let missing = with_ca("rediss://127.0.0.1:6380", "/nonexistent/ca.pem").unwrap_err();
+        assert!(missing.contains("redis_tls_ca"), "{missing}");
+        let not_pem = std::env::temp_dir().join(format!("rg-not-pem-{}", std::process::id()));
+        std::fs::write(&not_pem, "hello").unwrap();
+        let err = with_ca("rediss://127.0.0.1:6380", not_pem.to_str().unwrap()).unwrap_err();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        let plain = with_ca("redis://127.0.0.1:6379", not_pem.to_str().unwrap()).unwrap_err();
+        assert!(plain.contains("not a TLS URL"), "{plain}");
+        let _ = std::fs::remove_file(not_pem);
     }
 
     #[test]

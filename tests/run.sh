@@ -29,6 +29,8 @@ need_apt curl curl
 # The Redis tests start their own redis-server processes (tests/common/redis.rs).
 need_apt redis-server redis-server
 need_apt redis-cli redis-tools
+# tests/redis_tls.rs makes its CA and certificate with openssl.
+need_apt openssl openssl
 
 say "format check"
 cargo fmt --all -- --check

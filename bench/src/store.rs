@@ -84,6 +84,7 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
         lease_ms: 10_000,
         room_history_max: 1_000,
         room_history_age_ms: 60_000,
+        tls_ca: None,
     };
     let links = redis::start(settings, a.shards).map_err(|e| e.to_string())?;
     let body: Box<str> = json!("x".repeat(a.body.saturating_sub(2)))

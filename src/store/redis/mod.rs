@@ -72,6 +72,7 @@
 //! Pub/sub is the classic kind (a `PUBLISH` reaches subscribers on every primary). Standalone
 //! and Sentinel URLs work as well.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -317,20 +318,77 @@ impl StoreLink {
     }
 }
 
-/// Refuse URLs this store cannot serve (checked with the config, before start).
-pub fn check_url(url: &str) -> Result<(), String> {
-    // fred parses the TLS schemes, but is built here without a TLS feature: such a URL
-    // connected in clear, password included. Refused until TLS is built in.
-    let scheme = url
-        .split_once("://")
-        .map_or(String::new(), |(s, _)| s.to_ascii_lowercase());
-    if scheme.starts_with("rediss") || scheme.starts_with("valkeys") {
+/// Say why Redis cannot be reached (a refused connection, a certificate that does not verify,
+/// a wrong password): fred retries by itself and would otherwise keep it to itself. The first
+/// error of a run of them is logged, then at most one every `QUIET`.
+async fn log_connection_errors(client: Client) {
+    const QUIET: Duration = Duration::from_secs(30);
+    let mut errors = client.error_rx();
+    let mut last: Option<Instant> = None;
+    loop {
+        match errors.recv().await {
+            Ok((error, server)) => {
+                if last.is_none_or(|at| at.elapsed() >= QUIET) {
+                    last = Some(Instant::now());
+                    let server = server.map(|s| s.to_string()).unwrap_or_default();
+                    tracing::warn!(%error, %server, "Redis connection error (retrying)");
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Refuse URLs this store cannot serve (checked with the config, before start): fred must
+/// parse it, and a CA file is only for a TLS URL.
+pub fn check_url(url: &str, tls_ca: Option<&Path>) -> Result<(), String> {
+    let config = Config::from_url(url).map_err(|e| format!("`{url}`: {e}"))?;
+    if tls_ca.is_some() && config.tls.is_none() {
         return Err(format!(
-            "`{scheme}://` (TLS) is not supported by this build: it would connect without TLS and send the password in clear; use redis:// on a trusted network, or a TLS tunnel (stunnel, spiped) to a redis:// address"
+            "redis_tls_ca is set but `{url}` is not a TLS URL (use rediss://)"
         ));
     }
-    Config::from_url(url).map_err(|e| format!("`{url}`: {e}"))?;
     Ok(())
+}
+
+/// The fred config for `settings`: the URL's, with the operator's CA for `rediss://` when one
+/// is given (otherwise fred trusts the system's roots).
+pub fn fred_config(settings: &RedisSettings) -> Result<Config, String> {
+    let mut config = Config::from_url(&settings.url).map_err(|e| e.to_string())?;
+    if let (Some(tls), Some(path)) = (config.tls.as_mut(), &settings.tls_ca) {
+        tls.connector = tls_connector(path)?;
+    }
+    Ok(config)
+}
+
+/// A rustls connector that trusts exactly the certificates in the PEM file at `path`.
+pub fn tls_connector(path: &Path) -> Result<fred::types::config::TlsConnector, String> {
+    use fred::rustls::pki_types::pem::PemObject;
+    use fred::rustls::pki_types::CertificateDer;
+    let mut roots = fred::rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("redis_tls_ca {}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("redis_tls_ca {}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("redis_tls_ca {}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "redis_tls_ca {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    let config = fred::rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        fred::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(config.into())
 }
 
 /// Settings the Redis thread needs.
@@ -350,6 +408,8 @@ pub struct RedisSettings {
     /// Room history: messages kept per room, and their age cap.
     pub room_history_max: usize,
     pub room_history_age_ms: u64,
+    /// PEM file of the CAs to trust for `rediss://` (None: the system's roots).
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// The store's end of a link that no Redis thread serves: a simulation answers the shard's
@@ -534,7 +594,13 @@ struct ShardPipe {
 }
 
 async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>, all: AllShards) {
-    let config = Config::from_url(&settings.url).expect("checked by the config");
+    let config = match fred_config(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot configure the Redis client; every store operation will fail");
+            return fail_forever(pipes).await;
+        }
+    };
     let pool = match Builder::from_config(config)
         .with_config(|c| c.fail_fast = false)
         .with_connection_config(|c| {
@@ -552,6 +618,9 @@ async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>, all: AllShards) {
             return fail_forever(pipes).await;
         }
     };
+    for client in pool.clients() {
+        tokio::spawn(log_connection_errors(client.clone()));
+    }
     // Connect in the background: shards are served at once, with `unavailable` until then.
     let connecting = pool.clone();
     let url = settings.url.clone();
@@ -583,8 +652,9 @@ async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>, all: AllShards) {
     }
     let settings = Arc::new(settings);
     let mut tasks = Vec::new();
-    let config = Config::from_url(&settings.url).expect("checked by the config");
-    tasks.push(tokio::spawn(listen(config, settings.clone(), all.clone())));
+    if let Ok(config) = fred_config(&settings) {
+        tasks.push(tokio::spawn(listen(config, settings.clone(), all.clone())));
+    }
     for pipe in pipes {
         let client = pool.clients()[pipe.shard % pool.clients().len()].clone();
         tasks.push(tokio::spawn(serve_shard(

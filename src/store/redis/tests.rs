@@ -49,6 +49,7 @@ fn settings() -> RedisSettings {
         lease_ms: 900,
         room_history_max: 3,
         room_history_age_ms: 4000,
+        tls_ca: None,
     }
 }
 
@@ -396,11 +397,16 @@ fn a_malformed_answer_fails_the_whole_batch() {
 }
 
 #[test]
-fn standalone_sentinel_and_cluster_urls_are_taken_and_others_refused() {
-    assert!(check_url("redis://127.0.0.1:6379").is_ok());
-    assert!(check_url("redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001").is_ok());
-    assert!(check_url("redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=m").is_ok());
-    assert!(check_url("not a url").is_err());
+fn standalone_sentinel_cluster_and_tls_urls_are_taken_and_others_refused() {
+    assert!(check_url("rediss://127.0.0.1:6380", None).is_ok());
+    assert!(check_url("redis://127.0.0.1:6379", None).is_ok());
+    assert!(check_url("redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001", None).is_ok());
+    assert!(check_url(
+        "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=m",
+        None
+    )
+    .is_ok());
+    assert!(check_url("not a url", None).is_err());
 }
 
 #[test]
