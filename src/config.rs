@@ -110,6 +110,12 @@ pub struct Config {
     pub user_send_rate: u32,
     pub user_send_burst: u32,
     pub rate_limit_strikes: u32,
+    /// `conn_frame_rate` / `conn_frame_burst` as a bucket rate, made once (read per frame).
+    #[serde(skip)]
+    pub frame_limit: Option<Rate>,
+    /// `user_send_rate` / `user_send_burst` as a bucket rate.
+    #[serde(skip)]
+    pub send_limit: Option<Rate>,
 }
 
 /// Every key as optional: what one source (file, or flags+env) says.
@@ -450,6 +456,8 @@ impl ConfigLayer {
         if node_id.contains(char::is_whitespace) {
             return Err(invalid("node_id", "must not contain spaces"));
         }
+        let user_send_rate = self.user_send_rate.unwrap_or(DEFAULT_USER_SEND_RATE);
+        let user_send_burst = self.user_send_burst.unwrap_or(DEFAULT_USER_SEND_BURST);
         let conn_frame_rate = self.conn_frame_rate.unwrap_or(DEFAULT_CONN_FRAME_RATE);
         let conn_frame_burst = self.conn_frame_burst.unwrap_or(DEFAULT_CONN_FRAME_BURST);
         let rate_limit_strikes = self
@@ -517,9 +525,11 @@ impl ConfigLayer {
             ip_max_open: self.ip_max_open.unwrap_or(DEFAULT_IP_MAX_OPEN),
             conn_frame_rate,
             conn_frame_burst,
-            user_send_rate: self.user_send_rate.unwrap_or(DEFAULT_USER_SEND_RATE),
-            user_send_burst: self.user_send_burst.unwrap_or(DEFAULT_USER_SEND_BURST),
+            user_send_rate,
+            user_send_burst,
             rate_limit_strikes,
+            frame_limit: Rate::new(conn_frame_rate, conn_frame_burst),
+            send_limit: Rate::new(user_send_rate, user_send_burst),
         })
     }
 }
@@ -562,12 +572,12 @@ impl Config {
 
     /// Frames per connection (`None` = no limit).
     pub fn frame_rate(&self) -> Option<Rate> {
-        Rate::new(self.conn_frame_rate, self.conn_frame_burst)
+        self.frame_limit
     }
 
     /// `send` + `publish` per user (`None` = no limit).
     pub fn send_rate(&self) -> Option<Rate> {
-        Rate::new(self.user_send_rate, self.user_send_burst)
+        self.send_limit
     }
 
     /// The per-address limits the shards share.
