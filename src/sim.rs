@@ -964,14 +964,10 @@ mod tests {
 }
 
 #[cfg(test)]
-mod reload_tests {
-    use super::*;
-
-    /// A reload wanted while the user's mirror is still loading (its push list full) waits for
-    /// the load to end; a tick meanwhile used to drop it, and the entries past the full push
-    /// list never reached the online user's mirror (review finding, 7e7f976).
-    #[test]
-    fn a_reload_wanted_during_a_load_happens_after_it() {
+impl Sim {
+    /// Scripted tests: the shard has heard its first resync and a good batch, and a device of
+    /// r0 has connected, so r0's inbox load is out (in `store.ops`).
+    fn with_device_of_r0_loading() -> (Sim, u64) {
         let mut sim = Sim::new(1, Plant::None);
         let now = sim.now();
         let resync = sim.to_shard.pop_front().expect("the first resync");
@@ -991,6 +987,20 @@ mod reload_tests {
             pipe: Pipe::connect("r0"),
         });
         sim.poll_all();
+        (sim, now)
+    }
+}
+
+#[cfg(test)]
+mod reload_tests {
+    use super::*;
+
+    /// A reload wanted while the user's mirror is still loading (its push list full) waits for
+    /// the load to end; a tick meanwhile used to drop it, and the entries past the full push
+    /// list never reached the online user's mirror (review finding, 7e7f976).
+    #[test]
+    fn a_reload_wanted_during_a_load_happens_after_it() {
+        let (mut sim, now) = Sim::with_device_of_r0_loading();
         let loads = |sim: &mut Sim| {
             let mut tokens = Vec::new();
             while let Ok(op) = sim.store.ops.try_recv() {
@@ -1056,25 +1066,7 @@ mod order_tests {
     /// The shard with a resync and a good batch behind it, and recipient r0 online with its
     /// (empty) inbox loaded.
     fn with_r0_online() -> (Sim, u64) {
-        let mut sim = Sim::new(1, Plant::None);
-        let now = sim.now();
-        let resync = sim.to_shard.pop_front().expect("the first resync");
-        sim.shard.on_store_reply(resync, now);
-        let up = StoreReply::Batch {
-            ops: 1,
-            latency: std::time::Duration::ZERO,
-            error: None,
-            expired: 0,
-            breaker_open: false,
-        };
-        sim.shard.on_store_reply(up, now);
-        let index = sim.shard.admit(0).unwrap();
-        sim.devices.push(Device {
-            user: 0,
-            index,
-            pipe: Pipe::connect("r0"),
-        });
-        sim.poll_all();
+        let (mut sim, now) = Sim::with_device_of_r0_loading();
         let mut load = None;
         while let Ok(op) = sim.store.ops.try_recv() {
             if let StoreOp::Load { user, token, .. } = op {
