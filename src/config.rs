@@ -110,10 +110,11 @@ pub struct Config {
     pub user_send_rate: u32,
     pub user_send_burst: u32,
     pub rate_limit_strikes: u32,
-    /// `conn_frame_rate` / `conn_frame_burst` as a bucket rate, made once (read per frame).
+    /// `conn_frame_rate` / `conn_frame_burst` as a bucket rate, made once (read per frame;
+    /// `None` = no limit).
     #[serde(skip)]
     pub frame_limit: Option<Rate>,
-    /// `user_send_rate` / `user_send_burst` as a bucket rate.
+    /// `user_send_rate` / `user_send_burst` as a bucket rate (`None` = no limit).
     #[serde(skip)]
     pub send_limit: Option<Rate>,
 }
@@ -568,16 +569,6 @@ impl Config {
             room_history_age_ms: self.room_history_age_ms,
             tls_ca: self.redis_tls_ca.clone(),
         })
-    }
-
-    /// Frames per connection (`None` = no limit).
-    pub fn frame_rate(&self) -> Option<Rate> {
-        self.frame_limit
-    }
-
-    /// `send` + `publish` per user (`None` = no limit).
-    pub fn send_rate(&self) -> Option<Rate> {
-        self.send_limit
     }
 
     /// The per-address limits the shards share.

@@ -135,9 +135,7 @@ fn flooder(
         };
         ws::encode_frame(&mut batch, true, 1, text.as_bytes(), [1, 2, 3, 4]);
     }
-    let mut attempt = 0u64;
     while !stop.load(Relaxed) {
-        attempt += 1;
         let (stream, rest) = match connect(target, &format!("flood-{i}")) {
             Ok(s) => s,
             Err(status) => {
@@ -180,7 +178,6 @@ fn flooder(
         }
         let _ = writer.shutdown(std::net::Shutdown::Both);
         let _ = read.join();
-        let _ = attempt;
     }
 }
 

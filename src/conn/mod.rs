@@ -709,7 +709,7 @@ impl Connection {
     /// connection that keeps sending past its limit runs past `rate_limit_strikes` frames'
     /// worth and is closed with 1008; one that waits as told is not.
     pub fn charge_frame(&mut self, now: u64, ctx: &Ctx) -> Result<(), u64> {
-        let Some(rate) = ctx.cfg.frame_rate() else {
+        let Some(rate) = ctx.cfg.frame_limit else {
             return Ok(());
         };
         if let Ok(after) = rate.take(u64::from(self.frame_debt_us)) {
@@ -725,7 +725,7 @@ impl Connection {
     /// Something this connection sent was refused by a rate limit: it costs one frame more,
     /// and a connection deep enough in debt is closed with 1008.
     pub fn strike(&mut self, now: u64, ctx: &Ctx) {
-        let Some(rate) = ctx.cfg.frame_rate() else {
+        let Some(rate) = ctx.cfg.frame_limit else {
             return;
         };
         let debt = u64::from(self.frame_debt_us) + rate.interval_us();

@@ -180,8 +180,9 @@ impl IpLimits {
 
     /// Entries in the table.
     pub fn len(&self) -> usize {
-        (0..STRIPES)
-            .map(|i| self.stripes[i].lock().map_or(0, |s| s.entries.len()))
+        self.stripes
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).entries.len())
             .sum()
     }
 

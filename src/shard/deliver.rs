@@ -140,7 +140,7 @@ impl Shard {
     /// lives on this shard, its home. Over the limit the frame gets `rate_limited` with its
     /// cid, nothing of it is taken, and the connection gets a strike (see `Connection::strike`).
     fn within_send_rate(&mut self, index: usize, cid: &str, now: u64) -> bool {
-        let Some(rate) = self.shared.cfg.send_rate() else {
+        let Some(rate) = self.shared.cfg.send_limit else {
             return true;
         };
         let Some(user) = self.conns[index].conn.user() else {

@@ -153,6 +153,11 @@ enum Admit {
 type Written = (CompactString, CompactString, Box<str>);
 
 impl Durable {
+    /// Some entry of `user` waits to enter the mirror: anything newer waits behind it.
+    fn has_waiting(&self, user: &str) -> bool {
+        self.waiting.get(user).is_some_and(|q| !q.is_empty())
+    }
+
     pub fn new(link: StoreLink) -> Self {
         Durable {
             link,
@@ -719,7 +724,7 @@ impl Shard {
         {
             return Admit::Never;
         }
-        if d.waiting.get(user).is_some_and(|q| !q.is_empty()) {
+        if d.has_waiting(user) {
             return Admit::Wait(None);
         }
         Admit::Now
@@ -898,11 +903,7 @@ impl Shard {
                     if read_end.is_some_and(|end| seq <= end) {
                         continue;
                     }
-                    let behind = self
-                        .durable
-                        .as_ref()
-                        .is_some_and(|d| d.waiting.get(&user).is_some_and(|q| !q.is_empty()));
-                    if behind {
+                    if self.durable.as_ref().is_some_and(|d| d.has_waiting(&user)) {
                         self.wait(user.clone(), seq, msg, None);
                     } else {
                         let age = wall.saturating_sub(store::seq_time_ms(seq));
