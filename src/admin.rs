@@ -28,6 +28,41 @@ pub struct Admin {
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub mesh: ShardMeshClient,
     pub api_cids: ApiCids,
+    pub api_refused: ApiRefused,
+}
+
+/// Backend API requests answered with an error, by HTTP status. The API runs on the admin
+/// thread, not on a shard, so these are the listener's, not a shard's.
+#[derive(Default)]
+pub struct ApiRefused([crate::metrics::Counter; API_STATUSES.len()]);
+
+/// The statuses the API refuses with; 0: any other.
+const API_STATUSES: [u16; 8] = [400, 401, 403, 404, 405, 413, 503, 0];
+const API_REFUSED: &str = "ringgate_api_refused_total";
+
+impl ApiRefused {
+    fn count(&self, status: StatusCode) {
+        if status.is_success() {
+            return;
+        }
+        let at = API_STATUSES
+            .iter()
+            .position(|&s| s == status.as_u16())
+            .unwrap_or(API_STATUSES.len() - 1);
+        self.0[at].inc();
+    }
+
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {API_REFUSED} Backend API requests answered with an error, by status (0: another status). Counted by the admin listener, which serves the API (shard=\"admin\").\n# TYPE {API_REFUSED} counter");
+        for (status, n) in API_STATUSES.iter().zip(&self.0) {
+            let _ = writeln!(
+                out,
+                "{API_REFUSED}{{shard=\"admin\",status=\"{status}\"}} {}",
+                n.get()
+            );
+        }
+    }
 }
 
 /// Cids for API requests that bring none: `api-<run>-<n>`, `run` random per process. The
@@ -414,9 +449,10 @@ async fn presence(admin: &Admin, query: &str) -> Response<Full<Bytes>> {
 async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.uri().path().starts_with("/api/") {
         if let Some(refusal) = check_api_key(admin, &req) {
+            admin.api_refused.count(refusal.status());
             return refusal;
         }
-        return match (req.method(), req.uri().path()) {
+        let response = match (req.method(), req.uri().path()) {
             (&Method::GET, "/api/presence") => {
                 presence(admin, req.uri().query().unwrap_or("")).await
             }
@@ -424,11 +460,20 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             (&Method::POST, "/api/publish") => api_publish(admin, req).await,
             _ => api_error(StatusCode::NOT_FOUND, "no such API endpoint"),
         };
+        admin.api_refused.count(response.status());
+        return response;
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
-            .body(Full::new(metrics::render(&admin.metrics).into()))
+            .body(Full::new(
+                {
+                    let mut out = metrics::render(&admin.metrics);
+                    admin.api_refused.render(&mut out);
+                    out
+                }
+                .into(),
+            ))
             .expect("static response"),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -436,12 +481,18 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             // messages from other nodes reach its users only by the first resync.
             let unheard = admin.shared.cfg.redis_url.is_some()
                 && admin.metrics.iter().any(|m| m.cluster_epoch.get() == 0);
+            let no_ids = admin.metrics.iter().any(|m| m.id_slot_held.get() == 0);
             if admin.shared.draining.load(Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if unheard {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "waiting for this node's Redis channel\n",
+                )
+            } else if no_ids {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for a message id slot from Redis\n",
                 )
             } else {
                 text(StatusCode::OK, "ready\n")

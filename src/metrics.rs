@@ -95,6 +95,7 @@ pub const CROSS_NODE_IN: &str = "ringgate_cross_node_in_total";
 pub const LEASE_REFRESHES: &str = "ringgate_node_lease_refreshes_total";
 pub const PRESENCE_LOOKUPS: &str = "ringgate_presence_directory_lookups_total";
 pub const CLUSTER_EPOCH: &str = "ringgate_cluster_epoch";
+pub const ID_SLOT_HELD: &str = "ringgate_message_id_slot_held";
 pub const WINDOW_FULL: &str = "ringgate_window_full_total";
 pub const HANDOFFS_OUT: &str = "ringgate_handoffs_out_total";
 pub const HANDOFFS_IN: &str = "ringgate_handoffs_in_total";
@@ -206,6 +207,7 @@ pub struct ShardMetrics {
     pub lease_refreshes: Counter,
     pub presence_lookups: Counter,
     pub cluster_epoch: Gauge,
+    pub id_slot_held: Gauge,
     pub window_full: Counter,
     pub handoffs_out: Counter,
     pub handoffs_in: Counter,
@@ -425,6 +427,12 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "With Redis: resyncs with this node's channel so far (0: not heard yet, and /readyz answers 503).",
         Kind::Gauge,
         |m| m.cluster_epoch.get(),
+    ),
+    (
+        ID_SLOT_HELD,
+        "1 while this shard holds a message id slot (with Redis: claimed there and renewed in time; see README \"Message ids\"), 0 while it does not and its sends get `unavailable` (/readyz answers 503).",
+        Kind::Gauge,
+        |m| m.id_slot_held.get(),
     ),
     (
         WINDOW_FULL,

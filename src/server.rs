@@ -94,6 +94,10 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     let metrics: Vec<Arc<ShardMetrics>> = (0..cfg.shards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
+    if store_links.is_empty() {
+        // Embedded: each shard's index is its message id slot, for good (`delivery/ids.rs`).
+        metrics.iter().for_each(|m| m.id_slot_held.set(1));
+    }
     let (mut meshes, mesh_client) =
         crate::mesh::build(cfg.shards).map_err(|e| StartError::Shard {
             shard: 0,
@@ -106,6 +110,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             metrics: metrics.clone(),
             mesh: mesh_client,
             api_cids: admin::ApiCids::new(),
+            api_refused: Default::default(),
         },
     )
     .map_err(|source| StartError::Admin {
@@ -140,6 +145,9 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         handles.push(handle);
     }
     watch_signals(shared.clone());
+    if let Some(settings) = cfg.redis_settings() {
+        wait_for_id_slots(&metrics, settings.timeout);
+    }
     println!(
         "ringgate listening on ws://{public} admin http://{admin_addr} shards {} node {} (ready in {} ms)",
         cfg.shards,
@@ -163,6 +171,21 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         shared.host_open.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+/// With Redis, each shard issues message ids from a slot it claims there (`delivery/ids.rs`):
+/// give the claims up to two Redis timeouts (connecting, then the claim) before reporting the
+/// node up, so that its first sends are not refused for want of a slot. If Redis is away, the
+/// node starts anyway: its sends get `unavailable` (they need Redis) and /readyz says why.
+fn wait_for_id_slots(metrics: &[Arc<ShardMetrics>], timeout: std::time::Duration) {
+    let deadline = Instant::now() + 2 * timeout;
+    while metrics.iter().any(|m| m.id_slot_held.get() == 0) {
+        if Instant::now() >= deadline {
+            eprintln!("ringgate: WARNING no message id slot from Redis yet; sends get `unavailable` until one is claimed");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// First SIGTERM/SIGINT starts the drain; a second one exits at once.

@@ -31,6 +31,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 
 use crate::clock::{Clock, ManualClock};
 use crate::config::ConfigLayer;
+use crate::delivery::ids::IdGrant;
 use crate::metrics::ShardMetrics;
 use crate::shard::{ConnPoll, Shard, Shared};
 use crate::store::redis::{
@@ -316,6 +317,11 @@ impl Model {
                 StoreReply::Done
             }
             StoreOp::Lease | StoreOp::Probe => StoreReply::Done,
+            // One shard, one node: the slot it asks to keep, else slot 0.
+            StoreOp::ClaimIdSlot { held } => StoreReply::IdSlot(Ok(IdGrant {
+                slot: held.unwrap_or(0),
+                not_before_ms: 0,
+            })),
             _ => panic!("the simulation has no rooms or presence"),
         }
     }
@@ -980,6 +986,14 @@ impl Sim {
             breaker_open: false,
         };
         sim.shard.on_store_reply(up, now);
+        // The shard's message id slot, claimed when the store was enabled.
+        let claim = sim.store.ops.try_recv().expect("the id slot claim");
+        assert!(matches!(claim, StoreOp::ClaimIdSlot { held: None }));
+        let granted = StoreReply::IdSlot(Ok(IdGrant {
+            slot: 0,
+            not_before_ms: 0,
+        }));
+        sim.shard.on_store_reply(granted, now);
         let index = sim.shard.admit(0).unwrap();
         sim.devices.push(Device {
             user: 0,

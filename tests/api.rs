@@ -31,6 +31,17 @@ fn api_needs_a_configured_key_and_the_right_one() {
         &[&format!("Authorization: Bearer {KEY}")],
     );
     assert_eq!(status, 404);
+    // Every refusal counted, by status.
+    let refused = |gw: &Gateway, status: u16| {
+        gw.metric(&format!(
+            "ringgate_api_refused_total{{shard=\"admin\",status=\"{status}\"}}"
+        ))
+    };
+    assert_eq!(refused(&closed, 403), 1);
+    assert_eq!(
+        (refused(&gw, 401), refused(&gw, 404), refused(&gw, 400)),
+        (2, 1, 0)
+    );
 }
 
 #[test]
@@ -75,6 +86,10 @@ fn bad_presence_requests_are_400() {
     let (status, v) = presence(&gw, &hundred.join("&"), Some(KEY));
     assert_eq!(status, 200);
     assert_eq!(v["online"].as_object().unwrap().len(), 100);
+    assert_eq!(
+        gw.metric("ringgate_api_refused_total{shard=\"admin\",status=\"400\"}"),
+        4
+    );
 }
 
 fn post_send(gw: &Gateway, body: &str, key: &str) -> (u16, serde_json::Value) {

@@ -47,6 +47,7 @@ on_standalone_and_cluster!(
     join_with_since_recovers_across_nodes_and_says_when_history_is_too_short,
     a_node_whose_members_all_left_is_no_longer_pushed_the_room,
     sends_refused_while_redis_restarts_are_replayed_in_the_order_they_were_accepted,
+    each_shard_of_each_node_issues_message_ids_from_its_own_slot,
 );
 
 fn api_presence(gw: &Gateway, query: &str) -> (u16, String) {
@@ -600,4 +601,128 @@ fn sends_refused_while_redis_restarts_are_replayed_in_the_order_they_were_accept
         .filter(|v| v["op"] == "msg")
         .collect();
     assert!(again.is_empty(), "nothing shown twice: {again:?}");
+}
+
+/// The issuer slot of a message id (bits 9..22: see `delivery/ids.rs`).
+fn id_slot(v: &Value) -> u64 {
+    let id: u64 = v["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {v}"));
+    (id >> 9) & 8191
+}
+
+/// The `rg:ids` hash as holder -> (slot, expiry ms).
+fn id_slots(redis: &RedisServer) -> std::collections::HashMap<String, (u64, u64)> {
+    let raw = redis.cli(&["HGETALL", "rg:ids"]);
+    let lines: Vec<&str> = raw.lines().collect();
+    lines
+        .chunks(2)
+        .filter(|kv| kv.len() == 2)
+        .map(|kv| {
+            let (holder, expiry) = kv[1].split_once(' ').unwrap_or_else(|| panic!("{kv:?}"));
+            (
+                holder.to_string(),
+                (kv[0].parse().unwrap(), expiry.parse().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// Issue 16: ids unique across nodes. Each shard of each node claims its own slot in Redis
+/// (before, shard 0 of every node wrote the same bits into its ids), renews it under the
+/// node lease, and every id it issues carries it.
+fn each_shard_of_each_node_issues_message_ids_from_its_own_slot(redis: RedisServer) {
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let slots = id_slots(&redis);
+    assert_eq!(slots.len(), 4, "two shards on each of two nodes: {slots:?}");
+    let holder = |node: &str, shard: usize| {
+        slots
+            .iter()
+            .find(|(h, _)| h.starts_with(&format!("{node}.")) && h.ends_with(&format!("/{shard}")))
+            .map(|(_, (slot, _))| *slot)
+            .unwrap_or_else(|| panic!("no slot of {node}/{shard} in {slots:?}"))
+    };
+    let mut seen = HashSet::new();
+    for (gw, name) in [(&a, "a"), (&b, "b")] {
+        for shard in 0..2 {
+            // The sender's home shard issues the id.
+            let sender = user_on(&format!("s{name}"), shard, 2);
+            let (mut ws, _) = connect_app(gw, &sender);
+            for i in 0..20 {
+                send(&mut ws, "nobody", &format!("c{i}"), json!(i));
+            }
+            for _ in 0..20 {
+                let v = next_op(&mut ws, "accepted");
+                assert_eq!(id_slot(&v), holder(name, shard), "{name}/{shard}: {v}");
+                assert!(seen.insert(v["id"].as_str().unwrap().to_string()), "{v}");
+            }
+        }
+    }
+    assert_eq!(a.metric_sum("ringgate_message_id_slot_held"), 2);
+    // Renewed under the lease (900 ms: every 300 ms), by the same holders.
+    std::thread::sleep(Duration::from_millis(1_000));
+    let later = id_slots(&redis);
+    for (h, (slot, expiry)) in &slots {
+        let (slot2, expiry2) = later[h];
+        assert_eq!(slot2, *slot, "{h} keeps its slot");
+        assert!(expiry2 > *expiry, "{h}: expiry {expiry} -> {expiry2}");
+    }
+}
+
+/// Every id slot is held (by shards of other nodes, live): a node starts, says why it is not
+/// ready and refuses sends (`unavailable`, counted); once a slot's holder expired, a shard
+/// takes it over and its sends go through, their ids carrying that slot.
+#[test]
+fn a_shard_without_an_id_slot_refuses_sends_until_one_frees() {
+    let redis = RedisServer::start();
+    let far = "99999999999999";
+    let mut args: Vec<String> = vec!["HSET".into(), "rg:ids".into()];
+    for slot in 0..8192 {
+        args.push(slot.to_string());
+        args.push(format!("other.1/{} {far}", slot % 64));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_eq!(redis.int(&args), 8192);
+    let gw = node_with(&redis, "late", &["--user-send-rate", "0"]);
+    assert_eq!(
+        gw.admin_get("/readyz"),
+        (
+            503,
+            "waiting for a message id slot from Redis\n".to_string()
+        )
+    );
+    assert_eq!(gw.metric_sum("ringgate_message_id_slot_held"), 0);
+    let (mut ws, _) = connect_app(&gw, "ann");
+    send(&mut ws, "bob", "c0", json!("hi"));
+    let refused = next_op(&mut ws, "error");
+    assert_eq!(
+        (refused["code"].as_str(), refused["cid"].as_str()),
+        (Some("unavailable"), Some("c0"))
+    );
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("message id slot"),
+        "{refused}"
+    );
+    assert!(gw.metric_sum_where("ringgate_sends_refused_total", "source=\"gateway\"") >= 1);
+    // Two holders expired long ago: the shards take them over.
+    redis.cli(&["HSET", "rg:ids", "5", "other.1/5 1", "4000", "other.1/0 2"]);
+    assert!(eventually(Duration::from_secs(5), || gw
+        .admin_get("/readyz")
+        .0
+        == 200));
+    send(&mut ws, "bob", "c0", json!("hi"));
+    let accepted = next_op(&mut ws, "accepted");
+    assert!([5, 4000].contains(&id_slot(&accepted)), "{accepted}");
+    let slots = id_slots(&redis);
+    let mine: Vec<u64> = slots
+        .iter()
+        .filter(|(h, _)| h.starts_with("late."))
+        .map(|(_, (s, _))| *s)
+        .collect();
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    assert!(mine.contains(&5) && mine.contains(&4000), "{mine:?}");
 }

@@ -5,49 +5,6 @@ use compact_str::CompactString;
 use crate::delivery::refusal::SendRefusal;
 use crate::store::StoredMessage;
 
-/// Server message ids, unique across shards and across restarts of the gateway (they outlive
-/// it in Redis): 42 bits of milliseconds since 2020-01-01 UTC, 10 bits of shard, 12 bits of
-/// sequence within the millisecond. A shard issuing more than 4,096 ids in one millisecond
-/// borrows the next millisecond, so ids stay unique and increasing per shard. They are
-/// 64-bit, so the protocol sends them as decimal strings (exact in every JSON parser).
-#[derive(Debug)]
-pub struct MessageIds {
-    shard: u64,
-    last_ms: u64,
-    seq: u64,
-}
-
-const ID_EPOCH_MS: u64 = 1_577_836_800_000;
-const ID_SHARD_BITS: u32 = 10;
-const ID_SEQ_BITS: u32 = 12;
-
-impl MessageIds {
-    pub fn new(shard: usize) -> Self {
-        MessageIds {
-            shard: shard as u64 & ((1 << ID_SHARD_BITS) - 1),
-            last_ms: 0,
-            seq: 0,
-        }
-    }
-
-    /// The next id at wall-clock time `wall_ms` (ms since the Unix epoch). A clock that steps
-    /// back does not make ids repeat: the last millisecond used is kept.
-    pub fn next(&mut self, wall_ms: u64) -> u64 {
-        let ms = wall_ms.saturating_sub(ID_EPOCH_MS);
-        if ms > self.last_ms {
-            self.last_ms = ms;
-            self.seq = 0;
-        } else {
-            self.seq += 1;
-            if self.seq == 1 << ID_SEQ_BITS {
-                self.last_ms += 1;
-                self.seq = 0;
-            }
-        }
-        (self.last_ms << (ID_SHARD_BITS + ID_SEQ_BITS)) | (self.shard << ID_SEQ_BITS) | self.seq
-    }
-}
-
 /// Where the answer to a `send` goes: the sender's connection on the sender's home shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyTo {
@@ -151,33 +108,4 @@ pub struct Report {
     pub outcome: Outcome,
     /// `Message::received` of the message reported on.
     pub received: std::time::Instant,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_unique_increasing_and_carry_the_shard() {
-        let now = 1_800_000_000_000;
-        let mut a = MessageIds::new(3);
-        let mut b = MessageIds::new(4);
-        let mut seen = std::collections::HashSet::new();
-        let mut last = 0;
-        // 10,000 ids in the same millisecond: they borrow later milliseconds, never repeat.
-        for _ in 0..10_000 {
-            let id = a.next(now);
-            assert!(id > last);
-            last = id;
-            assert!(seen.insert(id));
-            assert!(seen.insert(b.next(now)), "another shard never collides");
-        }
-        // A clock stepping back does not repeat ids either.
-        let back = a.next(now - 5_000);
-        assert!(back > last);
-        assert_eq!((back >> 12) & 1023, 3, "shard bits");
-        // A restart a millisecond later starts above the earlier run's first ids.
-        let mut restarted = MessageIds::new(3);
-        assert!(restarted.next(now + 1) > MessageIds::new(3).next(now));
-    }
 }

@@ -8,6 +8,7 @@
 //! * [`dedup::Dedup`]: one sender's `(from, cid)` dedup state, so a resent `cid` never
 //!   becomes a second message (while pending, and for >= 24 h / >= 10,000 cids once accepted).
 //! * [`room::RoomLog`]: one room's offsets, recovery history and publish dedup.
+//! * [`ids::MessageIds`]: server message ids, and the issuer slot a shard holds to make them.
 //!
 //! The offline inbox lives in [`crate::store`]. Everything here belongs to the user's home
 //! shard and is passed by `&mut`; a message is an immutable handle `M: Clone` (the shard uses
@@ -34,6 +35,7 @@
 //!    connection and move `Window::drain` to the inbox.
 
 pub mod dedup;
+pub mod ids;
 pub mod message;
 pub mod refusal;
 pub mod room;

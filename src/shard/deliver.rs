@@ -32,6 +32,10 @@ pub const BACKEND_SENDER: &str = "@backend";
 const _: () = assert!(BACKEND_SENDER.as_bytes()[0] == crate::auth::RESERVED_PREFIX as u8);
 /// `ReplyTo::conn` of an API send: the answer goes to a waiting HTTP request.
 const API_CONN: u32 = u32::MAX - 1;
+/// A send or publish while this shard holds no message id slot (Redis has not granted or
+/// renewed it in time: see `delivery/ids.rs`).
+pub(super) const NO_ID_SLOT: &str =
+    "no message id slot (the offline store has not answered this shard's claim), resend later";
 
 enum Submitted {
     New,
@@ -250,10 +254,12 @@ impl Shard {
             Seen::New => {}
         }
         let ts = self.clock.wall_ms();
-        let id = self.msg_ids.next(ts);
-        dedup.begin(&cid, id, now);
+        let id = self.msg_ids.next(ts, now);
+        if let Some(id) = id {
+            dedup.begin(&cid, id, now);
+        }
         let msg = Message {
-            id,
+            id: id.unwrap_or(0),
             from,
             to,
             cid,
@@ -263,6 +269,10 @@ impl Shard {
             received: std::time::Instant::now(),
             write: Default::default(),
         };
+        if id.is_none() {
+            self.on_report(msg.refused(SendRefusal::Busy(NO_ID_SLOT)));
+            return Submitted::New;
+        }
         let home = self.home_of(&msg.to);
         if home == self.id {
             self.deliver(msg, now, current);

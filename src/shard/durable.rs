@@ -61,6 +61,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use compact_str::CompactString;
 
 use super::Shard;
+use crate::delivery::ids::{Claimed, IdGrant, MessageIds};
 use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
 use crate::delivery::refusal::SendRefusal;
 use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
@@ -186,6 +187,43 @@ impl Durable {
 impl Shard {
     pub fn enable_store(&mut self, link: StoreLink) {
         self.durable = Some(Durable::new(link));
+        // Several nodes may share the store: ids come from a slot claimed there.
+        self.msg_ids = MessageIds::claimed_under(self.shared.cfg.node_lease_ms);
+        self.claim_id_slot(self.clock.now_ms());
+    }
+
+    /// Ask for (or renew) this shard's message id slot when due; keep the gauge honest.
+    fn claim_id_slot(&mut self, now: u64) {
+        let Some(d) = &self.durable else {
+            return;
+        };
+        if let Some(held) = self.msg_ids.claim_due(now) {
+            if d.link.submit(StoreOp::ClaimIdSlot { held }).is_err() {
+                self.msg_ids.not_asked();
+            }
+        }
+        let held = self.msg_ids.slot(now).is_some();
+        if held != (self.metrics.id_slot_held.get() == 1) {
+            self.metrics.id_slot_held.set(held as u64);
+            if !held {
+                tracing::warn!(shard = self.id, "message id slot not renewed in time: sends get `unavailable` until Redis answers a claim");
+            }
+        }
+    }
+
+    fn on_id_claim(&mut self, answer: Result<IdGrant, String>, now: u64) {
+        match self.msg_ids.on_claim(answer) {
+            Claimed::Renewed => {}
+            Claimed::Took { slot, from } => {
+                tracing::info!(shard = self.id, slot, ?from, "message id slot claimed")
+            }
+            Claimed::Failed(why) => {
+                tracing::debug!(shard = self.id, %why, "message id slot claim failed; retrying")
+            }
+        }
+        self.metrics
+            .id_slot_held
+            .set(self.msg_ids.slot(now).is_some() as u64);
     }
 
     /// The doorbell socket the glue watches for store answers (taken once).
@@ -300,6 +338,10 @@ impl Shard {
                 self.metrics.lease_refreshes.inc();
             }
         }
+        self.claim_id_slot(now);
+        let Some(d) = &mut self.durable else {
+            return;
+        };
         if !d.up && now >= d.last_probe_ms + PROBE_MS {
             d.last_probe_ms = now;
             let _ = d.link.submit(StoreOp::Probe);
@@ -519,6 +561,7 @@ impl Shard {
                 }
             }
             StoreReply::Done => {}
+            StoreReply::IdSlot(answer) => self.on_id_claim(answer, now),
             StoreReply::Revoked {
                 to,
                 from,

@@ -157,7 +157,7 @@ pub struct Shard {
     durable: Option<durable::Durable>,
     /// Dedup windows of the senders whose home is this shard.
     senders: std::collections::HashMap<compact_str::CompactString, crate::delivery::Dedup>,
-    msg_ids: crate::delivery::message::MessageIds,
+    msg_ids: crate::delivery::ids::MessageIds,
     last_expire_ms: u64,
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
     api_waiters: std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<msg::ApiOutcome>>,
@@ -232,7 +232,7 @@ impl Shard {
             inbox: crate::store::MemoryInbox::new(limits),
             durable: None,
             senders: Default::default(),
-            msg_ids: crate::delivery::message::MessageIds::new(id),
+            msg_ids: crate::delivery::ids::MessageIds::for_shard(id),
             last_expire_ms: 0,
             api_waiters: Default::default(),
             unsent: Vec::new(),

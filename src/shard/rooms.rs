@@ -569,7 +569,11 @@ impl Shard {
     ) {
         let ts = self.clock.wall_ms();
         if self.durable.is_some() {
-            let id = self.msg_ids.next(ts);
+            let Some(id) = self.msg_ids.next(ts, now) else {
+                self.metrics.store_refused.inc();
+                let why = SendRefusal::Busy(super::deliver::NO_ID_SLOT);
+                return self.answer_publish(reply, cid, Err(why), now);
+            };
             let post = RoomPost {
                 room,
                 from,
@@ -614,7 +618,10 @@ impl Shard {
             self.metrics.dedup_hits.inc();
             return (first.id, first.offset);
         }
-        let id = self.msg_ids.next(ts);
+        let id = self
+            .msg_ids
+            .next(ts, now)
+            .expect("embedded: a shard's slot is its own for good");
         let homed = self.homed(&room);
         let msg = homed.log.append(
             |offset| {

@@ -27,6 +27,7 @@ use super::wire::*;
 use super::{
     Appended, Loaded, RedisSettings, StoreOp, StoreReply, DEDUP_MIN_AGE_MS, DEDUP_MIN_ENTRIES,
 };
+use crate::delivery::ids::{IdGrant, ID_SLOTS};
 use crate::store::StoreError;
 
 /// The script every batch runs (the Lua text is its own file, to be read as Lua).
@@ -48,6 +49,42 @@ for j = 1, n do
 end
 return 1";
 
+/// Claim or renew a shard's message id slot (`delivery/ids.rs`). KEYS[1]: the `ids` hash,
+/// slot -> `<holder> <expiry ms, Redis time>`. ARGV: holder (`<run>/<shard>`), the slot it
+/// holds or -1, the lease (ms), the number of slots, where to start looking. Answers {slot,
+/// not before}. The slot held is renewed while no other holder has it (also when its field is
+/// gone: a Redis that lost its data gives each holder its slot back at its next renewal).
+/// Else a free slot, looking from a random start (the node's: Lua's is seeded the same for
+/// every call), or the one expired longest ago, not before its expiry; {-1, 0} when every
+/// slot is held.
+const ID_SLOT_SCRIPT: &str = "
+local key, me, held = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local lease, slots, start = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mine = me .. ' ' .. (now + lease)
+if held >= 0 then
+  local v = redis.call('HGET', key, held)
+  if not v or string.sub(v, 1, #me + 1) == me .. ' ' then
+    redis.call('HSET', key, held, mine)
+    return {held, 0}
+  end
+end
+local all = redis.call('HGETALL', key)
+local expiry = {}
+for i = 1, #all, 2 do
+  expiry[tonumber(all[i])] = tonumber(string.match(all[i + 1], ' (%d+)$'))
+end
+local pick, after = -1, 0
+for i = 0, slots - 1 do
+  local s = (start + i) % slots
+  local e = expiry[s]
+  if e == nil then pick, after = s, 0 break end
+  if e <= now and (pick < 0 or e < after) then pick, after = s, e end
+end
+if pick >= 0 then redis.call('HSET', key, pick, mine) end
+return {pick, after}";
+
 /// How one batch goes to Redis, in one pipeline (one round trip), keeping the batch's order:
 /// runs of script operations (appends, removes, presence, probes) as one script call each
 /// (one per primary in a cluster), and the others as plain commands (a load is `SADD` +
@@ -67,6 +104,7 @@ pub(super) fn is_native(op: &StoreOp, cluster: bool) -> bool {
         StoreOp::Load { .. }
         | StoreOp::Leave { .. }
         | StoreOp::Lease
+        | StoreOp::ClaimIdSlot { .. }
         | StoreOp::RoomLeave { .. } => true,
         StoreOp::Presence { .. } => cluster,
         _ => false,
@@ -113,6 +151,7 @@ fn routing_key(settings: &RedisSettings, op: &StoreOp) -> Option<String> {
         StoreOp::RoomJoin(ask) => Some(room_nodes_key(p, &ask.room)),
         StoreOp::RoomLeave { room } => Some(room_nodes_key(p, room)),
         StoreOp::Lease => Some(lease_key(p, &settings.node)),
+        StoreOp::ClaimIdSlot { .. } => Some(id_slots_key(p)),
         StoreOp::Presence { .. } | StoreOp::Probe => None,
     }
 }
@@ -239,6 +278,22 @@ pub(super) async fn run_batch(
                 StoreOp::RoomLeave { room } => {
                     queued(pipeline.srem(room_nodes_key(p, room), &settings.node).await)?;
                 }
+                StoreOp::ClaimIdSlot { held } => {
+                    let key = id_slots_key(p);
+                    let eval =
+                        CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&key)), false);
+                    let args = vec![
+                        ID_SLOT_SCRIPT.to_string(),
+                        "1".into(),
+                        key,
+                        format!("{}/{shard}", settings.node),
+                        held.map_or(-1, i32::from).to_string(),
+                        settings.lease_ms.to_string(),
+                        ID_SLOTS.to_string(),
+                        random_slot().to_string(),
+                    ];
+                    queued(pipeline.custom(eval, args).await)?;
+                }
                 StoreOp::Presence { users, .. } => {
                     for user in users {
                         queued(pipeline.smembers(location_key(p, user)).await)?;
@@ -290,6 +345,7 @@ pub(super) async fn run_batch(
                     }
                     // SET .. GET answers the previous value: none means the lease had lapsed.
                     StoreOp::Lease => next().map(|v| Answer::Leased(!matches!(v, Value::Null))),
+                    StoreOp::ClaimIdSlot { .. } => next().and_then(parse_id_slot),
                     StoreOp::Presence { users, .. } => {
                         let sets: Result<Vec<_>, _> =
                             users.iter().map(|_| next().and_then(strings)).collect();
@@ -596,6 +652,7 @@ impl BatchCall {
                 StoreOp::Load { .. }
                 | StoreOp::Leave { .. }
                 | StoreOp::Lease
+                | StoreOp::ClaimIdSlot { .. }
                 | StoreOp::RoomLeave { .. } => {
                     unreachable!("native operations are not script operations (see plan)")
                 }
@@ -632,6 +689,8 @@ pub(super) enum Answer {
     Published(Result<(u64, u64), StoreError>),
     /// The lease was still held (false: it had lapsed; see [`StoreReply::Resync`]).
     Leased(bool),
+    /// A message id slot claim: the slot held now, or why none is.
+    IdSlot(Result<IdGrant, String>),
     /// Cluster, until the leases are checked: each asked user's directory entry.
     Located(Vec<Vec<String>>),
     /// Cluster, until the leases are checked: a joined room's other runs.
@@ -674,6 +733,7 @@ impl Answer {
             (Answer::Published(result), StoreOp::RoomPublish(post)) => {
                 StoreReply::RoomPublished { post, result }
             }
+            (Answer::IdSlot(answer), StoreOp::ClaimIdSlot { .. }) => StoreReply::IdSlot(answer),
             (Answer::Leased(_) | Answer::Done, _) => StoreReply::Done,
             // parse_batch checks kinds against the batch, so this cannot pair wrongly.
             (_, op) => unreachable!("answer kind differs from its operation: {}", op_name(&op)),
@@ -688,6 +748,7 @@ pub(super) fn op_name(op: &StoreOp) -> &'static str {
         StoreOp::Load { .. } => "load",
         StoreOp::Leave { .. } => "leave",
         StoreOp::Lease => "lease",
+        StoreOp::ClaimIdSlot { .. } => "id slot claim",
         StoreOp::Presence { .. } => "presence",
         StoreOp::RoomPublish(_) => "room publish",
         StoreOp::RoomJoin(_) => "room join",
@@ -809,6 +870,37 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
         StoreOp::Load { .. }
         | StoreOp::Leave { .. }
         | StoreOp::Lease
+        | StoreOp::ClaimIdSlot { .. }
         | StoreOp::RoomLeave { .. } => Err(format!("a {} in a script batch", op_name(op))),
     }
+}
+
+/// The id slot script's answer: {slot, not before} (slot -1: every slot is held).
+fn parse_id_slot(v: Value) -> Result<Answer, String> {
+    let pair = match &v {
+        Value::Array(items) => match items.as_slice() {
+            [Value::Integer(slot), Value::Integer(after)] => (Some(*slot), Some(*after)),
+            _ => (None, None),
+        },
+        _ => (None, None),
+    };
+    match pair {
+        (Some(-1), Some(_)) => Ok(Answer::IdSlot(Err(format!(
+            "all {ID_SLOTS} message id slots are held by live shards (of every node on this Redis)"
+        )))),
+        (Some(slot), Some(after)) if (0..ID_SLOTS as i64).contains(&slot) && after >= 0 => {
+            Ok(Answer::IdSlot(Ok(IdGrant {
+                slot: slot as u16,
+                not_before_ms: after as u64,
+            })))
+        }
+        _ => Err(format!("id slot claim: unexpected answer {v:?}")),
+    }
+}
+
+/// Where a claim starts looking: random bits from the OS, through std's per-process hash keys
+/// (a new `RandomState` differs from the last).
+fn random_slot() -> u16 {
+    use std::hash::BuildHasher;
+    (std::collections::hash_map::RandomState::new().hash_one(0u8) % ID_SLOTS as u64) as u16
 }

@@ -51,6 +51,12 @@ pub(super) fn lease_key(prefix: &str, run: &str) -> String {
     format!("{prefix}node:{run}")
 }
 
+/// `<prefix>ids`: the message id slots, slot -> `<run>/<shard> <expiry ms>` (a hash; at most
+/// `ID_SLOTS` fields, a slot's field is reused once it expired).
+pub(super) fn id_slots_key(prefix: &str) -> String {
+    format!("{prefix}ids")
+}
+
 /// `<prefix>ch:<run>`: the pub/sub channel a node run listens on.
 pub fn channel_name(settings: &RedisSettings) -> String {
     format!("{}ch:{}", settings.key_prefix, settings.node)

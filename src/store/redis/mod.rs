@@ -65,6 +65,9 @@
 //!   pushed (`r`) to every run with members, this one included; a join's answer (`j`) is
 //!   published to the joining run only, by the script that registers it, so it arrives in
 //!   order with the room's messages.
+//! * `ids`: message id slots, slot -> `<run>/<shard> <expiry>` (Redis time). Each shard claims
+//!   one and renews it every third of the lease (`ClaimIdSlot`, one small script); what a
+//!   shard does with it is in `delivery/ids.rs`.
 //!
 //! # Redis Cluster
 //! `redis-cluster://` URLs work (Redis >= 7.0: the script is flagged `allow-cross-slot-keys`);
@@ -148,6 +151,9 @@ pub enum StoreOp {
     RoomJoin(Box<RoomJoinAsk>),
     /// This node's last member of `room` left.
     RoomLeave { room: CompactString },
+    /// Claim a message id slot for this shard, or renew `held` (see `delivery/ids.rs`);
+    /// answered with [`StoreReply::IdSlot`].
+    ClaimIdSlot { held: Option<u16> },
     /// Touch nothing: a shard that stopped writing while Redis was away uses it to learn
     /// that Redis is back (the batch's own answer says so).
     Probe,
@@ -227,6 +233,8 @@ pub enum StoreReply {
     },
     /// `Leave`, `Lease` and `Probe` done (or failed: the batch's answer says so).
     Done,
+    /// The answer to `ClaimIdSlot`: the slot this shard holds now, or why there is none.
+    IdSlot(Result<crate::delivery::ids::IdGrant, String>),
     /// How a `Revoke` went: `removed` entries that had landed, or `None` when it failed.
     Revoked {
         to: CompactString,
@@ -898,6 +906,7 @@ pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
             writes,
             removed: None,
         },
+        StoreOp::ClaimIdSlot { .. } => StoreReply::IdSlot(Err(why)),
         StoreOp::Leave { .. } | StoreOp::Lease | StoreOp::Probe | StoreOp::RoomLeave { .. } => {
             StoreReply::Done
         }
