@@ -7,7 +7,9 @@
 //! write lands later (fred sending it after a reconnect, Redis still working), one whose
 //! write never lands, one that ran but whose answer was lost, Redis down for a while, answers
 //! held back and pushes interleaved with them, recipient devices that drop at any point,
-//! acks lost. Senders resend every cid they have no `accepted` for, in cid order.
+//! acks lost. Senders resend every cid they have no `accepted` for, in cid order. A user of
+//! another node (`f0`) writes into the same inboxes through the store, in Redis order with
+//! this shard's writes (its entries reach the shard as pushes and loads only).
 //!
 //! Checked at the end of a run, once faults stop and everything settled: every message of
 //! every sender accepted, shown exactly once to its recipient, with the id its sender was
@@ -33,6 +35,8 @@ use crate::clock::{Clock, ManualClock};
 use crate::config::ConfigLayer;
 use crate::delivery::ids::IdGrant;
 use crate::metrics::ShardMetrics;
+#[cfg(test)]
+use crate::shard::durable::OrderPlant;
 use crate::shard::{ConnPoll, Shard, Shared};
 use crate::store::redis::{
     failed_reply, stream_id_to_seq, Appended, Loaded, StoreEnd, StoreLink, StoreOp, StoreReply,
@@ -148,6 +152,9 @@ pub(crate) enum Plant {
     DropWrite,
     /// The store keeps every 50th entry under another id than the one its sender was told.
     WrongId,
+    /// The shard shows entries after one it could not place (behind live entries, or held
+    /// behind a later one) before the reload that reads them in order.
+    ShowPastMissing,
 }
 
 /// A dedup record: the first write of a cid (id, entry, attempt).
@@ -179,6 +186,29 @@ impl Model {
             (self.last_id.0, self.last_id.1 + 1)
         };
         stream_id_to_seq(&format!("{}-{}", self.last_id.0, self.last_id.1)).unwrap()
+    }
+
+    /// Another node's append (its script call, in Redis order with this shard's): stored
+    /// and pushed to this node when the recipient is located here.
+    fn append_foreign(
+        &mut self,
+        to: &str,
+        msg: StoredMessage,
+        now: u64,
+        pushes: &mut Vec<StoreReply>,
+    ) {
+        let seq = self.next_seq(now);
+        self.inbox
+            .entry(to.to_string())
+            .or_default()
+            .insert(seq, msg.clone());
+        if self.located.contains(to) {
+            pushes.push(StoreReply::Pushed {
+                user: to.into(),
+                seq,
+                msg,
+            });
+        }
     }
 
     fn fence(&self) -> bool {
@@ -385,6 +415,9 @@ pub(crate) struct Sim {
 }
 
 const SENDERS: usize = 2;
+/// The sender index of `f0`, a user of another node whose messages reach the recipients'
+/// inboxes (and this shard) only through the store, in Redis order with this shard's writes.
+const FOREIGN: usize = SENDERS;
 /// A sender's cid to recipient r is r * CID_SPACE + n.
 const CID_SPACE: usize = 1_000;
 const RECIPIENTS: usize = 2;
@@ -445,6 +478,12 @@ impl Sim {
                 sim.conv.insert((s, r), Conversation::default());
             }
         }
+        for r in 0..RECIPIENTS {
+            sim.conv.insert((FOREIGN, r), Conversation::default());
+        }
+        if plant == Plant::ShowPastMissing {
+            sim.shard.plant_order_bug(OrderPlant::ShowPastMissing);
+        }
         sim
     }
 
@@ -474,8 +513,9 @@ impl Sim {
 
     fn step(&mut self, faults: bool) -> Result<(), String> {
         self.counts.steps += 1;
-        match self.rng.below(10) {
+        match self.rng.below(11) {
             0 | 1 => self.sender_acts(),
+            10 => self.foreign_sends(),
             2 => self.device_comes_or_goes(faults),
             3 | 4 => self.store_serves(faults),
             5 => self.land_late(faults),
@@ -513,6 +553,38 @@ impl Sim {
             let text = format!(r#"{{"op":"send","to":"{to}","cid":"{cid}","body":{n}}}"#);
             self.senders[s].2.send(&text);
         }
+    }
+
+    /// `f0` on another node sends its next message to a recipient: when Redis is up, its
+    /// append lands (and `f0` is told `accepted`); else it waits for a later step.
+    fn foreign_sends(&mut self) {
+        let now = self.now();
+        if self.down_until > now {
+            return;
+        }
+        let r = self.rng.below(RECIPIENTS as u64) as usize;
+        let per_pair = self.per_pair;
+        let c = self.conv.get_mut(&(FOREIGN, r)).unwrap();
+        if c.sent == per_pair {
+            return;
+        }
+        let n = c.sent;
+        c.sent += 1;
+        // Ids of another slot than this shard's (ids are unique across nodes).
+        let id = (1 << 40) + (r * CID_SPACE + n) as u64;
+        c.accepted.push((n, id));
+        let msg = StoredMessage {
+            id,
+            from: "f0".into(),
+            // Raw JSON, as a client's cid travels.
+            cid: format!("\"{}\"", r * CID_SPACE + n).into(),
+            ts: self.model.wall0 + now,
+            body: n.to_string().into(),
+        };
+        let mut pushes = Vec::new();
+        let to = self.recipients[r].clone();
+        self.model.append_foreign(&to, msg, now, &mut pushes);
+        self.to_shard.extend(pushes);
     }
 
     fn device_comes_or_goes(&mut self, faults: bool) {
@@ -702,10 +774,13 @@ impl Sim {
                 }
                 let user = self.devices[i].user;
                 let from = v["from"].as_str().unwrap_or_default();
-                let s: usize = from
-                    .strip_prefix('s')
-                    .and_then(|n| n.parse().ok())
-                    .ok_or(format!("unknown sender in {v}"))?;
+                let s: usize = match from {
+                    "f0" => FOREIGN,
+                    _ => from
+                        .strip_prefix('s')
+                        .and_then(|n| n.parse().ok())
+                        .ok_or(format!("unknown sender in {v}"))?,
+                };
                 let cid: usize = v["cid"]
                     .as_str()
                     .and_then(|c| c.parse().ok())
@@ -966,6 +1041,11 @@ mod tests {
     #[test]
     fn an_entry_under_another_id_is_found() {
         finds(Plant::WrongId, "its sender was told");
+    }
+
+    #[test]
+    fn showing_entries_past_a_missing_one_breaks_the_order() {
+        finds(Plant::ShowPastMissing, "order");
     }
 }
 
