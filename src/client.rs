@@ -115,6 +115,10 @@ pub enum Event {
         message: String,
         cid: Option<Value>,
     },
+    /// `from` is typing to this user (ephemeral: never replayed).
+    Typing {
+        from: String,
+    },
     /// The connection was lost and re-established; unaccepted sends were resent.
     Reconnected {
         resent: usize,
@@ -222,6 +226,17 @@ impl Client {
         );
         self.transmit(n);
         Ok(self.cid(n))
+    }
+
+    /// Tell `to`'s online devices this user is typing. Ephemeral: not kept or resent when
+    /// the connection is down (a `rate_limited` answer comes as an `Event::Error`).
+    pub fn typing(&mut self, to: &str) {
+        let frame = json!({"op":"typing","to":to}).to_string();
+        if let Some(ws) = self.ws.as_mut() {
+            if ws.send(Message::text(frame)).is_err() {
+                self.ws = None;
+            }
+        }
     }
 
     fn cid(&self, n: u64) -> String {
@@ -373,6 +388,7 @@ impl Client {
                 }
                 Some(Event::Accepted { cid, id: s("id") })
             }
+            "typing" => Some(Event::Typing { from: s("from") }),
             "delivered" => Some(Event::Delivered {
                 cid: s("cid"),
                 id: s("id"),

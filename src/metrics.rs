@@ -121,6 +121,9 @@ pub const ROOM_DELIVERIES: &str = "ringgate_room_deliveries_total";
 pub const ROOM_GAPS: &str = "ringgate_room_gaps_total";
 pub const SLOW_CLOSES: &str = "ringgate_slow_closes_total";
 pub const LIVE_SENDS: &str = "ringgate_live_sends_total";
+pub const TYPING: &str = "ringgate_typing_total";
+pub const TYPING_DELIVERED: &str = "ringgate_typing_delivered_total";
+pub const TYPING_DROPPED: &str = "ringgate_typing_dropped_total";
 pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
 pub const LIVE_SPILLED: &str = "ringgate_live_spilled_total";
 pub const STORE_WRITES_IN_DOUBT: &str = "ringgate_store_writes_in_doubt";
@@ -227,6 +230,9 @@ pub struct ShardMetrics {
     pub redis_removes_dropped: Counter,
     pub inbox_mirrored: Gauge,
     pub live_sends: Counter,
+    pub typing: Counter,
+    pub typing_delivered: Counter,
+    pub typing_dropped: Counter,
     pub live_acked: Counter,
     pub live_spilled: Counter,
     pub store_writes_in_doubt: Gauge,
@@ -523,6 +529,24 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Acked entries whose removal could not be queued (redelivered later, deduped by clients).",
         Kind::Counter,
         |m| m.redis_removes_dropped.get(),
+    ),
+    (
+        TYPING,
+        "`typing` frames taken from this shard's clients (within the per-user send limit).",
+        Kind::Counter,
+        |m| m.typing.get(),
+    ),
+    (
+        TYPING_DELIVERED,
+        "`typing` frames written to recipient devices on this shard.",
+        Kind::Counter,
+        |m| m.typing_delivered.get(),
+    ),
+    (
+        TYPING_DROPPED,
+        "`typing` notices dropped instead of queued: a shard's channel or the Redis queue was full (typing is ephemeral).",
+        Kind::Counter,
+        |m| m.typing_dropped.get(),
     ),
     (
         LIVE_SENDS,

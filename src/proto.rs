@@ -78,6 +78,10 @@ pub enum ClientFrame {
         cid: Box<str>,
         body: Box<str>,
     },
+    /// Tell `to`'s online devices that this user is typing (ephemeral).
+    Typing {
+        to: compact_str::CompactString,
+    },
 }
 
 impl ClientFrame {
@@ -348,6 +352,9 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
             room: parse_room(&env, &cid)?,
         }),
         "publish" => parse_publish(&env, &cid),
+        "typing" => Ok(ClientFrame::Typing {
+            to: parse_id(env.to, "to", "user", &cid)?,
+        }),
         "ack" => env
             .seq
             .and_then(|s| serde_json::from_str::<u64>(s.get()).ok())
@@ -408,6 +415,13 @@ fn write_message_tail(out: &mut Vec<u8>, from: &str, cid: &str, ts: u64, body: &
     out.extend_from_slice(cid.as_bytes());
     out.extend_from_slice(format!(",\"ts\":{ts},\"body\":").as_bytes());
     out.extend_from_slice(body.as_bytes());
+    out.push(b'}');
+}
+
+/// `{"op":"typing","from":..}`
+pub fn write_typing(out: &mut Vec<u8>, from: &str) {
+    out.extend_from_slice(b"{\"op\":\"typing\",\"from\":");
+    write_json_str(out, from);
     out.push(b'}');
 }
 
@@ -730,6 +744,28 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
             assert_eq!(v, expected);
         }
+    }
+
+    #[test]
+    fn typing_names_a_valid_user_and_is_answered_with_from() {
+        assert_eq!(
+            parse(br#"{"op":"typing","to":"bob"}"#).unwrap(),
+            ClientFrame::Typing { to: "bob".into() }
+        );
+        for bad_typing in [
+            r#"{"op":"typing"}"#,
+            r#"{"op":"typing","to":7}"#,
+            r#"{"op":"typing","to":""}"#,
+        ] {
+            let e = parse(bad_typing.as_bytes()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{bad_typing}: {e:?}");
+        }
+        let mut out = Vec::new();
+        write_typing(&mut out, "al\"ice");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
+            serde_json::json!({"op":"typing","from":"al\"ice"})
+        );
     }
 
     #[test]

@@ -62,6 +62,24 @@ fn messages_are_accepted_displayed_once_acked_and_delivered() {
 }
 
 #[test]
+fn typing_is_told_to_the_recipient() {
+    let gw = Gateway::start(&[]);
+    let mut alice = client(&gw, "alice");
+    let mut bob = client(&gw, "bob");
+    // Bob is online once his welcome came.
+    run_until(&mut [&mut alice, &mut bob], |s| {
+        count(&s[1], |e| matches!(e, Event::Synced { .. })) == 1
+    });
+    alice.typing("bob");
+    let seen = run_until(&mut [&mut alice, &mut bob], |s| {
+        count(&s[1], |e| matches!(e, Event::Typing { .. })) == 1
+    });
+    assert!(seen[1].contains(&Event::Typing {
+        from: "alice".into()
+    }));
+}
+
+#[test]
 fn a_lost_connection_resends_by_cid_and_nothing_shows_twice() {
     let gw = Gateway::start(&["--ack-timeout-ms", "200"]);
     let mut alice = client(&gw, "alice");

@@ -48,6 +48,7 @@ on_standalone_and_cluster!(
     a_node_whose_members_all_left_is_no_longer_pushed_the_room,
     sends_refused_while_redis_restarts_are_replayed_in_the_order_they_were_accepted,
     each_shard_of_each_node_issues_message_ids_from_its_own_slot,
+    typing_reaches_the_recipients_devices_on_every_node_once,
 );
 
 fn api_presence(gw: &Gateway, query: &str) -> (u16, String) {
@@ -725,4 +726,25 @@ fn a_shard_without_an_id_slot_refuses_sends_until_one_frees() {
         .collect();
     assert_eq!(mine.len(), 2, "{mine:?}");
     assert!(mine.contains(&5) && mine.contains(&4000), "{mine:?}");
+}
+
+/// SPEC section 3, `typing`, across nodes: bob's device on alice's node hears it from there,
+/// his device on the other node through Redis; each once, nothing stored.
+fn typing_reaches_the_recipients_devices_on_every_node_once(redis: RedisServer) {
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, _) = connect_app(&a, "alice");
+    let (mut bob_a, _) = connect_app(&a, "bob");
+    let (mut bob_b, _) = connect_app(&b, "bob");
+    // Both of bob's nodes are in his directory entry once his inbox was read on each.
+    assert!(eventually(Duration::from_secs(5), || redis
+        .int(&["SCARD", "rg:loc:{u:bob}"])
+        == 2));
+    send_text(&mut alice, r#"{"op":"typing","to":"bob"}"#);
+    for bob in [&mut bob_a, &mut bob_b] {
+        assert_eq!(recv_json(bob), json!({"op":"typing","from":"alice"}));
+        assert!(frames_before_pong(bob).is_empty(), "once");
+    }
+    assert!(frames_before_pong(&mut alice).is_empty());
+    assert_eq!(redis.int(&["XLEN", "rg:in:{u:bob}"]), 0, "not stored");
+    assert_eq!(b.metric_sum("ringgate_typing_delivered_total"), 1);
 }

@@ -364,3 +364,74 @@ fn a_replay_longer_than_the_window_counts_every_message_in_synced() {
     assert_eq!(delivered, 7);
     assert_eq!(next_op(&mut b, "msg")["seq"], 8);
 }
+
+/// Everything before the next `pong` (a ping is answered in order with what came before).
+fn frames_before_pong(ws: &mut Ws) -> Vec<Value> {
+    send_text(ws, r#"{"op":"ping"}"#);
+    let mut seen = Vec::new();
+    loop {
+        let v = recv_json(ws);
+        if v["op"] == "pong" {
+            return seen;
+        }
+        seen.push(v);
+    }
+}
+
+/// SPEC section 3, `typing`: every online device of the recipient hears it, on its home shard
+/// whichever shard the sender is on; it is not stored, acked or answered.
+#[test]
+fn typing_reaches_every_online_device_of_the_recipient_and_is_never_stored() {
+    for (shard_a, shard_b) in [(0, 0), (0, 1)] {
+        let gw = gateway(&[]);
+        let (alice, bob) = (user_on("alice", shard_a), user_on("bob", shard_b));
+        let carol = user_on("carol", 1 - shard_b);
+        let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+        let (mut b1, _) = connect_replay(&gw, &format!("/ws?user={bob}"));
+        let (mut b2, _) = connect_replay(&gw, &format!("/ws?user={bob}"));
+        send_text(&mut a, &json!({"op":"typing","to":bob}).to_string());
+        for b in [&mut b1, &mut b2] {
+            assert_eq!(recv_json(b), json!({"op":"typing","from":alice}));
+            assert!(frames_before_pong(b).is_empty());
+        }
+        // Nothing answers the sender; an offline recipient gets nothing later.
+        send_text(&mut a, &json!({"op":"typing","to":carol}).to_string());
+        assert!(frames_before_pong(&mut a).is_empty());
+        let (_c, replayed) = connect_replay(&gw, &format!("/ws?user={carol}"));
+        assert!(replayed.is_empty());
+        // A bad `to` is a bad_request, and the connection stays.
+        send_text(&mut a, r#"{"op":"typing","to":""}"#);
+        assert_eq!(next_op(&mut a, "error")["code"], "bad_request");
+        assert_eq!(gw.metric_sum("ringgate_typing_total"), 2);
+        assert_eq!(gw.metric_sum("ringgate_typing_delivered_total"), 2);
+        assert_eq!(gw.metric_sum("ringgate_typing_dropped_total"), 0);
+    }
+}
+
+/// `typing` shares the per-user send limit (SPEC section 4, "Limits"): past it, `rate_limited`
+/// with `retry_ms` (no cid), and nothing is relayed.
+#[test]
+fn typing_is_limited_with_the_users_sends() {
+    let gw = gateway(&["--user-send-rate", "1", "--user-send-burst", "2"]);
+    let (alice, bob) = (user_on("alice", 0), user_on("bob", 1));
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    let (mut b, _) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    send(&mut a, &bob, "c1", json!(1));
+    assert_eq!(next_op(&mut a, "accepted")["cid"], "c1");
+    for _ in 0..2 {
+        send_text(&mut a, &json!({"op":"typing","to":bob}).to_string());
+    }
+    let limited = next_op(&mut a, "error");
+    assert_eq!(limited["code"], "rate_limited", "{limited}");
+    assert!(
+        limited["retry_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "{limited}"
+    );
+    assert!(limited.get("cid").is_none(), "{limited}");
+    assert_eq!(next_op(&mut b, "msg")["cid"], "c1");
+    assert_eq!(recv_json(&mut b), json!({"op":"typing","from":alice}));
+    assert!(
+        frames_before_pong(&mut b).is_empty(),
+        "one typing relayed, one refused"
+    );
+}

@@ -121,7 +121,7 @@ impl Shard {
                 }
                 match event {
                     AppEvent::Send(req) => {
-                        if self.within_send_rate(index, &req.cid, now) {
+                        if self.within_send_rate(index, Some(&req.cid), now) {
                             self.on_send(index, req.to, req.cid, req.body, now)
                         }
                     }
@@ -130,8 +130,13 @@ impl Shard {
                     AppEvent::Join { room, since } => self.on_join(index, room, since, now),
                     AppEvent::Leave { room } => self.on_leave(index, room, now),
                     AppEvent::Publish { room, cid, body } => {
-                        if self.within_send_rate(index, &cid, now) {
+                        if self.within_send_rate(index, Some(&cid), now) {
                             self.on_publish(index, room, cid, body, now)
+                        }
+                    }
+                    AppEvent::Typing { to } => {
+                        if self.within_send_rate(index, None, now) {
+                            self.on_typing(index, to)
                         }
                     }
                     AppEvent::Ping => {} // answered by the connection, never queued
@@ -140,10 +145,11 @@ impl Shard {
         }
     }
 
-    /// `send` + `publish` per user (`user_send_rate`): exact, because every device of a user
-    /// lives on this shard, its home. Over the limit the frame gets `rate_limited` with its
-    /// cid, nothing of it is taken, and the connection gets a strike (see `Connection::strike`).
-    fn within_send_rate(&mut self, index: usize, cid: &str, now: u64) -> bool {
+    /// `send` + `publish` + `typing` per user (`user_send_rate`): exact, because every device
+    /// of a user lives on this shard, its home. Over the limit the frame gets `rate_limited`
+    /// (with its cid, if any), nothing of it is taken, and the connection gets a strike (see
+    /// `Connection::strike`).
+    fn within_send_rate(&mut self, index: usize, cid: Option<&str>, now: u64) -> bool {
         let Some(rate) = self.shared.cfg.send_limit else {
             return true;
         };
@@ -156,9 +162,51 @@ impl Shard {
         self.metrics.rate_limited[Limited::Sends.index()].inc();
         let ctx = shard_ctx!(self);
         let conn = &mut self.conns[index].conn;
-        conn.answer_rate_limited("too many sends", Some(cid), retry_ms, &ctx);
+        conn.answer_rate_limited("too many sends", cid, retry_ms, &ctx);
         conn.strike(now, &ctx);
         false
+    }
+
+    /// `typing`: to `to`'s devices on its home shard and, with Redis, on the nodes holding
+    /// one (the store publishes it to them). Ephemeral: where a queue is full it is dropped
+    /// and counted, never queued or retried.
+    fn on_typing(&mut self, index: usize, to: CompactString) {
+        let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
+            return;
+        };
+        self.metrics.typing.inc();
+        if self.durable.is_some() {
+            let op = crate::store::redis::StoreOp::Typing {
+                from: from.clone(),
+                to: to.clone(),
+            };
+            if self.submit_store_op(op).is_err() {
+                self.metrics.typing_dropped.inc();
+            }
+        }
+        let home = self.home_of(&to);
+        if home == self.id {
+            return self.typing_here(&from, &to);
+        }
+        let mesh = self.mesh.as_ref().expect("several shards have a mesh");
+        if mesh
+            .send(home, ShardMsg::Direct(Direct::Typing { from, to }))
+            .is_err()
+        {
+            self.metrics.mesh_full.inc();
+            self.metrics.typing_dropped.inc();
+        }
+    }
+
+    /// On `to`'s home shard: `from` is typing, for each of `to`'s devices here.
+    pub(crate) fn typing_here(&mut self, from: &str, to: &str) {
+        let mut out = Vec::with_capacity(48);
+        proto::write_typing(&mut out, from);
+        for device in self.devices_of(to) {
+            self.write_text(device, &out);
+            self.kick(device);
+            self.metrics.typing_delivered.inc();
+        }
     }
 
     fn on_send(

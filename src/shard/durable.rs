@@ -597,6 +597,10 @@ impl Shard {
             }
             StoreReply::Done => {}
             StoreReply::IdSlot(answer) => self.on_id_claim(answer, now),
+            StoreReply::Typing { from, to } => {
+                self.metrics.cross_node_in.inc();
+                self.typing_here(&from, &to)
+            }
             StoreReply::Revoked {
                 to,
                 from,

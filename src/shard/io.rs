@@ -177,6 +177,9 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
                     s.deliver(*msg, now, None);
                 }
                 ShardMsg::Direct(msg::Direct::Report(r)) => shard.borrow_mut().on_report(*r),
+                ShardMsg::Direct(msg::Direct::Typing { from, to }) => {
+                    shard.borrow_mut().typing_here(&from, &to)
+                }
                 ShardMsg::Direct(msg::Direct::ApiSend {
                     to,
                     cid,

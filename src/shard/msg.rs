@@ -44,6 +44,11 @@ pub enum Direct {
     Deliver(Box<Message>),
     /// What became of a message, for the sender's home shard.
     Report(Box<Report>),
+    /// `from` is typing to `to` (homed on the receiving shard): tell `to`'s devices there.
+    Typing {
+        from: CompactString,
+        to: CompactString,
+    },
     /// `POST /api/send`, for the home shard of the backend sender; answered on `reply`.
     ApiSend {
         to: CompactString,

@@ -85,6 +85,14 @@ end
 if pick >= 0 then redis.call('HSET', key, pick, mine) end
 return {pick, after}";
 
+/// Publish a `typing` push to every run in the recipient's directory entry but this one.
+/// KEYS[1]: the entry; ARGV: this run, the key prefix, the push.
+const TYPING_SCRIPT: &str = "
+for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if run ~= ARGV[1] then redis.call('PUBLISH', ARGV[2] .. 'ch:' .. run, ARGV[3]) end
+end
+return 1";
+
 /// How one batch goes to Redis, in one pipeline (one round trip), keeping the batch's order:
 /// runs of script operations (appends, removes, presence, probes) as one script call each
 /// (one per primary in a cluster), and the others as plain commands (a load is `SADD` +
@@ -105,6 +113,7 @@ pub(super) fn is_native(op: &StoreOp, cluster: bool) -> bool {
         | StoreOp::Leave { .. }
         | StoreOp::Lease
         | StoreOp::ClaimIdSlot { .. }
+        | StoreOp::Typing { .. }
         | StoreOp::RoomLeave { .. } => true,
         StoreOp::Presence { .. } => cluster,
         _ => false,
@@ -152,6 +161,7 @@ fn routing_key(settings: &RedisSettings, op: &StoreOp) -> Option<String> {
         StoreOp::RoomLeave { room } => Some(room_nodes_key(p, room)),
         StoreOp::Lease => Some(lease_key(p, &settings.node)),
         StoreOp::ClaimIdSlot { .. } => Some(id_slots_key(p)),
+        StoreOp::Typing { to, .. } => Some(location_key(p, to)),
         StoreOp::Presence { .. } | StoreOp::Probe => None,
     }
 }
@@ -277,6 +287,20 @@ pub(super) async fn run_batch(
                 }
                 StoreOp::RoomLeave { room } => {
                     queued(pipeline.srem(room_nodes_key(p, room), &settings.node).await)?;
+                }
+                StoreOp::Typing { from, to } => {
+                    let key = location_key(p, to);
+                    let eval =
+                        CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&key)), false);
+                    let args = vec![
+                        TYPING_SCRIPT.to_string(),
+                        "1".into(),
+                        key,
+                        settings.node.clone(),
+                        p.clone(),
+                        pack_typing(from, to),
+                    ];
+                    queued(pipeline.custom(eval, args).await)?;
                 }
                 StoreOp::ClaimIdSlot { held } => {
                     let key = id_slots_key(p);
@@ -653,6 +677,7 @@ impl BatchCall {
                 | StoreOp::Leave { .. }
                 | StoreOp::Lease
                 | StoreOp::ClaimIdSlot { .. }
+                | StoreOp::Typing { .. }
                 | StoreOp::RoomLeave { .. } => {
                     unreachable!("native operations are not script operations (see plan)")
                 }
@@ -749,6 +774,7 @@ pub(super) fn op_name(op: &StoreOp) -> &'static str {
         StoreOp::Leave { .. } => "leave",
         StoreOp::Lease => "lease",
         StoreOp::ClaimIdSlot { .. } => "id slot claim",
+        StoreOp::Typing { .. } => "typing",
         StoreOp::Presence { .. } => "presence",
         StoreOp::RoomPublish(_) => "room publish",
         StoreOp::RoomJoin(_) => "room join",
@@ -871,6 +897,7 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
         | StoreOp::Leave { .. }
         | StoreOp::Lease
         | StoreOp::ClaimIdSlot { .. }
+        | StoreOp::Typing { .. }
         | StoreOp::RoomLeave { .. } => Err(format!("a {} in a script batch", op_name(op))),
     }
 }

@@ -68,6 +68,8 @@
 //! * `ids`: message id slots, slot -> `<run>/<shard> <expiry>` (Redis time). Each shard claims
 //!   one and renews it every third of the lease (`ClaimIdSlot`, one small script); what a
 //!   shard does with it is in `delivery/ids.rs`.
+//! * `typing` is published (`t` push) to every other run in the recipient's `loc:` entry by
+//!   one small script; never stored.
 //!
 //! # Redis Cluster
 //! `redis-cluster://` URLs work (Redis >= 7.0: the script is flagged `allow-cross-slot-keys`);
@@ -151,6 +153,11 @@ pub enum StoreOp {
     RoomJoin(Box<RoomJoinAsk>),
     /// This node's last member of `room` left.
     RoomLeave { room: CompactString },
+    /// `from` is typing to `to`: published to the other runs holding a device of `to`.
+    Typing {
+        from: CompactString,
+        to: CompactString,
+    },
     /// Claim a message id slot for this shard, or renew `held` (see `delivery/ids.rs`);
     /// answered with [`StoreReply::IdSlot`].
     ClaimIdSlot { held: Option<u16> },
@@ -233,6 +240,11 @@ pub enum StoreReply {
     },
     /// `Leave`, `Lease` and `Probe` done (or failed: the batch's answer says so).
     Done,
+    /// From another node: `from` is typing to `to` (homed here).
+    Typing {
+        from: CompactString,
+        to: CompactString,
+    },
     /// The answer to `ClaimIdSlot`: the slot this shard holds now, or why there is none.
     IdSlot(Result<crate::delivery::ids::IdGrant, String>),
     /// How a `Revoke` went: `removed` entries that had landed, or `None` when it failed.
@@ -907,8 +919,10 @@ pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
             removed: None,
         },
         StoreOp::ClaimIdSlot { .. } => StoreReply::IdSlot(Err(why)),
-        StoreOp::Leave { .. } | StoreOp::Lease | StoreOp::Probe | StoreOp::RoomLeave { .. } => {
-            StoreReply::Done
-        }
+        StoreOp::Leave { .. }
+        | StoreOp::Lease
+        | StoreOp::Probe
+        | StoreOp::RoomLeave { .. }
+        | StoreOp::Typing { .. } => StoreReply::Done,
     }
 }

@@ -49,6 +49,11 @@ pub(super) fn pack_delivered(r: &Report) -> String {
     )
 }
 
+/// A `typing` push (see [`Push::Typing`]).
+pub(super) fn pack_typing(from: &str, to: &str) -> String {
+    format!("t {} {from}{to}", from.len())
+}
+
 /// What another node published on this node's channel.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Push {
@@ -71,6 +76,11 @@ pub enum Push {
         offset: u64,
         msg: StoredMessage,
     },
+    /// `t <from bytes> <from><to>`: `from` is typing to `to`.
+    Typing {
+        from: CompactString,
+        to: CompactString,
+    },
     /// `j <shard> <conn> <serial> <last> <recovered 0|1> <room bytes> <room>` then per
     /// replayed message `<offset> <packed bytes> <packed>`: the answer to a room join.
     Joined {
@@ -89,6 +99,7 @@ impl Push {
             Push::Delivered { from, .. } => from,
             Push::Room { room, .. } => room,
             Push::Joined { ask, .. } => &ask.room,
+            Push::Typing { to, .. } => to,
         }
     }
 
@@ -109,6 +120,7 @@ impl Push {
                 }))
             }
             Push::Room { room, offset, msg } => StoreReply::RoomMessage { room, offset, msg },
+            Push::Typing { from, to } => StoreReply::Typing { from, to },
             Push::Joined {
                 ask,
                 last,
@@ -163,6 +175,13 @@ pub fn parse_push(text: &str) -> Option<Push> {
                 from: tail.get(..from_len)?.into(),
                 to: tail.get(from_len..from_len + to_len)?.into(),
                 cid: tail.get(from_len + to_len..)?.into(),
+            })
+        }
+        "t" => {
+            let (from, to) = sized(rest)?;
+            Some(Push::Typing {
+                from: from.into(),
+                to: to.into(),
             })
         }
         "r" => {
