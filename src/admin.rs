@@ -197,6 +197,8 @@ struct ApiBody<'a> {
     cid: Option<&'a serde_json::value::RawValue>,
     #[serde(borrow)]
     body: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow, rename = "type")]
+    msg_type: Option<&'a serde_json::value::RawValue>,
 }
 
 /// `POST /api/send {"to","body","cid"?}`: the same semantics as a client `send` from the
@@ -206,6 +208,7 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
         target: to,
         body,
         cid,
+        msg_type,
     } = match api_request(admin, req, Target::User).await {
         Ok(r) => r,
         Err(refused) => return *refused,
@@ -216,6 +219,7 @@ async fn api_send(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>
         to: to.into(),
         cid: cid.clone(),
         body,
+        msg_type,
         reply: tx,
     });
     let cid_json = cid_value(&cid);
@@ -283,6 +287,20 @@ struct ApiRequest {
     target: String,
     body: Box<str>,
     cid: Box<str>,
+    /// `POST /api/send` only: the message's `type`, carried to the recipient in `msg`.
+    msg_type: Option<Box<str>>,
+}
+
+/// Longest `type` of a backend message.
+const MAX_TYPE_LEN: usize = 32;
+
+/// A `type`: 1 to 32 of `a-z`, `0-9`, `_`, `-`, `.`, starting with a letter (a name the
+/// application switches on, never content).
+fn valid_msg_type(t: &str) -> bool {
+    t.len() <= MAX_TYPE_LEN
+        && t.starts_with(|c: char| c.is_ascii_lowercase())
+        && t.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c))
 }
 
 enum Target {
@@ -319,11 +337,27 @@ async fn api_request(
     };
     let body = parsed.body.ok_or_else(|| refuse("missing field `body`"))?;
     crate::proto::check_body(body.get()).map_err(refuse)?;
+    let msg_type = match (parsed.msg_type, target) {
+        (None, _) => None,
+        (Some(_), Target::Room) => return Err(refuse("`type` is for `POST /api/send` only")),
+        (Some(raw), Target::User) => {
+            let t: Option<String> = serde_json::from_str(raw.get()).ok();
+            match t.filter(|t| valid_msg_type(t)) {
+                Some(t) => Some(t.into()),
+                None => {
+                    return Err(refuse(&format!(
+                        "`type` must be a string of 1 to {MAX_TYPE_LEN} of a-z, 0-9, `_`, `-`, `.`, starting with a letter"
+                    )))
+                }
+            }
+        }
+    };
     let cid = api_cid(parsed.cid, &admin.api_cids)?;
     Ok(ApiRequest {
         target: value,
         body: body.get().into(),
         cid,
+        msg_type,
     })
 }
 
@@ -369,6 +403,7 @@ async fn api_publish(admin: &Admin, req: Request<Incoming>) -> Response<Full<Byt
         target: room,
         body,
         cid,
+        ..
     } = match api_request(admin, req, Target::Room).await {
         Ok(r) => r,
         Err(refused) => return *refused,

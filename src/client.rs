@@ -97,6 +97,8 @@ pub enum Event {
         id: String,
         ts: u64,
         body: Value,
+        /// The backend's `type` (e.g. `system`); None for a user's message.
+        msg_type: Option<String>,
     },
     Synced {
         count: u64,
@@ -377,6 +379,7 @@ impl Client {
                     id: s("id"),
                     ts: v["ts"].as_u64().unwrap_or(0),
                     body: v["body"].clone(),
+                    msg_type: v["type"].as_str().map(str::to_string),
                 })
             }
             "accepted" => {

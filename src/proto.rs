@@ -400,12 +400,18 @@ pub fn write_synced(out: &mut Vec<u8>, count: u64) {
 
 pub const PONG: &[u8] = b"{\"op\":\"pong\"}";
 
-/// `{"op":"msg","seq":..,"id":"..","from":"..","cid":..,"ts":..,"body":..}`
-pub fn write_msg(out: &mut Vec<u8>, seq: u64, id: u64, from: &str, cid: &str, ts: u64, body: &str) {
-    out.extend_from_slice(
-        format!("{{\"op\":\"msg\",\"seq\":{seq},\"id\":\"{id}\",\"from\":").as_bytes(),
-    );
-    write_message_tail(out, from, cid, ts, body);
+/// `{"op":"msg","seq":..,"id":"..",["type":"..",]"from":"..","cid":..,"ts":..,"body":..}`
+/// (`type` only on a backend message that has one).
+pub fn write_msg(out: &mut Vec<u8>, seq: u64, msg: &crate::store::StoredMessage) {
+    let id = msg.id;
+    out.extend_from_slice(format!("{{\"op\":\"msg\",\"seq\":{seq},\"id\":\"{id}\",").as_bytes());
+    if let Some(t) = &msg.msg_type {
+        out.extend_from_slice(b"\"type\":");
+        write_json_str(out, t);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"from\":");
+    write_message_tail(out, &msg.from, &msg.cid, msg.ts, &msg.body);
 }
 
 /// `"from":..,"cid":..,"ts":..,"body":..}`: how `msg` and `room` frames end.
@@ -820,12 +826,26 @@ mod tests {
     #[test]
     fn delivery_frames_are_valid_json() {
         let mut out = Vec::new();
-        write_msg(&mut out, 3, 99, "al\"ice", "\"c-1\"", 1700, r#"{"t":"x"}"#);
+        let mut msg = crate::store::StoredMessage {
+            id: 99,
+            from: "al\"ice".into(),
+            cid: "\"c-1\"".into(),
+            ts: 1700,
+            body: r#"{"t":"x"}"#.into(),
+            msg_type: None,
+        };
+        write_msg(&mut out, 3, &msg);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"op":"msg","seq":3,"id":"99","from":"al\"ice","cid":"c-1","ts":1700,"body":{"t":"x"}})
         );
+        out.clear();
+        msg.msg_type = Some("sys\"tem".into());
+        write_msg(&mut out, 4, &msg);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["type"], "sys\"tem");
+        assert_eq!(v["seq"], 4);
         out.clear();
         write_accepted(&mut out, "7", 99);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

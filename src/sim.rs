@@ -580,6 +580,7 @@ impl Sim {
             cid: format!("\"{}\"", r * CID_SPACE + n).into(),
             ts: self.model.wall0 + now,
             body: n.to_string().into(),
+            msg_type: None,
         };
         let mut pushes = Vec::new();
         let to = self.recipients[r].clone();
@@ -1118,6 +1119,7 @@ mod reload_tests {
                 cid: format!("\"p{n}\"").into(),
                 ts: 1,
                 body: "1".into(),
+                msg_type: None,
             };
             sim.shard.on_store_reply(
                 StoreReply::Pushed {
@@ -1215,6 +1217,7 @@ mod order_tests {
             cid: msg.cid.clone(),
             ts: msg.ts,
             body: msg.body.clone(),
+            msg_type: None,
         }
     }
 
@@ -1258,6 +1261,7 @@ mod order_tests {
             cid: "\"x\"".into(),
             ts: 1,
             body: "1".into(),
+            msg_type: None,
         };
         push(&mut sim, now, 3, other);
         assert!(shown(&mut sim).is_empty(), "nothing before the answers");

@@ -217,3 +217,47 @@ fn a_body_that_is_not_i_json_is_refused_everywhere() {
     assert_eq!(replay[0]["cid"], "fine");
     assert!(gw.metric_sum("ringgate_bad_frames_total") >= 8);
 }
+
+/// Issue 17 item 6: a backend message may carry a `type` (e.g. `system`), shown to the
+/// recipient in `msg` (a client's message has none); a bad `type`, or one on `/api/publish`,
+/// is a 400 that takes nothing.
+#[test]
+fn a_backend_message_carries_its_type_to_the_recipient() {
+    let gw = Gateway::start(&["--api-key", KEY]);
+    let (status, v) = post_send(
+        &gw,
+        r#"{"to":"zoe","body":{"text":"maintenance at 2"},"cid":"t-1","type":"system"}"#,
+        KEY,
+    );
+    assert_eq!(status, 200, "{v}");
+    for bad in [
+        r#""""#,
+        r#""System""#,
+        r#""1x""#,
+        r#""a b""#,
+        "7",
+        r#""x\u0000""#,
+    ] {
+        let body = format!(r#"{{"to":"zoe","body":1,"type":{bad}}}"#);
+        let (status, v) = post_send(&gw, &body, KEY);
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("`type`"), "{v}");
+    }
+    let long = format!(r#"{{"to":"zoe","body":1,"type":"{}"}}"#, "a".repeat(33));
+    assert_eq!(post_send(&gw, &long, KEY).0, 400);
+    let (status, _) = post_json(
+        &gw,
+        "/api/publish",
+        r#"{"room":"lobby","body":1,"type":"system"}"#,
+        KEY,
+    );
+    assert_eq!(status, 400);
+    let (mut alice, _) = connect_app(&gw, "alice");
+    send(&mut alice, "zoe", "c-1", serde_json::json!("hi"));
+    assert_eq!(next_op(&mut alice, "accepted")["cid"], "c-1");
+    let (_zoe, msgs) = connect_replay(&gw, "/ws?user=zoe");
+    assert_eq!(msgs.len(), 2, "the 400s took nothing: {msgs:?}");
+    assert_eq!(msgs[0]["type"], "system");
+    assert_eq!(msgs[0]["from"], "@backend");
+    assert!(msgs[1].get("type").is_none(), "{}", msgs[1]);
+}

@@ -81,6 +81,7 @@ fn the_ledger_checks_acceptance_order_and_catches_a_display_out_of_it() {
         id: n.to_string(),
         ts: 0,
         body: json!({ "n": n }),
+        msg_type: None,
     };
     let accepted = |n: i64| Event::Accepted {
         cid: format!("c{n}"),

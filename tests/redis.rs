@@ -89,6 +89,26 @@ fn accepted_messages_survive_a_gateway_sigkill() {
     assert!(gw2.metric_sum("ringgate_redis_loads_total") >= 1);
 }
 
+/// A backend message's `type` is kept in Redis with the message (issue 17 item 6).
+#[test]
+fn a_backend_messages_type_survives_a_gateway_sigkill() {
+    let redis = RedisServer::start();
+    let mut gw = gateway(&redis, &["--api-key", "k"]);
+    let (status, v) = post_json(
+        &gw,
+        "/api/send",
+        r#"{"to":"zoe","body":{"text":"hi"},"cid":"t-1","type":"system.notice"}"#,
+        "k",
+    );
+    assert_eq!(status, 200, "{v}");
+    gw.sigkill();
+    let gw2 = gateway(&redis, &[]);
+    let (_zoe, msgs) = connect_replay(&gw2, "/ws?user=zoe");
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert_eq!(msgs[0]["type"], "system.notice");
+    assert_eq!(msgs[0]["body"], json!({"text":"hi"}));
+}
+
 #[test]
 fn unacked_messages_survive_a_sigterm_restart_and_acked_ones_stay_gone() {
     let redis = RedisServer::start();

@@ -35,6 +35,8 @@ pub struct Message {
     /// Milliseconds since the Unix epoch, when the gateway took the message.
     pub ts: u64,
     pub body: Box<str>,
+    /// The backend's `type`, see [`StoredMessage::msg_type`].
+    pub msg_type: Option<Box<str>>,
     pub reply: ReplyTo,
     /// When the sender's home shard took the `send` (for the send -> accepted histogram).
     pub received: std::time::Instant,
@@ -62,6 +64,7 @@ impl Message {
             cid: self.cid.clone(),
             ts: self.ts,
             body: self.body.clone(),
+            msg_type: self.msg_type.clone(),
         }
     }
 

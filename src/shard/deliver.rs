@@ -77,7 +77,7 @@ impl Session {
 /// Write one `msg` frame (first send, replay or retransmit: same bytes, same seq).
 fn push_msg(conn: &mut Connection, frame: &mut Vec<u8>, seq: u64, msg: &StoredMessage, ctx: &Ctx) {
     frame.clear();
-    proto::write_msg(frame, seq, msg.id, &msg.from, &msg.cid, msg.ts, &msg.body);
+    proto::write_msg(frame, seq, msg);
     conn.push_text(frame, ctx);
 }
 
@@ -222,7 +222,7 @@ impl Shard {
         };
         let reply = self.reply_to(index);
         if let Submitted::AlreadyAccepted(id) =
-            self.submit(from, to, cid.clone(), body, reply, now, Some(index))
+            self.submit(from, to, cid.clone(), (body, None), reply, now, Some(index))
         {
             let mut out = Vec::with_capacity(64);
             proto::write_accepted(&mut out, &cid, id);
@@ -246,6 +246,7 @@ impl Shard {
         to: CompactString,
         cid: Box<str>,
         body: Box<str>,
+        msg_type: Option<Box<str>>,
         reply: tokio::sync::oneshot::Sender<ApiOutcome>,
         now: u64,
     ) {
@@ -261,7 +262,7 @@ impl Shard {
             BACKEND_SENDER.into(),
             to,
             cid.clone(),
-            body,
+            (body, msg_type),
             target,
             now,
             None,
@@ -272,14 +273,15 @@ impl Shard {
         }
     }
 
-    /// Dedup, then route to the recipient's home shard.
+    /// Dedup, then route to the recipient's home shard. `content`: the body and the
+    /// backend's `type` (None for a client's message).
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &mut self,
         from: CompactString,
         to: CompactString,
         cid: Box<str>,
-        body: Box<str>,
+        content: (Box<str>, Option<Box<str>>),
         reply: ReplyTo,
         now: u64,
         current: Option<usize>,
@@ -306,6 +308,7 @@ impl Shard {
         if let Some(id) = id {
             dedup.begin(&cid, id, now);
         }
+        let (body, msg_type) = content;
         let msg = Message {
             id: id.unwrap_or(0),
             from,
@@ -313,6 +316,7 @@ impl Shard {
             cid,
             ts,
             body,
+            msg_type,
             reply,
             received: std::time::Instant::now(),
             write: Default::default(),

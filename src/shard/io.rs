@@ -184,11 +184,12 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
                     to,
                     cid,
                     body,
+                    msg_type,
                     reply,
                 }) => {
                     let mut s = shard.borrow_mut();
                     let now = s.now_ms();
-                    s.on_api_send(to, cid, body, reply, now);
+                    s.on_api_send(to, cid, body, msg_type, reply, now);
                 }
                 ShardMsg::Presence(msg::Presence::Api { users, reply }) => shard
                     .borrow_mut()

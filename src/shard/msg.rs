@@ -54,6 +54,8 @@ pub enum Direct {
         to: CompactString,
         cid: Box<str>,
         body: Box<str>,
+        /// The request's `type`, carried to the recipient in `msg`.
+        msg_type: Option<Box<str>>,
         reply: tokio::sync::oneshot::Sender<ApiOutcome>,
     },
 }

@@ -634,6 +634,7 @@ impl Shard {
                         cid,
                         ts,
                         body,
+                        msg_type: None,
                     },
                     now,
                 )

@@ -290,6 +290,7 @@ fn a_node_that_missed_room_messages_tells_its_members_gap_and_ignores_late_copie
             cid: format!("\"c{offset}\"").into(),
             ts: 1,
             body: offset.to_string().into(),
+            msg_type: None,
         },
     };
     for reply in [

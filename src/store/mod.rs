@@ -45,6 +45,8 @@ pub struct StoredMessage {
     pub ts: u64,
     /// The message body, raw JSON text.
     pub body: Box<str>,
+    /// The backend's `type` (`POST /api/send`), e.g. `system`; None for a client's message.
+    pub msg_type: Option<Box<str>>,
 }
 
 /// Position of an entry in one user's inbox: increasing per user, never reused. 0 is never

@@ -615,7 +615,14 @@ impl BatchCall {
                     args.push("A".into());
                     args.push(m.id.to_string());
                     args.push(m.cid.to_string());
-                    args.push(pack(m.id, m.ts, &m.from, &m.cid, &m.body));
+                    args.push(pack(
+                        m.id,
+                        m.ts,
+                        &m.from,
+                        &m.cid,
+                        &m.body,
+                        m.msg_type.as_deref(),
+                    ));
                     args.push(m.to.to_string());
                     args.push(m.write.attempt.to_string());
                     args.push(m.write.revoke.len().to_string());
@@ -663,7 +670,9 @@ impl BatchCall {
                     args.push(post.id.to_string());
                     // The dedup field: sender and cid, length-prefixed (ids may hold spaces).
                     args.push(format!("{} {}{}", post.from.len(), post.from, post.cid));
-                    args.push(pack(post.id, post.ts, &post.from, &post.cid, &post.body));
+                    args.push(pack(
+                        post.id, post.ts, &post.from, &post.cid, &post.body, None,
+                    ));
                 }
                 StoreOp::RoomJoin(ask) => {
                     keys.extend(room_keys(p, &ask.room));

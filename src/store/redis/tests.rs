@@ -11,6 +11,7 @@ fn msg(to: &str) -> Box<Message> {
         cid: "\"c1\"".into(),
         ts: 1,
         body: "{\"x\":1}".into(),
+        msg_type: None,
         reply: ReplyTo::all_devices(0),
         received: Instant::now(),
         write: crate::delivery::message::StoreWrite {
@@ -159,7 +160,7 @@ fn pushes_from_other_nodes_parse_exactly_or_not_at_all() {
     // An entry, as the script publishes it: stream id, user length, user, packed message.
     let text = format!(
         "m 9-2 5 b b c{}",
-        pack(7, 1, "al ce", "\"c\"", "{\"k\":\" \"}")
+        pack(7, 1, "al ce", "\"c\"", "{\"k\":\" \"}", None)
     );
     let Some(Push::Entry { user, seq, msg }) = parse_push(&text) else {
         panic!("an entry push parses");
@@ -371,14 +372,24 @@ fn packed_messages_round_trip_whatever_they_hold() {
         cid: "\"x y\"".into(),
         ts: 17,
         body: "{ \"t\" :\t[1, 2] }".into(),
+        msg_type: None,
     };
-    let packed = |m: &StoredMessage| pack(m.id, m.ts, &m.from, &m.cid, &m.body);
+    let packed =
+        |m: &StoredMessage| pack(m.id, m.ts, &m.from, &m.cid, &m.body, m.msg_type.as_deref());
     assert_eq!(unpack(&packed(&m)), Some(m.clone()));
     let empty_body = StoredMessage {
         body: "".into(),
         ..m
     };
-    assert_eq!(unpack(&packed(&empty_body)), Some(empty_body));
+    assert_eq!(unpack(&packed(&empty_body)), Some(empty_body.clone()));
+    // A backend message's type, whatever it holds; an entry of an older build has none.
+    let typed = StoredMessage {
+        msg_type: Some("sys tem 1".into()),
+        ..empty_body
+    };
+    assert_eq!(unpack(&packed(&typed)), Some(typed.clone()));
+    assert_eq!(unpack("1 2 1 1 ab").unwrap().msg_type, None);
+    assert_eq!(unpack("T99 x1 2 1 1 ab"), None, "type length past the end");
     assert_eq!(unpack("1 2 99 1 ab"), None, "lengths past the end");
     assert_eq!(unpack("x 2 1 1 ab"), None);
     assert_eq!(unpack(""), None);

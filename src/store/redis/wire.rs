@@ -10,14 +10,30 @@ use super::{RoomJoinAsk, StoreReply};
 use crate::delivery::message::{Outcome, ReplyTo, Report};
 use crate::store::{InboxSeq, StoredMessage};
 
-/// work in Redis and here): `<id> <ts> <from bytes> <cid bytes> <from><cid><body>`. Lengths
-/// make it exact for any content (raw JSON may hold spaces or tabs).
-pub fn pack(id: u64, ts: u64, from: &str, cid: &str, body: &str) -> String {
-    format!("{id} {ts} {} {} {from}{cid}{body}", from.len(), cid.len())
+/// A message as one stream field (one field instead of five: less memory per entry and less
+/// work in Redis and here): `<id> <ts> <from bytes> <cid bytes> <from><cid><body>`, preceded by
+/// `T<type bytes> <type>` when the message has a `type` (the backend's). Lengths make it exact
+/// for any content (raw JSON may hold spaces or tabs). A build before `type` existed cannot
+/// read a typed entry (its load skips it as unreadable).
+pub fn pack(id: u64, ts: u64, from: &str, cid: &str, body: &str, msg_type: Option<&str>) -> String {
+    let typed = msg_type.map_or(String::new(), |t| format!("T{} {t}", t.len()));
+    format!(
+        "{typed}{id} {ts} {} {} {from}{cid}{body}",
+        from.len(),
+        cid.len()
+    )
 }
 
 /// The inverse of [`pack`]; None when the text is not one.
 pub fn unpack(text: &str) -> Option<StoredMessage> {
+    let (msg_type, text) = match text.strip_prefix('T') {
+        Some(typed) => {
+            let (len, rest) = typed.split_once(' ')?;
+            let len: usize = len.parse().ok()?;
+            (Some(rest.get(..len)?.into()), rest.get(len..)?)
+        }
+        None => (None, text),
+    };
     let mut head = text.splitn(5, ' ');
     let id = head.next()?.parse().ok()?;
     let ts = head.next()?.parse().ok()?;
@@ -33,6 +49,7 @@ pub fn unpack(text: &str) -> Option<StoredMessage> {
         cid: cid.into(),
         ts,
         body: body.into(),
+        msg_type,
     })
 }
 
