@@ -549,9 +549,10 @@ fn default_node_id() -> String {
 }
 
 impl Config {
-    /// What the Redis thread needs, when a `redis_url` is set. (Here, not in the store: the
-    /// store does not depend on the config.)
-    pub fn redis_settings(&self) -> Option<crate::store::redis::RedisSettings> {
+    /// What the Redis thread needs, when a `redis_url` is set, for the node run `run` (see
+    /// `store::redis::node_run_id`). (Here, not in the store: the store does not depend on
+    /// the config.)
+    pub fn redis_settings(&self, run: &str) -> Option<crate::store::redis::RedisSettings> {
         Some(crate::store::redis::RedisSettings {
             url: self.redis_url.clone()?,
             pool_size: if self.redis_pool_size == 0 {
@@ -563,7 +564,7 @@ impl Config {
             key_prefix: self.redis_key_prefix.clone(),
             max_messages: self.inbox_max_messages,
             max_age_ms: self.inbox_max_age_ms,
-            node: crate::store::redis::node_run_id(&self.node_id),
+            node: run.to_string(),
             lease_ms: self.node_lease_ms,
             room_history_max: self.room_history_max,
             room_history_age_ms: self.room_history_age_ms,

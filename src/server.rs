@@ -47,7 +47,13 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         tracing::warn!("DEV MODE: no jwt_secret configured; clients are trusted as ?user=<id> (allowed only because every listener is on loopback)");
         eprintln!("ringgate: WARNING dev mode: no jwt_secret, clients connect with ?user=<id>; never expose this");
     }
-    let mut store_links = match cfg.redis_settings() {
+    // This run's name in Redis: decided once, here (the shards and the store are given it).
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let redis = cfg.redis_settings(&crate::store::redis::node_run_id(&cfg.node_id, started_ms));
+    let redis_timeout = redis.as_ref().map(|s| s.timeout);
+    let mut store_links = match redis {
         Some(settings) => {
             eprintln!(
                 "ringgate: offline store: Redis ({}; `accepted` waits for Redis to confirm each write)",
@@ -145,8 +151,8 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         handles.push(handle);
     }
     watch_signals(shared.clone());
-    if let Some(settings) = cfg.redis_settings() {
-        wait_for_id_slots(&metrics, settings.timeout);
+    if let Some(timeout) = redis_timeout {
+        wait_for_id_slots(&metrics, timeout);
     }
     println!(
         "ringgate listening on ws://{public} admin http://{admin_addr} shards {} node {} (ready in {} ms)",

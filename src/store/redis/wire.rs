@@ -241,15 +241,10 @@ pub fn parse_push(text: &str) -> Option<Push> {
     }
 }
 
-/// This node run's name: `node_id` and the process start in ms (decided once per process).
-pub fn node_run_id(node_id: &str) -> String {
-    static STARTED_MS: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
-    let ms = STARTED_MS.get_or_init(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis())
-    });
-    format!("{node_id}.{ms}")
+/// A node run's name: `node_id` and the run's start (ms since the Unix epoch), decided once
+/// by the caller at start-up.
+pub fn node_run_id(node_id: &str, started_ms: u64) -> String {
+    format!("{node_id}.{started_ms}")
 }
 
 /// One `XRANGE` entry: `[id, ["m", packed]]`.
