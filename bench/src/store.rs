@@ -271,6 +271,7 @@ fn run_shard(
                 cid: format!("\"{shard}-{i}\"").into(),
                 ts: (i / n_users) as u64,
                 body: body.clone(),
+                msg_type: None,
                 reply: ReplyTo::all_devices(shard),
                 received: Instant::now(),
                 // Increasing per shard, as the shard numbers its writes (older ones are stale).
