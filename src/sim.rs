@@ -348,10 +348,13 @@ impl Model {
             }
             StoreOp::Lease | StoreOp::Probe => StoreReply::Done,
             // One shard, one node: the slot it asks to keep, else slot 0.
-            StoreOp::ClaimIdSlot { held } => StoreReply::IdSlot(Ok(IdGrant {
-                slot: held.unwrap_or(0),
-                not_before_ms: 0,
-            })),
+            StoreOp::ClaimIdSlot { held, asked_at } => StoreReply::IdSlot {
+                asked_at,
+                answer: Ok(IdGrant {
+                    slot: held.unwrap_or(0),
+                    not_before_ms: 0,
+                }),
+            },
             _ => panic!("the simulation has no rooms or presence"),
         }
     }
@@ -1069,11 +1072,20 @@ impl Sim {
         sim.shard.on_store_reply(up, now);
         // The shard's message id slot, claimed when the store was enabled.
         let claim = sim.store.ops.try_recv().expect("the id slot claim");
-        assert!(matches!(claim, StoreOp::ClaimIdSlot { held: None }));
-        let granted = StoreReply::IdSlot(Ok(IdGrant {
-            slot: 0,
-            not_before_ms: 0,
-        }));
+        let StoreOp::ClaimIdSlot {
+            held: None,
+            asked_at,
+        } = claim
+        else {
+            panic!("the id slot claim first");
+        };
+        let granted = StoreReply::IdSlot {
+            asked_at,
+            answer: Ok(IdGrant {
+                slot: 0,
+                not_before_ms: 0,
+            }),
+        };
         sim.shard.on_store_reply(granted, now);
         let index = sim.shard.admit(0).unwrap();
         sim.devices.push(Device {

@@ -636,6 +636,28 @@ fn answers(a: &mut Ws, n: usize) -> HashMap<String, String> {
     out
 }
 
+/// Review finding: message ids need a slot renewed in Redis; an outage longer than the node
+/// lease must not stop live delivery (the slot stays its holder's for a grace of minutes).
+#[test]
+fn live_delivery_goes_on_through_an_outage_longer_than_the_node_lease() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(&redis, &["--node-lease-ms", "300"]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    let (mut b, _) = connect_app(&gw, &bob);
+    redis.kill();
+    std::thread::sleep(Duration::from_millis(1_500)); // five leases
+    send(&mut a, &bob, "late", json!(1));
+    let m = next_op(&mut b, "msg");
+    assert_eq!(m["cid"], "late");
+    ack(&mut b, m["seq"].as_u64().unwrap());
+    assert_eq!(next_op(&mut a, "accepted")["cid"], "late");
+    assert_eq!(
+        gw.metric_sum("ringgate_message_id_slot_held"),
+        SHARDS as u64
+    );
+}
+
 #[test]
 fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
     let mut redis = RedisServer::start();

@@ -5,12 +5,14 @@
 //! time, so two ids never collide:
 //! * Embedded store (one node): a shard's slot is its index, for good.
 //! * Redis (several nodes may share it): each shard of each node run claims a slot in Redis
-//!   (`ids` hash: slot -> holder and expiry in Redis time, see `store/redis`), renews it every
-//!   third of `node_lease_ms`, and issues ids only while its last renewal is younger than 90%
-//!   of the lease (measured from when it asked, on its own clock). A shard cut off from Redis
-//!   for that long stops issuing (its sends get `unavailable`, as they would anyway: they need
-//!   Redis) before its claim can expire and be taken by another. A shard that takes over a
-//!   slot some earlier holder let expire starts its ids after that holder's expiry.
+//!   (`ids` hash: slot -> holder and expiry in Redis time, see `store/redis`) and renews it
+//!   every third of `node_lease_ms`. Another shard may take a slot over only [`ID_SLOT_GRACE_MS`]
+//!   after its expiry, and the holder issues ids only while its last granted renewal (counted
+//!   from when it asked, on its own clock) is younger than the lease plus 90% of that grace. So
+//!   a shard cut off from Redis keeps issuing through an outage of up to ~10 minutes (live
+//!   delivery to users online here goes on, see `shard/durable.rs`), and stops before anyone
+//!   may take its slot. A shard that takes over a slot starts its ids after the earlier
+//!   holder's last possible one (expiry + grace).
 //!
 //! Per issuer, ids increase: more than 512 in one millisecond borrow the next millisecond, and
 //! a clock stepping back reuses the last millisecond used. The remaining assumption is the
@@ -22,8 +24,11 @@ pub const ID_SLOTS: u16 = 1 << ID_SLOT_BITS;
 const ID_EPOCH_MS: u64 = 1_577_836_800_000;
 const ID_SLOT_BITS: u32 = 13;
 const ID_SEQ_BITS: u32 = 9;
-/// While no slot is held, a claim is asked again this often.
+/// While no slot is held, or after a claim failed, a claim is asked again this often.
 const CLAIM_RETRY_MS: u64 = 500;
+/// How long after its expiry a slot stays its holder's (see the module doc). Also the
+/// longest Redis outage through which a shard keeps issuing ids.
+pub const ID_SLOT_GRACE_MS: u64 = 10 * 60 * 1000;
 
 /// A slot granted by Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +60,8 @@ pub struct MessageIds {
     /// Shard-clock ms when the claim in flight was asked (None: none in flight).
     asking_since: Option<u64>,
     last_ask: Option<u64>,
+    /// The last claim failed (or could not be sent): ask again soon.
+    last_failed: bool,
     last_ms: u64,
     seq: u64,
 }
@@ -76,6 +83,7 @@ impl MessageIds {
             lease_ms,
             asking_since: None,
             last_ask: None,
+            last_failed: false,
             last_ms: 0,
             seq: 0,
         }
@@ -105,7 +113,8 @@ impl MessageIds {
     }
 
     /// Whether a claim (or renewal) is due at `now`: `Some(held)` to send one, naming the slot
-    /// held (to renew it). The caller sends it, or calls [`MessageIds::not_asked`].
+    /// held (to renew it), asked at `now` (echoed in the answer). The caller sends it, or
+    /// calls [`MessageIds::not_asked`].
     pub fn claim_due(&mut self, now: u64) -> Option<Option<u16>> {
         if self.lease_ms == 0 {
             return None;
@@ -115,7 +124,7 @@ impl MessageIds {
             return None;
         }
         let held = self.slot(now);
-        let every = if held.is_some() {
+        let every = if held.is_some() && !self.last_failed {
             self.lease_ms / 3
         } else {
             CLAIM_RETRY_MS
@@ -131,19 +140,30 @@ impl MessageIds {
     /// The claim [`MessageIds::claim_due`] asked for could not be sent.
     pub fn not_asked(&mut self) {
         self.asking_since = None;
+        self.last_failed = true;
     }
 
-    /// The answer to the claim in flight.
-    pub fn on_claim(&mut self, answer: Result<IdGrant, String>) -> Claimed {
-        let Some(asked) = self.asking_since.take() else {
-            return Claimed::Failed("an answer to no claim in flight".into());
-        };
+    /// The answer to the claim asked at `asked` (the time [`MessageIds::claim_due`] was
+    /// called, echoed by the store: a late answer to an earlier claim counts from its own ask).
+    pub fn on_claim(&mut self, answer: Result<IdGrant, String>, asked: u64) -> Claimed {
+        if self.asking_since == Some(asked) {
+            self.asking_since = None;
+        }
         let grant = match answer {
             Ok(g) => g,
-            Err(why) => return Claimed::Failed(why),
+            Err(why) => {
+                self.last_failed = true;
+                return Claimed::Failed(why);
+            }
         };
-        // Redis set the expiry after `asked`, so it is at least a lease after it.
-        self.valid_until = asked + self.lease_ms - self.lease_ms / 10;
+        self.last_failed = false;
+        // Redis set the expiry after `asked`, so at least a lease after it, and nobody may
+        // take the slot until the grace after that.
+        let valid_until = asked + self.lease_ms + ID_SLOT_GRACE_MS * 9 / 10;
+        if self.slot == Some(grant.slot) && valid_until <= self.valid_until {
+            return Claimed::Renewed; // an older answer than one already counted
+        }
+        self.valid_until = valid_until;
         let before = self.slot.replace(grant.slot);
         if before == Some(grant.slot) {
             return Claimed::Renewed;
@@ -213,7 +233,7 @@ mod tests {
         assert_eq!(ids.claim_due(0), Some(None));
         assert_eq!(ids.claim_due(1), None, "one claim in flight");
         assert_eq!(
-            ids.on_claim(granted(7)),
+            ids.on_claim(granted(7), 0),
             Claimed::Took {
                 slot: 7,
                 from: None
@@ -223,38 +243,67 @@ mod tests {
         // Renewed every third of the lease, measured from the ask.
         assert_eq!(ids.claim_due(LEASE / 3 - 1), None);
         assert_eq!(ids.claim_due(LEASE / 3), Some(Some(7)));
-        // Redis does not answer (the renewal fails): ids go on until 90% of the lease after
-        // the last granted ask (0), then stop.
+        // Redis does not answer: retried every 500 ms, and ids go on through the grace (a
+        // Redis outage of minutes), until the lease plus 90% of the grace after the last
+        // granted ask (0); then they stop, before anyone may take the slot.
         assert!(matches!(
-            ids.on_claim(Err("timeout".into())),
+            ids.on_claim(Err("timeout".into()), LEASE / 3),
             Claimed::Failed(_)
         ));
-        assert!(ids.next(WALL, LEASE * 9 / 10 - 1).is_some());
-        assert_eq!(ids.next(WALL, LEASE * 9 / 10), None);
-        assert_eq!(ids.slot(LEASE * 9 / 10), None);
-        // Retried every 500 ms while none is held; a late grant brings ids back.
-        assert_eq!(ids.claim_due(LEASE), Some(None));
+        assert_eq!(ids.claim_due(LEASE / 3 + CLAIM_RETRY_MS - 1), None);
+        assert_eq!(ids.claim_due(LEASE / 3 + CLAIM_RETRY_MS), Some(Some(7)));
+        ids.on_claim(Err("timeout".into()), LEASE / 3 + CLAIM_RETRY_MS);
+        let end = LEASE + ID_SLOT_GRACE_MS * 9 / 10;
+        assert!(ids.next(WALL, end - 1).is_some());
+        assert_eq!(ids.next(WALL, end), None);
+        assert_eq!(ids.slot(end), None);
+        // Asked again while none is held; a late grant brings ids back.
+        assert_eq!(ids.claim_due(end), Some(None));
         assert_eq!(
-            ids.on_claim(granted(7)),
+            ids.on_claim(granted(7), end),
             Claimed::Renewed,
-            "the slot was still ours"
+            "still ours"
         );
-        assert!(ids.next(WALL, LEASE + 3).is_some());
+        assert!(ids.next(WALL, end + 3).is_some());
+    }
+
+    #[test]
+    fn a_late_answer_counts_from_its_own_ask() {
+        let mut ids = MessageIds::claimed_under(LEASE);
+        ids.claim_due(0);
+        ids.on_claim(granted(3), 0);
+        // A renewal asked at 1/3 lease gets no answer for a whole lease; another is asked.
+        assert_eq!(ids.claim_due(LEASE / 3), Some(Some(3)));
+        assert_eq!(ids.claim_due(LEASE / 3 + LEASE), Some(Some(3)));
+        // The first answer comes late: validity counts from its ask, not the second's.
+        ids.on_claim(granted(3), LEASE / 3);
+        let end = LEASE / 3 + LEASE + ID_SLOT_GRACE_MS * 9 / 10;
+        assert_eq!(ids.next(WALL, end), None);
+        assert_eq!(
+            ids.claim_due(LEASE / 3 + LEASE + 1),
+            None,
+            "the second is still out"
+        );
+        ids.on_claim(granted(3), LEASE / 3 + LEASE);
+        assert!(ids.next(WALL, end).is_some());
     }
 
     #[test]
     fn a_slot_taken_over_issues_after_its_earlier_holder() {
         let mut ids = MessageIds::claimed_under(LEASE);
         ids.claim_due(0);
-        ids.on_claim(granted(1));
+        ids.on_claim(granted(1), 0);
         let before = ids.next(WALL, 1).unwrap();
         ids.claim_due(LEASE / 3);
-        // The slot was lost (this node was cut off longer than the lease): another one, whose
-        // earlier holder issued up to a minute ahead of this shard's clock.
-        let outcome = ids.on_claim(Ok(IdGrant {
-            slot: 2,
-            not_before_ms: WALL + 60_000,
-        }));
+        // The slot was lost (this node was cut off longer than the grace): another one, whose
+        // earlier holder may have issued up to a minute ahead of this shard's clock.
+        let outcome = ids.on_claim(
+            Ok(IdGrant {
+                slot: 2,
+                not_before_ms: WALL + 60_000,
+            }),
+            LEASE / 3,
+        );
         assert_eq!(
             outcome,
             Claimed::Took {

@@ -198,11 +198,18 @@ impl Shard {
         }
     }
 
-    /// On `to`'s home shard: `from` is typing, for each of `to`'s devices here.
+    /// On `to`'s home shard: `from` is typing, for each of `to`'s devices here that is open
+    /// and keeps up (a device whose outbound buffer is full does not get it: dropped, counted).
     pub(crate) fn typing_here(&mut self, from: &str, to: &str) {
         let mut out = Vec::with_capacity(48);
         proto::write_typing(&mut out, from);
+        let max_outbound = self.shared.cfg.max_outbound;
         for device in self.devices_of(to) {
+            let conn = &self.conns[device].conn;
+            if conn.phase() != Phase::Open || conn.out.len() >= max_outbound {
+                self.metrics.typing_dropped.inc();
+                continue;
+            }
             self.write_text(device, &out);
             self.kick(device);
             self.metrics.typing_delivered.inc();

@@ -220,7 +220,11 @@ impl Shard {
             return;
         };
         if let Some(held) = self.msg_ids.claim_due(now) {
-            if d.link.submit(StoreOp::ClaimIdSlot { held }).is_err() {
+            let claim = StoreOp::ClaimIdSlot {
+                held,
+                asked_at: now,
+            };
+            if d.link.submit(claim).is_err() {
                 self.msg_ids.not_asked();
             }
         }
@@ -233,8 +237,8 @@ impl Shard {
         }
     }
 
-    fn on_id_claim(&mut self, answer: Result<IdGrant, String>, now: u64) {
-        match self.msg_ids.on_claim(answer) {
+    fn on_id_claim(&mut self, answer: Result<IdGrant, String>, asked_at: u64, now: u64) {
+        match self.msg_ids.on_claim(answer, asked_at) {
             Claimed::Renewed => {}
             Claimed::Took { slot, from } => {
                 tracing::info!(shard = self.id, slot, ?from, "message id slot claimed")
@@ -596,7 +600,7 @@ impl Shard {
                 }
             }
             StoreReply::Done => {}
-            StoreReply::IdSlot(answer) => self.on_id_claim(answer, now),
+            StoreReply::IdSlot { asked_at, answer } => self.on_id_claim(answer, asked_at, now),
             StoreReply::Typing { from, to } => {
                 self.metrics.cross_node_in.inc();
                 self.typing_here(&from, &to)

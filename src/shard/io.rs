@@ -18,7 +18,7 @@ use super::{ConnPoll, Shard};
 use crate::limit::ip::{ip_key, IpKey};
 use crate::mesh::DRAIN_BATCH;
 
-use super::msg::{self, ShardMesh, ShardMsg};
+use super::msg::ShardMesh;
 
 /// Listen backlog requested; the kernel caps it at net.core.somaxconn (see tuning/).
 const LISTEN_BACKLOG: i32 = 65_535;
@@ -165,48 +165,13 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
         let mut batch = shard.borrow_mut().take_mesh_batch();
         let taken = batch.len();
         for msg in batch.drain(..) {
-            match msg {
-                ShardMsg::Handoff { socket, conn } => {
-                    let index = shard.borrow_mut().adopt(*conn);
-                    glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket)))
-                        .detach();
-                }
-                ShardMsg::Direct(msg::Direct::Deliver(msg)) => {
-                    let mut s = shard.borrow_mut();
-                    let now = s.now_ms();
-                    s.deliver(*msg, now, None);
-                }
-                ShardMsg::Direct(msg::Direct::Report(r)) => shard.borrow_mut().on_report(*r),
-                ShardMsg::Direct(msg::Direct::Typing { from, to }) => {
-                    shard.borrow_mut().typing_here(&from, &to)
-                }
-                ShardMsg::Direct(msg::Direct::ApiSend {
-                    to,
-                    cid,
-                    body,
-                    msg_type,
-                    reply,
-                }) => {
-                    let mut s = shard.borrow_mut();
-                    let now = s.now_ms();
-                    s.on_api_send(to, cid, body, msg_type, reply, now);
-                }
-                ShardMsg::Presence(msg::Presence::Api { users, reply }) => shard
-                    .borrow_mut()
-                    .ask_presence(super::presence::Asker::Api(reply), users),
-                ShardMsg::Presence(msg::Presence::Ask {
-                    users,
-                    from_shard,
-                    ask,
-                }) => shard.borrow_mut().on_presence_ask(users, from_shard, ask),
-                ShardMsg::Presence(msg::Presence::Answer { ask, users, online }) => {
-                    shard.borrow_mut().on_presence_answer(ask, users, online)
-                }
-                ShardMsg::Room(room_msg) => {
-                    let mut s = shard.borrow_mut();
-                    let now = s.now_ms();
-                    s.on_room_msg(room_msg, now);
-                }
+            let adopted = {
+                let mut s = shard.borrow_mut();
+                let now = s.now_ms();
+                s.on_mesh_msg(msg, now)
+            };
+            if let Some((index, socket)) = adopted {
+                glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket))).detach();
             }
         }
         taken

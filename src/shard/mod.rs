@@ -543,6 +543,41 @@ impl Shard {
         batch
     }
 
+    /// One message from another shard. A handed-off connection is adopted and returned as
+    /// (slab index, socket) for the glue to drive; everything else is served here.
+    pub fn on_mesh_msg(&mut self, msg: ShardMsg, now: u64) -> Option<(usize, OwnedFd)> {
+        match msg {
+            ShardMsg::Handoff { socket, conn } => return Some((self.adopt(*conn), socket)),
+            ShardMsg::Direct(direct) => match direct {
+                msg::Direct::Deliver(m) => self.deliver(*m, now, None),
+                msg::Direct::Report(r) => self.on_report(*r),
+                msg::Direct::Typing { from, to } => self.typing_here(&from, &to),
+                msg::Direct::ApiSend {
+                    to,
+                    cid,
+                    body,
+                    msg_type,
+                    reply,
+                } => self.on_api_send(to, cid, body, msg_type, reply, now),
+            },
+            ShardMsg::Presence(presence) => match presence {
+                msg::Presence::Api { users, reply } => {
+                    self.ask_presence(presence::Asker::Api(reply), users)
+                }
+                msg::Presence::Ask {
+                    users,
+                    from_shard,
+                    ask,
+                } => self.on_presence_ask(users, from_shard, ask),
+                msg::Presence::Answer { ask, users, online } => {
+                    self.on_presence_answer(ask, users, online)
+                }
+            },
+            ShardMsg::Room(room_msg) => self.on_room_msg(room_msg, now),
+        }
+        None
+    }
+
     pub fn clear_mesh_bell(&self) {
         if let Some(m) = &self.mesh {
             m.clear_bell();

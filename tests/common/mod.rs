@@ -307,6 +307,14 @@ pub fn send_text(ws: &mut Ws, text: &str) {
     ws.send(tungstenite::Message::text(text)).expect("send");
 }
 
+/// Several text frames in one write (served by the gateway in one read, at one instant).
+pub fn send_texts(ws: &mut Ws, texts: &[&str]) {
+    for text in texts {
+        ws.write(tungstenite::Message::text(*text)).expect("queue");
+    }
+    ws.flush().expect("send");
+}
+
 /// Read until the server's close frame; returns its code.
 pub fn recv_close_code(ws: &mut Ws) -> u16 {
     loop {

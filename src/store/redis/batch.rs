@@ -27,7 +27,7 @@ use super::wire::*;
 use super::{
     Appended, Loaded, RedisSettings, StoreOp, StoreReply, DEDUP_MIN_AGE_MS, DEDUP_MIN_ENTRIES,
 };
-use crate::delivery::ids::{IdGrant, ID_SLOTS};
+use crate::delivery::ids::{IdGrant, ID_SLOTS, ID_SLOT_GRACE_MS};
 use crate::store::StoreError;
 
 /// The script every batch runs (the Lua text is its own file, to be read as Lua).
@@ -51,15 +51,17 @@ return 1";
 
 /// Claim or renew a shard's message id slot (`delivery/ids.rs`). KEYS[1]: the `ids` hash,
 /// slot -> `<holder> <expiry ms, Redis time>`. ARGV: holder (`<run>/<shard>`), the slot it
-/// holds or -1, the lease (ms), the number of slots, where to start looking. Answers {slot,
-/// not before}. The slot held is renewed while no other holder has it (also when its field is
-/// gone: a Redis that lost its data gives each holder its slot back at its next renewal).
-/// Else a free slot, looking from a random start (the node's: Lua's is seeded the same for
-/// every call), or the one expired longest ago, not before its expiry; {-1, 0} when every
-/// slot is held.
+/// holds or -1, the lease (ms), the number of slots, where to start looking, the grace (ms).
+/// Answers {slot, not before}. The slot held is renewed while no other holder has it (also
+/// when its field is gone: a Redis that lost its data gives each holder its slot back at its
+/// next renewal). Else a free slot, looking from a random start (the node's: Lua's is seeded
+/// the same for every call), or the one expired longest ago if that was more than the grace
+/// ago, not before its expiry plus the grace (its holder may issue until then); {-1, 0} when
+/// no slot is free.
 const ID_SLOT_SCRIPT: &str = "
 local key, me, held = KEYS[1], ARGV[1], tonumber(ARGV[2])
 local lease, slots, start = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local grace = tonumber(ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local mine = me .. ' ' .. (now + lease)
@@ -80,7 +82,7 @@ for i = 0, slots - 1 do
   local s = (start + i) % slots
   local e = expiry[s]
   if e == nil then pick, after = s, 0 break end
-  if e <= now and (pick < 0 or e < after) then pick, after = s, e end
+  if e + grace <= now and (pick < 0 or e + grace < after) then pick, after = s, e + grace end
 end
 if pick >= 0 then redis.call('HSET', key, pick, mine) end
 return {pick, after}";
@@ -302,7 +304,7 @@ pub(super) async fn run_batch(
                     ];
                     queued(pipeline.custom(eval, args).await)?;
                 }
-                StoreOp::ClaimIdSlot { held } => {
+                StoreOp::ClaimIdSlot { held, .. } => {
                     let key = id_slots_key(p);
                     let eval =
                         CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&key)), false);
@@ -315,6 +317,7 @@ pub(super) async fn run_batch(
                         settings.lease_ms.to_string(),
                         ID_SLOTS.to_string(),
                         random_slot().to_string(),
+                        ID_SLOT_GRACE_MS.to_string(),
                     ];
                     queued(pipeline.custom(eval, args).await)?;
                 }
@@ -767,7 +770,9 @@ impl Answer {
             (Answer::Published(result), StoreOp::RoomPublish(post)) => {
                 StoreReply::RoomPublished { post, result }
             }
-            (Answer::IdSlot(answer), StoreOp::ClaimIdSlot { .. }) => StoreReply::IdSlot(answer),
+            (Answer::IdSlot(answer), StoreOp::ClaimIdSlot { asked_at, .. }) => {
+                StoreReply::IdSlot { asked_at, answer }
+            }
             (Answer::Leased(_) | Answer::Done, _) => StoreReply::Done,
             // parse_batch checks kinds against the batch, so this cannot pair wrongly.
             (_, op) => unreachable!("answer kind differs from its operation: {}", op_name(&op)),

@@ -160,7 +160,11 @@ pub enum StoreOp {
     },
     /// Claim a message id slot for this shard, or renew `held` (see `delivery/ids.rs`);
     /// answered with [`StoreReply::IdSlot`].
-    ClaimIdSlot { held: Option<u16> },
+    ClaimIdSlot {
+        held: Option<u16>,
+        /// When the shard asked (its clock), echoed in the answer.
+        asked_at: u64,
+    },
     /// Touch nothing: a shard that stopped writing while Redis was away uses it to learn
     /// that Redis is back (the batch's own answer says so).
     Probe,
@@ -246,7 +250,10 @@ pub enum StoreReply {
         to: CompactString,
     },
     /// The answer to `ClaimIdSlot`: the slot this shard holds now, or why there is none.
-    IdSlot(Result<crate::delivery::ids::IdGrant, String>),
+    IdSlot {
+        asked_at: u64,
+        answer: Result<crate::delivery::ids::IdGrant, String>,
+    },
     /// How a `Revoke` went: `removed` entries that had landed, or `None` when it failed.
     Revoked {
         to: CompactString,
@@ -918,7 +925,10 @@ pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
             writes,
             removed: None,
         },
-        StoreOp::ClaimIdSlot { .. } => StoreReply::IdSlot(Err(why)),
+        StoreOp::ClaimIdSlot { asked_at, .. } => StoreReply::IdSlot {
+            asked_at,
+            answer: Err(why),
+        },
         StoreOp::Leave { .. }
         | StoreOp::Lease
         | StoreOp::Probe
