@@ -82,19 +82,6 @@ fn node_with(redis: &RedisServer, id: &str, extra: &[&str]) -> Gateway {
     Gateway::start_shards(2, &args)
 }
 
-/// Every frame up to the `pong` answering a `ping` sent now: what else was still on its way.
-fn frames_before_pong(ws: &mut Ws) -> Vec<Value> {
-    send_text(ws, r#"{"op":"ping"}"#);
-    let mut seen = Vec::new();
-    loop {
-        let v = recv_json(ws);
-        if v["op"] == "pong" {
-            return seen;
-        }
-        seen.push(v);
-    }
-}
-
 fn seq_of(v: &Value) -> u64 {
     v["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {v}"))
 }

@@ -365,19 +365,6 @@ fn a_replay_longer_than_the_window_counts_every_message_in_synced() {
     assert_eq!(next_op(&mut b, "msg")["seq"], 8);
 }
 
-/// Everything before the next `pong` (a ping is answered in order with what came before).
-fn frames_before_pong(ws: &mut Ws) -> Vec<Value> {
-    send_text(ws, r#"{"op":"ping"}"#);
-    let mut seen = Vec::new();
-    loop {
-        let v = recv_json(ws);
-        if v["op"] == "pong" {
-            return seen;
-        }
-        seen.push(v);
-    }
-}
-
 /// SPEC section 3, `typing`: every online device of the recipient hears it, on its home shard
 /// whichever shard the sender is on; it is not stored, acked or answered.
 #[test]

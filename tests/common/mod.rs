@@ -307,6 +307,19 @@ pub fn send_text(ws: &mut Ws, text: &str) {
     ws.send(tungstenite::Message::text(text)).expect("send");
 }
 
+/// Every frame before the answer to a `ping` (answered in order with what came before it).
+pub fn frames_before_pong(ws: &mut Ws) -> Vec<serde_json::Value> {
+    send_text(ws, r#"{"op":"ping"}"#);
+    let mut seen = Vec::new();
+    loop {
+        let v = recv_json(ws);
+        if v["op"] == "pong" {
+            return seen;
+        }
+        seen.push(v);
+    }
+}
+
 /// Several text frames in one write (served by the gateway in one read, at one instant).
 pub fn send_texts(ws: &mut Ws, texts: &[&str]) {
     for text in texts {
