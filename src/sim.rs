@@ -157,20 +157,24 @@ pub(crate) enum Plant {
     ShowPastMissing,
 }
 
-/// A dedup record: the first write of a cid (id, entry, attempt).
+/// A dedup record: the first write of a cid (id, entry, its writer and attempt).
 struct Record {
     id: u64,
     seq: InboxSeq,
+    writer: usize,
     attempt: u64,
 }
 
 /// Redis as the script (`store/redis/script.lua`) keeps it, reduced to what direct messages
-/// use: inboxes, dedup records, the writer's watermark per pair, the directory.
+/// use: inboxes, dedup records, each writer's watermark per pair, the directory. One Redis
+/// for the whole node: every shard's store link writes into it; a writer is a shard (the
+/// script's `writer`: node run and shard).
 struct Model {
     plant: Plant,
     inbox: BTreeMap<String, BTreeMap<InboxSeq, StoredMessage>>,
     records: BTreeMap<(String, String, String), Record>,
-    watermark: BTreeMap<(String, String), u64>,
+    /// By (writer, recipient, sender).
+    watermark: BTreeMap<(usize, String, String), u64>,
     located: BTreeSet<String>,
     wall0: u64,
     last_id: (u64, u64),
@@ -215,17 +219,26 @@ impl Model {
         self.plant != Plant::NoFence
     }
 
-    /// The script's `revoke`: each write of `pair` that landed is removed, none lands later.
-    fn revoke(&mut self, pair: &(String, String), writes: &[(Box<str>, u64)]) -> u64 {
+    /// The script's `revoke`: each write of `pair` by `writer` that landed is removed, none
+    /// lands later.
+    fn revoke(
+        &mut self,
+        writer: usize,
+        pair: &(String, String),
+        writes: &[(Box<str>, u64)],
+    ) -> u64 {
         let mut removed = 0;
         for (cid, attempt) in writes {
-            let wm = self.watermark.entry(pair.clone()).or_default();
+            let wm = self
+                .watermark
+                .entry((writer, pair.0.clone(), pair.1.clone()))
+                .or_default();
             *wm = (*wm).max(*attempt);
             let key = (pair.0.clone(), pair.1.clone(), cid.to_string());
             if self
                 .records
                 .get(&key)
-                .is_some_and(|r| r.attempt == *attempt)
+                .is_some_and(|r| r.writer == writer && r.attempt == *attempt)
             {
                 let r = self.records.remove(&key).unwrap();
                 let inbox = self.inbox.entry(pair.0.clone()).or_default();
@@ -235,19 +248,28 @@ impl Model {
         removed
     }
 
-    /// Run one operation; its answer, and the pushes it made to this node's channel.
-    fn apply(&mut self, op: StoreOp, now: u64, pushes: &mut Vec<StoreReply>) -> StoreReply {
-        if std::env::var("RINGGATE_SIM_TRACE").is_ok() {
+    /// Run one operation of `shard`'s store link; its answer, and the pushes it made to this
+    /// node's channel.
+    fn apply(
+        &mut self,
+        shard: usize,
+        op: StoreOp,
+        now: u64,
+        pushes: &mut Vec<StoreReply>,
+    ) -> StoreReply {
+        if trace() {
             match &op {
                 StoreOp::Append(m) => eprintln!(
-                    "{now} store: append {}->{} cid {} id {} attempt {}",
+                    "{now} store ({shard}): append {}->{} cid {} id {} attempt {}",
                     m.from, m.to, m.cid, m.id, m.write.attempt
                 ),
                 StoreOp::Revoke { to, from, writes } => {
-                    eprintln!("{now} store: revoke {from}->{to} {writes:?}")
+                    eprintln!("{now} store ({shard}): revoke {from}->{to} {writes:?}")
                 }
-                StoreOp::Remove { user, seq, .. } => eprintln!("{now} store: remove {user} {seq}"),
-                StoreOp::Load { user, .. } => eprintln!("{now} store: load {user}"),
+                StoreOp::Remove { user, seq, .. } => {
+                    eprintln!("{now} store ({shard}): remove {user} {seq}")
+                }
+                StoreOp::Load { user, .. } => eprintln!("{now} store ({shard}): load {user}"),
                 _ => {}
             }
         }
@@ -255,8 +277,11 @@ impl Model {
             StoreOp::Append(msg) => {
                 let pair = (msg.to.to_string(), msg.from.to_string());
                 if self.fence() {
-                    self.revoke(&pair, &msg.write.revoke);
-                    let wm = self.watermark.entry(pair.clone()).or_default();
+                    self.revoke(shard, &pair, &msg.write.revoke);
+                    let wm = self
+                        .watermark
+                        .entry((shard, pair.0.clone(), pair.1.clone()))
+                        .or_default();
                     if msg.write.attempt <= *wm {
                         return StoreReply::Appended {
                             msg,
@@ -290,6 +315,7 @@ impl Model {
                         Record {
                             id: msg.id,
                             seq,
+                            writer: shard,
                             attempt: msg.write.attempt,
                         },
                     );
@@ -308,7 +334,7 @@ impl Model {
             }
             StoreOp::Revoke { to, from, writes } => {
                 let removed = if self.fence() {
-                    self.revoke(&(to.to_string(), from.to_string()), &writes)
+                    self.revoke(shard, &(to.to_string(), from.to_string()), &writes)
                 } else {
                     0
                 };
@@ -347,11 +373,11 @@ impl Model {
                 StoreReply::Done
             }
             StoreOp::Lease | StoreOp::Probe => StoreReply::Done,
-            // One shard, one node: the slot it asks to keep, else slot 0.
+            // One node: the slot the shard asks to keep, else its own index.
             StoreOp::ClaimIdSlot { held, asked_at } => StoreReply::IdSlot {
                 asked_at,
                 answer: Ok(IdGrant {
-                    slot: held.unwrap_or(0),
+                    slot: held.unwrap_or(shard as u16),
                     not_before_ms: 0,
                 }),
             },
@@ -377,8 +403,18 @@ struct Conversation {
     shown_then_refused: BTreeSet<usize>,
 }
 
+/// A sender's connection, on its home shard.
+struct SenderConn {
+    name: String,
+    shard: usize,
+    index: usize,
+    pipe: Pipe,
+}
+
+/// A recipient's device, on the recipient's home shard.
 struct Device {
     user: usize,
+    shard: usize,
     index: usize,
     pipe: Pipe,
 }
@@ -395,21 +431,25 @@ pub(crate) struct Counts {
     pub shown_then_refused: u64,
     pub shown: u64,
     pub checks: u64,
+    /// Messages the shards took from the mesh (deliveries and reports across shards).
+    pub mesh_msgs: u64,
 }
 
 pub(crate) struct Sim {
     rng: Rng,
     clock: Rc<ManualClock>,
-    shard: Shard,
-    store: StoreEnd,
+    /// The node's shards, connected by the mesh.
+    shards: Vec<Shard>,
+    /// Each shard's store link (its own pipeline to the one Redis).
+    stores: Vec<StoreEnd>,
     model: Model,
     /// Redis is down until this virtual time.
     down_until: u64,
-    /// Operations that timed out but land later, with the time they land.
-    late: Vec<(u64, StoreOp)>,
-    /// Answers and pushes on their way to the shard, in order.
-    to_shard: VecDeque<StoreReply>,
-    senders: Vec<(String, usize, Pipe)>,
+    /// Operations that timed out but land later, with the time they land and their shard.
+    late: Vec<(u64, usize, StoreOp)>,
+    /// Per shard: answers and pushes on their way to it, in order.
+    to_shard: Vec<VecDeque<StoreReply>>,
+    senders: Vec<SenderConn>,
     recipients: Vec<String>,
     devices: Vec<Device>,
     conv: BTreeMap<(usize, usize), Conversation>,
@@ -424,13 +464,35 @@ const FOREIGN: usize = SENDERS;
 /// A sender's cid to recipient r is r * CID_SPACE + n.
 const CID_SPACE: usize = 1_000;
 const RECIPIENTS: usize = 2;
+/// Shards of the simulated node.
+const SHARDS: usize = 2;
+
+fn trace() -> bool {
+    std::env::var("RINGGATE_SIM_TRACE").is_ok()
+}
 
 impl Sim {
+    /// The simulation: `SHARDS` shards, with same-shard and cross-shard pairs.
     pub(crate) fn new(seed: u64, plant: Plant) -> Sim {
+        let sim = Sim::with_shards(seed, plant, SHARDS);
+        let home = |user: &str| crate::mesh::home_shard(user, SHARDS);
+        let pairs: Vec<bool> = sim
+            .senders
+            .iter()
+            .flat_map(|s| sim.recipients.iter().map(|r| home(&s.name) == home(r)))
+            .collect();
+        assert!(
+            pairs.contains(&true) && pairs.contains(&false),
+            "both same-shard and cross-shard pairs"
+        );
+        sim
+    }
+
+    pub(crate) fn with_shards(seed: u64, plant: Plant, shards: usize) -> Sim {
         let mut rng = Rng(seed.max(1));
         let clock = Rc::new(ManualClock::new(1_000));
         let layer = ConfigLayer {
-            shards: Some(1),
+            shards: Some(shards),
             window: Some(4),
             ack_timeout_ms: Some(200),
             heartbeat_ms: Some(3_600_000),
@@ -438,20 +500,29 @@ impl Sim {
             ..ConfigLayer::default()
         };
         let cfg = layer.resolve().unwrap();
-        let mut shard = Shard::new(
-            0,
-            Shared::new(cfg),
-            Arc::new(ShardMetrics::default()),
-            Box::new(clock.clone()),
-        );
-        let (link, store) = StoreLink::simulated();
-        shard.enable_store(link);
+        let shared = Shared::new(cfg);
+        let (ends, _client) = crate::mesh::build(shards).expect("the mesh");
+        let mut all = Vec::new();
+        let mut stores = Vec::new();
+        for (id, (mesh, _bell)) in ends.into_iter().enumerate() {
+            let mut shard = Shard::new(
+                id,
+                shared.clone(),
+                Arc::new(ShardMetrics::default()),
+                Box::new(clock.clone()),
+            );
+            shard.enable_mesh(mesh);
+            let (link, store) = StoreLink::simulated();
+            shard.enable_store(link);
+            all.push(shard);
+            stores.push(store);
+        }
         let per_pair = 10 + rng.below(30) as usize;
         let mut sim = Sim {
             rng,
             clock,
-            shard,
-            store,
+            shards: all,
+            stores,
             model: Model {
                 plant,
                 inbox: BTreeMap::new(),
@@ -464,7 +535,9 @@ impl Sim {
             },
             down_until: 0,
             late: Vec::new(),
-            to_shard: VecDeque::from([StoreReply::Resync]),
+            to_shard: (0..shards)
+                .map(|_| VecDeque::from([StoreReply::Resync]))
+                .collect(),
             senders: Vec::new(),
             recipients: (0..RECIPIENTS).map(|r| format!("r{r}")).collect(),
             devices: Vec::new(),
@@ -474,9 +547,15 @@ impl Sim {
         };
         for s in 0..SENDERS {
             let name = format!("s{s}");
-            let index = sim.shard.admit(0).unwrap();
+            let shard = crate::mesh::home_shard(&name, shards);
+            let index = sim.shards[shard].admit(0).unwrap();
             let pipe = Pipe::connect(&name);
-            sim.senders.push((name, index, pipe));
+            sim.senders.push(SenderConn {
+                name,
+                shard,
+                index,
+                pipe,
+            });
             for r in 0..RECIPIENTS {
                 sim.conv.insert((s, r), Conversation::default());
             }
@@ -485,9 +564,28 @@ impl Sim {
             sim.conv.insert((FOREIGN, r), Conversation::default());
         }
         if plant == Plant::ShowPastMissing {
-            sim.shard.plant_order_bug(OrderPlant::ShowPastMissing);
+            for shard in &mut sim.shards {
+                shard.plant_order_bug(OrderPlant::ShowPastMissing);
+            }
         }
         sim
+    }
+
+    /// A shard for a step that acts on one.
+    fn pick_shard(&mut self) -> usize {
+        self.rng.below(self.shards.len() as u64) as usize
+    }
+
+    /// Route the pushes Redis made to this node's channel, as the node's listener does: each
+    /// to its user's home shard.
+    fn route(&mut self, pushes: Vec<StoreReply>) {
+        for push in pushes {
+            let StoreReply::Pushed { user, .. } = &push else {
+                unreachable!("only pushes are routed");
+            };
+            let home = crate::mesh::home_shard(user, self.shards.len());
+            self.to_shard[home].push_back(push);
+        }
     }
 
     fn now(&self) -> u64 {
@@ -507,7 +605,12 @@ impl Sim {
         self.down_until = 0;
         for _ in 0..200_000 {
             if self.settled() {
-                return self.check();
+                // What is still in the mesh (reports of deliveries) is served too: a second
+                // answer to a sender would be found here.
+                if self.drain_meshes()? == 0 {
+                    return self.check();
+                }
+                continue;
             }
             self.step(false)?;
         }
@@ -516,17 +619,22 @@ impl Sim {
 
     fn step(&mut self, faults: bool) -> Result<(), String> {
         self.counts.steps += 1;
-        match self.rng.below(11) {
+        match self.rng.below(12) {
             0 | 1 => self.sender_acts(),
             10 => self.foreign_sends(),
+            11 => {
+                let k = self.pick_shard();
+                self.shard_drains_mesh(k);
+            }
             2 => self.device_comes_or_goes(faults),
             3 | 4 => self.store_serves(faults),
             5 => self.land_late(faults),
             6 | 7 => self.shard_hears_store(),
             _ => {
+                let k = self.pick_shard();
                 let ms = 1 + self.rng.below(30);
                 self.clock.advance(ms);
-                self.shard.on_tick();
+                self.shards[k].on_tick();
             }
         }
         self.poll_all();
@@ -554,7 +662,7 @@ impl Sim {
             // Cids are unique per sender: the answers name only the cid.
             let cid = r * CID_SPACE + n;
             let text = format!(r#"{{"op":"send","to":"{to}","cid":"{cid}","body":{n}}}"#);
-            self.senders[s].2.send(&text);
+            self.senders[s].pipe.send(&text);
         }
     }
 
@@ -588,7 +696,7 @@ impl Sim {
         let mut pushes = Vec::new();
         let to = self.recipients[r].clone();
         self.model.append_foreign(&to, msg, now, &mut pushes);
-        self.to_shard.extend(pushes);
+        self.route(pushes);
     }
 
     fn device_comes_or_goes(&mut self, faults: bool) {
@@ -600,23 +708,31 @@ impl Sim {
             }
             Some(_) => {}
             None => {
-                if let Some(index) = self.shard.admit(0) {
-                    let pipe = Pipe::connect(&self.recipients[user]);
-                    self.devices.push(Device { user, index, pipe });
+                let name = &self.recipients[user];
+                let shard = crate::mesh::home_shard(name, self.shards.len());
+                if let Some(index) = self.shards[shard].admit(0) {
+                    let pipe = Pipe::connect(name);
+                    self.devices.push(Device {
+                        user,
+                        shard,
+                        index,
+                        pipe,
+                    });
                 }
             }
         }
     }
 
-    /// Redis runs the next few operations, with faults.
+    /// Redis runs the next few operations of one shard's link, with faults.
     fn store_serves(&mut self, faults: bool) {
         let now = self.now();
         if faults && self.down_until <= now && self.chance(3) {
             self.down_until = now + 50 + self.rng.below(400);
             self.counts.faults += 1;
         }
+        let k = self.pick_shard();
         for _ in 0..1 + self.rng.below(4) {
-            let Ok(op) = self.store.ops.try_recv() else {
+            let Ok(op) = self.stores[k].ops.try_recv() else {
                 break;
             };
             self.counts.store_ops += 1;
@@ -628,7 +744,7 @@ impl Sim {
             } else {
                 0
             };
-            if std::env::var("RINGGATE_SIM_TRACE").is_ok() {
+            if trace() {
                 let what = match &op {
                     StoreOp::Append(m) => format!(
                         "append {} attempt {} revoking {:?}",
@@ -637,28 +753,28 @@ impl Sim {
                     StoreOp::Revoke { writes, .. } => format!("revoke {writes:?}"),
                     _ => "other".into(),
                 };
-                eprintln!("{now} taken: {what} fate {fate}");
+                eprintln!("{now} taken from shard {k}: {what} fate {fate}");
             }
             let mut pushes = Vec::new();
             let (reply, error) = match fate {
-                0..=79 => (self.model.apply(op, now, &mut pushes), None),
+                0..=79 => (self.model.apply(k, op, now, &mut pushes), None),
                 80..=87 => {
                     // Timed out; the write lands later.
                     let when = now + 1 + self.rng.below(600);
-                    self.late.push((when, clone_op(&op)));
+                    self.late.push((when, k, clone_op(&op)));
                     (failed_reply(op, "timed out".into()), Some("timeout"))
                 }
                 88..=93 => (failed_reply(op, "timed out".into()), Some("timeout")),
                 94..=99 => {
                     // Ran, but the answer was lost.
-                    let _ = self.model.apply(clone_op(&op), now, &mut pushes);
+                    let _ = self.model.apply(k, clone_op(&op), now, &mut pushes);
                     (failed_reply(op, "connection lost".into()), Some("lost"))
                 }
                 _ => {
                     // Down: fails at once; now and then fred keeps it and sends it once back.
                     if self.chance(30) {
                         let when = self.down_until + self.rng.below(300);
-                        self.late.push((when, clone_op(&op)));
+                        self.late.push((when, k, clone_op(&op)));
                     }
                     (failed_reply(op, "not connected".into()), Some("down"))
                 }
@@ -666,9 +782,9 @@ impl Sim {
             if error.is_some() {
                 self.counts.faults += 1;
             }
-            self.to_shard.extend(pushes);
-            self.to_shard.push_back(reply);
-            self.to_shard.push_back(StoreReply::Batch {
+            self.route(pushes);
+            self.to_shard[k].push_back(reply);
+            self.to_shard[k].push_back(StoreReply::Batch {
                 ops: 1,
                 latency: std::time::Duration::ZERO,
                 error: error.map(str::to_string),
@@ -688,30 +804,71 @@ impl Sim {
         if faults && self.late[i].0 > now {
             return;
         }
-        let (_, op) = self.late.swap_remove(i);
+        let (_, shard, op) = self.late.swap_remove(i);
         self.counts.late_landings += 1;
         let mut pushes = Vec::new();
-        let _ = self.model.apply(op, now, &mut pushes);
-        self.to_shard.extend(pushes);
+        let _ = self.model.apply(shard, op, now, &mut pushes);
+        self.route(pushes);
     }
 
     fn shard_hears_store(&mut self) {
         let now = self.now();
+        let k = self.pick_shard();
         for _ in 0..1 + self.rng.below(6) {
-            let Some(reply) = self.to_shard.pop_front() else {
+            let Some(reply) = self.to_shard[k].pop_front() else {
                 break;
             };
-            if std::env::var("RINGGATE_SIM_TRACE").is_ok() {
-                eprintln!("{now} shard hears: {}", describe(&reply));
+            if trace() {
+                eprintln!("{now} shard {k} hears: {}", describe(&reply));
             }
-            self.shard.on_store_reply(reply, now);
+            self.shards[k].on_store_reply(reply, now);
+        }
+    }
+
+    /// Shard `k` serves a batch of what the other shards sent it; how many messages.
+    fn shard_drains_mesh(&mut self, k: usize) -> usize {
+        let now = self.now();
+        self.shards[k].clear_mesh_bell();
+        let batch = self.shards[k].take_mesh_batch();
+        let n = batch.len();
+        for msg in batch {
+            if trace() {
+                eprintln!(
+                    "{now} shard {k} hears from the mesh: {}",
+                    describe_mesh(&msg)
+                );
+            }
+            if self.shards[k].on_mesh_msg(msg, now).is_some() {
+                panic!("a handoff: every connection is admitted on its user's home shard");
+            }
+        }
+        self.counts.mesh_msgs += n as u64;
+        n
+    }
+
+    /// Settling: every shard serves its mesh until it is empty (connections polled and read
+    /// in between); how many messages that took.
+    fn drain_meshes(&mut self) -> Result<usize, String> {
+        let mut total = 0;
+        loop {
+            let mut n = 0;
+            for k in 0..self.shards.len() {
+                n += self.shard_drains_mesh(k);
+            }
+            self.poll_all();
+            self.read_senders()?;
+            self.read_devices(false)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
         }
     }
 
     fn poll_all(&mut self) {
         let mut cx = Context::from_waker(Waker::noop());
-        for (_, index, pipe) in &mut self.senders {
-            let polled = self.shard.poll_conn(*index, pipe, &mut cx);
+        for s in &mut self.senders {
+            let polled = self.shards[s.shard].poll_conn(s.index, &mut s.pipe, &mut cx);
             assert!(
                 matches!(polled, ConnPoll::Pending { .. }),
                 "a sender's connection stays open"
@@ -720,9 +877,12 @@ impl Sim {
         let mut i = 0;
         while i < self.devices.len() {
             let d = &mut self.devices[i];
-            match self.shard.poll_conn(d.index, &mut d.pipe, &mut cx) {
+            match self.shards[d.shard].poll_conn(d.index, &mut d.pipe, &mut cx) {
                 ConnPoll::Pending { .. } => i += 1,
-                _ => {
+                ConnPoll::Handoff { to } => {
+                    panic!("a device handed off to shard {to}: it is on its home shard")
+                }
+                ConnPoll::Close => {
                     self.devices.swap_remove(i);
                 }
             }
@@ -731,9 +891,9 @@ impl Sim {
 
     fn read_senders(&mut self) -> Result<(), String> {
         for s in 0..SENDERS {
-            for v in self.senders[s].2.frames() {
+            for v in self.senders[s].pipe.frames() {
                 let op = v["op"].as_str().unwrap_or_default();
-                if std::env::var("RINGGATE_SIM_TRACE").is_ok() {
+                if trace() {
                     eprintln!("sender s{s}: {v}");
                 }
                 if op != "accepted" && op != "error" {
@@ -799,7 +959,7 @@ impl Sim {
                     .get_mut(&(s, user))
                     .ok_or(format!("unknown pair in {v}"))?;
                 // The client shows the first copy of each (from, cid) only.
-                if std::env::var("RINGGATE_SIM_TRACE").is_ok() {
+                if trace() {
                     eprintln!("device of r{user}: {v}");
                 }
                 if !c.shown.iter().any(|(seen, _)| *seen == cid) {
@@ -945,6 +1105,22 @@ fn describe(reply: &StoreReply) -> String {
     }
 }
 
+/// One line for the trace of what a shard hears from another.
+fn describe_mesh(msg: &crate::shard::msg::ShardMsg) -> String {
+    use crate::shard::msg::{Direct, ShardMsg};
+    match msg {
+        ShardMsg::Direct(Direct::Deliver(m)) => {
+            format!("deliver {}->{} cid {} id {}", m.from, m.to, m.cid, m.id)
+        }
+        ShardMsg::Direct(Direct::Report(r)) => format!(
+            "report {}->{} cid {} id {}: {:?}",
+            r.from, r.to, r.cid, r.id, r.outcome
+        ),
+        ShardMsg::Handoff { .. } => "handoff".into(),
+        _ => "other".into(),
+    }
+}
+
 /// Seeds to run: `RINGGATE_SIM_SEED` (one, to replay), else `count` from a fixed start
 /// (`RINGGATE_SIM_SEEDS` overrides the count).
 fn seeds(count: u64) -> Vec<u64> {
@@ -979,6 +1155,7 @@ pub(crate) fn sweep(count: u64, steps: u64, plant: Plant) -> Result<Counts, (u64
         total.shown += c.shown;
         total.checks += c.checks;
         total.shown_then_refused += c.shown_then_refused;
+        total.mesh_msgs += c.mesh_msgs;
     }
     Ok(total)
 }
@@ -1055,13 +1232,22 @@ mod tests {
 
 #[cfg(test)]
 impl Sim {
-    /// Scripted tests: the shard has heard its first resync and a good batch, and a device of
-    /// r0 has connected, so r0's inbox load is out (in `store.ops`).
+    /// Scripted tests drive one shard: the simulation's shard 0, alone.
+    fn shard(&mut self) -> &mut Shard {
+        &mut self.shards[0]
+    }
+
+    fn store(&self) -> &StoreEnd {
+        &self.stores[0]
+    }
+
+    /// Scripted tests: the (only) shard has heard its first resync and a good batch, and a
+    /// device of r0 has connected, so r0's inbox load is out (in `store().ops`).
     fn with_device_of_r0_loading() -> (Sim, u64) {
-        let mut sim = Sim::new(1, Plant::None);
+        let mut sim = Sim::with_shards(1, Plant::None, 1);
         let now = sim.now();
-        let resync = sim.to_shard.pop_front().expect("the first resync");
-        sim.shard.on_store_reply(resync, now);
+        let resync = sim.to_shard[0].pop_front().expect("the first resync");
+        sim.shard().on_store_reply(resync, now);
         let up = StoreReply::Batch {
             ops: 1,
             latency: std::time::Duration::ZERO,
@@ -1069,9 +1255,9 @@ impl Sim {
             expired: 0,
             breaker_open: false,
         };
-        sim.shard.on_store_reply(up, now);
+        sim.shard().on_store_reply(up, now);
         // The shard's message id slot, claimed when the store was enabled.
-        let claim = sim.store.ops.try_recv().expect("the id slot claim");
+        let claim = sim.store().ops.try_recv().expect("the id slot claim");
         let StoreOp::ClaimIdSlot {
             held: None,
             asked_at,
@@ -1086,10 +1272,11 @@ impl Sim {
                 not_before_ms: 0,
             }),
         };
-        sim.shard.on_store_reply(granted, now);
-        let index = sim.shard.admit(0).unwrap();
+        sim.shard().on_store_reply(granted, now);
+        let index = sim.shard().admit(0).unwrap();
         sim.devices.push(Device {
             user: 0,
+            shard: 0,
             index,
             pipe: Pipe::connect("r0"),
         });
@@ -1110,7 +1297,7 @@ mod reload_tests {
         let (mut sim, now) = Sim::with_device_of_r0_loading();
         let loads = |sim: &mut Sim| {
             let mut tokens = Vec::new();
-            while let Ok(op) = sim.store.ops.try_recv() {
+            while let Ok(op) = sim.store().ops.try_recv() {
                 // (The simulation's two senders load their own inboxes too.)
                 match op {
                     StoreOp::Load { user, token, .. } if user == "r0" => tokens.push(token),
@@ -1122,7 +1309,7 @@ mod reload_tests {
         let first = loads(&mut sim);
         assert_eq!(first.len(), 1, "the device's first load");
         // More pushes than the window while it loads: the last one asks for a reload.
-        let window = sim.shard.cfg().window as u64;
+        let window = sim.shard().cfg().window as u64;
         for n in 0..=window {
             let seq = stream_id_to_seq(&format!("{}-{n}", ManualClock::WALL_ORIGIN_MS)).unwrap();
             let msg = StoredMessage {
@@ -1133,7 +1320,7 @@ mod reload_tests {
                 body: "1".into(),
                 msg_type: None,
             };
-            sim.shard.on_store_reply(
+            sim.shard().on_store_reply(
                 StoreReply::Pushed {
                     user: "r0".into(),
                     seq,
@@ -1145,7 +1332,7 @@ mod reload_tests {
         // Ticks while the load is still out.
         for _ in 0..3 {
             sim.clock.advance(20);
-            sim.shard.on_tick();
+            sim.shard().on_tick();
         }
         assert!(
             loads(&mut sim).is_empty(),
@@ -1159,9 +1346,10 @@ mod reload_tests {
                 expired: 0,
             }),
         };
-        sim.shard.on_store_reply(loaded, sim.now());
+        let now = sim.now();
+        sim.shard().on_store_reply(loaded, now);
         sim.clock.advance(20);
-        sim.shard.on_tick();
+        sim.shard().on_tick();
         assert_eq!(loads(&mut sim).len(), 1, "the wanted reload, once loaded");
     }
 }
@@ -1176,7 +1364,7 @@ mod order_tests {
     fn with_r0_online() -> (Sim, u64) {
         let (mut sim, now) = Sim::with_device_of_r0_loading();
         let mut load = None;
-        while let Ok(op) = sim.store.ops.try_recv() {
+        while let Ok(op) = sim.store().ops.try_recv() {
             if let StoreOp::Load { user, token, .. } = op {
                 if user == "r0" {
                     load = Some(token);
@@ -1191,7 +1379,7 @@ mod order_tests {
                 expired: 0,
             }),
         };
-        sim.shard.on_store_reply(loaded, now);
+        sim.shard().on_store_reply(loaded, now);
         sim.poll_all();
         (sim, now)
     }
@@ -1199,10 +1387,10 @@ mod order_tests {
     /// s0 sends `cid` to r0; returns the append the shard queued.
     fn send(sim: &mut Sim, cid: &str) -> Box<Message> {
         let text = format!(r#"{{"op":"send","to":"r0","cid":"{cid}","body":"{cid}"}}"#);
-        sim.senders[0].2.send(&text);
+        sim.senders[0].pipe.send(&text);
         sim.poll_all();
         loop {
-            match sim.store.ops.try_recv().expect("the send's append") {
+            match sim.store().ops.try_recv().expect("the send's append") {
                 StoreOp::Append(msg) => return msg,
                 _ => continue,
             }
@@ -1219,7 +1407,7 @@ mod order_tests {
             seq: seq(n),
             msg,
         };
-        sim.shard.on_store_reply(reply, now);
+        sim.shard().on_store_reply(reply, now);
     }
 
     fn stored(msg: &Message) -> StoredMessage {
@@ -1241,7 +1429,7 @@ mod order_tests {
                 pushed: 0,
             }),
         };
-        sim.shard.on_store_reply(reply, now);
+        sim.shard().on_store_reply(reply, now);
     }
 
     fn shown(sim: &mut Sim) -> Vec<String> {
