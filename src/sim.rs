@@ -1,7 +1,18 @@
-//! A seeded, deterministic simulation of one shard in Redis mode (issue 15): the real
-//! [`Shard`] with in-memory streams for sockets, a manual clock, and a model of Redis in
-//! place of the Redis thread, all driven by one PRNG over virtual time. No threads, no
-//! network (the store link's doorbells are a socketpair nobody waits on).
+//! A seeded, deterministic simulation of one node of two shards in Redis mode (issue 15): the
+//! real [`Shard`]s with in-memory streams for sockets, a manual clock, the real mesh between
+//! them, and a model of Redis in place of the Redis thread, all driven by one PRNG over
+//! virtual time. No threads, no network (the doorbells of the store links and of the mesh
+//! are socketpairs nobody waits on).
+//!
+//! As in production, every connection lives on its user's home shard (`mesh::home_shard`;
+//! the simulation admits it there, so no handoff happens), each shard has its own store link
+//! (its own pipeline and answers) to the one Redis, a push goes to its user's home shard (as
+//! the node's channel listener routes it), and a message whose recipient is homed on the other
+//! shard crosses the mesh: the sender's shard gives it an id and sends it on, the recipient's
+//! shard writes it to Redis and sends the sender's answer back through the mesh. The senders
+//! and recipients are spread so that both same-shard and cross-shard pairs exist (asserted).
+//! A step acts on one shard picked by the PRNG (its store link served, its answers heard, its
+//! tick, its mesh drained); settling also drains both meshes.
 //!
 //! Faults the PRNG injects: a store call that fails at once, one that times out while its
 //! write lands later (fred sending it after a reconnect, Redis still working), one whose
@@ -19,8 +30,10 @@
 //!
 //! `the model's` [`Model::fence`] is the order fix in the store (the script's watermark and
 //! revoke, `store/redis/script.lua`); with it off the simulation finds the hole of issue 15.
-//! Replay one seed: `RINGGATE_SIM_SEED=<seed> cargo test --lib sim:: -- --nocapture`;
-//! a longer sweep: `RINGGATE_SIM_SEEDS=<count>`.
+//! Replay one seed: `RINGGATE_SIM_SEED=<seed> cargo test --lib sim:: -- --nocapture`
+//! (`RINGGATE_SIM_TRACE=1` prints what each shard hears from the store and the mesh);
+//! a longer sweep: `RINGGATE_SIM_SEEDS=<count>`. The scripted tests at the end drive one
+//! shard alone (`Sim::with_shards(.., 1)`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
@@ -1164,7 +1177,7 @@ pub(crate) fn sweep(count: u64, steps: u64, plant: Plant) -> Result<Counts, (u64
 mod tests {
     use super::*;
 
-    /// Seeds in every test run (about 15 s). Seed 12757704642094768500, the 5,284th, found a
+    /// Seeds in every test run (about 25 s with two shards). Seed 12757704642094768500, the 5,284th, found a
     /// pushed entry of a revoked write shown during a mirror load (fixed in `on_pushed`).
     const SEEDS: u64 = 6_000;
 
