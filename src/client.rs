@@ -18,7 +18,7 @@
 //! }
 //! ```
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,15 @@ pub enum Event {
     Typing {
         from: String,
     },
+    /// `by` has read every message of `from` up to `id` (already acked). `from` is this user
+    /// for a receipt of its correspondent, `by` is this user for one of its own other devices
+    /// (or this one). Each (by, from) only moves forward: a receipt at or below one already
+    /// reported is not reported again.
+    Read {
+        by: String,
+        from: String,
+        id: String,
+    },
     /// The connection was lost and re-established; unaccepted sends were resent.
     Reconnected {
         resent: usize,
@@ -172,6 +181,8 @@ pub struct Client {
     retry_backoff: Duration,
     seen: HashSet<(String, String)>,
     seen_order: VecDeque<(String, String)>,
+    /// Highest receipt id reported per (by, from).
+    reads_seen: HashMap<(String, String), u64>,
     rng: u64,
 }
 
@@ -194,6 +205,7 @@ impl Client {
             retry_backoff: Duration::ZERO,
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
+            reads_seen: HashMap::new(),
             rng: seed,
         };
         client.open().map_err(ClientError::Connect)?;
@@ -232,6 +244,19 @@ impl Client {
 
     /// Tell `to`'s online devices this user is typing. Ephemeral: not kept or resent when
     /// the connection is down (a `rate_limited` answer comes as an `Event::Error`).
+    /// Tell `from` (and this user's other devices) that every message of `from` up to `id`
+    /// has been read. Not resent by the client: the gateway answers only a refusal (`error`,
+    /// no cid): `bad_request` when no such message reached this user, `unavailable` when the
+    /// store could not take the receipt (send it again later).
+    pub fn read(&mut self, from: &str, id: &str) {
+        let frame = json!({"op":"read","from":from,"id":id}).to_string();
+        if let Some(ws) = self.ws.as_mut() {
+            if ws.send(Message::text(frame)).is_err() {
+                self.ws = None;
+            }
+        }
+    }
+
     pub fn typing(&mut self, to: &str) {
         let frame = json!({"op":"typing","to":to}).to_string();
         if let Some(ws) = self.ws.as_mut() {
@@ -392,6 +417,23 @@ impl Client {
                 Some(Event::Accepted { cid, id: s("id") })
             }
             "typing" => Some(Event::Typing { from: s("from") }),
+            "read" => {
+                self.ack(v["seq"].as_u64().unwrap_or(0));
+                let id: u64 = s("id").parse().ok()?;
+                let told = self.reads_seen.entry((s("by"), s("from"))).or_insert(0);
+                if id <= *told {
+                    return None; // a retransmit, a replay, or superseded already
+                }
+                *told = id;
+                if self.reads_seen.len() > SEEN_CAPACITY {
+                    self.reads_seen.clear();
+                }
+                Some(Event::Read {
+                    by: s("by"),
+                    from: s("from"),
+                    id: id.to_string(),
+                })
+            }
             "delivered" => Some(Event::Delivered {
                 cid: s("cid"),
                 id: s("id"),

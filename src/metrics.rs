@@ -124,6 +124,9 @@ pub const LIVE_SENDS: &str = "ringgate_live_sends_total";
 pub const TYPING: &str = "ringgate_typing_total";
 pub const TYPING_DELIVERED: &str = "ringgate_typing_delivered_total";
 pub const TYPING_DROPPED: &str = "ringgate_typing_dropped_total";
+pub const READS: &str = "ringgate_reads_total";
+pub const READS_REDUNDANT: &str = "ringgate_reads_redundant_total";
+pub const READS_REFUSED: &str = "ringgate_reads_refused_total";
 pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
 pub const LIVE_SPILLED: &str = "ringgate_live_spilled_total";
 pub const STORE_WRITES_IN_DOUBT: &str = "ringgate_store_writes_in_doubt";
@@ -233,6 +236,9 @@ pub struct ShardMetrics {
     pub typing: Counter,
     pub typing_delivered: Counter,
     pub typing_dropped: Counter,
+    pub reads: Counter,
+    pub reads_redundant: Counter,
+    pub reads_refused: Counter,
     pub live_acked: Counter,
     pub live_spilled: Counter,
     pub store_writes_in_doubt: Gauge,
@@ -547,6 +553,24 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "`typing` notices dropped instead of queued: a shard's channel or the Redis queue was full (typing is ephemeral).",
         Kind::Counter,
         |m| m.typing_dropped.get(),
+    ),
+    (
+        READS,
+        "Read receipts taken from this shard's clients and sent on to the store for the sender's and the reader's devices.",
+        Kind::Counter,
+        |m| m.reads.get(),
+    ),
+    (
+        READS_REDUNDANT,
+        "`read` frames at or below a receipt the reader already sent (nothing to tell).",
+        Kind::Counter,
+        |m| m.reads_redundant.get(),
+    ),
+    (
+        READS_REFUSED,
+        "`read` frames refused: no message of that sender with that id (or a later one) was sent to the reader.",
+        Kind::Counter,
+        |m| m.reads_refused.get(),
     ),
     (
         LIVE_SENDS,

@@ -82,6 +82,11 @@ pub enum ClientFrame {
     Typing {
         to: compact_str::CompactString,
     },
+    /// A read receipt: this user has read every message of `from` up to message `id`.
+    Read {
+        from: compact_str::CompactString,
+        id: u64,
+    },
 }
 
 impl ClientFrame {
@@ -120,6 +125,10 @@ struct Envelope<'a> {
     room: Option<&'a RawValue>,
     #[serde(borrow)]
     since: Option<&'a RawValue>,
+    #[serde(borrow)]
+    from: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -306,6 +315,23 @@ fn parse_publish(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, 
     })
 }
 
+/// `read`: `from` a user id, `id` a message id as the server writes it (a string of digits;
+/// an unsigned integer is taken too).
+fn parse_read(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
+    let from = parse_id(env.from, "from", "user", cid)?;
+    let raw = env.id.ok_or_else(|| bad("missing field `id`", cid))?.get();
+    let digits = raw
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(raw);
+    let id = match digits.as_bytes().first() {
+        Some(b'1'..=b'9') => digits.parse::<u64>().ok(),
+        _ => None,
+    };
+    let id = id.ok_or_else(|| bad("`id` must be a message id (a string of digits)", cid))?;
+    Ok(ClientFrame::Read { from, id })
+}
+
 fn parse_presence(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
     let shape = || {
         bad(
@@ -355,6 +381,7 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
         "typing" => Ok(ClientFrame::Typing {
             to: parse_id(env.to, "to", "user", &cid)?,
         }),
+        "read" => parse_read(&env, &cid),
         "ack" => env
             .seq
             .and_then(|s| serde_json::from_str::<u64>(s.get()).ok())
@@ -402,7 +429,11 @@ pub const PONG: &[u8] = b"{\"op\":\"pong\"}";
 
 /// `{"op":"msg","seq":..,"id":"..",["type":"..",]"from":"..","cid":..,"ts":..,"body":..}`
 /// (`type` only on a backend message that has one).
+/// A read receipt stored in an inbox is written as `read` (see [`write_read`]).
 pub fn write_msg(out: &mut Vec<u8>, seq: u64, msg: &crate::store::StoredMessage) {
+    if let Some(sender) = receipt_sender(&msg.cid) {
+        return write_read(out, seq, &msg.from, sender, msg.id, msg.ts);
+    }
     let id = msg.id;
     out.extend_from_slice(format!("{{\"op\":\"msg\",\"seq\":{seq},\"id\":\"{id}\",").as_bytes());
     if let Some(t) = &msg.msg_type {
@@ -422,6 +453,40 @@ fn write_message_tail(out: &mut Vec<u8>, from: &str, cid: &str, ts: u64, body: &
     out.extend_from_slice(format!(",\"ts\":{ts},\"body\":").as_bytes());
     out.extend_from_slice(body.as_bytes());
     out.push(b'}');
+}
+
+/// How a read receipt travels: an inbox entry (reliable like a `msg`: window, acks, replay)
+/// whose `cid` is `~r:<sender>:<id>`, `from` the reader and `id` the message read. A client's
+/// cid is raw JSON (it starts with `"` or a digit), so it never looks like this.
+pub const RECEIPT_CID_PREFIX: &str = "~r:";
+
+/// The cid of `reader`'s receipt for `sender`'s messages up to `id` (unique per receipt, so
+/// the store's dedup drops a copy of the same one).
+pub fn receipt_cid(sender: &str, id: u64) -> Box<str> {
+    format!("{RECEIPT_CID_PREFIX}{sender}:{id}").into()
+}
+
+/// The sender whose messages a receipt marks read, if `cid` is a receipt's.
+pub fn receipt_sender(cid: &str) -> Option<&str> {
+    let rest = cid.strip_prefix(RECEIPT_CID_PREFIX)?;
+    rest.rsplit_once(':').map(|(sender, _)| sender)
+}
+
+/// What later receipts of the same reader for the same sender replace in one inbox: the cid
+/// without its id (`~r:<sender>`).
+pub fn receipt_key(cid: &str) -> Option<&str> {
+    receipt_sender(cid)?;
+    cid.rsplit_once(':').map(|(key, _)| key)
+}
+
+/// `{"op":"read","seq":N,"by":..,"from":..,"id":"..","ts":..}`: `by` has read every message
+/// of `from` up to `id`. `seq` as in `msg` (ack it the same way).
+pub fn write_read(out: &mut Vec<u8>, seq: u64, by: &str, from: &str, id: u64, ts: u64) {
+    out.extend_from_slice(format!("{{\"op\":\"read\",\"seq\":{seq},\"by\":").as_bytes());
+    write_json_str(out, by);
+    out.extend_from_slice(b",\"from\":");
+    write_json_str(out, from);
+    out.extend_from_slice(format!(",\"id\":\"{id}\",\"ts\":{ts}}}").as_bytes());
 }
 
 /// `{"op":"typing","from":..}`
@@ -771,6 +836,56 @@ mod tests {
         assert_eq!(
             serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
             serde_json::json!({"op":"typing","from":"al\"ice"})
+        );
+    }
+
+    #[test]
+    fn read_names_a_sender_and_a_message_id_and_is_written_as_read() {
+        for ok in [
+            r#"{"op":"read","from":"alice","id":"1234"}"#,
+            r#"{"op":"read","from":"alice","id":1234}"#,
+        ] {
+            assert_eq!(
+                parse(ok.as_bytes()).unwrap(),
+                ClientFrame::Read {
+                    from: "alice".into(),
+                    id: 1234
+                },
+                "{ok}"
+            );
+        }
+        for bad_read in [
+            r#"{"op":"read","id":"1"}"#,
+            r#"{"op":"read","from":"alice"}"#,
+            r#"{"op":"read","from":"alice","id":"0"}"#,
+            r#"{"op":"read","from":"alice","id":"01"}"#,
+            r#"{"op":"read","from":"alice","id":"x1"}"#,
+            r#"{"op":"read","from":"alice","id":-1}"#,
+            r#"{"op":"read","from":"alice","id":"99999999999999999999"}"#,
+            r#"{"op":"read","from":5,"id":"1"}"#,
+        ] {
+            let e = parse(bad_read.as_bytes()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{bad_read}: {e:?}");
+        }
+        let cid = receipt_cid("al:ice", 77);
+        assert_eq!(receipt_sender(&cid), Some("al:ice"));
+        assert_eq!(receipt_key(&cid), Some("~r:al:ice"));
+        for client_cid in [r#""~r:a:1""#, "17"] {
+            assert_eq!(receipt_sender(client_cid), None, "{client_cid}");
+        }
+        let receipt = crate::store::StoredMessage {
+            id: 77,
+            from: "bob".into(),
+            cid,
+            ts: 5,
+            body: "null".into(),
+            msg_type: None,
+        };
+        let mut out = Vec::new();
+        write_msg(&mut out, 3, &receipt);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap(),
+            serde_json::json!({"op":"read","seq":3,"by":"bob","from":"al:ice","id":"77","ts":5})
         );
     }
 

@@ -397,6 +397,16 @@ fn typing_reaches_every_online_device_of_the_recipient_and_is_never_stored() {
     }
 }
 
+/// Read receipts (SPEC section 3, `read`), with the embedded store, on one shard and across.
+#[test]
+fn read_receipts_reach_the_senders_and_the_readers_devices_and_supersede() {
+    for (shard_a, shard_b) in [(0, 0), (0, 1)] {
+        let gw = gateway(&[]);
+        let (alice, bob) = (user_on("alice", shard_a), user_on("bob", shard_b));
+        receipts_scenario(&gw, &alice, &bob, &user_on("carol", shard_a));
+    }
+}
+
 /// `typing` shares the per-user send limit (SPEC section 4, "Limits"): past it, `rate_limited`
 /// with `retry_ms` (no cid), and nothing is relayed. (The three frames go in one write: served
 /// at one instant, no token refills between them however slow the machine.)

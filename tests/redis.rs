@@ -89,6 +89,49 @@ fn accepted_messages_survive_a_gateway_sigkill() {
     assert!(gw2.metric_sum("ringgate_redis_loads_total") >= 1);
 }
 
+/// Read receipts with Redis (SPEC section 3, `read`): the same scenario as the embedded store,
+/// then a receipt waiting for an offline sender survives a gateway SIGKILL, and Redis holds
+/// only the latest one of the pair.
+#[test]
+fn read_receipts_go_through_redis_supersede_and_survive_a_sigkill() {
+    let redis = RedisServer::start();
+    let mut gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    receipts_scenario(&gw, &alice, &bob, &user_on("carol", 0, SHARDS));
+    // The scenario leaves alice's latest receipt unacked (replayed, not acked): ack it now.
+    let (mut a, replayed) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    ack(&mut a, replayed[0]["seq"].as_u64().unwrap());
+    let (mut b, _) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    let ids = send_accepted(&mut a, &bob, "late", 2);
+    drop(a);
+    for _ in &ids {
+        let m = next_op(&mut b, "msg");
+        ack(&mut b, m["seq"].as_u64().unwrap());
+    }
+    for id in &ids {
+        send_text(
+            &mut b,
+            &json!({"op":"read","from":alice,"id":id.to_string()}).to_string(),
+        );
+        let own = next_op(&mut b, "read");
+        assert_eq!(own["id"], id.to_string());
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || stream_len(&redis, &alice) == 1),
+        "one receipt of bob waits in alice's inbox: {}",
+        stream_len(&redis, &alice)
+    );
+    gw.sigkill();
+    drop(b);
+    let gw2 = gateway(&redis, &[]);
+    let (_a, replayed) = connect_replay(&gw2, &format!("/ws?user={alice}"));
+    assert_eq!(replayed.len(), 1, "{replayed:?}");
+    assert_eq!(replayed[0]["op"], "read");
+    assert_eq!(replayed[0]["by"], bob.as_str());
+    assert_eq!(replayed[0]["id"], ids[1].to_string());
+}
+
 /// A backend message's `type` is kept in Redis with the message (issue 17 item 6).
 #[test]
 fn a_backend_messages_type_survives_a_gateway_sigkill() {

@@ -9,6 +9,8 @@
 //!   becomes a second message (while pending, and for >= 24 h / >= 10,000 cids once accepted).
 //! * [`room::RoomLog`]: one room's offsets, recovery history and publish dedup.
 //! * [`ids::MessageIds`]: server message ids, and the issuer slot a shard holds to make them.
+//! * [`receipts::ReadReceipts`]: per reader, what each sender sent it and what it has told
+//!   (read receipts).
 //!
 //! The offline inbox lives in [`crate::store`]. Everything here belongs to the user's home
 //! shard and is passed by `&mut`; a message is an immutable handle `M: Clone` (the shard uses
@@ -37,6 +39,7 @@
 pub mod dedup;
 pub mod ids;
 pub mod message;
+pub mod receipts;
 pub mod refusal;
 pub mod room;
 pub mod window;

@@ -139,6 +139,11 @@ impl Shard {
                             self.on_typing(index, to)
                         }
                     }
+                    AppEvent::Read { from, id } => {
+                        if self.within_send_rate(index, None, now) {
+                            self.on_read(index, from, id, now)
+                        }
+                    }
                     AppEvent::Ping => {} // answered by the connection, never queued
                 }
             }
@@ -213,6 +218,53 @@ impl Shard {
             self.write_text(device, &out);
             self.kick(device);
             self.metrics.typing_delivered.inc();
+        }
+    }
+
+    /// `read`: `reader` has read `sender`'s messages up to `id`. Checked against what was sent
+    /// to the reader's devices, then stored as a receipt entry in the sender's inbox and in
+    /// the reader's own (for its other devices), each delivered like a `msg` (see
+    /// `proto::RECEIPT_CID_PREFIX`). Nothing answers it unless it is refused.
+    fn on_read(&mut self, index: usize, sender: CompactString, id: u64, now: u64) {
+        use crate::delivery::receipts::ReadVerdict;
+        let Some(reader) = self.conns[index].conn.user().map(CompactString::from) else {
+            return;
+        };
+        match self.receipts.read(&reader, &sender, id) {
+            ReadVerdict::Tell => {}
+            ReadVerdict::AlreadyTold => return self.metrics.reads_redundant.inc(),
+            ReadVerdict::NeverReceived => {
+                self.metrics.reads_refused.inc();
+                let err = FrameError {
+                    code: ErrorCode::BadRequest,
+                    message: format!(
+                        "no message {id} from `{}` was sent to you",
+                        sender.escape_default()
+                    ),
+                    cid: None,
+                };
+                let ctx = shard_ctx!(self);
+                return self.conns[index].conn.reply_error(now, err, &ctx);
+            }
+        }
+        self.metrics.reads.inc();
+        let cid = proto::receipt_cid(&sender, id);
+        let ts = self.clock.wall_ms();
+        let reply = self.reply_to(index);
+        for to in [sender.clone(), reader.clone()] {
+            let receipt = Message {
+                id,
+                from: reader.clone(),
+                to,
+                cid: cid.clone(),
+                ts,
+                body: "null".into(),
+                msg_type: None,
+                reply,
+                received: std::time::Instant::now(),
+                write: Default::default(),
+            };
+            self.route(receipt, now, Some(index));
         }
     }
 
@@ -332,10 +384,15 @@ impl Shard {
             self.on_report(msg.refused(SendRefusal::Busy(NO_ID_SLOT)));
             return Submitted::New;
         }
+        self.route(msg, now, current);
+        Submitted::New
+    }
+
+    /// To the recipient's home shard (here, or across the mesh).
+    fn route(&mut self, msg: Message, now: u64, current: Option<usize>) {
         let home = self.home_of(&msg.to);
         if home == self.id {
-            self.deliver(msg, now, current);
-            return Submitted::New;
+            return self.deliver(msg, now, current);
         }
         self.metrics.cross_shard.inc();
         let mesh = self.mesh.as_ref().expect("several shards have a mesh");
@@ -346,7 +403,6 @@ impl Shard {
                 "the recipient's shard is busy, resend later",
             )));
         }
-        Submitted::New
     }
 
     fn home_of(&self, user: &str) -> usize {
@@ -433,6 +489,9 @@ impl Shard {
 
     /// On the sender's home shard: answer the sender.
     pub(super) fn on_report(&mut self, r: Report) {
+        if let Some(sender) = proto::receipt_sender(&r.cid) {
+            return self.on_receipt_report(sender.into(), r);
+        }
         if r.outcome == Outcome::Stored {
             self.metrics.send_accepted.observe(r.received.elapsed());
         }
@@ -475,6 +534,30 @@ impl Shard {
         for t in targets {
             self.write_text(t, &out);
             self.kick(t);
+        }
+    }
+
+    /// A receipt's store write: nothing to say unless it was refused (then the reader is told,
+    /// and may send the `read` again).
+    fn on_receipt_report(&mut self, sender: CompactString, r: Report) {
+        let Outcome::Refused(why) = &r.outcome else {
+            return;
+        };
+        self.receipts.not_told(&r.from, &sender, r.id);
+        self.metrics.refusals[why.source().index()].inc();
+        let mut out = Vec::with_capacity(96);
+        let what = format!("read receipt for {} not stored", r.id);
+        let mut err = why.frame(&what, "".into());
+        err.cid = None;
+        proto::write_error(&mut out, &err);
+        let origin = r.reply.conn as usize;
+        if self
+            .conns
+            .get(origin)
+            .is_some_and(|e| e.serial == r.reply.serial)
+        {
+            self.write_text(origin, &out);
+            self.kick(origin);
         }
     }
 
@@ -598,6 +681,9 @@ impl Shard {
                     .session
                     .get_or_insert_with(|| Box::new(Session::resume(window_cfg, last_seq)));
                 for (inbox_seq, msg) in batch {
+                    if proto::receipt_sender(&msg.cid).is_none() {
+                        self.receipts.sent(&user, &msg.from, msg.id);
+                    }
                     let msg = Rc::new(msg);
                     self.metrics.acks_pending.inc();
                     let Ok(seq) = session.window.push((inbox_seq, msg.clone()), now) else {

@@ -158,6 +158,8 @@ pub struct Shard {
     /// Dedup windows of the senders whose home is this shard.
     senders: std::collections::HashMap<compact_str::CompactString, crate::delivery::Dedup>,
     msg_ids: crate::delivery::ids::MessageIds,
+    /// Read receipts of the users whose home is this shard (what they were sent, told).
+    receipts: crate::delivery::receipts::ReadReceipts,
     last_expire_ms: u64,
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
     api_waiters: std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<msg::ApiOutcome>>,
@@ -233,6 +235,7 @@ impl Shard {
             durable: None,
             senders: Default::default(),
             msg_ids: crate::delivery::ids::MessageIds::for_shard(id),
+            receipts: Default::default(),
             last_expire_ms: 0,
             api_waiters: Default::default(),
             unsent: Vec::new(),

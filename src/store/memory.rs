@@ -29,7 +29,7 @@
 //! * `expire`: O(users with a non-empty inbox + entries dropped); meant for a periodic sweep.
 //! * Memory: 88 bytes per entry (72-byte [`StoredMessage`] + seq + time) plus the message's
 //!   heap parts (`cid`, `body`, and `from` when over 24 bytes), one map slot (24-byte inline
-//!   user id + 40 bytes) per user with a non-empty inbox, and nothing for the others.
+//!   user id + 88 bytes, 48 of them the read receipt index) per user with a non-empty inbox, and nothing for the others.
 //!   A tombstone keeps its 88-byte slot until compacted.
 
 use std::collections::{HashMap, VecDeque};
@@ -57,9 +57,49 @@ struct UserInbox {
     slots: VecDeque<Slot>,
     /// Live (non-tombstone) slots.
     live: usize,
+    /// The live read receipt per (reader, key) (the key names the sender whose messages were
+    /// read, see `proto::receipt_key`): a later receipt replaces an earlier one still here
+    /// instead of queueing behind it.
+    receipts: HashMap<(CompactString, Box<str>), InboxSeq>,
 }
 
 impl UserInbox {
+    /// Add an entry at the back; a read receipt removes the earlier one with its key.
+    /// Returns how many entries that removed (0 or 1).
+    fn push(&mut self, slot: Slot) -> usize {
+        let key = slot.msg.as_ref().and_then(receipt_key);
+        let seq = slot.seq;
+        self.slots.push_back(slot);
+        self.live += 1;
+        let Some(key) = key else {
+            return 0;
+        };
+        match self.receipts.insert(key, seq) {
+            Some(older) if self.take(older) => {
+                self.tidy();
+                1
+            }
+            _ => 0,
+        }
+    }
+
+    /// Tombstone the entry at `seq`; false if it is not here (any more).
+    fn take(&mut self, seq: InboxSeq) -> bool {
+        let Ok(i) = self.slots.binary_search_by_key(&seq, |s| s.seq) else {
+            return false;
+        };
+        let Some(msg) = self.slots[i].msg.take() else {
+            return false;
+        };
+        if let Some(key) = receipt_key(&msg) {
+            if self.receipts.get(&key) == Some(&seq) {
+                self.receipts.remove(&key);
+            }
+        }
+        self.live -= 1;
+        true
+    }
+
     /// Pop tombstones at both ends, compact when tombstones outnumber live entries, and give
     /// capacity back after a large shrink. Amortised O(1) per removal: a compaction costs
     /// fewer than twice the tombstones it clears, each of which was one removal.
@@ -94,6 +134,12 @@ impl UserInbox {
         }
         dropped
     }
+}
+
+/// A read receipt's (reader, key); None for a message.
+fn receipt_key(msg: &StoredMessage) -> Option<(CompactString, Box<str>)> {
+    let key = crate::proto::receipt_key(&msg.cid)?;
+    Some((msg.from.clone(), key.into()))
 }
 
 fn expired(appended_at: u64, now: u64, max_age_ms: u64) -> bool {
@@ -165,13 +211,12 @@ impl MemoryInbox {
         // Mirror mode: `next_seq` stays above every seq ever held, so `append_live` can
         // always place an entry after anything a connection has already been given.
         self.next_seq = self.next_seq.max(seq + 1);
-        inbox.slots.push_back(Slot {
+        let superseded = inbox.push(Slot {
             seq,
             appended_at,
             msg: Some(msg),
         });
-        inbox.live += 1;
-        self.total += 1;
+        self.total = self.total + 1 - superseded;
         true
     }
 
@@ -233,8 +278,8 @@ impl Inbox for MemoryInbox {
                 });
             }
             let appended_at = inbox.slots.back().map_or(now, |s| s.appended_at.max(now));
-            inbox.slots.push_back(slot(appended_at));
-            inbox.live += 1;
+            let superseded = inbox.push(slot(appended_at));
+            self.total -= superseded;
         } else {
             if limits.max_messages == 0 {
                 return Err(StoreError::Full {
@@ -243,8 +288,7 @@ impl Inbox for MemoryInbox {
                 });
             }
             let mut inbox = UserInbox::default();
-            inbox.slots.push_back(slot(now));
-            inbox.live = 1;
+            inbox.push(slot(now));
             self.users.insert(CompactString::from(user), inbox);
         }
         self.next_seq += 1;
@@ -276,13 +320,9 @@ impl Inbox for MemoryInbox {
         let Some(inbox) = self.users.get_mut(user) else {
             return false;
         };
-        let Ok(i) = inbox.slots.binary_search_by_key(&seq, |s| s.seq) else {
-            return false;
-        };
-        if inbox.slots[i].msg.take().is_none() {
+        if !inbox.take(seq) {
             return false;
         }
-        inbox.live -= 1;
         self.total -= 1;
         if inbox.live == 0 {
             self.users.remove(user);
@@ -360,6 +400,46 @@ mod tests {
         assert_eq!(l.max_age_ms, 72 * HOUR);
         let inbox = MemoryInbox::default();
         assert_eq!(inbox.users.capacity(), 0);
+    }
+
+    fn receipt(by: &str, sender: &str, id: u64) -> StoredMessage {
+        StoredMessage {
+            id,
+            from: by.into(),
+            cid: crate::proto::receipt_cid(sender, id),
+            ts: 0,
+            body: "null".into(),
+            msg_type: None,
+        }
+    }
+
+    #[test]
+    fn a_later_read_receipt_replaces_the_earlier_one_of_its_reader_and_sender() {
+        let mut inbox = MemoryInbox::new(limits(100, HOUR));
+        let a1 = inbox
+            .append("alice", receipt("bob", "alice", 10), T0)
+            .unwrap();
+        inbox.append("alice", m(1), T0).unwrap();
+        inbox
+            .append("alice", receipt("carol", "alice", 11), T0)
+            .unwrap();
+        let a2 = inbox
+            .append("alice", receipt("bob", "alice", 12), T0)
+            .unwrap();
+        // bob's first receipt is gone; carol's (another reader) stays.
+        let all = inbox.read("alice", 0, 10, T0);
+        assert_eq!(ids(&all), vec![1, 11, 12]);
+        assert_eq!(inbox.len("alice"), 3);
+        assert_eq!(inbox.total_len(), 3);
+        assert!(!inbox.remove("alice", a1), "already replaced");
+        assert!(inbox.remove("alice", a2));
+        // Mirror mode the same; a receipt already acked is not replaced twice.
+        assert!(inbox.insert_at("dave", 5, receipt("erin", "dave", 1), T0));
+        assert!(inbox.insert_at("dave", 6, receipt("erin", "dave", 2), T0));
+        assert!(inbox.remove("dave", 6));
+        assert!(inbox.insert_at("dave", 7, receipt("erin", "dave", 3), T0));
+        assert_eq!(ids(&inbox.read("dave", 0, 10, T0)), vec![3]);
+        assert_eq!(inbox.total_len(), 3);
     }
 
     #[test]

@@ -536,7 +536,8 @@ pub fn next_op(ws: &mut Ws, op: &str) -> serde_json::Value {
     v
 }
 
-/// Connect and read welcome, the replayed msgs, and synced; returns (ws, replayed msgs).
+/// Connect and read welcome, the replayed msgs (and read receipts), and synced; returns (ws,
+/// replayed frames).
 pub fn connect_replay(gw: &Gateway, path: &str) -> (Ws, Vec<serde_json::Value>) {
     let mut ws = connect(gw, path);
     assert_eq!(recv_json(&mut ws)["op"], "welcome");
@@ -544,7 +545,7 @@ pub fn connect_replay(gw: &Gateway, path: &str) -> (Ws, Vec<serde_json::Value>) 
     loop {
         let v = recv_json(&mut ws);
         match v["op"].as_str() {
-            Some("msg") => msgs.push(v),
+            Some("msg") | Some("read") => msgs.push(v),
             Some("synced") => {
                 assert_eq!(v["count"], msgs.len() as u64);
                 return (ws, msgs);
@@ -710,4 +711,108 @@ impl Ledger {
             .sum();
         (displayed, reordered)
     }
+}
+
+/// Read receipts end to end on one gateway (SPEC section 3, `read`), for users `alice` and
+/// `bob` (home shards as the caller chose them): online both ways with two devices of bob,
+/// the refusals, redundant receipts, and an offline sender who gets only the latest receipt.
+pub fn receipts_scenario(gw: &Gateway, alice: &str, bob: &str, carol: &str) {
+    let (mut a, _) = connect_replay(gw, &format!("/ws?user={alice}"));
+    let (mut b1, _) = connect_replay(gw, &format!("/ws?user={bob}&device=one"));
+    let (mut b2, _) = connect_replay(gw, &format!("/ws?user={bob}&device=two"));
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        send(&mut a, bob, &format!("m{n}"), serde_json::json!({"n": n}));
+        ids.push(
+            next_op(&mut a, "accepted")["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    for b in [&mut b1, &mut b2] {
+        for id in &ids {
+            let m = next_op(b, "msg");
+            assert_eq!(&m["id"], id.as_str());
+            ack(b, m["seq"].as_u64().unwrap());
+        }
+    }
+    for _ in &ids {
+        next_op(&mut a, "delivered");
+    }
+    // bob reads up to m2 on device one: alice and both of bob's devices are told.
+    send_text(
+        &mut b1,
+        &serde_json::json!({"op":"read","from":alice,"id":ids[1]}).to_string(),
+    );
+    let told = next_op(&mut a, "read");
+    assert_eq!(told["by"], bob, "{told}");
+    assert_eq!(told["from"], alice, "{told}");
+    assert_eq!(told["id"], ids[1].as_str(), "{told}");
+    ack(&mut a, told["seq"].as_u64().unwrap());
+    for b in [&mut b1, &mut b2] {
+        let own = next_op(b, "read");
+        assert_eq!(
+            (&own["by"], &own["from"], &own["id"]),
+            (&bob.into(), &alice.into(), &ids[1].as_str().into()),
+            "{own}"
+        );
+        ack(b, own["seq"].as_u64().unwrap());
+    }
+    // At or below what was told: nothing. An id never sent to bob, a sender who never wrote
+    // to him, a bad id: `bad_request`, and the connection stays.
+    send_text(
+        &mut b2,
+        &serde_json::json!({"op":"read","from":alice,"id":ids[0]}).to_string(),
+    );
+    let beyond = (ids[2].parse::<u64>().unwrap() + 1).to_string();
+    for (from, id) in [(alice, beyond.as_str()), (carol, ids[0].as_str())] {
+        send_text(
+            &mut b2,
+            &serde_json::json!({"op":"read","from":from,"id":id}).to_string(),
+        );
+        let e = next_op(&mut b2, "error");
+        assert_eq!(e["code"], "bad_request", "{e}");
+        assert!(e.get("cid").is_none(), "{e}");
+    }
+    send_text(
+        &mut b2,
+        &serde_json::json!({"op":"read","from":alice,"id":"x"}).to_string(),
+    );
+    assert_eq!(next_op(&mut b2, "error")["code"], "bad_request");
+    for ws in [&mut a, &mut b1, &mut b2] {
+        assert!(frames_before_pong(ws).is_empty(), "nothing else");
+    }
+    assert_eq!(gw.metric_sum("ringgate_reads_total"), 1);
+    assert_eq!(gw.metric_sum("ringgate_reads_redundant_total"), 1);
+    assert_eq!(gw.metric_sum("ringgate_reads_refused_total"), 2);
+    // alice goes offline; bob reads m3, then a later message: alice's inbox keeps only the
+    // latest receipt (a later one supersedes, it does not queue behind).
+    drop(a);
+    let (mut a2, _) = connect_replay(gw, &format!("/ws?user={alice}&device=other"));
+    send(&mut a2, bob, "m4", serde_json::json!({"n": 4}));
+    let id4 = next_op(&mut a2, "accepted")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(a2);
+    for b in [&mut b1, &mut b2] {
+        let m = next_op(b, "msg");
+        ack(b, m["seq"].as_u64().unwrap());
+    }
+    assert!(eventually(Duration::from_secs(10), || gw
+        .metric_sum("ringgate_connections_open")
+        == 2));
+    for id in [&ids[2], &id4] {
+        send_text(
+            &mut b1,
+            &serde_json::json!({"op":"read","from":alice,"id":id}).to_string(),
+        );
+    }
+    let _ = frames_before_pong(&mut b1);
+    let (_a, replayed) = connect_replay(gw, &format!("/ws?user={alice}"));
+    let reads: Vec<_> = replayed.iter().filter(|f| f["op"] == "read").collect();
+    assert_eq!(reads.len(), 1, "{replayed:?}");
+    assert_eq!(reads[0]["id"], id4.as_str());
+    assert_eq!(gw.metric_sum("ringgate_reads_total"), 3);
 }

@@ -183,8 +183,24 @@ local function append(s, dcur, loc, i)
   sexpired[s] = 0
   if prev then return {'dup', record_id(prev), trimmed} end
   if len >= maxlen then return {'full', trimmed, len} end
+  -- A read receipt (cid '~r:<sender>:<id>') replaces the pair's earlier one still in the
+  -- inbox; one at or below it is a duplicate (see proto.rs, RECEIPT_CID_PREFIX).
+  local rkey = string.match(cid, '^(~r:.*):%d+$')
+  if rkey then
+    local rold = redis.call('HGET', dcur, rkey)
+    if rold then
+      local oxid, oid = string.match(rold, '^(%S+) (%S+)$')
+      if #id < #oid or (#id == #oid and id <= oid) then
+        redis.call('HDEL', dcur, cid)
+        return {'dup', oid, trimmed}
+      end
+      local n = redis.call('XDEL', s, oxid)
+      len = len - n
+    end
+  end
   local packed = ARGV[i + 3]
   local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
+  if rkey then redis.call('HSET', dcur, rkey, xid .. ' ' .. id) end
   -- The full record (see `record_id`), so that a revoke can find the entry.
   redis.call('HSET', dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt)
   slen[s] = len + 1
