@@ -376,6 +376,7 @@ impl Model {
                     user,
                     token,
                     result: Ok(Loaded {
+                        received: Vec::new(),
                         entries,
                         expired: 0,
                     }),
@@ -1355,6 +1356,7 @@ mod reload_tests {
             user: "r0".into(),
             token: first[0],
             result: Ok(Loaded {
+                received: Vec::new(),
                 entries: Vec::new(),
                 expired: 0,
             }),
@@ -1388,6 +1390,7 @@ mod order_tests {
             user: "r0".into(),
             token: load.expect("r0's load"),
             result: Ok(Loaded {
+                received: Vec::new(),
                 entries: Vec::new(),
                 expired: 0,
             }),

@@ -61,6 +61,58 @@ fn messages_are_accepted_displayed_once_acked_and_delivered() {
     assert_eq!(alice.pending(), 0);
 }
 
+/// `read` through the library: bob reads as messages arrive (one receipt per message), alice
+/// is told up to the last one, each id at most once and never backwards; the receipt frames
+/// are acked like messages (nothing waits in either inbox afterwards).
+#[test]
+fn read_receipts_are_told_to_the_sender_once_and_only_forwards() {
+    let gw = Gateway::start(&[]);
+    let mut alice = client(&gw, "alice");
+    let mut bob = client(&gw, "bob");
+    for i in 0..20 {
+        alice.send("bob", json!({"n": i})).unwrap();
+    }
+    let mut last_id = None;
+    let mut read_ids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while last_id.is_none() || read_ids.last() != last_id.as_ref() {
+        assert!(Instant::now() < deadline, "told so far: {read_ids:?}");
+        while let Some(e) = bob.poll(Duration::from_millis(5)).unwrap() {
+            if let Event::Message { from, id, body, .. } = e {
+                bob.read(&from, &id);
+                if body["n"] == 19 {
+                    last_id = Some(id);
+                }
+            }
+        }
+        while let Some(e) = alice.poll(Duration::from_millis(5)).unwrap() {
+            if let Event::Read { by, from, id } = e {
+                assert_eq!((by.as_str(), from.as_str()), ("bob", "alice"));
+                read_ids.push(id);
+            }
+        }
+    }
+    let told: Vec<u64> = read_ids.iter().map(|id| id.parse().unwrap()).collect();
+    assert!(told.windows(2).all(|w| w[0] < w[1]), "{told:?}");
+    // Everything in flight acked, then new connections of both find nothing waiting.
+    assert!(eventually(Duration::from_secs(10), || {
+        let _ = alice.poll(Duration::from_millis(5));
+        let _ = bob.poll(Duration::from_millis(5));
+        gw.metric_sum("ringgate_acks_pending") == 0
+    }));
+    drop((alice, bob));
+    for user in ["alice", "bob"] {
+        let mut again = client(&gw, user);
+        let seen = run_until(&mut [&mut again], |s| {
+            count(&s[0], |e| matches!(e, Event::Synced { .. })) == 1
+        });
+        assert!(
+            seen[0].contains(&Event::Synced { count: 0 }),
+            "{user}: {seen:?}"
+        );
+    }
+}
+
 #[test]
 fn typing_is_told_to_the_recipient() {
     let gw = Gateway::start(&[]);

@@ -49,6 +49,7 @@ on_standalone_and_cluster!(
     sends_refused_while_redis_restarts_are_replayed_in_the_order_they_were_accepted,
     each_shard_of_each_node_issues_message_ids_from_its_own_slot,
     typing_reaches_the_recipients_devices_on_every_node_once,
+    read_receipts_reach_every_device_of_both_users_on_every_node,
 );
 
 fn api_presence(gw: &Gateway, query: &str) -> (u16, String) {
@@ -734,4 +735,77 @@ fn typing_reaches_the_recipients_devices_on_every_node_once(redis: RedisServer) 
     assert!(frames_before_pong(&mut alice).is_empty());
     assert_eq!(redis.int(&["XLEN", "rg:in:{u:bob}"]), 0, "not stored");
     assert_eq!(b.metric_sum("ringgate_typing_delivered_total"), 1);
+}
+
+/// SPEC section 3, `read`, across nodes: bob reads on node b what alice sent from node a;
+/// alice (node a) and bob's other device (node a) are told, each once; a device on node b
+/// that connects after bob's last device left still has its receipt checked against what bob
+/// received (kept in Redis at each ack).
+fn read_receipts_reach_every_device_of_both_users_on_every_node(redis: RedisServer) {
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut alice, _) = connect_app(&a, "alice");
+    let (mut bob_a, _) = connect_app(&a, "bob&device=phone");
+    let (mut bob_b, _) = connect_app(&b, "bob&device=laptop");
+    assert!(eventually(Duration::from_secs(5), || redis
+        .int(&["SCARD", "rg:loc:{u:bob}"])
+        == 2));
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        send(&mut alice, "bob", &format!("m{i}"), json!(i));
+        ids.push(
+            next_op(&mut alice, "accepted")["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    for device in [&mut bob_a, &mut bob_b] {
+        for _ in 0..2 {
+            let m = next_op(device, "msg");
+            ack(device, seq_of(&m));
+        }
+    }
+    send_text(
+        &mut bob_b,
+        &json!({"op":"read","from":"alice","id":ids[0]}).to_string(),
+    );
+    let mut told = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        told.extend(
+            frames_before_pong(&mut alice)
+                .into_iter()
+                .filter(|f| f["op"] == "read"),
+        );
+        !told.is_empty()
+    }));
+    assert_eq!(told[0]["by"], "bob");
+    assert_eq!(told[0]["id"], ids[0].as_str());
+    ack(&mut alice, seq_of(&told[0]));
+    for device in [&mut bob_a, &mut bob_b] {
+        let own = next_op(device, "read");
+        assert_eq!((&own["by"], &own["from"]), (&json!("bob"), &json!("alice")));
+        ack(device, seq_of(&own));
+    }
+    // bob leaves node b (its memory of him goes with his mirror); a new device there reads
+    // the second message: node b learns what bob received from Redis when it loads his inbox.
+    drop(bob_b);
+    let (mut tablet, _) = connect_app(&b, "bob&device=tablet");
+    send_text(
+        &mut tablet,
+        &json!({"op":"read","from":"alice","id":ids[1]}).to_string(),
+    );
+    let own = next_op(&mut tablet, "read");
+    assert_eq!(own["id"], ids[1].as_str());
+    let mut told = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        told.extend(
+            frames_before_pong(&mut alice)
+                .into_iter()
+                .filter(|f| f["op"] == "read"),
+        );
+        !told.is_empty()
+    }));
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0]["id"], ids[1].as_str());
+    assert!(frames_before_pong(&mut alice).is_empty(), "once");
 }

@@ -125,6 +125,27 @@ fn read_receipts_go_through_redis_supersede_and_survive_a_sigkill() {
     gw.sigkill();
     drop(b);
     let gw2 = gateway(&redis, &[]);
+    // What bob received is known to the new run (kept in Redis at each ack): his receipts
+    // are still checked, not refused for want of memory. Its own copy waits for him too.
+    let (mut b, replayed) = connect_replay(&gw2, &format!("/ws?user={bob}"));
+    assert_eq!(replayed.len(), 1, "bob's own latest receipt: {replayed:?}");
+    assert_eq!(replayed[0]["id"], ids[1].to_string());
+    for id in [ids[0], ids[1]] {
+        send_text(
+            &mut b,
+            &json!({"op":"read","from":alice,"id":id.to_string()}).to_string(),
+        );
+    }
+    let beyond = (ids[1] + 1).to_string();
+    send_text(
+        &mut b,
+        &json!({"op":"read","from":alice,"id":beyond}).to_string(),
+    );
+    assert_eq!(next_op(&mut b, "error")["code"], "bad_request");
+    assert!(
+        frames_before_pong(&mut b).is_empty(),
+        "the same receipts again: no new entry"
+    );
     let (_a, replayed) = connect_replay(&gw2, &format!("/ws?user={alice}"));
     assert_eq!(replayed.len(), 1, "{replayed:?}");
     assert_eq!(replayed[0]["op"], "read");

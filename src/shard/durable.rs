@@ -305,6 +305,8 @@ impl Shard {
             None => None,
         };
         self.inbox.drop_user(user);
+        // What the user received is in Redis too (kept at each ack): the next load reads it.
+        self.receipts.forget(user);
         if let Some(d) = &self.durable {
             // If it cannot be queued, the entry stays until this run's lease lapses: other
             // nodes then only push into a channel nobody reads, and presence cleans it.
@@ -962,7 +964,17 @@ impl Shard {
             return;
         }
         match result {
-            Ok(Loaded { entries, expired }) => {
+            Ok(Loaded {
+                entries,
+                expired,
+                received,
+            }) => {
+                for (sender, id) in &received {
+                    self.receipts.sent(&user, sender, *id);
+                }
+                let Some(d) = &mut self.durable else {
+                    return;
+                };
                 let (pushes, acked) = match d.mirrors.remove(&user) {
                     Some(Mirror::Loading {
                         pushes,

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use fred::interfaces::StreamsInterface;
+use fred::interfaces::{HashesInterface, StreamsInterface};
 use fred::prelude::*;
 use fred::types::cluster::ClusterRouting;
 use fred::types::config::Options;
@@ -278,6 +278,7 @@ pub(super) async fn run_batch(
                             .xrange(key.as_str(), minid.as_str(), "+", Some(*limit as u64))
                             .await,
                     )?;
+                    queued(pipeline.hgetall(received_key(p, user)).await)?;
                 }
                 StoreOp::Leave { user } => {
                     queued(pipeline.srem(location_key(p, user), &settings.node).await)?;
@@ -368,7 +369,8 @@ pub(super) async fn run_batch(
                 answers[i] = Some(match &batch[i] {
                     StoreOp::Load { .. } => {
                         let (registered, trimmed, entries) = (next(), next(), next());
-                        registered.and_then(|_| parse_load(trimmed, entries))
+                        let received = next();
+                        registered.and_then(|_| parse_load(trimmed, entries, received))
                     }
                     // SET .. GET answers the previous value: none means the lease had lapsed.
                     StoreOp::Lease => next().map(|v| Answer::Leased(!matches!(v, Value::Null))),
@@ -567,6 +569,7 @@ async fn live_runs(
 pub(super) fn parse_load(
     trimmed: Result<Value, String>,
     entries: Result<Value, String>,
+    received: Result<Value, String>,
 ) -> Result<Answer, String> {
     let expired = integer(&trimmed?).unwrap_or(0);
     let raw = array(entries?)?;
@@ -574,9 +577,28 @@ pub(super) fn parse_load(
     for entry in raw {
         parsed.push(parse_entry(entry)?);
     }
+    // HGETALL: flat field, value pairs (RESP2) or a map (RESP3); an entry that does not
+    // read as (sender, id) is skipped (it only costs a receipt refused later).
+    let pairs: Vec<(String, String)> = match received? {
+        Value::Map(map) => map
+            .inner()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_string()?)))
+            .collect(),
+        Value::Array(flat) => flat
+            .chunks(2)
+            .filter_map(|kv| Some((kv.first()?.as_string()?, kv.get(1)?.as_string()?)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let received = pairs
+        .into_iter()
+        .filter_map(|(sender, id)| Some((sender.into(), id.parse().ok()?)))
+        .collect();
     Ok(Answer::Loaded(Loaded {
         entries: parsed,
         expired,
+        received,
     }))
 }
 
@@ -646,18 +668,27 @@ impl BatchCall {
                 }
                 StoreOp::Remove { user, seq, report } => {
                     keys.push(inbox_key(p, user));
+                    // What the user received (a message, not a receipt), for read receipts.
+                    let got = report
+                        .as_ref()
+                        .filter(|r| crate::proto::receipt_sender(&r.cid).is_none())
+                        .map_or((String::new(), 0), |r| (r.from.to_string(), r.id));
                     match report {
                         // In a cluster the sender's entry may live on another server: the
                         // `delivered` is published after the answer (cross_server_steps).
                         Some(r) if !cluster => {
                             keys.push(location_key(p, &r.from));
+                            keys.push(received_key(p, user));
                             args.push("D".into());
                             args.push(seq_to_stream_id(*seq));
+                            args.extend([got.0, got.1.to_string()]);
                             args.push(pack_delivered(r));
                         }
                         _ => {
+                            keys.push(received_key(p, user));
                             args.push("R".into());
                             args.push(seq_to_stream_id(*seq));
+                            args.extend([got.0, got.1.to_string()]);
                         }
                     }
                 }

@@ -16,6 +16,12 @@ pub(super) fn inbox_key(prefix: &str, user: &str) -> String {
 }
 
 /// `<prefix>loc:{u:<user>}`: the runs of nodes that hold a device of `user` (a set).
+/// What each sender sent `user` that a device of it acked, as a hash sender -> highest id
+/// (read receipts are checked against it after a restart or on another node).
+pub(super) fn received_key(prefix: &str, user: &str) -> String {
+    format!("{prefix}rcv:{{u:{user}}}")
+}
+
 pub(super) fn location_key(prefix: &str, user: &str) -> String {
     format!("{prefix}loc:{{u:{user}}}")
 }

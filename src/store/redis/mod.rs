@@ -221,6 +221,8 @@ pub enum Appended {
 /// A user's inbox as read from Redis.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Loaded {
+    /// Per sender, the highest message id a device of the user acked (read receipts).
+    pub received: Vec<(CompactString, u64)>,
     /// Oldest first.
     pub entries: Vec<(InboxSeq, StoredMessage)>,
     /// Entries the age cap trimmed just before the read.

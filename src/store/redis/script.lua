@@ -215,6 +215,17 @@ local function append(s, dcur, loc, i)
   if trimmed == 0 and pushed == 0 then return xid end
   return {'ok', xid, trimmed, pushed}
 end
+-- A device acked message `id` of `sender` (R and D ops; '' when the entry was no message):
+-- keep the highest id per sender in the user's `rcv` hash, which read receipts are checked
+-- against after a restart or on another node. Bounded per user; lives as long as an inbox.
+local function got(rk, sender, id)
+  if sender == '' then return end
+  local old = redis.call('HGET', rk, sender)
+  if old and (#old > #id or (#old == #id and old >= id)) then return end
+  if not old and redis.call('HLEN', rk) >= 4096 then return end
+  redis.call('HSET', rk, sender, id)
+  redis.call('PEXPIRE', rk, stream_ttl)
+end
 local out = {}
 local i, k = 11 + nkeys, 1
 while i <= #ARGV do
@@ -239,17 +250,19 @@ while i <= #ARGV do
   elseif op == 'R' then
     local n = redis.call('XDEL', K[k], ARGV[i + 1])
     if slen[K[k]] then slen[K[k]] = slen[K[k]] - n end
+    got(K[k + 1], ARGV[i + 2], ARGV[i + 3])
     out[#out + 1] = n
-    k = k + 1
-    i = i + 2
+    k = k + 2
+    i = i + 4
   elseif op == 'D' then
     -- Removed by this ack (not an earlier one): the sender's other nodes hear `delivered`.
     local n = redis.call('XDEL', K[k], ARGV[i + 1])
     if slen[K[k]] then slen[K[k]] = slen[K[k]] - n end
-    if n == 1 then push(nodes_of(K[k + 1]), ARGV[i + 2], false) end
+    if n == 1 then push(nodes_of(K[k + 1]), ARGV[i + 4], false) end
+    got(K[k + 2], ARGV[i + 2], ARGV[i + 3])
     out[#out + 1] = n
-    k = k + 2
-    i = i + 3
+    k = k + 3
+    i = i + 5
   elseif op == 'Q' then
     -- Presence on *other* live nodes (the asking node answers for itself); entries of runs
     -- whose lease expired are dropped on the way.

@@ -100,8 +100,10 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
             "p:dd:3:{u:bob}:alice",
             "p:loc:{u:bob}",
             "p:in:{u:bob}",
+            "p:rcv:{u:bob}",
             "p:in:{u:bob}",
             "p:loc:{u:alice}",
+            "p:rcv:{u:bob}",
             "p:loc:{u:x}",
             "p:loc:{u:y}",
             "p:in:{u:bob}",
@@ -127,8 +129,12 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
             "4",
             "R",
             "5-1",
+            "",
+            "0",
             "D",
             "5-2",
+            "alice",
+            "7",
             "d 7 5 3 alicebob\"c 1\"",
             "Q",
             "2",
@@ -143,16 +149,19 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
     );
     // In a cluster the `delivered` is published after the answer, from the sender's slot:
     // the script only removes.
-    // Declared keys must share a slot: the first is declared (it routes the call), all five
+    // Declared keys must share a slot: the first is declared (it routes the call), all seven
     // follow their count in the arguments.
     let call = BatchCall::build(&settings(), 2, &ops[..3], true);
     assert_eq!(call.keys, ["p:in:{u:bob}"]);
-    assert_eq!(call.args[8], "5");
+    assert_eq!(call.args[8], "7");
     assert_eq!(call.args[9], "p:in:{u:bob}");
-    assert_eq!(call.args[13], "p:in:{u:bob}");
-    assert_eq!(call.args[14], "2");
-    assert_eq!(call.args[15], "A");
-    assert_eq!(&call.args[24..], ["R", "5-1", "R", "5-2"]);
+    assert_eq!(call.args[15], "p:rcv:{u:bob}");
+    assert_eq!(call.args[16], "2");
+    assert_eq!(call.args[17], "A");
+    assert_eq!(
+        &call.args[26..],
+        ["R", "5-1", "", "0", "R", "5-2", "alice", "7"]
+    );
 }
 
 #[test]
@@ -342,8 +351,17 @@ fn a_load_reads_trimmed_count_and_entries() {
         s("9-2"),
         Value::Array(vec![s("m"), s("7 1 5 4 alice\"c1\"{}")]),
     ]);
-    let Answer::Loaded(Loaded { entries, expired }) =
-        parse_load(Ok(Value::Integer(2)), Ok(Value::Array(vec![entry]))).unwrap()
+    let received = Value::Array(vec![s("alice"), s("77"), s("bob"), s("x"), s("carol")]);
+    let Answer::Loaded(Loaded {
+        entries,
+        expired,
+        received,
+    }) = parse_load(
+        Ok(Value::Integer(2)),
+        Ok(Value::Array(vec![entry])),
+        Ok(received),
+    )
+    .unwrap()
     else {
         panic!("a load answers Loaded");
     };
@@ -351,17 +369,19 @@ fn a_load_reads_trimmed_count_and_entries() {
     assert_eq!(entries[0].0, stream_id_to_seq("9-2").unwrap());
     assert_eq!(entries[0].1.from, "alice");
     assert_eq!(&*entries[0].1.body, "{}");
+    // What the user received: a pair that does not read as (sender, id) is skipped.
+    assert_eq!(received, vec![("alice".into(), 77)]);
     // An empty stream reads as no entries; an error or a foreign entry fails the load.
     assert!(matches!(
-        parse_load(Ok(Value::Integer(0)), Ok(Value::Null)),
+        parse_load(Ok(Value::Integer(0)), Ok(Value::Null), Ok(Value::Null)),
         Ok(Answer::Loaded(Loaded { ref entries, .. })) if entries.is_empty()
     ));
-    assert!(parse_load(Err("boom".into()), Ok(Value::Null)).is_err());
+    assert!(parse_load(Err("boom".into()), Ok(Value::Null), Ok(Value::Null)).is_err());
     let foreign = Value::Array(vec![Value::Array(vec![
         s("9-3"),
         Value::Array(vec![s("m"), s("not packed")]),
     ])]);
-    assert!(parse_load(Ok(Value::Integer(0)), Ok(foreign)).is_err());
+    assert!(parse_load(Ok(Value::Integer(0)), Ok(foreign), Ok(Value::Null)).is_err());
 }
 
 #[test]
