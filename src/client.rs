@@ -121,6 +121,11 @@ pub enum Event {
     Typing {
         from: String,
     },
+    /// Presence of some users: the answer to `presence` or `watch`, or a watched user's
+    /// change (online at once; offline once it stayed so for the gateway's grace period).
+    Presence {
+        online: BTreeMap<String, bool>,
+    },
     /// `by` has read every message of `from` up to `id` (already acked). `from` is this user
     /// for a receipt of its correspondent, `by` is this user for one of its own other devices
     /// (or this one). Each (by, from) only moves forward: a receipt at or below one already
@@ -183,6 +188,8 @@ pub struct Client {
     seen_order: VecDeque<(String, String)>,
     /// Highest receipt id reported per (by, from).
     reads_seen: HashMap<(String, String), u64>,
+    /// Users watched (`watch`), watched again after a reconnect.
+    watching: HashSet<String>,
     rng: u64,
 }
 
@@ -206,6 +213,7 @@ impl Client {
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
             reads_seen: HashMap::new(),
+            watching: HashSet::new(),
             rng: seed,
         };
         client.open().map_err(ClientError::Connect)?;
@@ -252,6 +260,34 @@ impl Client {
         let frame = json!({"op":"read","from":from,"id":id}).to_string();
         if let Some(ws) = self.ws.as_mut() {
             if ws.send(Message::text(frame)).is_err() {
+                self.ws = None;
+            }
+        }
+    }
+
+    /// Ask which of `users` (at most 100) are online: answered with `Event::Presence`.
+    pub fn presence(&mut self, users: &[&str]) {
+        self.send_frame(json!({"op":"presence","users":users}));
+    }
+
+    /// Be told (`Event::Presence`) whenever one of `users` comes online or goes offline;
+    /// answered at once with their current state. At most 100 per connection; watched again
+    /// after a reconnect (answered again then).
+    pub fn watch(&mut self, users: &[&str]) {
+        self.watching.extend(users.iter().map(|u| u.to_string()));
+        self.send_frame(json!({"op":"watch","users":users}));
+    }
+
+    pub fn unwatch(&mut self, users: &[&str]) {
+        for u in users {
+            self.watching.remove(*u);
+        }
+        self.send_frame(json!({"op":"unwatch","users":users}));
+    }
+
+    fn send_frame(&mut self, frame: Value) {
+        if let Some(ws) = self.ws.as_mut() {
+            if ws.send(Message::text(frame.to_string())).is_err() {
                 self.ws = None;
             }
         }
@@ -417,6 +453,13 @@ impl Client {
                 Some(Event::Accepted { cid, id: s("id") })
             }
             "typing" => Some(Event::Typing { from: s("from") }),
+            "presence" => Some(Event::Presence {
+                online: v["online"]
+                    .as_object()?
+                    .iter()
+                    .map(|(u, on)| (u.clone(), on.as_bool().unwrap_or(false)))
+                    .collect(),
+            }),
             "read" => {
                 self.ack(v["seq"].as_u64().unwrap_or(0));
                 let id: u64 = s("id").parse().ok()?;
@@ -504,6 +547,10 @@ impl Client {
                 let pending: Vec<u64> = self.unaccepted.keys().copied().collect();
                 for n in &pending {
                     self.transmit(*n);
+                }
+                if !self.watching.is_empty() {
+                    let users: Vec<String> = self.watching.iter().cloned().collect();
+                    self.send_frame(json!({"op":"watch","users":users}));
                 }
                 return Ok(pending.len());
             }

@@ -26,6 +26,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// How long a closing connection waits for a peer that neither answers our close frame nor
 /// closes TCP, or does not read what is left to send.
 pub const DEFAULT_CLOSE_LINGER_MS: u64 = 3_000;
+/// How long a watched user must stay offline before watchers are told (`watch`).
+pub const DEFAULT_PRESENCE_GRACE_MS: u64 = 3_000;
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_WINDOW: u32 = 256;
 pub const DEFAULT_DRAIN_MS: u64 = 10_000;
@@ -80,6 +82,7 @@ pub struct Config {
     pub heartbeat_ms: u64,
     pub handshake_timeout_ms: u64,
     pub close_linger_ms: u64,
+    pub presence_grace_ms: u64,
     pub ack_timeout_ms: u64,
     pub window: u32,
     pub drain_ms: u64,
@@ -158,6 +161,10 @@ pub struct ConfigLayer {
     /// (one that does is closed at once) [default: 3000]
     #[arg(long, env = "RINGGATE_CLOSE_LINGER_MS")]
     pub close_linger_ms: Option<u64>,
+    /// A watched user who went offline is told offline only after staying so this long (a
+    /// reconnect within it is told nothing) [default: 3000]
+    #[arg(long, env = "RINGGATE_PRESENCE_GRACE_MS")]
+    pub presence_grace_ms: Option<u64>,
     /// Ack timeout for direct messages [default: 5000]
     #[arg(long, env = "RINGGATE_ACK_TIMEOUT_MS")]
     pub ack_timeout_ms: Option<u64>,
@@ -308,6 +315,7 @@ impl ConfigLayer {
             heartbeat_ms,
             handshake_timeout_ms,
             close_linger_ms,
+            presence_grace_ms,
             ack_timeout_ms,
             window,
             drain_ms,
@@ -492,6 +500,7 @@ impl ConfigLayer {
             heartbeat_ms,
             handshake_timeout_ms,
             close_linger_ms,
+            presence_grace_ms: self.presence_grace_ms.unwrap_or(DEFAULT_PRESENCE_GRACE_MS),
             ack_timeout_ms,
             window,
             drain_ms: self.drain_ms.unwrap_or(DEFAULT_DRAIN_MS),

@@ -125,6 +125,9 @@ pub const TYPING: &str = "ringgate_typing_total";
 pub const TYPING_DELIVERED: &str = "ringgate_typing_delivered_total";
 pub const TYPING_DROPPED: &str = "ringgate_typing_dropped_total";
 pub const READS: &str = "ringgate_reads_total";
+pub const WATCHED: &str = "ringgate_watched_users";
+pub const WATCH_REFUSED: &str = "ringgate_watch_refused_total";
+pub const PRESENCE_TOLD: &str = "ringgate_presence_told_total";
 pub const READS_REDUNDANT: &str = "ringgate_reads_redundant_total";
 pub const READS_REFUSED: &str = "ringgate_reads_refused_total";
 pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
@@ -237,6 +240,9 @@ pub struct ShardMetrics {
     pub typing_delivered: Counter,
     pub typing_dropped: Counter,
     pub reads: Counter,
+    pub watched: Gauge,
+    pub watch_refused: Counter,
+    pub presence_told: Counter,
     pub reads_redundant: Counter,
     pub reads_refused: Counter,
     pub live_acked: Counter,
@@ -553,6 +559,24 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "`typing` notices dropped instead of queued: a shard's channel or the Redis queue was full (typing is ephemeral).",
         Kind::Counter,
         |m| m.typing_dropped.get(),
+    ),
+    (
+        WATCHED,
+        "Users homed on this shard that some connection of this node watches (`watch`).",
+        Kind::Gauge,
+        |m| m.watched.get(),
+    ),
+    (
+        WATCH_REFUSED,
+        "`watch` frames refused: the connection would watch more than 100 users.",
+        Kind::Counter,
+        |m| m.watch_refused.get(),
+    ),
+    (
+        PRESENCE_TOLD,
+        "`presence` change frames written to watching connections on this shard.",
+        Kind::Counter,
+        |m| m.presence_told.get(),
     ),
     (
         READS,

@@ -82,6 +82,15 @@ pub enum ClientFrame {
     Typing {
         to: compact_str::CompactString,
     },
+    /// Tell this connection when any of `users` comes online or goes offline (answered
+    /// with `presence` for them now, then a `presence` per change).
+    Watch {
+        users: Vec<compact_str::CompactString>,
+    },
+    /// Stop telling this connection about `users`.
+    Unwatch {
+        users: Vec<compact_str::CompactString>,
+    },
     /// A read receipt: this user has read every message of `from` up to message `id`.
     Read {
         from: compact_str::CompactString,
@@ -333,9 +342,21 @@ fn parse_read(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, Fra
 }
 
 fn parse_presence(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
+    Ok(ClientFrame::Presence {
+        users: parse_users(env, "presence", cid)?,
+    })
+}
+
+/// `users`: an array of at most [`MAX_PRESENCE_USERS`] user ids (`presence`, `watch`,
+/// `unwatch`).
+fn parse_users(
+    env: &Envelope,
+    op: &str,
+    cid: &Option<Box<str>>,
+) -> Result<Vec<compact_str::CompactString>, FrameError> {
     let shape = || {
         bad(
-            format!("`presence` needs `users`, an array of at most {MAX_PRESENCE_USERS} user ids"),
+            format!("`{op}` needs `users`, an array of at most {MAX_PRESENCE_USERS} user ids"),
             cid,
         )
     };
@@ -350,9 +371,7 @@ fn parse_presence(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame,
             cid,
         ));
     }
-    Ok(ClientFrame::Presence {
-        users: users.into_iter().map(Into::into).collect(),
-    })
+    Ok(users.into_iter().map(Into::into).collect())
 }
 
 pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
@@ -382,6 +401,12 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
             to: parse_id(env.to, "to", "user", &cid)?,
         }),
         "read" => parse_read(&env, &cid),
+        "watch" => Ok(ClientFrame::Watch {
+            users: parse_users(&env, "watch", &cid)?,
+        }),
+        "unwatch" => Ok(ClientFrame::Unwatch {
+            users: parse_users(&env, "unwatch", &cid)?,
+        }),
         "ack" => env
             .seq
             .and_then(|s| serde_json::from_str::<u64>(s.get()).ok())

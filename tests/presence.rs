@@ -97,3 +97,82 @@ fn bad_presence_frames_get_bad_request_and_the_connection_stays() {
     next_op(&mut ws, "pong");
     assert_eq!(ask(&mut ws, &["asker"]), serde_json::json!({"asker": true}));
 }
+
+fn watch(ws: &mut Ws, users: &[&str]) -> serde_json::Value {
+    send_text(
+        ws,
+        &serde_json::json!({"op":"watch","users":users}).to_string(),
+    );
+    next_op(ws, "presence")["online"].clone()
+}
+
+/// `watch` (issue 17): answered like `presence`, then told of every change: online at once,
+/// offline once the user stayed offline for the grace period; a quick reconnect is told
+/// nothing. Watchers on the user's home shard and on another; bounded per connection;
+/// forgotten when the watcher leaves.
+#[test]
+fn watch_tells_online_at_once_and_offline_after_the_grace_without_flapping() {
+    let gw = Gateway::start_shards(SHARDS, &["--presence-grace-ms", "1500"]);
+    let bob = user_on("bob", 2, SHARDS);
+    let carol = user_on("carol", 3, SHARDS);
+    let (mut near, _) = connect_app(&gw, &user_on("near", 2, SHARDS));
+    let (mut far, _) = connect_app(&gw, &user_on("far", 1, SHARDS));
+    for w in [&mut near, &mut far] {
+        assert_eq!(
+            watch(w, &[&bob, &carol]),
+            serde_json::json!({bob.as_str(): false, carol.as_str(): false})
+        );
+    }
+    let on =
+        |user: &str, online: bool| serde_json::json!({"op":"presence","online":{user: online}});
+    let (b1, _) = connect_app(&gw, &format!("{bob}&device=one"));
+    let (b2, _) = connect_app(&gw, &format!("{bob}&device=two"));
+    for w in [&mut near, &mut far] {
+        assert_eq!(recv_json(w), on(&bob, true));
+        assert!(
+            frames_before_pong(w).is_empty(),
+            "a second device is no news"
+        );
+    }
+    // One device leaves: still online. Both: offline, once the grace ran out.
+    drop(b1);
+    drop(b2);
+    for w in [&mut near, &mut far] {
+        assert_eq!(recv_json(w), on(&bob, false));
+    }
+    // Back, then a reconnect well within the grace: told online once, nothing else.
+    let (b3, _) = connect_app(&gw, &bob);
+    for w in [&mut near, &mut far] {
+        assert_eq!(recv_json(w), on(&bob, true));
+    }
+    drop(b3);
+    let (_b4, _) = connect_app(&gw, &bob);
+    // `unwatch` carol on one connection: her change reaches only the other.
+    send_text(
+        &mut far,
+        &serde_json::json!({"op":"unwatch","users":[carol]}).to_string(),
+    );
+    let _ = frames_before_pong(&mut far);
+    let (_c, _) = connect_app(&gw, &carol);
+    assert_eq!(recv_json(&mut near), on(&carol, true));
+    std::thread::sleep(Duration::from_millis(2_500)); // past the grace: no offline came
+    assert!(frames_before_pong(&mut near).is_empty());
+    assert!(frames_before_pong(&mut far).is_empty());
+    assert_eq!(gw.metric_sum("ringgate_presence_told_total"), 7);
+    // At most 100 users per connection (`far` watches bob still).
+    let many: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    send_text(
+        &mut far,
+        &serde_json::json!({"op":"watch","users":many}).to_string(),
+    );
+    let e = next_op(&mut far, "error");
+    assert_eq!(e["code"], "bad_request", "{e}");
+    assert_eq!(gw.metric_sum("ringgate_watch_refused_total"), 1);
+    // The watchers leave: their home shards forget the users.
+    assert!(gw.metric_sum("ringgate_watched_users") >= 2);
+    drop((near, far));
+    assert!(eventually(Duration::from_secs(10), || gw
+        .metric_sum("ringgate_watched_users")
+        == 0));
+}

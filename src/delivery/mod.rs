@@ -9,6 +9,7 @@
 //!   becomes a second message (while pending, and for >= 24 h / >= 10,000 cids once accepted).
 //! * [`room::RoomLog`]: one room's offsets, recovery history and publish dedup.
 //! * [`ids::MessageIds`]: server message ids, and the issuer slot a shard holds to make them.
+//! * [`watch::PresenceViews`] and [`watch::WatchList`]: presence that tells (`watch`).
 //! * [`receipts::ReadReceipts`]: per reader, what each sender sent it and what it has told
 //!   (read receipts).
 //!
@@ -42,6 +43,7 @@ pub mod message;
 pub mod receipts;
 pub mod refusal;
 pub mod room;
+pub mod watch;
 pub mod window;
 
 pub use dedup::{Dedup, DedupConfig, Seen};

@@ -98,6 +98,9 @@ impl Shard {
         if let Some(user) = entry.conn.user().map(CompactString::from) {
             self.users.add(&user, index);
             self.metrics.users.set(self.users.len() as u64);
+            if self.devices_of(&user).len() == 1 {
+                self.local_presence(&user, true, now);
+            }
             self.ensure_mirror(&user, now);
             self.pump(index, now);
         }
@@ -139,6 +142,8 @@ impl Shard {
                             self.on_typing(index, to)
                         }
                     }
+                    AppEvent::Watch { users } => self.on_watch(index, users, now),
+                    AppEvent::Unwatch { users } => self.on_unwatch(index, &users),
                     AppEvent::Read { from, id } => {
                         if self.within_send_rate(index, None, now) {
                             self.on_read(index, from, id, now)
@@ -405,7 +410,7 @@ impl Shard {
         }
     }
 
-    fn home_of(&self, user: &str) -> usize {
+    pub(super) fn home_of(&self, user: &str) -> usize {
         match &self.mesh {
             Some(m) => mesh::home_shard(user, m.shards()),
             None => self.id,

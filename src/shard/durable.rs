@@ -613,7 +613,14 @@ impl Shard {
                 writes,
                 removed,
             } => self.on_revoked((to, from), writes, removed),
-            StoreReply::Presence { ask, online } => self.on_presence_directory(ask, online),
+            StoreReply::Presence { ask, users, online } => {
+                if ask == super::watch::WATCH_RECHECK_ASK {
+                    self.on_remote_presence(users, online, now)
+                } else {
+                    self.on_presence_directory(ask, online)
+                }
+            }
+            StoreReply::PresenceChanged { user, runs } => self.on_presence_changed(user, runs, now),
             StoreReply::Pushed { user, seq, msg } => {
                 self.metrics.cross_node_in.inc();
                 self.on_pushed(user, seq, msg, now)

@@ -27,6 +27,7 @@ pub mod park;
 pub mod presence;
 pub mod rooms;
 pub mod users;
+pub mod watch;
 
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -160,6 +161,11 @@ pub struct Shard {
     msg_ids: crate::delivery::ids::MessageIds,
     /// Read receipts of the users whose home is this shard (what they were sent, told).
     receipts: crate::delivery::receipts::ReadReceipts,
+    /// This shard's connections that watch users, and whom.
+    watch_list: crate::delivery::watch::WatchList,
+    /// The watched users whose home is this shard.
+    presence_views: crate::delivery::watch::PresenceViews,
+    last_watch_recheck_ms: u64,
     last_expire_ms: u64,
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
     api_waiters: std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<msg::ApiOutcome>>,
@@ -212,6 +218,7 @@ impl Shard {
         clock: Box<dyn Clock>,
     ) -> Self {
         let start_tick = clock.now_ms() / shared.cfg.tick_ms;
+        let grace_ms = shared.cfg.presence_grace_ms;
         let wheel = TimingWheel::new(shared.cfg.wheel_slots, start_tick);
         let limits = crate::store::InboxLimits {
             max_messages: shared.cfg.inbox_max_messages,
@@ -236,6 +243,9 @@ impl Shard {
             senders: Default::default(),
             msg_ids: crate::delivery::ids::MessageIds::for_shard(id),
             receipts: Default::default(),
+            watch_list: Default::default(),
+            presence_views: crate::delivery::watch::PresenceViews::new(grace_ms),
+            last_watch_recheck_ms: 0,
             last_expire_ms: 0,
             api_waiters: Default::default(),
             unsent: Vec::new(),
@@ -575,6 +585,11 @@ impl Shard {
                 msg::Presence::Answer { ask, users, online } => {
                     self.on_presence_answer(ask, users, online)
                 }
+                msg::Presence::Watch { user, shard } => self.on_watch_at_home(user, shard, true),
+                msg::Presence::Unwatch { user, shard } => self.on_watch_at_home(user, shard, false),
+                msg::Presence::Changed { user, online } => {
+                    self.write_presence_change(&user, online)
+                }
             },
             ShardMsg::Room(room_msg) => self.on_room_msg(room_msg, now),
         }
@@ -835,11 +850,16 @@ impl Shard {
             let now = self.clock.now_ms();
             self.leave_all_rooms(index, *rooms, now);
         }
+        self.forget_watches(index);
         if let Some(user) = entry.conn.user() {
             if !entry.conn.awaiting_session() {
                 self.users.remove(user, index);
                 self.metrics.users.set(self.users.len() as u64);
                 self.release_mirror(user);
+                if self.devices_of(user).is_empty() {
+                    let now = self.clock.now_ms();
+                    self.local_presence(user, false, now);
+                }
             }
         }
         let ctx = shard_ctx!(self);
@@ -904,6 +924,7 @@ impl Shard {
         self.fired = fired;
         self.retry_unsent();
         self.durable_tick(now);
+        self.watch_tick(now);
         if now >= self.last_expire_ms + INBOX_SWEEP_MS {
             self.last_expire_ms = now;
             self.sweep_rooms(now);

@@ -137,4 +137,10 @@ pub enum Presence {
         users: Vec<CompactString>,
         online: Vec<bool>,
     },
+    /// For `user`'s home shard: a connection on `shard` watches `user` (see `shard/watch.rs`).
+    Watch { user: CompactString, shard: usize },
+    /// For `user`'s home shard: one watching registration of `shard` fewer.
+    Unwatch { user: CompactString, shard: usize },
+    /// For a watching shard: `user` came online or went offline.
+    Changed { user: CompactString, online: bool },
 }

@@ -95,6 +95,41 @@ for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return 1";
 
+/// A user's directory entry gains (`+`) or loses (`-`) this run; if that changed it, every
+/// other run watching the user hears the entry's new size (`p <user bytes> <user><runs>`).
+/// KEYS: the entry, the user's watchers; ARGV: this run, the key prefix, the user, + or -.
+const DIRECTORY_SCRIPT: &str = "
+local changed
+if ARGV[4] == '+' then
+  changed = redis.call('SADD', KEYS[1], ARGV[1])
+else
+  changed = redis.call('SREM', KEYS[1], ARGV[1])
+end
+if changed == 1 then
+  local watchers = redis.call('SMEMBERS', KEYS[2])
+  if #watchers > 0 then
+    local push = 'p ' .. string.len(ARGV[3]) .. ' ' .. ARGV[3] .. redis.call('SCARD', KEYS[1])
+    for _, run in ipairs(watchers) do
+      if run ~= ARGV[1] then redis.call('PUBLISH', ARGV[2] .. 'ch:' .. run, push) end
+    end
+  end
+end
+return changed";
+
+/// Add (`+`, with a TTL of ARGV[3] ms) or remove this run from a user's watchers.
+const WATCHERS_SCRIPT: &str = "
+if ARGV[2] == '+' then
+  redis.call('SADD', KEYS[1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+else
+  redis.call('SREM', KEYS[1], ARGV[1])
+end
+return 1";
+
+/// How long a run stays among a user's watchers without renewing (it renews whenever a
+/// connection starts watching the user): a run that died stops being told after it.
+const WATCHERS_TTL_MS: u64 = 72 * 3600 * 1000;
+
 /// How one batch goes to Redis, in one pipeline (one round trip), keeping the batch's order:
 /// runs of script operations (appends, removes, presence, probes) as one script call each
 /// (one per primary in a cluster), and the others as plain commands (a load is `SADD` +
@@ -116,6 +151,7 @@ pub(super) fn is_native(op: &StoreOp, cluster: bool) -> bool {
         | StoreOp::Lease
         | StoreOp::ClaimIdSlot { .. }
         | StoreOp::Typing { .. }
+        | StoreOp::WatchPresence { .. }
         | StoreOp::RoomLeave { .. } => true,
         StoreOp::Presence { .. } => cluster,
         _ => false,
@@ -164,6 +200,7 @@ fn routing_key(settings: &RedisSettings, op: &StoreOp) -> Option<String> {
         StoreOp::Lease => Some(lease_key(p, &settings.node)),
         StoreOp::ClaimIdSlot { .. } => Some(id_slots_key(p)),
         StoreOp::Typing { to, .. } => Some(location_key(p, to)),
+        StoreOp::WatchPresence { user, .. } => Some(location_key(p, user)),
         StoreOp::Presence { .. } | StoreOp::Probe => None,
     }
 }
@@ -267,7 +304,7 @@ pub(super) async fn run_batch(
                     let key = inbox_key(p, user);
                     // Registered before the read: an append after the read sees this node
                     // in the directory and pushes the entry here (see the module doc).
-                    queued(pipeline.sadd(location_key(p, user), &settings.node).await)?;
+                    queued(directory_change(&pipeline, settings, user, '+').await)?;
                     queued(
                         pipeline
                             .xtrim(key.as_str(), ("MINID", "=", minid.as_str()))
@@ -281,7 +318,21 @@ pub(super) async fn run_batch(
                     queued(pipeline.hgetall(received_key(p, user)).await)?;
                 }
                 StoreOp::Leave { user } => {
-                    queued(pipeline.srem(location_key(p, user), &settings.node).await)?;
+                    queued(directory_change(&pipeline, settings, user, '-').await)?;
+                }
+                StoreOp::WatchPresence { user, on } => {
+                    let key = watchers_key(p, user);
+                    let eval =
+                        CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&key)), false);
+                    let args = vec![
+                        WATCHERS_SCRIPT.to_string(),
+                        "1".into(),
+                        key,
+                        settings.node.clone(),
+                        if *on { "+" } else { "-" }.into(),
+                        WATCHERS_TTL_MS.to_string(),
+                    ];
+                    queued(pipeline.custom(eval, args).await)?;
                 }
                 StoreOp::Lease => {
                     let lease = Expiration::PX(settings.lease_ms as i64);
@@ -405,6 +456,30 @@ pub(super) async fn run_batch(
 /// first key only: when another of its keys sits in a slot that moved, Redis answers "non
 /// local key", not the MOVED that makes fred refresh its map by itself, and every later batch
 /// grouped by the old map would fail the same way until some call's first key moved.
+/// This run joins (`+`) or leaves (`-`) `user`'s directory entry; watchers elsewhere hear it
+/// (`DIRECTORY_SCRIPT`).
+async fn directory_change(
+    pipeline: &fred::clients::Pipeline<fred::clients::WithOptions<Client>>,
+    settings: &RedisSettings,
+    user: &str,
+    change: char,
+) -> Result<(), fred::error::Error> {
+    let p = &settings.key_prefix;
+    let key = location_key(p, user);
+    let eval = CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&key)), false);
+    let args = vec![
+        DIRECTORY_SCRIPT.to_string(),
+        "2".into(),
+        key,
+        watchers_key(p, user),
+        settings.node.clone(),
+        p.clone(),
+        user.to_string(),
+        change.to_string(),
+    ];
+    pipeline.custom::<(), _>(eval, args).await
+}
+
 pub(super) fn slot_map_is_stale(why: &str) -> bool {
     ["non local key", "MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"]
         .iter()
@@ -721,6 +796,7 @@ impl BatchCall {
                 | StoreOp::Lease
                 | StoreOp::ClaimIdSlot { .. }
                 | StoreOp::Typing { .. }
+                | StoreOp::WatchPresence { .. }
                 | StoreOp::RoomLeave { .. } => {
                     unreachable!("native operations are not script operations (see plan)")
                 }
@@ -788,8 +864,9 @@ impl Answer {
                 token,
                 result: Ok(loaded),
             },
-            (Answer::Online(online), StoreOp::Presence { ask, .. }) => StoreReply::Presence {
+            (Answer::Online(online), StoreOp::Presence { ask, users }) => StoreReply::Presence {
                 ask,
+                users,
                 online: Some(online),
             },
             (Answer::Revoked(n), StoreOp::Revoke { to, from, writes }) => StoreReply::Revoked {
@@ -820,6 +897,7 @@ pub(super) fn op_name(op: &StoreOp) -> &'static str {
         StoreOp::Lease => "lease",
         StoreOp::ClaimIdSlot { .. } => "id slot claim",
         StoreOp::Typing { .. } => "typing",
+        StoreOp::WatchPresence { .. } => "presence watch",
         StoreOp::Presence { .. } => "presence",
         StoreOp::RoomPublish(_) => "room publish",
         StoreOp::RoomJoin(_) => "room join",
@@ -943,6 +1021,7 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
         | StoreOp::Lease
         | StoreOp::ClaimIdSlot { .. }
         | StoreOp::Typing { .. }
+        | StoreOp::WatchPresence { .. }
         | StoreOp::RoomLeave { .. } => Err(format!("a {} in a script batch", op_name(op))),
     }
 }

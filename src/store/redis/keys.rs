@@ -22,6 +22,12 @@ pub(super) fn received_key(prefix: &str, user: &str) -> String {
     format!("{prefix}rcv:{{u:{user}}}")
 }
 
+/// The node runs with a connection watching `user` (`watch`): told when `user`'s directory
+/// entry changes.
+pub(super) fn watchers_key(prefix: &str, user: &str) -> String {
+    format!("{prefix}pw:{{u:{user}}}")
+}
+
 pub(super) fn location_key(prefix: &str, user: &str) -> String {
     format!("{prefix}loc:{{u:{user}}}")
 }

@@ -158,6 +158,9 @@ pub enum StoreOp {
         from: CompactString,
         to: CompactString,
     },
+    /// A connection on this node watches `user` (`on`), or the last one stopped: this node
+    /// is added to (or taken out of) the runs told when `user`'s directory entry changes.
+    WatchPresence { user: CompactString, on: bool },
     /// Claim a message id slot for this shard, or renew `held` (see `delivery/ids.rs`);
     /// answered with [`StoreReply::IdSlot`].
     ClaimIdSlot {
@@ -266,8 +269,12 @@ pub enum StoreReply {
     /// The answer to `Presence`; `None` when Redis could not answer.
     Presence {
         ask: usize,
+        users: Vec<CompactString>,
         online: Option<Vec<bool>>,
     },
+    /// From another node: `user`'s directory entry changed and now holds `runs` node runs
+    /// (the user is homed here and watched on this node).
+    PresenceChanged { user: CompactString, runs: u64 },
     /// From another node: an entry appended to `user`'s inbox (the user is homed here).
     Pushed {
         user: CompactString,
@@ -882,7 +889,10 @@ async fn pass_breaker(
 fn is_upkeep(op: &StoreOp) -> bool {
     matches!(
         op,
-        StoreOp::Leave { .. } | StoreOp::RoomLeave { .. } | StoreOp::Lease
+        StoreOp::Leave { .. }
+            | StoreOp::RoomLeave { .. }
+            | StoreOp::Lease
+            | StoreOp::WatchPresence { on: false, .. }
     )
 }
 
@@ -915,7 +925,11 @@ pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
             token,
             result: Err(StoreError::Unavailable(why)),
         },
-        StoreOp::Presence { ask, .. } => StoreReply::Presence { ask, online: None },
+        StoreOp::Presence { ask, users } => StoreReply::Presence {
+            ask,
+            users,
+            online: None,
+        },
         StoreOp::RoomPublish(post) => StoreReply::RoomPublished {
             post,
             result: Err(StoreError::Unavailable(why)),
@@ -935,6 +949,7 @@ pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
         | StoreOp::Lease
         | StoreOp::Probe
         | StoreOp::RoomLeave { .. }
+        | StoreOp::WatchPresence { .. }
         | StoreOp::Typing { .. } => StoreReply::Done,
     }
 }

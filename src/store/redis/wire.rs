@@ -98,6 +98,8 @@ pub enum Push {
         from: CompactString,
         to: CompactString,
     },
+    /// `p <user bytes> <user><runs>`: `user`'s directory entry changed and holds `runs`.
+    Presence { user: CompactString, runs: u64 },
     /// `j <shard> <conn> <serial> <last> <recovered 0|1> <room bytes> <room>` then per
     /// replayed message `<offset> <packed bytes> <packed>`: the answer to a room join.
     Joined {
@@ -117,6 +119,7 @@ impl Push {
             Push::Room { room, .. } => room,
             Push::Joined { ask, .. } => &ask.room,
             Push::Typing { to, .. } => to,
+            Push::Presence { user, .. } => user,
         }
     }
 
@@ -138,6 +141,7 @@ impl Push {
             }
             Push::Room { room, offset, msg } => StoreReply::RoomMessage { room, offset, msg },
             Push::Typing { from, to } => StoreReply::Typing { from, to },
+            Push::Presence { user, runs } => StoreReply::PresenceChanged { user, runs },
             Push::Joined {
                 ask,
                 last,
@@ -192,6 +196,13 @@ pub fn parse_push(text: &str) -> Option<Push> {
                 from: tail.get(..from_len)?.into(),
                 to: tail.get(from_len..from_len + to_len)?.into(),
                 cid: tail.get(from_len + to_len..)?.into(),
+            })
+        }
+        "p" => {
+            let (user, runs) = sized(rest)?;
+            Some(Push::Presence {
+                user: user.into(),
+                runs: runs.parse().ok()?,
             })
         }
         "t" => {
