@@ -50,6 +50,7 @@ on_standalone_and_cluster!(
     each_shard_of_each_node_issues_message_ids_from_its_own_slot,
     typing_reaches_the_recipients_devices_on_every_node_once,
     read_receipts_reach_every_device_of_both_users_on_every_node,
+    a_watched_user_is_followed_across_nodes_moves_without_flapping_and_dies_offline,
 );
 
 fn api_presence(gw: &Gateway, query: &str) -> (u16, String) {
@@ -808,4 +809,41 @@ fn read_receipts_reach_every_device_of_both_users_on_every_node(redis: RedisServ
     assert_eq!(told.len(), 1, "{told:?}");
     assert_eq!(told[0]["id"], ids[1].as_str());
     assert!(frames_before_pong(&mut alice).is_empty(), "once");
+}
+
+/// `watch` across nodes (issue 17): a watcher on node b follows bob on node a (Redis pushes
+/// the directory change); bob moving from a to b within the grace is told nothing; bob's node
+/// SIGKILLed turns him offline within about a lease plus the grace.
+fn a_watched_user_is_followed_across_nodes_moves_without_flapping_and_dies_offline(
+    redis: RedisServer,
+) {
+    let grace = ["--presence-grace-ms", "1000"];
+    let (mut a, b) = (node_with(&redis, "a", &grace), node_with(&redis, "b", &grace));
+    let (mut watcher, _) = connect_app(&b, "wendy");
+    send_text(&mut watcher, r#"{"op":"watch","users":["bob"]}"#);
+    assert_eq!(next_op(&mut watcher, "presence")["online"], json!({"bob": false}));
+    let on = |online: bool| json!({"op":"presence","online":{"bob": online}});
+    let (bob_a, _) = connect_app(&a, "bob");
+    assert_eq!(recv_json(&mut watcher), on(true));
+    // Moves to node b: connects there first, then leaves a. No news.
+    let (bob_b, _) = connect_app(&b, "bob");
+    drop(bob_a);
+    std::thread::sleep(Duration::from_millis(2_000)); // past the grace
+    assert!(frames_before_pong(&mut watcher).is_empty(), "no flap on a move");
+    // Leaves b too: offline after the grace.
+    drop(bob_b);
+    assert_eq!(recv_json(&mut watcher), on(false));
+    // Online on a again; a dies without a word: offline within the lease and the grace.
+    let (_bob_a, _) = connect_app(&a, "bob");
+    assert_eq!(recv_json(&mut watcher), on(true));
+    a.sigkill();
+    let mut seen = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            seen.extend(frames_before_pong(&mut watcher));
+            !seen.is_empty()
+        }),
+        "told offline after node a died"
+    );
+    assert_eq!(seen, vec![on(false)]);
 }
