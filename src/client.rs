@@ -190,6 +190,8 @@ pub struct Client {
     reads_seen: HashMap<(String, String), u64>,
     /// Users watched (`watch`), watched again after a reconnect.
     watching: HashSet<String>,
+    /// The latest read receipt sent per sender, sent again after a reconnect.
+    reads_sent: HashMap<String, u64>,
     rng: u64,
 }
 
@@ -214,6 +216,7 @@ impl Client {
             seen_order: VecDeque::new(),
             reads_seen: HashMap::new(),
             watching: HashSet::new(),
+            reads_sent: HashMap::new(),
             rng: seed,
         };
         client.open().map_err(ClientError::Connect)?;
@@ -253,16 +256,20 @@ impl Client {
     /// Tell `to`'s online devices this user is typing. Ephemeral: not kept or resent when
     /// the connection is down (a `rate_limited` answer comes as an `Event::Error`).
     /// Tell `from` (and this user's other devices) that every message of `from` up to `id`
-    /// has been read. Not resent by the client: the gateway answers only a refusal (`error`,
-    /// no cid): `bad_request` when no such message reached this user, `unavailable` when the
-    /// store could not take the receipt (send it again later).
+    /// has been read. The latest receipt per sender is sent again after every reconnect (the
+    /// gateway drops one it already has), so a receipt lost with a connection is not lost.
+    /// The gateway answers only a refusal (`error`, no cid): `bad_request` when no such
+    /// message reached this user, `unavailable` when the store could not take the receipt.
     pub fn read(&mut self, from: &str, id: &str) {
-        let frame = json!({"op":"read","from":from,"id":id}).to_string();
-        if let Some(ws) = self.ws.as_mut() {
-            if ws.send(Message::text(frame)).is_err() {
-                self.ws = None;
-            }
+        let Ok(n) = id.parse::<u64>() else {
+            return self.send_frame(json!({"op":"read","from":from,"id":id}));
+        };
+        let latest = self.reads_sent.entry(from.to_string()).or_insert(0);
+        *latest = (*latest).max(n);
+        if self.reads_sent.len() > SEEN_CAPACITY {
+            self.reads_sent.clear(); // bounded: only the resend after a reconnect is lost
         }
+        self.send_frame(json!({"op":"read","from":from,"id":id}));
     }
 
     /// Ask which of `users` (at most 100) are online: answered with `Event::Presence`.
@@ -547,6 +554,14 @@ impl Client {
                 let pending: Vec<u64> = self.unaccepted.keys().copied().collect();
                 for n in &pending {
                     self.transmit(*n);
+                }
+                let reads: Vec<(String, u64)> = self
+                    .reads_sent
+                    .iter()
+                    .map(|(f, n)| (f.clone(), *n))
+                    .collect();
+                for (from, n) in reads {
+                    self.send_frame(json!({"op":"read","from":from,"id":n.to_string()}));
                 }
                 if !self.watching.is_empty() {
                     let users: Vec<String> = self.watching.iter().cloned().collect();

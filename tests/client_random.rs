@@ -1,7 +1,9 @@
 //! The client library under random faults: clients send, read and lose their connections at
 //! random; in the end every message was accepted and displayed exactly once, per sender and
 //! recipient in the order the sender was told `accepted`, using only `ringgate::client` (its
-//! resend-by-cid and display dedup). Seeded.
+//! resend-by-cid and display dedup). A third of the messages shown are marked read: every
+//! read receipt reached the sender and the reader, only forwards, ending at the reader's
+//! last one (the others superseded). Seeded.
 
 mod common;
 
@@ -33,7 +35,7 @@ fn the_client_library_displays_every_message_once_in_order_under_random_disconne
     // Per sender: the body counter, so displays can be checked for order.
     let mut sent_counter = [0i64; USERS];
     let ledger = std::cell::RefCell::new(Ledger::default());
-    let (mut sent, mut drops) = (0u64, 0u64);
+    let (mut sent, mut drops, mut reads) = (0u64, 0u64, 0u64);
     let record = |me: usize, e: Event| ledger.borrow_mut().record(&format!("k{me}"), e);
     for _ in 0..1500 {
         let i = next(USERS as u64) as usize;
@@ -51,6 +53,14 @@ fn the_client_library_displays_every_message_once_in_order_under_random_disconne
             }
             50..=94 => {
                 while let Some(e) = clients[i].poll(Duration::from_millis(2)).unwrap() {
+                    // A third of what is shown is marked read at once (a read receipt).
+                    if let Event::Message { from, id, .. } = &e {
+                        if next(3) == 0 {
+                            clients[i].read(from, id);
+                            ledger.borrow_mut().read_sent(&format!("k{i}"), from, id);
+                            reads += 1;
+                        }
+                    }
                     record(i, e);
                 }
             }
@@ -63,12 +73,14 @@ fn the_client_library_displays_every_message_once_in_order_under_random_disconne
     // Settle: poll everyone until nothing is pending and everything is quiet.
     settle_clients(&mut clients, seed, record);
     let (displayed, reordered) = ledger.borrow().check(seed);
+    let receipts_told = ledger.borrow().check_reads(seed);
+    // Each receipt the gateway took is stored twice (for the sender and for the reader).
     assert_eq!(
         gw.metric_sum("ringgate_stored_total"),
-        sent,
+        sent + 2 * gw.metric_sum("ringgate_reads_total"),
         "stored once each (seed {seed})"
     );
-    eprintln!("client randomized: {USERS} users, sent {sent}, displayed {displayed} ({reordered} accepted out of send order), connection drops {drops}");
+    eprintln!("client randomized: {USERS} users, sent {sent}, displayed {displayed} ({reordered} accepted out of send order), connection drops {drops}, read receipts sent {reads}, reported {receipts_told}");
 }
 
 /// The ledger's order check is the SPEC's: acceptance order, not send order; shown on events

@@ -818,10 +818,16 @@ fn a_watched_user_is_followed_across_nodes_moves_without_flapping_and_dies_offli
     redis: RedisServer,
 ) {
     let grace = ["--presence-grace-ms", "1000"];
-    let (mut a, b) = (node_with(&redis, "a", &grace), node_with(&redis, "b", &grace));
+    let (mut a, b) = (
+        node_with(&redis, "a", &grace),
+        node_with(&redis, "b", &grace),
+    );
     let (mut watcher, _) = connect_app(&b, "wendy");
     send_text(&mut watcher, r#"{"op":"watch","users":["bob"]}"#);
-    assert_eq!(next_op(&mut watcher, "presence")["online"], json!({"bob": false}));
+    assert_eq!(
+        next_op(&mut watcher, "presence")["online"],
+        json!({"bob": false})
+    );
     let on = |online: bool| json!({"op":"presence","online":{"bob": online}});
     let (bob_a, _) = connect_app(&a, "bob");
     assert_eq!(recv_json(&mut watcher), on(true));
@@ -829,7 +835,10 @@ fn a_watched_user_is_followed_across_nodes_moves_without_flapping_and_dies_offli
     let (bob_b, _) = connect_app(&b, "bob");
     drop(bob_a);
     std::thread::sleep(Duration::from_millis(2_000)); // past the grace
-    assert!(frames_before_pong(&mut watcher).is_empty(), "no flap on a move");
+    assert!(
+        frames_before_pong(&mut watcher).is_empty(),
+        "no flap on a move"
+    );
     // Leaves b too: offline after the grace.
     drop(bob_b);
     assert_eq!(recv_json(&mut watcher), on(false));

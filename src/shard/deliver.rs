@@ -285,12 +285,27 @@ impl Shard {
             return;
         };
         let reply = self.reply_to(index);
-        if let Submitted::AlreadyAccepted(id) =
-            self.submit(from, to, cid.clone(), (body, None), reply, now, Some(index))
-        {
-            let mut out = Vec::with_capacity(64);
-            proto::write_accepted(&mut out, &cid, id);
-            self.write_text(index, &out);
+        match self.submit(
+            from.clone(),
+            to,
+            cid.clone(),
+            (body, None),
+            reply,
+            now,
+            Some(index),
+        ) {
+            Submitted::AlreadyAccepted(id) => {
+                let mut out = Vec::with_capacity(64);
+                proto::write_accepted(&mut out, &cid, id);
+                self.write_text(index, &out);
+            }
+            // The first copy's answer comes to this connection too.
+            Submitted::InFlight => self
+                .send_waiters
+                .entry((from, cid))
+                .or_default()
+                .push((index, reply.serial)),
+            Submitted::New => {}
         }
     }
 
@@ -523,18 +538,30 @@ impl Shard {
                 proto::write_error(&mut out, &why.frame("not accepted", r.cid.clone()));
             }
         }
-        // The sending connection if it is still there, else every connection of the sender
-        // (a client that reconnected and resent the cid is waiting for this answer).
-        let origin = r.reply.conn as usize;
-        let origin_alive = r.reply.conn != u32::MAX
-            && self
-                .conns
-                .get(origin)
-                .is_some_and(|e| e.serial == r.reply.serial);
-        let targets = if origin_alive {
-            vec![origin]
-        } else {
+        // `delivered`: every connection of the sender. An answer to a `send`: the sending
+        // connection if it is still there, and any that resent the cid meanwhile; nobody else.
+        // (Not every device of the sender: a connection that replaced the sending one would
+        // then hear this `accepted` before the answers to the cids it resent first, although
+        // those were accepted earlier: its order of `accepted` would not be the store's. It
+        // resends this cid too, and hears it in its turn; found by tests/client_random.rs.)
+        let targets = if r.reply.conn == u32::MAX {
             self.devices_of(&r.from)
+        } else {
+            let waiters = self
+                .send_waiters
+                .remove(&(r.from.clone(), r.cid.clone()))
+                .unwrap_or_default();
+            let mut targets = Vec::with_capacity(1 + waiters.len());
+            for (conn, serial) in [(r.reply.conn as usize, r.reply.serial)]
+                .into_iter()
+                .chain(waiters)
+            {
+                let alive = self.conns.get(conn).is_some_and(|e| e.serial == serial);
+                if alive && !targets.contains(&conn) {
+                    targets.push(conn);
+                }
+            }
+            targets
         };
         for t in targets {
             self.write_text(t, &out);

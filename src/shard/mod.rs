@@ -169,6 +169,10 @@ pub struct Shard {
     last_expire_ms: u64,
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
     api_waiters: std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<msg::ApiOutcome>>,
+    /// Connections that resent a cid whose first copy was still on its way, by (sender,
+    /// cid): they get its answer too (see `on_report`).
+    send_waiters:
+        std::collections::HashMap<(compact_str::CompactString, Box<str>), Vec<(usize, u32)>>,
     /// Answers (reports, presence) another shard's full channel refused: retried on every
     /// tick, never dropped.
     unsent: Vec<(usize, ShardMsg)>,
@@ -248,6 +252,7 @@ impl Shard {
             last_watch_recheck_ms: 0,
             last_expire_ms: 0,
             api_waiters: Default::default(),
+            send_waiters: Default::default(),
             unsent: Vec::new(),
             presence_asks: Slab::new(),
             rooms_home: std::collections::HashMap::new(),

@@ -652,6 +652,10 @@ pub struct Ledger {
     /// (sender, recipient) -> counters in the order displayed.
     shown: std::collections::HashMap<(String, String), Vec<i64>>,
     sent: u64,
+    /// (reader, sender) -> the highest id the reader sent a receipt for.
+    reads_sent: std::collections::HashMap<(String, String), u64>,
+    /// (told, by, from) -> receipt ids reported to user `told`, in order.
+    reads_told: std::collections::HashMap<(String, String, String), Vec<u64>>,
 }
 
 impl Ledger {
@@ -669,6 +673,11 @@ impl Ledger {
                 .entry((from, me.to_string()))
                 .or_default()
                 .push(body["n"].as_i64().expect("a counter body")),
+            Event::Read { by, from, id } => self
+                .reads_told
+                .entry((me.to_string(), by, from))
+                .or_default()
+                .push(id.parse().expect("a receipt id")),
             Event::Accepted { cid, .. } => {
                 let n = self.counter_of[&(me.to_string(), cid)];
                 let order = self.accepted.entry(me.to_string()).or_default();
@@ -678,6 +687,48 @@ impl Ledger {
             }
             _ => {}
         }
+    }
+
+    /// `reader` sent a read receipt for `sender`'s messages up to `id`.
+    pub fn read_sent(&mut self, reader: &str, sender: &str, id: &str) {
+        let n: u64 = id.parse().expect("a message id");
+        let max = self
+            .reads_sent
+            .entry((reader.to_string(), sender.to_string()))
+            .or_default();
+        *max = (*max).max(n);
+    }
+
+    /// Every read receipt reached the sender and the reader's own client: each reported
+    /// receipt only moves forward, and the last is the highest the reader sent (earlier ones
+    /// were superseded or reported before it). Returns the receipts reported.
+    pub fn check_reads(&self, seed: u64) -> u64 {
+        let mut reported = 0;
+        for ((reader, sender), max) in &self.reads_sent {
+            for told in [sender, reader] {
+                let key = (told.clone(), reader.clone(), sender.clone());
+                let ids = self.reads_told.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                assert!(
+                    ids.windows(2).all(|w| w[0] < w[1]),
+                    "{told} told {reader}'s receipts for {sender} out of order (seed {seed}): {ids:?}"
+                );
+                assert_eq!(
+                    ids.last(),
+                    Some(max),
+                    "{told} was not told {reader}'s last receipt for {sender} (seed {seed}): {ids:?}"
+                );
+                reported += ids.len() as u64;
+            }
+        }
+        let invented = self
+            .reads_told
+            .keys()
+            .find(|(_, by, from)| !self.reads_sent.contains_key(&(by.clone(), from.clone())));
+        assert!(
+            invented.is_none(),
+            "a receipt nobody sent: {invented:?} (seed {seed})"
+        );
+        reported
     }
 
     /// Every sent message displayed exactly once, each (sender, recipient) in the order the
