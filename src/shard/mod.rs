@@ -171,8 +171,7 @@ pub struct Shard {
     api_waiters: std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<msg::ApiOutcome>>,
     /// Connections that resent a cid whose first copy was still on its way, by (sender,
     /// cid): they get its answer too (see `on_report`).
-    send_waiters:
-        std::collections::HashMap<(compact_str::CompactString, Box<str>), Vec<(usize, u32)>>,
+    send_waiters: std::collections::HashMap<SentCid, Vec<(usize, u32)>>,
     /// Answers (reports, presence) another shard's full channel refused: retried on every
     /// tick, never dropped.
     unsent: Vec<(usize, ShardMsg)>,
@@ -199,6 +198,9 @@ pub struct Shard {
     /// When the last tick ran (ms), to see the loop held up (`stalls`).
     last_tick_ms: Option<u64>,
 }
+
+/// (sender, cid): one `send` of one user.
+type SentCid = (compact_str::CompactString, Box<str>);
 
 /// What the socket task should do after a poll.
 pub enum ConnPoll {
