@@ -168,6 +168,10 @@ pub(crate) enum Plant {
     /// The shard shows entries after one it could not place (behind live entries, or held
     /// behind a later one) before the reload that reads them in order.
     ShowPastMissing,
+    /// A resent cid pays the send limit like a new one: a sender whose connection dropped
+    /// is refused the resend of a message already stored, and hears `accepted` for later
+    /// ones first.
+    LimitResends,
 }
 
 /// A dedup record: the first write of a cid (id, entry, its writer and attempt).
@@ -406,6 +410,9 @@ struct Conversation {
     sent: usize,
     /// Cids without `accepted`: in flight, or refused and waiting for the next resend round.
     in_flight: BTreeSet<usize>,
+    /// When each cid in flight was last sent as a new attempt (first send, or a resend after
+    /// a refusal): the order in which the gateway may have stored them.
+    sent_at: BTreeMap<usize, u64>,
     refused: Vec<usize>,
     /// Cids in the order `accepted` came, with the ids.
     accepted: Vec<(usize, u64)>,
@@ -441,6 +448,8 @@ pub(crate) struct Counts {
     pub faults: u64,
     pub late_landings: u64,
     pub drops: u64,
+    /// Sender connections dropped (and opened again at once, resending).
+    pub sender_drops: u64,
     pub acks_lost: u64,
     pub shown_then_refused: u64,
     pub shown: u64,
@@ -464,6 +473,10 @@ pub(crate) struct Sim {
     /// Per shard: answers and pushes on their way to it, in order.
     to_shard: Vec<VecDeque<StoreReply>>,
     senders: Vec<SenderConn>,
+    /// Sender connections dropped by their client, until their shard closed them.
+    closing: Vec<SenderConn>,
+    /// Sends written by all senders so far (orders each cid's last new attempt).
+    transmissions: u64,
     recipients: Vec<String>,
     devices: Vec<Device>,
     conv: BTreeMap<(usize, usize), Conversation>,
@@ -553,6 +566,8 @@ impl Sim {
                 .map(|_| VecDeque::from([StoreReply::Resync]))
                 .collect(),
             senders: Vec::new(),
+            closing: Vec::new(),
+            transmissions: 0,
             recipients: (0..RECIPIENTS).map(|r| format!("r{r}")).collect(),
             devices: Vec::new(),
             conv: BTreeMap::new(),
@@ -577,9 +592,14 @@ impl Sim {
         for r in 0..RECIPIENTS {
             sim.conv.insert((FOREIGN, r), Conversation::default());
         }
-        if plant == Plant::ShowPastMissing {
+        let planted = match plant {
+            Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
+            Plant::LimitResends => Some(OrderPlant::LimitResends),
+            _ => None,
+        };
+        if let Some(planted) = planted {
             for shard in &mut sim.shards {
-                shard.plant_order_bug(OrderPlant::ShowPastMissing);
+                shard.plant_order_bug(planted);
             }
         }
         sim
@@ -634,7 +654,14 @@ impl Sim {
     fn step(&mut self, faults: bool) -> Result<(), String> {
         self.counts.steps += 1;
         match self.rng.below(12) {
-            0 | 1 => self.sender_acts(),
+            0 => self.sender_acts(),
+            1 => {
+                if faults && self.chance(5) {
+                    self.sender_reconnects();
+                } else {
+                    self.sender_acts();
+                }
+            }
             10 => self.foreign_sends(),
             11 => {
                 let k = self.pick_shard();
@@ -671,12 +698,65 @@ impl Sim {
             c.sent += 1;
         }
         c.in_flight.extend(cids.iter().copied());
+        for n in &cids {
+            self.transmissions += 1;
+            c.sent_at.insert(*n, self.transmissions);
+        }
         let to = &self.recipients[r];
         for n in cids {
             // Cids are unique per sender: the answers name only the cid.
             let cid = r * CID_SPACE + n;
             let text = format!(r#"{{"op":"send","to":"{to}","cid":"{cid}","body":{n}}}"#);
             self.senders[s].pipe.send(&text);
+        }
+    }
+
+    /// A sender's connection drops (what the shard wrote to it is never read) and the sender
+    /// connects again at once and resends every cid it has no `accepted` for (written with
+    /// the upgrade, read by the shard in one poll, as `ringgate::client` writes them right
+    /// after its handshake): those in flight in the order they were last sent as new
+    /// attempts, then the refused ones. The old connection is closed by its shard in later
+    /// polls. (Resends written in a later step, with answers processed in between, find
+    /// order edges when answers were lost: see the README, "Known limits".)
+    fn sender_reconnects(&mut self) {
+        let s = self.rng.below(SENDERS as u64) as usize;
+        let shard = self.senders[s].shard;
+        let Some(index) = self.shards[shard].admit(0) else {
+            return;
+        };
+        self.counts.sender_drops += 1;
+        let name = self.senders[s].name.clone();
+        let fresh = SenderConn {
+            name: name.clone(),
+            shard,
+            index,
+            pipe: Pipe::connect(&name),
+        };
+        let mut old = std::mem::replace(&mut self.senders[s], fresh);
+        old.pipe.eof = true;
+        self.closing.push(old);
+        self.sender_resends(s);
+    }
+
+    fn sender_resends(&mut self, s: usize) {
+        for r in 0..RECIPIENTS {
+            let c = self.conv.get_mut(&(s, r)).unwrap();
+            let mut cids: Vec<usize> = c.in_flight.iter().copied().collect();
+            cids.sort_by_key(|n| c.sent_at.get(n).copied().unwrap_or(0));
+            let mut refused = std::mem::take(&mut c.refused);
+            refused.sort_unstable();
+            for n in &refused {
+                self.transmissions += 1;
+                c.sent_at.insert(*n, self.transmissions);
+            }
+            cids.extend(refused);
+            c.in_flight.extend(cids.iter().copied());
+            let to = &self.recipients[r];
+            for n in cids {
+                let cid = r * CID_SPACE + n;
+                let text = format!(r#"{{"op":"send","to":"{to}","cid":"{cid}","body":{n}}}"#);
+                self.senders[s].pipe.send(&text);
+            }
         }
     }
 
@@ -888,6 +968,10 @@ impl Sim {
                 "a sender's connection stays open"
             );
         }
+        self.closing.retain_mut(|s| {
+            let polled = self.shards[s.shard].poll_conn(s.index, &mut s.pipe, &mut cx);
+            matches!(polled, ConnPoll::Pending { .. })
+        });
         let mut i = 0;
         while i < self.devices.len() {
             let d = &mut self.devices[i];
@@ -1166,6 +1250,7 @@ pub(crate) fn sweep(count: u64, steps: u64, plant: Plant) -> Result<Counts, (u64
         total.late_landings += c.late_landings;
         total.drops += c.drops;
         total.acks_lost += c.acks_lost;
+        total.sender_drops += c.sender_drops;
         total.shown += c.shown;
         total.checks += c.checks;
         total.shown_then_refused += c.shown_then_refused;
@@ -1241,6 +1326,11 @@ mod tests {
     #[test]
     fn showing_entries_past_a_missing_one_breaks_the_order() {
         finds(Plant::ShowPastMissing, "order");
+    }
+
+    #[test]
+    fn limiting_resends_of_a_sender_whose_connection_dropped_breaks_the_order() {
+        finds(Plant::LimitResends, "order");
     }
 }
 

@@ -124,7 +124,9 @@ impl Shard {
                 }
                 match event {
                     AppEvent::Send(req) => {
-                        if self.within_send_rate(index, Some(&req.cid), now) {
+                        if self.is_resend(index, &req.cid)
+                            || self.within_send_rate(index, Some(&req.cid), now)
+                        {
                             self.on_send(index, req.to, req.cid, req.body, now)
                         }
                     }
@@ -153,6 +155,24 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// A `send` of a cid this user's dedup window holds (accepted, or on its way). It costs
+    /// no token: it stores nothing, and its answer must not be refused: a client that lost
+    /// the first answer with its connection resends the cid, and if that were refused, the
+    /// answers to its later sends would come first although their messages were stored
+    /// after it (found by the simulation once senders' connections dropped).
+    fn is_resend(&self, index: usize, cid: &str) -> bool {
+        #[cfg(test)]
+        if self.planted(super::durable::OrderPlant::LimitResends) {
+            return false;
+        }
+        let Some(user) = self.conns[index].conn.user() else {
+            return false;
+        };
+        self.senders
+            .get(user)
+            .is_some_and(|d| !matches!(d.check(cid), Seen::New))
     }
 
     /// `send` + `publish` + `typing` per user (`user_send_rate`): exact, because every device

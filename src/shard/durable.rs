@@ -156,6 +156,8 @@ pub(crate) enum OrderPlant {
     None,
     /// Entries pushed after an entry known missing are shown (the rule of `missing`).
     ShowPastMissing,
+    /// A resent cid pays the send limit like a new one (the rule of `is_resend`).
+    LimitResends,
 }
 
 /// What becomes of an entry pushed or read for a mirror.
@@ -830,6 +832,12 @@ impl Shard {
         if let Some(d) = &mut self.durable {
             d.plant = plant;
         }
+    }
+
+    /// Whether the simulation planted this bug.
+    #[cfg(test)]
+    pub(super) fn planted(&self, plant: OrderPlant) -> bool {
+        self.durable.as_ref().is_some_and(|d| d.plant == plant)
     }
 
     fn wait(
