@@ -55,6 +55,13 @@ pub fn write_send(out: &mut Vec<u8>, to_prefix_json: &[u8], to_num: u64, cid: u6
     let _ = write!(out, "{to_num}\",\"cid\":{cid},\"body\":{{\"t\":{t_us}}}}}");
 }
 
+/// `{"op":"read","from":"<prefix><from_num>","id":"<id>"}`: a read receipt.
+pub fn write_read(out: &mut Vec<u8>, prefix_json: &[u8], from_num: u64, id: &str) {
+    out.extend_from_slice(b"{\"op\":\"read\",\"from\":");
+    out.extend_from_slice(prefix_json);
+    let _ = write!(out, "{from_num}\",\"id\":\"{id}\"}}");
+}
+
 /// `{"op":"ack","seq":<seq>}`
 pub fn write_ack(out: &mut Vec<u8>, seq: u64) {
     let _ = write!(out, "{{\"op\":\"ack\",\"seq\":{seq}}}");
@@ -87,6 +94,9 @@ pub struct ServerFrame<'a> {
     pub from: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub code: Option<Cow<'a, str>>,
+    /// The message id of a `msg` or a `read`.
+    #[serde(borrow, default)]
+    pub id: Option<Cow<'a, str>>,
     /// `body.t` (send instant, µs since the run's time origin) when the body
     /// is an object with an unsigned integer `t`.
     #[serde(default, deserialize_with = "body_t")]

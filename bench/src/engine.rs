@@ -77,6 +77,8 @@ pub enum Mode {
         nonce: u64,
         /// `"` + JSON-escaped user prefix (for `to`).
         to_prefix_json: Vec<u8>,
+        /// Send a read receipt for every this many messages received (0: none).
+        read_every: u64,
     },
     /// Room members on /ws: join `room` after `welcome`, then time every `room` frame
     /// (its body's `t` is the publisher's send time, ns since `Config::base`).
@@ -220,6 +222,10 @@ pub struct Stats {
     pub msgs_total: u64,
     pub delivered_in_window: u64,
     pub delivered_total: u64,
+    /// Read receipts sent, and `read` frames received (both users' devices are told).
+    pub reads_sent: u64,
+    pub reads_in_window: u64,
+    pub reads_total: u64,
     pub sent_in_window: u64,
     pub resent: u64,
     pub abandoned: u64,
@@ -283,6 +289,9 @@ impl Stats {
             msgs_total: 0,
             delivered_in_window: 0,
             delivered_total: 0,
+            reads_sent: 0,
+            reads_in_window: 0,
+            reads_total: 0,
             sent_in_window: 0,
             resent: 0,
             abandoned: 0,
@@ -349,6 +358,9 @@ impl Stats {
         self.msgs_total += o.msgs_total;
         self.delivered_in_window += o.delivered_in_window;
         self.delivered_total += o.delivered_total;
+        self.reads_sent += o.reads_sent;
+        self.reads_in_window += o.reads_in_window;
+        self.reads_total += o.reads_total;
         self.sent_in_window += o.sent_in_window;
         self.resent += o.resent;
         self.abandoned += o.abandoned;
@@ -894,6 +906,16 @@ fn on_chat_message(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<
             match ctr.filter(|_| ours) {
                 Some(k) if ch.received.insert(k) => {
                     cx.stats.msgs_total += 1;
+                    if let (Mode::Send { read_every, .. }, Some(id)) = (&cx.cfg.mode, &f.id) {
+                        if *read_every > 0 && cx.stats.msgs_total % read_every == 0 {
+                            cx.tmp.clear();
+                            let prefix = chat::json_prefix(&cx.cfg.user_prefix);
+                            chat::write_read(cx.tmp, &prefix, partner, id);
+                            let m = cx.mask();
+                            ws::encode_frame(cx.out, true, ws::OP_TEXT, cx.tmp, m);
+                            cx.stats.reads_sent += 1;
+                        }
+                    }
                     cx.shared.chat_received.fetch_add(1, Relaxed);
                     if in_window {
                         cx.stats.msgs_in_window += 1;
@@ -910,6 +932,15 @@ fn on_chat_message(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<
                 Some(_) => cx.stats.duplicates += 1,
                 // Left over from another run (replayed at connect) or not from the partner.
                 None => cx.stats.foreign_msgs += 1,
+            }
+        }
+        "read" => {
+            if let Some(seq) = f.seq {
+                ch.saw_seq(seq);
+            }
+            cx.stats.reads_total += 1;
+            if in_window {
+                cx.stats.reads_in_window += 1;
             }
         }
         "error" => {
@@ -2020,6 +2051,7 @@ mod tests {
             inflight: 1,
             nonce,
             to_prefix_json: chat::json_prefix("t"),
+            read_every: 0,
         };
         let cfg = Arc::new(Config {
             device: None,

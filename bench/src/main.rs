@@ -203,6 +203,10 @@ struct SendArgs {
     /// Sends per user without `accepted`
     #[arg(long, default_value_t = 16, value_name = "K")]
     inflight: usize,
+    /// Send a read receipt (`read`) for every N-th message received (0 = none); `read`
+    /// frames received (the sender's and the reader's devices are both told) are counted
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    read_every: u64,
     /// Total sends per second across all users (0 = as fast as the window allows)
     #[arg(long, default_value_t = 0.0, value_name = "R")]
     rate: f64,
@@ -1165,6 +1169,7 @@ fn run_send(a: SendArgs) -> Result<i32, String> {
         inflight: a.inflight,
         nonce,
         to_prefix_json: chat::json_prefix(&c.user_prefix),
+        read_every: a.read_every,
     };
     let cfg = Arc::new(build_config(c, Route::Ws, mode, true, a.users)?);
     let shared = Arc::new(Shared::default());
@@ -1335,6 +1340,14 @@ fn run_send(a: SendArgs) -> Result<i32, String> {
         "totals       sent {}  resent {}  accepted {}  received {}  delivered {}  acks_sent {}",
         st.sent, st.resent, st.accepted_total, st.msgs_total, st.delivered_total, st.acks_sent
     );
+    if a.read_every > 0 {
+        println!(
+            "receipts     sent {}  read frames received {} ({:.0}/s in window)",
+            st.reads_sent,
+            st.reads_total,
+            per_s(st.reads_in_window)
+        );
+    }
     println!("accepted_us  {}  (send -> accepted)", lat_text(acc_lat));
     println!(
         "msg_us       {}  (send -> msg at the recipient)",
@@ -1417,6 +1430,9 @@ fn run_send(a: SendArgs) -> Result<i32, String> {
             "accepted_total": st.accepted_total,
             "received_total": st.msgs_total,
             "delivered_total": st.delivered_total,
+            "reads_sent": st.reads_sent,
+            "reads_received": st.reads_total,
+            "reads_received_per_sec": per_s(st.reads_in_window),
             "acks_sent": st.acks_sent,
             "accepted_latency_us": lat_json(acc_lat),
             "msg_latency_us": lat_json(msg_lat),
