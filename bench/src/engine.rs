@@ -907,7 +907,7 @@ fn on_chat_message(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<
                 Some(k) if ch.received.insert(k) => {
                     cx.stats.msgs_total += 1;
                     if let (Mode::Send { read_every, .. }, Some(id)) = (&cx.cfg.mode, &f.id) {
-                        if *read_every > 0 && cx.stats.msgs_total % read_every == 0 {
+                        if *read_every > 0 && cx.stats.msgs_total.is_multiple_of(*read_every) {
                             cx.tmp.clear();
                             let prefix = chat::json_prefix(&cx.cfg.user_prefix);
                             chat::write_read(cx.tmp, &prefix, partner, id);

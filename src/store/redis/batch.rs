@@ -321,18 +321,14 @@ pub(super) async fn run_batch(
                     queued(directory_change(&pipeline, settings, user, '-').await)?;
                 }
                 StoreOp::WatchPresence { user, on } => {
-                    let key = watchers_key(p, user);
-                    let eval =
-                        CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&key)), false);
-                    let args = vec![
-                        WATCHERS_SCRIPT.to_string(),
-                        "1".into(),
-                        key,
+                    let change = if *on { "+" } else { "-" };
+                    let args = [
                         settings.node.clone(),
-                        if *on { "+" } else { "-" }.into(),
+                        change.into(),
                         WATCHERS_TTL_MS.to_string(),
                     ];
-                    queued(pipeline.custom(eval, args).await)?;
+                    let keys = [watchers_key(p, user)];
+                    queued(eval(&pipeline, WATCHERS_SCRIPT, &keys, args).await)?;
                 }
                 StoreOp::Lease => {
                     let lease = Expiration::PX(settings.lease_ms as i64);
@@ -343,27 +339,12 @@ pub(super) async fn run_batch(
                     queued(pipeline.srem(room_nodes_key(p, room), &settings.node).await)?;
                 }
                 StoreOp::Typing { from, to } => {
-                    let key = location_key(p, to);
-                    let eval =
-                        CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&key)), false);
-                    let args = vec![
-                        TYPING_SCRIPT.to_string(),
-                        "1".into(),
-                        key,
-                        settings.node.clone(),
-                        p.clone(),
-                        pack_typing(from, to),
-                    ];
-                    queued(pipeline.custom(eval, args).await)?;
+                    let args = [settings.node.clone(), p.clone(), pack_typing(from, to)];
+                    let keys = [location_key(p, to)];
+                    queued(eval(&pipeline, TYPING_SCRIPT, &keys, args).await)?;
                 }
                 StoreOp::ClaimIdSlot { held, .. } => {
-                    let key = id_slots_key(p);
-                    let eval =
-                        CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&key)), false);
-                    let args = vec![
-                        ID_SLOT_SCRIPT.to_string(),
-                        "1".into(),
-                        key,
+                    let args = [
                         format!("{}/{shard}", settings.node),
                         held.map_or(-1, i32::from).to_string(),
                         settings.lease_ms.to_string(),
@@ -371,7 +352,8 @@ pub(super) async fn run_batch(
                         random_slot().to_string(),
                         ID_SLOT_GRACE_MS.to_string(),
                     ];
-                    queued(pipeline.custom(eval, args).await)?;
+                    let keys = [id_slots_key(p)];
+                    queued(eval(&pipeline, ID_SLOT_SCRIPT, &keys, args).await)?;
                 }
                 StoreOp::Presence { users, .. } => {
                     for user in users {
@@ -459,25 +441,40 @@ pub(super) async fn run_batch(
 /// This run joins (`+`) or leaves (`-`) `user`'s directory entry; watchers elsewhere hear it
 /// (`DIRECTORY_SCRIPT`).
 async fn directory_change(
-    pipeline: &fred::clients::Pipeline<fred::clients::WithOptions<Client>>,
+    pipeline: &Pipe,
     settings: &RedisSettings,
     user: &str,
     change: char,
 ) -> Result<(), fred::error::Error> {
     let p = &settings.key_prefix;
-    let key = location_key(p, user);
-    let eval = CustomCommand::new_static("EVAL", ClusterHash::Custom(slot(&key)), false);
-    let args = vec![
-        DIRECTORY_SCRIPT.to_string(),
-        "2".into(),
-        key,
-        watchers_key(p, user),
+    let keys = [location_key(p, user), watchers_key(p, user)];
+    let args = [
         settings.node.clone(),
         p.clone(),
         user.to_string(),
         change.to_string(),
     ];
-    pipeline.custom::<(), _>(eval, args).await
+    eval(pipeline, DIRECTORY_SCRIPT, &keys, args).await
+}
+
+type Pipe = fred::clients::Pipeline<fred::clients::WithOptions<Client>>;
+
+/// Queue one `EVAL` of a small script whose keys share a slot (the first routes the call):
+/// the script text travels each time (no script cache to miss mid-pipeline).
+async fn eval<const K: usize, const A: usize>(
+    pipeline: &Pipe,
+    script: &str,
+    keys: &[String; K],
+    args: [String; A],
+) -> Result<(), fred::error::Error> {
+    let route = ClusterHash::Custom(slot(&keys[0]));
+    let command = CustomCommand::new_static("EVAL", route, false);
+    let mut all = Vec::with_capacity(2 + K + A);
+    all.push(script.to_string());
+    all.push(K.to_string());
+    all.extend(keys.iter().cloned());
+    all.extend(args);
+    pipeline.custom::<(), _>(command, all).await
 }
 
 pub(super) fn slot_map_is_stale(why: &str) -> bool {
