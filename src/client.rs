@@ -121,6 +121,20 @@ pub enum Event {
     Typing {
         from: String,
     },
+    /// More messages were waiting at connect than the gateway replays at once: per sender,
+    /// how many, the oldest and the newest (`senders` as the frame has them). Nothing is
+    /// replayed until `replay()`; `fetch(from, limit)` pages one sender meanwhile.
+    Summary {
+        total: u64,
+        senders: Value,
+    },
+    /// The end of a `fetch`: `count` messages of `from` came (as `Event::Message`), `more`
+    /// says there may be more.
+    Fetched {
+        from: String,
+        count: u64,
+        more: bool,
+    },
     /// Presence of some users: the answer to `presence` or `watch`, or a watched user's
     /// change (online at once; offline once it stayed so for the gateway's grace period).
     Presence {
@@ -270,6 +284,16 @@ impl Client {
             self.reads_sent.clear(); // bounded: only the resend after a reconnect is lost
         }
         self.send_frame(json!({"op":"read","from":from,"id":id}));
+    }
+
+    /// After `Event::Summary`: the next `limit` (1 to 1,000) waiting messages of `from`.
+    pub fn fetch(&mut self, from: &str, limit: u32) {
+        self.send_frame(json!({"op":"fetch","from":from,"limit":limit}));
+    }
+
+    /// After `Event::Summary`: replay the whole inbox (then `Event::Synced`).
+    pub fn replay(&mut self) {
+        self.send_frame(json!({"op":"replay"}));
     }
 
     /// Ask which of `users` (at most 100) are online: answered with `Event::Presence`.
@@ -460,6 +484,15 @@ impl Client {
                 Some(Event::Accepted { cid, id: s("id") })
             }
             "typing" => Some(Event::Typing { from: s("from") }),
+            "summary" => Some(Event::Summary {
+                total: v["total"].as_u64().unwrap_or(0),
+                senders: v["senders"].clone(),
+            }),
+            "fetched" => Some(Event::Fetched {
+                from: s("from"),
+                count: v["count"].as_u64().unwrap_or(0),
+                more: v["more"].as_bool().unwrap_or(false),
+            }),
             "presence" => Some(Event::Presence {
                 online: v["online"]
                     .as_object()?

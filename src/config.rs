@@ -28,6 +28,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_CLOSE_LINGER_MS: u64 = 3_000;
 /// How long a watched user must stay offline before watchers are told (`watch`).
 pub const DEFAULT_PRESENCE_GRACE_MS: u64 = 3_000;
+/// Messages waiting at connect beyond which a client gets a `summary` instead of the replay.
+pub const DEFAULT_INBOX_SUMMARY_OVER: usize = 1_000;
 pub const DEFAULT_ACK_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_WINDOW: u32 = 256;
 pub const DEFAULT_DRAIN_MS: u64 = 10_000;
@@ -83,6 +85,7 @@ pub struct Config {
     pub handshake_timeout_ms: u64,
     pub close_linger_ms: u64,
     pub presence_grace_ms: u64,
+    pub inbox_summary_over: usize,
     pub ack_timeout_ms: u64,
     pub window: u32,
     pub drain_ms: u64,
@@ -165,6 +168,11 @@ pub struct ConfigLayer {
     /// reconnect within it is told nothing) [default: 3000]
     #[arg(long, env = "RINGGATE_PRESENCE_GRACE_MS")]
     pub presence_grace_ms: Option<u64>,
+    /// More entries than this waiting at connect: a `summary` per sender instead of the
+    /// replay, which waits for `replay` (`fetch` pages one sender); 0 = always replay
+    /// [default: 1000]
+    #[arg(long, env = "RINGGATE_INBOX_SUMMARY_OVER")]
+    pub inbox_summary_over: Option<usize>,
     /// Ack timeout for direct messages [default: 5000]
     #[arg(long, env = "RINGGATE_ACK_TIMEOUT_MS")]
     pub ack_timeout_ms: Option<u64>,
@@ -316,6 +324,7 @@ impl ConfigLayer {
             handshake_timeout_ms,
             close_linger_ms,
             presence_grace_ms,
+            inbox_summary_over,
             ack_timeout_ms,
             window,
             drain_ms,
@@ -501,6 +510,9 @@ impl ConfigLayer {
             handshake_timeout_ms,
             close_linger_ms,
             presence_grace_ms: self.presence_grace_ms.unwrap_or(DEFAULT_PRESENCE_GRACE_MS),
+            inbox_summary_over: self
+                .inbox_summary_over
+                .unwrap_or(DEFAULT_INBOX_SUMMARY_OVER),
             ack_timeout_ms,
             window,
             drain_ms: self.drain_ms.unwrap_or(DEFAULT_DRAIN_MS),

@@ -126,6 +126,7 @@ pub const TYPING_DELIVERED: &str = "ringgate_typing_delivered_total";
 pub const TYPING_DROPPED: &str = "ringgate_typing_dropped_total";
 pub const READS: &str = "ringgate_reads_total";
 pub const WATCHED: &str = "ringgate_watched_users";
+pub const SUMMARIES: &str = "ringgate_inbox_summaries_total";
 pub const WATCH_REFUSED: &str = "ringgate_watch_refused_total";
 pub const PRESENCE_TOLD: &str = "ringgate_presence_told_total";
 pub const READS_REDUNDANT: &str = "ringgate_reads_redundant_total";
@@ -241,6 +242,7 @@ pub struct ShardMetrics {
     pub typing_dropped: Counter,
     pub reads: Counter,
     pub watched: Gauge,
+    pub summaries: Counter,
     pub watch_refused: Counter,
     pub presence_told: Counter,
     pub reads_redundant: Counter,
@@ -559,6 +561,12 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "`typing` notices dropped instead of queued: a shard's channel or the Redis queue was full (typing is ephemeral).",
         Kind::Counter,
         |m| m.typing_dropped.get(),
+    ),
+    (
+        SUMMARIES,
+        "Connections that got an inbox `summary` instead of the replay (more than `inbox_summary_over` waiting).",
+        Kind::Counter,
+        |m| m.summaries.get(),
     ),
     (
         WATCHED,

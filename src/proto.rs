@@ -91,6 +91,13 @@ pub enum ClientFrame {
     Unwatch {
         users: Vec<compact_str::CompactString>,
     },
+    /// After a `summary`: the next `limit` waiting messages of `from`, in order.
+    Fetch {
+        from: compact_str::CompactString,
+        limit: u32,
+    },
+    /// After a `summary`: replay the whole inbox as on any connect (then `synced`).
+    Replay,
     /// A read receipt: this user has read every message of `from` up to message `id`.
     Read {
         from: compact_str::CompactString,
@@ -108,6 +115,9 @@ impl ClientFrame {
         }
     }
 }
+
+/// Most messages one `fetch` asks for (it is bounded by the connection's window as well).
+pub const MAX_FETCH: u32 = 1000;
 
 /// Most users one `presence` frame may ask about (SPEC section 3).
 pub const MAX_PRESENCE_USERS: usize = 100;
@@ -138,6 +148,8 @@ struct Envelope<'a> {
     from: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    limit: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -401,6 +413,16 @@ pub fn parse(text: &[u8]) -> Result<ClientFrame, FrameError> {
             to: parse_id(env.to, "to", "user", &cid)?,
         }),
         "read" => parse_read(&env, &cid),
+        "replay" => Ok(ClientFrame::Replay),
+        "fetch" => {
+            let from = parse_id(env.from, "from", "user", &cid)?;
+            let limit = env
+                .limit
+                .and_then(|l| serde_json::from_str::<u32>(l.get()).ok())
+                .filter(|l| (1..=MAX_FETCH).contains(l))
+                .ok_or_else(|| bad(format!("`fetch` needs `limit`, 1 to {MAX_FETCH}"), &cid))?;
+            Ok(ClientFrame::Fetch { from, limit })
+        }
         "watch" => Ok(ClientFrame::Watch {
             users: parse_users(&env, "watch", &cid)?,
         }),
@@ -512,6 +534,39 @@ pub fn write_read(out: &mut Vec<u8>, seq: u64, by: &str, from: &str, id: u64, ts
     out.extend_from_slice(b",\"from\":");
     write_json_str(out, from);
     out.extend_from_slice(format!(",\"id\":\"{id}\",\"ts\":{ts}}}").as_bytes());
+}
+
+/// `{"op":"summary","total":N,"senders":[{"from":..,"count":N,"oldest":{"id":"..","ts":..},
+/// "newest":{..}},..]}`: a big inbox, before any replay.
+pub fn write_summary(out: &mut Vec<u8>, senders: &[crate::store::SenderSummary]) {
+    let total: u64 = senders.iter().map(|s| s.count).sum();
+    out.extend_from_slice(
+        format!("{{\"op\":\"summary\",\"total\":{total},\"senders\":[").as_bytes(),
+    );
+    for (i, s) in senders.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"from\":");
+        write_json_str(out, &s.from);
+        let ((oid, ots), (nid, nts)) = (s.oldest, s.newest);
+        out.extend_from_slice(
+            format!(
+                ",\"count\":{},\"oldest\":{{\"id\":\"{oid}\",\"ts\":{ots}}},\"newest\":{{\"id\":\"{nid}\",\"ts\":{nts}}}}}",
+                s.count
+            )
+            .as_bytes(),
+        );
+    }
+    out.extend_from_slice(b"]}");
+}
+
+/// `{"op":"fetched","from":..,"count":N,"more":bool}`: the answer to `fetch`, after its
+/// `msg` frames.
+pub fn write_fetched(out: &mut Vec<u8>, from: &str, count: usize, more: bool) {
+    out.extend_from_slice(b"{\"op\":\"fetched\",\"from\":");
+    write_json_str(out, from);
+    out.extend_from_slice(format!(",\"count\":{count},\"more\":{more}}}").as_bytes());
 }
 
 /// `{"op":"typing","from":..}`

@@ -51,6 +51,7 @@ on_standalone_and_cluster!(
     typing_reaches_the_recipients_devices_on_every_node_once,
     read_receipts_reach_every_device_of_both_users_on_every_node,
     a_watched_user_is_followed_across_nodes_moves_without_flapping_and_dies_offline,
+    a_big_inbox_is_summarised_from_any_node,
 );
 
 fn api_presence(gw: &Gateway, query: &str) -> (u16, String) {
@@ -855,4 +856,11 @@ fn a_watched_user_is_followed_across_nodes_moves_without_flapping_and_dies_offli
         "told offline after node a died"
     );
     assert_eq!(seen, vec![on(false)]);
+}
+
+/// The big-inbox summary (issue 17) on a node of a cluster setup: the inbox is read from
+/// Redis (one server, or a Redis Cluster) into the node's memory, and summarised from there.
+fn a_big_inbox_is_summarised_from_any_node(redis: RedisServer) {
+    let gw = node_with(&redis, "a", &["--inbox-summary-over", "10"]);
+    summary_scenario(&gw, "bob", ["ann", "cy", "dee"]);
 }

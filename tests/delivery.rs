@@ -407,6 +407,13 @@ fn read_receipts_reach_the_senders_and_the_readers_devices_and_supersede() {
     }
 }
 
+/// A big inbox, summarised (issue 17), with the embedded store.
+#[test]
+fn a_big_inbox_is_summarised_fetched_per_sender_and_replayed_on_request() {
+    let gw = gateway(&["--inbox-summary-over", "10"]);
+    summary_scenario(&gw, &user_on("bob", 1), ["ann", "cy", "dee"]);
+}
+
 /// `typing` shares the per-user send limit (SPEC section 4, "Limits"): past it, `rate_limited`
 /// with `retry_ms` (no cid), and nothing is relayed. (The three frames go in one write: served
 /// at one instant, no token refills between them however slow the machine.)

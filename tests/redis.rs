@@ -153,6 +153,14 @@ fn read_receipts_go_through_redis_supersede_and_survive_a_sigkill() {
     assert_eq!(replayed[0]["id"], ids[1].to_string());
 }
 
+/// A big inbox, summarised (issue 17), with Redis (the summary is read from the mirror).
+#[test]
+fn a_big_inbox_is_summarised_fetched_per_sender_and_replayed_on_request() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &["--inbox-summary-over", "10"]);
+    summary_scenario(&gw, &user_on("bob", 1, SHARDS), ["ann", "cy", "dee"]);
+}
+
 /// A backend message's `type` is kept in Redis with the message (issue 17 item 6).
 #[test]
 fn a_backend_messages_type_survives_a_gateway_sigkill() {

@@ -11,6 +11,7 @@
 //! sender; the recipient's home shard owns the inbox and the device windows. Between them a
 //! message crosses the mesh once (`Deliver`) and reports come back (`Report`).
 
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 
 use compact_str::CompactString;
@@ -53,6 +54,11 @@ pub struct Session {
     cursor: InboxSeq,
     /// Entries replayed before `synced` (the count `synced` reports).
     replayed: u64,
+    /// A big inbox at connect: its `summary` was sent and the replay waits for `replay`;
+    /// meanwhile `fetch` reads one sender at a time (per sender: the last entry looked at).
+    summary: Option<HashMap<CompactString, InboxSeq>>,
+    /// Entries `fetch` sent that are not acked yet: the replay steps over them.
+    fetched: BTreeSet<InboxSeq>,
 }
 
 impl Session {
@@ -61,6 +67,8 @@ impl Session {
             window: Window::resume(cfg, last_seq),
             cursor: 0,
             replayed: 0,
+            summary: None,
+            fetched: BTreeSet::new(),
         }
     }
 
@@ -146,6 +154,8 @@ impl Shard {
                     }
                     AppEvent::Watch { users } => self.on_watch(index, users, now),
                     AppEvent::Unwatch { users } => self.on_unwatch(index, &users),
+                    AppEvent::Fetch { from, limit } => self.on_fetch(index, from, limit, now),
+                    AppEvent::Replay => self.on_replay(index, now),
                     AppEvent::Read { from, id } => {
                         if self.within_send_rate(index, None, now) {
                             self.on_read(index, from, id, now)
@@ -650,6 +660,11 @@ impl Shard {
                 last: entry.last_seq,
             }),
         };
+        if let Some(session) = entry.session.as_mut() {
+            for (inbox_seq, _) in &acked {
+                session.fetched.remove(inbox_seq);
+            }
+        }
         // Everything acked and the first replay done: release the session (see `Session`).
         if entry.synced && entry.session.as_ref().is_some_and(|s| s.window.is_empty()) {
             entry.last_seq = entry.session.take().map_or(0, |s| s.window.last_seq());
@@ -712,9 +727,24 @@ impl Shard {
         if !self.mirror_ready(&user) {
             return; // pumped again when the user's inbox has loaded from Redis
         }
+        let over = self.shared.cfg.inbox_summary_over;
         let entry = &mut self.conns[index];
         let ctx = shard_ctx!(self);
         let mut frame = Vec::with_capacity(256);
+        if !entry.synced && entry.session.is_none() && over > 0 && self.inbox.len(&user) > over {
+            // A big inbox: a summary instead of the replay, which waits for `replay`.
+            let senders = self.inbox.summarize(&user, now);
+            proto::write_summary(&mut frame, &senders);
+            entry.conn.push_text(&frame, &ctx);
+            let mut session = Box::new(Session::resume(window_cfg, entry.last_seq));
+            session.summary = Some(HashMap::new());
+            entry.session = Some(session);
+            self.metrics.summaries.inc();
+            return;
+        }
+        if entry.session.as_ref().is_some_and(|s| s.summary.is_some()) {
+            return; // the replay waits for `replay` (see `on_fetch`)
+        }
         let mut caught_up = false;
         let mut pushed = false;
         loop {
@@ -733,6 +763,10 @@ impl Shard {
                     .session
                     .get_or_insert_with(|| Box::new(Session::resume(window_cfg, last_seq)));
                 for (inbox_seq, msg) in batch {
+                    if session.fetched.contains(&inbox_seq) {
+                        session.cursor = inbox_seq; // sent by `fetch`, not acked yet
+                        continue;
+                    }
                     if proto::receipt_sender(&msg.cid).is_none() {
                         self.receipts.sent(&user, &msg.from, msg.id);
                     }
@@ -770,6 +804,78 @@ impl Shard {
         // no retransmit within 10 s with `ack_timeout_ms` 100).
         if pushed {
             self.sync_timer(index);
+        }
+    }
+
+    /// `fetch` (after a `summary`): the next `limit` waiting messages of `from` (at most the
+    /// window's room), as `msg` frames through the window like a replay's, then `fetched`.
+    fn on_fetch(&mut self, index: usize, from: CompactString, limit: u32, now: u64) {
+        let Some(user) = self.conns[index].conn.user().map(CompactString::from) else {
+            return;
+        };
+        let capacity = self.shared.cfg.window as usize;
+        let entry = &mut self.conns[index];
+        let Some(session) = entry.session.as_mut().filter(|s| s.summary.is_some()) else {
+            let err = FrameError {
+                code: ErrorCode::BadRequest,
+                message: "`fetch` follows a `summary` (and comes before `replay`)".into(),
+                cid: None,
+            };
+            let ctx = shard_ctx!(self);
+            return self.conns[index].conn.reply_error(now, err, &ctx);
+        };
+        let cursors = session.summary.as_mut().expect("filtered above");
+        let want = (limit as usize).min(capacity - session.window.len());
+        let mut looked_at = cursors.get(&from).copied().unwrap_or(0);
+        let mut found = Vec::new();
+        let mut at_end = false;
+        'scan: while found.len() < want {
+            let page = self.inbox.read(&user, looked_at, 256, now);
+            if page.is_empty() {
+                at_end = true;
+                break;
+            }
+            for (inbox_seq, msg) in page {
+                looked_at = inbox_seq;
+                let theirs = msg.from == from && proto::receipt_sender(&msg.cid).is_none();
+                if theirs && !session.fetched.contains(&inbox_seq) {
+                    found.push((inbox_seq, msg));
+                    if found.len() == want {
+                        break 'scan;
+                    }
+                }
+            }
+        }
+        cursors.insert(from.clone(), looked_at);
+        let ctx = shard_ctx!(self);
+        let mut frame = Vec::with_capacity(256);
+        let count = found.len();
+        for (inbox_seq, msg) in found {
+            self.receipts.sent(&user, &msg.from, msg.id);
+            let msg = Rc::new(msg);
+            let Ok(seq) = session.window.push((inbox_seq, msg.clone()), now) else {
+                unreachable!("room was checked");
+            };
+            session.fetched.insert(inbox_seq);
+            self.metrics.acks_pending.inc();
+            push_msg(&mut entry.conn, &mut frame, seq, &msg, &ctx);
+        }
+        frame.clear();
+        proto::write_fetched(&mut frame, &from, count, !at_end);
+        entry.conn.push_text(&frame, &ctx);
+        if count > 0 {
+            self.sync_timer(index);
+        }
+    }
+
+    /// `replay` (after a `summary`): the replay starts (what `fetch` sent and was not acked
+    /// yet is stepped over), then `synced`. Without a summary pending it does nothing.
+    fn on_replay(&mut self, index: usize, now: u64) {
+        let Some(session) = self.conns[index].session.as_mut() else {
+            return;
+        };
+        if session.summary.take().is_some() {
+            self.pump(index, now);
         }
     }
 

@@ -38,6 +38,16 @@ use compact_str::CompactString;
 
 use super::{Inbox, InboxLimits, InboxSeq, StoreError, StoredMessage};
 
+/// One sender's messages waiting in an inbox (see [`MemoryInbox::summarize`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderSummary {
+    pub from: CompactString,
+    pub count: u64,
+    /// (id, ts) of the oldest and the newest of them.
+    pub oldest: (u64, u64),
+    pub newest: (u64, u64),
+}
+
 /// Capacities below this are never shrunk: not worth a reallocation.
 const SHRINK_FLOOR: usize = 16;
 
@@ -237,6 +247,34 @@ impl MemoryInbox {
         for (seq, appended_at, msg) in entries {
             self.insert_at(user, seq, msg, appended_at);
         }
+    }
+
+    /// Per sender, what waits in `user`'s inbox at `now` (read receipts left out): the big-
+    /// inbox summary. Ordered by the newest message, newest first. Reads the inbox once,
+    /// copying nothing but the senders' names.
+    pub fn summarize(&self, user: &str, now: u64) -> Vec<SenderSummary> {
+        let Some(inbox) = self.users.get(user) else {
+            return Vec::new();
+        };
+        let mut by_sender: HashMap<&str, SenderSummary> = HashMap::new();
+        let live = inbox
+            .slots
+            .iter()
+            .filter(|s| !expired(s.appended_at, now, self.limits.max_age_ms))
+            .filter_map(|s| s.msg.as_ref());
+        for msg in live.filter(|m| crate::proto::receipt_sender(&m.cid).is_none()) {
+            let entry = by_sender.entry(&msg.from).or_insert_with(|| SenderSummary {
+                from: msg.from.clone(),
+                count: 0,
+                oldest: (msg.id, msg.ts),
+                newest: (msg.id, msg.ts),
+            });
+            entry.count += 1;
+            entry.newest = (msg.id, msg.ts);
+        }
+        let mut out: Vec<SenderSummary> = by_sender.into_values().collect();
+        out.sort_by(|a, b| b.newest.cmp(&a.newest).then_with(|| a.from.cmp(&b.from)));
+        out
     }
 
     /// Mirror mode: forget a user's entries (the store still holds them).
@@ -440,6 +478,42 @@ mod tests {
         assert!(inbox.insert_at("dave", 7, receipt("erin", "dave", 3), T0));
         assert_eq!(ids(&inbox.read("dave", 0, 10, T0)), vec![3]);
         assert_eq!(inbox.total_len(), 3);
+    }
+
+    #[test]
+    fn a_summary_counts_each_senders_waiting_messages_newest_first() {
+        let mut inbox = MemoryInbox::new(limits(100, HOUR));
+        let from = |who: &str, id: u64, ts: u64| StoredMessage {
+            from: who.into(),
+            ts,
+            ..m(id)
+        };
+        inbox.append("bob", from("ann", 1, 10), T0).unwrap();
+        inbox.append("bob", from("cy", 2, 20), T0).unwrap();
+        let gone = inbox.append("bob", from("ann", 3, 30), T0).unwrap();
+        inbox.append("bob", from("ann", 4, 40), T0).unwrap();
+        inbox.append("bob", receipt("cy", "bob", 9), T0).unwrap();
+        assert!(inbox.remove("bob", gone));
+        let s = inbox.summarize("bob", T0);
+        assert_eq!(
+            s,
+            vec![
+                SenderSummary {
+                    from: "ann".into(),
+                    count: 2,
+                    oldest: (1, 10),
+                    newest: (4, 40)
+                },
+                SenderSummary {
+                    from: "cy".into(),
+                    count: 1,
+                    oldest: (2, 20),
+                    newest: (2, 20)
+                },
+            ]
+        );
+        assert!(inbox.summarize("nobody", T0).is_empty());
+        assert!(inbox.summarize("bob", T0 + HOUR + 1).is_empty(), "expired");
     }
 
     #[test]

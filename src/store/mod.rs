@@ -24,7 +24,7 @@
 pub mod memory;
 pub mod redis;
 
-pub use memory::MemoryInbox;
+pub use memory::{MemoryInbox, SenderSummary};
 
 /// Messages kept per user at most (SPEC default 10,000).
 pub const DEFAULT_INBOX_MAX_MESSAGES: usize = 10_000;

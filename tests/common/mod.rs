@@ -867,3 +867,135 @@ pub fn receipts_scenario(gw: &Gateway, alice: &str, bob: &str, carol: &str) {
     assert_eq!(reads[0]["id"], id4.as_str());
     assert_eq!(gw.metric_sum("ringgate_reads_total"), 3);
 }
+
+/// The big-inbox summary (issue 17): the gateway runs with `--inbox-summary-over 10`. Three
+/// senders leave 8, 5 and 2 messages for `bob`; bob connects to a `summary` instead of the
+/// replay, pages the first sender with `fetch`, drops the connection with some fetched
+/// messages unacked (they are still waiting), asks for the `replay` of the rest, and in the
+/// end every message was shown once, each sender's in order, and nothing waits.
+pub fn summary_scenario(gw: &Gateway, bob: &str, senders: [&str; 3]) {
+    let counts = [8usize, 5, 2];
+    let mut ids: Vec<Vec<String>> = Vec::new();
+    for (s, n) in senders.iter().zip(counts) {
+        let (mut ws, _) = connect_app(gw, s);
+        let mut mine = Vec::new();
+        for i in 0..n {
+            send(&mut ws, bob, &format!("{s}-{i}"), serde_json::json!(i));
+            mine.push(
+                next_op(&mut ws, "accepted")["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        ids.push(mine);
+    }
+    let open = |expect_total: u64| {
+        let mut ws = connect(gw, &format!("/ws?user={bob}"));
+        assert_eq!(recv_json(&mut ws)["op"], "welcome");
+        let summary = next_op(&mut ws, "summary");
+        assert_eq!(summary["total"], expect_total, "{summary}");
+        (ws, summary)
+    };
+    let (mut b, summary) = open(15);
+    // Newest first: the last sender wrote last.
+    let rows = summary["senders"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{summary}");
+    for (row, k) in rows.iter().zip([2, 1, 0]) {
+        assert_eq!(row["from"], senders[k], "{summary}");
+        assert_eq!(row["count"], counts[k] as u64, "{summary}");
+        assert_eq!(row["oldest"]["id"], ids[k][0].as_str(), "{summary}");
+        assert_eq!(
+            row["newest"]["id"],
+            ids[k][counts[k] - 1].as_str(),
+            "{summary}"
+        );
+    }
+    assert!(
+        frames_before_pong(&mut b).is_empty(),
+        "no replay before it is asked"
+    );
+    let fetch =
+        |ws: &mut Ws, from: &str, limit: u32| -> (Vec<serde_json::Value>, serde_json::Value) {
+            send_text(
+                ws,
+                &serde_json::json!({"op":"fetch","from":from,"limit":limit}).to_string(),
+            );
+            let mut msgs = Vec::new();
+            loop {
+                let v = recv_json(ws);
+                if v["op"] == "fetched" {
+                    return (msgs, v);
+                }
+                assert_eq!(v["op"], "msg", "{v}");
+                msgs.push(v);
+            }
+        };
+    let cids = |msgs: &[serde_json::Value]| -> Vec<String> {
+        msgs.iter()
+            .map(|m| m["cid"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (first, done) = fetch(&mut b, senders[0], 3);
+    assert_eq!(
+        cids(&first),
+        (0..3)
+            .map(|i| format!("{}-{i}", senders[0]))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (done["count"].as_u64(), done["more"].as_bool()),
+        (Some(3), Some(true))
+    );
+    ack(&mut b, first[1]["seq"].as_u64().unwrap());
+    let _ = frames_before_pong(&mut b);
+    // Gone with two acked: the third fetched one still waits.
+    drop(b);
+    assert!(eventually(Duration::from_secs(10), || gw
+        .metric_sum("ringgate_connections_open")
+        == 0));
+    let (mut b, _) = open(13);
+    let (rest, done) = fetch(&mut b, senders[0], 100);
+    assert_eq!(
+        cids(&rest),
+        (2..8)
+            .map(|i| format!("{}-{i}", senders[0]))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (done["count"].as_u64(), done["more"].as_bool()),
+        (Some(6), Some(false))
+    );
+    // The replay brings the others (not the ones fetched and unacked), then `synced`.
+    send_text(&mut b, r#"{"op":"replay"}"#);
+    let mut replayed = Vec::new();
+    let synced = loop {
+        let v = recv_json(&mut b);
+        if v["op"] == "synced" {
+            break v;
+        }
+        assert_eq!(v["op"], "msg", "{v}");
+        replayed.push(v);
+    };
+    let mut expect: Vec<String> = Vec::new();
+    for k in [1, 2] {
+        expect.extend((0..counts[k]).map(|i| format!("{}-{i}", senders[k])));
+    }
+    assert_eq!(cids(&replayed), expect);
+    assert_eq!(synced["count"], 7);
+    // `fetch` now is a bad request; everything acked leaves nothing waiting.
+    send_text(
+        &mut b,
+        &serde_json::json!({"op":"fetch","from":senders[0],"limit":5}).to_string(),
+    );
+    assert_eq!(next_op(&mut b, "error")["code"], "bad_request");
+    ack(&mut b, replayed.last().unwrap()["seq"].as_u64().unwrap());
+    let _ = frames_before_pong(&mut b);
+    drop(b);
+    assert!(eventually(Duration::from_secs(10), || gw
+        .metric_sum("ringgate_connections_open")
+        == 0));
+    let (_b, again) = connect_replay(gw, &format!("/ws?user={bob}"));
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(gw.metric_sum("ringgate_inbox_summaries_total"), 2);
+}
