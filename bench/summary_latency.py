@@ -21,10 +21,10 @@ def frame(text):
     return h + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(p))
 
 
-def connect(user):
+def connect(user, query=''):
     s = socket.create_connection((HOST, PORT))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    s.sendall(f"GET /ws?user={user} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    s.sendall(f"GET /ws?user={user}{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
               "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
     return s
@@ -75,7 +75,7 @@ for k in range(SENDERS):
 welcome, summary = [], []
 for _ in range(ROUNDS):
     t0 = time.perf_counter()
-    s = connect(RECIPIENT)
+    s = connect(RECIPIENT, '&summary=1')
     r = Reader(s)
     v = r.next()
     assert v['op'] == 'welcome', v

@@ -60,6 +60,8 @@ pub type AppEvent = ClientFrame;
 struct PeerExtra {
     rooms: Option<Vec<Box<str>>>,
     device: Option<Box<str>>,
+    /// Asked for a summary of a big inbox instead of its replay (`?summary=1`).
+    summary: bool,
 }
 
 /// Bytes kept between reads: an unfinished HTTP head or frame, and a fragmented message.
@@ -151,6 +153,11 @@ impl Connection {
 
     pub fn device(&self) -> Option<&str> {
         self.extra.as_ref().and_then(|e| e.device.as_deref())
+    }
+
+    /// The client asked for a summary of a big inbox instead of its replay (`?summary=1`).
+    pub fn wants_summary(&self) -> bool {
+        self.extra.as_ref().is_some_and(|e| e.summary)
     }
 
     /// Rooms the token allows; `None` = any.
@@ -425,10 +432,12 @@ impl Connection {
                 let mut rest = partial.buf.split_off(accepted.head_len);
                 match accepted.identity {
                     Some(identity) => {
-                        if identity.rooms.is_some() || accepted.device.is_some() {
+                        if identity.rooms.is_some() || accepted.device.is_some() || accepted.summary
+                        {
                             self.extra = Some(Box::new(PeerExtra {
                                 rooms: identity.rooms,
                                 device: accepted.device,
+                                summary: accepted.summary,
                             }));
                         }
                         self.user = identity.user;

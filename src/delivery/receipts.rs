@@ -17,6 +17,12 @@ use compact_str::CompactString;
 /// Senders remembered per reader; past it, the sender whose last message is oldest is
 /// forgotten (a receipt for its messages is then refused as never received).
 pub const MAX_SENDERS_PER_READER: usize = 1024;
+/// Readers remembered per shard; past it, one is forgotten (with Redis it is read back with
+/// its inbox at its next connect; with the embedded store its receipts for what it received
+/// before are refused).
+pub const MAX_READERS: usize = 200_000;
+/// `read`s waiting for their reader's inbox to load (Redis), per shard.
+pub const MAX_READS_WAITING: usize = 4096;
 
 /// One (reader, sender) pair.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -25,6 +31,9 @@ struct PairState {
     received: u64,
     /// Highest id the reader's receipts have told (0: none).
     told: u64,
+    /// Highest id a receipt of the reader was stored for (what `told` falls back to when a
+    /// later one could not be stored).
+    stored: u64,
 }
 
 /// What to do with a `read`.
@@ -46,6 +55,12 @@ pub struct ReadReceipts {
 impl ReadReceipts {
     /// A message of `sender` with `id` was sent to a device of `reader`.
     pub fn sent(&mut self, reader: &str, sender: &str, id: u64) {
+        if !self.readers.contains_key(reader) && self.readers.len() >= MAX_READERS {
+            let any = self.readers.keys().next().cloned();
+            if let Some(any) = any {
+                self.readers.remove(&any);
+            }
+        }
         let pairs = match self.readers.get_mut(reader) {
             Some(pairs) => pairs,
             None => self.readers.entry(reader.into()).or_default(),
@@ -68,6 +83,7 @@ impl ReadReceipts {
             PairState {
                 received: id,
                 told: 0,
+                stored: 0,
             },
         );
     }
@@ -91,17 +107,25 @@ impl ReadReceipts {
         ReadVerdict::Tell
     }
 
-    /// The receipt up to `id` could not be stored: a repeat of it is told again.
+    /// The receipt up to `id` could not be stored: a repeat of it is told again (and one
+    /// below it, down to the last one stored).
     pub fn not_told(&mut self, reader: &str, sender: &str, id: u64) {
-        if let Some(pair) = self
-            .readers
-            .get_mut(reader)
-            .and_then(|pairs| pairs.get_mut(sender))
-        {
+        if let Some(pair) = self.pair(reader, sender) {
             if pair.told == id {
-                pair.told = 0;
+                pair.told = pair.stored;
             }
         }
+    }
+
+    /// The receipt up to `id` was stored (for one of the two users it goes to).
+    pub fn stored(&mut self, reader: &str, sender: &str, id: u64) {
+        if let Some(pair) = self.pair(reader, sender) {
+            pair.stored = pair.stored.max(id);
+        }
+    }
+
+    fn pair(&mut self, reader: &str, sender: &str) -> Option<&mut PairState> {
+        self.readers.get_mut(reader)?.get_mut(sender)
     }
 
     /// Forget a reader (with Redis, when its last device leaves: the store keeps what it was
@@ -113,6 +137,32 @@ impl ReadReceipts {
     /// Pairs remembered (for metrics).
     pub fn pairs(&self) -> usize {
         self.readers.values().map(HashMap::len).sum()
+    }
+}
+
+/// `read`s that came while their reader's inbox was loading (Redis): judged once it loaded.
+#[derive(Debug, Default)]
+pub struct ReadsWaiting {
+    waiting: HashMap<CompactString, Vec<(usize, u32, CompactString, u64)>>,
+    count: usize,
+}
+
+impl ReadsWaiting {
+    /// Keep (connection index, serial, sender, id) for `reader`; false when full.
+    pub fn park(&mut self, reader: &str, read: (usize, u32, CompactString, u64)) -> bool {
+        if self.count >= MAX_READS_WAITING {
+            return false;
+        }
+        self.count += 1;
+        self.waiting.entry(reader.into()).or_default().push(read);
+        true
+    }
+
+    /// The reader's inbox loaded: its waiting `read`s, in the order they came.
+    pub fn take(&mut self, reader: &str) -> Vec<(usize, u32, CompactString, u64)> {
+        let reads = self.waiting.remove(reader).unwrap_or_default();
+        self.count -= reads.len();
+        reads
     }
 }
 
@@ -134,6 +184,19 @@ mod tests {
         assert_eq!(r.read("bob", "alice", 6), ReadVerdict::AlreadyTold);
         assert_eq!(r.read("bob", "alice", 10), ReadVerdict::Tell);
         r.not_told("bob", "alice", 10);
+        assert_eq!(
+            r.read("bob", "alice", 8),
+            ReadVerdict::Tell,
+            "back to 0: none stored"
+        );
+        r.stored("bob", "alice", 8);
+        assert_eq!(r.read("bob", "alice", 10), ReadVerdict::Tell);
+        r.not_told("bob", "alice", 10);
+        assert_eq!(
+            r.read("bob", "alice", 8),
+            ReadVerdict::AlreadyTold,
+            "8 was stored"
+        );
         assert_eq!(r.read("bob", "alice", 10), ReadVerdict::Tell);
         r.not_told("bob", "alice", 9); // not the last told: changes nothing
         assert_eq!(r.read("bob", "alice", 10), ReadVerdict::AlreadyTold);

@@ -260,11 +260,22 @@ impl Shard {
     /// to the reader's devices, then stored as a receipt entry in the sender's inbox and in
     /// the reader's own (for its other devices), each delivered like a `msg` (see
     /// `proto::RECEIPT_CID_PREFIX`). Nothing answers it unless it is refused.
-    fn on_read(&mut self, index: usize, sender: CompactString, id: u64, now: u64) {
+    pub(super) fn on_read(&mut self, index: usize, sender: CompactString, id: u64, now: u64) {
         use crate::delivery::receipts::ReadVerdict;
         let Some(reader) = self.conns[index].conn.user().map(CompactString::from) else {
             return;
         };
+        if !self.mirror_ready(&reader) {
+            // With Redis, what the reader received is read with its inbox: wait for it.
+            let serial = self.conns[index].serial;
+            if !self
+                .reads_waiting
+                .park(&reader, (index, serial, sender, id))
+            {
+                self.metrics.reads_refused.inc(); // more than a client should ever send
+            }
+            return;
+        }
         match self.receipts.read(&reader, &sender, id) {
             ReadVerdict::Tell => {}
             ReadVerdict::AlreadyTold => return self.metrics.reads_redundant.inc(),
@@ -286,7 +297,10 @@ impl Shard {
         let cid = proto::receipt_cid(&sender, id);
         let ts = self.clock.wall_ms();
         let reply = self.reply_to(index);
-        for to in [sender.clone(), reader.clone()] {
+        // The gateway's own senders (`@backend`) have no devices to tell.
+        let sender_copy = !sender.starts_with(crate::auth::RESERVED_PREFIX);
+        let to_users = [sender.clone(), reader.clone()];
+        for to in to_users.into_iter().skip(usize::from(!sender_copy)) {
             let receipt = Message {
                 id,
                 from: reader.clone(),
@@ -603,6 +617,9 @@ impl Shard {
     /// and may send the `read` again).
     fn on_receipt_report(&mut self, sender: CompactString, r: Report) {
         let Outcome::Refused(why) = &r.outcome else {
+            if r.outcome == Outcome::Stored {
+                self.receipts.stored(&r.from, &sender, r.id);
+            }
             return;
         };
         self.receipts.not_told(&r.from, &sender, r.id);
@@ -731,7 +748,8 @@ impl Shard {
         let entry = &mut self.conns[index];
         let ctx = shard_ctx!(self);
         let mut frame = Vec::with_capacity(256);
-        if !entry.synced && entry.session.is_none() && over > 0 && self.inbox.len(&user) > over {
+        let big = over > 0 && self.inbox.len(&user) > over;
+        if big && !entry.synced && entry.session.is_none() && entry.conn.wants_summary() {
             // A big inbox: a summary instead of the replay, which waits for `replay`.
             let senders = self.inbox.summarize(&user, now);
             proto::write_summary(&mut frame, &senders);

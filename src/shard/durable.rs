@@ -309,6 +309,7 @@ impl Shard {
         self.inbox.drop_user(user);
         // What the user received is in Redis too (kept at each ack): the next load reads it.
         self.receipts.forget(user);
+        self.reads_waiting.take(user);
         if let Some(d) = &self.durable {
             // If it cannot be queued, the entry stays until this run's lease lapses: other
             // nodes then only push into a channel nobody reads, and presence cleans it.
@@ -1047,6 +1048,14 @@ impl Shard {
                 for device in self.devices_of(&user) {
                     self.pump(device, now);
                     self.kick(device);
+                }
+                // `read`s that came before the load: judged now that what the user
+                // received is known.
+                for (index, serial, sender, id) in self.reads_waiting.take(&user) {
+                    if self.conns.get(index).is_some_and(|e| e.serial == serial) {
+                        self.on_read(index, sender, id, now);
+                        self.kick(index);
+                    }
                 }
             }
             Err(e) => {

@@ -161,6 +161,7 @@ pub struct Shard {
     msg_ids: crate::delivery::ids::MessageIds,
     /// Read receipts of the users whose home is this shard (what they were sent, told).
     receipts: crate::delivery::receipts::ReadReceipts,
+    reads_waiting: crate::delivery::receipts::ReadsWaiting,
     /// This shard's connections that watch users, and whom.
     watch_list: crate::delivery::watch::WatchList,
     /// The watched users whose home is this shard.
@@ -249,6 +250,7 @@ impl Shard {
             senders: Default::default(),
             msg_ids: crate::delivery::ids::MessageIds::for_shard(id),
             receipts: Default::default(),
+            reads_waiting: Default::default(),
             watch_list: Default::default(),
             presence_views: crate::delivery::watch::PresenceViews::new(grace_ms),
             last_watch_recheck_ms: 0,

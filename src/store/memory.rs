@@ -74,16 +74,27 @@ struct UserInbox {
 }
 
 impl UserInbox {
-    /// Add an entry at the back; a read receipt removes the earlier one with its key.
+    /// Add an entry at the back; a read receipt removes the earlier one with its key (or,
+    /// if that one is for a later message, is itself dropped: receipts only move forward).
     /// Returns how many entries that removed (0 or 1).
     fn push(&mut self, slot: Slot) -> usize {
         let key = slot.msg.as_ref().and_then(receipt_key);
         let seq = slot.seq;
+        let id = slot.msg.as_ref().map_or(0, |m| m.id);
         self.slots.push_back(slot);
         self.live += 1;
         let Some(key) = key else {
             return 0;
         };
+        if self
+            .receipts
+            .get(&key)
+            .is_some_and(|older| self.id_at(*older) > Some(id))
+        {
+            self.take(seq);
+            self.tidy();
+            return 1;
+        }
         match self.receipts.insert(key, seq) {
             Some(older) if self.take(older) => {
                 self.tidy();
@@ -91,6 +102,12 @@ impl UserInbox {
             }
             _ => 0,
         }
+    }
+
+    /// The id of the live entry at `seq`.
+    fn id_at(&self, seq: InboxSeq) -> Option<u64> {
+        let i = self.slots.binary_search_by_key(&seq, |s| s.seq).ok()?;
+        self.slots[i].msg.as_ref().map(|m| m.id)
     }
 
     /// Tombstone the entry at `seq`; false if it is not here (any more).
@@ -470,6 +487,12 @@ mod tests {
         assert_eq!(inbox.len("alice"), 3);
         assert_eq!(inbox.total_len(), 3);
         assert!(!inbox.remove("alice", a1), "already replaced");
+        // One for an earlier message does not replace a later one: it is dropped.
+        let a0 = inbox
+            .append("alice", receipt("bob", "alice", 11), T0)
+            .unwrap();
+        assert_eq!(ids(&inbox.read("alice", 0, 10, T0)), vec![1, 11, 12]);
+        assert!(!inbox.remove("alice", a0));
         assert!(inbox.remove("alice", a2));
         // Mirror mode the same; a receipt already acked is not replaced twice.
         assert!(inbox.insert_at("dave", 5, receipt("erin", "dave", 1), T0));

@@ -39,6 +39,8 @@ pub struct Accepted {
     /// `None` on `/echo`.
     pub identity: Option<Identity>,
     pub device: Option<Box<str>>,
+    /// `?summary=1`: a big inbox is summarised at connect instead of replayed (`summary`).
+    pub summary: bool,
     pub response: Vec<u8>,
     /// Bytes of the request head; anything after it is already WebSocket frames.
     pub head_len: usize,
@@ -238,6 +240,7 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
         .map(|t| t.trim().to_string());
     let mut dev_user = None;
     let mut device = None;
+    let mut summary = false;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let Some(v) = percent_decode(v) else {
@@ -247,6 +250,7 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
             "token" if token.is_none() => token = Some(v),
             "user" => dev_user = Some(v),
             "device" => device = Some(v),
+            "summary" => summary = matches!(v.as_str(), "1" | "true"),
             _ => {}
         }
     }
@@ -282,6 +286,7 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
         route,
         identity,
         device: device.map(Into::into),
+        summary,
         response,
         head_len,
     })

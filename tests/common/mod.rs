@@ -869,8 +869,8 @@ pub fn receipts_scenario(gw: &Gateway, alice: &str, bob: &str, carol: &str) {
 }
 
 /// The big-inbox summary (issue 17): the gateway runs with `--inbox-summary-over 10`. Three
-/// senders leave 8, 5 and 2 messages for `bob`; bob connects to a `summary` instead of the
-/// replay, pages the first sender with `fetch`, drops the connection with some fetched
+/// senders leave 8, 5 and 2 messages for `bob`; a plain connection gets the replay; one that
+/// asks (`?summary=1`) gets a `summary` instead of the replay, pages the first sender with `fetch`, drops the connection with some fetched
 /// messages unacked (they are still waiting), asks for the `replay` of the rest, and in the
 /// end every message was shown once, each sender's in order, and nothing waits.
 pub fn summary_scenario(gw: &Gateway, bob: &str, senders: [&str; 3]) {
@@ -890,8 +890,16 @@ pub fn summary_scenario(gw: &Gateway, bob: &str, senders: [&str; 3]) {
         }
         ids.push(mine);
     }
+    // A client that does not ask for a summary gets the plain replay (SPEC section 2), whatever
+    // the size of its inbox.
+    let (plain, replayed) = connect_replay(gw, &format!("/ws?user={bob}"));
+    assert_eq!(replayed.len(), 15);
+    drop(plain);
+    assert!(eventually(Duration::from_secs(10), || gw
+        .metric_sum("ringgate_connections_open")
+        == 0));
     let open = |expect_total: u64| {
-        let mut ws = connect(gw, &format!("/ws?user={bob}"));
+        let mut ws = connect(gw, &format!("/ws?user={bob}&summary=1"));
         assert_eq!(recv_json(&mut ws)["op"], "welcome");
         let summary = next_op(&mut ws, "summary");
         assert_eq!(summary["total"], expect_total, "{summary}");

@@ -121,6 +121,13 @@ local function revoke(s, dcur, cid, attempt)
   local xid, tag = string.match(rec, '^%S+ (%S+) (%S+)$')
   if tag ~= writer .. '/' .. attempt then return 0 end
   redis.call('HDEL', key, cid)
+  -- A read receipt's entry goes: so does the pair's record of it (see `append`), else a
+  -- retry of the same receipt would be taken for a duplicate of what is no longer there.
+  local rkey = string.match(cid, '^(~r:.*):%d+$')
+  if rkey then
+    local r = redis.call('HGET', dcur, rkey)
+    if r and string.match(r, '^%S+') == xid then redis.call('HDEL', dcur, rkey) end
+  end
   local n = redis.call('XDEL', s, xid)
   if slen[s] then slen[s] = slen[s] - n end
   return n
