@@ -267,8 +267,6 @@ impl Client {
         Ok(self.cid(n))
     }
 
-    /// Tell `to`'s online devices this user is typing. Ephemeral: not kept or resent when
-    /// the connection is down (a `rate_limited` answer comes as an `Event::Error`).
     /// Tell `from` (and this user's other devices) that every message of `from` up to `id`
     /// has been read. The latest receipt per sender is sent again after every reconnect (the
     /// gateway drops one it already has), so a receipt lost with a connection is not lost.
@@ -324,6 +322,8 @@ impl Client {
         }
     }
 
+    /// Tell `to`'s online devices this user is typing. Ephemeral: not kept or resent when
+    /// the connection is down (a `rate_limited` answer comes as an `Event::Error`).
     pub fn typing(&mut self, to: &str) {
         let frame = json!({"op":"typing","to":to}).to_string();
         if let Some(ws) = self.ws.as_mut() {

@@ -344,11 +344,12 @@ impl Shard {
                 self.write_text(index, &out);
             }
             // The first copy's answer comes to this connection too.
-            Submitted::InFlight => self
-                .send_waiters
-                .entry((from, cid))
-                .or_default()
-                .push((index, reply.serial)),
+            Submitted::InFlight => {
+                let waiters = self.send_waiters.entry((from, cid)).or_default();
+                if !waiters.contains(&(index, reply.serial)) {
+                    waiters.push((index, reply.serial));
+                }
+            }
             Submitted::New => {}
         }
     }
