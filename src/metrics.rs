@@ -124,6 +124,8 @@ pub const LIVE_SENDS: &str = "ringgate_live_sends_total";
 pub const TYPING: &str = "ringgate_typing_total";
 pub const TYPING_DELIVERED: &str = "ringgate_typing_delivered_total";
 pub const TYPING_DROPPED: &str = "ringgate_typing_dropped_total";
+pub const PUSH_QUEUED: &str = "ringgate_push_queued_total";
+pub const PUSH_DROPPED: &str = "ringgate_push_dropped_total";
 pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
 pub const LIVE_SPILLED: &str = "ringgate_live_spilled_total";
 pub const STORE_WRITES_IN_DOUBT: &str = "ringgate_store_writes_in_doubt";
@@ -233,6 +235,9 @@ pub struct ShardMetrics {
     pub typing: Counter,
     pub typing_delivered: Counter,
     pub typing_dropped: Counter,
+    /// Offline pushes handed to the push worker, and those dropped (its queue was full).
+    pub push_queued: Counter,
+    pub push_dropped: Counter,
     pub live_acked: Counter,
     pub live_spilled: Counter,
     pub store_writes_in_doubt: Gauge,
@@ -547,6 +552,18 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "`typing` notices dropped instead of queued: a shard's channel or the Redis queue was full (typing is ephemeral).",
         Kind::Counter,
         |m| m.typing_dropped.get(),
+    ),
+    (
+        PUSH_QUEUED,
+        "Offline pushes this shard handed to the push worker (a direct message stored for a user with no device on any node).",
+        Kind::Counter,
+        |m| m.push_queued.get(),
+    ),
+    (
+        PUSH_DROPPED,
+        "Offline pushes dropped because the push queue was full (push_queue_max); the messages stay in the inbox.",
+        Kind::Counter,
+        |m| m.push_dropped.get(),
     ),
     (
         LIVE_SENDS,
