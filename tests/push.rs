@@ -429,3 +429,23 @@ fn with_redis_an_ack_before_the_delay_cancels_the_push() {
     }
     assert!(r.ids().iter().all(|id| !acked.contains(id)));
 }
+
+/// SIGTERM: the worker sends what it holds at once (the delay no longer applies) within the
+/// drain budget, then the process exits 0.
+#[test]
+fn shutdown_flushes_the_queue_within_the_drain_budget() {
+    let r = Receiver::start();
+    let url = r.url();
+    let mut gw = Gateway::start(&push_args(
+        &url,
+        &["--push-delay-ms", "600000", "--drain-ms", "3000"],
+    ));
+    let (mut alice, _) = connect_app(&gw, "alice");
+    let ids = send_many(&mut alice, "jack", "j", 3);
+    assert!(r.ids().is_empty(), "the delay holds them");
+    let started = Instant::now();
+    gw.sigterm();
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(all_pushed(&r, &ids), "pushed {:?} of {ids:?}", r.ids());
+}

@@ -330,6 +330,11 @@ impl Worker {
             }
             let wait = match self.queue.next(now, drain_until.is_some()) {
                 Next::Send(batch) => {
+                    // Draining: no POST outlives the drain budget.
+                    let timeout = match drain_until {
+                        Some(d) => timeout.min(Duration::from_millis(d.saturating_sub(now).max(1))),
+                        None => timeout,
+                    };
                     self.send(batch, &check, &secret, timeout, &runtime, &mut failure_log);
                     continue;
                 }
