@@ -651,8 +651,16 @@ impl ConfigLayer {
             url,
             secret,
             delay_ms: self.push_delay_ms.unwrap_or(DEFAULT_PUSH_DELAY_MS),
-            batch_max: at_least_1("push_batch_max", self.push_batch_max, DEFAULT_PUSH_BATCH_MAX)?,
-            queue_max: at_least_1("push_queue_max", self.push_queue_max, DEFAULT_PUSH_QUEUE_MAX)?,
+            batch_max: at_least_1(
+                "push_batch_max",
+                self.push_batch_max,
+                DEFAULT_PUSH_BATCH_MAX,
+            )?,
+            queue_max: at_least_1(
+                "push_queue_max",
+                self.push_queue_max,
+                DEFAULT_PUSH_QUEUE_MAX,
+            )?,
             timeout_ms,
             body,
             preview_chars: at_least_1(
@@ -802,9 +810,15 @@ mod tests {
         let missing = refused(layer("http://h/x", None));
         assert!(missing.contains("push_webhook_secret"), "{missing}");
         let short = refused(layer("http://h/x", Some("short")));
-        assert!(short.contains("push_webhook_secret") && short.contains("16"), "{short}");
+        assert!(
+            short.contains("push_webhook_secret") && short.contains("16"),
+            "{short}"
+        );
         let https = refused(layer("https://h/x", secret));
-        assert!(https.contains("push_webhook_url") && https.contains("https"), "{https}");
+        assert!(
+            https.contains("push_webhook_url") && https.contains("https"),
+            "{https}"
+        );
         let bad = refused(layer("h:80/x", secret));
         assert!(bad.contains("push_webhook_url"), "{bad}");
         let body = refused(ConfigLayer {
@@ -817,9 +831,15 @@ mod tests {
             ..layer("http://h/x", secret)
         });
         assert!(batch.contains("push_batch_max"), "{batch}");
-        let shown = layer("http://h/x", secret).resolve().unwrap().to_toml_redacted();
+        let shown = layer("http://h/x", secret)
+            .resolve()
+            .unwrap()
+            .to_toml_redacted();
         assert!(!shown.contains("0123456789abcdef"), "{shown}");
-        assert!(shown.contains("push_webhook_url = \"http://h/x\""), "{shown}");
+        assert!(
+            shown.contains("push_webhook_url = \"http://h/x\""),
+            "{shown}"
+        );
     }
 
     /// TLS URLs are taken (rustls); a CA file must be readable PEM, and only goes with a TLS

@@ -116,7 +116,11 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
                 shard: 0,
                 message: format!("cannot start the push worker: {e}"),
             })?;
-            (links.into_iter().map(Some).collect(), Some(worker), Some(metrics))
+            (
+                links.into_iter().map(Some).collect(),
+                Some(worker),
+                Some(metrics),
+            )
         }
         None => (Vec::new(), None, None),
     };

@@ -135,9 +135,8 @@ fn serve(mut stream: TcpStream, mode: &Mutex<Mode>, seen: &Mutex<Seen>) {
             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
         }
         Mode::Fail => {
-            let _ = stream.write_all(
-                b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nnope",
-            );
+            let _ = stream
+                .write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nnope");
         }
         Mode::Stall => {
             // Hold the connection unanswered while stalled (the gateway times out first).
@@ -174,7 +173,10 @@ fn verify(post: &Post) {
         .unwrap()
         .as_millis() as u64;
     let ts: u64 = ts.parse().unwrap();
-    assert!(ts <= now && now - ts < 60_000, "timestamp {ts} vs now {now}");
+    assert!(
+        ts <= now && now - ts < 60_000,
+        "timestamp {ts} vs now {now}"
+    );
 }
 
 fn push_args<'a>(url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -191,7 +193,12 @@ fn push_args<'a>(url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 /// `n` messages from `ws` to `to`; returns their ids (from `accepted`), in order.
 fn send_many(ws: &mut Ws, to: &str, tag: &str, n: usize) -> Vec<String> {
     for i in 0..n {
-        send(ws, to, &format!("{tag}-{i}"), json!({"text": format!("{tag} {i}")}));
+        send(
+            ws,
+            to,
+            &format!("{tag}-{i}"),
+            json!({"text": format!("{tag} {i}")}),
+        );
     }
     let mut ids = Vec::new();
     while ids.len() < n {
@@ -252,7 +259,14 @@ fn a_failing_then_stalled_receiver_gets_everything_once_it_recovers() {
     let url = r.url();
     let gw = Gateway::start(&push_args(
         &url,
-        &["--push-delay-ms", "0", "--push-timeout-ms", "300", "--push-batch-max", "4"],
+        &[
+            "--push-delay-ms",
+            "0",
+            "--push-timeout-ms",
+            "300",
+            "--push-batch-max",
+            "4",
+        ],
     ));
     r.set(Mode::Fail);
     let (mut alice, _) = connect_app(&gw, "alice");
@@ -300,7 +314,8 @@ fn an_ack_before_the_delay_cancels_the_push() {
     }
     // Erin is gone again: this one is pushed (the pipeline works, so silence above means
     // cancelled, not lost).
-    assert!(eventually(WITHIN, || gw.metric("ringgate_users_online{shard=\"0\"}")
+    assert!(eventually(WITHIN, || gw
+        .metric("ringgate_users_online{shard=\"0\"}")
         + gw.metric("ringgate_users_online{shard=\"1\"}")
         == 1));
     let later = send_many(&mut alice, "erin", "late", 1);
@@ -320,13 +335,22 @@ fn a_full_queue_drops_and_counts() {
     let url = r.url();
     let gw = Gateway::start(&push_args(
         &url,
-        &["--push-delay-ms", "0", "--push-queue-max", "5", "--push-timeout-ms", "1000"],
+        &[
+            "--push-delay-ms",
+            "0",
+            "--push-queue-max",
+            "5",
+            "--push-timeout-ms",
+            "1000",
+        ],
     ));
     r.set(Mode::Stall);
     let (mut alice, _) = connect_app(&gw, "alice");
     // Every send is accepted at once: the shard never waits for the push queue.
     let ids = send_many(&mut alice, "frank", "f", 20);
-    assert!(eventually(WITHIN, || gw.metric_sum("ringgate_push_dropped_total") == 15));
+    assert!(eventually(WITHIN, || gw
+        .metric_sum("ringgate_push_dropped_total")
+        == 15));
     assert_eq!(gw.metric_sum("ringgate_push_queued_total"), 5);
     assert_eq!(gw.metric("ringgate_push_queue_depth{shard=\"push\"}"), 5);
     r.set(Mode::Ok);
@@ -385,15 +409,23 @@ fn with_redis_exactly_one_node_pushes_and_online_users_get_none() {
         ra.ids(),
         rb.ids()
     );
-    let (pa, pb): (HashSet<String>, HashSet<String>) =
-        (ra.ids().into_iter().collect(), rb.ids().into_iter().collect());
-    assert!(pa.is_disjoint(&pb), "pushed by both nodes: {:?}", pa.intersection(&pb));
+    let (pa, pb): (HashSet<String>, HashSet<String>) = (
+        ra.ids().into_iter().collect(),
+        rb.ids().into_iter().collect(),
+    );
+    assert!(
+        pa.is_disjoint(&pb),
+        "pushed by both nodes: {:?}",
+        pa.intersection(&pb)
+    );
     assert_eq!(pa, from_a.iter().cloned().collect::<HashSet<_>>());
     assert_eq!(pb, from_b.iter().cloned().collect::<HashSet<_>>());
     for m in ra.messages().iter().chain(&rb.messages()) {
         assert_eq!(m["user"], "gina", "{m}");
     }
-    assert!(to_hank.iter().all(|id| !pa.contains(id) && !pb.contains(id)));
+    assert!(to_hank
+        .iter()
+        .all(|id| !pa.contains(id) && !pb.contains(id)));
     assert_eq!(
         a.metric_sum("ringgate_push_queued_total") + b.metric_sum("ringgate_push_queued_total"),
         20
@@ -411,7 +443,14 @@ fn with_redis_an_ack_before_the_delay_cancels_the_push() {
         2,
         &push_args(
             &url,
-            &["--redis-url", &redis_url, "--redis-timeout-ms", "500", "--push-delay-ms", "3000"],
+            &[
+                "--redis-url",
+                &redis_url,
+                "--redis-timeout-ms",
+                "500",
+                "--push-delay-ms",
+                "3000",
+            ],
         ),
     );
     let (mut alice, _) = connect_app(&gw, "alice");

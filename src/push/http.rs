@@ -44,12 +44,16 @@ impl Target {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        if authority.is_empty() || authority.contains('@') || authority.contains(char::is_whitespace)
+        if authority.is_empty()
+            || authority.contains('@')
+            || authority.contains(char::is_whitespace)
         {
             return Err(format!("`{url}`: needs a host (and no user info)"));
         }
         if path.contains(char::is_whitespace) || path.contains('#') {
-            return Err(format!("`{url}`: the path must not hold spaces or a fragment"));
+            return Err(format!(
+                "`{url}`: the path must not hold spaces or a fragment"
+            ));
         }
         // `host:port`, `[v6]:port`, or no port (80).
         let has_port = match authority.rfind(':') {
@@ -227,7 +231,10 @@ mod tests {
         assert_eq!(t.host, "127.0.0.1:8081");
         assert_eq!(t.path, "/hook");
         let t = Target::parse("http://push.internal").unwrap();
-        assert_eq!((t.addr.as_str(), t.path.as_str()), ("push.internal:80", "/"));
+        assert_eq!(
+            (t.addr.as_str(), t.path.as_str()),
+            ("push.internal:80", "/")
+        );
         let t = Target::parse("http://[::1]/x?a=1").unwrap();
         assert_eq!((t.addr.as_str(), t.path.as_str()), ("[::1]:80", "/x?a=1"));
         assert!(Target::parse("https://x/").unwrap_err().contains("https"));
@@ -282,7 +289,11 @@ mod tests {
 
     #[test]
     fn payload_is_json_with_body_or_preview() {
-        let full = payload(&[item("{\"text\":\"hi\"}"), item("\"x\"")], PushBody::Full, 3);
+        let full = payload(
+            &[item("{\"text\":\"hi\"}"), item("\"x\"")],
+            PushBody::Full,
+            3,
+        );
         let v: serde_json::Value = serde_json::from_slice(&full).unwrap();
         let m = &v["messages"];
         assert_eq!(m.as_array().unwrap().len(), 2);

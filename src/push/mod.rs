@@ -101,7 +101,10 @@ impl PushMetrics {
             (PUSH_QUEUE_DEPTH, "gauge", "Pushes waiting (all shards together; bounded by push_queue_max).", self.depth() as u64),
         ];
         for (name, kind, help, v) in series {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{shard=\"push\"}} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{shard=\"push\"}} {v}"
+            );
         }
     }
 }
@@ -178,7 +181,10 @@ impl LogEvery {
     fn tick(&mut self) -> Option<u64> {
         self.count += 1;
         let now = Instant::now();
-        if self.last.is_some_and(|l| now.duration_since(l) < self.period) {
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l) < self.period)
+        {
             return None;
         }
         self.last = Some(now);
@@ -345,7 +351,9 @@ impl Worker {
                 Ok(msg) => self.take(msg),
                 Err(RecvTimeoutError::Timeout) => {}
                 // Every shard has exited: only the stop flag is left to wait for.
-                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(wait.max(1))),
+                Err(RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(Duration::from_millis(wait.max(1)))
+                }
             }
         }
     }

@@ -977,10 +977,20 @@ pub async fn entries_stored(
     for (user, seq) in entries {
         let id = seq_to_stream_id(*seq);
         let _: Result<(), _> = pipeline
-            .xrange(keys::inbox_key(prefix, user), id.as_str(), id.as_str(), Some(1))
+            .xrange(
+                keys::inbox_key(prefix, user),
+                id.as_str(),
+                id.as_str(),
+                Some(1),
+            )
             .await;
     }
-    match pipeline.try_all::<Value>().await.into_iter().collect::<Vec<_>>() {
+    match pipeline
+        .try_all::<Value>()
+        .await
+        .into_iter()
+        .collect::<Vec<_>>()
+    {
         answers if answers.len() == entries.len() => answers
             .into_iter()
             .map(|a| !matches!(a, Ok(Value::Array(v)) if v.is_empty()))
