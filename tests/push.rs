@@ -384,11 +384,21 @@ fn node(redis: &RedisServer, id: &str, url: &str) -> Gateway {
 /// messages sent from node A.
 #[test]
 fn with_redis_exactly_one_node_pushes_and_online_users_get_none() {
-    let redis = RedisServer::start();
+    one_node_pushes(&RedisServer::start());
+}
+
+/// The same on a Redis Cluster of three primaries (the script reads the directory entry
+/// there too: a user's keys share one slot).
+#[test]
+fn on_a_redis_cluster_exactly_one_node_pushes_and_online_users_get_none() {
+    one_node_pushes(&RedisServer::start_cluster());
+}
+
+fn one_node_pushes(redis: &RedisServer) {
     let (ra, rb) = (Receiver::start(), Receiver::start());
     let (ua, ub) = (ra.url(), rb.url());
-    let a = node(&redis, "push-a", &ua);
-    let b = node(&redis, "push-b", &ub);
+    let a = node(redis, "push-a", &ua);
+    let b = node(redis, "push-b", &ub);
     let (mut hank, _) = connect_app(&b, "hank");
     let (mut alice, _) = connect_app(&a, "alice");
     let (mut bert, _) = connect_app(&b, "bert");
