@@ -29,6 +29,8 @@ pub struct Admin {
     pub mesh: ShardMeshClient,
     pub api_cids: ApiCids,
     pub api_refused: ApiRefused,
+    /// The offline push worker's counters (None: push is off).
+    pub push: Option<Arc<crate::push::PushMetrics>>,
 }
 
 /// Backend API requests answered with an error, by HTTP status. The API runs on the admin
@@ -505,6 +507,9 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 {
                     let mut out = metrics::render(&admin.metrics);
                     admin.api_refused.render(&mut out);
+                    if let Some(push) = &admin.push {
+                        push.render(&mut out);
+                    }
                     out
                 }
                 .into(),

@@ -70,6 +70,42 @@ pub const DEFAULT_USER_SEND_BURST: u32 = 200;
 /// before it is closed with 1008.
 pub const DEFAULT_RATE_LIMIT_STRIKES: u32 = 100;
 
+// Offline push webhook (SPEC 4). The delay lets a device that reconnects at once ack the
+// message before its notification goes out (the push is then cancelled).
+pub const DEFAULT_PUSH_DELAY_MS: u64 = 1_000;
+pub const DEFAULT_PUSH_BATCH_MAX: usize = 100;
+/// Notifications waiting in the push worker (all shards together); beyond it they are
+/// dropped and counted (the messages stay in the inbox).
+pub const DEFAULT_PUSH_QUEUE_MAX: usize = 10_000;
+pub const DEFAULT_PUSH_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_PUSH_PREVIEW_CHARS: usize = 100;
+/// Shortest `push_webhook_secret` (as for `jwt_secret`).
+pub const MIN_PUSH_SECRET: usize = 16;
+
+/// What a push notification carries of the message body (`push_body`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PushBody {
+    /// The body as sent (JSON).
+    Full,
+    /// `preview`: the first `push_preview_chars` characters of the body's text.
+    Preview,
+}
+
+/// The offline push webhook, when `push_webhook_url` is set (validated).
+#[derive(Debug, Clone, Serialize)]
+pub struct PushConfig {
+    /// `http://host[:port]/path` (https is refused at start: put a TLS proxy in front).
+    pub url: String,
+    pub secret: String,
+    pub delay_ms: u64,
+    pub batch_max: usize,
+    pub queue_max: usize,
+    pub timeout_ms: u64,
+    pub body: PushBody,
+    pub preview_chars: usize,
+}
+
 /// The effective, validated configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
@@ -116,6 +152,9 @@ pub struct Config {
     pub user_send_rate: u32,
     pub user_send_burst: u32,
     pub rate_limit_strikes: u32,
+    /// The offline push webhook (None: `push_webhook_url` unset, nothing is pushed).
+    #[serde(flatten, serialize_with = "serialize_push")]
+    pub push: Option<PushConfig>,
     /// `conn_frame_rate` / `conn_frame_burst` as a bucket rate, made once (read per frame;
     /// `None` = no limit).
     #[serde(skip)]
@@ -267,6 +306,31 @@ pub struct ConfigLayer {
     /// Frames sent past the frame limit before the connection is closed with 1008 [default: 100]
     #[arg(long, env = "RINGGATE_RATE_LIMIT_STRIKES")]
     pub rate_limit_strikes: Option<u32>,
+    /// Offline push: POST direct messages stored for users with no connected device to this
+    /// `http://` URL; unset = no push
+    #[arg(long, env = "RINGGATE_PUSH_WEBHOOK_URL")]
+    pub push_webhook_url: Option<String>,
+    /// HMAC-SHA256 key signing each push (>= 16 bytes); required with push_webhook_url
+    #[arg(long, env = "RINGGATE_PUSH_WEBHOOK_SECRET")]
+    pub push_webhook_secret: Option<String>,
+    /// How long a push waits before it is sent (an ack meanwhile cancels it) [default: 1000]
+    #[arg(long, env = "RINGGATE_PUSH_DELAY_MS")]
+    pub push_delay_ms: Option<u64>,
+    /// Messages per webhook POST, at most [default: 100]
+    #[arg(long, env = "RINGGATE_PUSH_BATCH_MAX")]
+    pub push_batch_max: Option<usize>,
+    /// Pushes waiting to be sent, all shards together; beyond it they are dropped and counted [default: 10000]
+    #[arg(long, env = "RINGGATE_PUSH_QUEUE_MAX")]
+    pub push_queue_max: Option<usize>,
+    /// A webhook POST not answered within this many ms fails and is retried [default: 5000]
+    #[arg(long, env = "RINGGATE_PUSH_TIMEOUT_MS")]
+    pub push_timeout_ms: Option<u64>,
+    /// "full" (the body as sent) or "preview" (its first push_preview_chars characters) [default: full]
+    #[arg(long, env = "RINGGATE_PUSH_BODY")]
+    pub push_body: Option<String>,
+    /// Characters of the body a "preview" push carries [default: 100]
+    #[arg(long, env = "RINGGATE_PUSH_PREVIEW_CHARS")]
+    pub push_preview_chars: Option<usize>,
 }
 
 /// A refused configuration: always names the key and what is wrong with it.
@@ -354,12 +418,21 @@ impl ConfigLayer {
             conn_frame_burst,
             user_send_rate,
             user_send_burst,
-            rate_limit_strikes
+            rate_limit_strikes,
+            push_webhook_url,
+            push_webhook_secret,
+            push_delay_ms,
+            push_batch_max,
+            push_queue_max,
+            push_timeout_ms,
+            push_body,
+            push_preview_chars
         )
     }
 
     /// Fill defaults and validate.
     pub fn resolve(self) -> Result<Config, ConfigError> {
+        let push = self.push_config()?;
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let text = v.unwrap_or_else(|| default.to_string());
             text.parse::<SocketAddr>()
@@ -550,10 +623,94 @@ impl ConfigLayer {
             user_send_rate,
             user_send_burst,
             rate_limit_strikes,
+            push,
             frame_limit: Rate::new(conn_frame_rate, conn_frame_burst),
             send_limit: Rate::new(user_send_rate, user_send_burst),
         })
     }
+}
+
+impl ConfigLayer {
+    /// The push webhook keys, validated; None when `push_webhook_url` is unset (the other
+    /// push keys are then ignored).
+    fn push_config(&self) -> Result<Option<PushConfig>, ConfigError> {
+        let Some(url) = self.push_webhook_url.clone().filter(|s| !s.is_empty()) else {
+            return Ok(None);
+        };
+        crate::push::http::Target::parse(&url).map_err(|m| invalid("push_webhook_url", m))?;
+        let secret = match self.push_webhook_secret.clone().filter(|s| !s.is_empty()) {
+            None => {
+                return Err(invalid(
+                    "push_webhook_secret",
+                    "required when push_webhook_url is set (it signs every push)",
+                ))
+            }
+            Some(s) if s.len() < MIN_PUSH_SECRET => {
+                return Err(invalid("push_webhook_secret", "must be at least 16 bytes"))
+            }
+            Some(s) => s,
+        };
+        let at_least_1 = |key: &'static str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(invalid(key, "must be at least 1")),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let timeout_ms = self.push_timeout_ms.unwrap_or(DEFAULT_PUSH_TIMEOUT_MS);
+        if timeout_ms < 10 {
+            return Err(invalid("push_timeout_ms", "must be at least 10"));
+        }
+        let body = match self.push_body.as_deref().unwrap_or("full") {
+            "full" => PushBody::Full,
+            "preview" => PushBody::Preview,
+            other => {
+                return Err(invalid(
+                    "push_body",
+                    format!("must be \"full\" or \"preview\", not {other:?}"),
+                ))
+            }
+        };
+        Ok(Some(PushConfig {
+            url,
+            secret,
+            delay_ms: self.push_delay_ms.unwrap_or(DEFAULT_PUSH_DELAY_MS),
+            batch_max: at_least_1(
+                "push_batch_max",
+                self.push_batch_max,
+                DEFAULT_PUSH_BATCH_MAX,
+            )?,
+            queue_max: at_least_1(
+                "push_queue_max",
+                self.push_queue_max,
+                DEFAULT_PUSH_QUEUE_MAX,
+            )?,
+            timeout_ms,
+            body,
+            preview_chars: at_least_1(
+                "push_preview_chars",
+                self.push_preview_chars,
+                DEFAULT_PUSH_PREVIEW_CHARS,
+            )?,
+        }))
+    }
+}
+
+/// `push` as its TOML keys (`push_webhook_url` ..), none when push is off.
+fn serialize_push<S: serde::Serializer>(
+    push: &Option<PushConfig>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(None)?;
+    if let Some(p) = push {
+        map.serialize_entry("push_webhook_url", &p.url)?;
+        map.serialize_entry("push_webhook_secret", &p.secret)?;
+        map.serialize_entry("push_delay_ms", &p.delay_ms)?;
+        map.serialize_entry("push_batch_max", &p.batch_max)?;
+        map.serialize_entry("push_queue_max", &p.queue_max)?;
+        map.serialize_entry("push_timeout_ms", &p.timeout_ms)?;
+        map.serialize_entry("push_body", &p.body)?;
+        map.serialize_entry("push_preview_chars", &p.preview_chars)?;
+    }
+    map.end()
 }
 
 fn default_shards() -> usize {
@@ -590,6 +747,7 @@ impl Config {
             room_history_max: self.room_history_max,
             room_history_age_ms: self.room_history_age_ms,
             tls_ca: self.redis_tls_ca.clone(),
+            watch_offline: self.push.is_some(),
         })
     }
 
@@ -616,6 +774,9 @@ impl Config {
         };
         redact(&mut shown.jwt_secret);
         redact(&mut shown.api_key);
+        if let Some(p) = &mut shown.push {
+            p.secret = "<redacted>".into();
+        }
         // A password in the Redis URL (`redis://user:pass@host`) is a secret too.
         if let Some(url) = &mut shown.redis_url {
             if let (Some(scheme_end), Some(at)) = (url.find("://"), url.rfind('@')) {
@@ -644,6 +805,62 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert!(c.dev_mode());
         assert!(!c.echo_route);
+    }
+
+    /// The push webhook: off without a URL; with one, a secret of 16 bytes or more is
+    /// required, https and malformed URLs and bad values are refused naming their key.
+    #[test]
+    fn push_webhook_keys_are_checked_at_start() {
+        let layer = |url: &str, secret: Option<&str>| ConfigLayer {
+            push_webhook_url: Some(url.into()),
+            push_webhook_secret: secret.map(Into::into),
+            ..ConfigLayer::default()
+        };
+        let refused = |l: ConfigLayer| l.resolve().unwrap_err().to_string();
+        assert!(ConfigLayer::default().resolve().unwrap().push.is_none());
+        let secret = Some("0123456789abcdef");
+        let p = layer("http://127.0.0.1:8081/hook", secret)
+            .resolve()
+            .unwrap()
+            .push
+            .unwrap();
+        assert_eq!(p.delay_ms, DEFAULT_PUSH_DELAY_MS);
+        assert_eq!(p.batch_max, DEFAULT_PUSH_BATCH_MAX);
+        assert_eq!(p.queue_max, DEFAULT_PUSH_QUEUE_MAX);
+        assert_eq!(p.body, PushBody::Full);
+        let missing = refused(layer("http://h/x", None));
+        assert!(missing.contains("push_webhook_secret"), "{missing}");
+        let short = refused(layer("http://h/x", Some("short")));
+        assert!(
+            short.contains("push_webhook_secret") && short.contains("16"),
+            "{short}"
+        );
+        let https = refused(layer("https://h/x", secret));
+        assert!(
+            https.contains("push_webhook_url") && https.contains("https"),
+            "{https}"
+        );
+        let bad = refused(layer("h:80/x", secret));
+        assert!(bad.contains("push_webhook_url"), "{bad}");
+        let body = refused(ConfigLayer {
+            push_body: Some("all".into()),
+            ..layer("http://h/x", secret)
+        });
+        assert!(body.contains("push_body"), "{body}");
+        let batch = refused(ConfigLayer {
+            push_batch_max: Some(0),
+            ..layer("http://h/x", secret)
+        });
+        assert!(batch.contains("push_batch_max"), "{batch}");
+        let shown = layer("http://h/x", secret)
+            .resolve()
+            .unwrap()
+            .to_toml_redacted();
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        assert!(
+            shown.contains("push_webhook_url = \"http://h/x\""),
+            "{shown}"
+        );
     }
 
     /// TLS URLs are taken (rustls); a CA file must be readable PEM, and only goes with a TLS

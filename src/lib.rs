@@ -22,6 +22,7 @@ pub mod limit;
 pub mod mesh;
 pub mod metrics;
 pub mod proto;
+pub mod push;
 pub mod server;
 pub mod shard;
 #[cfg(test)]

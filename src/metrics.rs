@@ -131,6 +131,8 @@ pub const WATCH_REFUSED: &str = "ringgate_watch_refused_total";
 pub const PRESENCE_TOLD: &str = "ringgate_presence_told_total";
 pub const READS_REDUNDANT: &str = "ringgate_reads_redundant_total";
 pub const READS_REFUSED: &str = "ringgate_reads_refused_total";
+pub const PUSH_QUEUED: &str = "ringgate_push_queued_total";
+pub const PUSH_DROPPED: &str = "ringgate_push_dropped_total";
 pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
 pub const LIVE_SPILLED: &str = "ringgate_live_spilled_total";
 pub const STORE_WRITES_IN_DOUBT: &str = "ringgate_store_writes_in_doubt";
@@ -247,6 +249,9 @@ pub struct ShardMetrics {
     pub presence_told: Counter,
     pub reads_redundant: Counter,
     pub reads_refused: Counter,
+    /// Offline pushes handed to the push worker, and those dropped (its queue was full).
+    pub push_queued: Counter,
+    pub push_dropped: Counter,
     pub live_acked: Counter,
     pub live_spilled: Counter,
     pub store_writes_in_doubt: Gauge,
@@ -603,6 +608,18 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "`read` frames refused: no message of that sender with that id (or a later one) was sent to the reader.",
         Kind::Counter,
         |m| m.reads_refused.get(),
+    ),
+    (
+        PUSH_QUEUED,
+        "Offline pushes this shard handed to the push worker (a direct message stored for a user with no device on any node).",
+        Kind::Counter,
+        |m| m.push_queued.get(),
+    ),
+    (
+        PUSH_DROPPED,
+        "Offline pushes dropped because the push queue was full (push_queue_max); the messages stay in the inbox.",
+        Kind::Counter,
+        |m| m.push_dropped.get(),
     ),
     (
         LIVE_SENDS,

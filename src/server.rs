@@ -53,6 +53,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         .map_or(0, |d| d.as_millis() as u64);
     let redis = cfg.redis_settings(&crate::store::redis::node_run_id(&cfg.node_id, started_ms));
     let redis_timeout = redis.as_ref().map(|s| s.timeout);
+    let push_redis = redis.clone();
     let mut store_links = match redis {
         Some(settings) => {
             eprintln!(
@@ -97,6 +98,32 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         );
     }
     let shared = Shared::new(cfg.clone());
+    let (mut push_links, push_worker, push_metrics) = match cfg.push.clone() {
+        Some(push) => {
+            eprintln!(
+                "ringgate: offline push: POST to {} (batches of {}, after {} ms)",
+                push.url, push.batch_max, push.delay_ms
+            );
+            let draining = shared.clone();
+            let (links, worker, metrics) = crate::push::start(
+                push,
+                cfg.shards,
+                push_redis,
+                Box::new(move || draining.draining.load(Ordering::Relaxed)),
+                cfg.drain_ms,
+            )
+            .map_err(|e| StartError::Shard {
+                shard: 0,
+                message: format!("cannot start the push worker: {e}"),
+            })?;
+            (
+                links.into_iter().map(Some).collect(),
+                Some(worker),
+                Some(metrics),
+            )
+        }
+        None => (Vec::new(), None, None),
+    };
     let metrics: Vec<Arc<ShardMetrics>> = (0..cfg.shards)
         .map(|_| Arc::new(ShardMetrics::default()))
         .collect();
@@ -117,6 +144,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             mesh: mesh_client,
             api_cids: admin::ApiCids::new(),
             api_refused: Default::default(),
+            push: push_metrics,
         },
     )
     .map_err(|source| StartError::Admin {
@@ -132,6 +160,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         let m = metrics[id].clone();
         let mesh = meshes.remove(0);
         let store = store_links.get_mut(id).and_then(Option::take);
+        let push = push_links.get_mut(id).and_then(Option::take);
         let cpu = cpus[id % cpus.len()];
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
@@ -141,6 +170,9 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
                 let mut shard = Shard::new(id, shared, m, clock);
                 if let Some(link) = store {
                     shard.enable_store(link);
+                }
+                if let Some(link) = push {
+                    shard.enable_push(link);
                 }
                 io::run(shard, listener, Some(mesh)).await;
             })
@@ -165,6 +197,10 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         if h.join().is_err() {
             panicked += 1;
         }
+    }
+    // The shards have drained: the push worker flushes what it holds within the drain budget.
+    if let Some(worker) = push_worker {
+        worker.stop();
     }
     if panicked > 0 {
         return Err(StartError::Shard {

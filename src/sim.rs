@@ -346,7 +346,11 @@ impl Model {
                 }
                 StoreReply::Appended {
                     msg,
-                    result: Ok(Appended::Stored { seq, pushed: 0 }),
+                    result: Ok(Appended::Stored {
+                        seq,
+                        pushed: 0,
+                        offline: false,
+                    }),
                 }
             }
             StoreOp::Revoke { to, from, writes } => {
@@ -1533,6 +1537,7 @@ mod order_tests {
             result: Ok(Appended::Stored {
                 seq: seq(n),
                 pushed: 0,
+                offline: false,
             }),
         };
         sim.shard().on_store_reply(reply, now);

@@ -85,6 +85,7 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
         room_history_max: 1_000,
         room_history_age_ms: 60_000,
         tls_ca: None,
+        watch_offline: false,
     };
     let links = redis::start(settings, a.shards).map_err(|e| e.to_string())?;
     let body: Box<str> = json!("x".repeat(a.body.saturating_sub(2)))

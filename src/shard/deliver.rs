@@ -496,6 +496,10 @@ impl Shard {
         let stored = outcome == Outcome::Stored;
         let to = msg.to.clone();
         let id = msg.id;
+        // Single node: every device of the user would be here, on its home shard.
+        if stored && self.push.is_some() && self.devices_of(&to).is_empty() {
+            self.offer_push(&msg, None);
+        }
         self.report(msg.report(id, outcome));
         if stored {
             for device in self.devices_of(&to) {
@@ -504,6 +508,39 @@ impl Shard {
                     self.kick(device);
                 }
             }
+        }
+    }
+
+    /// Start offline push: every direct message this shard stores for a user with no device
+    /// (see `push`).
+    pub fn enable_push(&mut self, link: crate::push::PushLink) {
+        self.push = Some(link);
+    }
+
+    /// Hand a push of `msg` (stored at `seq` in Redis, or in the embedded store) to the push
+    /// worker; never waits: a full queue drops it, counted.
+    pub(super) fn offer_push(&mut self, msg: &Message, seq: Option<crate::store::InboxSeq>) {
+        let Some(push) = &mut self.push else {
+            return;
+        };
+        if proto::receipt_sender(&msg.cid).is_some() {
+            return; // a read receipt is no message to notify about
+        }
+        let item = crate::push::PushItem {
+            shard: self.id as u16,
+            user: msg.to.clone(),
+            from: msg.from.clone(),
+            id: msg.id,
+            cid: msg.cid.clone(),
+            ts: msg.ts,
+            msg_type: msg.msg_type.clone(),
+            body: msg.body.clone(),
+            seq,
+        };
+        if push.offer(item, seq.is_none()) {
+            self.metrics.push_queued.inc();
+        } else {
+            self.metrics.push_dropped.inc();
         }
     }
 
@@ -711,6 +748,11 @@ impl Shard {
             // Only the first device's ack removes the entry: one `delivered` per message.
             // (While a Redis mirror reloads the entry may be missing from it: still report.)
             if self.inbox.remove(&user, inbox_seq) || !mirror_ready {
+                // Acked before its push went out: cancel it (with Redis the worker finds the
+                // entry gone instead).
+                if let (Some(push), None) = (&mut self.push, &self.durable) {
+                    push.acked(msg.id);
+                }
                 let home = self.home_of(&msg.from);
                 let delivered = Report {
                     id: msg.id,

@@ -709,8 +709,16 @@ impl Shard {
             }
         }
         match result {
-            Ok(Appended::Stored { pushed, .. }) => {
+            Ok(Appended::Stored {
+                pushed,
+                offline,
+                seq,
+            }) => {
                 self.metrics.stored.inc();
+                // Nobody holds a device anywhere; Redis told this shard alone.
+                if offline {
+                    self.offer_push(&msg, Some(seq));
+                }
                 self.metrics.cross_node_out.add(pushed);
                 self.metrics
                     .redis_spilled_bytes

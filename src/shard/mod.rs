@@ -156,6 +156,8 @@ pub struct Shard {
     inbox: crate::store::MemoryInbox,
     /// Redis mode (None: the embedded store).
     durable: Option<durable::Durable>,
+    /// The offline push worker's link (None: no `push_webhook_url`).
+    push: Option<crate::push::PushLink>,
     /// Dedup windows of the senders whose home is this shard.
     senders: std::collections::HashMap<compact_str::CompactString, crate::delivery::Dedup>,
     msg_ids: crate::delivery::ids::MessageIds,
@@ -247,6 +249,7 @@ impl Shard {
             events: RefCell::new(Vec::new()),
             inbox: crate::store::MemoryInbox::new(limits),
             durable: None,
+            push: None,
             senders: Default::default(),
             msg_ids: crate::delivery::ids::MessageIds::for_shard(id),
             receipts: Default::default(),

@@ -247,6 +247,7 @@ fn a_node_that_missed_room_messages_tells_its_members_gap_and_ignores_late_copie
         room_history_max: 10,
         room_history_age_ms: 60_000,
         tls_ca: None,
+        watch_offline: false,
     };
     let link = redis::start(settings, 1).unwrap().pop().unwrap();
     let mut shard = Shard::new(

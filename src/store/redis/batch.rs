@@ -709,7 +709,8 @@ impl BatchCall {
                     keys.push(inbox_key(p, &m.to));
                     keys.push(dedup_key(p, &m.to, &m.from));
                     keys.push(location_key(p, &m.to));
-                    args.push("A".into());
+                    // 'a': also answer whether nobody holds a device (a push is due).
+                    args.push(if settings.watch_offline { "a" } else { "A" }.into());
                     args.push(m.id.to_string());
                     args.push(m.cid.to_string());
                     args.push(pack(
@@ -930,11 +931,16 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
             if let Some(xid) = text_ref(&item) {
                 let seq = stream_id_to_seq(xid).ok_or_else(|| format!("bad id {xid}"))?;
                 return Ok(Answer::Appended {
-                    result: Ok(Appended::Stored { seq, pushed: 0 }),
+                    result: Ok(Appended::Stored {
+                        seq,
+                        pushed: 0,
+                        offline: false,
+                    }),
                     trimmed: 0,
                 });
             }
-            // {'ok', id, trimmed, pushed}, {'dup', first id, trimmed}, {'full', trimmed, count}
+            // {'ok', id, trimmed, pushed[, 1: offline]}, {'dup', first id, trimmed},
+            // {'full', trimmed, count}
             let parts = array(item)?;
             let status = parts.first().and_then(text).unwrap_or_default();
             let number = |i: usize| parts.get(i).and_then(integer).unwrap_or(0);
@@ -946,6 +952,7 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
                         Ok(Appended::Stored {
                             seq,
                             pushed: number(3),
+                            offline: number(4) == 1,
                         }),
                         number(2),
                     )

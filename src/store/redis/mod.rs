@@ -216,7 +216,13 @@ pub enum Appended {
     /// Written at `seq`; `pushed`: other nodes the entry was published to (they hold a
     /// device of the recipient). Entries the age cap trimmed on the way are counted in
     /// [`StoreReply::Batch`], whatever the append's answer.
-    Stored { seq: InboxSeq, pushed: u64 },
+    /// `offline`: nobody holds a device of the recipient on any node (the directory entry
+    /// was empty; only asked for when `RedisSettings::watch_offline` is set): a push is due.
+    Stored {
+        seq: InboxSeq,
+        pushed: u64,
+        offline: bool,
+    },
     /// The sender's cid was already stored as message `id`.
     Duplicate { id: u64 },
 }
@@ -446,6 +452,8 @@ pub struct RedisSettings {
     pub room_history_age_ms: u64,
     /// PEM file of the CAs to trust for `rediss://` (None: the system's roots).
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Appends answer whether the recipient was offline everywhere (the push webhook is on).
+    pub watch_offline: bool,
 }
 
 /// The store's end of a link that no Redis thread serves: a simulation answers the shard's
@@ -951,5 +959,59 @@ pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
         | StoreOp::RoomLeave { .. }
         | StoreOp::WatchPresence { .. }
         | StoreOp::Typing { .. } => StoreReply::Done,
+    }
+}
+
+/// A client for the push worker's checks (`push/mod.rs`): its own connection, so a push check
+/// never waits behind a shard's batch; connected in the background.
+pub fn check_client(settings: &RedisSettings) -> Result<fred::clients::Client, String> {
+    let config = fred_config(settings)?;
+    let client = Builder::from_config(config)
+        .with_config(|c| c.fail_fast = false)
+        .with_connection_config(|c| c.connection_timeout = settings.timeout)
+        .with_performance_config(|c| c.default_command_timeout = settings.timeout)
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let connecting = client.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connecting.init().await {
+            tracing::warn!(error = %e, "push: cannot connect to Redis yet; retrying");
+        }
+    });
+    Ok(client)
+}
+
+/// Which of these inbox entries (user, seq) are still stored: one pipelined XRANGE each.
+/// An entry whose check fails counts as stored (a push too many, never one too few).
+pub async fn entries_stored(
+    client: &fred::clients::Client,
+    prefix: &str,
+    entries: &[(&str, InboxSeq)],
+) -> Vec<bool> {
+    use fred::interfaces::StreamsInterface;
+    let pipeline = client.pipeline();
+    for (user, seq) in entries {
+        let id = seq_to_stream_id(*seq);
+        let _: Result<(), _> = pipeline
+            .xrange(
+                keys::inbox_key(prefix, user),
+                id.as_str(),
+                id.as_str(),
+                Some(1),
+            )
+            .await;
+    }
+    match pipeline
+        .try_all::<Value>()
+        .await
+        .into_iter()
+        .collect::<Vec<_>>()
+    {
+        answers if answers.len() == entries.len() => answers
+            .into_iter()
+            .map(|a| !matches!(a, Ok(Value::Array(v)) if v.is_empty()))
+            .collect(),
+        _ => vec![true; entries.len()],
     }
 }

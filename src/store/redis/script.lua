@@ -159,8 +159,10 @@ end
 -- count n, then n (cid, attempt) of the pair's writes to revoke first) to stream `s` through
 -- pair hash `dcur`; `loc`: the recipient's directory entry. Returns the answer: the bare
 -- stream id (the common case), {'ok', id, trimmed, pushed}, {'dup', first id, trimmed},
--- {'full', trimmed, count} or {'stale'}. The revokes run whatever the answer.
-local function append(s, dcur, loc, i)
+-- {'full', trimmed, count} or {'stale'}. The revokes run whatever the answer. `watch` (op
+-- 'a', the push webhook is on): an entry stored while nobody holds a device of the recipient
+-- anywhere answers {'ok', id, trimmed, 0, 1} (a push is due, sent by this node alone).
+local function append(s, dcur, loc, i, watch)
   local id, cid, attempt = ARGV[i + 1], ARGV[i + 2], ARGV[i + 5]
   pair(dcur)
   for j = 1, tonumber(ARGV[i + 6]) do
@@ -218,6 +220,7 @@ local function append(s, dcur, loc, i)
     local to = ARGV[i + 4]
     pushed = push(nodes, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed, true)
   end
+  if watch and #nodes == 0 then return {'ok', xid, trimmed, 0, 1} end
   -- The common answer is the bare stream id (a nested reply per message costs).
   if trimmed == 0 and pushed == 0 then return xid end
   return {'ok', xid, trimmed, pushed}
@@ -250,8 +253,8 @@ while i <= #ARGV do
     end
     out[#out + 1] = removed
     i = i + 2 + 2 * n
-  elseif op == 'A' then
-    out[#out + 1] = append(K[k], K[k + 1], K[k + 2], i)
+  elseif op == 'A' or op == 'a' then
+    out[#out + 1] = append(K[k], K[k + 1], K[k + 2], i, op == 'a')
     k = k + 3
     i = i + 7 + 2 * tonumber(ARGV[i + 6])
   elseif op == 'R' then

@@ -51,6 +51,7 @@ fn settings() -> RedisSettings {
         room_history_max: 3,
         room_history_age_ms: 4000,
         tls_ca: None,
+        watch_offline: false,
     }
 }
 
@@ -244,6 +245,7 @@ fn script_answers_pair_with_their_operations() {
         Ok(Appended::Stored {
             seq: stream_id_to_seq(id).unwrap(),
             pushed,
+            offline: false,
         })
     };
     assert_eq!(
@@ -452,4 +454,32 @@ fn cluster_errors_that_mean_a_moved_slot_ask_for_a_fresh_slot_map() {
     ));
     assert!(!slot_map_is_stale("no answer within 5000 ms"));
     assert!(!slot_map_is_stale("not connected to Redis (reconnecting)"));
+}
+
+/// With the push webhook on, an append that found nobody holding a device answers
+/// {'ok', id, trimmed, 0, 1}: stored, and a push is due.
+#[test]
+fn an_offline_append_answer_says_so() {
+    let batch = [StoreOp::Append(msg("bob")), StoreOp::Append(msg("bob"))];
+    let value = Value::Array(vec![
+        Value::Array(vec![
+            s("ok"),
+            s("9-2"),
+            Value::Integer(0),
+            Value::Integer(0),
+            Value::Integer(1),
+        ]),
+        s("9-3"),
+    ]);
+    let ops: Vec<&StoreOp> = batch.iter().collect();
+    let answers = parse_batch(value, &ops).unwrap();
+    let offline = |a: &Answer| match a {
+        Answer::Appended {
+            result: Ok(Appended::Stored { offline, .. }),
+            ..
+        } => *offline,
+        other => panic!("{other:?}"),
+    };
+    assert!(offline(&answers[0]));
+    assert!(!offline(&answers[1]));
 }
