@@ -498,3 +498,30 @@ fn shutdown_flushes_the_queue_within_the_drain_budget() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(all_pushed(&r, &ids), "pushed {:?} of {ids:?}", r.ids());
 }
+
+/// A read receipt stored for an offline sender is no message: it is not pushed (a message
+/// stored after it is, which shows the worker had its turn).
+#[test]
+fn read_receipts_are_not_pushed() {
+    let r = Receiver::start();
+    let url = r.url();
+    let gw = Gateway::start(&push_args(&url, &["--push-delay-ms", "0"]));
+    let (mut alice, _) = connect_app(&gw, "alice");
+    let (mut carol, _) = connect_app(&gw, "carol");
+    let ids = send_many(&mut alice, "carol", "c", 1);
+    let m = next_op(&mut carol, "msg");
+    ack(&mut carol, m["seq"].as_u64().unwrap());
+    drop(alice);
+    assert!(eventually(WITHIN, || gw
+        .metric_sum("ringgate_connections_open")
+        == 1));
+    send_text(
+        &mut carol,
+        &json!({"op":"read","from":"alice","id":ids[0]}).to_string(),
+    );
+    assert_eq!(next_op(&mut carol, "read")["id"], ids[0].as_str());
+    let later = send_many(&mut carol, "alice", "l", 1);
+    assert!(eventually(WITHIN, || all_pushed(&r, &later)));
+    assert_eq!(r.ids(), later, "only the message, not the receipt");
+    assert_eq!(gw.metric_sum("ringgate_push_queued_total"), 1);
+}
