@@ -176,3 +176,43 @@ fn watch_tells_online_at_once_and_offline_after_the_grace_without_flapping() {
         .metric_sum("ringgate_watched_users")
         == 0));
 }
+
+/// A watcher that arrives while another's grace period runs is answered "offline"; the grace
+/// ends then (the first watcher is told offline too), so both hear the user come back.
+#[test]
+fn a_watcher_arriving_during_the_grace_hears_the_user_come_back() {
+    let gw = Gateway::start_shards(SHARDS, &["--presence-grace-ms", "60000"]);
+    let bob = user_on("bob", 2, SHARDS);
+    let (mut x, _) = connect_app(&gw, &user_on("x", 1, SHARDS));
+    let (b1, _) = connect_app(&gw, &bob);
+    assert_eq!(
+        watch(&mut x, &[&bob]),
+        serde_json::json!({bob.as_str(): true})
+    );
+    drop(b1);
+    assert!(eventually(Duration::from_secs(10), || gw
+        .metric_sum("ringgate_users_online")
+        == 1));
+    // The same shard as x, and another one.
+    let (mut y, _) = connect_app(&gw, &user_on("y", 1, SHARDS));
+    let (mut z, _) = connect_app(&gw, &user_on("z", 3, SHARDS));
+    assert_eq!(
+        watch(&mut y, &[&bob]),
+        serde_json::json!({bob.as_str(): false})
+    );
+    let off = serde_json::json!({"op":"presence","online":{bob.as_str(): false}});
+    assert_eq!(recv_json(&mut x), off, "the grace ended: x is told too");
+    assert_eq!(
+        watch(&mut z, &[&bob]),
+        serde_json::json!({bob.as_str(): false})
+    );
+    let (_b2, _) = connect_app(&gw, &bob);
+    let on = serde_json::json!({"op":"presence","online":{bob.as_str(): true}});
+    for w in [&mut x, &mut y, &mut z] {
+        let mut got = frames_before_pong(w);
+        if got.is_empty() {
+            got.push(recv_json(w));
+        }
+        assert_eq!(got.last(), Some(&on), "{got:?}");
+    }
+}

@@ -60,10 +60,13 @@ impl PresenceViews {
         }
     }
 
-    /// `shard` watches `user` (one more registration); `local`: a device of the user is on
-    /// this shard now. True when the user was not watched before (with Redis the caller
-    /// then subscribes this node to the user's changes and asks where else it is online).
-    pub fn watch(&mut self, user: &str, shard: usize, local: bool) -> bool {
+    /// A connection on `shard` watches `user` (one more registration); `local`: a device of
+    /// the user is on this shard now. Returns whether the user was not watched before (with
+    /// Redis the caller then subscribes this node to the user's changes and asks where else
+    /// it is online), and a change to tell: a new watcher was answered with the user's state
+    /// now, so a grace period running (watchers told online, the user gone) ends at once and
+    /// everyone is told offline; else the newcomer would never hear the user come back.
+    pub fn watch(&mut self, user: &str, shard: usize, local: bool) -> (bool, Option<Told>) {
         let first = !self.users.contains_key(user);
         let viewed = self.users.entry(user.into()).or_insert_with(|| Viewed {
             local,
@@ -71,7 +74,12 @@ impl PresenceViews {
             ..Viewed::default()
         });
         *viewed.watchers.entry(shard).or_default() += 1;
-        first
+        if viewed.offline_since.take().is_none() {
+            return (first, None);
+        }
+        self.pending.remove(user);
+        viewed.shown = false;
+        (first, Some(told(user, viewed)))
     }
 
     /// One registration of `shard` fewer. True when nobody watches `user` any more.
@@ -205,8 +213,8 @@ pub struct WatchList {
 pub struct TooMany;
 
 impl WatchList {
-    /// `conn` watches `users` too. Returns the users this shard did not watch before (their
-    /// home shards must be told); none is added if the bound would be passed.
+    /// `conn` watches `users` too. Returns the users it did not watch before (each one
+    /// registration at the user's home shard); none is added if the bound would be passed.
     pub fn add(
         &mut self,
         conn: ConnKey,
@@ -222,19 +230,17 @@ impl WatchList {
         if had.len() + fresh.len() > MAX_WATCHED_PER_CONN {
             return Err(TooMany);
         }
-        let mut new_here = Vec::new();
+        let mut added = Vec::with_capacity(fresh.len());
         for user in fresh {
-            let conns = self.by_user.entry(user.clone()).or_default();
-            if conns.is_empty() {
-                new_here.push(user.clone());
-            }
-            conns.push(conn);
+            self.by_user.entry(user.clone()).or_default().push(conn);
             self.by_conn.entry(conn.0).or_default().push(user.clone());
+            added.push(user.clone());
         }
-        Ok(new_here)
+        Ok(added)
     }
 
-    /// `conn` stops watching `users`. Returns the users nobody here watches any more.
+    /// `conn` stops watching `users`. Returns the users it did watch (one registration fewer
+    /// each at the user's home shard).
     pub fn remove(&mut self, conn: usize, users: &[CompactString]) -> Vec<CompactString> {
         let mut gone = Vec::new();
         let Some(mine) = self.by_conn.get_mut(&conn) else {
@@ -245,11 +251,11 @@ impl WatchList {
                 continue;
             };
             mine.swap_remove(at);
+            gone.push(user.clone());
             if let Some(conns) = self.by_user.get_mut(user) {
                 conns.retain(|(c, _)| *c != conn);
                 if conns.is_empty() {
                     self.by_user.remove(user);
-                    gone.push(user.clone());
                 }
             }
         }
@@ -288,8 +294,8 @@ mod tests {
     #[test]
     fn online_is_told_at_once_offline_after_the_grace_and_a_quick_return_not_at_all() {
         let mut v = PresenceViews::new(GRACE);
-        assert!(v.watch("bob", 1, false));
-        assert!(!v.watch("bob", 0, false));
+        assert_eq!(v.watch("bob", 1, false), (true, None));
+        assert_eq!(v.watch("bob", 0, false), (false, None));
         assert_eq!(v.set_local("bob", true, 100), told("bob", true, &[0, 1]));
         assert_eq!(v.set_local("bob", true, 150), None, "no change");
         // Leaves and comes back within the grace: nothing.
@@ -327,6 +333,16 @@ mod tests {
     fn a_new_watch_starts_from_what_the_shard_knows_and_remote_users_are_rechecked() {
         let mut v = PresenceViews::new(GRACE);
         v.watch("ann", 0, true);
+        // A watcher arriving while ann's grace runs was answered "offline": everyone is told
+        // so now, and ann's return is news again.
+        assert_eq!(v.set_local("ann", false, 5), None);
+        assert_eq!(
+            v.watch("ann", 3, false),
+            (false, told("ann", false, &[0, 3]))
+        );
+        assert_eq!(v.set_local("ann", true, 6), told("ann", true, &[0, 3]));
+        assert!(v.tick(1_000_000).is_empty());
+        assert!(!v.unwatch("ann", 3));
         assert_eq!(v.set_local("ann", true, 1), None, "answered online already");
         v.watch("zed", 0, false);
         assert_eq!(v.set_remote("zed", true, 1), told("zed", true, &[0]));
@@ -338,7 +354,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_watches_at_most_the_bound_and_the_shard_subscribes_once_per_user() {
+    fn a_connection_watches_at_most_the_bound_and_registers_each_user_it_adds() {
         let mut w = WatchList::default();
         let users: Vec<CompactString> = (0..MAX_WATCHED_PER_CONN)
             .map(|i| format!("u{i}").into())
@@ -347,16 +363,18 @@ mod tests {
         // Again, and with one more: the repeat is free, the extra one is too many.
         assert_eq!(w.add((1, 7), &users[..3]), Ok(vec![]));
         assert_eq!(w.add((1, 7), &["extra".into()]), Err(TooMany));
-        assert_eq!(
-            w.add((2, 9), &users[..2]),
-            Ok(vec![]),
-            "shard already watches"
-        );
+        // Each connection registers on its own (the home shard counts them).
+        assert_eq!(w.add((2, 9), &users[..2]).unwrap().len(), 2);
         assert_eq!(w.watchers("u0"), &[(1, 7), (2, 9)]);
-        assert_eq!(w.remove(1, &users[..1]), Vec::<CompactString>::new());
+        assert_eq!(w.remove(1, &users[..1]), vec![users[0].clone()]);
+        assert_eq!(
+            w.remove(1, &users[..1]),
+            Vec::<CompactString>::new(),
+            "not any more"
+        );
         assert_eq!(w.watchers("u0"), &[(2, 9)]);
         let gone = w.drop_conn(1);
-        assert_eq!(gone.len(), MAX_WATCHED_PER_CONN - 2);
+        assert_eq!(gone.len(), MAX_WATCHED_PER_CONN - 1);
         assert_eq!(w.drop_conn(2).len(), 2);
         assert!(w.watchers("u1").is_empty());
         // Duplicates within one frame count once.

@@ -2,9 +2,11 @@
 //! connection's shard ([`WatchList`]), each watched user's home shard ([`PresenceViews`]) and,
 //! with Redis, the other nodes (see `delivery/watch.rs` for the rules).
 //!
-//! * A `watch` registers the connection here; for each user this shard did not watch yet,
-//!   the user's home shard is told (`Presence::Watch`); the connection is then answered
-//!   with a `presence` frame for the users it named, exactly as the `presence` op is.
+//! * A `watch` registers the connection here and, for each user it did not watch yet, at the
+//!   user's home shard (`Presence::Watch`, counted there per shard); the connection is then
+//!   answered with a `presence` frame for the users it named, exactly as the `presence` op
+//!   is. A registration that comes while the user's grace period runs ends it (see
+//!   `PresenceViews::watch`).
 //! * The home shard follows the user: its devices here (the first came, the last left) and,
 //!   with Redis, other nodes: this node joins the user's watchers in Redis, whose directory
 //!   changes are then pushed here (`StoreReply::PresenceChanged`), and users believed online
@@ -42,8 +44,8 @@ impl Shard {
                 let ctx = shard_ctx!(self);
                 self.conns[index].conn.reply_error(now, err, &ctx);
             }
-            Ok(new_here) => {
-                for user in new_here {
+            Ok(added) => {
+                for user in added {
                     self.tell_home_watch(user, true);
                 }
                 self.ask_presence(super::presence::Asker::Conn(index, serial), users);
@@ -90,7 +92,11 @@ impl Shard {
     pub(super) fn on_watch_at_home(&mut self, user: CompactString, shard: usize, on: bool) {
         if on {
             let local = !self.devices_of(&user).is_empty();
-            if self.presence_views.watch(&user, shard, local) && self.durable.is_some() {
+            let (first, told) = self.presence_views.watch(&user, shard, local);
+            if let Some(told) = told {
+                self.tell_watchers(told);
+            }
+            if first && self.durable.is_some() {
                 // This node hears the user's directory changes from now on; where else the
                 // user is online now comes from a directory question.
                 let _ = self.submit_store_op(StoreOp::WatchPresence {
