@@ -178,6 +178,21 @@ impl PresenceViews {
             .collect()
     }
 
+    /// Watched users with no device here: where else they are is asked again periodically
+    /// (a push this node missed, or a node that died, shows up then).
+    pub fn not_local(&self) -> Vec<CompactString> {
+        self.users
+            .iter()
+            .filter(|(_, v)| !v.local)
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+
+    /// Every watched user (this node's registration as their watcher is renewed).
+    pub fn watched(&self) -> Vec<CompactString> {
+        self.users.keys().cloned().collect()
+    }
+
     /// Users watched (for metrics).
     pub fn len(&self) -> usize {
         self.users.len()

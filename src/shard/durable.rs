@@ -956,6 +956,10 @@ impl Shard {
         };
         d.epoch += 1;
         self.metrics.cluster_epoch.set(d.epoch);
+        self.watch_resync();
+        let Some(d) = &mut self.durable else {
+            return;
+        };
         let (now_users, later): (Vec<CompactString>, Vec<CompactString>) = d
             .mirrors
             .keys()

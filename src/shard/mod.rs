@@ -169,6 +169,7 @@ pub struct Shard {
     /// The watched users whose home is this shard.
     presence_views: crate::delivery::watch::PresenceViews,
     last_watch_recheck_ms: u64,
+    last_watch_renew_ms: Option<u64>,
     last_expire_ms: u64,
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
     api_waiters: std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<msg::ApiOutcome>>,
@@ -257,6 +258,7 @@ impl Shard {
             watch_list: Default::default(),
             presence_views: crate::delivery::watch::PresenceViews::new(grace_ms),
             last_watch_recheck_ms: 0,
+            last_watch_renew_ms: None,
             last_expire_ms: 0,
             api_waiters: Default::default(),
             send_waiters: Default::default(),

@@ -8,10 +8,11 @@
 //!   is. A registration that comes while the user's grace period runs ends it (see
 //!   `PresenceViews::watch`).
 //! * The home shard follows the user: its devices here (the first came, the last left) and,
-//!   with Redis, other nodes: this node joins the user's watchers in Redis, whose directory
-//!   changes are then pushed here (`StoreReply::PresenceChanged`), and users believed online
-//!   elsewhere are checked again every half lease, so a node that died turns its users
-//!   offline within about one lease (plus the grace).
+//!   with Redis, other nodes: this node joins the user's watchers in Redis (renewed hourly
+//!   and after every resync), whose directory changes are then pushed here
+//!   (`StoreReply::PresenceChanged`), and watched users with no device here are checked
+//!   against the directory every quarter lease, so a node that died turns its users
+//!   offline within about 1.25 leases (plus the grace), and a missed push is made up.
 //! * Changes go to the watching shards (`Presence::Changed`), which write
 //!   `{"op":"presence","online":{"bob":true}}` to each watching connection.
 
@@ -26,6 +27,9 @@ use crate::store::redis::StoreOp;
 /// The `ask` of a presence question a home shard puts to the directory for its watched
 /// users (its answer updates the views; no connection waits for it).
 pub(super) const WATCH_RECHECK_ASK: usize = usize::MAX;
+/// How often this node renews its registration as a watched user's watcher (its TTL is
+/// 72 h, see `store/redis/batch.rs`).
+const WATCH_RENEW_MS: u64 = 3_600_000;
 
 impl Shard {
     /// A connection's `watch` frame.
@@ -161,15 +165,33 @@ impl Shard {
         if self.durable.is_none() || self.presence_views.is_empty() {
             return;
         }
-        let every = (self.shared.cfg.node_lease_ms / 2).max(1);
+        // This node's registration as the users' watcher: renewed well within its TTL, and
+        // at once after a resync (Redis may have lost it).
+        if self
+            .last_watch_renew_ms
+            .is_none_or(|at| now >= at + WATCH_RENEW_MS)
+        {
+            self.last_watch_renew_ms = Some(now);
+            for user in self.presence_views.watched() {
+                let _ = self.submit_store_op(StoreOp::WatchPresence { user, on: true });
+            }
+        }
+        let every = (self.shared.cfg.node_lease_ms / 4).max(1);
         if now < self.last_watch_recheck_ms + every {
             return;
         }
         self.last_watch_recheck_ms = now;
-        let remote = self.presence_views.remote_online();
-        for users in remote.chunks(proto::MAX_PRESENCE_USERS) {
+        let elsewhere = self.presence_views.not_local();
+        for users in elsewhere.chunks(proto::MAX_PRESENCE_USERS) {
             self.recheck_remote(users.to_vec());
         }
+    }
+
+    /// The node's channel was heard again, or its lease had lapsed: pushes may have been
+    /// missed and Redis may have lost this node's registrations. Renew and recheck at once.
+    pub(super) fn watch_resync(&mut self) {
+        self.last_watch_renew_ms = None;
+        self.last_watch_recheck_ms = 0;
     }
 
     fn tell_watchers(&mut self, told: Told) {
