@@ -38,8 +38,6 @@ use queue::{Next, PushQueue};
 /// One notification to send: what the payload says of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushItem {
-    /// The shard that queued it.
-    pub shard: u16,
     /// The recipient.
     pub user: CompactString,
     pub from: CompactString,

@@ -403,7 +403,6 @@ impl Shard {
             return;
         };
         let item = crate::push::PushItem {
-            shard: self.id as u16,
             user: msg.to.clone(),
             from: msg.from.clone(),
             id: msg.id,
