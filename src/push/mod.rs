@@ -94,7 +94,7 @@ impl PushMetrics {
             (PUSH_SENT, "counter", "Messages the push webhook accepted (2xx).", self.sent.get()),
             (PUSH_POSTS, "counter", "Webhook POSTs answered 2xx (one per batch).", self.posts.get()),
             (PUSH_FAILURES, "counter", "Webhook POSTs that failed (error status, connect error, timeout); the batch is retried with backoff.", self.failures.get()),
-            (PUSH_CANCELLED, "counter", "Pushes not sent because the message was acked first.", self.cancelled.get()),
+            (PUSH_CANCELLED, "counter", "Pushes not sent because the message was acked first (with Redis: its inbox entry was gone at the check before the POST, also when the age or count cap removed it).", self.cancelled.get()),
             (PUSH_LOST, "counter", "Pushes still queued when the drain budget ran out at shutdown (the messages stay in the inbox).", self.lost.get()),
             (PUSH_QUEUE_DEPTH, "gauge", "Pushes waiting (all shards together; bounded by push_queue_max).", self.depth() as u64),
         ];
