@@ -298,7 +298,7 @@ fn a_failing_then_stalled_receiver_gets_everything_once_it_recovers() {
 fn an_ack_before_the_delay_cancels_the_push() {
     let r = Receiver::start();
     let url = r.url();
-    let gw = Gateway::start(&push_args(&url, &["--push-delay-ms", "3000"]));
+    let gw = Gateway::start(&push_args(&url, &["--push-delay-ms", "5000"]));
     let (mut alice, _) = connect_app(&gw, "alice");
     let acked = send_many(&mut alice, "erin", "e", 5);
     {
@@ -459,7 +459,7 @@ fn with_redis_an_ack_before_the_delay_cancels_the_push() {
                 "--redis-timeout-ms",
                 "500",
                 "--push-delay-ms",
-                "3000",
+                "5000",
             ],
         ),
     );

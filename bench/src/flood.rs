@@ -67,7 +67,7 @@ struct FloodCounts {
     upgrades_refused: AtomicU64,
 }
 
-fn connect(target: SocketAddr, user: &str) -> Result<(TcpStream, Vec<u8>), u16> {
+pub(crate) fn connect(target: SocketAddr, user: &str) -> Result<(TcpStream, Vec<u8>), u16> {
     let mut stream = TcpStream::connect(target).map_err(|_| 0u16)?;
     stream.set_nodelay(true).ok();
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
@@ -98,7 +98,11 @@ fn connect(target: SocketAddr, user: &str) -> Result<(TcpStream, Vec<u8>), u16> 
 }
 
 /// Read server frames from `buf` + `stream` until EOF, calling `each(opcode, payload)`.
-fn read_frames(stream: &mut TcpStream, mut buf: Vec<u8>, mut each: impl FnMut(u8, &[u8]) -> bool) {
+pub(crate) fn read_frames(
+    stream: &mut TcpStream,
+    mut buf: Vec<u8>,
+    mut each: impl FnMut(u8, &[u8]) -> bool,
+) {
     let mut chunk = vec![0u8; 65536];
     loop {
         while let Some(h) = ws::parse_frame_head(&buf) {

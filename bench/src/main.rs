@@ -18,6 +18,7 @@ mod fanout;
 mod flood;
 mod floor;
 mod net;
+mod push;
 mod redis_floor;
 mod ring;
 mod store;
@@ -65,6 +66,8 @@ enum Cmd {
     Flood(flood::FloodArgs),
     /// Redis' floor under `store`: one dedup record and one append per message, raw pipelined
     RedisFloor(redis_floor::RedisFloorArgs),
+    /// The offline push webhook: pushes/s into a receiver run here, and while it is down
+    Push(push::PushArgs),
 }
 
 #[derive(Args, Debug)]
@@ -1095,6 +1098,7 @@ fn main() {
         Cmd::Flood(a) => flood::run(a),
         Cmd::Floor(a) => floor::run(a).map(|()| 0),
         Cmd::RedisFloor(a) => redis_floor::run(a),
+        Cmd::Push(a) => push::run(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -275,7 +275,6 @@ mod tests {
 
     fn item(body: &str) -> PushItem {
         PushItem {
-            shard: 0,
             user: "bob".into(),
             from: "al\"ice".into(),
             id: 42,

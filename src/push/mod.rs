@@ -38,8 +38,6 @@ use queue::{Next, PushQueue};
 /// One notification to send: what the payload says of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PushItem {
-    /// The shard that queued it.
-    pub shard: u16,
     /// The recipient.
     pub user: CompactString,
     pub from: CompactString,
@@ -96,7 +94,7 @@ impl PushMetrics {
             (PUSH_SENT, "counter", "Messages the push webhook accepted (2xx).", self.sent.get()),
             (PUSH_POSTS, "counter", "Webhook POSTs answered 2xx (one per batch).", self.posts.get()),
             (PUSH_FAILURES, "counter", "Webhook POSTs that failed (error status, connect error, timeout); the batch is retried with backoff.", self.failures.get()),
-            (PUSH_CANCELLED, "counter", "Pushes not sent because the message was acked first.", self.cancelled.get()),
+            (PUSH_CANCELLED, "counter", "Pushes not sent because the message was acked first (with Redis: its inbox entry was gone at the check before the POST, also when the age or count cap removed it).", self.cancelled.get()),
             (PUSH_LOST, "counter", "Pushes still queued when the drain budget ran out at shutdown (the messages stay in the inbox).", self.lost.get()),
             (PUSH_QUEUE_DEPTH, "gauge", "Pushes waiting (all shards together; bounded by push_queue_max).", self.depth() as u64),
         ];
@@ -110,6 +108,12 @@ impl PushMetrics {
 }
 
 /// A shard's end: offers items, cancels acked ones. Owned by one shard.
+///
+/// The bound is a shared counter of items not yet done (shards add, the worker subtracts
+/// once an item is sent, cancelled or lost), not a bounded channel: the worker takes items
+/// out of the channel into its queue at once (to batch them and see cancels), so a channel's
+/// bound would not count what it holds. The channel itself is then unbounded in type,
+/// bounded in fact (items by the counter, cancels by `watched`).
 pub struct PushLink {
     tx: Sender<PushMsg>,
     metrics: Arc<PushMetrics>,
@@ -428,4 +432,77 @@ impl Worker {
 fn seed() -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(0u8) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(queue_max: usize) -> (PushLink, Receiver<PushMsg>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let link = PushLink {
+            tx,
+            metrics: Arc::new(PushMetrics::default()),
+            queue_max,
+            watched: HashSet::new(),
+            order: VecDeque::new(),
+            drops: LogEvery::new(Duration::from_secs(10)),
+        };
+        (link, rx)
+    }
+
+    fn item(id: u64) -> PushItem {
+        PushItem {
+            user: "u".into(),
+            from: "f".into(),
+            id,
+            cid: "\"c\"".into(),
+            ts: 0,
+            msg_type: None,
+            body: "1".into(),
+            seq: None,
+        }
+    }
+
+    /// Past `queue_max` items not yet done, an offer is refused at once; once the worker is
+    /// done with some, offers are taken again.
+    #[test]
+    fn offers_are_bounded_by_the_items_not_yet_done() {
+        let (mut link, rx) = link(3);
+        assert!((0..3).all(|id| link.offer(item(id), true)));
+        assert!(!link.offer(item(3), true));
+        assert_eq!(link.metrics.depth(), 3);
+        assert_eq!(rx.try_iter().count(), 3);
+        link.metrics.done(2);
+        assert!(link.offer(item(4), false));
+        assert_eq!(link.metrics.depth(), 2);
+    }
+
+    /// An ack cancels only what this shard queued and watches, once; the watch list keeps
+    /// the newest 2 x queue_max ids.
+    #[test]
+    fn acks_cancel_watched_ids_once_and_the_watch_list_is_bounded() {
+        let (mut link, rx) = link(2);
+        link.offer(item(1), true);
+        link.offer(item(2), false);
+        rx.try_iter().for_each(drop);
+        link.acked(1);
+        link.acked(1);
+        link.acked(2);
+        link.acked(9);
+        let cancels: Vec<u64> = rx
+            .try_iter()
+            .filter_map(|m| match m {
+                PushMsg::Cancel(id) => Some(id),
+                PushMsg::Item(_) => None,
+            })
+            .collect();
+        assert_eq!(cancels, [1]);
+        for id in 10..30 {
+            link.metrics.done(link.metrics.depth());
+            link.offer(item(id), true);
+        }
+        assert!(link.watched.len() <= 4 && link.order.len() <= 4);
+        assert!(link.watched.contains(&29) && !link.watched.contains(&10));
+    }
 }

@@ -178,7 +178,6 @@ mod tests {
 
     fn item(id: u64) -> PushItem {
         PushItem {
-            shard: 0,
             user: "u".into(),
             from: "f".into(),
             id,

@@ -527,7 +527,6 @@ impl Shard {
             return; // a read receipt is no message to notify about
         }
         let item = crate::push::PushItem {
-            shard: self.id as u16,
             user: msg.to.clone(),
             from: msg.from.clone(),
             id: msg.id,
