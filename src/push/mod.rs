@@ -434,6 +434,21 @@ fn seed() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(0u8) | 1
 }
 
+/// A push item for unit tests (the queue's and the shard link's).
+#[cfg(test)]
+pub(crate) fn test_item(id: u64) -> PushItem {
+    PushItem {
+        user: "u".into(),
+        from: "f".into(),
+        id,
+        cid: "\"c\"".into(),
+        ts: 0,
+        msg_type: None,
+        body: "1".into(),
+        seq: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,18 +466,7 @@ mod tests {
         (link, rx)
     }
 
-    fn item(id: u64) -> PushItem {
-        PushItem {
-            user: "u".into(),
-            from: "f".into(),
-            id,
-            cid: "\"c\"".into(),
-            ts: 0,
-            msg_type: None,
-            body: "1".into(),
-            seq: None,
-        }
-    }
+    use super::test_item as item;
 
     /// Past `queue_max` items not yet done, an offer is refused at once; once the worker is
     /// done with some, offers are taken again.

@@ -176,18 +176,7 @@ impl PushQueue {
 mod tests {
     use super::*;
 
-    fn item(id: u64) -> PushItem {
-        PushItem {
-            user: "u".into(),
-            from: "f".into(),
-            id,
-            cid: "\"c\"".into(),
-            ts: 0,
-            msg_type: None,
-            body: "1".into(),
-            seq: None,
-        }
-    }
+    use crate::push::test_item as item;
 
     fn ids(next: Next) -> Vec<u64> {
         match next {
