@@ -502,6 +502,10 @@ impl Shard {
         let mesh = self.mesh.as_ref().expect("handoff needs the mesh");
         let entry = &mut self.conns[index];
         let conn = std::mem::replace(&mut entry.conn, Connection::new(now));
+        // Counted out before it is sent: once sent, the new shard may count it in, welcome
+        // the client and be asked for its metrics before this thread runs again (seen in
+        // tests/affinity.rs on a loaded machine: a shard still counting a handed-off socket).
+        self.metrics.connections_open.dec();
         match mesh.send(
             to,
             ShardMsg::Handoff {
@@ -515,7 +519,6 @@ impl Shard {
                 if let Some(key) = entry.timer {
                     self.wheel.cancel(key);
                 }
-                self.metrics.connections_open.dec();
                 self.metrics.handoffs_out.inc();
                 true
             }
@@ -524,6 +527,7 @@ impl Shard {
                     unreachable!("a refused send returns the message it was given");
                 };
                 self.metrics.mesh_full.inc();
+                self.metrics.connections_open.inc();
                 let ctx = shard_ctx!(self);
                 let entry = &mut self.conns[index];
                 entry.conn = *conn;
