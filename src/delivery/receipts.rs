@@ -55,6 +55,11 @@ pub struct ReadReceipts {
 impl ReadReceipts {
     /// A message of `sender` with `id` was sent to a device of `reader`.
     pub fn sent(&mut self, reader: &str, sender: &str, id: u64) {
+        // The common case (a pair seen before) looks up twice and allocates nothing.
+        if let Some(pair) = self.pair(reader, sender) {
+            pair.received = pair.received.max(id);
+            return;
+        }
         if !self.readers.contains_key(reader) && self.readers.len() >= MAX_READERS {
             let any = self.readers.keys().next().cloned();
             if let Some(any) = any {

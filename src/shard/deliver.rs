@@ -173,6 +173,9 @@ impl Shard {
     /// answers to its later sends would come first although their messages were stored
     /// after it (found by the simulation once senders' connections dropped).
     fn is_resend(&self, index: usize, cid: &str) -> bool {
+        if self.shared.cfg.send_limit.is_none() {
+            return false; // nothing to spare it from
+        }
         #[cfg(test)]
         if self.planted(super::durable::OrderPlant::LimitResends) {
             return false;
@@ -628,10 +631,14 @@ impl Shard {
         let targets = if r.reply.conn == u32::MAX {
             self.devices_of(&r.from)
         } else {
-            let waiters = self
-                .send_waiters
-                .remove(&(r.from.clone(), r.cid.clone()))
-                .unwrap_or_default();
+            // (Usually empty: no key is built then.)
+            let waiters = if self.send_waiters.is_empty() {
+                Vec::new()
+            } else {
+                self.send_waiters
+                    .remove(&(r.from.clone(), r.cid.clone()))
+                    .unwrap_or_default()
+            };
             let mut targets = Vec::with_capacity(1 + waiters.len());
             for (conn, serial) in [(r.reply.conn as usize, r.reply.serial)]
                 .into_iter()
