@@ -325,12 +325,7 @@ impl Client {
     /// Tell `to`'s online devices this user is typing. Ephemeral: not kept or resent when
     /// the connection is down (a `rate_limited` answer comes as an `Event::Error`).
     pub fn typing(&mut self, to: &str) {
-        let frame = json!({"op":"typing","to":to}).to_string();
-        if let Some(ws) = self.ws.as_mut() {
-            if ws.send(Message::text(frame)).is_err() {
-                self.ws = None;
-            }
-        }
+        self.send_frame(json!({"op":"typing","to":to}));
     }
 
     fn cid(&self, n: u64) -> String {

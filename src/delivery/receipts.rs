@@ -139,7 +139,8 @@ impl ReadReceipts {
         self.readers.remove(reader);
     }
 
-    /// Pairs remembered (for metrics).
+    /// Pairs remembered.
+    #[cfg(test)]
     pub fn pairs(&self) -> usize {
         self.readers.values().map(HashMap::len).sum()
     }

@@ -101,10 +101,6 @@ impl PresenceViews {
         true
     }
 
-    pub fn is_watched(&self, user: &str) -> bool {
-        self.users.contains_key(user)
-    }
-
     /// The user's first device on this node came (`true`) or its last one left.
     pub fn set_local(&mut self, user: &str, online: bool, now: u64) -> Option<Told> {
         let viewed = self.users.get_mut(user)?;
@@ -168,8 +164,8 @@ impl PresenceViews {
         out
     }
 
-    /// Watched users believed online on another node (their directory entries are checked
-    /// again periodically, so that a node that died turns them offline).
+    /// Watched users believed online on another node.
+    #[cfg(test)]
     pub fn remote_online(&self) -> Vec<CompactString> {
         self.users
             .iter()

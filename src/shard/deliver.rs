@@ -284,16 +284,11 @@ impl Shard {
             ReadVerdict::AlreadyTold => return self.metrics.reads_redundant.inc(),
             ReadVerdict::NeverReceived => {
                 self.metrics.reads_refused.inc();
-                let err = FrameError {
-                    code: ErrorCode::BadRequest,
-                    message: format!(
-                        "no message {id} from `{}` was sent to you",
-                        sender.escape_default()
-                    ),
-                    cid: None,
-                };
-                let ctx = shard_ctx!(self);
-                return self.conns[index].conn.reply_error(now, err, &ctx);
+                let why = format!(
+                    "no message {id} from `{}` was sent to you",
+                    sender.escape_default()
+                );
+                return self.reply_bad_request(index, why, now);
             }
         }
         self.metrics.reads.inc();
@@ -644,8 +639,7 @@ impl Shard {
                 .into_iter()
                 .chain(waiters)
             {
-                let alive = self.conns.get(conn).is_some_and(|e| e.serial == serial);
-                if alive && !targets.contains(&conn) {
+                if self.is_live(conn, serial) && !targets.contains(&conn) {
                     targets.push(conn);
                 }
             }
@@ -668,17 +662,15 @@ impl Shard {
         };
         self.receipts.not_told(&r.from, &sender, r.id);
         self.metrics.refusals[why.source().index()].inc();
+        let err = FrameError {
+            code: why.code(),
+            message: format!("read receipt for {} not stored: {why}", r.id),
+            cid: None,
+        };
         let mut out = Vec::with_capacity(96);
-        let what = format!("read receipt for {} not stored", r.id);
-        let mut err = why.frame(&what, "".into());
-        err.cid = None;
         proto::write_error(&mut out, &err);
         let origin = r.reply.conn as usize;
-        if self
-            .conns
-            .get(origin)
-            .is_some_and(|e| e.serial == r.reply.serial)
-        {
+        if self.is_live(origin, r.reply.serial) {
             self.write_text(origin, &out);
             self.kick(origin);
         }
@@ -721,7 +713,7 @@ impl Shard {
                 last: entry.last_seq,
             }),
         };
-        if let Some(session) = entry.session.as_mut() {
+        if let Some(session) = entry.session.as_mut().filter(|s| !s.fetched.is_empty()) {
             for (inbox_seq, _) in &acked {
                 session.fetched.remove(inbox_seq);
             }
@@ -731,16 +723,8 @@ impl Shard {
             entry.last_seq = entry.session.take().map_or(0, |s| s.window.last_seq());
         }
         if let Err(AckError::Ahead { upto, last }) = result {
-            let err = FrameError {
-                code: ErrorCode::BadRequest,
-                message: format!(
-                    "ack {upto} is beyond the last seq sent on this connection ({last})"
-                ),
-                cid: None,
-            };
-            let ctx = shard_ctx!(self);
-            self.conns[index].conn.reply_error(now, err, &ctx);
-            return;
+            let why = format!("ack {upto} is beyond the last seq sent on this connection ({last})");
+            return self.reply_bad_request(index, why, now);
         }
         if acked.is_empty() {
             // An ack that acknowledges nothing costs a frame like any other; useful acks are
@@ -883,13 +867,8 @@ impl Shard {
         let capacity = self.shared.cfg.window as usize;
         let entry = &mut self.conns[index];
         let Some(session) = entry.session.as_mut().filter(|s| s.summary.is_some()) else {
-            let err = FrameError {
-                code: ErrorCode::BadRequest,
-                message: "`fetch` follows a `summary` (and comes before `replay`)".into(),
-                cid: None,
-            };
-            let ctx = shard_ctx!(self);
-            return self.conns[index].conn.reply_error(now, err, &ctx);
+            let why = "`fetch` follows a `summary` (and comes before `replay`)";
+            return self.reply_bad_request(index, why.into(), now);
         };
         let cursors = session.summary.as_mut().expect("filtered above");
         let want = (limit as usize).min(capacity - session.window.len());
@@ -971,6 +950,18 @@ impl Shard {
             self.metrics.acks_pending.sub(dropped);
             conn.close_unresponsive(now, &ctx);
         }
+    }
+
+    /// Refuse a frame of the connection at `index` that is well formed but wrong here
+    /// (`bad_request`, no cid; the connection stays).
+    pub(super) fn reply_bad_request(&mut self, index: usize, why: String, now: u64) {
+        let err = FrameError {
+            code: ErrorCode::BadRequest,
+            message: why,
+            cid: None,
+        };
+        let ctx = shard_ctx!(self);
+        self.conns[index].conn.reply_error(now, err, &ctx);
     }
 
     /// Append a text frame to a connection's output.

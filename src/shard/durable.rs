@@ -956,10 +956,6 @@ impl Shard {
         };
         d.epoch += 1;
         self.metrics.cluster_epoch.set(d.epoch);
-        self.watch_resync();
-        let Some(d) = &mut self.durable else {
-            return;
-        };
         let (now_users, later): (Vec<CompactString>, Vec<CompactString>) = d
             .mirrors
             .keys()
@@ -969,6 +965,7 @@ impl Shard {
         for user in in_stable_order(now_users) {
             self.load_mirror(&user, now);
         }
+        self.watch_resync();
     }
 
     fn want_reload(&mut self, user: &str) {
@@ -1064,7 +1061,7 @@ impl Shard {
                 // `read`s that came before the load: judged now that what the user
                 // received is known.
                 for (index, serial, sender, id) in self.reads_waiting.take(&user) {
-                    if self.conns.get(index).is_some_and(|e| e.serial == serial) {
+                    if self.is_live(index, serial) {
                         self.on_read(index, sender, id, now);
                         self.kick(index);
                     }

@@ -565,6 +565,11 @@ impl Shard {
         devices
     }
 
+    /// The connection at slab `index` is still the one with `serial` (slots are reused).
+    fn is_live(&self, index: usize, serial: u32) -> bool {
+        self.conns.get(index).is_some_and(|e| e.serial == serial)
+    }
+
     /// A bounded batch of what other shards sent (the caller clears the bell first).
     pub fn take_mesh_batch(&mut self) -> Vec<ShardMsg> {
         let mut batch = Vec::new();
@@ -900,7 +905,7 @@ impl Shard {
             .advance(now / self.shared.cfg.tick_ms, |key, r| fired.push((key, r)));
         for (key, r) in fired.drain(..) {
             let index = r.index as usize;
-            let live = |s: &Self| s.conns.get(index).is_some_and(|e| e.serial == r.serial);
+            let live = |s: &Self| s.is_live(index, r.serial);
             if !live(self) {
                 continue;
             }
@@ -935,7 +940,7 @@ impl Shard {
                 entry.park_requested = true;
             }
             self.kick(index);
-            if self.conns.get(index).is_some_and(|e| e.serial == r.serial) {
+            if self.is_live(index, r.serial) {
                 self.sync_timer(index);
             }
         }
@@ -1008,7 +1013,7 @@ impl Shard {
             entry.park_requested = false;
             let serial = entry.serial;
             self.kick(index);
-            if self.conns.get(index).is_some_and(|e| e.serial == serial) {
+            if self.is_live(index, serial) {
                 self.sync_timer(index);
             }
         }

@@ -115,7 +115,7 @@ impl Shard {
             self.presence_asks.remove(key);
         }
         if let Asker::Conn(index, serial) = asker {
-            if self.conns.get(index).is_some_and(|e| e.serial == serial) {
+            if self.is_live(index, serial) {
                 let err = FrameError {
                     code: ErrorCode::Unavailable,
                     message: "a shard is busy, ask again".into(),

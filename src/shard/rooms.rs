@@ -145,7 +145,7 @@ impl Shard {
 
     /// Write `frame` to a connection if it is still the one that asked.
     fn answer(&mut self, index: usize, serial: u32, frame: &[u8]) {
-        if self.conns.get(index).is_some_and(|e| e.serial == serial) {
+        if self.is_live(index, serial) {
             self.write_text(index, frame);
             self.kick(index);
         }

@@ -19,9 +19,9 @@
 use compact_str::CompactString;
 
 use super::msg::{Presence, ShardMsg};
-use super::{make_ctx, Shard};
+use super::Shard;
 use crate::delivery::watch::{Told, TooMany, MAX_WATCHED_PER_CONN};
-use crate::proto::{self, ErrorCode, FrameError};
+use crate::proto;
 use crate::store::redis::StoreOp;
 
 /// The `ask` of a presence question a home shard puts to the directory for its watched
@@ -38,15 +38,10 @@ impl Shard {
         match self.watch_list.add((index, serial), &users) {
             Err(TooMany) => {
                 self.metrics.watch_refused.inc();
-                let err = FrameError {
-                    code: ErrorCode::BadRequest,
-                    message: format!(
-                        "a connection watches at most {MAX_WATCHED_PER_CONN} users; unwatch some first"
-                    ),
-                    cid: None,
-                };
-                let ctx = shard_ctx!(self);
-                self.conns[index].conn.reply_error(now, err, &ctx);
+                let why = format!(
+                    "a connection watches at most {MAX_WATCHED_PER_CONN} users; unwatch some first"
+                );
+                self.reply_bad_request(index, why, now);
             }
             Ok(added) => {
                 for user in added {
@@ -214,7 +209,7 @@ impl Shard {
         proto::write_presence(&mut out, [(user, online)]);
         let watchers = self.watch_list.watchers(user).to_vec();
         for (index, serial) in watchers {
-            if self.conns.get(index).is_some_and(|e| e.serial == serial) {
+            if self.is_live(index, serial) {
                 self.metrics.presence_told.inc();
                 self.write_text(index, &out);
                 self.kick(index);
