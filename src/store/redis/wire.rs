@@ -1,7 +1,6 @@
 //! The text forms ringgate writes into Redis and reads back: packed messages, pushes on a
 //! node's channel, stream ids as inbox sequence numbers, and reply shapes.
 
-
 use compact_str::CompactString;
 use fred::prelude::*;
 
