@@ -128,6 +128,9 @@ pub struct Config {
     pub echo_route: bool,
     pub redis_url: Option<String>,
     pub redis_tls_ca: Option<PathBuf>,
+    /// PEM certificate chain and key for `wss://` on the public listener (both or neither).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub node_id: String,
     pub tick_ms: u64,
     pub wheel_slots: usize,
@@ -230,6 +233,12 @@ pub struct ConfigLayer {
     /// PEM file of the CA certificates to trust for a rediss:// URL [default: the system's]
     #[arg(long, env = "RINGGATE_REDIS_TLS_CA")]
     pub redis_tls_ca: Option<String>,
+    /// PEM certificate chain (leaf first) to serve wss:// on the public listener; reloaded on SIGHUP
+    #[arg(long, env = "RINGGATE_TLS_CERT")]
+    pub tls_cert: Option<String>,
+    /// PEM private key of tls_cert
+    #[arg(long, env = "RINGGATE_TLS_KEY")]
+    pub tls_key: Option<String>,
     /// Node id in a cluster [default: hostname-pid]
     #[arg(long, env = "RINGGATE_NODE_ID")]
     pub node_id: Option<String>,
@@ -395,6 +404,8 @@ impl ConfigLayer {
             echo_route,
             redis_url,
             redis_tls_ca,
+            tls_cert,
+            tls_key,
             node_id,
             tick_ms,
             wheel_slots,
@@ -526,6 +537,17 @@ impl ConfigLayer {
             }
             crate::store::redis::tls_connector(path).map_err(|m| invalid("redis_tls_ca", m))?;
         }
+        let tls_cert = self.tls_cert.filter(|s| !s.is_empty()).map(PathBuf::from);
+        let tls_key = self.tls_key.filter(|s| !s.is_empty()).map(PathBuf::from);
+        match (&tls_cert, &tls_key) {
+            (Some(cert), Some(key)) => {
+                // Read now, so a bad file stops `config` and `serve` with the key named.
+                crate::tls::Tls::load(cert, key).map_err(|m| invalid("tls_cert", m))?;
+            }
+            (Some(_), None) => return Err(invalid("tls_key", "required with tls_cert")),
+            (None, Some(_)) => return Err(invalid("tls_cert", "required with tls_key")),
+            (None, None) => {}
+        }
         let redis_timeout_ms = self.redis_timeout_ms.unwrap_or(2_000);
         if redis_timeout_ms < 10 {
             return Err(invalid("redis_timeout_ms", "must be at least 10"));
@@ -592,6 +614,8 @@ impl ConfigLayer {
             echo_route: self.echo_route.unwrap_or(false),
             redis_url,
             redis_tls_ca,
+            tls_cert,
+            tls_key,
             node_id,
             tick_ms,
             wheel_slots,

@@ -8,6 +8,7 @@
 //! - [`ws`]: HTTP upgrade and RFC 6455 frames; [`proto`]: the JSON application protocol.
 //! - [`wheel`]: the hashed timing wheel; [`clock`]: injected time.
 //! - [`auth`]: JWT and dev mode; [`metrics`]: per-shard counters and Prometheus text.
+//! - [`tls`]: rustls sessions between the public sockets and their connections.
 
 pub mod admin;
 pub mod alloc;
@@ -31,5 +32,6 @@ pub mod stats;
 pub mod store;
 #[cfg(test)]
 mod test_rng;
+pub mod tls;
 pub mod wheel;
 pub mod ws;

@@ -19,6 +19,8 @@ pub enum ErrorCode {
     RateLimited,
     TooLarge,
     Unavailable,
+    /// Only in-band refusals of `?auth=frame` connections (the others get HTTP 401).
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -30,6 +32,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -670,18 +673,50 @@ pub fn write_error(out: &mut Vec<u8>, err: &FrameError) {
 /// `rate_limited` (SPEC section 3): `what` was over a limit; nothing of the frame was taken,
 /// and it may be sent again after `retry_ms`.
 pub fn write_rate_limited(out: &mut Vec<u8>, what: &str, cid: Option<&str>, retry_ms: u64) {
-    write_error(
-        out,
-        &FrameError {
-            code: ErrorCode::RateLimited,
-            message: format!("{what}: retry in {retry_ms} ms"),
-            cid: cid.map(Into::into),
-        },
-    );
-    out.pop(); // the closing brace
-    out.extend_from_slice(b",\"retry_ms\":");
-    out.extend_from_slice(retry_ms.to_string().as_bytes());
-    out.push(b'}');
+    let err = FrameError {
+        code: ErrorCode::RateLimited,
+        message: format!("{what}: retry in {retry_ms} ms"),
+        cid: cid.map(Into::into),
+    };
+    write_error_retry(out, &err, Some(retry_ms));
+}
+
+/// `error` with `retry_ms` when the client should come back after it.
+pub fn write_error_retry(out: &mut Vec<u8>, err: &FrameError, retry_ms: Option<u64>) {
+    write_error(out, err);
+    if let Some(retry_ms) = retry_ms {
+        out.pop(); // the closing brace
+        out.extend_from_slice(b",\"retry_ms\":");
+        out.extend_from_slice(retry_ms.to_string().as_bytes());
+        out.push(b'}');
+    }
+}
+
+/// The first frame of a connection that authenticates in-band (`GET /ws?auth=frame`):
+/// `{"op":"auth","token":"<jwt>"}`, or in dev mode `{"op":"auth","user":"<id>"}`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AuthFrame {
+    pub token: Option<String>,
+    pub user: Option<String>,
+}
+
+/// Parse an `auth` frame; the error says what is wrong, for the refusal's message.
+pub fn parse_auth(text: &[u8]) -> Result<AuthFrame, &'static str> {
+    #[derive(Deserialize)]
+    struct Raw {
+        op: Option<String>,
+        token: Option<String>,
+        user: Option<String>,
+    }
+    const SHAPE: &str = r#"the first frame must be {"op":"auth","token":"<jwt>"}"#;
+    let raw: Raw = serde_json::from_slice(text).map_err(|_| SHAPE)?;
+    match raw.op.as_deref() {
+        Some("auth") => Ok(AuthFrame {
+            token: raw.token,
+            user: raw.user,
+        }),
+        _ => Err(SHAPE),
+    }
 }
 
 /// Append `s` as a JSON string literal.

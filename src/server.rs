@@ -29,6 +29,8 @@ pub enum StartError {
     },
     #[error("cannot start shard {shard}: {message}")]
     Shard { shard: usize, message: String },
+    #[error("invalid config key `tls_cert`: {0}")]
+    Tls(String),
 }
 
 /// glommio's pool of io_uring registered buffers, per shard (its default is 10 MiB). ringgate
@@ -97,7 +99,12 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             })?,
         );
     }
-    let shared = Shared::new(cfg.clone());
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::Tls::load(cert, key).map_err(StartError::Tls)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    let shared = Shared::with_tls(cfg.clone(), tls);
     let (mut push_links, push_worker, push_metrics) = match cfg.push.clone() {
         Some(push) => {
             eprintln!(
@@ -187,7 +194,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         wait_for_id_slots(&metrics, timeout);
     }
     println!(
-        "ringgate listening on ws://{public} admin http://{admin_addr} shards {} node {} (ready in {} ms)",
+        "ringgate listening on {scheme}://{public} admin http://{admin_addr} shards {} node {} (ready in {} ms)",
         cfg.shards,
         cfg.node_id,
         started.elapsed().as_millis()
@@ -230,15 +237,24 @@ fn wait_for_id_slots(metrics: &[Arc<ShardMetrics>], timeout: std::time::Duration
     }
 }
 
-/// First SIGTERM/SIGINT starts the drain; a second one exits at once.
+/// First SIGTERM/SIGINT starts the drain; a second one exits at once. SIGHUP reads the TLS
+/// certificate and key again (a failed reload keeps the ones in use).
 fn watch_signals(shared: Arc<Shared>) {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).expect("signal handler");
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).expect("signal handler");
     std::thread::Builder::new()
         .name("ringgate-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    match shared.tls.as_ref().map(|tls| tls.reload()) {
+                        None => tracing::info!("SIGHUP: no tls_cert configured, nothing to reload"),
+                        Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                        Some(Err(e)) => tracing::error!(error = %e, "SIGHUP: TLS certificate NOT reloaded, the previous one stays in use"),
+                    }
+                    continue;
+                }
                 if shared.draining.swap(true, Ordering::Relaxed) {
                     eprintln!("ringgate: second signal {sig}, exiting now");
                     std::process::exit(1);

@@ -191,11 +191,19 @@ fn fuzz_the_http_upgrade() {
                         assert!(response.windows(4).any(|w| w == b"\r\n\r\n"));
                         "refused"
                     }
+                    upgrade::Decision::RefuseInBand {
+                        refusal, accepted, ..
+                    } => {
+                        assert!(accepted.auth_in_frame, "only auth=frame is told in-band");
+                        assert!(accepted.response.starts_with(b"HTTP/1.1 101 "));
+                        assert_eq!(refusal, upgrade::Refusal::Forbidden, "the only one here");
+                        "refused in-band"
+                    }
                 };
             }
             last
         },
-        &["upgrade", "refused", "incomplete"],
+        &["upgrade", "refused", "refused in-band", "incomplete"],
     );
 }
 

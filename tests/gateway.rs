@@ -742,3 +742,89 @@ fn stats_prints_a_live_per_shard_table() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin listener"));
 }
+
+/// SPEC section 2, "in the first frame for browsers" (issue 18): `GET /ws?auth=frame` upgrades
+/// without credentials, the first frame carries the token, and the refusals a browser could
+/// not read as HTTP come in-band: an `error` frame and a 4xxx close. Users homed on both
+/// shards, so that sessions handed to the other shard after the auth frame are covered.
+#[test]
+fn browsers_authenticate_in_the_first_frame_and_hear_refusals_in_band() {
+    let gw = Gateway::start(&[
+        "--jwt-secret",
+        SECRET,
+        "--allowed-origins",
+        "https://app.example",
+        "--handshake-timeout-ms",
+        "400",
+    ]);
+    let origin = [("origin", "https://app.example")];
+    let users = [user_on("fa", 0, 2), user_on("fb", 1, 2)];
+    let mut socks = Vec::new();
+    // Until a session was handed to its home shard after its auth frame (the kernel spreads
+    // connections over the shards; each lands on the other one with probability 1/2).
+    for round in 0.. {
+        assert!(round < 20, "no connection ever landed off its home shard");
+        for user in &users {
+            let mut ws = connect_with(&gw, "/ws?auth=frame", &origin).expect("upgrade");
+            let auth = serde_json::json!({"op":"auth","token": token(user, "1h")}).to_string();
+            // A frame right behind the auth frame waits for the session on the home shard.
+            send_texts(&mut ws, &[&auth, r#"{"op":"ping"}"#]);
+            assert_eq!(next_op(&mut ws, "welcome")["user"], user.as_str());
+            next_op(&mut ws, "synced");
+            next_op(&mut ws, "pong");
+            socks.push(ws);
+        }
+        if gw.metric_sum("ringgate_handoffs_out_total") > 0 {
+            break;
+        }
+    }
+    // Sessions work across shards: the first user sends to the second.
+    let (a, b) = socks.split_at_mut(1);
+    send(&mut a[0], &users[1], "c1", serde_json::json!("hi"));
+    assert_eq!(next_op(&mut a[0], "accepted")["cid"], "c1");
+    let msg = next_op(&mut b[0], "msg");
+    assert_eq!(
+        (msg["from"].as_str(), &msg["body"]),
+        (Some(users[0].as_str()), &serde_json::json!("hi"))
+    );
+
+    // A bad token: `unauthorized`, close 4001.
+    let unauthorized = |gw: &Gateway| {
+        gw.metric_sum_where(
+            "ringgate_connections_refused_total",
+            "reason=\"unauthorized\"",
+        )
+    };
+    let before = unauthorized(&gw);
+    let mut ws = connect_with(&gw, "/ws?auth=frame", &origin).expect("upgrade");
+    send_text(
+        &mut ws,
+        &serde_json::json!({"op":"auth","token": expired_token("bob")}).to_string(),
+    );
+    let err = next_op(&mut ws, "error");
+    assert_eq!(
+        (err["code"].as_str(), err["message"].as_str()),
+        (Some("unauthorized"), Some("token expired"))
+    );
+    assert_eq!(recv_close_code(&mut ws), 4001);
+    // Silence: no auth frame within handshake_timeout_ms.
+    let mut ws = connect_with(&gw, "/ws?auth=frame", &origin).expect("upgrade");
+    assert_eq!(next_op(&mut ws, "error")["code"], "unauthorized");
+    assert_eq!(recv_close_code(&mut ws), 4001);
+    assert!(eventually(Duration::from_secs(5), || unauthorized(&gw) == before + 2));
+
+    // An origin not allowed: upgraded only to hear `forbidden`, close 4003.
+    let mut ws = connect_with(&gw, "/ws?auth=frame", &[("origin", "https://evil.example")])
+        .expect("upgraded to be told");
+    assert_eq!(next_op(&mut ws, "error")["code"], "forbidden");
+    assert_eq!(recv_close_code(&mut ws), 4003);
+    // Without `auth=frame` the same refusals stay plain HTTP.
+    assert_eq!(
+        upgrade_status(gw.public, "/ws", &["Origin: https://app.example"]).0,
+        401
+    );
+    assert_eq!(
+        upgrade_status(gw.public, "/ws", &["Origin: https://evil.example"]).0,
+        403
+    );
+}

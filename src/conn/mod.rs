@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::auth::Authenticator;
+use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
 use crate::limit::ip::{IpKey, IpLimits};
 use crate::limit::Limited;
@@ -56,7 +56,7 @@ pub struct Ctx<'a> {
 pub type AppEvent = ClientFrame;
 
 /// What a `/ws` connection carries besides its user id, boxed because it is rare.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct PeerExtra {
     rooms: Option<Vec<Box<str>>>,
     device: Option<Box<str>>,
@@ -72,6 +72,17 @@ struct Partial {
     /// Bytes of a fragmented text message already checked as UTF-8, so that each fragment is
     /// validated once when it arrives (fail fast, and no quadratic re-scan).
     utf8_checked: usize,
+}
+
+/// What an upgraded `/ws` connection waits for before its session starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    Nothing,
+    /// `?auth=frame`: the first frame must be `auth`. Until then `user` is empty and
+    /// `last_ping_ms` holds the upgrade time, from which the auth deadline runs.
+    Auth,
+    /// The user is known; its home shard has not started the session yet.
+    Session,
 }
 
 #[derive(Debug)]
@@ -90,8 +101,9 @@ pub struct Connection {
     last_rx_ms: u64,
     last_ping_ms: u64,
     bad_frames: u32,
-    /// Upgraded on `/ws`; the user's home shard has not started the session yet.
-    awaiting_session: bool,
+    /// What an upgraded `/ws` connection still waits for before its session (one byte: the
+    /// per-connection size is a budget, see shard/tests.rs).
+    waiting: Waiting,
     /// Input bytes to throw away before the next frame: the rest of a bad frame whose length
     /// is known (then the peer's answering close frame is read, and the socket closes at once),
     /// or [`SKIP_ALL`] when framing is lost (then the peer's FIN ends it). Reading on (instead
@@ -122,7 +134,7 @@ impl Connection {
             last_rx_ms: now_ms,
             last_ping_ms: 0,
             bad_frames: 0,
-            awaiting_session: false,
+            waiting: Waiting::Nothing,
             skip_input: 0,
             fin_sent: false,
             ip: 0,
@@ -167,14 +179,19 @@ impl Connection {
 
     /// Upgraded on `/ws` and waiting for the user's home shard to call [`Self::start_session`].
     pub fn awaiting_session(&self) -> bool {
-        self.awaiting_session
+        self.waiting == Waiting::Session
+    }
+
+    /// Upgraded with `?auth=frame` and the `auth` frame not read yet.
+    fn awaiting_auth(&self) -> bool {
+        self.waiting == Waiting::Auth
     }
 
     /// On the user's home shard: `welcome` (the shard then replays the inbox, sends `synced`
     /// and calls [`Self::resume_input`], so nothing is answered before `welcome`).
     /// `serial`: the home shard's serial for the connection, for the `conn` id in `welcome`.
     pub fn start_session(&mut self, serial: u32, ctx: &Ctx) {
-        if !std::mem::take(&mut self.awaiting_session) {
+        if std::mem::replace(&mut self.waiting, Waiting::Nothing) != Waiting::Session {
             return;
         }
         let mut body = Vec::with_capacity(160);
@@ -230,7 +247,7 @@ impl Connection {
     /// The home shard cannot take the connection (its mesh channel is full): tell the client
     /// to come back (1013) instead of serving it on the wrong shard.
     pub fn reject_session(&mut self, now: u64, ctx: &Ctx) {
-        self.awaiting_session = false;
+        self.waiting = Waiting::Nothing;
         self.partial = None;
         self.close(now, frame::CLOSE_TRY_AGAIN, "overloaded, reconnect", ctx);
     }
@@ -243,6 +260,7 @@ impl Connection {
     /// Open, nothing buffered either way, and silent for `idle_ms`: it may leave its task.
     pub fn parkable(&self, now: u64, idle_ms: u64) -> bool {
         self.phase == Phase::Open
+            && !self.awaiting_auth()
             && self.out.is_empty()
             && self.partial.is_none()
             && now >= self.last_rx_ms + idle_ms
@@ -275,6 +293,8 @@ impl Connection {
     pub fn deadline(&self, cfg: &Config) -> u64 {
         match self.phase {
             Phase::Handshaking => self.last_rx_ms + cfg.handshake_timeout_ms,
+            // Not renewed by input: a trickled auth frame gets no more time than a head.
+            Phase::Open if self.awaiting_auth() => self.last_ping_ms + cfg.handshake_timeout_ms,
             Phase::Open => {
                 let hb = cfg.heartbeat_ms;
                 (self.last_rx_ms.max(self.last_ping_ms) + hb).min(self.last_rx_ms + 3 * hb)
@@ -288,6 +308,7 @@ impl Connection {
     pub fn silence_would_end_it(&self, now: u64, cfg: &Config) -> bool {
         match self.phase {
             Phase::Handshaking => now >= self.deadline(cfg),
+            Phase::Open if self.awaiting_auth() => now >= self.deadline(cfg),
             Phase::Open => now >= self.last_rx_ms + 3 * cfg.heartbeat_ms,
             Phase::Closing { .. } | Phase::Done { .. } => false,
         }
@@ -342,6 +363,10 @@ impl Connection {
                     until_ms: now + ctx.cfg.close_linger_ms,
                 };
             }
+            Phase::Open if self.awaiting_auth() => {
+                let detail = "no auth frame within handshake_timeout_ms";
+                self.refuse_in_band(now, Refusal::Unauthorized, detail, 0, ctx);
+            }
             Phase::Open => {
                 let hb = ctx.cfg.heartbeat_ms;
                 if now >= self.last_rx_ms + 3 * hb {
@@ -365,7 +390,7 @@ impl Connection {
     pub fn on_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
         match self.phase {
             Phase::Handshaking => self.on_handshake_bytes(now, data, ctx),
-            Phase::Open if self.awaiting_session => {
+            Phase::Open if self.awaiting_session() => {
                 // Kept until the session starts on the home shard.
                 self.pay_frame_debt(now);
                 self.last_rx_ms = now;
@@ -401,24 +426,36 @@ impl Connection {
         match upgrade::decide(&partial.buf, &policy) {
             Decision::Incomplete => self.partial = Some(partial),
             Decision::Refuse(reason, response) => self.refuse(now, reason, response, ctx),
+            Decision::RefuseInBand {
+                refusal,
+                detail,
+                retry_after_s,
+                accepted,
+            } => {
+                self.upgrade_to_refuse(now, accepted.response, refusal, &detail, retry_after_s, ctx)
+            }
             Decision::Upgrade(accepted) => {
                 // Reserve the host slot exactly (the policy check above is only a fast path).
-                if ctx.host_open.fetch_add(1, Ordering::Relaxed) >= ctx.cfg.max_connections {
+                let refused =
+                    if ctx.host_open.fetch_add(1, Ordering::Relaxed) >= ctx.cfg.max_connections {
+                        Some((Refusal::Overloaded, "connection limit reached"))
+                    } else if !ctx.ips.open(self.ip) {
+                        Some((
+                            Refusal::IpOpen,
+                            "too many open connections from your address",
+                        ))
+                    } else {
+                        None
+                    };
+                if let Some((r, detail)) = refused {
                     ctx.host_open.fetch_sub(1, Ordering::Relaxed);
-                    let r = Refusal::Overloaded;
-                    self.refuse(
-                        now,
-                        r,
-                        r.response("connection limit reached", ctx.cfg.retry_after_s),
-                        ctx,
-                    );
-                    return;
-                }
-                if !ctx.ips.open(self.ip) {
-                    ctx.host_open.fetch_sub(1, Ordering::Relaxed);
-                    let r = Refusal::IpOpen;
-                    let detail = "too many open connections from your address";
-                    self.refuse(now, r, r.response(detail, ctx.cfg.retry_after_s), ctx);
+                    let retry_s = ctx.cfg.retry_after_s;
+                    match accepted.auth_in_frame {
+                        true => {
+                            self.upgrade_to_refuse(now, accepted.response, r, detail, retry_s, ctx)
+                        }
+                        false => self.refuse(now, r, r.response(detail, retry_s), ctx),
+                    }
                     return;
                 }
                 ctx.metrics.handshakes_pending.dec();
@@ -430,30 +467,97 @@ impl Connection {
                 self.out.extend_from_slice(&accepted.response);
                 // A client may send frames right behind its request head.
                 let mut rest = partial.buf.split_off(accepted.head_len);
+                if accepted.device.is_some() || accepted.summary {
+                    self.extra = Some(Box::new(PeerExtra {
+                        rooms: None,
+                        device: accepted.device,
+                        summary: accepted.summary,
+                    }));
+                }
+                if accepted.auth_in_frame {
+                    self.waiting = Waiting::Auth;
+                    self.last_ping_ms = now;
+                }
                 match accepted.identity {
-                    Some(identity) => {
-                        if identity.rooms.is_some() || accepted.device.is_some() || accepted.summary
-                        {
-                            self.extra = Some(Box::new(PeerExtra {
-                                rooms: identity.rooms,
-                                device: accepted.device,
-                                summary: accepted.summary,
-                            }));
-                        }
-                        self.user = identity.user;
-                        // The user's home shard starts the session; frames wait until then.
-                        self.awaiting_session = true;
-                        if !rest.is_empty() {
-                            partial.buf = rest;
-                            partial.message = None;
-                            self.partial = Some(partial);
-                        }
-                    }
+                    Some(identity) => self.authenticated(identity, rest, partial),
                     None if !rest.is_empty() => self.on_frame_bytes(now, &mut rest, ctx),
                     None => {}
                 }
             }
         }
+    }
+
+    /// The user is known (from the request or its `auth` frame): the user's home shard
+    /// starts the session; `rest` (frames behind the credentials) waits until then.
+    fn authenticated(&mut self, identity: Identity, rest: Vec<u8>, mut partial: Box<Partial>) {
+        if identity.rooms.is_some() {
+            self.extra.get_or_insert_with(Default::default).rooms = identity.rooms;
+        }
+        self.user = identity.user;
+        self.last_ping_ms = 0;
+        self.waiting = Waiting::Session;
+        if !rest.is_empty() {
+            partial.buf = rest;
+            partial.message = None;
+            self.partial = Some(partial);
+        }
+    }
+
+    /// The first frame of an `?auth=frame` connection.
+    fn on_auth_frame(&mut self, now: u64, kind: Kind, payload: &[u8], ctx: &Ctx) {
+        let parsed = match kind {
+            Kind::Text => proto::parse_auth(payload),
+            _ => Err(r#"the first frame must be {"op":"auth","token":"<jwt>"} (text)"#),
+        };
+        let result = parsed.map_err(str::to_string).and_then(|frame| {
+            ctx.auth
+                .authenticate(frame.token.as_deref(), frame.user.as_deref())
+                .map_err(|e| match e {
+                    AuthError::Missing if ctx.auth.dev_mode() => {
+                        r#"dev mode: send {"op":"auth","user":"<id>"}"#.to_string()
+                    }
+                    e => e.to_string(),
+                })
+        });
+        match result {
+            // Frames behind it stay in the framing buffer (`decode_frames` stops here).
+            Ok(identity) => self.authenticated(identity, Vec::new(), Box::default()),
+            Err(detail) => self.refuse_in_band(now, Refusal::Unauthorized, &detail, 0, ctx),
+        }
+    }
+
+    /// Upgrade an `?auth=frame` request only to say why it is refused: it takes no host slot
+    /// and does not count as accepted.
+    fn upgrade_to_refuse(
+        &mut self,
+        now: u64,
+        response: Vec<u8>,
+        r: Refusal,
+        detail: &str,
+        retry_after_s: u64,
+        ctx: &Ctx,
+    ) {
+        ctx.metrics.handshakes_pending.dec();
+        self.out = response;
+        self.phase = Phase::Open;
+        self.refuse_in_band(now, r, detail, retry_after_s * 1000, ctx);
+    }
+
+    /// Tell an upgraded `?auth=frame` client why it is refused: an `error` frame, then a close
+    /// with the refusal's 4xxx code (see `Refusal::in_band`). Counted like an HTTP refusal.
+    fn refuse_in_band(&mut self, now: u64, r: Refusal, detail: &str, retry_ms: u64, ctx: &Ctx) {
+        ctx.metrics.refused[r.index()].inc();
+        self.waiting = Waiting::Nothing;
+        let (close_code, code, retry) = r.in_band();
+        let err = FrameError {
+            code,
+            message: detail.to_string(),
+            cid: None,
+        };
+        let mut body = Vec::with_capacity(128);
+        proto::write_error_retry(&mut body, &err, retry.then_some(retry_ms.max(1)));
+        self.push_frame(Kind::Text, &body, ctx);
+        self.close(now, close_code, detail, ctx);
     }
 
     fn refuse(&mut self, now: u64, reason: Refusal, response: Vec<u8>, ctx: &Ctx) {
@@ -514,7 +618,11 @@ impl Connection {
         ctx: &Ctx,
     ) -> usize {
         let mut pos = 0;
-        while pos < buf.len() && !matches!(self.phase, Phase::Done { .. }) {
+        // Frames behind an `auth` frame wait for the session, like those behind a request head.
+        while pos < buf.len()
+            && !matches!(self.phase, Phase::Done { .. })
+            && !self.awaiting_session()
+        {
             match frame::decode(&mut buf[pos..], ctx.cfg.max_frame) {
                 Ok(None) => break,
                 Ok(Some((f, used))) => {
@@ -668,6 +776,10 @@ impl Connection {
                 code: frame::CLOSE_INVALID_PAYLOAD,
                 reason: "text message is not UTF-8",
             });
+        }
+        if self.awaiting_auth() {
+            self.on_auth_frame(now, kind, payload, ctx);
+            return Ok(());
         }
         let route = self.route;
         match route {

@@ -1504,6 +1504,219 @@ fn dev_user_without_token_is_refused_when_a_secret_is_set() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 15b. Authentication in the first frame (`?auth=frame`, browsers) and in-band refusals
+// ---------------------------------------------------------------------------------------------
+
+fn auth_frame(json: &str) -> Vec<u8> {
+    cf(true, OP_TEXT, json.as_bytes())
+}
+
+/// Upgrade with `?auth=frame`: 101 and nothing else (no welcome before the auth frame).
+fn open_awaiting_auth(env: &Env, now: u64, target: &str) -> Connection {
+    let mut conn = env.accept(now);
+    feed(&mut conn, env, now, &request(target));
+    let out = flush(&mut conn);
+    let (resp, rest) = split_http(&out);
+    assert_eq!(resp.status, 101, "{}", resp.head);
+    assert!(rest.is_empty(), "nothing before the auth frame: {rest:?}");
+    assert_eq!(conn.user(), None);
+    assert!(!conn.awaiting_session());
+    conn
+}
+
+/// The refusal an `?auth=frame` client reads: an `error` frame, then a close with `close`.
+fn expect_in_band(frames: &[Out], close: u16, code: &str) -> serde_json::Value {
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    let err = frames[0].json();
+    assert_eq!(err["op"], "error", "{err}");
+    assert_eq!(err["code"], code, "{err}");
+    assert_eq!(frames[1].close_code(), close);
+    err
+}
+
+#[test]
+fn auth_frame_starts_the_session_and_frames_behind_it_wait_for_it() {
+    let env = jwt_env();
+    let mut conn = open_awaiting_auth(&env, T0, "/ws?auth=frame&device=tab");
+    assert_eq!(env.metrics.connections_open.get(), 1);
+    let token = crate::auth::mint(SECRET, "carol", Some(vec!["lobby".into()]), 60);
+    // The auth frame and a ping in one write: the ping is answered after `welcome`.
+    let mut bytes = auth_frame(&format!(r#"{{"op":"auth","token":"{token}"}}"#));
+    bytes.extend(cf(true, OP_TEXT, APP_PING));
+    feed(&mut conn, &env, T0 + 10, &bytes);
+    let f = frames(&mut conn);
+    assert_eq!(f.len(), 3, "{f:?}");
+    assert_eq!(f[0].json()["op"], "welcome");
+    assert_eq!(f[0].json()["user"], "carol");
+    assert_eq!(f[1].json()["op"], "synced");
+    assert_eq!(f[2], Out::new(OP_TEXT, APP_PONG));
+    assert_eq!(conn.user(), Some("carol"));
+    assert_eq!(conn.device(), Some("tab"));
+    assert_eq!(conn.rooms(), Some(&["lobby".into()][..]));
+    // Authenticated: the heartbeat applies from now on, no auth deadline.
+    assert_eq!(conn.deadline(&env.cfg), T0 + 10 + HB);
+    for r in Refusal::ALL {
+        assert_eq!(env.metrics.refused[r.index()].get(), 0, "{r:?}");
+    }
+}
+
+#[test]
+fn dev_mode_auth_frame_takes_a_user() {
+    let env = Env::new();
+    let mut conn = open_awaiting_auth(&env, T0, "/ws?auth=frame");
+    feed(
+        &mut conn,
+        &env,
+        T0 + 1,
+        &auth_frame(r#"{"op":"auth","user":"dora"}"#),
+    );
+    let f = frames(&mut conn);
+    assert_eq!(f[0].json()["user"], "dora", "{f:?}");
+}
+
+#[test]
+fn bad_auth_frames_are_refused_in_band_with_4001() {
+    let expired = {
+        let claims = Claims {
+            sub: "carol".into(),
+            exp: crate::auth::now_unix() - 3600,
+            rooms: None,
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let cases: [(Vec<u8>, &str); 5] = [
+        (
+            auth_frame(&format!(r#"{{"op":"auth","token":"{expired}"}}"#)),
+            "token expired",
+        ),
+        (auth_frame(r#"{"op":"auth"}"#), "missing token"),
+        (
+            auth_frame(r#"{"op":"auth","token":"x.y.z"}"#),
+            "invalid token",
+        ),
+        (cf(true, OP_TEXT, APP_PING), "the first frame must be"),
+        (cf(true, OP_BINARY, b"\x01"), "the first frame must be"),
+    ];
+    for (bytes, message) in cases {
+        let env = jwt_env();
+        let mut conn = open_awaiting_auth(&env, T0, "/ws?auth=frame");
+        feed(&mut conn, &env, T0 + 1, &bytes);
+        let err = expect_in_band(&frames(&mut conn), 4001, "unauthorized");
+        let text = err["message"].as_str().unwrap();
+        assert!(text.starts_with(message), "{text} / {message}");
+        assert!(err.get("retry_ms").is_none(), "{err}");
+        assert_eq!(conn.user(), None);
+        assert!(!conn.awaiting_session());
+        assert_eq!(
+            env.metrics.refused[Refusal::Unauthorized.index()].get(),
+            1,
+            "{message}"
+        );
+        // The client answers our close: done, and its host slot is given back.
+        feed(&mut conn, &env, T0 + 2, &close_frame(4001, ""));
+        assert!(matches!(conn.phase(), Phase::Done { .. }));
+        conn.on_closed(&env.ctx());
+        assert_eq!(env.host(), 0);
+        assert_eq!(env.metrics.connections_open.get(), 0);
+    }
+}
+
+#[test]
+fn no_auth_frame_within_the_handshake_timeout_is_refused_with_4001() {
+    let env = jwt_env();
+    let mut conn = open_awaiting_auth(&env, T0, "/ws?auth=frame");
+    assert_eq!(conn.deadline(&env.cfg), T0 + HANDSHAKE_MS);
+    assert!(
+        !conn.parkable(T0 + HANDSHAKE_MS - 1, 1),
+        "never parked unauthenticated"
+    );
+    // A trickled auth frame does not buy time.
+    let whole = auth_frame(r#"{"op":"auth","token":"x.y.z"}"#);
+    feed(&mut conn, &env, T0 + HANDSHAKE_MS - 1, &whole[..3]);
+    assert_eq!(conn.deadline(&env.cfg), T0 + HANDSHAKE_MS);
+    assert!(!conn.silence_would_end_it(T0 + HANDSHAKE_MS - 1, &env.cfg));
+    assert!(conn.silence_would_end_it(T0 + HANDSHAKE_MS, &env.cfg));
+    conn.on_timer(T0 + HANDSHAKE_MS - 1, &env.ctx());
+    assert!(conn.out.is_empty(), "not before the deadline");
+    conn.on_timer(T0 + HANDSHAKE_MS, &env.ctx());
+    let err = expect_in_band(&frames(&mut conn), 4001, "unauthorized");
+    assert_eq!(err["message"], "no auth frame within handshake_timeout_ms");
+    assert_eq!(env.metrics.refused[Refusal::Unauthorized.index()].get(), 1);
+}
+
+#[test]
+fn auth_frame_refusals_of_the_upgrade_are_told_in_band() {
+    // Origin not allowed: 4003, permanent (no retry_ms).
+    let env = Env::with(
+        ConfigLayer {
+            allowed_origins: Some(vec!["https://chat.example".into()]),
+            ..layer()
+        },
+        None,
+    );
+    let mut conn = env.accept(T0);
+    feed(&mut conn, &env, T0, &request("/ws?auth=frame"));
+    let out = flush(&mut conn);
+    let (resp, rest) = split_http(&out);
+    assert_eq!(resp.status, 101);
+    let err = expect_in_band(&parse_frames(rest), 4003, "forbidden");
+    assert!(err.get("retry_ms").is_none());
+    assert_eq!(env.metrics.refused[Refusal::Forbidden.index()].get(), 1);
+    assert_eq!(env.metrics.connections_accepted.get(), 0);
+    assert_eq!(env.metrics.handshakes_pending.get(), 0);
+    assert_eq!(env.host(), 0, "an in-band refusal takes no host slot");
+    conn.on_closed(&env.ctx());
+    assert_eq!(env.host(), 0);
+
+    // Draining, and the host limit: 4503 with retry_ms from retry_after_s.
+    let mut env = Env::with(
+        ConfigLayer {
+            max_connections: Some(1),
+            retry_after_s: Some(7),
+            ..layer()
+        },
+        None,
+    );
+    env.draining = true;
+    let mut conn = env.accept(T0);
+    feed(&mut conn, &env, T0, &request("/ws?auth=frame"));
+    let out = flush(&mut conn);
+    let err = expect_in_band(&parse_frames(split_http(&out).1), 4503, "unavailable");
+    assert_eq!(err["retry_ms"], 7000);
+    assert_eq!(env.metrics.refused[Refusal::Draining.index()].get(), 1);
+    env.draining = false;
+    let _first = open(&env, T0, "/ws?user=a");
+    let mut conn = env.accept(T0);
+    feed(&mut conn, &env, T0, &request("/ws?auth=frame"));
+    let out = flush(&mut conn);
+    let err = expect_in_band(&parse_frames(split_http(&out).1), 4503, "unavailable");
+    assert_eq!(err["retry_ms"], 7000);
+    assert_eq!(env.metrics.refused[Refusal::Overloaded.index()].get(), 1);
+    assert_eq!(env.host(), 1);
+}
+
+#[test]
+fn without_auth_frame_refusals_stay_plain_http() {
+    // The SPEC's plain-HTTP refusals are unchanged for every client that did not ask.
+    let env = jwt_env();
+    expect_refusal(&env, &request("/ws"), Refusal::Unauthorized, 401);
+    let env = jwt_env();
+    let token = crate::auth::mint(SECRET, "carol", None, 60);
+    let resp = expect_refusal(
+        &env,
+        &request(&format!("/ws?auth=frame&token={token}")),
+        Refusal::BadRequest,
+        400,
+    );
+    assert!(resp.body.starts_with(b"auth=frame takes the token"));
+}
+
+// ---------------------------------------------------------------------------------------------
 // 16. Randomized streams
 // ---------------------------------------------------------------------------------------------
 

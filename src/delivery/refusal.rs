@@ -63,6 +63,7 @@ impl SendRefusal {
             ErrorCode::RateLimited => 429,
             ErrorCode::TooLarge => 413,
             ErrorCode::Forbidden => 403,
+            ErrorCode::Unauthorized => 401,
             ErrorCode::BadRequest | ErrorCode::UnknownOp => 400,
         }
     }

@@ -118,6 +118,9 @@ fn serve_accepted(shard: &Rc<RefCell<Shard>>, stream: TcpStream) {
     let Some(index) = shard.borrow_mut().admit(ip) else {
         return;
     };
+    if !shard.borrow_mut().start_tls(index) {
+        return;
+    }
     // Parked: the shard keeps a duplicate and this stream is closed on drop.
     if shard.borrow_mut().park_accepted(index, stream.as_raw_fd()) {
         spawn_unparked(shard);

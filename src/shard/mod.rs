@@ -78,10 +78,17 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// Per source address limits (the kernel spreads an address over every shard).
     pub ips: IpLimits,
+    /// The public listener's certificate (`tls_cert`), replaced on SIGHUP.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Shared {
     pub fn new(cfg: Config) -> Arc<Self> {
+        Self::with_tls(cfg, None)
+    }
+
+    /// As `new`, serving `wss://` with `tls` (loaded by the caller, which reports its errors).
+    pub fn with_tls(cfg: Config, tls: Option<crate::tls::Tls>) -> Arc<Self> {
         let auth = Authenticator::new(cfg.jwt_secret.as_deref());
         Arc::new(Shared {
             ips: cfg.ip_limits(),
@@ -89,6 +96,7 @@ impl Shared {
             auth,
             host_open: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            tls,
         })
     }
 }
@@ -187,6 +195,9 @@ pub struct Shard {
     presence_asks: Slab<presence::PresenceAsk>,
     /// Where idle connections wait (None when `park_idle_ms = 0`).
     park: Option<ParkSet>,
+    /// TLS sessions of this shard's connections, by slab index (`wss://` only; beside the
+    /// slab so that plain connections pay nothing for them).
+    tls_sessions: std::collections::HashMap<usize, Box<rustls::ServerConnection>>,
     ready_tokens: Vec<u64>,
     /// Parked sockets that became busy: the glue hands each to a new socket task.
     unparked: Vec<(usize, OwnedFd)>,
@@ -267,6 +278,7 @@ impl Shard {
             rooms_home: std::collections::HashMap::new(),
             room_members: std::collections::HashMap::new(),
             park: None,
+            tls_sessions: Default::default(),
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
             users: Users::default(),
@@ -358,9 +370,51 @@ impl Shard {
         // Serving one connection can produce output for others (and kick them); the one being
         // polled writes its own output below and must not be re-entered.
         self.polling.push(index);
-        let result = self.poll_conn_once(index, stream, cx);
+        let session = match self.tls_sessions.is_empty() {
+            true => None,
+            false => self.tls_sessions.remove(&index),
+        };
+        let result = match session {
+            None => self.poll_conn_once(index, stream, cx),
+            Some(mut tls) => {
+                let mut io = crate::tls::TlsIo {
+                    io: stream,
+                    tls: &mut tls,
+                };
+                let result = self.poll_conn_once(index, &mut io, cx);
+                // Closed: the session goes with it; else it stays with the slot (a handoff
+                // takes it from there).
+                if !matches!(result, ConnPoll::Close) {
+                    self.tls_sessions.insert(index, tls);
+                }
+                result
+            }
+        };
         self.polling.pop();
         result
+    }
+
+    /// A socket just accepted on a `wss://` listener gets its TLS session.
+    pub fn start_tls(&mut self, index: usize) -> bool {
+        let Some(tls) = &self.shared.tls else {
+            return true;
+        };
+        match tls.session() {
+            Ok(session) => {
+                self.tls_sessions.insert(index, session);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a TLS session");
+                self.remove(index);
+                false
+            }
+        }
+    }
+
+    /// A parked socket is served with raw syscalls that would bypass its TLS session.
+    fn may_park(&self, index: usize) -> bool {
+        self.tls_sessions.is_empty() || !self.tls_sessions.contains_key(&index)
     }
 
     fn poll_conn_once<S>(&mut self, index: usize, stream: &mut S, cx: &mut Context<'_>) -> ConnPoll
@@ -403,9 +457,19 @@ impl Shard {
                 Poll::Pending => break,
             }
         }
+        // Bytes a layer under the connection still holds (TLS records the socket would not
+        // take): they go out now or when the socket is writable (plain sockets hold none).
+        let mut flush_pending = false;
+        if !peer_gone {
+            match Pin::new(&mut *stream).poll_flush(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => peer_gone = true,
+                Poll::Pending => flush_pending = true,
+            }
+        }
         // Our close frame is out: shut the write side, so a peer that waits for the server to
         // close TCP first (RFC 6455 7.1.1) closes its side now, not at the linger deadline.
-        if !peer_gone && conn.wants_fin() {
+        if !peer_gone && !flush_pending && conn.wants_fin() {
             if let Poll::Ready(result) = Pin::new(&mut *stream).poll_close(cx) {
                 if result.is_err() {
                     peer_gone = true;
@@ -429,11 +493,11 @@ impl Shard {
                 *spare_out = out;
             }
         }
-        if peer_gone || conn.finished() {
+        if peer_gone || (conn.finished() && !flush_pending) {
             self.remove(index);
             return ConnPoll::Close;
         }
-        let write_blocked = !conn.out.is_empty();
+        let write_blocked = !conn.out.is_empty() || flush_pending;
         self.sync_timer(index);
         ConnPoll::Pending {
             read_blocked: read_armed,
@@ -506,11 +570,16 @@ impl Shard {
         // the client and be asked for its metrics before this thread runs again (seen in
         // tests/affinity.rs on a loaded machine: a shard still counting a handed-off socket).
         self.metrics.connections_open.dec();
+        let tls = match self.tls_sessions.is_empty() {
+            true => None,
+            false => self.tls_sessions.remove(&index),
+        };
         match mesh.send(
             to,
             ShardMsg::Handoff {
                 socket,
                 conn: Box::new(conn),
+                tls,
             },
         ) {
             Ok(()) => {
@@ -523,9 +592,12 @@ impl Shard {
                 true
             }
             Err(returned) => {
-                let ShardMsg::Handoff { conn, .. } = returned else {
+                let ShardMsg::Handoff { conn, tls, .. } = returned else {
                     unreachable!("a refused send returns the message it was given");
                 };
+                if let Some(session) = tls {
+                    self.tls_sessions.insert(index, session);
+                }
                 self.metrics.mesh_full.inc();
                 self.metrics.connections_open.inc();
                 let ctx = shard_ctx!(self);
@@ -583,7 +655,13 @@ impl Shard {
     /// (slab index, socket) for the glue to drive; everything else is served here.
     pub fn on_mesh_msg(&mut self, msg: ShardMsg, now: u64) -> Option<(usize, OwnedFd)> {
         match msg {
-            ShardMsg::Handoff { socket, conn } => return Some((self.adopt(*conn), socket)),
+            ShardMsg::Handoff { socket, conn, tls } => {
+                let index = self.adopt(*conn);
+                if let Some(session) = tls {
+                    self.tls_sessions.insert(index, session);
+                }
+                return Some((index, socket));
+            }
             ShardMsg::Direct(direct) => match direct {
                 msg::Direct::Deliver(m) => self.deliver(*m, now, None),
                 msg::Direct::Report(r) => self.on_report(*r),
@@ -642,9 +720,10 @@ impl Shard {
     /// Park the connection whose task holds socket `fd`: on success the task ends (dropping
     /// its glommio stream) and a duplicate of the socket waits in the park set.
     pub fn park(&mut self, index: usize, fd: RawFd) -> bool {
+        let may_park = self.may_park(index);
         let entry = &mut self.conns[index];
         entry.park_requested = false;
-        if !entry.conn.parkable(self.clock.now_ms(), 0) {
+        if !may_park || !entry.conn.parkable(self.clock.now_ms(), 0) {
             return false;
         }
         self.watch_parked(index, fd)
@@ -668,7 +747,7 @@ impl Shard {
         let Some(set) = &self.park else {
             return false;
         };
-        if self.drain_started.is_some() {
+        if self.drain_started.is_some() || !self.may_park(index) {
             return false;
         }
         let Ok(copy) = park::dup(fd) else {
@@ -863,6 +942,9 @@ impl Shard {
     fn remove(&mut self, index: usize) {
         self.released_since_collect += 1;
         let mut entry = self.conns.remove(index);
+        if !self.tls_sessions.is_empty() {
+            self.tls_sessions.remove(&index);
+        }
         if let Some(session) = &entry.session {
             self.metrics.acks_pending.sub(session.in_flight() as u64);
         }
@@ -936,6 +1018,7 @@ impl Shard {
                 && self.drain_started.is_none()
                 && entry.parked.is_none()
                 && entry.conn.parkable(now, park_idle)
+                && (self.tls_sessions.is_empty() || !self.tls_sessions.contains_key(&index))
             {
                 entry.park_requested = true;
             }

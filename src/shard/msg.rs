@@ -23,6 +23,8 @@ pub enum ShardMsg {
     Handoff {
         socket: OwnedFd,
         conn: Box<Connection>,
+        /// Its TLS session on a `wss://` listener (the socket's bytes are encrypted).
+        tls: Option<Box<rustls::ServerConnection>>,
     },
     /// Direct (1:1) messages.
     Direct(Direct),

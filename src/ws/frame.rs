@@ -19,6 +19,16 @@ pub const CLOSE_TOO_BIG: u16 = 1009;
 pub const CLOSE_INTERNAL: u16 = 1011;
 pub const CLOSE_RESTART: u16 = 1012;
 pub const CLOSE_TRY_AGAIN: u16 = 1013;
+/// Refusals told in-band to a connection that authenticates in its first frame (`?auth=frame`,
+/// browsers, whose WebSocket API hides the HTTP status of a refused upgrade): the token is
+/// missing, invalid, expired or not valid yet (get a new one), ...
+pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+/// ... the Origin is not allowed (permanent), ...
+pub const CLOSE_FORBIDDEN: u16 = 4003;
+/// ... too many connections from the address (retry after `retry_ms`), ...
+pub const CLOSE_RATE_LIMITED: u16 = 4029;
+/// ... the gateway is at its connection limit or draining (retry after `retry_ms`).
+pub const CLOSE_UNAVAILABLE: u16 = 4503;
 
 /// Largest control frame payload (RFC 6455 5.5).
 pub const MAX_CONTROL_PAYLOAD: usize = 125;

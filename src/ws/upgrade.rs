@@ -5,6 +5,10 @@
 //! touches sockets, clocks or shard state.
 
 use crate::auth::{valid_id, AuthError, Authenticator, Identity};
+use crate::proto::ErrorCode;
+use crate::ws::frame::{
+    CLOSE_FORBIDDEN, CLOSE_RATE_LIMITED, CLOSE_UNAUTHORIZED, CLOSE_UNAVAILABLE,
+};
 
 /// Request heads larger than this are refused with 431 (also bounds per-handshake memory).
 pub const MAX_HEAD: usize = 8192;
@@ -41,6 +45,8 @@ pub struct Accepted {
     pub device: Option<Box<str>>,
     /// `?summary=1`: a big inbox is summarised at connect instead of replayed (`summary`).
     pub summary: bool,
+    /// `?auth=frame`: the identity comes in the first frame (`identity` is `None` until then).
+    pub auth_in_frame: bool,
     pub response: Vec<u8>,
     /// Bytes of the request head; anything after it is already WebSocket frames.
     pub head_len: usize,
@@ -114,6 +120,20 @@ impl Refusal {
         Refusal::ALL.iter().position(|r| *r == self).unwrap()
     }
 
+    /// How a refusal is told in-band (`?auth=frame`): the close code, the `error` code, and
+    /// whether the client should retry after `retry_ms`. Only refusals that come after the
+    /// request is known to be a well-formed upgrade are told in-band.
+    pub fn in_band(self) -> (u16, ErrorCode, bool) {
+        match self {
+            Refusal::Forbidden => (CLOSE_FORBIDDEN, ErrorCode::Forbidden, false),
+            Refusal::IpRate | Refusal::IpOpen => (CLOSE_RATE_LIMITED, ErrorCode::RateLimited, true),
+            Refusal::Overloaded | Refusal::Draining => {
+                (CLOSE_UNAVAILABLE, ErrorCode::Unavailable, true)
+            }
+            _ => (CLOSE_UNAUTHORIZED, ErrorCode::Unauthorized, false),
+        }
+    }
+
     /// The complete HTTP response; the connection is closed after it.
     pub fn response(self, detail: &str, retry_after_s: u64) -> Vec<u8> {
         let (code, text) = self.status();
@@ -143,6 +163,15 @@ pub enum Decision {
     Incomplete,
     Upgrade(Accepted),
     Refuse(Refusal, Vec<u8>),
+    /// A `?auth=frame` request refused (browsers cannot read an HTTP refusal): upgrade with
+    /// `accepted.response`, then say why in an `error` frame and close with the refusal's
+    /// 4xxx code ([`Refusal::in_band`]).
+    RefuseInBand {
+        refusal: Refusal,
+        detail: String,
+        retry_after_s: u64,
+        accepted: Accepted,
+    },
 }
 
 fn refuse(r: Refusal, detail: &str, policy: &Policy) -> Decision {
@@ -215,23 +244,6 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
     let Some(key) = header("sec-websocket-key") else {
         unreachable!("rfc6455_head checked there is exactly one key");
     };
-    if policy.draining {
-        return refuse(Refusal::Draining, "shutting down, reconnect later", policy);
-    }
-    if policy.at_capacity {
-        return refuse(Refusal::Overloaded, "connection limit reached", policy);
-    }
-    if policy.too_fast_retry_s > 0 {
-        let r = Refusal::IpRate;
-        let detail = "too many new connections from your address";
-        return Decision::Refuse(r, r.response(detail, policy.too_fast_retry_s));
-    }
-    if !policy.allowed_origins.is_empty() {
-        let origin = header("origin").unwrap_or("");
-        if !policy.allowed_origins.iter().any(|o| o == origin) {
-            return refuse(Refusal::Forbidden, "origin not allowed", policy);
-        }
-    }
     let mut token = header("authorization")
         .and_then(|v| {
             v.strip_prefix("Bearer ")
@@ -241,6 +253,7 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
     let mut dev_user = None;
     let mut device = None;
     let mut summary = false;
+    let mut auth_in_frame = false;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let Some(v) = percent_decode(v) else {
@@ -251,6 +264,7 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
             "user" => dev_user = Some(v),
             "device" => device = Some(v),
             "summary" => summary = matches!(v.as_str(), "1" | "true"),
+            "auth" if v == "frame" && route == Route::App => auth_in_frame = true,
             _ => {}
         }
     }
@@ -259,37 +273,86 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
             return refuse(Refusal::BadRequest, "invalid device id", policy);
         }
     }
-    let identity = match route {
-        Route::Echo => None,
-        Route::App => match policy
-            .auth
-            .authenticate(token.as_deref(), dev_user.as_deref())
-        {
-            Ok(id) => Some(id),
-            Err(e) => {
-                let detail = match e {
-                    AuthError::Missing if policy.auth.dev_mode() => {
-                        "dev mode: pass ?user=<id>".to_string()
-                    }
-                    e => e.to_string(),
-                };
-                return refuse(Refusal::Unauthorized, &detail, policy);
-            }
-        },
-    };
+    if auth_in_frame && (token.is_some() || dev_user.is_some()) {
+        let detail = "auth=frame takes the token in the first frame, not in the request";
+        return refuse(Refusal::BadRequest, detail, policy);
+    }
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
     )
     .into_bytes();
-    Decision::Upgrade(Accepted {
+    let accepted = Accepted {
         route,
-        identity,
+        identity: None,
         device: device.map(Into::into),
         summary,
+        auth_in_frame,
         response,
         head_len,
-    })
+    };
+    // From here on a refusal is about this client, not about its request: a browser that
+    // asked (`auth=frame`) is told in-band.
+    let late =
+        |refusal: Refusal, detail: &str, retry_after_s: u64, accepted: Accepted| match accepted
+            .auth_in_frame
+        {
+            true => Decision::RefuseInBand {
+                refusal,
+                detail: detail.to_string(),
+                retry_after_s,
+                accepted,
+            },
+            false => Decision::Refuse(refusal, refusal.response(detail, retry_after_s)),
+        };
+    let retry_s = policy.retry_after_s;
+    if policy.draining {
+        return late(
+            Refusal::Draining,
+            "shutting down, reconnect later",
+            retry_s,
+            accepted,
+        );
+    }
+    if policy.at_capacity {
+        return late(
+            Refusal::Overloaded,
+            "connection limit reached",
+            retry_s,
+            accepted,
+        );
+    }
+    if policy.too_fast_retry_s > 0 {
+        let detail = "too many new connections from your address";
+        return late(Refusal::IpRate, detail, policy.too_fast_retry_s, accepted);
+    }
+    if !policy.allowed_origins.is_empty() {
+        let origin = header("origin").unwrap_or("");
+        if !policy.allowed_origins.iter().any(|o| o == origin) {
+            return late(Refusal::Forbidden, "origin not allowed", retry_s, accepted);
+        }
+    }
+    if route == Route::Echo || auth_in_frame {
+        return Decision::Upgrade(accepted);
+    }
+    match policy
+        .auth
+        .authenticate(token.as_deref(), dev_user.as_deref())
+    {
+        Ok(identity) => Decision::Upgrade(Accepted {
+            identity: Some(identity),
+            ..accepted
+        }),
+        Err(e) => {
+            let detail = match e {
+                AuthError::Missing if policy.auth.dev_mode() => {
+                    "dev mode: pass ?user=<id>".to_string()
+                }
+                e => e.to_string(),
+            };
+            refuse(Refusal::Unauthorized, &detail, policy)
+        }
+    }
 }
 
 /// RFC 6455 section 4.2.1 beyond what `decide` checks above: HTTP/1.1 or later, exactly one

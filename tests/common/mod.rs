@@ -85,7 +85,12 @@ impl Gateway {
                 .unwrap()
         };
         Gateway {
-            public: field("ws://"),
+            // `wss://` when it serves TLS (tests/tls.rs).
+            public: field(if line.contains("wss://") {
+                "wss://"
+            } else {
+                "ws://"
+            }),
             admin: field("admin http://"),
             child,
             stderr: err_rx,
