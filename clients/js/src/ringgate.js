@@ -348,6 +348,9 @@ export class RinggateClient {
     if (o.authInUrl) {
       if (this._token != null) u.searchParams.set('token', this._token);
       else u.searchParams.set('user', o.user);
+    } else {
+      // first-frame auth is opt-in on the gateway: no credentials in the URL, only this
+      u.searchParams.set('auth', 'frame');
     }
     if (o.device) u.searchParams.set('device', o.device);
     if (o.summary) u.searchParams.set('summary', '1');

@@ -57,6 +57,8 @@ test('by default the token goes in the first frame, not in the URL', () => {
   const url = new URL(s.url);
   assert.equal(url.pathname, '/ws');
   assert.equal(url.searchParams.get('token'), null);
+  assert.equal(url.searchParams.get('user'), null);
+  assert.equal(url.searchParams.get('auth'), 'frame', 'the gateway\'s opt-in for first-frame auth');
   assert.equal(url.searchParams.get('device'), 'phone');
   assert.equal(url.searchParams.get('summary'), '1');
   s.open();
@@ -72,6 +74,7 @@ test('dev mode authenticates with {op:auth,user}; authInUrl puts user or token i
   u.client.start();
   u.ws.last().open();
   assert.equal(new URL(u.ws.last().url).searchParams.get('user'), 'alice');
+  assert.equal(new URL(u.ws.last().url).searchParams.get('auth'), null, 'auth=frame with a token in the URL is a 400');
   assert.deepEqual(u.ws.last().sent, [], 'no auth frame when the URL carries it');
   const v = setup({ options: { authInUrl: true, user: undefined, token: 'a.b.c' } });
   v.client.start();

@@ -59,12 +59,12 @@ function startGateway() {
   });
 }
 
-/** Does this gateway upgrade /ws without a token (first-frame auth)? Asked with a raw request. */
+/** Does this gateway upgrade /ws?auth=frame without a token (first-frame auth)? Asked with a raw request. */
 function acceptsFirstFrameAuth(wsUrl) {
   const u = new URL(wsUrl);
   return new Promise((resolve, reject) => {
     const s = net.connect(Number(u.port), u.hostname, () =>
-      s.write(`GET /ws HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`),
+      s.write(`GET /ws?auth=frame HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n`),
     );
     let head = '';
     s.on('data', (d) => {
