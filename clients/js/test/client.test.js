@@ -11,7 +11,7 @@ import {
   memoryStorage,
   retryDelay,
 } from '../src/ringgate.js';
-import { FakeClock, fakeWebSocket, seqRandom, settle } from './support/fakes.js';
+import { FakeClock, fakeWebSocket, settle } from '../test-support/fakes.js';
 
 /** A client as alice in dev mode over fakes; `events` records every event in order. */
 function setup(opts = {}) {

@@ -12,10 +12,11 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import net from 'node:net';
+import crypto from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import { RinggateClient, memoryStorage } from '../src/ringgate.js';
-import { NetWebSocket } from './support/netws.js';
+import { NetWebSocket } from '../test-support/netws.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
@@ -30,9 +31,9 @@ function gatewayBinary() {
 }
 
 /** Start a gateway on free loopback ports; resolves with its addresses once it said them. */
-function startGateway() {
+function startGateway(extraArgs = []) {
   const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('RINGGATE_') && k !== 'RUST_LOG'));
-  const child = spawn(gatewayBinary(), ['serve', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--shards', '2'], {
+  const child = spawn(gatewayBinary(), ['serve', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--shards', '2', ...extraArgs], {
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -211,3 +212,77 @@ test('integration: two clients chat both ways through a real gateway, one cut an
   conversation(t, true));
 
 test('integration: the same with the token in the first frame', (t) => conversation(t, false));
+
+/** An HS256 JWT as the gateway checks it (`sub`, `exp`). */
+function jwt(secret, sub, expSeconds) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + expSeconds })}`;
+  return `${head}.${crypto.createHmac('sha256', secret).update(head).digest('base64url')}`;
+}
+
+test('integration: in-band refusals from a real gateway: 4001 refreshes the token then stops, 4003 stops', async (t) => {
+  const SECRET = 'integration-test-secret-0123';
+  const gw = await startGateway(['--jwt-secret', SECRET, '--allowed-origins', 'https://app.example']);
+  t.after(() => gw.child.kill('SIGKILL'));
+  if (!(await acceptsFirstFrameAuth(gw.ws).catch(() => false))) {
+    // With allowed_origins set the probe (no Origin) is refused in-band too: upgraded all the same.
+    t.skip('this gateway does not upgrade /ws?auth=frame: first-frame auth has not landed (merge main)');
+    return;
+  }
+  const sockets = [];
+  const from = (origin) =>
+    class extends NetWebSocket {
+      constructor(url) {
+        super(url, { Origin: origin });
+        sockets.push(this);
+      }
+    };
+  const run = (origin, tokens) => {
+    let calls = 0;
+    const c = new RinggateClient({
+      url: gw.ws,
+      getToken: async () => tokens[Math.min(calls++, tokens.length - 1)],
+      WebSocket: from(origin),
+      storage: memoryStorage(),
+      backoffMinMs: 20,
+      backoffMaxMs: 200,
+    });
+    const states = [];
+    const errors = [];
+    c.on('state', (s) => states.push(s));
+    c.on('error', (e) => errors.push(e));
+    c.start();
+    return { c, states, errors, calls: () => calls };
+  };
+  const settled = (r) =>
+    until('open or stopped', () => r.c.state === 'open' || r.c.state === 'stopped', 10000, () => [r.c]);
+
+  // An expired token, then a good one: refreshed once, then welcomed.
+  const ok = run('https://app.example', [jwt(SECRET, 'alice', -3600), jwt(SECRET, 'alice', 3600)]);
+  await settled(ok);
+  assert.equal(ok.c.state, 'open');
+  assert.equal(ok.c.user, 'alice');
+  assert.equal(ok.calls(), 2, 'getToken asked again after the 4001');
+  assert.ok(ok.states.some((s) => s.state === 'reconnecting' && s.code === 4001), 'closed 4001 first');
+  assert.deepEqual(ok.errors.map((e) => e.code), ['unauthorized']);
+  ok.c.stop();
+
+  // Tokens that stay bad: a fresh one refused at once stops the client.
+  const n = sockets.length;
+  const bad = run('https://app.example', [jwt('another-secret-of-enough-length', 'alice', 3600)]);
+  await settled(bad);
+  assert.equal(bad.c.state, 'stopped');
+  assert.equal(bad.states.at(-1).reason, 'unauthorized');
+  assert.equal(bad.states.at(-1).error.code, 'unauthorized');
+  assert.equal(bad.calls(), 2);
+  assert.equal(sockets.length - n, 2, 'two attempts, no more');
+
+  // An origin not allowed: permanent.
+  const m = sockets.length;
+  const evil = run('https://evil.example', [jwt(SECRET, 'alice', 3600)]);
+  await settled(evil);
+  assert.equal(evil.c.state, 'stopped');
+  assert.equal(evil.states.at(-1).reason, 'forbidden');
+  assert.equal(sockets.length - m, 1, 'one attempt only');
+  t.diagnostic('4001 -> getToken -> welcome; 4001 twice -> stopped unauthorized; 4003 -> stopped forbidden');
+});

@@ -6,7 +6,8 @@ import net from 'node:net';
 import crypto from 'node:crypto';
 
 export class NetWebSocket {
-  constructor(url) {
+  /** `headers`: extra request headers, e.g. `{ Origin: 'https://app.example' }`. */
+  constructor(url, headers = {}) {
     const u = new URL(url);
     this.url = url;
     this.readyState = 0;
@@ -21,7 +22,9 @@ export class NetWebSocket {
     this._sock.on('connect', () => {
       this._sock.write(
         `GET ${u.pathname}${u.search} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\n` +
-          `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
+          `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n` +
+          Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join('') +
+          '\r\n',
       );
     });
     this._sock.on('data', (d) => this._data(d));
