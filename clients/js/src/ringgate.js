@@ -281,8 +281,9 @@ export class RinggateClient {
   _stopWith(reason, error) {
     const ws = this._detach();
     for (const k of ['reconnect', 'retry']) this._clear(k);
-    for (const h of this._holdTimers.values()) this._clock.clearTimeout(h);
-    this._holdTimers.clear();
+    // answers held for order are told now (sorted): no batch completes while stopped
+    for (const k of [...this._held.keys()]) this._release(k);
+    this._batch.clear();
     this._flush(false);
     try {
       ws?.close(1000, 'bye');

@@ -432,6 +432,24 @@ test('order: a refused resend leaves the batch (it was not stored); held answers
   assert.deepEqual(t2.of('accepted').map((e) => e.cid), [y, x]);
 });
 
+test('order: stop tells the held answers (sorted) and leaves no timer behind', () => {
+  const t = setup();
+  let s = connect(t);
+  const [a, b] = [1, 2].map((n) => t.client.send('bob', n));
+  s.serverClose(1006);
+  t.clock.advance(t.clock.nextIn());
+  s = connect(t);
+  s.recv({ op: 'accepted', cid: b, id: '20' });
+  t.client.stop();
+  assert.deepEqual(t.of('accepted').map((e) => e.cid), [b]);
+  assert.deepEqual(t.clock.timers, []);
+  t.client.start();
+  s = connect(t);
+  assert.deepEqual(s.ops('send').map((f) => f.cid), [a], 'the unanswered one is resent');
+  s.recv({ op: 'accepted', cid: a, id: '10' });
+  assert.deepEqual(t.of('accepted').map((e) => e.cid), [b, a]);
+});
+
 test('without a reconnect, accepted events are told as they come', () => {
   const t = setup();
   const s = connect(t);
