@@ -33,6 +33,7 @@ export const DEFAULTS = Object.freeze({
   ackDelayMs: 25,
   ackBatch: 64,
   holdMaxMs: 10000,
+  maxInFlight: 64,
   maxOutbox: 1000,
   maxOutboxBytes: 1048576,
   dedupPerSender: 1000,
@@ -209,6 +210,9 @@ export class RinggateClient {
     this._outbox = new Map(); // cid -> entry, in send order
     this._outboxBytes = 0;
     this._refused = new Set(); // cids waiting for the retry timer
+    this._inFlight = new Set(); // cids sent on this connection, not answered yet
+    this._window = o.maxInFlight; // how many may be: 1 after a refusal, doubling per accepted
+    this._conn = 0; // serial of the welcomed connection (entry.sent names the one it went on)
     this._batch = new Map(); // order key -> Set<cid> resent after a reconnect, not answered yet
     this._held = new Map(); // order key -> [{ ev, delivered: [] }]
     this._holdTimers = new Map();
@@ -411,6 +415,7 @@ export class RinggateClient {
     // Refused sends go out with the whole outbox after the reconnect.
     this._clear('retry');
     this._refused.clear();
+    this._inFlight.clear();
     return ws;
   }
 
@@ -583,8 +588,7 @@ export class RinggateClient {
     this._outbox.set(cid, entry);
     this._outboxBytes += bytes;
     this._saveOutbox(); // before it leaves: a reload from here on resends it
-    if (this._timers.retry != null) this._refused.add(cid); // behind the refused ones
-    else this._transmit(entry);
+    this._pump();
     return cid;
   }
 
@@ -600,8 +604,24 @@ export class RinggateClient {
     return this._enqueue('publish', room, body);
   }
 
+  /**
+   * Send what may go: in send order, what has not gone out on this connection, while fewer
+   * than the window are unanswered, and nothing while a refusal's retry time runs (sends made
+   * meanwhile wait behind the refused ones). The window keeps a reconnect with a full outbox
+   * within the gateway's burst, and after a refusal probes with one send, then 2, 4...
+   */
+  _pump() {
+    if (!this._live || this._timers.retry != null) return;
+    for (const e of this._outbox.values()) {
+      if (this._inFlight.size >= this._window) return;
+      if (e.sent !== this._conn) this._transmit(e);
+    }
+  }
+
   _transmit(entry) {
     if (!this._live) return;
+    entry.sent = this._conn;
+    this._inFlight.add(entry.cid);
     const frame =
       entry.op === 'send'
         ? { op: 'send', to: entry.target, cid: entry.cid, body: entry.body }
@@ -618,6 +638,8 @@ export class RinggateClient {
 
   _refuse(cid, retryMs) {
     this._refused.add(cid);
+    this._inFlight.delete(cid);
+    this._window = 1;
     const o = this.opts;
     const delay = Number.isFinite(retryMs)
       ? retryDelay(retryMs, this._random)
@@ -626,9 +648,12 @@ export class RinggateClient {
     if (this._timers.retry != null && at <= this._retryAt) return;
     this._retryAt = at;
     this._timer('retry', delay, () => {
-      const cids = this._refused;
+      for (const cid of this._refused) {
+        const e = this._outbox.get(cid);
+        if (e) e.sent = -1; // to go again
+      }
       this._refused = new Set();
-      for (const e of this._outbox.values()) if (cids.has(e.cid)) this._transmit(e);
+      this._pump();
     });
   }
 
@@ -781,7 +806,10 @@ export class RinggateClient {
         this._batch.get(k).add(e.cid);
       }
     }
-    for (const e of resend) this._transmit(e);
+    this._conn++;
+    this._inFlight.clear();
+    this._window = this.opts.maxInFlight;
+    this._pump();
     for (const [from, r] of [...this._reads]) {
       if (r.resends >= this.opts.readResends) {
         this._reads.delete(from);
@@ -844,6 +872,8 @@ export class RinggateClient {
     this._outbox.delete(f.cid);
     this._outboxBytes -= e.bytes;
     this._refused.delete(f.cid);
+    this._inFlight.delete(f.cid);
+    this._window = Math.min(this.opts.maxInFlight, this._window * 2);
     this._refusalAttempt = 0;
     this._saveOutbox();
     const ev = { cid: f.cid, id: f.id };
@@ -865,6 +895,7 @@ export class RinggateClient {
     } else {
       this._emit('accepted', ev);
     }
+    this._pump();
   }
 
   /** `cid` of the resend batch of `k` has its answer (accepted or refused). */
@@ -918,12 +949,14 @@ export class RinggateClient {
         // bad_request, too_large, forbidden...: resending cannot help
         this._outbox.delete(f.cid);
         this._outboxBytes -= e.bytes;
+        this._inFlight.delete(f.cid);
         this._saveOutbox();
         ev.dropped = true;
       }
       this._answered(orderKey(e), f.cid);
     }
     this._emit('error', ev);
+    if (e) this._pump();
   }
 
   _onRoom(f) {

@@ -371,7 +371,25 @@ test('rate_limited: not resent before retry_ms; later sends wait behind it, in o
   t.clock.advance(999);
   assert.equal(s.ops('send').length, 2);
   t.clock.advance(1);
-  assert.deepEqual(s.ops('send').map((f) => f.cid), [c1, c2, c1, c2, c3]);
+  assert.deepEqual(s.ops('send').map((f) => f.cid), [c1, c2, c1], 'a probe: the oldest first, alone');
+  s.recv({ op: 'accepted', cid: c1, id: '1' });
+  assert.deepEqual(s.ops('send').map((f) => f.cid), [c1, c2, c1, c2, c3], 'then 2 at a time, in order');
+});
+
+test('at most maxInFlight unanswered sends at once (a reconnect with a full outbox stays within the burst)', () => {
+  const t = setup({ options: { maxInFlight: 3 } });
+  let s = connect(t);
+  const cids = [1, 2, 3, 4, 5].map((n) => t.client.send('bob', n));
+  assert.deepEqual(s.ops('send').map((f) => f.cid), cids.slice(0, 3));
+  s.recv({ op: 'accepted', cid: cids[0], id: '1' });
+  assert.deepEqual(s.ops('send').map((f) => f.cid), cids.slice(0, 4));
+  s.serverClose(1006);
+  t.clock.advance(t.clock.nextIn());
+  s = connect(t);
+  assert.deepEqual(s.ops('send').map((f) => f.cid), cids.slice(1, 4), 'the window again on the new connection');
+  for (const [i, c] of cids.slice(1).entries()) s.recv({ op: 'accepted', cid: c, id: String(2 + i) });
+  assert.deepEqual(s.ops('send').map((f) => f.cid), cids.slice(1));
+  assert.deepEqual(t.client.pending(), []);
 });
 
 test('a send refused for good (bad_request) leaves the outbox and is reported', () => {

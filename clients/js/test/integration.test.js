@@ -286,3 +286,32 @@ test('integration: in-band refusals from a real gateway: 4001 refreshes the toke
   assert.equal(sockets.length - m, 1, 'one attempt only');
   t.diagnostic('4001 -> getToken -> welcome; 4001 twice -> stopped unauthorized; 4003 -> stopped forbidden');
 });
+
+test('integration: a burst over the send limit is refused with retry_ms and resent until all is accepted, in order, without a 1008', async (t) => {
+  const gw = await startGateway(['--user-send-rate', '20', '--user-send-burst', '5']);
+  t.after(() => gw.child.kill('SIGKILL'));
+  const alice = user('alice', gw, { authInUrl: true, WebSocketImpl: NetWebSocket, storage: memoryStorage() });
+  const bob = user('bob', gw, { authInUrl: true, WebSocketImpl: NetWebSocket, storage: memoryStorage() });
+  const clients = () => [alice.client, bob.client];
+  t.after(() => {
+    alice.client.stop();
+    bob.client.stop();
+  });
+  alice.open();
+  bob.open();
+  await until('both open', () => alice.client.state === 'open' && bob.client.state === 'open', 10000, clients);
+  const states = [];
+  alice.client.on('state', (s) => states.push(s));
+  const N = 60; // 5 at once, then 20 a second: about 3 s
+  for (let i = 0; i < N; i++) alice.client.send('bob', { text: `burst ${i}` });
+  await until('every send accepted and shown', () => alice.client.pending().length === 0 && bob.shown.length >= N, 20000, clients);
+  const limited = alice.errors.filter((e) => e.code === 'rate_limited');
+  assert.ok(limited.length > 0, 'the limit was met');
+  assert.ok(limited.every((e) => e.willRetry && e.retryMs > 0), 'each refusal carried retry_ms and is retried');
+  assert.deepEqual(states, [], 'never closed (no 1008 for pushing past the limit)');
+  // after a refusal the client probes with one send, then 2, 4...: it does not hammer (resending
+  // every refused send at each retry_ms made ~750 refusals here)
+  assert.ok(limited.length <= 5 * N, `${limited.length} refusals for ${N} sends`);
+  assert.deepEqual(bob.shown.map((m) => `${m.cid}#${m.id}`), alice.accepted.map((a) => `${a.cid}#${a.id}`), 'shown once each, in acceptance order');
+  t.diagnostic(`${N} sends, ${limited.length} refusals with retry_ms, all accepted and shown once in order`);
+});
