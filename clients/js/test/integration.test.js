@@ -96,7 +96,7 @@ function until(what, check, ms, clients) {
     const test = () => {
       if (check()) done();
     };
-    for (const c of clients()) for (const ev of ['message', 'accepted', 'state']) offs.push(c.on(ev, test));
+    for (const c of clients().filter(Boolean)) for (const ev of ['message', 'accepted', 'state']) offs.push(c.on(ev, test));
     const iv = setInterval(test, 20);
     const deadline = setTimeout(() => done(new Error(`timed out after ${ms} ms waiting for: ${what}`)), ms);
     test();
@@ -141,8 +141,8 @@ async function conversation(t, authInUrl) {
   const bob = user('bob', gw, { authInUrl, WebSocketImpl: BrowserWS, storage: memoryStorage() });
   const clients = () => [alice.client, bob.client];
   t.after(() => {
-    alice.client.stop();
-    bob.client.stop();
+    alice.client?.stop();
+    bob.client?.stop();
   });
   alice.open();
   bob.open();
@@ -294,8 +294,8 @@ test('integration: a burst over the send limit is refused with retry_ms and rese
   const bob = user('bob', gw, { authInUrl: true, WebSocketImpl: NetWebSocket, storage: memoryStorage() });
   const clients = () => [alice.client, bob.client];
   t.after(() => {
-    alice.client.stop();
-    bob.client.stop();
+    alice.client?.stop();
+    bob.client?.stop();
   });
   alice.open();
   bob.open();
@@ -314,4 +314,55 @@ test('integration: a burst over the send limit is refused with retry_ms and rese
   assert.ok(limited.length <= 5 * N, `${limited.length} refusals for ${N} sends`);
   assert.deepEqual(bob.shown.map((m) => `${m.cid}#${m.id}`), alice.accepted.map((a) => `${a.cid}#${a.id}`), 'shown once each, in acceptance order');
   t.diagnostic(`${N} sends, ${limited.length} refusals with retry_ms, all accepted and shown once in order`);
+});
+
+test('integration: rooms recover with since across a cut; receipts, typing and presence watch through a real gateway', async (t) => {
+  const gw = await startGateway();
+  t.after(() => gw.child.kill('SIGKILL'));
+  const aliceStore = memoryStorage();
+  const alice = user('alice', gw, { authInUrl: true, WebSocketImpl: NetWebSocket, storage: aliceStore });
+  const bob = user('bob', gw, { authInUrl: true, WebSocketImpl: NetWebSocket, storage: memoryStorage() });
+  const clients = () => [alice.client, bob.client];
+  t.after(() => {
+    alice.client?.stop();
+    bob.client?.stop();
+  });
+  const seen = { room: [], joined: [], read: [], typing: [], presence: [] };
+  alice.open();
+  for (const ev of Object.keys(seen)) alice.client.on(ev, (e) => seen[ev].push(e));
+  await until('alice open', () => alice.client.state === 'open', 10000, clients);
+  alice.client.watch(['bob']);
+  alice.client.join('lobby');
+  await until('alice joined and told bob is offline', () => seen.joined.length === 1 && seen.presence.length === 1, 10000, clients);
+  assert.deepEqual(seen.presence[0].online, { bob: false });
+  bob.open();
+  await until('bob online, told to alice', () => seen.presence.some((p) => p.online.bob === true), 10000, clients);
+
+  // room: 3 publishes, alice cut, 3 more while she is away, she comes back with since
+  for (let i = 0; i < 3; i++) bob.client.publish('lobby', { n: i });
+  await until('alice has 3 room messages', () => seen.room.length === 3, 10000, clients);
+  alice.client.dropConnection();
+  for (let i = 3; i < 6; i++) bob.client.publish('lobby', { n: i });
+  await until('bob\'s publishes accepted', () => bob.client.pending().length === 0, 10000, clients);
+  await until('alice recovered the room', () => seen.joined.length === 2 && seen.room.length >= 6, 10000, clients);
+  assert.deepEqual(seen.room.map((r) => r.body.n), [0, 1, 2, 3, 4, 5], 'each once, in order');
+  const offsets = seen.room.map((r) => r.offset);
+  assert.deepEqual(offsets, [...offsets].sort((a, b) => a - b));
+  assert.equal(seen.joined[1].recovered, true, 'the re-join with since recovered everything');
+  assert.equal(JSON.parse(aliceStore.getItem('ringgate:alice:rooms')).offsets[0][1], offsets[5], 'last offset persisted');
+
+  // receipts and typing
+  bob.client.typing('alice');
+  await until('alice told bob types', () => seen.typing.length === 1, 10000, clients);
+  const cid = bob.client.send('alice', { text: 'read me' });
+  await until('alice shows it', () => alice.shown.some((m) => m.cid === cid), 10000, clients);
+  const m = alice.shown.find((x) => x.cid === cid);
+  const bobReads = [];
+  bob.client.on('read', (r) => bobReads.push(r));
+  alice.client.read('bob', m.id);
+  await until('bob told alice read it, alice\'s receipt echoed', () => bobReads.length === 1 && seen.read.length === 1, 10000, clients);
+  assert.deepEqual([bobReads[0].by, bobReads[0].from, bobReads[0].id], ['alice', 'bob', m.id]);
+  // confirmed by the echo, so not resent after a reconnect (persisted with the echo's ack)
+  await until('alice\'s receipt confirmed', () => JSON.parse(aliceStore.getItem('ringgate:alice:reads')).pending.length === 0, 10000, clients);
+  t.diagnostic('room: 6 publishes across a cut recovered once in order; typing, read receipt and its echo, presence watch online');
 });
