@@ -70,6 +70,8 @@ export interface RinggateOptions {
   ackBatch?: number;
   /** Longest time `accepted` events are held to be told in server order (10000). */
   holdMaxMs?: number;
+  /** Sends unanswered at once on a connection (64); 1 after a refusal, doubling per accepted. */
+  maxInFlight?: number;
   /** Outbox bounds: sends not yet accepted (1000 entries, 1 MiB of frames). */
   maxOutbox?: number;
   maxOutboxBytes?: number;
@@ -185,6 +187,6 @@ export declare class SeenSet {
 }
 export declare const DEFAULTS: Readonly<Required<Pick<RinggateOptions,
   'authInUrl' | 'summary' | 'backoffMinMs' | 'backoffMaxMs' | 'connectTimeoutMs' | 'ackDelayMs' | 'ackBatch' |
-  'holdMaxMs' | 'maxOutbox' | 'maxOutboxBytes' | 'dedupPerSender' | 'dedupMax' | 'maxRooms' | 'maxReads' |
+  'holdMaxMs' | 'maxInFlight' | 'maxOutbox' | 'maxOutboxBytes' | 'dedupPerSender' | 'dedupMax' | 'maxRooms' | 'maxReads' |
   'readResends' | 'storagePrefix'>>>;
 export declare const CLOSE: Readonly<{ UNAUTHORIZED: 4001; FORBIDDEN: 4003; RATE_LIMITED: 4029; UNAVAILABLE: 4503 }>;
