@@ -58,7 +58,6 @@ function pane(me, peer) {
       if (s.state === 'open') log(`open; resent ${s.resent}`);
       if (s.state === 'reconnecting') log(`lost (close ${s.code}${s.reason ? ' ' + s.reason : ''})`);
     });
-    client.on('welcome', () => client.watch([peer]));
     client.on('message', (m) => {
       bubble(typeof m.body?.text === 'string' ? m.body.text : JSON.stringify(m.body), false);
       $('.typing').textContent = '';
@@ -85,6 +84,7 @@ function pane(me, peer) {
     });
     client.on('error', (e) => log(`error ${e.code}: ${e.message}`));
     client.start();
+    client.watch([peer]); // sent once connected, renewed by the client after every reconnect
     // what the last page left unaccepted is resent; show it again
     for (const p of client.pending()) if (!bubbles.has(p.cid)) bubble(p.body?.text ?? JSON.stringify(p.body), true, p.cid);
   }
