@@ -8,6 +8,9 @@ const gw = (params.get('gw') || `ws://${location.hostname || '127.0.0.1'}:8080`)
 const url = /\/ws$/.test(gw) ? gw : `${gw}/ws`;
 document.getElementById('gw').textContent = url;
 
+/** For the console (and the tests): `ringgateDemo.alice.client()`. */
+const panes = (globalThis.ringgateDemo = {});
+
 function pane(me, peer) {
   const root = document.getElementById(me);
   root.innerHTML = `
@@ -40,12 +43,17 @@ function pane(me, peer) {
     scroll();
     return li;
   }
+  // ticks only move forward: a read receipt can come before `delivered` (the reader reads
+  // at once and acks a moment later)
+  const RANK = { '…': 0, '✓': 1, '✓✓': 2, read: 3 };
   const mark = (cid, cls, tick) => {
     const li = bubbles.get(cid);
     if (!li) return;
+    const el = li.querySelector('.tick');
+    if (RANK[tick] <= RANK[el.textContent]) return;
     li.classList.remove('pending');
     if (cls) li.classList.add(cls);
-    li.querySelector('.tick').textContent = tick;
+    el.textContent = tick;
   };
   const myIds = new Map(); // message id -> cid, for read receipts
 
@@ -66,7 +74,7 @@ function pane(me, peer) {
     });
     client.on('accepted', (a) => {
       myIds.set(a.id, a.cid);
-      if (bubbles.get(a.cid)?.querySelector('.tick').textContent === '…') mark(a.cid, '', '✓');
+      mark(a.cid, '', '✓');
     });
     client.on('delivered', (d) => mark(d.cid, 'delivered', '✓✓'));
     client.on('read', (r) => {
@@ -115,6 +123,7 @@ function pane(me, peer) {
     start();
   });
   start();
+  panes[me] = { client: () => client };
 }
 
 pane('alice', 'bob');

@@ -9,56 +9,11 @@
 // deadline whose expiry is a failure.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import net from 'node:net';
 import crypto from 'node:crypto';
-import { fileURLToPath } from 'node:url';
-import path from 'node:path';
 import { RinggateClient, memoryStorage } from '../src/ringgate.js';
 import { NetWebSocket } from '../test-support/netws.js';
-
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
-
-function gatewayBinary() {
-  for (const p of [process.env.RINGGATE_BIN, `${root}/target/release/ringgate`, `${root}/target/debug/ringgate`]) {
-    if (p && existsSync(p)) return p;
-  }
-  assert.fail(
-    `no ringgate binary in ${root}/target/{release,debug}: build it first with\n` +
-      `  (cd ${root} && cargo build --release --bin ringgate)`,
-  );
-}
-
-/** Start a gateway on free loopback ports; resolves with its addresses once it said them. */
-function startGateway(extraArgs = []) {
-  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('RINGGATE_') && k !== 'RUST_LOG'));
-  const child = spawn(gatewayBinary(), ['serve', '--listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0', '--shards', '2', ...extraArgs], {
-    env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stderr = '';
-  child.stderr.on('data', (d) => (stderr += d));
-  return new Promise((resolve, reject) => {
-    const deadline = setTimeout(() => {
-      child.kill('SIGKILL');
-      reject(new Error(`ringgate did not report its ports in 20 s; stderr:\n${stderr}`));
-    }, 20000);
-    let out = '';
-    child.stdout.on('data', (d) => {
-      out += d;
-      const m = /ws:\/\/(\S+) admin http:\/\/(\S+)/.exec(out);
-      if (m) {
-        clearTimeout(deadline);
-        resolve({ child, ws: `ws://${m[1]}/ws`, admin: m[2], stderr: () => stderr });
-      }
-    });
-    child.on('exit', (code) => {
-      clearTimeout(deadline);
-      reject(new Error(`ringgate exited (${code}) before it listened; stderr:\n${stderr}`));
-    });
-  });
-}
+import { startGateway } from '../test-support/gateway.js';
 
 /** Does this gateway upgrade /ws?auth=frame without a token (first-frame auth)? Asked with a raw request. */
 function acceptsFirstFrameAuth(wsUrl) {
