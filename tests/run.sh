@@ -31,6 +31,8 @@ need_apt redis-server redis-server
 need_apt redis-cli redis-tools
 # tests/redis_tls.rs makes its CA and certificate with openssl.
 need_apt openssl openssl
+# The JavaScript client's tests (clients/js) run under Node's test runner.
+need_apt node nodejs
 
 say "format check"
 cargo fmt --all -- --check
@@ -40,6 +42,11 @@ cargo build --workspace --all-targets --quiet
 
 say "unit and integration tests"
 cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
+
+say "JavaScript client (clients/js): unit tests, and integration tests against the gateway just built"
+# Node 20 has a WebSocket global only behind a flag; without it the tests use their own.
+ws_flag=$(node --experimental-websocket -e '' 2>/dev/null && echo --experimental-websocket || true)
+(cd clients/js && RINGGATE_BIN="$PWD/../../target/debug/ringgate" node $ws_flag --test test/)
 
 say "load generator smoke run against a real gateway (bounded)"
 bash tests/bench_smoke.sh
