@@ -173,6 +173,7 @@ fn fuzz_the_http_upgrade() {
                     auth,
                     allowed_origins: origins,
                     echo_route: true,
+                    demo: auth.dev_mode(),
                     draining: false,
                     at_capacity: false,
                     retry_after_s: 1,
@@ -190,6 +191,10 @@ fn fuzz_the_http_upgrade() {
                         assert!(response.starts_with(head.as_bytes()));
                         assert!(response.windows(4).any(|w| w == b"\r\n\r\n"));
                         "refused"
+                    }
+                    upgrade::Decision::Serve(response) => {
+                        assert!(response.starts_with(b"HTTP/1.1 "));
+                        "served"
                     }
                     upgrade::Decision::RefuseInBand {
                         refusal, accepted, ..

@@ -828,3 +828,25 @@ fn browsers_authenticate_in_the_first_frame_and_hear_refusals_in_band() {
         403
     );
 }
+
+/// Issue 18, item 5: in dev mode the gateway serves the demo chat page and the client library
+/// it imports; with a secret (not dev mode) there is no such page.
+#[test]
+fn dev_mode_serves_the_demo_page_and_nothing_else_does() {
+    let gw = Gateway::start(&[]);
+    let (code, page) = http_get(gw.public, "/demo/", &[]);
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("<script type=\"module\" src=\"./demo.js\">"),
+        "{page}"
+    );
+    let (code, script) = http_get(gw.public, "/demo/demo.js", &[]);
+    assert_eq!(code, 200);
+    assert!(script.contains("from '../src/ringgate.js'"), "{script}");
+    let (code, lib) = http_get(gw.public, "/src/ringgate.js", &[]);
+    assert_eq!(code, 200);
+    assert!(lib.contains("export class RinggateClient"), "the library");
+    assert_eq!(http_get(gw.public, "/demo", &[]).0, 308);
+    let gw = Gateway::start(&["--jwt-secret", SECRET]);
+    assert_eq!(http_get(gw.public, "/demo/", &[]).0, 404);
+}

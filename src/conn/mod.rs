@@ -415,6 +415,7 @@ impl Connection {
             auth: ctx.auth,
             allowed_origins: &ctx.cfg.allowed_origins,
             echo_route: ctx.cfg.echo_route,
+            demo: ctx.auth.dev_mode(),
             draining: ctx.draining,
             at_capacity: ctx.host_open.load(Ordering::Relaxed) >= ctx.cfg.max_connections,
             retry_after_s: ctx.cfg.retry_after_s,
@@ -426,6 +427,13 @@ impl Connection {
         match upgrade::decide(&partial.buf, &policy) {
             Decision::Incomplete => self.partial = Some(partial),
             Decision::Refuse(reason, response) => self.refuse(now, reason, response, ctx),
+            Decision::Serve(response) => {
+                ctx.metrics.handshakes_pending.dec();
+                self.out = response;
+                self.phase = Phase::Done {
+                    until_ms: now + ctx.cfg.close_linger_ms,
+                };
+            }
             Decision::RefuseInBand {
                 refusal,
                 detail,

@@ -2,5 +2,6 @@
 //! ([`frame`]). Both are sans-IO: they read from and write to buffers the caller owns, so a
 //! connection holds no read or write buffer while idle.
 
+pub mod demo;
 pub mod frame;
 pub mod upgrade;

@@ -27,6 +27,8 @@ pub struct Policy<'a> {
     pub auth: &'a Authenticator,
     pub allowed_origins: &'a [String],
     pub echo_route: bool,
+    /// Dev mode: `GET /demo/` serves the demo chat page (see `ws::demo`).
+    pub demo: bool,
     /// Shutdown in progress: refuse with 503.
     pub draining: bool,
     /// The host connection limit is reached: refuse with 503.
@@ -163,6 +165,8 @@ pub enum Decision {
     Incomplete,
     Upgrade(Accepted),
     Refuse(Refusal, Vec<u8>),
+    /// A plain HTTP answer that is not a refusal (the dev-mode demo page): the whole response.
+    Serve(Vec<u8>),
     /// A `?auth=frame` request refused (browsers cannot read an HTTP refusal): upgrade with
     /// `accepted.response`, then say why in an `error` frame and close with the refusal's
     /// 4xxx code ([`Refusal::in_band`]).
@@ -206,6 +210,11 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
     };
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if policy.demo && req.method == Some("GET") {
+        if let Some(response) = super::demo::response(path) {
+            return Decision::Serve(response);
+        }
+    }
     let route = match path {
         "/ws" => Route::App,
         "/echo" if policy.echo_route => Route::Echo,
@@ -430,6 +439,7 @@ mod tests {
             auth,
             allowed_origins: &[],
             echo_route: false,
+            demo: false,
             draining: false,
             at_capacity: false,
             retry_after_s: 5,

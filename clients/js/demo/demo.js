@@ -1,10 +1,14 @@
 // The demo page: two users side by side, each a RinggateClient (dev mode), showing sends,
-// accepted / delivered / read ticks, typing and presence. Served from any static server;
-// the gateway is ws://<this host>:8080 unless ?gw=ws://host:port says otherwise.
+// accepted / delivered / read ticks, typing and presence. Served by the gateway itself in dev
+// mode (http://127.0.0.1:8080/demo/, then the gateway is this page's host) or from any static
+// server (then ws://<this host>:8080); ?gw=ws://host:port says otherwise.
 import { RinggateClient } from '../src/ringgate.js';
 
 const params = new URLSearchParams(location.search);
-const gw = (params.get('gw') || `ws://${location.hostname || '127.0.0.1'}:8080`).replace(/\/+$/, '');
+const servedByGateway = location.pathname.startsWith('/demo/') && /^https?:$/.test(location.protocol);
+const sameHost = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}`;
+const fallback = `ws://${location.hostname || '127.0.0.1'}:8080`;
+const gw = (params.get('gw') || (servedByGateway ? sameHost : fallback)).replace(/\/+$/, '');
 const url = /\/ws$/.test(gw) ? gw : `${gw}/ws`;
 document.getElementById('gw').textContent = url;
 
