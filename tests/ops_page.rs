@@ -3,12 +3,16 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use common::browser::Browser;
+use common::browser::{Browser, Page};
 use common::*;
+use serde_json::json;
 
 /// The driver itself: values, awaited promises, exceptions with their text, two pages at once.
 #[test]
@@ -237,4 +241,323 @@ fn live_stream_needs_the_key_is_an_event_stream_and_is_bounded() {
     );
     // The others still stream.
     assert!(open[0].next_snapshot()["shards"].is_array());
+}
+
+/// Users sending to each other (every message acked by its recipient) until `stop`: a
+/// steady load for the page to show. Each thread returns (sent, accepted, received).
+fn start_load(
+    gw: &Gateway,
+    users: &[String],
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(u64, u64, u64)>> {
+    // Everyone connected before anyone sends: each welcome is followed by `synced` at once.
+    let sockets: Vec<Ws> = users.iter().map(|u| connect_app(gw, u).0).collect();
+    let mut handles = Vec::new();
+    for (i, mut ws) in sockets.into_iter().enumerate() {
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let peer = users[(i + 1) % users.len()].clone();
+        let stop = stop.clone();
+        handles.push(std::thread::spawn(move || {
+            let (mut sent, mut accepted, mut received) = (0u64, 0u64, 0u64);
+            // 10 sends a second: under the default per-user limit (20/s), so none is refused.
+            let mut next_send = Instant::now();
+            let give_up = Instant::now() + LOAD_BOUND;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < give_up {
+                if Instant::now() >= next_send {
+                    send(&mut ws, &peer, &format!("c{sent}"), json!({"n": sent}));
+                    sent += 1;
+                    next_send += Duration::from_millis(100);
+                }
+                match ws.read() {
+                    Ok(tungstenite::Message::Text(t)) => {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                        match v["op"].as_str() {
+                            Some("accepted") => accepted += 1,
+                            Some("msg") => {
+                                received += 1;
+                                ack(&mut ws, v["seq"].as_u64().unwrap());
+                            }
+                            Some("delivered") => {}
+                            _ => panic!("unexpected under load: {v}"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(e) => panic!("load client: {e}"),
+                }
+            }
+            (sent, accepted, received)
+        }));
+    }
+    handles
+}
+
+/// The longest the load runs (the test stops it earlier).
+const LOAD_BOUND: Duration = Duration::from_secs(240);
+
+/// What the page's table shows: per row (shard number or "all"), per column, the cell's text
+/// and title (the rate columns' titles hold the total since start).
+#[derive(Debug)]
+struct Reading {
+    seq: u64,
+    ts_ms: u64,
+    rows: HashMap<String, HashMap<String, (String, String)>>,
+}
+
+impl Reading {
+    fn take(page: &Page) -> Reading {
+        let v = page
+            .eval(
+                "(() => { const t = document.getElementById('shards'); return {
+                    seq: +t.dataset.seq, ts: +t.dataset.ts,
+                    rows: Array.from(t.querySelectorAll('tbody tr, tfoot tr')).map(tr => ({
+                        shard: tr.dataset.shard,
+                        cells: Array.from(tr.querySelectorAll('td[data-col]'))
+                            .map(td => [td.dataset.col, td.textContent, td.title]) })) } })()",
+            )
+            .unwrap_or_else(|e| panic!("reading the table: {e}"));
+        let mut rows = HashMap::new();
+        for r in v["rows"].as_array().unwrap() {
+            let cells = r["cells"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    (
+                        c[0].as_str().unwrap().to_string(),
+                        (
+                            c[1].as_str().unwrap().to_string(),
+                            c[2].as_str().unwrap().to_string(),
+                        ),
+                    )
+                })
+                .collect();
+            rows.insert(r["shard"].as_str().unwrap().to_string(), cells);
+        }
+        Reading {
+            seq: v["seq"].as_u64().unwrap(),
+            ts_ms: v["ts"].as_u64().unwrap(),
+            rows,
+        }
+    }
+
+    /// A cell as a number ("–" is not one).
+    fn value(&self, shard: &str, col: &str) -> f64 {
+        let (text, _) = &self.rows[shard][col];
+        text.parse()
+            .unwrap_or_else(|_| panic!("shard {shard} {col}: {text:?} is not a number ({self:?})"))
+    }
+
+    /// A rate column's total since start, from its title `N since start`.
+    fn total(&self, shard: &str, col: &str) -> u64 {
+        let (_, title) = &self.rows[shard][col];
+        title
+            .strip_suffix(" since start")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("shard {shard} {col}: title {title:?}"))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The whole story in a real Chromium: a gateway under load, the page opened with the key in
+/// its fragment shows it live, its numbers move and agree with /metrics, a wrong key shows an
+/// authorization error, and the page comes back by itself after the gateway restarts.
+#[test]
+fn ops_page_in_chromium_shows_the_live_load_as_metrics_count_it() {
+    let gw = Gateway::start(&["--api-key", KEY]);
+    // Six users, three on each shard, each sending to the next (so across shards too).
+    let users: Vec<String> = (0..6)
+        .map(|i| user_on(&format!("op{i}-"), i % 2, 2))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(&gw, &users, &stop);
+    assert!(
+        eventually(Duration::from_secs(20), || gw
+            .metric_sum("ringgate_connections_open")
+            == 6),
+        "the load's six connections did not open"
+    );
+
+    let browser = Browser::launch();
+    let page = browser.new_page(&format!("http://{}/ops#key={KEY}", gw.admin));
+    let table = "document.getElementById('shards')";
+    let live = format!(
+        "(() => {{ const c = {table}.querySelector('tfoot td[data-col=connections]'),
+                    m = {table}.querySelector('tfoot td[data-col=msgs_in_s]');
+                  return !!c && +c.textContent > 0 && !!m && parseFloat(m.textContent) > 0 }})()"
+    );
+    page.wait_for(&live, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("the page never showed the load: {e}"));
+    assert_eq!(
+        page.eval("location.hash").unwrap(),
+        "",
+        "the key leaves the address bar once read"
+    );
+    let node = page
+        .eval("document.getElementById('node').textContent")
+        .unwrap();
+    let node = node.as_str().unwrap();
+    assert!(
+        node.contains("2 shards") && node.contains("store embedded"),
+        "{node}"
+    );
+
+    // A reading, then /metrics, then a reading made after the scrape: the page's counters
+    // bracket the scrape's, and its connections equal them (the load neither opens nor
+    // closes any now).
+    let before = Reading::take(&page);
+    let scraped_from = now_ms();
+    assert!(before.ts_ms <= scraped_from);
+    let (_, text) = gw.admin_get("/metrics");
+    let scraped_to = now_ms();
+    let m = ringgate::stats::parse(&text);
+    let metric = |name: &str, shard: usize| -> u64 {
+        *m.get(&(name.to_string(), shard))
+            .unwrap_or_else(|| panic!("{name} shard {shard} not in /metrics")) as u64
+    };
+    page.wait_for(
+        &format!("+{table}.dataset.ts > {scraped_to}"),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("no snapshot after the scrape: {e}"));
+    let after = Reading::take(&page);
+    assert!(after.seq > before.seq, "{before:?} {after:?}");
+    for shard in 0..2usize {
+        let s = shard.to_string();
+        for r in [&before, &after] {
+            assert_eq!(
+                r.value(&s, "connections") as u64,
+                metric("ringgate_connections_open", shard),
+                "shard {shard}: page {r:?}"
+            );
+        }
+        let bracket = |what: &str, page_before: u64, scraped: u64, page_after: u64| {
+            assert!(
+                page_before <= scraped && scraped <= page_after,
+                "shard {shard} {what}: page {page_before} then {page_after}, /metrics {scraped} in between"
+            );
+        };
+        bracket(
+            "frames in",
+            before.total(&s, "frames_in_s"),
+            metric("ringgate_frames_in_total", shard),
+            after.total(&s, "frames_in_s"),
+        );
+        bracket(
+            "messages in",
+            before.total(&s, "msgs_in_s"),
+            metric("ringgate_sends_total", shard) + metric("ringgate_room_publishes_total", shard),
+            after.total(&s, "msgs_in_s"),
+        );
+        bracket(
+            "cross-shard",
+            before.value(&s, "cross_shard") as u64,
+            metric("ringgate_cross_shard_total", shard),
+            after.value(&s, "cross_shard") as u64,
+        );
+    }
+    // The numbers move, and the total row adds up.
+    assert!(after.total("all", "frames_in_s") > before.total("all", "frames_in_s"));
+    assert!(after.total("all", "msgs_in_s") > before.total("all", "msgs_in_s"));
+    assert!(after.value("all", "msgs_in_s") > 0.0 && after.value("all", "msgs_out_s") > 0.0);
+    assert_eq!(after.value("all", "connections"), 6.0);
+    for col in ["frames_in_s", "msgs_in_s", "msgs_out_s"] {
+        assert_eq!(
+            after.total("0", col) + after.total("1", col),
+            after.total("all", col),
+            "{col}: {after:?}"
+        );
+        // Each row's rate is rounded to a tenth on its own.
+        let sum = after.value("0", col) + after.value("1", col);
+        assert!(
+            (sum - after.value("all", col)).abs() <= 0.15,
+            "{col}: {after:?}"
+        );
+    }
+
+    // Some history for the charts, then the README's screenshot.
+    let shot_at = after.seq + 20;
+    page.wait_for(
+        &format!("+{table}.dataset.seq >= {shot_at}"),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("the page stopped updating: {e}"));
+    page.screenshot(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/ops-page.png"));
+
+    // A wrong key: an authorization error on the page, no data, the key form shown.
+    let wrong = browser.new_page(&format!("http://{}/ops#key=wrong-key", gw.admin));
+    wrong
+        .wait_for(
+            "(() => { const s = document.getElementById('status');
+                      return s.dataset.state === 'unauthorized'
+                          && s.textContent.includes('authorization error (HTTP 401)') })()",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("a wrong key did not show an authorization error: {e}"));
+    assert_eq!(wrong.eval(&format!("+{table}.dataset.seq")).unwrap(), 0);
+    assert_eq!(
+        wrong
+            .eval("document.getElementById('keyform').hidden")
+            .unwrap(),
+        false
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for h in load {
+        let (s, accepted, received) = h.join().expect("a load client failed");
+        assert!(
+            s > 0 && accepted > 0 && received > 0,
+            "{s} {accepted} {received}"
+        );
+        sent += s;
+    }
+    eprintln!("ops page test: {sent} messages sent under the page");
+
+    // The stream drops (the gateway is killed) and the page reconnects by itself to the new
+    // one on the same admin address.
+    let admin = gw.admin;
+    drop(gw);
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'error'",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("the page did not notice the stream drop: {e}"));
+    let seq_before = page.eval(&format!("+{table}.dataset.seq")).unwrap();
+    let admin_arg = admin.to_string();
+    let _gw2 = Gateway::start_raw(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            &admin_arg,
+            "--shards",
+            "2",
+            "--api-key",
+            KEY,
+        ],
+        &[],
+    );
+    page.wait_for(
+        &format!(
+            "document.getElementById('status').dataset.state === 'live'
+             && +{table}.dataset.seq > {seq_before}
+             && {table}.querySelector('tfoot td[data-col=connections]').textContent === '0'"
+        ),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("the page did not reconnect to the restarted gateway: {e}"));
 }

@@ -415,10 +415,17 @@ impl Page {
         }
     }
 
-    /// Save a PNG of the viewport.
+    /// Save a PNG of the page: the window's width, the content's height.
     pub fn screenshot(&self, path: impl AsRef<Path>) {
+        let size = self
+            .eval("[window.innerWidth, Math.ceil(Math.max(document.body.getBoundingClientRect().bottom, 1))]")
+            .unwrap_or_else(|e| panic!("page size: {e}"));
+        let clip = json!({"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1});
         let r = self
-            .call("Page.captureScreenshot", json!({"format": "png"}))
+            .call(
+                "Page.captureScreenshot",
+                json!({"format": "png", "clip": clip, "captureBeyondViewport": true}),
+            )
             .unwrap_or_else(|e| panic!("screenshot: {e}"));
         let png = base64_decode(r["data"].as_str().expect("screenshot data"));
         assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");

@@ -6,6 +6,7 @@
 
 const KEY_STORE = 'ringgate-ops-key';
 const HISTORY = 300; // points kept for the charts: 5 minutes at one a second
+const SPAN_MIN = 60; // the charts' x axis: at least a minute, growing to HISTORY
 const STALE_MS = 5000; // no snapshot for this long: the stream is dead, reconnect
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_MS = 10000;
@@ -37,6 +38,7 @@ const state = {
   lastEventAt: 0,
   seq: 0,
   history: [],
+  store: '',
 };
 
 function takeKeyFromFragment() {
@@ -170,6 +172,7 @@ function onSnapshot(s) {
   state.retryMs = RETRY_MIN_MS;
   state.seq += 1;
   const n = s.node;
+  state.store = n.store;
   $('node').textContent = `${n.node_id} · v${n.version} · up ${fmtUptime(n.uptime_s)} · ${n.shards} shard${n.shards === 1 ? '' : 's'} · store ${n.store}`;
   const dl = $('config');
   dl.replaceChildren();
@@ -202,8 +205,9 @@ function onSnapshot(s) {
 
 const css = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 
-// A line chart of the last HISTORY points, newest at the right; null values break the line.
-function drawChart(canvas, series) {
+// A line chart of the last points (the axis spans SPAN_MIN to HISTORY seconds), newest at
+// the right; null values break the line; `empty` is written when there is nothing to draw.
+function drawChart(canvas, series, empty) {
   const dpr = window.devicePixelRatio || 1;
   const w = canvas.clientWidth, h = canvas.clientHeight;
   if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
@@ -219,6 +223,7 @@ function drawChart(canvas, series) {
   const top = 14, bottom = h - 4, left = 2, right = w - 2;
   g.strokeStyle = css('--line');
   g.lineWidth = 1;
+  g.setLineDash([]);
   for (const f of [0, 0.5, 1]) {
     const y = Math.round(bottom - (bottom - top) * f) + 0.5;
     g.beginPath(); g.moveTo(left, y); g.lineTo(right, y); g.stroke();
@@ -226,13 +231,19 @@ function drawChart(canvas, series) {
   g.fillStyle = css('--dim');
   g.font = '10px ui-monospace, monospace';
   g.fillText(String(max), left + 2, 10);
-  const step = (right - left) / (HISTORY - 1);
+  const span = Math.min(HISTORY, Math.max(SPAN_MIN, state.history.length));
+  const spanText = span >= 120 ? `${Math.round(span / 60)} min` : `${span} s`;
+  g.fillText(spanText, right - g.measureText(spanText).width - 2, 10);
+  if (empty) g.fillText(empty, left + 2, (top + bottom) / 2);
+  const step = (right - left) / (span - 1);
   for (const s of series) {
     g.strokeStyle = s.color;
     g.lineWidth = 1.5;
+    // "out" dashed, so equal in and out lines both show.
+    g.setLineDash(s.dash || []);
     g.beginPath();
     let pen = false;
-    const offset = HISTORY - s.values.length;
+    const offset = span - s.values.length;
     s.values.forEach((v, i) => {
       if (v === null) { pen = false; return; }
       const x = left + (offset + i) * step;
@@ -255,9 +266,12 @@ function drawCharts() {
   const h = state.history;
   const pick = (f) => h.map((p) => (p[f] === undefined ? null : p[f]));
   drawChart($('chart-conns'), [{ values: pick('conns'), color: css('--ok') }]);
-  drawChart($('chart-msgs'), [{ values: pick('msgsIn'), color: css('--in') }, { values: pick('msgsOut'), color: css('--out') }]);
-  drawChart($('chart-frames'), [{ values: pick('framesIn'), color: css('--in') }, { values: pick('framesOut'), color: css('--out') }]);
-  drawChart($('chart-redis'), [{ values: pick('redis'), color: css('--out') }]);
+  drawChart($('chart-msgs'), [{ values: pick('msgsIn'), color: css('--in') }, { values: pick('msgsOut'), color: css('--out'), dash: [4, 3] }]);
+  drawChart($('chart-frames'), [{ values: pick('framesIn'), color: css('--in') }, { values: pick('framesOut'), color: css('--out'), dash: [4, 3] }]);
+  const redis = pick('redis');
+  const noRedis = state.store === 'embedded' ? 'no Redis: embedded store'
+    : redis.every((v) => v === null) ? 'no Redis batches' : '';
+  drawChart($('chart-redis'), [{ values: redis, color: css('--out') }], noRedis);
 }
 
 function start() {
