@@ -31,6 +31,10 @@ need_apt redis-server redis-server
 need_apt redis-cli redis-tools
 # tests/redis_tls.rs makes its CA and certificate with openssl.
 need_apt openssl openssl
+# The browser tests (tests/ops_page.rs, tests/common/browser.rs) drive the system headless
+# Chromium over the DevTools protocol; the JavaScript client's unit tests run under Node.
+need_apt chromium chromium
+need_apt node nodejs
 
 say "format check"
 cargo fmt --all -- --check
