@@ -131,9 +131,14 @@ impl hyper::body::Body for LiveBody {
         if this.tick.poll_tick(cx).is_pending() {
             return Poll::Pending;
         }
+        // The clocks first, then the counters: every count a snapshot shows was read at or
+        // after its `ts_ms` (a reader comparing it with a scrape relies on that).
         let now = Instant::now();
+        let ts_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let samples: Vec<Sample> = this.admin.metrics.iter().map(|m| Sample::read(m)).collect();
-        let json = snapshot(&this.admin, now, this.prev.as_ref(), &samples);
+        let json = snapshot(&this.admin, now, ts_ms, this.prev.as_ref(), &samples);
         this.prev = Some((now, samples));
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
             "data: {json}\n\n"
@@ -248,6 +253,7 @@ impl Sample {
 fn snapshot(
     admin: &Admin,
     now: Instant,
+    ts_ms: u64,
     prev: Option<&(Instant, Vec<Sample>)>,
     samples: &[Sample],
 ) -> String {
@@ -267,9 +273,6 @@ fn snapshot(
         Some(u) if u.contains("-sentinel://") => "redis-sentinel",
         Some(_) => "redis",
     };
-    let ts_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
     serde_json::json!({
         "ts_ms": ts_ms,
         "interval_s": (secs * 1000.0).round() / 1000.0,
