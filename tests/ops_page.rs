@@ -43,6 +43,21 @@ fn browser_driver_evaluates_waits_and_reports_exceptions() {
         never.contains("logged 7"),
         "the failure shows the console: {never}"
     );
+    // Pages are driven at once: an eval awaiting a promise on one page holds up neither the
+    // other page nor a second eval on the same page (which here is what resolves it).
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| a.eval("new Promise(r => { window.release = r })"));
+        a.wait_for(
+            "typeof window.release === 'function'",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        for i in 0..3 {
+            assert_eq!(b.eval(&format!("{i} * 2")).unwrap(), i * 2);
+        }
+        a.eval("window.release(5)").unwrap();
+        assert_eq!(waiting.join().unwrap().unwrap(), 5);
+    });
     b.eval("window.kept = 1").unwrap();
     b.reload();
     assert_eq!(

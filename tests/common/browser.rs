@@ -1,10 +1,11 @@
 //! A small Chrome DevTools Protocol driver for tests: the system headless Chromium, one
 //! DevTools WebSocket (tungstenite + serde_json), several pages (targets) on it.
 //!
-//! `Browser` owns the process, its temp profile and the one connection (`Cdp`, behind a
-//! mutex so pages may be used from several threads; a command holds it until its answer).
-//! Events read while waiting for an answer are filed per page: console messages and
-//! exceptions (for failure messages) and load events (for navigation waits).
+//! `Browser` owns the process and its temp profile. One reader thread owns the DevTools
+//! socket: it writes the commands handed to it and reads everything, giving each answer to the
+//! command waiting for it and filing events per page (console messages and exceptions for
+//! failure messages, load events for navigation waits). So pages may be driven from several
+//! threads at once, and a slow `eval` in one page does not hold up another.
 //! No Chromium is a loud failure naming the fix, never a skip.
 
 use std::collections::HashMap;
@@ -12,6 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,27 +27,40 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Console lines kept per page (the newest).
 const CONSOLE_KEEP: usize = 200;
+/// How long the reader thread waits on the socket before looking for commands to write.
+const WRITE_LATENCY: Duration = Duration::from_millis(5);
 
 pub struct Browser {
     child: Child,
     profile: PathBuf,
-    cdp: Arc<Mutex<Cdp>>,
+    cdp: Arc<Cdp>,
     /// Chromium's stderr (for failure messages), filled by a reader thread.
     stderr: Arc<Mutex<Vec<String>>>,
 }
 
 pub struct Page {
-    cdp: Arc<Mutex<Cdp>>,
+    cdp: Arc<Cdp>,
     target: String,
     session: String,
 }
 
-/// The DevTools connection and what its events told, per page session.
+/// The handle on the DevTools connection: commands go to the reader thread, answers and
+/// events come back through `Seen`.
 struct Cdp {
-    ws: tungstenite::WebSocket<TcpStream>,
-    next_id: u64,
+    out: mpsc::Sender<String>,
+    next_id: AtomicU64,
+    seen: Arc<Mutex<Seen>>,
+}
+
+/// What the reader thread hands out: answers to the commands waiting, and per page session
+/// its console lines and load count.
+#[derive(Default)]
+struct Seen {
+    waiting: HashMap<u64, mpsc::Sender<Result<Value, String>>>,
     console: HashMap<String, Vec<String>>,
     loads: HashMap<String, u64>,
+    /// Why the socket is gone, once it is.
+    dead: Option<String>,
 }
 
 impl Browser {
@@ -124,22 +139,27 @@ impl Browser {
             }
         };
         let ws = connect_ws(&url);
+        let (out, commands) = mpsc::channel();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        {
+            let seen = seen.clone();
+            std::thread::spawn(move || read_loop(ws, commands, seen));
+        }
         Browser {
             child,
             profile,
-            cdp: Arc::new(Mutex::new(Cdp {
-                ws,
-                next_id: 0,
-                console: HashMap::new(),
-                loads: HashMap::new(),
-            })),
+            cdp: Arc::new(Cdp {
+                out,
+                next_id: AtomicU64::new(0),
+                seen,
+            }),
             stderr,
         }
     }
 
     /// A new tab showing `url` (loaded: its `load` event fired).
     pub fn new_page(&self, url: &str) -> Page {
-        let mut cdp = self.cdp.lock().unwrap();
+        let cdp = &self.cdp;
         let target = cdp
             .call(None, "Target.createTarget", json!({"url": "about:blank"}))
             .unwrap_or_else(|e| panic!("Target.createTarget: {e}"))["targetId"]
@@ -156,12 +176,10 @@ impl Browser {
             .as_str()
             .expect("sessionId")
             .to_string();
-        cdp.console.insert(session.clone(), Vec::new());
         for domain in ["Page.enable", "Runtime.enable", "Log.enable"] {
             cdp.call(Some(&session), domain, json!({}))
                 .unwrap_or_else(|e| panic!("{domain}: {e}"));
         }
-        drop(cdp);
         let page = Page {
             cdp: self.cdp.clone(),
             target,
@@ -199,76 +217,98 @@ fn connect_ws(url: &str) -> tungstenite::WebSocket<TcpStream> {
 }
 
 impl Cdp {
-    /// Send one command and read until its answer, filing the events met on the way.
-    fn call(
-        &mut self,
-        session: Option<&str>,
-        method: &str,
-        params: Value,
-    ) -> Result<Value, String> {
-        self.next_id += 1;
-        let id = self.next_id;
+    /// Send one command and wait for its answer (the reader thread hands it over).
+    fn call(&self, session: Option<&str>, method: &str, params: Value) -> Result<Value, String> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut msg = json!({"id": id, "method": method, "params": params});
         if let Some(s) = session {
             msg["sessionId"] = s.into();
         }
-        self.ws
-            .send(tungstenite::Message::text(msg.to_string()))
-            .map_err(|e| format!("DevTools socket: {e}"))?;
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        loop {
-            let Some(v) = self.read_one(deadline)? else {
-                return Err(format!("no answer to {method} within {COMMAND_TIMEOUT:?}"));
-            };
-            if v["id"].as_u64() == Some(id) {
-                return match v.get("error") {
-                    Some(e) => Err(format!("{method}: {e}")),
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut seen = self.seen.lock().unwrap();
+            if let Some(why) = &seen.dead {
+                return Err(format!("{method}: the DevTools socket is gone: {why}"));
+            }
+            seen.waiting.insert(id, tx);
+        }
+        let sent = self.out.send(msg.to_string());
+        if sent.is_err() {
+            self.seen.lock().unwrap().waiting.remove(&id);
+            return Err(format!("{method}: the DevTools reader has stopped"));
+        }
+        match rx.recv_timeout(COMMAND_TIMEOUT) {
+            Ok(answer) => answer.map_err(|e| format!("{method}: {e}")),
+            Err(_) => {
+                self.seen.lock().unwrap().waiting.remove(&id);
+                Err(format!("no answer to {method} within {COMMAND_TIMEOUT:?}"))
+            }
+        }
+    }
+}
+
+/// The reader thread: the one owner of the socket. Writes what `commands` brings, reads
+/// everything, until the socket fails (Chromium was killed) or every handle is gone.
+fn read_loop(
+    mut ws: tungstenite::WebSocket<TcpStream>,
+    commands: mpsc::Receiver<String>,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let _ = ws.get_ref().set_read_timeout(Some(WRITE_LATENCY));
+    let why = loop {
+        // Write every command waiting, then read for at most WRITE_LATENCY.
+        let stop = loop {
+            match commands.try_recv() {
+                Ok(text) => {
+                    if let Err(e) = ws.send(tungstenite::Message::text(text)) {
+                        break Some(format!("write: {e}"));
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => break None,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    break Some("the browser handle was dropped".to_string())
+                }
+            }
+        };
+        if let Some(why) = stop {
+            break why;
+        }
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => match serde_json::from_str::<Value>(&t) {
+                Ok(v) => seen.lock().unwrap().take(&v),
+                Err(e) => break format!("not JSON from DevTools: {e}"),
+            },
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => break e.to_string(),
+        }
+    };
+    let mut seen = seen.lock().unwrap();
+    for (_, waiter) in seen.waiting.drain() {
+        let _ = waiter.send(Err(format!("the DevTools socket is gone: {why}")));
+    }
+    seen.dead = Some(why);
+}
+
+impl Seen {
+    /// An answer to its waiter; an event filed under its page.
+    fn take(&mut self, v: &Value) {
+        if let Some(id) = v["id"].as_u64() {
+            if let Some(waiter) = self.waiting.remove(&id) {
+                let _ = waiter.send(match v.get("error") {
+                    Some(e) => Err(e.to_string()),
                     None => Ok(v["result"].clone()),
-                };
+                });
             }
-            self.file_event(&v);
+            return;
         }
-    }
-
-    /// Read events until `deadline` (None: nothing more came).
-    fn pump_until(&mut self, deadline: Instant) -> Result<(), String> {
-        while let Some(v) = self.read_one(deadline)? {
-            self.file_event(&v);
-        }
-        Ok(())
-    }
-
-    /// One message, or None once `deadline` passed.
-    fn read_one(&mut self, deadline: Instant) -> Result<Option<Value>, String> {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            self.ws
-                .get_ref()
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .map_err(|e| e.to_string())?;
-            match self.ws.read() {
-                Ok(tungstenite::Message::Text(t)) => {
-                    return serde_json::from_str(&t)
-                        .map(Some)
-                        .map_err(|e| e.to_string())
-                }
-                Ok(_) => continue,
-                Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(format!("DevTools socket: {e}")),
-            }
-        }
+        self.file_event(v);
     }
 
     fn file_event(&mut self, v: &Value) {
@@ -333,15 +373,12 @@ fn exception_text(details: &Value) -> String {
 
 impl Page {
     fn call(&self, method: &str, params: Value) -> Result<Value, String> {
-        self.cdp
-            .lock()
-            .unwrap()
-            .call(Some(&self.session), method, params)
+        self.cdp.call(Some(&self.session), method, params)
     }
 
     fn loads(&self) -> u64 {
-        let cdp = self.cdp.lock().unwrap();
-        cdp.loads.get(&self.session).copied().unwrap_or(0)
+        let seen = self.cdp.seen.lock().unwrap();
+        seen.loads.get(&self.session).copied().unwrap_or(0)
     }
 
     /// Wait until the page's load count passes `before` (bounded).
@@ -353,12 +390,10 @@ impl Page {
                 "{what}: no load event within {LOAD_TIMEOUT:?}; console:\n{}",
                 self.console().join("\n")
             );
-            let step = Instant::now() + Duration::from_millis(50);
-            self.cdp
-                .lock()
-                .unwrap()
-                .pump_until(step)
-                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            if let Some(why) = &self.cdp.seen.lock().unwrap().dead {
+                panic!("{what}: the DevTools socket is gone: {why}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -438,18 +473,16 @@ impl Page {
 
     /// Console messages, exceptions and log entries of this page so far (newest last).
     pub fn console(&self) -> Vec<String> {
-        let mut cdp = self.cdp.lock().unwrap();
-        // Take what arrived while nobody was reading.
-        let _ = cdp.pump_until(Instant::now() + Duration::from_millis(20));
-        cdp.console.get(&self.session).cloned().unwrap_or_default()
+        let seen = self.cdp.seen.lock().unwrap();
+        seen.console.get(&self.session).cloned().unwrap_or_default()
     }
 }
 
 impl Drop for Page {
     fn drop(&mut self) {
-        if let Ok(mut cdp) = self.cdp.lock() {
-            let _ = cdp.call(None, "Target.closeTarget", json!({"targetId": self.target}));
-        }
+        let _ = self
+            .cdp
+            .call(None, "Target.closeTarget", json!({"targetId": self.target}));
     }
 }
 
