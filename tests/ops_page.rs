@@ -547,6 +547,28 @@ fn ops_page_in_chromium_shows_the_live_load_as_metrics_count_it() {
         false
     );
 
+    // No key: the form asks for one; given there, the page goes live and keeps the key for
+    // this tab across a reload.
+    let form = browser.new_page(&format!("http://{}/ops", gw.admin));
+    form.wait_for(
+        "document.getElementById('status').dataset.state === 'idle'
+         && !document.getElementById('keyform').hidden",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("no key form without a key: {e}"));
+    form.eval(&format!(
+        "document.getElementById('key').value = '{KEY}';
+         document.getElementById('keyform').requestSubmit()"
+    ))
+    .unwrap();
+    let shows_data = format!("+{table}.dataset.seq > 0");
+    form.wait_for(&shows_data, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("the key from the form did not open the stream: {e}"));
+    form.reload();
+    form.wait_for(&shows_data, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("the key did not survive a reload of the tab: {e}"));
+    drop(form);
+
     stop.store(true, Ordering::Relaxed);
     let mut sent = 0;
     for h in load {
