@@ -616,3 +616,40 @@ fn ops_page_in_chromium_shows_the_live_load_as_metrics_count_it() {
     )
     .unwrap_or_else(|e| panic!("the page did not reconnect to the restarted gateway: {e}"));
 }
+
+/// With Redis: the store is named (its URL is not shown), and Redis latency is the mean batch
+/// time over the interval, a number once messages are spilled.
+#[test]
+fn live_stream_with_redis_shows_its_batch_latency() {
+    let redis = common::redis::RedisServer::start();
+    let url = redis.url();
+    let gw = Gateway::start(&["--api-key", KEY, "--redis-url", &url]);
+    assert!(
+        eventually(Duration::from_secs(20), || gw.admin_get("/readyz").0 == 200),
+        "the gateway never became ready on Redis"
+    );
+    let mut live = Live::open(gw.admin, Some(KEY));
+    assert_eq!(live.status(), 200, "{}", live.head);
+    let first = live.next_snapshot();
+    assert_eq!(first["node"]["store"], "redis");
+    assert!(
+        !first.to_string().contains(&url),
+        "the Redis URL is not shown"
+    );
+    // Messages to an offline user are spilled to Redis, a batch each (or a few together).
+    let (mut ws, _) = connect_app(&gw, "ops-sender");
+    for i in 0..20 {
+        send(&mut ws, "ops-offline", &format!("r{i}"), json!({"n": i}));
+        assert_eq!(next_op(&mut ws, "accepted")["cid"], format!("r{i}"));
+    }
+    let mut seen = Vec::new();
+    let latency = (0..30).find_map(|_| {
+        let s = live.next_snapshot();
+        seen.push(s["total"].clone());
+        s["total"]["redis_ms"].as_f64()
+    });
+    let latency = latency.unwrap_or_else(|| panic!("no Redis latency in 30 snapshots: {seen:#?}"));
+    assert!(latency > 0.0, "{latency}");
+    let spilled = live.next_snapshot()["total"]["spilled"].as_u64().unwrap();
+    assert!(spilled >= 20, "{spilled} spilled");
+}
