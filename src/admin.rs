@@ -23,7 +23,7 @@ use crate::shard::Shared;
 
 /// Most users one presence request may ask about (SPEC section 3).
 pub use crate::proto::MAX_PRESENCE_USERS;
-pub use live::{LiveStreams, LIVE_INTERVAL, MAX_LIVE_STREAMS};
+pub use live::{LiveStreams, MAX_LIVE_STREAMS};
 /// How long the API waits for a shard's answer before giving up with 503.
 const SHARD_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
