@@ -7,6 +7,17 @@
 //! failure messages, load events for navigation waits). So pages may be driven from several
 //! threads at once, and a slow `eval` in one page does not hold up another.
 //! No Chromium is a loud failure naming the fix, never a skip.
+//!
+//! ```ignore
+//! let browser = Browser::launch();                        // killed, profile removed on drop
+//! let a = browser.new_page(&format!("http://{addr}/ops")); // returns once loaded
+//! let b = browser.new_page("data:text/html,<p>two</p>");  // pages share the one browser
+//! assert_eq!(a.eval("1 + 1")?, 2);                        // promises awaited; throw = Err(text)
+//! a.wait_for("window.ready === true", Duration::from_secs(30))?; // Err shows the console
+//! a.reload();
+//! a.screenshot("target/a.png");
+//! eprintln!("{}", a.console().join("\n"));
+//! ```
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -92,6 +103,11 @@ impl Browser {
                 "--disable-component-update",
                 "--disable-sync",
                 "--remote-debugging-port=0",
+                // Several pages run at once, none in the foreground: no timer throttling
+                // or renderer backgrounding (puppeteer's defaults too).
+                "--disable-background-timer-throttling",
+                "--disable-renderer-backgrounding",
+                "--disable-backgrounding-occluded-windows",
                 "--window-size=1280,1000",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
