@@ -1,7 +1,10 @@
 //! The admin HTTP listener (separate port, default 127.0.0.1:9090): `/metrics`, `/healthz`,
 //! `/readyz`, and the backend API (`/api/*`, bearer `api_key`). Runs on its own thread with a
 //! small tokio runtime (hyper), so scrapes never take time from a shard; it reads the shards'
-//! metrics and the drain flag, and asks shards questions only through the mesh.
+//! metrics and the drain flag, and asks shards questions only through the mesh. The live
+//! operator page (`/ops`) and its stream (`/api/live`) are in `live`.
+
+mod live;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +23,7 @@ use crate::shard::Shared;
 
 /// Most users one presence request may ask about (SPEC section 3).
 pub use crate::proto::MAX_PRESENCE_USERS;
+pub use live::{LiveStreams, MAX_LIVE_STREAMS};
 /// How long the API waits for a shard's answer before giving up with 503.
 const SHARD_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -31,6 +35,8 @@ pub struct Admin {
     pub api_refused: ApiRefused,
     /// The offline push worker's counters (None: push is off).
     pub push: Option<Arc<crate::push::PushMetrics>>,
+    /// The open `/api/live` streams, bounded.
+    pub live: live::LiveStreams,
 }
 
 /// Backend API requests answered with an error, by HTTP status. The API runs on the admin
@@ -483,11 +489,16 @@ async fn presence(admin: &Admin, query: &str) -> Response<Full<Bytes>> {
     )
 }
 
-async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<live::Body> {
     if req.uri().path().starts_with("/api/") {
         if let Some(refusal) = check_api_key(admin, &req) {
             admin.api_refused.count(refusal.status());
-            return refusal;
+            return refusal.map(live::Body::Left);
+        }
+        if (req.method(), req.uri().path()) == (&Method::GET, "/api/live") {
+            let response = live::live(admin);
+            admin.api_refused.count(response.status());
+            return response;
         }
         let response = match (req.method(), req.uri().path()) {
             (&Method::GET, "/api/presence") => {
@@ -498,9 +509,14 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             _ => api_error(StatusCode::NOT_FOUND, "no such API endpoint"),
         };
         admin.api_refused.count(response.status());
-        return response;
+        return response.map(live::Body::Left);
     }
-    match (req.method(), req.uri().path()) {
+    if req.method() == Method::GET {
+        if let Some(file) = live::ops_file(req.uri().path()) {
+            return file.map(live::Body::Left);
+        }
+    }
+    let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(
@@ -510,6 +526,7 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     if let Some(push) = &admin.push {
                         push.render(&mut out);
                     }
+                    admin.live.render(&mut out);
                     out
                 }
                 .into(),
@@ -539,7 +556,8 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    }
+    };
+    response.map(live::Body::Left)
 }
 
 #[cfg(test)]

@@ -165,6 +165,10 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.count.get()
     }
+
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.get()
+    }
 }
 
 pub const SEND_ACCEPTED: &str = "ringgate_send_accepted_seconds";

@@ -152,6 +152,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             api_cids: admin::ApiCids::new(),
             api_refused: Default::default(),
             push: push_metrics,
+            live: admin::LiveStreams::new(),
         },
     )
     .map_err(|source| StartError::Admin {

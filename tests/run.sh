@@ -31,7 +31,10 @@ need_apt redis-server redis-server
 need_apt redis-cli redis-tools
 # tests/redis_tls.rs makes its CA and certificate with openssl.
 need_apt openssl openssl
-# The JavaScript client's tests (clients/js) run under Node's test runner.
+# The browser tests (tests/ops_page.rs, tests/common/browser.rs) drive the system headless
+# Chromium over the DevTools protocol; the JavaScript client's tests (clients/js) run under
+# Node's test runner.
+need_apt chromium chromium
 need_apt node nodejs
 
 say "format check"

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod redis;
 
 pub const SECRET: &str = "integration-test-secret-0123";
