@@ -7,6 +7,10 @@ use std::time::Instant;
 pub trait Clock {
     /// Monotonic milliseconds since this clock's origin.
     fn now_ms(&self) -> u64;
+    /// Monotonic microseconds since the origin, for latency histograms (send -> accepted).
+    fn now_us(&self) -> u64 {
+        self.now_ms() * 1000
+    }
     /// Milliseconds since the Unix epoch: message timestamps and ids. Read through the clock
     /// so that a simulation replays the same ids from the same seed.
     fn wall_ms(&self) -> u64;
@@ -38,6 +42,9 @@ impl Default for MonotonicClock {
 impl Clock for MonotonicClock {
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
+    }
+    fn now_us(&self) -> u64 {
+        self.origin.elapsed().as_micros() as u64
     }
     fn wall_ms(&self) -> u64 {
         std::time::SystemTime::now()
@@ -84,6 +91,9 @@ impl Clock for ManualClock {
 impl<C: Clock> Clock for std::rc::Rc<C> {
     fn now_ms(&self) -> u64 {
         (**self).now_ms()
+    }
+    fn now_us(&self) -> u64 {
+        (**self).now_us()
     }
     fn wall_ms(&self) -> u64 {
         (**self).wall_ms()

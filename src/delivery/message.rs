@@ -38,8 +38,9 @@ pub struct Message {
     /// The backend's `type`, see [`StoredMessage::msg_type`].
     pub msg_type: Option<Box<str>>,
     pub reply: ReplyTo,
-    /// When the sender's home shard took the `send` (for the send -> accepted histogram).
-    pub received: std::time::Instant,
+    /// When the sender's home shard took the `send`, in µs of the shards' clock (one origin
+    /// per process), for the send -> accepted histogram.
+    pub received_us: u64,
     /// How the recipient's shard writes it to Redis (empty until then).
     pub write: StoreWrite,
 }
@@ -78,7 +79,7 @@ impl Message {
             cid: self.cid,
             reply: self.reply,
             outcome,
-            received: self.received,
+            received_us: self.received_us,
         }
     }
 
@@ -109,6 +110,6 @@ pub struct Report {
     pub cid: Box<str>,
     pub reply: ReplyTo,
     pub outcome: Outcome,
-    /// `Message::received` of the message reported on.
-    pub received: std::time::Instant,
+    /// `Message::received_us` of the message reported on (0 when it came from Redis).
+    pub received_us: u64,
 }

@@ -308,7 +308,7 @@ impl Shard {
                 body: "null".into(),
                 msg_type: None,
                 reply,
-                received: std::time::Instant::now(),
+                received_us: self.clock.now_us(),
                 write: Default::default(),
             };
             self.route(receipt, now, Some(index));
@@ -440,7 +440,7 @@ impl Shard {
             body,
             msg_type,
             reply,
-            received: std::time::Instant::now(),
+            received_us: self.clock.now_us(),
             write: Default::default(),
         };
         if id.is_none() {
@@ -592,7 +592,10 @@ impl Shard {
             return self.on_receipt_report(sender.into(), r);
         }
         if r.outcome == Outcome::Stored {
-            self.metrics.send_accepted.observe(r.received.elapsed());
+            let took_us = self.clock.now_us().saturating_sub(r.received_us);
+            self.metrics
+                .send_accepted
+                .observe(std::time::Duration::from_micros(took_us));
         }
         if r.reply.conn == API_CONN {
             return self.on_api_report(r);
@@ -751,7 +754,7 @@ impl Shard {
                     cid: msg.cid.clone(),
                     reply: ReplyTo::all_devices(home),
                     outcome: Outcome::Delivered,
-                    received: std::time::Instant::now(),
+                    received_us: self.clock.now_us(),
                 };
                 // With Redis, `delivered` waits for the delete: only the ack that removed the
                 // entry reports it, whichever node its device is on.

@@ -1,8 +1,6 @@
 //! The text forms ringgate writes into Redis and reads back: packed messages, pushes on a
 //! node's channel, stream ids as inbox sequence numbers, and reply shapes.
 
-use std::time::Instant;
-
 use compact_str::CompactString;
 use fred::prelude::*;
 
@@ -136,7 +134,7 @@ impl Push {
                     cid,
                     reply: ReplyTo::all_devices(home),
                     outcome: Outcome::Delivered,
-                    received: Instant::now(),
+                    received_us: 0,
                 }))
             }
             Push::Room { room, offset, msg } => StoreReply::RoomMessage { room, offset, msg },
