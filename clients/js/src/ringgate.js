@@ -99,6 +99,10 @@ function defaultStorage() {
   return memoryStorage();
 }
 
+/** setTimeout fires at once for a delay past 2^31-1 ms (browsers and Node): clamp to it. */
+const MAX_DELAY = 2 ** 31 - 1;
+const delay = (ms) => Math.min(MAX_DELAY, Math.max(0, ms));
+
 const realClock = {
   now: () => Date.now(),
   setTimeout: (fn, ms) => setTimeout(fn, ms),
@@ -320,7 +324,7 @@ export class RinggateClient {
     this._timers[name] = this._clock.setTimeout(() => {
       this._timers[name] = null;
       fn();
-    }, ms);
+    }, delay(ms));
   }
 
   _connect() {
@@ -887,7 +891,7 @@ export class RinggateClient {
         this._held.set(k, []);
         this._holdTimers.set(
           k,
-          this._clock.setTimeout(() => this._release(k), this.opts.holdMaxMs),
+          this._clock.setTimeout(() => this._release(k), delay(this.opts.holdMaxMs)),
         );
       }
       this._held.get(k).push({ ev, delivered: [] });

@@ -12,7 +12,8 @@ export class FakeClock {
   }
   setTimeout(fn, ms) {
     const id = this.nextId++;
-    this.timers.push({ id, at: this.t + Math.max(0, ms | 0), fn });
+    if (!(ms <= 2 ** 31 - 1)) throw new Error(`setTimeout(${ms}): a real timer would fire at once`);
+    this.timers.push({ id, at: this.t + Math.max(0, Math.floor(ms)), fn });
     return id;
   }
   clearTimeout(id) {
