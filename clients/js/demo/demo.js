@@ -5,7 +5,7 @@
 import { RinggateClient } from '../src/ringgate.js';
 
 const params = new URLSearchParams(location.search);
-const servedByGateway = location.pathname.startsWith('/demo/') && /^https?:$/.test(location.protocol);
+const servedByGateway = String(location.pathname || '').startsWith('/demo/') && /^https?:$/.test(location.protocol || '');
 const sameHost = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}`;
 const fallback = `ws://${location.hostname || '127.0.0.1'}:8080`;
 const gw = (params.get('gw') || (servedByGateway ? sameHost : fallback)).replace(/\/+$/, '');

@@ -136,6 +136,8 @@ export class SeenSet {
     this.max = max;
     this.senders = new Map(); // from -> { list: [key], set: Set<key> }, least recent first
     this.size = 0;
+    /** Senders whose keys changed since the owner last took this (to write them back). */
+    this.changed = new Set();
   }
   has(from, key) {
     const s = this.senders.get(from);
@@ -149,6 +151,7 @@ export class SeenSet {
     if (s.set.has(key)) return;
     s.list.push(key);
     s.set.add(key);
+    this.changed.add(from);
     this.size++;
     if (s.list.length > this.perSender) {
       s.set.delete(s.list.shift());
@@ -157,6 +160,7 @@ export class SeenSet {
     while (this.size > this.max) {
       const [oldFrom, old] = this.senders.entries().next().value;
       old.set.delete(old.list.shift());
+      this.changed.add(oldFrom);
       this.size--;
       if (old.list.length === 0) this.senders.delete(oldFrom);
     }
@@ -233,6 +237,11 @@ export class RinggateClient {
     this._handledSeq = 0;
     this._ackedSeq = 0;
     this._dirty = new Set();
+    // Senders whose dedup keys are in storage. Each sender's keys are their own entry,
+    // written at once after a display (a reload right after a message was shown must not
+    // show it again), so one display costs one sender's keys (<= dedupPerSender), not the
+    // whole memory (`SeenSet.changed` says which to write).
+    this._seenStored = new Set();
     this._ns = null;
   }
 
@@ -519,12 +528,20 @@ export class RinggateClient {
       }
     }
     const seen = this._load('seen');
-    if (seen && seen.v === 1) {
+    if (seen && (seen.v === 1 || seen.v === 2)) {
       const mine = this._seen.toJSON();
       this._seen = new SeenSet(this.opts.dedupPerSender, this.opts.dedupMax);
-      this._seen.load(seen.senders);
+      if (seen.v === 1) this._seen.load(seen.senders);
+      else {
+        for (const from of seen.senders) {
+          const keys = this._load(`seen/${from}`);
+          if (Array.isArray(keys)) this._seen.load([[from, keys]]);
+          this._seenStored.add(from);
+        }
+      }
       this._seen.load(mine);
     }
+    for (const from of this._seen.senders.keys()) this._seen.changed.add(from);
     const rooms = this._load('rooms');
     if (rooms && rooms.v === 1) {
       for (const [room, offset] of rooms.offsets) if (!this._offsets.has(room)) this._offsets.set(room, offset);
@@ -548,7 +565,7 @@ export class RinggateClient {
   /** Persist what changed; then (when `ack`) ack what was handled. */
   _flush(ack = true) {
     this._clear('ack');
-    if (this._dirty.has('seen')) this._save('seen', { v: 1, senders: this._seen.toJSON() });
+    this._persistSeen();
     if (this._dirty.has('rooms')) this._save('rooms', { v: 1, offsets: [...this._offsets] });
     if (this._dirty.has('reads')) this._save('reads', { v: 1, pending: [...this._reads].map(([f, r]) => [f, r.id]) });
     this._dirty.clear();
@@ -556,6 +573,33 @@ export class RinggateClient {
       this._ackedSeq = this._handledSeq;
       this._sendFrame({ op: 'ack', seq: this._handledSeq });
     }
+  }
+
+  /** Write the dedup keys of the senders that changed (and the list of senders). */
+  _persistSeen() {
+    this._dirty.delete('seen');
+    const changed = this._seen.changed;
+    if (!this._ns || changed.size === 0) return;
+    const senders = this._seen.senders;
+    for (const from of changed) {
+      const s = senders.get(from);
+      if (s) {
+        this._save(`seen/${from}`, s.list);
+        this._seenStored.add(from);
+      }
+    }
+    changed.clear();
+    for (const from of this._seenStored) {
+      if (!senders.has(from)) {
+        this._seenStored.delete(from);
+        try {
+          this._storage.removeItem(this._key(`seen/${from}`));
+        } catch (_) {
+          // a leftover entry is only read back for a sender still listed: harmless
+        }
+      }
+    }
+    this._save('seen', { v: 2, senders: [...senders.keys()] });
   }
 
   /** A `msg` / `read` frame was handled: ack it soon (cumulative), after persisting. */
@@ -844,10 +888,11 @@ export class RinggateClient {
     const key = JSON.stringify(f.cid);
     if (!this._seen.has(f.from, key)) {
       this._seen.add(f.from, key);
-      this._dirty.add('seen');
       const ev = { from: f.from, cid: f.cid, id: f.id, ts: f.ts, body: f.body };
       if (f.type != null) ev.type = f.type;
       this._emit('message', ev);
+      // Before anything else can run (a reload is a later task): shown means remembered.
+      this._persistSeen();
     }
     this._handled(f.seq);
   }
@@ -978,8 +1023,10 @@ export class RinggateClient {
     const key = JSON.stringify(f.cid);
     if (this._seen.has(sender, key)) return;
     this._seen.add(sender, key);
-    this._dirty.add('seen');
     this._emit('room', { room: f.room, offset: f.offset, id: f.id, from: f.from, cid: f.cid, ts: f.ts, body: f.body });
+    // As for `msg`: shown means remembered, and the offset to re-join from moves with it.
+    this._persistSeen();
+    if (this._dirty.delete('rooms')) this._save('rooms', { v: 1, offsets: [...this._offsets] });
     if (this._timers.ack == null) this._timer('ack', this.opts.ackDelayMs, () => this._flush());
   }
 

@@ -2,16 +2,19 @@
 // loopback ports, and learns them from the line it prints (as tests/common/mod.rs does).
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
+/** `RINGGATE_BIN`, else the newer of the release and debug builds (a stale one misleads). */
 export function gatewayBinary() {
-  for (const p of [process.env.RINGGATE_BIN, `${root}/target/release/ringgate`, `${root}/target/debug/ringgate`]) {
-    if (p && existsSync(p)) return p;
-  }
+  if (process.env.RINGGATE_BIN && existsSync(process.env.RINGGATE_BIN)) return process.env.RINGGATE_BIN;
+  const built = [`${root}/target/release/ringgate`, `${root}/target/debug/ringgate`]
+    .filter((p) => existsSync(p))
+    .sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs);
+  if (built.length) return built[0];
   assert.fail(
     `no ringgate binary in ${root}/target/{release,debug}: build it first with\n` +
       `  (cd ${root} && cargo build --release --bin ringgate)`,
