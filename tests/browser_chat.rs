@@ -353,3 +353,30 @@ fn a_slow_page_in_a_room_recovers_every_message_once_in_order() {
         "slow page: {gaps} gaps, all {total} room messages displayed once in order on both pages"
     );
 }
+
+/// Item 5: the demo page a newcomer opens after `cargo run --release` (dev mode serves it):
+/// alice types, bob's pane shows it with alice's tick moving on.
+#[test]
+fn the_demo_page_served_by_the_gateway_shows_two_users_chatting() {
+    let gw = Gateway::start(&[]);
+    let browser = Browser::launch();
+    let page = browser.new_page(&format!("http://{}/demo/", gw.public));
+    let both_open = "['alice','bob'].every((u) => ringgateDemo[u] && ringgateDemo[u].client().state === 'open')";
+    page.wait_for(both_open, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("the demo's clients never connected: {e}"));
+    page.eval(
+        "(() => { const f = document.querySelector('#alice form'); f.querySelector('input').value = 'hello bob from the demo'; f.requestSubmit(); return true; })()",
+    )
+    .unwrap();
+    page.wait_for(
+        "document.querySelector('#bob ol').textContent.includes('hello bob from the demo')",
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|e| panic!("bob's pane never showed alice's message: {e}"));
+    page.wait_for(
+        "ringgateDemo.alice.client().pending().length === 0",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    page.screenshot(concat!(env!("CARGO_TARGET_TMPDIR"), "/demo-page.png"));
+}
