@@ -489,11 +489,50 @@ async fn presence(admin: &Admin, query: &str) -> Response<Full<Bytes>> {
     )
 }
 
-async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<live::Body> {
+/// The method each path answers (GET paths answer HEAD too: hyper sends the head only).
+fn method_of(path: &str) -> Option<Method> {
+    match path {
+        "/api/send" | "/api/publish" => Some(Method::POST),
+        "/api/presence" | "/api/live" | "/metrics" | "/healthz" | "/readyz" => Some(Method::GET),
+        _ if live::ops_file(path).is_some() => Some(Method::GET),
+        _ => None,
+    }
+}
+
+/// 405 for a known path asked with another method, with the `Allow` it takes (GET or POST:
+/// the only two `method_of` gives).
+fn wrong_method(allowed: &Method) -> Response<Full<Bytes>> {
+    let allow = if allowed == Method::GET {
+        "GET, HEAD"
+    } else {
+        "POST"
+    };
+    let mut response = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("use {allow} for this path\n"),
+    );
+    response.headers_mut().insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static(allow),
+    );
+    response
+}
+
+async fn route(admin: &Arc<Admin>, mut req: Request<Incoming>) -> Response<live::Body> {
+    let known = method_of(req.uri().path());
+    // HEAD is GET without the body (hyper leaves the body out of a HEAD answer).
+    if req.method() == Method::HEAD && known == Some(Method::GET) {
+        *req.method_mut() = Method::GET;
+    }
+    let wrong = known.filter(|m| m != req.method());
     if req.uri().path().starts_with("/api/") {
         if let Some(refusal) = check_api_key(admin, &req) {
             admin.api_refused.count(refusal.status());
             return refusal.map(live::Body::Left);
+        }
+        if let Some(allowed) = wrong {
+            admin.api_refused.count(StatusCode::METHOD_NOT_ALLOWED);
+            return wrong_method(&allowed).map(live::Body::Left);
         }
         if (req.method(), req.uri().path()) == (&Method::GET, "/api/live") {
             let response = live::live(admin);
@@ -510,6 +549,9 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<live::Bod
         };
         admin.api_refused.count(response.status());
         return response.map(live::Body::Left);
+    }
+    if let Some(allowed) = wrong {
+        return wrong_method(&allowed).map(live::Body::Left);
     }
     if req.method() == Method::GET {
         if let Some(file) = live::ops_file(req.uri().path()) {

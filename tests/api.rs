@@ -261,3 +261,58 @@ fn a_backend_message_carries_its_type_to_the_recipient() {
     assert_eq!(msgs[0]["from"], "@backend");
     assert!(msgs[1].get("type").is_none(), "{}", msgs[1]);
 }
+
+/// A known admin path asked with the wrong method is a 405 naming what it takes (`Allow`),
+/// not a 404; every GET path answers HEAD with its head only (issue 19, item 4).
+#[test]
+fn wrong_methods_get_405_with_allow_and_head_answers_like_get() {
+    let gw = Gateway::start(&["--api-key", KEY]);
+    for (method, path, allow) in [
+        ("GET", "/api/send", "POST"),
+        ("GET", "/api/publish", "POST"),
+        ("POST", "/api/presence", "GET, HEAD"),
+        ("DELETE", "/metrics", "GET, HEAD"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("PUT", "/ops", "GET, HEAD"),
+    ] {
+        let (status, text) = {
+            let head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            exchange_raw(gw.admin, &head)
+        };
+        assert_eq!(status, 405, "{method} {path}: {text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains(&format!("allow: {}", allow.to_ascii_lowercase())),
+            "{method} {path}: {text}"
+        );
+    }
+    assert_eq!(http_get(gw.admin, "/nope", &[]).0, 404);
+    // HEAD: the status and headers of GET, no body.
+    for path in ["/metrics", "/healthz", "/readyz", "/ops"] {
+        let (status, text) = exchange_raw(
+            gw.admin,
+            &format!("HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(status, 200, "HEAD {path}: {text}");
+        let body = text.split_once("\r\n\r\n").map_or("", |x| x.1);
+        assert!(body.is_empty(), "HEAD {path} sent a body: {body:?}");
+    }
+    assert!(gw.metric("ringgate_api_refused_total{shard=\"admin\",status=\"405\"}") >= 3);
+}
+
+/// The raw answer (head and body) to `head`.
+fn exchange_raw(addr: std::net::SocketAddr, head: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
