@@ -507,6 +507,9 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 {
                     let mut out = metrics::render(&admin.metrics);
                     admin.api_refused.render(&mut out);
+                    if let Some(jwks) = admin.shared.auth.jwks() {
+                        jwks.metrics().render(&mut out);
+                    }
                     if let Some(push) = &admin.push {
                         push.render(&mut out);
                     }

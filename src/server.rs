@@ -27,6 +27,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Jwks(String),
     #[error("cannot start shard {shard}: {message}")]
     Shard { shard: usize, message: String },
 }
@@ -47,6 +49,12 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         tracing::warn!("DEV MODE: no jwt_secret configured; clients are trusted as ?user=<id> (allowed only because every listener is on loopback)");
         eprintln!("ringgate: WARNING dev mode: no jwt_secret, clients connect with ?user=<id>; never expose this");
     }
+    // The JWKS before anything else: no key set, no start (the message names jwks_url).
+    let jwks = match cfg.jwks_settings() {
+        Some(settings) => Some(crate::auth::jwks::start(settings).map_err(StartError::Jwks)?),
+        None => None,
+    };
+    let auth = crate::auth::Authenticator::with_jwks(cfg.jwt_secret.as_deref(), jwks);
     // This run's name in Redis: decided once, here (the shards and the store are given it).
     let started_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -97,7 +105,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             })?,
         );
     }
-    let shared = Shared::new(cfg.clone());
+    let shared = Shared::with_auth(cfg.clone(), auth);
     let (mut push_links, push_worker, push_metrics) = match cfg.push.clone() {
         Some(push) => {
             eprintln!(

@@ -81,8 +81,13 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// HS256 (or dev mode) only: for tests; `server` builds it [`Shared::with_auth`].
     pub fn new(cfg: Config) -> Arc<Self> {
         let auth = Authenticator::new(cfg.jwt_secret.as_deref());
+        Self::with_auth(cfg, auth)
+    }
+
+    pub fn with_auth(cfg: Config, auth: Authenticator) -> Arc<Self> {
         Arc::new(Shared {
             ips: cfg.ip_limits(),
             cfg,
