@@ -984,6 +984,63 @@ mod tests {
         assert!(err.contains("jwt_secret"), "{err}");
     }
 
+    /// A JWKS URL alone is enough off loopback (not dev mode); its keys are checked at start
+    /// naming the key: scheme, a CA file only with https://, the minimum periods.
+    #[test]
+    fn jwks_keys_are_checked_at_start() {
+        let layer = |url: &str| ConfigLayer {
+            listen: Some("0.0.0.0:8080".into()),
+            jwks_url: Some(url.into()),
+            ..Default::default()
+        };
+        let c = layer("https://idp.example/.well-known/jwks.json")
+            .resolve()
+            .unwrap();
+        assert!(!c.dev_mode());
+        let s = c.jwks_settings().unwrap();
+        assert_eq!(s.refresh.as_millis() as u64, DEFAULT_JWKS_REFRESH_MS);
+        assert_eq!(
+            s.refetch_min.as_millis() as u64,
+            DEFAULT_JWKS_REFETCH_MIN_MS
+        );
+        assert!(ConfigLayer::default()
+            .resolve()
+            .unwrap()
+            .jwks_settings()
+            .is_none());
+        let refused = |l: ConfigLayer| l.resolve().unwrap_err().to_string();
+        assert!(refused(layer("ftp://idp/keys")).contains("`jwks_url`"));
+        let not_pem_file = std::env::temp_dir().join(format!("rg-jwks-ca-{}", std::process::id()));
+        std::fs::write(&not_pem_file, "hello").unwrap();
+        let not_pem_path = not_pem_file.to_str().unwrap().to_string();
+        let ca_with_http = refused(ConfigLayer {
+            jwks_ca_file: Some(not_pem_path.clone()),
+            ..layer("http://idp/keys")
+        });
+        assert!(ca_with_http.contains("`jwks_ca_file`"), "{ca_with_http}");
+        let ca_alone = refused(ConfigLayer {
+            jwks_ca_file: Some(not_pem_path.clone()),
+            ..Default::default()
+        });
+        assert!(ca_alone.contains("`jwks_ca_file`"), "{ca_alone}");
+        let not_pem = refused(ConfigLayer {
+            jwks_ca_file: Some(not_pem_path.clone()),
+            ..layer("https://idp/keys")
+        });
+        assert!(not_pem.contains("no PEM certificate"), "{not_pem}");
+        let fast = refused(ConfigLayer {
+            jwks_refresh_ms: Some(10),
+            ..layer("https://idp/keys")
+        });
+        assert!(fast.contains("`jwks_refresh_ms`"), "{fast}");
+        let eager = refused(ConfigLayer {
+            jwks_refetch_min_ms: Some(0),
+            ..layer("https://idp/keys")
+        });
+        assert!(eager.contains("`jwks_refetch_min_ms`"), "{eager}");
+        let _ = std::fs::remove_file(not_pem_file);
+    }
+
     #[test]
     fn bad_values_name_their_key() {
         let cases: Vec<(ConfigLayer, &str)> = vec![
