@@ -565,6 +565,9 @@ async fn route(admin: &Arc<Admin>, mut req: Request<Incoming>) -> Response<live:
                 {
                     let mut out = metrics::render(&admin.metrics);
                     admin.api_refused.render(&mut out);
+                    if let Some(jwks) = admin.shared.auth.jwks() {
+                        jwks.metrics().render(&mut out);
+                    }
                     if let Some(push) = &admin.push {
                         push.render(&mut out);
                     }

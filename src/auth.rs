@@ -1,7 +1,16 @@
-//! Client authentication: HS256 JWT verification and minting, and the loopback-only dev mode.
+//! Client authentication: JWT verification (HS256 with `jwt_secret`; RS256 / ES256 with the
+//! keys of `jwks_url`, see [`jwks`]), HS256 minting, and the loopback-only dev mode.
 //!
-//! Owns no state beyond the decoded key. The upgrade path calls [`Authenticator::authenticate`]
-//! once per handshake; nothing here runs per message.
+//! Owns no state beyond the HS256 key and a handle on the shared JWKS key set. The upgrade
+//! path calls [`Authenticator::authenticate`] once per handshake; nothing here runs per
+//! message, and nothing here waits on the network.
+//!
+//! Which key verifies a token is decided by the token's `alg` alone, each alg with one kind of
+//! key: HS256 only ever with the secret, RS256 only with an RSA key of the JWKS and ES256 only
+//! with a P-256 key, found by `kid`. An alg with no key configured is refused, and so are
+//! `none` and every other alg: an HS256 token "signed" with a public key never meets that key.
+
+pub mod jwks;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -61,24 +70,98 @@ fn client_user(user: &str) -> Result<(), AuthError> {
 }
 
 pub struct Authenticator {
-    /// None = dev mode (`?user=` trusted); config validation guarantees loopback-only.
-    key: Option<(DecodingKey, Validation)>,
+    /// The HS256 key (`jwt_secret`).
+    secret: Option<DecodingKey>,
+    /// The RS256 / ES256 keys (`jwks_url`). Neither = dev mode (`?user=` trusted); config
+    /// validation guarantees loopback-only.
+    jwks: Option<jwks::Jwks>,
+    /// The claim rules, one per accepted alg (the alg is part of jsonwebtoken's check).
+    hs256: Validation,
+    rs256: Validation,
+    es256: Validation,
+}
+
+/// The claim rules: `sub` and `exp` required, `nbf` honoured, [`EXP_LEEWAY_S`] of skew.
+fn validation(alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.leeway = EXP_LEEWAY_S;
+    v.validate_nbf = true;
+    v.set_required_spec_claims(&["exp", "sub"]);
+    v
 }
 
 impl Authenticator {
+    /// HS256 only (or dev mode without a secret).
     pub fn new(secret: Option<&str>) -> Self {
-        let key = secret.map(|s| {
-            let mut v = Validation::new(Algorithm::HS256);
-            v.leeway = EXP_LEEWAY_S;
-            v.validate_nbf = true;
-            v.set_required_spec_claims(&["exp", "sub"]);
-            (DecodingKey::from_secret(s.as_bytes()), v)
-        });
-        Authenticator { key }
+        Self::with_jwks(secret, None)
+    }
+
+    /// HS256 with `secret` and/or RS256 / ES256 with the keys of `jwks`.
+    pub fn with_jwks(secret: Option<&str>, jwks: Option<jwks::Jwks>) -> Self {
+        Authenticator {
+            secret: secret.map(|s| DecodingKey::from_secret(s.as_bytes())),
+            jwks,
+            hs256: validation(Algorithm::HS256),
+            rs256: validation(Algorithm::RS256),
+            es256: validation(Algorithm::ES256),
+        }
     }
 
     pub fn dev_mode(&self) -> bool {
-        self.key.is_none()
+        self.secret.is_none() && self.jwks.is_none()
+    }
+
+    /// The JWKS in use (its metrics), if `jwks_url` is set.
+    pub fn jwks(&self) -> Option<&jwks::Jwks> {
+        self.jwks.as_ref()
+    }
+
+    /// Check the signature of `token` with the one key its `alg` and `kid` select, and its
+    /// claims.
+    fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::Invalid(format!("bad header: {e}")))?;
+        let alg = header.alg;
+        let (keys, validation) = match alg {
+            Algorithm::HS256 => {
+                let key = self.secret.as_ref().ok_or_else(|| {
+                    AuthError::Invalid("HS256 tokens are not accepted (no jwt_secret)".into())
+                })?;
+                return decode(token, key, &self.hs256);
+            }
+            Algorithm::RS256 | Algorithm::ES256 => {
+                let jwks = self.jwks.as_ref().ok_or_else(|| {
+                    AuthError::Invalid(format!("{alg:?} tokens are not accepted (no jwks_url)"))
+                })?;
+                let v = if alg == Algorithm::RS256 {
+                    &self.rs256
+                } else {
+                    &self.es256
+                };
+                (jwks, v)
+            }
+            other => {
+                return Err(AuthError::Invalid(format!(
+                    "alg {other:?} is not accepted (HS256, RS256, ES256)"
+                )))
+            }
+        };
+        let set = keys.keys();
+        match set.find(header.kid.as_deref(), alg) {
+            jwks::Lookup::Found(key) => decode(token, key, validation),
+            jwks::Lookup::WrongAlg => Err(AuthError::Invalid(format!(
+                "its kid names a key that is not for {alg:?}"
+            ))),
+            jwks::Lookup::NoKid => Err(AuthError::Invalid(
+                "no kid, and the key set has not exactly one key for its alg".into(),
+            )),
+            jwks::Lookup::Unknown => {
+                keys.refetch();
+                Err(AuthError::Invalid(
+                    "unknown kid (the key set is refetched; retry later)".into(),
+                ))
+            }
+        }
     }
 
     /// `token` from `Authorization: Bearer` or `?token=`; `dev_user` from `?user=`.
@@ -87,43 +170,38 @@ impl Authenticator {
         token: Option<&str>,
         dev_user: Option<&str>,
     ) -> Result<Identity, AuthError> {
-        match &self.key {
-            None => {
-                // Dev mode: a token is not checked (there is no secret); the user id is taken
-                // as given, from the token's unverified `sub` is NOT done on purpose.
-                let user = dev_user.ok_or(AuthError::Missing)?;
-                client_user(user)?;
-                Ok(Identity {
-                    user: user.into(),
-                    rooms: None,
-                })
-            }
-            Some((key, validation)) => {
-                let token = token.ok_or(AuthError::Missing)?;
-                let data =
-                    jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e
-                        .kind()
-                    {
-                        jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                        jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
-                            AuthError::NotYetValid
-                        }
-                        _ => AuthError::Invalid(e.to_string()),
-                    })?;
-                client_user(&data.claims.sub)?;
-                let rooms = match data.claims.rooms {
-                    Some(r) if !r.iter().any(|x| x == "*") => {
-                        Some(r.into_iter().map(Into::into).collect())
-                    }
-                    _ => None,
-                };
-                Ok(Identity {
-                    user: data.claims.sub.into(),
-                    rooms,
-                })
-            }
+        if self.dev_mode() {
+            // Dev mode: a token is not checked (there is no key); the user id is taken as
+            // given, from the token's unverified `sub` is NOT done on purpose.
+            let user = dev_user.ok_or(AuthError::Missing)?;
+            client_user(user)?;
+            return Ok(Identity {
+                user: user.into(),
+                rooms: None,
+            });
         }
+        let token = token.ok_or(AuthError::Missing)?;
+        let claims = self.verify(token)?;
+        client_user(&claims.sub)?;
+        let rooms = match claims.rooms {
+            Some(r) if !r.iter().any(|x| x == "*") => Some(r.into_iter().map(Into::into).collect()),
+            _ => None,
+        };
+        Ok(Identity {
+            user: claims.sub.into(),
+            rooms,
+        })
     }
+}
+
+fn decode(token: &str, key: &DecodingKey, validation: &Validation) -> Result<Claims, AuthError> {
+    jsonwebtoken::decode::<Claims>(token, key, validation)
+        .map(|data| data.claims)
+        .map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+            jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            _ => AuthError::Invalid(e.to_string()),
+        })
 }
 
 /// A user or device id: 1..=128 bytes, no control characters (they end up in JSON and logs).
@@ -263,6 +341,157 @@ mod tests {
         assert_eq!(&*a.authenticate(None, Some("carol")).unwrap().user, "carol");
         assert_eq!(a.authenticate(None, None), Err(AuthError::Missing));
         assert_eq!(a.authenticate(None, Some("")), Err(AuthError::BadUser));
+    }
+
+    /// Test-only private keys (made with openssl; `testdata/`): RSA PKCS#1 and P-256 PKCS#8 DER.
+    const RSA_A: &[u8] = include_bytes!("auth/testdata/rsa-a.der");
+    const RSA_B: &[u8] = include_bytes!("auth/testdata/rsa-b.der");
+    const P256_A: &[u8] = include_bytes!("auth/testdata/p256-a.der");
+
+    fn public_jwk(key: &EncodingKey, alg: Algorithm, kid: &str) -> serde_json::Value {
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(key, alg).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        serde_json::to_value(jwk).unwrap()
+    }
+
+    /// A JWKS with RSA_A as "r1" and P256_A as "e1".
+    fn jwks() -> jwks::Jwks {
+        let doc = serde_json::json!({"keys": [
+            public_jwk(&EncodingKey::from_rsa_der(RSA_A), Algorithm::RS256, "r1"),
+            public_jwk(&EncodingKey::from_ec_der(P256_A), Algorithm::ES256, "e1"),
+        ]});
+        let (set, skipped) = jwks::KeySet::parse(doc.to_string().as_bytes()).unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        jwks::Jwks::fixed(set)
+    }
+
+    fn signed(alg: Algorithm, kid: Option<&str>, key: &EncodingKey, sub: &str) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(Into::into);
+        let claims = serde_json::json!({"sub": sub, "exp": now_unix() + 600});
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    fn b64url(bytes: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().fold(0u32, |n, &b| (n << 8) | b as u32) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    fn invalid(a: &Authenticator, token: &str) -> String {
+        match a.authenticate(Some(token), Some("alice")) {
+            Err(AuthError::Invalid(why)) => why,
+            other => panic!("expected invalid token, got {other:?}"),
+        }
+    }
+
+    /// The token's alg picks the key: HS256 the secret, RS256 an RSA key and ES256 a P-256
+    /// key of the JWKS by kid; an alg with no key configured is refused.
+    #[test]
+    fn the_alg_picks_the_key_and_an_alg_without_a_key_is_refused() {
+        let rsa = EncodingKey::from_rsa_der(RSA_A);
+        let ec = EncodingKey::from_ec_der(P256_A);
+        let both = Authenticator::with_jwks(Some(SECRET), Some(jwks()));
+        let rs = signed(Algorithm::RS256, Some("r1"), &rsa, "alice");
+        let es = signed(Algorithm::ES256, Some("e1"), &ec, "bob");
+        let hs = mint(SECRET, "carol", None, 60);
+        assert_eq!(&*both.authenticate(Some(&rs), None).unwrap().user, "alice");
+        assert_eq!(&*both.authenticate(Some(&es), None).unwrap().user, "bob");
+        assert_eq!(&*both.authenticate(Some(&hs), None).unwrap().user, "carol");
+        assert!(!both.dev_mode());
+
+        let jwks_only = Authenticator::with_jwks(None, Some(jwks()));
+        assert!(!jwks_only.dev_mode(), "a JWKS alone is not dev mode");
+        assert!(jwks_only.authenticate(Some(&rs), None).is_ok());
+        assert!(invalid(&jwks_only, &hs).contains("no jwt_secret"));
+        assert_eq!(
+            jwks_only.authenticate(None, Some("alice")),
+            Err(AuthError::Missing),
+            "no ?user= outside dev mode"
+        );
+        let secret_only = Authenticator::new(Some(SECRET));
+        assert!(invalid(&secret_only, &rs).contains("no jwks_url"));
+        assert!(invalid(&secret_only, &es).contains("no jwks_url"));
+
+        // A key of the set signs, but not the one the kid names / not for that alg.
+        let other = EncodingKey::from_rsa_der(RSA_B);
+        let wrong_key = signed(Algorithm::RS256, Some("r1"), &other, "alice");
+        assert!(invalid(&both, &wrong_key).contains("InvalidSignature"));
+        let es_kid_of_rsa = signed(Algorithm::ES256, Some("r1"), &ec, "alice");
+        assert!(invalid(&both, &es_kid_of_rsa).contains("not for ES256"));
+        let rs_kid_of_ec = signed(Algorithm::RS256, Some("e1"), &rsa, "alice");
+        assert!(invalid(&both, &rs_kid_of_ec).contains("not for RS256"));
+        let unknown = signed(Algorithm::RS256, Some("r9"), &rsa, "alice");
+        assert!(invalid(&both, &unknown).contains("unknown kid"));
+        // No kid: the one RSA key of the set is the key.
+        let no_kid = signed(Algorithm::RS256, None, &rsa, "alice");
+        assert!(both.authenticate(Some(&no_kid), None).is_ok());
+        // Algs the gateway does not take, even with a key that would verify them.
+        let rs384 = signed(Algorithm::RS384, Some("r1"), &rsa, "alice");
+        assert!(invalid(&both, &rs384).contains("RS384"));
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &serde_json::json!({"sub": "alice", "exp": now_unix() + 60}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(invalid(&both, &hs512).contains("HS512"));
+        // Same claim rules as HS256: exp, reserved ids.
+        let reserved = signed(Algorithm::ES256, Some("e1"), &ec, "@backend");
+        assert_eq!(
+            both.authenticate(Some(&reserved), None),
+            Err(AuthError::Reserved)
+        );
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("r1".into());
+        let expired = jsonwebtoken::encode(
+            &header,
+            &serde_json::json!({"sub": "alice", "exp": now_unix() - 3600}),
+            &rsa,
+        )
+        .unwrap();
+        assert_eq!(
+            both.authenticate(Some(&expired), None),
+            Err(AuthError::Expired)
+        );
+    }
+
+    /// `alg: none` and algorithm confusion: an HS256 token whose HMAC key is the public key
+    /// (as JWK `n`, as the JWK JSON, as DER) is never checked against that key.
+    #[test]
+    fn none_and_hs256_signed_with_the_public_key_are_refused() {
+        let both = Authenticator::with_jwks(Some(SECRET), Some(jwks()));
+        let jwks_only = Authenticator::with_jwks(None, Some(jwks()));
+        let claims = serde_json::json!({"sub": "mallory", "exp": now_unix() + 600});
+        let payload = b64url(claims.to_string().as_bytes());
+        for header in [
+            r#"{"alg":"none","typ":"JWT"}"#,
+            r#"{"alg":"none","kid":"r1"}"#,
+            r#"{"alg":"None","kid":"r1"}"#,
+        ] {
+            let token = format!("{}.{payload}.", b64url(header.as_bytes()));
+            for a in [&both, &jwks_only] {
+                assert!(invalid(a, &token).contains("bad header"), "{header}");
+            }
+        }
+        let public = public_jwk(&EncodingKey::from_rsa_der(RSA_A), Algorithm::RS256, "r1");
+        let n = public["n"].as_str().unwrap().to_string();
+        for hmac_key in [n.as_bytes(), public.to_string().as_bytes(), RSA_A] {
+            let forged = signed(
+                Algorithm::HS256,
+                Some("r1"),
+                &EncodingKey::from_secret(hmac_key),
+                "mallory",
+            );
+            assert!(invalid(&both, &forged).contains("InvalidSignature"));
+            assert!(invalid(&jwks_only, &forged).contains("no jwt_secret"));
+        }
     }
 
     #[test]

@@ -50,6 +50,11 @@ pub const DEFAULT_SLOW_CLOSE_MS: u64 = 10_000;
 pub const DEFAULT_RETRY_AFTER_S: u64 = 5;
 /// Input silence after which a connection leaves its glommio task and parks (0 = never).
 pub const DEFAULT_PARK_IDLE_MS: u64 = 1_000;
+/// How often the JWKS (`jwks_url`) is fetched again: key rotation is seen within this.
+pub const DEFAULT_JWKS_REFRESH_MS: u64 = 300_000;
+/// Fewest ms between two refetches for unknown `kid`s: a flood of made-up kids costs one
+/// fetch per period, a rotated-in key waits at most this long.
+pub const DEFAULT_JWKS_REFETCH_MIN_MS: u64 = 10_000;
 
 // Rate limits (SPEC 4). What a normal chat client never meets and a flood always does; the
 // reasons are in README ("Limits"). A rate of 0 turns that limit off.
@@ -113,6 +118,10 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub shards: usize,
     pub jwt_secret: Option<String>,
+    pub jwks_url: Option<String>,
+    pub jwks_ca_file: Option<PathBuf>,
+    pub jwks_refresh_ms: u64,
+    pub jwks_refetch_min_ms: u64,
     pub api_key: Option<String>,
     pub allowed_origins: Vec<String>,
     pub max_connections: usize,
@@ -184,6 +193,18 @@ pub struct ConfigLayer {
     /// HS256 secret for client JWTs; unset = dev mode (loopback only)
     #[arg(long, env = "RINGGATE_JWT_SECRET")]
     pub jwt_secret: Option<String>,
+    /// http(s):// URL of a JWKS: RS256/ES256 client JWTs are verified with its keys (by kid)
+    #[arg(long, env = "RINGGATE_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// PEM file of the CA certificates to trust for an https:// jwks_url [default: the system's]
+    #[arg(long, env = "RINGGATE_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<String>,
+    /// How often the JWKS is fetched again [default: 300000]
+    #[arg(long, env = "RINGGATE_JWKS_REFRESH_MS")]
+    pub jwks_refresh_ms: Option<u64>,
+    /// Fewest ms between two JWKS refetches for unknown kids [default: 10000]
+    #[arg(long, env = "RINGGATE_JWKS_REFETCH_MIN_MS")]
+    pub jwks_refetch_min_ms: Option<u64>,
     /// Bearer key for the admin /api endpoints
     #[arg(long, env = "RINGGATE_API_KEY")]
     pub api_key: Option<String>,
@@ -389,6 +410,10 @@ impl ConfigLayer {
             admin_listen,
             shards,
             jwt_secret,
+            jwks_url,
+            jwks_ca_file,
+            jwks_refresh_ms,
+            jwks_refetch_min_ms,
             api_key,
             allowed_origins,
             max_connections,
@@ -464,10 +489,44 @@ impl ConfigLayer {
                 ));
             }
         }
-        if jwt_secret.is_none() && !(listen.ip().is_loopback() && admin_listen.ip().is_loopback()) {
+        let jwks_url = self.jwks_url.filter(|s| !s.is_empty());
+        let jwks_ca_file = self
+            .jwks_ca_file
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        if let Some(url) = &jwks_url {
+            let source =
+                crate::auth::jwks::Source::parse(url).map_err(|m| invalid("jwks_url", m))?;
+            if jwks_ca_file.is_some() && !source.tls {
+                return Err(invalid(
+                    "jwks_ca_file",
+                    format!("set but `{url}` is not an https:// jwks_url"),
+                ));
+            }
+        }
+        if let Some(path) = &jwks_ca_file {
+            if jwks_url.is_none() {
+                return Err(invalid("jwks_ca_file", "set without a jwks_url"));
+            }
+            crate::auth::jwks::tls_config(Some(path)).map_err(|m| invalid("jwks_ca_file", m))?;
+        }
+        let jwks_refresh_ms = self.jwks_refresh_ms.unwrap_or(DEFAULT_JWKS_REFRESH_MS);
+        if jwks_refresh_ms < 100 {
+            return Err(invalid("jwks_refresh_ms", "must be at least 100"));
+        }
+        let jwks_refetch_min_ms = self
+            .jwks_refetch_min_ms
+            .unwrap_or(DEFAULT_JWKS_REFETCH_MIN_MS);
+        if jwks_refetch_min_ms < 100 {
+            return Err(invalid("jwks_refetch_min_ms", "must be at least 100"));
+        }
+        if jwt_secret.is_none()
+            && jwks_url.is_none()
+            && !(listen.ip().is_loopback() && admin_listen.ip().is_loopback())
+        {
             return Err(invalid(
                 "jwt_secret",
-                "required when a listener is not on loopback (dev mode is loopback-only)",
+                "jwt_secret or jwks_url required when a listener is not on loopback (dev mode is loopback-only)",
             ));
         }
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
@@ -597,6 +656,10 @@ impl ConfigLayer {
             admin_listen,
             shards,
             jwt_secret,
+            jwks_url,
+            jwks_ca_file,
+            jwks_refresh_ms,
+            jwks_refetch_min_ms,
             api_key: self.api_key.filter(|s| !s.is_empty()),
             allowed_origins,
             max_connections,
@@ -783,9 +846,20 @@ impl Config {
         )
     }
 
-    /// Dev mode: no secret, so `?user=` is trusted. Only ever true on loopback (see resolve).
+    /// Dev mode: no secret and no JWKS, so `?user=` is trusted. Only ever true on loopback
+    /// (see resolve).
     pub fn dev_mode(&self) -> bool {
-        self.jwt_secret.is_none()
+        self.jwt_secret.is_none() && self.jwks_url.is_none()
+    }
+
+    /// What the JWKS fetcher needs, when a `jwks_url` is set.
+    pub fn jwks_settings(&self) -> Option<crate::auth::jwks::JwksSettings> {
+        Some(crate::auth::jwks::JwksSettings {
+            url: self.jwks_url.clone()?,
+            ca_file: self.jwks_ca_file.clone(),
+            refresh: std::time::Duration::from_millis(self.jwks_refresh_ms),
+            refetch_min: std::time::Duration::from_millis(self.jwks_refetch_min_ms),
+        })
     }
 
     /// TOML of the effective config, secrets redacted.
@@ -932,6 +1006,63 @@ mod tests {
         };
         let err = layer.resolve().unwrap_err().to_string();
         assert!(err.contains("jwt_secret"), "{err}");
+    }
+
+    /// A JWKS URL alone is enough off loopback (not dev mode); its keys are checked at start
+    /// naming the key: scheme, a CA file only with https://, the minimum periods.
+    #[test]
+    fn jwks_keys_are_checked_at_start() {
+        let layer = |url: &str| ConfigLayer {
+            listen: Some("0.0.0.0:8080".into()),
+            jwks_url: Some(url.into()),
+            ..Default::default()
+        };
+        let c = layer("https://idp.example/.well-known/jwks.json")
+            .resolve()
+            .unwrap();
+        assert!(!c.dev_mode());
+        let s = c.jwks_settings().unwrap();
+        assert_eq!(s.refresh.as_millis() as u64, DEFAULT_JWKS_REFRESH_MS);
+        assert_eq!(
+            s.refetch_min.as_millis() as u64,
+            DEFAULT_JWKS_REFETCH_MIN_MS
+        );
+        assert!(ConfigLayer::default()
+            .resolve()
+            .unwrap()
+            .jwks_settings()
+            .is_none());
+        let refused = |l: ConfigLayer| l.resolve().unwrap_err().to_string();
+        assert!(refused(layer("ftp://idp/keys")).contains("`jwks_url`"));
+        let not_pem_file = std::env::temp_dir().join(format!("rg-jwks-ca-{}", std::process::id()));
+        std::fs::write(&not_pem_file, "hello").unwrap();
+        let not_pem_path = not_pem_file.to_str().unwrap().to_string();
+        let ca_with_http = refused(ConfigLayer {
+            jwks_ca_file: Some(not_pem_path.clone()),
+            ..layer("http://idp/keys")
+        });
+        assert!(ca_with_http.contains("`jwks_ca_file`"), "{ca_with_http}");
+        let ca_alone = refused(ConfigLayer {
+            jwks_ca_file: Some(not_pem_path.clone()),
+            ..Default::default()
+        });
+        assert!(ca_alone.contains("`jwks_ca_file`"), "{ca_alone}");
+        let not_pem = refused(ConfigLayer {
+            jwks_ca_file: Some(not_pem_path.clone()),
+            ..layer("https://idp/keys")
+        });
+        assert!(not_pem.contains("no PEM certificate"), "{not_pem}");
+        let fast = refused(ConfigLayer {
+            jwks_refresh_ms: Some(10),
+            ..layer("https://idp/keys")
+        });
+        assert!(fast.contains("`jwks_refresh_ms`"), "{fast}");
+        let eager = refused(ConfigLayer {
+            jwks_refetch_min_ms: Some(0),
+            ..layer("https://idp/keys")
+        });
+        assert!(eager.contains("`jwks_refetch_min_ms`"), "{eager}");
+        let _ = std::fs::remove_file(not_pem_file);
     }
 
     #[test]

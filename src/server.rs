@@ -27,6 +27,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Jwks(String),
     #[error("cannot start shard {shard}: {message}")]
     Shard { shard: usize, message: String },
     #[error("invalid config key `tls_cert`: {0}")]
@@ -49,6 +51,12 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         tracing::warn!("DEV MODE: no jwt_secret configured; clients are trusted as ?user=<id> (allowed only because every listener is on loopback)");
         eprintln!("ringgate: WARNING dev mode: no jwt_secret, clients connect with ?user=<id>; never expose this");
     }
+    // The JWKS before anything else: no key set, no start (the message names jwks_url).
+    let jwks = match cfg.jwks_settings() {
+        Some(settings) => Some(crate::auth::jwks::start(settings).map_err(StartError::Jwks)?),
+        None => None,
+    };
+    let auth = crate::auth::Authenticator::with_jwks(cfg.jwt_secret.as_deref(), jwks);
     // This run's name in Redis: decided once, here (the shards and the store are given it).
     let started_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -104,7 +112,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         _ => None,
     };
     let scheme = if tls.is_some() { "wss" } else { "ws" };
-    let shared = Shared::with_tls(cfg.clone(), tls);
+    let shared = Shared::with(cfg.clone(), auth, tls);
     let (mut push_links, push_worker, push_metrics) = match cfg.push.clone() {
         Some(push) => {
             eprintln!(

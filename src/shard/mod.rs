@@ -83,13 +83,15 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// HS256 (or dev mode) only: for tests; `server` builds it [`Shared::with_auth`].
     pub fn new(cfg: Config) -> Arc<Self> {
-        Self::with_tls(cfg, None)
+        let auth = Authenticator::new(cfg.jwt_secret.as_deref());
+        Self::with(cfg, auth, None)
     }
 
-    /// As `new`, serving `wss://` with `tls` (loaded by the caller, which reports its errors).
-    pub fn with_tls(cfg: Config, tls: Option<crate::tls::Tls>) -> Arc<Self> {
-        let auth = Authenticator::new(cfg.jwt_secret.as_deref());
+    /// As `new`, with the authenticator (JWKS) and TLS (`wss://`) the caller set up and
+    /// reported errors of.
+    pub fn with(cfg: Config, auth: Authenticator, tls: Option<crate::tls::Tls>) -> Arc<Self> {
         Arc::new(Shared {
             ips: cfg.ip_limits(),
             cfg,
