@@ -105,6 +105,28 @@ impl Authenticator {
             rs256: validation(Algorithm::RS256),
             es256: validation(Algorithm::ES256),
         }
+        .with_claims(None, None)
+    }
+
+    /// Tokens must carry `aud` = `audience` and `iss` = `issuer` where given; where not, those
+    /// claims are not checked (an identity provider's tokens carry both).
+    pub fn with_claims(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
+        for v in [&mut self.hs256, &mut self.rs256, &mut self.es256] {
+            let mut required = vec!["exp", "sub"];
+            match audience {
+                Some(aud) => {
+                    v.set_audience(&[aud]);
+                    required.push("aud");
+                }
+                None => v.validate_aud = false,
+            }
+            if let Some(iss) = issuer {
+                v.set_issuer(&[iss]);
+                required.push("iss");
+            }
+            v.set_required_spec_claims(&required);
+        }
+        self
     }
 
     pub fn dev_mode(&self) -> bool {
@@ -268,6 +290,39 @@ mod tests {
         assert_eq!(id.rooms.unwrap().len(), 2);
         let star = mint(SECRET, "bob", Some(vec!["*".into()]), 60);
         assert_eq!(a.authenticate(Some(&star), None).unwrap().rooms, None);
+    }
+
+    /// A token with `aud` / `iss` (as identity providers issue them) passes when the gateway
+    /// checks neither; with `jwt_audience` / `jwt_issuer` set, the claim must be there and match.
+    #[test]
+    fn audience_and_issuer_are_checked_only_when_configured() {
+        let token = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap()
+        };
+        let exp = now_unix() + 60;
+        let full = token(serde_json::json!({"sub":"a","exp":exp,"aud":"chat","iss":"https://idp"}));
+        let bare = token(serde_json::json!({"sub":"a","exp":exp}));
+        let other =
+            token(serde_json::json!({"sub":"a","exp":exp,"aud":"mail","iss":"https://evil"}));
+        let open = Authenticator::new(Some(SECRET));
+        for t in [&full, &bare, &other] {
+            assert!(
+                open.authenticate(Some(t), None).is_ok(),
+                "no aud/iss configured"
+            );
+        }
+        let strict =
+            Authenticator::new(Some(SECRET)).with_claims(Some("chat"), Some("https://idp"));
+        assert!(strict.authenticate(Some(&full), None).is_ok());
+        for t in [&bare, &other] {
+            let err = strict.authenticate(Some(t), None).unwrap_err();
+            assert!(matches!(err, AuthError::Invalid(_)), "{err:?}");
+        }
     }
 
     #[test]

@@ -122,6 +122,10 @@ pub struct Config {
     pub jwks_ca_file: Option<PathBuf>,
     pub jwks_refresh_ms: u64,
     pub jwks_refetch_min_ms: u64,
+    /// When set, a token must carry this `aud` (else `aud` is not checked).
+    pub jwt_audience: Option<String>,
+    /// When set, a token must carry this `iss` (else `iss` is not checked).
+    pub jwt_issuer: Option<String>,
     pub api_key: Option<String>,
     pub allowed_origins: Vec<String>,
     pub max_connections: usize,
@@ -205,6 +209,12 @@ pub struct ConfigLayer {
     /// Fewest ms between two JWKS refetches for unknown kids [default: 10000]
     #[arg(long, env = "RINGGATE_JWKS_REFETCH_MIN_MS")]
     pub jwks_refetch_min_ms: Option<u64>,
+    /// The `aud` every token must carry [default: unset = aud not checked]
+    #[arg(long, env = "RINGGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The `iss` every token must carry [default: unset = iss not checked]
+    #[arg(long, env = "RINGGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
     /// Bearer key for the admin /api endpoints
     #[arg(long, env = "RINGGATE_API_KEY")]
     pub api_key: Option<String>,
@@ -414,6 +424,8 @@ impl ConfigLayer {
             jwks_ca_file,
             jwks_refresh_ms,
             jwks_refetch_min_ms,
+            jwt_audience,
+            jwt_issuer,
             api_key,
             allowed_origins,
             max_connections,
@@ -660,6 +672,8 @@ impl ConfigLayer {
             jwks_ca_file,
             jwks_refresh_ms,
             jwks_refetch_min_ms,
+            jwt_audience: self.jwt_audience.filter(|s| !s.is_empty()),
+            jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),
             api_key: self.api_key.filter(|s| !s.is_empty()),
             allowed_origins,
             max_connections,

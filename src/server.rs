@@ -56,7 +56,8 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         Some(settings) => Some(crate::auth::jwks::start(settings).map_err(StartError::Jwks)?),
         None => None,
     };
-    let auth = crate::auth::Authenticator::with_jwks(cfg.jwt_secret.as_deref(), jwks);
+    let auth = crate::auth::Authenticator::with_jwks(cfg.jwt_secret.as_deref(), jwks)
+        .with_claims(cfg.jwt_audience.as_deref(), cfg.jwt_issuer.as_deref());
     // This run's name in Redis: decided once, here (the shards and the store are given it).
     let started_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

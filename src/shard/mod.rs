@@ -85,7 +85,8 @@ pub struct Shared {
 impl Shared {
     /// HS256 (or dev mode) only: for tests; `server` builds it [`Shared::with_auth`].
     pub fn new(cfg: Config) -> Arc<Self> {
-        let auth = Authenticator::new(cfg.jwt_secret.as_deref());
+        let auth = Authenticator::new(cfg.jwt_secret.as_deref())
+            .with_claims(cfg.jwt_audience.as_deref(), cfg.jwt_issuer.as_deref());
         Self::with(cfg, auth, None)
     }
 
