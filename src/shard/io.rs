@@ -36,6 +36,16 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<socket2::Socket> 
     Ok(sock)
 }
 
+/// Err(AddrInUse) when another socket already listens on `addr`: a plain bind (no
+/// SO_REUSEPORT) conflicts with any listener there, where a reuseport bind would join it.
+pub fn check_address_free(addr: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As the real listeners: connections of a previous run in TIME_WAIT are no conflict.
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())
+}
+
 /// Run the shard until it has drained. Call inside the shard's glommio executor.
 pub async fn run(
     mut shard: Shard,
