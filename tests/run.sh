@@ -31,6 +31,13 @@ need_apt redis-server redis-server
 need_apt redis-cli redis-tools
 # tests/redis_tls.rs makes its CA and certificate with openssl.
 need_apt openssl openssl
+# tests/operations.rs: promtool checks /metrics, a real Prometheus evaluates the Grafana
+# dashboard's queries, systemd-analyze verifies dist/ringgate.service, prlimit starts the
+# gateway under a memlock limit that breaks it.
+need_apt promtool prometheus
+need_apt prometheus prometheus
+need_apt systemd-analyze systemd
+need_apt prlimit util-linux
 
 say "format check"
 cargo fmt --all -- --check
