@@ -117,7 +117,8 @@ metric_urls=()
 for ((i = 0; i < G; i++)); do metric_urls+=("http://127.0.0.1:$((ADMIN_BASE + i))/metrics"); done
 gw_pids=() gw_status=()
 for ((i = 0; i < G; i++)); do
-  taskset -c $((i % NCPU)) "$GW" serve --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$((ADMIN_BASE + i)) \
+  # One port shared by every gateway on purpose (SO_REUSEPORT): --share-listen says so.
+  taskset -c $((i % NCPU)) "$GW" serve --listen 127.0.0.1:$PORT --share-listen true --admin-listen 127.0.0.1:$((ADMIN_BASE + i)) \
     --shards 1 --jwt-secret "$SECRET" --heartbeat-ms "$HB" --node-id "gw$i" >"$OUT/gw$i.log" 2>&1 &
   pids+=($!); gw_pids+=($!); gw_status+=("/proc/$!/status")
 done
