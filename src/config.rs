@@ -1084,7 +1084,10 @@ mod tests {
         };
         for url in ["http://x", "127.0.0.1:6379", "unix:///tmp/redis.sock"] {
             let err = refused(redis(url));
-            assert!(err.contains("`redis_url`") && err.contains("rediss"), "{err}");
+            assert!(
+                err.contains("`redis_url`") && err.contains("rediss"),
+                "{err}"
+            );
         }
         let with_password = refused(redis("http://user:hunter2@x"));
         assert!(!with_password.contains("hunter2"), "{with_password}");
@@ -1100,16 +1103,27 @@ mod tests {
             ..Default::default()
         };
         let short = refused(key("x"));
-        assert!(short.contains("`api_key`") && short.contains("16"), "{short}");
+        assert!(
+            short.contains("`api_key`") && short.contains("16"),
+            "{short}"
+        );
         assert!(key("0123456789abcdef").resolve().is_ok());
         let origins = |o: &[&str]| ConfigLayer {
             allowed_origins: Some(o.iter().map(|s| s.to_string()).collect()),
             ..Default::default()
         };
-        assert!(origins(&["*"]).resolve().unwrap().allowed_origins.is_empty());
+        assert!(origins(&["*"])
+            .resolve()
+            .unwrap()
+            .allowed_origins
+            .is_empty());
         let mixed = refused(origins(&["*", "https://a.example"]));
         assert!(mixed.contains("`allowed_origins`"), "{mixed}");
-        for bad in ["chat.example.com", "https://chat.example.com/", "https://a/b"] {
+        for bad in [
+            "chat.example.com",
+            "https://chat.example.com/",
+            "https://a/b",
+        ] {
             let err = refused(origins(&[bad]));
             assert!(err.contains("`allowed_origins`"), "{bad}: {err}");
         }
