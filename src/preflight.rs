@@ -71,6 +71,29 @@ pub fn check_memlock(soft: Option<u64>) -> Result<(), HostProblem> {
     }
 }
 
+/// Locked memory a shard's io_uring buffers want registered: glommio registers the shard's
+/// I/O memory (`io_memory`) with each of its three rings, and the kernel accounts each
+/// registration against RLIMIT_MEMLOCK (unless the process has CAP_IPC_LOCK, as root does).
+pub fn memlock_wanted(shards: usize, io_memory: usize) -> u64 {
+    MIN_MEMLOCK.max(3 * io_memory as u64 * shards as u64)
+}
+
+/// A warning when the limit lets shards start but not register their buffers (glommio then
+/// logs nothing and falls back to copying through unregistered ones): `None` when it is
+/// enough, unlimited, or does not apply (root).
+pub fn memlock_advice(soft: Option<u64>, wanted: u64, root: bool) -> Option<String> {
+    let limit = soft?;
+    if root || limit >= wanted {
+        return None;
+    }
+    Some(format!(
+        "the locked-memory limit is {} KiB: shards start, but their io_uring buffers ({} KiB for all shards) cannot be registered and I/O goes through unregistered buffers. Fix: {}",
+        limit / 1024,
+        wanted / 1024,
+        memlock_fix(wanted)
+    ))
+}
+
 /// What `io_uring_setup` failing with `errno` means here.
 pub fn io_uring_problem(errno: i32) -> HostProblem {
     let err = std::io::Error::from_raw_os_error(errno);
@@ -181,6 +204,20 @@ mod tests {
         assert!(
             low.contains("LimitMEMLOCK") && low.contains("ulimit -l"),
             "{low}"
+        );
+    }
+
+    #[test]
+    fn a_limit_too_low_for_registered_buffers_is_a_warning() {
+        let want = memlock_wanted(2, 1 << 20);
+        assert_eq!(want, 6 << 20);
+        assert!(memlock_advice(None, want, false).is_none());
+        assert!(memlock_advice(Some(want), want, false).is_none());
+        assert!(memlock_advice(Some(1 << 20), want, true).is_none());
+        let warn = memlock_advice(Some(1 << 20), want, false).unwrap();
+        assert!(
+            warn.contains("1024 KiB") && warn.contains("6144 KiB"),
+            "{warn}"
         );
     }
 

@@ -71,6 +71,14 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     let started = Instant::now();
     // Before anything starts: a host that cannot run shards is told why and how to fix it.
     crate::preflight::check_host().map_err(StartError::Host)?;
+    let wanted = crate::preflight::memlock_wanted(cfg.shards, SHARD_IO_MEMORY);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if let Some(advice) =
+        crate::preflight::memlock_advice(crate::preflight::memlock_soft(), wanted, root)
+    {
+        tracing::warn!("{advice}");
+    }
     // SO_REUSEPORT would let this process join another one already serving the address
     // (clients split between two stores, silently): a plain bind first finds that out.
     if cfg.listen.port() != 0 && !cfg.share_listen {
