@@ -210,7 +210,8 @@ fn install_nudge_handler() -> io::Result<()> {
 }
 
 /// Wait for an arm byte, then for readiness of the set, then ring; until the arm pipe closes.
-/// Every wait ends after [`WATCHDOG_MS`] to look at the shard's tick count.
+/// Every wait ends after [`WATCHDOG_MS`] (plus an idle shard's planned sleep) to look at the
+/// shard's tick count.
 fn poller_loop(
     epfd: RawFd,
     arm_r: OwnedFd,
@@ -228,8 +229,18 @@ fn poller_loop(
     // False on a poll error.
     let mut wait = |fds: &mut [libc::pollfd]| -> bool {
         loop {
+            // An idle shard ticks once a second: look at it as rarely (the poller's wake-ups
+            // were most of an idle gateway's remaining cost).
+            let quiet = watch.quiet_ms.load(Relaxed);
+            let timeout = WATCHDOG_MS as u64 + quiet;
             // SAFETY: valid pollfd entries.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, WATCHDOG_MS) };
+            let r = unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    timeout.min(i32::MAX as u64) as i32,
+                )
+            };
             if r > 0 {
                 return true;
             }
@@ -238,7 +249,7 @@ fn poller_loop(
             }
             let ticks = watch.ticks.load(Relaxed);
             stale_ms = if ticks == last_ticks {
-                stale_ms + WATCHDOG_MS as u64
+                stale_ms + timeout
             } else {
                 0
             };
