@@ -39,7 +39,7 @@ prefix="rgfanmulti:$$:"
 gw_pids=()
 for ((i = 0; i < G; i++)); do
   taskset -c $((i % NCPU)) "$GW" serve --listen 127.0.0.1:$((PORT + i)) --admin-listen 127.0.0.1:$((ADMIN + i)) \
-    --shards 1 --node-id "fan$i" --api-key k --redis-url "$REDIS" --redis-key-prefix "$prefix" \
+    --shards 1 --node-id "fan$i" --api-key bench-api-key-0123 --redis-url "$REDIS" --redis-key-prefix "$prefix" \
     >"$OUT/gw$i.log" 2>&1 &
   pids+=($!); gw_pids+=($!)
 done
@@ -48,7 +48,7 @@ for ((i = 0; i < G; i++)); do
   curl -sf 127.0.0.1:$((ADMIN + i))/readyz >/dev/null || { echo "node $i not ready:"; cat "$OUT/gw$i.log"; exit 1; }
 done
 echo "$G nodes ready; $G generators x $M members, $P publishes at $RATE/s"
-common=(--room big --publishes "$P" --rate "$RATE" --admin 127.0.0.1:$ADMIN --api-key k --timeout 120 --grace 30 --json)
+common=(--room big --publishes "$P" --rate "$RATE" --admin 127.0.0.1:$ADMIN --api-key bench-api-key-0123 --timeout 120 --grace 30 --json)
 gen=()
 for ((i = 1; i < G; i++)); do
   taskset -c $(((i + 1) % NCPU)) "$BENCH" fanout --members-only --target 127.0.0.1:$((PORT + i)) -m "$M" \

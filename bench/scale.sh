@@ -117,7 +117,8 @@ metric_urls=()
 for ((i = 0; i < G; i++)); do metric_urls+=("http://127.0.0.1:$((ADMIN_BASE + i))/metrics"); done
 gw_pids=() gw_status=()
 for ((i = 0; i < G; i++)); do
-  taskset -c $((i % NCPU)) "$GW" serve --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$((ADMIN_BASE + i)) \
+  # One port shared by every gateway on purpose (SO_REUSEPORT): --share-listen says so.
+  taskset -c $((i % NCPU)) "$GW" serve --listen 127.0.0.1:$PORT --share-listen true --admin-listen 127.0.0.1:$((ADMIN_BASE + i)) \
     --shards 1 --jwt-secret "$SECRET" --heartbeat-ms "$HB" --node-id "gw$i" >"$OUT/gw$i.log" 2>&1 &
   pids+=($!); gw_pids+=($!); gw_status+=("/proc/$!/status")
 done
@@ -181,7 +182,7 @@ for ((i = 0; i < G; i++)); do
   stalls=$((stalls + s)); timeouts=$((timeouts + t))
   cpu_stalls[$c]=$((${cpu_stalls[$c]:-0} + s)); cpu_timeouts[$c]=$((${cpu_timeouts[$c]:-0} + t))
   nudges=$((nudges + $(awk '/^ringgate_shard_watchdog_nudges_total/ {s+=$2} END {print s+0}' <<<"$m")))
-  v=$(awk '/^ringgate_shard_stall_max_ms/ {if ($2>s) s=$2} END {print s+0}' <<<"$m")
+  v=$(awk '/^ringgate_shard_stall_max_seconds/ {if ($2>s) s=$2} END {printf "%d", s * 1000}' <<<"$m")
   [ "$v" -gt "$stall_max" ] && stall_max=$v
   [ "$v" -gt "${cpu_gap[$c]:-0}" ] && cpu_gap[$c]=$v
   cpu_secs[$c]=$((${cpu_secs[$c]:-0} + $(awk '{print $14 + $15}' /proc/${gw_pids[$i]}/stat)))

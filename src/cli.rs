@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::auth;
-use crate::config::{Config, ConfigError, ConfigLayer};
+use crate::config::{Config, ConfigError, ConfigLayer, LogFormat};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -82,29 +82,59 @@ impl Common {
     }
 }
 
-/// Run the parsed command line; returns the process exit code.
+/// The one log channel: tracing events on stderr, as text (ANSI colour only when stderr is a
+/// terminal and NO_COLOR is unset) or one JSON object per line. `RUST_LOG` filters
+/// (default `ringgate=info`). stdout carries only what a command prints as its result (the
+/// `serve` ready line, a token, the config).
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "ringgate=info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    // A second call (tests call `run` more than once) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .try_init(),
+    };
+}
+
+/// Run the parsed command line; returns the process exit code: 0 done, 2 a refused config
+/// or command line (as clap's usage errors), 3 and 4 from `serve` ([`StartError::exit_code`]).
 pub fn run(cli: Cli) -> i32 {
-    let result = match cli.cmd {
-        None => serve(cli.common),
-        Some(Cmd::Serve(common)) => serve(common),
-        Some(Cmd::Token {
+    let cmd = match cli.cmd {
+        None => return serve(cli.common),
+        Some(Cmd::Serve(common)) => return serve(common),
+        Some(cmd) => cmd,
+    };
+    init_logging(LogFormat::Text);
+    let result = match cmd {
+        Cmd::Serve(_) => unreachable!("served above"),
+        Cmd::Token {
             user,
             rooms,
             ttl,
             common,
-        }) => token(common, &user, rooms, &ttl),
-        Some(Cmd::Stats {
+        } => token(common, &user, rooms, &ttl),
+        Cmd::Stats {
             interval_ms,
             count,
             common,
-        }) => common.resolve().map_err(|e| e.to_string()).and_then(|cfg| {
+        } => common.resolve().map_err(|e| e.to_string()).and_then(|cfg| {
             crate::stats::run(
                 cfg.admin_listen,
                 std::time::Duration::from_millis(interval_ms.max(10)),
                 count,
             )
         }),
-        Some(Cmd::Config { print: _, common }) => common
+        Cmd::Config { print: _, common } => common
             .resolve()
             .map(|cfg| print!("{}", cfg.to_toml_redacted()))
             .map_err(|e| e.to_string()),
@@ -118,9 +148,25 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
-fn serve(common: Common) -> Result<(), String> {
-    let cfg = common.resolve().map_err(|e| e.to_string())?;
-    crate::server::serve(cfg).map_err(|e| e.to_string())
+/// `serve`: a refused config is one plain line on stderr (no logging yet: `log_format` is
+/// part of it), everything after goes through the log.
+fn serve(common: Common) -> i32 {
+    let cfg = match common.resolve() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("ringgate: {e}");
+            return 2;
+        }
+    };
+    init_logging(cfg.log_format);
+    match crate::server::serve(cfg) {
+        Ok(()) => 0,
+        Err(e) => {
+            let code = e.exit_code();
+            tracing::error!(exit_code = code, "{e}");
+            code
+        }
+    }
 }
 
 fn token(common: Common, user: &str, rooms: Option<Vec<String>>, ttl: &str) -> Result<(), String> {

@@ -86,6 +86,34 @@ pub const DEFAULT_PUSH_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_PUSH_PREVIEW_CHARS: usize = 100;
 /// Shortest `push_webhook_secret` (as for `jwt_secret`).
 pub const MIN_PUSH_SECRET: usize = 16;
+/// Shortest `api_key`: a bearer key that opens the send/publish API to whoever guesses it.
+pub const MIN_API_KEY: usize = 16;
+/// `redis_url` schemes the Redis client (fred) takes with the features built in: plain,
+/// TLS (`s`), Redis Cluster (`-cluster`) and Sentinel (`-sentinel`), `redis` or `valkey`.
+pub const REDIS_SCHEMES: [&str; 12] = [
+    "redis",
+    "rediss",
+    "redis-cluster",
+    "rediss-cluster",
+    "redis-sentinel",
+    "rediss-sentinel",
+    "valkey",
+    "valkeys",
+    "valkey-cluster",
+    "valkeys-cluster",
+    "valkey-sentinel",
+    "valkeys-sentinel",
+];
+
+/// How log lines are written to stderr (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event (colour only when stderr is a terminal).
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
 
 /// What a push notification carries of the message body (`push_body`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -115,7 +143,11 @@ pub struct PushConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Join another process already listening on `listen` (SO_REUSEPORT) instead of
+    /// refusing to start.
+    pub share_listen: bool,
     pub admin_listen: SocketAddr,
+    pub log_format: LogFormat,
     pub shards: usize,
     pub jwt_secret: Option<String>,
     pub jwks_url: Option<String>,
@@ -188,6 +220,13 @@ pub struct ConfigLayer {
     /// Public WebSocket listener address [default: 127.0.0.1:8080]
     #[arg(long, env = "RINGGATE_LISTEN")]
     pub listen: Option<String>,
+    /// Start even when another process already listens on `listen`, sharing the port with it
+    /// (SO_REUSEPORT: new connections are split between the processes) [default: false]
+    #[arg(long, env = "RINGGATE_SHARE_LISTEN")]
+    pub share_listen: Option<bool>,
+    /// Log lines on stderr: "text" or "json" (one object per line) [default: text]
+    #[arg(long, env = "RINGGATE_LOG_FORMAT")]
+    pub log_format: Option<String>,
     /// Admin HTTP listener (metrics, health, API) [default: 127.0.0.1:9090]
     #[arg(long, env = "RINGGATE_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
@@ -218,7 +257,7 @@ pub struct ConfigLayer {
     /// Bearer key for the admin /api endpoints
     #[arg(long, env = "RINGGATE_API_KEY")]
     pub api_key: Option<String>,
-    /// Allowed Origin values (comma separated on the command line); empty = any
+    /// Allowed Origin values (comma separated on the command line); empty or "*" = any
     #[arg(long, env = "RINGGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
     /// Host-wide cap on open WebSocket connections [default: 1000000]
@@ -417,6 +456,8 @@ impl ConfigLayer {
         }
         pick!(
             listen,
+            share_listen,
+            log_format,
             admin_listen,
             shards,
             jwt_secret,
@@ -483,8 +524,7 @@ impl ConfigLayer {
         let push = self.push_config()?;
         let addr = |key: &'static str, v: Option<String>, default: &str| {
             let text = v.unwrap_or_else(|| default.to_string());
-            text.parse::<SocketAddr>()
-                .map_err(|e| invalid(key, format!("`{text}` is not an address (ip:port): {e}")))
+            listen_addr(&text).map_err(|m| invalid(key, m))
         };
         let listen = addr("listen", self.listen, DEFAULT_LISTEN)?;
         let admin_listen = addr("admin_listen", self.admin_listen, DEFAULT_ADMIN_LISTEN)?;
@@ -599,6 +639,7 @@ impl ConfigLayer {
             .filter(|s| !s.is_empty())
             .map(PathBuf::from);
         if let Some(url) = &redis_url {
+            check_redis_scheme(url).map_err(|m| invalid("redis_url", m))?;
             crate::store::redis::check_url(url, redis_tls_ca.as_deref())
                 .map_err(|m| invalid("redis_url", m))?;
         }
@@ -656,16 +697,61 @@ impl ConfigLayer {
                 "conn_frame_burst + rate_limit_strikes must be at most an hour of conn_frame_rate",
             ));
         }
-        let allowed_origins = self
+        let allowed_origins: Vec<String> = self
             .allowed_origins
             .unwrap_or_default()
             .into_iter()
             .map(|o| o.trim().to_string())
             .filter(|o| !o.is_empty())
             .collect();
+        // `*` means any origin, as an empty list does (the check is then skipped): stored as
+        // the empty list so there is one meaning of "any". Mixed with names, it is a mistake.
+        let allowed_origins = if allowed_origins.iter().any(|o| o == "*") {
+            if allowed_origins.len() > 1 {
+                return Err(invalid(
+                    "allowed_origins",
+                    "\"*\" (any origin) cannot be combined with other origins",
+                ));
+            }
+            Vec::new()
+        } else {
+            for o in &allowed_origins {
+                // Browsers send `scheme://host[:port]` exactly: a path or a missing scheme
+                // would never match, and every browser would get 403 without a word.
+                let shaped = o.split_once("://").is_some_and(|(scheme, host)| {
+                    !scheme.is_empty() && !host.is_empty() && !host.contains('/')
+                });
+                if !shaped {
+                    return Err(invalid(
+                        "allowed_origins",
+                        format!("`{o}` is not an origin: write scheme://host[:port] as browsers send it, e.g. https://chat.example.com (no path, no trailing /), or \"*\" for any"),
+                    ));
+                }
+            }
+            allowed_origins
+        };
+        let api_key = self.api_key.filter(|s| !s.is_empty());
+        if api_key.as_ref().is_some_and(|k| k.len() < MIN_API_KEY) {
+            return Err(invalid(
+                "api_key",
+                format!("must be at least {MIN_API_KEY} bytes (a short bearer key is guessable)"),
+            ));
+        }
+        let log_format = match self.log_format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("must be \"text\" or \"json\", not {other:?}"),
+                ))
+            }
+        };
         Ok(Config {
             listen,
+            share_listen: self.share_listen.unwrap_or(false),
             admin_listen,
+            log_format,
             shards,
             jwt_secret,
             jwks_url,
@@ -674,7 +760,7 @@ impl ConfigLayer {
             jwks_refetch_min_ms,
             jwt_audience: self.jwt_audience.filter(|s| !s.is_empty()),
             jwt_issuer: self.jwt_issuer.filter(|s| !s.is_empty()),
-            api_key: self.api_key.filter(|s| !s.is_empty()),
+            api_key,
             allowed_origins,
             max_connections,
             max_frame,
@@ -812,6 +898,39 @@ fn serialize_push<S: serde::Serializer>(
         map.serialize_entry("push_preview_chars", &p.preview_chars)?;
     }
     map.end()
+}
+
+/// `ip:port`, or `host:port` resolved once, here, to its first address (IPv4 first: the
+/// usual `localhost` answers ::1 and 127.0.0.1). A listener binds one address.
+fn listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    use std::net::ToSocketAddrs;
+    let found: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("`{text}` is not an address (ip:port or host:port): {e}"))?
+        .collect();
+    found
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(found.first())
+        .copied()
+        .ok_or_else(|| format!("`{text}`: the host name resolves to no address"))
+}
+
+/// The scheme of `url` is one the Redis client takes (see [`REDIS_SCHEMES`]).
+fn check_redis_scheme(url: &str) -> Result<(), String> {
+    // The URL itself is not repeated: it may carry a password.
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match scheme {
+        Some(s) if REDIS_SCHEMES.contains(&s.as_str()) => Ok(()),
+        found => Err(format!(
+            "not a Redis URL (scheme {}): the scheme must be one of {} (e.g. redis://127.0.0.1:6379)",
+            found.map_or("missing".to_string(), |s| format!("`{s}`")),
+            REDIS_SCHEMES.join(", ")
+        )),
+    }
 }
 
 fn default_shards() -> usize {
@@ -1122,6 +1241,94 @@ mod tests {
             let err = layer.resolve().unwrap_err().to_string();
             assert!(err.contains(key), "{err} should name {key}");
         }
+    }
+
+    /// Issue 19: values that passed and then failed silently are refused, naming the key.
+    #[test]
+    fn what_cannot_be_honoured_is_refused_naming_the_key() {
+        let refused = |l: ConfigLayer| l.resolve().unwrap_err().to_string();
+        let redis = |url: &str| ConfigLayer {
+            redis_url: Some(url.into()),
+            ..Default::default()
+        };
+        for url in ["http://x", "127.0.0.1:6379", "unix:///tmp/redis.sock"] {
+            let err = refused(redis(url));
+            assert!(
+                err.contains("`redis_url`") && err.contains("rediss"),
+                "{err}"
+            );
+        }
+        let with_password = refused(redis("http://user:hunter2@x"));
+        assert!(!with_password.contains("hunter2"), "{with_password}");
+        for url in [
+            "redis://127.0.0.1:6379",
+            "redis-sentinel://127.0.0.1:26379?sentinelServiceName=m",
+            "valkey://127.0.0.1:6379",
+        ] {
+            assert!(redis(url).resolve().is_ok(), "{url}");
+        }
+        let key = |k: &str| ConfigLayer {
+            api_key: Some(k.into()),
+            ..Default::default()
+        };
+        let short = refused(key("x"));
+        assert!(
+            short.contains("`api_key`") && short.contains("16"),
+            "{short}"
+        );
+        assert!(key("0123456789abcdef").resolve().is_ok());
+        let origins = |o: &[&str]| ConfigLayer {
+            allowed_origins: Some(o.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        };
+        assert!(origins(&["*"])
+            .resolve()
+            .unwrap()
+            .allowed_origins
+            .is_empty());
+        let mixed = refused(origins(&["*", "https://a.example"]));
+        assert!(mixed.contains("`allowed_origins`"), "{mixed}");
+        for bad in [
+            "chat.example.com",
+            "https://chat.example.com/",
+            "https://a/b",
+        ] {
+            let err = refused(origins(&[bad]));
+            assert!(err.contains("`allowed_origins`"), "{bad}: {err}");
+        }
+        let kept = origins(&["https://a.example", "capacitor://localhost"])
+            .resolve()
+            .unwrap();
+        assert_eq!(kept.allowed_origins.len(), 2);
+        let format = refused(ConfigLayer {
+            log_format: Some("xml".into()),
+            ..Default::default()
+        });
+        assert!(format.contains("`log_format`"), "{format}");
+    }
+
+    /// A host name in a listen address is resolved once (IPv4 first); one that does not
+    /// resolve is refused naming the key.
+    #[test]
+    fn listen_takes_a_host_name() {
+        let c = ConfigLayer {
+            listen: Some("localhost:8080".into()),
+            admin_listen: Some("localhost:9090".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert!(c.dev_mode(), "localhost is loopback: dev mode allowed");
+        let err = ConfigLayer {
+            listen: Some("no-such-host.invalid:8080".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`listen`"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Layout (one module per concern; each says what it owns in its header):
 //! - [`config`]: file -> flags/env -> validated `Config`.
-//! - [`server`]: process start, shards, signals; [`admin`]: the admin HTTP listener.
+//! - [`server`]: process start, shards, signals; [`preflight`]: host checks before start;
+//!   [`admin`]: the admin HTTP listener.
 //! - [`shard`]: one per core, owns its connections, wheel, scratch buffer and metrics.
 //! - [`conn`]: the sans-IO connection state machine.
 //! - [`ws`]: HTTP upgrade and RFC 6455 frames; [`proto`]: the JSON application protocol.
@@ -22,6 +23,7 @@ pub mod delivery;
 pub mod limit;
 pub mod mesh;
 pub mod metrics;
+pub mod preflight;
 pub mod proto;
 pub mod push;
 pub mod server;

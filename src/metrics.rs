@@ -3,7 +3,9 @@
 //! Each shard owns one [`ShardMetrics`] and is its only writer, so counters are plain
 //! relaxed load+store (no locked read-modify-write, no cache line shared between shards: the
 //! struct is 128-byte aligned). The admin thread only reads them when `/metrics` is scraped.
-//! Every series name is a constant below and every series carries a `shard` label.
+//! Every series name is a constant below and every series carries a `shard` label; the
+//! process-wide ones (`process_*`, build info) carry `shard="process"`, as the admin
+//! listener's and the push worker's carry `shard="admin"` and `shard="push"`.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -103,9 +105,16 @@ pub const MESH_FULL: &str = "ringgate_mesh_full_total";
 pub const PARKS: &str = "ringgate_parks_total";
 pub const UNPARKS: &str = "ringgate_unparks_total";
 pub const STALLS: &str = "ringgate_shard_stalls_total";
-pub const STALL_MAX: &str = "ringgate_shard_stall_max_ms";
+pub const STALL_MAX: &str = "ringgate_shard_stall_max_seconds";
 pub const WATCHDOG_NUDGES: &str = "ringgate_shard_watchdog_nudges_total";
 pub const REDIS_UP: &str = "ringgate_redis_up";
+pub const STORE_UP: &str = "ringgate_store_up";
+pub const BUILD_INFO: &str = "ringgate_build_info";
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+pub const PROCESS_START: &str = "process_start_time_seconds";
 pub const REDIS_BREAKER_OPEN: &str = "ringgate_redis_breaker_open";
 pub const REDIS_BATCHES: &str = "ringgate_redis_batches_total";
 pub const REDIS_OPS: &str = "ringgate_redis_ops_total";
@@ -139,9 +148,12 @@ pub const STORE_WRITES_IN_DOUBT: &str = "ringgate_store_writes_in_doubt";
 pub const STORE_REVOKED: &str = "ringgate_store_revoked_total";
 pub const SENDS_REFUSED: &str = "ringgate_sends_refused_total";
 
-/// Upper bounds (microseconds) of the latency histogram buckets.
-pub const LATENCY_BUCKETS_US: [u64; 12] = [
+/// Upper bounds (microseconds) of the latency histogram buckets: past every timeout a send
+/// or a Redis batch can wait for (redis_timeout_ms 2 s, ack and push timeouts 5 s; overload
+/// p99s were measured at 2.7 s), so a slow tail shows in a bucket, not only in +Inf.
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000, 30_000_000,
 ];
 
 /// A latency histogram written by one thread (fixed buckets, Prometheus layout).
@@ -234,6 +246,9 @@ pub struct ShardMetrics {
     pub stall_max_ms: Gauge,
     pub watchdog_nudges: Gauge,
     pub redis_up: Gauge,
+    /// 1 when this shard's offline store is Redis (set once at start): `ringgate_redis_up`
+    /// is exported only then, and `ringgate_store_up` follows it.
+    pub redis_store: Gauge,
     pub redis_breaker_open: Gauge,
     pub redis_batches: Counter,
     pub redis_ops: Counter,
@@ -506,10 +521,16 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         |m| m.mesh_full.get(),
     ),
     (
-        REDIS_UP,
-        "1 while this shard's last Redis batch succeeded (0 also without Redis).",
+        STORE_UP,
+        "1 while this shard's offline store answers: always 1 for the embedded store; with Redis, as ringgate_redis_up.",
         Kind::Gauge,
-        |m| m.redis_up.get(),
+        |m| {
+            if m.redis_store.get() == 1 {
+                m.redis_up.get()
+            } else {
+                1
+            }
+        },
     ),
     (
         REDIS_BREAKER_OPEN,
@@ -728,12 +749,6 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         |m| m.watchdog_nudges.get(),
     ),
     (
-        STALL_MAX,
-        "Longest gap between two ticks of the shard since start, in ms.",
-        Kind::Gauge,
-        |m| m.stall_max_ms.get(),
-    ),
-    (
         WHEEL_ENTRIES,
         "Deadlines pending in the shard's timing wheel.",
         Kind::Gauge,
@@ -741,9 +756,20 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
     ),
 ];
 
-/// Prometheus text exposition of all shards.
+/// Prometheus text exposition of all shards, then of the process.
 pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
     let mut out = String::with_capacity(4096 * shards.len().max(1));
+    // Only with Redis: without it there is nothing to be up, and an alert on 0 would fire on
+    // every embedded-store install (`ringgate_store_up` reads right for both).
+    if shards.iter().any(|m| m.redis_store.get() == 1) {
+        let _ = writeln!(
+            out,
+            "# HELP {REDIS_UP} 1 while this shard's last Redis batch succeeded (exported only with a redis_url).\n# TYPE {REDIS_UP} gauge"
+        );
+        for (i, m) in shards.iter().enumerate() {
+            let _ = writeln!(out, "{REDIS_UP}{{shard=\"{i}\"}} {}", m.redis_up.get());
+        }
+    }
     for (name, help, kind, read) in SERIES {
         let kind = match kind {
             Kind::Counter => "counter",
@@ -804,14 +830,140 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
         for r in Refusal::ALL {
             let _ = writeln!(
                 out,
-                "{CONNECTIONS_REFUSED}{{shard=\"{i}\",reason=\"{}\",status=\"{}\"}} {}",
+                "{CONNECTIONS_REFUSED}{{shard=\"{i}\",reason=\"{}\"}} {}",
                 r.label(),
-                r.status().0,
                 m.refused[r.index()].get()
             );
         }
     }
+    // In seconds, the base unit (kept in ms by the shard).
+    let _ = writeln!(
+        out,
+        "# HELP {STALL_MAX} Longest gap between two ticks of the shard since start (an idle shard's planned once-a-second tick not counted).\n# TYPE {STALL_MAX} gauge"
+    );
+    for (i, m) in shards.iter().enumerate() {
+        let seconds = m.stall_max_ms.get() as f64 / 1e3;
+        let _ = writeln!(out, "{STALL_MAX}{{shard=\"{i}\"}} {seconds}");
+    }
+    render_process(&mut out);
     out
+}
+
+/// What the process costs, read from /proc/self at scrape time (the names client libraries
+/// use, so stock dashboards and alerts work), and which build runs.
+pub fn render_process(out: &mut String) {
+    let p = ProcessStats::read();
+    let mut one = |name: &str, help: &str, kind: &str, value: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{shard=\"process\"}} {value}"
+        );
+    };
+    if let Some(v) = p.rss_bytes {
+        one(
+            PROCESS_RSS,
+            "Resident memory size in bytes.",
+            "gauge",
+            v.to_string(),
+        );
+    }
+    if let Some(v) = p.cpu_seconds {
+        one(
+            PROCESS_CPU,
+            "Total user and system CPU time spent in seconds.",
+            "counter",
+            v.to_string(),
+        );
+    }
+    if let Some(v) = p.open_fds {
+        one(
+            PROCESS_OPEN_FDS,
+            "Number of open file descriptors.",
+            "gauge",
+            v.to_string(),
+        );
+    }
+    if let Some(v) = p.max_fds {
+        one(
+            PROCESS_MAX_FDS,
+            "Maximum number of open file descriptors (RLIMIT_NOFILE, soft).",
+            "gauge",
+            v.to_string(),
+        );
+    }
+    if let Some(v) = p.start_time_seconds {
+        one(
+            PROCESS_START,
+            "Start time of the process since unix epoch in seconds.",
+            "gauge",
+            v.to_string(),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {BUILD_INFO} The running build (always 1).\n# TYPE {BUILD_INFO} gauge\n{BUILD_INFO}{{shard=\"process\",version=\"{}\",profile=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) { "debug" } else { "release" }
+    );
+}
+
+/// The process figures Prometheus client libraries export, from /proc (None: unreadable).
+#[derive(Debug, Default)]
+pub struct ProcessStats {
+    pub rss_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub open_fds: Option<u64>,
+    pub max_fds: Option<u64>,
+    pub start_time_seconds: Option<f64>,
+}
+
+impl ProcessStats {
+    pub fn read() -> ProcessStats {
+        // SAFETY: sysconf has no preconditions.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let ticks = if ticks > 0 { ticks as f64 } else { 100.0 };
+        let stat = std::fs::read_to_string("/proc/self/stat").ok();
+        // Fields after the command name (which may hold spaces), from field 3 (state) on.
+        let fields: Vec<&str> = stat
+            .as_deref()
+            .and_then(|s| s.rsplit_once(')'))
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        let cpu_seconds = field(14)
+            .zip(field(15))
+            .map(|(u, s)| (u + s) as f64 / ticks);
+        let rss_bytes = field(24).map(|pages| pages * page.max(1) as u64);
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())
+        });
+        let start_time_seconds = field(22)
+            .zip(boot)
+            .map(|(since_boot, boot)| boot as f64 + since_boot as f64 / ticks);
+        let open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as u64);
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct we own.
+        let max_fds = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0)
+            .then_some(lim.rlim_cur);
+        ProcessStats {
+            rss_bytes,
+            cpu_seconds,
+            open_fds,
+            max_fds,
+            start_time_seconds,
+        }
+    }
 }
 
 fn render_histogram(
@@ -856,9 +1008,51 @@ mod tests {
             assert!(line.contains("shard=\""), "{line}");
         }
         assert!(text.contains("ringgate_frames_in_total{shard=\"1\"} 7"));
-        assert!(text.contains(
-            "ringgate_connections_refused_total{shard=\"0\",reason=\"unauthorized\",status=\"401\"} 1"
-        ));
+        assert!(text
+            .contains("ringgate_connections_refused_total{shard=\"0\",reason=\"unauthorized\"} 1"));
+    }
+
+    /// Without Redis there is no `ringgate_redis_up` to alert on, and the store reads up.
+    #[test]
+    fn store_state_reads_right_with_and_without_redis() {
+        let shards = vec![Arc::new(ShardMetrics::default())];
+        let text = render(&shards);
+        assert!(!text.contains("ringgate_redis_up{"), "{text}");
+        assert!(text.contains("ringgate_store_up{shard=\"0\"} 1"), "{text}");
+        shards[0].redis_store.set(1);
+        let text = render(&shards);
+        assert!(text.contains("ringgate_redis_up{shard=\"0\"} 0"), "{text}");
+        assert!(text.contains("ringgate_store_up{shard=\"0\"} 0"), "{text}");
+        shards[0].redis_up.set(1);
+        assert!(render(&shards).contains("ringgate_store_up{shard=\"0\"} 1"));
+    }
+
+    #[test]
+    fn process_series_come_from_proc() {
+        let text = render(&[Arc::new(ShardMetrics::default())]);
+        let value = |name: &str| -> f64 {
+            let prefix = format!("{name}{{shard=\"process\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+        };
+        assert!(value(PROCESS_RSS) > 1e6, "a process has over 1 MB resident");
+        assert!(value(PROCESS_OPEN_FDS) >= 3.0);
+        assert!(value(PROCESS_MAX_FDS) >= value(PROCESS_OPEN_FDS));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = value(PROCESS_START);
+        assert!(
+            start <= now + 1.0 && start > now - 86_400.0,
+            "{start} vs {now}"
+        );
+        assert!(value(PROCESS_CPU) >= 0.0);
+        assert!(text.contains(&format!(
+            "ringgate_build_info{{shard=\"process\",version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        )));
     }
 
     #[test]
@@ -867,7 +1061,7 @@ mod tests {
         let h = &shards[0].send_accepted;
         h.observe(std::time::Duration::from_micros(80));
         h.observe(std::time::Duration::from_micros(900));
-        h.observe(std::time::Duration::from_secs(3)); // beyond the last bound: only +Inf
+        h.observe(std::time::Duration::from_secs(3));
         let text = render(&shards);
         assert!(
             text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"0.0001\"} 1"),
@@ -875,6 +1069,9 @@ mod tests {
         );
         assert!(text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"0.001\"} 2"));
         assert!(text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"1\"} 2"));
+        // 3 s lands past the Redis timeout, in a bucket of its own.
+        assert!(text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"2.5\"} 2"));
+        assert!(text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"5\"} 3"));
         assert!(text.contains("ringgate_send_accepted_seconds_bucket{shard=\"0\",le=\"+Inf\"} 3"));
         assert!(text.contains("ringgate_send_accepted_seconds_count{shard=\"0\"} 3"));
         assert!(text.contains("ringgate_send_accepted_seconds_sum{shard=\"0\"} 3.00098"));

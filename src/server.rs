@@ -15,14 +15,21 @@ use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::shard::{io, Shard, Shared};
 
+/// Why the gateway did not start or did not stop cleanly; each maps to one exit code
+/// ([`StartError::exit_code`], README "Operating it").
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
+    /// This host cannot run shards (kernel, io_uring, memlock), found before starting any.
+    #[error("{0}")]
+    Host(crate::preflight::HostProblem),
+    #[error("cannot listen on {addr} (`listen`): {source}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot start admin listener on {addr}: {source}")]
+    #[error("`listen` {addr} is already served by another process (another ringgate?): stop it, choose another `listen`, or set `share_listen = true` (--share-listen true) to share the port with it on purpose (SO_REUSEPORT: the kernel then splits new connections between the processes, each with its own store)")]
+    AddressTaken { addr: SocketAddr },
+    #[error("cannot start the admin listener on {addr} (`admin_listen`): {source}")]
     Admin {
         addr: SocketAddr,
         source: std::io::Error,
@@ -33,6 +40,22 @@ pub enum StartError {
     Shard { shard: usize, message: String },
     #[error("invalid config key `tls_cert`: {0}")]
     Tls(String),
+    /// A shard thread panicked while running (its message is in the log above).
+    #[error(
+        "{count} shard thread(s) panicked while running; the panic message is in the log above"
+    )]
+    Panicked { count: usize },
+}
+
+impl StartError {
+    /// 3: the host or the environment refused (fix the host, not the config); 4: a shard
+    /// failed while running. (2 is a refused config or command line, in `cli`.)
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Panicked { .. } => 4,
+            _ => 3,
+        }
+    }
 }
 
 /// glommio's pool of io_uring registered buffers, per shard (its default is 10 MiB). ringgate
@@ -44,12 +67,38 @@ pub enum StartError {
 /// buffers, as it does (not traced further).
 const SHARD_IO_MEMORY: usize = 1 << 20;
 
+/// Longest wait for a shard's executor to come up (it takes milliseconds).
+const SHARD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Run the gateway until SIGTERM/SIGINT and the drain complete.
 pub fn serve(cfg: Config) -> Result<(), StartError> {
     let started = Instant::now();
+    // Before anything starts: a host that cannot run shards is told why and how to fix it.
+    crate::preflight::check_host().map_err(StartError::Host)?;
+    let wanted = crate::preflight::memlock_wanted(cfg.shards, SHARD_IO_MEMORY);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if let Some(advice) =
+        crate::preflight::memlock_advice(crate::preflight::memlock_soft(), wanted, root)
+    {
+        tracing::warn!("{advice}");
+    }
+    // SO_REUSEPORT would let this process join another one already serving the address
+    // (clients split between two stores, silently): a plain bind first finds that out.
+    if cfg.listen.port() != 0 && !cfg.share_listen {
+        io::check_address_free(cfg.listen).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                StartError::AddressTaken { addr: cfg.listen }
+            } else {
+                StartError::Listen {
+                    addr: cfg.listen,
+                    source,
+                }
+            }
+        })?;
+    }
     if cfg.dev_mode() {
-        tracing::warn!("DEV MODE: no jwt_secret configured; clients are trusted as ?user=<id> (allowed only because every listener is on loopback)");
-        eprintln!("ringgate: WARNING dev mode: no jwt_secret, clients connect with ?user=<id>; never expose this");
+        tracing::warn!("dev mode: no jwt_secret configured; clients are trusted as ?user=<id> (allowed only because every listener is on loopback); never expose this");
     }
     // The JWKS before anything else: no key set, no start (the message names jwks_url).
     let jwks = match cfg.jwks_settings() {
@@ -67,8 +116,8 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     let push_redis = redis.clone();
     let mut store_links = match redis {
         Some(settings) => {
-            eprintln!(
-                "ringgate: offline store: Redis ({}; `accepted` waits for Redis to confirm each write)",
+            tracing::info!(
+                "offline store: Redis ({}; `accepted` waits for Redis to confirm each write)",
                 cfg.to_toml_redacted()
                     .lines()
                     .find_map(|l| l.strip_prefix("redis_url = "))
@@ -84,7 +133,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
                 .collect()
         }
         None => {
-            eprintln!("ringgate: offline store: embedded (in-process, bounded; lost on restart)");
+            tracing::info!("offline store: embedded (in-process, bounded; lost on restart)");
             Vec::new()
         }
     };
@@ -116,9 +165,11 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     let shared = Shared::with(cfg.clone(), auth, tls);
     let (mut push_links, push_worker, push_metrics) = match cfg.push.clone() {
         Some(push) => {
-            eprintln!(
-                "ringgate: offline push: POST to {} (batches of {}, after {} ms)",
-                push.url, push.batch_max, push.delay_ms
+            tracing::info!(
+                "offline push: POST to {} (batches of {}, after {} ms)",
+                push.url,
+                push.batch_max,
+                push.delay_ms
             );
             let draining = shared.clone();
             let (links, worker, metrics) = crate::push::start(
@@ -146,6 +197,8 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     if store_links.is_empty() {
         // Embedded: each shard's index is its message id slot, for good (`delivery/ids.rs`).
         metrics.iter().for_each(|m| m.id_slot_held.set(1));
+    } else {
+        metrics.iter().for_each(|m| m.redis_store.set(1));
     }
     let (mut meshes, mesh_client) =
         crate::mesh::build(cfg.shards).map_err(|e| StartError::Shard {
@@ -172,7 +225,12 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     let origin = Instant::now();
 
     let mut handles = Vec::new();
+    // Each shard says it started (its io_uring executor exists) before the gateway reports
+    // ready; a shard whose executor fails drops its sender unsent, and its error is joined.
+    let mut started_rx = Vec::new();
     for (id, listener) in listeners.into_iter().enumerate() {
+        let (started_tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        started_rx.push(rx);
         let shared = shared.clone();
         let m = metrics[id].clone();
         let mesh = meshes.remove(0);
@@ -183,6 +241,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             .name(&format!("shard-{id}"))
             .io_memory(SHARD_IO_MEMORY)
             .spawn(move || async move {
+                let _ = started_tx.send(());
                 let clock = Box::new(MonotonicClock::with_origin(origin));
                 let mut shard = Shard::new(id, shared, m, clock);
                 if let Some(link) = store {
@@ -199,6 +258,24 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             })?;
         handles.push(handle);
     }
+    if let Some(failed) = started_rx
+        .iter()
+        .position(|rx| rx.recv_timeout(SHARD_START_TIMEOUT).is_err())
+    {
+        // Stop the shards that did start, then report the failed one's own error.
+        shared.draining.store(true, Ordering::Relaxed);
+        let mut error = "did not report started within 30 s".to_string();
+        for (id, h) in handles.into_iter().enumerate() {
+            if let Err(e) = h.join() {
+                if id == failed {
+                    error = e.to_string();
+                }
+            }
+        }
+        return Err(StartError::Host(crate::preflight::shard_start_problem(
+            failed, &error,
+        )));
+    }
     watch_signals(shared.clone());
     if let Some(timeout) = redis_timeout {
         wait_for_id_slots(&metrics, timeout);
@@ -210,8 +287,9 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         started.elapsed().as_millis()
     );
     let mut panicked = 0;
-    for h in handles {
-        if h.join().is_err() {
+    for (id, h) in handles.into_iter().enumerate() {
+        if let Err(e) = h.join() {
+            tracing::error!(shard = id, "shard stopped with an error: {e}");
             panicked += 1;
         }
     }
@@ -220,13 +298,10 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         worker.stop();
     }
     if panicked > 0 {
-        return Err(StartError::Shard {
-            shard: panicked,
-            message: "shard thread(s) panicked; see the log above".into(),
-        });
+        return Err(StartError::Panicked { count: panicked });
     }
-    eprintln!(
-        "ringgate: drained, {} connections still open at exit",
+    tracing::info!(
+        "drained, {} connections still open at exit",
         shared.host_open.load(Ordering::Relaxed)
     );
     Ok(())
@@ -240,7 +315,9 @@ fn wait_for_id_slots(metrics: &[Arc<ShardMetrics>], timeout: std::time::Duration
     let deadline = Instant::now() + 2 * timeout;
     while metrics.iter().any(|m| m.id_slot_held.get() == 0) {
         if Instant::now() >= deadline {
-            eprintln!("ringgate: WARNING no message id slot from Redis yet; sends get `unavailable` until one is claimed");
+            tracing::warn!(
+                "no message id slot from Redis yet; sends get `unavailable` until one is claimed"
+            );
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
@@ -266,11 +343,11 @@ fn watch_signals(shared: Arc<Shared>) {
                     continue;
                 }
                 if shared.draining.swap(true, Ordering::Relaxed) {
-                    eprintln!("ringgate: second signal {sig}, exiting now");
+                    tracing::warn!("second signal {sig}: exiting now (exit code 1)");
                     std::process::exit(1);
                 }
-                eprintln!(
-                    "ringgate: signal {sig}: draining (close 1012), up to {} ms",
+                tracing::info!(
+                    "signal {sig}: draining (close 1012), up to {} ms",
                     shared.cfg.drain_ms
                 );
             }

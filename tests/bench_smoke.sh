@@ -12,7 +12,7 @@ BENCH=target/$PROFILE/ringgate-bench
 SECRET=smoke-secret-0123456789abcdef
 LOG=$(mktemp)
 "$GW" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --shards 2 --jwt-secret "$SECRET" \
-  --echo-route true --api-key smoke-key >"$LOG" 2>&1 &
+  --echo-route true --api-key smoke-test-api-key >"$LOG" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; rm -f "$LOG"' EXIT
 for _ in $(seq 100); do grep -q 'listening on' "$LOG" && break; sleep 0.1; done
@@ -27,7 +27,7 @@ echo "gateway pid $PID on $TARGET (admin $ADMIN)"
 "$BENCH" echo -c 10 --duration 1 --warmup 1 --target "$TARGET" --route ws --secret "$SECRET" -q
 # Every member gets every publish exactly once (exit 1 otherwise).
 "$BENCH" fanout --members 200 --publishes 10 --rate 20 --target "$TARGET" --admin "$ADMIN" \
-  --api-key smoke-key --secret "$SECRET" --timeout 30 --grace 10 -q
+  --api-key smoke-test-api-key --secret "$SECRET" --timeout 30 --grace 10 -q
 # The gateway counted what the tools did.
 accepted=$(curl -s "http://$ADMIN/metrics" | awk '/^ringgate_connections_accepted_total/ {s+=$2} END {print s}')
 echo "gateway accepted $accepted upgrades"

@@ -165,11 +165,11 @@ fn a_big_replay_acked_message_by_message_is_never_rate_limited() {
         "--conn-frame-burst",
         "20",
         "--api-key",
-        "limits-test-key",
+        "limits-test-api-key",
     ]);
     for i in 0..300 {
         let body = format!(r#"{{"to":"reader","body":{{"n":{i}}}}}"#);
-        let (status, answer) = post_json(&gw, "/api/send", &body, "limits-test-key");
+        let (status, answer) = post_json(&gw, "/api/send", &body, "limits-test-api-key");
         assert_eq!(status, 200, "{answer}");
     }
     let mut reader = Client::connect(ClientConfig::dev(&gw.url("/ws"), "reader")).unwrap();

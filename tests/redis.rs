@@ -165,12 +165,12 @@ fn a_big_inbox_is_summarised_fetched_per_sender_and_replayed_on_request() {
 #[test]
 fn a_backend_messages_type_survives_a_gateway_sigkill() {
     let redis = RedisServer::start();
-    let mut gw = gateway(&redis, &["--api-key", "k"]);
+    let mut gw = gateway(&redis, &["--api-key", "redis-test-api-key"]);
     let (status, v) = post_json(
         &gw,
         "/api/send",
         r#"{"to":"zoe","body":{"text":"hi"},"cid":"t-1","type":"system.notice"}"#,
-        "k",
+        "redis-test-api-key",
     );
     assert_eq!(status, 200, "{v}");
     gw.sigkill();

@@ -11,7 +11,7 @@ use common::*;
 use serde_json::{json, Value};
 
 const SHARDS: usize = 4;
-const KEY: &str = "rooms-api-key";
+const KEY: &str = "rooms-api-key-0123";
 
 fn publish(ws: &mut Ws, room: &str, cid: &str, body: Value) -> Value {
     send_text(

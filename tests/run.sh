@@ -36,6 +36,13 @@ need_apt openssl openssl
 # Node's test runner.
 need_apt chromium chromium
 need_apt node nodejs
+# tests/operations.rs: promtool checks /metrics, a real Prometheus evaluates the Grafana
+# dashboard's queries, systemd-analyze verifies dist/ringgate.service, prlimit starts the
+# gateway under a memlock limit that breaks it.
+need_apt promtool prometheus
+need_apt prometheus prometheus
+need_apt systemd-analyze systemd
+need_apt prlimit util-linux
 
 say "format check"
 cargo fmt --all -- --check

@@ -37,7 +37,7 @@ RG_SETTINGS=(
 	"net.core.netdev_max_backlog|sysctl|1||ge|16384|16384|max|"
 	"net.netfilter.nf_conntrack_max|sysctl|1||ge|2097152|2097152|max|optional"
 	"net.ipv4.tcp_fin_timeout|sysctl|1||le|15|15|min|"
-	"net.ipv4.tcp_tw_reuse|sysctl|1||eq|1|1|set|"
+	"net.ipv4.tcp_tw_reuse|sysctl|1||ge|1|1|max|"
 )
 
 # Stands in for "unlimited" in numeric comparisons (longer than any rlimit).

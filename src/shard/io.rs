@@ -36,13 +36,25 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<socket2::Socket> 
     Ok(sock)
 }
 
+/// Err(AddrInUse) when another socket already listens on `addr`: a plain bind (no
+/// SO_REUSEPORT) conflicts with any listener there, where a reuseport bind would join it.
+pub fn check_address_free(addr: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As the real listeners: connections of a previous run in TIME_WAIT are no conflict.
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())
+}
+
 /// Run the shard until it has drained. Call inside the shard's glommio executor.
 pub async fn run(
     mut shard: Shard,
     listener: socket2::Socket,
     mesh: Option<(ShardMesh, std::os::unix::net::UnixStream)>,
 ) {
-    let tick = Duration::from_millis(shard.cfg().tick_ms);
+    let tick_ms = shard.cfg().tick_ms;
+    let ms = Duration::from_millis;
+    let poke = Rc::new(Poke::default());
     let doorbell = if shard.cfg().park_idle_ms > 0 {
         match ParkSet::new(shard.id) {
             Ok((set, bell)) => {
@@ -69,19 +81,29 @@ pub async fn run(
     });
     let shard = Rc::new(RefCell::new(shard));
     if let Some(bell) = store_bell {
-        glommio::spawn_local(store_loop(shard.clone(), bell)).detach();
+        glommio::spawn_local(store_loop(shard.clone(), bell, poke.clone())).detach();
     }
     if let Some(bell) = mesh_bell {
-        glommio::spawn_local(mesh_loop(shard.clone(), bell)).detach();
+        glommio::spawn_local(mesh_loop(shard.clone(), bell, poke.clone())).detach();
     }
     if let Some(bell) = doorbell {
         glommio::spawn_local(park_loop(shard.clone(), bell)).detach();
     }
     // SAFETY: the fd comes from a listening socket we own and hand over whole.
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
-    let mut acceptor = Some(glommio::spawn_local(accept_loop(shard.clone(), listener)));
+    let mut acceptor = Some(glommio::spawn_local(accept_loop(
+        shard.clone(),
+        listener,
+        poke.clone(),
+    )));
     loop {
-        glommio::timer::sleep(tick).await;
+        let next = shard.borrow_mut().next_tick_ms();
+        if next > tick_ms {
+            futures_lite::future::or(glommio::timer::sleep(ms(next)), poke.wait()).await;
+            poke.disarm();
+        } else {
+            glommio::timer::sleep(ms(tick_ms)).await;
+        }
         let done = tick_if_due(&shard);
         if acceptor.is_some() && shard.borrow().draining() {
             // Dropping the task closes the listener: the kernel sends new connections to
@@ -94,10 +116,49 @@ pub async fn run(
     }
 }
 
-async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener) {
+/// Wakes the run loop out of an idle shard's long sleep when input arrives. Armed only
+/// during that sleep: a busy shard ticks every `tick_ms` anyway, and its accepts and bells
+/// then cost one empty `RefCell` check.
+#[derive(Default)]
+struct Poke {
+    poked: std::cell::Cell<bool>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl Poke {
+    /// Wake the run loop if it is in a long sleep (a no-op otherwise: no waker is held).
+    fn poke(&self) {
+        if let Some(w) = self.waker.borrow_mut().take() {
+            self.poked.set(true);
+            w.wake();
+        }
+    }
+
+    /// The long sleep is over: later input need not wake anything.
+    fn disarm(&self) {
+        self.waker.borrow_mut().take();
+        self.poked.set(false);
+    }
+
+    /// Ready once poked (since the last time it was ready).
+    fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        futures_lite::future::poll_fn(move |cx| {
+            if self.poked.replace(false) {
+                return Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+    }
+}
+
+async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener, poke: Rc<Poke>) {
     loop {
         match listener.accept().await {
-            Ok(stream) => serve_accepted(&shard, stream),
+            Ok(stream) => {
+                serve_accepted(&shard, stream);
+                poke.poke();
+            }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning on accept.
                 tracing::warn!(error = %e, "accept failed");
@@ -144,6 +205,7 @@ fn source_key(shard: &Rc<RefCell<Shard>>, stream: &TcpStream) -> IpKey {
 async fn serve_bell(
     shard: Rc<RefCell<Shard>>,
     mut bell: UnixStream,
+    poke: Rc<Poke>,
     clear: fn(&Shard),
     mut drain: impl FnMut(&Rc<RefCell<Shard>>) -> usize,
 ) {
@@ -157,14 +219,16 @@ async fn serve_bell(
         while drain(&shard) == DRAIN_BATCH {
             glommio::yield_if_needed().await;
         }
+        // What came in may have left work for the tick (deadlines, retries).
+        poke.poke();
         // As in `park_loop`: a bell rung again meanwhile must not keep this task's turn.
         glommio::yield_if_needed().await;
     }
 }
 
 /// What other shards sent, in bounded batches.
-async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
-    serve_bell(shard, bell, Shard::clear_mesh_bell, |shard| {
+async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream, poke: Rc<Poke>) {
+    serve_bell(shard, bell, poke, Shard::clear_mesh_bell, |shard| {
         let mut batch = shard.borrow_mut().take_mesh_batch();
         let taken = batch.len();
         for msg in batch.drain(..) {
@@ -183,8 +247,8 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
 }
 
 /// What Redis answered, in bounded batches.
-async fn store_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream) {
-    serve_bell(shard, bell, Shard::clear_store_bell, |shard| {
+async fn store_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream, poke: Rc<Poke>) {
+    serve_bell(shard, bell, poke, Shard::clear_store_bell, |shard| {
         let replies = shard.borrow_mut().take_store_replies(DRAIN_BATCH);
         let taken = replies.len();
         let mut s = shard.borrow_mut();

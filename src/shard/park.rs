@@ -44,6 +44,9 @@ const NUDGE_SIGNAL: libc::c_int = libc::SIGURG;
 struct Watch {
     ticks: AtomicU64,
     nudges: AtomicU64,
+    /// How much longer than usual the shard means to sleep before its next tick (an idle
+    /// shard ticks once a second): no tick for that long is not a stall (the shard writes it).
+    quiet_ms: AtomicU64,
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -97,6 +100,11 @@ impl ParkSet {
     pub fn ticked(&self) {
         let w = &self.watch.ticks;
         w.store(w.load(Relaxed) + 1, Relaxed);
+    }
+
+    /// The shard's next tick comes `ms` later than a tick period (0: on time).
+    pub fn expect_quiet(&self, ms: u64) {
+        self.watch.quiet_ms.store(ms, Relaxed);
     }
 
     /// Times the watchdog woke the shard thread.
@@ -202,7 +210,8 @@ fn install_nudge_handler() -> io::Result<()> {
 }
 
 /// Wait for an arm byte, then for readiness of the set, then ring; until the arm pipe closes.
-/// Every wait ends after [`WATCHDOG_MS`] to look at the shard's tick count.
+/// Every wait ends after [`WATCHDOG_MS`] (plus an idle shard's planned sleep) to look at the
+/// shard's tick count.
 fn poller_loop(
     epfd: RawFd,
     arm_r: OwnedFd,
@@ -214,12 +223,24 @@ fn poller_loop(
     let mut bell = bell;
     let mut byte = [0u8; 1];
     let mut last_ticks = watch.ticks.load(Relaxed);
+    // How long the tick count has not moved, as counted in whole waits.
+    let mut stale_ms = 0u64;
     // Wait until one of `fds` is ready, waking the shard whenever it stopped ticking.
     // False on a poll error.
     let mut wait = |fds: &mut [libc::pollfd]| -> bool {
         loop {
+            // An idle shard ticks once a second: look at it as rarely (the poller's wake-ups
+            // were most of an idle gateway's remaining cost).
+            let quiet = watch.quiet_ms.load(Relaxed);
+            let timeout = WATCHDOG_MS as u64 + quiet;
             // SAFETY: valid pollfd entries.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, WATCHDOG_MS) };
+            let r = unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    timeout.min(i32::MAX as u64) as i32,
+                )
+            };
             if r > 0 {
                 return true;
             }
@@ -227,7 +248,12 @@ fn poller_loop(
                 return false;
             }
             let ticks = watch.ticks.load(Relaxed);
-            if ticks == last_ticks {
+            stale_ms = if ticks == last_ticks {
+                stale_ms + timeout
+            } else {
+                0
+            };
+            if stale_ms > watch.quiet_ms.load(Relaxed) {
                 // SAFETY: a signal with an installed empty handler, to a thread of this process.
                 unsafe {
                     libc::syscall(libc::SYS_tgkill, libc::getpid(), shard_thread, NUDGE_SIGNAL)

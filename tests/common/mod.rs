@@ -70,7 +70,12 @@ impl Gateway {
         let line = rx
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| {
-                let errs: Vec<String> = err_rx.try_iter().collect();
+                // The process may have exited (a refused config): its stderr is still being
+                // read, so wait for it to end (bounded) rather than take what arrived so far.
+                let mut errs = Vec::new();
+                while let Ok(line) = err_rx.recv_timeout(Duration::from_secs(5)) {
+                    errs.push(line);
+                }
                 panic!("ringgate did not report its ports; stderr: {errs:#?}")
             });
         let field = |prefix: &str| -> SocketAddr {
