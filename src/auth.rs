@@ -48,6 +48,10 @@ pub enum AuthError {
     Invalid(String),
     #[error("token expired")]
     Expired,
+    /// Signed with a key the JWKS does not hold (yet): it is being refetched, so the same
+    /// token may pass in a moment (a key rotation at the identity provider).
+    #[error("invalid token: unknown kid (the key set is refetched; retry later)")]
+    UnknownKid,
     #[error("token not valid yet (nbf)")]
     NotYetValid,
     #[error("invalid user id")]
@@ -115,6 +119,7 @@ impl Authenticator {
             let mut required = vec!["exp", "sub"];
             match audience {
                 Some(aud) => {
+                    v.validate_aud = true; // `with_jwks` turned it off for the unset case
                     v.set_audience(&[aud]);
                     required.push("aud");
                 }
@@ -179,9 +184,7 @@ impl Authenticator {
             )),
             jwks::Lookup::Unknown => {
                 keys.refetch();
-                Err(AuthError::Invalid(
-                    "unknown kid (the key set is refetched; retry later)".into(),
-                ))
+                Err(AuthError::UnknownKid)
             }
         }
     }
@@ -309,6 +312,11 @@ mod tests {
         let bare = token(serde_json::json!({"sub":"a","exp":exp}));
         let other =
             token(serde_json::json!({"sub":"a","exp":exp,"aud":"mail","iss":"https://evil"}));
+        // One claim wrong at a time: the other check alone must not be what refuses it.
+        let wrong_aud =
+            token(serde_json::json!({"sub":"a","exp":exp,"aud":"mail","iss":"https://idp"}));
+        let wrong_iss =
+            token(serde_json::json!({"sub":"a","exp":exp,"aud":"chat","iss":"https://evil"}));
         let open = Authenticator::new(Some(SECRET));
         for t in [&full, &bare, &other] {
             assert!(
@@ -319,7 +327,7 @@ mod tests {
         let strict =
             Authenticator::new(Some(SECRET)).with_claims(Some("chat"), Some("https://idp"));
         assert!(strict.authenticate(Some(&full), None).is_ok());
-        for t in [&bare, &other] {
+        for t in [&bare, &other, &wrong_aud, &wrong_iss] {
             let err = strict.authenticate(Some(t), None).unwrap_err();
             assert!(matches!(err, AuthError::Invalid(_)), "{err:?}");
         }
@@ -442,6 +450,7 @@ mod tests {
     fn invalid(a: &Authenticator, token: &str) -> String {
         match a.authenticate(Some(token), Some("alice")) {
             Err(AuthError::Invalid(why)) => why,
+            Err(e @ AuthError::UnknownKid) => e.to_string(),
             other => panic!("expected invalid token, got {other:?}"),
         }
     }

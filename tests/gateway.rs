@@ -754,8 +754,10 @@ fn browsers_authenticate_in_the_first_frame_and_hear_refusals_in_band() {
         SECRET,
         "--allowed-origins",
         "https://app.example",
+        // Long enough for a loaded machine to read ~40 auth frames in time; the silence case
+        // below waits it out once.
         "--handshake-timeout-ms",
-        "400",
+        "2000",
     ]);
     let origin = [("origin", "https://app.example")];
     let users = [user_on("fa", 0, 2), user_on("fb", 1, 2)];

@@ -455,7 +455,7 @@ fn failed_start(args: &[&str], within: Duration) -> (Option<i32>, String, String
 }
 
 /// No key set, no start: a JWKS URL nobody answers, and one that answers a set with no usable
-/// key, each end start-up (exit 2, never "listening") with a message naming jwks_url, after
+/// key, each end start-up (exit 3: the environment, not the config; never "listening") with a message naming jwks_url, after
 /// the retries of the start budget (10 s).
 #[test]
 fn jwks_down_at_start_fails_start_naming_jwks_url() {
@@ -469,7 +469,7 @@ fn jwks_down_at_start_fails_start_naming_jwks_url() {
         failed_start(&["--jwks-url", &useless_url], Duration::from_secs(40))
     });
     let (code, out, err, took) = failed_start(&["--jwks-url", &down], Duration::from_secs(40));
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, Some(3), "{err}");
     assert!(!out.contains("listening"), "{out}");
     assert!(
         err.contains(&format!("cannot fetch jwks_url {down}")) && err.contains("connect"),
@@ -480,7 +480,7 @@ fn jwks_down_at_start_fails_start_naming_jwks_url() {
         "retried for a while: {took:?}"
     );
     let (code, out, err, _) = other.join().unwrap();
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, Some(3), "{err}");
     assert!(!out.contains("listening"), "{out}");
     assert!(
         err.contains("jwks_url") && err.contains("no usable"),
@@ -579,7 +579,7 @@ fn https_jwks_with_a_ca_file() {
     refused(&gw, &e1.token_as("bob", "e9"));
 
     let (code, out, err, _) = untrusted.join().unwrap();
-    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(code, Some(3), "{err}");
     assert!(!out.contains("listening"), "{out}");
     assert!(
         err.contains("jwks_url") && err.contains("TLS") && err.contains("certificate"),

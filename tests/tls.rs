@@ -31,8 +31,9 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ringgate-tls-{}", std::process::id()));
+/// A fresh directory per test (the tests of this file run in parallel in one process).
+fn temp_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringgate-tls-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -153,7 +154,7 @@ fn peer_cert(ws: &TlsWs) -> Vec<u8> {
 
 #[test]
 fn wss_serves_chat_across_shards_and_reloads_its_certificate_on_sighup() {
-    let dir = temp_dir();
+    let dir = temp_dir("chat");
     make_ca(&dir);
     make_cert(&dir, "first", "first");
     let cert = dir.join("server.pem");
@@ -278,7 +279,7 @@ fn wss_serves_chat_across_shards_and_reloads_its_certificate_on_sighup() {
 
 #[test]
 fn tls_keys_are_refused_alone_or_broken_naming_the_key() {
-    let dir = temp_dir().join("config");
+    let dir = temp_dir("config");
     std::fs::create_dir_all(&dir).unwrap();
     let junk = dir.join("junk.pem");
     std::fs::write(&junk, "junk").unwrap();

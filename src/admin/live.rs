@@ -288,7 +288,12 @@ fn snapshot(
         "config": {
             "listen": cfg.listen.to_string(),
             "admin_listen": cfg.admin_listen.to_string(),
-            "auth": if cfg.jwt_secret.is_some() { "jwt" } else { "dev mode (?user=)" },
+            "auth": match (cfg.jwt_secret.is_some(), cfg.jwks_url.is_some()) {
+                (true, true) => "jwt (HS256) + jwks",
+                (true, false) => "jwt (HS256)",
+                (false, true) => "jwks",
+                (false, false) => "dev mode (?user=)",
+            },
             "max_connections": cfg.max_connections,
             "max_frame": cfg.max_frame,
             "heartbeat_ms": cfg.heartbeat_ms,

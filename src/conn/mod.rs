@@ -21,6 +21,9 @@ use crate::proto::{self, ClientFrame, ErrorCode, FrameError};
 use crate::ws::frame::{self, Kind, Violation};
 use crate::ws::upgrade::{self, Decision, Policy, Refusal, Route};
 
+/// `retry_ms` told with a 4001 for a token whose key the JWKS does not hold yet (refetching).
+const UNKNOWN_KID_RETRY_MS: u64 = 1_000;
+
 /// `skip_input` value for "framing is lost: drop all input".
 const SKIP_ALL: u32 = u32::MAX;
 
@@ -183,7 +186,7 @@ impl Connection {
     }
 
     /// Upgraded with `?auth=frame` and the `auth` frame not read yet.
-    fn awaiting_auth(&self) -> bool {
+    pub fn awaiting_auth(&self) -> bool {
         self.waiting == Waiting::Auth
     }
 
@@ -517,20 +520,26 @@ impl Connection {
             Kind::Text => proto::parse_auth(payload),
             _ => Err(r#"the first frame must be {"op":"auth","token":"<jwt>"} (text)"#),
         };
-        let result = parsed.map_err(str::to_string).and_then(|frame| {
+        // (detail, retry_ms): a key being refetched is worth a retry (`retry_ms`), the rest
+        // needs another token.
+        let result = parsed.map_err(|e| (e.to_string(), 0)).and_then(|frame| {
             ctx.auth
                 .authenticate(frame.token.as_deref(), frame.user.as_deref())
                 .map_err(|e| match e {
-                    AuthError::Missing if ctx.auth.dev_mode() => {
-                        r#"dev mode: send {"op":"auth","user":"<id>"}"#.to_string()
-                    }
-                    e => e.to_string(),
+                    AuthError::Missing if ctx.auth.dev_mode() => (
+                        r#"dev mode: send {"op":"auth","user":"<id>"}"#.to_string(),
+                        0,
+                    ),
+                    AuthError::UnknownKid => (e.to_string(), UNKNOWN_KID_RETRY_MS),
+                    e => (e.to_string(), 0),
                 })
         });
         match result {
             // Frames behind it stay in the framing buffer (`decode_frames` stops here).
             Ok(identity) => self.authenticated(identity, Vec::new(), Box::default()),
-            Err(detail) => self.refuse_in_band(now, Refusal::Unauthorized, &detail, 0, ctx),
+            Err((detail, retry_ms)) => {
+                self.refuse_in_band(now, Refusal::Unauthorized, &detail, retry_ms, ctx)
+            }
         }
     }
 
@@ -563,7 +572,13 @@ impl Connection {
             cid: None,
         };
         let mut body = Vec::with_capacity(128);
-        proto::write_error_retry(&mut body, &err, retry.then_some(retry_ms.max(1)));
+        // A refusal that is retried by nature says when; an `unauthorized` says so only for
+        // a token that may pass as it is (its key is being refetched).
+        let retry = match retry {
+            true => Some(retry_ms.max(1)),
+            false => (r == Refusal::Unauthorized && retry_ms > 0).then_some(retry_ms),
+        };
+        proto::write_error_retry(&mut body, &err, retry);
         self.push_frame(Kind::Text, &body, ctx);
         self.close(now, close_code, detail, ctx);
     }

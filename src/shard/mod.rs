@@ -923,12 +923,20 @@ impl Shard {
     /// re-checks; so reading a frame never touches the wheel.
     fn sync_timer(&mut self, index: usize) {
         let tick_ms = self.shared.cfg.tick_ms;
+        let may_park = self.may_park(index);
         let entry = &mut self.conns[index];
         let mut want_ms = entry.conn.deadline(&self.shared.cfg);
         if let Some(d) = entry.session.as_ref().and_then(|s| s.next_deadline()) {
             want_ms = want_ms.min(d);
         }
-        if self.park.is_some() && entry.parked.is_none() && entry.conn.phase() == Phase::Open {
+        // The park check is a deadline only for a connection that may park: for one that may
+        // not (TLS, waiting for its auth frame) it would be due again on every tick.
+        if self.park.is_some()
+            && may_park
+            && !entry.conn.awaiting_auth()
+            && entry.parked.is_none()
+            && entry.conn.phase() == Phase::Open
+        {
             want_ms = want_ms.min(entry.conn.last_rx_ms() + self.shared.cfg.park_idle_ms);
         }
         let want = want_ms.div_ceil(tick_ms);

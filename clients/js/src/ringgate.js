@@ -450,6 +450,11 @@ export class RinggateClient {
     const backoff = () => backoffDelay(this._attempt++, o.backoffMinMs, o.backoffMaxMs, this._random);
     switch (code) {
       case CLOSE.UNAUTHORIZED:
+        // With `retry_ms` the token may pass soon as it is (the gateway is fetching the key
+        // that signed it: a key rotation): come back then, with backoff, and do not stop.
+        if (err && Number.isFinite(err.retry_ms)) {
+          return this._reconnectLater(Math.max(retryDelay(err.retry_ms, this._random), backoff()), code, reason);
+        }
         if (!o.getToken || this._authRetry) return this._stopWith('unauthorized', err);
         this._authRetry = true; // a fresh token refused at once stops
         return this._reconnectLater(0, code, reason);

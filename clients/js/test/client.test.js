@@ -136,6 +136,24 @@ test('4001 without getToken stops with unauthorized (a static token cannot get b
   assert.equal(t.clock.timers.length, 0, 'nothing scheduled');
 });
 
+test('4001 with retry_ms (the key is being refetched) is retried with the same token, never a stop', () => {
+  // A static token: a plain 4001 would stop it at once (above).
+  const t = setup();
+  t.client.start();
+  for (let i = 0; i < 3; i++) {
+    const s = t.ws.last();
+    s.open();
+    s.recv({ op: 'error', code: 'unauthorized', message: 'invalid token: unknown kid', retry_ms: 1000 });
+    s.serverClose(4001, 'unknown kid');
+    assert.equal(t.client.state, 'reconnecting', `round ${i}`);
+    const before = t.ws.sockets.length;
+    t.clock.advance(999);
+    assert.equal(t.ws.sockets.length, before, 'not before retry_ms');
+    t.clock.advance(8_000); // retry_ms + jitter, or the backoff (capped here at 500 * 2^3)
+    assert.equal(t.ws.sockets.length, before + 1, 'came back');
+  }
+});
+
 test('4003 forbidden is permanent: stopped, no reconnect', () => {
   const t = setup({ options: { getToken: async () => 'x' } });
   t.client.start();
