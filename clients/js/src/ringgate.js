@@ -495,7 +495,8 @@ export class RinggateClient {
   // ---- persistence -------------------------------------------------------------------
 
   _key(part) {
-    return `${this.opts.storagePrefix}${this._ns}:${part}`;
+    // Escaped: user ids may hold `:` and `/`, and one user's keys must never be another's.
+    return `${this.opts.storagePrefix}${encodeURIComponent(this._ns)}:${part}`;
   }
   _load(part) {
     try {
@@ -539,7 +540,7 @@ export class RinggateClient {
       if (seen.v === 1) this._seen.load(seen.senders);
       else {
         for (const from of seen.senders) {
-          const keys = this._load(`seen/${from}`);
+          const keys = this._load(`seen/${encodeURIComponent(from)}`);
           if (Array.isArray(keys)) this._seen.load([[from, keys]]);
           this._seenStored.add(from);
         }
@@ -589,7 +590,7 @@ export class RinggateClient {
     for (const from of changed) {
       const s = senders.get(from);
       if (s) {
-        this._save(`seen/${from}`, s.list);
+        this._save(`seen/${encodeURIComponent(from)}`, s.list);
         this._seenStored.add(from);
       }
     }
@@ -598,7 +599,7 @@ export class RinggateClient {
       if (!senders.has(from)) {
         this._seenStored.delete(from);
         try {
-          this._storage.removeItem(this._key(`seen/${from}`));
+          this._storage.removeItem(this._key(`seen/${encodeURIComponent(from)}`));
         } catch (_) {
           // a leftover entry is only read back for a sender still listed: harmless
         }

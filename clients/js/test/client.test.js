@@ -333,11 +333,11 @@ test('dedup memory is bounded per sender and in all', () => {
   for (let i = 1; i <= 1000; i++) s.recv(msg(i, `u${i % 7}`, `c${i}`));
   t.clock.advance(25);
   const saved = JSON.parse(t.storage.getItem('ringgate:alice:seen'));
-  const keys = saved.senders.map((from) => JSON.parse(t.storage.getItem(`ringgate:alice:seen/${from}`)));
+  const keys = saved.senders.map((from) => JSON.parse(t.storage.getItem(`ringgate:alice:seen/${encodeURIComponent(from)}`)));
   assert.equal(keys.reduce((n, k) => n + k.length, 0), 120);
   assert.ok(keys.every((k) => k.length <= 50));
   // a sender the memory forgot has no entry left behind
-  const listed = new Set(saved.senders.map((from) => `ringgate:alice:seen/${from}`));
+  const listed = new Set(saved.senders.map((from) => `ringgate:alice:seen/${encodeURIComponent(from)}`));
   const stored = t.storage.keys().filter((k) => k.startsWith('ringgate:alice:seen/'));
   assert.deepEqual(stored.sort(), [...listed].sort());
 });
@@ -567,7 +567,13 @@ test('storage is namespaced per user (and device)', () => {
   b.client.start();
   assert.deepEqual(b.client.pending(), []);
   assert.ok(storage.keys().includes('ringgate:alice:outbox'));
-  assert.ok(storage.keys().includes('ringgate:bob/tab2:outbox'));
+  assert.ok(storage.keys().includes('ringgate:bob%2Ftab2:outbox'));
+  // a user id that looks like another user's key path gets its own keys
+  const c = setup({ storage, options: { user: 'alice:seen/x' } });
+  c.client.start();
+  c.client.send('bob', 2);
+  assert.deepEqual(a.client.pending().length, 1);
+  assert.ok(storage.keys().includes('ringgate:alice%3Aseen%2Fx:outbox'));
 });
 
 test('a token client restores its namespace from the JWT sub before connecting', async () => {
