@@ -38,6 +38,12 @@ pub enum Cmd {
     Serve(Common),
     /// Print a client JWT signed with the configured jwt_secret
     Token {
+        /// HS256 secret to sign with [default: jwt_secret of --config]
+        #[arg(long, env = "RINGGATE_JWT_SECRET")]
+        jwt_secret: Option<String>,
+        /// TOML config file to read jwt_secret from
+        #[arg(long, env = "RINGGATE_CONFIG")]
+        config: Option<PathBuf>,
         /// User id (`sub` claim)
         #[arg(long)]
         user: String,
@@ -47,8 +53,6 @@ pub enum Cmd {
         /// Lifetime: seconds, or with a unit (90s, 30m, 1h, 7d)
         #[arg(long, default_value = "1h")]
         ttl: String,
-        #[command(flatten)]
-        common: Common,
     },
     /// Live per-shard table from the admin /metrics endpoint
     Stats {
@@ -58,8 +62,12 @@ pub enum Cmd {
         /// Tables to print, then exit (0 = until interrupted)
         #[arg(long, default_value_t = 0)]
         count: u64,
-        #[command(flatten)]
-        common: Common,
+        /// The gateway's admin address [default: admin_listen of --config, else 127.0.0.1:9090]
+        #[arg(long, env = "RINGGATE_ADMIN_LISTEN")]
+        admin_listen: Option<String>,
+        /// TOML config file to read admin_listen from
+        #[arg(long, env = "RINGGATE_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Show the effective configuration (secrets redacted)
     Config {
@@ -80,6 +88,41 @@ impl Common {
         };
         self.layer.over(file).resolve()
     }
+}
+
+/// A bad value that came from an environment variable, named as that variable (clap names
+/// the flag, which the user never typed): None when the value came from the command line.
+pub fn env_value_error(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let flag = arg.split_whitespace().next()?.trim_start_matches("--");
+    let var = format!("RINGGATE_{}", flag.replace('-', "_").to_ascii_uppercase());
+    let typed =
+        std::env::args().any(|a| a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")));
+    let value = std::env::var(&var).ok().filter(|_| !typed)?;
+    let rendered = e.to_string();
+    let what = match e.get(ContextKind::ValidValue) {
+        Some(ContextValue::Strings(valid)) => format!(" (one of: {})", valid.join(", ")),
+        // A parse failure: clap's reason is after the flag's name.
+        _ => rendered
+            .lines()
+            .next()
+            .and_then(|l| l.rsplit_once("': "))
+            .map(|(_, why)| format!(": {why}"))
+            .unwrap_or_default(),
+    };
+    Some(format!(
+        "invalid value {value:?} in the environment variable {var} (config key `{}`){what}",
+        flag.replace('-', "_")
+    ))
 }
 
 /// The one log channel: tracing events on stderr, as text (ANSI colour only when stderr is a
@@ -118,26 +161,44 @@ pub fn run(cli: Cli) -> i32 {
     let result = match cmd {
         Cmd::Serve(_) => unreachable!("served above"),
         Cmd::Token {
+            jwt_secret,
+            config,
             user,
             rooms,
             ttl,
-            common,
-        } => token(common, &user, rooms, &ttl),
+        } => one_key(jwt_secret, config.as_deref(), |f| f.jwt_secret)
+            .and_then(|secret| token(secret, &user, rooms, &ttl)),
         Cmd::Stats {
             interval_ms,
             count,
-            common,
-        } => common.resolve().map_err(|e| e.to_string()).and_then(|cfg| {
-            crate::stats::run(
-                cfg.admin_listen,
-                std::time::Duration::from_millis(interval_ms.max(10)),
-                count,
-            )
-        }),
-        Cmd::Config { print: _, common } => common
-            .resolve()
-            .map(|cfg| print!("{}", cfg.to_toml_redacted()))
-            .map_err(|e| e.to_string()),
+            admin_listen,
+            config,
+        } => one_key(admin_listen, config.as_deref(), |f| f.admin_listen)
+            .and_then(|addr| {
+                let addr = addr.unwrap_or_else(|| "127.0.0.1:9090".into());
+                crate::config::resolve_addr(&addr)
+                    .map_err(|e| format!("invalid config key `admin_listen`: {e}"))
+            })
+            .and_then(|addr| {
+                crate::stats::run(
+                    addr,
+                    std::time::Duration::from_millis(interval_ms.max(10)),
+                    count,
+                )
+            }),
+        Cmd::Config { print: _, common } => {
+            // A node_id nobody set is made per serving process: say so, not this pid.
+            let node_id_set = common.layer.node_id.is_some()
+                || common
+                    .config
+                    .as_deref()
+                    .and_then(|p| ConfigLayer::from_file(p).ok())
+                    .is_some_and(|f| f.node_id.is_some());
+            common
+                .resolve()
+                .map(|cfg| print!("{}", cfg.to_toml_shown(node_id_set)))
+                .map_err(|e| e.to_string())
+        }
     };
     match result {
         Ok(()) => 0,
@@ -169,15 +230,35 @@ fn serve(common: Common) -> i32 {
     }
 }
 
-fn token(common: Common, user: &str, rooms: Option<Vec<String>>, ttl: &str) -> Result<(), String> {
-    let cfg = common.resolve().map_err(|e| e.to_string())?;
-    let secret = cfg.jwt_secret.as_deref().ok_or(
+/// One key for a command that needs only it: the flag (or its env var), else the config
+/// file's (`token` and `stats` do not take, or check, every server key).
+fn one_key(
+    flag: Option<String>,
+    config: Option<&std::path::Path>,
+    key: impl FnOnce(ConfigLayer) -> Option<String>,
+) -> Result<Option<String>, String> {
+    if flag.is_some() {
+        return Ok(flag);
+    }
+    match config {
+        Some(path) => Ok(key(ConfigLayer::from_file(path).map_err(|e| e.to_string())?)),
+        None => Ok(None),
+    }
+}
+
+fn token(
+    secret: Option<String>,
+    user: &str,
+    rooms: Option<Vec<String>>,
+    ttl: &str,
+) -> Result<(), String> {
+    let secret = secret.filter(|s| !s.is_empty()).ok_or(
         "token: no jwt_secret configured (use --jwt-secret, RINGGATE_JWT_SECRET or jwt_secret in the config file)",
     )?;
     auth::valid_id(user).map_err(|_| {
         "token: --user must be 1 to 128 characters without control characters".to_string()
     })?;
     let ttl_s = auth::parse_ttl(ttl).map_err(|e| format!("token: --ttl: {e}"))?;
-    println!("{}", auth::mint(secret, user, rooms, ttl_s));
+    println!("{}", auth::mint(&secret, user, rooms, ttl_s));
     Ok(())
 }

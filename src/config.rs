@@ -222,7 +222,7 @@ pub struct ConfigLayer {
     pub listen: Option<String>,
     /// Start even when another process already listens on `listen`, sharing the port with it
     /// (SO_REUSEPORT: new connections are split between the processes) [default: false]
-    #[arg(long, env = "RINGGATE_SHARE_LISTEN")]
+    #[arg(long, env = "RINGGATE_SHARE_LISTEN", num_args = 0..=1, default_missing_value = "true")]
     pub share_listen: Option<bool>,
     /// Log lines on stderr: "text" or "json" (one object per line) [default: text]
     #[arg(long, env = "RINGGATE_LOG_FORMAT")]
@@ -295,7 +295,7 @@ pub struct ConfigLayer {
     #[arg(long, env = "RINGGATE_DRAIN_MS")]
     pub drain_ms: Option<u64>,
     /// Enable the unauthenticated /echo diagnostics route [default: false]
-    #[arg(long, env = "RINGGATE_ECHO_ROUTE")]
+    #[arg(long, env = "RINGGATE_ECHO_ROUTE", num_args = 0..=1, default_missing_value = "true")]
     pub echo_route: Option<bool>,
     /// Redis URL for the durable store; unset = embedded store
     #[arg(long, env = "RINGGATE_REDIS_URL")]
@@ -902,6 +902,10 @@ fn serialize_push<S: serde::Serializer>(
 
 /// `ip:port`, or `host:port` resolved once, here, to its first address (IPv4 first: the
 /// usual `localhost` answers ::1 and 127.0.0.1). A listener binds one address.
+pub fn resolve_addr(text: &str) -> Result<SocketAddr, String> {
+    listen_addr(text)
+}
+
 fn listen_addr(text: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = text.parse::<SocketAddr>() {
         return Ok(a);
@@ -1017,6 +1021,39 @@ impl Config {
             }
         }
         toml::to_string(&shown).expect("config serialises")
+    }
+
+    /// `config --print`: the effective config as TOML, secrets redacted, and every key that
+    /// is unset listed as a comment (TOML has no null, and a missing key reads as forgotten);
+    /// a `node_id` nobody set is said to be made per serving process (`<host>-<pid>`), not
+    /// shown with the printing command's own pid.
+    pub fn to_toml_shown(&self, node_id_set: bool) -> String {
+        let mut text = self.to_toml_redacted();
+        if !node_id_set {
+            let lines: Vec<String> = text
+                .lines()
+                .map(|l| match l.starts_with("node_id = ") {
+                    true => {
+                        "# node_id = \"<hostname>-<pid>\" (unset: made by each serving process)"
+                            .to_string()
+                    }
+                    false => l.to_string(),
+                })
+                .collect();
+            text = lines.join("\n") + "\n";
+        }
+        // Every key there is: the config layer's flags, named as the keys.
+        let keys = <ConfigLayer as clap::Args>::augment_args(clap::Command::new("keys"));
+        let unset: Vec<String> = keys
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .filter(|k| !text.lines().any(|l| l.starts_with(&format!("{k} = "))))
+            .filter(|k| k != "node_id")
+            .collect();
+        for key in unset {
+            text.push_str(&format!("# {key} = (unset)\n"));
+        }
+        text
     }
 
     /// Per-shard share of the host wheel deadlines etc. are shard-local; this is a helper for

@@ -4,6 +4,15 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let cli = ringgate::cli::Cli::parse();
+    let cli = match ringgate::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(message) = ringgate::cli::env_value_error(&e) {
+                eprintln!("ringgate: {message}");
+                std::process::exit(2);
+            }
+            e.exit()
+        }
+    };
     std::process::exit(ringgate::cli::run(cli));
 }

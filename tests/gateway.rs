@@ -852,3 +852,58 @@ fn dev_mode_serves_the_demo_page_and_nothing_else_does() {
     let gw = Gateway::start(&["--jwt-secret", SECRET]);
     assert_eq!(http_get(gw.public, "/demo/", &[]).0, 404);
 }
+
+/// Issue 19's command-line stumbles: `token` and `stats` list only their own options, a bare
+/// `--echo-route` means true, a bad environment variable is named as the variable, and
+/// `config --print` lists unset keys and does not pass its own pid off as the node id.
+#[test]
+fn the_command_line_says_what_it_means() {
+    let help = |cmd: &str| String::from_utf8(run_ringgate(&[cmd, "--help"], &[]).stdout).unwrap();
+    for (cmd, own) in [("token", "--jwt-secret"), ("stats", "--admin-listen")] {
+        let text = help(cmd);
+        assert!(text.contains(own), "{cmd}: {text}");
+        assert!(
+            !text.contains("--max-frame") && !text.contains("--redis-url"),
+            "{cmd}: {text}"
+        );
+    }
+    let print = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = vec!["config", "--print"];
+        all.extend_from_slice(args);
+        let out = run_ringgate(&all, env);
+        let (stdout, stderr) = (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        );
+        (out.status.code(), stdout, stderr)
+    };
+    let (code, text, _) = print(&["--echo-route"], &[]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("echo_route = true"), "{text}");
+    assert!(text.contains("# redis_url = (unset)"), "{text}");
+    assert!(text.contains("# node_id = \"<hostname>-<pid>\""), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("node_id = ")), "{text}");
+    let (_, text, _) = print(&["--node-id", "n7"], &[]);
+    assert!(text.contains("node_id = \"n7\""), "{text}");
+    let (code, _, err) = print(&[], &[("RINGGATE_ECHO_ROUTE", "maybe")]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("environment variable RINGGATE_ECHO_ROUTE") && err.contains("echo_route"),
+        "{err}"
+    );
+    // `token` reads its secret from a config file too.
+    let dir = std::env::temp_dir().join(format!("ringgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ringgate.toml");
+    std::fs::write(&file, format!("jwt_secret = \"{SECRET}\"\n")).unwrap();
+    let out = run_ringgate(
+        &["token", "--user", "zoe", "--config", file.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
