@@ -917,3 +917,41 @@ fn a_silent_redis_opens_the_breaker_and_a_probe_closes_it() {
     let (_bob, replay) = connect_replay(&gw, "/ws?user=bob");
     assert_eq!(cids(&replay), vec!["before0", "after"], "{replay:#?}");
 }
+
+/// An idle shard with Redis ticks seldom (issue 19: idle costs nothing) but never so seldom
+/// that its node lease or its message id slot lapses: with a short lease, after several lease
+/// periods with no client, both shards still hold their slots, nothing was logged as not
+/// renewed, and a send is accepted at once.
+#[test]
+fn an_idle_node_keeps_its_lease_and_id_slots() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &["--node-lease-ms", "1500"]);
+    assert!(eventually(Duration::from_secs(10), || gw
+        .metric_sum("ringgate_message_id_slot_held")
+        == SHARDS as u64));
+    // The lease key (TTL = the lease) never lapses while the node idles: look every 50 ms.
+    let idle_until = std::time::Instant::now() + Duration::from_millis(3 * 1500);
+    let mut looks = 0;
+    while std::time::Instant::now() < idle_until {
+        let leases = redis.cli(&["keys", "rg:node:*"]);
+        assert!(
+            !leases.trim().is_empty(),
+            "the node's lease lapsed after {looks} looks"
+        );
+        looks += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        gw.metric_sum("ringgate_message_id_slot_held"),
+        SHARDS as u64
+    );
+    let late: Vec<String> = gw
+        .stderr
+        .try_iter()
+        .filter(|l| l.contains("not renewed"))
+        .collect();
+    assert!(late.is_empty(), "{late:?}");
+    let (mut a, _) = connect_app(&gw, "idle-a");
+    send(&mut a, "idle-b", "c1", json!("after idle"));
+    assert_eq!(next_op(&mut a, "accepted")["cid"], "c1");
+}

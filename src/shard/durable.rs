@@ -358,6 +358,25 @@ impl Shard {
     }
 
     /// Periodic Redis-mode work: probe while down, wanted reloads, failed loads.
+    /// Nothing of the store waits on this shard's tick: Redis up, no user's inbox mirrored or
+    /// loading, no write unanswered, in doubt or being revoked, nothing to reload. The
+    /// periodic lease and id-slot renewals are then all the tick has to do.
+    pub(super) fn store_quiet(&self) -> bool {
+        let Some(d) = &self.durable else {
+            return true;
+        };
+        d.up && d.mirrors.is_empty()
+            && d.tails.is_empty()
+            && d.writing.is_empty()
+            && d.reload_wanted.is_empty()
+            && d.missing.is_empty()
+            && d.doubts.is_empty()
+            && d.revoking.is_empty()
+            && d.unanswered.is_empty()
+            && d.waiting.is_empty()
+            && self.metrics.id_slot_held.get() == 1
+    }
+
     pub(super) fn durable_tick(&mut self, now: u64) {
         let Some(d) = &mut self.durable else {
             return;

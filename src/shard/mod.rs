@@ -1094,14 +1094,20 @@ impl Shard {
             || self.drain_started.is_some()
             || self.shared.draining.load(Ordering::Relaxed)
             || !self.unsent.is_empty()
-            || self.durable.is_some()
+            || !self.store_quiet()
             || !self.presence_views.is_empty()
             || !self.api_waiters.is_empty()
             || !self.send_waiters.is_empty()
             || !self.presence_asks.is_empty()
             || !self.unparked.is_empty();
         let tick = self.shared.cfg.tick_ms;
-        let next = if busy { tick } else { IDLE_TICK_MS.max(tick) };
+        // With Redis the node lease and the id slot are renewed every lease/3: an idle tick
+        // stays well inside that (a test's short lease included).
+        let idle = match self.durable {
+            Some(_) => IDLE_TICK_MS.min(self.shared.cfg.node_lease_ms / 6),
+            None => IDLE_TICK_MS,
+        };
+        let next = if busy { tick } else { idle.max(tick) };
         self.planned_extra_ms = next - tick;
         if let Some(set) = &self.park {
             set.expect_quiet(self.planned_extra_ms);
