@@ -491,52 +491,7 @@ fn jwks_down_at_start_fails_start_naming_jwks_url() {
 
 /// A CA, and a certificate for 127.0.0.1 signed by it, in `dir`.
 fn make_certs(dir: &Dir) {
-    let p = |f: &str| dir.path(f);
-    run(Command::new("openssl").args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ringgate jwks test CA",
-        "-keyout",
-        &p("ca.key"),
-        "-out",
-        &p("ca.pem"),
-    ]));
-    run(Command::new("openssl").args([
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        &p("server.key"),
-        "-out",
-        &p("server.csr"),
-    ]));
-    std::fs::write(dir.0.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(Command::new("openssl").args([
-        "x509",
-        "-req",
-        "-in",
-        &p("server.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        &p("san.ext"),
-        "-out",
-        &p("server.pem"),
-    ]));
+    common::certs::make_certs(&dir.0);
 }
 
 fn server_tls(dir: &Dir) -> Arc<rustls::ServerConfig> {

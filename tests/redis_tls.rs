@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,70 +31,6 @@ impl Drop for TlsRedis {
     }
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run {cmd:?}: {e}. These tests need openssl: `sudo apt-get install openssl` \
-             (tests/run.sh installs it by itself)"
-        )
-    });
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, and a certificate for 127.0.0.1 signed by it, in `dir`.
-fn make_certs(dir: &Path) {
-    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    run(Command::new("openssl").args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ringgate test CA",
-        "-keyout",
-        &p("ca.key"),
-        "-out",
-        &p("ca.pem"),
-    ]));
-    run(Command::new("openssl").args([
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        &p("server.key"),
-        "-out",
-        &p("server.csr"),
-    ]));
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(Command::new("openssl").args([
-        "x509",
-        "-req",
-        "-in",
-        &p("server.csr"),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        &p("san.ext"),
-        "-out",
-        &p("server.pem"),
-    ]));
-}
-
 fn start_tls_redis() -> TlsRedis {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -104,7 +40,7 @@ fn start_tls_redis() -> TlsRedis {
     let dir = std::env::temp_dir().join(format!("ringgate-tls-{}-{port}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    make_certs(&dir);
+    common::certs::make_certs(&dir);
     let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
     let child = Command::new("redis-server")
         .args([

@@ -10,26 +10,15 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::certs::{make_ca, make_cert};
 use common::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 type TlsWs = tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?}: {e}. This test needs openssl: `sudo apt-get install openssl` (tests/run.sh installs it)")
-    });
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A fresh directory per test (the tests of this file run in parallel in one process).
 fn temp_dir(test: &str) -> PathBuf {
@@ -37,65 +26,6 @@ fn temp_dir(test: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A CA in `dir` (ca.pem, ca.key), once.
-fn make_ca(dir: &Path) {
-    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    run(Command::new("openssl").args([
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ringgate test CA",
-        "-keyout",
-        &p("ca.key"),
-        "-out",
-        &p("ca.pem"),
-    ]));
-}
-
-/// A certificate for 127.0.0.1 named `cn`, signed by the CA: `<name>.pem`, `<name>.key`.
-fn make_cert(dir: &Path, name: &str, cn: &str) {
-    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
-    run(Command::new("openssl").args([
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-subj",
-        &format!("/CN={cn}"),
-        "-keyout",
-        &p(&format!("{name}.key")),
-        "-out",
-        &p(&format!("{name}.csr")),
-    ]));
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(Command::new("openssl").args([
-        "x509",
-        "-req",
-        "-in",
-        &p(&format!("{name}.csr")),
-        "-CA",
-        &p("ca.pem"),
-        "-CAkey",
-        &p("ca.key"),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        &p("san.ext"),
-        "-out",
-        &p(&format!("{name}.pem")),
-    ]));
 }
 
 fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {

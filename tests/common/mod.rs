@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 pub mod browser;
+pub mod certs;
 pub mod redis;
 
 pub const SECRET: &str = "integration-test-secret-0123";
@@ -195,7 +196,8 @@ pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 /// Send a raw request head, read until the server closes; returns (status, whole response).
-fn exchange(addr: SocketAddr, head: &str) -> (u16, String) {
+/// Send `head` raw; the status and the whole answer (head and body) as text.
+pub fn exchange(addr: SocketAddr, head: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(head.as_bytes()).unwrap();
