@@ -259,6 +259,33 @@ pub fn mint(secret: &str, user: &str, rooms: Option<Vec<String>>, ttl_s: u64) ->
     .expect("HS256 encoding cannot fail")
 }
 
+/// As [`mint`], with the `aud` and `iss` a gateway with `jwt_audience` / `jwt_issuer` wants.
+pub fn mint_for(
+    secret: &str,
+    user: &str,
+    rooms: Option<Vec<String>>,
+    ttl_s: u64,
+    audience: Option<&str>,
+    issuer: Option<&str>,
+) -> String {
+    let mut claims = serde_json::json!({"sub": user, "exp": now_unix() + ttl_s});
+    if let Some(rooms) = rooms {
+        claims["rooms"] = rooms.into();
+    }
+    if let Some(aud) = audience {
+        claims["aud"] = aud.into();
+    }
+    if let Some(iss) = issuer {
+        claims["iss"] = iss.into();
+    }
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 encoding cannot fail")
+}
+
 /// Parse a TTL such as `3600`, `90s`, `30m`, `1h`, `7d` into seconds.
 pub fn parse_ttl(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -327,6 +354,9 @@ mod tests {
         let strict =
             Authenticator::new(Some(SECRET)).with_claims(Some("chat"), Some("https://idp"));
         assert!(strict.authenticate(Some(&full), None).is_ok());
+        // What `ringgate token --jwt-audience chat --jwt-issuer https://idp` mints passes.
+        let minted = mint_for(SECRET, "a", None, 60, Some("chat"), Some("https://idp"));
+        assert!(strict.authenticate(Some(&minted), None).is_ok());
         for t in [&bare, &other, &wrong_aud, &wrong_iss] {
             let err = strict.authenticate(Some(t), None).unwrap_err();
             assert!(matches!(err, AuthError::Invalid(_)), "{err:?}");

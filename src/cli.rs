@@ -41,9 +41,15 @@ pub enum Cmd {
         /// HS256 secret to sign with [default: jwt_secret of --config]
         #[arg(long, env = "RINGGATE_JWT_SECRET")]
         jwt_secret: Option<String>,
-        /// TOML config file to read jwt_secret from
+        /// TOML config file to read jwt_secret (and jwt_audience, jwt_issuer) from
         #[arg(long, env = "RINGGATE_CONFIG")]
         config: Option<PathBuf>,
+        /// `aud` claim [default: jwt_audience of --config, else none]
+        #[arg(long, env = "RINGGATE_JWT_AUDIENCE")]
+        jwt_audience: Option<String>,
+        /// `iss` claim [default: jwt_issuer of --config, else none]
+        #[arg(long, env = "RINGGATE_JWT_ISSUER")]
+        jwt_issuer: Option<String>,
         /// User id (`sub` claim)
         #[arg(long)]
         user: String,
@@ -163,11 +169,18 @@ pub fn run(cli: Cli) -> i32 {
         Cmd::Token {
             jwt_secret,
             config,
+            jwt_audience,
+            jwt_issuer,
             user,
             rooms,
             ttl,
-        } => one_key(jwt_secret, config.as_deref(), |f| f.jwt_secret)
-            .and_then(|secret| token(secret, &user, rooms, &ttl)),
+        } => (|| {
+            let path = config.as_deref();
+            let secret = one_key(jwt_secret, path, |f| f.jwt_secret)?;
+            let aud = one_key(jwt_audience, path, |f| f.jwt_audience)?;
+            let iss = one_key(jwt_issuer, path, |f| f.jwt_issuer)?;
+            token(secret, &user, rooms, &ttl, (aud.as_deref(), iss.as_deref()))
+        })(),
         Cmd::Stats {
             interval_ms,
             count,
@@ -251,6 +264,7 @@ fn token(
     user: &str,
     rooms: Option<Vec<String>>,
     ttl: &str,
+    (audience, issuer): (Option<&str>, Option<&str>),
 ) -> Result<(), String> {
     let secret = secret.filter(|s| !s.is_empty()).ok_or(
         "token: no jwt_secret configured (use --jwt-secret, RINGGATE_JWT_SECRET or jwt_secret in the config file)",
@@ -259,6 +273,9 @@ fn token(
         "token: --user must be 1 to 128 characters without control characters".to_string()
     })?;
     let ttl_s = auth::parse_ttl(ttl).map_err(|e| format!("token: --ttl: {e}"))?;
-    println!("{}", auth::mint(&secret, user, rooms, ttl_s));
+    println!(
+        "{}",
+        auth::mint_for(&secret, user, rooms, ttl_s, audience, issuer)
+    );
     Ok(())
 }

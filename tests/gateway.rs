@@ -905,5 +905,24 @@ fn the_command_line_says_what_it_means() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // ... and the `aud` a gateway with `jwt_audience` wants, from the same file.
+    std::fs::write(
+        &file,
+        format!("jwt_secret = \"{SECRET}\"\njwt_audience = \"chat\"\n"),
+    )
+    .unwrap();
+    let gw = Gateway::start(&["--config", file.to_str().unwrap()]);
+    let out = run_ringgate(
+        &["token", "--user", "zoe", "--config", file.to_str().unwrap()],
+        &[],
+    );
+    let with_aud = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut ws = connect(&gw, &format!("/ws?token={with_aud}"));
+    assert_eq!(recv_json(&mut ws)["user"], "zoe");
+    let without = token("zoe", "1h");
+    assert_eq!(
+        upgrade_status(gw.public, &format!("/ws?token={without}"), &[]).0,
+        401
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
