@@ -731,10 +731,10 @@ impl Shard {
     /// Park the connection whose task holds socket `fd`: on success the task ends (dropping
     /// its glommio stream) and a duplicate of the socket waits in the park set.
     pub fn park(&mut self, index: usize, fd: RawFd) -> bool {
-        let may_park = self.may_park(index);
         let entry = &mut self.conns[index];
         entry.park_requested = false;
-        if !may_park || !entry.conn.parkable(self.clock.now_ms(), 0) {
+        // (A TLS connection is refused by `watch_parked`, the one way into the park set.)
+        if !entry.conn.parkable(self.clock.now_ms(), 0) {
             return false;
         }
         self.watch_parked(index, fd)
@@ -1031,13 +1031,14 @@ impl Shard {
             let entry = &mut self.conns[index];
             entry.conn.on_timer(now, &ctx);
             self.poll_window(index, now);
+            let may_park = self.may_park(index);
             let entry = &mut self.conns[index];
             let park_idle = self.shared.cfg.park_idle_ms;
             if self.park.is_some()
                 && self.drain_started.is_none()
                 && entry.parked.is_none()
                 && entry.conn.parkable(now, park_idle)
-                && (self.tls_sessions.is_empty() || !self.tls_sessions.contains_key(&index))
+                && may_park
             {
                 entry.park_requested = true;
             }
