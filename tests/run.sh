@@ -44,6 +44,17 @@ need_apt prometheus prometheus
 need_apt systemd-analyze systemd
 need_apt prlimit util-linux
 
+# A clean CI build is not helped by incremental caches (they doubled the target folder).
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+# The build needs ~2 GiB and the tests write logs and Redis data: fail loudly, not with a
+# linker crash, when the disk is nearly full.
+free_kib=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ "${free_kib:-0}" -lt 4194304 ]; then
+  echo "FATAL: only $((free_kib / 1024)) MiB free under $PWD; the build and tests need 4 GiB" \
+    "(free space, e.g. 'cargo clean' in other checkouts)" >&2
+  exit 1
+fi
+
 say "format check"
 cargo fmt --all -- --check
 
