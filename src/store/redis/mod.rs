@@ -457,7 +457,7 @@ pub struct RedisSettings {
 }
 
 /// The store's end of a link that no Redis thread serves: a simulation answers the shard's
-/// operations itself (`sim.rs`).
+/// operations itself (`src/sim/`).
 #[cfg(test)]
 pub struct StoreEnd {
     pub ops: Receiver<StoreOp>,
