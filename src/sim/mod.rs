@@ -18,10 +18,15 @@
 //! write lands later (fred sending it after a reconnect, Redis still working), one whose
 //! write never lands, one that ran but whose answer was lost, Redis down for a while, answers
 //! held back and pushes interleaved with them, recipient devices that drop at any point,
-//! acks lost. Senders resend every cid they have no `accepted` for, in cid order. A user of
+//! acks lost, mesh channels of 1 to 16 messages (full ones happen in most runs: a send
+//! refused for now, a report kept for the next tick). Senders resend every cid they have no
+//! `accepted` for, in cid order. A user of
 //! another node (`f0`) writes into the same inboxes through the store, in Redis order with
 //! this shard's writes (its entries reach the shard as pushes and loads only).
 //!
+//! Checked at every step: `accepted` only once the message is safe (SPEC section 4: a
+//! dedup record under that id in the store, or acked by a device of the recipient); the
+//! `seq` of each device connection counts 1, 2, 3... without a gap (a retransmit repeats one).
 //! Checked at the end of a run, once faults stop and everything settled: every message of
 //! every sender accepted, shown exactly once to its recipient, with the id its sender was
 //! told; per sender and recipient, shown in the order of `accepted`; nothing shown that was
@@ -161,8 +166,15 @@ pub(crate) enum Plant {
     None,
     /// The store without the order fix: no watermark, revokes ignored (issue 15's hole).
     NoFence,
-    /// The store answers every 50th append as stored without keeping it (a lost message).
+    /// The store answers every 50th append as stored without keeping it (a lost message,
+    /// `accepted` before it was safe).
     DropWrite,
+    /// The store's every 50th remove (after an ack) also removes the entry after it: a
+    /// message stored, so accepted safely, and lost afterwards.
+    RemoveNext,
+    /// The glue loses every 200th `msg` frame on its way to a device (the next one's seq
+    /// skips a number).
+    LoseFrame,
     /// The store keeps every 50th entry under another id than the one its sender was told.
     WrongId,
     /// The shard shows entries after one it could not place (behind live entries, or held
@@ -196,6 +208,7 @@ struct Model {
     wall0: u64,
     last_id: (u64, u64),
     appends: u64,
+    removes: u64,
 }
 
 impl Model {
@@ -367,10 +380,15 @@ impl Model {
                 }
             }
             StoreOp::Remove { user, seq, report } => {
-                let ok = self
-                    .inbox
-                    .get_mut(user.as_str())
-                    .is_some_and(|i| i.remove(&seq).is_some());
+                let inbox = self.inbox.entry(user.to_string()).or_default();
+                let ok = inbox.remove(&seq).is_some();
+                self.removes += 1;
+                if self.plant == Plant::RemoveNext && self.removes.is_multiple_of(50) {
+                    let next = inbox.range(seq..).next().map(|(k, _)| *k);
+                    if let Some(next) = next {
+                        inbox.remove(&next);
+                    }
+                }
                 StoreReply::Removed { ok, report }
             }
             StoreOp::Load { user, token, limit } => {
@@ -442,6 +460,24 @@ struct Device {
     shard: usize,
     index: usize,
     pipe: Pipe,
+    /// The highest `seq` this connection was sent (seqs count 1, 2, 3... per connection;
+    /// a retransmit repeats one).
+    last_seq: u64,
+    /// Messages this connection was sent and has not acked yet: seq -> (sender, cid).
+    unacked: BTreeMap<u64, (usize, usize)>,
+}
+
+impl Device {
+    fn new(user: usize, shard: usize, index: usize, pipe: Pipe) -> Device {
+        Device {
+            user,
+            shard,
+            index,
+            pipe,
+            last_seq: 0,
+            unacked: BTreeMap::new(),
+        }
+    }
 }
 
 /// Counts printed with a run's seed.
@@ -460,6 +496,8 @@ pub(crate) struct Counts {
     pub checks: u64,
     /// Messages the shards took from the mesh (deliveries and reports across shards).
     pub mesh_msgs: u64,
+    /// Times a shard found another's channel full.
+    pub mesh_full: u64,
 }
 
 pub(crate) struct Sim {
@@ -467,6 +505,8 @@ pub(crate) struct Sim {
     clock: Rc<ManualClock>,
     /// The node's shards, connected by the mesh.
     shards: Vec<Shard>,
+    /// Their counters (read for the counts: how often a mesh channel was full).
+    metrics: Vec<Arc<ShardMetrics>>,
     /// Each shard's store link (its own pipeline to the one Redis).
     stores: Vec<StoreEnd>,
     model: Model,
@@ -484,6 +524,10 @@ pub(crate) struct Sim {
     recipients: Vec<String>,
     devices: Vec<Device>,
     conv: BTreeMap<(usize, usize), Conversation>,
+    /// (sender, recipient, cid) a device of the recipient acked: safe without the store.
+    acked: BTreeSet<(usize, usize, usize)>,
+    /// `msg` frames the devices read (the `LoseFrame` plant counts them).
+    msg_frames: u64,
     per_pair: usize,
     pub(crate) counts: Counts,
 }
@@ -532,16 +576,17 @@ impl Sim {
         };
         let cfg = layer.resolve().unwrap();
         let shared = Shared::new(cfg);
-        let (ends, _client) = crate::mesh::build(shards).expect("the mesh");
+        // Channels of 1 to 16 messages: a full channel (a send refused for now, a report
+        // kept for the next tick) happens in most runs.
+        let capacity = 1 + rng.below(16) as usize;
+        let (ends, _client) = crate::mesh::build_with_capacity(shards, capacity).expect("the mesh");
         let mut all = Vec::new();
         let mut stores = Vec::new();
+        let mut metrics = Vec::new();
         for (id, (mesh, _bell)) in ends.into_iter().enumerate() {
-            let mut shard = Shard::new(
-                id,
-                shared.clone(),
-                Arc::new(ShardMetrics::default()),
-                Box::new(clock.clone()),
-            );
+            let shard_metrics = Arc::new(ShardMetrics::default());
+            metrics.push(shard_metrics.clone());
+            let mut shard = Shard::new(id, shared.clone(), shard_metrics, Box::new(clock.clone()));
             shard.enable_mesh(mesh);
             let (link, store) = StoreLink::simulated();
             shard.enable_store(link);
@@ -553,6 +598,7 @@ impl Sim {
             rng,
             clock,
             shards: all,
+            metrics,
             stores,
             model: Model {
                 plant,
@@ -563,6 +609,7 @@ impl Sim {
                 wall0: ManualClock::WALL_ORIGIN_MS,
                 last_id: (0, 0),
                 appends: 0,
+                removes: 0,
             },
             down_until: 0,
             late: Vec::new(),
@@ -575,6 +622,8 @@ impl Sim {
             recipients: (0..RECIPIENTS).map(|r| format!("r{r}")).collect(),
             devices: Vec::new(),
             conv: BTreeMap::new(),
+            acked: BTreeSet::new(),
+            msg_frames: 0,
             per_pair,
             counts: Counts::default(),
         };
@@ -810,12 +859,7 @@ impl Sim {
                 let shard = crate::mesh::home_shard(name, self.shards.len());
                 if let Some(index) = self.shards[shard].admit(0) {
                     let pipe = Pipe::connect(name);
-                    self.devices.push(Device {
-                        user,
-                        shard,
-                        index,
-                        pipe,
-                    });
+                    self.devices.push(Device::new(user, shard, index, pipe));
                 }
             }
         }
@@ -1018,6 +1062,21 @@ impl Sim {
                         .as_str()
                         .and_then(|i| i.parse().ok())
                         .ok_or(format!("no id in {v}"))?;
+                    // SPEC section 4: safe = acked by a device of the recipient, or in the
+                    // store (a dedup record under this id; removed entries keep theirs).
+                    self.counts.checks += 1;
+                    let key = (
+                        self.recipients[r].clone(),
+                        self.senders[s].name.clone(),
+                        v["cid"].to_string(),
+                    );
+                    let stored = self.model.records.get(&key).is_some_and(|rec| rec.id == id);
+                    if !stored && !self.acked.contains(&(s, r, cid)) {
+                        return Err(format!(
+                            "s{s}->r{r}: cid {cid} accepted as id {id} before it was safe \
+                             (not in the store, not acked by a device)"
+                        ));
+                    }
                     c.accepted.push((cid, id));
                 } else {
                     if c.shown.iter().any(|(shown, _)| *shown == cid)
@@ -1038,7 +1097,21 @@ impl Sim {
                 if v["op"] != "msg" {
                     continue;
                 }
+                self.msg_frames += 1;
+                if self.model.plant == Plant::LoseFrame && self.msg_frames.is_multiple_of(200) {
+                    continue;
+                }
                 let user = self.devices[i].user;
+                let seq = v["seq"].as_u64().ok_or(format!("no seq in {v}"))?;
+                let last_seq = self.devices[i].last_seq;
+                self.counts.checks += 1;
+                if seq > last_seq + 1 || seq == 0 {
+                    return Err(format!(
+                        "a device of r{user} was sent seq {seq} after seq {last_seq}: \
+                         the seq of a connection has a gap"
+                    ));
+                }
+                self.devices[i].last_seq = last_seq.max(seq);
                 let from = v["from"].as_str().unwrap_or_default();
                 let s: usize = match from {
                     "f0" => FOREIGN,
@@ -1068,14 +1141,18 @@ impl Sim {
                     c.shown.push((cid, id));
                     self.counts.shown += 1;
                 }
+                let d = &mut self.devices[i];
+                d.unacked.insert(seq, (s, cid));
                 if faults && self.rng.below(100) < 10 {
                     self.counts.acks_lost += 1;
                     continue;
                 }
-                let seq = v["seq"].as_u64().ok_or(format!("no seq in {v}"))?;
-                self.devices[i]
-                    .pipe
-                    .send(&format!(r#"{{"op":"ack","seq":{seq}}}"#));
+                d.pipe.send(&format!(r#"{{"op":"ack","seq":{seq}}}"#));
+                // Acks are cumulative: everything up to `seq` is the device's now.
+                let later = d.unacked.split_off(&(seq + 1));
+                for (s, cid) in std::mem::replace(&mut d.unacked, later).into_values() {
+                    self.acked.insert((s, user, cid));
+                }
             }
         }
         Ok(())
@@ -1259,6 +1336,7 @@ pub(crate) fn sweep(count: u64, steps: u64, plant: Plant) -> Result<Counts, (u64
         total.checks += c.checks;
         total.shown_then_refused += c.shown_then_refused;
         total.mesh_msgs += c.mesh_msgs;
+        total.mesh_full += sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
     }
     Ok(total)
 }
@@ -1318,8 +1396,18 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_write_is_found() {
-        finds(Plant::DropWrite, "lost");
+    fn a_write_answered_stored_but_not_kept_is_found_when_accepted() {
+        finds(Plant::DropWrite, "before it was safe");
+    }
+
+    #[test]
+    fn a_message_lost_after_it_was_stored_is_found() {
+        finds(Plant::RemoveNext, "lost");
+    }
+
+    #[test]
+    fn a_frame_lost_by_the_glue_is_found_by_its_seq() {
+        finds(Plant::LoseFrame, "gap");
     }
 
     #[test]
@@ -1382,12 +1470,8 @@ impl Sim {
         };
         sim.shard().on_store_reply(granted, now);
         let index = sim.shard().admit(0).unwrap();
-        sim.devices.push(Device {
-            user: 0,
-            shard: 0,
-            index,
-            pipe: Pipe::connect("r0"),
-        });
+        sim.devices
+            .push(Device::new(0, 0, index, Pipe::connect("r0")));
         sim.poll_all();
         (sim, now)
     }
