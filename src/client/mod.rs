@@ -21,7 +21,7 @@
 //! }
 //! ```
 
-mod order;
+pub(crate) mod order;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::TcpStream;

@@ -27,7 +27,7 @@ struct Held {
 }
 
 #[derive(Default)]
-pub(super) struct AcceptedOrder {
+pub(crate) struct AcceptedOrder {
     hold_max: Duration,
     /// Per recipient: resent sends (by number) not answered yet.
     batches: BTreeMap<String, BTreeSet<u64>>,
@@ -35,7 +35,7 @@ pub(super) struct AcceptedOrder {
 }
 
 impl AcceptedOrder {
-    pub(super) fn new(hold_max: Duration) -> Self {
+    pub(crate) fn new(hold_max: Duration) -> Self {
         AcceptedOrder {
             hold_max,
             ..Default::default()
@@ -44,7 +44,7 @@ impl AcceptedOrder {
 
     /// Sends `resent` (number, recipient) went out again on a new connection. A batch left
     /// from an earlier connection is replaced: its unanswered sends are among these.
-    pub(super) fn resent(&mut self, resent: impl IntoIterator<Item = (u64, String)>) {
+    pub(crate) fn resent(&mut self, resent: impl IntoIterator<Item = (u64, String)>) {
         self.batches.clear();
         for (n, to) in resent {
             self.batches.entry(to).or_default().insert(n);
@@ -52,7 +52,7 @@ impl AcceptedOrder {
     }
 
     /// Send `n` to `to` was accepted with `event`: what to tell now.
-    pub(super) fn accepted(&mut self, n: u64, to: &str, event: Event, now: Instant) -> Vec<Event> {
+    pub(crate) fn accepted(&mut self, n: u64, to: &str, event: Event, now: Instant) -> Vec<Event> {
         if !self.batches.contains_key(to) {
             return vec![event];
         }
@@ -74,7 +74,7 @@ impl AcceptedOrder {
 
     /// Send `n` to `to` was refused for now: it was not stored, so it no longer holds the
     /// others back.
-    pub(super) fn refused(&mut self, n: u64, to: &str) -> Vec<Event> {
+    pub(crate) fn refused(&mut self, n: u64, to: &str) -> Vec<Event> {
         if self.batches.contains_key(to) {
             self.answered(n, to)
         } else {
@@ -83,7 +83,7 @@ impl AcceptedOrder {
     }
 
     /// A `delivered` for `cid`: told after its `accepted` if that is held, else now.
-    pub(super) fn delivered(&mut self, cid: &str, event: Event) -> Option<Event> {
+    pub(crate) fn delivered(&mut self, cid: &str, event: Event) -> Option<Event> {
         for held in self.held.values_mut() {
             let found = held.answers.iter_mut().find(
                 |(_, accepted, _)| matches!(accepted, Event::Accepted { cid: c, .. } if c == cid),
@@ -97,12 +97,12 @@ impl AcceptedOrder {
     }
 
     /// The earliest time a hold runs out, if any is held.
-    pub(super) fn next_release(&self) -> Option<Instant> {
+    pub(crate) fn next_release(&self) -> Option<Instant> {
         self.held.values().map(|h| h.release_at).min()
     }
 
     /// Release every hold that ran out by `now`, sorted (order is best effort from then on).
-    pub(super) fn expired(&mut self, now: Instant) -> Vec<Event> {
+    pub(crate) fn expired(&mut self, now: Instant) -> Vec<Event> {
         let due: Vec<String> = self
             .held
             .iter()

@@ -20,7 +20,8 @@
 //! held back and pushes interleaved with them, recipient devices that drop at any point,
 //! acks lost, mesh channels of 1 to 16 messages (full ones happen in most runs: a send
 //! refused for now, a report kept for the next tick). Senders resend every cid they have no
-//! `accepted` for, in cid order. A user of
+//! `accepted` for, in cid order, with the upgrade or (half the time) a few steps later, and
+//! tell their application `accepted` by the client libraries' rule (`client::order`). A user of
 //! another node (`f0`) writes into the same inboxes through the store, in Redis order with
 //! this shard's writes (its entries reach the shard as pushes and loads only).
 //!
@@ -49,6 +50,8 @@ use std::task::{Context, Poll, Waker};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 
+use crate::client::order::AcceptedOrder;
+use crate::client::Event;
 use crate::clock::{Clock, ManualClock};
 use crate::config::ConfigLayer;
 use crate::delivery::ids::IdGrant;
@@ -172,6 +175,10 @@ pub(crate) enum Plant {
     /// The store's every 50th remove (after an ack) also removes the entry after it: a
     /// message stored, so accepted safely, and lost afterwards.
     RemoveNext,
+    /// The senders' clients tell `accepted` answers as they come, without the client
+    /// libraries' order rule (`client::order`): after lost answers, the answers to resends
+    /// come in resend order, which can differ from store order.
+    NoClientOrder,
     /// The glue loses every 200th `msg` frame on its way to a device (the next one's seq
     /// skips a number).
     LoseFrame,
@@ -452,6 +459,15 @@ struct SenderConn {
     shard: usize,
     index: usize,
     pipe: Pipe,
+    /// Its resends are not written yet (they go out before any new send).
+    resends_due: bool,
+}
+
+/// What a simulated sender's client tells its application: `accepted` answers in the order
+/// of the client libraries' rule (`client::order`: after a reconnect, the answers to one
+/// recipient are held until every resend to it is answered, then told by id).
+struct SenderApp {
+    order: AcceptedOrder,
 }
 
 /// A recipient's device, on the recipient's home shard.
@@ -517,6 +533,10 @@ pub(crate) struct Sim {
     /// Per shard: answers and pushes on their way to it, in order.
     to_shard: Vec<VecDeque<StoreReply>>,
     senders: Vec<SenderConn>,
+    /// Per sender (one client instance for the whole run).
+    apps: Vec<SenderApp>,
+    /// Virtual time 0 as an `Instant` (the client's order rule takes `Instant`s).
+    origin: std::time::Instant,
     /// Sender connections dropped by their client, until their shard closed them.
     closing: Vec<SenderConn>,
     /// Sends written by all senders so far (orders each cid's last new attempt).
@@ -617,6 +637,8 @@ impl Sim {
                 .map(|_| VecDeque::from([StoreReply::Resync]))
                 .collect(),
             senders: Vec::new(),
+            apps: Vec::new(),
+            origin: std::time::Instant::now(),
             closing: Vec::new(),
             transmissions: 0,
             recipients: (0..RECIPIENTS).map(|r| format!("r{r}")).collect(),
@@ -637,6 +659,10 @@ impl Sim {
                 shard,
                 index,
                 pipe,
+                resends_due: false,
+            });
+            sim.apps.push(SenderApp {
+                order: AcceptedOrder::new(std::time::Duration::from_secs(10)),
             });
             for r in 0..RECIPIENTS {
                 sim.conv.insert((s, r), Conversation::default());
@@ -738,6 +764,9 @@ impl Sim {
 
     fn sender_acts(&mut self) {
         let s = self.rng.below(SENDERS as u64) as usize;
+        if self.senders[s].resends_due {
+            return self.sender_resends(s);
+        }
         let r = self.rng.below(RECIPIENTS as u64) as usize;
         let per_pair = self.per_pair;
         let c = self.conv.get_mut(&(s, r)).unwrap();
@@ -784,14 +813,21 @@ impl Sim {
             shard,
             index,
             pipe: Pipe::connect(&name),
+            resends_due: true,
         };
         let mut old = std::mem::replace(&mut self.senders[s], fresh);
         old.pipe.eof = true;
         self.closing.push(old);
-        self.sender_resends(s);
+        // Written with the upgrade (as `ringgate::client` does), or a few steps later, with
+        // answers and store replies served in between.
+        if self.chance(50) {
+            self.sender_resends(s);
+        }
     }
 
     fn sender_resends(&mut self, s: usize) {
+        self.senders[s].resends_due = false;
+        let mut resent = Vec::new();
         for r in 0..RECIPIENTS {
             let c = self.conv.get_mut(&(s, r)).unwrap();
             let mut cids: Vec<usize> = c.in_flight.iter().copied().collect();
@@ -809,8 +845,29 @@ impl Sim {
                 let cid = r * CID_SPACE + n;
                 let text = format!(r#"{{"op":"send","to":"{to}","cid":"{cid}","body":{n}}}"#);
                 self.senders[s].pipe.send(&text);
+                resent.push((cid as u64, to.clone()));
             }
         }
+        self.apps[s].order.resent(resent);
+    }
+
+    /// The virtual time as the client's order rule reads it.
+    fn instant(&self) -> std::time::Instant {
+        self.origin + std::time::Duration::from_millis(self.now())
+    }
+
+    /// Sender `s`'s client tells its application these `accepted` answers, in this order.
+    fn told(&mut self, s: usize, events: Vec<Event>) -> Result<(), String> {
+        for event in events {
+            let Event::Accepted { cid, id } = &event else {
+                return Err(format!("the order rule told {event:?}"));
+            };
+            let cid: usize = cid.parse().map_err(|_| format!("bad cid in {event:?}"))?;
+            let id: u64 = id.parse().map_err(|_| format!("bad id in {event:?}"))?;
+            let (r, n) = (cid / CID_SPACE, cid % CID_SPACE);
+            self.conv.get_mut(&(s, r)).unwrap().accepted.push((n, id));
+        }
+        Ok(())
     }
 
     /// `f0` on another node sends its next message to a recipient: when Redis is up, its
@@ -1058,7 +1115,7 @@ impl Sim {
                     return Err(format!("an answer for a cid not in flight: {v}"));
                 }
                 if op == "accepted" {
-                    let id = v["id"]
+                    let id: u64 = v["id"]
                         .as_str()
                         .and_then(|i| i.parse().ok())
                         .ok_or(format!("no id in {v}"))?;
@@ -1077,7 +1134,19 @@ impl Sim {
                              (not in the store, not acked by a device)"
                         ));
                     }
-                    c.accepted.push((cid, id));
+                    let to = self.recipients[r].clone();
+                    let event = Event::Accepted {
+                        cid: v["cid"].as_str().unwrap_or_default().to_string(),
+                        id: id.to_string(),
+                    };
+                    let full = (r * CID_SPACE + cid) as u64;
+                    let now = self.instant();
+                    let told = if self.model.plant == Plant::NoClientOrder {
+                        vec![event]
+                    } else {
+                        self.apps[s].order.accepted(full, &to, event, now)
+                    };
+                    self.told(s, told)?;
                 } else {
                     if c.shown.iter().any(|(shown, _)| *shown == cid)
                         && c.shown_then_refused.insert(cid)
@@ -1085,8 +1154,17 @@ impl Sim {
                         self.counts.shown_then_refused += 1;
                     }
                     c.refused.push(cid);
+                    // Not stored: it no longer holds the other answers back.
+                    let to = self.recipients[r].clone();
+                    let released = self.apps[s]
+                        .order
+                        .refused((r * CID_SPACE + cid) as u64, &to);
+                    self.told(s, released)?;
                 }
             }
+            let now = self.instant();
+            let released = self.apps[s].order.expired(now);
+            self.told(s, released)?;
         }
         Ok(())
     }
@@ -1403,6 +1481,11 @@ mod tests {
     #[test]
     fn a_message_lost_after_it_was_stored_is_found() {
         finds(Plant::RemoveNext, "lost");
+    }
+
+    #[test]
+    fn without_the_clients_order_rule_answers_to_resends_break_the_order() {
+        finds(Plant::NoClientOrder, "order");
     }
 
     #[test]
