@@ -52,6 +52,9 @@ pub struct SendRequest {
     pub to: compact_str::CompactString,
     pub cid: Box<str>,
     pub body: Box<str>,
+    /// `"resend": true`: the client sent this cid before (another attempt of it, on an
+    /// earlier connection or node, may be in the store already).
+    pub resend: bool,
 }
 
 /// Ops the server understands today.
@@ -153,6 +156,8 @@ struct Envelope<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow)]
     limit: Option<&'a RawValue>,
+    #[serde(borrow)]
+    resend: Option<&'a RawValue>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -259,10 +264,16 @@ fn parse_send(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, Fra
     let to = parse_id(env.to, "to", "user", cid)?;
     let checked = checked_cid(cid)?;
     let body = checked_body(env.body, cid)?;
+    let resend = match env.resend.map(RawValue::get) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(bad("`resend` must be true or false", cid)),
+    };
     Ok(ClientFrame::Send(SendRequest {
         to,
         cid: checked,
         body: body.into(),
+        resend,
     }))
 }
 
@@ -854,7 +865,17 @@ mod tests {
                 to: "bob".into(),
                 cid: "\"c-1\"".into(),
                 body: r#"{"text":"hi","n":[1,2]}"#.into(),
+                resend: false,
             })
+        );
+        let resent = parse(br#"{"op":"send","to":"bob","cid":"c","body":1,"resend":true}"#);
+        assert!(matches!(
+            resent,
+            Ok(ClientFrame::Send(SendRequest { resend: true, .. }))
+        ));
+        assert_eq!(
+            err(r#"{"op":"send","to":"bob","cid":"c","body":1,"resend":1}"#).code,
+            ErrorCode::BadRequest
         );
         assert!(matches!(
             parse(br#"{"op":"send","to":"bob","cid":42,"body":null}"#).unwrap(),

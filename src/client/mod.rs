@@ -8,9 +8,10 @@
 //! - a send refused for now (`error` `unavailable` or `rate_limited` with its cid) is resent
 //!   with the same cid after a backoff with jitter (it may then land after newer sends that
 //!   were accepted meanwhile: order is the order of acceptance);
-//! - after a reconnect, `accepted` answers to a recipient with resent sends are held until
-//!   every resend to it is answered and then told in id order, the order the recipient sees
-//!   (see [`order`]).
+//! - an `accepted` is told once no send to the same recipient that may have been stored
+//!   before it is still without an answer, in id order: the order the recipient sees, also
+//!   when answers were lost with a connection or a refused send had been stored by another
+//!   attempt (see [`order`]).
 //!
 //! ```no_run
 //! use ringgate::client::{Client, ClientConfig, Event};
@@ -353,6 +354,7 @@ impl Client {
             return;
         };
         let frame = json!({"op":"send","to":p.to,"cid":cid,"body":p.body}).to_string();
+        self.order.transmitted(n, &p.to);
         if let Some(ws) = self.ws.as_mut() {
             if ws.send(Message::text(frame)).is_err() {
                 self.ws = None; // resent after the reconnect
@@ -557,11 +559,9 @@ impl Client {
                 let code = s("code");
                 let refused_now = code == "unavailable" || code == "rate_limited";
                 if let Some(n) = self.own_cid(&s("cid")).filter(|_| refused_now) {
-                    if let Some(to) = self.unaccepted.get(&n).map(|p| p.to.clone()) {
+                    if self.unaccepted.contains_key(&n) {
                         let told = Duration::from_millis(v["retry_ms"].as_u64().unwrap_or(0));
                         self.refuse(n, told);
-                        let released = self.order.refused(n, &to);
-                        self.ready.extend(released);
                     }
                 }
                 Some(Event::Error {
@@ -620,12 +620,7 @@ impl Client {
                 for n in &pending {
                     self.transmit(*n);
                 }
-                self.order.resent(
-                    self.unaccepted
-                        .iter()
-                        .map(|(n, p)| (*n, p.to.clone()))
-                        .collect::<Vec<_>>(),
-                );
+
                 let reads: Vec<(String, u64)> = self
                     .reads_sent
                     .iter()

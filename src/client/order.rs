@@ -1,36 +1,55 @@
-//! The order in which a sender is told `accepted` after a reconnect.
+//! The order in which a sender is told `accepted`.
 //!
 //! The recipient sees one sender's messages in store order, and the ids in `accepted`
 //! increase in that order per (sender, recipient). Without faults the answers come in that
-//! order too. After a reconnect they may not: a resent cid that was stored before the drop is
-//! answered from the gateway's dedup window in the order the client resends it, which can
-//! differ from the order it was stored in. So after a reconnect the client remembers, per
-//! recipient, which resent cids are still unanswered (the batch) and holds every `accepted`
-//! to that recipient (resent or new) until each of them is answered (`accepted`, or refused:
-//! a refused send was not stored, and its later acceptance is a new store); then it tells
-//! the held ones sorted by id, each followed by the `delivered` that came for it meanwhile.
-//! A batch never fully answered is released after `hold_max`, sorted all the same. This is
-//! the JavaScript client's rule (clients/js/README.md, "Order of `accepted`").
+//! order too. With faults they may not: a send whose answer was lost (with a connection, or
+//! because this gateway refused its attempt while another attempt of it was stored: an
+//! earlier connection's, a dead node's write still in Redis's socket) is answered later, from
+//! the gateway's dedup window, under the id it was stored with, after newer sends were
+//! answered. A send without an answer may have been stored before another send only if it
+//! was first transmitted before that send's last transmission. So the client tells an
+//! `accepted` only when every send to the same recipient still without one was first
+//! transmitted after this one's last transmission, and tells what it held in id order (each
+//! followed by the `delivered` that came for it meanwhile). A hold ends after `hold_max` at
+//! the latest (sorted all the same; from then on order is best effort). The JavaScript
+//! client has the same rule (clients/js/README.md, "Order of `accepted`").
 //!
 //! Pure logic: time comes in as an argument, events go out as return values.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::Event;
 
+/// An answer held back: its id, when its send was last transmitted, the `accepted` event
+/// and the `delivered` events that came for it meanwhile.
+struct HeldAnswer {
+    id: u64,
+    last_tx: u64,
+    accepted: Event,
+    delivered: Vec<Event>,
+}
+
 /// Answers held for one recipient.
 struct Held {
     release_at: Instant,
-    /// (id, the `accepted` event, the `delivered` events that came for it meanwhile)
-    answers: Vec<(u64, Event, Vec<Event>)>,
+    answers: Vec<HeldAnswer>,
+}
+
+/// A send without `accepted`: when it was first and last transmitted.
+#[derive(Clone, Copy)]
+struct Unanswered {
+    first_tx: u64,
+    last_tx: u64,
 }
 
 #[derive(Default)]
 pub(crate) struct AcceptedOrder {
     hold_max: Duration,
-    /// Per recipient: resent sends (by number) not answered yet.
-    batches: BTreeMap<String, BTreeSet<u64>>,
+    /// Counts transmissions: what "before" means between sends.
+    transmissions: u64,
+    /// Per recipient: sends without `accepted`, by send number.
+    unanswered: BTreeMap<String, BTreeMap<u64, Unanswered>>,
     held: BTreeMap<String, Held>,
 }
 
@@ -42,20 +61,28 @@ impl AcceptedOrder {
         }
     }
 
-    /// Sends `resent` (number, recipient) went out again on a new connection. A batch left
-    /// from an earlier connection is replaced: its unanswered sends are among these.
-    pub(crate) fn resent(&mut self, resent: impl IntoIterator<Item = (u64, String)>) {
-        self.batches.clear();
-        for (n, to) in resent {
-            self.batches.entry(to).or_default().insert(n);
-        }
+    /// Send `n` to `to` was written to a connection (first time or again).
+    pub(crate) fn transmitted(&mut self, n: u64, to: &str) {
+        self.transmissions += 1;
+        let tx = self.transmissions;
+        self.unanswered
+            .entry(to.to_string())
+            .or_default()
+            .entry(n)
+            .or_insert(Unanswered {
+                first_tx: tx,
+                last_tx: tx,
+            })
+            .last_tx = tx;
     }
 
-    /// Send `n` to `to` was accepted with `event`: what to tell now.
+    /// Send `n` to `to` was accepted with `event`: what to tell now, in order.
     pub(crate) fn accepted(&mut self, n: u64, to: &str, event: Event, now: Instant) -> Vec<Event> {
-        if !self.batches.contains_key(to) {
-            return vec![event];
-        }
+        let last_tx = self
+            .unanswered
+            .get_mut(to)
+            .and_then(|sends| sends.remove(&n))
+            .map_or(0, |u| u.last_tx);
         let id = match &event {
             Event::Accepted { id, .. } => id.parse().unwrap_or(u64::MAX),
             _ => u64::MAX,
@@ -68,28 +95,24 @@ impl AcceptedOrder {
                 answers: Vec::new(),
             })
             .answers
-            .push((id, event, Vec::new()));
-        self.answered(n, to)
-    }
-
-    /// Send `n` to `to` was refused for now: it was not stored, so it no longer holds the
-    /// others back.
-    pub(crate) fn refused(&mut self, n: u64, to: &str) -> Vec<Event> {
-        if self.batches.contains_key(to) {
-            self.answered(n, to)
-        } else {
-            Vec::new()
-        }
+            .push(HeldAnswer {
+                id,
+                last_tx,
+                accepted: event,
+                delivered: Vec::new(),
+            });
+        self.release(to)
     }
 
     /// A `delivered` for `cid`: told after its `accepted` if that is held, else now.
     pub(crate) fn delivered(&mut self, cid: &str, event: Event) -> Option<Event> {
         for held in self.held.values_mut() {
-            let found = held.answers.iter_mut().find(
-                |(_, accepted, _)| matches!(accepted, Event::Accepted { cid: c, .. } if c == cid),
-            );
-            if let Some((_, _, delivered)) = found {
-                delivered.push(event);
+            let found = held
+                .answers
+                .iter_mut()
+                .find(|a| matches!(&a.accepted, Event::Accepted { cid: c, .. } if c == cid));
+            if let Some(answer) = found {
+                answer.delivered.push(event);
                 return None;
             }
         }
@@ -109,33 +132,48 @@ impl AcceptedOrder {
             .filter(|(_, h)| h.release_at <= now)
             .map(|(to, _)| to.clone())
             .collect();
-        due.iter().flat_map(|to| self.release(to)).collect()
-    }
-
-    fn answered(&mut self, n: u64, to: &str) -> Vec<Event> {
-        let Some(batch) = self.batches.get_mut(to) else {
-            return Vec::new();
-        };
-        batch.remove(&n);
-        if !batch.is_empty() {
-            return Vec::new();
-        }
-        self.release(to)
-    }
-
-    fn release(&mut self, to: &str) -> Vec<Event> {
-        self.batches.remove(to);
-        let Some(mut held) = self.held.remove(to) else {
-            return Vec::new();
-        };
-        held.answers.sort_by_key(|(id, _, _)| *id);
         let mut told = Vec::new();
-        for (_, accepted, delivered) in held.answers {
-            told.push(accepted);
-            told.extend(delivered);
+        for to in due {
+            if let Some(mut held) = self.held.remove(&to) {
+                held.answers.sort_by_key(|a| a.id);
+                told.extend(held.answers.into_iter().flat_map(tell));
+            }
         }
         told
     }
+
+    /// Tell the held answers to `to` in id order, as far as no unanswered send may have been
+    /// stored before the next one (first transmitted before that one's last transmission).
+    fn release(&mut self, to: &str) -> Vec<Event> {
+        let earliest_unanswered = self
+            .unanswered
+            .get(to)
+            .and_then(|sends| sends.values().map(|u| u.first_tx).min())
+            .unwrap_or(u64::MAX);
+        if self.unanswered.get(to).is_some_and(|s| s.is_empty()) {
+            self.unanswered.remove(to);
+        }
+        let Some(held) = self.held.get_mut(to) else {
+            return Vec::new();
+        };
+        held.answers.sort_by_key(|a| a.id);
+        let free = held
+            .answers
+            .iter()
+            .take_while(|a| a.last_tx < earliest_unanswered)
+            .count();
+        let told: Vec<Event> = held.answers.drain(..free).flat_map(tell).collect();
+        if held.answers.is_empty() {
+            self.held.remove(to);
+        }
+        told
+    }
+}
+
+fn tell(answer: HeldAnswer) -> Vec<Event> {
+    let mut told = vec![answer.accepted];
+    told.extend(answer.delivered);
+    told
 }
 
 #[cfg(test)]
@@ -168,44 +206,106 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn without_a_resend_batch_accepted_is_told_at_once() {
+    /// Sends transmitted in this order (a number may come again: a resend).
+    fn order_with(transmitted: &[(u64, &str)]) -> AcceptedOrder {
         let mut order = AcceptedOrder::new(Duration::from_secs(10));
+        for (n, to) in transmitted {
+            order.transmitted(*n, to);
+        }
+        order
+    }
+
+    #[test]
+    fn answers_in_send_order_are_told_at_once() {
+        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
         let now = Instant::now();
         assert_eq!(
             cids(&order.accepted(1, "bob", accepted("1", 9), now)),
             ["A1"]
         );
         assert_eq!(
-            cids(&order.accepted(2, "bob", accepted("2", 5), now)),
+            cids(&order.accepted(2, "bob", accepted("2", 10), now)),
             ["A2"]
         );
     }
 
     #[test]
-    fn resent_answers_out_of_store_order_are_told_in_id_order() {
-        // Sends 1 and 2 were stored before the drop as ids 20 and 10 (1's first write
-        // failed, was revoked, and stored again later); resent in cid order, answered so.
-        let mut order = AcceptedOrder::new(Duration::from_secs(10));
+    fn an_answer_waits_for_older_sends_then_all_are_told_by_id() {
+        // 1's answer is late; it was stored before 2 and 3.
+        let mut order = order_with(&[(1, "bob"), (2, "bob"), (3, "bob")]);
         let now = Instant::now();
-        order.resent([(1, "bob".into()), (2, "bob".into())]);
-        assert!(order.accepted(1, "bob", accepted("1", 20), now).is_empty());
-        // A new send to bob, accepted meanwhile, waits too: it was stored after both.
+        assert!(order.accepted(2, "bob", accepted("2", 20), now).is_empty());
         assert!(order.accepted(3, "bob", accepted("3", 30), now).is_empty());
-        let told = order.accepted(2, "bob", accepted("2", 10), now);
-        assert_eq!(cids(&told), ["A2", "A1", "A3"]);
-        // The batch is over: the next answer is told as it comes.
+        let told = order.accepted(1, "bob", accepted("1", 10), now);
+        assert_eq!(cids(&told), ["A1", "A2", "A3"]);
+    }
+
+    #[test]
+    fn answers_to_resends_in_resend_order_are_told_in_store_order() {
+        // 1 and 2 went out; 2 was stored (id 20), 1's attempt failed and its refusal was lost
+        // with the connection. After the reconnect both are resent; 1 is stored now (id 30)
+        // and answered first, 2 is answered from the dedup window.
+        let mut order = order_with(&[(1, "bob"), (2, "bob"), (1, "bob"), (2, "bob")]);
+        let now = Instant::now();
+        assert!(order.accepted(1, "bob", accepted("1", 30), now).is_empty());
         assert_eq!(
-            cids(&order.accepted(4, "bob", accepted("4", 40), now)),
-            ["A4"]
+            cids(&order.accepted(2, "bob", accepted("2", 20), now)),
+            ["A2", "A1"]
+        );
+    }
+
+    #[test]
+    fn a_refused_send_still_holds_newer_answers() {
+        // 1 was refused here (unavailable) while another attempt of it may have been stored
+        // (a dead node's write): 2's answer waits until 1 is accepted.
+        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
+        let now = Instant::now();
+        assert!(order.accepted(2, "bob", accepted("2", 8), now).is_empty());
+        order.transmitted(1, "bob");
+        assert_eq!(
+            cids(&order.accepted(1, "bob", accepted("1", 5), now)),
+            ["A1", "A2"]
+        );
+    }
+
+    #[test]
+    fn sends_first_transmitted_later_do_not_hold_an_answer() {
+        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
+        let now = Instant::now();
+        assert!(order.accepted(2, "bob", accepted("2", 8), now).is_empty());
+        order.transmitted(3, "bob");
+        // 1 answered: 1 and 2 are told; 3 went out after both and holds neither.
+        assert_eq!(
+            cids(&order.accepted(1, "bob", accepted("1", 5), now)),
+            ["A1", "A2"]
+        );
+        assert_eq!(
+            cids(&order.accepted(3, "bob", accepted("3", 9), now)),
+            ["A3"]
+        );
+    }
+
+    #[test]
+    fn held_answers_are_told_in_id_order_as_far_as_they_are_free() {
+        // 2 resent after 3 was first sent: 3, unanswered, may have been stored before 2's
+        // resend, so 2 waits for 3; 1 does not.
+        let mut order = order_with(&[(1, "bob"), (2, "bob"), (3, "bob"), (2, "bob")]);
+        let now = Instant::now();
+        assert!(order.accepted(2, "bob", accepted("2", 40), now).is_empty());
+        assert_eq!(
+            cids(&order.accepted(1, "bob", accepted("1", 10), now)),
+            ["A1"]
+        );
+        assert_eq!(
+            cids(&order.accepted(3, "bob", accepted("3", 30), now)),
+            ["A3", "A2"]
         );
     }
 
     #[test]
     fn other_recipients_are_not_held() {
-        let mut order = AcceptedOrder::new(Duration::from_secs(10));
+        let mut order = order_with(&[(1, "bob"), (2, "cat")]);
         let now = Instant::now();
-        order.resent([(1, "bob".into())]);
         assert_eq!(
             cids(&order.accepted(2, "cat", accepted("2", 5), now)),
             ["A2"]
@@ -218,35 +318,19 @@ mod tests {
 
     #[test]
     fn ids_compare_as_numbers() {
-        let mut order = AcceptedOrder::new(Duration::from_secs(10));
+        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
         let now = Instant::now();
-        order.resent([(1, "bob".into()), (2, "bob".into())]);
-        assert!(order.accepted(1, "bob", accepted("1", 100), now).is_empty());
+        assert!(order.accepted(2, "bob", accepted("2", 100), now).is_empty());
         assert_eq!(
-            cids(&order.accepted(2, "bob", accepted("2", 99), now)),
-            ["A2", "A1"]
-        );
-    }
-
-    #[test]
-    fn a_refused_resend_releases_the_batch() {
-        let mut order = AcceptedOrder::new(Duration::from_secs(10));
-        let now = Instant::now();
-        order.resent([(1, "bob".into()), (2, "bob".into())]);
-        assert!(order.accepted(2, "bob", accepted("2", 8), now).is_empty());
-        assert_eq!(cids(&order.refused(1, "bob")), ["A2"]);
-        // Its later acceptance is a new store: told as it comes.
-        assert_eq!(
-            cids(&order.accepted(1, "bob", accepted("1", 9), now)),
-            ["A1"]
+            cids(&order.accepted(1, "bob", accepted("1", 99), now)),
+            ["A1", "A2"]
         );
     }
 
     #[test]
     fn delivered_follows_its_held_accepted() {
-        let mut order = AcceptedOrder::new(Duration::from_secs(10));
+        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
         let now = Instant::now();
-        order.resent([(1, "bob".into()), (2, "bob".into())]);
         assert!(order.accepted(2, "bob", accepted("2", 8), now).is_empty());
         assert!(order.delivered("2", delivered("2", 8)).is_none());
         assert!(order.delivered("7", delivered("7", 3)).is_some());
@@ -255,10 +339,9 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_never_answered_is_released_sorted_after_hold_max() {
-        let mut order = AcceptedOrder::new(Duration::from_secs(10));
+    fn a_hold_is_released_sorted_after_hold_max() {
+        let mut order = order_with(&[(1, "bob"), (2, "bob"), (3, "bob")]);
         let start = Instant::now();
-        order.resent([(1, "bob".into()), (2, "bob".into()), (3, "bob".into())]);
         assert!(order
             .accepted(3, "bob", accepted("3", 30), start)
             .is_empty());
@@ -270,22 +353,10 @@ mod tests {
         let told = order.expired(start + Duration::from_secs(10));
         assert_eq!(cids(&told), ["A2", "A3"]);
         assert_eq!(order.next_release(), None);
-        // From then on answers are told as they come.
+        // 1 is told when it comes.
         assert_eq!(
             cids(&order.accepted(1, "bob", accepted("1", 10), start)),
             ["A1"]
         );
-    }
-
-    #[test]
-    fn a_new_connection_replaces_the_batch_and_keeps_what_is_held() {
-        let mut order = AcceptedOrder::new(Duration::from_secs(10));
-        let now = Instant::now();
-        order.resent([(1, "bob".into()), (2, "bob".into())]);
-        assert!(order.accepted(2, "bob", accepted("2", 12), now).is_empty());
-        // Dropped again: 1 is resent on the next connection.
-        order.resent([(1, "bob".into())]);
-        let told = order.accepted(1, "bob", accepted("1", 11), now);
-        assert_eq!(cids(&told), ["A1", "A2"]);
     }
 }

@@ -43,6 +43,9 @@ pub struct Message {
     pub received_us: u64,
     /// How the recipient's shard writes it to Redis (empty until then).
     pub write: StoreWrite,
+    /// The client marked it `resend`: another attempt of it (an earlier connection's, a dead
+    /// node's) may be in the store already, so it is never delivered live past the store.
+    pub resent: bool,
 }
 
 /// A message's write to the Redis store, as its recipient's shard numbers it (see "Order" in

@@ -135,7 +135,7 @@ impl Shard {
                         if self.is_resend(index, &req.cid)
                             || self.within_send_rate(index, Some(&req.cid), now)
                         {
-                            self.on_send(index, req.to, req.cid, req.body, now)
+                            self.on_send(index, req, now)
                         }
                     }
                     AppEvent::Ack { seq } => self.on_ack(index, seq, now),
@@ -310,19 +310,19 @@ impl Shard {
                 reply,
                 received_us: self.clock.now_us(),
                 write: Default::default(),
+                resent: false,
             };
             self.route(receipt, now, Some(index));
         }
     }
 
-    fn on_send(
-        &mut self,
-        index: usize,
-        to: CompactString,
-        cid: Box<str>,
-        body: Box<str>,
-        now: u64,
-    ) {
+    fn on_send(&mut self, index: usize, req: proto::SendRequest, now: u64) {
+        let proto::SendRequest {
+            to,
+            cid,
+            body,
+            resend,
+        } = req;
         let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
             return;
         };
@@ -335,6 +335,7 @@ impl Shard {
             reply,
             now,
             Some(index),
+            resend,
         ) {
             Submitted::AlreadyAccepted(id) => {
                 let mut out = Vec::with_capacity(64);
@@ -388,6 +389,7 @@ impl Shard {
             target,
             now,
             None,
+            false,
         ) {
             if let Some(waiter) = self.api_waiters.remove(&cid) {
                 let _ = waiter.send(ApiOutcome::Accepted { id });
@@ -407,6 +409,7 @@ impl Shard {
         reply: ReplyTo,
         now: u64,
         current: Option<usize>,
+        resent: bool,
     ) -> Submitted {
         self.metrics.sends.inc();
         let dedup = self
@@ -442,6 +445,7 @@ impl Shard {
             reply,
             received_us: self.clock.now_us(),
             write: Default::default(),
+            resent,
         };
         if id.is_none() {
             self.on_report(msg.refused(SendRefusal::Busy(NO_ID_SLOT)));

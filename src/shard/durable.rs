@@ -74,6 +74,23 @@ use crate::store::{InboxSeq, StoreError, StoredMessage};
 const LOAD_RETRY_MS: u64 = 500;
 /// How often a shard that believes Redis is down checks whether it is back.
 const PROBE_MS: u64 = 500;
+/// A write of this shard reported as failed that may have landed: revoked before the pair's
+/// next write. Its id tells its entry from another attempt's of the same cid (an earlier
+/// run's or another node's), which this shard cannot revoke and must not hide.
+#[derive(Debug, Clone)]
+struct Doubt {
+    cid: Box<str>,
+    attempt: u64,
+    id: u64,
+}
+
+impl Doubt {
+    /// As a revoke names it.
+    fn write(&self) -> (Box<str>, u64) {
+        (self.cid.clone(), self.attempt)
+    }
+}
+
 /// Failed writes kept in doubt per pair of users; beyond it, writes to the pair are refused
 /// unsent until a revoke clears them (memory stays bounded while Redis is away).
 const MAX_DOUBTS_PER_PAIR: usize = 1024;
@@ -131,7 +148,7 @@ pub struct Durable {
     /// The attempt number of this shard's next inbox write (see the module doc).
     next_attempt: u64,
     /// Writes reported as failed that may still land, per pair, as (cid, attempt).
-    doubts: HashMap<Pair, Vec<(Box<str>, u64)>>,
+    doubts: HashMap<Pair, Vec<Doubt>>,
     /// Pairs with a revoke on its way to Redis.
     revoking: HashSet<Pair>,
     /// This shard's appends not answered yet, by (recipient, sender, cid), with the id of the
@@ -485,6 +502,15 @@ impl Shard {
         if !live {
             return self.store_append(msg);
         }
+        if msg.resent {
+            // Another attempt of it may be in Redis (stored by an earlier connection's shard
+            // or a node that died): shown live under a new id, its sender would be told an
+            // id and a place other than the ones its recipient sees. It waits for Redis.
+            self.metrics.store_refused.inc();
+            return self.report(msg.refused(SendRefusal::Busy(
+                "the offline store is unavailable and this resent message may be in it already; resend later",
+            )));
+        }
         if tail_len >= self.shared.cfg.window as usize {
             self.metrics.store_refused.inc();
             return self.report(msg.refused(SendRefusal::Busy(
@@ -550,7 +576,7 @@ impl Shard {
         let op = StoreOp::Revoke {
             to: pair.0.clone(),
             from: pair.1.clone(),
-            writes: writes.clone(),
+            writes: writes.iter().map(Doubt::write).collect(),
         };
         if d.link.submit(op).is_ok() {
             d.revoking.insert(pair.clone());
@@ -567,7 +593,10 @@ impl Shard {
             return;
         };
         let pair: Pair = (msg.to.clone(), msg.from.clone());
-        let doubts = d.doubts.get(&pair).cloned().unwrap_or_default();
+        let doubts: Vec<(Box<str>, u64)> = d
+            .doubts
+            .get(&pair)
+            .map_or_else(Vec::new, |ds| ds.iter().map(Doubt::write).collect());
         if doubts.len() >= MAX_DOUBTS_PER_PAIR {
             self.metrics.store_refused.inc();
             return self.report(msg.refused(SendRefusal::Busy(
@@ -759,8 +788,11 @@ impl Shard {
                     self.metrics.store_writes_in_doubt.inc();
                     if let Some(d) = &mut self.durable {
                         let pair = (msg.to.clone(), msg.from.clone());
-                        let attempt = (msg.cid.clone(), msg.write.attempt);
-                        d.doubts.entry(pair).or_default().push(attempt);
+                        d.doubts.entry(pair).or_default().push(Doubt {
+                            cid: msg.cid.clone(),
+                            attempt: msg.write.attempt,
+                            id: msg.id,
+                        });
                     }
                 }
                 self.report(msg.refused(SendRefusal::Store(e)));
@@ -791,7 +823,7 @@ impl Shard {
         if let Some(doubts) = d.doubts.get_mut(&pair) {
             let before = doubts.len();
             let revoked: HashSet<&(Box<str>, u64)> = writes.iter().collect();
-            doubts.retain(|w| !revoked.contains(w));
+            doubts.retain(|w| !revoked.contains(&w.write()));
             let gone = (before - doubts.len()) as u64;
             self.metrics.store_writes_in_doubt.sub(gone);
             self.metrics.store_revoked.add(gone);
@@ -843,9 +875,12 @@ impl Shard {
             return Admit::Wait(Some(msg.id));
         }
         let pair = (written.0, written.1);
+        // By id: an entry of the same cid under another id is another attempt's (an earlier
+        // run's, a dead node's), which the revoke leaves; hidden, it would never be shown in
+        // its place (found by the simulation once nodes died, seed 13064056694810536062).
         if d.doubts
             .get(&pair)
-            .is_some_and(|ws| ws.iter().any(|(cid, _)| *cid == written.2))
+            .is_some_and(|ws| ws.iter().any(|w| w.cid == written.2 && w.id == msg.id))
         {
             return Admit::Never;
         }

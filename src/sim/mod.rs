@@ -179,6 +179,10 @@ pub(crate) enum Plant {
     /// libraries' order rule (`client::order`): after lost answers, the answers to resends
     /// come in resend order, which can differ from store order.
     NoClientOrder,
+    /// The senders' clients do not mark resends (`"resend":true`): a resend whose earlier
+    /// attempt a dead node stored is shown live while Redis is away, under a new id (with
+    /// `RINGGATE_SIM_NODE_DEATHS=1`: found by seed 11400714819323198485).
+    Unflagged,
     /// The glue loses every 200th `msg` frame on its way to a device (the next one's seq
     /// skips a number).
     LoseFrame,
@@ -320,6 +324,9 @@ impl Model {
                         .entry((shard, pair.0.clone(), pair.1.clone()))
                         .or_default();
                     if msg.write.attempt <= *wm {
+                        if trace() {
+                            eprintln!("  -> stale (watermark {wm})");
+                        }
                         return StoreReply::Appended {
                             msg,
                             result: Err(StoreError::Stale),
@@ -330,6 +337,9 @@ impl Model {
                 let key = (pair.0.clone(), pair.1.clone(), msg.cid.to_string());
                 if let Some(r) = self.records.get(&key) {
                     let id = r.id;
+                    if trace() {
+                        eprintln!("  -> duplicate of id {id}");
+                    }
                     return StoreReply::Appended {
                         msg,
                         result: Ok(Appended::Duplicate { id }),
@@ -337,6 +347,9 @@ impl Model {
                 }
                 self.appends += 1;
                 let seq = self.next_seq(now);
+                if trace() {
+                    eprintln!("  -> stored at {seq:?}");
+                }
                 let planted = self.appends.is_multiple_of(50);
                 if !(self.plant == Plant::DropWrite && planted) {
                     let mut entry = msg.stored();
@@ -514,6 +527,8 @@ pub(crate) struct Counts {
     pub mesh_msgs: u64,
     /// Times a shard found another's channel full.
     pub mesh_full: u64,
+    /// Times the node died (SIGKILL) and started again.
+    pub node_deaths: u64,
 }
 
 pub(crate) struct Sim {
@@ -523,13 +538,23 @@ pub(crate) struct Sim {
     shards: Vec<Shard>,
     /// Their counters (read for the counts: how often a mesh channel was full).
     metrics: Vec<Arc<ShardMetrics>>,
+    /// What a node boots with (again after it died).
+    cfg: crate::config::Config,
+    mesh_capacity: usize,
+    /// Whether the node may die (`RINGGATE_SIM_NODE_DEATHS=1`: open findings, see
+    /// `node_dies`).
+    node_deaths: bool,
+    /// The node's run: 0, then 1 after its first death... Each run's shards are other
+    /// writers to Redis (the script's writer is node run and shard).
+    run: usize,
     /// Each shard's store link (its own pipeline to the one Redis).
     stores: Vec<StoreEnd>,
     model: Model,
     /// Redis is down until this virtual time.
     down_until: u64,
-    /// Operations that timed out but land later, with the time they land and their shard.
+    /// Operations that timed out but land later, with the time they land and their writer.
     late: Vec<(u64, usize, StoreOp)>,
+
     /// Per shard: answers and pushes on their way to it, in order.
     to_shard: Vec<VecDeque<StoreReply>>,
     senders: Vec<SenderConn>,
@@ -595,24 +620,10 @@ impl Sim {
             ..ConfigLayer::default()
         };
         let cfg = layer.resolve().unwrap();
-        let shared = Shared::new(cfg);
         // Channels of 1 to 16 messages: a full channel (a send refused for now, a report
         // kept for the next tick) happens in most runs.
         let capacity = 1 + rng.below(16) as usize;
-        let (ends, _client) = crate::mesh::build_with_capacity(shards, capacity).expect("the mesh");
-        let mut all = Vec::new();
-        let mut stores = Vec::new();
-        let mut metrics = Vec::new();
-        for (id, (mesh, _bell)) in ends.into_iter().enumerate() {
-            let shard_metrics = Arc::new(ShardMetrics::default());
-            metrics.push(shard_metrics.clone());
-            let mut shard = Shard::new(id, shared.clone(), shard_metrics, Box::new(clock.clone()));
-            shard.enable_mesh(mesh);
-            let (link, store) = StoreLink::simulated();
-            shard.enable_store(link);
-            all.push(shard);
-            stores.push(store);
-        }
+        let (all, metrics, stores) = boot_node(&cfg, capacity, &clock, plant);
         let per_pair = 10 + rng.below(30) as usize;
         let mut sim = Sim {
             rng,
@@ -620,6 +631,10 @@ impl Sim {
             shards: all,
             metrics,
             stores,
+            cfg,
+            mesh_capacity: capacity,
+            node_deaths: std::env::var("RINGGATE_SIM_NODE_DEATHS").is_ok_and(|v| v == "1"),
+            run: 0,
             model: Model {
                 plant,
                 inbox: BTreeMap::new(),
@@ -633,6 +648,7 @@ impl Sim {
             },
             down_until: 0,
             late: Vec::new(),
+
             to_shard: (0..shards)
                 .map(|_| VecDeque::from([StoreReply::Resync]))
                 .collect(),
@@ -671,17 +687,68 @@ impl Sim {
         for r in 0..RECIPIENTS {
             sim.conv.insert((FOREIGN, r), Conversation::default());
         }
-        let planted = match plant {
-            Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
-            Plant::LimitResends => Some(OrderPlant::LimitResends),
-            _ => None,
-        };
-        if let Some(planted) = planted {
-            for shard in &mut sim.shards {
-                shard.plant_order_bug(planted);
+        sim
+    }
+
+    /// Shard `k` of this run as a writer to Redis.
+    fn writer(&self, k: usize) -> usize {
+        self.run * self.shards.len() + k
+    }
+
+    /// The node dies (SIGKILL) and starts again with the same Redis: every connection and
+    /// everything in the shards' memory is gone. Of its store operations, those already in
+    /// Redis's socket buffer (half of the queued ones, when Redis is up) land at the death,
+    /// in order, before the new run can write (it needs a new Redis connection, and its
+    /// clients must connect first); the rest, and every retry fred kept, die with it.
+    /// (A dead run's write landing after the new run's, Redis stalled for longer than a
+    /// restart, is left open: see docs/operations.md.) Senders connect to the new run and
+    /// resend what has no `accepted`; devices come back.
+    fn node_dies(&mut self) {
+        let now = self.now();
+        self.counts.node_deaths += 1;
+        self.counts.mesh_full += self.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
+        if self.down_until <= now {
+            for k in 0..self.shards.len() {
+                let writer = self.writer(k);
+                while let Ok(op) = self.stores[k].ops.try_recv() {
+                    if self.chance(50) {
+                        // Its pushes go to the dead node's queues, cleared below.
+                        let mut pushes = Vec::new();
+                        let _ = self.model.apply(writer, op, now, &mut pushes);
+                        self.route(pushes);
+                        self.counts.late_landings += 1;
+                    }
+                }
             }
         }
-        sim
+        let first_writer = self.writer(0);
+        self.late.retain(|(_, writer, _)| *writer < first_writer);
+        self.run += 1;
+        let (shards, metrics, stores) =
+            boot_node(&self.cfg, self.mesh_capacity, &self.clock, self.model.plant);
+        self.shards = shards;
+        self.metrics = metrics;
+        self.stores = stores;
+        for queue in &mut self.to_shard {
+            *queue = VecDeque::from([StoreReply::Resync]);
+        }
+        // The node's registrations die with it (Redis forgets them when its lease runs out;
+        // nothing is pushed to a dead node).
+        self.model.located.clear();
+        self.closing.clear();
+        self.devices.clear();
+        for s in 0..self.senders.len() {
+            let name = self.senders[s].name.clone();
+            let shard = crate::mesh::home_shard(&name, self.shards.len());
+            let index = self.shards[shard].admit(0).expect("a fresh shard admits");
+            self.senders[s] = SenderConn {
+                name: name.clone(),
+                shard,
+                index,
+                pipe: Pipe::connect(&name),
+                resends_due: true,
+            };
+        }
     }
 
     /// A shard for a step that acts on one.
@@ -732,6 +799,9 @@ impl Sim {
 
     fn step(&mut self, faults: bool) -> Result<(), String> {
         self.counts.steps += 1;
+        if faults && self.node_deaths && self.rng.below(2_000) == 0 {
+            self.node_dies();
+        }
         match self.rng.below(12) {
             0 => self.sender_acts(),
             1 => {
@@ -771,7 +841,8 @@ impl Sim {
         let per_pair = self.per_pair;
         let c = self.conv.get_mut(&(s, r)).unwrap();
         let mut cids = Vec::new();
-        if !c.refused.is_empty() {
+        let resend = !c.refused.is_empty();
+        if resend {
             // A resend round: every refused cid, in cid order.
             c.refused.sort_unstable();
             cids = std::mem::take(&mut c.refused);
@@ -788,8 +859,9 @@ impl Sim {
         for n in cids {
             // Cids are unique per sender: the answers name only the cid.
             let cid = r * CID_SPACE + n;
-            let text = format!(r#"{{"op":"send","to":"{to}","cid":"{cid}","body":{n}}}"#);
+            let text = send_frame(to, cid, n, resend && self.model.plant != Plant::Unflagged);
             self.senders[s].pipe.send(&text);
+            self.apps[s].order.transmitted(cid as u64, to);
         }
     }
 
@@ -820,14 +892,15 @@ impl Sim {
         self.closing.push(old);
         // Written with the upgrade (as `ringgate::client` does), or a few steps later, with
         // answers and store replies served in between.
-        if self.chance(50) {
+        // (Planted LimitResends runs the senders as before the client rule: resends with the
+        // upgrade, answers told as they come, so that order shows the gateway's own.)
+        if self.model.plant == Plant::LimitResends || self.chance(50) {
             self.sender_resends(s);
         }
     }
 
     fn sender_resends(&mut self, s: usize) {
         self.senders[s].resends_due = false;
-        let mut resent = Vec::new();
         for r in 0..RECIPIENTS {
             let c = self.conv.get_mut(&(s, r)).unwrap();
             let mut cids: Vec<usize> = c.in_flight.iter().copied().collect();
@@ -843,12 +916,11 @@ impl Sim {
             let to = &self.recipients[r];
             for n in cids {
                 let cid = r * CID_SPACE + n;
-                let text = format!(r#"{{"op":"send","to":"{to}","cid":"{cid}","body":{n}}}"#);
+                let text = send_frame(to, cid, n, self.model.plant != Plant::Unflagged);
                 self.senders[s].pipe.send(&text);
-                resent.push((cid as u64, to.clone()));
+                self.apps[s].order.transmitted(cid as u64, to);
             }
         }
-        self.apps[s].order.resent(resent);
     }
 
     /// The virtual time as the client's order rule reads it.
@@ -930,6 +1002,7 @@ impl Sim {
             self.counts.faults += 1;
         }
         let k = self.pick_shard();
+        let writer = self.writer(k);
         for _ in 0..1 + self.rng.below(4) {
             let Ok(op) = self.stores[k].ops.try_recv() else {
                 break;
@@ -956,24 +1029,24 @@ impl Sim {
             }
             let mut pushes = Vec::new();
             let (reply, error) = match fate {
-                0..=79 => (self.model.apply(k, op, now, &mut pushes), None),
+                0..=79 => (self.model.apply(writer, op, now, &mut pushes), None),
                 80..=87 => {
                     // Timed out; the write lands later.
                     let when = now + 1 + self.rng.below(600);
-                    self.late.push((when, k, clone_op(&op)));
+                    self.late.push((when, writer, clone_op(&op)));
                     (failed_reply(op, "timed out".into()), Some("timeout"))
                 }
                 88..=93 => (failed_reply(op, "timed out".into()), Some("timeout")),
                 94..=99 => {
                     // Ran, but the answer was lost.
-                    let _ = self.model.apply(k, clone_op(&op), now, &mut pushes);
+                    let _ = self.model.apply(writer, clone_op(&op), now, &mut pushes);
                     (failed_reply(op, "connection lost".into()), Some("lost"))
                 }
                 _ => {
                     // Down: fails at once; now and then fred keeps it and sends it once back.
                     if self.chance(30) {
                         let when = self.down_until + self.rng.below(300);
-                        self.late.push((when, k, clone_op(&op)));
+                        self.late.push((when, writer, clone_op(&op)));
                     }
                     (failed_reply(op, "not connected".into()), Some("down"))
                 }
@@ -996,17 +1069,20 @@ impl Sim {
     /// A write that timed out lands now (while Redis is up).
     fn land_late(&mut self, faults: bool) {
         let now = self.now();
-        if self.late.is_empty() || self.down_until > now {
+        if self.down_until > now {
+            return;
+        }
+        if self.late.is_empty() {
             return;
         }
         let i = self.rng.below(self.late.len() as u64) as usize;
         if faults && self.late[i].0 > now {
             return;
         }
-        let (_, shard, op) = self.late.swap_remove(i);
+        let (_, writer, op) = self.late.swap_remove(i);
         self.counts.late_landings += 1;
         let mut pushes = Vec::new();
-        let _ = self.model.apply(shard, op, now, &mut pushes);
+        let _ = self.model.apply(writer, op, now, &mut pushes);
         self.route(pushes);
     }
 
@@ -1141,11 +1217,12 @@ impl Sim {
                     };
                     let full = (r * CID_SPACE + cid) as u64;
                     let now = self.instant();
-                    let told = if self.model.plant == Plant::NoClientOrder {
-                        vec![event]
-                    } else {
-                        self.apps[s].order.accepted(full, &to, event, now)
-                    };
+                    let told =
+                        if matches!(self.model.plant, Plant::NoClientOrder | Plant::LimitResends) {
+                            vec![event]
+                        } else {
+                            self.apps[s].order.accepted(full, &to, event, now)
+                        };
                     self.told(s, told)?;
                 } else {
                     if c.shown.iter().any(|(shown, _)| *shown == cid)
@@ -1154,12 +1231,6 @@ impl Sim {
                         self.counts.shown_then_refused += 1;
                     }
                     c.refused.push(cid);
-                    // Not stored: it no longer holds the other answers back.
-                    let to = self.recipients[r].clone();
-                    let released = self.apps[s]
-                        .order
-                        .refused((r * CID_SPACE + cid) as u64, &to);
-                    self.told(s, released)?;
                 }
             }
             let now = self.instant();
@@ -1289,6 +1360,10 @@ impl Sim {
                     .collect()
             };
             if ordered(&shown) != ordered(&accepted) {
+                if trace() {
+                    eprintln!("s{s}->r{r}: shown (cid, id) {:?}", c.shown);
+                    eprintln!("s{s}->r{r}: accepted (cid, id) {:?}", c.accepted);
+                }
                 return Err(format!(
                     "s{s}->r{r}: shown in the order {shown:?}, accepted in the order {accepted:?}"
                 ));
@@ -1308,6 +1383,46 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// A simulated client's `send` of message `n` (`"resend":true` when it was sent before).
+fn send_frame(to: &str, cid: usize, n: usize, resend: bool) -> String {
+    let flag = if resend { r#","resend":true"# } else { "" };
+    format!(r#"{{"op":"send","to":"{to}","cid":"{cid}","body":{n}{flag}}}"#)
+}
+
+/// A node's shards joined by a mesh of `capacity` per channel, each with its store link: the
+/// shards, their counters and the Redis ends of their links.
+fn boot_node(
+    cfg: &crate::config::Config,
+    capacity: usize,
+    clock: &Rc<ManualClock>,
+    plant: Plant,
+) -> (Vec<Shard>, Vec<Arc<ShardMetrics>>, Vec<StoreEnd>) {
+    let shared = Shared::new(cfg.clone());
+    let (ends, _client) = crate::mesh::build_with_capacity(cfg.shards, capacity).expect("the mesh");
+    let mut shards = Vec::new();
+    let mut stores = Vec::new();
+    let mut metrics = Vec::new();
+    for (id, (mesh, _bell)) in ends.into_iter().enumerate() {
+        let shard_metrics = Arc::new(ShardMetrics::default());
+        metrics.push(shard_metrics.clone());
+        let mut shard = Shard::new(id, shared.clone(), shard_metrics, Box::new(clock.clone()));
+        shard.enable_mesh(mesh);
+        let (link, store) = StoreLink::simulated();
+        shard.enable_store(link);
+        let planted = match plant {
+            Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
+            Plant::LimitResends => Some(OrderPlant::LimitResends),
+            _ => None,
+        };
+        if let Some(planted) = planted {
+            shard.plant_order_bug(planted);
+        }
+        shards.push(shard);
+        stores.push(store);
+    }
+    (shards, metrics, stores)
 }
 
 /// The shard's operations are not `Clone` (replies carry channel ends); the ones a late
@@ -1414,7 +1529,8 @@ pub(crate) fn sweep(count: u64, steps: u64, plant: Plant) -> Result<Counts, (u64
         total.checks += c.checks;
         total.shown_then_refused += c.shown_then_refused;
         total.mesh_msgs += c.mesh_msgs;
-        total.mesh_full += sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
+        total.mesh_full += c.mesh_full + sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
+        total.node_deaths += c.node_deaths;
     }
     Ok(total)
 }

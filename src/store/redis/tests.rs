@@ -18,6 +18,7 @@ fn msg(to: &str) -> Box<Message> {
             attempt: 1,
             revoke: vec![("\"c0\"".into(), 4)],
         },
+        resent: false,
     })
 }
 
