@@ -232,3 +232,68 @@ fn a_msg_the_client_cannot_read_is_acked_and_reported() {
         .iter()
         .any(|e| matches!(e, Event::Message { cid, .. } if cid == "ok")));
 }
+
+/// Against a scripted real WebSocket server: the first connection takes two sends and drops
+/// without answering; on the second the client resends both marked `"resend":true`, and the
+/// server answers them in resend order with ids in the other order (the second was stored
+/// first, as after a failed first attempt of the first). The client tells `accepted` in id
+/// order, the order the recipient sees.
+#[test]
+fn resends_are_marked_and_accepted_is_told_in_id_order() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for round in 0..2 {
+            let (socket, _) = listener.accept().unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut ws = tungstenite::accept(socket).unwrap();
+            ws.send(tungstenite::Message::text(
+                r#"{"op":"welcome","v":1,"user":"ivy","conn":"1"}"#,
+            ))
+            .unwrap();
+            let mut sends = Vec::new();
+            while sends.len() < 2 {
+                if let tungstenite::Message::Text(t) = ws.read().unwrap() {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if v["op"] == "send" {
+                        sends.push(v);
+                    }
+                }
+            }
+            if round == 1 {
+                for (v, id) in sends.iter().zip(["20", "10"]) {
+                    let cid = v["cid"].as_str().unwrap();
+                    let answer = format!(r#"{{"op":"accepted","cid":"{cid}","id":"{id}"}}"#);
+                    ws.send(tungstenite::Message::text(answer)).unwrap();
+                }
+                // Held until the client has read the answers (it closes first).
+                let _ = ws.read();
+            }
+            seen.extend(sends);
+        }
+        seen
+    });
+    let mut c = Client::connect(ClientConfig::dev(&url, "ivy")).unwrap();
+    let first = c.send("bob", serde_json::json!(1)).unwrap();
+    let second = c.send("bob", serde_json::json!(2)).unwrap();
+    let mut accepted = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while accepted.len() < 2 {
+        assert!(Instant::now() < deadline, "accepted so far {accepted:?}");
+        if let Some(Event::Accepted { cid, id }) = c.poll(Duration::from_millis(20)).unwrap() {
+            accepted.push((cid, id));
+        }
+    }
+    drop(c);
+    let seen = server.join().unwrap();
+    let marks: Vec<bool> = seen.iter().map(|v| v["resend"] == true).collect();
+    assert_eq!(marks, [false, false, true, true], "{seen:?}");
+    assert_eq!(
+        accepted,
+        [(second, "10".to_string()), (first, "20".to_string())],
+        "told in id order"
+    );
+}

@@ -3,7 +3,7 @@
 //! - every `msg` is acked (cumulative `ack`) and displayed at most once, deduplicated by
 //!   `(from, cid)` (bounded memory: the last [`SEEN_CAPACITY`] pairs);
 //! - every `send` is kept until its `accepted` arrives and is resent with the same `cid` after a
-//!   reconnect (the server deduplicates), in send order;
+//!   reconnect (the server deduplicates), in send order, marked `"resend":true`;
 //! - a lost connection is re-established with exponential backoff and jitter;
 //! - a send refused for now (`error` `unavailable` or `rate_limited` with its cid) is resent
 //!   with the same cid after a backoff with jitter (it may then land after newer sends that
@@ -194,6 +194,9 @@ pub enum ClientError {
 struct Pending {
     to: String,
     body: Value,
+    /// Written to a connection before: sent again with `"resend":true` (another attempt of
+    /// it may be stored, so the gateway never shows it live past the store).
+    transmitted: bool,
 }
 
 pub struct Client {
@@ -277,6 +280,7 @@ impl Client {
             Pending {
                 to: to.into(),
                 body,
+                transmitted: false,
             },
         );
         self.transmit(n);
@@ -350,10 +354,15 @@ impl Client {
 
     fn transmit(&mut self, n: u64) {
         let cid = self.cid(n);
-        let Some(p) = self.unaccepted.get(&n) else {
+        let Some(p) = self.unaccepted.get_mut(&n) else {
             return;
         };
-        let frame = json!({"op":"send","to":p.to,"cid":cid,"body":p.body}).to_string();
+        let mut frame = json!({"op":"send","to":p.to,"cid":cid,"body":p.body});
+        if p.transmitted {
+            frame["resend"] = Value::Bool(true);
+        }
+        p.transmitted = true;
+        let frame = frame.to_string();
         self.order.transmitted(n, &p.to);
         if let Some(ws) = self.ws.as_mut() {
             if ws.send(Message::text(frame)).is_err() {
