@@ -1,0 +1,198 @@
+//! The embedded store as an implementation of the store protocol: it takes the same
+//! [`StoreOp`]s as Redis and answers with the same [`StoreReply`]s, in process, so that a
+//! shard's delivery rules do not fork on the store kind (issue 15).
+//!
+//! # What it owns
+//! The offline inboxes of the users homed on one shard (a [`MemoryInbox`], the authority, as
+//! Redis is in Redis mode), which of them are online there (loaded: appends to them are
+//! pushed, as Redis pushes to the runs in `loc:<user>`), and per user the highest message
+//! id of each sender a device acked (read receipts, as Redis keeps `rc:<user>`).
+//!
+//! # What it does not do
+//! Nothing another node would need: no directory, lease, rooms, presence, typing, watch or
+//! id slots ([`EmbeddedStore::serves`] says no: the shard asks [`super::StoreCaps`] before
+//! it would send them). It never answers `unavailable`, so no write of it is ever in doubt
+//! and it has nothing to revoke.
+//!
+//! Seqs carry the wall time of their append in Redis's encoding (`seq_time_ms`), so the
+//! shard's mirror ages an entry the same way whichever store holds it. Time is injected.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use compact_str::CompactString;
+
+use super::redis::{seq_floor_at, Appended, Loaded, StoreOp, StoreReply};
+use super::{Inbox, InboxLimits, MemoryInbox, Store, StoreCaps};
+
+pub struct EmbeddedStore {
+    inbox: MemoryInbox,
+    /// Users with a device on the shard: a `Load` registered them, a `Leave` took them out.
+    loaded: HashSet<CompactString>,
+    /// Per user, per sender: the highest message id a device of the user acked.
+    received: HashMap<CompactString, HashMap<CompactString, u64>>,
+}
+
+impl EmbeddedStore {
+    pub fn new(limits: InboxLimits) -> Self {
+        EmbeddedStore {
+            inbox: MemoryInbox::new(limits),
+            loaded: HashSet::new(),
+            received: HashMap::new(),
+        }
+    }
+
+    /// Whether this store can answer `op` (the rest are for several nodes).
+    pub fn serves(op: &StoreOp) -> bool {
+        matches!(
+            op,
+            StoreOp::Append(_)
+                | StoreOp::Remove { .. }
+                | StoreOp::Load { .. }
+                | StoreOp::Leave { .. }
+                | StoreOp::Probe
+        )
+    }
+
+    /// Entries held (for the shard's memory gauge).
+    pub fn held(&self) -> usize {
+        self.inbox.total_len()
+    }
+
+    /// Drop expired entries; how many (counted by the shard, never silent).
+    pub fn expire(&mut self, now: u64) -> usize {
+        self.inbox.expire(now)
+    }
+
+    /// Run `op` at `now` (monotonic ms; `wall`: ms since the epoch) and put its answer, and
+    /// the push it made, in `out`. `op` must be one it [`serves`](Self::serves).
+    pub fn apply(&mut self, op: StoreOp, now: u64, wall: u64, out: &mut VecDeque<StoreReply>) {
+        match op {
+            StoreOp::Append(msg) => {
+                debug_assert!(
+                    msg.write.revoke.is_empty(),
+                    "nothing of it is ever in doubt"
+                );
+                self.inbox.raise_next_seq(seq_floor_at(wall));
+                let stored = msg.stored();
+                let to = msg.to.clone();
+                let result = self.inbox.append(&to, stored.clone(), now);
+                let loaded = self.loaded.contains(&to);
+                let pushed = result.as_ref().ok().filter(|_| loaded).copied();
+                out.push_back(StoreReply::Appended {
+                    msg,
+                    result: result.map(|seq| Appended::Stored {
+                        seq,
+                        pushed: 0,
+                        offline: !loaded,
+                    }),
+                });
+                // After the answer, as Redis's push usually comes: either order works (the
+                // shard holds a push of its own write until the write is answered).
+                if let Some(seq) = pushed {
+                    out.push_back(StoreReply::Pushed {
+                        user: to,
+                        seq,
+                        msg: stored,
+                    });
+                }
+            }
+            StoreOp::Remove { user, seq, report } => {
+                let ok = self.inbox.remove(&user, seq);
+                // What the user received (a message, not a receipt), for read receipts.
+                if let Some(r) = report
+                    .as_ref()
+                    .filter(|r| crate::proto::receipt_sender(&r.cid).is_none())
+                {
+                    let highest = self
+                        .received
+                        .entry(user)
+                        .or_default()
+                        .entry(r.from.clone())
+                        .or_default();
+                    *highest = (*highest).max(r.id);
+                }
+                out.push_back(StoreReply::Removed { ok, report });
+            }
+            StoreOp::Load { user, token, limit } => {
+                let entries = self.inbox.read(&user, 0, limit, now);
+                let received = self.received.get(&user).map_or_else(Vec::new, |r| {
+                    let mut r: Vec<_> = r.iter().map(|(s, id)| (s.clone(), *id)).collect();
+                    r.sort_unstable();
+                    r
+                });
+                self.loaded.insert(user.clone());
+                out.push_back(StoreReply::Loaded {
+                    user,
+                    token,
+                    result: Ok(Loaded {
+                        received,
+                        entries,
+                        expired: 0,
+                    }),
+                });
+            }
+            StoreOp::Leave { user } => {
+                self.loaded.remove(&user);
+                out.push_back(StoreReply::Done);
+            }
+            StoreOp::Probe => out.push_back(StoreReply::Done),
+            _ => unreachable!("asked only what it serves"),
+        }
+    }
+}
+
+/// The embedded store on its shard: an operation is run when the shard next hears its
+/// store, in the same turn (`Shard::hear_store_now`), and answered like Redis's.
+pub struct InProcess {
+    store: EmbeddedStore,
+    asked: VecDeque<StoreOp>,
+    answers: VecDeque<StoreReply>,
+}
+
+impl InProcess {
+    pub fn new(limits: InboxLimits) -> Self {
+        InProcess {
+            store: EmbeddedStore::new(limits),
+            asked: VecDeque::new(),
+            // The shard's first turn opens its first epoch (as hearing Redis's channel does).
+            answers: VecDeque::from([StoreReply::Resync]),
+        }
+    }
+}
+
+impl Store for InProcess {
+    fn submit(&mut self, op: StoreOp) -> Result<(), StoreOp> {
+        if !EmbeddedStore::serves(&op) {
+            return Err(op);
+        }
+        self.asked.push_back(op);
+        Ok(())
+    }
+
+    fn caps(&self) -> StoreCaps {
+        StoreCaps::SINGLE_NODE
+    }
+
+    fn answers_now(&mut self, now: u64, wall: u64, out: &mut Vec<StoreReply>, max: usize) {
+        while self.answers.len() < max {
+            let Some(op) = self.asked.pop_front() else {
+                break;
+            };
+            self.store.apply(op, now, wall, &mut self.answers);
+        }
+        let n = max.min(self.answers.len());
+        out.extend(self.answers.drain(..n));
+    }
+
+    fn has_answers_now(&self) -> bool {
+        !self.asked.is_empty() || !self.answers.is_empty()
+    }
+
+    fn expire(&mut self, now: u64) -> usize {
+        self.store.expire(now)
+    }
+
+    fn held(&self) -> usize {
+        self.store.held()
+    }
+}
