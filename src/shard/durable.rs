@@ -350,9 +350,12 @@ impl Shard {
         d.waiting.remove(user);
         let tail = d.tails.remove(user);
         self.inbox.drop_user(user);
-        // What the user received is in the store too (kept at each ack): the next load reads
-        // it.
-        self.receipts.forget(user);
+        // With a shared store, what the user received is kept there at each ack (the next
+        // load reads it) and the user may read on another node meanwhile: forgotten here.
+        // This shard is the only place that knows it otherwise.
+        if self.store_shared() {
+            self.receipts.forget(user);
+        }
         self.reads_waiting.take(user);
         {
             let d = &mut self.store;

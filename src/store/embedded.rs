@@ -4,9 +4,9 @@
 //!
 //! # What it owns
 //! The offline inboxes of the users homed on one shard (a [`MemoryInbox`], the authority, as
-//! Redis is in Redis mode), which of them are online there (loaded: appends to them are
-//! pushed, as Redis pushes to the runs in `loc:<user>`), and per user the highest message
-//! id of each sender a device acked (read receipts, as Redis keeps `rc:<user>`).
+//! Redis is in Redis mode), and which of them are online there (loaded: appends to them are
+//! pushed, as Redis pushes to the runs in `loc:<user>`). Not what a user received (read
+//! receipts): with one node the shard's own record is the only one, kept across connects.
 //!
 //! # What it does not do
 //! Nothing another node would need: no directory, lease, rooms, presence, typing, watch or
@@ -17,7 +17,7 @@
 //! Seqs carry the wall time of their append in Redis's encoding (`seq_time_ms`), so the
 //! shard's mirror ages an entry the same way whichever store holds it. Time is injected.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use compact_str::CompactString;
 
@@ -28,8 +28,6 @@ pub struct EmbeddedStore {
     inbox: MemoryInbox,
     /// Users with a device on the shard: a `Load` registered them, a `Leave` took them out.
     loaded: HashSet<CompactString>,
-    /// Per user, per sender: the highest message id a device of the user acked.
-    received: HashMap<CompactString, HashMap<CompactString, u64>>,
 }
 
 impl EmbeddedStore {
@@ -37,7 +35,6 @@ impl EmbeddedStore {
         EmbeddedStore {
             inbox: MemoryInbox::new(limits),
             loaded: HashSet::new(),
-            received: HashMap::new(),
         }
     }
 
@@ -98,34 +95,16 @@ impl EmbeddedStore {
             }
             StoreOp::Remove { user, seq, report } => {
                 let ok = self.inbox.remove(&user, seq);
-                // What the user received (a message, not a receipt), for read receipts.
-                if let Some(r) = report
-                    .as_ref()
-                    .filter(|r| crate::proto::receipt_sender(&r.cid).is_none())
-                {
-                    let highest = self
-                        .received
-                        .entry(user)
-                        .or_default()
-                        .entry(r.from.clone())
-                        .or_default();
-                    *highest = (*highest).max(r.id);
-                }
                 out.push_back(StoreReply::Removed { ok, report });
             }
             StoreOp::Load { user, token, limit } => {
                 let entries = self.inbox.read(&user, 0, limit, now);
-                let received = self.received.get(&user).map_or_else(Vec::new, |r| {
-                    let mut r: Vec<_> = r.iter().map(|(s, id)| (s.clone(), *id)).collect();
-                    r.sort_unstable();
-                    r
-                });
                 self.loaded.insert(user.clone());
                 out.push_back(StoreReply::Loaded {
                     user,
                     token,
                     result: Ok(Loaded {
-                        received,
+                        received: Vec::new(),
                         entries,
                         expired: 0,
                     }),
