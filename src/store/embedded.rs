@@ -70,11 +70,13 @@ impl EmbeddedStore {
                     "nothing of it is ever in doubt"
                 );
                 self.inbox.raise_next_seq(seq_floor_at(wall));
-                let stored = msg.stored();
                 let to = msg.to.clone();
-                let result = self.inbox.append(&to, stored.clone(), now);
                 let loaded = self.loaded.contains(&to);
-                let pushed = result.as_ref().ok().filter(|_| loaded).copied();
+                // A second copy only for the mirror of a user online here.
+                let stored = msg.stored();
+                let copy = loaded.then(|| stored.clone());
+                let result = self.inbox.append(&to, stored, now);
+                let pushed = result.as_ref().ok().copied().zip(copy);
                 out.push_back(StoreReply::Appended {
                     msg,
                     result: result.map(|seq| Appended::Stored {
@@ -85,12 +87,8 @@ impl EmbeddedStore {
                 });
                 // After the answer, as Redis's push usually comes: either order works (the
                 // shard holds a push of its own write until the write is answered).
-                if let Some(seq) = pushed {
-                    out.push_back(StoreReply::Pushed {
-                        user: to,
-                        seq,
-                        msg: stored,
-                    });
+                if let Some((seq, msg)) = pushed {
+                    out.push_back(StoreReply::Pushed { user: to, seq, msg });
                 }
             }
             StoreOp::Remove { user, seq, report } => {
