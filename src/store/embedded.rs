@@ -173,3 +173,133 @@ impl Store for InProcess {
         self.store.held()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::message::{Message, ReplyTo};
+    use crate::store::redis::seq_time_ms;
+    use crate::store::{InboxSeq, StoreError};
+
+    const WALL: u64 = 1_767_225_600_000;
+
+    fn msg(to: &str, cid: &str, id: u64) -> Box<Message> {
+        Box::new(Message {
+            id,
+            from: "alice".into(),
+            to: to.into(),
+            cid: cid.into(),
+            ts: WALL,
+            body: "1".into(),
+            msg_type: None,
+            reply: ReplyTo {
+                shard: 0,
+                conn: 0,
+                serial: 0,
+            },
+            received_us: 0,
+            write: Default::default(),
+        })
+    }
+
+    /// Runs `op` at `now` (wall time moves with it) and returns the answers.
+    fn run(store: &mut EmbeddedStore, op: StoreOp, now: u64) -> Vec<StoreReply> {
+        let mut out = VecDeque::new();
+        store.apply(op, now, WALL + now, &mut out);
+        out.into()
+    }
+
+    fn stored_seq(answer: &StoreReply) -> Result<(InboxSeq, bool), StoreError> {
+        match answer {
+            StoreReply::Appended { result, .. } => match result.clone()? {
+                Appended::Stored { seq, offline, .. } => Ok((seq, offline)),
+                Appended::Duplicate { .. } => unreachable!("the embedded store has no dedup"),
+            },
+            _ => panic!("not an append's answer"),
+        }
+    }
+
+    #[test]
+    fn answers_like_redis_pushes_to_loaded_users_and_refuses_a_full_inbox() {
+        let limits = InboxLimits {
+            max_messages: 2,
+            ..InboxLimits::default()
+        };
+        let mut store = EmbeddedStore::new(limits);
+        // Offline: stored, nobody to push to (the shard offers the webhook push).
+        let answers = run(&mut store, StoreOp::Append(msg("bob", "1", 10)), 5);
+        assert_eq!(answers.len(), 1);
+        let (first, offline) = stored_seq(&answers[0]).unwrap();
+        assert!(offline);
+        // Seqs carry their append's wall time, as Redis stream ids do.
+        assert_eq!(seq_time_ms(first), WALL + 5);
+        // A device connects: the load reads the inbox and registers the user.
+        let load = StoreOp::Load {
+            user: "bob".into(),
+            token: 7,
+            limit: 100,
+        };
+        let answers = run(&mut store, load, 6);
+        let [StoreReply::Loaded {
+            token: 7,
+            result: Ok(loaded),
+            ..
+        }] = &answers[..]
+        else {
+            panic!("a load's answer");
+        };
+        assert_eq!(loaded.entries.len(), 1);
+        // Online: the answer, then the push for the mirror, under the same seq.
+        let answers = run(&mut store, StoreOp::Append(msg("bob", "2", 11)), 6);
+        let (second, offline) = stored_seq(&answers[0]).unwrap();
+        assert!(!offline && second > first);
+        assert!(
+            matches!(&answers[1], StoreReply::Pushed { seq, msg, .. } if *seq == second && msg.id == 11)
+        );
+        // At the cap: refused, nothing pushed, nothing dropped to make room.
+        let answers = run(&mut store, StoreOp::Append(msg("bob", "3", 12)), 7);
+        assert_eq!(answers.len(), 1);
+        assert!(matches!(
+            stored_seq(&answers[0]),
+            Err(StoreError::Full { count: 2, .. })
+        ));
+        // The first ack removes; a second ack of the same entry finds it gone.
+        for ok in [true, false] {
+            let remove = StoreOp::Remove {
+                user: "bob".into(),
+                seq: first,
+                report: None,
+            };
+            let answers = run(&mut store, remove, 8);
+            assert!(matches!(answers[..], [StoreReply::Removed { ok: o, .. }] if o == ok));
+        }
+        // The last device left: appends are offline again.
+        assert!(matches!(
+            run(&mut store, StoreOp::Leave { user: "bob".into() }, 9)[..],
+            [StoreReply::Done]
+        ));
+        let answers = run(&mut store, StoreOp::Append(msg("bob", "4", 13)), 9);
+        assert_eq!(answers.len(), 1);
+        assert!(stored_seq(&answers[0]).unwrap().1);
+        assert_eq!(store.held(), 2);
+    }
+
+    #[test]
+    fn only_one_nodes_operations_are_taken() {
+        let mut path = InProcess::new(InboxLimits::default());
+        assert!(path.submit(StoreOp::Lease).is_err());
+        assert!(path
+            .submit(StoreOp::Typing {
+                from: "a".into(),
+                to: "b".into()
+            })
+            .is_err());
+        assert!(path.submit(StoreOp::Probe).is_ok());
+        assert_eq!(path.caps(), StoreCaps::SINGLE_NODE);
+        // The first answer opens the shard's first epoch, then the operations in order.
+        let mut out = Vec::new();
+        path.answers_now(0, WALL, &mut out, 10);
+        assert!(matches!(out[..], [StoreReply::Resync, StoreReply::Done]));
+        assert!(!path.has_answers_now());
+    }
+}
