@@ -20,11 +20,11 @@ use super::msg::{ApiOutcome, Direct, ShardMsg};
 use super::{make_ctx, Shard};
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
-use crate::delivery::refusal::SendRefusal;
+use crate::delivery::refusal::{ClientRefusal, SendRefusal};
 use crate::delivery::{AckError, Dedup, DedupConfig, Seen, Window, WindowConfig, WindowState};
 use crate::limit::Limited;
 use crate::mesh;
-use crate::proto::{self, ErrorCode, FrameError};
+use crate::proto::{self, FrameError};
 use crate::store::{Inbox, InboxSeq, StoredMessage};
 
 /// The sender id of messages posted through `POST /api/send`: reserved, no client connects as
@@ -928,11 +928,7 @@ impl Shard {
     /// Refuse a frame of the connection at `index` that is well formed but wrong here
     /// (`bad_request`, no cid; the connection stays).
     pub(super) fn reply_bad_request(&mut self, index: usize, why: String, now: u64) {
-        let err = FrameError {
-            code: ErrorCode::BadRequest,
-            message: why,
-            cid: None,
-        };
+        let err = ClientRefusal::BadRequest(why).frame(None);
         let ctx = shard_ctx!(self);
         self.conns[index].conn.reply_error(now, err, &ctx);
     }
