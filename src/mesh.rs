@@ -116,11 +116,21 @@ pub type ShardEnd<M> = (Mesh<M>, std::os::unix::net::UnixStream);
 /// Build the mesh for `shards` shards: each shard's end, and a client for other threads.
 #[allow(clippy::type_complexity)]
 pub fn build<M>(shards: usize) -> std::io::Result<(Vec<ShardEnd<M>>, MeshClient<M>)> {
+    build_with_capacity(shards, CHANNEL_CAPACITY)
+}
+
+/// [`build`] with `capacity` messages per channel (the simulation makes them small, so that
+/// full channels happen).
+#[allow(clippy::type_complexity)]
+pub fn build_with_capacity<M>(
+    shards: usize,
+    capacity: usize,
+) -> std::io::Result<(Vec<ShardEnd<M>>, MeshClient<M>)> {
     let mut channels = Vec::with_capacity(shards);
     let mut bells = Vec::with_capacity(shards);
     let mut readers = Vec::with_capacity(shards);
     for _ in 0..shards {
-        channels.push(crossbeam_channel::bounded(CHANNEL_CAPACITY));
+        channels.push(crossbeam_channel::bounded(capacity));
         let (bell, read_end) = Doorbell::pair()?;
         bells.push(bell);
         readers.push(read_end);

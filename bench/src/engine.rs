@@ -176,6 +176,10 @@ pub struct Shared {
     /// Fanout mode: members that got `joined`, and `room` frames received.
     pub room_joined: AtomicU64,
     pub room_received: AtomicU64,
+    /// Idle mode: connections that got `synced` (their waiting messages all replayed), and
+    /// when the last one did (ns since `Config::base`).
+    pub synced: AtomicU64,
+    pub last_synced_ns: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -498,6 +502,8 @@ fn reason(f: &Fail, phase: Phase) -> String {
 struct Msg {
     op: String,
     #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
     user: Option<String>,
     #[serde(default)]
     heartbeat_ms: Option<u64>,
@@ -702,12 +708,29 @@ fn deliver(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<(), Fail
         Phase::Open => match &cx.cfg.mode {
             Mode::Idle => {
                 cx.stats.messages += 1;
-                let op_name = if op == ws::OP_TEXT {
-                    serde_json::from_slice::<Msg>(msg)
-                        .map(|m| m.op)
-                        .unwrap_or_else(|_| "text".into())
-                } else {
-                    "binary".into()
+                let parsed = (op == ws::OP_TEXT)
+                    .then(|| serde_json::from_slice::<Msg>(msg).ok())
+                    .flatten();
+                // As a client would: ack every replayed message (the replay goes on past
+                // the window only then), and note when the replay is over.
+                match parsed.as_ref().map(|m| (m.op.as_str(), m.seq)) {
+                    Some(("msg", Some(seq))) => {
+                        cx.tmp.clear();
+                        chat::write_ack(cx.tmp, seq);
+                        let m = cx.mask();
+                        ws::encode_frame(cx.out, true, ws::OP_TEXT, cx.tmp, m);
+                        cx.stats.acks_sent += 1;
+                    }
+                    Some(("synced", _)) => {
+                        cx.shared.synced.fetch_add(1, Relaxed);
+                        cx.shared.last_synced_ns.fetch_max(cx.now, Relaxed);
+                    }
+                    _ => {}
+                }
+                let op_name = match (op == ws::OP_TEXT, parsed) {
+                    (true, Some(m)) => m.op,
+                    (true, None) => "text".into(),
+                    (false, _) => "binary".into(),
                 };
                 *cx.stats.messages_by_op.entry(op_name).or_default() += 1;
                 Ok(())

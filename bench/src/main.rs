@@ -148,6 +148,10 @@ struct IdleArgs {
     /// --hold-all), so all their connections are open at once
     #[arg(long, value_name = "PATH")]
     hold_while: Option<std::path::PathBuf>,
+    /// End the hold as soon as every open connection got `synced` (its waiting messages all
+    /// replayed and acked): a reconnect storm's length is first connect to last `synced`
+    #[arg(long)]
+    until_synced: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -537,7 +541,16 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     loop {
         let now = now_ns(&cfg);
         let released = a.hold_while.as_ref().is_none_or(|p| !p.exists());
-        if (now >= hold_end_wanted && released) || now >= deadline || INTERRUPTED.load(Relaxed) {
+        let alive = shared
+            .established
+            .load(Relaxed)
+            .saturating_sub(shared.lost.load(Relaxed));
+        let all_synced = a.until_synced && alive > 0 && shared.synced.load(Relaxed) >= alive;
+        if (now >= hold_end_wanted && released)
+            || all_synced
+            || now >= deadline
+            || INTERRUPTED.load(Relaxed)
+        {
             break;
         }
         let until = if now < hold_end { hold_end } else { deadline };
@@ -594,6 +607,9 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
         median(&per_second)
     };
     let hold_truncated = hold_end < hold_end_wanted || INTERRUPTED.load(Relaxed);
+    let synced = shared.synced.load(Relaxed);
+    let last_synced_secs =
+        (synced > 0).then(|| shared.last_synced_ns.load(Relaxed).saturating_sub(go) as f64 / 1e9);
 
     let gen_pc = per_conn(gen_after as i64 - gen_before as i64, alive_after);
     let gen_pc_end = per_conn(gen_end as i64 - gen_before as i64, alive_end);
@@ -662,6 +678,12 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
         st.messages,
         map_text(&st.messages_by_op),
         map_text(&st.closes)
+    );
+    println!(
+        "synced       {synced} of {}  last {}  (first connect -> last `synced`; `msg` acked {})",
+        st.established,
+        last_synced_secs.map_or("n/a".into(), |s| format!("{s:.3} s")),
+        st.acks_sent
     );
     match st.welcome {
         Some(w) => println!(
@@ -773,6 +795,8 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
             "fragmented_messages": st.fragmented_messages,
             "welcome": st.welcome,
             "welcome_user_mismatch": st.welcome_user_mismatch,
+            "synced": synced,
+            "last_synced_secs": last_synced_secs,
             "generator": {
                 "rss_before": gen_before,
                 "rss_after_ramp": gen_after,

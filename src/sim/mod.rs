@@ -18,10 +18,16 @@
 //! write lands later (fred sending it after a reconnect, Redis still working), one whose
 //! write never lands, one that ran but whose answer was lost, Redis down for a while, answers
 //! held back and pushes interleaved with them, recipient devices that drop at any point,
-//! acks lost. Senders resend every cid they have no `accepted` for, in cid order. A user of
+//! acks lost, mesh channels of 1 to 16 messages (full ones happen in most runs: a send
+//! refused for now, a report kept for the next tick). Senders resend every cid they have no
+//! `accepted` for, in cid order, with the upgrade or (half the time) a few steps later, and
+//! tell their application `accepted` by the client libraries' rule (`client::order`). A user of
 //! another node (`f0`) writes into the same inboxes through the store, in Redis order with
 //! this shard's writes (its entries reach the shard as pushes and loads only).
 //!
+//! Checked at every step: `accepted` only once the message is safe (SPEC section 4: a
+//! dedup record under that id in the store, or acked by a device of the recipient); the
+//! `seq` of each device connection counts 1, 2, 3... without a gap (a retransmit repeats one).
 //! Checked at the end of a run, once faults stop and everything settled: every message of
 //! every sender accepted, shown exactly once to its recipient, with the id its sender was
 //! told; per sender and recipient, shown in the order of `accepted`; nothing shown that was
@@ -44,6 +50,8 @@ use std::task::{Context, Poll, Waker};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 
+use crate::client::order::AcceptedOrder;
+use crate::client::Event;
 use crate::clock::{Clock, ManualClock};
 use crate::config::ConfigLayer;
 use crate::delivery::ids::IdGrant;
@@ -162,8 +170,19 @@ pub(crate) enum Plant {
     None,
     /// The store without the order fix: no watermark, revokes ignored (issue 15's hole).
     NoFence,
-    /// The store answers every 50th append as stored without keeping it (a lost message).
+    /// The store answers every 50th append as stored without keeping it (a lost message,
+    /// `accepted` before it was safe).
     DropWrite,
+    /// The store's every 50th remove (after an ack) also removes the entry after it: a
+    /// message stored, so accepted safely, and lost afterwards.
+    RemoveNext,
+    /// The senders' clients tell `accepted` answers as they come, without the client
+    /// libraries' order rule (`client::order`): after lost answers, the answers to resends
+    /// come in resend order, which can differ from store order.
+    NoClientOrder,
+    /// The glue loses every 200th `msg` frame on its way to a device (the next one's seq
+    /// skips a number).
+    LoseFrame,
     /// The store keeps every 50th entry under another id than the one its sender was told.
     WrongId,
     /// The shard shows entries after one it could not place (behind live entries, or held
@@ -197,6 +216,7 @@ struct Model {
     wall0: u64,
     last_id: (u64, u64),
     appends: u64,
+    removes: u64,
 }
 
 impl Model {
@@ -368,10 +388,15 @@ impl Model {
                 }
             }
             StoreOp::Remove { user, seq, report } => {
-                let ok = self
-                    .inbox
-                    .get_mut(user.as_str())
-                    .is_some_and(|i| i.remove(&seq).is_some());
+                let inbox = self.inbox.entry(user.to_string()).or_default();
+                let ok = inbox.remove(&seq).is_some();
+                self.removes += 1;
+                if self.plant == Plant::RemoveNext && self.removes.is_multiple_of(50) {
+                    let next = inbox.range(seq..).next().map(|(k, _)| *k);
+                    if let Some(next) = next {
+                        inbox.remove(&next);
+                    }
+                }
                 StoreReply::Removed { ok, report }
             }
             StoreOp::Load { user, token, limit } => {
@@ -435,6 +460,15 @@ struct SenderConn {
     shard: usize,
     index: usize,
     pipe: Pipe,
+    /// Its resends are not written yet (they go out before any new send).
+    resends_due: bool,
+}
+
+/// What a simulated sender's client tells its application: `accepted` answers in the order
+/// of the client libraries' rule (`client::order`: after a reconnect, the answers to one
+/// recipient are held until every resend to it is answered, then told by id).
+struct SenderApp {
+    order: AcceptedOrder,
 }
 
 /// A recipient's device, on the recipient's home shard.
@@ -443,6 +477,24 @@ struct Device {
     shard: usize,
     index: usize,
     pipe: Pipe,
+    /// The highest `seq` this connection was sent (seqs count 1, 2, 3... per connection;
+    /// a retransmit repeats one).
+    last_seq: u64,
+    /// Messages this connection was sent and has not acked yet: seq -> (sender, cid).
+    unacked: BTreeMap<u64, (usize, usize)>,
+}
+
+impl Device {
+    fn new(user: usize, shard: usize, index: usize, pipe: Pipe) -> Device {
+        Device {
+            user,
+            shard,
+            index,
+            pipe,
+            last_seq: 0,
+            unacked: BTreeMap::new(),
+        }
+    }
 }
 
 /// Counts printed with a run's seed.
@@ -461,6 +513,8 @@ pub(crate) struct Counts {
     pub checks: u64,
     /// Messages the shards took from the mesh (deliveries and reports across shards).
     pub mesh_msgs: u64,
+    /// Times a shard found another's channel full.
+    pub mesh_full: u64,
 }
 
 /// Which store stands at the far end of the shards' store links.
@@ -489,6 +543,8 @@ pub(crate) struct Sim {
     clock: Rc<ManualClock>,
     /// The node's shards, connected by the mesh.
     shards: Vec<Shard>,
+    /// Their counters (read for the counts: how often a mesh channel was full).
+    metrics: Vec<Arc<ShardMetrics>>,
     /// Each shard's store link (its own pipeline to the one Redis).
     stores: Vec<StoreEnd>,
     model: Model,
@@ -499,6 +555,10 @@ pub(crate) struct Sim {
     /// Per shard: answers and pushes on their way to it, in order.
     to_shard: Vec<VecDeque<StoreReply>>,
     senders: Vec<SenderConn>,
+    /// Per sender (one client instance for the whole run).
+    apps: Vec<SenderApp>,
+    /// Virtual time 0 as an `Instant` (the client's order rule takes `Instant`s).
+    origin: std::time::Instant,
     /// Sender connections dropped by their client, until their shard closed them.
     closing: Vec<SenderConn>,
     /// Sends written by all senders so far (orders each cid's last new attempt).
@@ -506,6 +566,10 @@ pub(crate) struct Sim {
     recipients: Vec<String>,
     devices: Vec<Device>,
     conv: BTreeMap<(usize, usize), Conversation>,
+    /// (sender, recipient, cid) a device of the recipient acked: safe without the store.
+    acked: BTreeSet<(usize, usize, usize)>,
+    /// `msg` frames the devices read (the `LoseFrame` plant counts them).
+    msg_frames: u64,
     per_pair: usize,
     pub(crate) counts: Counts,
 }
@@ -564,16 +628,17 @@ impl Sim {
         };
         let cfg = layer.resolve().unwrap();
         let shared = Shared::new(cfg);
-        let (ends, _client) = crate::mesh::build(shards).expect("the mesh");
+        // Channels of 1 to 16 messages: a full channel (a send refused for now, a report
+        // kept for the next tick) happens in most runs.
+        let capacity = 1 + rng.below(16) as usize;
+        let (ends, _client) = crate::mesh::build_with_capacity(shards, capacity).expect("the mesh");
         let mut all = Vec::new();
         let mut stores = Vec::new();
+        let mut metrics = Vec::new();
         for (id, (mesh, _bell)) in ends.into_iter().enumerate() {
-            let mut shard = Shard::new(
-                id,
-                shared.clone(),
-                Arc::new(ShardMetrics::default()),
-                Box::new(clock.clone()),
-            );
+            let shard_metrics = Arc::new(ShardMetrics::default());
+            metrics.push(shard_metrics.clone());
+            let mut shard = Shard::new(id, shared.clone(), shard_metrics, Box::new(clock.clone()));
             shard.enable_mesh(mesh);
             let (link, store) = StoreLink::simulated();
             match kind {
@@ -598,6 +663,7 @@ impl Sim {
             embedded_appends: 0,
             clock,
             shards: all,
+            metrics,
             stores,
             model: Model {
                 plant,
@@ -608,6 +674,7 @@ impl Sim {
                 wall0: ManualClock::WALL_ORIGIN_MS,
                 last_id: (0, 0),
                 appends: 0,
+                removes: 0,
             },
             down_until: 0,
             late: Vec::new(),
@@ -615,11 +682,15 @@ impl Sim {
                 .map(|_| VecDeque::from([StoreReply::Resync]))
                 .collect(),
             senders: Vec::new(),
+            apps: Vec::new(),
+            origin: std::time::Instant::now(),
             closing: Vec::new(),
             transmissions: 0,
             recipients: (0..RECIPIENTS).map(|r| format!("r{r}")).collect(),
             devices: Vec::new(),
             conv: BTreeMap::new(),
+            acked: BTreeSet::new(),
+            msg_frames: 0,
             per_pair,
             counts: Counts::default(),
         };
@@ -633,6 +704,10 @@ impl Sim {
                 shard,
                 index,
                 pipe,
+                resends_due: false,
+            });
+            sim.apps.push(SenderApp {
+                order: AcceptedOrder::new(std::time::Duration::from_secs(10)),
             });
             for r in 0..RECIPIENTS {
                 sim.conv.insert((s, r), Conversation::default());
@@ -736,6 +811,9 @@ impl Sim {
 
     fn sender_acts(&mut self) {
         let s = self.rng.below(SENDERS as u64) as usize;
+        if self.senders[s].resends_due {
+            return self.sender_resends(s);
+        }
         let r = self.rng.below(RECIPIENTS as u64) as usize;
         let per_pair = self.per_pair;
         let c = self.conv.get_mut(&(s, r)).unwrap();
@@ -782,14 +860,21 @@ impl Sim {
             shard,
             index,
             pipe: Pipe::connect(&name),
+            resends_due: true,
         };
         let mut old = std::mem::replace(&mut self.senders[s], fresh);
         old.pipe.eof = true;
         self.closing.push(old);
-        self.sender_resends(s);
+        // Written with the upgrade (as `ringgate::client` does), or a few steps later, with
+        // answers and store replies served in between.
+        if self.chance(50) {
+            self.sender_resends(s);
+        }
     }
 
     fn sender_resends(&mut self, s: usize) {
+        self.senders[s].resends_due = false;
+        let mut resent = Vec::new();
         for r in 0..RECIPIENTS {
             let c = self.conv.get_mut(&(s, r)).unwrap();
             let mut cids: Vec<usize> = c.in_flight.iter().copied().collect();
@@ -807,8 +892,29 @@ impl Sim {
                 let cid = r * CID_SPACE + n;
                 let text = format!(r#"{{"op":"send","to":"{to}","cid":"{cid}","body":{n}}}"#);
                 self.senders[s].pipe.send(&text);
+                resent.push((cid as u64, to.clone()));
             }
         }
+        self.apps[s].order.resent(resent);
+    }
+
+    /// The virtual time as the client's order rule reads it.
+    fn instant(&self) -> std::time::Instant {
+        self.origin + std::time::Duration::from_millis(self.now())
+    }
+
+    /// Sender `s`'s client tells its application these `accepted` answers, in this order.
+    fn told(&mut self, s: usize, events: Vec<Event>) -> Result<(), String> {
+        for event in events {
+            let Event::Accepted { cid, id } = &event else {
+                return Err(format!("the order rule told {event:?}"));
+            };
+            let cid: usize = cid.parse().map_err(|_| format!("bad cid in {event:?}"))?;
+            let id: u64 = id.parse().map_err(|_| format!("bad id in {event:?}"))?;
+            let (r, n) = (cid / CID_SPACE, cid % CID_SPACE);
+            self.conv.get_mut(&(s, r)).unwrap().accepted.push((n, id));
+        }
+        Ok(())
     }
 
     /// `f0` on another node sends its next message to a recipient: when Redis is up, its
@@ -857,12 +963,7 @@ impl Sim {
                 let shard = crate::mesh::home_shard(name, self.shards.len());
                 if let Some(index) = self.shards[shard].admit(0) {
                     let pipe = Pipe::connect(name);
-                    self.devices.push(Device {
-                        user,
-                        shard,
-                        index,
-                        pipe,
-                    });
+                    self.devices.push(Device::new(user, shard, index, pipe));
                 }
             }
         }
@@ -1114,11 +1215,38 @@ impl Sim {
                     return Err(format!("an answer for a cid not in flight: {v}"));
                 }
                 if op == "accepted" {
-                    let id = v["id"]
+                    let id: u64 = v["id"]
                         .as_str()
                         .and_then(|i| i.parse().ok())
                         .ok_or(format!("no id in {v}"))?;
-                    c.accepted.push((cid, id));
+                    // SPEC section 4: safe = acked by a device of the recipient, or in the
+                    // store (a dedup record under this id; removed entries keep theirs).
+                    self.counts.checks += 1;
+                    let key = (
+                        self.recipients[r].clone(),
+                        self.senders[s].name.clone(),
+                        v["cid"].to_string(),
+                    );
+                    let stored = self.model.records.get(&key).is_some_and(|rec| rec.id == id);
+                    if !stored && !self.acked.contains(&(s, r, cid)) {
+                        return Err(format!(
+                            "s{s}->r{r}: cid {cid} accepted as id {id} before it was safe \
+                             (not in the store, not acked by a device)"
+                        ));
+                    }
+                    let to = self.recipients[r].clone();
+                    let event = Event::Accepted {
+                        cid: v["cid"].as_str().unwrap_or_default().to_string(),
+                        id: id.to_string(),
+                    };
+                    let full = (r * CID_SPACE + cid) as u64;
+                    let now = self.instant();
+                    let told = if self.model.plant == Plant::NoClientOrder {
+                        vec![event]
+                    } else {
+                        self.apps[s].order.accepted(full, &to, event, now)
+                    };
+                    self.told(s, told)?;
                 } else {
                     if c.shown.iter().any(|(shown, _)| *shown == cid)
                         && c.shown_then_refused.insert(cid)
@@ -1126,8 +1254,17 @@ impl Sim {
                         self.counts.shown_then_refused += 1;
                     }
                     c.refused.push(cid);
+                    // Not stored: it no longer holds the other answers back.
+                    let to = self.recipients[r].clone();
+                    let released = self.apps[s]
+                        .order
+                        .refused((r * CID_SPACE + cid) as u64, &to);
+                    self.told(s, released)?;
                 }
             }
+            let now = self.instant();
+            let released = self.apps[s].order.expired(now);
+            self.told(s, released)?;
         }
         Ok(())
     }
@@ -1138,7 +1275,21 @@ impl Sim {
                 if v["op"] != "msg" {
                     continue;
                 }
+                self.msg_frames += 1;
+                if self.model.plant == Plant::LoseFrame && self.msg_frames.is_multiple_of(200) {
+                    continue;
+                }
                 let user = self.devices[i].user;
+                let seq = v["seq"].as_u64().ok_or(format!("no seq in {v}"))?;
+                let last_seq = self.devices[i].last_seq;
+                self.counts.checks += 1;
+                if seq > last_seq + 1 || seq == 0 {
+                    return Err(format!(
+                        "a device of r{user} was sent seq {seq} after seq {last_seq}: \
+                         the seq of a connection has a gap"
+                    ));
+                }
+                self.devices[i].last_seq = last_seq.max(seq);
                 let from = v["from"].as_str().unwrap_or_default();
                 let s: usize = match from {
                     "f0" => FOREIGN,
@@ -1168,14 +1319,18 @@ impl Sim {
                     c.shown.push((cid, id));
                     self.counts.shown += 1;
                 }
+                let d = &mut self.devices[i];
+                d.unacked.insert(seq, (s, cid));
                 if faults && self.rng.below(100) < 10 {
                     self.counts.acks_lost += 1;
                     continue;
                 }
-                let seq = v["seq"].as_u64().ok_or(format!("no seq in {v}"))?;
-                self.devices[i]
-                    .pipe
-                    .send(&format!(r#"{{"op":"ack","seq":{seq}}}"#));
+                d.pipe.send(&format!(r#"{{"op":"ack","seq":{seq}}}"#));
+                // Acks are cumulative: everything up to `seq` is the device's now.
+                let later = d.unacked.split_off(&(seq + 1));
+                for (s, cid) in std::mem::replace(&mut d.unacked, later).into_values() {
+                    self.acked.insert((s, user, cid));
+                }
             }
         }
         Ok(())
@@ -1369,6 +1524,7 @@ pub(crate) fn sweep_kind(
         total.checks += c.checks;
         total.shown_then_refused += c.shown_then_refused;
         total.mesh_msgs += c.mesh_msgs;
+        total.mesh_full += sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
     }
     Ok(total)
 }
@@ -1428,8 +1584,23 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_write_is_found() {
-        finds(Plant::DropWrite, "lost");
+    fn a_write_answered_stored_but_not_kept_is_found_when_accepted() {
+        finds(Plant::DropWrite, "before it was safe");
+    }
+
+    #[test]
+    fn a_message_lost_after_it_was_stored_is_found() {
+        finds(Plant::RemoveNext, "lost");
+    }
+
+    #[test]
+    fn without_the_clients_order_rule_answers_to_resends_break_the_order() {
+        finds(Plant::NoClientOrder, "order");
+    }
+
+    #[test]
+    fn a_frame_lost_by_the_glue_is_found_by_its_seq() {
+        finds(Plant::LoseFrame, "gap");
     }
 
     #[test]
@@ -1548,12 +1719,8 @@ impl Sim {
         };
         sim.shard().on_store_reply(granted, now);
         let index = sim.shard().admit(0).unwrap();
-        sim.devices.push(Device {
-            user: 0,
-            shard: 0,
-            index,
-            pipe: Pipe::connect("r0"),
-        });
+        sim.devices
+            .push(Device::new(0, 0, index, Pipe::connect("r0")));
         sim.poll_all();
         (sim, now)
     }

@@ -7,7 +7,10 @@
 //! - a lost connection is re-established with exponential backoff and jitter;
 //! - a send refused for now (`error` `unavailable` or `rate_limited` with its cid) is resent
 //!   with the same cid after a backoff with jitter (it may then land after newer sends that
-//!   were accepted meanwhile: order is the order of acceptance).
+//!   were accepted meanwhile: order is the order of acceptance);
+//! - after a reconnect, `accepted` answers to a recipient with resent sends are held until
+//!   every resend to it is answered and then told in id order, the order the recipient sees
+//!   (see [`order`]).
 //!
 //! ```no_run
 //! use ringgate::client::{Client, ClientConfig, Event};
@@ -17,6 +20,8 @@
 //!     if let Event::Accepted { cid: c, .. } = &event { if *c == cid { break; } }
 //! }
 //! ```
+
+pub(crate) mod order;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::TcpStream;
@@ -41,6 +46,8 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Give up reconnecting after this long without success.
     pub reconnect_for: Duration,
+    /// Longest an `accepted` is held after a reconnect to be told in store order.
+    pub hold_max: Duration,
 }
 
 impl ClientConfig {
@@ -54,6 +61,7 @@ impl ClientConfig {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
             reconnect_for: Duration::from_secs(30),
+            hold_max: Duration::from_secs(10),
         }
     }
 
@@ -207,6 +215,10 @@ pub struct Client {
     /// The latest read receipt sent per sender, sent again after a reconnect.
     reads_sent: HashMap<String, u64>,
     rng: u64,
+    /// `accepted` answers held after a reconnect, told in store order.
+    order: order::AcceptedOrder,
+    /// Events decided but not returned yet (`poll` returns one at a time).
+    ready: VecDeque<Event>,
 }
 
 impl Client {
@@ -216,6 +228,7 @@ impl Client {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             | 1;
+        let hold_max = cfg.hold_max;
         let mut client = Client {
             cfg,
             ws: None,
@@ -232,6 +245,8 @@ impl Client {
             watching: HashSet::new(),
             reads_sent: HashMap::new(),
             rng: seed,
+            order: order::AcceptedOrder::new(hold_max),
+            ready: VecDeque::new(),
         };
         client.open().map_err(ClientError::Connect)?;
         Ok(client)
@@ -368,6 +383,11 @@ impl Client {
     pub fn poll(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
         let deadline = Instant::now() + timeout;
         loop {
+            let released = self.order.expired(Instant::now());
+            self.ready.extend(released);
+            if let Some(event) = self.ready.pop_front() {
+                return Ok(Some(event));
+            }
             if self.ws.is_none() {
                 let resent = self.reconnect()?;
                 return Ok(Some(Event::Reconnected { resent }));
@@ -383,6 +403,9 @@ impl Client {
                 return Ok(None);
             }
             if let Some(at) = self.retry_at {
+                left = left.min(at.saturating_duration_since(Instant::now()));
+            }
+            if let Some(at) = self.order.next_release() {
                 left = left.min(at.saturating_duration_since(Instant::now()));
             }
             let ws = self.ws.as_mut().expect("connected");
@@ -471,12 +494,21 @@ impl Client {
             }
             "accepted" => {
                 let cid = s("cid");
-                if let Some(n) = self.own_cid(&cid) {
-                    self.unaccepted.remove(&n);
-                    self.refused.remove(&n);
-                    self.retry_backoff = Duration::ZERO;
-                }
-                Some(Event::Accepted { cid, id: s("id") })
+                let event = Event::Accepted {
+                    cid: cid.clone(),
+                    id: s("id"),
+                };
+                let Some((n, sent)) = self
+                    .own_cid(&cid)
+                    .and_then(|n| Some((n, self.unaccepted.remove(&n)?)))
+                else {
+                    return Some(event); // a second answer to a resend, or not ours
+                };
+                self.refused.remove(&n);
+                self.retry_backoff = Duration::ZERO;
+                let told = self.order.accepted(n, &sent.to, event, Instant::now());
+                self.ready.extend(told);
+                self.ready.pop_front()
             }
             "typing" => Some(Event::Typing { from: s("from") }),
             "summary" => Some(Event::Summary {
@@ -512,19 +544,24 @@ impl Client {
                     id: id.to_string(),
                 })
             }
-            "delivered" => Some(Event::Delivered {
-                cid: s("cid"),
-                id: s("id"),
-                to: s("to"),
-            }),
+            "delivered" => {
+                let event = Event::Delivered {
+                    cid: s("cid"),
+                    id: s("id"),
+                    to: s("to"),
+                };
+                self.order.delivered(&s("cid"), event)
+            }
             "error" => {
                 let cid = v.get("cid").cloned();
                 let code = s("code");
                 let refused_now = code == "unavailable" || code == "rate_limited";
                 if let Some(n) = self.own_cid(&s("cid")).filter(|_| refused_now) {
-                    if self.unaccepted.contains_key(&n) {
+                    if let Some(to) = self.unaccepted.get(&n).map(|p| p.to.clone()) {
                         let told = Duration::from_millis(v["retry_ms"].as_u64().unwrap_or(0));
                         self.refuse(n, told);
+                        let released = self.order.refused(n, &to);
+                        self.ready.extend(released);
                     }
                 }
                 Some(Event::Error {
@@ -583,6 +620,12 @@ impl Client {
                 for n in &pending {
                     self.transmit(*n);
                 }
+                self.order.resent(
+                    self.unaccepted
+                        .iter()
+                        .map(|(n, p)| (*n, p.to.clone()))
+                        .collect::<Vec<_>>(),
+                );
                 let reads: Vec<(String, u64)> = self
                     .reads_sent
                     .iter()

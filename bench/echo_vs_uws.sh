@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# SPEC section 8's raw-frame budgets in one run: `/echo`, 100 connections x 64-byte text, with
+# 1 and 16 messages in flight, server pinned to CPU 0, the same generator on CPU 1, against
+# uWebSockets' EchoServer (bench/uws.sh builds it outside this repository). Sides alternate
+# within each round; the summary gives medians and ratios (ringgate / uWebSockets).
+#   messages/s, server CPU us per message (from /proc, over the measured window),
+#   syscalls per echoed message (perf stat -e raw_syscalls:sys_enter on the server, over
+#   warmup + window: an upper bound, setup calls included).
+# Usage: bench/echo_vs_uws.sh [ROUNDS] [DURATION_SECS]
+#   BASE_BIN=<dir with ringgate + ringgate-bench>  adds an older ringgate build as a side
+#   (before/after a change).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+DURATION=${2:-6}
+WARMUP=2
+NEW=target/release
+[ -x $NEW/ringgate ] && [ -x $NEW/ringgate-bench ] || cargo build --release --quiet --workspace
+UWS=$(bash bench/uws.sh)
+command -v perf >/dev/null || { echo "FATAL: perf needed for syscall counts (apt-get install linux-perf)" >&2; exit 1; }
+OUT=$(mktemp -d)
+SIDES="uws ringgate"
+[ -n "${BASE_BIN:-}" ] && SIDES="$SIDES base"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# uWebSockets has no rate limits: ringgate's per-connection frame and per-address limits are
+# off for the comparison (their own cost: bench/limits_cost.sh).
+NO_LIMITS="--conn-frame-rate 0 --ip-connect-rate 0 --ip-max-open 0"
+
+start_server() { # side -> sets SRV (pid) and PORT
+  local port; port=$(free_port)
+  case $1 in
+    uws) (cd "$OUT" && exec taskset -c 0 "$UWS" >/dev/null 2>&1) & SRV=$!; PORT=9001 ;;
+    ringgate) taskset -c 0 $NEW/ringgate --shards 1 --echo-route true $NO_LIMITS --listen 127.0.0.1:$port \
+        --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
+    base) taskset -c 0 "$BASE_BIN/ringgate" --shards 1 --echo-route true $NO_LIMITS --listen 127.0.0.1:$port \
+        --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
+  esac
+  for _ in $(seq 50); do
+    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "FATAL: $1 did not listen on $PORT" >&2; exit 1
+}
+
+for round in $(seq "$ROUNDS"); do
+  for inflight in 1 16; do
+    for side in $SIDES; do
+      start_server $side
+      perf stat -x, -e raw_syscalls:sys_enter -p $SRV -o "$OUT/perf" -- sleep $((DURATION + WARMUP)) &
+      PERF=$!
+      line=$(taskset -c 1 $NEW/ringgate-bench echo -c 100 -s 64 --inflight $inflight \
+        --duration "$DURATION" --warmup $WARMUP --target 127.0.0.1:$PORT --route echo \
+        --gateway-pid $SRV --json -q 2>&1 | tail -1)
+      wait $PERF || true
+      syscalls=$(awk -F, '/raw_syscalls/ {print $1}' "$OUT/perf")
+      kill $SRV; wait $SRV 2>/dev/null || true
+      echo "{\"round\":$round,\"side\":\"$side\",\"inflight\":$inflight,\"syscalls\":${syscalls:-null},\"bench\":$line}" | tee -a "$OUT/runs.jsonl"
+    done
+  done
+done
+
+python3 - "$OUT/runs.jsonl" "$DURATION" "$WARMUP" <<'PY'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+duration, warmup = float(sys.argv[2]), float(sys.argv[3])
+def med(side, inflight, f):
+    xs = [f(r) for r in runs if r["side"] == side and r["inflight"] == inflight]
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+rate = lambda r: r["bench"].get("msgs_per_sec")
+cpu = lambda r: r["bench"].get("gateway_cpu_us_per_msg")
+# Replies over warmup + window, estimated from the window's rate.
+sysc = lambda r: r["syscalls"] / (r["bench"]["msgs_per_sec"] * (duration + warmup)) if r["syscalls"] and r["bench"].get("msgs_per_sec") else None
+sides = sorted({r["side"] for r in runs}, key=lambda s: ["uws", "ringgate", "base"].index(s))
+print("\nmedians of %d rounds (server on CPU 0, generator on CPU 1, 100 conns x 64 B)" % max(r["round"] for r in runs))
+for inflight in (1, 16):
+    for s in sides:
+        print("  inflight %2d  %-8s  %10.0f msg/s  %6.2f us/msg  %5.3f syscalls/msg" % (
+            inflight, s, med(s, inflight, rate) or 0, med(s, inflight, cpu) or 0, med(s, inflight, sysc) or 0))
+    u = lambda f: med("uws", inflight, f)
+    for s in sides[1:]:
+        g = lambda f: med(s, inflight, f)
+        if u(rate) and g(rate) and u(cpu) and g(cpu):
+            print("  inflight %2d  %s/uws: msg/s %.2fx  cpu/msg %.2fx  (budget: msg/s >= 1, cpu <= 0.8)" % (
+                inflight, s, g(rate) / u(rate), g(cpu) / u(cpu)))
+PY
+echo "runs: $OUT/runs.jsonl"
