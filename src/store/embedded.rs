@@ -55,6 +55,16 @@ impl EmbeddedStore {
         self.inbox.total_len()
     }
 
+    /// The seqs of `user`'s entries, oldest first (for the simulation's planted bugs).
+    #[cfg(test)]
+    pub fn seqs(&self, user: &str) -> Vec<crate::store::InboxSeq> {
+        self.inbox
+            .read(user, 0, usize::MAX, 0)
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect()
+    }
+
     /// Drop expired entries; how many (counted by the shard, never silent).
     pub fn expire(&mut self, now: u64) -> usize {
         self.inbox.expire(now)
