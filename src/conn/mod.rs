@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
+use crate::delivery::refusal::ClientRefusal;
 use crate::limit::ip::{IpKey, IpLimits};
 use crate::limit::Limited;
 use crate::metrics::ShardMetrics;
-use crate::proto::{self, ClientFrame, ErrorCode, FrameError};
+use crate::proto::{self, ClientFrame, FrameError};
 use crate::ws::frame::{self, Kind, Violation};
 use crate::ws::upgrade::{self, Decision, Policy, Refusal, Route};
 
@@ -811,11 +812,8 @@ impl Connection {
             Some(Route::Echo) => self.push_frame(kind, payload, ctx),
             Some(Route::App) if kind == Kind::Binary => self.bad_frame(
                 now,
-                FrameError {
-                    code: ErrorCode::BadRequest,
-                    message: "binary frames are not part of protocol v1".into(),
-                    cid: None,
-                },
+                ClientRefusal::BadRequest("binary frames are not part of protocol v1".into())
+                    .frame(None),
                 ctx,
             ),
             Some(Route::App) => {

@@ -1,9 +1,11 @@
-//! Why a `send` or a `publish` was not accepted, typed by where the refusal came from.
+//! Why a client frame was refused, typed by where the refusal came from: the client's frame
+//! ([`ClientRefusal`]), the gateway itself or the store ([`SendRefusal`], for a `send` or a
+//! `publish` that was not accepted).
 //!
-//! A refusal is made where the gateway gives up on a message (a shard's channel is full, the
-//! store failed) and travels as this value to the sender's shard or the API, which answers it.
-//! Turning it into the SPEC's error code, the message a client reads and the API's HTTP status
-//! happens here and nowhere else.
+//! A refusal is made where the gateway gives up on a frame (a frame wrong here, a shard's
+//! channel is full, the store failed) and travels as this value to whoever answers it (the
+//! sender's shard, the API). Turning it into the SPEC's error code, the message a client
+//! reads and the API's HTTP status happens here and nowhere else.
 
 use crate::proto::{ErrorCode, FrameError};
 use crate::store::StoreError;
@@ -79,6 +81,31 @@ impl SendRefusal {
     }
 }
 
+/// A client frame that is well formed but cannot be served as it is: the client's doing,
+/// answered at once; the connection stays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientRefusal {
+    /// Wrong here (`bad_request`): an ack beyond what was sent, a `read` of a message never
+    /// received, a binary frame, a `fetch` without a `summary`.
+    BadRequest(String),
+}
+
+impl ClientRefusal {
+    /// The SPEC's error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ClientRefusal::BadRequest(_) => ErrorCode::BadRequest,
+        }
+    }
+
+    /// The `error` frame that answers it (`cid`: the refused frame's, when it had one).
+    pub fn frame(self, cid: Option<Box<str>>) -> FrameError {
+        let code = self.code();
+        let ClientRefusal::BadRequest(message) = self;
+        FrameError { code, message, cid }
+    }
+}
+
 impl std::fmt::Display for SendRefusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -117,5 +144,13 @@ mod tests {
             busy.frame("not published", "1".into()).message,
             "not published: the recipient's shard is busy, resend later"
         );
+    }
+
+    #[test]
+    fn a_client_refusal_is_a_bad_request_with_its_reason() {
+        let frame = ClientRefusal::BadRequest("ack 9 is beyond 3".into()).frame(None);
+        assert_eq!(frame.code, ErrorCode::BadRequest);
+        assert_eq!(frame.message, "ack 9 is beyond 3");
+        assert_eq!(frame.cid, None);
     }
 }

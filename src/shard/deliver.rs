@@ -20,11 +20,11 @@ use super::msg::{ApiOutcome, Direct, ShardMsg};
 use super::{make_ctx, Shard};
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
-use crate::delivery::refusal::SendRefusal;
+use crate::delivery::refusal::{ClientRefusal, SendRefusal};
 use crate::delivery::{AckError, Dedup, DedupConfig, Seen, Window, WindowConfig, WindowState};
 use crate::limit::Limited;
 use crate::mesh;
-use crate::proto::{self, ErrorCode, FrameError};
+use crate::proto::{self, FrameError};
 use crate::store::{Inbox, InboxSeq, StoredMessage};
 
 /// The sender id of messages posted through `POST /api/send`: reserved, no client connects as
@@ -110,6 +110,9 @@ impl Shard {
                 self.local_presence(&user, true, now);
             }
             self.ensure_mirror(&user, now);
+            // An embedded store reads the inbox now: the replay comes before any answer to
+            // the client's early frames.
+            self.hear_store_now(now);
             self.pump(index, now);
         }
         let ctx = shard_ctx!(self);
@@ -163,6 +166,9 @@ impl Shard {
                     }
                     AppEvent::Ping => {} // answered by the connection, never queued
                 }
+                // What an embedded store answers is heard before the next frame, as its
+                // answers were before it went through the store path.
+                self.hear_store_now(now);
             }
         }
     }
@@ -218,7 +224,7 @@ impl Shard {
             return;
         };
         self.metrics.typing.inc();
-        if self.durable.is_some() {
+        if self.store_shared() {
             let op = crate::store::redis::StoreOp::Typing {
                 from: from.clone(),
                 to: to.clone(),
@@ -479,40 +485,6 @@ impl Shard {
         }
     }
 
-    /// On the recipient's home shard: make the message safe, tell the sender, feed the devices.
-    /// `current`: the connection being polled right now (it writes its own output).
-    pub(super) fn deliver(&mut self, msg: Message, now: u64, current: Option<usize>) {
-        if self.durable.is_some() {
-            return self.durable_deliver(msg, now, current);
-        }
-        let outcome = match self.inbox.append(&msg.to, msg.stored(), now) {
-            Ok(_) => {
-                self.metrics.stored.inc();
-                Outcome::Stored
-            }
-            Err(e) => {
-                self.metrics.store_refused.inc();
-                Outcome::Refused(SendRefusal::Store(e))
-            }
-        };
-        let stored = outcome == Outcome::Stored;
-        let to = msg.to.clone();
-        let id = msg.id;
-        // Single node: every device of the user would be here, on its home shard.
-        if stored && self.push.is_some() && self.devices_of(&to).is_empty() {
-            self.offer_push(&msg, None);
-        }
-        self.report(msg.report(id, outcome));
-        if stored {
-            for device in self.devices_of(&to) {
-                self.pump(device, now);
-                if Some(device) != current {
-                    self.kick(device);
-                }
-            }
-        }
-    }
-
     /// Start offline push: every direct message this shard stores for a user with no device
     /// (see `push`).
     pub fn enable_push(&mut self, link: crate::push::PushLink) {
@@ -745,10 +717,12 @@ impl Shard {
             // Only the first device's ack removes the entry: one `delivered` per message.
             // (While a Redis mirror reloads the entry may be missing from it: still report.)
             if self.inbox.remove(&user, inbox_seq) || !mirror_ready {
-                // Acked before its push went out: cancel it (with Redis the worker finds the
-                // entry gone instead).
-                if let (Some(push), None) = (&mut self.push, &self.durable) {
-                    push.acked(msg.id);
+                // Acked before its push went out: cancel it (with a shared store the worker
+                // finds the entry gone instead).
+                if !self.store_shared() {
+                    if let Some(push) = &mut self.push {
+                        push.acked(msg.id);
+                    }
                 }
                 let home = self.home_of(&msg.from);
                 let delivered = Report {
@@ -760,13 +734,9 @@ impl Shard {
                     outcome: Outcome::Delivered,
                     received_us: self.clock.now_us(),
                 };
-                // With Redis, `delivered` waits for the delete: only the ack that removed the
-                // entry reports it, whichever node its device is on.
-                if self.durable.is_some() {
-                    self.durable_acked(&user, inbox_seq, delivered);
-                } else {
-                    self.report(delivered);
-                }
+                // `delivered` waits for the store's delete: only the ack that removed the entry
+                // reports it, whichever node its device is on.
+                self.store_acked(&user, inbox_seq, delivered);
             }
         }
         self.pump(index, now);
@@ -962,11 +932,7 @@ impl Shard {
     /// Refuse a frame of the connection at `index` that is well formed but wrong here
     /// (`bad_request`, no cid; the connection stays).
     pub(super) fn reply_bad_request(&mut self, index: usize, why: String, now: u64) {
-        let err = FrameError {
-            code: ErrorCode::BadRequest,
-            message: why,
-            cid: None,
-        };
+        let err = ClientRefusal::BadRequest(why).frame(None);
         let ctx = shard_ctx!(self);
         self.conns[index].conn.reply_error(now, err, &ctx);
     }

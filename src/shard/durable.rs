@@ -1,5 +1,10 @@
-//! Redis mode of the delivery path (when `redis_url` is set). The store is the authority; the
-//! shard's memory inbox becomes a *mirror* of the inboxes of the users online on this shard.
+//! The shard's side of its store, one path for both kinds (issue 15): the store is the
+//! authority, and the shard's memory inbox is a *mirror* of the inboxes of the users online
+//! on this shard. Redis (`redis_url` set) answers from its thread; the embedded store
+//! (`store/embedded.rs`) answers in the shard's turn, through the same replies. The rules
+//! below are written for Redis; the embedded store never fails, so it never takes the
+//! paths of a store that is down, in doubt or pushing from other nodes. Other nodes exist
+//! only with Redis: [`Shard::store_shared`] is the one place that asks.
 //!
 //! * `deliver` sends every message to Redis first (one op in the shard's next batch);
 //!   `accepted` goes out only when Redis confirmed the write. A gateway SIGKILL therefore loses
@@ -68,7 +73,7 @@ use crate::delivery::ids::{Claimed, IdGrant, MessageIds};
 use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
 use crate::delivery::refusal::SendRefusal;
 use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
-use crate::store::{InboxSeq, StoreError, StoredMessage};
+use crate::store::{InboxSeq, Store, StoreCaps, StoreError, StoredMessage};
 
 /// How long a failed inbox load waits before it is tried again.
 const LOAD_RETRY_MS: u64 = 500;
@@ -94,6 +99,8 @@ impl Doubt {
 /// Failed writes kept in doubt per pair of users; beyond it, writes to the pair are refused
 /// unsent until a revoke clears them (memory stays bounded while Redis is away).
 const MAX_DOUBTS_PER_PAIR: usize = 1024;
+/// In-process answers heard per round of [`Shard::hear_store_now`] (each round may ask more).
+const HEARD_PER_ROUND: usize = 256;
 
 /// (recipient, sender): the pair of users whose writes keep their order.
 type Pair = (CompactString, CompactString);
@@ -122,9 +129,16 @@ enum Mirror {
     Ready { epoch: u64 },
 }
 
-/// A shard's Redis-mode state.
-pub struct Durable {
-    link: StoreLink,
+/// The shard's side of its store (embedded or Redis, one path): the link, and the state of
+/// the mirrors and writes that the rules above keep.
+pub struct StoreClient {
+    link: Box<dyn Store>,
+    /// Asked in one place ([`Shard::store_shared`]): whether other nodes exist.
+    caps: StoreCaps,
+    /// In-process answers are being heard: an inline poll of a parked connection on the way
+    /// leaves what it asked to the loop already running, so answers are heard in the order
+    /// asked (as a link delivers them).
+    hearing: bool,
     /// Users online on this shard (at least one device).
     mirrors: HashMap<CompactString, Mirror>,
     next_token: u64,
@@ -191,14 +205,26 @@ enum Admit {
 /// (recipient, sender, cid): one message's write.
 type Written = (CompactString, CompactString, Box<str>);
 
-impl Durable {
+impl StoreClient {
+    /// Drop what the store's age cap expired (an in-process store; see [`Store::expire`]).
+    pub(super) fn expire(&mut self, now: u64) -> usize {
+        self.link.expire(now)
+    }
+
+    /// Inbox entries the store holds in the shard's memory.
+    pub(super) fn held(&self) -> usize {
+        self.link.held()
+    }
+
     /// Some entry of `user` waits to enter the mirror: anything newer waits behind it.
     fn has_waiting(&self, user: &str) -> bool {
         self.waiting.get(user).is_some_and(|q| !q.is_empty())
     }
 
-    pub fn new(link: StoreLink) -> Self {
-        Durable {
+    pub fn new(link: Box<dyn Store>) -> Self {
+        StoreClient {
+            caps: link.caps(),
+            hearing: false,
             link,
             mirrors: HashMap::new(),
             next_token: 0,
@@ -219,25 +245,54 @@ impl Durable {
             plant: OrderPlant::None,
         }
     }
-
-    pub fn take_bell_reader(&mut self) -> Option<std::os::unix::net::UnixStream> {
-        self.link.bell_reader.take()
-    }
 }
 
 impl Shard {
+    /// Redis: the shard's store from now on (the embedded one serves until then).
     pub fn enable_store(&mut self, link: StoreLink) {
-        self.durable = Some(Durable::new(link));
-        // Several nodes may share the store: ids come from a slot claimed there.
-        self.msg_ids = MessageIds::claimed_under(self.shared.cfg.node_lease_ms);
-        self.claim_id_slot(self.clock.now_ms());
+        self.use_store(Box::new(link));
+    }
+
+    /// Put `store` behind the shard's one store path.
+    pub fn use_store(&mut self, store: Box<dyn Store>) {
+        self.store = StoreClient::new(store);
+        if self.store_shared() {
+            // Several nodes may share the store: ids come from a slot claimed there.
+            self.msg_ids = MessageIds::claimed_under(self.shared.cfg.node_lease_ms);
+            self.claim_id_slot(self.clock.now_ms());
+        }
+    }
+
+    /// Whether other nodes share this shard's store (the one question asked of the store's
+    /// kind: see [`StoreCaps`]).
+    pub(super) fn store_shared(&self) -> bool {
+        self.store.caps.shared
+    }
+
+    /// Hear the answers an in-process store gives in this turn, through the same reply
+    /// handling as Redis's. Called where a turn's input was handled (each event of a
+    /// connection, a mesh message, the tick); what those answers ask is answered in the loop.
+    pub(super) fn hear_store_now(&mut self, now: u64) {
+        if self.store.hearing || !self.store.link.has_answers_now() {
+            return;
+        }
+        self.store.hearing = true;
+        let mut answers = Vec::new();
+        while self.store.link.has_answers_now() {
+            let wall = self.clock.wall_ms();
+            self.store
+                .link
+                .answers_now(now, wall, &mut answers, HEARD_PER_ROUND);
+            for answer in answers.drain(..) {
+                self.on_store_reply(answer, now);
+            }
+        }
+        self.store.hearing = false;
     }
 
     /// Ask for (or renew) this shard's message id slot when due; keep the gauge honest.
     fn claim_id_slot(&mut self, now: u64) {
-        let Some(d) = &self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         if let Some(held) = self.msg_ids.claim_due(now) {
             let claim = StoreOp::ClaimIdSlot {
                 held,
@@ -271,38 +326,30 @@ impl Shard {
             .set(self.msg_ids.slot(now).is_some() as u64);
     }
 
-    /// The doorbell socket the glue watches for store answers (taken once).
+    /// The doorbell socket the glue watches for store answers (taken once; None: the store
+    /// answers in the shard's turn).
     pub fn take_store_bell(&mut self) -> Option<std::os::unix::net::UnixStream> {
-        self.durable.as_mut()?.take_bell_reader()
+        self.store.link.take_bell_reader()
     }
 
     pub fn clear_store_bell(&self) {
-        if let Some(d) = &self.durable {
-            d.link.clear_bell();
-        }
+        self.store.link.clear_bell();
     }
 
     pub fn take_store_replies(&mut self, max: usize) -> Vec<StoreReply> {
         let mut out = Vec::new();
-        if let Some(d) = &self.durable {
-            d.link.take_replies(&mut out, max);
-        }
+        self.store.link.take_replies(&mut out, max);
         out
     }
 
-    /// True unless a durable store is configured and `user`'s mirror is not loaded yet.
+    /// `user`'s mirror is loaded.
     pub(super) fn mirror_ready(&self, user: &str) -> bool {
-        match &self.durable {
-            None => true,
-            Some(d) => matches!(d.mirrors.get(user), Some(Mirror::Ready { .. })),
-        }
+        matches!(self.store.mirrors.get(user), Some(Mirror::Ready { .. }))
     }
 
     /// A device of `user` started its session: make sure the user's inbox gets loaded.
     pub(super) fn ensure_mirror(&mut self, user: &str, now: u64) {
-        let Some(d) = &self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         if !d.mirrors.contains_key(user) {
             self.load_mirror(user, now);
         }
@@ -310,24 +357,25 @@ impl Shard {
 
     /// A device of `user` left: drop the mirror when it was the last one here.
     pub(super) fn release_mirror(&mut self, user: &str) {
-        if self.durable.is_none() || !self.devices_of(user).is_empty() {
+        if !self.devices_of(user).is_empty() {
             return;
         }
-        let tail = match &mut self.durable {
-            Some(d) => {
-                d.mirrors.remove(user);
-                d.reload_wanted.remove(user);
-                d.missing.remove(user);
-                d.waiting.remove(user);
-                d.tails.remove(user)
-            }
-            None => None,
-        };
+        let d = &mut self.store;
+        d.mirrors.remove(user);
+        d.reload_wanted.remove(user);
+        d.missing.remove(user);
+        d.waiting.remove(user);
+        let tail = d.tails.remove(user);
         self.inbox.drop_user(user);
-        // What the user received is in Redis too (kept at each ack): the next load reads it.
-        self.receipts.forget(user);
+        // With a shared store, what the user received is kept there at each ack (the next
+        // load reads it) and the user may read on another node meanwhile: forgotten here.
+        // This shard is the only place that knows it otherwise.
+        if self.store_shared() {
+            self.receipts.forget(user);
+        }
         self.reads_waiting.take(user);
-        if let Some(d) = &self.durable {
+        {
+            let d = &mut self.store;
             // If it cannot be queued, the entry stays until this run's lease lapses: other
             // nodes then only push into a channel nobody reads, and presence cleans it.
             let _ = d.link.submit(StoreOp::Leave { user: user.into() });
@@ -341,9 +389,7 @@ impl Shard {
 
     fn load_mirror(&mut self, user: &str, now: u64) {
         let limit = self.shared.cfg.inbox_max_messages;
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         if d.epoch == 0 {
             // Not before this node's channel is heard: a mirror read earlier would miss what
             // other nodes push meanwhile (and a device elsewhere may ack it out of Redis before
@@ -379,10 +425,10 @@ impl Shard {
     /// loading, no write unanswered, in doubt or being revoked, nothing to reload. The
     /// periodic lease and id-slot renewals are then all the tick has to do.
     pub(super) fn store_quiet(&self) -> bool {
-        let Some(d) = &self.durable else {
-            return true;
-        };
-        d.up && d.mirrors.is_empty()
+        let d = &self.store;
+        !d.link.has_answers_now()
+            && d.up
+            && d.mirrors.is_empty()
             && d.tails.is_empty()
             && d.writing.is_empty()
             && d.reload_wanted.is_empty()
@@ -391,27 +437,26 @@ impl Shard {
             && d.revoking.is_empty()
             && d.unanswered.is_empty()
             && d.waiting.is_empty()
-            && self.metrics.id_slot_held.get() == 1
+            && (!d.caps.shared || self.metrics.id_slot_held.get() == 1)
     }
 
-    pub(super) fn durable_tick(&mut self, now: u64) {
-        let Some(d) = &mut self.durable else {
-            return;
-        };
-        // Shard 0 keeps this node's lease: other nodes count it alive (presence, directory).
-        let lease_due = d
-            .last_lease_ms
-            .is_none_or(|last| now >= last + self.shared.cfg.node_lease_ms / 3);
-        if self.id == 0 && lease_due {
-            d.last_lease_ms = Some(now);
-            if d.link.submit(StoreOp::Lease).is_ok() {
-                self.metrics.lease_refreshes.inc();
+    pub(super) fn store_tick(&mut self, now: u64) {
+        if self.store_shared() {
+            let d = &mut self.store;
+            // Shard 0 keeps this node's lease: other nodes count it alive (presence,
+            // directory).
+            let lease_due = d
+                .last_lease_ms
+                .is_none_or(|last| now >= last + self.shared.cfg.node_lease_ms / 3);
+            if self.id == 0 && lease_due {
+                d.last_lease_ms = Some(now);
+                if d.link.submit(StoreOp::Lease).is_ok() {
+                    self.metrics.lease_refreshes.inc();
+                }
             }
+            self.claim_id_slot(now);
         }
-        self.claim_id_slot(now);
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         if !d.up && now >= d.last_probe_ms + PROBE_MS {
             d.last_probe_ms = now;
             let _ = d.link.submit(StoreOp::Probe);
@@ -429,7 +474,8 @@ impl Shard {
                 .cloned()
                 .collect();
             for user in in_stable_order(due) {
-                if let Some(d) = &mut self.durable {
+                {
+                    let d = &mut self.store;
                     d.reload_wanted.remove(&user);
                 }
                 if self.mirror_ready(&user) {
@@ -443,9 +489,7 @@ impl Shard {
 
     /// Failed writes are revoked even if their senders never write to the pair again.
     fn revoke_doubts(&mut self) {
-        let Some(d) = &self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         if !d.up || d.doubts.len() == d.revoking.len() {
             return;
         }
@@ -462,9 +506,7 @@ impl Shard {
 
     /// Retry the loads that failed.
     fn retry_loads(&mut self, now: u64) {
-        let Some(d) = &self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         let due: Vec<CompactString> = d
             .mirrors
             .iter()
@@ -476,11 +518,11 @@ impl Shard {
         }
     }
 
-    /// Redis mode of `deliver`: to the store first, or live from memory (see the module doc).
-    pub(super) fn durable_deliver(&mut self, msg: Message, now: u64, current: Option<usize>) {
-        let Some(d) = &self.durable else {
-            return;
-        };
+    /// On the recipient's home shard: make the message safe (to the store first, or live from
+    /// memory while Redis is away: see the module doc), then tell the sender and feed the
+    /// devices. `current`: the connection being polled right now (it writes its own output).
+    pub(super) fn deliver(&mut self, msg: Message, now: u64, current: Option<usize>) {
+        let d = &mut self.store;
         let tail_len = d.tails.get(&msg.to).map_or(0, |t| t.len());
         let missing = d.missing.contains(&msg.to);
         if missing && tail_len > 0 {
@@ -520,7 +562,8 @@ impl Shard {
         self.metrics.live_sends.inc();
         let to = msg.to.clone();
         let seq = self.inbox.append_live(&to, msg.stored(), now);
-        if let Some(d) = &mut self.durable {
+        {
+            let d = &mut self.store;
             d.tails.entry(to.clone()).or_default().insert(seq, msg);
         }
         for device in self.devices_of(&to) {
@@ -534,10 +577,8 @@ impl Shard {
     /// A device acked entry `seq` of `user`, the first here to do so. A live entry is now
     /// safe: its sender gets `accepted` here, then `delivered`. A durable one leaves Redis;
     /// `delivered` goes out when Redis confirms this delete removed it.
-    pub(super) fn durable_acked(&mut self, user: &str, seq: InboxSeq, delivered: Report) {
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+    pub(super) fn store_acked(&mut self, user: &str, seq: InboxSeq, delivered: Report) {
+        let d = &mut self.store;
         if let Some(Mirror::Loading { acked, .. }) = d.mirrors.get_mut(user) {
             acked.push(seq);
         }
@@ -554,19 +595,15 @@ impl Shard {
         self.report(delivered);
     }
 
-    /// Queue an operation; it comes back when the queue is full (or there is no store).
+    /// Queue an operation; it comes back when the queue is full (or the store does not
+    /// serve it).
     pub(super) fn submit_store_op(&mut self, op: StoreOp) -> Result<(), StoreOp> {
-        match &self.durable {
-            Some(d) => d.link.submit(op),
-            None => Err(op),
-        }
+        self.store.link.submit(op)
     }
 
     /// Queue a revoke of the pair's writes in doubt, unless one is on its way.
     fn revoke(&mut self, pair: &Pair) {
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         let Some(writes) = d.doubts.get(pair) else {
             return;
         };
@@ -589,9 +626,7 @@ impl Shard {
     /// then be answered with the entry of a write reported as failed, which the revoke
     /// removes later.
     pub(super) fn store_append(&mut self, mut msg: Message) {
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         let pair: Pair = (msg.to.clone(), msg.from.clone());
         let doubts: Vec<(Box<str>, u64)> = d
             .doubts
@@ -630,9 +665,7 @@ impl Shard {
     /// remove cannot be queued the entry is delivered again later and acked again; the
     /// client drops the copy by `(from, cid)`.
     fn store_remove(&mut self, user: &str, seq: InboxSeq, delivered: Option<Report>) {
-        let Some(d) = &self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         let op = StoreOp::Remove {
             user: user.into(),
             seq,
@@ -673,7 +706,9 @@ impl Shard {
             }
             StoreReply::PresenceChanged { user, runs } => self.on_presence_changed(user, runs, now),
             StoreReply::Pushed { user, seq, msg } => {
-                self.metrics.cross_node_in.inc();
+                if self.store_shared() {
+                    self.metrics.cross_node_in.inc();
+                }
                 self.on_pushed(user, seq, msg, now)
             }
             StoreReply::RemoteReport(report) => {
@@ -719,7 +754,8 @@ impl Shard {
                     self.metrics.redis_errors.inc();
                 }
                 self.metrics.redis_up.set(error.is_none() as u64);
-                if let Some(d) = &mut self.durable {
+                {
+                    let d = &mut self.store;
                     d.up = error.is_none();
                 }
             }
@@ -732,7 +768,8 @@ impl Shard {
             let pair = (msg.to.clone(), msg.from.clone());
             self.no_longer_in_doubt(pair, std::mem::take(&mut msg.write.revoke));
         }
-        if let Some(d) = &mut self.durable {
+        {
+            let d = &mut self.store;
             if let Some(n) = d.writing.get_mut(&msg.to) {
                 *n -= 1;
                 if *n == 0 {
@@ -763,14 +800,19 @@ impl Shard {
                 seq,
             }) => {
                 self.metrics.stored.inc();
-                // Nobody holds a device anywhere; Redis told this shard alone.
+                // Nobody holds a device anywhere; the store told this shard alone. A shared
+                // store is asked whether the entry is still there before the push goes out;
+                // an embedded one's push is cancelled by the ack instead.
+                let shared = self.store_shared();
                 if offline {
-                    self.offer_push(&msg, Some(seq));
+                    self.offer_push(&msg, shared.then_some(seq));
                 }
                 self.metrics.cross_node_out.add(pushed);
-                self.metrics
-                    .redis_spilled_bytes
-                    .add((msg.body.len() + msg.cid.len()) as u64);
+                if shared {
+                    self.metrics
+                        .redis_spilled_bytes
+                        .add((msg.body.len() + msg.cid.len()) as u64);
+                }
                 // The mirror gets the entry from this node's channel (see the module doc).
                 let id = msg.id;
                 self.report(msg.report(id, Outcome::Stored));
@@ -786,7 +828,8 @@ impl Shard {
                 let unknown = matches!(e, StoreError::Unavailable(_));
                 if unknown && msg.write.attempt > 0 {
                     self.metrics.store_writes_in_doubt.inc();
-                    if let Some(d) = &mut self.durable {
+                    {
+                        let d = &mut self.store;
                         let pair = (msg.to.clone(), msg.from.clone());
                         d.doubts.entry(pair).or_default().push(Doubt {
                             cid: msg.cid.clone(),
@@ -807,7 +850,8 @@ impl Shard {
     /// A revoke was answered: the writes it named are no longer in doubt (unless it failed:
     /// the tick revokes them again).
     fn on_revoked(&mut self, pair: Pair, writes: Vec<(Box<str>, u64)>, removed: Option<u64>) {
-        if let Some(d) = &mut self.durable {
+        {
+            let d = &mut self.store;
             d.revoking.remove(&pair);
         }
         if removed.is_some() {
@@ -817,9 +861,7 @@ impl Shard {
 
     /// `writes` of `pair` were revoked: they never land from now on.
     fn no_longer_in_doubt(&mut self, pair: Pair, writes: Vec<(Box<str>, u64)>) {
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         if let Some(doubts) = d.doubts.get_mut(&pair) {
             let before = doubts.len();
             let revoked: HashSet<&(Box<str>, u64)> = writes.iter().collect();
@@ -841,9 +883,7 @@ impl Shard {
     /// mirror like a confirmed local append. A mirror still loading may or may not see it in
     /// its read: it is read again once loaded.
     fn on_pushed(&mut self, user: CompactString, seq: InboxSeq, msg: StoredMessage, now: u64) {
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         let current = d.epoch;
         match d.mirrors.get(&user) {
             // (No mirror is read before the first epoch: see `load_mirror`.)
@@ -867,9 +907,12 @@ impl Shard {
     /// shard's writes still unanswered (it waits for the answer), nor one that failed (it is
     /// being revoked), nor one behind an entry that waits.
     fn admit_entry(&mut self, user: &CompactString, msg: &StoredMessage) -> Admit {
-        let Some(d) = &mut self.durable else {
+        let d = &mut self.store;
+        // The common case (always, with the embedded store, once its answer came): nothing
+        // unanswered, in doubt or waiting; no keys are built.
+        if d.unanswered.is_empty() && d.doubts.is_empty() && !d.has_waiting(user) {
             return Admit::Now;
-        };
+        }
         let written = (user.clone(), msg.from.clone(), msg.cid.clone());
         if d.unanswered.get(&written) == Some(&msg.id) {
             return Admit::Wait(Some(msg.id));
@@ -892,7 +935,8 @@ impl Shard {
 
     #[cfg(test)]
     pub(crate) fn plant_order_bug(&mut self, plant: OrderPlant) {
-        if let Some(d) = &mut self.durable {
+        {
+            let d = &mut self.store;
             d.plant = plant;
         }
     }
@@ -900,7 +944,7 @@ impl Shard {
     /// Whether the simulation planted this bug.
     #[cfg(test)]
     pub(super) fn planted(&self, plant: OrderPlant) -> bool {
-        self.durable.as_ref().is_some_and(|d| d.plant == plant)
+        self.store.plant == plant
     }
 
     fn wait(
@@ -910,7 +954,8 @@ impl Shard {
         msg: StoredMessage,
         awaited: Option<u64>,
     ) {
-        if let Some(d) = &mut self.durable {
+        {
+            let d = &mut self.store;
             d.waiting
                 .entry(user)
                 .or_default()
@@ -922,9 +967,7 @@ impl Shard {
     /// before them.
     fn release_waiting(&mut self, user: CompactString, now: u64) {
         loop {
-            let Some(d) = &mut self.durable else {
-                return;
-            };
+            let d = &mut self.store;
             let Some(queue) = d.waiting.get_mut(&user) else {
                 return;
             };
@@ -952,9 +995,7 @@ impl Shard {
         held: bool,
     ) {
         let window = self.shared.cfg.window as usize;
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         match d.mirrors.get_mut(&user) {
             Some(Mirror::Ready { epoch }) if *epoch == d.epoch => {}
             // Waits for the read (which may hold it already, see `on_loaded`).
@@ -1005,11 +1046,11 @@ impl Shard {
     /// now (each load also registers the user in the directory again). A user with live
     /// entries out is read once they are acked or spilled (a reload would not keep them).
     fn on_resync(&mut self, now: u64) {
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         d.epoch += 1;
-        self.metrics.cluster_epoch.set(d.epoch);
+        if d.caps.shared {
+            self.metrics.cluster_epoch.set(d.epoch);
+        }
         let (now_users, later): (Vec<CompactString>, Vec<CompactString>) = d
             .mirrors
             .keys()
@@ -1023,7 +1064,8 @@ impl Shard {
     }
 
     fn want_reload(&mut self, user: &str) {
-        if let Some(d) = &mut self.durable {
+        {
+            let d = &mut self.store;
             d.reload_wanted.insert(user.into());
         }
     }
@@ -1035,9 +1077,7 @@ impl Shard {
         result: Result<Loaded, StoreError>,
         now: u64,
     ) {
-        let Some(d) = &mut self.durable else {
-            return;
-        };
+        let d = &mut self.store;
         // Only the newest load of a user still online counts.
         if !matches!(d.mirrors.get(&user), Some(Mirror::Loading { token: t, .. }) if *t == token) {
             return;
@@ -1051,9 +1091,7 @@ impl Shard {
                 for (sender, id) in &received {
                     self.receipts.sent(&user, sender, *id);
                 }
-                let Some(d) = &mut self.durable else {
-                    return;
-                };
+                let d = &mut self.store;
                 let (pushes, acked) = match d.mirrors.remove(&user) {
                     Some(Mirror::Loading {
                         pushes,
@@ -1066,7 +1104,9 @@ impl Shard {
                     }
                     _ => unreachable!("checked to be loading above"),
                 };
-                self.metrics.redis_loads.inc();
+                if d.caps.shared {
+                    self.metrics.redis_loads.inc();
+                }
                 self.metrics.inbox_expired.add(expired);
                 let wall = self.clock.wall_ms();
                 // What waited before this read: the read holds what came before its end, and
@@ -1099,7 +1139,7 @@ impl Shard {
                     if read_end.is_some_and(|end| seq <= end) {
                         continue;
                     }
-                    if self.durable.as_ref().is_some_and(|d| d.has_waiting(&user)) {
+                    if self.store.has_waiting(&user) {
                         self.wait(user.clone(), seq, msg, None);
                     } else {
                         let age = wall.saturating_sub(store::seq_time_ms(seq));

@@ -166,11 +166,10 @@ pub struct Shard {
     polling: Vec<usize>,
     /// Requests connections made while handling input (sends, acks), served right after.
     events: RefCell<Vec<AppEvent>>,
-    /// Offline inboxes of the users whose home is this shard (with Redis: the mirror of the
-    /// online users' inboxes, see `durable`).
+    /// The mirror of the offline inboxes of the users online here (see `durable`).
     inbox: crate::store::MemoryInbox,
-    /// Redis mode (None: the embedded store).
-    durable: Option<durable::Durable>,
+    /// The store (embedded or Redis) and what the shard keeps about it (see `durable`).
+    store: durable::StoreClient,
     /// The offline push worker's link (None: no `push_webhook_url`).
     push: Option<crate::push::PushLink>,
     /// Dedup windows of the senders whose home is this shard.
@@ -270,7 +269,9 @@ impl Shard {
             polling: Vec::new(),
             events: RefCell::new(Vec::new()),
             inbox: crate::store::MemoryInbox::new(limits),
-            durable: None,
+            store: durable::StoreClient::new(Box::new(crate::store::embedded::InProcess::new(
+                limits,
+            ))),
             push: None,
             senders: Default::default(),
             msg_ids: crate::delivery::ids::MessageIds::for_shard(id),
@@ -402,6 +403,8 @@ impl Shard {
             }
         };
         self.polling.pop();
+        // What closing asked of an embedded store (a leave, a spill).
+        self.hear_store_now(self.clock.now_ms());
         result
     }
 
@@ -705,6 +708,7 @@ impl Shard {
             },
             ShardMsg::Room(room_msg) => self.on_room_msg(room_msg, now),
         }
+        self.hear_store_now(now);
         None
     }
 
@@ -1049,18 +1053,20 @@ impl Shard {
         }
         self.fired = fired;
         self.retry_unsent();
-        self.durable_tick(now);
+        self.store_tick(now);
         self.watch_tick(now);
         if now >= self.last_expire_ms + INBOX_SWEEP_MS {
             self.last_expire_ms = now;
             self.sweep_rooms(now);
             self.send_buckets.sweep(now);
-            let expired = crate::store::Inbox::expire(&mut self.inbox, now);
+            // The mirror only forgets; the store counts what its age cap drops (Redis with
+            // its answers, the embedded store here).
+            crate::store::Inbox::expire(&mut self.inbox, now);
+            let expired = self.store.expire(now);
             self.metrics
                 .inbox_mirrored
-                .set(self.inbox.total_len() as u64);
-            // With Redis the mirror only forgets; Redis counts what its age cap trims.
-            if expired > 0 && self.durable.is_none() {
+                .set((self.inbox.total_len() + self.store.held()) as u64);
+            if expired > 0 {
                 // Counted and logged, never silent (SPEC: 72 h age cap).
                 self.metrics.inbox_expired.add(expired as u64);
                 tracing::info!(
@@ -1070,6 +1076,7 @@ impl Shard {
                 );
             }
         }
+        self.hear_store_now(now);
         self.metrics.wheel_entries.set(self.wheel.len() as u64);
         if self.released_since_collect > 0
             && now >= self.last_collect_ms + crate::alloc::RELEASE_EVERY_MS
@@ -1104,9 +1111,9 @@ impl Shard {
         let tick = self.shared.cfg.tick_ms;
         // With Redis the node lease and the id slot are renewed every lease/3: an idle tick
         // stays well inside that (a test's short lease included).
-        let idle = match self.durable {
-            Some(_) => IDLE_TICK_MS.min(self.shared.cfg.node_lease_ms / 6),
-            None => IDLE_TICK_MS,
+        let idle = match self.store_shared() {
+            true => IDLE_TICK_MS.min(self.shared.cfg.node_lease_ms / 6),
+            false => IDLE_TICK_MS,
         };
         let next = if busy { tick } else { idle.max(tick) };
         self.planned_extra_ms = next - tick;

@@ -60,7 +60,7 @@ impl Shard {
                 by_shard.entry(home).or_default().push(u.clone());
             }
         }
-        let asks_directory = self.durable.is_some();
+        let asks_directory = self.store_shared();
         let waiting = by_shard.len() + asks_directory as usize;
         let ask = PresenceAsk {
             asker,

@@ -300,7 +300,7 @@ impl Shard {
         now: u64,
     ) {
         let limits = self.history_limits();
-        let durable = self.durable.is_some();
+        let durable = self.store_shared();
         let homed = self.homed(&room);
         if new_member {
             homed.members_by_shard[shard] += 1;
@@ -344,11 +344,12 @@ impl Shard {
     }
 
     fn home_leave(&mut self, room: &CompactString, shard: usize) {
+        let shared = self.store_shared();
         let Some(homed) = self.rooms_home.get_mut(room) else {
             return;
         };
         homed.members_by_shard[shard] = homed.members_by_shard[shard].saturating_sub(1);
-        if self.durable.is_some() && homed.members_by_shard.iter().all(|n| *n == 0) {
+        if shared && homed.members_by_shard.iter().all(|n| *n == 0) {
             // This node's last member left: other nodes stop pushing the room here. If it
             // cannot be queued, the pushes that still come are dropped here.
             homed.last_pushed = 0;
@@ -568,7 +569,7 @@ impl Shard {
         now: u64,
     ) {
         let ts = self.clock.wall_ms();
-        if self.durable.is_some() {
+        if self.store_shared() {
             let Some(id) = self.msg_ids.next(ts, now) else {
                 self.metrics.store_refused.inc();
                 let why = SendRefusal::Busy(super::deliver::NO_ID_SLOT);

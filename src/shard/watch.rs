@@ -95,7 +95,7 @@ impl Shard {
             if let Some(told) = told {
                 self.tell_watchers(told);
             }
-            if first && self.durable.is_some() {
+            if first && self.store_shared() {
                 // This node hears the user's directory changes from now on; where else the
                 // user is online now comes from a directory question.
                 let _ = self.submit_store_op(StoreOp::WatchPresence {
@@ -104,7 +104,7 @@ impl Shard {
                 });
                 self.recheck_remote(vec![user]);
             }
-        } else if self.presence_views.unwatch(&user, shard) && self.durable.is_some() {
+        } else if self.presence_views.unwatch(&user, shard) && self.store_shared() {
             let _ = self.submit_store_op(StoreOp::WatchPresence { user, on: false });
         }
         self.metrics.watched.set(self.presence_views.len() as u64);
@@ -157,7 +157,7 @@ impl Shard {
         for told in self.presence_views.tick(now) {
             self.tell_watchers(told);
         }
-        if self.durable.is_none() || self.presence_views.is_empty() {
+        if !self.store_shared() || self.presence_views.is_empty() {
             return;
         }
         // This node's registration as the users' watcher: renewed well within its TTL, and

@@ -247,6 +247,12 @@ impl MemoryInbox {
         true
     }
 
+    /// The next entry's seq is at least `floor` (the embedded store numbers entries by their
+    /// append time, see `store/embedded.rs`).
+    pub fn raise_next_seq(&mut self, floor: InboxSeq) {
+        self.next_seq = self.next_seq.max(floor);
+    }
+
     /// Mirror mode, store unavailable: add an entry the store does *not* hold, after every
     /// entry this inbox has ever held (so after anything a connection was already given).
     /// No cap check: the caller bounds these. Returns its seq.

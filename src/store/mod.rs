@@ -17,14 +17,80 @@
 //!   [`Inbox::expire`] drops it and reports how many it dropped, so expiry is counted, never
 //!   a silent loss.
 //!
-//! Time is injected as milliseconds; nothing here reads a clock, spawns or locks. The trait
-//! is synchronous: it fits the embedded store, which answers at once, and is the seam where
-//! another implementation plugs in.
+//! Time is injected as milliseconds; nothing here reads a clock, spawns or locks.
+//!
+//! # One store interface
+//! A shard talks to its store, embedded or Redis, through one request/reply path, [`Store`]:
+//! it submits [`StoreOp`]s and hears [`StoreReply`]s, and its delivery rules
+//! (`shard/durable.rs`) do not fork on the kind. The embedded store ([`embedded`]) answers on
+//! the shard in the same turn; Redis ([`redis::StoreLink`]) on its own thread; the
+//! simulation (`src/sim/`) stands at the other end of a link and puts faults between a
+//! request and its reply. What legitimately differs (other nodes exist only with a shared
+//! store) is a capability, [`StoreCaps`], asked in one place (`Shard::store_shared`).
 
+pub mod embedded;
 pub mod memory;
 pub mod redis;
 
 pub use memory::{MemoryInbox, SenderSummary};
+pub use redis::{StoreOp, StoreReply};
+
+/// What a store can do beyond one shard's inboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreCaps {
+    /// Other gateway nodes share this store: it keeps the user directory and node leases,
+    /// answers room joins and presence, carries typing and watch, grants message id slots,
+    /// checks an entry before its offline push, and counts what its age cap trims.
+    pub shared: bool,
+}
+
+impl StoreCaps {
+    /// The embedded store: this node is alone.
+    pub const SINGLE_NODE: StoreCaps = StoreCaps { shared: false };
+    /// Redis: other nodes may use it too.
+    pub const SHARED: StoreCaps = StoreCaps { shared: true };
+}
+
+/// A shard's end of its store: requests in, replies out, in the order asked.
+pub trait Store {
+    /// Queue `op`; it comes back when it cannot be queued (a full queue, or an operation this
+    /// store does not serve).
+    fn submit(&mut self, op: StoreOp) -> Result<(), StoreOp>;
+
+    fn caps(&self) -> StoreCaps;
+
+    /// Answers the shard hears in its current turn, at most `max` (an in-process store runs
+    /// what it was asked now, at `now` / `wall` ms). A store on another thread answers
+    /// through [`Store::take_replies`] when its doorbell rings instead.
+    fn answers_now(&mut self, _now: u64, _wall: u64, _out: &mut Vec<StoreReply>, _max: usize) {}
+
+    /// Something is waiting for [`Store::answers_now`].
+    fn has_answers_now(&self) -> bool {
+        false
+    }
+
+    /// The doorbell socket the glue watches for answers (taken once; None: no doorbell).
+    fn take_bell_reader(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        None
+    }
+
+    /// The doorbell was read: clear it before draining.
+    fn clear_bell(&self) {}
+
+    /// Answers that came through the doorbell, at most `max`.
+    fn take_replies(&mut self, _out: &mut Vec<StoreReply>, _max: usize) {}
+
+    /// Drop expired entries held here; how many. (A shared store trims by itself and
+    /// reports it with its answers.)
+    fn expire(&mut self, _now: u64) -> usize {
+        0
+    }
+
+    /// Inbox entries this store holds in the shard's memory.
+    fn held(&self) -> usize {
+        0
+    }
+}
 
 /// Messages kept per user at most (SPEC default 10,000).
 pub const DEFAULT_INBOX_MAX_MESSAGES: usize = 10_000;

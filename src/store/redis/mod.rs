@@ -335,6 +335,31 @@ pub struct StoreLink {
     own_bell: Arc<Doorbell>,
     /// The socket the shard reads its doorbell from (taken by the glue).
     pub bell_reader: Option<std::os::unix::net::UnixStream>,
+    /// Redis is shared by nodes; the simulation's embedded mode stands at the end of a link
+    /// with one shard's store.
+    caps: super::StoreCaps,
+}
+
+impl super::Store for StoreLink {
+    fn submit(&mut self, op: StoreOp) -> Result<(), StoreOp> {
+        StoreLink::submit(self, op)
+    }
+
+    fn caps(&self) -> super::StoreCaps {
+        self.caps
+    }
+
+    fn take_bell_reader(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        self.bell_reader.take()
+    }
+
+    fn clear_bell(&self) {
+        StoreLink::clear_bell(self)
+    }
+
+    fn take_replies(&mut self, out: &mut Vec<StoreReply>, max: usize) {
+        StoreLink::take_replies(self, out, max)
+    }
 }
 
 impl StoreLink {
@@ -479,6 +504,7 @@ impl StoreLink {
             wake_store,
             own_bell,
             bell_reader: None,
+            caps: super::StoreCaps::SHARED,
         };
         let end = StoreEnd {
             ops: ops_rx,
@@ -486,6 +512,12 @@ impl StoreLink {
             _bells: [store_bell, shard_bell],
         };
         (link, end)
+    }
+
+    /// A link whose far end plays the embedded store (the simulation's embedded mode).
+    pub fn single_node(mut self) -> StoreLink {
+        self.caps = super::StoreCaps::SINGLE_NODE;
+        self
     }
 }
 
@@ -507,6 +539,7 @@ pub fn start(settings: RedisSettings, shards: usize) -> std::io::Result<Vec<Stor
             wake_store: wake_store.clone(),
             own_bell: own_bell.clone(),
             bell_reader: Some(shard_reader),
+            caps: super::StoreCaps::SHARED,
         });
         pipes.push(ShardPipe {
             shard,

@@ -325,6 +325,12 @@ pub fn seq_to_stream_id(seq: InboxSeq) -> String {
     format!("{}-{}", seq >> SEQ_BITS, seq & ((1 << SEQ_BITS) - 1))
 }
 
+/// The lowest seq of an entry appended at `wall_ms` (an in-process store numbers its
+/// entries like Redis's stream ids, so [`seq_time_ms`] holds for both).
+pub fn seq_floor_at(wall_ms: u64) -> InboxSeq {
+    wall_ms << SEQ_BITS
+}
+
 /// Milliseconds since the Unix epoch at which Redis appended the entry `seq`.
 pub fn seq_time_ms(seq: InboxSeq) -> u64 {
     seq >> SEQ_BITS
