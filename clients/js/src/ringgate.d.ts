@@ -68,7 +68,7 @@ export interface RinggateOptions {
   ackDelayMs?: number;
   /** or at once when this many are waiting (64). */
   ackBatch?: number;
-  /** Longest time `accepted` events are held to be told in server order (10000). */
+  /** Longest time an `accepted` is held to be told in server order (10000); then told sorted. */
   holdMaxMs?: number;
   /** Sends unanswered at once on a connection (64); 1 after a refusal, doubling per accepted. */
   maxInFlight?: number;
@@ -120,7 +120,8 @@ export interface RinggateEvents {
   welcome: { user: string; conn: string; v: number };
   /** A direct message, shown once per (from, cid); acked after the handlers ran. */
   message: { from: string; cid: Cid; id: string; ts: number; body: Json; type?: string };
-  /** The gateway took responsibility; per recipient in server-id order after a reconnect. */
+  /** The gateway took responsibility; told per recipient in server-id order (per room in
+   * offset order), held while an older send to it is unanswered (README "Order of accepted"). */
   accepted: { cid: string; id: string; to?: string; room?: string; offset?: number };
   delivered: { cid: Cid; id: string; to: string };
   /** `by` has read every message of `from` up to `id` (only forward, once). */

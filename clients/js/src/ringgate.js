@@ -6,11 +6,13 @@
 //   most once, deduplicated by (from, cid) (bounded memory, persisted);
 // - every `send` / `publish` is kept in an outbox (persisted) until its `accepted`, and resent
 //   with the same cid after a reconnect, a reload, or an `unavailable` / `rate_limited` answer
-//   (after `retry_ms` when the gateway gave one);
+//   (after `retry_ms` when the gateway gave one); a `send` written before is resent with
+//   `"resend":true`;
 // - a lost connection is re-established with exponential backoff and full jitter; in-band
 //   refusals (close 4001 / 4003 / 4029 / 4503 after an `error` frame) are acted on;
 // - rooms are re-joined with `since` = the last offset seen; a `gap` is reported and recovered;
-// - `accepted` events are told in server-id order per recipient across a reconnect (README
+// - `accepted` events are told in server-id order per recipient (offset order per room), also
+//   when answers were lost or a refused send had been stored by another attempt (README
 //   "Order of accepted").
 // Plain modern JavaScript, no dependencies, no build step. Time, randomness, the WebSocket
 // constructor and the storage are injectable (the unit tests drive all four).
@@ -221,9 +223,15 @@ export class RinggateClient {
     this._inFlight = new Set(); // cids sent on this connection, not answered yet
     this._window = o.maxInFlight; // how many may be: 1 after a refusal, doubling per accepted
     this._conn = 0; // serial of the welcomed connection (entry.sent names the one it went on)
-    this._batch = new Map(); // order key -> Set<cid> resent after a reconnect, not answered yet
-    this._held = new Map(); // order key -> [{ ev, delivered: [] }]
+    // Order of `accepted` (README "Order of accepted"): `_txCount` counts transmissions, what
+    // "before" means between sends; per order key, the entries written (or restored) and not
+    // answered yet (each with its firstTx, lastTx), and the answers held back.
+    this._txCount = 0;
+    this._unanswered = new Map(); // order key -> Map<cid, entry>
+    this._held = new Map(); // order key -> [{ ev, lastTx, delivered: [] }]
     this._holdTimers = new Map();
+    this._telling = []; // [event, data] to tell in this order (see _tell)
+    this._draining = false;
     // cids are unique per sender across reloads and devices: the server drops a cid it has
     // accepted before (its dedup window), so a reused one would lose a message.
     this._cidPrefix = Date.now().toString(36) + '-' + randomTag();
@@ -298,9 +306,8 @@ export class RinggateClient {
   _stopWith(reason, error) {
     const ws = this._detach();
     for (const k of ['reconnect', 'retry']) this._clear(k);
-    // answers held for order are told now (sorted): no batch completes while stopped
-    for (const k of [...this._held.keys()]) this._release(k);
-    this._batch.clear();
+    // answers held for order are told now (sorted): from here on order is best effort
+    for (const k of [...this._held.keys()]) this._release(k, true);
     this._flush(false);
     try {
       ws?.close(1000, 'bye');
@@ -525,8 +532,12 @@ export class RinggateClient {
       this._outbox.clear();
       this._outboxBytes = 0;
       for (const [cid, op, target, body, bytes] of out.entries) {
-        this._outbox.set(cid, { cid, op, target, body, bytes, tx: 1 });
+        // Written by an earlier page, when is unknown: before anything this page writes (the
+        // order rule), and resent with `resend:true`.
+        const entry = { cid, op, target, body, bytes, tx: 1, firstTx: 0, lastTx: 0 };
+        this._outbox.set(cid, entry);
         this._outboxBytes += bytes;
+        this._unansweredOf(orderKey(entry)).set(cid, entry);
       }
       for (const e of mine) {
         this._outbox.set(e.cid, e);
@@ -638,7 +649,7 @@ export class RinggateClient {
         `outbox full (${this._outbox.size} sends, ${this._outboxBytes} bytes not accepted yet)`,
       );
     }
-    const entry = { cid, op, target, body, bytes, tx: 0 };
+    const entry = { cid, op, target, body, bytes, tx: 0, firstTx: null, lastTx: null };
     this._outbox.set(cid, entry);
     this._outboxBytes += bytes;
     this._saveOutbox(); // before it leaves: a reload from here on resends it
@@ -680,7 +691,30 @@ export class RinggateClient {
       entry.op === 'send'
         ? { op: 'send', to: entry.target, cid: entry.cid, body: entry.body }
         : { op: 'publish', room: entry.target, cid: entry.cid, body: entry.body };
-    if (this._sendFrame(frame)) entry.tx++;
+    // Written before (another connection, a refused attempt, an earlier page): another
+    // attempt of it may be stored already, so the gateway never shows it live past the store
+    // (docs/protocol.md). Publishes always go through the room's history: no flag.
+    if (entry.op === 'send' && entry.tx > 0) frame.resend = true;
+    if (!this._sendFrame(frame)) return;
+    entry.tx++;
+    const tx = ++this._txCount;
+    if (entry.firstTx == null) entry.firstTx = tx;
+    entry.lastTx = tx;
+    this._unansweredOf(orderKey(entry)).set(entry.cid, entry);
+  }
+
+  _unansweredOf(k) {
+    let m = this._unanswered.get(k);
+    if (!m) this._unanswered.set(k, (m = new Map()));
+    return m;
+  }
+
+  /** `cid` of order key `k` has its last answer (accepted, or refused for good). */
+  _answered(k, cid) {
+    const m = this._unanswered.get(k);
+    if (!m) return;
+    m.delete(cid);
+    if (m.size === 0) this._unanswered.delete(k);
   }
 
   /** Sends not accepted yet, in send order. */
@@ -850,16 +884,8 @@ export class RinggateClient {
     if (Number.isSafeInteger(f.max_frame)) this._maxFrame = f.max_frame;
     if (Number.isSafeInteger(f.heartbeat_ms) && f.heartbeat_ms > 0) this._heartbeatMs = f.heartbeat_ms;
     this._heartbeat();
-    // Resend the outbox in send order. What went out before (or was restored) may be
-    // answered out of store order: hold those answers (see _onAccepted).
-    const resend = [...this._outbox.values()];
-    for (const e of resend) {
-      if (e.tx > 0) {
-        const k = orderKey(e);
-        if (!this._batch.has(k)) this._batch.set(k, new Set());
-        this._batch.get(k).add(e.cid);
-      }
-    }
+    // Resend the outbox in send order (its answers may come out of store order: _onAccepted).
+    const resent = this._outbox.size;
     this._conn++;
     this._inFlight.clear();
     this._window = this.opts.maxInFlight;
@@ -877,7 +903,7 @@ export class RinggateClient {
     for (let i = 0; i < watched.length; i += 100) this._sendFrame({ op: 'watch', users: watched.slice(i, i + 100) });
     for (const room of this._rooms.keys()) this._sendJoin(room);
     this._emit('welcome', { user: f.user, conn: f.conn, v: f.v });
-    this._setState('open', { resent: resend.length });
+    this._setState('open', { resent });
   }
 
   _heartbeat() {
@@ -936,48 +962,70 @@ export class RinggateClient {
     else ev.room = e.target;
     if (f.offset != null) ev.offset = f.offset;
     const k = orderKey(e);
-    const batch = this._batch.get(k);
-    if (batch && batch.size > 0) {
-      if (!this._held.has(k)) {
-        this._held.set(k, []);
-        this._holdTimers.set(
-          k,
-          this._clock.setTimeout(() => this._release(k), delay(this.opts.holdMaxMs)),
-        );
-      }
-      this._held.get(k).push({ ev, delivered: [] });
-      this._answered(k, f.cid);
-    } else {
-      this._emit('accepted', ev);
+    this._answered(k, f.cid);
+    if (!this._held.has(k)) this._held.set(k, []);
+    this._held.get(k).push({ ev, lastTx: e.lastTx ?? 0, delivered: [] });
+    this._release(k, false);
+    if (this._held.has(k) && !this._holdTimers.has(k)) {
+      // the hold ends after holdMaxMs at the latest (sorted all the same)
+      const h = this._clock.setTimeout(() => {
+        this._holdTimers.delete(k);
+        this._release(k, true);
+      }, delay(this.opts.holdMaxMs));
+      this._holdTimers.set(k, h);
     }
     this._pump();
   }
 
-  /** `cid` of the resend batch of `k` has its answer (accepted or refused). */
-  _answered(k, cid) {
-    const batch = this._batch.get(k);
-    if (!batch) return;
-    batch.delete(cid);
-    if (batch.size === 0) {
-      this._batch.delete(k);
-      this._release(k);
-    }
-  }
-
-  /** Tell the held `accepted` events of `k`, in server order. */
-  _release(k) {
-    const h = this._holdTimers.get(k);
-    if (h != null) this._clock.clearTimeout(h);
-    this._holdTimers.delete(k);
-    this._batch.delete(k);
-    const held = this._held.get(k) || [];
-    this._held.delete(k);
+  /**
+   * Tell the held answers of `k` sorted by id (by offset for a room): all of them when `all`
+   * (the hold ran out, or stop), else as far as no unanswered send may have been stored
+   * before the next one, i.e. while its last transmission came before the first
+   * transmission of every send of `k` still without `accepted` (in flight, or refused and
+   * waiting: a refusal says this attempt was not taken, not that no other attempt was).
+   */
+  _release(k, all) {
+    const held = this._held.get(k);
+    if (!held) return;
     held.sort((a, b) =>
       a.ev.offset != null && b.ev.offset != null ? a.ev.offset - b.ev.offset : compareIds(a.ev.id, b.ev.id),
     );
-    for (const { ev, delivered } of held) {
-      this._emit('accepted', ev);
-      for (const d of delivered) this._emit('delivered', d);
+    let free = held.length;
+    if (!all) {
+      let earliest = Infinity;
+      for (const e of this._unanswered.get(k)?.values() ?? []) earliest = Math.min(earliest, e.firstTx);
+      free = 0;
+      while (free < held.length && held[free].lastTx < earliest) free++;
+    }
+    const told = held.splice(0, free);
+    if (held.length === 0) {
+      if (this._holdTimers.has(k)) this._clock.clearTimeout(this._holdTimers.get(k));
+      this._holdTimers.delete(k);
+      this._held.delete(k);
+    }
+    const events = [];
+    for (const { ev, delivered } of told) {
+      events.push(['accepted', ev]);
+      for (const d of delivered) events.push(['delivered', d]);
+    }
+    this._tell(events);
+  }
+
+  /**
+   * Emit `accepted` / `delivered` events in this order, also when a handler causes more
+   * (a `stop()` in a handler releases what is held: after the rest of this list).
+   */
+  _tell(events) {
+    this._telling.push(...events);
+    if (this._draining) return;
+    this._draining = true;
+    try {
+      while (this._telling.length) {
+        const [name, data] = this._telling.shift();
+        this._emit(name, data);
+      }
+    } finally {
+      this._draining = false;
     }
   }
 
@@ -987,7 +1035,7 @@ export class RinggateClient {
       const h = held.find((x) => x.ev.cid === f.cid);
       if (h) return void h.delivered.push(d);
     }
-    this._emit('delivered', d);
+    this._tell([['delivered', d]]);
   }
 
   _onError(f) {
@@ -1007,8 +1055,11 @@ export class RinggateClient {
         this._inFlight.delete(f.cid);
         this._saveOutbox();
         ev.dropped = true;
+        // Never told: it holds no answer any more. (A refusal for now keeps holding.)
+        const k = orderKey(e);
+        this._answered(k, f.cid);
+        this._release(k, false);
       }
-      this._answered(orderKey(e), f.cid);
     }
     this._emit('error', ev);
     if (e) this._pump();

@@ -361,6 +361,7 @@ test('sends are resent with their cids, in send order, after a reconnect; accept
   assert.deepEqual(s.ops('send'), [], 'nothing before the welcome');
   s.welcome('alice');
   assert.deepEqual(s.ops('send').map((f) => f.cid), [c1, c3, c4]);
+  assert.deepEqual(s.ops('send').map((f) => f.resend), [true, true, undefined], 'c4 had never been written');
   assert.deepEqual(t.client.pending().map((p) => p.cid), [c1, c3, c4]);
   assert.equal(t.of('state').at(-1).resent, 3);
 });
@@ -445,7 +446,7 @@ test('order: after a reconnect, accepted answers are told in server-id order per
   assert.deepEqual(told.slice(2, 4), [`accepted:${b}`, `delivered:${b}`], 'delivered follows its accepted');
 });
 
-test('order: a refused resend leaves the batch (it was not stored); held answers are released after holdMaxMs at most', () => {
+test('order: a refused resend still holds (another attempt may be stored); held answers are released after holdMaxMs at most', () => {
   const t = setup({ options: { holdMaxMs: 3000 } });
   let s = connect(t);
   const [a, b] = [1, 2].map((n) => t.client.send('bob', n));
@@ -455,7 +456,11 @@ test('order: a refused resend leaves the batch (it was not stored); held answers
   s.recv({ op: 'accepted', cid: b, id: '20' });
   assert.equal(t.of('accepted').length, 0);
   s.recv({ op: 'error', code: 'unavailable', message: 'x', cid: a });
-  assert.deepEqual(t.of('accepted').map((x) => x.cid), [b], 'released once the batch is answered');
+  assert.equal(t.of('accepted').length, 0, 'a refusal says this attempt was not taken, not that none was');
+  t.clock.advance(t.clock.nextIn()); // the retry
+  assert.deepEqual(s.ops('send').at(-1), { op: 'send', to: 'bob', cid: a, body: 1, resend: true });
+  s.recv({ op: 'accepted', cid: a, id: '10' }); // stored by the first connection after all
+  assert.deepEqual(t.of('accepted').map((x) => x.cid), [a, b]);
   // an answer that never comes
   const t2 = setup({ options: { holdMaxMs: 3000 } });
   let s2 = connect(t2);
@@ -490,14 +495,207 @@ test('order: stop tells the held answers (sorted) and leaves no timer behind', (
   assert.deepEqual(t.of('accepted').map((e) => e.cid), [b, a]);
 });
 
-test('without a reconnect, accepted events are told as they come', () => {
+test('without a reconnect too, an answer waits for the older sends to its recipient', () => {
+  // (The batch rule before told b at once: only resends after a reconnect held answers.)
   const t = setup();
   const s = connect(t);
   const [a, b] = [1, 2].map((n) => t.client.send('bob', n));
   s.recv({ op: 'accepted', cid: b, id: '2' });
-  assert.deepEqual(t.of('accepted').map((e) => e.cid), [b]);
+  assert.deepEqual(t.of('accepted').map((e) => e.cid), [], 'a went out first: it may be stored first');
   s.recv({ op: 'accepted', cid: a, id: '3' });
-  assert.deepEqual(t.of('accepted').map((e) => e.cid), [b, a]);
+  assert.deepEqual(t.of('accepted').map((e) => e.cid), [b, a], 'sorted by id');
+});
+
+// ---- order of accepted: the cases of src/client/order.rs, through the client -----------------
+// Transmissions are made by sends, reconnects (every unanswered send again) and retries after
+// a refusal; `told` lists what the app heard, `A<n>` / `D<n>` for accepted / delivered of send n.
+
+function orderSetup(options = {}) {
+  const t = setup({ options: { holdMaxMs: 10000, ...options } });
+  const s = connect(t);
+  const names = new Map();
+  const send = (to = 'bob') => {
+    const cid = t.client.send(to, names.size + 1);
+    names.set(cid, String(names.size + 1));
+    return cid;
+  };
+  const told = () =>
+    t.events
+      .filter((e) => e.event === 'accepted' || e.event === 'delivered')
+      .map((e) => (e.event === 'accepted' ? 'A' : 'D') + (names.get(e.cid) ?? e.cid));
+  return { t, s, send, told };
+}
+
+/** Drop the connection and reconnect: every unanswered send is written again. */
+function reconnect(t) {
+  t.ws.last().serverClose(1006);
+  t.clock.advance(t.clock.nextIn());
+  return connect(t);
+}
+
+test('order: answers in send order are told at once', () => {
+  const { s, send, told } = orderSetup();
+  const [a, b] = [send(), send()];
+  s.recv({ op: 'accepted', cid: a, id: '9' });
+  assert.deepEqual(told(), ['A1']);
+  s.recv({ op: 'accepted', cid: b, id: '10' });
+  assert.deepEqual(told(), ['A1', 'A2']);
+});
+
+test('order: an answer waits for older sends, then all are told by id', () => {
+  // 1's answer is late; it was stored before 2 and 3.
+  const { s, send, told } = orderSetup();
+  const [a, b, c] = [send(), send(), send()];
+  s.recv({ op: 'accepted', cid: b, id: '20' });
+  s.recv({ op: 'accepted', cid: c, id: '30' });
+  assert.deepEqual(told(), []);
+  s.recv({ op: 'accepted', cid: a, id: '10' });
+  assert.deepEqual(told(), ['A1', 'A2', 'A3']);
+});
+
+test('order: answers to resends in resend order are told in store order', () => {
+  // 1 and 2 went out; 2 was stored (id 20), 1's attempt failed and its refusal was lost with
+  // the connection. After the reconnect both are resent; 1 is stored now (id 30) and answered
+  // first, 2 is answered from the dedup window.
+  const { t, send, told } = orderSetup();
+  const [a, b] = [send(), send()];
+  const s = reconnect(t);
+  assert.deepEqual(s.ops('send').map((f) => f.cid), [a, b]);
+  s.recv({ op: 'accepted', cid: a, id: '30' });
+  assert.deepEqual(told(), []);
+  s.recv({ op: 'accepted', cid: b, id: '20' });
+  assert.deepEqual(told(), ['A2', 'A1']);
+});
+
+test('order: a refused send still holds newer answers', () => {
+  // 1 was refused here (unavailable) while another attempt of it may have been stored (a dead
+  // node's write): 2's answer waits until 1 is accepted.
+  const { t, s, send, told } = orderSetup();
+  const [a, b] = [send(), send()];
+  s.recv({ op: 'accepted', cid: b, id: '8' });
+  s.recv({ op: 'error', code: 'unavailable', message: 'x', cid: a });
+  assert.deepEqual(told(), []);
+  t.clock.advance(t.clock.nextIn()); // the retry writes 1 again
+  assert.deepEqual(s.ops('send').map((f) => f.cid), [a, b, a]);
+  assert.deepEqual(told(), []);
+  s.recv({ op: 'accepted', cid: a, id: '5' });
+  assert.deepEqual(told(), ['A1', 'A2']);
+});
+
+test('order: sends first transmitted later do not hold an answer', () => {
+  const { s, send, told } = orderSetup();
+  const [a, b] = [send(), send()];
+  s.recv({ op: 'accepted', cid: b, id: '8' });
+  assert.deepEqual(told(), []);
+  const c = send();
+  // 1 answered: 1 and 2 are told; 3 went out after both and holds neither.
+  s.recv({ op: 'accepted', cid: a, id: '5' });
+  assert.deepEqual(told(), ['A1', 'A2']);
+  s.recv({ op: 'accepted', cid: c, id: '9' });
+  assert.deepEqual(told(), ['A1', 'A2', 'A3']);
+});
+
+test('order: held answers are told in id order as far as they are free', () => {
+  // 2 resent after 3 was first sent: 3, unanswered, may have been stored before 2's resend, so
+  // 2 waits for 3; 1 does not. (The client writes a refused send again once the window allows:
+  // here after 1's answer.)
+  const { t, s, send, told } = orderSetup();
+  const [a, b, c] = [send(), send(), send()];
+  s.recv({ op: 'error', code: 'unavailable', message: 'x', cid: b });
+  t.clock.advance(t.clock.nextIn());
+  s.recv({ op: 'accepted', cid: a, id: '10' });
+  assert.deepEqual(told(), ['A1']);
+  assert.deepEqual(s.ops('send').map((f) => f.cid), [a, b, c, b], 'transmitted 1, 2, 3, 2');
+  s.recv({ op: 'accepted', cid: b, id: '40' });
+  assert.deepEqual(told(), ['A1']);
+  s.recv({ op: 'accepted', cid: c, id: '30' });
+  assert.deepEqual(told(), ['A1', 'A3', 'A2']);
+});
+
+test('order: other recipients are not held', () => {
+  const { s, send, told } = orderSetup();
+  const [a, b] = [send('bob'), send('carol')];
+  s.recv({ op: 'accepted', cid: b, id: '5' });
+  assert.deepEqual(told(), ['A2']);
+  s.recv({ op: 'accepted', cid: a, id: '7' });
+  assert.deepEqual(told(), ['A2', 'A1']);
+});
+
+test('order: ids compare as numbers', () => {
+  const { s, send, told } = orderSetup();
+  const [a, b] = [send(), send()];
+  s.recv({ op: 'accepted', cid: b, id: '100' });
+  s.recv({ op: 'accepted', cid: a, id: '99' });
+  assert.deepEqual(told(), ['A1', 'A2']);
+});
+
+test('order: delivered follows its held accepted', () => {
+  const { s, send, told } = orderSetup();
+  const [a, b] = [send(), send()];
+  s.recv({ op: 'accepted', cid: b, id: '8' });
+  s.recv({ op: 'delivered', cid: b, id: '8', to: 'bob' });
+  assert.deepEqual(told(), [], 'held with its accepted');
+  s.recv({ op: 'delivered', cid: 'x-7', id: '3', to: 'bob' });
+  assert.deepEqual(told(), ['Dx-7'], 'not held: told at once');
+  s.recv({ op: 'accepted', cid: a, id: '5' });
+  assert.deepEqual(told(), ['Dx-7', 'A1', 'A2', 'D2']);
+});
+
+test('order: a hold is released sorted after holdMaxMs', () => {
+  const { t, s, send, told } = orderSetup({ holdMaxMs: 10000 });
+  const [a, b, c] = [send(), send(), send()];
+  s.recv({ op: 'accepted', cid: c, id: '30' });
+  s.recv({ op: 'accepted', cid: b, id: '20' });
+  t.clock.advance(9999);
+  assert.deepEqual(told(), []);
+  t.clock.advance(1);
+  assert.deepEqual(told(), ['A2', 'A3']);
+  // 1 is told when it comes.
+  s.recv({ op: 'accepted', cid: a, id: '10' });
+  assert.deepEqual(told(), ['A2', 'A3', 'A1']);
+});
+
+test('resend: every retransmission of a send carries resend:true, first sends and publishes do not', () => {
+  const storage = memoryStorage();
+  const t = setup({ storage, random: () => 0 });
+  let s = connect(t);
+  const a = t.client.send('bob', 1);
+  const p = t.client.publish('lobby', 2);
+  assert.deepEqual(s.sent.filter((f) => f.op === 'send' || f.op === 'publish').map((f) => f.resend), [undefined, undefined]);
+  s = reconnect(t); // after a reconnect
+  assert.deepEqual(s.ops('send'), [{ op: 'send', to: 'bob', cid: a, body: 1, resend: true }]);
+  assert.deepEqual(s.ops('publish'), [{ op: 'publish', room: 'lobby', cid: p, body: 2 }], 'publishes are not affected');
+  s.recv({ op: 'accepted', cid: p, id: '2', offset: 1 });
+  s.recv({ op: 'error', code: 'rate_limited', message: 'x', cid: a, retry_ms: 100 });
+  t.clock.advance(100); // a retry after a refusal
+  assert.deepEqual(s.ops('send').map((f) => [f.cid, f.resend]), [[a, true], [a, true]]);
+  const b = t.client.send('bob', 3);
+  s.recv({ op: 'accepted', cid: a, id: '1' });
+  assert.deepEqual(s.ops('send').at(-1), { op: 'send', to: 'bob', cid: b, body: 3 }, 'a new send: no flag');
+  // a reload: the new page's first write of a restored send is a resend
+  const r = setup({ storage });
+  r.client.start();
+  const s2 = r.ws.last();
+  s2.open();
+  s2.welcome('alice');
+  assert.deepEqual(s2.ops('send'), [{ op: 'send', to: 'bob', cid: b, body: 3, resend: true }]);
+});
+
+test('order: publishes are held by the same rule, per room, sorted by offset', () => {
+  const { t, s, told } = orderSetup();
+  const names = (cids) => cids.map((c) => t.events.find((e) => e.event === 'accepted' && e.cid === c)?.offset);
+  const [p, q] = [t.client.publish('lobby', 1), t.client.publish('lobby', 2)];
+  const r = t.client.publish('hall', 3);
+  s.recv({ op: 'accepted', cid: q, id: '9', offset: 34 });
+  s.recv({ op: 'accepted', cid: r, id: '8', offset: 2 });
+  assert.deepEqual(t.of('accepted').map((e) => e.cid), [r], 'another room is not held');
+  s.recv({ op: 'error', code: 'unavailable', message: 'x', cid: p });
+  assert.deepEqual(t.of('accepted').map((e) => e.cid), [r], 'a refused publish still holds');
+  t.clock.advance(t.clock.nextIn());
+  s.recv({ op: 'accepted', cid: p, id: '10', offset: 33 });
+  assert.deepEqual(t.of('accepted').map((e) => e.cid), [r, p, q]);
+  assert.deepEqual(names([p, q]), [33, 34]);
+  assert.equal(told().length, 3);
 });
 
 // ---- persistence across a reload ------------------------------------------------------------
@@ -522,7 +720,7 @@ test('reload: the outbox is resent with the same cids; the dedup memory and room
   const s2 = r.ws.last();
   s2.open();
   s2.welcome('alice');
-  assert.deepEqual(s2.ops('send'), [{ op: 'send', to: 'bob', cid: c1, body: { text: 'kept' } }]);
+  assert.deepEqual(s2.ops('send'), [{ op: 'send', to: 'bob', cid: c1, body: { text: 'kept' }, resend: true }], 'sent by the old page');
   s2.recv(msg(1, 'bob', 'b-1')); // replayed: not acked before
   s2.recv(msg(2, 'bob', 'b-2'));
   assert.deepEqual(r.of('message').map((m) => m.cid), ['b-2']);

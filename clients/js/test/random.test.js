@@ -1,8 +1,10 @@
 // A seeded randomized test of the library against a model of the gateway (fake sockets,
 // injected clock): alice sends to bob while her connection drops (answers lost, frames in
 // flight processed or lost), her page reloads (same storage), sends are refused for now
-// (`unavailable`), answers to resends of cids stored before a drop come late and out of
-// order, bob's connection drops (unacked messages come again). Afterwards: every send was
+// (`unavailable`; also resends of cids already stored, as the gateway does while Redis is
+// away), answers to resends of cids stored before a drop come late and out of order, bob's
+// connection drops (unacked messages come again). Every cid the gateway read before comes
+// again with `resend:true` (checked at each frame). Afterwards: every send was
 // stored once, bob showed each stored message exactly once in store order, and alice was
 // told `accepted` in store order (ids increasing) with the stored ids. RINGGATE_SEED=S
 // replays one seed; RINGGATE_SEEDS=N runs more.
@@ -31,12 +33,13 @@ function run(seed, steps) {
   // ---- the gateway model ----
   const stored = []; // { cid, id }
   const byCid = new Map(); // cid -> id
+  const heard = new Set(); // cids the gateway read a send of
   let nextId = 1000;
   const conns = new Map(); // socket -> { user, read: index into socket.sent, answers: [], seqMap: [] }
   let bobAcked = 0; // stored entries before this index were acked by bob
   const accepted = []; // alice's accepted events over all her clients
   const shown = []; // bob's messages shown
-  const counts = { instances: 0, drops: 0, bobDrops: 0, reloads: 0, refused: 0, dedupAnswers: 0 };
+  const counts = { instances: 0, drops: 0, bobDrops: 0, reloads: 0, refused: 0, refusedStored: 0, dedupAnswers: 0 };
 
   let alice = null;
   const openAlice = () => {
@@ -81,7 +84,16 @@ function run(seed, steps) {
       } else if (f.op === 'ack') {
         bobAcked = Math.max(bobAcked, c.seqMap[f.seq - 1] + 1);
       } else if (f.op === 'send') {
-        if (byCid.has(f.cid)) {
+        // A cid the gateway had before must come marked as a resend.
+        assert.ok(!heard.has(f.cid) || f.resend === true, `seed ${seed}: ${f.cid} written again without resend:true`);
+        heard.add(f.cid);
+        if (byCid.has(f.cid) && f.resend && rnd() < 0.1) {
+          // A resend whose cid is stored (by an earlier connection: its answer was lost) is
+          // refused all the same, as the gateway does while Redis is away: the refusal says
+          // this attempt was not taken, not that no attempt was.
+          c.answers.push({ dedup: true, frame: { op: 'error', code: 'unavailable', message: 'model', cid: f.cid } });
+          counts.refusedStored++;
+        } else if (byCid.has(f.cid)) {
           c.answers.push({ dedup: true, frame: { op: 'accepted', cid: f.cid, id: String(byCid.get(f.cid)) } });
           counts.dedupAnswers++;
         } else if (rnd() < 0.1) {
@@ -193,11 +205,11 @@ function run(seed, steps) {
 test('randomized: drops, reloads, refusals and late out-of-order answers; each message shown once in store order, accepted told in store order', (t) => {
   const one = process.env.RINGGATE_SEED;
   const seeds = one ? [Number(one)] : Array.from({ length: Number(process.env.RINGGATE_SEEDS || 300) }, (_, i) => 0x9e3779b9 * (i + 1) >>> 0);
-  const total = { sent: 0, drops: 0, bobDrops: 0, reloads: 0, refused: 0, dedupAnswers: 0 };
+  const total = { sent: 0, drops: 0, bobDrops: 0, reloads: 0, refused: 0, refusedStored: 0, dedupAnswers: 0 };
   for (const seed of seeds) {
     const c = run(seed, 400);
     for (const k of Object.keys(total)) total[k] += c[k];
   }
-  assert.ok(total.dedupAnswers > 0 && total.reloads > 0 && total.refused > 0, 'the faults happened');
+  assert.ok(total.dedupAnswers > 0 && total.reloads > 0 && total.refused > 0 && total.refusedStored > 0, 'the faults happened');
   t.diagnostic(`${seeds.length} seeds: ${JSON.stringify(total)}`);
 });
