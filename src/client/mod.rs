@@ -47,7 +47,7 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Give up reconnecting after this long without success.
     pub reconnect_for: Duration,
-    /// Longest an `accepted` is held after a reconnect to be told in store order.
+    /// Longest an `accepted` is held back to be told in store order (see [`order`]).
     pub hold_max: Duration,
 }
 
@@ -219,7 +219,7 @@ pub struct Client {
     /// The latest read receipt sent per sender, sent again after a reconnect.
     reads_sent: HashMap<String, u64>,
     rng: u64,
-    /// `accepted` answers held after a reconnect, told in store order.
+    /// `accepted` answers held back until they can be told in store order.
     order: order::AcceptedOrder,
     /// Events decided but not returned yet (`poll` returns one at a time).
     ready: VecDeque<Event>,

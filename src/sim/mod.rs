@@ -478,8 +478,9 @@ struct SenderConn {
 }
 
 /// What a simulated sender's client tells its application: `accepted` answers in the order
-/// of the client libraries' rule (`client::order`: after a reconnect, the answers to one
-/// recipient are held until every resend to it is answered, then told by id).
+/// of the client libraries' rule (`client::order`: an answer is held while a send to the
+/// same recipient first transmitted before its last transmission is unanswered; held
+/// answers are told by id).
 struct SenderApp {
     order: AcceptedOrder,
 }
