@@ -211,6 +211,8 @@ impl Durable {
 impl Shard {
     pub fn enable_store(&mut self, link: StoreLink) {
         self.durable = Some(Durable::new(link));
+        let shards = self.mesh.as_ref().map_or(1, |m| m.shards());
+        self.rooms_home.configure(shards, true);
         // Several nodes may share the store: ids come from a slot claimed there.
         self.msg_ids = MessageIds::claimed_under(self.shared.cfg.node_lease_ms);
         self.claim_id_slot(self.clock.now_ms());
