@@ -127,6 +127,9 @@ pub struct RoomMembers {
     max_outbound: usize,
     slow_close_ms: u64,
     metrics: Arc<ShardMetrics>,
+    /// A planted bug for the simulation: a skipped message is not announced with `gap`.
+    #[cfg(test)]
+    pub(crate) plant_no_gap: bool,
 }
 
 /// How a member's client frame refusal reads.
@@ -531,6 +534,8 @@ impl RoomMembers {
             max_outbound,
             slow_close_ms,
             metrics,
+            #[cfg(test)]
+            plant_no_gap: false,
         }
     }
 
@@ -783,6 +788,10 @@ impl RoomMembers {
             }
             if member.gap_from.is_none() {
                 member.gap_from = Some(msg.offset);
+                #[cfg(test)]
+                if self.plant_no_gap {
+                    continue;
+                }
                 gaps.push(*conn);
             }
             match member.over_since {
