@@ -256,6 +256,9 @@ impl Shard {
     /// Put `store` behind the shard's one store path.
     pub fn use_store(&mut self, store: Box<dyn Store>) {
         self.store = StoreClient::new(store);
+        // Rooms keep their history in a shared store (Redis), else on their home shard.
+        let shards = self.mesh.as_ref().map_or(1, |m| m.shards());
+        self.rooms_home.configure(shards, self.store_shared());
         if self.store_shared() {
             // Several nodes may share the store: ids come from a slot claimed there.
             self.msg_ids = MessageIds::claimed_under(self.shared.cfg.node_lease_ms);

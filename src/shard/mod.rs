@@ -120,11 +120,6 @@ struct Entry {
     conn: Connection,
     serial: u32,
     timer: Option<TimerKey>,
-    /// Rooms this connection joined (None until its first join; boxed: most connections
-    /// join none, and 8 bytes instead of 24 per slab entry is worth the extra allocation
-    /// that only members pay).
-    #[allow(clippy::box_collection)]
-    rooms: Option<Box<Vec<compact_str::CompactString>>>,
     /// The socket task's waker, to write what a timer produced (None while parked).
     waker: Option<Waker>,
     /// The socket while parked (see `park`): owned here, no glommio task exists.
@@ -193,9 +188,9 @@ pub struct Shard {
     /// Answers (reports, presence) another shard's full channel refused: retried on every
     /// tick, never dropped.
     unsent: Vec<(usize, ShardMsg)>,
-    /// Rooms whose home is this shard.
-    rooms_home: std::collections::HashMap<compact_str::CompactString, rooms::HomedRoom>,
-    /// This shard's connections in each room.
+    /// Rooms whose home is this shard (the home side of rooms).
+    rooms_home: rooms::RoomHomes,
+    /// This shard's connections in each room (the member side of rooms).
     room_members: rooms::RoomMembers,
     /// `presence` frames waiting for other shards' answers.
     presence_asks: Slab<presence::PresenceAsk>,
@@ -254,6 +249,17 @@ impl Shard {
             max_messages: shared.cfg.inbox_max_messages,
             max_age_ms: shared.cfg.inbox_max_age_ms,
         };
+        let history = crate::delivery::room::HistoryLimits {
+            max: shared.cfg.room_history_max,
+            max_age_ms: shared.cfg.room_history_age_ms,
+        };
+        let rooms_home = rooms::RoomHomes::new(history, metrics.clone());
+        let room_members = rooms::RoomMembers::new(
+            id,
+            shared.cfg.max_outbound,
+            shared.cfg.slow_close_ms,
+            metrics.clone(),
+        );
         Shard {
             id,
             shared,
@@ -286,8 +292,8 @@ impl Shard {
             send_waiters: Default::default(),
             unsent: Vec::new(),
             presence_asks: Slab::new(),
-            rooms_home: std::collections::HashMap::new(),
-            room_members: std::collections::HashMap::new(),
+            rooms_home,
+            room_members,
             park: None,
             tls_sessions: Default::default(),
             ready_tokens: Vec::new(),
@@ -303,6 +309,9 @@ impl Shard {
     }
 
     pub fn enable_mesh(&mut self, mesh: ShardMesh) {
+        self.rooms_home
+            .configure(mesh.shards(), self.store_shared());
+        self.room_members.configure(mesh.shards());
         self.mesh = Some(mesh);
     }
 
@@ -339,7 +348,6 @@ impl Shard {
             conn,
             serial: serial as u32,
             timer: None,
-            rooms: None,
             waker: None,
             parked: None,
             park_requested: false,
@@ -974,10 +982,8 @@ impl Shard {
         if let Some(key) = entry.timer.take() {
             self.wheel.cancel(key);
         }
-        if let Some(rooms) = entry.rooms.take() {
-            let now = self.clock.now_ms();
-            self.leave_all_rooms(index, *rooms, now);
-        }
+        let now = self.clock.now_ms();
+        self.leave_all_rooms(index, now);
         self.forget_watches(index);
         if let Some(user) = entry.conn.user() {
             if !entry.conn.awaiting_session() {

@@ -1,12 +1,19 @@
 //! Rooms on a shard (SPEC sections 3-4): `join`, `leave`, `publish`, fan-out, recovery with
-//! `since`, and slow consumers.
+//! `since`, and slow consumers, as two state machines the shard owns and drives (issue 15).
 //!
 //! Who owns what:
-//! * A room's **home shard** (`home_shard(room)`) owns its [`RoomLog`] (offsets, history,
-//!   publish dedup) and how many members each shard has. Every publish goes there, gets its
-//!   offset, and leaves as **one `RoomFanout` per shard with members**, never one per member.
-//! * Every shard owns **its own members**: which of its connections joined which room, and
-//!   per member the last offset it was given and its slow-consumer state.
+//! * [`RoomHomes`], the **home side**: the rooms homed on this shard (`home_shard(room)`),
+//!   each with its [`RoomLog`] (offsets, history, publish dedup) and how many members each
+//!   shard has. Every publish goes there, gets its offset, and leaves as **one `Fanout` per
+//!   shard with members**, never one per member. With Redis (`history_in_store`) the store
+//!   holds the log across nodes and the home relays what this node's channel brings.
+//! * [`RoomMembers`], the **member side**: which of this shard's connections joined which
+//!   room, and per member the last offset it was given and its slow-consumer state.
+//!
+//! Both take `now` (and what the shard knows of its connections) and an input, and return
+//! [`RoomEffect`]s: frames for connections, room messages for shards (this one included),
+//! store operations, API answers. `Shard::perform_rooms` is the one place they are carried
+//! out; nothing here touches a socket, the mesh, the store link or a clock.
 //!
 //! Join: the member is registered here as pending, then the home answers with the current
 //! offset and, with `since`, what the history still holds after it (`recovered` says whether
@@ -28,12 +35,50 @@ use compact_str::CompactString;
 
 use super::msg::{Room, ShardMsg};
 use super::{make_ctx, Shard};
+use crate::delivery::message::ReplyTo;
 use crate::delivery::refusal::SendRefusal;
 use crate::delivery::room::{HistoryLimits, RoomLog, RoomMsg};
 use crate::mesh;
+use crate::metrics::ShardMetrics;
 use crate::proto::{self, ErrorCode, FrameError};
 use crate::store::redis::{RoomJoinAsk, RoomPost, RoomReply, StoreOp};
 use crate::store::{StoreError, StoredMessage};
+
+/// The two clocks a room input may need: `now` (monotonic ms, drives timers and the history's
+/// age cap) and the wall clock (message timestamps, a new room's offset base).
+#[derive(Debug, Clone, Copy)]
+pub struct RoomTime {
+    pub now: u64,
+    pub wall_ms: u64,
+}
+
+/// What the room machines ask the shard to do, in order.
+pub enum RoomEffect {
+    /// Bytes for a connection of this shard (slab key); the shard wakes it to write them.
+    Send { conn: usize, frame: Vec<u8> },
+    /// A room message's shared frame for a member.
+    SendRoom { conn: usize, msg: Arc<RoomMsg> },
+    /// Bytes for a connection only if it is still the one that asked (`serial`).
+    Answer {
+        conn: usize,
+        serial: u32,
+        frame: Vec<u8>,
+    },
+    /// Close a member with 1013 (slow consumer).
+    CloseSlow { conn: usize },
+    /// A room message for a shard; this shard's own go straight back into the machines.
+    ToShard { shard: usize, msg: Room },
+    /// A store operation (Redis mode); when it cannot be queued the shard gives it back to
+    /// [`RoomHomes::store_refused`].
+    Store(StoreOp),
+    /// The answer to `POST /api/publish`.
+    ApiAnswer {
+        reply: tokio::sync::oneshot::Sender<Result<(u64, u64), SendRefusal>>,
+        result: Result<(u64, u64), SendRefusal>,
+    },
+}
+
+pub type Effects = Vec<RoomEffect>;
 
 /// A room homed on this shard.
 pub struct HomedRoom {
@@ -46,6 +91,17 @@ pub struct HomedRoom {
     /// With Redis: joins whose answer has not come back on the channel yet (asked again
     /// after a resync: an answer published while the channel was not heard is lost).
     pending_joins: Vec<RoomJoinAsk>,
+}
+
+/// The home side: rooms whose home is this shard.
+pub struct RoomHomes {
+    rooms: HashMap<CompactString, HomedRoom>,
+    shards: usize,
+    /// Redis holds the rooms (across nodes): publishes and joins are store operations,
+    /// answered on this node's channel.
+    history_in_store: bool,
+    limits: HistoryLimits,
+    metrics: Arc<ShardMetrics>,
 }
 
 /// One of this shard's connections in a room.
@@ -61,30 +117,776 @@ pub struct Member {
     over_since: Option<u64>,
 }
 
-impl Shard {
-    fn history_limits(&self) -> HistoryLimits {
-        HistoryLimits {
-            max: self.shared.cfg.room_history_max,
-            max_age_ms: self.shared.cfg.room_history_age_ms,
+/// The member side: this shard's connections in each room.
+pub struct RoomMembers {
+    shard: usize,
+    shards: usize,
+    members: HashMap<CompactString, HashMap<usize, Member>>,
+    /// The rooms each connection joined (to leave them all when it closes).
+    rooms_of: HashMap<usize, Vec<CompactString>>,
+    max_outbound: usize,
+    slow_close_ms: u64,
+    metrics: Arc<ShardMetrics>,
+    /// A planted bug for the simulation: a skipped message is not announced with `gap`.
+    #[cfg(test)]
+    pub(crate) plant_no_gap: bool,
+}
+
+/// How a member's client frame refusal reads.
+fn refusal(code: ErrorCode, message: String, cid: Option<Box<str>>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    proto::write_error(&mut out, &FrameError { code, message, cid });
+    out
+}
+
+impl RoomHomes {
+    pub fn new(limits: HistoryLimits, metrics: Arc<ShardMetrics>) -> Self {
+        RoomHomes {
+            rooms: HashMap::new(),
+            shards: 1,
+            history_in_store: false,
+            limits,
+            metrics,
         }
     }
 
-    fn shards(&self) -> usize {
-        self.mesh.as_ref().map_or(1, |m| m.shards())
+    /// The node's shape, known once the mesh and the store are set up.
+    pub fn configure(&mut self, shards: usize, history_in_store: bool) {
+        self.shards = shards;
+        self.history_in_store = history_in_store;
     }
 
-    /// Send to a shard, or handle here when it is this one.
-    fn send_room_msg(&mut self, shard: usize, msg: Room, now: u64) {
-        if shard == self.id {
-            self.on_room_msg(msg, now);
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+
+    fn homed(&mut self, room: &CompactString, t: RoomTime) -> &mut HomedRoom {
+        if !self.rooms.contains_key(room) {
+            self.metrics.rooms.inc();
+        }
+        let shards = self.shards;
+        self.rooms.entry(room.clone()).or_insert_with(|| HomedRoom {
+            // Microseconds of the wall clock: a restarted gateway never reuses an offset.
+            log: RoomLog::new(t.wall_ms * 1000),
+            members_by_shard: vec![0; shards],
+            last_pushed: 0,
+            pending_joins: Vec::new(),
+        })
+    }
+
+    /// A connection of `shard` joins (`new_member`: it was not a member before).
+    #[allow(clippy::too_many_arguments)]
+    pub fn join(
+        &mut self,
+        room: CompactString,
+        shard: usize,
+        conn: usize,
+        serial: u32,
+        since: Option<u64>,
+        new_member: bool,
+        t: RoomTime,
+    ) -> Effects {
+        let limits = self.limits;
+        let in_store = self.history_in_store;
+        let homed = self.homed(&room, t);
+        if new_member {
+            homed.members_by_shard[shard] += 1;
+        }
+        if in_store {
+            // Redis holds the room: the answer comes back on this node's channel, in order
+            // with the room's messages (see `join_answer`).
+            let ask = RoomJoinAsk {
+                room,
+                since,
+                shard,
+                conn,
+                serial,
+            };
+            homed.pending_joins.push(ask.clone());
+            return vec![RoomEffect::Store(StoreOp::RoomJoin(Box::new(ask)))];
+        }
+        let last = homed.log.last();
+        let (replay, recovered) = match since {
+            Some(since) => {
+                let r = homed.log.since(since, t.now, limits);
+                (r.replay, r.recovered)
+            }
+            // Nothing was asked for, so nothing is claimed recovered.
+            None => (Vec::new(), false),
+        };
+        let msg = Room::Joined {
+            room,
+            conn,
+            serial,
+            last,
+            recovered,
+            replay,
+        };
+        vec![RoomEffect::ToShard { shard, msg }]
+    }
+
+    /// One member fewer on `shard`.
+    pub fn leave(&mut self, room: &CompactString, shard: usize) -> Effects {
+        let Some(homed) = self.rooms.get_mut(room) else {
+            return Vec::new();
+        };
+        homed.members_by_shard[shard] = homed.members_by_shard[shard].saturating_sub(1);
+        if self.history_in_store && homed.members_by_shard.iter().all(|n| *n == 0) {
+            // This node's last member left: other nodes stop pushing the room here. If it
+            // cannot be queued, the pushes that still come are dropped here.
+            homed.last_pushed = 0;
+            return vec![RoomEffect::Store(StoreOp::RoomLeave { room: room.clone() })];
+        }
+        Vec::new()
+    }
+
+    /// Store and fan out a message, then answer `reply`. `next_id`: the shard's next message
+    /// id, taken only when one is used (None: it holds no id slot now). A resent `(from, cid)` still in the history gets
+    /// its first id and offset, and nothing is sent.
+    #[allow(clippy::too_many_arguments)]
+    pub fn publish(
+        &mut self,
+        room: CompactString,
+        from: CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        reply: RoomReply,
+        next_id: impl FnOnce() -> Option<u64>,
+        t: RoomTime,
+    ) -> Effects {
+        let ts = t.wall_ms;
+        if self.history_in_store {
+            let Some(id) = next_id() else {
+                self.metrics.store_refused.inc();
+                let why = SendRefusal::Busy(super::deliver::NO_ID_SLOT);
+                return self.answer_publish(reply, cid, Err(why));
+            };
+            let post = RoomPost {
+                room,
+                from,
+                cid,
+                body,
+                id,
+                ts,
+                reply,
+            };
+            return vec![RoomEffect::Store(StoreOp::RoomPublish(Box::new(post)))];
+        }
+        let mut effects = Vec::new();
+        let answer = if let Some(first) = self
+            .rooms
+            .get(&room)
+            .and_then(|h| h.log.duplicate(&from, &cid))
+        {
+            self.metrics.dedup_hits.inc();
+            (first.id, first.offset)
         } else {
-            self.send_or_hold(shard, ShardMsg::Room(msg));
+            let id = next_id().expect("embedded: a shard's slot is its own for good");
+            let limits = self.limits;
+            let homed = self.homed(&room, t);
+            let stored = StoredMessage {
+                id,
+                from,
+                cid: cid.clone(),
+                ts,
+                body,
+                msg_type: None,
+            };
+            let msg = homed.log.append(
+                |offset| room_msg(&room, offset, stored, t.now),
+                t.now,
+                limits,
+            );
+            self.metrics.room_publishes.inc();
+            let answer = (msg.id, msg.offset);
+            effects.extend(self.fan_out(msg));
+            answer
+        };
+        effects.extend(self.answer_publish(reply, cid, Ok(answer)));
+        effects
+    }
+
+    /// Tell the publisher how it went: a connection hears `accepted` (or `error`), the API
+    /// gets (id, offset) or, when refused, a dropped channel (it answers 503).
+    fn answer_publish(
+        &mut self,
+        reply: RoomReply,
+        cid: Box<str>,
+        result: Result<(u64, u64), SendRefusal>,
+    ) -> Effects {
+        match reply {
+            RoomReply::Api(reply) => {
+                if let Err(why) = &result {
+                    self.metrics.refusals[why.source().index()].inc();
+                }
+                vec![RoomEffect::ApiAnswer { reply, result }]
+            }
+            RoomReply::Conn(reply) => {
+                let shard = reply.shard as usize;
+                let msg = Room::Accepted { reply, cid, result };
+                vec![RoomEffect::ToShard { shard, msg }]
+            }
+        }
+    }
+
+    /// Redis answered a publish.
+    pub fn store_published(
+        &mut self,
+        post: RoomPost,
+        result: Result<(u64, u64), StoreError>,
+    ) -> Effects {
+        match &result {
+            Ok(_) => self.metrics.room_publishes.inc(),
+            Err(_) => self.metrics.store_refused.inc(),
+        }
+        self.answer_publish(post.reply, post.cid, result.map_err(SendRefusal::Store))
+    }
+
+    /// An operation from [`RoomEffect::Store`] could not be queued (the shard's store
+    /// queue is full, or there is no store).
+    pub fn store_refused(&mut self, op: StoreOp) -> Effects {
+        match op {
+            StoreOp::RoomJoin(ask) => self.join_failed(*ask),
+            StoreOp::RoomPublish(post) => {
+                // As for a direct send: `Busy`, counted as the gateway's refusal, not the
+                // store's answer.
+                self.metrics.store_refused.inc();
+                let why =
+                    SendRefusal::Busy("the offline store is busy or unreachable, resend later");
+                self.answer_publish(post.reply, post.cid, Err(why))
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Redis could not register a join: the member is refused.
+    pub fn join_failed(&mut self, ask: RoomJoinAsk) -> Effects {
+        if !self.take_pending_join(&ask) {
+            return Vec::new();
+        }
+        let msg = Room::JoinRefused {
+            room: ask.room,
+            conn: ask.conn,
+            serial: ask.serial,
+        };
+        vec![RoomEffect::ToShard {
+            shard: ask.shard,
+            msg,
+        }]
+    }
+
+    /// Forget a pending join; false when it was not pending (answered already).
+    fn take_pending_join(&mut self, ask: &RoomJoinAsk) -> bool {
+        let Some(homed) = self.rooms.get_mut(&ask.room) else {
+            return false;
+        };
+        let same =
+            |p: &RoomJoinAsk| (p.shard, p.conn, p.serial) == (ask.shard, ask.conn, ask.serial);
+        match homed.pending_joins.iter().position(same) {
+            Some(i) => {
+                homed.pending_joins.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// After a resync: ask again for every join not answered yet (a second answer to the
+    /// same join finds it answered and is ignored).
+    pub fn resynced(&mut self) -> Effects {
+        self.rooms
+            .values()
+            .flat_map(|h| h.pending_joins.iter().cloned())
+            .map(|ask| RoomEffect::Store(StoreOp::RoomJoin(Box::new(ask))))
+            .collect()
+    }
+
+    /// From this node's channel: the answer to a join. Everything the room published after
+    /// `last` follows it on the channel; what came before was fanned out already (or is in
+    /// `replay`).
+    pub fn join_answer(
+        &mut self,
+        ask: RoomJoinAsk,
+        last: u64,
+        recovered: bool,
+        replay: Vec<(u64, StoredMessage)>,
+        t: RoomTime,
+    ) -> Effects {
+        if !self.take_pending_join(&ask) {
+            return Vec::new(); // answered already (asked again after a resync)
+        }
+        let homed = self.homed(&ask.room, t);
+        let missed_from =
+            (homed.last_pushed != 0 && last > homed.last_pushed).then_some(homed.last_pushed + 1);
+        homed.last_pushed = homed.last_pushed.max(last);
+        let mut effects = Vec::new();
+        if let Some(from) = missed_from {
+            effects.extend(self.announce_missed(&ask.room, from));
+        }
+        let replay = replay
+            .into_iter()
+            .map(|(offset, m)| Arc::new(room_msg(&ask.room, offset, m, t.now)))
+            .collect();
+        let msg = Room::Joined {
+            room: ask.room,
+            conn: ask.conn,
+            serial: ask.serial,
+            last,
+            recovered,
+            replay,
+        };
+        effects.push(RoomEffect::ToShard {
+            shard: ask.shard,
+            msg,
+        });
+        effects
+    }
+
+    /// From this node's channel: a room message, in offset order.
+    pub fn pushed(
+        &mut self,
+        room: CompactString,
+        offset: u64,
+        msg: StoredMessage,
+        t: RoomTime,
+    ) -> Effects {
+        let Some(homed) = self.rooms.get_mut(&room) else {
+            return Vec::new(); // no member here (any more)
+        };
+        if homed.last_pushed == 0 || offset <= homed.last_pushed {
+            return Vec::new(); // not joined yet (the join answer covers it), or seen already
+        }
+        let missed_from = (offset > homed.last_pushed + 1).then_some(homed.last_pushed + 1);
+        homed.last_pushed = offset;
+        let mut effects = Vec::new();
+        if let Some(from) = missed_from {
+            effects.extend(self.announce_missed(&room, from));
+        }
+        effects.extend(self.fan_out(Arc::new(room_msg(&room, offset, msg, t.now))));
+        effects
+    }
+
+    /// Pushes from `from` on never came (the channel was down): members hear `gap`.
+    fn announce_missed(&self, room: &CompactString, from: u64) -> Effects {
+        tracing::info!(%room, from, "room messages missed by this node; members hear `gap`");
+        self.member_shards(room)
+            .into_iter()
+            .map(|shard| RoomEffect::ToShard {
+                shard,
+                msg: Room::Gap {
+                    room: room.clone(),
+                    from,
+                },
+            })
+            .collect()
+    }
+
+    fn member_shards(&self, room: &CompactString) -> Vec<usize> {
+        self.rooms.get(room).map_or_else(Vec::new, |h| {
+            h.members_by_shard
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(s, _)| s)
+                .collect()
+        })
+    }
+
+    /// One fan-out message per shard with members.
+    fn fan_out(&self, msg: Arc<RoomMsg>) -> Effects {
+        self.member_shards(&msg.room)
+            .into_iter()
+            .map(|shard| RoomEffect::ToShard {
+                shard,
+                msg: Room::Fanout(msg.clone()),
+            })
+            .collect()
+    }
+
+    /// Periodic: age out room histories; forget rooms with no member and no history.
+    pub fn sweep(&mut self, now: u64) {
+        let limits = self.limits;
+        let before = self.rooms.len();
+        self.rooms.retain(|_, h| {
+            let empty = h.log.trim(now, limits);
+            !(empty && h.members_by_shard.iter().all(|n| *n == 0))
+        });
+        self.metrics.rooms.sub((before - self.rooms.len()) as u64);
+    }
+}
+
+impl RoomMembers {
+    pub fn new(
+        shard: usize,
+        max_outbound: usize,
+        slow_close_ms: u64,
+        metrics: Arc<ShardMetrics>,
+    ) -> Self {
+        RoomMembers {
+            shard,
+            shards: 1,
+            members: HashMap::new(),
+            rooms_of: HashMap::new(),
+            max_outbound,
+            slow_close_ms,
+            metrics,
+            #[cfg(test)]
+            plant_no_gap: false,
+        }
+    }
+
+    pub fn configure(&mut self, shards: usize) {
+        self.shards = shards;
+    }
+
+    fn home(&self, room: &str) -> usize {
+        mesh::home_shard(room, self.shards)
+    }
+
+    /// `join` from a connection; `allowed`: its token's `rooms` claim lets it in.
+    pub fn join(
+        &mut self,
+        conn: usize,
+        serial: u32,
+        room: CompactString,
+        since: Option<u64>,
+        allowed: bool,
+    ) -> Effects {
+        if !allowed {
+            let why = format!("room `{room}` is not in this token's rooms");
+            let frame = refusal(ErrorCode::Forbidden, why, None);
+            return vec![RoomEffect::Send { conn, frame }];
+        }
+        let members = self.members.entry(room.clone()).or_default();
+        let new_member = members
+            .insert(
+                conn,
+                Member {
+                    serial,
+                    joined: false,
+                    last: 0,
+                    gap_from: None,
+                    over_since: None,
+                },
+            )
+            .is_none();
+        if new_member {
+            self.metrics.room_members.inc();
+            self.rooms_of.entry(conn).or_default().push(room.clone());
+        }
+        let shard = self.home(&room);
+        let msg = Room::Join {
+            room,
+            shard: self.shard,
+            conn,
+            serial,
+            since,
+            new_member,
+        };
+        vec![RoomEffect::ToShard { shard, msg }]
+    }
+
+    /// `leave` from a connection: it hears `left` whether or not it was a member.
+    pub fn leave(&mut self, conn: usize, room: CompactString) -> Effects {
+        let mut effects = self.drop_member(conn, &room);
+        let mut frame = Vec::with_capacity(48);
+        proto::write_left(&mut frame, &room);
+        effects.push(RoomEffect::Send { conn, frame });
+        effects
+    }
+
+    /// A connection closed: it leaves every room it joined.
+    pub fn closed(&mut self, conn: usize) -> Effects {
+        let rooms = self.rooms_of.remove(&conn).unwrap_or_default();
+        rooms
+            .iter()
+            .flat_map(|room| self.drop_member(conn, room))
+            .collect()
+    }
+
+    fn drop_member(&mut self, conn: usize, room: &CompactString) -> Effects {
+        let Some(members) = self.members.get_mut(room) else {
+            return Vec::new();
+        };
+        if members.remove(&conn).is_none() {
+            return Vec::new();
+        }
+        if members.is_empty() {
+            self.members.remove(room);
+        }
+        self.metrics.room_members.dec();
+        if let Some(rooms) = self.rooms_of.get_mut(&conn) {
+            rooms.retain(|r| r != room);
+            if rooms.is_empty() {
+                self.rooms_of.remove(&conn);
+            }
+        }
+        let msg = Room::Leave {
+            room: room.clone(),
+            shard: self.shard,
+        };
+        vec![RoomEffect::ToShard {
+            shard: self.home(room),
+            msg,
+        }]
+    }
+
+    /// `publish` from a connection of `user` (None: not signed in, nothing happens).
+    pub fn publish(
+        &mut self,
+        reply: ReplyTo,
+        user: Option<&str>,
+        room: CompactString,
+        cid: Box<str>,
+        body: Box<str>,
+        allowed: bool,
+    ) -> Effects {
+        let conn = reply.conn as usize;
+        if !allowed {
+            let why = format!("room `{room}` is not in this token's rooms");
+            let frame = refusal(ErrorCode::Forbidden, why, Some(cid));
+            return vec![RoomEffect::Send { conn, frame }];
+        }
+        let Some(from) = user.map(CompactString::from) else {
+            return Vec::new();
+        };
+        let shard = self.home(&room);
+        let msg = Room::Publish {
+            room,
+            from,
+            cid,
+            body,
+            reply,
+        };
+        vec![RoomEffect::ToShard { shard, msg }]
+    }
+
+    /// The home answered how a publish from one of this shard's connections went.
+    pub fn accepted(
+        &mut self,
+        reply: ReplyTo,
+        cid: Box<str>,
+        result: Result<(u64, u64), SendRefusal>,
+    ) -> Effects {
+        let mut frame = Vec::with_capacity(96);
+        match result {
+            Ok((id, offset)) => proto::write_accepted_offset(&mut frame, &cid, id, offset),
+            Err(why) => {
+                self.metrics.refusals[why.source().index()].inc();
+                proto::write_error(&mut frame, &why.frame("not published", cid));
+            }
+        }
+        vec![RoomEffect::Answer {
+            conn: reply.conn as usize,
+            serial: reply.serial,
+            frame,
+        }]
+    }
+
+    /// The home could not register a join: the member is dropped and hears `unavailable`.
+    pub fn join_refused(&mut self, room: CompactString, conn: usize, serial: u32) -> Effects {
+        let member = self.members.get(&room).and_then(|m| m.get(&conn));
+        if member.is_none_or(|m| m.serial != serial) {
+            return Vec::new();
+        }
+        let mut effects = self.drop_member(conn, &room);
+        let why =
+            format!("room `{room}` cannot be joined now (its history is unavailable); join again");
+        let frame = refusal(ErrorCode::Unavailable, why, None);
+        effects.push(RoomEffect::Send { conn, frame });
+        effects
+    }
+
+    /// The home answered a join: replay, then `joined`.
+    pub fn joined(
+        &mut self,
+        room: CompactString,
+        conn: usize,
+        serial: u32,
+        last: u64,
+        recovered: bool,
+        replay: Vec<Arc<RoomMsg>>,
+    ) -> Effects {
+        let Some(member) = self
+            .members
+            .get_mut(&room)
+            .and_then(|m| m.get_mut(&conn))
+            .filter(|m| m.serial == serial)
+        else {
+            return Vec::new(); // left (or closed) meanwhile
+        };
+        member.joined = true;
+        member.last = last;
+        member.gap_from = None;
+        member.over_since = None;
+        let mut effects: Effects = replay
+            .into_iter()
+            .map(|msg| RoomEffect::SendRoom { conn, msg })
+            .collect();
+        let mut frame = Vec::with_capacity(64);
+        proto::write_joined(&mut frame, &room, last, recovered);
+        effects.push(RoomEffect::Send { conn, frame });
+        effects
+    }
+
+    /// Members here that had not reached `from` skipped messages: tell them once.
+    pub fn gap(&mut self, room: &CompactString, from: u64) -> Effects {
+        let Some(members) = self.members.get_mut(room) else {
+            return Vec::new();
+        };
+        let mut frame = Vec::with_capacity(64);
+        proto::write_gap(&mut frame, room, from);
+        let mut effects = Vec::new();
+        for (conn, member) in members.iter_mut() {
+            if member.joined && member.last < from && member.gap_from.is_none() {
+                member.gap_from = Some(from);
+                effects.push(RoomEffect::Send {
+                    conn: *conn,
+                    frame: frame.clone(),
+                });
+            }
+        }
+        self.metrics.room_gaps.add(effects.len() as u64);
+        effects
+    }
+
+    /// A room message for this shard's members. `outbound(conn)`: the bytes waiting in an
+    /// open connection's outbound buffer (None: it is closing and gets nothing more, as it
+    /// may be the one closed for slowness).
+    pub fn fan_out(
+        &mut self,
+        msg: &Arc<RoomMsg>,
+        now: u64,
+        outbound: impl Fn(usize) -> Option<usize>,
+    ) -> Effects {
+        let Some(members) = self.members.get_mut(&msg.room) else {
+            return Vec::new();
+        };
+        let mut delivered = Vec::new();
+        let mut gaps = Vec::new();
+        let mut slow = Vec::new();
+        for (conn, member) in members.iter_mut() {
+            if !member.joined || msg.offset <= member.last {
+                continue;
+            }
+            let Some(buffered) = outbound(*conn) else {
+                continue;
+            };
+            member.last = msg.offset;
+            if buffered + msg.frame.len() <= self.max_outbound {
+                // A later skip is a new hole (the client saw this one after the gap).
+                member.gap_from = None;
+                if buffered == 0 {
+                    member.over_since = None; // caught up completely
+                }
+                delivered.push(*conn);
+                continue;
+            }
+            if member.gap_from.is_none() {
+                member.gap_from = Some(msg.offset);
+                #[cfg(test)]
+                if self.plant_no_gap {
+                    continue;
+                }
+                gaps.push(*conn);
+            }
+            match member.over_since {
+                None => member.over_since = Some(now),
+                Some(since) if now.saturating_sub(since) >= self.slow_close_ms => slow.push(*conn),
+                Some(_) => {}
+            }
+        }
+        self.metrics.room_deliveries.add(delivered.len() as u64);
+        self.metrics.room_gaps.add(gaps.len() as u64);
+        self.metrics.slow_closes.add(slow.len() as u64);
+        let mut effects: Effects = delivered
+            .into_iter()
+            .map(|conn| RoomEffect::SendRoom {
+                conn,
+                msg: msg.clone(),
+            })
+            .collect();
+        for conn in gaps {
+            let mut frame = Vec::with_capacity(64);
+            proto::write_gap(&mut frame, &msg.room, msg.offset);
+            effects.push(RoomEffect::Send { conn, frame });
+        }
+        effects.extend(slow.into_iter().map(|conn| RoomEffect::CloseSlow { conn }));
+        effects
+    }
+
+    /// Members per room, for tests.
+    #[cfg(test)]
+    pub fn count(&self, room: &str) -> usize {
+        self.members.get(room).map_or(0, HashMap::len)
+    }
+}
+
+/// The shard's side: feed inputs to the machines and perform what they return.
+impl Shard {
+    fn room_time(&self, now: u64) -> RoomTime {
+        RoomTime {
+            now,
+            wall_ms: self.clock.wall_ms(),
+        }
+    }
+
+    /// The one place room effects are carried out. This shard's own room messages are
+    /// handled at once, depth first, so that each connection's frames keep the order the
+    /// machines gave them.
+    fn perform_rooms(&mut self, effects: Effects, now: u64) {
+        for effect in effects {
+            match effect {
+                RoomEffect::Send { conn, frame } => {
+                    self.write_text(conn, &frame);
+                    self.kick(conn);
+                }
+                RoomEffect::SendRoom { conn, msg } => {
+                    self.write_text(conn, &msg.frame);
+                    self.kick(conn);
+                }
+                RoomEffect::Answer {
+                    conn,
+                    serial,
+                    frame,
+                } => {
+                    if self.is_live(conn, serial) {
+                        self.write_text(conn, &frame);
+                        self.kick(conn);
+                    }
+                }
+                RoomEffect::CloseSlow { conn } => {
+                    let ctx = shard_ctx!(self);
+                    if let Some(entry) = self.conns.get_mut(conn) {
+                        entry.conn.close_slow(now, &ctx);
+                    }
+                    self.kick(conn);
+                }
+                RoomEffect::ToShard { shard, msg } if shard == self.id => {
+                    self.on_room_msg(msg, now)
+                }
+                RoomEffect::ToShard { shard, msg } => self.send_or_hold(shard, ShardMsg::Room(msg)),
+                RoomEffect::Store(op) => {
+                    if let Err(op) = self.submit_store_op(op) {
+                        let more = self.rooms_home.store_refused(op);
+                        self.perform_rooms(more, now);
+                    }
+                }
+                RoomEffect::ApiAnswer { reply, result } => {
+                    let _ = reply.send(result);
+                }
+            }
         }
     }
 
     /// Room messages from the mesh (or from this shard to itself).
     pub fn on_room_msg(&mut self, msg: Room, now: u64) {
-        match msg {
+        let t = self.room_time(now);
+        let effects = match msg {
             Room::Join {
                 room,
                 shard,
@@ -92,45 +894,22 @@ impl Shard {
                 serial,
                 since,
                 new_member,
-            } => self.home_join(room, shard, conn, serial, since, new_member, now),
-            Room::Joined {
-                room,
-                conn,
-                serial,
-                last,
-                recovered,
-                replay,
-            } => self.on_joined(room, conn, serial, last, recovered, replay),
-            Room::Leave { room, shard } => self.home_leave(&room, shard),
+            } => self
+                .rooms_home
+                .join(room, shard, conn, serial, since, new_member, t),
+            Room::Leave { room, shard } => self.rooms_home.leave(&room, shard),
             Room::Publish {
                 room,
                 from,
                 cid,
                 body,
                 reply,
-            } => self.home_publish(room, from, cid, body, RoomReply::Conn(reply), now),
-            Room::Accepted { reply, cid, result } => {
-                let mut out = Vec::with_capacity(96);
-                match result {
-                    Ok((id, offset)) => proto::write_accepted_offset(&mut out, &cid, id, offset),
-                    Err(why) => {
-                        self.metrics.refusals[why.source().index()].inc();
-                        proto::write_error(&mut out, &why.frame("not published", cid));
-                    }
-                }
-                self.answer(reply.conn as usize, reply.serial, &out);
+            } => {
+                let ids = &mut self.msg_ids;
+                let next_id = || ids.next(t.wall_ms, now);
+                self.rooms_home
+                    .publish(room, from, cid, body, RoomReply::Conn(reply), next_id, t)
             }
-            Room::JoinRefused { room, conn, serial } => {
-                let member = self.room_members.get(&room).and_then(|m| m.get(&conn));
-                if member.is_some_and(|m| m.serial == serial) {
-                    self.drop_member(conn, &room, now);
-                    let why = format!("room `{room}` cannot be joined now (its history is unavailable); join again");
-                    self.refuse(conn, ErrorCode::Unavailable, why, None);
-                    self.kick(conn);
-                }
-            }
-            Room::Gap { room, from } => self.gap_here(&room, from),
-            Room::Fanout(msg) => self.fan_out_here(&msg, now),
             Room::ApiPublish {
                 room,
                 cid,
@@ -138,23 +917,38 @@ impl Shard {
                 reply,
             } => {
                 let from = CompactString::from(super::deliver::BACKEND_SENDER);
-                self.home_publish(room, from, cid, body, RoomReply::Api(reply), now);
+                let ids = &mut self.msg_ids;
+                let next_id = || ids.next(t.wall_ms, now);
+                self.rooms_home
+                    .publish(room, from, cid, body, RoomReply::Api(reply), next_id, t)
             }
-        }
-    }
-
-    /// Write `frame` to a connection if it is still the one that asked.
-    fn answer(&mut self, index: usize, serial: u32, frame: &[u8]) {
-        if self.is_live(index, serial) {
-            self.write_text(index, frame);
-            self.kick(index);
-        }
-    }
-
-    fn refuse(&mut self, index: usize, code: ErrorCode, message: String, cid: Option<Box<str>>) {
-        let mut out = Vec::with_capacity(96);
-        proto::write_error(&mut out, &FrameError { code, message, cid });
-        self.write_text(index, &out);
+            Room::Joined {
+                room,
+                conn,
+                serial,
+                last,
+                recovered,
+                replay,
+            } => self
+                .room_members
+                .joined(room, conn, serial, last, recovered, replay),
+            Room::Accepted { reply, cid, result } => self.room_members.accepted(reply, cid, result),
+            Room::JoinRefused { room, conn, serial } => {
+                self.room_members.join_refused(room, conn, serial)
+            }
+            Room::Gap { room, from } => self.room_members.gap(&room, from),
+            Room::Fanout(msg) => {
+                let conns = &self.conns;
+                let outbound = |conn: usize| {
+                    conns
+                        .get(conn)
+                        .filter(|e| e.conn.phase() == crate::conn::Phase::Open)
+                        .map(|e| e.conn.out.len())
+                };
+                self.room_members.fan_out(&msg, now, outbound)
+            }
+        };
+        self.perform_rooms(effects, now);
     }
 
     /// The token's `rooms` claim allows `room` (no claim, or `*`: any room).
@@ -172,77 +966,21 @@ impl Shard {
         since: Option<u64>,
         now: u64,
     ) {
-        if !self.may_enter(index, &room) {
-            let why = format!("room `{room}` is not in this token's rooms");
-            return self.refuse(index, ErrorCode::Forbidden, why, None);
-        }
+        let allowed = self.may_enter(index, &room);
         let serial = self.conns[index].serial;
-        let members = self.room_members.entry(room.clone()).or_default();
-        let new_member = members
-            .insert(
-                index,
-                Member {
-                    serial,
-                    joined: false,
-                    last: 0,
-                    gap_from: None,
-                    over_since: None,
-                },
-            )
-            .is_none();
-        if new_member {
-            self.metrics.room_members.inc();
-            self.conns[index]
-                .rooms
-                .get_or_insert_with(Default::default)
-                .push(room.clone());
-        }
-        let home = mesh::home_shard(&room, self.shards());
-        let msg = Room::Join {
-            room,
-            shard: self.id,
-            conn: index,
-            serial,
-            since,
-            new_member,
-        };
-        self.send_room_msg(home, msg, now);
+        let effects = self.room_members.join(index, serial, room, since, allowed);
+        self.perform_rooms(effects, now);
     }
 
     pub(super) fn on_leave(&mut self, index: usize, room: CompactString, now: u64) {
-        self.drop_member(index, &room, now);
-        let mut out = Vec::with_capacity(48);
-        proto::write_left(&mut out, &room);
-        self.write_text(index, &out);
+        let effects = self.room_members.leave(index, room);
+        self.perform_rooms(effects, now);
     }
 
     /// A connection leaves every room it joined (it is closing).
-    pub(super) fn leave_all_rooms(&mut self, index: usize, rooms: Vec<CompactString>, now: u64) {
-        for room in rooms {
-            self.drop_member(index, &room, now);
-        }
-    }
-
-    fn drop_member(&mut self, index: usize, room: &CompactString, now: u64) {
-        let Some(members) = self.room_members.get_mut(room) else {
-            return;
-        };
-        if members.remove(&index).is_none() {
-            return;
-        }
-        if members.is_empty() {
-            self.room_members.remove(room);
-        }
-        self.metrics.room_members.dec();
-        if let Some(rooms) = self.conns.get_mut(index).and_then(|e| e.rooms.as_mut()) {
-            rooms.retain(|r| r != room);
-        }
-        let home = mesh::home_shard(room, self.shards());
-        let msg = Room::Leave {
-            room: room.clone(),
-            shard: self.id,
-        };
-        self.send_room_msg(home, msg, now);
+    pub(super) fn leave_all_rooms(&mut self, index: usize, now: u64) {
+        let effects = self.room_members.closed(index);
+        self.perform_rooms(effects, now);
     }
 
     pub(super) fn on_publish(
@@ -253,266 +991,13 @@ impl Shard {
         body: Box<str>,
         now: u64,
     ) {
-        if !self.may_enter(index, &room) {
-            let why = format!("room `{room}` is not in this token's rooms");
-            return self.refuse(index, ErrorCode::Forbidden, why, Some(cid));
-        }
-        let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
-            return;
-        };
+        let allowed = self.may_enter(index, &room);
         let reply = self.reply_to(index);
-        let home = mesh::home_shard(&room, self.shards());
-        let msg = Room::Publish {
-            room,
-            from,
-            cid,
-            body,
-            reply,
-        };
-        self.send_room_msg(home, msg, now);
-    }
-
-    fn homed(&mut self, room: &CompactString) -> &mut HomedRoom {
-        let shards = self.shards();
-        if !self.rooms_home.contains_key(room) {
-            self.metrics.rooms.inc();
-        }
-        self.rooms_home
-            .entry(room.clone())
-            .or_insert_with(|| HomedRoom {
-                // Microseconds of the wall clock: a restarted gateway never reuses an offset.
-                log: RoomLog::new(self.clock.wall_ms() * 1000),
-                members_by_shard: vec![0; shards],
-                last_pushed: 0,
-                pending_joins: Vec::new(),
-            })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn home_join(
-        &mut self,
-        room: CompactString,
-        shard: usize,
-        conn: usize,
-        serial: u32,
-        since: Option<u64>,
-        new_member: bool,
-        now: u64,
-    ) {
-        let limits = self.history_limits();
-        let durable = self.store_shared();
-        let homed = self.homed(&room);
-        if new_member {
-            homed.members_by_shard[shard] += 1;
-        }
-        if durable {
-            // Redis holds the room: the answer comes back on this node's channel, in order
-            // with the room's messages (see `on_room_join_answer`).
-            let ask = RoomJoinAsk {
-                room,
-                since,
-                shard,
-                conn,
-                serial,
-            };
-            homed.pending_joins.push(ask.clone());
-            if let Err(StoreOp::RoomJoin(ask)) =
-                self.submit_store_op(StoreOp::RoomJoin(Box::new(ask)))
-            {
-                self.on_room_join_failed(*ask, now);
-            }
-            return;
-        }
-        let last = homed.log.last();
-        let (replay, recovered) = match since {
-            Some(since) => {
-                let r = homed.log.since(since, now, limits);
-                (r.replay, r.recovered)
-            }
-            // Nothing was asked for, so nothing is claimed recovered.
-            None => (Vec::new(), false),
-        };
-        let answer = Room::Joined {
-            room,
-            conn,
-            serial,
-            last,
-            recovered,
-            replay,
-        };
-        self.send_room_msg(shard, answer, now);
-    }
-
-    fn home_leave(&mut self, room: &CompactString, shard: usize) {
-        let shared = self.store_shared();
-        let Some(homed) = self.rooms_home.get_mut(room) else {
-            return;
-        };
-        homed.members_by_shard[shard] = homed.members_by_shard[shard].saturating_sub(1);
-        if shared && homed.members_by_shard.iter().all(|n| *n == 0) {
-            // This node's last member left: other nodes stop pushing the room here. If it
-            // cannot be queued, the pushes that still come are dropped here.
-            homed.last_pushed = 0;
-            let _ = self.submit_store_op(StoreOp::RoomLeave { room: room.clone() });
-        }
-    }
-
-    fn refuse_join(&mut self, ask: RoomJoinAsk, now: u64) {
-        let msg = Room::JoinRefused {
-            room: ask.room,
-            conn: ask.conn,
-            serial: ask.serial,
-        };
-        self.send_room_msg(ask.shard, msg, now);
-    }
-
-    /// Redis could not register a join.
-    pub(super) fn on_room_join_failed(&mut self, ask: RoomJoinAsk, now: u64) {
-        if self.take_pending_join(&ask) {
-            self.refuse_join(ask, now);
-        }
-    }
-
-    /// Forget a pending join; false when it was not pending (answered already).
-    fn take_pending_join(&mut self, ask: &RoomJoinAsk) -> bool {
-        let Some(homed) = self.rooms_home.get_mut(&ask.room) else {
-            return false;
-        };
-        let same =
-            |p: &RoomJoinAsk| (p.shard, p.conn, p.serial) == (ask.shard, ask.conn, ask.serial);
-        match homed.pending_joins.iter().position(same) {
-            Some(i) => {
-                homed.pending_joins.swap_remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// After a resync: ask again for every join not answered yet (a second answer to the
-    /// same join finds it answered and is ignored).
-    pub(super) fn ask_pending_joins_again(&mut self, now: u64) {
-        let asks: Vec<RoomJoinAsk> = self
-            .rooms_home
-            .values()
-            .flat_map(|h| h.pending_joins.iter().cloned())
-            .collect();
-        for ask in asks {
-            if let Err(StoreOp::RoomJoin(ask)) =
-                self.submit_store_op(StoreOp::RoomJoin(Box::new(ask)))
-            {
-                self.on_room_join_failed(*ask, now);
-            }
-        }
-    }
-
-    /// On the room's home, from this node's channel: the answer to a join. Everything the
-    /// room published after `last` follows it on the channel; what came before was fanned
-    /// out already (or is in `replay`).
-    pub(super) fn on_room_join_answer(
-        &mut self,
-        ask: RoomJoinAsk,
-        last: u64,
-        recovered: bool,
-        replay: Vec<(u64, StoredMessage)>,
-        now: u64,
-    ) {
-        if !self.take_pending_join(&ask) {
-            return; // answered already (asked again after a resync)
-        }
-        let homed = self.homed(&ask.room);
-        let missed_from =
-            (homed.last_pushed != 0 && last > homed.last_pushed).then_some(homed.last_pushed + 1);
-        homed.last_pushed = homed.last_pushed.max(last);
-        if let Some(from) = missed_from {
-            self.announce_missed(&ask.room, from, now);
-        }
-        let replay = replay
-            .into_iter()
-            .map(|(offset, m)| Arc::new(room_msg(&ask.room, offset, m, now)))
-            .collect();
-        let answer = Room::Joined {
-            room: ask.room,
-            conn: ask.conn,
-            serial: ask.serial,
-            last,
-            recovered,
-            replay,
-        };
-        self.send_room_msg(ask.shard, answer, now);
-    }
-
-    /// On the room's home, from this node's channel: a room message, in offset order.
-    pub(super) fn on_room_pushed(
-        &mut self,
-        room: CompactString,
-        offset: u64,
-        msg: StoredMessage,
-        now: u64,
-    ) {
-        let Some(homed) = self.rooms_home.get_mut(&room) else {
-            return; // no member here (any more)
-        };
-        if homed.last_pushed == 0 || offset <= homed.last_pushed {
-            return; // not joined yet (the join answer covers it), or seen already
-        }
-        let missed_from = (offset > homed.last_pushed + 1).then_some(homed.last_pushed + 1);
-        homed.last_pushed = offset;
-        if let Some(from) = missed_from {
-            self.announce_missed(&room, from, now);
-        }
-        self.fan_out(Arc::new(room_msg(&room, offset, msg, now)), now);
-    }
-
-    /// Pushes from `from` on never came (the channel was down): members hear `gap`.
-    fn announce_missed(&mut self, room: &CompactString, from: u64, now: u64) {
-        tracing::info!(shard = self.id, %room, from, "room messages missed by this node; members hear `gap`");
-        for shard in self.member_shards(room) {
-            let msg = Room::Gap {
-                room: room.clone(),
-                from,
-            };
-            self.send_room_msg(shard, msg, now);
-        }
-    }
-
-    fn member_shards(&self, room: &CompactString) -> Vec<usize> {
-        self.rooms_home.get(room).map_or_else(Vec::new, |h| {
-            h.members_by_shard
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| **n > 0)
-                .map(|(s, _)| s)
-                .collect()
-        })
-    }
-
-    /// One fan-out message per shard with members.
-    fn fan_out(&mut self, msg: Arc<RoomMsg>, now: u64) {
-        for shard in self.member_shards(&msg.room) {
-            self.send_room_msg(shard, Room::Fanout(msg.clone()), now);
-        }
-    }
-
-    /// Members here that had not reached `from` skipped messages: tell them once.
-    fn gap_here(&mut self, room: &CompactString, from: u64) {
-        let Some(members) = self.room_members.get_mut(room) else {
-            return;
-        };
-        let mut told = Vec::new();
-        for (index, member) in members.iter_mut() {
-            if member.joined && member.last < from && member.gap_from.is_none() {
-                member.gap_from = Some(from);
-                told.push(*index);
-            }
-        }
-        let mut out = Vec::with_capacity(64);
-        proto::write_gap(&mut out, room, from);
-        self.metrics.room_gaps.add(told.len() as u64);
-        for index in told {
-            self.write_text(index, &out);
-            self.kick(index);
-        }
+        let user = self.conns[index].conn.user();
+        let effects = self
+            .room_members
+            .publish(reply, user, room, cid, body, allowed);
+        self.perform_rooms(effects, now);
     }
 
     /// Redis answered a publish (on the room's home shard).
@@ -522,238 +1007,52 @@ impl Shard {
         result: Result<(u64, u64), StoreError>,
         now: u64,
     ) {
-        match &result {
-            Ok(_) => self.metrics.room_publishes.inc(),
-            Err(_) => self.metrics.store_refused.inc(),
-        }
-        self.answer_publish(
-            post.reply,
-            post.cid,
-            result.map_err(SendRefusal::Store),
-            now,
-        );
+        let effects = self.rooms_home.store_published(post, result);
+        self.perform_rooms(effects, now);
     }
 
-    /// Tell the publisher how it went: a connection hears `accepted` (or `error`), the API
-    /// gets (id, offset) or, when refused, a dropped channel (it answers 503).
-    fn answer_publish(
-        &mut self,
-        reply: RoomReply,
-        cid: Box<str>,
-        result: Result<(u64, u64), SendRefusal>,
-        now: u64,
-    ) {
-        match reply {
-            RoomReply::Api(tx) => {
-                if let Err(why) = &result {
-                    self.metrics.refusals[why.source().index()].inc();
-                }
-                let _ = tx.send(result);
-            }
-            RoomReply::Conn(reply) => {
-                let msg = Room::Accepted { reply, cid, result };
-                self.send_room_msg(reply.shard as usize, msg, now);
-            }
-        }
+    /// Redis could not register a join.
+    pub(super) fn on_room_join_failed(&mut self, ask: RoomJoinAsk, now: u64) {
+        let effects = self.rooms_home.join_failed(ask);
+        self.perform_rooms(effects, now);
     }
 
-    /// On the room's home: store the message and fan it out, then answer `reply`. A resent
-    /// `(from, cid)` still in the history gets its first id and offset, and nothing is sent.
-    fn home_publish(
-        &mut self,
-        room: CompactString,
-        from: CompactString,
-        cid: Box<str>,
-        body: Box<str>,
-        reply: RoomReply,
-        now: u64,
-    ) {
-        let ts = self.clock.wall_ms();
-        if self.store_shared() {
-            let Some(id) = self.msg_ids.next(ts, now) else {
-                self.metrics.store_refused.inc();
-                let why = SendRefusal::Busy(super::deliver::NO_ID_SLOT);
-                return self.answer_publish(reply, cid, Err(why), now);
-            };
-            let post = RoomPost {
-                room,
-                from,
-                cid,
-                body,
-                id,
-                ts,
-                reply,
-            };
-            if let Err(StoreOp::RoomPublish(post)) =
-                self.submit_store_op(StoreOp::RoomPublish(Box::new(post)))
-            {
-                // Not sent: the shard's store queue is full, as for a direct send (`Busy`,
-                // counted as the gateway's refusal, not the store's answer).
-                self.metrics.store_refused.inc();
-                let why =
-                    SendRefusal::Busy("the offline store is busy or unreachable, resend later");
-                self.answer_publish(post.reply, post.cid, Err(why), now);
-            }
-            return;
-        }
-        let answer = self.publish_here(room, from, cid.clone(), body, ts, now);
-        self.answer_publish(reply, cid, Ok(answer), now);
+    /// After a resync: the joins not answered yet are asked again.
+    pub(super) fn ask_pending_joins_again(&mut self, now: u64) {
+        let effects = self.rooms_home.resynced();
+        self.perform_rooms(effects, now);
     }
 
-    /// Embedded mode: the room's log here gives the offset and keeps the history.
-    fn publish_here(
+    /// From this node's channel: the answer to a join of a room homed here.
+    pub(super) fn on_room_join_answer(
         &mut self,
-        room: CompactString,
-        from: CompactString,
-        cid: Box<str>,
-        body: Box<str>,
-        ts: u64,
-        now: u64,
-    ) -> (u64, u64) {
-        let limits = self.history_limits();
-        if let Some(first) = self
-            .rooms_home
-            .get(&room)
-            .and_then(|h| h.log.duplicate(&from, &cid))
-        {
-            self.metrics.dedup_hits.inc();
-            return (first.id, first.offset);
-        }
-        let id = self
-            .msg_ids
-            .next(ts, now)
-            .expect("embedded: a shard's slot is its own for good");
-        let homed = self.homed(&room);
-        let msg = homed.log.append(
-            |offset| {
-                room_msg(
-                    &room,
-                    offset,
-                    StoredMessage {
-                        id,
-                        from,
-                        cid,
-                        ts,
-                        body,
-                        msg_type: None,
-                    },
-                    now,
-                )
-            },
-            now,
-            limits,
-        );
-        self.metrics.room_publishes.inc();
-        let answer = (msg.id, msg.offset);
-        self.fan_out(msg, now);
-        answer
-    }
-
-    fn on_joined(
-        &mut self,
-        room: CompactString,
-        conn: usize,
-        serial: u32,
+        ask: RoomJoinAsk,
         last: u64,
         recovered: bool,
-        replay: Vec<Arc<RoomMsg>>,
+        replay: Vec<(u64, StoredMessage)>,
+        now: u64,
     ) {
-        let Some(member) = self
-            .room_members
-            .get_mut(&room)
-            .and_then(|m| m.get_mut(&conn))
-            .filter(|m| m.serial == serial)
-        else {
-            return; // left (or closed) meanwhile
-        };
-        member.joined = true;
-        member.last = last;
-        member.gap_from = None;
-        member.over_since = None;
-        for msg in &replay {
-            self.write_text(conn, &msg.frame);
-        }
-        let mut out = Vec::with_capacity(64);
-        proto::write_joined(&mut out, &room, last, recovered);
-        self.write_text(conn, &out);
-        self.kick(conn);
+        let t = self.room_time(now);
+        let effects = self.rooms_home.join_answer(ask, last, recovered, replay, t);
+        self.perform_rooms(effects, now);
     }
 
-    /// A room message for this shard's members.
-    fn fan_out_here(&mut self, msg: &Arc<RoomMsg>, now: u64) {
-        let Some(members) = self.room_members.get_mut(&msg.room) else {
-            return;
-        };
-        let limit = self.shared.cfg.max_outbound;
-        let slow_close_ms = self.shared.cfg.slow_close_ms;
-        let mut delivered = Vec::new();
-        let mut gaps = Vec::new();
-        let mut slow = Vec::new();
-        for (index, member) in members.iter_mut() {
-            if !member.joined || msg.offset <= member.last {
-                continue;
-            }
-            // A closing connection gets nothing more (it may be the one closed for slowness).
-            let Some(entry) = self
-                .conns
-                .get(*index)
-                .filter(|e| e.conn.phase() == crate::conn::Phase::Open)
-            else {
-                continue;
-            };
-            member.last = msg.offset;
-            let buffered = entry.conn.out.len();
-            if buffered + msg.frame.len() <= limit {
-                // A later skip is a new hole (the client saw this one after the gap).
-                member.gap_from = None;
-                if buffered == 0 {
-                    member.over_since = None; // caught up completely
-                }
-                delivered.push(*index);
-                continue;
-            }
-            if member.gap_from.is_none() {
-                member.gap_from = Some(msg.offset);
-                gaps.push(*index);
-            }
-            match member.over_since {
-                None => member.over_since = Some(now),
-                Some(since) if now.saturating_sub(since) >= slow_close_ms => slow.push(*index),
-                Some(_) => {}
-            }
-        }
-        let ctx = shard_ctx!(self);
-        for index in &delivered {
-            self.conns[*index].conn.push_text(&msg.frame, &ctx);
-        }
-        self.metrics.room_deliveries.add(delivered.len() as u64);
-        let mut out = Vec::with_capacity(64);
-        for index in &gaps {
-            out.clear();
-            proto::write_gap(&mut out, &msg.room, msg.offset);
-            self.conns[*index].conn.push_text(&out, &ctx);
-        }
-        self.metrics.room_gaps.add(gaps.len() as u64);
-        for index in &slow {
-            self.conns[*index].conn.close_slow(now, &ctx);
-        }
-        self.metrics.slow_closes.add(slow.len() as u64);
-        for index in delivered.into_iter().chain(gaps).chain(slow) {
-            self.kick(index);
-        }
+    /// From this node's channel: a message of a room homed here, in offset order.
+    pub(super) fn on_room_pushed(
+        &mut self,
+        room: CompactString,
+        offset: u64,
+        msg: StoredMessage,
+        now: u64,
+    ) {
+        let t = self.room_time(now);
+        let effects = self.rooms_home.pushed(room, offset, msg, t);
+        self.perform_rooms(effects, now);
     }
 
-    /// Periodic: age out room histories; forget rooms with no member and no history.
+    /// Periodic: age out room histories.
     pub(super) fn sweep_rooms(&mut self, now: u64) {
-        let limits = self.history_limits();
-        let before = self.rooms_home.len();
-        self.rooms_home.retain(|_, h| {
-            let empty = h.log.trim(now, limits);
-            !(empty && h.members_by_shard.iter().all(|n| *n == 0))
-        });
-        self.metrics
-            .rooms
-            .sub((before - self.rooms_home.len()) as u64);
+        self.rooms_home.sweep(now);
     }
 }
 
@@ -774,5 +1073,315 @@ fn room_msg(room: &CompactString, offset: u64, m: StoredMessage, now: u64) -> Ro
     }
 }
 
-/// Connections per room on this shard, for tests and metrics.
-pub type RoomMembers = HashMap<CompactString, HashMap<usize, Member>>;
+#[cfg(test)]
+mod tests {
+    //! The machines alone: no shard, no socket, time given by the test.
+    use super::*;
+
+    const LIMITS: HistoryLimits = HistoryLimits {
+        max: 3,
+        max_age_ms: 60_000,
+    };
+    const T0: RoomTime = RoomTime {
+        now: 10,
+        wall_ms: 1,
+    };
+    /// Room "r" is homed on shard `home_shard("r", 2)`; members live on both shards.
+    const SHARDS: usize = 2;
+
+    struct Node {
+        homes: Vec<RoomHomes>,
+        members: Vec<RoomMembers>,
+        /// Bytes waiting per (shard, conn); a fan-out sees them as the outbound buffer.
+        outbound: HashMap<(usize, usize), usize>,
+        /// What each (shard, conn) was sent, as JSON, in order.
+        frames: HashMap<(usize, usize), Vec<serde_json::Value>>,
+        closed: Vec<(usize, usize)>,
+        store: Vec<StoreOp>,
+    }
+
+    impl Node {
+        fn new(in_store: bool) -> Node {
+            let metrics = Arc::new(ShardMetrics::default());
+            let mut homes = Vec::new();
+            let mut members = Vec::new();
+            for shard in 0..SHARDS {
+                let mut home = RoomHomes::new(LIMITS, metrics.clone());
+                home.configure(SHARDS, in_store);
+                homes.push(home);
+                let mut m = RoomMembers::new(shard, 1_000, 100, metrics.clone());
+                m.configure(SHARDS);
+                members.push(m);
+            }
+            Node {
+                homes,
+                members,
+                outbound: HashMap::new(),
+                frames: HashMap::new(),
+                closed: Vec::new(),
+                store: Vec::new(),
+            }
+        }
+
+        /// Perform what shard `at` was told to, as `Shard::perform_rooms` does (room
+        /// messages are handled at once; the mesh is FIFO and loses nothing here).
+        fn perform(&mut self, at: usize, effects: Effects, t: RoomTime) {
+            for effect in effects {
+                match effect {
+                    RoomEffect::Send { conn, frame } | RoomEffect::Answer { conn, frame, .. } => {
+                        self.sent(at, conn, &frame)
+                    }
+                    RoomEffect::SendRoom { conn, msg } => self.sent(at, conn, &msg.frame),
+                    RoomEffect::CloseSlow { conn } => self.closed.push((at, conn)),
+                    RoomEffect::ToShard { shard, msg } => self.deliver(shard, msg, t),
+                    RoomEffect::Store(op) => self.store.push(op),
+                    RoomEffect::ApiAnswer { .. } => {}
+                }
+            }
+        }
+
+        fn sent(&mut self, shard: usize, conn: usize, frame: &[u8]) {
+            *self.outbound.entry((shard, conn)).or_default() += frame.len();
+            let v = serde_json::from_slice(frame).expect("JSON");
+            self.frames.entry((shard, conn)).or_default().push(v);
+        }
+
+        fn deliver(&mut self, shard: usize, msg: Room, t: RoomTime) {
+            let effects = match msg {
+                Room::Join {
+                    room,
+                    shard: from,
+                    conn,
+                    serial,
+                    since,
+                    new_member,
+                } => self.homes[shard].join(room, from, conn, serial, since, new_member, t),
+                Room::Leave { room, shard: from } => self.homes[shard].leave(&room, from),
+                Room::Publish {
+                    room,
+                    from,
+                    cid,
+                    body,
+                    reply,
+                } => {
+                    let id = Some(t.now * 100 + cid.len() as u64);
+                    let reply = RoomReply::Conn(reply);
+                    self.homes[shard].publish(room, from, cid, body, reply, || id, t)
+                }
+                Room::Joined {
+                    room,
+                    conn,
+                    serial,
+                    last,
+                    recovered,
+                    replay,
+                } => self.members[shard].joined(room, conn, serial, last, recovered, replay),
+                Room::Accepted { reply, cid, result } => {
+                    self.members[shard].accepted(reply, cid, result)
+                }
+                Room::JoinRefused { room, conn, serial } => {
+                    self.members[shard].join_refused(room, conn, serial)
+                }
+                Room::Gap { room, from } => self.members[shard].gap(&room, from),
+                Room::Fanout(msg) => {
+                    let outbound = &self.outbound;
+                    let view = |conn| Some(*outbound.get(&(shard, conn)).unwrap_or(&0));
+                    self.members[shard].fan_out(&msg, t.now, view)
+                }
+                Room::ApiPublish { .. } => unreachable!("not used here"),
+            };
+            self.perform(shard, effects, t);
+        }
+
+        fn join(&mut self, shard: usize, conn: usize, since: Option<u64>, t: RoomTime) {
+            let e = self.members[shard].join(conn, 1, "r".into(), since, true);
+            self.perform(shard, e, t);
+        }
+
+        fn publish(&mut self, shard: usize, conn: usize, cid: &str, t: RoomTime) {
+            let reply = ReplyTo {
+                shard: shard as u32,
+                conn: conn as u32,
+                serial: 1,
+            };
+            let e = self.members[shard].publish(
+                reply,
+                Some("u"),
+                "r".into(),
+                format!("\"{cid}\"").into(),
+                "1".into(),
+                true,
+            );
+            self.perform(shard, e, t);
+        }
+
+        /// The (op, offset or from) of what a connection was sent, and forget it.
+        fn take(&mut self, shard: usize, conn: usize) -> Vec<(String, u64)> {
+            self.outbound.remove(&(shard, conn));
+            self.frames
+                .remove(&(shard, conn))
+                .unwrap_or_default()
+                .iter()
+                .map(|v| {
+                    let n = v["offset"].as_u64().or(v["from"].as_u64()).unwrap_or(0);
+                    (v["op"].as_str().unwrap().to_string(), n)
+                })
+                .collect()
+        }
+    }
+
+    fn ops(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+        list.iter().map(|(o, n)| (o.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn members_on_both_shards_get_each_offset_and_recover_with_since() {
+        let mut node = Node::new(false);
+        node.join(0, 5, None, T0);
+        node.join(1, 7, None, T0);
+        let base = 1_000; // the wall clock (1 ms) in microseconds
+        assert_eq!(node.take(0, 5), ops(&[("joined", base)]));
+        assert_eq!(node.take(1, 7), ops(&[("joined", base)]));
+        node.publish(1, 7, "a", T0);
+        node.publish(0, 5, "b", T0);
+        assert_eq!(
+            node.take(0, 5),
+            ops(&[
+                ("room", base + 1),
+                ("room", base + 2),
+                ("accepted", base + 2)
+            ])
+        );
+        assert_eq!(
+            node.take(1, 7),
+            ops(&[
+                ("room", base + 1),
+                ("accepted", base + 1),
+                ("room", base + 2)
+            ])
+        );
+        // A resent cid gets its first offset and is not fanned out again.
+        node.publish(0, 5, "b", T0);
+        assert_eq!(node.take(0, 5), ops(&[("accepted", base + 2)]));
+        assert!(node.take(1, 7).is_empty());
+        // Conn 7 drops and comes back with since = the last offset it saw.
+        let e = node.members[1].closed(7);
+        node.perform(1, e, T0);
+        node.publish(0, 5, "c", T0);
+        node.take(0, 5);
+        assert!(node.take(1, 7).is_empty(), "not a member while away");
+        node.join(1, 7, Some(base + 2), T0);
+        assert_eq!(
+            node.take(1, 7),
+            ops(&[("room", base + 3), ("joined", base + 3)])
+        );
+        // The history keeps 3: a since before it is not recovered.
+        for cid in ["d", "e", "f"] {
+            node.publish(0, 5, cid, T0);
+        }
+        node.take(0, 5);
+        node.take(1, 7);
+        let e = node.members[1].leave(7, "r".into());
+        node.perform(1, e, T0);
+        assert_eq!(node.take(1, 7), ops(&[("left", 0)]));
+        node.join(1, 7, Some(base + 2), T0);
+        let got = node.frames[&(1, 7)].last().unwrap().clone();
+        assert_eq!(got["recovered"], false, "offset 3 left the history: {got}");
+        assert_eq!(node.members[1].count("r"), 1);
+        assert_eq!(node.members[0].count("r"), 1);
+    }
+
+    #[test]
+    fn a_member_whose_buffer_is_full_hears_gap_from_the_first_skipped_offset_then_is_closed() {
+        let mut node = Node::new(false);
+        node.join(0, 1, None, T0);
+        node.join(0, 2, None, T0);
+        node.take(0, 1);
+        node.take(0, 2);
+        node.outbound.insert((0, 2), 990); // near the 1,000-byte limit: it stops reading
+        node.publish(0, 1, "a", T0);
+        node.publish(0, 1, "b", T0);
+        let base = 1_000;
+        assert_eq!(
+            node.take(0, 2),
+            ops(&[("gap", base + 1)]),
+            "one gap for the run of skips, from its first offset"
+        );
+        node.outbound.insert((0, 2), 990);
+        // Still over the limit `slow_close_ms` (100) after its first skip: closed.
+        let later = RoomTime {
+            now: T0.now + 100,
+            ..T0
+        };
+        node.publish(0, 1, "c", later);
+        assert_eq!(node.closed, vec![(0, 2)]);
+        assert!(node.take(0, 2).is_empty(), "no second gap in one run");
+        let frames = node.take(0, 1);
+        assert_eq!(frames.iter().filter(|(op, _)| op == "room").count(), 3);
+    }
+
+    #[test]
+    fn with_the_store_joins_and_publishes_are_store_operations_and_a_missed_push_is_a_gap() {
+        let mut node = Node::new(true);
+        let home = mesh::home_shard("r", SHARDS);
+        node.join(0, 1, Some(40), T0);
+        let Some(StoreOp::RoomJoin(ask)) = node.store.pop() else {
+            panic!("a join is asked of the store");
+        };
+        assert_eq!(ask.since, Some(40));
+        // The queue was full: the member is refused and dropped.
+        let e = node.homes[home].store_refused(StoreOp::RoomJoin(ask));
+        node.perform(home, e, T0);
+        let refused = node.frames[&(0, 1)].clone();
+        assert_eq!(refused[0]["code"], "unavailable", "{refused:?}");
+        assert_eq!(node.members[0].count("r"), 0);
+        node.take(0, 1);
+        // Joined again: the answer comes on the channel, then pushes in offset order.
+        node.join(0, 1, None, T0);
+        let Some(StoreOp::RoomJoin(ask)) = node.store.pop() else {
+            panic!("asked again");
+        };
+        let e = node.homes[home].join_answer(*ask, 50, false, Vec::new(), T0);
+        node.perform(home, e, T0);
+        let stored = |n: u64| StoredMessage {
+            id: n,
+            from: "u".into(),
+            cid: format!("\"{n}\"").into(),
+            ts: 1,
+            body: "1".into(),
+            msg_type: None,
+        };
+        for offset in [51, 50, 53] {
+            let e = node.homes[home].pushed("r".into(), offset, stored(offset), T0);
+            node.perform(home, e, T0);
+        }
+        assert_eq!(
+            node.take(0, 1),
+            ops(&[("joined", 50), ("room", 51), ("gap", 52), ("room", 53)]),
+            "50 seen already, 52 never came"
+        );
+        // A publish is a store operation with the shard's id; no id slot: refused at once.
+        node.publish(1, 9, "x", T0);
+        assert!(matches!(node.store.pop(), Some(StoreOp::RoomPublish(_))));
+        let reply = ReplyTo {
+            shard: 1,
+            conn: 9,
+            serial: 1,
+        };
+        let e = node.homes[home].publish(
+            "r".into(),
+            "u".into(),
+            "\"y\"".into(),
+            "1".into(),
+            RoomReply::Conn(reply),
+            || None,
+            T0,
+        );
+        node.perform(home, e, T0);
+        assert_eq!(node.frames[&(1, 9)][0]["op"], "error");
+        // The last member leaves: the store stops pushing the room to this node.
+        let e = node.members[0].closed(1);
+        node.perform(0, e, T0);
+        assert!(matches!(node.store.pop(), Some(StoreOp::RoomLeave { .. })));
+    }
+}

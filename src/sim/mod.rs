@@ -41,6 +41,8 @@
 //! a longer sweep: `RINGGATE_SIM_SEEDS=<count>`. The scripted tests at the end drive one
 //! shard alone (`Sim::with_shards(.., 1)`).
 
+mod rooms;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io;
 use std::pin::Pin;
