@@ -1378,6 +1378,22 @@ mod tests {
         assert!(format.contains("`log_format`"), "{format}");
     }
 
+    /// `io_driver`: glommio unless asked; "uring" taken; anything else refused naming the key.
+    #[test]
+    fn io_driver_defaults_to_glommio_and_refuses_unknown_drivers() {
+        let driver = |d: Option<&str>| {
+            ConfigLayer {
+                io_driver: d.map(str::to_owned),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        assert_eq!(driver(None).unwrap().io_driver, IoDriver::Glommio);
+        assert_eq!(driver(Some("uring")).unwrap().io_driver, IoDriver::Uring);
+        let err = driver(Some("epoll")).unwrap_err().to_string();
+        assert!(err.contains("`io_driver`") && err.contains("epoll"), "{err}");
+    }
+
     /// A host name in a listen address is resolved once (IPv4 first); one that does not
     /// resolve is refused naming the key.
     #[test]
