@@ -1391,7 +1391,10 @@ mod tests {
         assert_eq!(driver(None).unwrap().io_driver, IoDriver::Glommio);
         assert_eq!(driver(Some("uring")).unwrap().io_driver, IoDriver::Uring);
         let err = driver(Some("epoll")).unwrap_err().to_string();
-        assert!(err.contains("`io_driver`") && err.contains("epoll"), "{err}");
+        assert!(
+            err.contains("`io_driver`") && err.contains("epoll"),
+            "{err}"
+        );
     }
 
     /// A host name in a listen address is resolved once (IPv4 first); one that does not

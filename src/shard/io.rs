@@ -182,6 +182,11 @@ pub async fn run_uring(
             driver.rearm_accept();
         }
         if report.progress == 0 && !bells_pending && !ticked {
+            if driver.take_accepted() > 0 {
+                // A wave of accepts and handshakes is over: their buffers are freed memory
+                // that mimalloc keeps until told (the park set's waves do this with glommio).
+                shard.borrow_mut().note_quiet_after_burst();
+            }
             let wait_ms = shard.borrow_mut().next_tick_ms();
             driver.wait(wait_ms);
         }

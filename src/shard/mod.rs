@@ -316,6 +316,12 @@ impl Shard {
         self.kicked = Some(Vec::new());
     }
 
+    /// Sockets went quiet after a burst (accepts, handshakes) with the io_uring driver, which
+    /// has no park wave to count: let the next tick give freed memory back (see `alloc`).
+    pub fn note_quiet_after_burst(&mut self) {
+        self.released_since_collect += 1;
+    }
+
     /// The connections kicked since the last call (with the io_uring driver).
     pub fn take_kicked(&mut self) -> Vec<usize> {
         self.kicked.as_mut().map(std::mem::take).unwrap_or_default()

@@ -36,6 +36,10 @@ const RECV_BUFFER_BYTES: usize = 4096;
 /// Receive buffers one socket may hold unread (its connection's output is over the outbound
 /// bound): beyond it the socket's receive is stopped, so one slow reader cannot empty the ring.
 const HELD_BUFFERS_MAX: usize = 16;
+/// Drained send buffers kept for reuse, per shard (so idle sockets keep none, and the
+/// per-message path does not allocate), and the largest one kept.
+const SPARE_SENDS_MAX: usize = 256;
+const SPARE_SEND_BYTES_MAX: usize = 64 * 1024;
 /// The buffer group id of the provided ring.
 const BUFFER_GROUP: u16 = 0;
 
@@ -254,6 +258,7 @@ impl SocketSlot {
 struct RingSocket<'a> {
     slot: &'a mut SocketSlot,
     bufs: &'a mut BufRing,
+    spare_sends: &'a mut Vec<Vec<u8>>,
     /// Bound on staged bytes (beyond it the connection keeps its output and stops reading).
     max_staged: usize,
 }
@@ -305,7 +310,13 @@ impl futures_lite::AsyncWrite for RingSocket<'_> {
             return Poll::Pending;
         }
         let n = room.min(buf.len());
-        self.slot.staged.extend_from_slice(&buf[..n]);
+        let this = &mut *self;
+        if this.slot.staged.capacity() == 0 {
+            if let Some(spare) = this.spare_sends.pop() {
+                this.slot.staged = spare;
+            }
+        }
+        this.slot.staged.extend_from_slice(&buf[..n]);
         Poll::Ready(Ok(n))
     }
 
@@ -370,6 +381,9 @@ pub struct Driver {
     flag: Arc<RepollFlag>,
     waker: Waker,
     completions: Vec<(u64, i32, u32)>,
+    spare_sends: Vec<Vec<u8>>,
+    /// Sockets accepted since the loop last went quiet (see `take_accepted`).
+    accepted: u64,
 }
 
 impl Driver {
@@ -391,6 +405,8 @@ impl Driver {
             waker: Waker::from(flag.clone()),
             flag,
             completions: Vec::with_capacity(RING_ENTRIES as usize),
+            spare_sends: Vec::new(),
+            accepted: 0,
         };
         driver.arm_accept();
         for &bell in bells {
@@ -459,6 +475,11 @@ impl Driver {
         }
         self.slot_of[conn] = Some(slot as u32);
         self.arm_recv(slot);
+    }
+
+    /// Sockets accepted since the last call.
+    pub fn take_accepted(&mut self) -> u64 {
+        std::mem::take(&mut self.accepted)
     }
 
     /// Poll the connection at `conn` on the next turn (it has output waiting).
@@ -557,6 +578,7 @@ impl Driver {
                 false => 0,
             }
         };
+        self.accepted += 1;
         let Some(conn) = shard.borrow_mut().admit(ip) else {
             return; // dropping the descriptor closes it
         };
@@ -628,6 +650,22 @@ impl Driver {
         }
         let s = &mut self.slots[slot];
         let drained = s.unsent() == 0;
+        if drained {
+            // An idle socket keeps no send buffer: both go back to the shard's pool.
+            for buf in [
+                std::mem::take(&mut s.sending),
+                std::mem::take(&mut s.staged),
+            ] {
+                let cap = buf.capacity();
+                if cap > 0
+                    && cap <= SPARE_SEND_BYTES_MAX
+                    && self.spare_sends.len() < SPARE_SENDS_MAX
+                {
+                    self.spare_sends.push(buf);
+                }
+            }
+        }
+        let s = &mut self.slots[slot];
         if (drained && s.repoll_when_sent) || s.failed {
             s.repoll_when_sent = false;
             if let Some(conn) = s.conn {
@@ -648,6 +686,7 @@ impl Driver {
         let mut socket = RingSocket {
             slot: &mut self.slots[slot],
             bufs: &mut self.bufs,
+            spare_sends: &mut self.spare_sends,
             max_staged,
         };
         let outcome = shard.borrow_mut().poll_conn(conn, &mut socket, &mut cx);
