@@ -9,6 +9,8 @@
 # Usage: bench/echo_vs_uws.sh [ROUNDS] [DURATION_SECS]
 #   BASE_BIN=<dir with ringgate + ringgate-bench>  adds an older ringgate build as a side
 #   (before/after a change).
+#   Sides: uws, ringgate (io_driver = "glommio", the default), ringgate-uring (io_driver =
+#   "uring", the shard's own io_uring: docs/architecture.md, "Socket I/O on io_uring").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -19,7 +21,7 @@ NEW=target/release
 UWS=$(bash bench/uws.sh)
 command -v perf >/dev/null || { echo "FATAL: perf needed for syscall counts (apt-get install linux-perf)" >&2; exit 1; }
 OUT=$(mktemp -d)
-SIDES="uws ringgate"
+SIDES="uws ringgate ringgate-uring"
 [ -n "${BASE_BIN:-}" ] && SIDES="$SIDES base"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -34,6 +36,8 @@ start_server() { # side -> sets SRV (pid) and PORT
     uws) (cd "$OUT" && exec taskset -c 0 "$UWS" >/dev/null 2>&1) & SRV=$!; PORT=9001 ;;
     ringgate) taskset -c 0 $NEW/ringgate --shards 1 --echo-route true $NO_LIMITS --listen 127.0.0.1:$port \
         --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
+    ringgate-uring) taskset -c 0 $NEW/ringgate --shards 1 --echo-route true --io-driver uring $NO_LIMITS \
+        --listen 127.0.0.1:$port --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
     base) taskset -c 0 "$BASE_BIN/ringgate" --shards 1 --echo-route true $NO_LIMITS --listen 127.0.0.1:$port \
         --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
   esac
@@ -73,11 +77,11 @@ rate = lambda r: r["bench"].get("msgs_per_sec")
 cpu = lambda r: r["bench"].get("gateway_cpu_us_per_msg")
 # Replies over warmup + window, estimated from the window's rate.
 sysc = lambda r: r["syscalls"] / (r["bench"]["msgs_per_sec"] * (duration + warmup)) if r["syscalls"] and r["bench"].get("msgs_per_sec") else None
-sides = sorted({r["side"] for r in runs}, key=lambda s: ["uws", "ringgate", "base"].index(s))
+sides = sorted({r["side"] for r in runs}, key=lambda s: ["uws", "ringgate", "ringgate-uring", "base"].index(s))
 print("\nmedians of %d rounds (server on CPU 0, generator on CPU 1, 100 conns x 64 B)" % max(r["round"] for r in runs))
 for inflight in (1, 16):
     for s in sides:
-        print("  inflight %2d  %-8s  %10.0f msg/s  %6.2f us/msg  %5.3f syscalls/msg" % (
+        print("  inflight %2d  %-14s  %10.0f msg/s  %6.2f us/msg  %5.3f syscalls/msg" % (
             inflight, s, med(s, inflight, rate) or 0, med(s, inflight, cpu) or 0, med(s, inflight, sysc) or 0))
     u = lambda f: med("uws", inflight, f)
     for s in sides[1:]:

@@ -75,6 +75,14 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     let started = Instant::now();
     // Before anything starts: a host that cannot run shards is told why and how to fix it.
     crate::preflight::check_host().map_err(StartError::Host)?;
+    if cfg.io_driver == crate::config::IoDriver::Uring {
+        crate::shard::uring::check_host().map_err(|what| {
+            StartError::Host(crate::preflight::HostProblem {
+                what: format!("io_driver = \"uring\": {what}"),
+                fix: "use io_driver = \"glommio\" (the default) on this host, or a kernel >= 6.1 with io_uring enabled".into(),
+            })
+        })?;
+    }
     let wanted = crate::preflight::memlock_wanted(cfg.shards, SHARD_IO_MEMORY);
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -250,7 +258,12 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
                 if let Some(link) = push {
                     shard.enable_push(link);
                 }
-                io::run(shard, listener, Some(mesh)).await;
+                match shard.cfg().io_driver {
+                    crate::config::IoDriver::Glommio => io::run(shard, listener, Some(mesh)).await,
+                    crate::config::IoDriver::Uring => {
+                        io::run_uring(shard, listener, Some(mesh)).await
+                    }
+                }
             })
             .map_err(|e| StartError::Shard {
                 shard: id,

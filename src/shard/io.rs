@@ -84,7 +84,10 @@ pub async fn run(
         glommio::spawn_local(store_loop(shard.clone(), bell, poke.clone())).detach();
     }
     if let Some(bell) = mesh_bell {
-        glommio::spawn_local(mesh_loop(shard.clone(), bell, poke.clone())).detach();
+        let adopt = |shard: &Rc<RefCell<Shard>>, index, socket| {
+            glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket))).detach();
+        };
+        glommio::spawn_local(mesh_loop(shard.clone(), bell, poke.clone(), adopt)).detach();
     }
     if let Some(bell) = doorbell {
         glommio::spawn_local(park_loop(shard.clone(), bell)).detach();
@@ -114,6 +117,121 @@ pub async fn run(
             break;
         }
     }
+}
+
+/// Run the shard with its own io_uring socket driver (`io_driver = "uring"`, shard/uring.rs).
+/// This loop is the whole shard: it runs the driver's turns, the tick, and the bells (mesh,
+/// store), and waits in the driver's ring when nothing is left (the ring watches the bells,
+/// and the wait ends by the next tick). No glommio task of its own: glommio only polls its
+/// ring between tasks or when a task queue's time slice is over, so a bell task would wait
+/// behind a busy driver. No park set: an idle socket is one multishot receive in the ring,
+/// with no task and no buffer.
+pub async fn run_uring(
+    mut shard: Shard,
+    listener: socket2::Socket,
+    mesh: Option<(ShardMesh, std::os::unix::net::UnixStream)>,
+) {
+    shard.enable_kick_list();
+    // Accepted sockets inherit it: no setsockopt per connection.
+    let _ = listener.set_tcp_nodelay(true);
+    let mesh_bell = mesh.map(|(m, bell)| {
+        shard.enable_mesh(m);
+        bell
+    });
+    let store_bell = shard.take_store_bell();
+    let bells: Vec<_> = mesh_bell.iter().chain(&store_bell).collect();
+    for bell in &bells {
+        let _ = bell.set_nonblocking(true);
+    }
+    let bell_fds: Vec<_> = bells.iter().map(|b| b.as_raw_fd()).collect();
+    let mut driver = match super::uring::Driver::new(listener.into(), &bell_fds) {
+        Ok(driver) => driver,
+        Err(e) => {
+            // The host check passed before any shard started: this is a late failure.
+            tracing::error!(error = %e, shard = shard.id, "cannot start the io_uring driver");
+            return;
+        }
+    };
+    let shard = RefCell::new(shard);
+    let mut accepting = true;
+    let mut bells_pending = true;
+    loop {
+        if bells_pending {
+            bells_pending = false;
+            for bell in &bells {
+                drain_bell(bell);
+            }
+            if mesh_bell.is_some() {
+                bells_pending |= serve_mesh_batch(&shard, &mut driver);
+            }
+            if store_bell.is_some() {
+                bells_pending |= serve_store_batch(&shard);
+            }
+        }
+        let report = driver.turn(&shard);
+        bells_pending |= report.bell_rang;
+        let ticked = shard.borrow().tick_due();
+        if ticked && shard.borrow_mut().on_tick() {
+            break; // drained
+        }
+        if accepting && shard.borrow().draining() {
+            driver.stop_accepting();
+            accepting = false;
+        } else if accepting && ticked {
+            // An accept that failed (out of descriptors) is tried again once per tick.
+            driver.rearm_accept();
+        }
+        if report.progress == 0 && !bells_pending && !ticked {
+            if driver.take_accepted() > 0 {
+                // A wave of accepts and handshakes is over: their buffers are freed memory
+                // that mimalloc keeps until told (the park set's waves do this with glommio).
+                shard.borrow_mut().note_quiet_after_burst();
+            }
+            let wait_ms = shard.borrow_mut().next_tick_ms();
+            driver.wait(wait_ms);
+        }
+    }
+}
+
+/// Take the bytes of a rung bell (its ring watch fires again on the next ring).
+fn drain_bell(bell: &std::os::unix::net::UnixStream) {
+    let mut buf = [0u8; 64];
+    while let Ok(n) = std::io::Read::read(&mut &*bell, &mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// One bounded batch of what other shards sent; a handed-over socket goes to the driver.
+/// True when the batch was full (more may wait).
+fn serve_mesh_batch(shard: &RefCell<Shard>, driver: &mut super::uring::Driver) -> bool {
+    shard.borrow().clear_mesh_bell();
+    let mut batch = shard.borrow_mut().take_mesh_batch();
+    let taken = batch.len();
+    for msg in batch.drain(..) {
+        let mut s = shard.borrow_mut();
+        let now = s.now_ms();
+        if let Some((index, socket)) = s.on_mesh_msg(msg, now) {
+            drop(s);
+            driver.add_socket(index, socket);
+            driver.poll_soon(index); // its welcome is waiting
+        }
+    }
+    taken == DRAIN_BATCH
+}
+
+/// One bounded batch of what Redis answered. True when the batch was full.
+fn serve_store_batch(shard: &RefCell<Shard>) -> bool {
+    shard.borrow().clear_store_bell();
+    let replies = shard.borrow_mut().take_store_replies(DRAIN_BATCH);
+    let taken = replies.len();
+    let mut s = shard.borrow_mut();
+    let now = s.now_ms();
+    for reply in replies {
+        s.on_store_reply(reply, now);
+    }
+    taken == DRAIN_BATCH
 }
 
 /// Wakes the run loop out of an idle shard's long sleep when input arrives. Armed only
@@ -226,8 +344,13 @@ async fn serve_bell(
     }
 }
 
-/// What other shards sent, in bounded batches.
-async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream, poke: Rc<Poke>) {
+/// What other shards sent, in bounded batches; a handed-over socket goes to `adopt`.
+async fn mesh_loop(
+    shard: Rc<RefCell<Shard>>,
+    bell: UnixStream,
+    poke: Rc<Poke>,
+    adopt: impl Fn(&Rc<RefCell<Shard>>, usize, OwnedFd),
+) {
     serve_bell(shard, bell, poke, Shard::clear_mesh_bell, |shard| {
         let mut batch = shard.borrow_mut().take_mesh_batch();
         let taken = batch.len();
@@ -238,7 +361,7 @@ async fn mesh_loop(shard: Rc<RefCell<Shard>>, bell: UnixStream, poke: Rc<Poke>) 
                 s.on_mesh_msg(msg, now)
             };
             if let Some((index, socket)) = adopted {
-                glommio::spawn_local(drive(shard.clone(), index, owned_stream(socket))).detach();
+                adopt(shard, index, socket);
             }
         }
         taken

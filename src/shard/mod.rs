@@ -26,6 +26,7 @@ pub mod msg;
 pub mod park;
 pub mod presence;
 pub mod rooms;
+pub mod uring;
 pub mod users;
 pub mod watch;
 
@@ -202,6 +203,9 @@ pub struct Shard {
     ready_tokens: Vec<u64>,
     /// Parked sockets that became busy: the glue hands each to a new socket task.
     unparked: Vec<(usize, OwnedFd)>,
+    /// With the io_uring driver (no socket tasks, no wakers): connections a timer or another
+    /// connection gave output or work, for the driver to poll (None with glommio's tasks).
+    kicked: Option<Vec<usize>>,
     /// Users whose home is this shard, with their connections here.
     users: Users,
     /// `send`/`publish` buckets of those users (only of the ones that sent lately).
@@ -298,6 +302,7 @@ impl Shard {
             tls_sessions: Default::default(),
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
+            kicked: None,
             users: Users::default(),
             send_buckets: UserBuckets::default(),
             mesh: None,
@@ -313,6 +318,23 @@ impl Shard {
             .configure(mesh.shards(), self.store_shared());
         self.room_members.configure(mesh.shards());
         self.mesh = Some(mesh);
+    }
+
+    /// The io_uring driver serves the sockets: kicked connections are listed for it to poll
+    /// (`take_kicked`), there being no socket task to wake.
+    pub fn enable_kick_list(&mut self) {
+        self.kicked = Some(Vec::new());
+    }
+
+    /// Sockets went quiet after a burst (accepts, handshakes) with the io_uring driver, which
+    /// has no park wave to count: let the next tick give freed memory back (see `alloc`).
+    pub fn note_quiet_after_burst(&mut self) {
+        self.released_since_collect += 1;
+    }
+
+    /// The connections kicked since the last call (with the io_uring driver).
+    pub fn take_kicked(&mut self) -> Vec<usize> {
+        self.kicked.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Let idle connections park in `set` (the glue reads the doorbell).
@@ -892,6 +914,8 @@ impl Shard {
             // one write (sending here at once measured 2x the CPU per message in `send`).
             if let Some(w) = &entry.waker {
                 w.wake_by_ref();
+            } else if let Some(kicked) = &mut self.kicked {
+                kicked.push(index);
             }
         }
     }

@@ -1,0 +1,849 @@
+//! The io_uring socket driver of a shard (`io_driver = "uring"`), beside glommio on the
+//! shard's thread: glommio keeps the executor, the timers and the bells; this ring does the
+//! sockets. Why not glommio's streams: docs/architecture.md, "Socket I/O on io_uring".
+//!
+//! What it owns: the ring, the provided buffer ring every receive lands in, the listener, and
+//! per socket only the bytes staged for sending (a slot, keyed by the shard's slab index).
+//! What it must not touch: connection state. Input goes to [`Shard::poll_conn`] through
+//! [`RingSocket`], exactly as glommio's streams feed it, and the shard says what to do.
+//!
+//! One turn ([`Driver::turn`]): take every completion (accepts, receives, sends), poll the
+//! connections they concern, poll the ones the shard kicked (timers), queue one send per
+//! connection with staged bytes, then one `io_uring_enter` submits it all and reaps.
+//! Each socket has one multishot receive for its life (re-armed only when the kernel ends it:
+//! buffer ring empty, or a full CQ).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use slab::Slab;
+
+use super::{ConnPoll, Shard};
+
+/// Submission queue entries; the completion queue is twice that (the kernel keeps overflow).
+const RING_ENTRIES: u32 = 4096;
+/// Receive buffers in the provided ring (a power of two, at most 32,768).
+const RECV_BUFFERS: u16 = 1024;
+/// Bytes per receive buffer: a 64-byte echo uses one; a 64 KiB frame arrives in 16.
+const RECV_BUFFER_BYTES: usize = 4096;
+/// Receive buffers one socket may hold unread (its connection's output is over the outbound
+/// bound): beyond it the socket's receive is stopped, so one slow reader cannot empty the ring.
+const HELD_BUFFERS_MAX: usize = 16;
+/// Drained send buffers kept for reuse, per shard (so idle sockets keep none, and the
+/// per-message path does not allocate), and the largest one kept.
+const SPARE_SENDS_MAX: usize = 256;
+const SPARE_SEND_BYTES_MAX: usize = 64 * 1024;
+/// The buffer group id of the provided ring.
+const BUFFER_GROUP: u16 = 0;
+
+/// What a completion is for: the low byte of its user data (the rest is the socket slot).
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_CANCEL: u64 = 4;
+const OP_BELL: u64 = 5;
+
+fn user_data(slot: usize, op: u64) -> u64 {
+    ((slot as u64) << 8) | op
+}
+
+/// The kernel features this driver needs, checked once before any shard starts (the config
+/// refusal names what is missing): a ring with a provided buffer ring (5.19), multishot
+/// accept and receive (6.0).
+pub fn check_host() -> Result<(), String> {
+    let (major, minor) = kernel_version().ok_or("cannot read the kernel version (uname)")?;
+    if (major, minor) < (6, 0) {
+        return Err(format!(
+            "io_driver = \"uring\" needs Linux 6.0 or later (multishot receive), this is {major}.{minor}"
+        ));
+    }
+    let ring = new_ring().map_err(|e| format!("cannot create an io_uring: {e}"))?;
+    BufRing::new(&ring).map_err(|e| {
+        format!("cannot register a provided buffer ring ({e}); locked memory (`ulimit -l`) may be too low")
+    })?;
+    Ok(())
+}
+
+fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// A ring for one thread: single issuer and deferred task work (completions are posted when
+/// this thread asks, not by interrupting it), where the kernel has them (6.1).
+fn new_ring() -> io::Result<IoUring> {
+    let tuned = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_taskrun_flag()
+        .setup_cqsize(RING_ENTRIES * 2)
+        .build(RING_ENTRIES);
+    match tuned {
+        Ok(ring) => Ok(ring),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
+            .setup_cqsize(RING_ENTRIES * 2)
+            .build(RING_ENTRIES),
+        Err(e) => Err(e),
+    }
+}
+
+/// The provided buffer ring: the kernel picks a free buffer for each receive; the driver gives
+/// it back as soon as the connection has taken the bytes.
+struct BufRing {
+    /// Ring entries (page aligned, mapped): the kernel reads them, the driver fills them.
+    entries: *mut types::BufRingEntry,
+    entries_len: usize,
+    buffers: Box<[u8]>,
+    /// Our copy of the tail; published to the kernel in `publish`.
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring) -> io::Result<Self> {
+        let entries_len = RECV_BUFFERS as usize * std::mem::size_of::<types::BufRingEntry>();
+        // SAFETY: an anonymous private mapping; checked for failure below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                entries_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut bufs = BufRing {
+            entries: map.cast(),
+            entries_len,
+            buffers: vec![0u8; RECV_BUFFERS as usize * RECV_BUFFER_BYTES].into_boxed_slice(),
+            tail: 0,
+        };
+        // SAFETY: the mapping is page aligned, `RECV_BUFFERS` entries long, and lives as long
+        // as `bufs` (unmapped on drop, after the ring that uses it is gone: see `Driver`).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                map as u64,
+                RECV_BUFFERS,
+                BUFFER_GROUP,
+                0,
+            )?
+        };
+        for bid in 0..RECV_BUFFERS {
+            bufs.give_back(bid);
+        }
+        bufs.publish();
+        Ok(bufs)
+    }
+
+    /// The bytes `held` names in buffer `bid`.
+    fn bytes(&self, held: &Held) -> &[u8] {
+        let start = held.bid as usize * RECV_BUFFER_BYTES;
+        &self.buffers[start + held.from as usize..start + held.to as usize]
+    }
+
+    /// Put buffer `bid` back at the tail (seen by the kernel after `publish`).
+    fn give_back(&mut self, bid: u16) {
+        let mask = RECV_BUFFERS - 1;
+        let addr = self.buffers.as_ptr() as u64 + bid as u64 * RECV_BUFFER_BYTES as u64;
+        // SAFETY: the index is masked into the mapping; the kernel reads only entries between
+        // its head and the published tail, and this one is past the tail until `publish`.
+        let entry = unsafe { &mut *self.entries.add((self.tail & mask) as usize) };
+        entry.set_addr(addr);
+        entry.set_len(RECV_BUFFER_BYTES as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Let the kernel see the buffers given back.
+    fn publish(&self) {
+        // SAFETY: the tail field overlays entry 0's reserved field, as the kernel defines it;
+        // it is only ever written here, as an atomic with release order.
+        unsafe {
+            let tail = types::BufRingEntry::tail(self.entries) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.entries.cast(), self.entries_len) };
+    }
+}
+
+/// Received bytes not yet taken by the connection: `from..to` of buffer `bid`.
+#[derive(Clone, Copy)]
+struct Held {
+    bid: u16,
+    from: u32,
+    to: u32,
+}
+
+/// The I/O state of one socket. It lives until the kernel holds no operation on it (a send
+/// in flight reads `sending`), which can be after its connection is gone.
+struct SocketSlot {
+    fd: Option<OwnedFd>,
+    /// The shard's slab index of its connection (None once the connection is gone).
+    conn: Option<usize>,
+    /// Operations the kernel holds for this socket (the receive, a send).
+    ops_in_kernel: u8,
+    recv_armed: bool,
+    /// Receive buffers in arrival order whose bytes the connection has not taken yet (empty
+    /// unless its output is over the outbound bound).
+    held: VecDeque<Held>,
+    /// Bytes handed to the kernel by the send in flight (not touched until it completes).
+    sending: Vec<u8>,
+    sent: usize,
+    send_in_kernel: bool,
+    /// In the driver's `to_send` list for this turn.
+    send_queued: bool,
+    /// Bytes the connection wrote since; they go in the next send.
+    staged: Vec<u8>,
+    /// The peer closed its side (a receive of 0 bytes).
+    eof: bool,
+    /// The socket failed (receive or send error): the connection sees it as gone.
+    failed: bool,
+    /// Poll the connection again once the staged bytes are out (it was held back by them).
+    repoll_when_sent: bool,
+    /// The connection is finished: close the socket once the staged bytes are out.
+    close_when_sent: bool,
+    /// The connection belongs on shard `to`: the receive is being cancelled to hand it over.
+    handoff_to: Option<usize>,
+}
+
+impl SocketSlot {
+    fn new(fd: OwnedFd, conn: usize) -> Self {
+        SocketSlot {
+            fd: Some(fd),
+            conn: Some(conn),
+            ops_in_kernel: 0,
+            recv_armed: false,
+            held: VecDeque::new(),
+            sending: Vec::new(),
+            sent: 0,
+            send_in_kernel: false,
+            send_queued: false,
+            staged: Vec::new(),
+            eof: false,
+            failed: false,
+            repoll_when_sent: false,
+            close_when_sent: false,
+            handoff_to: None,
+        }
+    }
+
+    fn unsent(&self) -> usize {
+        self.sending.len() - self.sent + self.staged.len()
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.fd.as_ref().map_or(-1, |fd| fd.as_raw_fd())
+    }
+}
+
+/// A socket as [`Shard::poll_conn`] sees it: reads take the bytes of the completion being
+/// handled, writes stage bytes for this turn's send.
+struct RingSocket<'a> {
+    slot: &'a mut SocketSlot,
+    bufs: &'a mut BufRing,
+    spare_sends: &'a mut Vec<Vec<u8>>,
+    /// Bound on staged bytes (beyond it the connection keeps its output and stops reading).
+    max_staged: usize,
+}
+
+impl futures_lite::AsyncRead for RingSocket<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if let Some(held) = this.slot.held.front_mut() {
+            let bytes = this.bufs.bytes(held);
+            let n = bytes.len().min(buf.len());
+            buf[..n].copy_from_slice(&bytes[..n]);
+            held.from += n as u32;
+            if held.from == held.to {
+                // Taken: the buffer goes back to the kernel at once.
+                let bid = held.bid;
+                this.slot.held.pop_front();
+                this.bufs.give_back(bid);
+            }
+            return Poll::Ready(Ok(n));
+        }
+        if this.slot.failed {
+            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+        }
+        if this.slot.eof {
+            return Poll::Ready(Ok(0));
+        }
+        // The next receive completion polls the connection again.
+        Poll::Pending
+    }
+}
+
+impl futures_lite::AsyncWrite for RingSocket<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let slot = &mut *self.slot;
+        if slot.failed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let room = self.max_staged.saturating_sub(self.slot.unsent());
+        if room == 0 {
+            self.slot.repoll_when_sent = true;
+            return Poll::Pending;
+        }
+        let n = room.min(buf.len());
+        let this = &mut *self;
+        if this.slot.staged.capacity() == 0 {
+            if let Some(spare) = this.spare_sends.pop() {
+                this.slot.staged = spare;
+            }
+        }
+        this.slot.staged.extend_from_slice(&buf[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    /// Staged bytes go out at the end of the turn; a finished connection's socket closes only
+    /// after them (`close_when_sent`).
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// Shut the write side once everything staged is out (our close frame first).
+    fn poll_close(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.slot.unsent() > 0 {
+            self.slot.repoll_when_sent = true;
+            return Poll::Pending;
+        }
+        // SAFETY: shutdown on the socket this slot owns; rare (once per closing connection).
+        let rc = unsafe { libc::shutdown(self.slot.raw_fd(), libc::SHUT_WR) };
+        if rc < 0 {
+            return Poll::Ready(Err(io::Error::last_os_error()));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The waker `poll_conn` is given: the connection asked to be polled again (its read loop
+/// yielded for fairness, or writes made room to read). Checked right after each poll.
+#[derive(Default)]
+struct RepollFlag(AtomicBool);
+
+impl Wake for RepollFlag {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What a turn did, for the loop to decide whether to wait.
+pub struct TurnReport {
+    /// Completions handled and connections polled.
+    pub progress: usize,
+    /// A bell (mesh, store) rang: its glommio task has something to read.
+    pub bell_rang: bool,
+}
+
+/// A shard's io_uring socket driver (see the module header).
+pub struct Driver {
+    // Field order is drop order: the ring is closed before the buffers and sockets it points
+    // into are freed (a shard's driver is dropped only when the shard ends).
+    ring: IoUring,
+    bufs: BufRing,
+    slots: Slab<SocketSlot>,
+    /// Socket slot of each connection, by the shard's slab index.
+    slot_of: Vec<Option<u32>>,
+    listener: Option<OwnedFd>,
+    accept_armed: bool,
+    /// Slots with staged bytes and no send in the kernel: each gets one send this turn.
+    to_send: Vec<usize>,
+    /// Connections to poll again this turn (asked to, or their staged bytes went out).
+    repoll: VecDeque<usize>,
+    flag: Arc<RepollFlag>,
+    waker: Waker,
+    completions: Vec<(u64, i32, u32)>,
+    spare_sends: Vec<Vec<u8>>,
+    /// Sockets accepted since the loop last went quiet (see `take_accepted`).
+    accepted: u64,
+}
+
+impl Driver {
+    /// A ring for this shard with a multishot accept on `listener` and a multishot poll on
+    /// each bell (the mesh's, the store's), so a wait in the ring also ends when they ring.
+    pub fn new(listener: OwnedFd, bells: &[RawFd]) -> io::Result<Self> {
+        let ring = new_ring()?;
+        let bufs = BufRing::new(&ring)?;
+        let flag = Arc::new(RepollFlag::default());
+        let mut driver = Driver {
+            ring,
+            bufs,
+            slots: Slab::new(),
+            slot_of: Vec::new(),
+            listener: Some(listener),
+            accept_armed: false,
+            to_send: Vec::new(),
+            repoll: VecDeque::new(),
+            waker: Waker::from(flag.clone()),
+            flag,
+            completions: Vec::with_capacity(RING_ENTRIES as usize),
+            spare_sends: Vec::new(),
+            accepted: 0,
+        };
+        driver.arm_accept();
+        for &bell in bells {
+            let poll = opcode::PollAdd::new(types::Fd(bell), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(user_data(0, OP_BELL));
+            driver.push(poll);
+        }
+        Ok(driver)
+    }
+
+    fn push(&mut self, sqe: squeue::Entry) {
+        // SAFETY: every entry pushed points at memory that outlives its operation: the listener
+        // and sockets are owned by the driver until their operations complete (slots live
+        // until `ops_in_kernel` is 0), send buffers are not touched while in the kernel.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            // Full: submit what is queued (completions stay in the CQ for the next turn).
+            let _ = self.ring.submit();
+        }
+    }
+
+    fn arm_accept(&mut self) {
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data(0, OP_ACCEPT));
+        self.accept_armed = true;
+        self.push(accept);
+    }
+
+    /// Stop accepting (drain): cancel the accept; the listener closes once it completes.
+    pub fn stop_accepting(&mut self) {
+        if let Some(listener) = &self.listener {
+            let cancel = opcode::AsyncCancel2::new(
+                types::CancelBuilder::fd(types::Fd(listener.as_raw_fd())).all(),
+            )
+            .build()
+            .user_data(user_data(0, OP_CANCEL));
+            self.push(cancel);
+            // The cancel names the descriptor: submit it before the number can be reused.
+            let _ = self.ring.submit();
+        }
+        self.listener = None;
+    }
+
+    fn arm_recv(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        let recv = opcode::RecvMulti::new(types::Fd(s.raw_fd()), BUFFER_GROUP)
+            .build()
+            .user_data(user_data(slot, OP_RECV));
+        s.recv_armed = true;
+        s.ops_in_kernel += 1;
+        self.push(recv);
+    }
+
+    /// Adopt a socket whose connection is at `conn` in the shard's slab (accepted, or handed
+    /// over by another shard) and start its one multishot receive.
+    pub fn add_socket(&mut self, conn: usize, fd: OwnedFd) {
+        let slot = self.slots.insert(SocketSlot::new(fd, conn));
+        if self.slot_of.len() <= conn {
+            self.slot_of.resize(conn + 1, None);
+        }
+        self.slot_of[conn] = Some(slot as u32);
+        self.arm_recv(slot);
+    }
+
+    /// Sockets accepted since the last call.
+    pub fn take_accepted(&mut self) -> u64 {
+        std::mem::take(&mut self.accepted)
+    }
+
+    /// Poll the connection at `conn` on the next turn (it has output waiting).
+    pub fn poll_soon(&mut self, conn: usize) {
+        self.repoll.push_back(conn);
+    }
+
+    /// One turn: handle every completion, poll the connections they concern and the ones the
+    /// shard kicked, queue the sends, submit and reap with one `io_uring_enter`.
+    pub fn turn(&mut self, shard: &RefCell<Shard>) -> TurnReport {
+        let mut completions = std::mem::take(&mut self.completions);
+        completions.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        let mut progress = completions.len();
+        let mut bell_rang = false;
+        for &(data, result, flags) in &completions {
+            let slot = (data >> 8) as usize;
+            match data & 0xff {
+                OP_ACCEPT => self.on_accept(shard, result, flags),
+                OP_RECV => self.on_recv(shard, slot, result, flags),
+                OP_SEND => self.on_send(shard, slot, result),
+                OP_BELL => bell_rang = true,
+                _ => {} // a cancel's own answer
+            }
+        }
+        completions.clear();
+        self.completions = completions;
+        let kicked = shard.borrow_mut().take_kicked();
+        self.repoll.extend(kicked);
+        progress += self.repoll.len();
+        while let Some(conn) = self.repoll.pop_front() {
+            if let Some(slot) = self.slot_for(conn) {
+                self.poll(shard, slot);
+            }
+        }
+        for slot in std::mem::take(&mut self.to_send) {
+            self.queue_send(slot);
+        }
+        self.bufs.publish();
+        // One enter submits the turn's sends and re-arms, and runs the kernel's deferred
+        // completions; none when there is nothing to submit and nothing deferred.
+        let mut sq = self.ring.submission();
+        let needed = !sq.is_empty() || sq.taskrun() || sq.cq_overflow();
+        sq.sync();
+        drop(sq);
+        if needed {
+            let _ = self.ring.submit();
+        }
+        TurnReport {
+            progress,
+            bell_rang,
+        }
+    }
+
+    /// Block until a completion arrives (an accept, input, a bell) or `timeout_ms` passes.
+    pub fn wait(&mut self, timeout_ms: u64) {
+        let ts = types::Timespec::new()
+            .sec(timeout_ms / 1000)
+            .nsec((timeout_ms % 1000) as u32 * 1_000_000);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        // ETIME (the timeout) and EINTR are expected; a real failure shows on the next turn.
+        let _ = self.ring.submitter().submit_with_args(1, &args);
+    }
+
+    fn slot_for(&self, conn: usize) -> Option<usize> {
+        self.slot_of
+            .get(conn)
+            .copied()
+            .flatten()
+            .map(|s| s as usize)
+    }
+
+    fn on_accept(&mut self, shard: &RefCell<Shard>, result: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if result < 0 {
+            if result != -libc::ECANCELED {
+                // Out of descriptors or memory: the tick re-arms it (no spinning on accept).
+                tracing::warn!(error = %io::Error::from_raw_os_error(-result), "accept failed");
+            }
+            return;
+        }
+        // SAFETY: a completed accept's result is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(result) };
+        if !self.accept_armed && self.listener.is_some() && result >= 0 {
+            self.arm_accept();
+        }
+        let ip = {
+            let s = shard.borrow();
+            match s.limits_addresses() {
+                true => peer_ip_key(fd.as_raw_fd()),
+                false => 0,
+            }
+        };
+        self.accepted += 1;
+        let Some(conn) = shard.borrow_mut().admit(ip) else {
+            return; // dropping the descriptor closes it
+        };
+        self.add_socket(conn, fd);
+    }
+
+    /// The accept ended (an error, or the kernel stopped it): arm it again (from the tick).
+    pub fn rearm_accept(&mut self) {
+        if !self.accept_armed && self.listener.is_some() {
+            self.arm_accept();
+        }
+    }
+
+    fn on_recv(&mut self, shard: &RefCell<Shard>, slot: usize, result: i32, flags: u32) {
+        let s = &mut self.slots[slot];
+        if !cqueue::more(flags) {
+            s.recv_armed = false;
+            s.ops_in_kernel -= 1;
+        }
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            let len = result.max(0) as u32;
+            if len == 0 || s.conn.is_none() {
+                self.bufs.give_back(bid);
+            } else {
+                s.held.push_back(Held {
+                    bid,
+                    from: 0,
+                    to: len,
+                });
+            }
+        }
+        match result {
+            0 => s.eof = true,
+            // The buffer ring ran dry, or we stopped it: nothing lost, re-armed in `after_op`.
+            r if r == -libc::ENOBUFS || r == -libc::ECANCELED => {}
+            r if r < 0 => s.failed = true,
+            _ => {}
+        }
+        if s.held.len() >= HELD_BUFFERS_MAX && s.recv_armed {
+            // The connection is not taking its input: stop receiving (TCP pushes back).
+            self.cancel_recv(slot);
+        }
+        if result != -libc::ENOBUFS && result != -libc::ECANCELED {
+            self.poll(shard, slot);
+        }
+        self.after_op(shard, slot);
+    }
+
+    fn on_send(&mut self, shard: &RefCell<Shard>, slot: usize, result: i32) {
+        let s = &mut self.slots[slot];
+        s.ops_in_kernel -= 1;
+        s.send_in_kernel = false;
+        if result < 0 {
+            s.failed = true;
+            s.sending.clear();
+            s.sent = 0;
+            s.staged.clear();
+        } else {
+            s.sent += result as usize;
+            if s.sent == s.sending.len() {
+                s.sending.clear();
+                s.sent = 0;
+                std::mem::swap(&mut s.sending, &mut s.staged);
+            }
+            if !s.sending.is_empty() && !s.send_queued {
+                s.send_queued = true;
+                self.to_send.push(slot); // a short write: the rest goes in the next turn
+            }
+        }
+        let s = &mut self.slots[slot];
+        let drained = s.unsent() == 0;
+        if drained {
+            // An idle socket keeps no send buffer: both go back to the shard's pool.
+            for buf in [
+                std::mem::take(&mut s.sending),
+                std::mem::take(&mut s.staged),
+            ] {
+                let cap = buf.capacity();
+                if cap > 0
+                    && cap <= SPARE_SEND_BYTES_MAX
+                    && self.spare_sends.len() < SPARE_SENDS_MAX
+                {
+                    self.spare_sends.push(buf);
+                }
+            }
+        }
+        let s = &mut self.slots[slot];
+        if (drained && s.repoll_when_sent) || s.failed {
+            s.repoll_when_sent = false;
+            if let Some(conn) = s.conn {
+                self.repoll.push_back(conn);
+            }
+        }
+        self.after_op(shard, slot);
+    }
+
+    /// Poll the connection of `slot`: it reads what the socket holds and writes what it has.
+    fn poll(&mut self, shard: &RefCell<Shard>, slot: usize) {
+        let Some(conn) = self.slots[slot].conn else {
+            return; // the connection is gone; the socket waits for its operations to end
+        };
+        let max_staged = shard.borrow().cfg().max_outbound;
+        self.flag.0.store(false, Ordering::Relaxed);
+        let mut cx = Context::from_waker(&self.waker);
+        let mut socket = RingSocket {
+            slot: &mut self.slots[slot],
+            bufs: &mut self.bufs,
+            spare_sends: &mut self.spare_sends,
+            max_staged,
+        };
+        let outcome = shard.borrow_mut().poll_conn(conn, &mut socket, &mut cx);
+        let s = &mut self.slots[slot];
+        if !s.staged.is_empty() && !s.send_in_kernel && !s.send_queued {
+            s.send_queued = true;
+            self.to_send.push(slot);
+        }
+        match outcome {
+            ConnPoll::Pending { .. } => {
+                if self.flag.0.load(Ordering::Relaxed) {
+                    self.repoll.push_back(conn);
+                }
+                let s = &self.slots[slot];
+                if s.held.is_empty() && !s.recv_armed {
+                    self.after_op(shard, slot); // a stopped receive starts again
+                }
+            }
+            ConnPoll::Close => self.close(slot),
+            ConnPoll::Handoff { to } => self.start_handoff(slot, to),
+        }
+    }
+
+    /// The connection is gone: the socket closes once its staged bytes are out (our close
+    /// frame) and the kernel holds none of its operations.
+    fn close(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        if let Some(conn) = s.conn.take() {
+            self.slot_of[conn] = None;
+        }
+        for held in s.held.drain(..) {
+            self.bufs.give_back(held.bid);
+        }
+        if s.failed || s.unsent() == 0 {
+            s.staged.clear();
+            self.cancel_ops(slot);
+        } else {
+            s.close_when_sent = true;
+        }
+        self.free_if_done(slot);
+    }
+
+    fn cancel_ops(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        if s.ops_in_kernel == 0 {
+            return;
+        }
+        let cancel =
+            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(s.raw_fd())).all())
+                .build()
+                .user_data(user_data(slot, OP_CANCEL));
+        self.push(cancel);
+    }
+
+    /// The connection's user lives on shard `to`: stop receiving (what arrives until the
+    /// receive ends is still fed to the connection), then hand the socket over.
+    fn start_handoff(&mut self, slot: usize, to: usize) {
+        let s = &mut self.slots[slot];
+        if s.handoff_to.is_some() {
+            return;
+        }
+        s.handoff_to = Some(to);
+        if s.recv_armed {
+            self.cancel_recv(slot);
+        }
+    }
+
+    fn cancel_recv(&mut self, slot: usize) {
+        let cancel =
+            opcode::AsyncCancel2::new(types::CancelBuilder::user_data(user_data(slot, OP_RECV)))
+                .build()
+                .user_data(user_data(slot, OP_CANCEL));
+        self.push(cancel);
+    }
+
+    /// After an operation of `slot` completed: finish a hand-off or a deferred close, re-arm
+    /// a receive the kernel ended, free the slot once nothing refers to it.
+    fn after_op(&mut self, shard: &RefCell<Shard>, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return; // freed by the poll that handled the completion
+        };
+        if let (Some(to), Some(conn)) = (s.handoff_to, s.conn) {
+            if s.ops_in_kernel == 0 && s.unsent() == 0 && s.held.is_empty() {
+                // The shard sends a duplicate (and keeps the connection if the mesh is full).
+                let moved = super::park::dup(s.raw_fd())
+                    .map(|fd| shard.borrow_mut().handoff(conn, to, fd))
+                    .unwrap_or(false);
+                let s = &mut self.slots[slot];
+                s.handoff_to = None;
+                if moved {
+                    s.conn = None;
+                    self.slot_of[conn] = None;
+                } else {
+                    self.repoll.push_back(conn); // it is told to reconnect (1013)
+                }
+            }
+        }
+        let s = &mut self.slots[slot];
+        if s.close_when_sent && s.unsent() == 0 {
+            s.close_when_sent = false;
+            self.cancel_ops(slot);
+        }
+        let s = &self.slots[slot];
+        if s.conn.is_some()
+            && !s.recv_armed
+            && s.held.is_empty()
+            && !s.eof
+            && !s.failed
+            && s.handoff_to.is_none()
+        {
+            self.arm_recv(slot);
+        }
+        self.free_if_done(slot);
+    }
+
+    fn free_if_done(&mut self, slot: usize) {
+        let s = &self.slots[slot];
+        if s.conn.is_none() && s.ops_in_kernel == 0 && !s.close_when_sent {
+            self.slots.remove(slot); // drops (closes) the descriptor
+        }
+    }
+
+    fn queue_send(&mut self, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        s.send_queued = false;
+        if s.send_in_kernel || s.failed {
+            return;
+        }
+        if s.sending.is_empty() {
+            std::mem::swap(&mut s.sending, &mut s.staged);
+            s.sent = 0;
+        }
+        if s.sending.is_empty() {
+            return;
+        }
+        let rest = &s.sending[s.sent..];
+        let send = opcode::Send::new(types::Fd(s.raw_fd()), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data(slot, OP_SEND));
+        s.send_in_kernel = true;
+        s.ops_in_kernel += 1;
+        self.push(send);
+    }
+}
+
+/// The peer address of `fd` as the per-address limits key it (0 when unknown).
+fn peer_ip_key(fd: RawFd) -> crate::limit::ip::IpKey {
+    let socket = std::mem::ManuallyDrop::new(
+        // SAFETY: borrowed for one getpeername; ManuallyDrop keeps it from being closed.
+        unsafe { socket2::Socket::from_raw_fd(fd) },
+    );
+    socket
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map_or(0, |a| crate::limit::ip::ip_key(a.ip()))
+}

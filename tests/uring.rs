@@ -1,0 +1,213 @@
+//! The `/echo` frame path under both socket drivers (`io_driver = "glommio"` and `"uring"`,
+//! docs/architecture.md, "Socket I/O on io_uring"), with what real sockets do to a driver:
+//! a frame split over many reads, a frame over several receive buffers, a slow reader that
+//! forces partial writes and stops the receive, many connections at once, close and ping,
+//! peers that vanish. Every test runs once per driver, in one gateway each.
+//! (`RINGGATE_IO_DRIVER=uring cargo test --test gateway` runs the whole gateway suite on it.)
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const DRIVERS: [&str; 2] = ["glommio", "uring"];
+
+fn echo_gateway(driver: &str, extra: &[&str]) -> Gateway {
+    let mut args = vec!["--echo-route", "true", "--io-driver", driver];
+    args.extend_from_slice(extra);
+    Gateway::start(&args)
+}
+
+/// A client frame (masked), as bytes, to be written in pieces.
+fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xffff {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    out
+}
+
+fn next_data_frame(raw: &mut RawWs) -> RawFrame {
+    loop {
+        let f = raw.recv().expect("a frame before the timeout");
+        if f.opcode != 9 {
+            return f;
+        }
+    }
+}
+
+#[test]
+fn a_frame_split_over_many_reads_is_echoed_whole() {
+    for driver in DRIVERS {
+        let gw = echo_gateway(driver, &[]);
+        let mut raw = RawWs::connect(gw.public, "/echo");
+        raw.stream.set_nodelay(true).unwrap();
+        let payload: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let bytes = masked_frame(true, 2, &payload);
+        // One byte per write, with pauses: the server sees many tiny receives.
+        for (i, b) in bytes.iter().enumerate() {
+            raw.stream.write_all(&[*b]).unwrap();
+            if i % 16 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let f = next_data_frame(&mut raw);
+        assert_eq!((f.opcode, f.payload), (2, payload), "{driver}");
+    }
+}
+
+#[test]
+fn large_frames_over_several_receive_buffers_and_pipelined_frames_are_echoed() {
+    for driver in DRIVERS {
+        let gw = echo_gateway(driver, &[]);
+        let mut raw = RawWs::connect(gw.public, "/echo");
+        // 65,536 bytes: 17 of the uring driver's 4 KiB receive buffers, in one write.
+        let big: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        raw.send_frame(true, 2, &big);
+        let f = next_data_frame(&mut raw);
+        assert_eq!(f.payload.len(), big.len(), "{driver}");
+        assert!(
+            f.payload == big,
+            "{driver}: the large frame came back changed"
+        );
+        // 200 small frames in one write: many frames in one receive.
+        let mut burst = Vec::new();
+        for i in 0..200u32 {
+            burst.extend(masked_frame(true, 1, format!("m{i}").as_bytes()));
+        }
+        raw.stream.write_all(&burst).unwrap();
+        for i in 0..200u32 {
+            let f = next_data_frame(&mut raw);
+            assert_eq!(f.payload, format!("m{i}").as_bytes(), "{driver}");
+        }
+    }
+}
+
+/// The client writes 2 MiB of frames without reading: the server's output to it exceeds its
+/// bound, sends complete partially, the uring driver stops receiving; once the client reads,
+/// everything comes back in order.
+#[test]
+fn a_slow_reader_gets_every_echo_in_order() {
+    for driver in DRIVERS {
+        let gw = echo_gateway(driver, &["--max-outbound", "65536", "--max-frame", "65536"]);
+        let stream = TcpStream::connect(gw.public).unwrap();
+        // A small receive buffer on the client: the server's sends come back short.
+        socket2::SockRef::from(&stream)
+            .set_recv_buffer_size(32768)
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut up = stream.try_clone().unwrap();
+        let head = "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        up.write_all(head.as_bytes()).unwrap();
+        let mut raw = RawWs::after_upgrade(stream);
+        let mut writer = raw.stream.try_clone().unwrap();
+        const N: usize = 32;
+        let sender = std::thread::spawn(move || {
+            for i in 0..N {
+                writer
+                    .write_all(&masked_frame(true, 2, &vec![i as u8; 65_000]))
+                    .unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        for i in 0..N {
+            let f = next_data_frame(&mut raw);
+            assert_eq!(
+                (f.payload.len(), f.payload[0], f.payload[64_999]),
+                (65_000, i as u8, i as u8),
+                "{driver}: echo {i}"
+            );
+        }
+        sender.join().unwrap();
+    }
+}
+
+#[test]
+fn many_connections_at_once_each_get_their_own_echoes() {
+    for driver in DRIVERS {
+        // 300 connections from one address at once: the per-address rate is not under test.
+        let gw = echo_gateway(driver, &["--ip-connect-rate", "0"]);
+        let mut conns: Vec<RawWs> = (0..300)
+            .map(|_| RawWs::connect(gw.public, "/echo"))
+            .collect();
+        for round in 0..3 {
+            for (i, c) in conns.iter_mut().enumerate() {
+                c.send_frame(true, 1, format!("{i}:{round}").as_bytes());
+            }
+            for (i, c) in conns.iter_mut().enumerate() {
+                let f = next_data_frame(c);
+                assert_eq!(f.payload, format!("{i}:{round}").as_bytes(), "{driver}");
+            }
+        }
+        assert_eq!(gw.metric_sum("ringgate_connections_open"), 300, "{driver}");
+        drop(conns);
+        assert!(
+            eventually(Duration::from_secs(10), || gw
+                .metric_sum("ringgate_connections_open")
+                == 0),
+            "{driver}: every dropped client's connection closed"
+        );
+    }
+}
+
+#[test]
+fn ping_is_answered_and_close_is_returned_then_tcp_closes() {
+    for driver in DRIVERS {
+        let gw = echo_gateway(driver, &[]);
+        let mut raw = RawWs::connect(gw.public, "/echo");
+        raw.send_frame(true, 9, b"are you there");
+        let f = raw.recv().unwrap();
+        assert_eq!((f.opcode, f.payload), (10, b"are you there".to_vec()));
+        raw.send_frame(true, 8, &1000u16.to_be_bytes());
+        let f = raw.recv().unwrap();
+        assert_eq!(f.close_code(), Some(1000), "{driver}");
+        // The server closes TCP after its close frame: EOF, not the 10 s read timeout.
+        let mut rest = [0u8; 16];
+        assert_eq!(raw.stream.read(&mut rest).unwrap_or(0), 0, "{driver}");
+    }
+}
+
+#[test]
+fn peers_that_vanish_mid_frame_or_reset_free_their_connections() {
+    for driver in DRIVERS {
+        let gw = echo_gateway(driver, &[]);
+        let mut mid_frame = RawWs::connect(gw.public, "/echo");
+        let bytes = masked_frame(true, 2, &[7u8; 1000]);
+        mid_frame.stream.write_all(&bytes[..500]).unwrap();
+        let reset = RawWs::connect(gw.public, "/echo");
+        socket2::SockRef::from(&reset.stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        let handshaking = TcpStream::connect(gw.public).unwrap();
+        assert!(eventually(Duration::from_secs(5), || gw
+            .metric_sum("ringgate_connections_open")
+            == 2));
+        drop(mid_frame);
+        drop(reset); // RST
+        drop(handshaking);
+        assert!(
+            eventually(Duration::from_secs(10), || gw
+                .metric_sum("ringgate_connections_open")
+                == 0),
+            "{driver}: closed connections freed"
+        );
+        // The gateway still serves.
+        let mut raw = RawWs::connect(gw.public, "/echo");
+        raw.send_frame(true, 1, b"still here");
+        assert_eq!(next_data_frame(&mut raw).payload, b"still here");
+    }
+}
