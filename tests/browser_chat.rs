@@ -219,8 +219,9 @@ fn check_pair(from: &str, sender: &Record, to: &str, recipient: &Record) -> usiz
 #[test]
 fn pages_chat_through_a_reload_server_side_cuts_and_a_gateway_killed_with_redis() {
     let redis = RedisServer::start();
-    let mut gw = gateway(0, &redis, &[]);
-    let port = gw.public.port();
+    // Restarted on the same port below: one the kernel does not hand out to clients.
+    let port = common::restartable_port(32_000);
+    let mut gw = gateway(port, &redis, &[]);
     let relay = Relay::start(gw.public);
     let browser = Browser::launch();
     let origin = relay.url("/src/ringgate.js");

@@ -15,6 +15,35 @@ pub mod redis;
 
 pub const SECRET: &str = "integration-test-secret-0123";
 
+/// A free loopback port below `below` and below the kernel's ephemeral range, for a server a
+/// test kills and starts again on the same port: a port from the ephemeral range (the ones
+/// `127.0.0.1:0` hands out) can be taken, between the kill and the restart, as the local port
+/// of any outgoing connection on the host, and the restart then fails to bind (seen: the
+/// browser test's gateway restart refused with "already served").
+pub fn restartable_port(below: u16) -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let high = below.min(ephemeral_low);
+    let low = 10_000.min(high / 2);
+    // Spread the tries so that concurrent tests rarely try the same port first.
+    let mut x = std::process::id() as u64;
+    x ^= std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    for _ in 0..10_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = low + (x % u64::from(high - low)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
 pub struct Gateway {
     pub child: Child,
     pub public: SocketAddr,

@@ -29,18 +29,12 @@ fn require(cmd: &str) {
     );
 }
 
-/// A free loopback port; in a cluster its bus port (+10,000) must be free too.
+/// A free loopback port that stays ours across restarts (`super::restartable_port`); in a
+/// cluster its bus port (+10,000, below the ephemeral range too) must be free as well.
 fn free_port(with_bus: bool) -> u16 {
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !with_bus {
-            return port;
-        }
-        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let port = super::restartable_port(if with_bus { 22_000 } else { 32_000 });
+        if !with_bus || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
             return port;
         }
     }
