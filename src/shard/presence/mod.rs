@@ -4,16 +4,23 @@
 //! whether a user has a device on this shard) and returns [`Effect`]s (frames for
 //! connections, messages for other shards, store operations, counts) that the shard performs
 //! in one place (`perform.rs`). What the shard could not perform comes back as an input
-//! ([`PresenceMachine::mesh_refused`], [`PresenceMachine::store_refused`]).
+//! ([`PresenceMachine::store_refused`]).
 //!
 //! Asking: each user's home shard knows this node's answer. The asking shard answers its own
 //! users at once and sends one `Presence::Ask` to every other home shard involved; when nodes
 //! share a directory (Redis) it also asks the directory about every user (devices on *other*
 //! live nodes). A user is online when any part says so; the answer goes out when the last part
-//! came back. Shards of one process always answer (answers a full channel refused are held
-//! and retried); an ask a full channel refuses is answered `unavailable` at once, so no ask
-//! waits forever on a message that was never sent. If the directory cannot answer, this
-//! node's own answer stands.
+//! came back. Shards of one process always answer, and every message between them (asks
+//! too) goes out as `Effect::Tell`: a full channel holds it for the next tick, behind
+//! whatever is held already, so every question is answered with `presence` and a `watch`'s
+//! question never overtakes its registration. (Refusing asks with `unavailable`, as before,
+//! broke both under small channels: the refused question could not be told from the other
+//! questions a connection had out, since neither `presence` nor `watch` carries a cid;
+//! clients asking again in step were refused again, round after round; and an ask sent
+//! straight past a held `Watch` was answered by a home that did not watch the user yet,
+//! from its devices alone, which the changes told later need not correct. Found by the
+//! simulation with channels of 1 to 16 messages, seed 17026080507310378593.) If the
+//! directory cannot answer, this node's own answer stands.
 //!
 //! Watching (rules in `delivery/watch.rs`): a `watch` registers the connection on its shard
 //! ([`WatchList`]) and, for each user it did not watch yet, at the user's home shard
@@ -42,7 +49,7 @@ use super::msg::Presence;
 use crate::delivery::watch::MAX_WATCHED_PER_CONN;
 use crate::delivery::watch::{ConnKey, PresenceViews, Told, TooMany, WatchList};
 use crate::mesh;
-use crate::proto::{self, ErrorCode, FrameError};
+use crate::proto;
 use crate::store::redis::StoreOp;
 
 /// The `ask` of a directory question a home shard puts for its watched users (its answer
@@ -101,8 +108,6 @@ pub enum Wrote {
     Answer,
     /// A watched user came online or went offline.
     Change,
-    /// A question that could not be asked (`unavailable`).
-    Refusal,
 }
 
 /// Counters presence moves (the shard owns the metrics).
@@ -112,8 +117,6 @@ pub enum Count {
     WatchRefused,
     /// A question put to the directory for an asker.
     DirectoryLookup,
-    /// A question another shard's full channel refused.
-    MeshFull,
 }
 
 /// What the shard performs for the machine.
@@ -135,13 +138,10 @@ pub enum Effect {
         reply: tokio::sync::oneshot::Sender<Vec<bool>>,
         online: Vec<bool>,
     },
-    /// A question for another shard: a full channel gives it back ([`PresenceMachine::mesh_refused`]).
-    Ask {
-        shard: usize,
-        msg: Presence,
-    },
-    /// A message another shard must get: a full channel holds it for a retry, never drops
-    /// it (the home shard's counts must match).
+    /// A message another shard must get (a question, an answer, a registration, a change):
+    /// a full channel holds it for a retry behind what is held already, never drops it (the
+    /// home shard's counts must match, every question is answered, and a home hears a
+    /// shard's `Watch` before its question).
     Tell {
         shard: usize,
         msg: Presence,
@@ -282,7 +282,7 @@ impl PresenceMachine {
                 ask: key,
                 watch,
             };
-            out.push(Effect::Ask { shard, msg });
+            out.push(Effect::Tell { shard, msg });
         }
         out
     }
@@ -312,39 +312,6 @@ impl PresenceMachine {
             Presence::Unwatch { user, shard } => self.unwatched_at_home(user, shard),
             Presence::Changed { user, online } => self.tell_connections(&user, online),
         }
-    }
-
-    /// The shard could not send a message it was given (a full channel): an ask is answered
-    /// `unavailable` now, and answers to the parts that were sent only free its slot.
-    pub fn mesh_refused(&mut self, msg: Presence) -> Vec<Effect> {
-        let mut out = vec![Effect::Count(Count::MeshFull)];
-        let Presence::Ask { ask: key, .. } = msg else {
-            return out; // only asks are given back; the rest is held by the shard
-        };
-        let Some(ask) = self.asks.get_mut(key) else {
-            return out;
-        };
-        ask.waiting -= 1;
-        let asker = std::mem::replace(&mut ask.asker, Asker::Gone);
-        if ask.waiting == 0 {
-            self.asks.remove(key);
-        }
-        if let Asker::Conn(conn) = asker {
-            let err = FrameError {
-                code: ErrorCode::Unavailable,
-                message: "a shard is busy, ask again".into(),
-                cid: None,
-            };
-            let mut frame = Vec::with_capacity(96);
-            proto::write_error(&mut frame, &err);
-            out.push(Effect::Write {
-                conns: vec![conn],
-                frame,
-                why: Wrote::Refusal,
-            });
-        }
-        // An API asker's channel is dropped: the admin answers 503.
-        out
     }
 
     /// The store's queue refused an operation: a directory question counts as unanswered

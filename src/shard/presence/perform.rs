@@ -130,13 +130,6 @@ impl Shard {
                 }
                 // The admin may have given up (timeout): nothing to do then.
                 Effect::ApiAnswer { reply, online } => drop(reply.send(online)),
-                Effect::Ask { shard, msg } => {
-                    let mesh = self.mesh.as_ref().expect("several shards have a mesh");
-                    if let Err(ShardMsg::Presence(msg)) = mesh.send(shard, ShardMsg::Presence(msg))
-                    {
-                        queue.extend(self.presence.mesh_refused(msg));
-                    }
-                }
                 Effect::Tell { shard, msg } => self.send_or_hold(shard, ShardMsg::Presence(msg)),
                 Effect::Store(op) => {
                     if let Err(op) = self.submit_store_op(op) {
@@ -146,7 +139,6 @@ impl Shard {
                 Effect::Count(count) => match count {
                     Count::WatchRefused => self.metrics.watch_refused.inc(),
                     Count::DirectoryLookup => self.metrics.presence_lookups.inc(),
-                    Count::MeshFull => self.metrics.mesh_full.inc(),
                 },
             }
         }

@@ -46,8 +46,6 @@ struct Two {
     store: Vec<(usize, StoreOp)>,
     counts: Vec<Count>,
     bad_requests: Vec<ConnKey>,
-    /// Asks the (simulated) full channel refuses.
-    refuse_asks: bool,
 }
 
 impl Two {
@@ -66,7 +64,6 @@ impl Two {
             store: Vec::new(),
             counts: Vec::new(),
             bad_requests: Vec::new(),
-            refuse_asks: false,
         }
     }
 
@@ -93,12 +90,7 @@ impl Two {
                 }
                 Effect::BadRequest { conn, .. } => self.bad_requests.push(conn),
                 Effect::ApiAnswer { reply, online } => drop(reply.send(online)),
-                Effect::Ask { shard, msg } if self.refuse_asks => {
-                    assert_ne!(shard, k);
-                    let back = self.m[k].mesh_refused(msg);
-                    self.perform(k, back);
-                }
-                Effect::Ask { shard, msg } | Effect::Tell { shard, msg } => {
+                Effect::Tell { shard, msg } => {
                     assert_ne!(shard, k, "a shard does not message itself");
                     match &mut self.channels {
                         Some(channels) => channels[shard].push_back(msg),
@@ -171,26 +163,6 @@ fn an_ask_across_shards_waits_for_the_other_home_and_merges() {
     assert_eq!(frames.len(), 1, "{frames:?}");
     assert_eq!(frames[0].2, presence(&[(&a, false), (&b, true)]));
     assert_eq!(two.m[0].asks_waiting(), 0, "the slot is freed");
-}
-
-#[test]
-fn an_ask_a_full_channel_refuses_is_answered_unavailable_once() {
-    let mut two = Two::new(false);
-    two.refuse_asks = true;
-    let b = homed_on(1, "b");
-    two.on(0, |m, here| {
-        m.ask(Asker::Conn((1, 1)), vec![b.clone()], here)
-    });
-    let frames = two.frames();
-    assert_eq!(frames.len(), 1);
-    assert_eq!(frames[0].2["code"], "unavailable");
-    assert_eq!(frames[0].3, Wrote::Refusal);
-    assert_eq!(two.counts, [Count::MeshFull]);
-    assert_eq!(
-        two.m[0].asks_waiting(),
-        0,
-        "nothing waits for an ask never sent"
-    );
 }
 
 #[test]
