@@ -280,6 +280,7 @@ fn run_shard(
                     attempt: i as u64 + 1,
                     revoke: Vec::new(),
                 },
+                // First attempts: a live delivery could go past the store.
                 resent: false,
             }))
         },

@@ -139,7 +139,7 @@ impl PresenceViews {
             return Vec::new();
         }
         let grace = self.grace_ms;
-        let due: Vec<CompactString> = self
+        let mut due: Vec<CompactString> = self
             .pending
             .iter()
             .filter(|u| {
@@ -150,6 +150,8 @@ impl PresenceViews {
             })
             .cloned()
             .collect();
+        // In name order, not the set's (random per process): a seed replays exactly.
+        due.sort_unstable();
         let mut out = Vec::new();
         for user in due {
             self.pending.remove(&user);
@@ -162,6 +164,12 @@ impl PresenceViews {
             }
         }
         out
+    }
+
+    /// What the watchers of `user` were last told (None: not watched). A `watch` is
+    /// answered with it, so that the changes told later follow on from the answer.
+    pub fn shown(&self, user: &str) -> Option<bool> {
+        self.users.get(user).map(|v| v.shown)
     }
 
     /// Watched users believed online on another node.
@@ -232,12 +240,14 @@ impl WatchList {
         users: &[CompactString],
     ) -> Result<Vec<CompactString>, TooMany> {
         let had = self.by_conn.get(&conn.0).map_or(&[][..], |v| v.as_slice());
-        let fresh: Vec<&CompactString> = users
-            .iter()
-            .filter(|u| !had.contains(u))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+        // Each new user once, in the order named (not a set's order, random per process:
+        // the registrations go out in this order, and a seed must replay exactly).
+        let mut fresh: Vec<&CompactString> = Vec::with_capacity(users.len());
+        for u in users {
+            if !had.contains(u) && !fresh.contains(&u) {
+                fresh.push(u);
+            }
+        }
         if had.len() + fresh.len() > MAX_WATCHED_PER_CONN {
             return Err(TooMany);
         }

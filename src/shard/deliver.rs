@@ -142,7 +142,7 @@ impl Shard {
                         }
                     }
                     AppEvent::Ack { seq } => self.on_ack(index, seq, now),
-                    AppEvent::Presence { users } => self.on_presence(index, users),
+                    AppEvent::Presence { users } => self.on_presence(index, users, now),
                     AppEvent::Join { room, since } => self.on_join(index, room, since, now),
                     AppEvent::Leave { room } => self.on_leave(index, room, now),
                     AppEvent::Publish { room, cid, body } => {
@@ -156,7 +156,7 @@ impl Shard {
                         }
                     }
                     AppEvent::Watch { users } => self.on_watch(index, users, now),
-                    AppEvent::Unwatch { users } => self.on_unwatch(index, &users),
+                    AppEvent::Unwatch { users } => self.on_unwatch(index, &users, now),
                     AppEvent::Fetch { from, limit } => self.on_fetch(index, from, limit, now),
                     AppEvent::Replay => self.on_replay(index, now),
                     AppEvent::Read { from, id } => {

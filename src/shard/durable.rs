@@ -260,6 +260,7 @@ impl Shard {
         let shards = self.mesh.as_ref().map_or(1, |m| m.shards());
         self.rooms_home.configure(shards, self.store_shared());
         if self.store_shared() {
+            self.presence.share_directory();
             // Several nodes may share the store: ids come from a slot claimed there.
             self.msg_ids = MessageIds::claimed_under(self.shared.cfg.node_lease_ms);
             self.claim_id_slot(self.clock.now_ms());
@@ -701,11 +702,7 @@ impl Shard {
                 removed,
             } => self.on_revoked((to, from), writes, removed),
             StoreReply::Presence { ask, users, online } => {
-                if ask == super::watch::WATCH_RECHECK_ASK {
-                    self.on_remote_presence(users, online, now)
-                } else {
-                    self.on_presence_directory(ask, online)
-                }
+                self.on_presence_directory(ask, users, online, now)
             }
             StoreReply::PresenceChanged { user, runs } => self.on_presence_changed(user, runs, now),
             StoreReply::Pushed { user, seq, msg } => {

@@ -28,7 +28,6 @@ pub mod presence;
 pub mod rooms;
 pub mod uring;
 pub mod users;
-pub mod watch;
 
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -174,12 +173,8 @@ pub struct Shard {
     /// Read receipts of the users whose home is this shard (what they were sent, told).
     receipts: crate::delivery::receipts::ReadReceipts,
     reads_waiting: crate::delivery::receipts::ReadsWaiting,
-    /// This shard's connections that watch users, and whom.
-    watch_list: crate::delivery::watch::WatchList,
-    /// The watched users whose home is this shard.
-    presence_views: crate::delivery::watch::PresenceViews,
-    last_watch_recheck_ms: u64,
-    last_watch_renew_ms: Option<u64>,
+    /// Presence and presence watch: questions out, watchers here, watched users homed here.
+    presence: presence::PresenceMachine,
     last_expire_ms: u64,
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
     api_waiters: std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<msg::ApiOutcome>>,
@@ -193,8 +188,6 @@ pub struct Shard {
     rooms_home: rooms::RoomHomes,
     /// This shard's connections in each room (the member side of rooms).
     room_members: rooms::RoomMembers,
-    /// `presence` frames waiting for other shards' answers.
-    presence_asks: Slab<presence::PresenceAsk>,
     /// Where idle connections wait (None when `park_idle_ms = 0`).
     park: Option<ParkSet>,
     /// TLS sessions of this shard's connections, by slab index (`wss://` only; beside the
@@ -247,7 +240,13 @@ impl Shard {
         clock: Box<dyn Clock>,
     ) -> Self {
         let start_tick = clock.now_ms() / shared.cfg.tick_ms;
-        let grace_ms = shared.cfg.presence_grace_ms;
+        let presence = presence::PresenceMachine::new(presence::PresenceConfig {
+            shard: id,
+            shards: 1,
+            grace_ms: shared.cfg.presence_grace_ms,
+            recheck_every_ms: shared.cfg.node_lease_ms / 4,
+            nodes_share_directory: false,
+        });
         let wheel = TimingWheel::new(shared.cfg.wheel_slots, start_tick);
         let limits = crate::store::InboxLimits {
             max_messages: shared.cfg.inbox_max_messages,
@@ -287,15 +286,11 @@ impl Shard {
             msg_ids: crate::delivery::ids::MessageIds::for_shard(id),
             receipts: Default::default(),
             reads_waiting: Default::default(),
-            watch_list: Default::default(),
-            presence_views: crate::delivery::watch::PresenceViews::new(grace_ms),
-            last_watch_recheck_ms: 0,
-            last_watch_renew_ms: None,
+            presence,
             last_expire_ms: 0,
             api_waiters: Default::default(),
             send_waiters: Default::default(),
             unsent: Vec::new(),
-            presence_asks: Slab::new(),
             rooms_home,
             room_members,
             park: None,
@@ -317,6 +312,7 @@ impl Shard {
         self.rooms_home
             .configure(mesh.shards(), self.store_shared());
         self.room_members.configure(mesh.shards());
+        self.presence.set_shards(mesh.shards());
         self.mesh = Some(mesh);
     }
 
@@ -718,24 +714,7 @@ impl Shard {
                     reply,
                 } => self.on_api_send(to, cid, body, msg_type, reply, now),
             },
-            ShardMsg::Presence(presence) => match presence {
-                msg::Presence::Api { users, reply } => {
-                    self.ask_presence(presence::Asker::Api(reply), users)
-                }
-                msg::Presence::Ask {
-                    users,
-                    from_shard,
-                    ask,
-                } => self.on_presence_ask(users, from_shard, ask),
-                msg::Presence::Answer { ask, users, online } => {
-                    self.on_presence_answer(ask, users, online)
-                }
-                msg::Presence::Watch { user, shard } => self.on_watch_at_home(user, shard, true),
-                msg::Presence::Unwatch { user, shard } => self.on_watch_at_home(user, shard, false),
-                msg::Presence::Changed { user, online } => {
-                    self.write_presence_change(&user, online)
-                }
-            },
+            ShardMsg::Presence(presence) => self.on_presence_msg(presence, now),
             ShardMsg::Room(room_msg) => self.on_room_msg(room_msg, now),
         }
         self.hear_store_now(now);
@@ -1008,14 +987,13 @@ impl Shard {
         }
         let now = self.clock.now_ms();
         self.leave_all_rooms(index, now);
-        self.forget_watches(index);
+        self.forget_watches(index, now);
         if let Some(user) = entry.conn.user() {
             if !entry.conn.awaiting_session() {
                 self.users.remove(user, index);
                 self.metrics.users.set(self.users.len() as u64);
                 self.release_mirror(user);
                 if self.devices_of(user).is_empty() {
-                    let now = self.clock.now_ms();
                     self.local_presence(user, false, now);
                 }
             }
@@ -1133,10 +1111,9 @@ impl Shard {
             || self.shared.draining.load(Ordering::Relaxed)
             || !self.unsent.is_empty()
             || !self.store_quiet()
-            || !self.presence_views.is_empty()
+            || self.presence.is_busy()
             || !self.api_waiters.is_empty()
             || !self.send_waiters.is_empty()
-            || !self.presence_asks.is_empty()
             || !self.unparked.is_empty();
         let tick = self.shared.cfg.tick_ms;
         // With Redis the node lease and the id slot are renewed every lease/3: an idle tick

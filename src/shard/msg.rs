@@ -127,11 +127,14 @@ pub enum Presence {
         reply: tokio::sync::oneshot::Sender<Vec<bool>>,
     },
     /// A `presence` frame's question about users homed on the receiving shard; answered
-    /// with `Answer` to `from_shard`, quoting `ask`.
+    /// with `Answer` to `from_shard`, quoting `ask`. `watch`: the question answers a `watch`
+    /// (the users' watchers were registered before it), so it is answered with what their
+    /// watchers were told, which later changes follow.
     Ask {
         users: Vec<CompactString>,
         from_shard: usize,
         ask: usize,
+        watch: bool,
     },
     /// Which of the asked users have a connection, in the order asked.
     Answer {

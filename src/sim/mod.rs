@@ -40,6 +40,9 @@
 //! (`RINGGATE_SIM_TRACE=1` prints what each shard hears from the store and the mesh);
 //! a longer sweep: `RINGGATE_SIM_SEEDS=<count>`. The scripted tests at the end drive one
 //! shard alone (`Sim::with_shards(.., 1)`).
+//!
+//! Presence (`presence.rs`) runs on the same shards, store faults and Redis model, with its own
+//! actors (devices on this node and another, watchers) and its own invariants.
 
 mod rooms;
 
@@ -68,6 +71,8 @@ use crate::store::redis::{
 use crate::store::{InboxLimits, InboxSeq, StoreError, StoredMessage};
 use crate::test_rng::Rng;
 use crate::ws::frame::tests::client_frame;
+
+mod presence;
 
 /// A socket as the shard sees it: what the client wrote, what the shard wrote, and whether
 /// the client has gone (a read then answers end of stream).
@@ -219,6 +224,8 @@ struct Model {
     /// By (writer, recipient, sender).
     watermark: BTreeMap<(usize, String, String), u64>,
     located: BTreeSet<String>,
+    /// Presence on another node, and this node's watcher registrations (`presence.rs`).
+    directory: presence::Directory,
     wall0: u64,
     last_id: (u64, u64),
     appends: u64,
@@ -444,7 +451,8 @@ impl Model {
                     not_before_ms: 0,
                 }),
             },
-            _ => panic!("the simulation has no rooms or presence"),
+            op @ (StoreOp::Presence { .. } | StoreOp::WatchPresence { .. }) => self.presence_op(op),
+            _ => panic!("the simulation has no rooms"),
         }
     }
 }
@@ -600,6 +608,8 @@ pub(crate) struct Sim {
     msg_frames: u64,
     per_pair: usize,
     pub(crate) counts: Counts,
+    /// A sender into every shard's channel (as the admin API has): fills one to make it full.
+    mesh_client: crate::shard::msg::ShardMeshClient,
 }
 
 const SENDERS: usize = 2;
@@ -658,7 +668,7 @@ impl Sim {
         // Channels of 1 to 16 messages: a full channel (a send refused for now, a report
         // kept for the next tick) happens in most runs.
         let capacity = 1 + rng.below(16) as usize;
-        let (all, metrics, stores) = boot_node(&cfg, capacity, &clock, plant, kind);
+        let (all, metrics, stores, mesh_client) = boot_node(&cfg, capacity, &clock, plant, kind);
         let per_pair = 10 + rng.below(30) as usize;
         let limits = InboxLimits {
             max_messages: EMBEDDED_INBOX_CAP,
@@ -688,6 +698,7 @@ impl Sim {
                 records: BTreeMap::new(),
                 watermark: BTreeMap::new(),
                 located: BTreeSet::new(),
+                directory: presence::Directory::default(),
                 wall0: ManualClock::WALL_ORIGIN_MS,
                 last_id: (0, 0),
                 appends: 0,
@@ -711,6 +722,7 @@ impl Sim {
             msg_frames: 0,
             per_pair,
             counts: Counts::default(),
+            mesh_client,
         };
         for s in 0..SENDERS {
             let name = format!("s{s}");
@@ -773,13 +785,14 @@ impl Sim {
         let first_writer = self.writer(0);
         self.late.retain(|(_, writer, _)| *writer < first_writer);
         self.run += 1;
-        let (shards, metrics, stores) = boot_node(
+        let (shards, metrics, stores, mesh_client) = boot_node(
             &self.cfg,
             self.mesh_capacity,
             &self.clock,
             self.model.plant,
             self.kind,
         );
+        self.mesh_client = mesh_client;
         self.shards = shards;
         self.metrics = metrics;
         self.stores = stores;
@@ -814,7 +827,9 @@ impl Sim {
     /// to its user's home shard.
     fn route(&mut self, pushes: Vec<StoreReply>) {
         for push in pushes {
-            let StoreReply::Pushed { user, .. } = &push else {
+            let (StoreReply::Pushed { user, .. } | StoreReply::PresenceChanged { user, .. }) =
+                &push
+            else {
                 unreachable!("only pushes are routed");
             };
             let home = crate::mesh::home_shard(user, self.shards.len());
@@ -1152,8 +1167,15 @@ impl Sim {
             self.counts.faults += 1;
         }
         let k = self.pick_shard();
+        let ops = 1 + self.rng.below(4);
+        self.serve_store_ops(k, ops, faults);
+    }
+
+    /// Redis runs up to `ops` operations of shard `k`'s link, with faults.
+    fn serve_store_ops(&mut self, k: usize, ops: u64, faults: bool) {
+        let now = self.now();
         let writer = self.writer(k);
-        for _ in 0..1 + self.rng.below(4) {
+        for _ in 0..ops {
             let Ok(op) = self.stores[k].ops.try_recv() else {
                 break;
             };
@@ -1549,9 +1571,15 @@ fn boot_node(
     clock: &Rc<ManualClock>,
     plant: Plant,
     kind: StoreKind,
-) -> (Vec<Shard>, Vec<Arc<ShardMetrics>>, Vec<StoreEnd>) {
+) -> (
+    Vec<Shard>,
+    Vec<Arc<ShardMetrics>>,
+    Vec<StoreEnd>,
+    crate::shard::msg::ShardMeshClient,
+) {
     let shared = Shared::new(cfg.clone());
-    let (ends, _client) = crate::mesh::build_with_capacity(cfg.shards, capacity).expect("the mesh");
+    let (ends, mesh_client) =
+        crate::mesh::build_with_capacity(cfg.shards, capacity).expect("the mesh");
     let mut shards = Vec::new();
     let mut stores = Vec::new();
     let mut metrics = Vec::new();
@@ -1576,7 +1604,7 @@ fn boot_node(
         shards.push(shard);
         stores.push(store);
     }
-    (shards, metrics, stores)
+    (shards, metrics, stores, mesh_client)
 }
 
 /// The shard's operations are not `Clone` (replies carry channel ends); the ones a late
@@ -1627,6 +1655,12 @@ fn describe(reply: &StoreReply) -> String {
             Err(e) => format!("load of {user} failed: {e:?}"),
         },
         StoreReply::Batch { .. } => "batch".into(),
+        StoreReply::Presence { ask, users, online } => {
+            format!("presence {ask} {users:?}: {online:?}")
+        }
+        StoreReply::PresenceChanged { user, runs } => {
+            format!("presence changed {user}: {runs} runs")
+        }
         _ => "other".into(),
     }
 }
@@ -1643,6 +1677,7 @@ fn describe_mesh(msg: &crate::shard::msg::ShardMsg) -> String {
             r.from, r.to, r.cid, r.id, r.outcome
         ),
         ShardMsg::Handoff { .. } => "handoff".into(),
+        ShardMsg::Presence(p) => presence::describe(p),
         _ => "other".into(),
     }
 }
