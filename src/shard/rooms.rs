@@ -886,68 +886,22 @@ impl Shard {
     /// Room messages from the mesh (or from this shard to itself).
     pub fn on_room_msg(&mut self, msg: Room, now: u64) {
         let t = self.room_time(now);
-        let effects = match msg {
-            Room::Join {
-                room,
-                shard,
-                conn,
-                serial,
-                since,
-                new_member,
-            } => self
-                .rooms_home
-                .join(room, shard, conn, serial, since, new_member, t),
-            Room::Leave { room, shard } => self.rooms_home.leave(&room, shard),
-            Room::Publish {
-                room,
-                from,
-                cid,
-                body,
-                reply,
-            } => {
-                let ids = &mut self.msg_ids;
-                let next_id = || ids.next(t.wall_ms, now);
-                self.rooms_home
-                    .publish(room, from, cid, body, RoomReply::Conn(reply), next_id, t)
-            }
-            Room::ApiPublish {
-                room,
-                cid,
-                body,
-                reply,
-            } => {
-                let from = CompactString::from(super::deliver::BACKEND_SENDER);
-                let ids = &mut self.msg_ids;
-                let next_id = || ids.next(t.wall_ms, now);
-                self.rooms_home
-                    .publish(room, from, cid, body, RoomReply::Api(reply), next_id, t)
-            }
-            Room::Joined {
-                room,
-                conn,
-                serial,
-                last,
-                recovered,
-                replay,
-            } => self
-                .room_members
-                .joined(room, conn, serial, last, recovered, replay),
-            Room::Accepted { reply, cid, result } => self.room_members.accepted(reply, cid, result),
-            Room::JoinRefused { room, conn, serial } => {
-                self.room_members.join_refused(room, conn, serial)
-            }
-            Room::Gap { room, from } => self.room_members.gap(&room, from),
-            Room::Fanout(msg) => {
-                let conns = &self.conns;
-                let outbound = |conn: usize| {
-                    conns
-                        .get(conn)
-                        .filter(|e| e.conn.phase() == crate::conn::Phase::Open)
-                        .map(|e| e.conn.out.len())
-                };
-                self.room_members.fan_out(&msg, now, outbound)
-            }
+        let ids = &mut self.msg_ids;
+        let conns = &self.conns;
+        let outbound = |conn: usize| {
+            conns
+                .get(conn)
+                .filter(|e| e.conn.phase() == crate::conn::Phase::Open)
+                .map(|e| e.conn.out.len())
         };
+        let effects = dispatch_room(
+            &mut self.rooms_home,
+            &mut self.room_members,
+            msg,
+            t,
+            || ids.next(t.wall_ms, now),
+            outbound,
+        );
         self.perform_rooms(effects, now);
     }
 
@@ -1073,6 +1027,59 @@ fn room_msg(room: &CompactString, offset: u64, m: StoredMessage, now: u64) -> Ro
     }
 }
 
+/// The one dispatch of a room message from the mesh to the machine it is for (the shard,
+/// the machines' tests and the simulation all go through it). `next_id` gives a publish its
+/// message id (called only when one is used); `outbound` is the bytes waiting in an open
+/// connection's buffer (None: not open), for the fan-out's slow-consumer rule.
+pub(crate) fn dispatch_room(
+    homes: &mut RoomHomes,
+    members: &mut RoomMembers,
+    msg: Room,
+    t: RoomTime,
+    next_id: impl FnOnce() -> Option<u64>,
+    outbound: impl Fn(usize) -> Option<usize>,
+) -> Effects {
+    match msg {
+        Room::Join {
+            room,
+            shard,
+            conn,
+            serial,
+            since,
+            new_member,
+        } => homes.join(room, shard, conn, serial, since, new_member, t),
+        Room::Leave { room, shard } => homes.leave(&room, shard),
+        Room::Publish {
+            room,
+            from,
+            cid,
+            body,
+            reply,
+        } => homes.publish(room, from, cid, body, RoomReply::Conn(reply), next_id, t),
+        Room::ApiPublish {
+            room,
+            cid,
+            body,
+            reply,
+        } => {
+            let from = CompactString::from(super::deliver::BACKEND_SENDER);
+            homes.publish(room, from, cid, body, RoomReply::Api(reply), next_id, t)
+        }
+        Room::Joined {
+            room,
+            conn,
+            serial,
+            last,
+            recovered,
+            replay,
+        } => members.joined(room, conn, serial, last, recovered, replay),
+        Room::Accepted { reply, cid, result } => members.accepted(reply, cid, result),
+        Room::JoinRefused { room, conn, serial } => members.join_refused(room, conn, serial),
+        Room::Gap { room, from } => members.gap(&room, from),
+        Room::Fanout(msg) => members.fan_out(&msg, t.now, outbound),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The machines alone: no shard, no socket, time given by the test.
@@ -1147,49 +1154,14 @@ mod tests {
         }
 
         fn deliver(&mut self, shard: usize, msg: Room, t: RoomTime) {
-            let effects = match msg {
-                Room::Join {
-                    room,
-                    shard: from,
-                    conn,
-                    serial,
-                    since,
-                    new_member,
-                } => self.homes[shard].join(room, from, conn, serial, since, new_member, t),
-                Room::Leave { room, shard: from } => self.homes[shard].leave(&room, from),
-                Room::Publish {
-                    room,
-                    from,
-                    cid,
-                    body,
-                    reply,
-                } => {
-                    let id = Some(t.now * 100 + cid.len() as u64);
-                    let reply = RoomReply::Conn(reply);
-                    self.homes[shard].publish(room, from, cid, body, reply, || id, t)
-                }
-                Room::Joined {
-                    room,
-                    conn,
-                    serial,
-                    last,
-                    recovered,
-                    replay,
-                } => self.members[shard].joined(room, conn, serial, last, recovered, replay),
-                Room::Accepted { reply, cid, result } => {
-                    self.members[shard].accepted(reply, cid, result)
-                }
-                Room::JoinRefused { room, conn, serial } => {
-                    self.members[shard].join_refused(room, conn, serial)
-                }
-                Room::Gap { room, from } => self.members[shard].gap(&room, from),
-                Room::Fanout(msg) => {
-                    let outbound = &self.outbound;
-                    let view = |conn| Some(*outbound.get(&(shard, conn)).unwrap_or(&0));
-                    self.members[shard].fan_out(&msg, t.now, view)
-                }
-                Room::ApiPublish { .. } => unreachable!("not used here"),
+            let id = match &msg {
+                Room::Publish { cid, .. } => Some(t.now * 100 + cid.len() as u64),
+                _ => None,
             };
+            let outbound = &self.outbound;
+            let view = |conn| Some(*outbound.get(&(shard, conn)).unwrap_or(&0));
+            let (homes, members) = (&mut self.homes[shard], &mut self.members[shard]);
+            let effects = super::dispatch_room(homes, members, msg, t, || id, view);
             self.perform(shard, effects, t);
         }
 

@@ -17,8 +17,7 @@ use crate::delivery::message::ReplyTo;
 use crate::delivery::room::HistoryLimits;
 use crate::metrics::ShardMetrics;
 use crate::shard::msg::Room;
-use crate::shard::rooms::{Effects, RoomEffect, RoomHomes, RoomMembers, RoomTime};
-use crate::store::redis::RoomReply;
+use crate::shard::rooms::{dispatch_room, Effects, RoomEffect, RoomHomes, RoomMembers, RoomTime};
 use crate::test_rng::Rng;
 
 const SHARDS: usize = 2;
@@ -143,49 +142,14 @@ impl RoomSim {
 
     fn handle(&mut self, shard: usize, msg: Room) -> Result<(), String> {
         let t = self.time();
-        let effects = match msg {
-            Room::Join {
-                room,
-                shard: from,
-                conn,
-                serial,
-                since,
-                new_member,
-            } => self.homes[shard].join(room, from, conn, serial, since, new_member, t),
-            Room::Leave { room, shard: from } => self.homes[shard].leave(&room, from),
-            Room::Publish {
-                room,
-                from,
-                cid,
-                body,
-                reply,
-            } => {
-                let id = self.cid;
-                let reply = RoomReply::Conn(reply);
-                self.homes[shard].publish(room, from, cid, body, reply, || Some(id), t)
-            }
-            Room::Joined {
-                room,
-                conn,
-                serial,
-                last,
-                recovered,
-                replay,
-            } => self.members[shard].joined(room, conn, serial, last, recovered, replay),
-            Room::Accepted { reply, cid, result } => {
-                self.members[shard].accepted(reply, cid, result)
-            }
-            Room::JoinRefused { room, conn, serial } => {
-                self.members[shard].join_refused(room, conn, serial)
-            }
-            Room::Gap { room, from } => self.members[shard].gap(&room, from),
-            Room::Fanout(msg) => {
-                let clients = &self.clients;
-                let view = |conn| clients.get(&(shard, conn)).map(|c| c.unread);
-                self.members[shard].fan_out(&msg, t.now, view)
-            }
-            Room::ApiPublish { .. } => return Err("no API here".into()),
-        };
+        if matches!(msg, Room::ApiPublish { .. }) {
+            return Err("no API here".into());
+        }
+        let id = self.cid;
+        let clients = &self.clients;
+        let view = |conn| clients.get(&(shard, conn)).map(|c| c.unread);
+        let (homes, members) = (&mut self.homes[shard], &mut self.members[shard]);
+        let effects = dispatch_room(homes, members, msg, t, || Some(id), view);
         self.perform(shard, effects)
     }
 
