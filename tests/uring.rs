@@ -20,25 +20,6 @@ fn echo_gateway(driver: &str, extra: &[&str]) -> Gateway {
     Gateway::start(&args)
 }
 
-/// A client frame (masked), as bytes, to be written in pieces.
-fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= 0xffff {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-    out
-}
-
 fn next_data_frame(raw: &mut RawWs) -> RawFrame {
     loop {
         let f = raw.recv().expect("a frame before the timeout");

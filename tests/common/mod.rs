@@ -15,6 +15,25 @@ pub mod redis;
 
 pub const SECRET: &str = "integration-test-secret-0123";
 
+/// A client frame (masked) as bytes, to be written at once or in pieces.
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xffff {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+    out
+}
+
 /// A free loopback port below `below` and below the kernel's ephemeral range, for a server a
 /// test kills and starts again on the same port: a port from the ephemeral range (the ones
 /// `127.0.0.1:0` hands out) can be taken, between the kill and the restart, as the local port
@@ -456,20 +475,7 @@ impl RawWs {
     }
 
     pub fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        let len = payload.len();
-        if len < 126 {
-            out.push(0x80 | len as u8);
-        } else if len <= 0xffff {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        } else {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        let out = masked_frame(fin, opcode, payload);
         self.stream.write_all(&out).unwrap();
     }
 
