@@ -21,7 +21,20 @@ source bench/no_limits.sh
 SECRET=storm-secret-0123456789abcdef
 KEY=storm-api-key-0123456789
 OUT=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Ports below the kernel's ephemeral range: the gateway is restarted on its port, and one from
+# that range can be taken meanwhile as the local port of an outgoing connection.
+free_port() {
+  python3 -c '
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+while True:
+    p = random.randrange(10000, min(low, 32000))
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); print(p); break
+    except OSError:
+        pass'
+}
 RPORT=$(free_port); PORT=$(free_port); ADMIN=$(free_port)
 redis-server --port "$RPORT" --bind 127.0.0.1 --dir "$OUT" --save "" --appendonly yes \
   --appendfsync everysec --daemonize yes --logfile "$OUT/redis.log"

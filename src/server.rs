@@ -94,7 +94,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     // SO_REUSEPORT would let this process join another one already serving the address
     // (clients split between two stores, silently): a plain bind first finds that out.
     if cfg.listen.port() != 0 && !cfg.share_listen {
-        io::check_address_free(cfg.listen).map_err(|source| {
+        address_free_soon(cfg.listen).map_err(|source| {
             if source.kind() == std::io::ErrorKind::AddrInUse {
                 StartError::AddressTaken { addr: cfg.listen }
             } else {
@@ -383,4 +383,20 @@ fn allowed_cpus() -> Vec<usize> {
         }
     }
     vec![0]
+}
+
+/// [`io::check_address_free`], asked again for up to 3 s while the address is in use: a
+/// gateway killed a moment ago still holds its listener until the kernel has torn its
+/// io_uring rings down, which runs after the process is gone (seen: a restart right after
+/// SIGKILL refused as "already served"). A live server there is still found.
+fn address_free_soon(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match io::check_address_free(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
