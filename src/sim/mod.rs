@@ -187,10 +187,6 @@ pub(crate) enum Plant {
     /// libraries' order rule (`client::order`): after lost answers, the answers to resends
     /// come in resend order, which can differ from store order.
     NoClientOrder,
-    /// The senders' clients do not mark resends (`"resend":true`): a resend whose earlier
-    /// attempt a dead node stored is shown live while Redis is away, under a new id (with
-    /// `RINGGATE_SIM_NODE_DEATHS=1`: found by seed 11400714819323198485).
-    Unflagged,
     /// The glue loses every 200th `msg` frame on its way to a device (the next one's seq
     /// skips a number).
     LoseFrame,
@@ -928,7 +924,7 @@ impl Sim {
         for n in cids {
             // Cids are unique per sender: the answers name only the cid.
             let cid = r * CID_SPACE + n;
-            let text = send_frame(to, cid, n, resend && self.model.plant != Plant::Unflagged);
+            let text = send_frame(to, cid, n, resend);
             self.senders[s].pipe.send(&text);
             self.apps[s].order.transmitted(cid as u64, to);
         }
@@ -985,7 +981,7 @@ impl Sim {
             let to = &self.recipients[r];
             for n in cids {
                 let cid = r * CID_SPACE + n;
-                let text = send_frame(to, cid, n, self.model.plant != Plant::Unflagged);
+                let text = send_frame(to, cid, n, true);
                 self.senders[s].pipe.send(&text);
                 self.apps[s].order.transmitted(cid as u64, to);
             }
