@@ -152,6 +152,11 @@ struct IdleArgs {
     /// replayed and acked): a reconnect storm's length is first connect to last `synced`
     #[arg(long)]
     until_synced: bool,
+    /// `ws`: authenticated ringgate connections, established at `welcome`; `echo`: plain
+    /// upgrades to /echo, established at the 101, so that any WebSocket server (uWebSockets'
+    /// EchoServer) can be measured the same way (bench/budgets.sh)
+    #[arg(long, value_enum, default_value_t = RouteArg::Ws)]
+    route: RouteArg,
     #[command(flatten)]
     common: Common,
 }
@@ -486,7 +491,11 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     if !(a.rate >= 0.0 && a.rate.is_finite()) {
         return Err("--rate must be >= 0".into());
     }
-    let cfg = Arc::new(build_config(c, Route::Ws, Mode::Idle, false, a.n)?);
+    let route = match a.route {
+        RouteArg::Ws => Route::Ws,
+        RouteArg::Echo => Route::Echo,
+    };
+    let cfg = Arc::new(build_config(c, route, Mode::Idle, false, a.n)?);
     let shared = Arc::new(Shared::default());
     let loops = make_loops(&cfg, &shared, a.n, c.threads, a.concurrency, a.rate)?;
     let threads = loops.len();
@@ -634,8 +643,9 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
 
     // Text report.
     println!(
-        "ringgate-bench idle  target={} route=/ws auth={} users={}{}..{}{} threads={} sources={}",
+        "ringgate-bench idle  target={} route={} auth={} users={}{}..{}{} threads={} sources={}",
         cfg.host,
+        route.path(),
         if c.secret.is_some() { "jwt" } else { "dev" },
         c.user_prefix,
         first_user,
@@ -758,7 +768,7 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
         let j = json!({
             "mode": "idle",
             "target": cfg.host,
-            "route": "/ws",
+            "route": route.path(),
             "auth": if c.secret.is_some() { "jwt" } else { "dev" },
             "threads": threads,
             "sources": cfg.sources.len(),
