@@ -5,7 +5,8 @@
 # acked. Measured: first connect to last `synced` (every waiting message replayed), the
 # connect ramp, failures. Prints one JSON line per round (the generator's `idle` output).
 # Usage: bench/reconnect_storm.sh [USERS=19000] [WAITING=2] [ROUNDS=1]
-#   BIN=<dir with ringgate + ringgate-bench> (default target/release), SHARDS=<n> (default 2)
+#   BIN=<dir with ringgate + ringgate-bench> (default target/release), SHARDS=<n> (default 2),
+#   IO_DRIVER=glommio|uring (default: the gateway's own default): before/after of the accept path
 # Redis: a redis-server this script starts on a free loopback port (appendfsync everysec).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,8 @@ WAITING=${2:-2}
 ROUNDS=${3:-1}
 BIN=${BIN:-target/release}
 SHARDS=${SHARDS:-2}
+DRIVER=()
+[ -n "${IO_DRIVER:-}" ] && DRIVER=(--io-driver "$IO_DRIVER")
 [ -x "$BIN/ringgate" ] && [ -x "$BIN/ringgate-bench" ] || cargo build --release --quiet --workspace
 command -v redis-server >/dev/null || { echo "FATAL: redis-server needed (apt-get install redis-server)" >&2; exit 1; }
 # shellcheck source=bench/no_limits.sh
@@ -42,7 +45,7 @@ trap 'redis-cli -p $RPORT shutdown nosave >/dev/null 2>&1 || true; kill $GW 2>/d
 
 start_gateway() {
   "$BIN/ringgate" --shards "$SHARDS" --listen 127.0.0.1:$PORT --admin-listen 127.0.0.1:$ADMIN \
-    --redis-url redis://127.0.0.1:$RPORT --jwt-secret $SECRET --api-key $KEY \
+    --redis-url redis://127.0.0.1:$RPORT --jwt-secret $SECRET --api-key $KEY "${DRIVER[@]}" \
     >>"$OUT/gateway.log" 2>&1 &
   GW=$!
   for _ in $(seq 100); do
@@ -77,10 +80,10 @@ PY
   "$BIN/ringgate-bench" idle -n "$USERS" --concurrency "$USERS" --hold 120 --until-synced \
     --timeout 300 --target 127.0.0.1:$PORT --secret $SECRET --gateway-pid $GW --json -q \
     2>"$OUT/bench.err" | tail -1 > "$OUT/round.json" || { cat "$OUT/bench.err" >&2; exit 1; }
-  python3 - "$OUT/round.json" "$round" "$USERS" "$WAITING" <<'PY'
+  python3 - "$OUT/round.json" "$round" "$USERS" "$WAITING" "${IO_DRIVER:-}" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); users, waiting = int(sys.argv[3]), int(sys.argv[4])
-print(json.dumps({"round": int(sys.argv[2]), "users": users, "waiting_each": waiting,
+print(json.dumps({"round": int(sys.argv[2]), "driver": sys.argv[5] or "default", "users": users, "waiting_each": waiting,
   "established": r["established"], "failed": r["failed"], "synced": r["synced"],
   "ramp_secs": r["ramp_secs"], "last_synced_secs": r["last_synced_secs"],
   "msgs_replayed": r["messages_by_op"].get("msg", 0), "expected_msgs": users * waiting,
