@@ -109,6 +109,9 @@ pub struct Member {
     serial: u32,
     /// False until the home answered the join: fan-outs are skipped meanwhile.
     joined: bool,
+    /// An offset was skipped for it since its join was answered: what it was given is no
+    /// longer everything up to `last`, so a join again replays in full.
+    skipped: bool,
     /// The newest offset this member was given (or skipped past).
     last: u64,
     /// First offset skipped since the member last kept up (a `gap` was sent for it).
@@ -562,18 +565,25 @@ impl RoomMembers {
             return vec![RoomEffect::Send { conn, frame }];
         }
         let members = self.members.entry(room.clone()).or_default();
-        let new_member = members
-            .insert(
-                conn,
-                Member {
+        // A join sent again keeps what the member was already given (every offset up to
+        // `last`, when none was skipped), so that its answer replays only what came after:
+        // each offset is shown once.
+        let new_member = match members.get(&conn) {
+            Some(member) if member.serial == serial && !member.skipped => false,
+            stale => {
+                let new_member = stale.is_none();
+                let member = Member {
                     serial,
                     joined: false,
+                    skipped: false,
                     last: 0,
                     gap_from: None,
                     over_since: None,
-                },
-            )
-            .is_none();
+                };
+                members.insert(conn, member);
+                new_member
+            }
+        };
         if new_member {
             self.metrics.room_members.inc();
             self.rooms_of.entry(conn).or_default().push(room.clone());
@@ -719,16 +729,21 @@ impl RoomMembers {
         else {
             return Vec::new(); // left (or closed) meanwhile
         };
-        member.joined = true;
-        member.last = last;
-        member.gap_from = None;
-        member.over_since = None;
+        // The answer to a join sent again: what the member was given since is not replayed.
+        let given = member.joined.then_some(member.last);
         let mut effects: Effects = replay
             .into_iter()
+            .filter(|msg| given.is_none_or(|given| msg.offset > given))
             .map(|msg| RoomEffect::SendRoom { conn, msg })
             .collect();
+        if given.is_none() {
+            member.gap_from = None;
+            member.over_since = None;
+        }
+        member.joined = true;
+        member.last = last.max(given.unwrap_or(0));
         let mut frame = Vec::with_capacity(64);
-        proto::write_joined(&mut frame, &room, last, recovered);
+        proto::write_joined(&mut frame, &room, member.last, recovered);
         effects.push(RoomEffect::Send { conn, frame });
         effects
     }
@@ -742,6 +757,9 @@ impl RoomMembers {
         proto::write_gap(&mut frame, room, from);
         let mut effects = Vec::new();
         for (conn, member) in members.iter_mut() {
+            if member.joined && member.last < from {
+                member.skipped = true;
+            }
             if member.joined && member.last < from && member.gap_from.is_none() {
                 member.gap_from = Some(from);
                 effects.push(RoomEffect::Send {
@@ -786,6 +804,7 @@ impl RoomMembers {
                 delivered.push(*conn);
                 continue;
             }
+            member.skipped = true;
             if member.gap_from.is_none() {
                 member.gap_from = Some(msg.offset);
                 #[cfg(test)]
@@ -1261,6 +1280,42 @@ mod tests {
         assert_eq!(got["recovered"], false, "offset 3 left the history: {got}");
         assert_eq!(node.members[1].count("r"), 1);
         assert_eq!(node.members[0].count("r"), 1);
+    }
+
+    #[test]
+    fn a_join_sent_again_before_or_after_its_answer_shows_each_offset_once() {
+        let mut node = Node::new(false);
+        node.join(0, 5, None, T0);
+        let base = 1_000;
+        for cid in ["a", "b"] {
+            node.publish(0, 5, cid, T0);
+        }
+        node.take(0, 5);
+        // Two joins with the same `since` before either is answered.
+        let first = node.members[1].join(7, 1, "r".into(), Some(base), true);
+        let second = node.members[1].join(7, 1, "r".into(), Some(base), true);
+        node.perform(1, first, T0);
+        node.publish(0, 5, "c", T0);
+        node.perform(1, second, T0);
+        // And once more while joined.
+        node.join(1, 7, Some(base), T0);
+        node.publish(0, 5, "d", T0);
+        let shown: Vec<u64> = node
+            .take(1, 7)
+            .into_iter()
+            .filter(|(op, _)| op == "room")
+            .map(|(_, offset)| offset)
+            .collect();
+        assert_eq!(shown, [base + 1, base + 2, base + 3, base + 4]);
+        // After a skip, a join again (gap recovery) replays from `since` in full.
+        node.outbound.insert((1, 7), 990);
+        node.publish(0, 5, "e", T0);
+        assert_eq!(node.take(1, 7), ops(&[("gap", base + 5)]));
+        node.join(1, 7, Some(base + 4), T0);
+        assert_eq!(
+            node.take(1, 7),
+            ops(&[("room", base + 5), ("joined", base + 5)])
+        );
     }
 
     #[test]
