@@ -565,7 +565,7 @@ impl ConfigLayer {
             .map(PathBuf::from);
         if let Some(url) = &jwks_url {
             let source =
-                crate::auth::jwks::Source::parse(url).map_err(|m| invalid("jwks_url", m))?;
+                crate::http_url::HttpUrl::parse(url).map_err(|m| invalid("jwks_url", m))?;
             if jwks_ca_file.is_some() && !source.tls {
                 return Err(invalid(
                     "jwks_ca_file",

@@ -22,6 +22,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::http_url::HttpUrl;
 use crate::metrics::{Counter, Gauge};
 
 /// The first fetch may take this long, retries included, before start-up gives up.
@@ -263,69 +264,6 @@ impl Jwks {
     }
 }
 
-/// Where the key set is: `http[s]://host[:port][/path]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Source {
-    pub tls: bool,
-    /// `host:port` to connect to.
-    pub addr: String,
-    /// The host alone (no brackets, no port): TLS server name.
-    pub host: String,
-    /// The `Host` header: as written in the URL.
-    pub authority: String,
-    pub path: String,
-}
-
-impl Source {
-    pub fn parse(url: &str) -> Result<Source, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("http://") {
-            (false, r)
-        } else {
-            return Err(format!("`{url}`: must start with http:// or https://"));
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.is_empty()
-            || authority.contains('@')
-            || authority.contains(char::is_whitespace)
-        {
-            return Err(format!("`{url}`: needs a host (and no user info)"));
-        }
-        if path.contains(char::is_whitespace) || path.contains('#') {
-            return Err(format!(
-                "`{url}`: the path must not hold spaces or a fragment"
-            ));
-        }
-        let port_at = authority
-            .rfind(':')
-            .filter(|&i| !authority[i..].contains(']'));
-        let (host, port) = match port_at {
-            Some(i) => {
-                let port = authority[i + 1..]
-                    .parse::<u16>()
-                    .map_err(|_| format!("`{url}`: bad port {:?}", &authority[i + 1..]))?;
-                (&authority[..i], port)
-            }
-            None => (authority, if tls { 443 } else { 80 }),
-        };
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        if bare.is_empty() {
-            return Err(format!("`{url}`: needs a host"));
-        }
-        Ok(Source {
-            tls,
-            addr: format!("{host}:{port}"),
-            host: bare.to_string(),
-            authority: authority.to_string(),
-            path: path.to_string(),
-        })
-    }
-}
-
 /// The TLS client settings: the certificates in `ca_file` (PEM) as the only roots, or the
 /// system's. rustls with the ring provider.
 pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
@@ -367,13 +305,13 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String
 
 /// How the fetcher reaches the key set.
 struct Client {
-    source: Source,
+    source: HttpUrl,
     tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Client {
     fn new(settings: &JwksSettings) -> Result<Client, String> {
-        let source = Source::parse(&settings.url)?;
+        let source = HttpUrl::parse(&settings.url)?;
         let tls = if source.tls {
             let config = tls_config(settings.ca_file.as_deref())?;
             Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
@@ -416,7 +354,7 @@ impl Client {
 /// to the end).
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
-    source: &Source,
+    source: &HttpUrl,
 ) -> Result<Vec<u8>, String> {
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ringgate\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
@@ -648,24 +586,6 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_http_and_https_with_host_port_path() {
-        let s = Source::parse("https://idp.example/.well-known/jwks.json").unwrap();
-        assert!(s.tls);
-        assert_eq!(s.addr, "idp.example:443");
-        assert_eq!(s.host, "idp.example");
-        assert_eq!(s.path, "/.well-known/jwks.json");
-        let s = Source::parse("http://127.0.0.1:8081").unwrap();
-        assert!(!s.tls);
-        assert_eq!((s.addr.as_str(), s.path.as_str()), ("127.0.0.1:8081", "/"));
-        let s = Source::parse("https://[::1]:8443/k").unwrap();
-        assert_eq!((s.addr.as_str(), s.host.as_str()), ("[::1]:8443", "::1"));
-        assert!(Source::parse("ftp://x/").is_err());
-        assert!(Source::parse("https://").is_err());
-        assert!(Source::parse("http://h:99999/").is_err());
-        assert!(Source::parse("http://u:p@h/").is_err());
-    }
 
     #[test]
     fn responses_by_length_chunked_or_close_and_non_200_refused() {

@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::PushItem;
 use crate::config::PushBody;
+use crate::http_url::HttpUrl;
 
 /// Signature header: `sha256=<hex of HMAC-SHA256(secret, "<timestamp>.<body>")>`.
 pub const SIGNATURE_HEADER: &str = "X-Ringgate-Signature";
@@ -37,43 +38,14 @@ impl Target {
                 "`{url}`: https:// is not supported; use http:// to a TLS-terminating proxy or a receiver on a private network"
             ));
         }
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("`{url}`: must start with http://"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.is_empty()
-            || authority.contains('@')
-            || authority.contains(char::is_whitespace)
-        {
-            return Err(format!("`{url}`: needs a host (and no user info)"));
+        if !url.starts_with("http://") {
+            return Err(format!("`{url}`: must start with http://"));
         }
-        if path.contains(char::is_whitespace) || path.contains('#') {
-            return Err(format!(
-                "`{url}`: the path must not hold spaces or a fragment"
-            ));
-        }
-        // `host:port`, `[v6]:port`, or no port (80).
-        let has_port = match authority.rfind(':') {
-            Some(i) => !authority[i..].contains(']'),
-            None => false,
-        };
-        if has_port {
-            let port = &authority[authority.rfind(':').unwrap_or(0) + 1..];
-            port.parse::<u16>()
-                .map_err(|_| format!("`{url}`: bad port {port:?}"))?;
-        }
-        let addr = if has_port {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
+        let url = HttpUrl::parse(url)?;
         Ok(Target {
-            addr,
-            host: authority.to_string(),
-            path: path.to_string(),
+            addr: url.addr,
+            host: url.authority,
+            path: url.path,
         })
     }
 }
