@@ -572,11 +572,14 @@ export class RinggateClient {
     this._flush(false);
   }
 
+  /**
+   * Persist the sends not told `accepted` yet: the outbox and the answers held for order (a
+   * page that reloads during a hold resends those too, and tells their answers again).
+   */
   _saveOutbox() {
-    this._save('outbox', {
-      v: 1,
-      entries: [...this._outbox.values()].map((e) => [e.cid, e.op, e.target, e.body, e.bytes]),
-    });
+    const entries = [...this._outbox.values()];
+    for (const held of this._held.values()) for (const h of held) entries.push(h.entry);
+    this._save('outbox', { v: 1, entries: entries.map((e) => [e.cid, e.op, e.target, e.body, e.bytes]) });
   }
 
   /** Persist what changed; then (when `ack`) ack what was handled. */
@@ -956,7 +959,6 @@ export class RinggateClient {
     this._inFlight.delete(f.cid);
     this._window = Math.min(this.opts.maxInFlight, this._window * 2);
     this._refusalAttempt = 0;
-    this._saveOutbox();
     const ev = { cid: f.cid, id: f.id };
     if (e.op === 'send') ev.to = e.target;
     else ev.room = e.target;
@@ -964,8 +966,10 @@ export class RinggateClient {
     const k = orderKey(e);
     this._answered(k, f.cid);
     if (!this._held.has(k)) this._held.set(k, []);
-    this._held.get(k).push({ ev, lastTx: e.lastTx ?? 0, delivered: [] });
-    this._release(k, false);
+    const item = { ev, lastTx: e.lastTx ?? 0, delivered: [], entry: e };
+    this._held.get(k).push(item);
+    // Told at once: _release saved the outbox without it. Held: saved with the holds.
+    if (!this._release(k, false).includes(item)) this._saveOutbox();
     if (this._held.has(k) && !this._holdTimers.has(k)) {
       // the hold ends after holdMaxMs at the latest (sorted all the same)
       const h = this._clock.setTimeout(() => {
@@ -983,10 +987,11 @@ export class RinggateClient {
    * before the next one, i.e. while its last transmission came before the first
    * transmission of every send of `k` still without `accepted` (in flight, or refused and
    * waiting: a refusal says this attempt was not taken, not that no other attempt was).
+   * Returns the held answers it told.
    */
   _release(k, all) {
     const held = this._held.get(k);
-    if (!held) return;
+    if (!held) return [];
     held.sort((a, b) =>
       a.ev.offset != null && b.ev.offset != null ? a.ev.offset - b.ev.offset : compareIds(a.ev.id, b.ev.id),
     );
@@ -1003,12 +1008,14 @@ export class RinggateClient {
       this._holdTimers.delete(k);
       this._held.delete(k);
     }
+    if (told.length) this._saveOutbox();
     const events = [];
     for (const { ev, delivered } of told) {
       events.push(['accepted', ev]);
       for (const d of delivered) events.push(['delivered', d]);
     }
     this._tell(events);
+    return told;
   }
 
   /**

@@ -704,9 +704,9 @@ test('reload: the outbox is resent with the same cids; the dedup memory and room
   const storage = memoryStorage();
   const t = setup({ storage });
   const s = connect(t);
-  const c1 = t.client.send('bob', { text: 'kept' });
   const c2 = t.client.send('bob', { text: 'accepted' });
-  s.recv({ op: 'accepted', cid: c2, id: '9' });
+  s.recv({ op: 'accepted', cid: c2, id: '9' }); // told at once: nothing older unanswered
+  const c1 = t.client.send('bob', { text: 'kept' });
   s.recv(msg(1, 'bob', 'b-1')); // shown; the page dies before the ack
   t.client.join('lobby');
   s.recv({ op: 'joined', room: 'lobby', offset: 500, recovered: false });
@@ -729,6 +729,27 @@ test('reload: the outbox is resent with the same cids; the dedup memory and room
   const c3 = r.client.send('bob', 3);
   assert.notEqual(c3, c1, 'new cids never reuse an old one');
   assert.notEqual(c3.split('-')[1], c1.split('-')[1], 'a new random prefix per client, even with the same clock');
+});
+
+test('reload during a hold: the held answer is told by the next page, in order', () => {
+  // b is accepted while a is unanswered: b's answer is held. The page reloads before a is
+  // answered; b's accepted must not be lost with the page (its send stays stored as unanswered).
+  const storage = memoryStorage();
+  const t = setup({ storage });
+  const s = connect(t);
+  const a = t.client.send('bob', { n: 1 });
+  const b = t.client.send('bob', { n: 2 });
+  s.recv({ op: 'accepted', cid: b, id: '20' });
+  assert.deepEqual(t.of('accepted'), [], 'held behind a');
+  const r = setup({ storage });
+  r.client.start();
+  const s2 = r.ws.last();
+  s2.open();
+  s2.welcome('alice');
+  assert.deepEqual(s2.ops('send').map((f) => [f.cid, f.resend]), [[a, true], [b, true]]);
+  s2.recv({ op: 'accepted', cid: b, id: '20' });
+  s2.recv({ op: 'accepted', cid: a, id: '10' });
+  assert.deepEqual(r.of('accepted').map((e) => [e.cid, e.id]), [[a, '10'], [b, '20']]);
 });
 
 test('reload right after a display (before any ack or timer): the message is not shown again', () => {
