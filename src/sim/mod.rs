@@ -199,6 +199,10 @@ pub(crate) enum Plant {
     /// is refused the resend of a message already stored, and hears `accepted` for later
     /// ones first.
     LimitResends,
+    /// The shard shows entries after one of its writes in doubt that it found in Redis
+    /// before the revoke is answered: a node that dies then leaves the entry below ones
+    /// the recipient saw (the hole node deaths found).
+    ShowPastDoubt,
 }
 
 /// A dedup record: the first write of a cid (id, entry, its writer and attempt).
@@ -1592,6 +1596,7 @@ fn boot_node(
         let planted = match plant {
             Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
             Plant::LimitResends => Some(OrderPlant::LimitResends),
+            Plant::ShowPastDoubt => Some(OrderPlant::ShowPastDoubt),
             _ => None,
         };
         if let Some(planted) = planted {
