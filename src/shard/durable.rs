@@ -56,6 +56,16 @@
 //! * Nor is such a write shown: an entry of this shard's own write reaches the mirror (by
 //!   push or by a load) only once the write is answered as stored; one whose write is
 //!   unanswered waits for the answer, one whose write failed is left out (it is revoked).
+//! * Nor is anything shown past it while it may outlive this node: an entry of a write in
+//!   doubt found in Redis (pushed, read, or waiting when its write failed) holds back every
+//!   later entry of its user, like a missing one, until the revoke that removes it is
+//!   answered and the inbox is read again (`hold_for_revoke`). A node that dies before
+//!   that leaves the entry in Redis with nothing shown after it: the next run shows it in
+//!   its place and answers its sender's resend with its id, so both sides agree. Shown
+//!   past, the recipient would have seen later entries first while the resend was answered
+//!   with the entry's lower id (found by the simulation with node deaths). A write in doubt
+//!   not found in Redis needs no hold: the watermark lets it land only before the pair's
+//!   next write of this shard, so never after an entry shown.
 //! * A user's entries reach the mirror in the order Redis holds them: while one waits for
 //!   its write's answer, every later entry of that user (any sender) waits behind it
 //!   (`waiting`). The mirror only grows at its end and a connection is only sent what lies

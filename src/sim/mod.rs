@@ -19,7 +19,8 @@
 //! write never lands, one that ran but whose answer was lost, Redis down for a while, answers
 //! held back and pushes interleaved with them, recipient devices that drop at any point,
 //! acks lost, mesh channels of 1 to 16 messages (full ones happen in most runs: a send
-//! refused for now, a report kept for the next tick). Senders resend every cid they have no
+//! refused for now, a report kept for the next tick), the node dying and starting again
+//! (`node_dies`; `RINGGATE_SIM_NODE_DEATHS=0` leaves it out). Senders resend every cid they have no
 //! `accepted` for, in cid order, with the upgrade or (half the time) a few steps later, and
 //! tell their application `accepted` by the client libraries' rule (`client::order`). A user of
 //! another node (`f0`) writes into the same inboxes through the store, in Redis order with
@@ -187,6 +188,10 @@ pub(crate) enum Plant {
     /// libraries' order rule (`client::order`): after lost answers, the answers to resends
     /// come in resend order, which can differ from store order.
     NoClientOrder,
+    /// The senders' clients do not mark resends (`"resend":true`): a resend whose earlier
+    /// attempt a dead node stored is shown live while Redis is away, under a new id (found
+    /// by seed 11400714819323198485).
+    Unflagged,
     /// The glue loses every 200th `msg` frame on its way to a device (the next one's seq
     /// skips a number).
     LoseFrame,
@@ -574,8 +579,8 @@ pub(crate) struct Sim {
     /// What a node boots with (again after it died).
     cfg: crate::config::Config,
     mesh_capacity: usize,
-    /// Whether the node may die (`RINGGATE_SIM_NODE_DEATHS=1`: open findings, see
-    /// `node_dies`).
+    /// Whether the node may die (see `node_dies`): in every Redis run;
+    /// `RINGGATE_SIM_NODE_DEATHS=0` turns it off (to tell a finding of deaths from others).
     node_deaths: bool,
     /// The node's run: 0, then 1 after its first death... Each run's shards are other
     /// writers to Redis (the script's writer is node run and shard).
@@ -591,6 +596,10 @@ pub(crate) struct Sim {
     /// Per shard: answers and pushes on their way to it, in order.
     to_shard: Vec<VecDeque<StoreReply>>,
     senders: Vec<SenderConn>,
+    /// Per sender: no frame before this virtual time (the `retry_ms` of its last
+    /// `rate_limited`, which the client libraries wait out; a connection that keeps
+    /// sending past its frame limit is closed).
+    retry_at: Vec<u64>,
     /// Per sender (one client instance for the whole run).
     apps: Vec<SenderApp>,
     /// Virtual time 0 as an `Instant` (the client's order rule takes `Instant`s).
@@ -690,7 +699,7 @@ impl Sim {
             mesh_capacity: capacity,
             // (The embedded store dies with its node: nothing to simulate across a death.)
             node_deaths: kind == StoreKind::Redis
-                && std::env::var("RINGGATE_SIM_NODE_DEATHS").is_ok_and(|v| v == "1"),
+                && std::env::var("RINGGATE_SIM_NODE_DEATHS").as_deref() != Ok("0"),
             run: 0,
             model: Model {
                 plant,
@@ -711,6 +720,7 @@ impl Sim {
                 .map(|_| VecDeque::from([StoreReply::Resync]))
                 .collect(),
             senders: Vec::new(),
+            retry_at: vec![0; SENDERS],
             apps: Vec::new(),
             origin: std::time::Instant::now(),
             closing: Vec::new(),
@@ -903,6 +913,9 @@ impl Sim {
 
     fn sender_acts(&mut self) {
         let s = self.rng.below(SENDERS as u64) as usize;
+        if self.now() < self.retry_at[s] {
+            return;
+        }
         if self.senders[s].resends_due {
             return self.sender_resends(s);
         }
@@ -928,7 +941,7 @@ impl Sim {
         for n in cids {
             // Cids are unique per sender: the answers name only the cid.
             let cid = r * CID_SPACE + n;
-            let text = send_frame(to, cid, n, resend);
+            let text = send_frame(to, cid, n, resend && self.model.plant != Plant::Unflagged);
             self.senders[s].pipe.send(&text);
             self.apps[s].order.transmitted(cid as u64, to);
         }
@@ -985,7 +998,7 @@ impl Sim {
             let to = &self.recipients[r];
             for n in cids {
                 let cid = r * CID_SPACE + n;
-                let text = send_frame(to, cid, n, true);
+                let text = send_frame(to, cid, n, self.model.plant != Plant::Unflagged);
                 self.senders[s].pipe.send(&text);
                 self.apps[s].order.transmitted(cid as u64, to);
             }
@@ -1403,6 +1416,11 @@ impl Sim {
                         self.counts.shown_then_refused += 1;
                     }
                     c.refused.push(cid);
+                    if v["code"] == "rate_limited" {
+                        let retry_ms = v["retry_ms"].as_u64().unwrap_or(0);
+                        let at = self.clock.now_ms() + retry_ms;
+                        self.retry_at[s] = self.retry_at[s].max(at);
+                    }
                 }
             }
             let now = self.instant();
@@ -1716,7 +1734,17 @@ pub(crate) fn sweep_kind(
     let mut total = Counts::default();
     for seed in seeds(count) {
         let mut sim = Sim::of_kind(seed, plant, kind);
-        sim.run(steps).map_err(|e| (seed, e))?;
+        // A panic (a shard's assertion, or the simulation's) is a failure of this seed.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run(steps)));
+        run.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("panicked: {what}"))
+        })
+        .map_err(|e| (seed, e))?;
         let c = &sim.counts;
         total.steps += c.steps;
         total.store_ops += c.store_ops;
@@ -1822,6 +1850,20 @@ mod tests {
     #[test]
     fn limiting_resends_of_a_sender_whose_connection_dropped_breaks_the_order() {
         finds(Plant::LimitResends, "order");
+    }
+
+    /// Node deaths: entries shown past one of a write in doubt before its revoke is
+    /// answered (the hole of seeds 13642108178726191455 and 7902165335519987379).
+    #[test]
+    fn showing_past_an_entry_in_doubt_breaks_the_order_when_the_node_dies() {
+        finds(Plant::ShowPastDoubt, "order");
+    }
+
+    /// Node deaths: a resend not marked as one is shown live under a new id while a dead
+    /// run's write of it is in Redis (seed 11400714819323198485).
+    #[test]
+    fn unmarked_resends_are_shown_under_another_id_when_the_node_dies() {
+        finds(Plant::Unflagged, "");
     }
 
     /// Embedded runs in every test run: the embedded store answers through the same path,
@@ -2016,7 +2058,7 @@ mod order_tests {
 
     /// The shard with a resync and a good batch behind it, and recipient r0 online with its
     /// (empty) inbox loaded.
-    fn with_r0_online() -> (Sim, u64) {
+    pub(super) fn with_r0_online() -> (Sim, u64) {
         let (mut sim, now) = Sim::with_device_of_r0_loading();
         let mut load = None;
         while let Ok(op) = sim.store().ops.try_recv() {
@@ -2041,7 +2083,7 @@ mod order_tests {
     }
 
     /// s0 sends `cid` to r0; returns the append the shard queued.
-    fn send(sim: &mut Sim, cid: &str) -> Box<Message> {
+    pub(super) fn send(sim: &mut Sim, cid: &str) -> Box<Message> {
         let text = format!(r#"{{"op":"send","to":"r0","cid":"{cid}","body":"{cid}"}}"#);
         sim.senders[0].pipe.send(&text);
         sim.poll_all();
@@ -2053,11 +2095,11 @@ mod order_tests {
         }
     }
 
-    fn seq(n: u64) -> InboxSeq {
+    pub(super) fn seq(n: u64) -> InboxSeq {
         stream_id_to_seq(&format!("{}-{n}", ManualClock::WALL_ORIGIN_MS)).unwrap()
     }
 
-    fn push(sim: &mut Sim, now: u64, n: u64, msg: StoredMessage) {
+    pub(super) fn push(sim: &mut Sim, now: u64, n: u64, msg: StoredMessage) {
         let reply = StoreReply::Pushed {
             user: "r0".into(),
             seq: seq(n),
@@ -2066,7 +2108,7 @@ mod order_tests {
         sim.shard().on_store_reply(reply, now);
     }
 
-    fn stored(msg: &Message) -> StoredMessage {
+    pub(super) fn stored(msg: &Message) -> StoredMessage {
         StoredMessage {
             id: msg.id,
             from: msg.from.clone(),
@@ -2077,7 +2119,7 @@ mod order_tests {
         }
     }
 
-    fn answer(sim: &mut Sim, now: u64, msg: Box<Message>, n: u64) {
+    pub(super) fn answer(sim: &mut Sim, now: u64, msg: Box<Message>, n: u64) {
         let reply = StoreReply::Appended {
             msg,
             result: Ok(Appended::Stored {
@@ -2089,7 +2131,7 @@ mod order_tests {
         sim.shard().on_store_reply(reply, now);
     }
 
-    fn shown(sim: &mut Sim) -> Vec<String> {
+    pub(super) fn shown(sim: &mut Sim) -> Vec<String> {
         sim.poll_all();
         sim.devices[0]
             .pipe
@@ -2132,5 +2174,90 @@ mod order_tests {
             ["s0:\"a\"", "s0:\"b\"", "s9:\"x\"", "s0:\"c\""],
             "in the order Redis holds them"
         );
+    }
+}
+
+#[cfg(test)]
+mod doubt_tests {
+    use super::order_tests::*;
+    use super::*;
+    use compact_str::CompactString;
+
+    /// The first write's answer is lost after its entry was pushed: its entry is in Redis
+    /// and its write in doubt. The second write is stored, but is not shown until the
+    /// revoke of the first is answered and the inbox read again: had it been shown and the
+    /// node died before the revoke, the next run would show the first after it and answer
+    /// its resend with its lower id (the hole node deaths found, seed 7902165335519987379).
+    #[test]
+    fn entries_after_one_in_doubt_wait_for_its_revoke() {
+        let (mut sim, now) = with_r0_online();
+        let first = send(&mut sim, "a");
+        let first_stored = first.clone();
+        let second = send(&mut sim, "b");
+        push(&mut sim, now, 1, stored(&first));
+        let lost = StoreReply::Appended {
+            msg: first,
+            result: Err(StoreError::Unavailable("connection lost".into())),
+        };
+        sim.shard().on_store_reply(lost, now);
+        push(&mut sim, now, 2, stored(&second));
+        answer(&mut sim, now, second.clone(), 2);
+        assert!(shown(&mut sim).is_empty(), "held behind the entry in doubt");
+        // The tick reads r0's inbox again (the lost write may have landed) and revokes the
+        // pair's write in doubt, in that order on the shard's link.
+        sim.clock.advance(20);
+        sim.shard().on_tick();
+        let (loads, revoke) = ops(&mut sim);
+        let (to, from, writes) = revoke.expect("the revoke");
+        // The read (it ran before the revoke) holds both: still nothing after the first.
+        let both = vec![(seq(1), stored(&first_stored)), (seq(2), stored(&second))];
+        load(&mut sim, loads[0], both);
+        assert!(
+            shown(&mut sim).is_empty(),
+            "held until the revoke is answered"
+        );
+        let now = sim.now();
+        let revoked = StoreReply::Revoked {
+            to,
+            from,
+            writes,
+            removed: Some(1),
+        };
+        sim.shard().on_store_reply(revoked, now);
+        // Read again: the first is gone from Redis.
+        sim.clock.advance(20);
+        sim.shard().on_tick();
+        let (loads, _) = ops(&mut sim);
+        load(&mut sim, loads[0], vec![(seq(2), stored(&second))]);
+        assert_eq!(shown(&mut sim), ["s0:\"b\""]);
+    }
+
+    type Revoke = (CompactString, CompactString, Vec<(Box<str>, u64)>);
+
+    /// The loads of r0 and the revoke the shard queued.
+    fn ops(sim: &mut Sim) -> (Vec<u64>, Option<Revoke>) {
+        let (mut loads, mut revoke) = (Vec::new(), None);
+        while let Ok(op) = sim.store().ops.try_recv() {
+            match op {
+                StoreOp::Load { user, token, .. } if user == "r0" => loads.push(token),
+                StoreOp::Revoke { to, from, writes } => revoke = Some((to, from, writes)),
+                _ => {}
+            }
+        }
+        (loads, revoke)
+    }
+
+    fn load(sim: &mut Sim, token: u64, entries: Vec<(InboxSeq, StoredMessage)>) {
+        let loaded = StoreReply::Loaded {
+            user: "r0".into(),
+            token,
+            result: Ok(Loaded {
+                received: Vec::new(),
+                entries,
+                expired: 0,
+            }),
+        };
+        let now = sim.now();
+        sim.shard().on_store_reply(loaded, now);
     }
 }
