@@ -538,6 +538,10 @@ pub(crate) struct Counts {
     pub sender_drops: u64,
     pub acks_lost: u64,
     pub shown_then_refused: u64,
+    /// Messages shown live (Redis away) that the node died with before a device's ack made
+    /// them safe: the same known gap of the live path (their resends get a new id and
+    /// place), counted with `shown_then_refused`'s cids, not checked for order and id.
+    pub shown_live_then_died: u64,
     pub shown: u64,
     pub checks: u64,
     /// Messages the shards took from the mesh (deliveries and reports across shards).
@@ -777,6 +781,28 @@ impl Sim {
     fn node_dies(&mut self) {
         let now = self.now();
         self.counts.node_deaths += 1;
+        // Shown and never stored: live entries (Redis away) no ack made safe. They die
+        // here; their resends get new ids and places (the live path's known gap, as when
+        // a spill is refused; see docs/operations.md).
+        for ((s, r), c) in self.conv.iter_mut() {
+            if *s == FOREIGN {
+                continue;
+            }
+            for (cid, _) in &c.shown {
+                let key = (
+                    self.recipients[*r].clone(),
+                    format!("s{s}"),
+                    format!("\"{}\"", r * CID_SPACE + cid),
+                );
+                let accepted = c.accepted.iter().any(|(a, _)| a == cid);
+                if !accepted
+                    && !self.model.records.contains_key(&key)
+                    && c.shown_then_refused.insert(*cid)
+                {
+                    self.counts.shown_live_then_died += 1;
+                }
+            }
+        }
         self.counts.mesh_full += self.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
         if self.down_until <= now {
             for k in 0..self.shards.len() {
@@ -1756,6 +1782,7 @@ pub(crate) fn sweep_kind(
         total.shown += c.shown;
         total.checks += c.checks;
         total.shown_then_refused += c.shown_then_refused;
+        total.shown_live_then_died += c.shown_live_then_died;
         total.mesh_msgs += c.mesh_msgs;
         total.mesh_full += c.mesh_full + sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
         total.node_deaths += c.node_deaths;
