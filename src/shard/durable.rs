@@ -777,6 +777,7 @@ impl Shard {
     }
 
     fn on_appended(&mut self, mut msg: Message, result: Result<Appended, StoreError>, now: u64) {
+        let doubted = in_doubt(&result, &msg);
         // Any answer but `unavailable` says the call ran, and with it the revokes it carried.
         if !matches!(result, Err(StoreError::Unavailable(_))) && !msg.write.revoke.is_empty() {
             let pair = (msg.to.clone(), msg.from.clone());
@@ -810,7 +811,7 @@ impl Shard {
                 }
                 // Its entry is in Redis and its write is now in doubt (below): what waited
                 // behind it waits for the revoke (see `hold_for_revoke`).
-                if landed && in_doubt(&result, &msg) {
+                if landed && doubted {
                     let _ = self.hold_for_revoke(msg.to.clone());
                 }
                 self.release_waiting(msg.to.clone(), now);
@@ -849,7 +850,7 @@ impl Shard {
                 self.metrics.store_refused.inc();
                 let to = msg.to.clone();
                 let unknown = matches!(e, StoreError::Unavailable(_));
-                if in_doubt(&Err::<Appended, _>(e.clone()), &msg) {
+                if doubted {
                     self.metrics.store_writes_in_doubt.inc();
                     {
                         let d = &mut self.store;
@@ -945,6 +946,7 @@ impl Shard {
     /// (found by the simulation with node deaths, seeds 13642108178726191455 and
     /// 7902165335519987379). Held, a death loses nothing: the next run shows the entry in
     /// its place, before everything after it, and answers the resend with its id.
+    ///
     /// Whether it holds (the simulation can plant the rule out).
     fn hold_for_revoke(&mut self, user: CompactString) -> bool {
         #[cfg(test)]
