@@ -235,6 +235,9 @@ struct Model {
     last_id: (u64, u64),
     appends: u64,
     removes: u64,
+    /// (recipient, sender, id) of every entry ever put in an inbox: a message shown under
+    /// an id never stored was shown live (from memory, Redis away).
+    ever_stored: BTreeSet<(String, String, u64)>,
 }
 
 impl Model {
@@ -375,6 +378,8 @@ impl Model {
                         .entry(pair.0.clone())
                         .or_default()
                         .insert(seq, entry.clone());
+                    self.ever_stored
+                        .insert((pair.0.clone(), pair.1.clone(), entry.id));
                     self.records.insert(
                         key,
                         Record {
@@ -480,6 +485,10 @@ struct Conversation {
     /// a known gap of the live path, left open (issue 15's note), counted, not checked for
     /// order and id.
     shown_then_refused: BTreeSet<usize>,
+    /// Cids whose first shown copy was live (its id in no inbox when shown): when its
+    /// sender is told another id (the live entry was refused or died with the node, and
+    /// the refusal may have been lost with a sender's connection), the same known gap.
+    shown_live: BTreeSet<usize>,
 }
 
 /// A sender's connection, on its home shard.
@@ -542,6 +551,9 @@ pub(crate) struct Counts {
     /// them safe: the same known gap of the live path (their resends get a new id and
     /// place), counted with `shown_then_refused`'s cids, not checked for order and id.
     pub shown_live_then_died: u64,
+    /// Messages shown live whose senders were told another id in the end (the live path's
+    /// known gap, however the refusal went; includes most of the two above).
+    pub live_told_other: u64,
     pub shown: u64,
     pub checks: u64,
     /// Messages the shards took from the mesh (deliveries and reports across shards).
@@ -716,6 +728,7 @@ impl Sim {
                 last_id: (0, 0),
                 appends: 0,
                 removes: 0,
+                ever_stored: BTreeSet::new(),
             },
             down_until: 0,
             late: Vec::new(),
@@ -1505,6 +1518,13 @@ impl Sim {
                 if !c.shown.iter().any(|(seen, _)| *seen == cid) {
                     c.shown.push((cid, id));
                     self.counts.shown += 1;
+                    let key = (self.recipients[user].clone(), from.to_string(), id);
+                    if self.kind == StoreKind::Redis
+                        && s != FOREIGN
+                        && !self.model.ever_stored.contains(&key)
+                    {
+                        c.shown_live.insert(cid);
+                    }
                 }
                 let d = &mut self.devices[i];
                 d.unacked.insert(seq, (s, cid));
@@ -1569,11 +1589,21 @@ impl Sim {
                     "s{s}->r{r}: lost or never sent: accepted {unique:?}, shown {shown:?}"
                 ));
             }
+            // The live path's known gap: shown live, then refused (or dead with the node),
+            // resent and told another id.
+            let told_other: BTreeSet<usize> = c
+                .shown
+                .iter()
+                .filter(|(cid, id)| {
+                    c.shown_live.contains(cid)
+                        && c.accepted.iter().any(|(a, told)| a == cid && told != id)
+                })
+                .map(|(cid, _)| *cid)
+                .collect();
+            self.counts.live_told_other += told_other.len() as u64;
+            let gap = |cid: &usize| c.shown_then_refused.contains(cid) || told_other.contains(cid);
             let ordered = |cids: &[usize]| -> Vec<usize> {
-                cids.iter()
-                    .copied()
-                    .filter(|cid| !c.shown_then_refused.contains(cid))
-                    .collect()
+                cids.iter().copied().filter(|cid| !gap(cid)).collect()
             };
             if ordered(&shown) != ordered(&accepted) {
                 if trace() {
@@ -1584,11 +1614,7 @@ impl Sim {
                     "s{s}->r{r}: shown in the order {shown:?}, accepted in the order {accepted:?}"
                 ));
             }
-            for (cid, id) in c
-                .shown
-                .iter()
-                .filter(|(cid, _)| !c.shown_then_refused.contains(cid))
-            {
+            for (cid, id) in c.shown.iter().filter(|(cid, _)| !gap(cid)) {
                 let told = c.accepted.iter().find(|(a, _)| a == cid).map(|(_, id)| *id);
                 if told != Some(*id) {
                     return Err(format!(
@@ -1783,6 +1809,7 @@ pub(crate) fn sweep_kind(
         total.checks += c.checks;
         total.shown_then_refused += c.shown_then_refused;
         total.shown_live_then_died += c.shown_live_then_died;
+        total.live_told_other += c.live_told_other;
         total.mesh_msgs += c.mesh_msgs;
         total.mesh_full += c.mesh_full + sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
         total.node_deaths += c.node_deaths;
