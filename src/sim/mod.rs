@@ -19,7 +19,8 @@
 //! write never lands, one that ran but whose answer was lost, Redis down for a while, answers
 //! held back and pushes interleaved with them, recipient devices that drop at any point,
 //! acks lost, mesh channels of 1 to 16 messages (full ones happen in most runs: a send
-//! refused for now, a report kept for the next tick). Senders resend every cid they have no
+//! refused for now, a report kept for the next tick), the node dying and starting again
+//! (`node_dies`; `RINGGATE_SIM_NODE_DEATHS=0` leaves it out). Senders resend every cid they have no
 //! `accepted` for, in cid order, with the upgrade or (half the time) a few steps later, and
 //! tell their application `accepted` by the client libraries' rule (`client::order`). A user of
 //! another node (`f0`) writes into the same inboxes through the store, in Redis order with
@@ -187,6 +188,10 @@ pub(crate) enum Plant {
     /// libraries' order rule (`client::order`): after lost answers, the answers to resends
     /// come in resend order, which can differ from store order.
     NoClientOrder,
+    /// The senders' clients do not mark resends (`"resend":true`): a resend whose earlier
+    /// attempt a dead node stored is shown live while Redis is away, under a new id (found
+    /// by seed 11400714819323198485).
+    Unflagged,
     /// The glue loses every 200th `msg` frame on its way to a device (the next one's seq
     /// skips a number).
     LoseFrame,
@@ -199,6 +204,10 @@ pub(crate) enum Plant {
     /// is refused the resend of a message already stored, and hears `accepted` for later
     /// ones first.
     LimitResends,
+    /// The shard shows entries after one of its writes in doubt that it found in Redis
+    /// before the revoke is answered: a node that dies then leaves the entry below ones
+    /// the recipient saw (the hole node deaths found).
+    ShowPastDoubt,
 }
 
 /// A dedup record: the first write of a cid (id, entry, its writer and attempt).
@@ -226,6 +235,9 @@ struct Model {
     last_id: (u64, u64),
     appends: u64,
     removes: u64,
+    /// (recipient, sender, id) of every entry ever put in an inbox: a message shown under
+    /// an id never stored was shown live (from memory, Redis away).
+    ever_stored: BTreeSet<(String, String, u64)>,
 }
 
 impl Model {
@@ -366,6 +378,8 @@ impl Model {
                         .entry(pair.0.clone())
                         .or_default()
                         .insert(seq, entry.clone());
+                    self.ever_stored
+                        .insert((pair.0.clone(), pair.1.clone(), entry.id));
                     self.records.insert(
                         key,
                         Record {
@@ -471,6 +485,10 @@ struct Conversation {
     /// a known gap of the live path, left open (issue 15's note), counted, not checked for
     /// order and id.
     shown_then_refused: BTreeSet<usize>,
+    /// Cids whose first shown copy was live (its id in no inbox when shown): when its
+    /// sender is told another id (the live entry was refused or died with the node, and
+    /// the refusal may have been lost with a sender's connection), the same known gap.
+    shown_live: BTreeSet<usize>,
 }
 
 /// A sender's connection, on its home shard.
@@ -529,6 +547,13 @@ pub(crate) struct Counts {
     pub sender_drops: u64,
     pub acks_lost: u64,
     pub shown_then_refused: u64,
+    /// Messages shown live (Redis away) that the node died with before a device's ack made
+    /// them safe: the same known gap of the live path (their resends get a new id and
+    /// place), counted with `shown_then_refused`'s cids, not checked for order and id.
+    pub shown_live_then_died: u64,
+    /// Messages shown live whose senders were told another id in the end (the live path's
+    /// known gap, however the refusal went; includes most of the two above).
+    pub live_told_other: u64,
     pub shown: u64,
     pub checks: u64,
     /// Messages the shards took from the mesh (deliveries and reports across shards).
@@ -570,8 +595,8 @@ pub(crate) struct Sim {
     /// What a node boots with (again after it died).
     cfg: crate::config::Config,
     mesh_capacity: usize,
-    /// Whether the node may die (`RINGGATE_SIM_NODE_DEATHS=1`: open findings, see
-    /// `node_dies`).
+    /// Whether the node may die (see `node_dies`): in every Redis run;
+    /// `RINGGATE_SIM_NODE_DEATHS=0` turns it off (to tell a finding of deaths from others).
     node_deaths: bool,
     /// The node's run: 0, then 1 after its first death... Each run's shards are other
     /// writers to Redis (the script's writer is node run and shard).
@@ -587,6 +612,10 @@ pub(crate) struct Sim {
     /// Per shard: answers and pushes on their way to it, in order.
     to_shard: Vec<VecDeque<StoreReply>>,
     senders: Vec<SenderConn>,
+    /// Per sender: no frame before this virtual time (the `retry_ms` of its last
+    /// `rate_limited`, which the client libraries wait out; a connection that keeps
+    /// sending past its frame limit is closed).
+    retry_at: Vec<u64>,
     /// Per sender (one client instance for the whole run).
     apps: Vec<SenderApp>,
     /// Virtual time 0 as an `Instant` (the client's order rule takes `Instant`s).
@@ -686,7 +715,7 @@ impl Sim {
             mesh_capacity: capacity,
             // (The embedded store dies with its node: nothing to simulate across a death.)
             node_deaths: kind == StoreKind::Redis
-                && std::env::var("RINGGATE_SIM_NODE_DEATHS").is_ok_and(|v| v == "1"),
+                && std::env::var("RINGGATE_SIM_NODE_DEATHS").as_deref() != Ok("0"),
             run: 0,
             model: Model {
                 plant,
@@ -699,6 +728,7 @@ impl Sim {
                 last_id: (0, 0),
                 appends: 0,
                 removes: 0,
+                ever_stored: BTreeSet::new(),
             },
             down_until: 0,
             late: Vec::new(),
@@ -707,6 +737,7 @@ impl Sim {
                 .map(|_| VecDeque::from([StoreReply::Resync]))
                 .collect(),
             senders: Vec::new(),
+            retry_at: vec![0; SENDERS],
             apps: Vec::new(),
             origin: std::time::Instant::now(),
             closing: Vec::new(),
@@ -763,6 +794,28 @@ impl Sim {
     fn node_dies(&mut self) {
         let now = self.now();
         self.counts.node_deaths += 1;
+        // Shown and never stored: live entries (Redis away) no ack made safe. They die
+        // here; their resends get new ids and places (the live path's known gap, as when
+        // a spill is refused; see docs/operations.md).
+        for ((s, r), c) in self.conv.iter_mut() {
+            if *s == FOREIGN {
+                continue;
+            }
+            for (cid, _) in &c.shown {
+                let key = (
+                    self.recipients[*r].clone(),
+                    format!("s{s}"),
+                    format!("\"{}\"", r * CID_SPACE + cid),
+                );
+                let accepted = c.accepted.iter().any(|(a, _)| a == cid);
+                if !accepted
+                    && !self.model.records.contains_key(&key)
+                    && c.shown_then_refused.insert(*cid)
+                {
+                    self.counts.shown_live_then_died += 1;
+                }
+            }
+        }
         self.counts.mesh_full += self.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
         if self.down_until <= now {
             for k in 0..self.shards.len() {
@@ -899,6 +952,9 @@ impl Sim {
 
     fn sender_acts(&mut self) {
         let s = self.rng.below(SENDERS as u64) as usize;
+        if self.now() < self.retry_at[s] {
+            return;
+        }
         if self.senders[s].resends_due {
             return self.sender_resends(s);
         }
@@ -924,7 +980,7 @@ impl Sim {
         for n in cids {
             // Cids are unique per sender: the answers name only the cid.
             let cid = r * CID_SPACE + n;
-            let text = send_frame(to, cid, n, resend);
+            let text = send_frame(to, cid, n, resend && self.model.plant != Plant::Unflagged);
             self.senders[s].pipe.send(&text);
             self.apps[s].order.transmitted(cid as u64, to);
         }
@@ -981,7 +1037,7 @@ impl Sim {
             let to = &self.recipients[r];
             for n in cids {
                 let cid = r * CID_SPACE + n;
-                let text = send_frame(to, cid, n, true);
+                let text = send_frame(to, cid, n, self.model.plant != Plant::Unflagged);
                 self.senders[s].pipe.send(&text);
                 self.apps[s].order.transmitted(cid as u64, to);
             }
@@ -1399,6 +1455,11 @@ impl Sim {
                         self.counts.shown_then_refused += 1;
                     }
                     c.refused.push(cid);
+                    if v["code"] == "rate_limited" {
+                        let retry_ms = v["retry_ms"].as_u64().unwrap_or(0);
+                        let at = self.clock.now_ms() + retry_ms;
+                        self.retry_at[s] = self.retry_at[s].max(at);
+                    }
                 }
             }
             let now = self.instant();
@@ -1457,6 +1518,13 @@ impl Sim {
                 if !c.shown.iter().any(|(seen, _)| *seen == cid) {
                     c.shown.push((cid, id));
                     self.counts.shown += 1;
+                    let key = (self.recipients[user].clone(), from.to_string(), id);
+                    if self.kind == StoreKind::Redis
+                        && s != FOREIGN
+                        && !self.model.ever_stored.contains(&key)
+                    {
+                        c.shown_live.insert(cid);
+                    }
                 }
                 let d = &mut self.devices[i];
                 d.unacked.insert(seq, (s, cid));
@@ -1521,11 +1589,21 @@ impl Sim {
                     "s{s}->r{r}: lost or never sent: accepted {unique:?}, shown {shown:?}"
                 ));
             }
+            // The live path's known gap: shown live, then refused (or dead with the node),
+            // resent and told another id.
+            let told_other: BTreeSet<usize> = c
+                .shown
+                .iter()
+                .filter(|(cid, id)| {
+                    c.shown_live.contains(cid)
+                        && c.accepted.iter().any(|(a, told)| a == cid && told != id)
+                })
+                .map(|(cid, _)| *cid)
+                .collect();
+            self.counts.live_told_other += told_other.len() as u64;
+            let gap = |cid: &usize| c.shown_then_refused.contains(cid) || told_other.contains(cid);
             let ordered = |cids: &[usize]| -> Vec<usize> {
-                cids.iter()
-                    .copied()
-                    .filter(|cid| !c.shown_then_refused.contains(cid))
-                    .collect()
+                cids.iter().copied().filter(|cid| !gap(cid)).collect()
             };
             if ordered(&shown) != ordered(&accepted) {
                 if trace() {
@@ -1536,11 +1614,7 @@ impl Sim {
                     "s{s}->r{r}: shown in the order {shown:?}, accepted in the order {accepted:?}"
                 ));
             }
-            for (cid, id) in c
-                .shown
-                .iter()
-                .filter(|(cid, _)| !c.shown_then_refused.contains(cid))
-            {
+            for (cid, id) in c.shown.iter().filter(|(cid, _)| !gap(cid)) {
                 let told = c.accepted.iter().find(|(a, _)| a == cid).map(|(_, id)| *id);
                 if told != Some(*id) {
                     return Err(format!(
@@ -1592,6 +1666,7 @@ fn boot_node(
         let planted = match plant {
             Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
             Plant::LimitResends => Some(OrderPlant::LimitResends),
+            Plant::ShowPastDoubt => Some(OrderPlant::ShowPastDoubt),
             _ => None,
         };
         if let Some(planted) = planted {
@@ -1711,7 +1786,17 @@ pub(crate) fn sweep_kind(
     let mut total = Counts::default();
     for seed in seeds(count) {
         let mut sim = Sim::of_kind(seed, plant, kind);
-        sim.run(steps).map_err(|e| (seed, e))?;
+        // A panic (a shard's assertion, or the simulation's) is a failure of this seed.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run(steps)));
+        run.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("panicked: {what}"))
+        })
+        .map_err(|e| (seed, e))?;
         let c = &sim.counts;
         total.steps += c.steps;
         total.store_ops += c.store_ops;
@@ -1723,6 +1808,8 @@ pub(crate) fn sweep_kind(
         total.shown += c.shown;
         total.checks += c.checks;
         total.shown_then_refused += c.shown_then_refused;
+        total.shown_live_then_died += c.shown_live_then_died;
+        total.live_told_other += c.live_told_other;
         total.mesh_msgs += c.mesh_msgs;
         total.mesh_full += c.mesh_full + sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
         total.node_deaths += c.node_deaths;
@@ -1817,6 +1904,20 @@ mod tests {
     #[test]
     fn limiting_resends_of_a_sender_whose_connection_dropped_breaks_the_order() {
         finds(Plant::LimitResends, "order");
+    }
+
+    /// Node deaths: entries shown past one of a write in doubt before its revoke is
+    /// answered (the hole of seeds 13642108178726191455 and 7902165335519987379).
+    #[test]
+    fn showing_past_an_entry_in_doubt_breaks_the_order_when_the_node_dies() {
+        finds(Plant::ShowPastDoubt, "order");
+    }
+
+    /// Node deaths: a resend not marked as one is shown live under a new id while a dead
+    /// run's write of it is in Redis (seed 11400714819323198485).
+    #[test]
+    fn unmarked_resends_are_shown_under_another_id_when_the_node_dies() {
+        finds(Plant::Unflagged, "");
     }
 
     /// Embedded runs in every test run: the embedded store answers through the same path,
@@ -2011,7 +2112,7 @@ mod order_tests {
 
     /// The shard with a resync and a good batch behind it, and recipient r0 online with its
     /// (empty) inbox loaded.
-    fn with_r0_online() -> (Sim, u64) {
+    pub(super) fn with_r0_online() -> (Sim, u64) {
         let (mut sim, now) = Sim::with_device_of_r0_loading();
         let mut load = None;
         while let Ok(op) = sim.store().ops.try_recv() {
@@ -2036,7 +2137,7 @@ mod order_tests {
     }
 
     /// s0 sends `cid` to r0; returns the append the shard queued.
-    fn send(sim: &mut Sim, cid: &str) -> Box<Message> {
+    pub(super) fn send(sim: &mut Sim, cid: &str) -> Box<Message> {
         let text = format!(r#"{{"op":"send","to":"r0","cid":"{cid}","body":"{cid}"}}"#);
         sim.senders[0].pipe.send(&text);
         sim.poll_all();
@@ -2048,11 +2149,11 @@ mod order_tests {
         }
     }
 
-    fn seq(n: u64) -> InboxSeq {
+    pub(super) fn seq(n: u64) -> InboxSeq {
         stream_id_to_seq(&format!("{}-{n}", ManualClock::WALL_ORIGIN_MS)).unwrap()
     }
 
-    fn push(sim: &mut Sim, now: u64, n: u64, msg: StoredMessage) {
+    pub(super) fn push(sim: &mut Sim, now: u64, n: u64, msg: StoredMessage) {
         let reply = StoreReply::Pushed {
             user: "r0".into(),
             seq: seq(n),
@@ -2061,7 +2162,7 @@ mod order_tests {
         sim.shard().on_store_reply(reply, now);
     }
 
-    fn stored(msg: &Message) -> StoredMessage {
+    pub(super) fn stored(msg: &Message) -> StoredMessage {
         StoredMessage {
             id: msg.id,
             from: msg.from.clone(),
@@ -2072,7 +2173,7 @@ mod order_tests {
         }
     }
 
-    fn answer(sim: &mut Sim, now: u64, msg: Box<Message>, n: u64) {
+    pub(super) fn answer(sim: &mut Sim, now: u64, msg: Box<Message>, n: u64) {
         let reply = StoreReply::Appended {
             msg,
             result: Ok(Appended::Stored {
@@ -2084,7 +2185,7 @@ mod order_tests {
         sim.shard().on_store_reply(reply, now);
     }
 
-    fn shown(sim: &mut Sim) -> Vec<String> {
+    pub(super) fn shown(sim: &mut Sim) -> Vec<String> {
         sim.poll_all();
         sim.devices[0]
             .pipe
@@ -2127,5 +2228,90 @@ mod order_tests {
             ["s0:\"a\"", "s0:\"b\"", "s9:\"x\"", "s0:\"c\""],
             "in the order Redis holds them"
         );
+    }
+}
+
+#[cfg(test)]
+mod doubt_tests {
+    use super::order_tests::*;
+    use super::*;
+    use compact_str::CompactString;
+
+    /// The first write's answer is lost after its entry was pushed: its entry is in Redis
+    /// and its write in doubt. The second write is stored, but is not shown until the
+    /// revoke of the first is answered and the inbox read again: had it been shown and the
+    /// node died before the revoke, the next run would show the first after it and answer
+    /// its resend with its lower id (the hole node deaths found, seed 7902165335519987379).
+    #[test]
+    fn entries_after_one_in_doubt_wait_for_its_revoke() {
+        let (mut sim, now) = with_r0_online();
+        let first = send(&mut sim, "a");
+        let first_stored = first.clone();
+        let second = send(&mut sim, "b");
+        push(&mut sim, now, 1, stored(&first));
+        let lost = StoreReply::Appended {
+            msg: first,
+            result: Err(StoreError::Unavailable("connection lost".into())),
+        };
+        sim.shard().on_store_reply(lost, now);
+        push(&mut sim, now, 2, stored(&second));
+        answer(&mut sim, now, second.clone(), 2);
+        assert!(shown(&mut sim).is_empty(), "held behind the entry in doubt");
+        // The tick reads r0's inbox again (the lost write may have landed) and revokes the
+        // pair's write in doubt, in that order on the shard's link.
+        sim.clock.advance(20);
+        sim.shard().on_tick();
+        let (loads, revoke) = ops(&mut sim);
+        let (to, from, writes) = revoke.expect("the revoke");
+        // The read (it ran before the revoke) holds both: still nothing after the first.
+        let both = vec![(seq(1), stored(&first_stored)), (seq(2), stored(&second))];
+        load(&mut sim, loads[0], both);
+        assert!(
+            shown(&mut sim).is_empty(),
+            "held until the revoke is answered"
+        );
+        let now = sim.now();
+        let revoked = StoreReply::Revoked {
+            to,
+            from,
+            writes,
+            removed: Some(1),
+        };
+        sim.shard().on_store_reply(revoked, now);
+        // Read again: the first is gone from Redis.
+        sim.clock.advance(20);
+        sim.shard().on_tick();
+        let (loads, _) = ops(&mut sim);
+        load(&mut sim, loads[0], vec![(seq(2), stored(&second))]);
+        assert_eq!(shown(&mut sim), ["s0:\"b\""]);
+    }
+
+    type Revoke = (CompactString, CompactString, Vec<(Box<str>, u64)>);
+
+    /// The loads of r0 and the revoke the shard queued.
+    fn ops(sim: &mut Sim) -> (Vec<u64>, Option<Revoke>) {
+        let (mut loads, mut revoke) = (Vec::new(), None);
+        while let Ok(op) = sim.store().ops.try_recv() {
+            match op {
+                StoreOp::Load { user, token, .. } if user == "r0" => loads.push(token),
+                StoreOp::Revoke { to, from, writes } => revoke = Some((to, from, writes)),
+                _ => {}
+            }
+        }
+        (loads, revoke)
+    }
+
+    fn load(sim: &mut Sim, token: u64, entries: Vec<(InboxSeq, StoredMessage)>) {
+        let loaded = StoreReply::Loaded {
+            user: "r0".into(),
+            token,
+            result: Ok(Loaded {
+                received: Vec::new(),
+                entries,
+                expired: 0,
+            }),
+        };
+        let now = sim.now();
+        sim.shard().on_store_reply(loaded, now);
     }
 }
