@@ -774,12 +774,6 @@ impl ConfigLayer {
                 ))
             }
         };
-        if io_driver == IoDriver::Uring && tls_cert.is_some() {
-            return Err(invalid(
-                "io_driver",
-                "\"uring\" serves plain ws:// only for now: wss:// (tls_cert) needs \"glommio\"",
-            ));
-        }
         Ok(Config {
             listen,
             share_listen: self.share_listen.unwrap_or(false),

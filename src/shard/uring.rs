@@ -104,6 +104,9 @@ struct BufRing {
     buffers: Box<[u8]>,
     /// Our copy of the tail; published to the kernel in `publish`.
     tail: u16,
+    /// Buffers given to the kernel whose receive completions we have not seen: an upper
+    /// bound on what it can still pick (it may have filled some whose completions wait).
+    in_kernel: u16,
 }
 
 impl BufRing {
@@ -128,6 +131,7 @@ impl BufRing {
             entries_len,
             buffers: vec![0u8; RECV_BUFFERS as usize * RECV_BUFFER_BYTES].into_boxed_slice(),
             tail: 0,
+            in_kernel: 0,
         };
         // SAFETY: the mapping is page aligned, `RECV_BUFFERS` entries long, and lives as long
         // as `bufs` (unmapped on drop, after the ring that uses it is gone: see `Driver`).
@@ -163,6 +167,12 @@ impl BufRing {
         entry.set_len(RECV_BUFFER_BYTES as u32);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
+        self.in_kernel += 1;
+    }
+
+    /// A receive completion named buffer `bid`: the kernel filled it and no longer has it.
+    fn taken(&mut self) {
+        self.in_kernel = self.in_kernel.saturating_sub(1);
     }
 
     /// Let the kernel see the buffers given back.
@@ -176,10 +186,25 @@ impl BufRing {
     }
 }
 
+impl BufRing {
+    /// No ring at all: what is left in a driver whose buffers had to be leaked.
+    fn empty() -> Self {
+        BufRing {
+            entries: std::ptr::null_mut(),
+            entries_len: 0,
+            buffers: Box::new([]),
+            tail: 0,
+            in_kernel: 0,
+        }
+    }
+}
+
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.entries.cast(), self.entries_len) };
+        if self.entries_len > 0 {
+            // SAFETY: the mapping made in `new`, unmapped once.
+            unsafe { libc::munmap(self.entries.cast(), self.entries_len) };
+        }
     }
 }
 
@@ -211,6 +236,9 @@ struct SocketSlot {
     send_queued: bool,
     /// Bytes the connection wrote since; they go in the next send.
     staged: Vec<u8>,
+    /// Its receive ended for want of buffers (ENOBUFS): it waits in `Driver::starved` to be
+    /// re-armed once buffers come back, not at once (which would end the same way, a spin).
+    starved: bool,
     /// The peer closed its side (a receive of 0 bytes).
     eof: bool,
     /// The socket failed (receive or send error): the connection sees it as gone.
@@ -236,6 +264,7 @@ impl SocketSlot {
             send_in_kernel: false,
             send_queued: false,
             staged: Vec::new(),
+            starved: false,
             eof: false,
             failed: false,
             repoll_when_sent: false,
@@ -365,8 +394,9 @@ pub struct TurnReport {
 
 /// A shard's io_uring socket driver (see the module header).
 pub struct Driver {
-    // Field order is drop order: the ring is closed before the buffers and sockets it points
-    // into are freed (a shard's driver is dropped only when the shard ends).
+    // Closing a ring does not stop its operations at once (the kernel tears it down later),
+    // so `drop` first cancels them all and waits until each has ended; then the fields drop
+    // in this order: the ring, then the buffers and sockets it pointed into.
     ring: IoUring,
     bufs: BufRing,
     slots: Slab<SocketSlot>,
@@ -374,6 +404,10 @@ pub struct Driver {
     slot_of: Vec<Option<u32>>,
     listener: Option<OwnedFd>,
     accept_armed: bool,
+    /// Bell polls the kernel holds (ended only by the teardown's cancel).
+    bells_armed: usize,
+    /// Slots whose receive ended with ENOBUFS, oldest first (see `rearm_starved`).
+    starved: VecDeque<usize>,
     /// Slots with staged bytes and no send in the kernel: each gets one send this turn.
     to_send: Vec<usize>,
     /// Connections to poll again this turn (asked to, or their staged bytes went out).
@@ -400,6 +434,8 @@ impl Driver {
             slot_of: Vec::new(),
             listener: Some(listener),
             accept_armed: false,
+            bells_armed: 0,
+            starved: VecDeque::new(),
             to_send: Vec::new(),
             repoll: VecDeque::new(),
             waker: Waker::from(flag.clone()),
@@ -415,6 +451,7 @@ impl Driver {
                 .build()
                 .user_data(user_data(0, OP_BELL));
             driver.push(poll);
+            driver.bells_armed += 1;
         }
         Ok(driver)
     }
@@ -521,6 +558,7 @@ impl Driver {
         for slot in std::mem::take(&mut self.to_send) {
             self.queue_send(slot);
         }
+        self.rearm_starved();
         self.bufs.publish();
         // One enter submits the turn's sends and re-arms, and runs the kernel's deferred
         // completions; none when there is nothing to submit and nothing deferred.
@@ -582,6 +620,11 @@ impl Driver {
         let Some(conn) = shard.borrow_mut().admit(ip) else {
             return; // dropping the descriptor closes it
         };
+        // wss://: the session sits between this socket and the connection, inside
+        // `poll_conn` (crate::tls), exactly as on glommio's streams.
+        if !shard.borrow_mut().start_tls(conn) {
+            return;
+        }
         self.add_socket(conn, fd);
     }
 
@@ -599,6 +642,7 @@ impl Driver {
             s.ops_in_kernel -= 1;
         }
         if let Some(bid) = cqueue::buffer_select(flags) {
+            self.bufs.taken();
             let len = result.max(0) as u32;
             if len == 0 || s.conn.is_none() {
                 self.bufs.give_back(bid);
@@ -612,8 +656,16 @@ impl Driver {
         }
         match result {
             0 => s.eof = true,
-            // The buffer ring ran dry, or we stopped it: nothing lost, re-armed in `after_op`.
-            r if r == -libc::ENOBUFS || r == -libc::ECANCELED => {}
+            // The buffer ring ran dry: the bytes wait in the socket until buffers come back.
+            r if r == -libc::ENOBUFS => {
+                if !s.recv_armed && !s.starved {
+                    s.starved = true;
+                    self.starved.push_back(slot);
+                }
+                shard.borrow().count_recv_buffers_exhausted();
+            }
+            // We stopped it: re-armed in `after_op` when the connection reads again.
+            r if r == -libc::ECANCELED => {}
             r if r < 0 => s.failed = true,
             _ => {}
         }
@@ -792,6 +844,7 @@ impl Driver {
         let s = &self.slots[slot];
         if s.conn.is_some()
             && !s.recv_armed
+            && !s.starved
             && s.held.is_empty()
             && !s.eof
             && !s.failed
@@ -800,6 +853,33 @@ impl Driver {
             self.arm_recv(slot);
         }
         self.free_if_done(slot);
+    }
+
+    /// Re-arm the receives that ended with ENOBUFS, oldest first, as many as the kernel has
+    /// buffers again (given back by connections that read). One that loses the race ends with
+    /// ENOBUFS again and waits for the next buffers: never re-armed into an empty ring.
+    fn rearm_starved(&mut self) {
+        let mut free = self.bufs.in_kernel;
+        while free > 0 {
+            let Some(slot) = self.starved.pop_front() else {
+                return;
+            };
+            // A slot freed (and maybe reused) since is no longer marked starved.
+            let Some(s) = self.slots.get_mut(slot).filter(|s| s.starved) else {
+                continue;
+            };
+            s.starved = false;
+            if s.conn.is_some()
+                && !s.recv_armed
+                && s.held.is_empty()
+                && !s.eof
+                && !s.failed
+                && s.handoff_to.is_none()
+            {
+                self.arm_recv(slot);
+                free -= 1;
+            }
+        }
     }
 
     fn free_if_done(&mut self, slot: usize) {
@@ -832,6 +912,71 @@ impl Driver {
         s.send_in_kernel = true;
         s.ops_in_kernel += 1;
         self.push(send);
+    }
+}
+
+/// Longest wait at teardown for the kernel to end the ring's operations.
+const TEARDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Driver {
+    /// Operations the kernel still holds (each ends with a completion without `MORE`).
+    fn ops_in_kernel(&self) -> usize {
+        let sockets: usize = self.slots.iter().map(|(_, s)| s.ops_in_kernel as usize).sum();
+        sockets + self.accept_armed as usize + self.bells_armed
+    }
+
+    /// Cancel every operation and reap until none is left, so that no receive can land in
+    /// a buffer, nor a send read one, after it is freed. True when all ended in time.
+    fn end_all_operations(&mut self) -> bool {
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any().all())
+            .build()
+            .user_data(user_data(0, OP_CANCEL));
+        self.push(cancel);
+        let deadline = std::time::Instant::now() + TEARDOWN_WAIT;
+        while self.ops_in_kernel() > 0 && std::time::Instant::now() < deadline {
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let ended: Vec<(u64, u32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.flags()))
+                .collect();
+            for (data, flags) in ended {
+                let slot = (data >> 8) as usize;
+                // Multishot operations end with a completion without `MORE`; a send always.
+                match (data & 0xff, cqueue::more(flags)) {
+                    (OP_ACCEPT, false) => self.accept_armed = false,
+                    (OP_BELL, false) => self.bells_armed -= 1,
+                    (OP_RECV, false) | (OP_SEND, _) => {
+                        if let Some(s) = self.slots.get_mut(slot) {
+                            s.ops_in_kernel = s.ops_in_kernel.saturating_sub(1);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.ops_in_kernel() == 0
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if self.end_all_operations() {
+            // Nothing refers to the buffer ring any more: unregister it before it is unmapped.
+            let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
+            return;
+        }
+        // The kernel may still write into the receive buffers or read send buffers: leak
+        // them (and the sockets) rather than free memory it can touch.
+        tracing::error!(
+            left = self.ops_in_kernel(),
+            "io_uring operations did not end at teardown; their buffers are leaked"
+        );
+        let bufs = std::mem::replace(&mut self.bufs, BufRing::empty());
+        std::mem::forget(bufs);
+        std::mem::forget(std::mem::take(&mut self.slots));
     }
 }
 
