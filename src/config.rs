@@ -1408,8 +1408,14 @@ mod tests {
         };
         assert_eq!(driver(None).unwrap().io_driver, None);
         assert_eq!(driver(Some("auto")).unwrap().io_driver, None);
-        assert_eq!(driver(Some("glommio")).unwrap().io_driver, Some(IoDriver::Glommio));
-        assert_eq!(driver(Some("uring")).unwrap().io_driver, Some(IoDriver::Uring));
+        assert_eq!(
+            driver(Some("glommio")).unwrap().io_driver,
+            Some(IoDriver::Glommio)
+        );
+        assert_eq!(
+            driver(Some("uring")).unwrap().io_driver,
+            Some(IoDriver::Uring)
+        );
         let err = driver(Some("epoll")).unwrap_err().to_string();
         assert!(
             err.contains("`io_driver`") && err.contains("epoll"),

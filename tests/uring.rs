@@ -198,12 +198,14 @@ fn peers_that_vanish_mid_frame_or_reset_free_their_connections() {
 /// ENOBUFS. The driver must neither spin on re-arming into the empty ring nor drop a socket
 /// for good: the holders copy their buffers out (so a new connection is still served), the
 /// starved receives are armed again as buffers come back, and once the clients read, every
-/// echo arrives, in order. A ring of 64 buffers (256 KiB), one shard, 8 slow readers that
+/// echo arrives, in order. A ring of 16 buffers (64 KiB), one shard, 8 slow readers that
 /// may each hold 16.
 #[test]
 fn a_receive_buffer_ring_run_dry_by_slow_readers_stalls_nobody_and_loses_nothing() {
-    const READERS: usize = 8;
-    const FRAMES: usize = 48;
+    const READERS: usize = 4;
+    // 16 MB per reader: more than the kernel buffers between the server and a client that
+    // does not read (the server's send buffer alone grows to 4 MiB here).
+    const FRAMES: usize = 1024;
     const FRAME: usize = 16_000;
     let byte = |reader: usize, frame: usize| (reader * 31 + frame) as u8;
     for driver in DRIVERS {
@@ -215,7 +217,7 @@ fn a_receive_buffer_ring_run_dry_by_slow_readers_stalls_nobody_and_loses_nothing
                 "--io-driver",
                 driver,
                 "--uring-recv-buffers",
-                "64",
+                "16",
                 "--max-outbound",
                 "65536",
                 "--max-frame",
@@ -228,9 +230,11 @@ fn a_receive_buffer_ring_run_dry_by_slow_readers_stalls_nobody_and_loses_nothing
         let mut writers = Vec::new();
         for r in 0..READERS {
             let stream = TcpStream::connect(gw.public).unwrap();
-            // A small receive buffer: the echoes back up into the server quickly.
+            // A small receive buffer: the echoes back up into the server sooner. Not below
+            // loopback's segment size (64 KiB): TCP would drop segments and back off for
+            // seconds.
             socket2::SockRef::from(&stream)
-                .set_recv_buffer_size(16384)
+                .set_recv_buffer_size(65536)
                 .unwrap();
             stream
                 .set_read_timeout(Some(Duration::from_secs(20)))
@@ -250,16 +254,28 @@ fn a_receive_buffer_ring_run_dry_by_slow_readers_stalls_nobody_and_loses_nothing
             }));
             readers.push(raw);
         }
+        // Wait until the server takes no more input: every writer is blocked, so every
+        // socket's receive is stopped (16 buffers' worth unread) or starved (ENOBUFS).
+        let mut last = u64::MAX;
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = gw.metric_sum("ringgate_bytes_in_total");
+                std::mem::replace(&mut last, now) == now
+            }),
+            "{driver}: the server never stopped taking input"
+        );
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "{driver}: a writer finished: the server never held its input back"
+        );
         if driver == "uring" {
             assert!(
-                eventually(Duration::from_secs(20), || gw
-                    .metric_sum("ringgate_recv_buffers_exhausted_total")
-                    > 0),
+                gw.metric_sum("ringgate_recv_buffers_exhausted_total") > 0,
                 "the slow readers never emptied the receive buffer ring"
             );
             // Nothing moves now (no client reads): an empty ring must not be re-armed into
             // over and over.
-            std::thread::sleep(Duration::from_millis(300));
             let before = gw.metric_sum("ringgate_recv_buffers_exhausted_total");
             let cpu_before = process_cpu_ms(gw.child.id());
             std::thread::sleep(Duration::from_secs(1));
@@ -275,7 +291,11 @@ fn a_receive_buffer_ring_run_dry_by_slow_readers_stalls_nobody_and_loses_nothing
         // Meanwhile a new connection is served.
         let mut fresh = RawWs::connect(gw.public, "/echo");
         fresh.send_frame(true, 1, b"not starved");
-        assert_eq!(next_data_frame(&mut fresh).payload, b"not starved", "{driver}");
+        assert_eq!(
+            next_data_frame(&mut fresh).payload,
+            b"not starved",
+            "{driver}"
+        );
         for (r, raw) in readers.iter_mut().enumerate() {
             for f in 0..FRAMES {
                 let got = next_data_frame(raw);

@@ -346,7 +346,12 @@ impl SocketSlot {
 
     /// Received bytes the connection has not taken.
     fn unread(&self) -> usize {
-        self.spilled.len() + self.held.iter().map(|h| (h.to - h.from) as usize).sum::<usize>()
+        self.spilled.len()
+            + self
+                .held
+                .iter()
+                .map(|h| (h.to - h.from) as usize)
+                .sum::<usize>()
     }
 
     /// The receive may run (again): nothing unread, not ended, not being handed over.
@@ -1023,7 +1028,11 @@ const TEARDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 impl Driver {
     /// Operations the kernel still holds (each ends with a completion without `MORE`).
     fn ops_in_kernel(&self) -> usize {
-        let sockets: usize = self.slots.iter().map(|(_, s)| s.ops_in_kernel as usize).sum();
+        let sockets: usize = self
+            .slots
+            .iter()
+            .map(|(_, s)| s.ops_in_kernel as usize)
+            .sum();
         sockets + self.accept_armed as usize + self.bells_armed
     }
 
