@@ -11,7 +11,8 @@
 //! connections they concern, poll the ones the shard kicked (timers), queue one send per
 //! connection with staged bytes, then one `io_uring_enter` submits it all and reaps.
 //! Each socket has one multishot receive for its life (re-armed only when the kernel ends it:
-//! buffer ring empty, or a full CQ).
+//! a full CQ, or the buffer ring empty, and then only once buffers have come back).
+//! Teardown ends every operation before the buffers they point into are freed (`Drop`).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
