@@ -9,7 +9,7 @@
 # Usage: bench/echo_vs_uws.sh [ROUNDS] [DURATION_SECS]
 #   BASE_BIN=<dir with ringgate + ringgate-bench>  adds an older ringgate build as a side
 #   (before/after a change).
-#   Sides: uws, ringgate (io_driver = "glommio", the default), ringgate-uring (io_driver =
+#   Sides: uws, ringgate (io_driver = "glommio"), ringgate-uring (io_driver =
 #   "uring", the shard's own io_uring: docs/architecture.md, "Socket I/O on io_uring").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ start_server() { # side -> sets SRV (pid) and PORT
   local port; port=$(free_port)
   case $1 in
     uws) (cd "$OUT" && exec taskset -c 0 "$UWS" >/dev/null 2>&1) & SRV=$!; PORT=9001 ;;
-    ringgate) taskset -c 0 $NEW/ringgate --shards 1 --echo-route true $NO_LIMITS --listen 127.0.0.1:$port \
+    ringgate) taskset -c 0 $NEW/ringgate --shards 1 --echo-route true --io-driver glommio $NO_LIMITS --listen 127.0.0.1:$port \
         --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
     ringgate-uring) taskset -c 0 $NEW/ringgate --shards 1 --echo-route true --io-driver uring $NO_LIMITS \
         --listen 127.0.0.1:$port --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;

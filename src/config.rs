@@ -50,6 +50,9 @@ pub const DEFAULT_SLOW_CLOSE_MS: u64 = 10_000;
 pub const DEFAULT_RETRY_AFTER_S: u64 = 5;
 /// Input silence after which a connection leaves its glommio task and parks (0 = never).
 pub const DEFAULT_PARK_IDLE_MS: u64 = 1_000;
+/// Receive buffers (4 KiB each) in each shard's provided buffer ring (`io_driver = "uring"`):
+/// 4 MiB per shard, what one shard's busiest moment has in flight between two turns.
+pub const DEFAULT_URING_RECV_BUFFERS: u16 = 1024;
 /// How often the JWKS (`jwks_url`) is fetched again: key rotation is seen within this.
 pub const DEFAULT_JWKS_REFRESH_MS: u64 = 300_000;
 /// Fewest ms between two refetches for unknown `kid`s: a flood of made-up kids costs one
@@ -159,7 +162,8 @@ pub struct Config {
     pub share_listen: bool,
     pub admin_listen: SocketAddr,
     pub log_format: LogFormat,
-    pub io_driver: IoDriver,
+    /// None: not set, chosen at start (`server::pick_io_driver`).
+    pub io_driver: Option<IoDriver>,
     pub shards: usize,
     pub jwt_secret: Option<String>,
     pub jwks_url: Option<String>,
@@ -195,6 +199,7 @@ pub struct Config {
     pub max_outbound: usize,
     pub retry_after_s: u64,
     pub park_idle_ms: u64,
+    pub uring_recv_buffers: u16,
     pub inbox_max_messages: usize,
     pub inbox_max_age_ms: u64,
     pub redis_pool_size: usize,
@@ -239,8 +244,9 @@ pub struct ConfigLayer {
     /// Log lines on stderr: "text" or "json" (one object per line) [default: text]
     #[arg(long, env = "RINGGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
-    /// Socket I/O of the shards: "glommio" or "uring" (the shard's own io_uring: multishot
-    /// receive into a provided buffer ring, gathered sends; no TLS, no parking) [default: glommio]
+    /// Socket I/O of the shards: "uring" (the shard's own io_uring: multishot receive into a
+    /// provided buffer ring, gathered sends), "glommio" (its streams, idle sockets parked), or
+    /// "auto": uring where the kernel has what it needs (6.1), else glommio [default: auto]
     #[arg(long, env = "RINGGATE_IO_DRIVER")]
     pub io_driver: Option<String>,
     /// Admin HTTP listener (metrics, health, API) [default: 127.0.0.1:9090]
@@ -346,6 +352,9 @@ pub struct ConfigLayer {
     /// Input silence before an idle connection parks outside glommio; 0 = never [default: 1000]
     #[arg(long, env = "RINGGATE_PARK_IDLE_MS")]
     pub park_idle_ms: Option<u64>,
+    /// io_driver "uring": 4 KiB receive buffers per shard, a power of two [default: 1024]
+    #[arg(long, env = "RINGGATE_URING_RECV_BUFFERS")]
+    pub uring_recv_buffers: Option<u32>,
     /// Offline inbox cap per user; a send beyond it gets `unavailable` [default: 10000]
     #[arg(long, env = "RINGGATE_INBOX_MAX_MESSAGES")]
     pub inbox_max_messages: Option<usize>,
@@ -508,6 +517,7 @@ impl ConfigLayer {
             max_outbound,
             retry_after_s,
             park_idle_ms,
+            uring_recv_buffers,
             inbox_max_messages,
             inbox_max_age_ms,
             redis_pool_size,
@@ -764,22 +774,28 @@ impl ConfigLayer {
                 ))
             }
         };
-        let io_driver = match self.io_driver.as_deref().unwrap_or("glommio") {
-            "glommio" => IoDriver::Glommio,
-            "uring" => IoDriver::Uring,
+        // Unset (or "auto"): chosen at start, uring where the host has what it needs.
+        let io_driver = match self.io_driver.as_deref().unwrap_or("auto") {
+            "auto" => None,
+            "glommio" => Some(IoDriver::Glommio),
+            "uring" => Some(IoDriver::Uring),
             other => {
                 return Err(invalid(
                     "io_driver",
-                    format!("must be \"glommio\" or \"uring\", not {other:?}"),
+                    format!("must be \"auto\", \"glommio\" or \"uring\", not {other:?}"),
                 ))
             }
         };
-        if io_driver == IoDriver::Uring && tls_cert.is_some() {
+        let uring_recv_buffers = self
+            .uring_recv_buffers
+            .unwrap_or(DEFAULT_URING_RECV_BUFFERS.into());
+        if !uring_recv_buffers.is_power_of_two() || !(2..=32_768).contains(&uring_recv_buffers) {
             return Err(invalid(
-                "io_driver",
-                "\"uring\" serves plain ws:// only for now: wss:// (tls_cert) needs \"glommio\"",
+                "uring_recv_buffers",
+                "must be a power of two from 2 to 32768",
             ));
         }
+        let uring_recv_buffers = uring_recv_buffers as u16;
         Ok(Config {
             listen,
             share_listen: self.share_listen.unwrap_or(false),
@@ -820,6 +836,7 @@ impl ConfigLayer {
             max_outbound,
             retry_after_s: self.retry_after_s.unwrap_or(DEFAULT_RETRY_AFTER_S),
             park_idle_ms: self.park_idle_ms.unwrap_or(DEFAULT_PARK_IDLE_MS),
+            uring_recv_buffers,
             inbox_max_messages: match self.inbox_max_messages {
                 Some(0) => return Err(invalid("inbox_max_messages", "must be at least 1")),
                 v => v.unwrap_or(crate::store::DEFAULT_INBOX_MAX_MESSAGES),
@@ -1378,9 +1395,10 @@ mod tests {
         assert!(format.contains("`log_format`"), "{format}");
     }
 
-    /// `io_driver`: glommio unless asked; "uring" taken; anything else refused naming the key.
+    /// `io_driver`: chosen at start unless set ("auto" = unset); anything else refused naming
+    /// the key. `uring_recv_buffers`: a power of two.
     #[test]
-    fn io_driver_defaults_to_glommio_and_refuses_unknown_drivers() {
+    fn io_driver_is_chosen_at_start_unless_set_and_refuses_unknown_drivers() {
         let driver = |d: Option<&str>| {
             ConfigLayer {
                 io_driver: d.map(str::to_owned),
@@ -1388,13 +1406,33 @@ mod tests {
             }
             .resolve()
         };
-        assert_eq!(driver(None).unwrap().io_driver, IoDriver::Glommio);
-        assert_eq!(driver(Some("uring")).unwrap().io_driver, IoDriver::Uring);
+        assert_eq!(driver(None).unwrap().io_driver, None);
+        assert_eq!(driver(Some("auto")).unwrap().io_driver, None);
+        assert_eq!(
+            driver(Some("glommio")).unwrap().io_driver,
+            Some(IoDriver::Glommio)
+        );
+        assert_eq!(
+            driver(Some("uring")).unwrap().io_driver,
+            Some(IoDriver::Uring)
+        );
         let err = driver(Some("epoll")).unwrap_err().to_string();
         assert!(
             err.contains("`io_driver`") && err.contains("epoll"),
             "{err}"
         );
+        let buffers = |n: u32| {
+            ConfigLayer {
+                uring_recv_buffers: Some(n),
+                ..Default::default()
+            }
+            .resolve()
+        };
+        assert_eq!(buffers(64).unwrap().uring_recv_buffers, 64);
+        for bad in [0, 1, 100, 65_536] {
+            let err = buffers(bad).unwrap_err().to_string();
+            assert!(err.contains("`uring_recv_buffers`"), "{bad}: {err}");
+        }
     }
 
     /// A host name in a listen address is resolved once (IPv4 first); one that does not

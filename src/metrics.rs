@@ -102,6 +102,7 @@ pub const WINDOW_FULL: &str = "ringgate_window_full_total";
 pub const HANDOFFS_OUT: &str = "ringgate_handoffs_out_total";
 pub const HANDOFFS_IN: &str = "ringgate_handoffs_in_total";
 pub const MESH_FULL: &str = "ringgate_mesh_full_total";
+pub const RECV_BUFFERS_EXHAUSTED: &str = "ringgate_recv_buffers_exhausted_total";
 pub const PARKS: &str = "ringgate_parks_total";
 pub const UNPARKS: &str = "ringgate_unparks_total";
 pub const STALLS: &str = "ringgate_shard_stalls_total";
@@ -240,6 +241,7 @@ pub struct ShardMetrics {
     pub handoffs_out: Counter,
     pub handoffs_in: Counter,
     pub mesh_full: Counter,
+    pub recv_buffers_exhausted: Counter,
     pub parks: Counter,
     pub unparks: Counter,
     pub stalls: Counter,
@@ -519,6 +521,12 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "Messages another shard's full mesh channel handed back.",
         Kind::Counter,
         |m| m.mesh_full.get(),
+    ),
+    (
+        RECV_BUFFERS_EXHAUSTED,
+        "io_driver = \"uring\": receives that ended because the shard's receive buffer ring was empty (the socket is received again once buffers come back).",
+        Kind::Counter,
+        |m| m.recv_buffers_exhausted.get(),
     ),
     (
         STORE_UP,

@@ -11,7 +11,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::admin::{self, Admin};
 use crate::clock::MonotonicClock;
-use crate::config::Config;
+use crate::config::{Config, IoDriver};
 use crate::metrics::ShardMetrics;
 use crate::shard::{io, Shard, Shared};
 
@@ -67,6 +67,26 @@ impl StartError {
 /// buffers, as it does (not traced further).
 const SHARD_IO_MEMORY: usize = 1 << 20;
 
+/// The shards' socket driver: `io_driver` as set, or, unset, the uring driver where this
+/// host has what it needs and glommio (with one line saying why) where it does not. A
+/// driver set explicitly that cannot run here is refused like any other host problem.
+fn pick_io_driver(cfg: &Config) -> Result<IoDriver, StartError> {
+    if cfg.io_driver == Some(IoDriver::Glommio) {
+        return Ok(IoDriver::Glommio);
+    }
+    let Some(why) = crate::shard::uring::unsupported_because(cfg.uring_recv_buffers) else {
+        return Ok(IoDriver::Uring);
+    };
+    if cfg.io_driver == Some(IoDriver::Uring) {
+        return Err(StartError::Host(crate::preflight::HostProblem {
+            what: format!("io_driver = \"uring\" cannot run here: {why}"),
+            fix: "run on Linux 6.1 or later with io_uring allowed and enough locked memory, or set io_driver = \"glommio\"".into(),
+        }));
+    }
+    tracing::warn!("io_driver: glommio, since the uring driver cannot run here: {why} (set io_driver = \"glommio\" to choose it and silence this)");
+    Ok(IoDriver::Glommio)
+}
+
 /// Longest wait for a shard's executor to come up (it takes milliseconds).
 const SHARD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -75,14 +95,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     let started = Instant::now();
     // Before anything starts: a host that cannot run shards is told why and how to fix it.
     crate::preflight::check_host().map_err(StartError::Host)?;
-    if cfg.io_driver == crate::config::IoDriver::Uring {
-        crate::shard::uring::check_host().map_err(|what| {
-            StartError::Host(crate::preflight::HostProblem {
-                what: format!("io_driver = \"uring\": {what}"),
-                fix: "use io_driver = \"glommio\" (the default) on this host, or a kernel >= 6.1 with io_uring enabled".into(),
-            })
-        })?;
-    }
+    let io_driver = pick_io_driver(&cfg)?;
     let wanted = crate::preflight::memlock_wanted(cfg.shards, SHARD_IO_MEMORY);
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -258,11 +271,9 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
                 if let Some(link) = push {
                     shard.enable_push(link);
                 }
-                match shard.cfg().io_driver {
-                    crate::config::IoDriver::Glommio => io::run(shard, listener, Some(mesh)).await,
-                    crate::config::IoDriver::Uring => {
-                        io::run_uring(shard, listener, Some(mesh)).await
-                    }
+                match io_driver {
+                    IoDriver::Glommio => io::run(shard, listener, Some(mesh)).await,
+                    IoDriver::Uring => io::run_uring(shard, listener, Some(mesh)).await,
                 }
             })
             .map_err(|e| StartError::Shard {

@@ -531,3 +531,80 @@ fn the_systemd_unit_verifies_and_its_limits_pass_the_tuning_check() {
     assert!(unit.contains("ExecStartPre=-/usr/local/share/ringgate/tuning/check.sh"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The uring socket driver's needs are tried at start. With too little locked memory for its
+/// ring and buffer ring (as a user without CAP_IPC_LOCK: root is switched to `nobody`), an
+/// unset `io_driver` falls back to glommio with one warning naming why (ENOMEM), and a set
+/// `io_driver = "uring"` refuses to start with the reason (exit 3).
+#[test]
+fn a_host_without_what_the_uring_driver_needs_falls_back_to_glommio_unless_uring_is_set() {
+    let start = |driver: Option<&str>| {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let mut cmd = match root {
+            true => {
+                let mut c = Command::new(need("setpriv", "util-linux"));
+                c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                    .arg(need("prlimit", "util-linux"));
+                c
+            }
+            false => Command::new(need("prlimit", "util-linux")),
+        };
+        cmd.arg("--memlock=524288:524288")
+            .arg(env!("CARGO_BIN_EXE_ringgate"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen"])
+            .args(["127.0.0.1:0", "--shards", "1"])
+            // 32,768 ring entries pin 512 KiB: more than the limit leaves.
+            .args(["--uring-recv-buffers", "32768"])
+            .args(driver.map(|d| ["--io-driver", d]).into_iter().flatten())
+            .env_remove("RUST_LOG")
+            .env_remove("RINGGATE_IO_DRIVER")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    let mut child = start(Some("uring"));
+    let killer_pid = child.id() as i32;
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        // SAFETY: a signal to our own child (already reaped: ESRCH, harmless).
+        unsafe { libc::kill(killer_pid, libc::SIGKILL) };
+    });
+    let status = child.wait().unwrap();
+    drop(killer);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("io_driver = \"uring\" cannot run here") && err.contains("(os error 12)"),
+        "{err}"
+    );
+
+    let mut child = start(None);
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(ready.contains("listening"), "not started: {ready:?} {err}");
+    assert_eq!(status.code(), Some(0), "{err}");
+    let fallback: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("io_driver: glommio, since the uring driver cannot run here"))
+        .collect();
+    assert_eq!(fallback.len(), 1, "{err}");
+    // What failed first (the ring or its buffer ring) depends on what the limit leaves.
+    assert!(fallback[0].contains("(os error 12)"), "{err}");
+}

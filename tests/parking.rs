@@ -1,5 +1,7 @@
 //! Idle connections park outside glommio (one epoll set per shard) and must behave exactly
 //! like active ones: heartbeats, messages, closes and the SIGTERM drain, over real sockets.
+//! The park set belongs to the glommio socket driver, so these gateways run it explicitly
+//! (the uring driver, the default where the kernel has it, holds idle sockets in its ring).
 
 mod common;
 
@@ -14,7 +16,14 @@ fn parked(gw: &Gateway) -> u64 {
 
 #[test]
 fn idle_connections_park_and_keep_heartbeats_and_messages() {
-    let gw = Gateway::start(&["--park-idle-ms", "50", "--heartbeat-ms", "300"]);
+    let gw = Gateway::start(&[
+        "--io-driver",
+        "glommio",
+        "--park-idle-ms",
+        "50",
+        "--heartbeat-ms",
+        "300",
+    ]);
     let (mut a, _) = connect_app(&gw, "pa");
     let (mut b, _) = connect_app(&gw, "pb");
     assert!(
@@ -62,7 +71,14 @@ fn idle_connections_park_and_keep_heartbeats_and_messages() {
 
 #[test]
 fn parked_silent_connection_is_pinged_then_closed_1001() {
-    let gw = Gateway::start(&["--park-idle-ms", "20", "--heartbeat-ms", "300"]);
+    let gw = Gateway::start(&[
+        "--io-driver",
+        "glommio",
+        "--park-idle-ms",
+        "20",
+        "--heartbeat-ms",
+        "300",
+    ]);
     let mut raw = RawWs::connect(gw.public, "/ws?user=quiet");
     assert_eq!(raw.recv_json()["op"], "welcome");
     let (before, close) = raw.until_close();
@@ -81,7 +97,7 @@ fn parked_silent_connection_is_pinged_then_closed_1001() {
 
 #[test]
 fn a_parked_client_that_leaves_is_cleaned_up() {
-    let gw = Gateway::start(&["--park-idle-ms", "20"]);
+    let gw = Gateway::start(&["--io-driver", "glommio", "--park-idle-ms", "20"]);
     let conns: Vec<_> = (0..10)
         .map(|i| connect_app(&gw, &format!("gone{i}")).0)
         .collect();
@@ -99,7 +115,14 @@ fn a_parked_client_that_leaves_is_cleaned_up() {
 
 #[test]
 fn a_burst_to_a_parked_connection_unparks_it_and_loses_nothing() {
-    let gw = Gateway::start(&["--park-idle-ms", "200", "--echo-route", "true"]);
+    let gw = Gateway::start(&[
+        "--io-driver",
+        "glommio",
+        "--park-idle-ms",
+        "200",
+        "--echo-route",
+        "true",
+    ]);
     let mut ws = connect(&gw, "/echo");
     // /echo connections park too.
     assert!(eventually(Duration::from_secs(5), || parked(&gw) == 1));
@@ -138,7 +161,14 @@ fn a_burst_to_a_parked_connection_unparks_it_and_loses_nothing() {
 
 #[test]
 fn sigterm_reaches_parked_connections_with_1012() {
-    let mut gw = Gateway::start(&["--park-idle-ms", "20", "--drain-ms", "5000"]);
+    let mut gw = Gateway::start(&[
+        "--io-driver",
+        "glommio",
+        "--park-idle-ms",
+        "20",
+        "--drain-ms",
+        "5000",
+    ]);
     let mut clients: Vec<_> = (0..6)
         .map(|i| connect_app(&gw, &format!("pz{i}")).0)
         .collect();
@@ -157,7 +187,7 @@ fn sigterm_reaches_parked_connections_with_1012() {
 fn parked_pairs_sending_to_each_other_at_once_lose_nothing() {
     const PAIRS: usize = 60;
     const ROUNDS: usize = 15;
-    let gw = Gateway::start_shards(1, &["--park-idle-ms", "20"]);
+    let gw = Gateway::start_shards(1, &["--io-driver", "glommio", "--park-idle-ms", "20"]);
     let start = std::time::Instant::now() + Duration::from_millis(600);
     let threads: Vec<_> = (0..2 * PAIRS)
         .map(|i| {

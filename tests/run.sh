@@ -64,6 +64,9 @@ cargo build --workspace --all-targets --quiet
 say "unit and integration tests"
 cargo test --workspace --quiet 2>&1 | tee target/test-output.txt
 
+say "the gateway suite again on the glommio socket driver (the default is uring where the kernel has it)"
+RINGGATE_IO_DRIVER=glommio cargo test --quiet --test gateway 2>&1 | tee -a target/test-output.txt
+
 say "JavaScript client (clients/js): unit tests, and integration tests against the gateway just built"
 # Node 20 has a WebSocket global only behind a flag; without it the tests use their own.
 ws_flag=$(node --experimental-websocket -e '' 2>/dev/null && echo --experimental-websocket || true)

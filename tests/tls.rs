@@ -3,7 +3,9 @@
 //! test's CA, chat across shards (so sessions are handed to their home shard with their TLS
 //! state), a message larger than a TLS record, a plain client refused, and the certificate
 //! replaced on SIGHUP while a connection made before keeps working; a broken file on SIGHUP
-//! keeps the certificate in use.
+//! keeps the certificate in use. Under both socket drivers (`io_driver = "glommio"` and
+//! `"uring"`: the same sans-IO TLS layer sits between either driver's socket and the
+//! connection), each in a test of its own.
 
 mod common;
 
@@ -83,8 +85,17 @@ fn peer_cert(ws: &TlsWs) -> Vec<u8> {
 }
 
 #[test]
-fn wss_serves_chat_across_shards_and_reloads_its_certificate_on_sighup() {
-    let dir = temp_dir("chat");
+fn wss_on_glommio_serves_chat_across_shards_and_reloads_its_certificate_on_sighup() {
+    wss_serves_chat_across_shards_and_reloads_its_certificate_on_sighup("glommio");
+}
+
+#[test]
+fn wss_on_uring_serves_chat_across_shards_and_reloads_its_certificate_on_sighup() {
+    wss_serves_chat_across_shards_and_reloads_its_certificate_on_sighup("uring");
+}
+
+fn wss_serves_chat_across_shards_and_reloads_its_certificate_on_sighup(driver: &str) {
+    let dir = temp_dir(&format!("chat-{driver}"));
     make_ca(&dir);
     make_cert(&dir, "first", "first");
     let cert = dir.join("server.pem");
@@ -92,6 +103,8 @@ fn wss_serves_chat_across_shards_and_reloads_its_certificate_on_sighup() {
     std::fs::copy(dir.join("first.pem"), &cert).unwrap();
     std::fs::copy(dir.join("first.key"), &key).unwrap();
     let gw = Gateway::start(&[
+        "--io-driver",
+        driver,
         "--tls-cert",
         cert.to_str().unwrap(),
         "--tls-key",

@@ -192,3 +192,135 @@ fn peers_that_vanish_mid_frame_or_reset_free_their_connections() {
         assert_eq!(next_data_frame(&mut raw).payload, b"still here");
     }
 }
+
+/// Slow readers hold receive buffers (their output is over its bound, so they stop taking
+/// input) until the uring driver's provided buffer ring is empty and receives end with
+/// ENOBUFS. The driver must neither spin on re-arming into the empty ring nor drop a socket
+/// for good: the holders copy their buffers out (so a new connection is still served), the
+/// starved receives are armed again as buffers come back, and once the clients read, every
+/// echo arrives, in order. A ring of 16 buffers (64 KiB), one shard, 8 slow readers that
+/// may each hold 16.
+#[test]
+fn a_receive_buffer_ring_run_dry_by_slow_readers_stalls_nobody_and_loses_nothing() {
+    const READERS: usize = 4;
+    // 16 MB per reader: more than the kernel buffers between the server and a client that
+    // does not read (the server's send buffer alone grows to 4 MiB here).
+    const FRAMES: usize = 1024;
+    const FRAME: usize = 16_000;
+    let byte = |reader: usize, frame: usize| (reader * 31 + frame) as u8;
+    for driver in DRIVERS {
+        let gw = Gateway::start_shards(
+            1,
+            &[
+                "--echo-route",
+                "true",
+                "--io-driver",
+                driver,
+                "--uring-recv-buffers",
+                "16",
+                "--max-outbound",
+                "65536",
+                "--max-frame",
+                "65536",
+                "--ip-connect-rate",
+                "0",
+            ],
+        );
+        let mut readers = Vec::new();
+        let mut writers = Vec::new();
+        for r in 0..READERS {
+            let stream = TcpStream::connect(gw.public).unwrap();
+            // A small receive buffer: the echoes back up into the server sooner. Not below
+            // loopback's segment size (64 KiB): TCP would drop segments and back off for
+            // seconds.
+            socket2::SockRef::from(&stream)
+                .set_recv_buffer_size(65536)
+                .unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut up = stream.try_clone().unwrap();
+            let head = "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+            up.write_all(head.as_bytes()).unwrap();
+            let raw = RawWs::after_upgrade(stream);
+            let mut writer = raw.stream.try_clone().unwrap();
+            writers.push(std::thread::spawn(move || {
+                for f in 0..FRAMES {
+                    let frame = masked_frame(true, 2, &vec![byte(r, f); FRAME]);
+                    if writer.write_all(&frame).is_err() {
+                        return;
+                    }
+                }
+            }));
+            readers.push(raw);
+        }
+        // Wait until the server takes no more input: every writer is blocked, so every
+        // socket's receive is stopped (16 buffers' worth unread) or starved (ENOBUFS).
+        let mut last = u64::MAX;
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = gw.metric_sum("ringgate_bytes_in_total");
+                std::mem::replace(&mut last, now) == now
+            }),
+            "{driver}: the server never stopped taking input"
+        );
+        assert!(
+            writers.iter().all(|w| !w.is_finished()),
+            "{driver}: a writer finished: the server never held its input back"
+        );
+        if driver == "uring" {
+            assert!(
+                gw.metric_sum("ringgate_recv_buffers_exhausted_total") > 0,
+                "the slow readers never emptied the receive buffer ring"
+            );
+            // Nothing moves now (no client reads): an empty ring must not be re-armed into
+            // over and over.
+            let before = gw.metric_sum("ringgate_recv_buffers_exhausted_total");
+            let cpu_before = process_cpu_ms(gw.child.id());
+            std::thread::sleep(Duration::from_secs(1));
+            let after = gw.metric_sum("ringgate_recv_buffers_exhausted_total");
+            let cpu = process_cpu_ms(gw.child.id()) - cpu_before;
+            assert!(
+                after - before < 50,
+                "receives re-armed into an empty ring: {} ENOBUFS in 1 s",
+                after - before
+            );
+            assert!(cpu < 500, "the gateway spun: {cpu} ms of CPU in 1 s");
+        }
+        // Meanwhile a new connection is served.
+        let mut fresh = RawWs::connect(gw.public, "/echo");
+        fresh.send_frame(true, 1, b"not starved");
+        assert_eq!(
+            next_data_frame(&mut fresh).payload,
+            b"not starved",
+            "{driver}"
+        );
+        for (r, raw) in readers.iter_mut().enumerate() {
+            for f in 0..FRAMES {
+                let got = next_data_frame(raw);
+                assert!(
+                    got.payload.len() == FRAME && got.payload.iter().all(|b| *b == byte(r, f)),
+                    "{driver}: reader {r}, echo {f}: {} bytes, first {:?}",
+                    got.payload.len(),
+                    got.payload.first()
+                );
+            }
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+    }
+}
+
+/// CPU time (user + system) of process `pid` so far, in ms.
+fn process_cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    ticks * 1000 / hz
+}

@@ -144,7 +144,8 @@ pub async fn run_uring(
         let _ = bell.set_nonblocking(true);
     }
     let bell_fds: Vec<_> = bells.iter().map(|b| b.as_raw_fd()).collect();
-    let mut driver = match super::uring::Driver::new(listener.into(), &bell_fds) {
+    let recv_buffers = shard.cfg().uring_recv_buffers;
+    let mut driver = match super::uring::Driver::new(listener.into(), &bell_fds, recv_buffers) {
         Ok(driver) => driver,
         Err(e) => {
             // The host check passed before any shard started: this is a late failure.

@@ -333,6 +333,11 @@ impl Shard {
         self.kicked.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
+    /// The io_uring driver's receive buffers ran out for one socket (counted per shard).
+    pub fn count_recv_buffers_exhausted(&self) {
+        self.metrics.recv_buffers_exhausted.inc();
+    }
+
     /// Let idle connections park in `set` (the glue reads the doorbell).
     pub fn enable_parking(&mut self, set: ParkSet) {
         self.park = Some(set);

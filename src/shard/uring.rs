@@ -11,7 +11,8 @@
 //! connections they concern, poll the ones the shard kicked (timers), queue one send per
 //! connection with staged bytes, then one `io_uring_enter` submits it all and reaps.
 //! Each socket has one multishot receive for its life (re-armed only when the kernel ends it:
-//! buffer ring empty, or a full CQ).
+//! a full CQ, or the buffer ring empty, and then only once buffers have come back).
+//! Teardown ends every operation before the buffers they point into are freed (`Drop`).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -29,12 +30,11 @@ use super::{ConnPoll, Shard};
 
 /// Submission queue entries; the completion queue is twice that (the kernel keeps overflow).
 const RING_ENTRIES: u32 = 4096;
-/// Receive buffers in the provided ring (a power of two, at most 32,768).
-const RECV_BUFFERS: u16 = 1024;
 /// Bytes per receive buffer: a 64-byte echo uses one; a 64 KiB frame arrives in 16.
 const RECV_BUFFER_BYTES: usize = 4096;
 /// Receive buffers one socket may hold unread (its connection's output is over the outbound
-/// bound): beyond it the socket's receive is stopped, so one slow reader cannot empty the ring.
+/// bound), and as many buffers' worth of bytes copied out of the ring (see `spill_held`):
+/// beyond either the socket's receive is stopped and TCP pushes back.
 const HELD_BUFFERS_MAX: usize = 16;
 /// Drained send buffers kept for reuse, per shard (so idle sockets keep none, and the
 /// per-message path does not allocate), and the largest one kept.
@@ -54,61 +54,131 @@ fn user_data(slot: usize, op: u64) -> u64 {
     ((slot as u64) << 8) | op
 }
 
-/// The kernel features this driver needs, checked once before any shard starts (the config
-/// refusal names what is missing): a ring with a provided buffer ring (5.19), multishot
-/// accept and receive (6.0).
-pub fn check_host() -> Result<(), String> {
-    let (major, minor) = kernel_version().ok_or("cannot read the kernel version (uname)")?;
-    if (major, minor) < (6, 0) {
-        return Err(format!(
-            "io_driver = \"uring\" needs Linux 6.0 or later (multishot receive), this is {major}.{minor}"
-        ));
+/// Whether this host can run the driver, checked once before any shard starts: None when it
+/// can, else why not, for the operator. Each need is tried for real, not only read from the
+/// kernel version (a container's seccomp profile or a backport can differ): a ring with
+/// single issuer (6.0) and deferred task run (6.1), a provided buffer ring of `recv_buffers`
+/// (5.19; locked memory), and a multishot receive (6.0) that takes a byte and stays armed.
+pub fn unsupported_because(recv_buffers: u16) -> Option<String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    if let Some(version) = crate::preflight::parse_kernel(release) {
+        if version < MIN_KERNEL {
+            return Some(format!(
+                "Linux {release} is older than {}.{} (multishot receive 6.0, provided buffer rings 5.19, single issuer 6.0, deferred task run 6.1)",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ));
+        }
     }
-    let ring = new_ring().map_err(|e| format!("cannot create an io_uring: {e}"))?;
-    BufRing::new(&ring).map_err(|e| {
-        format!("cannot register a provided buffer ring ({e}); locked memory (`ulimit -l`) may be too low")
-    })?;
-    Ok(())
+    let ring = match new_ring() {
+        Ok(ring) => ring,
+        Err(e) => {
+            return Some(format!(
+                "cannot create an io_uring with single issuer and deferred task run: {e}"
+            ))
+        }
+    };
+    let bufs = match BufRing::new(&ring, recv_buffers) {
+        Ok(bufs) => bufs,
+        Err(e) => {
+            return Some(format!(
+                "cannot register a provided buffer ring of {recv_buffers} buffers ({e}); locked memory (`ulimit -l`) may be too low"
+            ))
+        }
+    };
+    multishot_receive_problem(ring, bufs)
 }
 
-fn kernel_version() -> Option<(u32, u32)> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+/// The kernel version below which the driver is not tried (see `unsupported_because`).
+const MIN_KERNEL: (u32, u32) = (6, 1);
+
+/// Arm a multishot receive on one end of a socket pair, write a byte into the other: it must
+/// land in a provided buffer with the receive still armed. Ends every operation before the
+/// ring is closed and the buffers freed.
+fn multishot_receive_problem(mut ring: IoUring, bufs: BufRing) -> Option<String> {
+    let (ours, peer) = match std::os::unix::net::UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => return Some(format!("cannot make a socket pair to try a receive: {e}")),
+    };
+    let recv = opcode::RecvMulti::new(types::Fd(ours.as_raw_fd()), BUFFER_GROUP)
+        .build()
+        .user_data(user_data(0, OP_RECV));
+    // SAFETY: the socket outlives the operation (it is cancelled and reaped below).
+    let _ = unsafe { ring.submission().push(&recv) };
+    let _ = std::io::Write::write(&mut &peer, b"x");
+    let ts = types::Timespec::new().sec(1);
+    let args = types::SubmitArgs::new().timespec(&ts);
+    let _ = ring.submitter().submit_with_args(1, &args);
+    let first = ring.completion().next().map(|c| (c.result(), c.flags()));
+    let why = match first {
+        None => Some("a multishot receive got no completion within 1 s".to_string()),
+        Some((1, flags)) if cqueue::more(flags) && cqueue::buffer_select(flags).is_some() => None,
+        Some((r, _)) if r < 0 => Some(format!(
+            "multishot receive into a provided buffer ring is not supported: {}",
+            io::Error::from_raw_os_error(-r)
+        )),
+        Some((r, flags)) => Some(format!(
+            "a multishot receive answered {r} (flags {flags:#x}) for one byte"
+        )),
+    };
+    // End the receive (if still armed) before the ring and the buffers go.
+    if first.is_some_and(|(_, flags)| cqueue::more(flags)) {
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any().all())
+            .build()
+            .user_data(user_data(0, OP_CANCEL));
+        // SAFETY: a cancel refers to no memory.
+        let _ = unsafe { ring.submission().push(&cancel) };
+        let deadline = std::time::Instant::now() + TEARDOWN_WAIT;
+        let mut ended = false;
+        while !ended && std::time::Instant::now() < deadline {
+            let _ = ring.submitter().submit_with_args(1, &args);
+            ended = ring
+                .completion()
+                .any(|c| c.user_data() & 0xff == OP_RECV && !cqueue::more(c.flags()));
+        }
+        if !ended {
+            // The kernel may still write into the buffers: never free them.
+            std::mem::forget((ring, bufs));
+            return why;
+        }
+    }
+    let _ = ring.submitter().unregister_buf_ring(BUFFER_GROUP);
+    drop(ring);
+    drop(bufs);
+    why
 }
 
 /// A ring for one thread: single issuer and deferred task work (completions are posted when
-/// this thread asks, not by interrupting it), where the kernel has them (6.1).
+/// this thread asks, not by interrupting it).
 fn new_ring() -> io::Result<IoUring> {
-    let tuned = IoUring::builder()
+    IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
         .setup_taskrun_flag()
         .setup_cqsize(RING_ENTRIES * 2)
-        .build(RING_ENTRIES);
-    match tuned {
-        Ok(ring) => Ok(ring),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
-            .setup_cqsize(RING_ENTRIES * 2)
-            .build(RING_ENTRIES),
-        Err(e) => Err(e),
-    }
+        .build(RING_ENTRIES)
 }
 
 /// The provided buffer ring: the kernel picks a free buffer for each receive; the driver gives
 /// it back as soon as the connection has taken the bytes.
 struct BufRing {
+    /// Buffers in the ring (a power of two).
+    count: u16,
     /// Ring entries (page aligned, mapped): the kernel reads them, the driver fills them.
     entries: *mut types::BufRingEntry,
     entries_len: usize,
     buffers: Box<[u8]>,
     /// Our copy of the tail; published to the kernel in `publish`.
     tail: u16,
+    /// Buffers given to the kernel whose receive completions we have not seen: an upper
+    /// bound on what it can still pick (it may have filled some whose completions wait).
+    in_kernel: u16,
 }
 
 impl BufRing {
-    fn new(ring: &IoUring) -> io::Result<Self> {
-        let entries_len = RECV_BUFFERS as usize * std::mem::size_of::<types::BufRingEntry>();
+    fn new(ring: &IoUring, count: u16) -> io::Result<Self> {
+        debug_assert!(count.is_power_of_two() && count <= 32_768);
+        let entries_len = count as usize * std::mem::size_of::<types::BufRingEntry>();
         // SAFETY: an anonymous private mapping; checked for failure below.
         let map = unsafe {
             libc::mmap(
@@ -124,22 +194,20 @@ impl BufRing {
             return Err(io::Error::last_os_error());
         }
         let mut bufs = BufRing {
+            count,
             entries: map.cast(),
             entries_len,
-            buffers: vec![0u8; RECV_BUFFERS as usize * RECV_BUFFER_BYTES].into_boxed_slice(),
+            buffers: vec![0u8; count as usize * RECV_BUFFER_BYTES].into_boxed_slice(),
             tail: 0,
+            in_kernel: 0,
         };
-        // SAFETY: the mapping is page aligned, `RECV_BUFFERS` entries long, and lives as long
-        // as `bufs` (unmapped on drop, after the ring that uses it is gone: see `Driver`).
+        // SAFETY: the mapping is page aligned, `count` entries long, and lives as long as
+        // `bufs` (unmapped on drop, after the driver has unregistered it: see `Driver`).
         unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                map as u64,
-                RECV_BUFFERS,
-                BUFFER_GROUP,
-                0,
-            )?
+            ring.submitter()
+                .register_buf_ring_with_flags(map as u64, count, BUFFER_GROUP, 0)?
         };
-        for bid in 0..RECV_BUFFERS {
+        for bid in 0..count {
             bufs.give_back(bid);
         }
         bufs.publish();
@@ -154,7 +222,7 @@ impl BufRing {
 
     /// Put buffer `bid` back at the tail (seen by the kernel after `publish`).
     fn give_back(&mut self, bid: u16) {
-        let mask = RECV_BUFFERS - 1;
+        let mask = self.count - 1;
         let addr = self.buffers.as_ptr() as u64 + bid as u64 * RECV_BUFFER_BYTES as u64;
         // SAFETY: the index is masked into the mapping; the kernel reads only entries between
         // its head and the published tail, and this one is past the tail until `publish`.
@@ -163,6 +231,12 @@ impl BufRing {
         entry.set_len(RECV_BUFFER_BYTES as u32);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
+        self.in_kernel += 1;
+    }
+
+    /// A receive completion named buffer `bid`: the kernel filled it and no longer has it.
+    fn taken(&mut self) {
+        self.in_kernel = self.in_kernel.saturating_sub(1);
     }
 
     /// Let the kernel see the buffers given back.
@@ -176,10 +250,26 @@ impl BufRing {
     }
 }
 
+impl BufRing {
+    /// No ring at all: what is left in a driver whose buffers had to be leaked.
+    fn empty() -> Self {
+        BufRing {
+            count: 0,
+            entries: std::ptr::null_mut(),
+            entries_len: 0,
+            buffers: Box::new([]),
+            tail: 0,
+            in_kernel: 0,
+        }
+    }
+}
+
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.entries.cast(), self.entries_len) };
+        if self.entries_len > 0 {
+            // SAFETY: the mapping made in `new`, unmapped once.
+            unsafe { libc::munmap(self.entries.cast(), self.entries_len) };
+        }
     }
 }
 
@@ -200,8 +290,10 @@ struct SocketSlot {
     /// Operations the kernel holds for this socket (the receive, a send).
     ops_in_kernel: u8,
     recv_armed: bool,
-    /// Receive buffers in arrival order whose bytes the connection has not taken yet (empty
-    /// unless its output is over the outbound bound).
+    /// Received bytes the connection has not taken yet (none unless its output is over the
+    /// outbound bound), in arrival order: first those copied out of the ring when it ran dry
+    /// (`spilled`), then the ring buffers still held.
+    spilled: Vec<u8>,
     held: VecDeque<Held>,
     /// Bytes handed to the kernel by the send in flight (not touched until it completes).
     sending: Vec<u8>,
@@ -211,6 +303,9 @@ struct SocketSlot {
     send_queued: bool,
     /// Bytes the connection wrote since; they go in the next send.
     staged: Vec<u8>,
+    /// Its receive ended for want of buffers (ENOBUFS): it waits in `Driver::starved` to be
+    /// re-armed once buffers come back, not at once (which would end the same way, a spin).
+    starved: bool,
     /// The peer closed its side (a receive of 0 bytes).
     eof: bool,
     /// The socket failed (receive or send error): the connection sees it as gone.
@@ -230,12 +325,14 @@ impl SocketSlot {
             conn: Some(conn),
             ops_in_kernel: 0,
             recv_armed: false,
+            spilled: Vec::new(),
             held: VecDeque::new(),
             sending: Vec::new(),
             sent: 0,
             send_in_kernel: false,
             send_queued: false,
             staged: Vec::new(),
+            starved: false,
             eof: false,
             failed: false,
             repoll_when_sent: false,
@@ -246,6 +343,27 @@ impl SocketSlot {
 
     fn unsent(&self) -> usize {
         self.sending.len() - self.sent + self.staged.len()
+    }
+
+    /// Received bytes the connection has not taken.
+    fn unread(&self) -> usize {
+        self.spilled.len()
+            + self
+                .held
+                .iter()
+                .map(|h| (h.to - h.from) as usize)
+                .sum::<usize>()
+    }
+
+    /// The receive may run (again): nothing unread, not ended, not being handed over.
+    fn may_receive(&self) -> bool {
+        self.conn.is_some()
+            && !self.recv_armed
+            && self.spilled.is_empty()
+            && self.held.is_empty()
+            && !self.eof
+            && !self.failed
+            && self.handoff_to.is_none()
     }
 
     fn raw_fd(&self) -> RawFd {
@@ -270,6 +388,15 @@ impl futures_lite::AsyncRead for RingSocket<'_> {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if !this.slot.spilled.is_empty() {
+            let n = this.slot.spilled.len().min(buf.len());
+            buf[..n].copy_from_slice(&this.slot.spilled[..n]);
+            this.slot.spilled.drain(..n);
+            if this.slot.spilled.is_empty() {
+                this.slot.spilled = Vec::new(); // a slow reader keeps no copy once caught up
+            }
+            return Poll::Ready(Ok(n));
+        }
         if let Some(held) = this.slot.held.front_mut() {
             let bytes = this.bufs.bytes(held);
             let n = bytes.len().min(buf.len());
@@ -365,8 +492,9 @@ pub struct TurnReport {
 
 /// A shard's io_uring socket driver (see the module header).
 pub struct Driver {
-    // Field order is drop order: the ring is closed before the buffers and sockets it points
-    // into are freed (a shard's driver is dropped only when the shard ends).
+    // Closing a ring does not stop its operations at once (the kernel tears it down later),
+    // so `drop` first cancels them all and waits until each has ended; then the fields drop
+    // in this order: the ring, then the buffers and sockets it pointed into.
     ring: IoUring,
     bufs: BufRing,
     slots: Slab<SocketSlot>,
@@ -374,6 +502,12 @@ pub struct Driver {
     slot_of: Vec<Option<u32>>,
     listener: Option<OwnedFd>,
     accept_armed: bool,
+    /// Bell polls the kernel holds (ended only by the teardown's cancel).
+    bells_armed: usize,
+    /// Slots whose receive ended with ENOBUFS, oldest first (see `rearm_starved`).
+    starved: VecDeque<usize>,
+    /// A receive ended with ENOBUFS this turn: connections holding buffers copy them out.
+    ran_dry: bool,
     /// Slots with staged bytes and no send in the kernel: each gets one send this turn.
     to_send: Vec<usize>,
     /// Connections to poll again this turn (asked to, or their staged bytes went out).
@@ -389,9 +523,9 @@ pub struct Driver {
 impl Driver {
     /// A ring for this shard with a multishot accept on `listener` and a multishot poll on
     /// each bell (the mesh's, the store's), so a wait in the ring also ends when they ring.
-    pub fn new(listener: OwnedFd, bells: &[RawFd]) -> io::Result<Self> {
+    pub fn new(listener: OwnedFd, bells: &[RawFd], recv_buffers: u16) -> io::Result<Self> {
         let ring = new_ring()?;
-        let bufs = BufRing::new(&ring)?;
+        let bufs = BufRing::new(&ring, recv_buffers)?;
         let flag = Arc::new(RepollFlag::default());
         let mut driver = Driver {
             ring,
@@ -400,6 +534,9 @@ impl Driver {
             slot_of: Vec::new(),
             listener: Some(listener),
             accept_armed: false,
+            bells_armed: 0,
+            starved: VecDeque::new(),
+            ran_dry: false,
             to_send: Vec::new(),
             repoll: VecDeque::new(),
             waker: Waker::from(flag.clone()),
@@ -415,6 +552,7 @@ impl Driver {
                 .build()
                 .user_data(user_data(0, OP_BELL));
             driver.push(poll);
+            driver.bells_armed += 1;
         }
         Ok(driver)
     }
@@ -521,6 +659,10 @@ impl Driver {
         for slot in std::mem::take(&mut self.to_send) {
             self.queue_send(slot);
         }
+        if std::mem::take(&mut self.ran_dry) {
+            self.spill_held();
+        }
+        self.rearm_starved();
         self.bufs.publish();
         // One enter submits the turn's sends and re-arms, and runs the kernel's deferred
         // completions; none when there is nothing to submit and nothing deferred.
@@ -582,6 +724,11 @@ impl Driver {
         let Some(conn) = shard.borrow_mut().admit(ip) else {
             return; // dropping the descriptor closes it
         };
+        // wss://: the session sits between this socket and the connection, inside
+        // `poll_conn` (crate::tls), exactly as on glommio's streams.
+        if !shard.borrow_mut().start_tls(conn) {
+            return;
+        }
         self.add_socket(conn, fd);
     }
 
@@ -599,6 +746,7 @@ impl Driver {
             s.ops_in_kernel -= 1;
         }
         if let Some(bid) = cqueue::buffer_select(flags) {
+            self.bufs.taken();
             let len = result.max(0) as u32;
             if len == 0 || s.conn.is_none() {
                 self.bufs.give_back(bid);
@@ -612,12 +760,24 @@ impl Driver {
         }
         match result {
             0 => s.eof = true,
-            // The buffer ring ran dry, or we stopped it: nothing lost, re-armed in `after_op`.
-            r if r == -libc::ENOBUFS || r == -libc::ECANCELED => {}
+            // The buffer ring ran dry: the bytes wait in the socket until buffers come back.
+            r if r == -libc::ENOBUFS => {
+                if !s.recv_armed && !s.starved {
+                    s.starved = true;
+                    self.starved.push_back(slot);
+                }
+                self.ran_dry = true;
+                shard.borrow().count_recv_buffers_exhausted();
+            }
+            // We stopped it: re-armed in `after_op` when the connection reads again.
+            r if r == -libc::ECANCELED => {}
             r if r < 0 => s.failed = true,
             _ => {}
         }
-        if s.held.len() >= HELD_BUFFERS_MAX && s.recv_armed {
+        if s.recv_armed
+            && (s.held.len() >= HELD_BUFFERS_MAX
+                || s.unread() >= HELD_BUFFERS_MAX * RECV_BUFFER_BYTES)
+        {
             // The connection is not taking its input: stop receiving (TCP pushes back).
             self.cancel_recv(slot);
         }
@@ -700,8 +860,7 @@ impl Driver {
                 if self.flag.0.load(Ordering::Relaxed) {
                     self.repoll.push_back(conn);
                 }
-                let s = &self.slots[slot];
-                if s.held.is_empty() && !s.recv_armed {
+                if self.slots[slot].may_receive() {
                     self.after_op(shard, slot); // a stopped receive starts again
                 }
             }
@@ -720,6 +879,7 @@ impl Driver {
         for held in s.held.drain(..) {
             self.bufs.give_back(held.bid);
         }
+        s.spilled = Vec::new();
         if s.failed || s.unsent() == 0 {
             s.staged.clear();
             self.cancel_ops(slot);
@@ -769,7 +929,7 @@ impl Driver {
             return; // freed by the poll that handled the completion
         };
         if let (Some(to), Some(conn)) = (s.handoff_to, s.conn) {
-            if s.ops_in_kernel == 0 && s.unsent() == 0 && s.held.is_empty() {
+            if s.ops_in_kernel == 0 && s.unsent() == 0 && s.unread() == 0 {
                 // The shard sends a duplicate (and keeps the connection if the mesh is full).
                 let moved = super::park::dup(s.raw_fd())
                     .map(|fd| shard.borrow_mut().handoff(conn, to, fd))
@@ -790,16 +950,44 @@ impl Driver {
             self.cancel_ops(slot);
         }
         let s = &self.slots[slot];
-        if s.conn.is_some()
-            && !s.recv_armed
-            && s.held.is_empty()
-            && !s.eof
-            && !s.failed
-            && s.handoff_to.is_none()
-        {
+        if !s.starved && s.may_receive() {
             self.arm_recv(slot);
         }
         self.free_if_done(slot);
+    }
+
+    /// The ring ran dry: connections that are not reading (output over their bound) copy
+    /// the buffers they hold and give them back, so slow readers can never keep the ring
+    /// empty for everyone else. Each keeps at most `HELD_BUFFERS_MAX` buffers' worth (then
+    /// its receive stops).
+    fn spill_held(&mut self) {
+        for (_, s) in self.slots.iter_mut() {
+            for held in s.held.drain(..) {
+                s.spilled.extend_from_slice(self.bufs.bytes(&held));
+                self.bufs.give_back(held.bid);
+            }
+        }
+    }
+
+    /// Re-arm the receives that ended with ENOBUFS, oldest first, as many as the kernel has
+    /// buffers again (given back by connections that read). One that loses the race ends with
+    /// ENOBUFS again and waits for the next buffers: never re-armed into an empty ring.
+    fn rearm_starved(&mut self) {
+        let mut free = self.bufs.in_kernel;
+        while free > 0 {
+            let Some(slot) = self.starved.pop_front() else {
+                return;
+            };
+            // A slot freed (and maybe reused) since is no longer marked starved.
+            let Some(s) = self.slots.get_mut(slot).filter(|s| s.starved) else {
+                continue;
+            };
+            s.starved = false;
+            if s.may_receive() {
+                self.arm_recv(slot);
+                free -= 1;
+            }
+        }
     }
 
     fn free_if_done(&mut self, slot: usize) {
@@ -832,6 +1020,75 @@ impl Driver {
         s.send_in_kernel = true;
         s.ops_in_kernel += 1;
         self.push(send);
+    }
+}
+
+/// Longest wait at teardown for the kernel to end the ring's operations.
+const TEARDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Driver {
+    /// Operations the kernel still holds (each ends with a completion without `MORE`).
+    fn ops_in_kernel(&self) -> usize {
+        let sockets: usize = self
+            .slots
+            .iter()
+            .map(|(_, s)| s.ops_in_kernel as usize)
+            .sum();
+        sockets + self.accept_armed as usize + self.bells_armed
+    }
+
+    /// Cancel every operation and reap until none is left, so that no receive can land in
+    /// a buffer, nor a send read one, after it is freed. True when all ended in time.
+    fn end_all_operations(&mut self) -> bool {
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any().all())
+            .build()
+            .user_data(user_data(0, OP_CANCEL));
+        self.push(cancel);
+        let deadline = std::time::Instant::now() + TEARDOWN_WAIT;
+        while self.ops_in_kernel() > 0 && std::time::Instant::now() < deadline {
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            let ended: Vec<(u64, u32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.flags()))
+                .collect();
+            for (data, flags) in ended {
+                let slot = (data >> 8) as usize;
+                // Multishot operations end with a completion without `MORE`; a send always.
+                match (data & 0xff, cqueue::more(flags)) {
+                    (OP_ACCEPT, false) => self.accept_armed = false,
+                    (OP_BELL, false) => self.bells_armed -= 1,
+                    (OP_RECV, false) | (OP_SEND, _) => {
+                        if let Some(s) = self.slots.get_mut(slot) {
+                            s.ops_in_kernel = s.ops_in_kernel.saturating_sub(1);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.ops_in_kernel() == 0
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if self.end_all_operations() {
+            // Nothing refers to the buffer ring any more: unregister it before it is unmapped.
+            let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
+            return;
+        }
+        // The kernel may still write into the receive buffers or read send buffers: leak
+        // them (and the sockets) rather than free memory it can touch.
+        tracing::error!(
+            left = self.ops_in_kernel(),
+            "io_uring operations did not end at teardown; their buffers are leaked"
+        );
+        let bufs = std::mem::replace(&mut self.bufs, BufRing::empty());
+        std::mem::forget(bufs);
+        std::mem::forget(std::mem::take(&mut self.slots));
     }
 }
 
