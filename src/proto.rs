@@ -523,8 +523,8 @@ pub const RECEIPT_CID_PREFIX: &str = "~r:";
 
 /// The cid of `reader`'s receipt for `sender`'s messages up to `id` (unique per receipt, so
 /// the store's dedup drops a copy of the same one).
-pub fn receipt_cid(sender: &str, id: u64) -> Box<str> {
-    format!("{RECEIPT_CID_PREFIX}{sender}:{id}").into()
+pub fn receipt_cid(sender: &str, id: u64) -> compact_str::CompactString {
+    compact_str::format_compact!("{RECEIPT_CID_PREFIX}{sender}:{id}")
 }
 
 /// The sender whose messages a receipt marks read, if `cid` is a receipt's.

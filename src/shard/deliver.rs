@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use compact_str::CompactString;
 
@@ -333,11 +334,12 @@ impl Shard {
             return;
         };
         let reply = self.reply_to(index);
+        let cid = CompactString::from(cid);
         match self.submit(
             from.clone(),
             to,
             cid.clone(),
-            (body, None),
+            (body.into(), None),
             reply,
             now,
             Some(index),
@@ -390,8 +392,8 @@ impl Shard {
         if let Submitted::AlreadyAccepted(id) = self.submit(
             BACKEND_SENDER.into(),
             to,
-            cid.clone(),
-            (body, msg_type),
+            cid.as_ref().into(),
+            (body.into(), msg_type),
             target,
             now,
             None,
@@ -410,8 +412,8 @@ impl Shard {
         &mut self,
         from: CompactString,
         to: CompactString,
-        cid: Box<str>,
-        content: (Box<str>, Option<Box<str>>),
+        cid: CompactString,
+        content: (Arc<str>, Option<Box<str>>),
         reply: ReplyTo,
         now: u64,
         current: Option<usize>,
@@ -504,10 +506,10 @@ impl Shard {
             user: msg.to.clone(),
             from: msg.from.clone(),
             id: msg.id,
-            cid: msg.cid.clone(),
+            cid: msg.cid.as_str().into(),
             ts: msg.ts,
             msg_type: msg.msg_type.clone(),
-            body: msg.body.clone(),
+            body: msg.body.as_ref().into(),
             seq,
         };
         if push.offer(item, seq.is_none()) {
@@ -524,6 +526,16 @@ impl Shard {
             return self.on_report(report);
         }
         self.send_or_hold(to, ShardMsg::Direct(Direct::Report(Box::new(report))));
+    }
+
+    /// [`Shard::report`] of a report that is boxed already (a store's answer carries it so):
+    /// the box crosses the mesh as it is.
+    pub(super) fn report_boxed(&mut self, report: Box<Report>) {
+        let to = report.reply.shard as usize;
+        if to == self.id {
+            return self.on_report(*report);
+        }
+        self.send_or_hold(to, ShardMsg::Direct(Direct::Report(report)));
     }
 
     /// Send an answer another shard waits for; a full channel holds it for the next tick
@@ -593,7 +605,7 @@ impl Shard {
                     d.forget_pending(&r.cid);
                 }
                 self.metrics.refusals[why.source().index()].inc();
-                proto::write_error(&mut out, &why.frame("not accepted", r.cid.clone()));
+                proto::write_error(&mut out, &why.frame("not accepted", r.cid.as_str().into()));
             }
         }
         // `delivered`: every connection of the sender. An answer to a `send`: the sending
@@ -672,7 +684,7 @@ impl Shard {
             }
             Outcome::Delivered => return,
         };
-        if let Some(waiter) = self.api_waiters.remove(&r.cid) {
+        if let Some(waiter) = self.api_waiters.remove(r.cid.as_str()) {
             let _ = waiter.send(outcome);
         }
     }

@@ -64,6 +64,7 @@
 //!   sender held for their answers while another sender's entry went in; the first two then
 //!   no longer fitted and came after the third).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use compact_str::CompactString;
@@ -84,7 +85,7 @@ const PROBE_MS: u64 = 500;
 /// run's or another node's), which this shard cannot revoke and must not hide.
 #[derive(Debug, Clone)]
 struct Doubt {
-    cid: Box<str>,
+    cid: CompactString,
     attempt: u64,
     id: u64,
 }
@@ -92,7 +93,7 @@ struct Doubt {
 impl Doubt {
     /// As a revoke names it.
     fn write(&self) -> (Box<str>, u64) {
-        (self.cid.clone(), self.attempt)
+        (self.cid.as_str().into(), self.attempt)
     }
 }
 
@@ -139,6 +140,8 @@ pub struct StoreClient {
     /// leaves what it asked to the loop already running, so answers are heard in the order
     /// asked (as a link delivers them).
     hearing: bool,
+    /// The buffer in-process answers are heard through, kept between turns.
+    heard: Vec<StoreReply>,
     /// Users online on this shard (at least one device).
     mirrors: HashMap<CompactString, Mirror>,
     next_token: u64,
@@ -203,7 +206,7 @@ enum Admit {
 }
 
 /// (recipient, sender, cid): one message's write.
-type Written = (CompactString, CompactString, Box<str>);
+type Written = (CompactString, CompactString, CompactString);
 
 impl StoreClient {
     /// Drop what the store's age cap expired (an in-process store; see [`Store::expire`]).
@@ -225,6 +228,7 @@ impl StoreClient {
         StoreClient {
             caps: link.caps(),
             hearing: false,
+            heard: Vec::new(),
             link,
             mirrors: HashMap::new(),
             next_token: 0,
@@ -281,7 +285,8 @@ impl Shard {
             return;
         }
         self.store.hearing = true;
-        let mut answers = Vec::new();
+        // One buffer for every turn (taken while its answers are handled).
+        let mut answers = std::mem::take(&mut self.store.heard);
         while self.store.link.has_answers_now() {
             let wall = self.clock.wall_ms();
             self.store
@@ -291,6 +296,7 @@ impl Shard {
                 self.on_store_reply(answer, now);
             }
         }
+        self.store.heard = answers;
         self.store.hearing = false;
     }
 
@@ -686,7 +692,7 @@ impl Shard {
             StoreReply::Appended { msg, result } => self.on_appended(*msg, result, now),
             StoreReply::Removed { ok, report } => {
                 if let (true, Some(report)) = (ok, report) {
-                    self.report(*report);
+                    self.report_boxed(report);
                 }
             }
             StoreReply::Done => {}
@@ -779,8 +785,10 @@ impl Shard {
             let written = (msg.to.clone(), msg.from.clone(), msg.cid.clone());
             // An entry of this write that came before its answer: shown (in its turn) if it
             // is stored, never if not.
-            if d.unanswered.get(&written) == Some(&msg.id) {
-                d.unanswered.remove(&written);
+            if let Entry::Occupied(entry) = d.unanswered.entry(written) {
+                if *entry.get() == msg.id {
+                    entry.remove();
+                }
             }
             if let Some(queue) = d.waiting.get_mut(&msg.to) {
                 match result {

@@ -216,7 +216,7 @@ pub struct Shard {
 }
 
 /// (sender, cid): one `send` of one user.
-type SentCid = (compact_str::CompactString, Box<str>);
+type SentCid = (compact_str::CompactString, compact_str::CompactString);
 
 /// What the socket task should do after a poll.
 pub enum ConnPoll {
