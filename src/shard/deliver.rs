@@ -334,12 +334,11 @@ impl Shard {
             return;
         };
         let reply = self.reply_to(index);
-        let cid = CompactString::from(cid);
         match self.submit(
             from.clone(),
             to,
             cid.clone(),
-            (body.into(), None),
+            (body, None),
             reply,
             now,
             Some(index),
@@ -465,13 +464,15 @@ impl Shard {
 
     /// To the recipient's home shard (here, or across the mesh).
     fn route(&mut self, msg: Message, now: u64, current: Option<usize>) {
+        // Boxed once: the box crosses the mesh and goes on to the store as it is.
+        let msg = Box::new(msg);
         let home = self.home_of(&msg.to);
         if home == self.id {
             return self.deliver(msg, now, current);
         }
         self.metrics.cross_shard.inc();
         let mesh = self.mesh.as_ref().expect("several shards have a mesh");
-        let deliver = ShardMsg::Direct(Direct::Deliver(Box::new(msg)));
+        let deliver = ShardMsg::Direct(Direct::Deliver(msg));
         if let Err(ShardMsg::Direct(Direct::Deliver(msg))) = mesh.send(home, deliver) {
             self.metrics.mesh_full.inc();
             self.on_report(msg.refused(SendRefusal::Busy(

@@ -393,7 +393,7 @@ impl Shard {
         // Live entries no device acked: make them durable now, in order (or refuse them).
         for (_, msg) in tail.into_iter().flatten() {
             self.metrics.live_spilled.inc();
-            self.store_append(msg);
+            self.store_append(Box::new(msg));
         }
     }
 
@@ -531,7 +531,7 @@ impl Shard {
     /// On the recipient's home shard: make the message safe (to the store first, or live from
     /// memory while Redis is away: see the module doc), then tell the sender and feed the
     /// devices. `current`: the connection being polled right now (it writes its own output).
-    pub(super) fn deliver(&mut self, msg: Message, now: u64, current: Option<usize>) {
+    pub(super) fn deliver(&mut self, msg: Box<Message>, now: u64, current: Option<usize>) {
         let d = &mut self.store;
         let tail_len = d.tails.get(&msg.to).map_or(0, |t| t.len());
         let missing = d.missing.contains(&msg.to);
@@ -574,7 +574,7 @@ impl Shard {
         let seq = self.inbox.append_live(&to, msg.stored(), now);
         {
             let d = &mut self.store;
-            d.tails.entry(to.clone()).or_default().insert(seq, msg);
+            d.tails.entry(to.clone()).or_default().insert(seq, *msg);
         }
         for device in self.devices_of(&to) {
             self.pump(device, now);
@@ -635,7 +635,7 @@ impl Shard {
     /// revoke a separate call, it could fail while the write succeeds, and a resent cid could
     /// then be answered with the entry of a write reported as failed, which the revoke
     /// removes later.
-    pub(super) fn store_append(&mut self, mut msg: Message) {
+    pub(super) fn store_append(&mut self, mut msg: Box<Message>) {
         let d = &mut self.store;
         let pair: Pair = (msg.to.clone(), msg.from.clone());
         let doubts: Vec<(Box<str>, u64)> = d
@@ -656,7 +656,7 @@ impl Shard {
         let to = msg.to.clone();
         let written = (to.clone(), msg.from.clone(), msg.cid.clone());
         let id = msg.id;
-        match d.link.submit(StoreOp::Append(Box::new(msg))) {
+        match d.link.submit(StoreOp::Append(msg)) {
             Ok(()) => {
                 *d.writing.entry(to).or_default() += 1;
                 d.unanswered.insert(written, id);
@@ -776,10 +776,10 @@ impl Shard {
         }
         {
             let d = &mut self.store;
-            if let Some(n) = d.writing.get_mut(&msg.to) {
-                *n -= 1;
-                if *n == 0 {
-                    d.writing.remove(&msg.to);
+            if let Entry::Occupied(mut writes) = d.writing.entry(msg.to.clone()) {
+                *writes.get_mut() -= 1;
+                if *writes.get() == 0 {
+                    writes.remove();
                 }
             }
             let written = (msg.to.clone(), msg.from.clone(), msg.cid.clone());

@@ -703,7 +703,7 @@ impl Shard {
                 return Some((index, socket));
             }
             ShardMsg::Direct(direct) => match direct {
-                msg::Direct::Deliver(m) => self.deliver(*m, now, None),
+                msg::Direct::Deliver(m) => self.deliver(m, now, None),
                 msg::Direct::Report(r) => self.on_report(*r),
                 msg::Direct::Typing { from, to } => self.typing_here(&from, &to),
                 msg::Direct::ApiSend {
