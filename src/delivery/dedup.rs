@@ -38,6 +38,7 @@
 //!   inline; a longer one costs a heap copy in the map and another in the queue. Capacity is
 //!   given back when the entries shrink below a quarter of it.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 use compact_str::CompactString;
@@ -129,40 +130,43 @@ impl Dedup {
     /// (never two ids for one cid).
     pub fn begin(&mut self, cid: &str, id: u64, now: u64) {
         self.evict(now);
-        let known = self.slots.contains_key(cid);
-        debug_assert!(!known, "Dedup::begin on a known cid {cid}");
-        if known {
-            return;
+        // One probe of a table that holds every cid of the last 24 h (a cache miss each).
+        match self.slots.entry(CompactString::from(cid)) {
+            Entry::Occupied(_) => debug_assert!(false, "Dedup::begin on a known cid {cid}"),
+            Entry::Vacant(slot) => {
+                slot.insert(Slot {
+                    id,
+                    begun_at: now,
+                    pending: true,
+                });
+            }
         }
-        self.slots.insert(
-            CompactString::from(cid),
-            Slot {
-                id,
-                begun_at: now,
-                pending: true,
-            },
-        );
     }
 
     /// The message of `cid` is safe: Pending -> Accepted. A no-op when it is already accepted
     /// or unknown (e.g. forgotten meanwhile).
     pub fn accept(&mut self, cid: &str) {
-        if let Some(slot) = self.slots.get_mut(cid) {
-            if slot.pending {
-                slot.pending = false;
-                self.accepted
-                    .push_back((slot.begun_at, CompactString::from(cid)));
-            }
-        }
+        self.accept_with(cid, None);
     }
 
     /// Like [`Dedup::accept`], but the store says the cid is message `id` (it was stored
     /// before, e.g. by a previous run of the gateway): that id is the one remembered.
     pub fn accept_as(&mut self, cid: &str, id: u64) {
-        if let Some(slot) = self.slots.get_mut(cid) {
+        self.accept_with(cid, Some(id));
+    }
+
+    fn accept_with(&mut self, cid: &str, id: Option<u64>) {
+        let Some(slot) = self.slots.get_mut(cid) else {
+            return;
+        };
+        if let Some(id) = id {
             slot.id = id;
         }
-        self.accept(cid);
+        if slot.pending {
+            slot.pending = false;
+            self.accepted
+                .push_back((slot.begun_at, CompactString::from(cid)));
+        }
     }
 
     /// The message of a pending `cid` could not be made safe (`unavailable`): forget it, so

@@ -168,11 +168,12 @@ pub struct StoreClient {
     doubts: HashMap<Pair, Vec<Doubt>>,
     /// Pairs with a revoke on its way to Redis.
     revoking: HashSet<Pair>,
-    /// This shard's appends not answered yet, by (recipient, sender, cid), with the id of the
-    /// message written: an entry of an earlier, failed attempt of the same cid (being
-    /// revoked) has another id. An entry of such a write pushed (or loaded) before the answer
-    /// waits in `waiting`, and is shown only if the answer is stored.
-    unanswered: HashMap<Written, u64>,
+    /// This shard's appends not answered yet, by the id of the message written, with its
+    /// (recipient, sender, cid): an entry of an earlier, failed attempt of the same cid
+    /// (being revoked) has another id. An entry of such a write pushed (or loaded) before the
+    /// answer waits in `waiting`, and is shown only if the answer is stored. (Keyed by id: one
+    /// short hash per write and answer, not one over three strings.)
+    unanswered: HashMap<u64, Written>,
     /// Per user, entries that must wait to enter the mirror, by seq: `Some(id)` waits for the
     /// answer to the write of message `id`, `None` only for the entries before it (see the
     /// module doc).
@@ -207,6 +208,10 @@ enum Admit {
 
 /// (recipient, sender, cid): one message's write.
 type Written = (CompactString, CompactString, CompactString);
+
+fn is_write_of(written: &Written, to: &str, from: &str, cid: &str) -> bool {
+    written.0 == to && written.1 == from && written.2 == cid
+}
 
 impl StoreClient {
     /// Drop what the store's age cap expired (an in-process store; see [`Store::expire`]).
@@ -659,7 +664,7 @@ impl Shard {
         match d.link.submit(StoreOp::Append(msg)) {
             Ok(()) => {
                 *d.writing.entry(to).or_default() += 1;
-                d.unanswered.insert(written, id);
+                d.unanswered.insert(id, written);
             }
             Err(StoreOp::Append(msg)) => {
                 self.metrics.store_refused.inc();
@@ -782,11 +787,10 @@ impl Shard {
                     writes.remove();
                 }
             }
-            let written = (msg.to.clone(), msg.from.clone(), msg.cid.clone());
             // An entry of this write that came before its answer: shown (in its turn) if it
             // is stored, never if not.
-            if let Entry::Occupied(entry) = d.unanswered.entry(written) {
-                if *entry.get() == msg.id {
+            if let Entry::Occupied(entry) = d.unanswered.entry(msg.id) {
+                if is_write_of(entry.get(), &msg.to, &msg.from, &msg.cid) {
                     entry.remove();
                 }
             }
@@ -921,17 +925,19 @@ impl Shard {
         if d.unanswered.is_empty() && d.doubts.is_empty() && !d.has_waiting(user) {
             return Admit::Now;
         }
-        let written = (user.clone(), msg.from.clone(), msg.cid.clone());
-        if d.unanswered.get(&written) == Some(&msg.id) {
+        if d.unanswered
+            .get(&msg.id)
+            .is_some_and(|w| is_write_of(w, user, &msg.from, &msg.cid))
+        {
             return Admit::Wait(Some(msg.id));
         }
-        let pair = (written.0, written.1);
+        let pair = (user.clone(), msg.from.clone());
         // By id: an entry of the same cid under another id is another attempt's (an earlier
         // run's, a dead node's), which the revoke leaves; hidden, it would never be shown in
         // its place (found by the simulation once nodes died, seed 13064056694810536062).
         if d.doubts
             .get(&pair)
-            .is_some_and(|ws| ws.iter().any(|w| w.cid == written.2 && w.id == msg.id))
+            .is_some_and(|ws| ws.iter().any(|w| w.cid == msg.cid && w.id == msg.id))
         {
             return Admit::Never;
         }
