@@ -423,23 +423,20 @@ impl Shard {
             .senders
             .entry(from.clone())
             .or_insert_with(|| Dedup::new(DedupConfig::default()));
-        match dedup.check(&cid) {
-            Seen::Accepted { id } => {
+        let ts = self.clock.wall_ms();
+        let msg_ids = &mut self.msg_ids;
+        let id = match dedup.begin_new(&cid, now, || msg_ids.next(ts, now)) {
+            Ok(id) => id,
+            Err(Seen::Accepted { id }) => {
                 self.metrics.dedup_hits.inc();
                 return Submitted::AlreadyAccepted(id);
             }
             // The first copy is on its way; its answer goes to this user's connections.
-            Seen::Pending { .. } => {
+            Err(_) => {
                 self.metrics.dedup_hits.inc();
                 return Submitted::InFlight;
             }
-            Seen::New => {}
-        }
-        let ts = self.clock.wall_ms();
-        let id = self.msg_ids.next(ts, now);
-        if let Some(id) = id {
-            dedup.begin(&cid, id, now);
-        }
+        };
         let (body, msg_type) = content;
         let msg = Message {
             id: id.unwrap_or(0),
