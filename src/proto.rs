@@ -50,8 +50,9 @@ pub struct FrameError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendRequest {
     pub to: compact_str::CompactString,
-    pub cid: Box<str>,
-    pub body: Box<str>,
+    pub cid: compact_str::CompactString,
+    /// Shared from here on by every copy of the message (see `Message::body`).
+    pub body: std::sync::Arc<str>,
     /// `"resend": true`: the client sent this cid before (another attempt of it, on an
     /// earlier connection or node, may be in the store already).
     pub resend: bool,
@@ -271,7 +272,7 @@ fn parse_send(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, Fra
     };
     Ok(ClientFrame::Send(SendRequest {
         to,
-        cid: checked,
+        cid: checked.into(),
         body: body.into(),
         resend,
     }))
@@ -314,7 +315,7 @@ pub fn valid_cid(raw: &str) -> bool {
 }
 
 /// A `cid` as `send` and `publish` accept it: a non-empty string or an unsigned integer.
-fn checked_cid(cid: &Option<Box<str>>) -> Result<Box<str>, FrameError> {
+fn checked_cid(cid: &Option<Box<str>>) -> Result<&str, FrameError> {
     let Some(raw_cid) = cid else {
         return Err(bad("missing field `cid`", cid));
     };
@@ -324,7 +325,7 @@ fn checked_cid(cid: &Option<Box<str>>) -> Result<Box<str>, FrameError> {
             cid,
         ));
     }
-    Ok(raw_cid.clone())
+    Ok(raw_cid)
 }
 
 fn parse_join(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, FrameError> {
@@ -345,7 +346,7 @@ fn parse_publish(env: &Envelope, cid: &Option<Box<str>>) -> Result<ClientFrame, 
     let body = checked_body(env.body, cid)?;
     Ok(ClientFrame::Publish {
         room,
-        cid: checked,
+        cid: checked.into(),
         body: body.into(),
     })
 }
@@ -523,8 +524,8 @@ pub const RECEIPT_CID_PREFIX: &str = "~r:";
 
 /// The cid of `reader`'s receipt for `sender`'s messages up to `id` (unique per receipt, so
 /// the store's dedup drops a copy of the same one).
-pub fn receipt_cid(sender: &str, id: u64) -> Box<str> {
-    format!("{RECEIPT_CID_PREFIX}{sender}:{id}").into()
+pub fn receipt_cid(sender: &str, id: u64) -> compact_str::CompactString {
+    compact_str::format_compact!("{RECEIPT_CID_PREFIX}{sender}:{id}")
 }
 
 /// The sender whose messages a receipt marks read, if `cid` is a receipt's.

@@ -88,7 +88,7 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
         watch_offline: false,
     };
     let links = redis::start(settings, a.shards).map_err(|e| e.to_string())?;
-    let body: Box<str> = json!("x".repeat(a.body.saturating_sub(2)))
+    let body: std::sync::Arc<str> = json!("x".repeat(a.body.saturating_sub(2)))
         .to_string()
         .into();
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(a.shards));
@@ -230,7 +230,7 @@ struct Load {
     users: Vec<CompactString>,
     senders: Vec<CompactString>,
     messages: usize,
-    body: Box<str>,
+    body: std::sync::Arc<str>,
 }
 
 fn run_shard(

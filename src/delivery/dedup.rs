@@ -38,6 +38,7 @@
 //!   inline; a longer one costs a heap copy in the map and another in the queue. Capacity is
 //!   given back when the entries shrink below a quarter of it.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 use compact_str::CompactString;
@@ -129,40 +130,73 @@ impl Dedup {
     /// (never two ids for one cid).
     pub fn begin(&mut self, cid: &str, id: u64, now: u64) {
         self.evict(now);
-        let known = self.slots.contains_key(cid);
-        debug_assert!(!known, "Dedup::begin on a known cid {cid}");
-        if known {
-            return;
+        // One probe of a table that holds every cid of the last 24 h (a cache miss each).
+        match self.slots.entry(CompactString::from(cid)) {
+            Entry::Occupied(_) => debug_assert!(false, "Dedup::begin on a known cid {cid}"),
+            Entry::Vacant(slot) => {
+                slot.insert(Slot {
+                    id,
+                    begun_at: now,
+                    pending: true,
+                });
+            }
         }
-        self.slots.insert(
-            CompactString::from(cid),
-            Slot {
-                id,
-                begun_at: now,
-                pending: true,
-            },
-        );
+    }
+
+    /// [`Dedup::check`] and, for a new cid, [`Dedup::begin`] as message `next_id()`, in one
+    /// probe of the table (a cache miss each: it holds every cid of the last 24 h). `Err`: the
+    /// cid is known (pending or accepted); `Ok(None)`: new, but no id was given (not begun).
+    pub fn begin_new(
+        &mut self,
+        cid: &str,
+        now: u64,
+        next_id: impl FnOnce() -> Option<u64>,
+    ) -> Result<Option<u64>, Seen> {
+        // First, as `begin` does: eviction never removes a pending entry, nor keeps a handle.
+        self.evict(now);
+        match self.slots.entry(CompactString::from(cid)) {
+            Entry::Occupied(known) => Err(match known.get() {
+                s if s.pending => Seen::Pending { id: s.id },
+                s => Seen::Accepted { id: s.id },
+            }),
+            Entry::Vacant(slot) => {
+                let id = next_id();
+                if let Some(id) = id {
+                    slot.insert(Slot {
+                        id,
+                        begun_at: now,
+                        pending: true,
+                    });
+                }
+                Ok(id)
+            }
+        }
     }
 
     /// The message of `cid` is safe: Pending -> Accepted. A no-op when it is already accepted
     /// or unknown (e.g. forgotten meanwhile).
     pub fn accept(&mut self, cid: &str) {
-        if let Some(slot) = self.slots.get_mut(cid) {
-            if slot.pending {
-                slot.pending = false;
-                self.accepted
-                    .push_back((slot.begun_at, CompactString::from(cid)));
-            }
-        }
+        self.accept_with(cid, None);
     }
 
     /// Like [`Dedup::accept`], but the store says the cid is message `id` (it was stored
     /// before, e.g. by a previous run of the gateway): that id is the one remembered.
     pub fn accept_as(&mut self, cid: &str, id: u64) {
-        if let Some(slot) = self.slots.get_mut(cid) {
+        self.accept_with(cid, Some(id));
+    }
+
+    fn accept_with(&mut self, cid: &str, id: Option<u64>) {
+        let Some(slot) = self.slots.get_mut(cid) else {
+            return;
+        };
+        if let Some(id) = id {
             slot.id = id;
         }
-        self.accept(cid);
+        if slot.pending {
+            slot.pending = false;
+            self.accepted
+                .push_back((slot.begun_at, CompactString::from(cid)));
+        }
     }
 
     /// The message of a pending `cid` could not be made safe (`unavailable`): forget it, so
@@ -283,6 +317,22 @@ mod tests {
         );
         assert_eq!(d.check("\"nope\""), Seen::New);
         assert_eq!(d.len(), 3);
+    }
+
+    #[test]
+    fn begin_new_checks_and_begins_in_one_step() {
+        let mut d = Dedup::new(DedupConfig::default());
+        // No id to give: nothing begun, the cid stays new.
+        assert_eq!(d.begin_new("\"c\"", T0, || None), Ok(None));
+        assert_eq!(d.check("\"c\""), Seen::New);
+        assert_eq!(d.begin_new("\"c\"", T0, || Some(5)), Ok(Some(5)));
+        assert_eq!(d.check("\"c\""), Seen::Pending { id: 5 });
+        // Known: the id is not asked for.
+        let ask = || -> Option<u64> { panic!("no id for a known cid") };
+        assert_eq!(d.begin_new("\"c\"", T0, ask), Err(Seen::Pending { id: 5 }));
+        d.accept("\"c\"");
+        assert_eq!(d.begin_new("\"c\"", T0, ask), Err(Seen::Accepted { id: 5 }));
+        assert_eq!(d.pending(), 0);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A direct message as it travels between shards, and the report that travels back.
 
 use compact_str::CompactString;
+use std::sync::Arc;
 
 use crate::delivery::refusal::SendRefusal;
 use crate::store::StoredMessage;
@@ -31,10 +32,11 @@ pub struct Message {
     pub id: u64,
     pub from: CompactString,
     pub to: CompactString,
-    pub cid: Box<str>,
+    pub cid: CompactString,
     /// Milliseconds since the Unix epoch, when the gateway took the message.
     pub ts: u64,
-    pub body: Box<str>,
+    /// Shared with the copies the store and the mirror keep: never copied per message.
+    pub body: Arc<str>,
     /// The backend's `type`, see [`StoredMessage::msg_type`].
     pub msg_type: Option<Box<str>>,
     pub reply: ReplyTo,
@@ -110,7 +112,7 @@ pub struct Report {
     pub id: u64,
     pub from: CompactString,
     pub to: CompactString,
-    pub cid: Box<str>,
+    pub cid: CompactString,
     pub reply: ReplyTo,
     pub outcome: Outcome,
     /// `Message::received_us` of the message reported on (0 when it came from Redis).

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use compact_str::CompactString;
 
@@ -390,8 +391,8 @@ impl Shard {
         if let Submitted::AlreadyAccepted(id) = self.submit(
             BACKEND_SENDER.into(),
             to,
-            cid.clone(),
-            (body, msg_type),
+            cid.as_ref().into(),
+            (body.into(), msg_type),
             target,
             now,
             None,
@@ -410,8 +411,8 @@ impl Shard {
         &mut self,
         from: CompactString,
         to: CompactString,
-        cid: Box<str>,
-        content: (Box<str>, Option<Box<str>>),
+        cid: CompactString,
+        content: (Arc<str>, Option<Box<str>>),
         reply: ReplyTo,
         now: u64,
         current: Option<usize>,
@@ -422,23 +423,20 @@ impl Shard {
             .senders
             .entry(from.clone())
             .or_insert_with(|| Dedup::new(DedupConfig::default()));
-        match dedup.check(&cid) {
-            Seen::Accepted { id } => {
+        let ts = self.clock.wall_ms();
+        let msg_ids = &mut self.msg_ids;
+        let id = match dedup.begin_new(&cid, now, || msg_ids.next(ts, now)) {
+            Ok(id) => id,
+            Err(Seen::Accepted { id }) => {
                 self.metrics.dedup_hits.inc();
                 return Submitted::AlreadyAccepted(id);
             }
             // The first copy is on its way; its answer goes to this user's connections.
-            Seen::Pending { .. } => {
+            Err(_) => {
                 self.metrics.dedup_hits.inc();
                 return Submitted::InFlight;
             }
-            Seen::New => {}
-        }
-        let ts = self.clock.wall_ms();
-        let id = self.msg_ids.next(ts, now);
-        if let Some(id) = id {
-            dedup.begin(&cid, id, now);
-        }
+        };
         let (body, msg_type) = content;
         let msg = Message {
             id: id.unwrap_or(0),
@@ -463,13 +461,15 @@ impl Shard {
 
     /// To the recipient's home shard (here, or across the mesh).
     fn route(&mut self, msg: Message, now: u64, current: Option<usize>) {
+        // Boxed once: the box crosses the mesh and goes on to the store as it is.
+        let msg = Box::new(msg);
         let home = self.home_of(&msg.to);
         if home == self.id {
             return self.deliver(msg, now, current);
         }
         self.metrics.cross_shard.inc();
         let mesh = self.mesh.as_ref().expect("several shards have a mesh");
-        let deliver = ShardMsg::Direct(Direct::Deliver(Box::new(msg)));
+        let deliver = ShardMsg::Direct(Direct::Deliver(msg));
         if let Err(ShardMsg::Direct(Direct::Deliver(msg))) = mesh.send(home, deliver) {
             self.metrics.mesh_full.inc();
             self.on_report(msg.refused(SendRefusal::Busy(
@@ -504,10 +504,10 @@ impl Shard {
             user: msg.to.clone(),
             from: msg.from.clone(),
             id: msg.id,
-            cid: msg.cid.clone(),
+            cid: msg.cid.as_str().into(),
             ts: msg.ts,
             msg_type: msg.msg_type.clone(),
-            body: msg.body.clone(),
+            body: msg.body.as_ref().into(),
             seq,
         };
         if push.offer(item, seq.is_none()) {
@@ -524,6 +524,16 @@ impl Shard {
             return self.on_report(report);
         }
         self.send_or_hold(to, ShardMsg::Direct(Direct::Report(Box::new(report))));
+    }
+
+    /// [`Shard::report`] of a report that is boxed already (a store's answer carries it so):
+    /// the box crosses the mesh as it is.
+    pub(super) fn report_boxed(&mut self, report: Box<Report>) {
+        let to = report.reply.shard as usize;
+        if to == self.id {
+            return self.on_report(*report);
+        }
+        self.send_or_hold(to, ShardMsg::Direct(Direct::Report(report)));
     }
 
     /// Send an answer another shard waits for; a full channel holds it for the next tick
@@ -593,7 +603,7 @@ impl Shard {
                     d.forget_pending(&r.cid);
                 }
                 self.metrics.refusals[why.source().index()].inc();
-                proto::write_error(&mut out, &why.frame("not accepted", r.cid.clone()));
+                proto::write_error(&mut out, &why.frame("not accepted", r.cid.as_str().into()));
             }
         }
         // `delivered`: every connection of the sender. An answer to a `send`: the sending
@@ -672,7 +682,7 @@ impl Shard {
             }
             Outcome::Delivered => return,
         };
-        if let Some(waiter) = self.api_waiters.remove(&r.cid) {
+        if let Some(waiter) = self.api_waiters.remove(r.cid.as_str()) {
             let _ = waiter.send(outcome);
         }
     }

@@ -74,6 +74,7 @@
 //!   sender held for their answers while another sender's entry went in; the first two then
 //!   no longer fitted and came after the third).
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use compact_str::CompactString;
@@ -94,7 +95,7 @@ const PROBE_MS: u64 = 500;
 /// run's or another node's), which this shard cannot revoke and must not hide.
 #[derive(Debug, Clone)]
 struct Doubt {
-    cid: Box<str>,
+    cid: CompactString,
     attempt: u64,
     id: u64,
 }
@@ -102,7 +103,7 @@ struct Doubt {
 impl Doubt {
     /// As a revoke names it.
     fn write(&self) -> (Box<str>, u64) {
-        (self.cid.clone(), self.attempt)
+        (self.cid.as_str().into(), self.attempt)
     }
 }
 
@@ -149,6 +150,8 @@ pub struct StoreClient {
     /// leaves what it asked to the loop already running, so answers are heard in the order
     /// asked (as a link delivers them).
     hearing: bool,
+    /// The buffer in-process answers are heard through, kept between turns.
+    heard: Vec<StoreReply>,
     /// Users online on this shard (at least one device).
     mirrors: HashMap<CompactString, Mirror>,
     next_token: u64,
@@ -175,11 +178,12 @@ pub struct StoreClient {
     doubts: HashMap<Pair, Vec<Doubt>>,
     /// Pairs with a revoke on its way to Redis.
     revoking: HashSet<Pair>,
-    /// This shard's appends not answered yet, by (recipient, sender, cid), with the id of the
-    /// message written: an entry of an earlier, failed attempt of the same cid (being
-    /// revoked) has another id. An entry of such a write pushed (or loaded) before the answer
-    /// waits in `waiting`, and is shown only if the answer is stored.
-    unanswered: HashMap<Written, u64>,
+    /// This shard's appends not answered yet, by the id of the message written, with its
+    /// (recipient, sender, cid): an entry of an earlier, failed attempt of the same cid
+    /// (being revoked) has another id. An entry of such a write pushed (or loaded) before the
+    /// answer waits in `waiting`, and is shown only if the answer is stored. (Keyed by id: one
+    /// short hash per write and answer, not one over three strings.)
+    unanswered: HashMap<u64, Written>,
     /// Per user, entries that must wait to enter the mirror, by seq: `Some(id)` waits for the
     /// answer to the write of message `id`, `None` only for the entries before it (see the
     /// module doc).
@@ -217,7 +221,11 @@ enum Admit {
 }
 
 /// (recipient, sender, cid): one message's write.
-type Written = (CompactString, CompactString, Box<str>);
+type Written = (CompactString, CompactString, CompactString);
+
+fn is_write_of(written: &Written, to: &str, from: &str, cid: &str) -> bool {
+    written.0 == to && written.1 == from && written.2 == cid
+}
 
 impl StoreClient {
     /// Drop what the store's age cap expired (an in-process store; see [`Store::expire`]).
@@ -239,6 +247,7 @@ impl StoreClient {
         StoreClient {
             caps: link.caps(),
             hearing: false,
+            heard: Vec::new(),
             link,
             mirrors: HashMap::new(),
             next_token: 0,
@@ -295,7 +304,8 @@ impl Shard {
             return;
         }
         self.store.hearing = true;
-        let mut answers = Vec::new();
+        // One buffer for every turn (taken while its answers are handled).
+        let mut answers = std::mem::take(&mut self.store.heard);
         while self.store.link.has_answers_now() {
             let wall = self.clock.wall_ms();
             self.store
@@ -305,6 +315,7 @@ impl Shard {
                 self.on_store_reply(answer, now);
             }
         }
+        self.store.heard = answers;
         self.store.hearing = false;
     }
 
@@ -401,7 +412,7 @@ impl Shard {
         // Live entries no device acked: make them durable now, in order (or refuse them).
         for (_, msg) in tail.into_iter().flatten() {
             self.metrics.live_spilled.inc();
-            self.store_append(msg);
+            self.store_append(Box::new(msg));
         }
     }
 
@@ -539,7 +550,7 @@ impl Shard {
     /// On the recipient's home shard: make the message safe (to the store first, or live from
     /// memory while Redis is away: see the module doc), then tell the sender and feed the
     /// devices. `current`: the connection being polled right now (it writes its own output).
-    pub(super) fn deliver(&mut self, msg: Message, now: u64, current: Option<usize>) {
+    pub(super) fn deliver(&mut self, msg: Box<Message>, now: u64, current: Option<usize>) {
         let d = &mut self.store;
         let tail_len = d.tails.get(&msg.to).map_or(0, |t| t.len());
         let missing = d.missing.contains(&msg.to);
@@ -582,7 +593,7 @@ impl Shard {
         let seq = self.inbox.append_live(&to, msg.stored(), now);
         {
             let d = &mut self.store;
-            d.tails.entry(to.clone()).or_default().insert(seq, msg);
+            d.tails.entry(to.clone()).or_default().insert(seq, *msg);
         }
         for device in self.devices_of(&to) {
             self.pump(device, now);
@@ -643,7 +654,7 @@ impl Shard {
     /// revoke a separate call, it could fail while the write succeeds, and a resent cid could
     /// then be answered with the entry of a write reported as failed, which the revoke
     /// removes later.
-    pub(super) fn store_append(&mut self, mut msg: Message) {
+    pub(super) fn store_append(&mut self, mut msg: Box<Message>) {
         let d = &mut self.store;
         let pair: Pair = (msg.to.clone(), msg.from.clone());
         let doubts: Vec<(Box<str>, u64)> = d
@@ -664,10 +675,10 @@ impl Shard {
         let to = msg.to.clone();
         let written = (to.clone(), msg.from.clone(), msg.cid.clone());
         let id = msg.id;
-        match d.link.submit(StoreOp::Append(Box::new(msg))) {
+        match d.link.submit(StoreOp::Append(msg)) {
             Ok(()) => {
                 *d.writing.entry(to).or_default() += 1;
-                d.unanswered.insert(written, id);
+                d.unanswered.insert(id, written);
             }
             Err(StoreOp::Append(msg)) => {
                 self.metrics.store_refused.inc();
@@ -700,7 +711,7 @@ impl Shard {
             StoreReply::Appended { msg, result } => self.on_appended(*msg, result, now),
             StoreReply::Removed { ok, report } => {
                 if let (true, Some(report)) = (ok, report) {
-                    self.report(*report);
+                    self.report_boxed(report);
                 }
             }
             StoreReply::Done => {}
@@ -785,17 +796,18 @@ impl Shard {
         }
         {
             let d = &mut self.store;
-            if let Some(n) = d.writing.get_mut(&msg.to) {
-                *n -= 1;
-                if *n == 0 {
-                    d.writing.remove(&msg.to);
+            if let Entry::Occupied(mut writes) = d.writing.entry(msg.to.clone()) {
+                *writes.get_mut() -= 1;
+                if *writes.get() == 0 {
+                    writes.remove();
                 }
             }
-            let written = (msg.to.clone(), msg.from.clone(), msg.cid.clone());
             // An entry of this write that came before its answer: shown (in its turn) if it
             // is stored, never if not.
-            if d.unanswered.get(&written) == Some(&msg.id) {
-                d.unanswered.remove(&written);
+            if let Entry::Occupied(entry) = d.unanswered.entry(msg.id) {
+                if is_write_of(entry.get(), &msg.to, &msg.from, &msg.cid) {
+                    entry.remove();
+                }
             }
             if let Some(queue) = d.waiting.get_mut(&msg.to) {
                 let mut landed = false;
@@ -968,17 +980,19 @@ impl Shard {
         if d.unanswered.is_empty() && d.doubts.is_empty() && !d.has_waiting(user) {
             return Admit::Now;
         }
-        let written = (user.clone(), msg.from.clone(), msg.cid.clone());
-        if d.unanswered.get(&written) == Some(&msg.id) {
+        if d.unanswered
+            .get(&msg.id)
+            .is_some_and(|w| is_write_of(w, user, &msg.from, &msg.cid))
+        {
             return Admit::Wait(Some(msg.id));
         }
-        let pair = (written.0, written.1);
+        let pair = (user.clone(), msg.from.clone());
         // By id: an entry of the same cid under another id is another attempt's (an earlier
         // run's, a dead node's), which the revoke leaves; hidden, it would never be shown in
         // its place (found by the simulation once nodes died, seed 13064056694810536062).
         if d.doubts
             .get(&pair)
-            .is_some_and(|ws| ws.iter().any(|w| w.cid == written.2 && w.id == msg.id))
+            .is_some_and(|ws| ws.iter().any(|w| w.cid == msg.cid && w.id == msg.id))
         {
             return Admit::Never;
         }

@@ -216,7 +216,7 @@ pub struct Shard {
 }
 
 /// (sender, cid): one `send` of one user.
-type SentCid = (compact_str::CompactString, Box<str>);
+type SentCid = (compact_str::CompactString, compact_str::CompactString);
 
 /// What the socket task should do after a poll.
 pub enum ConnPoll {
@@ -708,7 +708,7 @@ impl Shard {
                 return Some((index, socket));
             }
             ShardMsg::Direct(direct) => match direct {
-                msg::Direct::Deliver(m) => self.deliver(*m, now, None),
+                msg::Direct::Deliver(m) => self.deliver(m, now, None),
                 msg::Direct::Report(r) => self.on_report(*r),
                 msg::Direct::Typing { from, to } => self.typing_here(&from, &to),
                 msg::Direct::ApiSend {

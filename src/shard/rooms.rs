@@ -294,9 +294,9 @@ impl RoomHomes {
             let stored = StoredMessage {
                 id,
                 from,
-                cid: cid.clone(),
+                cid: cid.as_ref().into(),
                 ts,
-                body,
+                body: body.into(),
                 msg_type: None,
             };
             let msg = homed.log.append(
@@ -1040,7 +1040,7 @@ fn room_msg(room: &CompactString, offset: u64, m: StoredMessage, now: u64) -> Ro
         offset,
         id: m.id,
         from: m.from,
-        cid: m.cid,
+        cid: m.cid.as_str().into(),
         at_ms: now,
         frame: frame.into_boxed_slice(),
     }

@@ -1145,11 +1145,11 @@ impl Sim {
                 }
                 _ => {}
             }
-            let mut answers = VecDeque::new();
+            let mut answers = Vec::new();
             match (self.model.plant, planted, op) {
                 // Answered as stored, never kept.
                 (Plant::DropWrite, Some(_), StoreOp::Append(msg)) => {
-                    answers.push_back(StoreReply::Appended {
+                    answers.push(StoreReply::Appended {
                         msg,
                         result: Ok(Appended::Stored {
                             seq: u64::MAX,
@@ -1162,7 +1162,7 @@ impl Sim {
                 (Plant::WrongId, Some(id), StoreOp::Append(mut msg)) => {
                     msg.id += 1;
                     self.embedded[k].apply(StoreOp::Append(msg), now, wall, &mut answers);
-                    if let Some(StoreReply::Appended { msg, .. }) = answers.front_mut() {
+                    if let Some(StoreReply::Appended { msg, .. }) = answers.first_mut() {
                         msg.id = id;
                     }
                 }
@@ -1176,7 +1176,7 @@ impl Sim {
                         seq: next,
                         report: None,
                     };
-                    self.embedded[k].apply(op, now, wall, &mut VecDeque::new());
+                    self.embedded[k].apply(op, now, wall, &mut Vec::new());
                 }
             }
             for answer in &answers {

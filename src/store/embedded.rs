@@ -72,7 +72,7 @@ impl EmbeddedStore {
 
     /// Run `op` at `now` (monotonic ms; `wall`: ms since the epoch) and put its answer, and
     /// the push it made, in `out`. `op` must be one it [`serves`](Self::serves).
-    pub fn apply(&mut self, op: StoreOp, now: u64, wall: u64, out: &mut VecDeque<StoreReply>) {
+    pub fn apply(&mut self, op: StoreOp, now: u64, wall: u64, out: &mut Vec<StoreReply>) {
         match op {
             StoreOp::Append(msg) => {
                 debug_assert!(
@@ -87,7 +87,7 @@ impl EmbeddedStore {
                 let copy = loaded.then(|| stored.clone());
                 let result = self.inbox.append(&to, stored, now);
                 let pushed = result.as_ref().ok().copied().zip(copy);
-                out.push_back(StoreReply::Appended {
+                out.push(StoreReply::Appended {
                     msg,
                     result: result.map(|seq| Appended::Stored {
                         seq,
@@ -98,17 +98,17 @@ impl EmbeddedStore {
                 // After the answer, as Redis's push usually comes: either order works (the
                 // shard holds a push of its own write until the write is answered).
                 if let Some((seq, msg)) = pushed {
-                    out.push_back(StoreReply::Pushed { user: to, seq, msg });
+                    out.push(StoreReply::Pushed { user: to, seq, msg });
                 }
             }
             StoreOp::Remove { user, seq, report } => {
                 let ok = self.inbox.remove(&user, seq);
-                out.push_back(StoreReply::Removed { ok, report });
+                out.push(StoreReply::Removed { ok, report });
             }
             StoreOp::Load { user, token, limit } => {
                 let entries = self.inbox.read(&user, 0, limit, now);
                 self.loaded.insert(user.clone());
-                out.push_back(StoreReply::Loaded {
+                out.push(StoreReply::Loaded {
                     user,
                     token,
                     result: Ok(Loaded {
@@ -120,9 +120,9 @@ impl EmbeddedStore {
             }
             StoreOp::Leave { user } => {
                 self.loaded.remove(&user);
-                out.push_back(StoreReply::Done);
+                out.push(StoreReply::Done);
             }
-            StoreOp::Probe => out.push_back(StoreReply::Done),
+            StoreOp::Probe => out.push(StoreReply::Done),
             _ => unreachable!("asked only what it serves"),
         }
     }
@@ -161,14 +161,20 @@ impl Store for InProcess {
     }
 
     fn answers_now(&mut self, now: u64, wall: u64, out: &mut Vec<StoreReply>, max: usize) {
-        while self.answers.len() < max {
+        let start = out.len();
+        let n = max.min(self.answers.len());
+        out.extend(self.answers.drain(..n));
+        // Run straight into `out` (an answer is a big value: moved once, not through a
+        // queue); what goes past `max` waits for the next round, ahead of anything newer.
+        while self.answers.is_empty() && out.len() - start < max {
             let Some(op) = self.asked.pop_front() else {
                 break;
             };
-            self.store.apply(op, now, wall, &mut self.answers);
+            self.store.apply(op, now, wall, out);
         }
-        let n = max.min(self.answers.len());
-        out.extend(self.answers.drain(..n));
+        if out.len() - start > max {
+            self.answers.extend(out.drain(start + max..));
+        }
     }
 
     fn has_answers_now(&self) -> bool {
@@ -215,9 +221,9 @@ mod tests {
 
     /// Runs `op` at `now` (wall time moves with it) and returns the answers.
     fn run(store: &mut EmbeddedStore, op: StoreOp, now: u64) -> Vec<StoreReply> {
-        let mut out = VecDeque::new();
+        let mut out = Vec::new();
         store.apply(op, now, WALL + now, &mut out);
-        out.into()
+        out
     }
 
     fn stored_seq(answer: &StoreReply) -> Result<(InboxSeq, bool), StoreError> {

@@ -27,8 +27,9 @@
 //!   amortised O(1) compaction. `read`: O(log n + entries scanned), where the scan passes at
 //!   most the expired prefix and as many tombstones as live entries. `len`: O(1).
 //! * `expire`: O(users with a non-empty inbox + entries dropped); meant for a periodic sweep.
-//! * Memory: 88 bytes per entry (72-byte [`StoredMessage`] + seq + time) plus the message's
-//!   heap parts (`cid`, `body`, and `from` when over 24 bytes), one map slot (24-byte inline
+//! * Memory: 112 bytes per entry (96-byte [`StoredMessage`] + seq + time) plus the message's
+//!   heap parts (`body`, shared with the other copies of the message, with its 16-byte count;
+//!   `cid` and `from` only when over 24 bytes), one map slot (24-byte inline
 //!   user id + 88 bytes, 48 of them the read receipt index) per user with a non-empty inbox, and nothing for the others.
 //!   A tombstone keeps its 88-byte slot until compacted.
 
@@ -454,8 +455,9 @@ mod tests {
             std::mem::size_of::<Slot>(),
             std::mem::size_of::<(CompactString, UserInbox)>()
         );
-        // 88 until backend messages got a `type` (16 bytes, None for nearly every message).
-        assert!(std::mem::size_of::<Slot>() <= 104);
+        // 88 until backend messages got a `type` (16 bytes, None for nearly every message);
+        // 112 since the cid is inline (8 more here, no heap block for a cid of up to 24 bytes).
+        assert!(std::mem::size_of::<Slot>() <= 112);
         let l = InboxLimits::default();
         assert_eq!(l.max_messages, 10_000);
         assert_eq!(l.max_age_ms, 72 * HOUR);

@@ -105,12 +105,12 @@ pub struct StoredMessage {
     pub id: u64,
     /// Sender's user id.
     pub from: compact_str::CompactString,
-    /// The sender's `cid`, raw JSON text.
-    pub cid: Box<str>,
+    /// The sender's `cid`, raw JSON text (inline when short: copied around without allocating).
+    pub cid: compact_str::CompactString,
     /// Accept time, ms since the Unix epoch.
     pub ts: u64,
-    /// The message body, raw JSON text.
-    pub body: Box<str>,
+    /// The message body, raw JSON text, shared by every copy (store, mirror, replay).
+    pub body: std::sync::Arc<str>,
     /// The backend's `type` (`POST /api/send`), e.g. `system`; None for a client's message.
     pub msg_type: Option<Box<str>>,
 }

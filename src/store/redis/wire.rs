@@ -131,7 +131,7 @@ impl Push {
                     id,
                     from,
                     to,
-                    cid,
+                    cid: cid.as_ref().into(),
                     reply: ReplyTo::all_devices(home),
                     outcome: Outcome::Delivered,
                     received_us: 0,
