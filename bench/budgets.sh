@@ -73,7 +73,7 @@ fanout() { # side
       wait_port $port
       line=$($NEW/ringgate-bench fanout --target 127.0.0.1:$port --admin 127.0.0.1:$admin \
         --api-key $KEY --members "$M" --publishes 40 --rate 4 --source-ips 4 --threads 2 \
-        --json -q 2>/dev/null | tail -1 || true)
+        --gateway-pid $pid --json -q 2>/dev/null | tail -1 || true)
       stop $pid ;;
     floor) line=$($NEW/ringgate-bench floor --sockets "$M" --writers 2 --rounds 40 --pause-ms 250 \
         --json 2>/dev/null | tail -1 || true) ;;
@@ -157,7 +157,9 @@ if "idle" in parts:
 if "fanout" in parts:
     g = med("fanout", "ringgate", lambda b: b["last_member_ms"]["p99"] if b.get("missing") == 0 else None)
     f = med("fanout", "floor", lambda b: b["last_read_ms"]["p99"])
-    print("  fanout   last member p99 %s ms, floor last read p99 %s ms: %s (budget <= 1.2x)" % (fmt(g), fmt(f), ratio(g, f)))
+    c = med("fanout", "ringgate", lambda b: b.get("gateway_cpu_us_per_delivery"))
+    print("  fanout   last member p99 %s ms, floor last read p99 %s ms: %s (budget <= 1.2x); gateway %s us CPU per delivery" % (
+        fmt(g), fmt(f), ratio(g, f), fmt(c, "%.2f")))
 if "send" in parts:
     g = med("send", "ringgate", lambda b: b["gateway_cpu_us_per_msg"])
     a = med("send", "ringgate", lambda b: b["accepted_per_sec"])

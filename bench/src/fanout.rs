@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::engine::{Mode, Route, Shared};
 use crate::{
     build_config, install_sigint, join_threads, make_loops, net, now_ns, ns, secs, spawn_serving,
-    Common,
+    sys, Common,
 };
 
 #[derive(Args, Debug)]
@@ -183,6 +183,10 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
     // Publish at the rate, each body stamped with its send time (host-wide monotonic ns).
     let pad = "x".repeat(a.pad);
     let period = 1e9 / a.rate;
+    // The gateway's CPU from the first publish to the last delivery (members' upkeep over
+    // that span included), for a cost per delivery.
+    let pids = &a.common.gateway_pid;
+    let gateway_cpu_before = sys::pids_cpu_secs(pids).ok().filter(|_| !pids.is_empty());
     let t0 = now_ns(&cfg);
     let mut offsets = Vec::with_capacity(a.publishes as usize);
     let mut publish_error = None;
@@ -262,6 +266,10 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
     }
     let empty = Histogram::<u64>::new(3).unwrap();
     let per_delivery = st.latency_ns.as_ref().unwrap_or(&empty);
+    let gateway_cpu =
+        gateway_cpu_before.and_then(|before| Some(sys::pids_cpu_secs(pids).ok()? - before));
+    let gateway_cpu_us_per_delivery =
+        gateway_cpu.map(|secs| secs * 1e6 / (st.room_msgs as f64).max(1.0));
     let span = (publish_end.saturating_sub(t0)) as f64 / 1e9;
     let missing = expected.saturating_sub(st.room_msgs);
     let ok = publish_error.is_none()
@@ -316,6 +324,7 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
                 "per_delivery_ms": {"p50": pct(per_delivery, 0.5), "p99": pct(per_delivery, 0.99), "p999": pct(per_delivery, 0.999), "max": per_delivery.max() as f64 / 1e6},
                 "last_member_ms": {"p50": pct(&last_member, 0.5), "p99": pct(&last_member, 0.99), "max": last_member.max() as f64 / 1e6},
                 "publish_error": publish_error, "ok": ok,
+                "gateway_cpu_secs": gateway_cpu, "gateway_cpu_us_per_delivery": gateway_cpu_us_per_delivery,
                 // For bench/fanout_multi.sh: per offset, members here that got it and the
                 // slowest of them (ns).
                 "by_offset": offsets.iter().map(|o| {
