@@ -115,18 +115,7 @@ fn a_memlock_limit_too_low_is_refused_with_the_need_and_the_fix() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let ready = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    let (ready, status) = ready_line_then_sigterm(&mut child);
     assert!(
         ready.contains("listening"),
         "no ready line at 512 KiB: {ready:?}"
@@ -584,18 +573,7 @@ fn a_host_without_what_the_uring_driver_needs_falls_back_to_glommio_unless_uring
     );
 
     let mut child = start(None);
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let ready = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
-    // SAFETY: a signal to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    let (ready, status) = ready_line_then_sigterm(&mut child);
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(ready.contains("listening"), "not started: {ready:?} {err}");
@@ -607,4 +585,20 @@ fn a_host_without_what_the_uring_driver_needs_falls_back_to_glommio_unless_uring
     assert_eq!(fallback.len(), 1, "{err}");
     // What failed first (the ring or its buffer ring) depends on what the limit leaves.
     assert!(fallback[0].contains("(os error 12)"), "{err}");
+}
+
+/// The child's first stdout line (its ready line, or "" after 20 s), then SIGTERM and its exit.
+fn ready_line_then_sigterm(child: &mut std::process::Child) -> (String, std::process::ExitStatus) {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    (ready, child.wait().unwrap())
 }

@@ -20,6 +20,21 @@ fn echo_gateway(driver: &str, extra: &[&str]) -> Gateway {
     Gateway::start(&args)
 }
 
+/// An `/echo` connection whose client side has a receive buffer of `bytes`, upgraded.
+fn echo_with_recv_buffer(gw: &Gateway, bytes: usize) -> RawWs {
+    let stream = TcpStream::connect(gw.public).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_recv_buffer_size(bytes)
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut up = stream.try_clone().unwrap();
+    let head = "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    up.write_all(head.as_bytes()).unwrap();
+    RawWs::after_upgrade(stream)
+}
+
 fn next_data_frame(raw: &mut RawWs) -> RawFrame {
     loop {
         let f = raw.recv().expect("a frame before the timeout");
@@ -83,18 +98,8 @@ fn large_frames_over_several_receive_buffers_and_pipelined_frames_are_echoed() {
 fn a_slow_reader_gets_every_echo_in_order() {
     for driver in DRIVERS {
         let gw = echo_gateway(driver, &["--max-outbound", "65536", "--max-frame", "65536"]);
-        let stream = TcpStream::connect(gw.public).unwrap();
         // A small receive buffer on the client: the server's sends come back short.
-        socket2::SockRef::from(&stream)
-            .set_recv_buffer_size(32768)
-            .unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        let mut up = stream.try_clone().unwrap();
-        let head = "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
-        up.write_all(head.as_bytes()).unwrap();
-        let mut raw = RawWs::after_upgrade(stream);
+        let mut raw = echo_with_recv_buffer(&gw, 32768);
         let mut writer = raw.stream.try_clone().unwrap();
         const N: usize = 32;
         let sender = std::thread::spawn(move || {
@@ -229,20 +234,10 @@ fn a_receive_buffer_ring_run_dry_by_slow_readers_stalls_nobody_and_loses_nothing
         let mut readers = Vec::new();
         let mut writers = Vec::new();
         for r in 0..READERS {
-            let stream = TcpStream::connect(gw.public).unwrap();
             // A small receive buffer: the echoes back up into the server sooner. Not below
             // loopback's segment size (64 KiB): TCP would drop segments and back off for
             // seconds.
-            socket2::SockRef::from(&stream)
-                .set_recv_buffer_size(65536)
-                .unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
-            let mut up = stream.try_clone().unwrap();
-            let head = "GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
-            up.write_all(head.as_bytes()).unwrap();
-            let raw = RawWs::after_upgrade(stream);
+            let raw = echo_with_recv_buffer(&gw, 65536);
             let mut writer = raw.stream.try_clone().unwrap();
             writers.push(std::thread::spawn(move || {
                 for f in 0..FRAMES {
