@@ -129,18 +129,8 @@ impl Dedup {
     /// bug: it panics in debug builds and, in release, keeps the existing entry and its id
     /// (never two ids for one cid).
     pub fn begin(&mut self, cid: &str, id: u64, now: u64) {
-        self.evict(now);
-        // One probe of a table that holds every cid of the last 24 h (a cache miss each).
-        match self.slots.entry(CompactString::from(cid)) {
-            Entry::Occupied(_) => debug_assert!(false, "Dedup::begin on a known cid {cid}"),
-            Entry::Vacant(slot) => {
-                slot.insert(Slot {
-                    id,
-                    begun_at: now,
-                    pending: true,
-                });
-            }
-        }
+        let begun = self.begin_new(cid, now, || Some(id));
+        debug_assert!(begun.is_ok(), "Dedup::begin on a known cid {cid}");
     }
 
     /// [`Dedup::check`] and, for a new cid, [`Dedup::begin`] as message `next_id()`, in one
