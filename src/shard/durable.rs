@@ -912,10 +912,7 @@ impl Shard {
         // The mirror may hold a removed entry, or lack one held back while in doubt; a
         // mirror still loading is read again once loaded (its read may predate the revoke,
         // and a user held for it waits for that read).
-        #[cfg(test)]
-        let planted = self.store.plant == OrderPlant::ShowPastDoubt;
-        #[cfg(not(test))]
-        let planted = false;
+        let planted = self.planted_show_past_doubt();
         match self.store.mirrors.get(&pair.0) {
             Some(Mirror::Ready { .. }) => self.want_reload(&pair.0),
             Some(Mirror::Loading { .. }) if !planted => self.want_reload(&pair.0),
@@ -961,13 +958,19 @@ impl Shard {
     ///
     /// Whether it holds (the simulation can plant the rule out).
     fn hold_for_revoke(&mut self, user: CompactString) -> bool {
-        #[cfg(test)]
-        if self.store.plant == OrderPlant::ShowPastDoubt {
+        if self.planted_show_past_doubt() {
             return false;
         }
-        let d = &mut self.store;
-        d.missing.insert(user);
+        self.store.missing.insert(user);
         true
+    }
+
+    /// The simulation's planted `ShowPastDoubt` (always false outside tests).
+    fn planted_show_past_doubt(&self) -> bool {
+        #[cfg(test)]
+        return self.store.plant == OrderPlant::ShowPastDoubt;
+        #[cfg(not(test))]
+        false
     }
 
     /// Whether an entry pushed or read for `user`'s mirror may go in now: not one of this
