@@ -316,6 +316,35 @@ fn the_dedup_window_rotates_past_24_hours_and_10000_cids_and_keeps_the_older_gen
 }
 
 #[test]
+fn a_resent_cid_whose_inbox_is_gone_is_not_stored_and_leaves_no_key_without_a_ttl() {
+    // The script appends first and takes the entry back when the cid was known: an inbox
+    // that append created must not stay behind without a TTL.
+    let redis = RedisServer::start();
+    let mut gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 0, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    let first = send_accepted(&mut a, &bob, "same", 1)[0];
+    gw.sigkill();
+    redis.cli(&["DEL", &inbox_key(&bob)]);
+
+    let gw2 = gateway(&redis, &[]);
+    let (mut a, _) = connect_app(&gw2, &alice);
+    send(&mut a, &bob, "same0", json!({"n": 0}));
+    let again = next_op(&mut a, "accepted");
+    assert_eq!(id_of(&again), first, "same id as before the restart");
+    assert_eq!(
+        stream_len(&redis, &bob),
+        0,
+        "a duplicate is not stored again"
+    );
+    let ttl = redis.int(&["PTTL", &inbox_key(&bob)]);
+    assert!(
+        ttl == -2 || ttl > 0,
+        "the inbox is gone or expires, PTTL {ttl}"
+    );
+}
+
+#[test]
 fn an_inbox_ttl_is_set_when_it_starts_and_refreshed_with_its_senders_dedup_window() {
     let redis = RedisServer::start();
     let gw = gateway(&redis, &[]);

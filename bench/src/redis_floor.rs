@@ -246,6 +246,26 @@ fn header_number(line: &[u8]) -> Result<i64, String> {
         .ok_or_else(|| format!("bad reply header {}", String::from_utf8_lossy(line)))
 }
 
+/// Delete every key under `prefix` on the redis-server at `addr` (not timed; one server,
+/// not a cluster): a script that scans and deletes, so the caller need not know the names.
+pub fn delete_prefixed(addr: &str, prefix: &str) -> Result<(), String> {
+    const SCAN_AND_DELETE: &str = "local c = '0'
+repeat
+  local r = redis.call('SCAN', c, 'MATCH', ARGV[1] .. '*', 'COUNT', 1000)
+  c = r[1]
+  for _, k in ipairs(r[2]) do redis.call('DEL', k) end
+until c == '0'
+return 1";
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    command(
+        &mut out,
+        &[b"EVAL", SCAN_AND_DELETE.as_bytes(), b"0", prefix.as_bytes()],
+    );
+    stream.write_all(&out).map_err(|e| e.to_string())?;
+    read_replies(stream, 1)
+}
+
 /// Delete the run's keys (not timed).
 fn cleanup(addr: &str, prefix: &str, users: usize) -> Result<(), String> {
     let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;

@@ -40,7 +40,8 @@
 //!   `<message id> <stream id> <run>/<shard>/<attempt>` (a bare id from an older build), and
 //!   `~w:<run>/<shard>` -> the highest attempt of that shard landed or revoked, in the
 //!   recipient's slot, checked by the same script before any append, so a resend after a gateway restart is answered
-//!   with the first id and stored once (`HSETNX`: one call checks and records a cid). Fields
+//!   with the first id and stored once (a new message is appended, then `HSETNX` checks and
+//!   records its cid with the full record in one call; a known cid takes the entry back). Fields
 //!   `~born` (when the generation started), `~old` (1: an older one was kept; 0 or absent:
 //!   none), `~fresh` (when its TTL was last set) and `~age` (the inbox age cap then) are read
 //!   once per pair per batch; the older generation only when `~old` says it exists. A generation is rotated into `dd-old` only when it is older than the

@@ -175,16 +175,35 @@ local function append(s, dcur, loc, i, watch)
   end
   raise(dcur, tonumber(attempt))
   local len = stream_len(s)
-  local prev
-  if len >= maxlen then
+  -- A read receipt (cid '~r:<sender>:<id>') replaces the pair's earlier one still in the
+  -- inbox; one at or below it is a duplicate (see proto.rs, RECEIPT_CID_PREFIX).
+  local rkey = string.byte(cid, 1) == 126 and string.match(cid, '^(~r:.*):%d+$')
+  local packed, xid, prev = ARGV[i + 3], nil, nil
+  if len < maxlen and not rkey then
+    -- The common case, a new message below the cap: append, then check and record the cid
+    -- with its full record (see `record_id`) in one call; a duplicate (a resend) takes its
+    -- entry back below. Two writes per new message, not three.
+    xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
+    if redis.call('HSETNX', dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt) == 0 then
+      prev = redis.call('HGET', dcur, cid)
+    elseif dold[dcur] then
+      prev = redis.call('HGET', older(dcur), cid)
+      -- Known to the older generation: undo the record just made.
+      if prev then redis.call('HDEL', dcur, cid) end
+    end
+    if prev then
+      redis.call('XDEL', s, xid)
+      -- An inbox the append created is left empty: it gets its TTL like any new inbox.
+      if len == 0 then stream_ttl_once(s) end
+    end
+  elseif len >= maxlen then
     prev = redis.call('HGET', dcur, cid)
     if not prev and dold[dcur] then prev = redis.call('HGET', older(dcur), cid) end
-  -- One call checks and records the cid (the common case: a new message).
+  -- A receipt: check and record the cid first, as its earlier one may go.
   elseif redis.call('HSETNX', dcur, cid, id) == 0 then
     prev = redis.call('HGET', dcur, cid)
   elseif dold[dcur] then
     prev = redis.call('HGET', older(dcur), cid)
-    -- Known to the older generation: undo the record just made.
     if prev then redis.call('HDEL', dcur, cid) end
   end
   -- Every answer takes the entries trimmed so far for this stream (counted once).
@@ -192,9 +211,6 @@ local function append(s, dcur, loc, i, watch)
   sexpired[s] = 0
   if prev then return {'dup', record_id(prev), trimmed} end
   if len >= maxlen then return {'full', trimmed, len} end
-  -- A read receipt (cid '~r:<sender>:<id>') replaces the pair's earlier one still in the
-  -- inbox; one at or below it is a duplicate (see proto.rs, RECEIPT_CID_PREFIX).
-  local rkey = string.match(cid, '^(~r:.*):%d+$')
   if rkey then
     local rold = redis.call('HGET', dcur, rkey)
     if rold then
@@ -206,12 +222,11 @@ local function append(s, dcur, loc, i, watch)
       local n = redis.call('XDEL', s, oxid)
       len = len - n
     end
+    xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
+    redis.call('HSET', dcur, rkey, xid .. ' ' .. id)
+    -- The full record (see `record_id`), so that a revoke can find the entry.
+    redis.call('HSET', dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt)
   end
-  local packed = ARGV[i + 3]
-  local xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
-  if rkey then redis.call('HSET', dcur, rkey, xid .. ' ' .. id) end
-  -- The full record (see `record_id`), so that a revoke can find the entry.
-  redis.call('HSET', dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt)
   slen[s] = len + 1
   if every_append or sempty[s] then stream_ttl_once(s) end
   dstream[dcur] = s
