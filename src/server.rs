@@ -305,9 +305,13 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         wait_for_id_slots(&metrics, timeout);
     }
     println!(
-        "ringgate listening on {scheme}://{public} admin http://{admin_addr} shards {} node {} (ready in {} ms)",
+        "ringgate listening on {scheme}://{public} admin http://{admin_addr} shards {} node {} io {} (ready in {} ms)",
         cfg.shards,
         cfg.node_id,
+        match io_driver {
+            IoDriver::Glommio => "glommio",
+            IoDriver::Uring => "uring",
+        },
         started.elapsed().as_millis()
     );
     let mut panicked = 0;

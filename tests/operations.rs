@@ -577,6 +577,10 @@ fn a_host_without_what_the_uring_driver_needs_falls_back_to_glommio_unless_uring
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(ready.contains("listening"), "not started: {ready:?} {err}");
+    assert!(
+        ready.contains(" io glommio "),
+        "the ready line names the driver: {ready:?}"
+    );
     assert_eq!(status.code(), Some(0), "{err}");
     let fallback: Vec<&str> = err
         .lines()

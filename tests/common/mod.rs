@@ -139,6 +139,13 @@ impl Gateway {
                 .parse()
                 .unwrap()
         };
+        // A run for one driver (tests/run.sh runs the gateway suite on each) tests that one.
+        if let Ok(driver) = std::env::var("RINGGATE_IO_DRIVER") {
+            assert!(
+                line.contains(&format!(" io {driver} ")),
+                "RINGGATE_IO_DRIVER={driver}, started with another: {line}"
+            );
+        }
         Gateway {
             // `wss://` when it serves TLS (tests/tls.rs).
             public: field(if line.contains("wss://") {
