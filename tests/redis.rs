@@ -117,10 +117,15 @@ fn read_receipts_go_through_redis_supersede_and_survive_a_sigkill() {
         let own = next_op(&mut b, "read");
         assert_eq!(own["id"], id.to_string());
     }
+    // Both copies of bob's latest receipt written before the kill: alice's, and bob's own
+    // (unacked on his connection), whose write may come a little after alice's (`read` has
+    // no answer, so a receipt still on its way at a SIGKILL is lost: the test waits for it).
     assert!(
-        eventually(Duration::from_secs(10), || stream_len(&redis, &alice) == 1),
-        "one receipt of bob waits in alice's inbox: {}",
-        stream_len(&redis, &alice)
+        eventually(Duration::from_secs(10), || stream_len(&redis, &alice) == 1
+            && stream_len(&redis, &bob) == 1),
+        "one receipt of bob waits in alice's inbox ({}) and in bob's ({})",
+        stream_len(&redis, &alice),
+        stream_len(&redis, &bob)
     );
     gw.sigkill();
     drop(b);
