@@ -146,7 +146,7 @@ pub const PUSH_DROPPED: &str = "ringgate_push_dropped_total";
 pub const LIVE_ACKED: &str = "ringgate_live_acked_total";
 pub const LIVE_SPILLED: &str = "ringgate_live_spilled_total";
 pub const STORE_WRITES_IN_DOUBT: &str = "ringgate_store_writes_in_doubt";
-pub const STORE_REVOKED: &str = "ringgate_store_revoked_total";
+pub const STORE_RESOLVED: &str = "ringgate_store_writes_resolved_total";
 pub const SENDS_REFUSED: &str = "ringgate_sends_refused_total";
 
 /// Upper bounds (microseconds) of the latency histogram buckets: past every timeout a send
@@ -276,7 +276,7 @@ pub struct ShardMetrics {
     pub live_acked: Counter,
     pub live_spilled: Counter,
     pub store_writes_in_doubt: Gauge,
-    pub store_revoked: Counter,
+    pub store_resolved: Counter,
     pub rooms: Gauge,
     pub room_members: Gauge,
     pub room_publishes: Counter,
@@ -674,15 +674,15 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
     ),
     (
         STORE_WRITES_IN_DOUBT,
-        "Inbox writes reported as failed that may still land, not yet revoked (SPEC 4, Order).",
+        "Inbox writes whose answer was lost (they may have landed), not resolved yet: their senders wait (SPEC 4, Order).",
         Kind::Gauge,
         |m| m.store_writes_in_doubt.get(),
     ),
     (
-        STORE_REVOKED,
-        "Inbox writes reported as failed, revoked: removed if they had landed, refused if they land later.",
+        STORE_RESOLVED,
+        "Inbox writes whose answer was lost, resolved once Redis answered: `accepted` if they had landed, else fenced (they never land) and `unavailable`.",
         Kind::Counter,
-        |m| m.store_revoked.get(),
+        |m| m.store_resolved.get(),
     ),
     (
         ROOMS,

@@ -57,9 +57,6 @@ pub struct StoreWrite {
     /// Increasing per shard and run (0: not written): Redis refuses a write of a shard older
     /// than one of it that already landed for the same pair of users.
     pub attempt: u64,
-    /// The pair's earlier writes that were reported as failed, as (cid, attempt): revoked by
-    /// the same script call, before this write.
-    pub revoke: Vec<(Box<str>, u64)>,
 }
 
 impl Message {

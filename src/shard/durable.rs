@@ -24,8 +24,6 @@
 //!   from Redis (XDEL, in a later batch; if that cannot be queued the entry is delivered
 //!   again later and the client drops it by `(from, cid)`).
 //! * The user's last device leaves: the mirror is dropped (Redis still holds everything).
-//! * A failed write for a user whose mirror is live may still have happened: the mirror is
-//!   reloaded, so such an entry is not missed.
 //! * Redis down: the store refuses in bounded time (`redis_timeout_ms`), senders to offline
 //!   users get `unavailable`, loads are retried every `LOAD_RETRY_MS`; fred reconnects by
 //!   itself, and a shard that has nothing to write probes every `PROBE_MS` to learn it is back.
@@ -44,28 +42,27 @@
 //!   that reload, an entry known to be missing (it could not be placed) holds back every
 //!   entry of that user after it: none is shown from Redis, none goes live, and while a tail
 //!   is out new messages to the user are refused for now (`missing`).
-//! * A write reported as failed never lands after a later accepted one (SPEC 4, Order). A
-//!   write that timed out may still run later (fred may send it after a reconnect, Redis may
-//!   still be working through it), or may have run before its answer was lost. Each append
-//!   carries this shard's attempt number, increasing; the script keeps, per pair of users,
-//!   the highest attempt of this shard that landed, and refuses an older one (`stale`). The
-//!   shard keeps every failed attempt of a pair *in doubt* and, before the pair's next
-//!   write (and from the tick, once Redis answers), revokes them: each that landed is
-//!   removed, none can land any more. So a resent cid whose first write landed unaccepted is
-//!   appended again at the end, in the order its sender is told `accepted`.
-//! * Nor is such a write shown: an entry of this shard's own write reaches the mirror (by
-//!   push or by a load) only once the write is answered as stored; one whose write is
-//!   unanswered waits for the answer, one whose write failed is left out (it is revoked).
-//! * Nor is anything shown past it while it may outlive this node: an entry of a write in
-//!   doubt found in Redis (pushed, read, or waiting when its write failed) holds back every
-//!   later entry of its user, like a missing one, until the revoke that removes it is
-//!   answered and the inbox is read again (`hold_for_revoke`). A node that dies before
-//!   that leaves the entry in Redis with nothing shown after it: the next run shows it in
-//!   its place and answers its sender's resend with its id, so both sides agree. Shown
-//!   past, the recipient would have seen later entries first while the resend was answered
-//!   with the entry's lower id (found by the simulation with node deaths). A write in doubt
-//!   not found in Redis needs no hold: the watermark lets it land only before the pair's
-//!   next write of this shard, so never after an entry shown.
+//! * A write is answered `unavailable` only once it is known never to land (SPEC 4, Order:
+//!   "a send answered `unavailable` was not taken"). A write whose answer was lost (it timed
+//!   out: fred may send it after a reconnect, Redis may still be working through it; or it
+//!   ran and its answer was lost) is kept *in doubt*, its sender told nothing yet. Each
+//!   append carries this shard's attempt number, increasing; the script keeps, per pair of
+//!   users, the highest attempt of this shard that landed or was resolved, and refuses an
+//!   older one (`stale`). Once Redis answers, the shard *resolves* its writes in doubt (from
+//!   the tick): the watermark rises past each, so none can land any more, and each that had
+//!   landed is kept and answered `accepted`, each that had not is answered `unavailable`. A
+//!   pair's answers are told in the order of its writes: one that comes while an earlier
+//!   write of the pair is in doubt waits for that write's resolution.
+//!   Why not answer `unavailable` at the timeout and remove the entry later, if it landed (as
+//!   until 2026-12-05): the entry could be shown before its removal, on another node (its
+//!   mirror is fed by pushes from Redis) or after this node died, and the sender's resend
+//!   would then be told `accepted` after later messages the recipient saw it before (found by
+//!   tests/cluster.rs, a write that timed out and landed later, and by the simulation with
+//!   node deaths).
+//! * Nor is an entry of a write in doubt shown here before it is resolved: it waits like one
+//!   whose write is unanswered (`unanswered`), and everything of its user after it waits
+//!   behind it. A node that dies meanwhile has shown nothing past it: the next run shows it
+//!   in its place and answers its sender's resend with its id.
 //! * A user's entries reach the mirror in the order Redis holds them: while one waits for
 //!   its write's answer, every later entry of that user (any sender) waits behind it
 //!   (`waiting`). The mirror only grows at its end and a connection is only sent what lies
@@ -90,25 +87,23 @@ use crate::store::{InboxSeq, Store, StoreCaps, StoreError, StoredMessage};
 const LOAD_RETRY_MS: u64 = 500;
 /// How often a shard that believes Redis is down checks whether it is back.
 const PROBE_MS: u64 = 500;
-/// A write of this shard reported as failed that may have landed: revoked before the pair's
-/// next write. Its id tells its entry from another attempt's of the same cid (an earlier
-/// run's or another node's), which this shard cannot revoke and must not hide.
-#[derive(Debug, Clone)]
+/// A write of this shard whose answer was lost: it may have landed. Resolved once Redis
+/// answers (see the module doc), then its sender is told.
 struct Doubt {
-    cid: CompactString,
-    attempt: u64,
-    id: u64,
+    msg: Box<Message>,
+    /// Why its answer was lost (the `unavailable` its sender gets if it never landed).
+    why: String,
 }
 
 impl Doubt {
-    /// As a revoke names it.
+    /// As a resolve names it.
     fn write(&self) -> (Box<str>, u64) {
-        (self.cid.as_str().into(), self.attempt)
+        (self.msg.cid.as_str().into(), self.msg.write.attempt)
     }
 }
 
-/// Failed writes kept in doubt per pair of users; beyond it, writes to the pair are refused
-/// unsent until a revoke clears them (memory stays bounded while Redis is away).
+/// Writes kept in doubt per pair of users; beyond it, writes to the pair are refused unsent
+/// until a resolve clears them (memory stays bounded while Redis is away).
 const MAX_DOUBTS_PER_PAIR: usize = 1024;
 /// In-process answers heard per round of [`Shard::hear_store_now`] (each round may ask more).
 const HEARD_PER_ROUND: usize = 256;
@@ -174,15 +169,18 @@ pub struct StoreClient {
     epoch: u64,
     /// The attempt number of this shard's next inbox write (see the module doc).
     next_attempt: u64,
-    /// Writes reported as failed that may still land, per pair, as (cid, attempt).
+    /// Writes whose answer was lost, per pair, in attempt order.
     doubts: HashMap<Pair, Vec<Doubt>>,
-    /// Pairs with a revoke on its way to Redis.
-    revoking: HashSet<Pair>,
-    /// This shard's appends not answered yet, by the id of the message written, with its
-    /// (recipient, sender, cid): an entry of an earlier, failed attempt of the same cid
-    /// (being revoked) has another id. An entry of such a write pushed (or loaded) before the
-    /// answer waits in `waiting`, and is shown only if the answer is stored. (Keyed by id: one
-    /// short hash per write and answer, not one over three strings.)
+    /// Pairs with a resolve on its way to Redis.
+    resolving: HashSet<Pair>,
+    /// Per pair with a write in doubt: the answers of its writes since the first one in
+    /// doubt, by attempt (`None`: still in doubt), told in that order as they become known.
+    answers_in_order: HashMap<Pair, BTreeMap<u64, Option<Report>>>,
+    /// This shard's appends not answered (or in doubt) yet, by the id of the message written,
+    /// with its (recipient, sender, cid): an entry of another attempt of the same cid has
+    /// another id. An entry of such a write pushed (or loaded) before the answer waits in
+    /// `waiting`, and is shown only if the answer (or the resolve) says stored. (Keyed by id:
+    /// one short hash per write and answer, not one over three strings.)
     unanswered: HashMap<u64, Written>,
     /// Per user, entries that must wait to enter the mirror, by seq: `Some(id)` waits for the
     /// answer to the write of message `id`, `None` only for the entries before it (see the
@@ -203,10 +201,9 @@ pub(crate) enum OrderPlant {
     ShowPastMissing,
     /// A resent cid pays the send limit like a new one (the rule of `is_resend`).
     LimitResends,
-    /// Entries after one of a write in doubt are shown before its revoke is answered (the
-    /// rule of `hold_for_revoke`), and a revoke answered while the mirror loads asks for no
-    /// second read (as before that rule).
-    ShowPastDoubt,
+    /// A write whose answer was lost is answered `unavailable` at once (as before
+    /// 2026-12-05), though it may have landed: resolved later, it is kept if it landed.
+    TellDoubtAtOnce,
 }
 
 /// What becomes of an entry pushed or read for a mirror.
@@ -216,8 +213,6 @@ enum Admit {
     /// Into `waiting`, for the answer to this message's write (`Some(id)`) or behind an
     /// entry that waits.
     Wait(Option<u64>),
-    /// Never shown: its write failed and is being revoked.
-    Never,
 }
 
 /// (recipient, sender, cid): one message's write.
@@ -261,7 +256,8 @@ impl StoreClient {
             epoch: 0,
             next_attempt: 1,
             doubts: HashMap::new(),
-            revoking: HashSet::new(),
+            resolving: HashSet::new(),
+            answers_in_order: HashMap::new(),
             unanswered: HashMap::new(),
             waiting: HashMap::new(),
             #[cfg(test)]
@@ -451,7 +447,7 @@ impl Shard {
 
     /// Periodic Redis-mode work: probe while down, wanted reloads, failed loads.
     /// Nothing of the store waits on this shard's tick: Redis up, no user's inbox mirrored or
-    /// loading, no write unanswered, in doubt or being revoked, nothing to reload. The
+    /// loading, no write unanswered, in doubt or being resolved, nothing to reload. The
     /// periodic lease and id-slot renewals are then all the tick has to do.
     pub(super) fn store_quiet(&self) -> bool {
         let d = &self.store;
@@ -463,7 +459,7 @@ impl Shard {
             && d.reload_wanted.is_empty()
             && d.missing.is_empty()
             && d.doubts.is_empty()
-            && d.revoking.is_empty()
+            && d.resolving.is_empty()
             && d.unanswered.is_empty()
             && d.waiting.is_empty()
             && (!d.caps.shared || self.metrics.id_slot_held.get() == 1)
@@ -513,23 +509,31 @@ impl Shard {
             }
         }
         self.retry_loads(now);
-        self.revoke_doubts();
+        self.resolve_doubts();
     }
 
-    /// Failed writes are revoked even if their senders never write to the pair again.
-    fn revoke_doubts(&mut self) {
+    /// Once Redis answers, every pair's writes in doubt are resolved (one call per pair).
+    fn resolve_doubts(&mut self) {
         let d = &mut self.store;
-        if !d.up || d.doubts.len() == d.revoking.len() {
+        if !d.up || d.doubts.len() == d.resolving.len() {
             return;
         }
         let due: Vec<Pair> = d
             .doubts
             .keys()
-            .filter(|p| !d.revoking.contains(*p))
+            .filter(|p| !d.resolving.contains(*p))
             .cloned()
             .collect();
         for pair in in_stable_order(due) {
-            self.revoke(&pair);
+            let d = &mut self.store;
+            let op = StoreOp::Resolve {
+                to: pair.0.clone(),
+                from: pair.1.clone(),
+                writes: d.doubts[&pair].iter().map(Doubt::write).collect(),
+            };
+            if d.link.submit(op).is_ok() {
+                d.resolving.insert(pair);
+            }
         }
     }
 
@@ -630,38 +634,11 @@ impl Shard {
         self.store.link.submit(op)
     }
 
-    /// Queue a revoke of the pair's writes in doubt, unless one is on its way.
-    fn revoke(&mut self, pair: &Pair) {
-        let d = &mut self.store;
-        let Some(writes) = d.doubts.get(pair) else {
-            return;
-        };
-        if d.revoking.contains(pair) {
-            return;
-        }
-        let op = StoreOp::Revoke {
-            to: pair.0.clone(),
-            from: pair.1.clone(),
-            writes: writes.iter().map(Doubt::write).collect(),
-        };
-        if d.link.submit(op).is_ok() {
-            d.revoking.insert(pair.clone());
-        }
-    }
-
-    /// The store sends a message to Redis (queued for the shard's next batch). The same
-    /// script call first revokes the pair's writes in doubt (see the module doc): were the
-    /// revoke a separate call, it could fail while the write succeeds, and a resent cid could
-    /// then be answered with the entry of a write reported as failed, which the revoke
-    /// removes later.
+    /// The store sends a message to Redis (queued for the shard's next batch).
     pub(super) fn store_append(&mut self, mut msg: Box<Message>) {
         let d = &mut self.store;
         let pair: Pair = (msg.to.clone(), msg.from.clone());
-        let doubts: Vec<(Box<str>, u64)> = d
-            .doubts
-            .get(&pair)
-            .map_or_else(Vec::new, |ds| ds.iter().map(Doubt::write).collect());
-        if doubts.len() >= MAX_DOUBTS_PER_PAIR {
+        if d.doubts.get(&pair).map_or(0, Vec::len) >= MAX_DOUBTS_PER_PAIR {
             self.metrics.store_refused.inc();
             return self.report(msg.refused(SendRefusal::Busy(
                 "earlier writes to this recipient are still in doubt; resend later",
@@ -669,7 +646,6 @@ impl Shard {
         }
         msg.write = StoreWrite {
             attempt: d.next_attempt,
-            revoke: doubts,
         };
         d.next_attempt += 1;
         let to = msg.to.clone();
@@ -720,12 +696,12 @@ impl Shard {
                 self.metrics.cross_node_in.inc();
                 self.typing_here(&from, &to)
             }
-            StoreReply::Revoked {
+            StoreReply::Resolved {
                 to,
                 from,
                 writes,
-                removed,
-            } => self.on_revoked((to, from), writes, removed),
+                landed,
+            } => self.on_resolved((to, from), writes, landed, now),
             StoreReply::Presence { ask, users, online } => {
                 self.on_presence_directory(ask, users, online, now)
             }
@@ -787,13 +763,50 @@ impl Shard {
         }
     }
 
-    fn on_appended(&mut self, mut msg: Message, result: Result<Appended, StoreError>, now: u64) {
-        let doubted = in_doubt(&result, &msg);
-        // Any answer but `unavailable` says the call ran, and with it the revokes it carried.
-        if !matches!(result, Err(StoreError::Unavailable(_))) && !msg.write.revoke.is_empty() {
-            let pair = (msg.to.clone(), msg.from.clone());
-            self.no_longer_in_doubt(pair, std::mem::take(&mut msg.write.revoke));
+    fn on_appended(&mut self, msg: Message, result: Result<Appended, StoreError>, now: u64) {
+        match result {
+            Err(StoreError::Unavailable(why)) if msg.write.attempt > 0 => {
+                self.keep_in_doubt(msg, why)
+            }
+            result => {
+                let (pair, attempt, report) = self.settle_write(msg, result, now);
+                self.tell_in_order(pair, attempt, report);
+            }
         }
+    }
+
+    /// A write's answer was lost: its sender is told nothing until it is resolved (see the
+    /// module doc). It stays unanswered and on its way (`writing`), so an entry of it waits
+    /// in `waiting` and no live delivery to its recipient passes it; the pair's later answers
+    /// wait for its resolution (`answers_in_order`).
+    fn keep_in_doubt(&mut self, msg: Message, why: String) {
+        self.metrics.store_writes_in_doubt.inc();
+        let pair: Pair = (msg.to.clone(), msg.from.clone());
+        let planted = self.planted_tell_doubt_at_once();
+        if planted {
+            let refused = SendRefusal::Store(StoreError::Unavailable(why.clone()));
+            self.report(msg.clone().refused(refused));
+        }
+        let d = &mut self.store;
+        if !planted {
+            let order = d.answers_in_order.entry(pair.clone()).or_default();
+            order.insert(msg.write.attempt, None);
+        }
+        let doubt = Doubt {
+            msg: Box::new(msg),
+            why,
+        };
+        d.doubts.entry(pair).or_default().push(doubt);
+    }
+
+    /// A write's answer is known (from the store, or by resolving it): its entry may show;
+    /// returns its pair, its attempt and what its sender is to be told.
+    fn settle_write(
+        &mut self,
+        msg: Message,
+        result: Result<Appended, StoreError>,
+        now: u64,
+    ) -> (Pair, u64, Report) {
         {
             let d = &mut self.store;
             if let Entry::Occupied(mut writes) = d.writing.entry(msg.to.clone()) {
@@ -803,33 +816,27 @@ impl Shard {
                 }
             }
             // An entry of this write that came before its answer: shown (in its turn) if it
-            // is stored, never if not.
+            // is stored, never if not (then it cannot exist: the answer or the resolve ran
+            // in the same call as the write, or after its attempt was fenced).
             if let Entry::Occupied(entry) = d.unanswered.entry(msg.id) {
                 if is_write_of(entry.get(), &msg.to, &msg.from, &msg.cid) {
                     entry.remove();
                 }
             }
             if let Some(queue) = d.waiting.get_mut(&msg.to) {
-                let mut landed = false;
                 match result {
                     Ok(_) => queue
                         .values_mut()
                         .filter(|(_, awaited)| *awaited == Some(msg.id))
                         .for_each(|(_, awaited)| *awaited = None),
-                    Err(_) => queue.retain(|_, (_, awaited)| {
-                        landed |= *awaited == Some(msg.id);
-                        *awaited != Some(msg.id)
-                    }),
-                }
-                // Its entry is in Redis and its write is now in doubt (below): what waited
-                // behind it waits for the revoke (see `hold_for_revoke`).
-                if landed && doubted {
-                    let _ = self.hold_for_revoke(msg.to.clone());
+                    Err(_) => queue.retain(|_, (_, awaited)| *awaited != Some(msg.id)),
                 }
                 self.release_waiting(msg.to.clone(), now);
             }
         }
-        match result {
+        let pair: Pair = (msg.to.clone(), msg.from.clone());
+        let attempt = msg.write.attempt;
+        let report = match result {
             Ok(Appended::Stored {
                 pushed,
                 offline,
@@ -851,72 +858,92 @@ impl Shard {
                 }
                 // The mirror gets the entry from this node's channel (see the module doc).
                 let id = msg.id;
-                self.report(msg.report(id, Outcome::Stored));
+                msg.report(id, Outcome::Stored)
             }
             Ok(Appended::Duplicate { id }) => {
                 // Stored by an earlier run (or an earlier copy): same id, no second delivery.
                 self.metrics.dedup_hits.inc();
-                self.report(msg.report(id, Outcome::Stored));
+                msg.report(id, Outcome::Stored)
             }
             Err(e) => {
                 self.metrics.store_refused.inc();
-                let to = msg.to.clone();
-                let unknown = matches!(e, StoreError::Unavailable(_));
-                if doubted {
-                    self.metrics.store_writes_in_doubt.inc();
-                    {
-                        let d = &mut self.store;
-                        let pair = (msg.to.clone(), msg.from.clone());
-                        d.doubts.entry(pair).or_default().push(Doubt {
-                            cid: msg.cid.clone(),
-                            attempt: msg.write.attempt,
-                            id: msg.id,
-                        });
-                    }
-                }
-                self.report(msg.refused(SendRefusal::Store(e)));
-                // The write may have happened after all: reload a live mirror.
-                if unknown && self.mirror_ready(&to) {
-                    self.want_reload(&to);
-                }
+                msg.refused(SendRefusal::Store(e))
             }
-        }
+        };
+        (pair, attempt, report)
     }
 
-    /// A revoke was answered: the writes it named are no longer in doubt (unless it failed:
-    /// the tick revokes them again).
-    fn on_revoked(&mut self, pair: Pair, writes: Vec<(Box<str>, u64)>, removed: Option<u64>) {
-        {
-            let d = &mut self.store;
-            d.revoking.remove(&pair);
-        }
-        if removed.is_some() {
-            self.no_longer_in_doubt(pair, writes);
-        }
-    }
-
-    /// `writes` of `pair` were revoked: they never land from now on.
-    fn no_longer_in_doubt(&mut self, pair: Pair, writes: Vec<(Box<str>, u64)>) {
+    /// Tell a write's answer: an `accepted` after the answers of the pair's earlier writes
+    /// in doubt; a refusal at once (nothing was taken, so it has no place in the order).
+    fn tell_in_order(&mut self, pair: Pair, attempt: u64, report: Report) {
         let d = &mut self.store;
-        if let Some(doubts) = d.doubts.get_mut(&pair) {
-            let before = doubts.len();
-            let revoked: HashSet<&(Box<str>, u64)> = writes.iter().collect();
-            doubts.retain(|w| !revoked.contains(&w.write()));
-            let gone = (before - doubts.len()) as u64;
-            self.metrics.store_writes_in_doubt.sub(gone);
-            self.metrics.store_revoked.add(gone);
-            if doubts.is_empty() {
-                d.doubts.remove(&pair);
+        let Some(order) = d.answers_in_order.get_mut(&pair) else {
+            return self.report(report);
+        };
+        let mut ready = Vec::new();
+        if matches!(report.outcome, Outcome::Stored) {
+            order.insert(attempt, Some(report));
+        } else {
+            order.remove(&attempt);
+            ready.push(report);
+        }
+        while let Some(first) = order.first_entry() {
+            if first.get().is_none() {
+                break; // still in doubt
+            }
+            ready.extend(first.remove());
+        }
+        if order.is_empty() {
+            d.answers_in_order.remove(&pair);
+        }
+        for report in ready {
+            self.report(report);
+        }
+    }
+
+    /// A resolve was answered: each write it named either had landed (kept, and answered
+    /// `accepted`) or never will (answered `unavailable`). Failed: the tick asks again.
+    fn on_resolved(
+        &mut self,
+        pair: Pair,
+        writes: Vec<(Box<str>, u64)>,
+        landed: Option<Vec<bool>>,
+        now: u64,
+    ) {
+        let d = &mut self.store;
+        d.resolving.remove(&pair);
+        let Some(landed) = landed else {
+            return;
+        };
+        let Some(doubts) = d.doubts.get_mut(&pair) else {
+            return;
+        };
+        let mut settled = Vec::with_capacity(writes.len());
+        for (write, landed) in writes.iter().zip(landed) {
+            if let Some(at) = doubts.iter().position(|d| d.write() == *write) {
+                settled.push((doubts.remove(at), landed));
             }
         }
-        // The mirror may hold a removed entry, or lack one held back while in doubt; a
-        // mirror still loading is read again once loaded (its read may predate the revoke,
-        // and a user held for it waits for that read).
-        let planted = self.planted_show_past_doubt();
-        match self.store.mirrors.get(&pair.0) {
-            Some(Mirror::Ready { .. }) => self.want_reload(&pair.0),
-            Some(Mirror::Loading { .. }) if !planted => self.want_reload(&pair.0),
-            _ => {}
+        if doubts.is_empty() {
+            d.doubts.remove(&pair);
+        }
+        self.metrics.store_writes_in_doubt.sub(settled.len() as u64);
+        self.metrics.store_resolved.add(settled.len() as u64);
+        let told_at_once = self.planted_tell_doubt_at_once();
+        for (Doubt { msg, why }, landed) in settled {
+            let result = match landed {
+                true => Ok(Appended::Stored {
+                    pushed: 0,
+                    offline: false,
+                    seq: 0,
+                }),
+                false => Err(StoreError::Unavailable(why)),
+            };
+            let (pair, attempt, report) = self.settle_write(*msg, result, now);
+            // (Planted) its sender was told `unavailable` already.
+            if !told_at_once {
+                self.tell_in_order(pair, attempt, report);
+            }
         }
     }
 
@@ -934,53 +961,21 @@ impl Shard {
             _ => return,
         }
         // Judged now, also while the mirror loads: by the time the load answers, the write
-        // of this entry may have been revoked and no longer be in doubt (found by the
-        // simulation, seed 12757704642094768500: a late write's entry, pushed during a load
-        // and revoked before it answered, was shown under an id its sender was never told).
+        // of this entry may have been answered.
         match self.admit_entry(&user, &msg) {
             Admit::Now => self.add_to_mirror(user, seq, msg, now, false),
             Admit::Wait(awaited) => self.wait(user, seq, msg, awaited),
-            Admit::Never => {
-                self.hold_for_revoke(user);
-            }
         }
-    }
-
-    /// An entry of a write in doubt is in Redis (a push or a read showed it): nothing of
-    /// `user` after it is shown until the revoke that removes it is answered and the
-    /// mirror is read again (`no_longer_in_doubt` asks for that read). Were later entries
-    /// of its pair shown first and this node died before the revoke ran, the next run would
-    /// serve the entry in its place and answer its sender's resend with its (lower) id: the
-    /// sender would be told it before those later ones, the recipient saw it after them
-    /// (found by the simulation with node deaths, seeds 13642108178726191455 and
-    /// 7902165335519987379). Held, a death loses nothing: the next run shows the entry in
-    /// its place, before everything after it, and answers the resend with its id.
-    ///
-    /// Whether it holds (the simulation can plant the rule out).
-    fn hold_for_revoke(&mut self, user: CompactString) -> bool {
-        if self.planted_show_past_doubt() {
-            return false;
-        }
-        self.store.missing.insert(user);
-        true
-    }
-
-    /// The simulation's planted `ShowPastDoubt` (always false outside tests).
-    fn planted_show_past_doubt(&self) -> bool {
-        #[cfg(test)]
-        return self.store.plant == OrderPlant::ShowPastDoubt;
-        #[cfg(not(test))]
-        false
     }
 
     /// Whether an entry pushed or read for `user`'s mirror may go in now: not one of this
-    /// shard's writes still unanswered (it waits for the answer), nor one that failed (it is
-    /// being revoked), nor one behind an entry that waits.
+    /// shard's writes still unanswered or in doubt (it waits for the answer or the resolve),
+    /// nor one behind an entry that waits.
     fn admit_entry(&mut self, user: &CompactString, msg: &StoredMessage) -> Admit {
         let d = &mut self.store;
         // The common case (always, with the embedded store, once its answer came): nothing
-        // unanswered, in doubt or waiting; no keys are built.
-        if d.unanswered.is_empty() && d.doubts.is_empty() && !d.has_waiting(user) {
+        // unanswered (or in doubt) or waiting; no keys are built.
+        if d.unanswered.is_empty() && !d.has_waiting(user) {
             return Admit::Now;
         }
         if d.unanswered
@@ -989,20 +984,18 @@ impl Shard {
         {
             return Admit::Wait(Some(msg.id));
         }
-        let pair = (user.clone(), msg.from.clone());
-        // By id: an entry of the same cid under another id is another attempt's (an earlier
-        // run's, a dead node's), which the revoke leaves; hidden, it would never be shown in
-        // its place (found by the simulation once nodes died, seed 13064056694810536062).
-        if d.doubts
-            .get(&pair)
-            .is_some_and(|ws| ws.iter().any(|w| w.cid == msg.cid && w.id == msg.id))
-        {
-            return Admit::Never;
-        }
         if d.has_waiting(user) {
             return Admit::Wait(None);
         }
         Admit::Now
+    }
+
+    /// The simulation's planted `TellDoubtAtOnce` (always false outside tests).
+    fn planted_tell_doubt_at_once(&self) -> bool {
+        #[cfg(test)]
+        return self.store.plant == OrderPlant::TellDoubtAtOnce;
+        #[cfg(not(test))]
+        false
     }
 
     #[cfg(test)]
@@ -1073,7 +1066,7 @@ impl Shard {
             // Waits for the read (which may hold it already, see `on_loaded`).
             Some(Mirror::Loading { pushes, epoch, .. }) if *epoch == d.epoch => {
                 if d.missing.contains(&user) {
-                    // Held since the read went out (see `hold_for_revoke`): read again.
+                    // Missing since the read went out: read again.
                     return;
                 }
                 if pushes.len() < window {
@@ -1139,13 +1132,6 @@ impl Shard {
         self.watch_resync();
     }
 
-    fn want_reload(&mut self, user: &str) {
-        {
-            let d = &mut self.store;
-            d.reload_wanted.insert(user.into());
-        }
-    }
-
     fn on_loaded(
         &mut self,
         user: CompactString,
@@ -1190,8 +1176,6 @@ impl Shard {
                 let read_end = entries.last().map(|(seq, _)| *seq);
                 let before = d.waiting.remove(&user).unwrap_or_default();
                 let mut shown = Vec::with_capacity(entries.len());
-                // The read holds an entry in doubt: what lies after it waits.
-                let mut stopped = false;
                 for (seq, m) in entries {
                     if acked.contains(&seq) {
                         continue;
@@ -1202,31 +1186,18 @@ impl Shard {
                             shown.push((seq, now.saturating_sub(age), m));
                         }
                         Admit::Wait(awaited) => self.wait(user.clone(), seq, m, awaited),
-                        Admit::Never => {
-                            // Nothing after it until its revoke is answered and the inbox
-                            // is read again (see `hold_for_revoke`).
-                            if self.hold_for_revoke(user.clone()) {
-                                stopped = true;
-                                break;
-                            }
-                        }
                     }
                 }
                 self.inbox.replace_user(&user, shown);
                 for (seq, (m, awaited)) in before {
-                    if !stopped && read_end.is_none_or(|end| seq > end) {
+                    if read_end.is_none_or(|end| seq > end) {
                         self.wait(user.clone(), seq, m, awaited);
                     }
                 }
                 // Pushed while loading (judged when they came): those past the read are new
-                // (the rest it read); behind a waiting entry they wait too. A user held
-                // while the read was out took pushes only up to the entry in doubt; one
-                // held by the read takes none (they lie after it).
+                // (the rest it read); behind a waiting entry they wait too.
                 for (seq, msg) in pushes {
                     if read_end.is_some_and(|end| seq <= end) {
-                        continue;
-                    }
-                    if stopped {
                         continue;
                     }
                     if self.store.has_waiting(&user) {
@@ -1262,12 +1233,6 @@ impl Shard {
             }
         }
     }
-}
-
-/// Whether a write answered `result` is kept in doubt (revoked before the pair's next
-/// write): it may have landed, and it carries an attempt (Redis fences it).
-fn in_doubt(result: &Result<Appended, StoreError>, msg: &Message) -> bool {
-    matches!(result, Err(StoreError::Unavailable(_))) && msg.write.attempt > 0
 }
 
 /// Work picked from a hash map goes out sorted: the store sees the same order from the same

@@ -36,7 +36,7 @@
 //! again and the client drops it by (from, cid); not checked.)
 //!
 //! `the model's` [`Model::fence`] is the order fix in the store (the script's watermark and
-//! revoke, `store/redis/script.lua`); with it off the simulation finds the hole of issue 15.
+//! resolve, `store/redis/script.lua`); with it off the simulation finds the hole of issue 15.
 //! Replay one seed: `RINGGATE_SIM_SEED=<seed> cargo test --lib sim:: -- --nocapture`
 //! (`RINGGATE_SIM_TRACE=1` prints what each shard hears from the store and the mesh);
 //! a longer sweep: `RINGGATE_SIM_SEEDS=<count>`. The scripted tests at the end drive one
@@ -176,7 +176,8 @@ impl Pipe {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Plant {
     None,
-    /// The store without the order fix: no watermark, revokes ignored (issue 15's hole).
+    /// The store without the order fix: no watermark (issue 15's hole; a resolve then
+    /// answers "not landed" for a write that may still land).
     NoFence,
     /// The store answers every 50th append as stored without keeping it (a lost message,
     /// `accepted` before it was safe).
@@ -204,16 +205,14 @@ pub(crate) enum Plant {
     /// is refused the resend of a message already stored, and hears `accepted` for later
     /// ones first.
     LimitResends,
-    /// The shard shows entries after one of its writes in doubt that it found in Redis
-    /// before the revoke is answered: a node that dies then leaves the entry below ones
-    /// the recipient saw (the hole node deaths found).
-    ShowPastDoubt,
+    /// The shard answers a write whose answer was lost `unavailable` at once (as before
+    /// 2026-12-05), though it may have landed and be shown (`OrderPlant::TellDoubtAtOnce`).
+    TellDoubtAtOnce,
 }
 
-/// A dedup record: the first write of a cid (id, entry, its writer and attempt).
+/// A dedup record: the first write of a cid (id, its writer and attempt).
 struct Record {
     id: u64,
-    seq: InboxSeq,
     writer: usize,
     attempt: u64,
 }
@@ -278,33 +277,31 @@ impl Model {
         self.plant != Plant::NoFence
     }
 
-    /// The script's `revoke`: each write of `pair` by `writer` that landed is removed, none
-    /// lands later.
-    fn revoke(
+    /// The script's `resolve`: per write of `pair` by `writer`, whether it landed (its
+    /// record is that attempt's); none lands later (without the fence: they still may).
+    fn resolve(
         &mut self,
         writer: usize,
         pair: &(String, String),
         writes: &[(Box<str>, u64)],
-    ) -> u64 {
-        let mut removed = 0;
+    ) -> Vec<bool> {
+        let mut landed = Vec::with_capacity(writes.len());
         for (cid, attempt) in writes {
-            let wm = self
-                .watermark
-                .entry((writer, pair.0.clone(), pair.1.clone()))
-                .or_default();
-            *wm = (*wm).max(*attempt);
-            let key = (pair.0.clone(), pair.1.clone(), cid.to_string());
-            if self
-                .records
-                .get(&key)
-                .is_some_and(|r| r.writer == writer && r.attempt == *attempt)
-            {
-                let r = self.records.remove(&key).unwrap();
-                let inbox = self.inbox.entry(pair.0.clone()).or_default();
-                removed += inbox.remove(&r.seq).is_some() as u64;
+            if self.fence() {
+                let wm = self
+                    .watermark
+                    .entry((writer, pair.0.clone(), pair.1.clone()))
+                    .or_default();
+                *wm = (*wm).max(*attempt);
             }
+            let key = (pair.0.clone(), pair.1.clone(), cid.to_string());
+            landed.push(
+                self.records
+                    .get(&key)
+                    .is_some_and(|r| r.writer == writer && r.attempt == *attempt),
+            );
         }
-        removed
+        landed
     }
 
     /// Run one operation of `shard`'s store link; its answer, and the pushes it made to this
@@ -322,8 +319,8 @@ impl Model {
                     "{now} store ({shard}): append {}->{} cid {} id {} attempt {}",
                     m.from, m.to, m.cid, m.id, m.write.attempt
                 ),
-                StoreOp::Revoke { to, from, writes } => {
-                    eprintln!("{now} store ({shard}): revoke {from}->{to} {writes:?}")
+                StoreOp::Resolve { to, from, writes } => {
+                    eprintln!("{now} store ({shard}): resolve {from}->{to} {writes:?}")
                 }
                 StoreOp::Remove { user, seq, .. } => {
                     eprintln!("{now} store ({shard}): remove {user} {seq}")
@@ -336,7 +333,6 @@ impl Model {
             StoreOp::Append(msg) => {
                 let pair = (msg.to.to_string(), msg.from.to_string());
                 if self.fence() {
-                    self.revoke(shard, &pair, &msg.write.revoke);
                     let wm = self
                         .watermark
                         .entry((shard, pair.0.clone(), pair.1.clone()))
@@ -384,7 +380,6 @@ impl Model {
                         key,
                         Record {
                             id: msg.id,
-                            seq,
                             writer: shard,
                             attempt: msg.write.attempt,
                         },
@@ -406,17 +401,13 @@ impl Model {
                     }),
                 }
             }
-            StoreOp::Revoke { to, from, writes } => {
-                let removed = if self.fence() {
-                    self.revoke(shard, &(to.to_string(), from.to_string()), &writes)
-                } else {
-                    0
-                };
-                StoreReply::Revoked {
+            StoreOp::Resolve { to, from, writes } => {
+                let landed = self.resolve(shard, &(to.to_string(), from.to_string()), &writes);
+                StoreReply::Resolved {
                     to,
                     from,
                     writes,
-                    removed: Some(removed),
+                    landed: Some(landed),
                 }
             }
             StoreOp::Remove { user, seq, report } => {
@@ -1195,7 +1186,6 @@ impl Sim {
                         );
                         let record = Record {
                             id: msg.id,
-                            seq: *seq,
                             writer: k,
                             attempt: 0,
                         };
@@ -1242,11 +1232,8 @@ impl Sim {
             };
             if trace() {
                 let what = match &op {
-                    StoreOp::Append(m) => format!(
-                        "append {} attempt {} revoking {:?}",
-                        m.cid, m.write.attempt, m.write.revoke
-                    ),
-                    StoreOp::Revoke { writes, .. } => format!("revoke {writes:?}"),
+                    StoreOp::Append(m) => format!("append {} attempt {}", m.cid, m.write.attempt),
+                    StoreOp::Resolve { writes, .. } => format!("resolve {writes:?}"),
                     _ => "other".into(),
                 };
                 eprintln!("{now} taken from shard {k}: {what} fate {fate}");
@@ -1666,7 +1653,7 @@ fn boot_node(
         let planted = match plant {
             Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
             Plant::LimitResends => Some(OrderPlant::LimitResends),
-            Plant::ShowPastDoubt => Some(OrderPlant::ShowPastDoubt),
+            Plant::TellDoubtAtOnce => Some(OrderPlant::TellDoubtAtOnce),
             _ => None,
         };
         if let Some(planted) = planted {
@@ -1683,7 +1670,7 @@ fn boot_node(
 fn clone_op(op: &StoreOp) -> StoreOp {
     match op {
         StoreOp::Append(m) => StoreOp::Append(m.clone()),
-        StoreOp::Revoke { to, from, writes } => StoreOp::Revoke {
+        StoreOp::Resolve { to, from, writes } => StoreOp::Resolve {
             to: to.clone(),
             from: from.clone(),
             writes: writes.clone(),
@@ -1712,9 +1699,7 @@ fn describe(reply: &StoreReply) -> String {
                 msg.from, msg.cid, msg.id
             )
         }
-        StoreReply::Revoked {
-            writes, removed, ..
-        } => format!("revoked {writes:?}: {removed:?}"),
+        StoreReply::Resolved { writes, landed, .. } => format!("resolved {writes:?}: {landed:?}"),
         StoreReply::Loaded { user, result, .. } => match result {
             Ok(l) => format!(
                 "loaded {user}: {:?}",
@@ -1906,11 +1891,12 @@ mod tests {
         finds(Plant::LimitResends, "order");
     }
 
-    /// Node deaths: entries shown past one of a write in doubt before its revoke is
-    /// answered (the hole of seeds 13642108178726191455 and 7902165335519987379).
+    /// A write whose answer was lost answered `unavailable` at once though it may have
+    /// landed (the rule before 2026-12-05): its entry is shown, its resend told `accepted`
+    /// after later ones.
     #[test]
-    fn showing_past_an_entry_in_doubt_breaks_the_order_when_the_node_dies() {
-        finds(Plant::ShowPastDoubt, "order");
+    fn telling_a_write_in_doubt_unavailable_at_once_breaks_the_order() {
+        finds(Plant::TellDoubtAtOnce, "order");
     }
 
     /// Node deaths: a resend not marked as one is shown live under a new id while a dead
@@ -2235,83 +2221,91 @@ mod order_tests {
 mod doubt_tests {
     use super::order_tests::*;
     use super::*;
-    use compact_str::CompactString;
 
-    /// The first write's answer is lost after its entry was pushed: its entry is in Redis
-    /// and its write in doubt. The second write is stored, but is not shown until the
-    /// revoke of the first is answered and the inbox read again: had it been shown and the
-    /// node died before the revoke, the next run would show the first after it and answer
-    /// its resend with its lower id (the hole node deaths found, seed 7902165335519987379).
-    #[test]
-    fn entries_after_one_in_doubt_wait_for_its_revoke() {
-        let (mut sim, now) = with_r0_online();
-        let first = send(&mut sim, "a");
-        let first_stored = first.clone();
-        let second = send(&mut sim, "b");
-        push(&mut sim, now, 1, stored(&first));
+    /// What s0 was told: `accepted:<cid>` or `error:<cid>`, in order.
+    fn told(sim: &mut Sim) -> Vec<String> {
+        sim.poll_all();
+        sim.senders[0]
+            .pipe
+            .frames()
+            .into_iter()
+            .filter(|v| v["op"] == "accepted" || v["op"] == "error")
+            .map(|v| {
+                format!(
+                    "{}:{}",
+                    v["op"].as_str().unwrap(),
+                    v["cid"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    /// The tick's resolve of the pair's writes in doubt, answered `landed`.
+    fn resolve(sim: &mut Sim, landed: Vec<bool>) {
+        sim.clock.advance(20);
+        sim.shard().on_tick();
+        let mut resolve = None;
+        while let Ok(op) = sim.store().ops.try_recv() {
+            if let StoreOp::Resolve { to, from, writes } = op {
+                resolve = Some(StoreReply::Resolved {
+                    to,
+                    from,
+                    writes,
+                    landed: Some(landed.clone()),
+                });
+            }
+        }
+        let now = sim.now();
+        sim.shard()
+            .on_store_reply(resolve.expect("the tick resolves the write in doubt"), now);
+    }
+
+    fn lose_answer(sim: &mut Sim, now: u64, msg: Box<crate::delivery::message::Message>) {
         let lost = StoreReply::Appended {
-            msg: first,
+            msg,
             result: Err(StoreError::Unavailable("connection lost".into())),
         };
         sim.shard().on_store_reply(lost, now);
+    }
+
+    /// The first write's answer is lost after its entry was pushed: it is in doubt and its
+    /// sender hears nothing. The second is stored, but neither shown nor told before the
+    /// first is resolved. Answered `unavailable` at once (as before), the first would be in
+    /// Redis, shown here or on another node, and its resend told `accepted` after the second
+    /// (tests/cluster.rs). Resolved as landed: both shown and told, in that order.
+    #[test]
+    fn a_write_in_doubt_that_landed_is_accepted_before_later_ones() {
+        let (mut sim, now) = with_r0_online();
+        let first = send(&mut sim, "a");
+        let second = send(&mut sim, "b");
+        push(&mut sim, now, 1, stored(&first));
+        lose_answer(&mut sim, now, first);
         push(&mut sim, now, 2, stored(&second));
-        answer(&mut sim, now, second.clone(), 2);
+        answer(&mut sim, now, second, 2);
         assert!(shown(&mut sim).is_empty(), "held behind the entry in doubt");
-        // The tick reads r0's inbox again (the lost write may have landed) and revokes the
-        // pair's write in doubt, in that order on the shard's link.
-        sim.clock.advance(20);
-        sim.shard().on_tick();
-        let (loads, revoke) = ops(&mut sim);
-        let (to, from, writes) = revoke.expect("the revoke");
-        // The read (it ran before the revoke) holds both: still nothing after the first.
-        let both = vec![(seq(1), stored(&first_stored)), (seq(2), stored(&second))];
-        load(&mut sim, loads[0], both);
         assert!(
-            shown(&mut sim).is_empty(),
-            "held until the revoke is answered"
+            told(&mut sim).is_empty(),
+            "nothing told before the first is known"
         );
-        let now = sim.now();
-        let revoked = StoreReply::Revoked {
-            to,
-            from,
-            writes,
-            removed: Some(1),
-        };
-        sim.shard().on_store_reply(revoked, now);
-        // Read again: the first is gone from Redis.
-        sim.clock.advance(20);
-        sim.shard().on_tick();
-        let (loads, _) = ops(&mut sim);
-        load(&mut sim, loads[0], vec![(seq(2), stored(&second))]);
+        resolve(&mut sim, vec![true]);
+        assert_eq!(shown(&mut sim), ["s0:\"a\"", "s0:\"b\""]);
+        assert_eq!(told(&mut sim), ["accepted:a", "accepted:b"]);
+    }
+
+    /// The first write's answer is lost and it never landed (no entry came): the second,
+    /// stored after it, may be shown (the first cannot land after it), but is told only after
+    /// the first is resolved and answered `unavailable`.
+    #[test]
+    fn a_write_in_doubt_that_never_landed_is_refused_before_later_ones_are_told() {
+        let (mut sim, now) = with_r0_online();
+        let first = send(&mut sim, "a");
+        let second = send(&mut sim, "b");
+        lose_answer(&mut sim, now, first);
+        push(&mut sim, now, 2, stored(&second));
+        answer(&mut sim, now, second, 2);
         assert_eq!(shown(&mut sim), ["s0:\"b\""]);
-    }
-
-    type Revoke = (CompactString, CompactString, Vec<(Box<str>, u64)>);
-
-    /// The loads of r0 and the revoke the shard queued.
-    fn ops(sim: &mut Sim) -> (Vec<u64>, Option<Revoke>) {
-        let (mut loads, mut revoke) = (Vec::new(), None);
-        while let Ok(op) = sim.store().ops.try_recv() {
-            match op {
-                StoreOp::Load { user, token, .. } if user == "r0" => loads.push(token),
-                StoreOp::Revoke { to, from, writes } => revoke = Some((to, from, writes)),
-                _ => {}
-            }
-        }
-        (loads, revoke)
-    }
-
-    fn load(sim: &mut Sim, token: u64, entries: Vec<(InboxSeq, StoredMessage)>) {
-        let loaded = StoreReply::Loaded {
-            user: "r0".into(),
-            token,
-            result: Ok(Loaded {
-                received: Vec::new(),
-                entries,
-                expired: 0,
-            }),
-        };
-        let now = sim.now();
-        sim.shard().on_store_reply(loaded, now);
+        assert!(told(&mut sim).is_empty(), "the second waits for the first");
+        resolve(&mut sim, vec![false]);
+        assert_eq!(told(&mut sim), ["error:a", "accepted:b"]);
     }
 }

@@ -12,7 +12,7 @@
 //! Nothing another node would need: no directory, lease, rooms, presence, typing, watch or
 //! id slots ([`EmbeddedStore::serves`] says no: the shard asks [`super::StoreCaps`] before
 //! it would send them). It never answers `unavailable`, so no write of it is ever in doubt
-//! and it has nothing to revoke.
+//! and it has nothing to resolve.
 //!
 //! Seqs carry the wall time of their append in Redis's encoding (`seq_time_ms`), so the
 //! shard's mirror ages an entry the same way whichever store holds it. Time is injected.
@@ -75,10 +75,6 @@ impl EmbeddedStore {
     pub fn apply(&mut self, op: StoreOp, now: u64, wall: u64, out: &mut Vec<StoreReply>) {
         match op {
             StoreOp::Append(msg) => {
-                debug_assert!(
-                    msg.write.revoke.is_empty(),
-                    "nothing of it is ever in doubt"
-                );
                 self.inbox.raise_next_seq(seq_floor_at(wall));
                 let to = msg.to.clone();
                 let loaded = self.loaded.contains(&to);

@@ -127,8 +127,11 @@ pub enum StoreError {
     /// The store cannot answer now. For a write: it may still have happened (or happen).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store cannot answer now, and this write was not sent to it: it did not happen.
+    #[error("store unavailable: {0}")]
+    Unsent(String),
     /// Not written, for sure: a later write of the same shard to the same pair of users
-    /// landed first, or the shard revoked this one (`shard/durable.rs`).
+    /// landed first, or the shard resolved this one (`shard/durable.rs`).
     #[error("store refused a superseded write")]
     Stale,
 }

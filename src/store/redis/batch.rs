@@ -190,7 +190,7 @@ fn routing_key(settings: &RedisSettings, op: &StoreOp) -> Option<String> {
     let p = &settings.key_prefix;
     match op {
         StoreOp::Append(m) => Some(inbox_key(p, &m.to)),
-        StoreOp::Revoke { to, .. } => Some(inbox_key(p, to)),
+        StoreOp::Resolve { to, .. } => Some(inbox_key(p, to)),
         StoreOp::Remove { user, .. } | StoreOp::Load { user, .. } | StoreOp::Leave { user } => {
             Some(inbox_key(p, user))
         }
@@ -723,13 +723,8 @@ impl BatchCall {
                     ));
                     args.push(m.to.to_string());
                     args.push(m.write.attempt.to_string());
-                    args.push(m.write.revoke.len().to_string());
-                    for (cid, attempt) in &m.write.revoke {
-                        args.push(cid.to_string());
-                        args.push(attempt.to_string());
-                    }
                 }
-                StoreOp::Revoke { to, from, writes } => {
+                StoreOp::Resolve { to, from, writes } => {
                     keys.push(inbox_key(p, to));
                     keys.push(dedup_key(p, to, from));
                     args.push("V".into());
@@ -825,8 +820,8 @@ pub(super) enum Answer {
     Removed(bool),
     Loaded(Loaded),
     Online(Vec<bool>),
-    /// A revoke: entries it removed.
-    Revoked(u64),
+    /// A resolve: per write, whether it had landed.
+    Resolved(Vec<bool>),
     /// A room publish: (id, offset).
     Published(Result<(u64, u64), StoreError>),
     /// The lease was still held (false: it had lapsed; see [`StoreReply::Resync`]).
@@ -867,12 +862,14 @@ impl Answer {
                 users,
                 online: Some(online),
             },
-            (Answer::Revoked(n), StoreOp::Revoke { to, from, writes }) => StoreReply::Revoked {
-                to,
-                from,
-                writes,
-                removed: Some(n),
-            },
+            (Answer::Resolved(landed), StoreOp::Resolve { to, from, writes }) => {
+                StoreReply::Resolved {
+                    to,
+                    from,
+                    writes,
+                    landed: Some(landed),
+                }
+            }
             (Answer::Published(result), StoreOp::RoomPublish(post)) => {
                 StoreReply::RoomPublished { post, result }
             }
@@ -901,7 +898,7 @@ pub(super) fn op_name(op: &StoreOp) -> &'static str {
         StoreOp::RoomJoin(_) => "room join",
         StoreOp::RoomLeave { .. } => "room leave",
         StoreOp::Probe => "probe",
-        StoreOp::Revoke { .. } => "revoke",
+        StoreOp::Resolve { .. } => "resolve",
     }
 }
 
@@ -979,9 +976,14 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
             Ok(Answer::Appended { result, trimmed })
         }
         StoreOp::Remove { .. } => Ok(Answer::Removed(integer(&item).unwrap_or(0) > 0)),
-        StoreOp::Revoke { .. } => integer(&item)
-            .map(Answer::Revoked)
-            .ok_or_else(|| format!("revoke: unexpected answer {item:?}")),
+        StoreOp::Resolve { writes, .. } => match text_ref(&item) {
+            Some(fates)
+                if fates.len() == writes.len() && fates.bytes().all(|b| b"yn".contains(&b)) =>
+            {
+                Ok(Answer::Resolved(fates.bytes().map(|b| b == b'y').collect()))
+            }
+            _ => Err(format!("resolve: unexpected answer {item:?}")),
+        },
         StoreOp::Presence { users, .. } => {
             let online: Vec<bool> = array(item)?.iter().map(|v| integer(v) == Some(1)).collect();
             if online.len() != users.len() {

@@ -172,9 +172,9 @@ pub enum StoreOp {
     /// Touch nothing: a shard that stopped writing while Redis was away uses it to learn
     /// that Redis is back (the batch's own answer says so).
     Probe,
-    /// Appends of this shard from `from` to `to` that it reported as failed, as (cid,
-    /// attempt): each that landed is removed, and none of them can land from now on.
-    Revoke {
+    /// Appends of this shard from `from` to `to` whose answers were lost, as (cid, attempt):
+    /// whether each landed, and none of them can land from now on.
+    Resolve {
         to: CompactString,
         from: CompactString,
         writes: Vec<(Box<str>, u64)>,
@@ -266,12 +266,12 @@ pub enum StoreReply {
         asked_at: u64,
         answer: Result<crate::delivery::ids::IdGrant, String>,
     },
-    /// How a `Revoke` went: `removed` entries that had landed, or `None` when it failed.
-    Revoked {
+    /// How a `Resolve` went: per write, whether it had landed (`None`: the call failed).
+    Resolved {
         to: CompactString,
         from: CompactString,
         writes: Vec<(Box<str>, u64)>,
-        removed: Option<u64>,
+        landed: Option<Vec<bool>>,
     },
     /// The answer to `Presence`; `None` when Redis could not answer.
     Presence {
@@ -762,7 +762,12 @@ async fn fail_forever(pipes: Vec<ShardPipe>) {
             while wait_bell(&mut bell, &mut buf).await {
                 pipe.wake_store.clear();
                 let batch: Vec<StoreOp> = pipe.ops.try_iter().collect();
-                answer_failed(&pipe, batch, "the Redis client could not be built".into());
+                answer_failed(
+                    &pipe,
+                    batch,
+                    "the Redis client could not be built".into(),
+                    false,
+                );
             }
         }));
     }
@@ -832,13 +837,16 @@ async fn serve_shard(
                 }
             }
             let ops = batch.len();
+            // Asked once: what is sent is what the answers below say may have happened.
+            let connected = client.is_connected();
+            let sent = gate != breaker::Gate::Refuse && connected;
             let outcome = if gate == breaker::Gate::Refuse {
                 Err(format!(
                     "Redis circuit breaker open ({} batches in a row got no answer in time; probing every {} ms)",
                     breaker::OPEN_AFTER,
                     breaker::OPEN_FOR.as_millis()
                 ))
-            } else if !client.is_connected() {
+            } else if !connected {
                 Err("not connected to Redis (reconnecting)".to_string())
             } else {
                 let outcome = run_batch(&client, &settings, shard, &batch).await;
@@ -873,7 +881,7 @@ async fn serve_shard(
                     first_error
                 }
                 Err(why) => {
-                    answer_failed(&pipe, batch, why.clone());
+                    answer_failed(&pipe, batch, why.clone(), sent);
                     Some(why)
                 }
             };
@@ -948,13 +956,32 @@ fn timed_out(outcome: &Result<Vec<Result<Answer, String>>, String>) -> bool {
     }
 }
 
-fn answer_failed(pipe: &ShardPipe, batch: Vec<StoreOp>, why: String) {
+/// `sent`: the batch went to Redis (its writes may have happened); else none of it did.
+fn answer_failed(pipe: &ShardPipe, batch: Vec<StoreOp>, why: String, sent: bool) {
     for op in batch {
-        let _ = pipe.replies.send(failed_reply(op, why.clone()));
+        let reply = match sent {
+            true => failed_reply(op, why.clone()),
+            false => unsent_reply(op, why.clone()),
+        };
+        let _ = pipe.replies.send(reply);
     }
     pipe.shard_bell.ring();
 }
 
+/// The answer to an operation that was not sent (the breaker is open, or Redis is not
+/// connected): like [`failed_reply`], but a write is known not to have happened.
+pub(crate) fn unsent_reply(op: StoreOp, why: String) -> StoreReply {
+    match op {
+        StoreOp::Append(msg) => StoreReply::Appended {
+            msg,
+            result: Err(StoreError::Unsent(why)),
+        },
+        op => failed_reply(op, why),
+    }
+}
+
+/// The answer to an operation that failed, or was sent and got no answer: a write may
+/// still have happened (or happen).
 pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
     match op {
         StoreOp::Append(msg) => StoreReply::Appended {
@@ -977,11 +1004,11 @@ pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
             result: Err(StoreError::Unavailable(why)),
         },
         StoreOp::RoomJoin(ask) => StoreReply::RoomJoinFailed(ask),
-        StoreOp::Revoke { to, from, writes } => StoreReply::Revoked {
+        StoreOp::Resolve { to, from, writes } => StoreReply::Resolved {
             to,
             from,
             writes,
-            removed: None,
+            landed: None,
         },
         StoreOp::ClaimIdSlot { asked_at, .. } => StoreReply::IdSlot {
             asked_at,

@@ -23,9 +23,9 @@ if cluster then
   for j = 1, nkeys do K[j] = ARGV[9 + j] end
 end
 -- The writer: this run's shard that sent the batch. Its appends carry increasing attempt
--- numbers; a pair's dedup hash keeps the highest this writer landed or revoked ('~w:'
--- field), and an append at or below it is refused as stale: a write the gateway reported as
--- failed (fred may still send it after a reconnect) never lands after a later one.
+-- numbers; a pair's dedup hash keeps the highest this writer landed or resolved ('~w:'
+-- field), and an append at or below it is refused as stale: a write whose answer was lost
+-- (fred may still send it after a reconnect) never lands after a later one.
 local writer = me .. '/' .. ARGV[10 + nkeys]
 local wfield = '~w:' .. writer
 -- Offsets are near 1.8e15 (microseconds): exact in Lua's doubles, printed without exponent.
@@ -104,33 +104,20 @@ end
 -- The older generation's key: `dd-old:` where the current one has `dd:` (same slot).
 local function older(dcur) return prefix .. 'dd-old:' .. string.sub(dcur, #prefix + 4) end
 -- A cid's dedup record: '<id> <stream id> <writer>/<attempt>' (a bare '<id>' was written by
--- an older version and cannot be revoked). The answer to a resent cid is the id alone.
+-- an older version). The answer to a resent cid is the id alone.
 local function record_id(rec) return string.match(rec, '^%S+') end
--- Undo an append this writer reported as failed: if the cid's record is that attempt's, its
--- entry and record go (it landed, but was never accepted); either way the watermark rises
--- past it, so if it has not landed yet, it never will. Returns 1 when an entry was removed.
-local function revoke(s, dcur, cid, attempt)
+-- Settle a write of this writer whose answer was lost (timed out, or the connection dropped
+-- after it was sent): the watermark rises past it, so if it has not landed yet it never
+-- will; returns 1 when it had landed (its cid's record is that attempt's: the entry is kept
+-- and the shard answers its sender `accepted`), 0 when not (the shard answers `unavailable`).
+local function resolve(dcur, cid, attempt)
   raise(dcur, tonumber(attempt))
-  local key = dcur
   local rec = redis.call('HGET', dcur, cid)
-  if not rec and dold[dcur] then
-    key = older(dcur)
-    rec = redis.call('HGET', key, cid)
-  end
+  if not rec and dold[dcur] then rec = redis.call('HGET', older(dcur), cid) end
   if not rec then return 0 end
-  local xid, tag = string.match(rec, '^%S+ (%S+) (%S+)$')
-  if tag ~= writer .. '/' .. attempt then return 0 end
-  redis.call('HDEL', key, cid)
-  -- A read receipt's entry goes: so does the pair's record of it (see `append`), else a
-  -- retry of the same receipt would be taken for a duplicate of what is no longer there.
-  local rkey = string.match(cid, '^(~r:.*):%d+$')
-  if rkey then
-    local r = redis.call('HGET', dcur, rkey)
-    if r and string.match(r, '^%S+') == xid then redis.call('HDEL', dcur, rkey) end
-  end
-  local n = redis.call('XDEL', s, xid)
-  if slen[s] then slen[s] = slen[s] - n end
-  return n
+  local tag = string.match(rec, '^%S+ %S+ (%S+)$')
+  if tag == writer .. '/' .. attempt then return 1 end
+  return 0
 end
 -- Other nodes holding a device of a user (directory entry read once per batch), and a push
 -- to each of them over its channel. Entries of dead runs only cost a PUBLISH nobody hears;
@@ -155,22 +142,18 @@ local function push(nodes, payload, to_me)
   end
   return sent
 end
--- Append one message (op 'A' at ARGV[i]: id, cid, packed message, recipient, attempt, a
--- count n, then n (cid, attempt) of the pair's writes to revoke first) to stream `s` through
--- pair hash `dcur`; `loc`: the recipient's directory entry. Returns the answer: the bare
--- stream id (the common case), {'ok', id, trimmed, pushed}, {'dup', first id, trimmed},
--- {'full', trimmed, count} or {'stale'}. The revokes run whatever the answer. `watch` (op
--- 'a', the push webhook is on): an entry stored while nobody holds a device of the recipient
--- anywhere answers {'ok', id, trimmed, 0, 1} (a push is due, sent by this node alone).
+-- Append one message (op 'A' at ARGV[i]: id, cid, packed message, recipient, attempt) to
+-- stream `s` through pair hash `dcur`; `loc`: the recipient's directory entry. Returns the
+-- answer: the bare stream id (the common case), {'ok', id, trimmed, pushed}, {'dup', first
+-- id, trimmed}, {'full', trimmed, count} or {'stale'}. `watch` (op 'a', the push webhook is
+-- on): an entry stored while nobody holds a device of the recipient anywhere answers {'ok',
+-- id, trimmed, 0, 1} (a push is due, sent by this node alone).
 local function append(s, dcur, loc, i, watch)
   local id, cid, attempt = ARGV[i + 1], ARGV[i + 2], ARGV[i + 5]
   pair(dcur)
-  for j = 1, tonumber(ARGV[i + 6]) do
-    revoke(s, dcur, ARGV[i + 5 + 2 * j], ARGV[i + 6 + 2 * j])
-  end
   if tonumber(attempt) <= dwm[dcur] then
-    -- Sent before a later write of this writer landed (or was revoked): the gateway has
-    -- reported it as failed; writing it now would put it after messages accepted since.
+    -- Sent before a later write of this writer landed (or was resolved): writing it now
+    -- would put it after messages accepted since, or after it was answered `unavailable`.
     return {'stale'}
   end
   raise(dcur, tonumber(attempt))
@@ -224,7 +207,7 @@ local function append(s, dcur, loc, i, watch)
     end
     xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
     redis.call('HSET', dcur, rkey, xid .. ' ' .. id)
-    -- The full record (see `record_id`), so that a revoke can find the entry.
+    -- The full record (see `record_id`), so that a resolve can tell its attempt.
     redis.call('HSET', dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt)
   end
   slen[s] = len + 1
@@ -256,22 +239,23 @@ local i, k = 11 + nkeys, 1
 while i <= #ARGV do
   local op = ARGV[i]
   if op == 'V' then
-    -- Revoke: n pairs of (cid, attempt) this writer reported as failed (see `revoke`), for
-    -- a pair with no write to carry them.
-    local s, dcur = K[k], K[k + 1]
+    -- Resolve: n pairs of (cid, attempt) of this writer whose answers were lost (see
+    -- `resolve`); answers one 'y' (landed) or 'n' (never will) per write, in order (letters,
+    -- so that no client takes the answer for a number).
+    local dcur = K[k + 1]
     local n = tonumber(ARGV[i + 1])
     k = k + 2
     pair(dcur)
-    local removed = 0
+    local fates = {}
     for j = 1, n do
-      removed = removed + revoke(s, dcur, ARGV[i + 2 * j], ARGV[i + 2 * j + 1])
+      fates[j] = resolve(dcur, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) == 1 and 'y' or 'n'
     end
-    out[#out + 1] = removed
+    out[#out + 1] = table.concat(fates)
     i = i + 2 + 2 * n
   elseif op == 'A' or op == 'a' then
     out[#out + 1] = append(K[k], K[k + 1], K[k + 2], i, op == 'a')
     k = k + 3
-    i = i + 7 + 2 * tonumber(ARGV[i + 6])
+    i = i + 6
   elseif op == 'R' then
     local n = redis.call('XDEL', K[k], ARGV[i + 1])
     if slen[K[k]] then slen[K[k]] = slen[K[k]] - n end

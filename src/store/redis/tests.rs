@@ -14,10 +14,7 @@ fn msg(to: &str) -> Box<Message> {
         msg_type: None,
         reply: ReplyTo::all_devices(0),
         received_us: 0,
-        write: crate::delivery::message::StoreWrite {
-            attempt: 1,
-            revoke: vec![("\"c0\"".into(), 4)],
-        },
+        write: crate::delivery::message::StoreWrite { attempt: 1 },
         resent: false,
     })
 }
@@ -87,7 +84,7 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
             ask: 3,
         },
         StoreOp::Probe,
-        StoreOp::Revoke {
+        StoreOp::Resolve {
             to: "bob".into(),
             from: "alice".into(),
             writes: vec![("\"c0\"".into(), 4), ("\"c1\"".into(), 5)],
@@ -126,9 +123,6 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
             "7 1 5 4 alice\"c1\"{\"x\":1}",
             "bob",
             "1",
-            "1",
-            "\"c0\"",
-            "4",
             "R",
             "5-1",
             "",
@@ -161,7 +155,7 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
     assert_eq!(call.args[16], "2");
     assert_eq!(call.args[17], "A");
     assert_eq!(
-        &call.args[26..],
+        &call.args[23..],
         ["R", "5-1", "", "0", "R", "5-2", "alice", "7"]
     );
 }
