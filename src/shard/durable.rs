@@ -80,7 +80,7 @@ use super::Shard;
 use crate::delivery::ids::{Claimed, IdGrant, MessageIds};
 use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
 use crate::delivery::refusal::SendRefusal;
-use crate::store::redis::{self as store, Appended, Loaded, StoreLink, StoreOp, StoreReply};
+use crate::store::redis::{self as store, Appended, Fate, Loaded, StoreLink, StoreOp, StoreReply};
 use crate::store::{InboxSeq, Store, StoreCaps, StoreError, StoredMessage};
 
 /// How long a failed inbox load waits before it is tried again.
@@ -901,13 +901,15 @@ impl Shard {
         }
     }
 
-    /// A resolve was answered: each write it named either had landed (kept, and answered
-    /// `accepted`) or never will (answered `unavailable`). Failed: the tick asks again.
+    /// A resolve was answered: each write it named had landed (kept, answered `accepted`),
+    /// or never will but its cid is stored by another attempt (answered `accepted` with that
+    /// id: an earlier run's or a dead node's entry, which lies before anything this run
+    /// stored after it), or never will (answered `unavailable`). Failed: the tick asks again.
     fn on_resolved(
         &mut self,
         pair: Pair,
         writes: Vec<(Box<str>, u64)>,
-        landed: Option<Vec<bool>>,
+        landed: Option<Vec<Fate>>,
         now: u64,
     ) {
         let d = &mut self.store;
@@ -930,14 +932,15 @@ impl Shard {
         self.metrics.store_writes_in_doubt.sub(settled.len() as u64);
         self.metrics.store_resolved.add(settled.len() as u64);
         let told_at_once = self.planted_tell_doubt_at_once();
-        for (Doubt { msg, why }, landed) in settled {
-            let result = match landed {
-                true => Ok(Appended::Stored {
+        for (Doubt { msg, why }, fate) in settled {
+            let result = match fate {
+                Fate::Landed => Ok(Appended::Stored {
                     pushed: 0,
                     offline: false,
                     seq: 0,
                 }),
-                false => Err(StoreError::Unavailable(why)),
+                Fate::Duplicate(id) => Ok(Appended::Duplicate { id }),
+                Fate::Never => Err(StoreError::Unavailable(why)),
             };
             let (pair, attempt, report) = self.settle_write(*msg, result, now);
             // (Planted) its sender was told `unavailable` already.

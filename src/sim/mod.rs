@@ -67,7 +67,8 @@ use crate::shard::durable::OrderPlant;
 use crate::shard::{ConnPoll, Shard, Shared};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::{
-    failed_reply, stream_id_to_seq, Appended, Loaded, StoreEnd, StoreLink, StoreOp, StoreReply,
+    failed_reply, stream_id_to_seq, Appended, Fate, Loaded, StoreEnd, StoreLink, StoreOp,
+    StoreReply,
 };
 use crate::store::{InboxLimits, InboxSeq, StoreError, StoredMessage};
 use crate::test_rng::Rng;
@@ -278,13 +279,14 @@ impl Model {
     }
 
     /// The script's `resolve`: per write of `pair` by `writer`, whether it landed (its
-    /// record is that attempt's); none lands later (without the fence: they still may).
+    /// record is that attempt's), or its cid is stored by another attempt, or neither; none
+    /// lands later (without the fence: they still may).
     fn resolve(
         &mut self,
         writer: usize,
         pair: &(String, String),
         writes: &[(Box<str>, u64)],
-    ) -> Vec<bool> {
+    ) -> Vec<Fate> {
         let mut landed = Vec::with_capacity(writes.len());
         for (cid, attempt) in writes {
             if self.fence() {
@@ -295,11 +297,11 @@ impl Model {
                 *wm = (*wm).max(*attempt);
             }
             let key = (pair.0.clone(), pair.1.clone(), cid.to_string());
-            landed.push(
-                self.records
-                    .get(&key)
-                    .is_some_and(|r| r.writer == writer && r.attempt == *attempt),
-            );
+            landed.push(match self.records.get(&key) {
+                Some(r) if r.writer == writer && r.attempt == *attempt => Fate::Landed,
+                Some(r) => Fate::Duplicate(r.id),
+                None => Fate::Never,
+            });
         }
         landed
     }
@@ -2241,7 +2243,7 @@ mod doubt_tests {
     }
 
     /// The tick's resolve of the pair's writes in doubt, answered `landed`.
-    fn resolve(sim: &mut Sim, landed: Vec<bool>) {
+    fn resolve(sim: &mut Sim, landed: Vec<Fate>) {
         sim.clock.advance(20);
         sim.shard().on_tick();
         let mut resolve = None;
@@ -2287,7 +2289,7 @@ mod doubt_tests {
             told(&mut sim).is_empty(),
             "nothing told before the first is known"
         );
-        resolve(&mut sim, vec![true]);
+        resolve(&mut sim, vec![Fate::Landed]);
         assert_eq!(shown(&mut sim), ["s0:\"a\"", "s0:\"b\""]);
         assert_eq!(told(&mut sim), ["accepted:a", "accepted:b"]);
     }
@@ -2305,7 +2307,32 @@ mod doubt_tests {
         answer(&mut sim, now, second, 2);
         assert_eq!(shown(&mut sim), ["s0:\"b\""]);
         assert!(told(&mut sim).is_empty(), "the second waits for the first");
-        resolve(&mut sim, vec![false]);
+        resolve(&mut sim, vec![Fate::Never]);
         assert_eq!(told(&mut sim), ["error:a", "accepted:b"]);
+    }
+
+    /// The first write's answer is lost and it never landed, but its cid is stored by
+    /// another attempt (a dead run's write, in Redis before anything this run wrote): it is
+    /// answered `accepted` with that attempt's id, before the second, as its resend would be
+    /// (found by the simulation, seed 5607429648130462507: answered `unavailable`, the
+    /// resend was told the dead run's lower id after the second).
+    #[test]
+    fn a_write_in_doubt_whose_cid_another_attempt_stored_is_accepted_with_that_id() {
+        let (mut sim, now) = with_r0_online();
+        let first = send(&mut sim, "a");
+        let second = send(&mut sim, "b");
+        lose_answer(&mut sim, now, first);
+        answer(&mut sim, now, second, 2);
+        assert!(told(&mut sim).is_empty(), "the second waits for the first");
+        resolve(&mut sim, vec![Fate::Duplicate(77)]);
+        sim.poll_all();
+        let frames = sim.senders[0].pipe.frames();
+        let accepted: Vec<(&str, &str)> = frames
+            .iter()
+            .filter(|v| v["op"] == "accepted")
+            .map(|v| (v["cid"].as_str().unwrap(), v["id"].as_str().unwrap()))
+            .collect();
+        assert_eq!(accepted[0], ("a", "77"));
+        assert_eq!(accepted[1].0, "b");
     }
 }

@@ -25,7 +25,7 @@ use fred::types::{ClusterHash, CustomCommand};
 use super::keys::*;
 use super::wire::*;
 use super::{
-    Appended, Loaded, RedisSettings, StoreOp, StoreReply, DEDUP_MIN_AGE_MS, DEDUP_MIN_ENTRIES,
+    Appended, Fate, Loaded, RedisSettings, StoreOp, StoreReply, DEDUP_MIN_AGE_MS, DEDUP_MIN_ENTRIES,
 };
 use crate::delivery::ids::{IdGrant, ID_SLOTS, ID_SLOT_GRACE_MS};
 use crate::store::StoreError;
@@ -820,8 +820,8 @@ pub(super) enum Answer {
     Removed(bool),
     Loaded(Loaded),
     Online(Vec<bool>),
-    /// A resolve: per write, whether it had landed.
-    Resolved(Vec<bool>),
+    /// A resolve: per write, what became of it.
+    Resolved(Vec<Fate>),
     /// A room publish: (id, offset).
     Published(Result<(u64, u64), StoreError>),
     /// The lease was still held (false: it had lapsed; see [`StoreReply::Resync`]).
@@ -976,14 +976,21 @@ pub(super) fn parse_answer(item: Value, op: &StoreOp) -> Result<Answer, String> 
             Ok(Answer::Appended { result, trimmed })
         }
         StoreOp::Remove { .. } => Ok(Answer::Removed(integer(&item).unwrap_or(0) > 0)),
-        StoreOp::Resolve { writes, .. } => match text_ref(&item) {
-            Some(fates)
-                if fates.len() == writes.len() && fates.bytes().all(|b| b"yn".contains(&b)) =>
-            {
-                Ok(Answer::Resolved(fates.bytes().map(|b| b == b'y').collect()))
+        StoreOp::Resolve { writes, .. } => {
+            let fates: Option<Vec<Fate>> = text_ref(&item).and_then(|text| {
+                text.split(' ')
+                    .map(|fate| match fate {
+                        "y" => Some(Fate::Landed),
+                        "n" => Some(Fate::Never),
+                        dup => dup.strip_prefix('d')?.parse().ok().map(Fate::Duplicate),
+                    })
+                    .collect()
+            });
+            match fates {
+                Some(fates) if fates.len() == writes.len() => Ok(Answer::Resolved(fates)),
+                _ => Err(format!("resolve: unexpected answer {item:?}")),
             }
-            _ => Err(format!("resolve: unexpected answer {item:?}")),
-        },
+        }
         StoreOp::Presence { users, .. } => {
             let online: Vec<bool> = array(item)?.iter().map(|v| integer(v) == Some(1)).collect();
             if online.len() != users.len() {

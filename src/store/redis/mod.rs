@@ -14,8 +14,8 @@
 //! * A batch that failed or timed out may still have been written, or be written later
 //!   (commands are sent fail-fast and never retried, yet fred keeps what it had queued across
 //!   a reconnect). Such a write is *in doubt*: the script refuses an append older than one of
-//!   the same shard that landed for the same pair (`stale`), and the shard revokes its writes
-//!   in doubt in the pair's next append (one that landed is removed, none lands later). See
+//!   the same shard that landed for the same pair (`stale`), and the shard resolves its
+//!   writes in doubt once Redis answers (landed or not; none lands later). See
 //!   "Order" in `shard/durable.rs`.
 //!
 //! # Data layout (prefix `rg:` by default)
@@ -38,7 +38,7 @@
 //!   it, so a script call that fails later leaves no stream without a TTL.
 //! * `rg:dd:<recipient>:<sender>` and `rg:dd-old:..`: the dedup window of one pair, cid ->
 //!   `<message id> <stream id> <run>/<shard>/<attempt>` (a bare id from an older build), and
-//!   `~w:<run>/<shard>` -> the highest attempt of that shard landed or revoked, in the
+//!   `~w:<run>/<shard>` -> the highest attempt of that shard landed or resolved, in the
 //!   recipient's slot, checked by the same script before any append, so a resend after a gateway restart is answered
 //!   with the first id and stored once (a new message is appended, then `HSETNX` checks and
 //!   records its cid with the full record in one call; a known cid takes the entry back). Fields
@@ -181,6 +181,18 @@ pub enum StoreOp {
     },
 }
 
+/// What became of a write whose answer was lost, once resolved (none lands later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// It landed: its entry is in the inbox under its own id.
+    Landed,
+    /// It never landed, and its cid is not stored: the sender is told `unavailable`.
+    Never,
+    /// It never landed, but its cid is stored by another attempt (an earlier run's, a dead
+    /// node's) under this id: the sender is told `accepted` with it, as a resend would be.
+    Duplicate(u64),
+}
+
 /// A publish on its way to a room's history.
 pub struct RoomPost {
     pub room: CompactString,
@@ -266,12 +278,12 @@ pub enum StoreReply {
         asked_at: u64,
         answer: Result<crate::delivery::ids::IdGrant, String>,
     },
-    /// How a `Resolve` went: per write, whether it had landed (`None`: the call failed).
+    /// How a `Resolve` went: per write, what became of it (`None`: the call failed).
     Resolved {
         to: CompactString,
         from: CompactString,
         writes: Vec<(Box<str>, u64)>,
-        landed: Option<Vec<bool>>,
+        landed: Option<Vec<Fate>>,
     },
     /// The answer to `Presence`; `None` when Redis could not answer.
     Presence {

@@ -108,16 +108,18 @@ local function older(dcur) return prefix .. 'dd-old:' .. string.sub(dcur, #prefi
 local function record_id(rec) return string.match(rec, '^%S+') end
 -- Settle a write of this writer whose answer was lost (timed out, or the connection dropped
 -- after it was sent): the watermark rises past it, so if it has not landed yet it never
--- will; returns 1 when it had landed (its cid's record is that attempt's: the entry is kept
--- and the shard answers its sender `accepted`), 0 when not (the shard answers `unavailable`).
+-- will. Returns 'y' when it had landed (its cid's record is that attempt's: the entry is
+-- kept and the shard answers its sender `accepted`), 'd<id>' when the cid is stored by
+-- another attempt (an earlier run's, a dead node's: answered `accepted` with that id, as a
+-- resend would be), 'n' when not stored at all (the shard answers `unavailable`).
 local function resolve(dcur, cid, attempt)
   raise(dcur, tonumber(attempt))
   local rec = redis.call('HGET', dcur, cid)
   if not rec and dold[dcur] then rec = redis.call('HGET', older(dcur), cid) end
-  if not rec then return 0 end
+  if not rec then return 'n' end
   local tag = string.match(rec, '^%S+ %S+ (%S+)$')
-  if tag == writer .. '/' .. attempt then return 1 end
-  return 0
+  if tag == writer .. '/' .. attempt then return 'y' end
+  return 'd' .. record_id(rec)
 end
 -- Other nodes holding a device of a user (directory entry read once per batch), and a push
 -- to each of them over its channel. Entries of dead runs only cost a PUBLISH nobody hears;
@@ -240,17 +242,17 @@ while i <= #ARGV do
   local op = ARGV[i]
   if op == 'V' then
     -- Resolve: n pairs of (cid, attempt) of this writer whose answers were lost (see
-    -- `resolve`); answers one 'y' (landed) or 'n' (never will) per write, in order (letters,
-    -- so that no client takes the answer for a number).
+    -- `resolve`); answers their fates, space-separated, in order (letters first, so that no
+    -- client takes the answer for a number).
     local dcur = K[k + 1]
     local n = tonumber(ARGV[i + 1])
     k = k + 2
     pair(dcur)
     local fates = {}
     for j = 1, n do
-      fates[j] = resolve(dcur, ARGV[i + 2 * j], ARGV[i + 2 * j + 1]) == 1 and 'y' or 'n'
+      fates[j] = resolve(dcur, ARGV[i + 2 * j], ARGV[i + 2 * j + 1])
     end
-    out[#out + 1] = table.concat(fates)
+    out[#out + 1] = table.concat(fates, ' ')
     i = i + 2 + 2 * n
   elseif op == 'A' or op == 'a' then
     out[#out + 1] = append(K[k], K[k + 1], K[k + 2], i, op == 'a')
