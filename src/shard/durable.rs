@@ -769,8 +769,8 @@ impl Shard {
                 self.keep_in_doubt(msg, why)
             }
             result => {
-                let (pair, attempt, report) = self.settle_write(msg, result, now);
-                self.tell_in_order(pair, attempt, report);
+                let (attempt, report) = self.settle_write(msg, result, now);
+                self.tell_in_order(attempt, report);
             }
         }
     }
@@ -800,13 +800,13 @@ impl Shard {
     }
 
     /// A write's answer is known (from the store, or by resolving it): its entry may show;
-    /// returns its pair, its attempt and what its sender is to be told.
+    /// returns its attempt and what its sender is to be told.
     fn settle_write(
         &mut self,
         msg: Message,
         result: Result<Appended, StoreError>,
         now: u64,
-    ) -> (Pair, u64, Report) {
+    ) -> (u64, Report) {
         {
             let d = &mut self.store;
             if let Entry::Occupied(mut writes) = d.writing.entry(msg.to.clone()) {
@@ -834,7 +834,6 @@ impl Shard {
                 self.release_waiting(msg.to.clone(), now);
             }
         }
-        let pair: Pair = (msg.to.clone(), msg.from.clone());
         let attempt = msg.write.attempt;
         let report = match result {
             Ok(Appended::Stored {
@@ -870,13 +869,18 @@ impl Shard {
                 msg.refused(SendRefusal::Store(e))
             }
         };
-        (pair, attempt, report)
+        (attempt, report)
     }
 
     /// Tell a write's answer: an `accepted` after the answers of the pair's earlier writes
     /// in doubt; a refusal at once (nothing was taken, so it has no place in the order).
-    fn tell_in_order(&mut self, pair: Pair, attempt: u64, report: Report) {
+    fn tell_in_order(&mut self, attempt: u64, report: Report) {
         let d = &mut self.store;
+        // The common case: no write in doubt anywhere here, no key built.
+        if d.answers_in_order.is_empty() {
+            return self.report(report);
+        }
+        let pair: Pair = (report.to.clone(), report.from.clone());
         let Some(order) = d.answers_in_order.get_mut(&pair) else {
             return self.report(report);
         };
@@ -942,10 +946,10 @@ impl Shard {
                 Fate::Duplicate(id) => Ok(Appended::Duplicate { id }),
                 Fate::Never => Err(StoreError::Unavailable(why)),
             };
-            let (pair, attempt, report) = self.settle_write(*msg, result, now);
+            let (attempt, report) = self.settle_write(*msg, result, now);
             // (Planted) its sender was told `unavailable` already.
             if !told_at_once {
-                self.tell_in_order(pair, attempt, report);
+                self.tell_in_order(attempt, report);
             }
         }
     }
