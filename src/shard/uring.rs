@@ -49,6 +49,30 @@ const OP_RECV: u64 = 2;
 const OP_SEND: u64 = 3;
 const OP_CANCEL: u64 = 4;
 const OP_BELL: u64 = 5;
+/// The close of a socket's entry in the fixed file table (its answer is not looked at).
+const OP_CLOSE_FIXED: u64 = 6;
+
+/// Most entries of a shard's fixed file table (the kernel allows 2^20 and no more than the
+/// open-files limit): 8 bytes of kernel memory each, allocated at start, so a shard with more
+/// sockets gives the rest their plain descriptors.
+const FIXED_FILES_MAX: u32 = 65_536;
+
+/// Build an operation on a socket: its fixed file entry when it has one (no file lookup and
+/// reference count per operation), else its descriptor.
+macro_rules! on_socket {
+    ($fixed:expr, $fd:expr, |$t:ident| $op:expr) => {
+        match $fixed {
+            Some(index) => {
+                let $t = types::Fixed(index);
+                $op
+            }
+            None => {
+                let $t = types::Fd($fd);
+                $op
+            }
+        }
+    };
+}
 
 fn user_data(slot: usize, op: u64) -> u64 {
     ((slot as u64) << 8) | op
@@ -58,7 +82,8 @@ fn user_data(slot: usize, op: u64) -> u64 {
 /// can, else why not, for the operator. Each need is tried for real, not only read from the
 /// kernel version (a container's seccomp profile or a backport can differ): a ring with
 /// single issuer (6.0) and deferred task run (6.1), a provided buffer ring of `recv_buffers`
-/// (5.19; locked memory), and a multishot receive (6.0) that takes a byte and stays armed.
+/// (5.19; locked memory), a sparse fixed file table (5.19), and a multishot receive (6.0) on a
+/// registered socket that takes a byte and stays armed.
 pub fn unsupported_because(recv_buffers: u16) -> Option<String> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let release = release.trim();
@@ -86,13 +111,16 @@ pub fn unsupported_because(recv_buffers: u16) -> Option<String> {
             ))
         }
     };
+    if let Err(e) = ring.submitter().register_files_sparse(1) {
+        return Some(format!("cannot register a sparse fixed file table: {e}"));
+    }
     multishot_receive_problem(ring, bufs)
 }
 
 /// The kernel version below which the driver is not tried (see `unsupported_because`).
 const MIN_KERNEL: (u32, u32) = (6, 1);
 
-/// Arm a multishot receive on one end of a socket pair, write a byte into the other: it must
+/// Arm a multishot receive on one end of a socket pair (as fixed file 0), write a byte into the other: it must
 /// land in a provided buffer with the receive still armed. Ends every operation before the
 /// ring is closed and the buffers freed.
 fn multishot_receive_problem(mut ring: IoUring, bufs: BufRing) -> Option<String> {
@@ -100,7 +128,10 @@ fn multishot_receive_problem(mut ring: IoUring, bufs: BufRing) -> Option<String>
         Ok(pair) => pair,
         Err(e) => return Some(format!("cannot make a socket pair to try a receive: {e}")),
     };
-    let recv = opcode::RecvMulti::new(types::Fd(ours.as_raw_fd()), BUFFER_GROUP)
+    if let Err(e) = ring.submitter().register_files_update(0, &[ours.as_raw_fd()]) {
+        return Some(format!("cannot put a socket in the fixed file table: {e}"));
+    }
+    let recv = opcode::RecvMulti::new(types::Fixed(0), BUFFER_GROUP)
         .build()
         .user_data(user_data(0, OP_RECV));
     // SAFETY: the socket outlives the operation (it is cancelled and reaped below).
@@ -285,6 +316,8 @@ struct Held {
 /// in flight reads `sending`), which can be after its connection is gone.
 struct SocketSlot {
     fd: Option<OwnedFd>,
+    /// Its operations name it by its entry in the fixed file table, at its slot index.
+    fixed: bool,
     /// The shard's slab index of its connection (None once the connection is gone).
     conn: Option<usize>,
     /// Operations the kernel holds for this socket (the receive, a send).
@@ -322,6 +355,7 @@ impl SocketSlot {
     fn new(fd: OwnedFd, conn: usize) -> Self {
         SocketSlot {
             fd: Some(fd),
+            fixed: false,
             conn: Some(conn),
             ops_in_kernel: 0,
             recv_armed: false,
@@ -368,6 +402,11 @@ impl SocketSlot {
 
     fn raw_fd(&self) -> RawFd {
         self.fd.as_ref().map_or(-1, |fd| fd.as_raw_fd())
+    }
+
+    /// Its fixed file index, if it has one (`slot` is its own index).
+    fn fixed_index(&self, slot: usize) -> Option<u32> {
+        self.fixed.then_some(slot as u32)
     }
 }
 
@@ -518,6 +557,11 @@ pub struct Driver {
     spare_sends: Vec<Vec<u8>>,
     /// Sockets accepted since the loop last went quiet (see `take_accepted`).
     accepted: u64,
+    /// Entries of the fixed file table (0: none could be registered, plain descriptors).
+    fixed_files: u32,
+    /// A fixed entry's close is queued but not submitted: a new socket must not take that
+    /// entry before it (see `add_socket`).
+    fixed_close_queued: bool,
 }
 
 impl Driver {
@@ -526,6 +570,7 @@ impl Driver {
     pub fn new(listener: OwnedFd, bells: &[RawFd], recv_buffers: u16) -> io::Result<Self> {
         let ring = new_ring()?;
         let bufs = BufRing::new(&ring, recv_buffers)?;
+        let fixed_files = fixed_file_table(&ring);
         let flag = Arc::new(RepollFlag::default());
         let mut driver = Driver {
             ring,
@@ -544,6 +589,8 @@ impl Driver {
             completions: Vec::with_capacity(RING_ENTRIES as usize),
             spare_sends: Vec::new(),
             accepted: 0,
+            fixed_files,
+            fixed_close_queued: false,
         };
         driver.arm_accept();
         for &bell in bells {
@@ -596,9 +643,10 @@ impl Driver {
 
     fn arm_recv(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
-        let recv = opcode::RecvMulti::new(types::Fd(s.raw_fd()), BUFFER_GROUP)
-            .build()
-            .user_data(user_data(slot, OP_RECV));
+        let recv = on_socket!(s.fixed_index(slot), s.raw_fd(), |t| {
+            opcode::RecvMulti::new(t, BUFFER_GROUP).build()
+        })
+        .user_data(user_data(slot, OP_RECV));
         s.recv_armed = true;
         s.ops_in_kernel += 1;
         self.push(recv);
@@ -608,6 +656,18 @@ impl Driver {
     /// over by another shard) and start its one multishot receive.
     pub fn add_socket(&mut self, conn: usize, fd: OwnedFd) {
         let slot = self.slots.insert(SocketSlot::new(fd, conn));
+        if (slot as u32) < self.fixed_files {
+            if std::mem::take(&mut self.fixed_close_queued) {
+                // The queued close may name this entry: it goes first.
+                let _ = self.ring.submit();
+            }
+            // One register call per socket; its operations then skip the file lookup. If it
+            // fails (out of kernel memory), the socket works by its descriptor.
+            let s = &mut self.slots[slot];
+            s.fixed = (self.ring.submitter())
+                .register_files_update(slot as u32, &[s.raw_fd()])
+                .is_ok();
+        }
         if self.slot_of.len() <= conn {
             self.slot_of.resize(conn + 1, None);
         }
@@ -643,7 +703,7 @@ impl Driver {
                 OP_RECV => self.on_recv(shard, slot, result, flags),
                 OP_SEND => self.on_send(shard, slot, result),
                 OP_BELL => bell_rang = true,
-                _ => {} // a cancel's own answer
+                _ => {} // a cancel's or a fixed close's own answer
             }
         }
         completions.clear();
@@ -672,6 +732,7 @@ impl Driver {
         drop(sq);
         if needed {
             let _ = self.ring.submit();
+            self.fixed_close_queued = false;
         }
         TurnReport {
             progress,
@@ -687,6 +748,7 @@ impl Driver {
         let args = types::SubmitArgs::new().timespec(&ts);
         // ETIME (the timeout) and EINTR are expected; a real failure shows on the next turn.
         let _ = self.ring.submitter().submit_with_args(1, &args);
+        self.fixed_close_queued = false;
     }
 
     fn slot_for(&self, conn: usize) -> Option<usize> {
@@ -894,10 +956,12 @@ impl Driver {
         if s.ops_in_kernel == 0 {
             return;
         }
-        let cancel =
-            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(s.raw_fd())).all())
-                .build()
-                .user_data(user_data(slot, OP_CANCEL));
+        let who = on_socket!(s.fixed_index(slot), s.raw_fd(), |t| {
+            types::CancelBuilder::fd(t)
+        });
+        let cancel = opcode::AsyncCancel2::new(who.all())
+            .build()
+            .user_data(user_data(slot, OP_CANCEL));
         self.push(cancel);
     }
 
@@ -993,7 +1057,16 @@ impl Driver {
     fn free_if_done(&mut self, slot: usize) {
         let s = &self.slots[slot];
         if s.conn.is_none() && s.ops_in_kernel == 0 && !s.close_when_sent {
+            let fixed = s.fixed;
             self.slots.remove(slot); // drops (closes) the descriptor
+            if fixed {
+                // The table's reference would keep the socket open: drop it too.
+                let close = opcode::Close::new(types::Fixed(slot as u32))
+                    .build()
+                    .user_data(user_data(slot, OP_CLOSE_FIXED));
+                self.push(close);
+                self.fixed_close_queued = true;
+            }
         }
     }
 
@@ -1013,13 +1086,37 @@ impl Driver {
             return;
         }
         let rest = &s.sending[s.sent..];
-        let send = opcode::Send::new(types::Fd(s.raw_fd()), rest.as_ptr(), rest.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(user_data(slot, OP_SEND));
+        let send = on_socket!(s.fixed_index(slot), s.raw_fd(), |t| {
+            opcode::Send::new(t, rest.as_ptr(), rest.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        })
+        .user_data(user_data(slot, OP_SEND));
         s.send_in_kernel = true;
         s.ops_in_kernel += 1;
         self.push(send);
+    }
+}
+
+/// Register a sparse fixed file table for the ring's sockets, as large as the open-files limit
+/// allows (up to `FIXED_FILES_MAX`); its size, or 0 when the kernel refuses one.
+fn fixed_file_table(ring: &IoUring) -> u32 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct given.
+    let nofile = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => limit.rlim_cur,
+        _ => 1024,
+    };
+    let size = nofile.min(FIXED_FILES_MAX as u64) as u32;
+    match ring.submitter().register_files_sparse(size) {
+        Ok(()) => size,
+        Err(e) => {
+            tracing::warn!(error = %e, size, "no fixed file table; sockets are used by descriptor");
+            0
+        }
     }
 }
 
@@ -1076,7 +1173,9 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         if self.end_all_operations() {
-            // Nothing refers to the buffer ring any more: unregister it before it is unmapped.
+            // Nothing refers to the buffer ring or the file table any more: unregister them
+            // (the buffers before they are unmapped).
+            let _ = self.ring.submitter().unregister_files();
             let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
             return;
         }
