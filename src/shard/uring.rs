@@ -25,6 +25,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
+use smallvec::SmallVec;
 
 use super::{ConnPoll, Shard};
 
@@ -128,7 +129,10 @@ fn multishot_receive_problem(mut ring: IoUring, bufs: BufRing) -> Option<String>
         Ok(pair) => pair,
         Err(e) => return Some(format!("cannot make a socket pair to try a receive: {e}")),
     };
-    if let Err(e) = ring.submitter().register_files_update(0, &[ours.as_raw_fd()]) {
+    if let Err(e) = ring
+        .submitter()
+        .register_files_update(0, &[ours.as_raw_fd()])
+    {
         return Some(format!("cannot put a socket in the fixed file table: {e}"));
     }
     let recv = opcode::RecvMulti::new(types::Fixed(0), BUFFER_GROUP)
@@ -282,6 +286,33 @@ impl BufRing {
 }
 
 impl BufRing {
+    /// Give the buffers' pages back to the system when the kernel holds every buffer unfilled
+    /// (none held by a connection, none picked since): a burst of upgrades cycles the whole
+    /// ring through its FIFO, so otherwise all of it (4 MiB by default) stays resident for
+    /// good. The next receives fault pages in again (zeroed). Safe against the kernel: with
+    /// deferred task run it fills buffers only inside this thread's `io_uring_enter`, and
+    /// only the ones from its head on, which this checks are all of them. True if released.
+    fn release_pages(&self, ring: &IoUring) -> bool {
+        if self.count == 0 || self.in_kernel != self.count {
+            return false;
+        }
+        let Some(head) = buf_ring_head(ring) else {
+            return false;
+        };
+        if self.tail.wrapping_sub(head) != self.count {
+            return false;
+        }
+        let page = 4096;
+        let start = (self.buffers.as_ptr() as usize).next_multiple_of(page);
+        let end = (self.buffers.as_ptr() as usize + self.buffers.len()) & !(page - 1);
+        if end <= start {
+            return false;
+        }
+        // SAFETY: whole pages inside our own allocation, which nothing reads until the kernel
+        // has written into it again; MADV_DONTNEED on private anonymous memory reads as zero.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) == 0 }
+    }
+
     /// No ring at all: what is left in a driver whose buffers had to be leaked.
     fn empty() -> Self {
         BufRing {
@@ -319,7 +350,7 @@ struct SocketSlot {
     /// Its operations name it by its entry in the fixed file table, at its slot index.
     fixed: bool,
     /// The shard's slab index of its connection (None once the connection is gone).
-    conn: Option<usize>,
+    conn: Option<u32>,
     /// Operations the kernel holds for this socket (the receive, a send).
     ops_in_kernel: u8,
     recv_armed: bool,
@@ -327,10 +358,12 @@ struct SocketSlot {
     /// outbound bound), in arrival order: first those copied out of the ring when it ran dry
     /// (`spilled`), then the ring buffers still held.
     spilled: Vec<u8>,
-    held: VecDeque<Held>,
+    /// One entry inline: a socket's input is normally taken in the turn it arrives, so an
+    /// idle socket keeps no allocation for it (a VecDeque kept its first one for life).
+    held: SmallVec<[Held; 1]>,
     /// Bytes handed to the kernel by the send in flight (not touched until it completes).
     sending: Vec<u8>,
-    sent: usize,
+    sent: u32,
     send_in_kernel: bool,
     /// In the driver's `to_send` list for this turn.
     send_queued: bool,
@@ -348,7 +381,7 @@ struct SocketSlot {
     /// The connection is finished: close the socket once the staged bytes are out.
     close_when_sent: bool,
     /// The connection belongs on shard `to`: the receive is being cancelled to hand it over.
-    handoff_to: Option<usize>,
+    handoff_to: Option<u32>,
 }
 
 impl SocketSlot {
@@ -356,11 +389,11 @@ impl SocketSlot {
         SocketSlot {
             fd: Some(fd),
             fixed: false,
-            conn: Some(conn),
+            conn: Some(conn as u32),
             ops_in_kernel: 0,
             recv_armed: false,
             spilled: Vec::new(),
-            held: VecDeque::new(),
+            held: SmallVec::new(),
             sending: Vec::new(),
             sent: 0,
             send_in_kernel: false,
@@ -376,7 +409,7 @@ impl SocketSlot {
     }
 
     fn unsent(&self) -> usize {
-        self.sending.len() - self.sent + self.staged.len()
+        self.sending.len() - self.sent as usize + self.staged.len()
     }
 
     /// Received bytes the connection has not taken.
@@ -436,7 +469,7 @@ impl futures_lite::AsyncRead for RingSocket<'_> {
             }
             return Poll::Ready(Ok(n));
         }
-        if let Some(held) = this.slot.held.front_mut() {
+        if let Some(held) = this.slot.held.first_mut() {
             let bytes = this.bufs.bytes(held);
             let n = bytes.len().min(buf.len());
             buf[..n].copy_from_slice(&bytes[..n]);
@@ -444,8 +477,11 @@ impl futures_lite::AsyncRead for RingSocket<'_> {
             if held.from == held.to {
                 // Taken: the buffer goes back to the kernel at once.
                 let bid = held.bid;
-                this.slot.held.pop_front();
+                this.slot.held.remove(0);
                 this.bufs.give_back(bid);
+                if this.slot.held.is_empty() && this.slot.held.spilled() {
+                    this.slot.held = SmallVec::new(); // a burst's allocation is not kept
+                }
             }
             return Poll::Ready(Ok(n));
         }
@@ -675,6 +711,12 @@ impl Driver {
         self.arm_recv(slot);
     }
 
+    /// A wave of accepts is over and the loop is quiet: give the receive buffers' pages back
+    /// if no connection holds one (see `BufRing::release_pages`).
+    pub fn release_idle_buffers(&mut self) {
+        self.bufs.release_pages(&self.ring);
+    }
+
     /// Sockets accepted since the last call.
     pub fn take_accepted(&mut self) -> u64 {
         std::mem::take(&mut self.accepted)
@@ -813,7 +855,7 @@ impl Driver {
             if len == 0 || s.conn.is_none() {
                 self.bufs.give_back(bid);
             } else {
-                s.held.push_back(Held {
+                s.held.push(Held {
                     bid,
                     from: 0,
                     to: len,
@@ -859,8 +901,8 @@ impl Driver {
             s.sent = 0;
             s.staged.clear();
         } else {
-            s.sent += result as usize;
-            if s.sent == s.sending.len() {
+            s.sent += result as u32;
+            if s.sent as usize == s.sending.len() {
                 s.sending.clear();
                 s.sent = 0;
                 std::mem::swap(&mut s.sending, &mut s.staged);
@@ -891,7 +933,7 @@ impl Driver {
         if (drained && s.repoll_when_sent) || s.failed {
             s.repoll_when_sent = false;
             if let Some(conn) = s.conn {
-                self.repoll.push_back(conn);
+                self.repoll.push_back(conn as usize);
             }
         }
         self.after_op(shard, slot);
@@ -899,7 +941,7 @@ impl Driver {
 
     /// Poll the connection of `slot`: it reads what the socket holds and writes what it has.
     fn poll(&mut self, shard: &RefCell<Shard>, slot: usize) {
-        let Some(conn) = self.slots[slot].conn else {
+        let Some(conn) = self.slots[slot].conn.map(|c| c as usize) else {
             return; // the connection is gone; the socket waits for its operations to end
         };
         let max_staged = shard.borrow().cfg().max_outbound;
@@ -936,7 +978,7 @@ impl Driver {
     fn close(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
         if let Some(conn) = s.conn.take() {
-            self.slot_of[conn] = None;
+            self.slot_of[conn as usize] = None;
         }
         for held in s.held.drain(..) {
             self.bufs.give_back(held.bid);
@@ -972,7 +1014,7 @@ impl Driver {
         if s.handoff_to.is_some() {
             return;
         }
-        s.handoff_to = Some(to);
+        s.handoff_to = Some(to as u32);
         if s.recv_armed {
             self.cancel_recv(slot);
         }
@@ -993,6 +1035,7 @@ impl Driver {
             return; // freed by the poll that handled the completion
         };
         if let (Some(to), Some(conn)) = (s.handoff_to, s.conn) {
+            let (to, conn) = (to as usize, conn as usize);
             if s.ops_in_kernel == 0 && s.unsent() == 0 && s.unread() == 0 {
                 // The shard sends a duplicate (and keeps the connection if the mesh is full).
                 let moved = super::park::dup(s.raw_fd())
@@ -1030,6 +1073,7 @@ impl Driver {
                 s.spilled.extend_from_slice(self.bufs.bytes(&held));
                 self.bufs.give_back(held.bid);
             }
+            s.held = SmallVec::new();
         }
     }
 
@@ -1085,7 +1129,7 @@ impl Driver {
         if s.sending.is_empty() {
             return;
         }
-        let rest = &s.sending[s.sent..];
+        let rest = &s.sending[s.sent as usize..];
         let send = on_socket!(s.fixed_index(slot), s.raw_fd(), |t| {
             opcode::Send::new(t, rest.as_ptr(), rest.len() as u32)
                 .flags(libc::MSG_NOSIGNAL)
@@ -1096,6 +1140,34 @@ impl Driver {
         s.ops_in_kernel += 1;
         self.push(send);
     }
+}
+
+/// The kernel's head of the provided buffer ring (`IORING_REGISTER_PBUF_STATUS`, Linux 6.8),
+/// or None when the kernel does not say.
+fn buf_ring_head(ring: &IoUring) -> Option<u16> {
+    #[repr(C)]
+    struct BufStatus {
+        buf_group: u32,
+        head: u32,
+        resv: [u32; 8],
+    }
+    const IORING_REGISTER_PBUF_STATUS: libc::c_long = 26;
+    let mut status = BufStatus {
+        buf_group: BUFFER_GROUP as u32,
+        head: 0,
+        resv: [0; 8],
+    };
+    // SAFETY: the register call reads and writes the struct given, of the kernel's layout.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd(),
+            IORING_REGISTER_PBUF_STATUS,
+            &mut status as *mut BufStatus,
+            1,
+        )
+    };
+    (rc == 0).then_some(status.head as u16)
 }
 
 /// Register a sparse fixed file table for the ring's sockets, as large as the open-files limit
@@ -1202,4 +1274,22 @@ fn peer_ip_key(fd: RawFd) -> crate::limit::ip::IpKey {
         .ok()
         .and_then(|a| a.as_socket())
         .map_or(0, |a| crate::limit::ip::ip_key(a.ip()))
+}
+
+#[cfg(test)]
+mod tests {
+    /// What the driver keeps per idle socket in user space: its slab cell (the connection's
+    /// own state is the shard's) and its `slot_of` entry. Printed for the memory breakdown
+    /// in docs/performance.md; bounded so that it does not grow unnoticed.
+    #[test]
+    fn an_idle_socket_slot_stays_small() {
+        let cell = std::mem::size_of::<slab::Slab<super::SocketSlot>>(); // the slab header
+        let slot = std::mem::size_of::<Result<super::SocketSlot, usize>>();
+        let index = std::mem::size_of::<Option<u32>>();
+        eprintln!(
+            "socket slot {slot} B (SocketSlot {} B), slot_of entry {index} B, slab header {cell} B",
+            std::mem::size_of::<super::SocketSlot>()
+        );
+        assert!(slot + index <= 144, "{slot} + {index}");
+    }
 }
