@@ -2,8 +2,9 @@
 //! shard's thread: glommio keeps the executor, the timers and the bells; this ring does the
 //! sockets. Why not glommio's streams: docs/architecture.md, "Socket I/O on io_uring".
 //!
-//! What it owns: the ring, the provided buffer ring every receive lands in, the listener, and
-//! per socket only the bytes staged for sending (a slot, keyed by the shard's slab index).
+//! What it owns: the ring, the provided buffer ring every receive lands in, the fixed file
+//! table the sockets are registered in, the listener, and per socket a 40-byte slot (keyed by
+//! the shard's slab index) with its bytes in transit behind one pointer, only while it has some.
 //! What it must not touch: connection state. Input goes to [`Shard::poll_conn`] through
 //! [`RingSocket`], exactly as glommio's streams feed it, and the shard says what to do.
 //!
@@ -343,6 +344,49 @@ struct Held {
     to: u32,
 }
 
+/// A socket's bytes in transit, only while it has some: an idle socket gives it back to the
+/// driver's pool (`Driver::settle`), so it keeps one pointer, not four queues.
+#[derive(Default)]
+struct SocketIo {
+    /// Received bytes the connection has not taken yet (none unless its output is over the
+    /// outbound bound), in arrival order: first those copied out of the ring when it ran dry
+    /// (`spilled`), then the ring buffers still held.
+    spilled: Vec<u8>,
+    /// One entry inline: a socket's input is normally taken in the turn it arrives.
+    held: SmallVec<[Held; 1]>,
+    /// Bytes handed to the kernel by the send in flight (not touched until it completes).
+    sending: Vec<u8>,
+    sent: u32,
+    /// Bytes the connection wrote since; they go in the next send.
+    staged: Vec<u8>,
+}
+
+impl SocketIo {
+    fn unsent(&self) -> usize {
+        self.sending.len() - self.sent as usize + self.staged.len()
+    }
+
+    fn unread(&self) -> usize {
+        self.spilled.len()
+            + self
+                .held
+                .iter()
+                .map(|h| (h.to - h.from) as usize)
+                .sum::<usize>()
+    }
+}
+
+/// Idle `SocketIo`s kept for reuse per shard (so the per-message path does not allocate).
+const SPARE_IOS_MAX: usize = 256;
+
+/// Take a `SocketIo` from the pool (or a new one) for a socket that has none.
+fn socket_io<'a>(
+    io: &'a mut Option<Box<SocketIo>>,
+    spare: &mut Vec<Box<SocketIo>>,
+) -> &'a mut SocketIo {
+    io.get_or_insert_with(|| spare.pop().unwrap_or_default())
+}
+
 /// The I/O state of one socket. It lives until the kernel holds no operation on it (a send
 /// in flight reads `sending`), which can be after its connection is gone.
 struct SocketSlot {
@@ -354,21 +398,11 @@ struct SocketSlot {
     /// Operations the kernel holds for this socket (the receive, a send).
     ops_in_kernel: u8,
     recv_armed: bool,
-    /// Received bytes the connection has not taken yet (none unless its output is over the
-    /// outbound bound), in arrival order: first those copied out of the ring when it ran dry
-    /// (`spilled`), then the ring buffers still held.
-    spilled: Vec<u8>,
-    /// One entry inline: a socket's input is normally taken in the turn it arrives, so an
-    /// idle socket keeps no allocation for it (a VecDeque kept its first one for life).
-    held: SmallVec<[Held; 1]>,
-    /// Bytes handed to the kernel by the send in flight (not touched until it completes).
-    sending: Vec<u8>,
-    sent: u32,
+    /// Its bytes in transit (None when it has none).
+    io: Option<Box<SocketIo>>,
     send_in_kernel: bool,
     /// In the driver's `to_send` list for this turn.
     send_queued: bool,
-    /// Bytes the connection wrote since; they go in the next send.
-    staged: Vec<u8>,
     /// Its receive ended for want of buffers (ENOBUFS): it waits in `Driver::starved` to be
     /// re-armed once buffers come back, not at once (which would end the same way, a spin).
     starved: bool,
@@ -392,13 +426,9 @@ impl SocketSlot {
             conn: Some(conn as u32),
             ops_in_kernel: 0,
             recv_armed: false,
-            spilled: Vec::new(),
-            held: SmallVec::new(),
-            sending: Vec::new(),
-            sent: 0,
+            io: None,
             send_in_kernel: false,
             send_queued: false,
-            staged: Vec::new(),
             starved: false,
             eof: false,
             failed: false,
@@ -409,25 +439,19 @@ impl SocketSlot {
     }
 
     fn unsent(&self) -> usize {
-        self.sending.len() - self.sent as usize + self.staged.len()
+        self.io.as_ref().map_or(0, |io| io.unsent())
     }
 
     /// Received bytes the connection has not taken.
     fn unread(&self) -> usize {
-        self.spilled.len()
-            + self
-                .held
-                .iter()
-                .map(|h| (h.to - h.from) as usize)
-                .sum::<usize>()
+        self.io.as_ref().map_or(0, |io| io.unread())
     }
 
     /// The receive may run (again): nothing unread, not ended, not being handed over.
     fn may_receive(&self) -> bool {
         self.conn.is_some()
             && !self.recv_armed
-            && self.spilled.is_empty()
-            && self.held.is_empty()
+            && self.unread() == 0
             && !self.eof
             && !self.failed
             && self.handoff_to.is_none()
@@ -449,6 +473,7 @@ struct RingSocket<'a> {
     slot: &'a mut SocketSlot,
     bufs: &'a mut BufRing,
     spare_sends: &'a mut Vec<Vec<u8>>,
+    spare_ios: &'a mut Vec<Box<SocketIo>>,
     /// Bound on staged bytes (beyond it the connection keeps its output and stops reading).
     max_staged: usize,
 }
@@ -460,30 +485,32 @@ impl futures_lite::AsyncRead for RingSocket<'_> {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if !this.slot.spilled.is_empty() {
-            let n = this.slot.spilled.len().min(buf.len());
-            buf[..n].copy_from_slice(&this.slot.spilled[..n]);
-            this.slot.spilled.drain(..n);
-            if this.slot.spilled.is_empty() {
-                this.slot.spilled = Vec::new(); // a slow reader keeps no copy once caught up
-            }
-            return Poll::Ready(Ok(n));
-        }
-        if let Some(held) = this.slot.held.first_mut() {
-            let bytes = this.bufs.bytes(held);
-            let n = bytes.len().min(buf.len());
-            buf[..n].copy_from_slice(&bytes[..n]);
-            held.from += n as u32;
-            if held.from == held.to {
-                // Taken: the buffer goes back to the kernel at once.
-                let bid = held.bid;
-                this.slot.held.remove(0);
-                this.bufs.give_back(bid);
-                if this.slot.held.is_empty() && this.slot.held.spilled() {
-                    this.slot.held = SmallVec::new(); // a burst's allocation is not kept
+        if let Some(sio) = this.slot.io.as_deref_mut() {
+            if !sio.spilled.is_empty() {
+                let n = sio.spilled.len().min(buf.len());
+                buf[..n].copy_from_slice(&sio.spilled[..n]);
+                sio.spilled.drain(..n);
+                if sio.spilled.is_empty() {
+                    sio.spilled = Vec::new(); // a slow reader keeps no copy once caught up
                 }
+                return Poll::Ready(Ok(n));
             }
-            return Poll::Ready(Ok(n));
+            if let Some(held) = sio.held.first_mut() {
+                let bytes = this.bufs.bytes(held);
+                let n = bytes.len().min(buf.len());
+                buf[..n].copy_from_slice(&bytes[..n]);
+                held.from += n as u32;
+                if held.from == held.to {
+                    // Taken: the buffer goes back to the kernel at once.
+                    let bid = held.bid;
+                    sio.held.remove(0);
+                    this.bufs.give_back(bid);
+                    if sio.held.is_empty() && sio.held.spilled() {
+                        sio.held = SmallVec::new(); // a burst's allocation is not kept
+                    }
+                }
+                return Poll::Ready(Ok(n));
+            }
         }
         if this.slot.failed {
             return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
@@ -513,12 +540,13 @@ impl futures_lite::AsyncWrite for RingSocket<'_> {
         }
         let n = room.min(buf.len());
         let this = &mut *self;
-        if this.slot.staged.capacity() == 0 {
+        let sio = socket_io(&mut this.slot.io, this.spare_ios);
+        if sio.staged.capacity() == 0 {
             if let Some(spare) = this.spare_sends.pop() {
-                this.slot.staged = spare;
+                sio.staged = spare;
             }
         }
-        this.slot.staged.extend_from_slice(&buf[..n]);
+        sio.staged.extend_from_slice(&buf[..n]);
         Poll::Ready(Ok(n))
     }
 
@@ -591,6 +619,7 @@ pub struct Driver {
     waker: Waker,
     completions: Vec<(u64, i32, u32)>,
     spare_sends: Vec<Vec<u8>>,
+    spare_ios: Vec<Box<SocketIo>>,
     /// Sockets accepted since the loop last went quiet (see `take_accepted`).
     accepted: u64,
     /// Entries of the fixed file table (0: none could be registered, plain descriptors).
@@ -624,6 +653,7 @@ impl Driver {
             flag,
             completions: Vec::with_capacity(RING_ENTRIES as usize),
             spare_sends: Vec::new(),
+            spare_ios: Vec::new(),
             accepted: 0,
             fixed_files,
             fixed_close_queued: false,
@@ -855,7 +885,7 @@ impl Driver {
             if len == 0 || s.conn.is_none() {
                 self.bufs.give_back(bid);
             } else {
-                s.held.push(Held {
+                socket_io(&mut s.io, &mut self.spare_ios).held.push(Held {
                     bid,
                     from: 0,
                     to: len,
@@ -878,9 +908,9 @@ impl Driver {
             r if r < 0 => s.failed = true,
             _ => {}
         }
+        let held = s.io.as_ref().map_or(0, |io| io.held.len());
         if s.recv_armed
-            && (s.held.len() >= HELD_BUFFERS_MAX
-                || s.unread() >= HELD_BUFFERS_MAX * RECV_BUFFER_BYTES)
+            && (held >= HELD_BUFFERS_MAX || s.unread() >= HELD_BUFFERS_MAX * RECV_BUFFER_BYTES)
         {
             // The connection is not taking its input: stop receiving (TCP pushes back).
             self.cancel_recv(slot);
@@ -895,40 +925,26 @@ impl Driver {
         let s = &mut self.slots[slot];
         s.ops_in_kernel -= 1;
         s.send_in_kernel = false;
+        let sio = socket_io(&mut s.io, &mut self.spare_ios);
         if result < 0 {
             s.failed = true;
-            s.sending.clear();
-            s.sent = 0;
-            s.staged.clear();
+            sio.sending.clear();
+            sio.sent = 0;
+            sio.staged.clear();
         } else {
-            s.sent += result as u32;
-            if s.sent as usize == s.sending.len() {
-                s.sending.clear();
-                s.sent = 0;
-                std::mem::swap(&mut s.sending, &mut s.staged);
+            sio.sent += result as u32;
+            if sio.sent as usize == sio.sending.len() {
+                sio.sending.clear();
+                sio.sent = 0;
+                std::mem::swap(&mut sio.sending, &mut sio.staged);
             }
-            if !s.sending.is_empty() && !s.send_queued {
+            if !sio.sending.is_empty() && !s.send_queued {
                 s.send_queued = true;
                 self.to_send.push(slot); // a short write: the rest goes in the next turn
             }
         }
-        let s = &mut self.slots[slot];
-        let drained = s.unsent() == 0;
-        if drained {
-            // An idle socket keeps no send buffer: both go back to the shard's pool.
-            for buf in [
-                std::mem::take(&mut s.sending),
-                std::mem::take(&mut s.staged),
-            ] {
-                let cap = buf.capacity();
-                if cap > 0
-                    && cap <= SPARE_SEND_BYTES_MAX
-                    && self.spare_sends.len() < SPARE_SENDS_MAX
-                {
-                    self.spare_sends.push(buf);
-                }
-            }
-        }
+        let drained = self.slots[slot].unsent() == 0;
+        self.settle(slot);
         let s = &mut self.slots[slot];
         if (drained && s.repoll_when_sent) || s.failed {
             s.repoll_when_sent = false;
@@ -937,6 +953,35 @@ impl Driver {
             }
         }
         self.after_op(shard, slot);
+    }
+
+    /// A socket with no bytes in transit gives its `SocketIo` back to the pool, and the send
+    /// buffers in it to theirs: an idle socket keeps neither.
+    fn settle(&mut self, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.unsent() > 0 || s.unread() > 0 {
+            return;
+        }
+        let Some(mut sio) = s.io.take() else {
+            return;
+        };
+        for buf in [
+            std::mem::take(&mut sio.sending),
+            std::mem::take(&mut sio.staged),
+        ] {
+            let cap = buf.capacity();
+            if cap > 0 && cap <= SPARE_SEND_BYTES_MAX && self.spare_sends.len() < SPARE_SENDS_MAX {
+                self.spare_sends.push(buf);
+            }
+        }
+        if self.spare_ios.len() < SPARE_IOS_MAX {
+            sio.sent = 0;
+            sio.spilled = Vec::new();
+            sio.held = SmallVec::new();
+            self.spare_ios.push(sio);
+        }
     }
 
     /// Poll the connection of `slot`: it reads what the socket holds and writes what it has.
@@ -951,14 +996,17 @@ impl Driver {
             slot: &mut self.slots[slot],
             bufs: &mut self.bufs,
             spare_sends: &mut self.spare_sends,
+            spare_ios: &mut self.spare_ios,
             max_staged,
         };
         let outcome = shard.borrow_mut().poll_conn(conn, &mut socket, &mut cx);
         let s = &mut self.slots[slot];
-        if !s.staged.is_empty() && !s.send_in_kernel && !s.send_queued {
+        let staged = s.io.as_ref().is_some_and(|io| !io.staged.is_empty());
+        if staged && !s.send_in_kernel && !s.send_queued {
             s.send_queued = true;
             self.to_send.push(slot);
         }
+        self.settle(slot);
         match outcome {
             ConnPoll::Pending { .. } => {
                 if self.flag.0.load(Ordering::Relaxed) {
@@ -980,16 +1028,21 @@ impl Driver {
         if let Some(conn) = s.conn.take() {
             self.slot_of[conn as usize] = None;
         }
-        for held in s.held.drain(..) {
-            self.bufs.give_back(held.bid);
+        if let Some(sio) = s.io.as_deref_mut() {
+            for held in sio.held.drain(..) {
+                self.bufs.give_back(held.bid);
+            }
+            sio.spilled = Vec::new();
+            if s.failed {
+                sio.staged.clear(); // (a send in the kernel keeps `sending` until it ends)
+            }
         }
-        s.spilled = Vec::new();
         if s.failed || s.unsent() == 0 {
-            s.staged.clear();
             self.cancel_ops(slot);
         } else {
             s.close_when_sent = true;
         }
+        self.settle(slot);
         self.free_if_done(slot);
     }
 
@@ -1069,11 +1122,14 @@ impl Driver {
     /// its receive stops).
     fn spill_held(&mut self) {
         for (_, s) in self.slots.iter_mut() {
-            for held in s.held.drain(..) {
-                s.spilled.extend_from_slice(self.bufs.bytes(&held));
+            let Some(sio) = s.io.as_deref_mut() else {
+                continue;
+            };
+            for held in sio.held.drain(..) {
+                sio.spilled.extend_from_slice(self.bufs.bytes(&held));
                 self.bufs.give_back(held.bid);
             }
-            s.held = SmallVec::new();
+            sio.held = SmallVec::new();
         }
     }
 
@@ -1122,15 +1178,19 @@ impl Driver {
         if s.send_in_kernel || s.failed {
             return;
         }
-        if s.sending.is_empty() {
-            std::mem::swap(&mut s.sending, &mut s.staged);
-            s.sent = 0;
+        let (fixed, fd) = (s.fixed_index(slot), s.raw_fd());
+        let Some(sio) = s.io.as_deref_mut() else {
+            return;
+        };
+        if sio.sending.is_empty() {
+            std::mem::swap(&mut sio.sending, &mut sio.staged);
+            sio.sent = 0;
         }
-        if s.sending.is_empty() {
+        if sio.sending.is_empty() {
             return;
         }
-        let rest = &s.sending[s.sent as usize..];
-        let send = on_socket!(s.fixed_index(slot), s.raw_fd(), |t| {
+        let rest = &sio.sending[sio.sent as usize..];
+        let send = on_socket!(fixed, fd, |t| {
             opcode::Send::new(t, rest.as_ptr(), rest.len() as u32)
                 .flags(libc::MSG_NOSIGNAL)
                 .build()
@@ -1290,6 +1350,8 @@ mod tests {
             "socket slot {slot} B (SocketSlot {} B), slot_of entry {index} B, slab header {cell} B",
             std::mem::size_of::<super::SocketSlot>()
         );
-        assert!(slot + index <= 144, "{slot} + {index}");
+        let busy = std::mem::size_of::<super::SocketIo>();
+        eprintln!("while busy (pooled, not per idle socket): SocketIo {busy} B");
+        assert!(slot + index <= 56, "{slot} + {index}");
     }
 }
