@@ -379,7 +379,10 @@ impl SocketIo {
 /// Idle `SocketIo`s kept for reuse per shard (so the per-message path does not allocate).
 const SPARE_IOS_MAX: usize = 256;
 
-/// Take a `SocketIo` from the pool (or a new one) for a socket that has none.
+/// Take a `SocketIo` from the pool (or a new one) for a socket that has none. The pool holds
+/// the boxes themselves (hence `vec_box`): a socket takes one by moving a pointer, with no
+/// allocation.
+#[allow(clippy::vec_box)]
 fn socket_io<'a>(
     io: &'a mut Option<Box<SocketIo>>,
     spare: &mut Vec<Box<SocketIo>>,
@@ -473,6 +476,7 @@ struct RingSocket<'a> {
     slot: &'a mut SocketSlot,
     bufs: &'a mut BufRing,
     spare_sends: &'a mut Vec<Vec<u8>>,
+    #[allow(clippy::vec_box)] // see `socket_io`
     spare_ios: &'a mut Vec<Box<SocketIo>>,
     /// Bound on staged bytes (beyond it the connection keeps its output and stops reading).
     max_staged: usize,
@@ -619,6 +623,7 @@ pub struct Driver {
     waker: Waker,
     completions: Vec<(u64, i32, u32)>,
     spare_sends: Vec<Vec<u8>>,
+    #[allow(clippy::vec_box)] // see `socket_io`
     spare_ios: Vec<Box<SocketIo>>,
     /// Sockets accepted since the loop last went quiet (see `take_accepted`).
     accepted: u64,
