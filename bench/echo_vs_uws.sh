@@ -11,6 +11,7 @@
 #   (before/after a change).
 #   Sides: uws, ringgate (io_driver = "glommio"), ringgate-uring (io_driver =
 #   "uring", the shard's own io_uring: docs/architecture.md, "Socket I/O on io_uring").
+#   SIDES="ringgate-uring base" runs only those (a before/after without the references).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -21,8 +22,10 @@ NEW=target/release
 UWS=$(bash bench/uws.sh)
 command -v perf >/dev/null || { echo "FATAL: perf needed for syscall counts (apt-get install linux-perf)" >&2; exit 1; }
 OUT=$(mktemp -d)
-SIDES="uws ringgate ringgate-uring"
-[ -n "${BASE_BIN:-}" ] && SIDES="$SIDES base"
+if [ -z "${SIDES:-}" ]; then
+  SIDES="uws ringgate ringgate-uring"
+  [ -n "${BASE_BIN:-}" ] && SIDES="$SIDES base"
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -84,7 +87,7 @@ for inflight in (1, 16):
         print("  inflight %2d  %-14s  %10.0f msg/s  %6.2f us/msg  %5.3f syscalls/msg" % (
             inflight, s, med(s, inflight, rate) or 0, med(s, inflight, cpu) or 0, med(s, inflight, sysc) or 0))
     u = lambda f: med("uws", inflight, f)
-    for s in sides[1:]:
+    for s in sides[1:] if "uws" in sides else []:
         g = lambda f: med(s, inflight, f)
         if u(rate) and g(rate) and u(cpu) and g(cpu):
             print("  inflight %2d  %s/uws: msg/s %.2fx  cpu/msg %.2fx  (budget: msg/s >= 1, cpu <= 0.8)" % (

@@ -187,6 +187,7 @@ pub async fn run_uring(
                 // A wave of accepts and handshakes is over: their buffers are freed memory
                 // that mimalloc keeps until told (the park set's waves do this with glommio).
                 shard.borrow_mut().note_quiet_after_burst();
+                driver.release_idle_buffers();
             }
             let wait_ms = shard.borrow_mut().next_tick_ms();
             driver.wait(wait_ms);

@@ -2,8 +2,9 @@
 //! shard's thread: glommio keeps the executor, the timers and the bells; this ring does the
 //! sockets. Why not glommio's streams: docs/architecture.md, "Socket I/O on io_uring".
 //!
-//! What it owns: the ring, the provided buffer ring every receive lands in, the listener, and
-//! per socket only the bytes staged for sending (a slot, keyed by the shard's slab index).
+//! What it owns: the ring, the provided buffer ring every receive lands in, the fixed file
+//! table the sockets are registered in, the listener, and per socket a 40-byte slot (keyed by
+//! the shard's slab index) with its bytes in transit behind one pointer, only while it has some.
 //! What it must not touch: connection state. Input goes to [`Shard::poll_conn`] through
 //! [`RingSocket`], exactly as glommio's streams feed it, and the shard says what to do.
 //!
@@ -25,6 +26,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
+use smallvec::SmallVec;
 
 use super::{ConnPoll, Shard};
 
@@ -49,6 +51,30 @@ const OP_RECV: u64 = 2;
 const OP_SEND: u64 = 3;
 const OP_CANCEL: u64 = 4;
 const OP_BELL: u64 = 5;
+/// The close of a socket's entry in the fixed file table (its answer is not looked at).
+const OP_CLOSE_FIXED: u64 = 6;
+
+/// Most entries of a shard's fixed file table (the kernel allows 2^20 and no more than the
+/// open-files limit): 8 bytes of kernel memory each, allocated at start, so a shard with more
+/// sockets gives the rest their plain descriptors.
+const FIXED_FILES_MAX: u32 = 65_536;
+
+/// Build an operation on a socket: its fixed file entry when it has one (no file lookup and
+/// reference count per operation), else its descriptor.
+macro_rules! on_socket {
+    ($fixed:expr, $fd:expr, |$t:ident| $op:expr) => {
+        match $fixed {
+            Some(index) => {
+                let $t = types::Fixed(index);
+                $op
+            }
+            None => {
+                let $t = types::Fd($fd);
+                $op
+            }
+        }
+    };
+}
 
 fn user_data(slot: usize, op: u64) -> u64 {
     ((slot as u64) << 8) | op
@@ -58,7 +84,8 @@ fn user_data(slot: usize, op: u64) -> u64 {
 /// can, else why not, for the operator. Each need is tried for real, not only read from the
 /// kernel version (a container's seccomp profile or a backport can differ): a ring with
 /// single issuer (6.0) and deferred task run (6.1), a provided buffer ring of `recv_buffers`
-/// (5.19; locked memory), and a multishot receive (6.0) that takes a byte and stays armed.
+/// (5.19; locked memory), a sparse fixed file table (5.19), and a multishot receive (6.0) on a
+/// registered socket that takes a byte and stays armed.
 pub fn unsupported_because(recv_buffers: u16) -> Option<String> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let release = release.trim();
@@ -86,13 +113,16 @@ pub fn unsupported_because(recv_buffers: u16) -> Option<String> {
             ))
         }
     };
+    if let Err(e) = ring.submitter().register_files_sparse(1) {
+        return Some(format!("cannot register a sparse fixed file table: {e}"));
+    }
     multishot_receive_problem(ring, bufs)
 }
 
 /// The kernel version below which the driver is not tried (see `unsupported_because`).
 const MIN_KERNEL: (u32, u32) = (6, 1);
 
-/// Arm a multishot receive on one end of a socket pair, write a byte into the other: it must
+/// Arm a multishot receive on one end of a socket pair (as fixed file 0), write a byte into the other: it must
 /// land in a provided buffer with the receive still armed. Ends every operation before the
 /// ring is closed and the buffers freed.
 fn multishot_receive_problem(mut ring: IoUring, bufs: BufRing) -> Option<String> {
@@ -100,7 +130,13 @@ fn multishot_receive_problem(mut ring: IoUring, bufs: BufRing) -> Option<String>
         Ok(pair) => pair,
         Err(e) => return Some(format!("cannot make a socket pair to try a receive: {e}")),
     };
-    let recv = opcode::RecvMulti::new(types::Fd(ours.as_raw_fd()), BUFFER_GROUP)
+    if let Err(e) = ring
+        .submitter()
+        .register_files_update(0, &[ours.as_raw_fd()])
+    {
+        return Some(format!("cannot put a socket in the fixed file table: {e}"));
+    }
+    let recv = opcode::RecvMulti::new(types::Fixed(0), BUFFER_GROUP)
         .build()
         .user_data(user_data(0, OP_RECV));
     // SAFETY: the socket outlives the operation (it is cancelled and reaped below).
@@ -251,6 +287,33 @@ impl BufRing {
 }
 
 impl BufRing {
+    /// Give the buffers' pages back to the system when the kernel holds every buffer unfilled
+    /// (none held by a connection, none picked since): a burst of upgrades cycles the whole
+    /// ring through its FIFO, so otherwise all of it (4 MiB by default) stays resident for
+    /// good. The next receives fault pages in again (zeroed). Safe against the kernel: with
+    /// deferred task run it fills buffers only inside this thread's `io_uring_enter`, and
+    /// only the ones from its head on, which this checks are all of them. True if released.
+    fn release_pages(&self, ring: &IoUring) -> bool {
+        if self.count == 0 || self.in_kernel != self.count {
+            return false;
+        }
+        let Some(head) = buf_ring_head(ring) else {
+            return false;
+        };
+        if self.tail.wrapping_sub(head) != self.count {
+            return false;
+        }
+        let page = 4096;
+        let start = (self.buffers.as_ptr() as usize).next_multiple_of(page);
+        let end = (self.buffers.as_ptr() as usize + self.buffers.len()) & !(page - 1);
+        if end <= start {
+            return false;
+        }
+        // SAFETY: whole pages inside our own allocation, which nothing reads until the kernel
+        // has written into it again; MADV_DONTNEED on private anonymous memory reads as zero.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) == 0 }
+    }
+
     /// No ring at all: what is left in a driver whose buffers had to be leaked.
     fn empty() -> Self {
         BufRing {
@@ -281,28 +344,68 @@ struct Held {
     to: u32,
 }
 
-/// The I/O state of one socket. It lives until the kernel holds no operation on it (a send
-/// in flight reads `sending`), which can be after its connection is gone.
-struct SocketSlot {
-    fd: Option<OwnedFd>,
-    /// The shard's slab index of its connection (None once the connection is gone).
-    conn: Option<usize>,
-    /// Operations the kernel holds for this socket (the receive, a send).
-    ops_in_kernel: u8,
-    recv_armed: bool,
+/// A socket's bytes in transit, only while it has some: an idle socket gives it back to the
+/// driver's pool (`Driver::settle`), so it keeps one pointer, not four queues.
+#[derive(Default)]
+struct SocketIo {
     /// Received bytes the connection has not taken yet (none unless its output is over the
     /// outbound bound), in arrival order: first those copied out of the ring when it ran dry
     /// (`spilled`), then the ring buffers still held.
     spilled: Vec<u8>,
-    held: VecDeque<Held>,
+    /// One entry inline: a socket's input is normally taken in the turn it arrives.
+    held: SmallVec<[Held; 1]>,
     /// Bytes handed to the kernel by the send in flight (not touched until it completes).
     sending: Vec<u8>,
-    sent: usize,
+    sent: u32,
+    /// Bytes the connection wrote since; they go in the next send.
+    staged: Vec<u8>,
+}
+
+impl SocketIo {
+    fn unsent(&self) -> usize {
+        self.sending.len() - self.sent as usize + self.staged.len()
+    }
+
+    fn unread(&self) -> usize {
+        self.spilled.len()
+            + self
+                .held
+                .iter()
+                .map(|h| (h.to - h.from) as usize)
+                .sum::<usize>()
+    }
+}
+
+/// Idle `SocketIo`s kept for reuse per shard (so the per-message path does not allocate).
+const SPARE_IOS_MAX: usize = 256;
+
+/// Take a `SocketIo` from the pool (or a new one) for a socket that has none. The pool holds
+/// the boxes themselves (hence `vec_box`): a socket takes one by moving a pointer, with no
+/// allocation.
+#[allow(clippy::vec_box)]
+fn socket_io<'a>(
+    io: &'a mut Option<Box<SocketIo>>,
+    spare: &mut Vec<Box<SocketIo>>,
+) -> &'a mut SocketIo {
+    io.get_or_insert_with(|| spare.pop().unwrap_or_default())
+}
+
+/// The I/O state of one socket. It lives until the kernel holds no operation on it (a send
+/// in flight reads `sending`), which can be after its connection is gone.
+struct SocketSlot {
+    fd: Option<OwnedFd>,
+    /// Its operations name it by its entry in the fixed file table, at its slot index.
+    fixed: bool,
+    /// The shard's slab index of its connection (None once the connection is gone).
+    conn: Option<u32>,
+    /// Operations the kernel holds for this socket (the receive, a send).
+    ops_in_kernel: u8,
+    recv_armed: bool,
+    /// Its bytes in transit (None when it has none).
+    io: Option<Box<SocketIo>>,
     send_in_kernel: bool,
     /// In the driver's `to_send` list for this turn.
     send_queued: bool,
-    /// Bytes the connection wrote since; they go in the next send.
-    staged: Vec<u8>,
     /// Its receive ended for want of buffers (ENOBUFS): it waits in `Driver::starved` to be
     /// re-armed once buffers come back, not at once (which would end the same way, a spin).
     starved: bool,
@@ -315,23 +418,20 @@ struct SocketSlot {
     /// The connection is finished: close the socket once the staged bytes are out.
     close_when_sent: bool,
     /// The connection belongs on shard `to`: the receive is being cancelled to hand it over.
-    handoff_to: Option<usize>,
+    handoff_to: Option<u32>,
 }
 
 impl SocketSlot {
     fn new(fd: OwnedFd, conn: usize) -> Self {
         SocketSlot {
             fd: Some(fd),
-            conn: Some(conn),
+            fixed: false,
+            conn: Some(conn as u32),
             ops_in_kernel: 0,
             recv_armed: false,
-            spilled: Vec::new(),
-            held: VecDeque::new(),
-            sending: Vec::new(),
-            sent: 0,
+            io: None,
             send_in_kernel: false,
             send_queued: false,
-            staged: Vec::new(),
             starved: false,
             eof: false,
             failed: false,
@@ -342,25 +442,19 @@ impl SocketSlot {
     }
 
     fn unsent(&self) -> usize {
-        self.sending.len() - self.sent + self.staged.len()
+        self.io.as_ref().map_or(0, |io| io.unsent())
     }
 
     /// Received bytes the connection has not taken.
     fn unread(&self) -> usize {
-        self.spilled.len()
-            + self
-                .held
-                .iter()
-                .map(|h| (h.to - h.from) as usize)
-                .sum::<usize>()
+        self.io.as_ref().map_or(0, |io| io.unread())
     }
 
     /// The receive may run (again): nothing unread, not ended, not being handed over.
     fn may_receive(&self) -> bool {
         self.conn.is_some()
             && !self.recv_armed
-            && self.spilled.is_empty()
-            && self.held.is_empty()
+            && self.unread() == 0
             && !self.eof
             && !self.failed
             && self.handoff_to.is_none()
@@ -368,6 +462,11 @@ impl SocketSlot {
 
     fn raw_fd(&self) -> RawFd {
         self.fd.as_ref().map_or(-1, |fd| fd.as_raw_fd())
+    }
+
+    /// Its fixed file index, if it has one (`slot` is its own index).
+    fn fixed_index(&self, slot: usize) -> Option<u32> {
+        self.fixed.then_some(slot as u32)
     }
 }
 
@@ -377,6 +476,8 @@ struct RingSocket<'a> {
     slot: &'a mut SocketSlot,
     bufs: &'a mut BufRing,
     spare_sends: &'a mut Vec<Vec<u8>>,
+    #[allow(clippy::vec_box)] // see `socket_io`
+    spare_ios: &'a mut Vec<Box<SocketIo>>,
     /// Bound on staged bytes (beyond it the connection keeps its output and stops reading).
     max_staged: usize,
 }
@@ -388,27 +489,32 @@ impl futures_lite::AsyncRead for RingSocket<'_> {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if !this.slot.spilled.is_empty() {
-            let n = this.slot.spilled.len().min(buf.len());
-            buf[..n].copy_from_slice(&this.slot.spilled[..n]);
-            this.slot.spilled.drain(..n);
-            if this.slot.spilled.is_empty() {
-                this.slot.spilled = Vec::new(); // a slow reader keeps no copy once caught up
+        if let Some(sio) = this.slot.io.as_deref_mut() {
+            if !sio.spilled.is_empty() {
+                let n = sio.spilled.len().min(buf.len());
+                buf[..n].copy_from_slice(&sio.spilled[..n]);
+                sio.spilled.drain(..n);
+                if sio.spilled.is_empty() {
+                    sio.spilled = Vec::new(); // a slow reader keeps no copy once caught up
+                }
+                return Poll::Ready(Ok(n));
             }
-            return Poll::Ready(Ok(n));
-        }
-        if let Some(held) = this.slot.held.front_mut() {
-            let bytes = this.bufs.bytes(held);
-            let n = bytes.len().min(buf.len());
-            buf[..n].copy_from_slice(&bytes[..n]);
-            held.from += n as u32;
-            if held.from == held.to {
-                // Taken: the buffer goes back to the kernel at once.
-                let bid = held.bid;
-                this.slot.held.pop_front();
-                this.bufs.give_back(bid);
+            if let Some(held) = sio.held.first_mut() {
+                let bytes = this.bufs.bytes(held);
+                let n = bytes.len().min(buf.len());
+                buf[..n].copy_from_slice(&bytes[..n]);
+                held.from += n as u32;
+                if held.from == held.to {
+                    // Taken: the buffer goes back to the kernel at once.
+                    let bid = held.bid;
+                    sio.held.remove(0);
+                    this.bufs.give_back(bid);
+                    if sio.held.is_empty() && sio.held.spilled() {
+                        sio.held = SmallVec::new(); // a burst's allocation is not kept
+                    }
+                }
+                return Poll::Ready(Ok(n));
             }
-            return Poll::Ready(Ok(n));
         }
         if this.slot.failed {
             return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
@@ -438,12 +544,13 @@ impl futures_lite::AsyncWrite for RingSocket<'_> {
         }
         let n = room.min(buf.len());
         let this = &mut *self;
-        if this.slot.staged.capacity() == 0 {
+        let sio = socket_io(&mut this.slot.io, this.spare_ios);
+        if sio.staged.capacity() == 0 {
             if let Some(spare) = this.spare_sends.pop() {
-                this.slot.staged = spare;
+                sio.staged = spare;
             }
         }
-        this.slot.staged.extend_from_slice(&buf[..n]);
+        sio.staged.extend_from_slice(&buf[..n]);
         Poll::Ready(Ok(n))
     }
 
@@ -516,8 +623,15 @@ pub struct Driver {
     waker: Waker,
     completions: Vec<(u64, i32, u32)>,
     spare_sends: Vec<Vec<u8>>,
+    #[allow(clippy::vec_box)] // see `socket_io`
+    spare_ios: Vec<Box<SocketIo>>,
     /// Sockets accepted since the loop last went quiet (see `take_accepted`).
     accepted: u64,
+    /// Entries of the fixed file table (0: none could be registered, plain descriptors).
+    fixed_files: u32,
+    /// A fixed entry's close is queued but not submitted: a new socket must not take that
+    /// entry before it (see `add_socket`).
+    fixed_close_queued: bool,
 }
 
 impl Driver {
@@ -526,6 +640,7 @@ impl Driver {
     pub fn new(listener: OwnedFd, bells: &[RawFd], recv_buffers: u16) -> io::Result<Self> {
         let ring = new_ring()?;
         let bufs = BufRing::new(&ring, recv_buffers)?;
+        let fixed_files = fixed_file_table(&ring);
         let flag = Arc::new(RepollFlag::default());
         let mut driver = Driver {
             ring,
@@ -543,7 +658,10 @@ impl Driver {
             flag,
             completions: Vec::with_capacity(RING_ENTRIES as usize),
             spare_sends: Vec::new(),
+            spare_ios: Vec::new(),
             accepted: 0,
+            fixed_files,
+            fixed_close_queued: false,
         };
         driver.arm_accept();
         for &bell in bells {
@@ -596,9 +714,10 @@ impl Driver {
 
     fn arm_recv(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
-        let recv = opcode::RecvMulti::new(types::Fd(s.raw_fd()), BUFFER_GROUP)
-            .build()
-            .user_data(user_data(slot, OP_RECV));
+        let recv = on_socket!(s.fixed_index(slot), s.raw_fd(), |t| {
+            opcode::RecvMulti::new(t, BUFFER_GROUP).build()
+        })
+        .user_data(user_data(slot, OP_RECV));
         s.recv_armed = true;
         s.ops_in_kernel += 1;
         self.push(recv);
@@ -608,11 +727,29 @@ impl Driver {
     /// over by another shard) and start its one multishot receive.
     pub fn add_socket(&mut self, conn: usize, fd: OwnedFd) {
         let slot = self.slots.insert(SocketSlot::new(fd, conn));
+        if (slot as u32) < self.fixed_files {
+            if std::mem::take(&mut self.fixed_close_queued) {
+                // The queued close may name this entry: it goes first.
+                let _ = self.ring.submit();
+            }
+            // One register call per socket; its operations then skip the file lookup. If it
+            // fails (out of kernel memory), the socket works by its descriptor.
+            let s = &mut self.slots[slot];
+            s.fixed = (self.ring.submitter())
+                .register_files_update(slot as u32, &[s.raw_fd()])
+                .is_ok();
+        }
         if self.slot_of.len() <= conn {
             self.slot_of.resize(conn + 1, None);
         }
         self.slot_of[conn] = Some(slot as u32);
         self.arm_recv(slot);
+    }
+
+    /// A wave of accepts is over and the loop is quiet: give the receive buffers' pages back
+    /// if no connection holds one (see `BufRing::release_pages`).
+    pub fn release_idle_buffers(&mut self) {
+        self.bufs.release_pages(&self.ring);
     }
 
     /// Sockets accepted since the last call.
@@ -643,7 +780,7 @@ impl Driver {
                 OP_RECV => self.on_recv(shard, slot, result, flags),
                 OP_SEND => self.on_send(shard, slot, result),
                 OP_BELL => bell_rang = true,
-                _ => {} // a cancel's own answer
+                _ => {} // a cancel's or a fixed close's own answer
             }
         }
         completions.clear();
@@ -672,6 +809,7 @@ impl Driver {
         drop(sq);
         if needed {
             let _ = self.ring.submit();
+            self.fixed_close_queued = false;
         }
         TurnReport {
             progress,
@@ -687,6 +825,7 @@ impl Driver {
         let args = types::SubmitArgs::new().timespec(&ts);
         // ETIME (the timeout) and EINTR are expected; a real failure shows on the next turn.
         let _ = self.ring.submitter().submit_with_args(1, &args);
+        self.fixed_close_queued = false;
     }
 
     fn slot_for(&self, conn: usize) -> Option<usize> {
@@ -751,7 +890,7 @@ impl Driver {
             if len == 0 || s.conn.is_none() {
                 self.bufs.give_back(bid);
             } else {
-                s.held.push_back(Held {
+                socket_io(&mut s.io, &mut self.spare_ios).held.push(Held {
                     bid,
                     from: 0,
                     to: len,
@@ -774,9 +913,9 @@ impl Driver {
             r if r < 0 => s.failed = true,
             _ => {}
         }
+        let held = s.io.as_ref().map_or(0, |io| io.held.len());
         if s.recv_armed
-            && (s.held.len() >= HELD_BUFFERS_MAX
-                || s.unread() >= HELD_BUFFERS_MAX * RECV_BUFFER_BYTES)
+            && (held >= HELD_BUFFERS_MAX || s.unread() >= HELD_BUFFERS_MAX * RECV_BUFFER_BYTES)
         {
             // The connection is not taking its input: stop receiving (TCP pushes back).
             self.cancel_recv(slot);
@@ -791,53 +930,68 @@ impl Driver {
         let s = &mut self.slots[slot];
         s.ops_in_kernel -= 1;
         s.send_in_kernel = false;
+        let sio = socket_io(&mut s.io, &mut self.spare_ios);
         if result < 0 {
             s.failed = true;
-            s.sending.clear();
-            s.sent = 0;
-            s.staged.clear();
+            sio.sending.clear();
+            sio.sent = 0;
+            sio.staged.clear();
         } else {
-            s.sent += result as usize;
-            if s.sent == s.sending.len() {
-                s.sending.clear();
-                s.sent = 0;
-                std::mem::swap(&mut s.sending, &mut s.staged);
+            sio.sent += result as u32;
+            if sio.sent as usize == sio.sending.len() {
+                sio.sending.clear();
+                sio.sent = 0;
+                std::mem::swap(&mut sio.sending, &mut sio.staged);
             }
-            if !s.sending.is_empty() && !s.send_queued {
+            if !sio.sending.is_empty() && !s.send_queued {
                 s.send_queued = true;
                 self.to_send.push(slot); // a short write: the rest goes in the next turn
             }
         }
-        let s = &mut self.slots[slot];
-        let drained = s.unsent() == 0;
-        if drained {
-            // An idle socket keeps no send buffer: both go back to the shard's pool.
-            for buf in [
-                std::mem::take(&mut s.sending),
-                std::mem::take(&mut s.staged),
-            ] {
-                let cap = buf.capacity();
-                if cap > 0
-                    && cap <= SPARE_SEND_BYTES_MAX
-                    && self.spare_sends.len() < SPARE_SENDS_MAX
-                {
-                    self.spare_sends.push(buf);
-                }
-            }
-        }
+        let drained = self.slots[slot].unsent() == 0;
+        self.settle(slot);
         let s = &mut self.slots[slot];
         if (drained && s.repoll_when_sent) || s.failed {
             s.repoll_when_sent = false;
             if let Some(conn) = s.conn {
-                self.repoll.push_back(conn);
+                self.repoll.push_back(conn as usize);
             }
         }
         self.after_op(shard, slot);
     }
 
+    /// A socket with no bytes in transit gives its `SocketIo` back to the pool, and the send
+    /// buffers in it to theirs: an idle socket keeps neither.
+    fn settle(&mut self, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        if s.unsent() > 0 || s.unread() > 0 {
+            return;
+        }
+        let Some(mut sio) = s.io.take() else {
+            return;
+        };
+        for buf in [
+            std::mem::take(&mut sio.sending),
+            std::mem::take(&mut sio.staged),
+        ] {
+            let cap = buf.capacity();
+            if cap > 0 && cap <= SPARE_SEND_BYTES_MAX && self.spare_sends.len() < SPARE_SENDS_MAX {
+                self.spare_sends.push(buf);
+            }
+        }
+        if self.spare_ios.len() < SPARE_IOS_MAX {
+            sio.sent = 0;
+            sio.spilled = Vec::new();
+            sio.held = SmallVec::new();
+            self.spare_ios.push(sio);
+        }
+    }
+
     /// Poll the connection of `slot`: it reads what the socket holds and writes what it has.
     fn poll(&mut self, shard: &RefCell<Shard>, slot: usize) {
-        let Some(conn) = self.slots[slot].conn else {
+        let Some(conn) = self.slots[slot].conn.map(|c| c as usize) else {
             return; // the connection is gone; the socket waits for its operations to end
         };
         let max_staged = shard.borrow().cfg().max_outbound;
@@ -847,14 +1001,17 @@ impl Driver {
             slot: &mut self.slots[slot],
             bufs: &mut self.bufs,
             spare_sends: &mut self.spare_sends,
+            spare_ios: &mut self.spare_ios,
             max_staged,
         };
         let outcome = shard.borrow_mut().poll_conn(conn, &mut socket, &mut cx);
         let s = &mut self.slots[slot];
-        if !s.staged.is_empty() && !s.send_in_kernel && !s.send_queued {
+        let staged = s.io.as_ref().is_some_and(|io| !io.staged.is_empty());
+        if staged && !s.send_in_kernel && !s.send_queued {
             s.send_queued = true;
             self.to_send.push(slot);
         }
+        self.settle(slot);
         match outcome {
             ConnPoll::Pending { .. } => {
                 if self.flag.0.load(Ordering::Relaxed) {
@@ -874,18 +1031,23 @@ impl Driver {
     fn close(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
         if let Some(conn) = s.conn.take() {
-            self.slot_of[conn] = None;
+            self.slot_of[conn as usize] = None;
         }
-        for held in s.held.drain(..) {
-            self.bufs.give_back(held.bid);
+        if let Some(sio) = s.io.as_deref_mut() {
+            for held in sio.held.drain(..) {
+                self.bufs.give_back(held.bid);
+            }
+            sio.spilled = Vec::new();
+            if s.failed {
+                sio.staged.clear(); // (a send in the kernel keeps `sending` until it ends)
+            }
         }
-        s.spilled = Vec::new();
         if s.failed || s.unsent() == 0 {
-            s.staged.clear();
             self.cancel_ops(slot);
         } else {
             s.close_when_sent = true;
         }
+        self.settle(slot);
         self.free_if_done(slot);
     }
 
@@ -894,10 +1056,12 @@ impl Driver {
         if s.ops_in_kernel == 0 {
             return;
         }
-        let cancel =
-            opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(s.raw_fd())).all())
-                .build()
-                .user_data(user_data(slot, OP_CANCEL));
+        let who = on_socket!(s.fixed_index(slot), s.raw_fd(), |t| {
+            types::CancelBuilder::fd(t)
+        });
+        let cancel = opcode::AsyncCancel2::new(who.all())
+            .build()
+            .user_data(user_data(slot, OP_CANCEL));
         self.push(cancel);
     }
 
@@ -908,7 +1072,7 @@ impl Driver {
         if s.handoff_to.is_some() {
             return;
         }
-        s.handoff_to = Some(to);
+        s.handoff_to = Some(to as u32);
         if s.recv_armed {
             self.cancel_recv(slot);
         }
@@ -929,6 +1093,7 @@ impl Driver {
             return; // freed by the poll that handled the completion
         };
         if let (Some(to), Some(conn)) = (s.handoff_to, s.conn) {
+            let (to, conn) = (to as usize, conn as usize);
             if s.ops_in_kernel == 0 && s.unsent() == 0 && s.unread() == 0 {
                 // The shard sends a duplicate (and keeps the connection if the mesh is full).
                 let moved = super::park::dup(s.raw_fd())
@@ -962,10 +1127,14 @@ impl Driver {
     /// its receive stops).
     fn spill_held(&mut self) {
         for (_, s) in self.slots.iter_mut() {
-            for held in s.held.drain(..) {
-                s.spilled.extend_from_slice(self.bufs.bytes(&held));
+            let Some(sio) = s.io.as_deref_mut() else {
+                continue;
+            };
+            for held in sio.held.drain(..) {
+                sio.spilled.extend_from_slice(self.bufs.bytes(&held));
                 self.bufs.give_back(held.bid);
             }
+            sio.held = SmallVec::new();
         }
     }
 
@@ -993,7 +1162,16 @@ impl Driver {
     fn free_if_done(&mut self, slot: usize) {
         let s = &self.slots[slot];
         if s.conn.is_none() && s.ops_in_kernel == 0 && !s.close_when_sent {
+            let fixed = s.fixed;
             self.slots.remove(slot); // drops (closes) the descriptor
+            if fixed {
+                // The table's reference would keep the socket open: drop it too.
+                let close = opcode::Close::new(types::Fixed(slot as u32))
+                    .build()
+                    .user_data(user_data(slot, OP_CLOSE_FIXED));
+                self.push(close);
+                self.fixed_close_queued = true;
+            }
         }
     }
 
@@ -1005,21 +1183,77 @@ impl Driver {
         if s.send_in_kernel || s.failed {
             return;
         }
-        if s.sending.is_empty() {
-            std::mem::swap(&mut s.sending, &mut s.staged);
-            s.sent = 0;
+        let (fixed, fd) = (s.fixed_index(slot), s.raw_fd());
+        let Some(sio) = s.io.as_deref_mut() else {
+            return;
+        };
+        if sio.sending.is_empty() {
+            std::mem::swap(&mut sio.sending, &mut sio.staged);
+            sio.sent = 0;
         }
-        if s.sending.is_empty() {
+        if sio.sending.is_empty() {
             return;
         }
-        let rest = &s.sending[s.sent..];
-        let send = opcode::Send::new(types::Fd(s.raw_fd()), rest.as_ptr(), rest.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(user_data(slot, OP_SEND));
+        let rest = &sio.sending[sio.sent as usize..];
+        let send = on_socket!(fixed, fd, |t| {
+            opcode::Send::new(t, rest.as_ptr(), rest.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        })
+        .user_data(user_data(slot, OP_SEND));
         s.send_in_kernel = true;
         s.ops_in_kernel += 1;
         self.push(send);
+    }
+}
+
+/// The kernel's head of the provided buffer ring (`IORING_REGISTER_PBUF_STATUS`, Linux 6.8),
+/// or None when the kernel does not say.
+fn buf_ring_head(ring: &IoUring) -> Option<u16> {
+    #[repr(C)]
+    struct BufStatus {
+        buf_group: u32,
+        head: u32,
+        resv: [u32; 8],
+    }
+    const IORING_REGISTER_PBUF_STATUS: libc::c_long = 26;
+    let mut status = BufStatus {
+        buf_group: BUFFER_GROUP as u32,
+        head: 0,
+        resv: [0; 8],
+    };
+    // SAFETY: the register call reads and writes the struct given, of the kernel's layout.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd(),
+            IORING_REGISTER_PBUF_STATUS,
+            &mut status as *mut BufStatus,
+            1,
+        )
+    };
+    (rc == 0).then_some(status.head as u16)
+}
+
+/// Register a sparse fixed file table for the ring's sockets, as large as the open-files limit
+/// allows (up to `FIXED_FILES_MAX`); its size, or 0 when the kernel refuses one.
+fn fixed_file_table(ring: &IoUring) -> u32 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct given.
+    let nofile = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => limit.rlim_cur,
+        _ => 1024,
+    };
+    let size = nofile.min(FIXED_FILES_MAX as u64) as u32;
+    match ring.submitter().register_files_sparse(size) {
+        Ok(()) => size,
+        Err(e) => {
+            tracing::warn!(error = %e, size, "no fixed file table; sockets are used by descriptor");
+            0
+        }
     }
 }
 
@@ -1076,7 +1310,9 @@ impl Driver {
 impl Drop for Driver {
     fn drop(&mut self) {
         if self.end_all_operations() {
-            // Nothing refers to the buffer ring any more: unregister it before it is unmapped.
+            // Nothing refers to the buffer ring or the file table any more: unregister them
+            // (the buffers before they are unmapped).
+            let _ = self.ring.submitter().unregister_files();
             let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
             return;
         }
@@ -1103,4 +1339,24 @@ fn peer_ip_key(fd: RawFd) -> crate::limit::ip::IpKey {
         .ok()
         .and_then(|a| a.as_socket())
         .map_or(0, |a| crate::limit::ip::ip_key(a.ip()))
+}
+
+#[cfg(test)]
+mod tests {
+    /// What the driver keeps per idle socket in user space: its slab cell (the connection's
+    /// own state is the shard's) and its `slot_of` entry. Printed for the memory breakdown
+    /// in docs/performance.md; bounded so that it does not grow unnoticed.
+    #[test]
+    fn an_idle_socket_slot_stays_small() {
+        let cell = std::mem::size_of::<slab::Slab<super::SocketSlot>>(); // the slab header
+        let slot = std::mem::size_of::<Result<super::SocketSlot, usize>>();
+        let index = std::mem::size_of::<Option<u32>>();
+        eprintln!(
+            "socket slot {slot} B (SocketSlot {} B), slot_of entry {index} B, slab header {cell} B",
+            std::mem::size_of::<super::SocketSlot>()
+        );
+        let busy = std::mem::size_of::<super::SocketIo>();
+        eprintln!("while busy (pooled, not per idle socket): SocketIo {busy} B");
+        assert!(slot + index <= 56, "{slot} + {index}");
+    }
 }
