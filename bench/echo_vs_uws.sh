@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SPEC section 8's raw-frame budgets in one run: `/echo`, 100 connections x 64-byte text, with
 # 1 and 16 messages in flight, server pinned to CPU 0, the same generator on CPU 1, against
-# uWebSockets' EchoServer (bench/uws.sh builds it outside this repository). Sides alternate
-# within each round; the summary gives medians and ratios (ringgate / uWebSockets).
+# uWebSockets' EchoServer (bench/uws.sh builds it outside this repository). Every side runs
+# in each round, their order reversed every other round; the summary gives medians and
+# ratios (ringgate / uWebSockets).
 #   messages/s, server CPU us per message (from /proc, over the measured window),
 #   syscalls per echoed message (perf stat -e raw_syscalls:sys_enter on the server, over
 #   warmup + window: an upper bound, setup calls included).
@@ -52,8 +53,11 @@ start_server() { # side -> sets SRV (pid) and PORT
 }
 
 for round in $(seq "$ROUNDS"); do
+  # Alternate the order of the sides from round to round (a fixed order skews the sides).
+  sides=$SIDES
+  [ $((round % 2)) = 0 ] && sides=$(echo $SIDES | tr ' ' '\n' | tac | tr '\n' ' ')
   for inflight in 1 16; do
-    for side in $SIDES; do
+    for side in $sides; do
       start_server $side
       perf stat -x, -e raw_syscalls:sys_enter -p $SRV -o "$OUT/perf" -- sleep $((DURATION + WARMUP)) &
       PERF=$!
