@@ -67,8 +67,8 @@ use crate::shard::durable::OrderPlant;
 use crate::shard::{ConnPoll, Shard, Shared};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::{
-    failed_reply, stream_id_to_seq, Appended, Fate, Loaded, StoreEnd, StoreLink, StoreOp,
-    StoreReply,
+    failed_reply, stream_id_to_seq, unsent_reply, Appended, Fate, Loaded, StoreEnd, StoreLink,
+    StoreOp, StoreReply,
 };
 use crate::store::{InboxLimits, InboxSeq, StoreError, StoredMessage};
 use crate::test_rng::Rng;
@@ -1256,12 +1256,17 @@ impl Sim {
                     (failed_reply(op, "connection lost".into()), Some("lost"))
                 }
                 _ => {
-                    // Down: fails at once; now and then fred keeps it and sends it once back.
+                    // Down: fails at once. Mostly known not sent (the Redis thread saw the
+                    // connection down: `unsent_reply`, never lands); now and then it was
+                    // handed to fred as the connection broke, which keeps it and sends it once
+                    // back (in doubt).
                     if self.chance(30) {
                         let when = self.down_until + self.rng.below(300);
                         self.late.push((when, writer, clone_op(&op)));
+                        (failed_reply(op, "connection broke".into()), Some("down"))
+                    } else {
+                        (unsent_reply(op, "not connected".into()), Some("down"))
                     }
-                    (failed_reply(op, "not connected".into()), Some("down"))
                 }
             };
             if error.is_some() {
