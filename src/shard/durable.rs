@@ -100,6 +100,11 @@ impl Doubt {
     fn write(&self) -> (Box<str>, u64) {
         (self.msg.cid.as_str().into(), self.msg.write.attempt)
     }
+
+    /// Whether a resolve's `(cid, attempt)` names this write.
+    fn is(&self, (cid, attempt): &(Box<str>, u64)) -> bool {
+        self.msg.write.attempt == *attempt && self.msg.cid.as_str() == &**cid
+    }
 }
 
 /// Writes kept in doubt per pair of users; beyond it, writes to the pair are refused unsent
@@ -637,8 +642,13 @@ impl Shard {
     /// The store sends a message to Redis (queued for the shard's next batch).
     pub(super) fn store_append(&mut self, mut msg: Box<Message>) {
         let d = &mut self.store;
-        let pair: Pair = (msg.to.clone(), msg.from.clone());
-        if d.doubts.get(&pair).map_or(0, Vec::len) >= MAX_DOUBTS_PER_PAIR {
+        // No key is built in the common case: nothing in doubt on this shard.
+        let in_doubt = || {
+            d.doubts
+                .get(&(msg.to.clone(), msg.from.clone()))
+                .map_or(0, Vec::len)
+        };
+        if !d.doubts.is_empty() && in_doubt() >= MAX_DOUBTS_PER_PAIR {
             self.metrics.store_refused.inc();
             return self.report(msg.refused(SendRefusal::Busy(
                 "earlier writes to this recipient are still in doubt; resend later",
@@ -926,7 +936,7 @@ impl Shard {
         };
         let mut settled = Vec::with_capacity(writes.len());
         for (write, landed) in writes.iter().zip(landed) {
-            if let Some(at) = doubts.iter().position(|d| d.write() == *write) {
+            if let Some(at) = doubts.iter().position(|d| d.is(write)) {
                 settled.push((doubts.remove(at), landed));
             }
         }
