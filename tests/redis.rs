@@ -215,20 +215,29 @@ fn unacked_messages_survive_a_sigterm_restart_and_acked_ones_stay_gone() {
     );
 }
 
-#[test]
-fn a_resent_cid_after_a_gateway_restart_is_deduplicated_by_redis() {
-    let redis = RedisServer::start();
-    let mut gw = gateway(&redis, &[]);
+/// alice's `same0` to bob is accepted, the gateway SIGKILLed; `between` runs, a new gateway
+/// starts and alice resends `same0`: it is answered with the first id. Returns the new
+/// gateway and bob.
+fn resend_after_a_sigkill(redis: &RedisServer, between: impl FnOnce(&str)) -> (Gateway, String) {
+    let mut gw = gateway(redis, &[]);
     let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 0, SHARDS));
     let (mut a, _) = connect_app(&gw, &alice);
     let first = send_accepted(&mut a, &bob, "same", 1)[0];
     gw.sigkill();
+    between(&bob);
 
-    let gw2 = gateway(&redis, &[]);
+    let gw2 = gateway(redis, &[]);
     let (mut a, _) = connect_app(&gw2, &alice);
     send(&mut a, &bob, "same0", json!({"n": 0}));
     let again = next_op(&mut a, "accepted");
     assert_eq!(id_of(&again), first, "same id as before the restart");
+    (gw2, bob)
+}
+
+#[test]
+fn a_resent_cid_after_a_gateway_restart_is_deduplicated_by_redis() {
+    let redis = RedisServer::start();
+    let (gw2, bob) = resend_after_a_sigkill(&redis, |_| {});
     assert_eq!(stream_len(&redis, &bob), 1, "stored once");
     let (_b, msgs) = connect_replay(&gw2, &format!("/ws?user={bob}"));
     assert_eq!(cids(&msgs), vec!["same0"]);
@@ -325,18 +334,9 @@ fn a_resent_cid_whose_inbox_is_gone_is_not_stored_and_leaves_no_key_without_a_tt
     // The script appends first and takes the entry back when the cid was known: an inbox
     // that append created must not stay behind without a TTL.
     let redis = RedisServer::start();
-    let mut gw = gateway(&redis, &[]);
-    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 0, SHARDS));
-    let (mut a, _) = connect_app(&gw, &alice);
-    let first = send_accepted(&mut a, &bob, "same", 1)[0];
-    gw.sigkill();
-    redis.cli(&["DEL", &inbox_key(&bob)]);
-
-    let gw2 = gateway(&redis, &[]);
-    let (mut a, _) = connect_app(&gw2, &alice);
-    send(&mut a, &bob, "same0", json!({"n": 0}));
-    let again = next_op(&mut a, "accepted");
-    assert_eq!(id_of(&again), first, "same id as before the restart");
+    let (_gw2, bob) = resend_after_a_sigkill(&redis, |bob| {
+        redis.cli(&["DEL", &inbox_key(bob)]);
+    });
     assert_eq!(
         stream_len(&redis, &bob),
         0,

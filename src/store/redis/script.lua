@@ -106,6 +106,22 @@ local function older(dcur) return prefix .. 'dd-old:' .. string.sub(dcur, #prefi
 -- A cid's dedup record: '<id> <stream id> <writer>/<attempt>' (a bare '<id>' was written by
 -- an older version). The answer to a resent cid is the id alone.
 local function record_id(rec) return string.match(rec, '^%S+') end
+-- A cid's record in the pair's current generation, else its older one.
+local function recorded(dcur, cid)
+  local rec = redis.call('HGET', dcur, cid)
+  if not rec and dold[dcur] then rec = redis.call('HGET', older(dcur), cid) end
+  return rec
+end
+-- Record `value` for a cid unless it is known (one call in the common case): returns the
+-- earlier record if it was, else nil.
+local function claim(dcur, cid, value)
+  if redis.call('HSETNX', dcur, cid, value) == 0 then return redis.call('HGET', dcur, cid) end
+  if not dold[dcur] then return nil end
+  local prev = redis.call('HGET', older(dcur), cid)
+  -- Known to the older generation: undo the record just made.
+  if prev then redis.call('HDEL', dcur, cid) end
+  return prev
+end
 -- Settle a write of this writer whose answer was lost (timed out, or the connection dropped
 -- after it was sent): the watermark rises past it, so if it has not landed yet it never
 -- will. Returns 'y' when it had landed (its cid's record is that attempt's: the entry is
@@ -114,8 +130,7 @@ local function record_id(rec) return string.match(rec, '^%S+') end
 -- resend would be), 'n' when not stored at all (the shard answers `unavailable`).
 local function resolve(dcur, cid, attempt)
   raise(dcur, tonumber(attempt))
-  local rec = redis.call('HGET', dcur, cid)
-  if not rec and dold[dcur] then rec = redis.call('HGET', older(dcur), cid) end
+  local rec = recorded(dcur, cid)
   if not rec then return 'n' end
   local tag = string.match(rec, '^%S+ %S+ (%S+)$')
   if tag == writer .. '/' .. attempt then return 'y' end
@@ -169,27 +184,17 @@ local function append(s, dcur, loc, i, watch)
     -- with its full record (see `record_id`) in one call; a duplicate (a resend) takes its
     -- entry back below. Two writes per new message, not three.
     xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
-    if redis.call('HSETNX', dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt) == 0 then
-      prev = redis.call('HGET', dcur, cid)
-    elseif dold[dcur] then
-      prev = redis.call('HGET', older(dcur), cid)
-      -- Known to the older generation: undo the record just made.
-      if prev then redis.call('HDEL', dcur, cid) end
-    end
+    prev = claim(dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt)
     if prev then
       redis.call('XDEL', s, xid)
       -- An inbox the append created is left empty: it gets its TTL like any new inbox.
       if len == 0 then stream_ttl_once(s) end
     end
   elseif len >= maxlen then
-    prev = redis.call('HGET', dcur, cid)
-    if not prev and dold[dcur] then prev = redis.call('HGET', older(dcur), cid) end
-  -- A receipt: check and record the cid first, as its earlier one may go.
-  elseif redis.call('HSETNX', dcur, cid, id) == 0 then
-    prev = redis.call('HGET', dcur, cid)
-  elseif dold[dcur] then
-    prev = redis.call('HGET', older(dcur), cid)
-    if prev then redis.call('HDEL', dcur, cid) end
+    prev = recorded(dcur, cid)
+  else
+    -- A receipt: check and record the cid first, as its earlier one may go.
+    prev = claim(dcur, cid, id)
   end
   -- Every answer takes the entries trimmed so far for this stream (counted once).
   local trimmed = sexpired[s]
