@@ -173,6 +173,7 @@ pub async fn run_uring(
         bells_pending |= report.bell_rang;
         let ticked = shard.borrow().tick_due();
         if ticked && shard.borrow_mut().on_tick() {
+            driver.submit(); // the last close frames
             break; // drained
         }
         if accepting && shard.borrow().draining() {
@@ -182,8 +183,12 @@ pub async fn run_uring(
             // An accept that failed (out of descriptors) is tried again once per tick.
             driver.rearm_accept();
         }
-        if report.progress == 0 && !bells_pending && !ticked {
-            if driver.take_accepted() > 0 {
+        if report.more || bells_pending || ticked {
+            driver.submit();
+        } else {
+            // The turn's sends go out in the same `io_uring_enter` that waits for the next
+            // completions: one system call per loop when the shard is not busy.
+            if report.progress == 0 && driver.take_accepted() > 0 {
                 // A wave of accepts and handshakes is over: their buffers are freed memory
                 // that mimalloc keeps until told (the park set's waves do this with glommio).
                 shard.borrow_mut().note_quiet_after_burst();

@@ -328,6 +328,11 @@ impl Shard {
         self.released_since_collect += 1;
     }
 
+    /// Connections were kicked since `take_kicked` was last called.
+    pub fn has_kicked(&self) -> bool {
+        self.kicked.as_ref().is_some_and(|k| !k.is_empty())
+    }
+
     /// The connections kicked since the last call (with the io_uring driver).
     pub fn take_kicked(&mut self) -> Vec<usize> {
         self.kicked.as_mut().map(std::mem::take).unwrap_or_default()

@@ -595,6 +595,9 @@ pub struct TurnReport {
     pub progress: usize,
     /// A bell (mesh, store) rang: its glommio task has something to read.
     pub bell_rang: bool,
+    /// Work is left for another turn at once (connections to poll, completions to reap);
+    /// otherwise the loop submits and waits in one `io_uring_enter`.
+    pub more: bool,
 }
 
 /// A shard's io_uring socket driver (see the module header).
@@ -801,8 +804,18 @@ impl Driver {
         }
         self.rearm_starved();
         self.bufs.publish();
-        // One enter submits the turn's sends and re-arms, and runs the kernel's deferred
-        // completions; none when there is nothing to submit and nothing deferred.
+        TurnReport {
+            progress,
+            bell_rang,
+            more: !self.repoll.is_empty()
+                || shard.borrow().has_kicked()
+                || !self.ring.completion().is_empty(),
+        }
+    }
+
+    /// Submit what the turn queued (sends, re-arms) without waiting, when the loop has more
+    /// to do at once; none when there is nothing to submit and no deferred completion to run.
+    pub fn submit(&mut self) {
         let mut sq = self.ring.submission();
         let needed = !sq.is_empty() || sq.taskrun() || sq.cq_overflow();
         sq.sync();
@@ -810,10 +823,6 @@ impl Driver {
         if needed {
             let _ = self.ring.submit();
             self.fixed_close_queued = false;
-        }
-        TurnReport {
-            progress,
-            bell_rang,
         }
     }
 
