@@ -53,6 +53,10 @@ pub const DEFAULT_PARK_IDLE_MS: u64 = 1_000;
 /// Receive buffers (4 KiB each) in each shard's provided buffer ring (`io_driver = "uring"`):
 /// 4 MiB per shard, what one shard's busiest moment has in flight between two turns.
 pub const DEFAULT_URING_RECV_BUFFERS: u16 = 1024;
+/// `io_driver = "uring"`: how long a shard's wait may gather completions before it handles
+/// the first (docs/configuration.md): fewer system calls and larger sends per turn, for at
+/// most this much added latency.
+pub const DEFAULT_URING_BATCH_WAIT_US: u32 = 50;
 /// How often the JWKS (`jwks_url`) is fetched again: key rotation is seen within this.
 pub const DEFAULT_JWKS_REFRESH_MS: u64 = 300_000;
 /// Fewest ms between two refetches for unknown `kid`s: a flood of made-up kids costs one
@@ -200,6 +204,7 @@ pub struct Config {
     pub retry_after_s: u64,
     pub park_idle_ms: u64,
     pub uring_recv_buffers: u16,
+    pub uring_batch_wait_us: u32,
     pub inbox_max_messages: usize,
     pub inbox_max_age_ms: u64,
     pub redis_pool_size: usize,
@@ -355,6 +360,9 @@ pub struct ConfigLayer {
     /// io_driver "uring": 4 KiB receive buffers per shard, a power of two [default: 1024]
     #[arg(long, env = "RINGGATE_URING_RECV_BUFFERS")]
     pub uring_recv_buffers: Option<u32>,
+    /// io_driver "uring": microseconds a busy shard's wait gathers completions; 0 = off [default: 50]
+    #[arg(long, env = "RINGGATE_URING_BATCH_WAIT_US")]
+    pub uring_batch_wait_us: Option<u32>,
     /// Offline inbox cap per user; a send beyond it gets `unavailable` [default: 10000]
     #[arg(long, env = "RINGGATE_INBOX_MAX_MESSAGES")]
     pub inbox_max_messages: Option<usize>,
@@ -518,6 +526,7 @@ impl ConfigLayer {
             retry_after_s,
             park_idle_ms,
             uring_recv_buffers,
+            uring_batch_wait_us,
             inbox_max_messages,
             inbox_max_age_ms,
             redis_pool_size,
@@ -837,6 +846,12 @@ impl ConfigLayer {
             retry_after_s: self.retry_after_s.unwrap_or(DEFAULT_RETRY_AFTER_S),
             park_idle_ms: self.park_idle_ms.unwrap_or(DEFAULT_PARK_IDLE_MS),
             uring_recv_buffers,
+            uring_batch_wait_us: match self.uring_batch_wait_us {
+                Some(us) if us > 10_000 => {
+                    return Err(invalid("uring_batch_wait_us", "must be at most 10000"))
+                }
+                us => us.unwrap_or(DEFAULT_URING_BATCH_WAIT_US),
+            },
             inbox_max_messages: match self.inbox_max_messages {
                 Some(0) => return Err(invalid("inbox_max_messages", "must be at least 1")),
                 v => v.unwrap_or(crate::store::DEFAULT_INBOX_MAX_MESSAGES),
@@ -1396,7 +1411,7 @@ mod tests {
     }
 
     /// `io_driver`: chosen at start unless set ("auto" = unset); anything else refused naming
-    /// the key. `uring_recv_buffers`: a power of two.
+    /// the key. `uring_recv_buffers`: a power of two. `uring_batch_wait_us`: 0 to 10 ms.
     #[test]
     fn io_driver_is_chosen_at_start_unless_set_and_refuses_unknown_drivers() {
         let driver = |d: Option<&str>| {
@@ -1433,6 +1448,21 @@ mod tests {
             let err = buffers(bad).unwrap_err().to_string();
             assert!(err.contains("`uring_recv_buffers`"), "{bad}: {err}");
         }
+        let batch_wait = |us: Option<u32>| {
+            ConfigLayer {
+                uring_batch_wait_us: us,
+                ..Default::default()
+            }
+            .resolve()
+        };
+        assert_eq!(batch_wait(None).unwrap().uring_batch_wait_us, 50);
+        assert_eq!(batch_wait(Some(0)).unwrap().uring_batch_wait_us, 0);
+        assert_eq!(
+            batch_wait(Some(10_000)).unwrap().uring_batch_wait_us,
+            10_000
+        );
+        let err = batch_wait(Some(10_001)).unwrap_err().to_string();
+        assert!(err.contains("`uring_batch_wait_us`"), "{err}");
     }
 
     /// A host name in a listen address is resolved once (IPv4 first); one that does not

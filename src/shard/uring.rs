@@ -34,6 +34,12 @@ use super::{ConnPoll, Shard};
 const RING_ENTRIES: u32 = 4096;
 /// Bytes per receive buffer: a 64-byte echo uses one; a 64 KiB frame arrives in 16.
 const RECV_BUFFER_BYTES: usize = 4096;
+/// A batch wait ends early once this many completions are there (`Driver::wait`).
+const BATCH_COMPLETIONS: usize = 64;
+/// A turn that handled at least this many completions and polls means a busy shard: its next
+/// wait gathers a batch. A quieter shard answers its first completion at once (no added
+/// latency when a lone message arrives).
+const BUSY_TURN: usize = 4;
 /// Receive buffers one socket may hold unread (its connection's output is over the outbound
 /// bound), and as many buffers' worth of bytes copied out of the ring (see `spill_held`):
 /// beyond either the socket's receive is stopped and TCP pushes back.
@@ -632,6 +638,10 @@ pub struct Driver {
     accepted: u64,
     /// Entries of the fixed file table (0: none could be registered, plain descriptors).
     fixed_files: u32,
+    /// `uring_batch_wait_us` when the kernel can (Linux 6.12's minimum wait), else 0.
+    batch_wait_us: u32,
+    /// The last turn was busy (`BUSY_TURN`).
+    busy: bool,
     /// A fixed entry's close is queued but not submitted: a new socket must not take that
     /// entry before it (see `add_socket`).
     fixed_close_queued: bool,
@@ -640,8 +650,18 @@ pub struct Driver {
 impl Driver {
     /// A ring for this shard with a multishot accept on `listener` and a multishot poll on
     /// each bell (the mesh's, the store's), so a wait in the ring also ends when they ring.
-    pub fn new(listener: OwnedFd, bells: &[RawFd], recv_buffers: u16) -> io::Result<Self> {
+    pub fn new(
+        listener: OwnedFd,
+        bells: &[RawFd],
+        recv_buffers: u16,
+        batch_wait_us: u32,
+    ) -> io::Result<Self> {
         let ring = new_ring()?;
+        let batch_wait_us = if ring.params().is_feature_min_timeout() {
+            batch_wait_us
+        } else {
+            0
+        };
         let bufs = BufRing::new(&ring, recv_buffers)?;
         let fixed_files = fixed_file_table(&ring);
         let flag = Arc::new(RepollFlag::default());
@@ -665,6 +685,8 @@ impl Driver {
             accepted: 0,
             fixed_files,
             fixed_close_queued: false,
+            batch_wait_us,
+            busy: false,
         };
         driver.arm_accept();
         for &bell in bells {
@@ -804,6 +826,7 @@ impl Driver {
         }
         self.rearm_starved();
         self.bufs.publish();
+        self.busy = progress >= BUSY_TURN;
         TurnReport {
             progress,
             bell_rang,
@@ -826,14 +849,21 @@ impl Driver {
         }
     }
 
-    /// Block until a completion arrives (an accept, input, a bell) or `timeout_ms` passes.
+    /// Submit what is queued and block until a completion arrives (an accept, input, a bell,
+    /// a send's answer) or `timeout_ms` passes. After a busy turn, with a batch wait, the
+    /// kernel returns once `BATCH_COMPLETIONS` are there, or after `batch_wait_us` when at
+    /// least one is.
     pub fn wait(&mut self, timeout_ms: u64) {
         let ts = types::Timespec::new()
             .sec(timeout_ms / 1000)
             .nsec((timeout_ms % 1000) as u32 * 1_000_000);
         let args = types::SubmitArgs::new().timespec(&ts);
+        let (want, args) = match self.batch_wait_us {
+            us if us > 0 && self.busy => (BATCH_COMPLETIONS, args.min_wait_usec(us)),
+            _ => (1, args),
+        };
         // ETIME (the timeout) and EINTR are expected; a real failure shows on the next turn.
-        let _ = self.ring.submitter().submit_with_args(1, &args);
+        let _ = self.ring.submitter().submit_with_args(want, &args);
         self.fixed_close_queued = false;
     }
 
