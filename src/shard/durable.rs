@@ -121,23 +121,27 @@ type Pair = (CompactString, CompactString);
 /// mirror loaded before this node's channel was heard may lack an entry whose push was lost,
 /// and adding later pushes to it would put them before that entry).
 enum Mirror {
-    /// A load was submitted; answers to other tokens are stale. `pushes`: entries other
-    /// nodes pushed meanwhile (the read may or may not include them; those past it are added
-    /// once it answers).
-    Loading {
-        token: u64,
-        epoch: u64,
-        pushes: Vec<(InboxSeq, StoredMessage)>,
-        /// Entries acked meanwhile: the read may predate their delete, and must not bring
-        /// them back (they would be sent again).
-        acked: Vec<InboxSeq>,
-    },
+    /// A load was submitted. Boxed: a mirror is one entry per online user, and most are
+    /// `Ready` (16 bytes instead of 72 each, in a map as large as the shard's users).
+    Loading(Box<Loading>),
     /// The last load failed; retried on a tick at or after `retry_at`.
     Failed { retry_at: u64 },
     /// This node's channel has not been heard yet (epoch 0): loaded by the first resync.
     AwaitingChannel,
     /// The mirror holds what Redis holds for this user.
     Ready { epoch: u64 },
+}
+
+/// A mirror's load in flight; answers to other tokens are stale.
+struct Loading {
+    token: u64,
+    epoch: u64,
+    /// Entries other nodes pushed meanwhile (the read may or may not include them; those past
+    /// it are added once it answers).
+    pushes: Vec<(InboxSeq, StoredMessage)>,
+    /// Entries acked meanwhile: the read may predate their delete, and must not bring them
+    /// back (they would be sent again).
+    acked: Vec<InboxSeq>,
 }
 
 /// The shard's side of its store (embedded or Redis, one path): the link, and the state of
@@ -435,12 +439,12 @@ impl Shard {
             limit,
         };
         let state = match d.link.submit(op) {
-            Ok(()) => Mirror::Loading {
+            Ok(()) => Mirror::Loading(Box::new(Loading {
                 token,
                 epoch: d.epoch,
                 acked: Vec::new(),
                 pushes: Vec::new(),
-            },
+            })),
             Err(_) => Mirror::Failed {
                 retry_at: now + LOAD_RETRY_MS,
             },
@@ -499,7 +503,7 @@ impl Shard {
                 // have missed what was wanted): kept in `reload_wanted` until then.
                 .filter(|u| {
                     !d.tails.contains_key(*u)
-                        && !matches!(d.mirrors.get(*u), Some(Mirror::Loading { .. }))
+                        && !matches!(d.mirrors.get(*u), Some(Mirror::Loading(_)))
                 })
                 .cloned()
                 .collect();
@@ -617,8 +621,8 @@ impl Shard {
     /// `delivered` goes out when Redis confirms this delete removed it.
     pub(super) fn store_acked(&mut self, user: &str, seq: InboxSeq, delivered: Report) {
         let d = &mut self.store;
-        if let Some(Mirror::Loading { acked, .. }) = d.mirrors.get_mut(user) {
-            acked.push(seq);
+        if let Some(Mirror::Loading(loading)) = d.mirrors.get_mut(user) {
+            loading.acked.push(seq);
         }
         let live = d.tails.get_mut(user).and_then(|tail| tail.remove(&seq));
         let Some(msg) = live else {
@@ -972,7 +976,8 @@ impl Shard {
         let current = d.epoch;
         match d.mirrors.get(&user) {
             // (No mirror is read before the first epoch: see `load_mirror`.)
-            Some(Mirror::Ready { epoch } | Mirror::Loading { epoch, .. }) if *epoch == current => {}
+            Some(Mirror::Ready { epoch }) if *epoch == current => {}
+            Some(Mirror::Loading(loading)) if loading.epoch == current => {}
             // Not online here, a failed load that reads everything when retried, or a mirror
             // of an earlier epoch (being reloaded since the resync).
             _ => return,
@@ -1081,13 +1086,13 @@ impl Shard {
         match d.mirrors.get_mut(&user) {
             Some(Mirror::Ready { epoch }) if *epoch == d.epoch => {}
             // Waits for the read (which may hold it already, see `on_loaded`).
-            Some(Mirror::Loading { pushes, epoch, .. }) if *epoch == d.epoch => {
+            Some(Mirror::Loading(loading)) if loading.epoch == d.epoch => {
                 if d.missing.contains(&user) {
                     // Missing since the read went out: read again.
                     return;
                 }
-                if pushes.len() < window {
-                    pushes.push((seq, msg));
+                if loading.pushes.len() < window {
+                    loading.pushes.push((seq, msg));
                 } else {
                     // A long load under a stream of pushes: read again instead of holding more.
                     d.reload_wanted.insert(user);
@@ -1158,7 +1163,7 @@ impl Shard {
     ) {
         let d = &mut self.store;
         // Only the newest load of a user still online counts.
-        if !matches!(d.mirrors.get(&user), Some(Mirror::Loading { token: t, .. }) if *t == token) {
+        if !matches!(d.mirrors.get(&user), Some(Mirror::Loading(l)) if l.token == token) {
             return;
         }
         match result {
@@ -1172,12 +1177,13 @@ impl Shard {
                 }
                 let d = &mut self.store;
                 let (pushes, acked) = match d.mirrors.remove(&user) {
-                    Some(Mirror::Loading {
-                        pushes,
-                        epoch,
-                        acked,
-                        ..
-                    }) => {
+                    Some(Mirror::Loading(loading)) => {
+                        let Loading {
+                            epoch,
+                            pushes,
+                            acked,
+                            ..
+                        } = *loading;
                         d.mirrors.insert(user.clone(), Mirror::Ready { epoch });
                         (pushes, acked)
                     }
@@ -1257,4 +1263,14 @@ impl Shard {
 fn in_stable_order<T: Ord>(mut due: Vec<T>) -> Vec<T> {
     due.sort_unstable();
     due
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// One mirror per online user sits in a map as large as the shard's users: a mirror that
+    /// is not loading stays two words (docs/performance.md, "Idle memory").
+    #[test]
+    fn a_ready_mirror_stays_two_words() {
+        assert!(std::mem::size_of::<super::Mirror>() <= 16);
+    }
 }
