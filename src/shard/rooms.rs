@@ -93,6 +93,9 @@ pub struct HomedRoom {
     pending_joins: Vec<RoomJoinAsk>,
 }
 
+/// The connection a catch-up join names (see `RoomHomes::resynced`): the node itself.
+const CATCH_UP: usize = usize::MAX;
+
 /// The home side: rooms whose home is this shard.
 pub struct RoomHomes {
     rooms: HashMap<CompactString, HomedRoom>,
@@ -102,6 +105,8 @@ pub struct RoomHomes {
     history_in_store: bool,
     limits: HistoryLimits,
     metrics: Arc<ShardMetrics>,
+    /// The last join ask's number ([`RoomJoinAsk::token`]).
+    join_asks: u64,
 }
 
 /// One of this shard's connections in a room.
@@ -150,6 +155,7 @@ impl RoomHomes {
             history_in_store: false,
             limits,
             metrics,
+            join_asks: 0,
         }
     }
 
@@ -195,6 +201,8 @@ impl RoomHomes {
     ) -> Effects {
         let limits = self.limits;
         let in_store = self.history_in_store;
+        self.join_asks += 1;
+        let token = self.join_asks;
         let homed = self.homed(&room, t);
         if new_member {
             homed.members_by_shard[shard] += 1;
@@ -208,6 +216,7 @@ impl RoomHomes {
                 shard,
                 conn,
                 serial,
+                token,
             };
             homed.pending_joins.push(ask.clone());
             return vec![RoomEffect::Store(StoreOp::RoomJoin(Box::new(ask)))];
@@ -368,8 +377,8 @@ impl RoomHomes {
 
     /// Redis could not register a join: the member is refused.
     pub fn join_failed(&mut self, ask: RoomJoinAsk) -> Effects {
-        if !self.take_pending_join(&ask) {
-            return Vec::new();
+        if !self.take_pending_join(&ask) || ask.conn == CATCH_UP {
+            return Vec::new(); // (a catch-up is asked again by the next resync)
         }
         let msg = Room::JoinRefused {
             room: ask.room,
@@ -387,8 +396,10 @@ impl RoomHomes {
         let Some(homed) = self.rooms.get_mut(&ask.room) else {
             return false;
         };
-        let same =
-            |p: &RoomJoinAsk| (p.shard, p.conn, p.serial) == (ask.shard, ask.conn, ask.serial);
+        // By the ask's number: a second answer to an older ask of the same connection (asked
+        // again after a resync) must not take a newer join's place (found by the room
+        // simulation in Redis mode: the member was told `recovered: false` and skipped).
+        let same = |p: &RoomJoinAsk| p.token == ask.token;
         match homed.pending_joins.iter().position(same) {
             Some(i) => {
                 homed.pending_joins.swap_remove(i);
@@ -399,12 +410,61 @@ impl RoomHomes {
     }
 
     /// After a resync: ask again for every join not answered yet (a second answer to the
-    /// same join finds it answered and is ignored).
+    /// same join finds it answered and is ignored), and catch up every room this node was
+    /// pushed: what the channel carried while it was not heard is lost, and with nothing
+    /// published after it, no later push would show the hole (found by the room simulation in
+    /// Redis mode). A catch-up is a join of the node itself since its last push: its answer's
+    /// replay is fanned out, or members hear `gap` when the history no longer reaches back.
     pub fn resynced(&mut self) -> Effects {
+        let mut asks = self.join_asks;
+        for (room, homed) in self.rooms.iter_mut() {
+            let catching_up = homed.pending_joins.iter().any(|a| a.conn == CATCH_UP);
+            if homed.last_pushed == 0 || catching_up {
+                continue; // not pushed here (no member), or its catch-up is asked again below
+            }
+            asks += 1;
+            homed.pending_joins.push(RoomJoinAsk {
+                room: room.clone(),
+                since: Some(homed.last_pushed),
+                shard: 0,
+                conn: CATCH_UP,
+                serial: 0,
+                token: asks,
+            });
+        }
+        self.join_asks = asks;
         self.rooms
             .values()
             .flat_map(|h| h.pending_joins.iter().cloned())
             .map(|ask| RoomEffect::Store(StoreOp::RoomJoin(Box::new(ask))))
+            .collect()
+    }
+
+    /// The answer to a catch-up (see `resynced`): what the node missed, fanned out in offset
+    /// order; `gap` when the history no longer reaches back to it.
+    fn caught_up(
+        &mut self,
+        room: &CompactString,
+        last: u64,
+        recovered: bool,
+        replay: Vec<(u64, StoredMessage)>,
+        t: RoomTime,
+    ) -> Effects {
+        let Some(homed) = self.rooms.get_mut(room) else {
+            return Vec::new();
+        };
+        let from = homed.last_pushed;
+        if from == 0 || last <= from {
+            return Vec::new(); // the last member left meanwhile, or nothing was missed
+        }
+        homed.last_pushed = last;
+        if !recovered {
+            return self.announce_missed(room, from + 1);
+        }
+        replay
+            .into_iter()
+            .filter(|(offset, _)| *offset > from)
+            .flat_map(|(offset, m)| self.fan_out(Arc::new(room_msg(room, offset, m, t.now))))
             .collect()
     }
 
@@ -421,6 +481,9 @@ impl RoomHomes {
     ) -> Effects {
         if !self.take_pending_join(&ask) {
             return Vec::new(); // answered already (asked again after a resync)
+        }
+        if ask.conn == CATCH_UP {
+            return self.caught_up(&ask.room, last, recovered, replay, t);
         }
         let homed = self.homed(&ask.room, t);
         let missed_from =

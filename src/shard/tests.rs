@@ -277,6 +277,7 @@ fn a_node_that_missed_room_messages_tells_its_members_gap_and_ignores_late_copie
         shard: 0,
         conn: index,
         serial: shard.conns[index].serial,
+        token: 1, // the shard's first join ask
     };
     let answer = || StoreReply::RoomJoinAnswer {
         ask: Box::new(ask.clone()),

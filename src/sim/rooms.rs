@@ -3,14 +3,22 @@
 //! both shards that join (with and without `since`), drop, rejoin with `since` = the last
 //! offset they saw, stop reading (slow consumers: their outbound buffer fills and they hear
 //! `gap`, then rejoin from what they saw), and publishers on both shards. Not yet the real
-//! `Shard` over pipes, nor Redis mode (left for later).
+//! `Shard` over pipes.
+//!
+//! **Redis mode** (`history_in_store`): the homes' store operations go to a model of the
+//! script's room keys (`RedisRooms`: history, offset counter, publish dedup, the node's
+//! registration) and come back as the Redis thread answers them: a publish's answer to the
+//! home, room messages and join answers on the node's channel, in Redis order. Faults: a call
+//! that fails before it runs, a publish that runs while its answer is lost (the publisher hears
+//! `unavailable`; its resend is answered with the first copy's offset), and the channel
+//! dropping what it carried (a resubscription: `Resync`).
 //!
 //! Checked for every member segment (from a `joined` to the member's next join or drop):
 //! offsets shown in order, each once, each the one after the previous unless a `gap` said
 //! exactly where the skip began; at the end, each member that stays reached the room's last
 //! offset; every accepted publish has its own offset and is in the history a rejoin replays.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::delivery::message::ReplyTo;
@@ -18,6 +26,8 @@ use crate::delivery::room::HistoryLimits;
 use crate::metrics::ShardMetrics;
 use crate::shard::msg::Room;
 use crate::shard::rooms::{dispatch_room, Effects, RoomEffect, RoomHomes, RoomMembers, RoomTime};
+use crate::store::redis::{RoomJoinAsk, RoomPost, StoreOp};
+use crate::store::{StoreError, StoredMessage};
 use crate::test_rng::Rng;
 
 const SHARDS: usize = 2;
@@ -47,6 +57,47 @@ pub(crate) struct RoomCounts {
     pub gaps: u64,
     pub drops: u64,
     pub checks: u64,
+    /// Redis mode: store calls failed, answers lost, channel drops, refusals heard.
+    pub store_faults: u64,
+    pub lost_answers: u64,
+    pub channel_drops: u64,
+    pub refused: u64,
+}
+
+/// A publish's answer: (id, offset) or why not.
+type PublishResult = Result<(u64, u64), StoreError>;
+
+/// What the node's channel carries for the room (Redis mode), in Redis order.
+enum Push {
+    Message {
+        offset: u64,
+        msg: StoredMessage,
+    },
+    JoinAnswer {
+        ask: RoomJoinAsk,
+        last: u64,
+        recovered: bool,
+        replay: Vec<(u64, StoredMessage)>,
+    },
+}
+
+/// The script's keys for one room (`rh:`, `rd:`, `rn:`; store/redis/mod.rs) and this node's
+/// channel. History is never trimmed here: every `since` is recovered.
+#[derive(Default)]
+struct RedisRooms {
+    history: Vec<(u64, StoredMessage)>,
+    /// Publish dedup: (from, cid) -> (id, offset) of the first copy.
+    first: HashMap<(String, String), (u64, u64)>,
+    /// The offset counter (`~last`); a new room starts at the clock in microseconds, as the
+    /// script's does (0: not started).
+    last: u64,
+    /// The node is in `rn:<room>` (it has members): publishes are pushed to it.
+    registered: bool,
+    /// Calls submitted by the room's home shard, not run yet.
+    calls: VecDeque<StoreOp>,
+    /// Publish answers on their way back to the home.
+    answers: VecDeque<(RoomPost, PublishResult)>,
+    channel: VecDeque<Push>,
 }
 
 struct RoomSim {
@@ -60,10 +111,15 @@ struct RoomSim {
     accepted: Vec<u64>,
     cid: u64,
     counts: RoomCounts,
+    /// Redis mode: the model, and the room's home shard (where the calls come from).
+    redis: Option<RedisRooms>,
+    home: usize,
+    /// Refused publishes (shard, cid JSON), resent as a client does.
+    resends: Vec<(usize, String)>,
 }
 
 impl RoomSim {
-    fn new(seed: u64, plant_no_gap: bool) -> RoomSim {
+    fn new(seed: u64, plant_no_gap: bool, in_redis: bool) -> RoomSim {
         let metrics = Arc::new(ShardMetrics::default());
         let limits = HistoryLimits {
             max: 10_000,
@@ -79,10 +135,13 @@ impl RoomSim {
             accepted: Vec::new(),
             cid: 0,
             counts: RoomCounts::default(),
+            redis: in_redis.then(RedisRooms::default),
+            home: crate::mesh::home_shard("r", SHARDS),
+            resends: Vec::new(),
         };
         for shard in 0..SHARDS {
             let mut home = RoomHomes::new(limits, metrics.clone());
-            home.configure(SHARDS, false);
+            home.configure(SHARDS, in_redis);
             sim.homes.push(home);
             let mut m = RoomMembers::new(shard, MAX_OUTBOUND, 1_000_000, metrics.clone());
             m.configure(SHARDS);
@@ -124,9 +183,12 @@ impl RoomSim {
                 RoomEffect::ToShard { shard, msg } => {
                     self.mesh.get_mut(&(at, shard)).unwrap().push_back(msg)
                 }
-                RoomEffect::Store(_) | RoomEffect::ApiAnswer { .. } => {
-                    return Err("no store in embedded mode".into())
-                }
+                RoomEffect::Store(op) => match &mut self.redis {
+                    Some(redis) if at == self.home => redis.calls.push_back(op),
+                    Some(_) => return Err(format!("a store call from shard {at}, not the home")),
+                    None => return Err("no store in embedded mode".into()),
+                },
+                RoomEffect::ApiAnswer { .. } => return Err("no API here".into()),
             }
         }
         Ok(())
@@ -167,16 +229,23 @@ impl RoomSim {
 
     fn step(&mut self, faults: bool) -> Result<(), String> {
         self.now += 1 + self.rng.below(5);
-        match self.rng.below(10) {
+        let branches = if self.redis.is_some() { 13 } else { 10 };
+        match self.rng.below(branches) {
+            10 | 11 => self.run_redis_call(faults)?,
+            12 => self.hear_redis(faults)?,
             0 | 1 => {
-                let s = self.rng.below(SHARDS as u64) as usize;
-                self.cid += 1;
+                let (s, cid) = if !self.resends.is_empty() && self.rng.below(2) == 0 {
+                    self.resends.remove(0)
+                } else {
+                    self.cid += 1;
+                    let s = self.rng.below(SHARDS as u64) as usize;
+                    (s, format!("\"{}\"", self.cid))
+                };
                 let reply = ReplyTo {
                     shard: s as u32,
                     conn: (PUBLISHER + s) as u32,
                     serial: 1,
                 };
-                let cid = format!("\"{}\"", self.cid);
                 let body = "x".repeat(self.rng.below(60) as usize);
                 let body = format!("\"{body}\"");
                 let e = self.members[s].publish(
@@ -223,6 +292,148 @@ impl RoomSim {
             _ => self.read_all(!faults)?,
         }
         Ok(())
+    }
+
+    /// Redis runs the oldest call the home submitted (Redis mode).
+    fn run_redis_call(&mut self, faults: bool) -> Result<(), String> {
+        let roll = if faults { self.rng.below(100) } else { 100 };
+        let now_us = (self.now + 1) * 1000;
+        let Some(redis) = &mut self.redis else {
+            return Ok(());
+        };
+        let Some(op) = redis.calls.pop_front() else {
+            return Ok(());
+        };
+        if roll < 8 {
+            // Redis is down: the call fails before it runs (the shard hears it unsent).
+            self.counts.store_faults += 1;
+            let effects = match op {
+                StoreOp::RoomPublish(post) => {
+                    let down = StoreError::Unsent("redis down".into());
+                    redis.answers.push_back((*post, Err(down)));
+                    return Ok(());
+                }
+                StoreOp::RoomJoin(ask) => self.homes[self.home].join_failed(*ask),
+                _ => return Ok(()),
+            };
+            return self.perform(self.home, effects);
+        }
+        match op {
+            StoreOp::RoomPublish(post) => {
+                let key = (post.from.to_string(), post.cid.to_string());
+                let first = match redis.first.get(&key) {
+                    Some(&first) => first,
+                    None => {
+                        if redis.last == 0 {
+                            redis.last = now_us;
+                        }
+                        redis.last += 1;
+                        let offset = redis.last;
+                        let msg = StoredMessage {
+                            id: post.id,
+                            from: post.from.clone(),
+                            cid: post.cid.as_ref().into(),
+                            ts: post.ts,
+                            body: post.body.as_ref().into(),
+                            msg_type: None,
+                        };
+                        redis.history.push((offset, msg.clone()));
+                        if redis.registered {
+                            redis.channel.push_back(Push::Message { offset, msg });
+                        }
+                        redis.first.insert(key, (post.id, offset));
+                        (post.id, offset)
+                    }
+                };
+                let answer = if roll < 12 {
+                    // It ran; its answer is lost (the shard's timeout answers instead).
+                    self.counts.lost_answers += 1;
+                    Err(StoreError::Unavailable("timed out".into()))
+                } else {
+                    Ok(first)
+                };
+                redis.answers.push_back((*post, answer));
+            }
+            StoreOp::RoomJoin(ask) => {
+                redis.registered = true;
+                if redis.last == 0 {
+                    redis.last = now_us;
+                }
+                let last = redis.last;
+                let replay = match ask.since {
+                    Some(since) => redis
+                        .history
+                        .iter()
+                        .filter(|(o, _)| *o > since)
+                        .cloned()
+                        .collect(),
+                    None => Vec::new(),
+                };
+                // The answer names the ask as the script's push does: no `since`.
+                let recovered = ask.since.is_some();
+                let ask = RoomJoinAsk {
+                    since: None,
+                    ..*ask
+                };
+                redis.channel.push_back(Push::JoinAnswer {
+                    ask,
+                    last,
+                    recovered,
+                    replay,
+                });
+            }
+            StoreOp::RoomLeave { .. } => redis.registered = false,
+            _ => return Err("a call that is not a room's".into()),
+        }
+        Ok(())
+    }
+
+    /// The home hears Redis (Redis mode): a publish's answer, or the next push on the node's
+    /// channel; or the channel drops what it carried and the node resyncs.
+    fn hear_redis(&mut self, faults: bool) -> Result<(), String> {
+        let t = self.time();
+        let home = self.home;
+        let drop_channel = faults && self.rng.below(100) < 3;
+        let answer_first = self.rng.below(2) == 0;
+        let Some(redis) = &mut self.redis else {
+            return Ok(());
+        };
+        if drop_channel && !redis.channel.is_empty() {
+            // A resubscription: what the channel carried is lost, then `Resync`.
+            self.counts.channel_drops += 1;
+            redis.channel.clear();
+            let effects = self.homes[home].resynced();
+            return self.perform(home, effects);
+        }
+        let answer = if answer_first || redis.channel.is_empty() {
+            redis.answers.pop_front()
+        } else {
+            None
+        };
+        let effects = if let Some((post, result)) = answer {
+            self.homes[home].store_published(post, result)
+        } else if let Some(push) = redis.channel.pop_front() {
+            match push {
+                Push::Message { offset, msg } => {
+                    self.homes[home].pushed("r".into(), offset, msg, t)
+                }
+                Push::JoinAnswer {
+                    ask,
+                    last,
+                    recovered,
+                    replay,
+                } => self.homes[home].join_answer(ask, last, recovered, replay, t),
+            }
+        } else {
+            return Ok(());
+        };
+        self.perform(home, effects)
+    }
+
+    fn redis_busy(&self) -> bool {
+        self.redis
+            .as_ref()
+            .is_some_and(|r| !(r.calls.is_empty() && r.answers.is_empty() && r.channel.is_empty()))
     }
 
     /// Clients that read take what they were sent and check each segment as they go.
@@ -281,6 +492,17 @@ impl RoomSim {
                         // As a client does: recover with join + since.
                         rejoin = true;
                     }
+                    // Redis mode: a refused publish (the publisher resends it), a join the
+                    // store could not register (the member joins again).
+                    "error" if self.redis.is_some() && v["code"] == "unavailable" => {
+                        self.counts.refused += 1;
+                        if key.1 >= PUBLISHER {
+                            let cid = v["cid"].as_str().ok_or("cid")?;
+                            self.resends.push((key.0, format!("\"{cid}\"")));
+                        } else {
+                            c.member = false;
+                        }
+                    }
                     "left" | "error" => return Err(format!("{key:?}: {v}")),
                     _ => return Err(format!("{key:?}: unexpected {v}")),
                 }
@@ -302,9 +524,31 @@ impl RoomSim {
                 self.join(key)?;
             }
         }
-        // Settle: everything delivered and read, no faults.
+        // Settle: every refused publish resent, everything delivered and read, no faults.
         loop {
             let mut moved = false;
+            while let Some((s, cid)) = self.resends.pop() {
+                moved = true;
+                let reply = ReplyTo {
+                    shard: s as u32,
+                    conn: (PUBLISHER + s) as u32,
+                    serial: 1,
+                };
+                let e = self.members[s].publish(
+                    reply,
+                    Some("p"),
+                    "r".into(),
+                    cid.into(),
+                    "\"x\"".into(),
+                    true,
+                );
+                self.perform(s, e)?;
+            }
+            while self.redis_busy() {
+                moved = true;
+                self.run_redis_call(false)?;
+                self.hear_redis(false)?;
+            }
             let pairs: Vec<(usize, usize)> = self.mesh.keys().copied().collect();
             for (from, to) in pairs {
                 while let Some(msg) = self.mesh.get_mut(&(from, to)).unwrap().pop_front() {
@@ -313,6 +557,13 @@ impl RoomSim {
                 }
             }
             self.read_all(true)?;
+            for m in 0..MEMBERS {
+                let key = (m % SHARDS, m);
+                if !self.clients[&key].member {
+                    moved = true;
+                    self.join(key)?;
+                }
+            }
             if !moved && self.clients.values().all(|c| c.frames.is_empty()) {
                 break;
             }
@@ -329,7 +580,15 @@ impl RoomSim {
         if offsets.len() != self.accepted.len() {
             return Err(format!("an offset accepted twice: {:?}", self.accepted));
         }
-        let last = offsets.last().copied();
+        let mut last = offsets.last().copied();
+        if let Some(redis) = &self.redis {
+            // Every publish that ran, its answer lost or not.
+            last = redis.history.last().map(|(o, _)| *o);
+            let stored: Vec<u64> = redis.history.iter().map(|(o, _)| *o).collect();
+            if let Some(o) = offsets.iter().find(|o| !stored.contains(o)) {
+                return Err(format!("offset {o} accepted but not in the room's history"));
+            }
+        }
         for m in 0..MEMBERS {
             self.counts.checks += 1;
             let c = &self.clients[&(m % SHARDS, m)];
@@ -345,10 +604,15 @@ impl RoomSim {
 }
 
 /// Run `count` seeds (see `super::seeds`); the counts, or the first failure with its seed.
-fn sweep(count: u64, steps: u64, plant_no_gap: bool) -> Result<RoomCounts, (u64, String)> {
+fn sweep(
+    count: u64,
+    steps: u64,
+    plant_no_gap: bool,
+    in_redis: bool,
+) -> Result<RoomCounts, (u64, String)> {
     let mut total = RoomCounts::default();
     for seed in super::seeds(count) {
-        let mut sim = RoomSim::new(seed, plant_no_gap);
+        let mut sim = RoomSim::new(seed, plant_no_gap, in_redis);
         sim.run(steps).map_err(|e| (seed, e))?;
         let c = &sim.counts;
         total.publishes += c.publishes;
@@ -356,6 +620,10 @@ fn sweep(count: u64, steps: u64, plant_no_gap: bool) -> Result<RoomCounts, (u64,
         total.gaps += c.gaps;
         total.drops += c.drops;
         total.checks += c.checks;
+        total.store_faults += c.store_faults;
+        total.lost_answers += c.lost_answers;
+        total.channel_drops += c.channel_drops;
+        total.refused += c.refused;
     }
     Ok(total)
 }
@@ -368,7 +636,7 @@ mod tests {
 
     #[test]
     fn room_members_get_every_offset_once_in_order_or_a_gap() {
-        match sweep(SEEDS, 600, false) {
+        match sweep(SEEDS, 600, false, false) {
             Ok(c) => println!("room simulation: {} seeds, {c:?}", super::super::seeds(SEEDS).len()),
             Err((seed, e)) => panic!(
                 "seed {seed} failed: {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::rooms"
@@ -378,11 +646,89 @@ mod tests {
 
     #[test]
     fn a_skip_without_gap_is_found() {
-        match sweep(SEEDS, 600, true) {
+        match sweep(SEEDS, 600, true, false) {
             Ok(c) => panic!("the planted silent skip was not found ({c:?})"),
             Err((seed, e)) => {
                 println!("silent skip found by seed {seed}: {e}");
                 assert!(e.contains("without a gap"), "another rule broke: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn with_redis_room_members_get_every_offset_once_in_order_or_a_gap() {
+        match sweep(SEEDS, 600, false, true) {
+            Ok(c) => println!(
+                "room simulation, Redis mode: {} seeds, {c:?}",
+                super::super::seeds(SEEDS).len()
+            ),
+            Err((seed, e)) => panic!(
+                "seed {seed} failed: {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::rooms"
+            ),
+        }
+    }
+
+    #[test]
+    fn with_redis_a_skip_without_gap_is_found() {
+        match sweep(SEEDS, 600, true, true) {
+            Ok(c) => panic!("the planted silent skip was not found ({c:?})"),
+            Err((seed, e)) => {
+                println!("silent skip found by seed {seed} (Redis mode): {e}");
+                assert!(e.contains("without a gap"), "another rule broke: {e}");
+            }
+        }
+    }
+
+    /// A room message lost with the node's channel (a resubscription) and nothing published
+    /// after it: the members still get it (or a `gap`), by the resync.
+    #[test]
+    fn with_redis_the_last_message_lost_with_the_channel_still_reaches_members() {
+        let mut sim = RoomSim::new(1, false, true);
+        for m in 0..MEMBERS {
+            // The joins run and are answered; the members read `joined`.
+            sim.join((m % SHARDS, m)).unwrap();
+            drain_mesh(&mut sim);
+            sim.run_redis_call(false).unwrap();
+            sim.hear_redis(false).unwrap();
+            drain_mesh(&mut sim);
+        }
+        sim.read_all(true).unwrap();
+        let reply = ReplyTo {
+            shard: 0,
+            conn: PUBLISHER as u32,
+            serial: 1,
+        };
+        let e = sim.members[0].publish(
+            reply,
+            Some("p"),
+            "r".into(),
+            "\"c1\"".into(),
+            "1".into(),
+            true,
+        );
+        sim.perform(0, e).unwrap();
+        drain_mesh(&mut sim);
+        sim.run_redis_call(false).unwrap(); // stored, pushed on the channel
+        let redis = sim.redis.as_mut().unwrap();
+        assert_eq!(redis.channel.len(), 1);
+        redis.channel.clear(); // lost with the channel
+        let effects = sim.homes[sim.home].resynced();
+        sim.perform(sim.home, effects).unwrap();
+        sim.run(0).unwrap();
+    }
+
+    fn drain_mesh(sim: &mut RoomSim) {
+        loop {
+            let pairs: Vec<(usize, usize)> = sim.mesh.keys().copied().collect();
+            let mut moved = false;
+            for (from, to) in pairs {
+                while let Some(msg) = sim.mesh.get_mut(&(from, to)).unwrap().pop_front() {
+                    moved = true;
+                    sim.handle(to, msg).unwrap();
+                }
+            }
+            if !moved {
+                break;
             }
         }
     }

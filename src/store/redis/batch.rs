@@ -781,7 +781,8 @@ impl BatchCall {
                     args.push("J".into());
                     args.push(ask.room.to_string());
                     args.push(ask.since.map_or_else(|| "-".into(), |s| s.to_string()));
-                    args.push(format!("{} {} {}", ask.shard, ask.conn, ask.serial));
+                    let who = (ask.shard, ask.conn, ask.serial, ask.token);
+                    args.push(format!("{} {} {} {}", who.0, who.1, who.2, who.3));
                 }
                 StoreOp::Probe => args.push("P".into()),
                 StoreOp::Load { .. }

@@ -221,6 +221,10 @@ pub struct RoomJoinAsk {
     pub shard: usize,
     pub conn: usize,
     pub serial: u32,
+    /// The home's number for this ask, echoed in its answer: an answer matches its own ask,
+    /// never a newer join of the same connection (an ask sent again after a resync can be
+    /// answered twice).
+    pub token: u64,
 }
 
 /// How an append went.

@@ -223,6 +223,7 @@ pub fn parse_push(text: &str) -> Option<Push> {
             let (shard, rest) = number_then(rest)?;
             let (conn, rest) = number_then(rest)?;
             let (serial, rest) = number_then(rest)?;
+            let (token, rest) = number_then(rest)?;
             let (last, rest) = number_then(rest)?;
             let (recovered, rest) = number_then(rest)?;
             let (room, mut rest) = sized(rest)?;
@@ -240,6 +241,7 @@ pub fn parse_push(text: &str) -> Option<Push> {
                     shard: usize::try_from(shard).ok()?,
                     conn: usize::try_from(conn).ok()?,
                     serial: u32::try_from(serial).ok()?,
+                    token,
                 },
                 last,
                 recovered: recovered == 1,
