@@ -955,3 +955,39 @@ fn a_big_inbox_is_summarised_from_any_node(redis: RedisServer) {
     let gw = node_with(&redis, "a", &["--inbox-summary-over", "10"]);
     summary_scenario(&gw, "bob", ["ann", "cy", "dee"]);
 }
+
+/// A room message published while a node's channel was down (its subscription cut, and
+/// refused until let through again) reaches that node's members once the channel is back,
+/// although nothing is published after it: the resync catches each room up from its last push
+/// (docs/operations.md, "Rooms"). Before, the member waited for the next publish to learn of
+/// it (found by the room simulation in Redis mode). One redis-server: the ACL is set on it.
+#[test]
+fn a_room_message_lost_with_a_nodes_channel_reaches_its_members_after_the_resubscription() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis, "a"), node(&redis, "b"));
+    let (mut member, _) = connect_app(&b, "listener");
+    join(&mut member, "lossy", None);
+    let (mut publisher, _) = connect_app(&a, "talker");
+    let (first, frames) = publish(&mut publisher, "lossy", "p0", json!("heard"));
+    assert!(frames.is_empty());
+    assert_eq!(next_op(&mut member, "room")["offset"], first["offset"]);
+    // Cut every node's subscription and refuse new ones: what is published now reaches no
+    // channel.
+    redis.cli(&["ACL", "SETUSER", "default", "-subscribe", "-ssubscribe"]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let (lost, _) = publish(
+        &mut publisher,
+        "lossy",
+        "p1",
+        json!("lost with the channel"),
+    );
+    assert!(
+        frames_before_pong(&mut member).is_empty(),
+        "the message must not have reached node b yet, or this test shows nothing"
+    );
+    redis.cli(&["ACL", "SETUSER", "default", "+subscribe", "+ssubscribe"]);
+    // Node b resubscribes, resyncs, and its room home catches up: nothing else is published.
+    let v = next_op(&mut member, "room");
+    assert_eq!(v["offset"], lost["offset"], "{v}");
+    assert_eq!(v["body"], "lost with the channel");
+}
