@@ -10,7 +10,7 @@
 //!   after its expiry, and the holder issues ids only while its last granted renewal (counted
 //!   from when it asked, on its own clock) is younger than the lease plus 90% of that grace. So
 //!   a shard cut off from Redis keeps issuing through an outage of up to ~10 minutes (live
-//!   delivery to users online here goes on, see `shard/durable.rs`), and stops before anyone
+//!   delivery to users online here goes on, see `shard/mirror.rs`), and stops before anyone
 //!   may take its slot. A shard that takes over a slot starts its ids after the earlier
 //!   holder's last possible one (expiry + grace).
 //!

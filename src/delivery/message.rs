@@ -51,7 +51,7 @@ pub struct Message {
 }
 
 /// A message's write to the Redis store, as its recipient's shard numbers it (see "Order" in
-/// `shard/durable.rs`).
+/// `shard/mirror.rs`).
 #[derive(Debug, Clone, Default)]
 pub struct StoreWrite {
     /// Increasing per shard and run (0: not written): Redis refuses a write of a shard older

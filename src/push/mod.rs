@@ -53,6 +53,29 @@ pub struct PushItem {
     pub seq: Option<InboxSeq>,
 }
 
+impl PushItem {
+    /// The notification of a message stored for a user with no device anywhere (`seq`: its
+    /// inbox entry, with Redis); none for a read receipt, which is no message to notify about.
+    pub fn for_message(
+        msg: &crate::delivery::message::Message,
+        seq: Option<InboxSeq>,
+    ) -> Option<Self> {
+        if crate::proto::receipt_sender(&msg.cid).is_some() {
+            return None;
+        }
+        Some(PushItem {
+            user: msg.to.clone(),
+            from: msg.from.clone(),
+            id: msg.id,
+            cid: msg.cid.as_str().into(),
+            ts: msg.ts,
+            msg_type: msg.msg_type.clone(),
+            body: msg.body.as_ref().into(),
+            seq,
+        })
+    }
+}
+
 enum PushMsg {
     Item(Box<PushItem>),
     /// A device acked message `id` (embedded store).

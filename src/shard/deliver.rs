@@ -489,28 +489,19 @@ impl Shard {
     /// (see `push`).
     pub fn enable_push(&mut self, link: crate::push::PushLink) {
         self.push = Some(link);
+        self.mirror.enable_push();
     }
 
-    /// Hand a push of `msg` (stored at `seq` in Redis, or in the embedded store) to the push
+    /// Hand a push (of a message stored in Redis, or in the embedded store) to the push
     /// worker; never waits: a full queue drops it, counted.
-    pub(super) fn offer_push(&mut self, msg: &Message, seq: Option<crate::store::InboxSeq>) {
+    pub(super) fn offer_push(&mut self, item: crate::push::PushItem) {
         let Some(push) = &mut self.push else {
             return;
         };
-        if proto::receipt_sender(&msg.cid).is_some() {
-            return; // a read receipt is no message to notify about
-        }
-        let item = crate::push::PushItem {
-            user: msg.to.clone(),
-            from: msg.from.clone(),
-            id: msg.id,
-            cid: msg.cid.as_str().into(),
-            ts: msg.ts,
-            msg_type: msg.msg_type.clone(),
-            body: msg.body.as_ref().into(),
-            seq,
-        };
-        if push.offer(item, seq.is_none()) {
+        // Embedded store: remember it, so that an ack cancels it (Redis: the worker checks
+        // the entry is still there instead).
+        let watch = item.seq.is_none();
+        if push.offer(item, watch) {
             self.metrics.push_queued.inc();
         } else {
             self.metrics.push_dropped.inc();
@@ -726,7 +717,7 @@ impl Shard {
         for (inbox_seq, msg) in acked {
             // Only the first device's ack removes the entry: one `delivered` per message.
             // (While a Redis mirror reloads the entry may be missing from it: still report.)
-            if self.inbox.remove(&user, inbox_seq) || !mirror_ready {
+            if self.mirror.inbox_mut().remove(&user, inbox_seq) || !mirror_ready {
                 // Acked before its push went out: cancel it (with a shared store the worker
                 // finds the entry gone instead).
                 if !self.store_shared() {
@@ -746,7 +737,7 @@ impl Shard {
                 };
                 // `delivered` waits for the store's delete: only the ack that removed the entry
                 // reports it, whichever node its device is on.
-                self.store_acked(&user, inbox_seq, delivered);
+                self.store_acked(&user, inbox_seq, delivered, now);
             }
         }
         self.pump(index, now);
@@ -768,10 +759,10 @@ impl Shard {
         let entry = &mut self.conns[index];
         let ctx = shard_ctx!(self);
         let mut frame = Vec::with_capacity(256);
-        let big = over > 0 && self.inbox.len(&user) > over;
+        let big = over > 0 && self.mirror.inbox().len(&user) > over;
         if big && !entry.synced && entry.session.is_none() && entry.conn.wants_summary() {
             // A big inbox: a summary instead of the replay, which waits for `replay`.
-            let senders = self.inbox.summarize(&user, now);
+            let senders = self.mirror.inbox().summarize(&user, now);
             proto::write_summary(&mut frame, &senders);
             entry.conn.push_text(&frame, &ctx);
             let mut session = Box::new(Session::resume(window_cfg, entry.last_seq));
@@ -793,7 +784,7 @@ impl Shard {
             if room == 0 {
                 break;
             }
-            let batch = self.inbox.read(&user, cursor, room, now);
+            let batch = self.mirror.inbox().read(&user, cursor, room, now);
             caught_up = batch.len() < room;
             if !batch.is_empty() {
                 let last_seq = entry.last_seq;
@@ -863,7 +854,7 @@ impl Shard {
         let mut found = Vec::new();
         let mut at_end = false;
         'scan: while found.len() < want {
-            let page = self.inbox.read(&user, looked_at, 256, now);
+            let page = self.mirror.inbox().read(&user, looked_at, 256, now);
             if page.is_empty() {
                 at_end = true;
                 break;

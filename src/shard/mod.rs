@@ -22,6 +22,7 @@ macro_rules! shard_ctx {
 pub mod deliver;
 pub mod durable;
 pub mod io;
+pub mod mirror;
 pub mod msg;
 pub mod park;
 pub mod presence;
@@ -161,9 +162,10 @@ pub struct Shard {
     polling: Vec<usize>,
     /// Requests connections made while handling input (sends, acks), served right after.
     events: RefCell<Vec<AppEvent>>,
-    /// The mirror of the offline inboxes of the users online here (see `durable`).
-    inbox: crate::store::MemoryInbox,
-    /// The store (embedded or Redis) and what the shard keeps about it (see `durable`).
+    /// The mirror of the offline inboxes of the users online here, and the rules that keep it
+    /// in the store's order (see `mirror`).
+    mirror: mirror::InboxMirror,
+    /// The store link (embedded or Redis) and what the shard keeps about it (see `durable`).
     store: durable::StoreClient,
     /// The offline push worker's link (None: no `push_webhook_url`).
     push: Option<crate::push::PushLink>,
@@ -263,6 +265,16 @@ impl Shard {
             shared.cfg.slow_close_ms,
             metrics.clone(),
         );
+        let mirror = mirror::InboxMirror::new(
+            mirror::MirrorConfig {
+                window: shared.cfg.window as usize,
+                load_limit: shared.cfg.inbox_max_messages,
+                shared: false,
+                push: false,
+            },
+            crate::store::MemoryInbox::new(limits),
+            metrics.clone(),
+        );
         Shard {
             id,
             shared,
@@ -277,7 +289,7 @@ impl Shard {
             drain_started: None,
             polling: Vec::new(),
             events: RefCell::new(Vec::new()),
-            inbox: crate::store::MemoryInbox::new(limits),
+            mirror,
             store: durable::StoreClient::new(Box::new(crate::store::embedded::InProcess::new(
                 limits,
             ))),
@@ -1002,7 +1014,7 @@ impl Shard {
             if !entry.conn.awaiting_session() {
                 self.users.remove(user, index);
                 self.metrics.users.set(self.users.len() as u64);
-                self.release_mirror(user);
+                self.release_mirror(user, now);
                 if self.devices_of(user).is_empty() {
                     self.local_presence(user, false, now);
                 }
@@ -1079,11 +1091,11 @@ impl Shard {
             self.send_buckets.sweep(now);
             // The mirror only forgets; the store counts what its age cap drops (Redis with
             // its answers, the embedded store here).
-            crate::store::Inbox::expire(&mut self.inbox, now);
+            crate::store::Inbox::expire(self.mirror.inbox_mut(), now);
             let expired = self.store.expire(now);
             self.metrics
                 .inbox_mirrored
-                .set((self.inbox.total_len() + self.store.held()) as u64);
+                .set((self.mirror.inbox().total_len() + self.store.held()) as u64);
             if expired > 0 {
                 // Counted and logged, never silent (SPEC: 72 h age cap).
                 self.metrics.inbox_expired.add(expired as u64);

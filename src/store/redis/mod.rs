@@ -10,13 +10,13 @@
 //!   each batch as **one pipeline** on the shard's own connection: runs of appends and removes
 //!   as one script call each, loads as plain `XTRIM` + `XRANGE` (see `batch.rs`). A batch is
 //!   one round trip and batches run in submission order. That order is what the shard relies
-//!   on (a load sees every append submitted before it; see `shard/durable.rs`).
+//!   on (a load sees every append submitted before it; see `shard/mirror.rs`).
 //! * A batch that failed or timed out may still have been written, or be written later
 //!   (commands are sent fail-fast and never retried, yet fred keeps what it had queued across
 //!   a reconnect). Such a write is *in doubt*: the script refuses an append older than one of
 //!   the same shard that landed for the same pair (`stale`), and the shard resolves its
 //!   writes in doubt once Redis answers (landed or not; none lands later). See
-//!   "Order" in `shard/durable.rs`.
+//!   "Order" in `shard/mirror.rs`.
 //!
 //! # Data layout (prefix `rg:` by default)
 //! Keys of one user carry the hash tag `{u:<user>}`, keys of one room `{r:<room>}` (see

@@ -1,0 +1,1123 @@
+//! The inbox mirror, the shard's side of its store, one path for both kinds (issue 15): the store is the
+//! authority, and the shard's memory inbox is a *mirror* of the inboxes of the users online
+//! on this shard. Redis (`redis_url` set) answers from its thread; the embedded store
+//! (`store/embedded.rs`) answers in the shard's turn, through the same replies. The rules
+//! below are written for Redis; the embedded store never fails, so it never takes the
+//! paths of a store that is down, in doubt or pushing from other nodes. Other nodes exist
+//! only with Redis: [`Shard::store_shared`] is the one place that asks.
+//!
+//! * `deliver` sends every message to Redis first (one op in the shard's next batch);
+//!   `accepted` goes out only when Redis confirmed the write. A gateway SIGKILL therefore loses
+//!   nothing that was accepted: the next run reads it back from Redis.
+//! * A user's first device here triggers a *load*: the node registers in the user's
+//!   directory entry (`SADD`), then reads the inbox (XRANGE); until it answers, that user's
+//!   devices get no `msg` and no `synced`. Every append after the registration, by any node,
+//!   is pushed on this node's channel by the same script that writes it, so the mirror is fed
+//!   from one connection in the order Redis ran the appends (a local append's own reply only
+//!   answers the sender: two connections could deliver two entries out of order). Pushes
+//!   the read already holds are ignored; pushes during the read wait for it.
+//! * Pushes are taken only by mirrors loaded in the current *epoch*: every resync (the
+//!   channel subscribed again, or this node's lease had lapsed) starts one and reloads every
+//!   mirror, so a mirror that may have missed a push never gets later ones before it. A
+//!   reload never brings back an entry acked while it ran.
+//! * An ack removes the entry from the mirror (first device wins, as in embedded mode) and
+//!   from Redis (XDEL, in a later batch; if that cannot be queued the entry is delivered
+//!   again later and the client drops it by `(from, cid)`).
+//! * The user's last device leaves: the mirror is dropped (Redis still holds everything).
+//! * Redis down: the store refuses in bounded time (`redis_timeout_ms`), senders to offline
+//!   users get `unavailable`, loads are retried every `LOAD_RETRY_MS`; fred reconnects by
+//!   itself, and a shard that has nothing to write probes every `PROBE_MS` to learn it is back.
+//! * Live delivery while Redis is down: a message for a user online here (mirror loaded) is
+//!   put after everything the mirror ever held (`append_live`) and sent to the devices from
+//!   memory; it is *not* accepted yet. The first device's ack makes it safe (SPEC 4: "a
+//!   recipient device acknowledged it"): the sender gets `accepted` and `delivered` together.
+//!   These *live* entries form a tail per user, bounded by `window`; while a user has one,
+//!   new messages to that user join it even if Redis is back, so per-sender order holds
+//!   (a durable entry is never placed before a live one). When the user's last device leaves
+//!   with live entries unacked, they are appended to Redis in order; if Redis still refuses,
+//!   their senders get `unavailable` and resend with the same cid.
+//! * A mirror that may have missed an entry (an uncertain write, or a confirmed write that
+//!   arrived behind a live entry) is reloaded once Redis answers and the user's tail is
+//!   empty (never while live entries are out, whose seqs a reload would not keep). Until
+//!   that reload, an entry known to be missing (it could not be placed) holds back every
+//!   entry of that user after it: none is shown from Redis, none goes live, and while a tail
+//!   is out new messages to the user are refused for now (`missing`).
+//! * A write is answered `unavailable` only once it is known never to land (SPEC 4, Order:
+//!   "a send answered `unavailable` was not taken"). A write whose answer was lost (it timed
+//!   out: fred may send it after a reconnect, Redis may still be working through it; or it
+//!   ran and its answer was lost) is kept *in doubt*, its sender told nothing yet. Each
+//!   append carries this shard's attempt number, increasing; the script keeps, per pair of
+//!   users, the highest attempt of this shard that landed or was resolved, and refuses an
+//!   older one (`stale`). Once Redis answers, the shard *resolves* its writes in doubt (from
+//!   the tick): the watermark rises past each, so none can land any more, and each that had
+//!   landed is kept and answered `accepted`, each that had not is answered `unavailable`. A
+//!   pair's answers are told in the order of its writes: one that comes while an earlier
+//!   write of the pair is in doubt waits for that write's resolution.
+//!   Why not answer `unavailable` at the timeout and remove the entry later, if it landed (as
+//!   until 2026-12-05): the entry could be shown before its removal, on another node (its
+//!   mirror is fed by pushes from Redis) or after this node died, and the sender's resend
+//!   would then be told `accepted` after later messages the recipient saw it before (found by
+//!   tests/cluster.rs, a write that timed out and landed later, and by the simulation with
+//!   node deaths).
+//! * Nor is an entry of a write in doubt shown here before it is resolved: it waits like one
+//!   whose write is unanswered (`unanswered`), and everything of its user after it waits
+//!   behind it. A node that dies meanwhile has shown nothing past it: the next run shows it
+//!   in its place and answers its sender's resend with its id.
+//! * A user's entries reach the mirror in the order Redis holds them: while one waits for
+//!   its write's answer, every later entry of that user (any sender) waits behind it
+//!   (`waiting`). The mirror only grows at its end and a connection is only sent what lies
+//!   past what it was sent, so an entry let in after a later one would reach the recipient
+//!   after its sender's next message (seen in tests/cluster_random.rs: three pushes of one
+//!   sender held for their answers while another sender's entry went in; the first two then
+//!   no longer fitted and came after the third).
+
+//!
+//! Shape: [`InboxMirror`] is a machine. Each input (a send to deliver, an ack, a store
+//! answer, a tick) comes with the time and returns its effects in order ([`MirrorEffect`]):
+//! reports for senders, store operations, users whose devices have new entries, push
+//! offers. It owns the mirror's entries ([`MemoryInbox`]) and every rule above; it performs
+//! no I/O and reads no clock. `durable.rs` is the shard's glue: it owns the store link,
+//! turns each store reply into a call here (the one dispatch) and performs the effects.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use compact_str::CompactString;
+
+use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
+use crate::delivery::refusal::SendRefusal;
+use crate::metrics::ShardMetrics;
+use crate::push::PushItem;
+use crate::store::redis::{self as store, Appended, Fate, Loaded, StoreOp};
+use crate::store::{InboxSeq, MemoryInbox, StoreError, StoredMessage};
+
+/// How long a failed inbox load waits before it is tried again.
+const LOAD_RETRY_MS: u64 = 500;
+/// How often a shard that believes Redis is down checks whether it is back.
+const PROBE_MS: u64 = 500;
+/// Writes kept in doubt per pair of users; beyond it, writes to the pair are refused unsent
+/// until a resolve clears them (memory stays bounded while Redis is away).
+const MAX_DOUBTS_PER_PAIR: usize = 1024;
+
+/// (recipient, sender): the pair of users whose writes keep their order.
+type Pair = (CompactString, CompactString);
+
+/// (recipient, sender, cid): one message's write.
+type Written = (CompactString, CompactString, CompactString);
+
+fn is_write_of(written: &Written, to: &str, from: &str, cid: &str) -> bool {
+    written.0 == to && written.1 == from && written.2 == cid
+}
+
+/// What the mirror asks the shard to do, in order.
+pub enum MirrorEffect {
+    /// Tell a message's sender (through its home shard) what became of it.
+    Tell(Report),
+    /// The same, as the store handed it back boxed.
+    TellBoxed(Box<Report>),
+    /// Queue a store operation; when the queue refuses it, the shard gives it back to
+    /// [`InboxMirror::store_refused`].
+    Store(StoreOp),
+    /// `user`'s mirror has entries its devices may not have: pump each device of `user`
+    /// here and wake it (the connection being polled writes its own output).
+    Feed(CompactString),
+    /// A load read what `user` was sent (per sender, the highest id a device acked): for
+    /// read receipts, before the entries it read are fed.
+    Received {
+        user: CompactString,
+        received: Vec<(CompactString, u64)>,
+    },
+    /// `user`'s mirror has loaded: the `read`s that waited for it are judged now.
+    Loaded(CompactString),
+    /// Nobody holds a device of the recipient anywhere: offer the push webhook.
+    Push(Box<PushItem>),
+}
+
+/// What the mirror is told once, at start.
+#[derive(Debug, Clone, Copy)]
+pub struct MirrorConfig {
+    /// The connection window: the longest live tail per user and pushes held per load.
+    pub window: usize,
+    /// Entries read per load.
+    pub load_limit: usize,
+    /// Other nodes share the store (Redis).
+    pub shared: bool,
+    /// An offline push worker exists (`push_webhook_url`).
+    pub push: bool,
+}
+
+/// A write of this shard whose answer was lost: it may have landed. Resolved once Redis
+/// answers (see the module doc), then its sender is told.
+struct Doubt {
+    msg: Box<Message>,
+    /// Why its answer was lost (the `unavailable` its sender gets if it never landed).
+    why: String,
+}
+
+impl Doubt {
+    /// As a resolve names it.
+    fn write(&self) -> (Box<str>, u64) {
+        (self.msg.cid.as_str().into(), self.msg.write.attempt)
+    }
+
+    /// Whether a resolve's `(cid, attempt)` names this write.
+    fn is(&self, (cid, attempt): &(Box<str>, u64)) -> bool {
+        self.msg.write.attempt == *attempt && self.msg.cid.as_str() == &**cid
+    }
+}
+
+/// The state of one online user's mirror. `epoch`: the shard's channel epoch when the load
+/// was submitted; pushes from other nodes are taken only by mirrors of the current epoch (a
+/// mirror loaded before this node's channel was heard may lack an entry whose push was lost,
+/// and adding later pushes to it would put them before that entry).
+enum Mirror {
+    /// A load was submitted. Boxed: a mirror is one entry per online user, and most are
+    /// `Ready` (16 bytes instead of 72 each, in a map as large as the shard's users).
+    Loading(Box<Loading>),
+    /// The last load failed; retried on a tick at or after `retry_at`.
+    Failed { retry_at: u64 },
+    /// This node's channel has not been heard yet (epoch 0): loaded by the first resync.
+    AwaitingChannel,
+    /// The mirror holds what Redis holds for this user.
+    Ready { epoch: u64 },
+}
+
+/// A mirror's load in flight; answers to other tokens are stale.
+struct Loading {
+    token: u64,
+    epoch: u64,
+    /// Entries other nodes pushed meanwhile (the read may or may not include them; those past
+    /// it are added once it answers).
+    pushes: Vec<(InboxSeq, StoredMessage)>,
+    /// Entries acked meanwhile: the read may predate their delete, and must not bring them
+    /// back (they would be sent again).
+    acked: Vec<InboxSeq>,
+}
+
+/// The inbox mirror of the users online on this shard, and the state of the writes that the
+/// rules above keep (embedded store or Redis, one path).
+pub struct InboxMirror {
+    cfg: MirrorConfig,
+    metrics: Arc<ShardMetrics>,
+    /// The entries of the mirrored inboxes, in the order the store holds them.
+    inbox: MemoryInbox,
+    /// What the last input asked for, taken by the shard ([`InboxMirror::take_effects`]).
+    out: Vec<MirrorEffect>,
+    /// Users online on this shard (at least one device).
+    mirrors: HashMap<CompactString, Mirror>,
+    next_token: u64,
+    /// The last batch succeeded (starts true: the first write finds out).
+    up: bool,
+    last_probe_ms: u64,
+    /// Live entries per user (see the module doc), by mirror seq, with what reporting needs.
+    tails: HashMap<CompactString, BTreeMap<InboxSeq, Message>>,
+    /// Appends on their way to Redis, per recipient.
+    writing: HashMap<CompactString, u32>,
+    /// Users whose mirror is reloaded once Redis answers and their tail is empty.
+    reload_wanted: HashSet<CompactString>,
+    /// Users with an entry known to be missing from the mirror (it could not be placed): no
+    /// later entry is shown, live or from Redis, until the reload reads them all in order.
+    missing: HashSet<CompactString>,
+    /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
+    /// 0 until the channel is first heard.
+    epoch: u64,
+    /// The attempt number of this shard's next inbox write (see the module doc).
+    next_attempt: u64,
+    /// Writes whose answer was lost, per pair, in attempt order.
+    doubts: HashMap<Pair, Vec<Doubt>>,
+    /// Pairs with a resolve on its way to Redis.
+    resolving: HashSet<Pair>,
+    /// Per pair with a write in doubt: the answers of its writes since the first one in
+    /// doubt, by attempt (`None`: still in doubt), told in that order as they become known.
+    answers_in_order: HashMap<Pair, BTreeMap<u64, Option<Report>>>,
+    /// This shard's appends not answered (or in doubt) yet, by the id of the message written,
+    /// with its (recipient, sender, cid): an entry of another attempt of the same cid has
+    /// another id. An entry of such a write pushed (or loaded) before the answer waits in
+    /// `waiting`, and is shown only if the answer (or the resolve) says stored. (Keyed by id:
+    /// one short hash per write and answer, not one over three strings.)
+    unanswered: HashMap<u64, Written>,
+    /// Per user, entries that must wait to enter the mirror, by seq: `Some(id)` waits for the
+    /// answer to the write of message `id`, `None` only for the entries before it (see the
+    /// module doc).
+    waiting: HashMap<CompactString, BTreeMap<InboxSeq, (StoredMessage, Option<u64>)>>,
+    /// The simulation's planted bugs (see [`OrderPlant`]).
+    #[cfg(test)]
+    plant: OrderPlant,
+}
+
+/// Order rules the simulation switches off to show it catches their absence.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum OrderPlant {
+    #[default]
+    None,
+    /// Entries pushed after an entry known missing are shown (the rule of `missing`).
+    ShowPastMissing,
+    /// A resent cid pays the send limit like a new one (the rule of `is_resend`).
+    LimitResends,
+    /// A write whose answer was lost is answered `unavailable` at once (as before
+    /// 2026-12-05), though it may have landed: resolved later, it is kept if it landed.
+    TellDoubtAtOnce,
+}
+
+/// What becomes of an entry pushed or read for a mirror.
+enum Admit {
+    /// Into the mirror now.
+    Now,
+    /// Into `waiting`, for the answer to this message's write (`Some(id)`) or behind an
+    /// entry that waits.
+    Wait(Option<u64>),
+}
+
+impl InboxMirror {
+    pub fn new(cfg: MirrorConfig, inbox: MemoryInbox, metrics: Arc<ShardMetrics>) -> Self {
+        InboxMirror {
+            cfg,
+            metrics,
+            inbox,
+            out: Vec::new(),
+            mirrors: HashMap::new(),
+            next_token: 0,
+            up: true,
+            last_probe_ms: 0,
+            tails: HashMap::new(),
+            writing: HashMap::new(),
+            reload_wanted: HashSet::new(),
+            missing: HashSet::new(),
+            epoch: 0,
+            next_attempt: 1,
+            doubts: HashMap::new(),
+            resolving: HashSet::new(),
+            answers_in_order: HashMap::new(),
+            unanswered: HashMap::new(),
+            waiting: HashMap::new(),
+            #[cfg(test)]
+            plant: OrderPlant::None,
+        }
+    }
+
+    /// The same mirror behind another store: everything about writes and loads starts over;
+    /// the entries stay (none exist before the store is chosen at start).
+    pub fn for_store(&mut self, shared: bool) {
+        let cfg = MirrorConfig { shared, ..self.cfg };
+        let limits = *self.inbox.limits();
+        let inbox = std::mem::replace(&mut self.inbox, MemoryInbox::new(limits));
+        *self = InboxMirror::new(cfg, inbox, self.metrics.clone());
+    }
+
+    /// The offline push worker exists from now on.
+    pub fn enable_push(&mut self) {
+        self.cfg.push = true;
+    }
+
+    /// The effects of the inputs since the last take, in order. The shard hands the buffer
+    /// back empty ([`InboxMirror::give_back`]) so that the per-message path reuses it.
+    pub fn take_effects(&mut self) -> Vec<MirrorEffect> {
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn has_effects(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    pub fn give_back(&mut self, mut buffer: Vec<MirrorEffect>) {
+        if self.out.is_empty() {
+            buffer.clear();
+            self.out = buffer;
+        }
+    }
+
+    pub fn inbox(&self) -> &MemoryInbox {
+        &self.inbox
+    }
+
+    pub fn inbox_mut(&mut self) -> &mut MemoryInbox {
+        &mut self.inbox
+    }
+
+    fn tell(&mut self, report: Report) {
+        self.out.push(MirrorEffect::Tell(report));
+    }
+
+    fn submit(&mut self, op: StoreOp) {
+        self.out.push(MirrorEffect::Store(op));
+    }
+
+    /// Some entry of `user` waits to enter the mirror: anything newer waits behind it.
+    fn has_waiting(&self, user: &str) -> bool {
+        self.waiting.get(user).is_some_and(|q| !q.is_empty())
+    }
+
+    /// `user`'s mirror is loaded.
+    pub fn ready(&self, user: &str) -> bool {
+        matches!(self.mirrors.get(user), Some(Mirror::Ready { .. }))
+    }
+
+    /// A device of `user` started its session: make sure the user's inbox gets loaded.
+    pub fn ensure(&mut self, user: &str) {
+        if !self.mirrors.contains_key(user) {
+            self.load(user);
+        }
+    }
+
+    /// The last device of `user` here left: the mirror is dropped (the store keeps
+    /// everything); live entries no device acked are made durable now, in order (or
+    /// refused).
+    pub fn released(&mut self, user: &str) {
+        self.mirrors.remove(user);
+        self.reload_wanted.remove(user);
+        self.missing.remove(user);
+        self.waiting.remove(user);
+        let tail = self.tails.remove(user);
+        self.inbox.drop_user(user);
+        // If it cannot be queued, the entry stays until this run's lease lapses: other
+        // nodes then only push into a channel nobody reads, and presence cleans it.
+        self.submit(StoreOp::Leave { user: user.into() });
+        for (_, msg) in tail.into_iter().flatten() {
+            self.metrics.live_spilled.inc();
+            self.append(Box::new(msg));
+        }
+    }
+
+    fn load(&mut self, user: &str) {
+        if self.epoch == 0 {
+            // Not before this node's channel is heard: a mirror read earlier would miss what
+            // other nodes push meanwhile (and a device elsewhere may ack it out of Redis before
+            // a later read). The first resync loads every waiting mirror.
+            self.mirrors.insert(user.into(), Mirror::AwaitingChannel);
+            return;
+        }
+        self.next_token += 1;
+        let token = self.next_token;
+        // Whatever was missing, the read (or its retry) brings, in order. A load the queue
+        // refuses fails (`store_refused`) and is retried.
+        self.missing.remove(user);
+        let loading = Loading {
+            token,
+            epoch: self.epoch,
+            acked: Vec::new(),
+            pushes: Vec::new(),
+        };
+        self.mirrors
+            .insert(user.into(), Mirror::Loading(Box::new(loading)));
+        self.submit(StoreOp::Load {
+            user: user.into(),
+            token,
+            limit: self.cfg.load_limit,
+        });
+    }
+
+    /// The store queue refused an operation this mirror asked for: undo what asking it
+    /// assumed.
+    pub fn store_refused(&mut self, op: StoreOp, now: u64) {
+        match op {
+            StoreOp::Append(msg) => {
+                self.write_not_sent(&msg);
+                self.metrics.store_refused.inc();
+                self.tell(msg.refused(SendRefusal::Busy(
+                    "the offline store is busy or unreachable, resend later",
+                )));
+            }
+            StoreOp::Load { user, token, .. } => {
+                if matches!(self.mirrors.get(&user), Some(Mirror::Loading(l)) if l.token == token) {
+                    self.mirrors.insert(
+                        user,
+                        Mirror::Failed {
+                            retry_at: now + LOAD_RETRY_MS,
+                        },
+                    );
+                }
+            }
+            StoreOp::Resolve { to, from, .. } => {
+                self.resolving.remove(&(to, from));
+            }
+            // Delivered again later and acked again; the client drops the copy by (from, cid).
+            StoreOp::Remove { .. } => self.metrics.redis_removes_dropped.inc(),
+            // A leave that stays until the lease lapses; a probe asked again next time.
+            _ => {}
+        }
+    }
+
+    /// An append the queue refused never left: it is neither on its way nor unanswered.
+    fn write_not_sent(&mut self, msg: &Message) {
+        if let Entry::Occupied(mut writes) = self.writing.entry(msg.to.clone()) {
+            *writes.get_mut() -= 1;
+            if *writes.get() == 0 {
+                writes.remove();
+            }
+        }
+        self.unanswered.remove(&msg.id);
+    }
+
+    /// Nothing of the store waits on this shard's tick: Redis up, no user's inbox mirrored
+    /// or loading, no write unanswered, in doubt or being resolved, nothing to reload.
+    pub fn quiet(&self) -> bool {
+        self.up
+            && self.mirrors.is_empty()
+            && self.tails.is_empty()
+            && self.writing.is_empty()
+            && self.reload_wanted.is_empty()
+            && self.missing.is_empty()
+            && self.doubts.is_empty()
+            && self.resolving.is_empty()
+            && self.unanswered.is_empty()
+            && self.waiting.is_empty()
+    }
+
+    /// Periodic work: probe while down, wanted reloads, failed loads, resolves.
+    pub fn tick(&mut self, now: u64) {
+        if !self.up && now >= self.last_probe_ms + PROBE_MS {
+            self.last_probe_ms = now;
+            self.submit(StoreOp::Probe);
+        }
+        if self.up && !self.reload_wanted.is_empty() {
+            let due: Vec<CompactString> = self
+                .reload_wanted
+                .iter()
+                // A mirror still loading is read again once it has loaded (its read may
+                // have missed what was wanted): kept in `reload_wanted` until then.
+                .filter(|u| {
+                    !self.tails.contains_key(*u)
+                        && !matches!(self.mirrors.get(*u), Some(Mirror::Loading(_)))
+                })
+                .cloned()
+                .collect();
+            for user in in_stable_order(due) {
+                self.reload_wanted.remove(&user);
+                if self.ready(&user) {
+                    self.load(&user);
+                }
+            }
+        }
+        self.retry_loads(now);
+        self.resolve_doubts();
+    }
+
+    /// Once Redis answers, every pair's writes in doubt are resolved (one call per pair).
+    fn resolve_doubts(&mut self) {
+        if !self.up || self.doubts.len() == self.resolving.len() {
+            return;
+        }
+        let due: Vec<Pair> = self
+            .doubts
+            .keys()
+            .filter(|p| !self.resolving.contains(*p))
+            .cloned()
+            .collect();
+        for pair in in_stable_order(due) {
+            let op = StoreOp::Resolve {
+                to: pair.0.clone(),
+                from: pair.1.clone(),
+                writes: self.doubts[&pair].iter().map(Doubt::write).collect(),
+            };
+            self.resolving.insert(pair);
+            self.submit(op);
+        }
+    }
+
+    /// Retry the loads that failed.
+    fn retry_loads(&mut self, now: u64) {
+        let due: Vec<CompactString> = self
+            .mirrors
+            .iter()
+            .filter(|(_, m)| matches!(m, Mirror::Failed { retry_at } if *retry_at <= now))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for user in in_stable_order(due) {
+            self.load(&user);
+        }
+    }
+
+    /// On the recipient's home shard: make the message safe (to the store first, or live from
+    /// memory while Redis is away: see the module doc), then tell the sender and feed the
+    /// devices. `online_here`: a device of the recipient is connected to this shard.
+    pub fn deliver(&mut self, msg: Box<Message>, now: u64, online_here: bool) {
+        let tail_len = self.tails.get(&msg.to).map_or(0, |t| t.len());
+        let missing = self.missing.contains(&msg.to);
+        if missing && tail_len > 0 {
+            // Neither live (it would be shown before the missing entry) nor to Redis (it
+            // would be placed before the live ones): once the tail is acked, the reload.
+            self.metrics.store_refused.inc();
+            return self.tell(msg.refused(SendRefusal::Busy(
+                "the recipient's inbox is being read again, resend later",
+            )));
+        }
+        // Live only when no write for this user is on its way to Redis: a write confirmed
+        // later would land behind the live entry, out of order.
+        let live = tail_len > 0
+            || (!missing
+                && !self.up
+                && !self.writing.contains_key(&msg.to)
+                && self.ready(&msg.to)
+                && online_here);
+        if !live {
+            return self.append(msg);
+        }
+        if msg.resent {
+            // Another attempt of it may be in Redis (stored by an earlier connection's shard
+            // or a node that died): shown live under a new id, its sender would be told an
+            // id and a place other than the ones its recipient sees. It waits for Redis.
+            self.metrics.store_refused.inc();
+            return self.tell(msg.refused(SendRefusal::Busy(
+                "the offline store is unavailable and this resent message may be in it already; resend later",
+            )));
+        }
+        if tail_len >= self.cfg.window {
+            self.metrics.store_refused.inc();
+            return self.tell(msg.refused(SendRefusal::Busy(
+                "the offline store is unavailable and the recipient has a window of unacknowledged messages already; resend later",
+            )));
+        }
+        self.metrics.live_sends.inc();
+        let to = msg.to.clone();
+        let seq = self.inbox.append_live(&to, msg.stored(), now);
+        self.tails.entry(to.clone()).or_default().insert(seq, *msg);
+        self.out.push(MirrorEffect::Feed(to));
+    }
+
+    /// A device acked entry `seq` of `user`, the first here to do so. A live entry is now
+    /// safe: its sender gets `accepted` here, then `delivered`. A durable one leaves Redis;
+    /// `delivered` goes out when Redis confirms this delete removed it.
+    pub fn acked(&mut self, user: &str, seq: InboxSeq, delivered: Report) {
+        if let Some(Mirror::Loading(loading)) = self.mirrors.get_mut(user) {
+            loading.acked.push(seq);
+        }
+        let live = self.tails.get_mut(user).and_then(|tail| tail.remove(&seq));
+        let Some(msg) = live else {
+            // An entry was acked: remove it from Redis too (and then report `delivered`).
+            return self.submit(StoreOp::Remove {
+                user: user.into(),
+                seq,
+                report: Some(Box::new(delivered)),
+            });
+        };
+        if self.tails.get(user).is_some_and(|t| t.is_empty()) {
+            self.tails.remove(user);
+        }
+        self.metrics.live_acked.inc();
+        let id = msg.id;
+        self.tell(msg.report(id, Outcome::Stored));
+        self.tell(delivered);
+    }
+
+    /// Write a message to the store (queued for the shard's next batch).
+    fn append(&mut self, mut msg: Box<Message>) {
+        // No key is built in the common case: nothing in doubt on this shard.
+        if !self.doubts.is_empty()
+            && self
+                .doubts
+                .get(&(msg.to.clone(), msg.from.clone()))
+                .map_or(0, Vec::len)
+                >= MAX_DOUBTS_PER_PAIR
+        {
+            self.metrics.store_refused.inc();
+            return self.tell(msg.refused(SendRefusal::Busy(
+                "earlier writes to this recipient are still in doubt; resend later",
+            )));
+        }
+        msg.write = StoreWrite {
+            attempt: self.next_attempt,
+        };
+        self.next_attempt += 1;
+        *self.writing.entry(msg.to.clone()).or_default() += 1;
+        self.unanswered
+            .insert(msg.id, (msg.to.clone(), msg.from.clone(), msg.cid.clone()));
+        self.submit(StoreOp::Append(msg));
+    }
+
+    /// A batch was answered: whether the store is up.
+    pub fn batch_answered(&mut self, up: bool) {
+        self.up = up;
+    }
+
+    /// A remove was answered: `delivered` goes out if it removed the entry.
+    pub fn removed(&mut self, ok: bool, report: Option<Box<Report>>) {
+        if let (true, Some(report)) = (ok, report) {
+            self.out.push(MirrorEffect::TellBoxed(report));
+        }
+    }
+
+    /// An append was answered.
+    pub fn appended(
+        &mut self,
+        msg: Message,
+        result: Result<Appended, StoreError>,
+        now: u64,
+        wall: u64,
+    ) {
+        match result {
+            Err(StoreError::Unavailable(why)) if msg.write.attempt > 0 => {
+                self.keep_in_doubt(msg, why)
+            }
+            result => {
+                let (attempt, report) = self.settle_write(msg, result, now, wall);
+                self.tell_in_order(attempt, report);
+            }
+        }
+    }
+
+    /// A write's answer was lost: its sender is told nothing until it is resolved (see the
+    /// module doc). It stays unanswered and on its way (`writing`), so an entry of it waits
+    /// in `waiting` and no live delivery to its recipient passes it; the pair's later answers
+    /// wait for its resolution (`answers_in_order`).
+    fn keep_in_doubt(&mut self, msg: Message, why: String) {
+        self.metrics.store_writes_in_doubt.inc();
+        let pair: Pair = (msg.to.clone(), msg.from.clone());
+        if self.planted_tell_doubt_at_once() {
+            let refused = SendRefusal::Store(StoreError::Unavailable(why.clone()));
+            self.tell(msg.clone().refused(refused));
+        } else {
+            let order = self.answers_in_order.entry(pair.clone()).or_default();
+            order.insert(msg.write.attempt, None);
+        }
+        let doubt = Doubt {
+            msg: Box::new(msg),
+            why,
+        };
+        self.doubts.entry(pair).or_default().push(doubt);
+    }
+
+    /// A write's answer is known (from the store, or by resolving it): its entry may show;
+    /// returns its attempt and what its sender is to be told.
+    fn settle_write(
+        &mut self,
+        msg: Message,
+        result: Result<Appended, StoreError>,
+        now: u64,
+        wall: u64,
+    ) -> (u64, Report) {
+        if let Entry::Occupied(mut writes) = self.writing.entry(msg.to.clone()) {
+            *writes.get_mut() -= 1;
+            if *writes.get() == 0 {
+                writes.remove();
+            }
+        }
+        // An entry of this write that came before its answer: shown (in its turn) if it
+        // is stored, never if not (then it cannot exist: the answer or the resolve ran
+        // in the same call as the write, or after its attempt was fenced).
+        if let Entry::Occupied(entry) = self.unanswered.entry(msg.id) {
+            if is_write_of(entry.get(), &msg.to, &msg.from, &msg.cid) {
+                entry.remove();
+            }
+        }
+        if let Some(queue) = self.waiting.get_mut(&msg.to) {
+            match result {
+                Ok(_) => queue
+                    .values_mut()
+                    .filter(|(_, awaited)| *awaited == Some(msg.id))
+                    .for_each(|(_, awaited)| *awaited = None),
+                Err(_) => queue.retain(|_, (_, awaited)| *awaited != Some(msg.id)),
+            }
+            self.release_waiting(msg.to.clone(), now, wall);
+        }
+        let attempt = msg.write.attempt;
+        let report = match result {
+            Ok(Appended::Stored {
+                pushed,
+                offline,
+                seq,
+            }) => {
+                self.metrics.stored.inc();
+                // Nobody holds a device anywhere; the store told this shard alone. A shared
+                // store is asked whether the entry is still there before the push goes out;
+                // an embedded one's push is cancelled by the ack instead.
+                let shared = self.cfg.shared;
+                if offline && self.cfg.push {
+                    if let Some(item) = PushItem::for_message(&msg, shared.then_some(seq)) {
+                        self.out.push(MirrorEffect::Push(Box::new(item)));
+                    }
+                }
+                self.metrics.cross_node_out.add(pushed);
+                if shared {
+                    self.metrics
+                        .redis_spilled_bytes
+                        .add((msg.body.len() + msg.cid.len()) as u64);
+                }
+                // The mirror gets the entry from this node's channel (see the module doc).
+                let id = msg.id;
+                msg.report(id, Outcome::Stored)
+            }
+            Ok(Appended::Duplicate { id }) => {
+                // Stored by an earlier run (or an earlier copy): same id, no second delivery.
+                self.metrics.dedup_hits.inc();
+                msg.report(id, Outcome::Stored)
+            }
+            Err(e) => {
+                self.metrics.store_refused.inc();
+                msg.refused(SendRefusal::Store(e))
+            }
+        };
+        (attempt, report)
+    }
+
+    /// Tell a write's answer: an `accepted` after the answers of the pair's earlier writes
+    /// in doubt; a refusal at once (nothing was taken, so it has no place in the order).
+    fn tell_in_order(&mut self, attempt: u64, report: Report) {
+        // The common case: no write in doubt anywhere here, no key built.
+        if self.answers_in_order.is_empty() {
+            return self.tell(report);
+        }
+        let pair: Pair = (report.to.clone(), report.from.clone());
+        let Some(order) = self.answers_in_order.get_mut(&pair) else {
+            return self.tell(report);
+        };
+        let mut ready = Vec::new();
+        if matches!(report.outcome, Outcome::Stored) {
+            order.insert(attempt, Some(report));
+        } else {
+            order.remove(&attempt);
+            ready.push(report);
+        }
+        while let Some(first) = order.first_entry() {
+            if first.get().is_none() {
+                break; // still in doubt
+            }
+            ready.extend(first.remove());
+        }
+        if order.is_empty() {
+            self.answers_in_order.remove(&pair);
+        }
+        for report in ready {
+            self.tell(report);
+        }
+    }
+
+    /// A resolve was answered: each write it named had landed (kept, answered `accepted`),
+    /// or never will but its cid is stored by another attempt (answered `accepted` with that
+    /// id: an earlier run's or a dead node's entry, which lies before anything this run
+    /// stored after it), or never will (answered `unavailable`). Failed: the tick asks again.
+    pub fn resolved(
+        &mut self,
+        pair: Pair,
+        writes: Vec<(Box<str>, u64)>,
+        landed: Option<Vec<Fate>>,
+        now: u64,
+        wall: u64,
+    ) {
+        self.resolving.remove(&pair);
+        let Some(landed) = landed else {
+            return;
+        };
+        let Some(doubts) = self.doubts.get_mut(&pair) else {
+            return;
+        };
+        let mut settled = Vec::with_capacity(writes.len());
+        for (write, landed) in writes.iter().zip(landed) {
+            if let Some(at) = doubts.iter().position(|d| d.is(write)) {
+                settled.push((doubts.remove(at), landed));
+            }
+        }
+        if doubts.is_empty() {
+            self.doubts.remove(&pair);
+        }
+        self.metrics.store_writes_in_doubt.sub(settled.len() as u64);
+        self.metrics.store_resolved.add(settled.len() as u64);
+        let told_at_once = self.planted_tell_doubt_at_once();
+        for (Doubt { msg, why }, fate) in settled {
+            let result = match fate {
+                Fate::Landed => Ok(Appended::Stored {
+                    pushed: 0,
+                    offline: false,
+                    seq: 0,
+                }),
+                Fate::Duplicate(id) => Ok(Appended::Duplicate { id }),
+                Fate::Never => Err(StoreError::Unavailable(why)),
+            };
+            let (attempt, report) = self.settle_write(*msg, result, now, wall);
+            // (Planted) its sender was told `unavailable` already.
+            if !told_at_once {
+                self.tell_in_order(attempt, report);
+            }
+        }
+    }
+
+    /// Another node appended an entry to the inbox of a user homed here: put it in the
+    /// mirror like a confirmed local append. A mirror still loading may or may not see it in
+    /// its read: it is read again once loaded.
+    pub fn pushed(
+        &mut self,
+        user: CompactString,
+        seq: InboxSeq,
+        msg: StoredMessage,
+        now: u64,
+        wall: u64,
+    ) {
+        let current = self.epoch;
+        match self.mirrors.get(&user) {
+            // (No mirror is read before the first epoch: see `load`.)
+            Some(Mirror::Ready { epoch }) if *epoch == current => {}
+            Some(Mirror::Loading(loading)) if loading.epoch == current => {}
+            // Not online here, a failed load that reads everything when retried, or a mirror
+            // of an earlier epoch (being reloaded since the resync).
+            _ => return,
+        }
+        // Judged now, also while the mirror loads: by the time the load answers, the write
+        // of this entry may have been answered.
+        match self.admit_entry(&user, &msg) {
+            Admit::Now => self.add_to_mirror(user, seq, msg, now, wall, false),
+            Admit::Wait(awaited) => self.wait(user, seq, msg, awaited),
+        }
+    }
+
+    /// Whether an entry pushed or read for `user`'s mirror may go in now: not one of this
+    /// shard's writes still unanswered or in doubt (it waits for the answer or the resolve),
+    /// nor one behind an entry that waits.
+    fn admit_entry(&self, user: &CompactString, msg: &StoredMessage) -> Admit {
+        // The common case (always, with the embedded store, once its answer came): nothing
+        // unanswered (or in doubt) or waiting; no keys are built.
+        if self.unanswered.is_empty() && !self.has_waiting(user) {
+            return Admit::Now;
+        }
+        if self
+            .unanswered
+            .get(&msg.id)
+            .is_some_and(|w| is_write_of(w, user, &msg.from, &msg.cid))
+        {
+            return Admit::Wait(Some(msg.id));
+        }
+        if self.has_waiting(user) {
+            return Admit::Wait(None);
+        }
+        Admit::Now
+    }
+
+    /// The simulation's planted `TellDoubtAtOnce` (always false outside tests).
+    fn planted_tell_doubt_at_once(&self) -> bool {
+        #[cfg(test)]
+        return self.plant == OrderPlant::TellDoubtAtOnce;
+        #[cfg(not(test))]
+        false
+    }
+
+    #[cfg(test)]
+    pub(crate) fn plant_order_bug(&mut self, plant: OrderPlant) {
+        self.plant = plant;
+    }
+
+    /// Whether the simulation planted this bug.
+    #[cfg(test)]
+    pub(crate) fn planted(&self, plant: OrderPlant) -> bool {
+        self.plant == plant
+    }
+
+    fn wait(
+        &mut self,
+        user: CompactString,
+        seq: InboxSeq,
+        msg: StoredMessage,
+        awaited: Option<u64>,
+    ) {
+        self.waiting
+            .entry(user)
+            .or_default()
+            .insert(seq, (msg, awaited));
+    }
+
+    /// Let into the mirror, in order, the waiting entries of `user` that wait for nothing
+    /// before them.
+    fn release_waiting(&mut self, user: CompactString, now: u64, wall: u64) {
+        loop {
+            let Some(queue) = self.waiting.get_mut(&user) else {
+                return;
+            };
+            let Some(entry) = queue.first_entry() else {
+                self.waiting.remove(&user);
+                return;
+            };
+            if entry.get().1.is_some() {
+                return; // the first still waits for its answer
+            }
+            let (seq, (msg, _)) = entry.remove_entry();
+            self.add_to_mirror(user.clone(), seq, msg, now, wall, true);
+        }
+    }
+
+    /// Put a pushed (or held) entry into a ready mirror of the current epoch and send it; a
+    /// mirror of the current epoch still loading keeps it for when the read answers.
+    /// `held`: kept back until its write was answered, so never in the mirror yet.
+    fn add_to_mirror(
+        &mut self,
+        user: CompactString,
+        seq: InboxSeq,
+        msg: StoredMessage,
+        now: u64,
+        wall: u64,
+        held: bool,
+    ) {
+        let window = self.cfg.window;
+        match self.mirrors.get_mut(&user) {
+            Some(Mirror::Ready { epoch }) if *epoch == self.epoch => {}
+            // Waits for the read (which may hold it already, see `loaded`).
+            Some(Mirror::Loading(loading)) if loading.epoch == self.epoch => {
+                if self.missing.contains(&user) {
+                    // Missing since the read went out: read again.
+                    return;
+                }
+                if loading.pushes.len() < window {
+                    loading.pushes.push((seq, msg));
+                } else {
+                    // A long load under a stream of pushes: read again instead of holding more.
+                    self.reload_wanted.insert(user);
+                }
+                return;
+            }
+            _ => return,
+        }
+        // An entry found missing waits for the reload that reads it; one after it, added
+        // now, would be shown before it (found by the simulation's writer on another node,
+        // seed 7924047624999685062: a pushed entry below live ones waited for the reload,
+        // and its sender's next one, above them, was shown first).
+        #[cfg(test)]
+        let planted = self.plant == OrderPlant::ShowPastMissing;
+        #[cfg(not(test))]
+        let planted = false;
+        if self.missing.contains(&user) && !planted {
+            return;
+        }
+        let age = wall.saturating_sub(store::seq_time_ms(seq));
+        // Not added: the mirror holds it already (a load read it before the push came) or
+        // was given it and it was acked; or a live entry sits above it (Redis was away here):
+        // only then can it be missing, and a reload finds it.
+        if !self
+            .inbox
+            .insert_at(&user, seq, msg, now.saturating_sub(age))
+        {
+            // A held entry below a later one (another sender's) is missing too.
+            if held || self.tails.contains_key(&user) {
+                self.reload_wanted.insert(user.clone());
+                self.missing.insert(user);
+            }
+            return;
+        }
+        self.out.push(MirrorEffect::Feed(user));
+    }
+
+    /// Pushes may have been missed: a new epoch, and every online user's inbox is read again
+    /// now (each load also registers the user in the directory again). A user with live
+    /// entries out is read once they are acked or spilled (a reload would not keep them).
+    pub fn resynced(&mut self) {
+        self.epoch += 1;
+        if self.cfg.shared {
+            self.metrics.cluster_epoch.set(self.epoch);
+        }
+        let (now_users, later): (Vec<CompactString>, Vec<CompactString>) = self
+            .mirrors
+            .keys()
+            .cloned()
+            .partition(|u| !self.tails.contains_key(u));
+        self.reload_wanted.extend(later);
+        for user in in_stable_order(now_users) {
+            self.load(&user);
+        }
+    }
+
+    /// A load answered.
+    pub fn loaded(
+        &mut self,
+        user: CompactString,
+        token: u64,
+        result: Result<Loaded, StoreError>,
+        now: u64,
+        wall: u64,
+    ) {
+        // Only the newest load of a user still online counts.
+        if !matches!(self.mirrors.get(&user), Some(Mirror::Loading(l)) if l.token == token) {
+            return;
+        }
+        let Loaded {
+            entries,
+            expired,
+            received,
+        } = match result {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                tracing::debug!(%user, error = %e, "inbox load failed; retrying");
+                self.mirrors.insert(
+                    user,
+                    Mirror::Failed {
+                        retry_at: now + LOAD_RETRY_MS,
+                    },
+                );
+                return;
+            }
+        };
+        if !received.is_empty() {
+            self.out.push(MirrorEffect::Received {
+                user: user.clone(),
+                received,
+            });
+        }
+        let Some(Mirror::Loading(loading)) = self.mirrors.remove(&user) else {
+            unreachable!("checked to be loading above");
+        };
+        let Loading {
+            epoch,
+            pushes,
+            acked,
+            ..
+        } = *loading;
+        self.mirrors.insert(user.clone(), Mirror::Ready { epoch });
+        if self.cfg.shared {
+            self.metrics.redis_loads.inc();
+        }
+        self.metrics.inbox_expired.add(expired);
+        // What waited before this read: the read holds what came before its end, and
+        // judges it again; what came after waits on as it was.
+        let read_end = entries.last().map(|(seq, _)| *seq);
+        let before = self.waiting.remove(&user).unwrap_or_default();
+        let mut shown = Vec::with_capacity(entries.len());
+        for (seq, m) in entries {
+            if acked.contains(&seq) {
+                continue;
+            }
+            match self.admit_entry(&user, &m) {
+                Admit::Now => {
+                    let age = wall.saturating_sub(store::seq_time_ms(seq));
+                    shown.push((seq, now.saturating_sub(age), m));
+                }
+                Admit::Wait(awaited) => self.wait(user.clone(), seq, m, awaited),
+            }
+        }
+        self.inbox.replace_user(&user, shown);
+        for (seq, (m, awaited)) in before {
+            if read_end.is_none_or(|end| seq > end) {
+                self.wait(user.clone(), seq, m, awaited);
+            }
+        }
+        // Pushed while loading (judged when they came): those past the read are new
+        // (the rest it read); behind a waiting entry they wait too.
+        for (seq, msg) in pushes {
+            if read_end.is_some_and(|end| seq <= end) {
+                continue;
+            }
+            if self.has_waiting(&user) {
+                self.wait(user.clone(), seq, msg, None);
+            } else {
+                let age = wall.saturating_sub(store::seq_time_ms(seq));
+                self.inbox
+                    .insert_at(&user, seq, msg, now.saturating_sub(age));
+            }
+        }
+        self.release_waiting(user.clone(), now, wall);
+        self.out.push(MirrorEffect::Feed(user.clone()));
+        self.out.push(MirrorEffect::Loaded(user));
+    }
+}
+
+/// Work picked from a hash map goes out sorted: the store sees the same order from the same
+/// state, so a simulation seed replays exactly (hash maps iterate in a per-process order).
+fn in_stable_order<T: Ord>(mut due: Vec<T>) -> Vec<T> {
+    due.sort_unstable();
+    due
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// One mirror per online user sits in a map as large as the shard's users: a mirror that
+    /// is not loading stays two words (docs/performance.md, "Idle memory").
+    #[test]
+    fn a_ready_mirror_stays_two_words() {
+        assert!(std::mem::size_of::<super::Mirror>() <= 16);
+    }
+}
