@@ -1121,3 +1121,210 @@ mod size_tests {
         assert!(std::mem::size_of::<super::Mirror>() <= 16);
     }
 }
+
+/// The machine alone: no shard, no socket, no clock (the time is an argument). Each test
+/// feeds inputs and reads the effects, as the shard's glue would perform them.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::message::ReplyTo;
+    use crate::store::{Inbox, InboxLimits};
+
+    const NOW: u64 = 1_000;
+    const WALL: u64 = 1_700_000_000_000;
+
+    fn machine() -> InboxMirror {
+        let cfg = MirrorConfig {
+            window: 4,
+            load_limit: 100,
+            shared: true,
+            push: false,
+        };
+        let limits = InboxLimits {
+            max_messages: 100,
+            max_age_ms: 3_600_000,
+        };
+        InboxMirror::new(
+            cfg,
+            MemoryInbox::new(limits),
+            Arc::new(ShardMetrics::default()),
+        )
+    }
+
+    fn message(id: u64, cid: &str) -> Box<Message> {
+        Box::new(Message {
+            id,
+            from: "ann".into(),
+            to: "bob".into(),
+            cid: cid.into(),
+            ts: WALL,
+            body: "{}".into(),
+            msg_type: None,
+            reply: ReplyTo::all_devices(0),
+            received_us: 0,
+            write: Default::default(),
+            resent: false,
+        })
+    }
+
+    /// What the effects tell senders, as `cid:accepted`, `cid:delivered` or `cid:refused`.
+    fn told(effects: &[MirrorEffect]) -> Vec<String> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                MirrorEffect::Tell(r) => Some(r),
+                MirrorEffect::TellBoxed(r) => Some(&**r),
+                _ => None,
+            })
+            .map(|r| match r.outcome {
+                Outcome::Stored => format!("{}:accepted", r.cid),
+                Outcome::Delivered => format!("{}:delivered", r.cid),
+                Outcome::Refused(_) => format!("{}:refused", r.cid),
+            })
+            .collect()
+    }
+
+    /// The appends among the effects (the messages as the store would get them).
+    fn appends(effects: Vec<MirrorEffect>) -> Vec<Message> {
+        effects
+            .into_iter()
+            .filter_map(|e| match e {
+                MirrorEffect::Store(StoreOp::Append(msg)) => Some(*msg),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn stored() -> Result<Appended, StoreError> {
+        Ok(Appended::Stored {
+            pushed: 0,
+            offline: true,
+            seq: 1,
+        })
+    }
+
+    #[test]
+    fn a_later_write_of_the_pair_is_told_after_the_one_in_doubt_is_resolved() {
+        let mut m = machine();
+        m.deliver(message(1, "c1"), NOW, false);
+        m.deliver(message(2, "c2"), NOW, false);
+        let [first, second]: [Message; 2] = appends(m.take_effects()).try_into().ok().unwrap();
+        assert!(first.write.attempt < second.write.attempt);
+        m.appended(
+            first,
+            Err(StoreError::Unavailable("timeout".into())),
+            NOW,
+            WALL,
+        );
+        m.appended(second, stored(), NOW, WALL);
+        assert!(told(&m.take_effects()).is_empty(), "c2 waits for c1's fate");
+        assert!(!m.quiet());
+        m.tick(NOW + 1);
+        let resolve = m.take_effects();
+        let writes = match &resolve[..] {
+            [MirrorEffect::Store(StoreOp::Resolve { writes, .. })] => writes.clone(),
+            _ => panic!("one resolve expected"),
+        };
+        m.resolved(
+            ("bob".into(), "ann".into()),
+            writes,
+            Some(vec![Fate::Landed]),
+            NOW + 2,
+            WALL,
+        );
+        assert_eq!(told(&m.take_effects()), ["c1:accepted", "c2:accepted"]);
+        assert!(m.quiet());
+    }
+
+    #[test]
+    fn a_write_in_doubt_that_never_landed_is_refused_and_the_next_is_told_at_once() {
+        let mut m = machine();
+        m.deliver(message(1, "c1"), NOW, false);
+        m.deliver(message(2, "c2"), NOW, false);
+        let [first, second]: [Message; 2] = appends(m.take_effects()).try_into().ok().unwrap();
+        m.appended(
+            first,
+            Err(StoreError::Unavailable("lost".into())),
+            NOW,
+            WALL,
+        );
+        m.tick(NOW);
+        let writes = match &m.take_effects()[..] {
+            [MirrorEffect::Store(StoreOp::Resolve { writes, .. })] => writes.clone(),
+            _ => panic!("one resolve expected"),
+        };
+        m.resolved(
+            ("bob".into(), "ann".into()),
+            writes,
+            Some(vec![Fate::Never]),
+            NOW,
+            WALL,
+        );
+        assert_eq!(told(&m.take_effects()), ["c1:refused"]);
+        m.appended(second, stored(), NOW, WALL);
+        assert_eq!(told(&m.take_effects()), ["c2:accepted"]);
+    }
+
+    #[test]
+    fn an_append_the_store_queue_refuses_is_refused_and_leaves_nothing_waiting() {
+        let mut m = machine();
+        m.deliver(message(1, "c1"), NOW, false);
+        let effects = m.take_effects();
+        let op = match effects.into_iter().next() {
+            Some(MirrorEffect::Store(op @ StoreOp::Append(_))) => op,
+            _ => panic!("an append expected"),
+        };
+        m.store_refused(op, NOW);
+        assert_eq!(told(&m.take_effects()), ["c1:refused"]);
+        assert!(m.quiet(), "nothing on its way, unanswered or in doubt");
+    }
+
+    /// bob's mirror loaded (empty), then a batch failed: the store is down.
+    fn bob_online_and_store_down() -> InboxMirror {
+        let mut m = machine();
+        m.resynced();
+        m.ensure("bob");
+        let token = match &m.take_effects()[..] {
+            [MirrorEffect::Store(StoreOp::Load { token, .. })] => *token,
+            _ => panic!("a load expected"),
+        };
+        let empty = Loaded {
+            entries: Vec::new(),
+            expired: 0,
+            received: Vec::new(),
+        };
+        m.loaded("bob".into(), token, Ok(empty), NOW, WALL);
+        m.take_effects();
+        assert!(m.ready("bob"));
+        m.batch_answered(false);
+        m
+    }
+
+    #[test]
+    fn while_the_store_is_down_a_message_for_an_online_user_goes_live_and_is_accepted_on_ack() {
+        let mut m = bob_online_and_store_down();
+        m.deliver(message(7, "c7"), NOW, true);
+        let effects = m.take_effects();
+        assert!(matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"));
+        let entry = m.inbox().read("bob", 0, 10, NOW);
+        assert_eq!(
+            entry.len(),
+            1,
+            "the live entry is in the mirror, not in the store"
+        );
+        let seq = entry[0].0;
+        let delivered = message(7, "c7").report(7, Outcome::Delivered);
+        m.acked("bob", seq, delivered);
+        assert_eq!(told(&m.take_effects()), ["c7:accepted", "c7:delivered"]);
+    }
+
+    #[test]
+    fn a_resent_message_never_goes_live_past_the_store() {
+        let mut m = bob_online_and_store_down();
+        let mut resent = message(8, "c8");
+        resent.resent = true;
+        m.deliver(resent, NOW, true);
+        assert_eq!(told(&m.take_effects()), ["c8:refused"]);
+        assert!(m.inbox().read("bob", 0, 10, NOW).is_empty());
+    }
+}

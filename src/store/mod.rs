@@ -131,7 +131,7 @@ pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unsent(String),
     /// Not written, for sure: a later write of the same shard to the same pair of users
-    /// landed first, or the shard resolved this one (`shard/durable.rs`).
+    /// landed first, or the shard resolved this one (`shard/mirror.rs`).
     #[error("store refused a superseded write")]
     Stale,
 }
