@@ -12,6 +12,9 @@
 //! * [`watch::PresenceViews`] and [`watch::WatchList`]: presence that tells (`watch`).
 //! * [`receipts::ReadReceipts`]: per reader, what each sender sent it and what it has told
 //!   (read receipts).
+//! * [`senders::Senders`]: the sender's side of direct delivery on its home shard (dedup
+//!   windows, ids, connections waiting for a resent cid's answer, each answer's frame and
+//!   who gets it).
 //!
 //! The offline inbox lives in [`crate::store`]. Everything here belongs to the user's home
 //! shard and is passed by `&mut`; a message is an immutable handle `M: Clone` (the shard uses
@@ -43,6 +46,7 @@ pub mod message;
 pub mod receipts;
 pub mod refusal;
 pub mod room;
+pub mod senders;
 pub mod watch;
 pub mod window;
 

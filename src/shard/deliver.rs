@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
-use std::sync::Arc;
 
 use compact_str::CompactString;
 
@@ -22,7 +21,8 @@ use super::{make_ctx, Shard};
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
 use crate::delivery::refusal::{ClientRefusal, SendRefusal};
-use crate::delivery::{AckError, Dedup, DedupConfig, Seen, Window, WindowConfig, WindowState};
+use crate::delivery::senders::{SendTime, Submission, Submitted, Targets};
+use crate::delivery::{AckError, Window, WindowConfig, WindowState};
 use crate::limit::Limited;
 use crate::mesh;
 use crate::proto::{self, FrameError};
@@ -34,17 +34,6 @@ pub const BACKEND_SENDER: &str = "@backend";
 const _: () = assert!(BACKEND_SENDER.as_bytes()[0] == crate::auth::RESERVED_PREFIX as u8);
 /// `ReplyTo::conn` of an API send: the answer goes to a waiting HTTP request.
 const API_CONN: u32 = u32::MAX - 1;
-/// A send or publish while this shard holds no message id slot (Redis has not granted or
-/// renewed it in time: see `delivery/ids.rs`).
-pub(super) const NO_ID_SLOT: &str =
-    "no message id slot (the offline store has not answered this shard's claim), resend later";
-
-enum Submitted {
-    New,
-    InFlight,
-    AlreadyAccepted(u64),
-}
-
 /// A connection's delivery state while `msg` frames are in flight. Dropped once all are
 /// acked: everything this connection was given has then left the inbox (the first ack removes
 /// an entry), so reading the inbox from the start again yields exactly what it has not seen.
@@ -190,9 +179,7 @@ impl Shard {
         let Some(user) = self.conns[index].conn.user() else {
             return false;
         };
-        self.senders
-            .get(user)
-            .is_some_and(|d| !matches!(d.check(cid), Seen::New))
+        self.senders.knows(user, cid)
     }
 
     /// `send` + `publish` + `typing` per user (`user_send_rate`): exact, because every device
@@ -319,7 +306,7 @@ impl Shard {
                 write: Default::default(),
                 resent: false,
             };
-            self.route(receipt, now, Some(index));
+            self.route(Box::new(receipt), now, Some(index));
         }
     }
 
@@ -334,29 +321,34 @@ impl Shard {
             return;
         };
         let reply = self.reply_to(index);
-        match self.submit(
-            from.clone(),
+        let submission = Submission {
+            from: from.clone(),
             to,
-            cid.clone(),
-            (body, None),
+            cid: cid.clone(),
+            body,
+            msg_type: None,
             reply,
-            now,
-            Some(index),
-            resend,
-        ) {
+            resent: resend,
+        };
+        let t = self.send_time(now);
+        match self.senders.submit(submission, &mut self.msg_ids, t) {
+            Submitted::Route(msg) => self.route(msg, now, Some(index)),
+            Submitted::Refused(report) => self.on_report(report),
             Submitted::AlreadyAccepted(id) => {
                 let mut out = Vec::with_capacity(64);
                 proto::write_accepted(&mut out, &cid, id);
                 self.write_text(index, &out);
             }
             // The first copy's answer comes to this connection too.
-            Submitted::InFlight => {
-                let waiters = self.send_waiters.entry((from, cid)).or_default();
-                if !waiters.contains(&(index, reply.serial)) {
-                    waiters.push((index, reply.serial));
-                }
-            }
-            Submitted::New => {}
+            Submitted::InFlight => self.senders.wait_for(from, cid, index, reply.serial),
+        }
+    }
+
+    fn send_time(&self, now: u64) -> SendTime {
+        SendTime {
+            now,
+            wall_ms: self.clock.wall_ms(),
+            now_us: self.clock.now_us(),
         }
     }
 
@@ -388,81 +380,31 @@ impl Shard {
         // Registered first: a local delivery reports before `submit` returns. A newer waiter
         // for the same cid replaces an older one (that caller has timed out).
         self.api_waiters.insert(cid.clone(), reply);
-        if let Submitted::AlreadyAccepted(id) = self.submit(
-            BACKEND_SENDER.into(),
+        let submission = Submission {
+            from: BACKEND_SENDER.into(),
             to,
-            cid.as_ref().into(),
-            (body.into(), msg_type),
-            target,
-            now,
-            None,
-            false,
-        ) {
-            if let Some(waiter) = self.api_waiters.remove(&cid) {
-                let _ = waiter.send(ApiOutcome::Accepted { id });
-            }
-        }
-    }
-
-    /// Dedup, then route to the recipient's home shard. `content`: the body and the
-    /// backend's `type` (None for a client's message).
-    #[allow(clippy::too_many_arguments)]
-    fn submit(
-        &mut self,
-        from: CompactString,
-        to: CompactString,
-        cid: CompactString,
-        content: (Arc<str>, Option<Box<str>>),
-        reply: ReplyTo,
-        now: u64,
-        current: Option<usize>,
-        resent: bool,
-    ) -> Submitted {
-        self.metrics.sends.inc();
-        let dedup = self
-            .senders
-            .entry(from.clone())
-            .or_insert_with(|| Dedup::new(DedupConfig::default()));
-        let ts = self.clock.wall_ms();
-        let msg_ids = &mut self.msg_ids;
-        let id = match dedup.begin_new(&cid, now, || msg_ids.next(ts, now)) {
-            Ok(id) => id,
-            Err(Seen::Accepted { id }) => {
-                self.metrics.dedup_hits.inc();
-                return Submitted::AlreadyAccepted(id);
-            }
-            // The first copy is on its way; its answer goes to this user's connections.
-            Err(_) => {
-                self.metrics.dedup_hits.inc();
-                return Submitted::InFlight;
-            }
-        };
-        let (body, msg_type) = content;
-        let msg = Message {
-            id: id.unwrap_or(0),
-            from,
-            to,
-            cid,
-            ts,
-            body,
+            cid: cid.as_ref().into(),
+            body: body.into(),
             msg_type,
-            reply,
-            received_us: self.clock.now_us(),
-            write: Default::default(),
-            resent,
+            reply: target,
+            resent: false,
         };
-        if id.is_none() {
-            self.on_report(msg.refused(SendRefusal::Busy(NO_ID_SLOT)));
-            return Submitted::New;
+        let t = self.send_time(now);
+        match self.senders.submit(submission, &mut self.msg_ids, t) {
+            Submitted::Route(msg) => self.route(msg, now, None),
+            Submitted::Refused(report) => self.on_report(report),
+            Submitted::AlreadyAccepted(id) => {
+                if let Some(waiter) = self.api_waiters.remove(&cid) {
+                    let _ = waiter.send(ApiOutcome::Accepted { id });
+                }
+            }
+            Submitted::InFlight => {}
         }
-        self.route(msg, now, current);
-        Submitted::New
     }
 
     /// To the recipient's home shard (here, or across the mesh).
-    fn route(&mut self, msg: Message, now: u64, current: Option<usize>) {
-        // Boxed once: the box crosses the mesh and goes on to the store as it is.
-        let msg = Box::new(msg);
+    /// Boxed once: the box crosses the mesh and goes on to the store as it is.
+    fn route(&mut self, msg: Box<Message>, now: u64, current: Option<usize>) {
         let home = self.home_of(&msg.to);
         if home == self.id {
             return self.deliver(msg, now, current);
@@ -568,62 +510,23 @@ impl Shard {
         if let Some(sender) = proto::receipt_sender(&r.cid) {
             return self.on_receipt_report(sender.into(), r);
         }
-        if r.outcome == Outcome::Stored {
-            let took_us = self.clock.now_us().saturating_sub(r.received_us);
-            self.metrics
-                .send_accepted
-                .observe(std::time::Duration::from_micros(took_us));
-        }
+        let now_us = self.clock.now_us();
         if r.reply.conn == API_CONN {
+            self.senders.settle(&r, now_us);
             return self.on_api_report(r);
         }
         let mut out = Vec::with_capacity(96);
-        match &r.outcome {
-            Outcome::Stored => {
-                if let Some(d) = self.senders.get_mut(&r.from) {
-                    d.accept_as(&r.cid, r.id);
+        let targets = match self.senders.answer(&r, now_us, &mut out) {
+            Targets::AllDevices => self.devices_of(&r.from),
+            Targets::Conns(conns) => {
+                let mut live = Vec::with_capacity(conns.len());
+                for (conn, serial) in conns {
+                    if self.is_live(conn, serial) && !live.contains(&conn) {
+                        live.push(conn);
+                    }
                 }
-                proto::write_accepted(&mut out, &r.cid, r.id);
+                live
             }
-            Outcome::Delivered => {
-                self.metrics.delivered.inc();
-                proto::write_delivered(&mut out, &r.cid, r.id, &r.to);
-            }
-            Outcome::Refused(why) => {
-                if let Some(d) = self.senders.get_mut(&r.from) {
-                    d.forget_pending(&r.cid);
-                }
-                self.metrics.refusals[why.source().index()].inc();
-                proto::write_error(&mut out, &why.frame("not accepted", r.cid.as_str().into()));
-            }
-        }
-        // `delivered`: every connection of the sender. An answer to a `send`: the sending
-        // connection if it is still there, and any that resent the cid meanwhile; nobody else.
-        // (Not every device of the sender: a connection that replaced the sending one would
-        // then hear this `accepted` before the answers to the cids it resent first, although
-        // those were accepted earlier: its order of `accepted` would not be the store's. It
-        // resends this cid too, and hears it in its turn; found by tests/client_random.rs.)
-        let targets = if r.reply.conn == u32::MAX {
-            self.devices_of(&r.from)
-        } else {
-            // (Usually empty: no key is built then.)
-            let waiters = if self.send_waiters.is_empty() {
-                Vec::new()
-            } else {
-                self.send_waiters
-                    .remove(&(r.from.clone(), r.cid.clone()))
-                    .unwrap_or_default()
-            };
-            let mut targets = Vec::with_capacity(1 + waiters.len());
-            for (conn, serial) in [(r.reply.conn as usize, r.reply.serial)]
-                .into_iter()
-                .chain(waiters)
-            {
-                if self.is_live(conn, serial) && !targets.contains(&conn) {
-                    targets.push(conn);
-                }
-            }
-            targets
         };
         for t in targets {
             self.write_text(t, &out);
@@ -656,21 +559,11 @@ impl Shard {
         }
     }
 
+    /// The answer to `POST /api/send` (settled by the senders' machine already).
     fn on_api_report(&mut self, r: Report) {
         let outcome = match r.outcome {
-            Outcome::Stored => {
-                if let Some(d) = self.senders.get_mut(&r.from) {
-                    d.accept_as(&r.cid, r.id);
-                }
-                ApiOutcome::Accepted { id: r.id }
-            }
-            Outcome::Refused(why) => {
-                if let Some(d) = self.senders.get_mut(&r.from) {
-                    d.forget_pending(&r.cid);
-                }
-                self.metrics.refusals[why.source().index()].inc();
-                ApiOutcome::Refused(why)
-            }
+            Outcome::Stored => ApiOutcome::Accepted { id: r.id },
+            Outcome::Refused(why) => ApiOutcome::Refused(why),
             Outcome::Delivered => return,
         };
         if let Some(waiter) = self.api_waiters.remove(r.cid.as_str()) {

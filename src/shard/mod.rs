@@ -169,8 +169,9 @@ pub struct Shard {
     store: durable::StoreClient,
     /// The offline push worker's link (None: no `push_webhook_url`).
     push: Option<crate::push::PushLink>,
-    /// Dedup windows of the senders whose home is this shard.
-    senders: std::collections::HashMap<compact_str::CompactString, crate::delivery::Dedup>,
+    /// The sender's side of direct delivery: dedup windows of the senders whose home is this
+    /// shard, connections waiting for the answer to a cid they resent.
+    senders: crate::delivery::senders::Senders,
     msg_ids: crate::delivery::ids::MessageIds,
     /// Read receipts of the users whose home is this shard (what they were sent, told).
     receipts: crate::delivery::receipts::ReadReceipts,
@@ -180,9 +181,6 @@ pub struct Shard {
     last_expire_ms: u64,
     /// `POST /api/send` requests waiting for their message to be safe, by cid.
     api_waiters: std::collections::HashMap<Box<str>, tokio::sync::oneshot::Sender<msg::ApiOutcome>>,
-    /// Connections that resent a cid whose first copy was still on its way, by (sender,
-    /// cid): they get its answer too (see `on_report`).
-    send_waiters: std::collections::HashMap<SentCid, Vec<(usize, u32)>>,
     /// Answers (reports, presence) another shard's full channel refused: retried on every
     /// tick, never dropped.
     unsent: Vec<(usize, ShardMsg)>,
@@ -216,9 +214,6 @@ pub struct Shard {
     /// shard's long sleep): not a stall (`note_tick_gap`).
     planned_extra_ms: u64,
 }
-
-/// (sender, cid): one `send` of one user.
-type SentCid = (compact_str::CompactString, compact_str::CompactString);
 
 /// What the socket task should do after a poll.
 pub enum ConnPoll {
@@ -275,6 +270,7 @@ impl Shard {
             crate::store::MemoryInbox::new(limits),
             metrics.clone(),
         );
+        let senders = crate::delivery::senders::Senders::new(metrics.clone());
         Shard {
             id,
             shared,
@@ -294,14 +290,13 @@ impl Shard {
                 limits,
             ))),
             push: None,
-            senders: Default::default(),
+            senders,
             msg_ids: crate::delivery::ids::MessageIds::for_shard(id),
             receipts: Default::default(),
             reads_waiting: Default::default(),
             presence,
             last_expire_ms: 0,
             api_waiters: Default::default(),
-            send_waiters: Default::default(),
             unsent: Vec::new(),
             rooms_home,
             room_members,
@@ -1135,7 +1130,7 @@ impl Shard {
             || !self.store_quiet()
             || self.presence.is_busy()
             || !self.api_waiters.is_empty()
-            || !self.send_waiters.is_empty()
+            || self.senders.has_waiters()
             || !self.unparked.is_empty();
         let tick = self.shared.cfg.tick_ms;
         // With Redis the node lease and the id slot are renewed every lease/3: an idle tick

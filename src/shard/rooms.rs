@@ -274,7 +274,7 @@ impl RoomHomes {
         if self.history_in_store {
             let Some(id) = next_id() else {
                 self.metrics.store_refused.inc();
-                let why = SendRefusal::Busy(super::deliver::NO_ID_SLOT);
+                let why = SendRefusal::Busy(crate::delivery::senders::NO_ID_SLOT);
                 return self.answer_publish(reply, cid, Err(why));
             };
             let post = RoomPost {

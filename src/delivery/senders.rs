@@ -1,0 +1,289 @@
+//! The sender's side of direct delivery, as a machine (issue 15): on a user's home shard,
+//! the dedup window of each sender homed there, the connections waiting for the answer to a
+//! cid they resent, and what each answer becomes (the frame, and who gets it). No sockets, no
+//! clock: the time comes with each input; the shard routes the messages and writes the frames.
+//!
+//! A `send` is submitted here: a cid this sender's window holds is answered from it (accepted
+//! already, or on its way: the connection then waits for the first copy's answer); a new one
+//! gets its id and goes to the recipient's home shard. Its answer (a [`Report`]) comes back
+//! here: the window learns the id (`accepted`) or forgets the cid (refused: the client
+//! resends it), and the frame goes to the sending connection and to those that resent it
+//! meanwhile; `delivered` to every device of the sender.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use compact_str::CompactString;
+
+use crate::delivery::ids::MessageIds;
+use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
+use crate::delivery::refusal::SendRefusal;
+use crate::delivery::{Dedup, DedupConfig, Seen};
+use crate::metrics::ShardMetrics;
+use crate::proto;
+
+/// A send or publish while this shard holds no message id slot (Redis has not granted or
+/// renewed it in time: see `delivery/ids.rs`).
+pub const NO_ID_SLOT: &str =
+    "no message id slot (the offline store has not answered this shard's claim), resend later";
+
+/// The clocks a submission reads: `now` (monotonic ms: the dedup window's age), the wall
+/// clock (the message's `ts` and id) and `now_us` (the send -> accepted histogram).
+#[derive(Debug, Clone, Copy)]
+pub struct SendTime {
+    pub now: u64,
+    pub wall_ms: u64,
+    pub now_us: u64,
+}
+
+/// One `send` (a client's, or `POST /api/send`'s for the backend sender).
+pub struct Submission {
+    pub from: CompactString,
+    pub to: CompactString,
+    pub cid: CompactString,
+    pub body: Arc<str>,
+    /// The backend's `type` (None for a client's message).
+    pub msg_type: Option<Box<str>>,
+    pub reply: ReplyTo,
+    /// The client marked it `resend`.
+    pub resent: bool,
+}
+
+/// What became of a submission.
+pub enum Submitted {
+    /// New: route it to the recipient's home shard.
+    Route(Box<Message>),
+    /// New, but no id could be given: answer this (as if it came back refused).
+    Refused(Report),
+    /// The first copy is on its way; its answer reaches this connection too
+    /// ([`Senders::wait_for`]).
+    InFlight,
+    /// Accepted already under this id: answer `accepted` again, deliver nothing.
+    AlreadyAccepted(u64),
+}
+
+/// Who gets an answer's frame.
+pub enum Targets {
+    /// Every device of the sender on this shard (`delivered`).
+    AllDevices,
+    /// These connections, each if it is still the one with that serial (slots are reused):
+    /// the sending connection first, then those that resent the cid meanwhile.
+    Conns(Vec<(usize, u32)>),
+}
+
+/// The sender's side of direct delivery on one shard.
+pub struct Senders {
+    metrics: Arc<ShardMetrics>,
+    /// Dedup windows of the senders whose home is this shard.
+    dedup: HashMap<CompactString, Dedup>,
+    /// Connections that resent a cid whose first copy was still on its way, by (sender,
+    /// cid): they get its answer too.
+    waiters: HashMap<(CompactString, CompactString), Vec<(usize, u32)>>,
+}
+
+impl Senders {
+    pub fn new(metrics: Arc<ShardMetrics>) -> Self {
+        Senders {
+            metrics,
+            dedup: HashMap::new(),
+            waiters: HashMap::new(),
+        }
+    }
+
+    /// Some connection waits for an answer.
+    pub fn has_waiters(&self) -> bool {
+        !self.waiters.is_empty()
+    }
+
+    /// `user`'s dedup window holds `cid` (accepted, or on its way).
+    pub fn knows(&self, user: &str, cid: &str) -> bool {
+        self.dedup
+            .get(user)
+            .is_some_and(|d| !matches!(d.check(cid), Seen::New))
+    }
+
+    /// Dedup, then an id; the message to route, or the answer from the window.
+    pub fn submit(&mut self, s: Submission, ids: &mut MessageIds, t: SendTime) -> Submitted {
+        self.metrics.sends.inc();
+        let dedup = self
+            .dedup
+            .entry(s.from.clone())
+            .or_insert_with(|| Dedup::new(DedupConfig::default()));
+        let id = match dedup.begin_new(&s.cid, t.now, || ids.next(t.wall_ms, t.now)) {
+            Ok(id) => id,
+            Err(Seen::Accepted { id }) => {
+                self.metrics.dedup_hits.inc();
+                return Submitted::AlreadyAccepted(id);
+            }
+            Err(_) => {
+                self.metrics.dedup_hits.inc();
+                return Submitted::InFlight;
+            }
+        };
+        let msg = Message {
+            id: id.unwrap_or(0),
+            from: s.from,
+            to: s.to,
+            cid: s.cid,
+            ts: t.wall_ms,
+            body: s.body,
+            msg_type: s.msg_type,
+            reply: s.reply,
+            received_us: t.now_us,
+            write: Default::default(),
+            resent: s.resent,
+        };
+        match id {
+            Some(_) => Submitted::Route(Box::new(msg)),
+            None => Submitted::Refused(msg.refused(SendRefusal::Busy(NO_ID_SLOT))),
+        }
+    }
+
+    /// Connection `conn` (`serial`) resent `cid` while its first copy was on its way.
+    pub fn wait_for(&mut self, from: CompactString, cid: CompactString, conn: usize, serial: u32) {
+        let waiters = self.waiters.entry((from, cid)).or_default();
+        if !waiters.contains(&(conn, serial)) {
+            waiters.push((conn, serial));
+        }
+    }
+
+    /// An answer came back: the sender's window learns it (its id, or that the cid may be
+    /// sent again). Counted; the send -> accepted time observed (`now_us`).
+    pub fn settle(&mut self, r: &Report, now_us: u64) {
+        match &r.outcome {
+            Outcome::Stored => {
+                let took_us = now_us.saturating_sub(r.received_us);
+                self.metrics
+                    .send_accepted
+                    .observe(std::time::Duration::from_micros(took_us));
+                if let Some(d) = self.dedup.get_mut(&r.from) {
+                    d.accept_as(&r.cid, r.id);
+                }
+            }
+            Outcome::Delivered => {}
+            Outcome::Refused(why) => {
+                if let Some(d) = self.dedup.get_mut(&r.from) {
+                    d.forget_pending(&r.cid);
+                }
+                self.metrics.refusals[why.source().index()].inc();
+            }
+        }
+    }
+
+    /// The answer to a client's send, settled ([`Senders::settle`]): its frame into `out`,
+    /// and who gets it.
+    pub fn answer(&mut self, r: &Report, now_us: u64, out: &mut Vec<u8>) -> Targets {
+        self.settle(r, now_us);
+        match &r.outcome {
+            Outcome::Stored => proto::write_accepted(out, &r.cid, r.id),
+            Outcome::Delivered => {
+                self.metrics.delivered.inc();
+                proto::write_delivered(out, &r.cid, r.id, &r.to);
+            }
+            Outcome::Refused(why) => {
+                proto::write_error(out, &why.frame("not accepted", r.cid.as_str().into()))
+            }
+        }
+        // `delivered`: every connection of the sender. An answer to a `send`: the sending
+        // connection if it is still there, and any that resent the cid meanwhile; nobody else.
+        // (Not every device of the sender: a connection that replaced the sending one would
+        // then hear this `accepted` before the answers to the cids it resent first, although
+        // those were accepted earlier: its order of `accepted` would not be the store's. It
+        // resends this cid too, and hears it in its turn; found by tests/client_random.rs.)
+        if r.reply.conn == u32::MAX {
+            return Targets::AllDevices;
+        }
+        let mut conns = vec![(r.reply.conn as usize, r.reply.serial)];
+        // (Usually none wait: no key is built then.)
+        if !self.waiters.is_empty() {
+            let key = (r.from.clone(), r.cid.clone());
+            conns.extend(self.waiters.remove(&key).unwrap_or_default());
+        }
+        Targets::Conns(conns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: SendTime = SendTime {
+        now: 1_000,
+        wall_ms: 1_700_000_000_000,
+        now_us: 1_000_000,
+    };
+
+    fn senders() -> Senders {
+        Senders::new(Arc::new(ShardMetrics::default()))
+    }
+
+    fn send(cid: &str, conn: u32) -> Submission {
+        Submission {
+            from: "ann".into(),
+            to: "bob".into(),
+            cid: cid.into(),
+            body: "{}".into(),
+            msg_type: None,
+            reply: ReplyTo {
+                shard: 0,
+                conn,
+                serial: 7,
+            },
+            resent: false,
+        }
+    }
+
+    fn routed(s: Submitted) -> Box<Message> {
+        match s {
+            Submitted::Route(msg) => msg,
+            _ => panic!("a new message expected"),
+        }
+    }
+
+    #[test]
+    fn a_resent_cid_waits_for_the_first_copy_and_both_connections_hear_its_answer() {
+        let (mut s, mut ids) = (senders(), MessageIds::for_shard(0));
+        let first = routed(s.submit(send("c1", 1), &mut ids, T));
+        assert!(matches!(
+            s.submit(send("c1", 2), &mut ids, T),
+            Submitted::InFlight
+        ));
+        s.wait_for("ann".into(), "c1".into(), 2, 7);
+        let id = first.id;
+        let mut frame = Vec::new();
+        let targets = s.answer(&first.report(id, Outcome::Stored), T.now_us, &mut frame);
+        assert!(matches!(targets, Targets::Conns(c) if c == [(1, 7), (2, 7)]));
+        assert!(std::str::from_utf8(&frame)
+            .unwrap()
+            .contains("\"accepted\""));
+        assert!(!s.has_waiters());
+        // Accepted now: a third copy is answered from the window, under the same id.
+        assert!(matches!(
+            s.submit(send("c1", 3), &mut ids, T),
+            Submitted::AlreadyAccepted(again) if again == id
+        ));
+    }
+
+    #[test]
+    fn a_refused_cid_may_be_sent_again_as_new() {
+        let (mut s, mut ids) = (senders(), MessageIds::for_shard(0));
+        let first = routed(s.submit(send("c1", 1), &mut ids, T));
+        let refused = first.refused(SendRefusal::Busy("full"));
+        let mut frame = Vec::new();
+        s.answer(&refused, T.now_us, &mut frame);
+        assert!(std::str::from_utf8(&frame).unwrap().contains("\"error\""));
+        assert!(!s.knows("ann", "c1"));
+        routed(s.submit(send("c1", 1), &mut ids, T));
+    }
+
+    #[test]
+    fn delivered_goes_to_every_device_of_the_sender() {
+        let (mut s, mut ids) = (senders(), MessageIds::for_shard(0));
+        let mut msg = routed(s.submit(send("c1", 1), &mut ids, T));
+        msg.reply = ReplyTo::all_devices(0);
+        let id = msg.id;
+        let mut frame = Vec::new();
+        let targets = s.answer(&msg.report(id, Outcome::Delivered), T.now_us, &mut frame);
+        assert!(matches!(targets, Targets::AllDevices));
+    }
+}
