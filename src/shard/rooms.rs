@@ -910,6 +910,13 @@ impl RoomMembers {
 
 /// The shard's side: feed inputs to the machines and perform what they return.
 impl Shard {
+    /// The simulation's planted bug: a member's skipped room message is not announced with
+    /// `gap`.
+    #[cfg(test)]
+    pub(crate) fn plant_room_no_gap(&mut self) {
+        self.room_members.plant_no_gap = true;
+    }
+
     fn room_time(&self, now: u64) -> RoomTime {
         RoomTime {
             now,

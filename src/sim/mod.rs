@@ -75,6 +75,7 @@ use crate::test_rng::Rng;
 use crate::ws::frame::tests::client_frame;
 
 mod presence;
+mod shard_rooms;
 
 /// A socket as the shard sees it: what the client wrote, what the shard wrote, and whether
 /// the client has gone (a read then answers end of stream).
@@ -85,6 +86,8 @@ struct Pipe {
     read_at: usize,
     upgraded: bool,
     eof: bool,
+    /// The client reads nothing: the socket takes no more bytes (a slow consumer).
+    stalled: bool,
 }
 
 impl AsyncRead for Pipe {
@@ -114,6 +117,9 @@ impl AsyncWrite for Pipe {
         _: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.stalled {
+            return Poll::Pending;
+        }
         self.output.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -1741,6 +1747,7 @@ fn describe_mesh(msg: &crate::shard::msg::ShardMsg) -> String {
         ),
         ShardMsg::Handoff { .. } => "handoff".into(),
         ShardMsg::Presence(p) => presence::describe(p),
+        ShardMsg::Room(r) => shard_rooms::describe(r),
         _ => "other".into(),
     }
 }
