@@ -1,7 +1,10 @@
 //! Rooms on the real shards (issue 15, item 4): two real [`Shard`]s of one node joined by the
-//! real mesh (channels of 1 to 16 messages, so full ones happen), the embedded store (the
-//! room history lives on the room's home shard), in-memory sockets and a manual clock, all
-//! driven by one PRNG. Where `rooms.rs` drives the room machines directly, this drives them
+//! real mesh (channels of 1 to 16 messages, so full ones happen), in-memory sockets and a
+//! manual clock, all driven by one PRNG; the room's history on its home shard (embedded
+//! mode), or in a model of the script's room keys behind the shards' real store links (Redis
+//! mode: calls that fail before they run, publishes whose answer is lost and resent, the
+//! node's channel dropping what it carried followed by `Resync`, joins refused and asked
+//! again). Where `rooms.rs` drives the room machines directly, this drives them
 //! through everything a client reaches: the WebSocket path, the frame parser, the shard's
 //! dispatch, the mesh, the fan-out with its outbound-buffer limit, the 1013 slow close.
 //!
@@ -16,13 +19,15 @@
 //! exactly where the skip began; `joined` comes after the replay it announces; a `room`
 //! frame's cid carries the offset its publisher was told (and one offset per cid, however
 //! often it was resent). Checked once faults stop and everything settled: every publish
-//! answered `accepted`, and every member that stayed connected reached the room's last
-//! offset without joining again (a lost tail is not hidden by a rejoin).
+//! answered `accepted` (Redis mode: and in the history), and every member reached the room's
+//! last offset; one that stayed connected without joining again (a lost tail is not hidden
+//! by a rejoin). A `joined` with `recovered: false` is only accepted where the room was
+//! swept while empty and began again at a new base, and no known offset was skipped.
 //!
 //! Replay: `RINGGATE_SIM_SEED=<seed> cargo test --lib sim::shard_rooms -- --nocapture`
 //! (`RINGGATE_SIM_TRACE=1` prints every frame a client hears).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Waker};
@@ -30,8 +35,11 @@ use std::task::{Context, Waker};
 use super::{seeds, trace, Pipe};
 use crate::clock::{Clock, ManualClock};
 use crate::config::ConfigLayer;
+use crate::delivery::ids::IdGrant;
 use crate::metrics::ShardMetrics;
 use crate::shard::{ConnPoll, Shard, Shared};
+use crate::store::redis::{unsent_reply, Loaded, StoreEnd, StoreLink, StoreOp, StoreReply};
+use crate::store::{StoreError, StoredMessage};
 use crate::test_rng::Rng;
 
 const SHARDS: usize = 2;
@@ -86,7 +94,32 @@ pub(crate) struct ShardRoomCounts {
     /// again at a new base (nothing was missed: checked).
     pub rooms_begun_again: u64,
     pub mesh_full: u64,
+    /// Redis mode: calls that failed before they ran, publishes whose answer was lost,
+    /// resubscriptions of the node's channel.
+    pub store_faults: u64,
+    pub lost_answers: u64,
+    pub channel_drops: u64,
+    /// Redis mode: joins refused `unavailable` (asked again later).
+    pub refused_joins: u64,
     pub checks: u64,
+}
+
+/// Redis mode: the script's keys of the one room (history, offset counter, publish dedup,
+/// this node in `rn:`; never trimmed, so every `since` is recovered), each shard's store link
+/// (its calls, and its answers in the order Redis gave them) and this node's channel (room
+/// messages and join answers in Redis order, routed to the room's home shard as the channel
+/// listener does; a resubscription drops what it carried and every shard hears `Resync`).
+#[derive(Default)]
+struct RedisRoom {
+    ends: Vec<StoreEnd>,
+    history: Vec<(u64, StoredMessage)>,
+    first: HashMap<(String, String), (u64, u64)>,
+    /// The offset counter; a new room starts at the clock in microseconds, as the script's.
+    last: u64,
+    registered: bool,
+    /// Per shard: what its link answers next, in order.
+    answers: Vec<VecDeque<StoreReply>>,
+    channel: VecDeque<StoreReply>,
 }
 
 pub(crate) struct ShardRoomSim {
@@ -102,6 +135,8 @@ pub(crate) struct ShardRoomSim {
     offset_of: BTreeMap<String, u64>,
     /// Offsets told `accepted`, with their cid.
     cid_of: BTreeMap<u64, String>,
+    /// Redis mode: the model behind the shards' store links (None: the embedded history).
+    redis: Option<RedisRoom>,
     pub(crate) counts: ShardRoomCounts,
 }
 
@@ -120,7 +155,7 @@ fn spread(prefix: &str, count: usize) -> Vec<String> {
 }
 
 impl ShardRoomSim {
-    pub(crate) fn new(seed: u64, plant_no_gap: bool) -> ShardRoomSim {
+    pub(crate) fn new(seed: u64, plant_no_gap: bool, in_redis: bool) -> ShardRoomSim {
         let mut rng = Rng(seed.max(1));
         let clock = Rc::new(ManualClock::new(1_000));
         let layer = ConfigLayer {
@@ -142,12 +177,20 @@ impl ShardRoomSim {
         let (ends, _client) = crate::mesh::build_with_capacity(SHARDS, capacity).expect("the mesh");
         let mut shards = Vec::new();
         let mut metrics = Vec::new();
+        let mut redis = in_redis.then(RedisRoom::default);
         for (id, (mesh, _bell)) in ends.into_iter().enumerate() {
             let m = Arc::new(ShardMetrics::default());
             metrics.push(m.clone());
             // The embedded store, as `Shard::new` sets it up: it answers in the shard's turn.
             let mut shard = Shard::new(id, shared.clone(), m, Box::new(clock.clone()));
             shard.enable_mesh(mesh);
+            if let Some(redis) = redis.as_mut() {
+                let (link, end) = StoreLink::simulated();
+                shard.enable_store(link);
+                redis.ends.push(end);
+                // This node's channel is heard: mirrors and rooms may be read.
+                redis.answers.push(VecDeque::from([StoreReply::Resync]));
+            }
             if plant_no_gap {
                 shard.plant_room_no_gap();
             }
@@ -163,6 +206,7 @@ impl ShardRoomSim {
             closing: Vec::new(),
             offset_of: BTreeMap::new(),
             cid_of: BTreeMap::new(),
+            redis,
             counts: ShardRoomCounts::default(),
         };
         for user in spread("m", MEMBERS) {
@@ -244,7 +288,11 @@ impl ShardRoomSim {
 
     fn step(&mut self, faults: bool) -> Result<(), String> {
         self.counts.steps += 1;
-        match self.rng.below(12) {
+        let branches = if self.redis.is_some() { 16 } else { 12 };
+        match self.rng.below(branches) {
+            12 | 13 => self.redis_runs(faults),
+            14 => self.shard_hears_store(),
+            15 => self.channel_carries(faults),
             0 | 1 => {
                 let p = self.rng.below(PUBLISHERS as u64) as usize;
                 if let Some(n) = self.publishers[p].refused.pop() {
@@ -262,6 +310,8 @@ impl ShardRoomSim {
                     let user = self.members[m].user.clone();
                     self.members[m].conn = Some(self.connect(&user));
                     self.join(m);
+                } else if !self.members[m].joined && self.members[m].buffer.is_none() {
+                    self.join(m); // its last join was refused
                 } else if faults && self.chance(25) {
                     self.drop_member(m);
                 } else if faults {
@@ -283,6 +333,66 @@ impl ShardRoomSim {
         }
         self.poll_all();
         self.read_all()
+    }
+
+    /// Redis runs a few calls of one shard's link (Redis mode); with faults, a call fails
+    /// before it runs (8%) or a publish runs and its answer is lost (4%: the shard's timeout
+    /// answers `unavailable`, its resend gets the first copy's offset).
+    fn redis_runs(&mut self, faults: bool) {
+        let now_us = self.clock.wall_ms() * 1000;
+        let k = self.rng.below(SHARDS as u64) as usize;
+        for _ in 0..1 + self.rng.below(4) {
+            let roll = if faults { self.rng.below(100) } else { 100 };
+            let Some(redis) = self.redis.as_mut() else {
+                return;
+            };
+            let Ok(op) = redis.ends[k].ops.try_recv() else {
+                return;
+            };
+            if roll < 8 {
+                self.counts.store_faults += 1;
+                redis.answers[k].push_back(unsent_reply(op, "redis down".into()));
+                continue;
+            }
+            let answer = redis.run(k, op, now_us, roll < 12);
+            self.counts.lost_answers += u64::from(roll < 12 && answer.is_some());
+            if let Some(answer) = answer {
+                redis.answers[k].push_back(answer);
+            }
+        }
+    }
+
+    /// One shard hears the next few answers of its link (and what the channel routed to it).
+    fn shard_hears_store(&mut self) {
+        let now = self.now();
+        let k = self.rng.below(SHARDS as u64) as usize;
+        for _ in 0..1 + self.rng.below(6) {
+            let Some(answer) = self.redis.as_mut().and_then(|r| r.answers[k].pop_front()) else {
+                return;
+            };
+            self.shards[k].on_store_reply(answer, now);
+        }
+    }
+
+    /// The node's channel carries its next push to the room's home shard; or (with faults,
+    /// 3%) the subscription drops: what it carried is lost, and every shard hears `Resync`.
+    fn channel_carries(&mut self, faults: bool) {
+        let drop = faults && self.chance(3);
+        let Some(redis) = self.redis.as_mut() else {
+            return;
+        };
+        if drop && !redis.channel.is_empty() {
+            self.counts.channel_drops += 1;
+            redis.channel.clear();
+            for answers in &mut redis.answers {
+                answers.push_back(StoreReply::Resync);
+            }
+            return;
+        }
+        if let Some(push) = redis.channel.pop_front() {
+            let home = crate::mesh::home_shard(ROOM, SHARDS);
+            redis.answers[home].push_back(push);
+        }
     }
 
     /// The member's client drops; it keeps the last offset it saw for its next join.
@@ -494,6 +604,14 @@ impl ShardRoomSim {
                         // As a client does: recover with join + since.
                         rejoin = true;
                     }
+                    // Redis mode: the join could not be registered; the member is no
+                    // member any more, and its client joins again later (from `last`).
+                    "error" if self.redis.is_some() && v["code"] == "unavailable" => {
+                        self.counts.refused_joins += 1;
+                        member.buffer = None;
+                        member.joined = false;
+                        member.gap_after_last = false;
+                    }
                     _ => return Err(format!("{} hears {v}", member.user)),
                 }
             }
@@ -549,6 +667,8 @@ impl ShardRoomSim {
                 if self.members[m].conn.is_none() {
                     let user = self.members[m].user.clone();
                     self.members[m].conn = Some(self.connect(&user));
+                }
+                if !self.members[m].joined {
                     self.join(m);
                 }
             }
@@ -558,12 +678,20 @@ impl ShardRoomSim {
                     self.publish(p, n);
                 }
             }
+            let mut moved = 0;
+            while self.redis_busy() {
+                moved += 1;
+                self.redis_runs(false);
+                self.channel_carries(false);
+                for _ in 0..SHARDS {
+                    self.shard_hears_store();
+                }
+            }
             // The tick first: it sends what a full channel held (`unsent`), drained below.
             self.clock.advance(5);
             for shard in &mut self.shards {
                 shard.on_tick();
             }
-            let mut moved = 0;
             for k in 0..SHARDS {
                 moved += self.drain_mesh(k);
             }
@@ -585,9 +713,29 @@ impl ShardRoomSim {
         Err("did not settle".into())
     }
 
+    /// Redis mode: a call, an answer or a push is still on its way.
+    fn redis_busy(&self) -> bool {
+        self.redis.as_ref().is_some_and(|r| {
+            !r.channel.is_empty()
+                || r.answers.iter().any(|a| !a.is_empty())
+                || r.ends.iter().any(|e| !e.ops.is_empty())
+        })
+    }
+
     fn check(&mut self, stayed: &[bool]) -> Result<(), String> {
         self.counts.mesh_full = self.metrics.iter().map(|m| m.mesh_full.get()).sum();
-        let last = self.cid_of.keys().next_back().copied();
+        let mut last = self.cid_of.keys().next_back().copied();
+        if let Some(redis) = &self.redis {
+            // Every publish that ran, its answer lost or not.
+            last = redis.history.last().map(|(o, _)| *o);
+            if let Some(o) = self
+                .cid_of
+                .keys()
+                .find(|o| !redis.history.iter().any(|(h, _)| h == *o))
+            {
+                return Err(format!("offset {o} accepted but not in the room's history"));
+            }
+        }
         for (m, member) in self.members.iter().enumerate() {
             self.counts.checks += 1;
             if last.is_some() && member.last < last {
@@ -603,6 +751,111 @@ impl ShardRoomSim {
             }
         }
         Ok(())
+    }
+}
+
+impl RedisRoom {
+    /// A new room's counter starts at the clock in microseconds (as the script's does).
+    fn start(&mut self, now_us: u64) {
+        if self.last == 0 {
+            self.last = now_us;
+        }
+    }
+
+    /// Run one call of shard `k` (the script's effect); its answer (None: none is given).
+    /// `lose`: a publish runs and its answer is lost.
+    fn run(&mut self, k: usize, op: StoreOp, now_us: u64, lose: bool) -> Option<StoreReply> {
+        Some(match op {
+            StoreOp::RoomPublish(post) => {
+                let key = (post.from.to_string(), post.cid.to_string());
+                let first = match self.first.get(&key) {
+                    Some(&first) => first,
+                    None => {
+                        self.start(now_us);
+                        self.last += 1;
+                        let offset = self.last;
+                        let msg = StoredMessage {
+                            id: post.id,
+                            from: post.from.clone(),
+                            cid: post.cid.as_ref().into(),
+                            ts: post.ts,
+                            body: post.body.as_ref().into(),
+                            msg_type: None,
+                        };
+                        self.history.push((offset, msg.clone()));
+                        if self.registered {
+                            let room = post.room.clone();
+                            self.channel
+                                .push_back(StoreReply::RoomMessage { room, offset, msg });
+                        }
+                        self.first.insert(key, (post.id, offset));
+                        (post.id, offset)
+                    }
+                };
+                let result = match lose {
+                    true => Err(StoreError::Unavailable("timed out".into())),
+                    false => Ok(first),
+                };
+                StoreReply::RoomPublished { post, result }
+            }
+            StoreOp::RoomJoin(ask) => {
+                self.registered = true;
+                self.start(now_us);
+                let replay = match ask.since {
+                    Some(since) => self
+                        .history
+                        .iter()
+                        .filter(|(o, _)| *o > since)
+                        .cloned()
+                        .collect(),
+                    None => Vec::new(),
+                };
+                // Answered on the channel, naming the ask as the script's push does (no
+                // `since`); the history is never trimmed here.
+                self.channel.push_back(StoreReply::RoomJoinAnswer {
+                    recovered: ask.since.is_some(),
+                    ask: Box::new(crate::store::redis::RoomJoinAsk {
+                        since: None,
+                        ..*ask
+                    }),
+                    last: self.last,
+                    replay,
+                });
+                return None;
+            }
+            StoreOp::RoomLeave { .. } => {
+                self.registered = false;
+                StoreReply::Done
+            }
+            // No direct messages here: every inbox is empty.
+            StoreOp::Load { user, token, .. } => StoreReply::Loaded {
+                user,
+                token,
+                result: Ok(Loaded {
+                    received: Vec::new(),
+                    entries: Vec::new(),
+                    expired: 0,
+                }),
+            },
+            StoreOp::ClaimIdSlot { held, asked_at } => StoreReply::IdSlot {
+                asked_at,
+                answer: Ok(IdGrant {
+                    slot: held.unwrap_or(k as u16),
+                    not_before_ms: 0,
+                }),
+            },
+            StoreOp::Presence { ask, users } => StoreReply::Presence {
+                ask,
+                online: Some(vec![false; users.len()]),
+                users,
+            },
+            StoreOp::Leave { .. }
+            | StoreOp::Lease
+            | StoreOp::Probe
+            | StoreOp::WatchPresence { .. }
+            | StoreOp::Typing { .. } => StoreReply::Done,
+            _ => panic!("not a call of this simulation"),
+        })
     }
 }
 
@@ -628,10 +881,15 @@ pub(super) fn describe(msg: &crate::shard::msg::Room) -> String {
     }
 }
 
-fn sweep(count: u64, steps: u64, plant_no_gap: bool) -> Result<ShardRoomCounts, (u64, String)> {
+fn sweep(
+    count: u64,
+    steps: u64,
+    plant_no_gap: bool,
+    in_redis: bool,
+) -> Result<ShardRoomCounts, (u64, String)> {
     let mut total = ShardRoomCounts::default();
     for seed in seeds(count) {
-        let mut sim = ShardRoomSim::new(seed, plant_no_gap);
+        let mut sim = ShardRoomSim::new(seed, plant_no_gap, in_redis);
         sim.run(steps).map_err(|e| (seed, e))?;
         let c = &sim.counts;
         total.steps += c.steps;
@@ -644,6 +902,10 @@ fn sweep(count: u64, steps: u64, plant_no_gap: bool) -> Result<ShardRoomCounts, 
         total.slow_closes += c.slow_closes;
         total.mesh_full += c.mesh_full;
         total.rooms_begun_again += c.rooms_begun_again;
+        total.store_faults += c.store_faults;
+        total.lost_answers += c.lost_answers;
+        total.channel_drops += c.channel_drops;
+        total.refused_joins += c.refused_joins;
         total.checks += c.checks;
     }
     Ok(total)
@@ -656,29 +918,53 @@ mod tests {
     const SEEDS: u64 = 1_000;
     const STEPS: u64 = 800;
 
-    #[test]
-    fn room_members_on_real_shards_get_every_offset_once_in_order_or_a_gap() {
-        match sweep(SEEDS, STEPS, false) {
+    fn holds(in_redis: bool) {
+        let mode = if in_redis { "Redis" } else { "embedded" };
+        match sweep(SEEDS, STEPS, false, in_redis) {
             Ok(c) => {
-                println!("room simulation on real shards: {} seeds, {c:?}", seeds(SEEDS).len());
-                if seeds(SEEDS).len() > 100 {
-                    assert!(c.gaps > 0 && c.slow_closes > 0 && c.mesh_full > 0, "faults happen");
+                let n = seeds(SEEDS).len();
+                println!("room simulation on real shards ({mode}): {n} seeds, {c:?}");
+                if n > 100 {
+                    assert!(c.gaps > 0 && c.mesh_full > 0, "faults happen");
+                    match in_redis {
+                        true => assert!(c.channel_drops > 0 && c.lost_answers > 0),
+                        false => assert!(c.slow_closes > 0),
+                    }
                 }
             }
             Err((seed, e)) => panic!(
-                "seed {seed}: {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::shard_rooms -- --nocapture"
+                "seed {seed} ({mode}): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::shard_rooms -- --nocapture"
             ),
         }
     }
 
-    #[test]
-    fn on_real_shards_a_skip_without_gap_is_found() {
-        match sweep(SEEDS, STEPS, true) {
+    fn finds_a_skip_without_gap(in_redis: bool) {
+        match sweep(SEEDS, STEPS, true, in_redis) {
             Ok(_) => panic!("a member skipped without `gap` was not found"),
             Err((seed, e)) => {
                 println!("found (seed {seed}): {e}");
                 assert!(e.contains("without a gap") || e.contains("ended at"), "{e}");
             }
         }
+    }
+
+    #[test]
+    fn room_members_on_real_shards_get_every_offset_once_in_order_or_a_gap() {
+        holds(false);
+    }
+
+    #[test]
+    fn on_real_shards_a_skip_without_gap_is_found() {
+        finds_a_skip_without_gap(false);
+    }
+
+    #[test]
+    fn with_redis_room_members_on_real_shards_get_every_offset_once_in_order_or_a_gap() {
+        holds(true);
+    }
+
+    #[test]
+    fn with_redis_on_real_shards_a_skip_without_gap_is_found() {
+        finds_a_skip_without_gap(true);
     }
 }
