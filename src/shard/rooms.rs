@@ -86,8 +86,9 @@ pub struct HomedRoom {
     /// Member connections per shard (fan-out goes to shards with at least one).
     members_by_shard: Vec<u32>,
     /// With Redis: the newest offset this node received (pushes come in offset order;
-    /// a jump means some were missed). 0: none yet.
-    last_pushed: u64,
+    /// a jump means some were missed). None: not joined (no join answered yet, or the
+    /// node's last member left); no offset value stands for it.
+    last_pushed: Option<u64>,
     /// With Redis: joins whose answer has not come back on the channel yet (asked again
     /// after a resync: an answer published while the channel was not heard is lost).
     pending_joins: Vec<RoomJoinAsk>,
@@ -182,7 +183,7 @@ impl RoomHomes {
             // Microseconds of the wall clock: a restarted gateway never reuses an offset.
             log: RoomLog::new(t.wall_ms * 1000),
             members_by_shard: vec![0; shards],
-            last_pushed: 0,
+            last_pushed: None,
             pending_joins: Vec::new(),
         })
     }
@@ -250,7 +251,7 @@ impl RoomHomes {
         if self.history_in_store && homed.members_by_shard.iter().all(|n| *n == 0) {
             // This node's last member left: other nodes stop pushing the room here. If it
             // cannot be queued, the pushes that still come are dropped here.
-            homed.last_pushed = 0;
+            homed.last_pushed = None;
             return vec![RoomEffect::Store(StoreOp::RoomLeave { room: room.clone() })];
         }
         Vec::new()
@@ -419,13 +420,13 @@ impl RoomHomes {
         let mut asks = self.join_asks;
         for (room, homed) in self.rooms.iter_mut() {
             let catching_up = homed.pending_joins.iter().any(|a| a.conn == CATCH_UP);
-            if homed.last_pushed == 0 || catching_up {
+            let Some(pushed) = homed.last_pushed.filter(|_| !catching_up) else {
                 continue; // not pushed here (no member), or its catch-up is asked again below
-            }
+            };
             asks += 1;
             homed.pending_joins.push(RoomJoinAsk {
                 room: room.clone(),
-                since: Some(homed.last_pushed),
+                since: Some(pushed),
                 shard: 0,
                 conn: CATCH_UP,
                 serial: 0,
@@ -453,11 +454,10 @@ impl RoomHomes {
         let Some(homed) = self.rooms.get_mut(room) else {
             return Vec::new();
         };
-        let from = homed.last_pushed;
-        if from == 0 || last <= from {
+        let Some(from) = homed.last_pushed.filter(|from| last > *from) else {
             return Vec::new(); // the last member left meanwhile, or nothing was missed
-        }
-        homed.last_pushed = last;
+        };
+        homed.last_pushed = Some(last);
         if !recovered {
             return self.announce_missed(room, from + 1);
         }
@@ -486,9 +486,8 @@ impl RoomHomes {
             return self.caught_up(&ask.room, last, recovered, replay, t);
         }
         let homed = self.homed(&ask.room, t);
-        let missed_from =
-            (homed.last_pushed != 0 && last > homed.last_pushed).then_some(homed.last_pushed + 1);
-        homed.last_pushed = homed.last_pushed.max(last);
+        let missed_from = homed.last_pushed.filter(|p| last > *p).map(|p| p + 1);
+        homed.last_pushed = Some(homed.last_pushed.map_or(last, |p| p.max(last)));
         let mut effects = Vec::new();
         if let Some(from) = missed_from {
             effects.extend(self.announce_missed(&ask.room, from));
@@ -523,11 +522,11 @@ impl RoomHomes {
         let Some(homed) = self.rooms.get_mut(&room) else {
             return Vec::new(); // no member here (any more)
         };
-        if homed.last_pushed == 0 || offset <= homed.last_pushed {
+        let Some(pushed) = homed.last_pushed.filter(|pushed| offset > *pushed) else {
             return Vec::new(); // not joined yet (the join answer covers it), or seen already
-        }
-        let missed_from = (offset > homed.last_pushed + 1).then_some(homed.last_pushed + 1);
-        homed.last_pushed = offset;
+        };
+        let missed_from = (offset > pushed + 1).then_some(pushed + 1);
+        homed.last_pushed = Some(offset);
         let mut effects = Vec::new();
         if let Some(from) = missed_from {
             effects.extend(self.announce_missed(&room, from));

@@ -93,6 +93,9 @@ struct RedisRooms {
     last: u64,
     /// The node is in `rn:<room>` (it has members): publishes are pushed to it.
     registered: bool,
+    /// The counter starts at 0 instead of the clock (a store whose offsets start low: the
+    /// home must not take any offset value for "not joined").
+    from_zero: bool,
     /// Calls submitted by the room's home shard, not run yet.
     calls: VecDeque<StoreOp>,
     /// Publish answers on their way back to the home.
@@ -324,7 +327,7 @@ impl RoomSim {
                 let first = match redis.first.get(&key) {
                     Some(&first) => first,
                     None => {
-                        if redis.last == 0 {
+                        if redis.last == 0 && !redis.from_zero {
                             redis.last = now_us;
                         }
                         redis.last += 1;
@@ -356,7 +359,7 @@ impl RoomSim {
             }
             StoreOp::RoomJoin(ask) => {
                 redis.registered = true;
-                if redis.last == 0 {
+                if redis.last == 0 && !redis.from_zero {
                     redis.last = now_us;
                 }
                 let last = redis.last;
@@ -610,9 +613,22 @@ fn sweep(
     plant_no_gap: bool,
     in_redis: bool,
 ) -> Result<RoomCounts, (u64, String)> {
+    sweep_with(count, steps, plant_no_gap, in_redis, false)
+}
+
+fn sweep_with(
+    count: u64,
+    steps: u64,
+    plant_no_gap: bool,
+    in_redis: bool,
+    from_zero: bool,
+) -> Result<RoomCounts, (u64, String)> {
     let mut total = RoomCounts::default();
     for seed in super::seeds(count) {
         let mut sim = RoomSim::new(seed, plant_no_gap, in_redis);
+        if let Some(redis) = sim.redis.as_mut() {
+            redis.from_zero = from_zero;
+        }
         sim.run(steps).map_err(|e| (seed, e))?;
         let c = &sim.counts;
         total.publishes += c.publishes;
@@ -665,6 +681,16 @@ mod tests {
             Err((seed, e)) => panic!(
                 "seed {seed} failed: {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::rooms"
             ),
+        }
+    }
+
+    /// Offsets from 1 (a counter starting at 0): the home once took offset 0 for "not
+    /// joined yet" and dropped the first pushes (found while building the model).
+    #[test]
+    fn with_redis_offsets_from_one_reach_every_member() {
+        match sweep_with(500, 600, false, true, true) {
+            Ok(c) => println!("room simulation (Redis, offsets from 1): {c:?}"),
+            Err((seed, e)) => panic!("seed {seed}: {e}"),
         }
     }
 
