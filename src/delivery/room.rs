@@ -47,6 +47,12 @@ pub struct Recovery {
 
 #[derive(Debug)]
 pub struct RoomLog {
+    /// The offset before this log's first message.
+    base: u64,
+    /// No message of the room has an offset between this and `base` (inclusive of `base`):
+    /// a `since` at or after it misses nothing older than this log (see
+    /// [`RoomLog::nothing_before`]). `base` when unknown.
+    complete_after: u64,
     last: u64,
     history: VecDeque<Arc<RoomMsg>>,
     /// `(from, cid)` of the messages in the history -> their offset.
@@ -57,10 +63,25 @@ impl RoomLog {
     /// An empty room whose first message gets offset `base + 1`.
     pub fn new(base: u64) -> Self {
         RoomLog {
+            base,
+            complete_after: base,
             last: base,
             history: VecDeque::new(),
             published: HashMap::new(),
         }
+    }
+
+    /// The room existed before (its log was forgotten while empty), but held no message with
+    /// an offset after `floor`: a member that saw everything up to `floor` or later misses
+    /// nothing this log cannot replay.
+    pub fn nothing_before(mut self, floor: u64) -> Self {
+        self.complete_after = floor.min(self.base);
+        self
+    }
+
+    /// Whether any message was ever published in this log.
+    pub fn had_messages(&self) -> bool {
+        self.last > self.base
     }
 
     /// The newest offset handed out (the `base` before any publish).
@@ -114,9 +135,12 @@ impl RoomLog {
             .filter(|m| m.offset > since)
             .cloned()
             .collect();
+        // Everything after `since` is here: the history reaches back to it, or nothing was
+        // trimmed and the room held nothing between `since` and this log's start.
+        let untrimmed = first == self.base + 1;
         Recovery {
             replay,
-            recovered: since + 1 >= first,
+            recovered: since + 1 >= first || (untrimmed && since >= self.complete_after),
         }
     }
 
@@ -220,5 +244,25 @@ mod tests {
         }
         assert!(log.duplicate("a", "x").is_none(), "left with the history");
         assert_eq!(log.duplicate("a", "y2").map(|m| m.offset), Some(4));
+    }
+
+    #[test]
+    fn a_room_begun_again_recovers_a_since_from_its_empty_past() {
+        // The room held nothing after 150 when it was forgotten; it begins again at 200.
+        let mut log = RoomLog::new(200).nothing_before(150);
+        publish(&mut log, "a", "1", 0);
+        let r = log.since(160, 0, LIMITS);
+        assert_eq!((offsets(&r), r.recovered), (vec![201], true));
+        // A member from before 150 may have missed what the old room held.
+        assert!(!log.since(140, 0, LIMITS).recovered);
+        // Without that knowledge (a new run): an older `since` is not recovered.
+        let mut fresh = RoomLog::new(200);
+        publish(&mut fresh, "a", "1", 0);
+        assert!(!fresh.since(160, 0, LIMITS).recovered);
+        // Once this log trims, only its history counts.
+        for cid in ["2", "3", "4"] {
+            publish(&mut log, "a", cid, 0);
+        }
+        assert!(!log.since(160, 0, LIMITS).recovered);
     }
 }

@@ -253,7 +253,8 @@ impl Shard {
             max: shared.cfg.room_history_max,
             max_age_ms: shared.cfg.room_history_age_ms,
         };
-        let rooms_home = rooms::RoomHomes::new(history, metrics.clone());
+        let mut rooms_home = rooms::RoomHomes::new(history, metrics.clone());
+        rooms_home.started_at(clock.wall_ms() * 1000);
         let room_members = rooms::RoomMembers::new(
             id,
             shared.cfg.max_outbound,

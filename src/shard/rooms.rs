@@ -108,6 +108,10 @@ pub struct RoomHomes {
     metrics: Arc<ShardMetrics>,
     /// The last join ask's number ([`RoomJoinAsk::token`]).
     join_asks: u64,
+    /// No room forgotten here held a message after this offset (embedded history): a room
+    /// begun again recovers a `since` from then on (`RoomLog::nothing_before`). `u64::MAX`
+    /// until the shard says when it started (earlier runs' offsets lie before that).
+    forgotten_through: u64,
 }
 
 /// One of this shard's connections in a room.
@@ -157,10 +161,17 @@ impl RoomHomes {
             limits,
             metrics,
             join_asks: 0,
+            forgotten_through: u64::MAX,
         }
     }
 
     /// The node's shape, known once the mesh and the store are set up.
+    /// The shard started at this wall clock time (µs): offsets of earlier runs lie before
+    /// it, so a room forgotten in this run held nothing after the newest forgotten message.
+    pub fn started_at(&mut self, wall_us: u64) {
+        self.forgotten_through = wall_us;
+    }
+
     pub fn configure(&mut self, shards: usize, history_in_store: bool) {
         self.shards = shards;
         self.history_in_store = history_in_store;
@@ -179,9 +190,10 @@ impl RoomHomes {
             self.metrics.rooms.inc();
         }
         let shards = self.shards;
+        let forgotten_through = self.forgotten_through;
         self.rooms.entry(room.clone()).or_insert_with(|| HomedRoom {
             // Microseconds of the wall clock: a restarted gateway never reuses an offset.
-            log: RoomLog::new(t.wall_ms * 1000),
+            log: RoomLog::new(t.wall_ms * 1000).nothing_before(forgotten_through),
             members_by_shard: vec![0; shards],
             last_pushed: None,
             pending_joins: Vec::new(),
@@ -576,10 +588,16 @@ impl RoomHomes {
     pub fn sweep(&mut self, now: u64) {
         let limits = self.limits;
         let before = self.rooms.len();
+        let mut forgotten = self.forgotten_through;
         self.rooms.retain(|_, h| {
             let empty = h.log.trim(now, limits);
-            !(empty && h.members_by_shard.iter().all(|n| *n == 0))
+            let keep = !(empty && h.members_by_shard.iter().all(|n| *n == 0));
+            if !keep && h.log.had_messages() {
+                forgotten = forgotten.max(h.log.last());
+            }
+            keep
         });
+        self.forgotten_through = forgotten;
         self.metrics.rooms.sub((before - self.rooms.len()) as u64);
     }
 }

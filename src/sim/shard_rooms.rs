@@ -21,8 +21,9 @@
 //! often it was resent). Checked once faults stop and everything settled: every publish
 //! answered `accepted` (Redis mode: and in the history), and every member reached the room's
 //! last offset; one that stayed connected without joining again (a lost tail is not hidden
-//! by a rejoin). A `joined` with `recovered: false` is only accepted where the room was
-//! swept while empty and began again at a new base, and no known offset was skipped.
+//! by a rejoin). A `joined` is never `recovered: false` (nothing is trimmed here); its replay
+//! may begin past `since` only where the room was forgotten while empty and began again at a
+//! new base, with no known offset skipped.
 //!
 //! Replay: `RINGGATE_SIM_SEED=<seed> cargo test --lib sim::shard_rooms -- --nocapture`
 //! (`RINGGATE_SIM_TRACE=1` prints every frame a client hears).
@@ -90,8 +91,8 @@ pub(crate) struct ShardRoomCounts {
     pub drops: u64,
     pub stalls: u64,
     pub slow_closes: u64,
-    /// Joins told `recovered: false` because the room was swept while empty and began
-    /// again at a new base (nothing was missed: checked).
+    /// Joins whose replay began past `since` because the room was forgotten while empty and
+    /// began again at a new base (nothing was missed: checked; told `recovered: true`).
     pub rooms_begun_again: u64,
     pub mesh_full: u64,
     /// Redis mode: calls that failed before they ran, publishes whose answer was lost,
@@ -547,23 +548,25 @@ impl ShardRoomSim {
                             heard.into_iter().partition(|(o, _)| *o <= offset);
                         // Whatever the old membership skipped, the replay brings: no gap.
                         member.gap_after_last = false;
-                        if let (Some(since), false) = (member.last, v["recovered"] != false) {
-                            // The history keeps every message of a run: `recovered: false`
-                            // is only right when the room was forgotten while empty (swept:
-                            // no member, no history) and began again at a new base. Then no
-                            // message lies between `since` and the new room's first.
-                            let first = replay.first().map_or(offset, |(o, _)| *o);
+                        if v["recovered"] == false && member.last.is_some() {
+                            // The history keeps every message of a run here.
+                            return Err(format!("{}: not recovered: {v}", member.user));
+                        }
+                        let first = replay.first().map_or(offset, |(o, _)| *o);
+                        if let Some(since) = member.last.filter(|l| first > l + 1) {
+                            // The replay starts past `since`: right only where the room was
+                            // forgotten while empty and began again at a new base, and no
+                            // message lies between `since` and its first.
                             if let Some(o) =
                                 self.offset_of.values().find(|o| **o > since && **o < first)
                             {
                                 return Err(format!(
-                                    "{}: joined since {since}, not recovered, offset {o} skipped",
+                                    "{}: joined since {since}, replayed from {first}, offset {o} skipped",
                                     self.members[m].user
                                 ));
                             }
                             self.counts.rooms_begun_again += 1;
-                            let member = &mut self.members[m];
-                            member.last = None;
+                            self.members[m].last = None;
                         }
                         for (o, cid) in replay {
                             self.show(m, o, &cid)?;
