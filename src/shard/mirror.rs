@@ -1203,35 +1203,37 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_later_write_of_the_pair_is_told_after_the_one_in_doubt_is_resolved() {
-        let mut m = machine();
+    /// Two writes of the pair ann -> bob; the first one's answer is lost (in doubt). The
+    /// second, not answered yet, is returned.
+    fn first_of_two_in_doubt(m: &mut InboxMirror) -> Message {
         m.deliver(message(1, "c1"), NOW, false);
         m.deliver(message(2, "c2"), NOW, false);
         let [first, second]: [Message; 2] = appends(m.take_effects()).try_into().ok().unwrap();
         assert!(first.write.attempt < second.write.attempt);
-        m.appended(
-            first,
-            Err(StoreError::Unavailable("timeout".into())),
-            NOW,
-            WALL,
-        );
-        m.appended(second, stored(), NOW, WALL);
-        assert!(told(&m.take_effects()).is_empty(), "c2 waits for c1's fate");
-        assert!(!m.quiet());
+        let lost = Err(StoreError::Unavailable("timeout".into()));
+        m.appended(first, lost, NOW, WALL);
+        second
+    }
+
+    /// The tick asks Redis what became of the write in doubt; Redis answers `fate`.
+    fn resolve_as(m: &mut InboxMirror, fate: Fate) {
         m.tick(NOW + 1);
-        let resolve = m.take_effects();
-        let writes = match &resolve[..] {
+        let writes = match &m.take_effects()[..] {
             [MirrorEffect::Store(StoreOp::Resolve { writes, .. })] => writes.clone(),
             _ => panic!("one resolve expected"),
         };
-        m.resolved(
-            ("bob".into(), "ann".into()),
-            writes,
-            Some(vec![Fate::Landed]),
-            NOW + 2,
-            WALL,
-        );
+        let pair = ("bob".into(), "ann".into());
+        m.resolved(pair, writes, Some(vec![fate]), NOW + 2, WALL);
+    }
+
+    #[test]
+    fn a_later_write_of_the_pair_is_told_after_the_one_in_doubt_is_resolved() {
+        let mut m = machine();
+        let second = first_of_two_in_doubt(&mut m);
+        m.appended(second, stored(), NOW, WALL);
+        assert!(told(&m.take_effects()).is_empty(), "c2 waits for c1's fate");
+        assert!(!m.quiet());
+        resolve_as(&mut m, Fate::Landed);
         assert_eq!(told(&m.take_effects()), ["c1:accepted", "c2:accepted"]);
         assert!(m.quiet());
     }
@@ -1239,27 +1241,8 @@ mod tests {
     #[test]
     fn a_write_in_doubt_that_never_landed_is_refused_and_the_next_is_told_at_once() {
         let mut m = machine();
-        m.deliver(message(1, "c1"), NOW, false);
-        m.deliver(message(2, "c2"), NOW, false);
-        let [first, second]: [Message; 2] = appends(m.take_effects()).try_into().ok().unwrap();
-        m.appended(
-            first,
-            Err(StoreError::Unavailable("lost".into())),
-            NOW,
-            WALL,
-        );
-        m.tick(NOW);
-        let writes = match &m.take_effects()[..] {
-            [MirrorEffect::Store(StoreOp::Resolve { writes, .. })] => writes.clone(),
-            _ => panic!("one resolve expected"),
-        };
-        m.resolved(
-            ("bob".into(), "ann".into()),
-            writes,
-            Some(vec![Fate::Never]),
-            NOW,
-            WALL,
-        );
+        let second = first_of_two_in_doubt(&mut m);
+        resolve_as(&mut m, Fate::Never);
         assert_eq!(told(&m.take_effects()), ["c1:refused"]);
         m.appended(second, stored(), NOW, WALL);
         assert_eq!(told(&m.take_effects()), ["c2:accepted"]);
