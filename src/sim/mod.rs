@@ -2231,6 +2231,20 @@ mod tests {
         }
     }
 
+    /// Three nodes: the same machinery for N (fewer seeds).
+    #[test]
+    fn three_nodes() {
+        match sweep_nodes(TWO_NODE_SEEDS / 5, 3_000, Plant::None, 3) {
+            Ok(c) => println!(
+                "simulation (three nodes): {} seeds, {c:?}",
+                seeds(TWO_NODE_SEEDS / 5).len()
+            ),
+            Err((seed, e)) => panic!(
+                "seed {seed} failed (three nodes): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::three_nodes"
+            ),
+        }
+    }
+
     /// A two-node seed is a replay too.
     #[test]
     fn two_nodes_a_seed_replays_exactly() {
