@@ -2201,11 +2201,14 @@ mod tests {
     ///
     /// Found, left open (product, not fixed here):
     /// * `RINGGATE_SIM_SENDER_MOVES=1`, seed 11400714819323198485 (also with
-    ///   `RINGGATE_SIM_NODE_DEATHS=0`): a sender's write on node A is in doubt (its answer
-    ///   lost, fred still holding it); the sender's connection drops and it comes back on node
-    ///   B, which stores a later cid; A's write lands after it. The fence is per writer, so
-    ///   B's write does not make A's stale: the recipient sees the later cid first, while the
-    ///   client's order rule tells the earlier cid (A's lower id) first.
+    ///   `RINGGATE_SIM_NODE_DEATHS=0`): a sender's connection drops and it comes back on the
+    ///   other node while the node it left still has writes of the same pair on their way
+    ///   (frames it had read, writes queued or in doubt with fred holding them). The pair then
+    ///   has two writers at once: the fence is per writer (B's write does not make A's
+    ///   stale) and ids come from two nodes' slots, so Redis order and id order disagree
+    ///   (A's write of an earlier cid landing after B's later cid; or, without deaths, A
+    ///   giving a late-read resend an id above one B gave earlier, stored after it). The
+    ///   client's rule tells held answers by id, the recipient shows Redis order.
     /// * `RINGGATE_SIM_STRICT_REFUSALS=1`, seeds 16126179847217348979, 2219511069923295287:
     ///   after a node death, the resend of a cid the dead run stored (and another node showed)
     ///   is refused `unavailable` ("no message id slot" / "may be in it already, resend
