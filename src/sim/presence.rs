@@ -86,7 +86,7 @@ impl Model {
         if before == after || !self.directory.watched.contains(user) {
             return None;
         }
-        let runs = after as u64 + self.located.contains(user) as u64;
+        let runs = after as u64 + !self.nodes_of(user).is_empty() as u64;
         Some(StoreReply::PresenceChanged {
             user: user.into(),
             runs,
@@ -311,7 +311,7 @@ impl PresenceSim {
         self.counts.foreign_moves += 1;
         self.note(format!("n1: a device of {user} up={up}"));
         if let Some(push) = self.sim.model.foreign_device(&user, up) {
-            self.sim.route(vec![push]);
+            self.sim.route(vec![(0, push)]);
         }
     }
 
