@@ -148,11 +148,11 @@ impl Senders {
     }
 
     /// An answer came back: the sender's window learns it (its id, or that the cid may be
-    /// sent again). Counted; the send -> accepted time observed (`now_us`).
-    pub fn settle(&mut self, r: &Report, now_us: u64) {
+    /// sent again). Counted; the send -> accepted time observed (`now_us`, read only then).
+    pub fn settle(&mut self, r: &Report, now_us: impl FnOnce() -> u64) {
         match &r.outcome {
             Outcome::Stored => {
-                let took_us = now_us.saturating_sub(r.received_us);
+                let took_us = now_us().saturating_sub(r.received_us);
                 self.metrics
                     .send_accepted
                     .observe(std::time::Duration::from_micros(took_us));
@@ -172,7 +172,12 @@ impl Senders {
 
     /// The answer to a client's send, settled ([`Senders::settle`]): its frame into `out`,
     /// and who gets it.
-    pub fn answer(&mut self, r: &Report, now_us: u64, out: &mut Vec<u8>) -> Targets {
+    pub fn answer(
+        &mut self,
+        r: &Report,
+        now_us: impl FnOnce() -> u64,
+        out: &mut Vec<u8>,
+    ) -> Targets {
         self.settle(r, now_us);
         match &r.outcome {
             Outcome::Stored => proto::write_accepted(out, &r.cid, r.id),
@@ -251,7 +256,7 @@ mod tests {
         s.wait_for("ann".into(), "c1".into(), 2, 7);
         let id = first.id;
         let mut frame = Vec::new();
-        let targets = s.answer(&first.report(id, Outcome::Stored), T.now_us, &mut frame);
+        let targets = s.answer(&first.report(id, Outcome::Stored), || T.now_us, &mut frame);
         assert!(matches!(targets, Targets::Conns(c) if c == [(1, 7), (2, 7)]));
         assert!(std::str::from_utf8(&frame)
             .unwrap()
@@ -270,7 +275,7 @@ mod tests {
         let first = routed(s.submit(send("c1", 1), &mut ids, T));
         let refused = first.refused(SendRefusal::Busy("full"));
         let mut frame = Vec::new();
-        s.answer(&refused, T.now_us, &mut frame);
+        s.answer(&refused, || T.now_us, &mut frame);
         assert!(std::str::from_utf8(&frame).unwrap().contains("\"error\""));
         assert!(!s.knows("ann", "c1"));
         routed(s.submit(send("c1", 1), &mut ids, T));
@@ -283,7 +288,7 @@ mod tests {
         msg.reply = ReplyTo::all_devices(0);
         let id = msg.id;
         let mut frame = Vec::new();
-        let targets = s.answer(&msg.report(id, Outcome::Delivered), T.now_us, &mut frame);
+        let targets = s.answer(&msg.report(id, Outcome::Delivered), || T.now_us, &mut frame);
         assert!(matches!(targets, Targets::AllDevices));
     }
 }

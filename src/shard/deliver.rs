@@ -510,13 +510,13 @@ impl Shard {
         if let Some(sender) = proto::receipt_sender(&r.cid) {
             return self.on_receipt_report(sender.into(), r);
         }
-        let now_us = self.clock.now_us();
+        let clock = &self.clock;
         if r.reply.conn == API_CONN {
-            self.senders.settle(&r, now_us);
+            self.senders.settle(&r, || clock.now_us());
             return self.on_api_report(r);
         }
         let mut out = Vec::with_capacity(96);
-        let targets = match self.senders.answer(&r, now_us, &mut out) {
+        let targets = match self.senders.answer(&r, || clock.now_us(), &mut out) {
             Targets::AllDevices => self.devices_of(&r.from),
             Targets::Conns(conns) => {
                 let mut live = Vec::with_capacity(conns.len());
