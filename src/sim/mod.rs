@@ -1501,20 +1501,7 @@ impl Sim {
     /// Shard `k` serves a batch of what the other shards sent it; how many messages.
     fn shard_drains_mesh(&mut self, k: usize) -> usize {
         let now = self.now();
-        self.shards[k].clear_mesh_bell();
-        let batch = self.shards[k].take_mesh_batch();
-        let n = batch.len();
-        for msg in batch {
-            if trace() {
-                eprintln!(
-                    "{now} shard {k} hears from the mesh: {}",
-                    describe_mesh(&msg)
-                );
-            }
-            if self.shards[k].on_mesh_msg(msg, now).is_some() {
-                panic!("a handoff: every connection is admitted on its user's home shard");
-            }
-        }
+        let n = serve_mesh_batch(&mut self.shards[k], k, now);
         self.counts.mesh_msgs += n as u64;
         n
     }
@@ -1945,6 +1932,25 @@ fn describe_mesh(msg: &crate::shard::msg::ShardMsg) -> String {
         ShardMsg::Room(r) => shard_rooms::describe(r),
         _ => "other".into(),
     }
+}
+
+/// Shard `k` serves one batch of what the other shards sent it; how many messages.
+fn serve_mesh_batch(shard: &mut Shard, k: usize, now: u64) -> usize {
+    shard.clear_mesh_bell();
+    let batch = shard.take_mesh_batch();
+    let n = batch.len();
+    for msg in batch {
+        if trace() {
+            eprintln!(
+                "{now} shard {k} hears from the mesh: {}",
+                describe_mesh(&msg)
+            );
+        }
+        if shard.on_mesh_msg(msg, now).is_some() {
+            panic!("a handoff: every connection is admitted on its user's home shard");
+        }
+    }
+    n
 }
 
 /// Seeds to run: `RINGGATE_SIM_SEED` (one, to replay), else `count` from a fixed start

@@ -81,11 +81,11 @@ enum Push {
     },
 }
 
-/// The script's keys for one room (`rh:`, `rd:`, `rn:`; store/redis/mod.rs) and this node's
-/// channel. History is never trimmed here: every `since` is recovered.
+/// The script's keys for one room (`rh:`, `rd:`, `rn:`; store/redis/mod.rs), as both room
+/// simulations model them. History is never trimmed here: every `since` is recovered.
 #[derive(Default)]
-struct RedisRooms {
-    history: Vec<(u64, StoredMessage)>,
+pub(super) struct RoomScript {
+    pub(super) history: Vec<(u64, StoredMessage)>,
     /// Publish dedup: (from, cid) -> (id, offset) of the first copy.
     first: HashMap<(String, String), (u64, u64)>,
     /// The offset counter (`~last`); a new room starts at the clock in microseconds, as the
@@ -96,6 +96,89 @@ struct RedisRooms {
     /// The counter starts at 0 instead of the clock (a store whose offsets start low: the
     /// home must not take any offset value for "not joined").
     from_zero: bool,
+}
+
+impl RoomScript {
+    fn start(&mut self, now_us: u64) {
+        if self.last == 0 && !self.from_zero {
+            self.last = now_us;
+        }
+    }
+
+    /// A publish runs: (id, offset) of its first copy, and the entry pushed to the node's
+    /// channel when it is new and the node is registered.
+    pub(super) fn publish(
+        &mut self,
+        post: &RoomPost,
+        now_us: u64,
+    ) -> ((u64, u64), Option<(u64, StoredMessage)>) {
+        let key = (post.from.to_string(), post.cid.to_string());
+        if let Some(&first) = self.first.get(&key) {
+            return (first, None);
+        }
+        self.start(now_us);
+        self.last += 1;
+        let offset = self.last;
+        let msg = StoredMessage {
+            id: post.id,
+            from: post.from.clone(),
+            cid: post.cid.as_ref().into(),
+            ts: post.ts,
+            body: post.body.as_ref().into(),
+            msg_type: None,
+        };
+        self.history.push((offset, msg.clone()));
+        self.first.insert(key, (post.id, offset));
+        ((post.id, offset), self.registered.then_some((offset, msg)))
+    }
+
+    /// A join runs: the node is registered; the answer (ask without `since`, as the script's
+    /// push names it; last offset; recovered; replay) for the node's channel.
+    pub(super) fn join(
+        &mut self,
+        ask: RoomJoinAsk,
+        now_us: u64,
+    ) -> (RoomJoinAsk, u64, bool, Vec<(u64, StoredMessage)>) {
+        self.registered = true;
+        self.start(now_us);
+        let replay = match ask.since {
+            Some(since) => self
+                .history
+                .iter()
+                .filter(|(o, _)| *o > since)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        let recovered = ask.since.is_some();
+        (
+            RoomJoinAsk { since: None, ..ask },
+            self.last,
+            recovered,
+            replay,
+        )
+    }
+
+    /// The node's last member left: no more pushes.
+    pub(super) fn leave(&mut self) {
+        self.registered = false;
+    }
+
+    /// The newest offset the room handed out, if any.
+    pub(super) fn last_offset(&self) -> Option<u64> {
+        self.history.last().map(|(o, _)| *o)
+    }
+
+    /// Whether `offset` is in the history.
+    pub(super) fn holds(&self, offset: u64) -> bool {
+        self.history.iter().any(|(o, _)| *o == offset)
+    }
+}
+
+/// The room's keys and this node's channel (Redis mode).
+#[derive(Default)]
+struct RedisRooms {
+    script: RoomScript,
     /// Calls submitted by the room's home shard, not run yet.
     calls: VecDeque<StoreOp>,
     /// Publish answers on their way back to the home.
@@ -323,31 +406,10 @@ impl RoomSim {
         }
         match op {
             StoreOp::RoomPublish(post) => {
-                let key = (post.from.to_string(), post.cid.to_string());
-                let first = match redis.first.get(&key) {
-                    Some(&first) => first,
-                    None => {
-                        if redis.last == 0 && !redis.from_zero {
-                            redis.last = now_us;
-                        }
-                        redis.last += 1;
-                        let offset = redis.last;
-                        let msg = StoredMessage {
-                            id: post.id,
-                            from: post.from.clone(),
-                            cid: post.cid.as_ref().into(),
-                            ts: post.ts,
-                            body: post.body.as_ref().into(),
-                            msg_type: None,
-                        };
-                        redis.history.push((offset, msg.clone()));
-                        if redis.registered {
-                            redis.channel.push_back(Push::Message { offset, msg });
-                        }
-                        redis.first.insert(key, (post.id, offset));
-                        (post.id, offset)
-                    }
-                };
+                let (first, pushed) = redis.script.publish(&post, now_us);
+                if let Some((offset, msg)) = pushed {
+                    redis.channel.push_back(Push::Message { offset, msg });
+                }
                 let answer = if roll < 12 {
                     // It ran; its answer is lost (the shard's timeout answers instead).
                     self.counts.lost_answers += 1;
@@ -358,26 +420,7 @@ impl RoomSim {
                 redis.answers.push_back((*post, answer));
             }
             StoreOp::RoomJoin(ask) => {
-                redis.registered = true;
-                if redis.last == 0 && !redis.from_zero {
-                    redis.last = now_us;
-                }
-                let last = redis.last;
-                let replay = match ask.since {
-                    Some(since) => redis
-                        .history
-                        .iter()
-                        .filter(|(o, _)| *o > since)
-                        .cloned()
-                        .collect(),
-                    None => Vec::new(),
-                };
-                // The answer names the ask as the script's push does: no `since`.
-                let recovered = ask.since.is_some();
-                let ask = RoomJoinAsk {
-                    since: None,
-                    ..*ask
-                };
+                let (ask, last, recovered, replay) = redis.script.join(*ask, now_us);
                 redis.channel.push_back(Push::JoinAnswer {
                     ask,
                     last,
@@ -385,7 +428,7 @@ impl RoomSim {
                     replay,
                 });
             }
-            StoreOp::RoomLeave { .. } => redis.registered = false,
+            StoreOp::RoomLeave { .. } => redis.script.leave(),
             _ => return Err("a call that is not a room's".into()),
         }
         Ok(())
@@ -586,9 +629,8 @@ impl RoomSim {
         let mut last = offsets.last().copied();
         if let Some(redis) = &self.redis {
             // Every publish that ran, its answer lost or not.
-            last = redis.history.last().map(|(o, _)| *o);
-            let stored: Vec<u64> = redis.history.iter().map(|(o, _)| *o).collect();
-            if let Some(o) = offsets.iter().find(|o| !stored.contains(o)) {
+            last = redis.script.last_offset();
+            if let Some(o) = offsets.iter().find(|o| !redis.script.holds(**o)) {
                 return Err(format!("offset {o} accepted but not in the room's history"));
             }
         }
@@ -627,7 +669,7 @@ fn sweep_with(
     for seed in super::seeds(count) {
         let mut sim = RoomSim::new(seed, plant_no_gap, in_redis);
         if let Some(redis) = sim.redis.as_mut() {
-            redis.from_zero = from_zero;
+            redis.script.from_zero = from_zero;
         }
         sim.run(steps).map_err(|e| (seed, e))?;
         let c = &sim.counts;

@@ -28,11 +28,12 @@
 //! Replay: `RINGGATE_SIM_SEED=<seed> cargo test --lib sim::shard_rooms -- --nocapture`
 //! (`RINGGATE_SIM_TRACE=1` prints every frame a client hears).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 
+use super::rooms::RoomScript;
 use super::{seeds, trace, Pipe};
 use crate::clock::{Clock, ManualClock};
 use crate::config::ConfigLayer;
@@ -40,7 +41,7 @@ use crate::delivery::ids::IdGrant;
 use crate::metrics::ShardMetrics;
 use crate::shard::{ConnPoll, Shard, Shared};
 use crate::store::redis::{unsent_reply, Loaded, StoreEnd, StoreLink, StoreOp, StoreReply};
-use crate::store::{StoreError, StoredMessage};
+use crate::store::StoreError;
 use crate::test_rng::Rng;
 
 const SHARDS: usize = 2;
@@ -113,11 +114,7 @@ pub(crate) struct ShardRoomCounts {
 #[derive(Default)]
 struct RedisRoom {
     ends: Vec<StoreEnd>,
-    history: Vec<(u64, StoredMessage)>,
-    first: HashMap<(String, String), (u64, u64)>,
-    /// The offset counter; a new room starts at the clock in microseconds, as the script's.
-    last: u64,
-    registered: bool,
+    script: RoomScript,
     /// Per shard: what its link answers next, in order.
     answers: Vec<VecDeque<StoreReply>>,
     channel: VecDeque<StoreReply>,
@@ -429,21 +426,7 @@ impl ShardRoomSim {
     /// Shard `k` serves one batch of what the other shard sent it.
     fn drain_mesh(&mut self, k: usize) -> usize {
         let now = self.now();
-        self.shards[k].clear_mesh_bell();
-        let batch = self.shards[k].take_mesh_batch();
-        let n = batch.len();
-        for msg in batch {
-            if trace() {
-                eprintln!(
-                    "{now} shard {k} hears from the mesh: {}",
-                    super::describe_mesh(&msg)
-                );
-            }
-            if self.shards[k].on_mesh_msg(msg, now).is_some() {
-                panic!("a handoff: every connection is admitted on its user's home shard");
-            }
-        }
-        n
+        super::serve_mesh_batch(&mut self.shards[k], k, now)
     }
 
     fn poll_all(&mut self) {
@@ -730,12 +713,8 @@ impl ShardRoomSim {
         let mut last = self.cid_of.keys().next_back().copied();
         if let Some(redis) = &self.redis {
             // Every publish that ran, its answer lost or not.
-            last = redis.history.last().map(|(o, _)| *o);
-            if let Some(o) = self
-                .cid_of
-                .keys()
-                .find(|o| !redis.history.iter().any(|(h, _)| h == *o))
-            {
+            last = redis.script.last_offset();
+            if let Some(o) = self.cid_of.keys().find(|o| !redis.script.holds(**o)) {
                 return Err(format!("offset {o} accepted but not in the room's history"));
             }
         }
@@ -758,43 +737,17 @@ impl ShardRoomSim {
 }
 
 impl RedisRoom {
-    /// A new room's counter starts at the clock in microseconds (as the script's does).
-    fn start(&mut self, now_us: u64) {
-        if self.last == 0 {
-            self.last = now_us;
-        }
-    }
-
     /// Run one call of shard `k` (the script's effect); its answer (None: none is given).
     /// `lose`: a publish runs and its answer is lost.
     fn run(&mut self, k: usize, op: StoreOp, now_us: u64, lose: bool) -> Option<StoreReply> {
         Some(match op {
             StoreOp::RoomPublish(post) => {
-                let key = (post.from.to_string(), post.cid.to_string());
-                let first = match self.first.get(&key) {
-                    Some(&first) => first,
-                    None => {
-                        self.start(now_us);
-                        self.last += 1;
-                        let offset = self.last;
-                        let msg = StoredMessage {
-                            id: post.id,
-                            from: post.from.clone(),
-                            cid: post.cid.as_ref().into(),
-                            ts: post.ts,
-                            body: post.body.as_ref().into(),
-                            msg_type: None,
-                        };
-                        self.history.push((offset, msg.clone()));
-                        if self.registered {
-                            let room = post.room.clone();
-                            self.channel
-                                .push_back(StoreReply::RoomMessage { room, offset, msg });
-                        }
-                        self.first.insert(key, (post.id, offset));
-                        (post.id, offset)
-                    }
-                };
+                let (first, pushed) = self.script.publish(&post, now_us);
+                if let Some((offset, msg)) = pushed {
+                    let room = post.room.clone();
+                    self.channel
+                        .push_back(StoreReply::RoomMessage { room, offset, msg });
+                }
                 let result = match lose {
                     true => Err(StoreError::Unavailable("timed out".into())),
                     false => Ok(first),
@@ -802,32 +755,18 @@ impl RedisRoom {
                 StoreReply::RoomPublished { post, result }
             }
             StoreOp::RoomJoin(ask) => {
-                self.registered = true;
-                self.start(now_us);
-                let replay = match ask.since {
-                    Some(since) => self
-                        .history
-                        .iter()
-                        .filter(|(o, _)| *o > since)
-                        .cloned()
-                        .collect(),
-                    None => Vec::new(),
-                };
-                // Answered on the channel, naming the ask as the script's push does (no
-                // `since`); the history is never trimmed here.
+                // Answered on the channel.
+                let (ask, last, recovered, replay) = self.script.join(*ask, now_us);
                 self.channel.push_back(StoreReply::RoomJoinAnswer {
-                    recovered: ask.since.is_some(),
-                    ask: Box::new(crate::store::redis::RoomJoinAsk {
-                        since: None,
-                        ..*ask
-                    }),
-                    last: self.last,
+                    ask: Box::new(ask),
+                    last,
+                    recovered,
                     replay,
                 });
                 return None;
             }
             StoreOp::RoomLeave { .. } => {
-                self.registered = false;
+                self.script.leave();
                 StoreReply::Done
             }
             // No direct messages here: every inbox is empty.
