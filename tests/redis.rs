@@ -295,6 +295,48 @@ fn a_cid_in_the_older_dedup_generation_is_still_a_duplicate() {
     assert_eq!(stream_len(&redis, &bob), 1);
 }
 
+/// SPEC section 4, Order, across nodes: a pair's ids increase in store order (clients tell
+/// held `accepted` answers by id). A write below the highest id its pair stored (another
+/// node's, whose sender moved here, say) never lands: refused for now, its sender resends it
+/// under a new id; a resend of a cid already stored is still answered with its id.
+#[test]
+fn a_write_below_the_highest_id_its_pair_stored_never_lands() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    let first = send_accepted(&mut a, &bob, "before", 1)[0];
+    let (current, _) = dedup_keys(&bob, &alice);
+    assert_eq!(
+        redis.cli(&["HGET", &current, "~top"]).trim(),
+        first.to_string(),
+        "the pair's highest stored id is kept"
+    );
+    // Another node stored an id far ahead of this node's clock for the pair.
+    let ahead = (first + (1u64 << 40)).to_string();
+    redis.cli(&["HSET", &current, "~top", &ahead]);
+    send(&mut a, &bob, "late0", json!(1));
+    let refused = next_op(&mut a, "error");
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    assert_eq!(refused["cid"], "late0");
+    assert_eq!(stream_len(&redis, &bob), 1, "not stored");
+    assert_eq!(redis.cli(&["HEXISTS", &current, "\"late0\""]).trim(), "0");
+    // A resend of what is stored is answered with its id all the same.
+    send(&mut a, &bob, "before0", json!(0));
+    assert_eq!(id_of(&next_op(&mut a, "accepted")), first);
+    // Once the pair's ids are below this node's clock again, the resend lands.
+    let behind = (first - 1).to_string();
+    redis.cli(&["HSET", &current, "~top", &behind]);
+    send(&mut a, &bob, "late0", json!(1));
+    let id = id_of(&next_op(&mut a, "accepted"));
+    assert!(id > first);
+    assert_eq!(
+        redis.cli(&["HGET", &current, "~top"]).trim(),
+        id.to_string()
+    );
+    assert_eq!(stream_len(&redis, &bob), 2);
+}
+
 #[test]
 fn the_dedup_window_rotates_past_24_hours_and_10000_cids_and_keeps_the_older_generation() {
     let redis = RedisServer::start();

@@ -16,7 +16,11 @@
 //!   a reconnect). Such a write is *in doubt*: the script refuses an append older than one of
 //!   the same shard that landed for the same pair (`stale`), and the shard resolves its
 //!   writes in doubt once Redis answers (landed or not; none lands later). See
-//!   "Order" in `shard/mirror.rs`.
+//!   "Order" in `shard/mirror.rs`. Across writers (another node's shard, a dead run's), the
+//!   script keeps each pair's highest stored message id (`~top` in its dedup hash) and
+//!   refuses an append below it (`stale` too; a resend of a stored cid is answered `dup`
+//!   all the same): a pair's ids increase in store order, the order clients tell held
+//!   `accepted` answers in (`client/order.rs`).
 //!
 //! # Data layout (prefix `rg:` by default)
 //! Keys of one user carry the hash tag `{u:<user>}`, keys of one room `{r:<room>}` (see
@@ -38,7 +42,8 @@
 //!   it, so a script call that fails later leaves no stream without a TTL.
 //! * `rg:dd:<recipient>:<sender>` and `rg:dd-old:..`: the dedup window of one pair, cid ->
 //!   `<message id> <stream id> <run>/<shard>/<attempt>` (a bare id from an older build), and
-//!   `~w:<run>/<shard>` -> the highest attempt of that shard landed or resolved, in the
+//!   `~w:<run>/<shard>` -> the highest attempt of that shard landed or resolved, `~top` ->
+//!   the highest message id the pair stored (any writer; receipts aside), in the
 //!   recipient's slot, checked by the same script before any append, so a resend after a gateway restart is answered
 //!   with the first id and stored once (a new message is appended, then `HSETNX` checks and
 //!   records its cid with the full record in one call; a known cid takes the entry back). Fields

@@ -84,17 +84,24 @@ end
 -- batch), '~age' the inbox age cap its inbox's TTL was last set for.
 -- `dstream`: the inbox each pair appended to in this batch.
 -- `dwm`: this writer's watermark per pair, `dwm_set`: pairs whose watermark rose.
+-- `dtop`: the highest message id the pair stored, any writer ('~top'; '' for none), and
+-- `dtop_set`: pairs whose top rose.
 local dborn, dold, dfresh, dage, dstream, dwm, dwm_set = {}, {}, {}, {}, {}, {}, {}
+local dtop, dtop_set = {}, {}
 local function pair(dcur)
   if dborn[dcur] == nil then
-    local meta = redis.call('HMGET', dcur, '~born', '~old', '~fresh', '~age', wfield)
+    local meta = redis.call('HMGET', dcur, '~born', '~old', '~fresh', '~age', wfield, '~top')
     dborn[dcur] = tonumber(meta[1]) or false
     dold[dcur] = meta[2] == '1'
     dfresh[dcur] = tonumber(meta[3]) or 0
     dage[dcur] = tonumber(meta[4]) or 0
     dwm[dcur] = tonumber(meta[5]) or 0
+    dtop[dcur] = meta[6] or ''
   end
 end
+-- Ids are decimal strings of 64-bit numbers (beyond a double's exact range): compared by
+-- length, then as text.
+local function id_above(a, b) return #a > #b or (#a == #b and a > b) end
 local function raise(dcur, attempt)
   if attempt > dwm[dcur] then
     dwm[dcur] = attempt
@@ -174,10 +181,19 @@ local function append(s, dcur, loc, i, watch)
     return {'stale'}
   end
   raise(dcur, tonumber(attempt))
-  local len = stream_len(s)
   -- A read receipt (cid '~r:<sender>:<id>') replaces the pair's earlier one still in the
   -- inbox; one at or below it is a duplicate (see proto.rs, RECEIPT_CID_PREFIX).
   local rkey = string.byte(cid, 1) == 126 and string.match(cid, '^(~r:.*):%d+$')
+  if not rkey and not id_above(id, dtop[dcur]) then
+    -- Below an id the pair stored, from any writer: another node's write whose answer was
+    -- lost, landing after the writes of the node its sender moved to. Landing, it would
+    -- break the rule clients order `accepted` by: a pair's ids increase in store order. A
+    -- resend of a stored cid is still answered with its id.
+    local prev = recorded(dcur, cid)
+    if prev then return {'dup', record_id(prev), 0} end
+    return {'stale'}
+  end
+  local len = stream_len(s)
   local packed, xid, prev = ARGV[i + 3], nil, nil
   if len < maxlen and not rkey then
     -- The common case, a new message below the cap: append, then check and record the cid
@@ -220,6 +236,10 @@ local function append(s, dcur, loc, i, watch)
   slen[s] = len + 1
   if every_append or sempty[s] then stream_ttl_once(s) end
   dstream[dcur] = s
+  if not rkey then
+    dtop[dcur] = id
+    dtop_set[dcur] = true
+  end
   local pushed, nodes = 0, nodes_of(loc)
   if #nodes > 0 then
     local to = ARGV[i + 4]
@@ -396,7 +416,11 @@ end
 -- Watermarks last (a rotation above moves the hash): a pair hash this creates gets the
 -- dedup TTL, like one an append creates.
 for dcur in pairs(dwm_set) do
-  redis.call('HSET', dcur, wfield, fmt(dwm[dcur]))
+  if dtop_set[dcur] then
+    redis.call('HSET', dcur, wfield, fmt(dwm[dcur]), '~top', dtop[dcur])
+  else
+    redis.call('HSET', dcur, wfield, fmt(dwm[dcur]))
+  end
   if not dborn[dcur] and not dstream[dcur] then redis.call('PEXPIRE', dcur, dedup_ttl) end
 end
 return out
