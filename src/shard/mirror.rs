@@ -219,6 +219,10 @@ pub struct InboxMirror {
     /// Users with an entry known to be missing from the mirror (it could not be placed): no
     /// later entry is shown, live or from Redis, until the reload reads them all in order.
     missing: HashSet<CompactString>,
+    /// Pairs whose resend was refused because another attempt of it may be in the store (see
+    /// `deliver`): no later message of the pair goes live, past it, until the store has
+    /// answered a write of the pair made after it (the value: the first such attempt).
+    unsure: HashMap<Pair, u64>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard.
     epoch: u64,
@@ -259,6 +263,9 @@ pub(crate) enum OrderPlant {
     /// A write whose answer was lost is answered `unavailable` at once (as before
     /// 2026-12-05), though it may have landed: resolved later, it is kept if it landed.
     TellDoubtAtOnce,
+    /// A pair's later messages go live past its resend refused as possibly stored (the rule
+    /// of `unsure`).
+    LivePastUnsure,
 }
 
 /// What becomes of an entry pushed or read for a mirror.
@@ -285,6 +292,7 @@ impl InboxMirror {
             writing: HashMap::new(),
             reload_wanted: HashSet::new(),
             missing: HashSet::new(),
+            unsure: HashMap::new(),
             epoch: 0,
             next_attempt: 1,
             doubts: HashMap::new(),
@@ -557,10 +565,24 @@ impl InboxMirror {
         if msg.resent {
             // Another attempt of it may be in Redis (stored by an earlier connection's shard
             // or a node that died): shown live under a new id, its sender would be told an
-            // id and a place other than the ones its recipient sees. It waits for Redis.
+            // id and a place other than the ones its recipient sees. It waits for Redis, and
+            // so do the pair's later messages: shown live now, they would come before it.
             self.metrics.store_refused.inc();
+            self.unsure
+                .insert((msg.to.clone(), msg.from.clone()), self.next_attempt);
             return self.tell(msg.refused(SendRefusal::Busy(
                 "the offline store is unavailable and this resent message may be in it already; resend later",
+            )));
+        }
+        if !self.unsure.is_empty()
+            && !self.planted_live_past_unsure()
+            && self
+                .unsure
+                .contains_key(&(msg.to.clone(), msg.from.clone()))
+        {
+            self.metrics.store_refused.inc();
+            return self.tell(msg.refused(SendRefusal::Busy(
+                "the offline store is unavailable and an earlier message of yours to this recipient may be in it; resend later",
             )));
         }
         if tail_len >= self.cfg.window {
@@ -710,6 +732,18 @@ impl InboxMirror {
                 Err(_) => queue.retain(|_, (_, awaited)| *awaited != Some(msg.id)),
             }
             self.release_waiting(msg.to.clone(), now, wall);
+        }
+        if !self.unsure.is_empty() && matches!(result, Ok(_) | Err(StoreError::Full { .. })) {
+            // The store answered a write of the pair made since: Redis orders the pair's
+            // messages from then on, the refused resend in its place.
+            let pair = (msg.to.clone(), msg.from.clone());
+            if self
+                .unsure
+                .get(&pair)
+                .is_some_and(|&since| msg.write.attempt >= since)
+            {
+                self.unsure.remove(&pair);
+            }
         }
         let attempt = msg.write.attempt;
         let report = match result {
@@ -886,6 +920,14 @@ impl InboxMirror {
     fn planted_tell_doubt_at_once(&self) -> bool {
         #[cfg(test)]
         return self.plant == OrderPlant::TellDoubtAtOnce;
+        #[cfg(not(test))]
+        false
+    }
+
+    /// The simulation's planted `LivePastUnsure` (always false outside tests).
+    fn planted_live_past_unsure(&self) -> bool {
+        #[cfg(test)]
+        return self.plant == OrderPlant::LivePastUnsure;
         #[cfg(not(test))]
         false
     }
