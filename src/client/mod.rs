@@ -47,7 +47,8 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Give up reconnecting after this long without success.
     pub reconnect_for: Duration,
-    /// Longest an `accepted` is held back to be told in store order (see [`order`]).
+    /// Without a connection, how long after the last transmission of the send it waits for
+    /// an `accepted` is still held back to be told in store order (see [`order`]).
     pub hold_max: Duration,
 }
 
@@ -219,6 +220,9 @@ pub struct Client {
     /// The latest read receipt sent per sender, sent again after a reconnect.
     reads_sent: HashMap<String, u64>,
     rng: u64,
+    /// Since when no connection is up (None: connected): holds run out from then (see
+    /// [`order`]).
+    lost_at: Option<Instant>,
     /// `accepted` answers held back until they can be told in store order.
     order: order::AcceptedOrder,
     /// Events decided but not returned yet (`poll` returns one at a time).
@@ -250,6 +254,7 @@ impl Client {
             reads_sent: HashMap::new(),
             rng: seed,
             order: order::AcceptedOrder::new(hold_max),
+            lost_at: None,
             ready: VecDeque::new(),
         };
         client.open().map_err(ClientError::Connect)?;
@@ -363,7 +368,7 @@ impl Client {
         }
         p.transmitted = true;
         let frame = frame.to_string();
-        self.order.transmitted(n, &p.to);
+        self.order.transmitted(n, &p.to, Instant::now());
         if let Some(ws) = self.ws.as_mut() {
             if ws.send(Message::text(frame)).is_err() {
                 self.ws = None; // resent after the reconnect
@@ -394,7 +399,13 @@ impl Client {
     pub fn poll(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let released = self.order.expired(Instant::now());
+            let now = Instant::now();
+            if self.ws.is_some() {
+                self.lost_at = None;
+            } else {
+                self.lost_at.get_or_insert(now);
+            }
+            let released = self.order.expired(now, self.lost_at);
             self.ready.extend(released);
             if let Some(event) = self.ready.pop_front() {
                 return Ok(Some(event));
@@ -414,9 +425,6 @@ impl Client {
                 return Ok(None);
             }
             if let Some(at) = self.retry_at {
-                left = left.min(at.saturating_duration_since(Instant::now()));
-            }
-            if let Some(at) = self.order.next_release() {
                 left = left.min(at.saturating_duration_since(Instant::now()));
             }
             let ws = self.ws.as_mut().expect("connected");
@@ -517,7 +525,7 @@ impl Client {
                 };
                 self.refused.remove(&n);
                 self.retry_backoff = Duration::ZERO;
-                let told = self.order.accepted(n, &sent.to, event, Instant::now());
+                let told = self.order.accepted(n, &sent.to, event);
                 self.ready.extend(told);
                 self.ready.pop_front()
             }

@@ -10,9 +10,15 @@
 //! was first transmitted before that send's last transmission. So the client tells an
 //! `accepted` only when every send to the same recipient still without one was first
 //! transmitted after this one's last transmission, and tells what it held in id order (each
-//! followed by the `delivered` that came for it meanwhile). A hold ends after `hold_max` at
-//! the latest (sorted all the same; from then on order is best effort). The JavaScript
-//! client has the same rule (clients/js/README.md, "Order of `accepted`").
+//! followed by the `delivered` that came for it meanwhile). A send refused `unavailable` stays
+//! unanswered (another attempt of it may be stored), and the client keeps resending it; while
+//! the client is connected the gateway owes an answer to every send it was written (a write
+//! in doubt is resolved, however long the store takes), so a hold lasts through a long store
+//! outage or a node's death. It ends only while the client has no connection: `hold_max`
+//! after the connection was lost or the earliest unanswered send to that recipient was last
+//! transmitted, whichever came later (the client stopped reaching the gateway). The held
+//! answers are then told sorted all the same, and from then on order is best effort. The JavaScript client has the same rule
+//! (clients/js/README.md, "Order of `accepted`").
 //!
 //! Pure logic: time comes in as an argument, events go out as return values.
 
@@ -32,15 +38,16 @@ struct HeldAnswer {
 
 /// Answers held for one recipient.
 struct Held {
-    release_at: Instant,
     answers: Vec<HeldAnswer>,
 }
 
-/// A send without `accepted`: when it was first and last transmitted.
+/// A send without `accepted`: when it was first and last transmitted (by count), and the
+/// time of its last transmission.
 #[derive(Clone, Copy)]
 struct Unanswered {
     first_tx: u64,
     last_tx: u64,
+    last_at: Instant,
 }
 
 #[derive(Default)]
@@ -61,23 +68,26 @@ impl AcceptedOrder {
         }
     }
 
-    /// Send `n` to `to` was written to a connection (first time or again).
-    pub(crate) fn transmitted(&mut self, n: u64, to: &str) {
+    /// Send `n` to `to` was written to a connection (first time or again) at `now`.
+    pub(crate) fn transmitted(&mut self, n: u64, to: &str, now: Instant) {
         self.transmissions += 1;
         let tx = self.transmissions;
-        self.unanswered
+        let send = self
+            .unanswered
             .entry(to.to_string())
             .or_default()
             .entry(n)
             .or_insert(Unanswered {
                 first_tx: tx,
                 last_tx: tx,
-            })
-            .last_tx = tx;
+                last_at: now,
+            });
+        send.last_tx = tx;
+        send.last_at = now;
     }
 
     /// Send `n` to `to` was accepted with `event`: what to tell now, in order.
-    pub(crate) fn accepted(&mut self, n: u64, to: &str, event: Event, now: Instant) -> Vec<Event> {
+    pub(crate) fn accepted(&mut self, n: u64, to: &str, event: Event) -> Vec<Event> {
         let last_tx = self
             .unanswered
             .get_mut(to)
@@ -87,11 +97,9 @@ impl AcceptedOrder {
             Event::Accepted { id, .. } => id.parse().unwrap_or(u64::MAX),
             _ => u64::MAX,
         };
-        let hold_max = self.hold_max;
         self.held
             .entry(to.to_string())
             .or_insert_with(|| Held {
-                release_at: now + hold_max,
                 answers: Vec::new(),
             })
             .answers
@@ -119,18 +127,40 @@ impl AcceptedOrder {
         Some(event)
     }
 
-    /// The earliest time a hold runs out, if any is held.
-    pub(crate) fn next_release(&self) -> Option<Instant> {
-        self.held.values().map(|h| h.release_at).min()
+    /// When the hold on `to` runs out, without a connection since `lost_at`: `hold_max` after
+    /// that or after the last transmission of the earliest unanswered send to `to` (the one
+    /// that holds the others back), whichever came later.
+    fn release_at(&self, to: &str, lost_at: Instant) -> Instant {
+        let last_at = self
+            .unanswered
+            .get(to)
+            .and_then(|sends| sends.values().min_by_key(|u| u.first_tx))
+            .map_or(lost_at, |earliest| earliest.last_at.max(lost_at));
+        last_at + self.hold_max
     }
 
-    /// Release every hold that ran out by `now`, sorted (order is best effort from then on).
-    pub(crate) fn expired(&mut self, now: Instant) -> Vec<Event> {
+    /// The earliest time a hold runs out, if any is held (never while connected: `lost_at`
+    /// None).
+    #[cfg(test)]
+    pub(crate) fn next_release(&self, lost_at: Option<Instant>) -> Option<Instant> {
+        let lost_at = lost_at?;
+        self.held
+            .keys()
+            .map(|to| self.release_at(to, lost_at))
+            .min()
+    }
+
+    /// Without a connection since `lost_at` (None: connected), release every hold that ran
+    /// out by `now`, sorted (order is best effort from then on).
+    pub(crate) fn expired(&mut self, now: Instant, lost_at: Option<Instant>) -> Vec<Event> {
+        let Some(lost_at) = lost_at else {
+            return Vec::new();
+        };
         let due: Vec<String> = self
             .held
-            .iter()
-            .filter(|(_, h)| h.release_at <= now)
-            .map(|(to, _)| to.clone())
+            .keys()
+            .filter(|to| self.release_at(to, lost_at) <= now)
+            .cloned()
             .collect();
         let mut told = Vec::new();
         for to in due {
@@ -207,36 +237,30 @@ mod tests {
     }
 
     /// Sends transmitted in this order (a number may come again: a resend).
-    fn order_with(transmitted: &[(u64, &str)]) -> AcceptedOrder {
+    fn order_with(transmitted: &[(u64, &str)], at: Instant) -> AcceptedOrder {
         let mut order = AcceptedOrder::new(Duration::from_secs(10));
         for (n, to) in transmitted {
-            order.transmitted(*n, to);
+            order.transmitted(*n, to, at);
         }
         order
     }
 
     #[test]
     fn answers_in_send_order_are_told_at_once() {
-        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
         let now = Instant::now();
-        assert_eq!(
-            cids(&order.accepted(1, "bob", accepted("1", 9), now)),
-            ["A1"]
-        );
-        assert_eq!(
-            cids(&order.accepted(2, "bob", accepted("2", 10), now)),
-            ["A2"]
-        );
+        let mut order = order_with(&[(1, "bob"), (2, "bob")], now);
+        assert_eq!(cids(&order.accepted(1, "bob", accepted("1", 9))), ["A1"]);
+        assert_eq!(cids(&order.accepted(2, "bob", accepted("2", 10))), ["A2"]);
     }
 
     #[test]
     fn an_answer_waits_for_older_sends_then_all_are_told_by_id() {
         // 1's answer is late; it was stored before 2 and 3.
-        let mut order = order_with(&[(1, "bob"), (2, "bob"), (3, "bob")]);
         let now = Instant::now();
-        assert!(order.accepted(2, "bob", accepted("2", 20), now).is_empty());
-        assert!(order.accepted(3, "bob", accepted("3", 30), now).is_empty());
-        let told = order.accepted(1, "bob", accepted("1", 10), now);
+        let mut order = order_with(&[(1, "bob"), (2, "bob"), (3, "bob")], now);
+        assert!(order.accepted(2, "bob", accepted("2", 20)).is_empty());
+        assert!(order.accepted(3, "bob", accepted("3", 30)).is_empty());
+        let told = order.accepted(1, "bob", accepted("1", 10));
         assert_eq!(cids(&told), ["A1", "A2", "A3"]);
     }
 
@@ -245,11 +269,11 @@ mod tests {
         // 1 and 2 went out; 2 was stored (id 20), 1's attempt failed and its refusal was lost
         // with the connection. After the reconnect both are resent; 1 is stored now (id 30)
         // and answered first, 2 is answered from the dedup window.
-        let mut order = order_with(&[(1, "bob"), (2, "bob"), (1, "bob"), (2, "bob")]);
         let now = Instant::now();
-        assert!(order.accepted(1, "bob", accepted("1", 30), now).is_empty());
+        let mut order = order_with(&[(1, "bob"), (2, "bob"), (1, "bob"), (2, "bob")], now);
+        assert!(order.accepted(1, "bob", accepted("1", 30)).is_empty());
         assert_eq!(
-            cids(&order.accepted(2, "bob", accepted("2", 20), now)),
+            cids(&order.accepted(2, "bob", accepted("2", 20))),
             ["A2", "A1"]
         );
     }
@@ -258,105 +282,95 @@ mod tests {
     fn a_refused_send_still_holds_newer_answers() {
         // 1 was refused here (unavailable) while another attempt of it may have been stored
         // (a dead node's write): 2's answer waits until 1 is accepted.
-        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
         let now = Instant::now();
-        assert!(order.accepted(2, "bob", accepted("2", 8), now).is_empty());
-        order.transmitted(1, "bob");
+        let mut order = order_with(&[(1, "bob"), (2, "bob")], now);
+        assert!(order.accepted(2, "bob", accepted("2", 8)).is_empty());
+        order.transmitted(1, "bob", now);
         assert_eq!(
-            cids(&order.accepted(1, "bob", accepted("1", 5), now)),
+            cids(&order.accepted(1, "bob", accepted("1", 5))),
             ["A1", "A2"]
         );
     }
 
     #[test]
     fn sends_first_transmitted_later_do_not_hold_an_answer() {
-        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
         let now = Instant::now();
-        assert!(order.accepted(2, "bob", accepted("2", 8), now).is_empty());
-        order.transmitted(3, "bob");
+        let mut order = order_with(&[(1, "bob"), (2, "bob")], now);
+        assert!(order.accepted(2, "bob", accepted("2", 8)).is_empty());
+        order.transmitted(3, "bob", now);
         // 1 answered: 1 and 2 are told; 3 went out after both and holds neither.
         assert_eq!(
-            cids(&order.accepted(1, "bob", accepted("1", 5), now)),
+            cids(&order.accepted(1, "bob", accepted("1", 5))),
             ["A1", "A2"]
         );
-        assert_eq!(
-            cids(&order.accepted(3, "bob", accepted("3", 9), now)),
-            ["A3"]
-        );
+        assert_eq!(cids(&order.accepted(3, "bob", accepted("3", 9))), ["A3"]);
     }
 
     #[test]
     fn held_answers_are_told_in_id_order_as_far_as_they_are_free() {
         // 2 resent after 3 was first sent: 3, unanswered, may have been stored before 2's
         // resend, so 2 waits for 3; 1 does not.
-        let mut order = order_with(&[(1, "bob"), (2, "bob"), (3, "bob"), (2, "bob")]);
         let now = Instant::now();
-        assert!(order.accepted(2, "bob", accepted("2", 40), now).is_empty());
+        let mut order = order_with(&[(1, "bob"), (2, "bob"), (3, "bob"), (2, "bob")], now);
+        assert!(order.accepted(2, "bob", accepted("2", 40)).is_empty());
+        assert_eq!(cids(&order.accepted(1, "bob", accepted("1", 10))), ["A1"]);
         assert_eq!(
-            cids(&order.accepted(1, "bob", accepted("1", 10), now)),
-            ["A1"]
-        );
-        assert_eq!(
-            cids(&order.accepted(3, "bob", accepted("3", 30), now)),
+            cids(&order.accepted(3, "bob", accepted("3", 30))),
             ["A3", "A2"]
         );
     }
 
     #[test]
     fn other_recipients_are_not_held() {
-        let mut order = order_with(&[(1, "bob"), (2, "cat")]);
         let now = Instant::now();
-        assert_eq!(
-            cids(&order.accepted(2, "cat", accepted("2", 5), now)),
-            ["A2"]
-        );
-        assert_eq!(
-            cids(&order.accepted(1, "bob", accepted("1", 7), now)),
-            ["A1"]
-        );
+        let mut order = order_with(&[(1, "bob"), (2, "cat")], now);
+        assert_eq!(cids(&order.accepted(2, "cat", accepted("2", 5))), ["A2"]);
+        assert_eq!(cids(&order.accepted(1, "bob", accepted("1", 7))), ["A1"]);
     }
 
     #[test]
     fn ids_compare_as_numbers() {
-        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
         let now = Instant::now();
-        assert!(order.accepted(2, "bob", accepted("2", 100), now).is_empty());
+        let mut order = order_with(&[(1, "bob"), (2, "bob")], now);
+        assert!(order.accepted(2, "bob", accepted("2", 100)).is_empty());
         assert_eq!(
-            cids(&order.accepted(1, "bob", accepted("1", 99), now)),
+            cids(&order.accepted(1, "bob", accepted("1", 99))),
             ["A1", "A2"]
         );
     }
 
     #[test]
     fn delivered_follows_its_held_accepted() {
-        let mut order = order_with(&[(1, "bob"), (2, "bob")]);
         let now = Instant::now();
-        assert!(order.accepted(2, "bob", accepted("2", 8), now).is_empty());
+        let mut order = order_with(&[(1, "bob"), (2, "bob")], now);
+        assert!(order.accepted(2, "bob", accepted("2", 8)).is_empty());
         assert!(order.delivered("2", delivered("2", 8)).is_none());
         assert!(order.delivered("7", delivered("7", 3)).is_some());
-        let told = order.accepted(1, "bob", accepted("1", 5), now);
+        let told = order.accepted(1, "bob", accepted("1", 5));
         assert_eq!(cids(&told), ["A1", "A2", "D2"]);
     }
 
     #[test]
-    fn a_hold_is_released_sorted_after_hold_max() {
-        let mut order = order_with(&[(1, "bob"), (2, "bob"), (3, "bob")]);
+    fn a_hold_lasts_while_connected_then_runs_out_hold_max_after_the_last_resend() {
         let start = Instant::now();
-        assert!(order
-            .accepted(3, "bob", accepted("3", 30), start)
-            .is_empty());
-        assert!(order
-            .accepted(2, "bob", accepted("2", 20), start)
-            .is_empty());
-        assert_eq!(order.next_release(), Some(start + Duration::from_secs(10)));
-        assert!(order.expired(start + Duration::from_secs(9)).is_empty());
-        let told = order.expired(start + Duration::from_secs(10));
+        let secs = |n| start + Duration::from_secs(n);
+        let mut order = order_with(&[(1, "bob"), (2, "bob"), (3, "bob")], start);
+        assert!(order.accepted(3, "bob", accepted("3", 30)).is_empty());
+        assert!(order.accepted(2, "bob", accepted("2", 20)).is_empty());
+        // Connected: the gateway owes 1 an answer, however long it takes.
+        assert_eq!(order.next_release(None), None);
+        assert!(order.expired(secs(60), None).is_empty());
+        // Lost at 1 s: `hold_max` from then (1 was last written before).
+        assert_eq!(order.next_release(Some(secs(1))), Some(secs(11)));
+        // 1 was refused and resent at 8 s: the hold goes on past 11 s.
+        order.transmitted(1, "bob", secs(8));
+        assert_eq!(order.next_release(Some(secs(1))), Some(secs(18)));
+        assert!(order.expired(secs(17), Some(secs(1))).is_empty());
+        // No connection, and 1 not resent for `hold_max`: told sorted, best effort from then on.
+        let told = order.expired(secs(18), Some(secs(1)));
         assert_eq!(cids(&told), ["A2", "A3"]);
-        assert_eq!(order.next_release(), None);
+        assert_eq!(order.next_release(Some(secs(1))), None);
         // 1 is told when it comes.
-        assert_eq!(
-            cids(&order.accepted(1, "bob", accepted("1", 10), start)),
-            ["A1"]
-        );
+        assert_eq!(cids(&order.accepted(1, "bob", accepted("1", 10))), ["A1"]);
     }
 }

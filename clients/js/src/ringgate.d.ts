@@ -68,7 +68,7 @@ export interface RinggateOptions {
   ackDelayMs?: number;
   /** or at once when this many are waiting (64). */
   ackBatch?: number;
-  /** Longest time an `accepted` is held to be told in server order (10000); then told sorted. */
+  /** Without a connection, how long an `accepted` is still held to be told in server order (10000); then told sorted. */
   holdMaxMs?: number;
   /** Sends unanswered at once on a connection (64); 1 after a refusal, doubling per accepted. */
   maxInFlight?: number;

@@ -208,6 +208,7 @@ export class RinggateClient {
     this._ws = null;
     this._gen = 0; // bumped per connection attempt: events of older sockets are ignored
     this._welcomed = false;
+    this._lostAt = null; // when the last welcomed connection was lost (holds count from it)
     this._maxFrame = 65536;
     this._heartbeatMs = 30000;
     this._lastRx = 0;
@@ -425,6 +426,7 @@ export class RinggateClient {
   /** Forget the current socket (its late events are ignored); returns it. */
   _detach() {
     const ws = this._ws;
+    if (this._welcomed) this._lostAt = this._clock.now();
     this._ws = null;
     this._gen++;
     this._welcomed = false;
@@ -703,6 +705,7 @@ export class RinggateClient {
     const tx = ++this._txCount;
     if (entry.firstTx == null) entry.firstTx = tx;
     entry.lastTx = tx;
+    entry.lastAt = this._clock.now();
     this._unansweredOf(orderKey(entry)).set(entry.cid, entry);
   }
 
@@ -970,15 +973,31 @@ export class RinggateClient {
     this._held.get(k).push(item);
     // Told at once: _release saved the outbox without it. Held: saved with the holds.
     if (!this._release(k, false).includes(item)) this._saveOutbox();
-    if (this._held.has(k) && !this._holdTimers.has(k)) {
-      // the hold ends after holdMaxMs at the latest (sorted all the same)
-      const h = this._clock.setTimeout(() => {
-        this._holdTimers.delete(k);
-        this._release(k, true);
-      }, delay(this.opts.holdMaxMs));
-      this._holdTimers.set(k, h);
-    }
+    if (this._held.has(k) && !this._holdTimers.has(k)) this._armHold(k);
     this._pump();
+  }
+
+  /**
+   * The hold on `k` lasts while the client is connected (the gateway owes every send written
+   * to it an answer, and a refused one is resent, so a long outage keeps the order). Without
+   * a connection it ends holdMaxMs after the connection was lost or the earliest send of `k`
+   * still without `accepted` (the one that holds the others back) was last written, whichever
+   * came later: what is held is then told, sorted all the same.
+   */
+  _armHold(k) {
+    let earliest = null;
+    for (const e of this._unanswered.get(k)?.values() ?? []) {
+      if (earliest == null || e.firstTx < earliest.firstTx) earliest = e;
+    }
+    const now = this._clock.now();
+    const lastAt = this._live ? now : Math.max(earliest?.lastAt ?? now, this._lostAt ?? -Infinity);
+    const due = lastAt + this.opts.holdMaxMs - now;
+    if (due <= 0) return this._release(k, true);
+    const h = this._clock.setTimeout(() => {
+      this._holdTimers.delete(k);
+      if (this._held.has(k)) this._armHold(k);
+    }, delay(due));
+    this._holdTimers.set(k, h);
   }
 
   /**

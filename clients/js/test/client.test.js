@@ -469,10 +469,15 @@ test('order: a refused resend still holds (another attempt may be stored); held 
   t2.clock.advance(t2.clock.nextIn());
   s2 = connect(t2);
   s2.recv({ op: 'accepted', cid: y, id: '2' });
+  t2.clock.advance(5000); // past holdMaxMs
+  assert.equal(t2.of('accepted').length, 0, 'held while connected: the gateway owes x an answer');
+  s2.serverClose(1006); // and the gateway cannot be reached again
+  const lastWrite = t2.clock.now();
   t2.clock.advance(2999);
   assert.equal(t2.of('accepted').length, 0);
   t2.clock.advance(1);
-  assert.deepEqual(t2.of('accepted').map((e) => e.cid), [y]);
+  assert.deepEqual(t2.of('accepted').map((e) => e.cid), [y], `released ${t2.clock.now() - lastWrite} ms after x's last write`);
+  s2 = connect(t2);
   s2.recv({ op: 'accepted', cid: x, id: '1' });
   assert.deepEqual(t2.of('accepted').map((e) => e.cid), [y, x]);
 });
@@ -641,17 +646,48 @@ test('order: delivered follows its held accepted', () => {
   assert.deepEqual(told(), ['Dx-7', 'A1', 'A2', 'D2']);
 });
 
+test('order: a hold lasts while the send it waits for is refused and resent, then runs out holdMaxMs after its last write', () => {
+  const t = setup({ options: { holdMaxMs: 3000, backoffMinMs: 1000, backoffMaxMs: 1000 }, random: () => 0.5 });
+  let s = connect(t);
+  const [a, b] = [1, 2].map((n) => t.client.send('bob', n));
+  s.serverClose(1006);
+  t.clock.advance(t.clock.nextIn());
+  s = connect(t);
+  s.recv({ op: 'accepted', cid: b, id: '20' });
+  // a store outage: every resend of `a` refused for 10 s, far past holdMaxMs
+  for (let i = 0; i < 10; i++) {
+    s.recv({ op: 'error', code: 'unavailable', message: 'x', cid: a });
+    t.clock.advance(t.clock.nextIn());
+    assert.deepEqual(s.ops('send').at(-1), { op: 'send', to: 'bob', cid: a, body: 1, resend: true });
+  }
+  assert.equal(t.of('accepted').length, 0, 'held while `a` is still being resent');
+  s.recv({ op: 'accepted', cid: a, id: '10' });
+  assert.deepEqual(t.of('accepted').map((x) => x.cid), [a, b]);
+  // without a connection nothing is resent: the hold runs out holdMaxMs after the last write
+  const c = t.client.send('bob', 3);
+  const d = t.client.send('bob', 4);
+  s.recv({ op: 'accepted', cid: d, id: '40' });
+  s.serverClose(1006);
+  t.clock.advance(2999);
+  assert.deepEqual(t.of('accepted').map((x) => x.cid), [a, b]);
+  t.clock.advance(1);
+  assert.deepEqual(t.of('accepted').map((x) => x.cid), [a, b, d]);
+  assert.ok(c);
+});
+
 test('order: a hold is released sorted after holdMaxMs', () => {
   const { t, s, send, told } = orderSetup({ holdMaxMs: 10000 });
   const [a, b, c] = [send(), send(), send()];
   s.recv({ op: 'accepted', cid: c, id: '30' });
   s.recv({ op: 'accepted', cid: b, id: '20' });
+  s.serverClose(1006); // no connection from now on: nothing is written again
   t.clock.advance(9999);
   assert.deepEqual(told(), []);
   t.clock.advance(1);
   assert.deepEqual(told(), ['A2', 'A3']);
   // 1 is told when it comes.
-  s.recv({ op: 'accepted', cid: a, id: '10' });
+  const s2 = connect(t);
+  s2.recv({ op: 'accepted', cid: a, id: '10' });
   assert.deepEqual(told(), ['A2', 'A3', 'A1']);
 });
 
