@@ -51,12 +51,10 @@
 //! and each node's listener routes it to the home shard there; so a sender on one node
 //! reaches a recipient online on the other only through Redis (`cross_node_pushes`). A node
 //! death kills one node (its half-landed queue, its dead writers and id slots, its directory
-//! entries lapsing) while the others keep running; its senders connect again to any node some
-//! milliseconds later, its recipients' devices come back on any node. Same invariants. Two
-//! switches reproduce what two-node runs found (see the test's doc):
-//! `RINGGATE_SIM_SENDER_MOVES=1` (a sender whose connection drops may come back on the other
-//! node) and `RINGGATE_SIM_STRICT_REFUSALS=1` (a cid shown from Redis whose resend was
-//! refused is no longer left out of the order check).
+//! entries lapsing) while the others keep running; its senders connect again to any node 0-50
+//! milliseconds later, its recipients' devices come back on any node. A sender whose
+//! connection drops comes back on a node the PRNG picks (the node it left may still have its
+//! writes on their way). Same invariants (what they found: `tests::two_nodes`).
 //!
 //! Presence (`presence.rs`) runs on the same shards, store faults and Redis model, with its own
 //! actors (devices on this node and another, watchers) and its own invariants.
@@ -231,6 +229,13 @@ pub(crate) enum Plant {
     /// The shard answers a write whose answer was lost `unavailable` at once (as before
     /// 2026-12-05), though it may have landed and be shown (`OrderPlant::TellDoubtAtOnce`).
     TellDoubtAtOnce,
+    /// A pair's later messages go live past its resend refused as possibly stored
+    /// (`OrderPlant::LivePastUnsure`).
+    LivePastUnsure,
+    /// The store lets a write land below the highest id its pair stored (the script's
+    /// `~top`): another node's write whose answer was lost lands after the writes of the
+    /// node its sender moved to, and ids no longer follow store order.
+    NoPairTop,
 }
 
 /// A dedup record: the first write of a cid (id, its writer and attempt).
@@ -250,6 +255,8 @@ struct Model {
     records: BTreeMap<(String, String, String), Record>,
     /// By (writer, recipient, sender).
     watermark: BTreeMap<(usize, String, String), u64>,
+    /// By (recipient, sender): the highest id stored (the script's `~top`).
+    top: BTreeMap<(String, String), u64>,
     /// (user, node): the directory of the script (`loc`), the nodes holding a device of the
     /// user; an append is pushed to each of them, the writer's own node too.
     located: BTreeSet<(String, usize)>,
@@ -329,6 +336,16 @@ impl Model {
 
     fn fence(&self) -> bool {
         self.plant != Plant::NoFence
+    }
+
+    /// The script's `~top` (no write lands below the highest id its pair stored). Off for
+    /// the plants of the other order rules too: it refuses most late landings by itself, and
+    /// would hide what each of them guards against on its own.
+    fn pair_top(&self) -> bool {
+        !matches!(
+            self.plant,
+            Plant::NoPairTop | Plant::NoFence | Plant::TellDoubtAtOnce | Plant::ShowPastMissing
+        )
     }
 
     /// The script's `resolve`: per write of `pair` by `writer`, whether it landed (its
@@ -414,6 +431,19 @@ impl Model {
                         msg,
                         result: Ok(Appended::Duplicate { id }),
                     };
+                }
+                if self.pair_top() {
+                    let top = self.top.entry(pair.clone()).or_default();
+                    if msg.id <= *top {
+                        if trace() {
+                            eprintln!("  -> stale (pair's top id {top})");
+                        }
+                        return StoreReply::Appended {
+                            msg,
+                            result: Err(StoreError::Stale),
+                        };
+                    }
+                    *top = msg.id;
                 }
                 self.appends += 1;
                 let seq = self.next_seq(now);
@@ -526,11 +556,6 @@ struct Conversation {
     /// a known gap of the live path, left open (issue 15's note), counted, not checked for
     /// order and id.
     shown_then_refused: BTreeSet<usize>,
-    /// Several nodes: cids whose resend was refused `unavailable` while another attempt of
-    /// the cid was stored (a dead run's): the product gap found by two-node runs (see
-    /// `tests::two_nodes`), counted, left out of the order check unless
-    /// `RINGGATE_SIM_STRICT_REFUSALS=1`.
-    refused_while_stored: BTreeSet<usize>,
     /// Cids whose first shown copy was live (its id in no inbox when shown): when its
     /// sender is told another id (the live entry was refused or died with the node, and
     /// the refusal may have been lost with a sender's connection), the same known gap.
@@ -610,9 +635,6 @@ pub(crate) struct Counts {
     pub node_deaths: u64,
     /// Entries written by one simulated node and pushed to another (multi-node runs).
     pub cross_node_pushes: u64,
-    /// Multi-node runs: cids whose resend was refused while another attempt was stored (the
-    /// product gap of `tests::two_nodes`), left out of the order check.
-    pub refused_while_stored: u64,
 }
 
 /// Which store stands at the far end of the shards' store links.
@@ -658,14 +680,8 @@ pub(crate) struct Sim {
     /// writers to Redis (the script's writer is node run and shard).
     runs: Vec<usize>,
     /// Whether a sender whose connection drops may connect again to another node (several
-    /// nodes, `RINGGATE_SIM_SENDER_MOVES=1`; off by default: it finds the cross-node order
-    /// gap of the report, a write in doubt of the node it left landing after the writes of
-    /// the node it went to). Without it senders move only when their node dies.
+    /// nodes): the node it left may still have writes of the same pairs on their way.
     sender_moves: bool,
-    /// `RINGGATE_SIM_STRICT_REFUSALS=1`: a cid shown and then refused is left out of the
-    /// order check only when the copy shown was live (from a node's memory, Redis away),
-    /// not when it was shown from Redis and a resend of it was refused.
-    strict_refusals: bool,
     /// The mesh clients of the nodes after the first (kept as the admin API keeps them).
     other_mesh_clients: Vec<crate::shard::msg::ShardMeshClient>,
     /// Each shard's store link (its own pipeline to the one Redis).
@@ -810,15 +826,14 @@ impl Sim {
             nodes,
             per_node: shards,
             runs: vec![0; nodes],
-            sender_moves: nodes > 1
-                && std::env::var("RINGGATE_SIM_SENDER_MOVES").as_deref() == Ok("1"),
-            strict_refusals: std::env::var("RINGGATE_SIM_STRICT_REFUSALS").as_deref() == Ok("1"),
+            sender_moves: nodes > 1,
             other_mesh_clients,
             model: Model {
                 plant,
                 inbox: BTreeMap::new(),
                 records: BTreeMap::new(),
                 watermark: BTreeMap::new(),
+                top: BTreeMap::new(),
                 located: BTreeSet::new(),
                 directory: presence::Directory::default(),
                 wall0: ManualClock::WALL_ORIGIN_MS,
@@ -958,11 +973,11 @@ impl Sim {
             }
         }
         if self.nodes > 1 {
-            // Its clients notice and connect elsewhere some time later: ids the surviving
-            // nodes give their resends then are above the dead run's (ids order by time,
-            // then slot; one clock for every node here, clock skew between nodes is not
-            // simulated: see the report of issue 15's multi-node runs).
-            let ms = 1 + self.rng.below(50);
+            // Its clients connect elsewhere 0-50 ms later: in the same millisecond, the
+            // ids a survivor gives their resends may be below the dead run's last (ids
+            // order by time, then slot), which the script's `~top` refuses. (One clock for
+            // every node here: skew between nodes is not simulated.)
+            let ms = self.rng.below(51);
             self.clock.advance(ms);
         }
         let now = self.now();
@@ -1131,7 +1146,8 @@ impl Sim {
             let cid = r * CID_SPACE + n;
             let text = send_frame(to, cid, n, resend && self.model.plant != Plant::Unflagged);
             self.senders[s].pipe.send(&text);
-            self.apps[s].order.transmitted(cid as u64, to);
+            let at = self.instant();
+            self.apps[s].order.transmitted(cid as u64, to, at);
         }
     }
 
@@ -1193,7 +1209,8 @@ impl Sim {
                 let cid = r * CID_SPACE + n;
                 let text = send_frame(to, cid, n, self.model.plant != Plant::Unflagged);
                 self.senders[s].pipe.send(&text);
-                self.apps[s].order.transmitted(cid as u64, to);
+                let at = self.instant();
+                self.apps[s].order.transmitted(cid as u64, to, at);
             }
         }
     }
@@ -1601,32 +1618,19 @@ impl Sim {
                         id: id.to_string(),
                     };
                     let full = (r * CID_SPACE + cid) as u64;
-                    let now = self.instant();
                     let told =
                         if matches!(self.model.plant, Plant::NoClientOrder | Plant::LimitResends) {
                             vec![event]
                         } else {
-                            self.apps[s].order.accepted(full, &to, event, now)
+                            self.apps[s].order.accepted(full, &to, event)
                         };
                     self.told(s, told)?;
                 } else {
-                    // (`strict_refusals`: only a copy shown live, from a node's memory; a
-                    // resend refused while another attempt of the cid is stored and shown
-                    // from Redis is then no gap: that copy must be in order with its id.)
-                    let live = !self.strict_refusals || c.shown_live.contains(&cid);
-                    let key = (
-                        self.recipients[r].clone(),
-                        self.senders[s].name.clone(),
-                        v["cid"].to_string(),
-                    );
-                    if self.nodes > 1
-                        && !self.strict_refusals
-                        && self.model.records.contains_key(&key)
-                        && c.refused_while_stored.insert(cid)
-                    {
-                        self.counts.refused_while_stored += 1;
-                    }
-                    if live
+                    // Only a copy shown live (from a node's memory) and then refused is the
+                    // live path's known gap; a resend refused while another attempt of the
+                    // cid is stored and shown from Redis is none: that copy is checked for
+                    // order with its id.
+                    if c.shown_live.contains(&cid)
                         && c.shown.iter().any(|(shown, _)| *shown == cid)
                         && c.shown_then_refused.insert(cid)
                     {
@@ -1641,7 +1645,8 @@ impl Sim {
                 }
             }
             let now = self.instant();
-            let released = self.apps[s].order.expired(now);
+            // (A sender always has a connection here: nothing runs out.)
+            let released = self.apps[s].order.expired(now, None);
             self.told(s, released)?;
         }
         Ok(())
@@ -1779,11 +1784,7 @@ impl Sim {
                 .map(|(cid, _)| *cid)
                 .collect();
             self.counts.live_told_other += told_other.len() as u64;
-            let gap = |cid: &usize| {
-                c.shown_then_refused.contains(cid)
-                    || told_other.contains(cid)
-                    || c.refused_while_stored.contains(cid)
-            };
+            let gap = |cid: &usize| c.shown_then_refused.contains(cid) || told_other.contains(cid);
             let ordered = |cids: &[usize]| -> Vec<usize> {
                 cids.iter().copied().filter(|cid| !gap(cid)).collect()
             };
@@ -1849,6 +1850,7 @@ fn boot_node(
             Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
             Plant::LimitResends => Some(OrderPlant::LimitResends),
             Plant::TellDoubtAtOnce => Some(OrderPlant::TellDoubtAtOnce),
+            Plant::LivePastUnsure => Some(OrderPlant::LivePastUnsure),
             _ => None,
         };
         if let Some(planted) = planted {
@@ -2032,7 +2034,6 @@ fn sweep_with(
         total.mesh_full += c.mesh_full + sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
         total.node_deaths += c.node_deaths;
         total.cross_node_pushes += sim.model.cross_node_pushes;
-        total.refused_while_stored += c.refused_while_stored;
     }
     Ok(total)
 }
@@ -2129,10 +2130,6 @@ mod tests {
     /// A write whose answer was lost answered `unavailable` at once though it may have
     /// landed (the rule before 2026-12-05): its entry is shown, its resend told `accepted`
     /// after later ones.
-    #[test]
-    fn telling_a_write_in_doubt_unavailable_at_once_breaks_the_order() {
-        finds(Plant::TellDoubtAtOnce, "order");
-    }
 
     /// Node deaths: a resend not marked as one is shown live under a new id while a dead
     /// run's write of it is in Redis (seed 11400714819323198485).
@@ -2212,28 +2209,30 @@ mod tests {
     /// connect to either (a recipient now and then on both), appends are pushed to every
     /// node in the recipient's directory entry, and one node dies while the other runs.
     ///
-    /// Found, left open (product, not fixed here):
-    /// * `RINGGATE_SIM_SENDER_MOVES=1`, seed 11400714819323198485 (also with
-    ///   `RINGGATE_SIM_NODE_DEATHS=0`): a sender's connection drops and it comes back on the
-    ///   other node while the node it left still has writes of the same pair on their way
-    ///   (frames it had read, writes queued or in doubt with fred holding them). The pair then
-    ///   has two writers at once: the fence is per writer (B's write does not make A's
-    ///   stale) and ids come from two nodes' slots, so Redis order and id order disagree
-    ///   (A's write of an earlier cid landing after B's later cid; or, without deaths, A
-    ///   giving a late-read resend an id above one B gave earlier, stored after it). The
-    ///   client's rule tells held answers by id, the recipient shows Redis order.
-    /// * `RINGGATE_SIM_STRICT_REFUSALS=1`, seeds 16126179847217348979, 2219511069923295287:
-    ///   after a node death, the resend of a cid the dead run stored (and another node showed)
-    ///   is refused `unavailable` ("no message id slot" / "may be in it already, resend
-    ///   later"); the client counts that as an answer and tells later cids, resent and stored
-    ///   after it, before it (also 16365665573296468021, where the refusals came before the
-    ///   cid was shown). Counted as `refused_while_stored` and left out of the order check
-    ///   unless strict. The one-node runs leave such cids out as `shown_then_refused` when
-    ///   they were shown first (they meet it rarely: 2,000 seeds hold strictly).
-    /// * Without the pause at a node death (senders resending in the millisecond the node
-    ///   died), seed 12014172591368668179: a survivor's ids of that millisecond are below the
-    ///   dead node's (ids order by time, then slot), so held answers told by id disagree with
-    ///   store order. With clock skew between nodes (not simulated) this needs no such haste.
+    /// A sender whose connection drops may come back on another node. Found here and fixed
+    /// (2026-12-05; the planted-bug tests below show each fix is needed):
+    /// * Seed 11400714819323198485: a sender came back on the other node while the node it
+    ///   left still had a write of the pair in doubt (fred holding it). That write landed
+    ///   after the new node's later ones, under a lower id; the client's rule tells held
+    ///   answers by id, the recipient shows Redis order. Fix: the script keeps each pair's
+    ///   highest stored id (`~top`) and refuses a write below it (`stale`, answered
+    ///   `unavailable`; a resend of a stored cid is still answered with its id): a pair's ids
+    ///   increase in store order whichever node writes (`Plant::NoPairTop`).
+    /// * Seed 4196343830758426020: with Redis away from one node only, that node refused a
+    ///   resend as possibly stored (the other node had stored it) and then sent the pair's
+    ///   next message live, shown before it. Fix: after such a refusal the pair's messages
+    ///   no longer go live until the store answers a later write of the pair (`unsure` in
+    ///   `shard/mirror.rs`, `Plant::LivePastUnsure`).
+    /// * Seeds 2219511069923295287, 16126179847217348979: after a node death, a resend of a
+    ///   cid the dead run stored was refused for over 10 s (no id slot yet, the shard busy)
+    ///   and answered in flight even later; the client's hold (`hold_max`, 10 s from the
+    ///   first held answer) ran out and told later cids first. Fix: a hold runs out only
+    ///   without a connection (`client::order`; the JavaScript client too).
+    /// The runs check strictly now: only a copy shown live from a node's memory and then
+    /// refused is left out of the order check (the live path's known gap).
+    /// Not simulated: clock skew between nodes (one clock here). A node whose clock is
+    /// behind sees a pair that just moved from a node ahead refused `stale` for up to the
+    /// skew, until its ids pass the other's.
     #[test]
     fn two_nodes() {
         match sweep_nodes(TWO_NODE_SEEDS, 3_000, Plant::None, 2) {
@@ -2288,6 +2287,29 @@ mod tests {
     #[test]
     fn two_nodes_without_the_fence_the_order_hole_is_found() {
         finds_two_nodes(Plant::NoFence, "order");
+    }
+
+    /// Found first by seed 11400714819323198485 (a sender moving nodes while the node it
+    /// left had a write of the pair in doubt).
+    #[test]
+    fn two_nodes_a_write_landing_below_its_pairs_top_id_breaks_the_order() {
+        finds_two_nodes(Plant::NoPairTop, "order");
+    }
+
+    /// Found by seed 4196343830758426020 (Redis away from one node, not the other); rarer
+    /// than one in the thousand seeds of a test run, so that seed is replayed.
+    #[test]
+    fn two_nodes_live_messages_past_a_resend_that_may_be_stored_break_the_order() {
+        let seed = 4196343830758426020;
+        let e = Sim::with_nodes(seed, Plant::LivePastUnsure, 2)
+            .run(3_000)
+            .expect_err("LivePastUnsure not found by its seed");
+        assert!(
+            e.contains("order"),
+            "LivePastUnsure broke another rule: {e}"
+        );
+        let fixed = Sim::with_nodes(seed, Plant::None, 2).run(3_000);
+        assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
     }
 
     #[test]
@@ -2621,6 +2643,24 @@ mod doubt_tests {
         resolve(&mut sim, vec![Fate::Landed]);
         assert_eq!(shown(&mut sim), ["s0:\"a\"", "s0:\"b\""]);
         assert_eq!(told(&mut sim), ["accepted:a", "accepted:b"]);
+    }
+
+    /// Planted `TellDoubtAtOnce`: the first write, in doubt, is answered `unavailable` at
+    /// once though it landed (SPEC 4: a send answered `unavailable` was not taken). (The
+    /// sweeps found it as an order break while the client's hold ran out after 10 s; since
+    /// holds last while connected, the late `accepted` of the resend is put in its place
+    /// and only this check sees it.)
+    #[test]
+    fn telling_a_write_in_doubt_unavailable_at_once_refuses_a_send_that_was_taken() {
+        let (mut sim, now) = with_r0_online();
+        sim.shard()
+            .plant_order_bug(crate::shard::durable::OrderPlant::TellDoubtAtOnce);
+        let first = send(&mut sim, "a");
+        push(&mut sim, now, 1, stored(&first));
+        lose_answer(&mut sim, now, first);
+        assert_eq!(told(&mut sim), ["error:a"], "refused though it may land");
+        resolve(&mut sim, vec![Fate::Landed]);
+        assert_eq!(shown(&mut sim), ["s0:\"a\""], "and it had landed");
     }
 
     /// The first write's answer is lost and it never landed (no entry came): the second,
