@@ -360,8 +360,13 @@ fn the_dedup_window_rotates_past_24_hours_and_10000_cids_and_keeps_the_older_gen
     assert_eq!(redis.cli(&["HGET", &current, "~old"]), "1");
     assert_eq!(
         redis.int(&["HLEN", &current]),
-        5,
-        "~born, ~old, ~fresh, ~age and the writing shard's watermark"
+        6,
+        "~born, ~old, ~fresh, ~age, the writing shard's watermark and the pair's top id"
+    );
+    assert_eq!(
+        redis.cli(&["HGET", &current, "~top"]).trim(),
+        id.to_string(),
+        "the pair's top id goes on in the new generation"
     );
     let ttl = redis.int(&["PTTL", &current]);
     assert!(ttl > 47 * 3600 * 1000, "two windows of TTL, got {ttl} ms");

