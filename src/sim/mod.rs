@@ -2152,10 +2152,6 @@ mod tests {
         finds(Plant::LimitResends, "order");
     }
 
-    /// A write whose answer was lost answered `unavailable` at once though it may have
-    /// landed (the rule before 2026-12-05): its entry is shown, its resend told `accepted`
-    /// after later ones.
-
     /// Node deaths: a resend not marked as one is shown live under a new id while a dead
     /// run's write of it is in Redis (seed 11400714819323198485).
     #[test]
@@ -2253,6 +2249,7 @@ mod tests {
     ///   and answered in flight even later; the client's hold (`hold_max`, 10 s from the
     ///   first held answer) ran out and told later cids first. Fix: a hold runs out only
     ///   without a connection (`client::order`; the JavaScript client too).
+    ///
     /// The runs check strictly now: only a copy shown live from a node's memory and then
     /// refused is left out of the order check (the live path's known gap).
     ///
