@@ -59,13 +59,22 @@ pub struct Ctx<'a> {
 /// every parsed frame except `ping`, which the connection answers itself.
 pub type AppEvent = ClientFrame;
 
-/// What a `/ws` connection carries besides its user id, boxed because it is rare.
+/// What a connection carries besides its user id, boxed because it is rare: an idle
+/// well-behaved connection holds none (the slab slot is a budget, see shard/tests.rs).
 #[derive(Debug, Default)]
 struct PeerExtra {
     rooms: Option<Vec<Box<str>>>,
     device: Option<Box<str>>,
     /// Asked for a summary of a big inbox instead of its replay (`?summary=1`).
     summary: bool,
+    /// Frames refused so far; past `abuse_limit` the connection is closed.
+    bad_frames: u32,
+    /// Input bytes to throw away before the next frame: the rest of a bad frame whose length
+    /// is known (then the peer's answering close frame is read, and the socket closes at once),
+    /// or [`SKIP_ALL`] when framing is lost (then the peer's FIN ends it). Reading on (instead
+    /// of closing with unread bytes) keeps the kernel from resetting the connection before the
+    /// client has read our close frame.
+    skip_input: u32,
 }
 
 /// Bytes kept between reads: an unfinished HTTP head or frame, and a fragmented message.
@@ -104,16 +113,9 @@ pub struct Connection {
     /// Accept time while handshaking; afterwards the last time any byte arrived.
     last_rx_ms: u64,
     last_ping_ms: u64,
-    bad_frames: u32,
     /// What an upgraded `/ws` connection still waits for before its session (one byte: the
     /// per-connection size is a budget, see shard/tests.rs).
     waiting: Waiting,
-    /// Input bytes to throw away before the next frame: the rest of a bad frame whose length
-    /// is known (then the peer's answering close frame is read, and the socket closes at once),
-    /// or [`SKIP_ALL`] when framing is lost (then the peer's FIN ends it). Reading on (instead
-    /// of closing with unread bytes) keeps the kernel from resetting the connection before the
-    /// client has read our close frame.
-    skip_input: u32,
     /// Our close frame is out and the write side is shut (FIN): a peer waiting for the server
     /// to close TCP (RFC 6455 7.1.1) sees it at once, and its own FIN ends the connection.
     fin_sent: bool,
@@ -137,9 +139,7 @@ impl Connection {
             out: Vec::new(),
             last_rx_ms: now_ms,
             last_ping_ms: 0,
-            bad_frames: 0,
             waiting: Waiting::Nothing,
-            skip_input: 0,
             fin_sent: false,
             ip: 0,
             too_fast: false,
@@ -481,9 +481,9 @@ impl Connection {
                 let mut rest = partial.buf.split_off(accepted.head_len);
                 if accepted.device.is_some() || accepted.summary {
                     self.extra = Some(Box::new(PeerExtra {
-                        rooms: None,
                         device: accepted.device,
                         summary: accepted.summary,
+                        ..PeerExtra::default()
                     }));
                 }
                 if accepted.auth_in_frame {
@@ -594,11 +594,14 @@ impl Connection {
     }
 
     fn on_frame_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
-        if self.skip_input == SKIP_ALL {
+        let skip_input = self.extra.as_ref().map_or(0, |e| e.skip_input);
+        if skip_input == SKIP_ALL {
             return;
         }
-        let skipped = data.len().min(self.skip_input as usize);
-        self.skip_input -= skipped as u32;
+        let skipped = data.len().min(skip_input as usize);
+        if skipped > 0 {
+            self.extra_mut().skip_input -= skipped as u32;
+        }
         let data = &mut data[skipped..];
         if data.is_empty() {
             return;
@@ -678,11 +681,11 @@ impl Connection {
                     match bad.frame_len {
                         Some(n) if n <= rest => pos += n as usize,
                         Some(n) if n - rest < SKIP_ALL as u64 => {
-                            self.skip_input = (n - rest) as u32;
+                            self.extra_mut().skip_input = (n - rest) as u32;
                             return buf.len();
                         }
                         _ => {
-                            self.skip_input = SKIP_ALL;
+                            self.extra_mut().skip_input = SKIP_ALL;
                             return buf.len();
                         }
                     }
@@ -898,13 +901,19 @@ impl Connection {
         self.push_frame(Kind::Text, &body, ctx);
     }
 
+    /// The rare per-connection state, allocated on first use.
+    fn extra_mut(&mut self) -> &mut PeerExtra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
     fn bad_frame(&mut self, now: u64, err: FrameError, ctx: &Ctx) {
         ctx.metrics.bad_frames.inc();
         let mut body = Vec::with_capacity(96);
         proto::write_error(&mut body, &err);
         self.push_frame(Kind::Text, &body, ctx);
-        self.bad_frames += 1;
-        if self.bad_frames > ctx.cfg.abuse_limit {
+        let extra = self.extra_mut();
+        extra.bad_frames += 1;
+        if extra.bad_frames > ctx.cfg.abuse_limit {
             ctx.metrics.abuse_closes.inc();
             self.close(now, frame::CLOSE_POLICY, "too many bad frames", ctx);
         }

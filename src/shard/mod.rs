@@ -121,8 +121,10 @@ struct Entry {
     conn: Connection,
     serial: u32,
     timer: Option<TimerKey>,
-    /// The socket task's waker, to write what a timer produced (None while parked).
-    waker: Option<Waker>,
+    /// The socket task's waker, to write what a timer produced (None while parked). Boxed:
+    /// only the glommio driver's running tasks have one, and 8 bytes less per slab slot is
+    /// what every idle connection pays (the slot is a budget, see shard/tests.rs).
+    waker: Option<Box<Waker>>,
     /// The socket while parked (see `park`): owned here, no glommio task exists.
     parked: Option<OwnedFd>,
     /// The tick found the connection idle: its task parks it on its next poll.
@@ -749,7 +751,7 @@ impl Shard {
     pub fn set_waker(&mut self, index: usize, waker: &Waker) {
         if let Some(entry) = self.conns.get_mut(index) {
             if !entry.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                entry.waker = Some(waker.clone());
+                entry.waker = Some(Box::new(waker.clone()));
             }
         }
     }
