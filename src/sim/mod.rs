@@ -2257,6 +2257,11 @@ mod tests {
     /// by one node, then (the sender moved) its next one shown live by a node Redis was away
     /// from, before the first's push reached it. That node cannot know of the other's write;
     /// such cids are counted (`live_overtook`) and left out of the order check.
+    ///
+    /// Found, open, not yet traced to its cause: seed 17687249107938223735 (one in 30,000):
+    /// a sender moved between nodes; a later cid (4) stored by one node before an earlier
+    /// one (0) written by the other landed, ids in the same millisecond agreeing with store
+    /// order, yet the client's rule told 0 before 4. Not in the seeds of a test run.
     /// Not simulated: clock skew between nodes (one clock here). A node whose clock is
     /// behind sees a pair that just moved from a node ahead refused `stale` for up to the
     /// skew, until its ids pass the other's.
@@ -2323,11 +2328,12 @@ mod tests {
         finds_two_nodes(Plant::NoPairTop, "order");
     }
 
-    /// Found by seed 4196343830758426020 (Redis away from one node, not the other); rarer
-    /// than one in the thousand seeds of a test run, so that seed is replayed.
+    /// Found first by seed 4196343830758426020 (Redis away from one node, not the other);
+    /// rarer than one in the thousand seeds of a test run, so a seed that finds it now (and
+    /// holds without it: 8617429930748298993, of 30,000 swept with the plant) is replayed.
     #[test]
     fn two_nodes_live_messages_past_a_resend_that_may_be_stored_break_the_order() {
-        let seed = 4196343830758426020;
+        let seed = 8617429930748298993;
         let e = Sim::with_nodes(seed, Plant::LivePastUnsure, 2)
             .run(3_000)
             .expect_err("LivePastUnsure not found by its seed");
