@@ -1147,6 +1147,10 @@ impl Sim {
             let cid = r * CID_SPACE + n;
             let text = send_frame(to, cid, n, resend && self.model.plant != Plant::Unflagged);
             self.senders[s].pipe.send(&text);
+            if trace() {
+                let (now, shard) = (self.now(), self.senders[s].shard);
+                eprintln!("{now} s{s} sends cid \"{cid}\" (shard {shard})");
+            }
             let at = self.instant();
             self.apps[s].order.transmitted(cid as u64, to, at);
         }
@@ -1210,6 +1214,10 @@ impl Sim {
                 let cid = r * CID_SPACE + n;
                 let text = send_frame(to, cid, n, self.model.plant != Plant::Unflagged);
                 self.senders[s].pipe.send(&text);
+                if trace() {
+                    let (now, shard) = (self.now(), self.senders[s].shard);
+                    eprintln!("{now} s{s} resends cid \"{cid}\" (shard {shard})");
+                }
                 let at = self.instant();
                 self.apps[s].order.transmitted(cid as u64, to, at);
             }
