@@ -36,11 +36,6 @@ struct HeldAnswer {
     delivered: Vec<Event>,
 }
 
-/// Answers held for one recipient.
-struct Held {
-    answers: Vec<HeldAnswer>,
-}
-
 /// A send without `accepted`: when it was first and last transmitted (by count), and the
 /// time of its last transmission.
 #[derive(Clone, Copy)]
@@ -57,7 +52,8 @@ pub(crate) struct AcceptedOrder {
     transmissions: u64,
     /// Per recipient: sends without `accepted`, by send number.
     unanswered: BTreeMap<String, BTreeMap<u64, Unanswered>>,
-    held: BTreeMap<String, Held>,
+    /// Per recipient: the answers held.
+    held: BTreeMap<String, Vec<HeldAnswer>>,
 }
 
 impl AcceptedOrder {
@@ -99,10 +95,7 @@ impl AcceptedOrder {
         };
         self.held
             .entry(to.to_string())
-            .or_insert_with(|| Held {
-                answers: Vec::new(),
-            })
-            .answers
+            .or_default()
             .push(HeldAnswer {
                 id,
                 last_tx,
@@ -116,7 +109,6 @@ impl AcceptedOrder {
     pub(crate) fn delivered(&mut self, cid: &str, event: Event) -> Option<Event> {
         for held in self.held.values_mut() {
             let found = held
-                .answers
                 .iter_mut()
                 .find(|a| matches!(&a.accepted, Event::Accepted { cid: c, .. } if c == cid));
             if let Some(answer) = found {
@@ -165,8 +157,8 @@ impl AcceptedOrder {
         let mut told = Vec::new();
         for to in due {
             if let Some(mut held) = self.held.remove(&to) {
-                held.answers.sort_by_key(|a| a.id);
-                told.extend(held.answers.into_iter().flat_map(tell));
+                held.sort_by_key(|a| a.id);
+                told.extend(held.into_iter().flat_map(tell));
             }
         }
         told
@@ -186,14 +178,13 @@ impl AcceptedOrder {
         let Some(held) = self.held.get_mut(to) else {
             return Vec::new();
         };
-        held.answers.sort_by_key(|a| a.id);
+        held.sort_by_key(|a| a.id);
         let free = held
-            .answers
             .iter()
             .take_while(|a| a.last_tx < earliest_unanswered)
             .count();
-        let told: Vec<Event> = held.answers.drain(..free).flat_map(tell).collect();
-        if held.answers.is_empty() {
+        let told: Vec<Event> = held.drain(..free).flat_map(tell).collect();
+        if held.is_empty() {
             self.held.remove(to);
         }
         told
