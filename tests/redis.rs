@@ -337,6 +337,56 @@ fn a_write_below_the_highest_id_its_pair_stored_never_lands() {
     assert_eq!(stream_len(&redis, &bob), 2);
 }
 
+/// The script decides whether a write was issued after its pair's top id from decimal
+/// strings (ids exceed a double's exact range); the gateway's rule is
+/// `delivery::ids::issued_after`. The script's own functions, run by a real redis-server on
+/// random ids near each other (same millisecond, neighbours, far apart), answer as it does.
+#[test]
+fn the_scripts_id_clock_agrees_with_the_gateways_rule() {
+    use ringgate::delivery::ids::issued_after;
+    let redis = RedisServer::start();
+    let script = include_str!("../src/store/redis/script.lua");
+    let start = script
+        .find("local function id_above")
+        .expect("id_above in the script");
+    let end = script
+        .find("local function raise")
+        .expect("raise in the script");
+    let chunk = format!(
+        "{}\nlocal out = {{}}\nfor j = 1, #ARGV, 2 do \
+         out[#out + 1] = issued_after(ARGV[j], ARGV[j + 1]) and 1 or 0 end\nreturn out",
+        &script[start..end]
+    );
+    let seed = test_seed(20261205);
+    let mut rng = Rng(seed);
+    let id = |ms: u64, slot: u64, seq: u64| (ms << 22) | (slot << 9) | seq;
+    let mut pairs = Vec::new();
+    for _ in 0..2_000 {
+        let ms = 220_000_000_000 + rng.below(1 << 30);
+        let top = id(ms, rng.below(4), rng.below(512));
+        let near_ms = match rng.below(3) {
+            0 => ms,
+            1 => ms + 1,
+            _ => ms - 1,
+        };
+        let other = id(near_ms, rng.below(4), rng.below(512));
+        pairs.push((other, top));
+        pairs.push((top + 1 + rng.below(1 << 24), top));
+    }
+    let mut args = vec!["EVAL".to_string(), chunk, "0".to_string()];
+    for (a, b) in &pairs {
+        args.extend([a.to_string(), b.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = redis.cli(&args);
+    let answers: Vec<&str> = out.lines().collect();
+    assert_eq!(answers.len(), pairs.len(), "{out}");
+    for ((a, b), got) in pairs.iter().zip(answers) {
+        let want = if issued_after(*a, *b) { "1" } else { "0" };
+        assert_eq!(got, want, "issued_after({a}, {b}) (seed {seed})");
+    }
+}
+
 #[test]
 fn the_dedup_window_rotates_past_24_hours_and_10000_cids_and_keeps_the_older_generation() {
     let redis = RedisServer::start();

@@ -185,6 +185,16 @@ pub fn slot_of(id: u64) -> u16 {
     ((id >> ID_SEQ_BITS) & (ID_SLOTS as u64 - 1)) as u16
 }
 
+/// Whether `id` was issued after `top` by the clock: in a later millisecond, or in the same
+/// one by the same issuer. Within a millisecond ids order by issuer slot, not by time, so an
+/// id of another issuer in `top`'s millisecond may have been given out earlier, though it is
+/// higher. The Redis script keeps a pair's stored ids to this rule (`~top` in
+/// `store/redis/script.lua`, which computes the same from decimal strings).
+pub fn issued_after(id: u64, top: u64) -> bool {
+    let ms = |id: u64| id >> (ID_SLOT_BITS + ID_SEQ_BITS);
+    id > top && (ms(id) > ms(top) || slot_of(id) == slot_of(top))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +207,23 @@ mod tests {
             slot,
             not_before_ms: 0,
         })
+    }
+
+    #[test]
+    fn an_id_is_issued_after_another_in_a_later_millisecond_or_from_its_issuer() {
+        let id = |ms: u64, slot: u64, seq: u64| {
+            (ms << (ID_SLOT_BITS + ID_SEQ_BITS)) | (slot << ID_SEQ_BITS) | seq
+        };
+        assert!(issued_after(id(10, 1, 0), id(9, 7, 511)));
+        assert!(issued_after(id(10, 7, 3), id(10, 7, 2)));
+        assert!(!issued_after(id(10, 7, 2), id(10, 7, 2)));
+        assert!(
+            !issued_after(id(10, 7, 0), id(10, 1, 5)),
+            "same ms, another issuer"
+        );
+        assert!(!issued_after(id(10, 1, 5), id(10, 7, 0)), "below");
+        assert!(!issued_after(id(9, 7, 0), id(10, 1, 0)));
+        assert!(issued_after(id(1, 0, 0), 0), "nothing stored yet");
     }
 
     #[test]

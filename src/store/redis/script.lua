@@ -102,6 +102,30 @@ end
 -- Ids are decimal strings of 64-bit numbers (beyond a double's exact range): compared by
 -- length, then as text.
 local function id_above(a, b) return #a > #b or (#a == #b and a > b) end
+-- An id's millisecond and issuer slot (42 | 13 | 9 bits, see delivery/ids.rs), exact: the
+-- decimal digits divided by 2^22 one at a time (every step stays below 2^27).
+local function id_clock(id)
+  local ms, r = 0, 0
+  for k = 1, #id do
+    r = r * 10 + string.byte(id, k) - 48
+    local q = math.floor(r / 4194304)
+    ms = ms * 10 + q
+    r = r - q * 4194304
+  end
+  return ms, math.floor(r / 512)
+end
+-- Whether `id` was issued after the pair's top by the clock (`issued_after` in
+-- delivery/ids.rs): a later millisecond, or the same one from the same issuer. Ids of one
+-- millisecond order by slot, not by time: another node's id there may have been given to a
+-- send read before the top's. Ids 2^23 apart or more (doubles are off by at most 2^12 each
+-- here) are in different milliseconds: the common case skips the division.
+local function issued_after(id, top)
+  if not id_above(id, top) then return false end
+  if top == '' or tonumber(id) - tonumber(top) >= 8388608 then return true end
+  local ims, islot = id_clock(id)
+  local tms, tslot = id_clock(top)
+  return ims > tms or islot == tslot
+end
 local function raise(dcur, attempt)
   if attempt > dwm[dcur] then
     dwm[dcur] = attempt
@@ -184,11 +208,12 @@ local function append(s, dcur, loc, i, watch)
   -- A read receipt (cid '~r:<sender>:<id>') replaces the pair's earlier one still in the
   -- inbox; one at or below it is a duplicate (see proto.rs, RECEIPT_CID_PREFIX).
   local rkey = string.byte(cid, 1) == 126 and string.match(cid, '^(~r:.*):%d+$')
-  if not rkey and not id_above(id, dtop[dcur]) then
-    -- Below an id the pair stored, from any writer: another node's write whose answer was
-    -- lost, landing after the writes of the node its sender moved to. Landing, it would
-    -- break the rule clients order `accepted` by: a pair's ids increase in store order. A
-    -- resend of a stored cid is still answered with its id.
+  if not rkey and not issued_after(id, dtop[dcur]) then
+    -- Below an id the pair stored, from any writer (or in its millisecond from another):
+    -- another node's write whose answer was lost, landing after the writes of the node its
+    -- sender moved to. Landing, it would break the rules clients order `accepted` by: a
+    -- pair's ids increase in store order, and a send is stored after another only if the
+    -- gateway read it later. A resend of a stored cid is still answered with its id.
     local prev = recorded(dcur, cid)
     if prev then return {'dup', record_id(prev), 0} end
     return {'stale'}
