@@ -35,7 +35,10 @@
 //!   new messages to that user join it even if Redis is back, so per-sender order holds
 //!   (a durable entry is never placed before a live one). When the user's last device leaves
 //!   with live entries unacked, they are appended to Redis in order; if Redis still refuses,
-//!   their senders get `unavailable` and resend with the same cid.
+//!   their senders get `unavailable` and resend with the same cid. Nothing goes live for a
+//!   user while an entry of theirs waits to enter the mirror, or while a write this shard
+//!   made for them is answered stored but its push has not come (`unpushed`: the answer and
+//!   the push travel on two connections; its sender was told `accepted` already).
 //! * A mirror that may have missed an entry (an uncertain write, or a confirmed write that
 //!   arrived behind a live entry) is reloaded once Redis answers and the user's tail is
 //!   empty (never while live entries are out, whose seqs a reload would not keep). Until
@@ -223,6 +226,12 @@ pub struct InboxMirror {
     /// `deliver`): no later message of the pair goes live, past it, until the store has
     /// answered a write of the pair made after it (the value: the first such attempt).
     unsure: HashMap<Pair, u64>,
+    /// Shared store: this shard's writes answered stored whose entry has not come on the
+    /// channel yet (the answer and the push travel on two connections, either first), by
+    /// message id, with the recipient. No live entry for that recipient passes one: its
+    /// sender was told `accepted` already. Gone when the push comes, or a load is sent for
+    /// the recipient (its read holds the entry), or the recipient leaves.
+    unpushed: HashMap<u64, CompactString>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard.
     epoch: u64,
@@ -266,6 +275,9 @@ pub(crate) enum OrderPlant {
     /// A pair's later messages go live past its resend refused as possibly stored (the rule
     /// of `unsure`).
     LivePastUnsure,
+    /// A message goes live while an entry its recipient's shard wrote, answered stored, has
+    /// not come on the channel yet (the rule of `unpushed`).
+    LivePastUnpushed,
 }
 
 /// What becomes of an entry pushed or read for a mirror.
@@ -293,6 +305,7 @@ impl InboxMirror {
             reload_wanted: HashSet::new(),
             missing: HashSet::new(),
             unsure: HashMap::new(),
+            unpushed: HashMap::new(),
             epoch: 0,
             next_attempt: 1,
             doubts: HashMap::new(),
@@ -357,6 +370,19 @@ impl InboxMirror {
         self.waiting.get(user).is_some_and(|q| !q.is_empty())
     }
 
+    /// An entry of `user` this shard wrote is stored but not in the mirror yet. (Scanned:
+    /// asked only on the live path, while the store is away, and the map holds only the
+    /// writes whose push is on its way.)
+    fn awaits_push(&self, user: &str) -> bool {
+        !self.unpushed.is_empty() && self.unpushed.values().any(|u| u == user)
+    }
+
+    fn forget_unpushed(&mut self, user: &str) {
+        if !self.unpushed.is_empty() {
+            self.unpushed.retain(|_, u| u != user);
+        }
+    }
+
     /// `user`'s mirror is loaded.
     pub fn ready(&self, user: &str) -> bool {
         matches!(self.mirrors.get(user), Some(Mirror::Ready { .. }))
@@ -377,6 +403,7 @@ impl InboxMirror {
         self.reload_wanted.remove(user);
         self.missing.remove(user);
         self.waiting.remove(user);
+        self.forget_unpushed(user);
         let tail = self.tails.remove(user);
         self.inbox.drop_user(user);
         // If it cannot be queued, the entry stays until this run's lease lapses: other
@@ -401,6 +428,7 @@ impl InboxMirror {
         // Whatever was missing, the read (or its retry) brings, in order. A load the queue
         // refuses fails (`store_refused`) and is retried.
         self.missing.remove(user);
+        self.forget_unpushed(user);
         let loading = Loading {
             token,
             epoch: self.epoch,
@@ -471,6 +499,7 @@ impl InboxMirror {
             && self.resolving.is_empty()
             && self.unanswered.is_empty()
             && self.waiting.is_empty()
+            && self.unpushed.is_empty()
     }
 
     /// Periodic work: probe while down, wanted reloads, failed loads, resolves.
@@ -557,6 +586,8 @@ impl InboxMirror {
             || (!missing
                 && !self.up
                 && !self.writing.contains_key(&msg.to)
+                && !self.has_waiting(&msg.to)
+                && !(self.awaits_push(&msg.to) && !self.planted_live_past_unpushed())
                 && self.ready(&msg.to)
                 && online_here);
         if !live {
@@ -723,6 +754,12 @@ impl InboxMirror {
                 entry.remove();
             }
         }
+        // Whether the entry came (on the channel, or in a read) before this answer: it waits
+        // for it then.
+        let came = self
+            .waiting
+            .get(&msg.to)
+            .is_some_and(|queue| queue.values().any(|(_, awaited)| *awaited == Some(msg.id)));
         if let Some(queue) = self.waiting.get_mut(&msg.to) {
             match result {
                 Ok(_) => queue
@@ -753,6 +790,9 @@ impl InboxMirror {
                 seq,
             }) => {
                 self.metrics.stored.inc();
+                if self.cfg.shared && !came && self.mirrors.contains_key(&msg.to) {
+                    self.unpushed.insert(msg.id, msg.to.clone());
+                }
                 // Nobody holds a device anywhere; the store told this shard alone. A shared
                 // store is asked whether the entry is still there before the push goes out;
                 // an embedded one's push is cancelled by the ack instead.
@@ -877,6 +917,9 @@ impl InboxMirror {
         now: u64,
         wall: u64,
     ) {
+        if !self.unpushed.is_empty() {
+            self.unpushed.remove(&msg.id);
+        }
         let current = self.epoch;
         match self.mirrors.get(&user) {
             // (No mirror is read before the first epoch: see `load`.)
@@ -920,6 +963,14 @@ impl InboxMirror {
     fn planted_tell_doubt_at_once(&self) -> bool {
         #[cfg(test)]
         return self.plant == OrderPlant::TellDoubtAtOnce;
+        #[cfg(not(test))]
+        false
+    }
+
+    /// The simulation's planted `LivePastUnpushed` (always false outside tests).
+    fn planted_live_past_unpushed(&self) -> bool {
+        #[cfg(test)]
+        return self.plant == OrderPlant::LivePastUnpushed;
         #[cfg(not(test))]
         false
     }
@@ -1000,7 +1051,11 @@ impl InboxMirror {
                     loading.pushes.push((seq, msg));
                 } else {
                     // A long load under a stream of pushes: read again instead of holding more.
-                    self.reload_wanted.insert(user);
+                    // The entry is missing until then: a later push shown before that read
+                    // would pass it (found by the simulation once pushes and answers came on
+                    // two queues, seed 18389455496100039632).
+                    self.reload_wanted.insert(user.clone());
+                    self.missing.insert(user);
                 }
                 return;
             }
@@ -1358,6 +1413,28 @@ mod tests {
     /// is refused for now too, other senders still go live, and once the store answers a
     /// later write of the pair, the pair goes live again.
     #[test]
+    fn a_stored_write_whose_push_has_not_come_keeps_later_messages_from_going_live() {
+        for plant in [OrderPlant::None, OrderPlant::LivePastUnpushed] {
+            let mut m = bob_online_and_store_down();
+            m.plant_order_bug(plant);
+            m.batch_answered(true);
+            m.deliver(message(11, "c11"), NOW, true);
+            let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
+            m.appended(write, stored(), NOW, WALL);
+            assert_eq!(told(&m.take_effects()), ["c11:accepted"]);
+            // The store goes away before c11's entry came on the channel: c12, shown live
+            // now, would come before it.
+            m.batch_answered(false);
+            m.deliver(message(12, "c12"), NOW, true);
+            let to_store = appends(m.take_effects()).len();
+            match plant {
+                OrderPlant::None => assert_eq!(to_store, 1, "to the store, not live past c11"),
+                _ => assert_eq!(to_store, 0, "the plant lets it go live"),
+            }
+        }
+    }
+
+    #[test]
     fn after_a_resend_that_may_be_stored_the_pairs_next_messages_wait_for_the_store() {
         let mut m = bob_online_and_store_down();
         let mut resent = message(8, "c8");
@@ -1381,7 +1458,10 @@ mod tests {
         let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
         m.appended(write, stored(), NOW, WALL);
         assert_eq!(told(&m.take_effects()), ["c11:accepted"]);
-        // Down again: ann's messages go live again.
+        // Down again once c11's entry came on the channel: ann's messages go live again.
+        let c11 = message(11, "c11").stored();
+        m.pushed("bob".into(), 1 << 40, c11, NOW, WALL);
+        m.take_effects();
         m.batch_answered(false);
         m.deliver(message(12, "c12"), NOW, true);
         assert!(

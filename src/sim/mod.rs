@@ -229,6 +229,9 @@ pub(crate) enum Plant {
     /// A pair's later messages go live past its resend refused as possibly stored
     /// (`OrderPlant::LivePastUnsure`).
     LivePastUnsure,
+    /// A message goes live past an entry its recipient's shard stored whose push has not
+    /// come yet (`OrderPlant::LivePastUnpushed`).
+    LivePastUnpushed,
     /// The store lets a write land below the highest id its pair stored (the script's
     /// `~top`): another node's write whose answer was lost lands after the writes of the
     /// node its sender moved to, and ids no longer follow store order.
@@ -702,8 +705,12 @@ pub(crate) struct Sim {
     /// Operations that timed out but land later, with the time they land and their writer.
     late: Vec<(u64, usize, StoreOp)>,
 
-    /// Per shard: answers and pushes on their way to it, in order.
+    /// Per shard: its store link's answers on their way to it, in order.
     to_shard: Vec<VecDeque<StoreReply>>,
+    /// Per shard: what its node's channel carries for it (pushes, resyncs), in order. Another
+    /// connection than the answers' (fred's subscriber): the two interleave either way, so
+    /// a write's answer may come before its push.
+    channel: Vec<VecDeque<StoreReply>>,
     senders: Vec<SenderConn>,
     /// Per sender: no frame before this virtual time (the `retry_ms` of its last
     /// `rate_limited`, which the client libraries wait out; a connection that keeps
@@ -856,7 +863,8 @@ impl Sim {
             down_until: 0,
             late: Vec::new(),
 
-            to_shard: (0..shards * nodes)
+            to_shard: (0..shards * nodes).map(|_| VecDeque::new()).collect(),
+            channel: (0..shards * nodes)
                 .map(|_| VecDeque::from([StoreReply::Resync]))
                 .collect(),
             senders: Vec::new(),
@@ -1012,6 +1020,9 @@ impl Sim {
         self.metrics.splice(shards.clone(), metrics);
         self.stores.splice(shards.clone(), stores);
         for queue in &mut self.to_shard[shards.clone()] {
+            queue.clear();
+        }
+        for queue in &mut self.channel[shards.clone()] {
             *queue = VecDeque::from([StoreReply::Resync]);
         }
         // The node's registrations die with it (Redis forgets them when its lease runs out;
@@ -1056,7 +1067,7 @@ impl Sim {
                 unreachable!("only pushes are routed");
             };
             let home = self.home(node, user);
-            self.to_shard[home].push_back(push);
+            self.channel[home].push_back(push);
         }
     }
 
@@ -1523,7 +1534,18 @@ impl Sim {
         let now = self.now();
         let k = self.pick_shard();
         for _ in 0..1 + self.rng.below(6) {
-            let Some(reply) = self.to_shard[k].pop_front() else {
+            let from_channel = match (self.to_shard[k].is_empty(), self.channel[k].is_empty()) {
+                (true, true) => break,
+                (true, false) => true,
+                (false, true) => false,
+                (false, false) => self.rng.below(2) == 0,
+            };
+            let queue = if from_channel {
+                &mut self.channel[k]
+            } else {
+                &mut self.to_shard[k]
+            };
+            let Some(reply) = queue.pop_front() else {
                 break;
             };
             if trace() {
@@ -1822,6 +1844,9 @@ impl Sim {
                 BTreeSet::new()
             };
             self.counts.live_overtook += overtook.len() as u64;
+            if trace() && !overtook.is_empty() {
+                eprintln!("s{s}->r{r}: live overtook {overtook:?}: shown {shown:?}, accepted {accepted:?}");
+            }
             let gap = |cid: &usize| {
                 c.shown_then_refused.contains(cid)
                     || told_other.contains(cid)
@@ -1892,6 +1917,7 @@ fn boot_node(
             Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
             Plant::LimitResends => Some(OrderPlant::LimitResends),
             Plant::LivePastUnsure => Some(OrderPlant::LivePastUnsure),
+            Plant::LivePastUnpushed => Some(OrderPlant::LivePastUnpushed),
             _ => None,
         };
         if let Some(planted) = planted {
@@ -2129,9 +2155,30 @@ mod tests {
         }
     }
 
+    /// Without the fence a write reported failed lands after later ones: found as a broken
+    /// order, or (since answers and pushes come on two queues, the first seed that finds it)
+    /// as an accepted message never shown (not traced further: the plant is found).
     #[test]
     fn without_the_fence_the_order_hole_of_issue_15_is_found() {
-        finds(Plant::NoFence, "order");
+        match sweep(SEEDS, 3_000, Plant::NoFence) {
+            Ok(c) => panic!("NoFence was not found in {SEEDS} seeds ({c:?})"),
+            Err((seed, e)) => {
+                println!("NoFence found by seed {seed}: {e}");
+                assert!(
+                    e.contains("order") || e.contains("(lost)"),
+                    "NoFence broke another rule: {e}"
+                );
+            }
+        }
+    }
+
+    /// Found once a write's answer could come before its push (two queues per shard, as
+    /// fred's two connections), seed 16428119858726515558: the sender was told `accepted`,
+    /// the store went away, its next message went live and was shown before the first one's
+    /// push came.
+    #[test]
+    fn a_live_message_past_a_stored_entry_whose_push_is_on_its_way_is_found() {
+        finds(Plant::LivePastUnpushed, "order");
     }
 
     #[test]
@@ -2346,37 +2393,52 @@ mod tests {
         finds_two_nodes(Plant::NoPairTop, "order");
     }
 
-    /// Found first by seed 4196343830758426020 (Redis away from one node, not the other);
-    /// rarer than one in the thousand seeds of a test run, so a seed that finds it now (and
-    /// holds without it: 8617429930748298993, of 30,000 swept with the plant) is replayed.
-    #[test]
-    fn two_nodes_live_messages_past_a_resend_that_may_be_stored_break_the_order() {
-        let seed = 8617429930748298993;
-        let e = Sim::with_nodes(seed, Plant::LivePastUnsure, 2)
-            .run(3_000)
-            .expect_err("LivePastUnsure not found by its seed");
-        assert!(
-            e.contains("order"),
-            "LivePastUnsure broke another rule: {e}"
-        );
-        let fixed = Sim::with_nodes(seed, Plant::None, 2).run(3_000);
-        assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
-    }
+    /// `LivePastUnsure` (found first by seed 4196343830758426020: Redis away from one node,
+    /// not the other) was replayed by seed 8617429930748298993 until the answers and pushes
+    /// came on two queues; since then, with nothing going live past an entry on its way
+    /// (`unpushed`, waiting entries), no seed of 40,000 swept with the plant finds it
+    /// (`seed_for_a_plant`). The rule stays; its unit test in `shard::mirror` holds it.
 
-    /// Found by seed 17687249107938223735 (one in 30,000 two-node seeds), replayed: a sender
+    /// Found by seed 17687249107938223735 (one in 30,000 two-node seeds): a sender
     /// resent cid 0 on node B, moved to node A and sent cid 4 there; A stored 4, then B's
     /// attempt of 0 landed after it. Its id was higher (the same millisecond, B's slot
     /// higher), so ids agreed with store order, but B read 0 before A read 4 and the
-    /// client, whose last write of 0 came before its first of 4, told 0 first.
+    /// client, whose last write of 0 came before its first of 4, told 0 first. Since the
+    /// answers and pushes came on two queues that seed's sequence changed: a seed that finds
+    /// it now (and holds without it) is replayed, found by `seed_for_a_plant`.
     #[test]
     fn two_nodes_a_write_in_its_pairs_top_millisecond_from_another_node_breaks_the_order() {
-        let seed = 17687249107938223735;
+        let seed = 9541186005132516331;
         let e = Sim::with_nodes(seed, Plant::TopByIdOnly, 2)
             .run(3_000)
             .expect_err("TopByIdOnly not found by its seed");
         assert!(e.contains("order"), "TopByIdOnly broke another rule: {e}");
         let fixed = Sim::with_nodes(seed, Plant::None, 2).run(3_000);
         assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
+    }
+
+    /// Finds a seed for a replay test of a rare plant: `RINGGATE_SIM_PLANT=TopByIdOnly` (or
+    /// `LivePastUnsure`) `RINGGATE_SIM_SEEDS=30000 cargo test --release --lib
+    /// sim::tests::seed_for_a_plant -- --ignored --nocapture`: the first two-node seed that
+    /// breaks the order with the plant and holds without it.
+    #[test]
+    #[ignore]
+    fn seed_for_a_plant() {
+        let plant = match std::env::var("RINGGATE_SIM_PLANT").as_deref() {
+            Ok("TopByIdOnly") => Plant::TopByIdOnly,
+            Ok("LivePastUnsure") => Plant::LivePastUnsure,
+            other => panic!("RINGGATE_SIM_PLANT: TopByIdOnly or LivePastUnsure, not {other:?}"),
+        };
+        for seed in seeds(TWO_NODE_SEEDS) {
+            let Err(e) = Sim::with_nodes(seed, plant, 2).run(3_000) else {
+                continue;
+            };
+            if e.contains("order") && Sim::with_nodes(seed, Plant::None, 2).run(3_000).is_ok() {
+                println!("{plant:?}: seed {seed}: {e}");
+                return;
+            }
+        }
+        panic!("{plant:?}: no seed found");
     }
 
     #[test]
@@ -2406,7 +2468,7 @@ impl Sim {
     fn with_device_of_r0_loading() -> (Sim, u64) {
         let mut sim = Sim::with_shards(1, Plant::None, 1);
         let now = sim.now();
-        let resync = sim.to_shard[0].pop_front().expect("the first resync");
+        let resync = sim.channel[0].pop_front().expect("the first resync");
         sim.shard().on_store_reply(resync, now);
         let up = StoreReply::Batch {
             ops: 1,
