@@ -587,7 +587,7 @@ impl InboxMirror {
                 && !self.up
                 && !self.writing.contains_key(&msg.to)
                 && !self.has_waiting(&msg.to)
-                && !(self.awaits_push(&msg.to) && !self.planted_live_past_unpushed())
+                && (!self.awaits_push(&msg.to) || self.planted_live_past_unpushed())
                 && self.ready(&msg.to)
                 && online_here);
         if !live {

@@ -2393,11 +2393,11 @@ mod tests {
         finds_two_nodes(Plant::NoPairTop, "order");
     }
 
-    /// `LivePastUnsure` (found first by seed 4196343830758426020: Redis away from one node,
-    /// not the other) was replayed by seed 8617429930748298993 until the answers and pushes
-    /// came on two queues; since then, with nothing going live past an entry on its way
-    /// (`unpushed`, waiting entries), no seed of 40,000 swept with the plant finds it
-    /// (`seed_for_a_plant`). The rule stays; its unit test in `shard::mirror` holds it.
+    // `LivePastUnsure` (found first by seed 4196343830758426020: Redis away from one node,
+    // not the other) was replayed by seed 8617429930748298993 until the answers and pushes
+    // came on two queues; since then, with nothing going live past an entry on its way
+    // (`unpushed`, waiting entries), no seed of 40,000 swept with the plant finds it
+    // (`seed_for_a_plant`). The rule stays; its unit test in `shard::mirror` holds it.
 
     /// Found by seed 17687249107938223735 (one in 30,000 two-node seeds): a sender
     /// resent cid 0 on node B, moved to node A and sent cid 4 there; A stored 4, then B's
