@@ -265,7 +265,9 @@ fn run_shard(
     let n_users = users.len();
 
     // Spill: message k to user u, interleaved over users like real traffic. The message id
-    // carries its index, so an answer finds its user.
+    // carries its index, so an answer finds its user: shaped like a gateway's (ms | issuer
+    // slot | seq, `delivery::ids`), one millisecond per message and the shard as the slot,
+    // so that each pair's ids are issued in order by the script's rule (`~top`).
     barrier.wait();
     let mut seqs: Vec<Vec<u64>> = vec![Vec::with_capacity(messages); n_users];
     let mut stored = 0u64;
@@ -273,7 +275,7 @@ fn run_shard(
         n_users * messages,
         |i| {
             StoreOp::Append(Box::new(Message {
-                id: (shard as u64) << 40 | i as u64,
+                id: (i as u64 + 1) << 22 | (shard as u64) << 9,
                 from: senders[i % senders.len()].clone(),
                 to: users[i % n_users].clone(),
                 cid: format!("\"{shard}-{i}\"").into(),
@@ -295,7 +297,7 @@ fn run_shard(
                 msg,
                 result: Ok(Appended::Stored { seq, .. }),
             } => {
-                let index = (msg.id & ((1 << 40) - 1)) as usize;
+                let index = (msg.id >> 22) as usize - 1;
                 seqs[index % n_users].push(seq);
                 stored += 1;
                 Ok(())
