@@ -756,11 +756,9 @@ impl InboxMirror {
         }
         // Whether the entry came (on the channel, or in a read) before this answer: it waits
         // for it then.
-        let came = self
-            .waiting
-            .get(&msg.to)
-            .is_some_and(|queue| queue.values().any(|(_, awaited)| *awaited == Some(msg.id)));
+        let mut came = false;
         if let Some(queue) = self.waiting.get_mut(&msg.to) {
+            came = queue.values().any(|(_, awaited)| *awaited == Some(msg.id));
             match result {
                 Ok(_) => queue
                     .values_mut()
