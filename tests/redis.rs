@@ -875,6 +875,8 @@ fn live_delivery_goes_on_through_an_outage_longer_than_the_node_lease() {
     let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
     let (mut a, _) = connect_app(&gw, &alice);
     let (mut b, _) = connect_app(&gw, &bob);
+    // Live delivery needs one of alice's messages to bob stored since she connected.
+    store_one_of_the_pair(&mut a, &mut b, &bob);
     redis.kill();
     std::thread::sleep(Duration::from_millis(1_500)); // five leases
     send(&mut a, &bob, "late", json!(1));
@@ -888,6 +890,73 @@ fn live_delivery_goes_on_through_an_outage_longer_than_the_node_lease() {
     );
 }
 
+/// A message of `a`'s stored, shown to `b` (acked) and `accepted`: the store confirmed a write
+/// of the pair since the sender connected, so the pair's messages may go live while Redis is
+/// away (see `confirmed` in src/shard/mirror.rs).
+fn store_one_of_the_pair(a: &mut Ws, b: &mut Ws, to: &str) {
+    send(a, to, "stored", json!(0));
+    assert_eq!(next_op(a, "accepted")["cid"], "stored");
+    let m = next_op(b, "msg");
+    assert_eq!(m["cid"], "stored");
+    ack(b, m["seq"].as_u64().unwrap());
+    assert_eq!(next_op(a, "delivered")["cid"], "stored");
+}
+
+/// A sender that connected while Redis was away has no message to the recipient confirmed
+/// since: it is refused for now (another node may have told it `accepted` for an earlier one
+/// whose entry has not reached this node), and resends once Redis is back.
+#[test]
+fn a_sender_connected_during_an_outage_waits_for_redis_before_going_live() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(&redis, &[]);
+    let (alice, bob) = (user_on("alice", 0, SHARDS), user_on("bob", 1, SHARDS));
+    let (mut a, _) = connect_app(&gw, &alice);
+    let (mut b, _) = connect_app(&gw, &bob);
+    store_one_of_the_pair(&mut a, &mut b, &bob);
+    redis.kill();
+    // bob's shard learns that Redis is down from a write to zed (offline, homed there; see
+    // the test below).
+    let bob_up = format!(
+        "ringgate_redis_up{{shard=\"{}\"}}",
+        ringgate::mesh::home_shard(&bob, SHARDS)
+    );
+    send(&mut a, &user_on("zed", 1, SHARDS), "z0", json!(0));
+    assert!(eventually(Duration::from_secs(10), || gw.metric(&bob_up) == 0));
+    // alice connects again (another device, or after a drop): nothing of hers goes live.
+    // (Her own inbox cannot be read without Redis: no `synced` until it is back.)
+    drop(a);
+    let mut a = connect(&gw, &format!("/ws?user={alice}"));
+    assert_eq!(recv_json(&mut a)["op"], "welcome");
+    send(&mut a, &bob, "late", json!(1));
+    let err = next_op(&mut a, "error");
+    assert_eq!(
+        (err["cid"].as_str(), err["code"].as_str()),
+        (Some("late"), Some("unavailable")),
+        "{err}"
+    );
+    assert!(frames_before_pong(&mut b).is_empty(), "nothing shown");
+    assert_eq!(gw.metric_sum("ringgate_live_sends_total"), 0);
+    redis.restart();
+    let mut accepted = None;
+    assert!(eventually(Duration::from_secs(10), || {
+        send(&mut a, &bob, "late", json!(1));
+        loop {
+            let v = recv_json(&mut a);
+            match v["op"].as_str() {
+                Some("accepted") => accepted = Some(id_of(&v)),
+                Some("error") => assert_eq!(v["code"], "unavailable", "{v}"),
+                _ => continue, // `synced`, once her inbox is read
+            }
+            return accepted.is_some();
+        }
+    }));
+    let m = next_op(&mut b, "msg");
+    assert_eq!(
+        (m["cid"].as_str(), Some(id_of(&m))),
+        (Some("late"), accepted)
+    );
+}
+
 #[test]
 fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
     let mut redis = RedisServer::start();
@@ -898,7 +967,8 @@ fn live_delivery_between_online_users_goes_on_while_redis_is_down() {
         ringgate::mesh::home_shard(&bob, SHARDS)
     );
     let (mut a, _) = connect_app(&gw, &alice);
-    let (b, _) = connect_app(&gw, &bob);
+    let (mut b, _) = connect_app(&gw, &bob);
+    store_one_of_the_pair(&mut a, &mut b, &bob);
     redis.kill();
     // bob's shard learns that Redis is down from a write to zed (offline, homed there). That
     // write may be in doubt (sent as Redis died): then zed's, not bob's, live delivery waits

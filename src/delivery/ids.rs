@@ -185,6 +185,12 @@ pub fn slot_of(id: u64) -> u16 {
     ((id >> ID_SEQ_BITS) & (ID_SLOTS as u64 - 1)) as u16
 }
 
+/// The wall-clock millisecond (Unix epoch) `id` was issued in, or a later one (an issuer
+/// that gave out more than 512 ids in a millisecond borrows the next).
+pub fn issued_ms(id: u64) -> u64 {
+    (id >> (ID_SLOT_BITS + ID_SEQ_BITS)) + ID_EPOCH_MS
+}
+
 /// Whether `id` was issued after `top` by the clock: in a later millisecond, or in the same
 /// one by the same issuer. Within a millisecond ids order by issuer slot, not by time, so an
 /// id of another issuer in `top`'s millisecond may have been given out earlier, though it is
@@ -224,6 +230,14 @@ mod tests {
         assert!(!issued_after(id(10, 1, 5), id(10, 7, 0)), "below");
         assert!(!issued_after(id(9, 7, 0), id(10, 1, 0)));
         assert!(issued_after(id(1, 0, 0), 0), "nothing stored yet");
+    }
+
+    #[test]
+    fn an_id_tells_the_millisecond_it_was_issued_in() {
+        let mut ids = MessageIds::for_shard(5);
+        let first = ids.next(WALL, 0).unwrap();
+        assert_eq!(issued_ms(first), WALL);
+        assert_eq!(issued_ms(ids.next(WALL + 7, 0).unwrap()), WALL + 7);
     }
 
     #[test]

@@ -48,6 +48,12 @@ pub struct Message {
     /// The client marked it `resend`: another attempt of it (an earlier connection's, a dead
     /// node's) may be in the store already, so it is never delivered live past the store.
     pub resent: bool,
+    /// Wall-clock ms (Unix epoch) when the sender last arrived on its home shard here: its
+    /// latest connection opened (for `POST /api/send`, the request came). While Redis is
+    /// away, the message goes live only past a write of the pair issued since then that the
+    /// store confirmed (`confirmed` in `shard/mirror.rs`): a message the sender was told
+    /// `accepted` for before, on another node, is then known to be in this node's mirror.
+    pub sender_arrived_ms: u64,
 }
 
 /// A message's write to the Redis store, as its recipient's shard numbers it (see "Order" in

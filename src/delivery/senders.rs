@@ -71,11 +71,18 @@ pub enum Targets {
     Conns(Vec<(usize, u32)>),
 }
 
+/// What this shard keeps of a sender homed here.
+struct Sender {
+    dedup: Dedup,
+    /// Wall-clock ms when it last arrived here (see [`Message::sender_arrived_ms`]).
+    arrived_ms: u64,
+}
+
 /// The sender's side of direct delivery on one shard.
 pub struct Senders {
     metrics: Arc<ShardMetrics>,
-    /// Dedup windows of the senders whose home is this shard.
-    dedup: HashMap<CompactString, Dedup>,
+    /// The senders whose home is this shard, from their first send on.
+    senders: HashMap<CompactString, Sender>,
     /// Connections that resent a cid whose first copy was still on its way, by (sender,
     /// cid): they get its answer too.
     waiters: HashMap<(CompactString, CompactString), Vec<(usize, u32)>>,
@@ -85,7 +92,7 @@ impl Senders {
     pub fn new(metrics: Arc<ShardMetrics>) -> Self {
         Senders {
             metrics,
-            dedup: HashMap::new(),
+            senders: HashMap::new(),
             waiters: HashMap::new(),
         }
     }
@@ -97,19 +104,38 @@ impl Senders {
 
     /// `user`'s dedup window holds `cid` (accepted, or on its way).
     pub fn knows(&self, user: &str, cid: &str) -> bool {
-        self.dedup
+        self.senders
             .get(user)
-            .is_some_and(|d| !matches!(d.check(cid), Seen::New))
+            .is_some_and(|s| !matches!(s.dedup.check(cid), Seen::New))
+    }
+
+    /// `user` arrived at `wall_ms`: a connection of theirs opened here (or, for the backend
+    /// sender, a request came). A sender not known yet arrives with its first send.
+    pub fn arrived(&mut self, user: &str, wall_ms: u64) {
+        if let Some(sender) = self.senders.get_mut(user) {
+            sender.arrived_ms = wall_ms;
+        }
+    }
+
+    /// When `user` last arrived here ([`Senders::arrived`]); `wall_ms` if not known yet.
+    pub fn arrived_ms(&self, user: &str, wall_ms: u64) -> u64 {
+        self.senders.get(user).map_or(wall_ms, |s| s.arrived_ms)
     }
 
     /// Dedup, then an id; the message to route, or the answer from the window.
     pub fn submit(&mut self, s: Submission, ids: &mut MessageIds, t: SendTime) -> Submitted {
         self.metrics.sends.inc();
-        let dedup = self
-            .dedup
+        let sender = self
+            .senders
             .entry(s.from.clone())
-            .or_insert_with(|| Dedup::new(DedupConfig::default()));
-        let id = match dedup.begin_new(&s.cid, t.now, || ids.next(t.wall_ms, t.now)) {
+            .or_insert_with(|| Sender {
+                dedup: Dedup::new(DedupConfig::default()),
+                arrived_ms: t.wall_ms,
+            });
+        let id = match sender
+            .dedup
+            .begin_new(&s.cid, t.now, || ids.next(t.wall_ms, t.now))
+        {
             Ok(id) => id,
             Err(Seen::Accepted { id }) => {
                 self.metrics.dedup_hits.inc();
@@ -132,6 +158,7 @@ impl Senders {
             received_us: t.now_us,
             write: Default::default(),
             resent: s.resent,
+            sender_arrived_ms: sender.arrived_ms,
         };
         match id {
             Some(_) => Submitted::Route(Box::new(msg)),
@@ -156,14 +183,14 @@ impl Senders {
                 self.metrics
                     .send_accepted
                     .observe(std::time::Duration::from_micros(took_us));
-                if let Some(d) = self.dedup.get_mut(&r.from) {
-                    d.accept_as(&r.cid, r.id);
+                if let Some(s) = self.senders.get_mut(&r.from) {
+                    s.dedup.accept_as(&r.cid, r.id);
                 }
             }
             Outcome::Delivered => {}
             Outcome::Refused(why) => {
-                if let Some(d) = self.dedup.get_mut(&r.from) {
-                    d.forget_pending(&r.cid);
+                if let Some(s) = self.senders.get_mut(&r.from) {
+                    s.dedup.forget_pending(&r.cid);
                 }
                 self.metrics.refusals[why.source().index()].inc();
             }
@@ -279,6 +306,30 @@ mod tests {
         assert!(std::str::from_utf8(&frame).unwrap().contains("\"error\""));
         assert!(!s.knows("ann", "c1"));
         routed(s.submit(send("c1", 1), &mut ids, T));
+    }
+
+    #[test]
+    fn a_message_carries_when_its_sender_last_arrived() {
+        let (mut s, mut ids) = (senders(), MessageIds::for_shard(0));
+        s.arrived("ann", T.wall_ms - 50);
+        let first = routed(s.submit(send("c1", 1), &mut ids, T));
+        assert_eq!(
+            first.sender_arrived_ms, T.wall_ms,
+            "unknown until its first send"
+        );
+        s.arrived("ann", T.wall_ms + 5);
+        let later = SendTime {
+            wall_ms: T.wall_ms + 9,
+            ..T
+        };
+        let second = routed(s.submit(send("c2", 1), &mut ids, later));
+        assert_eq!(
+            second.sender_arrived_ms,
+            T.wall_ms + 5,
+            "its connection opened then"
+        );
+        assert_eq!(s.arrived_ms("ann", 0), T.wall_ms + 5);
+        assert_eq!(s.arrived_ms("cat", 42), 42);
     }
 
     #[test]

@@ -95,6 +95,7 @@ impl Shard {
         entry.conn.start_session(entry.serial, &ctx);
         if let Some(user) = entry.conn.user().map(CompactString::from) {
             self.users.add(&user, index);
+            self.senders.arrived(&user, self.clock.wall_ms());
             self.metrics.users.set(self.users.len() as u64);
             if self.devices_of(&user).len() == 1 {
                 self.local_presence(&user, true, now);
@@ -291,6 +292,7 @@ impl Shard {
         let reply = self.reply_to(index);
         // The gateway's own senders (`@backend`) have no devices to tell.
         let sender_copy = !sender.starts_with(crate::auth::RESERVED_PREFIX);
+        let reader_arrived_ms = self.senders.arrived_ms(&reader, ts);
         let to_users = [sender.clone(), reader.clone()];
         for to in to_users.into_iter().skip(usize::from(!sender_copy)) {
             let receipt = Message {
@@ -305,6 +307,7 @@ impl Shard {
                 received_us: self.clock.now_us(),
                 write: Default::default(),
                 resent: false,
+                sender_arrived_ms: reader_arrived_ms,
             };
             self.route(Box::new(receipt), now, Some(index));
         }
@@ -390,6 +393,9 @@ impl Shard {
             resent: false,
         };
         let t = self.send_time(now);
+        // Each request arrives anew: the caller may have been told `accepted` by another
+        // node a moment ago.
+        self.senders.arrived(BACKEND_SENDER, t.wall_ms);
         match self.senders.submit(submission, &mut self.msg_ids, t) {
             Submitted::Route(msg) => self.route(msg, now, None),
             Submitted::Refused(report) => self.on_report(report),

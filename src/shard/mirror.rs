@@ -38,7 +38,12 @@
 //!   their senders get `unavailable` and resend with the same cid. Nothing goes live for a
 //!   user while an entry of theirs waits to enter the mirror, or while a write this shard
 //!   made for them is answered stored but its push has not come (`unpushed`: the answer and
-//!   the push travel on two connections; its sender was told `accepted` already).
+//!   the push travel on two connections; its sender was told `accepted` already). Nor does
+//!   a sender's message go live before a write of the pair issued since the sender arrived
+//!   on this shard was stored here (`confirmed`): the sender may have been told `accepted`
+//!   on another node for a message whose push has not reached this node (a write stored
+//!   here later comes after it on the channel, and `~top` keeps one issued earlier from
+//!   landing after it). Other senders to the same user still go live.
 //! * A mirror that may have missed an entry (an uncertain write, or a confirmed write that
 //!   arrived behind a live entry) is reloaded once Redis answers and the user's tail is
 //!   empty (never while live entries are out, whose seqs a reload would not keep). Until
@@ -88,6 +93,7 @@ use std::sync::Arc;
 
 use compact_str::CompactString;
 
+use crate::delivery::ids::issued_ms;
 use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
 use crate::delivery::refusal::SendRefusal;
 use crate::metrics::ShardMetrics;
@@ -232,6 +238,15 @@ pub struct InboxMirror {
     /// sender was told `accepted` already. Gone when the push comes, or a load is sent for
     /// the recipient (its read holds the entry), or the recipient leaves.
     unpushed: HashMap<u64, CompactString>,
+    /// Shared store: per recipient online here, per sender, the highest id of this shard's
+    /// writes of the pair answered stored. Every entry of the pair that landed before that
+    /// write reached the mirror before its own entry did (one channel, in Redis's order;
+    /// `unpushed` holds back live entries until it came), and none issued before it can
+    /// land after it (the script's `~top`). So a sender's message goes live only when this
+    /// id was issued since the sender arrived here (`Message::sender_arrived_ms`): what it
+    /// was told `accepted` for on another node before is then in the mirror. Dropped with
+    /// the recipient's mirror.
+    confirmed: HashMap<CompactString, HashMap<CompactString, u64>>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard.
     epoch: u64,
@@ -278,6 +293,9 @@ pub(crate) enum OrderPlant {
     /// A message goes live while an entry its recipient's shard wrote, answered stored, has
     /// not come on the channel yet (the rule of `unpushed`).
     LivePastUnpushed,
+    /// A sender's message goes live without a write of the pair issued since the sender
+    /// arrived and confirmed by the store (the rule of `confirmed`).
+    LiveUnconfirmed,
 }
 
 /// What becomes of an entry pushed or read for a mirror.
@@ -306,6 +324,7 @@ impl InboxMirror {
             missing: HashSet::new(),
             unsure: HashMap::new(),
             unpushed: HashMap::new(),
+            confirmed: HashMap::new(),
             epoch: 0,
             next_attempt: 1,
             doubts: HashMap::new(),
@@ -404,6 +423,7 @@ impl InboxMirror {
         self.missing.remove(user);
         self.waiting.remove(user);
         self.forget_unpushed(user);
+        self.confirmed.remove(user);
         let tail = self.tails.remove(user);
         self.inbox.drop_user(user);
         // If it cannot be queued, the entry stays until this run's lease lapses: other
@@ -616,6 +636,15 @@ impl InboxMirror {
                 "the offline store is unavailable and an earlier message of yours to this recipient may be in it; resend later",
             )));
         }
+        if self.cfg.shared && !self.confirmed_since(&msg) && !self.planted_live_unconfirmed() {
+            // The sender may have been told `accepted` for an earlier message on another
+            // node, whose entry this mirror has not had yet: shown live now, this one would
+            // come first (found by the simulation with two nodes, seed 4749320442185338218).
+            self.metrics.store_refused.inc();
+            return self.tell(msg.refused(SendRefusal::Busy(
+                "the offline store is unavailable and none of your messages to this recipient since you connected has been stored yet; resend later",
+            )));
+        }
         if tail_len >= self.cfg.window {
             self.metrics.store_refused.inc();
             return self.tell(msg.refused(SendRefusal::Busy(
@@ -627,6 +656,15 @@ impl InboxMirror {
         let seq = self.inbox.append_live(&to, msg.stored(), now);
         self.tails.entry(to.clone()).or_default().insert(seq, *msg);
         self.out.push(MirrorEffect::Feed(to));
+    }
+
+    /// Whether a write of `msg`'s pair issued since its sender arrived here was stored (the
+    /// rule of `confirmed`).
+    fn confirmed_since(&self, msg: &Message) -> bool {
+        self.confirmed
+            .get(&msg.to)
+            .and_then(|from| from.get(&msg.from))
+            .is_some_and(|&id| issued_ms(id) >= msg.sender_arrived_ms)
     }
 
     /// A device acked entry `seq` of `user`, the first here to do so. A live entry is now
@@ -788,8 +826,17 @@ impl InboxMirror {
                 seq,
             }) => {
                 self.metrics.stored.inc();
-                if self.cfg.shared && !came && self.mirrors.contains_key(&msg.to) {
-                    self.unpushed.insert(msg.id, msg.to.clone());
+                if self.cfg.shared && self.mirrors.contains_key(&msg.to) {
+                    if !came {
+                        self.unpushed.insert(msg.id, msg.to.clone());
+                    }
+                    let by_sender = self.confirmed.entry(msg.to.clone()).or_default();
+                    match by_sender.get_mut(&msg.from) {
+                        Some(id) => *id = (*id).max(msg.id),
+                        None => {
+                            by_sender.insert(msg.from.clone(), msg.id);
+                        }
+                    }
                 }
                 // Nobody holds a device anywhere; the store told this shard alone. A shared
                 // store is asked whether the entry is still there before the push goes out;
@@ -969,6 +1016,14 @@ impl InboxMirror {
     fn planted_live_past_unpushed(&self) -> bool {
         #[cfg(test)]
         return self.plant == OrderPlant::LivePastUnpushed;
+        #[cfg(not(test))]
+        false
+    }
+
+    /// The simulation's planted `LiveUnconfirmed` (always false outside tests).
+    fn planted_live_unconfirmed(&self) -> bool {
+        #[cfg(test)]
+        return self.plant == OrderPlant::LiveUnconfirmed;
         #[cfg(not(test))]
         false
     }
@@ -1259,6 +1314,7 @@ mod tests {
             received_us: 0,
             write: Default::default(),
             resent: false,
+            sender_arrived_ms: 0,
         })
     }
 
@@ -1357,7 +1413,23 @@ mod tests {
         assert!(m.quiet(), "nothing on its way, unanswered or in doubt");
     }
 
-    /// bob's mirror loaded (empty), then a batch failed: the store is down.
+    /// `from`'s message `id` to bob stored, its entry come on the channel and acked (gone
+    /// from the mirror): a write of the pair the store confirmed, so the pair may go live.
+    fn confirm(m: &mut InboxMirror, id: u64, from: &str) {
+        let mut msg = message(id, &format!("k{id}"));
+        msg.from = from.into();
+        m.deliver(msg, NOW, true);
+        let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
+        let entry = write.stored();
+        m.appended(write, stored(), NOW, WALL);
+        let seq = id << 40;
+        m.pushed("bob".into(), seq, entry, NOW, WALL);
+        m.inbox_mut().remove("bob", seq);
+        m.take_effects();
+    }
+
+    /// bob's mirror loaded (empty), a message of ann's and one of cat's stored, then a batch
+    /// failed: the store is down.
     fn bob_online_and_store_down() -> InboxMirror {
         let mut m = machine();
         m.resynced();
@@ -1374,6 +1446,8 @@ mod tests {
         m.loaded("bob".into(), token, Ok(empty), NOW, WALL);
         m.take_effects();
         assert!(m.ready("bob"));
+        confirm(&mut m, 1, "ann");
+        confirm(&mut m, 2, "cat");
         m.batch_answered(false);
         m
     }
@@ -1394,6 +1468,38 @@ mod tests {
         let delivered = message(7, "c7").report(7, Outcome::Delivered);
         m.acked("bob", seq, delivered);
         assert_eq!(told(&m.take_effects()), ["c7:accepted", "c7:delivered"]);
+    }
+
+    /// Found by the simulation with two nodes (seed 4749320442185338218): ann was told
+    /// `accepted` for a message node A stored, moved to this node, and her next message went
+    /// live here before the first one's entry came on the channel. Nothing of a pair goes
+    /// live until a write of it issued since the sender arrived here is confirmed.
+    #[test]
+    fn a_sender_that_arrived_since_the_pairs_last_confirmed_write_waits_for_the_store() {
+        for plant in [OrderPlant::None, OrderPlant::LiveUnconfirmed] {
+            let mut m = bob_online_and_store_down();
+            m.plant_order_bug(plant);
+            let confirmed_at = issued_ms(1);
+            let mut arrived_since = message(13, "c13");
+            arrived_since.sender_arrived_ms = confirmed_at + 1;
+            m.deliver(arrived_since, NOW, true);
+            let refused = told(&m.take_effects());
+            match plant {
+                OrderPlant::None => assert_eq!(refused, ["c13:refused"], "not live"),
+                _ => assert!(refused.is_empty(), "the plant lets it go live"),
+            }
+            // A sender that arrived before it (the same millisecond too) goes live.
+            let mut earlier = message(14, "c14");
+            earlier.sender_arrived_ms = confirmed_at;
+            m.deliver(earlier, NOW, true);
+            assert!(matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
+        }
+        // A pair with no write confirmed at all does not go live either.
+        let mut m = bob_online_and_store_down();
+        let mut dan = message(15, "d15");
+        dan.from = "dan".into();
+        m.deliver(dan, NOW, true);
+        assert_eq!(told(&m.take_effects()), ["d15:refused"]);
     }
 
     #[test]

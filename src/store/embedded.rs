@@ -212,6 +212,7 @@ mod tests {
             received_us: 0,
             write: Default::default(),
             resent: false,
+            sender_arrived_ms: 0,
         })
     }
 

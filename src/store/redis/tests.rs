@@ -16,6 +16,7 @@ fn msg(to: &str) -> Box<Message> {
         received_us: 0,
         write: crate::delivery::message::StoreWrite { attempt: 1 },
         resent: false,
+        sender_arrived_ms: 0,
     })
 }
 
