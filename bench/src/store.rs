@@ -290,6 +290,8 @@ fn run_shard(
                 },
                 // First attempts: a live delivery could go past the store.
                 resent: false,
+                // (Read only on the live path, which the store never takes.)
+                sender_arrived_ms: 0,
             }))
         },
         |reply| match reply {
