@@ -2282,7 +2282,8 @@ mod tests {
     /// * Seed 4196343830758426020: with Redis away from one node only, that node refused a
     ///   resend as possibly stored (the other node had stored it) and then sent the pair's
     ///   next message live, shown before it. Fix: after such a refusal the pair's messages
-    ///   no longer go live until the store answers a later write of the pair (`unsure` in
+    ///   no longer go live until the store has stored a write of the pair since (then
+    ///   `unsure`; now the pair's confirmation is forgotten, `confirmed` in
     ///   `shard/mirror.rs`, `Plant::LivePastUnsure`).
     /// * Seeds 2219511069923295287, 16126179847217348979: after a node death, a resend of a
     ///   cid the dead run stored was refused for over 10 s (no id slot yet, the shard busy)
