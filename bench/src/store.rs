@@ -287,6 +287,7 @@ fn run_shard(
                 // Increasing per shard, as the shard numbers its writes (older ones are stale).
                 write: StoreWrite {
                     attempt: i as u64 + 1,
+                    to_mirror: false,
                 },
                 // First attempts: a live delivery could go past the store.
                 resent: false,

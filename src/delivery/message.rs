@@ -63,6 +63,10 @@ pub struct StoreWrite {
     /// Increasing per shard and run (0: not written): Redis refuses a write of a shard older
     /// than one of it that already landed for the same pair of users.
     pub attempt: u64,
+    /// The recipient's mirror is on the writing shard (a device of theirs is online there):
+    /// the embedded store gives the entry back as a push, as Redis pushes to every node
+    /// holding the recipient, and answers it not offline. (Redis reads its directory.)
+    pub to_mirror: bool,
 }
 
 impl Message {

@@ -4,8 +4,8 @@
 //!
 //! # What it owns
 //! The offline inboxes of the users homed on one shard (a [`MemoryInbox`], the authority, as
-//! Redis is in Redis mode), and which of them are online there (loaded: appends to them are
-//! pushed, as Redis pushes to the runs in `loc:<user>`). Not what a user received (read
+//! Redis is in Redis mode). Appends to a user online on the shard (the append says so) are
+//! pushed, as Redis pushes to the runs in `loc:<user>`. Not what a user received (read
 //! receipts): with one node the shard's own record is the only one, kept across connects.
 //!
 //! # What it does not do
@@ -17,24 +17,23 @@
 //! Seqs carry the wall time of their append in Redis's encoding (`seq_time_ms`), so the
 //! shard's mirror ages an entry the same way whichever store holds it. Time is injected.
 
-use std::collections::{HashSet, VecDeque};
-
-use compact_str::CompactString;
+use std::collections::VecDeque;
 
 use super::redis::{seq_floor_at, Appended, Loaded, StoreOp, StoreReply};
 use super::{Inbox, InboxLimits, MemoryInbox, Store, StoreCaps};
 
+/// (Who is online is the mirror's to say: each append carries it, `StoreWrite::to_mirror`.
+/// The store's operations run in the order the mirror asked them, so that is what a set of
+/// users registered by `Load` and removed by `Leave` would say, without a second copy of
+/// every online user id.)
 pub struct EmbeddedStore {
     inbox: MemoryInbox,
-    /// Users with a device on the shard: a `Load` registered them, a `Leave` took them out.
-    loaded: HashSet<CompactString>,
 }
 
 impl EmbeddedStore {
     pub fn new(limits: InboxLimits) -> Self {
         EmbeddedStore {
             inbox: MemoryInbox::new(limits),
-            loaded: HashSet::new(),
         }
     }
 
@@ -77,7 +76,7 @@ impl EmbeddedStore {
             StoreOp::Append(msg) => {
                 self.inbox.raise_next_seq(seq_floor_at(wall));
                 let to = msg.to.clone();
-                let loaded = self.loaded.contains(&to);
+                let loaded = msg.write.to_mirror;
                 // A second copy only for the mirror of a user online here.
                 let stored = msg.stored();
                 let copy = loaded.then(|| stored.clone());
@@ -103,7 +102,6 @@ impl EmbeddedStore {
             }
             StoreOp::Load { user, token, limit } => {
                 let entries = self.inbox.read(&user, 0, limit, now);
-                self.loaded.insert(user.clone());
                 out.push(StoreReply::Loaded {
                     user,
                     token,
@@ -114,10 +112,7 @@ impl EmbeddedStore {
                     }),
                 });
             }
-            StoreOp::Leave { user } => {
-                self.loaded.remove(&user);
-                out.push(StoreReply::Done);
-            }
+            StoreOp::Leave { .. } => out.push(StoreReply::Done),
             StoreOp::Probe => out.push(StoreReply::Done),
             _ => unreachable!("asked only what it serves"),
         }
@@ -247,7 +242,7 @@ mod tests {
         assert!(offline);
         // Seqs carry their append's wall time, as Redis stream ids do.
         assert_eq!(seq_time_ms(first), WALL + 5);
-        // A device connects: the load reads the inbox and registers the user.
+        // A device connects: the load reads the inbox.
         let load = StoreOp::Load {
             user: "bob".into(),
             token: 7,
@@ -263,8 +258,11 @@ mod tests {
             panic!("a load's answer");
         };
         assert_eq!(loaded.entries.len(), 1);
-        // Online: the answer, then the push for the mirror, under the same seq.
-        let answers = run(&mut store, StoreOp::Append(msg("bob", "2", 11)), 6);
+        // Online (the mirror's append says so): the answer, then the push for the mirror,
+        // under the same seq.
+        let mut online = msg("bob", "2", 11);
+        online.write.to_mirror = true;
+        let answers = run(&mut store, StoreOp::Append(online), 6);
         let (second, offline) = stored_seq(&answers[0]).unwrap();
         assert!(!offline && second > first);
         assert!(
@@ -287,7 +285,7 @@ mod tests {
             let answers = run(&mut store, remove, 8);
             assert!(matches!(answers[..], [StoreReply::Removed { ok: o, .. }] if o == ok));
         }
-        // The last device left: appends are offline again.
+        // The last device left: appends are offline again (not `to_mirror`).
         assert!(matches!(
             run(&mut store, StoreOp::Leave { user: "bob".into() }, 9)[..],
             [StoreReply::Done]

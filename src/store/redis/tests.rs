@@ -14,7 +14,10 @@ fn msg(to: &str) -> Box<Message> {
         msg_type: None,
         reply: ReplyTo::all_devices(0),
         received_us: 0,
-        write: crate::delivery::message::StoreWrite { attempt: 1 },
+        write: crate::delivery::message::StoreWrite {
+            attempt: 1,
+            to_mirror: false,
+        },
         resent: false,
         sender_arrived_ms: 0,
     })
