@@ -18,6 +18,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
+use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -614,8 +615,9 @@ pub struct Driver {
     ring: IoUring,
     bufs: BufRing,
     slots: Slab<SocketSlot>,
-    /// Socket slot of each connection, by the shard's slab index.
-    slot_of: Vec<Option<u32>>,
+    /// Socket slot of each connection plus one, by the shard's slab index (4 bytes a
+    /// connection: `Option<u32>` would be 8).
+    slot_of: Vec<Option<NonZeroU32>>,
     listener: Option<OwnedFd>,
     accept_armed: bool,
     /// Bell polls the kernel holds (ended only by the teardown's cancel).
@@ -767,7 +769,7 @@ impl Driver {
         if self.slot_of.len() <= conn {
             self.slot_of.resize(conn + 1, None);
         }
-        self.slot_of[conn] = Some(slot as u32);
+        self.slot_of[conn] = NonZeroU32::new(slot as u32 + 1);
         self.arm_recv(slot);
     }
 
@@ -872,7 +874,7 @@ impl Driver {
             .get(conn)
             .copied()
             .flatten()
-            .map(|s| s as usize)
+            .map(|s| s.get() as usize - 1)
     }
 
     fn on_accept(&mut self, shard: &RefCell<Shard>, result: i32, flags: u32) {
@@ -1389,13 +1391,13 @@ mod tests {
     fn an_idle_socket_slot_stays_small() {
         let cell = std::mem::size_of::<slab::Slab<super::SocketSlot>>(); // the slab header
         let slot = std::mem::size_of::<Result<super::SocketSlot, usize>>();
-        let index = std::mem::size_of::<Option<u32>>();
+        let index = std::mem::size_of::<Option<std::num::NonZeroU32>>();
         eprintln!(
             "socket slot {slot} B (SocketSlot {} B), slot_of entry {index} B, slab header {cell} B",
             std::mem::size_of::<super::SocketSlot>()
         );
         let busy = std::mem::size_of::<super::SocketIo>();
         eprintln!("while busy (pooled, not per idle socket): SocketIo {busy} B");
-        assert!(slot + index <= 56, "{slot} + {index}");
+        assert!(slot + index <= 44, "{slot} + {index}");
     }
 }
