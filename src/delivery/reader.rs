@@ -84,14 +84,6 @@ pub enum Write {
     },
 }
 
-/// What a pump did.
-#[derive(Debug, Default, PartialEq)]
-pub struct Pumped {
-    pub writes: Vec<Write>,
-    /// The window filled before the inbox's end.
-    pub window_full: bool,
-}
-
 /// What the connection's deadline brought.
 #[derive(Debug, Default, PartialEq)]
 pub struct Polled {
@@ -235,24 +227,25 @@ impl Reader {
 
     /// Fill the window from the inbox; `synced` once the replay has caught up. A big inbox
     /// (more than `summary_over` entries, for a client that wants a summary) at connect gets a
-    /// `summary` instead, and the replay waits for [`Reader::replay`].
+    /// `summary` instead, and the replay waits for [`Reader::replay`]. What to write is
+    /// appended to `out`; true when the window filled before the inbox's end.
     pub fn pump(
         &mut self,
         cfg: WindowConfig,
         from: InboxView<'_>,
         summary_over: Option<usize>,
         now: u64,
-    ) -> Pumped {
+        out: &mut Vec<Write>,
+    ) -> bool {
         let InboxView { inbox, user } = from;
-        let mut out = Pumped::default();
         let big = summary_over.is_some_and(|over| inbox.len(user) > over);
         if big && matches!(self.0, State::Idle { synced: false, .. }) {
-            out.writes.push(Write::Summary(inbox.summarize(user, now)));
+            out.push(Write::Summary(inbox.summarize(user, now)));
             self.begin(cfg).summary = Some(HashMap::new());
-            return out;
+            return false;
         }
         if self.flight().is_some_and(|f| f.summary.is_some()) {
-            return out; // the replay waits for `replay` (see `fetch`)
+            return false; // the replay waits for `replay` (see `fetch`)
         }
         let mut caught_up = false;
         loop {
@@ -280,7 +273,7 @@ impl Reader {
                     if !f.synced {
                         f.replayed += 1;
                     }
-                    out.writes.push(Write::Msg {
+                    out.push(Write::Msg {
                         seq,
                         msg,
                         replayed: !f.synced,
@@ -291,7 +284,6 @@ impl Reader {
                 break;
             }
         }
-        out.window_full = !caught_up;
         if caught_up && !self.synced() {
             let replayed = match &mut self.0 {
                 State::Idle { synced, .. } => {
@@ -303,20 +295,22 @@ impl Reader {
                     f.replayed
                 }
             };
-            out.writes.push(Write::Synced { replayed });
+            out.push(Write::Synced { replayed });
         }
-        out
+        !caught_up
     }
 
     /// `fetch` (after a `summary`): the next `limit` waiting messages of `sender` (at most the
-    /// window's room), as `msg` frames through the window like a replay's, then `fetched`.
+    /// window's room), as `msg` frames through the window like a replay's, then `fetched`
+    /// (appended to `out`).
     pub fn fetch(
         &mut self,
         sender: CompactString,
         limit: u32,
         from: InboxView<'_>,
         now: u64,
-    ) -> Result<Vec<Write>, Refusal> {
+        out: &mut Vec<Write>,
+    ) -> Result<(), Refusal> {
         let InboxView { inbox, user } = from;
         let Some(f) = self.flight_mut().filter(|f| f.summary.is_some()) else {
             return Err(Refusal::FetchWithoutSummary);
@@ -346,25 +340,24 @@ impl Reader {
         }
         cursors.insert(sender.clone(), looked_at);
         let count = found.len();
-        let mut writes = Vec::with_capacity(count + 1);
         for (inbox_seq, msg) in found {
             let msg = Rc::new(msg);
             let Ok(seq) = f.window.push((inbox_seq, msg.clone()), now) else {
                 unreachable!("room was checked");
             };
             f.fetched.insert(inbox_seq);
-            writes.push(Write::Msg {
+            out.push(Write::Msg {
                 seq,
                 msg,
                 replayed: false,
             });
         }
-        writes.push(Write::Fetched {
+        out.push(Write::Fetched {
             from: sender,
             count,
             more: !at_end,
         });
-        Ok(writes)
+        Ok(())
     }
 
     /// `replay` (after a `summary`): true when the replay starts now (the shard pumps: what
@@ -430,6 +423,29 @@ mod tests {
         InboxView { inbox, user: "bob" }
     }
 
+    /// A pump of bob's inbox at `T0`: what to write, and whether the window filled.
+    fn pump(
+        r: &mut Reader,
+        c: WindowConfig,
+        inbox: &MemoryInbox,
+        over: Option<usize>,
+    ) -> (Vec<Write>, bool) {
+        let mut out = Vec::new();
+        let full = r.pump(c, view(inbox), over, T0, &mut out);
+        (out, full)
+    }
+
+    fn fetch(
+        r: &mut Reader,
+        sender: &str,
+        limit: u32,
+        inbox: &MemoryInbox,
+    ) -> Result<Vec<Write>, Refusal> {
+        let mut out = Vec::new();
+        r.fetch(sender.into(), limit, view(inbox), T0, &mut out)?;
+        Ok(out)
+    }
+
     /// The writes as (kind, seq or count, message id).
     fn brief(writes: &[Write]) -> Vec<(&'static str, u64, u64)> {
         writes
@@ -460,30 +476,30 @@ mod tests {
     fn the_replay_fills_the_window_then_syncs_once_caught_up() {
         let mut inbox = inbox_of(&["a", "a", "b"]);
         let mut r = Reader::default();
-        let p = r.pump(cfg(2), view(&inbox), None, T0);
-        assert_eq!(brief(&p.writes), [("replay", 1, 100), ("replay", 2, 101)]);
-        assert!(p.window_full);
+        let p = pump(&mut r, cfg(2), &inbox, None);
+        assert_eq!(brief(&p.0), [("replay", 1, 100), ("replay", 2, 101)]);
+        assert!(p.1);
         assert!(!r.synced());
         let acked = r.ack(2).unwrap();
         remove(&mut inbox, &acked);
-        let p = r.pump(cfg(2), view(&inbox), None, T0);
-        assert_eq!(brief(&p.writes), [("replay", 3, 102), ("synced", 3, 0)]);
-        assert!(!p.window_full);
+        let p = pump(&mut r, cfg(2), &inbox, None);
+        assert_eq!(brief(&p.0), [("replay", 3, 102), ("synced", 3, 0)]);
+        assert!(!p.1);
         assert!(r.synced());
         // Once synced, new entries are plain messages and nothing syncs again.
         let acked = r.ack(3).unwrap();
         remove(&mut inbox, &acked);
         assert_eq!(r.in_flight(), 0);
-        let p = r.pump(cfg(2), view(&inbox), None, T0);
-        assert_eq!(p, Pumped::default());
+        let p = pump(&mut r, cfg(2), &inbox, None);
+        assert_eq!(p, (vec![], false));
     }
 
     #[test]
     fn an_empty_inbox_syncs_at_once_and_an_idle_reader_holds_no_flight() {
         let inbox = inbox_of(&[]);
         let mut r = Reader::default();
-        let p = r.pump(cfg(4), view(&inbox), Some(0), T0);
-        assert_eq!(brief(&p.writes), [("synced", 0, 0)]);
+        let p = pump(&mut r, cfg(4), &inbox, Some(0));
+        assert_eq!(brief(&p.0), [("synced", 0, 0)]);
         assert!(r.flight().is_none());
         assert_eq!(r.ack(0), Ok(vec![]));
     }
@@ -492,7 +508,7 @@ mod tests {
     fn acks_release_entries_in_order_and_the_flight_ends_with_the_last() {
         let mut inbox = inbox_of(&["a", "b", "c", "d"]);
         let mut r = Reader::default();
-        r.pump(cfg(8), view(&inbox), None, T0);
+        pump(&mut r, cfg(8), &inbox, None);
         let acked = r.ack(2).unwrap();
         assert_eq!(ids(&acked), [100, 101]);
         remove(&mut inbox, &acked);
@@ -503,8 +519,8 @@ mod tests {
         assert_eq!(r.last_seq(), 4);
         // Seq continues on the connection after the flight ended.
         let mut inbox = inbox_of(&["e"]);
-        let p = r.pump(cfg(8), view(&inbox), None, T0);
-        assert_eq!(brief(&p.writes), [("msg", 5, 100)]);
+        let p = pump(&mut r, cfg(8), &inbox, None);
+        assert_eq!(brief(&p.0), [("msg", 5, 100)]);
         let acked = r.ack(5).unwrap();
         remove(&mut inbox, &acked);
         assert_eq!(r.in_flight(), 0);
@@ -515,7 +531,7 @@ mod tests {
         let inbox = inbox_of(&["a", "b"]);
         let mut r = Reader::default();
         assert_eq!(r.ack(1), Err(Refusal::AckAhead { upto: 1, last: 0 }));
-        r.pump(cfg(8), view(&inbox), None, T0);
+        pump(&mut r, cfg(8), &inbox, None);
         let refused = r.ack(3).unwrap_err();
         assert_eq!(refused, Refusal::AckAhead { upto: 3, last: 2 });
         assert_eq!(
@@ -533,7 +549,7 @@ mod tests {
     fn retransmits_back_off_then_the_connection_expires() {
         let inbox = inbox_of(&["a"]);
         let mut r = Reader::default();
-        r.pump(cfg(8), view(&inbox), None, T0);
+        pump(&mut r, cfg(8), &inbox, None);
         assert_eq!(r.next_deadline(), Some(T0 + T));
         assert_eq!(r.poll(T0 + T - 1), Polled::default());
         // Retransmits at T0+T, T0+3T and T0+7T (3 max), expiry at T0+15T.
@@ -556,32 +572,32 @@ mod tests {
         let mut inbox = inbox_of(&["a", "b", "a", "b", "a"]);
         let mut r = Reader::default();
         assert_eq!(
-            r.fetch("a".into(), 1, view(&inbox), T0),
+            fetch(&mut r, "a", 1, &inbox),
             Err(Refusal::FetchWithoutSummary)
         );
-        let p = r.pump(cfg(8), view(&inbox), Some(4), T0);
-        assert_eq!(brief(&p.writes), [("summary", 2, 0)]);
+        let p = pump(&mut r, cfg(8), &inbox, Some(4));
+        assert_eq!(brief(&p.0), [("summary", 2, 0)]);
         // Pumped again (an ack, a new message): the replay still waits.
-        assert_eq!(r.pump(cfg(8), view(&inbox), Some(4), T0), Pumped::default());
-        let w = r.fetch("a".into(), 2, view(&inbox), T0).unwrap();
+        assert_eq!(pump(&mut r, cfg(8), &inbox, Some(4)), (vec![], false));
+        let w = fetch(&mut r, "a", 2, &inbox).unwrap();
         assert_eq!(
             brief(&w),
             [("msg", 1, 100), ("msg", 2, 102), ("fetched", 2, 1)]
         );
-        let w = r.fetch("a".into(), 2, view(&inbox), T0).unwrap();
+        let w = fetch(&mut r, "a", 2, &inbox).unwrap();
         assert_eq!(brief(&w), [("msg", 3, 104), ("fetched", 1, 0)]);
         // The first fetched is acked (and leaves the inbox); the others are still in flight.
         let acked = r.ack(1).unwrap();
         remove(&mut inbox, &acked);
         assert!(r.replay());
         assert!(!r.replay(), "once");
-        let p = r.pump(cfg(8), view(&inbox), Some(4), T0);
+        let p = pump(&mut r, cfg(8), &inbox, Some(4));
         assert_eq!(
-            brief(&p.writes),
+            brief(&p.0),
             [("replay", 4, 101), ("replay", 5, 103), ("synced", 2, 0)]
         );
         assert_eq!(
-            r.fetch("a".into(), 1, view(&inbox), T0),
+            fetch(&mut r, "a", 1, &inbox),
             Err(Refusal::FetchWithoutSummary)
         );
     }

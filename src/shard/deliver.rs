@@ -608,11 +608,14 @@ impl Shard {
             inbox: self.mirror.inbox(),
             user: &user,
         };
-        let pumped = entry.reader.pump(window_cfg, inbox, summary_over, now);
-        if pumped.window_full {
+        let mut writes = std::mem::take(&mut self.reader_writes);
+        if entry
+            .reader
+            .pump(window_cfg, inbox, summary_over, now, &mut writes)
+        {
             self.metrics.window_full.inc();
         }
-        let pushed = self.write_reader(index, &user, pumped.writes);
+        let pushed = self.write_reader(index, &user, writes);
         // The window has new ack deadlines. A connection in a poll syncs its wheel entry at the
         // end of it; a parked one is only written to (`kick`), so without this its entry kept
         // the old, later deadline and a lost ack was not retransmitted until then (seen in CI:
@@ -622,17 +625,18 @@ impl Shard {
         }
     }
 
-    /// Write what the connection's reader produced, counting it; true when a `msg` went into
-    /// its window.
-    fn write_reader(&mut self, index: usize, user: &str, writes: Vec<Write>) -> bool {
+    /// Write what the connection's reader produced, counting it, and keep the emptied buffer
+    /// for the next time; true when a `msg` went into its window.
+    fn write_reader(&mut self, index: usize, user: &str, mut writes: Vec<Write>) -> bool {
         if writes.is_empty() {
+            self.reader_writes = writes;
             return false;
         }
         let ctx = shard_ctx!(self);
         let conn = &mut self.conns[index].conn;
         let mut frame = Vec::with_capacity(256);
         let mut pushed = false;
-        for write in writes {
+        for write in writes.drain(..) {
             frame.clear();
             match write {
                 Write::Msg { seq, msg, replayed } => {
@@ -657,6 +661,7 @@ impl Shard {
             }
             conn.push_text(&frame, &ctx);
         }
+        self.reader_writes = writes;
         pushed
     }
 
@@ -670,13 +675,16 @@ impl Shard {
             inbox: self.mirror.inbox(),
             user: &user,
         };
-        match self.conns[index].reader.fetch(from, limit, inbox, now) {
-            Ok(writes) => {
-                if self.write_reader(index, &user, writes) {
-                    self.sync_timer(index);
-                }
-            }
-            Err(refusal) => self.reply_bad_request(index, refusal.to_string(), now),
+        let mut writes = std::mem::take(&mut self.reader_writes);
+        let fetched = self.conns[index]
+            .reader
+            .fetch(from, limit, inbox, now, &mut writes);
+        if let Err(refusal) = fetched {
+            self.reader_writes = writes;
+            return self.reply_bad_request(index, refusal.to_string(), now);
+        }
+        if self.write_reader(index, &user, writes) {
+            self.sync_timer(index);
         }
     }
 

@@ -44,7 +44,7 @@ use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
-use crate::delivery::reader::Reader;
+use crate::delivery::reader::{Reader, Write};
 use crate::limit::ip::{IpKey, IpLimits};
 use crate::limit::UserBuckets;
 use crate::mesh;
@@ -152,6 +152,9 @@ pub struct Shard {
     /// An empty output buffer lent to the socket being polled and taken back once flushed,
     /// so the per-message path does not allocate and idle sockets keep no write buffer.
     spare_out: Vec<u8>,
+    /// What a connection's `Reader` returned, performed and emptied at once: one buffer the
+    /// shard reuses, so a delivered message allocates no list of its own.
+    reader_writes: Vec<Write>,
     fired: Vec<(TimerKey, ConnRef)>,
     next_serial: u64,
     /// When this shard began draining (ms), once it has.
@@ -280,6 +283,7 @@ impl Shard {
             wheel,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             spare_out: Vec::with_capacity(SPARE_OUT_BYTES),
+            reader_writes: Vec::new(),
             fired: Vec::new(),
             next_serial: 0,
             drain_started: None,
