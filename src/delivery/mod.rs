@@ -12,6 +12,8 @@
 //! * [`watch::PresenceViews`] and [`watch::WatchList`]: presence that tells (`watch`).
 //! * [`receipts::ReadReceipts`]: per reader, what each sender sent it and what it has told
 //!   (read receipts).
+//! * [`reader::Reader`]: the recipient's side of direct delivery, per device connection
+//!   (inbox replay through its window, `synced`, acks, retransmits, summary and `fetch`).
 //! * [`senders::Senders`]: the sender's side of direct delivery on its home shard (dedup
 //!   windows, ids, connections waiting for a resent cid's answer, each answer's frame and
 //!   who gets it).
@@ -43,6 +45,7 @@
 pub mod dedup;
 pub mod ids;
 pub mod message;
+pub mod reader;
 pub mod receipts;
 pub mod refusal;
 pub mod room;

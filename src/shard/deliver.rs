@@ -10,9 +10,11 @@
 //! Who owns what: the sender's home shard owns the sender's dedup window and answers the
 //! sender; the recipient's home shard owns the inbox and the device windows. Between them a
 //! message crosses the mesh once (`Deliver`) and reports come back (`Report`).
-
-use std::collections::{BTreeSet, HashMap};
-use std::rc::Rc;
+//!
+//! The rules of each side are machines without I/O: the sender's in `delivery::senders`, the
+//! recipient's (per device connection: window, replay, `synced`, summary and `fetch`) in
+//! `delivery::reader`. This file reads the frames and the clock, feeds them the inputs and
+//! performs what they return (frames, inbox removals, reports, timers, metrics).
 
 use compact_str::CompactString;
 
@@ -20,13 +22,14 @@ use super::msg::{ApiOutcome, Direct, ShardMsg};
 use super::{make_ctx, Shard};
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
+use crate::delivery::reader::{InboxView, Write};
 use crate::delivery::refusal::{ClientRefusal, SendRefusal};
 use crate::delivery::senders::{SendTime, Submission, Submitted, Targets};
-use crate::delivery::{AckError, Window, WindowConfig, WindowState};
+use crate::delivery::WindowConfig;
 use crate::limit::Limited;
 use crate::mesh;
 use crate::proto::{self, FrameError};
-use crate::store::{Inbox, InboxSeq, StoredMessage};
+use crate::store::{Inbox, StoredMessage};
 
 /// The sender id of messages posted through `POST /api/send`: reserved, no client connects as
 /// it (`auth::RESERVED_PREFIX`).
@@ -34,44 +37,6 @@ pub const BACKEND_SENDER: &str = "@backend";
 const _: () = assert!(BACKEND_SENDER.as_bytes()[0] == crate::auth::RESERVED_PREFIX as u8);
 /// `ReplyTo::conn` of an API send: the answer goes to a waiting HTTP request.
 const API_CONN: u32 = u32::MAX - 1;
-/// A connection's delivery state while `msg` frames are in flight. Dropped once all are
-/// acked: everything this connection was given has then left the inbox (the first ack removes
-/// an entry), so reading the inbox from the start again yields exactly what it has not seen.
-pub struct Session {
-    /// In-flight `msg` frames: inbox position and content (for retransmits).
-    window: Window<(InboxSeq, Rc<StoredMessage>)>,
-    /// Last inbox entry pushed into the window.
-    cursor: InboxSeq,
-    /// Entries replayed before `synced` (the count `synced` reports).
-    replayed: u64,
-    /// A big inbox at connect: its `summary` was sent and the replay waits for `replay`;
-    /// meanwhile `fetch` reads one sender at a time (per sender: the last entry looked at).
-    summary: Option<HashMap<CompactString, InboxSeq>>,
-    /// Entries `fetch` sent that are not acked yet: the replay steps over them.
-    fetched: BTreeSet<InboxSeq>,
-}
-
-impl Session {
-    fn resume(cfg: WindowConfig, last_seq: u64) -> Self {
-        Session {
-            window: Window::resume(cfg, last_seq),
-            cursor: 0,
-            replayed: 0,
-            summary: None,
-            fetched: BTreeSet::new(),
-        }
-    }
-
-    pub fn next_deadline(&self) -> Option<u64> {
-        self.window.next_deadline()
-    }
-
-    /// `msg` frames sent and not yet acked.
-    pub fn in_flight(&self) -> usize {
-        self.window.len()
-    }
-}
-
 /// Write one `msg` frame (first send, replay or retransmit: same bytes, same seq).
 fn push_msg(conn: &mut Connection, frame: &mut Vec<u8>, seq: u64, msg: &StoredMessage, ctx: &Ctx) {
     frame.clear();
@@ -582,29 +547,10 @@ impl Shard {
         let Some(user) = self.conns[index].conn.user().map(CompactString::from) else {
             return;
         };
-        let entry = &mut self.conns[index];
-        let mut acked = Vec::new();
-        let result = match entry.session.as_mut() {
-            Some(session) => session.window.ack_with(seq, |_, item| acked.push(item)),
-            None if seq <= entry.last_seq => Ok(0),
-            None => Err(AckError::Ahead {
-                upto: seq,
-                last: entry.last_seq,
-            }),
+        let acked = match self.conns[index].reader.ack(seq) {
+            Ok(acked) => acked,
+            Err(refusal) => return self.reply_bad_request(index, refusal.to_string(), now),
         };
-        if let Some(session) = entry.session.as_mut().filter(|s| !s.fetched.is_empty()) {
-            for (inbox_seq, _) in &acked {
-                session.fetched.remove(inbox_seq);
-            }
-        }
-        // Everything acked and the first replay done: release the session (see `Session`).
-        if entry.synced && entry.session.as_ref().is_some_and(|s| s.window.is_empty()) {
-            entry.last_seq = entry.session.take().map_or(0, |s| s.window.last_seq());
-        }
-        if let Err(AckError::Ahead { upto, last }) = result {
-            let why = format!("ack {upto} is beyond the last seq sent on this connection ({last})");
-            return self.reply_bad_request(index, why, now);
-        }
         if acked.is_empty() {
             // An ack that acknowledges nothing costs a frame like any other; useful acks are
             // free because the server itself paces them (one per message it sent).
@@ -642,7 +588,8 @@ impl Shard {
         self.pump(index, now);
     }
 
-    /// Fill the connection's window from the inbox; `synced` once the replay has caught up.
+    /// Fill the connection's window from the inbox; `synced` once the replay has caught up
+    /// (see `Reader::pump`).
     pub(super) fn pump(&mut self, index: usize, now: u64) {
         let window_cfg = self.window_config();
         let Some(entry) = self.conns.get_mut(index) else {
@@ -656,76 +603,19 @@ impl Shard {
         }
         let over = self.shared.cfg.inbox_summary_over;
         let entry = &mut self.conns[index];
-        let ctx = shard_ctx!(self);
-        let mut frame = Vec::with_capacity(256);
-        let big = over > 0 && self.mirror.inbox().len(&user) > over;
-        if big && !entry.synced && entry.session.is_none() && entry.conn.wants_summary() {
-            // A big inbox: a summary instead of the replay, which waits for `replay`.
-            let senders = self.mirror.inbox().summarize(&user, now);
-            proto::write_summary(&mut frame, &senders);
-            entry.conn.push_text(&frame, &ctx);
-            let mut session = Box::new(Session::resume(window_cfg, entry.last_seq));
-            session.summary = Some(HashMap::new());
-            entry.session = Some(session);
-            self.metrics.summaries.inc();
-            return;
-        }
-        if entry.session.as_ref().is_some_and(|s| s.summary.is_some()) {
-            return; // the replay waits for `replay` (see `on_fetch`)
-        }
-        let mut caught_up = false;
-        let mut pushed = false;
-        loop {
-            let (cursor, room) = match &entry.session {
-                Some(s) => (s.cursor, window_cfg.capacity as usize - s.window.len()),
-                None => (0, window_cfg.capacity as usize),
-            };
-            if room == 0 {
-                break;
-            }
-            let batch = self.mirror.inbox().read(&user, cursor, room, now);
-            caught_up = batch.len() < room;
-            if !batch.is_empty() {
-                let last_seq = entry.last_seq;
-                let session = entry
-                    .session
-                    .get_or_insert_with(|| Box::new(Session::resume(window_cfg, last_seq)));
-                for (inbox_seq, msg) in batch {
-                    if session.fetched.contains(&inbox_seq) {
-                        session.cursor = inbox_seq; // sent by `fetch`, not acked yet
-                        continue;
-                    }
-                    if proto::receipt_sender(&msg.cid).is_none() {
-                        self.receipts.sent(&user, &msg.from, msg.id);
-                    }
-                    let msg = Rc::new(msg);
-                    self.metrics.acks_pending.inc();
-                    let Ok(seq) = session.window.push((inbox_seq, msg.clone()), now) else {
-                        unreachable!("room was checked");
-                    };
-                    session.cursor = inbox_seq;
-                    if !entry.synced {
-                        session.replayed += 1;
-                        self.metrics.replayed.inc();
-                    }
-                    push_msg(&mut entry.conn, &mut frame, seq, &msg, &ctx);
-                    pushed = true;
-                }
-            }
-            if caught_up {
-                break;
-            }
-        }
-        if !caught_up {
+        let summary_over = (over > 0 && entry.conn.wants_summary()).then_some(over);
+        let inbox = InboxView {
+            inbox: self.mirror.inbox(),
+            user: &user,
+        };
+        let mut writes = std::mem::take(&mut self.reader_writes);
+        if entry
+            .reader
+            .pump(window_cfg, inbox, summary_over, now, &mut writes)
+        {
             self.metrics.window_full.inc();
         }
-        if caught_up && !entry.synced {
-            entry.synced = true;
-            let replayed = entry.session.as_ref().map_or(0, |s| s.replayed);
-            frame.clear();
-            proto::write_synced(&mut frame, replayed);
-            entry.conn.push_text(&frame, &ctx);
-        }
+        let pushed = self.write_reader(index, &user, writes);
         // The window has new ack deadlines. A connection in a poll syncs its wheel entry at the
         // end of it; a parked one is only written to (`kick`), so without this its entry kept
         // the old, later deadline and a lost ack was not retransmitted until then (seen in CI:
@@ -735,58 +625,65 @@ impl Shard {
         }
     }
 
+    /// Write what the connection's reader produced, counting it, and keep the emptied buffer
+    /// for the next time; true when a `msg` went into its window.
+    fn write_reader(&mut self, index: usize, user: &str, mut writes: Vec<Write>) -> bool {
+        if writes.is_empty() {
+            self.reader_writes = writes;
+            return false;
+        }
+        let ctx = shard_ctx!(self);
+        let conn = &mut self.conns[index].conn;
+        let mut frame = Vec::with_capacity(256);
+        let mut pushed = false;
+        for write in writes.drain(..) {
+            frame.clear();
+            match write {
+                Write::Msg { seq, msg, replayed } => {
+                    if proto::receipt_sender(&msg.cid).is_none() {
+                        self.receipts.sent(user, &msg.from, msg.id);
+                    }
+                    self.metrics.acks_pending.inc();
+                    if replayed {
+                        self.metrics.replayed.inc();
+                    }
+                    proto::write_msg(&mut frame, seq, &msg);
+                    pushed = true;
+                }
+                Write::Summary(senders) => {
+                    proto::write_summary(&mut frame, &senders);
+                    self.metrics.summaries.inc();
+                }
+                Write::Synced { replayed } => proto::write_synced(&mut frame, replayed),
+                Write::Fetched { from, count, more } => {
+                    proto::write_fetched(&mut frame, &from, count, more)
+                }
+            }
+            conn.push_text(&frame, &ctx);
+        }
+        self.reader_writes = writes;
+        pushed
+    }
+
     /// `fetch` (after a `summary`): the next `limit` waiting messages of `from` (at most the
     /// window's room), as `msg` frames through the window like a replay's, then `fetched`.
     fn on_fetch(&mut self, index: usize, from: CompactString, limit: u32, now: u64) {
         let Some(user) = self.conns[index].conn.user().map(CompactString::from) else {
             return;
         };
-        let capacity = self.shared.cfg.window as usize;
-        let entry = &mut self.conns[index];
-        let Some(session) = entry.session.as_mut().filter(|s| s.summary.is_some()) else {
-            let why = "`fetch` follows a `summary` (and comes before `replay`)";
-            return self.reply_bad_request(index, why.into(), now);
+        let inbox = InboxView {
+            inbox: self.mirror.inbox(),
+            user: &user,
         };
-        let cursors = session.summary.as_mut().expect("filtered above");
-        let want = (limit as usize).min(capacity - session.window.len());
-        let mut looked_at = cursors.get(&from).copied().unwrap_or(0);
-        let mut found = Vec::new();
-        let mut at_end = false;
-        'scan: while found.len() < want {
-            let page = self.mirror.inbox().read(&user, looked_at, 256, now);
-            if page.is_empty() {
-                at_end = true;
-                break;
-            }
-            for (inbox_seq, msg) in page {
-                looked_at = inbox_seq;
-                let theirs = msg.from == from && proto::receipt_sender(&msg.cid).is_none();
-                if theirs && !session.fetched.contains(&inbox_seq) {
-                    found.push((inbox_seq, msg));
-                    if found.len() == want {
-                        break 'scan;
-                    }
-                }
-            }
+        let mut writes = std::mem::take(&mut self.reader_writes);
+        let fetched = self.conns[index]
+            .reader
+            .fetch(from, limit, inbox, now, &mut writes);
+        if let Err(refusal) = fetched {
+            self.reader_writes = writes;
+            return self.reply_bad_request(index, refusal.to_string(), now);
         }
-        cursors.insert(from.clone(), looked_at);
-        let ctx = shard_ctx!(self);
-        let mut frame = Vec::with_capacity(256);
-        let count = found.len();
-        for (inbox_seq, msg) in found {
-            self.receipts.sent(&user, &msg.from, msg.id);
-            let msg = Rc::new(msg);
-            let Ok(seq) = session.window.push((inbox_seq, msg.clone()), now) else {
-                unreachable!("room was checked");
-            };
-            session.fetched.insert(inbox_seq);
-            self.metrics.acks_pending.inc();
-            push_msg(&mut entry.conn, &mut frame, seq, &msg, &ctx);
-        }
-        frame.clear();
-        proto::write_fetched(&mut frame, &from, count, !at_end);
-        entry.conn.push_text(&frame, &ctx);
-        if count > 0 {
+        if self.write_reader(index, &user, writes) {
             self.sync_timer(index);
         }
     }
@@ -794,10 +691,7 @@ impl Shard {
     /// `replay` (after a `summary`): the replay starts (what `fetch` sent and was not acked
     /// yet is stepped over), then `synced`. Without a summary pending it does nothing.
     fn on_replay(&mut self, index: usize, now: u64) {
-        let Some(session) = self.conns[index].session.as_mut() else {
-            return;
-        };
-        if session.summary.take().is_some() {
+        if self.conns[index].reader.replay() {
             self.pump(index, now);
         }
     }
@@ -807,25 +701,21 @@ impl Shard {
         let Some(entry) = self.conns.get_mut(index) else {
             return;
         };
-        let Some(session) = entry.session.as_mut() else {
-            return;
-        };
-        if session.next_deadline().is_none_or(|d| d > now) {
+        let polled = entry.reader.poll(now);
+        if polled.resend.is_empty() && polled.expired.is_none() {
             return;
         }
         let ctx = shard_ctx!(self);
         let mut frame = Vec::with_capacity(256);
-        let conn = &mut entry.conn;
-        let state = session.window.poll(now, |seq, (_, msg)| {
+        for (seq, msg) in polled.resend {
             ctx.metrics.retransmits.inc();
-            push_msg(conn, &mut frame, seq, msg, &ctx);
-        });
-        if state == WindowState::Expired {
+            push_msg(&mut entry.conn, &mut frame, seq, &msg, &ctx);
+        }
+        if let Some(dropped) = polled.expired {
             // Its messages stay in the inbox: the next connection of the user replays them.
             self.metrics.ack_timeouts.inc();
-            let dropped = session.window.drain().len() as u64;
-            self.metrics.acks_pending.sub(dropped);
-            conn.close_unresponsive(now, &ctx);
+            self.metrics.acks_pending.sub(dropped as u64);
+            entry.conn.close_unresponsive(now, &ctx);
         }
     }
 

@@ -44,6 +44,7 @@ use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
+use crate::delivery::reader::{Reader, Write};
 use crate::limit::ip::{IpKey, IpLimits};
 use crate::limit::UserBuckets;
 use crate::mesh;
@@ -129,13 +130,9 @@ struct Entry {
     parked: Option<OwnedFd>,
     /// The tick found the connection idle: its task parks it on its next poll.
     park_requested: bool,
-    /// Delivery state while `msg` frames are in flight (window, inbox cursor); dropped when
-    /// everything is acked, so an idle connection holds none.
-    session: Option<Box<deliver::Session>>,
-    /// Last `msg` seq sent on this connection (seq never restarts, even without a session).
-    last_seq: u64,
-    /// The inbox replay reached its end once and `synced` was sent.
-    synced: bool,
+    /// The recipient's side of direct delivery on this connection (window, inbox cursor,
+    /// `synced`): 16 bytes inline, boxed state only while `msg` frames are in flight.
+    reader: Reader,
 }
 
 impl Entry {
@@ -155,6 +152,9 @@ pub struct Shard {
     /// An empty output buffer lent to the socket being polled and taken back once flushed,
     /// so the per-message path does not allocate and idle sockets keep no write buffer.
     spare_out: Vec<u8>,
+    /// What a connection's `Reader` returned, performed and emptied at once: one buffer the
+    /// shard reuses, so a delivered message allocates no list of its own.
+    reader_writes: Vec<Write>,
     fired: Vec<(TimerKey, ConnRef)>,
     next_serial: u64,
     /// When this shard began draining (ms), once it has.
@@ -283,6 +283,7 @@ impl Shard {
             wheel,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             spare_out: Vec::with_capacity(SPARE_OUT_BYTES),
+            reader_writes: Vec::new(),
             fired: Vec::new(),
             next_serial: 0,
             drain_started: None,
@@ -389,9 +390,7 @@ impl Shard {
             waker: None,
             parked: None,
             park_requested: false,
-            session: None,
-            last_seq: 0,
-            synced: false,
+            reader: Reader::default(),
         })
     }
 
@@ -961,7 +960,7 @@ impl Shard {
         let may_park = self.may_park(index);
         let entry = &mut self.conns[index];
         let mut want_ms = entry.conn.deadline(&self.shared.cfg);
-        if let Some(d) = entry.session.as_ref().and_then(|s| s.next_deadline()) {
+        if let Some(d) = entry.reader.next_deadline() {
             want_ms = want_ms.min(d);
         }
         // The park check is a deadline only for a connection that may park: for one that may
@@ -999,9 +998,9 @@ impl Shard {
         if !self.tls_sessions.is_empty() {
             self.tls_sessions.remove(&index);
         }
-        if let Some(session) = &entry.session {
-            self.metrics.acks_pending.sub(session.in_flight() as u64);
-        }
+        self.metrics
+            .acks_pending
+            .sub(entry.reader.in_flight() as u64);
         if let Some(key) = entry.timer.take() {
             self.wheel.cancel(key);
         }
