@@ -6,6 +6,7 @@
 # Rate limits off (bench/no_limits.sh). Prints one JSON line per run and, at the end, the
 # medians per side: accepted/s (send) or msg/s (echo) and gateway CPU us per message.
 # Usage: BASE_BIN=/path/to/old/target/release bench/before_after.sh [ROUNDS] [DURATION]
+# (LOADS="send100" for a subset of the loads.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/no_limits.sh
@@ -39,7 +40,7 @@ run() { # side bin load
 }
 
 for round in $(seq "$ROUNDS"); do
-  for load in send100 send10k echo; do
+  for load in ${LOADS:-send100 send10k echo}; do
     if [ $((round % 2)) = 1 ]; then order="base new"; else order="new base"; fi
     for side in $order; do
       if [ $side = base ]; then run base "$BASE" $load; else run new "$NEW" $load; fi
