@@ -65,7 +65,8 @@ pub struct StoreWrite {
     pub attempt: u64,
     /// The recipient's mirror is on the writing shard (a device of theirs is online there):
     /// the embedded store gives the entry back as a push, as Redis pushes to every node
-    /// holding the recipient, and answers it not offline. (Redis reads its directory.)
+    /// holding the recipient, and answers it not offline. (Redis reads its directory; false
+    /// when writing to Redis.)
     pub to_mirror: bool,
 }
 

@@ -705,11 +705,13 @@ impl InboxMirror {
         }
         msg.write = StoreWrite {
             attempt: self.next_attempt,
-            // A load was asked for the recipient (as Redis's directory says it is online).
-            to_mirror: matches!(
-                self.mirrors.get(&msg.to),
-                Some(Mirror::Loading(_) | Mirror::Ready { .. })
-            ),
+            // A load was asked for the recipient (as Redis's directory says it is online;
+            // Redis reads that, so the lookup is only made for the embedded store).
+            to_mirror: !self.cfg.shared
+                && matches!(
+                    self.mirrors.get(&msg.to),
+                    Some(Mirror::Loading(_) | Mirror::Ready { .. })
+                ),
         };
         self.next_attempt += 1;
         *self.writing.entry(msg.to.clone()).or_default() += 1;

@@ -1193,21 +1193,10 @@ impl Sim {
             let node = self.pick_node();
             self.home(node, &self.senders[s].name)
         };
-        let Some(index) = self.shards[shard].admit(0) else {
+        if !self.connect_sender_again(s, shard, true) {
             return;
-        };
+        }
         self.counts.sender_drops += 1;
-        let name = self.senders[s].name.clone();
-        let fresh = SenderConn {
-            name: name.clone(),
-            shard,
-            index,
-            pipe: Pipe::connect(&name),
-            resends_due: true,
-        };
-        let mut old = std::mem::replace(&mut self.senders[s], fresh);
-        old.pipe.eof = true;
-        self.closing.push(old);
         // Written with the upgrade (as `ringgate::client` does), or a few steps later, with
         // answers and store replies served in between.
         // (Planted LimitResends runs the senders as before the client rule: resends with the
@@ -1215,6 +1204,26 @@ impl Sim {
         if self.model.plant == Plant::LimitResends || self.chance(50) {
             self.sender_resends(s);
         }
+    }
+
+    /// Sender `s`'s connection is replaced by a new one on `shard` (the old one closes);
+    /// false when the shard admits no connection now.
+    fn connect_sender_again(&mut self, s: usize, shard: usize, resends_due: bool) -> bool {
+        let Some(index) = self.shards[shard].admit(0) else {
+            return false;
+        };
+        let name = self.senders[s].name.clone();
+        let fresh = SenderConn {
+            pipe: Pipe::connect(&name),
+            name,
+            shard,
+            index,
+            resends_due,
+        };
+        let mut old = std::mem::replace(&mut self.senders[s], fresh);
+        old.pipe.eof = true;
+        self.closing.push(old);
+        true
     }
 
     fn sender_resends(&mut self, s: usize) {
@@ -2673,17 +2682,7 @@ mod order_tests {
     /// s0 connects again (here, after a stay on another node), `ms` later.
     fn sender_arrives_again(sim: &mut Sim, ms: u64) {
         sim.clock.advance(ms);
-        let index = sim.shards[0].admit(0).unwrap();
-        let fresh = SenderConn {
-            name: "s0".into(),
-            shard: 0,
-            index,
-            pipe: Pipe::connect("s0"),
-            resends_due: false,
-        };
-        let mut old = std::mem::replace(&mut sim.senders[0], fresh);
-        old.pipe.eof = true;
-        sim.closing.push(old);
+        assert!(sim.connect_sender_again(0, 0, false));
         sim.poll_all();
     }
 
