@@ -10,7 +10,7 @@ use std::time::Instant;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::admin::{self, Admin};
-use crate::clock::MonotonicClock;
+use crate::clock::{MonotonicClock, TurnClock};
 use crate::config::{Config, IoDriver};
 use crate::metrics::ShardMetrics;
 use crate::shard::{io, Shard, Shared};
@@ -263,7 +263,7 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
             .io_memory(SHARD_IO_MEMORY)
             .spawn(move || async move {
                 let _ = started_tx.send(());
-                let clock = Box::new(MonotonicClock::with_origin(origin));
+                let clock = Box::new(TurnClock::new(MonotonicClock::with_origin(origin)));
                 let mut shard = Shard::new(id, shared, m, clock);
                 if let Some(link) = store {
                     shard.enable_store(link);

@@ -100,6 +100,7 @@ pub async fn run(
         poke.clone(),
     )));
     loop {
+        shard.borrow().new_turn();
         let next = shard.borrow_mut().next_tick_ms();
         if next > tick_ms {
             futures_lite::future::or(glommio::timer::sleep(ms(next)), poke.wait()).await;
@@ -161,6 +162,8 @@ pub async fn run_uring(
     let mut accepting = true;
     let mut bells_pending = true;
     loop {
+        // One reading of each clock per loop (the wait is at its end).
+        shard.borrow().new_turn();
         if bells_pending {
             bells_pending = false;
             for bell in &bells {
@@ -198,6 +201,8 @@ pub async fn run_uring(
                 shard.borrow_mut().note_quiet_after_burst();
                 driver.release_idle_buffers();
             }
+            // Read afresh: a long turn must not push the next tick later by its length.
+            shard.borrow().new_turn();
             let wait_ms = shard.borrow_mut().next_tick_ms();
             driver.wait(wait_ms);
         }
@@ -303,6 +308,7 @@ async fn accept_loop(shard: Rc<RefCell<Shard>>, listener: TcpListener, poke: Rc<
 /// A new socket: its handshake is served from the park set (or by a socket task when it
 /// cannot be parked).
 fn serve_accepted(shard: &Rc<RefCell<Shard>>, stream: TcpStream) {
+    shard.borrow().new_turn();
     let _ = stream.set_nodelay(true);
     let ip = source_key(shard, &stream);
     let Some(index) = shard.borrow_mut().admit(ip) else {
@@ -345,7 +351,11 @@ async fn serve_bell(
             Ok(_) => {}
         }
         clear(&shard.borrow());
-        while drain(&shard) == DRAIN_BATCH {
+        loop {
+            shard.borrow().new_turn();
+            if drain(&shard) < DRAIN_BATCH {
+                break;
+            }
             glommio::yield_if_needed().await;
         }
         // What came in may have left work for the tick (deadlines, retries).
@@ -404,6 +414,7 @@ async fn park_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        shard.borrow().new_turn();
         shard.borrow_mut().on_parked_ready();
         spawn_unparked(&shard);
         tick_if_due(&shard);
@@ -418,6 +429,7 @@ async fn park_loop(shard: Rc<RefCell<Shard>>, mut bell: UnixStream) {
 /// tick timer and by the loops that can keep their turn for long (see `park_loop`), so
 /// deadlines and heartbeats do not wait for glommio to get back to its timers.
 fn tick_if_due(shard: &Rc<RefCell<Shard>>) -> bool {
+    shard.borrow().new_turn();
     if !shard.borrow().tick_due() {
         return false;
     }
@@ -456,6 +468,7 @@ impl std::future::Future for Drive {
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let mut shard = this.shard.borrow_mut();
+        shard.new_turn();
         // Parking ends the task; the shard keeps a duplicate of the socket.
         if shard.park_requested(this.index) && shard.park(this.index, this.stream.as_raw_fd()) {
             return Poll::Ready(());

@@ -363,6 +363,11 @@ impl Shard {
         self.clock.now_ms()
     }
 
+    /// A turn of the glue begins: the clock is read afresh (see [`crate::clock::TurnClock`]).
+    pub fn new_turn(&self) {
+        self.clock.new_turn()
+    }
+
     pub fn cfg(&self) -> &Config {
         &self.shared.cfg
     }
