@@ -484,7 +484,33 @@ pub fn write_welcome(
 }
 
 pub fn write_synced(out: &mut Vec<u8>, count: u64) {
-    out.extend_from_slice(format!("{{\"op\":\"synced\",\"count\":{count}}}").as_bytes());
+    out.extend_from_slice(b"{\"op\":\"synced\",\"count\":");
+    push_u64(out, count);
+    out.push(b'}');
+}
+
+/// `n` in decimal, straight into the frame: the frames written per message (`msg`,
+/// `accepted`, `delivered`, `room`) carry several numbers, and `format!` cost a `String`
+/// each (~5% of a shard's time at send 100 x 16, docs/performance.md).
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// `"n"`: an id, a JSON string (ids pass 2^53, which JSON numbers do not keep exactly).
+fn push_quoted_u64(out: &mut Vec<u8>, n: u64) {
+    out.push(b'"');
+    push_u64(out, n);
+    out.push(b'"');
 }
 
 pub const PONG: &[u8] = b"{\"op\":\"pong\"}";
@@ -497,7 +523,11 @@ pub fn write_msg(out: &mut Vec<u8>, seq: u64, msg: &crate::store::StoredMessage)
         return write_read(out, seq, &msg.from, sender, msg.id, msg.ts);
     }
     let id = msg.id;
-    out.extend_from_slice(format!("{{\"op\":\"msg\",\"seq\":{seq},\"id\":\"{id}\",").as_bytes());
+    out.extend_from_slice(b"{\"op\":\"msg\",\"seq\":");
+    push_u64(out, seq);
+    out.extend_from_slice(b",\"id\":");
+    push_quoted_u64(out, id);
+    out.push(b',');
     if let Some(t) = &msg.msg_type {
         out.extend_from_slice(b"\"type\":");
         write_json_str(out, t);
@@ -512,7 +542,9 @@ fn write_message_tail(out: &mut Vec<u8>, from: &str, cid: &str, ts: u64, body: &
     write_json_str(out, from);
     out.extend_from_slice(b",\"cid\":");
     out.extend_from_slice(cid.as_bytes());
-    out.extend_from_slice(format!(",\"ts\":{ts},\"body\":").as_bytes());
+    out.extend_from_slice(b",\"ts\":");
+    push_u64(out, ts);
+    out.extend_from_slice(b",\"body\":");
     out.extend_from_slice(body.as_bytes());
     out.push(b'}');
 }
@@ -544,11 +576,17 @@ pub fn receipt_key(cid: &str) -> Option<&str> {
 /// `{"op":"read","seq":N,"by":..,"from":..,"id":"..","ts":..}`: `by` has read every message
 /// of `from` up to `id`. `seq` as in `msg` (ack it the same way).
 pub fn write_read(out: &mut Vec<u8>, seq: u64, by: &str, from: &str, id: u64, ts: u64) {
-    out.extend_from_slice(format!("{{\"op\":\"read\",\"seq\":{seq},\"by\":").as_bytes());
+    out.extend_from_slice(b"{\"op\":\"read\",\"seq\":");
+    push_u64(out, seq);
+    out.extend_from_slice(b",\"by\":");
     write_json_str(out, by);
     out.extend_from_slice(b",\"from\":");
     write_json_str(out, from);
-    out.extend_from_slice(format!(",\"id\":\"{id}\",\"ts\":{ts}}}").as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    push_quoted_u64(out, id);
+    out.extend_from_slice(b",\"ts\":");
+    push_u64(out, ts);
+    out.push(b'}');
 }
 
 /// `{"op":"summary","total":N,"senders":[{"from":..,"count":N,"oldest":{"id":"..","ts":..},
@@ -595,14 +633,18 @@ pub fn write_typing(out: &mut Vec<u8>, from: &str) {
 pub fn write_accepted(out: &mut Vec<u8>, cid: &str, id: u64) {
     out.extend_from_slice(b"{\"op\":\"accepted\",\"cid\":");
     out.extend_from_slice(cid.as_bytes());
-    out.extend_from_slice(format!(",\"id\":\"{id}\"}}").as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    push_quoted_u64(out, id);
+    out.push(b'}');
 }
 
 /// `{"op":"delivered","cid":..,"id":"..","to":".."}`
 pub fn write_delivered(out: &mut Vec<u8>, cid: &str, id: u64, to: &str) {
     out.extend_from_slice(b"{\"op\":\"delivered\",\"cid\":");
     out.extend_from_slice(cid.as_bytes());
-    out.extend_from_slice(format!(",\"id\":\"{id}\",\"to\":").as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    push_quoted_u64(out, id);
+    out.extend_from_slice(b",\"to\":");
     write_json_str(out, to);
     out.push(b'}');
 }
@@ -621,7 +663,11 @@ pub fn write_room(
 ) {
     out.extend_from_slice(b"{\"op\":\"room\",\"room\":");
     write_json_str(out, room);
-    out.extend_from_slice(format!(",\"offset\":{offset},\"id\":\"{id}\",\"from\":").as_bytes());
+    out.extend_from_slice(b",\"offset\":");
+    push_u64(out, offset);
+    out.extend_from_slice(b",\"id\":");
+    push_quoted_u64(out, id);
+    out.extend_from_slice(b",\"from\":");
     write_message_tail(out, from, cid, ts, body);
 }
 
@@ -643,14 +689,20 @@ pub fn write_left(out: &mut Vec<u8>, room: &str) {
 pub fn write_gap(out: &mut Vec<u8>, room: &str, from: u64) {
     out.extend_from_slice(b"{\"op\":\"gap\",\"room\":");
     write_json_str(out, room);
-    out.extend_from_slice(format!(",\"from\":{from}}}").as_bytes());
+    out.extend_from_slice(b",\"from\":");
+    push_u64(out, from);
+    out.push(b'}');
 }
 
 /// `{"op":"accepted","cid":..,"id":"..","offset":N}` (a room publish).
 pub fn write_accepted_offset(out: &mut Vec<u8>, cid: &str, id: u64, offset: u64) {
     out.extend_from_slice(b"{\"op\":\"accepted\",\"cid\":");
     out.extend_from_slice(cid.as_bytes());
-    out.extend_from_slice(format!(",\"id\":\"{id}\",\"offset\":{offset}}}").as_bytes());
+    out.extend_from_slice(b",\"id\":");
+    push_quoted_u64(out, id);
+    out.extend_from_slice(b",\"offset\":");
+    push_u64(out, offset);
+    out.push(b'}');
 }
 
 /// `{"op":"presence","online":{"a":true,"b":false}}` (a user asked twice appears once).
@@ -1073,6 +1125,23 @@ mod tests {
         out.clear();
         write_presence(&mut out, []);
         assert_eq!(out, br#"{"op":"presence","online":{}}"#);
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal_as_display_writes_them() {
+        let mut rng = crate::test_rng::Rng(7);
+        let edges = [0, 1, 9, 10, 99, 100, 1 << 53, u64::MAX - 1, u64::MAX];
+        for n in edges
+            .into_iter()
+            .chain((0..2_000).map(|_| rng.next() >> rng.below(64)))
+        {
+            let mut out = b"x".to_vec();
+            push_u64(&mut out, n);
+            assert_eq!(out, format!("x{n}").into_bytes());
+            out.clear();
+            push_quoted_u64(&mut out, n);
+            assert_eq!(out, format!("\"{n}\"").into_bytes());
+        }
     }
 
     #[test]
