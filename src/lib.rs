@@ -20,6 +20,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod delivery;
+pub mod hash;
 pub mod http_url;
 pub mod limit;
 pub mod mesh;

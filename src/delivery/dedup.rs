@@ -39,7 +39,9 @@
 //!   given back when the entries shrink below a quarter of it.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::hash::FastMap;
 
 use compact_str::CompactString;
 
@@ -93,7 +95,7 @@ struct Slot {
 #[derive(Debug)]
 pub struct Dedup {
     cfg: DedupConfig,
-    slots: HashMap<CompactString, Slot>,
+    slots: FastMap<CompactString, Slot>,
     /// Accepted cids in acceptance order, with their `begun_at`: the eviction queue. Holds
     /// exactly the accepted entries of `slots`, each once.
     accepted: VecDeque<(u64, CompactString)>,
@@ -104,7 +106,7 @@ impl Dedup {
     pub fn new(cfg: DedupConfig) -> Self {
         Dedup {
             cfg,
-            slots: HashMap::new(),
+            slots: FastMap::default(),
             accepted: VecDeque::new(),
         }
     }

@@ -11,7 +11,9 @@
 //! rest ([`Flight`]) is a box that exists only while `msg` frames are in flight, a summary is
 //! pending or the first replay has not caught up.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use crate::hash::FastMap;
 use std::fmt;
 use std::rc::Rc;
 
@@ -57,7 +59,7 @@ struct Flight {
     replayed: u64,
     /// A big inbox at connect: its `summary` was sent and the replay waits for `replay`;
     /// meanwhile `fetch` reads one sender at a time (per sender: the last entry looked at).
-    summary: Option<HashMap<CompactString, InboxSeq>>,
+    summary: Option<FastMap<CompactString, InboxSeq>>,
     /// Entries `fetch` sent that are not acked yet: the replay steps over them.
     fetched: BTreeSet<InboxSeq>,
     synced: bool,
@@ -241,7 +243,7 @@ impl Reader {
         let big = summary_over.is_some_and(|over| inbox.len(user) > over);
         if big && matches!(self.0, State::Idle { synced: false, .. }) {
             out.push(Write::Summary(inbox.summarize(user, now)));
-            self.begin(cfg).summary = Some(HashMap::new());
+            self.begin(cfg).summary = Some(FastMap::default());
             return false;
         }
         if self.flight().is_some_and(|f| f.summary.is_some()) {

@@ -10,7 +10,7 @@
 //! State is per (reader, sender) pair and bounded per reader ([`MAX_SENDERS_PER_READER`]: the
 //! pair with the oldest message goes first). Pure logic: no I/O, no clock.
 
-use std::collections::HashMap;
+use crate::hash::FastMap;
 
 use compact_str::CompactString;
 
@@ -49,7 +49,7 @@ pub enum ReadVerdict {
 
 #[derive(Debug, Default)]
 pub struct ReadReceipts {
-    readers: HashMap<CompactString, HashMap<CompactString, PairState>>,
+    readers: FastMap<CompactString, FastMap<CompactString, PairState>>,
 }
 
 impl ReadReceipts {
@@ -142,14 +142,14 @@ impl ReadReceipts {
     /// Pairs remembered.
     #[cfg(test)]
     pub fn pairs(&self) -> usize {
-        self.readers.values().map(HashMap::len).sum()
+        self.readers.values().map(FastMap::len).sum()
     }
 }
 
 /// `read`s that came while their reader's inbox was loading (Redis): judged once it loaded.
 #[derive(Debug, Default)]
 pub struct ReadsWaiting {
-    waiting: HashMap<CompactString, Vec<(usize, u32, CompactString, u64)>>,
+    waiting: FastMap<CompactString, Vec<(usize, u32, CompactString, u64)>>,
     count: usize,
 }
 

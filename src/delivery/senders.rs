@@ -10,7 +10,7 @@
 //! resends it), and the frame goes to the sending connection and to those that resent it
 //! meanwhile; `delivered` to every device of the sender.
 
-use std::collections::HashMap;
+use crate::hash::FastMap;
 use std::sync::Arc;
 
 use compact_str::CompactString;
@@ -82,18 +82,18 @@ struct Sender {
 pub struct Senders {
     metrics: Arc<ShardMetrics>,
     /// The senders whose home is this shard, from their first send on.
-    senders: HashMap<CompactString, Sender>,
+    senders: FastMap<CompactString, Sender>,
     /// Connections that resent a cid whose first copy was still on its way, by (sender,
     /// cid): they get its answer too.
-    waiters: HashMap<(CompactString, CompactString), Vec<(usize, u32)>>,
+    waiters: FastMap<(CompactString, CompactString), Vec<(usize, u32)>>,
 }
 
 impl Senders {
     pub fn new(metrics: Arc<ShardMetrics>) -> Self {
         Senders {
             metrics,
-            senders: HashMap::new(),
-            waiters: HashMap::new(),
+            senders: FastMap::default(),
+            waiters: FastMap::default(),
         }
     }
 

@@ -88,7 +88,9 @@
 //! turns each store reply into a call here (the one dispatch) and performs the effects.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use crate::hash::{FastMap, FastSet};
 use std::sync::Arc;
 
 use compact_str::CompactString;
@@ -214,26 +216,26 @@ pub struct InboxMirror {
     /// What the last input asked for, taken by the shard ([`InboxMirror::take_effects`]).
     out: Vec<MirrorEffect>,
     /// Users online on this shard (at least one device).
-    mirrors: HashMap<CompactString, Mirror>,
+    mirrors: FastMap<CompactString, Mirror>,
     next_token: u64,
     /// The last batch succeeded (starts true: the first write finds out).
     up: bool,
     last_probe_ms: u64,
     /// Live entries per user (see the module doc), by mirror seq, with what reporting needs.
-    tails: HashMap<CompactString, BTreeMap<InboxSeq, Message>>,
+    tails: FastMap<CompactString, BTreeMap<InboxSeq, Message>>,
     /// Appends on their way to Redis, per recipient.
-    writing: HashMap<CompactString, u32>,
+    writing: FastMap<CompactString, u32>,
     /// Users whose mirror is reloaded once Redis answers and their tail is empty.
-    reload_wanted: HashSet<CompactString>,
+    reload_wanted: FastSet<CompactString>,
     /// Users with an entry known to be missing from the mirror (it could not be placed): no
     /// later entry is shown, live or from Redis, until the reload reads them all in order.
-    missing: HashSet<CompactString>,
+    missing: FastSet<CompactString>,
     /// Shared store: this shard's writes answered stored whose entry has not come on the
     /// channel yet (the answer and the push travel on two connections, either first), by
     /// message id, with the recipient. No live entry for that recipient passes one: its
     /// sender was told `accepted` already. Gone when the push comes, or a load is sent for
     /// the recipient (its read holds the entry), or the recipient leaves.
-    unpushed: HashMap<u64, CompactString>,
+    unpushed: FastMap<u64, CompactString>,
     /// Shared store: per recipient online here, per sender, the highest id of this shard's
     /// writes of the pair answered stored. Every entry of the pair that landed before that
     /// write reached the mirror before its own entry did (one channel, in Redis's order;
@@ -242,29 +244,29 @@ pub struct InboxMirror {
     /// id was issued since the sender arrived here (`Message::sender_arrived_ms`): what it
     /// was told `accepted` for on another node before is then in the mirror. Dropped with
     /// the recipient's mirror.
-    confirmed: HashMap<CompactString, HashMap<CompactString, u64>>,
+    confirmed: FastMap<CompactString, FastMap<CompactString, u64>>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard.
     epoch: u64,
     /// The attempt number of this shard's next inbox write (see the module doc).
     next_attempt: u64,
     /// Writes whose answer was lost, per pair, in attempt order.
-    doubts: HashMap<Pair, Vec<Doubt>>,
+    doubts: FastMap<Pair, Vec<Doubt>>,
     /// Pairs with a resolve on its way to Redis.
-    resolving: HashSet<Pair>,
+    resolving: FastSet<Pair>,
     /// Per pair with a write in doubt: the answers of its writes since the first one in
     /// doubt, by attempt (`None`: still in doubt), told in that order as they become known.
-    answers_in_order: HashMap<Pair, BTreeMap<u64, Option<Report>>>,
+    answers_in_order: FastMap<Pair, BTreeMap<u64, Option<Report>>>,
     /// This shard's appends not answered (or in doubt) yet, by the id of the message written,
     /// with its (recipient, sender, cid): an entry of another attempt of the same cid has
     /// another id. An entry of such a write pushed (or loaded) before the answer waits in
     /// `waiting`, and is shown only if the answer (or the resolve) says stored. (Keyed by id:
     /// one short hash per write and answer, not one over three strings.)
-    unanswered: HashMap<u64, Written>,
+    unanswered: FastMap<u64, Written>,
     /// Per user, entries that must wait to enter the mirror, by seq: `Some(id)` waits for the
     /// answer to the write of message `id`, `None` only for the entries before it (see the
     /// module doc).
-    waiting: HashMap<CompactString, BTreeMap<InboxSeq, (StoredMessage, Option<u64>)>>,
+    waiting: FastMap<CompactString, BTreeMap<InboxSeq, (StoredMessage, Option<u64>)>>,
     /// The simulation's planted bugs (see [`OrderPlant`]).
     #[cfg(test)]
     plant: OrderPlant,
@@ -310,23 +312,23 @@ impl InboxMirror {
             metrics,
             inbox,
             out: Vec::new(),
-            mirrors: HashMap::new(),
+            mirrors: FastMap::default(),
             next_token: 0,
             up: true,
             last_probe_ms: 0,
-            tails: HashMap::new(),
-            writing: HashMap::new(),
-            reload_wanted: HashSet::new(),
-            missing: HashSet::new(),
-            unpushed: HashMap::new(),
-            confirmed: HashMap::new(),
+            tails: FastMap::default(),
+            writing: FastMap::default(),
+            reload_wanted: FastSet::default(),
+            missing: FastSet::default(),
+            unpushed: FastMap::default(),
+            confirmed: FastMap::default(),
             epoch: 0,
             next_attempt: 1,
-            doubts: HashMap::new(),
-            resolving: HashSet::new(),
-            answers_in_order: HashMap::new(),
-            unanswered: HashMap::new(),
-            waiting: HashMap::new(),
+            doubts: FastMap::default(),
+            resolving: FastSet::default(),
+            answers_in_order: FastMap::default(),
+            unanswered: FastMap::default(),
+            waiting: FastMap::default(),
             #[cfg(test)]
             plant: OrderPlant::None,
         }

@@ -7,8 +7,8 @@
 //! shard keeps only the connections whose user is exactly the one asked for
 //! (`Shard::devices_of`).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use crate::hash::FastMap;
+use std::hash::BuildHasher;
 
 use slab::Slab;
 
@@ -18,12 +18,12 @@ const MANY: u32 = 1 << 31;
 #[derive(Debug, Default)]
 pub struct Users {
     /// Random per process, so ids cannot be chosen to collide.
-    hasher: RandomState,
+    hasher: foldhash::fast::RandomState,
     /// Hash of a user id -> the slab index of its one connection here, or `MANY | i` for the
     /// list `many[i]`. A plain u32 value keeps a slot at 16 bytes: at 1,000,000 idle
     /// connections this map is most of the registry's memory (an enum with an inline `Vec`
     /// made each slot 40 bytes).
-    map: HashMap<u64, u32>,
+    map: FastMap<u64, u32>,
     /// Connection lists of the hashes with several connections (a user's devices; rare).
     many: Slab<Vec<u32>>,
 }

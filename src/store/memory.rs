@@ -33,7 +33,9 @@
 //!   user id + 88 bytes, 48 of them the read receipt index) per user with a non-empty inbox, and nothing for the others.
 //!   A tombstone keeps its 88-byte slot until compacted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::hash::FastMap;
 
 use compact_str::CompactString;
 
@@ -71,7 +73,7 @@ struct UserInbox {
     /// The live read receipt per (reader, key) (the key names the sender whose messages were
     /// read, see `proto::receipt_key`): a later receipt replaces an earlier one still here
     /// instead of queueing behind it.
-    receipts: HashMap<(CompactString, Box<str>), InboxSeq>,
+    receipts: FastMap<(CompactString, Box<str>), InboxSeq>,
 }
 
 impl UserInbox {
@@ -179,7 +181,7 @@ fn expired(appended_at: u64, now: u64, max_age_ms: u64) -> bool {
 pub struct MemoryInbox {
     limits: InboxLimits,
     /// Only users with at least one live entry.
-    users: HashMap<CompactString, UserInbox>,
+    users: FastMap<CompactString, UserInbox>,
     /// Next seq to assign, shared by all users.
     next_seq: InboxSeq,
     /// Live entries over all users.
@@ -193,7 +195,7 @@ impl MemoryInbox {
     pub fn new(limits: InboxLimits) -> Self {
         MemoryInbox {
             limits,
-            users: HashMap::new(),
+            users: FastMap::default(),
             next_seq: 1,
             total: 0,
             dropped_unreported: 0,
@@ -280,7 +282,7 @@ impl MemoryInbox {
         let Some(inbox) = self.users.get(user) else {
             return Vec::new();
         };
-        let mut by_sender: HashMap<&str, SenderSummary> = HashMap::new();
+        let mut by_sender: FastMap<&str, SenderSummary> = FastMap::default();
         let live = inbox
             .slots
             .iter()
@@ -408,7 +410,7 @@ impl Inbox for MemoryInbox {
         self.total -= dropped;
         if self.users.is_empty() {
             // Give the table back after the last inbox went.
-            self.users = HashMap::new();
+            self.users = FastMap::default();
         }
         dropped + std::mem::take(&mut self.dropped_unreported)
     }
@@ -812,7 +814,7 @@ mod tests {
     use crate::test_rng::Rng;
 
     /// Reference model: a VecDeque of (seq, msg, appended_at) per user, scanned linearly.
-    type Model = HashMap<String, VecDeque<(InboxSeq, StoredMessage, u64)>>;
+    type Model = FastMap<String, VecDeque<(InboxSeq, StoredMessage, u64)>>;
 
     fn model_expire(model: &mut Model, user: Option<&str>, now: u64, max_age: u64) -> usize {
         let mut dropped = 0;
@@ -839,7 +841,7 @@ mod tests {
         ];
         let mut rng = Rng(seed);
         let mut inbox = MemoryInbox::new(lim);
-        let mut model: Model = HashMap::new();
+        let mut model: Model = FastMap::default();
         let mut now = T0;
         let mut last_seq = 0;
         let mut next_id = 1;
