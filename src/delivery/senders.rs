@@ -68,7 +68,7 @@ pub enum Targets {
     AllDevices,
     /// These connections, each if it is still the one with that serial (slots are reused):
     /// the sending connection first, then those that resent the cid meanwhile.
-    Conns(Vec<(usize, u32)>),
+    Conns(smallvec::SmallVec<[(usize, u32); 2]>),
 }
 
 /// What this shard keeps of a sender homed here.
@@ -146,22 +146,27 @@ impl Senders {
                 return Submitted::InFlight;
             }
         };
-        let msg = Message {
-            id: id.unwrap_or(0),
-            from: s.from,
-            to: s.to,
-            cid: s.cid,
-            ts: t.wall_ms,
-            body: s.body,
-            msg_type: s.msg_type,
-            reply: s.reply,
-            received_us: t.now_us,
-            write: Default::default(),
-            resent: s.resent,
-            sender_arrived_ms: sender.arrived_ms,
-        };
+        // The box first, then the message written into it: built in a local and then boxed,
+        // its ~170 bytes were copied once more (3% of a shard's samples at send 100 x 16).
+        let msg = Box::write(
+            Box::<Message>::new_uninit(),
+            Message {
+                id: id.unwrap_or(0),
+                from: s.from,
+                to: s.to,
+                cid: s.cid,
+                ts: t.wall_ms,
+                body: s.body,
+                msg_type: s.msg_type,
+                reply: s.reply,
+                received_us: t.now_us,
+                write: Default::default(),
+                resent: s.resent,
+                sender_arrived_ms: sender.arrived_ms,
+            },
+        );
         match id {
-            Some(_) => Submitted::Route(Box::new(msg)),
+            Some(_) => Submitted::Route(msg),
             None => Submitted::Refused(msg.refused(SendRefusal::Busy(NO_ID_SLOT))),
         }
     }
@@ -225,7 +230,7 @@ impl Senders {
         if r.reply.conn == u32::MAX {
             return Targets::AllDevices;
         }
-        let mut conns = vec![(r.reply.conn as usize, r.reply.serial)];
+        let mut conns = smallvec::smallvec![(r.reply.conn as usize, r.reply.serial)];
         // (Usually none wait: no key is built then.)
         if !self.waiters.is_empty() {
             let key = (r.from.clone(), r.cid.clone());
@@ -284,7 +289,7 @@ mod tests {
         let id = first.id;
         let mut frame = Vec::new();
         let targets = s.answer(&first.report(id, Outcome::Stored), || T.now_us, &mut frame);
-        assert!(matches!(targets, Targets::Conns(c) if c == [(1, 7), (2, 7)]));
+        assert!(matches!(targets, Targets::Conns(c) if c.as_slice() == [(1, 7), (2, 7)]));
         assert!(std::str::from_utf8(&frame)
             .unwrap()
             .contains("\"accepted\""));

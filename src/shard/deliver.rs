@@ -19,6 +19,7 @@
 use compact_str::CompactString;
 
 use super::msg::{ApiOutcome, Direct, ShardMsg};
+use super::users::Devices;
 use super::{make_ctx, Shard};
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
@@ -486,11 +487,12 @@ impl Shard {
             self.senders.settle(&r, || clock.now_us());
             return self.on_api_report(r);
         }
-        let mut out = Vec::with_capacity(96);
+        let mut out = std::mem::take(&mut self.frame);
+        out.clear();
         let targets = match self.senders.answer(&r, || clock.now_us(), &mut out) {
             Targets::AllDevices => self.devices_of(&r.from),
             Targets::Conns(conns) => {
-                let mut live = Vec::with_capacity(conns.len());
+                let mut live = Devices::new();
                 for (conn, serial) in conns {
                     if self.is_live(conn, serial) && !live.contains(&conn) {
                         live.push(conn);
@@ -503,6 +505,7 @@ impl Shard {
             self.write_text(t, &out);
             self.kick(t);
         }
+        self.frame = out;
     }
 
     /// A receipt's store write: nothing to say unless it was refused (then the reader is told,
@@ -634,7 +637,7 @@ impl Shard {
         }
         let ctx = shard_ctx!(self);
         let conn = &mut self.conns[index].conn;
-        let mut frame = Vec::with_capacity(256);
+        let mut frame = std::mem::take(&mut self.frame);
         let mut pushed = false;
         for write in writes.drain(..) {
             frame.clear();
@@ -661,6 +664,7 @@ impl Shard {
             }
             conn.push_text(&frame, &ctx);
         }
+        self.frame = frame;
         self.reader_writes = writes;
         pushed
     }

@@ -155,6 +155,8 @@ pub struct Shard {
     /// What a connection's `Reader` returned, performed and emptied at once: one buffer the
     /// shard reuses, so a delivered message allocates no list of its own.
     reader_writes: Vec<Write>,
+    /// A frame being written (an answer, a reader's `msg`), reused: no allocation per frame.
+    frame: Vec<u8>,
     fired: Vec<(TimerKey, ConnRef)>,
     next_serial: u64,
     /// When this shard began draining (ms), once it has.
@@ -284,6 +286,7 @@ impl Shard {
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             spare_out: Vec::with_capacity(SPARE_OUT_BYTES),
             reader_writes: Vec::new(),
+            frame: Vec::with_capacity(256),
             fired: Vec::new(),
             next_serial: 0,
             drain_started: None,
@@ -691,7 +694,7 @@ impl Shard {
 
     /// This shard's connections of `user`: registry candidates checked against the user each
     /// connection authenticated as, so ids sharing a hash never see each other's frames.
-    pub(crate) fn devices_of(&self, user: &str) -> Vec<usize> {
+    pub(crate) fn devices_of(&self, user: &str) -> users::Devices {
         let mut devices = self.users.candidates(user);
         devices.retain(|i| {
             self.conns
