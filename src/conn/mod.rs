@@ -798,7 +798,9 @@ impl Connection {
         payload: &[u8],
         ctx: &Ctx,
     ) -> Result<(), Violation> {
-        if kind == Kind::Text && std::str::from_utf8(payload).is_err() {
+        // ASCII first: inlined and word-at-a-time, where `from_utf8` is a call with its own
+        // set-up (4% of a shard's samples echoing 64-byte text at 16 in flight).
+        if kind == Kind::Text && !payload.is_ascii() && std::str::from_utf8(payload).is_err() {
             return Err(Violation {
                 code: frame::CLOSE_INVALID_PAYLOAD,
                 reason: "text message is not UTF-8",
