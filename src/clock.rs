@@ -61,9 +61,13 @@ impl Clock for MonotonicClock {
 /// The shard's clock in production: `inner` read at most once per turn of the shard's loop
 /// for each of its two clocks, however many sends, answers and deadlines the turn handles
 /// (a read is ~30 ns on this VM, and a send read both clocks several times on its way:
-/// ~0.5 us of ~5 us per message at send 100 x 16, docs/performance.md). A turn's events
-/// all happen at its start: timers fire and histograms count at that granularity, which a
-/// loaded turn keeps to well under a millisecond.
+/// ~0.5 us of ~5 us per message at send 100 x 16, docs/performance.md). What a turn handles
+/// is stamped with the turn's start, so a reading is never later than the truth: a deadline
+/// set in a turn is early by at most the turn's length (one uring turn handles every waiting
+/// completion, so in an accept storm that can be tens of milliseconds), and the send ->
+/// accepted histogram counts a send answered in the turn that took it (the embedded store's
+/// usual case) as 0. Past 512 ids in one turn a shard's ids borrow the next millisecond, as
+/// `MessageIds::next` does on any overflow.
 pub struct TurnClock<C> {
     inner: C,
     mono_us: Cell<Option<u64>>,

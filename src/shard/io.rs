@@ -178,6 +178,8 @@ pub async fn run_uring(
         }
         let report = driver.turn(&shard);
         bells_pending |= report.bell_rang;
+        // Read afresh: a tick that came due during a long turn runs now, not a wait later.
+        shard.borrow().new_turn();
         let ticked = shard.borrow().tick_due();
         if ticked && shard.borrow_mut().on_tick() {
             driver.submit(); // the last close frames
@@ -201,8 +203,6 @@ pub async fn run_uring(
                 shard.borrow_mut().note_quiet_after_burst();
                 driver.release_idle_buffers();
             }
-            // Read afresh: a long turn must not push the next tick later by its length.
-            shard.borrow().new_turn();
             let wait_ms = shard.borrow_mut().next_tick_ms();
             driver.wait(wait_ms);
         }
