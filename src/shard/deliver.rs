@@ -710,11 +710,12 @@ impl Shard {
             return;
         }
         let ctx = shard_ctx!(self);
-        let mut frame = Vec::with_capacity(256);
+        let mut frame = std::mem::take(&mut self.frame);
         for (seq, msg) in polled.resend {
             ctx.metrics.retransmits.inc();
             push_msg(&mut entry.conn, &mut frame, seq, &msg, &ctx);
         }
+        self.frame = frame;
         if let Some(dropped) = polled.expired {
             // Its messages stay in the inbox: the next connection of the user replays them.
             self.metrics.ack_timeouts.inc();

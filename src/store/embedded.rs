@@ -75,13 +75,13 @@ impl EmbeddedStore {
         match op {
             StoreOp::Append(msg) => {
                 self.inbox.raise_next_seq(seq_floor_at(wall));
-                let to = msg.to.clone();
                 let loaded = msg.write.to_mirror;
                 // A second copy only for the mirror of a user online here.
                 let stored = msg.stored();
                 let copy = loaded.then(|| stored.clone());
-                let result = self.inbox.append(&to, stored, now);
-                let pushed = result.as_ref().ok().copied().zip(copy);
+                let result = self.inbox.append(&msg.to, stored, now);
+                let pushed = (result.as_ref().ok().copied().zip(copy))
+                    .map(|(seq, entry)| (msg.to.clone(), seq, entry));
                 out.push(StoreReply::Appended {
                     msg,
                     result: result.map(|seq| Appended::Stored {
@@ -92,8 +92,8 @@ impl EmbeddedStore {
                 });
                 // After the answer, as Redis's push usually comes: either order works (the
                 // shard holds a push of its own write until the write is answered).
-                if let Some((seq, msg)) = pushed {
-                    out.push(StoreReply::Pushed { user: to, seq, msg });
+                if let Some((user, seq, msg)) = pushed {
+                    out.push(StoreReply::Pushed { user, seq, msg });
                 }
             }
             StoreOp::Remove { user, seq, report } => {
