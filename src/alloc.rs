@@ -15,3 +15,17 @@ pub fn release_free_memory() {
     // SAFETY: mi_collect has no preconditions; it only walks this thread's own heap.
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
+
+/// Whether the heap may be backed by transparent huge pages (`huge_pages`, off by default).
+/// mimalloc asks the kernel for them (`MADV_HUGEPAGE`) on the regions it maps, so each 2 MiB
+/// of heap a shard touches at all becomes resident whole: measured at 19,000 idle connections
+/// on one shard, 35 MiB RSS with them against 18 MiB without (docs/performance.md, "Huge
+/// pages"), for ~3% less CPU per message on a busy 1:1 path. Off: the process opts out with
+/// `PR_SET_THP_DISABLE`, which the kernel honours whatever mimalloc asks and whatever the
+/// host's THP setting (`always` included). Called once at start, before the shards allocate
+/// their tables. Returns false if the kernel refused the opt-out.
+pub fn allow_huge_pages(allowed: bool) -> bool {
+    // SAFETY: PR_SET_THP_DISABLE takes a flag and three zero arguments; it changes only
+    // this process's memory policy.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, u64::from(!allowed), 0, 0, 0) == 0 }
+}

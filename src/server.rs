@@ -93,6 +93,12 @@ const SHARD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Run the gateway until SIGTERM/SIGINT and the drain complete.
 pub fn serve(cfg: Config) -> Result<(), StartError> {
     let started = Instant::now();
+    if !crate::alloc::allow_huge_pages(cfg.huge_pages) && !cfg.huge_pages {
+        tracing::warn!(
+            "huge_pages = false: the kernel refused PR_SET_THP_DISABLE ({}); the heap may use transparent huge pages",
+            std::io::Error::last_os_error()
+        );
+    }
     // Before anything starts: a host that cannot run shards is told why and how to fix it.
     crate::preflight::check_host().map_err(StartError::Host)?;
     let io_driver = pick_io_driver(&cfg)?;

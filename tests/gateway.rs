@@ -589,6 +589,25 @@ fn echo_route_is_off_by_default_and_echoes_when_on() {
     assert_eq!(recv_close_code(&mut ws), 1009);
 }
 
+/// `huge_pages` (off by default): the process opts out of transparent huge pages, which the
+/// kernel shows in /proc/<pid>/status; on, it does not.
+#[test]
+fn the_heap_stays_off_huge_pages_unless_asked() {
+    fn thp_enabled(gw: &Gateway) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", gw.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+        line.expect("THP_enabled in /proc/<pid>/status (Linux 5.0+)")
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    }
+    let default = Gateway::start(&[]);
+    assert_eq!(thp_enabled(&default), "0");
+    let asked = Gateway::start(&["--huge-pages"]);
+    assert_eq!(thp_enabled(&asked), "1");
+}
+
 #[test]
 fn invalid_utf8_text_closes_1007() {
     let gw = Gateway::start(&["--echo-route", "true"]);

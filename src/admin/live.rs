@@ -303,6 +303,7 @@ fn snapshot(
             "park_idle_ms": cfg.park_idle_ms,
             "allowed_origins": cfg.allowed_origins.len(),
             "echo_route": cfg.echo_route,
+            "huge_pages": cfg.huge_pages,
             "user_send_rate": cfg.user_send_rate,
             "conn_frame_rate": cfg.conn_frame_rate,
             "push": cfg.push.is_some(),
