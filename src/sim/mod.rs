@@ -2505,20 +2505,22 @@ mod reload_tests {
     /// A reload wanted while the user's mirror is still loading (its push list full) waits for
     /// the load to end; a tick meanwhile used to drop it, and the entries past the full push
     /// list never reached the online user's mirror (review finding, 7e7f976).
+    /// The tokens of the loads of r0's inbox the shard asked since last called.
+    fn loads(sim: &mut Sim) -> Vec<u64> {
+        let mut tokens = Vec::new();
+        while let Ok(op) = sim.store().ops.try_recv() {
+            // (The simulation's two senders load their own inboxes too.)
+            match op {
+                StoreOp::Load { user, token, .. } if user == "r0" => tokens.push(token),
+                _ => {}
+            }
+        }
+        tokens
+    }
+
     #[test]
     fn a_reload_wanted_during_a_load_happens_after_it() {
         let (mut sim, now) = Sim::with_device_of_r0_loading();
-        let loads = |sim: &mut Sim| {
-            let mut tokens = Vec::new();
-            while let Ok(op) = sim.store().ops.try_recv() {
-                // (The simulation's two senders load their own inboxes too.)
-                match op {
-                    StoreOp::Load { user, token, .. } if user == "r0" => tokens.push(token),
-                    _ => {}
-                }
-            }
-            tokens
-        };
         let first = loads(&mut sim);
         assert_eq!(first.len(), 1, "the device's first load");
         // More pushes than the window while it loads: the last one asks for a reload.
@@ -2565,6 +2567,35 @@ mod reload_tests {
         sim.clock.advance(20);
         sim.shard().on_tick();
         assert_eq!(loads(&mut sim).len(), 1, "the wanted reload, once loaded");
+    }
+
+    /// A failed load is asked again once `LOAD_RETRY_MS` have passed, not before (the tick
+    /// skips its pass over the mirrors until a retry is due), and again after a second
+    /// failure.
+    #[test]
+    fn a_failed_load_is_retried_when_due_and_after_each_failure() {
+        use crate::shard::mirror::LOAD_RETRY_MS;
+        let (mut sim, _) = Sim::with_device_of_r0_loading();
+        let mut token = loads(&mut sim)[0];
+        for round in 0..3 {
+            let failed = StoreReply::Loaded {
+                user: "r0".into(),
+                token,
+                result: Err(StoreError::Unavailable("down".into())),
+            };
+            let now = sim.now();
+            sim.shard().on_store_reply(failed, now);
+            for _ in 0..LOAD_RETRY_MS / 20 - 1 {
+                sim.clock.advance(20);
+                sim.shard().on_tick();
+            }
+            assert!(loads(&mut sim).is_empty(), "round {round}: too early");
+            sim.clock.advance(40);
+            sim.shard().on_tick();
+            let again = loads(&mut sim);
+            assert_eq!(again.len(), 1, "round {round}: asked again once due");
+            token = again[0];
+        }
     }
 }
 
