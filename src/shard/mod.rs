@@ -45,6 +45,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
 use crate::delivery::reader::{Reader, Write};
+use crate::hash::{FastMap, FastSet};
 use crate::limit::ip::{IpKey, IpLimits};
 use crate::limit::UserBuckets;
 use crate::mesh;
@@ -122,14 +123,8 @@ struct Entry {
     conn: Connection,
     serial: u32,
     timer: Option<TimerKey>,
-    /// The socket task's waker, to write what a timer produced (None while parked). Boxed:
-    /// only the glommio driver's running tasks have one, and 8 bytes less per slab slot is
-    /// what every idle connection pays (the slot is a budget, see shard/tests.rs).
-    waker: Option<Box<Waker>>,
     /// The socket while parked (see `park`): owned here, no glommio task exists.
     parked: Option<OwnedFd>,
-    /// The tick found the connection idle: its task parks it on its next poll.
-    park_requested: bool,
     /// The recipient's side of direct delivery on this connection (window, inbox cursor,
     /// `synced`): 16 bytes inline, boxed state only while `msg` frames are in flight.
     reader: Reader,
@@ -203,6 +198,12 @@ pub struct Shard {
     /// With the io_uring driver (no socket tasks, no wakers): connections a timer or another
     /// connection gave output or work, for the driver to poll (None with glommio's tasks).
     kicked: Option<Vec<usize>>,
+    /// The glommio driver's running socket tasks' wakers, by slab index, to write what a timer
+    /// produced (a parked connection has none), and the connections the tick found idle, whose
+    /// task parks them on its next poll. Beside the slab, not in each slot: the uring driver
+    /// has no tasks, and a slot's bytes are what every idle connection pays (shard/tests.rs).
+    task_wakers: FastMap<usize, Waker>,
+    park_requests: FastSet<usize>,
     /// Users whose home is this shard, with their connections here.
     users: Users,
     /// `send`/`publish` buckets of those users (only of the ones that sent lately).
@@ -312,6 +313,8 @@ impl Shard {
             ready_tokens: Vec::new(),
             unparked: Vec::new(),
             kicked: None,
+            task_wakers: FastMap::default(),
+            park_requests: FastSet::default(),
             users: Users::default(),
             send_buckets: UserBuckets::default(),
             mesh: None,
@@ -387,6 +390,15 @@ impl Shard {
         self.drain_started.is_some()
     }
 
+    /// Take a connection's slab slot, and what lives beside it under its index.
+    fn remove_slot(&mut self, index: usize) -> Entry {
+        if !self.task_wakers.is_empty() {
+            self.task_wakers.remove(&index);
+        }
+        self.park_requests.remove(&index);
+        self.conns.remove(index)
+    }
+
     /// Give `conn` this shard's next serial and a slab slot.
     fn insert_conn(&mut self, conn: Connection) -> usize {
         self.next_serial += 1;
@@ -395,9 +407,7 @@ impl Shard {
             conn,
             serial: serial as u32,
             timer: None,
-            waker: None,
             parked: None,
-            park_requested: false,
             reader: Reader::default(),
         })
     }
@@ -651,7 +661,7 @@ impl Shard {
         ) {
             Ok(()) => {
                 // The connection moved: no `on_closed` here, its new shard owns the slot count.
-                let entry = self.conns.remove(index);
+                let entry = self.remove_slot(index);
                 if let Some(key) = entry.timer {
                     self.wheel.cancel(key);
                 }
@@ -756,23 +766,26 @@ impl Shard {
 
     /// Remember the socket task's waker (for timer output and park requests).
     pub fn set_waker(&mut self, index: usize, waker: &Waker) {
-        if let Some(entry) = self.conns.get_mut(index) {
-            if !entry.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                entry.waker = Some(Box::new(waker.clone()));
-            }
+        if self.conns.contains(index)
+            && !self
+                .task_wakers
+                .get(&index)
+                .is_some_and(|w| w.will_wake(waker))
+        {
+            self.task_wakers.insert(index, waker.clone());
         }
     }
 
     /// Called by the socket task before polling: should it park instead?
     pub fn park_requested(&self, index: usize) -> bool {
-        self.conns.get(index).is_some_and(|e| e.park_requested)
+        self.park_requests.contains(&index)
     }
 
     /// Park the connection whose task holds socket `fd`: on success the task ends (dropping
     /// its glommio stream) and a duplicate of the socket waits in the park set.
     pub fn park(&mut self, index: usize, fd: RawFd) -> bool {
+        self.park_requests.remove(&index);
         let entry = &mut self.conns[index];
-        entry.park_requested = false;
         // (A TLS connection is refused by `watch_parked`, the one way into the park set.)
         if !entry.conn.parkable(self.clock.now_ms(), 0) {
             return false;
@@ -812,7 +825,7 @@ impl Shard {
             return false;
         }
         entry.parked = Some(copy);
-        entry.waker = None;
+        self.task_wakers.remove(&index);
         self.metrics.connections_parked.inc();
         self.metrics.parks.inc();
         self.released_since_collect += 1;
@@ -915,10 +928,13 @@ impl Shard {
                 }
                 self.poll_parked(index);
             }
-        } else if !entry.conn.out.is_empty() || entry.conn.finished() || entry.park_requested {
+        } else if !entry.conn.out.is_empty()
+            || entry.conn.finished()
+            || (!self.park_requests.is_empty() && self.park_requests.contains(&index))
+        {
             // A live task writes when it runs: several outputs produced meanwhile go out in
             // one write (sending here at once measured 2x the CPU per message in `send`).
-            if let Some(w) = &entry.waker {
+            if let Some(w) = self.task_wakers.get(&index) {
                 w.wake_by_ref();
             } else if let Some(kicked) = &mut self.kicked {
                 kicked.push(index);
@@ -1002,7 +1018,7 @@ impl Shard {
 
     fn remove(&mut self, index: usize) {
         self.released_since_collect += 1;
-        let mut entry = self.conns.remove(index);
+        let mut entry = self.remove_slot(index);
         if !self.tls_sessions.is_empty() {
             self.tls_sessions.remove(&index);
         }
@@ -1079,7 +1095,7 @@ impl Shard {
                 && entry.conn.parkable(now, park_idle)
                 && may_park
             {
-                entry.park_requested = true;
+                self.park_requests.insert(index);
             }
             self.kick(index);
             if self.is_live(index, r.serial) {
@@ -1184,12 +1200,12 @@ impl Shard {
     /// Stop: tell every open connection to reconnect (1012); handshakes now get 503.
     fn begin_drain(&mut self, now: u64) {
         self.drain_started = Some(now);
+        self.park_requests.clear();
         let indices: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
         for index in indices {
             let ctx = make_ctx(&self.shared, &self.metrics, &self.events, true, self.id);
             let entry = &mut self.conns[index];
             entry.conn.on_shutdown(now, &ctx);
-            entry.park_requested = false;
             let serial = entry.serial;
             self.kick(index);
             if self.is_live(index, serial) {
