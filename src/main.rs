@@ -6,7 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     // Off before the first tables are allocated; `serve` turns huge pages back on if
     // `huge_pages` asks for them (src/alloc.rs).
-    ringgate::alloc::allow_huge_pages(false);
+    let _ = ringgate::alloc::allow_huge_pages(false); // (serve says it if this was refused)
     let cli = match ringgate::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -93,10 +93,10 @@ const SHARD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Run the gateway until SIGTERM/SIGINT and the drain complete.
 pub fn serve(cfg: Config) -> Result<(), StartError> {
     let started = Instant::now();
-    if !crate::alloc::allow_huge_pages(cfg.huge_pages) && !cfg.huge_pages {
+    if let Err(e) = crate::alloc::allow_huge_pages(cfg.huge_pages) {
         tracing::warn!(
-            "huge_pages = false: the kernel refused PR_SET_THP_DISABLE ({}); the heap may use transparent huge pages",
-            std::io::Error::last_os_error()
+            huge_pages = cfg.huge_pages,
+            "the kernel refused PR_SET_THP_DISABLE ({e}): the heap follows the host's transparent huge page setting"
         );
     }
     // Before anything starts: a host that cannot run shards is told why and how to fix it.

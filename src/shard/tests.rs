@@ -462,6 +462,23 @@ fn a_parked_connection_is_judged_on_the_pongs_it_sent_not_on_what_the_shard_read
     assert!(closed_1001(&silence), "{silence:?}");
 }
 
+/// A task's waker and a park request live beside the slab, by slab index: a connection that
+/// leaves takes them along, so the next connection given its slot starts without them (a stale
+/// request would park it, a stale waker wake a task that is gone).
+#[test]
+fn a_reused_slab_index_inherits_no_park_request_or_waker() {
+    let (mut shard, _clock) = parking_shard();
+    let first = shard.admit(0).unwrap();
+    shard.park_requests.insert(first);
+    shard.set_waker(first, std::task::Waker::noop());
+    assert!(shard.park_requested(first) && shard.task_wakers.contains_key(&first));
+    shard.remove(first);
+    let second = shard.admit(0).unwrap();
+    assert_eq!(second, first, "the slab gives the slot out again");
+    assert!(!shard.park_requested(second));
+    assert!(!shard.task_wakers.contains_key(&second));
+}
+
 /// What a parked connection costs the shard in fixed-size state (README, "memory per
 /// connection"): its slab slot, its wheel entry and its user-registry slot. Printed so a
 /// change that grows them shows in the test log, and bounded so it cannot grow unnoticed.

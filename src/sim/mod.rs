@@ -2502,9 +2502,6 @@ impl Sim {
 mod reload_tests {
     use super::*;
 
-    /// A reload wanted while the user's mirror is still loading (its push list full) waits for
-    /// the load to end; a tick meanwhile used to drop it, and the entries past the full push
-    /// list never reached the online user's mirror (review finding, 7e7f976).
     /// The tokens of the loads of r0's inbox the shard asked since last called.
     fn loads(sim: &mut Sim) -> Vec<u64> {
         let mut tokens = Vec::new();
@@ -2518,6 +2515,9 @@ mod reload_tests {
         tokens
     }
 
+    /// A reload wanted while the user's mirror is still loading (its push list full) waits for
+    /// the load to end; a tick meanwhile used to drop it, and the entries past the full push
+    /// list never reached the online user's mirror (review finding, 7e7f976).
     #[test]
     fn a_reload_wanted_during_a_load_happens_after_it() {
         let (mut sim, now) = Sim::with_device_of_r0_loading();
