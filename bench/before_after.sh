@@ -6,7 +6,9 @@
 # Rate limits off (bench/no_limits.sh). Prints one JSON line per run and, at the end, the
 # medians per side: accepted/s (send) or msg/s (echo) and gateway CPU us per message.
 # Usage: BASE_BIN=/path/to/old/target/release bench/before_after.sh [ROUNDS] [DURATION]
-# (LOADS="send100" for a subset of the loads.)
+# (LOADS="send100" for a subset of the loads. BASE_ENV / NEW_ENV: environment settings for one
+# side's gateway, e.g. BASE_BIN=target/release BASE_ENV=RINGGATE_HUGE_PAGES=true compares one
+# build with and without a setting.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/no_limits.sh
@@ -17,13 +19,15 @@ NEW=${NEW_BIN:-target/release}
 OUT=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-run() { # side bin load
+run() { # side bin load side-env
   local side=$1 bin=$2 load=$3 port line gw
+  local -a side_env=()
+  read -r -a side_env <<< "${4:-}"
   port=$(free_port)
   case $load in
-    echo) taskset -c 0 "$bin/ringgate" --shards 1 --echo-route true --listen 127.0.0.1:$port \
+    echo) taskset -c 0 env "${side_env[@]}" "$bin/ringgate" --shards 1 --echo-route true --listen 127.0.0.1:$port \
             --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & gw=$! ;;
-    *) "$bin/ringgate" --shards 2 --listen 127.0.0.1:$port --admin-listen 127.0.0.1:0 \
+    *) env "${side_env[@]}" "$bin/ringgate" --shards 2 --listen 127.0.0.1:$port --admin-listen 127.0.0.1:0 \
             >/dev/null 2>&1 & gw=$! ;;
   esac
   for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
@@ -43,7 +47,7 @@ for round in $(seq "$ROUNDS"); do
   for load in ${LOADS:-send100 send10k echo}; do
     if [ $((round % 2)) = 1 ]; then order="base new"; else order="new base"; fi
     for side in $order; do
-      if [ $side = base ]; then run base "$BASE" $load; else run new "$NEW" $load; fi
+      if [ $side = base ]; then run base "$BASE" $load "${BASE_ENV:-}"; else run new "$NEW" $load "${NEW_ENV:-}"; fi
     done
   done
 done
