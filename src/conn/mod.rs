@@ -40,6 +40,25 @@ pub enum Phase {
     Done { until_ms: u64 },
 }
 
+/// `Phase` as a connection keeps it: one byte, with the flags that matter in one phase only.
+/// The deadline of `Closing` and `Done` is kept in `mark_ms` (a connection's size is a budget,
+/// see shard/tests.rs; a `u64` inside the enum made it 16 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// `too_fast`: the address opened connections too fast; the upgrade gets 429 (Retry-After
+    /// from the address's bucket when the request head is complete).
+    Handshaking {
+        too_fast: bool,
+    },
+    Open,
+    /// `fin_sent`: our close frame is out and the write side is shut (FIN): a peer waiting for
+    /// the server to close TCP (RFC 6455 7.1.1) sees it at once, and its own FIN ends it.
+    Closing {
+        fin_sent: bool,
+    },
+    Done,
+}
+
 /// Everything a connection reads from its shard while handling an event.
 pub struct Ctx<'a> {
     pub cfg: &'a Config,
@@ -92,7 +111,7 @@ struct Partial {
 enum Waiting {
     Nothing,
     /// `?auth=frame`: the first frame must be `auth`. Until then `user` is empty and
-    /// `last_ping_ms` holds the upgrade time, from which the auth deadline runs.
+    /// `mark_ms` holds the upgrade time, from which the auth deadline runs.
     Auth,
     /// The user is known; its home shard has not started the session yet.
     Session,
@@ -100,7 +119,7 @@ enum Waiting {
 
 #[derive(Debug)]
 pub struct Connection {
-    phase: Phase,
+    stage: Stage,
     /// Set once upgraded; the connection then counts in `host_open`.
     route: Option<Route>,
     /// The authenticated user on `/ws` (empty on `/echo` and before the upgrade). Inline:
@@ -112,18 +131,15 @@ pub struct Connection {
     pub out: Vec<u8>,
     /// Accept time while handshaking; afterwards the last time any byte arrived.
     last_rx_ms: u64,
-    last_ping_ms: u64,
+    /// Open: when the last ping went out (0: none yet), or while waiting for the `auth` frame
+    /// the upgrade time, from which the auth deadline runs. Closing and Done: the phase's
+    /// `until_ms` (no ping goes out then).
+    mark_ms: u64,
     /// What an upgraded `/ws` connection still waits for before its session (one byte: the
     /// per-connection size is a budget, see shard/tests.rs).
     waiting: Waiting,
-    /// Our close frame is out and the write side is shut (FIN): a peer waiting for the server
-    /// to close TCP (RFC 6455 7.1.1) sees it at once, and its own FIN ends the connection.
-    fin_sent: bool,
     /// The peer's address as the per-address limits key it (0 = not limited by address).
     ip: IpKey,
-    /// The address opened connections too fast: the upgrade gets 429 (Retry-After from the
-    /// address's bucket when the request head is complete).
-    too_fast: bool,
     /// Frame bucket debt (see `limit`), in µs, as of `last_rx_ms`.
     frame_debt_us: u32,
 }
@@ -131,18 +147,16 @@ pub struct Connection {
 impl Connection {
     pub fn new(now_ms: u64) -> Self {
         Connection {
-            phase: Phase::Handshaking,
+            stage: Stage::Handshaking { too_fast: false },
             route: None,
             user: compact_str::CompactString::const_new(""),
             extra: None,
             partial: None,
             out: Vec::new(),
             last_rx_ms: now_ms,
-            last_ping_ms: 0,
+            mark_ms: 0,
             waiting: Waiting::Nothing,
-            fin_sent: false,
             ip: 0,
-            too_fast: false,
             frame_debt_us: 0,
         }
     }
@@ -150,12 +164,32 @@ impl Connection {
     /// The socket came from the address `ip`; `too_fast`: the per-address limits refused it
     /// when it connected (the upgrade then gets 429).
     pub fn set_source(&mut self, ip: IpKey, too_fast: bool) {
+        debug_assert!(matches!(self.stage, Stage::Handshaking { .. }));
         self.ip = ip;
-        self.too_fast = too_fast;
+        self.stage = Stage::Handshaking { too_fast };
     }
 
     pub fn phase(&self) -> Phase {
-        self.phase
+        match self.stage {
+            Stage::Handshaking { .. } => Phase::Handshaking,
+            Stage::Open => Phase::Open,
+            Stage::Closing { .. } => Phase::Closing {
+                until_ms: self.mark_ms,
+            },
+            Stage::Done => Phase::Done {
+                until_ms: self.mark_ms,
+            },
+        }
+    }
+
+    fn closing_until(&mut self, until_ms: u64) {
+        self.stage = Stage::Closing { fin_sent: false };
+        self.mark_ms = until_ms;
+    }
+
+    fn done_at(&mut self, until_ms: u64) {
+        self.stage = Stage::Done;
+        self.mark_ms = until_ms;
     }
 
     pub fn route(&self) -> Option<Route> {
@@ -224,7 +258,7 @@ impl Connection {
     /// follows our close frame (RFC 6455): once closing, frames are dropped here, for every
     /// writer at once (what they carried is redelivered or answered again on reconnect).
     pub fn push_text(&mut self, body: &[u8], ctx: &Ctx) {
-        if self.phase == Phase::Open {
+        if self.stage == Stage::Open {
             self.push_frame(Kind::Text, body, ctx);
         }
     }
@@ -236,14 +270,14 @@ impl Connection {
 
     /// Unacknowledged messages ran out of retransmits: the client is considered dead.
     pub fn close_unresponsive(&mut self, now: u64, ctx: &Ctx) {
-        if self.phase == Phase::Open {
+        if self.stage == Stage::Open {
             self.close(now, frame::CLOSE_INTERNAL, "ack timeout", ctx);
         }
     }
 
     /// A room member whose outbound buffer stayed full (SPEC 4, slow consumers): 1013.
     pub fn close_slow(&mut self, now: u64, ctx: &Ctx) {
-        if self.phase == Phase::Open {
+        if self.stage == Stage::Open {
             self.close(now, frame::CLOSE_TRY_AGAIN, "slow consumer", ctx);
         }
     }
@@ -263,7 +297,7 @@ impl Connection {
 
     /// Open, nothing buffered either way, and silent for `idle_ms`: it may leave its task.
     pub fn parkable(&self, now: u64, idle_ms: u64) -> bool {
-        self.phase == Phase::Open
+        self.stage == Stage::Open
             && !self.awaiting_auth()
             && self.out.is_empty()
             && self.partial.is_none()
@@ -273,16 +307,18 @@ impl Connection {
     /// Our close frame is flushed and the write side not shut yet: the glue shuts it (FIN)
     /// and calls [`Connection::fin_sent`].
     pub fn wants_fin(&self) -> bool {
-        matches!(self.phase, Phase::Closing { .. }) && self.out.is_empty() && !self.fin_sent
+        self.stage == (Stage::Closing { fin_sent: false }) && self.out.is_empty()
     }
 
     pub fn fin_sent(&mut self) {
-        self.fin_sent = true;
+        if let Stage::Closing { fin_sent } = &mut self.stage {
+            *fin_sent = true;
+        }
     }
 
     /// The socket can be closed: nothing left to say and everything said.
     pub fn finished(&self) -> bool {
-        matches!(self.phase, Phase::Done { .. }) && self.out.is_empty()
+        self.stage == Stage::Done && self.out.is_empty()
     }
 
     /// Bytes buffered for a partial frame or message (reported by memory tests).
@@ -295,13 +331,13 @@ impl Connection {
 
     /// When the connection next needs `on_timer`.
     pub fn deadline(&self, cfg: &Config) -> u64 {
-        match self.phase {
+        match self.phase() {
             Phase::Handshaking => self.last_rx_ms + cfg.handshake_timeout_ms,
             // Not renewed by input: a trickled auth frame gets no more time than a head.
-            Phase::Open if self.awaiting_auth() => self.last_ping_ms + cfg.handshake_timeout_ms,
+            Phase::Open if self.awaiting_auth() => self.mark_ms + cfg.handshake_timeout_ms,
             Phase::Open => {
                 let hb = cfg.heartbeat_ms;
-                (self.last_rx_ms.max(self.last_ping_ms) + hb).min(self.last_rx_ms + 3 * hb)
+                (self.last_rx_ms.max(self.mark_ms) + hb).min(self.last_rx_ms + 3 * hb)
             }
             Phase::Closing { until_ms } | Phase::Done { until_ms } => until_ms,
         }
@@ -310,7 +346,7 @@ impl Connection {
     /// The deadline due now would refuse (408) or close (1001) the peer for silence: the glue
     /// reads what is waiting in the socket first, so a peer is judged on what it sent.
     pub fn silence_would_end_it(&self, now: u64, cfg: &Config) -> bool {
-        match self.phase {
+        match self.phase() {
             Phase::Handshaking => now >= self.deadline(cfg),
             Phase::Open if self.awaiting_auth() => now >= self.deadline(cfg),
             Phase::Open => now >= self.last_rx_ms + 3 * cfg.heartbeat_ms,
@@ -325,17 +361,17 @@ impl Connection {
             ctx.host_open.fetch_sub(1, Ordering::Relaxed);
             ctx.ips.close(self.ip);
             ctx.metrics.connections_open.dec();
-        } else if self.phase == Phase::Handshaking {
+        } else if matches!(self.stage, Stage::Handshaking { .. }) {
             ctx.metrics.handshakes_pending.dec();
         }
-        self.phase = Phase::Done { until_ms: 0 };
+        self.done_at(0);
         self.out = Vec::new();
         self.partial = None;
     }
 
     /// The shard is shutting down: tell the client to reconnect elsewhere (1012).
     pub fn on_shutdown(&mut self, now: u64, ctx: &Ctx) {
-        match self.phase {
+        match self.phase() {
             Phase::Open => self.close(now, 1012, "server restarting, reconnect", ctx),
             // A handshake in flight gets its 503 now rather than waiting for its last bytes.
             Phase::Handshaking => {
@@ -357,15 +393,13 @@ impl Connection {
         if now < self.deadline(ctx.cfg) {
             return;
         }
-        match self.phase {
+        match self.phase() {
             Phase::Handshaking => {
                 ctx.metrics.handshake_timeouts.inc();
                 ctx.metrics.handshakes_pending.dec();
                 self.out
                     .extend_from_slice(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                self.phase = Phase::Done {
-                    until_ms: now + ctx.cfg.close_linger_ms,
-                };
+                self.done_at(now + ctx.cfg.close_linger_ms);
             }
             Phase::Open if self.awaiting_auth() => {
                 let detail = "no auth frame within handshake_timeout_ms";
@@ -378,21 +412,21 @@ impl Connection {
                     self.close(now, frame::CLOSE_GOING_AWAY, "heartbeat timeout", ctx);
                 } else {
                     ctx.metrics.pings_sent.inc();
-                    self.last_ping_ms = now;
+                    self.mark_ms = now;
                     self.push_frame(Kind::Ping, b"", ctx);
                 }
             }
             Phase::Closing { .. } | Phase::Done { .. } => {
                 // The peer never answered or never read: give up on the socket.
                 self.out = Vec::new();
-                self.phase = Phase::Done { until_ms: now };
+                self.done_at(now);
             }
         }
     }
 
     /// Bytes arrived. `data` may be modified (frames are unmasked in place).
     pub fn on_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
-        match self.phase {
+        match self.phase() {
             Phase::Handshaking => self.on_handshake_bytes(now, data, ctx),
             Phase::Open if self.awaiting_session() => {
                 // Kept until the session starts on the home shard.
@@ -423,7 +457,7 @@ impl Connection {
             draining: ctx.draining,
             at_capacity: ctx.host_open.load(Ordering::Relaxed) >= ctx.cfg.max_connections,
             retry_after_s: ctx.cfg.retry_after_s,
-            too_fast_retry_s: match self.too_fast {
+            too_fast_retry_s: match self.stage == (Stage::Handshaking { too_fast: true }) {
                 true => ctx.ips.connect_retry_ms(self.ip, now).div_ceil(1000).max(1),
                 false => 0,
             },
@@ -434,9 +468,7 @@ impl Connection {
             Decision::Serve(response) => {
                 ctx.metrics.handshakes_pending.dec();
                 self.out = response;
-                self.phase = Phase::Done {
-                    until_ms: now + ctx.cfg.close_linger_ms,
-                };
+                self.done_at(now + ctx.cfg.close_linger_ms);
             }
             Decision::RefuseInBand {
                 refusal,
@@ -474,7 +506,7 @@ impl Connection {
                 ctx.metrics.connections_accepted.inc();
                 ctx.metrics.connections_open.inc();
                 self.route = Some(accepted.route);
-                self.phase = Phase::Open;
+                self.stage = Stage::Open;
                 self.last_rx_ms = now;
                 self.out.extend_from_slice(&accepted.response);
                 // A client may send frames right behind its request head.
@@ -488,7 +520,7 @@ impl Connection {
                 }
                 if accepted.auth_in_frame {
                     self.waiting = Waiting::Auth;
-                    self.last_ping_ms = now;
+                    self.mark_ms = now;
                 }
                 match accepted.identity {
                     Some(identity) => self.authenticated(identity, rest, partial),
@@ -506,7 +538,7 @@ impl Connection {
             self.extra.get_or_insert_with(Default::default).rooms = identity.rooms;
         }
         self.user = identity.user;
-        self.last_ping_ms = 0;
+        self.mark_ms = 0;
         self.waiting = Waiting::Session;
         if !rest.is_empty() {
             partial.buf = rest;
@@ -557,7 +589,7 @@ impl Connection {
     ) {
         ctx.metrics.handshakes_pending.dec();
         self.out = response;
-        self.phase = Phase::Open;
+        self.stage = Stage::Open;
         self.refuse_in_band(now, r, detail, retry_after_s * 1000, ctx);
     }
 
@@ -588,9 +620,7 @@ impl Connection {
         ctx.metrics.handshakes_pending.dec();
         ctx.metrics.refused[reason.index()].inc();
         self.out = response;
-        self.phase = Phase::Done {
-            until_ms: now + ctx.cfg.close_linger_ms,
-        };
+        self.done_at(now + ctx.cfg.close_linger_ms);
     }
 
     fn on_frame_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
@@ -625,7 +655,7 @@ impl Connection {
             }
         }
         if let Some(rest) = leftover_from_data.filter(|r| !r.is_empty()) {
-            if !matches!(self.phase, Phase::Done { .. }) {
+            if self.stage != Stage::Done {
                 partial
                     .get_or_insert_with(Default::default)
                     .buf
@@ -646,10 +676,7 @@ impl Connection {
     ) -> usize {
         let mut pos = 0;
         // Frames behind an `auth` frame wait for the session, like those behind a request head.
-        while pos < buf.len()
-            && !matches!(self.phase, Phase::Done { .. })
-            && !self.awaiting_session()
-        {
+        while pos < buf.len() && self.stage != Stage::Done && !self.awaiting_session() {
             match frame::decode(&mut buf[pos..], ctx.cfg.max_frame) {
                 Ok(None) => break,
                 Ok(Some((f, used))) => {
@@ -701,10 +728,8 @@ impl Connection {
         if let Some(p) = partial.as_mut() {
             p.message = None;
         }
-        if self.phase != Phase::Open {
-            self.phase = Phase::Done {
-                until_ms: now + ctx.cfg.close_linger_ms,
-            };
+        if self.stage != Stage::Open {
+            self.done_at(now + ctx.cfg.close_linger_ms);
             return;
         }
         if v.code == frame::CLOSE_TOO_BIG {
@@ -722,7 +747,7 @@ impl Connection {
         partial: &mut Option<Box<Partial>>,
         ctx: &Ctx,
     ) -> Result<(), Violation> {
-        let closing = matches!(self.phase, Phase::Closing { .. });
+        let closing = matches!(self.stage, Stage::Closing { .. });
         match f.kind {
             Kind::Ping if !closing => self.push_frame(Kind::Pong, f.payload, ctx),
             Kind::Ping | Kind::Pong => {}
@@ -735,9 +760,7 @@ impl Connection {
                     self.out = out;
                     ctx.metrics.frames_out.inc();
                 }
-                self.phase = Phase::Done {
-                    until_ms: now + ctx.cfg.close_linger_ms,
-                };
+                self.done_at(now + ctx.cfg.close_linger_ms);
             }
             _ if closing => {}
             Kind::Text | Kind::Binary => {
@@ -878,15 +901,13 @@ impl Connection {
         let debt = u64::from(self.frame_debt_us) + rate.interval_us();
         self.frame_debt_us = debt.min(u64::from(u32::MAX)) as u32;
         let strikes = u64::from(ctx.cfg.rate_limit_strikes) * rate.interval_us();
-        if debt > rate.burst_us() + strikes && self.phase == Phase::Open {
+        if debt > rate.burst_us() + strikes && self.stage == Stage::Open {
             ctx.metrics.rate_limit_closes.inc();
             self.close(now, frame::CLOSE_POLICY, "rate limit exceeded", ctx);
             // No closing handshake with a flood: reading on for its answer would mean reading
             // the flood (measured: 500 MB/s for the whole linger). The close frame is flushed,
             // then the socket closed; unread input makes that a reset.
-            self.phase = Phase::Done {
-                until_ms: now + ctx.cfg.close_linger_ms,
-            };
+            self.done_at(now + ctx.cfg.close_linger_ms);
             // The frames of this read that the shard has not served yet go with the
             // connection: none is taken, so none needed an answer the close would drop.
             ctx.events.borrow_mut().clear();
@@ -895,7 +916,7 @@ impl Connection {
 
     /// `rate_limited` for a frame (with its `cid` when it had one).
     pub fn answer_rate_limited(&mut self, what: &str, cid: Option<&str>, retry_ms: u64, ctx: &Ctx) {
-        if self.phase != Phase::Open {
+        if self.stage != Stage::Open {
             return;
         }
         let mut body = Vec::with_capacity(128);
@@ -930,9 +951,7 @@ impl Connection {
     fn close(&mut self, now: u64, code: u16, reason: &str, ctx: &Ctx) {
         frame::encode_close(code, reason, &mut self.out);
         ctx.metrics.frames_out.inc();
-        self.phase = Phase::Closing {
-            until_ms: now + ctx.cfg.close_linger_ms,
-        };
+        self.closing_until(now + ctx.cfg.close_linger_ms);
     }
 }
 

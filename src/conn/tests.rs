@@ -1429,7 +1429,7 @@ fn fragmented_message_is_buffered_only_until_complete() {
 fn connection_struct_is_small() {
     let size = std::mem::size_of::<Connection>();
     eprintln!("size_of::<Connection>() = {size} bytes");
-    assert!(size <= 112, "Connection grew to {size} bytes");
+    assert!(size <= 96, "Connection grew to {size} bytes");
 }
 
 // ---------------------------------------------------------------------------------------------
