@@ -182,22 +182,29 @@ impl Doubt {
 /// was submitted; pushes from other nodes are taken only by mirrors of the current epoch (a
 /// mirror loaded before this node's channel was heard may lack an entry whose push was lost,
 /// and adding later pushes to it would put them before that entry).
+///
+/// Eight bytes: a mirror is one entry per online user, in a map as large as the shard's
+/// users, and most are `Ready`. What a load in flight or a failed one needs is kept beside,
+/// in `InboxMirror::loads` and `InboxMirror::retries` (a boxed `Loading` and a `u64` retry
+/// time made the state 16 bytes: 14 more per idle connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mirror {
-    /// A load was submitted. Boxed: a mirror is one entry per online user, and most are
-    /// `Ready` (16 bytes instead of 72 each, in a map as large as the shard's users).
-    Loading(Box<Loading>),
-    /// The last load failed; retried on a tick at or after `retry_at`.
-    Failed { retry_at: u64 },
+    /// A load was submitted (its state: `InboxMirror::loads`).
+    Loading,
+    /// The last load failed; retried on a tick at or after its time in `InboxMirror::retries`.
+    Failed,
     /// This node's channel has not been heard yet (epoch 0): loaded by the first resync.
     AwaitingChannel,
     /// The mirror holds what Redis holds for this user.
-    Ready { epoch: u64 },
+    Ready { epoch: u32 },
 }
+
+const _: () = assert!(std::mem::size_of::<Mirror>() == 8);
 
 /// A mirror's load in flight; answers to other tokens are stale.
 struct Loading {
     token: u64,
-    epoch: u64,
+    epoch: u32,
     /// Entries other nodes pushed meanwhile (the read may or may not include them; those past
     /// it are added once it answers).
     pushes: Vec<(InboxSeq, StoredMessage)>,
@@ -217,6 +224,10 @@ pub struct InboxMirror {
     out: Vec<MirrorEffect>,
     /// Users online on this shard (at least one device).
     mirrors: FastMap<CompactString, Mirror>,
+    /// The loads in flight, of the mirrors in state `Loading` (and only those).
+    loads: FastMap<CompactString, Loading>,
+    /// When each failed load is retried, of the mirrors in state `Failed` (and only those).
+    retries: FastMap<CompactString, u64>,
     next_token: u64,
     /// The last batch succeeded (starts true: the first write finds out).
     up: bool,
@@ -250,8 +261,9 @@ pub struct InboxMirror {
     /// the recipient's mirror.
     confirmed: FastMap<CompactString, FastMap<CompactString, u64>>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
-    /// 0 until the channel is first heard.
-    epoch: u64,
+    /// 0 until the channel is first heard. (u32: four billion resyncs; a mirror's state then
+    /// fits in 8 bytes.)
+    epoch: u32,
     /// The attempt number of this shard's next inbox write (see the module doc).
     next_attempt: u64,
     /// Writes whose answer was lost, per pair, in attempt order.
@@ -317,6 +329,8 @@ impl InboxMirror {
             inbox,
             out: Vec::new(),
             mirrors: FastMap::default(),
+            loads: FastMap::default(),
+            retries: FastMap::default(),
             next_token: 0,
             up: true,
             last_probe_ms: 0,
@@ -420,7 +434,7 @@ impl InboxMirror {
     /// everything); live entries no device acked are made durable now, in order (or
     /// refused).
     pub fn released(&mut self, user: &str) {
-        self.mirrors.remove(user);
+        self.set_mirror(user, None);
         self.reload_wanted.remove(user);
         self.missing.remove(user);
         self.waiting.remove(user);
@@ -442,7 +456,7 @@ impl InboxMirror {
             // Not before this node's channel is heard: a mirror read earlier would miss what
             // other nodes push meanwhile (and a device elsewhere may ack it out of Redis before
             // a later read). The first resync loads every waiting mirror.
-            self.mirrors.insert(user.into(), Mirror::AwaitingChannel);
+            self.set_mirror(user, Some(Mirror::AwaitingChannel));
             return;
         }
         self.next_token += 1;
@@ -457,8 +471,8 @@ impl InboxMirror {
             acked: Vec::new(),
             pushes: Vec::new(),
         };
-        self.mirrors
-            .insert(user.into(), Mirror::Loading(Box::new(loading)));
+        self.set_mirror(user, Some(Mirror::Loading));
+        self.loads.insert(user.into(), loading);
         self.submit(StoreOp::Load {
             user: user.into(),
             token,
@@ -478,7 +492,7 @@ impl InboxMirror {
                 )));
             }
             StoreOp::Load { user, token, .. } => {
-                if matches!(self.mirrors.get(&user), Some(Mirror::Loading(l)) if l.token == token) {
+                if self.loads.get(&user).is_some_and(|l| l.token == token) {
                     self.load_failed(user, now);
                 }
             }
@@ -531,10 +545,7 @@ impl InboxMirror {
                 .iter()
                 // A mirror still loading is read again once it has loaded (its read may
                 // have missed what was wanted): kept in `reload_wanted` until then.
-                .filter(|u| {
-                    !self.tails.contains_key(*u)
-                        && !matches!(self.mirrors.get(*u), Some(Mirror::Loading(_)))
-                })
+                .filter(|u| !self.tails.contains_key(*u) && !self.loads.contains_key(*u))
                 .cloned()
                 .collect();
             for user in in_stable_order(due) {
@@ -570,6 +581,56 @@ impl InboxMirror {
         }
     }
 
+    /// The one way a mirror's state changes (None: the mirror goes): what the state it leaves
+    /// kept beside the map goes with it, so `loads` and `retries` hold exactly the mirrors in
+    /// state `Loading` and `Failed`. The caller adds what the new state keeps beside.
+    fn set_mirror(&mut self, user: &str, state: Option<Mirror>) {
+        let old = match state {
+            Some(state) => match self.mirrors.get_mut(user) {
+                Some(slot) => Some(std::mem::replace(slot, state)),
+                None => self.mirrors.insert(user.into(), state),
+            },
+            None => self.mirrors.remove(user),
+        };
+        match old {
+            Some(Mirror::Loading) => drop(self.loads.remove(user)),
+            Some(Mirror::Failed) => drop(self.retries.remove(user)),
+            _ => {}
+        }
+    }
+
+    /// `loads` and `retries` hold exactly the mirrors in state `Loading` and `Failed`.
+    #[cfg(test)]
+    pub(crate) fn side_state_consistent(&self) -> Result<(), String> {
+        let (mut loading, mut failed) = (0, 0);
+        for (user, state) in &self.mirrors {
+            let beside = (
+                self.loads.contains_key(user),
+                self.retries.contains_key(user),
+            );
+            let expected = match state {
+                Mirror::Loading => (true, false),
+                Mirror::Failed => (false, true),
+                _ => (false, false),
+            };
+            if beside != expected {
+                return Err(format!(
+                    "mirror of {user} is {state:?}; in loads, retries: {beside:?}"
+                ));
+            }
+            loading += usize::from(beside.0);
+            failed += usize::from(beside.1);
+        }
+        if (loading, failed) != (self.loads.len(), self.retries.len()) {
+            return Err(format!(
+                "{} loads and {} retries kept for {loading} loading and {failed} failed mirrors",
+                self.loads.len(),
+                self.retries.len()
+            ));
+        }
+        Ok(())
+    }
+
     /// Retry the loads that failed.
     fn retry_loads(&mut self, now: u64) {
         if self.next_load_retry_ms.is_none_or(|first| now < first) {
@@ -577,13 +638,11 @@ impl InboxMirror {
         }
         let mut due = Vec::new();
         let mut next = None::<u64>;
-        for (user, mirror) in &self.mirrors {
-            if let Mirror::Failed { retry_at } = mirror {
-                if *retry_at <= now {
-                    due.push(user.clone());
-                } else {
-                    next = Some(next.map_or(*retry_at, |n| n.min(*retry_at)));
-                }
+        for (user, &retry_at) in &self.retries {
+            if retry_at <= now {
+                due.push(user.clone());
+            } else {
+                next = Some(next.map_or(retry_at, |n| n.min(retry_at)));
             }
         }
         self.next_load_retry_ms = next;
@@ -595,7 +654,8 @@ impl InboxMirror {
     /// A load failed (or the store queue refused it): retried by a tick after LOAD_RETRY_MS.
     fn load_failed(&mut self, user: CompactString, now: u64) {
         let retry_at = now + LOAD_RETRY_MS;
-        self.mirrors.insert(user, Mirror::Failed { retry_at });
+        self.set_mirror(&user, Some(Mirror::Failed));
+        self.retries.insert(user, retry_at);
         self.next_load_retry_ms = Some(
             self.next_load_retry_ms
                 .map_or(retry_at, |n| n.min(retry_at)),
@@ -688,7 +748,7 @@ impl InboxMirror {
     /// safe: its sender gets `accepted` here, then `delivered`. A durable one leaves Redis;
     /// `delivered` goes out when Redis confirms this delete removed it.
     pub fn acked(&mut self, user: &str, seq: InboxSeq, delivered: Report) {
-        if let Some(Mirror::Loading(loading)) = self.mirrors.get_mut(user) {
+        if let Some(loading) = self.loads.get_mut(user) {
             loading.acked.push(seq);
         }
         let live = self.tails.get_mut(user).and_then(|tail| tail.remove(&seq));
@@ -731,7 +791,7 @@ impl InboxMirror {
             to_mirror: !self.cfg.shared
                 && matches!(
                     self.mirrors.get(&msg.to),
-                    Some(Mirror::Loading(_) | Mirror::Ready { .. })
+                    Some(Mirror::Loading | Mirror::Ready { .. })
                 ),
         };
         self.next_attempt += 1;
@@ -981,7 +1041,7 @@ impl InboxMirror {
         match self.mirrors.get(&user) {
             // (No mirror is read before the first epoch: see `load`.)
             Some(Mirror::Ready { epoch }) if *epoch == current => {}
-            Some(Mirror::Loading(loading)) if loading.epoch == current => {}
+            Some(Mirror::Loading) if self.loads[&user].epoch == current => {}
             // Not online here, a failed load that reads everything when retried, or a mirror
             // of an earlier epoch (being reloaded since the resync).
             _ => return,
@@ -1104,14 +1164,15 @@ impl InboxMirror {
         held: bool,
     ) {
         let window = self.cfg.window;
-        match self.mirrors.get_mut(&user) {
-            Some(Mirror::Ready { epoch }) if *epoch == self.epoch => {}
+        match self.mirrors.get(&user).copied() {
+            Some(Mirror::Ready { epoch }) if epoch == self.epoch => {}
             // Waits for the read (which may hold it already, see `loaded`).
-            Some(Mirror::Loading(loading)) if loading.epoch == self.epoch => {
+            Some(Mirror::Loading) if self.loads[&user].epoch == self.epoch => {
                 if self.missing.contains(&user) {
                     // Missing since the read went out: read again.
                     return;
                 }
+                let loading = self.loads.get_mut(&user).expect("state Loading");
                 if loading.pushes.len() < window {
                     loading.pushes.push((seq, msg));
                 } else {
@@ -1161,7 +1222,7 @@ impl InboxMirror {
     pub fn resynced(&mut self) {
         self.epoch += 1;
         if self.cfg.shared {
-            self.metrics.cluster_epoch.set(self.epoch);
+            self.metrics.cluster_epoch.set(self.epoch.into());
         }
         let (now_users, later): (Vec<CompactString>, Vec<CompactString>) = self
             .mirrors
@@ -1184,7 +1245,7 @@ impl InboxMirror {
         wall: u64,
     ) {
         // Only the newest load of a user still online counts.
-        if !matches!(self.mirrors.get(&user), Some(Mirror::Loading(l)) if l.token == token) {
+        if !self.loads.get(&user).is_some_and(|l| l.token == token) {
             return;
         }
         let Loaded {
@@ -1205,16 +1266,16 @@ impl InboxMirror {
                 received,
             });
         }
-        let Some(Mirror::Loading(loading)) = self.mirrors.remove(&user) else {
-            unreachable!("checked to be loading above");
-        };
-        let Loading {
+        let Some(Loading {
             epoch,
             pushes,
             acked,
             ..
-        } = *loading;
-        self.mirrors.insert(user.clone(), Mirror::Ready { epoch });
+        }) = self.loads.remove(&user)
+        else {
+            unreachable!("checked to be loading above");
+        };
+        self.set_mirror(&user, Some(Mirror::Ready { epoch }));
         if self.cfg.shared {
             self.metrics.redis_loads.inc();
         }
@@ -1433,6 +1494,72 @@ mod tests {
         m.pushed("bob".into(), seq, entry, NOW, WALL);
         m.inbox_mut().remove("bob", seq);
         m.take_effects();
+    }
+
+    /// The token of the one load among the effects.
+    fn load_token(m: &mut InboxMirror) -> u64 {
+        let tokens: Vec<u64> = (m.take_effects().iter())
+            .filter_map(|e| match e {
+                MirrorEffect::Store(StoreOp::Load { token, .. }) => Some(*token),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tokens.len(), 1, "one load expected");
+        tokens[0]
+    }
+
+    /// A mirror through its states (loading, failed, loading again, ready, gone) keeps beside
+    /// the map exactly what the state needs; and the check that says so catches each way of
+    /// breaking that (a planted stray or missing entry).
+    #[test]
+    fn what_a_mirror_state_keeps_beside_the_map_comes_and_goes_with_it() {
+        let mut m = machine();
+        m.resynced();
+        m.ensure("bob");
+        let token = load_token(&mut m);
+        assert_eq!(m.mirrors["bob"], Mirror::Loading);
+        m.side_state_consistent().unwrap();
+        let down = Err(StoreError::Unavailable("down".into()));
+        m.loaded("bob".into(), token, down, NOW, WALL);
+        assert_eq!(m.mirrors["bob"], Mirror::Failed);
+        assert!(m.loads.is_empty() && m.retries.len() == 1);
+        m.side_state_consistent().unwrap();
+        m.tick(NOW + LOAD_RETRY_MS);
+        let token = load_token(&mut m);
+        assert!(m.retries.is_empty() && m.loads.len() == 1);
+        m.side_state_consistent().unwrap();
+        let empty = Loaded {
+            entries: Vec::new(),
+            expired: 0,
+            received: Vec::new(),
+        };
+        m.loaded("bob".into(), token, Ok(empty), NOW, WALL);
+        assert_eq!(m.mirrors["bob"], Mirror::Ready { epoch: 1 });
+        assert!(m.loads.is_empty() && m.retries.is_empty());
+        m.side_state_consistent().unwrap();
+        // Planted: a retry left behind, a load kept for a ready mirror, a load lost.
+        m.retries.insert("bob".into(), NOW);
+        assert!(m.side_state_consistent().is_err());
+        m.retries.clear();
+        m.ensure("cat");
+        let token = load_token(&mut m);
+        let loading = m.loads.remove("cat").unwrap();
+        assert!(
+            m.side_state_consistent().is_err(),
+            "a loading mirror without its load"
+        );
+        m.loads.insert("bob".into(), loading);
+        assert!(
+            m.side_state_consistent().is_err(),
+            "a ready mirror with a load"
+        );
+        let loading = m.loads.remove("bob").unwrap();
+        assert_eq!(loading.token, token);
+        m.loads.insert("cat".into(), loading);
+        m.side_state_consistent().unwrap();
+        m.released("bob");
+        m.released("cat");
+        assert!(m.mirrors.is_empty() && m.loads.is_empty() && m.retries.is_empty());
     }
 
     /// bob's mirror loaded (empty), a message of ann's and one of cat's stored, then a batch

@@ -1233,4 +1233,12 @@ fn make_ctx<'a>(
 }
 
 #[cfg(test)]
+impl Shard {
+    /// Each mirror's state and what is kept beside it agree (checked by the simulation).
+    pub(crate) fn mirror_state_consistent(&self) -> Result<(), String> {
+        self.mirror.side_state_consistent()
+    }
+}
+
+#[cfg(test)]
 mod tests;

@@ -1858,6 +1858,12 @@ impl Sim {
                 }
             }
         }
+        for (i, shard) in self.shards.iter().enumerate() {
+            self.counts.checks += 1;
+            shard
+                .mirror_state_consistent()
+                .map_err(|e| format!("shard {i}: {e}"))?;
+        }
         Ok(())
     }
 }
