@@ -491,17 +491,18 @@ impl InboxMirror {
                     "the offline store is busy or unreachable, resend later",
                 )));
             }
-            StoreOp::Load { user, token, .. } => {
-                if self.loads.get(&user).is_some_and(|l| l.token == token) {
-                    self.load_failed(user, now);
-                }
+            StoreOp::Load { user, token, .. }
+                if self.loads.get(&user).is_some_and(|l| l.token == token) =>
+            {
+                self.load_failed(user, now);
             }
             StoreOp::Resolve { to, from, .. } => {
                 self.resolving.remove(&(to, from));
             }
             // Delivered again later and acked again; the client drops the copy by (from, cid).
             StoreOp::Remove { .. } => self.metrics.redis_removes_dropped.inc(),
-            // A leave that stays until the lease lapses; a probe asked again next time.
+            // A stale load (a newer one is out, or the user left); a leave that stays until
+            // the lease lapses; a probe asked again next time.
             _ => {}
         }
     }
@@ -1245,7 +1246,7 @@ impl InboxMirror {
         wall: u64,
     ) {
         // Only the newest load of a user still online counts.
-        if !self.loads.get(&user).is_some_and(|l| l.token == token) {
+        if self.loads.get(&user).is_none_or(|l| l.token != token) {
             return;
         }
         let Loaded {
@@ -1560,6 +1561,43 @@ mod tests {
         m.released("bob");
         m.released("cat");
         assert!(m.mirrors.is_empty() && m.loads.is_empty() && m.retries.is_empty());
+    }
+
+    /// A load the store queue refused fails like one Redis refused: retried when due. One it
+    /// refused after a newer load went out changes nothing.
+    #[test]
+    fn a_load_the_queue_refused_is_retried_and_a_stale_one_ignored() {
+        let mut m = machine();
+        m.resynced();
+        m.ensure("bob");
+        let ops: Vec<StoreOp> = (m.take_effects().into_iter())
+            .filter_map(|e| match e {
+                MirrorEffect::Store(op @ StoreOp::Load { .. }) => Some(op),
+                _ => None,
+            })
+            .collect();
+        let [load] = <[StoreOp; 1]>::try_from(ops).ok().expect("one load");
+        let StoreOp::Load { token, .. } = load else {
+            unreachable!()
+        };
+        let stale = StoreOp::Load {
+            user: "bob".into(),
+            token: token - 1,
+            limit: 100,
+        };
+        m.store_refused(stale, NOW);
+        assert_eq!(m.mirrors["bob"], Mirror::Loading, "a stale refusal");
+        m.store_refused(load, NOW);
+        assert_eq!(m.mirrors["bob"], Mirror::Failed);
+        m.side_state_consistent().unwrap();
+        m.tick(NOW + LOAD_RETRY_MS - 1);
+        assert!(!m
+            .take_effects()
+            .iter()
+            .any(|e| matches!(e, MirrorEffect::Store(StoreOp::Load { .. }))));
+        m.tick(NOW + LOAD_RETRY_MS);
+        assert_ne!(load_token(&mut m), token, "a new load once due");
+        assert_eq!(m.mirrors["bob"], Mirror::Loading);
     }
 
     /// bob's mirror loaded (empty), a message of ann's and one of cat's stored, then a batch
