@@ -12,6 +12,8 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub use out::OutBuf;
+
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
 use crate::delivery::refusal::ClientRefusal;
@@ -128,7 +130,7 @@ pub struct Connection {
     extra: Option<Box<PeerExtra>>,
     partial: Option<Box<Partial>>,
     /// Bytes to send. Released (capacity 0) once flushed so idle connections hold nothing.
-    pub out: Vec<u8>,
+    pub out: OutBuf,
     /// Accept time while handshaking; afterwards the last time any byte arrived.
     last_rx_ms: u64,
     /// Open: when the last ping went out (0: none yet), or while waiting for the `auth` frame
@@ -152,7 +154,7 @@ impl Connection {
             user: compact_str::CompactString::const_new(""),
             extra: None,
             partial: None,
-            out: Vec::new(),
+            out: OutBuf::default(),
             last_rx_ms: now_ms,
             mark_ms: 0,
             waiting: Waiting::Nothing,
@@ -365,7 +367,7 @@ impl Connection {
             ctx.metrics.handshakes_pending.dec();
         }
         self.done_at(0);
-        self.out = Vec::new();
+        self.out = OutBuf::default();
         self.partial = None;
     }
 
@@ -398,6 +400,7 @@ impl Connection {
                 ctx.metrics.handshake_timeouts.inc();
                 ctx.metrics.handshakes_pending.dec();
                 self.out
+                    .buf()
                     .extend_from_slice(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
                 self.done_at(now + ctx.cfg.close_linger_ms);
             }
@@ -418,7 +421,7 @@ impl Connection {
             }
             Phase::Closing { .. } | Phase::Done { .. } => {
                 // The peer never answered or never read: give up on the socket.
-                self.out = Vec::new();
+                self.out = OutBuf::default();
                 self.done_at(now);
             }
         }
@@ -467,7 +470,7 @@ impl Connection {
             Decision::Refuse(reason, response) => self.refuse(now, reason, response, ctx),
             Decision::Serve(response) => {
                 ctx.metrics.handshakes_pending.dec();
-                self.out = response;
+                self.out = response.into();
                 self.done_at(now + ctx.cfg.close_linger_ms);
             }
             Decision::RefuseInBand {
@@ -508,7 +511,7 @@ impl Connection {
                 self.route = Some(accepted.route);
                 self.stage = Stage::Open;
                 self.last_rx_ms = now;
-                self.out.extend_from_slice(&accepted.response);
+                self.out.buf().extend_from_slice(&accepted.response);
                 // A client may send frames right behind its request head.
                 let mut rest = partial.buf.split_off(accepted.head_len);
                 if accepted.device.is_some() || accepted.summary {
@@ -588,7 +591,7 @@ impl Connection {
         ctx: &Ctx,
     ) {
         ctx.metrics.handshakes_pending.dec();
-        self.out = response;
+        self.out = response.into();
         self.stage = Stage::Open;
         self.refuse_in_band(now, r, detail, retry_after_s * 1000, ctx);
     }
@@ -619,7 +622,7 @@ impl Connection {
     fn refuse(&mut self, now: u64, reason: Refusal, response: Vec<u8>, ctx: &Ctx) {
         ctx.metrics.handshakes_pending.dec();
         ctx.metrics.refused[reason.index()].inc();
-        self.out = response;
+        self.out = response.into();
         self.done_at(now + ctx.cfg.close_linger_ms);
     }
 
@@ -755,9 +758,7 @@ impl Connection {
                 let code = frame::check_close_payload(f.payload)?;
                 if !closing {
                     // Echo the peer's code (RFC 6455 5.5.1).
-                    let mut out = std::mem::take(&mut self.out);
-                    frame::encode_close(code, "", &mut out);
-                    self.out = out;
+                    frame::encode_close(code, "", self.out.buf());
                     ctx.metrics.frames_out.inc();
                 }
                 self.done_at(now + ctx.cfg.close_linger_ms);
@@ -943,13 +944,13 @@ impl Connection {
     }
 
     fn push_frame(&mut self, kind: Kind, payload: &[u8], ctx: &Ctx) {
-        frame::encode(kind, payload, &mut self.out);
+        frame::encode(kind, payload, self.out.buf());
         ctx.metrics.frames_out.inc();
     }
 
     /// Start the closing handshake with `code`.
     fn close(&mut self, now: u64, code: u16, reason: &str, ctx: &Ctx) {
-        frame::encode_close(code, reason, &mut self.out);
+        frame::encode_close(code, reason, self.out.buf());
         ctx.metrics.frames_out.inc();
         self.closing_until(now + ctx.cfg.close_linger_ms);
     }
@@ -969,5 +970,6 @@ fn check_utf8_prefix(body: &[u8], checked: usize, fin: bool) -> Result<usize, Vi
     }
 }
 
+mod out;
 #[cfg(test)]
 mod tests;

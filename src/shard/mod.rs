@@ -43,7 +43,7 @@ use slab::Slab;
 use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::conn::{AppEvent, Connection, Ctx, Phase};
+use crate::conn::{AppEvent, Connection, Ctx, OutBuf, Phase};
 use crate::delivery::reader::{Reader, Write};
 use crate::hash::{FastMap, FastSet};
 use crate::limit::ip::{IpKey, IpLimits};
@@ -146,7 +146,7 @@ pub struct Shard {
     scratch: Box<[u8]>,
     /// An empty output buffer lent to the socket being polled and taken back once flushed,
     /// so the per-message path does not allocate and idle sockets keep no write buffer.
-    spare_out: Vec<u8>,
+    spare_out: OutBuf,
     /// What a connection's `Reader` returned, performed and emptied at once: one buffer the
     /// shard reuses, so a delivered message allocates no list of its own.
     reader_writes: Vec<Write>,
@@ -285,7 +285,7 @@ impl Shard {
             conns: Slab::new(),
             wheel,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
-            spare_out: Vec::with_capacity(SPARE_OUT_BYTES),
+            spare_out: OutBuf::with_capacity(SPARE_OUT_BYTES),
             reader_writes: Vec::new(),
             frame: Vec::with_capacity(256),
             fired: Vec::new(),
@@ -525,7 +525,7 @@ impl Shard {
             match Pin::new(&mut *stream).poll_write(cx, &conn.out) {
                 Poll::Ready(Ok(n)) => {
                     metrics.bytes_out.add(n as u64);
-                    conn.out.drain(..n);
+                    conn.out.consume(n);
                 }
                 Poll::Ready(Err(e)) if e.kind() == ErrorKind::Interrupted => {}
                 Poll::Ready(Err(_)) => peer_gone = true,
@@ -962,7 +962,7 @@ impl Shard {
             return false; // would block, or an error the task will meet itself
         }
         self.metrics.bytes_out.add(sent as u64);
-        entry.conn.out.drain(..sent as usize);
+        entry.conn.out.consume(sent as usize);
         if !entry.conn.out.is_empty() {
             return false;
         }
