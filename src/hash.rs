@@ -9,5 +9,6 @@
 //! no map here needs (every key comes from an authenticated user, who can only slow its own
 //! maps and is limited by the per-user send rate).
 
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+pub type FastBuildHasher = foldhash::fast::RandomState;
+pub type FastMap<K, V> = std::collections::HashMap<K, V, FastBuildHasher>;
+pub type FastSet<K> = std::collections::HashSet<K, FastBuildHasher>;

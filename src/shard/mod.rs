@@ -700,16 +700,9 @@ impl Shard {
         index
     }
 
-    /// This shard's connections of `user`: registry candidates checked against the user each
-    /// connection authenticated as, so ids sharing a hash never see each other's frames.
+    /// This shard's connections of `user` (with a session).
     pub(crate) fn devices_of(&self, user: &str) -> users::Devices {
-        let mut devices = self.users.candidates(user);
-        devices.retain(|i| {
-            self.conns
-                .get(*i)
-                .is_some_and(|e| e.conn.user() == Some(user))
-        });
-        devices
+        self.users.devices(user, |i| conn_user(&self.conns, i))
     }
 
     /// The connection at slab `index` is still the one with `serial` (slots are reused).
@@ -1031,7 +1024,8 @@ impl Shard {
         self.forget_watches(index, now);
         if let Some(user) = entry.conn.user() {
             if !entry.conn.awaiting_session() {
-                self.users.remove(user, index);
+                self.users
+                    .remove(user, index, |i| conn_user(&self.conns, i));
                 self.metrics.users.set(self.users.len() as u64);
                 self.release_mirror(user, now);
                 if self.devices_of(user).is_empty() {
@@ -1230,6 +1224,16 @@ fn make_ctx<'a>(
         shard,
         events,
     }
+}
+
+/// The user of the connection at slab `index`, as the users' table reads it. A registered
+/// connection is in the slab with its user (see `users`), but for the moment `remove` takes it
+/// out of the slab before the table: meanwhile (leaving rooms, watches) it matches no one.
+pub(in crate::shard) fn conn_user(conns: &Slab<Entry>, index: usize) -> &str {
+    conns
+        .get(index)
+        .and_then(|e| e.conn.user())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

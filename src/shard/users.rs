@@ -1,134 +1,166 @@
 //! The users whose home is this shard, and which of this shard's connections each one has.
 //!
 //! Owned by the shard; other threads ask through the mesh (e.g. presence), never by reading
-//! this map. Keyed by a 64-bit keyed hash of the user id, not the id itself: the id already
-//! lives inline in each connection, so a slot needs no copy of it (8-byte key instead of a
-//! 24-byte inline string). Two ids may share a hash, so what this returns are *candidates*: the
-//! shard keeps only the connections whose user is exactly the one asked for
-//! (`Shard::devices_of`).
+//! this table. One entry per connection with a session: its slab index, 4 bytes, found by a
+//! keyed hash of its user id. The id itself is read from the connection (it lives inline there),
+//! so the table keeps no copy of it and no hash: at 19,000 idle connections this is ~9 bytes
+//! per connection, where a map from the id's hash to the index took ~29. Hence hashbrown's
+//! `HashTable` (the table under std's `HashMap`, which does not let a map hash its entries
+//! by something they point to).
+//!
+//! Every call that may grow the table is given `id_of`, the user of a registered connection:
+//! growing rehashes every entry by its connection's id. So a connection stays in the slab, with
+//! its user, for as long as it is registered here.
 
-use crate::hash::FastMap;
+use crate::hash::FastBuildHasher;
+use hashbrown::HashTable;
 use std::hash::BuildHasher;
-
-use slab::Slab;
 
 /// Slab indexes of a user's connections.
 pub type Devices = smallvec::SmallVec<[usize; 4]>;
 
-/// Marks a map value as an index into `Users::many` rather than a connection's slab index.
-const MANY: u32 = 1 << 31;
-
 #[derive(Debug, Default)]
-pub struct Users {
+pub struct Users<S = FastBuildHasher> {
     /// Random per process, so ids cannot be chosen to collide.
-    hasher: foldhash::fast::RandomState,
-    /// Hash of a user id -> the slab index of its one connection here, or `MANY | i` for the
-    /// list `many[i]`. A plain u32 value keeps a slot at 16 bytes: at 1,000,000 idle
-    /// connections this map is most of the registry's memory (an enum with an inline `Vec`
-    /// made each slot 40 bytes).
-    map: FastMap<u64, u32>,
-    /// Connection lists of the hashes with several connections (a user's devices; rare).
-    many: Slab<Vec<u32>>,
+    hasher: S,
+    /// Slab indexes of the registered connections, by the hash of their user's id.
+    conns: HashTable<u32>,
+    /// Users with at least one registered connection (a metric).
+    users: usize,
 }
 
-impl Users {
-    fn key(&self, user: &str) -> u64 {
-        self.hasher.hash_one(user)
-    }
-
-    pub fn add(&mut self, user: &str, conn: usize) {
-        let conn = u32::try_from(conn).expect("slab index below 2^31");
-        debug_assert!(conn & MANY == 0);
-        let key = self.key(user);
-        match self.map.get_mut(&key) {
-            None => {
-                self.map.insert(key, conn);
-            }
-            Some(v) if *v & MANY == 0 => {
-                let list = self.many.insert(vec![*v, conn]) as u32;
-                *v = MANY | list;
-            }
-            Some(v) => self.many[(*v & !MANY) as usize].push(conn),
+impl<S: BuildHasher> Users<S> {
+    /// Register connection `conn` of `user`.
+    pub fn add<'a>(&mut self, user: &str, conn: usize, id_of: impl Fn(usize) -> &'a str) {
+        let conn = u32::try_from(conn).expect("slab index below 2^32");
+        let hash = self.hasher.hash_one(user);
+        if !self.has_hashed(hash, user, &id_of) {
+            self.users += 1;
         }
+        let Users { hasher, conns, .. } = self;
+        conns.insert_unique(hash, conn, |&c| hasher.hash_one(id_of(c as usize)));
     }
 
-    /// Forget one connection; the key goes once its last connection does.
-    pub fn remove(&mut self, user: &str, conn: usize) {
-        let conn = conn as u32;
-        let key = self.key(user);
-        let Some(v) = self.map.get_mut(&key) else {
+    /// Forget connection `conn` of `user` (it may have left the slab already); `id_of` reads
+    /// the user's other connections.
+    pub fn remove<'a>(&mut self, user: &str, conn: usize, id_of: impl Fn(usize) -> &'a str) {
+        let hash = self.hasher.hash_one(user);
+        let Ok(entry) = self.conns.find_entry(hash, |&c| c as usize == conn) else {
             return;
         };
-        if *v & MANY == 0 {
-            if *v == conn {
-                self.map.remove(&key);
-            }
-            return;
-        }
-        let index = (*v & !MANY) as usize;
-        let list = &mut self.many[index];
-        list.retain(|c| *c != conn);
-        if list.len() == 1 {
-            *v = list[0];
-            self.many.remove(index);
+        entry.remove();
+        if !self.has_hashed(hash, user, &id_of) {
+            self.users -= 1;
         }
     }
 
-    /// Candidate connections of `user` (the shard checks each connection's user). Inline up
-    /// to four: asked per message delivered, it allocates nothing for a user's few devices.
-    pub fn candidates(&self, user: &str) -> Devices {
-        match self.map.get(&self.key(user)) {
-            None => Devices::new(),
-            Some(v) if *v & MANY == 0 => smallvec::smallvec![*v as usize],
-            Some(v) => self.many[(*v & !MANY) as usize]
-                .iter()
-                .map(|c| *c as usize)
-                .collect(),
-        }
+    /// The registered connections of `user`, in slab order (not the table's, which follows
+    /// the per-process hash: the simulation replays a seed only if the order is the same).
+    /// Inline up to four: asked per message delivered, it allocates nothing for a user's few
+    /// devices.
+    pub fn devices<'a>(&self, user: &str, id_of: impl Fn(usize) -> &'a str) -> Devices {
+        let hash = self.hasher.hash_one(user);
+        let mut devices: Devices = (self.conns.iter_hash(hash))
+            .map(|&c| c as usize)
+            .filter(|&c| id_of(c) == user)
+            .collect();
+        devices.sort_unstable();
+        devices
     }
 
-    /// Users with at least one connection (ids sharing a hash count once: a metric only).
+    /// `user` has a registered connection (as `devices`, without the list).
+    pub fn has<'a>(&self, user: &str, id_of: impl Fn(usize) -> &'a str) -> bool {
+        self.has_hashed(self.hasher.hash_one(user), user, &id_of)
+    }
+
+    fn has_hashed<'a>(&self, hash: u64, user: &str, id_of: &impl Fn(usize) -> &'a str) -> bool {
+        (self.conns.iter_hash(hash)).any(|&c| id_of(c as usize) == user)
+    }
+
+    /// Users with at least one registered connection.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.users
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.users == 0
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::hash::BuildHasherDefault;
+
+    /// Connections' users, as the slab would give them.
+    struct Slab(HashMap<usize, &'static str>);
+
+    impl Slab {
+        fn id(&self) -> impl Fn(usize) -> &'static str + '_ {
+            |c| self.0[&c]
+        }
+    }
+
+    fn devices_come_and_go<S: BuildHasher>(mut u: Users<S>) {
+        let mut slab = Slab(HashMap::new());
+        let mut add = |u: &mut Users<S>, user, conn| {
+            slab.0.insert(conn, user);
+            let slab = Slab(slab.0.clone());
+            u.add(user, conn, slab.id());
+            slab
+        };
+        assert!(u.devices("alice", |_| unreachable!()).is_empty());
+        add(&mut u, "alice", 9);
+        add(&mut u, "alice", 3);
+        let slab = add(&mut u, "bob", 4);
+        assert_eq!(
+            u.devices("alice", slab.id()).as_slice(),
+            [3, 9],
+            "slab order"
+        );
+        assert_eq!(u.len(), 2);
+        u.remove("alice", 3, slab.id());
+        assert_eq!(u.devices("alice", slab.id()).as_slice(), [9]);
+        u.remove("alice", 42, slab.id()); // not one of hers: nothing changes
+        u.remove("nobody", 1, slab.id());
+        assert_eq!(u.devices("alice", slab.id()).as_slice(), [9]);
+        assert_eq!(u.len(), 2);
+        u.remove("alice", 9, slab.id());
+        assert!(u.devices("alice", slab.id()).is_empty());
+        assert_eq!(u.len(), 1);
+        // Enough users to grow the table several times: each rehash reads ids from the slab.
+        let names: Vec<&'static str> = (0..200)
+            .map(|i| &*Box::leak(format!("user{i}").into_boxed_str()))
+            .collect();
+        let mut slab = slab;
+        for (i, name) in names.iter().enumerate() {
+            slab = add(&mut u, name, 100 + i);
+        }
+        assert_eq!(u.len(), 201);
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(u.devices(name, slab.id()).as_slice(), [100 + i], "{name}");
+        }
+        assert_eq!(u.devices("bob", slab.id()).as_slice(), [4]);
+    }
 
     #[test]
-    fn devices_come_and_go() {
-        let mut u = Users::default();
-        assert!(u.candidates("alice").is_empty());
-        u.add("alice", 3);
-        u.add("alice", 9);
-        u.add("bob", 4);
-        assert_eq!(u.candidates("alice").as_slice(), [3, 9]);
-        assert_eq!(u.len(), 2);
-        u.remove("alice", 3);
-        assert_eq!(u.candidates("alice").as_slice(), [9]);
-        u.remove("alice", 42); // not one of hers: nothing changes
-        assert_eq!(u.candidates("alice").as_slice(), [9]);
-        u.remove("alice", 9);
-        assert!(u.candidates("alice").is_empty());
-        u.remove("nobody", 1);
-        assert_eq!(u.len(), 1);
-        // Three devices, the middle one leaves, then the others: lists shrink back to one.
-        for c in [5, 6, 7] {
-            u.add("carol", c);
+    fn devices_come_and_go_by_user() {
+        devices_come_and_go(Users::<FastBuildHasher>::default());
+    }
+
+    /// Every id hashes alike: each user still sees only its own connections.
+    #[derive(Default)]
+    struct Collide;
+    impl std::hash::Hasher for Collide {
+        fn finish(&self) -> u64 {
+            7
         }
-        u.remove("carol", 6);
-        assert_eq!(u.candidates("carol").as_slice(), [5, 7]);
-        u.remove("carol", 5);
-        assert_eq!(u.candidates("carol").as_slice(), [7]);
-        assert!(u.many.is_empty(), "a single device needs no list");
-        u.remove("carol", 7);
-        assert!(u.candidates("carol").is_empty());
-        assert_eq!(u.candidates("bob").as_slice(), [4]);
+        fn write(&mut self, _: &[u8]) {}
+    }
+
+    #[test]
+    fn ids_sharing_a_hash_never_see_each_others_connections() {
+        devices_come_and_go(Users::<BuildHasherDefault<Collide>>::default());
     }
 }

@@ -9,14 +9,11 @@ use slab::Slab;
 use super::{Asker, Count, DevicesHere, Effect, PresenceMachine, Wrote};
 use crate::shard::msg::{Presence, ShardMsg};
 use crate::shard::users::Users;
-use crate::shard::{Entry, Shard};
+use crate::shard::{conn_user, Entry, Shard};
 
 /// Whether `user` has an open session on this shard (as `Shard::devices_of`, without the list).
 fn has_device(users: &Users, conns: &Slab<Entry>, user: &str) -> bool {
-    users
-        .candidates(user)
-        .into_iter()
-        .any(|i| conns.get(i).is_some_and(|e| e.conn.user() == Some(user)))
+    users.has(user, |i| conn_user(conns, i))
 }
 
 impl Shard {
