@@ -168,7 +168,9 @@ impl Connection {
     pub fn set_source(&mut self, ip: IpKey, too_fast: bool) {
         debug_assert!(matches!(self.stage, Stage::Handshaking { .. }));
         self.ip = ip;
-        self.stage = Stage::Handshaking { too_fast };
+        if let Stage::Handshaking { too_fast: flag } = &mut self.stage {
+            *flag = too_fast;
+        }
     }
 
     pub fn phase(&self) -> Phase {
@@ -184,12 +186,14 @@ impl Connection {
         }
     }
 
-    fn closing_until(&mut self, until_ms: u64) {
-        self.stage = Stage::Closing { fin_sent: false };
+    /// Into `Closing` (again, from a second close: the write side stays shut if it is).
+    fn enter_closing(&mut self, until_ms: u64) {
+        let fin_sent = self.stage == (Stage::Closing { fin_sent: true });
+        self.stage = Stage::Closing { fin_sent };
         self.mark_ms = until_ms;
     }
 
-    fn done_at(&mut self, until_ms: u64) {
+    fn enter_done(&mut self, until_ms: u64) {
         self.stage = Stage::Done;
         self.mark_ms = until_ms;
     }
@@ -266,8 +270,12 @@ impl Connection {
     }
 
     /// Answer a request the shard refused (e.g. an ack beyond the last seq).
+    /// Not once closing: no data frame may follow our close frame (RFC 6455 5.5.1), and a
+    /// second close would only push the linger deadline later.
     pub fn reply_error(&mut self, now: u64, err: FrameError, ctx: &Ctx) {
-        self.bad_frame(now, err, ctx);
+        if self.stage == Stage::Open {
+            self.bad_frame(now, err, ctx);
+        }
     }
 
     /// Unacknowledged messages ran out of retransmits: the client is considered dead.
@@ -366,7 +374,7 @@ impl Connection {
         } else if matches!(self.stage, Stage::Handshaking { .. }) {
             ctx.metrics.handshakes_pending.dec();
         }
-        self.done_at(0);
+        self.enter_done(0);
         self.out = OutBuf::default();
         self.partial = None;
     }
@@ -402,7 +410,7 @@ impl Connection {
                 self.out
                     .buf()
                     .extend_from_slice(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                self.done_at(now + ctx.cfg.close_linger_ms);
+                self.enter_done(now + ctx.cfg.close_linger_ms);
             }
             Phase::Open if self.awaiting_auth() => {
                 let detail = "no auth frame within handshake_timeout_ms";
@@ -415,6 +423,7 @@ impl Connection {
                     self.close(now, frame::CLOSE_GOING_AWAY, "heartbeat timeout", ctx);
                 } else {
                     ctx.metrics.pings_sent.inc();
+                    debug_assert_eq!(self.stage, Stage::Open);
                     self.mark_ms = now;
                     self.push_frame(Kind::Ping, b"", ctx);
                 }
@@ -422,7 +431,7 @@ impl Connection {
             Phase::Closing { .. } | Phase::Done { .. } => {
                 // The peer never answered or never read: give up on the socket.
                 self.out = OutBuf::default();
-                self.done_at(now);
+                self.enter_done(now);
             }
         }
     }
@@ -471,7 +480,7 @@ impl Connection {
             Decision::Serve(response) => {
                 ctx.metrics.handshakes_pending.dec();
                 self.out = response.into();
-                self.done_at(now + ctx.cfg.close_linger_ms);
+                self.enter_done(now + ctx.cfg.close_linger_ms);
             }
             Decision::RefuseInBand {
                 refusal,
@@ -541,6 +550,8 @@ impl Connection {
             self.extra.get_or_insert_with(Default::default).rooms = identity.rooms;
         }
         self.user = identity.user;
+        // (Open here: `mark_ms` holds the close deadline once closing.)
+        debug_assert_eq!(self.stage, Stage::Open);
         self.mark_ms = 0;
         self.waiting = Waiting::Session;
         if !rest.is_empty() {
@@ -623,7 +634,7 @@ impl Connection {
         ctx.metrics.handshakes_pending.dec();
         ctx.metrics.refused[reason.index()].inc();
         self.out = response.into();
-        self.done_at(now + ctx.cfg.close_linger_ms);
+        self.enter_done(now + ctx.cfg.close_linger_ms);
     }
 
     fn on_frame_bytes(&mut self, now: u64, data: &mut [u8], ctx: &Ctx) {
@@ -732,7 +743,7 @@ impl Connection {
             p.message = None;
         }
         if self.stage != Stage::Open {
-            self.done_at(now + ctx.cfg.close_linger_ms);
+            self.enter_done(now + ctx.cfg.close_linger_ms);
             return;
         }
         if v.code == frame::CLOSE_TOO_BIG {
@@ -761,7 +772,7 @@ impl Connection {
                     frame::encode_close(code, "", self.out.buf());
                     ctx.metrics.frames_out.inc();
                 }
-                self.done_at(now + ctx.cfg.close_linger_ms);
+                self.enter_done(now + ctx.cfg.close_linger_ms);
             }
             _ if closing => {}
             Kind::Text | Kind::Binary => {
@@ -908,7 +919,7 @@ impl Connection {
             // No closing handshake with a flood: reading on for its answer would mean reading
             // the flood (measured: 500 MB/s for the whole linger). The close frame is flushed,
             // then the socket closed; unread input makes that a reset.
-            self.done_at(now + ctx.cfg.close_linger_ms);
+            self.enter_done(now + ctx.cfg.close_linger_ms);
             // The frames of this read that the shard has not served yet go with the
             // connection: none is taken, so none needed an answer the close would drop.
             ctx.events.borrow_mut().clear();
@@ -952,7 +963,7 @@ impl Connection {
     fn close(&mut self, now: u64, code: u16, reason: &str, ctx: &Ctx) {
         frame::encode_close(code, reason, self.out.buf());
         ctx.metrics.frames_out.inc();
-        self.closing_until(now + ctx.cfg.close_linger_ms);
+        self.enter_closing(now + ctx.cfg.close_linger_ms);
     }
 }
 

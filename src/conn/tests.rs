@@ -1890,6 +1890,31 @@ fn after_an_oversized_frame_the_peers_close_ends_it_at_once() {
     assert!(conn.finished(), "{:?}", conn.phase());
 }
 
+/// A refusal the shard answers after our close frame (a late presence reply) is not written:
+/// no data frame follows a close (RFC 6455 5.5.1), the write side stays shut, the deadline
+/// stays (review finding: a second close once reopened the FIN and moved the deadline).
+#[test]
+fn once_closing_a_late_refusal_writes_nothing_and_keeps_the_fin_and_deadline() {
+    let env = Env::new();
+    let mut conn = open(&env, T0, "/ws?user=a");
+    let big = cf(true, OP_TEXT, &vec![b'x'; MAX_FRAME * 4]);
+    feed(&mut conn, &env, T0 + 1, &big[..14]);
+    assert_eq!(frames(&mut conn)[0].close_code(), 1009);
+    conn.fin_sent();
+    let closing = conn.phase();
+    for n in 0..5 {
+        let err = FrameError {
+            code: crate::proto::ErrorCode::BadRequest,
+            message: "late".into(),
+            cid: None,
+        };
+        conn.reply_error(T0 + 10 + n, err, &env.ctx());
+    }
+    assert!(conn.out.is_empty(), "nothing after our close frame");
+    assert!(!conn.wants_fin(), "the write side is shut already");
+    assert_eq!(conn.phase(), closing, "the same deadline");
+}
+
 /// Every protocol error whose frame header reads: the right close code, then the peer's close
 /// (in the same read or the next) ends the connection at once.
 #[test]

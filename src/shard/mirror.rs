@@ -584,8 +584,9 @@ impl InboxMirror {
 
     /// The one way a mirror's state changes (None: the mirror goes): what the state it leaves
     /// kept beside the map goes with it, so `loads` and `retries` hold exactly the mirrors in
-    /// state `Loading` and `Failed`. The caller adds what the new state keeps beside.
-    fn set_mirror(&mut self, user: &str, state: Option<Mirror>) {
+    /// state `Loading` and `Failed`. Returns the load the state ended, if it was loading; the
+    /// caller adds what the new state keeps beside.
+    fn set_mirror(&mut self, user: &str, state: Option<Mirror>) -> Option<Loading> {
         let old = match state {
             Some(state) => match self.mirrors.get_mut(user) {
                 Some(slot) => Some(std::mem::replace(slot, state)),
@@ -594,9 +595,12 @@ impl InboxMirror {
             None => self.mirrors.remove(user),
         };
         match old {
-            Some(Mirror::Loading) => drop(self.loads.remove(user)),
-            Some(Mirror::Failed) => drop(self.retries.remove(user)),
-            _ => {}
+            Some(Mirror::Loading) => self.loads.remove(user),
+            Some(Mirror::Failed) => {
+                self.retries.remove(user);
+                None
+            }
+            _ => None,
         }
     }
 
@@ -627,6 +631,14 @@ impl InboxMirror {
                 "{} loads and {} retries kept for {loading} loading and {failed} failed mirrors",
                 self.loads.len(),
                 self.retries.len()
+            ));
+        }
+        // No failed load is left without a retry: the tick looks from `next_load_retry_ms`.
+        let first_retry = self.retries.values().min();
+        if first_retry.is_some_and(|&first| self.next_load_retry_ms.is_none_or(|n| n > first)) {
+            return Err(format!(
+                "first retry at {first_retry:?}, the tick looks from {:?}",
+                self.next_load_retry_ms
             ));
         }
         Ok(())
@@ -1221,7 +1233,7 @@ impl InboxMirror {
     /// now (each load also registers the user in the directory again). A user with live
     /// entries out is read once they are acked or spilled (a reload would not keep them).
     pub fn resynced(&mut self) {
-        self.epoch += 1;
+        self.epoch = (self.epoch.checked_add(1)).expect("fewer than 2^32 resyncs in one run");
         if self.cfg.shared {
             self.metrics.cluster_epoch.set(self.epoch.into());
         }
@@ -1267,16 +1279,12 @@ impl InboxMirror {
                 received,
             });
         }
-        let Some(Loading {
-            epoch,
-            pushes,
-            acked,
-            ..
-        }) = self.loads.remove(&user)
+        let epoch = self.loads[&user].epoch;
+        let Some(Loading { pushes, acked, .. }) =
+            self.set_mirror(&user, Some(Mirror::Ready { epoch }))
         else {
             unreachable!("checked to be loading above");
         };
-        self.set_mirror(&user, Some(Mirror::Ready { epoch }));
         if self.cfg.shared {
             self.metrics.redis_loads.inc();
         }
@@ -1525,6 +1533,12 @@ mod tests {
         assert_eq!(m.mirrors["bob"], Mirror::Failed);
         assert!(m.loads.is_empty() && m.retries.len() == 1);
         m.side_state_consistent().unwrap();
+        let next = m.next_load_retry_ms.take();
+        assert!(
+            m.side_state_consistent().is_err(),
+            "a failed load no tick looks at"
+        );
+        m.next_load_retry_ms = next;
         m.tick(NOW + LOAD_RETRY_MS);
         let token = load_token(&mut m);
         assert!(m.retries.is_empty() && m.loads.len() == 1);
@@ -1567,27 +1581,34 @@ mod tests {
     /// refused after a newer load went out changes nothing.
     #[test]
     fn a_load_the_queue_refused_is_retried_and_a_stale_one_ignored() {
+        /// The load among the effects, as the store queue would have refused it.
+        fn the_load(m: &mut InboxMirror) -> StoreOp {
+            let ops: Vec<StoreOp> = (m.take_effects().into_iter())
+                .filter_map(|e| match e {
+                    MirrorEffect::Store(op @ StoreOp::Load { .. }) => Some(op),
+                    _ => None,
+                })
+                .collect();
+            <[StoreOp; 1]>::try_from(ops)
+                .ok()
+                .expect("one load")
+                .into_iter()
+                .next()
+                .unwrap()
+        }
         let mut m = machine();
         m.resynced();
         m.ensure("bob");
-        let ops: Vec<StoreOp> = (m.take_effects().into_iter())
-            .filter_map(|e| match e {
-                MirrorEffect::Store(op @ StoreOp::Load { .. }) => Some(op),
-                _ => None,
-            })
-            .collect();
-        let [load] = <[StoreOp; 1]>::try_from(ops).ok().expect("one load");
-        let StoreOp::Load { token, .. } = load else {
+        let first = the_load(&mut m);
+        // A resync reads bob's inbox again: the first load is stale from now on.
+        m.resynced();
+        let second = the_load(&mut m);
+        let StoreOp::Load { token, .. } = second else {
             unreachable!()
         };
-        let stale = StoreOp::Load {
-            user: "bob".into(),
-            token: token - 1,
-            limit: 100,
-        };
-        m.store_refused(stale, NOW);
+        m.store_refused(first, NOW);
         assert_eq!(m.mirrors["bob"], Mirror::Loading, "a stale refusal");
-        m.store_refused(load, NOW);
+        m.store_refused(second, NOW);
         assert_eq!(m.mirrors["bob"], Mirror::Failed);
         m.side_state_consistent().unwrap();
         m.tick(NOW + LOAD_RETRY_MS - 1);

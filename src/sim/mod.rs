@@ -1085,6 +1085,7 @@ impl Sim {
     pub(crate) fn run(&mut self, steps: u64) -> Result<(), String> {
         for _ in 0..steps {
             self.step(true)?;
+            self.check_mirror_states()?;
         }
         // Settle: Redis up, every late write lands (the worst time for it), no drops.
         self.down_until = 0;
@@ -1858,6 +1859,12 @@ impl Sim {
                 }
             }
         }
+        self.check_mirror_states()
+    }
+
+    /// Each shard's mirrors and what their states keep beside them agree (after every faulty
+    /// step: once settled, nearly every mirror is ready and there is little to disagree).
+    fn check_mirror_states(&mut self) -> Result<(), String> {
         for (i, shard) in self.shards.iter().enumerate() {
             self.counts.checks += 1;
             shard
