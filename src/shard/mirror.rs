@@ -90,7 +90,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
 
-use crate::hash::{FastMap, FastSet};
+use crate::hash::{FastMap, FastSet, IdMap};
 use std::sync::Arc;
 
 use compact_str::CompactString;
@@ -223,7 +223,7 @@ pub struct InboxMirror {
     /// What the last input asked for, taken by the shard ([`InboxMirror::take_effects`]).
     out: Vec<MirrorEffect>,
     /// Users online on this shard (at least one device).
-    mirrors: FastMap<CompactString, Mirror>,
+    mirrors: IdMap<Mirror>,
     /// The loads in flight, of the mirrors in state `Loading` (and only those).
     loads: FastMap<CompactString, Loading>,
     /// When each failed load is retried, of the mirrors in state `Failed` (and only those).
@@ -328,7 +328,7 @@ impl InboxMirror {
             metrics,
             inbox,
             out: Vec::new(),
-            mirrors: FastMap::default(),
+            mirrors: IdMap::default(),
             loads: FastMap::default(),
             retries: FastMap::default(),
             next_token: 0,
@@ -590,7 +590,7 @@ impl InboxMirror {
         let old = match state {
             Some(state) => match self.mirrors.get_mut(user) {
                 Some(slot) => Some(std::mem::replace(slot, state)),
-                None => self.mirrors.insert(user.into(), state),
+                None => self.mirrors.insert(user, state),
             },
             None => self.mirrors.remove(user),
         };
@@ -608,7 +608,7 @@ impl InboxMirror {
     #[cfg(test)]
     pub(crate) fn side_state_consistent(&self) -> Result<(), String> {
         let (mut loading, mut failed) = (0, 0);
-        for (user, state) in &self.mirrors {
+        for (user, state) in self.mirrors.iter() {
             let beside = (
                 self.loads.contains_key(user),
                 self.retries.contains_key(user),
