@@ -154,6 +154,14 @@ if "idle" in parts:
         m, r = med("idle", s, mem), med("idle", s, rate)
         print("  idle     %-17s %s B per idle connection (%s, budget <= 1x), %s JWT upgrades/s (%s, budget >= 1x)" % (
             s, fmt(m, "%.0f"), ratio(m, u_mem), fmt(r, "%.0f"), ratio(r, u_rate)))
+    # The same runs counting anonymous memory only (RssAnon: heap and stacks, without the
+    # binaries' page-cache pages, which move with code first run during the ramp): the part a
+    # connection's state can occupy, and a steadier figure; the budget is the one above.
+    anon = lambda b: b["gateway"].get("anon_per_conn_end") if b.get("failed") == 0 and b.get("lost") == 0 else None
+    u_anon = med("idle", "uws", anon)
+    print("  idle     anonymous memory only: uws %s B" % fmt(u_anon, "%.0f") + "".join(
+        ", %s %s B (%s)" % (s, fmt(med("idle", s, anon), "%.0f"), ratio(med("idle", s, anon), u_anon))
+        for s in ("ringgate-glommio", "ringgate-uring")))
 if "fanout" in parts:
     g = med("fanout", "ringgate", lambda b: b["last_member_ms"]["p99"] if b.get("missing") == 0 else None)
     f = med("fanout", "floor", lambda b: b["last_read_ms"]["p99"])

@@ -509,6 +509,7 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     barrier.wait();
     let gen_before = sys::vm_rss_bytes(None).unwrap_or(0);
     let gw_before = sys::sum_rss(&c.gateway_pid).ok();
+    let gw_anon_before = sys::sum_rss_anon(&c.gateway_pid).ok();
     let k_before = sys::kernel_mem();
     let go = now_ns(&cfg);
     barrier.wait();
@@ -589,6 +590,7 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
         .saturating_sub(shared.lost.load(Relaxed));
     let gen_end = sys::vm_rss_bytes(None).unwrap_or(0);
     let gw_end = sys::sum_rss(&c.gateway_pid).ok();
+    let gw_anon_end = sys::sum_rss_anon(&c.gateway_pid).ok();
     let k_end = sys::kernel_mem();
     let gen_cpu = sys::self_cpu_secs();
     shared.stop.store(true, Relaxed);
@@ -627,6 +629,8 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     };
     let gw_pc = gw(gw_after, alive_after);
     let gw_pc_end = gw(gw_end, alive_end);
+    let gw_anon_pc_end = (gw_anon_end.zip(gw_anon_before))
+        .and_then(|(end, before)| per_conn(end as i64 - before as i64, alive_end));
     let slab_pc = per_conn(
         (k_after.slab_kb as i64 - k_before.slab_kb as i64) * 1024,
         alive_after,
@@ -718,13 +722,17 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     if !c.gateway_pid.is_empty() {
         let m = |x: Option<u64>| x.map_or("n/a".to_string(), |b| format!("{:.1}", mib(b)));
         println!(
-            "gateway      pids {:?}  rss {} -> {} -> {} MiB  {} per conn after ramp, {} at end of hold",
+            "gateway      pids {:?}  rss {} -> {} -> {} MiB  {} per conn after ramp, {} at end of hold \
+             (anonymous: {} -> {} MiB, {} per conn at end)",
             c.gateway_pid,
             m(gw_before),
             m(gw_after),
             m(gw_end),
             opt_f(gw_pc, "B"),
             opt_f(gw_pc_end, "B"),
+            m(gw_anon_before),
+            m(gw_anon_end),
+            opt_f(gw_anon_pc_end, "B"),
         );
     }
     println!(
@@ -763,6 +771,9 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
                 "rss_end": gw_end,
                 "rss_per_conn": gw_pc,
                 "rss_per_conn_end": gw_pc_end,
+                "anon_before": gw_anon_before,
+                "anon_end": gw_anon_end,
+                "anon_per_conn_end": gw_anon_pc_end,
             })
         };
         let j = json!({

@@ -27,6 +27,21 @@ pub fn vm_rss_bytes(pid: Option<u32>) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other(format!("no VmRSS in {path}")))
 }
 
+/// Anonymous resident memory (`RssAnon`: heap, stacks; not the binary's and libraries' pages
+/// from the page cache) summed over several pids, in bytes. What a connection's state can
+/// occupy; VmRSS adds file pages, which move with code paths first run and the page cache.
+pub fn sum_rss_anon(pids: &[u32]) -> io::Result<u64> {
+    pids.iter()
+        .map(|p| {
+            let path = format!("/proc/{p}/status");
+            let text = read(&path)?;
+            parse_kb_field(&text, "RssAnon")
+                .map(|kb| kb * 1024)
+                .ok_or_else(|| io::Error::other(format!("no RssAnon in {path}")))
+        })
+        .sum()
+}
+
 /// Sum of VmRSS over several pids, in bytes.
 pub fn sum_rss(pids: &[u32]) -> io::Result<u64> {
     pids.iter().map(|&p| vm_rss_bytes(Some(p))).sum()
@@ -139,6 +154,7 @@ mod tests {
         let status =
             "Name:\tringgate\nVmPeak:\t  9999 kB\nVmRSS:\t   12345 kB\nRssAnon:\t 100 kB\n";
         assert_eq!(parse_kb_field(status, "VmRSS"), Some(12345));
+        assert_eq!(parse_kb_field(status, "RssAnon"), Some(100));
         assert_eq!(parse_kb_field(status, "VmSwap"), None);
         let meminfo = "MemTotal:       24684000 kB\nSlab:             212340 kB\nSReclaimable:     99000 kB\nSUnreclaim:       113340 kB\n";
         assert_eq!(parse_kb_field(meminfo, "Slab"), Some(212340));
