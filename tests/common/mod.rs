@@ -223,6 +223,19 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what the gateway said (a panic on a shard, a store error):
+        // otherwise its log is lost with the process.
+        if std::thread::panicking() {
+            let lines: Vec<String> = self.stderr.try_iter().collect();
+            let from = lines.len().saturating_sub(200);
+            eprintln!(
+                "--- the gateway's last {} log lines ---",
+                lines.len() - from
+            );
+            for line in &lines[from..] {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
