@@ -7,6 +7,7 @@ fn main() {
     // Off before the first tables are allocated; `serve` turns huge pages back on if
     // `huge_pages` asks for them (src/alloc.rs).
     let _ = ringgate::alloc::allow_huge_pages(false); // (serve says it if this was refused)
+    ringgate::alloc::shorten_purge_delay();
     let cli = match ringgate::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
