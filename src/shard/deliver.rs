@@ -60,11 +60,10 @@ impl Shard {
         let entry = &mut self.conns[index];
         entry.conn.start_session(entry.serial, &ctx);
         if let Some(user) = entry.conn.user().map(CompactString::from) {
-            self.users
-                .add(&user, index, |i| super::conn_user(&self.conns, i));
+            let first = (self.users).add(&user, index, |i| super::conn_user(&self.conns, i));
             self.senders.arrived(&user, self.clock.wall_ms());
             self.metrics.users.set(self.users.len() as u64);
-            if self.devices_of(&user).len() == 1 {
+            if first {
                 self.local_presence(&user, true, now);
             }
             self.ensure_mirror(&user, now);

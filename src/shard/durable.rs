@@ -168,11 +168,8 @@ impl Shard {
         self.perform_mirror(now, None);
     }
 
-    /// A device of `user` left: drop the mirror when it was the last one here.
+    /// The last device of `user` here left: drop the mirror.
     pub(super) fn release_mirror(&mut self, user: &str, now: u64) {
-        if !self.devices_of(user).is_empty() {
-            return;
-        }
         // With a shared store, what the user received is kept there at each ack (the next
         // load reads it) and the user may read on another node meanwhile: forgotten here.
         // This shard is the only place that knows it otherwise.

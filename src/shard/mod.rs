@@ -1024,11 +1024,10 @@ impl Shard {
         self.forget_watches(index, now);
         if let Some(user) = entry.conn.user() {
             if !entry.conn.awaiting_session() {
-                self.users
-                    .remove(user, index, |i| conn_user(&self.conns, i));
+                let none_left = (self.users).remove(user, index, |i| conn_user(&self.conns, i));
                 self.metrics.users.set(self.users.len() as u64);
-                self.release_mirror(user, now);
-                if self.devices_of(user).is_empty() {
+                if none_left {
+                    self.release_mirror(user, now);
                     self.local_presence(user, false, now);
                 }
             }

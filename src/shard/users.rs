@@ -30,28 +30,35 @@ pub struct Users<S = FastBuildHasher> {
 }
 
 impl<S: BuildHasher> Users<S> {
-    /// Register connection `conn` of `user`.
-    pub fn add<'a>(&mut self, user: &str, conn: usize, id_of: impl Fn(usize) -> &'a str) {
+    /// Register connection `conn` of `user`. Returns whether it is the user's first here.
+    pub fn add<'a>(&mut self, user: &str, conn: usize, id_of: impl Fn(usize) -> &'a str) -> bool {
         let conn = u32::try_from(conn).expect("slab index below 2^32");
         let hash = self.hasher.hash_one(user);
-        if !self.has_hashed(hash, user, &id_of) {
+        let first = !self.has_hashed(hash, user, &id_of);
+        if first {
             self.users += 1;
         }
         let Users { hasher, conns, .. } = self;
         conns.insert_unique(hash, conn, |&c| hasher.hash_one(id_of(c as usize)));
+        first
     }
 
     /// Forget connection `conn` of `user` (it may have left the slab already); `id_of` reads
-    /// the user's other connections.
-    pub fn remove<'a>(&mut self, user: &str, conn: usize, id_of: impl Fn(usize) -> &'a str) {
+    /// the user's other connections. Returns whether the user has none left here.
+    pub fn remove<'a>(
+        &mut self,
+        user: &str,
+        conn: usize,
+        id_of: impl Fn(usize) -> &'a str,
+    ) -> bool {
         let hash = self.hasher.hash_one(user);
-        let Ok(entry) = self.conns.find_entry(hash, |&c| c as usize == conn) else {
-            return;
-        };
-        entry.remove();
-        if !self.has_hashed(hash, user, &id_of) {
+        let found = self.conns.find_entry(hash, |&c| c as usize == conn);
+        let registered = found.map(|entry| entry.remove()).is_ok();
+        let none_left = !self.has_hashed(hash, user, &id_of);
+        if registered && none_left {
             self.users -= 1;
         }
+        none_left
     }
 
     /// The registered connections of `user`, in slab order (not the table's, which follows
