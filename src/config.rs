@@ -1047,6 +1047,12 @@ impl Config {
         })
     }
 
+    /// One shard's share of `max_connections`: what its per-connection tables reserve at
+    /// start (see `Shard::new`).
+    pub fn connections_per_shard(&self) -> usize {
+        self.max_connections.div_ceil(self.shards.max(1))
+    }
+
     /// The per-address limits the shards share.
     pub fn ip_limits(&self) -> IpLimits {
         IpLimits::new(

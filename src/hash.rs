@@ -37,6 +37,19 @@ impl<V, S: Default> Default for IdMap<V, S> {
     }
 }
 
+impl<V, S> IdMap<V, S> {
+    /// Room for `additional` more entries without moving them. Only the entries' slab is
+    /// reserved: the index's control bytes are written when it is allocated, the entries are
+    /// not touched until used (see `Shard::new` on why tables are reserved).
+    pub fn reserve(&mut self, additional: usize) {
+        self.entries.reserve(additional);
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.entries.capacity()
+    }
+}
+
 impl<V, S: std::hash::BuildHasher> IdMap<V, S> {
     fn find(&self, id: &str) -> Option<usize> {
         let hash = self.hasher.hash_one(id);

@@ -230,6 +230,11 @@ impl<T> TimingWheel<T> {
     }
 
     /// Number of pending entries.
+    /// Entries the arena holds without moving.
+    pub fn capacity(&self) -> usize {
+        self.entries.capacity()
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

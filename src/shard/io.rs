@@ -145,19 +145,19 @@ pub async fn run_uring(
         let _ = bell.set_nonblocking(true);
     }
     let bell_fds: Vec<_> = bells.iter().map(|b| b.as_raw_fd()).collect();
-    let (recv_buffers, batch_wait_us) = (
-        shard.cfg().uring_recv_buffers,
-        shard.cfg().uring_batch_wait_us,
-    );
-    let mut driver =
-        match super::uring::Driver::new(listener.into(), &bell_fds, recv_buffers, batch_wait_us) {
-            Ok(driver) => driver,
-            Err(e) => {
-                // The host check passed before any shard started: this is a late failure.
-                tracing::error!(error = %e, shard = shard.id, "cannot start the io_uring driver");
-                return;
-            }
-        };
+    let settings = super::uring::Settings {
+        recv_buffers: shard.cfg().uring_recv_buffers,
+        batch_wait_us: shard.cfg().uring_batch_wait_us,
+        sockets: shard.cfg().connections_per_shard(),
+    };
+    let mut driver = match super::uring::Driver::new(listener.into(), &bell_fds, settings) {
+        Ok(driver) => driver,
+        Err(e) => {
+            // The host check passed before any shard started: this is a late failure.
+            tracing::error!(error = %e, shard = shard.id, "cannot start the io_uring driver");
+            return;
+        }
+    };
     let shard = RefCell::new(shard);
     let mut accepting = true;
     let mut bells_pending = true;

@@ -353,6 +353,15 @@ impl InboxMirror {
         }
     }
 
+    /// Room for `users` mirrors without moving the table (see `Shard::new`).
+    pub fn reserve_users(&mut self, users: usize) {
+        self.mirrors.reserve(users);
+    }
+
+    pub fn users_capacity(&self) -> usize {
+        self.mirrors.capacity()
+    }
+
     /// The same mirror behind another store: everything about writes and loads starts over;
     /// the entries stay (none exist before the store is chosen at start).
     pub fn for_store(&mut self, shared: bool) {

@@ -499,6 +499,29 @@ fn a_parked_connection_fits_in_its_slab_slot_wheel_entry_and_registry_slot() {
     );
 }
 
+/// The per-connection tables are reserved at start for the shard's share of
+/// `max_connections`, so they never move while connections arrive (see `Shard::new`).
+#[test]
+fn a_shard_reserves_its_connection_tables_for_its_share_of_max_connections() {
+    let cfg = ConfigLayer {
+        max_connections: Some(1_001),
+        shards: Some(4),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    assert_eq!(cfg.connections_per_shard(), 251);
+    let shard = Shard::new(
+        1,
+        Shared::new(cfg),
+        Arc::new(ShardMetrics::default()),
+        Box::new(ManualClock::new(1_000)),
+    );
+    assert!(shard.conns.capacity() >= 251, "{}", shard.conns.capacity());
+    assert!(shard.wheel.capacity() >= 251, "{}", shard.wheel.capacity());
+    assert!(shard.mirror.users_capacity() >= 251);
+}
+
 /// A message delivered to a parked device puts the ack deadline on the wheel: the delivery
 /// only writes to a parked socket (no poll follows to sync the wheel entry), and CI once saw no
 /// retransmit for 10 s with `ack_timeout_ms` 100 because the entry kept a later deadline.

@@ -655,29 +655,35 @@ pub struct Driver {
     fixed_close_queued: bool,
 }
 
+/// What a shard's driver is built with (from the config).
+pub struct Settings {
+    /// `uring_recv_buffers`.
+    pub recv_buffers: u16,
+    /// `uring_batch_wait_us`.
+    pub batch_wait_us: u32,
+    /// Sockets the slot table is reserved for (the shard's share of `max_connections`, see
+    /// `Shard::new`).
+    pub sockets: usize,
+}
+
 impl Driver {
     /// A ring for this shard with a multishot accept on `listener` and a multishot poll on
     /// each bell (the mesh's, the store's), so a wait in the ring also ends when they ring.
-    pub fn new(
-        listener: OwnedFd,
-        bells: &[RawFd],
-        recv_buffers: u16,
-        batch_wait_us: u32,
-    ) -> io::Result<Self> {
+    pub fn new(listener: OwnedFd, bells: &[RawFd], settings: Settings) -> io::Result<Self> {
         let ring = new_ring()?;
         let batch_wait_us = if ring.params().is_feature_min_timeout() {
-            batch_wait_us
+            settings.batch_wait_us
         } else {
             0
         };
-        let bufs = BufRing::new(&ring, recv_buffers)?;
+        let bufs = BufRing::new(&ring, settings.recv_buffers)?;
         let fixed_files = fixed_file_table(&ring);
         let flag = Arc::new(RepollFlag::default());
         let mut driver = Driver {
             ring,
             bufs,
-            slots: Slab::new(),
-            slot_of: Vec::new(),
+            slots: Slab::with_capacity(settings.sockets),
+            slot_of: Vec::with_capacity(settings.sockets),
             listener: Some(listener),
             accept_armed: false,
             bells_armed: 0,
