@@ -401,51 +401,63 @@ fn socket_io<'a>(
 /// in flight reads `sending`), which can be after its connection is gone.
 struct SocketSlot {
     fd: Option<OwnedFd>,
-    /// Its operations name it by its entry in the fixed file table, at its slot index.
-    fixed: bool,
     /// The shard's slab index of its connection plus one (None once the connection is gone;
     /// read through `conn()`): 4 bytes, the slot is what every idle socket pays.
     conn: Option<NonZeroU32>,
-    /// Operations the kernel holds for this socket (the receive, a send).
-    ops_in_kernel: u8,
-    recv_armed: bool,
     /// Its bytes in transit (None when it has none).
     io: Option<Box<SocketIo>>,
-    send_in_kernel: bool,
-    /// In the driver's `to_send` list for this turn.
-    send_queued: bool,
-    /// Its receive ended for want of buffers (ENOBUFS): it waits in `Driver::starved` to be
-    /// re-armed once buffers come back, not at once (which would end the same way, a spin).
-    starved: bool,
-    /// The peer closed its side (a receive of 0 bytes).
-    eof: bool,
-    /// The socket failed (receive or send error): the connection sees it as gone.
-    failed: bool,
-    /// Poll the connection again once the staged bytes are out (it was held back by them).
-    repoll_when_sent: bool,
-    /// The connection is finished: close the socket once the staged bytes are out.
-    close_when_sent: bool,
+    /// Operations the kernel holds for this socket (the receive, a send).
+    ops_in_kernel: u8,
+    /// Its yes/no states, a bit each (see [`Flag`]): 24 bytes a slot instead of 32.
+    flags: u16,
     /// The connection belongs on shard `to`: the receive is being cancelled to hand it over.
     handoff_to: Option<u16>,
+}
+
+/// A socket slot's yes/no states (bits of `SocketSlot::flags`).
+#[derive(Clone, Copy)]
+enum Flag {
+    /// Its operations name it by its entry in the fixed file table, at its slot index.
+    Fixed = 1,
+    RecvArmed = 1 << 1,
+    /// A send of its bytes is in the kernel.
+    SendInKernel = 1 << 2,
+    /// In the driver's `to_send` list for this turn.
+    SendQueued = 1 << 3,
+    /// Its receive ended for want of buffers (ENOBUFS): it waits in `Driver::starved` to be
+    /// re-armed once buffers come back, not at once (which would end the same way, a spin).
+    Starved = 1 << 4,
+    /// The peer closed its side (a receive of 0 bytes).
+    Eof = 1 << 5,
+    /// The socket failed (receive or send error): the connection sees it as gone.
+    Failed = 1 << 6,
+    /// Poll the connection again once the staged bytes are out (it was held back by them).
+    RepollWhenSent = 1 << 7,
+    /// The connection is finished: close the socket once the staged bytes are out.
+    CloseWhenSent = 1 << 8,
 }
 
 impl SocketSlot {
     fn new(fd: OwnedFd, conn: usize) -> Self {
         SocketSlot {
             fd: Some(fd),
-            fixed: false,
             conn: NonZeroU32::new(u32::try_from(conn + 1).expect("slab index below 2^32 - 1")),
-            ops_in_kernel: 0,
-            recv_armed: false,
             io: None,
-            send_in_kernel: false,
-            send_queued: false,
-            starved: false,
-            eof: false,
-            failed: false,
-            repoll_when_sent: false,
-            close_when_sent: false,
+            ops_in_kernel: 0,
+            flags: 0,
             handoff_to: None,
+        }
+    }
+
+    fn is(&self, flag: Flag) -> bool {
+        self.flags & flag as u16 != 0
+    }
+
+    fn set(&mut self, flag: Flag, on: bool) {
+        if on {
+            self.flags |= flag as u16;
+        } else {
+            self.flags &= !(flag as u16);
         }
     }
 
@@ -466,10 +478,10 @@ impl SocketSlot {
     /// The receive may run (again): nothing unread, not ended, not being handed over.
     fn may_receive(&self) -> bool {
         self.conn.is_some()
-            && !self.recv_armed
+            && !self.is(Flag::RecvArmed)
             && self.unread() == 0
-            && !self.eof
-            && !self.failed
+            && !self.is(Flag::Eof)
+            && !self.is(Flag::Failed)
             && self.handoff_to.is_none()
     }
 
@@ -479,7 +491,7 @@ impl SocketSlot {
 
     /// Its fixed file index, if it has one (`slot` is its own index).
     fn fixed_index(&self, slot: usize) -> Option<u32> {
-        self.fixed.then_some(slot as u32)
+        self.is(Flag::Fixed).then_some(slot as u32)
     }
 }
 
@@ -529,10 +541,10 @@ impl futures_lite::AsyncRead for RingSocket<'_> {
                 return Poll::Ready(Ok(n));
             }
         }
-        if this.slot.failed {
+        if this.slot.is(Flag::Failed) {
             return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
         }
-        if this.slot.eof {
+        if this.slot.is(Flag::Eof) {
             return Poll::Ready(Ok(0));
         }
         // The next receive completion polls the connection again.
@@ -547,12 +559,12 @@ impl futures_lite::AsyncWrite for RingSocket<'_> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let slot = &mut *self.slot;
-        if slot.failed {
+        if slot.is(Flag::Failed) {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         let room = self.max_staged.saturating_sub(self.slot.unsent());
         if room == 0 {
-            self.slot.repoll_when_sent = true;
+            self.slot.set(Flag::RepollWhenSent, true);
             return Poll::Pending;
         }
         let n = room.min(buf.len());
@@ -576,7 +588,7 @@ impl futures_lite::AsyncWrite for RingSocket<'_> {
     /// Shut the write side once everything staged is out (our close frame first).
     fn poll_close(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.slot.unsent() > 0 {
-            self.slot.repoll_when_sent = true;
+            self.slot.set(Flag::RepollWhenSent, true);
             return Poll::Pending;
         }
         // SAFETY: shutdown on the socket this slot owns; rare (once per closing connection).
@@ -757,7 +769,7 @@ impl Driver {
             opcode::RecvMulti::new(t, BUFFER_GROUP).build()
         })
         .user_data(user_data(slot, OP_RECV));
-        s.recv_armed = true;
+        s.set(Flag::RecvArmed, true);
         s.ops_in_kernel += 1;
         self.push(recv);
     }
@@ -774,9 +786,10 @@ impl Driver {
             // One register call per socket; its operations then skip the file lookup. If it
             // fails (out of kernel memory), the socket works by its descriptor.
             let s = &mut self.slots[slot];
-            s.fixed = (self.ring.submitter())
+            let fixed = (self.ring.submitter())
                 .register_files_update(slot as u32, &[s.raw_fd()])
                 .is_ok();
+            s.set(Flag::Fixed, fixed);
         }
         if self.slot_of.len() <= conn {
             self.slot_of.resize(conn + 1, None);
@@ -934,7 +947,7 @@ impl Driver {
     fn on_recv(&mut self, shard: &RefCell<Shard>, slot: usize, result: i32, flags: u32) {
         let s = &mut self.slots[slot];
         if !cqueue::more(flags) {
-            s.recv_armed = false;
+            s.set(Flag::RecvArmed, false);
             s.ops_in_kernel -= 1;
         }
         if let Some(bid) = cqueue::buffer_select(flags) {
@@ -951,11 +964,11 @@ impl Driver {
             }
         }
         match result {
-            0 => s.eof = true,
+            0 => s.set(Flag::Eof, true),
             // The buffer ring ran dry: the bytes wait in the socket until buffers come back.
             r if r == -libc::ENOBUFS => {
-                if !s.recv_armed && !s.starved {
-                    s.starved = true;
+                if !s.is(Flag::RecvArmed) && !s.is(Flag::Starved) {
+                    s.set(Flag::Starved, true);
                     self.starved.push_back(slot);
                 }
                 self.ran_dry = true;
@@ -963,11 +976,11 @@ impl Driver {
             }
             // We stopped it: re-armed in `after_op` when the connection reads again.
             r if r == -libc::ECANCELED => {}
-            r if r < 0 => s.failed = true,
+            r if r < 0 => s.set(Flag::Failed, true),
             _ => {}
         }
         let held = s.io.as_ref().map_or(0, |io| io.held.len());
-        if s.recv_armed
+        if s.is(Flag::RecvArmed)
             && (held >= HELD_BUFFERS_MAX || s.unread() >= HELD_BUFFERS_MAX * RECV_BUFFER_BYTES)
         {
             // The connection is not taking its input: stop receiving (TCP pushes back).
@@ -982,13 +995,14 @@ impl Driver {
     fn on_send(&mut self, shard: &RefCell<Shard>, slot: usize, result: i32) {
         let s = &mut self.slots[slot];
         s.ops_in_kernel -= 1;
-        s.send_in_kernel = false;
+        s.set(Flag::SendInKernel, false);
         let sio = socket_io(&mut s.io, &mut self.spare_ios);
+        let mut more_to_send = false;
         if result < 0 {
-            s.failed = true;
             sio.sending.clear();
             sio.sent = 0;
             sio.staged.clear();
+            s.set(Flag::Failed, true);
         } else {
             sio.sent += result as u32;
             if sio.sent as usize == sio.sending.len() {
@@ -996,16 +1010,17 @@ impl Driver {
                 sio.sent = 0;
                 std::mem::swap(&mut sio.sending, &mut sio.staged);
             }
-            if !sio.sending.is_empty() && !s.send_queued {
-                s.send_queued = true;
-                self.to_send.push(slot); // a short write: the rest goes in the next turn
-            }
+            more_to_send = !sio.sending.is_empty();
+        }
+        if more_to_send && !s.is(Flag::SendQueued) {
+            s.set(Flag::SendQueued, true);
+            self.to_send.push(slot); // a short write: the rest goes in the next turn
         }
         let drained = self.slots[slot].unsent() == 0;
         self.settle(slot);
         let s = &mut self.slots[slot];
-        if (drained && s.repoll_when_sent) || s.failed {
-            s.repoll_when_sent = false;
+        if (drained && s.is(Flag::RepollWhenSent)) || s.is(Flag::Failed) {
+            s.set(Flag::RepollWhenSent, false);
             if let Some(conn) = s.conn() {
                 self.repoll.push_back(conn);
             }
@@ -1060,8 +1075,8 @@ impl Driver {
         let outcome = shard.borrow_mut().poll_conn(conn, &mut socket, &mut cx);
         let s = &mut self.slots[slot];
         let staged = s.io.as_ref().is_some_and(|io| !io.staged.is_empty());
-        if staged && !s.send_in_kernel && !s.send_queued {
-            s.send_queued = true;
+        if staged && !s.is(Flag::SendInKernel) && !s.is(Flag::SendQueued) {
+            s.set(Flag::SendQueued, true);
             self.to_send.push(slot);
         }
         self.settle(slot);
@@ -1087,19 +1102,20 @@ impl Driver {
             s.conn = None;
             self.slot_of[conn] = None;
         }
+        let failed = s.is(Flag::Failed);
         if let Some(sio) = s.io.as_deref_mut() {
             for held in sio.held.drain(..) {
                 self.bufs.give_back(held.bid);
             }
             sio.spilled = Vec::new();
-            if s.failed {
+            if failed {
                 sio.staged.clear(); // (a send in the kernel keeps `sending` until it ends)
             }
         }
-        if s.failed || s.unsent() == 0 {
+        if s.is(Flag::Failed) || s.unsent() == 0 {
             self.cancel_ops(slot);
         } else {
-            s.close_when_sent = true;
+            s.set(Flag::CloseWhenSent, true);
         }
         self.settle(slot);
         self.free_if_done(slot);
@@ -1127,7 +1143,7 @@ impl Driver {
             return;
         }
         s.handoff_to = Some(u16::try_from(to).expect("at most 1024 shards (config)"));
-        if s.recv_armed {
+        if s.is(Flag::RecvArmed) {
             self.cancel_recv(slot);
         }
     }
@@ -1164,12 +1180,12 @@ impl Driver {
             }
         }
         let s = &mut self.slots[slot];
-        if s.close_when_sent && s.unsent() == 0 {
-            s.close_when_sent = false;
+        if s.is(Flag::CloseWhenSent) && s.unsent() == 0 {
+            s.set(Flag::CloseWhenSent, false);
             self.cancel_ops(slot);
         }
         let s = &self.slots[slot];
-        if !s.starved && s.may_receive() {
+        if !s.is(Flag::Starved) && s.may_receive() {
             self.arm_recv(slot);
         }
         self.free_if_done(slot);
@@ -1202,10 +1218,10 @@ impl Driver {
                 return;
             };
             // A slot freed (and maybe reused) since is no longer marked starved.
-            let Some(s) = self.slots.get_mut(slot).filter(|s| s.starved) else {
+            let Some(s) = self.slots.get_mut(slot).filter(|s| s.is(Flag::Starved)) else {
                 continue;
             };
-            s.starved = false;
+            s.set(Flag::Starved, false);
             if s.may_receive() {
                 self.arm_recv(slot);
                 free -= 1;
@@ -1215,8 +1231,8 @@ impl Driver {
 
     fn free_if_done(&mut self, slot: usize) {
         let s = &self.slots[slot];
-        if s.conn.is_none() && s.ops_in_kernel == 0 && !s.close_when_sent {
-            let fixed = s.fixed;
+        if s.conn.is_none() && s.ops_in_kernel == 0 && !s.is(Flag::CloseWhenSent) {
+            let fixed = s.is(Flag::Fixed);
             self.slots.remove(slot); // drops (closes) the descriptor
             if fixed {
                 // The table's reference would keep the socket open: drop it too.
@@ -1233,8 +1249,8 @@ impl Driver {
         let Some(s) = self.slots.get_mut(slot) else {
             return;
         };
-        s.send_queued = false;
-        if s.send_in_kernel || s.failed {
+        s.set(Flag::SendQueued, false);
+        if s.is(Flag::SendInKernel) || s.is(Flag::Failed) {
             return;
         }
         let (fixed, fd) = (s.fixed_index(slot), s.raw_fd());
@@ -1255,7 +1271,7 @@ impl Driver {
                 .build()
         })
         .user_data(user_data(slot, OP_SEND));
-        s.send_in_kernel = true;
+        s.set(Flag::SendInKernel, true);
         s.ops_in_kernel += 1;
         self.push(send);
     }
@@ -1411,6 +1427,38 @@ mod tests {
         );
         let busy = std::mem::size_of::<super::SocketIo>();
         eprintln!("while busy (pooled, not per idle socket): SocketIo {busy} B");
-        assert!(slot + index <= 36, "{slot} + {index}");
+        assert!(slot + index <= 28, "{slot} + {index}");
+    }
+
+    /// Each flag is its own bit: setting or clearing one leaves the others as they were.
+    #[test]
+    fn a_socket_slot_flag_changes_only_itself() {
+        use super::Flag::*;
+        let all = [
+            Fixed,
+            RecvArmed,
+            SendInKernel,
+            SendQueued,
+            Starved,
+            Eof,
+            Failed,
+            RepollWhenSent,
+            CloseWhenSent,
+        ];
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(b);
+        let mut slot = super::SocketSlot::new(a.into(), 0);
+        for (i, &flag) in all.iter().enumerate() {
+            slot.set(flag, true);
+            for (j, &other) in all.iter().enumerate() {
+                assert_eq!(slot.is(other), j <= i, "after setting flag {i}, flag {j}");
+            }
+        }
+        for (i, &flag) in all.iter().enumerate() {
+            slot.set(flag, false);
+            for (j, &other) in all.iter().enumerate() {
+                assert_eq!(slot.is(other), j > i, "after clearing flag {i}, flag {j}");
+            }
+        }
     }
 }
