@@ -5,6 +5,11 @@
 #   idle    memory per idle connection and connects per second, one core for the server
 #           (CPU 0), the generator on CPU 1, N connections: ringgate (JWT-authenticated /ws,
 #           one shard, each io_driver) against uWebSockets' EchoServer (plain upgrades).
+#           W warm-up connections (default 500) are opened first and held through the run:
+#           the per-connection figure is then what N more connections add (marginal), without
+#           the one-time costs of the first ones (the binary's code that the ramp runs for the
+#           first time becomes resident page cache). The figure from the server's start, over
+#           all W + N connections, is printed beside it.
 #   fanout  one room of M members on a 2-shard gateway: publish -> last member p99, against
 #           `ringgate-bench floor` (the kernel writing one frame to M loopback sockets).
 #   send    1:1 at U users x 1 in flight (2 shards, embedded store): gateway CPU per accepted
@@ -22,6 +27,7 @@ ROUNDS=${1:-3}
 shift || true
 PARTS=${*:-idle fanout send spill}
 N=${N:-19000}
+W=${W:-500}
 M=${M:-9000}
 U=${U:-10000}
 NEW=target/release
@@ -40,11 +46,12 @@ wait_port() {
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done
   echo "FATAL: nothing listens on $1" >&2; exit 1
 }
-record() { # part side json-line
+record() { # part side json-line [more json fields, each with a leading comma]
   local line=${3:-null}
   [ -n "$line" ] || line=null
-  echo "{\"part\":\"$1\",\"side\":\"$2\",\"bench\":$line}" | tee -a "$OUT/runs.jsonl"
+  echo "{\"part\":\"$1\",\"side\":\"$2\",\"bench\":$line${4:-}}" | tee -a "$OUT/runs.jsonl"
 }
+status_bytes() { awk -v f="$2:" '$1 == f {print $2 * 1024}' /proc/$1/status; } # pid VmRSS|RssAnon
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 idle() { # side
@@ -58,10 +65,32 @@ idle() { # side
   wait_port $port
   local route=(--route ws --secret $S)
   [ "$1" = uws ] && route=(--route echo)
+  local start_rss start_anon warm_pid= held=$OUT/warm-held
+  start_rss=$(status_bytes $pid VmRSS); start_anon=$(status_bytes $pid RssAnon)
+  if [ "$W" -gt 0 ]; then
+    # The warm-up: W users of their own, held until the measured run is over.
+    touch "$held"
+    taskset -c 1 $NEW/ringgate-bench idle -n "$W" --target 127.0.0.1:$port "${route[@]}" \
+      --user-offset 1000000 --hold 0 --hold-while "$held" --timeout 150 --json -q \
+      >"$OUT/warm.json" 2>/dev/null &
+    warm_pid=$!
+    for _ in $(seq 100); do
+      [ "$(ss -Htn state established "( sport = :$port )" | wc -l)" -ge "$W" ] && break
+      sleep 0.1
+    done
+    sleep 1 # the server's collection after a wave (src/alloc.rs) runs before the baseline
+  fi
   line=$(taskset -c 1 $NEW/ringgate-bench idle -n "$N" --target 127.0.0.1:$port "${route[@]}" \
     --source-ips 8 --gateway-pid $pid --hold 6 --timeout 120 --json -q 2>/dev/null | tail -1 || true)
+  rm -f "$held"
+  local warm_alive=0 # the warm-up's connections still open when it let go (else no marginal figure)
+  if [ -n "$warm_pid" ]; then
+    wait $warm_pid || true
+    warm_alive=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["alive_at_end"])' \
+      "$OUT/warm.json" 2>/dev/null || echo 0)
+  fi
   stop $pid
-  record idle "$1" "$line"
+  record idle "$1" "$line" ",\"warmup\":$W,\"warm_alive\":$warm_alive,\"start_rss\":$start_rss,\"start_anon\":$start_anon"
 }
 
 fanout() { # side
@@ -146,22 +175,43 @@ fmt = lambda x, f="%.1f": "n/a" if x is None else f % x
 parts = {r["part"] for r in runs}
 print("\nmedians of alternated runs (ratios: ringgate / reference)")
 if "idle" in parts:
-    mem = lambda b: b["gateway"]["rss_per_conn_end"] if b.get("failed") == 0 and b.get("lost") == 0 else None
-    rate = lambda b: b["connect_rate_avg"] if b.get("failed") == 0 else None
-    u_mem, u_rate = med("idle", "uws", mem), med("idle", "uws", rate)
+    # A run counts when nothing failed or was lost, the warm-up's connections included.
+    def idle_med(side, f):
+        xs = []
+        for r in runs:
+            b = r["bench"]
+            if r["part"] != "idle" or r["side"] != side or not b or b.get("failed") != 0 or b.get("lost") != 0:
+                continue
+            if r.get("warm_alive", 0) < r.get("warmup", 0):
+                continue
+            xs.append(f(r, b))
+        return statistics.median(xs) if xs else None
+    sides = ("uws", "ringgate-glommio", "ringgate-uring")
+    mem = lambda r, b: b["gateway"]["rss_per_conn_end"]
+    rate = lambda r, b: b["connect_rate_avg"]
+    u_mem, u_rate = idle_med("uws", mem), idle_med("uws", rate)
+    warm = max((r.get("warmup", 0) for r in runs if r["part"] == "idle"), default=0)
+    print("  idle     per connection added after %d warm-up connections (resident memory):" % warm)
     print("  idle     uws               %s B per idle connection, %s upgrades/s (plain)" % (fmt(u_mem, "%.0f"), fmt(u_rate, "%.0f")))
-    for s in ("ringgate-glommio", "ringgate-uring"):
-        m, r = med("idle", s, mem), med("idle", s, rate)
+    for s in sides[1:]:
+        m, r = idle_med(s, mem), idle_med(s, rate)
         print("  idle     %-17s %s B per idle connection (%s, budget <= 1x), %s JWT upgrades/s (%s, budget >= 1x)" % (
             s, fmt(m, "%.0f"), ratio(m, u_mem), fmt(r, "%.0f"), ratio(r, u_rate)))
     # The same runs counting anonymous memory only (RssAnon: heap and stacks, without the
-    # binaries' page-cache pages, which move with code first run during the ramp): the part a
-    # connection's state can occupy, and a steadier figure; the budget is the one above.
-    anon = lambda b: b["gateway"].get("anon_per_conn_end") if b.get("failed") == 0 and b.get("lost") == 0 else None
-    u_anon = med("idle", "uws", anon)
+    # binaries' page-cache pages): the part a connection's state can occupy, a steadier figure.
+    anon = lambda r, b: b["gateway"].get("anon_per_conn_end")
+    u_anon = idle_med("uws", anon)
     print("  idle     anonymous memory only: uws %s B" % fmt(u_anon, "%.0f") + "".join(
-        ", %s %s B (%s)" % (s, fmt(med("idle", s, anon), "%.0f"), ratio(med("idle", s, anon), u_anon))
-        for s in ("ringgate-glommio", "ringgate-uring")))
+        ", %s %s B (%s)" % (s, fmt(idle_med(s, anon), "%.0f"), ratio(idle_med(s, anon), u_anon))
+        for s in sides[1:]))
+    # From the server's start over all its connections: the first ones' one-time costs (code
+    # first run, now resident page cache) spread over them.
+    total = lambda r, b: b["requested"] + r.get("warmup", 0)
+    start = lambda r, b: (b["gateway"]["rss_end"] - r["start_rss"]) / total(r, b)
+    u_start = idle_med("uws", start)
+    print("  idle     from the server's start (warm-up included): uws %s B" % fmt(u_start, "%.0f") + "".join(
+        ", %s %s B (%s)" % (s, fmt(idle_med(s, start), "%.0f"), ratio(idle_med(s, start), u_start))
+        for s in sides[1:]))
 if "fanout" in parts:
     g = med("fanout", "ringgate", lambda b: b["last_member_ms"]["p99"] if b.get("missing") == 0 else None)
     f = med("fanout", "floor", lambda b: b["last_read_ms"]["p99"])
