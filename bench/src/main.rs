@@ -868,7 +868,9 @@ fn start_clock(barrier: &Barrier, shared: &Shared, cfg: &Config, lead_ns: u64) -
 
 /// CPU seconds of the gateway pids (None without pids) and of this process over the measured
 /// window, with the instants the samples were really taken.
-type CpuSample = (Option<f64>, f64, u64, u64);
+/// The gateway's CPU seconds over the window (all, and in the kernel), the generator's own,
+/// and when the window was actually sampled (start, end).
+type CpuSample = (Option<(f64, f64)>, f64, u64, u64);
 
 fn cpu_over_window(
     cfg: &Config,
@@ -878,14 +880,21 @@ fn cpu_over_window(
     mut sleep_until_ns: impl FnMut(u64),
 ) -> CpuSample {
     sleep_until_ns(win_start);
-    let gw0 = sys::pids_cpu_secs(pids).ok().filter(|_| !pids.is_empty());
+    let gw0 = sys::pids_user_sys_secs(pids)
+        .ok()
+        .filter(|_| !pids.is_empty());
     let me0 = sys::self_cpu_secs();
     let t_a = now_ns(cfg);
     sleep_until_ns(win_end);
-    let gw1 = sys::pids_cpu_secs(pids).ok().filter(|_| !pids.is_empty());
+    let gw1 = sys::pids_user_sys_secs(pids)
+        .ok()
+        .filter(|_| !pids.is_empty());
     let me1 = sys::self_cpu_secs();
     let t_b = now_ns(cfg);
-    (gw0.zip(gw1).map(|(x, y)| y - x), me1 - me0, t_a, t_b)
+    let gw = gw0
+        .zip(gw1)
+        .map(|((u0, s0), (u1, s1))| (u1 + s1 - u0 - s0, s1 - s0));
+    (gw, me1 - me0, t_a, t_b)
 }
 
 fn run_echo(a: EchoArgs) -> Result<i32, String> {
@@ -982,15 +991,16 @@ fn run_echo(a: EchoArgs) -> Result<i32, String> {
     let lat = st.latency_ns.as_ref().unwrap_or(&empty);
     let us = 1e3;
     let errors = st.failed + st.lost + st.not_started + st.bad_replies + st.unexpected_replies;
-    let (gw_cpu, gen_cpu, sample_skew_ms) = match cpu {
+    let (gw_cpu, gw_sys, gen_cpu, sample_skew_ms) = match cpu {
         Some((g, m, a_, b_)) => (
-            g,
+            g.map(|(all, _)| all),
+            g.map(|(_, kernel)| kernel),
             Some(m),
             Some(
                 (a_.saturating_sub(win_start) as f64).max(b_.saturating_sub(win_end) as f64) / 1e6,
             ),
         ),
-        None => (None, None, None),
+        None => (None, None, None, None),
     };
     let per_msg = |cpu: Option<f64>| cpu.filter(|_| msgs > 0).map(|s| s * 1e6 / msgs as f64);
     let ok = errors == 0 && msgs > 0 && !interrupted;
@@ -1104,6 +1114,7 @@ fn run_echo(a: EchoArgs) -> Result<i32, String> {
             "gateway_pids": c.gateway_pid,
             "gateway_cpu_secs": gw_cpu,
             "gateway_cpu_us_per_msg": per_msg(gw_cpu),
+            "gateway_kernel_us_per_msg": per_msg(gw_sys),
             "cpu_sample_skew_ms": sample_skew_ms,
             "elapsed_secs": elapsed,
             "ok": ok,
@@ -1338,15 +1349,16 @@ fn run_send(a: SendArgs) -> Result<i32, String> {
         + missing
         + st.unexpected_accepted
         + st.unparsed;
-    let (gw_cpu, gen_cpu, sample_skew_ms) = match cpu {
+    let (gw_cpu, gw_sys, gen_cpu, sample_skew_ms) = match cpu {
         Some((g, m, a_, b_)) => (
-            g,
+            g.map(|(all, _)| all),
+            g.map(|(_, kernel)| kernel),
             Some(m),
             Some(
                 (a_.saturating_sub(win_start) as f64).max(b_.saturating_sub(win_end) as f64) / 1e6,
             ),
         ),
-        None => (None, None, None),
+        None => (None, None, None, None),
     };
     let per_msg = |cpu: Option<f64>| cpu.filter(|_| acc > 0).map(|s| s * 1e6 / acc as f64);
     let ok = errors == 0 && acc > 0 && !interrupted;
@@ -1508,6 +1520,7 @@ fn run_send(a: SendArgs) -> Result<i32, String> {
             "gateway_pids": c.gateway_pid,
             "gateway_cpu_secs": gw_cpu,
             "gateway_cpu_us_per_msg": per_msg(gw_cpu),
+            "gateway_kernel_us_per_msg": per_msg(gw_sys),
             "cpu_sample_skew_ms": sample_skew_ms,
             "elapsed_secs": elapsed,
             "ok": ok,

@@ -90,15 +90,15 @@ pub fn kernel_mem() -> KernelMem {
     k
 }
 
-/// utime + stime (clock ticks) from the text of /proc/PID/stat.
-pub fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
+/// (utime, stime) in clock ticks from the text of /proc/PID/stat.
+pub fn parse_stat_user_sys_ticks(text: &str) -> Option<(u64, u64)> {
     // The command name (field 2) may contain spaces and parentheses: fields
     // after the last ')' start at field 3 (state); utime/stime are 14 and 15.
     let rest = &text[text.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 pub fn clock_ticks_per_sec() -> u64 {
@@ -113,15 +113,22 @@ pub fn clock_ticks_per_sec() -> u64 {
 
 /// CPU seconds (user + system, all threads) consumed so far by the given pids.
 pub fn pids_cpu_secs(pids: &[u32]) -> io::Result<f64> {
+    pids_user_sys_secs(pids).map(|(user, sys)| user + sys)
+}
+
+/// CPU seconds in user space and in the kernel (all threads) consumed so far by the pids.
+pub fn pids_user_sys_secs(pids: &[u32]) -> io::Result<(f64, f64)> {
     let hz = clock_ticks_per_sec() as f64;
-    let mut ticks = 0u64;
+    let (mut user, mut sys) = (0u64, 0u64);
     for p in pids {
         let path = format!("/proc/{p}/stat");
         let text = read(&path)?;
-        ticks += parse_stat_cpu_ticks(&text)
+        let (u, s) = parse_stat_user_sys_ticks(&text)
             .ok_or_else(|| io::Error::other(format!("cannot parse {path}")))?;
+        user += u;
+        sys += s;
     }
-    Ok(ticks as f64 / hz)
+    Ok((user as f64 / hz, sys as f64 / hz))
 }
 
 /// CPU seconds (user + system, all threads) of this process, µs resolution.
@@ -181,11 +188,11 @@ mod tests {
     #[test]
     fn stat_cpu() {
         let s = "4242 (ring gate) (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 17 0 0 20 0 3 0 100 1000 50 18446744073709551615";
-        assert_eq!(parse_stat_cpu_ticks(s), Some(267));
-        assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+        assert_eq!(parse_stat_user_sys_ticks(s), Some((250, 17)));
+        assert_eq!(parse_stat_user_sys_ticks("garbage"), None);
         // Our own stat parses.
         let me = std::fs::read_to_string("/proc/self/stat").unwrap();
-        assert!(parse_stat_cpu_ticks(&me).is_some());
+        assert!(parse_stat_user_sys_ticks(&me).is_some());
         assert!(vm_rss_bytes(None).unwrap() > 0);
     }
 }
