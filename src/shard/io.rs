@@ -161,14 +161,20 @@ pub async fn run_uring(
     let shard = RefCell::new(shard);
     let mut accepting = true;
     let mut bells_pending = true;
+    // What other shards and Redis sent is also served once per tick, rung or not: a wake-up
+    // lost on the way (the bell's poll ended, see `Driver::turn`) then costs a tick, not a
+    // shard that never answers again.
+    let mut serve_due = true;
     loop {
         // One reading of each clock per loop (the wait is at its end).
         shard.borrow().new_turn();
-        if bells_pending {
-            bells_pending = false;
-            for bell in &bells {
-                drain_bell(bell);
+        if bells_pending || serve_due {
+            if std::mem::take(&mut bells_pending) {
+                for bell in &bells {
+                    drain_bell(bell);
+                }
             }
+            serve_due = false;
             if mesh_bell.is_some() {
                 bells_pending |= serve_mesh_batch(&shard, &mut driver);
             }
@@ -181,6 +187,7 @@ pub async fn run_uring(
         // Read afresh: a tick that came due during a long turn runs now, not a wait later.
         shard.borrow().new_turn();
         let ticked = shard.borrow().tick_due();
+        serve_due |= ticked;
         if ticked && shard.borrow_mut().on_tick() {
             driver.submit(); // the last close frames
             break; // drained

@@ -640,6 +640,8 @@ pub struct Driver {
     accept_armed: bool,
     /// Bell polls the kernel holds (ended only by the teardown's cancel).
     bells_armed: usize,
+    /// The bells' descriptors, by index (the index is their polls' slot in the user data).
+    bells: SmallVec<[RawFd; 2]>,
     /// Slots whose receive ended with ENOBUFS, oldest first (see `rearm_starved`).
     starved: VecDeque<usize>,
     /// A receive ended with ENOBUFS this turn: connections holding buffers copy them out.
@@ -699,6 +701,7 @@ impl Driver {
             listener: Some(listener),
             accept_armed: false,
             bells_armed: 0,
+            bells: bells.iter().copied().collect(),
             starved: VecDeque::new(),
             ran_dry: false,
             to_send: Vec::new(),
@@ -715,15 +718,20 @@ impl Driver {
             busy: false,
         };
         driver.arm_accept();
-        for &bell in bells {
-            let poll = opcode::PollAdd::new(types::Fd(bell), libc::POLLIN as u32)
-                .multi(true)
-                .build()
-                .user_data(user_data(0, OP_BELL));
-            driver.push(poll);
+        for index in 0..bells.len() {
+            driver.arm_bell(index);
             driver.bells_armed += 1;
         }
         Ok(driver)
+    }
+
+    /// A multishot poll on bell `index`: every ring completes it once, and it stays armed.
+    fn arm_bell(&mut self, index: usize) {
+        let poll = opcode::PollAdd::new(types::Fd(self.bells[index]), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(user_data(index, OP_BELL));
+        self.push(poll);
     }
 
     fn push(&mut self, sqe: squeue::Entry) {
@@ -831,7 +839,15 @@ impl Driver {
                 OP_ACCEPT => self.on_accept(shard, result, flags),
                 OP_RECV => self.on_recv(shard, slot, result, flags),
                 OP_SEND => self.on_send(shard, slot, result),
-                OP_BELL => bell_rang = true,
+                OP_BELL => {
+                    bell_rang = true;
+                    // The kernel may end a multishot poll (its completion then lacks `MORE`,
+                    // e.g. after a completion queue overflow): without a new one this shard
+                    // would never hear its mesh or its store again.
+                    if !cqueue::more(flags) {
+                        self.arm_bell(slot);
+                    }
+                }
                 _ => {} // a cancel's or a fixed close's own answer
             }
         }
@@ -1428,6 +1444,60 @@ mod tests {
         let busy = std::mem::size_of::<super::SocketIo>();
         eprintln!("while busy (pooled, not per idle socket): SocketIo {busy} B");
         assert!(slot + index <= 28, "{slot} + {index}");
+    }
+
+    /// A bell whose multishot poll the kernel ended (here: cancelled, as an overflow would end
+    /// it) is polled again, so a later ring still reaches the shard (a shard that stops
+    /// hearing its bells never answers Redis' replies or other shards again).
+    #[test]
+    fn a_bell_whose_poll_ended_is_polled_again() {
+        use super::{opcode, user_data, Driver, Settings, OP_BELL, OP_CANCEL};
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        if let Some(why) = super::unsupported_because(64) {
+            panic!("this kernel cannot run the uring driver ({why}): the test needs it");
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (mut ring_it, bell) = std::os::unix::net::UnixStream::pair().unwrap();
+        bell.set_nonblocking(true).unwrap();
+        let settings = Settings {
+            recv_buffers: 64,
+            batch_wait_us: 0,
+            sockets: 4,
+        };
+        let mut driver = Driver::new(listener.into(), &[bell.as_raw_fd()], settings).unwrap();
+        let cfg = crate::config::ConfigLayer::default().resolve().unwrap();
+        let shard = std::cell::RefCell::new(crate::shard::Shard::new(
+            0,
+            crate::shard::Shared::new(cfg),
+            std::sync::Arc::new(crate::metrics::ShardMetrics::default()),
+            Box::new(crate::clock::ManualClock::new(1_000)),
+        ));
+        // Turns until one hears the bell (bounded: each waits at most 100 ms).
+        let mut hears_bell = |driver: &mut Driver| {
+            (0..20).any(|_| {
+                driver.wait(100);
+                driver.turn(&shard).bell_rang
+            })
+        };
+        ring_it.write_all(b"x").unwrap();
+        assert!(
+            hears_bell(&mut driver),
+            "the bell is heard while its poll runs"
+        );
+        let mut drain = [0u8; 8];
+        while std::io::Read::read(&mut &bell, &mut drain).is_ok() {}
+        // End the poll: its last completion (no `MORE`) comes in the next turns.
+        let cancel = opcode::AsyncCancel::new(user_data(0, OP_BELL))
+            .build()
+            .user_data(user_data(0, OP_CANCEL));
+        driver.push(cancel);
+        assert!(hears_bell(&mut driver), "the poll's end is a completion");
+        ring_it.write_all(b"x").unwrap();
+        assert!(
+            hears_bell(&mut driver),
+            "a ring after the poll ended is heard"
+        );
     }
 
     /// Each flag is its own bit: setting or clearing one leaves the others as they were.
