@@ -1474,7 +1474,7 @@ mod tests {
             Box::new(crate::clock::ManualClock::new(1_000)),
         ));
         // Turns until one hears the bell (bounded: each waits at most 100 ms).
-        let mut hears_bell = |driver: &mut Driver| {
+        let hears_bell = |driver: &mut Driver| {
             (0..20).any(|_| {
                 driver.wait(100);
                 driver.turn(&shard).bell_rang
