@@ -802,6 +802,17 @@ async fn wait_bell(bell: &mut tokio::net::UnixStream, buf: &mut [u8]) -> bool {
     matches!(bell.read(buf).await, Ok(n) if n > 0)
 }
 
+/// The next batch: upkeep the open breaker held back first, then new operations in order.
+/// Held upkeep takes at most half a batch, so new operations are always taken too (and
+/// answered, `unavailable` while the breaker stays open) however much upkeep waits. Returns
+/// the batch and how many of its operations were held back.
+fn next_batch<T>(held_back: &mut Vec<T>, queue: impl Iterator<Item = T>) -> (Vec<T>, usize) {
+    let from_held = held_back.len().min(BATCH_OPS / 2);
+    let mut batch: Vec<T> = held_back.drain(..from_held).collect();
+    batch.extend(queue.take(BATCH_OPS - from_held));
+    (batch, from_held)
+}
+
 /// One shard's operations, batch after batch, in order.
 async fn serve_shard(
     client: Client,
@@ -826,9 +837,7 @@ async fn serve_shard(
     while wait_bell(&mut bell, &mut buf).await {
         pipe.wake_store.clear();
         loop {
-            let from_held = held_back.len().min(BATCH_OPS);
-            let mut batch: Vec<StoreOp> = held_back.drain(..from_held).collect();
-            batch.extend(pipe.ops.try_iter().take(BATCH_OPS - from_held));
+            let (mut batch, from_held) = next_batch(&mut held_back, pipe.ops.try_iter());
             if batch.is_empty() {
                 break;
             }

@@ -482,3 +482,33 @@ fn an_offline_append_answer_says_so() {
     assert!(offline(&answers[0]));
     assert!(!offline(&answers[1]));
 }
+
+/// While the breaker is open, upkeep it held back goes first but never fills a batch: new
+/// operations are taken too, so their senders hear `unavailable` instead of nothing (with a
+/// full batch of held upkeep, new sends once waited until Redis came back).
+#[test]
+fn held_back_upkeep_never_keeps_new_operations_out_of_a_batch() {
+    let mut held: Vec<u32> = (0..3 * BATCH_OPS as u32).collect();
+    let new = 1_000_000..1_000_010u32;
+    let (batch, from_held) = next_batch(&mut held, new.clone());
+    assert_eq!(from_held, BATCH_OPS / 2);
+    assert!(batch.len() <= BATCH_OPS);
+    assert_eq!(
+        &batch[..from_held],
+        &(0..BATCH_OPS as u32 / 2).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(
+        &batch[from_held..],
+        &new.collect::<Vec<_>>()[..],
+        "every new op, in order"
+    );
+    assert_eq!(
+        held.len(),
+        3 * BATCH_OPS - BATCH_OPS / 2,
+        "the rest stays held, in order"
+    );
+    assert_eq!(held[0], BATCH_OPS as u32 / 2);
+    // Nothing held: a whole batch of new operations.
+    let (batch, from_held) = next_batch(&mut Vec::new(), 0..5 * BATCH_OPS as u32);
+    assert_eq!((batch.len(), from_held), (BATCH_OPS, 0));
+}
