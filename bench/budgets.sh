@@ -71,13 +71,16 @@ idle() { # side
     # The warm-up: W users of their own, held until the measured run is over.
     touch "$held"
     taskset -c 1 $NEW/ringgate-bench idle -n "$W" --target 127.0.0.1:$port "${route[@]}" \
-      --user-offset 1000000 --hold 0 --hold-while "$held" --timeout 150 --json -q \
+      --user-offset 1000000 --hold 0 --hold-while "$held" --timeout 600 --json -q \
       >"$OUT/warm.json" 2>/dev/null &
     warm_pid=$!
+    local open=0
     for _ in $(seq 100); do
-      [ "$(ss -Htn state established "( sport = :$port )" | wc -l)" -ge "$W" ] && break
+      open=$(ss -Htn state established "( sport = :$port )" | wc -l)
+      [ "$open" -ge "$W" ] && break
       sleep 0.1
     done
+    [ "$open" -ge "$W" ] || echo "WARNING: only $open of $W warm-up connections open; this run will not count" >&2
     sleep 1 # the server's collection after a wave (src/alloc.rs) runs before the baseline
   fi
   line=$(taskset -c 1 $NEW/ringgate-bench idle -n "$N" --target 127.0.0.1:$port "${route[@]}" \
@@ -86,11 +89,12 @@ idle() { # side
   local warm_alive=0 # the warm-up's connections still open when it let go (else no marginal figure)
   if [ -n "$warm_pid" ]; then
     wait $warm_pid || true
-    warm_alive=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["alive_at_end"])' \
+    # Counted only if it held all of them to the end, not cut short by its own timeout.
+    warm_alive=$(python3 -c 'import json,sys; w = json.loads(open(sys.argv[1]).read().splitlines()[-1]); print(0 if w["hold_truncated"] else w["alive_at_end"])' \
       "$OUT/warm.json" 2>/dev/null || echo 0)
   fi
   stop $pid
-  record idle "$1" "$line" ",\"warmup\":$W,\"warm_alive\":$warm_alive,\"start_rss\":$start_rss,\"start_anon\":$start_anon"
+  record idle "$1" "$line" ",\"warmup\":$W,\"warm_alive\":${warm_alive:-0},\"start_rss\":${start_rss:-null},\"start_anon\":${start_anon:-null}"
 }
 
 fanout() { # side
@@ -184,7 +188,12 @@ if "idle" in parts:
                 continue
             if r.get("warm_alive", 0) < r.get("warmup", 0):
                 continue
-            xs.append(f(r, b))
+            try:
+                x = f(r, b)
+            except (KeyError, TypeError):
+                x = None
+            if x is not None:
+                xs.append(x)
         return statistics.median(xs) if xs else None
     sides = ("uws", "ringgate-glommio", "ringgate-uring")
     mem = lambda r, b: b["gateway"]["rss_per_conn_end"]

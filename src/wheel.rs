@@ -229,12 +229,12 @@ impl<T> TimingWheel<T> {
         self.scratch = scratch;
     }
 
-    /// Number of pending entries.
     /// Entries the arena holds without moving.
     pub fn capacity(&self) -> usize {
         self.entries.capacity()
     }
 
+    /// Number of pending entries.
     pub fn len(&self) -> usize {
         self.len
     }

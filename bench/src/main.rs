@@ -617,7 +617,10 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     } else {
         median(&per_second)
     };
-    let hold_truncated = hold_end < hold_end_wanted || INTERRUPTED.load(Relaxed);
+    // Also cut short: `--hold-while`'s file still there when the run's timeout ended the hold.
+    let hold_truncated = hold_end < hold_end_wanted
+        || INTERRUPTED.load(Relaxed)
+        || a.hold_while.as_ref().is_some_and(|p| p.exists());
     let synced = shared.synced.load(Relaxed);
     let last_synced_secs =
         (synced > 0).then(|| shared.last_synced_ns.load(Relaxed).saturating_sub(go) as f64 / 1e9);

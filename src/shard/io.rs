@@ -148,7 +148,7 @@ pub async fn run_uring(
     let settings = super::uring::Settings {
         recv_buffers: shard.cfg().uring_recv_buffers,
         batch_wait_us: shard.cfg().uring_batch_wait_us,
-        sockets: shard.cfg().connections_per_shard(),
+        sockets: shard.conn_capacity(),
     };
     let mut driver = match super::uring::Driver::new(listener.into(), &bell_fds, settings) {
         Ok(driver) => driver,
@@ -188,6 +188,9 @@ pub async fn run_uring(
         shard.borrow().new_turn();
         let ticked = shard.borrow().tick_due();
         serve_due |= ticked;
+        if ticked {
+            driver.rearm_ended_bells();
+        }
         if ticked && shard.borrow_mut().on_tick() {
             driver.submit(); // the last close frames
             break; // drained

@@ -253,8 +253,11 @@ impl Shard {
         // address space only, touched as connections come. A table that grows by doubling
         // instead moves to a block the allocator hands back dirty from earlier frees, and the
         // block it leaves stays resident: ~65 B more per idle connection at 19,000 on one shard
-        // (docs/performance.md, "Tables that never move").
-        let reserve = shared.cfg.connections_per_shard();
+        // (docs/performance.md, "Tables that never move"). No more than the process may open
+        // sockets: a `max_connections` meant as "no limit" reserves no more than can be used.
+        let reserve = (shared.cfg.connections_per_shard())
+            .min(open_files_limit())
+            .min(MAX_RESERVED_CONNECTIONS);
         let wheel = TimingWheel::with_capacity(shared.cfg.wheel_slots, start_tick, reserve);
         let limits = crate::store::InboxLimits {
             max_messages: shared.cfg.inbox_max_messages,
@@ -1235,6 +1238,31 @@ fn make_ctx<'a>(
 /// The user of the connection at slab `index`, as the users' table reads it. A registered
 /// connection is in the slab with its user (see `users`), but for the moment `remove` takes it
 /// out of the slab before the table: meanwhile (leaving rooms, watches) it matches no one.
+impl Shard {
+    /// Connections the shard's table holds without moving (see `Shard::new`).
+    pub fn conn_capacity(&self) -> usize {
+        self.conns.capacity()
+    }
+}
+
+/// The most connections a shard's tables are reserved for at start (beyond, they grow).
+const MAX_RESERVED_CONNECTIONS: usize = 1 << 22;
+
+/// The process' soft limit on open files (`usize::MAX` when unlimited or unknown).
+fn open_files_limit() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 if limit.rlim_cur != libc::RLIM_INFINITY => {
+            usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+        }
+        _ => usize::MAX,
+    }
+}
+
 pub(in crate::shard) fn conn_user(conns: &Slab<Entry>, index: usize) -> &str {
     conns
         .get(index)

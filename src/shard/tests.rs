@@ -520,6 +520,27 @@ fn a_shard_reserves_its_connection_tables_for_its_share_of_max_connections() {
     assert!(shard.conns.capacity() >= 251, "{}", shard.conns.capacity());
     assert!(shard.wheel.capacity() >= 251, "{}", shard.wheel.capacity());
     assert!(shard.mirror.users_capacity() >= 251);
+    // A limit meant as "none" reserves what the process could use, not the limit.
+    let cfg = ConfigLayer {
+        max_connections: Some(1 << 40),
+        shards: Some(1),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let shard = Shard::new(
+        0,
+        Shared::new(cfg),
+        Arc::new(ShardMetrics::default()),
+        Box::new(ManualClock::new(1_000)),
+    );
+    let bound = super::open_files_limit().min(super::MAX_RESERVED_CONNECTIONS);
+    assert!(shard.conn_capacity() >= bound.min(1 << 10));
+    assert!(
+        shard.conn_capacity() <= 2 * bound,
+        "{}",
+        shard.conn_capacity()
+    );
 }
 
 /// A message delivered to a parked device puts the ack deadline on the wheel: the delivery

@@ -638,8 +638,11 @@ pub struct Driver {
     slot_of: Vec<Option<NonZeroU32>>,
     listener: Option<OwnedFd>,
     accept_armed: bool,
-    /// Bell polls the kernel holds (ended only by the teardown's cancel).
+    /// Bell polls the kernel holds (one per bell: an ended one is polled again, see `turn`).
     bells_armed: usize,
+    /// Bells whose poll ended with an error: polled again from the tick, not at once (a poll
+    /// that kept failing would otherwise spin the loop).
+    bells_ended: SmallVec<[usize; 2]>,
     /// The bells' descriptors, by index (the index is their polls' slot in the user data).
     bells: SmallVec<[RawFd; 2]>,
     /// Slots whose receive ended with ENOBUFS, oldest first (see `rearm_starved`).
@@ -702,6 +705,7 @@ impl Driver {
             accept_armed: false,
             bells_armed: 0,
             bells: bells.iter().copied().collect(),
+            bells_ended: SmallVec::new(),
             starved: VecDeque::new(),
             ran_dry: false,
             to_send: Vec::new(),
@@ -845,7 +849,11 @@ impl Driver {
                     // e.g. after a completion queue overflow): without a new one this shard
                     // would never hear its mesh or its store again.
                     if !cqueue::more(flags) {
-                        self.arm_bell(slot);
+                        if result >= 0 || result == -libc::ECANCELED {
+                            self.arm_bell(slot);
+                        } else {
+                            self.bells_ended.push(slot);
+                        }
                     }
                 }
                 _ => {} // a cancel's or a fixed close's own answer
@@ -957,6 +965,13 @@ impl Driver {
     pub fn rearm_accept(&mut self) {
         if !self.accept_armed && self.listener.is_some() {
             self.arm_accept();
+        }
+    }
+
+    /// Bells whose poll ended with an error are polled again (from the tick).
+    pub fn rearm_ended_bells(&mut self) {
+        for index in std::mem::take(&mut self.bells_ended) {
+            self.arm_bell(index);
         }
     }
 

@@ -802,15 +802,38 @@ async fn wait_bell(bell: &mut tokio::net::UnixStream, buf: &mut [u8]) -> bool {
     matches!(bell.read(buf).await, Ok(n) if n > 0)
 }
 
-/// The next batch: upkeep the open breaker held back first, then new operations in order.
-/// Held upkeep takes at most half a batch, so new operations are always taken too (and
-/// answered, `unavailable` while the breaker stays open) however much upkeep waits. Returns
-/// the batch and how many of its operations were held back.
+/// The next batch: upkeep the open breaker held back first (all of it goes before anything
+/// newer), then new operations in order. Returns the batch and how many were held back.
 fn next_batch<T>(held_back: &mut Vec<T>, queue: impl Iterator<Item = T>) -> (Vec<T>, usize) {
-    let from_held = held_back.len().min(BATCH_OPS / 2);
+    let from_held = held_back.len().min(BATCH_OPS);
     let mut batch: Vec<T> = held_back.drain(..from_held).collect();
     batch.extend(queue.take(BATCH_OPS - from_held));
     (batch, from_held)
+}
+
+/// The breaker refused `batch` (its first `from_held` were held back before): held upkeep
+/// goes back to the front in its order, new upkeep joins it at the back, and what is left is
+/// to be answered as refused. When the batch brought nothing new (held upkeep filled it), the
+/// operations queued behind it are taken from `queue`, so that their senders hear
+/// `unavailable` now, not when Redis is back. None: nothing is waiting.
+fn refuse_batch<T>(
+    held_back: &mut Vec<T>,
+    mut batch: Vec<T>,
+    from_held: usize,
+    queue: impl Iterator<Item = T>,
+    is_upkeep: impl Fn(&T) -> bool,
+) -> Option<Vec<T>> {
+    let mut new_ops = batch.split_off(from_held);
+    held_back.splice(0..0, batch);
+    if new_ops.is_empty() {
+        new_ops.extend(queue.take(BATCH_OPS));
+        if new_ops.is_empty() {
+            return None;
+        }
+    }
+    let (upkeep, rest): (Vec<T>, Vec<T>) = new_ops.into_iter().partition(|op| is_upkeep(op));
+    held_back.extend(upkeep);
+    Some(rest)
 }
 
 /// One shard's operations, batch after batch, in order.
@@ -841,29 +864,30 @@ async fn serve_shard(
             if batch.is_empty() {
                 break;
             }
-            let only_held = batch.len() == from_held;
             let started = Instant::now();
             let gate = pass_breaker(&mut breaker, &client, &settings, shard, started).await;
             // While disconnected, or while the breaker is open, fail at once instead of
             // queueing inside fred or waiting out a timeout: memory stays bounded while Redis
             // is away or slow, and senders hear `unavailable` without waiting.
             if gate == breaker::Gate::Refuse {
-                let (upkeep, rest): (Vec<StoreOp>, Vec<StoreOp>) =
-                    batch.into_iter().partition(is_upkeep);
-                held_back.extend(upkeep);
+                let refused = refuse_batch(
+                    &mut held_back,
+                    batch,
+                    from_held,
+                    pipe.ops.try_iter(),
+                    is_upkeep,
+                );
                 if held_back.len() > MAX_HELD_BACK {
                     let over = held_back.len() - MAX_HELD_BACK;
                     held_back.drain(..over);
                     tracing::warn!(shard, dropped = over, "Redis circuit breaker open: directory upkeep over its bound dropped (presence may show users online until their entries expire)");
                 }
-                batch = rest;
-                if only_held {
+                match refused {
                     // Nothing new: wait for the next operation (the shard probes every 500 ms
                     // while Redis is away, which rings the bell).
-                    break;
-                }
-                if batch.is_empty() {
-                    continue; // only upkeep came: the queue may hold more
+                    None => break,
+                    Some(rest) if rest.is_empty() => continue, // only upkeep came: more may wait
+                    Some(rest) => batch = rest,
                 }
             }
             let ops = batch.len();

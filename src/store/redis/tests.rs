@@ -483,32 +483,44 @@ fn an_offline_append_answer_says_so() {
     assert!(!offline(&answers[1]));
 }
 
-/// While the breaker is open, upkeep it held back goes first but never fills a batch: new
-/// operations are taken too, so their senders hear `unavailable` instead of nothing (with a
-/// full batch of held upkeep, new sends once waited until Redis came back).
+/// Upkeep the open breaker held back goes out before anything newer, in its order, and a
+/// batch it fills whole is refused without keeping the operations queued behind it from an
+/// answer: they are taken and refused too (new sends once waited, unanswered, until Redis came
+/// back), while the held upkeep keeps its place and order.
 #[test]
-fn held_back_upkeep_never_keeps_new_operations_out_of_a_batch() {
-    let mut held: Vec<u32> = (0..3 * BATCH_OPS as u32).collect();
-    let new = 1_000_000..1_000_010u32;
-    let (batch, from_held) = next_batch(&mut held, new.clone());
-    assert_eq!(from_held, BATCH_OPS / 2);
-    assert!(batch.len() <= BATCH_OPS);
+fn held_back_upkeep_keeps_its_order_and_never_keeps_new_operations_unanswered() {
+    // Even numbers are upkeep, odd ones sends.
+    let upkeep = |op: &u32| op.is_multiple_of(2);
+    let mut held: Vec<u32> = (0..3 * BATCH_OPS as u32).map(|i| 2 * i).collect();
+    let before = held.clone();
+    let queued: Vec<u32> = vec![1_000_001, 1_000_002, 1_000_003];
+    let mut queue = queued.iter().copied();
+    // A batch of held upkeep only (sent as it is when the breaker lets it through).
+    let (batch, from_held) = next_batch(&mut held, &mut queue);
+    assert_eq!((batch.len(), from_held), (BATCH_OPS, BATCH_OPS));
+    assert_eq!(&batch[..], &before[..BATCH_OPS]);
+    // Refused: the queued operations are answered (the sends) or held (the upkeep).
+    let refused = refuse_batch(&mut held, batch, from_held, &mut queue, upkeep).unwrap();
+    assert_eq!(refused, vec![1_000_001, 1_000_003]);
+    let mut expected = before.clone();
+    expected.push(1_000_002);
     assert_eq!(
-        &batch[..from_held],
-        &(0..BATCH_OPS as u32 / 2).collect::<Vec<_>>()[..]
+        held, expected,
+        "held upkeep back in front, in order; new upkeep after it"
     );
+    // Nothing new and nothing queued: nothing to answer.
+    let (batch, from_held) = next_batch(&mut held, std::iter::empty());
+    assert!(refuse_batch(&mut held, batch, from_held, std::iter::empty(), upkeep).is_none());
+    assert_eq!(held, expected);
+    // A batch with new operations in it: only those are answered or held.
+    let mut small: Vec<u32> = vec![10, 12];
+    let (batch, from_held) = next_batch(&mut small, [7, 14, 9].into_iter());
+    assert_eq!(batch, vec![10, 12, 7, 14, 9]);
+    let refused = refuse_batch(&mut small, batch, from_held, [11].into_iter(), upkeep);
     assert_eq!(
-        &batch[from_held..],
-        &new.collect::<Vec<_>>()[..],
-        "every new op, in order"
+        refused,
+        Some(vec![7, 9]),
+        "the queue is not read when the batch had new ops"
     );
-    assert_eq!(
-        held.len(),
-        3 * BATCH_OPS - BATCH_OPS / 2,
-        "the rest stays held, in order"
-    );
-    assert_eq!(held[0], BATCH_OPS as u32 / 2);
-    // Nothing held: a whole batch of new operations.
-    let (batch, from_held) = next_batch(&mut Vec::new(), 0..5 * BATCH_OPS as u32);
-    assert_eq!((batch.len(), from_held), (BATCH_OPS, 0));
+    assert_eq!(small, vec![10, 12, 14]);
 }
