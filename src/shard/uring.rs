@@ -1163,11 +1163,10 @@ impl Driver {
         ];
         for (in_kernel, op) in ops {
             if in_kernel {
-                let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(
-                    user_data(slot, op),
-                ))
-                .build()
-                .user_data(user_data(slot, OP_CANCEL));
+                let cancel =
+                    opcode::AsyncCancel2::new(types::CancelBuilder::user_data(user_data(slot, op)))
+                        .build()
+                        .user_data(user_data(slot, OP_CANCEL));
                 self.push(cancel);
             }
         }
