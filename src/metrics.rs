@@ -957,13 +957,7 @@ impl ProcessStats {
         let open_fds = std::fs::read_dir("/proc/self/fd")
             .ok()
             .map(|d| d.count() as u64);
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills the struct we own.
-        let max_fds = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0)
-            .then_some(lim.rlim_cur);
+        let max_fds = crate::preflight::open_files_soft();
         ProcessStats {
             rss_bytes,
             cpu_seconds,

@@ -134,17 +134,21 @@ fn probe_io_uring() -> Result<(), HostProblem> {
 
 /// The soft RLIMIT_MEMLOCK in bytes (`None` = unlimited).
 pub fn memlock_soft() -> Option<u64> {
+    soft_limit(libc::RLIMIT_MEMLOCK).filter(|&n| n != libc::RLIM_INFINITY)
+}
+
+/// The soft RLIMIT_NOFILE (`RLIM_INFINITY` when unlimited; `None` if it cannot be read).
+pub fn open_files_soft() -> Option<u64> {
+    soft_limit(libc::RLIMIT_NOFILE)
+}
+
+fn soft_limit(resource: libc::__rlimit_resource_t) -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
-        || lim.rlim_cur == libc::RLIM_INFINITY
-    {
-        return None;
-    }
-    Some(lim.rlim_cur)
+    (unsafe { libc::getrlimit(resource, &mut lim) } == 0).then_some(lim.rlim_cur)
 }
 
 fn kernel_release() -> String {

@@ -1248,19 +1248,11 @@ impl Shard {
 /// The most connections a shard's tables are reserved for at start (beyond, they grow).
 const MAX_RESERVED_CONNECTIONS: usize = 1 << 22;
 
-/// The process' soft limit on open files (`usize::MAX` when unlimited or unknown).
+/// The process' soft limit on open files (`usize::MAX` when unlimited or unknown;
+/// `RLIM_INFINITY` is `u64::MAX`).
 fn open_files_limit() -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the struct it is given.
-    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-        0 if limit.rlim_cur != libc::RLIM_INFINITY => {
-            usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
-        }
-        _ => usize::MAX,
-    }
+    let limit = crate::preflight::open_files_soft().unwrap_or(u64::MAX);
+    usize::try_from(limit).unwrap_or(usize::MAX)
 }
 
 pub(in crate::shard) fn conn_user(conns: &Slab<Entry>, index: usize) -> &str {

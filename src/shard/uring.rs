@@ -1345,15 +1345,7 @@ fn buf_ring_head(ring: &IoUring) -> Option<u16> {
 /// Register a sparse fixed file table for the ring's sockets, as large as the open-files limit
 /// allows (up to `FIXED_FILES_MAX`); its size, or 0 when the kernel refuses one.
 fn fixed_file_table(ring: &IoUring) -> u32 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct given.
-    let nofile = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-        0 => limit.rlim_cur,
-        _ => 1024,
-    };
+    let nofile = crate::preflight::open_files_soft().unwrap_or(1024);
     let size = nofile.min(FIXED_FILES_MAX as u64) as u32;
     match ring.submitter().register_files_sparse(size) {
         Ok(()) => size,
