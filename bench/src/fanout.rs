@@ -187,6 +187,9 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
     // that span included), for a cost per delivery.
     let pids = &a.common.gateway_pid;
     let gateway_cpu_before = sys::pids_cpu_secs(pids).ok().filter(|_| !pids.is_empty());
+    // This process's own CPU over the same span: the members' reading and checking, which
+    // shares the machine with the gateway (the floor's reader is its counterpart).
+    let generator_cpu_before = sys::self_cpu_secs();
     let t0 = now_ns(&cfg);
     let mut offsets = Vec::with_capacity(a.publishes as usize);
     let mut publish_error = None;
@@ -270,6 +273,8 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
         gateway_cpu_before.and_then(|before| Some(sys::pids_cpu_secs(pids).ok()? - before));
     let gateway_cpu_us_per_delivery =
         gateway_cpu.map(|secs| secs * 1e6 / (st.room_msgs as f64).max(1.0));
+    let generator_cpu_us_per_delivery =
+        (sys::self_cpu_secs() - generator_cpu_before) * 1e6 / (st.room_msgs as f64).max(1.0);
     let span = (publish_end.saturating_sub(t0)) as f64 / 1e9;
     let missing = expected.saturating_sub(st.room_msgs);
     let ok = publish_error.is_none()
@@ -325,6 +330,7 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
                 "last_member_ms": {"p50": pct(&last_member, 0.5), "p99": pct(&last_member, 0.99), "max": last_member.max() as f64 / 1e6},
                 "publish_error": publish_error, "ok": ok,
                 "gateway_cpu_secs": gateway_cpu, "gateway_cpu_us_per_delivery": gateway_cpu_us_per_delivery,
+                "generator_cpu_us_per_delivery": generator_cpu_us_per_delivery,
                 // For bench/fanout_multi.sh: per offset, members here that got it and the
                 // slowest of them (ns).
                 "by_offset": offsets.iter().map(|o| {

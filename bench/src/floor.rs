@@ -68,15 +68,18 @@ pub fn run(args: FloorArgs) -> Result<(), String> {
         writers.push(std::thread::spawn(move || {
             let frame = vec![b'x'; bytes];
             let mut part = part;
+            let mut cpu = 0.0;
             for _ in 0..rounds {
                 start.wait();
+                let cpu0 = crate::sys::thread_cpu_secs();
                 for s in &mut part {
                     s.write_all(&frame).expect("write to a loopback socket");
                 }
+                cpu += crate::sys::thread_cpu_secs() - cpu0;
                 let _ = wrote_tx.send(Instant::now());
             }
             // Closed by the caller once the reader is done (a FIN must not race the reads).
-            part
+            (part, cpu)
         }));
     }
     let cpu0 = crate::sys::self_cpu_secs();
@@ -103,16 +106,24 @@ pub fn run(args: FloorArgs) -> Result<(), String> {
     }
     let cpu = crate::sys::self_cpu_secs() - cpu0;
     let mut sockets = Vec::new();
+    let mut writers_cpu = 0.0;
     for w in writers {
-        sockets.push(w.join().map_err(|_| "a writer panicked")?);
+        let (part, cpu) = w.join().map_err(|_| "a writer panicked")?;
+        sockets.push(part);
+        writers_cpu += cpu;
     }
+    let mut reader_cpu = 0.0;
     if let Some(reader) = reader {
-        reader.join().map_err(|_| "the reader panicked")??;
+        reader_cpu = reader.join().map_err(|_| "the reader panicked")??;
     }
     drop(sockets);
     let deliveries = (args.sockets * args.rounds) as f64;
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let cpu_us = cpu * 1e6 / deliveries;
+    // The two ends apart: the writers stand for the gateway's shards, the reader for the
+    // load generator (`fanout` reports `gateway_` and `generator_cpu_us_per_delivery`).
+    let writer_cpu_us = writers_cpu * 1e6 / deliveries;
+    let reader_cpu_us = reader_cpu * 1e6 / deliveries;
     if args.json {
         println!(
             "{}",
@@ -122,6 +133,8 @@ pub fn run(args: FloorArgs) -> Result<(), String> {
                 "written_ms": {"p50": ms(&all_written, 0.5), "p99": ms(&all_written, 0.99)},
                 "last_read_ms": {"p50": ms(&last_read, 0.5), "p99": ms(&last_read, 0.99)},
                 "cpu_us_per_delivery": cpu_us,
+                "writer_cpu_us_per_delivery": writer_cpu_us,
+                "reader_cpu_us_per_delivery": reader_cpu_us,
             })
         );
     } else {
@@ -139,7 +152,10 @@ pub fn run(args: FloorArgs) -> Result<(), String> {
             ms(&last_read, 0.5),
             ms(&last_read, 0.99)
         );
-        println!("  cpu           {cpu_us:.2} us per delivery (writers + reader, kernel included)");
+        println!(
+            "  cpu           {cpu_us:.2} us per delivery (writers {writer_cpu_us:.2} + reader \
+             {reader_cpu_us:.2}, kernel included)"
+        );
     }
     Ok(())
 }
@@ -159,7 +175,7 @@ fn read_rounds(
     bytes: usize,
     rounds: usize,
     done: mpsc::Sender<Instant>,
-) -> Result<(), String> {
+) -> Result<f64, String> {
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut streams: Vec<mio::net::TcpStream> = Vec::with_capacity(clients.len());
     for (i, c) in clients.into_iter().enumerate() {
@@ -175,6 +191,8 @@ fn read_rounds(
     let mut events = Events::with_capacity(4096);
     let mut buf = vec![0u8; 64 * 1024];
     let target = |round: usize| (round + 1) * bytes;
+    // Its CPU from the first round on (registering the sockets is set-up, not reading).
+    let cpu0 = crate::sys::thread_cpu_secs();
     for round in 0..rounds {
         // Nothing of this round is sent before the previous one was reported done.
         let mut complete = 0usize;
@@ -207,5 +225,5 @@ fn read_rounds(
         }
         let _ = done.send(Instant::now());
     }
-    Ok(())
+    Ok(crate::sys::thread_cpu_secs() - cpu0)
 }

@@ -133,10 +133,19 @@ pub fn pids_user_sys_secs(pids: &[u32]) -> io::Result<(f64, f64)> {
 
 /// CPU seconds (user + system, all threads) of this process, µs resolution.
 pub fn self_cpu_secs() -> f64 {
+    rusage_cpu_secs(libc::RUSAGE_SELF)
+}
+
+/// CPU seconds (user + system) of the calling thread, µs resolution.
+pub fn thread_cpu_secs() -> f64 {
+    rusage_cpu_secs(libc::RUSAGE_THREAD)
+}
+
+fn rusage_cpu_secs(who: libc::c_int) -> f64 {
     // SAFETY: zeroed rusage is a valid out-parameter.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer.
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
         return 0.0;
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
