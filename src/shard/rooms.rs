@@ -573,9 +573,16 @@ impl RoomHomes {
         })
     }
 
-    /// One fan-out message per shard with members.
+    /// One fan-out message per shard with members, this (home) shard's own last: the other
+    /// shards start writing while this one stages its members' frames.
     fn fan_out(&self, msg: Arc<RoomMsg>) -> Effects {
-        self.member_shards(&msg.room)
+        let home = mesh::home_shard(&msg.room, self.shards);
+        let mut shards = self.member_shards(&msg.room);
+        if let Some(at) = shards.iter().position(|s| *s == home) {
+            shards.remove(at);
+            shards.push(home);
+        }
+        shards
             .into_iter()
             .map(|shard| RoomEffect::ToShard {
                 shard,
@@ -1211,6 +1218,8 @@ mod tests {
         frames: HashMap<(usize, usize), Vec<serde_json::Value>>,
         closed: Vec<(usize, usize)>,
         store: Vec<StoreOp>,
+        /// Each fan-out handed on, as (from shard, to shard), in order.
+        fanouts: Vec<(usize, usize)>,
     }
 
     impl Node {
@@ -1233,6 +1242,7 @@ mod tests {
                 frames: HashMap::new(),
                 closed: Vec::new(),
                 store: Vec::new(),
+                fanouts: Vec::new(),
             }
         }
 
@@ -1246,7 +1256,12 @@ mod tests {
                     }
                     RoomEffect::SendRoom { conn, msg } => self.sent(at, conn, &msg.frame),
                     RoomEffect::CloseSlow { conn } => self.closed.push((at, conn)),
-                    RoomEffect::ToShard { shard, msg } => self.deliver(shard, msg, t),
+                    RoomEffect::ToShard { shard, msg } => {
+                        if matches!(msg, Room::Fanout(_)) {
+                            self.fanouts.push((at, shard));
+                        }
+                        self.deliver(shard, msg, t)
+                    }
                     RoomEffect::Store(op) => self.store.push(op),
                     RoomEffect::ApiAnswer { .. } => {}
                 }
@@ -1272,11 +1287,26 @@ mod tests {
         }
 
         fn join(&mut self, shard: usize, conn: usize, since: Option<u64>, t: RoomTime) {
-            let e = self.members[shard].join(conn, 1, "r".into(), since, true);
+            self.join_room("r", shard, conn, since, t);
+        }
+
+        fn join_room(
+            &mut self,
+            room: &str,
+            shard: usize,
+            conn: usize,
+            since: Option<u64>,
+            t: RoomTime,
+        ) {
+            let e = self.members[shard].join(conn, 1, room.into(), since, true);
             self.perform(shard, e, t);
         }
 
         fn publish(&mut self, shard: usize, conn: usize, cid: &str, t: RoomTime) {
+            self.publish_room("r", shard, conn, cid, t);
+        }
+
+        fn publish_room(&mut self, room: &str, shard: usize, conn: usize, cid: &str, t: RoomTime) {
             let reply = ReplyTo {
                 shard: shard as u32,
                 conn: conn as u32,
@@ -1285,7 +1315,7 @@ mod tests {
             let e = self.members[shard].publish(
                 reply,
                 Some("u"),
-                "r".into(),
+                room.into(),
                 format!("\"{cid}\"").into(),
                 "1".into(),
                 true,
@@ -1432,6 +1462,29 @@ mod tests {
         assert!(node.take(0, 2).is_empty(), "no second gap in one run");
         let frames = node.take(0, 1);
         assert_eq!(frames.iter().filter(|(op, _)| op == "room").count(), 3);
+    }
+
+    #[test]
+    fn the_home_hands_a_fan_out_to_the_other_shards_before_its_own_members() {
+        // A room homed on each shard: member shards are listed in shard order, so a home on
+        // shard 0 shows the reordering.
+        for home in 0..SHARDS {
+            let room = (0..)
+                .map(|n| format!("room-{n}"))
+                .find(|r| mesh::home_shard(r, SHARDS) == home)
+                .unwrap();
+            let mut node = Node::new(false);
+            node.join_room(&room, 0, 5, None, T0);
+            node.join_room(&room, 1, 7, None, T0);
+            node.publish_room(&room, home, 5 + 2 * home, "a", T0);
+            assert_eq!(
+                node.fanouts,
+                [(home, 1 - home), (home, home)],
+                "home {home}"
+            );
+            let other = (1 - home, 5 + 2 * (1 - home));
+            assert_eq!(node.take(other.0, other.1).last().unwrap().0, "room");
+        }
     }
 
     #[test]
