@@ -11,7 +11,9 @@
 #           first time becomes resident page cache). The figure from the server's start, over
 #           all W + N connections, is printed beside it.
 #   fanout  one room of M members on a 2-shard gateway: publish -> last member p99, against
-#           `ringgate-bench floor` (the kernel writing one frame to M loopback sockets).
+#           `ringgate-bench floor` (the kernel writing one frame to M loopback sockets) with
+#           frames of the size ringgate's members got (the same transfers), and beside it the
+#           floor with 80-byte frames that runs before 2026-12-06 compared against.
 #   send    1:1 at U users x 1 in flight (2 shards, embedded store): gateway CPU per accepted
 #           message, against three times the floor's CPU per delivery (send in, msg out, ack
 #           in; the floor's figure counts both ends of a transfer, the gateway's only its own).
@@ -108,8 +110,18 @@ fanout() { # side
         --api-key $KEY --members "$M" --publishes 40 --rate 4 --source-ips 4 --threads 2 \
         --gateway-pid $pid --json -q 2>/dev/null | tail -1 || true)
       stop $pid ;;
-    floor) line=$($NEW/ringgate-bench floor --sockets "$M" --writers 2 --rounds 40 --pause-ms 250 \
-        --json 2>/dev/null | tail -1 || true) ;;
+    # The same transfers without a gateway: frames of the bytes ringgate's members got (its
+    # run comes first in round 1), and, as in runs before 2026-12-06, 80-byte frames.
+    floor) local bytes
+      bytes=$(python3 -c 'import json,sys
+b = [json.loads(l)["bench"] for l in open(sys.argv[1]) if "\"fanout\"" in l and "\"ringgate\"" in l]
+b = [x["frame_bytes"] for x in b if x and x.get("frame_bytes")]
+print(round(b[-1]) if b else "")' "$OUT/runs.jsonl")
+      [ -n "$bytes" ] || { echo "FATAL: no ringgate fanout run gave its frame size" >&2; exit 1; }
+      line=$($NEW/ringgate-bench floor --sockets "$M" --writers 2 --rounds 40 --pause-ms 250 \
+        --bytes "$bytes" --json 2>/dev/null | tail -1 || true) ;;
+    floor80) line=$($NEW/ringgate-bench floor --sockets "$M" --writers 2 --rounds 40 --pause-ms 250 \
+        --bytes 80 --json 2>/dev/null | tail -1 || true) ;;
   esac
   record fanout "$1" "$line"
 }
@@ -151,6 +163,7 @@ for round in $(seq "$ROUNDS"); do
   for part in $PARTS; do
     case $part in
       idle) sides="uws ringgate-glommio ringgate-uring" ;;
+      fanout) sides="ringgate floor floor80" ;;
       *) sides="ringgate floor" ;;
     esac
     # Alternate the order of the sides from round to round.
@@ -224,12 +237,15 @@ if "idle" in parts:
 if "fanout" in parts:
     g = med("fanout", "ringgate", lambda b: b["last_member_ms"]["p99"] if b.get("missing") == 0 else None)
     f = med("fanout", "floor", lambda b: b["last_read_ms"]["p99"])
+    f80 = med("fanout", "floor80", lambda b: b["last_read_ms"]["p99"])
+    fb = med("fanout", "floor", lambda b: b["bytes"])
     c = med("fanout", "ringgate", lambda b: b.get("gateway_cpu_us_per_delivery"))
     gen = med("fanout", "ringgate", lambda b: b.get("generator_cpu_us_per_delivery"))
     fw = med("fanout", "floor", lambda b: b.get("writer_cpu_us_per_delivery"))
     fr = med("fanout", "floor", lambda b: b.get("reader_cpu_us_per_delivery"))
-    print("  fanout   last member p99 %s ms, floor last read p99 %s ms: %s (budget <= 1.2x)" % (
-        fmt(g), fmt(f), ratio(g, f)))
+    print("  fanout   last member p99 %s ms, floor last read p99 %s ms (%s-byte frames, as ringgate's): %s (budget <= 1.2x)" % (
+        fmt(g), fmt(f), fmt(fb, "%.0f"), ratio(g, f)))
+    print("  fanout   against the floor with 80-byte frames (runs before 2026-12-06): %s ms, %s" % (fmt(f80), ratio(g, f80)))
     # Both sides share the 2 CPUs with their receivers: the sums are what the latency follows.
     print("  fanout   CPU per delivery: gateway %s + generator %s us, floor writers %s + reader %s us" % (
         fmt(c, "%.2f"), fmt(gen, "%.2f"), fmt(fw, "%.2f"), fmt(fr, "%.2f")))

@@ -246,6 +246,8 @@ pub struct Stats {
     pub chat_sets: Vec<(u64, CtrSet, CtrSet, u64)>,
     // Fanout mode (`latency_ns` holds publish -> this member, per delivery).
     pub room_msgs: u64,
+    /// Wire bytes of those room frames (header included): what `floor --bytes` should carry.
+    pub room_wire_bytes: u64,
     pub room_gaps: u64,
     pub room_duplicates: u64,
     /// Offsets skipped without a `gap` frame announcing them.
@@ -309,6 +311,7 @@ impl Stats {
             msgs_without_t: 0,
             chat_sets: Vec::new(),
             room_msgs: 0,
+            room_wire_bytes: 0,
             room_gaps: 0,
             room_duplicates: 0,
             room_holes: 0,
@@ -378,6 +381,7 @@ impl Stats {
         self.msgs_without_t += o.msgs_without_t;
         self.chat_sets.extend(o.chat_sets.iter().cloned());
         self.room_msgs += o.room_msgs;
+        self.room_wire_bytes += o.room_wire_bytes;
         self.room_gaps += o.room_gaps;
         self.room_duplicates += o.room_duplicates;
         self.room_holes += o.room_holes;
@@ -1036,6 +1040,7 @@ fn on_room_message(conn: &mut Conn, op: u8, msg: &[u8], cx: &mut Ctx) -> Result<
             *last = offset;
             let latency = (cx.cfg.base_mono_ns + cx.now).saturating_sub(body.t).max(1);
             cx.stats.room_msgs += 1;
+            cx.stats.room_wire_bytes += ws::server_frame_len(msg.len()) as u64;
             cx.shared.room_received.fetch_add(1, Relaxed);
             if let Some(h) = cx.stats.latency_ns.as_mut() {
                 h.saturating_record(latency);

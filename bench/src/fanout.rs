@@ -331,6 +331,7 @@ pub fn run(a: FanoutArgs) -> Result<i32, String> {
                 "publish_error": publish_error, "ok": ok,
                 "gateway_cpu_secs": gateway_cpu, "gateway_cpu_us_per_delivery": gateway_cpu_us_per_delivery,
                 "generator_cpu_us_per_delivery": generator_cpu_us_per_delivery,
+                "frame_bytes": st.room_wire_bytes as f64 / (st.room_msgs as f64).max(1.0),
                 // For bench/fanout_multi.sh: per offset, members here that got it and the
                 // slowest of them (ns).
                 "by_offset": offsets.iter().map(|o| {

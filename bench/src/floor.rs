@@ -23,7 +23,8 @@ pub struct FloorArgs {
     /// Rounds: one frame to every connection each
     #[arg(long, default_value_t = 40)]
     pub rounds: usize,
-    /// Bytes per frame (a 60-byte room message is about 80 on the wire)
+    /// Bytes per frame (`fanout` reports its members' as `frame_bytes`: about 185 for its
+    /// 40-byte body, as the room frame carries room, offset, id, from, cid and ts)
     #[arg(long, default_value_t = 80)]
     pub bytes: usize,
     /// Writer threads, each writing to its share of the connections
@@ -35,6 +36,10 @@ pub struct FloorArgs {
     /// Print one JSON object instead of text
     #[arg(long)]
     pub json: bool,
+    /// Writers submit each round's sends through an io_uring (one per writer, registered
+    /// files, the gateway's ring flags) instead of one `write(2)` per socket
+    #[arg(long)]
+    pub uring: bool,
 }
 
 pub fn run(args: FloorArgs) -> Result<(), String> {
@@ -65,15 +70,22 @@ pub fn run(args: FloorArgs) -> Result<(), String> {
     let mut writers = Vec::new();
     for part in chunks(servers, per) {
         let (start, wrote_tx) = (start.clone(), wrote_tx.clone());
+        let uring = args.uring;
         writers.push(std::thread::spawn(move || {
             let frame = vec![b'x'; bytes];
             let mut part = part;
+            let mut ring = uring.then(|| UringWriter::new(&part));
             let mut cpu = 0.0;
             for _ in 0..rounds {
                 start.wait();
                 let cpu0 = crate::sys::thread_cpu_secs();
-                for s in &mut part {
-                    s.write_all(&frame).expect("write to a loopback socket");
+                match ring.as_mut() {
+                    Some(ring) => ring.send_to_all(&frame),
+                    None => {
+                        for s in &mut part {
+                            s.write_all(&frame).expect("write to a loopback socket");
+                        }
+                    }
                 }
                 cpu += crate::sys::thread_cpu_secs() - cpu0;
                 let _ = wrote_tx.send(Instant::now());
@@ -158,6 +170,62 @@ pub fn run(args: FloorArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// A writer's io_uring: its sockets registered, one send per socket per round, submitted in
+/// as few `io_uring_enter`s as the ring's size allows, every completion reaped.
+struct UringWriter {
+    ring: io_uring::IoUring,
+    sockets: usize,
+}
+
+impl UringWriter {
+    const ENTRIES: u32 = 4096;
+
+    fn new(part: &[TcpStream]) -> UringWriter {
+        use std::os::fd::AsRawFd;
+        let ring = io_uring::IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
+            .setup_cqsize(Self::ENTRIES * 2)
+            .build(Self::ENTRIES)
+            .expect("io_uring (kernel >= 6.1)");
+        let fds: Vec<i32> = part.iter().map(|s| s.as_raw_fd()).collect();
+        ring.submitter()
+            .register_files(&fds)
+            .expect("register the sockets");
+        UringWriter {
+            ring,
+            sockets: part.len(),
+        }
+    }
+
+    fn send_to_all(&mut self, frame: &[u8]) {
+        let mut pushed = 0;
+        let mut done = 0;
+        while done < self.sockets {
+            while pushed < self.sockets {
+                let send = io_uring::opcode::Send::new(
+                    io_uring::types::Fixed(pushed as u32),
+                    frame.as_ptr(),
+                    frame.len() as u32,
+                )
+                .flags(libc::MSG_NOSIGNAL)
+                .build();
+                // SAFETY: the frame and the registered sockets outlive the round.
+                if unsafe { self.ring.submission().push(&send) }.is_err() {
+                    break;
+                }
+                pushed += 1;
+            }
+            self.ring.submit_and_wait(1).expect("io_uring_enter");
+            for cqe in self.ring.completion() {
+                assert_eq!(cqe.result(), frame.len() as i32, "a whole send");
+                done += 1;
+            }
+        }
+    }
 }
 
 fn chunks(mut all: Vec<TcpStream>, per: usize) -> Vec<Vec<TcpStream>> {

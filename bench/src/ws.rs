@@ -229,6 +229,18 @@ pub fn encode_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8], ma
     apply_mask(&mut out[start..], mask);
 }
 
+/// Wire length of an unmasked (server) frame carrying `payload` bytes.
+pub fn server_frame_len(payload: usize) -> usize {
+    let head = if payload < 126 {
+        2
+    } else if payload <= u16::MAX as usize {
+        4
+    } else {
+        10
+    };
+    head + payload
+}
+
 /// Append a masked close frame; `code` None sends an empty close body.
 pub fn encode_close(out: &mut Vec<u8>, code: Option<u16>, mask: [u8; 4]) {
     match code {
@@ -335,6 +347,21 @@ mod tests {
         let mut p = buf[h.head_len..h.head_len + h.payload_len as usize].to_vec();
         apply_mask(&mut p, h.mask.expect("client frames are masked"));
         (h, p)
+    }
+
+    #[test]
+    fn a_server_frame_s_wire_length_counts_its_header() {
+        for n in [0, 125, 126, 65_535, 65_536] {
+            let head = parse_frame_head(&{
+                let mut out = Vec::new();
+                encode_frame(&mut out, true, OP_TEXT, &vec![b'x'; n], [0; 4]);
+                out
+            })
+            .unwrap()
+            .head_len;
+            // A client frame's head carries 4 mask bytes more than the server's.
+            assert_eq!(server_frame_len(n), head - 4 + n, "{n}");
+        }
     }
 
     #[test]
