@@ -10,11 +10,14 @@
 //! with a P-256 key, found by `kid`. An alg with no key configured is refused, and so are
 //! `none` and every other alg: an HS256 token "signed" with a public key never meets that key.
 
+mod hs256;
 pub mod jwks;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+
+use hs256::{ClaimRules, Hs256Key};
 use serde::{Deserialize, Serialize};
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds. Small: an expired token must be
@@ -74,13 +77,14 @@ fn client_user(user: &str) -> Result<(), AuthError> {
 }
 
 pub struct Authenticator {
-    /// The HS256 key (`jwt_secret`).
-    secret: Option<DecodingKey>,
+    /// The HS256 key (`jwt_secret`), checked by [`hs256`] rather than jsonwebtoken.
+    secret: Option<Hs256Key>,
     /// The RS256 / ES256 keys (`jwks_url`). Neither = dev mode (`?user=` trusted); config
     /// validation guarantees loopback-only.
     jwks: Option<jwks::Jwks>,
-    /// The claim rules, one per accepted alg (the alg is part of jsonwebtoken's check).
-    hs256: Validation,
+    /// The claim rules: HS256's for [`hs256`], and one jsonwebtoken `Validation` per JWKS alg
+    /// (the alg is part of jsonwebtoken's check).
+    rules: ClaimRules,
     rs256: Validation,
     es256: Validation,
 }
@@ -94,6 +98,24 @@ fn validation(alg: Algorithm) -> Validation {
     v
 }
 
+/// `aud` / `iss` required and matched where given; where not, not checked.
+fn require_claims(v: &mut Validation, audience: Option<&str>, issuer: Option<&str>) {
+    let mut required = vec!["exp", "sub"];
+    match audience {
+        Some(aud) => {
+            v.validate_aud = true;
+            v.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => v.validate_aud = false,
+    }
+    if let Some(iss) = issuer {
+        v.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    v.set_required_spec_claims(&required);
+}
+
 impl Authenticator {
     /// HS256 only (or dev mode without a secret).
     pub fn new(secret: Option<&str>) -> Self {
@@ -103,9 +125,13 @@ impl Authenticator {
     /// HS256 with `secret` and/or RS256 / ES256 with the keys of `jwks`.
     pub fn with_jwks(secret: Option<&str>, jwks: Option<jwks::Jwks>) -> Self {
         Authenticator {
-            secret: secret.map(|s| DecodingKey::from_secret(s.as_bytes())),
+            secret: secret.map(|s| Hs256Key::new(s.as_bytes())),
             jwks,
-            hs256: validation(Algorithm::HS256),
+            rules: ClaimRules {
+                leeway: EXP_LEEWAY_S,
+                audience: None,
+                issuer: None,
+            },
             rs256: validation(Algorithm::RS256),
             es256: validation(Algorithm::ES256),
         }
@@ -115,21 +141,10 @@ impl Authenticator {
     /// Tokens must carry `aud` = `audience` and `iss` = `issuer` where given; where not, those
     /// claims are not checked (an identity provider's tokens carry both).
     pub fn with_claims(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
-        for v in [&mut self.hs256, &mut self.rs256, &mut self.es256] {
-            let mut required = vec!["exp", "sub"];
-            match audience {
-                Some(aud) => {
-                    v.validate_aud = true; // `with_jwks` turned it off for the unset case
-                    v.set_audience(&[aud]);
-                    required.push("aud");
-                }
-                None => v.validate_aud = false,
-            }
-            if let Some(iss) = issuer {
-                v.set_issuer(&[iss]);
-                required.push("iss");
-            }
-            v.set_required_spec_claims(&required);
+        self.rules.audience = audience.map(str::to_string);
+        self.rules.issuer = issuer.map(str::to_string);
+        for v in [&mut self.rs256, &mut self.es256] {
+            require_claims(v, audience, issuer);
         }
         self
     }
@@ -146,32 +161,31 @@ impl Authenticator {
     /// Check the signature of `token` with the one key its `alg` and `kid` select, and its
     /// claims.
     fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| AuthError::Invalid(format!("bad header: {e}")))?;
-        let alg = header.alg;
-        let (keys, validation) = match alg {
-            Algorithm::HS256 => {
+        let header = hs256::read_header(token)?;
+        let header = header.parse()?;
+        let alg = match &*header.alg {
+            "HS256" => {
                 let key = self.secret.as_ref().ok_or_else(|| {
                     AuthError::Invalid("HS256 tokens are not accepted (no jwt_secret)".into())
                 })?;
-                return decode(token, key, &self.hs256);
+                return key.verify(token, &self.rules, now_unix());
             }
-            Algorithm::RS256 | Algorithm::ES256 => {
-                let jwks = self.jwks.as_ref().ok_or_else(|| {
-                    AuthError::Invalid(format!("{alg:?} tokens are not accepted (no jwks_url)"))
-                })?;
-                let v = if alg == Algorithm::RS256 {
-                    &self.rs256
-                } else {
-                    &self.es256
-                };
-                (jwks, v)
-            }
+            "RS256" => Algorithm::RS256,
+            "ES256" => Algorithm::ES256,
+            // `none` included.
             other => {
                 return Err(AuthError::Invalid(format!(
-                    "alg {other:?} is not accepted (HS256, RS256, ES256)"
+                    "bad header: alg {other:?} is not accepted (HS256, RS256, ES256)"
                 )))
             }
+        };
+        let keys = self.jwks.as_ref().ok_or_else(|| {
+            AuthError::Invalid(format!("{alg:?} tokens are not accepted (no jwks_url)"))
+        })?;
+        let validation = if alg == Algorithm::RS256 {
+            &self.rs256
+        } else {
+            &self.es256
         };
         let set = keys.keys();
         match set.find(header.kid.as_deref(), alg) {
@@ -585,6 +599,184 @@ mod tests {
             );
             assert!(invalid(&both, &forged).contains("InvalidSignature"));
             assert!(invalid(&jwks_only, &forged).contains("no jwt_secret"));
+        }
+    }
+
+    /// What a check answered, compared between the two: the claims when accepted, else the
+    /// kind of refusal (expired, not yet valid, anything else).
+    fn outcome(r: Result<Claims, AuthError>) -> Result<(String, u64, Option<Vec<String>>), String> {
+        match r {
+            Ok(c) => Ok((c.sub, c.exp, c.rooms)),
+            Err(AuthError::Invalid(_)) => Err("invalid".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The HS256 path (`auth::hs256`) answers every token of a seeded corpus as jsonwebtoken's
+    /// `decode` does with the rules it replaced: claims of every type and none, expiry and
+    /// `nbf` around the leeway, `aud` / `iss` as strings and lists with and without the rules,
+    /// duplicate claims, bad signatures, padding, tampered payloads and wrong part counts.
+    #[test]
+    fn hs256_answers_every_token_as_jsonwebtoken_does() {
+        use hmac::Mac;
+        use rand::{Rng, SeedableRng};
+        let seed: u64 = std::env::var("RINGGATE_JWT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20261206);
+        println!("RINGGATE_JWT_SEED={seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let now = now_unix();
+        let exps = [
+            format!("{}", now + 600),
+            format!("{}", now - 3600),
+            format!("{}", now - EXP_LEEWAY_S),
+            format!("{}", now - EXP_LEEWAY_S - 1),
+            format!("{}.0", now + 600),
+            "1.5e9".into(),
+            "\"123\"".into(),
+            "null".into(),
+            "-5".into(),
+            "1e30".into(),
+        ];
+        let nbfs = [
+            format!("{}", now - 60),
+            format!("{}", now + 600),
+            format!("{}", now + EXP_LEEWAY_S),
+            format!("{}", now + EXP_LEEWAY_S + 1),
+            format!("{}.4", now - 1),
+            "null".into(),
+            "\"x\"".into(),
+            "-1".into(),
+            "1e30".into(),
+        ];
+        let subs = ["\"alice\"", "\"\"", "5", "null", "\"b\\u0062\""];
+        let auds = [
+            "\"chat\"",
+            "\"other\"",
+            "[\"x\",\"chat\"]",
+            "[\"x\"]",
+            "[]",
+            "5",
+            "null",
+            "[5]",
+            "\"ch\\u0061t\"",
+        ];
+        let isss = [
+            "\"https://idp\"",
+            "\"evil\"",
+            "[\"https://idp\"]",
+            "[]",
+            "7",
+            "null",
+        ];
+        let roomss = ["[\"a\",\"*\"]", "\"a\"", "null", "[1]", "[]"];
+        let headers = [
+            r#"{"alg":"HS256","typ":"JWT"}"#,
+            r#"{"alg":"HS256"}"#,
+            r#"{"typ":"JWT","alg":"HS256","kid":"k"}"#,
+            r#"{"alg":"HS256","kid":5}"#,
+            r#"{"alg":"HS384"}"#,
+            r#"{"alg":"none"}"#,
+        ];
+        let mac = |key: &[u8], message: &str| {
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+            mac.update(message.as_bytes());
+            mac.finalize().into_bytes()
+        };
+        let sign = |key: &[u8], message: &str| b64url(&mac(key, message));
+        // Each list starts with a value that passes: taken half the time, absent one time in
+        // ten, any value otherwise (so tokens are good often enough to reach every answer).
+        let pick = |rng: &mut rand::rngs::StdRng, list: &[String]| -> Option<String> {
+            match rng.random_range(0..10) {
+                0 => None,
+                1..=5 => Some(list[0].clone()),
+                _ => Some(list[rng.random_range(0..list.len())].clone()),
+            }
+        };
+        let strs = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let rules = [
+            (None, None),
+            (Some("chat"), None),
+            (None, Some("https://idp")),
+            (Some("chat"), Some("https://idp")),
+        ];
+        let mut accepted = 0;
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..4_000 {
+            let mut fields = Vec::new();
+            for (name, list) in [
+                ("sub", strs(&subs)),
+                ("exp", exps.to_vec()),
+                ("nbf", nbfs.to_vec()),
+                ("aud", strs(&auds)),
+                ("iss", strs(&isss)),
+                ("rooms", strs(&roomss)),
+            ] {
+                if let Some(v) = pick(&mut rng, &list) {
+                    fields.push(format!("\"{name}\":{v}"));
+                }
+            }
+            if rng.random_range(0..20) == 0 && !fields.is_empty() {
+                let again = fields[rng.random_range(0..fields.len())].clone();
+                fields.push(again); // a claim given twice
+            }
+            let payload = format!("{{{}}}", fields.join(","));
+            let header = headers[rng.random_range(0..headers.len())];
+            let (h, p) = (b64url(header.as_bytes()), b64url(payload.as_bytes()));
+            let message = format!("{h}.{p}");
+            let token = match rng.random_range(0..24) {
+                0 => format!("{message}.{}", sign(b"another-secret", &message)),
+                1 => format!("{message}.{}", &sign(SECRET.as_bytes(), &message)[1..]),
+                2 => format!("{message}.{}=", sign(SECRET.as_bytes(), &message)),
+                3 => format!("{message}x.{}", sign(SECRET.as_bytes(), &message)),
+                4 => format!("{message}.{}.x", sign(SECRET.as_bytes(), &message)),
+                5 => format!("{h}.{p}=.{}", sign(SECRET.as_bytes(), &format!("{h}.{p}="))),
+                6 => message.clone(),
+                7 => {
+                    // Right but for its last byte.
+                    let mut sig = mac(SECRET.as_bytes(), &message);
+                    sig[31] ^= 1;
+                    format!("{message}.{}", b64url(&sig))
+                }
+                _ => format!("{message}.{}", sign(SECRET.as_bytes(), &message)),
+            };
+            for (aud, iss) in rules {
+                let ours = Authenticator::new(Some(SECRET)).with_claims(aud, iss);
+                let mut v = validation(Algorithm::HS256);
+                require_claims(&mut v, aud, iss);
+                let key = DecodingKey::from_secret(SECRET.as_bytes());
+                // Both read the clock: compared only when they read the same second.
+                let (a, b) = loop {
+                    let second = now_unix();
+                    let answers = (
+                        outcome(ours.verify(&token)),
+                        outcome(decode(&token, &key, &v)),
+                    );
+                    if now_unix() == second {
+                        break answers;
+                    }
+                };
+                assert_eq!(
+                    a, b,
+                    "seed {seed}: header {header} payload {payload} token {token} aud {aud:?} iss {iss:?}"
+                );
+                accepted += a.is_ok() as usize;
+                *seen
+                    .entry(a.err().unwrap_or_else(|| "ok".into()))
+                    .or_default() += 1;
+            }
+        }
+        // The corpus reaches every answer, each many times.
+        println!("{seen:?}");
+        assert!(accepted > 100, "{seen:?}");
+        for kind in [
+            "ok",
+            "invalid",
+            "token expired",
+            "token not valid yet (nbf)",
+        ] {
+            assert!(seen.get(kind).is_some_and(|n| *n > 50), "{kind}: {seen:?}");
         }
     }
 
