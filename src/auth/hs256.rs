@@ -10,9 +10,16 @@
 //! (`auth::tests`) holds this and jsonwebtoken to the same answer on a corpus of good and
 //! bad tokens. RS256 / ES256 (JWKS) still go through jsonwebtoken.
 //!
-//! One difference, on purpose: the header is read for `alg` and `kid` only, so a token
-//! signed with the secret whose header has some other field of the wrong JSON type (`"typ":
-//! 5`) passes here where jsonwebtoken refuses it. Only the secret's holder can make one.
+//! Differences, each about a token only the secret's holder can sign (an independent review
+//! found them; the first is on purpose, the others are how serde_json reads claims nobody
+//! checks):
+//! - The header is read for `alg` and `kid` only: another field of the wrong JSON type
+//!   (`"typ": 5`), given twice, or not UTF-8 passes here where jsonwebtoken refuses.
+//! - `aud` / `iss` are read only when a rule wants them. Where none does, one holding bytes
+//!   that are not UTF-8 is refused here (jsonwebtoken lets it by), and one holding a lone
+//!   surrogate escape (`"\udc00"`) passes here (jsonwebtoken refuses).
+//!
+//! Header and claims must be JSON objects, as there.
 
 use std::borrow::Cow;
 
@@ -50,8 +57,17 @@ pub struct JoseHeaderBuf(Vec<u8>);
 
 impl JoseHeaderBuf {
     pub fn parse(&self) -> Result<JoseHeader<'_>, AuthError> {
-        serde_json::from_slice(&self.0).map_err(|e| AuthError::Invalid(format!("bad header: {e}")))
+        object(&self.0).map_err(|e| AuthError::Invalid(format!("bad header: {e}")))
     }
+}
+
+/// A JSON object into `T` (serde would also fill a struct from an array, by position; a JOSE
+/// header and a JWT's claims are objects only).
+fn object<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, String> {
+    if json.trim_ascii_start().first() != Some(&b'{') {
+        return Err("not a JSON object".into());
+    }
+    serde_json::from_slice(json).map_err(|e| e.to_string())
 }
 
 /// The claim rules besides `sub` and `exp` (always required).
@@ -158,8 +174,7 @@ impl Hs256Key {
         let payload = URL_SAFE_NO_PAD
             .decode(payload)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
-        let claims: Payload =
-            serde_json::from_slice(&payload).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let claims: Payload = object(&payload).map_err(AuthError::Invalid)?;
         // In jsonwebtoken's order: required claims, `exp`, `nbf`, `iss`, `aud`.
         let nbf = claims.nbf.map(|raw| numeric(raw, "nbf")).transpose()?;
         let sub = claims
