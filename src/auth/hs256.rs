@@ -32,13 +32,15 @@ use sha2::Sha256;
 
 use super::{AuthError, Claims};
 
-/// What the key of a token is chosen by: its header's `alg` and `kid`.
+/// What picks a token's key: its header's `alg` (RS256 / ES256 headers are then read whole by
+/// jsonwebtoken, `kid` included).
 #[derive(Deserialize)]
 pub struct JoseHeader<'a> {
     #[serde(borrow)]
     pub alg: Cow<'a, str>,
-    #[serde(borrow, default)]
-    pub kid: Option<Cow<'a, str>>,
+    /// Not used for HS256, but a `kid` that is not a string is refused, as by jsonwebtoken.
+    #[serde(rename = "kid", borrow, default)]
+    _kid: Option<Cow<'a, str>>,
 }
 
 /// The header of `token` (its part before the first `.`), base64url without padding.
