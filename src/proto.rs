@@ -161,7 +161,11 @@ struct Envelope<'a> {
     resend: Option<&'a RawValue>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+/// A field's raw JSON whenever the field is there, `null` included (a plain `Option` reads
+/// `null` as missing).
+pub(crate) fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
 }
 

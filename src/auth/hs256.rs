@@ -91,18 +91,13 @@ struct Payload<'a> {
     sub: Option<String>,
     exp: Option<u64>,
     /// Kept as given, `null` too (a `null` nbf refuses the token, as with jsonwebtoken).
-    #[serde(borrow, default, deserialize_with = "given")]
+    #[serde(borrow, default, deserialize_with = "crate::proto::present")]
     nbf: Option<&'a RawValue>,
     #[serde(borrow)]
     aud: Option<&'a RawValue>,
     #[serde(borrow)]
     iss: Option<&'a RawValue>,
     rooms: Option<Vec<String>>,
-}
-
-/// A claim's raw JSON whenever the claim is there, `null` included.
-fn given<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'a RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// `aud` and `iss`: one string or a list of them.
