@@ -114,8 +114,9 @@ fanout() { # side
     # run comes first in round 1), and, as in runs before 2026-12-06, 80-byte frames.
     floor) local bytes
       bytes=$(python3 -c 'import json,sys
-b = [json.loads(l)["bench"] for l in open(sys.argv[1]) if "\"fanout\"" in l and "\"ringgate\"" in l]
-b = [x["frame_bytes"] for x in b if x and x.get("frame_bytes")]
+runs = [json.loads(l) for l in open(sys.argv[1])]
+b = [r["bench"]["frame_bytes"] for r in runs if r["part"] == "fanout" and r["side"] == "ringgate"
+     and r["bench"] and r["bench"].get("frame_bytes")]
 print(round(b[-1]) if b else "")' "$OUT/runs.jsonl")
       [ -n "$bytes" ] || { echo "FATAL: no ringgate fanout run gave its frame size" >&2; exit 1; }
       line=$($NEW/ringgate-bench floor --sockets "$M" --writers 2 --rounds 40 --pause-ms 250 \
