@@ -9,7 +9,8 @@
 #           the per-connection figure is then what N more connections add (marginal), without
 #           the one-time costs of the first ones (the binary's code that the ramp runs for the
 #           first time becomes resident page cache). The figure from the server's start, over
-#           all W + N connections, is printed beside it.
+#           all W + N connections, is printed beside it. Beside the connect rate: the server's
+#           CPU per upgrade over the ramp (its own cost, whatever else bounds the rate).
 #   fanout  one room of M members on a 2-shard gateway: publish -> last member p99, against
 #           `ringgate-bench floor` (the kernel writing one frame to M loopback sockets) with
 #           frames of the size ringgate's members got (the same transfers), and beside it the
@@ -220,6 +221,13 @@ if "idle" in parts:
         m, r = idle_med(s, mem), idle_med(s, rate)
         print("  idle     %-17s %s B per idle connection (%s, budget <= 1x), %s JWT upgrades/s (%s, budget >= 1x)" % (
             s, fmt(m, "%.0f"), ratio(m, u_mem), fmt(r, "%.0f"), ratio(r, u_rate)))
+    # What an upgrade costs the server over the ramp (CPU, 10 ms ticks): the rate is shared with
+    # the generator on the other CPU, this is the server's own side of it.
+    cpc = lambda r, b: b["gateway"].get("cpu_us_per_connect")
+    u_cpc = idle_med("uws", cpc)
+    print("  idle     server CPU per upgrade over the ramp: uws %s us" % fmt(u_cpc) + "".join(
+        ", %s %s us (%s)" % (s, fmt(idle_med(s, cpc)), ratio(idle_med(s, cpc), u_cpc))
+        for s in sides[1:]))
     # The same runs counting anonymous memory only (RssAnon: heap and stacks, without the
     # binaries' page-cache pages): the part a connection's state can occupy, a steadier figure.
     anon = lambda r, b: b["gateway"].get("anon_per_conn_end")

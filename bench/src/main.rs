@@ -511,6 +511,10 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     let gw_before = sys::sum_rss(&c.gateway_pid).ok();
     let gw_anon_before = sys::sum_rss_anon(&c.gateway_pid).ok();
     let k_before = sys::kernel_mem();
+    // The gateway's CPU over the ramp: what a connect costs it, whatever set the rate.
+    let gw_cpu_before = sys::pids_cpu_secs(&c.gateway_pid)
+        .ok()
+        .filter(|_| !c.gateway_pid.is_empty());
     let go = now_ns(&cfg);
     barrier.wait();
 
@@ -539,6 +543,8 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
         .established
         .load(Relaxed)
         .saturating_sub(shared.lost.load(Relaxed));
+    let gw_cpu_ramp =
+        gw_cpu_before.and_then(|before| Some(sys::pids_cpu_secs(&c.gateway_pid).ok()? - before));
     let gen_after = sys::vm_rss_bytes(None).unwrap_or(0);
     let gw_after = sys::sum_rss(&c.gateway_pid).ok();
     let k_after = sys::kernel_mem();
@@ -771,6 +777,9 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
                 "pids": c.gateway_pid,
                 "rss_before": gw_before,
                 "rss_after_ramp": gw_after,
+                "cpu_secs_ramp": gw_cpu_ramp,
+                "cpu_us_per_connect": gw_cpu_ramp
+                    .map(|secs| secs * 1e6 / (st.established as f64).max(1.0)),
                 "rss_end": gw_end,
                 "rss_per_conn": gw_pc,
                 "rss_per_conn_end": gw_pc_end,
