@@ -255,7 +255,9 @@ impl Shard {
         // block it leaves stays resident: ~65 B more per idle connection at 19,000 on one shard
         // (docs/performance.md, "Tables that never move"). No more than the process may open
         // sockets: a `max_connections` meant as "no limit" reserves no more than can be used.
-        let reserve = (shared.cfg.connections_per_shard())
+        let reserve = shared
+            .cfg
+            .connections_per_shard()
             .min(open_files_limit())
             .min(MAX_RESERVED_CONNECTIONS);
         let wheel = TimingWheel::with_capacity(shared.cfg.wheel_slots, start_tick, reserve);
@@ -1235,9 +1237,6 @@ fn make_ctx<'a>(
     }
 }
 
-/// The user of the connection at slab `index`, as the users' table reads it. A registered
-/// connection is in the slab with its user (see `users`), but for the moment `remove` takes it
-/// out of the slab before the table: meanwhile (leaving rooms, watches) it matches no one.
 impl Shard {
     /// Connections the shard's table holds without moving (see `Shard::new`).
     pub fn conn_capacity(&self) -> usize {
@@ -1255,6 +1254,9 @@ fn open_files_limit() -> usize {
     usize::try_from(limit).unwrap_or(usize::MAX)
 }
 
+/// The user of the connection at slab `index`, as the users' table reads it. A registered
+/// connection is in the slab with its user (see `users`), but for the moment `remove` takes it
+/// out of the slab before the table: meanwhile (leaving rooms, watches) it matches no one.
 pub(in crate::shard) fn conn_user(conns: &Slab<Entry>, index: usize) -> &str {
     conns
         .get(index)

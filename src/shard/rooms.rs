@@ -578,10 +578,7 @@ impl RoomHomes {
     fn fan_out(&self, msg: Arc<RoomMsg>) -> Effects {
         let home = mesh::home_shard(&msg.room, self.shards);
         let mut shards = self.member_shards(&msg.room);
-        if let Some(at) = shards.iter().position(|s| *s == home) {
-            shards.remove(at);
-            shards.push(home);
-        }
+        shards.sort_by_key(|s| *s == home); // stable: the others keep their order
         shards
             .into_iter()
             .map(|shard| RoomEffect::ToShard {
