@@ -6,7 +6,12 @@
 //! * `--script`: the same two as one atomic check-and-append per message, `--batch` messages
 //!   per `EVAL` (the shape of ringgate's batch script, without its length cap, directory and
 //!   dedup generations);
-//! * `--append-only`: the `XADD`s alone.
+//! * `--append-only`: the `XADD`s alone;
+//! * `--script --fence`: the script plus the least that ringgate's contract adds to it, once
+//!   per pair (and recipient) and call: the order fence read and written back (`HMGET` of two
+//!   fields before, `HSET` of two after), the inbox length for its cap (`XLEN`) and the
+//!   recipient's node directory (`SMEMBERS`, for other nodes' pushes). Run with `--batch` at
+//!   ringgate's batch size, since these are paid per pair and call, not per message.
 //!
 //! The same users, bodies and key shapes as `ringgate-bench store`, so they compare in one
 //! session. Every reply is read and checked to be no error; the keys are deleted after.
@@ -44,6 +49,9 @@ pub struct RedisFloorArgs {
     /// Messages per script call with `--script`
     #[arg(long, default_value_t = 512)]
     batch: usize,
+    /// With `--script`: also the per-pair work ringgate's contract adds (see the module doc)
+    #[arg(long, requires = "script")]
+    fence: bool,
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
@@ -62,10 +70,31 @@ for n = 1, #KEYS / 2 do
 end
 return out";
 
+/// `CHECK_AND_APPEND` plus the contract's per-pair work: KEYS are (dedup hash, inbox,
+/// directory) per message, ARGV as there.
+const FENCED_CHECK_AND_APPEND: &str = "local out, top = {}, {}
+for n = 1, #KEYS / 3 do
+  local d, s, loc = KEYS[3 * n - 2], KEYS[3 * n - 1], KEYS[3 * n]
+  if top[d] == nil then
+    top[d] = redis.call('HMGET', d, '~w', '~top')[2] or ''
+    redis.call('XLEN', s)
+    redis.call('SMEMBERS', loc)
+  end
+  if redis.call('HSETNX', d, ARGV[3 * n - 2], ARGV[3 * n - 1]) == 1 then
+    out[n] = redis.call('XADD', s, 'MAXLEN', '~', '10000', '*', 'm', ARGV[3 * n])
+    top[d] = ARGV[3 * n - 1]
+  else
+    out[n] = redis.call('HGET', d, ARGV[3 * n - 2])
+  end
+end
+for d, t in pairs(top) do redis.call('HSET', d, '~w', '1', '~top', t) end
+return out";
+
 /// One message's keys and arguments.
 struct Spill {
     dedup: String,
     inbox: String,
+    directory: String,
     cid: String,
     id: String,
     packed: String,
@@ -94,6 +123,7 @@ pub fn run(a: RedisFloorArgs) -> Result<i32, String> {
                     Spill {
                         dedup: format!("{prefix}dd:{}:{{u:{user}}}:s0", user.len()),
                         inbox: format!("{prefix}in:{{u:{user}}}"),
+                        directory: format!("{prefix}loc:{{u:{user}}}"),
                         packed: format!("{id} {i} 2 {} s0{cid}{body}", cid.len()),
                         id: id.to_string(),
                         cid,
@@ -103,7 +133,7 @@ pub fn run(a: RedisFloorArgs) -> Result<i32, String> {
             let mut out = Vec::new();
             if a.script {
                 for chunk in messages.chunks(a.batch) {
-                    script_call(&mut out, chunk);
+                    script_call(&mut out, chunk, a.fence);
                 }
                 (out, total.div_ceil(a.batch))
             } else {
@@ -161,7 +191,12 @@ pub fn run(a: RedisFloorArgs) -> Result<i32, String> {
 }
 
 fn shape(a: &RedisFloorArgs) -> String {
-    if a.script {
+    if a.fence {
+        format!(
+            "HSETNX + XADD per message, fence, length and directory per pair, one script call per {}",
+            a.batch
+        )
+    } else if a.script {
         format!("HSETNX + XADD per message, one script call per {}", a.batch)
     } else if a.append_only {
         "XADD only, pipelined".into()
@@ -190,11 +225,18 @@ fn append(out: &mut Vec<u8>, m: &Spill) {
     );
 }
 
-fn script_call(out: &mut Vec<u8>, chunk: &[Spill]) {
-    let keys = (chunk.len() * 2).to_string();
-    let mut parts: Vec<&[u8]> = vec![b"EVAL", CHECK_AND_APPEND.as_bytes(), keys.as_bytes()];
+fn script_call(out: &mut Vec<u8>, chunk: &[Spill], fence: bool) {
+    let (script, per_message) = match fence {
+        true => (FENCED_CHECK_AND_APPEND, 3),
+        false => (CHECK_AND_APPEND, 2),
+    };
+    let keys = (chunk.len() * per_message).to_string();
+    let mut parts: Vec<&[u8]> = vec![b"EVAL", script.as_bytes(), keys.as_bytes()];
     for m in chunk {
         parts.extend([m.dedup.as_bytes(), m.inbox.as_bytes()]);
+        if fence {
+            parts.push(m.directory.as_bytes());
+        }
     }
     for m in chunk {
         parts.extend([m.cid.as_bytes(), m.id.as_bytes(), m.packed.as_bytes()]);
