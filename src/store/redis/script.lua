@@ -4,12 +4,15 @@
 -- names, in order, are KEYS (n = 0), or in a Redis Cluster the n arguments (declared keys
 -- must share one slot there; KEYS then holds only the first, which routes the call).
 -- Returns one answer per operation.
+-- Globals read once: a local is a register, a global a table lookup, and the append path
+-- below runs once per message.
+local ARGV, tonumber, call, byte = ARGV, tonumber, redis.call, string.byte
 local maxage = tonumber(ARGV[1])
 local maxlen = tonumber(ARGV[2])
 local dedup_ms = tonumber(ARGV[3])
 local dedup_min = tonumber(ARGV[4])
 local me, prefix = ARGV[5], ARGV[6]
-local t = redis.call('TIME')
+local t = call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local minid = string.format('%d', math.max(0, now - maxage))
 local hmax, hage = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -28,15 +31,17 @@ end
 -- (fred may still send it after a reconnect) never lands after a later one.
 local writer = me .. '/' .. ARGV[10 + nkeys]
 local wfield = '~w:' .. writer
+-- What follows the ids in a record this writer makes (see `record_id`).
+local wtag = ' ' .. writer .. '/'
 -- Offsets are near 1.8e15 (microseconds): exact in Lua's doubles, printed without exponent.
 local function fmt(n) return string.format('%.0f', n) end
 local function room_last(rd)
-  local last = redis.call('HGET', rd, '~last')
+  local last = call('HGET', rd, '~last')
   if last then return tonumber(last) end
   -- A new (or long idle) room starts at the clock in microseconds, like the embedded one:
   -- offsets a client kept from an earlier life of the room are then below its history.
   last = now * 1000
-  redis.call('HSET', rd, '~last', fmt(last))
+  call('HSET', rd, '~last', fmt(last))
   return last
 end
 local room_ttl = fmt(hage + 60000)
@@ -60,19 +65,19 @@ local every_append = dedup_ms > maxage
 local function stream_ttl_once(s)
   if not sttl[s] then
     sttl[s] = true
-    redis.call('PEXPIRE', s, stream_ttl)
+    call('PEXPIRE', s, stream_ttl)
   end
 end
 local function stream_len(s)
   local len = slen[s]
   if not len then
-    len = redis.call('XLEN', s)
+    len = call('XLEN', s)
     sexpired[s] = 0
     sempty[s] = len == 0
   end
   if len >= maxlen and not strimmed[s] then
     strimmed[s] = true
-    local expired = redis.call('XTRIM', s, 'MINID', minid)
+    local expired = call('XTRIM', s, 'MINID', minid)
     sexpired[s] = sexpired[s] + expired
     len = len - expired
   end
@@ -90,7 +95,7 @@ local dborn, dold, dfresh, dage, dstream, dwm, dwm_set = {}, {}, {}, {}, {}, {},
 local dtop, dtop_set = {}, {}
 local function pair(dcur)
   if dborn[dcur] == nil then
-    local meta = redis.call('HMGET', dcur, '~born', '~old', '~fresh', '~age', wfield, '~top')
+    local meta = call('HMGET', dcur, '~born', '~old', '~fresh', '~age', wfield, '~top')
     dborn[dcur] = tonumber(meta[1]) or false
     dold[dcur] = meta[2] == '1'
     dfresh[dcur] = tonumber(meta[3]) or 0
@@ -139,18 +144,18 @@ local function older(dcur) return prefix .. 'dd-old:' .. string.sub(dcur, #prefi
 local function record_id(rec) return string.match(rec, '^%S+') end
 -- A cid's record in the pair's current generation, else its older one.
 local function recorded(dcur, cid)
-  local rec = redis.call('HGET', dcur, cid)
-  if not rec and dold[dcur] then rec = redis.call('HGET', older(dcur), cid) end
+  local rec = call('HGET', dcur, cid)
+  if not rec and dold[dcur] then rec = call('HGET', older(dcur), cid) end
   return rec
 end
 -- Record `value` for a cid unless it is known (one call in the common case): returns the
 -- earlier record if it was, else nil.
 local function claim(dcur, cid, value)
-  if redis.call('HSETNX', dcur, cid, value) == 0 then return redis.call('HGET', dcur, cid) end
+  if call('HSETNX', dcur, cid, value) == 0 then return call('HGET', dcur, cid) end
   if not dold[dcur] then return nil end
-  local prev = redis.call('HGET', older(dcur), cid)
+  local prev = call('HGET', older(dcur), cid)
   -- Known to the older generation: undo the record just made.
-  if prev then redis.call('HDEL', dcur, cid) end
+  if prev then call('HDEL', dcur, cid) end
   return prev
 end
 -- Settle a write of this writer whose answer was lost (timed out, or the connection dropped
@@ -177,7 +182,7 @@ local locations = {}
 local function nodes_of(loc)
   local nodes = locations[loc]
   if not nodes then
-    nodes = redis.call('SMEMBERS', loc)
+    nodes = call('SMEMBERS', loc)
     locations[loc] = nodes
   end
   return nodes
@@ -185,7 +190,7 @@ end
 local function push(nodes, payload, to_me)
   local sent = 0
   for _, n in ipairs(nodes) do
-    if n ~= me or to_me then redis.call('PUBLISH', prefix .. 'ch:' .. n, payload) end
+    if n ~= me or to_me then call('PUBLISH', prefix .. 'ch:' .. n, payload) end
     if n ~= me then sent = sent + 1 end
   end
   return sent
@@ -199,15 +204,16 @@ end
 local function append(s, dcur, loc, i, watch)
   local id, cid, attempt = ARGV[i + 1], ARGV[i + 2], ARGV[i + 5]
   pair(dcur)
-  if tonumber(attempt) <= dwm[dcur] then
+  local n_attempt = tonumber(attempt)
+  if n_attempt <= dwm[dcur] then
     -- Sent before a later write of this writer landed (or was resolved): writing it now
     -- would put it after messages accepted since, or after it was answered `unavailable`.
     return {'stale'}
   end
-  raise(dcur, tonumber(attempt))
+  raise(dcur, n_attempt)
   -- A read receipt (cid '~r:<sender>:<id>') replaces the pair's earlier one still in the
   -- inbox; one at or below it is a duplicate (see proto.rs, RECEIPT_CID_PREFIX).
-  local rkey = string.byte(cid, 1) == 126 and string.match(cid, '^(~r:.*):%d+$')
+  local rkey = byte(cid, 1) == 126 and string.match(cid, '^(~r:.*):%d+$')
   if not rkey and not issued_after(id, dtop[dcur]) then
     -- Below an id the pair stored, from any writer (or in its millisecond from another):
     -- another node's write whose answer was lost, landing after the writes of the node its
@@ -224,10 +230,10 @@ local function append(s, dcur, loc, i, watch)
     -- The common case, a new message below the cap: append, then check and record the cid
     -- with its full record (see `record_id`) in one call; a duplicate (a resend) takes its
     -- entry back below. Two writes per new message, not three.
-    xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
-    prev = claim(dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt)
+    xid = call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
+    prev = claim(dcur, cid, id .. ' ' .. xid .. wtag .. attempt)
     if prev then
-      redis.call('XDEL', s, xid)
+      call('XDEL', s, xid)
       -- An inbox the append created is left empty: it gets its TTL like any new inbox.
       if len == 0 then stream_ttl_once(s) end
     end
@@ -243,20 +249,20 @@ local function append(s, dcur, loc, i, watch)
   if prev then return {'dup', record_id(prev), trimmed} end
   if len >= maxlen then return {'full', trimmed, len} end
   if rkey then
-    local rold = redis.call('HGET', dcur, rkey)
+    local rold = call('HGET', dcur, rkey)
     if rold then
       local oxid, oid = string.match(rold, '^(%S+) (%S+)$')
       if #id < #oid or (#id == #oid and id <= oid) then
-        redis.call('HDEL', dcur, cid)
+        call('HDEL', dcur, cid)
         return {'dup', oid, trimmed}
       end
-      local n = redis.call('XDEL', s, oxid)
+      local n = call('XDEL', s, oxid)
       len = len - n
     end
-    xid = redis.call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
-    redis.call('HSET', dcur, rkey, xid .. ' ' .. id)
+    xid = call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
+    call('HSET', dcur, rkey, xid .. ' ' .. id)
     -- The full record (see `record_id`), so that a resolve can tell its attempt.
-    redis.call('HSET', dcur, cid, id .. ' ' .. xid .. ' ' .. writer .. '/' .. attempt)
+    call('HSET', dcur, cid, id .. ' ' .. xid .. wtag .. attempt)
   end
   slen[s] = len + 1
   if every_append or sempty[s] then stream_ttl_once(s) end
@@ -280,11 +286,11 @@ end
 -- against after a restart or on another node. Bounded per user; lives as long as an inbox.
 local function got(rk, sender, id)
   if sender == '' then return end
-  local old = redis.call('HGET', rk, sender)
+  local old = call('HGET', rk, sender)
   if old and (#old > #id or (#old == #id and old >= id)) then return end
-  if not old and redis.call('HLEN', rk) >= 4096 then return end
-  redis.call('HSET', rk, sender, id)
-  redis.call('PEXPIRE', rk, stream_ttl)
+  if not old and call('HLEN', rk) >= 4096 then return end
+  call('HSET', rk, sender, id)
+  call('PEXPIRE', rk, stream_ttl)
 end
 local out = {}
 local i, k = 11 + nkeys, 1
@@ -309,7 +315,7 @@ while i <= #ARGV do
     k = k + 3
     i = i + 6
   elseif op == 'R' then
-    local n = redis.call('XDEL', K[k], ARGV[i + 1])
+    local n = call('XDEL', K[k], ARGV[i + 1])
     if slen[K[k]] then slen[K[k]] = slen[K[k]] - n end
     got(K[k + 1], ARGV[i + 2], ARGV[i + 3])
     out[#out + 1] = n
@@ -317,7 +323,7 @@ while i <= #ARGV do
     i = i + 4
   elseif op == 'D' then
     -- Removed by this ack (not an earlier one): the sender's other nodes hear `delivered`.
-    local n = redis.call('XDEL', K[k], ARGV[i + 1])
+    local n = call('XDEL', K[k], ARGV[i + 1])
     if slen[K[k]] then slen[K[k]] = slen[K[k]] - n end
     if n == 1 then push(nodes_of(K[k + 1]), ARGV[i + 4], false) end
     got(K[k + 2], ARGV[i + 2], ARGV[i + 3])
@@ -332,12 +338,12 @@ while i <= #ARGV do
     for j = 1, n do
       local loc = K[k + j - 1]
       local on = 0
-      for _, m in ipairs(redis.call('SMEMBERS', loc)) do
+      for _, m in ipairs(call('SMEMBERS', loc)) do
         if m ~= me then
-          if redis.call('EXISTS', prefix .. 'node:' .. m) == 1 then
+          if call('EXISTS', prefix .. 'node:' .. m) == 1 then
             on = 1
           else
-            redis.call('SREM', loc, m)
+            call('SREM', loc, m)
           end
         end
       end
@@ -351,26 +357,26 @@ while i <= #ARGV do
     local room, id, field, packed = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
     k = k + 3
     i = i + 5
-    local prev = redis.call('HGET', rd, field)
+    local prev = call('HGET', rd, field)
     if prev then
       out[#out + 1] = {'dup', prev}
     else
       local offset = fmt(room_last(rd) + 1)
-      redis.call('HSET', rd, '~last', offset, field, id .. ' ' .. offset)
-      redis.call('XADD', rh, 'MAXLEN', '=', ARGV[7], '0-' .. offset, 'm', packed)
+      call('HSET', rd, '~last', offset, field, id .. ' ' .. offset)
+      call('XADD', rh, 'MAXLEN', '=', ARGV[7], '0-' .. offset, 'm', packed)
       -- Publish dedup reaches about as far back as the history: past four times its size
       -- it starts over (the counter stays).
-      if redis.call('HLEN', rd) > 4 * hmax + 1 then
-        redis.call('DEL', rd)
-        redis.call('HSET', rd, '~last', offset)
+      if call('HLEN', rd) > 4 * hmax + 1 then
+        call('DEL', rd)
+        call('HSET', rd, '~last', offset)
       end
-      redis.call('PEXPIRE', rh, room_ttl)
-      redis.call('PEXPIRE', rd, room_ttl)
+      call('PEXPIRE', rh, room_ttl)
+      call('PEXPIRE', rd, room_ttl)
       -- Every node with members, this one too: each node sees a room's messages in offset
       -- order on one connection (its channel), with the answers to its joins in between.
       local payload = 'r ' .. offset .. ' ' .. string.len(room) .. ' ' .. room .. packed
-      for _, n in ipairs(redis.call('SMEMBERS', rn)) do
-        redis.call('PUBLISH', prefix .. 'ch:' .. n, payload)
+      for _, n in ipairs(call('SMEMBERS', rn)) do
+        call('PUBLISH', prefix .. 'ch:' .. n, payload)
       end
       out[#out + 1] = {'ok', id .. ' ' .. offset}
     end
@@ -379,14 +385,14 @@ while i <= #ARGV do
     local room, since, who = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     k = k + 3
     i = i + 4
-    redis.call('SADD', rn, me)
+    call('SADD', rn, me)
     local others = {1}
-    for _, n in ipairs(redis.call('SMEMBERS', rn)) do
+    for _, n in ipairs(call('SMEMBERS', rn)) do
       if n ~= me then
         if cluster then
           others[#others + 1] = n
-        elseif redis.call('EXISTS', prefix .. 'node:' .. n) == 0 then
-          redis.call('SREM', rn, n)
+        elseif call('EXISTS', prefix .. 'node:' .. n) == 0 then
+          call('SREM', rn, n)
         end
       end
     end
@@ -396,7 +402,7 @@ while i <= #ARGV do
     if since ~= '-' and tonumber(since) <= last then
       local minage = now - hage
       local first
-      for _, e in ipairs(redis.call('XRANGE', rh, '(0-' .. since, '+')) do
+      for _, e in ipairs(call('XRANGE', rh, '(0-' .. since, '+')) do
         local packed = e[2][2]
         local ts = tonumber(string.match(packed, '^%d+ (%d+) '))
         if ts and ts >= minage then
@@ -407,7 +413,7 @@ while i <= #ARGV do
       end
       if tonumber(since) + 1 >= (first or last + 1) then recovered = 1 end
     end
-    redis.call('PUBLISH', prefix .. 'ch:' .. me, 'j ' .. who .. ' ' .. fmt(last) .. ' ' .. recovered
+    call('PUBLISH', prefix .. 'ch:' .. me, 'j ' .. who .. ' ' .. fmt(last) .. ' ' .. recovered
       .. ' ' .. string.len(room) .. ' ' .. room .. table.concat(parts))
     -- In a cluster: 1 then the other runs, whose leases the caller checks.
     if cluster then out[#out + 1] = others else out[#out + 1] = 1 end
@@ -425,27 +431,27 @@ for dcur, s in pairs(dstream) do
   local born = dborn[dcur]
   -- Rotate: the current generation becomes the older one (its TTL still runs), and the new
   -- one remembers that an older one exists.
-  local rotate = born and now - born >= dedup_ms and redis.call('HLEN', dcur) > dedup_min + 4
+  local rotate = born and now - born >= dedup_ms and call('HLEN', dcur) > dedup_min + 4
   if not born or rotate then
     stream_ttl_once(s)
-    if rotate then redis.call('RENAME', dcur, older(dcur)) end
-    redis.call('HSET', dcur, '~born', now, '~old', rotate and 1 or 0, '~fresh', now, '~age', maxage)
-    redis.call('PEXPIRE', dcur, dedup_ttl)
+    if rotate then call('RENAME', dcur, older(dcur)) end
+    call('HSET', dcur, '~born', now, '~old', rotate and 1 or 0, '~fresh', now, '~age', maxage)
+    call('PEXPIRE', dcur, dedup_ttl)
   elseif now - dfresh[dcur] >= dedup_ms / 2 or dage[dcur] < maxage then
     -- Two windows from at most half a window ago: every cid outlives its window by half.
     stream_ttl_once(s)
-    redis.call('HSET', dcur, '~fresh', now, '~age', maxage)
-    redis.call('PEXPIRE', dcur, dedup_ttl)
+    call('HSET', dcur, '~fresh', now, '~age', maxage)
+    call('PEXPIRE', dcur, dedup_ttl)
   end
 end
 -- Watermarks last (a rotation above moves the hash): a pair hash this creates gets the
 -- dedup TTL, like one an append creates.
 for dcur in pairs(dwm_set) do
   if dtop_set[dcur] then
-    redis.call('HSET', dcur, wfield, fmt(dwm[dcur]), '~top', dtop[dcur])
+    call('HSET', dcur, wfield, fmt(dwm[dcur]), '~top', dtop[dcur])
   else
-    redis.call('HSET', dcur, wfield, fmt(dwm[dcur]))
+    call('HSET', dcur, wfield, fmt(dwm[dcur]))
   end
-  if not dborn[dcur] and not dstream[dcur] then redis.call('PEXPIRE', dcur, dedup_ttl) end
+  if not dborn[dcur] and not dstream[dcur] then call('PEXPIRE', dcur, dedup_ttl) end
 end
 return out
