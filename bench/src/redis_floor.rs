@@ -50,7 +50,7 @@ pub struct RedisFloorArgs {
     #[arg(long, default_value_t = 512)]
     batch: usize,
     /// With `--script`: also the per-pair work ringgate's contract adds (see the module doc)
-    #[arg(long, requires = "script")]
+    #[arg(long, requires = "script", conflicts_with = "append_only")]
     fence: bool,
     /// Print one JSON object instead of text
     #[arg(long)]
