@@ -10,7 +10,9 @@
 #           the one-time costs of the first ones (the binary's code that the ramp runs for the
 #           first time becomes resident page cache). The figure from the server's start, over
 #           all W + N connections, is printed beside it. Beside the connect rate: the server's
-#           CPU per upgrade over the ramp (its own cost, whatever else bounds the rate).
+#           CPU per upgrade over the ramp (its own cost, whatever else bounds the rate), and
+#           the same generator against `ringgate-bench upgrade-floor` (the least an upgrade
+#           needs of a server, on CPU 0 too): the rate the generator and kernel allow.
 #   fanout  one room of M members on a 2-shard gateway: publish -> last member p99, against
 #           `ringgate-bench floor` (the kernel writing one frame to M loopback sockets) with
 #           frames of the size ringgate's members got (the same transfers), and beside it the
@@ -68,10 +70,13 @@ idle() { # side
     ringgate-*) port=$(free_port)
       taskset -c 0 $NEW/ringgate --shards 1 --io-driver "${1#ringgate-}" --jwt-secret $S \
         --listen 127.0.0.1:$port --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & pid=$! ;;
+    floor) port=$(free_port)
+      taskset -c 0 $NEW/ringgate-bench upgrade-floor --listen 127.0.0.1:$port >/dev/null 2>&1 &
+      pid=$! ;;
   esac
   wait_port $port
   local route=(--route ws --secret $S)
-  [ "$1" = uws ] && route=(--route echo)
+  [ "$1" = uws ] || [ "$1" = floor ] && route=(--route echo)
   local start_rss start_anon warm_pid= held=$OUT/warm-held
   start_rss=$(status_bytes $pid VmRSS); start_anon=$(status_bytes $pid RssAnon)
   if [ "$W" -gt 0 ]; then
@@ -172,7 +177,7 @@ spill() { # side
 for round in $(seq "$ROUNDS"); do
   for part in $PARTS; do
     case $part in
-      idle) sides="uws ringgate-glommio ringgate-uring" ;;
+      idle) sides="uws ringgate-glommio ringgate-uring floor" ;;
       fanout) sides="ringgate floor floor80" ;;
       spill) sides="ringgate floor floor1024 fence" ;;
       *) sides="ringgate floor" ;;
@@ -237,6 +242,12 @@ if "idle" in parts:
     print("  idle     server CPU per upgrade over the ramp: uws %s us" % fmt(u_cpc) + "".join(
         ", %s %s us (%s)" % (s, fmt(idle_med(s, cpc)), ratio(idle_med(s, cpc), u_cpc))
         for s in sides[1:]))
+    # The generator against the least server: what it and the kernel allow. A side near it is
+    # bound by them, not by its own work (that is its CPU per upgrade, above).
+    f_rate, f_cpc = idle_med("floor", rate), idle_med("floor", cpc)
+    print("  idle     upgrade floor (the least server, same generator): %s upgrades/s, %s us CPU per upgrade; of its rate: uws %s" % (
+        fmt(f_rate, "%.0f"), fmt(f_cpc), ratio(u_rate, f_rate)) + "".join(
+        ", %s %s" % (s, ratio(idle_med(s, rate), f_rate)) for s in sides[1:]))
     # The same runs counting anonymous memory only (RssAnon: heap and stacks, without the
     # binaries' page-cache pages): the part a connection's state can occupy, a steadier figure.
     anon = lambda r, b: b["gateway"].get("anon_per_conn_end")

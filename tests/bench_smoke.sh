@@ -43,6 +43,20 @@ echo "bench smoke: ok (gateway exited 0 after SIGTERM)"
 RINGGATE_BIN=$GW BENCH_BIN=$BENCH bash bench/scale.sh -g 4 -l 4 -n 4000 --hold 3 --check
 echo "bench smoke: multi-process ramp ok"
 
+# The connect benchmark's floor server: 300 upgrades from the same generator, all held
+# (the idle bench exits 1 on any failed connection), and a clean exit on SIGTERM that counted them.
+FPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+FLOG=$(mktemp)
+"$BENCH" upgrade-floor --listen "127.0.0.1:$FPORT" 2>"$FLOG" &
+FPID=$!
+for _ in $(seq 100); do grep -q listening "$FLOG" && break; sleep 0.1; done
+"$BENCH" idle -n 300 --target "127.0.0.1:$FPORT" --route echo --hold 1 --timeout 30 --gateway-pid "$FPID" -q
+kill -TERM $FPID
+wait $FPID
+grep -q "^upgrade-floor: 300 upgrades" "$FLOG" || { echo "upgrade-floor:"; cat "$FLOG"; exit 1; }
+rm -f "$FLOG"
+echo "bench smoke: upgrade-floor ok"
+
 # The store benchmark against a throwaway redis-server on a free port (bounded: 2,000 messages).
 RPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 RDIR=$(mktemp -d)

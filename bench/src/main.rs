@@ -23,6 +23,7 @@ mod redis_floor;
 mod ring;
 mod store;
 mod sys;
+mod upgrade_floor;
 mod ws;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -68,6 +69,9 @@ enum Cmd {
     RedisFloor(redis_floor::RedisFloorArgs),
     /// The offline push webhook: pushes/s into a receiver run here, and while it is down
     Push(push::PushArgs),
+    /// The connect benchmark's floor: a server doing the least an upgrade needs (run it, then
+    /// point `idle --route echo` at it)
+    UpgradeFloor(upgrade_floor::UpgradeFloorArgs),
 }
 
 #[derive(Args, Debug)]
@@ -1167,6 +1171,7 @@ fn main() {
         Cmd::Floor(a) => floor::run(a).map(|()| 0),
         Cmd::RedisFloor(a) => redis_floor::run(a),
         Cmd::Push(a) => push::run(a),
+        Cmd::UpgradeFloor(a) => upgrade_floor::run(a),
     };
     match r {
         Ok(code) => std::process::exit(code),
