@@ -515,8 +515,9 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     let gw_before = sys::sum_rss(&c.gateway_pid).ok();
     let gw_anon_before = sys::sum_rss_anon(&c.gateway_pid).ok();
     let k_before = sys::kernel_mem();
-    // The gateway's CPU over the ramp: what a connect costs it, whatever set the rate.
-    let gw_cpu_before = sys::pids_cpu_secs(&c.gateway_pid)
+    // The gateway's CPU over the ramp: what a connect costs it, whatever set the rate (the
+    // scheduler's nanoseconds: the ramp is too short for 10 ms ticks).
+    let gw_cpu_before = sys::pids_cpu_secs_fine(&c.gateway_pid)
         .ok()
         .filter(|_| !c.gateway_pid.is_empty());
     let go = now_ns(&cfg);
@@ -547,8 +548,8 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
         .established
         .load(Relaxed)
         .saturating_sub(shared.lost.load(Relaxed));
-    let gw_cpu_ramp =
-        gw_cpu_before.and_then(|before| Some(sys::pids_cpu_secs(&c.gateway_pid).ok()? - before));
+    let gw_cpu_ramp = gw_cpu_before
+        .and_then(|before| Some(sys::pids_cpu_secs_fine(&c.gateway_pid).ok()? - before));
     let gen_after = sys::vm_rss_bytes(None).unwrap_or(0);
     let gw_after = sys::sum_rss(&c.gateway_pid).ok();
     let k_after = sys::kernel_mem();
