@@ -235,7 +235,7 @@ if "idle" in parts:
         m, r = idle_med(s, mem), idle_med(s, rate)
         print("  idle     %-17s %s B per idle connection (%s, budget <= 1x), %s JWT upgrades/s (%s, budget >= 1x)" % (
             s, fmt(m, "%.0f"), ratio(m, u_mem), fmt(r, "%.0f"), ratio(r, u_rate)))
-    # What an upgrade costs the server over the ramp (CPU, 10 ms ticks): the rate is shared with
+    # What an upgrade costs the server over the ramp (its CPU-time clock): the rate is shared with
     # the generator on the other CPU, this is the server's own side of it.
     cpc = lambda r, b: b["gateway"].get("cpu_us_per_connect")
     u_cpc = idle_med("uws", cpc)

@@ -47,13 +47,18 @@ echo "bench smoke: multi-process ramp ok"
 # (the idle bench exits 1 on any failed connection), and a clean exit on SIGTERM that counted them.
 FPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 FLOG=$(mktemp)
-"$BENCH" upgrade-floor --listen "127.0.0.1:$FPORT" 2>"$FLOG" &
+"$BENCH" upgrade-floor --listen "127.0.0.1:$FPORT" >/dev/null 2>"$FLOG" &
 FPID=$!
+trap 'kill $FPID 2>/dev/null || true; rm -f "$FLOG" "$LOG"' EXIT
 for _ in $(seq 100); do grep -q listening "$FLOG" && break; sleep 0.1; done
+grep -q listening "$FLOG" || { echo "upgrade-floor did not start:"; cat "$FLOG"; exit 1; }
 "$BENCH" idle -n 300 --target "127.0.0.1:$FPORT" --route echo --hold 1 --timeout 30 --gateway-pid "$FPID" -q
 kill -TERM $FPID
+for _ in $(seq 50); do kill -0 $FPID 2>/dev/null || break; sleep 0.1; done
+kill -0 $FPID 2>/dev/null && { echo "upgrade-floor did not exit on SIGTERM"; exit 1; }
 wait $FPID
 grep -q "^upgrade-floor: 300 upgrades" "$FLOG" || { echo "upgrade-floor:"; cat "$FLOG"; exit 1; }
+trap - EXIT
 rm -f "$FLOG"
 echo "bench smoke: upgrade-floor ok"
 

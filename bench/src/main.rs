@@ -515,8 +515,8 @@ fn run_idle(a: IdleArgs) -> Result<i32, String> {
     let gw_before = sys::sum_rss(&c.gateway_pid).ok();
     let gw_anon_before = sys::sum_rss_anon(&c.gateway_pid).ok();
     let k_before = sys::kernel_mem();
-    // The gateway's CPU over the ramp: what a connect costs it, whatever set the rate (the
-    // scheduler's nanoseconds: the ramp is too short for 10 ms ticks).
+    // The gateway's CPU over the ramp: what a connect costs it, whatever set the rate (its
+    // CPU-time clock: the ramp is too short for 10 ms ticks).
     let gw_cpu_before = sys::pids_cpu_secs_fine(&c.gateway_pid)
         .ok()
         .filter(|_| !c.gateway_pid.is_empty());
