@@ -857,6 +857,8 @@ async fn serve_shard(
     // Directory and lease upkeep the open breaker held back: sent first once it closes (a lost
     // `Leave` would keep this node in a user's directory entry, online for presence).
     let mut held_back: Vec<StoreOp> = Vec::new();
+    // When a failed probe was last logged (at most one line per PROBE_LOG_EVERY).
+    let mut probe_logged: Option<Instant> = None;
     while wait_bell(&mut bell, &mut buf).await {
         pipe.wake_store.clear();
         loop {
@@ -865,7 +867,14 @@ async fn serve_shard(
                 break;
             }
             let started = Instant::now();
-            let gate = pass_breaker(&mut breaker, &client, &settings, shard, started).await;
+            let gate = pass_breaker(
+                &mut breaker,
+                &client,
+                &settings,
+                (shard, &mut probe_logged),
+                started,
+            )
+            .await;
             // While disconnected, or while the breaker is open, fail at once instead of
             // queueing inside fred or waiting out a timeout: memory stays bounded while Redis
             // is away or slow, and senders hear `unavailable` without waiting.
@@ -962,31 +971,44 @@ async fn serve_shard(
     }
 }
 
-/// The breaker's word on the next batch, probing with a `PING` when it is due.
+/// At most one line per this long about probes that got no answer.
+const PROBE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The breaker's word on the next batch, probing with a `PING` when it is due. A probe that
+/// gets no answer is logged with its reason (at most once per `PROBE_LOG_EVERY`): a breaker
+/// that stays open while Redis itself answers others points at the client's state.
 async fn pass_breaker(
     breaker: &mut breaker::Breaker,
     client: &Client,
     settings: &RedisSettings,
-    shard: usize,
+    (shard, logged): (usize, &mut Option<Instant>),
     now: Instant,
 ) -> breaker::Gate {
-    match breaker.gate(now) {
+    let unanswered = match breaker.gate(now) {
         // Disconnected: nothing to probe (fred reconnects; the batch fails at once).
-        breaker::Gate::Probe if !client.is_connected() => breaker::Gate::Refuse,
+        breaker::Gate::Probe if !client.is_connected() => "the client is not connected".to_string(),
         breaker::Gate::Probe => {
-            let ping = tokio::time::timeout(settings.timeout, client.ping::<Value>(None));
-            let answered = matches!(ping.await, Ok(Ok(_)));
+            let ping = tokio::time::timeout(settings.timeout, client.ping::<Value>(None)).await;
+            let answered = matches!(ping, Ok(Ok(_)));
             if breaker.probed(answered, Instant::now()) {
                 tracing::info!(shard, "Redis answered the probe: circuit breaker closed");
             }
-            if answered {
-                breaker::Gate::Send
-            } else {
-                breaker::Gate::Refuse
+            match ping {
+                Ok(Ok(_)) => return breaker::Gate::Send,
+                Ok(Err(e)) => format!("the PING failed: {e}"),
+                Err(_) => format!(
+                    "no answer to the PING within {} ms",
+                    settings.timeout.as_millis()
+                ),
             }
         }
-        gate => gate,
+        gate => return gate,
+    };
+    if logged.is_none_or(|at| at.elapsed() >= PROBE_LOG_EVERY) {
+        *logged = Some(Instant::now());
+        tracing::warn!(shard, why = %unanswered, "Redis circuit breaker stays open: the probe got no answer");
     }
+    breaker::Gate::Refuse
 }
 
 /// Directory and lease upkeep: held back (not refused) while the breaker is open.
