@@ -857,7 +857,8 @@ async fn serve_shard(
     // Directory and lease upkeep the open breaker held back: sent first once it closes (a lost
     // `Leave` would keep this node in a user's directory entry, online for presence).
     let mut held_back: Vec<StoreOp> = Vec::new();
-    let mut probes = Probes::default();
+    // When a failed probe was last logged (at most one line per PROBE_LOG_EVERY).
+    let mut probe_logged: Option<Instant> = None;
     while wait_bell(&mut bell, &mut buf).await {
         pipe.wake_store.clear();
         loop {
@@ -870,7 +871,7 @@ async fn serve_shard(
                 &mut breaker,
                 &client,
                 &settings,
-                (shard, &mut probes),
+                (shard, &mut probe_logged),
                 started,
             )
             .await;
@@ -972,32 +973,15 @@ async fn serve_shard(
 
 /// At most one line per this long about probes that got no answer.
 const PROBE_LOG_EVERY: Duration = Duration::from_secs(10);
-/// Probes in a row that a connected client sent and got no answer to, before the client is
-/// made to reconnect (about 9 s: a probe each second plus its timeout).
-const SILENT_PROBES_BEFORE_RECONNECT: u32 = 3;
-
-/// What the breaker's probes found lately (see `pass_breaker`).
-#[derive(Default)]
-struct Probes {
-    /// When a probe without an answer was last logged.
-    logged: Option<Instant>,
-    /// Probes in a row sent on a connected client and not answered.
-    silent_in_a_row: u32,
-}
 
 /// The breaker's word on the next batch, probing with a `PING` when it is due. A probe that
-/// gets no answer is logged with its reason (at most once per `PROBE_LOG_EVERY`).
-///
-/// A client that says it is connected but answers nothing is made to reconnect (which also
-/// reads a cluster's slot map again). Seen in `tests/cluster_random.rs` during a reshard:
-/// after a batch failed with "Max attempts reached" (a moved slot; one attempt per command),
-/// fred's client for that shard timed out every command, PINGs included, for over a minute,
-/// reporting no connection error, while Redis answered the other clients.
+/// gets no answer is logged with its reason (at most once per `PROBE_LOG_EVERY`): a breaker
+/// that stays open while Redis itself answers others points at the client's state.
 async fn pass_breaker(
     breaker: &mut breaker::Breaker,
     client: &Client,
     settings: &RedisSettings,
-    (shard, probes): (usize, &mut Probes),
+    (shard, logged): (usize, &mut Option<Instant>),
     now: Instant,
 ) -> breaker::Gate {
     let unanswered = match breaker.gate(now) {
@@ -1009,38 +993,19 @@ async fn pass_breaker(
             if breaker.probed(answered, Instant::now()) {
                 tracing::info!(shard, "Redis answered the probe: circuit breaker closed");
             }
-            let why = match ping {
-                Ok(Ok(_)) => {
-                    probes.silent_in_a_row = 0;
-                    return breaker::Gate::Send;
-                }
+            match ping {
+                Ok(Ok(_)) => return breaker::Gate::Send,
                 Ok(Err(e)) => format!("the PING failed: {e}"),
                 Err(_) => format!(
                     "no answer to the PING within {} ms",
                     settings.timeout.as_millis()
                 ),
-            };
-            probes.silent_in_a_row += 1;
-            if probes.silent_in_a_row >= SILENT_PROBES_BEFORE_RECONNECT {
-                probes.silent_in_a_row = 0;
-                let done =
-                    tokio::time::timeout(settings.timeout, client.force_reconnection()).await;
-                let outcome = match done {
-                    Ok(Ok(())) => "done".to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "not done in time".to_string(),
-                };
-                tracing::warn!(shard, %outcome, "Redis client reconnected by force: {SILENT_PROBES_BEFORE_RECONNECT} probes in a row got no answer while it was connected");
             }
-            why
         }
         gate => return gate,
     };
-    if probes
-        .logged
-        .is_none_or(|at| at.elapsed() >= PROBE_LOG_EVERY)
-    {
-        probes.logged = Some(Instant::now());
+    if logged.is_none_or(|at| at.elapsed() >= PROBE_LOG_EVERY) {
+        *logged = Some(Instant::now());
         tracing::warn!(shard, why = %unanswered, "Redis circuit breaker stays open: the probe got no answer");
     }
     breaker::Gate::Refuse
