@@ -991,3 +991,56 @@ fn a_room_message_lost_with_a_nodes_channel_reaches_its_members_after_the_resubs
     assert_eq!(v["offset"], lost["offset"], "{v}");
     assert_eq!(v["body"], "lost with the channel");
 }
+
+/// A send to a user whose hash slot is being moved between Redis Cluster primaries (issue
+/// 20's CI stall, from `cluster_random`'s reshard): the slot's owner answers the append with
+/// `ASK`, which the store does not follow (one attempt per command, so that no write is
+/// retried behind a later one); the send is refused or resolved, and the store must go on.
+/// Before, fred ended that client's connection task on the redirection while it still said
+/// it was connected: every later command and probe of the shard timed out, for good.
+#[test]
+fn a_send_redirected_by_a_slot_migration_does_not_stop_the_store() {
+    let redis = RedisServer::start_cluster();
+    let gw = node(&redis, "a");
+    let carol = "carol";
+    let (mut alice, _) = connect_app(&gw, "alice");
+    let slot = redis.int(&["CLUSTER", "KEYSLOT", &format!("rg:in:{{u:{carol}}}")]) as u16;
+    let moving = redis.begin_migration(slot);
+    // carol's keys do not exist yet, so the owner redirects the append with `ASK`.
+    send(&mut alice, carol, "m0", json!("m0"));
+    std::thread::sleep(Duration::from_millis(1000));
+    redis.cancel_migration(slot, moving);
+    // Every cid is told `accepted` once, resent while it is refused.
+    let mut accepted: Vec<String> = Vec::new();
+    let mut m1_sent = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while accepted.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store never answered again after the migration ended: accepted {accepted:?}"
+        );
+        for v in frames_before_pong(&mut alice) {
+            let cid = v["cid"].as_str().unwrap_or_default().to_string();
+            match v["op"].as_str() {
+                Some("accepted") => accepted.push(cid),
+                Some("error") if v["code"] == "unavailable" => {
+                    send(&mut alice, carol, &cid, json!(cid))
+                }
+                _ => panic!("unexpected {v}"),
+            }
+        }
+        if !accepted.is_empty() && !m1_sent {
+            m1_sent = true;
+            send(&mut alice, carol, "m1", json!("m1"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(accepted, ["m0", "m1"]);
+    let (_carol, replayed) = connect_replay(&gw, "/ws?user=carol");
+    let shown: Vec<&str> = replayed
+        .iter()
+        .filter(|v| v["op"] == "msg")
+        .map(|v| v["cid"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, ["m0", "m1"], "each once, in order");
+}

@@ -249,6 +249,53 @@ impl RedisServer {
         self.wait_cluster_ok();
     }
 
+    /// Cluster only: start moving hash `slot` from its owner to another primary, as
+    /// `redis-cli --cluster reshard` does before it moves any key (IMPORTING on the target,
+    /// then MIGRATING on the owner), and stop there: the owner answers `ASK` for the slot's
+    /// keys it does not hold. Returns the (owner, target) ports for `cancel_migration`.
+    pub fn begin_migration(&self, slot: u16) -> (u16, u16) {
+        assert!(self.cluster, "begin_migration needs a cluster");
+        let owner = *self
+            .ports
+            .iter()
+            .find(|&&p| self.owns(p, slot))
+            .unwrap_or_else(|| panic!("no primary owns slot {slot}"));
+        let target = *self.ports.iter().find(|&&p| p != owner).unwrap();
+        let id = |port: u16| self.cli_at(port, &["CLUSTER", "MYID"]);
+        let slot = slot.to_string();
+        let set = |port: u16, state: &str, node: &str| {
+            let out = self.cli_at(port, &["CLUSTER", "SETSLOT", &slot, state, node]);
+            assert_eq!(out, "OK", "CLUSTER SETSLOT {slot} {state} on {port}");
+        };
+        set(target, "IMPORTING", &id(owner));
+        set(owner, "MIGRATING", &id(target));
+        (owner, target)
+    }
+
+    /// Undo `begin_migration`: the slot stays with its owner.
+    pub fn cancel_migration(&self, slot: u16, (owner, target): (u16, u16)) {
+        for port in [owner, target] {
+            let out = self.cli_at(port, &["CLUSTER", "SETSLOT", &slot.to_string(), "STABLE"]);
+            assert_eq!(out, "OK", "CLUSTER SETSLOT {slot} STABLE on {port}");
+        }
+    }
+
+    /// Whether the primary on `port` serves `slot` (by its own `CLUSTER NODES` line).
+    fn owns(&self, port: u16, slot: u16) -> bool {
+        let nodes = self.cli_at(port, &["CLUSTER", "NODES"]);
+        let Some(me) = nodes.lines().find(|l| l.contains("myself")) else {
+            return false;
+        };
+        me.split_whitespace().skip(8).any(|range| {
+            let mut ends = range.splitn(2, '-').map(|n| n.parse::<u16>().ok());
+            match (ends.next().flatten(), ends.next()) {
+                (Some(lo), None) => lo == slot,
+                (Some(lo), Some(Some(hi))) => (lo..=hi).contains(&slot),
+                _ => false,
+            }
+        })
+    }
+
     /// Keys held by each server (one entry off a cluster).
     pub fn keys_per_server(&self) -> Vec<i64> {
         self.ports

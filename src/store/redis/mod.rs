@@ -429,6 +429,35 @@ async fn log_connection_errors(client: Client) {
     }
 }
 
+/// Keep `client`'s connection task running for the life of the process. fred ends that task
+/// for good on some routing errors while the client still reports itself connected: with one
+/// attempt per command (see `run`), an `ASK` redirection during a Redis Cluster slot migration
+/// fails "Max attempts reached" and ends it, and from then on every command and every forced
+/// reconnection waits in a queue no one reads (seen as a store stuck for good mid-reshard).
+/// The task is started again at once; commands queued meanwhile are sent by the new one, as
+/// any command that outlived its timeout may be (the store's watermarks fence such writes).
+async fn keep_connected(client: Client, role: &'static str) {
+    let mut pause = Duration::ZERO;
+    loop {
+        let started = Instant::now();
+        let ended = client.connect().await;
+        let why = match ended {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) if e.is_canceled() => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        // Back off only when it ends again at once (nothing to gain from a tight loop).
+        pause = if started.elapsed() > Duration::from_secs(10) {
+            Duration::ZERO
+        } else {
+            (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
+        };
+        tracing::warn!(error = %why, role, "the Redis client's connection task ended; starting it again");
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// Refuse URLs this store cannot serve (checked with the config, before start): fred must
 /// parse it, and a CA file is only for a TLS URL.
 pub fn check_url(url: &str, tls_ca: Option<&Path>) -> Result<(), String> {
@@ -634,12 +663,7 @@ async fn listen(config: Config, settings: Arc<RedisSettings>, shards: AllShards)
     let mut messages = client.message_rx();
     let mut reconnects = client.reconnect_rx();
     let channel = channel_name(&settings);
-    let connecting = client.clone();
-    tokio::spawn(async move {
-        if let Err(e) = connecting.init().await {
-            tracing::warn!(error = %e, "cluster channel: cannot connect to Redis yet; retrying");
-        }
-    });
+    tokio::spawn(keep_connected(client.clone(), "cluster channel"));
     let count = shards.0.len();
     loop {
         tokio::select! {
@@ -717,17 +741,11 @@ async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>, all: AllShards) {
             return fail_forever(pipes).await;
         }
     };
+    // Connect in the background: shards are served at once, with `unavailable` until then.
     for client in pool.clients() {
         tokio::spawn(log_connection_errors(client.clone()));
+        tokio::spawn(keep_connected(client.clone(), "store"));
     }
-    // Connect in the background: shards are served at once, with `unavailable` until then.
-    let connecting = pool.clone();
-    let url = settings.url.clone();
-    tokio::spawn(async move {
-        if let Err(e) = connecting.init().await {
-            tracing::warn!(error = %e, %url, "cannot connect to Redis; sends that need the store get `unavailable`");
-        }
-    });
     // Give the first connection up to one timeout before serving: operations queue meanwhile
     // (bounded), and a gateway started next to a healthy Redis does not refuse its first sends.
     let deadline = Instant::now() + settings.timeout;
@@ -1110,12 +1128,7 @@ pub fn check_client(settings: &RedisSettings) -> Result<fred::clients::Client, S
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
         .build()
         .map_err(|e| e.to_string())?;
-    let connecting = client.clone();
-    tokio::spawn(async move {
-        if let Err(e) = connecting.init().await {
-            tracing::warn!(error = %e, "push: cannot connect to Redis yet; retrying");
-        }
-    });
+    tokio::spawn(keep_connected(client.clone(), "push checks"));
     Ok(client)
 }
 
