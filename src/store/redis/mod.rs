@@ -447,14 +447,20 @@ async fn keep_connected(client: Client, role: &'static str) {
             Ok(Err(e)) => e.to_string(),
             Err(e) => e.to_string(),
         };
-        // Back off only when it ends again at once (nothing to gain from a tight loop).
-        pause = if started.elapsed() > Duration::from_secs(10) {
-            Duration::ZERO
-        } else {
-            (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
-        };
+        pause = restart_pause(pause, started.elapsed());
         tracing::warn!(error = %why, role, "the Redis client's connection task ended; starting it again");
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// How long to wait before starting a connection task again, after the last wait `pause`
+/// and a task that `lived` this long: at once after a task that ran a while, doubling from
+/// 50 ms up to 1 s while it keeps ending at once (nothing to gain from a tight loop).
+fn restart_pause(pause: Duration, lived: Duration) -> Duration {
+    if lived > Duration::from_secs(10) {
+        Duration::ZERO
+    } else {
+        (pause * 2).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
 }
 

@@ -524,3 +524,22 @@ fn held_back_upkeep_keeps_its_order_and_never_keeps_new_operations_unanswered() 
     );
     assert_eq!(small, vec![10, 12, 14]);
 }
+
+#[test]
+fn a_connection_task_that_keeps_ending_is_restarted_ever_slower_up_to_a_second() {
+    let ms = Duration::from_millis;
+    let quick = ms(5);
+    let mut pause = Duration::ZERO;
+    let mut waits = Vec::new();
+    for _ in 0..7 {
+        pause = restart_pause(pause, quick);
+        waits.push(pause.as_millis());
+    }
+    assert_eq!(waits, [50, 100, 200, 400, 800, 1000, 1000]);
+    // A task that ran a while is started again at once, and the next quick end starts over.
+    assert_eq!(
+        restart_pause(ms(1000), Duration::from_secs(11)),
+        Duration::ZERO
+    );
+    assert_eq!(restart_pause(Duration::ZERO, quick), ms(50));
+}
