@@ -237,16 +237,19 @@ pub(super) fn load_minid(settings: &RedisSettings) -> String {
     now.saturating_sub(settings.max_age_ms).to_string()
 }
 
-/// Never buffered for a later connection, never retried: a batch answered `unavailable`
-/// must not be written behind the shard's back once Redis is back (it would land after
-/// messages accepted since, out of order).
+/// Never buffered for a later connection, never resent after one dropped: a batch answered
+/// `unavailable` must not be written behind the shard's back once Redis is back (it would
+/// land after messages accepted since, out of order). A `MOVED` is followed once, an `ASK`
+/// fails the batch (`redirect_once`: one attempt, as before 2026-12-06, let fred end the
+/// client's connection task on an `ASK`).
 fn once(
     client: &Client,
     settings: &RedisSettings,
 ) -> fred::clients::Pipeline<fred::clients::WithOptions<Client>> {
     let options = Options {
         fail_fast: true,
-        max_attempts: Some(1),
+        max_attempts: Some(super::REDIRECT_ATTEMPTS),
+        max_redirections: Some(super::REDIRECTIONS),
         timeout: Some(settings.timeout),
         ..Options::default()
     };

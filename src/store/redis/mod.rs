@@ -429,15 +429,37 @@ async fn log_connection_errors(client: Client) {
     }
 }
 
+/// Redirections a Redis Cluster command may follow, and its write attempts: a `MOVED` is
+/// followed once (the slot map is read again first), and an `ASK` fails the command. fred
+/// 10.1 cannot follow an `ASK`: it sends `ASKING` to the slot's new owner but the command to
+/// the old one again, so every `ASK` costs an attempt and a redirection, and when attempts
+/// run out first fred ends the client's connection task (see `keep_connected`). With one
+/// redirection and two attempts the redirections run out first: the command fails with
+/// "Too many redirections" and the client goes on. The second attempt is also spent when a
+/// write to a socket fails; what the shards send is fail-fast besides (`batch::once`), so
+/// nothing is resent after a dropped connection.
+pub(super) fn redirect_once(c: &mut fred::types::config::ConnectionConfig) {
+    c.max_command_attempts = REDIRECT_ATTEMPTS;
+    c.max_redirections = REDIRECTIONS;
+}
+
+/// See [`redirect_once`]: attempts must exceed redirections.
+pub(super) const REDIRECT_ATTEMPTS: u32 = 2;
+pub(super) const REDIRECTIONS: u32 = 1;
+const _: () = assert!(REDIRECT_ATTEMPTS > REDIRECTIONS);
+
 /// Keep `client`'s connection task running for the life of the process. fred ends that task
-/// for good on some routing errors while the client still reports itself connected: with one
-/// attempt per command (see `run`), an `ASK` redirection during a Redis Cluster slot migration
-/// fails "Max attempts reached" and ends it, and from then on every command and every forced
-/// reconnection waits in a queue no one reads (seen as a store stuck for good mid-reshard).
-/// The task is started again at once; commands queued meanwhile are sent by the new one, as
-/// any command that outlived its timeout may be (the store's watermarks fence such writes).
+/// for good on some routing errors while the client still reports itself connected: when an
+/// `ASK` redirection during a Redis Cluster slot migration finds no attempt left, it fails
+/// "Max attempts reached" and ends it, and from then on every command and every forced
+/// reconnection waits in a queue no one reads (a store stuck for good mid-reshard, until
+/// `redirect_once`). A backstop since: the task is started again; commands queued meanwhile
+/// are sent by the new one, as any command that outlived its timeout may be (the store's
+/// watermarks fence such writes).
 async fn keep_connected(client: Client, role: &'static str) {
     let mut pause = Duration::ZERO;
+    // One line per 30 s at most: a task that cannot start (a config error) ends every second.
+    let mut logged: Option<Instant> = None;
     loop {
         let started = Instant::now();
         let ended = client.connect().await;
@@ -448,7 +470,10 @@ async fn keep_connected(client: Client, role: &'static str) {
             Err(e) => e.to_string(),
         };
         pause = restart_pause(pause, started.elapsed());
-        tracing::warn!(error = %why, role, "the Redis client's connection task ended; starting it again");
+        if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
+            logged = Some(Instant::now());
+            tracing::warn!(error = %why, role, "the Redis client's connection task ended; starting it again");
+        }
         tokio::time::sleep(pause).await;
     }
 }
@@ -734,8 +759,7 @@ async fn run(settings: RedisSettings, pipes: Vec<ShardPipe>, all: AllShards) {
         .with_config(|c| c.fail_fast = false)
         .with_connection_config(|c| {
             c.connection_timeout = settings.timeout;
-            // A retried command could run after a later batch: never retry, fail instead.
-            c.max_command_attempts = 1;
+            redirect_once(c);
         })
         .with_performance_config(|c| c.default_command_timeout = settings.timeout)
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
@@ -1129,7 +1153,10 @@ pub fn check_client(settings: &RedisSettings) -> Result<fred::clients::Client, S
     let config = fred_config(settings)?;
     let client = Builder::from_config(config)
         .with_config(|c| c.fail_fast = false)
-        .with_connection_config(|c| c.connection_timeout = settings.timeout)
+        .with_connection_config(|c| {
+            c.connection_timeout = settings.timeout;
+            redirect_once(c);
+        })
         .with_performance_config(|c| c.default_command_timeout = settings.timeout)
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 1_000, 2))
         .build()
