@@ -1050,3 +1050,38 @@ fn a_send_redirected_by_a_slot_migration_does_not_stop_the_store() {
         .collect();
     assert_eq!(shown, ["m0", "m1"], "each once, in order");
 }
+
+/// A send to a user whose hash slot moved to another Redis Cluster primary since the
+/// gateway last read the slot map: the old owner answers `MOVED`, fred reads the map again
+/// and sends the batch to the new owner once (it had not run on the old one), and the send
+/// is told `accepted` with no `unavailable` first. Until 2026-12-06 (one attempt per
+/// command) such a send was refused once and had to be resent.
+#[test]
+fn a_send_after_its_slot_moved_is_accepted_without_a_refusal() {
+    let redis = RedisServer::start_cluster();
+    let gw = node(&redis, "a");
+    let carol = "carol";
+    let (mut alice, _) = connect_app(&gw, "alice");
+    send(&mut alice, carol, "m0", json!("m0"));
+    assert_eq!(next_op(&mut alice, "accepted")["cid"], "m0");
+    let slot = redis.int(&["CLUSTER", "KEYSLOT", &format!("rg:in:{{u:{carol}}}")]) as u16;
+    redis.move_slot(slot);
+    send(&mut alice, carol, "m1", json!("m1"));
+    let answer = recv_json(&mut alice);
+    assert_eq!(
+        (answer["op"].as_str(), answer["cid"].as_str()),
+        (Some("accepted"), Some("m1")),
+        "{answer}"
+    );
+    let (_carol, replayed) = connect_replay(&gw, "/ws?user=carol");
+    let shown: Vec<&str> = replayed
+        .iter()
+        .filter(|v| v["op"] == "msg")
+        .map(|v| v["cid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        shown,
+        ["m0", "m1"],
+        "each once, in order, from the new owner"
+    );
+}

@@ -272,6 +272,32 @@ impl RedisServer {
         (owner, target)
     }
 
+    /// Cluster only: move hash `slot` with its keys to another primary, as one slot of
+    /// `redis-cli --cluster reshard` does (IMPORTING, MIGRATING, MIGRATE, then the new owner
+    /// told to every primary). Afterwards the old owner answers `MOVED` for the slot.
+    pub fn move_slot(&self, slot: u16) {
+        let (owner, target) = self.begin_migration(slot);
+        let slot_text = slot.to_string();
+        loop {
+            let keys = self.cli_at(owner, &["CLUSTER", "GETKEYSINSLOT", &slot_text, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = target.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            let out = self.cli_at(owner, &args);
+            assert_eq!(out, "OK", "MIGRATE of slot {slot}");
+        }
+        let id = self.cli_at(target, &["CLUSTER", "MYID"]);
+        for port in self.ports.iter().copied() {
+            let out = self.cli_at(port, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &id]);
+            assert_eq!(out, "OK", "CLUSTER SETSLOT {slot} NODE on {port}");
+        }
+        assert!(self.owns(target, slot), "slot {slot} moved");
+    }
+
     /// Undo `begin_migration`: the slot stays with its owner.
     pub fn cancel_migration(&self, slot: u16, (owner, target): (u16, u16)) {
         for port in [owner, target] {
