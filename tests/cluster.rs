@@ -1042,12 +1042,7 @@ fn a_send_redirected_by_a_slot_migration_does_not_stop_the_store() {
         refused >= 1,
         "m0 met the half-migrated slot, so it was refused at least once"
     );
-    let (_carol, replayed) = connect_replay(&gw, "/ws?user=carol");
-    let shown: Vec<&str> = replayed
-        .iter()
-        .filter(|v| v["op"] == "msg")
-        .map(|v| v["cid"].as_str().unwrap())
-        .collect();
+    let shown = replayed_cids(&gw, carol);
     assert_eq!(shown, ["m0", "m1"], "each once, in order");
 }
 
@@ -1073,15 +1068,20 @@ fn a_send_after_its_slot_moved_is_accepted_without_a_refusal() {
         (Some("accepted"), Some("m1")),
         "{answer}"
     );
-    let (_carol, replayed) = connect_replay(&gw, "/ws?user=carol");
-    let shown: Vec<&str> = replayed
-        .iter()
-        .filter(|v| v["op"] == "msg")
-        .map(|v| v["cid"].as_str().unwrap())
-        .collect();
+    let shown = replayed_cids(&gw, carol);
     assert_eq!(
         shown,
         ["m0", "m1"],
         "each once, in order, from the new owner"
     );
+}
+
+/// The cids of the messages `user` is replayed on connecting, in order.
+fn replayed_cids(gw: &Gateway, user: &str) -> Vec<String> {
+    let (_ws, replayed) = connect_replay(gw, &format!("/ws?user={user}"));
+    replayed
+        .iter()
+        .filter(|v| v["op"] == "msg")
+        .map(|v| v["cid"].as_str().unwrap().to_string())
+        .collect()
 }
