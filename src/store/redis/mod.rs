@@ -407,6 +407,16 @@ impl StoreLink {
     }
 }
 
+/// Whether a line logged at most once per `every` is due now (`last`: when it last was);
+/// if so, it counts as logged.
+fn log_due(last: &mut Option<Instant>, every: Duration) -> bool {
+    let due = last.is_none_or(|at| at.elapsed() >= every);
+    if due {
+        *last = Some(Instant::now());
+    }
+    due
+}
+
 /// Say why Redis cannot be reached (a refused connection, a certificate that does not verify,
 /// a wrong password): fred retries by itself and would otherwise keep it to itself. The first
 /// error of a run of them is logged, then at most one every `QUIET`.
@@ -417,8 +427,7 @@ async fn log_connection_errors(client: Client) {
     loop {
         match errors.recv().await {
             Ok((error, server)) => {
-                if last.is_none_or(|at| at.elapsed() >= QUIET) {
-                    last = Some(Instant::now());
+                if log_due(&mut last, QUIET) {
                     let server = server.map(|s| s.to_string()).unwrap_or_default();
                     tracing::warn!(%error, %server, "Redis connection error (retrying)");
                 }
@@ -470,8 +479,7 @@ async fn keep_connected(client: Client, role: &'static str) {
             Err(e) => e.to_string(),
         };
         pause = restart_pause(pause, started.elapsed());
-        if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
-            logged = Some(Instant::now());
+        if log_due(&mut logged, Duration::from_secs(30)) {
             tracing::warn!(error = %why, role, "the Redis client's connection task ended; starting it again");
         }
         tokio::time::sleep(pause).await;
@@ -1052,8 +1060,7 @@ async fn pass_breaker(
         }
         gate => return gate,
     };
-    if logged.is_none_or(|at| at.elapsed() >= PROBE_LOG_EVERY) {
-        *logged = Some(Instant::now());
+    if log_due(logged, PROBE_LOG_EVERY) {
         tracing::warn!(shard, why = %unanswered, "Redis circuit breaker stays open: the probe got no answer");
     }
     breaker::Gate::Refuse
