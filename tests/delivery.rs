@@ -184,6 +184,47 @@ fn every_device_gets_the_message_and_one_ack_makes_it_delivered() {
     assert_eq!(gw.metric_sum("ringgate_delivered_total"), 1);
 }
 
+/// SPEC section 2: each device gets every message. The laptop acks at once, which removes each
+/// entry from the inbox; the phone's window (2) is full until it acks. It must still get all
+/// six, in order, once it acks (before, it got the first two and nothing more).
+#[test]
+fn a_device_with_a_full_window_gets_what_another_device_acked_first() {
+    let gw = gateway(&["--window", "2"]);
+    let alice = user_on("alice", 1);
+    let bob = user_on("bob", 0);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    let (mut phone, _) = connect_replay(&gw, &format!("/ws?user={bob}&device=phone"));
+    let (mut laptop, _) = connect_replay(&gw, &format!("/ws?user={bob}&device=laptop"));
+    let cids: Vec<String> = (1..=6).map(|i| format!("w{i}")).collect();
+    for cid in &cids {
+        send(&mut a, &bob, cid, json!(cid));
+        assert_eq!(next_op(&mut a, "accepted")["cid"], cid.as_str());
+    }
+    for seq in 1..=6 {
+        let m = next_op(&mut laptop, "msg");
+        assert_eq!(
+            (m["seq"].as_u64(), m["cid"].as_str()),
+            (Some(seq), Some(cids[seq as usize - 1].as_str()))
+        );
+        ack(&mut laptop, seq);
+    }
+    for _ in &cids {
+        next_op(&mut a, "delivered");
+    }
+    let mut got = Vec::new();
+    while got.len() < cids.len() {
+        let m = next_op(&mut phone, "msg");
+        got.push(m["cid"].as_str().unwrap().to_string());
+        ack(&mut phone, m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(got, cids, "the phone gets every message, in order");
+    assert_eq!(
+        gw.metric_sum("ringgate_delivered_total"),
+        6,
+        "one delivered each"
+    );
+}
+
 #[test]
 fn a_recipient_that_never_acks_gets_three_retransmits_then_is_closed_and_keeps_its_inbox() {
     let gw = gateway(&["--ack-timeout-ms", "100"]);

@@ -5,13 +5,16 @@
 //! `replay` that steps over what `fetch` sent. No sockets, no clock, no metrics: the time comes
 //! with each input, the inbox is read through a shared reference, and what to write, what was
 //! acked and what to refuse come back for the shard (`shard/deliver.rs`) to perform, in order.
-//! Removing acked entries from the inbox is the shard's: the first device's ack wins.
+//! Removing acked entries from the inbox is the shard's: the first device's ack wins. Every
+//! other device of the user that had not been sent the entry yet is *owed* it
+//! ([`Reader::owe`]): it gets it in inbox order like an entry still there, so each connected
+//! device gets every message (SPEC section 2), whichever device acks first.
 //!
 //! Memory: an idle connection holds 16 bytes inline (its last seq and whether it synced); the
 //! rest ([`Flight`]) is a box that exists only while `msg` frames are in flight, a summary is
 //! pending or the first replay has not caught up.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::hash::FastMap;
 use std::fmt;
@@ -62,6 +65,9 @@ struct Flight {
     summary: Option<FastMap<CompactString, InboxSeq>>,
     /// Entries `fetch` sent that are not acked yet: the replay steps over them.
     fetched: BTreeSet<InboxSeq>,
+    /// Entries another device acked (so they left the inbox) before this one was sent them:
+    /// sent in inbox order among the entries still there.
+    owed: BTreeMap<InboxSeq, Rc<StoredMessage>>,
     synced: bool,
 }
 
@@ -141,6 +147,7 @@ impl Flight {
             replayed: 0,
             summary: None,
             fetched: BTreeSet::new(),
+            owed: BTreeMap::new(),
             synced,
         })
     }
@@ -195,6 +202,26 @@ impl Reader {
         self.flight().map_or(0, |f| f.window.len())
     }
 
+    /// Another device acked inbox entry `inbox_seq` first, so it left the inbox: unless this
+    /// connection has it in flight already, it is sent the entry anyway, in its inbox order
+    /// (the shard pumps after). Returns how many entries this connection is owed now.
+    pub fn owe(&mut self, cfg: WindowConfig, inbox_seq: InboxSeq, msg: Rc<StoredMessage>) -> usize {
+        let has_it = self
+            .flight()
+            .is_some_and(|f| f.window.in_flight().any(|(s, _)| *s == inbox_seq));
+        if has_it {
+            return self.owed();
+        }
+        let f = self.begin(cfg);
+        f.owed.insert(inbox_seq, msg);
+        f.owed.len()
+    }
+
+    /// Entries owed to this connection (see [`Reader::owe`]).
+    pub fn owed(&self) -> usize {
+        self.flight().map_or(0, |f| f.owed.len())
+    }
+
     /// `ack seq`: the entries it acknowledged, in order (the shard removes them from the inbox
     /// and reports `delivered`; then it pumps). Everything acked and the first replay done:
     /// the flight ends.
@@ -214,7 +241,7 @@ impl Reader {
             }
         }
         if let State::Busy(f) = &self.0 {
-            if f.synced && f.window.is_empty() {
+            if f.synced && f.window.is_empty() && f.owed.is_empty() {
                 self.0 = State::Idle {
                     last_seq: f.window.last_seq(),
                     synced: true,
@@ -258,8 +285,10 @@ impl Reader {
             if room == 0 {
                 break;
             }
-            let batch = inbox.read(user, cursor, room, now);
-            caught_up = batch.len() < room;
+            let read = inbox.read(user, cursor, room, now);
+            let owed = self.flight_mut().map(|f| &mut f.owed);
+            let (batch, inbox_done) = merge_owed(read, room, owed);
+            caught_up = inbox_done && self.flight().is_none_or(|f| f.owed.is_empty());
             if !batch.is_empty() {
                 let f = self.begin(cfg);
                 for (inbox_seq, msg) in batch {
@@ -267,11 +296,10 @@ impl Reader {
                         f.cursor = inbox_seq; // sent by `fetch`, not acked yet
                         continue;
                     }
-                    let msg = Rc::new(msg);
                     let Ok(seq) = f.window.push((inbox_seq, msg.clone()), now) else {
                         unreachable!("room was checked");
                     };
-                    f.cursor = inbox_seq;
+                    f.cursor = f.cursor.max(inbox_seq);
                     if !f.synced {
                         f.replayed += 1;
                     }
@@ -340,14 +368,39 @@ impl Reader {
                 }
             }
         }
+        // What other devices acked of this sender's, merged in inbox order (within what the
+        // scan covered: entries past it come with a later fetch).
+        let bound = if at_end { InboxSeq::MAX } else { looked_at };
+        let owed: Vec<InboxSeq> = f
+            .owed
+            .range(..=bound)
+            .filter(|(_, m)| m.from == sender && proto::receipt_sender(&m.cid).is_none())
+            .map(|(s, _)| *s)
+            .collect();
+        let mut found: Vec<(InboxSeq, Rc<StoredMessage>, bool)> = found
+            .into_iter()
+            .map(|(s, m)| (s, Rc::new(m), false))
+            .chain(owed.iter().map(|s| (*s, f.owed[s].clone(), true)))
+            .collect();
+        found.sort_unstable_by_key(|(s, ..)| *s);
+        let left_out = found.len() > want;
+        if left_out {
+            // The first inbox entry left out is looked at again by the next fetch.
+            if let Some((s, ..)) = found[want..].iter().find(|(.., was_owed)| !was_owed) {
+                looked_at = looked_at.min(s - 1);
+            }
+            found.truncate(want);
+        }
         cursors.insert(sender.clone(), looked_at);
         let count = found.len();
-        for (inbox_seq, msg) in found {
-            let msg = Rc::new(msg);
+        for (inbox_seq, msg, was_owed) in found {
             let Ok(seq) = f.window.push((inbox_seq, msg.clone()), now) else {
                 unreachable!("room was checked");
             };
-            f.fetched.insert(inbox_seq);
+            match was_owed {
+                true => drop(f.owed.remove(&inbox_seq)),
+                false => drop(f.fetched.insert(inbox_seq)),
+            }
             out.push(Write::Msg {
                 seq,
                 msg,
@@ -357,7 +410,7 @@ impl Reader {
         out.push(Write::Fetched {
             from: sender,
             count,
-            more: !at_end,
+            more: !at_end || left_out,
         });
         Ok(())
     }
@@ -388,6 +441,47 @@ impl Reader {
         }
         out
     }
+}
+
+/// The next entries for a window with `room`: what the inbox read (`read`: entries after the
+/// cursor, at most `room`) merged in inbox order with what the connection is `owed`, at most
+/// `room` in all; the owed entries taken leave `owed`. Also whether the inbox has nothing
+/// beyond what was taken.
+fn merge_owed(
+    read: Vec<(InboxSeq, StoredMessage)>,
+    room: usize,
+    owed: Option<&mut BTreeMap<InboxSeq, Rc<StoredMessage>>>,
+) -> (Vec<Sent>, bool) {
+    let inbox_done = read.len() < room;
+    // Owed entries past the last one read wait: inbox entries before them are not read yet.
+    let bound = match read.last() {
+        Some((last, _)) if !inbox_done => *last,
+        _ => InboxSeq::MAX,
+    };
+    let mut read = read.into_iter().map(|(s, m)| (s, Rc::new(m))).peekable();
+    let Some(owed) = owed.filter(|o| !o.is_empty()) else {
+        return (read.collect(), inbox_done);
+    };
+    let mut out = Vec::with_capacity(room);
+    while out.len() < room {
+        let next_owed = owed
+            .first_key_value()
+            .map(|(s, _)| *s)
+            .filter(|s| *s <= bound);
+        let take_owed = match (read.peek(), next_owed) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some((r, _)), Some(o)) => o < *r,
+        };
+        match take_owed {
+            true => out.extend(owed.pop_first()),
+            false => match read.next() {
+                Some(entry) => out.push(entry),
+                None => break,
+            },
+        }
+    }
+    (out, inbox_done && read.peek().is_none())
 }
 
 #[cfg(test)]
@@ -566,6 +660,80 @@ mod tests {
         let p = r.poll(T0 + 15 * T);
         assert_eq!((p.resend.len(), p.expired), (0, Some(1)));
         assert_eq!((r.in_flight(), r.next_deadline()), (0, None));
+    }
+
+    /// SPEC section 2: each connected device gets every message. Two devices of bob: the
+    /// laptop (window 8) acks everything at once; the phone (window 2) has sent it only the
+    /// first two. The laptop's acks remove entries 3..=5 from the inbox; the phone is owed
+    /// them and gets them in inbox order among the entries still there.
+    #[test]
+    fn a_device_behind_its_window_gets_what_another_device_acked_first() {
+        let mut inbox = inbox_of(&["a", "b", "c", "d", "e", "f"]);
+        let (mut laptop, mut phone) = (Reader::default(), Reader::default());
+        pump(&mut laptop, cfg(8), &inbox, None);
+        let p = pump(&mut phone, cfg(2), &inbox, None);
+        assert_eq!(brief(&p.0), [("replay", 1, 100), ("replay", 2, 101)]);
+        // The laptop acks 1..=5 (not the sixth): first acks, so the entries leave the inbox.
+        let acked = laptop.ack(5).unwrap();
+        remove(&mut inbox, &acked);
+        for (inbox_seq, msg) in &acked {
+            phone.owe(cfg(2), *inbox_seq, msg.clone());
+        }
+        assert_eq!(
+            phone.owed(),
+            3,
+            "the first two are in the phone's window already"
+        );
+        assert_eq!(
+            pump(&mut phone, cfg(2), &inbox, None).0,
+            vec![],
+            "window full"
+        );
+        assert_eq!(ids(&phone.ack(2).unwrap()), [100, 101]); // gone from the inbox already
+        let p = pump(&mut phone, cfg(2), &inbox, None);
+        assert_eq!(brief(&p.0), [("replay", 3, 102), ("replay", 4, 103)]);
+        phone.ack(4).unwrap();
+        // The last owed entry (id 104) comes before the one still in the inbox (id 105).
+        let p = pump(&mut phone, cfg(2), &inbox, None);
+        assert_eq!(
+            brief(&p.0),
+            [("replay", 5, 104), ("replay", 6, 105), ("synced", 6, 0)]
+        );
+        let acked = phone.ack(6).unwrap();
+        assert_eq!(ids(&acked), [104, 105]);
+        assert!(phone.flight().is_none(), "nothing owed: idle again");
+        // Owed what it has in flight: nothing more to send.
+        let mut other = Reader::default();
+        let inbox = inbox_of(&["a"]);
+        pump(&mut other, cfg(2), &inbox, None);
+        let (inbox_seq, msg) = inbox.read("bob", 0, 1, T0).pop().unwrap();
+        assert_eq!(other.owe(cfg(2), inbox_seq, Rc::new(msg)), 0);
+    }
+
+    /// A summary's `fetch` of a sender includes what it is owed of that sender, in inbox
+    /// order; the replay then sends the rest.
+    #[test]
+    fn fetch_takes_owed_entries_of_its_sender_in_inbox_order() {
+        // Entries 1..=4: a, b, a, a. Entry 1 and 3 are acked by another device first.
+        let mut inbox = inbox_of(&["a", "b", "a", "a"]);
+        let mut r = Reader::default();
+        let p = pump(&mut r, cfg(8), &inbox, Some(2));
+        assert_eq!(brief(&p.0), [("summary", 2, 0)]);
+        for seq in [1, 3] {
+            let (_, msg) = inbox.read("bob", seq - 1, 1, T0).pop().unwrap();
+            assert!(inbox.remove("bob", seq));
+            r.owe(cfg(8), seq, Rc::new(msg));
+        }
+        let w = fetch(&mut r, "a", 2, &inbox).unwrap();
+        assert_eq!(
+            brief(&w),
+            [("msg", 1, 100), ("msg", 2, 102), ("fetched", 2, 1)]
+        );
+        let w = fetch(&mut r, "a", 2, &inbox).unwrap();
+        assert_eq!(brief(&w), [("msg", 3, 103), ("fetched", 1, 0)]);
+        assert!(r.replay());
+        let p = pump(&mut r, cfg(8), &inbox, Some(2));
+        assert_eq!(brief(&p.0), [("replay", 4, 101), ("synced", 1, 0)]);
     }
 
     #[test]

@@ -158,6 +158,11 @@ impl<M> Window<M> {
         self.unacked.is_empty()
     }
 
+    /// The messages in flight, in seq order.
+    pub fn in_flight(&self) -> impl Iterator<Item = &M> {
+        self.unacked.iter().map(|f| &f.msg)
+    }
+
     /// Last seq assigned on this connection (0 before the first message).
     pub fn last_seq(&self) -> u64 {
         self.last_seq

@@ -562,10 +562,30 @@ impl Shard {
         }
         self.metrics.acks_pending.sub(acked.len() as u64);
         let mirror_ready = self.mirror_ready(&user);
+        // The user's other devices here: an entry this ack removes is owed to each that has
+        // not been sent it yet (each connected device gets every message).
+        let mut others = self.devices_of(&user);
+        others.retain(|d| *d != index);
+        let window_cfg = self.window_config();
+        let mut owed_to = Devices::new();
         for (inbox_seq, msg) in acked {
             // Only the first device's ack removes the entry: one `delivered` per message.
             // (While a Redis mirror reloads the entry may be missing from it: still report.)
-            if self.mirror.inbox_mut().remove(&user, inbox_seq) || !mirror_ready {
+            let removed = self.mirror.inbox_mut().remove(&user, inbox_seq);
+            let owe = removed;
+            #[cfg(test)]
+            let owe = owe && !self.planted(super::durable::OrderPlant::OweNothing);
+            if owe {
+                for &other in &others {
+                    let owed = self.conns[other]
+                        .reader
+                        .owe(window_cfg, inbox_seq, msg.clone());
+                    if owed > 0 && !owed_to.contains(&other) {
+                        owed_to.push(other);
+                    }
+                }
+            }
+            if removed || !mirror_ready {
                 // Acked before its push went out: cancel it (with a shared store the worker
                 // finds the entry gone instead).
                 if !self.store_shared() {
@@ -587,6 +607,23 @@ impl Shard {
                 // reports it, whichever node its device is on.
                 self.store_acked(&user, inbox_seq, delivered, now);
             }
+        }
+        self.pump(index, now);
+        for other in owed_to {
+            self.pump_owed(other, now);
+        }
+    }
+
+    /// Pump a device that was owed entries another device acked; one owed more than the inbox
+    /// holds at most (it has not acked for a long while) is closed as a slow consumer (1013):
+    /// its next connection gets what is still in the inbox.
+    fn pump_owed(&mut self, index: usize, now: u64) {
+        let owed = self.conns[index].reader.owed();
+        if owed > self.shared.cfg.inbox_max_messages {
+            self.metrics.slow_closes.inc();
+            let ctx = shard_ctx!(self);
+            self.conns[index].conn.close_slow(now, &ctx);
+            return;
         }
         self.pump(index, now);
     }

@@ -294,6 +294,9 @@ pub struct InboxMirror {
 pub(crate) enum OrderPlant {
     #[default]
     None,
+    /// An entry the first ack removes is not owed to the user's other devices here (each
+    /// device's window then misses what another device acked before it was sent it).
+    OweNothing,
     /// Entries pushed after an entry known missing are shown (the rule of `missing`).
     ShowPastMissing,
     /// A resent cid pays the send limit like a new one (the rule of `is_resend`).
