@@ -206,6 +206,51 @@ fn an_upgrade_that_is_not_rfc_6455_exact_is_refused_before_the_upgrade() {
     assert_eq!(recv_json(&mut ws)["op"], "welcome");
 }
 
+/// Write `head` on a new connection to the public listener and read the 101 (panics on a
+/// refusal, showing it).
+fn raw_upgrade(gw: &Gateway, head: &str) -> RawWs {
+    let mut s = TcpStream::connect(gw.public).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    RawWs::after_upgrade(s)
+}
+
+/// `request_line`, then `headers` (each ending in CRLF), then the version and a good key.
+fn upgrade_head(request_line: &str, headers: &str) -> String {
+    format!("{request_line}\r\n{headers}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+}
+
+const UPGRADE_LINES: &str = "Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+
+/// RFC 6455 section 4.2.1 item 1, over a real socket: an absolute http/https URI names the
+/// resource (its query carries the token); ws/wss absolute forms are not in the RFC (404).
+#[test]
+fn an_absolute_http_uri_upgrades() {
+    let gw = Gateway::start(&["--jwt-secret", SECRET]);
+    let good = token("bob", "1h");
+    let addr = gw.public;
+    for scheme in ["http", "https"] {
+        let line = format!("GET {scheme}://{addr}/ws?token={good} HTTP/1.1");
+        let mut ws = raw_upgrade(&gw, &upgrade_head(&line, UPGRADE_LINES));
+        let welcome = ws.recv_json();
+        assert_eq!(
+            (welcome["op"].as_str(), welcome["user"].as_str()),
+            (Some("welcome"), Some("bob"))
+        );
+    }
+    for scheme in ["ws", "wss"] {
+        let line = format!("GET {scheme}://{addr}/ws?token={good} HTTP/1.1");
+        let (code, text) = exchange(addr, &upgrade_head(&line, UPGRADE_LINES));
+        assert_eq!(code, 404, "{scheme}: {text}");
+    }
+    // The Host header is still required.
+    let line = format!("GET http://{addr}/ws?token={good} HTTP/1.1");
+    let no_host = "Upgrade: websocket\r\nConnection: Upgrade\r\n";
+    let (code, text) = exchange(addr, &upgrade_head(&line, no_host));
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("Host"), "{text}");
+}
+
 fn expired_token(user: &str) -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let claims = serde_json::json!({"sub": user, "exp": ringgate::auth::now_unix() - 3600});

@@ -208,7 +208,7 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
             )
         }
     };
-    let target = req.path.unwrap_or("/");
+    let target = origin_form(req.path.unwrap_or("/"));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if policy.demo && req.method == Some("GET") {
         if let Some(response) = super::demo::response(path) {
@@ -362,6 +362,22 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
             refuse(Refusal::Unauthorized, &detail, policy)
         }
     }
+}
+
+/// The path and query of a request target: the target itself (origin-form), or taken from an
+/// absolute `http://` / `https://` URI, which RFC 6455 section 4.2.1 item 1 also allows (its
+/// authority is not used: the Host header is still required). Any other absolute form, `ws://`
+/// included (not in the RFC), is returned as it is and so is an unknown path.
+fn origin_form(target: &str) -> &str {
+    let Some((scheme, rest)) = target.split_once("://") else {
+        return target;
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return target;
+    }
+    // The authority ends where the path or the query begins. An empty path (RFC 9112: "/")
+    // is no route, as "/" is not one.
+    rest.find(['/', '?']).map_or("/", |at| &rest[at..])
 }
 
 /// RFC 6455 section 4.2.1 beyond what `decide` checks above: HTTP/1.1 or later, exactly one
@@ -624,6 +640,44 @@ mod tests {
         ] {
             assert!(matches!(decide(&ok, &p), Decision::Upgrade(_)), "{ok:?}");
         }
+    }
+
+    fn upgraded_user(d: Decision) -> String {
+        match d {
+            Decision::Upgrade(a) => a.identity.expect("authenticated").user.to_string(),
+            other => panic!("expected an upgrade, got {other:?}"),
+        }
+    }
+
+    /// RFC 6455 section 4.2.1 item 1: the resource may come as an absolute http/https URI;
+    /// ws/wss absolute forms are not in the RFC and stay unknown paths.
+    #[test]
+    fn an_absolute_http_uri_names_the_resource() {
+        let auth = Authenticator::new(None);
+        let p = policy(&auth);
+        for target in [
+            "http://127.0.0.1:8080/ws?user=a",
+            "https://gw.example/ws?user=a",
+            "HTTP://gw.example:443/ws?user=a",
+            // A URI in the query of an origin-form target is only a query.
+            "/ws?user=a&next=http://gw.example/ws",
+        ] {
+            assert_eq!(upgraded_user(decide(&req(target, ""), &p)), "a", "{target}");
+        }
+        for target in [
+            "ws://gw.example/ws?user=a",
+            "wss://gw.example/ws?user=a",
+            "http://gw.example/nope?user=a",
+            "http://gw.example",
+            "http://gw.example?user=a",
+            "http:/ws?user=a",
+        ] {
+            let d = decide(&req(target, ""), &p);
+            assert_eq!(refusal(d), Refusal::NotFound, "{target}");
+        }
+        // The Host header is still required.
+        let no_host = b"GET http://x/ws?user=a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        assert_eq!(refusal(decide(no_host, &p)), Refusal::BadRequest);
     }
 
     #[test]
