@@ -222,6 +222,13 @@ fn upgrade_head(request_line: &str, headers: &str) -> String {
 
 const UPGRADE_LINES: &str = "Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
 
+fn bad_requests(gw: &Gateway) -> u64 {
+    gw.metric_sum_where(
+        "ringgate_connections_refused_total",
+        "reason=\"bad_request\"",
+    )
+}
+
 /// RFC 6455 section 4.2.1 item 1, over a real socket: an absolute http/https URI names the
 /// resource (its query carries the token); ws/wss absolute forms are not in the RFC (404).
 #[test]
@@ -249,6 +256,29 @@ fn an_absolute_http_uri_upgrades() {
     let (code, text) = exchange(addr, &upgrade_head(&line, no_host));
     assert_eq!(code, 400, "{text}");
     assert!(text.contains("Host"), "{text}");
+}
+
+/// RFC 9112 section 2.3, over a real socket: HTTP/1.2 is served as 1.1 (the answer says
+/// 1.1); HTTP/1.0 and 2.0 stay a 400, counted as malformed.
+#[test]
+fn a_later_http_1_minor_version_upgrades() {
+    let gw = Gateway::start(&["--jwt-secret", SECRET]);
+    let good = token("bob", "1h");
+    for version in ["1.2", "1.9"] {
+        let line = format!("GET /ws?token={good} HTTP/{version}");
+        let mut ws = raw_upgrade(&gw, &upgrade_head(&line, UPGRADE_LINES));
+        assert_eq!(ws.recv_json()["user"], "bob", "{version}");
+    }
+    for (version, why) in [
+        ("1.0", "HTTP/1.1 or later"),
+        ("2.0", "invalid HTTP version"),
+    ] {
+        let line = format!("GET /ws?token={good} HTTP/{version}");
+        let (code, text) = exchange(gw.public, &upgrade_head(&line, UPGRADE_LINES));
+        assert_eq!(code, 400, "{version}: {text}");
+        assert!(text.contains(why), "{why:?} not in {text}");
+    }
+    assert_eq!(bad_requests(&gw), 2);
 }
 
 fn expired_token(user: &str) -> String {

@@ -201,11 +201,17 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
             return refuse(Refusal::HeadTooLarge, "too many headers", policy)
         }
         Err(e) => {
+            if e == httparse::Error::Version {
+                if let Some(as_http_1_1) = later_http_1(buf) {
+                    // At most one level deep: the copy says HTTP/1.1.
+                    return decide(&as_http_1_1, policy);
+                }
+            }
             return refuse(
                 Refusal::BadRequest,
                 &format!("malformed request: {e}"),
                 policy,
-            )
+            );
         }
     };
     let target = origin_form(req.path.unwrap_or("/"));
@@ -378,6 +384,27 @@ fn origin_form(target: &str) -> &str {
     // The authority ends where the path or the query begins. An empty path (RFC 9112: "/")
     // is no route, as "/" is not one.
     rest.find(['/', '?']).map_or("/", |at| &rest[at..])
+}
+
+/// RFC 9112 section 2.3: a request of a later HTTP/1 minor version (1.2 to 1.9) is served as
+/// the highest one the gateway speaks, 1.1. httparse knows only 1.0 and 1.1, so it is given a
+/// copy whose request line says HTTP/1.1: same length, so the head ends where it did. None
+/// when the request line (complete or not) has any other version.
+fn later_http_1(buf: &[u8]) -> Option<Vec<u8>> {
+    // httparse skips empty lines before the request line.
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let line = buf[start..].split(|&b| b == b'\n').next()?;
+    // method SP request-target SP HTTP-version (httparse takes exactly one space each).
+    let mut fields = line.splitn(3, |&b| b == b' ');
+    let (method, target) = (fields.next()?, fields.next()?);
+    match fields.next()?.strip_prefix(b"HTTP/1.")? {
+        [b'2'..=b'9'] | [b'2'..=b'9', b'\r'] => {}
+        _ => return None,
+    }
+    let minor_at = start + method.len() + 1 + target.len() + 1 + b"HTTP/1.".len();
+    let mut copy = buf.to_vec();
+    copy[minor_at] = b'1';
+    Some(copy)
 }
 
 /// RFC 6455 section 4.2.1 beyond what `decide` checks above: HTTP/1.1 or later, exactly one
@@ -678,6 +705,58 @@ mod tests {
         // The Host header is still required.
         let no_host = b"GET http://x/ws?user=a HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
         assert_eq!(refusal(decide(no_host, &p)), Refusal::BadRequest);
+    }
+
+    /// RFC 9112 section 2.3: HTTP/1.2 to 1.9 are served as 1.1; 1.0, 2.0 and malformed
+    /// versions stay 400.
+    #[test]
+    fn a_later_http_1_minor_version_is_served_as_1_1() {
+        let auth = Authenticator::new(None);
+        let p = policy(&auth);
+        let head = |version: &str| {
+            format!("GET /ws?user=a HTTP/{version}\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        };
+        for version in ["1.2", "1.9"] {
+            let request = head(version);
+            // A frame right behind the head stays behind it.
+            let mut bytes = request.clone().into_bytes();
+            bytes.extend_from_slice(&[0x89, 0x80, 1, 2, 3, 4]);
+            match decide(&bytes, &p) {
+                Decision::Upgrade(a) => {
+                    assert_eq!(a.head_len, request.len(), "{version}");
+                    assert!(a.response.starts_with(b"HTTP/1.1 101 "), "{version}");
+                }
+                other => panic!("{version}: {other:?}"),
+            }
+            // Empty lines before the request line are skipped, as httparse does.
+            let later = format!("\r\n{request}");
+            assert_eq!(
+                upgraded_user(decide(later.as_bytes(), &p)),
+                "a",
+                "{version}"
+            );
+        }
+        // The request line still arriving: wait for it.
+        for partial in ["GET /ws?user=a HTTP/1.2", "GET /ws?user=a HTTP/1.2\r"] {
+            let d = decide(partial.as_bytes(), &p);
+            assert!(matches!(d, Decision::Incomplete), "{partial:?}: {d:?}");
+        }
+        for (version, why) in [
+            ("1.0", "HTTP/1.1 or later"),
+            ("2.0", "invalid HTTP version"),
+            ("3.0", "invalid HTTP version"),
+            ("1.10", "malformed request"),
+            ("1.a", "invalid HTTP version"),
+            ("1.", "invalid HTTP version"),
+        ] {
+            match decide(head(version).as_bytes(), &p) {
+                Decision::Refuse(Refusal::BadRequest, bytes) => {
+                    let text = String::from_utf8(bytes).unwrap();
+                    assert!(text.contains(why), "{version}: {why:?} not in {text}");
+                }
+                other => panic!("{version}: {other:?}"),
+            }
+        }
     }
 
     #[test]
