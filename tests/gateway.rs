@@ -281,6 +281,26 @@ fn a_later_http_1_minor_version_upgrades() {
     assert_eq!(bad_requests(&gw), 2);
 }
 
+/// RFC 9110 section 5.3, over a real socket: `Connection: keep-alive` and `Connection:
+/// Upgrade` on two lines are one list, as on one line.
+#[test]
+fn connection_on_two_lines_upgrades() {
+    let gw = Gateway::start(&["--jwt-secret", SECRET]);
+    let good = token("bob", "1h");
+    let line = format!("GET /ws?token={good} HTTP/1.1");
+    for lines in [
+        "Host: x\r\nUpgrade: websocket\r\nConnection: keep-alive\r\nConnection: Upgrade\r\n",
+        "Host: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n",
+    ] {
+        let mut ws = raw_upgrade(&gw, &upgrade_head(&line, lines));
+        assert_eq!(ws.recv_json()["user"], "bob", "{lines:?}");
+    }
+    let no_upgrade =
+        "Host: x\r\nUpgrade: websocket\r\nConnection: keep-alive\r\nConnection: close\r\n";
+    let (code, text) = exchange(gw.public, &upgrade_head(&line, no_upgrade));
+    assert_eq!(code, 426, "{text}");
+}
+
 fn expired_token(user: &str) -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let claims = serde_json::json!({"sub": user, "exp": ringgate::auth::now_unix() - 3600});

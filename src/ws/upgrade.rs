@@ -236,8 +236,15 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
             .and_then(|h| std::str::from_utf8(h.value).ok())
             .map(str::trim)
     };
+    // RFC 9110 section 5.3: list lines of one name read as one line joined with commas
+    // (`Connection: keep-alive` then `Connection: Upgrade` is `keep-alive, Upgrade`).
     let has_token = |name: &str, token: &str| {
-        header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        req.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
     };
     if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
         return refuse(
@@ -756,6 +763,31 @@ mod tests {
                 }
                 other => panic!("{version}: {other:?}"),
             }
+        }
+    }
+
+    /// RFC 9110 section 5.3: `Connection` (and `Upgrade`) lines of one request are one list.
+    #[test]
+    fn connection_and_upgrade_lines_are_read_together() {
+        let auth = Authenticator::new(None);
+        let p = policy(&auth);
+        let head = |lines: &str| {
+            format!("GET /ws?user=a HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{lines}\r\n").into_bytes()
+        };
+        for lines in [
+            "Connection: keep-alive\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n",
+            "Connection: Upgrade\r\nConnection: keep-alive\r\nUpgrade: websocket\r\n",
+            "Connection: keep-alive\r\nUpgrade: h2c\r\nConnection: upgrade\r\nUpgrade: WebSocket\r\n",
+        ] {
+            assert_eq!(upgraded_user(decide(&head(lines), &p)), "a", "{lines:?}");
+        }
+        for lines in [
+            "Connection: keep-alive\r\nConnection: close\r\nUpgrade: websocket\r\n",
+            "Connection: Upgrade\r\nUpgrade: h2c\r\nUpgrade: h3\r\n",
+            "Connection: keep-alive\r\nUpgrade: websocket\r\n",
+        ] {
+            let d = decide(&head(lines), &p);
+            assert_eq!(refusal(d), Refusal::UpgradeRequired, "{lines:?}");
         }
     }
 
