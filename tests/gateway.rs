@@ -301,6 +301,41 @@ fn connection_on_two_lines_upgrades() {
     assert_eq!(code, 426, "{text}");
 }
 
+/// RFC 6455 section 4.2.1 (one optional Origin), over a real socket: two Origin headers are a
+/// 400 in either order, whether or not allowed_origins is set, counted as malformed.
+#[test]
+fn two_origin_headers_are_refused_400() {
+    let allowed = "Origin: https://app.example\r\n";
+    let other = "Origin: https://evil.example\r\n";
+    for flags in [
+        &["--jwt-secret", SECRET][..],
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--allowed-origins",
+            "https://app.example",
+        ],
+    ] {
+        let gw = Gateway::start(flags);
+        let good = token("bob", "1h");
+        let line = format!("GET /ws?token={good} HTTP/1.1");
+        for pair in [format!("{allowed}{other}"), format!("{other}{allowed}")] {
+            let (code, text) = exchange(
+                gw.public,
+                &upgrade_head(&line, &format!("{UPGRADE_LINES}{pair}")),
+            );
+            assert_eq!(code, 400, "{flags:?} {pair:?}: {text}");
+            assert!(text.contains("more than one Origin"), "{text}");
+        }
+        assert_eq!(bad_requests(&gw), 2, "{flags:?}");
+        let mut ws = raw_upgrade(
+            &gw,
+            &upgrade_head(&line, &format!("{UPGRADE_LINES}{allowed}")),
+        );
+        assert_eq!(ws.recv_json()["user"], "bob", "{flags:?}");
+    }
+}
+
 fn expired_token(user: &str) -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let claims = serde_json::json!({"sub": user, "exp": ringgate::auth::now_unix() - 3600});

@@ -415,8 +415,8 @@ fn later_http_1(buf: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// RFC 6455 section 4.2.1 beyond what `decide` checks above: HTTP/1.1 or later, exactly one
-/// `Host`, exactly one `Sec-WebSocket-Key` that is base64 of 16 bytes, and no body (bytes
-/// after the head are WebSocket frames, so a body would be read as frames).
+/// `Host`, exactly one `Sec-WebSocket-Key` that is base64 of 16 bytes, at most one `Origin`,
+/// and no body (bytes after the head are WebSocket frames, so a body would be read as frames).
 fn rfc6455_head(req: &httparse::Request) -> Result<(), &'static str> {
     if req.version != Some(1) {
         return Err("HTTP/1.1 or later required");
@@ -439,6 +439,10 @@ fn rfc6455_head(req: &httparse::Request) -> Result<(), &'static str> {
             return Err("Sec-WebSocket-Key must be base64 of 16 bytes")
         }
         _ => {}
+    }
+    // One optional Origin: with two, which one the allowed_origins check reads would decide.
+    if all("origin").nth(1).is_some() {
+        return Err("more than one Origin header");
     }
     if all("transfer-encoding").next().is_some() || all("content-length").any(|v| v != "0") {
         return Err("an upgrade request has no body");
@@ -788,6 +792,36 @@ mod tests {
         ] {
             let d = decide(&head(lines), &p);
             assert_eq!(refusal(d), Refusal::UpgradeRequired, "{lines:?}");
+        }
+    }
+
+    /// RFC 6455 section 4.2.1 has one optional Origin: two are a 400 in either order, with
+    /// or without allowed_origins.
+    #[test]
+    fn two_origin_headers_are_refused_400() {
+        let auth = Authenticator::new(None);
+        let origins = vec!["https://app.example".to_string()];
+        let strict = Policy {
+            allowed_origins: &origins,
+            ..policy(&auth)
+        };
+        let allowed = "Origin: https://app.example\r\n";
+        let other = "Origin: https://evil.example\r\n";
+        for p in [&policy(&auth), &strict] {
+            for pair in [
+                format!("{allowed}{other}"),
+                format!("{other}{allowed}"),
+                format!("{allowed}{allowed}"),
+            ] {
+                match decide(&req("/ws?user=a", &pair), p) {
+                    Decision::Refuse(Refusal::BadRequest, bytes) => {
+                        let text = String::from_utf8(bytes).unwrap();
+                        assert!(text.contains("more than one Origin"), "{text}");
+                    }
+                    other => panic!("{pair:?}: {other:?}"),
+                }
+            }
+            assert_eq!(upgraded_user(decide(&req("/ws?user=a", allowed), p)), "a");
         }
     }
 
