@@ -179,13 +179,18 @@ fn check_api_key(admin: &Admin, req: &Request<Incoming>) -> Option<Response<Full
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => None,
-        _ => Some(api_error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong API key",
-        )),
-    }
+    let challenge = match given {
+        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => return None,
+        Some(_) => crate::auth::BEARER_INVALID_TOKEN,
+        None => crate::auth::BEARER_CHALLENGE,
+    };
+    // RFC 9110 section 11.6.1: a 401 says how to authenticate.
+    let mut refusal = api_error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
+    refusal.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static(challenge),
+    );
+    Some(refusal)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -63,6 +63,13 @@ pub enum AuthError {
     Reserved,
 }
 
+/// The `WWW-Authenticate` of a 401 (RFC 9110 section 11.6.1) when no credentials came: the
+/// gateway takes bearer tokens (RFC 6750), a JWT on /ws and the API key on the admin API.
+pub const BEARER_CHALLENGE: &str = "Bearer";
+/// The `WWW-Authenticate` of a 401 for credentials that came and were refused (RFC 6750
+/// section 3.1).
+pub const BEARER_INVALID_TOKEN: &str = "Bearer error=\"invalid_token\"";
+
 /// Ids the gateway sends as itself start with this (`@backend` for `POST /api/send`); no client
 /// may connect as one, so no client can speak for the backend.
 pub const RESERVED_PREFIX: char = '@';

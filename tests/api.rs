@@ -44,6 +44,44 @@ fn api_needs_a_configured_key_and_the_right_one() {
     );
 }
 
+/// RFC 9110 section 11.6.1 and RFC 6750 section 3: the API's 401 says `WWW-Authenticate:
+/// Bearer`, with `error="invalid_token"` for a wrong key; the body stays the JSON error.
+#[test]
+fn api_401_carries_a_bearer_challenge() {
+    let gw = Gateway::start(&["--api-key", KEY]);
+    let answer = |headers: &[&str]| {
+        let mut all = vec!["Connection: close"];
+        all.extend_from_slice(headers);
+        let mut head = format!(
+            "GET /api/presence?user=a HTTP/1.1\r\nHost: {}\r\n",
+            gw.admin
+        );
+        for h in all {
+            head.push_str(&format!("{h}\r\n"));
+        }
+        head.push_str("\r\n");
+        let (status, text) = exchange(gw.admin, &head);
+        assert_eq!(status, 401, "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let challenges: Vec<String> = head
+            .lines()
+            .filter_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("www-authenticate:")
+                    .map(|v| v.trim().to_string())
+            })
+            .collect();
+        (challenges, body.to_string())
+    };
+    let (challenges, body) = answer(&[]);
+    assert_eq!(challenges, ["bearer"]);
+    assert!(body.contains("missing or wrong API key"), "{body}");
+    let (challenges, _) = answer(&["Authorization: Bearer wrong-key"]);
+    assert_eq!(challenges, [r#"bearer error="invalid_token""#]);
+    let (challenges, _) = answer(&["Authorization: Basic YTpi"]);
+    assert_eq!(challenges, ["bearer"]);
+}
+
 #[test]
 fn presence_follows_connections_across_shards_and_devices() {
     let gw = Gateway::start_shards(4, &["--api-key", KEY]);

@@ -336,6 +336,33 @@ fn two_origin_headers_are_refused_400() {
     }
 }
 
+/// RFC 9110 section 11.6.1 and RFC 6750 section 3, over a real socket: a 401 on /ws says
+/// `WWW-Authenticate: Bearer`, with `error="invalid_token"` when a token came and was refused.
+#[test]
+fn a_refused_upgrade_401_carries_a_bearer_challenge() {
+    let gw = Gateway::start(&["--jwt-secret", SECRET]);
+    let challenge = |path: &str, headers: &[&str]| {
+        let (code, text) = upgrade_status(gw.public, path, headers);
+        assert_eq!(code, 401, "{text}");
+        let head = text.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        let challenges: Vec<String> = head
+            .lines()
+            .filter_map(|l| l.strip_prefix("www-authenticate:"))
+            .map(|v| v.trim().to_string())
+            .collect();
+        challenges
+    };
+    assert_eq!(challenge("/ws", &[]), ["bearer"]);
+    let refused = [r#"bearer error="invalid_token""#];
+    assert_eq!(challenge("/ws?token=garbage", &[]), refused);
+    assert_eq!(
+        challenge("/ws", &["Authorization: Bearer garbage"]),
+        refused
+    );
+    let expired = expired_token("bob");
+    assert_eq!(challenge(&format!("/ws?token={expired}"), &[]), refused);
+}
+
 fn expired_token(user: &str) -> String {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let claims = serde_json::json!({"sub": user, "exp": ringgate::auth::now_unix() - 3600});

@@ -4,7 +4,9 @@
 //! Pure: the caller passes the bytes received so far and a [`Policy`] snapshot; nothing here
 //! touches sockets, clocks or shard state.
 
-use crate::auth::{valid_id, AuthError, Authenticator, Identity};
+use crate::auth::{
+    valid_id, AuthError, Authenticator, Identity, BEARER_CHALLENGE, BEARER_INVALID_TOKEN,
+};
 use crate::proto::ErrorCode;
 use crate::ws::frame::{
     CLOSE_FORBIDDEN, CLOSE_RATE_LIMITED, CLOSE_UNAUTHORIZED, CLOSE_UNAVAILABLE,
@@ -138,18 +140,34 @@ impl Refusal {
 
     /// The complete HTTP response; the connection is closed after it.
     pub fn response(self, detail: &str, retry_after_s: u64) -> Vec<u8> {
-        let (code, text) = self.status();
-        let mut extra = String::new();
-        match self {
+        let extra = match self {
             Refusal::Overloaded | Refusal::Draining | Refusal::IpRate | Refusal::IpOpen => {
-                extra = format!("retry-after: {retry_after_s}\r\n");
+                format!("retry-after: {retry_after_s}\r\n")
             }
             Refusal::UpgradeRequired => {
-                extra = "upgrade: websocket\r\nsec-websocket-version: 13\r\n".into();
+                "upgrade: websocket\r\nsec-websocket-version: 13\r\n".into()
             }
-            Refusal::MethodNotAllowed => extra = "allow: GET\r\n".into(),
-            _ => {}
-        }
+            Refusal::MethodNotAllowed => "allow: GET\r\n".into(),
+            Refusal::Unauthorized => format!("www-authenticate: {BEARER_CHALLENGE}\r\n"),
+            _ => String::new(),
+        };
+        self.response_with(&extra, detail)
+    }
+
+    /// The 401: every one carries a challenge (RFC 9110 section 11.6.1), and the one for a
+    /// token that was given says it was refused (RFC 6750 section 3.1).
+    pub fn unauthorized_response(detail: &str, token_given: bool) -> Vec<u8> {
+        let challenge = match token_given {
+            true => BEARER_INVALID_TOKEN,
+            false => BEARER_CHALLENGE,
+        };
+        let extra = format!("www-authenticate: {challenge}\r\n");
+        Refusal::Unauthorized.response_with(&extra, detail)
+    }
+
+    /// `extra`: header lines, each ending in CRLF.
+    fn response_with(self, extra: &str, detail: &str) -> Vec<u8> {
+        let (code, text) = self.status();
         let body = format!("{detail}\n");
         format!(
             "HTTP/1.1 {code} {text}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
@@ -372,7 +390,10 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
                 }
                 e => e.to_string(),
             };
-            refuse(Refusal::Unauthorized, &detail, policy)
+            Decision::Refuse(
+                Refusal::Unauthorized,
+                Refusal::unauthorized_response(&detail, token.is_some()),
+            )
         }
     }
 }
@@ -823,6 +844,49 @@ mod tests {
             }
             assert_eq!(upgraded_user(decide(&req("/ws?user=a", allowed), p)), "a");
         }
+    }
+
+    /// RFC 9110 section 11.6.1: every 401 has a challenge; RFC 6750 section 3.1: a refused
+    /// token is told `invalid_token`.
+    #[test]
+    fn a_401_carries_a_bearer_challenge() {
+        let auth = Authenticator::new(Some("a-secret-of-16-bytes+"));
+        let p = policy(&auth);
+        let challenge = |request: Vec<u8>, p: &Policy| match decide(&request, p) {
+            Decision::Refuse(Refusal::Unauthorized, bytes) => {
+                let text = String::from_utf8(bytes).unwrap();
+                assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
+                let lines = text.lines().filter(|l| l.starts_with("www-authenticate: "));
+                lines.map(str::to_string).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        let plain = vec!["www-authenticate: Bearer".to_string()];
+        let refused = vec![r#"www-authenticate: Bearer error="invalid_token""#.to_string()];
+        assert_eq!(challenge(req("/ws", ""), &p), plain);
+        assert_eq!(
+            challenge(req("/ws", "Authorization: Basic YTpi\r\n"), &p),
+            plain
+        );
+        assert_eq!(challenge(req("/ws?token=abc", ""), &p), refused);
+        let header = "Authorization: Bearer abc\r\n";
+        assert_eq!(challenge(req("/ws", header), &p), refused);
+        let foreign = crate::auth::mint("another-secret-of-16-bytes", "bob", None, 60);
+        assert_eq!(
+            challenge(req(&format!("/ws?token={foreign}"), ""), &p),
+            refused
+        );
+        // Dev mode without ?user=: no token came.
+        let dev = Authenticator::new(None);
+        assert_eq!(challenge(req("/ws", ""), &policy(&dev)), plain);
+        // The other refusals have none.
+        let d = decide(&req("/nope", ""), &p);
+        let Decision::Refuse(Refusal::NotFound, bytes) = d else {
+            panic!("{d:?}")
+        };
+        assert!(!String::from_utf8(bytes)
+            .unwrap()
+            .contains("www-authenticate"));
     }
 
     #[test]
