@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::metrics;
+
 /// (series name, shard) -> value, from Prometheus text.
 pub type Sample = BTreeMap<(String, usize), f64>;
 
@@ -48,25 +50,54 @@ pub fn parse(text: &str) -> Sample {
 
 const COLUMNS: &[(&str, &str, bool)] = &[
     // (header, series, is a rate)
-    ("conns", "ringgate_connections_open", false),
-    ("parked", "ringgate_connections_parked", false),
-    ("frames_in/s", "ringgate_frames_in_total", true),
-    ("frames_out/s", "ringgate_frames_out_total", true),
-    ("sends/s", "ringgate_sends_total", true),
-    ("acks_pending", "ringgate_acks_pending", false),
-    ("retransmits", "ringgate_retransmits_total", false),
-    ("spilled", "ringgate_stored_total", false),
-    ("replayed", "ringgate_replayed_total", false),
-    ("cross_shard", "ringgate_cross_shard_total", false),
+    ("conns", metrics::CONNECTIONS_OPEN, false),
+    ("parked", metrics::CONNECTIONS_PARKED, false),
+    ("frames_in/s", metrics::FRAMES_IN, true),
+    ("frames_out/s", metrics::FRAMES_OUT, true),
+    ("sends/s", metrics::SENDS, true),
+    ("acks_pending", metrics::ACKS_PENDING, false),
+    ("retransmits", metrics::RETRANSMITS, false),
+    ("spilled", metrics::STORED, false),
+    ("replayed", metrics::REPLAYED, false),
+    ("cross_shard", metrics::CROSS_SHARD, false),
 ];
+
+/// The mean Redis batch time (ms) between two samples from the histogram's `_sum` (seconds)
+/// and `_count`; None when no batch finished in between.
+fn redis_ms(before: &Sample, after: &Sample, shards: &[usize]) -> Option<f64> {
+    let sum_name = format!("{}_sum", metrics::REDIS_LATENCY);
+    let count_name = format!("{}_count", metrics::REDIS_LATENCY);
+    let delta = |name: &str| -> f64 {
+        shards
+            .iter()
+            .map(|s| {
+                let key = (name.to_string(), *s);
+                let now = after.get(&key).copied().unwrap_or(0.0);
+                (now - before.get(&key).copied().unwrap_or(now)).max(0.0)
+            })
+            .sum()
+    };
+    let batches = delta(&count_name);
+    (batches > 0.0).then(|| delta(&sum_name) * 1e3 / batches)
+}
 
 /// The table for two samples `secs` apart.
 pub fn table(before: &Sample, after: &Sample, secs: f64) -> String {
     let shards: Vec<usize> = after
         .keys()
-        .filter(|(n, _)| n == "ringgate_connections_open")
+        .filter(|(n, _)| n == metrics::CONNECTIONS_OPEN)
         .map(|(_, s)| *s)
         .collect();
+    // `ringgate_redis_up` is exported only for shards whose store is Redis.
+    let redis_shards: Vec<usize> = shards
+        .iter()
+        .copied()
+        .filter(|s| after.contains_key(&(metrics::REDIS_UP.to_string(), *s)))
+        .collect();
+    let redis_cell = |shards: &[usize]| match redis_ms(before, after, shards) {
+        Some(ms) => format!(" {ms:>10.2}"),
+        None => format!(" {:>10}", "-"),
+    };
     let mut out = format!("{:>5}", "shard");
     for (h, _, _) in COLUMNS {
         out.push_str(&format!(" {h:>12}"));
@@ -92,14 +123,19 @@ pub fn table(before: &Sample, after: &Sample, secs: f64) -> String {
             totals[i] += v;
             out.push_str(&format!(" {v:>12.0}"));
         }
-        // No Redis in this build (embedded store).
-        out.push_str(&format!(" {:>10}\n", "-"));
+        let own: &[usize] = match redis_shards.contains(shard) {
+            true => std::slice::from_ref(shard),
+            false => &[],
+        };
+        out.push_str(&redis_cell(own));
+        out.push('\n');
     }
     out.push_str(&format!("{:>5}", "all"));
     for v in totals {
         out.push_str(&format!(" {v:>12.0}"));
     }
-    out.push_str(&format!(" {:>10}\n", "-"));
+    out.push_str(&redis_cell(&redis_shards));
+    out.push('\n');
     out
 }
 
@@ -139,5 +175,39 @@ mod tests {
         assert_eq!(cols(lines[1])[..4], ["0", "3", "0", "100"]); // shard, conns, parked, in/s
         assert_eq!(cols(lines[2])[..4], ["1", "1", "0", "25"]);
         assert_eq!(cols(lines[3])[..4], ["all", "4", "0", "125"]);
+    }
+
+    /// Redis latency per shard and over all: the mean batch time in the interval from the
+    /// histogram `/metrics` serves; `-` for a shard without batches in it, or without Redis.
+    #[test]
+    fn redis_latency_is_the_mean_batch_time_of_the_interval() {
+        use crate::metrics::{render, ShardMetrics};
+        use std::sync::Arc;
+        let ms = Duration::from_millis;
+        let shards: Vec<_> = (0..3).map(|_| Arc::new(ShardMetrics::default())).collect();
+        shards.iter().for_each(|m| m.redis_store.set(1));
+        shards[0].redis_latency.observe(ms(100)); // before the interval: not in its mean
+        let before = parse(&render(&shards));
+        shards[0].redis_latency.observe(ms(2));
+        shards[0].redis_latency.observe(ms(4));
+        shards[1].redis_latency.observe(ms(9));
+        let t = table(&before, &parse(&render(&shards)), 1.0);
+        let redis = |line: &str| line.split_whitespace().last().unwrap().to_string();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("redis_ms"), "{t}");
+        assert_eq!(redis(lines[1]), "3.00", "{t}");
+        assert_eq!(redis(lines[2]), "9.00", "{t}");
+        assert_eq!(redis(lines[3]), "-", "shard 2 had no batch: {t}");
+        assert_eq!(
+            redis(lines[4]),
+            "5.00",
+            "(2 + 4 + 9) / 3 over all shards: {t}"
+        );
+
+        // The embedded store: no Redis series to read, `-` everywhere.
+        let embedded = vec![Arc::new(ShardMetrics::default())];
+        let before = parse(&render(&embedded));
+        let t = table(&before, &parse(&render(&embedded)), 1.0);
+        assert!(t.lines().skip(1).all(|l| redis(l) == "-"), "{t}");
     }
 }
