@@ -89,6 +89,7 @@ pub const STORE_REFUSED: &str = "ringgate_store_refused_total";
 pub const DELIVERED: &str = "ringgate_delivered_total";
 pub const ACKS: &str = "ringgate_acks_total";
 pub const RETRANSMITS: &str = "ringgate_retransmits_total";
+pub const MSG_FRAMES_OUT: &str = "ringgate_msg_frames_out_total";
 pub const ACK_TIMEOUTS: &str = "ringgate_ack_timeouts_total";
 pub const REPLAYED: &str = "ringgate_replayed_total";
 pub const CROSS_SHARD: &str = "ringgate_cross_shard_total";
@@ -228,6 +229,9 @@ pub struct ShardMetrics {
     pub delivered: Counter,
     pub acks: Counter,
     pub retransmits: Counter,
+    /// `msg` frames written to clients once each (first delivery or replay): with
+    /// `room_deliveries`, the messages going out (`ringgate stats`' msgs_out/s).
+    pub msg_frames_out: Counter,
     pub ack_timeouts: Counter,
     pub replayed: Counter,
     pub cross_shard: Counter,
@@ -425,6 +429,12 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
         "`msg` frames sent again after the ack timeout.",
         Kind::Counter,
         |m| m.retransmits.get(),
+    ),
+    (
+        MSG_FRAMES_OUT,
+        "`msg` frames written to clients: first deliveries and replays (retransmits are counted in ringgate_retransmits_total).",
+        Kind::Counter,
+        |m| m.msg_frames_out.get(),
     ),
     (
         ACK_TIMEOUTS,

@@ -48,18 +48,28 @@ pub fn parse(text: &str) -> Sample {
     out
 }
 
-const COLUMNS: &[(&str, &str, bool)] = &[
-    // (header, series, is a rate)
-    ("conns", metrics::CONNECTIONS_OPEN, false),
-    ("parked", metrics::CONNECTIONS_PARKED, false),
-    ("frames_in/s", metrics::FRAMES_IN, true),
-    ("frames_out/s", metrics::FRAMES_OUT, true),
-    ("sends/s", metrics::SENDS, true),
-    ("acks_pending", metrics::ACKS_PENDING, false),
-    ("retransmits", metrics::RETRANSMITS, false),
-    ("spilled", metrics::STORED, false),
-    ("replayed", metrics::REPLAYED, false),
-    ("cross_shard", metrics::CROSS_SHARD, false),
+/// (header, series summed, is a rate). Messages in: sends (resends included) and room
+/// publishes taken; out: `msg` frames written once each and room messages fanned out.
+const COLUMNS: &[(&str, &[&str], bool)] = &[
+    ("conns", &[metrics::CONNECTIONS_OPEN], false),
+    ("parked", &[metrics::CONNECTIONS_PARKED], false),
+    (
+        "msgs_in/s",
+        &[metrics::SENDS, metrics::ROOM_PUBLISHES],
+        true,
+    ),
+    (
+        "msgs_out/s",
+        &[metrics::MSG_FRAMES_OUT, metrics::ROOM_DELIVERIES],
+        true,
+    ),
+    ("frames_in/s", &[metrics::FRAMES_IN], true),
+    ("frames_out/s", &[metrics::FRAMES_OUT], true),
+    ("acks_pending", &[metrics::ACKS_PENDING], false),
+    ("retransmits", &[metrics::RETRANSMITS], false),
+    ("spilled", &[metrics::STORED], false),
+    ("replayed", &[metrics::REPLAYED], false),
+    ("cross_shard", &[metrics::CROSS_SHARD], false),
 ];
 
 /// The mean Redis batch time (ms) between two samples from the histogram's `_sum` (seconds)
@@ -98,30 +108,33 @@ pub fn table(before: &Sample, after: &Sample, secs: f64) -> String {
         Some(ms) => format!(" {ms:>10.2}"),
         None => format!(" {:>10}", "-"),
     };
+    // Each column as wide as its header (numbers up to 7 digits): the table fits 132 columns.
+    let width = |i: usize| COLUMNS[i].0.len().max(7);
     let mut out = format!("{:>5}", "shard");
-    for (h, _, _) in COLUMNS {
-        out.push_str(&format!(" {h:>12}"));
+    for (i, (h, _, _)) in COLUMNS.iter().enumerate() {
+        out.push_str(&format!(" {h:>w$}", w = width(i)));
     }
     out.push_str(&format!(" {:>10}\n", "redis_ms"));
     let mut totals = vec![0.0; COLUMNS.len()];
     for shard in &shards {
         out.push_str(&format!("{shard:>5}"));
         for (i, (_, series, rate)) in COLUMNS.iter().enumerate() {
-            let now = after
-                .get(&(series.to_string(), *shard))
-                .copied()
-                .unwrap_or(0.0);
-            let v = if *rate {
-                let then = before
-                    .get(&(series.to_string(), *shard))
-                    .copied()
-                    .unwrap_or(now);
-                (now - then).max(0.0) / secs.max(1e-3)
-            } else {
-                now
-            };
+            let value =
+                |sample: &Sample, name: &str| sample.get(&(name.to_string(), *shard)).copied();
+            let v: f64 = series
+                .iter()
+                .map(|name| {
+                    let now = value(after, name).unwrap_or(0.0);
+                    if *rate {
+                        let then = value(before, name).unwrap_or(now);
+                        (now - then).max(0.0) / secs.max(1e-3)
+                    } else {
+                        now
+                    }
+                })
+                .sum();
             totals[i] += v;
-            out.push_str(&format!(" {v:>12.0}"));
+            out.push_str(&format!(" {v:>w$.0}", w = width(i)));
         }
         let own: &[usize] = match redis_shards.contains(shard) {
             true => std::slice::from_ref(shard),
@@ -131,8 +144,8 @@ pub fn table(before: &Sample, after: &Sample, secs: f64) -> String {
         out.push('\n');
     }
     out.push_str(&format!("{:>5}", "all"));
-    for v in totals {
-        out.push_str(&format!(" {v:>12.0}"));
+    for (i, v) in totals.iter().enumerate() {
+        out.push_str(&format!(" {v:>w$.0}", w = width(i)));
     }
     out.push_str(&redis_cell(&redis_shards));
     out.push('\n');
@@ -172,9 +185,10 @@ mod tests {
                 && lines[0].contains("acks_pending")
         );
         let cols = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-        assert_eq!(cols(lines[1])[..4], ["0", "3", "0", "100"]); // shard, conns, parked, in/s
-        assert_eq!(cols(lines[2])[..4], ["1", "1", "0", "25"]);
-        assert_eq!(cols(lines[3])[..4], ["all", "4", "0", "125"]);
+        // shard, conns, parked, msgs_in/s, msgs_out/s, frames_in/s
+        assert_eq!(cols(lines[1])[..6], ["0", "3", "0", "0", "0", "100"]);
+        assert_eq!(cols(lines[2])[..6], ["1", "1", "0", "0", "0", "25"]);
+        assert_eq!(cols(lines[3])[..6], ["all", "4", "0", "0", "0", "125"]);
     }
 
     /// Redis latency per shard and over all: the mean batch time in the interval from the
@@ -209,5 +223,31 @@ mod tests {
         let before = parse(&render(&embedded));
         let t = table(&before, &parse(&render(&embedded)), 1.0);
         assert!(t.lines().skip(1).all(|l| redis(l) == "-"), "{t}");
+    }
+
+    /// SPEC 6's msgs/s in/out: in, the sends and room publishes a shard took; out, the `msg`
+    /// frames it wrote (once each) and the room messages it fanned out to members.
+    #[test]
+    fn messages_in_and_out_per_second() {
+        use crate::metrics::{render, ShardMetrics};
+        use std::sync::Arc;
+        let shards: Vec<_> = (0..2).map(|_| Arc::new(ShardMetrics::default())).collect();
+        let before = parse(&render(&shards));
+        shards[0].sends.add(6);
+        shards[0].room_publishes.add(2);
+        shards[1].msg_frames_out.add(4);
+        shards[1].room_deliveries.add(10);
+        shards[1].retransmits.add(3); // its own column, not a message out
+        let t = table(&before, &parse(&render(&shards)), 2.0);
+        let lines: Vec<&str> = t.lines().collect();
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        let (m_in, m_out) = (
+            header.iter().position(|h| *h == "msgs_in/s").unwrap(),
+            header.iter().position(|h| *h == "msgs_out/s").unwrap(),
+        );
+        let cell = |line: usize, col: usize| lines[line].split_whitespace().nth(col).unwrap();
+        assert_eq!((cell(1, m_in), cell(1, m_out)), ("4", "0"), "{t}");
+        assert_eq!((cell(2, m_in), cell(2, m_out)), ("0", "7"), "{t}");
+        assert_eq!((cell(3, m_in), cell(3, m_out)), ("4", "7"), "{t}");
     }
 }

@@ -684,6 +684,7 @@ impl Shard {
                         self.receipts.sent(user, &msg.from, msg.id);
                     }
                     self.metrics.acks_pending.inc();
+                    self.metrics.msg_frames_out.inc();
                     if replayed {
                         self.metrics.replayed.inc();
                     }

@@ -584,6 +584,7 @@ fn a_message_to_a_parked_device_is_retransmitted_when_its_ack_is_late() {
         (&first[0]["op"], &first[0]["seq"]),
         (&json!("msg"), &json!(1))
     );
+    assert_eq!(shard.metrics.msg_frames_out.get(), 1, "one message out");
 
     // No ack: past the timeout the same seq comes again, still parked.
     clock.advance(ack_timeout + tick);
@@ -591,6 +592,11 @@ fn a_message_to_a_parked_device_is_retransmitted_when_its_ack_is_late() {
     let again = text_frames(&received_bytes(&mut device));
     assert_eq!(again, first, "retransmitted at the ack deadline");
     assert_eq!(shard.metrics.retransmits.get(), 1);
+    assert_eq!(
+        shard.metrics.msg_frames_out.get(),
+        1,
+        "a retransmit is counted apart, not as a second message out"
+    );
 }
 
 /// `send` + `publish` per user (SPEC 4): one bucket for all of a user's devices, exact because
