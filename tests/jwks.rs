@@ -278,7 +278,17 @@ fn rs256_and_es256_tokens_connect_and_forgeries_are_refused() {
     let server = JwksServer::start(&jwks(&[&r1, &e1]), None);
     let gw = Gateway::start(&["--jwks-url", &server.url("http"), "--jwt-secret", SECRET]);
     assert_eq!(server.requests(), 1, "fetched once before ready");
-    assert_eq!(gw.metric("ringgate_jwks_keys"), 2);
+    assert_eq!(gw.metric(r#"ringgate_jwks_keys{shard="process"}"#), 2);
+    // SPEC 6: every series labelled `shard`, the JWKS ones (process-wide) included.
+    let (_, metrics) = gw.admin_get("/metrics");
+    let jwks_lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("ringgate_jwks_"))
+        .collect();
+    assert_eq!(jwks_lines.len(), 3, "{metrics}");
+    for line in jwks_lines {
+        assert!(line.contains("{shard=\"process\"} "), "{line}");
+    }
     assert_eq!(attempt(&gw, &r1.token("alice")), Ok("alice".into()));
     assert_eq!(attempt(&gw, &e1.token("bob")), Ok("bob".into()));
     let hs = ringgate::auth::mint(SECRET, "carol", None, 60);
@@ -342,8 +352,11 @@ fn an_unknown_kid_refetches_once_and_rotation_drops_removed_kids() {
         "the rotated-in key works after the refetch"
     );
     assert!(refused(&gw, &r1.token("alice")).contains("unknown kid"));
-    assert_eq!(gw.metric("ringgate_jwks_keys"), 1);
-    assert_eq!(gw.metric("ringgate_jwks_fetches_total"), 2);
+    assert_eq!(gw.metric(r#"ringgate_jwks_keys{shard="process"}"#), 1);
+    assert_eq!(
+        gw.metric(r#"ringgate_jwks_fetches_total{shard="process"}"#),
+        2
+    );
 
     for i in 0..30 {
         refused(&gw, &r2.token_as("mallory", &format!("bogus-{i}")));
@@ -384,25 +397,32 @@ fn the_refresh_rotates_keys_and_a_failed_refresh_keeps_them() {
     server.serve(Some(jwks(&[&r1, &e2])));
     two_more(&server);
     assert_eq!(attempt(&gw, &e2.token("bob")), Ok("bob".into()));
-    assert_eq!(gw.metric("ringgate_jwks_keys"), 2);
-    assert_eq!(gw.metric("ringgate_jwks_refresh_failures_total"), 0);
+    assert_eq!(gw.metric(r#"ringgate_jwks_keys{shard="process"}"#), 2);
+    assert_eq!(
+        gw.metric(r#"ringgate_jwks_refresh_failures_total{shard="process"}"#),
+        0
+    );
 
     server.serve(None);
     assert!(
         eventually(Duration::from_secs(10), || {
-            gw.metric("ringgate_jwks_refresh_failures_total") >= 3
+            gw.metric(r#"ringgate_jwks_refresh_failures_total{shard="process"}"#) >= 3
         }),
         "failed refreshes are counted"
     );
     assert_eq!(attempt(&gw, &r1.token("alice")), Ok("alice".into()));
     assert_eq!(attempt(&gw, &e2.token("bob")), Ok("bob".into()));
-    assert_eq!(gw.metric("ringgate_jwks_keys"), 2, "the old keys stay");
+    assert_eq!(
+        gw.metric(r#"ringgate_jwks_keys{shard="process"}"#),
+        2,
+        "the old keys stay"
+    );
 
     server.serve(Some(jwks(&[&e2])));
     two_more(&server);
     assert!(refused(&gw, &r1.token("alice")).contains("unknown kid"));
     assert_eq!(attempt(&gw, &e2.token("bob")), Ok("bob".into()));
-    assert_eq!(gw.metric("ringgate_jwks_keys"), 1);
+    assert_eq!(gw.metric(r#"ringgate_jwks_keys{shard="process"}"#), 1);
 }
 
 /// Run `ringgate serve` with `args`, expecting it to exit at start within `within`; returns

@@ -185,7 +185,8 @@ pub struct JwksMetrics {
 }
 
 impl JwksMetrics {
-    /// Prometheus text of the JWKS series (process-wide: no shard label).
+    /// Prometheus text of the JWKS series: one key set for the whole process, so labelled
+    /// `shard="process"` like the other process-wide series (`metrics` module doc).
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
         let series: [(&str, &str, &str, u64); 3] = [
@@ -211,7 +212,7 @@ impl JwksMetrics {
         for (name, kind, help, v) in series {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{shard=\"process\"}} {v}"
             );
         }
     }
