@@ -2,6 +2,7 @@
 //! pinned glommio executor per shard and the admin thread, and turns SIGTERM/SIGINT into a
 //! graceful drain. Owns nothing after start except the join handles.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -310,7 +311,10 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
     if let Some(timeout) = redis_timeout {
         wait_for_id_slots(&metrics, timeout);
     }
-    println!(
+    // The ready line is for whoever reads stdout; a closed stdout (`ringgate | head -1`, a
+    // supervisor that went away) must not take the gateway down with it, as `println!` did.
+    let ready = writeln!(
+        std::io::stdout(),
         "ringgate listening on {scheme}://{public} admin http://{admin_addr} shards {} node {} io {} (ready in {} ms)",
         cfg.shards,
         cfg.node_id,
@@ -320,6 +324,9 @@ pub fn serve(cfg: Config) -> Result<(), StartError> {
         },
         started.elapsed().as_millis()
     );
+    if let Err(e) = ready {
+        tracing::warn!("the ready line could not be written to stdout ({e}); serving anyway");
+    }
     let mut panicked = 0;
     for (id, h) in handles.into_iter().enumerate() {
         if let Err(e) = h.join() {

@@ -606,3 +606,72 @@ fn ready_line_then_sigterm(child: &mut std::process::Child) -> (String, std::pro
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     (ready, child.wait().unwrap())
 }
+
+/// A closed stdout (`ringgate serve | true`, a supervisor that went away) does not stop the
+/// gateway: it says so once on stderr, serves a client, and SIGTERM still ends it with 0.
+/// (The ready line was a `println!`: it panicked, "failed printing to stdout", exit 101.)
+#[test]
+fn a_closed_stdout_does_not_stop_the_gateway() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (public, admin) = (free_port(), free_port());
+    let mut fds = [0; 2];
+    // SAFETY: `pipe` fills both fds, each owned once below.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end); // nobody reads: every write to stdout fails with EPIPE
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringgate"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{public}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--shards",
+            "1",
+        ])
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .env_remove("RUST_LOG")
+        .spawn()
+        .expect("spawn ringgate");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    // The ready line is written once the listeners are up: its failure is said after that.
+    while !seen
+        .last()
+        .is_some_and(|l: &String| l.contains("could not be written to stdout"))
+    {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no word of the closed stdout; exit {:?}; stderr: {seen:#?}",
+                    child.wait().unwrap().code()
+                );
+            }
+        }
+    }
+    let mut gw = Gateway {
+        child,
+        public: SocketAddr::from(([127, 0, 0, 1], public)),
+        admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+        stderr: rx,
+    };
+    assert_eq!(gw.admin_get("/healthz").0, 200);
+    let (_ws, welcome) = connect_app(&gw, "reader-gone");
+    assert_eq!(welcome["user"], "reader-gone", "{welcome}");
+    gw.sigterm();
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0));
+}
