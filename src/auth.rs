@@ -75,7 +75,7 @@ pub const BEARER_INVALID_TOKEN: &str = "Bearer error=\"invalid_token\"";
 pub const RESERVED_PREFIX: char = '@';
 
 /// A user id a client may connect as: a valid id outside the gateway's reserved ones.
-fn client_user(user: &str) -> Result<(), AuthError> {
+pub fn client_user(user: &str) -> Result<(), AuthError> {
     valid_id(user)?;
     if user.starts_with(RESERVED_PREFIX) {
         return Err(AuthError::Reserved);

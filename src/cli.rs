@@ -269,9 +269,21 @@ fn token(
     let secret = secret.filter(|s| !s.is_empty()).ok_or(
         "token: no jwt_secret configured (use --jwt-secret, RINGGATE_JWT_SECRET or jwt_secret in the config file)",
     )?;
-    auth::valid_id(user).map_err(|_| {
-        "token: --user must be 1 to 128 characters without control characters".to_string()
+    // The gateway's own checks: a token it would refuse is refused here, naming the rule.
+    crate::config::check_jwt_secret(&secret).map_err(|m| format!("token: jwt_secret {m}"))?;
+    auth::client_user(user).map_err(|e| match e {
+        auth::AuthError::Reserved => format!("token: --user: {e}; the gateway refuses them"),
+        _ => format!(
+            "token: --user must be 1 to {} bytes without control characters",
+            auth::MAX_ID_LEN
+        ),
     })?;
+    if let Some(bad) = rooms.iter().flatten().find(|r| auth::valid_id(r).is_err()) {
+        return Err(format!(
+            "token: --rooms: {bad:?} is not a room id a client can join (1 to {} bytes without control characters; `*` = any)",
+            auth::MAX_ID_LEN
+        ));
+    }
     let ttl_s = auth::parse_ttl(ttl).map_err(|e| format!("token: --ttl: {e}"))?;
     println!(
         "{}",

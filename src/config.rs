@@ -91,6 +91,8 @@ pub const DEFAULT_PUSH_BATCH_MAX: usize = 100;
 pub const DEFAULT_PUSH_QUEUE_MAX: usize = 10_000;
 pub const DEFAULT_PUSH_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_PUSH_PREVIEW_CHARS: usize = 100;
+/// Shortest `jwt_secret`: HS256 with a short secret is guessable.
+pub const MIN_JWT_SECRET: usize = 16;
 /// Shortest `push_webhook_secret` (as for `jwt_secret`).
 pub const MIN_PUSH_SECRET: usize = 16;
 /// Shortest `api_key`: a bearer key that opens the send/publish API to whoever guesses it.
@@ -575,12 +577,7 @@ impl ConfigLayer {
         }
         let jwt_secret = self.jwt_secret.filter(|s| !s.is_empty());
         if let Some(s) = &jwt_secret {
-            if s.len() < 16 {
-                return Err(invalid(
-                    "jwt_secret",
-                    "must be at least 16 bytes (HS256 with a short secret is guessable)",
-                ));
-            }
+            check_jwt_secret(s).map_err(|m| invalid("jwt_secret", m))?;
         }
         let jwks_url = self.jwks_url.filter(|s| !s.is_empty());
         let jwks_ca_file = self
@@ -1139,6 +1136,15 @@ impl Config {
     pub fn ms_to_ticks(&self, ms: u64) -> u64 {
         ms.div_ceil(self.tick_ms)
     }
+}
+
+/// The rule for `jwt_secret`, also applied by `ringgate token` (a token signed with a secret
+/// `serve` refuses is of no use to anyone).
+pub fn check_jwt_secret(secret: &str) -> Result<(), &'static str> {
+    if secret.len() < MIN_JWT_SECRET {
+        return Err("must be at least 16 bytes (HS256 with a short secret is guessable)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

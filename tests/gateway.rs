@@ -1041,6 +1041,52 @@ fn dev_mode_serves_the_demo_page_and_nothing_else_does() {
     assert_eq!(http_get(gw.public, "/demo/", &[]).0, 404);
 }
 
+/// `token` refuses, with exit code 2 and the rule, what the gateway would refuse: a reserved
+/// (`@`) or over-long user id, a secret `serve` refuses, an empty room name.
+#[test]
+fn token_refuses_what_the_gateway_would_refuse() {
+    let refused = |args: &[&str], rule: &str| {
+        let mut all = vec!["token", "--jwt-secret", SECRET];
+        all.extend_from_slice(args);
+        let out = run_ringgate(&all, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: no token");
+        assert!(err.contains(rule), "{args:?}: {err}");
+    };
+    refused(&["--user", "@backend"], "starting with '@'");
+    refused(&["--user", &"u".repeat(129)], "1 to 128 bytes");
+    refused(
+        &["--user", "bob", "--rooms", "a,,b"],
+        r#""" is not a room id"#,
+    );
+    let out = run_ringgate(&["token", "--user", "bob", "--jwt-secret", "short"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jwt_secret must be at least 16 bytes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The longest id and a room list with `*` still make a token.
+    let out = run_ringgate(
+        &[
+            "token",
+            "--jwt-secret",
+            SECRET,
+            "--user",
+            &"u".repeat(128),
+            "--rooms",
+            "a,*",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Issue 19's command-line stumbles: `token` and `stats` list only their own options, a bare
 /// `--echo-route` means true, a bad environment variable is named as the variable, and
 /// `config --print` lists unset keys and does not pass its own pid off as the node id.
