@@ -415,7 +415,7 @@ pub struct ConfigLayer {
     /// Frames a connection may send at once before its rate applies [default: 1000]
     #[arg(long, env = "RINGGATE_CONN_FRAME_BURST")]
     pub conn_frame_burst: Option<u32>,
-    /// `send` + `publish` + `typing` per user per second, all devices together; 0 = no limit [default: 20]
+    /// `send` + `publish` + `typing` + `read` per user per second, all devices together; 0 = no limit [default: 20]
     #[arg(long, env = "RINGGATE_USER_SEND_RATE")]
     pub user_send_rate: Option<u32>,
     /// Sends a user may make at once before the rate applies [default: 200]

@@ -1093,6 +1093,12 @@ fn token_refuses_what_the_gateway_would_refuse() {
 #[test]
 fn the_command_line_says_what_it_means() {
     let help = |cmd: &str| String::from_utf8(run_ringgate(&[cmd, "--help"], &[]).stdout).unwrap();
+    // The user send limit counts `read` too (docs/configuration.md).
+    assert!(
+        help("serve").contains("`send` + `publish` + `typing` + `read` per user"),
+        "{}",
+        help("serve")
+    );
     for (cmd, own) in [("token", "--jwt-secret"), ("stats", "--admin-listen")] {
         let text = help(cmd);
         assert!(text.contains(own), "{cmd}: {text}");

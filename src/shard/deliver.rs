@@ -149,7 +149,7 @@ impl Shard {
         self.senders.knows(user, cid)
     }
 
-    /// `send` + `publish` + `typing` per user (`user_send_rate`): exact, because every device
+    /// `send` + `publish` + `typing` + `read` per user (`user_send_rate`): exact, because every device
     /// of a user lives on this shard, its home. Over the limit the frame gets `rate_limited`
     /// (with its cid, if any), nothing of it is taken, and the connection gets a strike (see
     /// `Connection::strike`).
