@@ -91,6 +91,7 @@ pub const DEFAULT_PUSH_BATCH_MAX: usize = 100;
 pub const DEFAULT_PUSH_QUEUE_MAX: usize = 10_000;
 pub const DEFAULT_PUSH_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_PUSH_PREVIEW_CHARS: usize = 100;
+pub const DEFAULT_PUSH_BODY: &str = "full";
 /// Shortest `jwt_secret`: HS256 with a short secret is guessable.
 pub const MIN_JWT_SECRET: usize = 16;
 /// Shortest `push_webhook_secret` (as for `jwt_secret`).
@@ -914,7 +915,7 @@ impl ConfigLayer {
         if timeout_ms < 10 {
             return Err(invalid("push_timeout_ms", "must be at least 10"));
         }
-        let body = match self.push_body.as_deref().unwrap_or("full") {
+        let body = match self.push_body.as_deref().unwrap_or(DEFAULT_PUSH_BODY) {
             "full" => PushBody::Full,
             "preview" => PushBody::Preview,
             other => {
@@ -1125,8 +1126,22 @@ impl Config {
             .filter(|k| !text.lines().any(|l| l.starts_with(&format!("{k} = "))))
             .filter(|k| k != "node_id")
             .collect();
+        // Push off: its tuning keys take effect with a push_webhook_url, and then as these.
+        let push_defaults = [
+            ("push_delay_ms", DEFAULT_PUSH_DELAY_MS.to_string()),
+            ("push_batch_max", DEFAULT_PUSH_BATCH_MAX.to_string()),
+            ("push_queue_max", DEFAULT_PUSH_QUEUE_MAX.to_string()),
+            ("push_timeout_ms", DEFAULT_PUSH_TIMEOUT_MS.to_string()),
+            ("push_body", format!("{DEFAULT_PUSH_BODY:?}")),
+            ("push_preview_chars", DEFAULT_PUSH_PREVIEW_CHARS.to_string()),
+        ];
         for key in unset {
-            text.push_str(&format!("# {key} = (unset)\n"));
+            match push_defaults.iter().find(|(k, _)| *k == key) {
+                Some((_, default)) => {
+                    text.push_str(&format!("# {key} = (default {default}, push off)\n"))
+                }
+                None => text.push_str(&format!("# {key} = (unset)\n")),
+            }
         }
         text
     }

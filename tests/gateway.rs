@@ -1121,6 +1121,14 @@ fn the_command_line_says_what_it_means() {
     assert_eq!(code, Some(0));
     assert!(text.contains("echo_route = true"), "{text}");
     assert!(text.contains("# redis_url = (unset)"), "{text}");
+    // Push off: its tuning keys show the defaults they take with a push_webhook_url.
+    assert!(text.contains("# push_webhook_url = (unset)"), "{text}");
+    assert!(
+        text.contains("# push_delay_ms = (default 1000, push off)")
+            && text.contains("# push_body = (default \"full\", push off)"),
+        "{text}"
+    );
+    toml::from_str::<toml::Value>(&text).expect("the printout reads back as TOML");
     assert!(text.contains("# node_id = \"<hostname>-<pid>\""), "{text}");
     assert!(!text.lines().any(|l| l.starts_with("node_id = ")), "{text}");
     let (_, text, _) = print(&["--node-id", "n7"], &[]);
