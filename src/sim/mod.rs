@@ -1840,7 +1840,7 @@ impl Sim {
     /// Each device still connected was sent every message accepted for its user whose first
     /// send came after the device's `welcome` (one line per device short of one). One node
     /// only: across nodes a device can still miss what a device on another node acked first
-    /// (a known gap, docs/operations.md "Several devices").
+    /// (a known gap, docs/protocol.md "Delivery (1:1)").
     fn missing_on_devices(&self) -> Vec<String> {
         let mut what = Vec::new();
         if self.nodes > 1 {
