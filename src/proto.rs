@@ -181,13 +181,17 @@ fn bad(message: impl Into<String>, cid: &Option<Box<str>>) -> FrameError {
 pub const MAX_BODY_DEPTH: usize = 64;
 
 /// Is `raw` (JSON text that already parsed) I-JSON as SPEC section 3 asks of a `body` (RFC
-/// 7493): no lone surrogate escapes, no number beyond a double's range, nesting at most
+/// 7493): no lone surrogate escapes, no number a double cannot hold (beyond its range, or with
+/// more precision than it keeps), no object with a member name twice, nesting at most
 /// [`MAX_BODY_DEPTH`]? A body that breaks one of these is one a strict reader (a browser's
-/// `JSON.parse` keeps going, Rust's serde_json and others stop) cannot read, and a client
-/// that cannot read a message cannot ack it. Err says which rule broke.
+/// `JSON.parse` keeps going, Rust's serde_json and others stop) cannot read, or one that
+/// readers would read as different values (a number rounded, the first or the last of two
+/// members), and a client that cannot read a message cannot ack it. Err says which rule broke.
 pub fn check_body(raw: &str) -> Result<(), &'static str> {
     let b = raw.as_bytes();
     let (mut i, mut depth) = (0, 0usize);
+    // The member names of the objects open now, innermost last, each with its depth.
+    let mut names: Vec<(usize, std::borrow::Cow<'_, str>)> = Vec::new();
     while i < b.len() {
         match b[i] {
             b'[' | b'{' => {
@@ -198,18 +202,39 @@ pub fn check_body(raw: &str) -> Result<(), &'static str> {
                 i += 1;
             }
             b']' | b'}' => {
+                let first = names
+                    .iter()
+                    .rposition(|(d, _)| *d < depth)
+                    .map_or(0, |p| p + 1);
+                if has_duplicate(&mut names[first..]) {
+                    return Err("`body` has an object with a member name twice");
+                }
+                names.truncate(first);
                 depth = depth.saturating_sub(1);
                 i += 1;
             }
-            b'"' => i = check_string(b, i + 1)?,
+            b'"' => {
+                let start = i;
+                i = check_string(b, i + 1)?;
+                let after = b[i..].iter().position(|c| !c.is_ascii_whitespace());
+                if after.is_some_and(|n| b[i + n] == b':') {
+                    names.push((depth, member_name(&raw[start..i])));
+                }
+            }
             b'-' | b'0'..=b'9' => {
                 let end = b[i..]
                     .iter()
                     .position(|c| !matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
                     .map_or(b.len(), |n| i + n);
-                let finite = raw[i..end].parse::<f64>().is_ok_and(f64::is_finite);
-                if !finite {
-                    return Err("`body` has a number beyond the range of a double");
+                match raw[i..end].parse::<f64>() {
+                    Ok(x) if x.is_finite() => {
+                        if !double_holds(&raw[i..end], x) {
+                            return Err(
+                                "`body` has a number a double cannot hold (more precision than it keeps, or too small)",
+                            );
+                        }
+                    }
+                    _ => return Err("`body` has a number beyond the range of a double"),
                 }
                 i = end;
             }
@@ -217,6 +242,62 @@ pub fn check_body(raw: &str) -> Result<(), &'static str> {
         }
     }
     Ok(())
+}
+
+/// A member name as readers see it: the quoted text, unescaped only when it has escapes.
+fn member_name(quoted: &str) -> std::borrow::Cow<'_, str> {
+    let inner = &quoted[1..quoted.len() - 1];
+    match inner.contains('\\') {
+        false => std::borrow::Cow::Borrowed(inner),
+        true => std::borrow::Cow::Owned(serde_json::from_str(quoted).unwrap_or_default()),
+    }
+}
+
+/// Whether two of one object's member names are the same (sorted in place when many).
+fn has_duplicate(names: &mut [(usize, std::borrow::Cow<'_, str>)]) -> bool {
+    if names.len() <= 16 {
+        return (1..names.len()).any(|j| names[..j].iter().any(|(_, n)| *n == names[j].1));
+    }
+    names.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+    names.windows(2).any(|w| w[0].1 == w[1].1)
+}
+
+/// Whether the double `x` read from the number `text` holds it: the text is (in value) the
+/// shortest decimal that reads back as `x`, or an integer `x` is exactly. Up to 15
+/// significant digits always is (a double keeps 15 decimal digits), so that common case
+/// formats nothing. `9007199254740993` (2^53 + 1) is not: it reads as 2^53.
+fn double_holds(text: &str, x: f64) -> bool {
+    let (digits, exp) = decimal(text);
+    if digits.is_empty() || x == 0.0 {
+        return digits.is_empty(); // zero, or a number too small that read as zero
+    }
+    if digits.len() <= 15 && x.abs() >= f64::MIN_POSITIVE {
+        return true;
+    }
+    if decimal(&format!("{x:e}")) == (digits.clone(), exp) {
+        return true;
+    }
+    // An integer a double holds exactly, written out (2^60 is `1152921504606846976`).
+    x.fract() == 0.0 && x.abs() < 1e38 && decimal(&format!("{}", x.abs() as u128)) == (digits, exp)
+}
+
+/// A JSON number as its significant digits (no leading or trailing zeros, no sign) and the
+/// power of ten of the last one; zero is no digits.
+fn decimal(text: &str) -> (String, i64) {
+    let text = text.trim_start_matches('-');
+    let (mantissa, exp) = match text.find(['e', 'E']) {
+        Some(e) => (&text[..e], text[e + 1..].parse::<i64>().unwrap_or(0)),
+        None => (text, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all: String = whole.chars().chain(fraction.chars()).collect();
+    let significant = all.trim_start_matches('0');
+    let digits = significant.trim_end_matches('0');
+    if digits.is_empty() {
+        return (String::new(), 0);
+    }
+    let trailing = (significant.len() - digits.len()) as i64;
+    (digits.to_string(), exp - fraction.len() as i64 + trailing)
 }
 
 /// Check the string starting after its opening quote at `i`; returns the index after its
@@ -815,6 +896,33 @@ mod tests {
             (r#""x\udc00y""#.to_string(), "lone surrogate"),
             (r#""\ud800\u0041""#.to_string(), "lone surrogate"),
             (r#"{"\ud83d":1}"#.to_string(), "lone surrogate"),
+            ("9007199254740993".to_string(), "cannot hold"),
+            ("123456789012345678901234567890".to_string(), "cannot hold"),
+            (
+                "3.141592653589793238462643383279".to_string(),
+                "cannot hold",
+            ),
+            (
+                "0.1000000000000000055511151231257827021181583404541015625123".to_string(),
+                "cannot hold",
+            ),
+            ("[1e-400]".to_string(), "cannot hold"),
+            (r#"{"a":1,"a":2}"#.to_string(), "member name twice"),
+            (r#"{"a":1,"\u0061":2}"#.to_string(), "member name twice"),
+            (
+                r#"[{"x":{"a":1},"a":{"a":2,"b":[{"a":1, "a" :1}]}}]"#.to_string(),
+                "member name twice",
+            ),
+            (
+                format!(
+                    "{{{},\"k3\":0}}",
+                    (0..20)
+                        .map(|k| format!("\"k{k}\":{k}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                "member name twice",
+            ),
         ];
         for (body, why) in &refused {
             for op in [r#""op":"send","to":"bob""#, r#""op":"publish","room":"r""#] {
@@ -829,7 +937,18 @@ mod tests {
             deep(64),
             "1e308".to_string(),
             "-0.0".to_string(),
-            "123456789012345678901234567890".to_string(),
+            "9007199254740992".to_string(),
+            "1152921504606846976".to_string(),
+            "[0.1, 0.30000000000000004, 1.50000000000000000000, 5e-324, 1.7976931348623157e308]"
+                .to_string(),
+            r#"{"a":{"a":1},"b":{"a":2},"c":[{"a":1},{"a":1}]}"#.to_string(),
+            format!(
+                "{{{}}}",
+                (0..20)
+                    .map(|k| format!("\"k{k}\":{k}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             r#""\ud83d\ude00 and \\ud800 as text""#.to_string(),
             r#"{"e":[true,false,null,"1e999"],"n":-12.5E-3}"#.to_string(),
             "\"\u{1F600}\"".to_string(),
