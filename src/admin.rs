@@ -316,6 +316,7 @@ fn valid_msg_type(t: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c))
 }
 
+#[derive(Clone, Copy)]
 enum Target {
     User,
     Room,
@@ -366,6 +367,15 @@ async fn api_request(
         }
     };
     let cid = api_cid(parsed.cid, &admin.api_cids)?;
+    let room = matches!(target, Target::Room).then_some(value.as_str());
+    let from = crate::shard::deliver::BACKEND_SENDER;
+    let max_frame = admin.shared.cfg.max_frame;
+    if !crate::proto::message_fits(max_frame, room, from, &cid, msg_type.as_deref(), body.get()) {
+        let why = format!(
+            "too_large: the message's frame would be longer than max_frame ({max_frame} bytes)"
+        );
+        return Err(Box::new(api_error(StatusCode::PAYLOAD_TOO_LARGE, &why)));
+    }
     Ok(ApiRequest {
         target: value,
         body: body.get().into(),

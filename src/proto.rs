@@ -622,6 +622,52 @@ pub fn write_msg(out: &mut Vec<u8>, seq: u64, msg: &crate::store::StoredMessage)
     write_message_tail(out, &msg.from, &msg.cid, msg.ts, &msg.body);
 }
 
+/// Whether a message's frame (`msg`, or `room` when `room` is given) fits in `max_frame` with
+/// every number at its longest. `welcome` tells clients `max_frame` (SPEC section 2); a longer
+/// frame is one a client that holds the server to it cannot read, so it would never ack it and
+/// the inbox would stall. A send or publish that would not fit is refused `too_large`.
+pub fn message_fits(
+    max_frame: usize,
+    room: Option<&str>,
+    from: &str,
+    cid: &str,
+    msg_type: Option<&str>,
+    body: &str,
+) -> bool {
+    // The frame's names and four numbers take under 200 bytes; a string's escapes at most 6
+    // bytes per byte: most messages are decided here, without writing anything.
+    let strings = from.len() + room.map_or(0, str::len) + msg_type.map_or(0, str::len);
+    let rough = 256 + 6 * strings + cid.len() + body.len();
+    if rough <= max_frame {
+        return true;
+    }
+    let mut out = Vec::with_capacity(rough);
+    match room {
+        Some(room) => write_room(
+            &mut out,
+            room,
+            u64::MAX,
+            u64::MAX,
+            from,
+            cid,
+            u64::MAX,
+            body,
+        ),
+        None => {
+            let msg = crate::store::StoredMessage {
+                id: u64::MAX,
+                from: from.into(),
+                cid: cid.into(),
+                ts: u64::MAX,
+                body: body.into(),
+                msg_type: msg_type.map(Into::into),
+            };
+            write_msg(&mut out, u64::MAX, &msg);
+        }
+    }
+    out.len() <= max_frame
+}
+
 /// `"from":..,"cid":..,"ts":..,"body":..}`: how `msg` and `room` frames end.
 fn write_message_tail(out: &mut Vec<u8>, from: &str, cid: &str, ts: u64, body: &str) {
     write_json_str(out, from);
@@ -958,6 +1004,22 @@ mod tests {
             let text = format!(r#"{{"op":"send","to":"bob","cid":"c","body":{body}}}"#);
             assert!(parse(text.as_bytes()).is_ok(), "{body}");
         }
+    }
+
+    /// A message fits when its frame, with every number at its longest, is within max_frame.
+    #[test]
+    fn a_message_fits_when_its_longest_frame_does() {
+        let body = format!("\"{}\"", "x".repeat(900));
+        let msg = |max| message_fits(max, None, "alice", "\"c\"", None, &body);
+        // `{"op":"msg","seq":N,"id":"N","from":"alice","cid":"c","ts":N,"body":...}`, N 20 digits.
+        let longest = 11 + 7 + 20 + 6 + 22 + 8 + 7 + 7 + 3 + 6 + 20 + 8 + body.len() + 1;
+        assert!(msg(longest));
+        assert!(!msg(longest - 1));
+        let room = |max| message_fits(max, Some("r"), "alice", "\"c\"", None, &body);
+        assert!(!room(longest), "a room frame names its room too");
+        let typed = |max| message_fits(max, None, "alice", "\"c\"", Some("system"), &body);
+        assert!(!typed(longest), "and a backend's message its type");
+        assert!(message_fits(65_536, None, "alice", "\"c\"", None, "{}"));
     }
 
     #[test]

@@ -184,6 +184,56 @@ fn every_device_gets_the_message_and_one_ack_makes_it_delivered() {
     assert_eq!(gw.metric_sum("ringgate_delivered_total"), 1);
 }
 
+/// `welcome` tells clients `max_frame` (SPEC 2): a send whose `msg` frame would be longer is
+/// refused `too_large` with its cid, nothing accepted, nothing sent. The same for a publish's
+/// `room` frame and for `POST /api/send` (413). Before, a 65,536-byte send was accepted and
+/// its recipient got a 65,590-byte frame (found by an acceptance tester).
+#[test]
+fn a_message_whose_frame_would_pass_max_frame_is_refused_too_large() {
+    const MAX: usize = 1024;
+    let gw = gateway(&["--max-frame", "1024", "--api-key", "too-large-api-key-0123"]);
+    let alice = user_on("alice", 1);
+    let bob = user_on("bob", 0);
+    let (mut a, _) = connect_replay(&gw, &format!("/ws?user={alice}"));
+    let (mut b, _) = connect_replay(&gw, &format!("/ws?user={bob}"));
+    // The send frame fits in 1,024 bytes; the msg frame (seq, id, from, ts) would not.
+    let big = "x".repeat(MAX - 80 - bob.len());
+    let frame = json!({"op":"send","to":bob,"cid":"big","body":big}).to_string();
+    assert!(frame.len() <= MAX, "{}", frame.len());
+    send_text(&mut a, &frame);
+    let e = next_op(&mut a, "error");
+    assert_eq!(
+        (e["code"].as_str(), e["cid"].as_str()),
+        (Some("too_large"), Some("big")),
+        "{e}"
+    );
+    let fits = "y".repeat(MAX - 300);
+    send(&mut a, &bob, "fits", json!(fits));
+    assert_eq!(next_op(&mut a, "accepted")["cid"], "fits");
+    let m = next_op(&mut b, "msg");
+    assert_eq!(m["cid"], "fits", "the refused one was never sent");
+    assert!(m.to_string().len() <= MAX);
+    // A publish: the room frame adds the room and its offset.
+    join(&mut a, "r", None);
+    let frame = json!({"op":"publish","room":"r","cid":"pbig","body":big}).to_string();
+    assert!(frame.len() <= MAX);
+    send_text(&mut a, &frame);
+    let e = next_op(&mut a, "error");
+    assert_eq!(
+        (e["code"].as_str(), e["cid"].as_str()),
+        (Some("too_large"), Some("pbig")),
+        "{e}"
+    );
+    let body = json!({"to":bob,"body":big}).to_string();
+    assert!(body.len() <= MAX);
+    let (status, answer) = post_json(&gw, "/api/send", &body, "too-large-api-key-0123");
+    assert_eq!(status, 413, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().starts_with("too_large"),
+        "{answer}"
+    );
+}
+
 /// SPEC section 2: each device gets every message. The laptop acks at once, which removes each
 /// entry from the inbox; the phone's window (2) is full until it acks. It must still get all
 /// six, in order, once it acks (before, it got the first two and nothing more).

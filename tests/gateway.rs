@@ -179,21 +179,18 @@ fn an_upgrade_that_is_not_rfc_6455_exact_is_refused_before_the_upgrade() {
         assert!(answer.starts_with("HTTP/1.1 400"), "{why}: {answer}");
         assert!(answer.contains(why), "{why:?} not in {answer}");
     }
-    let not_yet = {
+    let signed = |claims: serde_json::Value| {
         use jsonwebtoken::{encode, EncodingKey, Header};
-        let now = ringgate::auth::now_unix();
-        let claims = serde_json::json!({"sub": "bob", "exp": now + 7200, "nbf": now + 3600});
-        encode(
-            &Header::default(),
-            &claims,
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .unwrap()
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        encode(&Header::default(), &claims, &key).unwrap()
     };
+    let now = ringgate::auth::now_unix();
+    let not_yet = signed(serde_json::json!({"sub": "bob", "exp": now + 7200, "nbf": now + 3600}));
     let (code, text) = upgrade_status(gw.public, &format!("/ws?token={not_yet}"), &[]);
     assert_eq!(code, 401, "{text}");
     assert!(text.contains("not valid yet"), "{text}");
-    let backend = token("@backend", "1h");
+    // Signed here: `ringgate token` refuses a user the gateway would refuse.
+    let backend = signed(serde_json::json!({"sub": "@backend", "exp": now + 3600}));
     let (code, text) = upgrade_status(gw.public, &format!("/ws?token={backend}"), &[]);
     assert_eq!(code, 401, "{text}");
     assert!(text.contains("gateway's own"), "{text}");

@@ -88,6 +88,9 @@ pub enum ClientRefusal {
     /// Wrong here (`bad_request`): an ack beyond what was sent, a `read` of a message never
     /// received, a binary frame, a `fetch` without a `summary`.
     BadRequest(String),
+    /// A send or publish whose frame would be longer than `max_frame` (`too_large`; see
+    /// `proto::message_fits`).
+    TooLarge(String),
 }
 
 impl ClientRefusal {
@@ -95,13 +98,14 @@ impl ClientRefusal {
     pub fn code(&self) -> ErrorCode {
         match self {
             ClientRefusal::BadRequest(_) => ErrorCode::BadRequest,
+            ClientRefusal::TooLarge(_) => ErrorCode::TooLarge,
         }
     }
 
     /// The `error` frame that answers it (`cid`: the refused frame's, when it had one).
     pub fn frame(self, cid: Option<Box<str>>) -> FrameError {
         let code = self.code();
-        let ClientRefusal::BadRequest(message) = self;
+        let (ClientRefusal::BadRequest(message) | ClientRefusal::TooLarge(message)) = self;
         FrameError { code, message, cid }
     }
 }

@@ -289,6 +289,9 @@ impl Shard {
         let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
             return;
         };
+        if !proto::message_fits(self.shared.cfg.max_frame, None, &from, &cid, None, &body) {
+            return self.refuse_too_large(index, &cid, now);
+        }
         let reply = self.reply_to(index);
         let submission = Submission {
             from: from.clone(),
@@ -760,6 +763,16 @@ impl Shard {
             self.metrics.acks_pending.sub(dropped as u64);
             entry.conn.close_unresponsive(now, &ctx);
         }
+    }
+
+    /// Refuse a send or publish whose frame would be longer than `max_frame` (`too_large`
+    /// with its cid; counted with the bad frames).
+    pub(super) fn refuse_too_large(&mut self, index: usize, cid: &str, now: u64) {
+        let max = self.shared.cfg.max_frame;
+        let why = format!("the message's frame would be longer than max_frame ({max} bytes)");
+        let err = ClientRefusal::TooLarge(why).frame(Some(cid.into()));
+        let ctx = shard_ctx!(self);
+        self.conns[index].conn.reply_error(now, err, &ctx);
     }
 
     /// Refuse a frame of the connection at `index` that is well formed but wrong here

@@ -1055,6 +1055,11 @@ impl Shard {
         body: Box<str>,
         now: u64,
     ) {
+        let max_frame = self.shared.cfg.max_frame;
+        let user = self.conns[index].conn.user().unwrap_or_default();
+        if !proto::message_fits(max_frame, Some(&room), user, &cid, None, &body) {
+            return self.refuse_too_large(index, &cid, now);
+        }
         let allowed = self.may_enter(index, &room);
         let reply = self.reply_to(index);
         let user = self.conns[index].conn.user();
