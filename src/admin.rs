@@ -178,7 +178,7 @@ fn check_api_key(admin: &Admin, req: &Request<Incoming>) -> Option<Response<Full
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(crate::auth::bearer_credentials);
     let challenge = match given {
         Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => return None,
         Some(_) => crate::auth::BEARER_INVALID_TOKEN,

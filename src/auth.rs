@@ -70,6 +70,15 @@ pub const BEARER_CHALLENGE: &str = "Bearer";
 /// section 3.1).
 pub const BEARER_INVALID_TOKEN: &str = "Bearer error=\"invalid_token\"";
 
+/// The credentials of an `Authorization: Bearer <credentials>` value: the scheme's name is
+/// case-insensitive (RFC 9110 section 11.1), so `BEARER x` is a bearer token too.
+pub fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim_start_matches(' '))
+}
+
 /// Ids the gateway sends as itself start with this (`@backend` for `POST /api/send`); no client
 /// may connect as one, so no client can speak for the backend.
 pub const RESERVED_PREFIX: char = '@';
@@ -332,6 +341,16 @@ pub fn parse_ttl(text: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR  abc"] {
+            assert_eq!(super::bearer_credentials(v), Some("abc"), "{v}");
+        }
+        for v in ["Basic abc", "Bearerabc", "Bearer", ""] {
+            assert_eq!(super::bearer_credentials(v), None, "{v}");
+        }
+    }
+
     use super::*;
 
     const SECRET: &str = "test-secret-0123456789";

@@ -209,7 +209,9 @@ pub fn run(cli: Cli) -> i32 {
                     .is_some_and(|f| f.node_id.is_some());
             common
                 .resolve()
-                .map(|cfg| print!("{}", cfg.to_toml_shown(node_id_set)))
+                .map(|cfg| {
+                    to_stdout(&cfg.to_toml_shown(node_id_set));
+                })
                 .map_err(|e| e.to_string())
         }
     };
@@ -285,9 +287,17 @@ fn token(
         ));
     }
     let ttl_s = auth::parse_ttl(ttl).map_err(|e| format!("token: --ttl: {e}"))?;
-    println!(
-        "{}",
-        auth::mint_for(&secret, user, rooms, ttl_s, audience, issuer)
-    );
+    let token = auth::mint_for(&secret, user, rooms, ttl_s, audience, issuer);
+    to_stdout(&format!("{token}\n"));
     Ok(())
+}
+
+/// Write a command's output; a closed stdout (`ringgate stats | head`) ends the output
+/// quietly: `print!` would panic on the broken pipe. False when it could not be written.
+pub fn to_stdout(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
 }

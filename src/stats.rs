@@ -159,8 +159,10 @@ pub fn run(admin: SocketAddr, interval: Duration, count: u64) -> Result<(), Stri
     loop {
         std::thread::sleep(interval);
         let after = scrape(admin)?;
-        print!("{}", table(&before, &after, interval.as_secs_f64()));
-        println!();
+        let table = table(&before, &after, interval.as_secs_f64());
+        if !crate::cli::to_stdout(&format!("{table}\n")) {
+            return Ok(()); // nobody reads the table any more
+        }
         before = after;
         printed += 1;
         if count != 0 && printed >= count {

@@ -610,6 +610,39 @@ fn ready_line_then_sigterm(child: &mut std::process::Child) -> (String, std::pro
 /// A closed stdout (`ringgate serve | true`, a supervisor that went away) does not stop the
 /// gateway: it says so once on stderr, serves a client, and SIGTERM still ends it with 0.
 /// (The ready line was a `println!`: it panicked, "failed printing to stdout", exit 101.)
+/// `ringgate token | ...` and `ringgate config --print | head` with the reader gone: the
+/// command ends quietly (before, `print!` panicked on the broken pipe: exit 101).
+#[test]
+fn the_printing_commands_end_quietly_when_stdout_is_closed() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    for args in [
+        &[
+            "token",
+            "--user",
+            "alice",
+            "--jwt-secret",
+            "0123456789abcdef0123",
+        ][..],
+        &["config", "--print"][..],
+    ] {
+        let mut fds = [0; 2];
+        // SAFETY: `pipe` fills both fds, each owned once below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read_end);
+        let out = Command::new(env!("CARGO_BIN_EXE_ringgate"))
+            .args(args)
+            .stdout(Stdio::from(write_end))
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run ringgate");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn a_closed_stdout_does_not_stop_the_gateway() {
     use std::os::fd::{FromRawFd, OwnedFd};

@@ -285,10 +285,7 @@ pub fn decide(buf: &[u8], policy: &Policy) -> Decision {
         unreachable!("rfc6455_head checked there is exactly one key");
     };
     let mut token = header("authorization")
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(crate::auth::bearer_credentials)
         .map(|t| t.trim().to_string());
     let mut dev_user = None;
     let mut device = None;
