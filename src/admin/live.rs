@@ -174,8 +174,9 @@ impl Sample {
             frames_out: m.frames_out.get(),
             // Direct sends (resends included) and room publishes this shard took.
             msgs_in: m.sends.get() + m.room_publishes.get(),
-            // Direct messages a recipient's device acked, and room messages written to members.
-            msgs_out: m.delivered.get() + m.room_deliveries.get(),
+            // `msg` frames and room messages written to clients: what `ringgate stats` shows
+            // as msgs_out/s too (one figure under one name).
+            msgs_out: m.msg_frames_out.get() + m.room_deliveries.get(),
             acks_pending: m.acks_pending.get(),
             retransmits: m.retransmits.get(),
             spilled: m.stored.get(),
