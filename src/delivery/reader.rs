@@ -268,7 +268,13 @@ impl Reader {
     ) -> bool {
         let InboxView { inbox, user } = from;
         let big = summary_over.is_some_and(|over| inbox.len(user) > over);
-        if big && matches!(self.0, State::Idle { synced: false, .. }) {
+        // Nothing sent yet: idle before the first pump, or owed entries already (another
+        // device acked while this one waited for its first pump).
+        let first = match &self.0 {
+            State::Idle { synced, .. } => !synced,
+            State::Busy(f) => !f.synced && f.summary.is_none() && f.window.last_seq() == 0,
+        };
+        if big && first {
             out.push(Write::Summary(inbox.summarize(user, now)));
             self.begin(cfg).summary = Some(FastMap::default());
             return false;
@@ -708,6 +714,33 @@ mod tests {
         pump(&mut other, cfg(2), &inbox, None);
         let (inbox_seq, msg) = inbox.read("bob", 0, 1, T0).pop().unwrap();
         assert_eq!(other.owe(cfg(2), inbox_seq, Rc::new(msg)), 0);
+    }
+
+    /// A device owed entries before its first pump (registered while its user's mirror
+    /// loaded) still gets its summary (found by a review: it got the whole replay).
+    #[test]
+    fn a_device_owed_entries_before_its_first_pump_still_gets_its_summary() {
+        let mut inbox = inbox_of(&["a", "b", "a", "b", "a"]);
+        let mut laptop = Reader::default();
+        pump(&mut laptop, cfg(8), &inbox, None);
+        let mut phone = Reader::default();
+        let acked = laptop.ack(1).unwrap();
+        remove(&mut inbox, &acked);
+        for (inbox_seq, msg) in &acked {
+            phone.owe(cfg(8), *inbox_seq, msg.clone());
+        }
+        let p = pump(&mut phone, cfg(8), &inbox, Some(2));
+        assert_eq!(brief(&p.0), [("summary", 2, 0)]);
+        let w = fetch(&mut phone, "a", 8, &inbox).unwrap();
+        assert_eq!(
+            brief(&w),
+            [
+                ("msg", 1, 100),
+                ("msg", 2, 102),
+                ("msg", 3, 104),
+                ("fetched", 3, 0)
+            ]
+        );
     }
 
     /// A summary's `fetch` of a sender includes what it is owed of that sender, in inbox

@@ -626,9 +626,12 @@ impl Shard {
             self.metrics.slow_closes.inc();
             let ctx = shard_ctx!(self);
             self.conns[index].conn.close_slow(now, &ctx);
-            return;
+        } else {
+            self.pump(index, now);
         }
-        self.pump(index, now);
+        // Another connection's ack got here: write this one's output now, not at its next
+        // deadline (as a feed does).
+        self.kick(index);
     }
 
     /// Fill the connection's window from the inbox; `synced` once the replay has caught up
