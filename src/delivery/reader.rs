@@ -206,9 +206,10 @@ impl Reader {
     /// connection has it in flight already, it is sent the entry anyway, in its inbox order
     /// (the shard pumps after). Returns how many entries this connection is owed now.
     pub fn owe(&mut self, cfg: WindowConfig, inbox_seq: InboxSeq, msg: Rc<StoredMessage>) -> usize {
-        let has_it = self
-            .flight()
-            .is_some_and(|f| f.window.in_flight().any(|(s, _)| *s == inbox_seq));
+        // In flight, or the replay passed it (it was sent, and acked if not in flight).
+        let has_it = self.flight().is_some_and(|f| {
+            f.cursor >= inbox_seq || f.window.in_flight().any(|(s, _)| *s == inbox_seq)
+        });
         if has_it {
             return self.owed();
         }
@@ -714,6 +715,17 @@ mod tests {
         pump(&mut other, cfg(2), &inbox, None);
         let (inbox_seq, msg) = inbox.read("bob", 0, 1, T0).pop().unwrap();
         assert_eq!(other.owe(cfg(2), inbox_seq, Rc::new(msg)), 0);
+        // Owed what its replay passed and it acked (a reload can name an entry this device
+        // acked itself): nothing to send again.
+        let mut inbox = inbox_of(&["a", "b"]);
+        let mut third = Reader::default();
+        pump(&mut third, cfg(2), &inbox, None);
+        let acked = third.ack(1).unwrap();
+        remove(&mut inbox, &acked);
+        let (inbox_seq, msg) = acked.into_iter().next().unwrap();
+        assert_eq!(third.owe(cfg(2), inbox_seq, msg), 0);
+        let p = pump(&mut third, cfg(2), &inbox, None);
+        assert_eq!(brief(&p.0), [("synced", 2, 0)], "no msg again");
     }
 
     /// A device owed entries before its first pump (registered while its user's mirror

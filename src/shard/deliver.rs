@@ -23,14 +23,14 @@ use super::users::Devices;
 use super::{make_ctx, Shard};
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
 use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
-use crate::delivery::reader::{InboxView, Write};
+use crate::delivery::reader::{InboxView, Sent, Write};
 use crate::delivery::refusal::{ClientRefusal, SendRefusal};
 use crate::delivery::senders::{SendTime, Submission, Submitted, Targets};
 use crate::delivery::WindowConfig;
 use crate::limit::Limited;
 use crate::mesh;
 use crate::proto::{self, FrameError};
-use crate::store::{Inbox, StoredMessage};
+use crate::store::StoredMessage;
 
 /// The sender id of messages posted through `POST /api/send`: reserved, no client connects as
 /// it (`auth::RESERVED_PREFIX`).
@@ -565,28 +565,18 @@ impl Shard {
         }
         self.metrics.acks_pending.sub(acked.len() as u64);
         let mirror_ready = self.mirror_ready(&user);
-        // The user's other devices here: an entry this ack removes is owed to each that has
-        // not been sent it yet (each connected device gets every message).
-        let mut others = self.devices_of(&user);
-        others.retain(|d| *d != index);
-        let window_cfg = self.window_config();
         let mut owed_to = Devices::new();
         for (inbox_seq, msg) in acked {
             // Only the first device's ack removes the entry: one `delivered` per message.
             // (While a Redis mirror reloads the entry may be missing from it: still report.)
-            let removed = self.mirror.inbox_mut().remove(&user, inbox_seq);
+            let removed = self.mirror.remove_acked(&user, inbox_seq);
+            // Owed before anything pumps the user's other devices past it.
             let owe = removed;
             #[cfg(test)]
             let owe = owe && !self.planted(super::durable::OrderPlant::OweNothing);
             if owe {
-                for &other in &others {
-                    let owed = self.conns[other]
-                        .reader
-                        .owe(window_cfg, inbox_seq, msg.clone());
-                    if owed > 0 && !owed_to.contains(&other) {
-                        owed_to.push(other);
-                    }
-                }
+                let gone = [(inbox_seq, msg.clone())];
+                self.owe_devices(&user, Some(index), &gone, &mut owed_to);
             }
             if removed || !mirror_ready {
                 // Acked before its push went out: cancel it (with a shared store the worker
@@ -612,26 +602,51 @@ impl Shard {
             }
         }
         self.pump(index, now);
-        for other in owed_to {
-            self.pump_owed(other, now);
+        self.pump_owed(owed_to, now);
+    }
+
+    /// Entries that left the inbox (a device acked them) are owed to each device of `user`
+    /// here but `except` that was not sent them; the devices owed something are added to
+    /// `owed_to` (pumped by [`Shard::pump_owed`] after).
+    pub(super) fn owe_devices(
+        &mut self,
+        user: &str,
+        except: Option<usize>,
+        entries: &[Sent],
+        owed_to: &mut Devices,
+    ) {
+        let window_cfg = self.window_config();
+        for device in self.devices_of(user) {
+            if Some(device) == except {
+                continue;
+            }
+            let reader = &mut self.conns[device].reader;
+            let mut owed = 0;
+            for (inbox_seq, msg) in entries {
+                owed = reader.owe(window_cfg, *inbox_seq, msg.clone());
+            }
+            if owed > 0 && !owed_to.contains(&device) {
+                owed_to.push(device);
+            }
         }
     }
 
-    /// Pump a device that was owed entries another device acked; one owed more than the inbox
-    /// holds at most (it has not acked for a long while) is closed as a slow consumer (1013):
-    /// its next connection gets what is still in the inbox.
-    fn pump_owed(&mut self, index: usize, now: u64) {
-        let owed = self.conns[index].reader.owed();
-        if owed > self.shared.cfg.inbox_max_messages {
-            self.metrics.slow_closes.inc();
-            let ctx = shard_ctx!(self);
-            self.conns[index].conn.close_slow(now, &ctx);
-        } else {
-            self.pump(index, now);
+    /// Pump devices that were owed entries; one owed more than the inbox holds at most (it has
+    /// not acked for a long while) is closed as a slow consumer (1013): its next connection
+    /// gets what is still in the inbox.
+    pub(super) fn pump_owed(&mut self, devices: Devices, now: u64) {
+        for device in devices {
+            if self.conns[device].reader.owed() > self.shared.cfg.inbox_max_messages {
+                self.metrics.slow_closes.inc();
+                let ctx = shard_ctx!(self);
+                self.conns[device].conn.close_slow(now, &ctx);
+            } else {
+                self.pump(device, now);
+            }
+            // Another connection's ack (or a reload) got here: write this one's output now,
+            // not at its next deadline (as a feed does).
+            self.kick(device);
         }
-        // Another connection's ack got here: write this one's output now, not at its next
-        // deadline (as a feed does).
-        self.kick(index);
     }
 
     /// Fill the connection's window from the inbox; `synced` once the replay has caught up

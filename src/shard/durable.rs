@@ -269,6 +269,15 @@ impl Shard {
                             }
                         }
                     }
+                    MirrorEffect::Owed { user, entries } => {
+                        let entries: Vec<_> = entries
+                            .into_iter()
+                            .map(|(s, m)| (s, std::rc::Rc::new(m)))
+                            .collect();
+                        let mut owed_to = super::users::Devices::new();
+                        self.owe_devices(&user, None, &entries, &mut owed_to);
+                        self.pump_owed(owed_to, now);
+                    }
                     MirrorEffect::Push(item) => self.offer_push(*item),
                 }
             }

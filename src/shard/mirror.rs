@@ -23,6 +23,11 @@
 //! * An ack removes the entry from the mirror (first device wins, as in embedded mode) and
 //!   from Redis (XDEL, in a later batch; if that cannot be queued the entry is delivered
 //!   again later and the client drops it by `(from, cid)`).
+//! * A device on another node may ack an entry first: this mirror keeps it for its own
+//!   devices. When the mirror is read again, an entry it knew of (held, pushed meanwhile, or
+//!   left for that read in `left_for_read` because it could not take it in then) that the
+//!   read no longer has was acked elsewhere: it is *owed* to each device here not sent it
+//!   ([`MirrorEffect::Owed`]), so each connected device still gets every message.
 //! * The user's last device leaves: the mirror is dropped (Redis still holds everything).
 //! * Redis down: the store refuses in bounded time (`redis_timeout_ms`), senders to offline
 //!   users get `unavailable`, loads are retried every `LOAD_RETRY_MS`; fred reconnects by
@@ -141,6 +146,13 @@ pub enum MirrorEffect {
     },
     /// `user`'s mirror has loaded: the `read`s that waited for it are judged now.
     Loaded(CompactString),
+    /// A reload found these entries gone from the store (a device on another node acked
+    /// them): each device of `user` here that was not sent one is owed it (each connected
+    /// device gets every message). Comes before the load's `Feed`.
+    Owed {
+        user: CompactString,
+        entries: Vec<(InboxSeq, StoredMessage)>,
+    },
     /// Nobody holds a device of the recipient anywhere: offer the push webhook.
     Push(Box<PushItem>),
 }
@@ -283,6 +295,12 @@ pub struct InboxMirror {
     /// answer to the write of message `id`, `None` only for the entries before it (see the
     /// module doc).
     waiting: FastMap<CompactString, BTreeMap<InboxSeq, (StoredMessage, Option<u64>)>>,
+    /// Per user, pushed entries the mirror could not take in and left for its next read (one
+    /// missing before them, or more pushes than a load holds), with the load under way when
+    /// each came: if a read that ran after it no longer has one, a device on another node
+    /// acked it out of the store meanwhile, and the devices here are owed it (see `loaded`).
+    /// At most `load_limit` per user.
+    left_for_read: FastMap<CompactString, BTreeMap<InboxSeq, (StoredMessage, Option<u64>)>>,
     /// The simulation's planted bugs (see [`OrderPlant`]).
     #[cfg(test)]
     plant: OrderPlant,
@@ -297,6 +315,9 @@ pub(crate) enum OrderPlant {
     /// An entry the first ack removes is not owed to the user's other devices here (each
     /// device's window then misses what another device acked before it was sent it).
     OweNothing,
+    /// A reload owes nothing of what it no longer has (a device here then misses what a
+    /// device on another node acked first).
+    OweNoneGone,
     /// Entries pushed after an entry known missing are shown (the rule of `missing`).
     ShowPastMissing,
     /// A resent cid pays the send limit like a new one (the rule of `is_resend`).
@@ -351,6 +372,7 @@ impl InboxMirror {
             answers_in_order: FastMap::default(),
             unanswered: FastMap::default(),
             waiting: FastMap::default(),
+            left_for_read: FastMap::default(),
             #[cfg(test)]
             plant: OrderPlant::None,
         }
@@ -450,6 +472,7 @@ impl InboxMirror {
         self.reload_wanted.remove(user);
         self.missing.remove(user);
         self.waiting.remove(user);
+        self.left_for_read.remove(user);
         self.forget_unpushed(user);
         self.confirmed.remove(user);
         let tail = self.tails.remove(user);
@@ -616,6 +639,12 @@ impl InboxMirror {
         }
     }
 
+    /// The token of `user`'s load in flight.
+    #[cfg(test)]
+    pub(crate) fn load_awaited(&self, user: &str) -> Option<u64> {
+        self.loads.get(user).map(|l| l.token)
+    }
+
     /// `loads` and `retries` hold exactly the mirrors in state `Loading` and `Failed`.
     #[cfg(test)]
     pub(crate) fn side_state_consistent(&self) -> Result<(), String> {
@@ -637,6 +666,15 @@ impl InboxMirror {
             }
             loading += usize::from(beside.0);
             failed += usize::from(beside.1);
+        }
+        if let Some(user) = self
+            .left_for_read
+            .keys()
+            .find(|u| !self.mirrors.contains_key(u))
+        {
+            return Err(format!(
+                "entries left for a read of {user}, who has no mirror"
+            ));
         }
         if (loading, failed) != (self.loads.len(), self.retries.len()) {
             return Err(format!(
@@ -679,7 +717,12 @@ impl InboxMirror {
     /// A load failed (or the store queue refused it): retried by a tick after LOAD_RETRY_MS.
     fn load_failed(&mut self, user: CompactString, now: u64) {
         let retry_at = now + LOAD_RETRY_MS;
-        self.set_mirror(&user, Some(Mirror::Failed));
+        // What was pushed meanwhile, the retry reads (or owes, if it is gone by then).
+        if let Some(loading) = self.set_mirror(&user, Some(Mirror::Failed)) {
+            for (seq, msg) in loading.pushes {
+                self.leave_for_read(user.clone(), seq, msg);
+            }
+        }
         self.retries.insert(user, retry_at);
         self.next_load_retry_ms = Some(
             self.next_load_retry_ms
@@ -1067,9 +1110,11 @@ impl InboxMirror {
             // (No mirror is read before the first epoch: see `load`.)
             Some(Mirror::Ready { epoch }) if *epoch == current => {}
             Some(Mirror::Loading) if self.loads[&user].epoch == current => {}
-            // Not online here, a failed load that reads everything when retried, or a mirror
-            // of an earlier epoch (being reloaded since the resync).
-            _ => return,
+            // A failed load that reads everything when retried, or a mirror of an earlier
+            // epoch (being reloaded since the resync): that read brings it, unless a device
+            // on another node acks it first.
+            Some(_) => return self.leave_for_read(user, seq, msg),
+            None => return, // not online here
         }
         // Judged now, also while the mirror loads: by the time the load answers, the write
         // of this entry may have been answered.
@@ -1195,6 +1240,7 @@ impl InboxMirror {
             Some(Mirror::Loading) if self.loads[&user].epoch == self.epoch => {
                 if self.missing.contains(&user) {
                     // Missing since the read went out: read again.
+                    self.leave_for_read(user, seq, msg);
                     return;
                 }
                 let loading = self.loads.get_mut(&user).expect("state Loading");
@@ -1206,11 +1252,15 @@ impl InboxMirror {
                     // would pass it (found by the simulation once pushes and answers came on
                     // two queues, seed 18389455496100039632).
                     self.reload_wanted.insert(user.clone());
-                    self.missing.insert(user);
+                    self.missing.insert(user.clone());
+                    self.leave_for_read(user, seq, msg);
                 }
                 return;
             }
-            _ => return,
+            // A failed load, or a mirror of an earlier epoch: its next read brings it (or
+            // owes it, if gone by then).
+            Some(_) => return self.leave_for_read(user, seq, msg),
+            None => return,
         }
         // An entry found missing waits for the reload that reads it; one after it, added
         // now, would be shown before it (found by the simulation's writer on another node,
@@ -1221,24 +1271,51 @@ impl InboxMirror {
         #[cfg(not(test))]
         let planted = false;
         if self.missing.contains(&user) && !planted {
+            if !self.inbox.holds(&user, seq) {
+                self.leave_for_read(user, seq, msg);
+            }
             return;
         }
         let age = wall.saturating_sub(store::seq_time_ms(seq));
         // Not added: the mirror holds it already (a load read it before the push came) or
         // was given it and it was acked; or a live entry sits above it (Redis was away here):
         // only then can it be missing, and a reload finds it.
-        if !self
-            .inbox
-            .insert_at(&user, seq, msg, now.saturating_sub(age))
-        {
+        if self.inbox.newest(&user).is_some_and(|newest| newest >= seq) {
             // A held entry below a later one (another sender's) is missing too.
             if held || self.tails.contains_key(&user) {
                 self.reload_wanted.insert(user.clone());
-                self.missing.insert(user);
+                self.missing.insert(user.clone());
+                if !self.inbox.holds(&user, seq) {
+                    self.leave_for_read(user, seq, msg);
+                }
             }
             return;
         }
+        let added = self
+            .inbox
+            .insert_at(&user, seq, msg, now.saturating_sub(age));
+        debug_assert!(added, "past the newest entry");
         self.out.push(MirrorEffect::Feed(user));
+    }
+
+    /// A device here acked entry `seq` of `user`: it leaves the mirror (and what was left for
+    /// the next read). True if the mirror held it: this is the first ack here.
+    pub fn remove_acked(&mut self, user: &str, seq: InboxSeq) -> bool {
+        if let Some(left) = self.left_for_read.get_mut(user) {
+            left.remove(&seq);
+        }
+        crate::store::Inbox::remove(&mut self.inbox, user, seq)
+    }
+
+    /// Keep a pushed entry the mirror cannot take in now for its next read (see
+    /// `left_for_read`).
+    fn leave_for_read(&mut self, user: CompactString, seq: InboxSeq, msg: StoredMessage) {
+        let limit = self.cfg.load_limit;
+        let during = self.loads.get(&user).map(|l| l.token);
+        let left = self.left_for_read.entry(user).or_default();
+        if left.len() < limit {
+            left.insert(seq, (msg, during));
+        }
     }
 
     /// Pushes may have been missed: a new epoch, and every online user's inbox is read again
@@ -1304,6 +1381,8 @@ impl InboxMirror {
         // What waited before this read: the read holds what came before its end, and
         // judges it again; what came after waits on as it was.
         let read_end = entries.last().map(|(seq, _)| *seq);
+        let read: Vec<InboxSeq> = entries.iter().map(|(seq, _)| *seq).collect();
+        let read_all = entries.len() < self.cfg.load_limit;
         let before = self.waiting.remove(&user).unwrap_or_default();
         let mut shown = Vec::with_capacity(entries.len());
         for (seq, m) in entries {
@@ -1318,7 +1397,54 @@ impl InboxMirror {
                 Admit::Wait(awaited) => self.wait(user.clone(), seq, m, awaited),
             }
         }
-        self.inbox.replace_user(&user, shown);
+        let held = self.inbox.replace_user(&user, shown, now);
+        // What this node knew of and the read no longer has: a device on another node acked it
+        // (`XDEL`) meanwhile. Each device here that was not sent it is owed it (each connected
+        // device gets every message): the entries the mirror held, those it left for this
+        // read, and those pushed or waiting before the read's end.
+        // (What came during this load may be newer than its read: only what lies before the
+        // read's end is judged, the rest waits for the next read.)
+        let before_read = |seq: &InboxSeq| read_end.is_some_and(|end| *seq <= end);
+        let mut known: BTreeMap<InboxSeq, StoredMessage> = held.into_iter().collect();
+        let mut left = self.left_for_read.remove(&user).unwrap_or_default();
+        left.retain(|seq, (m, during)| {
+            let newer = *during == Some(token) && !before_read(seq);
+            if !newer {
+                known.insert(*seq, m.clone());
+            }
+            *during = None;
+            newer
+        });
+        if !left.is_empty() {
+            self.left_for_read.insert(user.clone(), left);
+        }
+        for (seq, (m, _)) in before.iter().filter(|(seq, _)| before_read(seq)) {
+            known.entry(*seq).or_insert_with(|| m.clone());
+        }
+        for (seq, m) in pushes.iter().filter(|(seq, _)| before_read(seq)) {
+            known.entry(*seq).or_insert_with(|| m.clone());
+        }
+        // Past the read's end, what waited waits on and what was pushed goes in (below).
+        let kept_on =
+            |seq: &InboxSeq| before.contains_key(seq) || pushes.iter().any(|(s, _)| s == seq);
+        let gone: Vec<(InboxSeq, StoredMessage)> = known
+            .into_iter()
+            .filter(|(seq, _)| read_all || before_read(seq))
+            .filter(|(seq, _)| read.binary_search(seq).is_err() && !acked.contains(seq))
+            .filter(|(seq, _)| before_read(seq) || !kept_on(seq))
+            .collect();
+        #[cfg(test)]
+        let gone = if self.planted(OrderPlant::OweNoneGone) {
+            Vec::new()
+        } else {
+            gone
+        };
+        if !gone.is_empty() {
+            self.out.push(MirrorEffect::Owed {
+                user: user.clone(),
+                entries: gone,
+            });
+        }
         for (seq, (m, awaited)) in before {
             if read_end.is_none_or(|end| seq > end) {
                 self.wait(user.clone(), seq, m, awaited);
@@ -1527,6 +1653,128 @@ mod tests {
             .collect();
         assert_eq!(tokens.len(), 1, "one load expected");
         tokens[0]
+    }
+
+    fn read_of(entries: &[(InboxSeq, &str)]) -> Result<Loaded, StoreError> {
+        let entries = entries
+            .iter()
+            .map(|(seq, cid)| (*seq, message(*seq, cid).stored()))
+            .collect();
+        Ok(Loaded {
+            entries,
+            expired: 0,
+            received: Vec::new(),
+        })
+    }
+
+    /// The entries the effects owe `bob`'s devices, as (seq, cid).
+    fn owed(effects: &[MirrorEffect]) -> Vec<(InboxSeq, String)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                MirrorEffect::Owed { user, entries } if user == "bob" => Some(entries),
+                _ => None,
+            })
+            .flatten()
+            .map(|(seq, m)| (*seq, m.cid.to_string()))
+            .collect()
+    }
+
+    fn mirrored(m: &InboxMirror) -> Vec<InboxSeq> {
+        m.inbox()
+            .read("bob", 0, 100, NOW)
+            .iter()
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    /// bob's mirror, loaded with entries 10 and 20.
+    fn bob_loaded() -> InboxMirror {
+        let mut m = machine();
+        m.resynced();
+        m.batch_answered(true);
+        m.ensure("bob");
+        let token = load_token(&mut m);
+        m.loaded(
+            "bob".into(),
+            token,
+            read_of(&[(10, "a"), (20, "b")]),
+            NOW,
+            WALL,
+        );
+        m.take_effects();
+        m
+    }
+
+    /// A reload (a resync) no longer has entry 10: a device on another node acked it. The
+    /// devices here that were not sent it are owed it; 20 is still there and owed to nobody.
+    #[test]
+    fn a_reload_owes_what_a_device_on_another_node_acked_meanwhile() {
+        let mut m = bob_loaded();
+        m.resynced();
+        let token = load_token(&mut m);
+        m.loaded("bob".into(), token, read_of(&[(20, "b")]), NOW, WALL);
+        assert_eq!(owed(&m.take_effects()), vec![(10, "a".to_string())]);
+        assert_eq!(mirrored(&m), vec![20]);
+        // Acked here during the reload: not owed (this node's own ack removed it).
+        m.resynced();
+        let token = load_token(&mut m);
+        assert!(m.remove_acked("bob", 20));
+        m.loaded("bob".into(), token, read_of(&[]), NOW, WALL);
+        assert!(owed(&m.take_effects()).is_empty());
+    }
+
+    /// Pushed while a load was out that then failed, and while it was failed: left for the
+    /// retry, which owes what it no longer has and mirrors the rest.
+    #[test]
+    fn what_was_pushed_around_a_failed_load_is_owed_if_the_retry_no_longer_has_it() {
+        let mut m = bob_loaded();
+        m.resynced();
+        let token = load_token(&mut m);
+        m.pushed("bob".into(), 30, message(30, "c").stored(), NOW, WALL);
+        let down = Err(StoreError::Unavailable("down".into()));
+        m.loaded("bob".into(), token, down, NOW, WALL);
+        m.pushed("bob".into(), 40, message(40, "d").stored(), NOW, WALL);
+        m.side_state_consistent().unwrap();
+        m.tick(NOW + LOAD_RETRY_MS);
+        let token = load_token(&mut m);
+        let read = read_of(&[(10, "a"), (20, "b"), (40, "d")]);
+        m.loaded("bob".into(), token, read, NOW, WALL);
+        assert_eq!(owed(&m.take_effects()), vec![(30, "c".to_string())]);
+        assert_eq!(mirrored(&m), vec![10, 20, 40]);
+        assert!(m.left_for_read.is_empty());
+    }
+
+    /// More pushes during a load than it holds: the rest is left for the next read. Those past
+    /// the end of this read may be newer than it, so it does not judge them; the next read,
+    /// sent after they came, does.
+    #[test]
+    fn pushes_past_a_reads_end_are_judged_by_the_next_read() {
+        let mut m = bob_loaded();
+        m.resynced();
+        let token = load_token(&mut m);
+        for seq in [30, 40, 50, 60, 70] {
+            m.pushed("bob".into(), seq, message(seq, "p").stored(), NOW, WALL);
+        }
+        // The window (4) holds four pushes; the fifth is left for a read.
+        assert_eq!(m.left_for_read["bob"].len(), 1);
+        m.loaded(
+            "bob".into(),
+            token,
+            read_of(&[(10, "a"), (20, "b")]),
+            NOW,
+            WALL,
+        );
+        assert!(
+            owed(&m.take_effects()).is_empty(),
+            "70 may be newer than the read"
+        );
+        m.tick(NOW);
+        let token = load_token(&mut m);
+        let read = read_of(&[(10, "a"), (20, "b"), (30, "p"), (40, "p"), (50, "p")]);
+        m.loaded("bob".into(), token, read, NOW, WALL);
+        let gone = owed(&m.take_effects());
+        assert_eq!(gone, vec![(60, "p".to_string()), (70, "p".to_string())]);
     }
 
     /// A mirror through its states (loading, failed, loading again, ready, gone) keeps beside

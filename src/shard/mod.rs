@@ -1270,6 +1270,11 @@ impl Shard {
     pub(crate) fn mirror_state_consistent(&self) -> Result<(), String> {
         self.mirror.side_state_consistent()
     }
+
+    /// The load of `user`'s inbox this shard waits for (an answer to another is stale).
+    pub(crate) fn load_awaited(&self, user: &str) -> Option<u64> {
+        self.mirror.load_awaited(user)
+    }
 }
 
 #[cfg(test)]

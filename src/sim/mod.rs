@@ -200,6 +200,9 @@ pub(crate) enum Plant {
     /// A device is not owed what another device of its user acked first
     /// (`OrderPlant::OweNothing`).
     OweNothing,
+    /// A reload owes nothing of what the store no longer has (`OrderPlant::OweNoneGone`): a
+    /// device misses what a device on another node acked first.
+    OweNoneGone,
     /// The store without the order fix: no watermark (issue 15's hole; a resolve then
     /// answers "not landed" for a write that may still land).
     NoFence,
@@ -740,6 +743,11 @@ pub(crate) struct Sim {
     transmissions: u64,
     recipients: Vec<String>,
     devices: Vec<Device>,
+    /// Several nodes: (shard, recipient, sender, cid) of each entry a shard was pushed or
+    /// read, in its node's current run. A device can only be owed what its node heard of: an
+    /// entry appended and acked by a device on another node while this node could not hear
+    /// it (its load failed, or came after) never reaches it (docs/protocol.md).
+    heard: BTreeSet<(usize, usize, usize, usize)>,
     conv: BTreeMap<(usize, usize), Conversation>,
     /// (sender, recipient, cid) a device of the recipient acked: safe without the store.
     acked: BTreeSet<(usize, usize, usize)>,
@@ -889,6 +897,7 @@ impl Sim {
             transmissions: 0,
             recipients: (0..RECIPIENTS).map(|r| format!("r{r}")).collect(),
             devices: Vec::new(),
+            heard: BTreeSet::new(),
             conv: BTreeMap::new(),
             acked: BTreeSet::new(),
             msg_frames: 0,
@@ -1044,6 +1053,7 @@ impl Sim {
         self.model.located.retain(|(_, n)| *n != node);
         self.closing.retain(|c| !shards.contains(&c.shard));
         self.devices.retain(|d| !shards.contains(&d.shard));
+        self.heard.retain(|(k, ..)| !shards.contains(k));
         for s in 0..self.senders.len() {
             if !shards.contains(&self.senders[s].shard) {
                 continue;
@@ -1589,7 +1599,41 @@ impl Sim {
             if trace() {
                 eprintln!("{now} shard {k} hears: {}", describe(&reply));
             }
+            if self.nodes > 1 {
+                self.note_heard(k, &reply);
+            }
             self.shards[k].on_store_reply(reply, now);
+        }
+    }
+
+    /// What shard `k` hears of the recipients' inboxes (see `heard`).
+    fn note_heard(&mut self, k: usize, reply: &StoreReply) {
+        let entries: Vec<(&str, &StoredMessage)> = match reply {
+            StoreReply::Pushed { user, msg, .. } => vec![(user.as_str(), msg)],
+            // (An answer to an older load is not read.)
+            StoreReply::Loaded {
+                user,
+                token,
+                result: Ok(loaded),
+            } if self.shards[k].load_awaited(user) == Some(*token) => loaded
+                .entries
+                .iter()
+                .map(|(_, m)| (user.as_str(), m))
+                .collect(),
+            _ => return,
+        };
+        for (user, msg) in entries {
+            let Some(r) = self.recipients.iter().position(|name| name == user) else {
+                continue;
+            };
+            let s = match msg.from.as_str() {
+                "f0" => Some(FOREIGN),
+                from => from.strip_prefix('s').and_then(|n| n.parse().ok()),
+            };
+            let cid = msg.cid.trim_matches('"').parse::<usize>().ok();
+            if let (Some(s), Some(cid)) = (s, cid) {
+                self.heard.insert((k, r, s, cid % CID_SPACE));
+            }
         }
     }
 
@@ -1734,6 +1778,10 @@ impl Sim {
         for i in 0..self.devices.len() {
             for v in self.devices[i].pipe.frames() {
                 if v["op"] == "welcome" {
+                    if trace() {
+                        let d = &self.devices[i];
+                        eprintln!("device of r{} on shard {}: welcome", d.user, d.shard);
+                    }
                     let d = &mut self.devices[i];
                     d.welcomed = d.welcomed.or(Some(self.transmissions));
                 }
@@ -1778,7 +1826,7 @@ impl Sim {
                     .ok_or(format!("unknown pair in {v}"))?;
                 // The client shows the first copy of each (from, cid) only.
                 if trace() {
-                    eprintln!("device of r{user}: {v}");
+                    eprintln!("device of r{user} on shard {}: {v}", self.devices[i].shard);
                 }
                 if !c.shown.iter().any(|(seen, _)| *seen == cid) {
                     c.shown.push((cid, id));
@@ -1838,14 +1886,10 @@ impl Sim {
     }
 
     /// Each device still connected was sent every message accepted for its user whose first
-    /// send came after the device's `welcome` (one line per device short of one). One node
-    /// only: across nodes a device can still miss what a device on another node acked first
-    /// (a known gap, docs/protocol.md "Delivery (1:1)").
+    /// send came after the device's `welcome` (one line per device short of one). Several
+    /// nodes: every such message its node heard of (see `heard`).
     fn missing_on_devices(&self) -> Vec<String> {
         let mut what = Vec::new();
-        if self.nodes > 1 {
-            return what;
-        }
         for d in &self.devices {
             let Some(welcomed) = d.welcomed else { continue };
             for ((s, r), c) in self.conv.iter().filter(|((_, r), _)| *r == d.user) {
@@ -1855,6 +1899,7 @@ impl Sim {
                     .map(|(cid, _)| *cid)
                     .filter(|cid| c.first_sent.get(cid).is_some_and(|t| *t > welcomed))
                     .filter(|cid| !d.got.contains(&(*s, *cid)))
+                    .filter(|cid| self.nodes == 1 || self.heard.contains(&(d.shard, *r, *s, *cid)))
                     .collect();
                 if !missing.is_empty() {
                     what.push(format!(
@@ -1978,6 +2023,7 @@ fn boot_node(
             Plant::ShowPastMissing => Some(OrderPlant::ShowPastMissing),
             Plant::LimitResends => Some(OrderPlant::LimitResends),
             Plant::OweNothing => Some(OrderPlant::OweNothing),
+            Plant::OweNoneGone => Some(OrderPlant::OweNoneGone),
             Plant::LivePastUnsure => Some(OrderPlant::LivePastUnsure),
             Plant::LivePastUnpushed => Some(OrderPlant::LivePastUnpushed),
             Plant::LiveUnconfirmed => Some(OrderPlant::LiveUnconfirmed),
@@ -2453,6 +2499,14 @@ mod tests {
                 assert!(e.contains(what), "{plant:?} broke another rule: {e}");
             }
         }
+    }
+
+    /// The known gap of 2026-12-06 (first seed 10372713005361028285): a node's mirror
+    /// reloaded after a device on another node acked entries this node's devices had not been
+    /// sent, so they never were.
+    #[test]
+    fn two_nodes_a_reload_that_owes_nothing_it_no_longer_has_is_found() {
+        finds_two_nodes(Plant::OweNoneGone, "never sent");
     }
 
     #[test]

@@ -266,13 +266,43 @@ impl MemoryInbox {
         seq
     }
 
+    /// The seq of `user`'s newest entry.
+    pub fn newest(&self, user: &str) -> Option<InboxSeq> {
+        self.users.get(user)?.slots.back().map(|s| s.seq)
+    }
+
+    /// `user`'s inbox holds an entry at `seq`.
+    pub fn holds(&self, user: &str, seq: InboxSeq) -> bool {
+        self.users.get(user).is_some_and(|inbox| {
+            let found = inbox.slots.binary_search_by_key(&seq, |s| s.seq);
+            found.is_ok_and(|i| inbox.slots[i].msg.is_some())
+        })
+    }
+
     /// Mirror mode: the user's entries as the store holds them now (oldest first), replacing
-    /// whatever the mirror held.
-    pub fn replace_user(&mut self, user: &str, entries: Vec<(InboxSeq, u64, StoredMessage)>) {
-        self.drop_user(user);
+    /// whatever the mirror held. Returns what it held that is not expired at `now`.
+    pub fn replace_user(
+        &mut self,
+        user: &str,
+        entries: Vec<(InboxSeq, u64, StoredMessage)>,
+        now: u64,
+    ) -> Vec<(InboxSeq, StoredMessage)> {
+        let max_age_ms = self.limits.max_age_ms;
+        let held = match self.users.remove(user) {
+            Some(inbox) => {
+                self.total -= inbox.live;
+                let live = inbox
+                    .slots
+                    .into_iter()
+                    .filter(|s| !expired(s.appended_at, now, max_age_ms));
+                live.filter_map(|s| Some((s.seq, s.msg?))).collect()
+            }
+            None => Vec::new(),
+        };
         for (seq, appended_at, msg) in entries {
             self.insert_at(user, seq, msg, appended_at);
         }
+        held
     }
 
     /// Per sender, what waits in `user`'s inbox at `now` (read receipts left out): the big-
@@ -563,8 +593,18 @@ mod tests {
         assert_eq!(ids(&all), vec![1, 2, 3]);
         assert!(inbox.remove("bob", 205));
         assert_eq!(inbox.total_len(), 2);
-        inbox.replace_user("bob", vec![(300, T0, m(3)), (400, T0, m(4))]);
+        // What it held comes back (acked entries are not held), for the mirror to tell which
+        // left the store.
+        let held = inbox.replace_user("bob", vec![(300, T0, m(3)), (400, T0, m(4))], T0 + 5);
+        let held: Vec<(u64, u64)> = held.iter().map(|(seq, msg)| (*seq, msg.id)).collect();
+        assert_eq!(held, vec![(100, 1), (300, 3)]);
         assert_eq!(ids(&inbox.read("bob", 0, 10, T0 + 5)), vec![3, 4]);
+        // Past the age cap, an entry held is not handed back.
+        let held = inbox.replace_user("bob", Vec::new(), T0 + HOUR + 1);
+        assert!(held.is_empty());
+        assert!(inbox
+            .replace_user("bob", vec![(300, T0, m(3)), (400, T0, m(4))], T0)
+            .is_empty());
         assert_eq!(inbox.total_len(), 2);
         inbox.drop_user("bob");
         assert_eq!(inbox.total_len(), 0);
