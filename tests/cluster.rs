@@ -992,6 +992,70 @@ fn a_room_message_lost_with_a_nodes_channel_reaches_its_members_after_the_resubs
     assert_eq!(v["body"], "lost with the channel");
 }
 
+/// Each connected device gets every message, across nodes (SPEC 2): bob's laptop on node a
+/// acks all six messages at once, so they leave Redis; his phone on node b (window 2) holds
+/// two and has not acked. Then node b's mirror is read again (its channel cut: a resync) and
+/// finds none of the six. The four the phone was not sent are owed to it, in order. Before
+/// (the known gap of 2026-12-06, found by the simulation), the reload dropped them and the
+/// phone never got w3..w6. One redis-server: `CLIENT KILL TYPE pubsub` cuts the channel.
+#[test]
+fn a_device_on_another_node_gets_what_was_acked_first_even_after_its_mirror_is_read_again() {
+    let redis = RedisServer::start();
+    let (a, b) = (
+        node_with(&redis, "a", &["--window", "2"]),
+        node_with(&redis, "b", &["--window", "2"]),
+    );
+    let device = |gw: &Gateway, name: &str| {
+        let mut ws = connect(gw, &format!("/ws?user=bob&device={name}"));
+        assert_eq!(recv_json(&mut ws)["op"], "welcome");
+        assert_eq!(recv_json(&mut ws)["op"], "synced");
+        ws
+    };
+    let (mut laptop, mut phone) = (device(&a, "laptop"), device(&b, "phone"));
+    let (mut alice, _) = connect_app(&a, "alice");
+    let cids: Vec<String> = (1..=6).map(|i| format!("w{i}")).collect();
+    for cid in &cids {
+        send(&mut alice, "bob", cid, json!(cid));
+        assert_eq!(next_op(&mut alice, "accepted")["cid"], cid.as_str());
+    }
+    for seq in 1..=6 {
+        assert_eq!(next_op(&mut laptop, "msg")["cid"], cids[seq as usize - 1].as_str());
+        ack(&mut laptop, seq);
+    }
+    for _ in &cids {
+        next_op(&mut alice, "delivered");
+    }
+    let mut got: Vec<(u64, String)> = Vec::new();
+    for _ in 0..2 {
+        let m = next_op(&mut phone, "msg");
+        got.push((m["seq"].as_u64().unwrap(), m["cid"].as_str().unwrap().into()));
+    }
+    let (epoch, loads) = (
+        b.metric_sum("ringgate_cluster_epoch"),
+        b.metric_sum("ringgate_redis_loads_total"),
+    );
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            b.metric_sum("ringgate_cluster_epoch") > epoch
+                && b.metric_sum("ringgate_redis_loads_total") > loads
+        }),
+        "node b resynced and read bob's inbox again"
+    );
+    ack(&mut phone, 2);
+    while got.len() < cids.len() {
+        let m = next_op(&mut phone, "msg");
+        got.push((m["seq"].as_u64().unwrap(), m["cid"].as_str().unwrap().into()));
+        ack(&mut phone, m["seq"].as_u64().unwrap());
+    }
+    let want: Vec<(u64, String)> = (1..=6).map(|i| (i, format!("w{i}"))).collect();
+    assert_eq!(got, want, "the phone gets every message once, in order");
+    assert!(
+        frames_before_pong(&mut phone).iter().all(|f| f["op"] != "msg"),
+        "nothing more"
+    );
+}
+
 /// A send to a user whose hash slot is being moved between Redis Cluster primaries (issue
 /// 20's CI stall, from `cluster_random`'s reshard): the slot's owner answers the append with
 /// `ASK`, which the store does not follow (fred 10.1 cannot); the send is refused, resent,
