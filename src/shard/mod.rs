@@ -1275,6 +1275,13 @@ impl Shard {
     pub(crate) fn load_awaited(&self, user: &str) -> Option<u64> {
         self.mirror.load_awaited(user)
     }
+
+    /// `user`'s mirror here holds an entry after `seq` but not `seq` itself: a push of `seq`
+    /// now comes too late to be shown in order.
+    pub(crate) fn mirror_passed(&self, user: &str, seq: crate::store::InboxSeq) -> bool {
+        let inbox = self.mirror.inbox();
+        inbox.newest(user).is_some_and(|newest| newest > seq) && !inbox.holds(user, seq)
+    }
 }
 
 #[cfg(test)]
