@@ -1019,7 +1019,10 @@ fn a_device_on_another_node_gets_what_was_acked_first_even_after_its_mirror_is_r
         assert_eq!(next_op(&mut alice, "accepted")["cid"], cid.as_str());
     }
     for seq in 1..=6 {
-        assert_eq!(next_op(&mut laptop, "msg")["cid"], cids[seq as usize - 1].as_str());
+        assert_eq!(
+            next_op(&mut laptop, "msg")["cid"],
+            cids[seq as usize - 1].as_str()
+        );
         ack(&mut laptop, seq);
     }
     for _ in &cids {
@@ -1028,7 +1031,10 @@ fn a_device_on_another_node_gets_what_was_acked_first_even_after_its_mirror_is_r
     let mut got: Vec<(u64, String)> = Vec::new();
     for _ in 0..2 {
         let m = next_op(&mut phone, "msg");
-        got.push((m["seq"].as_u64().unwrap(), m["cid"].as_str().unwrap().into()));
+        got.push((
+            m["seq"].as_u64().unwrap(),
+            m["cid"].as_str().unwrap().into(),
+        ));
     }
     let (epoch, loads) = (
         b.metric_sum("ringgate_cluster_epoch"),
@@ -1045,13 +1051,18 @@ fn a_device_on_another_node_gets_what_was_acked_first_even_after_its_mirror_is_r
     ack(&mut phone, 2);
     while got.len() < cids.len() {
         let m = next_op(&mut phone, "msg");
-        got.push((m["seq"].as_u64().unwrap(), m["cid"].as_str().unwrap().into()));
+        got.push((
+            m["seq"].as_u64().unwrap(),
+            m["cid"].as_str().unwrap().into(),
+        ));
         ack(&mut phone, m["seq"].as_u64().unwrap());
     }
     let want: Vec<(u64, String)> = (1..=6).map(|i| (i, format!("w{i}"))).collect();
     assert_eq!(got, want, "the phone gets every message once, in order");
     assert!(
-        frames_before_pong(&mut phone).iter().all(|f| f["op"] != "msg"),
+        frames_before_pong(&mut phone)
+            .iter()
+            .all(|f| f["op"] != "msg"),
         "nothing more"
     );
 }
