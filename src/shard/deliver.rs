@@ -565,13 +565,15 @@ impl Shard {
         }
         self.metrics.acks_pending.sub(acked.len() as u64);
         let mirror_ready = self.mirror_ready(&user);
+        // (One lookup per ack: a user with one device here owes nobody.)
+        let other_devices = self.devices_of(&user).len() > 1;
         let mut owed_to = Devices::new();
         for (inbox_seq, msg) in acked {
             // Only the first device's ack removes the entry: one `delivered` per message.
             // (While a Redis mirror reloads the entry may be missing from it: still report.)
             let removed = self.mirror.remove_acked(&user, inbox_seq);
             // Owed before anything pumps the user's other devices past it.
-            let owe = removed;
+            let owe = removed && other_devices;
             #[cfg(test)]
             let owe = owe && !self.planted(super::durable::OrderPlant::OweNothing);
             if owe {

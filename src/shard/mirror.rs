@@ -506,7 +506,13 @@ impl InboxMirror {
             acked: Vec::new(),
             pushes: Vec::new(),
         };
-        self.set_mirror(user, Some(Mirror::Loading));
+        // A load it replaces (a resync while it was out): what it was pushed, this read
+        // brings, or owes if a device on another node acked it meanwhile (found by a review).
+        if let Some(replaced) = self.set_mirror(user, Some(Mirror::Loading)) {
+            for (seq, msg) in replaced.pushes {
+                self.leave_for_read(user.into(), seq, msg);
+            }
+        }
         self.loads.insert(user.into(), loading);
         self.submit(StoreOp::Load {
             user: user.into(),
@@ -1427,12 +1433,19 @@ impl InboxMirror {
         // Past the read's end, what waited waits on and what was pushed goes in (below).
         let kept_on =
             |seq: &InboxSeq| before.contains_key(seq) || pushes.iter().any(|(s, _)| s == seq);
-        let gone: Vec<(InboxSeq, StoredMessage)> = known
+        let mut gone: Vec<(InboxSeq, StoredMessage)> = known
             .into_iter()
             .filter(|(seq, _)| read_all || before_read(seq))
             .filter(|(seq, _)| read.binary_search(seq).is_err() && !acked.contains(seq))
             .filter(|(seq, _)| before_read(seq) || !kept_on(seq))
             .collect();
+        // One above an entry that waits on (past the read's end, for its write's answer)
+        // waits behind it: owed now, it would overtake it (found by a review, two-node seed
+        // 10743492468318333425). Let in later, it is sent like any entry (its ack removes
+        // nothing in Redis, so tells nothing).
+        let first_waiting = before.keys().find(|seq| !before_read(seq)).copied();
+        let behind = first_waiting.map_or(gone.len(), |w| gone.partition_point(|(s, _)| *s < w));
+        let wait_behind = gone.split_off(behind);
         #[cfg(test)]
         let gone = if self.planted(OrderPlant::OweNoneGone) {
             Vec::new()
@@ -1449,6 +1462,9 @@ impl InboxMirror {
             if read_end.is_none_or(|end| seq > end) {
                 self.wait(user.clone(), seq, m, awaited);
             }
+        }
+        for (seq, m) in wait_behind {
+            self.wait(user.clone(), seq, m, None);
         }
         // Pushed while loading (judged when they came): those past the read are new
         // (the rest it read); behind a waiting entry they wait too.
@@ -1743,6 +1759,27 @@ mod tests {
         assert_eq!(owed(&m.take_effects()), vec![(30, "c".to_string())]);
         assert_eq!(mirrored(&m), vec![10, 20, 40]);
         assert!(m.left_for_read.is_empty());
+    }
+
+    /// A resync while a load is out sends another: what the first was pushed is known to the
+    /// second, which owes it if it no longer has it (found by a review: it was dropped).
+    #[test]
+    fn what_a_load_replaced_by_a_resync_was_pushed_is_owed_if_the_next_read_lacks_it() {
+        let mut m = bob_loaded();
+        m.resynced();
+        let first = load_token(&mut m);
+        m.pushed("bob".into(), 30, message(30, "c").stored(), NOW, WALL);
+        m.resynced();
+        let second = load_token(&mut m);
+        assert_ne!(first, second);
+        m.loaded(
+            "bob".into(),
+            second,
+            read_of(&[(10, "a"), (20, "b")]),
+            NOW,
+            WALL,
+        );
+        assert_eq!(owed(&m.take_effects()), vec![(30, "c".to_string())]);
     }
 
     /// More pushes during a load than it holds: the rest is left for the next read. Those past
