@@ -1288,12 +1288,11 @@ impl InboxMirror {
         // only then can it be missing, and a reload finds it.
         if self.inbox.newest(&user).is_some_and(|newest| newest >= seq) {
             // A held entry below a later one (another sender's) is missing too.
+            // (Not left for the read: the devices may have been sent entries after it, so
+            // owed later it would overtake them.)
             if held || self.tails.contains_key(&user) {
                 self.reload_wanted.insert(user.clone());
-                self.missing.insert(user.clone());
-                if !self.inbox.holds(&user, seq) {
-                    self.leave_for_read(user, seq, msg);
-                }
+                self.missing.insert(user);
             }
             return;
         }
