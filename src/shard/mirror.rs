@@ -1682,6 +1682,11 @@ mod tests {
         })
     }
 
+    /// bob's load `token` answers with these entries.
+    fn bob_reads(m: &mut InboxMirror, token: u64, entries: &[(InboxSeq, &str)]) {
+        m.loaded("bob".into(), token, read_of(entries), NOW, WALL);
+    }
+
     /// The entries the effects owe `bob`'s devices, as (seq, cid).
     fn owed(effects: &[MirrorEffect]) -> Vec<(InboxSeq, String)> {
         effects
@@ -1710,13 +1715,7 @@ mod tests {
         m.batch_answered(true);
         m.ensure("bob");
         let token = load_token(&mut m);
-        m.loaded(
-            "bob".into(),
-            token,
-            read_of(&[(10, "a"), (20, "b")]),
-            NOW,
-            WALL,
-        );
+        bob_reads(&mut m, token, &[(10, "a"), (20, "b")]);
         m.take_effects();
         m
     }
@@ -1728,14 +1727,14 @@ mod tests {
         let mut m = bob_loaded();
         m.resynced();
         let token = load_token(&mut m);
-        m.loaded("bob".into(), token, read_of(&[(20, "b")]), NOW, WALL);
+        bob_reads(&mut m, token, &[(20, "b")]);
         assert_eq!(owed(&m.take_effects()), vec![(10, "a".to_string())]);
         assert_eq!(mirrored(&m), vec![20]);
         // Acked here during the reload: not owed (this node's own ack removed it).
         m.resynced();
         let token = load_token(&mut m);
         assert!(m.remove_acked("bob", 20));
-        m.loaded("bob".into(), token, read_of(&[]), NOW, WALL);
+        bob_reads(&mut m, token, &[]);
         assert!(owed(&m.take_effects()).is_empty());
     }
 
@@ -1771,13 +1770,7 @@ mod tests {
         m.resynced();
         let second = load_token(&mut m);
         assert_ne!(first, second);
-        m.loaded(
-            "bob".into(),
-            second,
-            read_of(&[(10, "a"), (20, "b")]),
-            NOW,
-            WALL,
-        );
+        bob_reads(&mut m, second, &[(10, "a"), (20, "b")]);
         assert_eq!(owed(&m.take_effects()), vec![(30, "c".to_string())]);
     }
 
@@ -1794,13 +1787,7 @@ mod tests {
         }
         // The window (4) holds four pushes; the fifth is left for a read.
         assert_eq!(m.left_for_read["bob"].len(), 1);
-        m.loaded(
-            "bob".into(),
-            token,
-            read_of(&[(10, "a"), (20, "b")]),
-            NOW,
-            WALL,
-        );
+        bob_reads(&mut m, token, &[(10, "a"), (20, "b")]);
         assert!(
             owed(&m.take_effects()).is_empty(),
             "70 may be newer than the read"
