@@ -40,6 +40,18 @@ pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 /// of any outgoing connection on the host, and the restart then fails to bind (seen: the
 /// browser test's gateway restart refused with "already served").
 pub fn restartable_port(below: u16) -> u16 {
+    restartable_port_with(below, &[])
+}
+
+/// Ports this test process has handed out. Tests run in parallel threads, and a port that was
+/// free when one test looked can be picked by another before the first server binds it, or
+/// while it is down between a kill and a restart (seen in CI: a Redis Cluster node that never
+/// answered PING because its port or bus port had been picked by a concurrent test).
+static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// As [`restartable_port`], with the ports at `port + offset` for each of `offsets` free and
+/// kept for this test too (a Redis Cluster node's bus port).
+pub fn restartable_port_with(below: u16, offsets: &[u16]) -> u16 {
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
@@ -51,12 +63,21 @@ pub fn restartable_port(below: u16) -> u16 {
     x ^= std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..10_000 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let port = low + (x % u64::from(high - low)) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let wanted: Vec<u16> = std::iter::once(port)
+            .chain(offsets.iter().filter_map(|o| port.checked_add(*o)))
+            .collect();
+        if wanted.len() == offsets.len() + 1
+            && wanted.iter().all(|p| {
+                !handed_out.contains(p) && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()
+            })
+        {
+            handed_out.extend(&wanted);
             return port;
         }
     }

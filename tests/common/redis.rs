@@ -32,11 +32,10 @@ fn require(cmd: &str) {
 /// A free loopback port that stays ours across restarts (`super::restartable_port`); in a
 /// cluster its bus port (+10,000, below the ephemeral range too) must be free as well.
 fn free_port(with_bus: bool) -> u16 {
-    loop {
-        let port = super::restartable_port(if with_bus { 22_000 } else { 32_000 });
-        if !with_bus || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
-        }
+    if with_bus {
+        super::restartable_port_with(22_000, &[10_000])
+    } else {
+        super::restartable_port(32_000)
     }
 }
 
@@ -150,6 +149,8 @@ impl RedisServer {
                 "always",
                 "--dir",
                 dir.to_str().unwrap(),
+                "--logfile",
+                dir.join("redis.log").to_str().unwrap(),
             ]
             .iter()
             .map(|s| s.to_string())
@@ -170,11 +171,14 @@ impl RedisServer {
             self.children.push(child);
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        for port in self.ports.clone() {
+        for (i, port) in self.ports.clone().into_iter().enumerate() {
             while self.cli_at(port, &["PING"]) != "PONG" {
+                let exited = self.children[i].try_wait().ok().flatten();
                 assert!(
-                    Instant::now() < deadline,
-                    "redis-server on port {port} did not answer PING"
+                    exited.is_none() && Instant::now() < deadline,
+                    "redis-server on port {port} did not answer PING ({}); its log ends:\n{}",
+                    exited.map_or("still running".to_string(), |s| s.to_string()),
+                    self.log_tail(port)
                 );
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -182,6 +186,14 @@ impl RedisServer {
         if made {
             self.wait_cluster_ok();
         }
+    }
+
+    /// The last lines of one server's log, for a failure message.
+    fn log_tail(&self, port: u16) -> String {
+        let log = std::fs::read_to_string(self.dir.join(port.to_string()).join("redis.log"))
+            .unwrap_or_else(|e| format!("(no log: {e})"));
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
     }
 
     fn wait_cluster_ok(&self) {
