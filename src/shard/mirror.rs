@@ -301,6 +301,13 @@ pub struct InboxMirror {
     /// acked it out of the store meanwhile, and the devices here are owed it (see `loaded`).
     /// At most `load_limit` per user.
     left_for_read: FastMap<CompactString, BTreeMap<InboxSeq, (StoredMessage, Option<u64>)>>,
+    /// Per user, the end of the last read of the inbox while this node's channel has not
+    /// brought an entry at or past it yet (pushes and reads come on two connections). A push
+    /// at or below it was appended before the read: the read had it (the mirror holds it, or
+    /// a device here acked it) or no longer had it (a device elsewhere acked it): never new.
+    /// Taken in again once acked, it would be sent twice, and after entries that came after
+    /// it (found by a review's per-device order check, two-node seed 8820755702083669164).
+    read_ahead: FastMap<CompactString, InboxSeq>,
     /// The simulation's planted bugs (see [`OrderPlant`]).
     #[cfg(test)]
     plant: OrderPlant,
@@ -318,6 +325,13 @@ pub(crate) enum OrderPlant {
     /// A reload owes nothing of what it no longer has (a device here then misses what a
     /// device on another node acked first).
     OweNoneGone,
+    /// A push that comes after a read past it is taken in (see `read_ahead`).
+    TakeLatePush,
+    /// A reload owes what it lost above an entry left for the next read.
+    OweAheadOfLeft,
+    /// A reload owes what it lost above an entry of its read that waits for its write's
+    /// answer (it looks only at entries waiting on past the read's end, as before).
+    OweAheadOfWaiting,
     /// Entries pushed after an entry known missing are shown (the rule of `missing`).
     ShowPastMissing,
     /// A resent cid pays the send limit like a new one (the rule of `is_resend`).
@@ -373,6 +387,7 @@ impl InboxMirror {
             unanswered: FastMap::default(),
             waiting: FastMap::default(),
             left_for_read: FastMap::default(),
+            read_ahead: FastMap::default(),
             #[cfg(test)]
             plant: OrderPlant::None,
         }
@@ -473,6 +488,7 @@ impl InboxMirror {
         self.missing.remove(user);
         self.waiting.remove(user);
         self.left_for_read.remove(user);
+        self.read_ahead.remove(user);
         self.forget_unpushed(user);
         self.confirmed.remove(user);
         let tail = self.tails.remove(user);
@@ -499,6 +515,7 @@ impl InboxMirror {
         // Whatever was missing, the read (or its retry) brings, in order. A load the queue
         // refuses fails (`store_refused`) and is retried.
         self.missing.remove(user);
+        self.read_ahead.remove(user);
         self.forget_unpushed(user);
         let loading = Loading {
             token,
@@ -680,6 +697,15 @@ impl InboxMirror {
         {
             return Err(format!(
                 "entries left for a read of {user}, who has no mirror"
+            ));
+        }
+        if let Some(user) = self
+            .read_ahead
+            .keys()
+            .find(|u| !matches!(self.mirrors.get(u), Some(Mirror::Ready { .. })))
+        {
+            return Err(format!(
+                "a read's end kept for {user}, whose mirror is not read"
             ));
         }
         if (loading, failed) != (self.loads.len(), self.retries.len()) {
@@ -1114,7 +1140,20 @@ impl InboxMirror {
         let current = self.epoch;
         match self.mirrors.get(&user) {
             // (No mirror is read before the first epoch: see `load`.)
-            Some(Mirror::Ready { epoch }) if *epoch == current => {}
+            Some(Mirror::Ready { epoch }) if *epoch == current => {
+                if let Some(&end) = self.read_ahead.get(&user) {
+                    if seq >= end {
+                        self.read_ahead.remove(&user); // the channel caught up with the read
+                    }
+                    #[cfg(test)]
+                    let planted = self.plant == OrderPlant::TakeLatePush;
+                    #[cfg(not(test))]
+                    let planted = false;
+                    if seq <= end && !planted {
+                        return;
+                    }
+                }
+            }
             Some(Mirror::Loading) if self.loads[&user].epoch == current => {}
             // A failed load that reads everything when retried, or a mirror of an earlier
             // epoch (being reloaded since the resync): that read brings it, unless a device
@@ -1403,6 +1442,9 @@ impl InboxMirror {
             }
         }
         let held = self.inbox.replace_user(&user, shown, now);
+        if let Some(end) = read_end.filter(|end| pushes.iter().all(|(s, _)| s < end)) {
+            self.read_ahead.insert(user.clone(), end);
+        }
         // What this node knew of and the read no longer has: a device on another node acked it
         // (`XDEL`) meanwhile. Each device here that was not sent it is owed it (each connected
         // device gets every message): the entries the mirror held, those it left for this
@@ -1420,6 +1462,8 @@ impl InboxMirror {
             *during = None;
             newer
         });
+        // What is left is judged by the next read; nothing above it may be owed before it.
+        let first_left = left.keys().next().copied();
         if !left.is_empty() {
             self.left_for_read.insert(user.clone(), left);
         }
@@ -1438,11 +1482,25 @@ impl InboxMirror {
             .filter(|(seq, _)| read.binary_search(seq).is_err() && !acked.contains(seq))
             .filter(|(seq, _)| before_read(seq) || !kept_on(seq))
             .collect();
-        // One above an entry that waits on (past the read's end, for its write's answer)
-        // waits behind it: owed now, it would overtake it (found by a review, two-node seed
-        // 10743492468318333425). Let in later, it is sent like any entry (its ack removes
-        // nothing in Redis, so tells nothing).
-        let first_waiting = before.keys().find(|seq| !before_read(seq)).copied();
+        // One above an entry left for the next read (pushed during this load past its read's
+        // end) is judged by that read too: owed now, it would overtake it (found by the
+        // review's per-device order check, two-node seed 2061169335744875953).
+        #[cfg(test)]
+        let first_left = first_left.filter(|_| !self.planted(OrderPlant::OweAheadOfLeft));
+        let judged_now = first_left.map_or(gone.len(), |l| gone.partition_point(|(s, _)| *s < l));
+        for (seq, m) in gone.split_off(judged_now) {
+            self.leave_for_read(user.clone(), seq, m);
+        }
+        // One above an entry that waits (for its write's answer: read now, or waiting on past
+        // the read's end) waits behind it: owed now, it would overtake it (found by a review,
+        // two-node seeds 10743492468318333425, and 3143267144307512625 for one in the read).
+        // Let in later, it is sent like any entry (its ack removes nothing in Redis, so tells
+        // nothing).
+        let read_waiting = self.waiting.get(&user).and_then(|w| w.keys().next());
+        #[cfg(test)]
+        let read_waiting = read_waiting.filter(|_| !self.planted(OrderPlant::OweAheadOfWaiting));
+        let waiting_on = before.keys().find(|seq| !before_read(seq));
+        let first_waiting = read_waiting.into_iter().chain(waiting_on).min().copied();
         let behind = first_waiting.map_or(gone.len(), |w| gone.partition_point(|(s, _)| *s < w));
         let wait_behind = gone.split_off(behind);
         #[cfg(test)]

@@ -203,6 +203,15 @@ pub(crate) enum Plant {
     /// A reload owes nothing of what the store no longer has (`OrderPlant::OweNoneGone`): a
     /// device misses what a device on another node acked first.
     OweNoneGone,
+    /// A push that comes after a read of the inbox past it is taken in
+    /// (`OrderPlant::TakeLatePush`): sent after what came after it, or sent again.
+    TakeLatePush,
+    /// A reload owes what it lost above an entry left for the next read
+    /// (`OrderPlant::OweAheadOfLeft`).
+    OweAheadOfLeft,
+    /// A reload owes what it lost above an entry of its read that waits for its write's
+    /// answer (`OrderPlant::OweAheadOfWaiting`).
+    OweAheadOfWaiting,
     /// The store without the order fix: no watermark (issue 15's hole; a resolve then
     /// answers "not landed" for a write that may still land).
     NoFence,
@@ -617,6 +626,16 @@ struct Device {
     welcomed: Option<u64>,
     /// Every (sender, cid) this connection was sent.
     got: BTreeSet<(usize, usize)>,
+    /// The same, in the order of their first copies on this connection: what its screen
+    /// shows (the client drops a copy it has shown).
+    shown_here: Vec<(usize, usize)>,
+}
+
+/// What a device that went showed: (sender, cid) in order.
+struct GoneDevice {
+    user: usize,
+    shard: usize,
+    shown: Vec<(usize, usize)>,
 }
 
 impl Device {
@@ -630,6 +649,7 @@ impl Device {
             unacked: BTreeMap::new(),
             welcomed: None,
             got: BTreeSet::new(),
+            shown_here: Vec::new(),
         }
     }
 }
@@ -665,6 +685,11 @@ pub(crate) struct Counts {
     pub node_deaths: u64,
     /// Entries written by one simulated node and pushed to another (multi-node runs).
     pub cross_node_pushes: u64,
+    /// Resyncs in the middle of a run (`Sim::resyncs`).
+    pub resyncs: u64,
+    /// `msg` frames of a message a device was sent again after it had acked it: allowed
+    /// (delivery is at-least-once; the client drops a `(from, cid)` it has shown), counted.
+    pub sent_again_after_ack: u64,
 }
 
 /// Which store stands at the far end of the shards' store links.
@@ -748,6 +773,13 @@ pub(crate) struct Sim {
     /// entry appended and acked by a device on another node while this node could not hear
     /// it (its load failed, or came after) never reaches it (docs/protocol.md).
     heard: BTreeSet<(usize, usize, usize, usize)>,
+    /// Devices gone (closed, or dead with their node), for the per-device order check at
+    /// the end.
+    gone_devices: Vec<GoneDevice>,
+    /// Whether shards resync now and then in the middle of a run (Redis runs): a lease
+    /// found lapsed, or the node's channel subscribed again with what was published
+    /// meanwhile lost (`Sim::with_resyncs`).
+    resyncs: bool,
     conv: BTreeMap<(usize, usize), Conversation>,
     /// (sender, recipient, cid) a device of the recipient acked: safe without the store.
     acked: BTreeSet<(usize, usize, usize)>,
@@ -806,6 +838,13 @@ impl Sim {
     /// shard there.
     pub(crate) fn with_nodes(seed: u64, plant: Plant, nodes: usize) -> Sim {
         Sim::build_nodes(seed, plant, SHARDS, nodes, StoreKind::Redis)
+    }
+
+    /// As [`Sim::with_nodes`], with shards resyncing in the middle of runs.
+    pub(crate) fn with_resyncs(seed: u64, plant: Plant, nodes: usize) -> Sim {
+        let mut sim = Sim::with_nodes(seed, plant, nodes);
+        sim.resyncs = true;
+        sim
     }
 
     fn build(seed: u64, plant: Plant, shards: usize, kind: StoreKind) -> Sim {
@@ -898,6 +937,8 @@ impl Sim {
             recipients: (0..RECIPIENTS).map(|r| format!("r{r}")).collect(),
             devices: Vec::new(),
             heard: BTreeSet::new(),
+            gone_devices: Vec::new(),
+            resyncs: false,
             conv: BTreeMap::new(),
             acked: BTreeSet::new(),
             msg_frames: 0,
@@ -1052,7 +1093,13 @@ impl Sim {
         // nothing is pushed to a dead run).
         self.model.located.retain(|(_, n)| *n != node);
         self.closing.retain(|c| !shards.contains(&c.shard));
-        self.devices.retain(|d| !shards.contains(&d.shard));
+        let (dead, alive) = std::mem::take(&mut self.devices)
+            .into_iter()
+            .partition(|d| shards.contains(&d.shard));
+        self.devices = alive;
+        for d in dead {
+            self.device_gone(d);
+        }
         self.heard.retain(|(k, ..)| !shards.contains(k));
         for s in 0..self.senders.len() {
             if !shards.contains(&self.senders[s].shard) {
@@ -1129,6 +1176,9 @@ impl Sim {
         self.counts.steps += 1;
         if faults && self.node_deaths && self.rng.below(2_000) == 0 {
             self.node_dies();
+        }
+        if faults && self.resyncs && self.rng.below(400) == 0 {
+            self.shard_resyncs();
         }
         match self.rng.below(12) {
             0 => self.sender_acts(),
@@ -1691,7 +1741,8 @@ impl Sim {
                     panic!("a device handed off to shard {to}: it is on its home shard")
                 }
                 ConnPoll::Close => {
-                    self.devices.swap_remove(i);
+                    let d = self.devices.swap_remove(i);
+                    self.device_gone(d);
                 }
             }
         }
@@ -1845,7 +1896,12 @@ impl Sim {
                     }
                 }
                 let d = &mut self.devices[i];
-                d.got.insert((s, cid));
+                if d.got.insert((s, cid)) {
+                    d.shown_here.push((s, cid));
+                } else if seq > last_seq && !d.unacked.values().any(|m| *m == (s, cid)) {
+                    // A new frame of what this connection was sent and acked.
+                    self.counts.sent_again_after_ack += 1;
+                }
                 d.unacked.insert(seq, (s, cid));
                 if faults && self.rng.below(100) < 10 {
                     self.counts.acks_lost += 1;
@@ -1920,6 +1976,8 @@ impl Sim {
 
     /// The invariants, once settled.
     fn check(&mut self) -> Result<(), String> {
+        // Per conversation, the cids the order check leaves out (the live path's known gap).
+        let mut gaps: BTreeMap<(usize, usize), BTreeSet<usize>> = BTreeMap::new();
         for ((s, r), c) in &self.conv {
             self.counts.checks += 4;
             let accepted: Vec<usize> = c.accepted.iter().map(|(cid, _)| *cid).collect();
@@ -1950,9 +2008,12 @@ impl Sim {
                 .collect();
             self.counts.live_told_other += told_other.len() as u64;
             self.counts.shown_live += c.shown_live.len() as u64;
-            let gap = |cid: &usize| c.shown_then_refused.contains(cid) || told_other.contains(cid);
+            let gap: BTreeSet<usize> = c.shown_then_refused.union(&told_other).copied().collect();
             let ordered = |cids: &[usize]| -> Vec<usize> {
-                cids.iter().copied().filter(|cid| !gap(cid)).collect()
+                cids.iter()
+                    .copied()
+                    .filter(|cid| !gap.contains(cid))
+                    .collect()
             };
             if ordered(&shown) != ordered(&accepted) {
                 if trace() {
@@ -1963,7 +2024,7 @@ impl Sim {
                     "s{s}->r{r}: shown in the order {shown:?}, accepted in the order {accepted:?}"
                 ));
             }
-            for (cid, id) in c.shown.iter().filter(|(cid, _)| !gap(cid)) {
+            for (cid, id) in c.shown.iter().filter(|(cid, _)| !gap.contains(cid)) {
                 let told = c.accepted.iter().find(|(a, _)| a == cid).map(|(_, id)| *id);
                 if told != Some(*id) {
                     return Err(format!(
@@ -1971,8 +2032,75 @@ impl Sim {
                     ));
                 }
             }
+            gaps.insert((*s, *r), gap);
         }
+        self.each_device_showed_in_accepted_order(&gaps)?;
         self.check_mirror_states()
+    }
+
+    /// Each device (connected or gone) showed each sender's messages in the order that
+    /// sender was told `accepted`: the check above reads the first copy of each message
+    /// the user was shown on any device; a device's own screen must be in order too (it
+    /// may lack some: it came late, or went).
+    fn each_device_showed_in_accepted_order(
+        &mut self,
+        gaps: &BTreeMap<(usize, usize), BTreeSet<usize>>,
+    ) -> Result<(), String> {
+        let connected = self
+            .devices
+            .iter()
+            .map(|d| (d.user, d.shard, &d.shown_here));
+        let gone = self
+            .gone_devices
+            .iter()
+            .map(|d| (d.user, d.shard, &d.shown));
+        for (user, shard, shown) in connected.chain(gone) {
+            for ((s, _), c) in self.conv.iter().filter(|((_, r), _)| *r == user) {
+                self.counts.checks += 1;
+                let place = |cid: &usize| c.accepted.iter().position(|(a, _)| a == cid);
+                let cids: Vec<usize> = shown
+                    .iter()
+                    .filter(|(from, cid)| from == s && !gaps[&(*s, user)].contains(cid))
+                    .map(|(_, cid)| *cid)
+                    .collect();
+                if cids.windows(2).any(|w| place(&w[0]) > place(&w[1])) {
+                    return Err(format!(
+                        "a device of r{user} on shard {shard} showed s{s}'s cids in the order \
+                         {cids:?}, accepted in the order {:?}",
+                        c.accepted.iter().map(|(cid, _)| *cid).collect::<Vec<_>>()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A device's connection closed (or died with its node): what it showed is kept for
+    /// the per-device order check.
+    fn device_gone(&mut self, d: Device) {
+        self.gone_devices.push(GoneDevice {
+            user: d.user,
+            shard: d.shard,
+            shown: d.shown_here,
+        });
+    }
+
+    /// A shard of a Redis run resyncs (`Sim::resyncs`): half the time its lease was found
+    /// lapsed (the resync comes on the answers' path; pushes on their way still come), half
+    /// the time its node's channel was subscribed again (what it had not delivered yet is
+    /// lost, then the resync).
+    fn shard_resyncs(&mut self) {
+        if self.kind != StoreKind::Redis {
+            return;
+        }
+        let k = self.pick_shard();
+        self.counts.resyncs += 1;
+        if self.rng.below(2) == 0 {
+            self.to_shard[k].push_back(StoreReply::Resync);
+        } else {
+            self.channel[k].clear();
+            self.channel[k].push_back(StoreReply::Resync);
+        }
     }
 
     /// Each shard's mirrors and what their states keep beside them agree (after every faulty
@@ -2029,6 +2157,9 @@ fn boot_node(
             Plant::LimitResends => Some(OrderPlant::LimitResends),
             Plant::OweNothing => Some(OrderPlant::OweNothing),
             Plant::OweNoneGone => Some(OrderPlant::OweNoneGone),
+            Plant::TakeLatePush => Some(OrderPlant::TakeLatePush),
+            Plant::OweAheadOfLeft => Some(OrderPlant::OweAheadOfLeft),
+            Plant::OweAheadOfWaiting => Some(OrderPlant::OweAheadOfWaiting),
             Plant::LivePastUnsure => Some(OrderPlant::LivePastUnsure),
             Plant::LivePastUnpushed => Some(OrderPlant::LivePastUnpushed),
             Plant::LiveUnconfirmed => Some(OrderPlant::LiveUnconfirmed),
@@ -2216,6 +2347,8 @@ fn sweep_with(
         total.mesh_full += c.mesh_full + sim.metrics.iter().map(|m| m.mesh_full.get()).sum::<u64>();
         total.node_deaths += c.node_deaths;
         total.cross_node_pushes += sim.model.cross_node_pushes;
+        total.resyncs += c.resyncs;
+        total.sent_again_after_ack += c.sent_again_after_ack;
     }
     Ok(total)
 }
@@ -2550,6 +2683,64 @@ mod tests {
         assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
     }
 
+    /// A plant each device's screen finds and the order of first copies does not (another
+    /// device of the user showed the message first, in its place): replayed by the seed
+    /// that found the hole (a review's per-device check, 2026-12-06, one or two in 5,000
+    /// two-node seeds each), holding without the plant.
+    fn a_device_shows_out_of_order_with(plant: Plant, seed: u64) {
+        let e = Sim::with_nodes(seed, plant, 2)
+            .run(3_000)
+            .expect_err("the plant was not found by its seed");
+        assert!(
+            e.contains("a device of") && e.contains("showed"),
+            "{plant:?} broke another rule: {e}"
+        );
+        let fixed = Sim::with_nodes(seed, Plant::None, 2).run(3_000);
+        assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
+    }
+
+    /// f0's 2 was acked by a device on node B before node A read the inbox, and its push
+    /// reached A after the read (which had 3); A's device had acked 3, the mirror was empty,
+    /// and 2 was taken in: shown after 3.
+    #[test]
+    fn two_nodes_a_push_that_comes_after_a_read_past_it_is_not_taken_in() {
+        a_device_shows_out_of_order_with(Plant::TakeLatePush, 8820755702083669164);
+    }
+
+    /// A reload's read was empty; pushes of s1's 21 and 22 had come during it, past its end
+    /// (left for the next read), while 17 and 19, above them, were held and gone: owed at
+    /// once, a device showed 17 and 19 before 21 and 22.
+    #[test]
+    fn two_nodes_a_reload_owes_nothing_above_what_the_next_read_judges() {
+        a_device_shows_out_of_order_with(Plant::OweAheadOfLeft, 2061169335744875953);
+    }
+
+    /// A reload read s0's 22, whose write (landed late) waited for its resolve; 17 and 25,
+    /// above it, were gone (acked on the other node): owed at once, a device showed them
+    /// before 22.
+    #[test]
+    fn two_nodes_a_reload_owes_nothing_above_an_entry_of_its_read_that_waits() {
+        a_device_shows_out_of_order_with(Plant::OweAheadOfWaiting, 3143267144307512625);
+    }
+
+    /// Shards also resync in the middle of runs (a lease found lapsed; the channel
+    /// subscribed again, losing what it had not delivered): a review's addition, which found
+    /// that a load replaced by a resync dropped what it had been pushed (seed
+    /// 6424213191511302372, fixed 2026-12-06).
+    #[test]
+    fn two_nodes_with_resyncs() {
+        let count = TWO_NODE_SEEDS / 4;
+        match sweep_with(count, 3_000, |seed| Sim::with_resyncs(seed, Plant::None, 2)) {
+            Ok(c) => println!(
+                "simulation (two nodes, resyncs): {} seeds, {c:?}",
+                seeds(count).len()
+            ),
+            Err((seed, e)) => panic!(
+                "seed {seed} failed (two nodes, resyncs): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::two_nodes_with_resyncs"
+            ),
+        }
+    }
+
     /// Finds a seed for a replay test of a rare plant: `RINGGATE_SIM_PLANT=TopByIdOnly` (or
     /// `LivePastUnsure`) `RINGGATE_SIM_SEEDS=30000 cargo test --release --lib
     /// sim::tests::seed_for_a_plant -- --ignored --nocapture`: the first two-node seed that
@@ -2561,8 +2752,12 @@ mod tests {
             Ok("TopByIdOnly") => Plant::TopByIdOnly,
             Ok("LivePastUnsure") => Plant::LivePastUnsure,
             Ok("LiveUnconfirmed") => Plant::LiveUnconfirmed,
+            Ok("TakeLatePush") => Plant::TakeLatePush,
+            Ok("OweAheadOfLeft") => Plant::OweAheadOfLeft,
+            Ok("OweAheadOfWaiting") => Plant::OweAheadOfWaiting,
             other => panic!(
-                "RINGGATE_SIM_PLANT: TopByIdOnly, LivePastUnsure or LiveUnconfirmed, not {other:?}"
+                "RINGGATE_SIM_PLANT: TopByIdOnly, LivePastUnsure, LiveUnconfirmed, TakeLatePush, \
+                 OweAheadOfLeft or OweAheadOfWaiting, not {other:?}"
             ),
         };
         for seed in seeds(TWO_NODE_SEEDS) {
