@@ -301,12 +301,13 @@ pub struct InboxMirror {
     /// acked it out of the store meanwhile, and the devices here are owed it (see `loaded`).
     /// At most `load_limit` per user.
     left_for_read: FastMap<CompactString, BTreeMap<InboxSeq, (StoredMessage, Option<u64>)>>,
-    /// Per user, the end of the last read of the inbox while this node's channel has not
+    /// Per user, the end of the furthest read of the inbox while this node's channel has not
     /// brought an entry at or past it yet (pushes and reads come on two connections). A push
-    /// at or below it was appended before the read: the read had it (the mirror holds it, or
-    /// a device here acked it) or no longer had it (a device elsewhere acked it): never new.
-    /// Taken in again once acked, it would be sent twice, and after entries that came after
-    /// it (found by a review's per-device order check, two-node seed 8820755702083669164).
+    /// at or below it was appended before that read: the read had it (the mirror holds it,
+    /// or a device here acked it) or no longer had it (a device elsewhere acked it): never
+    /// new, also while the next read is out. Taken in again once acked, it would be sent
+    /// twice, and after entries that came after it (found by a review's per-device order
+    /// check, two-node seed 8820755702083669164).
     read_ahead: FastMap<CompactString, InboxSeq>,
     /// The simulation's planted bugs (see [`OrderPlant`]).
     #[cfg(test)]
@@ -515,7 +516,6 @@ impl InboxMirror {
         // Whatever was missing, the read (or its retry) brings, in order. A load the queue
         // refuses fails (`store_refused`) and is retried.
         self.missing.remove(user);
-        self.read_ahead.remove(user);
         self.forget_unpushed(user);
         let loading = Loading {
             token,
@@ -702,11 +702,9 @@ impl InboxMirror {
         if let Some(user) = self
             .read_ahead
             .keys()
-            .find(|u| !matches!(self.mirrors.get(u), Some(Mirror::Ready { .. })))
+            .find(|u| !self.mirrors.contains_key(u))
         {
-            return Err(format!(
-                "a read's end kept for {user}, whose mirror is not read"
-            ));
+            return Err(format!("a read's end kept for {user}, who has no mirror"));
         }
         if (loading, failed) != (self.loads.len(), self.retries.len()) {
             return Err(format!(
@@ -1137,23 +1135,23 @@ impl InboxMirror {
         if !self.unpushed.is_empty() {
             self.unpushed.remove(&msg.id);
         }
+        // Whatever the mirror's state: a read since has judged it (see `read_ahead`).
+        if let Some(&end) = self.read_ahead.get(&user) {
+            if seq >= end {
+                self.read_ahead.remove(&user); // the channel caught up with the read
+            }
+            #[cfg(test)]
+            let planted = self.plant == OrderPlant::TakeLatePush;
+            #[cfg(not(test))]
+            let planted = false;
+            if seq <= end && !planted {
+                return;
+            }
+        }
         let current = self.epoch;
         match self.mirrors.get(&user) {
             // (No mirror is read before the first epoch: see `load`.)
-            Some(Mirror::Ready { epoch }) if *epoch == current => {
-                if let Some(&end) = self.read_ahead.get(&user) {
-                    if seq >= end {
-                        self.read_ahead.remove(&user); // the channel caught up with the read
-                    }
-                    #[cfg(test)]
-                    let planted = self.plant == OrderPlant::TakeLatePush;
-                    #[cfg(not(test))]
-                    let planted = false;
-                    if seq <= end && !planted {
-                        return;
-                    }
-                }
-            }
+            Some(Mirror::Ready { epoch }) if *epoch == current => {}
             Some(Mirror::Loading) if self.loads[&user].epoch == current => {}
             // A failed load that reads everything when retried, or a mirror of an earlier
             // epoch (being reloaded since the resync): that read brings it, unless a device
@@ -1442,8 +1440,10 @@ impl InboxMirror {
             }
         }
         let held = self.inbox.replace_user(&user, shown, now);
+        // (A push at or past the end came during the load: the channel has caught up.)
         if let Some(end) = read_end.filter(|end| pushes.iter().all(|(s, _)| s < end)) {
-            self.read_ahead.insert(user.clone(), end);
+            let mark = self.read_ahead.entry(user.clone()).or_insert(end);
+            *mark = (*mark).max(end);
         }
         // What this node knew of and the read no longer has: a device on another node acked it
         // (`XDEL`) meanwhile. Each device here that was not sent it is owed it (each connected
@@ -1856,6 +1856,96 @@ mod tests {
         m.loaded("bob".into(), token, read, NOW, WALL);
         let gone = owed(&m.take_effects());
         assert_eq!(gone, vec![(60, "p".to_string()), (70, "p".to_string())]);
+    }
+
+    /// A push that comes after a read past it (pushes and reads come on two connections):
+    /// the read had it (a device here acked it since) or no longer had it (a device on another
+    /// node acked it first). Either way it is not taken in, also while the next read is out;
+    /// taken in, it would be sent again, or after what came after it. The first push at or
+    /// past the read's end ends the rule.
+    #[test]
+    fn a_push_that_comes_after_a_read_past_it_is_not_taken_in() {
+        for plant in [OrderPlant::None, OrderPlant::TakeLatePush] {
+            let mut m = bob_loaded();
+            m.plant_order_bug(plant);
+            assert!(m.remove_acked("bob", 10) && m.remove_acked("bob", 20));
+            m.pushed("bob".into(), 15, message(15, "x").stored(), NOW, WALL);
+            if plant == OrderPlant::TakeLatePush {
+                assert_eq!(mirrored(&m), vec![15], "the plant takes it in");
+                continue;
+            }
+            assert!(mirrored(&m).is_empty());
+            m.resynced();
+            let token = load_token(&mut m);
+            m.pushed("bob".into(), 18, message(18, "y").stored(), NOW, WALL);
+            bob_reads(&mut m, token, &[]);
+            assert!(
+                owed(&m.take_effects()).is_empty(),
+                "18 was never known here"
+            );
+            m.pushed("bob".into(), 30, message(30, "c").stored(), NOW, WALL);
+            m.pushed("bob".into(), 25, message(25, "z").stored(), NOW, WALL);
+            assert_eq!(mirrored(&m), vec![30], "a push past the read is new");
+            assert!(m.read_ahead.is_empty());
+        }
+    }
+
+    /// A reload reads an entry of this shard's write whose answer has not come (it waits for
+    /// it); what it lost above that entry waits behind it, what it lost below is owed now.
+    /// Owed at once, 30 and 40 would be shown before 25 (two-node seed 3143267144307512625).
+    #[test]
+    fn a_reload_owes_nothing_above_an_entry_of_its_read_that_waits() {
+        for plant in [OrderPlant::None, OrderPlant::OweAheadOfWaiting] {
+            let mut m = bob_loaded();
+            m.plant_order_bug(plant);
+            m.pushed("bob".into(), 30, message(30, "c").stored(), NOW, WALL);
+            m.pushed("bob".into(), 40, message(40, "d").stored(), NOW, WALL);
+            m.deliver(message(25, "w"), NOW, true);
+            let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
+            m.resynced();
+            let token = load_token(&mut m);
+            bob_reads(&mut m, token, &[(25, "w")]);
+            let now_owed: Vec<InboxSeq> = owed(&m.take_effects()).iter().map(|e| e.0).collect();
+            if plant == OrderPlant::OweAheadOfWaiting {
+                assert_eq!(now_owed, vec![10, 20, 30, 40], "the plant owes all at once");
+                continue;
+            }
+            assert_eq!(now_owed, vec![10, 20]);
+            assert!(
+                mirrored(&m).is_empty(),
+                "25 waits for its answer, 30 and 40 behind it"
+            );
+            m.appended(write, stored(), NOW, WALL);
+            assert_eq!(mirrored(&m), vec![25, 30, 40]);
+        }
+    }
+
+    /// A reload owes nothing above an entry left for the next read (pushed during this load,
+    /// past its read's end): that read judges it, and what lies above it with it. Owed at
+    /// once, 40 would be shown before 30 (two-node seed 2061169335744875953).
+    #[test]
+    fn a_reload_owes_nothing_above_what_the_next_read_judges() {
+        for plant in [OrderPlant::None, OrderPlant::OweAheadOfLeft] {
+            let mut m = bob_loaded();
+            m.plant_order_bug(plant);
+            m.pushed("bob".into(), 40, message(40, "d").stored(), NOW, WALL);
+            m.resynced();
+            let token = load_token(&mut m);
+            // As a push the loading mirror could not take in (one missing before it).
+            m.leave_for_read("bob".into(), 30, message(30, "c").stored());
+            bob_reads(&mut m, token, &[]);
+            let now_owed: Vec<InboxSeq> = owed(&m.take_effects()).iter().map(|e| e.0).collect();
+            if plant == OrderPlant::OweAheadOfLeft {
+                assert_eq!(now_owed, vec![10, 20, 40], "the plant owes 40 before 30");
+                continue;
+            }
+            assert_eq!(now_owed, vec![10, 20]);
+            m.resynced();
+            let token = load_token(&mut m);
+            bob_reads(&mut m, token, &[]);
+            let later: Vec<InboxSeq> = owed(&m.take_effects()).iter().map(|e| e.0).collect();
+            assert_eq!(later, vec![30, 40]);
+        }
     }
 
     /// A mirror through its states (loading, failed, loading again, ready, gone) keeps beside
