@@ -662,6 +662,12 @@ impl InboxMirror {
         }
     }
 
+    /// A read of `user`'s inbox went past `seq` before its push came (see `read_ahead`).
+    #[cfg(test)]
+    pub(crate) fn read_past(&self, user: &str, seq: InboxSeq) -> bool {
+        self.read_ahead.get(user).is_some_and(|end| *end >= seq)
+    }
+
     /// The token of `user`'s load in flight.
     #[cfg(test)]
     pub(crate) fn load_awaited(&self, user: &str) -> Option<u64> {
@@ -1462,8 +1468,6 @@ impl InboxMirror {
             *during = None;
             newer
         });
-        // What is left is judged by the next read; nothing above it may be owed before it.
-        let first_left = left.keys().next().copied();
         if !left.is_empty() {
             self.left_for_read.insert(user.clone(), left);
         }
@@ -1476,52 +1480,16 @@ impl InboxMirror {
         // Past the read's end, what waited waits on and what was pushed goes in (below).
         let kept_on =
             |seq: &InboxSeq| before.contains_key(seq) || pushes.iter().any(|(s, _)| s == seq);
-        let mut gone: Vec<(InboxSeq, StoredMessage)> = known
+        let gone: Vec<(InboxSeq, StoredMessage)> = known
             .into_iter()
             .filter(|(seq, _)| read_all || before_read(seq))
             .filter(|(seq, _)| read.binary_search(seq).is_err() && !acked.contains(seq))
             .filter(|(seq, _)| before_read(seq) || !kept_on(seq))
             .collect();
-        // One above an entry left for the next read (pushed during this load past its read's
-        // end) is judged by that read too: owed now, it would overtake it (found by the
-        // review's per-device order check, two-node seed 2061169335744875953).
-        #[cfg(test)]
-        let first_left = first_left.filter(|_| !self.planted(OrderPlant::OweAheadOfLeft));
-        let judged_now = first_left.map_or(gone.len(), |l| gone.partition_point(|(s, _)| *s < l));
-        for (seq, m) in gone.split_off(judged_now) {
-            self.leave_for_read(user.clone(), seq, m);
-        }
-        // One above an entry that waits (for its write's answer: read now, or waiting on past
-        // the read's end) waits behind it: owed now, it would overtake it (found by a review,
-        // two-node seeds 10743492468318333425, and 3143267144307512625 for one in the read).
-        // Let in later, it is sent like any entry (its ack removes nothing in Redis, so tells
-        // nothing).
-        let read_waiting = self.waiting.get(&user).and_then(|w| w.keys().next());
-        #[cfg(test)]
-        let read_waiting = read_waiting.filter(|_| !self.planted(OrderPlant::OweAheadOfWaiting));
-        let waiting_on = before.keys().find(|seq| !before_read(seq));
-        let first_waiting = read_waiting.into_iter().chain(waiting_on).min().copied();
-        let behind = first_waiting.map_or(gone.len(), |w| gone.partition_point(|(s, _)| *s < w));
-        let wait_behind = gone.split_off(behind);
-        #[cfg(test)]
-        let gone = if self.planted(OrderPlant::OweNoneGone) {
-            Vec::new()
-        } else {
-            gone
-        };
-        if !gone.is_empty() {
-            self.out.push(MirrorEffect::Owed {
-                user: user.clone(),
-                entries: gone,
-            });
-        }
         for (seq, (m, awaited)) in before {
             if read_end.is_none_or(|end| seq > end) {
                 self.wait(user.clone(), seq, m, awaited);
             }
-        }
-        for (seq, m) in wait_behind {
-            self.wait(user.clone(), seq, m, None);
         }
         // Pushed while loading (judged when they came): those past the read are new
         // (the rest it read); behind a waiting entry they wait too.
@@ -1538,8 +1506,55 @@ impl InboxMirror {
             }
         }
         self.release_waiting(user.clone(), now, wall);
+        self.owe_gone(user.clone(), gone);
         self.out.push(MirrorEffect::Feed(user.clone()));
         self.out.push(MirrorEffect::Loaded(user));
+    }
+
+    /// Owe `user`'s devices here what a read lost (`gone`, in seq order), but only what lies
+    /// below the first entry of the user still on its way into the mirror: owed now, one above
+    /// it would overtake it on a device (found by a review's per-device order check, two-node
+    /// seeds 10743492468318333425, 3143267144307512625, 2061169335744875953 and
+    /// 11461949646555690551). Above an entry that waits for its write's answer it waits
+    /// behind it (let in later, it is sent like any entry; its ack removes nothing in Redis,
+    /// so tells nothing); above one left for the next read, that read judges it too.
+    fn owe_gone(&mut self, user: CompactString, mut gone: Vec<(InboxSeq, StoredMessage)>) {
+        let first_waiting = self
+            .waiting
+            .get(&user)
+            .and_then(|w| w.keys().next())
+            .copied();
+        let first_left = (self.left_for_read.get(&user)).and_then(|l| l.keys().next().copied());
+        #[cfg(test)]
+        let first_waiting = first_waiting.filter(|_| !self.planted(OrderPlant::OweAheadOfWaiting));
+        #[cfg(test)]
+        let first_left = first_left.filter(|_| !self.planted(OrderPlant::OweAheadOfLeft));
+        let owe_below = first_waiting.into_iter().chain(first_left).min();
+        let later = owe_below.map_or(Vec::new(), |below| {
+            gone.split_off(gone.partition_point(|(seq, _)| *seq < below))
+        });
+        for (seq, m) in later {
+            if first_left.is_some_and(|left| seq >= left) {
+                // Missing until that read: a push after it, let in now, would pass it.
+                self.reload_wanted.insert(user.clone());
+                self.missing.insert(user.clone());
+                self.leave_for_read(user.clone(), seq, m);
+            } else {
+                self.wait(user.clone(), seq, m, None);
+            }
+        }
+        #[cfg(test)]
+        let gone = if self.planted(OrderPlant::OweNoneGone) {
+            Vec::new()
+        } else {
+            gone
+        };
+        if !gone.is_empty() {
+            self.out.push(MirrorEffect::Owed {
+                user,
+                entries: gone,
+            });
+        }
     }
 }
 

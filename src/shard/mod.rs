@@ -1276,11 +1276,14 @@ impl Shard {
         self.mirror.load_awaited(user)
     }
 
-    /// `user`'s mirror here holds an entry after `seq` but not `seq` itself: a push of `seq`
-    /// now comes too late to be shown in order.
+    /// `user`'s mirror here holds an entry after `seq` but not `seq` itself, or read the
+    /// inbox past `seq` (`read_ahead`): a push of `seq` now comes too late to be shown in
+    /// order.
     pub(crate) fn mirror_passed(&self, user: &str, seq: crate::store::InboxSeq) -> bool {
         let inbox = self.mirror.inbox();
-        inbox.newest(user).is_some_and(|newest| newest > seq) && !inbox.holds(user, seq)
+        let passed = inbox.newest(user).is_some_and(|newest| newest > seq)
+            || self.mirror.read_past(user, seq);
+        passed && !inbox.holds(user, seq)
     }
 }
 

@@ -2709,10 +2709,13 @@ mod tests {
 
     /// A reload's read was empty; pushes of s1's 21 and 22 had come during it, past its end
     /// (left for the next read), while 17 and 19, above them, were held and gone: owed at
-    /// once, a device showed 17 and 19 before 21 and 22.
+    /// once, a device showed 17 and 19 before 21 and 22. Second seed: entries that waited
+    /// during a load were let in after it while the inbox was missing an entry, so left for
+    /// the next read (s1's 27), below what the load owed at once (28 to 35).
     #[test]
     fn two_nodes_a_reload_owes_nothing_above_what_the_next_read_judges() {
         a_device_shows_out_of_order_with(Plant::OweAheadOfLeft, 2061169335744875953);
+        a_device_shows_out_of_order_with(Plant::OweAheadOfLeft, 11461949646555690551);
     }
 
     /// A reload read s0's 22, whose write (landed late) waited for its resolve; 17 and 25,
