@@ -1486,6 +1486,9 @@ impl InboxMirror {
             .filter(|(seq, _)| read.binary_search(seq).is_err() && !acked.contains(seq))
             .filter(|(seq, _)| before_read(seq) || !kept_on(seq))
             .collect();
+        // Owed before anything below goes in and is fed to the devices: owed after, an entry
+        // below one a device was sent counts as passed (two-node seed 17268758816398543147).
+        let owe_at = self.out.len();
         for (seq, (m, awaited)) in before {
             if read_end.is_none_or(|end| seq > end) {
                 self.wait(user.clone(), seq, m, awaited);
@@ -1506,7 +1509,7 @@ impl InboxMirror {
             }
         }
         self.release_waiting(user.clone(), now, wall);
-        self.owe_gone(user.clone(), gone);
+        self.owe_gone(user.clone(), gone, owe_at);
         self.out.push(MirrorEffect::Feed(user.clone()));
         self.out.push(MirrorEffect::Loaded(user));
     }
@@ -1517,8 +1520,14 @@ impl InboxMirror {
     /// seeds 10743492468318333425, 3143267144307512625, 2061169335744875953 and
     /// 11461949646555690551). Above an entry that waits for its write's answer it waits
     /// behind it (let in later, it is sent like any entry; its ack removes nothing in Redis,
-    /// so tells nothing); above one left for the next read, that read judges it too.
-    fn owe_gone(&mut self, user: CompactString, mut gone: Vec<(InboxSeq, StoredMessage)>) {
+    /// so tells nothing); above one left for the next read, that read judges it too. The
+    /// effect goes at `owe_at`, before what the load let in meanwhile is fed.
+    fn owe_gone(
+        &mut self,
+        user: CompactString,
+        mut gone: Vec<(InboxSeq, StoredMessage)>,
+        owe_at: usize,
+    ) {
         let first_waiting = self
             .waiting
             .get(&user)
@@ -1550,10 +1559,11 @@ impl InboxMirror {
             gone
         };
         if !gone.is_empty() {
-            self.out.push(MirrorEffect::Owed {
+            let owed = MirrorEffect::Owed {
                 user,
                 entries: gone,
-            });
+            };
+            self.out.insert(owe_at, owed);
         }
     }
 }
