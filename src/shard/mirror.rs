@@ -696,21 +696,13 @@ impl InboxMirror {
             loading += usize::from(beside.0);
             failed += usize::from(beside.1);
         }
-        if let Some(user) = self
-            .left_for_read
-            .keys()
-            .find(|u| !self.mirrors.contains_key(u))
-        {
+        // What is kept beside the map per user (entries left for a read, a read's end) goes
+        // with the user's mirror.
+        let mut kept = self.left_for_read.keys().chain(self.read_ahead.keys());
+        if let Some(user) = kept.find(|u| !self.mirrors.contains_key(u)) {
             return Err(format!(
-                "entries left for a read of {user}, who has no mirror"
+                "entries left for a read, or a read's end, kept for {user}, who has no mirror"
             ));
-        }
-        if let Some(user) = self
-            .read_ahead
-            .keys()
-            .find(|u| !self.mirrors.contains_key(u))
-        {
-            return Err(format!("a read's end kept for {user}, who has no mirror"));
         }
         if (loading, failed) != (self.loads.len(), self.retries.len()) {
             return Err(format!(
@@ -1533,7 +1525,10 @@ impl InboxMirror {
             .get(&user)
             .and_then(|w| w.keys().next())
             .copied();
-        let first_left = (self.left_for_read.get(&user)).and_then(|l| l.keys().next().copied());
+        let first_left = self
+            .left_for_read
+            .get(&user)
+            .and_then(|l| l.keys().next().copied());
         #[cfg(test)]
         let first_waiting = first_waiting.filter(|_| !self.planted(OrderPlant::OweAheadOfWaiting));
         #[cfg(test)]
