@@ -124,6 +124,7 @@ pub const REDIS_ERRORS: &str = "ringgate_redis_errors_total";
 pub const REDIS_SPILLED_BYTES: &str = "ringgate_redis_spilled_bytes_total";
 pub const REDIS_LOADS: &str = "ringgate_redis_loads_total";
 pub const REDIS_REMOVES_DROPPED: &str = "ringgate_redis_removes_dropped_total";
+pub const REDIS_REMOVES_RETRIED: &str = "ringgate_redis_removes_retried_total";
 pub const INBOX_MIRRORED: &str = "ringgate_inbox_mirrored_entries";
 pub const ROOMS: &str = "ringgate_rooms";
 pub const ROOM_MEMBERS: &str = "ringgate_room_members";
@@ -262,6 +263,7 @@ pub struct ShardMetrics {
     pub redis_spilled_bytes: Counter,
     pub redis_loads: Counter,
     pub redis_removes_dropped: Counter,
+    pub redis_removes_retried: Counter,
     pub inbox_mirrored: Gauge,
     pub live_sends: Counter,
     pub typing: Counter,
@@ -588,9 +590,15 @@ const SERIES: &[(&str, &str, Kind, Read)] = &[
     ),
     (
         REDIS_REMOVES_DROPPED,
-        "Acked entries whose removal could not be queued (redelivered later, deduped by clients).",
+        "Acked entries whose removal was given up: more deletes waited to be sent again than a shard keeps (redelivered later, deduped by clients).",
         Kind::Counter,
         |m| m.redis_removes_dropped.get(),
+    ),
+    (
+        REDIS_REMOVES_RETRIED,
+        "Deletes of acked entries sent again because Redis did not run them (failed, refused by the queue, or answer lost).",
+        Kind::Counter,
+        |m| m.redis_removes_retried.get(),
     ),
     (
         TYPING,

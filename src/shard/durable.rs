@@ -290,7 +290,13 @@ impl Shard {
         let wall = self.clock.wall_ms();
         match reply {
             StoreReply::Appended { msg, result } => self.mirror.appended(*msg, result, now, wall),
-            StoreReply::Removed { ok, report } => self.mirror.removed(ok, report),
+            StoreReply::Removed {
+                user,
+                seq,
+                ran,
+                ok,
+                report,
+            } => self.mirror.removed(user, seq, ran, ok, report),
             StoreReply::Done => {}
             StoreReply::IdSlot { asked_at, answer } => self.on_id_claim(answer, asked_at, now),
             StoreReply::Typing { from, to } => {

@@ -21,8 +21,8 @@
 //!   mirror, so a mirror that may have missed a push never gets later ones before it. A
 //!   reload never brings back an entry acked while it ran.
 //! * An ack removes the entry from the mirror (first device wins, as in embedded mode) and
-//!   from Redis (XDEL, in a later batch; if that cannot be queued the entry is delivered
-//!   again later and the client drops it by `(from, cid)`).
+//!   from Redis (XDEL, in a later batch). A delete Redis did not run is sent again once it
+//!   answers, and no read takes its entry in meanwhile (`unremoved`).
 //! * A device on another node may ack an entry first: this mirror keeps it for its own
 //!   devices. When the mirror is read again, an entry it knew of (held, pushed meanwhile, or
 //!   left for that read in `left_for_read` because it could not take it in then) that the
@@ -115,6 +115,10 @@ const PROBE_MS: u64 = 500;
 /// Writes kept in doubt per pair of users; beyond it, writes to the pair are refused unsent
 /// until a resolve clears them (memory stays bounded while Redis is away).
 const MAX_DOUBTS_PER_PAIR: usize = 1024;
+
+/// Deletes of acked entries kept to be sent again, per shard: past it one is given up
+/// (counted; its entry is delivered again after a reload, and clients drop the copy).
+const MAX_UNREMOVED: usize = 100_000;
 
 /// (recipient, sender): the pair of users whose writes keep their order.
 type Pair = (CompactString, CompactString);
@@ -309,6 +313,17 @@ pub struct InboxMirror {
     /// twice, and after entries that came after it (found by a review's per-device order
     /// check, two-node seed 8820755702083669164).
     read_ahead: FastMap<CompactString, InboxSeq>,
+    /// Per user, acked entries whose delete Redis did not run (it failed, or its answer was
+    /// lost and it may not have), with the `delivered` to tell when a delete removes it. Sent
+    /// again on a tick while Redis is up; no read takes them in. Without
+    /// it a later read brought the entry back: sent again, and on a device already sent later
+    /// entries shown after them (one-node seed 6921874350140192627). Kept when the user
+    /// leaves (the next connection's read must not bring them back either).
+    unremoved: FastMap<CompactString, BTreeMap<InboxSeq, Unremoved>>,
+    /// Some entry of `unremoved` is not on its way.
+    removes_due: bool,
+    /// The entries in `unremoved`, at most `MAX_UNREMOVED`.
+    unremoved_count: usize,
     /// The simulation's planted bugs (see [`OrderPlant`]).
     #[cfg(test)]
     plant: OrderPlant,
@@ -328,6 +343,8 @@ pub(crate) enum OrderPlant {
     OweNoneGone,
     /// A push that comes after a read past it is taken in (see `read_ahead`).
     TakeLatePush,
+    /// A delete Redis did not run is forgotten (as before 2026-12-07: see `unremoved`).
+    ForgetUnremoved,
     /// A reload owes what it lost above an entry left for the next read.
     OweAheadOfLeft,
     /// A reload owes what it lost above an entry of its read that waits for its write's
@@ -349,6 +366,14 @@ pub(crate) enum OrderPlant {
     /// A sender's message goes live without a write of the pair issued since the sender
     /// arrived and confirmed by the store (the rule of `confirmed`).
     LiveUnconfirmed,
+}
+
+/// An acked entry's delete Redis did not run (see `InboxMirror::unremoved`).
+struct Unremoved {
+    /// The sender's `delivered`, told when a delete removes the entry.
+    report: Option<Box<Report>>,
+    /// Sent again, not answered yet.
+    on_its_way: bool,
 }
 
 /// What becomes of an entry pushed or read for a mirror.
@@ -389,6 +414,9 @@ impl InboxMirror {
             waiting: FastMap::default(),
             left_for_read: FastMap::default(),
             read_ahead: FastMap::default(),
+            unremoved: FastMap::default(),
+            removes_due: false,
+            unremoved_count: 0,
             #[cfg(test)]
             plant: OrderPlant::None,
         }
@@ -557,8 +585,7 @@ impl InboxMirror {
             StoreOp::Resolve { to, from, .. } => {
                 self.resolving.remove(&(to, from));
             }
-            // Delivered again later and acked again; the client drops the copy by (from, cid).
-            StoreOp::Remove { .. } => self.metrics.redis_removes_dropped.inc(),
+            StoreOp::Remove { user, seq, report } => self.remove_again(user, seq, report),
             // A stale load (a newer one is out, or the user left); a leave that stays until
             // the lease lapses; a probe asked again next time.
             _ => {}
@@ -590,6 +617,7 @@ impl InboxMirror {
             && self.unanswered.is_empty()
             && self.waiting.is_empty()
             && self.unpushed.is_empty()
+            && self.unremoved.is_empty()
     }
 
     /// Periodic work: probe while down, wanted reloads, failed loads, resolves.
@@ -616,6 +644,51 @@ impl InboxMirror {
         }
         self.retry_loads(now);
         self.resolve_doubts();
+        self.send_removes_due();
+    }
+
+    /// Once Redis answers, the deletes it did not run are sent again.
+    fn send_removes_due(&mut self) {
+        if !self.up || !self.removes_due {
+            return;
+        }
+        self.removes_due = false;
+        let mut due = Vec::new();
+        for (user, seqs) in &mut self.unremoved {
+            for (seq, delete) in seqs.iter_mut().filter(|(_, d)| !d.on_its_way) {
+                delete.on_its_way = true;
+                due.push((user.clone(), *seq, delete.report.take()));
+            }
+        }
+        // In a stable order (see `in_stable_order`).
+        due.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        for (user, seq, report) in due {
+            self.metrics.redis_removes_retried.inc();
+            self.submit(StoreOp::Remove { user, seq, report });
+        }
+    }
+
+    /// A delete of an acked entry did not run (refused by the queue, failed, or its answer
+    /// lost): kept, and sent again once Redis answers.
+    fn remove_again(&mut self, user: CompactString, seq: InboxSeq, report: Option<Box<Report>>) {
+        #[cfg(test)]
+        if self.planted(OrderPlant::ForgetUnremoved) {
+            return;
+        }
+        let seqs = self.unremoved.entry(user).or_default();
+        if self.unremoved_count >= MAX_UNREMOVED && !seqs.contains_key(&seq) {
+            // Delivered again after a reload and acked again; the client drops the copy.
+            self.metrics.redis_removes_dropped.inc();
+            return;
+        }
+        let delete = Unremoved {
+            report,
+            on_its_way: false,
+        };
+        if seqs.insert(seq, delete).is_none() {
+            self.unremoved_count += 1;
+        }
+        self.removes_due = true;
     }
 
     /// Once Redis answers, every pair's writes in doubt are resolved (one call per pair).
@@ -902,8 +975,27 @@ impl InboxMirror {
         self.up = up;
     }
 
-    /// A remove was answered: `delivered` goes out if it removed the entry.
-    pub fn removed(&mut self, ok: bool, report: Option<Box<Report>>) {
+    /// A remove was answered: `delivered` goes out if it removed the entry. One Redis did not
+    /// run is sent again (see `unremoved`).
+    pub fn removed(
+        &mut self,
+        user: CompactString,
+        seq: InboxSeq,
+        ran: bool,
+        ok: bool,
+        report: Option<Box<Report>>,
+    ) {
+        if !ran {
+            return self.remove_again(user, seq, report);
+        }
+        if let Entry::Occupied(mut seqs) = self.unremoved.entry(user) {
+            if seqs.get_mut().remove(&seq).is_some() {
+                self.unremoved_count -= 1;
+            }
+            if seqs.get().is_empty() {
+                seqs.remove();
+            }
+        }
         if let (true, Some(report)) = (ok, report) {
             self.out.push(MirrorEffect::TellBoxed(report));
         }
@@ -1424,9 +1516,13 @@ impl InboxMirror {
         let read: Vec<InboxSeq> = entries.iter().map(|(seq, _)| *seq).collect();
         let read_all = entries.len() < self.cfg.load_limit;
         let before = self.waiting.remove(&user).unwrap_or_default();
+        let unremoved: Vec<InboxSeq> = self
+            .unremoved
+            .get(&user)
+            .map_or(Vec::new(), |u| u.keys().copied().collect());
         let mut shown = Vec::with_capacity(entries.len());
         for (seq, m) in entries {
-            if acked.contains(&seq) {
+            if acked.contains(&seq) || unremoved.contains(&seq) {
                 continue;
             }
             match self.admit_entry(&user, &m) {
@@ -1907,6 +2003,78 @@ mod tests {
             m.pushed("bob".into(), 25, message(25, "z").stored(), NOW, WALL);
             assert_eq!(mirrored(&m), vec![30], "a push past the read is new");
             assert!(m.read_ahead.is_empty());
+        }
+    }
+
+    /// The removes among the effects, as (user, seq, whether it carries a `delivered`).
+    fn removes(effects: &[MirrorEffect]) -> Vec<(String, InboxSeq, bool)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                MirrorEffect::Store(StoreOp::Remove { user, seq, report }) => {
+                    Some((user.to_string(), *seq, report.is_some()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A device acks 10; Redis does not run the delete (it fails, or its answer is lost).
+    /// A later read still holds 10: it is not taken in again (sent again, it would come after
+    /// 20 on a device already sent 20: one-node seed 6921874350140192627), and the delete
+    /// goes again once Redis answers, with its `delivered`, told when it removes the entry.
+    #[test]
+    fn a_delete_redis_did_not_run_is_sent_again_and_a_read_does_not_bring_its_entry_back() {
+        for plant in [OrderPlant::None, OrderPlant::ForgetUnremoved] {
+            let mut m = bob_loaded();
+            m.plant_order_bug(plant);
+            assert!(m.remove_acked("bob", 10));
+            let delivered = message(10, "a").report(10, Outcome::Delivered);
+            m.acked("bob", 10, delivered);
+            let effects = m.take_effects();
+            let Some(MirrorEffect::Store(delete)) = effects.into_iter().next() else {
+                panic!("the ack sends a delete");
+            };
+            let failed = crate::store::redis::failed_reply(delete, "timed out".into());
+            let crate::store::redis::StoreReply::Removed {
+                user,
+                seq,
+                ran,
+                ok,
+                report,
+            } = failed
+            else {
+                panic!("a delete is answered as one");
+            };
+            m.batch_answered(false);
+            m.removed(user, seq, ran, ok, report);
+            m.tick(NOW);
+            assert!(
+                removes(&m.take_effects()).is_empty(),
+                "not while Redis is away"
+            );
+            m.batch_answered(true);
+            m.resynced();
+            let token = load_token(&mut m);
+            bob_reads(&mut m, token, &[(10, "a"), (20, "b")]);
+            if plant == OrderPlant::ForgetUnremoved {
+                assert_eq!(mirrored(&m), vec![10, 20], "the plant takes 10 in again");
+                continue;
+            }
+            assert_eq!(mirrored(&m), vec![20], "10 was acked here");
+            assert!(owed(&m.take_effects()).is_empty());
+            m.tick(NOW);
+            assert_eq!(removes(&m.take_effects()), vec![("bob".into(), 10, true)]);
+            m.tick(NOW);
+            assert!(
+                removes(&m.take_effects()).is_empty(),
+                "sent once while on its way"
+            );
+            m.released("bob");
+            let report = Some(Box::new(message(10, "a").report(10, Outcome::Delivered)));
+            m.removed("bob".into(), 10, true, true, report);
+            assert_eq!(told(&m.take_effects()), vec!["a:delivered"]);
+            assert!(m.unremoved.is_empty() && m.unremoved_count == 0);
         }
     }
 

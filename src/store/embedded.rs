@@ -98,7 +98,13 @@ impl EmbeddedStore {
             }
             StoreOp::Remove { user, seq, report } => {
                 let ok = self.inbox.remove(&user, seq);
-                out.push(StoreReply::Removed { ok, report });
+                out.push(StoreReply::Removed {
+                    user,
+                    seq,
+                    ran: true,
+                    ok,
+                    report,
+                });
             }
             StoreOp::Load { user, token, limit } => {
                 let entries = self.inbox.read(&user, 0, limit, now);

@@ -853,9 +853,13 @@ impl Answer {
             (Answer::Appended { result, .. }, StoreOp::Append(msg)) => {
                 StoreReply::Appended { msg, result }
             }
-            (Answer::Removed(ok), StoreOp::Remove { report, .. }) => {
-                StoreReply::Removed { ok, report }
-            }
+            (Answer::Removed(ok), StoreOp::Remove { user, seq, report }) => StoreReply::Removed {
+                user,
+                seq,
+                ran: true,
+                ok,
+                report,
+            },
             (Answer::Loaded(loaded), StoreOp::Load { user, token, .. }) => StoreReply::Loaded {
                 user,
                 token,

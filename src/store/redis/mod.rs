@@ -266,7 +266,12 @@ pub enum StoreReply {
         msg: Box<Message>,
         result: Result<Appended, StoreError>,
     },
+    /// `ran`: Redis answered the delete (false: it failed or its answer was lost, and it may
+    /// not have run); `ok`: it removed the entry (another node's delete had not).
     Removed {
+        user: CompactString,
+        seq: InboxSeq,
+        ran: bool,
         ok: bool,
         report: Option<Box<Report>>,
     },
@@ -1119,7 +1124,13 @@ pub(crate) fn failed_reply(op: StoreOp, why: String) -> StoreReply {
             msg,
             result: Err(StoreError::Unavailable(why)),
         },
-        StoreOp::Remove { report, .. } => StoreReply::Removed { ok: false, report },
+        StoreOp::Remove { user, seq, report } => StoreReply::Removed {
+            user,
+            seq,
+            ran: false,
+            ok: false,
+            report,
+        },
         StoreOp::Load { user, token, .. } => StoreReply::Loaded {
             user,
             token,
