@@ -298,6 +298,9 @@ impl Shard {
                 report,
             } => self.mirror.removed(user, seq, ran, ok, report),
             StoreReply::Done => {}
+            StoreReply::ReadMarked { user, token } => {
+                self.mirror.read_marked(user, token, now, wall)
+            }
             StoreReply::IdSlot { asked_at, answer } => self.on_id_claim(answer, asked_at, now),
             StoreReply::Typing { from, to } => {
                 self.metrics.cross_node_in.inc();

@@ -15,7 +15,11 @@
 //!   is pushed on this node's channel by the same script that writes it, so the mirror is fed
 //!   from one connection in the order Redis ran the appends (a local append's own reply only
 //!   answers the sender: two connections could deliver two entries out of order). Pushes
-//!   the read already holds are ignored; pushes during the read wait for it.
+//!   the read already holds are ignored; pushes during the read wait for it. The read is
+//!   taken in only once its *mark* came on the channel (published right after the read, by
+//!   the server that publishes the inbox's pushes): every push of an entry appended before
+//!   the read came before it, so what the read lacks of them was acked elsewhere and is
+//!   owed in its place (`read_marked`).
 //! * Pushes are taken only by mirrors loaded in the current *epoch*: every resync (the
 //!   channel subscribed again, or this node's lease had lapsed) starts one and reloads every
 //!   mirror, so a mirror that may have missed a push never gets later ones before it. A
@@ -227,6 +231,11 @@ struct Loading {
     /// Entries acked meanwhile: the read may predate their delete, and must not bring them
     /// back (they would be sent again).
     acked: Vec<InboxSeq>,
+    /// Shared store: the read, answered before its mark came on the channel (see
+    /// `read_marked`); taken in when the mark comes.
+    read: Option<Loaded>,
+    /// Shared store: the read's mark came on the channel before its answer.
+    marked: bool,
 }
 
 /// The inbox mirror of the users online on this shard, and the state of the writes that the
@@ -305,14 +314,6 @@ pub struct InboxMirror {
     /// acked it out of the store meanwhile, and the devices here are owed it (see `loaded`).
     /// At most `load_limit` per user.
     left_for_read: FastMap<CompactString, BTreeMap<InboxSeq, (StoredMessage, Option<u64>)>>,
-    /// Per user, the end of the furthest read of the inbox while this node's channel has not
-    /// brought an entry at or past it yet (pushes and reads come on two connections). A push
-    /// at or below it was appended before that read: the read had it (the mirror holds it,
-    /// or a device here acked it) or no longer had it (a device elsewhere acked it): never
-    /// new, also while the next read is out. Taken in again once acked, it would be sent
-    /// twice, and after entries that came after it (found by a review's per-device order
-    /// check, two-node seed 8820755702083669164).
-    read_ahead: FastMap<CompactString, InboxSeq>,
     /// Per user, acked entries whose delete Redis did not run (it failed, or its answer was
     /// lost and it may not have), with the `delivered` to tell when a delete removes it. Sent
     /// again on a tick while Redis is up; no read takes them in. Without
@@ -341,10 +342,11 @@ pub(crate) enum OrderPlant {
     /// A reload owes nothing of what it no longer has (a device here then misses what a
     /// device on another node acked first).
     OweNoneGone,
-    /// A push that comes after a read past it is taken in (see `read_ahead`).
-    TakeLatePush,
     /// A delete Redis did not run is forgotten (as before 2026-12-07: see `unremoved`).
     ForgetUnremoved,
+    /// A load's read is taken in without waiting for its mark (as before 2026-12-07: see
+    /// `read_marked`).
+    ReadBeforeMark,
     /// A reload owes what it lost above an entry left for the next read.
     OweAheadOfLeft,
     /// A reload owes what it lost above an entry of its read that waits for its write's
@@ -413,7 +415,6 @@ impl InboxMirror {
             unanswered: FastMap::default(),
             waiting: FastMap::default(),
             left_for_read: FastMap::default(),
-            read_ahead: FastMap::default(),
             unremoved: FastMap::default(),
             removes_due: false,
             unremoved_count: 0,
@@ -517,7 +518,6 @@ impl InboxMirror {
         self.missing.remove(user);
         self.waiting.remove(user);
         self.left_for_read.remove(user);
-        self.read_ahead.remove(user);
         self.forget_unpushed(user);
         self.confirmed.remove(user);
         let tail = self.tails.remove(user);
@@ -550,6 +550,8 @@ impl InboxMirror {
             epoch: self.epoch,
             acked: Vec::new(),
             pushes: Vec::new(),
+            read: None,
+            marked: false,
         };
         // A load it replaces (a resync while it was out): what it was pushed, this read
         // brings, or owes if a device on another node acked it meanwhile (found by a review).
@@ -735,12 +737,6 @@ impl InboxMirror {
         }
     }
 
-    /// A read of `user`'s inbox went past `seq` before its push came (see `read_ahead`).
-    #[cfg(test)]
-    pub(crate) fn read_past(&self, user: &str, seq: InboxSeq) -> bool {
-        self.read_ahead.get(user).is_some_and(|end| *end >= seq)
-    }
-
     /// The token of `user`'s load in flight.
     #[cfg(test)]
     pub(crate) fn load_awaited(&self, user: &str) -> Option<u64> {
@@ -771,7 +767,7 @@ impl InboxMirror {
         }
         // What is kept beside the map per user (entries left for a read, a read's end) goes
         // with the user's mirror.
-        let mut kept = self.left_for_read.keys().chain(self.read_ahead.keys());
+        let mut kept = self.left_for_read.keys();
         if let Some(user) = kept.find(|u| !self.mirrors.contains_key(u)) {
             return Err(format!(
                 "entries left for a read, or a read's end, kept for {user}, who has no mirror"
@@ -1225,19 +1221,6 @@ impl InboxMirror {
         if !self.unpushed.is_empty() {
             self.unpushed.remove(&msg.id);
         }
-        // Whatever the mirror's state: a read since has judged it (see `read_ahead`).
-        if let Some(&end) = self.read_ahead.get(&user) {
-            if seq >= end {
-                self.read_ahead.remove(&user); // the channel caught up with the read
-            }
-            #[cfg(test)]
-            let planted = self.plant == OrderPlant::TakeLatePush;
-            #[cfg(not(test))]
-            let planted = false;
-            if seq <= end && !planted {
-                return;
-            }
-        }
         let current = self.epoch;
         match self.mirrors.get(&user) {
             // (No mirror is read before the first epoch: see `load`.)
@@ -1479,21 +1462,54 @@ impl InboxMirror {
         wall: u64,
     ) {
         // Only the newest load of a user still online counts.
-        if self.loads.get(&user).is_none_or(|l| l.token != token) {
+        let Some(loading) = self.loads.get_mut(&user).filter(|l| l.token == token) else {
             return;
-        }
-        let Loaded {
-            entries,
-            expired,
-            received,
-        } = match result {
-            Ok(loaded) => loaded,
+        };
+        let read = match result {
+            Ok(read) => read,
             Err(e) => {
                 tracing::debug!(%user, error = %e, "inbox load failed; retrying");
                 self.load_failed(user, now);
                 return;
             }
         };
+        #[cfg(test)]
+        let marked = loading.marked || self.plant == OrderPlant::ReadBeforeMark;
+        #[cfg(not(test))]
+        let marked = loading.marked;
+        if self.cfg.shared && !marked {
+            loading.read = Some(read);
+            return;
+        }
+        self.take_read(user, read, now, wall);
+    }
+
+    /// Shared store: load `token` of `user`'s mark came on this node's channel. Pushes and
+    /// reads come on two connections: a push of an entry appended before the read could come
+    /// after the read's answer, and if a device on another node acked the entry before the
+    /// read, the read lacks it and later entries were sent meanwhile: the devices here never
+    /// got it (found by a review, 2026-12-06). The mark is published right after the read,
+    /// from the server that publishes the inbox's pushes: once it came, every such push came
+    /// (into `Loading::pushes`), and what the read lacks of them is owed in its place.
+    /// (A mark lost with the channel comes with a resync, which loads again.)
+    pub fn read_marked(&mut self, user: CompactString, token: u64, now: u64, wall: u64) {
+        let Some(loading) = self.loads.get_mut(&user).filter(|l| l.token == token) else {
+            return;
+        };
+        match loading.read.take() {
+            Some(read) => self.take_read(user, read, now, wall),
+            None => loading.marked = true,
+        }
+    }
+
+    /// A load's read, taken in (its mark came, or the store is not shared).
+    fn take_read(&mut self, user: CompactString, read: Loaded, now: u64, wall: u64) {
+        let token = self.loads[&user].token;
+        let Loaded {
+            entries,
+            expired,
+            received,
+        } = read;
         if !received.is_empty() {
             self.out.push(MirrorEffect::Received {
                 user: user.clone(),
@@ -1534,11 +1550,6 @@ impl InboxMirror {
             }
         }
         let held = self.inbox.replace_user(&user, shown, now);
-        // (A push at or past the end came during the load: the channel has caught up.)
-        if let Some(end) = read_end.filter(|end| pushes.iter().all(|(s, _)| s < end)) {
-            let mark = self.read_ahead.entry(user.clone()).or_insert(end);
-            *mark = (*mark).max(end);
-        }
         // What this node knew of and the read no longer has: a device on another node acked it
         // (`XDEL`) meanwhile. Each device here that was not sent it is owed it (each connected
         // device gets every message): the entries the mirror held, those it left for this
@@ -1858,7 +1869,13 @@ mod tests {
 
     /// bob's load `token` answers with these entries.
     fn bob_reads(m: &mut InboxMirror, token: u64, entries: &[(InboxSeq, &str)]) {
-        m.loaded("bob".into(), token, read_of(entries), NOW, WALL);
+        bob_answers(m, token, read_of(entries));
+    }
+
+    /// bob's load `token` answers, and its mark comes on the channel.
+    fn bob_answers(m: &mut InboxMirror, token: u64, read: Result<Loaded, StoreError>) {
+        m.loaded("bob".into(), token, read, NOW, WALL);
+        m.read_marked("bob".into(), token, NOW, WALL);
     }
 
     /// The entries the effects owe `bob`'s devices, as (seq, cid).
@@ -1921,13 +1938,13 @@ mod tests {
         let token = load_token(&mut m);
         m.pushed("bob".into(), 30, message(30, "c").stored(), NOW, WALL);
         let down = Err(StoreError::Unavailable("down".into()));
-        m.loaded("bob".into(), token, down, NOW, WALL);
+        bob_answers(&mut m, token, down);
         m.pushed("bob".into(), 40, message(40, "d").stored(), NOW, WALL);
         m.side_state_consistent().unwrap();
         m.tick(NOW + LOAD_RETRY_MS);
         let token = load_token(&mut m);
         let read = read_of(&[(10, "a"), (20, "b"), (40, "d")]);
-        m.loaded("bob".into(), token, read, NOW, WALL);
+        bob_answers(&mut m, token, read);
         assert_eq!(owed(&m.take_effects()), vec![(30, "c".to_string())]);
         assert_eq!(mirrored(&m), vec![10, 20, 40]);
         assert!(m.left_for_read.is_empty());
@@ -1969,40 +1986,53 @@ mod tests {
         m.tick(NOW);
         let token = load_token(&mut m);
         let read = read_of(&[(10, "a"), (20, "b"), (30, "p"), (40, "p"), (50, "p")]);
-        m.loaded("bob".into(), token, read, NOW, WALL);
+        bob_answers(&mut m, token, read);
         let gone = owed(&m.take_effects());
         assert_eq!(gone, vec![(60, "p".to_string()), (70, "p".to_string())]);
     }
 
-    /// A push that comes after a read past it (pushes and reads come on two connections):
-    /// the read had it (a device here acked it since) or no longer had it (a device on another
-    /// node acked it first). Either way it is not taken in, also while the next read is out;
-    /// taken in, it would be sent again, or after what came after it. The first push at or
-    /// past the read's end ends the rule.
+    /// A reload reads 10 and 20; 15, appended between them, was acked by a device on another
+    /// node before the read, and its push comes after the read's answer (pushes and reads
+    /// come on two connections). The read waits for its mark, which comes behind that push:
+    /// 15 is owed to bob's devices here, before 20 is fed. Taken in at once (the plant, as
+    /// before 2026-12-07), the read let 20 in, and 15's push came past the read: never sent.
     #[test]
-    fn a_push_that_comes_after_a_read_past_it_is_not_taken_in() {
-        for plant in [OrderPlant::None, OrderPlant::TakeLatePush] {
-            let mut m = bob_loaded();
+    fn a_read_waits_for_its_mark_so_a_push_it_overtook_is_owed_in_its_place() {
+        for plant in [OrderPlant::None, OrderPlant::ReadBeforeMark] {
+            let mut m = machine();
             m.plant_order_bug(plant);
-            assert!(m.remove_acked("bob", 10) && m.remove_acked("bob", 20));
-            m.pushed("bob".into(), 15, message(15, "x").stored(), NOW, WALL);
-            if plant == OrderPlant::TakeLatePush {
-                assert_eq!(mirrored(&m), vec![15], "the plant takes it in");
-                continue;
-            }
-            assert!(mirrored(&m).is_empty());
+            m.resynced();
+            m.batch_answered(true);
+            m.ensure("bob");
+            let token = load_token(&mut m);
+            bob_reads(&mut m, token, &[(10, "a")]);
+            m.take_effects();
             m.resynced();
             let token = load_token(&mut m);
-            m.pushed("bob".into(), 18, message(18, "y").stored(), NOW, WALL);
-            bob_reads(&mut m, token, &[]);
-            assert!(
-                owed(&m.take_effects()).is_empty(),
-                "18 was never known here"
+            m.loaded(
+                "bob".into(),
+                token,
+                read_of(&[(10, "a"), (20, "c")]),
+                NOW,
+                WALL,
             );
-            m.pushed("bob".into(), 30, message(30, "c").stored(), NOW, WALL);
-            m.pushed("bob".into(), 25, message(25, "z").stored(), NOW, WALL);
-            assert_eq!(mirrored(&m), vec![30], "a push past the read is new");
-            assert!(m.read_ahead.is_empty());
+            m.pushed("bob".into(), 15, message(15, "b").stored(), NOW, WALL);
+            m.pushed("bob".into(), 20, message(20, "c").stored(), NOW, WALL);
+            m.read_marked("bob".into(), token, NOW, WALL);
+            let effects = m.take_effects();
+            if plant == OrderPlant::ReadBeforeMark {
+                assert!(owed(&effects).is_empty(), "the plant never owes 15");
+                continue;
+            }
+            assert_eq!(owed(&effects), vec![(15, "b".to_string())]);
+            let owed_at = effects
+                .iter()
+                .position(|e| matches!(e, MirrorEffect::Owed { .. }));
+            let fed_at = effects
+                .iter()
+                .position(|e| matches!(e, MirrorEffect::Feed(_)));
+            assert!(owed_at < fed_at, "owed before 20 is fed");
+            assert_eq!(mirrored(&m), vec![10, 20]);
         }
     }
 
@@ -2148,7 +2178,7 @@ mod tests {
         assert_eq!(m.mirrors["bob"], Mirror::Loading);
         m.side_state_consistent().unwrap();
         let down = Err(StoreError::Unavailable("down".into()));
-        m.loaded("bob".into(), token, down, NOW, WALL);
+        bob_answers(&mut m, token, down);
         assert_eq!(m.mirrors["bob"], Mirror::Failed);
         assert!(m.loads.is_empty() && m.retries.len() == 1);
         m.side_state_consistent().unwrap();
@@ -2167,7 +2197,7 @@ mod tests {
             expired: 0,
             received: Vec::new(),
         };
-        m.loaded("bob".into(), token, Ok(empty), NOW, WALL);
+        bob_answers(&mut m, token, Ok(empty));
         assert_eq!(m.mirrors["bob"], Mirror::Ready { epoch: 1 });
         assert!(m.loads.is_empty() && m.retries.is_empty());
         m.side_state_consistent().unwrap();
@@ -2255,7 +2285,7 @@ mod tests {
             expired: 0,
             received: Vec::new(),
         };
-        m.loaded("bob".into(), token, Ok(empty), NOW, WALL);
+        bob_answers(&mut m, token, Ok(empty));
         m.take_effects();
         assert!(m.ready("bob"));
         confirm(&mut m, 1, "ann");

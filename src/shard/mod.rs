@@ -1275,16 +1275,6 @@ impl Shard {
     pub(crate) fn load_awaited(&self, user: &str) -> Option<u64> {
         self.mirror.load_awaited(user)
     }
-
-    /// `user`'s mirror here holds an entry after `seq` but not `seq` itself, or read the
-    /// inbox past `seq` (`read_ahead`): a push of `seq` now comes too late to be shown in
-    /// order.
-    pub(crate) fn mirror_passed(&self, user: &str, seq: crate::store::InboxSeq) -> bool {
-        let inbox = self.mirror.inbox();
-        let passed = inbox.newest(user).is_some_and(|newest| newest > seq)
-            || self.mirror.read_past(user, seq);
-        passed && !inbox.holds(user, seq)
-    }
 }
 
 #[cfg(test)]

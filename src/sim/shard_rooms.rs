@@ -388,7 +388,11 @@ impl ShardRoomSim {
             return;
         }
         if let Some(push) = redis.channel.pop_front() {
-            let home = crate::mesh::home_shard(ROOM, SHARDS);
+            let named = match &push {
+                StoreReply::ReadMarked { user, .. } => user.as_str(),
+                _ => ROOM,
+            };
+            let home = crate::mesh::home_shard(named, SHARDS);
             redis.answers[home].push_back(push);
         }
     }
@@ -769,16 +773,24 @@ impl RedisRoom {
                 self.script.leave();
                 StoreReply::Done
             }
-            // No direct messages here: every inbox is empty.
-            StoreOp::Load { user, token, .. } => StoreReply::Loaded {
-                user,
-                token,
-                result: Ok(Loaded {
-                    received: Vec::new(),
-                    entries: Vec::new(),
-                    expired: 0,
-                }),
-            },
+            // No direct messages here: every inbox is empty. The read's mark follows on the
+            // channel (see `Push::ReadMark`).
+            StoreOp::Load { user, token, .. } => {
+                let mark = StoreReply::ReadMarked {
+                    user: user.clone(),
+                    token,
+                };
+                self.channel.push_back(mark);
+                StoreReply::Loaded {
+                    user,
+                    token,
+                    result: Ok(Loaded {
+                        received: Vec::new(),
+                        entries: Vec::new(),
+                        expired: 0,
+                    }),
+                }
+            }
             StoreOp::ClaimIdSlot { held, asked_at } => StoreReply::IdSlot {
                 asked_at,
                 answer: Ok(IdGrant {

@@ -95,6 +95,12 @@ for _, run in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return 1";
 
+/// Publish a load's read mark (`k <token> <user>`) on this run's channel. KEYS[1]: the
+/// user's inbox, which routes the call to the server that runs the inbox's appends (and
+/// publishes their pushes): in Redis Cluster a `PUBLISH` from another server could reach the
+/// channel before pushes published earlier. ARGV: the channel, the mark.
+const READ_MARK_SCRIPT: &str = "return redis.call('PUBLISH', ARGV[1], ARGV[2])";
+
 /// A user's directory entry gains (`+`) or loses (`-`) this run; if that changed it, every
 /// other run watching the user hears the entry's new size (`p <user bytes> <user><runs>`).
 /// KEYS: the entry, the user's watchers; ARGV: this run, the key prefix, the user, + or -.
@@ -303,7 +309,9 @@ pub(super) async fn run_batch(
                 queued(pipeline.custom(eval, args).await)?;
             }
             Segment::Native(i) => match &batch[*i] {
-                StoreOp::Load { user, limit, .. } => {
+                StoreOp::Load {
+                    user, limit, token, ..
+                } => {
                     let key = inbox_key(p, user);
                     // Registered before the read: an append after the read sees this node
                     // in the directory and pushes the entry here (see the module doc).
@@ -319,6 +327,10 @@ pub(super) async fn run_batch(
                             .await,
                     )?;
                     queued(pipeline.hgetall(received_key(p, user)).await)?;
+                    // After the read, on the same connection: the mark comes on this node's
+                    // channel behind every push of an entry appended before the read.
+                    let mark = [channel_name(settings), pack_read_mark(*token, user)];
+                    queued(eval(&pipeline, READ_MARK_SCRIPT, &[key], mark).await)?;
                 }
                 StoreOp::Leave { user } => {
                     queued(directory_change(&pipeline, settings, user, '-').await)?;
@@ -405,8 +417,10 @@ pub(super) async fn run_batch(
                 answers[i] = Some(match &batch[i] {
                     StoreOp::Load { .. } => {
                         let (registered, trimmed, entries) = (next(), next(), next());
-                        let received = next();
-                        registered.and_then(|_| parse_load(trimmed, entries, received))
+                        let (received, marked) = (next(), next());
+                        registered
+                            .and(marked)
+                            .and_then(|_| parse_load(trimmed, entries, received))
                     }
                     // SET .. GET answers the previous value: none means the lease had lapsed.
                     StoreOp::Lease => next().map(|v| Answer::Leased(!matches!(v, Value::Null))),

@@ -64,8 +64,11 @@
 //!   that deleted the entry publishes the sender's `delivered` (`d` push) to the sender's
 //!   other runs. Presence questions count runs with a live lease and drop the others.
 //! * `ch:<run>`: the run's pub/sub channel, heard by one connection per node (`listen`);
-//!   pushes go to the home shard of the user or room they name. Each (re)subscription makes
-//!   every shard resync (reload mirrors, ask pending room joins again).
+//!   pushes go to the home shard of the user or room they name. A load publishes its read's
+//!   mark (`k` push) on it right after the read, from the inbox's server: the shard takes the
+//!   read in once the mark came, behind every push of an entry appended before the read.
+//!   Each (re)subscription makes every shard resync (reload mirrors, ask pending room joins
+//!   again; a mark lost with the old subscription belonged to a load the resync replaces).
 //! * Rooms: `rh:<room>` history (ids `0-<offset>`, exact `MAXLEN`), `rd:<room>` the offset
 //!   counter `~last` and the publish dedup, `rn:<room>` the runs with members. A publish is
 //!   pushed (`r`) to every run with members, this one included; a join's answer (`j`) is
@@ -282,6 +285,9 @@ pub enum StoreReply {
     },
     /// `Leave`, `Lease` and `Probe` done (or failed: the batch's answer says so).
     Done,
+    /// On this node's channel: load `token` of `user`'s inbox has read, and every push that
+    /// came before its read is on the channel before this (see `Push::ReadMark`).
+    ReadMarked { user: CompactString, token: u64 },
     /// From another node: `from` is typing to `to` (homed here).
     Typing {
         from: CompactString,

@@ -195,9 +195,18 @@ fn pushes_from_other_nodes_parse_exactly_or_not_at_all() {
         report.reply,
         ReplyTo::all_devices(crate::mesh::home_shard("al ice", 4))
     );
+    // A load's read mark names its token and the user, whatever the user's name holds.
+    let mark = parse_push(&pack_read_mark(42, "b b c")).expect("a read mark parses");
+    assert_eq!(mark.user(), "b b c");
+    assert!(matches!(
+        mark.into_reply(4),
+        StoreReply::ReadMarked { user, token: 42 } if user == "b b c"
+    ));
     for bad in [
         "",
         "m",
+        "k",
+        "k x bob",
         "m 9-2 99 bob",
         "x 1 2",
         "d 1 9 9 ab",

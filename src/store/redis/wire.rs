@@ -69,6 +69,11 @@ pub(super) fn pack_typing(from: &str, to: &str) -> String {
     format!("t {} {from}{to}", from.len())
 }
 
+/// A read mark (see [`Push::ReadMark`]).
+pub(super) fn pack_read_mark(token: u64, user: &str) -> String {
+    format!("k {token} {user}")
+}
+
 /// What another node published on this node's channel.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Push {
@@ -96,6 +101,10 @@ pub enum Push {
         from: CompactString,
         to: CompactString,
     },
+    /// `k <token> <user>`: published by this node's load `token` of `user`'s inbox right after
+    /// its read, from the server that holds the inbox: every push of an entry that read
+    /// holds, or that was acked before it, came on the channel before this.
+    ReadMark { user: CompactString, token: u64 },
     /// `p <user bytes> <user><runs>`: `user`'s directory entry changed and holds `runs`.
     Presence { user: CompactString, runs: u64 },
     /// `j <shard> <conn> <serial> <last> <recovered 0|1> <room bytes> <room>` then per
@@ -118,6 +127,7 @@ impl Push {
             Push::Joined { ask, .. } => &ask.room,
             Push::Typing { to, .. } => to,
             Push::Presence { user, .. } => user,
+            Push::ReadMark { user, .. } => user,
         }
     }
 
@@ -140,6 +150,7 @@ impl Push {
             Push::Room { room, offset, msg } => StoreReply::RoomMessage { room, offset, msg },
             Push::Typing { from, to } => StoreReply::Typing { from, to },
             Push::Presence { user, runs } => StoreReply::PresenceChanged { user, runs },
+            Push::ReadMark { user, token } => StoreReply::ReadMarked { user, token },
             Push::Joined {
                 ask,
                 last,
@@ -201,6 +212,13 @@ pub fn parse_push(text: &str) -> Option<Push> {
             Some(Push::Presence {
                 user: user.into(),
                 runs: runs.parse().ok()?,
+            })
+        }
+        "k" => {
+            let (token, user) = number_then(rest)?;
+            Some(Push::ReadMark {
+                user: user.into(),
+                token,
             })
         }
         "t" => {
