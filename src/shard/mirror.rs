@@ -52,7 +52,8 @@
 //!   on this shard was stored here (`confirmed`): the sender may have been told `accepted`
 //!   on another node for a message whose push has not reached this node (a write stored
 //!   here later comes after it on the channel, and `~top` keeps one issued earlier from
-//!   landing after it). Other senders to the same user still go live.
+//!   landing after it). Nor below the pair's highest id the mirror took in: clients tell
+//!   held `accepted`s in id order. Other senders to the same user still go live.
 //! * A mirror that may have missed an entry (an uncertain write, or a confirmed write that
 //!   arrived behind a live entry) is reloaded once Redis answers and the user's tail is
 //!   empty (never while live entries are out, whose seqs a reload would not keep). Until
@@ -277,13 +278,18 @@ pub struct InboxMirror {
     /// the recipient (its read holds the entry), or the recipient leaves.
     unpushed: FastMap<u64, CompactString>,
     /// Shared store: per recipient online here, per sender, the highest id of this shard's
-    /// writes of the pair answered stored. Every entry of the pair that landed before that
-    /// write reached the mirror before its own entry did (one channel, in Redis's order;
-    /// `unpushed` holds back live entries until it came), and none issued before it can
-    /// land after it (the script's `~top`). So a sender's message goes live only when this
-    /// id was issued since the sender arrived here (`Message::sender_arrived_ms`): what it
-    /// was told `accepted` for on another node before is then in the mirror. Dropped with
-    /// the recipient's mirror.
+    /// writes of the pair answered stored and of the pair's entries this mirror took in (read
+    /// or pushed). Every entry of the pair that landed before that one reached the mirror
+    /// before it did (one channel, in Redis's order; `unpushed` holds back live entries until
+    /// a write's push came), and none issued before it can land after it (the script's
+    /// `~top`). So a sender's message goes live only when this id was issued since the
+    /// sender arrived here (`Message::sender_arrived_ms`): what it was told `accepted` for on
+    /// another node before is then in the mirror; and only when the message was issued after
+    /// it (a higher id): clients tell held `accepted`s in id order, and a live entry is shown
+    /// after everything the mirror took in (found by two-node seed 18137199437984738542: a
+    /// sender's message, long in the mesh from a connection it had since left, went live
+    /// after its resend of an earlier cid, stored with a higher id by another node; the
+    /// client told the earlier cid's `accepted` last). Dropped with the recipient's mirror.
     confirmed: FastMap<CompactString, FastMap<CompactString, u64>>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard. (u32: four billion resyncs; a mirror's state then
@@ -368,6 +374,9 @@ pub(crate) enum OrderPlant {
     /// A sender's message goes live without a write of the pair issued since the sender
     /// arrived and confirmed by the store (the rule of `confirmed`).
     LiveUnconfirmed,
+    /// A sender's message goes live though an entry of the pair with a higher id is in the
+    /// mirror (the second rule of `confirmed`).
+    LiveBelowTop,
 }
 
 /// An acked entry's delete Redis did not run (see `InboxMirror::unremoved`).
@@ -900,13 +909,30 @@ impl InboxMirror {
         }
     }
 
-    /// Whether a write of `msg`'s pair issued since its sender arrived here was stored (the
-    /// rule of `confirmed`).
+    /// Whether a write of `msg`'s pair issued since its sender arrived here was stored, and
+    /// `msg` was issued after every entry of the pair this mirror took in (the rule of
+    /// `confirmed`).
     fn confirmed_since(&self, msg: &Message) -> bool {
-        self.confirmed
+        let top = self
+            .confirmed
             .get(&msg.to)
-            .and_then(|from| from.get(&msg.from))
-            .is_some_and(|&id| issued_ms(id) >= msg.sender_arrived_ms)
+            .and_then(|from| from.get(&msg.from));
+        let above_top = top.is_some_and(|&id| id < msg.id);
+        #[cfg(test)]
+        let above_top = above_top || self.plant == OrderPlant::LiveBelowTop;
+        above_top && top.is_some_and(|&id| issued_ms(id) >= msg.sender_arrived_ms)
+    }
+
+    /// An entry `id` of the pair (`to`, `from`) is stored (this shard's write) or entered the
+    /// mirror (see `confirmed`). (Only for recipients with a mirror here.)
+    fn raise_top(&mut self, to: &CompactString, from: &CompactString, id: u64) {
+        let by_sender = self.confirmed.entry(to.clone()).or_default();
+        match by_sender.get_mut(from) {
+            Some(top) => *top = (*top).max(id),
+            None => {
+                by_sender.insert(from.clone(), id);
+            }
+        }
     }
 
     /// A device acked entry `seq` of `user`, the first here to do so. A live entry is now
@@ -1086,13 +1112,7 @@ impl InboxMirror {
                     if !came {
                         self.unpushed.insert(msg.id, msg.to.clone());
                     }
-                    let by_sender = self.confirmed.entry(msg.to.clone()).or_default();
-                    match by_sender.get_mut(&msg.from) {
-                        Some(id) => *id = (*id).max(msg.id),
-                        None => {
-                            by_sender.insert(msg.from.clone(), msg.id);
-                        }
-                    }
+                    self.raise_top(&msg.to, &msg.from, msg.id);
                 }
                 // Nobody holds a device anywhere; the store told this shard alone. A shared
                 // store is asked whether the entry is still there before the push goes out;
@@ -1406,6 +1426,9 @@ impl InboxMirror {
             }
             return;
         }
+        if self.cfg.shared {
+            self.raise_top(&user, &msg.from, msg.id);
+        }
         let added = self
             .inbox
             .insert_at(&user, seq, msg, now.saturating_sub(age));
@@ -1538,6 +1561,9 @@ impl InboxMirror {
             .map_or(Vec::new(), |u| u.keys().copied().collect());
         let mut shown = Vec::with_capacity(entries.len());
         for (seq, m) in entries {
+            if self.cfg.shared {
+                self.raise_top(&user, &m.from, m.id);
+            }
             if acked.contains(&seq) || unremoved.contains(&seq) {
                 continue;
             }
@@ -1602,6 +1628,7 @@ impl InboxMirror {
             if self.has_waiting(&user) {
                 self.wait(user.clone(), seq, msg, None);
             } else {
+                self.raise_top(&user, &msg.from, msg.id);
                 let age = wall.saturating_sub(store::seq_time_ms(seq));
                 self.inbox
                     .insert_at(&user, seq, msg, now.saturating_sub(age));
@@ -2342,6 +2369,38 @@ mod tests {
         dan.from = "dan".into();
         m.deliver(dan, NOW, true);
         assert_eq!(told(&m.take_effects()), ["d15:refused"]);
+    }
+
+    /// Found by the simulation with two nodes (seed 18137199437984738542): ann's message,
+    /// issued before an entry of hers another node stored and this mirror took in, went live
+    /// after it, and her client, telling held answers in id order, told it first. A message
+    /// goes live only above the pair's highest id the mirror took in.
+    #[test]
+    fn a_message_below_an_entry_of_its_pair_in_the_mirror_does_not_go_live() {
+        for plant in [OrderPlant::None, OrderPlant::LiveBelowTop] {
+            let mut m = bob_online_and_store_down();
+            m.plant_order_bug(plant);
+            m.pushed(
+                "bob".into(),
+                20 << 40,
+                message(20, "c20").stored(),
+                NOW,
+                WALL,
+            );
+            m.take_effects();
+            let mut below = message(13, "c13");
+            below.sender_arrived_ms = 0;
+            m.deliver(below, NOW, true);
+            let refused = told(&m.take_effects());
+            match plant {
+                OrderPlant::None => assert_eq!(refused, ["c13:refused"], "not live"),
+                _ => assert!(refused.is_empty(), "the plant lets it go live"),
+            }
+            let mut above = message(21, "c21");
+            above.sender_arrived_ms = 0;
+            m.deliver(above, NOW, true);
+            assert!(matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
+        }
     }
 
     #[test]

@@ -255,6 +255,9 @@ pub(crate) enum Plant {
     /// sender arrived there and confirmed by the store (`OrderPlant::LiveUnconfirmed`):
     /// shown before a message another node stored and told `accepted` earlier.
     LiveUnconfirmed,
+    /// A sender's message goes live below the pair's highest id the mirror took in
+    /// (`OrderPlant::LiveBelowTop`).
+    LiveBelowTop,
     /// The store lets a write land below the highest id its pair stored (the script's
     /// `~top`): another node's write whose answer was lost lands after the writes of the
     /// node its sender moved to, and ids no longer follow store order.
@@ -2202,6 +2205,7 @@ fn boot_node(
             Plant::LivePastUnsure => Some(OrderPlant::LivePastUnsure),
             Plant::LivePastUnpushed => Some(OrderPlant::LivePastUnpushed),
             Plant::LiveUnconfirmed => Some(OrderPlant::LiveUnconfirmed),
+            Plant::LiveBelowTop => Some(OrderPlant::LiveBelowTop),
             _ => None,
         };
         if let Some(planted) = planted {
@@ -2773,6 +2777,23 @@ mod tests {
         assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
     }
 
+    /// Found by two-node seed 18137199437984738542 in a 10,000-seed sweep (2026-12-07): with
+    /// Redis away from node A, s1's 15 to 18, long in A's mesh from a connection s1 had
+    /// since left, went live on r1's shard after s1's resend of 10, stored by node B with a
+    /// higher id, was shown there; s1's client, holding answers, told them in id order: 15
+    /// to 18 before 10. A message now goes live only above the pair's highest id the mirror
+    /// took in (`confirmed` in `shard/mirror.rs`); planted away, the seed finds it again.
+    #[test]
+    fn two_nodes_a_message_below_its_pairs_top_id_in_the_mirror_does_not_go_live() {
+        let seed = 18137199437984738542;
+        let e = Sim::with_nodes(seed, Plant::LiveBelowTop, 2)
+            .run(3_000)
+            .expect_err("the plant was not found by its seed");
+        assert!(e.contains("order"), "LiveBelowTop broke another rule: {e}");
+        let fixed = Sim::with_nodes(seed, Plant::None, 2).run(3_000);
+        assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
+    }
+
     /// A read taken in before its mark came (as before 2026-12-07): a push of an entry
     /// appended before the read, acked on the other node before it, came after the read's
     /// answer; the read lacked it, and the device here that had not been sent it never was
@@ -2867,12 +2888,13 @@ mod tests {
             Ok("TopByIdOnly") => Plant::TopByIdOnly,
             Ok("LivePastUnsure") => Plant::LivePastUnsure,
             Ok("LiveUnconfirmed") => Plant::LiveUnconfirmed,
+            Ok("LiveBelowTop") => Plant::LiveBelowTop,
             Ok("OweAheadOfLeft") => Plant::OweAheadOfLeft,
             Ok("OweAheadOfWaiting") => Plant::OweAheadOfWaiting,
             Ok("ForgetUnremoved") => Plant::ForgetUnremoved,
             Ok("ReadBeforeMark") => Plant::ReadBeforeMark,
             other => panic!(
-                "RINGGATE_SIM_PLANT: TopByIdOnly, LivePastUnsure, LiveUnconfirmed, \
+                "RINGGATE_SIM_PLANT: TopByIdOnly, LivePastUnsure, LiveUnconfirmed, LiveBelowTop, \
                  OweAheadOfLeft, OweAheadOfWaiting, ForgetUnremoved or ReadBeforeMark, not {other:?}"
             ),
         };
