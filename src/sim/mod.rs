@@ -2752,12 +2752,20 @@ mod tests {
     /// again, then reads wait for their marks; the 82nd seed finds it now).
     #[test]
     fn two_nodes_a_write_in_its_pairs_top_millisecond_from_another_node_breaks_the_order() {
-        let seed = 12521411499024694970;
-        let e = Sim::with_nodes(seed, Plant::TopByIdOnly, 2)
+        replays(Plant::TopByIdOnly, 12521411499024694970, 2, &["order"]);
+    }
+
+    /// `seed` with `nodes` nodes finds `plant`, breaking a rule whose message holds every
+    /// one of `what`, and holds without it.
+    fn replays(plant: Plant, seed: u64, nodes: usize, what: &[&str]) {
+        let e = Sim::with_nodes(seed, plant, nodes)
             .run(3_000)
-            .expect_err("TopByIdOnly not found by its seed");
-        assert!(e.contains("order"), "TopByIdOnly broke another rule: {e}");
-        let fixed = Sim::with_nodes(seed, Plant::None, 2).run(3_000);
+            .expect_err("the plant was not found by its seed");
+        assert!(
+            what.iter().all(|w| e.contains(w)),
+            "{plant:?} broke another rule: {e}"
+        );
+        let fixed = Sim::with_nodes(seed, Plant::None, nodes).run(3_000);
         assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
     }
 
@@ -2766,15 +2774,7 @@ mod tests {
     /// that found the hole (a review's per-device check, 2026-12-06, one or two in 5,000
     /// two-node seeds each), holding without the plant.
     fn a_device_shows_out_of_order_with(plant: Plant, seed: u64) {
-        let e = Sim::with_nodes(seed, plant, 2)
-            .run(3_000)
-            .expect_err("the plant was not found by its seed");
-        assert!(
-            e.contains("a device of") && e.contains("showed"),
-            "{plant:?} broke another rule: {e}"
-        );
-        let fixed = Sim::with_nodes(seed, Plant::None, 2).run(3_000);
-        assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
+        replays(plant, seed, 2, &["a device of", "showed"]);
     }
 
     /// Found by two-node seed 18137199437984738542 in a 10,000-seed sweep (2026-12-07): with
@@ -2785,13 +2785,7 @@ mod tests {
     /// took in (`confirmed` in `shard/mirror.rs`); planted away, the seed finds it again.
     #[test]
     fn two_nodes_a_message_below_its_pairs_top_id_in_the_mirror_does_not_go_live() {
-        let seed = 18137199437984738542;
-        let e = Sim::with_nodes(seed, Plant::LiveBelowTop, 2)
-            .run(3_000)
-            .expect_err("the plant was not found by its seed");
-        assert!(e.contains("order"), "LiveBelowTop broke another rule: {e}");
-        let fixed = Sim::with_nodes(seed, Plant::None, 2).run(3_000);
-        assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
+        replays(Plant::LiveBelowTop, 18137199437984738542, 2, &["order"]);
     }
 
     /// A read taken in before its mark came (as before 2026-12-07): a push of an entry
@@ -2805,16 +2799,12 @@ mod tests {
     /// comes, and 5,000 seeds with that rule planted away find nothing; the rule is gone.)
     #[test]
     fn two_nodes_a_read_taken_in_before_its_mark_misses_what_was_acked_elsewhere() {
-        let seed = 571666317897564369;
-        let e = Sim::with_nodes(seed, Plant::ReadBeforeMark, 2)
-            .run(3_000)
-            .expect_err("the plant was not found by its seed");
-        assert!(
-            e.contains("never sent"),
-            "ReadBeforeMark broke another rule: {e}"
+        replays(
+            Plant::ReadBeforeMark,
+            571666317897564369,
+            2,
+            &["never sent"],
         );
-        let fixed = Sim::with_nodes(seed, Plant::None, 2).run(3_000);
-        assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
     }
 
     /// One node, found by seed 6921874350140192627 (one in 10,000 one-node seeds): entries of
@@ -2825,13 +2815,12 @@ mod tests {
     /// marks (`seed_for_a_plant` with `RINGGATE_SIM_NODES=1`; a device showed s2's 4 before 1).
     #[test]
     fn a_delete_redis_did_not_run_does_not_bring_its_entry_back() {
-        let seed = 6388806903381488071;
-        let e = Sim::new(seed, Plant::ForgetUnremoved)
-            .run(3_000)
-            .expect_err("the plant was not found by its seed");
-        println!("ForgetUnremoved, seed {seed}: {e}");
-        let fixed = Sim::new(seed, Plant::None).run(3_000);
-        assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
+        replays(
+            Plant::ForgetUnremoved,
+            6388806903381488071,
+            1,
+            &["a device of", "showed"],
+        );
     }
 
     /// Found by seeds 2061169335744875953 (a reload's read was empty; pushes of s1's 21 and
