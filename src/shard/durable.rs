@@ -206,7 +206,7 @@ impl Shard {
             }
             self.claim_id_slot(now);
         }
-        self.mirror.tick(now);
+        self.mirror.tick(now, self.clock.wall_ms());
         self.perform_mirror(now, None);
     }
 

@@ -125,6 +125,17 @@ const MAX_DOUBTS_PER_PAIR: usize = 1024;
 /// (counted; its entry is delivered again after a reload, and clients drop the copy).
 const MAX_UNREMOVED: usize = 100_000;
 
+/// Deletes sent again per tick: well under the store queue, so that a shard back from an
+/// outage with many of them still has room for its appends and loads (a review's finding).
+const REMOVES_PER_TICK: usize = 512;
+
+/// How long a load's read waits for its mark on the node's channel (see `read_marked`). A
+/// mark lost while the subscription stays up (a Redis Cluster bus link that broke, a
+/// Sentinel failover the subscriber did not follow) would otherwise hold the user's devices
+/// unfed until the next resync (a review's finding): past it the read is taken in, as
+/// before the marks.
+const MARK_WAIT_MS: u64 = 10_000;
+
 /// (recipient, sender): the pair of users whose writes keep their order.
 type Pair = (CompactString, CompactString);
 
@@ -233,8 +244,8 @@ struct Loading {
     /// back (they would be sent again).
     acked: Vec<InboxSeq>,
     /// Shared store: the read, answered before its mark came on the channel (see
-    /// `read_marked`); taken in when the mark comes.
-    read: Option<Loaded>,
+    /// `read_marked`), and when it is taken in all the same (`MARK_WAIT_MS`).
+    read: Option<(Loaded, u64)>,
     /// Shared store: the read's mark came on the channel before its answer.
     marked: bool,
 }
@@ -329,6 +340,9 @@ pub struct InboxMirror {
     unremoved: FastMap<CompactString, BTreeMap<InboxSeq, Unremoved>>,
     /// Some entry of `unremoved` is not on its way.
     removes_due: bool,
+    /// No stashed read's mark deadline is before this (None: none stashed since the last
+    /// pass; see `take_unmarked_reads`).
+    next_mark_deadline: Option<u64>,
     /// The entries in `unremoved`, at most `MAX_UNREMOVED`.
     unremoved_count: usize,
     /// The simulation's planted bugs (see [`OrderPlant`]).
@@ -426,6 +440,7 @@ impl InboxMirror {
             left_for_read: FastMap::default(),
             unremoved: FastMap::default(),
             removes_due: false,
+            next_mark_deadline: None,
             unremoved_count: 0,
             #[cfg(test)]
             plant: OrderPlant::None,
@@ -631,8 +646,9 @@ impl InboxMirror {
             && self.unremoved.is_empty()
     }
 
-    /// Periodic work: probe while down, wanted reloads, failed loads, resolves.
-    pub fn tick(&mut self, now: u64) {
+    /// Periodic work: probe while down, wanted reloads, failed loads, reads whose mark is
+    /// late, resolves, deletes to send again.
+    pub fn tick(&mut self, now: u64, wall: u64) {
         if !self.up && now >= self.last_probe_ms + PROBE_MS {
             self.last_probe_ms = now;
             self.submit(StoreOp::Probe);
@@ -654,6 +670,7 @@ impl InboxMirror {
             }
         }
         self.retry_loads(now);
+        self.take_unmarked_reads(now, wall);
         self.resolve_doubts();
         self.send_removes_due();
     }
@@ -665,8 +682,12 @@ impl InboxMirror {
         }
         self.removes_due = false;
         let mut due = Vec::new();
-        for (user, seqs) in &mut self.unremoved {
+        'users: for (user, seqs) in &mut self.unremoved {
             for (seq, delete) in seqs.iter_mut().filter(|(_, d)| !d.on_its_way) {
+                if due.len() == REMOVES_PER_TICK {
+                    self.removes_due = true; // the rest on the next tick
+                    break 'users;
+                }
                 delete.on_its_way = true;
                 due.push((user.clone(), *seq, delete.report.take()));
             }
@@ -686,12 +707,16 @@ impl InboxMirror {
         if self.planted(OrderPlant::ForgetUnremoved) {
             return;
         }
-        let seqs = self.unremoved.entry(user).or_default();
-        if self.unremoved_count >= MAX_UNREMOVED && !seqs.contains_key(&seq) {
+        let kept = self
+            .unremoved
+            .get(&user)
+            .is_some_and(|s| s.contains_key(&seq));
+        if self.unremoved_count >= MAX_UNREMOVED && !kept {
             // Delivered again after a reload and acked again; the client drops the copy.
             self.metrics.redis_removes_dropped.inc();
             return;
         }
+        let seqs = self.unremoved.entry(user).or_default();
         let delete = Unremoved {
             report,
             on_its_way: false,
@@ -896,6 +921,8 @@ impl InboxMirror {
         self.metrics.live_sends.inc();
         let to = msg.to.clone();
         let seq = self.inbox.append_live(&to, msg.stored(), now);
+        // Shown here: a later message of the pair goes live only above it.
+        self.raise_top(&to, &msg.from, msg.id);
         self.tails.entry(to.clone()).or_default().insert(seq, *msg);
         self.out.push(MirrorEffect::Feed(to));
     }
@@ -1501,7 +1528,12 @@ impl InboxMirror {
         #[cfg(not(test))]
         let marked = loading.marked;
         if self.cfg.shared && !marked {
-            loading.read = Some(read);
+            let deadline = now + MARK_WAIT_MS;
+            loading.read = Some((read, deadline));
+            self.next_mark_deadline = Some(
+                self.next_mark_deadline
+                    .map_or(deadline, |d| d.min(deadline)),
+            );
             return;
         }
         self.take_read(user, read, now, wall);
@@ -1520,8 +1552,34 @@ impl InboxMirror {
             return;
         };
         match loading.read.take() {
-            Some(read) => self.take_read(user, read, now, wall),
+            Some((read, _)) => self.take_read(user, read, now, wall),
             None => loading.marked = true,
+        }
+    }
+
+    /// Reads whose mark has not come by their deadline are taken in (see `MARK_WAIT_MS`).
+    fn take_unmarked_reads(&mut self, now: u64, wall: u64) {
+        if self.next_mark_deadline.is_none_or(|first| now < first) {
+            return;
+        }
+        let mut due = Vec::new();
+        let mut next = None::<u64>;
+        for (user, loading) in &self.loads {
+            if let Some((_, deadline)) = &loading.read {
+                if *deadline <= now {
+                    due.push(user.clone());
+                } else {
+                    next = Some(next.map_or(*deadline, |n| n.min(*deadline)));
+                }
+            }
+        }
+        self.next_mark_deadline = next;
+        for user in in_stable_order(due) {
+            let stashed = self.loads.get_mut(&user).and_then(|l| l.read.take());
+            if let Some((read, _)) = stashed {
+                tracing::warn!(%user, "an inbox read's mark did not come on this node's channel in time; taken in without it");
+                self.take_read(user, read, now, wall);
+            }
         }
     }
 
@@ -1687,6 +1745,11 @@ impl InboxMirror {
         } else {
             gone
         };
+        if self.cfg.shared {
+            for (_, m) in &gone {
+                self.raise_top(&user, &m.from, m.id);
+            }
+        }
         if !gone.is_empty() {
             let owed = MirrorEffect::Owed {
                 user,
@@ -1810,7 +1873,7 @@ mod tests {
 
     /// The tick asks Redis what became of the write in doubt; Redis answers `fate`.
     fn resolve_as(m: &mut InboxMirror, fate: Fate) {
-        m.tick(NOW + 1);
+        m.tick(NOW + 1, WALL);
         let writes = match &m.take_effects()[..] {
             [MirrorEffect::Store(StoreOp::Resolve { writes, .. })] => writes.clone(),
             _ => panic!("one resolve expected"),
@@ -1968,7 +2031,7 @@ mod tests {
         bob_answers(&mut m, token, down);
         m.pushed("bob".into(), 40, message(40, "d").stored(), NOW, WALL);
         m.side_state_consistent().unwrap();
-        m.tick(NOW + LOAD_RETRY_MS);
+        m.tick(NOW + LOAD_RETRY_MS, WALL);
         let token = load_token(&mut m);
         let read = read_of(&[(10, "a"), (20, "b"), (40, "d")]);
         bob_answers(&mut m, token, read);
@@ -2010,7 +2073,7 @@ mod tests {
             owed(&m.take_effects()).is_empty(),
             "70 may be newer than the read"
         );
-        m.tick(NOW);
+        m.tick(NOW, WALL);
         let token = load_token(&mut m);
         let read = read_of(&[(10, "a"), (20, "b"), (30, "p"), (40, "p"), (50, "p")]);
         bob_answers(&mut m, token, read);
@@ -2063,6 +2126,43 @@ mod tests {
         }
     }
 
+    /// A read whose mark does not come (lost while the subscription stayed up) is taken in
+    /// after `MARK_WAIT_MS`, not held for good; its mark coming later changes nothing.
+    #[test]
+    fn a_read_whose_mark_never_comes_is_taken_in_after_its_deadline() {
+        let mut m = machine();
+        m.resynced();
+        m.batch_answered(true);
+        m.ensure("bob");
+        let token = load_token(&mut m);
+        m.loaded("bob".into(), token, read_of(&[(10, "a")]), NOW, WALL);
+        m.tick(NOW + MARK_WAIT_MS - 1, WALL);
+        assert!(!m.ready("bob"), "waits for its mark");
+        m.tick(NOW + MARK_WAIT_MS, WALL);
+        assert!(m.ready("bob"));
+        assert_eq!(mirrored(&m), vec![10]);
+        m.take_effects();
+        m.read_marked("bob".into(), token, NOW, WALL);
+        assert!(m.take_effects().is_empty());
+    }
+
+    /// Deletes to send again go at most `REMOVES_PER_TICK` per tick (a shard back from an
+    /// outage keeps room in its store queue for appends and loads).
+    #[test]
+    fn deletes_to_send_again_go_a_batch_per_tick() {
+        let mut m = bob_loaded();
+        let n = REMOVES_PER_TICK as u64 + 10;
+        for seq in 100..100 + n {
+            m.removed("bob".into(), seq, false, false, None);
+        }
+        m.tick(NOW, WALL);
+        assert_eq!(removes(&m.take_effects()).len(), REMOVES_PER_TICK);
+        m.tick(NOW, WALL);
+        assert_eq!(removes(&m.take_effects()).len(), 10);
+        m.tick(NOW, WALL);
+        assert!(removes(&m.take_effects()).is_empty());
+    }
+
     /// The removes among the effects, as (user, seq, whether it carries a `delivered`).
     fn removes(effects: &[MirrorEffect]) -> Vec<(String, InboxSeq, bool)> {
         effects
@@ -2105,7 +2205,7 @@ mod tests {
             };
             m.batch_answered(false);
             m.removed(user, seq, ran, ok, report);
-            m.tick(NOW);
+            m.tick(NOW, WALL);
             assert!(
                 removes(&m.take_effects()).is_empty(),
                 "not while Redis is away"
@@ -2120,9 +2220,9 @@ mod tests {
             }
             assert_eq!(mirrored(&m), vec![20], "10 was acked here");
             assert!(owed(&m.take_effects()).is_empty());
-            m.tick(NOW);
+            m.tick(NOW, WALL);
             assert_eq!(removes(&m.take_effects()), vec![("bob".into(), 10, true)]);
-            m.tick(NOW);
+            m.tick(NOW, WALL);
             assert!(
                 removes(&m.take_effects()).is_empty(),
                 "sent once while on its way"
@@ -2215,7 +2315,7 @@ mod tests {
             "a failed load no tick looks at"
         );
         m.next_load_retry_ms = next;
-        m.tick(NOW + LOAD_RETRY_MS);
+        m.tick(NOW + LOAD_RETRY_MS, WALL);
         let token = load_token(&mut m);
         assert!(m.retries.is_empty() && m.loads.len() == 1);
         m.side_state_consistent().unwrap();
@@ -2287,12 +2387,12 @@ mod tests {
         m.store_refused(second, NOW);
         assert_eq!(m.mirrors["bob"], Mirror::Failed);
         m.side_state_consistent().unwrap();
-        m.tick(NOW + LOAD_RETRY_MS - 1);
+        m.tick(NOW + LOAD_RETRY_MS - 1, WALL);
         assert!(!m
             .take_effects()
             .iter()
             .any(|e| matches!(e, MirrorEffect::Store(StoreOp::Load { .. }))));
-        m.tick(NOW + LOAD_RETRY_MS);
+        m.tick(NOW + LOAD_RETRY_MS, WALL);
         assert_ne!(load_token(&mut m), token, "a new load once due");
         assert_eq!(m.mirrors["bob"], Mirror::Loading);
     }
