@@ -218,6 +218,22 @@ impl Reader {
         f.owed.len()
     }
 
+    /// Inbox entry `inbox_seq` entered the inbox below this connection's cursor, never sent
+    /// on it (a live entry's position passed it: `InboxMirror::live_high`): the replay, which
+    /// only reads past the cursor, would step over it for good, so it is owed, sent in inbox
+    /// order like an entry another device acked. An idle connection reads the inbox from the
+    /// start again and a cursor below it gets to it: neither is owed it. Returns how many
+    /// entries this connection is owed now.
+    pub fn owe_passed(&mut self, inbox_seq: InboxSeq, msg: Rc<StoredMessage>) -> usize {
+        if let Some(f) = self.flight_mut() {
+            let has_it = f.window.in_flight().any(|(s, _)| *s == inbox_seq);
+            if f.cursor >= inbox_seq && !has_it && !f.fetched.contains(&inbox_seq) {
+                f.owed.insert(inbox_seq, msg);
+            }
+        }
+        self.owed()
+    }
+
     /// Entries owed to this connection (see [`Reader::owe`]).
     pub fn owed(&self) -> usize {
         self.flight().map_or(0, |f| f.owed.len())
@@ -726,6 +742,59 @@ mod tests {
         assert_eq!(third.owe(cfg(2), inbox_seq, msg), 0);
         let p = pump(&mut third, cfg(2), &inbox, None);
         assert_eq!(brief(&p.0), [("synced", 2, 0)], "no msg again");
+    }
+
+    /// An entry enters the inbox below this device's cursor (a live entry's position passed
+    /// it, `InboxMirror::live_high`): owed, it is sent next, before what lies past the
+    /// cursor; a device whose cursor is below it, or an idle one, reads it in its place
+    /// and is not owed it; one with it in flight already is not owed it again.
+    #[test]
+    fn an_entry_below_the_cursor_is_owed_only_to_a_device_that_passed_it() {
+        let stored = |id: u64| StoredMessage {
+            id,
+            from: "a".into(),
+            cid: format!("\"c{id}\"").into(),
+            ts: 0,
+            body: "{}".into(),
+            msg_type: None,
+        };
+        let mut inbox = MemoryInbox::new(InboxLimits::default());
+        for seq in [10, 30, 40] {
+            assert!(inbox.insert_at("bob", seq, stored(seq), 0));
+        }
+        let (mut past, mut behind, mut idle) =
+            (Reader::default(), Reader::default(), Reader::default());
+        pump(&mut past, cfg(2), &inbox, None);
+        pump(&mut behind, cfg(1), &inbox, None);
+        // A reload reads the inbox again, with 20 in it.
+        let reread = [10, 20, 30, 40].map(|seq| (seq, 0, stored(seq)));
+        inbox.replace_user("bob", reread.into(), 0);
+        let below = Rc::new(stored(20));
+        assert_eq!(past.owe_passed(20, below.clone()), 1);
+        assert_eq!(past.owe_passed(20, below.clone()), 1, "owed once");
+        assert_eq!(
+            past.owe_passed(10, Rc::new(stored(10))),
+            1,
+            "in flight already"
+        );
+        assert_eq!(
+            behind.owe_passed(20, below.clone()),
+            0,
+            "its replay gets there"
+        );
+        assert_eq!(idle.owe_passed(20, below), 0, "reads from the start");
+        past.ack(2).unwrap();
+        let p = pump(&mut past, cfg(2), &inbox, None);
+        assert_eq!(
+            brief(&p.0),
+            [("replay", 3, 20), ("replay", 4, 40), ("synced", 4, 0)]
+        );
+        behind.ack(1).unwrap();
+        let p = pump(&mut behind, cfg(1), &inbox, None);
+        assert_eq!(brief(&p.0), [("replay", 2, 20)]);
+        let p = pump(&mut idle, cfg(4), &inbox, None);
+        let sent: Vec<u64> = brief(&p.0).iter().map(|(_, _, id)| *id).collect();
+        assert_eq!(sent, [10, 20, 30, 40]);
     }
 
     /// A device owed entries before its first pump (registered while its user's mirror

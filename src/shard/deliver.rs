@@ -633,6 +633,30 @@ impl Shard {
         }
     }
 
+    /// Entries that entered the inbox below positions some devices of `user` passed, never
+    /// sent to them (see `Reader::owe_passed`): owed to those devices; they are added to
+    /// `owed_to`.
+    pub(super) fn owe_passed_devices(
+        &mut self,
+        user: &str,
+        entries: &[Sent],
+        owed_to: &mut Devices,
+    ) {
+        if entries.is_empty() {
+            return;
+        }
+        for device in self.devices_of(user) {
+            let reader = &mut self.conns[device].reader;
+            let mut owed = 0;
+            for (inbox_seq, msg) in entries {
+                owed = reader.owe_passed(*inbox_seq, msg.clone());
+            }
+            if owed > 0 && !owed_to.contains(&device) {
+                owed_to.push(device);
+            }
+        }
+    }
+
     /// Pump devices that were owed entries; one owed more than the inbox holds at most (it has
     /// not acked for a long while) is closed as a slow consumer (1013): its next connection
     /// gets what is still in the inbox.

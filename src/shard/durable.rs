@@ -14,7 +14,7 @@ use super::Shard;
 use crate::delivery::ids::{Claimed, IdGrant, MessageIds};
 use crate::delivery::message::{Message, Report};
 use crate::store::redis::{StoreLink, StoreOp, StoreReply};
-use crate::store::{InboxSeq, Store, StoreCaps};
+use crate::store::{InboxSeq, Store, StoreCaps, StoredMessage};
 
 /// In-process answers heard per round of [`Shard::hear_store_now`] (each round may ask more).
 const HEARD_PER_ROUND: usize = 256;
@@ -269,13 +269,19 @@ impl Shard {
                             }
                         }
                     }
-                    MirrorEffect::Owed { user, entries } => {
-                        let entries: Vec<_> = entries
-                            .into_iter()
-                            .map(|(s, m)| (s, std::rc::Rc::new(m)))
-                            .collect();
+                    MirrorEffect::Owed {
+                        user,
+                        entries,
+                        passed,
+                    } => {
+                        let shared = |list: Vec<(InboxSeq, StoredMessage)>| -> Vec<_> {
+                            list.into_iter()
+                                .map(|(s, m)| (s, std::rc::Rc::new(m)))
+                                .collect()
+                        };
                         let mut owed_to = super::users::Devices::new();
-                        self.owe_devices(&user, None, &entries, &mut owed_to);
+                        self.owe_devices(&user, None, &shared(entries), &mut owed_to);
+                        self.owe_passed_devices(&user, &shared(passed), &mut owed_to);
                         self.pump_owed(owed_to, now);
                     }
                     MirrorEffect::Push(item) => self.offer_push(*item),

@@ -172,6 +172,10 @@ pub enum MirrorEffect {
     Owed {
         user: CompactString,
         entries: Vec<(InboxSeq, StoredMessage)>,
+        /// Entries this mirror never held, at or below a live entry's position (see
+        /// `InboxMirror::live_high`): owed to each device whose replay passed them, which the
+        /// inbox's order alone never sends them. (One gone from the store is in both lists.)
+        passed: Vec<(InboxSeq, StoredMessage)>,
     },
     /// Nobody holds a device of the recipient anywhere: offer the push webhook.
     Push(Box<PushItem>),
@@ -275,6 +279,16 @@ pub struct InboxMirror {
     next_load_retry_ms: Option<u64>,
     /// Live entries per user (see the module doc), by mirror seq, with what reporting needs.
     tails: FastMap<CompactString, BTreeMap<InboxSeq, Message>>,
+    /// Per user, the highest position a live entry took (kept until the user's mirror is
+    /// dropped, also once the entry is acked). Live positions come after everything the
+    /// shard's mirror held, but Redis can still store an entry of the user at or below one
+    /// (another writer, the same millisecond): a device sent the live entry has passed that
+    /// position and is never sent such an entry by the inbox's order alone. So such an entry
+    /// makes the mirror `missing` when pushed, and when a read brings it, each device whose
+    /// replay passed it is owed it (`MirrorEffect::Owed::passed`; found by slow-second-device
+    /// seed 15780009465165166133: a device skipped two entries for good, and the user was
+    /// shown them after the sender's later ones).
+    live_high: FastMap<CompactString, InboxSeq>,
     /// Appends on their way to Redis, per recipient.
     writing: FastMap<CompactString, u32>,
     /// Users whose mirror is reloaded once Redis answers and their tail is empty.
@@ -391,6 +405,9 @@ pub(crate) enum OrderPlant {
     /// A sender's message goes live though an entry of the pair with a higher id is in the
     /// mirror (the second rule of `confirmed`).
     LiveBelowTop,
+    /// A read's entries at or below a live position are owed to no device that passed them
+    /// (the rule of `live_high`).
+    OweNonePassed,
 }
 
 /// An acked entry's delete Redis did not run (see `InboxMirror::unremoved`).
@@ -425,6 +442,7 @@ impl InboxMirror {
             last_probe_ms: 0,
             next_load_retry_ms: None,
             tails: FastMap::default(),
+            live_high: FastMap::default(),
             writing: FastMap::default(),
             reload_wanted: FastSet::default(),
             missing: FastSet::default(),
@@ -545,6 +563,7 @@ impl InboxMirror {
         self.forget_unpushed(user);
         self.confirmed.remove(user);
         let tail = self.tails.remove(user);
+        self.live_high.remove(user);
         self.inbox.drop_user(user);
         // If it cannot be queued, the entry stays until this run's lease lapses: other
         // nodes then only push into a channel nobody reads, and presence cleans it.
@@ -920,7 +939,9 @@ impl InboxMirror {
         }
         self.metrics.live_sends.inc();
         let to = msg.to.clone();
-        let seq = self.inbox.append_live(&to, msg.stored(), now);
+        let seq = store::live_seq_floor(self.inbox.next_free());
+        self.inbox.append_live(&to, seq, msg.stored(), now);
+        self.live_high.insert(to.clone(), seq);
         // Shown here: a later message of the pair goes live only above it.
         self.raise_top(&to, &msg.from, msg.id);
         self.tails.entry(to.clone()).or_default().insert(seq, *msg);
@@ -1441,13 +1462,15 @@ impl InboxMirror {
         }
         let age = wall.saturating_sub(store::seq_time_ms(seq));
         // Not added: the mirror holds it already (a load read it before the push came) or
-        // was given it and it was acked; or a live entry sits above it (Redis was away here):
-        // only then can it be missing, and a reload finds it.
-        if self.inbox.newest(&user).is_some_and(|newest| newest >= seq) {
+        // was given it and it was acked; or a live entry sits above it (Redis was away here),
+        // in the mirror or acked already: only then can it be missing, and a reload finds it.
+        let below_live = self.live_high.get(&user).is_some_and(|&high| seq <= high);
+        if below_live || self.inbox.newest(&user).is_some_and(|newest| newest >= seq) {
             // A held entry below a later one (another sender's) is missing too.
             // (Not left for the read: the devices may have been sent entries after it, so
             // owed later it would overtake them.)
-            if held || self.tails.contains_key(&user) {
+            let unknown = below_live && !self.inbox.holds(&user, seq);
+            if held || unknown || self.tails.contains_key(&user) {
                 self.reload_wanted.insert(user.clone());
                 self.missing.insert(user);
             }
@@ -1617,6 +1640,10 @@ impl InboxMirror {
             .unremoved
             .get(&user)
             .map_or(Vec::new(), |u| u.keys().copied().collect());
+        let live_high = self.live_high.get(&user).copied();
+        let below_live = |seq: InboxSeq| live_high.is_some_and(|high| seq <= high);
+        // Entries shown now at or below a live position: a device may have passed them.
+        let mut passed = Vec::new();
         let mut shown = Vec::with_capacity(entries.len());
         for (seq, m) in entries {
             if self.cfg.shared {
@@ -1627,6 +1654,9 @@ impl InboxMirror {
             }
             match self.admit_entry(&user, &m) {
                 Admit::Now => {
+                    if below_live(seq) {
+                        passed.push((seq, m.clone()));
+                    }
                     let age = wall.saturating_sub(store::seq_time_ms(seq));
                     shown.push((seq, now.saturating_sub(age), m));
                 }
@@ -1634,6 +1664,13 @@ impl InboxMirror {
             }
         }
         let held = self.inbox.replace_user(&user, shown, now);
+        // What the mirror held was sent by the inbox's order: no device passed it unsent.
+        let held_seqs: Vec<InboxSeq> = match live_high {
+            Some(_) => held.iter().map(|(seq, _)| *seq).collect(),
+            None => Vec::new(),
+        };
+        let never_held = |seq: &InboxSeq| held_seqs.binary_search(seq).is_err();
+        passed.retain(|(seq, _)| never_held(seq));
         // What this node knew of and the read no longer has: a device on another node acked it
         // (`XDEL`) meanwhile. Each device here that was not sent it is owed it (each connected
         // device gets every message): the entries the mirror held, those it left for this
@@ -1687,13 +1724,23 @@ impl InboxMirror {
                 self.wait(user.clone(), seq, msg, None);
             } else {
                 self.raise_top(&user, &msg.from, msg.id);
+                if below_live(seq) {
+                    passed.push((seq, msg.clone()));
+                }
                 let age = wall.saturating_sub(store::seq_time_ms(seq));
                 self.inbox
                     .insert_at(&user, seq, msg, now.saturating_sub(age));
             }
         }
+        // Gone and never held here, at or below a live position: a device that passed it
+        // is owed it too (one that did not is owed it as gone).
+        let gone_passed: Vec<InboxSeq> = gone
+            .iter()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| below_live(*seq) && never_held(seq))
+            .collect();
         self.release_waiting(user.clone(), now, wall);
-        self.owe_gone(user.clone(), gone, owe_at);
+        self.owe_gone(user.clone(), gone, gone_passed, passed, owe_at);
         self.out.push(MirrorEffect::Feed(user.clone()));
         self.out.push(MirrorEffect::Loaded(user));
     }
@@ -1705,11 +1752,15 @@ impl InboxMirror {
     /// 11461949646555690551). Above an entry that waits for its write's answer it waits
     /// behind it (let in later, it is sent like any entry; its ack removes nothing in Redis,
     /// so tells nothing); above one left for the next read, that read judges it too. The
-    /// effect goes at `owe_at`, before what the load let in meanwhile is fed.
+    /// effect goes at `owe_at`, before what the load let in meanwhile is fed; with it go the
+    /// entries a device may have passed unsent (`passed`, and those of `gone` owed now that
+    /// are in `gone_passed`: see `live_high`).
     fn owe_gone(
         &mut self,
         user: CompactString,
         mut gone: Vec<(InboxSeq, StoredMessage)>,
+        gone_passed: Vec<InboxSeq>,
+        mut passed: Vec<(InboxSeq, StoredMessage)>,
         owe_at: usize,
     ) {
         let first_waiting = self
@@ -1750,10 +1801,20 @@ impl InboxMirror {
                 self.raise_top(&user, &m.from, m.id);
             }
         }
-        if !gone.is_empty() {
+        let gone_passed = gone
+            .iter()
+            .filter(|(seq, _)| gone_passed.binary_search(seq).is_ok());
+        passed.extend(gone_passed.cloned());
+        passed.sort_unstable_by_key(|(seq, _)| *seq);
+        #[cfg(test)]
+        if self.planted(OrderPlant::OweNonePassed) {
+            passed.clear();
+        }
+        if !gone.is_empty() || !passed.is_empty() {
             let owed = MirrorEffect::Owed {
                 user,
                 entries: gone,
+                passed,
             };
             self.out.insert(owe_at, owed);
         }
@@ -1973,7 +2034,7 @@ mod tests {
         effects
             .iter()
             .filter_map(|e| match e {
-                MirrorEffect::Owed { user, entries } if user == "bob" => Some(entries),
+                MirrorEffect::Owed { user, entries, .. } if user == "bob" => Some(entries),
                 _ => None,
             })
             .flatten()
@@ -2503,6 +2564,61 @@ mod tests {
         }
     }
 
+    /// Found by slow-second-device seed 15780009465165166133 (2026-12-07): Redis away, c31
+    /// goes live after everything the shard's mirror held; another writer's entry stored in
+    /// the same millisecond lands below it. Its push finds the mirror missing it (not shown
+    /// past the live entry), and the reload's read owes it, as passed, to each device that
+    /// was sent c31: the inbox's order alone never sends it to them. Planted away, it is not.
+    #[test]
+    fn an_entry_stored_below_a_live_position_is_owed_to_the_devices_past_it() {
+        let at = |n: u64| (3 << 40) | n; // the n-th entry of one millisecond
+        for plant in [OrderPlant::None, OrderPlant::OweNonePassed] {
+            let mut m = bob_online_and_store_down();
+            m.plant_order_bug(plant);
+            m.pushed("bob".into(), at(3), message(30, "c30").stored(), NOW, WALL);
+            m.deliver(message(31, "c31"), NOW, true);
+            let live = *mirrored(&m).last().unwrap();
+            assert!(
+                live > at(4),
+                "the live entry sits above what Redis gives next"
+            );
+            assert_eq!(store::seq_time_ms(live), store::seq_time_ms(at(3)));
+            m.remove_acked("bob", live);
+            m.acked(
+                "bob",
+                live,
+                message(31, "c31").report(31, Outcome::Delivered),
+            );
+            assert_eq!(told(&m.take_effects()), ["c31:accepted", "c31:delivered"]);
+            m.pushed("bob".into(), at(4), message(40, "c40").stored(), NOW, WALL);
+            assert_eq!(
+                mirrored(&m),
+                vec![at(3)],
+                "not shown past the live position"
+            );
+            m.batch_answered(true);
+            m.tick(NOW + 1, WALL);
+            let token = load_token(&mut m);
+            bob_reads(&mut m, token, &[(at(3), "c30"), (at(4), "c40")]);
+            let effects = m.take_effects();
+            let passed: Vec<(InboxSeq, String)> = effects
+                .iter()
+                .filter_map(|e| match e {
+                    MirrorEffect::Owed { passed, .. } => Some(passed),
+                    _ => None,
+                })
+                .flatten()
+                .map(|(seq, m)| (*seq, m.cid.to_string()))
+                .collect();
+            match plant {
+                OrderPlant::None => assert_eq!(passed, vec![(at(4), "c40".to_string())]),
+                _ => assert!(passed.is_empty(), "the plant owes nothing passed"),
+            }
+            assert!(owed(&effects).is_empty(), "nothing is gone");
+            assert_eq!(mirrored(&m), vec![at(3), at(4)]);
+        }
+    }
+
     #[test]
     fn a_resent_message_never_goes_live_past_the_store() {
         let mut m = bob_online_and_store_down();
@@ -2569,9 +2685,10 @@ mod tests {
         let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
         m.appended(write, stored(), NOW, WALL);
         assert_eq!(told(&m.take_effects()), ["c11:accepted"]);
-        // Down again once c11's entry came on the channel: ann's messages go live again.
+        // Down again once c11's entry came on the channel (stored after d1 went live, so above
+        // its position): ann's messages go live again.
         let c11 = message(11, "c11").stored();
-        m.pushed("bob".into(), 1 << 40, c11, NOW, WALL);
+        m.pushed("bob".into(), 3 << 40, c11, NOW, WALL);
         m.take_effects();
         m.batch_answered(false);
         m.deliver(message(12, "c12"), NOW, true);

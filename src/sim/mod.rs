@@ -258,6 +258,9 @@ pub(crate) enum Plant {
     /// A sender's message goes live below the pair's highest id the mirror took in
     /// (`OrderPlant::LiveBelowTop`).
     LiveBelowTop,
+    /// A read's entries below a live entry's position are owed to no device that passed
+    /// them (`OrderPlant::OweNonePassed`).
+    OweNonePassed,
     /// The store lets a write land below the highest id its pair stored (the script's
     /// `~top`): another node's write whose answer was lost lands after the writes of the
     /// node its sender moved to, and ids no longer follow store order.
@@ -2206,6 +2209,7 @@ fn boot_node(
             Plant::LivePastUnpushed => Some(OrderPlant::LivePastUnpushed),
             Plant::LiveUnconfirmed => Some(OrderPlant::LiveUnconfirmed),
             Plant::LiveBelowTop => Some(OrderPlant::LiveBelowTop),
+            Plant::OweNonePassed => Some(OrderPlant::OweNonePassed),
             _ => None,
         };
         if let Some(planted) = planted {
@@ -2758,15 +2762,42 @@ mod tests {
     /// `seed` with `nodes` nodes finds `plant`, breaking a rule whose message holds every
     /// one of `what`, and holds without it.
     fn replays(plant: Plant, seed: u64, nodes: usize, what: &[&str]) {
-        let e = Sim::with_nodes(seed, plant, nodes)
+        replays_in(
+            |seed, plant| Sim::with_nodes(seed, plant, nodes),
+            plant,
+            seed,
+            what,
+        );
+    }
+
+    /// [`replays`] for runs built by `sim_of`.
+    fn replays_in(sim_of: impl Fn(u64, Plant) -> Sim, plant: Plant, seed: u64, what: &[&str]) {
+        let e = sim_of(seed, plant)
             .run(3_000)
             .expect_err("the plant was not found by its seed");
         assert!(
             what.iter().all(|w| e.contains(w)),
             "{plant:?} broke another rule: {e}"
         );
-        let fixed = Sim::with_nodes(seed, Plant::None, nodes).run(3_000);
+        let fixed = sim_of(seed, Plant::None).run(3_000);
         assert!(fixed.is_ok(), "the same seed without the plant: {fixed:?}");
+    }
+
+    /// Found by slow-second-device seed 15780009465165166133 (2026-12-07): with Redis away,
+    /// live entries took positions after everything the shard's mirror held; another shard
+    /// stored f0's 5 and 6 in the same millisecond, at or below them. Once the reload read
+    /// those, the device that had been sent the live entries had passed their positions and
+    /// was never sent them; the user was shown them after f0's 7 to 9. Now live positions
+    /// lie where Redis gives none, and a read's entry below one is owed to each device past
+    /// it (`live_high` in `shard/mirror.rs`); planted away, the seed finds it again.
+    #[test]
+    fn an_entry_stored_below_a_live_position_reaches_the_device_that_passed_it() {
+        replays_in(
+            Sim::with_second_devices,
+            Plant::OweNonePassed,
+            15780009465165166133,
+            &["s2->r1: shown in the order"],
+        );
     }
 
     /// A plant each device's screen finds and the order of first copies does not (another

@@ -256,14 +256,21 @@ impl MemoryInbox {
         self.next_seq = self.next_seq.max(floor);
     }
 
-    /// Mirror mode, store unavailable: add an entry the store does *not* hold, after every
-    /// entry this inbox has ever held (so after anything a connection was already given).
-    /// No cap check: the caller bounds these. Returns its seq.
-    pub fn append_live(&mut self, user: &str, msg: StoredMessage, now: u64) -> InboxSeq {
-        let seq = self.next_seq;
+    /// The lowest seq above every seq this inbox has ever held.
+    pub fn next_free(&self) -> InboxSeq {
+        self.next_seq
+    }
+
+    /// Mirror mode, store unavailable: add an entry the store does *not* hold at `seq`, at or
+    /// above [`MemoryInbox::next_free`] (so after anything a connection was already given).
+    /// No cap check: the caller bounds these.
+    pub fn append_live(&mut self, user: &str, seq: InboxSeq, msg: StoredMessage, now: u64) {
+        debug_assert!(
+            seq >= self.next_seq,
+            "a live entry goes after every seq held"
+        );
         let added = self.insert_at(user, seq, msg, now);
         debug_assert!(added, "next_seq is above every seq held");
-        seq
     }
 
     /// The seq of `user`'s newest entry.
@@ -620,10 +627,12 @@ mod tests {
         // bob's entry was acked and removed: a connection may still have been given seq 500,
         // and carol's 900 is the highest ever held, so bob's live entry comes after both.
         assert!(inbox.remove("bob", 500));
-        let live = inbox.append_live("bob", m(3), T0 + 1);
+        let live = inbox.next_free();
         assert!(live > 900, "{live}");
-        let next = inbox.append_live("bob", m(4), T0 + 2);
+        inbox.append_live("bob", live, m(3), T0 + 1);
+        let next = inbox.next_free();
         assert!(next > live);
+        inbox.append_live("bob", next, m(4), T0 + 2);
         assert_eq!(ids(&inbox.read("bob", 0, 10, T0 + 5)), vec![3, 4]);
         // Not capped here (the caller bounds live entries), and the store's later seqs still
         // go after them.

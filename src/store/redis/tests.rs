@@ -40,6 +40,26 @@ fn stream_ids_map_to_increasing_seqs_and_back() {
     assert_eq!(stream_id_to_seq("x-1"), None);
 }
 
+/// A live entry's position (Redis away) sorts after what the mirror held and before any
+/// entry Redis can store later in that millisecond or after it: the two never share one
+/// (slow-second-device seed 15780009465165166133 showed a shared one: an ack of the live
+/// entry named the stored one).
+#[test]
+fn live_positions_sit_where_redis_gives_none() {
+    let held = stream_id_to_seq("1700000000000-3").unwrap();
+    let live = live_seq_floor(held + 1);
+    assert!(live > held);
+    assert_eq!(seq_time_ms(live), 1_700_000_000_000);
+    let same_ms = stream_id_to_seq("1700000000000-4").unwrap();
+    let next_ms = stream_id_to_seq("1700000000001-0").unwrap();
+    assert!(same_ms < live && live < next_ms);
+    // The next live entry goes after it, not back to the floor.
+    assert_eq!(live_seq_floor(live + 1), live + 1);
+    // Past a live entry, a later millisecond's live entry starts at that floor again.
+    let later = live_seq_floor(next_ms + 1);
+    assert!(later > next_ms + 1 && seq_time_ms(later) == 1_700_000_000_001);
+}
+
 fn settings() -> RedisSettings {
     RedisSettings {
         url: "redis://127.0.0.1:1".into(),

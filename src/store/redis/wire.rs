@@ -351,6 +351,18 @@ pub fn seq_floor_at(wall_ms: u64) -> InboxSeq {
     wall_ms << SEQ_BITS
 }
 
+/// Where a mirror's live entries start within a millisecond: the upper half of its
+/// sequence part, which Redis reaches only past half a million entries to one stream in
+/// one millisecond. A live entry (Redis away, `shard/mirror.rs`) takes a position no entry
+/// Redis stores can share (an entry stored in the same millisecond sorts below it).
+const LIVE_SEQ_FROM: u64 = 1 << (SEQ_BITS - 1);
+
+/// The lowest position a live entry may take when the mirror's next free one is `next`
+/// (see [`LIVE_SEQ_FROM`]).
+pub fn live_seq_floor(next: InboxSeq) -> InboxSeq {
+    next.max((next & !((1 << SEQ_BITS) - 1)) | LIVE_SEQ_FROM)
+}
+
 /// Milliseconds since the Unix epoch at which Redis appended the entry `seq`.
 pub fn seq_time_ms(seq: InboxSeq) -> u64 {
     seq >> SEQ_BITS
