@@ -234,6 +234,18 @@ impl Reader {
         self.owed()
     }
 
+    /// The furthest inbox position this connection was sent or is owed (0 when idle: it
+    /// reads the inbox from the start again). An entry placed for it later must go past it.
+    pub fn furthest(&self) -> InboxSeq {
+        let Some(f) = self.flight() else {
+            return 0;
+        };
+        let fetched = f.summary.iter().flat_map(|by_sender| by_sender.values());
+        let owed = f.owed.last_key_value().map(|(seq, _)| seq);
+        (fetched.chain(owed).chain(f.fetched.last()))
+            .fold(f.cursor, |furthest, seq| furthest.max(*seq))
+    }
+
     /// Entries owed to this connection (see [`Reader::owe`]).
     pub fn owed(&self) -> usize {
         self.flight().map_or(0, |f| f.owed.len())
@@ -783,6 +795,13 @@ mod tests {
             "its replay gets there"
         );
         assert_eq!(idle.owe_passed(20, below), 0, "reads from the start");
+        // How far each was given (a live entry for bob goes past the furthest).
+        let furthest = (past.furthest(), behind.furthest(), idle.furthest());
+        assert_eq!(furthest, (30, 10, 0));
+        let mut owed_ahead = Reader::default();
+        pump(&mut owed_ahead, cfg(1), &inbox, None);
+        owed_ahead.owe(cfg(1), 50, Rc::new(stored(50)));
+        assert_eq!(owed_ahead.furthest(), 50, "owed past its cursor");
         past.ack(2).unwrap();
         let p = pump(&mut past, cfg(2), &inbox, None);
         assert_eq!(

@@ -214,8 +214,12 @@ impl Shard {
     /// devices (see `mirror.rs`). `current`: the connection being polled right now (it writes
     /// its own output).
     pub(super) fn deliver(&mut self, msg: Box<Message>, now: u64, current: Option<usize>) {
-        let online_here = !self.devices_of(&msg.to).is_empty();
-        self.mirror.deliver(msg, now, online_here);
+        let devices = self.devices_of(&msg.to);
+        let here = (!devices.is_empty()).then(|| {
+            let furthest = devices.iter().map(|&d| self.conns[d].reader.furthest());
+            furthest.max().unwrap_or(0)
+        });
+        self.mirror.deliver(msg, now, here);
         self.perform_mirror(now, current);
     }
 

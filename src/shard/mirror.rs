@@ -882,8 +882,10 @@ impl InboxMirror {
 
     /// On the recipient's home shard: make the message safe (to the store first, or live from
     /// memory while Redis is away: see the module doc), then tell the sender and feed the
-    /// devices. `online_here`: a device of the recipient is connected to this shard.
-    pub fn deliver(&mut self, msg: Box<Message>, now: u64, online_here: bool) {
+    /// devices. `here`: a device of the recipient is connected to this shard, and the
+    /// furthest inbox position any of them was sent or is owed (`Reader::furthest`).
+    pub fn deliver(&mut self, msg: Box<Message>, now: u64, here: Option<InboxSeq>) {
+        let online_here = here.is_some();
         let tail_len = self.tails.get(&msg.to).map_or(0, |t| t.len());
         let missing = self.missing.contains(&msg.to);
         if missing && tail_len > 0 {
@@ -939,13 +941,28 @@ impl InboxMirror {
         }
         self.metrics.live_sends.inc();
         let to = msg.to.clone();
-        let seq = store::live_seq_floor(self.inbox.next_free());
+        let seq = self.live_position(&to, here.unwrap_or(0));
         self.inbox.append_live(&to, seq, msg.stored(), now);
         self.live_high.insert(to.clone(), seq);
         // Shown here: a later message of the pair goes live only above it.
         self.raise_top(&to, &msg.from, msg.id);
         self.tails.entry(to.clone()).or_default().insert(seq, *msg);
         self.out.push(MirrorEffect::Feed(to));
+    }
+
+    /// Where `user`'s next live entry goes: past every position a device of the user here
+    /// was given (the mirror's newest entry, an earlier live entry, and `given`, the furthest
+    /// the devices were sent or are owed of what left the mirror), in that millisecond's
+    /// upper half (`store::live_seq_floor`). Per user, not past everything the shard ever
+    /// held: the user's stream in Redis gives its next entries past what it gave before, so
+    /// a later message of the same sender, stored once Redis is back, comes after the live
+    /// one (unless Redis is still in that millisecond); past another user's newer entries,
+    /// whose ids may come from another Redis Cluster server's clock, it would come before
+    /// (a review's finding: a device not yet sent the live entry was then sent it second).
+    fn live_position(&self, user: &str, given: InboxSeq) -> InboxSeq {
+        let newest = self.inbox.newest(user).unwrap_or(0);
+        let live = self.live_high.get(user).copied().unwrap_or(0);
+        store::live_seq_floor(newest.max(live).max(given) + 1)
     }
 
     fn forget_confirmed(&mut self, to: &str, from: &str) {
@@ -1472,7 +1489,13 @@ impl InboxMirror {
             let unknown = below_live && !self.inbox.holds(&user, seq);
             if held || unknown || self.tails.contains_key(&user) {
                 self.reload_wanted.insert(user.clone());
-                self.missing.insert(user);
+                self.missing.insert(user.clone());
+            }
+            if unknown {
+                // Left for the read all the same: if a device on another node acks it out of
+                // Redis first, the read owes it to every device here, those past it too
+                // (none was sent it; a review's finding).
+                self.leave_for_read(user, seq, msg);
             }
             return;
         }
@@ -1923,8 +1946,8 @@ mod tests {
     /// Two writes of the pair ann -> bob; the first one's answer is lost (in doubt). The
     /// second, not answered yet, is returned.
     fn first_of_two_in_doubt(m: &mut InboxMirror) -> Message {
-        m.deliver(message(1, "c1"), NOW, false);
-        m.deliver(message(2, "c2"), NOW, false);
+        m.deliver(message(1, "c1"), NOW, None);
+        m.deliver(message(2, "c2"), NOW, None);
         let [first, second]: [Message; 2] = appends(m.take_effects()).try_into().ok().unwrap();
         assert!(first.write.attempt < second.write.attempt);
         let lost = Err(StoreError::Unavailable("timeout".into()));
@@ -1968,7 +1991,7 @@ mod tests {
     #[test]
     fn an_append_the_store_queue_refuses_is_refused_and_leaves_nothing_waiting() {
         let mut m = machine();
-        m.deliver(message(1, "c1"), NOW, false);
+        m.deliver(message(1, "c1"), NOW, None);
         let effects = m.take_effects();
         let op = match effects.into_iter().next() {
             Some(MirrorEffect::Store(op @ StoreOp::Append(_))) => op,
@@ -1984,7 +2007,7 @@ mod tests {
     fn confirm(m: &mut InboxMirror, id: u64, from: &str) {
         let mut msg = message(id, &format!("k{id}"));
         msg.from = from.into();
-        m.deliver(msg, NOW, true);
+        m.deliver(msg, NOW, Some(0));
         let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
         let entry = write.stored();
         m.appended(write, stored(), NOW, WALL);
@@ -2306,7 +2329,7 @@ mod tests {
             m.plant_order_bug(plant);
             m.pushed("bob".into(), 30, message(30, "c").stored(), NOW, WALL);
             m.pushed("bob".into(), 40, message(40, "d").stored(), NOW, WALL);
-            m.deliver(message(25, "w"), NOW, true);
+            m.deliver(message(25, "w"), NOW, Some(0));
             let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
             m.resynced();
             let token = load_token(&mut m);
@@ -2485,7 +2508,7 @@ mod tests {
     #[test]
     fn while_the_store_is_down_a_message_for_an_online_user_goes_live_and_is_accepted_on_ack() {
         let mut m = bob_online_and_store_down();
-        m.deliver(message(7, "c7"), NOW, true);
+        m.deliver(message(7, "c7"), NOW, Some(0));
         let effects = m.take_effects();
         assert!(matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"));
         let entry = m.inbox().read("bob", 0, 10, NOW);
@@ -2512,7 +2535,7 @@ mod tests {
             let confirmed_at = issued_ms(1);
             let mut arrived_since = message(13, "c13");
             arrived_since.sender_arrived_ms = confirmed_at + 1;
-            m.deliver(arrived_since, NOW, true);
+            m.deliver(arrived_since, NOW, Some(0));
             let refused = told(&m.take_effects());
             match plant {
                 OrderPlant::None => assert_eq!(refused, ["c13:refused"], "not live"),
@@ -2521,14 +2544,14 @@ mod tests {
             // A sender that arrived before it (the same millisecond too) goes live.
             let mut earlier = message(14, "c14");
             earlier.sender_arrived_ms = confirmed_at;
-            m.deliver(earlier, NOW, true);
+            m.deliver(earlier, NOW, Some(0));
             assert!(matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
         }
         // A pair with no write confirmed at all does not go live either.
         let mut m = bob_online_and_store_down();
         let mut dan = message(15, "d15");
         dan.from = "dan".into();
-        m.deliver(dan, NOW, true);
+        m.deliver(dan, NOW, Some(0));
         assert_eq!(told(&m.take_effects()), ["d15:refused"]);
     }
 
@@ -2551,7 +2574,7 @@ mod tests {
             m.take_effects();
             let mut below = message(13, "c13");
             below.sender_arrived_ms = 0;
-            m.deliver(below, NOW, true);
+            m.deliver(below, NOW, Some(0));
             let refused = told(&m.take_effects());
             match plant {
                 OrderPlant::None => assert_eq!(refused, ["c13:refused"], "not live"),
@@ -2559,7 +2582,7 @@ mod tests {
             }
             let mut above = message(21, "c21");
             above.sender_arrived_ms = 0;
-            m.deliver(above, NOW, true);
+            m.deliver(above, NOW, Some(0));
             assert!(matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
         }
     }
@@ -2576,7 +2599,7 @@ mod tests {
             let mut m = bob_online_and_store_down();
             m.plant_order_bug(plant);
             m.pushed("bob".into(), at(3), message(30, "c30").stored(), NOW, WALL);
-            m.deliver(message(31, "c31"), NOW, true);
+            m.deliver(message(31, "c31"), NOW, Some(0));
             let live = *mirrored(&m).last().unwrap();
             assert!(
                 live > at(4),
@@ -2619,12 +2642,48 @@ mod tests {
         }
     }
 
+    /// A live entry goes past what the user's devices here were given, in the upper half of
+    /// that millisecond, and no further: the user's stream in Redis gives its next entries
+    /// past its last one, so a later message of the same sender stored once Redis is back
+    /// comes after it (past the shard's newest entry of any user, ids of another Redis
+    /// Cluster server's clock, it could come before: a review's finding).
+    #[test]
+    fn a_live_entry_goes_just_past_what_the_users_devices_were_given() {
+        let at = |ms: u64, n: u64| (ms << 20) | n;
+        let upper = 1 << 19;
+        let mut m = bob_online_and_store_down();
+        m.pushed(
+            "bob".into(),
+            at(3 << 20, 1),
+            message(30, "c30").stored(),
+            NOW,
+            WALL,
+        );
+        // Another user's newer entry, from another server's clock: no bound for bob's.
+        let carol = message(90, "c90").stored();
+        assert!(m.inbox_mut().insert_at("carol", at(9 << 20, 0), carol, NOW));
+        m.deliver(message(31, "c31"), NOW, Some(0));
+        m.deliver(message(32, "c32"), NOW, Some(0));
+        let c33 = message(33, "c33");
+        // A device of bob is owed an entry of a later millisecond (another device acked it).
+        m.deliver(c33, NOW, Some(at(5 << 20, 2)));
+        assert_eq!(
+            mirrored(&m),
+            [
+                at(3 << 20, 1),
+                at(3 << 20, upper),
+                at(3 << 20, upper + 1),
+                at(5 << 20, upper)
+            ]
+        );
+    }
+
     #[test]
     fn a_resent_message_never_goes_live_past_the_store() {
         let mut m = bob_online_and_store_down();
         let mut resent = message(8, "c8");
         resent.resent = true;
-        m.deliver(resent, NOW, true);
+        m.deliver(resent, NOW, Some(0));
         assert_eq!(told(&m.take_effects()), ["c8:refused"]);
         assert!(m.inbox().read("bob", 0, 10, NOW).is_empty());
     }
@@ -2635,14 +2694,14 @@ mod tests {
             let mut m = bob_online_and_store_down();
             m.plant_order_bug(plant);
             m.batch_answered(true);
-            m.deliver(message(11, "c11"), NOW, true);
+            m.deliver(message(11, "c11"), NOW, Some(0));
             let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
             m.appended(write, stored(), NOW, WALL);
             assert_eq!(told(&m.take_effects()), ["c11:accepted"]);
             // The store goes away before c11's entry came on the channel: c12, shown live
             // now, would come before it.
             m.batch_answered(false);
-            m.deliver(message(12, "c12"), NOW, true);
+            m.deliver(message(12, "c12"), NOW, Some(0));
             let to_store = appends(m.take_effects()).len();
             match plant {
                 OrderPlant::None => assert_eq!(to_store, 1, "to the store, not live past c11"),
@@ -2664,15 +2723,15 @@ mod tests {
         for m in [&mut planted, &mut m] {
             let mut resent = message(8, "c8");
             resent.resent = true;
-            m.deliver(resent, NOW, true);
+            m.deliver(resent, NOW, Some(0));
             assert_eq!(told(&m.take_effects()), ["c8:refused"]);
-            m.deliver(message(9, "c9"), NOW, true);
+            m.deliver(message(9, "c9"), NOW, Some(0));
         }
         assert!(matches!(&planted.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
         assert_eq!(told(&m.take_effects()), ["c9:refused"], "not live past c8");
         let mut other = message(10, "d1");
         other.from = "cat".into();
-        m.deliver(other, NOW, true);
+        m.deliver(other, NOW, Some(0));
         assert!(matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
         let seq = m.inbox().read("bob", 0, 10, NOW)[0].0;
         let mut acked = message(10, "d1");
@@ -2681,7 +2740,7 @@ mod tests {
         assert_eq!(told(&m.take_effects()), ["d1:accepted", "d1:delivered"]);
         // The store answers again: the pair's next write goes to it and is answered.
         m.batch_answered(true);
-        m.deliver(message(11, "c11"), NOW, true);
+        m.deliver(message(11, "c11"), NOW, Some(0));
         let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
         m.appended(write, stored(), NOW, WALL);
         assert_eq!(told(&m.take_effects()), ["c11:accepted"]);
@@ -2691,7 +2750,7 @@ mod tests {
         m.pushed("bob".into(), 3 << 40, c11, NOW, WALL);
         m.take_effects();
         m.batch_answered(false);
-        m.deliver(message(12, "c12"), NOW, true);
+        m.deliver(message(12, "c12"), NOW, Some(0));
         assert!(
             matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"),
             "live again"

@@ -238,8 +238,7 @@ impl MemoryInbox {
             .slots
             .back()
             .map_or(appended_at, |s| s.appended_at.max(appended_at));
-        // Mirror mode: `next_seq` stays above every seq ever held, so `append_live` can
-        // always place an entry after anything a connection has already been given.
+        // `append` (the embedded store) numbers its entries past every seq ever held.
         self.next_seq = self.next_seq.max(seq + 1);
         let superseded = inbox.push(Slot {
             seq,
@@ -256,21 +255,13 @@ impl MemoryInbox {
         self.next_seq = self.next_seq.max(floor);
     }
 
-    /// The lowest seq above every seq this inbox has ever held.
-    pub fn next_free(&self) -> InboxSeq {
-        self.next_seq
-    }
-
-    /// Mirror mode, store unavailable: add an entry the store does *not* hold at `seq`, at or
-    /// above [`MemoryInbox::next_free`] (so after anything a connection was already given).
-    /// No cap check: the caller bounds these.
+    /// Mirror mode, store unavailable: add an entry the store does *not* hold at `seq`, past
+    /// the user's newest entry; the caller puts it after anything a connection of the user
+    /// was already given (`InboxMirror::live_position`). No cap check: the caller bounds
+    /// these.
     pub fn append_live(&mut self, user: &str, seq: InboxSeq, msg: StoredMessage, now: u64) {
-        debug_assert!(
-            seq >= self.next_seq,
-            "a live entry goes after every seq held"
-        );
         let added = self.insert_at(user, seq, msg, now);
-        debug_assert!(added, "next_seq is above every seq held");
+        debug_assert!(added, "a live entry goes past the user's newest entry");
     }
 
     /// The seq of `user`'s newest entry.
@@ -620,24 +611,18 @@ mod tests {
     }
 
     #[test]
-    fn live_entries_go_after_every_seq_ever_held() {
+    fn live_entries_go_where_the_caller_puts_them_and_the_stores_later_ones_after() {
         let mut inbox = MemoryInbox::new(limits(2, HOUR));
         assert!(inbox.insert_at("bob", 500, m(1), T0));
-        assert!(inbox.insert_at("carol", 900, m(2), T0));
-        // bob's entry was acked and removed: a connection may still have been given seq 500,
-        // and carol's 900 is the highest ever held, so bob's live entry comes after both.
         assert!(inbox.remove("bob", 500));
-        let live = inbox.next_free();
-        assert!(live > 900, "{live}");
-        inbox.append_live("bob", live, m(3), T0 + 1);
-        let next = inbox.next_free();
-        assert!(next > live);
-        inbox.append_live("bob", next, m(4), T0 + 2);
+        inbox.append_live("bob", 700, m(3), T0 + 1);
+        inbox.append_live("bob", 701, m(4), T0 + 2);
         assert_eq!(ids(&inbox.read("bob", 0, 10, T0 + 5)), vec![3, 4]);
         // Not capped here (the caller bounds live entries), and the store's later seqs still
         // go after them.
         assert_eq!(inbox.len("bob"), 2);
-        assert!(inbox.insert_at("bob", next + 10, m(5), T0 + 3));
+        assert!(!inbox.insert_at("bob", 600, m(5), T0 + 3), "not below them");
+        assert!(inbox.insert_at("bob", 800, m(5), T0 + 3));
         assert_eq!(ids(&inbox.read("bob", 0, 10, T0 + 5)), vec![3, 4, 5]);
     }
 
