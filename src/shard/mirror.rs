@@ -37,7 +37,7 @@
 //!   users get `unavailable`, loads are retried every `LOAD_RETRY_MS`; fred reconnects by
 //!   itself, and a shard that has nothing to write probes every `PROBE_MS` to learn it is back.
 //! * Live delivery while Redis is down: a message for a user online here (mirror loaded) is
-//!   put after everything the mirror ever held (`append_live`) and sent to the devices from
+//!   put past everything its devices here were given (`live_position`) and sent to them from
 //!   memory; it is *not* accepted yet. The first device's ack makes it safe (SPEC 4: "a
 //!   recipient device acknowledged it"): the sender gets `accepted` and `delivered` together.
 //!   These *live* entries form a tail per user, bounded by `window`; while a user has one,
@@ -281,11 +281,12 @@ pub struct InboxMirror {
     tails: FastMap<CompactString, BTreeMap<InboxSeq, Message>>,
     /// Per user, the highest position a live entry took (kept until the user's mirror is
     /// dropped, also once the entry is acked). Live positions come after everything the
-    /// shard's mirror held, but Redis can still store an entry of the user at or below one
-    /// (another writer, the same millisecond): a device sent the live entry has passed that
-    /// position and is never sent such an entry by the inbox's order alone. So such an entry
-    /// makes the mirror `missing` when pushed, and when a read brings it, each device whose
-    /// replay passed it is owed it (`MirrorEffect::Owed::passed`; found by slow-second-device
+    /// user's devices here were given, but Redis can still store an entry of the user below
+    /// one (another writer, the same millisecond): a device sent the live entry has passed
+    /// that position and is never sent such an entry by the inbox's order alone. So such an
+    /// entry makes the mirror `missing` when pushed (and is left for the read), and when a
+    /// read brings it, or no longer has it, each device whose replay passed it is owed it
+    /// (`MirrorEffect::Owed::passed`; found by slow-second-device
     /// seed 15780009465165166133: a device skipped two entries for good, and the user was
     /// shown them after the sender's later ones).
     live_high: FastMap<CompactString, InboxSeq>,
@@ -2588,7 +2589,7 @@ mod tests {
     }
 
     /// Found by slow-second-device seed 15780009465165166133 (2026-12-07): Redis away, c31
-    /// goes live after everything the shard's mirror held; another writer's entry stored in
+    /// goes live after everything bob's devices were given; another writer's entry stored in
     /// the same millisecond lands below it. Its push finds the mirror missing it (not shown
     /// past the live entry), and the reload's read owes it, as passed, to each device that
     /// was sent c31: the inbox's order alone never sends it to them. Planted away, it is not.
