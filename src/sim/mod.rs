@@ -811,6 +811,8 @@ pub(crate) struct Sim {
     /// such a device loses an ack while faults run.
     second_device_chance: u64,
     second_device_ack_loss: u64,
+    /// A second device of a recipient may open on its home shard (always with one node).
+    same_shard_second_devices: bool,
     conv: BTreeMap<(usize, usize), Conversation>,
     /// (sender, recipient, cid) a device of the recipient acked: safe without the store.
     acked: BTreeSet<(usize, usize, usize)>,
@@ -884,6 +886,17 @@ impl Sim {
     /// owing entries is for.
     pub(crate) fn with_second_devices(seed: u64, plant: Plant) -> Sim {
         let mut sim = Sim::new(seed, plant);
+        sim.second_device_chance = 60;
+        sim.second_device_ack_loss = 70;
+        sim
+    }
+
+    /// As [`Sim::with_second_devices`] with `nodes` nodes: a recipient's connect event adds
+    /// a second device now and then on the other node (as in [`Sim::with_nodes`]), and
+    /// otherwise, as often as there, on its home shard, losing most of its acks.
+    pub(crate) fn with_nodes_and_second_devices(seed: u64, plant: Plant, nodes: usize) -> Sim {
+        let mut sim = Sim::with_nodes(seed, plant, nodes);
+        sim.same_shard_second_devices = true;
         sim.second_device_chance = 60;
         sim.second_device_ack_loss = 70;
         sim
@@ -983,6 +996,7 @@ impl Sim {
             resyncs: false,
             second_device_chance: 20,
             second_device_ack_loss: 10,
+            same_shard_second_devices: nodes == 1,
             conv: BTreeMap::new(),
             acked: BTreeSet::new(),
             msg_frames: 0,
@@ -1446,10 +1460,10 @@ impl Sim {
                     self.device_connects(user, node);
                 }
             }
-            // One node: now and then a second device on the same home shard. Each device
-            // has its own window, and the first ack removes an entry. (Not with several
-            // nodes, whose seeds stay as they were: see `missing_on_devices`.)
-            Some(i) if self.nodes == 1 && self.chance(self.second_device_chance) => {
+            // Now and then a second device on the same home shard (one node, or
+            // `with_nodes_and_second_devices`). Each device has its own window, and the
+            // first ack removes an entry.
+            Some(i) if self.same_shard_second_devices && self.chance(self.second_device_chance) => {
                 let shard = self.devices[i].shard;
                 let here = self
                     .devices
@@ -2520,6 +2534,24 @@ mod tests {
             ),
             Err((seed, e)) => panic!(
                 "seed {seed} failed (slow second devices): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::one_node_with_slow_second_devices"
+            ),
+        }
+    }
+
+    /// Two nodes with slow second devices on the home shard too
+    /// (`Sim::with_nodes_and_second_devices`): seeds of every test run.
+    const TWO_NODES_SECOND_DEVICE_SEEDS: u64 = 250;
+
+    #[test]
+    fn two_nodes_with_slow_second_devices() {
+        let sim_of = |seed| Sim::with_nodes_and_second_devices(seed, Plant::None, 2);
+        match sweep_with(TWO_NODES_SECOND_DEVICE_SEEDS, 3_000, sim_of) {
+            Ok(c) => println!(
+                "simulation (two nodes, slow second devices): {} seeds, {c:?}",
+                seeds(TWO_NODES_SECOND_DEVICE_SEEDS).len()
+            ),
+            Err((seed, e)) => panic!(
+                "seed {seed} failed (two nodes, slow second devices): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::two_nodes_with_slow_second_devices"
             ),
         }
     }
