@@ -2588,6 +2588,42 @@ mod tests {
         }
     }
 
+    /// bob's mirror after c31 went live (Redis away) above c30, was acked, and another
+    /// writer's c40, stored in c30's millisecond below c31's position, was pushed; Redis
+    /// answers again and bob's reload is out: its token.
+    fn pushed_below_a_live_entry(m: &mut InboxMirror, at: impl Fn(u64) -> InboxSeq) -> u64 {
+        m.pushed("bob".into(), at(3), message(30, "c30").stored(), NOW, WALL);
+        m.deliver(message(31, "c31"), NOW, Some(0));
+        let live = *mirrored(m).last().unwrap();
+        assert!(
+            live > at(4),
+            "the live entry sits above what Redis gives next"
+        );
+        assert_eq!(store::seq_time_ms(live), store::seq_time_ms(at(3)));
+        m.remove_acked("bob", live);
+        let delivered = message(31, "c31").report(31, Outcome::Delivered);
+        m.acked("bob", live, delivered);
+        assert_eq!(told(&m.take_effects()), ["c31:accepted", "c31:delivered"]);
+        m.pushed("bob".into(), at(4), message(40, "c40").stored(), NOW, WALL);
+        assert_eq!(mirrored(m), vec![at(3)], "not shown past the live position");
+        m.batch_answered(true);
+        m.tick(NOW + 1, WALL);
+        load_token(m)
+    }
+
+    /// The entries the effects owe bob's devices that passed them, as (seq, cid).
+    fn owed_passed(effects: &[MirrorEffect]) -> Vec<(InboxSeq, String)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                MirrorEffect::Owed { passed, .. } => Some(passed),
+                _ => None,
+            })
+            .flatten()
+            .map(|(seq, m)| (*seq, m.cid.to_string()))
+            .collect()
+    }
+
     /// Found by slow-second-device seed 15780009465165166133 (2026-12-07): Redis away, c31
     /// goes live after everything bob's devices were given; another writer's entry stored in
     /// the same millisecond lands below it. Its push finds the mirror missing it (not shown
@@ -2599,48 +2635,37 @@ mod tests {
         for plant in [OrderPlant::None, OrderPlant::OweNonePassed] {
             let mut m = bob_online_and_store_down();
             m.plant_order_bug(plant);
-            m.pushed("bob".into(), at(3), message(30, "c30").stored(), NOW, WALL);
-            m.deliver(message(31, "c31"), NOW, Some(0));
-            let live = *mirrored(&m).last().unwrap();
-            assert!(
-                live > at(4),
-                "the live entry sits above what Redis gives next"
-            );
-            assert_eq!(store::seq_time_ms(live), store::seq_time_ms(at(3)));
-            m.remove_acked("bob", live);
-            m.acked(
-                "bob",
-                live,
-                message(31, "c31").report(31, Outcome::Delivered),
-            );
-            assert_eq!(told(&m.take_effects()), ["c31:accepted", "c31:delivered"]);
-            m.pushed("bob".into(), at(4), message(40, "c40").stored(), NOW, WALL);
-            assert_eq!(
-                mirrored(&m),
-                vec![at(3)],
-                "not shown past the live position"
-            );
-            m.batch_answered(true);
-            m.tick(NOW + 1, WALL);
-            let token = load_token(&mut m);
+            let token = pushed_below_a_live_entry(&mut m, at);
             bob_reads(&mut m, token, &[(at(3), "c30"), (at(4), "c40")]);
             let effects = m.take_effects();
-            let passed: Vec<(InboxSeq, String)> = effects
-                .iter()
-                .filter_map(|e| match e {
-                    MirrorEffect::Owed { passed, .. } => Some(passed),
-                    _ => None,
-                })
-                .flatten()
-                .map(|(seq, m)| (*seq, m.cid.to_string()))
-                .collect();
             match plant {
-                OrderPlant::None => assert_eq!(passed, vec![(at(4), "c40".to_string())]),
-                _ => assert!(passed.is_empty(), "the plant owes nothing passed"),
+                OrderPlant::None => {
+                    assert_eq!(owed_passed(&effects), vec![(at(4), "c40".to_string())])
+                }
+                _ => assert!(
+                    owed_passed(&effects).is_empty(),
+                    "the plant owes nothing passed"
+                ),
             }
             assert!(owed(&effects).is_empty(), "nothing is gone");
             assert_eq!(mirrored(&m), vec![at(3), at(4)]);
         }
+    }
+
+    /// As above, but a device on another node acks c40 out of Redis before the reload reads
+    /// the inbox: no device here was sent it, so it is owed to every one, those that passed
+    /// its position too (kept for the read when pushed; a review's finding).
+    #[test]
+    fn an_entry_below_a_live_position_acked_elsewhere_first_is_owed_to_every_device() {
+        let at = |n: u64| (3 << 40) | n;
+        let mut m = bob_online_and_store_down();
+        let token = pushed_below_a_live_entry(&mut m, at);
+        bob_reads(&mut m, token, &[(at(3), "c30")]);
+        let effects = m.take_effects();
+        let c40 = vec![(at(4), "c40".to_string())];
+        assert_eq!(owed(&effects), c40, "to the devices below it");
+        assert_eq!(owed_passed(&effects), c40, "and to those past it");
+        assert_eq!(mirrored(&m), vec![at(3)]);
     }
 
     /// A live entry goes past what the user's devices here were given, in the upper half of
