@@ -244,8 +244,9 @@ struct Loading {
     /// Entries other nodes pushed meanwhile (the read may or may not include them; those past
     /// it are added once it answers).
     pushes: Vec<(InboxSeq, StoredMessage)>,
-    /// Entries acked meanwhile: the read may predate their delete, and must not bring them
-    /// back (they would be sent again).
+    /// Entries acked meanwhile, or whose delete sent again ran meanwhile (`unremoved`): the
+    /// read may predate their delete, and must not bring them back (they would be sent
+    /// again).
     acked: Vec<InboxSeq>,
     /// Shared store: the read, answered before its mark came on the channel (see
     /// `read_marked`), and when it is taken in all the same (`MARK_WAIT_MS`).
@@ -409,6 +410,9 @@ pub(crate) enum OrderPlant {
     /// A read's entries at or below a live position are owed to no device that passed them
     /// (the rule of `live_high`).
     OweNonePassed,
+    /// A delete sent again that runs while a load is out does not keep the load's read,
+    /// which may have run before it, from taking its entry in.
+    ReadPastRemoved,
 }
 
 /// An acked entry's delete Redis did not run (see `InboxMirror::unremoved`).
@@ -1079,6 +1083,15 @@ impl InboxMirror {
         if let Entry::Occupied(mut seqs) = self.unremoved.entry(user) {
             if seqs.get_mut().remove(&seq).is_some() {
                 self.unremoved_count -= 1;
+                // A read out now may have run before this delete: it must not take the entry
+                // in once it answers (one-node seed 8995636101367943396: a read answered after
+                // the delete brought it to devices connected since, after later entries).
+                let loading = self.loads.get_mut(seqs.key());
+                #[cfg(test)]
+                let loading = loading.filter(|_| self.plant != OrderPlant::ReadPastRemoved);
+                if let Some(loading) = loading {
+                    loading.acked.push(seq);
+                }
             }
             if seqs.get().is_empty() {
                 seqs.remove();
@@ -2270,26 +2283,7 @@ mod tests {
         for plant in [OrderPlant::None, OrderPlant::ForgetUnremoved] {
             let mut m = bob_loaded();
             m.plant_order_bug(plant);
-            assert!(m.remove_acked("bob", 10));
-            let delivered = message(10, "a").report(10, Outcome::Delivered);
-            m.acked("bob", 10, delivered);
-            let effects = m.take_effects();
-            let Some(MirrorEffect::Store(delete)) = effects.into_iter().next() else {
-                panic!("the ack sends a delete");
-            };
-            let failed = crate::store::redis::failed_reply(delete, "timed out".into());
-            let crate::store::redis::StoreReply::Removed {
-                user,
-                seq,
-                ran,
-                ok,
-                report,
-            } = failed
-            else {
-                panic!("a delete is answered as one");
-            };
-            m.batch_answered(false);
-            m.removed(user, seq, ran, ok, report);
+            ack_10_whose_delete_times_out(&mut m);
             m.tick(NOW, WALL);
             assert!(
                 removes(&m.take_effects()).is_empty(),
@@ -2317,6 +2311,56 @@ mod tests {
             m.removed("bob".into(), 10, true, true, report);
             assert_eq!(told(&m.take_effects()), vec!["a:delivered"]);
             assert!(m.unremoved.is_empty() && m.unremoved_count == 0);
+        }
+    }
+
+    /// A device acks bob's entry 10; Redis does not answer its delete (it times out) and is
+    /// away after.
+    fn ack_10_whose_delete_times_out(m: &mut InboxMirror) {
+        assert!(m.remove_acked("bob", 10));
+        let delivered = message(10, "a").report(10, Outcome::Delivered);
+        m.acked("bob", 10, delivered);
+        let effects = m.take_effects();
+        let Some(MirrorEffect::Store(delete)) = effects.into_iter().next() else {
+            panic!("the ack sends a delete");
+        };
+        let failed = crate::store::redis::failed_reply(delete, "timed out".into());
+        let crate::store::redis::StoreReply::Removed {
+            user,
+            seq,
+            ran,
+            ok,
+            report,
+        } = failed
+        else {
+            panic!("a delete is answered as one");
+        };
+        m.batch_answered(false);
+        m.removed(user, seq, ran, ok, report);
+    }
+
+    /// The delete sent again runs after a reload's read, but is answered first: the read,
+    /// answered next, must not take 10 in (one-node seed 8995636101367943396: devices that
+    /// connected since were sent it after later entries). Planted away, it does.
+    #[test]
+    fn a_read_answered_after_a_delete_sent_again_ran_does_not_bring_its_entry_back() {
+        for plant in [OrderPlant::None, OrderPlant::ReadPastRemoved] {
+            let mut m = bob_loaded();
+            m.plant_order_bug(plant);
+            ack_10_whose_delete_times_out(&mut m);
+            m.batch_answered(true);
+            m.resynced();
+            let token = load_token(&mut m);
+            m.tick(NOW, WALL);
+            assert_eq!(removes(&m.take_effects()), vec![("bob".into(), 10, true)]);
+            let report = Some(Box::new(message(10, "a").report(10, Outcome::Delivered)));
+            m.removed("bob".into(), 10, true, true, report);
+            assert_eq!(told(&m.take_effects()), vec!["a:delivered"]);
+            bob_reads(&mut m, token, &[(10, "a"), (20, "b")]);
+            match plant {
+                OrderPlant::None => assert_eq!(mirrored(&m), vec![20], "10 was deleted"),
+                _ => assert_eq!(mirrored(&m), vec![10, 20], "the plant takes 10 in again"),
+            }
         }
     }
 

@@ -261,6 +261,9 @@ pub(crate) enum Plant {
     /// A read's entries below a live entry's position are owed to no device that passed
     /// them (`OrderPlant::OweNonePassed`).
     OweNonePassed,
+    /// A read that ran before a delete sent again, answered after it, takes the deleted
+    /// entry in (`OrderPlant::ReadPastRemoved`).
+    ReadPastRemoved,
     /// The store lets a write land below the highest id its pair stored (the script's
     /// `~top`): another node's write whose answer was lost lands after the writes of the
     /// node its sender moved to, and ids no longer follow store order.
@@ -2224,6 +2227,7 @@ fn boot_node(
             Plant::LiveUnconfirmed => Some(OrderPlant::LiveUnconfirmed),
             Plant::LiveBelowTop => Some(OrderPlant::LiveBelowTop),
             Plant::OweNonePassed => Some(OrderPlant::OweNonePassed),
+            Plant::ReadPastRemoved => Some(OrderPlant::ReadPastRemoved),
             _ => None,
         };
         if let Some(planted) = planted {
@@ -2822,6 +2826,21 @@ mod tests {
     /// was never sent them; the user was shown them after f0's 7 to 9. Now live positions
     /// lie where Redis gives none, and a read's entry below one is owed to each device past
     /// it (`live_high` in `shard/mirror.rs`); planted away, the seed finds it again.
+    /// Found by slow-second-device seed 8995636101367943396 (the 45,652nd of a 50,000-seed
+    /// sweep, 2026-12-07): a delete sent again (`unremoved`) ran after a load's read of the
+    /// inbox but was answered first; the read, answered next, took the entry in, and the
+    /// devices that had connected since (not owed it: another device had acked it) were
+    /// sent it after later entries. Planted away, the seed finds it again.
+    #[test]
+    fn a_read_that_ran_before_a_delete_sent_again_does_not_bring_its_entry_back() {
+        replays_in(
+            Sim::with_second_devices,
+            Plant::ReadPastRemoved,
+            8995636101367943396,
+            &["showed s0's cids in the order"],
+        );
+    }
+
     #[test]
     fn an_entry_stored_below_a_live_position_reaches_the_device_that_passed_it() {
         replays_in(
