@@ -226,6 +226,12 @@ impl Reader {
     /// entries this connection is owed now.
     pub fn owe_passed(&mut self, inbox_seq: InboxSeq, msg: Rc<StoredMessage>) -> usize {
         if let Some(f) = self.flight_mut() {
+            // Big-inbox mode: a `fetch` of its sender that looked past it looks again from
+            // it (the replay, still at the start, reads it anyway).
+            let looked_at = f.summary.as_mut().and_then(|c| c.get_mut(&msg.from));
+            if let Some(looked_at) = looked_at.filter(|at| **at >= inbox_seq) {
+                *looked_at = inbox_seq - 1;
+            }
             let has_it = f.window.in_flight().any(|(s, _)| *s == inbox_seq);
             if f.cursor >= inbox_seq && !has_it && !f.fetched.contains(&inbox_seq) {
                 f.owed.insert(inbox_seq, msg);
@@ -840,6 +846,44 @@ mod tests {
                 ("msg", 3, 104),
                 ("fetched", 3, 0)
             ]
+        );
+    }
+
+    /// Big-inbox mode: an entry of b enters the inbox below where a `fetch` of b looked
+    /// (a live entry's position passed it, `InboxMirror::live_high`): the next `fetch` of b
+    /// sends it before b's later one, not the replay after it (a review's finding).
+    #[test]
+    fn a_fetch_looks_again_from_an_entry_that_entered_below_where_it_looked() {
+        let entry = |id: u64, from: &str| StoredMessage {
+            id,
+            from: from.into(),
+            cid: format!("\"c{id}\"").into(),
+            ts: 0,
+            body: "{}".into(),
+            msg_type: None,
+        };
+        let at = [(10, "a"), (30, "a"), (40, "b"), (60, "b")];
+        let mut inbox = MemoryInbox::new(InboxLimits::default());
+        for (seq, from) in at {
+            assert!(inbox.insert_at("bob", seq, entry(seq, from), 0));
+        }
+        let mut r = Reader::default();
+        let p = pump(&mut r, cfg(8), &inbox, Some(2));
+        assert_eq!(brief(&p.0), [("summary", 2, 0)]);
+        let w = fetch(&mut r, "b", 1, &inbox).unwrap();
+        assert_eq!(brief(&w), [("msg", 1, 40), ("fetched", 1, 1)]);
+        let reread = [(10, "a"), (20, "b"), (30, "a"), (40, "b"), (60, "b")];
+        let reread = reread.map(|(seq, from)| (seq, 0, entry(seq, from)));
+        inbox.replace_user("bob", reread.into(), 0);
+        assert_eq!(
+            r.owe_passed(20, Rc::new(entry(20, "b"))),
+            0,
+            "the replay reads it"
+        );
+        let w = fetch(&mut r, "b", 2, &inbox).unwrap();
+        assert_eq!(
+            brief(&w),
+            [("msg", 2, 20), ("msg", 3, 60), ("fetched", 2, 1)]
         );
     }
 
