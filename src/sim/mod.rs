@@ -616,6 +616,8 @@ struct Conversation {
     /// sender is told another id (the live entry was refused or died with the node, and
     /// the refusal may have been lost with a sender's connection), the same known gap.
     shown_live: BTreeSet<usize>,
+    /// Every (cid, id) any device was shown live (its id in no inbox when shown).
+    live_ids: BTreeSet<(usize, u64)>,
 }
 
 /// A sender's connection, on its home shard.
@@ -652,18 +654,19 @@ struct Device {
     /// Every (sender, cid) this connection was sent.
     got: BTreeSet<(usize, usize)>,
     /// The same, in the order of their first copies on this connection, with the id of
-    /// that copy: what its screen shows (the client drops a copy it has shown).
-    shown_here: Vec<(usize, usize, u64)>,
+    /// that copy and whether it was in the store when shown (not live): what its screen
+    /// shows (the client drops a copy it has shown).
+    shown_here: Vec<(usize, usize, u64, bool)>,
     /// The chance in 100 that an ack of this device is lost while faults run (10; a slow
     /// second device of `Sim::with_second_devices` loses more, so its window lags).
     ack_loss: u64,
 }
 
-/// What a device that went showed: (sender, cid, id) in order.
+/// What a device that went showed: (sender, cid, id, stored) in order.
 struct GoneDevice {
     user: usize,
     shard: usize,
-    shown: Vec<(usize, usize, u64)>,
+    shown: Vec<(usize, usize, u64, bool)>,
 }
 
 impl Device {
@@ -704,11 +707,12 @@ pub(crate) struct Counts {
     pub live_told_other: u64,
     /// Messages shown live (from a node's memory while Redis was away from it).
     pub shown_live: u64,
-    /// Copies a device showed under another id than the one its sender was told, the told
-    /// one shown live elsewhere: the same known gap seen from another device (the sender's
-    /// resend, made before the live `accepted` reached it, was stored under a new id, in its
-    /// place in Redis: a device on another node shows that copy there). Not checked for
-    /// order on that device.
+    /// Stored copies a device showed (or the user showed first) of a cid whose sender was
+    /// told the id of a live copy shown elsewhere: the same known gap seen from another
+    /// device (the sender's resend, made before the live `accepted` reached it, was stored
+    /// under a new id, in its place in Redis: a device on another node shows that copy
+    /// there). Not checked against the `accepted` order; on a device such copies must
+    /// still come in store (id) order among themselves.
     pub live_copy_elsewhere: u64,
     pub shown: u64,
     pub checks: u64,
@@ -1951,20 +1955,23 @@ impl Sim {
                 if trace() {
                     eprintln!("device of r{user} on shard {}: {v}", self.devices[i].shard);
                 }
+                let key = (self.recipients[user].clone(), from.to_string(), id);
+                let live = self.kind == StoreKind::Redis
+                    && s != FOREIGN
+                    && !self.model.ever_stored.contains(&key);
+                if live {
+                    c.live_ids.insert((cid, id));
+                }
                 if !c.shown.iter().any(|(seen, _)| *seen == cid) {
                     c.shown.push((cid, id));
                     self.counts.shown += 1;
-                    let key = (self.recipients[user].clone(), from.to_string(), id);
-                    if self.kind == StoreKind::Redis
-                        && s != FOREIGN
-                        && !self.model.ever_stored.contains(&key)
-                    {
+                    if live {
                         c.shown_live.insert(cid);
                     }
                 }
                 let d = &mut self.devices[i];
                 if d.got.insert((s, cid)) {
-                    d.shown_here.push((s, cid, id));
+                    d.shown_here.push((s, cid, id, !live));
                 } else if seq > last_seq && !d.unacked.values().any(|m| *m == (s, cid)) {
                     // A new frame of what this connection was sent and acked.
                     self.counts.sent_again_after_ack += 1;
@@ -2075,7 +2082,23 @@ impl Sim {
                 .collect();
             self.counts.live_told_other += told_other.len() as u64;
             self.counts.shown_live += c.shown_live.len() as u64;
-            let gap: BTreeSet<usize> = c.shown_then_refused.union(&told_other).copied().collect();
+            // And its mirror image: the first copy was a stored one (the sender's resend, stored
+            // under a new id) while the sender was told the id of a live copy shown later.
+            let stored_first: BTreeSet<usize> = c
+                .shown
+                .iter()
+                .filter(|(cid, id)| {
+                    let told_live = |t: &u64| t != id && c.live_ids.contains(&(*cid, *t));
+                    c.accepted.iter().any(|(a, t)| a == cid && told_live(t))
+                })
+                .map(|(cid, _)| *cid)
+                .collect();
+            self.counts.live_copy_elsewhere += stored_first.len() as u64;
+            let gap: BTreeSet<usize> = (c.shown_then_refused.iter())
+                .chain(&told_other)
+                .chain(&stored_first)
+                .copied()
+                .collect();
             let ordered = |cids: &[usize]| -> Vec<usize> {
                 cids.iter()
                     .copied()
@@ -2126,16 +2149,26 @@ impl Sim {
                 self.counts.checks += 1;
                 let place = |cid: &usize| c.accepted.iter().position(|(a, _)| a == cid);
                 let told = |cid: &usize| c.accepted.iter().find(|(a, _)| a == cid).map(|t| t.1);
-                let live_copy_elsewhere = |cid: &usize, id: &u64| {
-                    c.shown_live.contains(cid) && told(cid).is_some_and(|t| t != *id)
+                // A stored copy of a cid whose sender was told the id of a live copy.
+                let live_copy_elsewhere = |cid: &usize, id: &u64, stored: &bool| {
+                    let told_live = |t: u64| t != *id && c.live_ids.contains(&(*cid, t));
+                    *stored && told(cid).is_some_and(told_live)
                 };
                 let theirs = shown
                     .iter()
-                    .filter(|(from, cid, _)| from == s && !gaps[&(*s, user)].contains(cid));
-                let (copies, kept): (Vec<_>, Vec<_>) =
-                    theirs.partition(|(_, cid, id)| live_copy_elsewhere(cid, id));
+                    .filter(|(from, cid, ..)| from == s && !gaps[&(*s, user)].contains(cid));
+                let (copies, kept): (Vec<&(usize, usize, u64, bool)>, Vec<_>) =
+                    theirs.partition(|(_, cid, id, stored)| live_copy_elsewhere(cid, id, stored));
                 self.counts.live_copy_elsewhere += copies.len() as u64;
-                let cids: Vec<usize> = kept.iter().map(|(_, cid, _)| *cid).collect();
+                let cids: Vec<usize> = kept.iter().map(|(_, cid, ..)| *cid).collect();
+                // Those copies among themselves: where Redis holds them, in id order.
+                let copy_ids: Vec<u64> = copies.iter().map(|(_, _, id, _)| *id).collect();
+                if copy_ids.windows(2).any(|w| w[0] > w[1]) {
+                    return Err(format!(
+                        "a device of r{user} on shard {shard} showed stored copies of s{s}'s \
+                         live-accepted cids out of store order: {copies:?}"
+                    ));
+                }
                 if cids.windows(2).any(|w| place(&w[0]) > place(&w[1])) {
                     return Err(format!(
                         "a device of r{user} on shard {shard} showed s{s}'s cids in the order \
