@@ -230,7 +230,7 @@ impl Reader {
             // it (the replay, still at the start, reads it anyway).
             let looked_at = f.summary.as_mut().and_then(|c| c.get_mut(&msg.from));
             if let Some(looked_at) = looked_at.filter(|at| **at >= inbox_seq) {
-                *looked_at = inbox_seq - 1;
+                *looked_at = inbox_seq.saturating_sub(1);
             }
             let has_it = f.window.in_flight().any(|(s, _)| *s == inbox_seq);
             if f.cursor >= inbox_seq && !has_it && !f.fetched.contains(&inbox_seq) {

@@ -736,7 +736,9 @@ impl InboxMirror {
             .get(&user)
             .is_some_and(|s| s.contains_key(&seq));
         if self.unremoved_count >= MAX_UNREMOVED && !kept {
-            // Delivered again after a reload and acked again; the client drops the copy.
+            // Delivered again after a reload and acked again; the client drops the copy, but
+            // a device connected since may be sent it after later entries (the order break
+            // `unremoved` prevents below the cap).
             self.metrics.redis_removes_dropped.inc();
             return;
         }
