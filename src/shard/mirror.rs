@@ -318,6 +318,15 @@ pub struct InboxMirror {
     /// after its resend of an earlier cid, stored with a higher id by another node; the
     /// client told the earlier cid's `accepted` last). Dropped with the recipient's mirror.
     confirmed: FastMap<CompactString, FastMap<CompactString, u64>>,
+    /// Shared store: per recipient, per sender, the id of the pair's latest resend refused
+    /// here as possibly stored (its earlier attempt may still land). The pair counts as
+    /// confirmed again only once its top is above it: by the script's `~top`, no attempt
+    /// issued before that resend can land after such an entry. Any entry would not do (two
+    /// nodes with slow second devices, seed 16526268307316691065: an entry of the pair with
+    /// a lower id than the other node's attempt, stored just before it, confirmed the pair;
+    /// later messages went live before that attempt's push came, and the client told the
+    /// attempt first). Dropped with the recipient's mirror.
+    unsure: FastMap<CompactString, FastMap<CompactString, u64>>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard. (u32: four billion resyncs; a mirror's state then
     /// fits in 8 bytes.)
@@ -407,6 +416,9 @@ pub(crate) enum OrderPlant {
     /// A sender's message goes live though an entry of the pair with a higher id is in the
     /// mirror (the second rule of `confirmed`).
     LiveBelowTop,
+    /// After a resend refused as possibly stored, any entry of the pair confirms it again
+    /// (the rule of `unsure`).
+    ConfirmBelowUnsure,
     /// A read's entries at or below a live position are owed to no device that passed them
     /// (the rule of `live_high`).
     OweNonePassed,
@@ -453,6 +465,7 @@ impl InboxMirror {
             missing: FastSet::default(),
             unpushed: FastMap::default(),
             confirmed: FastMap::default(),
+            unsure: FastMap::default(),
             epoch: 0,
             next_attempt: 1,
             doubts: FastMap::default(),
@@ -567,6 +580,7 @@ impl InboxMirror {
         self.left_for_read.remove(user);
         self.forget_unpushed(user);
         self.confirmed.remove(user);
+        self.unsure.remove(user);
         let tail = self.tails.remove(user);
         self.live_high.remove(user);
         self.inbox.drop_user(user);
@@ -925,7 +939,7 @@ impl InboxMirror {
             // stored a write of the pair since, after which that other attempt cannot land.
             self.metrics.store_refused.inc();
             if !self.planted_live_past_unsure() {
-                self.forget_confirmed(&msg.to, &msg.from);
+                self.forget_confirmed(&msg.to, &msg.from, msg.id);
             }
             return self.tell(msg.refused(SendRefusal::Busy(
                 "the offline store is unavailable and this resent message may be in it already; resend later",
@@ -972,13 +986,22 @@ impl InboxMirror {
         store::live_seq_floor(newest.max(live).max(given) + 1)
     }
 
-    fn forget_confirmed(&mut self, to: &str, from: &str) {
+    /// A resend `resent` of the pair (`to`, `from`) was refused as possibly stored: the pair
+    /// is confirmed again only by an entry above it (see `unsure`).
+    fn forget_confirmed(&mut self, to: &CompactString, from: &CompactString, resent: u64) {
         if let Some(by_sender) = self.confirmed.get_mut(to) {
             by_sender.remove(from);
             if by_sender.is_empty() {
                 self.confirmed.remove(to);
             }
         }
+        #[cfg(test)]
+        if self.plant == OrderPlant::ConfirmBelowUnsure {
+            return;
+        }
+        let floor = self.unsure.entry(to.clone()).or_default();
+        let at = floor.entry(from.clone()).or_default();
+        *at = (*at).max(resent);
     }
 
     /// Whether a write of `msg`'s pair issued since its sender arrived here was stored, and
@@ -992,7 +1015,9 @@ impl InboxMirror {
         let above_top = top.is_some_and(|&id| id < msg.id);
         #[cfg(test)]
         let above_top = above_top || self.plant == OrderPlant::LiveBelowTop;
-        above_top && top.is_some_and(|&id| issued_ms(id) >= msg.sender_arrived_ms)
+        let unsure = (self.unsure.get(&msg.to)).and_then(|from| from.get(&msg.from));
+        let past_unsure = unsure.is_none_or(|&resent| top.is_some_and(|&id| id > resent));
+        above_top && past_unsure && top.is_some_and(|&id| issued_ms(id) >= msg.sender_arrived_ms)
     }
 
     /// An entry `id` of the pair (`to`, `from`) is stored (this shard's write) or entered the
@@ -2787,6 +2812,36 @@ mod tests {
     /// is refused for now too, other senders still go live, and once the store answers a
     /// later write of the pair, the pair goes live again.
     /// (Planted `LivePastUnsure`: c9 goes live.)
+    #[test]
+    fn after_a_resend_refused_as_possibly_stored_only_an_entry_above_it_confirms_the_pair() {
+        for plant in [OrderPlant::None, OrderPlant::ConfirmBelowUnsure] {
+            let mut m = bob_online_and_store_down();
+            m.plant_order_bug(plant);
+            let mut resent = message(8, "c8");
+            resent.resent = true;
+            m.deliver(resent, NOW, Some(0));
+            assert_eq!(told(&m.take_effects()), ["c8:refused"]);
+            // Another node's entry of the pair with a lower id (its other attempts may land
+            // after it) comes on the channel.
+            m.pushed("bob".into(), 3 << 40, message(5, "c5").stored(), NOW, WALL);
+            m.take_effects();
+            m.deliver(message(9, "c9"), NOW, Some(0));
+            let live = !told(&m.take_effects()).contains(&"c9:refused".to_string());
+            assert_eq!(live, plant == OrderPlant::ConfirmBelowUnsure, "{plant:?}");
+            // An entry above the refused resend confirms it again.
+            m.pushed(
+                "bob".into(),
+                4 << 40,
+                message(12, "c12").stored(),
+                NOW,
+                WALL,
+            );
+            m.take_effects();
+            m.deliver(message(13, "c13"), NOW, Some(0));
+            assert!(!told(&m.take_effects()).contains(&"c13:refused".to_string()));
+        }
+    }
+
     #[test]
     fn after_a_resend_that_may_be_stored_the_pairs_next_messages_wait_for_the_store() {
         let mut planted = bob_online_and_store_down();

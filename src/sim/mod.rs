@@ -264,6 +264,9 @@ pub(crate) enum Plant {
     /// A read that ran before a delete sent again, answered after it, takes the deleted
     /// entry in (`OrderPlant::ReadPastRemoved`).
     ReadPastRemoved,
+    /// After a resend refused as possibly stored, any entry of the pair confirms it again
+    /// (`OrderPlant::ConfirmBelowUnsure`).
+    ConfirmBelowUnsure,
     /// The store lets a write land below the highest id its pair stored (the script's
     /// `~top`): another node's write whose answer was lost lands after the writes of the
     /// node its sender moved to, and ids no longer follow store order.
@@ -2273,6 +2276,7 @@ fn boot_node(
             Plant::LiveBelowTop => Some(OrderPlant::LiveBelowTop),
             Plant::OweNonePassed => Some(OrderPlant::OweNonePassed),
             Plant::ReadPastRemoved => Some(OrderPlant::ReadPastRemoved),
+            Plant::ConfirmBelowUnsure => Some(OrderPlant::ConfirmBelowUnsure),
             _ => None,
         };
         if let Some(planted) = planted {
@@ -2883,6 +2887,22 @@ mod tests {
         let mut sim = Sim::with_nodes(737900551321943867, Plant::None, 2);
         assert_eq!(sim.run(3_000), Ok(()));
         assert!(sim.counts.live_copy_elsewhere > 0, "{:?}", sim.counts);
+    }
+
+    /// Found by two nodes with slow second devices, seed 16526268307316691065 (the 34,773rd
+    /// of a 60,000-seed sweep, 2026-12-07): node B refused s1's resend of 14 as possibly
+    /// stored; s1's 11, stored by node A just before A's attempt of 14 (a higher id),
+    /// confirmed the pair again on B, and 16 and 17 went live there before 14's push came;
+    /// the client told 14 first. Now only an entry above the refused resend confirms the
+    /// pair (`unsure` in `shard/mirror.rs`); planted away, the seed finds it again.
+    #[test]
+    fn after_a_resend_refused_as_possibly_stored_only_an_entry_above_it_confirms_the_pair() {
+        replays_in(
+            |seed, plant| Sim::with_nodes_and_second_devices(seed, plant, 2),
+            Plant::ConfirmBelowUnsure,
+            16526268307316691065,
+            &["s1->r1: shown in the order"],
+        );
     }
 
     /// Found by slow-second-device seed 8995636101367943396 (the 45,652nd of a 50,000-seed
