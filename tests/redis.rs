@@ -675,7 +675,12 @@ fn redis_killed_mid_burst_loses_nothing_accepted_and_the_gateway_catches_up() {
         heard.accepted_ids.len(),
         heard.refused.len()
     );
-    assert!(!heard.refused.is_empty(), "Redis died mid-burst");
+    // Redis died mid-burst: some sends were not accepted, refused or in doubt (which of the
+    // two depends on whether a shard had noticed yet; on a busy machine all can be in doubt).
+    assert!(
+        !heard.refused.is_empty() || in_doubt > 0,
+        "Redis died mid-burst"
+    );
     assert!(gw.metric_sum("ringgate_redis_errors_total") >= 1);
     let bob_shard = format!("{{shard=\"{}\"}}", ringgate::mesh::home_shard(&bob, SHARDS));
     assert_eq!(gw.metric(&format!("ringgate_redis_up{bob_shard}")), 0);

@@ -935,8 +935,8 @@ impl InboxMirror {
             // or a node that died): shown live under a new id, its sender would be told an
             // id and a place other than the ones its recipient sees. It waits for Redis, and
             // so do the pair's later messages (shown live now, they would come before it):
-            // the pair's confirmation is forgotten, so none goes live until the store has
-            // stored a write of the pair since, after which that other attempt cannot land.
+            // the pair's confirmation is forgotten, so none goes live until an entry of the pair
+            // above this resend is stored (`unsure`), after which that other attempt cannot land.
             self.metrics.store_refused.inc();
             if !self.planted_live_past_unsure() {
                 self.forget_confirmed(&msg.to, &msg.from, msg.id);
