@@ -578,7 +578,7 @@ impl Shard {
             let owe = owe && !self.planted(super::durable::OrderPlant::OweNothing);
             if owe {
                 let gone = [(inbox_seq, msg.clone())];
-                self.owe_devices(&user, Some(index), &gone, &mut owed_to);
+                self.owe_devices(&user, Some(index), &gone, Owing::LeftInbox, &mut owed_to);
             }
             if removed || !mirror_ready {
                 // Acked before its push went out: cancel it (with a shared store the worker
@@ -607,16 +607,19 @@ impl Shard {
         self.pump_owed(owed_to, now);
     }
 
-    /// Entries that left the inbox (a device acked them) are owed to each device of `user`
-    /// here but `except` that was not sent them; the devices owed something are added to
-    /// `owed_to` (pumped by [`Shard::pump_owed`] after).
+    /// Entries owed to the devices of `user` here but `except`, by the rule `owing` names; the
+    /// devices owed something are added to `owed_to` (pumped by [`Shard::pump_owed`] after).
     pub(super) fn owe_devices(
         &mut self,
         user: &str,
         except: Option<usize>,
         entries: &[Sent],
+        owing: Owing,
         owed_to: &mut Devices,
     ) {
+        if entries.is_empty() {
+            return;
+        }
         let window_cfg = self.window_config();
         for device in self.devices_of(user) {
             if Some(device) == except {
@@ -625,31 +628,10 @@ impl Shard {
             let reader = &mut self.conns[device].reader;
             let mut owed = 0;
             for (inbox_seq, msg) in entries {
-                owed = reader.owe(window_cfg, *inbox_seq, msg.clone());
-            }
-            if owed > 0 && !owed_to.contains(&device) {
-                owed_to.push(device);
-            }
-        }
-    }
-
-    /// Entries that entered the inbox below positions some devices of `user` passed, never
-    /// sent to them (see `Reader::owe_passed`): owed to those devices; they are added to
-    /// `owed_to`.
-    pub(super) fn owe_passed_devices(
-        &mut self,
-        user: &str,
-        entries: &[Sent],
-        owed_to: &mut Devices,
-    ) {
-        if entries.is_empty() {
-            return;
-        }
-        for device in self.devices_of(user) {
-            let reader = &mut self.conns[device].reader;
-            let mut owed = 0;
-            for (inbox_seq, msg) in entries {
-                owed = reader.owe_passed(*inbox_seq, msg.clone());
+                owed = match owing {
+                    Owing::LeftInbox => reader.owe(window_cfg, *inbox_seq, msg.clone()),
+                    Owing::PassedBelow => reader.owe_passed(*inbox_seq, msg.clone()),
+                };
             }
             if owed > 0 && !owed_to.contains(&device) {
                 owed_to.push(device);
@@ -834,4 +816,15 @@ impl Shard {
             entry.conn.push_text(body, &ctx);
         }
     }
+}
+
+/// Why entries are owed to a user's devices: each has its own rule in the reader.
+#[derive(Clone, Copy)]
+pub(super) enum Owing {
+    /// They left the inbox (a device acked them): owed to each device not sent them
+    /// (`Reader::owe`).
+    LeftInbox,
+    /// They entered the inbox below positions some devices passed, never sent to those
+    /// (`Reader::owe_passed`).
+    PassedBelow,
 }

@@ -7,6 +7,7 @@
 //! (`store/embedded.rs`) answers in the shard's turn, through the same replies. Other nodes
 //! exist only with Redis: [`Shard::store_shared`] is the one place that asks.
 
+use super::deliver::Owing;
 use super::mirror::MirrorEffect;
 #[cfg(test)]
 pub(crate) use super::mirror::OrderPlant;
@@ -284,8 +285,9 @@ impl Shard {
                                 .collect()
                         };
                         let mut owed_to = super::users::Devices::new();
-                        self.owe_devices(&user, None, &shared(entries), &mut owed_to);
-                        self.owe_passed_devices(&user, &shared(passed), &mut owed_to);
+                        let (left, passed) = (shared(entries), shared(passed));
+                        self.owe_devices(&user, None, &left, Owing::LeftInbox, &mut owed_to);
+                        self.owe_devices(&user, None, &passed, Owing::PassedBelow, &mut owed_to);
                         self.pump_owed(owed_to, now);
                     }
                     MirrorEffect::Push(item) => self.offer_push(*item),
