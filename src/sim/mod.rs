@@ -207,6 +207,10 @@ pub(crate) enum Plant {
     /// (`OrderPlant::ReadBeforeMark`): a device misses an entry whose push came after the
     /// read, acked on another node before it.
     ReadBeforeMark,
+    /// The read of a load replaced before its mark came is forgotten
+    /// (`OrderPlant::ForgetUnmarkedRead`): a device misses an entry that read had, acked on
+    /// another node before the next read.
+    ForgetUnmarkedRead,
     /// A delete Redis did not run is forgotten (`OrderPlant::ForgetUnremoved`): a later read
     /// brings its entry back.
     ForgetUnremoved,
@@ -915,6 +919,15 @@ impl Sim {
         sim.same_shard_second_devices = true;
         sim.second_device_chance = 60;
         sim.second_device_ack_loss = 70;
+        sim
+    }
+
+    /// Every fault at once: `nodes` nodes with slow second devices
+    /// ([`Sim::with_nodes_and_second_devices`]) whose shards also resync
+    /// ([`Sim::with_resyncs`]).
+    pub(crate) fn with_all_of_it(seed: u64, plant: Plant, nodes: usize) -> Sim {
+        let mut sim = Sim::with_nodes_and_second_devices(seed, plant, nodes);
+        sim.resyncs = true;
         sim
     }
 
@@ -2268,6 +2281,7 @@ fn boot_node(
             Plant::OweNoneGone => Some(OrderPlant::OweNoneGone),
             Plant::ForgetUnremoved => Some(OrderPlant::ForgetUnremoved),
             Plant::ReadBeforeMark => Some(OrderPlant::ReadBeforeMark),
+            Plant::ForgetUnmarkedRead => Some(OrderPlant::ForgetUnmarkedRead),
             Plant::OweAheadOfLeft => Some(OrderPlant::OweAheadOfLeft),
             Plant::OweAheadOfWaiting => Some(OrderPlant::OweAheadOfWaiting),
             Plant::LivePastUnsure => Some(OrderPlant::LivePastUnsure),
@@ -2606,6 +2620,24 @@ mod tests {
             ),
             Err((seed, e)) => panic!(
                 "seed {seed} failed (two nodes, slow second devices): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::two_nodes_with_slow_second_devices"
+            ),
+        }
+    }
+
+    /// Three nodes with slow second devices and resyncs (`Sim::with_all_of_it`): seeds of
+    /// every test run.
+    const ALL_OF_IT_SEEDS: u64 = 100;
+
+    #[test]
+    fn three_nodes_with_slow_second_devices_and_resyncs() {
+        let sim_of = |seed| Sim::with_all_of_it(seed, Plant::None, 3);
+        match sweep_with(ALL_OF_IT_SEEDS, 3_000, sim_of) {
+            Ok(c) => println!(
+                "simulation (three nodes, slow second devices, resyncs): {} seeds, {c:?}",
+                seeds(ALL_OF_IT_SEEDS).len()
+            ),
+            Err((seed, e)) => panic!(
+                "seed {seed} failed (three nodes, slow second devices, resyncs): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::three_nodes_with_slow_second_devices_and_resyncs"
             ),
         }
     }
@@ -2964,6 +2996,22 @@ mod tests {
             Plant::ReadBeforeMark,
             571666317897564369,
             2,
+            &["never sent"],
+        );
+    }
+
+    /// Three nodes with slow second devices and resyncs, found by seed 8778964247935763839
+    /// (in the first sweep of that family, 2026-12-07): node B read r1's inbox with s0's 15 in
+    /// it, and the read waited for its mark; the channel dropped, and the resync's load
+    /// replaced that one, read and all. A device on node C acked 15 out of Redis before the
+    /// next read, so B's device, connected since before 15 was sent, was never sent it. The
+    /// replaced load's read is now known to the next one, which owes what it lacks.
+    #[test]
+    fn three_nodes_a_read_replaced_before_its_mark_still_owes_what_it_had() {
+        replays_in(
+            |seed, plant| Sim::with_all_of_it(seed, plant, 3),
+            Plant::ForgetUnmarkedRead,
+            8778964247935763839,
             &["never sent"],
         );
     }
