@@ -903,6 +903,9 @@ impl RoomMembers {
                 Some(_) => {}
             }
         }
+        // In connection order, not the map's: the slab's entries and, as connections mostly
+        // come in order, the kernel's sockets are then touched one after the next.
+        delivered.sort_unstable();
         self.metrics.room_deliveries.add(delivered.len() as u64);
         self.metrics.room_gaps.add(gaps.len() as u64);
         self.metrics.slow_closes.add(slow.len() as u64);
