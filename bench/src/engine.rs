@@ -1037,7 +1037,9 @@ fn leading_u64(bytes: &[u8]) -> Option<(u64, &[u8])> {
     if digits == 0 || digits > 19 {
         return None;
     }
-    let value = std::str::from_utf8(&bytes[..digits]).ok()?.parse().ok()?;
+    let value = bytes[..digits].iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })?;
     Some((value, &bytes[digits..]))
 }
 
