@@ -392,8 +392,8 @@ pub(crate) enum OrderPlant {
     /// A load's read is taken in without waiting for its mark (as before 2026-12-07: see
     /// `read_marked`).
     ReadBeforeMark,
-    /// The read of a load replaced before its mark came is forgotten (as before 2026-12-07, evening:
-    /// see `keep_for_next_read`).
+    /// The read of a load replaced before its mark came is forgotten (as before the evening
+    /// of 2026-12-07: see `keep_for_next_read`).
     ForgetUnmarkedRead,
     /// A reload owes what it lost above an entry left for the next read.
     OweAheadOfLeft,
