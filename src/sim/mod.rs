@@ -2396,7 +2396,8 @@ fn serve_mesh_batch(shard: &mut Shard, k: usize, now: u64) -> usize {
 }
 
 /// Seeds to run: `RINGGATE_SIM_SEED` (one, to replay), else `count` from a fixed start
-/// (`RINGGATE_SIM_SEEDS` overrides the count).
+/// (`RINGGATE_SIM_SEEDS` overrides the count; `RINGGATE_SIM_SKIP` skips that many first
+/// seeds, so that a longer sweep need not run again the ones a shorter one held).
 fn seeds(count: u64) -> Vec<u64> {
     if let Some(seed) = std::env::var("RINGGATE_SIM_SEED")
         .ok()
@@ -2408,7 +2409,11 @@ fn seeds(count: u64) -> Vec<u64> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(count);
-    (1..=count)
+    let skip: u64 = std::env::var("RINGGATE_SIM_SKIP")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (skip + 1..=skip + count)
         .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
         .collect()
 }
