@@ -2863,11 +2863,10 @@ mod tests {
         }
     }
 
-    /// After a resend refused as possibly stored, the pair's next message would be shown live
-    /// before it (found by the simulation with several nodes, seed 4196343830758426020): it
-    /// is refused for now too, other senders still go live, and once the store answers a
-    /// later write of the pair, the pair goes live again.
-    /// (Planted `LivePastUnsure`: c9 goes live.)
+    /// After a resend refused as possibly stored, an entry of the pair with a lower id (another
+    /// node's, whose other attempts may still land) does not confirm the pair again; one above
+    /// the resend does (two nodes with slow second devices, seed 16526268307316691065;
+    /// planted `ConfirmBelowUnsure`: c9 goes live).
     #[test]
     fn after_a_resend_refused_as_possibly_stored_only_an_entry_above_it_confirms_the_pair() {
         for plant in [OrderPlant::None, OrderPlant::ConfirmBelowUnsure] {
@@ -2898,6 +2897,11 @@ mod tests {
         }
     }
 
+    /// After a resend refused as possibly stored, the pair's next message would be shown live
+    /// before it (found by the simulation with several nodes, seed 4196343830758426020): it
+    /// is refused for now too, other senders still go live, and once the store answers a
+    /// later write of the pair, the pair goes live again.
+    /// (Planted `LivePastUnsure`: c9 goes live.)
     #[test]
     fn after_a_resend_that_may_be_stored_the_pairs_next_messages_wait_for_the_store() {
         let mut planted = bob_online_and_store_down();
