@@ -2611,16 +2611,12 @@ mod tests {
 
     #[test]
     fn one_node_with_slow_second_devices() {
-        let sim_of = |seed| Sim::with_second_devices(seed, Plant::None);
-        match sweep_with(SECOND_DEVICE_SEEDS, 3_000, sim_of) {
-            Ok(c) => println!(
-                "simulation (one node, slow second devices): {} seeds, {c:?}",
-                seeds(SECOND_DEVICE_SEEDS).len()
-            ),
-            Err((seed, e)) => panic!(
-                "seed {seed} failed (slow second devices): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::one_node_with_slow_second_devices"
-            ),
-        }
+        sweep_family(
+            "one node, slow second devices",
+            "one_node_with_slow_second_devices",
+            SECOND_DEVICE_SEEDS,
+            |seed| Sim::with_second_devices(seed, Plant::None),
+        );
     }
 
     /// Two nodes with slow second devices on the home shard too
@@ -2629,16 +2625,12 @@ mod tests {
 
     #[test]
     fn two_nodes_with_slow_second_devices() {
-        let sim_of = |seed| Sim::with_nodes_and_second_devices(seed, Plant::None, 2);
-        match sweep_with(TWO_NODES_SECOND_DEVICE_SEEDS, 3_000, sim_of) {
-            Ok(c) => println!(
-                "simulation (two nodes, slow second devices): {} seeds, {c:?}",
-                seeds(TWO_NODES_SECOND_DEVICE_SEEDS).len()
-            ),
-            Err((seed, e)) => panic!(
-                "seed {seed} failed (two nodes, slow second devices): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::two_nodes_with_slow_second_devices"
-            ),
-        }
+        sweep_family(
+            "two nodes, slow second devices",
+            "two_nodes_with_slow_second_devices",
+            TWO_NODES_SECOND_DEVICE_SEEDS,
+            |seed| Sim::with_nodes_and_second_devices(seed, Plant::None, 2),
+        );
     }
 
     /// Three nodes with slow second devices and resyncs (`Sim::with_all_of_it`): seeds of
@@ -2647,14 +2639,21 @@ mod tests {
 
     #[test]
     fn three_nodes_with_slow_second_devices_and_resyncs() {
-        let sim_of = |seed| Sim::with_all_of_it(seed, Plant::None, 3);
-        match sweep_with(ALL_OF_IT_SEEDS, 3_000, sim_of) {
-            Ok(c) => println!(
-                "simulation (three nodes, slow second devices, resyncs): {} seeds, {c:?}",
-                seeds(ALL_OF_IT_SEEDS).len()
-            ),
+        sweep_family(
+            "three nodes, slow second devices, resyncs",
+            "three_nodes_with_slow_second_devices_and_resyncs",
+            ALL_OF_IT_SEEDS,
+            |seed| Sim::with_all_of_it(seed, Plant::None, 3),
+        );
+    }
+
+    /// Sweep `count` seeds of the runs `sim_of` builds: the counts printed, or a panic naming
+    /// the failing seed and how to replay it with `test`.
+    fn sweep_family(label: &str, test: &str, count: u64, sim_of: impl Fn(u64) -> Sim) {
+        match sweep_with(count, 3_000, sim_of) {
+            Ok(c) => println!("simulation ({label}): {} seeds, {c:?}", seeds(count).len()),
             Err((seed, e)) => panic!(
-                "seed {seed} failed (three nodes, slow second devices, resyncs): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::three_nodes_with_slow_second_devices_and_resyncs"
+                "seed {seed} failed ({label}): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::{test}"
             ),
         }
     }
@@ -3093,16 +3092,12 @@ mod tests {
     /// 6424213191511302372, fixed 2026-12-06).
     #[test]
     fn two_nodes_with_resyncs() {
-        let count = TWO_NODE_SEEDS / 4;
-        match sweep_with(count, 3_000, |seed| Sim::with_resyncs(seed, Plant::None, 2)) {
-            Ok(c) => println!(
-                "simulation (two nodes, resyncs): {} seeds, {c:?}",
-                seeds(count).len()
-            ),
-            Err((seed, e)) => panic!(
-                "seed {seed} failed (two nodes, resyncs): {e}\nreplay: RINGGATE_SIM_SEED={seed} cargo test --lib sim::tests::two_nodes_with_resyncs"
-            ),
-        }
+        sweep_family(
+            "two nodes, resyncs",
+            "two_nodes_with_resyncs",
+            TWO_NODE_SEEDS / 4,
+            |seed| Sim::with_resyncs(seed, Plant::None, 2),
+        );
     }
 
     /// Finds a seed for a replay test of a rare plant: `RINGGATE_SIM_PLANT=TopByIdOnly` (or
