@@ -120,6 +120,8 @@ const PROBE_MS: u64 = 500;
 /// Writes kept in doubt per pair of users; beyond it, writes to the pair are refused unsent
 /// until a resolve clears them (memory stays bounded while Redis is away).
 const MAX_DOUBTS_PER_PAIR: usize = 1024;
+/// Refused cids kept per pair (`refused_unstored`); past it, `unsure` holds the pair back.
+const MAX_REFUSED_PER_PAIR: usize = 64;
 
 /// Deletes of acked entries kept to be sent again, per shard: past it one is given up
 /// (counted; its entry is delivered again after a reload, and clients drop the copy).
@@ -128,6 +130,12 @@ const MAX_UNREMOVED: usize = 100_000;
 /// Deletes sent again per tick: well under the store queue, so that a shard back from an
 /// outage with many of them still has room for its appends and loads (a review's finding).
 const REMOVES_PER_TICK: usize = 512;
+
+/// A delete sent again that did not run again waits before the next round: 100 ms, doubled
+/// per failure in a row, at most 10 s. (Redis answers, but a delete keeps failing: without
+/// it, sent again on every tick.)
+const REMOVE_RETRY_MS: u64 = 100;
+const REMOVE_RETRY_MAX_MS: u64 = 10_000;
 
 /// How long a load's read waits for its mark on the node's channel (see `read_marked`). A
 /// mark lost while the subscription stays up (a Redis Cluster bus link that broke, a
@@ -327,6 +335,16 @@ pub struct InboxMirror {
     /// later messages went live before that attempt's push came, and the client told the
     /// attempt first). Dropped with the recipient's mirror.
     unsure: FastMap<CompactString, FastMap<CompactString, u64>>,
+    /// Shared store: per recipient, per sender, the cids whose first attempt was refused here
+    /// and that no entry of the pair has been seen stored with since. Their sender resends
+    /// them, maybe on another node, whose ids of one millisecond may sort below the ones
+    /// issued here: shown live now, a later message of the pair would come before them,
+    /// though the client, telling held answers in id order, tells them first (found by the
+    /// simulation with two nodes, slow second devices and resyncs, seed 7832106425874293347:
+    /// s0's 3 to 5 went live on node B while its 1 and 2, refused there, were stored on node
+    /// A under ids of the same millisecond from a lower slot). None of the pair goes live
+    /// while one is kept. Dropped with the recipient's mirror.
+    refused_unstored: FastMap<CompactString, FastMap<CompactString, Vec<CompactString>>>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard. (u32: four billion resyncs; a mirror's state then
     /// fits in 8 bytes.)
@@ -365,6 +383,11 @@ pub struct InboxMirror {
     unremoved: FastMap<CompactString, BTreeMap<InboxSeq, Unremoved>>,
     /// Some entry of `unremoved` is not on its way.
     removes_due: bool,
+    /// Deletes sent again that did not run again, in a row since one ran or Redis came
+    /// back; the next round waits that long after the last (`removes_sent_ms`, see
+    /// `REMOVE_RETRY_MS`).
+    remove_failures: u32,
+    removes_sent_ms: u64,
     /// No stashed read's mark deadline is before this (None: none stashed since the last
     /// pass; see `take_unmarked_reads`).
     next_mark_deadline: Option<u64>,
@@ -392,6 +415,9 @@ pub(crate) enum OrderPlant {
     /// A load's read is taken in without waiting for its mark (as before 2026-12-07: see
     /// `read_marked`).
     ReadBeforeMark,
+    /// A refused send's pair may go live before the refused cid is seen stored (as before
+    /// its fix: see `refused_unstored`).
+    LivePastRefused,
     /// The read of a load replaced before its mark came is forgotten (as before the evening
     /// of 2026-12-07: see `keep_for_next_read`).
     ForgetUnmarkedRead,
@@ -469,6 +495,7 @@ impl InboxMirror {
             unpushed: FastMap::default(),
             confirmed: FastMap::default(),
             unsure: FastMap::default(),
+            refused_unstored: FastMap::default(),
             epoch: 0,
             next_attempt: 1,
             doubts: FastMap::default(),
@@ -479,6 +506,8 @@ impl InboxMirror {
             left_for_read: FastMap::default(),
             unremoved: FastMap::default(),
             removes_due: false,
+            remove_failures: 0,
+            removes_sent_ms: 0,
             next_mark_deadline: None,
             unremoved_count: 0,
             #[cfg(test)]
@@ -538,6 +567,58 @@ impl InboxMirror {
         self.out.push(MirrorEffect::Tell(report));
     }
 
+    /// Refuse `msg` for now: its sender resends it.
+    fn refuse(&mut self, msg: Message, why: SendRefusal) {
+        self.refused_here(&msg);
+        self.tell(msg.refused(why));
+    }
+
+    /// A first attempt of `msg` was refused: nothing of it is stored, and its pair goes live
+    /// no more until an entry of it is (see `refused_unstored`). A resend refused is not
+    /// kept: another attempt of it may be stored already and never come again; `unsure`
+    /// holds its pair back instead. Past `MAX_REFUSED_PER_PAIR` cids, the pair is held back
+    /// by `unsure` too (bounded memory).
+    fn refused_here(&mut self, msg: &Message) {
+        #[cfg(test)]
+        if self.plant == OrderPlant::LivePastRefused {
+            return;
+        }
+        if msg.resent || !self.cfg.shared || !self.mirrors.contains_key(&msg.to) {
+            return;
+        }
+        let by_sender = self.refused_unstored.entry(msg.to.clone()).or_default();
+        let cids = by_sender.entry(msg.from.clone()).or_default();
+        if cids.contains(&msg.cid) {
+            return;
+        }
+        if cids.len() < MAX_REFUSED_PER_PAIR {
+            return cids.push(msg.cid.clone());
+        }
+        self.forget_confirmed(&msg.to, &msg.from, msg.id);
+    }
+
+    /// Whether a cid of `msg`'s pair refused here is not stored yet (see `refused_unstored`).
+    fn refused_unstored_of(&self, msg: &Message) -> bool {
+        (self.refused_unstored.get(&msg.to)).is_some_and(|by| by.contains_key(&msg.from))
+    }
+
+    /// An entry of the pair (`to`, `from`) with `cid` is stored: its cid no longer holds the
+    /// pair back (see `refused_unstored`).
+    fn stored_after_refusal(&mut self, to: &str, from: &str, cid: &str) {
+        let Some(by_sender) = self.refused_unstored.get_mut(to) else {
+            return;
+        };
+        if let Some(cids) = by_sender.get_mut(from) {
+            cids.retain(|refused| refused != cid);
+            if cids.is_empty() {
+                by_sender.remove(from);
+            }
+        }
+        if by_sender.is_empty() {
+            self.refused_unstored.remove(to);
+        }
+    }
+
     fn submit(&mut self, op: StoreOp) {
         self.out.push(MirrorEffect::Store(op));
     }
@@ -584,6 +665,7 @@ impl InboxMirror {
         self.forget_unpushed(user);
         self.confirmed.remove(user);
         self.unsure.remove(user);
+        self.refused_unstored.remove(user);
         let tail = self.tails.remove(user);
         self.live_high.remove(user);
         self.inbox.drop_user(user);
@@ -637,9 +719,10 @@ impl InboxMirror {
             StoreOp::Append(msg) => {
                 self.write_not_sent(&msg);
                 self.metrics.store_refused.inc();
-                self.tell(msg.refused(SendRefusal::Busy(
-                    "the offline store is busy or unreachable, resend later",
-                )));
+                self.refuse(
+                    *msg,
+                    SendRefusal::Busy("the offline store is busy or unreachable, resend later"),
+                );
             }
             StoreOp::Load { user, token, .. }
                 if self.loads.get(&user).is_some_and(|l| l.token == token) =>
@@ -710,15 +793,21 @@ impl InboxMirror {
         self.retry_loads(now);
         self.take_unmarked_reads(now, wall);
         self.resolve_doubts();
-        self.send_removes_due();
+        self.send_removes_due(now);
     }
 
-    /// Once Redis answers, the deletes it did not run are sent again.
-    fn send_removes_due(&mut self) {
-        if !self.up || !self.removes_due {
+    /// Once Redis answers, the deletes it did not run are sent again (after a back-off once
+    /// they fail again: `REMOVE_RETRY_MS`).
+    fn send_removes_due(&mut self, now: u64) {
+        let back_off = match self.remove_failures {
+            0 => 0,
+            n => (REMOVE_RETRY_MS << (n - 1).min(16)).min(REMOVE_RETRY_MAX_MS),
+        };
+        if !self.up || !self.removes_due || now < self.removes_sent_ms + back_off {
             return;
         }
         self.removes_due = false;
+        self.removes_sent_ms = now;
         let mut due = Vec::new();
         'users: for (user, seqs) in &mut self.unremoved {
             for (seq, delete) in seqs.iter_mut().filter(|(_, d)| !d.on_its_way) {
@@ -755,6 +844,10 @@ impl InboxMirror {
             // `unremoved` prevents below the cap).
             self.metrics.redis_removes_dropped.inc();
             return;
+        }
+        if kept {
+            // Sent again, and it did not run again.
+            self.remove_failures = self.remove_failures.saturating_add(1);
         }
         let seqs = self.unremoved.entry(user).or_default();
         let delete = Unremoved {
@@ -910,9 +1003,10 @@ impl InboxMirror {
             // Neither live (it would be shown before the missing entry) nor to Redis (it
             // would be placed before the live ones): once the tail is acked, the reload.
             self.metrics.store_refused.inc();
-            return self.tell(msg.refused(SendRefusal::Busy(
-                "the recipient's inbox is being read again, resend later",
-            )));
+            return self.refuse(
+                *msg,
+                SendRefusal::Busy("the recipient's inbox is being read again, resend later"),
+            );
         }
         // Live only when no write for this user is on its way to Redis: a write confirmed
         // later would land behind the live entry, out of order.
@@ -938,24 +1032,30 @@ impl InboxMirror {
             if !self.planted_live_past_unsure() {
                 self.forget_confirmed(&msg.to, &msg.from, msg.id);
             }
-            return self.tell(msg.refused(SendRefusal::Busy(
+            return self.refuse(*msg, SendRefusal::Busy(
                 "the offline store is unavailable and this resent message may be in it already; resend later",
-            )));
+            ));
+        }
+        if self.refused_unstored_of(&msg) {
+            self.metrics.store_refused.inc();
+            return self.refuse(*msg, SendRefusal::Busy(
+                "the offline store is unavailable and an earlier message of yours to this recipient was refused and is not stored yet; resend later",
+            ));
         }
         if self.cfg.shared && !self.confirmed_since(&msg) && !self.planted_live_unconfirmed() {
             // The sender may have been told `accepted` for an earlier message on another
             // node, whose entry this mirror has not had yet: shown live now, this one would
             // come first (found by the simulation with two nodes, seed 4749320442185338218).
             self.metrics.store_refused.inc();
-            return self.tell(msg.refused(SendRefusal::Busy(
+            return self.refuse(*msg, SendRefusal::Busy(
                 "the offline store is unavailable and none of your messages to this recipient since you connected has been stored yet; resend later",
-            )));
+            ));
         }
         if tail_len >= self.cfg.window {
             self.metrics.store_refused.inc();
-            return self.tell(msg.refused(SendRefusal::Busy(
+            return self.refuse(*msg, SendRefusal::Busy(
                 "the offline store is unavailable and the recipient has a window of unacknowledged messages already; resend later",
-            )));
+            ));
         }
         self.metrics.live_sends.inc();
         let to = msg.to.clone();
@@ -963,7 +1063,7 @@ impl InboxMirror {
         self.inbox.append_live(&to, seq, msg.stored(), now);
         self.live_high.insert(to.clone(), seq);
         // Shown here: a later message of the pair goes live only above it.
-        self.raise_top(&to, &msg.from, msg.id);
+        self.raise_top(&to, &msg.from, msg.id, &msg.cid);
         self.tails.entry(to.clone()).or_default().insert(seq, *msg);
         self.out.push(MirrorEffect::Feed(to));
     }
@@ -1019,7 +1119,8 @@ impl InboxMirror {
 
     /// An entry `id` of the pair (`to`, `from`) is stored (this shard's write) or entered the
     /// mirror (see `confirmed`). (Only for recipients with a mirror here.)
-    fn raise_top(&mut self, to: &CompactString, from: &CompactString, id: u64) {
+    fn raise_top(&mut self, to: &CompactString, from: &CompactString, id: u64, cid: &str) {
+        self.stored_after_refusal(to, from, cid);
         let by_sender = self.confirmed.entry(to.clone()).or_default();
         match by_sender.get_mut(from) {
             Some(top) => *top = (*top).max(id),
@@ -1065,9 +1166,12 @@ impl InboxMirror {
                 >= MAX_DOUBTS_PER_PAIR
         {
             self.metrics.store_refused.inc();
-            return self.tell(msg.refused(SendRefusal::Busy(
-                "earlier writes to this recipient are still in doubt; resend later",
-            )));
+            return self.refuse(
+                *msg,
+                SendRefusal::Busy(
+                    "earlier writes to this recipient are still in doubt; resend later",
+                ),
+            );
         }
         msg.write = StoreWrite {
             attempt: self.next_attempt,
@@ -1088,6 +1192,9 @@ impl InboxMirror {
 
     /// A batch was answered: whether the store is up.
     pub fn batch_answered(&mut self, up: bool) {
+        if up && !self.up {
+            self.remove_failures = 0; // the failures were the outage's
+        }
         self.up = up;
     }
 
@@ -1107,6 +1214,7 @@ impl InboxMirror {
         if let Entry::Occupied(mut seqs) = self.unremoved.entry(user) {
             if seqs.get_mut().remove(&seq).is_some() {
                 self.unremoved_count -= 1;
+                self.remove_failures = 0;
                 // A read out now may have run before this delete: it must not take the entry
                 // in once it answers (one-node seed 8995636101367943396: a read answered after
                 // the delete brought it to devices connected since, after later entries).
@@ -1215,7 +1323,7 @@ impl InboxMirror {
                     if !came {
                         self.unpushed.insert(msg.id, msg.to.clone());
                     }
-                    self.raise_top(&msg.to, &msg.from, msg.id);
+                    self.raise_top(&msg.to, &msg.from, msg.id, &msg.cid);
                 }
                 // Nobody holds a device anywhere; the store told this shard alone. A shared
                 // store is asked whether the entry is still there before the push goes out;
@@ -1239,10 +1347,12 @@ impl InboxMirror {
             Ok(Appended::Duplicate { id }) => {
                 // Stored by an earlier run (or an earlier copy): same id, no second delivery.
                 self.metrics.dedup_hits.inc();
+                self.stored_after_refusal(&msg.to, &msg.from, &msg.cid);
                 msg.report(id, Outcome::Stored)
             }
             Err(e) => {
                 self.metrics.store_refused.inc();
+                self.refused_here(&msg);
                 msg.refused(SendRefusal::Store(e))
             }
         };
@@ -1538,7 +1648,7 @@ impl InboxMirror {
             return;
         }
         if self.cfg.shared {
-            self.raise_top(&user, &msg.from, msg.id);
+            self.raise_top(&user, &msg.from, msg.id, &msg.cid);
         }
         let added = self
             .inbox
@@ -1738,7 +1848,7 @@ impl InboxMirror {
         let mut shown = Vec::with_capacity(entries.len());
         for (seq, m) in entries {
             if self.cfg.shared {
-                self.raise_top(&user, &m.from, m.id);
+                self.raise_top(&user, &m.from, m.id, &m.cid);
             }
             if acked.contains(&seq) || unremoved.contains(&seq) {
                 continue;
@@ -1814,7 +1924,7 @@ impl InboxMirror {
             if self.has_waiting(&user) {
                 self.wait(user.clone(), seq, msg, None);
             } else {
-                self.raise_top(&user, &msg.from, msg.id);
+                self.raise_top(&user, &msg.from, msg.id, &msg.cid);
                 if below_live(seq) {
                     passed.push((seq, msg.clone()));
                 }
@@ -1889,7 +1999,7 @@ impl InboxMirror {
         };
         if self.cfg.shared {
             for (_, m) in &gone {
-                self.raise_top(&user, &m.from, m.id);
+                self.raise_top(&user, &m.from, m.id, &m.cid);
             }
         }
         let gone_passed = gone
@@ -2344,6 +2454,48 @@ mod tests {
         assert!(removes(&m.take_effects()).is_empty());
     }
 
+    /// A delete sent again that fails again while Redis answers waits before the next round,
+    /// longer each time (capped); one that runs starts it over, Redis coming back ends it.
+    #[test]
+    fn a_delete_that_keeps_failing_backs_off() {
+        let mut m = bob_loaded();
+        m.removed("bob".into(), 100, false, false, None);
+        let mut at = NOW;
+        m.tick(at, WALL);
+        assert_eq!(
+            removes(&m.take_effects()).len(),
+            1,
+            "the first time at once"
+        );
+        for failures in 1..=10u32 {
+            m.removed("bob".into(), 100, false, false, None);
+            let wait = (REMOVE_RETRY_MS << (failures - 1)).min(REMOVE_RETRY_MAX_MS);
+            m.tick(at, WALL);
+            assert!(removes(&m.take_effects()).is_empty(), "failure {failures}");
+            m.tick(at + wait - 1, WALL);
+            assert!(removes(&m.take_effects()).is_empty(), "failure {failures}");
+            at += wait;
+            m.tick(at, WALL);
+            assert_eq!(removes(&m.take_effects()).len(), 1, "failure {failures}");
+        }
+        // Redis away and back: the next round goes at once.
+        m.removed("bob".into(), 100, false, false, None);
+        m.batch_answered(false);
+        m.batch_answered(true);
+        m.tick(at, WALL);
+        assert_eq!(removes(&m.take_effects()).len(), 1);
+        // It fails again; another delete that runs starts the back-off over.
+        m.removed("bob".into(), 100, false, false, None);
+        m.removed("bob".into(), 101, false, false, None);
+        m.tick(at + REMOVE_RETRY_MS, WALL);
+        assert_eq!(removes(&m.take_effects()).len(), 2);
+        m.removed("bob".into(), 101, true, true, None);
+        m.removed("bob".into(), 100, false, false, None);
+        m.tick(at + 2 * REMOVE_RETRY_MS, WALL);
+        let again = removes(&m.take_effects()).len();
+        assert_eq!(again, 1, "the back-off starts over");
+    }
+
     /// The removes among the effects, as (user, seq, whether it carries a `delivered`).
     fn removes(effects: &[MirrorEffect]) -> Vec<(String, InboxSeq, bool)> {
         effects
@@ -2669,7 +2821,10 @@ mod tests {
                 OrderPlant::None => assert_eq!(refused, ["c13:refused"], "not live"),
                 _ => assert!(refused.is_empty(), "the plant lets it go live"),
             }
-            // A sender that arrived before it (the same millisecond too) goes live.
+            // A sender that arrived before it (the same millisecond too) goes live (on a
+            // mirror where c13 was not refused: that holds the pair back, see
+            // `refused_unstored`).
+            let mut m = bob_online_and_store_down();
             let mut earlier = message(14, "c14");
             earlier.sender_arrived_ms = confirmed_at;
             m.deliver(earlier, NOW, Some(0));
@@ -2708,6 +2863,17 @@ mod tests {
                 OrderPlant::None => assert_eq!(refused, ["c13:refused"], "not live"),
                 _ => assert!(refused.is_empty(), "the plant lets it go live"),
             }
+            // Above it goes live (on a mirror where c13 was not refused: that holds the pair
+            // back, see `refused_unstored`).
+            let mut m = bob_online_and_store_down();
+            m.pushed(
+                "bob".into(),
+                20 << 40,
+                message(20, "c20").stored(),
+                NOW,
+                WALL,
+            );
+            m.take_effects();
             let mut above = message(21, "c21");
             above.sender_arrived_ms = 0;
             m.deliver(above, NOW, Some(0));
@@ -2863,6 +3029,107 @@ mod tests {
         }
     }
 
+    /// A first attempt refused here is resent, maybe on another node, whose ids of one
+    /// millisecond may sort below this node's (found by the simulation with two nodes, slow
+    /// second devices and resyncs, seed 7832106425874293347). Until an entry with its cid is
+    /// seen stored, nothing of the pair goes live; other senders do. A dedup answer for it
+    /// counts as stored. Past `MAX_REFUSED_PER_PAIR` refused cids, `unsure` holds the pair
+    /// instead. (Planted `LivePastRefused`: c3 goes live.)
+    #[test]
+    fn a_refused_first_attempt_holds_its_pair_back_until_an_entry_of_it_is_stored() {
+        for plant in [OrderPlant::None, OrderPlant::LivePastRefused] {
+            let mut m = bob_online_and_store_down();
+            m.plant_order_bug(plant);
+            // c2 is refused by the store's queue (the store is away).
+            m.batch_answered(true);
+            m.deliver(message(2, "c2"), NOW, Some(0));
+            let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
+            m.store_refused(StoreOp::Append(Box::new(write)), NOW);
+            assert_eq!(told(&m.take_effects()), ["c2:refused"]);
+            m.batch_answered(false);
+            m.deliver(message(3, "c3"), NOW, Some(0));
+            let live = !told(&m.take_effects()).contains(&"c3:refused".to_string());
+            assert_eq!(live, plant == OrderPlant::LivePastRefused, "{plant:?}");
+            if live {
+                continue;
+            }
+            let mut cat = message(4, "d4");
+            cat.from = "cat".into();
+            m.deliver(cat, NOW, Some(0));
+            assert!(matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
+            let seq = m.inbox().read("bob", 0, 10, NOW)[0].0;
+            let mut acked = message(4, "d4");
+            acked.from = "cat".into();
+            m.acked("bob", seq, acked.report(4, Outcome::Delivered));
+            assert_eq!(told(&m.take_effects()), ["d4:accepted", "d4:delivered"]);
+            // c2's resend, stored by another node under a lower id than c3's: c3 is still
+            // refused and unstored.
+            m.pushed("bob".into(), 3 << 40, message(1, "c2").stored(), NOW, WALL);
+            m.take_effects();
+            m.deliver(message(5, "c5"), NOW, Some(0));
+            assert_eq!(
+                told(&m.take_effects()),
+                ["c5:refused"],
+                "c3 and c5 unstored"
+            );
+            // c3 and c5 answered as stored already (a dedup answer), here.
+            m.batch_answered(true);
+            for (id, cid) in [(6, "c3"), (7, "c5")] {
+                let mut resent = message(id, cid);
+                resent.resent = true;
+                m.deliver(resent, NOW, Some(0));
+                let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
+                m.appended(write, Ok(Appended::Duplicate { id }), NOW, WALL);
+                assert_eq!(told(&m.take_effects()), [format!("{cid}:accepted")]);
+            }
+            m.batch_answered(false);
+            m.deliver(message(8, "c8"), NOW, Some(0));
+            let effects = m.take_effects();
+            assert!(
+                matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
+                "live again: {:?}",
+                told(&effects)
+            );
+        }
+        // Bounded: past `MAX_REFUSED_PER_PAIR` cids the pair waits for an entry above the
+        // last one refused.
+        let mut m = bob_online_and_store_down();
+        m.pushed("bob".into(), 3 << 40, message(1, "k0").stored(), NOW, WALL);
+        m.take_effects();
+        let mut refused = Vec::new();
+        for id in 10..(11 + MAX_REFUSED_PER_PAIR as u64) {
+            let mut arrived_later = message(id, &format!("r{id}"));
+            arrived_later.sender_arrived_ms = u64::MAX;
+            m.deliver(arrived_later, NOW, Some(0));
+            refused.extend(told(&m.take_effects()));
+        }
+        assert_eq!(refused.len(), MAX_REFUSED_PER_PAIR + 1);
+        assert_eq!(m.refused_unstored["bob"]["ann"].len(), MAX_REFUSED_PER_PAIR);
+        let last = 10 + MAX_REFUSED_PER_PAIR as u64;
+        for id in 10..last {
+            let entry = message(id, &format!("r{id}")).stored();
+            m.pushed("bob".into(), (3 << 40) + id, entry, NOW, WALL);
+        }
+        m.take_effects();
+        m.deliver(message(last + 1, "x1"), NOW, Some(0));
+        assert_eq!(
+            told(&m.take_effects()),
+            ["x1:refused"],
+            "no entry above the last one refused yet"
+        );
+        // x1's resend, stored above it by another node.
+        let entry = message(last + 2, "x1").stored();
+        m.pushed("bob".into(), 4 << 40, entry, NOW, WALL);
+        m.take_effects();
+        m.deliver(message(last + 3, "x3"), NOW, Some(0));
+        let effects = m.take_effects();
+        assert!(
+            matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
+            "{:?}",
+            told(&effects)
+        );
+    }
+
     /// After a resend refused as possibly stored, an entry of the pair with a lower id (another
     /// node's, whose other attempts may still land) does not confirm the pair again; one above
     /// the resend does (two nodes with slow second devices, seed 16526268307316691065;
@@ -2883,11 +3150,14 @@ mod tests {
             m.deliver(message(9, "c9"), NOW, Some(0));
             let live = !told(&m.take_effects()).contains(&"c9:refused".to_string());
             assert_eq!(live, plant == OrderPlant::ConfirmBelowUnsure, "{plant:?}");
-            // An entry above the refused resend confirms it again.
+            // An entry above the refused resend confirms it again: here c9's resend, stored
+            // by another node (c9 refused here holds the pair back until it is stored, see
+            // `refused_unstored`).
+            let above = if live { "c12" } else { "c9" };
             m.pushed(
                 "bob".into(),
                 4 << 40,
-                message(12, "c12").stored(),
+                message(12, above).stored(),
                 NOW,
                 WALL,
             );
@@ -2925,15 +3195,18 @@ mod tests {
         acked.from = "cat".into();
         m.acked("bob", seq, acked.report(10, Outcome::Delivered));
         assert_eq!(told(&m.take_effects()), ["d1:accepted", "d1:delivered"]);
-        // The store answers again: the pair's next write goes to it and is answered.
+        // The store answers again: the pair's next write, c9 resent, goes to it and is
+        // answered (c9, refused, held the pair back until stored: see `refused_unstored`).
         m.batch_answered(true);
-        m.deliver(message(11, "c11"), NOW, Some(0));
+        let mut c9_resent = message(11, "c9");
+        c9_resent.resent = true;
+        m.deliver(c9_resent, NOW, Some(0));
         let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
         m.appended(write, stored(), NOW, WALL);
-        assert_eq!(told(&m.take_effects()), ["c11:accepted"]);
-        // Down again once c11's entry came on the channel (stored after d1 went live, so above
+        assert_eq!(told(&m.take_effects()), ["c9:accepted"]);
+        // Down again once its entry came on the channel (stored after d1 went live, so above
         // its position): ann's messages go live again.
-        let c11 = message(11, "c11").stored();
+        let c11 = message(11, "c9").stored();
         m.pushed("bob".into(), 3 << 40, c11, NOW, WALL);
         m.take_effects();
         m.batch_answered(false);
