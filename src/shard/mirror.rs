@@ -109,6 +109,7 @@ use crate::delivery::ids::issued_ms;
 use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
 use crate::delivery::refusal::SendRefusal;
 use crate::metrics::ShardMetrics;
+use crate::proto;
 use crate::push::PushItem;
 use crate::store::redis::{self as store, Appended, Fate, Loaded, StoreOp};
 use crate::store::{InboxSeq, MemoryInbox, StoreError, StoredMessage};
@@ -120,7 +121,8 @@ const PROBE_MS: u64 = 500;
 /// Writes kept in doubt per pair of users; beyond it, writes to the pair are refused unsent
 /// until a resolve clears them (memory stays bounded while Redis is away).
 const MAX_DOUBTS_PER_PAIR: usize = 1024;
-/// Refused cids kept per pair (`refused_unstored`); past it, `unsure` holds the pair back.
+/// Refused cids kept per pair (`refused_unstored`); past it, the pair is held back until
+/// its mirror is dropped.
 const MAX_REFUSED_PER_PAIR: usize = 64;
 
 /// Deletes of acked entries kept to be sent again, per shard: past it one is given up
@@ -344,7 +346,7 @@ pub struct InboxMirror {
     /// s0's 3 to 5 went live on node B while its 1 and 2, refused there, were stored on node
     /// A under ids of the same millisecond from a lower slot). None of the pair goes live
     /// while one is kept. Dropped with the recipient's mirror.
-    refused_unstored: FastMap<CompactString, FastMap<CompactString, Vec<CompactString>>>,
+    refused_unstored: FastMap<CompactString, FastMap<CompactString, RefusedCids>>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard. (u32: four billion resyncs; a mirror's state then
     /// fits in 8 bytes.)
@@ -388,6 +390,8 @@ pub struct InboxMirror {
     /// `REMOVE_RETRY_MS`).
     remove_failures: u32,
     removes_sent_ms: u64,
+    /// A delete of the last round did not run again (counted once in `remove_failures`).
+    retried_remove_failed: bool,
     /// No stashed read's mark deadline is before this (None: none stashed since the last
     /// pass; see `take_unmarked_reads`).
     next_mark_deadline: Option<u64>,
@@ -456,6 +460,16 @@ pub(crate) enum OrderPlant {
     ReadPastRemoved,
 }
 
+/// A pair's first attempts refused here and not seen stored (see
+/// `InboxMirror::refused_unstored`).
+#[derive(Default)]
+struct RefusedCids {
+    cids: Vec<CompactString>,
+    /// More than `MAX_REFUSED_PER_PAIR` were: the pair stays held back until its mirror is
+    /// dropped (the ones past the cap are not known, so no entry can clear them).
+    overflowed: bool,
+}
+
 /// An acked entry's delete Redis did not run (see `InboxMirror::unremoved`).
 struct Unremoved {
     /// The sender's `delivered`, told when a delete removes the entry.
@@ -508,6 +522,7 @@ impl InboxMirror {
             removes_due: false,
             remove_failures: 0,
             removes_sent_ms: 0,
+            retried_remove_failed: false,
             next_mark_deadline: None,
             unremoved_count: 0,
             #[cfg(test)]
@@ -576,25 +591,30 @@ impl InboxMirror {
     /// A first attempt of `msg` was refused: nothing of it is stored, and its pair goes live
     /// no more until an entry of it is (see `refused_unstored`). A resend refused is not
     /// kept: another attempt of it may be stored already and never come again; `unsure`
-    /// holds its pair back instead. Past `MAX_REFUSED_PER_PAIR` cids, the pair is held back
-    /// by `unsure` too (bounded memory).
+    /// holds its pair back instead. Nor is a read receipt: it has no `accepted` to keep in
+    /// order, and a later receipt replaces it rather than resending it.
     fn refused_here(&mut self, msg: &Message) {
         #[cfg(test)]
         if self.plant == OrderPlant::LivePastRefused {
             return;
         }
-        if msg.resent || !self.cfg.shared || !self.mirrors.contains_key(&msg.to) {
+        if msg.resent
+            || !self.cfg.shared
+            || !self.mirrors.contains_key(&msg.to)
+            || proto::receipt_sender(&msg.cid).is_some()
+        {
             return;
         }
         let by_sender = self.refused_unstored.entry(msg.to.clone()).or_default();
-        let cids = by_sender.entry(msg.from.clone()).or_default();
-        if cids.contains(&msg.cid) {
+        let refused = by_sender.entry(msg.from.clone()).or_default();
+        if refused.cids.contains(&msg.cid) {
             return;
         }
-        if cids.len() < MAX_REFUSED_PER_PAIR {
-            return cids.push(msg.cid.clone());
+        if refused.cids.len() < MAX_REFUSED_PER_PAIR {
+            refused.cids.push(msg.cid.clone());
+        } else {
+            refused.overflowed = true;
         }
-        self.forget_confirmed(&msg.to, &msg.from, msg.id);
     }
 
     /// Whether a cid of `msg`'s pair refused here is not stored yet (see `refused_unstored`).
@@ -608,9 +628,9 @@ impl InboxMirror {
         let Some(by_sender) = self.refused_unstored.get_mut(to) else {
             return;
         };
-        if let Some(cids) = by_sender.get_mut(from) {
-            cids.retain(|refused| refused != cid);
-            if cids.is_empty() {
+        if let Some(refused) = by_sender.get_mut(from) {
+            refused.cids.retain(|refused| refused != cid);
+            if refused.cids.is_empty() && !refused.overflowed {
                 by_sender.remove(from);
             }
         }
@@ -799,6 +819,9 @@ impl InboxMirror {
     /// Once Redis answers, the deletes it did not run are sent again (after a back-off once
     /// they fail again: `REMOVE_RETRY_MS`).
     fn send_removes_due(&mut self, now: u64) {
+        if std::mem::take(&mut self.retried_remove_failed) {
+            self.remove_failures = self.remove_failures.saturating_add(1);
+        }
         let back_off = match self.remove_failures {
             0 => 0,
             n => (REMOVE_RETRY_MS << (n - 1).min(16)).min(REMOVE_RETRY_MAX_MS),
@@ -846,8 +869,8 @@ impl InboxMirror {
             return;
         }
         if kept {
-            // Sent again, and it did not run again.
-            self.remove_failures = self.remove_failures.saturating_add(1);
+            // Sent again, and it did not run again: the next round backs off (once per round).
+            self.retried_remove_failed = true;
         }
         let seqs = self.unremoved.entry(user).or_default();
         let delete = Unremoved {
@@ -1194,6 +1217,7 @@ impl InboxMirror {
     pub fn batch_answered(&mut self, up: bool) {
         if up && !self.up {
             self.remove_failures = 0; // the failures were the outage's
+            self.retried_remove_failed = false;
         }
         self.up = up;
     }
@@ -2459,16 +2483,22 @@ mod tests {
     #[test]
     fn a_delete_that_keeps_failing_backs_off() {
         let mut m = bob_loaded();
-        m.removed("bob".into(), 100, false, false, None);
+        // Two deletes failing in each round: the back-off grows once per round.
+        let fail_both = |m: &mut InboxMirror| {
+            for seq in [100, 101] {
+                m.removed("bob".into(), seq, false, false, None);
+            }
+        };
+        fail_both(&mut m);
         let mut at = NOW;
         m.tick(at, WALL);
         assert_eq!(
             removes(&m.take_effects()).len(),
-            1,
+            2,
             "the first time at once"
         );
         for failures in 1..=10u32 {
-            m.removed("bob".into(), 100, false, false, None);
+            fail_both(&mut m);
             let wait = (REMOVE_RETRY_MS << (failures - 1)).min(REMOVE_RETRY_MAX_MS);
             m.tick(at, WALL);
             assert!(removes(&m.take_effects()).is_empty(), "failure {failures}");
@@ -2476,8 +2506,9 @@ mod tests {
             assert!(removes(&m.take_effects()).is_empty(), "failure {failures}");
             at += wait;
             m.tick(at, WALL);
-            assert_eq!(removes(&m.take_effects()).len(), 1, "failure {failures}");
+            assert_eq!(removes(&m.take_effects()).len(), 2, "failure {failures}");
         }
+        m.removed("bob".into(), 101, true, true, None);
         // Redis away and back: the next round goes at once.
         m.removed("bob".into(), 100, false, false, None);
         m.batch_answered(false);
@@ -3091,8 +3122,8 @@ mod tests {
                 told(&effects)
             );
         }
-        // Bounded: past `MAX_REFUSED_PER_PAIR` cids the pair waits for an entry above the
-        // last one refused.
+        // Bounded: past `MAX_REFUSED_PER_PAIR` cids the pair is held back until its mirror is
+        // dropped, even once every cid it knows is stored.
         let mut m = bob_online_and_store_down();
         m.pushed("bob".into(), 3 << 40, message(1, "k0").stored(), NOW, WALL);
         m.take_effects();
@@ -3104,30 +3135,36 @@ mod tests {
             refused.extend(told(&m.take_effects()));
         }
         assert_eq!(refused.len(), MAX_REFUSED_PER_PAIR + 1);
-        assert_eq!(m.refused_unstored["bob"]["ann"].len(), MAX_REFUSED_PER_PAIR);
-        let last = 10 + MAX_REFUSED_PER_PAIR as u64;
-        for id in 10..last {
+        let kept = &m.refused_unstored["bob"]["ann"];
+        assert_eq!(
+            (kept.cids.len(), kept.overflowed),
+            (MAX_REFUSED_PER_PAIR, true)
+        );
+        for id in 10..11 + MAX_REFUSED_PER_PAIR as u64 {
             let entry = message(id, &format!("r{id}")).stored();
             m.pushed("bob".into(), (3 << 40) + id, entry, NOW, WALL);
         }
         m.take_effects();
-        m.deliver(message(last + 1, "x1"), NOW, Some(0));
-        assert_eq!(
-            told(&m.take_effects()),
-            ["x1:refused"],
-            "no entry above the last one refused yet"
-        );
-        // x1's resend, stored above it by another node.
-        let entry = message(last + 2, "x1").stored();
-        m.pushed("bob".into(), 4 << 40, entry, NOW, WALL);
+        m.deliver(message(100, "x1"), NOW, Some(0));
+        assert_eq!(told(&m.take_effects()), ["x1:refused"], "held back");
+        m.released("bob");
         m.take_effects();
-        m.deliver(message(last + 3, "x3"), NOW, Some(0));
+        assert!(m.refused_unstored.is_empty(), "dropped with the mirror");
+    }
+
+    /// A refused read receipt does not hold its pair back: it has no `accepted` to keep in
+    /// order, and a later receipt replaces it (a review's finding).
+    #[test]
+    fn a_refused_read_receipt_does_not_hold_its_pair_back() {
+        let mut m = bob_online_and_store_down();
+        let mut receipt = message(5, &proto::receipt_cid("bob", 4));
+        receipt.sender_arrived_ms = u64::MAX;
+        m.deliver(receipt, NOW, Some(0));
+        assert_eq!(told(&m.take_effects()).len(), 1, "refused");
+        assert!(m.refused_unstored.is_empty());
+        m.deliver(message(6, "c6"), NOW, Some(0));
         let effects = m.take_effects();
-        assert!(
-            matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
-            "{:?}",
-            told(&effects)
-        );
+        assert!(matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"));
     }
 
     /// After a resend refused as possibly stored, an entry of the pair with a lower id (another
