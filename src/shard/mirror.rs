@@ -2875,17 +2875,17 @@ mod tests {
     /// goes live only above the pair's highest id the mirror took in.
     #[test]
     fn a_message_below_an_entry_of_its_pair_in_the_mirror_does_not_go_live() {
-        for plant in [OrderPlant::None, OrderPlant::LiveBelowTop] {
+        // bob's mirror with ann's c20, pushed.
+        let with_c20 = |plant| {
             let mut m = bob_online_and_store_down();
             m.plant_order_bug(plant);
-            m.pushed(
-                "bob".into(),
-                20 << 40,
-                message(20, "c20").stored(),
-                NOW,
-                WALL,
-            );
+            let c20 = message(20, "c20").stored();
+            m.pushed("bob".into(), 20 << 40, c20, NOW, WALL);
             m.take_effects();
+            m
+        };
+        for plant in [OrderPlant::None, OrderPlant::LiveBelowTop] {
+            let mut m = with_c20(plant);
             let mut below = message(13, "c13");
             below.sender_arrived_ms = 0;
             m.deliver(below, NOW, Some(0));
@@ -2896,15 +2896,7 @@ mod tests {
             }
             // Above it goes live (on a mirror where c13 was not refused: that holds the pair
             // back, see `refused_unstored`).
-            let mut m = bob_online_and_store_down();
-            m.pushed(
-                "bob".into(),
-                20 << 40,
-                message(20, "c20").stored(),
-                NOW,
-                WALL,
-            );
-            m.take_effects();
+            let mut m = with_c20(OrderPlant::None);
             let mut above = message(21, "c21");
             above.sender_arrived_ms = 0;
             m.deliver(above, NOW, Some(0));
@@ -3038,14 +3030,40 @@ mod tests {
         assert!(m.inbox().read("bob", 0, 10, NOW).is_empty());
     }
 
+    /// cat's message `id` goes live to bob (the store away, bob's mirror empty), and its ack
+    /// tells cat `accepted` and `delivered`.
+    fn another_sender_goes_live_and_is_acked(m: &mut InboxMirror, id: u64, cid: &str) {
+        let cats = || {
+            let mut msg = message(id, cid);
+            msg.from = "cat".into();
+            msg
+        };
+        m.deliver(cats(), NOW, Some(0));
+        assert!(matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
+        let seq = m.inbox().read("bob", 0, 10, NOW)[0].0;
+        m.acked("bob", seq, cats().report(id, Outcome::Delivered));
+        let told = told(&m.take_effects());
+        assert_eq!(
+            told,
+            [format!("{cid}:accepted"), format!("{cid}:delivered")]
+        );
+    }
+
+    /// bob's mirror of `bob_online_and_store_down`, with `plant`, where `msg` was sent to the
+    /// store (once it answered again): the mirror and that write.
+    fn written_with_the_store_up(plant: OrderPlant, msg: Box<Message>) -> (InboxMirror, Message) {
+        let mut m = bob_online_and_store_down();
+        m.plant_order_bug(plant);
+        m.batch_answered(true);
+        m.deliver(msg, NOW, Some(0));
+        let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
+        (m, write)
+    }
+
     #[test]
     fn a_stored_write_whose_push_has_not_come_keeps_later_messages_from_going_live() {
         for plant in [OrderPlant::None, OrderPlant::LivePastUnpushed] {
-            let mut m = bob_online_and_store_down();
-            m.plant_order_bug(plant);
-            m.batch_answered(true);
-            m.deliver(message(11, "c11"), NOW, Some(0));
-            let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
+            let (mut m, write) = written_with_the_store_up(plant, message(11, "c11"));
             m.appended(write, stored(), NOW, WALL);
             assert_eq!(told(&m.take_effects()), ["c11:accepted"]);
             // The store goes away before c11's entry came on the channel: c12, shown live
@@ -3064,17 +3082,13 @@ mod tests {
     /// millisecond may sort below this node's (found by the simulation with two nodes, slow
     /// second devices and resyncs, seed 7832106425874293347). Until an entry with its cid is
     /// seen stored, nothing of the pair goes live; other senders do. A dedup answer for it
-    /// counts as stored. Past `MAX_REFUSED_PER_PAIR` refused cids, `unsure` holds the pair
-    /// instead. (Planted `LivePastRefused`: c3 goes live.)
+    /// counts as stored. Past `MAX_REFUSED_PER_PAIR` refused cids, the pair is held back
+    /// until its mirror is dropped. (Planted `LivePastRefused`: c3 goes live.)
     #[test]
     fn a_refused_first_attempt_holds_its_pair_back_until_an_entry_of_it_is_stored() {
         for plant in [OrderPlant::None, OrderPlant::LivePastRefused] {
-            let mut m = bob_online_and_store_down();
-            m.plant_order_bug(plant);
             // c2 is refused by the store's queue (the store is away).
-            m.batch_answered(true);
-            m.deliver(message(2, "c2"), NOW, Some(0));
-            let [write]: [Message; 1] = appends(m.take_effects()).try_into().ok().unwrap();
+            let (mut m, write) = written_with_the_store_up(plant, message(2, "c2"));
             m.store_refused(StoreOp::Append(Box::new(write)), NOW);
             assert_eq!(told(&m.take_effects()), ["c2:refused"]);
             m.batch_answered(false);
@@ -3084,15 +3098,7 @@ mod tests {
             if live {
                 continue;
             }
-            let mut cat = message(4, "d4");
-            cat.from = "cat".into();
-            m.deliver(cat, NOW, Some(0));
-            assert!(matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
-            let seq = m.inbox().read("bob", 0, 10, NOW)[0].0;
-            let mut acked = message(4, "d4");
-            acked.from = "cat".into();
-            m.acked("bob", seq, acked.report(4, Outcome::Delivered));
-            assert_eq!(told(&m.take_effects()), ["d4:accepted", "d4:delivered"]);
+            another_sender_goes_live_and_is_acked(&mut m, 4, "d4");
             // c2's resend, stored by another node under a lower id than c3's: c3 is still
             // refused and unstored.
             m.pushed("bob".into(), 3 << 40, message(1, "c2").stored(), NOW, WALL);
@@ -3223,15 +3229,7 @@ mod tests {
         }
         assert!(matches!(&planted.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
         assert_eq!(told(&m.take_effects()), ["c9:refused"], "not live past c8");
-        let mut other = message(10, "d1");
-        other.from = "cat".into();
-        m.deliver(other, NOW, Some(0));
-        assert!(matches!(&m.take_effects()[..], [MirrorEffect::Feed(u)] if u == "bob"));
-        let seq = m.inbox().read("bob", 0, 10, NOW)[0].0;
-        let mut acked = message(10, "d1");
-        acked.from = "cat".into();
-        m.acked("bob", seq, acked.report(10, Outcome::Delivered));
-        assert_eq!(told(&m.take_effects()), ["d1:accepted", "d1:delivered"]);
+        another_sender_goes_live_and_is_acked(&mut m, 10, "d1");
         // The store answers again: the pair's next write, c9 resent, goes to it and is
         // answered (c9, refused, held the pair back until stored: see `refused_unstored`).
         m.batch_answered(true);
