@@ -617,9 +617,13 @@ impl InboxMirror {
         }
     }
 
-    /// Whether a cid of `msg`'s pair refused here is not stored yet (see `refused_unstored`).
+    /// Whether a cid of `msg`'s pair refused here is not stored yet (see `refused_unstored`),
+    /// other than `msg`'s own as the earliest of them: sent again by a client that does not
+    /// mark resends (the SPEC asks only for the same cid), it is issued here and now, after
+    /// everything issued here before, and shown before the pair's later messages.
     fn refused_unstored_of(&self, msg: &Message) -> bool {
-        (self.refused_unstored.get(&msg.to)).is_some_and(|by| by.contains_key(&msg.from))
+        let refused = (self.refused_unstored.get(&msg.to)).and_then(|by| by.get(&msg.from));
+        refused.is_some_and(|r| r.overflowed || r.cids.first() != Some(&msg.cid))
     }
 
     /// An entry of the pair (`to`, `from`) with `cid` is stored: its cid no longer holds the
@@ -3086,15 +3090,30 @@ mod tests {
     /// until its mirror is dropped. (Planted `LivePastRefused`: c3 goes live.)
     #[test]
     fn a_refused_first_attempt_holds_its_pair_back_until_an_entry_of_it_is_stored() {
-        for plant in [OrderPlant::None, OrderPlant::LivePastRefused] {
-            // c2 is refused by the store's queue (the store is away).
+        let cases = [
+            (OrderPlant::None, false),
+            (OrderPlant::None, true),
+            (OrderPlant::LivePastRefused, false),
+            (OrderPlant::LivePastRefused, true),
+        ];
+        for (plant, answered) in cases {
+            // c2 is refused by the store's queue, or answered not written (the store is away).
             let (mut m, write) = written_with_the_store_up(plant, message(2, "c2"));
-            m.store_refused(StoreOp::Append(Box::new(write)), NOW);
+            if answered {
+                let unsent = Err(StoreError::Unsent("down".into()));
+                m.appended(write, unsent, NOW, WALL);
+            } else {
+                m.store_refused(StoreOp::Append(Box::new(write)), NOW);
+            }
             assert_eq!(told(&m.take_effects()), ["c2:refused"]);
             m.batch_answered(false);
             m.deliver(message(3, "c3"), NOW, Some(0));
             let live = !told(&m.take_effects()).contains(&"c3:refused".to_string());
-            assert_eq!(live, plant == OrderPlant::LivePastRefused, "{plant:?}");
+            assert_eq!(
+                live,
+                plant == OrderPlant::LivePastRefused,
+                "{plant:?} {answered}"
+            );
             if live {
                 continue;
             }
@@ -3156,6 +3175,29 @@ mod tests {
         m.released("bob");
         m.take_effects();
         assert!(m.refused_unstored.is_empty(), "dropped with the mirror");
+    }
+
+    /// A client that does not mark resends (the SPEC asks only for the same cid) sends the
+    /// pair's earliest refused cid again: it may go live, issued after everything issued
+    /// here; a later refused cid may not before it.
+    #[test]
+    fn an_unmarked_resend_of_the_earliest_refused_cid_goes_live() {
+        let (mut m, write) = written_with_the_store_up(OrderPlant::None, message(2, "c2"));
+        m.store_refused(StoreOp::Append(Box::new(write)), NOW);
+        m.batch_answered(false);
+        m.deliver(message(3, "c3"), NOW, Some(0));
+        assert_eq!(told(&m.take_effects()), ["c2:refused", "c3:refused"]);
+        m.deliver(message(4, "c3"), NOW, Some(0));
+        assert_eq!(told(&m.take_effects()), ["c3:refused"], "not before c2");
+        for (id, cid) in [(5, "c2"), (6, "c3"), (7, "c7")] {
+            m.deliver(message(id, cid), NOW, Some(0));
+            let effects = m.take_effects();
+            assert!(
+                matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
+                "{cid}: {:?}",
+                told(&effects)
+            );
+        }
     }
 
     /// A refused read receipt does not hold its pair back: it has no `accepted` to keep in
