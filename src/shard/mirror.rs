@@ -134,7 +134,7 @@ const MAX_UNREMOVED: usize = 100_000;
 const REMOVES_PER_TICK: usize = 512;
 
 /// A delete sent again that did not run again waits before the next round: 100 ms, doubled
-/// per failure in a row, at most 10 s. (Redis answers, but a delete keeps failing: without
+/// per round in a row in which one failed again, at most 10 s. (Redis answers, but a delete keeps failing: without
 /// it, sent again on every tick.)
 const REMOVE_RETRY_MS: u64 = 100;
 const REMOVE_RETRY_MAX_MS: u64 = 10_000;
@@ -385,9 +385,9 @@ pub struct InboxMirror {
     unremoved: FastMap<CompactString, BTreeMap<InboxSeq, Unremoved>>,
     /// Some entry of `unremoved` is not on its way.
     removes_due: bool,
-    /// Deletes sent again that did not run again, in a row since one ran or Redis came
-    /// back; the next round waits that long after the last (`removes_sent_ms`, see
-    /// `REMOVE_RETRY_MS`).
+    /// Rounds in a row in which a delete sent again did not run again, since one ran or
+    /// Redis came back; the next round waits that long after the last (`removes_sent_ms`,
+    /// see `REMOVE_RETRY_MS`).
     remove_failures: u32,
     removes_sent_ms: u64,
     /// A delete of the last round did not run again (counted once in `remove_failures`).
@@ -582,8 +582,9 @@ impl InboxMirror {
         self.out.push(MirrorEffect::Tell(report));
     }
 
-    /// Refuse `msg` for now: its sender resends it.
+    /// Refuse `msg` for now (counted): its sender resends it.
     fn refuse(&mut self, msg: Message, why: SendRefusal) {
+        self.metrics.store_refused.inc();
         self.refused_here(&msg);
         self.tell(msg.refused(why));
     }
@@ -629,6 +630,10 @@ impl InboxMirror {
     /// An entry of the pair (`to`, `from`) with `cid` is stored: its cid no longer holds the
     /// pair back (see `refused_unstored`).
     fn stored_after_refusal(&mut self, to: &str, from: &str, cid: &str) {
+        // The common case (every entry a read takes in): nothing refused, no key hashed.
+        if self.refused_unstored.is_empty() {
+            return;
+        }
         let Some(by_sender) = self.refused_unstored.get_mut(to) else {
             return;
         };
@@ -742,7 +747,6 @@ impl InboxMirror {
         match op {
             StoreOp::Append(msg) => {
                 self.write_not_sent(&msg);
-                self.metrics.store_refused.inc();
                 self.refuse(
                     *msg,
                     SendRefusal::Busy("the offline store is busy or unreachable, resend later"),
@@ -1029,7 +1033,6 @@ impl InboxMirror {
         if missing && tail_len > 0 {
             // Neither live (it would be shown before the missing entry) nor to Redis (it
             // would be placed before the live ones): once the tail is acked, the reload.
-            self.metrics.store_refused.inc();
             return self.refuse(
                 *msg,
                 SendRefusal::Busy("the recipient's inbox is being read again, resend later"),
@@ -1055,7 +1058,6 @@ impl InboxMirror {
             // so do the pair's later messages (shown live now, they would come before it):
             // the pair's confirmation is forgotten, so none goes live until an entry of the pair
             // above this resend is stored (`unsure`), after which that other attempt cannot land.
-            self.metrics.store_refused.inc();
             if !self.planted_live_past_unsure() {
                 self.forget_confirmed(&msg.to, &msg.from, msg.id);
             }
@@ -1064,7 +1066,6 @@ impl InboxMirror {
             ));
         }
         if self.refused_unstored_of(&msg) {
-            self.metrics.store_refused.inc();
             return self.refuse(*msg, SendRefusal::Busy(
                 "the offline store is unavailable and an earlier message of yours to this recipient was refused and is not stored yet; resend later",
             ));
@@ -1073,13 +1074,11 @@ impl InboxMirror {
             // The sender may have been told `accepted` for an earlier message on another
             // node, whose entry this mirror has not had yet: shown live now, this one would
             // come first (found by the simulation with two nodes, seed 4749320442185338218).
-            self.metrics.store_refused.inc();
             return self.refuse(*msg, SendRefusal::Busy(
                 "the offline store is unavailable and none of your messages to this recipient since you connected has been stored yet; resend later",
             ));
         }
         if tail_len >= self.cfg.window {
-            self.metrics.store_refused.inc();
             return self.refuse(*msg, SendRefusal::Busy(
                 "the offline store is unavailable and the recipient has a window of unacknowledged messages already; resend later",
             ));
@@ -1192,7 +1191,6 @@ impl InboxMirror {
                 .map_or(0, Vec::len)
                 >= MAX_DOUBTS_PER_PAIR
         {
-            self.metrics.store_refused.inc();
             return self.refuse(
                 *msg,
                 SendRefusal::Busy(
