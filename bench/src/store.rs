@@ -293,6 +293,7 @@ fn run_shard(
                 resent: false,
                 // (Read only on the live path, which the store never takes.)
                 sender_arrived_ms: 0,
+                refused_earlier: None,
             }))
         },
         |reply| match reply {

@@ -54,6 +54,50 @@ pub struct Message {
     /// store confirmed (`confirmed` in `shard/mirror.rs`): a message the sender was told
     /// `accepted` for before, on another node, is then known to be in this node's mirror.
     pub sender_arrived_ms: u64,
+    /// First attempts of this message's pair refused on the sender's home shard before they
+    /// reached the recipient's (see `Senders::refused_unrouted`), carried to it by the pair's
+    /// next message; None nearly always.
+    pub refused_earlier: Option<Box<RefusedCids>>,
+}
+
+/// A pair's first attempts that were refused and are not known to be stored: on the
+/// recipient's home shard, those refused there (`InboxMirror::refused_unstored`); on the
+/// sender's, those refused before they got there ([`Message::refused_earlier`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefusedCids {
+    pub cids: Vec<CompactString>,
+    /// More than [`RefusedCids::MAX`] were: which ones is not known, so no stored entry can
+    /// clear them (the pair stays held back until the recipient's mirror is dropped).
+    pub overflowed: bool,
+}
+
+impl RefusedCids {
+    /// Cids kept per pair.
+    pub const MAX: usize = 64;
+
+    /// Keep `cid` (once), or mark the set overflowed past [`RefusedCids::MAX`].
+    pub fn keep(&mut self, cid: &CompactString) {
+        if self.cids.contains(cid) {
+            return;
+        }
+        if self.cids.len() < Self::MAX {
+            self.cids.push(cid.clone());
+        } else {
+            self.overflowed = true;
+        }
+    }
+
+    /// Everything `other` holds, kept here too.
+    pub fn take_in(&mut self, other: &RefusedCids) {
+        for cid in &other.cids {
+            self.keep(cid);
+        }
+        self.overflowed |= other.overflowed;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cids.is_empty() && !self.overflowed
+    }
 }
 
 /// A message's write to the Redis store, as its recipient's shard numbers it (see "Order" in

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use compact_str::CompactString;
 
 use crate::delivery::ids::MessageIds;
-use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
+use crate::delivery::message::{Message, Outcome, RefusedCids, ReplyTo, Report};
 use crate::delivery::refusal::SendRefusal;
 use crate::delivery::{Dedup, DedupConfig, Seen};
 use crate::metrics::ShardMetrics;
@@ -78,6 +78,22 @@ struct Sender {
     arrived_ms: u64,
 }
 
+/// Cids a sender's first attempts refused before routing may hold at once, over all its
+/// recipients ([`Senders::refused_unrouted`]); past it every message of the sender carries
+/// `overflowed` until its last connection here closes.
+const MAX_UNROUTED_PER_SENDER: usize = 64;
+
+/// A sender's first attempts refused on this shard before they reached their recipients'
+/// home shards, not carried there yet (see [`Senders::refused_unrouted`]).
+#[derive(Default)]
+struct Unrouted {
+    by_recipient: FastMap<CompactString, RefusedCids>,
+    /// Cids kept, over all recipients.
+    kept: usize,
+    /// More were refused than `MAX_UNROUTED_PER_SENDER`.
+    overflowed: bool,
+}
+
 /// The sender's side of direct delivery on one shard.
 pub struct Senders {
     metrics: Arc<ShardMetrics>,
@@ -86,6 +102,8 @@ pub struct Senders {
     /// Connections that resent a cid whose first copy was still on its way, by (sender,
     /// cid): they get its answer too.
     waiters: FastMap<(CompactString, CompactString), Vec<(usize, u32)>>,
+    /// By sender: see [`Senders::refused_unrouted`].
+    unrouted: FastMap<CompactString, Unrouted>,
 }
 
 impl Senders {
@@ -94,6 +112,85 @@ impl Senders {
             metrics,
             senders: FastMap::default(),
             waiters: FastMap::default(),
+            unrouted: FastMap::default(),
+        }
+    }
+
+    /// A first attempt of `cid` from `from` to `to` was refused here before it reached the
+    /// recipient's home shard (no message id slot, a full shard channel, `rate_limited`), so
+    /// the recipient's mirror, which holds a pair's later messages back from the live path
+    /// while a first attempt it refused is unstored (`InboxMirror::refused_unstored`), does
+    /// not know of it. Kept until the pair's next message carries it there
+    /// ([`Senders::carry_unrouted`]). The caller leaves out resends and read receipts, as the
+    /// mirror does.
+    pub fn refused_unrouted(&mut self, from: &str, to: &str, cid: &CompactString) {
+        let sender = self.unrouted.entry(from.into()).or_default();
+        let refused = sender.by_recipient.entry(to.into()).or_default();
+        if refused.cids.contains(cid) {
+            return;
+        }
+        if sender.kept < MAX_UNROUTED_PER_SENDER {
+            refused.cids.push(cid.clone());
+            sender.kept += 1;
+        } else {
+            refused.overflowed = true;
+            sender.overflowed = true;
+        }
+    }
+
+    /// `msg` is on its way to its recipient's home shard: it carries its pair's cids refused
+    /// before routing ([`Senders::refused_unrouted`]), or `overflowed` if the sender's
+    /// refusals outgrew what is kept. A message refused on its way puts them back.
+    pub fn carry_unrouted(&mut self, msg: &mut Message) {
+        // The common case: nothing refused before routing, no key hashed.
+        if self.unrouted.is_empty() {
+            return;
+        }
+        let Some(sender) = self.unrouted.get_mut(&msg.from) else {
+            return;
+        };
+        let mut carried = sender.by_recipient.remove(&msg.to).unwrap_or_default();
+        sender.kept -= carried.cids.len();
+        carried.overflowed |= sender.overflowed;
+        if sender.by_recipient.is_empty() && !sender.overflowed {
+            self.unrouted.remove(&msg.from);
+        }
+        if !carried.is_empty() {
+            msg.refused_earlier = Some(Box::new(carried));
+        }
+    }
+
+    /// `msg` was refused on its way after [`Senders::carry_unrouted`]: what it carried is kept
+    /// again for the pair's next message.
+    pub fn put_back_carried(&mut self, msg: &mut Message) {
+        let Some(carried) = msg.refused_earlier.take() else {
+            return;
+        };
+        for cid in &carried.cids {
+            self.refused_unrouted(&msg.from, &msg.to, cid);
+        }
+        if carried.overflowed {
+            let sender = self.unrouted.entry(msg.from.clone()).or_default();
+            sender
+                .by_recipient
+                .entry(msg.to.clone())
+                .or_default()
+                .overflowed = true;
+        }
+    }
+
+    /// The cids [`Senders::refused_unrouted`] keeps for the pair, oldest first.
+    #[cfg(test)]
+    pub fn unrouted_of(&self, from: &str, to: &str) -> Vec<&str> {
+        let pair = self.unrouted.get(from).and_then(|s| s.by_recipient.get(to));
+        pair.map_or_else(Vec::new, |p| p.cids.iter().map(|c| c.as_str()).collect())
+    }
+
+    /// `from`'s last connection here closed: its client resends what was refused first when
+    /// it connects again, so nothing refused before it left needs carrying.
+    pub fn departed(&mut self, from: &str) {
+        if !self.unrouted.is_empty() {
+            self.unrouted.remove(from);
         }
     }
 
@@ -163,6 +260,7 @@ impl Senders {
                 write: Default::default(),
                 resent: s.resent,
                 sender_arrived_ms: sender.arrived_ms,
+                refused_earlier: None,
             },
         );
         match id {
@@ -346,5 +444,68 @@ mod tests {
         let mut frame = Vec::new();
         let targets = s.answer(&msg.report(id, Outcome::Delivered), || T.now_us, &mut frame);
         assert!(matches!(targets, Targets::AllDevices));
+    }
+
+    fn carried(msg: &Message) -> Option<(Vec<&str>, bool)> {
+        let refused = msg.refused_earlier.as_ref()?;
+        Some((
+            refused.cids.iter().map(|c| c.as_str()).collect(),
+            refused.overflowed,
+        ))
+    }
+
+    /// A first attempt refused before routing is carried by the pair's next message, once:
+    /// not by another pair's; a message refused on its way puts back what it carried.
+    #[test]
+    fn a_first_attempt_refused_before_routing_rides_with_the_pairs_next_message() {
+        let (mut s, mut ids) = (senders(), MessageIds::for_shard(0));
+        s.refused_unrouted("ann", "bob", &"c1".into());
+        s.refused_unrouted("ann", "bob", &"c1".into());
+        s.refused_unrouted("ann", "bob", &"c2".into());
+        let mut to_carl = routed(s.submit(send("k1", 1), &mut ids, T));
+        to_carl.to = "carl".into();
+        s.carry_unrouted(&mut to_carl);
+        assert_eq!(carried(&to_carl), None, "another pair");
+        let mut c3 = routed(s.submit(send("c3", 1), &mut ids, T));
+        s.carry_unrouted(&mut c3);
+        assert_eq!(carried(&c3), Some((vec!["c1", "c2"], false)));
+        // c3 finds the recipient's shard channel full: c1, c2 (and c3) wait for c4.
+        s.put_back_carried(&mut c3);
+        assert_eq!(carried(&c3), None);
+        s.refused_unrouted("ann", "bob", &"c3".into());
+        let mut c4 = routed(s.submit(send("c4", 1), &mut ids, T));
+        s.carry_unrouted(&mut c4);
+        assert_eq!(carried(&c4), Some((vec!["c1", "c2", "c3"], false)));
+        let mut c5 = routed(s.submit(send("c5", 1), &mut ids, T));
+        s.carry_unrouted(&mut c5);
+        assert_eq!(carried(&c5), None, "carried once");
+        assert!(s.unrouted.is_empty());
+    }
+
+    /// Bounded per sender: past `MAX_UNROUTED_PER_SENDER` cids over all its recipients, every
+    /// message of the sender carries `overflowed` (its pair is then held back until the
+    /// recipient's mirror is dropped), until its last connection here closes.
+    #[test]
+    fn past_its_cap_a_sender_overflows_until_it_departs() {
+        let (mut s, mut ids) = (senders(), MessageIds::for_shard(0));
+        for n in 0..=MAX_UNROUTED_PER_SENDER {
+            s.refused_unrouted("ann", &format!("u{n}"), &format!("c{n}").into());
+        }
+        let mut sent = 0;
+        let mut next = |s: &mut Senders, to: &str| {
+            sent += 1;
+            let mut msg = routed(s.submit(send(&format!("x{sent}"), 1), &mut ids, T));
+            msg.to = to.into();
+            s.carry_unrouted(&mut msg);
+            msg
+        };
+        let u0 = next(&mut s, "u0");
+        assert_eq!(carried(&u0), Some((vec!["c0"], true)));
+        let last = format!("u{MAX_UNROUTED_PER_SENDER}");
+        assert_eq!(carried(&next(&mut s, &last)), Some((vec![], true)));
+        assert_eq!(carried(&next(&mut s, "never")), Some((vec![], true)));
+        s.departed("ann");
+        assert_eq!(carried(&next(&mut s, "u1")), None);
+        assert!(s.unrouted.is_empty());
     }
 }

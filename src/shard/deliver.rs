@@ -96,6 +96,9 @@ impl Shard {
                             || self.within_send_rate(index, Some(&req.cid), now)
                         {
                             self.on_send(index, req, now)
+                        } else if let Some(from) = self.conns[index].conn.user() {
+                            let from = CompactString::from(from);
+                            self.refused_before_routing(&from, &req.to, &req.cid, req.resend);
                         }
                     }
                     AppEvent::Ack { seq } => self.on_ack(index, seq, now),
@@ -274,6 +277,7 @@ impl Shard {
                 write: Default::default(),
                 resent: false,
                 sender_arrived_ms: reader_arrived_ms,
+                refused_earlier: None,
             };
             self.route(Box::new(receipt), now, Some(index));
         }
@@ -305,7 +309,10 @@ impl Shard {
         let t = self.send_time(now);
         match self.senders.submit(submission, &mut self.msg_ids, t) {
             Submitted::Route(msg) => self.route(msg, now, Some(index)),
-            Submitted::Refused(report) => self.on_report(report),
+            Submitted::Refused(report) => {
+                self.refused_before_routing(&report.from, &report.to, &report.cid, resend);
+                self.on_report(report)
+            }
             Submitted::AlreadyAccepted(id) => {
                 let mut out = Vec::with_capacity(64);
                 proto::write_accepted(&mut out, &cid, id);
@@ -367,7 +374,10 @@ impl Shard {
         self.senders.arrived(BACKEND_SENDER, t.wall_ms);
         match self.senders.submit(submission, &mut self.msg_ids, t) {
             Submitted::Route(msg) => self.route(msg, now, None),
-            Submitted::Refused(report) => self.on_report(report),
+            Submitted::Refused(report) => {
+                self.refused_before_routing(&report.from, &report.to, &report.cid, false);
+                self.on_report(report)
+            }
             Submitted::AlreadyAccepted(id) => {
                 if let Some(waiter) = self.api_waiters.remove(&cid) {
                     let _ = waiter.send(ApiOutcome::Accepted { id });
@@ -379,7 +389,10 @@ impl Shard {
 
     /// To the recipient's home shard (here, or across the mesh).
     /// Boxed once: the box crosses the mesh and goes on to the store as it is.
-    fn route(&mut self, msg: Box<Message>, now: u64, current: Option<usize>) {
+    /// It carries its pair's first attempts refused here before routing (see
+    /// `Senders::refused_unrouted`).
+    fn route(&mut self, mut msg: Box<Message>, now: u64, current: Option<usize>) {
+        self.senders.carry_unrouted(&mut msg);
         let home = self.home_of(&msg.to);
         if home == self.id {
             return self.deliver(msg, now, current);
@@ -387,12 +400,30 @@ impl Shard {
         self.metrics.cross_shard.inc();
         let mesh = self.mesh.as_ref().expect("several shards have a mesh");
         let deliver = ShardMsg::Direct(Direct::Deliver(msg));
-        if let Err(ShardMsg::Direct(Direct::Deliver(msg))) = mesh.send(home, deliver) {
+        if let Err(ShardMsg::Direct(Direct::Deliver(mut msg))) = mesh.send(home, deliver) {
             self.metrics.mesh_full.inc();
+            self.senders.put_back_carried(&mut msg);
+            self.refused_before_routing(&msg.from, &msg.to, &msg.cid, msg.resent);
             self.on_report(msg.refused(SendRefusal::Busy(
                 "the recipient's shard is busy, resend later",
             )));
         }
+    }
+
+    /// A send refused here before it reached its recipient's home shard: a first attempt
+    /// (not a resend, nor a read receipt: the mirror keeps neither) is kept for the pair's
+    /// next message to carry there (see `Senders::refused_unrouted`). (With the embedded
+    /// store too, where the recipient's mirror, with no live path, keeps nothing of it: the
+    /// same path either way.)
+    fn refused_before_routing(&mut self, from: &str, to: &str, cid: &CompactString, resent: bool) {
+        if resent || proto::receipt_sender(cid).is_some() {
+            return;
+        }
+        #[cfg(test)]
+        if self.planted(super::durable::OrderPlant::LivePastUnrouted) {
+            return;
+        }
+        self.senders.refused_unrouted(from, to, cid);
     }
 
     pub(super) fn home_of(&self, user: &str) -> usize {

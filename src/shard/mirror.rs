@@ -106,7 +106,7 @@ use std::sync::Arc;
 use compact_str::CompactString;
 
 use crate::delivery::ids::issued_ms;
-use crate::delivery::message::{Message, Outcome, Report, StoreWrite};
+use crate::delivery::message::{Message, Outcome, RefusedCids, Report, StoreWrite};
 use crate::delivery::refusal::SendRefusal;
 use crate::metrics::ShardMetrics;
 use crate::proto;
@@ -121,9 +121,6 @@ const PROBE_MS: u64 = 500;
 /// Writes kept in doubt per pair of users; beyond it, writes to the pair are refused unsent
 /// until a resolve clears them (memory stays bounded while Redis is away).
 const MAX_DOUBTS_PER_PAIR: usize = 1024;
-/// Refused cids kept per pair (`refused_unstored`); past it, the pair is held back until
-/// its mirror is dropped.
-const MAX_REFUSED_PER_PAIR: usize = 64;
 
 /// Deletes of acked entries kept to be sent again, per shard: past it one is given up
 /// (counted; its entry is delivered again after a reload, and clients drop the copy).
@@ -345,7 +342,10 @@ pub struct InboxMirror {
     /// simulation with two nodes, slow second devices and resyncs, seed 7832106425874293347:
     /// s0's 3 to 5 went live on node B while its 1 and 2, refused there, were stored on node
     /// A under ids of the same millisecond from a lower slot). None of the pair goes live
-    /// while one is kept. Dropped with the recipient's mirror.
+    /// while one is kept. So do first attempts refused on the sender's home shard before
+    /// they got here (no message id slot, a full shard channel, `rate_limited`), carried
+    /// here by the pair's next message ([`Message::refused_earlier`]). Dropped with the
+    /// recipient's mirror.
     refused_unstored: FastMap<CompactString, FastMap<CompactString, RefusedCids>>,
     /// Bumped by every resync (this node's channel is heard again, or its lease had lapsed);
     /// 0 until the channel is first heard. (u32: four billion resyncs; a mirror's state then
@@ -422,6 +422,9 @@ pub(crate) enum OrderPlant {
     /// A refused send's pair may go live before the refused cid is seen stored (as before
     /// its fix: see `refused_unstored`).
     LivePastRefused,
+    /// A send refused on its sender's shard before it reached its recipient's is not carried
+    /// there by the pair's next message (as before its fix: see `Senders::refused_unrouted`).
+    LivePastUnrouted,
     /// The read of a load replaced before its mark came is forgotten (as before the evening
     /// of 2026-12-07: see `keep_for_next_read`).
     ForgetUnmarkedRead,
@@ -458,16 +461,6 @@ pub(crate) enum OrderPlant {
     /// A delete sent again that runs while a load is out does not keep the load's read,
     /// which may have run before it, from taking its entry in.
     ReadPastRemoved,
-}
-
-/// A pair's first attempts refused here and not seen stored (see
-/// `InboxMirror::refused_unstored`).
-#[derive(Default)]
-struct RefusedCids {
-    cids: Vec<CompactString>,
-    /// More than `MAX_REFUSED_PER_PAIR` were: the pair stays held back until its mirror is
-    /// dropped (the ones past the cap are not known, so no entry can clear them).
-    overflowed: bool,
 }
 
 /// An acked entry's delete Redis did not run (see `InboxMirror::unremoved`).
@@ -606,16 +599,23 @@ impl InboxMirror {
         {
             return;
         }
-        let by_sender = self.refused_unstored.entry(msg.to.clone()).or_default();
-        let refused = by_sender.entry(msg.from.clone()).or_default();
-        if refused.cids.contains(&msg.cid) {
+        self.refused_of_pair(&msg.to, &msg.from).keep(&msg.cid);
+    }
+
+    /// `msg` carries first attempts of its pair refused on its sender's shard before they got
+    /// here ([`Message::refused_earlier`]): kept as if refused here, before `msg` is looked at.
+    fn refused_on_the_way(&mut self, msg: &mut Message) {
+        let Some(refused) = msg.refused_earlier.take() else {
             return;
+        };
+        if self.cfg.shared && self.mirrors.contains_key(&msg.to) {
+            self.refused_of_pair(&msg.to, &msg.from).take_in(&refused);
         }
-        if refused.cids.len() < MAX_REFUSED_PER_PAIR {
-            refused.cids.push(msg.cid.clone());
-        } else {
-            refused.overflowed = true;
-        }
+    }
+
+    fn refused_of_pair(&mut self, to: &CompactString, from: &CompactString) -> &mut RefusedCids {
+        let by_sender = self.refused_unstored.entry(to.clone()).or_default();
+        by_sender.entry(from.clone()).or_default()
     }
 
     /// Whether a cid of `msg`'s pair refused here is not stored yet (see `refused_unstored`),
@@ -1026,7 +1026,8 @@ impl InboxMirror {
     /// memory while Redis is away: see the module doc), then tell the sender and feed the
     /// devices. `here`: a device of the recipient is connected to this shard, and the
     /// furthest inbox position any of them was sent or is owed (`Reader::furthest`).
-    pub fn deliver(&mut self, msg: Box<Message>, now: u64, here: Option<InboxSeq>) {
+    pub fn deliver(&mut self, mut msg: Box<Message>, now: u64, here: Option<InboxSeq>) {
+        self.refused_on_the_way(&mut msg);
         let online_here = here.is_some();
         let tail_len = self.tails.get(&msg.to).map_or(0, |t| t.len());
         let missing = self.missing.contains(&msg.to);
@@ -2108,6 +2109,7 @@ mod tests {
             write: Default::default(),
             resent: false,
             sender_arrived_ms: 0,
+            refused_earlier: None,
         })
     }
 
@@ -3084,7 +3086,7 @@ mod tests {
     /// millisecond may sort below this node's (found by the simulation with two nodes, slow
     /// second devices and resyncs, seed 7832106425874293347). Until an entry with its cid is
     /// seen stored, nothing of the pair goes live; other senders do. A dedup answer for it
-    /// counts as stored. Past `MAX_REFUSED_PER_PAIR` refused cids, the pair is held back
+    /// counts as stored. Past `RefusedCids::MAX` refused cids, the pair is held back
     /// until its mirror is dropped. (Planted `LivePastRefused`: c3 goes live.)
     #[test]
     fn a_refused_first_attempt_holds_its_pair_back_until_an_entry_of_it_is_stored() {
@@ -3145,25 +3147,22 @@ mod tests {
                 told(&effects)
             );
         }
-        // Bounded: past `MAX_REFUSED_PER_PAIR` cids the pair is held back until its mirror is
+        // Bounded: past `RefusedCids::MAX` cids the pair is held back until its mirror is
         // dropped, even once every cid it knows is stored.
         let mut m = bob_online_and_store_down();
         m.pushed("bob".into(), 3 << 40, message(1, "k0").stored(), NOW, WALL);
         m.take_effects();
         let mut refused = Vec::new();
-        for id in 10..(11 + MAX_REFUSED_PER_PAIR as u64) {
+        for id in 10..(11 + RefusedCids::MAX as u64) {
             let mut arrived_later = message(id, &format!("r{id}"));
             arrived_later.sender_arrived_ms = u64::MAX;
             m.deliver(arrived_later, NOW, Some(0));
             refused.extend(told(&m.take_effects()));
         }
-        assert_eq!(refused.len(), MAX_REFUSED_PER_PAIR + 1);
+        assert_eq!(refused.len(), RefusedCids::MAX + 1);
         let kept = &m.refused_unstored["bob"]["ann"];
-        assert_eq!(
-            (kept.cids.len(), kept.overflowed),
-            (MAX_REFUSED_PER_PAIR, true)
-        );
-        for id in 10..11 + MAX_REFUSED_PER_PAIR as u64 {
+        assert_eq!((kept.cids.len(), kept.overflowed), (RefusedCids::MAX, true));
+        for id in 10..11 + RefusedCids::MAX as u64 {
             let entry = message(id, &format!("r{id}")).stored();
             m.pushed("bob".into(), (3 << 40) + id, entry, NOW, WALL);
         }
@@ -3196,6 +3195,76 @@ mod tests {
                 told(&effects)
             );
         }
+    }
+
+    /// ann's `msg`, carrying `cids` refused on ann's shard before they got here (and
+    /// `overflowed`).
+    fn carrying(id: u64, cid: &str, cids: &[&str], overflowed: bool) -> Box<Message> {
+        let mut msg = message(id, cid);
+        msg.refused_earlier = Some(Box::new(RefusedCids {
+            cids: cids.iter().map(|&c| c.into()).collect(),
+            overflowed,
+        }));
+        msg
+    }
+
+    /// A first attempt refused on its sender's shard before it got here (no message id slot,
+    /// a full shard channel, `rate_limited`) comes with the pair's next message and holds the
+    /// pair back as one refused here does, until an entry with its cid is stored; other
+    /// senders go live. The earliest one's unmarked resend, carrying itself, may go live. An
+    /// overflowed set holds the pair until its mirror is dropped.
+    #[test]
+    fn a_first_attempt_refused_on_the_way_holds_its_pair_back_like_one_refused_here() {
+        let mut m = bob_online_and_store_down();
+        m.deliver(carrying(3, "c3", &["c2"], false), NOW, Some(0));
+        assert_eq!(told(&m.take_effects()), ["c3:refused"], "c2 is unstored");
+        another_sender_goes_live_and_is_acked(&mut m, 4, "d4");
+        m.deliver(message(5, "c5"), NOW, Some(0));
+        assert_eq!(
+            told(&m.take_effects()),
+            ["c5:refused"],
+            "the carried cid is kept"
+        );
+        // c2, unmarked, again here, carrying itself: the earliest refused cid goes live.
+        m.deliver(carrying(6, "c2", &["c2"], false), NOW, Some(0));
+        let effects = m.take_effects();
+        assert!(
+            matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
+            "{:?}",
+            told(&effects)
+        );
+        // c3 and c5, stored by another node: nothing of the pair is unstored any more.
+        for (seq, cid) in [(1, "c3"), (2, "c5")] {
+            m.pushed(
+                "bob".into(),
+                (3 << 40) + seq,
+                message(seq, cid).stored(),
+                NOW,
+                WALL,
+            );
+        }
+        m.take_effects();
+        m.deliver(message(7, "c7"), NOW, Some(0));
+        let effects = m.take_effects();
+        assert!(
+            matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
+            "{:?}",
+            told(&effects)
+        );
+        // Overflowed on the way: held back until bob's mirror is dropped.
+        let mut m = bob_online_and_store_down();
+        m.deliver(carrying(3, "c3", &[], true), NOW, Some(0));
+        assert_eq!(told(&m.take_effects()), ["c3:refused"]);
+        m.pushed("bob".into(), 3 << 40, message(1, "c3").stored(), NOW, WALL);
+        m.take_effects();
+        m.deliver(message(4, "c4"), NOW, Some(0));
+        assert_eq!(told(&m.take_effects()), ["c4:refused"], "held back");
+        // Carried to a recipient without a mirror here: nothing to hold back, nothing kept.
+        let mut m = bob_online_and_store_down();
+        let mut to_carl = carrying(3, "c3", &["c2"], false);
+        to_carl.to = "carl".into();
+        m.deliver(to_carl, NOW, None);
+        assert!(!m.refused_unstored.contains_key("carl"));
     }
 
     /// A refused read receipt does not hold its pair back: it has no `accepted` to keep in

@@ -1039,6 +1039,7 @@ impl Shard {
                 let none_left = (self.users).remove(user, index, |i| conn_user(&self.conns, i));
                 self.metrics.users.set(self.users.len() as u64);
                 if none_left {
+                    self.senders.departed(user);
                     self.release_mirror(user, now);
                     self.local_presence(user, false, now);
                 }

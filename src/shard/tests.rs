@@ -166,6 +166,10 @@ fn a_send_that_meets_a_full_channel_is_answered_unavailable_and_not_kept() {
     assert_eq!(v["code"], "unavailable");
     assert_eq!(v["cid"], "c-9");
     assert_eq!(shard.metrics.mesh_full.get(), 1);
+    // Kept for the pair's next message to carry to the recipient's shard (whose mirror
+    // holds the pair off the live path until it is stored).
+    let from = user_homed_on(0);
+    assert_eq!(shard.senders.unrouted_of(&from, &to), [r#""c-9""#]);
     // Not kept as pending: the same cid sent again is a new attempt (refused again here).
     let v = exchange(&mut shard, index, &mut stream, &send, [5, 6, 7, 8]);
     assert_eq!(v["code"], "unavailable");
@@ -174,6 +178,7 @@ fn a_send_that_meets_a_full_channel_is_answered_unavailable_and_not_kept() {
         0,
         "a refused cid is forgotten, not deduplicated"
     );
+    assert_eq!(shard.senders.unrouted_of(&from, &to), [r#""c-9""#], "once");
 }
 
 #[test]
@@ -644,9 +649,15 @@ fn sends_are_limited_per_user_across_devices_and_useless_acks_cost_a_frame() {
     );
     assert_eq!(shard.metrics.rate_limited[Limited::Sends.index()].get(), 1);
     assert_eq!(shard.metrics.stored.get(), 2, "nothing of c3 was taken");
+    // Kept for the pair's next message to carry to bob's shard (see `refused_unrouted`).
+    assert_eq!(shard.senders.unrouted_of("ann", "bob"), [r#""c3""#]);
     clock.advance(100);
     let answer = exchange(&mut shard, index[1], b, &send("c3"), [1, 2, 3, 4]);
     assert_eq!(answer["op"], "accepted", "{answer}");
+    assert!(
+        shard.senders.unrouted_of("ann", "bob").is_empty(),
+        "carried"
+    );
 
     // Acks: nothing was delivered to ann, so every ack acknowledges nothing and costs a frame.
     let frames_before = shard.metrics.rate_limited[Limited::Frames.index()].get();

@@ -214,6 +214,9 @@ pub(crate) enum Plant {
     /// A pair goes live before a cid refused here is seen stored
     /// (`OrderPlant::LivePastRefused`).
     LivePastRefused,
+    /// A send refused on its sender's shard before it reached its recipient's is not carried
+    /// there by the pair's next message (`OrderPlant::LivePastUnrouted`).
+    LivePastUnrouted,
     /// A delete Redis did not run is forgotten (`OrderPlant::ForgetUnremoved`): a later read
     /// brings its entry back.
     ForgetUnremoved,
@@ -2298,6 +2301,7 @@ fn boot_node(
             Plant::ReadBeforeMark => Some(OrderPlant::ReadBeforeMark),
             Plant::ForgetUnmarkedRead => Some(OrderPlant::ForgetUnmarkedRead),
             Plant::LivePastRefused => Some(OrderPlant::LivePastRefused),
+            Plant::LivePastUnrouted => Some(OrderPlant::LivePastUnrouted),
             Plant::OweAheadOfLeft => Some(OrderPlant::OweAheadOfLeft),
             Plant::OweAheadOfWaiting => Some(OrderPlant::OweAheadOfWaiting),
             Plant::LivePastUnsure => Some(OrderPlant::LivePastUnsure),
@@ -3140,12 +3144,13 @@ mod tests {
     }
 
     /// The plants [`seed_for_a_plant`] can look for, by name.
-    const PLANTS: [(&str, Plant); 26] = [
+    const PLANTS: [(&str, Plant); 27] = [
         ("OweNothing", Plant::OweNothing),
         ("OweNoneGone", Plant::OweNoneGone),
         ("ReadBeforeMark", Plant::ReadBeforeMark),
         ("ForgetUnmarkedRead", Plant::ForgetUnmarkedRead),
         ("LivePastRefused", Plant::LivePastRefused),
+        ("LivePastUnrouted", Plant::LivePastUnrouted),
         ("ForgetUnremoved", Plant::ForgetUnremoved),
         ("OweAheadOfLeft", Plant::OweAheadOfLeft),
         ("OweAheadOfWaiting", Plant::OweAheadOfWaiting),
@@ -3546,6 +3551,99 @@ mod order_tests {
                     shown(&mut sim),
                     ["s0:\"a\"", "s0:\"c\""],
                     "c shown live before b"
+                ),
+            }
+        }
+    }
+
+    /// What r0's device was shown since last read, each acked.
+    fn shown_and_acked(sim: &mut Sim) -> Vec<String> {
+        sim.poll_all();
+        let mut shown = Vec::new();
+        for v in sim.devices[0].pipe.frames() {
+            if v["op"] == "msg" {
+                shown.push(format!("{}:{}", v["from"].as_str().unwrap(), v["cid"]));
+                let ack = format!(r#"{{"op":"ack","seq":{}}}"#, v["seq"]);
+                sim.devices[0].pipe.send(&ack);
+            }
+        }
+        sim.poll_all();
+        shown
+    }
+
+    /// Time passes with every claim of the shard's message id slot left unanswered, until the
+    /// slot lapses; returns when the last claim was asked (to answer it).
+    fn lose_the_id_slot(sim: &mut Sim) -> u64 {
+        let mut asked = None;
+        for _ in 0..24 * 60 {
+            sim.clock.advance(1_000);
+            sim.shard().on_tick();
+            while let Ok(op) = sim.store().ops.try_recv() {
+                if let StoreOp::ClaimIdSlot { asked_at, .. } = op {
+                    asked = Some(asked_at);
+                }
+            }
+            if sim.metrics[0].id_slot_held.get() == 0 {
+                return asked.expect("a claim was asked");
+            }
+        }
+        panic!("the id slot never lapsed");
+    }
+
+    /// A first attempt refused on its sender's shard before it reached the recipient's (here:
+    /// no message id slot; also a full shard channel, `rate_limited`) comes to the recipient's
+    /// shard with the pair's next message. While Redis is away, that message is refused for
+    /// now: shown live, it would come before the refused one, which its sender resends, maybe
+    /// on another node that numbers it below (a review's finding, as seed 7832106425874293347
+    /// found it for a refusal on the recipient's shard). Planted `LivePastUnrouted`: "c" goes
+    /// live before "b".
+    #[test]
+    fn a_send_refused_before_routing_holds_the_pairs_next_message_off_the_live_path() {
+        for plant in [OrderPlant::None, OrderPlant::LivePastUnrouted] {
+            let (mut sim, now) = with_r0_online();
+            sim.shard().plant_order_bug(plant);
+            // An active conversation: "a" stored here and shown.
+            let a = send(&mut sim, "a");
+            push(&mut sim, now, 1, stored(&a));
+            answer(&mut sim, now, a, 1);
+            assert_eq!(told(&mut sim), ["accepted:a"]);
+            // r0's device shows and acks it (or the wait below would time it out).
+            assert_eq!(shown_and_acked(&mut sim), ["s0:\"a\""]);
+            let asked_at = lose_the_id_slot(&mut sim);
+            sim.senders[0]
+                .pipe
+                .send(r#"{"op":"send","to":"r0","cid":"b","body":"b"}"#);
+            assert_eq!(told(&mut sim), ["error:b"], "no id slot");
+            let now = sim.now();
+            let granted = StoreReply::IdSlot {
+                asked_at,
+                answer: Ok(IdGrant {
+                    slot: 0,
+                    not_before_ms: 0,
+                }),
+            };
+            sim.shard().on_store_reply(granted, now);
+            let down = StoreReply::Batch {
+                ops: 1,
+                latency: std::time::Duration::ZERO,
+                error: Some("connection lost".into()),
+                expired: 0,
+                breaker_open: false,
+            };
+            sim.shard().on_store_reply(down, now);
+            sim.senders[0]
+                .pipe
+                .send(r#"{"op":"send","to":"r0","cid":"c","body":"c"}"#);
+            sim.poll_all();
+            match plant {
+                OrderPlant::None => {
+                    assert_eq!(told(&mut sim), ["error:c"], "refused for now");
+                    assert!(shown(&mut sim).is_empty());
+                }
+                _ => assert_eq!(
+                    shown(&mut sim),
+                    ["s0:\"c\""],
+                    "c shown live while b is unstored"
                 ),
             }
         }

@@ -214,6 +214,7 @@ mod tests {
             write: Default::default(),
             resent: false,
             sender_arrived_ms: 0,
+            refused_earlier: None,
         })
     }
 

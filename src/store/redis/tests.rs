@@ -20,6 +20,7 @@ fn msg(to: &str) -> Box<Message> {
         },
         resent: false,
         sender_arrived_ms: 0,
+        refused_earlier: None,
     })
 }
 
