@@ -179,6 +179,12 @@ fn a_send_that_meets_a_full_channel_is_answered_unavailable_and_not_kept() {
         "a refused cid is forgotten, not deduplicated"
     );
     assert_eq!(shard.senders.unrouted_of(&from, &to), [r#""c-9""#], "once");
+    // The pair's next message carries c-9; refused on its way too, it puts it back.
+    let next = format!(r#"{{"op":"send","to":"{to}","cid":"c-10","body":1}}"#);
+    let v = exchange(&mut shard, index, &mut stream, &next, [5, 6, 7, 8]);
+    assert_eq!(v["code"], "unavailable");
+    let kept = shard.senders.unrouted_of(&from, &to);
+    assert_eq!(kept, [r#""c-9""#, r#""c-10""#]);
 }
 
 #[test]
