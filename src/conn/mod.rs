@@ -76,9 +76,17 @@ pub struct Ctx<'a> {
     pub events: &'a std::cell::RefCell<Vec<AppEvent>>,
 }
 
-/// What a connection asks of its shard (the shard owns users, inboxes, rooms and the mesh):
-/// every parsed frame except `ping`, which the connection answers itself.
-pub type AppEvent = ClientFrame;
+/// What a connection asks of its shard (the shard owns users, inboxes, rooms and the mesh).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppEvent {
+    /// Every parsed frame within the connection's frame limit, except `ping`, which the
+    /// connection answers itself.
+    Frame(ClientFrame),
+    /// A `send` answered `rate_limited` here, over the connection's frame limit: nothing of
+    /// it is taken, but the shard keeps a first attempt's cid for the pair's next message to
+    /// carry to the recipient's shard (see `Senders::refused_unrouted`).
+    SendRefused(proto::SendRequest),
+}
 
 /// What a connection carries besides its user id, boxed because it is rare: an idle
 /// well-behaved connection holds none (the slab slot is a budget, see shard/tests.rs).
@@ -866,12 +874,15 @@ impl Connection {
                             Err(e) => e.cid.as_deref(),
                         };
                         self.answer_rate_limited("too many frames", cid, retry_ms, ctx);
+                        if let Ok(ClientFrame::Send(req)) = parsed {
+                            ctx.events.borrow_mut().push(AppEvent::SendRefused(req));
+                        }
                         return Ok(());
                     }
                 }
                 match parsed {
                     Ok(ClientFrame::Ping) => self.push_frame(Kind::Text, proto::PONG, ctx),
-                    Ok(frame) => ctx.events.borrow_mut().push(frame),
+                    Ok(frame) => ctx.events.borrow_mut().push(AppEvent::Frame(frame)),
                     Err(e) => self.bad_frame(now, e, ctx),
                 }
             }

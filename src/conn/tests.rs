@@ -654,15 +654,15 @@ fn room_ops_go_to_the_shard_as_events() {
     assert_eq!(
         *env.events.borrow(),
         vec![
-            AppEvent::Join {
+            AppEvent::Frame(ClientFrame::Join {
                 room: "r".into(),
                 since: Some(3)
-            },
-            AppEvent::Publish {
+            }),
+            AppEvent::Frame(ClientFrame::Publish {
                 room: "r".into(),
                 cid: "7".into(),
                 body: "1".into()
-            }
+            })
         ]
     );
     assert_eq!(conn.phase(), Phase::Open);
@@ -2048,7 +2048,8 @@ fn app_frames(n: usize, text: &[u8]) -> Vec<u8> {
 }
 
 /// Over the burst, each frame gets `rate_limited` with its cid and `retry_ms`, and nothing of
-/// it reaches the shard; a client that waits as told gets through again.
+/// it reaches the shard but, for a `send`, that it was refused (the shard keeps its cid for
+/// the pair's next message to carry); a client that waits as told gets through again.
 #[test]
 fn frames_over_the_limit_get_rate_limited_with_their_cid_and_retry_ms() {
     let env = limited_env();
@@ -2061,9 +2062,16 @@ fn frames_over_the_limit_get_rate_limited_with_their_cid_and_retry_ms() {
         T0,
         &app_frames(FRAME_BURST as usize + 1, send),
     );
-    assert_eq!(
-        env.events.borrow_mut().drain(..).count(),
-        FRAME_BURST as usize
+    let events: Vec<AppEvent> = env.events.borrow_mut().drain(..).collect();
+    let passed = events
+        .iter()
+        .filter(|e| matches!(e, AppEvent::Frame(ClientFrame::Send(_))))
+        .count();
+    assert_eq!(passed, FRAME_BURST as usize);
+    assert!(
+        matches!(events.last(), Some(AppEvent::SendRefused(req)) if req.cid == "\"c9\""),
+        "{:?}",
+        events.last()
     );
     let out = frames(&mut conn);
     assert_eq!(out.len(), 1, "{out:?}");

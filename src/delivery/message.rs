@@ -69,11 +69,23 @@ pub struct RefusedCids {
     /// More than [`RefusedCids::MAX`] were: which ones is not known, so no stored entry can
     /// clear them (the pair stays held back until the recipient's mirror is dropped).
     pub overflowed: bool,
+    /// On the recipient's shard: some were carried from the sender's, so `cids` is not in the
+    /// order they were sent, and none of them may go live before the others are stored (see
+    /// `InboxMirror::refused_unstored_of`).
+    pub order_unknown: bool,
 }
 
 impl RefusedCids {
     /// Cids kept per pair.
     pub const MAX: usize = 64;
+
+    /// Whether a refused attempt is kept: a first attempt (a resend may be stored already by
+    /// another attempt, whose cid never comes again; `unsure` holds its pair back instead),
+    /// and not a read receipt (it has no `accepted` to keep in order, and a later receipt
+    /// replaces it rather than resending it).
+    pub fn keeps(resent: bool, cid: &str) -> bool {
+        !resent && crate::proto::receipt_sender(cid).is_none()
+    }
 
     /// Keep `cid` (once), or mark the set overflowed past [`RefusedCids::MAX`].
     pub fn keep(&mut self, cid: &CompactString) {
@@ -87,12 +99,13 @@ impl RefusedCids {
         }
     }
 
-    /// Everything `other` holds, kept here too.
+    /// Everything `other` holds, kept here too, in an order no longer known.
     pub fn take_in(&mut self, other: &RefusedCids) {
         for cid in &other.cids {
             self.keep(cid);
         }
         self.overflowed |= other.overflowed;
+        self.order_unknown = true;
     }
 
     pub fn is_empty(&self) -> bool {

@@ -22,13 +22,14 @@ use super::msg::{ApiOutcome, Direct, ShardMsg};
 use super::users::Devices;
 use super::{make_ctx, Shard};
 use crate::conn::{AppEvent, Connection, Ctx, Phase};
-use crate::delivery::message::{Message, Outcome, ReplyTo, Report};
+use crate::delivery::message::{Message, Outcome, RefusedCids, ReplyTo, Report};
 use crate::delivery::reader::{InboxView, Sent, Write};
 use crate::delivery::refusal::{ClientRefusal, SendRefusal};
 use crate::delivery::senders::{SendTime, Submission, Submitted, Targets};
 use crate::delivery::WindowConfig;
 use crate::limit::Limited;
 use crate::mesh;
+use crate::proto::ClientFrame;
 use crate::proto::{self, FrameError};
 use crate::store::StoredMessage;
 
@@ -90,41 +91,47 @@ impl Shard {
                     // this read goes unanswered and untaken, as on a dropped connection.
                     return;
                 }
-                match event {
-                    AppEvent::Send(req) => {
+                let frame = match event {
+                    AppEvent::Frame(frame) => frame,
+                    AppEvent::SendRefused(req) => {
+                        self.send_refused_by_a_limit(index, &req);
+                        continue;
+                    }
+                };
+                match frame {
+                    ClientFrame::Send(req) => {
                         if self.is_resend(index, &req.cid)
                             || self.within_send_rate(index, Some(&req.cid), now)
                         {
                             self.on_send(index, req, now)
-                        } else if let Some(from) = self.conns[index].conn.user() {
-                            let from = CompactString::from(from);
-                            self.refused_before_routing(&from, &req.to, &req.cid, req.resend);
+                        } else {
+                            self.send_refused_by_a_limit(index, &req);
                         }
                     }
-                    AppEvent::Ack { seq } => self.on_ack(index, seq, now),
-                    AppEvent::Presence { users } => self.on_presence(index, users, now),
-                    AppEvent::Join { room, since } => self.on_join(index, room, since, now),
-                    AppEvent::Leave { room } => self.on_leave(index, room, now),
-                    AppEvent::Publish { room, cid, body } => {
+                    ClientFrame::Ack { seq } => self.on_ack(index, seq, now),
+                    ClientFrame::Presence { users } => self.on_presence(index, users, now),
+                    ClientFrame::Join { room, since } => self.on_join(index, room, since, now),
+                    ClientFrame::Leave { room } => self.on_leave(index, room, now),
+                    ClientFrame::Publish { room, cid, body } => {
                         if self.within_send_rate(index, Some(&cid), now) {
                             self.on_publish(index, room, cid, body, now)
                         }
                     }
-                    AppEvent::Typing { to } => {
+                    ClientFrame::Typing { to } => {
                         if self.within_send_rate(index, None, now) {
                             self.on_typing(index, to)
                         }
                     }
-                    AppEvent::Watch { users } => self.on_watch(index, users, now),
-                    AppEvent::Unwatch { users } => self.on_unwatch(index, &users, now),
-                    AppEvent::Fetch { from, limit } => self.on_fetch(index, from, limit, now),
-                    AppEvent::Replay => self.on_replay(index, now),
-                    AppEvent::Read { from, id } => {
+                    ClientFrame::Watch { users } => self.on_watch(index, users, now),
+                    ClientFrame::Unwatch { users } => self.on_unwatch(index, &users, now),
+                    ClientFrame::Fetch { from, limit } => self.on_fetch(index, from, limit, now),
+                    ClientFrame::Replay => self.on_replay(index, now),
+                    ClientFrame::Read { from, id } => {
                         if self.within_send_rate(index, None, now) {
                             self.on_read(index, from, id, now)
                         }
                     }
-                    AppEvent::Ping => {} // answered by the connection, never queued
+                    ClientFrame::Ping => {} // answered by the connection, never queued
                 }
                 // What an embedded store answers is heard before the next frame, as its
                 // answers were before it went through the store path.
@@ -410,13 +417,27 @@ impl Shard {
         }
     }
 
+    /// A `send` of the connection at `index` answered `rate_limited` (its frame limit, or
+    /// its user's send limit): see [`Shard::refused_before_routing`].
+    fn send_refused_by_a_limit(&mut self, index: usize, req: &proto::SendRequest) {
+        if let Some(from) = self.conns[index].conn.user().map(CompactString::from) {
+            self.refused_before_routing(&from, &req.to, &req.cid, req.resend);
+        }
+    }
+
     /// A send refused here before it reached its recipient's home shard: a first attempt
-    /// (not a resend, nor a read receipt: the mirror keeps neither) is kept for the pair's
-    /// next message to carry there (see `Senders::refused_unrouted`). (With the embedded
-    /// store too, where the recipient's mirror, with no live path, keeps nothing of it: the
-    /// same path either way.)
-    fn refused_before_routing(&mut self, from: &str, to: &str, cid: &CompactString, resent: bool) {
-        if resent || proto::receipt_sender(cid).is_some() {
+    /// (`RefusedCids::keeps`, as the mirror keeps them) is kept for the pair's next message
+    /// to carry there (see `Senders::refused_unrouted`). Not the backend's: its messages
+    /// never go live (see `InboxMirror::deliver`). (With the embedded store too, where the
+    /// recipient's mirror, with no live path, keeps nothing of it: the same path either way.)
+    pub(super) fn refused_before_routing(
+        &mut self,
+        from: &str,
+        to: &str,
+        cid: &CompactString,
+        resent: bool,
+    ) {
+        if !RefusedCids::keeps(resent, cid) || from == BACKEND_SENDER {
             return;
         }
         #[cfg(test)]

@@ -109,7 +109,6 @@ use crate::delivery::ids::issued_ms;
 use crate::delivery::message::{Message, Outcome, RefusedCids, Report, StoreWrite};
 use crate::delivery::refusal::SendRefusal;
 use crate::metrics::ShardMetrics;
-use crate::proto;
 use crate::push::PushItem;
 use crate::store::redis::{self as store, Appended, Fate, Loaded, StoreOp};
 use crate::store::{InboxSeq, MemoryInbox, StoreError, StoredMessage};
@@ -592,10 +591,9 @@ impl InboxMirror {
         if self.plant == OrderPlant::LivePastRefused {
             return;
         }
-        if msg.resent
+        if !RefusedCids::keeps(msg.resent, &msg.cid)
             || !self.cfg.shared
             || !self.mirrors.contains_key(&msg.to)
-            || proto::receipt_sender(&msg.cid).is_some()
         {
             return;
         }
@@ -621,10 +619,11 @@ impl InboxMirror {
     /// Whether a cid of `msg`'s pair refused here is not stored yet (see `refused_unstored`),
     /// other than `msg`'s own as the earliest of them: sent again by a client that does not
     /// mark resends (the SPEC asks only for the same cid), it is issued here and now, after
-    /// everything issued here before, and shown before the pair's later messages.
+    /// everything issued here before, and shown before the pair's later messages. (Not when
+    /// some were carried from the sender's shard: which is earliest is not known then.)
     fn refused_unstored_of(&self, msg: &Message) -> bool {
         let refused = (self.refused_unstored.get(&msg.to)).and_then(|by| by.get(&msg.from));
-        refused.is_some_and(|r| r.overflowed || r.cids.first() != Some(&msg.cid))
+        refused.is_some_and(|r| r.overflowed || r.order_unknown || r.cids.first() != Some(&msg.cid))
     }
 
     /// An entry of the pair (`to`, `from`) with `cid` is stored: its cid no longer holds the
@@ -1064,6 +1063,15 @@ impl InboxMirror {
             }
             return self.refuse(*msg, SendRefusal::Busy(
                 "the offline store is unavailable and this resent message may be in it already; resend later",
+            ));
+        }
+        if msg.from == crate::shard::deliver::BACKEND_SENDER {
+            // Each `POST /api/send` is a new arrival of its sender (`Shard::on_api_send`), so
+            // the rule of `confirmed` below lets one go live only past a write of the pair
+            // stored since, in the same millisecond: in effect never. As a rule, a refusal of
+            // one before it got here need not be kept (`Shard::refused_before_routing`).
+            return self.refuse(*msg, SendRefusal::Busy(
+                "the offline store is unavailable and `POST /api/send` messages wait for it; resend later",
             ));
         }
         if self.refused_unstored_of(&msg) {
@@ -2072,6 +2080,7 @@ mod size_tests {
 mod tests {
     use super::*;
     use crate::delivery::message::ReplyTo;
+    use crate::proto;
     use crate::store::{Inbox, InboxLimits};
 
     const NOW: u64 = 1_000;
@@ -3204,6 +3213,7 @@ mod tests {
         msg.refused_earlier = Some(Box::new(RefusedCids {
             cids: cids.iter().map(|&c| c.into()).collect(),
             overflowed,
+            ..Default::default()
         }));
         msg
     }
@@ -3211,8 +3221,9 @@ mod tests {
     /// A first attempt refused on its sender's shard before it got here (no message id slot,
     /// a full shard channel, `rate_limited`) comes with the pair's next message and holds the
     /// pair back as one refused here does, until an entry with its cid is stored; other
-    /// senders go live. The earliest one's unmarked resend, carrying itself, may go live. An
-    /// overflowed set holds the pair until its mirror is dropped.
+    /// senders go live. Which of the pair's refused cids was sent first is no longer known,
+    /// so none goes live sent again unmarked. An overflowed set holds the pair until its
+    /// mirror is dropped.
     #[test]
     fn a_first_attempt_refused_on_the_way_holds_its_pair_back_like_one_refused_here() {
         let mut m = bob_online_and_store_down();
@@ -3225,16 +3236,11 @@ mod tests {
             ["c5:refused"],
             "the carried cid is kept"
         );
-        // c2, unmarked, again here, carrying itself: the earliest refused cid goes live.
+        // c2, unmarked, again here, carrying itself: c3 may have been sent before it.
         m.deliver(carrying(6, "c2", &["c2"], false), NOW, Some(0));
-        let effects = m.take_effects();
-        assert!(
-            matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
-            "{:?}",
-            told(&effects)
-        );
-        // c3 and c5, stored by another node: nothing of the pair is unstored any more.
-        for (seq, cid) in [(1, "c3"), (2, "c5")] {
+        assert_eq!(told(&m.take_effects()), ["c2:refused"]);
+        // c2, c3 and c5, stored by another node: nothing of the pair is unstored any more.
+        for (seq, cid) in [(1, "c2"), (2, "c3"), (3, "c5")] {
             m.pushed(
                 "bob".into(),
                 (3 << 40) + seq,
@@ -3259,12 +3265,35 @@ mod tests {
         m.take_effects();
         m.deliver(message(4, "c4"), NOW, Some(0));
         assert_eq!(told(&m.take_effects()), ["c4:refused"], "held back");
+        // Without carried cids, the earliest refused one sent again unmarked goes live (see
+        // `an_unmarked_resend_of_the_earliest_refused_cid_goes_live`); carried with itself
+        // into an empty set, it does not either: a write of the pair may be out and refused
+        // later, though sent before it.
+        let mut m = bob_online_and_store_down();
+        m.deliver(carrying(3, "c3", &["c3"], false), NOW, Some(0));
+        assert_eq!(told(&m.take_effects()), ["c3:refused"]);
         // Carried to a recipient without a mirror here: nothing to hold back, nothing kept.
         let mut m = bob_online_and_store_down();
         let mut to_carl = carrying(3, "c3", &["c2"], false);
         to_carl.to = "carl".into();
         m.deliver(to_carl, NOW, None);
         assert!(!m.refused_unstored.contains_key("carl"));
+    }
+
+    /// The backend's messages (`POST /api/send`) never go live: each request is a new
+    /// arrival, past which the pair is rarely confirmed; as a rule, their refusals before
+    /// routing need not be kept.
+    #[test]
+    fn a_backend_message_waits_for_the_store() {
+        let mut m = bob_online_and_store_down();
+        m.batch_answered(true);
+        confirm(&mut m, 3, crate::shard::deliver::BACKEND_SENDER);
+        m.batch_answered(false);
+        let mut msg = message(9, "b9");
+        msg.from = crate::shard::deliver::BACKEND_SENDER.into();
+        msg.sender_arrived_ms = 0;
+        m.deliver(msg, NOW, Some(0));
+        assert_eq!(told(&m.take_effects()), ["b9:refused"]);
     }
 
     /// A refused read receipt does not hold its pair back: it has no `accepted` to keep in

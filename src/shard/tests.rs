@@ -610,6 +610,66 @@ fn a_message_to_a_parked_device_is_retransmitted_when_its_ack_is_late() {
     );
 }
 
+/// A shard of its own (with a manual clock) and two connected devices of ann.
+fn ann_on_two_devices(
+    cfg: crate::config::Config,
+) -> (Shard, std::rc::Rc<ManualClock>, [MockStream; 2], [usize; 2]) {
+    let clock = std::rc::Rc::new(ManualClock::new(1_000));
+    let mut shard = Shard::new(
+        0,
+        Shared::new(cfg),
+        Arc::new(ShardMetrics::default()),
+        Box::new(clock.clone()),
+    );
+    let mut devices = [MockStream::default(), MockStream::default()];
+    let mut index = [0; 2];
+    for (d, stream) in devices.iter_mut().enumerate() {
+        stream.input.extend(upgrade("ann"));
+        index[d] = shard.admit(0).unwrap();
+        poll(&mut shard, index[d], stream);
+    }
+    (shard, clock, devices, index)
+}
+
+/// ann's `send` of `cid` to bob.
+fn send(cid: &str) -> String {
+    format!(r#"{{"op":"send","to":"bob","cid":"{cid}","body":1}}"#)
+}
+
+/// A `send` over its connection's frame limit is answered `rate_limited` there, and its cid
+/// is kept for the pair's next message to carry to the recipient's shard (see
+/// `Senders::refused_unrouted`), until the sender's last connection here closes.
+#[test]
+fn a_send_over_the_frame_limit_is_kept_for_the_pairs_next_message_until_its_sender_leaves() {
+    let cfg = ConfigLayer {
+        conn_frame_rate: Some(1),
+        conn_frame_burst: Some(1),
+        rate_limit_strikes: Some(1000),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    let (mut shard, _clock, mut devices, index) = ann_on_two_devices(cfg);
+    let answer = exchange(&mut shard, index[0], &mut devices[0], &send("c1"), [1; 4]);
+    assert_eq!(answer["op"], "accepted", "{answer}");
+    let answer = exchange(&mut shard, index[0], &mut devices[0], &send("c2"), [1; 4]);
+    assert_eq!(answer["code"], "rate_limited", "{answer}");
+    assert_eq!(shard.metrics.rate_limited[Limited::Frames.index()].get(), 1);
+    assert_eq!(shard.senders.unrouted_of("ann", "bob"), [r#""c2""#]);
+    shard.remove(index[0]);
+    assert_eq!(
+        shard.senders.unrouted_of("ann", "bob"),
+        [r#""c2""#],
+        "ann has a device here still"
+    );
+    shard.remove(index[1]);
+    assert!(shard.senders.unrouted_of("ann", "bob").is_empty(), "left");
+    // Nor is a refusal of the backend's kept: its messages never go live.
+    let backend = super::deliver::BACKEND_SENDER;
+    shard.refused_before_routing(backend, "bob", &"\"b1\"".into(), false);
+    assert!(shard.senders.unrouted_of(backend, "bob").is_empty());
+}
+
 /// `send` + `publish` per user (SPEC 4): one bucket for all of a user's devices, exact because
 /// they all live on the user's home shard; a refused send gets `rate_limited` with its cid and
 /// `retry_ms`, nothing of it is taken (no `accepted` later, no message stored), and after the
@@ -627,21 +687,7 @@ fn sends_are_limited_per_user_across_devices_and_useless_acks_cost_a_frame() {
     }
     .resolve()
     .unwrap();
-    let clock = std::rc::Rc::new(ManualClock::new(1_000));
-    let mut shard = Shard::new(
-        0,
-        Shared::new(cfg),
-        Arc::new(ShardMetrics::default()),
-        Box::new(clock.clone()),
-    );
-    let mut devices = [MockStream::default(), MockStream::default()];
-    let mut index = [0; 2];
-    for (d, stream) in devices.iter_mut().enumerate() {
-        stream.input.extend(upgrade("ann"));
-        index[d] = shard.admit(0).unwrap();
-        poll(&mut shard, index[d], stream);
-    }
-    let send = |cid: &str| format!(r#"{{"op":"send","to":"bob","cid":"{cid}","body":1}}"#);
+    let (mut shard, clock, mut devices, index) = ann_on_two_devices(cfg);
     let [a, b] = &mut devices;
     let answer = exchange(&mut shard, index[0], a, &send("c1"), [1, 2, 3, 4]);
     assert_eq!(answer["op"], "accepted", "{answer}");
