@@ -2232,6 +2232,18 @@ mod tests {
         m.take_effects();
     }
 
+    /// `msg` goes live to bob: fed to his devices, nothing told yet.
+    fn goes_live(m: &mut InboxMirror, msg: Box<Message>) {
+        let cid = msg.cid.clone();
+        m.deliver(msg, NOW, Some(0));
+        let effects = m.take_effects();
+        assert!(
+            matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
+            "{cid}: {:?}",
+            told(&effects)
+        );
+    }
+
     /// The token of the one load among the effects.
     fn load_token(m: &mut InboxMirror) -> u64 {
         let tokens: Vec<u64> = (m.take_effects().iter())
@@ -2832,9 +2844,7 @@ mod tests {
     #[test]
     fn while_the_store_is_down_a_message_for_an_online_user_goes_live_and_is_accepted_on_ack() {
         let mut m = bob_online_and_store_down();
-        m.deliver(message(7, "c7"), NOW, Some(0));
-        let effects = m.take_effects();
-        assert!(matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"));
+        goes_live(&mut m, message(7, "c7"));
         let entry = m.inbox().read("bob", 0, 10, NOW);
         assert_eq!(
             entry.len(),
@@ -3148,13 +3158,7 @@ mod tests {
                 assert_eq!(told(&m.take_effects()), [format!("{cid}:accepted")]);
             }
             m.batch_answered(false);
-            m.deliver(message(8, "c8"), NOW, Some(0));
-            let effects = m.take_effects();
-            assert!(
-                matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
-                "live again: {:?}",
-                told(&effects)
-            );
+            goes_live(&mut m, message(8, "c8"));
         }
         // Bounded: past `RefusedCids::MAX` cids the pair is held back until its mirror is
         // dropped, even once every cid it knows is stored.
@@ -3196,13 +3200,7 @@ mod tests {
         m.deliver(message(4, "c3"), NOW, Some(0));
         assert_eq!(told(&m.take_effects()), ["c3:refused"], "not before c2");
         for (id, cid) in [(5, "c2"), (6, "c3"), (7, "c7")] {
-            m.deliver(message(id, cid), NOW, Some(0));
-            let effects = m.take_effects();
-            assert!(
-                matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
-                "{cid}: {:?}",
-                told(&effects)
-            );
+            goes_live(&mut m, message(id, cid));
         }
     }
 
@@ -3250,13 +3248,7 @@ mod tests {
             );
         }
         m.take_effects();
-        m.deliver(message(7, "c7"), NOW, Some(0));
-        let effects = m.take_effects();
-        assert!(
-            matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"),
-            "{:?}",
-            told(&effects)
-        );
+        goes_live(&mut m, message(7, "c7"));
         // Overflowed on the way: held back until bob's mirror is dropped.
         let mut m = bob_online_and_store_down();
         m.deliver(carrying(3, "c3", &[], true), NOW, Some(0));
@@ -3306,9 +3298,7 @@ mod tests {
         m.deliver(receipt, NOW, Some(0));
         assert_eq!(told(&m.take_effects()).len(), 1, "refused");
         assert!(m.refused_unstored.is_empty());
-        m.deliver(message(6, "c6"), NOW, Some(0));
-        let effects = m.take_effects();
-        assert!(matches!(&effects[..], [MirrorEffect::Feed(u)] if u == "bob"));
+        goes_live(&mut m, message(6, "c6"));
     }
 
     /// After a resend refused as possibly stored, an entry of the pair with a lower id (another

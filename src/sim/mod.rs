@@ -3257,6 +3257,30 @@ impl Sim {
         self.shard().on_store_reply(mark, now);
     }
 
+    /// Scripted tests: the store grants slot 0 to the (only) shard's claim asked at `asked_at`.
+    fn grant_id_slot(&mut self, asked_at: u64, now: u64) {
+        let granted = StoreReply::IdSlot {
+            asked_at,
+            answer: Ok(IdGrant {
+                slot: 0,
+                not_before_ms: 0,
+            }),
+        };
+        self.shard().on_store_reply(granted, now);
+    }
+
+    /// Scripted tests: a batch of the (only) shard failed: it takes Redis for away.
+    fn redis_goes_away(&mut self, now: u64) {
+        let down = StoreReply::Batch {
+            ops: 1,
+            latency: std::time::Duration::ZERO,
+            error: Some("connection lost".into()),
+            expired: 0,
+            breaker_open: false,
+        };
+        self.shard().on_store_reply(down, now);
+    }
+
     /// Scripted tests: the (only) shard has heard its first resync and a good batch, and a
     /// device of r0 has connected, so r0's inbox load is out (in `store().ops`).
     fn with_device_of_r0_loading() -> (Sim, u64) {
@@ -3281,14 +3305,7 @@ impl Sim {
         else {
             panic!("the id slot claim first");
         };
-        let granted = StoreReply::IdSlot {
-            asked_at,
-            answer: Ok(IdGrant {
-                slot: 0,
-                not_before_ms: 0,
-            }),
-        };
-        sim.shard().on_store_reply(granted, now);
+        sim.grant_id_slot(asked_at, now);
         let index = sim.shard().admit(0).unwrap();
         sim.devices
             .push(Device::new(0, 0, index, Pipe::connect("r0")));
@@ -3528,14 +3545,7 @@ mod order_tests {
             };
             sender_arrives_again(&mut sim, 10);
             let now = sim.now();
-            let down = StoreReply::Batch {
-                ops: 1,
-                latency: std::time::Duration::ZERO,
-                error: Some("connection lost".into()),
-                expired: 0,
-                breaker_open: false,
-            };
-            sim.shard().on_store_reply(down, now);
+            sim.redis_goes_away(now);
             sim.senders[0]
                 .pipe
                 .send(r#"{"op":"send","to":"r0","cid":"c","body":"c"}"#);
@@ -3615,22 +3625,8 @@ mod order_tests {
                 .send(r#"{"op":"send","to":"r0","cid":"b","body":"b"}"#);
             assert_eq!(told(&mut sim), ["error:b"], "no id slot");
             let now = sim.now();
-            let granted = StoreReply::IdSlot {
-                asked_at,
-                answer: Ok(IdGrant {
-                    slot: 0,
-                    not_before_ms: 0,
-                }),
-            };
-            sim.shard().on_store_reply(granted, now);
-            let down = StoreReply::Batch {
-                ops: 1,
-                latency: std::time::Duration::ZERO,
-                error: Some("connection lost".into()),
-                expired: 0,
-                breaker_open: false,
-            };
-            sim.shard().on_store_reply(down, now);
+            sim.grant_id_slot(asked_at, now);
+            sim.redis_goes_away(now);
             sim.senders[0]
                 .pipe
                 .send(r#"{"op":"send","to":"r0","cid":"c","body":"c"}"#);
