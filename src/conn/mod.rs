@@ -874,7 +874,8 @@ impl Connection {
                             Err(e) => e.cid.as_deref(),
                         };
                         self.answer_rate_limited("too many frames", cid, retry_ms, ctx);
-                        if let Ok(ClientFrame::Send(req)) = parsed {
+                        // (Unless its strike closed the connection: then it was not answered.)
+                        if let (Ok(ClientFrame::Send(req)), Stage::Open) = (parsed, self.stage) {
                             ctx.events.borrow_mut().push(AppEvent::SendRefused(req));
                         }
                         return Ok(());
@@ -932,8 +933,9 @@ impl Connection {
             // then the socket closed; unread input makes that a reset.
             self.enter_done(now + ctx.cfg.close_linger_ms);
             // The frames of this read that the shard has not served yet go with the
-            // connection: none is taken, so none needed an answer the close would drop.
-            ctx.events.borrow_mut().clear();
+            // connection: none is taken, so none needed an answer the close would drop. Sends
+            // answered `rate_limited` before stay: the shard keeps their cids.
+            (ctx.events.borrow_mut()).retain(|e| matches!(e, AppEvent::SendRefused(_)));
         }
     }
 

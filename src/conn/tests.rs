@@ -2122,6 +2122,38 @@ fn a_connection_that_keeps_flooding_is_closed_with_1008() {
     );
 }
 
+/// A flood of sends: those answered `rate_limited` reach the shard as refused (it keeps their
+/// cids), those that passed go with the connection, and the one whose strike closed it was
+/// not answered, so it is not reported either.
+#[test]
+fn a_send_flood_closed_with_1008_reports_the_sends_it_answered_rate_limited() {
+    let env = limited_env();
+    let mut conn = open(&env, T0, "/ws?user=a");
+    frames(&mut conn);
+    let n = FRAME_BURST + STRIKES + 1;
+    let flood: Vec<u8> = (0..n)
+        .flat_map(|i| {
+            let send = format!(r#"{{"op":"send","to":"b","cid":"c{i}","body":1}}"#);
+            cf(true, OP_TEXT, send.as_bytes())
+        })
+        .collect();
+    feed(&mut conn, &env, T0, &flood);
+    assert!(matches!(conn.phase(), Phase::Done { .. }));
+    let refused: Vec<String> = (env.events.borrow_mut().drain(..))
+        .map(|e| match e {
+            AppEvent::SendRefused(req) => req.cid.to_string(),
+            other => panic!("only refused sends are left: {other:?}"),
+        })
+        .collect();
+    let answered: Vec<String> = (FRAME_BURST..n - 1).map(|i| format!("\"c{i}\"")).collect();
+    assert_eq!(refused, answered);
+    let limited = frames(&mut conn)
+        .iter()
+        .filter(|f| f.op == OP_TEXT && f.json()["code"] == "rate_limited")
+        .count();
+    assert_eq!(limited, answered.len());
+}
+
 /// Acks are not charged by the connection (the shard charges those that acknowledge nothing),
 /// so a client acking every message of a big replay is never limited for it.
 #[test]

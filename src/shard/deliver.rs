@@ -86,17 +86,17 @@ impl Shard {
             }
             let open_before = self.conns[index].conn.phase() == Phase::Open;
             for event in events {
-                if open_before && self.conns[index].conn.phase() != Phase::Open {
-                    // Closed while serving (flooding past its send limit): what is left of
-                    // this read goes unanswered and untaken, as on a dropped connection.
-                    return;
-                }
+                // Closed while serving (flooding past its send limit): what is left of this
+                // read goes unanswered and untaken, as on a dropped connection; sends answered
+                // `rate_limited` before the close are still kept.
+                let closed = open_before && self.conns[index].conn.phase() != Phase::Open;
                 let frame = match event {
-                    AppEvent::Frame(frame) => frame,
                     AppEvent::SendRefused(req) => {
                         self.send_refused_by_a_limit(index, &req);
                         continue;
                     }
+                    _ if closed => continue,
+                    AppEvent::Frame(frame) => frame,
                 };
                 match frame {
                     ClientFrame::Send(req) => {
@@ -419,10 +419,19 @@ impl Shard {
 
     /// A `send` of the connection at `index` answered `rate_limited` (its frame limit, or
     /// its user's send limit): see [`Shard::refused_before_routing`].
+    /// Not a cid the user's dedup window holds (accepted, or on its way: its entry may be
+    /// stored already and never seen again), nor one too large to be taken ever.
     fn send_refused_by_a_limit(&mut self, index: usize, req: &proto::SendRequest) {
-        if let Some(from) = self.conns[index].conn.user().map(CompactString::from) {
-            self.refused_before_routing(&from, &req.to, &req.cid, req.resend);
+        let Some(from) = self.conns[index].conn.user().map(CompactString::from) else {
+            return;
+        };
+        let max_frame = self.shared.cfg.max_frame;
+        if self.senders.knows(&from, &req.cid)
+            || !proto::message_fits(max_frame, None, &from, &req.cid, None, &req.body)
+        {
+            return;
         }
+        self.refused_before_routing(&from, &req.to, &req.cid, req.resend);
     }
 
     /// A send refused here before it reached its recipient's home shard: a first attempt

@@ -594,6 +594,7 @@ impl InboxMirror {
         if !RefusedCids::keeps(msg.resent, &msg.cid)
             || !self.cfg.shared
             || !self.mirrors.contains_key(&msg.to)
+            || msg.from == crate::shard::deliver::BACKEND_SENDER
         {
             return;
         }
@@ -1069,7 +1070,8 @@ impl InboxMirror {
             // Each `POST /api/send` is a new arrival of its sender (`Shard::on_api_send`), so
             // the rule of `confirmed` below lets one go live only past a write of the pair
             // stored since, in the same millisecond: in effect never. As a rule, a refusal of
-            // one before it got here need not be kept (`Shard::refused_before_routing`).
+            // one need not be kept, here (`refused_here`) or before it got here
+            // (`Shard::refused_before_routing`).
             return self.refuse(*msg, SendRefusal::Busy(
                 "the offline store is unavailable and `POST /api/send` messages wait for it; resend later",
             ));

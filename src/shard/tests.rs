@@ -645,6 +645,7 @@ fn a_send_over_the_frame_limit_is_kept_for_the_pairs_next_message_until_its_send
         conn_frame_rate: Some(1),
         conn_frame_burst: Some(1),
         rate_limit_strikes: Some(1000),
+        max_frame: Some(1024),
         ..Default::default()
     }
     .resolve()
@@ -655,6 +656,17 @@ fn a_send_over_the_frame_limit_is_kept_for_the_pairs_next_message_until_its_send
     let answer = exchange(&mut shard, index[0], &mut devices[0], &send("c2"), [1; 4]);
     assert_eq!(answer["code"], "rate_limited", "{answer}");
     assert_eq!(shard.metrics.rate_limited[Limited::Frames.index()].get(), 1);
+    assert_eq!(shard.senders.unrouted_of("ann", "bob"), [r#""c2""#]);
+    // Not kept: c1 again (accepted: its entry may be stored and seen already, never again),
+    // and a send too large to be taken ever (its `msg` would pass `max_frame`).
+    let too_large = format!(
+        r#"{{"op":"send","to":"bob","cid":"c3","body":"{}"}}"#,
+        "x".repeat(960)
+    );
+    for text in [send("c1"), too_large] {
+        let answer = exchange(&mut shard, index[0], &mut devices[0], &text, [1; 4]);
+        assert_eq!(answer["code"], "rate_limited", "{answer}");
+    }
     assert_eq!(shard.senders.unrouted_of("ann", "bob"), [r#""c2""#]);
     shard.remove(index[0]);
     assert_eq!(
