@@ -2698,12 +2698,7 @@ mod tests {
     /// without it.
     #[test]
     fn unmarked_resends_are_shown_under_another_id_when_the_node_dies() {
-        replays_in(
-            Sim::new,
-            Plant::Unflagged,
-            8430354949488470051,
-            &["showed"],
-        );
+        replays_in(Sim::new, Plant::Unflagged, 8430354949488470051, &["showed"]);
     }
 
     /// Embedded runs in every test run: the embedded store answers through the same path,
