@@ -89,11 +89,17 @@ const MAX_UNROUTED_PER_SENDER: usize = 64;
 struct Unrouted {
     /// By recipient, oldest first.
     by_recipient: FastMap<CompactString, Vec<CompactString>>,
-    /// Cids kept, over all recipients.
-    kept: usize,
     /// More were refused than `MAX_UNROUTED_PER_SENDER`: which ones is not known, so every
     /// message of the sender carries `overflowed`.
     overflowed: bool,
+}
+
+impl Unrouted {
+    /// Cids kept, over all recipients (at most `MAX_UNROUTED_PER_SENDER` lists: counted on a
+    /// refusal only).
+    fn kept(&self) -> usize {
+        self.by_recipient.values().map(Vec::len).sum()
+    }
 }
 
 /// The sender's side of direct delivery on one shard.
@@ -130,7 +136,7 @@ impl Senders {
         if (sender.by_recipient.get(to)).is_some_and(|cids| cids.contains(cid)) {
             return;
         }
-        if sender.kept == MAX_UNROUTED_PER_SENDER {
+        if sender.kept() == MAX_UNROUTED_PER_SENDER {
             sender.overflowed = true;
             return;
         }
@@ -139,7 +145,6 @@ impl Senders {
             .entry(to.into())
             .or_default()
             .push(cid.clone());
-        sender.kept += 1;
     }
 
     /// `msg` is on its way to its recipient's home shard: it carries its pair's cids refused
@@ -154,7 +159,6 @@ impl Senders {
             return;
         };
         let cids = sender.by_recipient.remove(&msg.to).unwrap_or_default();
-        sender.kept -= cids.len();
         let carried = RefusedCids {
             cids,
             overflowed: sender.overflowed,
@@ -500,7 +504,7 @@ mod tests {
         }
         let kept = &s.unrouted["ann"];
         assert_eq!(
-            (kept.by_recipient.len(), kept.kept, kept.overflowed),
+            (kept.by_recipient.len(), kept.kept(), kept.overflowed),
             (MAX_UNROUTED_PER_SENDER, MAX_UNROUTED_PER_SENDER, true)
         );
         let mut sent = 0;
