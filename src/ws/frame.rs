@@ -1,14 +1,9 @@
 //! RFC 6455 frames over caller-owned buffers.
 //!
-//! Decoding uses tungstenite's `FrameHeader::parse` on the bytes at hand and unmasks the payload
-//! in place, so a frame that arrived whole in the shard's scratch buffer is handled without a copy.
-//! Encoding writes tungstenite's `FrameHeader::format` plus the payload into the connection's
-//! outbound bytes. Every rule the server enforces on client frames is here, as a close code.
-
-use std::io::Cursor;
-
-use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
-use tungstenite::protocol::frame::FrameHeader;
+//! Decoding reads the header from the bytes at hand and unmasks the payload in place, so a frame
+//! that arrived whole in the shard's scratch buffer is handled without a copy. Encoding writes
+//! the header and the payload into the connection's outbound bytes. tungstenite's own header
+//! codec is the reference the tests compare against. Every rule the server enforces on client frames is here, as a close code.
 
 pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
@@ -47,14 +42,15 @@ impl Kind {
     pub fn is_control(self) -> bool {
         matches!(self, Kind::Close | Kind::Ping | Kind::Pong)
     }
-    fn opcode(self) -> OpCode {
+    /// The frame opcode (RFC 6455 5.2).
+    fn opcode(self) -> u8 {
         match self {
-            Kind::Continuation => OpCode::Data(Data::Continue),
-            Kind::Text => OpCode::Data(Data::Text),
-            Kind::Binary => OpCode::Data(Data::Binary),
-            Kind::Close => OpCode::Control(Control::Close),
-            Kind::Ping => OpCode::Control(Control::Ping),
-            Kind::Pong => OpCode::Control(Control::Pong),
+            Kind::Continuation => 0,
+            Kind::Text => 1,
+            Kind::Binary => 2,
+            Kind::Close => 8,
+            Kind::Ping => 9,
+            Kind::Pong => 10,
         }
     }
 }
@@ -91,19 +87,10 @@ pub struct Frame<'a> {
 /// Ok(None): more bytes needed (nothing consumed). Ok(Some((frame, consumed))): a whole frame.
 /// `max_payload` bounds a single frame; bigger is `1009` before any payload is buffered.
 pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, usize)>, BadFrame> {
-    let mut cursor = Cursor::new(&*buf);
-    let (header, len) = match FrameHeader::parse(&mut cursor) {
-        Ok(Some(h)) => h,
-        Ok(None) => return Ok(None),
-        // tungstenite refuses reserved opcodes here; the length can still be read.
-        Err(_) => {
-            return Err(BadFrame {
-                violation: violation(CLOSE_PROTOCOL_ERROR, "malformed frame header"),
-                frame_len: declared_len(buf),
-            })
-        }
+    let Some(header) = Header::read(buf) else {
+        return Ok(None);
     };
-    if len >> 63 == 1 {
+    if header.payload_len >> 63 == 1 {
         // RFC 6455 5.2: the most significant bit of a 64-bit length must be 0. Nothing after
         // such a header can be trusted to be framed.
         return Err(BadFrame {
@@ -111,21 +98,20 @@ pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, u
             frame_len: None,
         });
     }
-    let header_len = cursor.position() as usize;
     let bad = |code, reason| BadFrame {
         violation: violation(code, reason),
-        frame_len: declared_len(buf),
+        frame_len: Some(header.header_len as u64 + header.payload_len),
     };
     let kind = match header.opcode {
-        OpCode::Data(Data::Continue) => Kind::Continuation,
-        OpCode::Data(Data::Text) => Kind::Text,
-        OpCode::Data(Data::Binary) => Kind::Binary,
-        OpCode::Control(Control::Close) => Kind::Close,
-        OpCode::Control(Control::Ping) => Kind::Ping,
-        OpCode::Control(Control::Pong) => Kind::Pong,
+        0 => Kind::Continuation,
+        1 => Kind::Text,
+        2 => Kind::Binary,
+        8 => Kind::Close,
+        9 => Kind::Ping,
+        10 => Kind::Pong,
         _ => return Err(bad(CLOSE_PROTOCOL_ERROR, "reserved opcode")),
     };
-    if header.rsv1 || header.rsv2 || header.rsv3 {
+    if header.rsv != 0 {
         return Err(bad(
             CLOSE_PROTOCOL_ERROR,
             "reserved bits set without extension",
@@ -134,22 +120,21 @@ pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, u
     let Some(mask) = header.mask else {
         return Err(bad(CLOSE_PROTOCOL_ERROR, "client frames must be masked"));
     };
-    if kind.is_control() && (len as usize > MAX_CONTROL_PAYLOAD || !header.is_final) {
+    if kind.is_control() && (header.payload_len > MAX_CONTROL_PAYLOAD as u64 || !header.fin) {
         return Err(bad(CLOSE_PROTOCOL_ERROR, "bad control frame"));
     }
-    if len > max_payload as u64 {
+    if header.payload_len > max_payload as u64 {
         return Err(bad(CLOSE_TOO_BIG, "frame exceeds max_frame"));
     }
-    let len = len as usize;
-    let total = header_len + len;
+    let total = header.header_len + header.payload_len as usize;
     if buf.len() < total {
         return Ok(None);
     }
-    let payload = &mut buf[header_len..total];
+    let payload = &mut buf[header.header_len..total];
     unmask(payload, mask);
     Ok(Some((
         Frame {
-            fin: header.is_final,
+            fin: header.fin,
             kind,
             payload,
         },
@@ -157,23 +142,47 @@ pub fn decode(buf: &mut [u8], max_payload: usize) -> Result<Option<(Frame<'_>, u
     )))
 }
 
-/// Header and payload length of the frame at the front of `buf`, read from its header alone
-/// (RFC 6455 5.2); None if the header is cut short or its 64-bit length has the top bit set.
-fn declared_len(buf: &[u8]) -> Option<u64> {
-    let second = *buf.get(1)?;
-    let mask_len = if second & 0x80 != 0 { 4 } else { 0 };
-    let (len, ext_len) = match second & 0x7f {
-        126 => (
-            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as u64,
-            2,
-        ),
-        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 8),
-        n => (n as u64, 0),
-    };
-    if len >> 63 == 1 {
-        return None;
+/// A frame header (RFC 6455 5.2) as read from the front of a buffer, before any rule is
+/// checked. Read here rather than by tungstenite's `FrameHeader::parse`, which goes through
+/// `io::Read` on a cursor: that parse was 3% of a shard's CPU echoing 64-byte text at 16 in
+/// flight (docs/performance.md, "Frame headers without tungstenite").
+struct Header {
+    fin: bool,
+    /// The three reserved bits, in place.
+    rsv: u8,
+    opcode: u8,
+    mask: Option<[u8; 4]>,
+    payload_len: u64,
+    header_len: usize,
+}
+
+impl Header {
+    /// None: the header is not all there yet.
+    fn read(buf: &[u8]) -> Option<Header> {
+        let [first, second, ..] = *buf else {
+            return None;
+        };
+        let (payload_len, at) = match second & 0x7f {
+            126 => (
+                u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as u64,
+                4,
+            ),
+            127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 10),
+            n => (n as u64, 2),
+        };
+        let (mask, header_len) = match second & 0x80 {
+            0 => (None, at),
+            _ => (Some(buf.get(at..at + 4)?.try_into().ok()?), at + 4),
+        };
+        Some(Header {
+            fin: first & 0x80 != 0,
+            rsv: first & 0x70,
+            opcode: first & 0x0f,
+            mask,
+            payload_len,
+            header_len,
+        })
     }
-    (2 + ext_len + mask_len as u64).checked_add(len)
 }
 
 /// XOR the payload with the 4-byte mask, a word at a time where possible.
@@ -192,15 +201,18 @@ pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 
 /// Append one unmasked (server) frame with `fin` set.
 pub fn encode(kind: Kind, payload: &[u8], out: &mut Vec<u8>) {
-    let header = FrameHeader {
-        is_final: true,
-        opcode: kind.opcode(),
-        ..FrameHeader::default()
-    };
-    out.reserve(header.len(payload.len() as u64) + payload.len());
-    header
-        .format(payload.len() as u64, out)
-        .expect("writing to a Vec cannot fail");
+    let len = payload.len();
+    out.reserve(10 + len);
+    out.push(0x80 | kind.opcode());
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= 0xffff {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
     out.extend_from_slice(payload);
 }
 
@@ -249,6 +261,9 @@ pub fn check_close_payload(payload: &[u8]) -> Result<u16, Violation> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::io::Cursor;
+    use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+    use tungstenite::protocol::frame::FrameHeader;
 
     /// Build a masked client frame (what a browser sends).
     pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
@@ -347,6 +362,70 @@ pub(crate) mod tests {
                 .map(|(i, b)| b ^ mask[i % 4])
                 .collect();
             assert_eq!(fast, slow);
+        }
+    }
+
+    /// The header reader agrees with tungstenite's on every field and on where the header
+    /// ends, for random bytes cut at every length: not there yet, reserved opcode (which
+    /// tungstenite refuses while reading), or the same header.
+    #[test]
+    fn headers_read_as_tungstenites_parser_reads_them() {
+        let mut rng = crate::test_rng::Rng(0x5eed_f4a3);
+        for round in 0..20_000 {
+            let mut bytes = [0u8; 14];
+            for b in &mut bytes {
+                *b = rng.next() as u8;
+            }
+            // Every length form, often: 7-bit, 16-bit and 64-bit (top bit clear or set).
+            bytes[1] = (bytes[1] & 0x80) | [5, 125, 126, 127][round % 4];
+            if round % 8 == 3 {
+                bytes[2] &= 0x7f;
+            }
+            for cut in 0..=bytes.len() {
+                let ours = Header::read(&bytes[..cut]);
+                let mut cursor = Cursor::new(&bytes[..cut]);
+                let theirs = FrameHeader::parse(&mut cursor);
+                let at = format!("bytes {:02x?} cut {cut}", &bytes[..cut]);
+                match (ours, theirs) {
+                    (None, Ok(None)) => {}
+                    (Some(h), Err(_)) => assert!(
+                        matches!(h.opcode, 3..=7 | 11..=15),
+                        "tungstenite refused a header with opcode {}: {at}",
+                        h.opcode
+                    ),
+                    (Some(h), Ok(Some((t, len)))) => {
+                        let opcode = match t.opcode {
+                            OpCode::Data(Data::Continue) => 0,
+                            OpCode::Data(Data::Text) => 1,
+                            OpCode::Data(Data::Binary) => 2,
+                            OpCode::Control(Control::Close) => 8,
+                            OpCode::Control(Control::Ping) => 9,
+                            OpCode::Control(Control::Pong) => 10,
+                            other => panic!("tungstenite took opcode {other:?}: {at}"),
+                        };
+                        let rsv = [(t.rsv1, 0x40), (t.rsv2, 0x20), (t.rsv3, 0x10)]
+                            .iter()
+                            .filter(|(set, _)| *set)
+                            .fold(0, |acc, (_, bit)| acc | bit);
+                        assert_eq!(
+                            (h.fin, h.rsv, h.opcode, h.mask, h.payload_len, h.header_len),
+                            (
+                                t.is_final,
+                                rsv,
+                                opcode,
+                                t.mask,
+                                len,
+                                cursor.position() as usize
+                            ),
+                            "{at}"
+                        );
+                    }
+                    (ours, theirs) => panic!(
+                        "read {:?}, tungstenite {theirs:?}: {at}",
+                        ours.map(|h| h.header_len)
+                    ),
+                }
+            }
         }
     }
 
