@@ -73,18 +73,29 @@ pub struct RefusedCids {
     /// order they were sent, and none of them may go live before the others are stored (see
     /// `InboxMirror::refused_unstored_of`).
     pub order_unknown: bool,
+    /// On the way from the sender's shard: a *resend* of the pair was refused there too. Not
+    /// kept as a cid (another attempt of it may be stored already, and its cid never come
+    /// again): the recipient's shard takes the pair's confirmation back instead, as for a
+    /// resend refused there (`InboxMirror::unsure`).
+    pub resend_refused: bool,
 }
 
 impl RefusedCids {
     /// Cids kept per pair.
     pub const MAX: usize = 64;
 
-    /// Whether a refused attempt is kept: a first attempt (a resend may be stored already by
-    /// another attempt, whose cid never comes again; `unsure` holds its pair back instead),
-    /// and not a read receipt (it has no `accepted` to keep in order, and a later receipt
-    /// replaces it rather than resending it).
+    /// Whether a refused attempt of `cid` holds its pair back at all: not a read receipt (it
+    /// has no `accepted` to keep in order, and a later receipt replaces it rather than
+    /// resending it).
+    pub fn holds_back(cid: &str) -> bool {
+        crate::proto::receipt_sender(cid).is_none()
+    }
+
+    /// Whether a refused attempt is kept as a cid: a first attempt that holds its pair back
+    /// (a resend may be stored already by another attempt, whose cid never comes again:
+    /// `unsure` holds its pair back instead).
     pub fn keeps(resent: bool, cid: &str) -> bool {
-        !resent && crate::proto::receipt_sender(cid).is_none()
+        !resent && Self::holds_back(cid)
     }
 
     /// Keep `cid` (once), or mark the set overflowed past [`RefusedCids::MAX`].
@@ -109,7 +120,7 @@ impl RefusedCids {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cids.is_empty() && !self.overflowed
+        self.cids.is_empty() && !self.overflowed && !self.resend_refused
     }
 }
 

@@ -83,22 +83,29 @@ struct Sender {
 /// `overflowed` until its last connection here closes.
 const MAX_UNROUTED_PER_SENDER: usize = 64;
 
-/// A sender's first attempts refused on this shard before they reached their recipients'
-/// home shards, not carried there yet (see [`Senders::refused_unrouted`]).
+/// A sender's attempts refused on this shard before they reached their recipients' home
+/// shards, not carried there yet (see [`Senders::refused_unrouted`]).
 #[derive(Default)]
 struct Unrouted {
-    /// By recipient, oldest first.
+    /// By recipient, first attempts oldest first.
     by_recipient: FastMap<CompactString, Vec<CompactString>>,
+    /// Recipients a resend to was refused (their cids are not kept: see
+    /// [`RefusedCids::resend_refused`]).
+    resends_to: Vec<CompactString>,
     /// More were refused than `MAX_UNROUTED_PER_SENDER`: which ones is not known, so every
     /// message of the sender carries `overflowed`.
     overflowed: bool,
 }
 
 impl Unrouted {
-    /// Cids kept, over all recipients (at most `MAX_UNROUTED_PER_SENDER` lists: counted on a
-    /// refusal only).
+    /// Cids and resend marks kept, over all recipients (at most `MAX_UNROUTED_PER_SENDER`
+    /// lists: counted on a refusal only).
     fn kept(&self) -> usize {
-        self.by_recipient.values().map(Vec::len).sum()
+        self.by_recipient.values().map(Vec::len).sum::<usize>() + self.resends_to.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_recipient.is_empty() && self.resends_to.is_empty() && !self.overflowed
     }
 }
 
@@ -124,32 +131,40 @@ impl Senders {
         }
     }
 
-    /// A first attempt of `cid` from `from` to `to` was refused here before it reached the
-    /// recipient's home shard (no message id slot, a full shard channel, `rate_limited`), so
-    /// the recipient's mirror, which holds a pair's later messages back from the live path
-    /// while a first attempt it refused is unstored (`InboxMirror::refused_unstored`), does
-    /// not know of it. Kept until the pair's next message carries it there
-    /// ([`Senders::carry_unrouted`]). The caller leaves out resends and read receipts, as the
+    /// A send of `cid` from `from` to `to` was refused here before it reached the recipient's
+    /// home shard (no message id slot, a full shard channel, `rate_limited`), so the
+    /// recipient's mirror, which holds a pair's later messages back from the live path while
+    /// a first attempt it refused is unstored (`InboxMirror::refused_unstored`) or after a
+    /// resend it refused (`InboxMirror::unsure`), does not know of it. A first attempt's cid
+    /// is kept, a resend only as a mark on the pair, until the pair's next message carries
+    /// them there ([`Senders::carry_unrouted`]). The caller leaves out read receipts, as the
     /// mirror does.
-    pub fn refused_unrouted(&mut self, from: &str, to: &str, cid: &CompactString) {
+    pub fn refused_unrouted(&mut self, from: &str, to: &str, cid: &CompactString, resent: bool) {
         let sender = self.unrouted.entry(from.into()).or_default();
-        if (sender.by_recipient.get(to)).is_some_and(|cids| cids.contains(cid)) {
+        let known = match resent {
+            true => sender.resends_to.iter().any(|r| r == to),
+            false => (sender.by_recipient.get(to)).is_some_and(|cids| cids.contains(cid)),
+        };
+        if known {
             return;
         }
         if sender.kept() == MAX_UNROUTED_PER_SENDER {
             sender.overflowed = true;
             return;
         }
-        sender
-            .by_recipient
-            .entry(to.into())
-            .or_default()
-            .push(cid.clone());
+        match resent {
+            true => sender.resends_to.push(to.into()),
+            false => sender
+                .by_recipient
+                .entry(to.into())
+                .or_default()
+                .push(cid.clone()),
+        }
     }
 
-    /// `msg` is on its way to its recipient's home shard: it carries its pair's cids refused
-    /// before routing ([`Senders::refused_unrouted`]), and `overflowed` if the sender's
-    /// refusals outgrew what is kept. A message refused on its way puts them back.
+    /// `msg` is on its way to its recipient's home shard: it carries what its pair had
+    /// refused before routing ([`Senders::refused_unrouted`]), and `overflowed` if the
+    /// sender's refusals outgrew what is kept. A message refused on its way puts them back.
     pub fn carry_unrouted(&mut self, msg: &mut Message) {
         // The common case: nothing refused before routing, no key hashed.
         if self.unrouted.is_empty() {
@@ -159,12 +174,20 @@ impl Senders {
             return;
         };
         let cids = sender.by_recipient.remove(&msg.to).unwrap_or_default();
+        let resend_refused = match sender.resends_to.iter().position(|r| *r == msg.to) {
+            Some(at) => {
+                sender.resends_to.swap_remove(at);
+                true
+            }
+            None => false,
+        };
         let carried = RefusedCids {
             cids,
             overflowed: sender.overflowed,
             order_unknown: false,
+            resend_refused,
         };
-        if sender.by_recipient.is_empty() && !sender.overflowed {
+        if sender.is_empty() {
             self.unrouted.remove(&msg.from);
         }
         if !carried.is_empty() {
@@ -179,7 +202,10 @@ impl Senders {
             return;
         };
         for cid in &carried.cids {
-            self.refused_unrouted(&msg.from, &msg.to, cid);
+            self.refused_unrouted(&msg.from, &msg.to, cid, false);
+        }
+        if carried.resend_refused {
+            self.refused_unrouted(&msg.from, &msg.to, &msg.cid, true);
         }
         if carried.overflowed {
             self.unrouted
@@ -194,6 +220,13 @@ impl Senders {
     pub fn unrouted_of(&self, from: &str, to: &str) -> Vec<&str> {
         let pair = self.unrouted.get(from).and_then(|s| s.by_recipient.get(to));
         pair.map_or_else(Vec::new, |cids| cids.iter().map(|c| c.as_str()).collect())
+    }
+
+    /// Whether [`Senders::refused_unrouted`] keeps a refused resend's mark for the pair.
+    #[cfg(test)]
+    pub fn resend_unrouted_of(&self, from: &str, to: &str) -> bool {
+        let sender = self.unrouted.get(from);
+        sender.is_some_and(|s| s.resends_to.iter().any(|r| r == to))
     }
 
     /// `from`'s last connection here closed: its client resends what was not accepted, in
@@ -470,9 +503,9 @@ mod tests {
     #[test]
     fn a_first_attempt_refused_before_routing_rides_with_the_pairs_next_message() {
         let (mut s, mut ids) = (senders(), MessageIds::for_shard(0));
-        s.refused_unrouted("ann", "bob", &"c1".into());
-        s.refused_unrouted("ann", "bob", &"c1".into());
-        s.refused_unrouted("ann", "bob", &"c2".into());
+        s.refused_unrouted("ann", "bob", &"c1".into(), false);
+        s.refused_unrouted("ann", "bob", &"c1".into(), false);
+        s.refused_unrouted("ann", "bob", &"c2".into(), false);
         let mut to_carl = routed(s.submit(send("k1", 1), &mut ids, T));
         to_carl.to = "carl".into();
         s.carry_unrouted(&mut to_carl);
@@ -482,7 +515,7 @@ mod tests {
         assert_eq!(carried(&c3), Some((vec!["c1", "c2"], false)));
         // c3 finds the recipient's shard channel full: c1, c2 (and c3) wait for c4.
         s.put_back_carried(&mut c3);
-        s.refused_unrouted("ann", "bob", &"c3".into());
+        s.refused_unrouted("ann", "bob", &"c3".into(), false);
         let mut c4 = routed(s.submit(send("c4", 1), &mut ids, T));
         s.carry_unrouted(&mut c4);
         assert_eq!(carried(&c4), Some((vec!["c1", "c2", "c3"], false)));
@@ -490,6 +523,43 @@ mod tests {
         s.carry_unrouted(&mut c5);
         assert_eq!(carried(&c5), None, "carried once");
         assert!(s.unrouted.is_empty());
+    }
+
+    /// A resend refused before routing is carried as a mark on the pair, not as a cid: once,
+    /// by the pair's next message, and put back with the rest when that one is refused on
+    /// its way. Marks count toward the sender's cap.
+    #[test]
+    fn a_resend_refused_before_routing_marks_the_pairs_next_message() {
+        let (mut s, mut ids) = (senders(), MessageIds::for_shard(0));
+        s.refused_unrouted("ann", "bob", &"c1".into(), true);
+        s.refused_unrouted("ann", "bob", &"c2".into(), true);
+        s.refused_unrouted("ann", "bob", &"c3".into(), false);
+        assert_eq!(s.unrouted["ann"].kept(), 2, "one mark per pair, and c3");
+        let mark = |m: &Message| m.refused_earlier.as_ref().is_some_and(|r| r.resend_refused);
+        let mut to_carl = routed(s.submit(send("k1", 1), &mut ids, T));
+        to_carl.to = "carl".into();
+        s.carry_unrouted(&mut to_carl);
+        assert!(!mark(&to_carl), "another pair");
+        let mut c4 = routed(s.submit(send("c4", 1), &mut ids, T));
+        s.carry_unrouted(&mut c4);
+        assert!(mark(&c4));
+        assert_eq!(carried(&c4), Some((vec!["c3"], false)));
+        s.put_back_carried(&mut c4);
+        assert!(s.resend_unrouted_of("ann", "bob"));
+        assert_eq!(s.unrouted_of("ann", "bob"), ["c3"]);
+        let mut c5 = routed(s.submit(send("c5", 1), &mut ids, T));
+        s.carry_unrouted(&mut c5);
+        assert!(mark(&c5));
+        let mut c6 = routed(s.submit(send("c6", 1), &mut ids, T));
+        s.carry_unrouted(&mut c6);
+        assert!(c6.refused_earlier.is_none(), "carried once");
+        assert!(s.unrouted.is_empty());
+        for n in 0..MAX_UNROUTED_PER_SENDER {
+            s.refused_unrouted("ann", &format!("u{n}"), &format!("c{n}").into(), n % 2 == 0);
+        }
+        s.refused_unrouted("ann", "bob", &"c9".into(), true);
+        assert!(s.unrouted["ann"].overflowed, "past the cap");
+        assert!(!s.resend_unrouted_of("ann", "bob"));
     }
 
     /// Bounded per sender: past `MAX_UNROUTED_PER_SENDER` cids over all its recipients, no
@@ -500,7 +570,7 @@ mod tests {
     fn past_its_cap_a_sender_overflows_until_it_departs() {
         let (mut s, mut ids) = (senders(), MessageIds::for_shard(0));
         for n in 0..MAX_UNROUTED_PER_SENDER + 10 {
-            s.refused_unrouted("ann", &format!("u{n}"), &format!("c{n}").into());
+            s.refused_unrouted("ann", &format!("u{n}"), &format!("c{n}").into(), false);
         }
         let kept = &s.unrouted["ann"];
         assert_eq!(

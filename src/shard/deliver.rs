@@ -434,11 +434,12 @@ impl Shard {
         self.refused_before_routing(&from, &req.to, &req.cid, req.resend);
     }
 
-    /// A send refused here before it reached its recipient's home shard: a first attempt
-    /// (`RefusedCids::keeps`, as the mirror keeps them) is kept for the pair's next message
-    /// to carry there (see `Senders::refused_unrouted`). Not the backend's: its messages
-    /// never go live (see `InboxMirror::deliver`). (With the embedded store too, where the
-    /// recipient's mirror, with no live path, keeps nothing of it: the same path either way.)
+    /// A send refused here before it reached its recipient's home shard: a first attempt's
+    /// cid, or a mark that a resend was refused, is kept for the pair's next message to carry
+    /// there (see `Senders::refused_unrouted`), where the mirror treats it as refused there.
+    /// Not a read receipt (`RefusedCids::holds_back`), nor the backend's: its messages never go
+    /// live (see `InboxMirror::deliver`). (With the embedded store too, where the recipient's
+    /// mirror, with no live path, keeps nothing of it: the same path either way.)
     pub(super) fn refused_before_routing(
         &mut self,
         from: &str,
@@ -446,14 +447,14 @@ impl Shard {
         cid: &CompactString,
         resent: bool,
     ) {
-        if !RefusedCids::keeps(resent, cid) || from == BACKEND_SENDER {
+        if !RefusedCids::holds_back(cid) || from == BACKEND_SENDER {
             return;
         }
         #[cfg(test)]
         if self.planted(super::durable::OrderPlant::LivePastUnrouted) {
             return;
         }
-        self.senders.refused_unrouted(from, to, cid);
+        self.senders.refused_unrouted(from, to, cid, resent);
     }
 
     pub(super) fn home_of(&self, user: &str) -> usize {

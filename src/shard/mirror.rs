@@ -325,7 +325,9 @@ pub struct InboxMirror {
     /// client told the earlier cid's `accepted` last). Dropped with the recipient's mirror.
     confirmed: FastMap<CompactString, FastMap<CompactString, u64>>,
     /// Shared store: per recipient, per sender, the id of the pair's latest resend refused
-    /// here as possibly stored (its earlier attempt may still land). The pair counts as
+    /// as possibly stored (its earlier attempt may still land): refused here, or on its
+    /// sender's shard, then the id of the pair's message that brought the news
+    /// (`resend_refused`). The pair counts as
     /// confirmed again only once its top is above it: by the script's `~top`, no attempt
     /// issued before that resend can land after such an entry. Any entry would not do (two
     /// nodes with slow second devices, seed 16526268307316691065: an entry of the pair with
@@ -583,10 +585,14 @@ impl InboxMirror {
 
     /// A first attempt of `msg` was refused: nothing of it is stored, and its pair goes live
     /// no more until an entry of it is (see `refused_unstored`). A resend refused is not
-    /// kept: another attempt of it may be stored already and never come again; `unsure`
-    /// holds its pair back instead. Nor is a read receipt: it has no `accepted` to keep in
-    /// order, and a later receipt replaces it rather than resending it.
+    /// kept: another attempt of it may be stored already and never come again; the pair's
+    /// confirmation is taken back instead (`resend_refused`). Nor is a read receipt: it has
+    /// no `accepted` to keep in order, and a later receipt replaces it rather than resending
+    /// it.
     fn refused_here(&mut self, msg: &Message) {
+        if msg.resent {
+            return self.resend_refused(&msg.to, &msg.from, msg.id);
+        }
         #[cfg(test)]
         if self.plant == OrderPlant::LivePastRefused {
             return;
@@ -601,13 +607,35 @@ impl InboxMirror {
         self.refused_of_pair(&msg.to, &msg.from).keep(&msg.cid);
     }
 
+    /// A resend of the pair (`to`, `from`) was refused, here (`resent` is its id) or on its
+    /// sender's shard (`resent` is the id of the pair's message that carried the news).
+    /// Another attempt of it may be in Redis (stored by an earlier connection's shard or a
+    /// node that died) under an id below the pair's later messages, or land there still:
+    /// shown live, those would come before it, while its sender is told its `accepted` in
+    /// id order. So the pair's confirmation is forgotten, and none of its messages goes live
+    /// until an entry of the pair above `resent` is stored (`unsure`), after which that other
+    /// attempt cannot land. Whatever refused it: the live path, a busy store queue, a write
+    /// the store did not take.
+    fn resend_refused(&mut self, to: &CompactString, from: &CompactString, resent: u64) {
+        if self.planted_live_past_unsure() || !self.mirrors.contains_key(to) {
+            return;
+        }
+        self.forget_confirmed(to, from, resent);
+    }
+
     /// `msg` carries first attempts of its pair refused on its sender's shard before they got
     /// here ([`Message::refused_earlier`]): kept as if refused here, before `msg` is looked at.
     fn refused_on_the_way(&mut self, msg: &mut Message) {
         let Some(refused) = msg.refused_earlier.take() else {
             return;
         };
-        if self.cfg.shared && self.mirrors.contains_key(&msg.to) {
+        if !self.cfg.shared || !self.mirrors.contains_key(&msg.to) {
+            return;
+        }
+        if refused.resend_refused {
+            self.resend_refused(&msg.to, &msg.from, msg.id);
+        }
+        if !refused.cids.is_empty() || refused.overflowed {
             self.refused_of_pair(&msg.to, &msg.from).take_in(&refused);
         }
     }
@@ -1056,12 +1084,7 @@ impl InboxMirror {
             // Another attempt of it may be in Redis (stored by an earlier connection's shard
             // or a node that died): shown live under a new id, its sender would be told an
             // id and a place other than the ones its recipient sees. It waits for Redis, and
-            // so do the pair's later messages (shown live now, they would come before it):
-            // the pair's confirmation is forgotten, so none goes live until an entry of the pair
-            // above this resend is stored (`unsure`), after which that other attempt cannot land.
-            if !self.planted_live_past_unsure() {
-                self.forget_confirmed(&msg.to, &msg.from, msg.id);
-            }
+            // so do the pair's later messages (`resend_refused`, by way of `refuse`).
             return self.refuse(*msg, SendRefusal::Busy(
                 "the offline store is unavailable and this resent message may be in it already; resend later",
             ));
@@ -3272,6 +3295,71 @@ mod tests {
         to_carl.to = "carl".into();
         m.deliver(to_carl, NOW, None);
         assert!(!m.refused_unstored.contains_key("carl"));
+    }
+
+    /// A resend refused before the live path, on its sender's shard (carried here as a mark
+    /// by the pair's next message) or by the store (not written), takes the pair's
+    /// confirmation back as one refused on the live path does: another attempt of it may be
+    /// stored under a lower id. Only an entry above it confirms the pair again. (Planted
+    /// `LivePastUnsure`: the pair's next message goes live.)
+    #[test]
+    fn a_resend_refused_on_the_way_or_by_the_store_holds_its_pair_back_like_one_refused_here() {
+        let resend_mark = |id, cid: &str| {
+            let mut msg = message(id, cid);
+            msg.refused_earlier = Some(Box::new(RefusedCids {
+                resend_refused: true,
+                ..Default::default()
+            }));
+            msg
+        };
+        for plant in [OrderPlant::None, OrderPlant::LivePastUnsure] {
+            let mut m = bob_online_and_store_down();
+            m.plant_order_bug(plant);
+            if plant == OrderPlant::LivePastUnsure {
+                goes_live(&mut m, resend_mark(9, "c9"));
+                continue;
+            }
+            m.deliver(resend_mark(9, "c9"), NOW, Some(0));
+            assert_eq!(told(&m.take_effects()), ["c9:refused"], "the carrier too");
+            let kept = &m.refused_unstored["bob"]["ann"];
+            assert_eq!(
+                (&kept.cids[..], kept.order_unknown),
+                (&["c9".into()][..], false)
+            );
+            // c9 (kept as refused here) stored by another node below the mark: not enough.
+            m.pushed("bob".into(), 3 << 40, message(5, "c9").stored(), NOW, WALL);
+            m.take_effects();
+            m.deliver(message(10, "c10"), NOW, Some(0));
+            assert_eq!(told(&m.take_effects()), ["c10:refused"]);
+            let mut cats = message(11, "d11");
+            cats.from = "cat".into();
+            goes_live(&mut m, cats);
+            m.pushed(
+                "bob".into(),
+                4 << 40,
+                message(12, "c10").stored(),
+                NOW,
+                WALL,
+            );
+            m.take_effects();
+            goes_live(&mut m, message(13, "c13"));
+        }
+        for plant in [OrderPlant::None, OrderPlant::LivePastUnsure] {
+            let mut resent = message(8, "c8");
+            resent.resent = true;
+            let (mut m, write) = written_with_the_store_up(plant, resent);
+            m.appended(
+                write,
+                Err(StoreError::Unsent("queue full".into())),
+                NOW,
+                WALL,
+            );
+            assert_eq!(told(&m.take_effects()), ["c8:refused"]);
+            m.batch_answered(false);
+            m.deliver(message(9, "c9"), NOW, Some(0));
+            let live = !told(&m.take_effects()).contains(&"c9:refused".to_string());
+            assert_eq!(live, plant == OrderPlant::LivePastUnsure, "{plant:?}");
+        }
     }
 
     /// The backend's messages (`POST /api/send`) never go live: each request is a new

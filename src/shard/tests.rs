@@ -668,6 +668,13 @@ fn a_send_over_the_frame_limit_is_kept_for_the_pairs_next_message_until_its_send
         assert_eq!(answer["code"], "rate_limited", "{answer}");
     }
     assert_eq!(shard.senders.unrouted_of("ann", "bob"), [r#""c2""#]);
+    // A resend refused here is kept as a mark on the pair, not as a cid (another attempt of
+    // it may be stored already, and its cid never come again).
+    let resend = r#"{"op":"send","to":"bob","cid":"c4","body":1,"resend":true}"#;
+    let answer = exchange(&mut shard, index[0], &mut devices[0], resend, [1; 4]);
+    assert_eq!(answer["code"], "rate_limited", "{answer}");
+    assert!(shard.senders.resend_unrouted_of("ann", "bob"));
+    assert_eq!(shard.senders.unrouted_of("ann", "bob"), [r#""c2""#]);
     shard.remove(index[0]);
     assert_eq!(
         shard.senders.unrouted_of("ann", "bob"),
@@ -676,6 +683,7 @@ fn a_send_over_the_frame_limit_is_kept_for_the_pairs_next_message_until_its_send
     );
     shard.remove(index[1]);
     assert!(shard.senders.unrouted_of("ann", "bob").is_empty(), "left");
+    assert!(!shard.senders.resend_unrouted_of("ann", "bob"), "left");
     // Nor is a refusal of the backend's kept: its messages never go live.
     let backend = super::deliver::BACKEND_SENDER;
     shard.refused_before_routing(backend, "bob", &"\"b1\"".into(), false);
