@@ -55,8 +55,9 @@ pub struct Message {
     /// `accepted` for before, on another node, is then known to be in this node's mirror.
     pub sender_arrived_ms: u64,
     /// First attempts of this message's pair refused on the sender's home shard before they
-    /// reached the recipient's (see `Senders::refused_unrouted`), carried to it by the pair's
-    /// next message; None nearly always.
+    /// reached the recipient's, and whether a resend was (see `Senders::refused_unrouted`),
+    /// carried to it by the pair's next message other than a read receipt; None nearly
+    /// always.
     pub refused_earlier: Option<Box<RefusedCids>>,
 }
 

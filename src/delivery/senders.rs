@@ -165,9 +165,12 @@ impl Senders {
     /// `msg` is on its way to its recipient's home shard: it carries what its pair had
     /// refused before routing ([`Senders::refused_unrouted`]), and `overflowed` if the
     /// sender's refusals outgrew what is kept. A message refused on its way puts them back.
+    /// A read receipt carries nothing: its id is the read message's, issued before the
+    /// refusals maybe, and a resend's mark takes the pair's confirmation back from the
+    /// carrier's id (`InboxMirror::unsure`).
     pub fn carry_unrouted(&mut self, msg: &mut Message) {
         // The common case: nothing refused before routing, no key hashed.
-        if self.unrouted.is_empty() {
+        if self.unrouted.is_empty() || !RefusedCids::holds_back(&msg.cid) {
             return;
         }
         let Some(sender) = self.unrouted.get_mut(&msg.from) else {
@@ -540,6 +543,11 @@ mod tests {
         to_carl.to = "carl".into();
         s.carry_unrouted(&mut to_carl);
         assert!(!mark(&to_carl), "another pair");
+        // A read receipt of the pair: its id is the read message's, not issued after these.
+        let mut receipt = routed(s.submit(send("k2", 1), &mut ids, T));
+        receipt.cid = crate::proto::receipt_cid("ann", 1).into();
+        s.carry_unrouted(&mut receipt);
+        assert!(receipt.refused_earlier.is_none(), "a read receipt carries nothing");
         let mut c4 = routed(s.submit(send("c4", 1), &mut ids, T));
         s.carry_unrouted(&mut c4);
         assert!(mark(&c4));

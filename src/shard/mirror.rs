@@ -617,14 +617,16 @@ impl InboxMirror {
     /// attempt cannot land. Whatever refused it: the live path, a busy store queue, a write
     /// the store did not take.
     fn resend_refused(&mut self, to: &CompactString, from: &CompactString, resent: u64) {
-        if self.planted_live_past_unsure() || !self.mirrors.contains_key(to) {
+        // (Only where the store is shared: the embedded store has no live path.)
+        if self.planted_live_past_unsure() || !self.cfg.shared || !self.mirrors.contains_key(to) {
             return;
         }
         self.forget_confirmed(to, from, resent);
     }
 
-    /// `msg` carries first attempts of its pair refused on its sender's shard before they got
-    /// here ([`Message::refused_earlier`]): kept as if refused here, before `msg` is looked at.
+    /// `msg` carries what its pair had refused on its sender's shard before it got here
+    /// ([`Message::refused_earlier`]): first attempts kept as if refused here, and a resend's
+    /// mark taken as a resend refused here, before `msg` is looked at.
     fn refused_on_the_way(&mut self, msg: &mut Message) {
         let Some(refused) = msg.refused_earlier.take() else {
             return;

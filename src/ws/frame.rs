@@ -3,7 +3,8 @@
 //! Decoding reads the header from the bytes at hand and unmasks the payload in place, so a frame
 //! that arrived whole in the shard's scratch buffer is handled without a copy. Encoding writes
 //! the header and the payload into the connection's outbound bytes. tungstenite's own header
-//! codec is the reference the tests compare against. Every rule the server enforces on client frames is here, as a close code.
+//! codec is the reference the tests compare against. Every rule the server enforces on client
+//! frames is here, as a close code.
 
 pub const CLOSE_NORMAL: u16 = 1000;
 pub const CLOSE_GOING_AWAY: u16 = 1001;
