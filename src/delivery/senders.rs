@@ -545,9 +545,12 @@ mod tests {
         assert!(!mark(&to_carl), "another pair");
         // A read receipt of the pair: its id is the read message's, not issued after these.
         let mut receipt = routed(s.submit(send("k2", 1), &mut ids, T));
-        receipt.cid = crate::proto::receipt_cid("ann", 1).into();
+        receipt.cid = crate::proto::receipt_cid("ann", 1);
         s.carry_unrouted(&mut receipt);
-        assert!(receipt.refused_earlier.is_none(), "a read receipt carries nothing");
+        assert!(
+            receipt.refused_earlier.is_none(),
+            "a read receipt carries nothing"
+        );
         let mut c4 = routed(s.submit(send("c4", 1), &mut ids, T));
         s.carry_unrouted(&mut c4);
         assert!(mark(&c4));
