@@ -92,13 +92,6 @@ impl RefusedCids {
         crate::proto::receipt_sender(cid).is_none()
     }
 
-    /// Whether a refused attempt is kept as a cid: a first attempt that holds its pair back
-    /// (a resend may be stored already by another attempt, whose cid never comes again:
-    /// `unsure` holds its pair back instead).
-    pub fn keeps(resent: bool, cid: &str) -> bool {
-        !resent && Self::holds_back(cid)
-    }
-
     /// Keep `cid` (once), or mark the set overflowed past [`RefusedCids::MAX`].
     pub fn keep(&mut self, cid: &CompactString) {
         if self.cids.contains(cid) {

@@ -597,7 +597,7 @@ impl InboxMirror {
         if self.plant == OrderPlant::LivePastRefused {
             return;
         }
-        if !RefusedCids::keeps(msg.resent, &msg.cid)
+        if !RefusedCids::holds_back(&msg.cid)
             || !self.cfg.shared
             || !self.mirrors.contains_key(&msg.to)
             || msg.from == crate::shard::deliver::BACKEND_SENDER
