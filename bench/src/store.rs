@@ -71,6 +71,12 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
     if a.shards == 0 || a.users < a.shards || a.messages == 0 || a.senders == 0 {
         return Err("need shards >= 1, users >= shards, messages >= 1, senders >= 1".into());
     }
+    let homed = |s: usize| {
+        (0..a.users).any(|u| ringgate::mesh::home_shard(&format!("r{u}"), a.shards) == s)
+    };
+    if !(0..a.shards).all(homed) {
+        return Err("every shard needs a user homed on it: more users".into());
+    }
     let prefix = format!("rgbench:{}:", std::process::id());
     let settings = RedisSettings {
         url: a.redis_url.clone(),
@@ -98,9 +104,11 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
         .into_iter()
         .enumerate()
         .map(|(shard, link)| {
-            let users: Vec<CompactString> = (shard..a.users)
-                .step_by(a.shards)
+            // Each simulated shard spills to the users homed on it, as a gateway's mirrors
+            // are: the store sends a user's read marks to the user's home shard.
+            let users: Vec<CompactString> = (0..a.users)
                 .map(|u| CompactString::from(format!("r{u}")))
+                .filter(|u| ringgate::mesh::home_shard(u, a.shards) == shard)
                 .collect();
             let senders: Vec<CompactString> = (0..a.senders)
                 .map(|s| CompactString::from(format!("s{s}")))
@@ -170,18 +178,18 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
     Ok(0)
 }
 
-/// Wait for answers: the store rings the shard's doorbell after each batch.
+/// Wait for answers: the store rings the shard's doorbell after each batch. Empty when the
+/// bell's read timed out (the caller checks its deadline).
 fn next_replies(link: &StoreLink, bell: &mut std::os::unix::net::UnixStream) -> Vec<StoreReply> {
-    loop {
-        let mut out = Vec::new();
-        link.take_replies(&mut out, usize::MAX);
-        if !out.is_empty() {
-            return out;
-        }
+    let mut out = Vec::new();
+    link.take_replies(&mut out, usize::MAX);
+    if out.is_empty() {
         let mut buf = [0u8; 64];
         let _ = bell.read(&mut buf);
         link.clear_bell();
+        link.take_replies(&mut out, usize::MAX);
     }
+    out
 }
 
 /// One simulated shard's end of the store: submits a phase's operations keeping at most
@@ -191,21 +199,25 @@ struct Driver {
     bell: std::os::unix::net::UnixStream,
     in_flight: usize,
     batches: u64,
+    /// Read marks come on the node's channel, one behind each load's read.
+    read_marks: usize,
 }
 
 impl Driver {
     /// Submit `ops` operations (`make(i)` builds the i-th) and pass each answer to `answer`,
-    /// until all are answered. Returns the phase's duration.
+    /// until all are answered and `read_marks` marks have come (a shard shows a load's
+    /// entries only then). Returns the phase's duration.
     fn phase(
         &mut self,
         ops: usize,
+        read_marks: usize,
         mut make: impl FnMut(usize) -> StoreOp,
         mut answer: impl FnMut(StoreReply) -> Result<(), String>,
     ) -> Result<Duration, String> {
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(600);
+        let deadline = started + Duration::from_secs(if read_marks > 0 { 20 } else { 600 });
         let (mut next, mut answered) = (0usize, 0usize);
-        while answered < ops {
+        while answered < ops || self.read_marks < read_marks {
             while next < ops && next - answered < self.in_flight {
                 if self.link.submit(make(next)).is_err() {
                     break; // the queue is full: wait for answers
@@ -213,7 +225,12 @@ impl Driver {
                 next += 1;
             }
             for reply in next_replies(&self.link, &mut self.bell) {
-                // Cluster notices (this bench's node joins the directory) are not answers.
+                // Notices on the node's channel are not answers: cluster notices (this bench's
+                // node joins the directory), and the loads' read marks (counted).
+                if matches!(reply, StoreReply::ReadMarked { .. }) {
+                    self.read_marks += 1;
+                    continue;
+                }
                 if matches!(reply, StoreReply::Resync | StoreReply::Pushed { .. }) {
                     continue;
                 }
@@ -225,7 +242,10 @@ impl Driver {
                 }
             }
             if Instant::now() > deadline {
-                return Err("a phase took over 10 minutes".into());
+                return Err(format!(
+                    "a phase took over 10 minutes: {answered} of {ops} answers, {} of {read_marks} read marks",
+                    self.read_marks
+                ));
             }
         }
         Ok(started.elapsed())
@@ -261,8 +281,21 @@ fn run_shard(
         bell,
         in_flight,
         batches: 0,
+        read_marks: 0,
     };
     let n_users = users.len();
+    // The node's channel is heard once the store has subscribed to it, which it tells every
+    // shard with a resync (a gateway's mirrors reload then); read marks published before are
+    // lost, so the loads wait for it.
+    let subscribed_by = Instant::now() + Duration::from_secs(10);
+    while !next_replies(&driver.link, &mut driver.bell)
+        .iter()
+        .any(|r| matches!(r, StoreReply::Resync))
+    {
+        if Instant::now() > subscribed_by {
+            return Err("the store did not subscribe to the node's channel in 10 s".into());
+        }
+    }
 
     // Spill: message k to user u, interleaved over users like real traffic. The message id
     // carries its index, so an answer finds its user: shaped like a gateway's (ms | issuer
@@ -273,6 +306,7 @@ fn run_shard(
     let mut stored = 0u64;
     let spill = driver.phase(
         n_users * messages,
+        0,
         |i| {
             StoreOp::Append(Box::new(Message {
                 id: (i as u64 + 1) << 22 | (shard as u64) << 9,
@@ -318,6 +352,7 @@ fn run_shard(
     let mut replayed = 0u64;
     let replay = driver.phase(
         n_users,
+        n_users,
         |u| StoreOp::Load {
             user: users[u].clone(),
             token: u as u64,
@@ -350,6 +385,7 @@ fn run_shard(
     let mut removed = 0u64;
     let ack = driver.phase(
         all.len(),
+        0,
         // As a gateway removes: with the `delivered` report for the sender's other nodes.
         |i| StoreOp::Remove {
             user: users[all[i].0].clone(),
@@ -372,6 +408,12 @@ fn run_shard(
             _ => Err("a remove failed".into()),
         },
     )?;
+    if driver.read_marks != n_users {
+        return Err(format!(
+            "{} read marks for {n_users} loads",
+            driver.read_marks
+        ));
+    }
     Ok(ShardRun {
         spill,
         replay,
