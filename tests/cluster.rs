@@ -154,6 +154,24 @@ fn a_direct_message_reaches_a_user_on_another_node_and_delivered_comes_back(redi
     // Both nodes heard their channels, so both are ready.
     assert_eq!(a.admin_get("/readyz"), (200, "ready\n".to_string()));
     assert_eq!(b.admin_get("/readyz").0, 200);
+    // A recipient whose id holds braces and spaces: the script names its directory entry and
+    // the pushed entry's user from the inbox key (`in:{u:<id>}`), whatever the id holds.
+    let odd = "}b {u:x} o{";
+    let (mut odd_ws, _) = connect_app(&b, "%7Db%20%7Bu%3Ax%7D%20o%7B");
+    send(&mut alice, odd, "odd", json!("braces"));
+    let m = next_op(&mut odd_ws, "msg");
+    assert_eq!(
+        (m["from"].as_str(), m["cid"].as_str()),
+        (Some("alice"), Some("odd"))
+    );
+    ack(&mut odd_ws, seq_of(&m));
+    let (_, delivered) = accepted_and_delivered(&mut alice, "odd");
+    assert_eq!(delivered["to"], odd);
+    assert_eq!(
+        a.metric_sum("ringgate_cross_node_out_total"),
+        6,
+        "pushed to b"
+    );
 }
 
 fn devices_of_one_user_on_two_nodes_each_get_every_message_and_it_is_delivered_once(

@@ -254,7 +254,8 @@ fn dedup_keys(to: &str, from: &str) -> (String, String) {
 }
 
 /// The id a dedup record answers a resent cid with: its first field (the record is
-/// `<id> <stream id> <writer>/<attempt>`; an older version wrote the bare id).
+/// `<id> <writer>/<attempt>`; older versions wrote `<id> <stream id> <writer>/<attempt>` or
+/// the bare id).
 fn record_id(record: &str) -> &str {
     record.split_whitespace().next().unwrap_or("")
 }
@@ -288,9 +289,12 @@ fn a_cid_in_the_older_dedup_generation_is_still_a_duplicate() {
     );
     // A new cid is stored and recorded in the current generation.
     let id = send_accepted(&mut a, &bob, "new", 1)[0];
+    let record = redis.cli(&["HGET", &current, "\"new0\""]);
+    assert_eq!(record_id(&record), id.to_string());
     assert_eq!(
-        record_id(&redis.cli(&["HGET", &current, "\"new0\""])),
-        id.to_string()
+        record.split_whitespace().count(),
+        2,
+        "{record}: id and writer/attempt"
     );
     assert_eq!(stream_len(&redis, &bob), 1);
 }

@@ -725,7 +725,8 @@ impl BatchCall {
                     // one, and only read when one exists (rarely: after 24 h and 10,000 cids).
                     keys.push(inbox_key(p, &m.to));
                     keys.push(dedup_key(p, &m.to, &m.from));
-                    keys.push(location_key(p, &m.to));
+                    // The directory entry and the recipient are named by the script from
+                    // the inbox key (two strings less per message).
                     // 'a': also answer whether nobody holds a device (a push is due).
                     args.push(if settings.watch_offline { "a" } else { "A" }.into());
                     args.push(m.id.to_string());
@@ -738,7 +739,6 @@ impl BatchCall {
                         &m.body,
                         m.msg_type.as_deref(),
                     ));
-                    args.push(m.to.to_string());
                     args.push(m.write.attempt.to_string());
                 }
                 StoreOp::Resolve { to, from, writes } => {

@@ -29,8 +29,8 @@
 //!   [`pack`] (id, ts, from, cid and body, length-prefixed). A load reads from the age cap on
 //!   (`XRANGE` from `now - max_age`) and trims what is past it (`XTRIM MINID`, counted as
 //!   expired); an append that finds the stream at the count cap trims the same way first, then
-//!   refuses if it is still full (`full`, never a silent drop), else `XADD ... MAXLEN ~` (a
-//!   guard: the check keeps it from trimming). `PEXPIRE` of twice the age cap deletes the
+//!   refuses if it is still full (`full`, never a silent drop), else `XADD` (no `MAXLEN`:
+//!   every append goes through that check, so it would never trim). `PEXPIRE` of twice the age cap deletes the
 //!   stream of a user who never comes back (everything in it is past the age cap by then;
 //!   those entries are not counted). It is set when an append finds the stream empty and
 //!   whenever a pair appending to it has its own TTL set (created, rotated, every half window
@@ -41,7 +41,8 @@
 //!   shorter age cap it is set on every append). It is set right after the write that needs
 //!   it, so a script call that fails later leaves no stream without a TTL.
 //! * `rg:dd:<recipient>:<sender>` and `rg:dd-old:..`: the dedup window of one pair, cid ->
-//!   `<message id> <stream id> <run>/<shard>/<attempt>` (a bare id from an older build), and
+//!   `<message id> <run>/<shard>/<attempt>` (older builds wrote `<message id> <stream id>
+//!   <run>/<shard>/<attempt>`, or the bare id; read alike), and
 //!   `~w:<run>/<shard>` -> the highest attempt of that shard landed or resolved, `~top` ->
 //!   the highest message id the pair stored (any writer; receipts aside), in the
 //!   recipient's slot, checked by the same script before any append, so a resend after a gateway restart is answered

@@ -139,8 +139,8 @@ local function raise(dcur, attempt)
 end
 -- The older generation's key: `dd-old:` where the current one has `dd:` (same slot).
 local function older(dcur) return prefix .. 'dd-old:' .. string.sub(dcur, #prefix + 4) end
--- A cid's dedup record: '<id> <stream id> <writer>/<attempt>' (a bare '<id>' was written by
--- an older version). The answer to a resent cid is the id alone.
+-- A cid's dedup record: '<id> <writer>/<attempt>' (older versions wrote '<id> <stream id>
+-- <writer>/<attempt>', or the bare '<id>'). The answer to a resent cid is the id alone.
 local function record_id(rec) return string.match(rec, '^%S+') end
 -- A cid's record in the pair's current generation, else its older one.
 local function recorded(dcur, cid)
@@ -168,7 +168,7 @@ local function resolve(dcur, cid, attempt)
   raise(dcur, tonumber(attempt))
   local rec = recorded(dcur, cid)
   if not rec then return 'n' end
-  local tag = string.match(rec, '^%S+ %S+ (%S+)$')
+  local tag = string.match(rec, ' (%S+)$')
   if tag == writer .. '/' .. attempt then return 'y' end
   return 'd' .. record_id(rec)
 end
@@ -195,14 +195,26 @@ local function push(nodes, payload, to_me)
   end
   return sent
 end
--- Append one message (op 'A' at ARGV[i]: id, cid, packed message, recipient, attempt) to
--- stream `s` through pair hash `dcur`; `loc`: the recipient's directory entry. Returns the
+-- An inbox's recipient and directory entry, named from the inbox key (`in:{u:<to>}`, see
+-- keys.rs; the same slot) once per inbox and call: two strings less per message on the wire.
+local sloc = {}
+local function location_of(s)
+  local loc = sloc[s]
+  if not loc then
+    loc = prefix .. 'loc:' .. string.sub(s, #prefix + 4)
+    sloc[s] = loc
+  end
+  return loc
+end
+local function recipient_of(s) return string.sub(s, #prefix + 7, -2) end
+-- Append one message (op 'A' at ARGV[i]: id, cid, packed message, attempt) to stream `s`
+-- through pair hash `dcur`. Returns the
 -- answer: the bare stream id (the common case), {'ok', id, trimmed, pushed}, {'dup', first
 -- id, trimmed}, {'full', trimmed, count} or {'stale'}. `watch` (op 'a', the push webhook is
 -- on): an entry stored while nobody holds a device of the recipient anywhere answers {'ok',
 -- id, trimmed, 0, 1} (a push is due, sent by this node alone).
-local function append(s, dcur, loc, i, watch)
-  local id, cid, attempt = ARGV[i + 1], ARGV[i + 2], ARGV[i + 5]
+local function append(s, dcur, i, watch)
+  local id, cid, attempt = ARGV[i + 1], ARGV[i + 2], ARGV[i + 4]
   pair(dcur)
   local n_attempt = tonumber(attempt)
   if n_attempt <= dwm[dcur] then
@@ -230,8 +242,10 @@ local function append(s, dcur, loc, i, watch)
     -- The common case, a new message below the cap: append, then check and record the cid
     -- with its full record (see `record_id`) in one call; a duplicate (a resend) takes its
     -- entry back below. Two writes per new message, not three.
-    xid = call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
-    prev = claim(dcur, cid, id .. ' ' .. xid .. wtag .. attempt)
+    -- No MAXLEN: the count cap is this script's (`stream_len`, every writer's appends come
+    -- through it), and an XADD below it would never trim.
+    xid = call('XADD', s, '*', 'm', packed)
+    prev = claim(dcur, cid, id .. wtag .. attempt)
     if prev then
       call('XDEL', s, xid)
       -- An inbox the append created is left empty: it gets its TTL like any new inbox.
@@ -259,10 +273,10 @@ local function append(s, dcur, loc, i, watch)
       local n = call('XDEL', s, oxid)
       len = len - n
     end
-    xid = call('XADD', s, 'MAXLEN', '~', ARGV[2], '*', 'm', packed)
+    xid = call('XADD', s, '*', 'm', packed)
     call('HSET', dcur, rkey, xid .. ' ' .. id)
     -- The full record (see `record_id`), so that a resolve can tell its attempt.
-    call('HSET', dcur, cid, id .. ' ' .. xid .. wtag .. attempt)
+    call('HSET', dcur, cid, id .. wtag .. attempt)
   end
   slen[s] = len + 1
   if every_append or sempty[s] then stream_ttl_once(s) end
@@ -271,9 +285,9 @@ local function append(s, dcur, loc, i, watch)
     dtop[dcur] = id
     dtop_set[dcur] = true
   end
-  local pushed, nodes = 0, nodes_of(loc)
+  local pushed, nodes = 0, nodes_of(location_of(s))
   if #nodes > 0 then
-    local to = ARGV[i + 4]
+    local to = recipient_of(s)
     pushed = push(nodes, 'm ' .. xid .. ' ' .. string.len(to) .. ' ' .. to .. packed, true)
   end
   if watch and #nodes == 0 then return {'ok', xid, trimmed, 0, 1} end
@@ -311,9 +325,9 @@ while i <= #ARGV do
     out[#out + 1] = table.concat(fates, ' ')
     i = i + 2 + 2 * n
   elseif op == 'A' or op == 'a' then
-    out[#out + 1] = append(K[k], K[k + 1], K[k + 2], i, op == 'a')
-    k = k + 3
-    i = i + 6
+    out[#out + 1] = append(K[k], K[k + 1], i, op == 'a')
+    k = k + 2
+    i = i + 5
   elseif op == 'R' then
     local n = call('XDEL', K[k], ARGV[i + 1])
     if slen[K[k]] then slen[K[k]] = slen[K[k]] - n end

@@ -122,7 +122,6 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
         [
             "p:in:{u:bob}",
             "p:dd:3:{u:bob}:alice",
-            "p:loc:{u:bob}",
             "p:in:{u:bob}",
             "p:rcv:{u:bob}",
             "p:in:{u:bob}",
@@ -146,7 +145,6 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
             "7",
             "\"c1\"",
             "7 1 5 4 alice\"c1\"{\"x\":1}",
-            "bob",
             "1",
             "R",
             "5-1",
@@ -170,17 +168,17 @@ fn batch_keys_and_args_follow_the_operations_in_order() {
     );
     // In a cluster the `delivered` is published after the answer, from the sender's slot:
     // the script only removes.
-    // Declared keys must share a slot: the first is declared (it routes the call), all seven
+    // Declared keys must share a slot: the first is declared (it routes the call), all six
     // follow their count in the arguments.
     let call = BatchCall::build(&settings(), 2, &ops[..3], true);
     assert_eq!(call.keys, ["p:in:{u:bob}"]);
-    assert_eq!(call.args[8], "7");
+    assert_eq!(call.args[8], "6");
     assert_eq!(call.args[9], "p:in:{u:bob}");
-    assert_eq!(call.args[15], "p:rcv:{u:bob}");
-    assert_eq!(call.args[16], "2");
-    assert_eq!(call.args[17], "A");
+    assert_eq!(call.args[14], "p:rcv:{u:bob}");
+    assert_eq!(call.args[15], "2");
+    assert_eq!(call.args[16], "A");
     assert_eq!(
-        &call.args[23..],
+        &call.args[21..],
         ["R", "5-1", "", "0", "R", "5-2", "alice", "7"]
     );
 }
