@@ -27,6 +27,7 @@
 #           `redis-floor --script --fence`: the floor plus the least ringgate's contract adds
 #           per pair and call (order fence read and written, inbox length for the cap, node
 #           directory), to tell the contract's cost from the implementation's (not budgets).
+#           The same store run gives the replay rate (every inbox loaded, with its read mark).
 # Usage: bench/budgets.sh [ROUNDS] [PARTS...]      (default: 3 rounds, all parts)
 #   N (idle connections, default 19000), M (members, 9000), U (users, 10000) from the
 #   environment. Every process here is capped at 20,000 open files, so no side exceeds it.
@@ -293,5 +294,7 @@ if "spill" in parts:
     print("  spill    %s msg/s, redis-floor --script %s msg/s: %s (budget >= 0.85x; AOF always)" % (fmt(g, "%.0f"), fmt(f, "%.0f"), ratio(g, f)))
     print("  spill    at ringgate's 1,024 per call: the floor %s msg/s; the contract's least work (--fence) %s msg/s, %s of it and %s of the budget's floor; ringgate %s of it" % (
         fmt(f1, "%.0f"), fmt(fc, "%.0f"), ratio(fc, f1), ratio(fc, f), ratio(g, fc)))
+    r = med("spill", "ringgate", lambda b: b["replay_per_s"])
+    print("  replay   %s msg/s (each load's entries and its read mark; budget >= 500,000/s, SPEC's one absolute figure here)" % fmt(r, "%.0f"))
 PY
 echo "runs: $OUT/runs.jsonl"
