@@ -4,7 +4,8 @@
 # each on a fresh redis-server with AOF `appendfsync always` (1,000 users x 200 messages,
 # 2 simulated shards). Per run: spill msg/s; Redis's script time (`INFO commandstats`, eval
 # and evalsha) and its whole CPU (`INFO cpu`) per message over the run (spill, replay and
-# removes); the data directory's bytes per message at the end (the AOF). Then medians per side.
+# removes); the data directory's bytes per message at the end (the AOF; its automatic rewrite
+# is off here, so the bytes are what was logged). Then medians per side.
 # Usage: BASE_BIN=/path/to/old/target/release bench/spill_ab.sh [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ run() { # side bin-dir
   local port dir pid line us cpu bytes
   port=$(free_port); dir=$(mktemp -d)
   redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --save "" --appendonly yes \
-    --appendfsync always --daemonize no >/dev/null 2>&1 & pid=$!
+    --appendfsync always --auto-aof-rewrite-percentage 0 --daemonize no >/dev/null 2>&1 & pid=$!
   for _ in $(seq 100); do [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && break; sleep 0.1; done
   line=$("$2/ringgate-bench" store --redis-url "redis://127.0.0.1:$port" --users 1000 \
     --messages 200 --json | tail -1)

@@ -1,7 +1,9 @@
 //! `ringgate-bench redis-floor`: what one redis-server can take of the least work any
 //! exactly-once spill needs, with no gateway: per message one dedup record (`HSETNX` of the
 //! cid into the pair's hash) and one append (`XADD` to the recipient's stream), on
-//! `connections` sockets (a writer and a reader thread each).
+//! `connections` sockets (a writer and a reader thread each). No `XADD` carries `MAXLEN`
+//! (until 2026-12-07 they had `MAXLEN ~ 10000`, which never trimmed at these sizes): ringgate's
+//! own appends carry none since its script checks the count cap itself.
 //! * default: raw pipelined commands (not atomic: a resend could be appended twice);
 //! * `--script`: the same two as one atomic check-and-append per message, `--batch` messages
 //!   per `EVAL` (the shape of ringgate's batch script, without its length cap, directory and
@@ -63,7 +65,7 @@ const CHECK_AND_APPEND: &str = "local out = {}
 for n = 1, #KEYS / 2 do
   local d, s = KEYS[2 * n - 1], KEYS[2 * n]
   if redis.call('HSETNX', d, ARGV[3 * n - 2], ARGV[3 * n - 1]) == 1 then
-    out[n] = redis.call('XADD', s, 'MAXLEN', '~', '10000', '*', 'm', ARGV[3 * n])
+    out[n] = redis.call('XADD', s, '*', 'm', ARGV[3 * n])
   else
     out[n] = redis.call('HGET', d, ARGV[3 * n - 2])
   end
@@ -81,7 +83,7 @@ for n = 1, #KEYS / 3 do
     redis.call('SMEMBERS', loc)
   end
   if redis.call('HSETNX', d, ARGV[3 * n - 2], ARGV[3 * n - 1]) == 1 then
-    out[n] = redis.call('XADD', s, 'MAXLEN', '~', '10000', '*', 'm', ARGV[3 * n])
+    out[n] = redis.call('XADD', s, '*', 'm', ARGV[3 * n])
     top[d] = ARGV[3 * n - 1]
   else
     out[n] = redis.call('HGET', d, ARGV[3 * n - 2])
@@ -217,12 +219,7 @@ fn command(out: &mut Vec<u8>, parts: &[&[u8]]) {
 
 fn append(out: &mut Vec<u8>, m: &Spill) {
     let (inbox, packed) = (m.inbox.as_bytes(), m.packed.as_bytes());
-    command(
-        out,
-        &[
-            b"XADD", inbox, b"MAXLEN", b"~", b"10000", b"*", b"m", packed,
-        ],
-    );
+    command(out, &[b"XADD", inbox, b"*", b"m", packed]);
 }
 
 fn script_call(out: &mut Vec<u8>, chunk: &[Spill], fence: bool) {

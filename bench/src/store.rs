@@ -126,12 +126,21 @@ pub fn run(a: StoreArgs) -> Result<i32, String> {
             })
         })
         .collect();
+    // The first shard to fail ends the run: the others may be waiting at a phase's barrier
+    // for it, which would never open.
+    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
     let mut runs = Vec::new();
-    for h in handles {
-        runs.push(
-            h.join()
-                .map_err(|_| "a shard thread panicked".to_string())??,
-        );
+    while runs.len() < pending.len() {
+        for slot in pending.iter_mut() {
+            if slot.as_ref().is_some_and(|h| h.is_finished()) {
+                let h = slot.take().expect("checked");
+                runs.push(
+                    h.join()
+                        .map_err(|_| "a shard thread panicked".to_string())??,
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     match a.redis_url.strip_prefix("redis://") {
         Some(addr) => crate::redis_floor::delete_prefixed(addr.trim_end_matches('/'), &prefix)
@@ -215,7 +224,11 @@ impl Driver {
         mut answer: impl FnMut(StoreReply) -> Result<(), String>,
     ) -> Result<Duration, String> {
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(if read_marks > 0 { 20 } else { 600 });
+        let deadline = started + Duration::from_secs(600);
+        // Read marks come right behind their loads' reads: 20 s after the last answer is a
+        // mark lost (published while the node's channel was being subscribed again, say).
+        let mut marks_by: Option<Instant> = None;
+        let mut resyncs = 0usize;
         let (mut next, mut answered) = (0usize, 0usize);
         while answered < ops || self.read_marks < read_marks {
             while next < ops && next - answered < self.in_flight {
@@ -231,7 +244,11 @@ impl Driver {
                     self.read_marks += 1;
                     continue;
                 }
-                if matches!(reply, StoreReply::Resync | StoreReply::Pushed { .. }) {
+                if matches!(reply, StoreReply::Resync) {
+                    resyncs += 1;
+                    continue;
+                }
+                if matches!(reply, StoreReply::Pushed { .. }) {
                     continue;
                 }
                 if matches!(reply, StoreReply::Batch { .. }) {
@@ -241,9 +258,14 @@ impl Driver {
                     answer(reply)?;
                 }
             }
-            if Instant::now() > deadline {
+            let now = Instant::now();
+            if answered == ops && marks_by.is_none() {
+                marks_by = Some(now + Duration::from_secs(20));
+            }
+            if now > deadline || marks_by.is_some_and(|by| now > by) {
                 return Err(format!(
-                    "a phase took over 10 minutes: {answered} of {ops} answers, {} of {read_marks} read marks",
+                    "a phase ran out of time ({} s): {answered} of {ops} answers, {} of {read_marks} read marks, {resyncs} resyncs meanwhile",
+                    now.duration_since(started).as_secs(),
                     self.read_marks
                 ));
             }

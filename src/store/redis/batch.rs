@@ -707,7 +707,7 @@ impl BatchCall {
     ) -> BatchCall {
         let p = &settings.key_prefix;
         let mut keys = Vec::with_capacity(batch.len() * 4);
-        let mut args = Vec::with_capacity(9 + batch.len() * 6);
+        let mut args = Vec::with_capacity(10 + batch.len() * 5);
         args.push(settings.max_age_ms.to_string());
         args.push(settings.max_messages.to_string());
         args.push(DEDUP_MIN_AGE_MS.to_string());

@@ -10,12 +10,13 @@
 
 use super::RedisSettings;
 
-/// `<prefix>in:{u:<user>}`: the user's inbox stream.
+/// `<prefix>in:{u:<user>}`: the user's inbox stream. The batch script names the user and the
+/// user's directory entry from it (`location_of`, `recipient_of` in script.lua): these two
+/// shapes change together.
 pub(super) fn inbox_key(prefix: &str, user: &str) -> String {
     format!("{prefix}in:{{u:{user}}}")
 }
 
-/// `<prefix>loc:{u:<user>}`: the runs of nodes that hold a device of `user` (a set).
 /// What each sender sent `user` that a device of it acked, as a hash sender -> highest id
 /// (read receipts are checked against it after a restart or on another node).
 pub(super) fn received_key(prefix: &str, user: &str) -> String {
@@ -28,6 +29,7 @@ pub(super) fn watchers_key(prefix: &str, user: &str) -> String {
     format!("{prefix}pw:{{u:{user}}}")
 }
 
+/// `<prefix>loc:{u:<user>}`: the runs of nodes that hold a device of `user` (a set).
 pub(super) fn location_key(prefix: &str, user: &str) -> String {
     format!("{prefix}loc:{{u:{user}}}")
 }
