@@ -242,9 +242,8 @@ local function append(s, dcur, i, watch)
     -- The common case, a new message below the cap: append, then check and record the cid
     -- with its full record (see `record_id`) in one call; a duplicate (a resend) takes its
     -- entry back below. Two writes per new message, not three. The entry goes first so that a
-    -- record never exists without it: a script stopped between the two (an error, memory
-    -- refused to a write) leaves an entry a resend takes back, never a record that would
-    -- answer a resend with an id nothing stored.
+    -- record never exists without it: had the script stopped between the two, a resend would
+    -- take back a stray entry, never be answered with an id that nothing stored.
     -- No MAXLEN: the count cap is this script's (`stream_len`, every writer's appends come
     -- through it), and an XADD below it would never trim.
     xid = call('XADD', s, '*', 'm', packed)
