@@ -524,7 +524,7 @@ fn held_back_upkeep_keeps_its_order_and_never_keeps_new_operations_unanswered() 
     let queued: Vec<u32> = vec![1_000_001, 1_000_002, 1_000_003];
     let mut queue = queued.iter().copied();
     // A batch of held upkeep only (sent as it is when the breaker lets it through).
-    let (batch, from_held) = next_batch(&mut held, &mut queue);
+    let (batch, from_held) = next_batch(&mut held, &mut queue, |_| false);
     assert_eq!((batch.len(), from_held), (BATCH_OPS, BATCH_OPS));
     assert_eq!(&batch[..], &before[..BATCH_OPS]);
     // Refused: the queued operations are answered (the sends) or held (the upkeep).
@@ -537,12 +537,12 @@ fn held_back_upkeep_keeps_its_order_and_never_keeps_new_operations_unanswered() 
         "held upkeep back in front, in order; new upkeep after it"
     );
     // Nothing new and nothing queued: nothing to answer.
-    let (batch, from_held) = next_batch(&mut held, std::iter::empty());
+    let (batch, from_held) = next_batch(&mut held, std::iter::empty(), |_| false);
     assert!(refuse_batch(&mut held, batch, from_held, std::iter::empty(), upkeep).is_none());
     assert_eq!(held, expected);
     // A batch with new operations in it: only those are answered or held.
     let mut small: Vec<u32> = vec![10, 12];
-    let (batch, from_held) = next_batch(&mut small, [7, 14, 9].into_iter());
+    let (batch, from_held) = next_batch(&mut small, [7, 14, 9].into_iter(), |_| false);
     assert_eq!(batch, vec![10, 12, 7, 14, 9]);
     let refused = refuse_batch(&mut small, batch, from_held, [11].into_iter(), upkeep);
     assert_eq!(
@@ -551,6 +551,29 @@ fn held_back_upkeep_keeps_its_order_and_never_keeps_new_operations_unanswered() 
         "the queue is not read when the batch had new ops"
     );
     assert_eq!(small, vec![10, 12, 14]);
+}
+
+/// A batch holds at most `LOADS_PER_BATCH` loads (see there); what follows the last of them
+/// stays queued, in order, for the next batch.
+#[test]
+fn a_batch_ends_after_its_last_allowed_load() {
+    // Multiples of 3 are loads.
+    let is_load = |op: &usize| op.is_multiple_of(3);
+    let mut queue = 0..10 * LOADS_PER_BATCH;
+    let (batch, _) = next_batch(&mut Vec::new(), &mut queue, is_load);
+    let loads = batch.iter().filter(|op| is_load(op)).count();
+    assert_eq!(loads, LOADS_PER_BATCH);
+    assert!(is_load(batch.last().unwrap()), "ends at its last load");
+    assert_eq!(batch, (0..batch.len()).collect::<Vec<_>>());
+    let (next, _) = next_batch(&mut Vec::new(), &mut queue, is_load);
+    assert_eq!(next[0], batch.len(), "the rest stays queued, in order");
+    // Without loads a batch fills up to BATCH_OPS.
+    let (full, _) = next_batch(
+        &mut Vec::new(),
+        (0..2 * BATCH_OPS).map(|i| 3 * i + 1),
+        is_load,
+    );
+    assert_eq!(full.len(), BATCH_OPS);
 }
 
 #[test]
