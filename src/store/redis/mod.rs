@@ -30,9 +30,9 @@
 //!   (`XRANGE` from `now - max_age`) and trims what is past it (`XTRIM MINID`, counted as
 //!   expired); an append that finds the stream at the count cap trims the same way first, then
 //!   refuses if it is still full (`full`, never a silent drop), else `XADD` (no `MAXLEN`:
-//!   every append goes through that check, so it would never trim). `PEXPIRE` of twice the age cap deletes the
-//!   stream of a user who never comes back (everything in it is past the age cap by then;
-//!   those entries are not counted). It is set when an append finds the stream empty and
+//!   every append goes through that check, so it would never trim). `PEXPIRE` of twice the
+//!   age cap deletes the stream of a user who never comes back (everything in it is past the
+//!   age cap by then; those entries are not counted). It is set when an append finds the stream empty and
 //!   whenever a pair appending to it has its own TTL set (created, rotated, every half window
 //!   = 12 h, or when the appending node's age cap is larger than the pair's `~age`), not on
 //!   every append: each append comes through a pair whose TTL was set at most half a window
@@ -873,8 +873,7 @@ async fn wait_bell(bell: &mut tokio::net::UnixStream, buf: &mut [u8]) -> bool {
 /// Loads in one batch at most. A load's entries are parsed on the Redis thread once its batch
 /// is answered, and Redis waits meanwhile unless another shard's batch is there: in a
 /// reconnect storm, runs of a few loads let one shard's parse overlap another's batch in Redis
-/// (the store bench's replay ran 1.25x-1.35x faster with batches of about 128 loads than
-/// with one of 500, docs/performance.md).
+/// (the store bench's replay: 1.34x, docs/performance.md "The spill: a leaner append").
 const LOADS_PER_BATCH: usize = 64;
 
 /// The next batch: upkeep the open breaker held back first (all of it goes before anything
