@@ -872,9 +872,10 @@ async fn wait_bell(bell: &mut tokio::net::UnixStream, buf: &mut [u8]) -> bool {
 
 /// Loads in one batch at most. A load's entries are parsed on the Redis thread once its batch
 /// is answered, and Redis waits meanwhile unless another shard's batch is there: in a
-/// reconnect storm, runs of a few loads let one shard's parse overlap another's batch in Redis
-/// (the store bench's replay: 1.34x, docs/performance.md "The spill: a leaner append").
-const LOADS_PER_BATCH: usize = 64;
+/// reconnect storm, runs of a few loads let one shard's parse overlap another's batch in Redis.
+/// The store bench's replay, alternated: 64 against 1,024 1.34x, then 16 against 64 1.19x; 8
+/// did as well as 16, 4 and 32 less (docs/performance.md "Replay at 16 loads per batch").
+const LOADS_PER_BATCH: usize = 16;
 
 /// The next batch: upkeep the open breaker held back first (all of it goes before anything
 /// newer), then new operations in order, up to `LOADS_PER_BATCH` loads (`is_load`). Returns
