@@ -295,7 +295,9 @@ pub(super) async fn run_batch(
                 let call = BatchCall::build(settings, shard, &ops, cluster);
                 // EVAL with the text (not EVALSHA): a Redis restarted meanwhile has an empty
                 // script cache, and a NOSCRIPT in the middle of a pipeline could not be retried
-                // without reordering. The text is ~9 KB per call of up to 1,024 operations.
+                // without reordering. The text is ~21 KB per call of up to 1,024 operations:
+                // ~12 us of Redis's time for the call itself (docs/performance.md "Replay at 16
+                // loads per batch").
                 let (script, hash) = match call.keys.first() {
                     Some(key) if cluster => (CLUSTER_SCRIPT, ClusterHash::Custom(slot(key))),
                     _ => (BATCH_SCRIPT, ClusterHash::Random),
