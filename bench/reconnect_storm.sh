@@ -6,7 +6,9 @@
 # connect ramp, failures. Prints one JSON line per round (the generator's `idle` output).
 # Usage: bench/reconnect_storm.sh [USERS=19000] [WAITING=2] [ROUNDS=1]
 #   BIN=<dir with ringgate + ringgate-bench> (default target/release), SHARDS=<n> (default 2),
-#   IO_DRIVER=glommio|uring (default: the gateway's own default): before/after of the accept path
+#   IO_DRIVER=glommio|uring (default: the gateway's own default): before/after of the accept path,
+#   SOURCES=<n> source addresses (127.0.0.2 on; default 16): from one source the kernel's search
+#   for a free ephemeral port grows with the connections already open, and it bounded the storm
 # Redis: a redis-server this script starts on a free loopback port (appendfsync everysec).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,7 @@ WAITING=${2:-2}
 ROUNDS=${3:-1}
 BIN=${BIN:-target/release}
 SHARDS=${SHARDS:-2}
+SOURCES=${SOURCES:-16}
 DRIVER=()
 [ -n "${IO_DRIVER:-}" ] && DRIVER=(--io-driver "$IO_DRIVER")
 [ -x "$BIN/ringgate" ] && [ -x "$BIN/ringgate-bench" ] || cargo build --release --quiet --workspace
@@ -78,7 +81,7 @@ PY
   kill -9 $GW; wait $GW 2>/dev/null || true
   start_gateway
   "$BIN/ringgate-bench" idle -n "$USERS" --concurrency "$USERS" --hold 120 --until-synced \
-    --timeout 300 --target 127.0.0.1:$PORT --secret $SECRET --gateway-pid $GW --json -q \
+    --source-ips "$SOURCES" --timeout 300 --target 127.0.0.1:$PORT --secret $SECRET --gateway-pid $GW --json -q \
     2>"$OUT/bench.err" | tail -1 > "$OUT/round.json" || { cat "$OUT/bench.err" >&2; exit 1; }
   python3 - "$OUT/round.json" "$round" "$USERS" "$WAITING" "${IO_DRIVER:-}" <<'PY'
 import json, sys
