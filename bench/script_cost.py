@@ -17,6 +17,7 @@ Usage: python3 bench/script_cost.py [ROUNDS=3]   (BIN: dir with ringgate-bench, 
 target/release; USERS and MESSAGES, default 1,000 and 200: smaller for the smoke test). Only
 loopback redis-servers this script starts are load targets.
 """
+import atexit
 import json
 import os
 import re
@@ -35,12 +36,16 @@ BENCH = os.path.join(BIN, "ringgate-bench")
 SCRIPT = open(os.path.join(ROOT, "src/store/redis/script.lua")).read()
 USERS, MESSAGES = os.environ.get("USERS", "1000"), os.environ.get("MESSAGES", "200")
 
-# Every command the script calls, answered as an empty pair, inbox and directory would be.
+# Every command the script calls, answered as the replay's would be after a pair's first call:
+# a pair born now (no new generation, no TTL refresh), no watermark, a top below every id (so
+# the order check runs, as it does there), an inbox below its cap, no other node to push to.
 STUB = """local realcall = redis.call
+local stub_now = realcall('TIME')[1] .. '000'
+local stub_pair = {stub_now, '0', stub_now, '999999999999', '0', '1'}
 local function call(cmd)
   if cmd == 'XADD' then return '1-1' elseif cmd == 'HSETNX' then return 1
-  elseif cmd == 'HMGET' then return {false, false, false, false, false, false}
-  elseif cmd == 'XLEN' then return 0 elseif cmd == 'SMEMBERS' then return {}
+  elseif cmd == 'HMGET' then return stub_pair
+  elseif cmd == 'XLEN' then return 1 elseif cmd == 'SMEMBERS' then return {}
   elseif cmd == 'TIME' then return realcall('TIME') else return 0 end
 end
 """
@@ -64,12 +69,28 @@ def free_port():
     return port
 
 
+# Every child still running at exit (a failure included) is stopped: no redis-server, no MONITOR
+# outlives the script.
+CHILDREN = []
+
+
+@atexit.register
+def stop_children():
+    for proc, path in CHILDREN:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class Redis:
     def __init__(self, *extra):
         self.port, self.dir = free_port(), tempfile.mkdtemp()
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", self.dir, "--save", ""] + list(extra)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        CHILDREN.append((self.proc, self.dir))
         for _ in range(200):
             if self.cli("ping").strip() == "PONG":
                 return
@@ -123,6 +144,7 @@ def capture():
     # To a file: a pipe nobody reads while the bench runs would stall MONITOR.
     with tempfile.TemporaryFile() as log:
         mon = subprocess.Popen(["redis-cli", "-p", str(r.port), "monitor"], stdout=log)
+        CHILDREN.append((mon, None))
         subprocess.run([BENCH, "store", "--redis-url", "redis://127.0.0.1:%d" % r.port,
                         "--users", USERS, "--messages", MESSAGES, "--json"],
                        check=True, stdout=subprocess.DEVNULL)
@@ -142,6 +164,9 @@ def capture():
         nkeys = int(args[2])
         ops = args[3 + nkeys + 10:]
         if ops and ops[0] in (b"A", b"a"):
+            if args[1] != SCRIPT.encode():
+                sys.exit("FATAL: %s sent another script.lua than this checkout's (rebuild it)"
+                         % BENCH)
             calls.append(args[2:])
     want = int(USERS) * int(MESSAGES)
     if appends(calls) != want:
@@ -157,36 +182,52 @@ def resp(args):
 
 
 def send_all(conn, payload, replies):
-    """Send a pipeline and read `replies` top-level answers (flat arrays, bulks, integers)."""
+    """Send a pipeline and read `replies` top-level answers (arrays, bulks, integers); an error
+    reply, a closed connection or 120 s without a byte ends the script."""
+    conn.settimeout(120)
     f = conn.makefile("rb", buffering=1 << 20)
-    errors = []
+    failures = []
 
     def read():
-        pending = replies
-        while pending > 0:
-            line = f.readline()
-            pending -= 1
-            kind = line[:1]
-            if kind == b"*":
-                pending += max(0, int(line[1:-2]))
-            elif kind == b"$" and int(line[1:-2]) >= 0:
-                f.read(int(line[1:-2]) + 2)
-            elif kind == b"-":
-                errors.append(line)
+        try:
+            pending = replies
+            while pending > 0:
+                line = f.readline()
+                if not line.endswith(b"\r\n"):
+                    raise EOFError("the connection closed mid-reply")
+                pending -= 1
+                kind = line[:1]
+                if kind == b"*":
+                    pending += max(0, int(line[1:-2]))
+                elif kind == b"$" and int(line[1:-2]) >= 0:
+                    f.read(int(line[1:-2]) + 2)
+                elif kind == b"-":
+                    raise ValueError(line[:200])
+                elif kind not in (b":", b"$", b"+", b"_"):
+                    raise ValueError("unexpected reply %r" % line[:80])
+        except Exception as e:  # handed to the caller's thread: a reader's death is not a pass
+            failures.append(e)
 
     reader = threading.Thread(target=read)
     reader.start()
     conn.sendall(payload)
     reader.join()
-    if errors:
-        sys.exit("FATAL: %s" % errors[0][:200])
+    if failures:
+        sys.exit("FATAL: %s" % failures[0])
 
 
 def appends(calls):
     return sum(int(c[0]) // 2 for c in calls)
 
 
+# Commands the measuring side sends itself (redis-floor's cleanup, readiness checks), not
+# called from a script.
+NOT_FROM_SCRIPTS = ("del", "ping", "info", "scan", "client|id", "config|resetstat")
+
+
 def split(stats, messages):
+    for name in NOT_FROM_SCRIPTS:
+        stats.pop(name, None)
     script = stats.pop("eval", 0) / messages
     inner = sum(stats.values()) / messages
     return {"script_us": script, "commands_us": inner, "rest_us": script - inner}
@@ -257,6 +298,9 @@ def main():
         print("  %-8s script %5.2f us = commands %5.2f + the rest %5.2f; %7.0f msg/s" % (
             side, med["script_us"], med["commands_us"], med["rest_us"], med["per_s"]))
     lua = lua_alone(calls)
+    figures = [r[k] for rs in runs.values() for r in rs for k in ("script_us", "commands_us", "per_s")]
+    if min(figures + list(lua.values())) <= 0:
+        sys.exit("FATAL: a figure came out zero or negative: nothing was measured")
     print("  ringgate's Lua alone (commands stubbed): %.2f us; handing arguments and answers "
           "(a loop over the operations): %.2f us; the script's own logic: %.2f us" % (
               lua["stubbed"], lua["walk"], lua["stubbed"] - lua["walk"]))

@@ -92,6 +92,7 @@ left=$(redis-cli -p "$RPORT" --scan --pattern 'rgfloor:*' | wc -l)
 [ "$left" -eq 0 ] || { echo "redis-floor left $left keys behind"; exit 1; }
 echo "bench smoke: redis-floor ok"
 # Where the spill's Redis time goes (bounded: 2,000 messages, one round; its own redis-servers).
-BIN="$(dirname "$BENCH")" USERS=40 MESSAGES=50 python3 bench/script_cost.py 1 | tee /dev/stderr |
-  grep -q "the script's own logic" || { echo "bench/script_cost.py printed no result"; exit 1; }
+COST=$(BIN="$(dirname "$BENCH")" USERS=40 MESSAGES=50 python3 bench/script_cost.py 1)
+echo "$COST"
+grep -q "the script's own logic" <<<"$COST" || { echo "bench/script_cost.py printed no result"; exit 1; }
 echo "bench smoke: script_cost ok"

@@ -267,8 +267,10 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-/// Connections per (source, target) pair above which connects slow down measurably (a
-/// reconnect storm of 19,000 from one address took 3.4x as long as from 16).
+/// Connections per (source, target) pair above which the generator notes that connects slow
+/// down: each searches the ephemeral ports for a free 4-tuple, longer as more are open. Measured
+/// at two points only (a reconnect storm, 19,000 users: 3.4x as long from one address as from
+/// 16, ~1,200 each); 4,096 between them is a judgement.
 const SLOW_PORT_SEARCH: u64 = 4_096;
 
 /// Shared validation and configuration of both subcommands.
@@ -305,8 +307,6 @@ fn build_config(
             "warning: ~{per_pair} connections per source address exceed the {ports} \
              ephemeral ports of one (source, target) pair; add --source-ips / --sources"
         ),
-        // Each connect searches the ports for a free 4-tuple, longer as more are open: at
-        // 19,000 from one address it was three quarters of this generator's time.
         _ if per_pair > SLOW_PORT_SEARCH => eprintln!(
             "note: ~{per_pair} connections per source address: the kernel's search for a free \
              ephemeral port slows every connect; add --source-ips / --sources"

@@ -870,19 +870,51 @@ async fn wait_bell(bell: &mut tokio::net::UnixStream, buf: &mut [u8]) -> bool {
     matches!(bell.read(buf).await, Ok(n) if n > 0)
 }
 
-/// Loads in one batch at most. A load's entries are parsed on the Redis thread once its batch
-/// is answered, and Redis waits meanwhile unless another shard's batch is there: in a
-/// reconnect storm, runs of a few loads let one shard's parse overlap another's batch in Redis.
-/// The store bench's replay, alternated: 64 against 1,024 1.34x, then 16 against 64 1.19x; 8
-/// did as well as 16, 4 and 32 less (docs/performance.md "Replay at 16 loads per batch").
-const LOADS_PER_BATCH: usize = 16;
+/// Inbox entries one batch's loads are expected to bring back: a load's entries are parsed on
+/// the Redis thread once its batch is answered, and Redis waits meanwhile unless another
+/// shard's batch is there. Big inboxes want a few loads per batch, so that one shard's parse
+/// overlaps another's batch in Redis; small ones want many, as each batch costs a round trip.
+/// Measured (docs/performance.md "Replay at 16 loads per batch"): 200-entry inboxes (the store
+/// bench) replayed 1.19x faster at 16 loads per batch than at 64 (and 64 1.34x faster than at
+/// 1,024); a reconnect storm of 2-entry inboxes took 1.81 s at 16 against 1.52-1.60 s at 64,
+/// 256 and 1,024. 16 loads of 200 entries.
+const LOAD_ENTRIES_PER_BATCH: usize = 3_200;
+/// The fewest loads a batch may carry (inboxes of 200 entries and more).
+const LOADS_PER_BATCH_MIN: usize = 16;
+
+/// The entries this shard's loads brought back lately, and from them how many loads a batch
+/// carries: `LOAD_ENTRIES_PER_BATCH` worth, within `LOADS_PER_BATCH_MIN..=BATCH_OPS`.
+struct LoadSizes {
+    /// Mean entries per load, each load weighing 1/8 (a storm's first loads set it quickly).
+    mean: f64,
+}
+
+impl LoadSizes {
+    /// Assumes big inboxes until loads say otherwise: a first batch of many big loads would
+    /// keep Redis idle through its whole parse.
+    fn new() -> Self {
+        LoadSizes {
+            mean: (LOAD_ENTRIES_PER_BATCH / LOADS_PER_BATCH_MIN) as f64,
+        }
+    }
+
+    fn loaded(&mut self, entries: usize) {
+        self.mean += (entries as f64 - self.mean) / 8.0;
+    }
+
+    fn loads_per_batch(&self) -> usize {
+        let loads = LOAD_ENTRIES_PER_BATCH as f64 / self.mean.max(1.0);
+        (loads as usize).clamp(LOADS_PER_BATCH_MIN, BATCH_OPS)
+    }
+}
 
 /// The next batch: upkeep the open breaker held back first (all of it goes before anything
-/// newer), then new operations in order, up to `LOADS_PER_BATCH` loads (`is_load`). Returns
-/// the batch and how many were held back.
+/// newer), then new operations in order, up to `max_loads` loads (`is_load`). Returns the
+/// batch and how many were held back.
 fn next_batch<T>(
     held_back: &mut Vec<T>,
     queue: impl Iterator<Item = T>,
+    max_loads: usize,
     is_load: impl Fn(&T) -> bool,
 ) -> (Vec<T>, usize) {
     let from_held = held_back.len().min(BATCH_OPS);
@@ -891,7 +923,7 @@ fn next_batch<T>(
     for op in queue.take(BATCH_OPS - from_held) {
         loads += usize::from(is_load(&op));
         batch.push(op);
-        if loads == LOADS_PER_BATCH {
+        if loads == max_loads {
             break;
         }
     }
@@ -946,12 +978,15 @@ async fn serve_shard(
     let mut held_back: Vec<StoreOp> = Vec::new();
     // When a failed probe was last logged (at most one line per PROBE_LOG_EVERY).
     let mut probe_logged: Option<Instant> = None;
+    let mut load_sizes = LoadSizes::new();
     while wait_bell(&mut bell, &mut buf).await {
         pipe.wake_store.clear();
         loop {
-            let (mut batch, from_held) = next_batch(&mut held_back, pipe.ops.try_iter(), |op| {
-                matches!(op, StoreOp::Load { .. })
-            });
+            let max_loads = load_sizes.loads_per_batch();
+            let (mut batch, from_held) =
+                next_batch(&mut held_back, pipe.ops.try_iter(), max_loads, |op| {
+                    matches!(op, StoreOp::Load { .. })
+                });
             if batch.is_empty() {
                 break;
             }
@@ -1024,6 +1059,9 @@ async fn serve_shard(
                         all.resync("this node's lease had lapsed (or was just taken)");
                     }
                     for (op, answer) in batch.into_iter().zip(answers) {
+                        if let Ok(Answer::Loaded(loaded)) = &answer {
+                            load_sizes.loaded(loaded.entries.len());
+                        }
                         let reply = match answer {
                             Ok(answer) => answer.into_reply(op),
                             Err(why) => failed_reply(op, why),

@@ -524,7 +524,7 @@ fn held_back_upkeep_keeps_its_order_and_never_keeps_new_operations_unanswered() 
     let queued: Vec<u32> = vec![1_000_001, 1_000_002, 1_000_003];
     let mut queue = queued.iter().copied();
     // A batch of held upkeep only (sent as it is when the breaker lets it through).
-    let (batch, from_held) = next_batch(&mut held, &mut queue, |_| false);
+    let (batch, from_held) = next_batch(&mut held, &mut queue, BATCH_OPS, |_| false);
     assert_eq!((batch.len(), from_held), (BATCH_OPS, BATCH_OPS));
     assert_eq!(&batch[..], &before[..BATCH_OPS]);
     // Refused: the queued operations are answered (the sends) or held (the upkeep).
@@ -537,12 +537,12 @@ fn held_back_upkeep_keeps_its_order_and_never_keeps_new_operations_unanswered() 
         "held upkeep back in front, in order; new upkeep after it"
     );
     // Nothing new and nothing queued: nothing to answer.
-    let (batch, from_held) = next_batch(&mut held, std::iter::empty(), |_| false);
+    let (batch, from_held) = next_batch(&mut held, std::iter::empty(), BATCH_OPS, |_| false);
     assert!(refuse_batch(&mut held, batch, from_held, std::iter::empty(), upkeep).is_none());
     assert_eq!(held, expected);
     // A batch with new operations in it: only those are answered or held.
     let mut small: Vec<u32> = vec![10, 12];
-    let (batch, from_held) = next_batch(&mut small, [7, 14, 9].into_iter(), |_| false);
+    let (batch, from_held) = next_batch(&mut small, [7, 14, 9].into_iter(), BATCH_OPS, |_| false);
     assert_eq!(batch, vec![10, 12, 7, 14, 9]);
     let refused = refuse_batch(&mut small, batch, from_held, [11].into_iter(), upkeep);
     assert_eq!(
@@ -553,27 +553,66 @@ fn held_back_upkeep_keeps_its_order_and_never_keeps_new_operations_unanswered() 
     assert_eq!(small, vec![10, 12, 14]);
 }
 
-/// A batch holds at most `LOADS_PER_BATCH` loads (see there); what follows the last of them
-/// stays queued, in order, for the next batch.
+/// A batch holds at most the loads it is allowed; what follows the last of them stays queued,
+/// in order, for the next batch.
 #[test]
 fn a_batch_ends_after_its_last_allowed_load() {
     // Multiples of 3 are loads.
     let is_load = |op: &usize| op.is_multiple_of(3);
-    let mut queue = 0..10 * LOADS_PER_BATCH;
-    let (batch, _) = next_batch(&mut Vec::new(), &mut queue, is_load);
+    let max = LOADS_PER_BATCH_MIN;
+    let mut queue = 0..10 * max;
+    let (batch, _) = next_batch(&mut Vec::new(), &mut queue, max, is_load);
     let loads = batch.iter().filter(|op| is_load(op)).count();
-    assert_eq!(loads, LOADS_PER_BATCH);
+    assert_eq!(loads, max);
     assert!(is_load(batch.last().unwrap()), "ends at its last load");
     assert_eq!(batch, (0..batch.len()).collect::<Vec<_>>());
-    let (next, _) = next_batch(&mut Vec::new(), &mut queue, is_load);
+    let (next, _) = next_batch(&mut Vec::new(), &mut queue, max, is_load);
     assert_eq!(next[0], batch.len(), "the rest stays queued, in order");
     // Without loads a batch fills up to BATCH_OPS.
     let (full, _) = next_batch(
         &mut Vec::new(),
         (0..2 * BATCH_OPS).map(|i| 3 * i + 1),
+        max,
         is_load,
     );
     assert_eq!(full.len(), BATCH_OPS);
+}
+
+/// Loads per batch follow the entries loads bring back: few while they are big (and before any
+/// came), up to a whole batch of them while they are small, and few again once they grow.
+#[test]
+fn loads_per_batch_follow_the_entries_loads_bring() {
+    let mut sizes = LoadSizes::new();
+    assert_eq!(
+        sizes.loads_per_batch(),
+        LOADS_PER_BATCH_MIN,
+        "big until told otherwise"
+    );
+    for _ in 0..100 {
+        sizes.loaded(2);
+    }
+    assert_eq!(
+        sizes.loads_per_batch(),
+        BATCH_OPS,
+        "2-entry inboxes: a whole batch"
+    );
+    for _ in 0..100 {
+        sizes.loaded(100);
+    }
+    assert_eq!(sizes.loads_per_batch(), LOAD_ENTRIES_PER_BATCH / 100);
+    for _ in 0..100 {
+        sizes.loaded(10_000);
+    }
+    assert_eq!(
+        sizes.loads_per_batch(),
+        LOADS_PER_BATCH_MIN,
+        "never below the least"
+    );
+    // Empty inboxes (a storm of users with nothing waiting) count as one entry each.
+    for _ in 0..200 {
+        sizes.loaded(0);
+    }
+    assert_eq!(sizes.loads_per_batch(), BATCH_OPS);
 }
 
 #[test]
