@@ -32,14 +32,15 @@
 //!   refuses if it is still full (`full`, never a silent drop), else `XADD` (no `MAXLEN`:
 //!   every append goes through that check, so it would never trim). `PEXPIRE` of twice the
 //!   age cap deletes the stream of a user who never comes back (everything in it is past the
-//!   age cap by then; those entries are not counted). It is set when an append finds the stream empty and
-//!   whenever a pair appending to it has its own TTL set (created, rotated, every half window
-//!   = 12 h, or when the appending node's age cap is larger than the pair's `~age`), not on
-//!   every append: each append comes through a pair whose TTL was set at most half a window
-//!   ago, the stream's with it, so the stream outlives every entry's age cap by at least half
-//!   the cap while the dedup window is within the age cap (24 h and 72 h by default; with a
-//!   shorter age cap it is set on every append). It is set right after the write that needs
-//!   it, so a script call that fails later leaves no stream without a TTL.
+//!   age cap by then; those entries are not counted). It is set when an append finds the
+//!   stream empty and whenever a pair appending to it has its own TTL set (created, rotated,
+//!   every half window = 12 h, or when the appending node's age cap is larger than the pair's
+//!   `~age`), not on every append: each append comes through a pair whose TTL was set at
+//!   most half a window ago, the stream's with it, so the stream outlives every entry's age
+//!   cap by at least half the cap while the dedup window is within the age cap (24 h and 72 h
+//!   by default; with a shorter age cap it is set on every append). It is set right after
+//!   the write that needs it, so a script call that fails later leaves no stream without a
+//!   TTL.
 //! * `rg:dd:<recipient>:<sender>` and `rg:dd-old:..`: the dedup window of one pair, cid ->
 //!   `<message id> <run>/<shard>/<attempt>` (older builds wrote `<message id> <stream id>
 //!   <run>/<shard>/<attempt>`, or the bare id; read alike), and
