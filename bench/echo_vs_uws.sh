@@ -13,7 +13,10 @@
 #   BASE_BIN=<dir with ringgate + ringgate-bench>  adds an older ringgate build as a side
 #   (before/after a change).
 #   Sides: uws, ringgate (io_driver = "glommio"), ringgate-uring (io_driver =
-#   "uring", the shard's own io_uring: docs/architecture.md, "Socket I/O on io_uring").
+#   "uring", the shard's own io_uring: docs/architecture.md, "Socket I/O on io_uring"), and
+#   two floors (`ringgate-bench echo-floor`, the least server work the frames need): floor-epoll
+#   on uWebSockets' system calls, floor-uring on the uring driver's. A CPU budget below what
+#   the floor of a pattern costs cannot be met on that pattern on this kernel.
 #   SIDES="ringgate-uring base" runs only those (a before/after without the references).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +29,7 @@ UWS=$(bash bench/uws.sh)
 command -v perf >/dev/null || { echo "FATAL: perf needed for syscall counts (apt-get install linux-perf)" >&2; exit 1; }
 OUT=$(mktemp -d)
 if [ -z "${SIDES:-}" ]; then
-  SIDES="uws ringgate ringgate-uring"
+  SIDES="uws ringgate ringgate-uring floor-epoll floor-uring"
   [ -n "${BASE_BIN:-}" ] && SIDES="$SIDES base"
 fi
 
@@ -44,6 +47,8 @@ start_server() { # side -> sets SRV (pid) and PORT
         --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
     ringgate-uring) taskset -c 0 $NEW/ringgate --shards 1 --echo-route true --io-driver uring $NO_LIMITS \
         --listen 127.0.0.1:$port --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
+    floor-epoll|floor-uring) taskset -c 0 $NEW/ringgate-bench echo-floor --io ${1#floor-} --listen 127.0.0.1:$port \
+        >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
     base) taskset -c 0 "$BASE_BIN/ringgate" --shards 1 --echo-route true $NO_LIMITS --listen 127.0.0.1:$port \
         --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
   esac
@@ -87,7 +92,8 @@ cpu = lambda r: r["bench"].get("gateway_cpu_us_per_msg")
 kern = lambda r: r["bench"].get("gateway_kernel_us_per_msg")
 # Replies over warmup + window, estimated from the window's rate.
 sysc = lambda r: r["syscalls"] / (r["bench"]["msgs_per_sec"] * (duration + warmup)) if r["syscalls"] and r["bench"].get("msgs_per_sec") else None
-sides = sorted({r["side"] for r in runs}, key=lambda s: ["uws", "ringgate", "ringgate-uring", "base"].index(s))
+order = ["uws", "ringgate", "ringgate-uring", "base", "floor-epoll", "floor-uring"]
+sides = sorted({r["side"] for r in runs}, key=order.index)
 print("\nmedians of %d rounds (server on CPU 0, generator on CPU 1, 100 conns x 64 B)" % max(r["round"] for r in runs))
 for inflight in (1, 16):
     for s in sides:
@@ -95,10 +101,23 @@ for inflight in (1, 16):
             inflight, s, med(s, inflight, rate) or 0, med(s, inflight, cpu) or 0, med(s, inflight, kern) or 0,
             med(s, inflight, sysc) or 0))
     u = lambda f: med("uws", inflight, f)
-    for s in sides[1:] if "uws" in sides else []:
+    for s in [s for s in sides if s != "uws" and not s.startswith("floor")] if "uws" in sides else []:
         g = lambda f: med(s, inflight, f)
         if u(rate) and g(rate) and u(cpu) and g(cpu):
             print("  inflight %2d  %s/uws: msg/s %.2fx  cpu/msg %.2fx, its kernel time alone %.2fx  (budget: msg/s >= 1, cpu <= 0.8)" % (
                 inflight, s, g(rate) / u(rate), g(cpu) / u(cpu), (g(kern) or 0) / u(cpu)))
+    # The floors: what the kernel allows each pattern. A CPU budget below the io_uring floor's
+    # own CPU (against uWebSockets') cannot be met by a server on that pattern.
+    for s in [s for s in sides if s.startswith("floor")] if "uws" in sides else []:
+        g = lambda f: med(s, inflight, f)
+        if u(rate) and g(rate) and u(cpu) and g(cpu):
+            print("  inflight %2d  %s/uws: msg/s %.2fx  cpu/msg %.2fx, its kernel time alone %.2fx" % (
+                inflight, s, g(rate) / u(rate), g(cpu) / u(cpu), (g(kern) or 0) / u(cpu)))
+    for s, f in (("ringgate-uring", "floor-uring"), ("ringgate", "floor-epoll")):
+        g = lambda x: med(s, inflight, x)
+        h = lambda x: med(f, inflight, x)
+        if g(cpu) and h(cpu):
+            print("  inflight %2d  %s/%s: cpu/msg %.2fx (what the gateway adds to its pattern's floor)" % (
+                inflight, s, f, g(cpu) / h(cpu)))
 PY
 echo "runs: $OUT/runs.jsonl"

@@ -43,24 +43,36 @@ echo "bench smoke: ok (gateway exited 0 after SIGTERM)"
 RINGGATE_BIN=$GW BENCH_BIN=$BENCH bash bench/scale.sh -g 4 -l 4 -n 4000 --hold 3 --check
 echo "bench smoke: multi-process ramp ok"
 
-# The connect benchmark's floor server: 300 upgrades from the same generator, all held
-# (the idle bench exits 1 on any failed connection), and a clean exit on SIGTERM that counted them.
-FPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-FLOG=$(mktemp)
-"$BENCH" upgrade-floor --listen "127.0.0.1:$FPORT" >/dev/null 2>"$FLOG" &
-FPID=$!
-trap 'kill $FPID 2>/dev/null || true; rm -f "$FLOG" "$LOG"' EXIT
-for _ in $(seq 100); do grep -q listening "$FLOG" && break; sleep 0.1; done
-grep -q listening "$FLOG" || { echo "upgrade-floor did not start:"; cat "$FLOG"; exit 1; }
-"$BENCH" idle -n 300 --target "127.0.0.1:$FPORT" --route echo --hold 1 --timeout 30 --gateway-pid "$FPID" -q
-kill -TERM $FPID
-for _ in $(seq 50); do kill -0 $FPID 2>/dev/null || break; sleep 0.1; done
-kill -0 $FPID 2>/dev/null && { echo "upgrade-floor did not exit on SIGTERM"; exit 1; }
-wait $FPID
-grep -q "^upgrade-floor: 300 upgrades" "$FLOG" || { echo "upgrade-floor:"; cat "$FLOG"; exit 1; }
-trap - EXIT
-rm -f "$FLOG"
+# A floor server on a free port: started, reached by the generator (which exits 1 on any failed
+# connection, lost or wrong reply), stopped by SIGTERM; its last line must match $1.
+floor_run() { # expected-line-regex floor-args... -- generator-args...
+  local expect=$1; shift
+  local args=() port flog fpid
+  while [ "$1" != -- ]; do args+=("$1"); shift; done; shift
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  flog=$(mktemp)
+  "$BENCH" "${args[@]}" --listen "127.0.0.1:$port" >/dev/null 2>"$flog" &
+  fpid=$!
+  for _ in $(seq 100); do grep -q listening "$flog" && break; sleep 0.1; done
+  grep -q listening "$flog" || { echo "${args[*]} did not start:"; cat "$flog"; kill $fpid; exit 1; }
+  "$BENCH" "$@" --target "127.0.0.1:$port" --route echo --gateway-pid "$fpid" -q || { kill $fpid; exit 1; }
+  kill -TERM $fpid
+  for _ in $(seq 50); do kill -0 $fpid 2>/dev/null || break; sleep 0.1; done
+  kill -0 $fpid 2>/dev/null && { echo "${args[*]} did not exit on SIGTERM"; kill -9 $fpid; exit 1; }
+  wait $fpid
+  grep -Eq "$expect" "$flog" || { echo "${args[*]}:"; cat "$flog"; exit 1; }
+  rm -f "$flog"
+}
+
+# The connect benchmark's floor server: 300 upgrades, all held, counted on exit.
+floor_run "^upgrade-floor: 300 upgrades" upgrade-floor -- idle -n 300 --hold 1 --timeout 30
 echo "bench smoke: upgrade-floor ok"
+# The echo benchmark's floor server on each loop: every frame echoed, counted on exit.
+for io in epoll uring; do
+  floor_run "^echo-floor: [1-9][0-9]* frames echoed" echo-floor --io $io -- \
+    echo -c 20 -s 64 --inflight 4 --duration 1 --warmup 1
+done
+echo "bench smoke: echo-floor ok"
 
 # The store benchmark against a throwaway redis-server on a free port (bounded: 2,000 messages).
 RPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -13,6 +13,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod chat;
+mod echo_floor;
 mod engine;
 mod fanout;
 mod flood;
@@ -72,6 +73,9 @@ enum Cmd {
     /// The connect benchmark's floor: a server doing the least an upgrade needs (run it, then
     /// point `idle --route echo` at it)
     UpgradeFloor(upgrade_floor::UpgradeFloorArgs),
+    /// The echo benchmark's floor: a server doing the least `/echo` needs, on uWebSockets'
+    /// system calls (`--io epoll`) or on ringgate's uring driver's (`--io uring`)
+    EchoFloor(echo_floor::EchoFloorArgs),
 }
 
 #[derive(Args, Debug)]
@@ -1182,6 +1186,7 @@ fn main() {
         Cmd::RedisFloor(a) => redis_floor::run(a),
         Cmd::Push(a) => push::run(a),
         Cmd::UpgradeFloor(a) => upgrade_floor::run(a),
+        Cmd::EchoFloor(a) => echo_floor::run(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

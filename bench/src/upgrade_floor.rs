@@ -169,21 +169,14 @@ fn serve(conn: &mut Conn, buf: &mut [u8]) -> (bool, bool) {
             Ok(_) if conn.upgraded => {}
             Ok(n) => {
                 conn.head.extend_from_slice(&buf[..n]);
-                let Some(end) = conn.head.windows(4).position(|w| w == b"\r\n\r\n") else {
-                    if conn.head.len() > MAX_HEAD {
+                let response = match read_head(&conn.head) {
+                    Head::Incomplete => continue,
+                    Head::Bad => {
+                        let _ = conn.stream.write_all(BAD_REQUEST);
                         return (false, upgraded_now);
                     }
-                    continue;
+                    Head::Upgrade { response, .. } => response,
                 };
-                // Bytes after the blank line (a first frame sent at once) are not the head.
-                let Some(key) = websocket_key(&conn.head[..end + 4]) else {
-                    let _ = conn.stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
-                    return (false, upgraded_now);
-                };
-                let response = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                    crate::ws::accept_for_key(key)
-                );
                 // A fresh socket's send buffer holds the ~130 bytes whole.
                 if conn.stream.write_all(response.as_bytes()).is_err() {
                     return (false, upgraded_now);
@@ -197,6 +190,36 @@ fn serve(conn: &mut Conn, buf: &mut [u8]) -> (bool, bool) {
             Err(_) => return (false, upgraded_now),
         }
     }
+}
+
+pub(crate) const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\r\n";
+
+/// What a request head read so far calls for.
+pub(crate) enum Head {
+    /// No blank line yet (and no more than `MAX_HEAD` bytes).
+    Incomplete,
+    /// Too long, or no `Sec-WebSocket-Key`: answered 400 and closed.
+    Bad,
+    /// The 101 to write; the head is `len` bytes (what follows is the first frames).
+    Upgrade { len: usize, response: String },
+}
+
+pub(crate) fn read_head(head: &[u8]) -> Head {
+    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return match head.len() > MAX_HEAD {
+            true => Head::Bad,
+            false => Head::Incomplete,
+        };
+    };
+    let len = end + 4;
+    let Some(key) = websocket_key(&head[..len]) else {
+        return Head::Bad;
+    };
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        crate::ws::accept_for_key(key)
+    );
+    Head::Upgrade { len, response }
 }
 
 /// The value of the request's `Sec-WebSocket-Key` header (name matched without case).
@@ -216,7 +239,7 @@ extern "C" fn on_stop(_: libc::c_int) {
     INTERRUPTED.store(true, Relaxed);
 }
 
-fn install_stop_signals() {
+pub(crate) fn install_stop_signals() {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_stop as *const () as libc::sighandler_t);
