@@ -47,7 +47,7 @@ start_server() { # side -> sets SRV (pid) and PORT
         --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
     ringgate-uring) taskset -c 0 $NEW/ringgate --shards 1 --echo-route true --io-driver uring $NO_LIMITS \
         --listen 127.0.0.1:$port --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
-    floor-epoll|floor-uring) taskset -c 0 $NEW/ringgate-bench echo-floor --io ${1#floor-} --listen 127.0.0.1:$port \
+    floor-epoll|floor-uring) taskset -c 0 $NEW/ringgate-bench echo-floor --io ${1#floor-} --batch-wait-us 50 --listen 127.0.0.1:$port \
         >/dev/null 2>&1 & SRV=$!; PORT=$port ;;
     base) taskset -c 0 "$BASE_BIN/ringgate" --shards 1 --echo-route true $NO_LIMITS --listen 127.0.0.1:$port \
         --admin-listen 127.0.0.1:0 >/dev/null 2>&1 & SRV=$!; PORT=$port ;;

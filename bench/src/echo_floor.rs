@@ -6,7 +6,8 @@
 //! - `--io uring`: ringgate's uring driver's pattern and nothing else. Its ring flags (single
 //!   issuer, deferred task run), registered files, one multishot accept, one multishot receive
 //!   per socket from a provided buffer ring (1,024 x 4 KiB, its default), and one send per
-//!   socket per batch of completions, submitted with the next wait.
+//!   socket per batch of completions, submitted with the next wait; with `--batch-wait-us`,
+//!   the driver's batch wait after a busy batch.
 //!
 //! Frames: masked client frames of up to 65,535 bytes, each echoed unmasked as one frame with
 //! the opcode it came with; a close frame (or a 64-bit length, or an unmasked frame) closes the
@@ -39,6 +40,18 @@ pub struct EchoFloorArgs {
     /// Sockets held at most; more are closed as they are accepted
     #[arg(long, default_value_t = 4096)]
     max_conns: usize,
+    /// `--io uring`: after a busy batch (4 completions or more), wait for 64 completions or
+    /// this many microseconds once one is there (the uring driver's `uring_batch_wait_us`,
+    /// Linux 6.12's minimum wait); 0 = return at the first completion
+    #[arg(long, default_value_t = 0)]
+    batch_wait_us: u32,
+}
+
+/// What both loops are told.
+#[derive(Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_conns: usize,
+    pub batch_wait_us: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -58,9 +71,13 @@ pub fn run(a: EchoFloorArgs) -> Result<i32, String> {
     crate::upgrade_floor::install_stop_signals();
     let listener = TcpListener::bind(addr).map_err(|e| format!("{addr}: {e}"))?;
     eprintln!("echo-floor: {:?} loop listening on {addr}", a.io);
+    let limits = Limits {
+        max_conns: a.max_conns,
+        batch_wait_us: a.batch_wait_us,
+    };
     let echoed = match a.io {
-        FloorIo::Epoll => serve_epoll(listener, a.max_conns, &INTERRUPTED),
-        FloorIo::Uring => serve_uring(listener, a.max_conns, &INTERRUPTED),
+        FloorIo::Epoll => serve_epoll(listener, limits, &INTERRUPTED),
+        FloorIo::Uring => serve_uring(listener, limits, &INTERRUPTED),
     }
     .map_err(|e| format!("echo-floor: {e}"))?;
     eprintln!("echo-floor: {echoed} frames echoed");
@@ -182,7 +199,7 @@ struct EpollConn {
 /// The epoll loop (see the module doc). Returns the frames echoed once `stop` is set.
 pub(crate) fn serve_epoll(
     listener: TcpListener,
-    max_conns: usize,
+    limits: Limits,
     stop: &AtomicBool,
 ) -> io::Result<u64> {
     listener.set_nonblocking(true)?;
@@ -212,7 +229,7 @@ pub(crate) fn serve_epoll(
             let (key, ready) = (event.u64, event.events as i32);
             if key == LISTENER {
                 while let Ok((stream, _)) = listener.accept() {
-                    if conns.len() >= max_conns || stream.set_nonblocking(true).is_err() {
+                    if conns.len() >= limits.max_conns || stream.set_nonblocking(true).is_err() {
                         continue; // closed as it drops
                     }
                     let _ = stream.set_nodelay(true);
@@ -383,7 +400,7 @@ impl Drop for Buffers {
 /// The io_uring loop (see the module doc). Returns the frames echoed once `stop` is set.
 pub(crate) fn serve_uring(
     listener: TcpListener,
-    max_conns: usize,
+    limits: Limits,
     stop: &AtomicBool,
 ) -> io::Result<u64> {
     let mut ring: IoUring = IoUring::builder()
@@ -393,11 +410,13 @@ pub(crate) fn serve_uring(
         .setup_cqsize(RING_ENTRIES * 2)
         .build(RING_ENTRIES)?;
     let mut buffers = Buffers::new(&ring)?;
-    ring.submitter().register_files_sparse(max_conns as u32)?;
+    ring.submitter()
+        .register_files_sparse(limits.max_conns as u32)?;
     let mut conns: Slab<UringConn> = Slab::new();
     let mut to_send: Vec<usize> = Vec::new();
     let mut to_close: Vec<usize> = Vec::new();
     let mut echoed = 0u64;
+    let mut busy = false;
     let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
         .build()
         .user_data(OP_ACCEPT);
@@ -405,7 +424,11 @@ pub(crate) fn serve_uring(
     while !stop.load(Relaxed) {
         let ts = types::Timespec::new().nsec(100_000_000);
         let args = types::SubmitArgs::new().timespec(&ts);
-        match ring.submitter().submit_with_args(1, &args) {
+        let (want, args) = match limits.batch_wait_us {
+            us if us > 0 && busy => (64, args.min_wait_usec(us)),
+            _ => (1, args),
+        };
+        match ring.submitter().submit_with_args(want, &args) {
             Ok(_) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
             Err(e) => return Err(e),
@@ -414,6 +437,7 @@ pub(crate) fn serve_uring(
             .completion()
             .map(|c| (c.user_data(), c.result(), c.flags()))
             .collect();
+        busy = completions.len() >= 4;
         for (user_data, result, flags) in completions {
             let (slot, op) = ((user_data >> 2) as usize, user_data & 3);
             match op {
@@ -428,7 +452,7 @@ pub(crate) fn serve_uring(
                     let fd = unsafe { OwnedFd::from_raw_fd(result) };
                     let entry = conns.vacant_entry();
                     let slot = entry.key();
-                    if slot >= max_conns
+                    if slot >= limits.max_conns
                         || ring
                             .submitter()
                             .register_files_update(slot as u32, &[result])
@@ -648,7 +672,7 @@ mod tests {
         assert!(out.ends_with(&server_frame(b"hi")) && echoed == 1);
     }
 
-    type Serve = fn(TcpListener, usize, &AtomicBool) -> io::Result<u64>;
+    type Serve = fn(TcpListener, Limits, &AtomicBool) -> io::Result<u64>;
 
     /// A loop serving on a free loopback port in its own thread, until `stop` is set.
     fn start(serve: Serve) -> (SocketAddr, Arc<AtomicBool>, JoinHandle<io::Result<u64>>) {
@@ -657,7 +681,11 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let server = {
             let stop = stop.clone();
-            std::thread::spawn(move || serve(listener, 16, &stop))
+            let limits = Limits {
+                max_conns: 16,
+                batch_wait_us: 50,
+            };
+            std::thread::spawn(move || serve(listener, limits, &stop))
         };
         (addr, stop, server)
     }
