@@ -44,24 +44,29 @@ RINGGATE_BIN=$GW BENCH_BIN=$BENCH bash bench/scale.sh -g 4 -l 4 -n 4000 --hold 3
 echo "bench smoke: multi-process ramp ok"
 
 # A floor server on a free port: started, reached by the generator (which exits 1 on any failed
-# connection, lost or wrong reply), stopped by SIGTERM; its last line must match $1.
+# connection, lost or wrong reply), stopped by SIGTERM; one line of its log must match $1. On
+# any failure its log is printed, and the server is stopped whatever ends the script.
 floor_run() { # expected-line-regex floor-args... -- generator-args...
   local expect=$1; shift
-  local args=() port flog fpid
+  local args=()
   while [ "$1" != -- ]; do args+=("$1"); shift; done; shift
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  flog=$(mktemp)
-  "$BENCH" "${args[@]}" --listen "127.0.0.1:$port" >/dev/null 2>"$flog" &
-  fpid=$!
-  for _ in $(seq 100); do grep -q listening "$flog" && break; sleep 0.1; done
-  grep -q listening "$flog" || { echo "${args[*]} did not start:"; cat "$flog"; kill $fpid; exit 1; }
-  "$BENCH" "$@" --target "127.0.0.1:$port" --route echo --gateway-pid "$fpid" -q || { kill $fpid; exit 1; }
-  kill -TERM $fpid
-  for _ in $(seq 50); do kill -0 $fpid 2>/dev/null || break; sleep 0.1; done
-  kill -0 $fpid 2>/dev/null && { echo "${args[*]} did not exit on SIGTERM"; kill -9 $fpid; exit 1; }
-  wait $fpid
-  grep -Eq "$expect" "$flog" || { echo "${args[*]}:"; cat "$flog"; exit 1; }
-  rm -f "$flog"
+  FPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  FLOG=$(mktemp)
+  "$BENCH" "${args[@]}" --listen "127.0.0.1:$FPORT" >/dev/null 2>"$FLOG" &
+  FPID=$!
+  trap 'kill $FPID 2>/dev/null || true; rm -f "$FLOG" "$LOG"' EXIT
+  floor_failed() { echo "${args[*]}: $1; its log:"; cat "$FLOG"; exit 1; }
+  for _ in $(seq 100); do grep -q listening "$FLOG" && break; sleep 0.1; done
+  grep -q listening "$FLOG" || floor_failed "did not start"
+  "$BENCH" "$@" --target "127.0.0.1:$FPORT" --route echo --gateway-pid "$FPID" -q \
+    || floor_failed "the generator failed against it"
+  kill -TERM $FPID 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 $FPID 2>/dev/null || break; sleep 0.1; done
+  kill -0 $FPID 2>/dev/null && floor_failed "did not exit on SIGTERM"
+  wait $FPID || floor_failed "exited with an error"
+  grep -Eq "$expect" "$FLOG" || floor_failed "no line matches '$expect'"
+  trap - EXIT
+  rm -f "$FLOG"
 }
 
 # The connect benchmark's floor server: 300 upgrades, all held, counted on exit.

@@ -45,6 +45,11 @@ pub struct EchoFloorArgs {
     /// Linux 6.12's minimum wait); 0 = return at the first completion
     #[arg(long, default_value_t = 0)]
     batch_wait_us: u32,
+    /// `--io uring`: buffers in the provided ring, 4 KiB each (a power of two; the uring
+    /// driver's default is 1,024: the ring then cycles through 4 MiB, so a receive may land in
+    /// a buffer no longer in cache)
+    #[arg(long, default_value_t = 1024)]
+    recv_buffers: u16,
 }
 
 /// What both loops are told.
@@ -52,6 +57,7 @@ pub struct EchoFloorArgs {
 pub(crate) struct Limits {
     pub max_conns: usize,
     pub batch_wait_us: u32,
+    pub recv_buffers: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -69,11 +75,14 @@ pub fn run(a: EchoFloorArgs) -> Result<i32, String> {
         return Err(format!("{addr}: only loopback addresses are load targets"));
     }
     crate::upgrade_floor::install_stop_signals();
+    if !a.recv_buffers.is_power_of_two() || a.recv_buffers > 32_768 {
+        return Err("--recv-buffers: a power of two up to 32768".into());
+    }
     let listener = TcpListener::bind(addr).map_err(|e| format!("{addr}: {e}"))?;
-    eprintln!("echo-floor: {:?} loop listening on {addr}", a.io);
     let limits = Limits {
         max_conns: a.max_conns,
         batch_wait_us: a.batch_wait_us,
+        recv_buffers: a.recv_buffers,
     };
     let echoed = match a.io {
         FloorIo::Epoll => serve_epoll(listener, limits, &INTERRUPTED),
@@ -194,6 +203,9 @@ struct EpollConn {
     peer: Peer,
     /// Echoes the socket did not take yet; EPOLLOUT is asked for while there are some.
     out: Vec<u8>,
+    /// A close frame (or a bad head) came: nothing more is read, and the socket closes once
+    /// what was gathered before it is sent.
+    closing: bool,
 }
 
 /// The epoll loop (see the module doc). Returns the frames echoed once `stop` is set.
@@ -216,6 +228,10 @@ pub(crate) fn serve_epoll(
     let mut scratch = vec![0u8; 64 * 1024];
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
     let mut echoed = 0u64;
+    eprintln!(
+        "echo-floor: epoll loop listening on {}",
+        listener.local_addr()?
+    );
     while !stop.load(Relaxed) {
         // SAFETY: `events` is valid for its length.
         let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), events.as_mut_ptr(), 256, 100) };
@@ -247,6 +263,7 @@ pub(crate) fn serve_epoll(
                             stream,
                             peer: Peer::default(),
                             out: Vec::new(),
+                            closing: false,
                         });
                     }
                 }
@@ -257,34 +274,36 @@ pub(crate) fn serve_epoll(
             };
             let was_waiting = !conn.out.is_empty();
             let mut open = true;
-            if ready & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) != 0 {
+            if !conn.closing && ready & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR) != 0 {
                 match conn.stream.read(&mut scratch) {
                     Ok(0) => open = false,
-                    Ok(n) => open = conn.peer.take(&scratch[..n], &mut conn.out, &mut echoed),
+                    Ok(n) => {
+                        conn.closing = !conn.peer.take(&scratch[..n], &mut conn.out, &mut echoed)
+                    }
                     Err(e) => {
                         open = matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted)
                     }
                 }
             }
-            while !conn.out.is_empty() {
+            // One write, as uWebSockets does: what the socket does not take waits for EPOLLOUT.
+            if !conn.out.is_empty() {
                 match conn.stream.write(&conn.out) {
                     Ok(n) => drop(conn.out.drain(..n)),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        open = false;
-                        break;
-                    }
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                    Err(_) => open = false,
                 }
             }
-            if !open {
+            if !open || (conn.closing && conn.out.is_empty()) {
                 let conn = conns.remove(key as usize);
                 let _ = epoll_ctl(&ep, libc::EPOLL_CTL_DEL, conn.stream.as_raw_fd(), 0, 0);
-            } else if was_waiting == conn.out.is_empty() {
-                // Echoes began or stopped waiting for the socket: ask for EPOLLOUT only then.
-                let interest = match was_waiting {
-                    true => libc::EPOLLIN,
-                    false => libc::EPOLLIN | libc::EPOLLOUT,
+            } else if conn.closing || was_waiting == conn.out.is_empty() {
+                // Echoes began or stopped waiting for the socket: ask for EPOLLOUT only then
+                // (and only for it while closing).
+                let interest = match (conn.closing, conn.out.is_empty()) {
+                    (true, _) => libc::EPOLLOUT,
+                    (false, true) => libc::EPOLLIN,
+                    (false, false) => libc::EPOLLIN | libc::EPOLLOUT,
                 };
                 epoll_ctl(
                     &ep,
@@ -316,7 +335,6 @@ fn check(result: i32) -> io::Result<i32> {
 }
 
 const RING_ENTRIES: u32 = 4096;
-const BUFFERS: u16 = 1024;
 const BUFFER_BYTES: usize = 4096;
 const GROUP: u16 = 0;
 const OP_ACCEPT: u64 = 0;
@@ -332,22 +350,34 @@ struct UringConn {
     in_kernel: Vec<u8>,
     sent: usize,
     receiving: bool,
-    /// The peer closed or failed: the socket closes once nothing of it is in the kernel.
+    /// The peer closed, failed or sent a close: what is gathered goes, then the socket
+    /// closes once nothing of it is in the kernel.
     done: bool,
+}
+
+impl UringConn {
+    /// Hand what is gathered to the kernel, unless a send is out already.
+    fn start_send(&mut self, ring: &mut IoUring, slot: usize) {
+        if self.in_kernel.is_empty() && !self.out.is_empty() {
+            std::mem::swap(&mut self.in_kernel, &mut self.out);
+            self.sent = 0;
+            push(ring, send(slot, &self.in_kernel));
+        }
+    }
 }
 
 /// The provided buffer ring: the kernel picks a buffer per receive, the loop gives it back as
 /// soon as the frames in it are echoed.
 struct Buffers {
+    count: u16,
     entries: *mut types::BufRingEntry,
-    layout: Layout,
     bytes: Box<[u8]>,
     tail: u16,
 }
 
 impl Buffers {
-    fn new(ring: &IoUring) -> io::Result<Self> {
-        let entries_len = BUFFERS as usize * std::mem::size_of::<types::BufRingEntry>();
+    fn new(ring: &IoUring, count: u16) -> io::Result<Self> {
+        let entries_len = count as usize * std::mem::size_of::<types::BufRingEntry>();
         // The kernel wants the entries page aligned.
         let layout = Layout::from_size_align(entries_len, 4096).unwrap();
         // SAFETY: a layout of non-zero size; checked for failure.
@@ -356,18 +386,18 @@ impl Buffers {
             return Err(io::Error::from(ErrorKind::OutOfMemory));
         }
         let mut buffers = Buffers {
+            count,
             entries: map.cast(),
-            layout,
-            bytes: vec![0u8; BUFFERS as usize * BUFFER_BYTES].into_boxed_slice(),
+            bytes: vec![0u8; count as usize * BUFFER_BYTES].into_boxed_slice(),
             tail: 0,
         };
-        // SAFETY: the entries are page aligned, BUFFERS long, and freed only on
-        // drop, after the ring (which `serve_uring` drops first) is gone.
+        // SAFETY: the entries are page aligned and `count` long; they and the buffers are
+        // never freed while the ring may use them (`serve_uring` leaks them after the ring).
         unsafe {
             ring.submitter()
-                .register_buf_ring_with_flags(map as u64, BUFFERS, GROUP, 0)?
+                .register_buf_ring_with_flags(map as u64, count, GROUP, 0)?
         };
-        (0..BUFFERS).for_each(|bid| buffers.give_back(bid));
+        (0..count).for_each(|bid| buffers.give_back(bid));
         Ok(buffers)
     }
 
@@ -376,8 +406,9 @@ impl Buffers {
     }
 
     fn give_back(&mut self, bid: u16) {
+        let index = (self.tail & (self.count - 1)) as usize;
         // SAFETY: the index is masked into the entries, past the tail the kernel reads to.
-        let entry = unsafe { &mut *self.entries.add((self.tail & (BUFFERS - 1)) as usize) };
+        let entry = unsafe { &mut *self.entries.add(index) };
         entry.set_addr(self.bytes.as_ptr() as u64 + (bid as usize * BUFFER_BYTES) as u64);
         entry.set_len(BUFFER_BYTES as u32);
         entry.set_bid(bid);
@@ -387,13 +418,6 @@ impl Buffers {
             let tail = types::BufRingEntry::tail(self.entries) as *const AtomicU16;
             (*tail).store(self.tail, Ordering::Release);
         }
-    }
-}
-
-impl Drop for Buffers {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout, no longer registered (the ring is gone).
-        unsafe { std::alloc::dealloc(self.entries.cast(), self.layout) };
     }
 }
 
@@ -409,22 +433,47 @@ pub(crate) fn serve_uring(
         .setup_taskrun_flag()
         .setup_cqsize(RING_ENTRIES * 2)
         .build(RING_ENTRIES)?;
-    let mut buffers = Buffers::new(&ring)?;
+    let mut buffers = Buffers::new(&ring, limits.recv_buffers)?;
+    let mut conns: Slab<UringConn> = Slab::new();
+    let served = uring_loop(&mut ring, &mut buffers, &mut conns, &listener, limits, stop);
+    // The kernel may still hold receives into the buffers and sends from the connections'
+    // bytes until the ring is gone (its teardown is asynchronous): both are leaked, not freed.
+    drop(ring);
+    std::mem::forget(buffers);
+    std::mem::forget(conns);
+    served
+}
+
+fn uring_loop(
+    ring: &mut IoUring,
+    buffers: &mut Buffers,
+    conns: &mut Slab<UringConn>,
+    listener: &TcpListener,
+    limits: Limits,
+    stop: &AtomicBool,
+) -> io::Result<u64> {
     ring.submitter()
         .register_files_sparse(limits.max_conns as u32)?;
-    let mut conns: Slab<UringConn> = Slab::new();
-    let mut to_send: Vec<usize> = Vec::new();
-    let mut to_close: Vec<usize> = Vec::new();
-    let mut echoed = 0u64;
-    let mut busy = false;
+    // Linux 6.12's minimum wait; without it, every wait returns at the first completion.
+    let batch_wait_us = match ring.params().is_feature_min_timeout() {
+        true => limits.batch_wait_us,
+        false => 0,
+    };
+    let (mut to_send, mut to_close) = (Vec::new(), Vec::new());
+    let mut completions: Vec<(u64, i32, u32)> = Vec::new();
+    let (mut echoed, mut busy) = (0u64, false);
     let accept = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
         .build()
         .user_data(OP_ACCEPT);
-    push(&mut ring, accept.clone());
+    push(ring, accept.clone());
+    eprintln!(
+        "echo-floor: uring loop listening on {}",
+        listener.local_addr()?
+    );
     while !stop.load(Relaxed) {
         let ts = types::Timespec::new().nsec(100_000_000);
         let args = types::SubmitArgs::new().timespec(&ts);
-        let (want, args) = match limits.batch_wait_us {
+        let (want, args) = match batch_wait_us {
             us if us > 0 && busy => (64, args.min_wait_usec(us)),
             _ => (1, args),
         };
@@ -433,17 +482,22 @@ pub(crate) fn serve_uring(
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
             Err(e) => return Err(e),
         }
-        let completions: Vec<(u64, i32, u32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result(), c.flags()))
-            .collect();
+        completions.clear();
+        completions.extend(
+            ring.completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
         busy = completions.len() >= 4;
-        for (user_data, result, flags) in completions {
+        for &(user_data, result, flags) in &completions {
             let (slot, op) = ((user_data >> 2) as usize, user_data & 3);
             match op {
                 OP_ACCEPT => {
                     if !cqueue::more(flags) {
-                        push(&mut ring, accept.clone());
+                        if result < 0 {
+                            // Out of descriptors, say: not a spin on accept.
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                        push(ring, accept.clone());
                     }
                     if result < 0 {
                         continue;
@@ -453,8 +507,7 @@ pub(crate) fn serve_uring(
                     let entry = conns.vacant_entry();
                     let slot = entry.key();
                     if slot >= limits.max_conns
-                        || ring
-                            .submitter()
+                        || (ring.submitter())
                             .register_files_update(slot as u32, &[result])
                             .is_err()
                     {
@@ -471,7 +524,7 @@ pub(crate) fn serve_uring(
                         receiving: true,
                         done: false,
                     });
-                    push(&mut ring, receive(slot));
+                    push(ring, receive(slot));
                 }
                 OP_RECV => {
                     let conn = &mut conns[slot];
@@ -485,15 +538,14 @@ pub(crate) fn serve_uring(
                         }
                         buffers.give_back(bid);
                     }
-                    match result {
-                        // The ring ran dry: every buffer is back already, so receive again.
-                        // (it ended the multishot receive).
-                        r if r == -libc::ENOBUFS && !conn.done => {
-                            conn.receiving = true;
-                            push(&mut ring, receive(slot));
-                        }
-                        r if r <= 0 => conn.done = true,
-                        _ => {}
+                    if result <= 0 && result != -libc::ENOBUFS {
+                        conn.done = true;
+                    }
+                    // The receive ended without an end of stream: the buffer ring ran dry
+                    // (every buffer is back already) or the completion queue was full.
+                    if !conn.receiving && !conn.done {
+                        conn.receiving = true;
+                        push(ring, receive(slot));
                     }
                     if conn.done {
                         to_close.push(slot);
@@ -504,53 +556,45 @@ pub(crate) fn serve_uring(
                 }
                 _ => {
                     let conn = &mut conns[slot];
-                    match result {
-                        r if r <= 0 => {
-                            conn.in_kernel.clear();
-                            conn.done = true;
-                            to_close.push(slot);
-                        }
-                        r => {
-                            conn.sent += r as usize;
-                            if conn.sent < conn.in_kernel.len() {
-                                let rest = &conn.in_kernel[conn.sent..];
-                                push(&mut ring, send(slot, rest));
-                                continue;
-                            }
-                            conn.in_kernel.clear();
-                            to_send.push(slot);
-                        }
+                    if result <= 0 {
+                        conn.in_kernel.clear();
+                        conn.done = true;
+                        to_close.push(slot);
+                        continue;
+                    }
+                    conn.sent += result as usize;
+                    if conn.sent < conn.in_kernel.len() {
+                        push(ring, send(slot, &conn.in_kernel[conn.sent..]));
+                        continue;
+                    }
+                    conn.in_kernel.clear();
+                    match conn.done {
+                        true => to_close.push(slot),
+                        false => to_send.push(slot),
                     }
                 }
+            }
+        }
+        // One send per socket for everything this batch of completions echoed on it.
+        for slot in to_send.drain(..) {
+            if let Some(conn) = conns.get_mut(slot) {
+                conn.start_send(ring, slot);
             }
         }
         for slot in to_close.drain(..) {
             let Some(conn) = conns.get_mut(slot) else {
                 continue;
             };
-            conn.out.clear();
-            if conn.receiving || !conn.in_kernel.is_empty() {
-                // Ends what the kernel still has of it with an error: closed on its completion.
-                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
-            } else {
+            conn.start_send(ring, slot); // the last echoes (or the 400) go first
+            if conn.receiving {
+                // Ends the receive (an end of stream): closed once its completion is in.
+                let _ = conn.stream.shutdown(std::net::Shutdown::Read);
+            } else if conn.in_kernel.is_empty() {
                 let _ = ring.submitter().register_files_update(slot as u32, &[-1]);
                 conns.remove(slot);
             }
         }
-        // One send per socket for everything this batch of completions echoed on it.
-        for slot in to_send.drain(..) {
-            let Some(conn) = conns.get_mut(slot) else {
-                continue;
-            };
-            if conn.in_kernel.is_empty() && !conn.out.is_empty() {
-                std::mem::swap(&mut conn.in_kernel, &mut conn.out);
-                conn.sent = 0;
-                push(&mut ring, send(slot, &conn.in_kernel));
-            }
-        }
     }
-    drop(ring);
-    drop(buffers);
     Ok(echoed)
 }
 
@@ -566,6 +610,7 @@ fn send(slot: usize, bytes: &[u8]) -> squeue::Entry {
         bytes.as_ptr(),
         bytes.len() as u32,
     )
+    .flags(libc::MSG_NOSIGNAL)
     .build()
     .user_data((slot as u64) << 2 | OP_SEND)
 }
@@ -573,7 +618,8 @@ fn send(slot: usize, bytes: &[u8]) -> squeue::Entry {
 /// Queue a submission, submitting what is queued first when the queue is full.
 fn push(ring: &mut IoUring, entry: squeue::Entry) {
     // SAFETY: every entry's buffers (the send's bytes, the provided ring) outlive it: a send's
-    // bytes stay in `in_kernel` until its completion.
+    // bytes stay in `in_kernel` until its completion, and both are leaked, never freed, while
+    // the ring lives (`serve_uring`).
     while unsafe { ring.submission().push(&entry) }.is_err() {
         let _ = ring.submit();
     }
@@ -675,7 +721,10 @@ mod tests {
     type Serve = fn(TcpListener, Limits, &AtomicBool) -> io::Result<u64>;
 
     /// A loop serving on a free loopback port in its own thread, until `stop` is set.
-    fn start(serve: Serve) -> (SocketAddr, Arc<AtomicBool>, JoinHandle<io::Result<u64>>) {
+    fn start(
+        serve: Serve,
+        recv_buffers: u16,
+    ) -> (SocketAddr, Arc<AtomicBool>, JoinHandle<io::Result<u64>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -684,6 +733,7 @@ mod tests {
             let limits = Limits {
                 max_conns: 16,
                 batch_wait_us: 50,
+                recv_buffers,
             };
             std::thread::spawn(move || serve(listener, limits, &stop))
         };
@@ -702,14 +752,17 @@ mod tests {
     }
 
     /// Each loop serves real clients over real sockets: an upgrade, then 2,000 frames of mixed
-    /// sizes written in uneven pieces by three clients at once, every echo back in order.
+    /// sizes written in uneven pieces by three clients at once, every echo back in order. The
+    /// uring loop has two receive buffers, so its ring runs dry and its receives end and
+    /// start again.
     fn serves_real_clients(serve: Serve) {
-        let (addr, stop, server) = start(serve);
+        let (addr, stop, server) = start(serve, 2);
         let clients: Vec<_> = (0..3)
             .map(|c| {
                 std::thread::spawn(move || {
                     let mut s = TcpStream::connect(addr).unwrap();
                     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
                     s.write_all(b"GET /echo HTTP/1.1\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
                         .unwrap();
                     let (mut sent, mut expected) = (Vec::new(), Vec::new());
@@ -758,14 +811,15 @@ mod tests {
     /// A client that reads nothing until it has written twice: the first echoes (more than
     /// the kernel's largest send buffer, `tcp_wmem`) fill its receive buffer and the server's
     /// send buffer, so the server's send waits while the second write's echoes gather behind
-    /// it. They must follow once it ends.
+    /// it. They must follow once it ends, even though a close frame ends the second write.
     fn echoes_gathered_behind_a_waiting_send_follow_it(serve: Serve) {
         let wmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").unwrap();
         let send_buffer_max: usize = wmem.split_whitespace().last().unwrap().parse().unwrap();
         let first_frames = (send_buffer_max + (1 << 20)) / 4000;
-        let (addr, stop, server) = start(serve);
+        let (addr, stop, server) = start(serve, 64);
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
         set_receive_buffer(&s, 64 * 1024);
         let mut head =
             b"GET /echo HTTP/1.1\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".to_vec();
@@ -783,6 +837,8 @@ mod tests {
         head.extend(first);
         s.write_all(&head).unwrap();
         std::thread::sleep(Duration::from_millis(100));
+        // A close frame last: what was gathered before it still goes, then the socket closes.
+        second.extend_from_slice(&[0x88, 0x80, 9, 9, 9, 9]);
         s.write_all(&second).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         read_101(&mut s);
@@ -790,8 +846,53 @@ mod tests {
         s.read_exact(&mut echoes)
             .expect("every echo back within 10 s");
         assert!(echoes == expected, "echoes differ");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .expect("closed by the server within 10 s");
+        assert!(rest.is_empty(), "{} bytes after the echoes", rest.len());
         stop.store(true, Relaxed);
         assert_eq!(server.join().unwrap().unwrap(), first_frames as u64 + 100);
+    }
+
+    /// 40 clients one after another on a loop that holds 16 sockets: each echo comes back and
+    /// each socket closes (by the client's close frame, after its echo, or its end of stream),
+    /// so its slot serves the next.
+    fn closed_sockets_free_their_slots(serve: Serve) {
+        let (addr, stop, server) = start(serve, 64);
+        for c in 0..40 {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut sent =
+                b"GET /echo HTTP/1.1\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                    .to_vec();
+            sent.extend(client_frame(&payload(100, c), [1, 2, 3, 4]));
+            if c % 2 == 0 {
+                sent.extend_from_slice(&[0x88, 0x80, 9, 9, 9, 9]); // a close frame behind it
+            }
+            s.write_all(&sent).unwrap();
+            read_101(&mut s);
+            let mut echo = vec![0u8; server_frame(&payload(100, c)).len()];
+            s.read_exact(&mut echo).expect("the echo within 10 s");
+            assert_eq!(echo, server_frame(&payload(100, c)), "client {c}");
+            if c % 2 == 0 {
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest)
+                    .expect("closed by the server within 10 s");
+            }
+        }
+        stop.store(true, Relaxed);
+        assert_eq!(server.join().unwrap().unwrap(), 40);
+    }
+
+    #[test]
+    fn the_epoll_loop_frees_closed_sockets_slots() {
+        closed_sockets_free_their_slots(serve_epoll);
+    }
+
+    #[test]
+    fn the_uring_loop_frees_closed_sockets_slots() {
+        closed_sockets_free_their_slots(serve_uring);
     }
 
     #[test]
