@@ -101,18 +101,14 @@ for inflight in (1, 16):
             inflight, s, med(s, inflight, rate) or 0, med(s, inflight, cpu) or 0, med(s, inflight, kern) or 0,
             med(s, inflight, sysc) or 0))
     u = lambda f: med("uws", inflight, f)
-    for s in [s for s in sides if s != "uws" and not s.startswith("floor")] if "uws" in sides else []:
+    # The floors (what the kernel allows each pattern) print beside the gateways, without the
+    # budget: a CPU budget below a floor's own CPU cannot be met by a server on that pattern.
+    for s in sides[1:] if "uws" in sides else []:
         g = lambda f: med(s, inflight, f)
+        budget = "" if s.startswith("floor") else "  (budget: msg/s >= 1, cpu <= 0.8)"
         if u(rate) and g(rate) and u(cpu) and g(cpu):
-            print("  inflight %2d  %s/uws: msg/s %.2fx  cpu/msg %.2fx, its kernel time alone %.2fx  (budget: msg/s >= 1, cpu <= 0.8)" % (
-                inflight, s, g(rate) / u(rate), g(cpu) / u(cpu), (g(kern) or 0) / u(cpu)))
-    # The floors: what the kernel allows each pattern. A CPU budget below the io_uring floor's
-    # own CPU (against uWebSockets') cannot be met by a server on that pattern.
-    for s in [s for s in sides if s.startswith("floor")] if "uws" in sides else []:
-        g = lambda f: med(s, inflight, f)
-        if u(rate) and g(rate) and u(cpu) and g(cpu):
-            print("  inflight %2d  %s/uws: msg/s %.2fx  cpu/msg %.2fx, its kernel time alone %.2fx" % (
-                inflight, s, g(rate) / u(rate), g(cpu) / u(cpu), (g(kern) or 0) / u(cpu)))
+            print("  inflight %2d  %s/uws: msg/s %.2fx  cpu/msg %.2fx, its kernel time alone %.2fx%s" % (
+                inflight, s, g(rate) / u(rate), g(cpu) / u(cpu), (g(kern) or 0) / u(cpu), budget))
     for s, f in (("ringgate-uring", "floor-uring"), ("ringgate", "floor-epoll")):
         g = lambda x: med(s, inflight, x)
         h = lambda x: med(f, inflight, x)

@@ -126,25 +126,10 @@ pub(crate) fn echo_frames(input: &[u8], out: &mut Vec<u8>, echoed: &mut u64) -> 
         }
         let start = out.len();
         out.extend_from_slice(&frame[head + 4..]);
-        unmask(&mut out[start..], mask);
+        ringgate::ws::frame::unmask(&mut out[start..], mask);
         *echoed += 1;
         at += frame.len();
     }
-}
-
-/// XOR the payload with its mask, eight bytes at a time (8 is a multiple of the mask's 4).
-fn unmask(payload: &mut [u8], mask: [u8; 4]) {
-    let half = u32::from_ne_bytes(mask) as u64;
-    let word = half << 32 | half;
-    let mut chunks = payload.chunks_exact_mut(8);
-    for chunk in &mut chunks {
-        let xored = u64::from_ne_bytes((&*chunk).try_into().unwrap()) ^ word;
-        chunk.copy_from_slice(&xored.to_ne_bytes());
-    }
-    let rest = chunks.into_remainder();
-    rest.iter_mut()
-        .zip(mask.iter().cycle())
-        .for_each(|(b, m)| *b ^= m);
 }
 
 /// One socket's protocol state: its request head until the 101, then its frames.
